@@ -1,0 +1,172 @@
+/**
+ * The adjustment policy: which pods thaw touches, and what it asks the runtime to change in them.
+ *
+ * Pure: it reads a pod's annotations and a container's identity and returns a decision. It never throws
+ * on bad input — a malformed thaw annotation yields a `rejected` decision carrying the reason, and the
+ * caller creates the container unchanged (a pod never fails because of thaw). Pods without any
+ * annotation under the prefix are `untouched`, and the plugin then returns an empty adjustment, so such a
+ * pod's spec is byte-for-byte what it would have been without thaw.
+ *
+ * Annotations (prefix configurable, default `thaw.dev/`), documented in README.md "Annotations":
+ *   <prefix>checkpoint     = <name>     make a checkpoint of this worker, stored under <name>
+ *   <prefix>restore        = <name>     start this container from checkpoint <name> (cold start on any problem)
+ *   <prefix>container      = <name>     the container of the pod thaw acts on (default: every container)
+ *   <prefix>on-checkpoint  = continue | exit   what the source does after its checkpoint (default continue)
+ * Any other key under the prefix is rejected, so that a typo does not silently turn thaw off for a pod.
+ */
+
+export const DEFAULT_ANNOTATION_PREFIX = 'thaw.dev/';
+
+/** Where the worker sees its control directory; Dynamo's path, so its workers run unchanged. */
+export const CONTROL_DIR_MOUNT_PATH = '/snapshot-control';
+export const CONTROL_DIR_ENV = 'SNAPSHOT_CONTROL_DIR';
+/** Dynamo's legacy variable; injected too, as Dynamo does during its migration. */
+export const LEGACY_CONTROL_DIR_ENV = 'DYN_SNAPSHOT_CONTROL_DIR';
+
+/**
+ * Environment a checkpointable worker needs, as Dynamo's configure_checkpoint_transport_env() forces it:
+ * sockets on loopback (CRIU cannot restore sockets bound to other addresses), no cuMem-backed NCCL buffers
+ * (the driver's checkpoint API does not support them), no NVLS/IB/RAS; and no io_uring in libuv-based
+ * workers (CRIU cannot dump io_uring). Only set where the pod does not set the key itself.
+ */
+export const CHECKPOINT_ENV: ReadonlyArray<readonly [string, string]> = [
+  ['NCCL_SOCKET_IFNAME', 'lo'],
+  ['GLOO_SOCKET_IFNAME', 'lo'],
+  ['NCCL_CUMEM_ENABLE', '0'],
+  ['NCCL_NVLS_ENABLE', '0'],
+  ['NCCL_IB_DISABLE', '1'],
+  ['NCCL_RAS_ENABLE', '0'],
+  ['NCCL_P2P_DISABLE', '0'],
+  ['TORCH_NCCL_ENABLE_MONITORING', '0'],
+  ['TORCH_NCCL_DUMP_ON_TIMEOUT', '0'],
+  ['UV_USE_IO_URING', '0'],
+];
+
+const KNOWN_KEYS = ['checkpoint', 'restore', 'container', 'on-checkpoint'] as const;
+type KnownKey = (typeof KNOWN_KEYS)[number];
+
+export const CHECKPOINT_NAME_MAX_LENGTH = 128;
+/** Lower-case letters, digits, '.', '_' and '-', starting and ending with a letter or digit. */
+const CHECKPOINT_NAME_PATTERN = /^[a-z0-9](?:[a-z0-9._-]*[a-z0-9])?$/;
+/** Kubernetes container names are DNS labels. */
+const CONTAINER_NAME_PATTERN = /^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$/;
+
+export type OnCheckpoint = 'continue' | 'exit';
+
+export type PolicyDecision =
+  | { kind: 'untouched' }
+  /** The pod names thaw, but for another container of the pod. */
+  | { kind: 'other-container'; targetContainer: string }
+  | { kind: 'rejected'; reason: string; annotation: string }
+  | { kind: 'checkpoint-source'; checkpointName: string; onCheckpoint: OnCheckpoint }
+  | { kind: 'restore-target'; checkpointName: string };
+
+export interface PolicyInput {
+  podAnnotations: Readonly<Record<string, string>>;
+  containerName: string;
+}
+
+export interface PolicyOptions {
+  /** Annotation prefix including its trailing '/', e.g. `thaw.dev/`. */
+  annotationPrefix: string;
+}
+
+/** Validates a prefix at configuration time: a DNS-subdomain-like name followed by '/'. */
+export function validateAnnotationPrefix(prefix: string): string | undefined {
+  if (!/^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?\/$/.test(prefix)) {
+    return `annotation prefix must be a DNS subdomain followed by '/', like "${DEFAULT_ANNOTATION_PREFIX}" (got ${JSON.stringify(prefix)})`;
+  }
+  return undefined;
+}
+
+/**
+ * Checks a checkpoint name as it arrives from an annotation (or the CLI): it becomes a directory name in the
+ * store, so anything that could escape the store (`/`, `..`, NUL, absolute paths) or confuse tools is refused.
+ * Returns the reason, or undefined when the name is valid.
+ */
+export function checkCheckpointName(name: string): string | undefined {
+  if (name.length === 0) return 'checkpoint name is empty';
+  if (name.includes('\0')) return 'checkpoint name contains a NUL byte';
+  if (name.includes('/')) return `checkpoint name ${JSON.stringify(name)} contains '/' (names cannot be paths)`;
+  if (name.includes('..')) return `checkpoint name ${JSON.stringify(name)} contains '..'`;
+  if (name.length > CHECKPOINT_NAME_MAX_LENGTH) {
+    return `checkpoint name is ${name.length} characters long (at most ${CHECKPOINT_NAME_MAX_LENGTH})`;
+  }
+  if (!CHECKPOINT_NAME_PATTERN.test(name)) {
+    return `checkpoint name ${JSON.stringify(name)} must be lower-case letters, digits, '.', '_' or '-', starting and ending with a letter or digit`;
+  }
+  return undefined;
+}
+
+/** Decides what thaw does with one container of a pod. Never throws. */
+export function decide(input: PolicyInput, options: PolicyOptions): PolicyDecision {
+  const prefix = options.annotationPrefix;
+  const ours = new Map<KnownKey, string>();
+  for (const [key, value] of Object.entries(input.podAnnotations)) {
+    if (!key.startsWith(prefix)) continue;
+    const short = key.slice(prefix.length);
+    if (!(KNOWN_KEYS as readonly string[]).includes(short)) {
+      return {
+        kind: 'rejected',
+        annotation: key,
+        reason: `unknown annotation ${key} (known: ${KNOWN_KEYS.map((k) => prefix + k).join(', ')})`,
+      };
+    }
+    ours.set(short as KnownKey, value);
+  }
+  if (ours.size === 0) return { kind: 'untouched' };
+
+  const checkpoint = ours.get('checkpoint');
+  const restore = ours.get('restore');
+  const container = ours.get('container');
+  const onCheckpoint = ours.get('on-checkpoint');
+
+  if (checkpoint === undefined && restore === undefined) {
+    const key = prefix + [...ours.keys()][0];
+    return {
+      kind: 'rejected',
+      annotation: key,
+      reason: `${key} is set but neither ${prefix}checkpoint nor ${prefix}restore is`,
+    };
+  }
+  if (checkpoint !== undefined && restore !== undefined) {
+    return {
+      kind: 'rejected',
+      annotation: prefix + 'restore',
+      reason: `${prefix}checkpoint and ${prefix}restore are both set; a pod is either a checkpoint source or a restore target`,
+    };
+  }
+  if (container !== undefined) {
+    if (!CONTAINER_NAME_PATTERN.test(container)) {
+      return {
+        kind: 'rejected',
+        annotation: prefix + 'container',
+        reason: `${prefix}container ${JSON.stringify(container)} is not a valid container name`,
+      };
+    }
+    if (container !== input.containerName) return { kind: 'other-container', targetContainer: container };
+  }
+  if (onCheckpoint !== undefined && onCheckpoint !== 'continue' && onCheckpoint !== 'exit') {
+    return {
+      kind: 'rejected',
+      annotation: prefix + 'on-checkpoint',
+      reason: `${prefix}on-checkpoint must be "continue" or "exit" (got ${JSON.stringify(onCheckpoint)})`,
+    };
+  }
+  if (restore !== undefined) {
+    if (onCheckpoint !== undefined) {
+      return {
+        kind: 'rejected',
+        annotation: prefix + 'on-checkpoint',
+        reason: `${prefix}on-checkpoint applies to checkpoint sources only, but this pod sets ${prefix}restore`,
+      };
+    }
+    const bad = checkCheckpointName(restore);
+    if (bad !== undefined) return { kind: 'rejected', annotation: prefix + 'restore', reason: bad };
+    return { kind: 'restore-target', checkpointName: restore };
+  }
+  const name = checkpoint as string;
+  const bad = checkCheckpointName(name);
+  if (bad !== undefined) return { kind: 'rejected', annotation: prefix + 'checkpoint', reason: bad };
+  return { kind: 'checkpoint-source', checkpointName: name, onCheckpoint: (onCheckpoint as OnCheckpoint) ?? 'continue' };
+}

@@ -1,0 +1,81 @@
+import { describe, expect, it } from 'vitest';
+import {
+  checkCheckpointName,
+  decide,
+  DEFAULT_ANNOTATION_PREFIX,
+  validateAnnotationPrefix,
+  type PolicyDecision,
+} from '../../src/nri-plugin/policy.js';
+
+const options = { annotationPrefix: DEFAULT_ANNOTATION_PREFIX };
+const run = (annotations: Record<string, string>, containerName = 'worker'): PolicyDecision =>
+  decide({ podAnnotations: annotations, containerName }, options);
+
+describe('adjustment policy', () => {
+  it('leaves a pod without thaw annotations untouched, whatever else it carries', () => {
+    expect(run({})).toEqual({ kind: 'untouched' });
+    expect(run({ 'example.com/checkpoint': 'x', 'kubernetes.io/config.seen': 'now' })).toEqual({ kind: 'untouched' });
+  });
+
+  it('recognises a checkpoint source with its default and explicit after-checkpoint behaviour', () => {
+    expect(run({ 'thaw.dev/checkpoint': 'llm-a' })).toEqual({
+      kind: 'checkpoint-source',
+      checkpointName: 'llm-a',
+      onCheckpoint: 'continue',
+    });
+    expect(run({ 'thaw.dev/checkpoint': 'llm-a', 'thaw.dev/on-checkpoint': 'exit' })).toMatchObject({
+      onCheckpoint: 'exit',
+    });
+  });
+
+  it('recognises a restore target', () => {
+    expect(run({ 'thaw.dev/restore': 'llm-a.v2' })).toEqual({ kind: 'restore-target', checkpointName: 'llm-a.v2' });
+  });
+
+  it('acts only on the container the pod names', () => {
+    const annotations = { 'thaw.dev/checkpoint': 'x', 'thaw.dev/container': 'worker' };
+    expect(run(annotations, 'worker').kind).toBe('checkpoint-source');
+    expect(run(annotations, 'sidecar')).toEqual({ kind: 'other-container', targetContainer: 'worker' });
+  });
+
+  const rejected: Array<[string, Record<string, string>, RegExp]> = [
+    ['a typo under the prefix', { 'thaw.dev/chekpoint': 'x' }, /unknown annotation thaw\.dev\/chekpoint/],
+    ['both roles at once', { 'thaw.dev/checkpoint': 'a', 'thaw.dev/restore': 'a' }, /both set/],
+    ['a modifier without a role', { 'thaw.dev/container': 'worker' }, /neither thaw\.dev\/checkpoint nor/],
+    ['a bad after-checkpoint value', { 'thaw.dev/checkpoint': 'a', 'thaw.dev/on-checkpoint': 'pause' }, /"continue" or "exit"/],
+    ['after-checkpoint on a restore target', { 'thaw.dev/restore': 'a', 'thaw.dev/on-checkpoint': 'exit' }, /checkpoint sources only/],
+    ['a path-escaping restore name', { 'thaw.dev/restore': '../../etc' }, /contains '\/'/],
+    ['an absolute restore name', { 'thaw.dev/restore': '/var/lib/thaw' }, /contains '\/'/],
+    ['a dot-dot name', { 'thaw.dev/checkpoint': 'a..b' }, /contains '\.\.'/],
+    ['a NUL byte', { 'thaw.dev/checkpoint': 'a\0b' }, /NUL/],
+    ['an empty name', { 'thaw.dev/checkpoint': '' }, /empty/],
+    ['upper case', { 'thaw.dev/checkpoint': 'Model' }, /lower-case/],
+    ['an over-long name', { 'thaw.dev/checkpoint': 'a'.repeat(129) }, /at most 128/],
+    ['a bad container name', { 'thaw.dev/checkpoint': 'a', 'thaw.dev/container': 'Bad_Name' }, /not a valid container name/],
+  ];
+  it.each(rejected)('rejects %s with a reason naming the problem', (_what, annotations, reason) => {
+    const decision = run(annotations);
+    expect(decision.kind).toBe('rejected');
+    if (decision.kind === 'rejected') {
+      expect(decision.reason).toMatch(reason);
+      expect(decision.annotation.startsWith('thaw.dev/')).toBe(true);
+    }
+  });
+
+  it('uses a configurable prefix and ignores the default one then', () => {
+    const custom = { annotationPrefix: 'ckpt.example.com/' };
+    expect(decide({ podAnnotations: { 'thaw.dev/checkpoint': 'a' }, containerName: 'w' }, custom)).toEqual({
+      kind: 'untouched',
+    });
+    expect(decide({ podAnnotations: { 'ckpt.example.com/restore': 'a' }, containerName: 'w' }, custom).kind).toBe(
+      'restore-target',
+    );
+  });
+
+  it('validates prefixes and names at configuration time', () => {
+    expect(validateAnnotationPrefix('thaw.dev/')).toBeUndefined();
+    expect(validateAnnotationPrefix('thaw.dev')).toMatch(/followed by '\/'/);
+    expect(validateAnnotationPrefix('Thaw/')).toMatch(/DNS subdomain/);
+    expect(checkCheckpointName('llm-7b_v1.2')).toBeUndefined();
+  });
+});
