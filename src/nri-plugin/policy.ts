@@ -15,6 +15,11 @@
  * Any other key under the prefix is rejected, so that a typo does not silently turn thaw off for a pod.
  */
 
+import { checkCheckpointName } from '../checkpoint-name.js';
+
+// The name rule moved to src/checkpoint-name.ts (the store needs it too); re-exported for existing callers.
+export { checkCheckpointName, CHECKPOINT_NAME_MAX_LENGTH } from '../checkpoint-name.js';
+
 export const DEFAULT_ANNOTATION_PREFIX = 'thaw.dev/';
 
 /** Where the worker sees its control directory; Dynamo's path, so its workers run unchanged. */
@@ -45,9 +50,6 @@ export const CHECKPOINT_ENV: ReadonlyArray<readonly [string, string]> = [
 const KNOWN_KEYS = ['checkpoint', 'restore', 'container', 'on-checkpoint'] as const;
 type KnownKey = (typeof KNOWN_KEYS)[number];
 
-export const CHECKPOINT_NAME_MAX_LENGTH = 128;
-/** Lower-case letters, digits, '.', '_' and '-', starting and ending with a letter or digit. */
-const CHECKPOINT_NAME_PATTERN = /^[a-z0-9](?:[a-z0-9._-]*[a-z0-9])?$/;
 /** Kubernetes container names are DNS labels. */
 const CONTAINER_NAME_PATTERN = /^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$/;
 
@@ -75,25 +77,6 @@ export interface PolicyOptions {
 export function validateAnnotationPrefix(prefix: string): string | undefined {
   if (!/^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?\/$/.test(prefix)) {
     return `annotation prefix must be a DNS subdomain followed by '/', like "${DEFAULT_ANNOTATION_PREFIX}" (got ${JSON.stringify(prefix)})`;
-  }
-  return undefined;
-}
-
-/**
- * Checks a checkpoint name as it arrives from an annotation (or the CLI): it becomes a directory name in the
- * store, so anything that could escape the store (`/`, `..`, NUL, absolute paths) or confuse tools is refused.
- * Returns the reason, or undefined when the name is valid.
- */
-export function checkCheckpointName(name: string): string | undefined {
-  if (name.length === 0) return 'checkpoint name is empty';
-  if (name.includes('\0')) return 'checkpoint name contains a NUL byte';
-  if (name.includes('/')) return `checkpoint name ${JSON.stringify(name)} contains '/' (names cannot be paths)`;
-  if (name.includes('..')) return `checkpoint name ${JSON.stringify(name)} contains '..'`;
-  if (name.length > CHECKPOINT_NAME_MAX_LENGTH) {
-    return `checkpoint name is ${name.length} characters long (at most ${CHECKPOINT_NAME_MAX_LENGTH})`;
-  }
-  if (!CHECKPOINT_NAME_PATTERN.test(name)) {
-    return `checkpoint name ${JSON.stringify(name)} must be lower-case letters, digits, '.', '_' or '-', starting and ending with a letter or digit`;
   }
   return undefined;
 }
