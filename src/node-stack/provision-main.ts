@@ -1,0 +1,49 @@
+/**
+ * CLI entry of stack provisioning, run by scripts/setup.sh:
+ *   node dist/src/node-stack/provision-main.js --flavor 1.7|2.1 [--root DIR] [--force]
+ * Prints one JSON line with the result; on failure one stderr line with the error code and message,
+ * then the error's JSON, and exits 1.
+ */
+import { createJsonLogger, parseLogLevel } from '../log.js';
+import { isThawError } from '../errors.js';
+import { parseFlavor, DEFAULT_STACK_ROOT } from './paths.js';
+import { provisionStack } from './provision.js';
+
+async function main(argv: string[]): Promise<number> {
+  let flavorArg: string | undefined;
+  let root = DEFAULT_STACK_ROOT;
+  let force = false;
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i];
+    if (a === '--flavor') flavorArg = argv[++i];
+    else if (a === '--root') root = argv[++i] ?? root;
+    else if (a === '--force') force = true;
+    else {
+      process.stderr.write(`provision: unknown argument ${a}\nusage: provision-main --flavor 1.7|2.1 [--root DIR] [--force]\n`);
+      return 2;
+    }
+  }
+  const logger = createJsonLogger({ level: parseLogLevel(process.env.THAW_LOG_LEVEL) });
+  const controller = new AbortController();
+  const onSignal = (): void => controller.abort(new Error('interrupted'));
+  process.once('SIGINT', onSignal);
+  process.once('SIGTERM', onSignal);
+  try {
+    const flavor = parseFlavor(flavorArg ?? process.env.THAW_CONTAINERD);
+    const r = await provisionStack({ flavor, root, force, logger, signal: controller.signal });
+    process.stdout.write(`${JSON.stringify({
+      flavor, prefix: r.paths.prefix, built: r.built, durationMs: r.durationMs,
+      versions: r.stamp.versions, warnings: r.stamp.warnings,
+    })}\n`);
+    return 0;
+  } catch (err) {
+    if (isThawError(err)) {
+      process.stderr.write(`provision: ${err.code}: ${err.message}\n${JSON.stringify(err.toJSON(), null, 2)}\n`);
+    } else {
+      process.stderr.write(`provision: ${err instanceof Error ? err.stack ?? err.message : String(err)}\n`);
+    }
+    return 1;
+  }
+}
+
+process.exitCode = await main(process.argv.slice(2));
