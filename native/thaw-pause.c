@@ -181,7 +181,10 @@ static int resolve(const char *name, char *buf, size_t len) {
   while (*path) {
     const char *colon = strchrnul(path, ':');
     int dirlen = (int)(colon - path);
-    snprintf(buf, len, "%.*s/%s", dirlen, dirlen ? path : ".", name);
+    if (dirlen == 0) /* an empty PATH element means the current directory */
+      snprintf(buf, len, "./%s", name);
+    else
+      snprintf(buf, len, "%.*s/%s", dirlen, path, name);
     if (access(buf, X_OK) == 0) return 0;
     path = *colon ? colon + 1 : colon;
   }

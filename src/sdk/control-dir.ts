@@ -72,6 +72,7 @@ export interface CreateControlDirOptions {
   /**
    * Owner of the container's directory. Default root (0:0). A worker that runs as another user cannot
    * write its ready marker into a root-owned 0700 directory: pass the container's process uid/gid.
+   * Applied only when the agent runs as root (tests as another user keep their own uid).
    */
   owner?: { uid: number; gid: number };
 }

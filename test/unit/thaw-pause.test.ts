@@ -190,6 +190,14 @@ describe('thaw-pause over an entrypoint (overlay mode)', () => {
     expect(run.stdout()).toBe('overlay ran as /bin/sh\n');
   });
 
+  it('resolves a bare argv0 through PATH, as runc did', async () => {
+    const run = start(PAUSE, ['-c', 'echo "bare $0"'], { argv0: 'sh', env: { ...process.env, PATH: '/nonexistent:/bin:/usr/bin' } });
+    await waiting(run);
+    run.child.kill('SIGUSR2');
+    expect((await exitOf(run)).code).toBe(0);
+    expect(run.stdout()).toBe('bare sh\n');
+  });
+
   it('treats --version as an argument of the original command, not its own', async () => {
     // The image's entrypoint is GNU echo, whose own --version is what must come out after the fallback.
     const run = start(PAUSE, ['--version'], { argv0: '/bin/echo' });
@@ -210,6 +218,16 @@ describe('thaw-pause over an entrypoint (overlay mode)', () => {
     run.child.kill('SIGUSR2');
     expect((await exitOf(run)).code).toBe(127);
     expect(run.stderr()).toContain('thaw-pause is still mounted over it');
+  });
+
+  it('refuses to exec itself when a bare argv0 resolves through PATH to the overlay', async () => {
+    const entry = join(dir, 'serve-model');
+    symlinkSync(PAUSE, entry);
+    const run = start(entry, [], { argv0: 'serve-model', env: { ...process.env, PATH: `/nonexistent:${dir}:/bin` } });
+    await waiting(run);
+    run.child.kill('SIGUSR2');
+    expect((await exitOf(run)).code).toBe(127);
+    expect(run.stderr()).toContain(`exec ${entry} refused: thaw-pause is still mounted over it`);
   });
 });
 
