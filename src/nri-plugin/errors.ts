@@ -103,12 +103,16 @@ export class TtrpcStatusError extends NriError {
  * because of thaw unless a handler says so with this error.
  */
 export class NriHandlerRejection extends NriError {
+  /** The text sent to the runtime as the status message (the runtime logs it and fails the operation). */
+  readonly reason: string;
+
   constructor(message: string, evidence?: Record<string, unknown>) {
     super(NRI_ERROR_CODES.NRI_HANDLER_REJECTED, message, {
       step: 'NRI handler',
       ...(evidence ? { evidence } : {}),
     });
     this.name = 'NriHandlerRejection';
+    this.reason = message;
   }
 }
 
