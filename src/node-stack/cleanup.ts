@@ -1,4 +1,4 @@
-import { readdir, readFile, rm } from 'node:fs/promises';
+import { readdir, readFile, readlink, rm, rmdir } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { silentLogger, type Logger } from '../log.js';
@@ -130,6 +130,11 @@ export interface CleanupReport {
 export async function destroyStackDir(dir: string, opts: { logger?: Logger; signal?: AbortSignal } = {}): Promise<CleanupReport> {
   const log = opts.logger ?? silentLogger;
   const killed: number[] = [];
+  // Learn, while they still run, what the stack's processes hold outside `dir`: the shims' sockets
+  // in /run/containerd/s and the containers' cgroups. A killed shim removes neither.
+  const initial = stackProcesses(await listProcesses(), dir);
+  const shimSockets = await shimSocketPaths(initial.filter((p) => isShimOrContainerd(p)).map((p) => p.pid));
+  const cgroups = await containerCgroups(initial.filter((p) => !isShimOrContainerd(p)).map((p) => p.pid));
   for (let round = 0; round < 10; round++) {
     const procs = stackProcesses(await listProcesses(), dir);
     if (procs.length === 0) break;
@@ -143,6 +148,8 @@ export async function destroyStackDir(dir: string, opts: { logger?: Logger; sign
     }
     await sleep(100 * (round + 1));
   }
+  for (const sock of shimSockets) await rm(sock, { force: true });
+  await removeCgroups(cgroups);
   const marker = await readMarker(dir);
   for (const link of marker?.links ?? []) {
     await runCommand('ip', ['link', 'del', link], { step: `ip link del ${link}`, allowFailure: true, timeoutMs: 10_000 }).catch(() => undefined);
@@ -215,3 +222,69 @@ export async function cleanupStaleStacks(opts: { tmpDir?: string; logger?: Logge
   return reports;
 }
 
+
+function isShimOrContainerd(p: ProcInfo): boolean {
+  const exe = path.basename(p.cmdline[0] ?? '');
+  return exe === 'containerd' || exe.startsWith('containerd-shim');
+}
+
+/** Paths of the unix sockets under /run/containerd/s that `pids` have open (their listening sockets). */
+async function shimSocketPaths(pids: number[]): Promise<string[]> {
+  const inodes = new Set<string>();
+  for (const pid of pids) {
+    const fds = await readdir(`/proc/${pid}/fd`).catch(() => [] as string[]);
+    for (const fd of fds) {
+      const target = await readlink(`/proc/${pid}/fd/${fd}`).catch(() => '');
+      const m = /^socket:\[(\d+)\]$/.exec(target);
+      if (m?.[1]) inodes.add(m[1]);
+    }
+  }
+  return socketPathsByInode(await readFile('/proc/net/unix', 'utf8').catch(() => ''), inodes)
+    .filter((p) => p.startsWith('/run/containerd/s/'));
+}
+
+/** Paths of the unix sockets in a /proc/net/unix text whose inode is in `inodes`. Pure. */
+export function socketPathsByInode(netUnix: string, inodes: ReadonlySet<string>): string[] {
+  const out = new Set<string>();
+  for (const line of netUnix.split('\n').slice(1)) {
+    const f = line.trim().split(/\s+/);
+    const inode = f[6];
+    const p = f[7];
+    if (inode && p && p.startsWith('/') && inodes.has(inode)) out.add(p);
+  }
+  return [...out];
+}
+
+/** Cgroup paths (relative to each hierarchy's root) of `pids`, the root excluded. */
+async function containerCgroups(pids: number[]): Promise<string[]> {
+  const out = new Set<string>();
+  for (const pid of pids) {
+    const text = await readFile(`/proc/${pid}/cgroup`, 'utf8').catch(() => '');
+    for (const line of text.split('\n')) {
+      const rel = line.split(':').slice(2).join(':');
+      if (rel && rel !== '/') out.add(rel);
+    }
+  }
+  return [...out];
+}
+
+/** rmdir each cgroup path in every cgroup hierarchy mounted here (empty once its processes are dead). */
+async function removeCgroups(rels: string[]): Promise<void> {
+  if (rels.length === 0) return;
+  const mountinfo = await readFile('/proc/self/mountinfo', 'utf8');
+  const roots = mountinfo.split('\n').filter((l) => / - cgroup2? /.test(l)).map((l) => l.split(' ')[4]).filter((p): p is string => !!p);
+  for (let round = 0; round < 5; round++) {
+    let busy = false;
+    for (const root of roots) {
+      for (const rel of rels) {
+        try {
+          await rmdir(path.join(root, rel));
+        } catch (e) {
+          if ((e as NodeJS.ErrnoException).code === 'EBUSY') busy = true; // a dying process still in it
+        }
+      }
+    }
+    if (!busy) return;
+    await sleep(100);
+  }
+}
