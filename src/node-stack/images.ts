@@ -96,7 +96,7 @@ export function buildOciLayoutDocs(layer: { digest: string; size: number }, ref:
 
 /** A reference as containerd names images: `docker.io/thaw/busybox:1`. Short names are refused (they would be normalised). */
 export function assertFullyQualifiedRef(ref: string): void {
-  if (!/^[a-z0-9.-]+\.[a-z0-9.-]+(:\d+)?\/[a-z0-9._/-]+(:[\w.-]+|@sha256:[0-9a-f]{64})$/.test(ref)) {
+  if (!/^([a-z0-9-]+\.[a-z0-9.-]+|localhost)(:\d+)?\/[a-z0-9._/-]+(:[\w.-]+|@sha256:[0-9a-f]{64})$/.test(ref)) {
     throw new StackError(STACK_ERROR_CODES.INVALID_OPTION, `image ref "${ref}" is not fully qualified (e.g. docker.io/thaw/busybox:1)`, {
       step: 'check image ref', evidence: { ref },
     });
