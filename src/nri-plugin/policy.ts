@@ -22,11 +22,12 @@ export { checkCheckpointName, CHECKPOINT_NAME_MAX_LENGTH } from '../checkpoint-n
 
 export const DEFAULT_ANNOTATION_PREFIX = 'thaw.dev/';
 
-/** Where the worker sees its control directory; Dynamo's path, so its workers run unchanged. */
-export const CONTROL_DIR_MOUNT_PATH = '/snapshot-control';
-export const CONTROL_DIR_ENV = 'SNAPSHOT_CONTROL_DIR';
-/** Dynamo's legacy variable; injected too, as Dynamo does during its migration. */
-export const LEGACY_CONTROL_DIR_ENV = 'DYN_SNAPSHOT_CONTROL_DIR';
+/** Where the worker sees its control directory, and the variables naming it: Dynamo's, so its workers run unchanged. */
+export {
+  DEFAULT_CONTROL_DIR as CONTROL_DIR_MOUNT_PATH,
+  CONTROL_DIR_ENV,
+  LEGACY_CONTROL_DIR_ENV,
+} from '../sdk/protocol.js';
 
 /**
  * Environment a checkpointable worker needs, as Dynamo's configure_checkpoint_transport_env() forces it:

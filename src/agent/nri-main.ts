@@ -1,0 +1,79 @@
+/**
+ * The thaw NRI plugin as a process, in either of NRI's two modes:
+ *   pre-launched:      node dist/src/agent/nri-main.js --socket /var/run/nri/nri.sock [options]
+ *   runtime-launched:  containerd starts an executable named NN-thaw from its plugin_path with
+ *                      NRI_PLUGIN_SOCKET=3 (and no PATH, and stdout/stderr on /dev/null: hence --log-file).
+ * Options: --annotation-prefix P (default thaw.dev/), --control-root DIR (default /run/thaw/control),
+ * --name N --idx NN (pre-launched identity), --log-file FILE, --log-level debug|info|warn|error.
+ * Stops on SIGTERM/SIGINT; a launched plugin also exits when containerd closes its socket.
+ *
+ * The long-running `thaw agent` (issue "node agent") will host these same handlers next to the engine, the
+ * store and the control API; this entry point is the plugin alone.
+ */
+import { createWriteStream } from 'node:fs';
+import { parseArgs } from 'node:util';
+import { createJsonLogger, parseLogLevel } from '../log.js';
+import { createNriPlugin, readLaunchEnv } from '../nri-plugin/plugin.js';
+import { DEFAULT_ANNOTATION_PREFIX, validateAnnotationPrefix } from '../nri-plugin/policy.js';
+import { DEFAULT_CONTROL_ROOT } from '../sdk/control-dir.js';
+import { createThawNriHandlers } from './thaw-nri.js';
+
+export const DEFAULT_PLUGIN_NAME = 'thaw';
+export const DEFAULT_PLUGIN_IDX = '50';
+
+async function main(): Promise<number> {
+  const { values } = parseArgs({
+    options: {
+      socket: { type: 'string' },
+      'annotation-prefix': { type: 'string', default: DEFAULT_ANNOTATION_PREFIX },
+      'control-root': { type: 'string', default: DEFAULT_CONTROL_ROOT },
+      name: { type: 'string', default: DEFAULT_PLUGIN_NAME },
+      idx: { type: 'string', default: DEFAULT_PLUGIN_IDX },
+      'log-file': { type: 'string' },
+      'log-level': { type: 'string', default: 'info' },
+    },
+    strict: true,
+  });
+  const logFile = values['log-file'];
+  const stream = logFile ? createWriteStream(logFile, { flags: 'a', mode: 0o600 }) : undefined;
+  const logger = createJsonLogger({
+    level: parseLogLevel(values['log-level']),
+    ...(stream ? { write: (line: string) => void stream.write(line) } : {}),
+    fields: { component: 'thaw-nri' },
+  });
+
+  const prefix = values['annotation-prefix'] as string;
+  const badPrefix = validateAnnotationPrefix(prefix);
+  if (badPrefix) {
+    logger.error(`--annotation-prefix: ${badPrefix}`);
+    return 2;
+  }
+
+  const launched = process.env['NRI_PLUGIN_SOCKET'] !== undefined;
+  const identity = launched ? readLaunchEnv() : { name: values.name as string, idx: values.idx as string, fd: undefined };
+  const handlers = createThawNriHandlers({ annotationPrefix: prefix, controlRoot: values['control-root'] as string });
+  const plugin = createNriPlugin({
+    name: identity.name,
+    idx: identity.idx,
+    handlers,
+    logger,
+    ...(launched ? { fd: identity.fd as number } : { socketPath: values.socket ?? '/var/run/nri/nri.sock' }),
+  });
+  const stop = (): void => void plugin.close();
+  process.on('SIGTERM', stop);
+  process.on('SIGINT', stop);
+  logger.info('thaw NRI plugin starting', { mode: launched ? 'runtime-launched' : 'pre-launched', pid: process.pid });
+  void plugin.start().catch(() => undefined); // failures surface through `stopped`
+  const info = await plugin.stopped;
+  logger.info('thaw NRI plugin stopped', { reason: info.reason, ...(info.error ? { error: info.error } : {}) });
+  await new Promise<void>((resolve) => (stream ? stream.end(resolve) : resolve()));
+  return info.reason === 'error' ? 1 : 0;
+}
+
+main().then(
+  (code) => process.exit(code),
+  (err: unknown) => {
+    process.stderr.write(`thaw-nri: ${err instanceof Error ? err.stack ?? err.message : String(err)}\n`);
+    process.exit(1);
+  },
+);

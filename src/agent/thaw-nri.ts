@@ -1,0 +1,204 @@
+/**
+ * thaw's NRI handlers: the adjustment policy (src/nri-plugin/policy.ts) turned into container adjustments,
+ * and the hand-off of checkpoint sources and restore targets to whoever runs the flows (the engine).
+ *
+ * Contract with the runtime (nri-protocol.md §5.4): CreateContainer must answer within the request timeout
+ * (2 s by default) and an error status would fail the pod, so every handler here is fast (a mkdir at most)
+ * and never throws: any problem leaves the container as it is and is logged and counted with its cause.
+ */
+import { AdjustmentBuilder } from '../nri-plugin/adjustment.js';
+import type { NriHandlerContext, NriHandlers } from '../nri-plugin/plugin.js';
+import {
+  CHECKPOINT_ENV,
+  CONTROL_DIR_ENV,
+  CONTROL_DIR_MOUNT_PATH,
+  decide,
+  LEGACY_CONTROL_DIR_ENV,
+  type PolicyDecision,
+} from '../nri-plugin/policy.js';
+import type { Container, PodSandbox } from '../nri-plugin/nri-types.js';
+import { createControlDir, removeControlDir } from '../sdk/control-dir.js';
+import { errorMessage } from '../errors.js';
+
+/** What the handlers know about a container thaw manages, handed to the flows. */
+export interface ManagedContainer {
+  containerId: string;
+  containerName: string;
+  podId: string;
+  podName: string;
+  podNamespace: string;
+  podUid: string;
+  checkpointName: string;
+  /** Host path of the control directory (mounted at /snapshot-control in the container). */
+  controlDir: string;
+  /** The container's image as containerd names it in the spec's annotations, when present. */
+  imageRef?: string;
+}
+
+/**
+ * The flows behind the plugin. The handlers call these without awaiting anything slow: a coordinator starts
+ * its work in the background and returns.
+ */
+export interface ThawCoordinator {
+  /** A checkpoint source was created: watch its control directory. */
+  checkpointSourceCreated?(container: ManagedContainer): void;
+  /** A checkpoint source started: its pid is known. */
+  checkpointSourceStarted?(container: ManagedContainer, pid: number): void;
+  /** A managed container stopped or was removed: abandon what runs for it. */
+  containerGone?(containerId: string): void;
+}
+
+/** Counters of what the handlers decided, by outcome and cause, for logs, tests and /metrics. */
+export class ThawNriStats {
+  readonly decisions = new Map<PolicyDecision['kind'], number>();
+  readonly rejectionsByAnnotation = new Map<string, number>();
+  readonly fallbacksByCause = new Map<string, number>();
+
+  countDecision(kind: PolicyDecision['kind']): void {
+    this.decisions.set(kind, (this.decisions.get(kind) ?? 0) + 1);
+  }
+  countRejection(annotation: string): void {
+    this.rejectionsByAnnotation.set(annotation, (this.rejectionsByAnnotation.get(annotation) ?? 0) + 1);
+  }
+  countFallback(cause: string): void {
+    this.fallbacksByCause.set(cause, (this.fallbacksByCause.get(cause) ?? 0) + 1);
+  }
+}
+
+export interface ThawNriOptions {
+  annotationPrefix: string;
+  /** Host root of per-container control directories (default /run/thaw/control). */
+  controlRoot: string;
+  coordinator?: ThawCoordinator;
+  stats?: ThawNriStats;
+}
+
+/** containerd's CRI plugin records the image of a container in this spec annotation. */
+const CRI_IMAGE_NAME_ANNOTATION = 'io.kubernetes.cri.image-name';
+
+/** The annotations thaw sets on containers it manages (under the configured prefix). */
+export function managedAnnotations(prefix: string, role: 'checkpoint-source' | 'restore-target', container: ManagedContainer): Record<string, string> {
+  return {
+    [`${prefix}role`]: role,
+    [`${prefix}checkpoint-name`]: container.checkpointName,
+    [`${prefix}control-dir`]: container.controlDir,
+  };
+}
+
+export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { stats: ThawNriStats; managed: Map<string, ManagedContainer> } {
+  const stats = options.stats ?? new ThawNriStats();
+  const managed = new Map<string, ManagedContainer>();
+  const prefix = options.annotationPrefix;
+
+  const describe = (pod: PodSandbox, container: Container): Record<string, unknown> => ({
+    pod: `${pod.namespace ?? ''}/${pod.name ?? ''}`,
+    container: container.name,
+    containerId: container.id,
+  });
+
+  async function adjustCheckpointSource(
+    pod: PodSandbox,
+    container: Container,
+    checkpointName: string,
+    ctx: NriHandlerContext,
+  ): Promise<AdjustmentBuilder | undefined> {
+    const containerId = container.id ?? '';
+    let controlDir: string;
+    try {
+      controlDir = await createControlDir(options.controlRoot, containerId);
+    } catch (err) {
+      stats.countFallback('control-dir');
+      ctx.logger.error('thaw: cannot create the control directory; the container runs without thaw', {
+        ...describe(pod, container),
+        error: err,
+      });
+      return undefined;
+    }
+    const entry: ManagedContainer = {
+      containerId,
+      containerName: container.name ?? '',
+      podId: pod.id ?? '',
+      podName: pod.name ?? '',
+      podNamespace: pod.namespace ?? '',
+      podUid: pod.uid ?? '',
+      checkpointName,
+      controlDir,
+      ...(container.annotations?.[CRI_IMAGE_NAME_ANNOTATION] ? { imageRef: container.annotations[CRI_IMAGE_NAME_ANNOTATION] } : {}),
+    };
+    const existingEnv = new Set((container.env ?? []).map((kv) => kv.slice(0, Math.max(0, kv.indexOf('=')))));
+    const builder = new AdjustmentBuilder()
+      .addMount({ destination: CONTROL_DIR_MOUNT_PATH, source: controlDir, type: 'bind', options: ['rbind', 'rw'] })
+      .addEnv(CONTROL_DIR_ENV, CONTROL_DIR_MOUNT_PATH)
+      .addEnv(LEGACY_CONTROL_DIR_ENV, CONTROL_DIR_MOUNT_PATH);
+    // The pod's own settings win: a platform team that set NCCL_SOCKET_IFNAME knows why.
+    for (const [key, value] of CHECKPOINT_ENV) if (!existingEnv.has(key)) builder.addEnv(key, value);
+    for (const [key, value] of Object.entries(managedAnnotations(prefix, 'checkpoint-source', entry))) builder.addAnnotation(key, value);
+    managed.set(containerId, entry);
+    options.coordinator?.checkpointSourceCreated?.(entry);
+    ctx.logger.info('thaw: checkpoint source', { ...describe(pod, container), checkpoint: checkpointName, controlDir });
+    return builder;
+  }
+
+  return {
+    stats,
+    managed,
+
+    async createContainer(pod, container, ctx) {
+      const decision = decide(
+        { podAnnotations: pod.annotations ?? {}, containerName: container.name ?? '' },
+        { annotationPrefix: prefix },
+      );
+      stats.countDecision(decision.kind);
+      try {
+        switch (decision.kind) {
+          case 'untouched':
+          case 'other-container':
+            return undefined;
+          case 'rejected':
+            stats.countRejection(decision.annotation);
+            ctx.logger.warn('thaw: malformed annotation; the container is created unchanged', {
+              ...describe(pod, container),
+              annotation: decision.annotation,
+              reason: decision.reason,
+            });
+            return undefined;
+          case 'checkpoint-source':
+            return await adjustCheckpointSource(pod, container, decision.checkpointName, ctx);
+          case 'restore-target':
+            // The restore engine plugs in here; until a coordinator handles restores, the pod cold-starts.
+            stats.countFallback('restore-unavailable');
+            ctx.logger.warn('thaw: restore requested but no restore engine is configured; cold start', {
+              ...describe(pod, container),
+              checkpoint: decision.checkpointName,
+            });
+            return undefined;
+        }
+      } catch (err) {
+        // A bug here must not fail the pod: log it and leave the container as it is.
+        stats.countFallback('internal-error');
+        ctx.logger.error('thaw: createContainer handler failed; the container is created unchanged', {
+          ...describe(pod, container),
+          error: errorMessage(err),
+        });
+        return undefined;
+      }
+    },
+
+    postStartContainer(_pod, container) {
+      const entry = managed.get(container.id ?? '');
+      if (entry && container.pid) options.coordinator?.checkpointSourceStarted?.(entry, container.pid);
+    },
+
+    async removeContainer(_pod, container, ctx) {
+      const containerId = container.id ?? '';
+      if (!managed.has(containerId)) return;
+      managed.delete(containerId);
+      options.coordinator?.containerGone?.(containerId);
+      try {
+        await removeControlDir(options.controlRoot, containerId);
+      } catch (err) {
+        ctx.logger.warn('thaw: cannot remove the control directory', { containerId, error: errorMessage(err) });
+      }
+    },
+  };
+}
