@@ -7,13 +7,27 @@
  * Runs as root. The CRIU binary is the one `src/node-stack/` provisions; its absence FAILS the test.
  * THAW_TEST_CRIU_PATH overrides the path (a developer's own build).
  */
-import { existsSync, mkdtempSync, rmSync } from 'node:fs';
-import { dirname } from 'node:path';
+import { execFileSync, spawn } from 'node:child_process';
+import {
+  closeSync,
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  openSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  truncateSync,
+} from 'node:fs';
+import { dirname, join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
+import { isThawError } from '../../src/errors.js';
 import { createCollectingLogger } from '../../src/log.js';
 import { CriuClient } from '../../src/restore-engine/criu/client.js';
+import { CriuErrorCode, type CriuError } from '../../src/restore-engine/criu/errors.js';
 import { CriuCodec } from '../../src/restore-engine/criu/rpc.js';
 import { Libc } from '../../src/restore-engine/criu/seqpacket.js';
 
@@ -57,7 +71,7 @@ const root = mkdtempSync('/tmp/thaw-criu-');
 beforeAll(() => requireCriu());
 afterAll(() => {
   for (const pid of started) kill(pid);
-  rmSync(root, { recursive: true, force: true });
+  if (process.env.THAW_TEST_KEEP === undefined) rmSync(root, { recursive: true, force: true });
 });
 
 describe('CRIU RPC: check and version', () => {
@@ -76,5 +90,242 @@ describe('CRIU RPC: check and version', () => {
     const f = await client.featureCheck();
     expect(typeof f.memTrack).toBe('boolean');
     expect(typeof f.lazyPages).toBe('boolean');
+  });
+});
+
+/** A victim CRIU can dump: its own session (setsid), no tty, stdio to a file, a counter held in memory. */
+interface Victim {
+  pid: number;
+  dir: string;
+  counterFile: string;
+}
+
+/**
+ * bash with builtins only: no child processes. (A `sleep` child, killed by CRIU with the tree, is
+ * reparented to PID 1; until PID 1 reaps it, its zombie keeps the victim's pid allocated as its
+ * pgid/sid, and the restore fails with "Can't fork for <pid>: File exists". This machine's PID 1
+ * reaps late.) The counter is written in place without truncation (`1<>`): it only grows, so a
+ * reader never sees an empty file. `read -t` on a FIFO nobody writes is the delay.
+ */
+const COUNTER_SCRIPT =
+  'exec 9<>"$2"; i=0; while :; do i=$((i+1)); printf "%d\\n" "$i" 1<>"$1"; read -t 0.05 -u 9 _; done';
+
+async function startVictim(name: string): Promise<Victim> {
+  const dir = join(root, name);
+  mkdirSync(dir, { recursive: true });
+  const counterFile = join(dir, 'counter');
+  const out = openSync(join(dir, 'victim.out'), 'a');
+  try {
+    // detached: setsid() in the child, so the victim leads its own session with no controlling tty.
+    const fifo = join(dir, 'delay.fifo');
+    execFileSync('mkfifo', [fifo]);
+    const child = spawn('/bin/bash', ['-c', COUNTER_SCRIPT, 'victim', counterFile, fifo], {
+      detached: true,
+      stdio: ['ignore', out, out],
+    });
+    child.unref();
+    if (child.pid === undefined) throw new Error('victim did not start');
+    started.add(child.pid);
+    await waitFor(() => readCounter(counterFile) >= 10, 5_000, 'victim counter to reach 10');
+    return { pid: child.pid, dir, counterFile };
+  } finally {
+    closeSync(out);
+  }
+}
+
+function readCounter(file: string): number {
+  try {
+    return Number.parseInt(readFileSync(file, 'utf8').trim(), 10) || 0;
+  } catch {
+    return 0;
+  }
+}
+
+async function waitFor(cond: () => boolean, timeoutMs: number, what: string): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!cond()) {
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await sleep(20);
+  }
+}
+
+function alive(pid: number): boolean {
+  try {
+    return !/^\d+ \(.*\) [ZX]/.test(readFileSync(`/proc/${pid}/stat`, 'utf8'));
+  } catch {
+    return false;
+  }
+}
+
+/** The swrk pids the client logged since `from` (index into the collecting logger's lines). */
+function swrkPidsSince(from: number): number[] {
+  return logger.lines
+    .slice(from)
+    .filter((l) => l.msg === 'criu swrk started')
+    .map((l) => l.fields.swrkPid as number);
+}
+
+async function expectCriuError(p: Promise<unknown>, code: string): Promise<CriuError> {
+  try {
+    await p;
+  } catch (err) {
+    if (!isThawError(err, code)) throw err;
+    return err as CriuError;
+  }
+  throw new Error(`expected ${code}, but the call succeeded`);
+}
+
+function dirs(name: string): { imagesDir: string; workDir: string } {
+  const imagesDir = join(root, name, 'images');
+  const workDir = join(root, name, 'work');
+  mkdirSync(imagesDir, { recursive: true });
+  mkdirSync(workDir, { recursive: true });
+  return { imagesDir, workDir };
+}
+
+describe('CRIU RPC: dump and restore of a real process', () => {
+  it('dumps with leave-running: images written, the victim keeps counting', async () => {
+    const v = await startVictim('leave-running');
+    const { imagesDir, workDir } = dirs('leave-running');
+    const res = await client.dump({ imagesDir, workDir, pid: v.pid, leaveRunning: true });
+    expect(res.logPath).toBe(join(workDir, 'dump.log'));
+    expect(readdirSync(imagesDir).some((f) => f.startsWith('pages-'))).toBe(true);
+    expect(readFileSync(res.logPath, 'utf8')).toContain('Dumping finished successfully');
+    const before = readCounter(v.counterFile);
+    await waitFor(() => readCounter(v.counterFile) > before + 3, 5_000, 'the victim to go on counting');
+    expect(alive(v.pid)).toBe(true);
+    kill(v.pid);
+  });
+
+  it('dumps (victim stops), restores detached, and the counter goes on from its dumped value; notifications in order', async () => {
+    const v = await startVictim('dump-restore');
+    const { imagesDir, workDir } = dirs('dump-restore');
+    const events: string[] = [];
+    const record = (name: string) => () => {
+      events.push(name);
+    };
+    await client.dump(
+      { imagesDir, workDir, pid: v.pid },
+      { preDump: record('pre-dump'), postDump: record('post-dump'), networkLock: record('network-lock'), networkUnlock: record('network-unlock') },
+    );
+    await waitFor(() => !existsSync(`/proc/${v.pid}`), 5_000, 'the dumped victim to be gone (and reaped: its pid is restored)');
+    const dumped = readCounter(v.counterFile);
+    expect(dumped).toBeGreaterThanOrEqual(10);
+    await sleep(200);
+    expect(readCounter(v.counterFile)).toBe(dumped); // nothing counts while it is an image
+
+    let postRestorePid = -1;
+    const res = await client.restore(
+      { imagesDir, workDir },
+      {
+        preRestore: record('pre-restore'),
+        postRestore: (pid) => {
+          postRestorePid = pid;
+          events.push('post-restore');
+        },
+        preResume: record('pre-resume'),
+        postResume: record('post-resume'),
+      },
+    );
+    started.add(res.pid);
+    expect(res.pid).toBe(v.pid); // same PID namespace: CRIU restores the original pid
+    expect(postRestorePid).toBe(v.pid);
+    expect(alive(res.pid)).toBe(true);
+    await waitFor(() => readCounter(v.counterFile) > dumped + 3, 5_000, 'the restored victim to count on');
+    // It continued from its memory (dumped + k), not from a fresh start (which would be back near 1).
+    const now = readCounter(v.counterFile);
+    expect(now).toBeGreaterThan(dumped);
+    expect(readFileSync(res.logPath, 'utf8')).toContain('Restore finished successfully');
+
+    const dumpEvents = events.filter((e) => ['pre-dump', 'post-dump'].includes(e));
+    expect(dumpEvents).toEqual(['pre-dump', 'post-dump']);
+    const restoreEvents = events.filter((e) => ['pre-restore', 'post-restore', 'pre-resume', 'post-resume'].includes(e));
+    // CRIU's order (cr-restore.c): post-restore comes before the tasks are resumed.
+    expect(restoreEvents).toEqual(['pre-restore', 'post-restore', 'pre-resume', 'post-resume']);
+    kill(res.pid);
+  });
+
+  it('a restore from corrupted images fails with CRIU_FAILED quoting the log', async () => {
+    const v = await startVictim('corrupt');
+    const { imagesDir, workDir } = dirs('corrupt');
+    await client.dump({ imagesDir, workDir, pid: v.pid });
+    await waitFor(() => !existsSync(`/proc/${v.pid}`), 5_000, 'the dumped victim to be gone (and reaped: its pid is restored)');
+    // An empty core image: CRIU stops at once ("Unexpected EOF"). (An empty pages image does not:
+    // see the timeout test below.)
+    truncateSync(join(imagesDir, `core-${v.pid}.img`), 0);
+
+    const err = await expectCriuError(client.restore({ imagesDir, workDir }, undefined, { timeoutMs: 30_000 }), CriuErrorCode.FAILED);
+    expect(alive(v.pid)).toBe(false);
+    expect(err.step).toBe('criu restore');
+    expect(err.evidence.logPath).toBe(join(workDir, 'restore.log'));
+    expect(err.evidence.crErrmsg).toEqual(expect.any(String));
+    const errors = err.evidence.logErrors as string[];
+    expect(errors.some((l) => l.includes('Unexpected EOF'))).toBe(true);
+    expect(errors.some((l) => l.includes('Restoring FAILED'))).toBe(true);
+    expect(err.message).toContain('Error lines:');
+    expect(err.message).toContain('Unexpected EOF');
+    expect((err.evidence.logTail as string[]).length).toBeGreaterThan(0);
+  });
+
+  it('a restore from an empty pages image hangs CRIU 4.1.1; the timeout kills CRIU and the half-restored task', async () => {
+    const v = await startVictim('empty-pages');
+    const { imagesDir, workDir } = dirs('empty-pages');
+    await client.dump({ imagesDir, workDir, pid: v.pid });
+    await waitFor(() => !existsSync(`/proc/${v.pid}`), 5_000, 'the dumped victim to be gone (and reaped: its pid is restored)');
+    const pages = readdirSync(imagesDir).filter((f) => f.startsWith('pages-'));
+    expect(pages.length).toBeGreaterThan(0);
+    for (const f of pages) truncateSync(join(imagesDir, f), 0);
+
+    const mark = logger.lines.length;
+    // CRIU's restorer retries preadv() that returns 0 forever (log: "Preadv ... `- returned 0").
+    const err = await expectCriuError(client.restore({ imagesDir, workDir }, undefined, { timeoutMs: 3_000 }), CriuErrorCode.TIMEOUT);
+    expect(err.evidence.logPath).toBe(join(workDir, 'restore.log'));
+    const [swrkPid] = swrkPidsSince(mark);
+    expect(alive(swrkPid as number)).toBe(false);
+    await waitFor(() => !alive(v.pid), 5_000, 'the half-restored task to be killed with CRIU');
+    expect(readFileSync(join(workDir, 'restore.log'), 'utf8')).toMatch(/Preadv .*\n.*returned 0/);
+  });
+
+  it('a notify handler that throws aborts the dump with CRIU_NOTIFY_FAILED; the victim runs on', async () => {
+    const v = await startVictim('notify-fails');
+    const { imagesDir, workDir } = dirs('notify-fails');
+    const err = await expectCriuError(
+      client.dump({ imagesDir, workDir, pid: v.pid }, { preDump: () => Promise.reject(new Error('not now')) }),
+      CriuErrorCode.NOTIFY_FAILED,
+    );
+    expect((err.cause as Error).message).toBe('not now');
+    const before = readCounter(v.counterFile);
+    await waitFor(() => readCounter(v.counterFile) > before + 3, 5_000, 'the victim to go on counting');
+    kill(v.pid);
+  });
+
+  it('a timeout kills CRIU and rejects with CRIU_TIMEOUT', async () => {
+    const v = await startVictim('timeout');
+    const { imagesDir, workDir } = dirs('timeout');
+    const mark = logger.lines.length;
+    const t0 = Date.now();
+    // CRIU waits for our answer to pre-dump; a handler that never answers holds it there.
+    const err = await expectCriuError(
+      client.dump({ imagesDir, workDir, pid: v.pid }, { preDump: () => new Promise<void>(() => undefined) }, { timeoutMs: 1_000 }),
+      CriuErrorCode.TIMEOUT,
+    );
+    expect(Date.now() - t0).toBeLessThan(8_000);
+    expect(err.evidence.timeoutMs).toBe(1_000);
+    const [swrkPid] = swrkPidsSince(mark);
+    expect(swrkPid).toBeGreaterThan(0);
+    expect(alive(swrkPid as number)).toBe(false);
+    const before = readCounter(v.counterFile);
+    await waitFor(() => readCounter(v.counterFile) > before + 3, 5_000, 'the victim to go on counting');
+    kill(v.pid);
+  });
+
+  it('an AbortSignal kills CRIU and rejects with CRIU_ABORTED', async () => {
+    const v = await startVictim('abort');
+    const { imagesDir, workDir } = dirs('abort');
+    const ac = new AbortController();
+    const p = client.dump({ imagesDir, workDir, pid: v.pid }, { preDump: () => ac.abort(new Error('shutdown')) }, { signal: ac.signal });
+    const err = await expectCriuError(p, CriuErrorCode.ABORTED);
+    expect((err.cause as Error).message).toBe('shutdown');
+    kill(v.pid);
   });
 });

@@ -267,6 +267,7 @@ export class CriuClient {
     if (this.options.exitGraceMs !== undefined) spawnOptions.exitGraceMs = this.options.exitGraceMs;
     const swrk = CriuSwrk.start({ libc: this.libc, codec: this.codec, logger: this.logger }, spawnOptions);
     const started = Date.now();
+    this.logger.debug('criu swrk started', { step, swrkPid: swrk.pid, wrapper: call.wrapper });
     try {
       const resp = await swrk.request(req, {
         step,
