@@ -95,6 +95,8 @@ export function renderContainerdConfig(c: ContainerdConfigInput): string {
       '  stream_server_address = "127.0.0.1"',
       '  stream_server_port = "0"',
       '  enable_selinux = false',
+      // Pod network namespaces under our state dir, so that a crashed stack's are unmounted with it.
+      '  netns_mounts_under_state_dir = true',
       '',
       `[plugins.${cri}.containerd]`,
       '  snapshotter = "overlayfs"',
@@ -131,6 +133,7 @@ export function renderContainerdConfig(c: ContainerdConfigInput): string {
     `[${runtime}]`,
     '  restrict_oom_score_adj = true',
     '  enable_selinux = false',
+    '  netns_mounts_under_state_dir = true',
     '',
     ...runcOptions(runtime),
     `[${runtime}.cni]`,
@@ -145,4 +148,46 @@ export function renderContainerdConfig(c: ContainerdConfigInput): string {
     `  path = ${s(c.optDir)}`,
     '',
   ].join('\n');
+}
+
+export interface CniNetworkInput {
+  /** Network name (unique per stack). */
+  name: string;
+  /** Linux bridge name, at most 15 bytes. */
+  bridge: string;
+  /** An IPv4 /24 like 10.213.7.0/24. */
+  subnet: string;
+  /** host-local IPAM's state dir (inside the stack dir, so it goes with it). */
+  ipamDataDir: string;
+}
+
+/**
+ * The CNI network of pods that do not use the host network: a bridge with no address on the host
+ * (isGateway false), no masquerading and no default route in the pod, so nothing routes off the
+ * machine; pods get an address on eth0 (containerd insists on one) and their own loopback. Pure.
+ */
+export function renderCniConflist(n: CniNetworkInput): string {
+  if (Buffer.byteLength(n.bridge) > 15) throw new RangeError(`bridge name ${n.bridge} is longer than 15 bytes`);
+  return `${JSON.stringify({
+    cniVersion: '1.0.0',
+    name: n.name,
+    plugins: [
+      {
+        type: 'bridge',
+        bridge: n.bridge,
+        isGateway: false,
+        isDefaultGateway: false,
+        ipMasq: false,
+        hairpinMode: false,
+        ipam: { type: 'host-local', ranges: [[{ subnet: n.subnet }]], dataDir: n.ipamDataDir },
+      },
+    ],
+  }, null, 2)}\n`;
+}
+
+/** A per-stack /24 in 10.200.0.0/13..10.249.255.0, picked from the stack dir's name (stable for a dir). Pure. */
+export function podSubnetFor(stackDirName: string): string {
+  let h = 2166136261;
+  for (const ch of Buffer.from(stackDirName)) h = Math.imul(h ^ ch, 16777619) >>> 0;
+  return `10.${200 + (h % 50)}.${(h >>> 8) % 256}.0/24`;
 }

@@ -5,7 +5,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { silentLogger, type Logger } from '../log.js';
 import { destroyStackDir, processStartTicks, STACK_DIR_PREFIX, STACK_MARKER_FILE, type StackMarker } from './cleanup.js';
-import { renderContainerdConfig } from './config.js';
+import { podSubnetFor, renderCniConflist, renderContainerdConfig } from './config.js';
 import { CriClient } from './cri-client.js';
 import { writeStrippedCriProto } from './cri-proto.js';
 import { StackError, STACK_ERROR_CODES } from './errors.js';
@@ -182,6 +182,13 @@ export async function startNodeStack(options: NodeStackOptions = {}): Promise<No
       ...(options.logLevel ? { logLevel: options.logLevel } : {}),
     });
     await writeFile(layout.configPath, config);
+    // Pods with their own network namespace get a private bridge; the marker lists it so that
+    // cleanup deletes it (it outlives the pods).
+    const bridge = `th-${path.basename(dir).slice(STACK_DIR_PREFIX.length)}`.slice(0, 15);
+    await writeFile(path.join(dir, 'cni', 'conf.d', '10-thaw.conflist'), renderCniConflist({
+      name: `thaw-${path.basename(dir)}`, bridge, subnet: podSubnetFor(path.basename(dir)), ipamDataDir: path.join(dir, 'cni', 'ipam'),
+    }));
+    await writeFile(path.join(dir, STACK_MARKER_FILE), JSON.stringify({ ...marker, links: [bridge] }));
     // The CRI client loads the stripped proto; provisioning wrote it, this only repairs a missing copy.
     if (!(await stat(paths.criProtoStripped).then(() => true, () => false))) {
       await writeStrippedCriProto(paths.criProto, paths.criProtoStripped);

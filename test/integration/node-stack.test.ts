@@ -3,7 +3,7 @@
  * /opt/thaw/stack (provisioned by scripts/setup.sh). Runs for each flavor in THAW_CONTAINERD (default 1.7).
  */
 import { spawnSync } from 'node:child_process';
-import { readFile, stat, writeFile } from 'node:fs/promises';
+import { readFile, readlink, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import {
@@ -83,6 +83,28 @@ describe.each(flavorsUnderTest())('node stack, containerd %s', (flavor) => {
     expect(listed.map((c) => c.id)).toEqual([pod.containerId]);
     await stack.cri.removePod(pod.podId);
     expect(await stack.cri.listPodSandbox()).toEqual([]);
+  });
+
+  it('runs a pod in its own network namespace with only loopback traffic', async () => {
+    const { stack } = handle;
+    const pod = await stack.cri.runPod({
+      name: 'own-net',
+      hostNetwork: false,
+      image: stack.images.busybox,
+      command: ['/bin/sh', '-c', 'nc -l -p 8080 -e echo pong & exec sleep 1000'],
+    });
+    const st = await stack.cri.containerStatus(pod.containerId, true);
+    const [hostNet, podNet] = await Promise.all([readlink('/proc/self/ns/net'), readlink(`/proc/${st.pid}/ns/net`)]);
+    expect(podNet).not.toBe(hostNet);
+    const reply = await waitFor(async () => {
+      const r = await stack.cri.execSync(pod.containerId, ['/bin/sh', '-c', 'nc 127.0.0.1 8080 </dev/null'], 5);
+      return r.stdout.includes('pong') ? r.stdout : undefined;
+    }, 'the pod-local server to answer');
+    expect(reply).toBe('pong\n');
+    // No route off the machine from inside the pod.
+    const routes = await stack.cri.execSync(pod.containerId, ['ip', 'route'], 5);
+    expect(routes.stdout).not.toContain('default');
+    await stack.cri.removePod(pod.podId);
   });
 
   it('restarts containerd and keeps running pods', async () => {

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { goDuration, renderContainerdConfig, type ContainerdConfigInput } from '../../src/node-stack/config.js';
+import { goDuration, podSubnetFor, renderCniConflist, renderContainerdConfig, type ContainerdConfigInput } from '../../src/node-stack/config.js';
 
 const input = (flavor: '1.7' | '2.1'): ContainerdConfigInput => ({
   flavor,
@@ -79,5 +79,24 @@ describe('renderContainerdConfig', () => {
     expect(goDuration(1500)).toBe('1500ms');
     expect(goDuration(0)).toBe('0ms');
     expect(() => goDuration(-1)).toThrow(RangeError);
+  });
+});
+
+describe('pod network (CNI)', () => {
+  it('is a bridge without a host address, masquerading or default route', () => {
+    const conf = JSON.parse(renderCniConflist({ name: 'thaw-x', bridge: 'th-AbC123', subnet: '10.210.3.0/24', ipamDataDir: '/tmp/thaw-x/cni/ipam' }));
+    expect(conf.plugins).toHaveLength(1);
+    expect(conf.plugins[0]).toMatchObject({
+      type: 'bridge', bridge: 'th-AbC123', isGateway: false, isDefaultGateway: false, ipMasq: false,
+      ipam: { type: 'host-local', ranges: [[{ subnet: '10.210.3.0/24' }]], dataDir: '/tmp/thaw-x/cni/ipam' },
+    });
+    expect(() => renderCniConflist({ name: 'n', bridge: 'x'.repeat(16), subnet: '10.0.0.0/24', ipamDataDir: '/d' })).toThrow(RangeError);
+  });
+
+  it('picks a stable private /24 per stack dir', () => {
+    expect(podSubnetFor('thaw-AbC123')).toBe(podSubnetFor('thaw-AbC123'));
+    expect(podSubnetFor('thaw-AbC123')).toMatch(/^10\.(2[0-4]\d)\.\d{1,3}\.0\/24$/);
+    const many = new Set(Array.from({ length: 50 }, (_, i) => podSubnetFor(`thaw-${i}`)));
+    expect(many.size).toBeGreaterThan(40);
   });
 });

@@ -55,7 +55,7 @@ describe('flavors', () => {
   });
 
   it('reads the THAW_CONTAINERD list', () => {
-    expect(flavorsUnderTest(undefined)).toEqual(['1.7']);
+    expect(flavorsUnderTest('')).toEqual(['1.7']);
     expect(flavorsUnderTest('2.1')).toEqual(['2.1']);
     expect(flavorsUnderTest('1.7, 2.1,1.7')).toEqual(['1.7', '2.1']);
   });
