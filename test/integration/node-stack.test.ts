@@ -3,7 +3,8 @@
  * /opt/thaw/stack (provisioned by scripts/setup.sh). Runs for each flavor in THAW_CONTAINERD (default 1.7).
  */
 import { spawnSync } from 'node:child_process';
-import { readFile, readlink, stat, writeFile } from 'node:fs/promises';
+import { mkdtemp, readFile, readlink, rm, stat, writeFile } from 'node:fs/promises';
+import os from 'node:os';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import {
@@ -12,7 +13,8 @@ import {
 import { startNodeStack, UNIX_SOCKET_PATH_MAX_BYTES } from '../../src/node-stack/containerd.js';
 import { parseCriLog } from '../../src/node-stack/cri-client.js';
 import { stackPaths } from '../../src/node-stack/paths.js';
-import { checkStack, isProvisioned } from '../../src/node-stack/provision.js';
+import { checkStack, isProvisioned, provisionStack } from '../../src/node-stack/provision.js';
+import { isThawError } from '../../src/errors.js';
 import { flavorsUnderTest, useNodeStack, waitFor } from '../helpers/stack.js';
 
 async function leftovers(dir: string): Promise<{ processes: number[]; mounts: string[]; dirExists: boolean }> {
@@ -30,6 +32,10 @@ describe.each(flavorsUnderTest())('node stack, containerd %s', (flavor) => {
     const versions = await checkStack(stackPaths(flavor));
     expect(versions.containerd).toContain(flavor === '1.7' ? '1.7.' : '2.1.');
     expect(versions.tar).toContain('GNU tar');
+    // The second provisioning of a provisioned flavor is a stamp check (no apt-get).
+    const again = await provisionStack({ flavor });
+    expect(again.built).toBe(false);
+    expect(again.durationMs).toBeLessThan(5000);
   });
 
   it('runs containerd with NRI enabled on its own socket', async () => {
@@ -166,6 +172,35 @@ describe.each(flavorsUnderTest())('cleanupStaleStacks, containerd %s', (flavor) 
       }
     } finally {
       await stack.stop().catch(() => undefined);
+    }
+  });
+});
+
+describe.each(flavorsUnderTest())('launched NRI plugins, containerd %s', (flavor) => {
+  it('are started by containerd from the plugin dir (one that does not register: fatal in 1.7, skipped in 2.x)', async () => {
+    const dir = await mkdtemp(path.join(os.tmpdir(), 'thawplug-'));
+    try {
+      const plugin = path.join(dir, 'probe.sh');
+      await writeFile(plugin, `#!/bin/sh\nenv | grep ^NRI_PLUGIN_ > ${dir}/env\nexit 0\n`, { mode: 0o755 });
+      let caught: unknown;
+      let logTail = '';
+      await startNodeStack({
+        flavor, nri: { registrationTimeoutMs: 1000, launchedPlugins: [{ name: '10-probe', path: plugin, config: 'a: 1' }] },
+      }).then(async (s) => { logTail = await s.logTail(1_000_000); await s.stop(); }, (e: unknown) => { caught = e; });
+      if (flavor === '1.7') {
+        // 1.7 treats a launched plugin that does not register as fatal: containerd exits.
+        expect(isThawError(caught, 'STACK_CONTAINERD_EXITED')).toBe(true);
+        logTail = String((caught as { evidence: { logTail: string } }).evidence.logTail);
+      } else {
+        // 2.x logs it and goes on without the plugin.
+        expect(caught).toBeUndefined();
+      }
+      expect(logTail).toContain('probe');
+      const env = await readFile(path.join(dir, 'env'), 'utf8');
+      expect(env).toContain('NRI_PLUGIN_NAME=probe');
+      expect(env).toContain('NRI_PLUGIN_IDX=10');
+    } finally {
+      await rm(dir, { recursive: true, force: true });
     }
   });
 });
