@@ -72,7 +72,7 @@ describe('demo worker, pure parts', () => {
   });
 
   it('follows only real import statements, not examples in doc comments', () => {
-    const src = "/**\n * import { x } from '<thaw>/src/sdk/worker.js';\n */\nimport { a } from './a.js';\nimport {\n  b,\n} from '../b.js';\nexport * from './c.js';\nimport { readFile } from 'node:fs/promises';\n";
+    const src = "/**\n * import { x } from '<thaw>/src/sdk/worker.js';\n */\nimport { a } from './a.js';\nimport {\n  b,\n} from '../b.js';\nexport * from './c.js';\nimport type { T } from './types.js';\nexport type { U } from './types.js';\nimport { readFile } from 'node:fs/promises';\n";
     expect(relativeImports(src)).toEqual(['./a.js', '../b.js', './c.js']);
     expect(() => relativeImports("import x from 'lodash';\n")).toThrow(expect.objectContaining({ code: DEMO_ERROR_CODES.IMAGE_BUILD_FAILED }));
   });
@@ -82,13 +82,14 @@ describe.each(flavorsUnderTest())('demo worker, containerd %s', (flavor) => {
   const handle = useNodeStack({ flavor });
   let image: WorkerImage | undefined;
 
-  it('builds and imports the image; a second build with the same inputs hits the cache', async () => {
+  it('builds and imports the image; a second build with the same inputs reuses it', async () => {
     const { stack } = handle;
     const first = await buildWorkerImage(stack);
     const second = await buildWorkerImage(stack);
-    console.log(`demo worker image: first build ${first.buildMs} ms (cached=${first.cached}), second ${second.buildMs} ms (cached=${second.cached})`);
+    console.log(`demo worker image: first build ${first.buildMs} ms (archive cached=${first.cached}), second ${second.buildMs} ms (reused=${second.reused})`);
+    expect(first.reused).toBe(false);
     expect(second.manifestDigest).toBe(first.manifestDigest);
-    expect(second.cached).toBe(true);
+    expect(second.reused).toBe(true);
     expect(first.appFiles).toEqual(expect.arrayContaining(['demo/worker/worker.js', 'demo/worker/memory.js', 'src/sdk/worker.js', 'src/errors.js']));
     expect(first.libraries).toEqual(expect.arrayContaining([expect.stringMatching(/libc\.so/), expect.stringMatching(/ld-linux/)]));
     const tags = (await stack.cri.listImages()).flatMap((i) => i.repo_tags);
