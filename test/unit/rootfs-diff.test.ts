@@ -1,0 +1,466 @@
+import { execFileSync } from 'node:child_process';
+import { createHash, randomBytes } from 'node:crypto';
+import { mkdir, mkdtemp, readdir, readFile, readlink, lstat, rm, symlink, writeFile, link, appendFile, chmod, chown, open, rename } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { isThawError, type ThawError } from '../../src/errors.js';
+import { createCollectingLogger } from '../../src/log.js';
+import {
+  applyRootfsDiff,
+  captureRootfsDiff,
+  compileExcludes,
+  parseOverlayMount,
+  readContainerOverlay,
+  readTarEntries,
+  type OverlayMount,
+} from '../../src/restore-engine/rootfs-diff.js';
+
+async function rejection(p: Promise<unknown>): Promise<ThawError> {
+  try {
+    await p;
+  } catch (err) {
+    if (isThawError(err)) return err;
+    throw err;
+  }
+  throw new Error('expected a rejection');
+}
+
+const sh = (cmd: string, args: string[]): string => execFileSync(cmd, args, { encoding: 'utf8' });
+const setXattr = (path: string, name: string, value: string): void => {
+  sh('python3', ['-c', 'import os,sys; os.setxattr(sys.argv[1], sys.argv[2], sys.argv[3].encode(), follow_symlinks=False)', path, name, value]);
+};
+/** user.* xattrs of every non-symlink under `top`, keyed by relative path: one python run per tree. */
+const xattrsOf = (top: string): Record<string, string> =>
+  JSON.parse(
+    sh('python3', [
+      '-c',
+      `import os,sys,json
+top=sys.argv[1]; out={}
+for d,dirs,files in os.walk(top):
+    for n in dirs+files:
+        p=os.path.join(d,n)
+        if os.path.islink(p): continue
+        x=sorted((k, os.getxattr(p,k,follow_symlinks=False).hex()) for k in os.listxattr(p,follow_symlinks=False) if k.startswith('user.'))
+        if x: out[os.path.relpath(p,top)]=repr(x)
+print(json.dumps(out))`,
+      top,
+    ]),
+  ) as Record<string, string>;
+
+interface Overlay {
+  base: string;
+  lower: string;
+  upper: string;
+  merged: string;
+  mount: OverlayMount;
+  unmount: () => void;
+}
+
+/** A real overlay mount under a fresh temporary directory; `fill` populates the lower directory first. */
+async function makeOverlay(fill: (lower: string) => Promise<void>, extraOptions = ''): Promise<Overlay> {
+  const base = await mkdtemp(join(tmpdir(), 'thaw-ovl-'));
+  const [lower, upper, work, merged] = ['lower', 'upper', 'work', 'merged'].map((d) => join(base, d)) as [string, string, string, string];
+  for (const d of [lower, upper, work, merged]) await mkdir(d);
+  await fill(lower);
+  sh('mount', ['-t', 'overlay', 'overlay', '-o', `lowerdir=${lower},upperdir=${upper},workdir=${work}${extraOptions}`, merged]);
+  const line = (await readFile('/proc/self/mountinfo', 'utf8')).split('\n').find((l) => l.split(' ')[4] === merged)!;
+  const mount = parseOverlayMount(line)!;
+  return { base, lower, upper, merged, mount, unmount: () => sh('umount', [merged]) };
+}
+
+interface Node {
+  path: string;
+  type: string;
+  mode: string;
+  owner: string;
+  size?: number;
+  sha256?: string;
+  link?: string;
+  linkedTo?: string;
+  xattrs?: string;
+  mtime?: number;
+}
+
+/** Everything a rootfs holds, for a byte-for-byte comparison (directory mtimes aside). */
+async function snapshotTree(top: string, skip: (rel: string) => boolean = () => false): Promise<Node[]> {
+  const out: Node[] = [];
+  const firstByInode = new Map<number, string>();
+  const xattrs = xattrsOf(top);
+  const visit = async (rel: string): Promise<void> => {
+    for (const name of (await readdir(join(top, rel))).sort()) {
+      const childRel = rel === '' ? name : `${rel}/${name}`;
+      if (skip(childRel)) continue;
+      const abs = join(top, childRel);
+      const st = await lstat(abs);
+      const node: Node = { path: childRel, type: '', mode: (st.mode & 0o7777).toString(8), owner: `${st.uid}:${st.gid}` };
+      if (st.isDirectory()) node.type = 'dir';
+      else if (st.isSymbolicLink()) {
+        node.type = 'symlink';
+        node.link = await readlink(abs);
+      } else if (st.isFIFO()) node.type = 'fifo';
+      else if (st.isFile()) {
+        node.type = 'file';
+        node.size = st.size;
+        node.sha256 = createHash('sha256').update(await readFile(abs)).digest('hex');
+        node.mtime = Math.floor(st.mtimeMs / 1000);
+        if (st.nlink > 1) {
+          const first = firstByInode.get(st.ino);
+          if (first === undefined) firstByInode.set(st.ino, childRel);
+          else node.linkedTo = first;
+        }
+      } else node.type = `other:${st.mode.toString(8)}`;
+      if (xattrs[childRel] !== undefined) node.xattrs = xattrs[childRel];
+      out.push(node);
+      if (st.isDirectory()) await visit(childRel);
+    }
+  };
+  await visit('');
+  return out;
+}
+
+describe('parseOverlayMount', () => {
+  it('reads lowerdirs, upperdir and workdir of an overlay line', () => {
+    const line =
+      '1419 1335 0:98 / / rw,relatime master:389 - overlay overlay rw,lowerdir=/var/lib/containerd/s/3/fs:/var/lib/containerd/s/2/fs,upperdir=/var/lib/containerd/s/4/fs,workdir=/var/lib/containerd/s/4/work,uuid=on';
+    expect(parseOverlayMount(line)).toEqual({
+      mountPoint: '/',
+      lowerdirs: ['/var/lib/containerd/s/3/fs', '/var/lib/containerd/s/2/fs'],
+      upperdir: '/var/lib/containerd/s/4/fs',
+      workdir: '/var/lib/containerd/s/4/work',
+    });
+  });
+
+  it('unescapes octal escapes and escaped colons, and reads lowerdir+ layers', () => {
+    const line = '44 27 0:39 / /tmp/with\\040space rw - overlay overlay rw,lowerdir=/a\\:b:/c,upperdir=/u\\054v\\040w,workdir=/w';
+    expect(parseOverlayMount(line)).toEqual({ mountPoint: '/tmp/with space', lowerdirs: ['/a:b', '/c'], upperdir: '/u,v w', workdir: '/w' });
+    const plus = '44 27 0:39 / /m rw shared:1 - overlay none rw,lowerdir+=/l1,lowerdir+=/l2,upperdir=/u,workdir=/w';
+    expect(parseOverlayMount(plus)?.lowerdirs).toEqual(['/l1', '/l2']);
+  });
+
+  it('answers undefined for other filesystems and read-only overlays, and refuses what is not mountinfo', () => {
+    expect(parseOverlayMount('22 1 253:0 / / rw,relatime shared:1 - ext4 /dev/vda rw')).toBeUndefined();
+    expect(parseOverlayMount('30 22 0:40 / /ro rw - overlay overlay ro,lowerdir=/a:/b')).toBeUndefined();
+    let err: unknown;
+    try {
+      parseOverlayMount('overlay on / type overlay (rw)');
+    } catch (e) {
+      err = e;
+    }
+    expect(isThawError(err, 'ROOTFS_MOUNTINFO_INVALID')).toBe(true);
+  });
+
+  it("finds the overlay at a process's root from its mountinfo", async () => {
+    const proc = await mkdtemp(join(tmpdir(), 'thaw-proc-'));
+    try {
+      await mkdir(join(proc, '42'));
+      await writeFile(
+        join(proc, '42/mountinfo'),
+        '1 0 0:1 / / rw - overlay overlay rw,lowerdir=/l,upperdir=/u,workdir=/w\n2 1 0:2 / /proc rw - proc proc rw\n',
+      );
+      expect((await readContainerOverlay(42, { procRoot: proc })).upperdir).toBe('/u');
+      await writeFile(join(proc, '42/mountinfo'), '1 0 253:0 / / rw - ext4 /dev/vda rw\n');
+      expect((await rejection(readContainerOverlay(42, { procRoot: proc }))).code).toBe('ROOTFS_NOT_OVERLAY');
+    } finally {
+      await rm(proc, { recursive: true });
+    }
+  });
+
+  it('matches the default exclusions', () => {
+    const excluded = compileExcludes(['proc', 'sys', 'dev', '**/__pycache__', '**/*.pyc', '**/.cache/huggingface']);
+    expect(['proc', 'dev', 'a/__pycache__', '__pycache__', 'x/y.pyc', 'root/.cache/huggingface'].filter(excluded)).toHaveLength(6);
+    expect(['proc2', 'usr/proc', 'a/__pycache__x', 'x/y.pyc.txt', 'root/.cache/pip', 'devices'].filter(excluded)).toEqual([]);
+  });
+});
+
+describe('rootfs diff on a real overlay', () => {
+  let ov: Overlay;
+  let work: string;
+  const EXCLUDED = compileExcludes(['proc', 'dev', '**/__pycache__', '**/*.pyc']);
+
+  beforeAll(async () => {
+    work = await mkdtemp(join(tmpdir(), 'thaw-rootfs-'));
+    ov = await makeOverlay(async (lower) => {
+      for (const d of ['etc', 'gone-dir/sub', 'opaque', 'becomes-file', 'bin', 'usr/lib', 'srv']) await mkdir(join(lower, d), { recursive: true });
+      await writeFile(join(lower, 'etc/keep.conf'), 'keep\n');
+      await writeFile(join(lower, 'etc/modify.conf'), 'old\n');
+      await writeFile(join(lower, 'etc/remove.conf'), 'remove me\n');
+      await writeFile(join(lower, 'gone-dir/a'), 'a');
+      await writeFile(join(lower, 'gone-dir/sub/b'), 'b');
+      await writeFile(join(lower, 'opaque/old1'), '1');
+      await writeFile(join(lower, 'opaque/old2'), '2');
+      await writeFile(join(lower, 'becomes-file/inner'), 'inner');
+      await writeFile(join(lower, 'file-becomes-dir'), 'f');
+      await writeFile(join(lower, 'bin/tool'), '#!/bin/sh\n');
+      await chmod(join(lower, 'bin/tool'), 0o755);
+      await writeFile(join(lower, 'usr/lib/libx.so'), 'x');
+      await symlink('usr/lib', join(lower, 'lib'));
+    });
+    const m = ov.merged;
+    await appendFile(join(m, 'etc/modify.conf'), 'new\n');
+    await rm(join(m, 'etc/remove.conf'));
+    await rm(join(m, 'gone-dir'), { recursive: true });
+    await rm(join(m, 'opaque'), { recursive: true });
+    await mkdir(join(m, 'opaque'));
+    await writeFile(join(m, 'opaque/new'), 'new');
+    await rm(join(m, 'becomes-file'), { recursive: true });
+    await writeFile(join(m, 'becomes-file'), 'now a file');
+    await rm(join(m, 'file-becomes-dir'));
+    await mkdir(join(m, 'file-becomes-dir'));
+    await writeFile(join(m, 'file-becomes-dir/x'), 'x');
+    await chmod(join(m, 'bin/tool'), 0o700);
+    await writeFile(join(m, 'lib/newlib.so'), 'through the symlink');
+    await mkdir(join(m, 'srv/app/nested/deeper'), { recursive: true });
+    await writeFile(join(m, 'srv/app/data.bin'), randomBytes(300_000));
+    await writeFile(join(m, 'srv/app/nested/deeper/name with spaces\nand newline'), 'odd name');
+    await writeFile(join(m, 'srv/app/-starts-with-dash'), 'dash');
+    await symlink('/etc/keep.conf', join(m, 'srv/app/abs-link'));
+    await writeFile(join(m, 'srv/app/hard1'), 'linked');
+    await link(join(m, 'srv/app/hard1'), join(m, 'srv/app/hard2'));
+    sh('mkfifo', [join(m, 'srv/app/fifo')]);
+    await writeFile(join(m, 'srv/app/script.sh'), 'echo hi\n');
+    await chmod(join(m, 'srv/app/script.sh'), 0o750);
+    await chown(join(m, 'srv/app/script.sh'), 1234, 5678);
+    setXattr(join(m, 'srv/app/data.bin'), 'user.thaw', 'hello');
+    const sparse = await open(join(m, 'srv/app/sparse'), 'w');
+    await sparse.write(Buffer.from('tail'), 0, 4, 40 * 1024 * 1024);
+    await sparse.close();
+    await mkdir(join(m, 'srv/app/__pycache__'));
+    await writeFile(join(m, 'srv/app/__pycache__/m.cpython-312.pyc'), 'bytecode');
+    await writeFile(join(m, 'srv/app/mod.pyc'), 'bytecode');
+    await mkdir(join(m, 'proc'));
+    await writeFile(join(m, 'proc/not-really'), 'x');
+  });
+
+  afterAll(async () => {
+    ov?.unmount();
+    await rm(ov.base, { recursive: true, force: true });
+    await rm(work, { recursive: true, force: true });
+  });
+
+  it('captures the upperdir and replays it onto a copy of the lower directory, identical to the merged view', async () => {
+    const tarFile = join(work, 'rootfs-diff.tar');
+    const deletedFilesFile = join(work, 'deleted-files.json');
+    expect(ov.mount.upperdir).toBe(ov.upper);
+    const captured = await captureRootfsDiff({ upperdir: ov.mount.upperdir, tarFile, deletedFilesFile });
+    // Whiteouts, and opaque directories: 'opaque' (removed and recreated) and 'file-becomes-dir' (a directory
+    // created over a whiteout is opaque too). 'becomes-file/inner' is gone with its directory: no whiteout.
+    expect(captured.deleted).toEqual(['etc/remove.conf', 'file-becomes-dir', 'gone-dir', 'opaque']);
+    expect(JSON.parse(await readFile(deletedFilesFile, 'utf8'))).toEqual(captured.deleted);
+    expect((await lstat(tarFile)).mode & 0o777).toBe(0o600);
+
+    const members = (await readTarEntries(tarFile)).map((e) => e.path);
+    expect(members).not.toContain('./etc/remove.conf'); // whiteouts never become device nodes
+    expect(members.some((p) => p.includes('__pycache__') || p.endsWith('.pyc') || p.startsWith('./proc'))).toBe(false);
+    expect(members).toContain('./srv/app/sparse');
+    expect(captured.tarBytes).toBeLessThan(5 * 1024 * 1024); // the 40 MiB sparse file stayed sparse
+
+    const target = join(work, 'target');
+    sh('cp', ['-a', ov.lower, target]);
+    const logger = createCollectingLogger();
+    const applied = await applyRootfsDiff({ rootfs: target, tarFile, deletedFilesFile, logger });
+    expect(applied.skipped).toEqual([]);
+
+    const want = await snapshotTree(ov.merged, EXCLUDED);
+    const got = await snapshotTree(target);
+    expect(got).toEqual(want);
+    expect(want.find((n) => n.path === 'srv/app/data.bin')?.xattrs).toContain('user.thaw');
+    expect(want.find((n) => n.path === 'srv/app/hard2')?.linkedTo).toBe('srv/app/hard1');
+    expect(want.find((n) => n.path === 'srv/app/script.sh')).toMatchObject({ mode: '750', owner: '1234:5678' });
+
+    // Idempotent: the hook may run again after a runtime retry.
+    await applyRootfsDiff({ rootfs: target, tarFile, deletedFilesFile });
+    expect(await snapshotTree(target)).toEqual(want);
+  });
+
+  it('refuses an upperdir whose renamed directory lives in a lower layer (redirect_dir)', async () => {
+    const redirected = await makeOverlay(async (lower) => {
+      await mkdir(join(lower, 'olddir'));
+      await writeFile(join(lower, 'olddir/f'), 'f');
+    }, ',redirect_dir=on');
+    try {
+      await rename(join(redirected.merged, 'olddir'), join(redirected.merged, 'newdir'));
+      const err = await rejection(
+        captureRootfsDiff({ upperdir: redirected.upper, tarFile: join(work, 'r.tar'), deletedFilesFile: join(work, 'r.json') }),
+      );
+      expect([err.code, err.message]).toEqual([
+        'ROOTFS_DIFF_UNSUPPORTED',
+        'capture rootfs diff: newdir is a directory renamed with overlay redirect_dir (from olddir); its content is not in the upperdir',
+      ]);
+    } finally {
+      redirected.unmount();
+      await rm(redirected.base, { recursive: true, force: true });
+    }
+  });
+});
+
+// ---- hand-made archives -------------------------------------------------------------------------------
+
+interface HandEntry {
+  name: string;
+  type: '0' | '1' | '2' | '3' | '5';
+  data?: string;
+  linkname?: string;
+}
+
+/** A ustar archive written byte by byte, so that it can hold what GNU tar would never write. */
+function ustar(entries: HandEntry[]): Buffer {
+  const blocks: Buffer[] = [];
+  for (const e of entries) {
+    const h = Buffer.alloc(512);
+    const data = Buffer.from(e.data ?? '');
+    h.write(e.name, 0, 100, 'utf8');
+    h.write(`${(e.type === '5' ? 0o755 : 0o644).toString(8).padStart(7, '0')}\0`, 100);
+    h.write('0000000\0', 108);
+    h.write('0000000\0', 116);
+    h.write(`${data.length.toString(8).padStart(11, '0')}\0`, 124);
+    h.write(`${Math.floor(Date.now() / 1000).toString(8).padStart(11, '0')}\0`, 136);
+    h.write('        ', 148);
+    h.write(e.type, 156);
+    h.write(e.linkname ?? '', 157, 100, 'utf8');
+    h.write('ustar\0', 257, 'latin1');
+    h.write('00', 263);
+    let sum = 0;
+    for (const b of h) sum += b;
+    h.write(`${sum.toString(8).padStart(6, '0')}\0 `, 148, 'latin1');
+    blocks.push(h, data, Buffer.alloc((512 - (data.length % 512)) % 512));
+  }
+  blocks.push(Buffer.alloc(1024));
+  return Buffer.concat(blocks);
+}
+
+describe('unsafe rootfs diffs', () => {
+  let dir: string;
+  let rootfs: string;
+  let outside: string;
+  let snapshotBefore: Node[];
+
+  beforeAll(async () => {
+    dir = await mkdtemp(join(tmpdir(), 'thaw-unsafe-'));
+    rootfs = join(dir, 'rootfs');
+    outside = join(dir, 'outside');
+    await mkdir(join(rootfs, 'etc'), { recursive: true });
+    await mkdir(outside);
+    await writeFile(join(outside, 'precious'), 'do not touch');
+    await writeFile(join(rootfs, 'etc/passwd'), 'root:x:0:0::/root:/bin/sh\n');
+    // An image symlink pointing out of the rootfs, as absolute symlinks do when seen from the host.
+    await symlink(outside, join(rootfs, 'lib'));
+    await writeFile(join(dir, 'none.json'), '[]');
+    snapshotBefore = await snapshotTree(dir);
+  });
+  afterAll(async () => rm(dir, { recursive: true, force: true }));
+
+  async function tryApply(entries: HandEntry[], deleted = '[]'): Promise<ThawError> {
+    const tarFile = join(dir, 'evil.tar');
+    const deletedFilesFile = join(dir, 'evil.json');
+    await writeFile(tarFile, ustar(entries));
+    await writeFile(deletedFilesFile, deleted);
+    const err = await rejection(applyRootfsDiff({ rootfs, tarFile, deletedFilesFile }));
+    await rm(tarFile);
+    await rm(deletedFilesFile);
+    // Nothing written anywhere: not in the rootfs, not outside it.
+    expect(await snapshotTree(dir)).toEqual(snapshotBefore);
+    return err;
+  }
+
+  it.each<[string, HandEntry[], RegExp]>([
+    ['a .. entry', [{ name: 'ok', type: '0', data: 'fine' }, { name: '../evil', type: '0', data: 'x' }], /^validate rootfs diff: entry "\.\.\/evil" has a '\.\.' segment; the diff is refused$/],
+    ['a nested .. entry', [{ name: './etc/../../evil', type: '0', data: 'x' }], /entry "\.\/etc\/\.\.\/\.\.\/evil" has a '\.\.' segment/],
+    ['an absolute entry', [{ name: '/etc/evil', type: '0', data: 'x' }], /entry "\/etc\/evil" is an absolute path/],
+    ['a write through a symlink of the archive', [{ name: 'esc', type: '2', linkname: '/tmp' }, { name: 'esc/evil', type: '0', data: 'x' }], /entry "esc\/evil" lies under "esc", a symlink of the same archive/],
+    ['a write through a relative symlink of the archive', [{ name: 'up', type: '2', linkname: '../..' }, { name: 'up/outside/evil', type: '0', data: 'x' }], /lies under "up", a symlink/],
+    ['a hard link out of the rootfs', [{ name: 'h', type: '1', linkname: '../outside/precious' }], /entry "h" is a hard link to "\.\.\/outside\/precious", which has a '\.\.' segment/],
+    ['a hard link to an absolute path', [{ name: 'h', type: '1', linkname: '/etc/shadow' }], /is a hard link to "\/etc\/shadow", which is absolute/],
+    ['a hard link to a file of the rootfs', [{ name: 'h', type: '1', linkname: 'etc/passwd' }], /which is not an earlier file of the archive/],
+    ['a device node', [{ name: 'dev-null', type: '3' }], /entry "dev-null" is a device node/],
+    ['a duplicate entry', [{ name: 'x', type: '2', linkname: '/etc/passwd' }, { name: 'x', type: '0', data: 'x' }], /entry "x" appears twice/],
+    ['a write through a symlink of the rootfs', [{ name: 'lib/evil.so', type: '0', data: 'x' }], /^apply rootfs diff: entry "lib\/evil\.so" would be written through "lib", a symlink in the rootfs; the diff is refused$/],
+  ])('refuses %s, writing nothing', async (_label, entries, message) => {
+    const err = await tryApply(entries);
+    expect(err.code).toBe('ROOTFS_DIFF_UNSAFE');
+    expect(err.message).toMatch(message);
+  });
+
+  it('refuses deletions that leave the rootfs', async () => {
+    const err = await tryApply([{ name: 'ok', type: '0', data: 'fine' }], '["../outside/precious"]');
+    expect([err.code, err.message]).toEqual([
+      'ROOTFS_DIFF_UNSAFE',
+      `read rootfs diff deletions: deleted-files.json[0] "../outside/precious" has a '..' segment; the diff is refused`,
+    ]);
+    expect((await tryApply([], '["/etc/passwd"]')).message).toMatch(/deleted-files\.json\[0\] "\/etc\/passwd" is absolute/);
+  });
+
+  it('refuses a corrupt archive', async () => {
+    const tarFile = join(dir, 'corrupt.tar');
+    await writeFile(tarFile, randomBytes(4096));
+    const err = await rejection(applyRootfsDiff({ rootfs, tarFile, deletedFilesFile: join(dir, 'none.json') }));
+    expect(err.code).toBe('ROOTFS_DIFF_INVALID');
+    expect(err.message).toMatch(/bad header checksum \(not a tar, or corrupt\) \(at byte 0\)$/);
+    const truncated = ustar([{ name: 'big', type: '0', data: 'x'.repeat(2000) }]).subarray(0, 1024);
+    await writeFile(tarFile, truncated);
+    expect((await rejection(applyRootfsDiff({ rootfs, tarFile, deletedFilesFile: join(dir, 'none.json') }))).message).toMatch(/truncated/);
+    await rm(tarFile);
+  });
+
+  it('skips a deletion through a symlink of the rootfs, and replaces that symlink when the diff has a directory there', async () => {
+    const copy = join(dir, 'copy');
+    sh('cp', ['-a', rootfs, copy]);
+    try {
+      const tarFile = join(dir, 'ok.tar');
+      const deletedFilesFile = join(dir, 'ok.json');
+      await writeFile(deletedFilesFile, '["lib/precious"]');
+      await writeFile(tarFile, ustar([{ name: 'lib', type: '5' }, { name: 'lib/new.so', type: '0', data: 'inside' }]));
+      const logger = createCollectingLogger();
+      const result = await applyRootfsDiff({ rootfs: copy, tarFile, deletedFilesFile, logger });
+      expect(result.skipped).toEqual(['lib/precious']);
+      expect(logger.lines.find((l) => l.level === 'warn')?.fields).toMatchObject({ path: 'lib/precious', at: 'lib', what: 'a symlink' });
+      expect((await lstat(join(copy, 'lib'))).isDirectory()).toBe(true);
+      expect(await readFile(join(copy, 'lib/new.so'), 'utf8')).toBe('inside');
+      expect(await readdir(outside)).toEqual(['precious']);
+      await rm(tarFile);
+      await rm(deletedFilesFile);
+    } finally {
+      await rm(copy, { recursive: true, force: true });
+    }
+  });
+});
+
+describe('rootfs diff speed', () => {
+  it('captures and applies a 100 MB diff', async () => {
+    const ov = await makeOverlay(async (lower) => {
+      await mkdir(join(lower, 'models'));
+      for (let i = 0; i < 50; i++) await writeFile(join(lower, `models/base-${i}`), 'x');
+    });
+    const work = await mkdtemp(join(tmpdir(), 'thaw-speed-'));
+    try {
+      const chunk = randomBytes(1024 * 1024);
+      for (let d = 0; d < 10; d++) {
+        await mkdir(join(ov.merged, `models/shard-${d}`), { recursive: true });
+        for (let f = 0; f < 10; f++) await writeFile(join(ov.merged, `models/shard-${d}/part-${f}.bin`), chunk);
+      }
+      for (let i = 0; i < 500; i++) await writeFile(join(ov.merged, `models/small-${i}.json`), `{"i":${i}}`);
+      for (let i = 0; i < 25; i++) await rm(join(ov.merged, `models/base-${i}`));
+      sh('sync', []);
+      const tarFile = join(work, 'rootfs-diff.tar');
+      const deletedFilesFile = join(work, 'deleted-files.json');
+      const captured = await captureRootfsDiff({ upperdir: ov.upper, tarFile, deletedFilesFile });
+      const target = join(work, 'target');
+      sh('cp', ['-a', ov.lower, target]);
+      const applied = await applyRootfsDiff({ rootfs: target, tarFile, deletedFilesFile });
+      console.log(
+        `rootfs diff of ${(captured.tarBytes / 1e6).toFixed(1)} MB, ${captured.entries} entries, ${captured.deleted.length} deletions: ` +
+          `capture ${captured.ms.toFixed(0)} ms, apply ${applied.ms.toFixed(0)} ms ` +
+          `(validate ${applied.phaseMs.validate.toFixed(0)}, delete+prepare ${applied.phaseMs.delete.toFixed(0)}, extract ${applied.phaseMs.extract.toFixed(0)})`,
+      );
+      expect(captured.tarBytes).toBeGreaterThan(100 * 1024 * 1024);
+      expect(applied.entries).toBe(captured.entries);
+      expect(await snapshotTree(target)).toEqual(await snapshotTree(ov.merged));
+      // Generous bound for a shared 2-core machine; the number above is the measurement.
+      expect(applied.ms).toBeLessThan(10_000);
+    } finally {
+      ov.unmount();
+      await rm(ov.base, { recursive: true, force: true });
+      await rm(work, { recursive: true, force: true });
+    }
+  });
+});
