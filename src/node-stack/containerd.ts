@@ -339,7 +339,7 @@ class NodeStackImpl implements NodeStack {
 
   async importDefaultImages(signal?: AbortSignal): Promise<void> {
     const rootfs = path.join(this.dir, 'busybox-rootfs');
-    await buildBusyboxRootfs(rootfs, this.paths.busybox);
+    await buildBusyboxRootfs(rootfs, {}, this.paths.busybox);
     await this.importImage({ ref: PAUSE_IMAGE_REF, rootfsDir: rootfs, entrypoint: PAUSE_COMMAND, ...(signal ? { signal } : {}) });
     await this.importImage({ ref: BUSYBOX_IMAGE_REF, rootfsDir: rootfs, cmd: ['/bin/sh'], ...(signal ? { signal } : {}) });
     await rm(rootfs, { recursive: true, force: true });
@@ -370,4 +370,12 @@ class NodeStackImpl implements NodeStack {
     // Whatever is left (shims of a killed containerd, pods CRI could not remove, mounts) goes the hard way.
     await destroyStackDir(this.dir, { logger: this.log });
   }
+}
+
+/**
+ * Builds an image from `o.rootfsDir` (see buildBusyboxRootfs) and imports it into `stack` as `o.ref`
+ * (a fully qualified name), ready for runPod. Throws STACK_IMAGE_FAILED with ctr's stderr.
+ */
+export function importImage(stack: Pick<NodeStack, 'importImage'>, o: ImportImageOptions): Promise<{ ref: string; manifestDigest: string }> {
+  return stack.importImage(o);
 }

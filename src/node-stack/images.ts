@@ -5,6 +5,9 @@ import os from 'node:os';
 import path from 'node:path';
 import { StackError, STACK_ERROR_CODES } from './errors.js';
 import { runCommand } from './exec.js';
+import { stackPaths, type StackFlavor } from './paths.js';
+
+const DEFAULT_BUSYBOX_FLAVOR: StackFlavor = '1.7';
 
 export const OCI_MEDIA_TYPES = {
   index: 'application/vnd.oci.image.index.v1+json',
@@ -171,9 +174,14 @@ export async function buildOciArchive(o: BuildLayoutOptions): Promise<{ archive:
  * Fills `dir` with a minimal busybox rootfs: the static busybox at /bin/busybox with applet symlinks,
  * /etc/passwd and /etc/group (root, nobody), and empty /tmp, /run, /proc, /sys, /dev, /etc dirs
  * (CRIU needs /run in a restore target). `extraFiles` maps rootfs paths to contents (a string or
- * Buffer; mode 0755 when the path is under a bin dir, else 0644).
+ * Buffer; mode 0755 when the path is under a bin dir, else 0644). `busyboxPath` defaults to the 1.7
+ * stack's busybox-static.
  */
-export async function buildBusyboxRootfs(dir: string, busyboxPath: string, extraFiles: Record<string, string | Buffer> = {}): Promise<void> {
+export async function buildBusyboxRootfs(
+  dir: string,
+  extraFiles: Record<string, string | Buffer> = {},
+  busyboxPath: string = stackPaths(DEFAULT_BUSYBOX_FLAVOR).busybox,
+): Promise<void> {
   for (const d of ['bin', 'etc', 'tmp', 'run', 'proc', 'sys', 'dev', 'root', 'var/tmp', 'usr/bin', 'sbin']) {
     await mkdir(path.join(dir, d), { recursive: true, mode: 0o755 });
   }

@@ -10,7 +10,8 @@ import { describe, expect, it } from 'vitest';
 import {
   cleanupStaleStacks, listProcesses, mountsUnder, processStartTicks, stackProcesses, STACK_MARKER_FILE, type StackMarker,
 } from '../../src/node-stack/cleanup.js';
-import { startNodeStack, UNIX_SOCKET_PATH_MAX_BYTES } from '../../src/node-stack/containerd.js';
+import { importImage, startNodeStack, UNIX_SOCKET_PATH_MAX_BYTES } from '../../src/node-stack/containerd.js';
+import { buildBusyboxRootfs, tempRootfsDir } from '../../src/node-stack/images.js';
 import { parseCriLog } from '../../src/node-stack/cri-client.js';
 import { stackPaths } from '../../src/node-stack/paths.js';
 import { checkStack, isProvisioned, provisionStack } from '../../src/node-stack/provision.js';
@@ -111,6 +112,28 @@ describe.each(flavorsUnderTest())('node stack, containerd %s', (flavor) => {
     const routes = await stack.cri.execSync(pod.containerId, ['ip', 'route'], 5);
     expect(routes.stdout).not.toContain('default');
     await stack.cri.removePod(pod.podId);
+  });
+
+  it('imports an image built from a local rootfs and runs its entrypoint', async () => {
+    const { stack } = handle;
+    const rootfs = await tempRootfsDir();
+    try {
+      await buildBusyboxRootfs(rootfs, { 'usr/bin/greet': '#!/bin/sh\necho "greetings from $GREETING_FROM in $(pwd)"\nexec sleep 1000\n' }, stack.paths.busybox);
+      const ref = 'docker.io/thaw/greeter:test';
+      const first = await importImage(stack, { ref, rootfsDir: rootfs, entrypoint: ['/usr/bin/greet'], env: ['PATH=/bin:/usr/bin', 'GREETING_FROM=image'], workingDir: '/tmp' });
+      // Same rootfs and settings: same manifest (the layout cache key).
+      expect((await importImage(stack, { ref, rootfsDir: rootfs, entrypoint: ['/usr/bin/greet'], env: ['PATH=/bin:/usr/bin', 'GREETING_FROM=image'], workingDir: '/tmp' })).manifestDigest)
+        .toBe(first.manifestDigest);
+      const pod = await stack.cri.runPod({ name: 'greeter', image: ref, command: [] });
+      const lines = await waitFor(async () => {
+        const parsed = parseCriLog(await readFile(pod.logPath, 'utf8').catch(() => ''));
+        return parsed.length >= 1 ? parsed : undefined;
+      }, 'the greeting');
+      expect(lines[0]?.text).toBe('greetings from image in /tmp');
+      await stack.cri.removePod(pod.podId);
+    } finally {
+      await rm(rootfs, { recursive: true, force: true });
+    }
   });
 
   it('restarts containerd and keeps running pods', async () => {
