@@ -242,7 +242,7 @@ export async function buildWorkerImage(target: WorkerImageTarget, options: Build
   }
   const rootfs = await tempRootfsDir();
   try {
-    await buildBusyboxRootfs(rootfs, busyboxPath);
+    await buildBusyboxRootfs(rootfs, {}, busyboxPath);
     await copyFile(nodePath, path.join(rootfs, 'usr/bin/node'));
     for (const lib of libraries) {
       // copyFile follows symlinks: the file lands at the path the loader looks for (e.g. /lib64/ld-linux-x86-64.so.2).
