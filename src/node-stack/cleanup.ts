@@ -3,7 +3,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { silentLogger, type Logger } from '../log.js';
 import { StackError, STACK_ERROR_CODES } from './errors.js';
-import { runCommand, sleep } from './exec.js';
+import { runCommand, sleep, throwIfAborted } from './exec.js';
 
 /** A file in every stack dir: who owns it, so a crashed run's dir can be told from a live one. */
 export const STACK_MARKER_FILE = '.thaw-node-stack.json';
@@ -209,6 +209,7 @@ export async function cleanupStaleStacks(opts: { tmpDir?: string; logger?: Logge
   const reports: CleanupReport[] = [];
   for (const name of await readdir(tmpDir)) {
     if (!name.startsWith(STACK_DIR_PREFIX)) continue;
+    throwIfAborted(opts.signal, 'clean stale stacks');
     const dir = path.join(tmpDir, name);
     const marker = await readMarker(dir);
     if (!marker || !(await markerOwnerGone(marker))) continue;
