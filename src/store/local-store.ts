@@ -25,7 +25,7 @@
  */
 import { randomBytes, randomUUID } from 'node:crypto';
 import { constants as fsConstants, readFileSync, type Stats } from 'node:fs';
-import { chmod, lchown, lstat, mkdir, open, readdir, readFile, realpath, rename, rm, stat, unlink, writeFile } from 'node:fs/promises';
+import { chmod, lchown, lstat, mkdir, open, readdir, realpath, rename, rm, stat, unlink, writeFile } from 'node:fs/promises';
 import { join, resolve, sep } from 'node:path';
 import { checkCheckpointName } from '../checkpoint-name.js';
 import { silentLogger, type Logger } from '../log.js';
@@ -746,7 +746,12 @@ export class LocalStore {
 
   /** Reads manifest.json without the directory checks of open(); for tools that inspect broken checkpoints. */
   async readManifestUnchecked(name: string): Promise<Manifest> {
-    return parseManifest(await readFile(join(this.dirOf(name), MANIFEST_FILE_NAME), 'utf8'));
+    const fh = await openRegularNoFollow(join(this.dirOf(name, 'read checkpoint manifest'), MANIFEST_FILE_NAME), `read manifest of ${name}`);
+    try {
+      return parseManifest(await fh.readFile('utf8'));
+    } finally {
+      await fh.close();
+    }
   }
 }
 

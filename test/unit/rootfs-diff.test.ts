@@ -409,7 +409,16 @@ describe('unsafe rootfs diffs', () => {
       const tarFile = join(dir, 'ok.tar');
       const deletedFilesFile = join(dir, 'ok.json');
       await writeFile(deletedFilesFile, '["lib/precious"]');
-      await writeFile(tarFile, ustar([{ name: 'lib', type: '5' }, { name: 'lib/new.so', type: '0', data: 'inside' }]));
+      // A file of the image that is a symlink out of the rootfs, where the diff has a regular file.
+      await symlink(join(outside, 'precious'), join(copy, 'etc/link-out'));
+      await writeFile(
+        tarFile,
+        ustar([
+          { name: 'lib', type: '5' },
+          { name: 'lib/new.so', type: '0', data: 'inside' },
+          { name: 'etc/link-out', type: '0', data: 'replaced, not written through' },
+        ]),
+      );
       const logger = createCollectingLogger();
       const result = await applyRootfsDiff({ rootfs: copy, tarFile, deletedFilesFile, logger });
       expect(result.skipped).toEqual(['lib/precious']);
@@ -417,6 +426,9 @@ describe('unsafe rootfs diffs', () => {
       expect((await lstat(join(copy, 'lib'))).isDirectory()).toBe(true);
       expect(await readFile(join(copy, 'lib/new.so'), 'utf8')).toBe('inside');
       expect(await readdir(outside)).toEqual(['precious']);
+      expect(await readFile(join(outside, 'precious'), 'utf8')).toBe('do not touch');
+      expect((await lstat(join(copy, 'etc/link-out'))).isFile()).toBe(true);
+      expect(await readFile(join(copy, 'etc/link-out'), 'utf8')).toBe('replaced, not written through');
       await rm(tarFile);
       await rm(deletedFilesFile);
     } finally {

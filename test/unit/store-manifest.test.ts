@@ -1,3 +1,4 @@
+import { execFileSync } from 'node:child_process';
 import { describe, expect, it } from 'vitest';
 import { isThawError } from '../../src/errors.js';
 import {
@@ -8,6 +9,7 @@ import {
   type Manifest,
   type NodeFacts,
 } from '../../src/store/manifest.js';
+import { readHostFacts } from '../../src/store/host-facts.js';
 import { manifestFields } from './store-fixtures.js';
 
 function validManifest(): Manifest {
@@ -93,6 +95,13 @@ describe('checkCompatibility', () => {
 
   it('finds nothing on the same node', () => {
     expect(checkCompatibility(base, node)).toEqual([]);
+  });
+
+  it('reads this host\'s arch and kernel as a manifest records them', () => {
+    const host = readHostFacts();
+    expect(host.arch.node).toBe(process.arch);
+    expect(host.arch.machine).toBe(execFileSync('uname', ['-m'], { encoding: 'utf8' }).trim());
+    expect(host.kernelRelease).toBe(execFileSync('uname', ['-r'], { encoding: 'utf8' }).trim());
   });
 
   it('makes arch and image mismatches fatal', () => {
