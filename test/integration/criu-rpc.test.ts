@@ -16,6 +16,7 @@ import {
   openSync,
   readdirSync,
   readFileSync,
+  readlinkSync,
   rmSync,
   truncateSync,
 } from 'node:fs';
@@ -26,10 +27,11 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { isThawError } from '../../src/errors.js';
 import { createCollectingLogger } from '../../src/log.js';
-import { CriuClient } from '../../src/restore-engine/criu/client.js';
+import { CriuClient, nsenterWrapper } from '../../src/restore-engine/criu/client.js';
 import { CriuErrorCode, type CriuError } from '../../src/restore-engine/criu/errors.js';
-import { CriuCodec } from '../../src/restore-engine/criu/rpc.js';
+import { CriuCodec, CriuReqType } from '../../src/restore-engine/criu/rpc.js';
 import { Libc } from '../../src/restore-engine/criu/seqpacket.js';
+import { CriuSwrk } from '../../src/restore-engine/criu/swrk.js';
 
 const STACK_CRIU = '/opt/thaw/stack/1.7/bin/criu';
 const CRIU_PATH = process.env.THAW_TEST_CRIU_PATH ?? STACK_CRIU;
@@ -262,6 +264,8 @@ describe('CRIU RPC: dump and restore of a real process', () => {
     const errors = err.evidence.logErrors as string[];
     expect(errors.some((l) => l.includes('Unexpected EOF'))).toBe(true);
     expect(errors.some((l) => l.includes('Restoring FAILED'))).toBe(true);
+    // The cause, not CRIU's first error line (which here is the harmless rlimit one).
+    expect(err.message.split('\n')[0]).toMatch(/CRIU reported failure \(cr_errno \d+\): Error \(criu\/image\.c:\d+\): Unexpected EOF$/);
     expect(err.message).toContain('Error lines:');
     expect(err.message).toContain('Unexpected EOF');
     expect((err.evidence.logTail as string[]).length).toBeGreaterThan(0);
@@ -319,6 +323,28 @@ describe('CRIU RPC: dump and restore of a real process', () => {
     kill(v.pid);
   });
 
+  it('CRIU dying mid-operation is CRIU_EXITED with its exit status', async () => {
+    const v = await startVictim('criu-dies');
+    const { imagesDir, workDir } = dirs('criu-dies');
+    const mark = logger.lines.length;
+    const err = await expectCriuError(
+      client.dump(
+        { imagesDir, workDir, pid: v.pid },
+        {
+          preDump: async () => {
+            const [swrkPid] = swrkPidsSince(mark);
+            process.kill(swrkPid as number, 'SIGKILL');
+            await waitFor(() => !alive(swrkPid as number), 5_000, 'CRIU to die');
+          },
+        },
+      ),
+      CriuErrorCode.EXITED,
+    );
+    expect(err.evidence.signal).toBe('SIGKILL');
+    expect(err.message).toMatch(/CRIU closed its socket before answering DUMP \(killed by SIGKILL\)/);
+    kill(v.pid);
+  });
+
   it('an AbortSignal kills CRIU and rejects with CRIU_ABORTED', async () => {
     const v = await startVictim('abort');
     const { imagesDir, workDir } = dirs('abort');
@@ -327,5 +353,91 @@ describe('CRIU RPC: dump and restore of a real process', () => {
     const err = await expectCriuError(p, CriuErrorCode.ABORTED);
     expect((err.cause as Error).message).toBe('shutdown');
     kill(v.pid);
+  });
+});
+
+describe('CRIU RPC: restore into another process\'s namespaces (nsenter wrapper)', () => {
+  it('restores the dumped victim inside a placeholder\'s PID, mount, IPC and UTS namespaces', async () => {
+    // The placeholder: init of new PID/mount/IPC/UTS namespaces, with its own /proc (like a pod's pause).
+    const placeholder = spawn('unshare', ['-p', '-m', '-i', '-u', '--fork', '--mount-proc', 'sleep', 'infinity'], {
+      detached: true,
+      stdio: 'ignore',
+    });
+    placeholder.unref();
+    started.add(placeholder.pid as number);
+    let targetPid = 0;
+    await waitFor(
+      () => {
+        const kids = readFileSync(`/proc/${placeholder.pid}/task/${placeholder.pid}/children`, 'utf8').trim();
+        targetPid = Number.parseInt(kids, 10) || 0;
+        return targetPid > 0;
+      },
+      5_000,
+      'the placeholder to fork its init',
+    );
+    started.add(targetPid);
+    const nsOf = (pid: number, ns: string): string => readlinkSync(`/proc/${pid}/ns/${ns}`);
+
+    const v = await startVictim('into-ns');
+    const { imagesDir, workDir } = dirs('into-ns');
+    await client.dump({ imagesDir, workDir, pid: v.pid });
+    await waitFor(() => !existsSync(`/proc/${v.pid}`), 5_000, 'the dumped victim to be gone');
+    const dumped = readCounter(v.counterFile);
+
+    const res = await client.restore({ imagesDir, workDir }, undefined, { wrapper: nsenterWrapper(targetPid), timeoutMs: 30_000 });
+    // The pid CRIU reports is the one in the target's PID namespace: find the host pid through NSpid.
+    const hostPid = readdirSync('/proc')
+      .filter((d) => /^\d+$/.test(d))
+      .map(Number)
+      .find((p) => {
+        try {
+          return readFileSync(`/proc/${p}/status`, 'utf8').match(/^NSpid:\s+(.*)$/m)?.[1]?.split(/\s+/).at(-1) === String(res.pid) &&
+            nsOf(p, 'pid') === nsOf(targetPid, 'pid');
+        } catch {
+          return false;
+        }
+      });
+    expect(hostPid).toBeDefined();
+    started.add(hostPid as number);
+    for (const ns of ['pid', 'ipc', 'uts']) expect(nsOf(hostPid as number, ns)).toBe(nsOf(targetPid, ns));
+    await waitFor(() => readCounter(v.counterFile) > dumped + 3, 5_000, 'the restored victim to count on');
+    expect(readFileSync(res.logPath, 'utf8')).toContain('Restore finished successfully');
+    kill(hostPid as number);
+    kill(targetPid);
+  });
+});
+
+describe('CRIU RPC: one swrk process for several requests, where CRIU allows it', () => {
+  it('VERSION and FEATURE_CHECK with keep_open share a process; CHECK may not keep it', async () => {
+    const swrk = CriuSwrk.start({ libc, codec, logger }, { criuPath: CRIU_PATH });
+    try {
+      const a = await swrk.request({ type: CriuReqType.VERSION }, { step: 'v1', keepOpen: true, timeoutMs: 10_000 });
+      const f = await swrk.request(
+        { type: CriuReqType.FEATURE_CHECK, features: { memTrack: true } },
+        { step: 'f', keepOpen: true, timeoutMs: 10_000 },
+      );
+      const b = await swrk.request({ type: CriuReqType.VERSION }, { step: 'v2', timeoutMs: 10_000 });
+      expect(a.version).toEqual(b.version);
+      expect(typeof f.features?.memTrack).toBe('boolean');
+      // The last request had no keep_open: the process is finished.
+      expect(alive(swrk.pid as number)).toBe(false);
+      await expect(swrk.request({ type: CriuReqType.VERSION }, { step: 'v3' })).rejects.toMatchObject({ code: 'CRIU_PROTOCOL' });
+    } finally {
+      await swrk.close();
+    }
+    const other = CriuSwrk.start({ libc, codec, logger }, { criuPath: CRIU_PATH });
+    try {
+      await expect(other.request({ type: CriuReqType.CHECK }, { step: 'c', keepOpen: true })).rejects.toMatchObject({
+        code: 'CRIU_INVALID_OPTIONS',
+        message: 'c: CRIU does not keep swrk open after CHECK',
+      });
+    } finally {
+      await other.close();
+    }
+  });
+
+  it('a missing criu binary is CRIU_SPAWN naming the path', async () => {
+    const broken = new CriuClient({ criuPath: '/nonexistent/criu', logger, libc, codec });
+    await expect(broken.version()).rejects.toMatchObject({ code: 'CRIU_SPAWN', message: expect.stringContaining('/nonexistent/criu') });
   });
 });

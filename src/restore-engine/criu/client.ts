@@ -97,7 +97,12 @@ export interface RestoreResult {
  * Why nsenter and not CRIU's own join_ns: CRIU refuses to join a PID namespace ("join-ns pid
  * namespace not supported", criu/namespaces.c join_ns_add) and an RPC restore runs in the swrk
  * process's PID namespace. nsenter forks after setns() for -p, so its child (CRIU) is in the target's
- * PID namespace, and fds (our socket at 3, the images dir) pass through unchanged.
+ * PID namespace, and fds (our socket at 3, the images dir) pass through unchanged. Seen working with
+ * CRIU 4.1.1 and util-linux 2.38 nsenter (test/integration/criu-rpc.test.ts, "restore into another
+ * process's namespaces"): the restored tree lands in the target's PID, IPC and UTS namespaces, and the
+ * pid CRIU answers is the one inside the target's PID namespace. Needs /proc mounted for the target's
+ * PID namespace in its mount namespace (the dirs are named /proc/self/fd/N, see options.ts).
+ * Killing on timeout kills nsenter's whole tree (nsenter does not forward SIGKILL to its child).
  */
 export function nsenterWrapper(pid: number, options: { net?: boolean; nsenterPath?: string } = {}): string[] {
   const flags = ['-m', '-p', '-i', '-u', ...(options.net ? ['-n'] : [])];

@@ -49,9 +49,18 @@ export const CRIU_LOG_TAIL_LINES = 30;
 /** Lines of context quoted before each "Error" line (like runc's `grep -B5 Error`). */
 export const CRIU_LOG_ERROR_CONTEXT_LINES = 5;
 
+/**
+ * Error lines CRIU prints on these machines that are not the cause of anything. CRIU's own cr_errmsg
+ * is its FIRST error line, which on a machine without CAP_SYS_RESOURCE is always the rlimit one, so a
+ * message built from cr_errmsg alone points at the wrong thing.
+ */
+export const HARMLESS_CRIU_ERRORS: readonly RegExp[] = [/Can't setup RLIMIT_NOFILE for self/];
+
 /** What an error shows of CRIU's log: its path, the last lines, and the Error lines with context. */
 export interface CriuLogExcerpt {
   path: string;
+  /** The first Error line that is not in HARMLESS_CRIU_ERRORS (usually the cause), without its timestamp. */
+  firstError?: string;
   /** The last CRIU_LOG_TAIL_LINES lines. */
   tail: string[];
   /** Each line containing "Error" with CRIU_LOG_ERROR_CONTEXT_LINES lines before it; groups split by "--". */
@@ -70,15 +79,20 @@ export function excerptCriuLog(path: string, text: string): CriuLogExcerpt {
   if (lines.length > 0 && lines[lines.length - 1] === '') lines.pop();
   const tail = lines.slice(-CRIU_LOG_TAIL_LINES);
   const errorLines: string[] = [];
+  let firstError: string | undefined;
   let lastPrinted = -1;
   for (let i = 0; i < lines.length; i++) {
-    if (!/Error/.test(lines[i] ?? '')) continue;
+    const line = lines[i] ?? '';
+    if (!/Error/.test(line)) continue;
+    if (firstError === undefined && !HARMLESS_CRIU_ERRORS.some((re) => re.test(line))) {
+      firstError = line.replace(/^\(\s*[\d.]+\)\s*/, '');
+    }
     const from = Math.max(i - CRIU_LOG_ERROR_CONTEXT_LINES, lastPrinted + 1);
     if (lastPrinted >= 0 && from > lastPrinted + 1) errorLines.push('--');
     for (let j = from; j <= i; j++) errorLines.push(`${j + 1}: ${lines[j]}`);
     lastPrinted = i;
   }
-  return { path, tail, errorLines };
+  return firstError === undefined ? { path, tail, errorLines } : { path, tail, errorLines, firstError };
 }
 
 /** The multi-line text an operator reads: the Error lines if any, otherwise the log's tail. */

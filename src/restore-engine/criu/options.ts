@@ -5,7 +5,8 @@
  * How directories reach CRIU. runc passes `images_dir_fd` = its own fd number, and CRIU opens
  * /proc/<peer pid>/fd/<n>, the peer being the socket pair's creator (SO_PEERCRED; cr-service.c
  * resolve_images_dir_path). That breaks when swrk runs in another PID namespace (nsenter -p): our pid
- * is not visible there, so CRIU's getsockopt gives pid 0. thaw instead hands the directories to the
+ * is not visible there, so CRIU's getsockopt gives pid 0 (seen with CRIU 4.1.1: "Can't open dir
+ * /proc/0/fd/19: No such file or directory", then "Can't open images directory"). thaw instead hands the directories to the
  * swrk process as inherited fds (4 = images, 5 = work) and names them /proc/self/fd/<n>, which
  * resolves in any namespace where /proc shows the swrk process. The work dir has no path field in
  * criu_opts (only work_dir_fd, resolved the same peer way), so it travels in an RPC config file

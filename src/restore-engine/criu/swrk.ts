@@ -288,7 +288,7 @@ export class CriuSwrk {
 
   private async exchange(req: CriuReqMessage, opts: SwrkRequestOptions, log: Logger): Promise<CriuRespMessage> {
     if (this.spawnError !== null) throw this.spawnFailure(opts.step);
-    this.socket.send(this.deps.codec.encodeRequest(req));
+    await this.send(req, opts.step, req.type);
     let notifyFailure: { script: string; error: unknown } | null = null;
     for (;;) {
       const msg = await this.socket.receive();
@@ -305,7 +305,7 @@ export class CriuSwrk {
         if (resp.notify?.pid !== undefined) note.pid = resp.notify.pid;
         const failure = await this.dispatchNotify(note, opts.notify, log);
         if (failure !== null && notifyFailure === null) notifyFailure = failure;
-        this.socket.send(this.deps.codec.encodeRequest({ type: CriuReqType.NOTIFY, notifySuccess: failure === null }));
+        await this.send({ type: CriuReqType.NOTIFY, notifySuccess: failure === null }, opts.step, req.type);
         continue;
       }
       for (const fd of msg.fds) this.deps.libc.close(fd);
@@ -325,7 +325,8 @@ export class CriuSwrk {
       }
       if (!resp.success) {
         const evidence = await this.failureEvidence(resp, opts.logPath);
-        const detail = resp.crErrmsg ? `: ${resp.crErrmsg}` : '';
+        const cause = typeof evidence.firstError === 'string' ? evidence.firstError : resp.crErrmsg?.trim();
+        const detail = cause ? `: ${cause}` : '';
         const rendered = typeof evidence.log === 'string' ? `\n${evidence.log}` : '';
         throw new CriuError(
           CriuErrorCode.FAILED,
@@ -334,6 +335,18 @@ export class CriuSwrk {
         );
       }
       return resp;
+    }
+  }
+
+  /** Sends one request; a send that fails because CRIU is gone is reported as CRIU_EXITED. */
+  private async send(msg: CriuReqMessage, step: string, type: number): Promise<void> {
+    try {
+      this.socket.send(this.deps.codec.encodeRequest(msg));
+    } catch (err) {
+      if (!(err instanceof CriuError) || err.code !== CriuErrorCode.TRANSPORT) throw err;
+      const status = await Promise.race([this.exited, sleep(EXIT_STATUS_WAIT_MS).then(() => null)]);
+      if (status === null) throw err;
+      throw await this.eofError(step, type, err);
     }
   }
 
@@ -385,6 +398,7 @@ export class CriuSwrk {
       const excerpt = await readCriuLogExcerpt(logPath);
       evidence.logTail = excerpt.tail;
       evidence.logErrors = excerpt.errorLines;
+      if (excerpt.firstError !== undefined) evidence.firstError = excerpt.firstError;
       evidence.log = renderCriuLogExcerpt(excerpt);
     }
     return evidence;
@@ -399,14 +413,17 @@ export class CriuSwrk {
   }
 
   /** EOF before the final answer: CRIU died (or never started). Waits briefly for its exit status. */
-  private async eofError(step: string, type: number): Promise<CriuError> {
+  private async eofError(step: string, type: number, cause?: unknown): Promise<CriuError> {
     const status = await Promise.race([this.exited, sleep(EXIT_STATUS_WAIT_MS).then(() => null)]);
     if (this.spawnError !== null) return this.spawnFailure(step);
     return new CriuError(
       CriuErrorCode.EXITED,
-      `CRIU closed its socket before answering ${reqTypeName(type)} (exit code ${status?.code ?? 'unknown'}, signal ${status?.signal ?? 'none'})`,
+      `CRIU closed its socket before answering ${reqTypeName(type)} (${
+        status === null ? 'still running' : status.signal !== null ? `killed by ${status.signal}` : `exit code ${status.code}`
+      })`,
       {
         step,
+        cause,
         evidence: { exitCode: status?.code, signal: status?.signal, stderrTail: this.stderrTail.split('\n').slice(-30) },
       },
     );
