@@ -75,7 +75,7 @@ export class RootfsError extends ThawError {
 export const DEFAULT_TAR_PATH = '/bin/tar';
 /** Dynamo's exclusions; `**​/` matches at any depth, `*` within one path segment. */
 export const DEFAULT_ROOTFS_EXCLUDES: readonly string[] = ['proc', 'sys', 'dev', '**/__pycache__', '**/*.pyc', '**/.cache/huggingface'];
-/** A hook has seconds, not minutes; a 100 MB diff applies in well under one. */
+/** Upper bound for one tar run (capture of a large upperdir included); a hook passes its own, shorter budget. A 100 MB diff applies in under a second. */
 export const DEFAULT_TAR_TIMEOUT_MS = 120_000;
 /** xattrs never carried: overlay's own bookkeeping (meaningless, and refused, in another overlay) and SELinux labels (the target's policy sets them). */
 const TAR_XATTR_EXCLUDES = ['trusted.overlay.*', 'user.overlay.*', 'security.selinux'];
