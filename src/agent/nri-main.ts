@@ -57,6 +57,9 @@ async function main(): Promise<number> {
     idx: identity.idx,
     handlers,
     logger,
+    // Per-request service time at debug level: what bench:nri reads to separate the plugin's own cost from
+    // the machine's noise.
+    onRequestServed: (served) => logger.debug('nri request served', { method: served.method, durationMs: Number(served.durationMs.toFixed(3)), code: served.code }),
     ...(launched ? { fd: identity.fd as number } : { socketPath: values.socket ?? '/var/run/nri/nri.sock' }),
   });
   const stop = (): void => void plugin.close();

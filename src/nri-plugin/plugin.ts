@@ -166,6 +166,8 @@ export interface NriPluginOptions {
   handlerSafetyMarginMs?: number;
   /** Called after each successful Configure (i.e. on every (re)connection), with the runtime's identity. */
   onConfigure?: (info: RuntimeInfo & { config: string; events: number }) => void;
+  /** Told of every request served on the plugin connection (method, ms, status code): metrics, benchmarks. */
+  onRequestServed?: (served: { service: string; method: string; durationMs: number; code: number }) => void;
   /** Aborting it closes the plugin. */
   signal?: AbortSignal;
   /** Test seam: how a pre-launched plugin obtains its trunk (default: connect to socketPath). */
@@ -471,7 +473,12 @@ export class NriPlugin {
       onData: (b) => client.receive(b),
       onClose: (e) => client.close(e),
     });
-    server = new TtrpcServer(conn1, { logger: this.logger, services: this.services, onFatal: (e) => mux.fail(e) });
+    server = new TtrpcServer(conn1, {
+      logger: this.logger,
+      services: this.services,
+      onFatal: (e) => mux.fail(e),
+      ...(this.options.onRequestServed ? { onServed: this.options.onRequestServed } : {}),
+    });
     client = new TtrpcClient(conn2, { logger: this.logger, onFatal: (e) => mux.fail(e) });
     const session: Session = { mux, client, server, syncPods: [], syncContainers: [], configured: false };
     this.session = session;

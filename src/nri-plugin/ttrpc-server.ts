@@ -48,6 +48,12 @@ export interface TtrpcServerOptions {
   /** Called once with a connection-fatal error (bad header); the owner must close the trunk. */
   onFatal?: (error: NriError) => void;
   maxDataBytes?: number;
+  /**
+   * Called after each response is handed to the transport, with the time spent serving it (decode of the
+   * request to the response's send, in ms with sub-ms resolution): the plugin's own share of the runtime's
+   * wait, for metrics and the NRI benchmark. Must not throw.
+   */
+  onServed?: (served: { service: string; method: string; durationMs: number; code: number }) => void;
 }
 
 /** Node's timers fire immediately for delays above 2^31-1 ms; clamp. */
@@ -142,6 +148,7 @@ export class TtrpcServer {
     const controller = new AbortController();
     this.inflight.set(streamId, controller);
     const started = Date.now();
+    const startedPrecise = performance.now();
     let expired = false;
     const timer =
       timeoutMs > 0
@@ -173,6 +180,12 @@ export class TtrpcServer {
         return;
       }
       this.reply(streamId, result.status, result.payload);
+      this.options.onServed?.({
+        service: request.service,
+        method: request.method,
+        durationMs: performance.now() - startedPrecise,
+        code: result.status?.code ?? GrpcCode.OK,
+      });
     };
     let pending: Promise<Uint8Array>;
     try {

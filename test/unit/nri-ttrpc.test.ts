@@ -130,4 +130,23 @@ describe('ttrpc client and server', () => {
     expect(replies[0]?.status).toEqual({ code: 8, message: 'message length 101 exceed maximum message size of 100' });
     expect(replies[1]).toEqual({ payload: Buffer.from('ok') });
   });
+  it('reports each served request with its method, status code and service time', async () => {
+    const served: Array<{ service: string; method: string; durationMs: number; code: number }> = [];
+    const server = new TtrpcServer(
+      { send: async () => undefined },
+      {
+        logger: createCollectingLogger(),
+        onServed: (s) => served.push(s),
+        services: new Map([['svc', new Map<string, TtrpcMethodHandler>([
+          ['slow', () => new Promise((r) => setTimeout(() => r(Buffer.from('ok')), 20))],
+          ['bad', () => { throw new TtrpcStatusError(GrpcCode.NOT_FOUND, 'nope', { step: 't' }); }],
+        ])]]),
+      },
+    );
+    server.receive(encodeTtrpcMessage(1, TtrpcMessageType.REQUEST, encodeRequest({ service: 'svc', method: 'slow' })));
+    server.receive(encodeTtrpcMessage(3, TtrpcMessageType.REQUEST, encodeRequest({ service: 'svc', method: 'bad' })));
+    await new Promise((r) => setTimeout(r, 60));
+    expect(served.map((s) => [s.method, s.code])).toEqual([['bad', GrpcCode.NOT_FOUND], ['slow', 0]]);
+    expect(served[1]!.durationMs).toBeGreaterThanOrEqual(15);
+  });
 });
