@@ -1,0 +1,102 @@
+/**
+ * Runs thaw's NRI plugin as a real process (dist/src/agent/nri-main.js) beside a private stack, the way a node
+ * runs it, and reads its JSON log. Used by the tests, the demo and the benchmarks. The build must exist:
+ * scripts/setup.sh builds it (`ensureBuilt()` builds when a single test file runs alone).
+ */
+import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
+import { chmod, readFile, writeFile } from 'node:fs/promises';
+import { existsSync, statSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { setTimeout as sleep } from 'node:timers/promises';
+
+/** The package root: this file is src/node-stack/x.ts or dist/src/node-stack/x.js. */
+function findPackageRoot(): string {
+  let dir = dirname(fileURLToPath(import.meta.url));
+  while (!existsSync(join(dir, 'package.json'))) {
+    const up = dirname(dir);
+    if (up === dir) throw new Error('thaw-plugin-process: no package.json above this module');
+    dir = up;
+  }
+  return dir;
+}
+
+export const PACKAGE_ROOT = findPackageRoot();
+export const NRI_MAIN = join(PACKAGE_ROOT, 'dist/src/agent/nri-main.js');
+export const PLUGIN_STOP_GRACE_MS = 5_000;
+
+/** Builds dist/ when it is missing or older than the plugin's sources. */
+export function ensureBuilt(): void {
+  const source = join(PACKAGE_ROOT, 'src/agent/thaw-nri.ts');
+  if (existsSync(NRI_MAIN) && (!existsSync(source) || statSync(NRI_MAIN).mtimeMs >= statSync(source).mtimeMs)) return;
+  execFileSync('npx', ['tsc', '-p', 'tsconfig.build.json'], { cwd: PACKAGE_ROOT, stdio: 'inherit' });
+}
+
+export interface LogRecord {
+  level: string;
+  msg: string;
+  [key: string]: unknown;
+}
+
+export async function readJsonLog(path: string): Promise<LogRecord[]> {
+  const text = await readFile(path, 'utf8').catch(() => '');
+  return text
+    .split('\n')
+    .filter((line) => line.trim() !== '')
+    .map((line) => JSON.parse(line) as LogRecord);
+}
+
+/** Polls the log until a record matches; throws after `timeoutMs` with the log's last lines. */
+export async function waitForLog(path: string, match: (r: LogRecord) => boolean, what: string, timeoutMs = 15_000, signal?: AbortSignal): Promise<LogRecord> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const records = await readJsonLog(path);
+    const found = records.find(match);
+    if (found) return found;
+    if (Date.now() > deadline) {
+      const tail = records.slice(-5).map((r) => JSON.stringify(r)).join('\n');
+      throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}; last log lines of ${path}:\n${tail}`);
+    }
+    await sleep(50, undefined, signal ? { signal } : undefined);
+  }
+}
+
+export interface ThawPluginProcess {
+  proc: ChildProcess;
+  logFile: string;
+  /** Resolves with the exit code or signal once the process has exited. */
+  exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+  /** SIGTERM, then SIGKILL after PLUGIN_STOP_GRACE_MS. */
+  stop(): Promise<void>;
+}
+
+export function startThawPluginProcess(o: { socketPath: string; controlRoot: string; logFile: string; extraArgs?: string[] }): ThawPluginProcess {
+  const proc = spawn(process.execPath, [NRI_MAIN, '--socket', o.socketPath, '--control-root', o.controlRoot, '--log-file', o.logFile, '--log-level', 'debug', ...(o.extraArgs ?? [])], {
+    stdio: ['ignore', 'inherit', 'inherit'],
+  });
+  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((res) => proc.once('exit', (code, signal) => res({ code, signal })));
+  return {
+    proc,
+    logFile: o.logFile,
+    exited,
+    async stop() {
+      if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGTERM');
+      const timer = setTimeout(() => proc.kill('SIGKILL'), PLUGIN_STOP_GRACE_MS);
+      await exited;
+      clearTimeout(timer);
+    },
+  };
+}
+
+/**
+ * Writes the executable containerd launches from its plugin dir: a runtime-launched plugin gets no PATH,
+ * so the interpreter is named by its absolute path.
+ */
+export async function writeLaunchedPluginScript(path: string, o: { controlRoot: string; logFile: string }): Promise<void> {
+  const quote = (s: string): string => `'${s.replace(/'/g, `'\\''`)}'`;
+  await writeFile(
+    path,
+    `#!/bin/sh\nexec ${quote(process.execPath)} ${quote(NRI_MAIN)} --control-root ${quote(o.controlRoot)} --log-file ${quote(o.logFile)} --log-level debug\n`,
+  );
+  await chmod(path, 0o755);
+}
