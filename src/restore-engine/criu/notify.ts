@@ -2,8 +2,9 @@
  * Handlers for CRIU's notifications (its "action scripts", sent over RPC when `notify_scripts` is set).
  *
  * CRIU stops at each event and waits for our answer: a handler's returned promise is awaited before
- * CRIU goes on, so a handler is where thaw does what must happen at that exact point (e.g. CUDA
- * restore before `post-resume`... or unlock after `network-unlock`). A handler that throws (or
+ * CRIU goes on, so a handler is where thaw does what must happen at that exact point. Order seen with
+ * CRIU 4.1.1: dump pre-dump → post-dump; restore pre-restore → post-restore → pre-resume →
+ * post-resume (post-restore comes while the tasks are still stopped). A handler that throws (or
  * rejects) makes us answer `notify_success=false`: CRIU aborts the operation, and the operation
  * rejects with CRIU_NOTIFY_FAILED carrying the handler's error as its cause. Implement only the
  * events you need; an event without a handler is answered success and logged at debug level.
