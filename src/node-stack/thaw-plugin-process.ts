@@ -24,6 +24,8 @@ function findPackageRoot(): string {
 export const PACKAGE_ROOT = findPackageRoot();
 export const NRI_MAIN = join(PACKAGE_ROOT, 'dist/src/agent/nri-main.js');
 export const PLUGIN_STOP_GRACE_MS = 5_000;
+/** libuv's default pool is 4 threads; each CRIU operation in flight holds one for its whole duration. */
+export const PLUGIN_UV_THREADPOOL_SIZE = 16;
 
 /** Builds dist/ when it is missing or older than the plugin's sources. */
 export function ensureBuilt(): void {
@@ -71,8 +73,11 @@ export interface ThawPluginProcess {
 }
 
 export function startThawPluginProcess(o: { socketPath: string; controlRoot: string; logFile: string; extraArgs?: string[] }): ThawPluginProcess {
+  // The CRIU client holds a libuv threadpool thread per operation in flight (src/restore-engine/criu):
+  // a larger pool keeps file I/O moving while restores run.
   const proc = spawn(process.execPath, [NRI_MAIN, '--socket', o.socketPath, '--control-root', o.controlRoot, '--log-file', o.logFile, '--log-level', 'debug', ...(o.extraArgs ?? [])], {
     stdio: ['ignore', 'inherit', 'inherit'],
+    env: { ...process.env, UV_THREADPOOL_SIZE: process.env['UV_THREADPOOL_SIZE'] ?? String(PLUGIN_UV_THREADPOOL_SIZE) },
   });
   const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((res) => proc.once('exit', (code, signal) => res({ code, signal })));
   return {
@@ -96,7 +101,7 @@ export async function writeLaunchedPluginScript(path: string, o: { controlRoot: 
   const quote = (s: string): string => `'${s.replace(/'/g, `'\\''`)}'`;
   await writeFile(
     path,
-    `#!/bin/sh\nexec ${quote(process.execPath)} ${quote(NRI_MAIN)} --control-root ${quote(o.controlRoot)} --log-file ${quote(o.logFile)} --log-level debug\n`,
+    `#!/bin/sh\nUV_THREADPOOL_SIZE=${PLUGIN_UV_THREADPOOL_SIZE} exec ${quote(process.execPath)} ${quote(NRI_MAIN)} --control-root ${quote(o.controlRoot)} --log-file ${quote(o.logFile)} --log-level debug\n`,
   );
   await chmod(path, 0o755);
 }

@@ -1,0 +1,115 @@
+/**
+ * npm run bench:nri — what thaw's NRI plugin adds to a pod's start.
+ *
+ * On one private containerd, in one run, creates and starts pods with and without the thaw plugin connected,
+ * in alternating rounds (so that drift of this shared machine hits both sides alike), and reports the
+ * create→started latency (CRI CreateContainer + StartContainer) of each: median, p99 and their difference.
+ * Pods without thaw annotations are what the goal is about (the plugin must add under 2 ms at p99 to pods it
+ * does not touch); annotated pods are measured too, for information.
+ *
+ * Env: BENCH_PODS (per side, default 60, at least 50), BENCH_ROUNDS (default 6), THAW_CONTAINERD (1.7|2.1).
+ * Last line of output: one JSON object.
+ */
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir, cpus } from 'node:os';
+import { join } from 'node:path';
+import { cleanupStaleStacks } from '../src/node-stack/cleanup.js';
+import { startNodeStack, type NodeStack } from '../src/node-stack/containerd.js';
+import { parseFlavor } from '../src/node-stack/paths.js';
+import { readJsonLog, startThawPluginProcess, waitForLog, type ThawPluginProcess } from '../src/node-stack/thaw-plugin-process.js';
+import { percentile, renderTable } from './stats.js';
+
+const SLEEP = ['/bin/sh', '-c', "trap 'exit 0' TERM; sleep 3600 & wait"];
+
+async function startPod(stack: NodeStack, name: string, annotations: Record<string, string>): Promise<{ ms: number; podId: string }> {
+  const r = await stack.cri.runPod({ name, uid: `${name}-uid`, annotations, image: stack.images.busybox, command: SLEEP });
+  return { ms: r.timings.createMs + r.timings.startMs, podId: r.podId };
+}
+
+async function main(): Promise<void> {
+  const podsPerSide = Math.max(50, Number(process.env['BENCH_PODS'] ?? 60));
+  const rounds = Math.max(2, Number(process.env['BENCH_ROUNDS'] ?? 6));
+  const flavor = parseFlavor((process.env['THAW_CONTAINERD'] ?? '1.7').split(',')[0] ?? '1.7');
+  await cleanupStaleStacks();
+  const workDir = await mkdtemp(join(tmpdir(), 'thaw-bench-nri-'));
+  const stack = await startNodeStack({ flavor });
+  let plugin: ThawPluginProcess | undefined;
+  const without: number[] = [];
+  const withPlugin: number[] = [];
+  const touched: number[] = [];
+  // The plugin's own service time of each CreateContainer (from its debug log), untouched and annotated pods.
+  const servedUntouched: number[] = [];
+  const servedTouched: number[] = [];
+  let seq = 0;
+  const measure = async (into: number[], annotations: Record<string, string> = {}): Promise<void> => {
+    const { ms, podId } = await startPod(stack, `bench-${seq++}`, annotations);
+    into.push(ms);
+    await stack.cri.removePod(podId);
+  };
+  try {
+    // Warm-up: the first pods pay for image unpacking and cold caches.
+    for (let i = 0; i < 3; i++) await measure([]);
+    const perRound = Math.ceil(podsPerSide / rounds);
+    for (let round = 0; round < rounds; round++) {
+      for (let i = 0; i < perRound && without.length < podsPerSide; i++) await measure(without);
+      const logFile = join(workDir, `plugin-${round}.log`);
+      plugin = startThawPluginProcess({ socketPath: stack.nriSocketPath, controlRoot: join(workDir, 'control'), logFile });
+      await waitForLog(logFile, (r) => r.msg === 'nri plugin synchronized', 'the plugin to register');
+      for (let i = 0; i < perRound && withPlugin.length < podsPerSide; i++) {
+        await measure(withPlugin);
+        await measure(touched, { 'thaw.dev/checkpoint': `bench-${seq}` });
+      }
+      await plugin.stop();
+      plugin = undefined;
+      // Pods were created one at a time, untouched then annotated: the CreateContainer requests alternate.
+      const creates = (await readJsonLog(logFile)).filter((r) => r.msg === 'nri request served' && r['method'] === 'CreateContainer');
+      creates.forEach((r, i) => (i % 2 === 0 ? servedUntouched : servedTouched).push(Number(r['durationMs'])));
+      process.stderr.write(`round ${round + 1}/${rounds}: ${without.length} pods without, ${withPlugin.length} with the plugin\n`);
+    }
+  } finally {
+    await plugin?.stop();
+    await stack.stop();
+    await rm(workDir, { recursive: true, force: true });
+  }
+
+  const result = {
+    bench: 'nri',
+    containerd: stack.containerdVersion,
+    cpus: cpus().length,
+    cpuModel: cpus()[0]?.model ?? 'unknown',
+    pods: podsPerSide,
+    p50MsWithout: percentile(without, 50),
+    p99MsWithout: percentile(without, 99),
+    p50MsWith: percentile(withPlugin, 50),
+    p99MsWith: percentile(withPlugin, 99),
+    p99AddedMs: percentile(withPlugin, 99) - percentile(without, 99),
+    p50AddedMs: percentile(withPlugin, 50) - percentile(without, 50),
+    p50MsTouched: percentile(touched, 50),
+    p99MsTouched: percentile(touched, 99),
+    p50Ratio: Number((percentile(withPlugin, 50) / percentile(without, 50)).toFixed(3)),
+    pluginServeP50MsUntouched: percentile(servedUntouched, 50, 3),
+    pluginServeP99MsUntouched: percentile(servedUntouched, 99, 3),
+    pluginServeP50MsTouched: percentile(servedTouched, 50, 3),
+    pluginServeP99MsTouched: percentile(servedTouched, 99, 3),
+  };
+  process.stdout.write(
+    renderTable(
+      ['pods (create→started)', 'n', 'p50 ms', 'p99 ms'],
+      [
+        ['without plugin', without.length, result.p50MsWithout, result.p99MsWithout],
+        ['with plugin, untouched pod', withPlugin.length, result.p50MsWith, result.p99MsWith],
+        ['with plugin, annotated pod', touched.length, result.p50MsTouched, result.p99MsTouched],
+      ],
+    ),
+  );
+  process.stdout.write(`added by the plugin to untouched pods: p50 ${result.p50AddedMs} ms (ratio ${result.p50Ratio}), p99 ${result.p99AddedMs} ms (goal < 2 ms)\n`);
+  process.stdout.write(
+    `the plugin's own CreateContainer service time: untouched pods p50 ${result.pluginServeP50MsUntouched} ms, p99 ${result.pluginServeP99MsUntouched} ms; annotated pods p50 ${result.pluginServeP50MsTouched} ms, p99 ${result.pluginServeP99MsTouched} ms\n`,
+  );
+  process.stdout.write(`${JSON.stringify(result)}\n`);
+}
+
+main().catch((err: unknown) => {
+  process.stderr.write(`bench:nri failed: ${err instanceof Error ? err.stack ?? err.message : String(err)}\n`);
+  process.exit(1);
+});
