@@ -1,0 +1,436 @@
+/**
+ * The checkpoint flow (design.md, "Checkpoint", step 3): from the host, take a checkpoint of a running,
+ * quiesced container and publish it in the local store.
+ *
+ *   inspect   /proc of the container's init: mounts and the external-mount plan, stdio, netns, RSS,
+ *             command line (container-inspect.ts), and the overlay upperdir (rootfs-diff.ts)
+ *   [cuda]    lock + checkpoint every process of the tree (a seam; no-op until the CUDA work lands)
+ *   dump      CRIU dump over RPC into <pending>/criu, always with --leave-running
+ *   [cuda]    restore + unlock (also after a failed dump, so the worker can go on)
+ *   rootfs    rootfs-diff.tar + deleted-files.json from the upperdir
+ *   publish   manifest (sha256 of every file), fsync, atomic rename (store/local-store.ts)
+ *   notify    `checkpoint-complete` (and Dynamo's `snapshot-complete`) in the control dir
+ *
+ * Why --leave-running even for `on-checkpoint: exit`: the worker exits by itself when it reads
+ * checkpoint-complete. Were CRIU to kill it at the end of the dump, a checkpoint that fails after the
+ * dump (rootfs diff, publish) would have killed a worker for nothing.
+ *
+ * Failure contract: nothing is half-published (the pending directory is aborted), the worker is never
+ * killed, and a worker still waiting gets `checkpoint-complete` with `{ok: false, error}` so it resumes
+ * serving (Dynamo only signals success and leaves a failed source blocked; thaw's rule is that a pod never
+ * suffers from a checkpoint). The caller gets CHECKPOINT_FAILED naming the phase, with the cause's code
+ * (CRIU_FAILED with CRIU's log lines, STORE_EXISTS, ...) in `evidence.causeCode` and the cause attached.
+ */
+import { mkdtemp, rm, stat } from 'node:fs/promises';
+import { hostname, tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+import { errorMessage, isThawError, ThawError } from '../errors.js';
+import type { Logger } from '../log.js';
+import type { LocalStore, PendingCheckpoint } from '../store/local-store.js';
+import type { Manifest, ManifestFields } from '../store/manifest.js';
+import { readHostFacts } from '../store/host-facts.js';
+import { StoreError, StoreErrorCode } from '../store/errors.js';
+import { CHECKPOINT_COMPLETE } from '../sdk/protocol.js';
+import { writeMarker } from '../sdk/control-dir.js';
+import type { CriuClient } from './criu/client.js';
+import type { CgroupsMode, DumpOptions } from './criu/options.js';
+import { inspectContainer, type ContainerInspection, type InspectOptions } from './container-inspect.js';
+import { captureRootfsDiff, readContainerOverlay } from './rootfs-diff.js';
+
+/** The whole flow, dump included, gives up after this (a 100 GB host-memory dump fits). */
+export const DEFAULT_CHECKPOINT_TIMEOUT_MS = 30 * 60_000;
+/** Node's timers hold at most 2^31-1 ms; longer values fire at once. */
+const MAX_TIMER_MS = 2_147_483_647;
+/** The `External` key of a pod's own network namespace (restore-recipe.md: `net[<inode>]:extnet`). */
+export const NETNS_EXTERNAL_KEY = 'extnet';
+export const DUMP_LOG_FILE = 'dump.log';
+
+export const CheckpointErrorCode = {
+  /** A phase failed; evidence.phase names it, evidence.causeCode is the cause's code. */
+  FAILED: 'CHECKPOINT_FAILED',
+} as const;
+export type CheckpointErrorCode = (typeof CheckpointErrorCode)[keyof typeof CheckpointErrorCode];
+
+export class CheckpointError extends ThawError {
+  declare readonly code: CheckpointErrorCode;
+  constructor(code: CheckpointErrorCode, message: string, options: { step: string; cause?: unknown; evidence?: Record<string, unknown> }) {
+    super(code, message, options);
+    this.name = 'CheckpointError';
+  }
+}
+
+export type CheckpointPhase = 'precheck' | 'inspect' | 'cuda-checkpoint' | 'dump' | 'cuda-restore' | 'rootfs-diff' | 'publish';
+export type OnCheckpoint = 'continue' | 'exit';
+
+/**
+ * The CUDA steps around the dump (a later issue fills them in). Called with the tree's host pids:
+ * lock + checkpoint before the dump; restoreAndUnlock after it, also when it failed (once lock ran).
+ */
+export interface CheckpointCudaHooks {
+  lock(pids: readonly number[], signal: AbortSignal): Promise<void>;
+  checkpoint(pids: readonly number[], signal: AbortSignal): Promise<void>;
+  restoreAndUnlock(pids: readonly number[], signal: AbortSignal): Promise<void>;
+}
+
+/**
+ * The CRIU dump settings thaw uses; recorded as the manifest's `criu.options` so the restore passes the
+ * matching flags (CRIU refuses to restore file locks, external unix sockets or a shell job it was not told
+ * about). Seen working here with CRIU 4.1.1, containerd 1.7.24, runc 1.1.5 (test/integration/checkpoint.test.ts).
+ */
+export interface CheckpointCriuSettings {
+  /** The worker closed its connections before ready-for-checkpoint; established TCP is not carried. */
+  tcpEstablished: boolean;
+  fileLocks: boolean;
+  extUnixSk: boolean;
+  shellJob: boolean;
+  linkRemap: boolean;
+  /** Unlinked-but-open files up to this size go into the images. */
+  ghostLimitBytes: number;
+  manageCgroupsMode: CgroupsMode;
+  logLevel: number;
+}
+
+export const DEFAULT_CHECKPOINT_CRIU_SETTINGS: Readonly<CheckpointCriuSettings> = {
+  tcpEstablished: false,
+  fileLocks: true,
+  extUnixSk: true,
+  shellJob: false,
+  linkRemap: true,
+  ghostLimitBytes: 512 * 1024 * 1024,
+  manageCgroupsMode: 'soft',
+  logLevel: 4,
+};
+
+export interface CheckpointSourceIdentity {
+  /** Default: os.hostname(). */
+  nodeHostname?: string;
+  pod?: { name: string; namespace: string; uid: string };
+  containerName: string;
+  /** Default: the process's command line (argv). */
+  command?: string[];
+  /** Default: []. */
+  args?: string[];
+}
+
+export interface CheckpointContainerOptions {
+  store: LocalStore;
+  criu: CriuClient;
+  containerId: string;
+  /** Host pid of the container's init (CRI ContainerStatus verbose `info.pid`, NRI PostStart `pid`). */
+  pid: number;
+  /** Host path of the container's control directory; checkpoint-complete is written there. */
+  controlDir: string;
+  checkpointName: string;
+  onCheckpoint: OnCheckpoint;
+  imageRef: string;
+  imageDigest?: string;
+  source: CheckpointSourceIdentity;
+  containerdVersion: string;
+  criuVersion: string;
+  logger: Logger;
+  /** Replace a checkpoint of the same name atomically; without it an existing name fails the precheck. */
+  replace?: boolean;
+  cuda?: CheckpointCudaHooks;
+  criuSettings?: Partial<CheckpointCriuSettings>;
+  /** Parent of the per-checkpoint CRIU work dir (dump.log); default os.tmpdir(). Kept on failure. */
+  workRoot?: string;
+  /** GNU tar for the rootfs diff; default rootfs-diff.ts's. */
+  tarPath?: string;
+  inspect?: InspectOptions;
+}
+
+export interface CheckpointPhases {
+  inspectMs: number;
+  cudaMs?: number;
+  dumpMs: number;
+  rootfsDiffMs: number;
+  publishMs: number;
+  totalMs: number;
+}
+
+export interface CheckpointResult {
+  manifest: Manifest;
+  phases: CheckpointPhases;
+  /** The CRIU work dir with dump.log (removed on success; this is where it was). */
+  workDir: string;
+}
+
+const round = (ms: number): number => Math.max(0, Math.round(ms));
+
+/** The caller's signal combined with the flow's deadline; `dispose` clears the timer. */
+function deadlineSignal(signal: AbortSignal | undefined, timeoutMs: number): { signal: AbortSignal; dispose: () => void } {
+  const controller = new AbortController();
+  const timer = setTimeout(
+    () => controller.abort(new Error(`checkpoint ran past its timeout of ${timeoutMs} ms`)),
+    Math.min(Math.max(timeoutMs, 0), MAX_TIMER_MS),
+  );
+  const onAbort = (): void => controller.abort(signal?.reason);
+  if (signal?.aborted) onAbort();
+  else signal?.addEventListener('abort', onAbort, { once: true });
+  return {
+    signal: controller.signal,
+    dispose: () => {
+      clearTimeout(timer);
+      signal?.removeEventListener('abort', onAbort);
+    },
+  };
+}
+
+function throwIfAborted(signal: AbortSignal): void {
+  if (signal.aborted) throw signal.reason instanceof Error ? signal.reason : new Error(String(signal.reason ?? 'aborted'));
+}
+
+/** The manifest's `criu.options`: scalars only, named like DumpOptions. */
+export function recordedCriuOptions(s: CheckpointCriuSettings, externalNetNs: boolean): Record<string, string | number | boolean> {
+  return {
+    leaveRunning: true,
+    tcpEstablished: s.tcpEstablished,
+    fileLocks: s.fileLocks,
+    extUnixSk: s.extUnixSk,
+    shellJob: s.shellJob,
+    linkRemap: s.linkRemap,
+    ghostLimitBytes: s.ghostLimitBytes,
+    manageCgroupsMode: s.manageCgroupsMode,
+    externalNetNs,
+  };
+}
+
+/** The CRIU request of the dump: the settings, the external mounts, the netns when it is the pod's own. */
+export function buildCheckpointDumpOptions(
+  inspection: Pick<ContainerInspection, 'pid' | 'externalMounts' | 'netns'>,
+  dirs: { imagesDir: string; workDir: string },
+  s: CheckpointCriuSettings,
+): DumpOptions {
+  const dump: DumpOptions = {
+    imagesDir: dirs.imagesDir,
+    workDir: dirs.workDir,
+    logFile: DUMP_LOG_FILE,
+    logLevel: s.logLevel,
+    pid: inspection.pid,
+    leaveRunning: true,
+    externalMounts: inspection.externalMounts.map((m) => ({ mountpoint: m.mountpoint, key: m.key })),
+    tcpEstablished: s.tcpEstablished,
+    fileLocks: s.fileLocks,
+    extUnixSk: s.extUnixSk,
+    shellJob: s.shellJob,
+    linkRemap: s.linkRemap,
+    ghostLimitBytes: s.ghostLimitBytes,
+    manageCgroupsMode: s.manageCgroupsMode,
+  };
+  // A host-network pod shares the host's namespace: CRIU leaves a namespace it shares with itself alone.
+  if (!inspection.netns.isHost) dump.externalNetNs = { inode: inspection.netns.inode, key: NETNS_EXTERNAL_KEY };
+  return dump;
+}
+
+/**
+ * Checkpoints container `opts.containerId` (init `opts.pid`) into `opts.store` under `opts.checkpointName`.
+ * Call it once the worker wrote ready-for-checkpoint. Resolves with the published manifest and the phase
+ * timings; rejects with CHECKPOINT_FAILED (see the file comment for what is guaranteed then). The signal
+ * and `timeoutMs` (default DEFAULT_CHECKPOINT_TIMEOUT_MS) abort the flow; CRIU is killed, nothing is published.
+ */
+export async function checkpointContainer(
+  opts: CheckpointContainerOptions,
+  call: { signal?: AbortSignal; timeoutMs?: number } = {},
+): Promise<CheckpointResult> {
+  const name = opts.checkpointName;
+  const log = opts.logger.child({ component: 'checkpoint', checkpoint: name, containerId: opts.containerId });
+  const settings: CheckpointCriuSettings = { ...DEFAULT_CHECKPOINT_CRIU_SETTINGS, ...opts.criuSettings };
+  const deadline = deadlineSignal(call.signal, call.timeoutMs ?? DEFAULT_CHECKPOINT_TIMEOUT_MS);
+  const signal = deadline.signal;
+  const t0 = performance.now();
+  const phases: CheckpointPhases = { inspectMs: 0, dumpMs: 0, rootfsDiffMs: 0, publishMs: 0, totalMs: 0 };
+  let phase: CheckpointPhase = 'precheck';
+  let pending: PendingCheckpoint | undefined;
+  let workDir = '';
+  let inspection: ContainerInspection | undefined;
+  let cudaLocked = false;
+
+  try {
+    // Refuse an existing name before anything touches the worker: a dump of gigabytes that publish() would
+    // then refuse is time the worker spends stopped for nothing. (publish() still refuses a racing writer.)
+    if (opts.replace !== true) {
+      const dir = opts.store.pathsOf(name).dir;
+      const exists = await stat(dir).then(() => true, () => false);
+      if (exists) {
+        throw new StoreError(StoreErrorCode.EXISTS, `checkpoint ${name} exists (pass replace to overwrite it)`, {
+          step: 'begin checkpoint',
+          evidence: { name, dir },
+        });
+      }
+    }
+
+    phase = 'inspect';
+    let started = performance.now();
+    inspection = await inspectContainer(opts.pid, opts.inspect ?? {});
+    const overlay = await readContainerOverlay(opts.pid, opts.inspect?.procRoot !== undefined ? { procRoot: opts.inspect.procRoot } : {});
+    phases.inspectMs = round(performance.now() - started);
+    log.info('container inspected', {
+      pid: opts.pid,
+      pids: inspection.pids,
+      externalMounts: inspection.externalMounts.length,
+      hostNetwork: inspection.netns.isHost,
+      rssBytes: inspection.rssBytes,
+      upperdir: overlay.upperdir,
+    });
+    throwIfAborted(signal);
+
+    pending = await opts.store.beginCheckpoint(name);
+    workDir = await mkdtemp(join(opts.workRoot ?? tmpdir(), `thaw-ckpt-${name}-`));
+
+    if (opts.cuda) {
+      phase = 'cuda-checkpoint';
+      started = performance.now();
+      cudaLocked = true; // restoreAndUnlock must run even when lock fails halfway through the pids
+      await opts.cuda.lock(inspection.pids, signal);
+      await opts.cuda.checkpoint(inspection.pids, signal);
+      phases.cudaMs = round(performance.now() - started);
+    }
+
+    phase = 'dump';
+    started = performance.now();
+    await opts.criu.dump(
+      buildCheckpointDumpOptions(inspection, { imagesDir: pending.paths.criuDir, workDir }, settings),
+      undefined,
+      { signal },
+    );
+    phases.dumpMs = round(performance.now() - started);
+    log.info('criu dump done', { ms: phases.dumpMs });
+
+    if (opts.cuda && cudaLocked) {
+      phase = 'cuda-restore';
+      started = performance.now();
+      cudaLocked = false;
+      await opts.cuda.restoreAndUnlock(inspection.pids, signal);
+      phases.cudaMs = (phases.cudaMs ?? 0) + round(performance.now() - started);
+    }
+
+    phase = 'rootfs-diff';
+    started = performance.now();
+    await captureRootfsDiff({
+      upperdir: overlay.upperdir,
+      tarFile: pending.paths.rootfsDiff,
+      deletedFilesFile: pending.paths.deletedFiles,
+      signal,
+      logger: log,
+      ...(opts.tarPath !== undefined ? { tarPath: opts.tarPath } : {}),
+    });
+    phases.rootfsDiffMs = round(performance.now() - started);
+
+    phase = 'publish';
+    started = performance.now();
+    const hostFacts = readHostFacts();
+    const phaseMs: Record<string, number> = {
+      inspect: phases.inspectMs,
+      'criu-dump': phases.dumpMs,
+      'rootfs-diff': phases.rootfsDiffMs,
+    };
+    if (phases.cudaMs !== undefined) phaseMs['cuda'] = phases.cudaMs;
+    const fields: ManifestFields = {
+      source: {
+        nodeHostname: opts.source.nodeHostname ?? hostname(),
+        ...(opts.source.pod ? { pod: opts.source.pod } : {}),
+        container: { name: opts.source.containerName, id: opts.containerId },
+        command: opts.source.command ?? inspection.cmdline,
+        args: opts.source.args ?? [],
+        envKeys: inspection.envKeys,
+      },
+      constraints: {
+        arch: hostFacts.arch,
+        kernelRelease: hostFacts.kernelRelease,
+        criuVersion: opts.criuVersion,
+        containerdVersion: opts.containerdVersion,
+        image: { ref: opts.imageRef, ...(opts.imageDigest !== undefined ? { digest: opts.imageDigest } : {}) },
+      },
+      criu: {
+        pid: opts.pid,
+        externalMounts: inspection.externalMounts.map((m) => ({ key: m.key, path: m.mountpoint })),
+        ...(inspection.netns.isHost ? {} : { netnsKey: NETNS_EXTERNAL_KEY }),
+        stdioFds: inspection.stdioFds,
+        options: recordedCriuOptions(settings, !inspection.netns.isHost),
+      },
+      timings: { phaseMs },
+      liveBytes: inspection.rssBytes,
+    };
+    const published = await pending.publish(fields, { signal, ...(opts.replace ? { replace: true } : {}) });
+    phases.publishMs = round(performance.now() - started);
+    phases.totalMs = round(performance.now() - t0);
+    const manifest = published.manifest;
+
+    // The checkpoint is safe on disk now; a worker that cannot be told is logged, not a failed checkpoint.
+    try {
+      await writeMarker(opts.controlDir, CHECKPOINT_COMPLETE, {
+        ok: true,
+        checkpoint: name,
+        id: manifest.id,
+        bytes: manifest.totals.bytes,
+        onCheckpoint: opts.onCheckpoint,
+      });
+    } catch (err) {
+      log.error('checkpoint published but checkpoint-complete could not be written; the worker stays blocked', { error: err });
+    }
+    await rm(workDir, { recursive: true, force: true });
+    return { manifest, phases, workDir };
+  } catch (err) {
+    deadline.dispose();
+    await cleanUpAfterFailure(opts, log, { pending, inspection, cudaLocked, signal });
+    const causeCode = isThawError(err) ? err.code : (err as NodeJS.ErrnoException).code;
+    const failure = new CheckpointError(CheckpointErrorCode.FAILED, `${phase} failed: ${errorMessage(err)}`, {
+      step: `checkpoint ${name}`,
+      cause: err,
+      evidence: {
+        phase,
+        causeCode,
+        containerId: opts.containerId,
+        pid: opts.pid,
+        ...(workDir !== '' ? { workDir, dumpLog: join(workDir, DUMP_LOG_FILE) } : {}),
+        ...(isThawError(err) ? { causeEvidence: err.evidence } : {}),
+      },
+    });
+    await tellWorkerItFailed(opts, log, failure);
+    throw failure;
+  } finally {
+    deadline.dispose();
+  }
+}
+
+/** Undo what a failed checkpoint did: give the GPU back, remove the pending directory. Never throws. */
+async function cleanUpAfterFailure(
+  opts: CheckpointContainerOptions,
+  log: Logger,
+  state: { pending: PendingCheckpoint | undefined; inspection: ContainerInspection | undefined; cudaLocked: boolean; signal: AbortSignal },
+): Promise<void> {
+  if (opts.cuda && state.cudaLocked && state.inspection) {
+    try {
+      // Not the flow's signal: it may be the reason we are here, and a locked GPU must be given back.
+      await opts.cuda.restoreAndUnlock(state.inspection.pids, new AbortController().signal);
+    } catch (err) {
+      log.error('cuda restore/unlock after a failed checkpoint failed; the worker may be stuck', { error: err });
+    }
+  }
+  if (state.pending) {
+    try {
+      await state.pending.abort();
+    } catch (err) {
+      log.error('removing the pending checkpoint directory failed (recover() removes it later)', { dir: state.pending.dir, error: err });
+    }
+  }
+}
+
+/**
+ * A worker waiting for checkpoint-complete resumes on `{ok: false}`. Skipped when checkpoint-complete is
+ * already there: that worker was told (by an earlier checkpoint) and a failure now must not overwrite it.
+ */
+async function tellWorkerItFailed(opts: CheckpointContainerOptions, log: Logger, failure: CheckpointError): Promise<void> {
+  const already = await stat(join(opts.controlDir, CHECKPOINT_COMPLETE)).then(() => true, () => false);
+  if (already) return;
+  try {
+    await writeMarker(opts.controlDir, CHECKPOINT_COMPLETE, {
+      ok: false,
+      checkpoint: opts.checkpointName,
+      error: { code: failure.code, phase: failure.evidence.phase, causeCode: failure.evidence.causeCode, message: failure.message },
+    });
+  } catch (err) {
+    log.error('checkpoint failed and checkpoint-complete {ok:false} could not be written; the worker stays blocked', { error: err });
+  }
+}
