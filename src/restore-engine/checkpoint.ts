@@ -383,6 +383,7 @@ export async function checkpointContainer(
         causeCode,
         containerId: opts.containerId,
         pid: opts.pid,
+        phases: { ...phases, totalMs: round(performance.now() - t0) },
         ...(workDir !== '' ? { workDir, dumpLog: join(workDir, DUMP_LOG_FILE) } : {}),
         ...(isThawError(err) ? { causeEvidence: err.evidence } : {}),
       },

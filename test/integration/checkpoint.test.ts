@@ -14,6 +14,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { buildWorkerImage, type WorkerImage } from '../../demo/worker-image.js';
 import { ENDPOINT_FILE } from '../../demo/worker/worker.js';
+import { CheckpointCoordinator, type CheckpointEvent } from '../../src/agent/checkpoint-coordinator.js';
 import { createThawNriHandlers, type ManagedContainer, type ThawCoordinator } from '../../src/agent/thaw-nri.js';
 import { isThawError } from '../../src/errors.js';
 import { createCollectingLogger } from '../../src/log.js';
@@ -66,15 +67,23 @@ async function modesUnder(dir: string): Promise<Array<{ rel: string; dir: boolea
   return out;
 }
 
-/** A coordinator that only records what the handlers hand over (the flow itself is driven by the test). */
-function recordingCoordinator(): ThawCoordinator & { started: Map<string, { entry: ManagedContainer; pid: number }> } {
+/**
+ * Records what the handlers hand over and passes it on to `delegate` when one is set: the first tests drive
+ * the flow themselves, the coordinator test lets the real CheckpointCoordinator do it.
+ */
+function recordingCoordinator(): ThawCoordinator & { started: Map<string, { entry: ManagedContainer; pid: number }>; delegate?: ThawCoordinator } {
   const started = new Map<string, { entry: ManagedContainer; pid: number }>();
-  return {
+  const self: ThawCoordinator & { started: typeof started; delegate?: ThawCoordinator } = {
     started,
     checkpointSourceStarted(entry, pid) {
       started.set(entry.podName, { entry, pid });
+      self.delegate?.checkpointSourceStarted?.(entry, pid);
+    },
+    containerGone(containerId) {
+      self.delegate?.containerGone?.(containerId);
     },
   };
+  return self;
 }
 
 describe.each(flavorsUnderTest())('checkpoint flow, containerd %s', (flavor) => {
@@ -272,6 +281,50 @@ describe.each(flavorsUnderTest())('checkpoint flow, containerd %s', (flavor) => 
       expect(s.requests).toBe(1);
     } finally {
       await stack.cri.removePod(pod.podId);
+    }
+  }, CHECKPOINT_TEST_TIMEOUT_MS);
+
+  it('the coordinator checkpoints a source once its worker is ready, and abandons one whose pod is removed', async () => {
+    const { stack } = handle;
+    const events: CheckpointEvent[] = [];
+    const real = new CheckpointCoordinator({
+      store,
+      criu,
+      criuVersion,
+      containerdVersion: stack.containerdVersion,
+      logger,
+      workRoot,
+      imageDigestOf: async () => image.manifestDigest,
+      onEvent: (e) => events.push(e),
+    });
+    coordinator.delegate = real;
+    const auto = await startSource('ckpt-auto', 'demo-auto', { WORKER_MEMORY_MB: '64' });
+    // This worker asks for its checkpoint only in 10 minutes: its pod goes away first.
+    const late = await startSource('ckpt-late', 'demo-late', { WORKER_MEMORY_MB: '16', WORKER_CHECKPOINT_AFTER_MS: '600000' });
+    try {
+      expect(real.status(late.entry.containerId)?.state).toBe('waiting-for-worker');
+      await waitFor(() => events.find((e) => e.containerId === auto.entry.containerId), 'the checkpoint event of ckpt-auto', WORKER_READY_TIMEOUT_MS, 100);
+      const event = events.find((e) => e.containerId === auto.entry.containerId)!;
+      console.log(`coordinator event: ${JSON.stringify(event)}`);
+      expect(event).toMatchObject({ event: 'checkpoint', name: 'demo-auto', pod: 'default/ckpt-auto', container: auto.entry.containerName, outcome: 'succeeded' });
+      const manifest = (await store.open('demo-auto')).manifest;
+      expect(event.id).toBe(manifest.id);
+      expect(event.bytes).toBe(manifest.totals.bytes);
+      expect(manifest.constraints.image.digest).toBe(image.manifestDigest);
+      expect(logger.lines.some((l) => l.msg === 'checkpoint' && l.fields.event === 'checkpoint' && l.fields.outcome === 'succeeded')).toBe(true);
+      const endpoint = await waitFor(() => readEndpoint(auto.entry.controlDir), `${ENDPOINT_FILE} after the checkpoint`, WORKER_READY_TIMEOUT_MS, 50);
+      expect((await getJson<WorkerState>(endpoint.port, '/state')).restored).toBe(false);
+
+      await stack.cri.removePod(late.pod.podId);
+      await waitFor(() => events.find((e) => e.containerId === late.entry.containerId), 'the cancelled event of ckpt-late', 30_000, 50);
+      expect(real.status(late.entry.containerId)?.state).toBe('cancelled');
+      await real.idle();
+      await expect(store.open('demo-late')).rejects.toMatchObject({ code: 'STORE_NOT_FOUND' });
+    } finally {
+      coordinator.delegate = undefined;
+      await real.close();
+      await stack.cri.removePod(auto.pod.podId);
+      await stack.cri.removePod(late.pod.podId).catch(() => undefined);
     }
   }, CHECKPOINT_TEST_TIMEOUT_MS);
 });

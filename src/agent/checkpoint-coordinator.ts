@@ -1,0 +1,242 @@
+/**
+ * The checkpoint side of thaw's `ThawCoordinator`: what runs after the NRI handlers saw a checkpoint source
+ * start. For each such container it waits (in the background, never inside an NRI handler) for the worker's
+ * ready marker, then runs the checkpoint flow (restore-engine/checkpoint.ts) and logs one structured event:
+ *
+ *   {"event":"checkpoint","id":<manifest id>,"name":..,"pod":"ns/name","container":..,"containerId":..,
+ *    "outcome":"succeeded"|"failed"|"cancelled","phases":{..},"bytes":..,"error"?:{code,step,message,evidence}}
+ *
+ * Rules: one checkpoint at a time per container (a second start of the same container while one runs is
+ * logged and ignored); containers in parallel, each with its own AbortController; `containerGone` aborts the
+ * wait or the running checkpoint (CRIU is killed, nothing is published). The wait for the worker has no
+ * timeout by default: a worker may take an hour to load its model. A status map per container is kept for
+ * the control API (`status()`).
+ */
+import { errorMessage, isThawError } from '../errors.js';
+import type { Logger } from '../log.js';
+import {
+  checkpointContainer,
+  type CheckpointContainerOptions,
+  type CheckpointCudaHooks,
+  type CheckpointPhases,
+  type CheckpointResult,
+  type OnCheckpoint,
+} from '../restore-engine/checkpoint.js';
+import type { CriuClient } from '../restore-engine/criu/client.js';
+import { waitForWorkerReady } from '../sdk/control-dir.js';
+import type { LocalStore } from '../store/local-store.js';
+import type { ManagedContainer, ThawCoordinator } from './thaw-nri.js';
+
+export type CheckpointJobState = 'waiting-for-worker' | 'checkpointing' | 'succeeded' | 'failed' | 'cancelled';
+
+export interface CheckpointJobStatus {
+  containerId: string;
+  name: string;
+  pod: string;
+  container: string;
+  pid: number;
+  state: CheckpointJobState;
+  /** ISO 8601 times. */
+  startedAt: string;
+  readyAt?: string;
+  finishedAt?: string;
+  /** The manifest id, once published. */
+  id?: string;
+  bytes?: number;
+  phases?: CheckpointPhases;
+  error?: Record<string, unknown>;
+}
+
+/** The structured event logged once per checkpoint attempt that ended. */
+export interface CheckpointEvent {
+  event: 'checkpoint';
+  id?: string;
+  name: string;
+  pod: string;
+  container: string;
+  containerId: string;
+  outcome: 'succeeded' | 'failed' | 'cancelled';
+  phases?: CheckpointPhases;
+  bytes?: number;
+  error?: Record<string, unknown>;
+}
+
+export interface CheckpointCoordinatorOptions {
+  store: LocalStore;
+  criu: CriuClient;
+  criuVersion: string;
+  containerdVersion: string;
+  logger: Logger;
+  /**
+   * The pod's `on-checkpoint` (policy.ts); default 'continue'. ManagedContainer does not carry it yet, so
+   * the agent passes a lookup (e.g. from the decision it made at CreateContainer).
+   */
+  onCheckpointOf?: (container: ManagedContainer) => OnCheckpoint;
+  /** The image's digest (CRI ImageStatus) for the manifest; absent → the manifest has the ref only. */
+  imageDigestOf?: (container: ManagedContainer, signal: AbortSignal) => Promise<string | undefined>;
+  /** Give up waiting for ready-for-checkpoint after this long; default: wait until the container goes. */
+  readyTimeoutMs?: number;
+  /** Passed to the flow (default its DEFAULT_CHECKPOINT_TIMEOUT_MS). */
+  checkpointTimeoutMs?: number;
+  /** Replace an existing checkpoint of the same name (default false: STORE_EXISTS, the worker resumes). */
+  replace?: boolean;
+  cuda?: CheckpointCudaHooks;
+  workRoot?: string;
+  tarPath?: string;
+  /** Told of every event after it is logged (metrics, tests). */
+  onEvent?: (event: CheckpointEvent) => void;
+  /** Test seam: the flow to run (default checkpointContainer). */
+  runCheckpoint?: (opts: CheckpointContainerOptions, call: { signal?: AbortSignal; timeoutMs?: number }) => Promise<CheckpointResult>;
+  now?: () => Date;
+}
+
+interface Job {
+  controller: AbortController;
+  status: CheckpointJobStatus;
+  done: Promise<void>;
+}
+
+export class CheckpointCoordinator implements ThawCoordinator {
+  private readonly log: Logger;
+  private readonly now: () => Date;
+  /** Running jobs by container id. */
+  private readonly running = new Map<string, Job>();
+  /** The last status of every container seen (running or finished), for the control API. */
+  private readonly statuses = new Map<string, CheckpointJobStatus>();
+
+  constructor(private readonly options: CheckpointCoordinatorOptions) {
+    this.log = options.logger.child({ component: 'checkpoint-coordinator' });
+    this.now = options.now ?? (() => new Date());
+  }
+
+  /** NRI PostStartContainer of a checkpoint source: start watching its control dir. Returns at once. */
+  checkpointSourceStarted(container: ManagedContainer, pid: number): void {
+    const id = container.containerId;
+    if (this.running.has(id)) {
+      this.log.warn('a checkpoint of this container is already in progress; ignoring the second start', { containerId: id, pid });
+      return;
+    }
+    const controller = new AbortController();
+    const status: CheckpointJobStatus = {
+      containerId: id,
+      name: container.checkpointName,
+      pod: `${container.podNamespace}/${container.podName}`,
+      container: container.containerName,
+      pid,
+      state: 'waiting-for-worker',
+      startedAt: this.now().toISOString(),
+    };
+    const job: Job = { controller, status, done: Promise.resolve() };
+    this.running.set(id, job);
+    this.statuses.set(id, status);
+    // Fire and forget: the job never rejects (every outcome is logged and recorded), and removes itself.
+    job.done = this.run(container, pid, job).finally(() => {
+      if (this.running.get(id) === job) this.running.delete(id);
+    });
+  }
+
+  /** The container stopped or was removed: abort its wait or its checkpoint. */
+  containerGone(containerId: string): void {
+    this.running.get(containerId)?.controller.abort(new Error(`container ${containerId} is gone`));
+  }
+
+  /** A copy of the status of one container, or of every container seen. */
+  status(): CheckpointJobStatus[];
+  status(containerId: string): CheckpointJobStatus | undefined;
+  status(containerId?: string): CheckpointJobStatus[] | CheckpointJobStatus | undefined {
+    if (containerId !== undefined) {
+      const s = this.statuses.get(containerId);
+      return s === undefined ? undefined : { ...s };
+    }
+    return [...this.statuses.values()].map((s) => ({ ...s }));
+  }
+
+  /** Resolves when no job runs (the jobs running now, and any they are replaced by, have ended). */
+  async idle(): Promise<void> {
+    while (this.running.size > 0) await Promise.all([...this.running.values()].map((j) => j.done));
+  }
+
+  /** Aborts every job and waits for them to end (agent shutdown). */
+  async close(): Promise<void> {
+    for (const job of this.running.values()) job.controller.abort(new Error('the agent is shutting down'));
+    await this.idle();
+  }
+
+  private async run(container: ManagedContainer, pid: number, job: Job): Promise<void> {
+    const { status, controller } = job;
+    const signal = controller.signal;
+    const log = this.log.child({ containerId: container.containerId, checkpoint: container.checkpointName });
+    try {
+      const marker = await waitForWorkerReady(container.controlDir, {
+        signal,
+        ...(this.options.readyTimeoutMs !== undefined ? { timeoutMs: this.options.readyTimeoutMs } : {}),
+      });
+      status.readyAt = this.now().toISOString();
+      status.state = 'checkpointing';
+      log.info('worker is ready for its checkpoint', { marker, pid });
+      const imageDigest = await this.options.imageDigestOf?.(container, signal).catch((err: unknown) => {
+        log.warn('image digest unknown; the manifest records the image ref only', { error: errorMessage(err) });
+        return undefined;
+      });
+      const o = this.options;
+      const result = await (o.runCheckpoint ?? checkpointContainer)(
+        {
+          store: o.store,
+          criu: o.criu,
+          containerId: container.containerId,
+          pid,
+          controlDir: container.controlDir,
+          checkpointName: container.checkpointName,
+          onCheckpoint: o.onCheckpointOf?.(container) ?? 'continue',
+          imageRef: container.imageRef ?? '',
+          ...(imageDigest !== undefined ? { imageDigest } : {}),
+          source: {
+            containerName: container.containerName,
+            pod: { name: container.podName, namespace: container.podNamespace, uid: container.podUid },
+          },
+          containerdVersion: o.containerdVersion,
+          criuVersion: o.criuVersion,
+          logger: o.logger,
+          ...(o.replace !== undefined ? { replace: o.replace } : {}),
+          ...(o.cuda !== undefined ? { cuda: o.cuda } : {}),
+          ...(o.workRoot !== undefined ? { workRoot: o.workRoot } : {}),
+          ...(o.tarPath !== undefined ? { tarPath: o.tarPath } : {}),
+        },
+        { signal, ...(o.checkpointTimeoutMs !== undefined ? { timeoutMs: o.checkpointTimeoutMs } : {}) },
+      );
+      status.state = 'succeeded';
+      status.id = result.manifest.id;
+      status.bytes = result.manifest.totals.bytes;
+      status.phases = result.phases;
+      this.finish(status, { id: result.manifest.id, outcome: 'succeeded', phases: result.phases, bytes: result.manifest.totals.bytes });
+    } catch (err) {
+      const cancelled = signal.aborted;
+      status.state = cancelled ? 'cancelled' : 'failed';
+      status.error = isThawError(err) ? err.toJSON() : { message: errorMessage(err) };
+      // The flow puts the phases it finished into its error: how far it got is part of the evidence.
+      const phases = isThawError(err) ? (err.evidence.phases as CheckpointPhases | undefined) : undefined;
+      if (phases !== undefined) status.phases = phases;
+      this.finish(status, { outcome: cancelled ? 'cancelled' : 'failed', error: status.error, ...(phases ? { phases } : {}) });
+    }
+  }
+
+  private finish(status: CheckpointJobStatus, fields: Pick<CheckpointEvent, 'outcome'> & Partial<CheckpointEvent>): void {
+    status.finishedAt = this.now().toISOString();
+    const event: CheckpointEvent = {
+      event: 'checkpoint',
+      name: status.name,
+      pod: status.pod,
+      container: status.container,
+      containerId: status.containerId,
+      ...fields,
+    };
+    if (fields.outcome === 'succeeded') this.log.info('checkpoint', { ...event });
+    else if (fields.outcome === 'cancelled') this.log.warn('checkpoint', { ...event });
+    else this.log.error('checkpoint', { ...event });
+    try {
+      this.options.onEvent?.(event);
+    } catch (err) {
+      this.log.warn('onEvent listener threw', { error: errorMessage(err) });
+    }
+  }
+}
