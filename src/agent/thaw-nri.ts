@@ -18,7 +18,13 @@ import {
 } from '../nri-plugin/policy.js';
 import type { Container, PodSandbox } from '../nri-plugin/nri-types.js';
 import { createControlDir, removeControlDir } from '../sdk/control-dir.js';
-import { errorMessage } from '../errors.js';
+import { errorMessage, isThawError } from '../errors.js';
+import { supportsArgs } from '../nri-plugin/runtime-version.js';
+import type { LocalStore, OpenedCheckpoint } from '../store/local-store.js';
+import { StoreErrorCode } from '../store/errors.js';
+import { readHostFacts } from '../store/host-facts.js';
+import { checkCompatibility, isRestorable, type NodeFacts } from '../store/manifest.js';
+import { dirname, join } from 'node:path';
 
 /** What the handlers know about a container thaw manages, handed to the flows. */
 export interface ManagedContainer {
@@ -33,6 +39,10 @@ export interface ManagedContainer {
   controlDir: string;
   /** The container's image as containerd names it in the spec's annotations, when present. */
   imageRef?: string;
+  /** What thaw made of it (absent: checkpoint-source, for entries made before roles existed). */
+  role?: 'checkpoint-source' | 'restore-target';
+  /** Restore targets: how thaw-pause holds the original command (NRI args, or the createRuntime overlay). */
+  placeholder?: 'args' | 'overlay';
 }
 
 /**
@@ -44,9 +54,34 @@ export interface ThawCoordinator {
   checkpointSourceCreated?(container: ManagedContainer): void;
   /** A checkpoint source started: its pid is known. */
   checkpointSourceStarted?(container: ManagedContainer, pid: number): void;
+  /** A restore target was created (thaw-pause holds its command): start verifying/prefetching the checkpoint. */
+  restoreTargetCreated?(container: ManagedContainer, checkpoint: OpenedCheckpoint): void;
+  /** A restore target started: restore into it (pid = its PID 1, thaw-pause, on the host). */
+  restoreTargetStarted?(container: ManagedContainer, pid: number): void;
   /** A managed container stopped or was removed: abandon what runs for it. */
   containerGone?(containerId: string): void;
 }
+
+/** What the restore branch needs; without it a restore target cold-starts ("restore-unavailable"). */
+export interface ThawRestoreConfig {
+  store: LocalStore;
+  /** The toolkit prefix (CRIU, GNU tar, gzip, busybox), mounted read-only at the same path in the target. */
+  toolkitDir: string;
+  /** Host path of thaw-pause; its directory is mounted read-only at the same path in the target. */
+  thawPausePath: string;
+  /** argv that runs src/oci-hooks/main.js (absolute paths: hooks get no PATH), e.g. [node, .../main.js]. */
+  hookArgv: string[];
+  /** GNU tar for the rootfs diff (default: the toolkit's bin/tar). */
+  tarPath?: string;
+  /** Where the coordinator puts CRIU work dirs (`<workRoot>/<container id>`); the poststop hook removes them. */
+  workRoot: string;
+  /** This node's facts (default readHostFacts()). */
+  hostFacts?: Pick<NodeFacts, 'arch' | 'kernelRelease'>;
+  /** The createRuntime hook's timeout (the rootfs diff of a large layer). */
+  hookTimeoutSeconds?: number;
+}
+
+export const DEFAULT_RESTORE_HOOK_TIMEOUT_SECONDS = 60;
 
 /** Counters of what the handlers decided, by outcome and cause, for logs, tests and /metrics. */
 export class ThawNriStats {
@@ -71,6 +106,7 @@ export interface ThawNriOptions {
   controlRoot: string;
   coordinator?: ThawCoordinator;
   stats?: ThawNriStats;
+  restore?: ThawRestoreConfig;
 }
 
 /** containerd's CRI plugin records the image of a container in this spec annotation. */
@@ -124,6 +160,7 @@ export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { 
       checkpointName,
       controlDir,
       ...(container.annotations?.[CRI_IMAGE_NAME_ANNOTATION] ? { imageRef: container.annotations[CRI_IMAGE_NAME_ANNOTATION] } : {}),
+      role: 'checkpoint-source',
     };
     const existingEnv = new Set((container.env ?? []).map((kv) => kv.slice(0, Math.max(0, kv.indexOf('=')))));
     const builder = new AdjustmentBuilder()
@@ -136,6 +173,109 @@ export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { 
     managed.set(containerId, entry);
     options.coordinator?.checkpointSourceCreated?.(entry);
     ctx.logger.info('thaw: checkpoint source', { ...describe(pod, container), checkpoint: checkpointName, controlDir });
+    return builder;
+  }
+
+  /** Restore fallbacks decided here, before the container exists: no adjustment, the pod starts cold. */
+  const coldStart = (cause: string, message: string, pod: PodSandbox, container: Container, ctx: NriHandlerContext, extra: Record<string, unknown>): undefined => {
+    stats.countFallback(cause);
+    ctx.logger.warn(`thaw: ${message}; cold start`, { ...describe(pod, container), event: 'restore', outcome: 'fallback', cause, ...extra });
+    return undefined;
+  };
+
+  async function adjustRestoreTarget(
+    r: ThawRestoreConfig,
+    pod: PodSandbox,
+    container: Container,
+    checkpointName: string,
+    ctx: NriHandlerContext,
+  ): Promise<AdjustmentBuilder | undefined> {
+    const containerId = container.id ?? '';
+    // Only the manifest here (a small JSON file): the full sha256 runs in the coordinator, after the 2 s deadline.
+    let checkpoint: OpenedCheckpoint;
+    try {
+      checkpoint = await r.store.open(checkpointName);
+    } catch (err) {
+      const missing = isThawError(err, StoreErrorCode.NOT_FOUND) || isThawError(err, StoreErrorCode.INVALID_NAME);
+      return coldStart(missing ? 'RESTORE_CHECKPOINT_MISSING' : 'RESTORE_CHECKPOINT_CORRUPT', missing ? 'checkpoint not found' : 'checkpoint unreadable', pod, container, ctx, {
+        checkpoint: checkpointName,
+        error: errorMessage(err),
+      });
+    }
+    const imageRef = container.annotations?.[CRI_IMAGE_NAME_ANNOTATION];
+    if (imageRef === undefined) {
+      return coldStart('RESTORE_INCOMPATIBLE', `the container has no ${CRI_IMAGE_NAME_ANNOTATION} annotation to compare with the checkpoint's image`, pod, container, ctx, {
+        checkpoint: checkpointName,
+      });
+    }
+    const mismatches = checkCompatibility(checkpoint.manifest, { ...(r.hostFacts ?? readHostFacts()), image: { ref: imageRef } });
+    if (!isRestorable(mismatches)) {
+      return coldStart('RESTORE_INCOMPATIBLE', 'the checkpoint does not match this node or container', pod, container, ctx, {
+        checkpoint: checkpointName,
+        mismatches,
+      });
+    }
+    const args = container.args ?? [];
+    if (args.length === 0 || !args[0]) {
+      return coldStart('RESTORE_INCOMPATIBLE', 'the container has no args to hold behind thaw-pause', pod, container, ctx, { checkpoint: checkpointName });
+    }
+    let controlDir: string;
+    try {
+      controlDir = await createControlDir(options.controlRoot, containerId);
+    } catch (err) {
+      return coldStart('control-dir', 'cannot create the control directory', pod, container, ctx, { error: errorMessage(err) });
+    }
+    const placeholder = supportsArgs(ctx.runtime.name, ctx.runtime.version, ctx.runtime.nriVersion) ? 'args' : 'overlay';
+    const entry: ManagedContainer = {
+      containerId,
+      containerName: container.name ?? '',
+      podId: pod.id ?? '',
+      podName: pod.name ?? '',
+      podNamespace: pod.namespace ?? '',
+      podUid: pod.uid ?? '',
+      checkpointName,
+      controlDir,
+      imageRef,
+      role: 'restore-target',
+      placeholder,
+    };
+    const existingEnv = new Set((container.env ?? []).map((kv) => kv.slice(0, Math.max(0, kv.indexOf('=')))));
+    const pauseDir = dirname(r.thawPausePath);
+    const hookTimeout = r.hookTimeoutSeconds ?? DEFAULT_RESTORE_HOOK_TIMEOUT_SECONDS;
+    const builder = new AdjustmentBuilder()
+      .addMount({ destination: r.toolkitDir, source: r.toolkitDir, type: 'bind', options: ['rbind', 'ro'] })
+      .addMount({ destination: CONTROL_DIR_MOUNT_PATH, source: controlDir, type: 'bind', options: ['rbind', 'rw'] })
+      .addEnv(CONTROL_DIR_ENV, CONTROL_DIR_MOUNT_PATH)
+      .addEnv(LEGACY_CONTROL_DIR_ENV, CONTROL_DIR_MOUNT_PATH)
+      .addHook('createRuntime', {
+        path: r.hookArgv[0] as string,
+        args: [
+          ...r.hookArgv,
+          'create-runtime',
+          '--mode', placeholder,
+          '--control-dir', controlDir,
+          '--checkpoint-dir', checkpoint.paths.dir,
+          '--thaw-pause', r.thawPausePath,
+          '--tar', r.tarPath ?? join(r.toolkitDir, 'bin', 'tar'),
+        ],
+        env: [],
+        timeoutSeconds: hookTimeout,
+      })
+      .addHook('poststop', {
+        path: r.hookArgv[0] as string,
+        args: [...r.hookArgv, 'poststop', '--control-dir', controlDir, '--work-dir', join(r.workRoot, containerId)],
+        env: [],
+        timeoutSeconds: hookTimeout,
+      });
+    // thaw-pause's directory, unless the toolkit mount already shows it at the same path.
+    if (!pauseDir.startsWith(`${r.toolkitDir}/`)) builder.addMount({ destination: pauseDir, source: pauseDir, type: 'bind', options: ['rbind', 'ro'] });
+    // The same environment as a source: a cold-started fallback then runs as the checkpointed worker did.
+    for (const [key, value] of CHECKPOINT_ENV) if (!existingEnv.has(key)) builder.addEnv(key, value);
+    for (const [key, value] of Object.entries(managedAnnotations(prefix, 'restore-target', entry))) builder.addAnnotation(key, value);
+    if (placeholder === 'args') builder.setArgs([r.thawPausePath, '--', ...args]);
+    managed.set(containerId, entry);
+    options.coordinator?.restoreTargetCreated?.(entry, checkpoint);
+    ctx.logger.info('thaw: restore target', { ...describe(pod, container), checkpoint: checkpointName, controlDir, placeholder });
     return builder;
   }
 
@@ -165,7 +305,8 @@ export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { 
           case 'checkpoint-source':
             return await adjustCheckpointSource(pod, container, decision.checkpointName, ctx);
           case 'restore-target':
-            // The restore engine plugs in here; until a coordinator handles restores, the pod cold-starts.
+            if (options.restore) return await adjustRestoreTarget(options.restore, pod, container, decision.checkpointName, ctx);
+            // Without a restore engine configured, the pod cold-starts.
             stats.countFallback('restore-unavailable');
             ctx.logger.warn('thaw: restore requested but no restore engine is configured; cold start', {
               ...describe(pod, container),
@@ -186,7 +327,9 @@ export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { 
 
     postStartContainer(_pod, container) {
       const entry = managed.get(container.id ?? '');
-      if (entry && container.pid) options.coordinator?.checkpointSourceStarted?.(entry, container.pid);
+      if (!entry || !container.pid) return;
+      if (entry.role === 'restore-target') options.coordinator?.restoreTargetStarted?.(entry, container.pid);
+      else options.coordinator?.checkpointSourceStarted?.(entry, container.pid);
     },
 
     async removeContainer(_pod, container, ctx) {

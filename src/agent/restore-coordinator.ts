@@ -1,0 +1,301 @@
+/**
+ * The restore flow after NRI (design.md, Restore steps 3-4): what runs for a restore target between its
+ * CreateContainer and the pod serving. Never inside an NRI handler: the handlers call `restoreTargetCreated`
+ * and `restoreTargetStarted`, which start background work and return at once.
+ *
+ *   created   lease the checkpoint, verify every file's sha256 and read it into the page cache
+ *   started   (the container's PID 1 is thaw-pause) wait for verify; read what the create-runtime hook
+ *             recorded; in overlay mode unmount thaw-pause from the entrypoint inside the container;
+ *             CRIU restore inside the container's namespaces and cgroups; [CUDA restore seam]; SIGUSR1
+ *             (thaw-pause adopts the worker); restore-complete
+ *   any error kill what the restore left; make sure the overlay is gone; restore-failed; SIGUSR2 (thaw-pause
+ *             execs the original command: a cold start). One `restore` event per target, either way.
+ */
+import { execFile } from 'node:child_process';
+import { mkdir, rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { errorMessage, isThawError } from '../errors.js';
+import type { Logger } from '../log.js';
+import { readHookOutcome, type HookOutcome } from '../oci-hooks/records.js';
+import { CriuClient } from '../restore-engine/criu/client.js';
+import { RestoreError, RestoreErrorCode } from '../restore-engine/restore-errors.js';
+import { killRestoredTree, restoreIntoContainer, type RestoredTree } from '../restore-engine/restore.js';
+import { clearStaleMarkers, writeMarker } from '../sdk/control-dir.js';
+import type { LocalStore, OpenedCheckpoint, ReleaseLease } from '../store/local-store.js';
+import { StoreErrorCode } from '../store/errors.js';
+import type { ManagedContainer, ThawCoordinator, ThawNriStats } from './thaw-nri.js';
+
+const execFileP = promisify(execFile);
+
+/** sha256 of a multi-GiB checkpoint on a busy node; past this the pod cold-starts rather than wait. */
+export const DEFAULT_VERIFY_TIMEOUT_MS = 300_000;
+export const DEFAULT_CRIU_RESTORE_TIMEOUT_MS = 120_000;
+/** One umount inside the container. */
+export const OVERLAY_UMOUNT_TIMEOUT_MS = 5_000;
+export const DEFAULT_WORK_ROOT = '/run/thaw/restore';
+
+/** Context handed to the seams. */
+export interface RestoreStepContext {
+  container: ManagedContainer;
+  checkpoint: OpenedCheckpoint;
+  targetPid: number;
+  signal: AbortSignal;
+}
+
+/** The CUDA restore step (cuda-checkpoint restore + unlock of every CUDA process of the tree) slots in here. */
+export type CudaRestoreStep = (tree: RestoredTree, ctx: RestoreStepContext) => Promise<void>;
+
+export interface RestoreEvent {
+  event: 'restore';
+  outcome: 'restored' | 'fallback';
+  /** The RESTORE_* code of the fallback (absent when restored). */
+  cause?: string;
+  reason?: string;
+  checkpoint: string;
+  containerId: string;
+  pod: string;
+  mode?: 'args' | 'overlay';
+  restoredPid?: number;
+  phases: { verifyMs?: number; waitVerifyMs?: number; overlayMs?: number; criuRestoreMs?: number; cudaRestoreMs?: number; totalMs: number };
+}
+
+export interface RestoreCoordinatorOptions {
+  store: LocalStore;
+  criu: CriuClient;
+  logger: Logger;
+  stats?: ThawNriStats;
+  /** Per-container CRIU work directories (restore.log) go to `<workRoot>/<container id>`. */
+  workRoot?: string;
+  /** The toolkit's bin directory (mounted at the same path in the target): its busybox does the umount there. */
+  toolkitBinDir: string;
+  nsenterPath?: string;
+  verifyTimeoutMs?: number;
+  criuRestoreTimeoutMs?: number;
+  cudaRestore?: CudaRestoreStep;
+  /** Test seam: runs after verify, right before CRIU (e.g. to damage an image file CRIU then reads). */
+  beforeCriuRestore?: (ctx: RestoreStepContext) => Promise<void>;
+  /** Every restore event, after it was logged. */
+  onEvent?: (event: RestoreEvent) => void;
+}
+
+export interface RestoreCoordinator extends Required<Pick<ThawCoordinator, 'restoreTargetCreated' | 'restoreTargetStarted' | 'containerGone'>> {
+  /** Resolves when every restore started so far has ended (tests, shutdown). */
+  idle(): Promise<void>;
+  /** Aborts everything in flight (each target falls back). */
+  close(): Promise<void>;
+}
+
+interface Job {
+  container: ManagedContainer;
+  checkpoint: OpenedCheckpoint;
+  abort: AbortController;
+  createdAt: number;
+  prepared: Promise<{ verifyMs: number }>;
+  release?: ReleaseLease;
+  run?: Promise<void>;
+}
+
+export function workDirFor(workRoot: string, containerId: string): string {
+  return join(workRoot, containerId);
+}
+
+export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreCoordinator {
+  const jobs = new Map<string, Job>();
+  const running = new Set<Promise<void>>();
+  const workRoot = o.workRoot ?? DEFAULT_WORK_ROOT;
+  const logger = o.logger.child({ component: 'restore' });
+
+  const track = (p: Promise<void>): Promise<void> => {
+    running.add(p);
+    void p.finally(() => running.delete(p));
+    return p;
+  };
+
+  async function prepare(job: Job): Promise<{ verifyMs: number }> {
+    const name = job.checkpoint.name;
+    const signal = job.abort.signal;
+    try {
+      job.release = await o.store.acquireLease(name);
+      const t0 = performance.now();
+      // Verify reads every byte; the parallel prefetch keeps the disk queue full while sha256 runs.
+      const [verified] = await Promise.all([o.store.verify(name, { signal }), o.store.prefetch(name, { signal })]);
+      void verified;
+      return { verifyMs: performance.now() - t0 };
+    } catch (err) {
+      if (isThawError(err, StoreErrorCode.NOT_FOUND) || isThawError(err, StoreErrorCode.INVALID_NAME)) {
+        throw new RestoreError(RestoreErrorCode.CHECKPOINT_MISSING, errorMessage(err), { step: 'verify checkpoint', cause: err });
+      }
+      if (isThawError(err, StoreErrorCode.ABORTED)) throw new RestoreError(RestoreErrorCode.ABORTED, errorMessage(err), { step: 'verify checkpoint', cause: err });
+      throw new RestoreError(RestoreErrorCode.CHECKPOINT_CORRUPT, errorMessage(err), {
+        step: 'verify checkpoint',
+        cause: err,
+        evidence: { code: isThawError(err) ? err.code : undefined, ...(isThawError(err) ? err.evidence : {}) },
+      });
+    }
+  }
+
+  async function unmountOverlay(pid: number, path: string): Promise<void> {
+    try {
+      // Lazy: thaw-pause runs from that very file, so a plain umount would be EBUSY.
+      await execFileP(o.nsenterPath ?? '/usr/bin/nsenter', ['-t', String(pid), '-m', '--', join(o.toolkitBinDir, 'busybox'), 'umount', '-l', path], {
+        timeout: OVERLAY_UMOUNT_TIMEOUT_MS,
+        env: {},
+      });
+    } catch (err) {
+      const stderr = (err as { stderr?: string }).stderr ?? '';
+      throw new RestoreError(RestoreErrorCode.OVERLAY, `umount ${path} inside the container failed: ${stderr.trim() || errorMessage(err)}`, {
+        step: 'remove the thaw-pause overlay',
+        cause: err,
+        evidence: { pid, path },
+      });
+    }
+  }
+
+  async function runRestore(job: Job, pid: number): Promise<void> {
+    const { container, checkpoint } = job;
+    const signal = job.abort.signal;
+    const started = performance.now();
+    const phases: RestoreEvent['phases'] = { totalMs: 0 };
+    const workDir = workDirFor(workRoot, container.containerId);
+    let hook: HookOutcome = { kind: 'missing' };
+    let overlayMounted = false;
+    let tree: RestoredTree | undefined;
+    const mode = container.placeholder ?? 'overlay';
+    const ctx: RestoreStepContext = { container, checkpoint, targetPid: pid, signal };
+    const event = (e: Omit<RestoreEvent, 'event' | 'checkpoint' | 'containerId' | 'pod' | 'phases' | 'mode'>): RestoreEvent => ({
+      event: 'restore',
+      ...e,
+      checkpoint: checkpoint.name,
+      containerId: container.containerId,
+      pod: `${container.podNamespace}/${container.podName}`,
+      mode,
+      phases: { ...phases, totalMs: Math.round(performance.now() - started) },
+    });
+    try {
+      hook = await readHookOutcome(container.controlDir);
+      if (hook.kind !== 'done') {
+        throw new RestoreError(
+          RestoreErrorCode.HOOK_FAILED,
+          hook.kind === 'failed' ? `create-runtime hook: ${hook.record.code}: ${hook.record.reason}` : 'the create-runtime hook left no record (did the runtime run it?)',
+          { step: 'read the hook record' },
+        );
+      }
+      overlayMounted = hook.record.mode === 'overlay';
+      const t0 = performance.now();
+      const { verifyMs } = await job.prepared;
+      phases.verifyMs = Math.round(verifyMs);
+      phases.waitVerifyMs = Math.round(performance.now() - t0);
+      if (signal.aborted) throw new RestoreError(RestoreErrorCode.ABORTED, 'the container went away', { step: 'restore' });
+
+      if (hook.record.mode === 'overlay' && hook.record.overlayPath !== undefined) {
+        const t1 = performance.now();
+        await unmountOverlay(pid, hook.record.overlayPath);
+        overlayMounted = false;
+        phases.overlayMs = Math.round(performance.now() - t1);
+      }
+      await o.beforeCriuRestore?.(ctx);
+      await clearStaleMarkers(container.controlDir);
+      await rm(workDir, { recursive: true, force: true });
+      await mkdir(workDir, { recursive: true, mode: 0o700 });
+      tree = await restoreIntoContainer({
+        criu: o.criu,
+        manifest: checkpoint.manifest,
+        imagesDir: checkpoint.paths.criuDir,
+        workDir,
+        targetPid: pid,
+        timeoutMs: o.criuRestoreTimeoutMs ?? DEFAULT_CRIU_RESTORE_TIMEOUT_MS,
+        signal,
+        logger,
+        ...(o.nsenterPath ? { nsenterPath: o.nsenterPath } : {}),
+      });
+      phases.criuRestoreMs = Math.round(tree.criuRestoreMs);
+
+      // --- CUDA restore seam: cuda-checkpoint restore + unlock of the restored tree goes here. ---
+      if (o.cudaRestore) {
+        const t2 = performance.now();
+        try {
+          await o.cudaRestore(tree, ctx);
+        } catch (err) {
+          throw new RestoreError(RestoreErrorCode.DEVICES, errorMessage(err), { step: 'cuda restore', cause: err });
+        }
+        phases.cudaRestoreMs = Math.round(performance.now() - t2);
+      }
+
+      try {
+        process.kill(pid, 'SIGUSR1'); // thaw-pause adopts its only child, the restored root
+      } catch (err) {
+        throw new RestoreError(RestoreErrorCode.TARGET_GONE, `cannot signal the placeholder ${pid}: ${errorMessage(err)}`, { step: 'adopt', cause: err });
+      }
+      await writeMarker(container.controlDir, 'restore-complete', { checkpoint: checkpoint.name, restoredAt: new Date().toISOString() });
+      const e = event({ outcome: 'restored', restoredPid: tree.hostPid });
+      logger.info('restore', { ...e, criuOptions: tree.options, criuLog: tree.logPath, cgroupsJoined: tree.cgroupsJoined.length });
+      o.onEvent?.(e);
+    } catch (err) {
+      const cause = isThawError(err) ? err.code : RestoreErrorCode.INTERNAL;
+      const reason = errorMessage(err);
+      killRestoredTree(tree?.hostPid);
+      // thaw-pause is PID 1 unless the hook failed in overlay mode (then the original command already runs).
+      const placeholderRuns = mode === 'args' || hook.kind === 'done';
+      const problems: string[] = [];
+      if (overlayMounted && hook.kind === 'done' && hook.record.overlayPath !== undefined) {
+        await unmountOverlay(pid, hook.record.overlayPath).catch((e: unknown) => problems.push(errorMessage(e)));
+      }
+      await writeMarker(container.controlDir, 'restore-failed', { reason, cause }).catch((e: unknown) => problems.push(`restore-failed marker: ${errorMessage(e)}`));
+      if (placeholderRuns) {
+        try {
+          process.kill(pid, 'SIGUSR2');
+        } catch (e) {
+          problems.push(`SIGUSR2 to ${pid}: ${errorMessage(e)}`);
+        }
+      }
+      o.stats?.countFallback(cause);
+      const e = event({ outcome: 'fallback', cause, reason });
+      logger.warn('restore', { ...e, ...(isThawError(err) ? { error: err.toJSON() } : {}), ...(problems.length > 0 ? { problems } : {}) });
+      o.onEvent?.(e);
+    } finally {
+      await job.release?.().catch(() => undefined);
+      jobs.delete(container.containerId);
+    }
+  }
+
+  return {
+    restoreTargetCreated(container, checkpoint) {
+      const job: Job = { container, checkpoint, abort: new AbortController(), createdAt: performance.now(), prepared: Promise.resolve({ verifyMs: 0 }) };
+      job.prepared = prepare(job);
+      job.prepared.catch(() => undefined); // awaited in runRestore; an early failure must not be unhandled
+      jobs.set(container.containerId, job);
+    },
+
+    restoreTargetStarted(container, pid) {
+      const job = jobs.get(container.containerId);
+      if (job === undefined) {
+        logger.warn('restore target started without a prepared restore (agent restarted?); leaving it to its hook and placeholder', {
+          containerId: container.containerId,
+        });
+        return;
+      }
+      if (job.run !== undefined) return;
+      job.run = track(runRestore(job, pid));
+    },
+
+    containerGone(containerId) {
+      const job = jobs.get(containerId);
+      if (job === undefined) return;
+      job.abort.abort(new Error('container removed'));
+      if (job.run === undefined) {
+        jobs.delete(containerId);
+        void job.prepared.finally(() => job.release?.());
+      }
+    },
+
+    async idle() {
+      while (running.size > 0) await Promise.allSettled([...running]);
+    },
+
+    async close() {
+      for (const job of jobs.values()) job.abort.abort(new Error('agent stopping'));
+      await this.idle();
+    },
+  };
+}

@@ -1,0 +1,126 @@
+/**
+ * The createRuntime hook of a restore target (design.md, Restore step 2). runc runs it during `create`,
+ * in the runtime's namespaces, after the container's mount namespace is set up and before pivot_root,
+ * so `<bundle>/rootfs` is the container's root in both views and nothing of the pod runs yet.
+ *
+ * It (1) applies the checkpoint's rootfs diff into the rootfs and (2) in overlay mode (containerd 1.7-2.1,
+ * no NRI args) bind-mounts thaw-pause over the resolved entrypoint inside the container's mount namespace
+ * (restore-recipe.md, last section), then records what it did for the agent (records.ts).
+ *
+ * It never fails the container: a failed hook would fail the pod, and a cold start is always possible. On
+ * any error it removes the overlay if it made one, writes `hook-failed` with the reason, prints one line on
+ * stderr and returns normally; the container then runs its original command.
+ */
+import { execFile } from 'node:child_process';
+import { access, readFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { errorMessage, isThawError } from '../errors.js';
+import { applyRootfsDiff, DEFAULT_TAR_PATH } from '../restore-engine/rootfs-diff.js';
+import { DELETED_FILES_FILE_NAME, ROOTFS_DIFF_FILE_NAME } from '../store/manifest.js';
+import { resolveEntrypoint } from './entrypoint.js';
+import { HookError, HookErrorCode } from './errors.js';
+import { writeHookDone, writeHookFailed, type HookDoneRecord, type PlaceholderMode } from './records.js';
+import { envValue, parseOciConfig, type OciState } from './state.js';
+
+const execFileP = promisify(execFile);
+
+/** Hooks get no PATH: every tool by absolute path. */
+export const DEFAULT_NSENTER_PATH = '/usr/bin/nsenter';
+export const DEFAULT_MOUNT_PATH = '/usr/bin/mount';
+export const DEFAULT_UMOUNT_PATH = '/usr/bin/umount';
+/** One mount command; a stuck one must not eat the hook's whole timeout. */
+export const MOUNT_TIMEOUT_MS = 5_000;
+/** The rootfs diff of a large image layer; well under the hook timeout the agent sets. */
+export const ROOTFS_DIFF_TIMEOUT_MS = 60_000;
+
+export interface CreateRuntimeOptions {
+  mode: PlaceholderMode;
+  /** Host path of the container's control directory. */
+  controlDir: string;
+  /** Host path of the checkpoint directory (holds rootfs-diff.tar and deleted-files.json when there is a diff). */
+  checkpointDir: string;
+  /** Host path of the thaw-pause binary (overlay mode). */
+  thawPausePath: string;
+  tarPath?: string;
+  nsenterPath?: string;
+  mountPath?: string;
+  umountPath?: string;
+  /** Test seam: fail after the overlay is made (proves it is removed again). */
+  failAfterOverlay?: boolean;
+}
+
+async function exists(path: string): Promise<boolean> {
+  try {
+    await access(path);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+async function inMountNs(o: CreateRuntimeOptions, pid: number, argv: string[], step: string): Promise<void> {
+  try {
+    await execFileP(o.nsenterPath ?? DEFAULT_NSENTER_PATH, ['-t', String(pid), '-m', '--', ...argv], { timeout: MOUNT_TIMEOUT_MS, env: {} });
+  } catch (err) {
+    const e = err as { stderr?: string; code?: number | string };
+    throw new HookError(HookErrorCode.OVERLAY_FAILED, `${argv.join(' ')} in the mount namespace of ${pid} failed: ${(e.stderr ?? errorMessage(err)).trim()}`, {
+      step,
+      cause: err,
+      evidence: { pid, argv, exit: e.code },
+    });
+  }
+}
+
+/** Runs the hook; returns the record it wrote (done or failed). Never throws. */
+export async function runCreateRuntime(state: OciState, o: CreateRuntimeOptions): Promise<{ ok: true; record: HookDoneRecord } | { ok: false; code: string; reason: string }> {
+  const started = performance.now();
+  let overlayHostPath: string | undefined;
+  try {
+    if (state.pid === undefined) throw new HookError(HookErrorCode.STATE_INVALID, 'the state has no pid (createRuntime runs after the init exists)', { step: 'create-runtime hook' });
+    const config = parseOciConfig(await readFile(join(state.bundle, 'config.json'), 'utf8'), state.bundle);
+
+    const record: HookDoneRecord = { mode: o.mode, ms: 0 };
+    const tarFile = join(o.checkpointDir, ROOTFS_DIFF_FILE_NAME);
+    const deletedFile = join(o.checkpointDir, DELETED_FILES_FILE_NAME);
+    if ((await exists(tarFile)) && (await exists(deletedFile))) {
+      try {
+        const r = await applyRootfsDiff({ rootfs: config.rootfs, tarFile, deletedFilesFile: deletedFile, tarPath: o.tarPath ?? DEFAULT_TAR_PATH, timeoutMs: ROOTFS_DIFF_TIMEOUT_MS });
+        record.rootfsDiff = { entries: r.entries, deleted: r.deleted, ms: Math.round(r.ms) };
+      } catch (err) {
+        throw new HookError(HookErrorCode.ROOTFS_DIFF_FAILED, errorMessage(err), { step: 'apply rootfs diff', cause: err, evidence: { code: isThawError(err) ? err.code : undefined } });
+      }
+    }
+
+    if (o.mode === 'overlay') {
+      // After the diff: it may have replaced the entrypoint.
+      const argv0 = config.args[0] as string;
+      const resolved = await resolveEntrypoint(config.rootfs, argv0, envValue(config.env, 'PATH'), config.cwd);
+      const target = join(config.rootfs, resolved);
+      await inMountNs(o, state.pid, [o.mountPath ?? DEFAULT_MOUNT_PATH, '--no-canonicalize', '--bind', o.thawPausePath, target], 'install the thaw-pause overlay');
+      overlayHostPath = target;
+      record.overlayPath = resolved;
+      if (o.failAfterOverlay) throw new HookError(HookErrorCode.IO, 'failure injected after the overlay (test)', { step: 'create-runtime hook' });
+    }
+    record.ms = Math.round(performance.now() - started);
+    await writeHookDone(o.controlDir, record);
+    return { ok: true, record };
+  } catch (err) {
+    const code = isThawError(err) ? err.code : HookErrorCode.IO;
+    let reason = errorMessage(err);
+    if (overlayHostPath !== undefined && state.pid !== undefined) {
+      try {
+        await inMountNs(o, state.pid, [o.umountPath ?? DEFAULT_UMOUNT_PATH, '--no-canonicalize', overlayHostPath], 'remove the thaw-pause overlay');
+      } catch (undo) {
+        // The container would start as thaw-pause with no agent plan for it: say so loudly.
+        reason += `; removing the overlay failed too: ${errorMessage(undo)}`;
+      }
+    }
+    try {
+      await writeHookFailed(o.controlDir, { code, reason });
+    } catch (writeErr) {
+      reason += `; writing hook-failed failed: ${errorMessage(writeErr)}`;
+    }
+    return { ok: false, code, reason };
+  }
+}

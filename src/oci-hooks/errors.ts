@@ -1,0 +1,32 @@
+import { ThawError } from '../errors.js';
+
+/**
+ * Codes of the OCI hooks. A create-runtime hook never fails the container with them: it records the
+ * error (records.ts, `hook-failed`) and exits 0 so the pod cold-starts; the codes name the cause there.
+ */
+export const HookErrorCode = {
+  /** stdin was not an OCI state object (or a field had the wrong type). */
+  STATE_INVALID: 'HOOK_STATE_INVALID',
+  /** The bundle's config.json is missing or not the OCI config we need (root.path, process.args). */
+  CONFIG_INVALID: 'HOOK_CONFIG_INVALID',
+  /** The hook's command line was wrong (stage, options). */
+  USAGE: 'HOOK_USAGE',
+  /** args[0] does not resolve to an executable file inside the rootfs. */
+  ENTRYPOINT_NOT_FOUND: 'HOOK_ENTRYPOINT_NOT_FOUND',
+  /** Installing or removing the placeholder overlay failed (evidence: the command's stderr). */
+  OVERLAY_FAILED: 'HOOK_OVERLAY_FAILED',
+  /** Applying the checkpoint's rootfs diff failed (cause: the ROOTFS_* error). */
+  ROOTFS_DIFF_FAILED: 'HOOK_ROOTFS_DIFF_FAILED',
+  /** A filesystem call failed for another reason. */
+  IO: 'HOOK_IO',
+} as const;
+export type HookErrorCode = (typeof HookErrorCode)[keyof typeof HookErrorCode];
+
+export class HookError extends ThawError {
+  declare readonly code: HookErrorCode;
+
+  constructor(code: HookErrorCode, message: string, options: { step: string; cause?: unknown; evidence?: Record<string, unknown> }) {
+    super(code, message, options);
+    this.name = 'HookError';
+  }
+}

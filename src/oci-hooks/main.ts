@@ -1,0 +1,91 @@
+/**
+ * thaw's OCI hooks as one executable (NRI injects them; the runtime runs them with the OCI state on stdin,
+ * no PATH and an empty environment, so everything here is named by absolute path):
+ *
+ *   node dist/src/oci-hooks/main.js create-runtime --mode overlay|args --control-dir DIR \
+ *        --checkpoint-dir DIR --thaw-pause PATH [--tar PATH]
+ *   node dist/src/oci-hooks/main.js poststop --control-dir DIR [--work-dir DIR]
+ *
+ * Exit status is always 0: a failing hook would fail the pod, and thaw's rule is that a pod always starts
+ * (cold if need be). create-runtime records failures in the control dir (records.ts); both print one line
+ * on stderr when something went wrong (the runtime puts it in its log).
+ */
+import { parseArgs } from 'node:util';
+import { errorMessage, isThawError } from '../errors.js';
+import { runCreateRuntime } from './create-runtime.js';
+import { runPoststop } from './poststop.js';
+import { writeHookFailed } from './records.js';
+import { parseOciState } from './state.js';
+
+/** The runtime writes a few hundred bytes at once; a runtime that never closes stdin must not hang us. */
+export const STDIN_TIMEOUT_MS = 5_000;
+
+async function readStdin(timeoutMs: number): Promise<string> {
+  const chunks: Buffer[] = [];
+  const timer = setTimeout(() => process.stdin.destroy(new Error(`no end of stdin after ${timeoutMs} ms`)), timeoutMs);
+  try {
+    for await (const chunk of process.stdin) chunks.push(chunk as Buffer);
+  } finally {
+    clearTimeout(timer);
+  }
+  return Buffer.concat(chunks).toString('utf8');
+}
+
+async function main(argv: string[]): Promise<void> {
+  const [stage, ...rest] = argv;
+  const { values } = parseArgs({
+    args: rest,
+    options: {
+      mode: { type: 'string' },
+      'control-dir': { type: 'string' },
+      'checkpoint-dir': { type: 'string' },
+      'thaw-pause': { type: 'string' },
+      'work-dir': { type: 'string' },
+      tar: { type: 'string' },
+    },
+    strict: true,
+  });
+  switch (stage) {
+    case 'create-runtime': {
+      const controlDir = values['control-dir'];
+      const mode = values.mode;
+      if (controlDir === undefined || values['checkpoint-dir'] === undefined || values['thaw-pause'] === undefined || (mode !== 'overlay' && mode !== 'args')) {
+        throw new Error('create-runtime needs --mode overlay|args --control-dir --checkpoint-dir --thaw-pause');
+      }
+      let state;
+      try {
+        state = parseOciState(await readStdin(STDIN_TIMEOUT_MS));
+      } catch (err) {
+        // Without a state there is no overlay either: the container runs its own command.
+        await writeHookFailed(controlDir, { code: isThawError(err) ? err.code : 'HOOK_STATE_INVALID', reason: errorMessage(err) }).catch(() => undefined);
+        throw err;
+      }
+      const result = await runCreateRuntime(state, {
+        mode,
+        controlDir,
+        checkpointDir: values['checkpoint-dir'],
+        thawPausePath: values['thaw-pause'],
+        ...(values.tar !== undefined ? { tarPath: values.tar } : {}),
+      });
+      if (!result.ok) process.stderr.write(`thaw create-runtime hook (${state.id}): ${result.code}: ${result.reason}; the container starts cold\n`);
+      return;
+    }
+    case 'poststop': {
+      // The state is not needed, but reading it keeps the runtime's write from failing on a closed pipe.
+      await readStdin(STDIN_TIMEOUT_MS).catch(() => '');
+      const problems = await runPoststop({ controlDir: values['control-dir'], workDir: values['work-dir'] });
+      if (problems.length > 0) process.stderr.write(`thaw poststop hook: could not remove ${problems.join('; ')}\n`);
+      return;
+    }
+    default:
+      throw new Error(`unknown stage ${JSON.stringify(stage)} (create-runtime, poststop)`);
+  }
+}
+
+main(process.argv.slice(2)).then(
+  () => process.exit(0),
+  (err: unknown) => {
+    process.stderr.write(`thaw hook: ${errorMessage(err)}\n`);
+    process.exit(0);
+  },
+);

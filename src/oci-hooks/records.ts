@@ -1,0 +1,76 @@
+/**
+ * What the create-runtime hook leaves in the container's control directory for the agent, which reads it
+ * after the container started (the hook and the agent never talk otherwise). Written before any process of
+ * the pod runs and read before the restore, so nothing of the workload can have forged it.
+ */
+import { readFile, rename, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+
+/** The hook failed: the container runs its original command. Payload: HookFailedRecord. */
+export const HOOK_FAILED_FILE = 'hook-failed';
+/** The hook succeeded. Payload: HookDoneRecord. Hidden: it is thaw's, not part of the worker protocol. */
+export const HOOK_DONE_FILE = '.thaw-hook.json';
+
+export type PlaceholderMode = 'args' | 'overlay';
+
+export interface HookDoneRecord {
+  mode: PlaceholderMode;
+  /** overlay mode: the path (inside the container, absolute, no symlinks) that thaw-pause is mounted over. */
+  overlayPath?: string;
+  rootfsDiff?: { entries: number; deleted: number; ms: number };
+  ms: number;
+}
+
+export interface HookFailedRecord {
+  code: string;
+  reason: string;
+}
+
+async function writeAtomic(dir: string, name: string, value: unknown): Promise<void> {
+  const tmp = join(dir, `.${name}.tmp-${process.pid}`);
+  await writeFile(tmp, `${JSON.stringify(value)}\n`, { mode: 0o644 });
+  await rename(tmp, join(dir, name));
+}
+
+export function writeHookDone(dir: string, record: HookDoneRecord): Promise<void> {
+  return writeAtomic(dir, HOOK_DONE_FILE, record);
+}
+
+export function writeHookFailed(dir: string, record: HookFailedRecord): Promise<void> {
+  return writeAtomic(dir, HOOK_FAILED_FILE, record);
+}
+
+/** The hook's outcome as recorded, or `missing` when it left nothing (it did not run). */
+export type HookOutcome =
+  | { kind: 'done'; record: HookDoneRecord }
+  | { kind: 'failed'; record: HookFailedRecord }
+  | { kind: 'missing' };
+
+async function readJson(path: string): Promise<unknown> {
+  try {
+    return JSON.parse(await readFile(path, 'utf8')) as unknown;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    // A record we cannot read is as good as a failure: the agent must not restore on a guess.
+    return { code: 'HOOK_RECORD_UNREADABLE', reason: (err as Error).message };
+  }
+}
+
+/** Reads what the hook recorded; hook-failed wins over done (the hook may have failed after writing). */
+export async function readHookOutcome(dir: string): Promise<HookOutcome> {
+  const failed = await readJson(join(dir, HOOK_FAILED_FILE));
+  if (failed !== undefined) {
+    const f = failed as Partial<HookFailedRecord>;
+    return { kind: 'failed', record: { code: String(f.code ?? 'HOOK_FAILED'), reason: String(f.reason ?? 'hook-failed present') } };
+  }
+  const done = await readJson(join(dir, HOOK_DONE_FILE));
+  if (done === undefined) return { kind: 'missing' };
+  const d = done as Partial<HookDoneRecord> & { code?: string; reason?: string };
+  if (d.mode !== 'args' && d.mode !== 'overlay') {
+    return { kind: 'failed', record: { code: d.code ?? 'HOOK_RECORD_INVALID', reason: d.reason ?? `${HOOK_DONE_FILE} has no valid mode` } };
+  }
+  if (d.mode === 'overlay' && (typeof d.overlayPath !== 'string' || !d.overlayPath.startsWith('/'))) {
+    return { kind: 'failed', record: { code: 'HOOK_RECORD_INVALID', reason: `${HOOK_DONE_FILE}: overlay mode without an absolute overlayPath` } };
+  }
+  return { kind: 'done', record: d as HookDoneRecord };
+}

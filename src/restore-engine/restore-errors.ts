@@ -1,0 +1,45 @@
+import { ThawError } from '../errors.js';
+
+/**
+ * Codes of the restore flow. Every one of them ends in a cold start of the pod (design.md, Restore step 4);
+ * the code is the fallback's `cause` in logs and counters. The store's STORE_* and CRIU's CRIU_* codes stay
+ * on the `cause` of the error that wraps them.
+ */
+export const RestoreErrorCode = {
+  /** The checkpoint is not in the store (or its name is refused). */
+  CHECKPOINT_MISSING: 'RESTORE_CHECKPOINT_MISSING',
+  /** The checkpoint does not match its manifest (sha256, size, extra or missing files) or cannot be read. */
+  CHECKPOINT_CORRUPT: 'RESTORE_CHECKPOINT_CORRUPT',
+  /** The manifest's constraints do not match this node or container (arch, image). */
+  INCOMPATIBLE: 'RESTORE_INCOMPATIBLE',
+  /** The create-runtime hook failed or did not run: the container runs its original command. */
+  HOOK_FAILED: 'RESTORE_HOOK_FAILED',
+  /** The thaw-pause overlay could not be removed inside the container. */
+  OVERLAY: 'RESTORE_OVERLAY',
+  /** Moving the restorer into the target container's cgroups failed, or the restored tree is elsewhere. */
+  CGROUP: 'RESTORE_CGROUP',
+  /** CRIU failed (cause: the CRIU_* error with CRIU's log lines). */
+  CRIU: 'RESTORE_CRIU',
+  /** The restored tree did not appear as a child of the placeholder. */
+  ADOPT: 'RESTORE_ADOPT',
+  /** A device step after CRIU (the CUDA restore seam) failed. */
+  DEVICES: 'RESTORE_DEVICES',
+  /** The target container's process is gone (stopped, killed) before the restore finished. */
+  TARGET_GONE: 'RESTORE_TARGET_GONE',
+  /** A phase ran past its time limit. */
+  TIMEOUT: 'RESTORE_TIMEOUT',
+  /** The caller's AbortSignal fired (container removed, agent stopping). */
+  ABORTED: 'RESTORE_ABORTED',
+  /** Anything else (a bug): still a cold start. */
+  INTERNAL: 'RESTORE_INTERNAL',
+} as const;
+export type RestoreErrorCode = (typeof RestoreErrorCode)[keyof typeof RestoreErrorCode];
+
+export class RestoreError extends ThawError {
+  declare readonly code: RestoreErrorCode;
+
+  constructor(code: RestoreErrorCode, message: string, options: { step: string; cause?: unknown; evidence?: Record<string, unknown> }) {
+    super(code, message, options);
+    this.name = 'RestoreError';
+  }
+}

@@ -1,0 +1,306 @@
+/**
+ * The restore flow against real containerd 1.7 (runc 1.1.5) and CRIU: the demo worker is checkpointed from a
+ * source pod (checkpointContainer), then a target pod annotated `thaw.dev/restore` with the same image and
+ * command gets thaw's NRI adjustments (toolkit, control dir, createRuntime + poststop hooks that put thaw-pause
+ * over the entrypoint), and the restore coordinator restores the worker into it. Then the fallbacks: each ends
+ * with a running, cold-started target and a logged cause.
+ *
+ * Runs as root; needs the provisioned stack (CRIU, GNU tar) and native/build/thaw-pause.
+ */
+import { execFileSync } from 'node:child_process';
+import { existsSync, statSync, readdirSync } from 'node:fs';
+import { mkdtemp, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+
+import { buildWorkerImage, type WorkerImage } from '../../demo/worker-image.js';
+import { createRestoreCoordinator, type RestoreCoordinator, type RestoreEvent } from '../../src/agent/restore-coordinator.js';
+import { createThawNriHandlers, type ManagedContainer, ThawNriStats } from '../../src/agent/thaw-nri.js';
+import { createCollectingLogger } from '../../src/log.js';
+import { createNriPlugin, type NriPlugin } from '../../src/nri-plugin/index.js';
+import { parseCriLog } from '../../src/node-stack/cri-client.js';
+import { PACKAGE_ROOT } from '../../src/node-stack/thaw-plugin-process.js';
+import { checkpointContainer } from '../../src/restore-engine/checkpoint.js';
+import { CriuClient } from '../../src/restore-engine/criu/client.js';
+import { waitForWorkerReady } from '../../src/sdk/control-dir.js';
+import { openLocalStore, type LocalStore } from '../../src/store/local-store.js';
+import { useNodeStack, waitFor } from '../helpers/stack.js';
+
+const WORKER_READY_TIMEOUT_MS = 90_000;
+const HTTP_TIMEOUT_MS = 15_000;
+const SETUP_TIMEOUT_MS = 300_000;
+const TEST_TIMEOUT_MS = 240_000;
+const PREFIX = 'thaw.dev/';
+const CHECKPOINT = 'demo-restore-256';
+const HOOK_MAIN = path.join(PACKAGE_ROOT, 'dist/src/oci-hooks/main.js');
+const THAW_PAUSE = path.join(PACKAGE_ROOT, 'native/build/thaw-pause');
+
+interface WorkerState { digest: string; requests: number; bootId: string; restored: boolean; restoreCount: number; pid: number }
+interface WorkerEvent { event: string; [key: string]: unknown }
+
+async function getJson<T>(port: number, route: string): Promise<T> {
+  const res = await fetch(`http://127.0.0.1:${port}${route}`, { signal: AbortSignal.timeout(HTTP_TIMEOUT_MS) });
+  expect(res.status).toBe(200);
+  return (await res.json()) as T;
+}
+
+async function workerEvents(logPath: string): Promise<WorkerEvent[]> {
+  const lines = parseCriLog(await readFile(logPath, 'utf8').catch(() => ''));
+  return lines.filter((l) => l.stream === 'stdout' && l.text.startsWith('{')).map((l) => JSON.parse(l.text) as WorkerEvent);
+}
+
+function waitForEvent(logPath: string, event: string): Promise<WorkerEvent> {
+  return waitFor(async () => (await workerEvents(logPath)).find((e) => e.event === event), `worker event "${event}" in ${logPath}`, WORKER_READY_TIMEOUT_MS, 100);
+}
+
+/** Builds dist/ when the hook entry is missing or older than the sources it runs. */
+function ensureHooksBuilt(): void {
+  const sources = ['src/oci-hooks', 'src/restore-engine'].flatMap((d) =>
+    readdirSync(path.join(PACKAGE_ROOT, d)).filter((f) => f.endsWith('.ts')).map((f) => path.join(PACKAGE_ROOT, d, f)),
+  );
+  const newest = Math.max(...sources.map((f) => statSync(f).mtimeMs));
+  if (existsSync(HOOK_MAIN) && statSync(HOOK_MAIN).mtimeMs >= newest) return;
+  try {
+    execFileSync('npx', ['tsc', '-p', 'tsconfig.build.json'], { cwd: PACKAGE_ROOT, stdio: 'inherit' });
+  } catch {
+    // tsc emits even with type errors elsewhere in the tree; the hook entry is what we need.
+  }
+  if (!existsSync(HOOK_MAIN)) throw new Error(`${HOOK_MAIN} was not built`);
+}
+
+describe('restore flow, containerd 1.7', () => {
+  const handle = useNodeStack({ flavor: '1.7' });
+  const logger = createCollectingLogger();
+  const stats = new ThawNriStats();
+  const events: RestoreEvent[] = [];
+  const sourcesStarted = new Map<string, { entry: ManagedContainer; pid: number }>();
+  let image: WorkerImage;
+  let plugin: NriPlugin;
+  let controlRoot: string;
+  let storeRoot: string;
+  let workRoot: string;
+  let store: LocalStore;
+  let criu: CriuClient;
+  let restorer: RestoreCoordinator;
+  /** Per-test fault for the coordinator's beforeCriuRestore seam. */
+  let beforeCriu: (() => Promise<void>) | undefined;
+
+  beforeAll(async () => {
+    const { stack } = handle;
+    if (process.getuid?.() !== 0) throw new Error('the restore integration tests must run as root');
+    if (!existsSync(THAW_PAUSE)) execFileSync('make', ['-C', path.join(PACKAGE_ROOT, 'native')], { stdio: 'inherit' });
+    ensureHooksBuilt();
+    image = await buildWorkerImage(stack);
+    controlRoot = await mkdtemp('/tmp/thaw-rst-ctl-');
+    storeRoot = await mkdtemp('/tmp/thaw-rst-store-');
+    workRoot = await mkdtemp('/tmp/thaw-rst-work-');
+    store = await openLocalStore({ root: storeRoot, logger });
+    criu = new CriuClient({
+      criuPath: stack.paths.criu,
+      logger,
+      env: { PATH: `${stack.paths.binDir}:/usr/sbin:/usr/bin:/sbin:/bin` },
+    });
+    restorer = createRestoreCoordinator({
+      store,
+      criu,
+      logger,
+      stats,
+      workRoot,
+      toolkitBinDir: stack.paths.binDir,
+      beforeCriuRestore: async () => beforeCriu?.(),
+      onEvent: (e) => events.push(e),
+    });
+    plugin = createNriPlugin({
+      name: 'thaw-restore-test',
+      idx: '40',
+      logger,
+      socketPath: stack.nriSocketPath,
+      reconnect: false,
+      handlers: createThawNriHandlers({
+        annotationPrefix: PREFIX,
+        controlRoot,
+        stats,
+        coordinator: {
+          ...restorer,
+          checkpointSourceStarted(entry, pid) {
+            sourcesStarted.set(entry.podName, { entry, pid });
+          },
+        },
+        restore: {
+          store,
+          toolkitDir: stack.paths.prefix,
+          thawPausePath: THAW_PAUSE,
+          hookArgv: [process.execPath, HOOK_MAIN],
+          workRoot,
+        },
+      }),
+    });
+    await plugin.start();
+    await plugin.waitForState('synchronized', { timeoutMs: 10_000 });
+  }, SETUP_TIMEOUT_MS);
+
+  afterAll(async () => {
+    await restorer?.close();
+    await plugin?.close();
+    if (process.env.THAW_TEST_KEEP === undefined) {
+      for (const d of [controlRoot, storeRoot, workRoot]) if (d) await rm(d, { recursive: true, force: true });
+    }
+  });
+
+  const workerEnv = { WORKER_MEMORY_MB: '256', WORKER_SEED: '9', WORKER_WARMUP_MS: '200' };
+
+  /** Target pod naming a checkpoint; resolves with the pod and the restore event (if the coordinator ran). */
+  async function runTarget(name: string, checkpoint: string, env: Record<string, string> = workerEnv) {
+    const { stack } = handle;
+    const before = events.length;
+    const pod = await stack.cri.runPod({ name, image: image.ref, command: [], annotations: { [`${PREFIX}restore`]: checkpoint }, env });
+    return { pod, before };
+  }
+
+  it('checkpoints the source, restores into a target pod: same digest, counter continues, log, stop', async () => {
+    const { stack } = handle;
+    // --- the source
+    const src = await stack.cri.runPod({
+      name: 'rst-src', image: image.ref, command: [],
+      annotations: { [`${PREFIX}checkpoint`]: CHECKPOINT },
+      env: { ...workerEnv, WORKER_CHECKPOINT_AFTER_MS: '1500' },
+    });
+    let srcState: WorkerState;
+    try {
+      const { entry, pid } = await waitFor(() => sourcesStarted.get('rst-src'), 'PostStart of the source', 30_000);
+      const listening = await waitForEvent(src.logPath, 'listening');
+      srcState = await getJson<WorkerState>(listening.port as number, '/state');
+      srcState = await getJson<WorkerState>(listening.port as number, '/state');
+      expect(srcState.requests).toBe(2);
+      // A file the worker's container wrote: it must reach the target through the rootfs diff.
+      expect((await stack.cri.execSync(src.containerId, ['/bin/sh', '-c', 'echo from-source > /tmp/thaw-diff-probe'], 10)).exitCode).toBe(0);
+      await waitForWorkerReady(entry.controlDir, { timeoutMs: WORKER_READY_TIMEOUT_MS });
+      const v = await criu.version();
+      const ck = await checkpointContainer({
+        store, criu, containerId: entry.containerId, pid, controlDir: entry.controlDir, checkpointName: CHECKPOINT,
+        onCheckpoint: 'continue', imageRef: entry.imageRef ?? image.ref,
+        source: { containerName: entry.containerName, pod: { name: entry.podName, namespace: entry.podNamespace, uid: entry.podUid } },
+        containerdVersion: stack.containerdVersion, criuVersion: `${v.major}.${v.minor}.${v.sublevel}`, logger, workRoot,
+        tarPath: stack.paths.tar,
+      });
+      console.log(`checkpoint: ${JSON.stringify(ck.phases)}; ${ck.manifest.totals.bytes} bytes`);
+    } finally {
+      await stack.cri.removePod(src.podId);
+    }
+
+    // --- the target
+    const t0 = Date.now();
+    const { pod, before } = await runTarget('rst-target', CHECKPOINT);
+    try {
+      const ev = await waitFor(() => events.slice(before).find((e) => e.containerId === pod.containerId), 'the restore event', 120_000, 50);
+      console.log(`restore event: ${JSON.stringify(ev)}; pod create to event ${Date.now() - t0} ms`);
+      expect(ev, JSON.stringify(ev)).toMatchObject({ outcome: 'restored', mode: 'overlay' });
+      const restored = await waitForEvent(pod.logPath, 'restored');
+      const s = await getJson<WorkerState>(restored.port as number, '/state');
+      console.log(`restored worker answered ${Date.now() - t0} ms after RunPod`);
+      expect(s).toMatchObject({ digest: srcState.digest, bootId: srcState.bootId, requests: srcState.requests + 1, restored: true, restoreCount: 1 });
+
+      // The restored tree sits in the target container's cgroups (not the root cgroup).
+      const status = await stack.cri.containerStatus(pod.containerId, true);
+      const restoredPid = ev.restoredPid as number;
+      expect(await readFile(`/proc/${restoredPid}/cgroup`, 'utf8')).toBe(await readFile(`/proc/${status.pid}/cgroup`, 'utf8'));
+      // ExecSync sees the worker's filesystem (the rootfs diff was applied before the pod started).
+      const probe = await stack.cri.execSync(pod.containerId, ['/bin/cat', '/tmp/thaw-diff-probe'], 10);
+      expect(probe.stdout).toBe('from-source\n');
+
+      const tStop = Date.now();
+      await stack.cri.stopContainer(pod.containerId, 10);
+      const after = await stack.cri.containerStatus(pod.containerId);
+      console.log(`stop took ${Date.now() - tStop} ms`);
+      expect(after.status.state).toBe('CONTAINER_EXITED');
+      expect(after.status.exit_code).toBe(0);
+      expect(Date.now() - tStop).toBeLessThan(10_000);
+      expect((await workerEvents(pod.logPath)).map((e) => e.event)).toContain('stopping');
+    } finally {
+      await stack.cri.removePod(pod.podId);
+    }
+  }, TEST_TIMEOUT_MS);
+
+  /** A fallback target: running, serving from scratch, and the cause counted. */
+  async function expectColdStart(name: string, checkpoint: string, cause: string, viaCoordinator: boolean) {
+    const { stack } = handle;
+    const fallbacksBefore = stats.fallbacksByCause.get(cause) ?? 0;
+    const { pod, before } = await runTarget(name, checkpoint, { ...workerEnv, WORKER_MEMORY_MB: '32' });
+    try {
+      if (viaCoordinator) {
+        const ev = await waitFor(() => events.slice(before).find((e) => e.containerId === pod.containerId), 'the restore event', 120_000, 50);
+        console.log(`fallback event: ${JSON.stringify(ev)}`);
+        expect(ev).toMatchObject({ outcome: 'fallback', cause });
+      }
+      const listening = await waitForEvent(pod.logPath, 'listening');
+      const s = await getJson<WorkerState>(listening.port as number, '/state');
+      expect(s).toMatchObject({ requests: 1, restored: false, restoreCount: 0 });
+      expect((await stack.cri.containerStatus(pod.containerId)).status.state).toBe('CONTAINER_RUNNING');
+      expect(stats.fallbacksByCause.get(cause) ?? 0).toBe(fallbacksBefore + 1);
+    } finally {
+      await stack.cri.removePod(pod.podId);
+    }
+  }
+
+  it('a missing checkpoint: cold start, cause RESTORE_CHECKPOINT_MISSING', async () => {
+    await expectColdStart('rst-missing', 'no-such-checkpoint', 'RESTORE_CHECKPOINT_MISSING', false);
+  }, TEST_TIMEOUT_MS);
+
+  it('a corrupted image file (one byte flipped): sha256 mismatch, cold start', async () => {
+    const opened = await store.open(CHECKPOINT);
+    const pages = opened.manifest.files.map((f) => f.path).find((p) => /pages-\d+\.img$/.test(p)) as string;
+    const file = path.join(opened.paths.dir, pages);
+    const bytes = await readFile(file);
+    bytes[100] = (bytes[100] ?? 0) ^ 0xff;
+    await writeFile(file, bytes);
+    try {
+      await expectColdStart('rst-corrupt', CHECKPOINT, 'RESTORE_CHECKPOINT_CORRUPT', true);
+    } finally {
+      bytes[100] = (bytes[100] ?? 0) ^ 0xff;
+      await writeFile(file, bytes);
+    }
+  }, TEST_TIMEOUT_MS);
+
+  it('a manifest for another image: cold start, cause RESTORE_INCOMPATIBLE', async () => {
+    const opened = await store.open(CHECKPOINT);
+    const original = await readFile(opened.paths.manifest, 'utf8');
+    const m = JSON.parse(original) as { constraints: { image: { ref: string } } };
+    m.constraints.image.ref = 'registry.example/other:1';
+    await writeFile(opened.paths.manifest, JSON.stringify(m));
+    try {
+      await expectColdStart('rst-other-image', CHECKPOINT, 'RESTORE_INCOMPATIBLE', false);
+    } finally {
+      await writeFile(opened.paths.manifest, original);
+    }
+  }, TEST_TIMEOUT_MS);
+
+  it('CRIU failing mid-restore (a pages file gone after verify): cold start, cause RESTORE_CRIU', async () => {
+    const opened = await store.open(CHECKPOINT);
+    const pages = opened.manifest.files.map((f) => f.path).find((p) => /pages-\d+\.img$/.test(p)) as string;
+    const file = path.join(opened.paths.dir, pages);
+    beforeCriu = async () => rename(file, `${file}.aside`);
+    try {
+      await expectColdStart('rst-criu-fail', CHECKPOINT, 'RESTORE_CRIU', true);
+      const warn = logger.lines.find((l) => l.msg === 'restore' && (l as Record<string, unknown>).cause === 'RESTORE_CRIU');
+      expect(JSON.stringify(warn)).toMatch(/pages/);
+    } finally {
+      beforeCriu = undefined;
+      if (existsSync(`${file}.aside`)) await rename(`${file}.aside`, file);
+    }
+  }, TEST_TIMEOUT_MS);
+
+  it('a name that tries to escape the store is rejected by the policy: cold start', async () => {
+    const { stack } = handle;
+    const before = stats.rejectionsByAnnotation.get(`${PREFIX}restore`) ?? 0;
+    const { pod } = await runTarget('rst-escape', '../x', { ...workerEnv, WORKER_MEMORY_MB: '32' });
+    try {
+      const listening = await waitForEvent(pod.logPath, 'listening');
+      expect(await getJson<WorkerState>(listening.port as number, '/state')).toMatchObject({ requests: 1, restored: false });
+      expect(stats.rejectionsByAnnotation.get(`${PREFIX}restore`) ?? 0).toBe(before + 1);
+      const env = await stack.cri.execSync(pod.containerId, ['/bin/sh', '-c', 'tr "\\0" "\\n" < /proc/1/environ'], 5);
+      expect(env.stdout).not.toContain('SNAPSHOT_CONTROL_DIR');
+    } finally {
+      await stack.cri.removePod(pod.podId);
+    }
+  }, TEST_TIMEOUT_MS);
+});
