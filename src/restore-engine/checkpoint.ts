@@ -369,7 +369,8 @@ export async function checkpointContainer(
     } catch (err) {
       log.error('checkpoint published but checkpoint-complete could not be written; the worker stays blocked', { error: err });
     }
-    await rm(workDir, { recursive: true, force: true });
+    // The log of a dump that worked is noise; a failure to remove it must not turn success into failure.
+    await rm(workDir, { recursive: true, force: true }).catch((err: unknown) => log.warn('cannot remove the CRIU work dir', { workDir, error: errorMessage(err) }));
     return { manifest, phases, workDir };
   } catch (err) {
     deadline.dispose();
