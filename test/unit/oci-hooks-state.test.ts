@@ -1,0 +1,122 @@
+import { mkdtemp, mkdir, rm, symlink, writeFile, chmod, readFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { runCreateRuntime } from '../../src/oci-hooks/create-runtime.js';
+import { resolveEntrypoint, resolveInRoot } from '../../src/oci-hooks/entrypoint.js';
+import { HOOK_DONE_FILE, HOOK_FAILED_FILE, readHookOutcome, writeHookDone } from '../../src/oci-hooks/records.js';
+import { envValue, parseOciConfig, parseOciState } from '../../src/oci-hooks/state.js';
+
+describe('OCI state parser', () => {
+  it('reads what runc writes on a createRuntime hook stdin', () => {
+    const s = parseOciState('{"ociVersion":"1.0.2","id":"abc","status":"creating","pid":4422,"bundle":"/run/b","annotations":{"k":"v"}}');
+    expect(s).toEqual({ ociVersion: '1.0.2', id: 'abc', status: 'creating', pid: 4422, bundle: '/run/b', annotations: { k: 'v' } });
+  });
+
+  it('accepts a stopped state without pid and without annotations', () => {
+    expect(parseOciState('{"ociVersion":"1.0.2","id":"abc","status":"stopped","bundle":"/b"}')).toEqual({
+      ociVersion: '1.0.2', id: 'abc', status: 'stopped', bundle: '/b', annotations: {},
+    });
+  });
+
+  const bad: Record<string, string> = {
+    'not JSON': '{',
+    'an array': '[]',
+    'no id': '{"ociVersion":"1","status":"creating","bundle":"/b"}',
+    'an unknown status': '{"ociVersion":"1","id":"x","status":"paused","bundle":"/b"}',
+    'a relative bundle': '{"ociVersion":"1","id":"x","status":"creating","bundle":"b"}',
+    'a negative pid': '{"ociVersion":"1","id":"x","status":"creating","bundle":"/b","pid":-3}',
+    'a non-string annotation': '{"ociVersion":"1","id":"x","status":"creating","bundle":"/b","annotations":{"a":1}}',
+  };
+  for (const [what, text] of Object.entries(bad)) {
+    it(`refuses ${what} with HOOK_STATE_INVALID`, () => {
+      expect(() => parseOciState(text)).toThrow(expect.objectContaining({ code: 'HOOK_STATE_INVALID' }));
+    });
+  }
+
+  it('reads root.path (relative to the bundle), args, env and cwd from config.json', () => {
+    const c = parseOciConfig(JSON.stringify({ root: { path: 'rootfs' }, process: { args: ['node', 'x.js'], env: ['PATH=/bin', 'PATH=/usr/bin'] } }), '/run/b');
+    expect(c).toEqual({ rootfs: '/run/b/rootfs', args: ['node', 'x.js'], env: ['PATH=/bin', 'PATH=/usr/bin'], cwd: '/', annotations: {} });
+    expect(envValue(c.env, 'PATH')).toBe('/usr/bin');
+    expect(() => parseOciConfig('{"root":{"path":"r"},"process":{"args":[]}}', '/b')).toThrow(expect.objectContaining({ code: 'HOOK_CONFIG_INVALID' }));
+  });
+});
+
+describe('entrypoint resolution inside a rootfs', () => {
+  let root: string;
+  let outside: string;
+  beforeEach(async () => {
+    root = await mkdtemp(join(tmpdir(), 'thaw-hook-root-'));
+    outside = await mkdtemp(join(tmpdir(), 'thaw-hook-outside-'));
+    await mkdir(join(root, 'usr/bin'), { recursive: true });
+    await mkdir(join(root, 'bin'), { recursive: true });
+    await writeFile(join(root, 'usr/bin/python3.11'), '#!/bin/true\n');
+    await chmod(join(root, 'usr/bin/python3.11'), 0o755);
+    await symlink('python3.11', join(root, 'usr/bin/python3'));
+    await writeFile(join(root, 'bin/busybox'), 'x');
+    await chmod(join(root, 'bin/busybox'), 0o755);
+    await symlink('/bin/busybox', join(root, 'bin/sh'));
+    // An absolute link that would leave the rootfs if resolved on the host.
+    await writeFile(join(outside, 'evil'), 'x');
+    await chmod(join(outside, 'evil'), 0o755);
+    await symlink(join(outside, 'evil'), join(root, 'usr/bin/evil'));
+    await symlink('../../../../../../..', join(root, 'usr/bin/up'));
+  });
+  afterEach(async () => {
+    await rm(root, { recursive: true, force: true });
+    await rm(outside, { recursive: true, force: true });
+  });
+
+  it('follows relative and absolute links inside the rootfs', async () => {
+    expect(await resolveEntrypoint(root, 'python3', '/usr/local/bin:/usr/bin')).toBe('/usr/bin/python3.11');
+    expect(await resolveEntrypoint(root, '/bin/sh', undefined)).toBe('/bin/busybox');
+    expect(await resolveEntrypoint(root, 'sh', undefined)).toBe('/bin/busybox');
+  });
+
+  it('never leaves the rootfs: an absolute link target is taken inside it, `..` stops at its root', async () => {
+    // <outside>/evil does not exist under root, so the name does not resolve at all.
+    await expect(resolveEntrypoint(root, 'evil', '/usr/bin')).rejects.toMatchObject({ code: 'HOOK_ENTRYPOINT_NOT_FOUND' });
+    expect(await resolveInRoot(root, '/usr/bin/up/bin/busybox')).toBe('/bin/busybox');
+  });
+
+  it('refuses a name not found in PATH and a link loop', async () => {
+    await expect(resolveEntrypoint(root, 'nope', '/usr/bin:/bin')).rejects.toMatchObject({ code: 'HOOK_ENTRYPOINT_NOT_FOUND' });
+    await symlink('loop', join(root, 'bin/loop'));
+    await expect(resolveInRoot(root, '/bin/loop')).rejects.toMatchObject({ code: 'HOOK_ENTRYPOINT_NOT_FOUND' });
+  });
+
+  it('create-runtime never throws: a failure is recorded in hook-failed and reported', async () => {
+    const bundle = await mkdtemp(join(tmpdir(), 'thaw-hook-bundle-'));
+    const control = await mkdtemp(join(tmpdir(), 'thaw-hook-ctl-'));
+    try {
+      await writeFile(join(bundle, 'config.json'), JSON.stringify({ root: { path: root }, process: { args: ['no-such-binary'], env: ['PATH=/bin'] } }));
+      const r = await runCreateRuntime(
+        { ociVersion: '1.0.2', id: 'c1', status: 'creating', pid: process.pid, bundle, annotations: {} },
+        { mode: 'overlay', controlDir: control, checkpointDir: join(bundle, 'no-checkpoint'), thawPausePath: '/nonexistent/thaw-pause' },
+      );
+      expect(r).toMatchObject({ ok: false, code: 'HOOK_ENTRYPOINT_NOT_FOUND' });
+      expect(JSON.parse(await readFile(join(control, HOOK_FAILED_FILE), 'utf8'))).toMatchObject({ code: 'HOOK_ENTRYPOINT_NOT_FOUND' });
+      expect(await readHookOutcome(control)).toMatchObject({ kind: 'failed', record: { code: 'HOOK_ENTRYPOINT_NOT_FOUND' } });
+    } finally {
+      await rm(bundle, { recursive: true, force: true });
+      await rm(control, { recursive: true, force: true });
+    }
+  });
+});
+
+describe('hook records', () => {
+  it('reads done, failed (which wins) and missing; refuses an overlay record without a path', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'thaw-hook-rec-'));
+    try {
+      expect(await readHookOutcome(dir)).toEqual({ kind: 'missing' });
+      await writeHookDone(dir, { mode: 'overlay', overlayPath: '/usr/bin/node', ms: 3 });
+      expect(await readHookOutcome(dir)).toEqual({ kind: 'done', record: { mode: 'overlay', overlayPath: '/usr/bin/node', ms: 3 } });
+      await writeFile(join(dir, HOOK_DONE_FILE), '{"mode":"overlay"}');
+      expect(await readHookOutcome(dir)).toMatchObject({ kind: 'failed', record: { code: 'HOOK_RECORD_INVALID' } });
+      await writeFile(join(dir, HOOK_FAILED_FILE), '{"code":"HOOK_X","reason":"r"}');
+      expect(await readHookOutcome(dir)).toEqual({ kind: 'failed', record: { code: 'HOOK_X', reason: 'r' } });
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+});
