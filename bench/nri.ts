@@ -16,7 +16,7 @@ import { join } from 'node:path';
 import { cleanupStaleStacks } from '../src/node-stack/cleanup.js';
 import { startNodeStack, type NodeStack } from '../src/node-stack/containerd.js';
 import { parseFlavor } from '../src/node-stack/paths.js';
-import { readJsonLog, startThawPluginProcess, waitForLog, type ThawPluginProcess } from '../src/node-stack/thaw-plugin-process.js';
+import { pluginDirsUnder, readJsonLog, startThawPluginProcess, waitForLog, type ThawPluginProcess } from '../src/node-stack/thaw-plugin-process.js';
 import { percentile, renderTable } from './stats.js';
 
 const SLEEP = ['/bin/sh', '-c', "trap 'exit 0' TERM; sleep 3600 & wait"];
@@ -53,7 +53,7 @@ async function main(): Promise<void> {
     for (let round = 0; round < rounds; round++) {
       for (let i = 0; i < perRound && without.length < podsPerSide; i++) await measure(without);
       const logFile = join(workDir, `plugin-${round}.log`);
-      plugin = startThawPluginProcess({ socketPath: stack.nriSocketPath, controlRoot: join(workDir, 'control'), logFile });
+      plugin = startThawPluginProcess({ socketPath: stack.nriSocketPath, ...pluginDirsUnder(workDir, stack.paths.prefix, logFile) });
       await waitForLog(logFile, (r) => r.msg === 'nri plugin synchronized', 'the plugin to register');
       for (let i = 0; i < perRound && withPlugin.length < podsPerSide; i++) {
         await measure(withPlugin);

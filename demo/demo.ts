@@ -16,7 +16,7 @@ import { join } from 'node:path';
 import { cleanupStaleStacks } from '../src/node-stack/cleanup.js';
 import { startNodeStack, type NodeStack } from '../src/node-stack/containerd.js';
 import { parseFlavor } from '../src/node-stack/paths.js';
-import { startThawPluginProcess, waitForLog, type ThawPluginProcess } from '../src/node-stack/thaw-plugin-process.js';
+import { pluginDirsUnder, startThawPluginProcess, waitForLog, type ThawPluginProcess } from '../src/node-stack/thaw-plugin-process.js';
 import { renderTable } from '../bench/stats.js';
 import { buildWorkerImage } from './worker-image.js';
 import { expectedDigest, expectedAnswer } from './worker/memory.js';
@@ -42,12 +42,8 @@ async function main(): Promise<number> {
     stack = await startNodeStack({ flavor });
     const image = await buildWorkerImage(stack);
     const logFile = join(workDir, 'thaw.log');
-    plugin = startThawPluginProcess({
-      socketPath: stack.nriSocketPath,
-      controlRoot,
-      logFile,
-      extraArgs: ['--store-root', storeRoot, '--stack-prefix', stack.paths.prefix],
-    });
+    const dirs = pluginDirsUnder(workDir, stack.paths.prefix, logFile);
+    plugin = startThawPluginProcess({ socketPath: stack.nriSocketPath, ...dirs });
     await waitForLog(logFile, (r) => r.msg === 'nri plugin synchronized', 'the thaw plugin to register with containerd');
     say(`thaw plugin registered; its log: ${logFile}`);
 
@@ -72,7 +68,7 @@ async function main(): Promise<number> {
     // 3. The worker asks for its checkpoint; thaw dumps it and tells it to go on.
     say('waiting for the worker to ask for its checkpoint and for thaw to take it');
     const checkpointEvent = await waitForLog(logFile, (r) => r['event'] === 'checkpoint' && r['name'] === CHECKPOINT_NAME, 'the checkpoint', 120_000);
-    if (checkpointEvent['outcome'] !== 'checkpointed') throw new Error(`checkpoint failed: ${JSON.stringify(checkpointEvent)}`);
+    if (checkpointEvent['outcome'] !== 'succeeded') throw new Error(`checkpoint failed: ${JSON.stringify(checkpointEvent)}`);
     const manifest = JSON.parse(await readFile(join(storeRoot, CHECKPOINT_NAME, 'manifest.json'), 'utf8')) as {
       totals: { bytes: number; liveBytes?: number };
       timings: { phaseMs: Record<string, number> };

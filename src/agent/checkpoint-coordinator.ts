@@ -65,7 +65,8 @@ export interface CheckpointCoordinatorOptions {
   store: LocalStore;
   criu: CriuClient;
   criuVersion: string;
-  containerdVersion: string;
+  /** The runtime's version for the manifest; a function when it is learnt later (NRI Configure). */
+  containerdVersion: string | (() => string);
   logger: Logger;
   /**
    * The pod's `on-checkpoint` (policy.ts); default 'continue'. ManagedContainer does not carry it yet, so
@@ -194,7 +195,7 @@ export class CheckpointCoordinator implements ThawCoordinator {
             containerName: container.containerName,
             pod: { name: container.podName, namespace: container.podNamespace, uid: container.podUid },
           },
-          containerdVersion: o.containerdVersion,
+          containerdVersion: typeof o.containerdVersion === 'function' ? o.containerdVersion() : o.containerdVersion,
           criuVersion: o.criuVersion,
           logger: o.logger,
           ...(o.replace !== undefined ? { replace: o.replace } : {}),

@@ -4,6 +4,9 @@
  *   runtime-launched:  containerd starts an executable named NN-thaw from its plugin_path with
  *                      NRI_PLUGIN_SOCKET=3 (and no PATH, and stdout/stderr on /dev/null: hence --log-file).
  * Options: --annotation-prefix P (default thaw.dev/), --control-root DIR (default /run/thaw/control),
+ * --store-root DIR (default /var/lib/thaw/checkpoints), --stack-prefix DIR (the toolkit: CRIU, GNU tar, gzip;
+ * default /opt/thaw/stack/1.7), --thaw-pause PATH (default native/build/thaw-pause of this package),
+ * --work-root DIR (CRIU work dirs of restores, default /run/thaw/restore),
  * --name N --idx NN (pre-launched identity), --log-file FILE, --log-level debug|info|warn|error.
  * Stops on SIGTERM/SIGINT; a launched plugin also exits when containerd closes its socket.
  *
@@ -13,10 +16,17 @@
 import { createWriteStream } from 'node:fs';
 import { parseArgs } from 'node:util';
 import { createJsonLogger, parseLogLevel } from '../log.js';
+import { fileURLToPath } from 'node:url';
 import { createNriPlugin, readLaunchEnv } from '../nri-plugin/plugin.js';
 import { DEFAULT_ANNOTATION_PREFIX, validateAnnotationPrefix } from '../nri-plugin/policy.js';
 import { DEFAULT_CONTROL_ROOT } from '../sdk/control-dir.js';
-import { createThawNriHandlers } from './thaw-nri.js';
+import { createThawEngine, DEFAULT_RESTORE_WORK_ROOT, DEFAULT_STORE_ROOT } from './engine.js';
+
+export const DEFAULT_STACK_PREFIX = '/opt/thaw/stack/1.7';
+/** This file is dist/src/agent/nri-main.js: the package root is three levels up. */
+const PACKAGE_ROOT = fileURLToPath(new URL('../../../', import.meta.url));
+const DEFAULT_THAW_PAUSE = `${PACKAGE_ROOT}native/build/thaw-pause`;
+const HOOK_MAIN = fileURLToPath(new URL('../oci-hooks/main.js', import.meta.url));
 
 export const DEFAULT_PLUGIN_NAME = 'thaw';
 export const DEFAULT_PLUGIN_IDX = '50';
@@ -27,6 +37,10 @@ async function main(): Promise<number> {
       socket: { type: 'string' },
       'annotation-prefix': { type: 'string', default: DEFAULT_ANNOTATION_PREFIX },
       'control-root': { type: 'string', default: DEFAULT_CONTROL_ROOT },
+      'store-root': { type: 'string', default: DEFAULT_STORE_ROOT },
+      'stack-prefix': { type: 'string', default: DEFAULT_STACK_PREFIX },
+      'thaw-pause': { type: 'string', default: DEFAULT_THAW_PAUSE },
+      'work-root': { type: 'string', default: DEFAULT_RESTORE_WORK_ROOT },
       name: { type: 'string', default: DEFAULT_PLUGIN_NAME },
       idx: { type: 'string', default: DEFAULT_PLUGIN_IDX },
       'log-file': { type: 'string' },
@@ -51,7 +65,17 @@ async function main(): Promise<number> {
 
   const launched = process.env['NRI_PLUGIN_SOCKET'] !== undefined;
   const identity = launched ? readLaunchEnv() : { name: values.name as string, idx: values.idx as string, fd: undefined };
-  const handlers = createThawNriHandlers({ annotationPrefix: prefix, controlRoot: values['control-root'] as string });
+  const engine = await createThawEngine({
+    logger,
+    annotationPrefix: prefix,
+    controlRoot: values['control-root'] as string,
+    storeRoot: values['store-root'] as string,
+    toolkitDir: values['stack-prefix'] as string,
+    thawPausePath: values['thaw-pause'] as string,
+    hookArgv: [process.execPath, HOOK_MAIN],
+    workRoot: values['work-root'] as string,
+  });
+  const handlers = engine.handlers;
   const plugin = createNriPlugin({
     name: identity.name,
     idx: identity.idx,
@@ -59,6 +83,7 @@ async function main(): Promise<number> {
     logger,
     // Per-request service time at debug level: what bench:nri reads to separate the plugin's own cost from
     // the machine's noise.
+    onConfigure: (info) => engine.setRuntimeVersion(info.version),
     onRequestServed: (served) => logger.debug('nri request served', { method: served.method, durationMs: Number(served.durationMs.toFixed(3)), code: served.code }),
     ...(launched ? { fd: identity.fd as number } : { socketPath: values.socket ?? '/var/run/nri/nri.sock' }),
   });
@@ -68,6 +93,7 @@ async function main(): Promise<number> {
   logger.info('thaw NRI plugin starting', { mode: launched ? 'runtime-launched' : 'pre-launched', pid: process.pid });
   void plugin.start().catch(() => undefined); // failures surface through `stopped`
   const info = await plugin.stopped;
+  await engine.close();
   logger.info('thaw NRI plugin stopped', { reason: info.reason, ...(info.error ? { error: info.error } : {}) });
   await new Promise<void>((resolve) => (stream ? stream.end(resolve) : resolve()));
   return info.reason === 'error' ? 1 : 0;

@@ -14,6 +14,7 @@ import {
   CONTROL_DIR_MOUNT_PATH,
   decide,
   LEGACY_CONTROL_DIR_ENV,
+  type OnCheckpoint,
   type PolicyDecision,
 } from '../nri-plugin/policy.js';
 import type { Container, PodSandbox } from '../nri-plugin/nri-types.js';
@@ -39,6 +40,8 @@ export interface ManagedContainer {
   controlDir: string;
   /** The container's image as containerd names it in the spec's annotations, when present. */
   imageRef?: string;
+  /** Checkpoint sources: what the worker does after its checkpoint (the pod's on-checkpoint annotation). */
+  onCheckpoint?: OnCheckpoint;
   /** What thaw made of it (absent: checkpoint-source, for entries made before roles existed). */
   role?: 'checkpoint-source' | 'restore-target';
   /** Restore targets: how thaw-pause holds the original command (NRI args, or the createRuntime overlay). */
@@ -136,6 +139,7 @@ export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { 
     pod: PodSandbox,
     container: Container,
     checkpointName: string,
+    onCheckpoint: OnCheckpoint,
     ctx: NriHandlerContext,
   ): Promise<AdjustmentBuilder | undefined> {
     const containerId = container.id ?? '';
@@ -158,6 +162,7 @@ export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { 
       podNamespace: pod.namespace ?? '',
       podUid: pod.uid ?? '',
       checkpointName,
+      onCheckpoint,
       controlDir,
       ...(container.annotations?.[CRI_IMAGE_NAME_ANNOTATION] ? { imageRef: container.annotations[CRI_IMAGE_NAME_ANNOTATION] } : {}),
       role: 'checkpoint-source',
@@ -303,7 +308,7 @@ export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { 
             });
             return undefined;
           case 'checkpoint-source':
-            return await adjustCheckpointSource(pod, container, decision.checkpointName, ctx);
+            return await adjustCheckpointSource(pod, container, decision.checkpointName, decision.onCheckpoint, ctx);
           case 'restore-target':
             if (options.restore) return await adjustRestoreTarget(options.restore, pod, container, decision.checkpointName, ctx);
             // Without a restore engine configured, the pod cold-starts.

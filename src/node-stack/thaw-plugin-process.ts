@@ -72,10 +72,31 @@ export interface ThawPluginProcess {
   stop(): Promise<void>;
 }
 
-export function startThawPluginProcess(o: { socketPath: string; controlRoot: string; logFile: string; extraArgs?: string[] }): ThawPluginProcess {
+/** Where a plugin process keeps its state: tests and the demo keep all of it under their own temp dir. */
+export interface ThawPluginDirs {
+  controlRoot: string;
+  /** The checkpoint store. */
+  storeRoot: string;
+  /** The toolkit (the stack's prefix: CRIU, GNU tar, gzip). */
+  stackPrefix: string;
+  /** CRIU work dirs of restores. */
+  workRoot: string;
+  logFile: string;
+}
+
+/** The plugin's dirs under one work dir (control/, checkpoints/, restore/), with the stack's prefix as toolkit. */
+export function pluginDirsUnder(workDir: string, stackPrefix: string, logFile: string): ThawPluginDirs {
+  return { controlRoot: join(workDir, 'control'), storeRoot: join(workDir, 'checkpoints'), workRoot: join(workDir, 'restore'), stackPrefix, logFile };
+}
+
+function pluginArgs(o: ThawPluginDirs): string[] {
+  return ['--control-root', o.controlRoot, '--store-root', o.storeRoot, '--stack-prefix', o.stackPrefix, '--work-root', o.workRoot, '--log-file', o.logFile, '--log-level', 'debug'];
+}
+
+export function startThawPluginProcess(o: ThawPluginDirs & { socketPath: string; extraArgs?: string[] }): ThawPluginProcess {
   // The CRIU client holds a libuv threadpool thread per operation in flight (src/restore-engine/criu):
   // a larger pool keeps file I/O moving while restores run.
-  const proc = spawn(process.execPath, [NRI_MAIN, '--socket', o.socketPath, '--control-root', o.controlRoot, '--log-file', o.logFile, '--log-level', 'debug', ...(o.extraArgs ?? [])], {
+  const proc = spawn(process.execPath, [NRI_MAIN, '--socket', o.socketPath, ...pluginArgs(o), ...(o.extraArgs ?? [])], {
     stdio: ['ignore', 'inherit', 'inherit'],
     env: { ...process.env, UV_THREADPOOL_SIZE: process.env['UV_THREADPOOL_SIZE'] ?? String(PLUGIN_UV_THREADPOOL_SIZE) },
   });
@@ -97,11 +118,9 @@ export function startThawPluginProcess(o: { socketPath: string; controlRoot: str
  * Writes the executable containerd launches from its plugin dir: a runtime-launched plugin gets no PATH,
  * so the interpreter is named by its absolute path.
  */
-export async function writeLaunchedPluginScript(path: string, o: { controlRoot: string; logFile: string }): Promise<void> {
+export async function writeLaunchedPluginScript(path: string, o: ThawPluginDirs): Promise<void> {
   const quote = (s: string): string => `'${s.replace(/'/g, `'\\''`)}'`;
-  await writeFile(
-    path,
-    `#!/bin/sh\nUV_THREADPOOL_SIZE=${PLUGIN_UV_THREADPOOL_SIZE} exec ${quote(process.execPath)} ${quote(NRI_MAIN)} --control-root ${quote(o.controlRoot)} --log-file ${quote(o.logFile)} --log-level debug\n`,
-  );
+  const argv = [process.execPath, NRI_MAIN, ...pluginArgs(o)].map(quote).join(' ');
+  await writeFile(path, `#!/bin/sh\nUV_THREADPOOL_SIZE=${PLUGIN_UV_THREADPOOL_SIZE} exec ${argv}\n`);
   await chmod(path, 0o755);
 }

@@ -9,8 +9,10 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { NodeStack } from '../../src/node-stack/containerd.js';
 import { flavorsUnderTest, useNodeStack, waitFor } from '../helpers/stack.js';
+import { stackPaths } from '../../src/node-stack/paths.js';
 import {
   ensureBuilt,
+  pluginDirsUnder,
   readJsonLog,
   startThawPluginProcess,
   waitForLog,
@@ -48,7 +50,7 @@ describe.each(flavorsUnderTest())('thaw NRI plugin on containerd %s', (flavor) =
     workDir = await mkdtemp(join(tmpdir(), 'thaw-nri-'));
     controlRoot = join(workDir, 'control');
     launchedLog = join(workDir, 'launched.log');
-    await writeLaunchedPluginScript(join(workDir, '60-thaw'), { controlRoot, logFile: launchedLog });
+    await writeLaunchedPluginScript(join(workDir, '60-thaw'), { ...pluginDirsUnder(workDir, stackPaths(flavor).prefix, launchedLog), controlRoot });
   });
   afterAll(async () => {
     await rm(workDir, { recursive: true, force: true });
@@ -62,7 +64,7 @@ describe.each(flavorsUnderTest())('thaw NRI plugin on containerd %s', (flavor) =
 
     const startPlugin = async (): Promise<ThawPluginProcess> => {
       logFile = join(workDir, `plugin-${Date.now()}.log`);
-      const p = startThawPluginProcess({ socketPath: handle.stack.nriSocketPath, controlRoot, logFile });
+      const p = startThawPluginProcess({ socketPath: handle.stack.nriSocketPath, ...pluginDirsUnder(workDir, handle.stack.paths.prefix, logFile), controlRoot });
       await waitForLog(logFile, (r) => r.msg === 'nri plugin synchronized', 'the plugin to register and synchronize');
       return p;
     };

@@ -1,0 +1,92 @@
+/**
+ * The engine behind thaw's NRI handlers, assembled from its parts: the local store, one CRIU client, the
+ * checkpoint coordinator (sources) and the restore coordinator (targets). The plugin process (nri-main.ts) and,
+ * later, the long-running agent build it once per process.
+ */
+import { join } from 'node:path';
+import type { Logger } from '../log.js';
+import { CriuClient } from '../restore-engine/criu/client.js';
+import { openLocalStore, type LocalStore } from '../store/local-store.js';
+import { CheckpointCoordinator } from './checkpoint-coordinator.js';
+import { createRestoreCoordinator, type RestoreCoordinator } from './restore-coordinator.js';
+import { createThawNriHandlers, ThawNriStats, type ManagedContainer, type ThawCoordinator } from './thaw-nri.js';
+
+export const DEFAULT_STORE_ROOT = '/var/lib/thaw/checkpoints';
+export const DEFAULT_RESTORE_WORK_ROOT = '/run/thaw/restore';
+
+export interface ThawEngineOptions {
+  logger: Logger;
+  annotationPrefix: string;
+  controlRoot: string;
+  storeRoot: string;
+  /** The toolkit prefix: CRIU, GNU tar and gzip under `<prefix>/bin` (e.g. /opt/thaw/stack/1.7). */
+  toolkitDir: string;
+  /** Host path of the static thaw-pause binary. */
+  thawPausePath: string;
+  /** argv that runs the OCI hook entry point (absolute paths: runc gives hooks no PATH). */
+  hookArgv: string[];
+  workRoot: string;
+}
+
+export interface ThawEngine {
+  handlers: ReturnType<typeof createThawNriHandlers>;
+  store: LocalStore;
+  checkpoints: CheckpointCoordinator;
+  restores: RestoreCoordinator;
+  stats: ThawNriStats;
+  /** Tells the engine the runtime's version (from NRI Configure), for manifests. */
+  setRuntimeVersion(version: string): void;
+  /** Abandons work in flight (checkpoint waits, restores) and waits for it to settle. */
+  close(): Promise<void>;
+}
+
+export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine> {
+  const logger = o.logger;
+  const binDir = join(o.toolkitDir, 'bin');
+  const store = await openLocalStore({ root: o.storeRoot, logger });
+  // CRIU runs GNU tar and gzip from its PATH (tmpfs contents on restore): the toolkit's come first.
+  const criu = new CriuClient({ criuPath: join(binDir, 'criu'), logger, env: { ...process.env, PATH: `${binDir}:${process.env['PATH'] ?? '/usr/sbin:/usr/bin:/sbin:/bin'}` } });
+  const criuVersion = await criu.version();
+  let runtimeVersion = 'unknown';
+  const stats = new ThawNriStats();
+  const checkpoints = new CheckpointCoordinator({
+    store,
+    criu,
+    criuVersion: `${criuVersion.major}.${criuVersion.minor}.${criuVersion.sublevel}`,
+    containerdVersion: () => runtimeVersion,
+    logger,
+    onCheckpointOf: (c: ManagedContainer) => c.onCheckpoint ?? 'continue',
+    tarPath: join(binDir, 'tar'),
+  });
+  const restores = createRestoreCoordinator({ store, criu, logger, stats, workRoot: o.workRoot, toolkitBinDir: binDir });
+  // One coordinator for the handlers: sources go to the checkpoint side, targets to the restore side.
+  const coordinator: ThawCoordinator = {
+    checkpointSourceStarted: (c, pid) => checkpoints.checkpointSourceStarted(c, pid),
+    restoreTargetCreated: (c, checkpoint) => restores.restoreTargetCreated(c, checkpoint),
+    restoreTargetStarted: (c, pid) => restores.restoreTargetStarted(c, pid),
+    containerGone: (id) => {
+      checkpoints.containerGone(id);
+      restores.containerGone(id);
+    },
+  };
+  const handlers = createThawNriHandlers({
+    annotationPrefix: o.annotationPrefix,
+    controlRoot: o.controlRoot,
+    coordinator,
+    stats,
+    restore: { store, toolkitDir: o.toolkitDir, thawPausePath: o.thawPausePath, hookArgv: o.hookArgv, workRoot: o.workRoot, tarPath: join(binDir, 'tar') },
+  });
+  return {
+    handlers,
+    store,
+    checkpoints,
+    restores,
+    stats,
+    setRuntimeVersion: (v) => {
+      runtimeVersion = v;
+    },
+    close: async () => {
+      await Promise.allSettled([checkpoints.close(), restores.close()]);
+    },
+  };
+}
