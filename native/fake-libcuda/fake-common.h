@@ -1,0 +1,175 @@
+/*
+ * What the fake CUDA driver and the fake NVML share: the configuration a test sets, read at every call so
+ * that a test can change behaviour between two calls from the same process.
+ *
+ * Every setting is looked up first in the control file named by FAKE_CUDA_CONTROL_FILE (lines KEY=VALUE;
+ * lets another process, e.g. a test's Python child, be steered), then in the environment (Node's
+ * process.env assignments call setenv, so a test's `process.env.X = ...` is seen by the next call).
+ *
+ *   FAKE_CUDA_GPUS       comma list of GPUs as "GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx"; empty = no GPU;
+ *                        unset = one GPU, FAKE_DEFAULT_UUID
+ *   FAKE_CUDA_GPU_NAME   the model name of every fake GPU (default "NVIDIA H100 80GB HBM3")
+ *   FAKE_CUDA_TOTAL_MEM  bytes per GPU (default 80 GiB)
+ *   FAKE_CUDA_DRIVER_VERSION  cuDriverGetVersion's answer (default 13000, CUDA 13.0: the H100 machine's)
+ *   FAKE_CUDA_PIDS       comma list of the pids that are "CUDA processes"
+ *   FAKE_CUDA_PIDS_FILE  a file listing more such pids (commas, spaces or newlines)
+ *   FAKE_CUDA_FAIL       comma list of injected failures "op:kind" or "op:kind@pid"; op is one of
+ *                        init, lock, checkpoint, restore, unlock, state, restore-tid, mem-create, mem-map,
+ *                        nvml-init, nvml-procs; kind is timeout, error, missing-gpu, not-permitted,
+ *                        not-supported, invalid, or a CUresult/nvmlReturn_t number
+ *   FAKE_CUDA_DELAY_MS   sleep this long inside lock/checkpoint/restore/unlock (to show they run off the
+ *                        event loop)
+ *   FAKE_NVML_USED_BYTES GPU memory NVML reports for each CUDA process (default 1 GiB)
+ */
+#ifndef THAW_FAKE_COMMON_H
+#define THAW_FAKE_COMMON_H
+
+#include <ctype.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define FAKE_EXPORT __attribute__((visibility("default")))
+#define FAKE_DEFAULT_UUID "GPU-6a2f0c1e-0b4d-4c55-9e1a-7f00d1ce0001"
+#define FAKE_DEFAULT_NAME "NVIDIA H100 80GB HBM3"
+#define FAKE_DEFAULT_MEM (80ULL << 30)
+#define FAKE_MAX_GPUS 16
+#define FAKE_VALUE_MAX 4096
+
+/* One lookup result per thread: koffi's async calls run the fake on worker threads. */
+static __thread char fake_value_buf[FAKE_VALUE_MAX];
+
+/* The value of `key` (control file first, then the environment), or NULL when unset. */
+static __attribute__((unused)) const char *fake_get(const char *key) {
+  const char *control = getenv("FAKE_CUDA_CONTROL_FILE");
+  if (control && *control) {
+    FILE *f = fopen(control, "r");
+    if (f) {
+      size_t keylen = strlen(key);
+      char line[FAKE_VALUE_MAX];
+      const char *found = NULL;
+      while (fgets(line, sizeof line, f)) {
+        if (strncmp(line, key, keylen) == 0 && line[keylen] == '=') {
+          char *v = line + keylen + 1;
+          v[strcspn(v, "\r\n")] = '\0';
+          snprintf(fake_value_buf, sizeof fake_value_buf, "%s", v);
+          found = fake_value_buf;
+        }
+      }
+      fclose(f);
+      if (found) return found;
+    }
+  }
+  return getenv(key);
+}
+
+static __attribute__((unused)) unsigned long long fake_get_ull(const char *key, unsigned long long fallback) {
+  const char *v = fake_get(key);
+  return v && *v ? strtoull(v, NULL, 0) : fallback;
+}
+
+/* True when `pid` is in the comma/space/newline-separated list `list`. */
+static __attribute__((unused)) int fake_list_has_pid(const char *list, int pid) {
+  if (!list) return 0;
+  const char *p = list;
+  while (*p) {
+    while (*p && !isdigit((unsigned char)*p)) p++;
+    if (!*p) break;
+    char *end;
+    long v = strtol(p, &end, 10);
+    if (v == pid) return 1;
+    p = end;
+  }
+  return 0;
+}
+
+static __attribute__((unused)) int fake_is_cuda_pid(int pid) {
+  if (fake_list_has_pid(fake_get("FAKE_CUDA_PIDS"), pid)) return 1;
+  const char *file = fake_get("FAKE_CUDA_PIDS_FILE");
+  if (!file || !*file) return 0;
+  FILE *f = fopen(file, "r");
+  if (!f) return 0;
+  char buf[FAKE_VALUE_MAX];
+  size_t n = fread(buf, 1, sizeof buf - 1, f);
+  fclose(f);
+  buf[n] = '\0';
+  return fake_list_has_pid(buf, pid);
+}
+
+/* Parses "GPU-6a2f0c1e-0b4d-..." (or bare hex) into 16 bytes; 0 on success. */
+static __attribute__((unused)) int fake_parse_uuid(const char *s, size_t len, unsigned char out[16]) {
+  if (len >= 4 && strncmp(s, "GPU-", 4) == 0) s += 4, len -= 4;
+  int nibbles = 0;
+  for (size_t i = 0; i < len; i++) {
+    char c = s[i];
+    if (c == '-') continue;
+    int v = isdigit((unsigned char)c) ? c - '0' : (c >= 'a' && c <= 'f') ? c - 'a' + 10 : (c >= 'A' && c <= 'F') ? c - 'A' + 10 : -1;
+    if (v < 0 || nibbles >= 32) return -1;
+    if (nibbles % 2 == 0) out[nibbles / 2] = (unsigned char)(v << 4);
+    else out[nibbles / 2] |= (unsigned char)v;
+    nibbles++;
+  }
+  return nibbles == 32 ? 0 : -1;
+}
+
+/* The NVML form of a UUID: "GPU-" then 8-4-4-4-12 lowercase hex. */
+static __attribute__((unused)) void fake_format_uuid(const unsigned char b[16], char out[41]) {
+  snprintf(out, 41, "GPU-%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", b[0], b[1], b[2],
+           b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]);
+}
+
+/* The fake GPUs now (FAKE_CUDA_GPUS); returns their count, fills `uuids`. */
+static __attribute__((unused)) int fake_gpus(unsigned char uuids[FAKE_MAX_GPUS][16]) {
+  const char *list = fake_get("FAKE_CUDA_GPUS");
+  if (!list) list = FAKE_DEFAULT_UUID;
+  int n = 0;
+  const char *p = list;
+  while (*p && n < FAKE_MAX_GPUS) {
+    while (*p == ',' || *p == ' ') p++;
+    if (!*p) break;
+    size_t len = strcspn(p, ", ");
+    if (fake_parse_uuid(p, len, uuids[n]) == 0) n++;
+    p += len;
+  }
+  return n;
+}
+
+/*
+ * The injected result for `op` on `pid` (pid < 0: any), or 0 when none. `names` maps the symbolic kinds
+ * to the library's own numbers (CUresult for libcuda, nvmlReturn_t for NVML).
+ */
+struct fake_kind {
+  const char *name;
+  int code;
+};
+
+static __attribute__((unused)) int fake_injected(const char *op, int pid, const struct fake_kind *kinds) {
+  const char *spec = fake_get("FAKE_CUDA_FAIL");
+  if (!spec) return 0;
+  size_t oplen = strlen(op);
+  const char *p = spec;
+  while (*p) {
+    while (*p == ',' || *p == ' ') p++;
+    size_t len = strcspn(p, ", ");
+    if (len > oplen && strncmp(p, op, oplen) == 0 && p[oplen] == ':') {
+      char item[128];
+      snprintf(item, sizeof item, "%.*s", (int)(len - oplen - 1), p + oplen + 1);
+      char *at = strchr(item, '@');
+      int matches = 1;
+      if (at) {
+        *at = '\0';
+        matches = pid >= 0 && atoi(at + 1) == pid;
+      }
+      if (matches) {
+        if (isdigit((unsigned char)item[0])) return atoi(item);
+        for (const struct fake_kind *k = kinds; k->name; k++)
+          if (strcmp(k->name, item) == 0) return k->code;
+        return kinds[0].code; /* unknown kind: the library's generic error */
+      }
+    }
+    p += len;
+  }
+  return 0;
+}
+
+#endif
