@@ -1,5 +1,5 @@
 /**
- * The restore flow against real containerd 1.7 (runc 1.1.5) and CRIU: the demo worker is checkpointed from a
+ * The restore flow against real containerd (1.7.24 by default; THAW_CONTAINERD=2.1 for 2.1.9) and CRIU: the demo worker is checkpointed from a
  * source pod (checkpointContainer), then a target pod annotated `thaw.dev/restore` with the same image and
  * command gets thaw's NRI adjustments (toolkit, control dir, createRuntime + poststop hooks that put thaw-pause
  * over the entrypoint), and the restore coordinator restores the worker into it. Then the fallbacks: each ends
@@ -15,7 +15,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { buildWorkerImage, type WorkerImage } from '../../demo/worker-image.js';
 import { createRestoreCoordinator, type RestoreCoordinator, type RestoreEvent } from '../../src/agent/restore-coordinator.js';
-import { createThawNriHandlers, type ManagedContainer, ThawNriStats } from '../../src/agent/thaw-nri.js';
+import { createThawNriHandlers, type ManagedContainer, type ThawRestoreConfig, ThawNriStats } from '../../src/agent/thaw-nri.js';
 import { createCollectingLogger } from '../../src/log.js';
 import { createNriPlugin, type NriPlugin } from '../../src/nri-plugin/index.js';
 import { parseCriLog } from '../../src/node-stack/cri-client.js';
@@ -24,7 +24,7 @@ import { checkpointContainer } from '../../src/restore-engine/checkpoint.js';
 import { CriuClient } from '../../src/restore-engine/criu/client.js';
 import { waitForWorkerReady } from '../../src/sdk/control-dir.js';
 import { openLocalStore, type LocalStore } from '../../src/store/local-store.js';
-import { useNodeStack, waitFor } from '../helpers/stack.js';
+import { flavorsUnderTest, useNodeStack, waitFor } from '../helpers/stack.js';
 
 const WORKER_READY_TIMEOUT_MS = 90_000;
 const HTTP_TIMEOUT_MS = 15_000;
@@ -68,8 +68,8 @@ function ensureHooksBuilt(): void {
   if (!existsSync(HOOK_MAIN)) throw new Error(`${HOOK_MAIN} was not built`);
 }
 
-describe('restore flow, containerd 1.7', () => {
-  const handle = useNodeStack({ flavor: '1.7' });
+describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
+  const handle = useNodeStack({ flavor });
   const logger = createCollectingLogger();
   const stats = new ThawNriStats();
   const events: RestoreEvent[] = [];
@@ -82,6 +82,7 @@ describe('restore flow, containerd 1.7', () => {
   let store: LocalStore;
   let criu: CriuClient;
   let restorer: RestoreCoordinator;
+  let restoreConfig: ThawRestoreConfig;
   /** Per-test fault for the coordinator's beforeCriuRestore seam. */
   let beforeCriu: (() => Promise<void>) | undefined;
 
@@ -110,6 +111,7 @@ describe('restore flow, containerd 1.7', () => {
       beforeCriuRestore: async () => beforeCriu?.(),
       onEvent: (e) => events.push(e),
     });
+    restoreConfig = { store, toolkitDir: stack.paths.prefix, thawPausePath: THAW_PAUSE, hookArgv: [process.execPath, HOOK_MAIN], workRoot };
     plugin = createNriPlugin({
       name: 'thaw-restore-test',
       idx: '40',
@@ -126,13 +128,7 @@ describe('restore flow, containerd 1.7', () => {
             sourcesStarted.set(entry.podName, { entry, pid });
           },
         },
-        restore: {
-          store,
-          toolkitDir: stack.paths.prefix,
-          thawPausePath: THAW_PAUSE,
-          hookArgv: [process.execPath, HOOK_MAIN],
-          workRoot,
-        },
+        restore: restoreConfig,
       }),
     });
     await plugin.start();
@@ -229,7 +225,11 @@ describe('restore flow, containerd 1.7', () => {
     let ev: RestoreEvent | undefined;
     try {
       if (viaCoordinator) {
-        ev = await waitFor(() => events.slice(before).find((e) => e.containerId === pod.containerId), 'the restore event', 120_000, 50);
+        ev = await waitFor(() => events.slice(before).find((e) => e.containerId === pod.containerId), 'the restore event', 60_000, 50).catch((err: unknown) => {
+          const mine = logger.lines.filter((l) => JSON.stringify(l).includes(pod.containerId) || l.level !== 'debug');
+          console.log(mine.slice(-15).map((l) => JSON.stringify(l).slice(0, 400)).join('\n'));
+          throw err;
+        });
         console.log(`fallback event: ${JSON.stringify(ev).slice(0, 600)}`);
         expect(ev).toMatchObject({ outcome: 'fallback', cause });
       } else {
@@ -291,6 +291,16 @@ describe('restore flow, containerd 1.7', () => {
     } finally {
       beforeCriu = undefined;
       if (existsSync(`${file}.aside`)) await rename(`${file}.aside`, file);
+    }
+  }, TEST_TIMEOUT_MS);
+
+  it('a create-runtime hook that fails (its tar cannot run): the original command runs, cause RESTORE_HOOK_FAILED', async () => {
+    restoreConfig.tarPath = '/nonexistent/tar'; // read by the handler at each CreateContainer
+    try {
+      const ev = await expectColdStart('rst-hook-fail', CHECKPOINT, 'RESTORE_HOOK_FAILED', true);
+      expect(ev?.reason).toMatch(/HOOK_ROOTFS_DIFF_FAILED/);
+    } finally {
+      delete restoreConfig.tarPath;
     }
   }, TEST_TIMEOUT_MS);
 
