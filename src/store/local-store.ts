@@ -97,6 +97,45 @@ export interface VerifyResult {
   files: number;
   bytes: number;
   ms: number;
+  /**
+   * False when every file was found exactly as it was when last hashed on this node (same inode, size,
+   * mtime and ctime in ns, and the same manifest id), so the sha256s were not computed again.
+   */
+  hashed: boolean;
+}
+
+export interface VerifyOptions {
+  signal?: AbortSignal;
+  concurrency?: number;
+  /**
+   * Re-hash even when the files are unchanged since they were last verified here (default false).
+   * Any write, truncate, chmod or rename of a file changes its ctime, which the kernel alone sets, so an
+   * unchanged stamp means unchanged bytes short of an attacker who is root already.
+   */
+  rehash?: boolean;
+}
+
+/** Where verify() keeps, per checkpoint, the file identities it last hashed successfully. */
+export const VERIFIED_STAMPS_DIR = '.verified';
+
+interface VerifiedStamp {
+  id: string;
+  /** path → "ino:size:mtimeNs:ctimeNs" at the moment the hash started. */
+  files: Record<string, string>;
+}
+
+async function readStamp(path: string): Promise<VerifiedStamp | undefined> {
+  try {
+    const parsed = JSON.parse(readFileSync(path, 'utf8')) as Partial<VerifiedStamp>;
+    return typeof parsed.id === 'string' && parsed.files && typeof parsed.files === 'object' ? (parsed as VerifiedStamp) : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+async function fileIdentity(path: string): Promise<string> {
+  const st = await lstat(path, { bigint: true });
+  return `${st.dev}:${st.ino}:${st.size}:${st.mtimeNs}:${st.ctimeNs}`;
 }
 
 export interface PrefetchResult {
@@ -409,7 +448,13 @@ export class LocalStore {
       throw err;
     }
     this.logger.info('checkpoint published', { name, id: manifest.id, bytes: totals.bytes, files: totals.fileCount });
-    return { name, manifest, paths: pathsOf(join(this.root, name)) };
+    const publishedDir = join(this.root, name);
+    // Every file was just hashed in our own 0700 directory: the first restore need not hash it again.
+    const identities = Object.fromEntries(
+      await Promise.all(manifest.files.map(async (f) => [f.path, await fileIdentity(join(publishedDir, f.path))] as const)),
+    );
+    await this.writeStamp(join(this.root, VERIFIED_STAMPS_DIR, `${name}.json`), { id: manifest.id, files: identities });
+    return { name, manifest, paths: pathsOf(publishedDir) };
   }
 
   private async renameIntoPlace(pending: PendingCheckpoint, replace: boolean, step: string): Promise<void> {
@@ -551,14 +596,27 @@ export class LocalStore {
    * STORE_DIGEST_MISMATCH naming the first bad file (manifest order) with expected and actual digests;
    * `evidence.mismatches` lists them all.
    */
-  async verify(name: string, options: { signal?: AbortSignal; concurrency?: number } = {}): Promise<VerifyResult> {
+  async verify(name: string, options: VerifyOptions = {}): Promise<VerifyResult> {
     this.dirOf(name, 'verify checkpoint');
     const step = `verify checkpoint ${name}`;
+    throwIfAborted(options.signal, step);
     const started = performance.now();
     const opened = await this.open(name);
+    const files = opened.manifest.files;
+    // Identities are taken before hashing: a file changed while it is hashed then fails the next comparison.
+    const identities = Object.fromEntries(
+      await Promise.all(files.map(async (f) => [f.path, await fileIdentity(join(opened.paths.dir, f.path))] as const)),
+    );
+    const stampPath = join(this.root, VERIFIED_STAMPS_DIR, `${name}.json`);
+    if (!options.rehash) {
+      const stamp = await readStamp(stampPath);
+      if (stamp && stamp.id === opened.manifest.id && files.every((f) => stamp.files[f.path] === identities[f.path])) {
+        return { files: files.length, bytes: opened.manifest.totals.bytes, ms: performance.now() - started, hashed: false };
+      }
+    }
     const bad: Array<{ file: string; expected: string; actual: string }> = [];
     await forEachLimit(
-      opened.manifest.files,
+      files,
       options.concurrency ?? this.hashConcurrency,
       async (file) => {
         const actual = await hashFile(join(opened.paths.dir, file.path), { signal: options.signal, step });
@@ -569,7 +627,8 @@ export class LocalStore {
       { signal: options.signal, step },
     );
     if (bad.length > 0) {
-      const order = new Map(opened.manifest.files.map((f, i) => [f.path, i]));
+      await rm(stampPath, { force: true });
+      const order = new Map(files.map((f, i) => [f.path, i]));
       bad.sort((a, b) => order.get(a.file)! - order.get(b.file)!);
       const first = bad[0]!;
       throw new StoreError(StoreErrorCode.DIGEST_MISMATCH, `${first.file}: expected ${first.expected}, found ${first.actual}`, {
@@ -577,7 +636,20 @@ export class LocalStore {
         evidence: { file: first.file, expected: first.expected, actual: first.actual, mismatches: bad },
       });
     }
-    return { files: opened.manifest.files.length, bytes: opened.manifest.totals.bytes, ms: performance.now() - started };
+    await this.writeStamp(stampPath, { id: opened.manifest.id, files: identities });
+    return { files: files.length, bytes: opened.manifest.totals.bytes, ms: performance.now() - started, hashed: true };
+  }
+
+  /** Records a successful hash (0600, atomic); a failure to record only costs a re-hash next time. */
+  private async writeStamp(path: string, stamp: VerifiedStamp): Promise<void> {
+    try {
+      await mkdir(join(this.root, VERIFIED_STAMPS_DIR), { mode: 0o700, recursive: true });
+      const tmp = `${path}.${randomBytes(6).toString('hex')}.tmp`;
+      await writeFile(tmp, JSON.stringify(stamp), { mode: 0o600 });
+      await rename(tmp, path);
+    } catch (err) {
+      this.logger.warn('cannot record a verified checkpoint; it will be hashed again', { path, error: (err as Error).message });
+    }
   }
 
   /** Every checkpoint directory, sorted by name; broken ones carry `problem` instead of `manifest`. */
@@ -619,6 +691,7 @@ export class LocalStore {
     }
     const aside = this.inside(this.newTmpName(name), step);
     try {
+      await rm(join(this.root, VERIFIED_STAMPS_DIR, `${name}.json`), { force: true });
       await rename(dir, aside);
       await fsyncPath(this.root);
       await rm(aside, { recursive: true, force: true });

@@ -1,6 +1,6 @@
 import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
 import { createInterface } from 'node:readline';
-import { chmod, mkdir, readdir, readFile, stat, symlink, truncate, unlink, writeFile } from 'node:fs/promises';
+import { chmod, mkdir, readdir, readFile, rm, stat, symlink, truncate, unlink, writeFile } from 'node:fs/promises';
 import { openSync, readSync, closeSync, writeSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -21,6 +21,9 @@ async function rejection(p: Promise<unknown>): Promise<ThawError> {
   }
   throw new Error('expected a rejection');
 }
+
+/** Root entries less the verified-stamps directory, which the store keeps beside its checkpoints. */
+const withoutStamps = (entries: string[]): string[] => entries.filter((e) => e !== '.verified');
 
 async function publishSample(store: LocalStore, name: string, options: { replace?: boolean; pagesBytes?: number } = {}) {
   const pending = await store.beginCheckpoint(name);
@@ -85,6 +88,26 @@ describe('local checkpoint store', () => {
     expect(err.message).toMatch(/^verify checkpoint c1: criu\/pages-1\.img: expected sha256:[0-9a-f]{64} \(3145745 bytes\), found sha256:[0-9a-f]{64} \(3145745 bytes\)$/);
     expect(err.evidence['file']).toBe('criu/pages-1.img');
     expect(err.evidence['expected']).not.toBe(err.evidence['actual']);
+  });
+
+  it('hashes once per node: an unchanged checkpoint verifies from its stamp, a changed byte is hashed and caught', async () => {
+    await publishSample(store, 'c2');
+    expect((await store.verify('c2')).hashed, 'publish hashed every file already').toBe(false);
+    expect((await store.verify('c2', { rehash: true })).hashed).toBe(true);
+    expect((await store.verify('c2')).hashed).toBe(false);
+    expect((await store.verify('c2', { rehash: true })).hashed).toBe(true);
+    // A byte changed after the stamp: the file's ctime moved, so verify hashes again and finds it.
+    const fd = openSync(join(root, 'c2/criu/pages-1.img'), 'r+');
+    writeSync(fd, Buffer.from([0x5a]), 0, 1, 100);
+    closeSync(fd);
+    expect((await rejection(store.verify('c2'))).code).toBe('STORE_DIGEST_MISMATCH');
+    expect((await rejection(store.verify('c2'))).code, 'a failed verify leaves no stamp behind').toBe('STORE_DIGEST_MISMATCH');
+    // A replaced checkpoint has a new manifest id: its stamp does not carry over.
+    await publishSample(store, 'c2', { replace: true });
+    await rm(join(root, '.verified', 'c2.json'));
+    expect((await store.verify('c2')).hashed, 'no stamp: hashed').toBe(true);
+    const stampMode = (await stat(join(root, '.verified', 'c2.json'))).mode & 0o777;
+    expect(stampMode.toString(8)).toBe('600');
   });
 
   it('refuses a truncated file, an extra file, a missing file and a missing manifest with their own codes', async () => {
@@ -213,7 +236,7 @@ describe('local checkpoint store', () => {
     expect(await readdir(pending.dir)).not.toContain('manifest.json');
     await pending.abort();
     await pending.abort();
-    expect(await readdir(root)).toEqual(['c1']);
+    expect(withoutStamps(await readdir(root))).toEqual(['c1']);
     expect((await rejection(pending.publish(manifestFields()))).code).toBe('STORE_BAD_STATE');
   });
 
@@ -249,7 +272,7 @@ describe('local checkpoint store', () => {
     expect(stats.reads).toBeGreaterThan(100);
     expect(stats.ids).toBeGreaterThan(1);
     expect((await store.open('c1')).manifest.id).toBe(last.manifest.id);
-    expect((await readdir(root)).sort()).toEqual(['c1']);
+    expect(withoutStamps(await readdir(root)).sort()).toEqual(['c1']);
     await store.verify('c1');
   });
 
@@ -273,7 +296,7 @@ describe('local checkpoint store', () => {
     expect(await store.isLeased('c1')).toBe(false);
     expect(await readdir(join(root, '.leases'))).toEqual([]);
     await store.delete('c1');
-    expect(await readdir(root)).toEqual(['.leases']);
+    expect(withoutStamps(await readdir(root))).toEqual(['.leases']);
     expect((await rejection(store.open('c1'))).code).toBe('STORE_NOT_FOUND');
     expect((await rejection(store.acquireLease('c1'))).code).toBe('STORE_NOT_FOUND');
   });
