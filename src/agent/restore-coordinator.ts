@@ -14,6 +14,7 @@
 import { execFile } from 'node:child_process';
 import { mkdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { promisify } from 'node:util';
 import { errorMessage, isThawError } from '../errors.js';
 import type { Logger } from '../log.js';
@@ -221,7 +222,15 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
       overlayMounted = hook.record.mode === 'overlay';
       phases.hookMs = hook.record.ms;
       const t0 = performance.now();
-      const { verifyMs } = await job.prepared;
+      const verifyTimeoutMs = o.verifyTimeoutMs ?? DEFAULT_VERIFY_TIMEOUT_MS;
+      const timer = new AbortController();
+      const { verifyMs } = await Promise.race([
+        job.prepared,
+        sleep(verifyTimeoutMs, undefined, { signal: timer.signal }).then(() => {
+          job.abort.abort(new Error('verify timed out'));
+          throw new RestoreError(RestoreErrorCode.TIMEOUT, `verifying the checkpoint took longer than ${verifyTimeoutMs} ms`, { step: 'verify checkpoint' });
+        }),
+      ]).finally(() => timer.abort());
       phases.verifyMs = Math.round(verifyMs);
       phases.waitVerifyMs = Math.round(performance.now() - t0);
       if (signal.aborted) throw new RestoreError(RestoreErrorCode.ABORTED, 'the container went away', { step: 'restore' });

@@ -191,6 +191,8 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
       const ev = await waitFor(() => events.slice(before).find((e) => e.containerId === pod.containerId), 'the restore event', 120_000, 50);
       console.log(`restore event: ${JSON.stringify(ev)}; pod create to event ${Date.now() - t0} ms`);
       expect(ev, JSON.stringify(ev)).toMatchObject({ outcome: 'restored', mode: 'overlay' });
+      const line = logger.lines.find((l) => l.msg === 'restore' && l.fields.containerId === pod.containerId);
+      console.log(`criu restore options: ${JSON.stringify(line?.fields.criuOptions)}`);
       const restored = await waitForEvent(pod.logPath, 'restored');
       const s = await getJson<WorkerState>(restored.port as number, '/state');
       console.log(`restored worker answered ${Date.now() - t0} ms after RunPod`);
