@@ -19,13 +19,13 @@ import { promisify } from 'node:util';
 import { errorMessage, isThawError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { readHookOutcome, type HookOutcome } from '../oci-hooks/records.js';
-import { CriuClient } from '../restore-engine/criu/client.js';
+import type { CriuClient } from '../restore-engine/criu/client.js';
 import { RestoreError, RestoreErrorCode } from '../restore-engine/restore-errors.js';
 import { killRestoredTree, restoreIntoContainer, type RestoredTree } from '../restore-engine/restore.js';
 import { clearStaleMarkers, writeMarker } from '../sdk/control-dir.js';
 import type { LocalStore, OpenedCheckpoint, ReleaseLease } from '../store/local-store.js';
 import { StoreErrorCode } from '../store/errors.js';
-import type { ManagedContainer, ThawCoordinator, ThawNriStats, ThawRestoreConfig } from './thaw-nri.js';
+import type { ManagedContainer, ThawCoordinator, ThawNriStats } from './thaw-nri.js';
 
 const execFileP = promisify(execFile);
 
@@ -95,43 +95,6 @@ interface Job {
   prepared: Promise<{ verifyMs: number }>;
   release?: ReleaseLease;
   run?: Promise<void>;
-}
-
-/** What the plugin process needs to run restores: the coordinator and the NRI handlers' restore config. */
-export interface RestoreSetupOptions {
-  store: LocalStore;
-  logger: Logger;
-  stats?: ThawNriStats;
-  /** The toolkit prefix (e.g. /opt/thaw/stack/1.7): bin/criu, bin/tar, bin/gzip, bin/busybox. */
-  toolkitDir: string;
-  thawPausePath: string;
-  /** Absolute path of dist/src/oci-hooks/main.js. */
-  hookMainPath: string;
-  /** Absolute path of node for the hooks (default process.execPath). */
-  nodePath?: string;
-  workRoot?: string;
-}
-
-/**
- * One call for nri-main: a CRIU client on the toolkit, the coordinator, and the `restore` option of
- * createThawNriHandlers. Pass `coordinator` and `restore` to the handlers.
- */
-export function createRestoreSetup(o: RestoreSetupOptions): { coordinator: RestoreCoordinator; restore: ThawRestoreConfig } {
-  const bin = join(o.toolkitDir, 'bin');
-  const workRoot = o.workRoot ?? DEFAULT_WORK_ROOT;
-  // CRIU runs tar and gzip from PATH inside the target (its /dev tmpfs): the toolkit's GNU tar first.
-  const criu = new CriuClient({ criuPath: join(bin, 'criu'), logger: o.logger, env: { PATH: `${bin}:/usr/sbin:/usr/bin:/sbin:/bin` } });
-  const coordinator = createRestoreCoordinator({ store: o.store, criu, logger: o.logger, workRoot, toolkitBinDir: bin, ...(o.stats ? { stats: o.stats } : {}) });
-  return {
-    coordinator,
-    restore: {
-      store: o.store,
-      toolkitDir: o.toolkitDir,
-      thawPausePath: o.thawPausePath,
-      hookArgv: [o.nodePath ?? process.execPath, o.hookMainPath],
-      workRoot,
-    },
-  };
 }
 
 export function workDirFor(workRoot: string, containerId: string): string {

@@ -54,7 +54,7 @@ export const CRIU_LOG_ERROR_CONTEXT_LINES = 5;
  * is its FIRST error line, which on a machine without CAP_SYS_RESOURCE is always the rlimit one, so a
  * message built from cr_errmsg alone points at the wrong thing.
  */
-export const HARMLESS_CRIU_ERRORS: readonly RegExp[] = [/Can't setup RLIMIT_NOFILE for self/];
+export const HARMLESS_CRIU_ERRORS: readonly RegExp[] = [/Can't setup RLIMIT_NOFILE for self/, /tun: Unable to create tun/];
 
 /** What an error shows of CRIU's log: its path, the last lines, and the Error lines with context. */
 export interface CriuLogExcerpt {
