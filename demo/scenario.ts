@@ -94,6 +94,8 @@ export interface WorkerPodOptions {
   warmupMs: number;
   /** Serve this long before asking for the checkpoint (checkpoint sources only). */
   checkpointAfterMs?: number;
+  /** false: create the container but do not start it (the caller calls stack.cri.startContainer). */
+  start?: boolean;
 }
 
 export interface WorkerPod {
@@ -121,6 +123,7 @@ export async function runWorkerPod(stack: NodeStack, controlRoot: string, o: Wor
       WORKER_WARMUP_MS: String(o.warmupMs),
       WORKER_CHECKPOINT_AFTER_MS: String(o.checkpointAfterMs ?? 0),
     },
+    ...(o.start === false ? { start: false } : {}),
   });
   return { podId: r.podId, containerId: r.containerId, logPath: r.logPath, controlDir: join(controlRoot, r.containerId), startedAt };
 }

@@ -3,7 +3,10 @@
  * checkpoint coordinator (sources) and the restore coordinator (targets). The plugin process (nri-main.ts) and,
  * later, the long-running agent build it once per process.
  */
+import { existsSync } from 'node:fs';
 import { join } from 'node:path';
+import { errorMessage } from '../errors.js';
+import { CHECKPOINT_COMPLETE } from '../sdk/protocol.js';
 import type { Logger } from '../log.js';
 import { CriuClient } from '../restore-engine/criu/client.js';
 import { openLocalStore, type LocalStore } from '../store/local-store.js';
@@ -67,6 +70,14 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     containerGone: (id) => {
       checkpoints.containerGone(id);
       restores.containerGone(id);
+    },
+    containerRecovered: (c, pid) => {
+      if (c.role === 'restore-target') {
+        void restores.recoverTarget(c, pid).catch((err: unknown) => logger.error('thaw: recovering a restore target failed', { containerId: c.containerId, error: errorMessage(err) }));
+        return;
+      }
+      // A source whose checkpoint was not finished: wait for (or act on) its ready marker again.
+      if (!existsSync(join(c.controlDir, CHECKPOINT_COMPLETE))) checkpoints.checkpointSourceStarted(c, pid);
     },
   };
   const handlers = createThawNriHandlers({

@@ -12,7 +12,7 @@
  *             execs the original command: a cold start). One `restore` event per target, either way.
  */
 import { execFile } from 'node:child_process';
-import { mkdir, rm } from 'node:fs/promises';
+import { access, mkdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { promisify } from 'node:util';
@@ -23,6 +23,7 @@ import type { CriuClient } from '../restore-engine/criu/client.js';
 import { RestoreError, RestoreErrorCode } from '../restore-engine/restore-errors.js';
 import { killRestoredTree, restoreIntoContainer, type RestoredTree } from '../restore-engine/restore.js';
 import { clearStaleMarkers, writeMarker } from '../sdk/control-dir.js';
+import { RESTORE_COMPLETE, RESTORE_FAILED } from '../sdk/protocol.js';
 import type { LocalStore, OpenedCheckpoint, ReleaseLease } from '../store/local-store.js';
 import { StoreErrorCode } from '../store/errors.js';
 import type { ManagedContainer, ThawCoordinator, ThawNriStats } from './thaw-nri.js';
@@ -81,6 +82,12 @@ export interface RestoreCoordinatorOptions {
 }
 
 export interface RestoreCoordinator extends Required<Pick<ThawCoordinator, 'restoreTargetCreated' | 'restoreTargetStarted' | 'containerGone'>> {
+  /**
+   * A restore target found running when the agent (re)connected (NRI Synchronize). If no restore of this
+   * process is in flight and the worker was told neither restore-complete nor restore-failed, the agent that
+   * was restoring it died: fall back (cold start), so that no pod stays in its placeholder.
+   */
+  recoverTarget(container: ManagedContainer, pid: number): Promise<void>;
   /** Resolves when every restore started so far has ended (tests, shutdown). */
   idle(): Promise<void>;
   /** Aborts everything in flight (each target falls back). */
@@ -95,6 +102,14 @@ interface Job {
   prepared: Promise<{ verifyMs: number }>;
   release?: ReleaseLease;
   run?: Promise<void>;
+}
+
+/** The agent marker a worker was given, if any (restore-complete or restore-failed). */
+async function firstMarker(controlDir: string): Promise<string | undefined> {
+  for (const name of [RESTORE_COMPLETE, RESTORE_FAILED]) {
+    if (await access(join(controlDir, name)).then(() => true, () => false)) return name;
+  }
+  return undefined;
 }
 
 export function workDirFor(workRoot: string, containerId: string): string {
@@ -287,6 +302,43 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
       }
       if (job.run !== undefined) return;
       job.run = track(runRestore(job, pid));
+    },
+
+    async recoverTarget(container, pid) {
+      if (jobs.has(container.containerId)) return; // this process is restoring it (containerd reconnected)
+      const outcome = await firstMarker(container.controlDir);
+      if (outcome !== undefined) return; // finished before the restart: restored, or fallen back
+      const cause = RestoreErrorCode.AGENT_RESTARTED;
+      const reason = 'the agent restarted while this container waited for its restore';
+      const hook = await readHookOutcome(container.controlDir);
+      const problems: string[] = [];
+      if (hook.kind === 'done' && hook.record.mode === 'overlay' && hook.record.overlayPath !== undefined) {
+        // The overlay may already be gone (the restore had got past it): then umount fails, which is fine.
+        await unmountOverlay(pid, hook.record.overlayPath).catch((e: unknown) => problems.push(errorMessage(e)));
+      }
+      await writeMarker(container.controlDir, 'restore-failed', { reason, cause }).catch((e: unknown) => problems.push(`restore-failed marker: ${errorMessage(e)}`));
+      // thaw-pause kills whatever a half-finished restore left under it, then execs the original command.
+      if (hook.kind === 'done' || container.placeholder === 'args') {
+        try {
+          process.kill(pid, 'SIGUSR2');
+        } catch (e) {
+          problems.push(`SIGUSR2 to ${pid}: ${errorMessage(e)}`);
+        }
+      }
+      o.stats?.countFallback(cause);
+      const e: RestoreEvent = {
+        event: 'restore',
+        outcome: 'fallback',
+        cause,
+        reason,
+        checkpoint: container.checkpointName,
+        containerId: container.containerId,
+        pod: `${container.podNamespace}/${container.podName}`,
+        mode: container.placeholder ?? 'overlay',
+        phases: { totalMs: 0 },
+      };
+      logger.warn('restore', { ...e, ...(problems.length > 0 ? { problems } : {}) });
+      o.onEvent?.(e);
     },
 
     containerGone(containerId) {

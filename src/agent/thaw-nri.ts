@@ -17,7 +17,7 @@ import {
   type OnCheckpoint,
   type PolicyDecision,
 } from '../nri-plugin/policy.js';
-import type { Container, PodSandbox } from '../nri-plugin/nri-types.js';
+import { ContainerState, type Container, type PodSandbox } from '../nri-plugin/nri-types.js';
 import { createControlDir, removeControlDir } from '../sdk/control-dir.js';
 import { errorMessage, isThawError } from '../errors.js';
 import { supportsArgs } from '../nri-plugin/runtime-version.js';
@@ -63,6 +63,8 @@ export interface ThawCoordinator {
   restoreTargetStarted?(container: ManagedContainer, pid: number): void;
   /** A managed container stopped or was removed: abandon what runs for it. */
   containerGone?(containerId: string): void;
+  /** A managed container found running at NRI Synchronize (the agent restarted, or containerd did). */
+  containerRecovered?(container: ManagedContainer, pid: number): void;
 }
 
 /** What the restore branch needs; without it a restore target cold-starts ("restore-unavailable"). */
@@ -121,6 +123,37 @@ export function managedAnnotations(prefix: string, role: 'checkpoint-source' | '
     [`${prefix}role`]: role,
     [`${prefix}checkpoint-name`]: container.checkpointName,
     [`${prefix}control-dir`]: container.controlDir,
+    ...(container.placeholder ? { [`${prefix}placeholder`]: container.placeholder } : {}),
+    ...(container.onCheckpoint ? { [`${prefix}on-checkpoint`]: container.onCheckpoint } : {}),
+  };
+}
+
+/**
+ * What thaw knew of a container it adjusted, rebuilt from the annotations it set on it (managedAnnotations):
+ * how an agent that restarted learns its containers back from NRI Synchronize. Undefined for containers thaw
+ * did not adjust, or whose annotations do not read back as thaw's.
+ */
+export function managedFromContainer(prefix: string, pod: PodSandbox, container: Container): ManagedContainer | undefined {
+  const a = container.annotations ?? {};
+  const role = a[`${prefix}role`];
+  const checkpointName = a[`${prefix}checkpoint-name`];
+  const controlDir = a[`${prefix}control-dir`];
+  if ((role !== 'checkpoint-source' && role !== 'restore-target') || !checkpointName || !controlDir || !container.id) return undefined;
+  const placeholder = a[`${prefix}placeholder`];
+  const onCheckpoint = a[`${prefix}on-checkpoint`];
+  return {
+    containerId: container.id,
+    containerName: container.name ?? '',
+    podId: pod.id ?? container.podSandboxId ?? '',
+    podName: pod.name ?? '',
+    podNamespace: pod.namespace ?? '',
+    podUid: pod.uid ?? '',
+    checkpointName,
+    controlDir,
+    role,
+    ...(a[CRI_IMAGE_NAME_ANNOTATION] ? { imageRef: a[CRI_IMAGE_NAME_ANNOTATION] } : {}),
+    ...(placeholder === 'args' || placeholder === 'overlay' ? { placeholder } : {}),
+    ...(onCheckpoint === 'continue' || onCheckpoint === 'exit' ? { onCheckpoint } : {}),
   };
 }
 
@@ -328,6 +361,23 @@ export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { 
         });
         return undefined;
       }
+    },
+
+    // After a (re)connection: learn back the containers thaw adjusted, and let the flows pick up what a
+    // previous agent left unfinished (no pod may stay in its placeholder, no worker wait forever).
+    synchronize(pods, containers, ctx) {
+      const podsById = new Map(pods.map((p) => [p.id ?? '', p]));
+      let recovered = 0;
+      for (const container of containers) {
+        const entry = managedFromContainer(prefix, podsById.get(container.podSandboxId ?? '') ?? {}, container);
+        if (!entry) continue;
+        if (!managed.has(entry.containerId)) managed.set(entry.containerId, entry);
+        if (container.state === ContainerState.RUNNING && container.pid) {
+          recovered++;
+          options.coordinator?.containerRecovered?.(managed.get(entry.containerId)!, container.pid);
+        }
+      }
+      if (recovered > 0) ctx.logger.info('thaw: containers found on (re)connection', { managed: managed.size, running: recovered });
     },
 
     postStartContainer(_pod, container) {

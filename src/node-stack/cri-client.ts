@@ -144,6 +144,8 @@ export interface RunPodOptions extends CallOptions {
   privileged?: boolean;
   cgroupParent?: string;
   runtimeHandler?: string;
+  /** false: create the container but leave StartContainer to the caller (default true). */
+  start?: boolean;
 }
 
 export interface RunPodResult {
@@ -381,7 +383,7 @@ export class CriClient {
       };
       const containerId = await this.createContainer(podId, containerConfig, sandboxConfig, callOpts);
       const t2 = Date.now();
-      await this.startContainer(containerId, callOpts);
+      if (o.start !== false) await this.startContainer(containerId, callOpts);
       const t3 = Date.now();
       return {
         podId,

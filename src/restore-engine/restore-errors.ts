@@ -30,6 +30,8 @@ export const RestoreErrorCode = {
   TIMEOUT: 'RESTORE_TIMEOUT',
   /** The caller's AbortSignal fired (container removed, agent stopping). */
   ABORTED: 'RESTORE_ABORTED',
+  /** The agent died while the container waited for its restore; found on the next start (NRI Synchronize). */
+  AGENT_RESTARTED: 'RESTORE_AGENT_RESTARTED',
   /** Anything else (a bug): still a cold start. */
   INTERNAL: 'RESTORE_INTERNAL',
 } as const;
