@@ -10,6 +10,7 @@
  *
  *   node dist/bench/gpu/check-real-driver.js --pid PID [--victim-log FILE] [--libcuda PATH] [--nvml PATH] [--out FILE]
  */
+import { spawn } from 'node:child_process';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { pathToFileURL } from 'node:url';
@@ -33,7 +34,10 @@ export interface DriverCheckOptions {
   nvmlPath?: string;
   /** The victim's stdout: JSON lines {"sum": n, "expected": n}; checked for stalls while locked and resumption. */
   victimLog?: string;
-  /** A pid that is not a CUDA process (default: this process). */
+  /**
+   * A pid that is not a CUDA process (default: a `sleep` child started for the check). Not this process:
+   * once it has called cuInit the driver counts it as a CUDA process too (seen on the H100, r580).
+   */
   otherPid?: number;
   lockTimeoutMs?: number;
   /** How long the victim must stay silent while locked, and may take to resume after unlock. */
@@ -99,8 +103,16 @@ function victimProgress(path: string): VictimProgress {
 
 export async function checkRealDriver(options: DriverCheckOptions): Promise<DriverCheckReport> {
   const report: DriverCheckReport = { ok: true, steps: [], observed: {} };
+  const sleeper = options.otherPid === undefined ? spawn('sleep', ['600'], { stdio: 'ignore' }) : undefined;
+  try {
+    return await runChecks(options, report, options.otherPid ?? sleeper?.pid ?? 1);
+  } finally {
+    sleeper?.kill('SIGKILL');
+  }
+}
+
+async function runChecks(options: DriverCheckOptions, report: DriverCheckReport, otherPid: number): Promise<DriverCheckReport> {
   const pid = options.pid;
-  const otherPid = options.otherPid ?? process.pid;
   const lockTimeoutMs = options.lockTimeoutMs ?? 10_000;
   const stallCheckMs = options.stallCheckMs ?? 500;
   const resumeTimeoutMs = options.resumeTimeoutMs ?? 20_000;
@@ -191,6 +203,7 @@ export async function checkRealDriver(options: DriverCheckOptions): Promise<Driv
     }
   };
   await observe('getState of a non-CUDA pid', () => api.getState(otherPid));
+  await observe('getState of this process (it called cuInit)', () => api.getState(process.pid));
   await observe('restoreThreadId of a non-CUDA pid', () => api.restoreThreadId(otherPid));
   await observe('checkpoint of a running process', () => api.checkpoint(pid));
   await observe('unlock of a running process', () => api.unlock(pid));

@@ -10,11 +10,15 @@
  * running. Reserved fields of the argument structs must be zero (the driver says "must be zeroed"); the
  * fake enforces it, which is how the tests check that the bindings lay the structs out right.
  *
- * Choices the documentation does not settle (the real driver may differ; bench/gpu/check-real-driver.sh
- * shows what it does): a pid that is not a CUDA process gets CUDA_ERROR_NOT_FOUND; restoring without a GPU
- * map when the checkpoint's GPU is gone gets CUDA_ERROR_INVALID_DEVICE; a GPU map that names an absent GPU
- * or leaves out the checkpointed one gets CUDA_ERROR_INVALID_VALUE (cuda-checkpoint's "invalid argument"
- * for --device-map, NVIDIA/cuda-checkpoint issue #35); the restore thread id is pid + 1.
+ * Seen on the H100 (driver 580.159.04, bench/gpu/check-real-driver.sh) and done the same here: a call in
+ * the wrong state returns CUDA_ERROR_ILLEGAL_STATE and changes nothing; a GPU map naming an absent GPU
+ * returns CUDA_ERROR_INVALID_VALUE and leaves the process checkpointed; a pid that is not a CUDA process
+ * gets CUDA_ERROR_NOT_INITIALIZED (from getState and getRestoreThreadId alike); the calling process counts
+ * as a CUDA process once it has called cuInit.
+ *
+ * Choices the documentation does not settle (the real driver may differ): restoring without a GPU
+ * map when the checkpoint's GPU is gone gets CUDA_ERROR_INVALID_DEVICE; a GPU map that leaves out the
+ * checkpointed GPU gets CUDA_ERROR_INVALID_VALUE; the restore thread id is pid + 1.
  *
  * The VMM calls back "device memory" with host memory at the returned addresses: a reserved range is
  * PROT_NONE, a mapping gets fresh pages filled with 0xA5 (real cuMemCreate memory is not zeroed), readable
@@ -26,6 +30,7 @@
 #include <stdint.h>
 #include <sys/mman.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "fake-common.h"
 
@@ -224,7 +229,8 @@ static CUresult checkpoint_entry(const char *op, int pid, int *slot) {
   if (!initialized) return CUDA_ERROR_NOT_INITIALIZED;
   int injected = fake_injected(op, pid, KINDS);
   if (injected) return injected;
-  if (!fake_is_cuda_pid(pid)) return CUDA_ERROR_NOT_FOUND;
+  /* The real driver counts a process that called cuInit as a CUDA process (seen on r580): so does the fake. */
+  if (!fake_is_cuda_pid(pid) && !(pid == getpid() && initialized)) return CUDA_ERROR_NOT_INITIALIZED;
   *slot = find_proc(pid, 1);
   return *slot < 0 ? CUDA_ERROR_OUT_OF_MEMORY : CUDA_SUCCESS;
 }

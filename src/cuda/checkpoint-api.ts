@@ -129,7 +129,8 @@ export class CudaCheckpointApi {
    * The pids (of a container's process tree) that are CUDA processes: those for which the driver returns
    * a restore thread id. Dynamo's technique, and CRIU's CUDA plugin's (`--get-restore-tid`): getState
    * also answers for `--launch-job` coordinators that hold no GPU state. Any failure means "not CUDA"
-   * (the driver reports a non-CUDA pid as an error); each is logged at debug level with its name.
+   * (driver 580 answers CUDA_ERROR_NOT_INITIALIZED for a non-CUDA pid); each is logged at debug level with
+   * its name. Note: a process that has merely called cuInit counts as a CUDA process (the agent itself does).
    */
   findCudaProcesses(pids: readonly number[]): number[] {
     const found: number[] = [];

@@ -119,8 +119,8 @@ describe('process trees', () => {
     setFakeEnv({ FAKE_CUDA_PIDS: '601', FAKE_CUDA_PIDS_FILE: pidFile });
     expect(api.findCudaProcesses([600, 601, 602, 603, 604])).toEqual([601, 603, 604]);
     expect(log.lines.filter((l) => l.msg === 'not a CUDA process').map((l) => l.fields)).toEqual([
-      { pid: 600, result: 'CUDA_ERROR_NOT_FOUND' },
-      { pid: 602, result: 'CUDA_ERROR_NOT_FOUND' },
+      { pid: 600, result: 'CUDA_ERROR_NOT_INITIALIZED' },
+      { pid: 602, result: 'CUDA_ERROR_NOT_INITIALIZED' },
     ]);
   });
 

@@ -176,9 +176,9 @@ describe('checkpoint calls', () => {
     expect(err.toJSON()).toMatchObject({ code: 'CUDA_CALL_FAILED', step: 'checkpoint pid 1234' });
   });
 
-  it('a non-CUDA pid: the driver error (the fake says CUDA_ERROR_NOT_FOUND)', async () => {
+  it('a non-CUDA pid: CUDA_ERROR_NOT_INITIALIZED, as the real driver (r580) answers', async () => {
     const err = await failure(() => driver.checkpointGetState(4321));
-    expect(err).toMatchObject({ resultName: 'CUDA_ERROR_NOT_FOUND', result: 500, pid: 4321, step: 'get checkpoint state of pid 4321' });
+    expect(err).toMatchObject({ resultName: 'CUDA_ERROR_NOT_INITIALIZED', result: 3, pid: 4321, step: 'get checkpoint state of pid 4321' });
   });
 
   it('a lock timeout: CUDA_ERROR_TIMEOUT (909) and the process stays running', async () => {

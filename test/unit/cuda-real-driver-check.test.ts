@@ -18,7 +18,8 @@ describe('check-real-driver against the fake driver', () => {
     expect(report.steps.filter((s) => !s.ok)).toEqual([]);
     expect(report.ok).toBe(true);
     expect(report.driverVersion).toBe(13000);
-    expect(report.observed['getState of a non-CUDA pid']).toMatchObject({ resultName: 'CUDA_ERROR_NOT_FOUND' });
+    expect(report.observed['getState of a non-CUDA pid']).toMatchObject({ resultName: 'CUDA_ERROR_NOT_INITIALIZED' });
+    expect(report.observed['getState of this process (it called cuInit)']).toBe('succeeded');
     expect(report.observed['checkpoint of a running process']).toMatchObject({ resultName: 'CUDA_ERROR_ILLEGAL_STATE' });
     expect(report.observed['restore with a map onto an absent GPU']).toMatchObject({ resultName: 'CUDA_ERROR_INVALID_VALUE' });
     expect(report.steps.map((s) => s.name)).toContain('round 2: restore with an explicit identity GPU pair (13.0 args layout)');
