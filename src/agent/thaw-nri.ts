@@ -128,6 +128,18 @@ export function managedAnnotations(prefix: string, role: 'checkpoint-source' | '
   };
 }
 
+/** The identity part of a ManagedContainer, from NRI's pod and container. */
+function identityOf(pod: PodSandbox, container: Container): Pick<ManagedContainer, 'containerId' | 'containerName' | 'podId' | 'podName' | 'podNamespace' | 'podUid'> {
+  return {
+    containerId: container.id ?? '',
+    containerName: container.name ?? '',
+    podId: pod.id ?? container.podSandboxId ?? '',
+    podName: pod.name ?? '',
+    podNamespace: pod.namespace ?? '',
+    podUid: pod.uid ?? '',
+  };
+}
+
 /**
  * What thaw knew of a container it adjusted, rebuilt from the annotations it set on it (managedAnnotations):
  * how an agent that restarted learns its containers back from NRI Synchronize. Undefined for containers thaw
@@ -142,12 +154,7 @@ export function managedFromContainer(prefix: string, pod: PodSandbox, container:
   const placeholder = a[`${prefix}placeholder`];
   const onCheckpoint = a[`${prefix}on-checkpoint`];
   return {
-    containerId: container.id,
-    containerName: container.name ?? '',
-    podId: pod.id ?? container.podSandboxId ?? '',
-    podName: pod.name ?? '',
-    podNamespace: pod.namespace ?? '',
-    podUid: pod.uid ?? '',
+    ...identityOf(pod, container),
     checkpointName,
     controlDir,
     role,
@@ -188,12 +195,7 @@ export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { 
       return undefined;
     }
     const entry: ManagedContainer = {
-      containerId,
-      containerName: container.name ?? '',
-      podId: pod.id ?? '',
-      podName: pod.name ?? '',
-      podNamespace: pod.namespace ?? '',
-      podUid: pod.uid ?? '',
+      ...identityOf(pod, container),
       checkpointName,
       onCheckpoint,
       controlDir,
@@ -265,12 +267,7 @@ export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { 
     }
     const placeholder = supportsArgs(ctx.runtime.name, ctx.runtime.version, ctx.runtime.nriVersion) ? 'args' : 'overlay';
     const entry: ManagedContainer = {
-      containerId,
-      containerName: container.name ?? '',
-      podId: pod.id ?? '',
-      podName: pod.name ?? '',
-      podNamespace: pod.namespace ?? '',
-      podUid: pod.uid ?? '',
+      ...identityOf(pod, container),
       checkpointName,
       controlDir,
       imageRef,
