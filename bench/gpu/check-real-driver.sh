@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # On the GPU machine: checks src/cuda against the real driver, then runs the GPU worker's selftest.
-# Results go to $OUT, six files: bindings.json (check-real-driver: every binding on a live PyTorch process,
+# Results go to $OUT, seven files: bindings.json (check-real-driver: every binding on a live PyTorch process,
 # which must stall while locked and go on with the same checksum after restore + unlock), victim.log,
 # worker-selftest.json (load → graph → generate → release the KV pool → remap → same tokens and logits),
-# environment.txt, stderr.log (both checks' stderr), summary.json. Exit status 0 only when both passed.
+# cycle.log (the serving worker through one CUDA lock/checkpoint/restore/unlock with its pool released:
+# timings, GPU memory per state, tokens before and after), environment.txt, stderr.log, summary.json.
+# Exit status 0 only when all three passed.
 #
 # Needs: python3 with torch + transformers, the NVIDIA driver, root (or CAP_SYS_PTRACE) for the
 # checkpoint API, and Node.js: $NODE, or the bundle made by bench/gpu/pack-for-device.sh on the CPU
@@ -62,5 +64,44 @@ fi
 python3 bench/gpu/worker.py --selftest --json "$OUT/worker-selftest.json" $SELFTEST_ARGS > /dev/null 2>> "$OUT/stderr.log"
 selftest_rc=$?
 
-printf '{"bindings": "%s", "workerSelftest": "%s", "out": "%s"}\n' "$bindings_rc" "$selftest_rc" "$OUT" | tee "$OUT/summary.json"
-[ "$bindings_rc" = 0 ] && [ "$selftest_rc" = 0 ]
+# The serving worker through one CUDA cycle (no CRIU): it releases its KV pool and says ready; Node locks,
+# checkpoints, restores and unlocks it; told checkpoint-complete, it remaps and must print the same tokens.
+cycle_rc=skipped
+CYCLE_JS=$(dirname "$CHECK_JS")/cuda-cycle.js
+if [ -n "$NODE" ] && [ -f "$CYCLE_JS" ]; then
+  control=$(mktemp -d /tmp/thaw-control.XXXXXX)
+  : > "$OUT/cycle.log" # both the worker and Node append to it (O_APPEND: neither overwrites the other)
+  # shellcheck disable=SC2086
+  SNAPSHOT_CONTROL_DIR=$control python3 bench/gpu/worker.py --print-tokens --port 18000 $SELFTEST_ARGS >> "$OUT/cycle.log" 2>> "$OUT/stderr.log" &
+  worker=$!
+  for _ in $(seq 1 1800); do
+    [ -e "$control/ready-for-checkpoint" ] && break
+    kill -0 "$worker" 2> /dev/null || break
+    sleep 0.1
+  done
+  if [ -e "$control/ready-for-checkpoint" ]; then
+    "$NODE" "$CYCLE_JS" --pid "$worker" >> "$OUT/cycle.log" 2>> "$OUT/stderr.log"
+    cycle_rc=$?
+    : > "$control/checkpoint-complete"
+    for _ in $(seq 1 300); do
+      [ "$(grep -c '"event": "tokens"' "$OUT/cycle.log")" -ge 2 ] && break
+      sleep 0.1
+    done
+    python3 - "$OUT/cycle.log" >> "$OUT/cycle.log" << 'PY' || cycle_rc=tokens-differ
+import json, sys
+lines = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+tokens = [l["tokens"] for l in lines if l.get("event") == "tokens"]
+ok = len(tokens) == 2 and tokens[0] == tokens[1]
+print(json.dumps({"event": "compare", "tokensEqual": ok}))
+sys.exit(0 if ok else 1)
+PY
+  else
+    cycle_rc=worker-not-ready
+  fi
+  kill "$worker" 2> /dev/null
+  wait "$worker" 2> /dev/null
+  rm -rf "$control"
+fi
+
+printf '{"bindings": "%s", "workerSelftest": "%s", "servingCycle": "%s", "out": "%s"}\n' "$bindings_rc" "$selftest_rc" "$cycle_rc" "$OUT" | tee "$OUT/summary.json"
+[ "$bindings_rc" = 0 ] && [ "$selftest_rc" = 0 ] && [ "$cycle_rc" = 0 ]

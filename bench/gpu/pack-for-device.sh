@@ -10,7 +10,7 @@ NODE_BIN=$(readlink -f "$(command -v node)")
 mkdir -p "$BUNDLE"
 rm -rf "$BUNDLE/dist" "$BUNDLE/node_modules"
 npx tsc --outDir "$BUNDLE/dist" --rootDir . --module NodeNext --moduleResolution NodeNext --target ES2022 \
-  --strict --skipLibCheck --types node --sourceMap false src/cuda/index.ts bench/gpu/check-real-driver.ts
+  --strict --skipLibCheck --types node --sourceMap false src/cuda/index.ts bench/gpu/check-real-driver.ts bench/gpu/cuda-cycle.ts
 echo '{ "type": "module", "private": true }' > "$BUNDLE/package.json"
 K=node_modules/koffi
 mkdir -p "$BUNDLE/$K/build/koffi"
