@@ -20,6 +20,19 @@
  *   FAKE_CUDA_DELAY_MS   sleep this long inside lock/checkpoint/restore/unlock (to show they run off the
  *                        event loop)
  *   FAKE_NVML_USED_BYTES GPU memory NVML reports for each CUDA process (default 1 GiB)
+ *   FAKE_CUDA_STATE_DIR  turns on token mode (below) and is where its call log goes
+ *
+ * Token mode, for tests that take a process through CRIU. The real driver keeps a process's checkpoint
+ * state inside that process, so a CRIU-restored process (a new host pid) is CHECKPOINTED in the driver's
+ * eyes. The fake does the same: a CUDA process is one whose environment holds FAKE_CUDA_TOKEN=<id> (read
+ * from /proc/<pid>/environ), and its state is the one digit of its FAKE_CUDA_STATE=<0|1|2> variable
+ * (running, locked, checkpointed), which the fake rewrites in the process's own memory through
+ * /proc/<pid>/mem. CRIU saves and restores that memory with the rest: the restored process carries the
+ * state it had at dump time, and a cold-started one (fresh environment) is running. The caller needs
+ * ptrace access to the process (root, as the agent is). Every lock, checkpoint, restore and unlock on a
+ * token process is appended to <FAKE_CUDA_STATE_DIR>/calls.log as "<op> <token> <pid> <CUresult name>"
+ * (restore adds " pairs=<n>"). FAKE_CUDA_PIDS still works beside it; the calling process still counts.
+ * NVML lists the token processes that are not checkpointed (a checkpointed process holds no GPU memory).
  */
 #ifndef THAW_FAKE_COMMON_H
 #define THAW_FAKE_COMMON_H
@@ -170,6 +183,107 @@ static __attribute__((unused)) int fake_injected(const char *op, int pid, const 
     p += len;
   }
   return 0;
+}
+
+/* ---- token mode (see the file comment) ---- */
+
+#define FAKE_TOKEN_ENV "FAKE_CUDA_TOKEN="
+#define FAKE_STATE_ENV "FAKE_CUDA_STATE="
+#define FAKE_ENVIRON_MAX (256 * 1024)
+
+struct fake_token {
+  char id[128];
+  /* Address of the state digit in the process, and its value (0 running, 1 locked, 2 checkpointed). */
+  unsigned long long state_addr;
+  int state;
+};
+
+static __attribute__((unused)) int fake_token_mode(void) {
+  const char *dir = fake_get("FAKE_CUDA_STATE_DIR");
+  return dir && *dir;
+}
+
+/* env_start (field 50 of /proc/<pid>/stat, Linux 3.5+): where /proc/<pid>/environ starts in its memory. */
+static __attribute__((unused)) int fake_env_start(int pid, unsigned long long *out) {
+  char path[64], buf[2048];
+  snprintf(path, sizeof path, "/proc/%d/stat", pid);
+  FILE *f = fopen(path, "r");
+  if (!f) return -1;
+  size_t n = fread(buf, 1, sizeof buf - 1, f);
+  fclose(f);
+  buf[n] = '\0';
+  char *p = strrchr(buf, ')'); /* the command name may hold spaces and parentheses */
+  if (!p) return -1;
+  p++;
+  /* Fields from 3 on follow the ')': field 50 is the 48th of them. */
+  for (int field = 3; field < 50; field++) {
+    while (*p == ' ') p++;
+    while (*p && *p != ' ') p++;
+    if (!*p) return -1;
+  }
+  *out = strtoull(p, NULL, 10);
+  return *out ? 0 : -1;
+}
+
+/*
+ * Fills `t` for `pid`: 1 when the process carries a token and a well-formed state variable, 0 when it is
+ * not a token process (or cannot be read: gone, not ours).
+ */
+static __attribute__((unused)) int fake_read_token(int pid, struct fake_token *t) {
+  static __thread char env[FAKE_ENVIRON_MAX];
+  char path[64];
+  snprintf(path, sizeof path, "/proc/%d/environ", pid);
+  FILE *f = fopen(path, "r");
+  if (!f) return 0;
+  size_t n = fread(env, 1, sizeof env - 1, f);
+  fclose(f);
+  env[n] = '\0';
+  int have_token = 0;
+  long state_off = -1;
+  for (size_t i = 0; i < n; i += strlen(env + i) + 1) {
+    const char *kv = env + i;
+    if (strncmp(kv, FAKE_TOKEN_ENV, strlen(FAKE_TOKEN_ENV)) == 0) {
+      snprintf(t->id, sizeof t->id, "%s", kv + strlen(FAKE_TOKEN_ENV));
+      have_token = t->id[0] != '\0';
+    } else if (strncmp(kv, FAKE_STATE_ENV, strlen(FAKE_STATE_ENV)) == 0) {
+      state_off = (long)(i + strlen(FAKE_STATE_ENV));
+    }
+  }
+  if (!have_token || state_off < 0 || (size_t)state_off >= n) return 0;
+  char digit = env[state_off];
+  if (digit < '0' || digit > '2') return 0;
+  unsigned long long start;
+  if (fake_env_start(pid, &start) != 0) return 0;
+  t->state_addr = start + (unsigned long long)state_off;
+  t->state = digit - '0';
+  return 1;
+}
+
+/* Writes the state digit into the process's memory; 0 on success. */
+static __attribute__((unused)) int fake_write_token_state(int pid, struct fake_token *t, int state) {
+  char path[64];
+  snprintf(path, sizeof path, "/proc/%d/mem", pid);
+  FILE *f = fopen(path, "r+");
+  if (!f) return -1;
+  char digit = (char)('0' + state);
+  int ok = fseeko(f, (off_t)t->state_addr, SEEK_SET) == 0 && fwrite(&digit, 1, 1, f) == 1;
+  ok = (fclose(f) == 0) && ok;
+  if (!ok) return -1;
+  t->state = state;
+  return 0;
+}
+
+/* Appends one line to <FAKE_CUDA_STATE_DIR>/calls.log (O_APPEND: lines of concurrent calls stay whole). */
+static __attribute__((unused)) void fake_log_call(const char *line) {
+  const char *dir = fake_get("FAKE_CUDA_STATE_DIR");
+  if (!dir || !*dir) return;
+  char path[FAKE_VALUE_MAX];
+  snprintf(path, sizeof path, "%s/calls.log", dir);
+  FILE *f = fopen(path, "a");
+  if (!f) return;
+  fputs(line, f);
+  fputc('\n', f);
+  fclose(f);
 }
 
 #endif

@@ -224,32 +224,67 @@ FAKE_EXPORT CUresult cuDeviceTotalMem_v2(size_t *bytes, CUdevice dev) {
 
 /* ---- the checkpoint API (cuda.h, group CUDA_CHECKPOINT) ---- */
 
-/* Validates what every checkpoint call shares; returns the proc slot through *slot. */
-static CUresult checkpoint_entry(const char *op, int pid, int *slot) {
+/*
+ * The process a checkpoint call is about: a pid-mode slot in procs[] (FAKE_CUDA_PIDS, the caller), or a
+ * token process whose state lives in its own memory (fake-common.h, token mode).
+ */
+struct target {
+  int pid, slot, is_token;
+  struct fake_token token;
+};
+
+static int target_state(const struct target *t) { return t->is_token ? t->token.state : procs[t->slot].state; }
+
+static CUresult target_set_state(struct target *t, int state) {
+  if (!t->is_token) {
+    procs[t->slot].state = state;
+    return CUDA_SUCCESS;
+  }
+  /* The process's memory could not be written (it exited, or no ptrace access): as if the driver failed. */
+  return fake_write_token_state(t->pid, &t->token, state) == 0 ? CUDA_SUCCESS : CUDA_ERROR_UNKNOWN;
+}
+
+/* Validates what every checkpoint call shares and finds the process the call is about. */
+static CUresult checkpoint_entry(const char *op, int pid, struct target *t) {
+  t->pid = pid;
+  t->slot = -1;
+  t->is_token = fake_token_mode() && pid > 0 && fake_read_token(pid, &t->token);
   if (!initialized) return CUDA_ERROR_NOT_INITIALIZED;
   int injected = fake_injected(op, pid, KINDS);
   if (injected) return injected;
+  if (t->is_token) return CUDA_SUCCESS;
   /* The real driver counts a process that called cuInit as a CUDA process (seen on r580): so does the fake. */
   if (!fake_is_cuda_pid(pid) && !(pid == getpid() && initialized)) return CUDA_ERROR_NOT_INITIALIZED;
-  *slot = find_proc(pid, 1);
-  return *slot < 0 ? CUDA_ERROR_OUT_OF_MEMORY : CUDA_SUCCESS;
+  t->slot = find_proc(pid, 1);
+  return t->slot < 0 ? CUDA_ERROR_OUT_OF_MEMORY : CUDA_SUCCESS;
+}
+
+/* Token mode: one line of the call log per state-changing call on a token process, failures included. */
+static void log_call(const char *op, const struct target *t, CUresult r, int pairs) {
+  if (!t->is_token) return;
+  const char *name = NULL;
+  char line[512];
+  cuGetErrorName(r, &name);
+  int n = snprintf(line, sizeof line, "%s %s %d %s", op, t->token.id, t->pid, name ? name : "CUresult(?)");
+  if (pairs >= 0 && n > 0 && (size_t)n < sizeof line) snprintf(line + n, sizeof line - (size_t)n, " pairs=%d", pairs);
+  fake_log_call(line);
 }
 
 FAKE_EXPORT CUresult cuCheckpointProcessGetState(int pid, int *state) {
-  int slot;
+  struct target t;
   if (!state) return CUDA_ERROR_INVALID_VALUE;
   pthread_mutex_lock(&lock_);
-  CUresult r = checkpoint_entry("state", pid, &slot);
-  if (r == CUDA_SUCCESS) *state = procs[slot].state;
+  CUresult r = checkpoint_entry("state", pid, &t);
+  if (r == CUDA_SUCCESS) *state = target_state(&t);
   pthread_mutex_unlock(&lock_);
   return r;
 }
 
 FAKE_EXPORT CUresult cuCheckpointProcessGetRestoreThreadId(int pid, int *tid) {
-  int slot;
+  struct target t;
   if (!tid) return CUDA_ERROR_INVALID_VALUE;
   pthread_mutex_lock(&lock_);
-  CUresult r = checkpoint_entry("restore-tid", pid, &slot);
+  CUresult r = checkpoint_entry("restore-tid", pid, &t);
   if (r == CUDA_SUCCESS) *tid = pid + 1;
   pthread_mutex_unlock(&lock_);
   return r;
@@ -257,7 +292,7 @@ FAKE_EXPORT CUresult cuCheckpointProcessGetRestoreThreadId(int pid, int *tid) {
 
 /* CUcheckpointLockArgs: {unsigned timeoutMs; unsigned reserved0; cuuint64_t reserved1[7];} = 64 bytes. */
 FAKE_EXPORT CUresult cuCheckpointProcessLock(int pid, const unsigned char *args) {
-  int slot;
+  struct target t = {0};
   delay();
   pthread_mutex_lock(&lock_);
   CUresult r = CUDA_SUCCESS;
@@ -267,32 +302,34 @@ FAKE_EXPORT CUresult cuCheckpointProcessLock(int pid, const unsigned char *args)
     if (!all_zero(args + 4, 60)) r = CUDA_ERROR_INVALID_VALUE;
   }
   last_lock_timeout_ms = timeout_ms;
-  if (r == CUDA_SUCCESS) r = checkpoint_entry("lock", pid, &slot);
-  if (r == CUDA_SUCCESS) {
-    if (procs[slot].state != STATE_RUNNING) r = CUDA_ERROR_ILLEGAL_STATE;
-    else procs[slot].state = STATE_LOCKED;
-  }
+  if (r == CUDA_SUCCESS) r = checkpoint_entry("lock", pid, &t);
+  if (r == CUDA_SUCCESS) r = target_state(&t) != STATE_RUNNING ? CUDA_ERROR_ILLEGAL_STATE : target_set_state(&t, STATE_LOCKED);
+  log_call("lock", &t, r, -1);
   pthread_mutex_unlock(&lock_);
   return r;
 }
 
 /* CUcheckpointCheckpointArgs: {cuuint64_t reserved[8];} = 64 bytes (13.4 puts a NULL-able pointer first). */
 FAKE_EXPORT CUresult cuCheckpointProcessCheckpoint(int pid, const unsigned char *args) {
-  int slot;
+  struct target t = {0};
   delay();
   pthread_mutex_lock(&lock_);
   CUresult r = args && !all_zero(args, 64) ? CUDA_ERROR_INVALID_VALUE : CUDA_SUCCESS;
-  if (r == CUDA_SUCCESS) r = checkpoint_entry("checkpoint", pid, &slot);
+  if (r == CUDA_SUCCESS) r = checkpoint_entry("checkpoint", pid, &t);
   if (r == CUDA_SUCCESS) {
-    if (procs[slot].state != STATE_LOCKED) {
+    if (target_state(&t) != STATE_LOCKED) {
       r = CUDA_ERROR_ILLEGAL_STATE;
     } else {
-      unsigned char gpus[FAKE_MAX_GPUS][16];
-      procs[slot].has_gpu = fake_gpus(gpus) > 0;
-      if (procs[slot].has_gpu) memcpy(procs[slot].gpu, gpus[0], 16);
-      procs[slot].state = STATE_CHECKPOINTED;
+      r = target_set_state(&t, STATE_CHECKPOINTED);
+      if (r == CUDA_SUCCESS && !t.is_token) {
+        /* The GPU a pid-mode process was checkpointed on (token mode does not track it). */
+        unsigned char gpus[FAKE_MAX_GPUS][16];
+        procs[t.slot].has_gpu = fake_gpus(gpus) > 0;
+        if (procs[t.slot].has_gpu) memcpy(procs[t.slot].gpu, gpus[0], 16);
+      }
     }
   }
+  log_call("checkpoint", &t, r, -1);
   pthread_mutex_unlock(&lock_);
   return r;
 }
@@ -304,7 +341,7 @@ FAKE_EXPORT CUresult cuCheckpointProcessCheckpoint(int pid, const unsigned char 
  * {CUuuid oldUuid; CUuuid newUuid;} = 32 bytes.
  */
 FAKE_EXPORT CUresult cuCheckpointProcessRestore(int pid, const unsigned char *args) {
-  int slot;
+  struct target t = {0};
   delay();
   pthread_mutex_lock(&lock_);
   const unsigned char *pairs = NULL;
@@ -315,38 +352,38 @@ FAKE_EXPORT CUresult cuCheckpointProcessRestore(int pid, const unsigned char *ar
     memcpy(&count, args + 8, 4);
     if (!all_zero(args + 12, 52) || (count > 0 && !pairs) || count > MAX_PAIRS) r = CUDA_ERROR_INVALID_VALUE;
   }
-  if (r == CUDA_SUCCESS) r = checkpoint_entry("restore", pid, &slot);
-  if (r == CUDA_SUCCESS && procs[slot].state != STATE_CHECKPOINTED) r = CUDA_ERROR_ILLEGAL_STATE;
+  if (r == CUDA_SUCCESS) r = checkpoint_entry("restore", pid, &t);
+  if (r == CUDA_SUCCESS && target_state(&t) != STATE_CHECKPOINTED) r = CUDA_ERROR_ILLEGAL_STATE;
+  int has_gpu = r == CUDA_SUCCESS && !t.is_token && procs[t.slot].has_gpu;
   if (r == CUDA_SUCCESS && count > 0) {
-    int covers_checkpointed = !procs[slot].has_gpu;
+    int covers_checkpointed = !has_gpu;
     for (unsigned i = 0; i < count && r == CUDA_SUCCESS; i++) {
-      if (procs[slot].has_gpu && memcmp(pairs + 32 * i, procs[slot].gpu, 16) == 0) covers_checkpointed = 1;
+      if (has_gpu && memcmp(pairs + 32 * i, procs[t.slot].gpu, 16) == 0) covers_checkpointed = 1;
       if (!gpu_present(pairs + 32 * i + 16)) r = CUDA_ERROR_INVALID_VALUE;
     }
     if (!covers_checkpointed) r = CUDA_ERROR_INVALID_VALUE; /* "must contain every checkpointed GPU" */
-  } else if (r == CUDA_SUCCESS && procs[slot].has_gpu && !gpu_present(procs[slot].gpu)) {
+  } else if (r == CUDA_SUCCESS && has_gpu && !gpu_present(procs[t.slot].gpu)) {
     r = CUDA_ERROR_INVALID_DEVICE;
   }
+  if (r == CUDA_SUCCESS) r = target_set_state(&t, STATE_LOCKED);
   if (r == CUDA_SUCCESS) {
     last_pair_count = (int)count;
     if (count) memcpy(last_pairs, pairs, 32 * count);
-    procs[slot].state = STATE_LOCKED;
   }
+  log_call("restore", &t, r, (int)count);
   pthread_mutex_unlock(&lock_);
   return r;
 }
 
 /* CUcheckpointUnlockArgs: {cuuint64_t reserved[8];} = 64 bytes. */
 FAKE_EXPORT CUresult cuCheckpointProcessUnlock(int pid, const unsigned char *args) {
-  int slot;
+  struct target t = {0};
   delay();
   pthread_mutex_lock(&lock_);
   CUresult r = args && !all_zero(args, 64) ? CUDA_ERROR_INVALID_VALUE : CUDA_SUCCESS;
-  if (r == CUDA_SUCCESS) r = checkpoint_entry("unlock", pid, &slot);
-  if (r == CUDA_SUCCESS) {
-    if (procs[slot].state != STATE_LOCKED) r = CUDA_ERROR_ILLEGAL_STATE;
-    else procs[slot].state = STATE_RUNNING;
-  }
+  if (r == CUDA_SUCCESS) r = checkpoint_entry("unlock", pid, &t);
+  if (r == CUDA_SUCCESS) r = target_state(&t) != STATE_LOCKED ? CUDA_ERROR_ILLEGAL_STATE : target_set_state(&t, STATE_RUNNING);
+  log_call("unlock", &t, r, -1);
   pthread_mutex_unlock(&lock_);
   return r;
 }

@@ -2,6 +2,8 @@
  * A fake NVML (libnvidia-ml.so.1) for machines without a GPU: the calls src/cuda/nvml.ts makes, with the
  * real signatures and nvmlReturn_t numbers, describing the same GPUs as the fake libcuda (fake-common.h).
  */
+#include <dirent.h>
+
 #include "fake-common.h"
 
 typedef int nvmlReturn_t;
@@ -127,7 +129,8 @@ FAKE_EXPORT nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t device, unsigned l
 /*
  * nvmlProcessInfo_t (v2/v3 layout, nvml.h): {unsigned pid; unsigned long long usedGpuMemory; unsigned
  * gpuInstanceId; unsigned computeInstanceId;} = 24 bytes with natural alignment. The processes are the
- * pids of FAKE_CUDA_PIDS, each on the first GPU. With *count too small: NVML_ERROR_INSUFFICIENT_SIZE and
+ * pids of FAKE_CUDA_PIDS, and in token mode the token processes that are not checkpointed, each on the
+ * first GPU. With *count too small: NVML_ERROR_INSUFFICIENT_SIZE and
  * the needed count, as the real call does.
  */
 struct proc_info {
@@ -152,6 +155,16 @@ FAKE_EXPORT nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(nvmlDevice_t de
     char *end;
     pids[n++] = (int)strtol(p, &end, 10);
     p = end;
+  }
+  if (dev == 0 && fake_token_mode()) {
+    DIR *proc = opendir("/proc");
+    for (struct dirent *e; proc && (e = readdir(proc)) != NULL && n < 64;) {
+      if (!isdigit((unsigned char)e->d_name[0])) continue;
+      struct fake_token t;
+      int pid = atoi(e->d_name);
+      if (fake_read_token(pid, &t) && t.state != 2) pids[n++] = pid;
+    }
+    if (proc) closedir(proc);
   }
   if (*count < n) {
     *count = n;

@@ -3,6 +3,7 @@
  * failure fails the test), their paths, the fake-only introspection calls, and the env the fake reads.
  */
 import { execFileSync } from 'node:child_process';
+import { readFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import koffi from 'koffi';
 
@@ -29,6 +30,7 @@ const FAKE_ENV = [
   'FAKE_CUDA_DELAY_MS',
   'FAKE_NVML_USED_BYTES',
   'FAKE_NVML_DRIVER_VERSION',
+  'FAKE_CUDA_STATE_DIR',
 ] as const;
 
 /** Sets the fake's settings for this test (the fake reads them at every call); `undefined` unsets. */
@@ -69,4 +71,46 @@ export function fakeIntrospection(): FakeIntrospection {
       ]);
     },
   };
+}
+
+/**
+ * Token mode (fake-common.h): the environment that makes a process a CUDA process to a fake running with
+ * FAKE_CUDA_STATE_DIR set. FAKE_CUDA_STATE is the one-digit slot the fake keeps the process's state in.
+ */
+export function fakeTokenEnv(token: string): Record<string, string> {
+  return { FAKE_CUDA_TOKEN: token, FAKE_CUDA_STATE: '0' };
+}
+
+/** One line of <FAKE_CUDA_STATE_DIR>/calls.log. */
+export interface FakeCall {
+  op: 'lock' | 'checkpoint' | 'restore' | 'unlock';
+  token: string;
+  pid: number;
+  result: string;
+  pairs?: number;
+}
+
+export async function readFakeCalls(stateDir: string, token?: string): Promise<FakeCall[]> {
+  const text = await readFile(join(stateDir, 'calls.log'), 'utf8').catch(() => '');
+  return text
+    .split('\n')
+    .filter((l) => l !== '')
+    .map((l) => {
+      const [op, tok, pid, result, pairs] = l.split(' ');
+      return {
+        op: op as FakeCall['op'],
+        token: tok ?? '',
+        pid: Number(pid),
+        result: result ?? '',
+        ...(pairs !== undefined ? { pairs: Number(pairs.replace('pairs=', '')) } : {}),
+      };
+    })
+    .filter((c) => token === undefined || c.token === token);
+}
+
+/** The state digit the fake keeps in a token process (0 running, 1 locked, 2 checkpointed). */
+export async function fakeTokenState(pid: number): Promise<number | undefined> {
+  const env = await readFile(`/proc/${pid}/environ`, 'utf8');
+  const kv = env.split('\0').find((e) => e.startsWith('FAKE_CUDA_STATE='));
+  return kv === undefined ? undefined : Number(kv.slice('FAKE_CUDA_STATE='.length));
 }
