@@ -96,6 +96,8 @@ export interface WorkerPodOptions {
   checkpointAfterMs?: number;
   /** false: create the container but do not start it (the caller calls stack.cri.startContainer). */
   start?: boolean;
+  /** More environment for the worker container (e.g. the fake CUDA driver's token); the worker's own keys win. */
+  env?: Record<string, string>;
 }
 
 export interface WorkerPod {
@@ -118,6 +120,7 @@ export async function runWorkerPod(stack: NodeStack, controlRoot: string, o: Wor
     image: o.image,
     command: [...WORKER_IMAGE_ENTRYPOINT],
     env: {
+      ...o.env,
       WORKER_MEMORY_MB: String(o.memoryMb),
       WORKER_SEED: String(o.seed),
       WORKER_WARMUP_MS: String(o.warmupMs),

@@ -81,7 +81,11 @@ export interface CheckpointCoordinatorOptions {
   checkpointTimeoutMs?: number;
   /** Replace an existing checkpoint of the same name (default false: STORE_EXISTS, the worker resumes). */
   replace?: boolean;
-  cuda?: CheckpointCudaHooks;
+  /**
+   * The CUDA steps around the dump: one hooks object for every checkpoint, or a factory called once per
+   * checkpoint (hooks that record per-checkpoint facts, such as the GPU constraints, need their own).
+   */
+  cuda?: CheckpointCudaHooks | (() => CheckpointCudaHooks);
   workRoot?: string;
   tarPath?: string;
   /** Told of every event after it is logged (metrics, tests). */
@@ -180,6 +184,7 @@ export class CheckpointCoordinator implements ThawCoordinator {
         return undefined;
       });
       const o = this.options;
+      const cuda = typeof o.cuda === 'function' ? o.cuda() : o.cuda;
       const result = await (o.runCheckpoint ?? checkpointContainer)(
         {
           store: o.store,
@@ -199,7 +204,7 @@ export class CheckpointCoordinator implements ThawCoordinator {
           criuVersion: o.criuVersion,
           logger: o.logger,
           ...(o.replace !== undefined ? { replace: o.replace } : {}),
-          ...(o.cuda !== undefined ? { cuda: o.cuda } : {}),
+          ...(cuda !== undefined ? { cuda } : {}),
           ...(o.workRoot !== undefined ? { workRoot: o.workRoot } : {}),
           ...(o.tarPath !== undefined ? { tarPath: o.tarPath } : {}),
         },

@@ -11,6 +11,7 @@ import type { Logger } from '../log.js';
 import { CriuClient } from '../restore-engine/criu/client.js';
 import { openLocalStore, type LocalStore } from '../store/local-store.js';
 import { CheckpointCoordinator } from './checkpoint-coordinator.js';
+import { checkpointHooksFactory, cudaRestoreStep, loadNodeCuda, type NodeCuda } from './cuda-steps.js';
 import { createRestoreCoordinator, type RestoreCoordinator } from './restore-coordinator.js';
 import { createThawNriHandlers, ThawNriStats, type ManagedContainer, type ThawCoordinator } from './thaw-nri.js';
 
@@ -29,6 +30,11 @@ export interface ThawEngineOptions {
   /** argv that runs the OCI hook entry point (absolute paths: runc gives hooks no PATH). */
   hookArgv: string[];
   workRoot: string;
+  /** libcuda / NVML to load (default: the system's, found by the dynamic loader). Tests pass the fake's. */
+  libcudaPath?: string;
+  libnvmlPath?: string;
+  /** The driver's lock timeout for a checkpoint (default src/cuda DEFAULT_LOCK_TIMEOUT_MS). */
+  cudaLockTimeoutMs?: number;
 }
 
 export interface ThawEngine {
@@ -37,6 +43,8 @@ export interface ThawEngine {
   checkpoints: CheckpointCoordinator;
   restores: RestoreCoordinator;
   stats: ThawNriStats;
+  /** The node's CUDA driver, when it has one (undefined: workers are checkpointed as CPU-only). */
+  cuda: NodeCuda | undefined;
   /** Tells the engine the runtime's version (from NRI Configure), for manifests. */
   setRuntimeVersion(version: string): void;
   /** Abandons work in flight (checkpoint waits, restores) and waits for it to settle. */
@@ -52,6 +60,12 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
   const criuVersion = await criu.version();
   let runtimeVersion = 'unknown';
   const stats = new ThawNriStats();
+  // Once per process: every checkpoint and restore is a call on this one driver (no cuInit per action).
+  const cuda = loadNodeCuda({
+    logger,
+    ...(o.libcudaPath !== undefined ? { libcudaPath: o.libcudaPath } : {}),
+    ...(o.libnvmlPath !== undefined ? { libnvmlPath: o.libnvmlPath } : {}),
+  });
   const checkpoints = new CheckpointCoordinator({
     store,
     criu,
@@ -60,8 +74,17 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     logger,
     onCheckpointOf: (c: ManagedContainer) => c.onCheckpoint ?? 'continue',
     tarPath: join(binDir, 'tar'),
+    ...(cuda ? { cuda: checkpointHooksFactory({ node: cuda, logger, ...(o.cudaLockTimeoutMs !== undefined ? { lockTimeoutMs: o.cudaLockTimeoutMs } : {}) }) } : {}),
   });
-  const restores = createRestoreCoordinator({ store, criu, logger, stats, workRoot: o.workRoot, toolkitBinDir: binDir });
+  const restores = createRestoreCoordinator({
+    store,
+    criu,
+    logger,
+    stats,
+    workRoot: o.workRoot,
+    toolkitBinDir: binDir,
+    ...(cuda ? { cudaRestore: cudaRestoreStep({ node: cuda, logger }) } : {}),
+  });
   // One coordinator for the handlers: sources go to the checkpoint side, targets to the restore side.
   const coordinator: ThawCoordinator = {
     checkpointSourceStarted: (c, pid) => checkpoints.checkpointSourceStarted(c, pid),
@@ -85,7 +108,15 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     controlRoot: o.controlRoot,
     coordinator,
     stats,
-    restore: { store, toolkitDir: o.toolkitDir, thawPausePath: o.thawPausePath, hookArgv: o.hookArgv, workRoot: o.workRoot, tarPath: join(binDir, 'tar') },
+    restore: {
+      store,
+      toolkitDir: o.toolkitDir,
+      thawPausePath: o.thawPausePath,
+      hookArgv: o.hookArgv,
+      workRoot: o.workRoot,
+      tarPath: join(binDir, 'tar'),
+      ...(cuda?.facts ? { gpuFacts: cuda.facts } : {}),
+    },
   });
   return {
     handlers,
@@ -93,6 +124,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     checkpoints,
     restores,
     stats,
+    cuda,
     setRuntimeVersion: (v) => {
       runtimeVersion = v;
     },

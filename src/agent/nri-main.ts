@@ -7,6 +7,8 @@
  * --store-root DIR (default /var/lib/thaw/checkpoints), --stack-prefix DIR (the toolkit: CRIU, GNU tar, gzip;
  * default /opt/thaw/stack/1.7), --thaw-pause PATH (default native/build/thaw-pause of this package),
  * --work-root DIR (CRIU work dirs of restores, default /run/thaw/restore),
+ * --libcuda PATH and --libnvml PATH (the CUDA driver and NVML; default the system's, found by the dynamic
+ * loader; none → workers are checkpointed as CPU-only), --cuda-lock-timeout-ms MS,
  * --name N --idx NN (pre-launched identity), --log-file FILE, --log-level debug|info|warn|error.
  * Stops on SIGTERM/SIGINT; a launched plugin also exits when containerd closes its socket.
  *
@@ -41,6 +43,9 @@ async function main(): Promise<number> {
       'stack-prefix': { type: 'string', default: DEFAULT_STACK_PREFIX },
       'thaw-pause': { type: 'string', default: DEFAULT_THAW_PAUSE },
       'work-root': { type: 'string', default: DEFAULT_RESTORE_WORK_ROOT },
+      libcuda: { type: 'string' },
+      libnvml: { type: 'string' },
+      'cuda-lock-timeout-ms': { type: 'string' },
       name: { type: 'string', default: DEFAULT_PLUGIN_NAME },
       idx: { type: 'string', default: DEFAULT_PLUGIN_IDX },
       'log-file': { type: 'string' },
@@ -63,6 +68,13 @@ async function main(): Promise<number> {
     return 2;
   }
 
+  const lockTimeout = values['cuda-lock-timeout-ms'];
+  const cudaLockTimeoutMs = lockTimeout === undefined ? undefined : Number(lockTimeout);
+  if (cudaLockTimeoutMs !== undefined && (!Number.isInteger(cudaLockTimeoutMs) || cudaLockTimeoutMs <= 0)) {
+    logger.error(`--cuda-lock-timeout-ms must be a positive integer, got ${JSON.stringify(lockTimeout)}`);
+    return 2;
+  }
+
   const launched = process.env['NRI_PLUGIN_SOCKET'] !== undefined;
   const identity = launched ? readLaunchEnv() : { name: values.name as string, idx: values.idx as string, fd: undefined };
   const engine = await createThawEngine({
@@ -74,6 +86,9 @@ async function main(): Promise<number> {
     thawPausePath: values['thaw-pause'] as string,
     hookArgv: [process.execPath, HOOK_MAIN],
     workRoot: values['work-root'] as string,
+    ...(values.libcuda !== undefined ? { libcudaPath: values.libcuda } : {}),
+    ...(values.libnvml !== undefined ? { libnvmlPath: values.libnvml } : {}),
+    ...(cudaLockTimeoutMs !== undefined ? { cudaLockTimeoutMs } : {}),
   });
   const handlers = engine.handlers;
   const plugin = createNriPlugin({

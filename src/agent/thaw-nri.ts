@@ -24,7 +24,7 @@ import { supportsArgs } from '../nri-plugin/runtime-version.js';
 import type { LocalStore, OpenedCheckpoint } from '../store/local-store.js';
 import { StoreErrorCode } from '../store/errors.js';
 import { readHostFacts } from '../store/host-facts.js';
-import { checkCompatibility, isRestorable, type NodeFacts } from '../store/manifest.js';
+import { checkCompatibility, isRestorable, type GpuConstraints, type NodeFacts } from '../store/manifest.js';
 import { dirname, join } from 'node:path';
 
 /** What the handlers know about a container thaw manages, handed to the flows. */
@@ -82,6 +82,8 @@ export interface ThawRestoreConfig {
   workRoot: string;
   /** This node's facts (default readHostFacts()). */
   hostFacts?: Pick<NodeFacts, 'arch' | 'kernelRelease'>;
+  /** This node's GPUs (src/cuda gpuFacts); absent: no GPU, and a checkpoint that needs one is refused. */
+  gpuFacts?: GpuConstraints;
   /** The createRuntime hook's timeout (the rootfs diff of a large layer). */
   hookTimeoutSeconds?: number;
 }
@@ -248,7 +250,11 @@ export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { 
         checkpoint: checkpointName,
       });
     }
-    const mismatches = checkCompatibility(checkpoint.manifest, { ...(r.hostFacts ?? readHostFacts()), image: { ref: imageRef } });
+    const mismatches = checkCompatibility(checkpoint.manifest, {
+      ...(r.hostFacts ?? readHostFacts()),
+      image: { ref: imageRef },
+      ...(r.gpuFacts !== undefined ? { gpu: r.gpuFacts } : {}),
+    });
     if (!isRestorable(mismatches)) {
       return coldStart('RESTORE_INCOMPATIBLE', 'the checkpoint does not match this node or container', pod, container, ctx, {
         checkpoint: checkpointName,

@@ -93,12 +93,13 @@ function pluginArgs(o: ThawPluginDirs): string[] {
   return ['--control-root', o.controlRoot, '--store-root', o.storeRoot, '--stack-prefix', o.stackPrefix, '--work-root', o.workRoot, '--log-file', o.logFile, '--log-level', 'debug'];
 }
 
-export function startThawPluginProcess(o: ThawPluginDirs & { socketPath: string; extraArgs?: string[] }): ThawPluginProcess {
+/** `env` adds to (and overrides) this process's environment for the plugin (e.g. the fake CUDA driver's settings). */
+export function startThawPluginProcess(o: ThawPluginDirs & { socketPath: string; extraArgs?: string[]; env?: Record<string, string> }): ThawPluginProcess {
   // The CRIU client holds a libuv threadpool thread per operation in flight (src/restore-engine/criu):
   // a larger pool keeps file I/O moving while restores run.
   const proc = spawn(process.execPath, [NRI_MAIN, '--socket', o.socketPath, ...pluginArgs(o), ...(o.extraArgs ?? [])], {
     stdio: ['ignore', 'inherit', 'inherit'],
-    env: { ...process.env, UV_THREADPOOL_SIZE: process.env['UV_THREADPOOL_SIZE'] ?? String(PLUGIN_UV_THREADPOOL_SIZE) },
+    env: { ...process.env, UV_THREADPOOL_SIZE: process.env['UV_THREADPOOL_SIZE'] ?? String(PLUGIN_UV_THREADPOOL_SIZE), ...o.env },
   });
   const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((res) => proc.once('exit', (code, signal) => res({ code, signal })));
   return {

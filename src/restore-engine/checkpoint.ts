@@ -28,7 +28,7 @@ import { join } from 'node:path';
 import { errorMessage, isThawError, ThawError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { LocalStore, PendingCheckpoint } from '../store/local-store.js';
-import type { Manifest, ManifestFields } from '../store/manifest.js';
+import type { GpuConstraints, Manifest, ManifestFields } from '../store/manifest.js';
 import { readHostFacts } from '../store/host-facts.js';
 import { StoreError, StoreErrorCode } from '../store/errors.js';
 import { CHECKPOINT_COMPLETE } from '../sdk/protocol.js';
@@ -64,13 +64,16 @@ export type CheckpointPhase = 'precheck' | 'inspect' | 'cuda-checkpoint' | 'dump
 export type OnCheckpoint = 'continue' | 'exit';
 
 /**
- * The CUDA steps around the dump (a later issue fills them in). Called with the tree's host pids:
+ * The CUDA steps around the dump (src/agent/cuda-steps.ts builds them). Called with the tree's host pids:
  * lock + checkpoint before the dump; restoreAndUnlock after it, also when it failed (once lock ran).
+ * `gpuConstraints`, asked at publish, is the manifest's `constraints.gpu`: undefined when the container had
+ * no CUDA process (then a restore does no CUDA step).
  */
 export interface CheckpointCudaHooks {
   lock(pids: readonly number[], signal: AbortSignal): Promise<void>;
   checkpoint(pids: readonly number[], signal: AbortSignal): Promise<void>;
   restoreAndUnlock(pids: readonly number[], signal: AbortSignal): Promise<void>;
+  gpuConstraints?(): GpuConstraints | undefined;
 }
 
 /**
@@ -326,6 +329,7 @@ export async function checkpointContainer(
       'rootfs-diff': phases.rootfsDiffMs,
     };
     if (phases.cudaMs !== undefined) phaseMs['cuda'] = phases.cudaMs;
+    const gpu = opts.cuda?.gpuConstraints?.();
     const fields: ManifestFields = {
       source: {
         nodeHostname: opts.source.nodeHostname ?? hostname(),
@@ -341,6 +345,7 @@ export async function checkpointContainer(
         criuVersion: opts.criuVersion,
         containerdVersion: opts.containerdVersion,
         image: { ref: opts.imageRef, ...(opts.imageDigest !== undefined ? { digest: opts.imageDigest } : {}) },
+        ...(gpu !== undefined ? { gpu } : {}),
       },
       criu: {
         pid: opts.pid,

@@ -195,7 +195,7 @@ async function readProc(path: string, pid: number): Promise<string> {
 }
 
 /** The tree rooted at `pid` through /proc/<p>/task/<t>/children (CONFIG_PROC_CHILDREN; present on these kernels). */
-async function processTree(procRoot: string, pid: number): Promise<number[]> {
+export async function processTree(procRoot: string, pid: number): Promise<number[]> {
   const out: number[] = [];
   const queue = [pid];
   const seen = new Set<number>();

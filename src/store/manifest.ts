@@ -344,7 +344,7 @@ export interface NodeFacts {
 export type MismatchSeverity = 'fatal' | 'warning';
 
 export interface Mismatch {
-  /** A stable key: 'arch', 'image', 'kernel', 'criu', 'containerd', 'gpu.model', 'gpu.driverVersion', 'gpu.cudaApiVersion'. */
+  /** A stable key: 'arch', 'image', 'kernel', 'criu', 'containerd', 'gpu', 'gpu.model', 'gpu.driverVersion', 'gpu.cudaApiVersion'. */
   what: string;
   expected: string;
   actual: string;
@@ -368,9 +368,10 @@ export interface CompatibilityOptions {
  * - kernel release: CRIU restores across kernel releases as long as the features it used exist, and the
  *   restore itself checks that; a warning, unless `strictKernel`.
  * - CRIU and containerd versions: informational warnings (CRIU reads older images).
- * - gpu (reserved for the CUDA work): model and driver version fatal when both sides know them (the
- *   driver's checkpoint API restores onto the same driver and GPU kind); a lower CUDA API version on the
- *   node is fatal; GPU UUIDs are not compared (restore maps them).
+ * - gpu: a checkpoint with GPU state onto a node without a GPU (`node.gpu` absent) is fatal: its processes
+ *   would come back checkpointed in the driver's eyes, with nothing to restore them onto. Model and driver
+ *   version fatal when both sides know them (the driver's checkpoint API restores onto the same driver and
+ *   GPU kind); a lower CUDA API version on the node is fatal; GPU UUIDs are not compared (restore maps them).
  */
 export function checkCompatibility(manifest: Manifest, node: NodeFacts, options: CompatibilityOptions = {}): Mismatch[] {
   const c = manifest.constraints;
@@ -393,7 +394,9 @@ export function checkCompatibility(manifest: Manifest, node: NodeFacts, options:
   }
   const want = c.gpu;
   const have = node.gpu;
-  if (want !== undefined) {
+  if (want !== undefined && have === undefined) {
+    add('gpu', want.model ?? 'a GPU', 'no GPU', 'fatal');
+  } else if (want !== undefined) {
     if (want.model !== undefined && have?.model !== undefined && want.model !== have.model) add('gpu.model', want.model, have.model, 'fatal');
     if (want.driverVersion !== undefined && have?.driverVersion !== undefined && want.driverVersion !== have.driverVersion) {
       add('gpu.driverVersion', want.driverVersion, have.driverVersion, 'fatal');

@@ -148,10 +148,16 @@ describe('checkCompatibility', () => {
 
   it('compares the GPU block only where both sides know a field', () => {
     const withGpu: Manifest = { ...base, constraints: { ...base.constraints, gpu: { model: 'NVIDIA H100 80GB HBM3', driverVersion: '580.65', cudaApiVersion: 12080 } } };
-    expect(checkCompatibility(withGpu, node)).toEqual([]);
+    expect(checkCompatibility(withGpu, { ...node, gpu: { model: 'NVIDIA H100 80GB HBM3' } })).toEqual([]);
     expect(checkCompatibility(withGpu, { ...node, gpu: { model: 'NVIDIA H200', driverVersion: '580.65', cudaApiVersion: 12070 } })).toEqual([
       { what: 'gpu.model', expected: 'NVIDIA H100 80GB HBM3', actual: 'NVIDIA H200', severity: 'fatal' },
       { what: 'gpu.cudaApiVersion', expected: '>= 12080', actual: '12070', severity: 'fatal' },
     ]);
+  });
+
+  it('refuses a checkpoint with GPU state on a node without a GPU, and ignores a GPU the checkpoint did not use', () => {
+    const withGpu: Manifest = { ...base, constraints: { ...base.constraints, gpu: { model: 'NVIDIA H100 80GB HBM3' } } };
+    expect(checkCompatibility(withGpu, node)).toEqual([{ what: 'gpu', expected: 'NVIDIA H100 80GB HBM3', actual: 'no GPU', severity: 'fatal' }]);
+    expect(checkCompatibility(base, { ...node, gpu: { model: 'NVIDIA H100 80GB HBM3' } })).toEqual([]);
   });
 });

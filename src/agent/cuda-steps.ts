@@ -1,0 +1,146 @@
+/**
+ * The engine's CUDA steps (design.md, Checkpoint step 3 and Restore step 3), built on src/cuda:
+ *
+ *   loadNodeCuda            the driver and NVML, loaded once per process; none → workers are CPU-only
+ *   checkpointHooksFactory  a fresh CheckpointCudaHooks per checkpoint: lock + checkpoint before the dump,
+ *                           restore + unlock after it, and the manifest's `constraints.gpu` when the
+ *                           container had CUDA processes
+ *   cudaRestoreStep         after the CRIU restore: restore + unlock every CUDA process of the restored tree,
+ *                           onto this node's GPUs (a GPU map when they differ from the checkpoint's)
+ *
+ * The agent's own pid is never handed to the driver: a process that called cuInit counts as a CUDA process
+ * (driver 580 on the H100), and locking the caller itself would hang the checkpoint.
+ *
+ * GPU identity: the UUIDs are the GPUs this process sees, in CUDA ordinal order. On a node whose containers
+ * see a subset of the GPUs, that is more than the container used; resolving the container's own GPUs (DRA,
+ * kubelet PodResources, as Dynamo does) is left for multi-GPU nodes.
+ */
+import type { Logger } from '../log.js';
+import {
+  CudaCheckpointApi,
+  checkpointCudaHooks,
+  gpuFacts,
+  planGpuMap,
+  tryLoadCuda,
+  tryLoadNvml,
+  type GpuFacts,
+  type Nvml,
+} from '../cuda/index.js';
+import type { CheckpointCudaHooks } from '../restore-engine/checkpoint.js';
+import { processTree } from '../restore-engine/container-inspect.js';
+import type { GpuConstraints } from '../store/manifest.js';
+import type { CudaRestoreStep } from './restore-coordinator.js';
+
+/** What the engine holds when the node has a usable driver. */
+export interface NodeCuda {
+  api: CudaCheckpointApi;
+  /** NVML, for the GPU memory of a container's processes and the driver version; absent when it did not load. */
+  nvml?: Nvml;
+  /** This node's GPUs as a manifest records them; undefined when the driver shows no GPU. */
+  facts: GpuFacts | undefined;
+}
+
+export interface LoadNodeCudaOptions {
+  /** libcuda to load (default the soname the loader finds); tests pass the fake's path. */
+  libcudaPath?: string;
+  libnvmlPath?: string;
+  logger: Logger;
+}
+
+/**
+ * Loads the driver and NVML once. No driver (or no checkpoint API, or cuInit failing) is normal on a CPU
+ * node: one info line, and undefined.
+ */
+export function loadNodeCuda(o: LoadNodeCudaOptions): NodeCuda | undefined {
+  const cuda = tryLoadCuda(o.libcudaPath !== undefined ? { path: o.libcudaPath } : {});
+  if (!cuda.ok) {
+    o.logger.info('no CUDA driver: workers are checkpointed as CPU-only', { reason: cuda.reason });
+    return undefined;
+  }
+  const loadedNvml = tryLoadNvml(o.libnvmlPath !== undefined ? { path: o.libnvmlPath } : {});
+  if (!loadedNvml.ok) o.logger.warn('NVML unavailable: manifests record no driver version nor GPU memory', { reason: loadedNvml.reason });
+  const nvml = loadedNvml.ok ? loadedNvml.nvml : undefined;
+  const facts = gpuFacts({ cuda: cuda.driver, nvml });
+  const api = new CudaCheckpointApi(cuda.driver, { logger: o.logger.child({ component: 'cuda' }) });
+  o.logger.info('CUDA driver loaded', { path: cuda.driver.path, cudaApiVersion: cuda.driver.driverVersion, gpus: facts?.uuids ?? [], model: facts?.model });
+  return { api, facts, ...(nvml ? { nvml } : {}) };
+}
+
+/** `pids` without the agent's own pid (see the file comment). */
+export function withoutOwnPid(pids: readonly number[], ownPid: number): number[] {
+  return pids.filter((p) => p !== ownPid);
+}
+
+/** The manifest's GPU constraints for a container whose CUDA processes are `cudaPids`. */
+export function gpuConstraintsFor(facts: GpuFacts, cudaPids: readonly number[], nvml: Nvml | undefined, logger: Logger): GpuConstraints {
+  const gpu: GpuConstraints = { model: facts.model, uuids: [...facts.uuids], cudaApiVersion: facts.cudaApiVersion };
+  if (facts.driverVersion !== undefined) gpu.driverVersion = facts.driverVersion;
+  if (nvml) {
+    try {
+      const byPid = nvml.gpuMemoryByPid();
+      gpu.memoryBytes = cudaPids.reduce((sum, p) => sum + (byPid.get(p) ?? 0), 0);
+    } catch (err) {
+      // The size is informative; a checkpoint does not fail for want of it.
+      logger.warn('NVML could not list GPU processes; the manifest records no GPU memory', { error: err });
+    }
+  }
+  return gpu;
+}
+
+export interface CheckpointHooksOptions {
+  node: NodeCuda;
+  lockTimeoutMs?: number;
+  logger: Logger;
+  /** Default process.pid; tests pass another. */
+  ownPid?: number;
+}
+
+/**
+ * A factory of CheckpointCudaHooks, one per checkpoint (each records its own GPU constraints and timings).
+ * The GPU constraints are taken at lock time, while the processes still hold their GPU memory.
+ */
+export function checkpointHooksFactory(o: CheckpointHooksOptions): () => CheckpointCudaHooks {
+  const ownPid = o.ownPid ?? process.pid;
+  return () => {
+    const inner = checkpointCudaHooks(o.node.api, o.lockTimeoutMs !== undefined ? { lockTimeoutMs: o.lockTimeoutMs } : {});
+    let gpu: GpuConstraints | undefined;
+    return {
+      async lock(pids, signal) {
+        const mine = withoutOwnPid(pids, ownPid);
+        const cudaPids = o.node.api.findCudaProcesses(mine);
+        gpu = cudaPids.length > 0 && o.node.facts ? gpuConstraintsFor(o.node.facts, cudaPids, o.node.nvml, o.logger) : undefined;
+        await inner.lock(mine, signal);
+      },
+      checkpoint: (pids, signal) => inner.checkpoint(withoutOwnPid(pids, ownPid), signal),
+      restoreAndUnlock: (pids, signal) => inner.restoreAndUnlock(withoutOwnPid(pids, ownPid), signal),
+      gpuConstraints: () => gpu,
+    };
+  };
+}
+
+export interface CudaRestoreStepOptions {
+  node: NodeCuda;
+  logger: Logger;
+  ownPid?: number;
+  /** The host pids of the restored tree (default: /proc children from its root). */
+  treePids?: (rootHostPid: number) => Promise<number[]>;
+}
+
+/**
+ * The restore coordinator's CUDA step. A checkpoint without `constraints.gpu` had no CUDA process: nothing to
+ * do. Otherwise every CUDA process of the restored tree is restored (with a GPU map from the checkpoint's
+ * GPUs to this node's; all-identity → no map) and unlocked. Any failure throws; the coordinator turns it
+ * into a cold start with cause RESTORE_DEVICES.
+ */
+export function cudaRestoreStep(o: CudaRestoreStepOptions): CudaRestoreStep {
+  const ownPid = o.ownPid ?? process.pid;
+  const treePids = o.treePids ?? ((pid: number) => processTree('/proc', pid));
+  return async (tree, ctx) => {
+    const wanted = ctx.checkpoint.manifest.constraints.gpu;
+    if (wanted === undefined) return;
+    const pids = o.node.api.findCudaProcesses(withoutOwnPid(await treePids(tree.hostPid), ownPid));
+    const gpuMap = wanted.uuids !== undefined && wanted.uuids.length > 0 ? planGpuMap(wanted.uuids, o.node.facts?.uuids ?? []) : undefined;
+    const timing = await o.node.api.restoreAndUnlockAll(pids, gpuMap !== undefined ? { gpuMap } : {});
+    o.logger.info('cuda restore and unlock', { containerId: ctx.container.containerId, pids, restoreMs: timing.restore.totalMs, unlockMs: timing.unlock.totalMs });
+  };
+}
