@@ -12,7 +12,13 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { CheckpointCoordinator, type CheckpointEvent } from '../../src/agent/checkpoint-coordinator.js';
 import type { ManagedContainer } from '../../src/agent/thaw-nri.js';
 import { createCollectingLogger } from '../../src/log.js';
-import { CheckpointError, CheckpointErrorCode, type CheckpointContainerOptions, type CheckpointResult } from '../../src/restore-engine/checkpoint.js';
+import {
+  CheckpointError,
+  CheckpointErrorCode,
+  type CheckpointContainerOptions,
+  type CheckpointCudaHooks,
+  type CheckpointResult,
+} from '../../src/restore-engine/checkpoint.js';
 import type { CriuClient } from '../../src/restore-engine/criu/client.js';
 import type { LocalStore } from '../../src/store/local-store.js';
 import type { Manifest } from '../../src/store/manifest.js';
@@ -98,6 +104,36 @@ describe('CheckpointCoordinator', () => {
     expect(logger.lines.filter((l) => l.msg === 'checkpoint')).toHaveLength(1);
     expect(logger.lines.some((l) => l.msg.includes('already in progress'))).toBe(true);
     expect(coordinator.status('a1')).toMatchObject({ state: 'succeeded', id: 'id-ck-a1', bytes: 123 });
+  });
+
+  it('gives each checkpoint its own CUDA hooks when given a factory', async () => {
+    const made: CheckpointCudaHooks[] = [];
+    const calls: CheckpointContainerOptions[] = [];
+    const coordinator = new CheckpointCoordinator({
+      store: {} as LocalStore,
+      criu: {} as CriuClient,
+      criuVersion: '4.1.1',
+      containerdVersion: '1.7.24',
+      logger: createCollectingLogger(),
+      cuda: () => {
+        const hooks: CheckpointCudaHooks = { lock: async () => {}, checkpoint: async () => {}, restoreAndUnlock: async () => {} };
+        made.push(hooks);
+        return hooks;
+      },
+      runCheckpoint: async (o) => {
+        calls.push(o);
+        return fakeResult(o.checkpointName);
+      },
+    });
+    const [a, b] = [container('f1'), container('f2')];
+    coordinator.checkpointSourceStarted(a, 1);
+    coordinator.checkpointSourceStarted(b, 2);
+    ready(a);
+    ready(b);
+    await coordinator.idle();
+    expect(made).toHaveLength(2);
+    expect(calls.map((c) => c.cuda)).toEqual(expect.arrayContaining(made));
+    expect(calls[0]?.cuda).not.toBe(calls[1]?.cuda);
   });
 
   it('runs several containers in parallel', async () => {
