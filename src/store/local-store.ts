@@ -44,14 +44,13 @@ import {
   type ManifestFields,
   type ManifestFile,
 } from './manifest.js';
+import { bindFadvise, POSIX_FADV_WILLNEED, type Fadvise } from './fadvise.js';
 import { bindRenameAt2, errnoOf, RENAME_EXCHANGE, RENAME_NOREPLACE, type RenameAt2 } from './rename.js';
 
 export const DEFAULT_STORE_ROOT = '/var/lib/thaw/checkpoints';
 export const CHECKPOINT_DIR_MODE = 0o700;
 export const CHECKPOINT_FILE_MODE = 0o600;
-/** Prefetch read size: large reads keep the disk queue full; one buffer per worker. */
-export const DEFAULT_PREFETCH_CHUNK_BYTES = 64 * 1024 * 1024;
-/** Two 64 MiB readers saturate a local NVMe without holding much memory in the agent. */
+/** Files whose readahead is being submitted at once (each submission runs on a libuv pool thread). */
 export const DEFAULT_PREFETCH_CONCURRENCY = 2;
 
 const TMP_PREFIX = '.tmp-';
@@ -266,6 +265,7 @@ export class LocalStore {
   private readonly hashConcurrency: number;
   private readonly now: () => Date;
   private readonly renameAt2: RenameAt2;
+  private readonly fadvise: Fadvise;
   /** This process, as `<pid>-<start time>`, in `.tmp-*` and lease names (see recover). */
   private readonly processTag: string;
   /** Tells this instance's lease files from other instances' of the same process. */
@@ -281,6 +281,7 @@ export class LocalStore {
     this.hashConcurrency = options.hashConcurrency ?? DEFAULT_FILE_CONCURRENCY;
     this.now = options.now ?? (() => new Date());
     this.renameAt2 = bindRenameAt2();
+    this.fadvise = bindFadvise();
     this.processTag = `${process.pid}-${processStartTime(process.pid) ?? '0'}`;
   }
 
@@ -773,47 +774,36 @@ export class LocalStore {
   }
 
   /**
-   * Reads every file of a checkpoint once, so that a restore starting soon after finds it in the page cache
-   * (Node has no posix_fadvise; plain reads do the same). Starts at the first NRI event of a restore.
-   * Cancellable: stops between chunks when `signal` fires (STORE_ABORTED).
+   * Starts the kernel's readahead of every file of a checkpoint (posix_fadvise WILLNEED), so that a restore
+   * starting soon after finds it in the page cache; resolves once the readahead is submitted, not read.
+   * Starts at the first NRI event of a restore. Cancellable between files (STORE_ABORTED).
    */
-  async prefetch(
-    name: string,
-    options: { signal?: AbortSignal; concurrency?: number; chunkBytes?: number } = {},
-  ): Promise<PrefetchResult> {
+  async prefetch(name: string, options: { signal?: AbortSignal; concurrency?: number } = {}): Promise<PrefetchResult> {
     this.dirOf(name, 'prefetch checkpoint');
     const step = `prefetch checkpoint ${name}`;
     const started = performance.now();
     const opened = await this.open(name);
-    const chunkBytes = options.chunkBytes ?? DEFAULT_PREFETCH_CHUNK_BYTES;
-    const concurrency = options.concurrency ?? DEFAULT_PREFETCH_CONCURRENCY;
-    // Largest first: the long reads start early and the small ones fill in around them.
+    // Largest first: their readahead starts early and the small files fill in around them.
     const files = [...opened.manifest.files].sort((a, b) => b.size - a.size);
-    const buffers: Buffer[] = [];
     let bytes = 0;
     await forEachLimit(
       files,
-      concurrency,
+      options.concurrency ?? DEFAULT_PREFETCH_CONCURRENCY,
       async (file) => {
-        const buffer = buffers.pop() ?? Buffer.allocUnsafe(chunkBytes);
+        throwIfAborted(options.signal, step);
         const fh = await openRegularNoFollow(join(opened.paths.dir, file.path), step);
         try {
-          for (let position = 0; ; ) {
-            throwIfAborted(options.signal, step);
-            const { bytesRead } = await fh.read(buffer, 0, buffer.length, position);
-            if (bytesRead === 0) break;
-            position += bytesRead;
-            bytes += bytesRead;
-          }
+          const rc = await this.fadvise(fh.fd, POSIX_FADV_WILLNEED);
+          if (rc !== 0) throw new StoreError(StoreErrorCode.IO, `posix_fadvise(WILLNEED) of ${file.path} failed with error ${rc}`, { step });
+          bytes += file.size;
         } finally {
           await fh.close();
-          buffers.push(buffer);
         }
       },
       { signal: options.signal, step },
     );
     const ms = performance.now() - started;
-    this.logger.debug('checkpoint prefetched', { name, bytes, ms });
+    this.logger.debug('checkpoint prefetch started', { name, bytes, ms });
     return { bytes, ms };
   }
 
