@@ -18,6 +18,8 @@
 import type { Logger } from '../log.js';
 import {
   CudaCheckpointApi,
+  CudaError,
+  CudaErrorCode,
   checkpointCudaHooks,
   gpuFacts,
   planGpuMap,
@@ -128,9 +130,9 @@ export interface CudaRestoreStepOptions {
 
 /**
  * The restore coordinator's CUDA step. A checkpoint without `constraints.gpu` had no CUDA process: nothing to
- * do. Otherwise every CUDA process of the restored tree is restored (with a GPU map from the checkpoint's
- * GPUs to this node's; all-identity → no map) and unlocked. Any failure throws; the coordinator turns it
- * into a cold start with cause RESTORE_DEVICES.
+ * do. Otherwise the restored tree must hold CUDA processes, and every one of them is restored (with a GPU
+ * map from the checkpoint's GPUs to this node's; all-identity → no map) and unlocked. Any failure throws;
+ * the coordinator turns it into a cold start with cause RESTORE_DEVICES.
  */
 export function cudaRestoreStep(o: CudaRestoreStepOptions): CudaRestoreStep {
   const ownPid = o.ownPid ?? process.pid;
@@ -138,7 +140,15 @@ export function cudaRestoreStep(o: CudaRestoreStepOptions): CudaRestoreStep {
   return async (tree, ctx) => {
     const wanted = ctx.checkpoint.manifest.constraints.gpu;
     if (wanted === undefined) return;
-    const pids = o.node.api.findCudaProcesses(withoutOwnPid(await treePids(tree.hostPid), ownPid));
+    const treeHostPids = withoutOwnPid(await treePids(tree.hostPid), ownPid);
+    const pids = o.node.api.findCudaProcesses(treeHostPids);
+    if (pids.length === 0) {
+      // The source had CUDA processes; a tree without any would be called restored while its GPU state is lost.
+      throw new CudaError(CudaErrorCode.CALL_FAILED, 'the checkpoint holds GPU state but the driver sees no CUDA process in the restored tree', {
+        step: 'find the restored CUDA processes',
+        evidence: { pids: treeHostPids },
+      });
+    }
     const gpuMap = wanted.uuids !== undefined && wanted.uuids.length > 0 ? planGpuMap(wanted.uuids, o.node.facts?.uuids ?? []) : undefined;
     const timing = await o.node.api.restoreAndUnlockAll(pids, gpuMap !== undefined ? { gpuMap } : {});
     o.logger.info('cuda restore and unlock', { containerId: ctx.container.containerId, pids, restoreMs: timing.restore.totalMs, unlockMs: timing.unlock.totalMs });

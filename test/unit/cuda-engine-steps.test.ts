@@ -157,12 +157,15 @@ describe('the restore step', () => {
     expect(fake.lastRestorePairs()).toEqual([[hex(OTHER_GPU), hex(FAKE_GPU)]]);
   });
 
-  it('throws when this node has fewer GPUs than the checkpoint used, or the driver fails', async () => {
+  it('throws when this node has fewer GPUs than the checkpoint used, the tree has no CUDA process, or the driver fails', async () => {
     setFakeEnv({ FAKE_CUDA_PIDS: '724' });
     await checkpointed(724);
     const step = cudaRestoreStep({ node, logger: log, treePids: async () => [724] });
     const tooMany = await step(...restoreInputs({ uuids: [FAKE_GPU, OTHER_GPU] })).then(() => undefined, (e: unknown) => e);
     expect((tooMany as CudaError).code).toBe('CUDA_INVALID_ARGUMENT');
+    const none = cudaRestoreStep({ node, logger: log, ownPid: 1, treePids: async () => [799] });
+    const noCuda = await none(...restoreInputs({ uuids: [FAKE_GPU] })).then(() => undefined, (e: unknown) => e);
+    expect((noCuda as CudaError).message).toMatch(/no CUDA process in the restored tree/);
     setFakeEnv({ FAKE_CUDA_FAIL: 'restore:missing-gpu' });
     const failed = await step(...restoreInputs({ uuids: [FAKE_GPU] })).then(() => undefined, (e: unknown) => e);
     expect((failed as CudaError).resultName).toBe('CUDA_ERROR_INVALID_DEVICE');
