@@ -7,11 +7,12 @@
  * Pods without thaw annotations are what the goal is about (the plugin must add under 2 ms at p99 to pods it
  * does not touch); annotated pods are measured too, for information.
  *
- * Env: BENCH_PODS (per side, default 60, at least 50), BENCH_ROUNDS (default 6), THAW_CONTAINERD (1.7|2.1).
+ * Env: BENCH_PODS (per side, default 60, at least 50), BENCH_ROUNDS (default 6), THAW_CONTAINERD (1.7|2.1),
+ * BENCH_PLUGIN_NICE (the plugin process's nice value, default 0).
  * Last line of output: one JSON object.
  */
 import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir, cpus } from 'node:os';
+import { cpus, setPriority, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { cleanupStaleStacks } from '../src/node-stack/cleanup.js';
 import { startNodeStack, type NodeStack } from '../src/node-stack/containerd.js';
@@ -29,6 +30,7 @@ async function startPod(stack: NodeStack, name: string, annotations: Record<stri
 async function main(): Promise<void> {
   const podsPerSide = Math.max(50, Number(process.env['BENCH_PODS'] ?? 60));
   const rounds = Math.max(2, Number(process.env['BENCH_ROUNDS'] ?? 6));
+  const pluginNice = Number(process.env['BENCH_PLUGIN_NICE'] ?? 0);
   const flavor = parseFlavor((process.env['THAW_CONTAINERD'] ?? '1.7').split(',')[0] ?? '1.7');
   await cleanupStaleStacks();
   const workDir = await mkdtemp(join(tmpdir(), 'thaw-bench-nri-'));
@@ -54,6 +56,9 @@ async function main(): Promise<void> {
       for (let i = 0; i < perRound && without.length < podsPerSide; i++) await measure(without);
       const logFile = join(workDir, `plugin-${round}.log`);
       plugin = startThawPluginProcess({ socketPath: stack.nriSocketPath, ...pluginDirsUnder(workDir, stack.paths.prefix, logFile) });
+      // A node would run the agent at a raised CPU priority (systemd Nice=, or the DaemonSet's priority):
+      // BENCH_PLUGIN_NICE measures that (as root, negative values raise it).
+      if (pluginNice !== 0 && plugin.proc.pid !== undefined) setPriority(plugin.proc.pid, pluginNice);
       await waitForLog(logFile, (r) => r.msg === 'nri plugin synchronized', 'the plugin to register');
       for (let i = 0; i < perRound && withPlugin.length < podsPerSide; i++) {
         await measure(withPlugin);
@@ -77,6 +82,7 @@ async function main(): Promise<void> {
     containerd: stack.containerdVersion,
     cpus: cpus().length,
     cpuModel: cpus()[0]?.model ?? 'unknown',
+    pluginNice,
     pods: podsPerSide,
     p50MsWithout: percentile(without, 50),
     p99MsWithout: percentile(without, 99),
