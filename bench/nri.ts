@@ -5,13 +5,16 @@
  * in alternating rounds (so that drift of this shared machine hits both sides alike), and reports the
  * create→started latency (CRI CreateContainer + StartContainer) of each: median, p99 and their difference.
  * Pods without thaw annotations are what the goal is about (the plugin must add under 2 ms at p99 to pods it
- * does not touch); annotated pods are measured too, for information.
+ * does not touch); annotated pods are measured too, for information. A do-nothing plugin with thaw's event
+ * subscriptions (bench/minimal-nri-plugin.ts) runs in each round too: what containerd's NRI costs by itself.
  *
  * Env: BENCH_PODS (per side, default 60, at least 50), BENCH_ROUNDS (default 6), THAW_CONTAINERD (1.7|2.1),
  * BENCH_PLUGIN_NICE (the plugin process's nice value, default 0).
  * Last line of output: one JSON object.
  */
+import { spawn } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
+import { fileURLToPath } from 'node:url';
 import { cpus, setPriority, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { cleanupStaleStacks } from '../src/node-stack/cleanup.js';
@@ -20,12 +23,15 @@ import { parseFlavor } from '../src/node-stack/paths.js';
 import { pluginDirsUnder, readJsonLog, startThawPluginProcess, waitForLog, type ThawPluginProcess } from '../src/node-stack/thaw-plugin-process.js';
 import { percentile, renderTable } from './stats.js';
 
+const MINIMAL_PLUGIN = fileURLToPath(new URL('./minimal-nri-plugin.js', import.meta.url));
 const SLEEP = ['/bin/sh', '-c', "trap 'exit 0' TERM; sleep 3600 & wait"];
 
 async function startPod(stack: NodeStack, name: string, annotations: Record<string, string>): Promise<{ ms: number; podId: string }> {
   const r = await stack.cri.runPod({ name, uid: `${name}-uid`, annotations, image: stack.images.busybox, command: SLEEP });
   return { ms: r.timings.createMs + r.timings.startMs, podId: r.podId };
 }
+
+const round1 = (v: number): number => Number(v.toFixed(1));
 
 async function main(): Promise<void> {
   const podsPerSide = Math.max(50, Number(process.env['BENCH_PODS'] ?? 60));
@@ -39,6 +45,8 @@ async function main(): Promise<void> {
   const without: number[] = [];
   const withPlugin: number[] = [];
   const touched: number[] = [];
+  // A do-nothing plugin with thaw's subscriptions: containerd's own NRI cost, thaw's work left out.
+  const withMinimal: number[] = [];
   // The plugin's own service time of each CreateContainer (from its debug log), untouched and annotated pods.
   const servedUntouched: number[] = [];
   const servedTouched: number[] = [];
@@ -54,6 +62,12 @@ async function main(): Promise<void> {
     const perRound = Math.ceil(podsPerSide / rounds);
     for (let round = 0; round < rounds; round++) {
       for (let i = 0; i < perRound && without.length < podsPerSide; i++) await measure(without);
+      const minimalLog = join(workDir, `minimal-${round}.log`);
+      const minimal = spawn(process.execPath, [MINIMAL_PLUGIN, stack.nriSocketPath, minimalLog], { stdio: 'inherit' });
+      await waitForLog(minimalLog, (r) => r.msg === 'nri plugin synchronized', 'the minimal plugin to register');
+      for (let i = 0; i < perRound && withMinimal.length < podsPerSide; i++) await measure(withMinimal);
+      minimal.kill('SIGTERM');
+      await new Promise((r) => minimal.once('exit', r));
       const logFile = join(workDir, `plugin-${round}.log`);
       plugin = startThawPluginProcess({ socketPath: stack.nriSocketPath, ...pluginDirsUnder(workDir, stack.paths.prefix, logFile) });
       // A node would run the agent at a raised CPU priority (systemd Nice=, or the DaemonSet's priority):
@@ -93,6 +107,11 @@ async function main(): Promise<void> {
     p50MsTouched: percentile(touched, 50),
     p99MsTouched: percentile(touched, 99),
     p50Ratio: Number((percentile(withPlugin, 50) / percentile(without, 50)).toFixed(3)),
+    p50MsMinimalPlugin: percentile(withMinimal, 50),
+    p99MsMinimalPlugin: percentile(withMinimal, 99),
+    /** thaw's plugin against a do-nothing plugin with the same subscriptions: thaw's own share. */
+    p50AddedOverMinimalMs: percentile(withPlugin, 50) - percentile(withMinimal, 50),
+    p99AddedOverMinimalMs: percentile(withPlugin, 99) - percentile(withMinimal, 99),
     pluginServeP50MsUntouched: percentile(servedUntouched, 50, 3),
     pluginServeP99MsUntouched: percentile(servedUntouched, 99, 3),
     pluginServeP50MsTouched: percentile(servedTouched, 50, 3),
@@ -103,11 +122,13 @@ async function main(): Promise<void> {
       ['pods (create→started)', 'n', 'p50 ms', 'p99 ms'],
       [
         ['without plugin', without.length, result.p50MsWithout, result.p99MsWithout],
+        ['do-nothing plugin, same events', withMinimal.length, result.p50MsMinimalPlugin, result.p99MsMinimalPlugin],
         ['with plugin, untouched pod', withPlugin.length, result.p50MsWith, result.p99MsWith],
         ['with plugin, annotated pod', touched.length, result.p50MsTouched, result.p99MsTouched],
       ],
     ),
   );
+  process.stdout.write(`a do-nothing plugin with the same subscriptions adds p50 ${round1(result.p50MsMinimalPlugin - result.p50MsWithout)} ms, p99 ${round1(result.p99MsMinimalPlugin - result.p99MsWithout)} ms; thaw over it: p50 ${round1(result.p50AddedOverMinimalMs)} ms, p99 ${round1(result.p99AddedOverMinimalMs)} ms\n`);
   process.stdout.write(`added by the plugin to untouched pods: p50 ${result.p50AddedMs} ms (ratio ${result.p50Ratio}), p99 ${result.p99AddedMs} ms (goal < 2 ms)\n`);
   process.stdout.write(
     `the plugin's own CreateContainer service time: untouched pods p50 ${result.pluginServeP50MsUntouched} ms, p99 ${result.pluginServeP99MsUntouched} ms; annotated pods p50 ${result.pluginServeP50MsTouched} ms, p99 ${result.pluginServeP99MsTouched} ms\n`,
