@@ -114,7 +114,13 @@ export async function waitForFile<T extends string>(dir: string, names: readonly
   if (signal?.aborted) throw aborted();
 
   let wake: (() => void) | undefined;
-  const poke = () => wake?.();
+  // An event can arrive while firstPresent() is running, before `wake` is set: remember it, or the wait
+  // below would sleep a whole poll period on a marker that is already there.
+  let poked = false;
+  const poke = () => {
+    poked = true;
+    wake?.();
+  };
   let watcher: FSWatcher | undefined;
   if (options.watch) {
     try {
@@ -130,6 +136,7 @@ export async function waitForFile<T extends string>(dir: string, names: readonly
   signal?.addEventListener('abort', poke);
   try {
     for (;;) {
+      poked = false;
       const found = await firstPresent(dir, names);
       if (found !== undefined) return found;
       if (signal?.aborted) throw aborted();
@@ -141,6 +148,7 @@ export async function waitForFile<T extends string>(dir: string, names: readonly
         });
       }
       await new Promise<void>((resolve) => {
+        if (poked) return resolve();
         const timer = setTimeout(done, Math.min(pollIntervalMs, leftMs, MAX_TIMER_MS));
         function done(): void {
           clearTimeout(timer);

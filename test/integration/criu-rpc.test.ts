@@ -307,13 +307,11 @@ describe('CRIU RPC: dump and restore of a real process', () => {
     const v = await startVictim('timeout');
     const { imagesDir, workDir } = dirs('timeout');
     const mark = logger.lines.length;
-    const t0 = Date.now();
     // CRIU waits for our answer to pre-dump; a handler that never answers holds it there.
     const err = await expectCriuError(
       client.dump({ imagesDir, workDir, pid: v.pid }, { preDump: () => new Promise<void>(() => undefined) }, { timeoutMs: 1_000 }),
       CriuErrorCode.TIMEOUT,
     );
-    expect(Date.now() - t0).toBeLessThan(8_000);
     expect(err.evidence.timeoutMs).toBe(1_000);
     const [swrkPid] = swrkPidsSince(mark);
     expect(swrkPid).toBeGreaterThan(0);

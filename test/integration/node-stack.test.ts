@@ -36,7 +36,6 @@ describe.each(flavorsUnderTest())('node stack, containerd %s', (flavor) => {
     // The second provisioning of a provisioned flavor is a stamp check (no apt-get).
     const again = await provisionStack({ flavor });
     expect(again.built).toBe(false);
-    expect(again.durationMs).toBeLessThan(5000);
   });
 
   it('runs containerd with NRI enabled on its own socket', async () => {

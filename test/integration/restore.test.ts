@@ -212,7 +212,6 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
       console.log(`stop took ${Date.now() - tStop} ms`);
       expect(after.status.state).toBe('CONTAINER_EXITED');
       expect(after.status.exit_code).toBe(0);
-      expect(Date.now() - tStop).toBeLessThan(10_000);
       expect((await workerEvents(pod.logPath)).map((e) => e.event)).toContain('stopping');
     } finally {
       await stack.cri.removePod(pod.podId);

@@ -94,9 +94,7 @@ describe('SeqpacketSocket', () => {
   it('does not block the event loop while waiting, and close() wakes the waiting receive', async () => {
     const { ours } = pair();
     const pending = ours.receive();
-    const t0 = Date.now();
-    await new Promise((r) => setTimeout(r, 50)); // a timer still fires: the loop is free
-    expect(Date.now() - t0).toBeLessThan(1_000);
+    await new Promise((r) => setTimeout(r, 50)); // a timer still fires: the loop is free (a blocked loop never gets here)
     await ours.close();
     expect(await pending).toBeNull();
   });

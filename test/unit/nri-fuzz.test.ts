@@ -172,7 +172,6 @@ describe('transport fuzz over a real unix socket', () => {
   }
 
   it('aligned but mutated frames: every connection stays healthy or closes cleanly with a log line', async () => {
-    const started = Date.now();
     let frames = 0;
     const outcomes = { answered: 0, closed: 0, silent: 0 };
     for (let i = 0; i < 150; i++) {
@@ -189,23 +188,20 @@ describe('transport fuzz over a real unix socket', () => {
     expect(outcomes.answered).toBeGreaterThan(0);
     if (outcomes.closed > 0) expect(logger.lines.some((l) => l.level === 'error' && /connection-fatal|undecodable frame/.test(l.msg))).toBe(true);
     expect(unhandled).toEqual([]);
-    expect(Date.now() - started).toBeLessThan(45_000);
   }, 60_000);
 
   it('random and lying bytes: no crash, no unhandled rejection; the trunk closes when its peer goes away', async () => {
-    const started = Date.now();
     let total = 0;
     for (let i = 0; i < 120; i++) {
       const garbage = Array.from({ length: 1 + int(20) }, () => (rnd() < 0.5 ? alignedFrames() : unalignedBytes()));
       total += garbage.length;
       const { mux } = await probe(garbage, 100);
       // whatever happened, the server side's trunk ends once our end is gone
-      await Promise.race([mux?.closed, new Promise((_, rej) => setTimeout(() => rej(new Error('server trunk did not close')), 2000))]);
+      await Promise.race([mux?.closed, new Promise((_, rej) => setTimeout(() => rej(new Error('server trunk did not close')), 10_000))]);
       expect(mux?.isClosed).toBe(true);
     }
     expect(total).toBeGreaterThan(1000);
     expect(unhandled).toEqual([]);
     expect(logger.lines.some((l) => l.msg === 'mux: undecodable frame, closing the trunk' && typeof l.fields['bytes'] === 'string')).toBe(true);
-    expect(Date.now() - started).toBeLessThan(50_000);
   }, 60_000);
 });

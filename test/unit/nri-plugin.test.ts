@@ -115,9 +115,8 @@ describe('NRI plugin against an in-process runtime', () => {
       { createContainer: () => new Promise<ContainerAdjustment>((r) => setTimeout(() => r({ annotations: { late: 'x' } }), 3000)) },
       { requestTimeoutMs: 400 },
     );
-    const started = Date.now();
+    // The runtime's own 400 ms deadline: a late answer would reject this call with TTRPC_DEADLINE_EXCEEDED.
     const res = await conn.call<CreateContainerResponse>('CreateContainer', 'CreateContainerRequest', { pod, container }, 'CreateContainerResponse', 400);
-    expect(Date.now() - started).toBeLessThan(400);
     expect(res.adjust).toBeUndefined();
     expect(logger.lines.some((l) => l.level === 'error' && /overran its \d+ ms budget/.test(l.msg))).toBe(true);
   });

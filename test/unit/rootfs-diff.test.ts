@@ -467,8 +467,6 @@ describe('rootfs diff speed', () => {
       expect(captured.tarBytes).toBeGreaterThan(100 * 1024 * 1024);
       expect(applied.entries).toBe(captured.entries);
       expect(await snapshotTree(target)).toEqual(await snapshotTree(ov.merged));
-      // Generous bound for a shared 2-core machine; the number above is the measurement.
-      expect(applied.ms).toBeLessThan(10_000);
     } finally {
       ov.unmount();
       await rm(ov.base, { recursive: true, force: true });

@@ -150,13 +150,12 @@ describe('waitForWorkerReady', () => {
     expect(await readyMarkerPresent(dir)).toBe('ready-for-snapshot');
   });
 
-  it('wakes on the watch, well before a long poll period', async () => {
+  it('wakes on the watch, however long the poll period', async () => {
     const dir = await createControlDir(root, ID);
-    const t0 = Date.now();
-    const waiting = waitForWorkerReady(dir, { timeoutMs: 10_000, pollIntervalMs: 5000 });
+    // The poll period is longer than the timeout: only the watch can end this wait with the marker.
+    const waiting = waitForWorkerReady(dir, { timeoutMs: 20_000, pollIntervalMs: 60 * 60_000 });
     setTimeout(() => void new ControlDir({ path: dir }).readyForCheckpoint(), 50);
     expect(await waiting).toBe('ready-for-checkpoint');
-    expect(Date.now() - t0).toBeLessThan(2000);
   });
 
   it('polls when the directory cannot be watched (it appears later)', async () => {
@@ -268,13 +267,12 @@ describe('the TypeScript worker SDK against the agent side', () => {
     expect(isThawError(await rejection(worker.readyForCheckpoint([1] as never)), SDK_ERROR_CODES.INVALID_PAYLOAD)).toBe(true);
   });
 
-  it('opt-in watch wakes the worker before a long poll period', async () => {
+  it('opt-in watch wakes the worker, however long the poll period', async () => {
     const dir = await createControlDir(root, ID);
-    const worker = new ControlDir({ path: dir, watch: true, pollIntervalMs: 5000 });
-    const t0 = Date.now();
-    const waiting = worker.wait({ timeoutMs: 10_000 });
+    // The poll period is longer than the wait's timeout: only the watch can end this wait with the marker.
+    const worker = new ControlDir({ path: dir, watch: true, pollIntervalMs: 60 * 60_000 });
+    const waiting = worker.wait({ timeoutMs: 20_000 });
     setTimeout(() => void writeMarker(dir, 'restore-complete'), 50);
     expect(await waiting).toBe('restore-complete');
-    expect(Date.now() - t0).toBeLessThan(2000);
   });
 });
