@@ -1,13 +1,14 @@
 /**
  * A do-nothing NRI plugin with the same event subscriptions as thaw's (CreateContainer, PostStartContainer,
  * RemoveContainer, Synchronize), for bench:nri: what containerd's NRI costs by itself, so that thaw's own share
- * can be told apart. Usage: node dist/bench/minimal-nri-plugin.js <nri socket> <log file>
+ * can be told apart. Usage: node dist/bench/minimal-nri-plugin.js <nri socket> <log file> [create-only]
+ * (`create-only`: subscribe to CreateContainer alone — the least any NRI plugin can cost).
  */
 import { createWriteStream } from 'node:fs';
 import { createJsonLogger } from '../src/log.js';
 import { createNriPlugin } from '../src/nri-plugin/plugin.js';
 
-const [socketPath, logFile] = process.argv.slice(2);
+const [socketPath, logFile, mode] = process.argv.slice(2);
 if (!socketPath || !logFile) {
   process.stderr.write('usage: minimal-nri-plugin <nri socket> <log file>\n');
   process.exit(2);
@@ -19,12 +20,15 @@ const plugin = createNriPlugin({
   idx: '50',
   logger,
   socketPath,
-  handlers: {
-    synchronize: () => undefined,
-    createContainer: () => undefined,
-    postStartContainer: () => undefined,
-    removeContainer: () => undefined,
-  },
+  handlers:
+    mode === 'create-only'
+      ? { createContainer: () => undefined }
+      : {
+          synchronize: () => undefined,
+          createContainer: () => undefined,
+          postStartContainer: () => undefined,
+          removeContainer: () => undefined,
+        },
 });
 process.on('SIGTERM', () => void plugin.close());
 void plugin.start().catch(() => undefined);
