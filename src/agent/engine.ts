@@ -4,6 +4,7 @@
  * later, the long-running agent build it once per process.
  */
 import { existsSync } from 'node:fs';
+import { mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { errorMessage } from '../errors.js';
 import { CHECKPOINT_COMPLETE } from '../sdk/protocol.js';
@@ -29,6 +30,7 @@ export interface ThawEngineOptions {
   thawPausePath: string;
   /** argv that runs the OCI hook entry point (absolute paths: runc gives hooks no PATH). */
   hookArgv: string[];
+  /** CRIU work dirs: `<workRoot>/<container id>` for restores, `<workRoot>/thaw-ckpt-<name>-*` for checkpoints. */
   workRoot: string;
   /** libcuda / NVML to load (default: the system's, found by the dynamic loader). Tests pass the fake's. */
   libcudaPath?: string;
@@ -55,6 +57,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
   const logger = o.logger;
   const binDir = join(o.toolkitDir, 'bin');
   const store = await openLocalStore({ root: o.storeRoot, logger });
+  await mkdir(o.workRoot, { recursive: true, mode: 0o700 });
   // CRIU runs GNU tar and gzip from its PATH (tmpfs contents on restore): the toolkit's come first.
   const criu = new CriuClient({ criuPath: join(binDir, 'criu'), logger, env: { ...process.env, PATH: `${binDir}:${process.env['PATH'] ?? '/usr/sbin:/usr/bin:/sbin:/bin'}` } });
   const criuVersion = await criu.version();
@@ -74,6 +77,8 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     logger,
     onCheckpointOf: (c: ManagedContainer) => c.onCheckpoint ?? 'continue',
     tarPath: join(binDir, 'tar'),
+    // CRIU's work dirs (dump.log, kept after a failed dump) beside the restores', not in the node's /tmp.
+    workRoot: o.workRoot,
     ...(cuda ? { cuda: checkpointHooksFactory({ node: cuda, logger, ...(o.cudaLockTimeoutMs !== undefined ? { lockTimeoutMs: o.cudaLockTimeoutMs } : {}) }) } : {}),
   });
   const restores = createRestoreCoordinator({
