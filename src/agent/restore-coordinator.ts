@@ -293,7 +293,7 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
     }
   }
 
-  return {
+  const coordinator: RestoreCoordinator = {
     restoreTargetCreated(container, checkpoint) {
       const job: Job = { container, checkpoint, abort: new AbortController(), createdAt: performance.now(), prepared: Promise.resolve({ verifyMs: 0, hashed: false }) };
       job.prepared = prepare(job);
@@ -304,9 +304,10 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
     restoreTargetStarted(container, pid) {
       const job = jobs.get(container.containerId);
       if (job === undefined) {
-        logger.warn('restore target started without a prepared restore (agent restarted?); leaving it to its hook and placeholder', {
-          containerId: container.containerId,
-        });
+        // Created under an earlier agent (learnt back at Synchronize), started under this one: nothing was
+        // prepared for it here, so it falls back rather than wait in its placeholder.
+        logger.warn('restore target started without a prepared restore (the agent restarted); falling back', { containerId: container.containerId });
+        void coordinator.recoverTarget(container, pid).catch((err: unknown) => logger.error('restore: fallback failed', { containerId: container.containerId, error: errorMessage(err) }));
         return;
       }
       if (job.run !== undefined) return;
@@ -369,4 +370,5 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
       await this.idle();
     },
   };
+  return coordinator;
 }

@@ -134,4 +134,19 @@ describe.each(flavorsUnderTest())('thaw end to end on containerd %s', (flavor) =
     expect((await stack.cri.containerStatus(pod.containerId)).status.state).toBe('CONTAINER_RUNNING');
     await stack.cri.removePod(pod.podId);
   }, 240_000);
+
+  it('falls back to a cold start when the container was created under an agent that died and starts under the next', async () => {
+    const stack = handle.stack;
+    const pod = await runWorkerPod(stack, dirs.controlRoot, { ...common(), name: 'e2e-created-then-restarted', annotations: { 'thaw.dev/restore': CHECKPOINT }, start: false });
+    const victim = plugin!;
+    victim.proc.kill('SIGKILL');
+    await victim.exited;
+    plugin = await startPlugin(); // learns the created container back at Synchronize; it is not running yet
+    await stack.cri.startContainer(pod.containerId);
+    const endpoint = await waitForServingWorker(pod.controlDir, { timeoutMs: 120_000 });
+    expect(endpoint.restored, 'a cold start, not a restore').toBe(false);
+    const failed = JSON.parse(await readFile(join(pod.controlDir, 'restore-failed'), 'utf8')) as { cause: string };
+    expect(failed.cause).toBe('RESTORE_AGENT_RESTARTED');
+    await stack.cri.removePod(pod.podId);
+  }, 240_000);
 });
