@@ -44,14 +44,18 @@ import {
   type ManifestFields,
   type ManifestFile,
 } from './manifest.js';
-import { bindFadvise, POSIX_FADV_WILLNEED, type Fadvise } from './fadvise.js';
+import { bindPageCache, type PageCache } from './page-cache.js';
 import { bindRenameAt2, errnoOf, RENAME_EXCHANGE, RENAME_NOREPLACE, type RenameAt2 } from './rename.js';
 
 export const DEFAULT_STORE_ROOT = '/var/lib/thaw/checkpoints';
 export const CHECKPOINT_DIR_MODE = 0o700;
 export const CHECKPOINT_FILE_MODE = 0o600;
-/** Files whose readahead is being submitted at once (each submission runs on a libuv pool thread). */
+/** Two sequential readers keep a disk busy without holding much memory in the agent. */
 export const DEFAULT_PREFETCH_CONCURRENCY = 2;
+/** Read size of the prefetch: large reads keep the disk queue full; one buffer per reader. */
+export const PREFETCH_CHUNK_BYTES = 8 * 1024 * 1024;
+/** A file at least this much in the page cache is not read again. */
+export const PREFETCH_RESIDENT_FRACTION = 0.99;
 
 const TMP_PREFIX = '.tmp-';
 const LEASES_DIR_NAME = '.leases';
@@ -138,7 +142,10 @@ async function fileIdentity(path: string): Promise<string> {
 }
 
 export interface PrefetchResult {
+  /** Bytes of the checkpoint's files. */
   bytes: number;
+  /** Bytes read because they were not in the page cache. */
+  bytesRead: number;
   ms: number;
 }
 
@@ -265,7 +272,7 @@ export class LocalStore {
   private readonly hashConcurrency: number;
   private readonly now: () => Date;
   private readonly renameAt2: RenameAt2;
-  private readonly fadvise: Fadvise;
+  private readonly pageCache: PageCache;
   /** This process, as `<pid>-<start time>`, in `.tmp-*` and lease names (see recover). */
   private readonly processTag: string;
   /** Tells this instance's lease files from other instances' of the same process. */
@@ -281,7 +288,7 @@ export class LocalStore {
     this.hashConcurrency = options.hashConcurrency ?? DEFAULT_FILE_CONCURRENCY;
     this.now = options.now ?? (() => new Date());
     this.renameAt2 = bindRenameAt2();
-    this.fadvise = bindFadvise();
+    this.pageCache = bindPageCache();
     this.processTag = `${process.pid}-${processStartTime(process.pid) ?? '0'}`;
   }
 
@@ -774,18 +781,21 @@ export class LocalStore {
   }
 
   /**
-   * Starts the kernel's readahead of every file of a checkpoint (posix_fadvise WILLNEED), so that a restore
-   * starting soon after finds it in the page cache; resolves once the readahead is submitted, not read.
-   * Starts at the first NRI event of a restore. Cancellable between files (STORE_ABORTED).
+   * Brings every file of a checkpoint into the page cache, so that a restore starting soon after reads from
+   * memory: a file already cached (mincore) is left alone, any other is read once, sequentially. Starts at the
+   * first NRI event of a restore, and the restore does not wait for it. Cancellable between chunks
+   * (STORE_ABORTED). `bytesRead` says how much it had to read.
    */
   async prefetch(name: string, options: { signal?: AbortSignal; concurrency?: number } = {}): Promise<PrefetchResult> {
     this.dirOf(name, 'prefetch checkpoint');
     const step = `prefetch checkpoint ${name}`;
     const started = performance.now();
     const opened = await this.open(name);
-    // Largest first: their readahead starts early and the small files fill in around them.
+    // Largest first: the long reads start early and the small files fill in around them.
     const files = [...opened.manifest.files].sort((a, b) => b.size - a.size);
+    const buffers: Buffer[] = [];
     let bytes = 0;
+    let bytesRead = 0;
     await forEachLimit(
       files,
       options.concurrency ?? DEFAULT_PREFETCH_CONCURRENCY,
@@ -793,9 +803,21 @@ export class LocalStore {
         throwIfAborted(options.signal, step);
         const fh = await openRegularNoFollow(join(opened.paths.dir, file.path), step);
         try {
-          const rc = await this.fadvise(fh.fd, POSIX_FADV_WILLNEED);
-          if (rc !== 0) throw new StoreError(StoreErrorCode.IO, `posix_fadvise(WILLNEED) of ${file.path} failed with error ${rc}`, { step });
           bytes += file.size;
+          await this.pageCache.adviseWillNeed(fh.fd);
+          if (this.pageCache.residentBytes(fh.fd, file.size) >= file.size * PREFETCH_RESIDENT_FRACTION) return;
+          const buffer = buffers.pop() ?? Buffer.allocUnsafe(PREFETCH_CHUNK_BYTES);
+          try {
+            for (let position = 0; ; ) {
+              throwIfAborted(options.signal, step);
+              const { bytesRead: n } = await fh.read(buffer, 0, buffer.length, position);
+              if (n === 0) break;
+              position += n;
+              bytesRead += n;
+            }
+          } finally {
+            buffers.push(buffer);
+          }
         } finally {
           await fh.close();
         }
@@ -803,8 +825,8 @@ export class LocalStore {
       { signal: options.signal, step },
     );
     const ms = performance.now() - started;
-    this.logger.debug('checkpoint prefetch started', { name, bytes, ms });
-    return { bytes, ms };
+    this.logger.debug('checkpoint prefetched', { name, bytes, bytesRead, ms });
+    return { bytes, bytesRead, ms };
   }
 
   /** Reads manifest.json without the directory checks of open(); for tools that inspect broken checkpoints. */
