@@ -130,14 +130,3 @@ export async function runWorkerPod(stack: NodeStack, controlRoot: string, o: Wor
   });
   return { podId: r.podId, containerId: r.containerId, logPath: r.logPath, controlDir: join(controlRoot, r.containerId), startedAt };
 }
-
-/** Polls until `probe` returns a value, or throws naming `what` after `timeoutMs`. */
-export async function pollFor<T>(probe: () => Promise<T | undefined>, what: string, timeoutMs: number, intervalMs = 50): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const value = await probe().catch(() => undefined);
-    if (value !== undefined) return value;
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
-    await sleep(intervalMs);
-  }
-}
