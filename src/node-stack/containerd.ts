@@ -74,12 +74,8 @@ export interface NodeStackOptions {
   signal?: AbortSignal;
 }
 
-export interface NodeStack {
-  flavor: StackFlavor;
-  /** e.g. "1.7.24~ds1" (CRI runtime_version). */
-  containerdVersion: string;
-  /** The stack dir (/tmp/thaw-XXXXXX). */
-  dir: string;
+/** Where a stack's containerd keeps its sockets, plugins, logs and config (all under the stack dir). */
+export interface StackLayout {
   /** containerd's gRPC socket (CRI is served there). */
   address: string;
   ttrpcAddress: string;
@@ -92,6 +88,14 @@ export interface NodeStack {
   /** Default parent of pod log directories (runPod puts each pod's log dir here). */
   podLogDir: string;
   configPath: string;
+}
+
+export interface NodeStack extends StackLayout {
+  flavor: StackFlavor;
+  /** e.g. "1.7.24~ds1" (CRI runtime_version). */
+  containerdVersion: string;
+  /** The stack dir (/tmp/thaw-XXXXXX). */
+  dir: string;
   paths: StackPaths;
   cri: CriClient;
   images: { busybox: string; pause: string };
@@ -213,17 +217,6 @@ export async function startNodeStack(options: NodeStackOptions = {}): Promise<No
   }
 }
 
-interface Layout {
-  address: string;
-  ttrpcAddress: string;
-  nriSocketPath: string;
-  pluginDir: string;
-  pluginConfigDir: string;
-  logPath: string;
-  podLogDir: string;
-  configPath: string;
-}
-
 class NodeStackImpl implements NodeStack {
   containerdVersion = '';
   readonly images = { busybox: BUSYBOX_IMAGE_REF, pause: PAUSE_IMAGE_REF };
@@ -242,7 +235,7 @@ class NodeStackImpl implements NodeStack {
   constructor(
     readonly flavor: StackFlavor,
     readonly dir: string,
-    layout: Layout,
+    layout: StackLayout,
     readonly paths: StackPaths,
     readonly cri: CriClient,
     private readonly log: Logger,
