@@ -15,16 +15,8 @@ import {
   readTarEntries,
   type OverlayMount,
 } from '../../src/restore-engine/rootfs-diff.js';
+import { rejection } from '../helpers/rejection.js';
 
-async function rejection(p: Promise<unknown>): Promise<ThawError> {
-  try {
-    await p;
-  } catch (err) {
-    if (isThawError(err)) return err;
-    throw err;
-  }
-  throw new Error('expected a rejection');
-}
 
 const sh = (cmd: string, args: string[]): string => execFileSync(cmd, args, { encoding: 'utf8' });
 const setXattr = (path: string, name: string, value: string): void => {

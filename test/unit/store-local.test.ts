@@ -5,22 +5,13 @@ import { openSync, readSync, closeSync, writeSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { isThawError, type ThawError } from '../../src/errors.js';
 import { createCollectingLogger } from '../../src/log.js';
 import { openLocalStore, type LocalStore } from '../../src/store/local-store.js';
 import { manifestFields, tempRoot, writeCheckpointFiles } from './store-fixtures.js';
+import { rejection } from '../helpers/rejection.js';
 
 const repo = resolve(fileURLToPath(import.meta.url), '../../..');
 
-async function rejection(p: Promise<unknown>): Promise<ThawError> {
-  try {
-    await p;
-  } catch (err) {
-    if (isThawError(err)) return err;
-    throw err;
-  }
-  throw new Error('expected a rejection');
-}
 
 /** Root entries less the verified-stamps directory, which the store keeps beside its checkpoints. */
 const withoutStamps = (entries: string[]): string[] => entries.filter((e) => e !== '.verified');
