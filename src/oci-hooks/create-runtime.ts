@@ -95,7 +95,10 @@ export async function runCreateRuntime(state: OciState, o: CreateRuntimeOptions)
     if (o.mode === 'overlay') {
       // After the diff: it may have replaced the entrypoint.
       const argv0 = config.args[0] as string;
-      const resolved = await resolveEntrypoint(config.rootfs, argv0, envValue(config.env, 'PATH'), config.cwd);
+      // Resolved through the init's view of the mounts: an entrypoint on a CRI bind mount (a GPU pod's Python
+      // from the node's /usr, say) exists only in the container's mount namespace, not under the host's rootfs.
+      const rootfsView = `/proc/${state.pid}/root${config.rootfs}`;
+      const resolved = await resolveEntrypoint(rootfsView, argv0, envValue(config.env, 'PATH'), config.cwd);
       const target = join(config.rootfs, resolved);
       await inMountNs(o, state.pid, [o.mountPath ?? DEFAULT_MOUNT_PATH, '--no-canonicalize', '--bind', o.thawPausePath, target], 'install the thaw-pause overlay');
       overlayHostPath = target;

@@ -9,11 +9,11 @@
  */
 import { execFileSync } from 'node:child_process';
 import { existsSync, statSync, readdirSync } from 'node:fs';
-import { mkdtemp, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { copyFile, mkdtemp, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
-import { buildWorkerImage, type WorkerImage } from '../../demo/worker-image.js';
+import { buildWorkerImage, WORKER_ENTRY_REL, type WorkerImage } from '../../demo/worker-image.js';
 import { createRestoreCoordinator, type RestoreCoordinator, type RestoreEvent } from '../../src/agent/restore-coordinator.js';
 import { createThawNriHandlers, type ManagedContainer, type ThawRestoreConfig, ThawNriStats } from '../../src/agent/thaw-nri.js';
 import { createCollectingLogger } from '../../src/log.js';
@@ -317,6 +317,49 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
       expect(env.stdout).not.toContain('SNAPSHOT_CONTROL_DIR');
     } finally {
       await stack.cri.removePod(pod.podId);
+    }
+  }, TEST_TIMEOUT_MS);
+  it('an entrypoint that lives on a bind mount (a GPU pod running the node\'s Python from /usr): restored', async () => {
+    // The create-runtime hook must resolve the entrypoint through the container's mounts: here the worker's
+    // node binary comes from a host directory mounted at /opt/hostbin, which the bundle's rootfs alone lacks.
+    const { stack } = handle;
+    const name = 'demo-bindmount-entry';
+    const hostBin = await mkdtemp('/tmp/thaw-rst-hostbin-');
+    await copyFile(process.execPath, path.join(hostBin, 'node'));
+    const spec = {
+      image: image.ref,
+      command: ['/opt/hostbin/node', `/app/${WORKER_ENTRY_REL}`],
+      mounts: [{ host_path: hostBin, container_path: '/opt/hostbin', readonly: true }],
+      env: { ...workerEnv, WORKER_MEMORY_MB: '32' },
+    };
+    try {
+      const src = await stack.cri.runPod({ ...spec, name: 'rst-bm-src', annotations: { [`${PREFIX}checkpoint`]: name } });
+      try {
+        const { entry, pid } = await waitFor(() => sourcesStarted.get('rst-bm-src'), 'PostStart of the source', 30_000);
+        await waitForWorkerReady(entry.controlDir, { timeoutMs: WORKER_READY_TIMEOUT_MS });
+        const v = await criu.version();
+        await checkpointContainer({
+          store, criu, containerId: entry.containerId, pid, controlDir: entry.controlDir, checkpointName: name,
+          onCheckpoint: 'continue', imageRef: entry.imageRef ?? image.ref,
+          source: { containerName: entry.containerName, pod: { name: entry.podName, namespace: entry.podNamespace, uid: entry.podUid } },
+          containerdVersion: stack.containerdVersion, criuVersion: `${v.major}.${v.minor}.${v.sublevel}`, logger, workRoot,
+          tarPath: stack.paths.tar,
+        });
+      } finally {
+        await stack.cri.removePod(src.podId);
+      }
+      const before = events.length;
+      const pod = await stack.cri.runPod({ ...spec, name: 'rst-bm-target', annotations: { [`${PREFIX}restore`]: name } });
+      try {
+        const ev = await waitFor(() => events.slice(before).find((e) => e.containerId === pod.containerId), 'the restore event', 120_000, 50);
+        expect(ev, JSON.stringify(ev)).toMatchObject({ outcome: 'restored', mode: 'overlay' });
+        const restored = await waitForEvent(pod.logPath, 'restored');
+        expect((await getJson<WorkerState>(restored.port as number, '/state')).restored).toBe(true);
+      } finally {
+        await stack.cri.removePod(pod.podId);
+      }
+    } finally {
+      await rm(hostBin, { recursive: true, force: true });
     }
   }, TEST_TIMEOUT_MS);
 });
