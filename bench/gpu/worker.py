@@ -152,13 +152,21 @@ class KvPool:
     def ptr(self):
         return self.flat.data_ptr()
 
-    def release(self):
-        if self.vmm is not None:
+    def release(self, keep_pool=False):
+        """Frees what need not be saved: the pool's physical memory (unless keep_pool) and PyTorch's cache."""
+        if self.vmm is not None and not keep_pool:
             self.vmm.release()
         thaw_cuda.release_pytorch_cache()
 
-    def resume(self):
+    @property
+    def mapped_bytes(self):
+        """GPU bytes the pool holds now (a released VMM pool holds none)."""
         if self.vmm is not None:
+            return self.vmm.size if self.vmm.mapped else 0
+        return self.size
+
+    def resume(self):
+        if self.vmm is not None and not self.vmm.mapped:
             self.vmm.remap(zero_fill=True)  # masked positions must not hold NaN bits (0 * NaN = NaN)
 
 
@@ -363,6 +371,33 @@ def selftest(args):
     return report
 
 
+def rss_anon_bytes():
+    """The process's anonymous resident memory: what CRIU dumps of its host memory (file pages are not)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def quiesce_report(pool):
+    """What is live at checkpoint time: the bytes a checkpoint must keep, printed as one JSON line."""
+    torch.cuda.synchronize()
+    tensors = torch.cuda.memory_allocated()
+    report = {
+        "event": "quiesced",
+        "torchAllocatedBytes": tensors,
+        "torchReservedBytes": torch.cuda.memory_reserved(),
+        "kvPoolMappedBytes": pool.mapped_bytes,
+        "usedGpuBytes": used_gpu_bytes(),
+        "rssAnonBytes": rss_anon_bytes(),
+    }
+    # The pool is not PyTorch's allocation (VMM), so its mapped bytes count on top of the tensors'.
+    report["liveBytes"] = tensors + report["kvPoolMappedBytes"] + report["rssAnonBytes"]
+    print(json.dumps(report), flush=True)
+    return report
+
+
 def print_tokens(decoder, label, n):
     tokens = decoder.generate(FIXED_PROMPT, n)
     print(json.dumps({"event": "tokens", "phase": label, "tokens": tokens}), flush=True)
@@ -378,10 +413,14 @@ def serve(args):
         print_tokens(decoder, "ready", args.new_tokens)
     state = {"restored": False, "outcome": None}
     if os.environ.get(thaw_worker.CONTROL_DIR_ENV) or os.environ.get(thaw_worker.LEGACY_CONTROL_DIR_ENV):
+        def release():
+            pool.release(keep_pool=args.keep_pool)
+            quiesce_report(pool)
+
         outcome = thaw_worker.checkpoint_and_wait(
-            release=pool.release,
+            release=release,
             resume=pool.resume,
-            payload={"worker": "bench/gpu/worker.py", "kvPoolBytes": pool.size, "kvBackend": pool.backend},
+            payload={"worker": "bench/gpu/worker.py", "kvPoolBytes": pool.size, "kvBackend": pool.backend, "keepPool": args.keep_pool},
         )
         state["outcome"] = str(outcome)
         state["restored"] = outcome == thaw_worker.Outcome.RESTORE_COMPLETE
@@ -442,7 +481,16 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--print-tokens", action="store_true")
+    p.add_argument("--keep-pool", action="store_true", help="serve mode: keep the KV pool mapped through the checkpoint (the baseline)")
+    p.add_argument("--prepare-weights", action="store_true", help="create the random weights in --weights-dir and exit")
     args = p.parse_args(argv)
+    if args.prepare_weights:
+        load_libraries()
+        created = ensure_weights(args.weights_dir, args.seed)
+        # The paths a container of this worker must reach (bench/gpu/product.ts mounts them).
+        paths = sys.path + [torch.__file__, transformers.__file__]
+        print(json.dumps({"event": "weights", "dir": args.weights_dir, "created": created, "paths": paths}), flush=True)
+        return 0
     if args.selftest:
         report = selftest(args)
         text = json.dumps(report, indent=2)

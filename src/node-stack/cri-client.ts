@@ -25,6 +25,14 @@ export interface Mount {
   propagation?: 'PROPAGATION_PRIVATE' | 'PROPAGATION_HOST_TO_CONTAINER' | 'PROPAGATION_BIDIRECTIONAL';
 }
 
+/** runtime.v1.Device: a host device node made available in the container (e.g. /dev/nvidia0). */
+export interface Device {
+  container_path: string;
+  host_path: string;
+  /** cgroup device permissions: any of r, w, m (default "rwm"). */
+  permissions?: string;
+}
+
 export interface NamespaceOptions { network?: NamespaceMode; pid?: NamespaceMode; ipc?: NamespaceMode; target_id?: string }
 
 /** The parts of runtime.v1.PodSandboxConfig thaw uses (field names as in the proto). */
@@ -50,6 +58,7 @@ export interface ContainerConfig {
   working_dir?: string;
   envs?: KeyValue[];
   mounts?: Mount[];
+  devices?: Device[];
   labels?: Record<string, string>;
   annotations?: Record<string, string>;
   log_path?: string;
@@ -131,6 +140,8 @@ export interface RunPodOptions extends CallOptions {
   args?: string[];
   env?: Record<string, string>;
   mounts?: Mount[];
+  /** Host device nodes for the container (GPU pods: /dev/nvidiactl, /dev/nvidia0, /dev/nvidia-uvm, ...). */
+  devices?: Device[];
   workingDir?: string;
   /** true (default): the host's network namespace, no CNI. false: the pod's own (needs CNI). */
   hostNetwork?: boolean;
@@ -371,6 +382,7 @@ export class CriClient {
         ...(o.workingDir ? { working_dir: o.workingDir } : {}),
         envs: Object.entries(o.env ?? {}).map(([key, value]) => ({ key, value })),
         mounts: o.mounts ?? [],
+        devices: (o.devices ?? []).map((d) => ({ permissions: 'rwm', ...d })),
         labels: o.labels ?? {},
         annotations: o.containerAnnotations ?? {},
         log_path: logPath,

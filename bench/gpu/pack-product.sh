@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# On the CPU machine: packs what `bench/gpu/run-product.sh` needs on a GPU machine that has Python, PyTorch
+# and the driver but no Node.js, no npm registry and no Debian archive (the lent H100) into .device/
+# (git-ignored; carry it: carry=[".device"]; limit 64 MiB):
+#   node.xz      this machine's node binary
+#   stack.txz    see below (node.xz and stack.txz are cached in .device-cache/ between packs)
+#   payload.txz  dist/ (the whole build), production node_modules (koffi's linux_x64 build only),
+#                native/build/thaw-pause, and the private containerd 1.7 stack (/opt/thaw/stack/1.7, without
+#                what host-network pods never use: CNI plugins, the v1 shims, Go sources, docs), as
+#                .device-stack/, which run-product.sh puts back at /opt/thaw/stack/1.7 — its binaries are
+#                patched for that absolute path.
+# xz with the x86 BCJ filter: Go and ELF binaries compress ~10% better with it, which keeps this under 64 MiB.
+# Run `bash scripts/setup.sh` first (the build, thaw-pause and the stack).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+STACK=/opt/thaw/stack/1.7
+[ -f "$STACK/.thaw-stack.json" ] || { echo "pack-product: $STACK is not provisioned (run: bash scripts/setup.sh)" >&2; exit 2; }
+[ -x native/build/thaw-pause ] || { echo "pack-product: native/build/thaw-pause missing (run: bash scripts/setup.sh)" >&2; exit 2; }
+npx tsc -p tsconfig.build.json
+grep -qx '/.device/' .git/info/exclude 2>/dev/null || echo '/.device/' >> .git/info/exclude
+stage=$(mktemp -d /tmp/thaw-pack-product.XXXXXX)
+trap 'rm -rf "$stage"' EXIT
+rm -rf .device && mkdir -p .device
+
+# The stack, trimmed: host-network pods need no CNI plugin; nothing runs the v1 shims.
+mkdir -p "$stage/.device-stack"
+tar -C "$STACK" -cf - \
+  --exclude='./usr/lib/cni/*' --exclude='./usr/bin/containerd-shim' --exclude='./usr/bin/containerd-shim-runc-v1' \
+  --exclude='./usr/share/doc' --exclude='./usr/share/man' --exclude='./usr/share/gocode/src/k8s.io/cri-api/pkg/apis/runtime/v1/*.go' \
+  . | tar -C "$stage/.device-stack" -xf -
+
+# Production dependencies only (the dev tools are of no use there); koffi's prebuilt for this platform only.
+node -e '
+  const lock = require("./package-lock.json");
+  const keep = Object.entries(lock.packages).filter(([p, v]) => p.startsWith("node_modules/") && !v.dev).map(([p]) => p);
+  process.stdout.write(keep.join("\n") + "\n");
+' > "$stage/prod-modules.txt"
+tar -cf - \
+  --exclude='node_modules/koffi/build/koffi/*' --exclude='node_modules/koffi/src' --exclude='node_modules/koffi/vendor' \
+  --exclude='node_modules/koffi/doc' --exclude='*.md' --exclude='*.map' \
+  --no-recursion -T <(while read -r p; do [ -e "$p" ] && find "$p" -maxdepth 0; done < "$stage/prod-modules.txt") \
+  | tar -C "$stage" -xf -
+while read -r p; do [ -e "$p" ] && tar -cf - --exclude='koffi/build/koffi/*' --exclude='koffi/src' --exclude='koffi/vendor' --exclude='koffi/doc' "$p" | tar -C "$stage" -xf -; done < "$stage/prod-modules.txt"
+mkdir -p "$stage/node_modules/koffi/build/koffi"
+cp -r node_modules/koffi/build/koffi/linux_x64 "$stage/node_modules/koffi/build/koffi/"
+mkdir -p "$stage/native/build"
+cp native/build/thaw-pause "$stage/native/build/"
+cp -r dist "$stage/dist"
+
+# node and the stack change rarely: kept between packs (in .device-cache/) while their sources are unchanged.
+cache=.device-cache
+grep -qx '/.device-cache/' .git/info/exclude 2>/dev/null || echo '/.device-cache/' >> .git/info/exclude
+mkdir -p "$cache"
+node_bin=$(readlink -f "$(command -v node)")
+key="$(stat -c '%n %s %Y' "$node_bin" "$STACK/.thaw-stack.json" | sha256sum | cut -c1-16)"
+if [ "$(cat "$cache/key" 2>/dev/null)" != "$key" ]; then
+  xz -T0 -6 -c "$node_bin" > "$cache/node.xz"
+  tar -C "$stage" -cf - .device-stack | xz -T0 --x86 --lzma2=preset=7 > "$cache/stack.txz"
+  echo "$key" > "$cache/key"
+fi
+cp "$cache/node.xz" "$cache/stack.txz" .device/
+tar -C "$stage" -cf - node_modules native dist | xz -T0 --x86 --lzma2=preset=7 > .device/payload.txz
+cat > .device/unpack.sh <<'EOS'
+# Sourced on the GPU machine from the project root: node on PATH, the build in place, the stack at its path.
+mkdir -p /tmp/device-node/bin
+[ -x /tmp/device-node/bin/node ] || { xz -dc .device/node.xz > /tmp/device-node/bin/node.tmp && chmod +x /tmp/device-node/bin/node.tmp && mv /tmp/device-node/bin/node.tmp /tmp/device-node/bin/node; }
+export PATH=/tmp/device-node/bin:$PATH
+tar -xJf .device/payload.txz
+if [ ! -f /opt/thaw/stack/1.7/.thaw-stack.json ]; then
+  tar -xJf .device/stack.txz
+  mkdir -p /opt/thaw/stack && rm -rf /opt/thaw/stack/1.7 && mv .device-stack /opt/thaw/stack/1.7
+fi
+echo "unpack: node $(node --version); stack at /opt/thaw/stack/1.7"
+EOS
+du -b .device/* | awk '{printf "%s %.1f MiB\n", $2, $1/1048576}'
+size=$(du -sb .device | cut -f1)
+echo "pack-product: .device/ is $((size / 1048576)) MiB (limit 64)"
+[ "$size" -lt $((64 * 1048576)) ] || { echo "pack-product: too large" >&2; exit 1; }

@@ -1,0 +1,434 @@
+/**
+ * npm run bench:gpu — the GPU reference worker (bench/gpu/worker.py) through the whole product, on a GPU node.
+ *
+ * One run, one private containerd with thaw's plugin (the same process the demo and the tests run), GPU pods
+ * created through CRI (the /dev/nvidia* devices; the host's /usr, Python packages and driver libraries
+ * bind-mounted read-only, so the image itself stays a few kilobytes):
+ *   1. cold start of a plain worker pod (no thaw annotation) with the page cache dropped, then again warm;
+ *   2. for each variant — `released` (the worker frees its KV pool before the checkpoint; default pool of
+ *      --kv-fraction of free memory) and `kept` (the pool stays mapped; BENCH_GPU_KEPT_KV_GIB, default 16,
+ *      since a checkpoint of a 62 GiB pool would not fit this machine's 64 GiB disk) — a source pod that thaw
+ *      checkpoints when the worker asks, a restore into a new pod with the checkpoint in the page cache, and
+ *      another after the page cache was dropped. Ready = the worker answers /healthz; a restore counts only
+ *      when thaw's restore event says `restored` and the worker says so. Tokens of the fixed prompt from every
+ *      restored worker are compared with those the source printed before its checkpoint.
+ * Prints a table and ratios; last line one JSON object; the same JSON goes to bench/results/ (and $OUT).
+ *
+ * Env: BENCH_GPU_VARIANTS (released,kept), BENCH_GPU_KEPT_KV_GIB (16), BENCH_GPU_PORT (18080),
+ * BENCH_GPU_PYTHON (python3), BENCH_GPU_WORKER_ARGS (extra worker flags, e.g. "--kv-gib 8"), THAW_WEIGHTS_DIR,
+ * BENCH_GPU_RESULTS_DIR (bench/results), THAW_CONTAINERD (1.7 | 2.1),
+ * BENCH_GPU_STANDIN=1 (no GPU: bench/gpu/standin-worker.py, a CPU worker that speaks the same HTTP and
+ * control-dir protocol, to check this script's plumbing on a machine without a GPU; its numbers mean nothing).
+ */
+import { execFileSync } from 'node:child_process';
+import { existsSync, lstatSync, readlinkSync, realpathSync } from 'node:fs';
+import { cp, mkdir, mkdtemp, readFile, rm, symlink, writeFile } from 'node:fs/promises';
+import { cpus, hostname, tmpdir } from 'node:os';
+import { basename, dirname, join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { cleanupStaleStacks } from '../../src/node-stack/cleanup.js';
+import { startNodeStack, type NodeStack } from '../../src/node-stack/containerd.js';
+import type { Device, Mount } from '../../src/node-stack/cri-client.js';
+import { parseFlavor } from '../../src/node-stack/paths.js';
+import { PACKAGE_ROOT, pluginDirsUnder, readJsonLog, startThawPluginProcess, waitForLog, type LogRecord, type ThawPluginProcess } from '../../src/node-stack/thaw-plugin-process.js';
+import { renderTable } from '../stats.js';
+
+export const GPU_WORKER_IMAGE_REF = 'docker.io/thaw/gpu-worker-shell:1';
+const COLD_START_TIMEOUT_MS = 300_000;
+const CHECKPOINT_TIMEOUT_MS = 600_000;
+const RESTORE_TIMEOUT_MS = 300_000;
+const HEALTH_POLL_MS = 25;
+const GPU_MEMORY_SETTLE_TIMEOUT_MS = 60_000;
+const CONTAINER_PATH = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin';
+
+const say = (line: string): void => void process.stderr.write(`bench:gpu: ${line}\n`);
+const round = (v: number, digits = 0): number => Number(v.toFixed(digits));
+const GiB = 2 ** 30;
+
+interface Health {
+  ok: boolean;
+  restored: boolean;
+  outcome: string | null;
+  facts?: Record<string, unknown>;
+}
+
+/** GET http://127.0.0.1:<port><path> → JSON, or undefined when nothing answers yet. */
+async function tryGet<T>(port: number, path: string, timeoutMs: number): Promise<T | undefined> {
+  try {
+    const res = await fetch(`http://127.0.0.1:${port}${path}`, { signal: AbortSignal.timeout(timeoutMs) });
+    if (res.status !== 200) return undefined;
+    return (await res.json()) as T;
+  } catch {
+    return undefined;
+  }
+}
+
+async function getJson<T>(port: number, path: string, timeoutMs = 120_000): Promise<T> {
+  const r = await tryGet<T>(port, path, timeoutMs);
+  if (r === undefined) throw new Error(`GET ${path} on port ${port}: no answer`);
+  return r;
+}
+
+/** Drops the page cache (clean pages; dirty ones are written first). Needs root. */
+async function dropPageCache(): Promise<void> {
+  execFileSync('sync');
+  await writeFile('/proc/sys/vm/drop_caches', '3\n');
+}
+
+/** The host's GPU memory in use (MiB), from nvidia-smi; undefined without one. */
+function gpuMemoryUsedMiB(): number | undefined {
+  try {
+    const out = execFileSync('nvidia-smi', ['--query-gpu=memory.used', '--format=csv,noheader,nounits'], { encoding: 'utf8', timeout: 10_000 });
+    return Number(out.trim().split('\n')[0]);
+  } catch {
+    return undefined;
+  }
+}
+
+function gpuIdentity(): { gpu: string; driver: string } {
+  try {
+    const out = execFileSync('nvidia-smi', ['--query-gpu=name,driver_version', '--format=csv,noheader'], { encoding: 'utf8', timeout: 10_000 });
+    const [gpu, driver] = (out.trim().split('\n')[0] ?? '').split(',').map((s) => s.trim());
+    return { gpu: gpu ?? 'unknown', driver: driver ?? 'unknown' };
+  } catch {
+    return { gpu: 'none', driver: 'none' };
+  }
+}
+
+/** Waits until the GPU gives back what a removed pod held (its process may take a moment to exit). */
+async function waitGpuMemoryBelow(limitMiB: number | undefined): Promise<void> {
+  if (limitMiB === undefined) return;
+  const deadline = Date.now() + GPU_MEMORY_SETTLE_TIMEOUT_MS;
+  for (;;) {
+    const used = gpuMemoryUsedMiB();
+    if (used === undefined || used <= limitMiB) return;
+    if (Date.now() > deadline) throw new Error(`GPU memory still ${used} MiB in use (> ${limitMiB}) ${GPU_MEMORY_SETTLE_TIMEOUT_MS} ms after the pod was removed`);
+    await sleep(200);
+  }
+}
+
+/** JSON lines the worker wrote to stdout/stderr, from its CRI log (`<time> <stream> <F|P> <line>`). */
+async function workerLogEvents(logPath: string): Promise<Record<string, unknown>[]> {
+  const text = await readFile(logPath, 'utf8').catch(() => '');
+  const events: Record<string, unknown>[] = [];
+  for (const line of text.split('\n')) {
+    const body = line.split(' ').slice(3).join(' ');
+    if (!body.startsWith('{')) continue;
+    try {
+      events.push(JSON.parse(body) as Record<string, unknown>);
+    } catch {
+      // a partial line: not one of the worker's events
+    }
+  }
+  return events;
+}
+
+/** What the worker needs from the host, found rather than assumed (Ubuntu, conda, venv layouts differ). */
+interface HostWorkerEnv {
+  python: string;
+  mounts: Mount[];
+  devices: Device[];
+  env: Record<string, string>;
+  /** Top-level dirs the image links to /usr (merged-/usr hosts) instead of mounting. */
+  usrLinks: Array<{ name: string; target: string }>;
+}
+
+function hostWorkerEnv(python: string, workerScript: string, weightsDir: string): HostWorkerEnv {
+  // Not realpath'd: a venv's python is a symlink whose own path makes it the venv's interpreter.
+  const pythonPath = execFileSync('sh', ['-c', `command -v ${python}`], { encoding: 'utf8' }).trim();
+  // One Python start does both: makes the weights (once) and says where its packages live.
+  const out = execFileSync(pythonPath, [workerScript, '--prepare-weights', '--weights-dir', weightsDir], { encoding: 'utf8', timeout: 600_000, stdio: ['ignore', 'pipe', 'inherit'] });
+  const facts = JSON.parse(out.trim().split('\n').pop() ?? '{}') as { paths: string[]; created?: boolean };
+  say(`weights in ${weightsDir}${facts.created ? ' (created)' : ''}`);
+  const roots = new Set<string>(['/usr']);
+  const usrLinks: Array<{ name: string; target: string }> = [];
+  for (const name of ['bin', 'sbin', 'lib', 'lib32', 'lib64', 'libx32']) {
+    const p = `/${name}`;
+    if (!existsSync(p)) continue;
+    if (lstatSync(p).isSymbolicLink()) usrLinks.push({ name, target: readlinkSync(p) });
+    else roots.add(p);
+  }
+  const underRoots = (p: string): boolean => [...roots].some((r) => p === r || p.startsWith(`${r}/`));
+  // Python packages outside /usr (a venv in /opt, conda, ~/.local): mount their top two path components.
+  const ldPath = (process.env['LD_LIBRARY_PATH'] ?? '').split(':').filter((p) => p.startsWith('/') && existsSync(p));
+  for (const p of [...facts.paths.filter((p) => p.startsWith('/') && existsSync(p)).map((p) => realpathSync(p)), dirname(pythonPath), ...ldPath]) {
+    if (underRoots(p) || p.startsWith(PACKAGE_ROOT) || p.startsWith('/tmp/') || p.startsWith('/proc/')) continue;
+    roots.add(p.split('/').slice(0, 3).join('/'));
+  }
+  const mounts: Mount[] = [...roots].map((r) => ({ host_path: r, container_path: r, readonly: true }));
+  for (const f of ['/etc/ld.so.cache', '/etc/ld.so.conf', '/etc/ld.so.conf.d', '/etc/alternatives']) {
+    if (existsSync(f)) mounts.push({ host_path: f, container_path: f, readonly: true });
+  }
+  // The worker and the SDK at the same path as here; the weights (made before the first pod starts).
+  mounts.push({ host_path: PACKAGE_ROOT, container_path: PACKAGE_ROOT, readonly: true });
+  mounts.push({ host_path: weightsDir, container_path: weightsDir, readonly: true });
+  const devices: Device[] = ['/dev/nvidiactl', '/dev/nvidia-uvm', '/dev/nvidia-uvm-tools', '/dev/nvidia-modeset', ...[0, 1, 2, 3, 4, 5, 6, 7].map((i) => `/dev/nvidia${i}`)]
+    .filter((d) => existsSync(d))
+    .map((d) => ({ host_path: d, container_path: d, permissions: 'rwm' }));
+  const env: Record<string, string> = {
+    PATH: CONTAINER_PATH,
+    HOME: '/root',
+    HF_HOME: '/tmp/hf',
+    PYTHONUNBUFFERED: '1',
+    PYTHONDONTWRITEBYTECODE: '1',
+    THAW_WEIGHTS_DIR: weightsDir,
+    // The checkpoint saves the whole process: no io_uring instances CRIU cannot dump, no socket NCCL would open.
+    UV_USE_IO_URING: '0',
+  };
+  if (ldPath.length > 0) env['LD_LIBRARY_PATH'] = ldPath.join(':');
+  return { python: pythonPath, mounts, devices, env, usrLinks };
+}
+
+/** A few-kilobyte image: merged-/usr links, the dirs a container needs, passwd. Everything else is mounted. */
+async function importShellImage(stack: NodeStack, host: HostWorkerEnv, workDir: string): Promise<string> {
+  const rootfs = join(workDir, 'gpu-rootfs');
+  for (const d of ['etc', 'tmp', 'proc', 'sys', 'dev', 'run', 'root', 'var/tmp', 'home', 'usr']) await mkdir(join(rootfs, d), { recursive: true, mode: d.endsWith('tmp') ? 0o1777 : 0o755 });
+  for (const l of host.usrLinks) await symlink(l.target, join(rootfs, l.name));
+  await writeFile(join(rootfs, 'etc/passwd'), 'root:x:0:0:root:/root:/bin/sh\n');
+  await writeFile(join(rootfs, 'etc/group'), 'root:x:0:\n');
+  await stack.importImage({ ref: GPU_WORKER_IMAGE_REF, rootfsDir: rootfs, env: [`PATH=${CONTAINER_PATH}`] });
+  return GPU_WORKER_IMAGE_REF;
+}
+
+interface PodRun {
+  podId: string;
+  containerId: string;
+  logPath: string;
+  startedAt: number;
+}
+
+interface Variant {
+  name: 'released' | 'kept';
+  workerArgs: string[];
+}
+
+interface VariantResult {
+  variant: string;
+  checkpointMs: number;
+  checkpointPhases: unknown;
+  checkpointBytes: number;
+  liveBytes: number | null;
+  checkpointOverLive: number | null;
+  quiesced: Record<string, unknown> | null;
+  gpuInManifest: unknown;
+  restoreWarmMs: number;
+  restoreColdMs: number;
+  restoreWarmOutcome: string;
+  restoreColdOutcome: string;
+  restoreWarmPhases: unknown;
+  restoreColdPhases: unknown;
+  restoreWarmCause: string | null;
+  restoreColdCause: string | null;
+  tokensMatch: boolean;
+}
+
+async function main(): Promise<void> {
+  const standin = process.env['BENCH_GPU_STANDIN'] === '1';
+  const variants: Variant[] = (process.env['BENCH_GPU_VARIANTS'] ?? 'released,kept')
+    .split(',')
+    .map((s) => s.trim())
+    .filter((s) => s !== '')
+    .map((name) => {
+      if (name === 'released') return { name, workerArgs: [] };
+      if (name === 'kept') return { name, workerArgs: ['--keep-pool', '--kv-gib', process.env['BENCH_GPU_KEPT_KV_GIB'] ?? '16'] };
+      throw new Error(`BENCH_GPU_VARIANTS: unknown variant ${JSON.stringify(name)} (expected released, kept)`);
+    });
+  const port = Number(process.env['BENCH_GPU_PORT'] ?? 18080);
+  const extraWorkerArgs = (process.env['BENCH_GPU_WORKER_ARGS'] ?? '').split(' ').filter((s) => s !== '');
+  const weightsDir = process.env['THAW_WEIGHTS_DIR'] ?? '/tmp/thaw-qwen3-0.6b-random';
+  const flavor = parseFlavor((process.env['THAW_CONTAINERD'] ?? '1.7').split(',')[0] ?? '1.7');
+  const resultsDir = process.env['BENCH_GPU_RESULTS_DIR'] ?? join(PACKAGE_ROOT, 'bench/results');
+  const workerScript = join(PACKAGE_ROOT, standin ? 'bench/gpu/standin-worker.py' : 'bench/gpu/worker.py');
+  const identity = standin ? { gpu: 'none (stand-in worker)', driver: 'none' } : gpuIdentity();
+
+  await mkdir(weightsDir, { recursive: true });
+  const host = hostWorkerEnv(process.env['BENCH_GPU_PYTHON'] ?? 'python3', workerScript, weightsDir);
+
+  await cleanupStaleStacks();
+  const workDir = await mkdtemp(join(tmpdir(), 'thaw-bench-gpu-'));
+  let stack: NodeStack | undefined;
+  let plugin: ThawPluginProcess | undefined;
+  const pods = new Set<string>();
+  const podLogs: string[] = [];
+  let coldStartMs = Number.NaN;
+  let coldStartWarmMs = Number.NaN;
+  let coldTokens: number[] | undefined;
+  const results: VariantResult[] = [];
+  try {
+    stack = await startNodeStack({ flavor });
+    const s = stack;
+    const image = await importShellImage(s, host, workDir);
+    const logFile = join(workDir, 'thaw.log');
+    const dirs = pluginDirsUnder(workDir, s.paths.prefix, logFile);
+    plugin = startThawPluginProcess({ socketPath: s.nriSocketPath, ...dirs, extraArgs: ['--log-level', 'info'] });
+    await waitForLog(logFile, (r) => r.msg === 'nri plugin synchronized', 'the thaw plugin to register', 60_000);
+    const idleGpuMiB = gpuMemoryUsedMiB();
+    const settleLimitMiB = idleGpuMiB === undefined ? undefined : idleGpuMiB + 1024;
+
+    const runWorker = async (name: string, annotations: Record<string, string>, args: string[]): Promise<PodRun> => {
+      const startedAt = Date.now();
+      const r = await s.cri.runPod({
+        name,
+        uid: `${name}-uid`,
+        annotations,
+        image,
+        command: [host.python, workerScript, '--port', String(port), '--print-tokens', '--weights-dir', weightsDir, ...extraWorkerArgs, ...args],
+        env: host.env,
+        mounts: host.mounts,
+        devices: host.devices,
+      });
+      pods.add(r.podId);
+      podLogs.push(r.logPath);
+      return { podId: r.podId, containerId: r.containerId, logPath: r.logPath, startedAt };
+    };
+    const removePod = async (pod: PodRun): Promise<void> => {
+      await s.cri.removePod(pod.podId);
+      pods.delete(pod.podId);
+      await waitGpuMemoryBelow(settleLimitMiB);
+    };
+    /** ms from RunPodSandbox until /healthz answers and `accept` likes it; fails early when thaw fell back. */
+    const waitReady = async (pod: PodRun, timeoutMs: number, accept: (h: Health) => boolean, restoreOf?: string): Promise<{ ms: number; health: Health; event?: LogRecord }> => {
+      const deadline = Date.now() + timeoutMs;
+      for (;;) {
+        const health = await tryGet<Health>(port, '/healthz', 2_000);
+        if (health && accept(health)) return { ms: Date.now() - pod.startedAt, health };
+        if (restoreOf) {
+          const records = await readJsonLog(logFile);
+          const event = records.find((r) => r['event'] === 'restore' && r['containerId'] === pod.containerId && r['outcome'] !== 'restored');
+          if (event) return { ms: Date.now() - pod.startedAt, health: health ?? { ok: false, restored: false, outcome: null }, event };
+        }
+        if (Date.now() > deadline) throw new Error(`pod ${pod.podId}: worker not ready within ${timeoutMs} ms (log: ${pod.logPath})`);
+        await sleep(HEALTH_POLL_MS);
+      }
+    };
+
+    // 1. The baseline: a plain pod of the same worker, no thaw annotation.
+    await dropPageCache();
+    say('cold start, page cache dropped');
+    const cold = await runWorker('gpu-cold', {}, []);
+    coldStartMs = (await waitReady(cold, COLD_START_TIMEOUT_MS, (h) => h.ok)).ms;
+    coldTokens = (await getJson<{ tokens: number[] }>(port, '/tokens')).tokens;
+    await removePod(cold);
+    say(`cold start ${coldStartMs} ms; again with the page cache warm`);
+    const coldWarm = await runWorker('gpu-cold-warm', {}, []);
+    coldStartWarmMs = (await waitReady(coldWarm, COLD_START_TIMEOUT_MS, (h) => h.ok)).ms;
+    await removePod(coldWarm);
+    say(`cold start (page cache warm) ${coldStartWarmMs} ms`);
+
+    for (const v of variants) {
+      const checkpointName = `gpu-${v.name}`;
+      say(`${v.name}: source pod`);
+      const source = await runWorker(`gpu-src-${v.name}`, { 'thaw.dev/checkpoint': checkpointName }, v.workerArgs);
+      const event = await waitForLog(logFile, (r) => r['event'] === 'checkpoint' && r['name'] === checkpointName, 'the checkpoint', CHECKPOINT_TIMEOUT_MS);
+      if (event['outcome'] !== 'succeeded') throw new Error(`${v.name}: checkpoint failed: ${JSON.stringify(event)}`);
+      const checkpointPhases = event['phases'] as { totalMs: number };
+      const checkpointBytes = Number(event['bytes']);
+      const manifest = JSON.parse(await readFile(join(dirs.storeRoot, checkpointName, 'manifest.json'), 'utf8')) as { constraints?: { gpu?: unknown } };
+      await waitReady(source, COLD_START_TIMEOUT_MS, (h) => h.ok);
+      const sourceEvents = await workerLogEvents(source.logPath);
+      const sourceTokens = sourceEvents.find((e) => e['event'] === 'tokens' && e['phase'] === 'ready')?.['tokens'] as number[] | undefined;
+      const quiesced = sourceEvents.find((e) => e['event'] === 'quiesced') ?? null;
+      const liveBytes = quiesced ? Number(quiesced['liveBytes']) : null;
+      await removePod(source);
+      say(`${v.name}: checkpoint ${Math.round(checkpointPhases.totalMs)} ms, ${round(checkpointBytes / GiB, 2)} GiB (live ${liveBytes === null ? '?' : round(liveBytes / GiB, 2)} GiB)`);
+
+      const restoreOnce = async (label: 'warm' | 'cold'): Promise<{ ms: number; outcome: string; cause: string | null; phases: unknown; tokens: number[] | undefined }> => {
+        if (label === 'cold') await dropPageCache();
+        const target = await runWorker(`gpu-restore-${label}-${v.name}`, { 'thaw.dev/restore': checkpointName }, v.workerArgs);
+        const ready = await waitReady(target, RESTORE_TIMEOUT_MS, (h) => h.ok && h.restored, checkpointName);
+        const restoreEvent = ready.event ?? (await waitForLog(logFile, (r) => r['event'] === 'restore' && r['containerId'] === target.containerId, 'the restore event', 30_000));
+        const tokens = ready.event ? undefined : (await getJson<{ tokens: number[] }>(port, '/tokens')).tokens;
+        await removePod(target);
+        const outcome = String(restoreEvent['outcome']);
+        say(`${v.name}: restore (page cache ${label}) ${ready.ms} ms, ${outcome}${restoreEvent['cause'] ? ` (${String(restoreEvent['cause'])}: ${String(restoreEvent['reason'])})` : ''}`);
+        return { ms: ready.ms, outcome, cause: restoreEvent['cause'] ? String(restoreEvent['cause']) : null, phases: restoreEvent['phases'], tokens };
+      };
+      const warm = await restoreOnce('warm');
+      const coldRestore = await restoreOnce('cold');
+      const same = (a: number[] | undefined, b: number[] | undefined): boolean => a !== undefined && b !== undefined && a.length > 0 && JSON.stringify(a) === JSON.stringify(b);
+      results.push({
+        variant: v.name,
+        checkpointMs: Math.round(checkpointPhases.totalMs),
+        checkpointPhases,
+        checkpointBytes,
+        liveBytes,
+        checkpointOverLive: liveBytes ? round(checkpointBytes / liveBytes, 3) : null,
+        quiesced,
+        gpuInManifest: manifest.constraints?.gpu ?? null,
+        restoreWarmMs: warm.ms,
+        restoreColdMs: coldRestore.ms,
+        restoreWarmOutcome: warm.outcome,
+        restoreColdOutcome: coldRestore.outcome,
+        restoreWarmPhases: warm.phases,
+        restoreColdPhases: coldRestore.phases,
+        restoreWarmCause: warm.cause,
+        restoreColdCause: coldRestore.cause,
+        tokensMatch: same(sourceTokens, warm.tokens) && same(sourceTokens, coldRestore.tokens) && same(sourceTokens, coldTokens),
+      });
+      await rm(join(dirs.storeRoot, checkpointName), { recursive: true, force: true });
+    }
+  } finally {
+    // Evidence for a run on a lent machine: the plugin's log and every worker's log, before the stack goes.
+    const out = process.env['OUT'];
+    if (out) {
+      await mkdir(join(out, 'logs'), { recursive: true });
+      await cp(join(workDir, 'thaw.log'), join(out, 'logs', 'thaw.log')).catch(() => undefined);
+      for (const logPath of podLogs) await cp(logPath, join(out, 'logs', basename(dirname(logPath)) + '-' + basename(logPath))).catch(() => undefined);
+    }
+    for (const podId of pods) await stack?.cri.removePod(podId).catch(() => undefined);
+    await plugin?.stop();
+    await stack?.stop();
+    await rm(workDir, { recursive: true, force: true });
+  }
+
+  process.stdout.write(
+    renderTable(
+      ['variant', 'cold start ms', 'checkpoint ms', 'ckpt GiB', 'ckpt/live', 'restore warm ms', 'restore cold ms', 'speedup warm', 'speedup cold', 'tokens match'],
+      results.map((r) => [
+        r.variant,
+        coldStartMs,
+        r.checkpointMs,
+        round(r.checkpointBytes / GiB, 2),
+        r.checkpointOverLive ?? '-',
+        `${r.restoreWarmMs}${r.restoreWarmOutcome === 'restored' ? '' : ` (${r.restoreWarmOutcome})`}`,
+        `${r.restoreColdMs}${r.restoreColdOutcome === 'restored' ? '' : ` (${r.restoreColdOutcome})`}`,
+        round(coldStartMs / r.restoreWarmMs, 2),
+        round(coldStartMs / r.restoreColdMs, 2),
+        String(r.tokensMatch),
+      ]),
+    ),
+  );
+  process.stdout.write(`cold start with the page cache warm: ${coldStartWarmMs} ms\n`);
+  const main = results.find((r) => r.variant === 'released') ?? results[0];
+  const summary = {
+    bench: 'gpu',
+    standin,
+    date: new Date().toISOString(),
+    host: hostname(),
+    cpus: cpus().length,
+    gpu: identity.gpu,
+    driver: identity.driver,
+    containerd: stack?.containerdVersion,
+    coldStartMs,
+    coldStartWarmMs,
+    restoreWarmMs: main?.restoreWarmMs ?? null,
+    restoreColdMs: main?.restoreColdMs ?? null,
+    checkpointMs: main?.checkpointMs ?? null,
+    checkpointBytes: main?.checkpointBytes ?? null,
+    liveBytes: main?.liveBytes ?? null,
+    tokensMatch: results.length > 0 && results.every((r) => r.tokensMatch),
+    variants: results,
+  };
+  const json = JSON.stringify(summary);
+  await mkdir(resultsDir, { recursive: true });
+  const file = join(resultsDir, `gpu-${summary.date.replace(/[:.]/g, '-')}${standin ? '-standin' : ''}.json`);
+  await writeFile(file, `${JSON.stringify(summary, null, 2)}\n`);
+  if (process.env['OUT']) await writeFile(join(process.env['OUT'], 'bench-gpu.json'), `${json}\n`);
+  say(`results in ${file}`);
+  process.stdout.write(`${json}\n`);
+}
+
+main().catch((err: unknown) => {
+  process.stderr.write(`bench:gpu failed: ${err instanceof Error ? err.stack ?? err.message : String(err)}\n`);
+  process.exit(1);
+});

@@ -1,0 +1,45 @@
+/**
+ * bench:gpu's plumbing on a machine without a GPU: bench/gpu/product.ts with BENCH_GPU_STANDIN=1 runs the same
+ * pods, mounts, checkpoint and restores with a CPU stand-in worker (bench/gpu/standin-worker.py) that speaks the
+ * GPU worker's protocols. The GPU numbers come from the H100 (bench/gpu/README.md); this keeps the script that
+ * produces them working between GPU runs. Only outcomes are checked — never times.
+ */
+import { execFile } from 'node:child_process';
+import { readdirSync } from 'node:fs';
+import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import path from 'node:path';
+import { promisify } from 'node:util';
+import { afterAll, describe, expect, it } from 'vitest';
+import { PACKAGE_ROOT, ensureBuilt } from '../../src/node-stack/thaw-plugin-process.js';
+import { flavorsUnderTest } from '../helpers/stack.js';
+
+const execFileP = promisify(execFile);
+const RUN_TIMEOUT_MS = 240_000;
+
+describe.each(flavorsUnderTest())('bench:gpu with the stand-in worker, containerd %s', (flavor) => {
+  const dirs: string[] = [];
+  afterAll(async () => {
+    for (const d of dirs) await rm(d, { recursive: true, force: true });
+  });
+
+  it('cold start, checkpoint, restore warm and cold: every restore restored, same tokens, JSON written', async () => {
+    ensureBuilt();
+    const results = await mkdtemp('/tmp/thaw-bench-gpu-test-');
+    dirs.push(results);
+    const { stdout } = await execFileP(process.execPath, [path.join(PACKAGE_ROOT, 'dist/bench/gpu/product.js')], {
+      env: { ...process.env, BENCH_GPU_STANDIN: '1', BENCH_GPU_VARIANTS: 'released', BENCH_GPU_RESULTS_DIR: results, BENCH_GPU_PORT: '18181', THAW_CONTAINERD: flavor, OUT: '' },
+      timeout: RUN_TIMEOUT_MS,
+      maxBuffer: 16 * 2 ** 20,
+    });
+    const last = stdout.trim().split('\n').pop() ?? '';
+    const summary = JSON.parse(last) as { standin: boolean; tokensMatch: boolean; variants: Array<{ variant: string; restoreWarmOutcome: string; restoreColdOutcome: string; checkpointBytes: number; liveBytes: number | null }> };
+    expect(summary.standin).toBe(true);
+    expect(summary.variants.map((v) => [v.variant, v.restoreWarmOutcome, v.restoreColdOutcome])).toEqual([['released', 'restored', 'restored']]);
+    expect(summary.tokensMatch).toBe(true);
+    expect(summary.variants[0]?.checkpointBytes).toBeGreaterThan(0);
+    expect(summary.variants[0]?.liveBytes).toBeGreaterThan(0);
+    const files = readdirSync(results);
+    expect(files).toHaveLength(1);
+    expect(JSON.parse(await readFile(path.join(results, files[0] as string), 'utf8'))).toMatchObject({ bench: 'gpu', standin: true, tokensMatch: true });
+  }, RUN_TIMEOUT_MS + 30_000);
+});
