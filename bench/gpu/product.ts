@@ -211,6 +211,8 @@ interface VariantResult {
   checkpointOverLive: number | null;
   quiesced: Record<string, unknown> | null;
   gpuInManifest: unknown;
+  /** The agent's report: GPU memory saved vs the worker's tensors (and a warning when mostly allocator cache). */
+  gpuMemory: unknown;
   restoreWarmMs: number;
   restoreColdMs: number;
   restoreWarmOutcome: string;
@@ -355,6 +357,7 @@ async function main(): Promise<void> {
         checkpointOverLive: liveBytes ? round(checkpointBytes / liveBytes, 3) : null,
         quiesced,
         gpuInManifest: manifest.constraints?.gpu ?? null,
+        gpuMemory: event['gpuMemory'] ?? null,
         restoreWarmMs: warm.ms,
         restoreColdMs: coldRestore.ms,
         restoreWarmOutcome: warm.outcome,

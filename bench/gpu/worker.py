@@ -417,11 +417,16 @@ def serve(args):
             pool.release(keep_pool=args.keep_pool)
             quiesce_report(pool)
 
-        outcome = thaw_worker.checkpoint_and_wait(
-            release=release,
-            resume=pool.resume,
-            payload={"worker": "bench/gpu/worker.py", "kvPoolBytes": pool.size, "kvBackend": pool.backend, "keepPool": args.keep_pool},
-        )
+        def payload():
+            return {
+                "worker": "bench/gpu/worker.py",
+                "kvPoolBytes": pool.size,
+                "kvBackend": pool.backend,
+                "keepPool": args.keep_pool,
+                **thaw_cuda.memory_payload(extra_tensor_bytes=pool.mapped_bytes if pool.vmm is not None else 0),
+            }
+
+        outcome = thaw_worker.checkpoint_and_wait(release=release, resume=pool.resume, payload=payload)
         state["outcome"] = str(outcome)
         state["restored"] = outcome == thaw_worker.Outcome.RESTORE_COMPLETE
         phase("resumed: %s" % outcome)

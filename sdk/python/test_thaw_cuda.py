@@ -11,6 +11,9 @@ import tempfile
 import threading
 import time
 import unittest
+from unittest import mock
+import types
+import sys
 
 import thaw_cuda
 import thaw_worker
@@ -249,6 +252,22 @@ class HooksTest(FakeCase):
         finally:
             pool.free()
 
+
+
+class MemoryPayloadTest(unittest.TestCase):
+    def test_tensor_and_allocator_bytes_from_torch_plus_memory_outside_it(self):
+        cuda = types.SimpleNamespace(
+            is_available=lambda: True, is_initialized=lambda: True, synchronize=lambda: None,
+            memory_allocated=lambda: 1000, memory_reserved=lambda: 5000,
+        )
+        with mock.patch.dict(sys.modules, {"torch": types.SimpleNamespace(cuda=cuda)}):
+            self.assertEqual(thaw_cuda.memory_payload(extra_tensor_bytes=24),
+                             {"gpuTensorBytes": 1024, "gpuAllocatorReservedBytes": 5024})
+
+    def test_nothing_without_cuda_in_use(self):
+        cuda = types.SimpleNamespace(is_available=lambda: True, is_initialized=lambda: False)
+        with mock.patch.dict(sys.modules, {"torch": types.SimpleNamespace(cuda=cuda)}):
+            self.assertEqual(thaw_cuda.memory_payload(), {})
 
 if __name__ == "__main__":
     unittest.main()

@@ -177,6 +177,18 @@ class CheckpointAndWaitTest(unittest.TestCase):
         with mock.patch.dict(os.environ, {tw.CONTROL_DIR_ENV: self.dir}):
             self.assertIs(tw.checkpoint_and_wait(timeout_s=5), tw.Outcome.CHECKPOINT_COMPLETE)
 
+    def test_a_callable_payload_is_taken_after_the_release(self):
+        write_later(self.dir, tw.CHECKPOINT_COMPLETE, 0.1)
+        state = {"released": False}
+
+        def release():
+            state["released"] = True
+
+        outcome = tw.checkpoint_and_wait(release, payload=lambda: {"releasedFirst": state["released"]}, control_dir=tw.ControlDir(self.dir), timeout_s=5)
+        self.assertIs(outcome, tw.Outcome.CHECKPOINT_COMPLETE)
+        with open(os.path.join(self.dir, tw.READY_FOR_CHECKPOINT)) as f:
+            self.assertEqual(json.load(f), {"releasedFirst": True})
+
     def test_a_release_that_raises_writes_no_ready_marker(self):
         def boom():
             raise RuntimeError("cannot free the cache")

@@ -49,6 +49,7 @@ __all__ = [
     "VmmPool",
     "PoolView",
     "release_pytorch_cache",
+    "memory_payload",
     "torch_hooks",
     "vllm_hooks",
     "sglang_hooks",
@@ -416,6 +417,25 @@ def release_pytorch_cache():
     gc.collect()
     torch.cuda.empty_cache()
     return True
+
+
+def memory_payload(extra_tensor_bytes=0):
+    """The ready-for-checkpoint payload keys the agent reads: GPU bytes held by tensors and reserved by PyTorch's
+    allocator (``gpuTensorBytes``, ``gpuAllocatorReservedBytes``). The agent warns when most of the GPU memory
+    a checkpoint saved is allocator cache. ``extra_tensor_bytes``: live memory outside PyTorch's allocator (a
+    mapped ``VmmPool``). ``{}`` when torch/CUDA is not in use.
+    """
+    try:
+        import torch
+    except ImportError:
+        return {}
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    torch.cuda.synchronize()
+    return {
+        "gpuTensorBytes": int(torch.cuda.memory_allocated()) + int(extra_tensor_bytes),
+        "gpuAllocatorReservedBytes": int(torch.cuda.memory_reserved()) + int(extra_tensor_bytes),
+    }
 
 
 def torch_hooks():

@@ -297,12 +297,14 @@ def checkpoint_and_wait(release=None, resume=None, timeout_s=None, control_dir=N
     Calls ``release()`` (free what need not be saved), writes ready-for-checkpoint, waits, and calls
     ``resume()`` after checkpoint-complete or restore-complete. On restore-failed ``resume`` is not
     called: the agent is abandoning this process and the cold start takes over. ``control_dir``: a
-    ControlDir (default ``ControlDir()``). ``timeout_s=None`` waits forever.
+    ControlDir (default ``ControlDir()``). ``timeout_s=None`` waits forever. ``payload``: a dict, or a
+    callable returning one, called after ``release()`` (e.g. ``thaw_cuda.memory_payload``: what the GPU
+    holds once released is what the agent sets against the checkpoint's size).
     """
     cd = control_dir if control_dir is not None else ControlDir()
     if release is not None:
         release()
-    cd.ready_for_checkpoint(payload)
+    cd.ready_for_checkpoint(payload() if callable(payload) else payload)
     outcome = cd.wait(timeout_s)
     if outcome != Outcome.RESTORE_FAILED and resume is not None:
         resume()

@@ -23,8 +23,9 @@ import {
   type OnCheckpoint,
 } from '../restore-engine/checkpoint.js';
 import type { CriuClient } from '../restore-engine/criu/client.js';
-import { waitForWorkerReady } from '../sdk/control-dir.js';
+import { readReadyPayload, waitForWorkerReady } from '../sdk/control-dir.js';
 import type { LocalStore } from '../store/local-store.js';
+import { gpuMemoryReport, type GpuMemoryReport } from './gpu-memory-report.js';
 import type { ManagedContainer, ThawCoordinator } from './thaw-nri.js';
 
 export type CheckpointJobState = 'waiting-for-worker' | 'checkpointing' | 'succeeded' | 'failed' | 'cancelled';
@@ -58,6 +59,8 @@ export interface CheckpointEvent {
   outcome: 'succeeded' | 'failed' | 'cancelled';
   phases?: CheckpointPhases;
   bytes?: number;
+  /** GPU checkpoints: the GPU memory saved against the worker's tensors (and a warning when it is mostly cache). */
+  gpuMemory?: GpuMemoryReport;
   error?: Record<string, unknown>;
 }
 
@@ -178,6 +181,11 @@ export class CheckpointCoordinator implements ThawCoordinator {
       });
       status.readyAt = this.now().toISOString();
       status.state = 'checkpointing';
+      // What the worker says it holds (tensor and allocator bytes), set against what the checkpoint saves.
+      const readyPayload = await readReadyPayload(container.controlDir, marker).catch((err: unknown) => {
+        log.warn('the ready marker has an unreadable payload; going on without it', { error: errorMessage(err) });
+        return undefined;
+      });
       log.info('worker is ready for its checkpoint', { marker, pid });
       const imageDigest = await this.options.imageDigestOf?.(container, signal).catch((err: unknown) => {
         log.warn('image digest unknown; the manifest records the image ref only', { error: errorMessage(err) });
@@ -214,7 +222,9 @@ export class CheckpointCoordinator implements ThawCoordinator {
       status.id = result.manifest.id;
       status.bytes = result.manifest.totals.bytes;
       status.phases = result.phases;
-      this.finish(status, { id: result.manifest.id, outcome: 'succeeded', phases: result.phases, bytes: result.manifest.totals.bytes });
+      const gpuMemory = gpuMemoryReport(result.manifest.constraints?.gpu?.memoryBytes, readyPayload);
+      if (gpuMemory?.warning !== undefined) log.warn('most of the GPU memory this checkpoint saved is unused allocator cache', { ...gpuMemory });
+      this.finish(status, { id: result.manifest.id, outcome: 'succeeded', phases: result.phases, bytes: result.manifest.totals.bytes, ...(gpuMemory ? { gpuMemory } : {}) });
     } catch (err) {
       const cancelled = signal.aborted;
       status.state = cancelled ? 'cancelled' : 'failed';

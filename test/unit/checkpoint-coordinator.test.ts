@@ -74,6 +74,21 @@ function setup(run: (o: CheckpointContainerOptions, call: { signal?: AbortSignal
 }
 
 describe('CheckpointCoordinator', () => {
+  it('sets the GPU memory saved against what the worker says its tensors hold, and warns about allocator cache', async () => {
+    const GiB = 2 ** 30;
+    const { coordinator, logger, events } = setup(async (o) => {
+      const r = fakeResult(o.checkpointName);
+      (r.manifest as unknown as { constraints: unknown }).constraints = { gpu: { model: 'H100', memoryBytes: 20 * GiB } };
+      return r;
+    });
+    const c = container('gpu1');
+    writeFileSync(join(c.controlDir, 'ready-for-checkpoint'), JSON.stringify({ gpuTensorBytes: 2 * GiB, gpuAllocatorReservedBytes: 19 * GiB }));
+    coordinator.checkpointSourceStarted(c, 77);
+    await coordinator.idle();
+    expect(events[0]?.gpuMemory).toMatchObject({ savedBytes: 20 * GiB, tensorBytes: 2 * GiB, allocatorCacheBytes: 17 * GiB });
+    expect(logger.lines.some((l) => l.level === 'warn' && /allocator cache/.test(l.msg))).toBe(true);
+  });
+
   it('waits for the ready marker in the background, checkpoints once, logs one event', async () => {
     const { coordinator, logger, events, calls } = setup(async (o) => fakeResult(o.checkpointName));
     const c = container('a1');
