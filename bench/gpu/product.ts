@@ -274,7 +274,7 @@ async function main(): Promise<void> {
         uid: `${name}-uid`,
         annotations,
         image,
-        command: [host.python, workerScript, '--port', String(port), '--print-tokens', '--weights-dir', weightsDir, ...extraWorkerArgs, ...args],
+        command: [host.python, workerScript, '--port', String(port), '--weights-dir', weightsDir, ...extraWorkerArgs, ...args],
         env: host.env,
         mounts: host.mounts,
         devices: host.devices,
@@ -320,7 +320,8 @@ async function main(): Promise<void> {
     for (const v of variants) {
       const checkpointName = `gpu-${v.name}`;
       say(`${v.name}: source pod`);
-      const source = await runWorker(`gpu-src-${v.name}`, { 'thaw.dev/checkpoint': checkpointName }, v.workerArgs);
+      // Only the source prints its tokens (before its checkpoint): generating them delays serving by a few hundred ms.
+      const source = await runWorker(`gpu-src-${v.name}`, { 'thaw.dev/checkpoint': checkpointName }, [...v.workerArgs, '--print-tokens']);
       const event = await waitForLog(logFile, (r) => r['event'] === 'checkpoint' && r['name'] === checkpointName, 'the checkpoint', CHECKPOINT_TIMEOUT_MS);
       if (event['outcome'] !== 'succeeded') throw new Error(`${v.name}: checkpoint failed: ${JSON.stringify(event)}`);
       const checkpointPhases = event['phases'] as { totalMs: number };

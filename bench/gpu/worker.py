@@ -16,7 +16,8 @@ Modes:
                checkpoint-complete / restore-complete; then answer HTTP on 127.0.0.1:--port:
                GET /healthz, GET /tokens (the fixed prompt's tokens), POST /generate
                {"prompt_ids": [...], "max_new_tokens": n}. --print-tokens prints the fixed prompt's tokens
-               as a JSON line before the checkpoint and after the resume, to compare across a restore.
+               as a JSON line before the checkpoint and after checkpoint-complete (a restored worker
+               serves at once; ask its /tokens), to compare across a checkpoint.
 
 Phase times (seconds since the process started, from /proc) go to stderr as JSON lines.
 
@@ -432,7 +433,8 @@ def serve(args):
         phase("resumed: %s" % outcome)
         if outcome == thaw_worker.Outcome.RESTORE_FAILED:
             return 1
-        if args.print_tokens:
+        # A restored worker serves first (restore-to-ready is what bench:gpu times); its /tokens answers the same.
+        if args.print_tokens and not state["restored"]:
             print_tokens(decoder, str(outcome), args.new_tokens)
 
     class Handler(http.server.BaseHTTPRequestHandler):
