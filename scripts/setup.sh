@@ -4,7 +4,8 @@
 #   1. npm packages (npm ci when package-lock.json changed)
 #   2. TypeScript build into dist/
 #   3. native parts (thaw-pause, the fake libcuda) with the machine's C compiler
-#   4. the private node stack (containerd, runc, CRIU, ... from Debian) under /opt/thaw/stack/<flavor>
+#   4. the private node stack (containerd, runc, CRIU, ... from Debian) under /opt/thaw/stack/<flavor>,
+#      and Debian's docker-registry under /opt/thaw/stack/registry (tests and bench:registry)
 # THAW_CONTAINERD selects the stack flavor: 1.7 (default, containerd 1.7.24) or 2.1 (containerd 2.1.9).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,3 +34,5 @@ flavors=${THAW_CONTAINERD:-1.7}
 for flavor in ${flavors//,/ }; do
   node dist/src/node-stack/provision-main.js --flavor "$flavor"
 done
+# The OCI registry the registry store's tests and bench:registry start on loopback (every flavor uses it).
+node dist/src/node-stack/provision-main.js --registry

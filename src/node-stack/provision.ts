@@ -9,7 +9,7 @@ import { elfHasInterpreter } from './elf.js';
 import { StackError, STACK_ERROR_CODES } from './errors.js';
 import { runCommand, sleep, tail, throwIfAborted } from './exec.js';
 import {
-  BIN_LINKS, DEFAULT_STACK_ROOT, INTERPRETER_SUBPATH, LIB_SUBDIRS, stackPaths, type StackFlavor, type StackPaths,
+  BIN_LINKS, DEFAULT_STACK_ROOT, INTERPRETER_SUBPATH, LIB_SUBDIRS, STAMP_FILE, stackPaths, type StackFlavor, type StackPaths,
 } from './paths.js';
 
 /**
@@ -311,7 +311,7 @@ async function privateApt(root: string, name: string, sourcesFileName: string, s
   };
 }
 
-async function readHostSource(options: ProvisionOptions): Promise<HostAptSource> {
+async function readHostSource(options: Pick<ProvisionOptions, 'hostSourcesPaths'>): Promise<HostAptSource> {
   const candidates = options.hostSourcesPaths ?? DEFAULT_HOST_SOURCES;
   for (const file of candidates) {
     const text = await readFile(file, 'utf8').catch(() => undefined);
@@ -448,7 +448,7 @@ async function findDebs(archives: string, chosen: Record<string, string>): Promi
  * Gets patchelf from the machine's own distribution (its libraries are the host's, so it runs without
  * any patching) into `<root>/tools`. Returns its path.
  */
-async function ensurePatchelf(paths: StackPaths, host: HostAptSource, options: ProvisionOptions, log: Logger): Promise<string> {
+async function ensurePatchelf(paths: StackPaths, host: HostAptSource, options: Omit<ProvisionOptions, 'flavor'>, log: Logger): Promise<string> {
   const signal = options.signal;
   const timeoutMs = options.commandTimeoutMs ?? DEFAULT_PROVISION_COMMAND_TIMEOUT_MS;
   const works = await runCommand(paths.patchelf, ['--version'], { step: 'patchelf --version', signal, allowFailure: true })
@@ -617,5 +617,141 @@ async function acquireLock(file: string, timeoutMs: number, signal?: AbortSignal
       });
     }
     await sleep(500, signal, 'take provisioning lock');
+  }
+}
+
+/**
+ * The OCI registry the registry store's tests and bench:registry run against: Debian's `docker-registry`
+ * (distribution 2.8) with libc6 from the same suite, unpacked into `<root>/registry` and patched like a
+ * stack prefix (its own loader, DT_RPATH into the prefix), so it runs the same on Debian 12 and 13.
+ */
+export const REGISTRY_COMPONENT = 'registry';
+export const REGISTRY_SPEC: FlavorSpec = {
+  suite: 'trixie',
+  pins: { 'docker-registry': '2.8.3+ds1-2+b8', libc6: '2.41-12+deb13u5' },
+};
+export const REGISTRY_BINARY_SUBPATH = 'usr/bin/docker-registry';
+
+export interface RegistryPaths {
+  root: string;
+  prefix: string;
+  binary: string;
+  stampFile: string;
+}
+
+export function registryPaths(root: string = DEFAULT_STACK_ROOT): RegistryPaths {
+  const prefix = path.join(path.resolve(root), REGISTRY_COMPONENT);
+  return { root: path.resolve(root), prefix, binary: path.join(prefix, REGISTRY_BINARY_SUBPATH), stampFile: path.join(prefix, STAMP_FILE) };
+}
+
+export interface RegistryStamp {
+  formatVersion: number;
+  component: typeof REGISTRY_COMPONENT;
+  suite: string;
+  pins: Record<string, string>;
+  packages: Record<string, string>;
+  version: string;
+  warnings: string[];
+  createdAt: string;
+}
+
+/** The registry's stamp when the prefix is complete and built from the current pins; else undefined. */
+export async function isRegistryProvisioned(root: string = DEFAULT_STACK_ROOT): Promise<RegistryStamp | undefined> {
+  const paths = registryPaths(root);
+  const stamp = (await readFile(paths.stampFile, 'utf8').then((t) => JSON.parse(t) as RegistryStamp, () => undefined));
+  if (!stamp || stamp.formatVersion !== PROVISION_FORMAT_VERSION || stamp.component !== REGISTRY_COMPONENT) return undefined;
+  if (JSON.stringify(stamp.pins) !== JSON.stringify(REGISTRY_SPEC.pins)) return undefined;
+  if (!(await access(paths.binary, fsConstants.X_OK).then(() => true, () => false))) return undefined;
+  return stamp;
+}
+
+/** Provisions `<root>/registry` (see REGISTRY_SPEC); returns at once when its stamp matches. */
+export async function provisionRegistry(options: Omit<ProvisionOptions, 'flavor'>): Promise<{ paths: RegistryPaths; built: boolean; stamp: RegistryStamp }> {
+  const log = (options.logger ?? silentLogger).child({ component: 'node-stack', flavor: REGISTRY_COMPONENT });
+  const paths = registryPaths(options.root ?? DEFAULT_STACK_ROOT);
+  if (!options.force) {
+    const stamp = await isRegistryProvisioned(paths.root);
+    if (stamp) return { paths, built: false, stamp };
+  }
+  await mkdir(paths.root, { recursive: true, mode: 0o755 });
+  const release = await acquireLock(path.join(paths.root, `.${REGISTRY_COMPONENT}.lock`),
+    options.lockTimeoutMs ?? DEFAULT_PROVISION_LOCK_TIMEOUT_MS, options.signal);
+  try {
+    if (!options.force) {
+      const stamp = await isRegistryProvisioned(paths.root);
+      if (stamp) return { paths, built: false, stamp };
+    }
+    const signal = options.signal;
+    const timeoutMs = options.commandTimeoutMs ?? DEFAULT_PROVISION_COMMAND_TIMEOUT_MS;
+    const spec = REGISTRY_SPEC;
+    const host = await readHostSource(options);
+    const stackLike = stackPaths('1.7', paths.root);
+    const patchelf = await ensurePatchelf(stackLike, host, options, log);
+    const apt = await privateApt(paths.root, spec.suite, 'thaw.sources', renderPrivateSources(host, spec.suite));
+    await runCommand('apt-get', [...apt.options, '-q', 'update'], { step: `apt-get update (${spec.suite})`, signal, timeoutMs });
+    const wanted = Object.keys(spec.pins).sort();
+    const policy = parseAptPolicy((await runCommand('apt-cache', [...apt.options, 'policy', ...wanted], { step: 'resolve versions', signal, timeoutMs })).stdout);
+    const warnings: string[] = [];
+    const chosen: Record<string, string> = {};
+    for (const name of wanted) {
+      const entry = policy.get(name);
+      const pin = spec.pins[name]!;
+      if (entry?.versions.includes(pin)) chosen[name] = pin;
+      else if (entry?.candidate) {
+        warnings.push(`${name} ${pin} is gone from ${spec.suite}; using the candidate ${entry.candidate}`);
+        log.warn('pinned version unavailable', { package: name, pinned: pin, candidate: entry.candidate });
+        chosen[name] = entry.candidate;
+      } else {
+        throw new StackError(STACK_ERROR_CODES.PROVISION_FAILED, `package ${name} not found in ${spec.suite}`, { step: 'resolve versions', evidence: { package: name, policy: entry } });
+      }
+    }
+    const archives = path.join(apt.dir, 'archives');
+    let debs = await findDebs(archives, chosen);
+    const missing = wanted.filter((n) => !debs.has(n));
+    if (missing.length > 0) {
+      await runCommand('apt-get', [...apt.options, '-q', 'download', ...missing.map((n) => `${n}=${chosen[n]}`)], { step: 'apt-get download', signal, timeoutMs, cwd: archives });
+      debs = await findDebs(archives, chosen);
+      const still = wanted.filter((n) => !debs.has(n));
+      if (still.length > 0) {
+        throw new StackError(STACK_ERROR_CODES.PROVISION_FAILED, `apt-get download left no .deb for ${still.join(', ')}`, { step: 'apt-get download', evidence: { archives } });
+      }
+    }
+    for (const f of await readdir(paths.root)) {
+      if (f.startsWith(`.${REGISTRY_COMPONENT}.tmp-`)) await rm(path.join(paths.root, f), { recursive: true, force: true });
+    }
+    const tmp = await mkdtemp(path.join(paths.root, `.${REGISTRY_COMPONENT}.tmp-`));
+    let swapped = false;
+    try {
+      await chmod(tmp, 0o755);
+      for (const [name, deb] of debs) await runCommand('dpkg-deb', ['-x', deb, tmp], { step: `dpkg -x ${name}`, signal, timeoutMs });
+      const interpreter = path.join(paths.prefix, INTERPRETER_SUBPATH);
+      const rpath = LIB_SUBDIRS.map((d) => path.join(paths.prefix, d)).join(':');
+      await runCommand(patchelf, ['--set-interpreter', interpreter, '--force-rpath', '--set-rpath', rpath, path.join(tmp, REGISTRY_BINARY_SUBPATH)], {
+        step: 'patchelf docker-registry', signal, timeoutMs,
+      });
+      await chmodDirs(tmp);
+      await rm(paths.prefix, { recursive: true, force: true });
+      await rename(tmp, paths.prefix);
+      swapped = true;
+    } finally {
+      if (!swapped) await rm(tmp, { recursive: true, force: true });
+    }
+    const r = await runCommand(paths.binary, ['--version'], { step: 'check docker-registry', signal, timeoutMs: 60_000, errorCode: STACK_ERROR_CODES.CHECK_FAILED });
+    const stamp: RegistryStamp = {
+      formatVersion: PROVISION_FORMAT_VERSION,
+      component: REGISTRY_COMPONENT,
+      suite: spec.suite,
+      pins: { ...spec.pins },
+      packages: chosen,
+      version: firstLine(`${r.stdout}${r.stderr}`),
+      warnings,
+      createdAt: new Date().toISOString(),
+    };
+    await writeFile(`${paths.stampFile}.tmp`, `${JSON.stringify(stamp, null, 2)}\n`, { mode: 0o644 });
+    await rename(`${paths.stampFile}.tmp`, paths.stampFile);
+    log.info('registry provisioned', { prefix: paths.prefix, version: stamp.version });
+    return { paths, built: true, stamp };
+  } finally {
+    await release();
   }
 }
