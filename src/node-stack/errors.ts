@@ -15,6 +15,8 @@ export const STACK_ERROR_CODES = {
   INVALID_OPTION: 'STACK_INVALID_OPTION',
   /** containerd did not answer the CRI Version call within startTimeoutMs. */
   START_TIMEOUT: 'STACK_START_TIMEOUT',
+  /** The test registry (docker-registry) exited at start or did not answer within its start timeout. */
+  REGISTRY_START_FAILED: 'STACK_REGISTRY_START_FAILED',
   /** containerd exited while we waited for it. */
   CONTAINERD_EXITED: 'STACK_CONTAINERD_EXITED',
   /** A CRI call failed (gRPC status in evidence). */

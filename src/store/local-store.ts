@@ -415,7 +415,7 @@ export class LocalStore {
     }
     const totals: Manifest['totals'] = { bytes: files.reduce((a, f) => a + f.size, 0), fileCount: files.length };
     if (fields.liveBytes !== undefined) totals.liveBytes = fields.liveBytes;
-    const manifest: Manifest = {
+    return this.finishPublish(pending, {
       schemaVersion: MANIFEST_SCHEMA_VERSION,
       kind: MANIFEST_KIND,
       name,
@@ -427,7 +427,57 @@ export class LocalStore {
       files,
       totals,
       timings: fields.timings ?? { phaseMs: {} },
-    };
+    }, tree, options, step);
+  }
+
+  /**
+   * @internal PendingCheckpoint.publishVerified's body: a checkpoint whose files were written and checked
+   * elsewhere (pulled from a registry, every byte's sha256 checked on the way) is published under the given
+   * manifest as it is (its id kept; its name becomes the pending name). The files on disk must be exactly the
+   * manifest's, by path and size; they are not hashed again.
+   */
+  async publishVerifiedDir(pending: PendingCheckpoint, manifest: Manifest, options: PublishOptions): Promise<OpenedCheckpoint> {
+    const step = 'publish checkpoint';
+    const { dir } = pending;
+    const tree = await walk(dir, step);
+    const onDisk = new Map(tree.files.map((f) => [f.path, f.stats.size]));
+    for (const file of manifest.files) {
+      const size = onDisk.get(file.path);
+      if (size === undefined) throw new StoreError(StoreErrorCode.FILE_MISSING, `${file.path} was not written`, { step, evidence: { file: file.path } });
+      if (size !== file.size) {
+        throw new StoreError(StoreErrorCode.DIGEST_MISMATCH, `${file.path} is ${size} bytes, the manifest says ${file.size}`, { step, evidence: { file: file.path, expectedSize: file.size, actualSize: size } });
+      }
+      onDisk.delete(file.path);
+    }
+    if (onDisk.size > 0) throw new StoreError(StoreErrorCode.FILE_UNEXPECTED, `${[...onDisk.keys()][0]} is not in the manifest`, { step, evidence: { files: [...onDisk.keys()] } });
+    const chown = process.getuid?.() === 0;
+    await forEachLimit(
+      tree.files,
+      this.hashConcurrency,
+      async (file) => {
+        const fh = await openRegularNoFollow(join(dir, file.path), step);
+        try {
+          if ((file.stats.mode & 0o7777) !== CHECKPOINT_FILE_MODE) await fh.chmod(CHECKPOINT_FILE_MODE);
+          if (chown && file.stats.uid !== this.ownerUid) await fh.chown(this.ownerUid, 0);
+          await fh.sync();
+        } finally {
+          await fh.close();
+        }
+      },
+      { signal: options.signal, step },
+    );
+    for (const d of tree.dirs) {
+      await chmod(join(dir, d.path), CHECKPOINT_DIR_MODE);
+      if (chown) await lchown(join(dir, d.path), this.ownerUid, 0);
+    }
+    return this.finishPublish(pending, { ...manifest, name: pending.name }, tree, options, step);
+  }
+
+  /** Writes manifest.json, fsyncs, renames into place and records the files as verified. */
+  private async finishPublish(pending: PendingCheckpoint, manifest: Manifest, tree: Tree, options: PublishOptions, step: string): Promise<OpenedCheckpoint> {
+    const { name, dir } = pending;
+    const signal = options.signal;
+    const totals = manifest.totals;
     // What we write must be what open() accepts: a bad field from the checkpoint flow fails here, not at restore.
     parseManifest(JSON.parse(JSON.stringify(manifest)));
     const manifestPath = join(dir, MANIFEST_FILE_NAME);
@@ -878,6 +928,25 @@ export class PendingCheckpoint {
     this.state = 'publishing';
     try {
       const opened = await this.store.publishDir(this, fields, options);
+      this.state = 'published';
+      return opened;
+    } catch (err) {
+      this.state = 'writing';
+      throw err;
+    }
+  }
+
+  /**
+   * Publishes files that were checked elsewhere (a pull verified every byte against the registry's digests)
+   * under `manifest` as given, keeping its id; only its name becomes this checkpoint's. Same errors as publish().
+   */
+  async publishVerified(manifest: Manifest, options: PublishOptions = {}): Promise<OpenedCheckpoint> {
+    if (this.state !== 'writing') {
+      throw new StoreError(StoreErrorCode.BAD_STATE, `checkpoint ${this.name} is already ${this.state}`, { step: 'publish checkpoint' });
+    }
+    this.state = 'publishing';
+    try {
+      const opened = await this.store.publishVerifiedDir(this, manifest, options);
       this.state = 'published';
       return opened;
     } catch (err) {

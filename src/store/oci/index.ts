@@ -1,0 +1,8 @@
+/** The OCI registry store: push and pull of checkpoints as OCI artifacts (see push.ts, pull.ts, artifact.ts). */
+export { OciError, OciErrorCode } from './errors.js';
+export { checkReference, formatReference, looksLikeReference, parseReference, type OciReference } from './reference.js';
+export { RegistryClient, type RegistryClientOptions, type RegistryCredentials } from './client.js';
+export { CHECKPOINT_ARTIFACT_TYPE, CHECKPOINT_CONFIG_MEDIA_TYPE, CHECKPOINT_LAYER_MEDIA_TYPE, DEFAULT_CHUNK_BYTES } from './artifact.js';
+export { fetchResolved, localNameFor, pullCheckpoint, resolveRemote, type PullOptions, type PullResult, type RegistryAccess, type ResolvedRemote } from './pull.js';
+export { pushCheckpoint, type PushOptions, type PushResult } from './push.js';
+export { FileCache } from './file-cache.js';
