@@ -9,6 +9,7 @@ import type { Readable } from 'node:stream';
 import { silentLogger, type Logger } from '../../log.js';
 import { parseChallenges } from './challenge.js';
 import { OciError, OciErrorCode } from './errors.js';
+import { openBlobStream } from './blob-stream.js';
 import { createTransport, discard, exchange, readBody, type HttpRequest, type HttpResponse, type Transport } from './http.js';
 import { MANIFEST_MAX_BYTES, OCI_MANIFEST_MEDIA_TYPE } from './artifact.js';
 
@@ -37,6 +38,18 @@ const SMALL_BODY_MAX_BYTES = 64 * 1024;
 const REDIRECTS_MAX = 3;
 
 export type Access = 'pull' | 'pull,push';
+
+/** A blob's bytes being received (openBlobRange). */
+export interface BlobRange {
+  url: string;
+  status: number;
+  contentLength?: number;
+  body: AsyncIterable<Buffer>;
+  /** Maps an error thrown while reading `body` to its OciError. */
+  classify(err: unknown): OciError;
+  /** Stops receiving (the rest of the body is not wanted). */
+  destroy?(): void;
+}
 
 interface CallOptions {
   repository: string;
@@ -68,6 +81,7 @@ export class RegistryClient {
   private readonly credentials: RegistryCredentials | undefined;
   private readonly timeoutMs: number;
   private readonly logger: Logger;
+  private readonly ca: string | Buffer | undefined;
   /** `<repository> <access>` → Authorization header value that worked. */
   private readonly authorization = new Map<string, string>();
   /** Single-flight of token fetches per scope: 16 parallel chunk requests share one. */
@@ -77,6 +91,7 @@ export class RegistryClient {
     this.registry = o.registry;
     this.transport = createTransport({ ...(o.plainHttp ? { plainHttp: true } : {}), ...(o.ca !== undefined ? { ca: o.ca } : {}), ...(o.maxSockets !== undefined ? { maxSockets: o.maxSockets } : {}) });
     this.credentials = o.credentials;
+    this.ca = o.ca;
     this.timeoutMs = o.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS;
     this.logger = (o.logger ?? silentLogger).child({ component: 'oci', registry: o.registry });
   }
@@ -223,6 +238,41 @@ export class RegistryClient {
       });
     }
     throw await this.unexpected(res, step, whole ? '200' : '206');
+  }
+
+  /**
+   * Bytes [start, end) of a blob as a stream, for the pull's transfers: through blob-stream.ts's raw socket
+   * when the registry answers plainly, else through getBlob (redirects, a 401 to answer, chunked coding).
+   */
+  async openBlobRange(repository: string, digest: string, range: { start: number; end: number; total: number }, signal?: AbortSignal): Promise<BlobRange> {
+    const step = `GET blob ${digest}`;
+    const url = this.url(`/v2/${repository}/blobs/${digest}`);
+    const whole = range.start === 0 && range.end === range.total;
+    const auth = this.authorization.get(`${repository} pull`);
+    const fast = await openBlobStream({
+      url,
+      headers: { ...(auth ? { authorization: auth } : {}), ...(whole ? {} : { range: `bytes=${range.start}-${range.end - 1}` }) },
+      timeoutMs: this.timeoutMs,
+      step,
+      ...(this.ca !== undefined ? { ca: this.ca } : {}),
+      ...(signal ? { signal } : {}),
+    });
+    if (fast.kind === 'body' && fast.status === (whole ? 200 : 206)) {
+      return { url: url.toString(), status: fast.status, contentLength: fast.contentLength, body: fast.body, classify: (err) => (err instanceof OciError ? err : new OciError(OciErrorCode.REGISTRY_UNAVAILABLE, String(err), { step, cause: err })) };
+    }
+    if (fast.kind === 'body') {
+      for await (const _ of fast.body) void _; // a 200 for a Range request: drained, and getBlob says why it fails
+    }
+    const res = await this.getBlob(repository, digest, range, signal);
+    const length = Number(res.headers['content-length']);
+    return {
+      url: res.url.toString(),
+      status: res.status,
+      ...(Number.isSafeInteger(length) ? { contentLength: length } : {}),
+      body: res.body as AsyncIterable<Buffer>,
+      classify: (err) => res.classify(err),
+      destroy: () => res.body.destroy(),
+    };
   }
 
   /** A small blob (a config) read whole and checked against its digest. */

@@ -25,7 +25,7 @@ import { StoreErrorCode } from '../errors.js';
 import type { LocalStore, OpenedCheckpoint } from '../local-store.js';
 import { parseManifest, type Manifest } from '../manifest.js';
 import { chunksOf, MANIFEST_MAX_BYTES, parseImageManifest, type FileChunk, type ImageManifest } from './artifact.js';
-import { RegistryClient, type RegistryClientOptions } from './client.js';
+import { RegistryClient, type BlobRange, type RegistryClientOptions } from './client.js';
 import { isTransient, OciError, OciErrorCode } from './errors.js';
 import { FileCache } from './file-cache.js';
 import { formatReference, manifestSelector, parseReference, type OciReference } from './reference.js';
@@ -68,6 +68,8 @@ export interface PullResult {
   bytesFetched: number;
   bytesFromCache: number;
   ms: number;
+  /** Where the time went: transfers (with the inline sha256), re-reads that check digests, fsync, publication. */
+  phases?: { transferMs: number; verifyMs: number; syncMs: number; publishMs: number };
 }
 
 export interface FetchOptions {
@@ -112,65 +114,121 @@ interface Transfer {
   hash?: Hash;
 }
 
+/**
+ * Writes a stream of bytes at consecutive file positions through two buffers: while one is being written (in
+ * libuv's pool), the other fills from the socket, so that receiving never waits for the disk (one buffer made
+ * each transfer alternate between the two, and the registry stall).
+ */
+class OffsetWriter {
+  private readonly buffers: [Buffer, Buffer];
+  private readonly writes: [Promise<void> | undefined, Promise<void> | undefined] = [undefined, undefined];
+  private current = 0;
+  private filled = 0;
+  /** File position of the next byte pushed. */
+  private next: number;
+
+  constructor(
+    private readonly fh: FileHandle,
+    position: number,
+    bufferBytes: number,
+  ) {
+    this.buffers = [Buffer.allocUnsafe(bufferBytes), Buffer.allocUnsafe(bufferBytes)];
+    this.next = position;
+  }
+
+  /** File position after the last byte pushed (all of them are on their way to the file). */
+  get end(): number {
+    return this.next;
+  }
+
+  async push(data: Buffer): Promise<void> {
+    for (let off = 0; off < data.length; ) {
+      const buffer = this.buffers[this.current]!;
+      const n = Math.min(buffer.length - this.filled, data.length - off);
+      data.copy(buffer, this.filled, off, off + n);
+      this.filled += n;
+      off += n;
+      this.next += n;
+      if (this.filled === buffer.length) await this.rotate();
+    }
+  }
+
+  /** Starts writing the current buffer and switches to the other, once its previous write is done. */
+  private async rotate(): Promise<void> {
+    const index = this.current;
+    const length = this.filled;
+    const position = this.next - length;
+    const buffer = this.buffers[index]!;
+    this.writes[index] = (async () => {
+      for (let off = 0; off < length; ) {
+        const { bytesWritten } = await this.fh.write(buffer, off, length - off, position + off);
+        off += bytesWritten;
+      }
+    })();
+    this.current = 1 - index;
+    this.filled = 0;
+    await this.writes[this.current];
+    this.writes[this.current] = undefined;
+  }
+
+  /** Writes what is buffered and waits for every write. */
+  async flush(): Promise<void> {
+    if (this.filled > 0) await this.rotate();
+    await Promise.all(this.writes);
+    this.writes[0] = this.writes[1] = undefined;
+  }
+
+  /** Waits for the writes in flight, ignoring their errors (after a failure, before the handle closes). */
+  async settle(): Promise<void> {
+    await Promise.allSettled(this.writes.filter((w) => w !== undefined));
+  }
+}
+
 async function transferRange(client: RegistryClient, t: Transfer, o: { retries: number; signal?: AbortSignal; onBytes: (n: number) => void }): Promise<void> {
   const digest = t.chunk.digest!;
   const step = `fetch ${t.chunk.path} [${t.chunk.offset + t.start}, ${t.chunk.offset + t.end}) (${digest})`;
   let pos = t.start;
-  const buffer = Buffer.allocUnsafe(Math.min(WRITE_BUFFER_BYTES, Math.max(1, t.end - t.start)));
+  const bufferBytes = Math.min(WRITE_BUFFER_BYTES, Math.max(1, t.end - t.start));
   for (let attempt = 0; ; attempt++) {
-    let filled = 0;
-    let flushedTo = pos;
-    const flush = async (): Promise<void> => {
-      let off = 0;
-      while (off < filled) {
-        const { bytesWritten } = await t.fh.write(buffer, off, filled - off, t.chunk.offset + flushedTo + off);
-        off += bytesWritten;
-      }
-      flushedTo += filled;
-      filled = 0;
-    };
-    let res: Awaited<ReturnType<RegistryClient['getBlob']>> | undefined;
+    const writer = new OffsetWriter(t.fh, t.chunk.offset + pos, bufferBytes);
+    let res: BlobRange | undefined;
     try {
-      res = await client.getBlob(t.repository, digest, { start: pos, end: t.end, total: t.chunk.size }, o.signal);
-      const length = Number(res.headers['content-length']);
-      if (Number.isSafeInteger(length) && length !== t.end - pos) {
-        res.body.destroy();
+      res = await client.openBlobRange(t.repository, digest, { start: pos, end: t.end, total: t.chunk.size }, o.signal);
+      const length = res.contentLength;
+      if (length !== undefined && length !== t.end - pos) {
+        res.destroy?.();
         throw new OciError(OciErrorCode.TRUNCATED, `${digest}: the registry sends ${length} bytes where ${t.end - pos} are expected (the blob is ${t.chunk.size} bytes by its descriptor)`, {
           step,
-          evidence: { url: res.url.toString(), status: res.status, contentLength: length, expected: t.end - pos, descriptorSize: t.chunk.size },
+          evidence: { url: res.url, status: res.status, contentLength: length, expected: t.end - pos, descriptorSize: t.chunk.size },
         });
       }
-      for await (const data of res.body as AsyncIterable<Buffer>) {
+      for await (const data of res.body) {
         if (pos + data.length > t.end) {
-          res.body.destroy();
-          throw new OciError(OciErrorCode.TRUNCATED, `${digest}: the registry sent more than the ${t.chunk.size} bytes of the descriptor`, { step, evidence: { url: res.url.toString() } });
+          res.destroy?.();
+          throw new OciError(OciErrorCode.TRUNCATED, `${digest}: the registry sent more than the ${t.chunk.size} bytes of the descriptor`, { step, evidence: { url: res.url } });
         }
         t.hash?.update(data);
-        let off = 0;
-        while (off < data.length) {
-          const n = Math.min(buffer.length - filled, data.length - off);
-          data.copy(buffer, filled, off, off + n);
-          filled += n;
-          off += n;
-          if (filled === buffer.length) await flush();
-        }
+        await writer.push(data);
         pos += data.length;
         o.onBytes(data.length);
       }
-      await flush();
+      await writer.flush();
       if (pos < t.end) {
         throw new OciError(OciErrorCode.TRUNCATED, `${digest}: the registry ended the body after ${pos - t.start} of ${t.end - t.start} bytes`, {
           step,
-          evidence: { url: res.url.toString(), received: pos, expectedEnd: t.end, descriptorSize: t.chunk.size },
+          evidence: { url: res.url, received: pos, expectedEnd: t.end, descriptorSize: t.chunk.size },
         });
       }
       return;
     } catch (err) {
       const e = res !== undefined && !(err instanceof OciError) ? res.classify(err) : err;
-      if (!isTransient(e) || attempt >= o.retries) throw e;
+      if (!isTransient(e) || attempt >= o.retries) {
+        await writer.settle();
+        throw e;
+      }
       // Bytes received (and hashed) before the break are good: write them, and resume right after them.
-      await flush();
-      pos = flushedTo;
+      await writer.flush();
+      pos = writer.end - t.chunk.offset;
       await sleep(RETRY_BASE_MS * 2 ** attempt, undefined, o.signal ? { signal: o.signal } : undefined).catch(() => undefined);
       if (o.signal?.aborted) throw e;
     }
@@ -243,6 +301,7 @@ export async function fetchResolved(client: RegistryClient, r: ResolvedRemote, o
         step: 'verify layer',
         evidence: { file: chunk.path, offset: chunk.offset, expected: chunk.digest, actual, url: client.url(`/v2/${r.reference.repository}/blobs/${chunk.digest}`).toString() },
       });
+    const t0 = performance.now();
     await forEachLimit(
       transfers,
       o.concurrency ?? DEFAULT_PULL_CONCURRENCY,
@@ -258,6 +317,8 @@ export async function fetchResolved(client: RegistryClient, r: ResolvedRemote, o
       },
       { step: 'fetch layers', ...(signal ? { signal } : {}) },
     );
+    const t1 = performance.now();
+    let syncMs = 0;
     for (const chunk of reread) {
       const actual = await hashRange(handles.get(chunk.path)!, chunk.offset, chunk.size);
       if (actual !== chunk.digest) throw mismatch(chunk, actual);
@@ -269,7 +330,9 @@ export async function fetchResolved(client: RegistryClient, r: ResolvedRemote, o
     for (const path of toFetch) {
       const file = files.get(path)!;
       const fh = handles.get(path)!;
+      const s0 = performance.now();
       await fh.sync();
+      syncMs += performance.now() - s0;
       if (cache === undefined) continue;
       if ((chunkCount.get(path) ?? 0) > 1) {
         const actual = await hashRange(fh, 0, file.size);
@@ -284,6 +347,7 @@ export async function fetchResolved(client: RegistryClient, r: ResolvedRemote, o
     }
     for (const fh of handles.values()) await fh.close();
     handles.clear();
+    const t2 = performance.now();
     let checkpoint: OpenedCheckpoint;
     try {
       checkpoint = await pending.publishVerified(r.manifest, signal ? { signal } : {});
@@ -294,8 +358,9 @@ export async function fetchResolved(client: RegistryClient, r: ResolvedRemote, o
       checkpoint = await o.store.open(r.name);
     }
     const ms = performance.now() - started;
-    logger.info('checkpoint pulled', { name: r.name, bytesFetched, bytesFromCache, ms: Math.round(ms) });
-    return { checkpoint, digest: r.digest, alreadyPresent: false, bytesFetched, bytesFromCache, ms };
+    const phases = { transferMs: Math.round(t1 - t0), verifyMs: Math.round(t2 - t1 - syncMs), syncMs: Math.round(syncMs), publishMs: Math.round(performance.now() - t2) };
+    logger.info('checkpoint pulled', { name: r.name, bytesFetched, bytesFromCache, ms: Math.round(ms), phases });
+    return { checkpoint, digest: r.digest, alreadyPresent: false, bytesFetched, bytesFromCache, ms, phases };
   } catch (err) {
     for (const fh of handles.values()) await fh.close().catch(() => undefined);
     await pending.abort().catch(() => undefined);
