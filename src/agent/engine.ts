@@ -12,6 +12,7 @@ import type { Logger } from '../log.js';
 import { CriuClient } from '../restore-engine/criu/client.js';
 import { openLocalStore, type LocalStore } from '../store/local-store.js';
 import { CheckpointCoordinator } from './checkpoint-coordinator.js';
+import { createCheckpointSources, type RegistrySourceOptions } from './checkpoint-sources.js';
 import { checkpointHooksFactory, cudaRestoreStep, loadNodeCuda, type NodeCuda } from './cuda-steps.js';
 import { createRestoreCoordinator, type RestoreCoordinator } from './restore-coordinator.js';
 import { createThawNriHandlers, ThawNriStats, type ManagedContainer, type ThawCoordinator } from './thaw-nri.js';
@@ -37,6 +38,12 @@ export interface ThawEngineOptions {
   libnvmlPath?: string;
   /** The driver's lock timeout for a checkpoint (default src/cuda DEFAULT_LOCK_TIMEOUT_MS). */
   cudaLockTimeoutMs?: number;
+  /** A shared store (an RWX volume on every node), looked up after the local store; absent: none. */
+  sharedStoreRoot?: string;
+  /** uid owning the shared store (default 0). */
+  sharedStoreOwnerUid?: number;
+  /** Registries a restore annotation may name (`registry/repo:tag`); absent: references cold-start. */
+  registry?: RegistrySourceOptions;
 }
 
 export interface ThawEngine {
@@ -57,6 +64,11 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
   const logger = o.logger;
   const binDir = join(o.toolkitDir, 'bin');
   const store = await openLocalStore({ root: o.storeRoot, logger });
+  const shared = o.sharedStoreRoot !== undefined ? await openLocalStore({ root: o.sharedStoreRoot, logger, ...(o.sharedStoreOwnerUid !== undefined ? { ownerUid: o.sharedStoreOwnerUid } : {}) }) : undefined;
+  const sources =
+    shared !== undefined || o.registry !== undefined
+      ? createCheckpointSources({ local: store, logger, ...(shared ? { shared } : {}), ...(o.registry ? { registry: o.registry } : {}) })
+      : undefined;
   await mkdir(o.workRoot, { recursive: true, mode: 0o700 });
   // CRIU runs GNU tar and gzip from its PATH (tmpfs contents on restore): the toolkit's come first.
   const criu = new CriuClient({ criuPath: join(binDir, 'criu'), logger, env: { ...process.env, PATH: `${binDir}:${process.env['PATH'] ?? '/usr/sbin:/usr/bin:/sbin:/bin'}` } });
@@ -93,7 +105,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
   // One coordinator for the handlers: sources go to the checkpoint side, targets to the restore side.
   const coordinator: ThawCoordinator = {
     checkpointSourceStarted: (c, pid) => checkpoints.checkpointSourceStarted(c, pid),
-    restoreTargetCreated: (c, checkpoint) => restores.restoreTargetCreated(c, checkpoint),
+    restoreTargetCreated: (c, checkpoint, incoming) => restores.restoreTargetCreated(c, checkpoint, incoming),
     restoreTargetStarted: (c, pid) => restores.restoreTargetStarted(c, pid),
     containerGone: (id) => {
       checkpoints.containerGone(id);
@@ -115,6 +127,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     stats,
     restore: {
       store,
+      ...(sources ? { sources } : {}),
       toolkitDir: o.toolkitDir,
       thawPausePath: o.thawPausePath,
       hookArgv: o.hookArgv,
@@ -134,7 +147,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
       runtimeVersion = v;
     },
     close: async () => {
-      await Promise.allSettled([checkpoints.close(), restores.close()]);
+      await Promise.allSettled([checkpoints.close(), restores.close(), sources?.close()]);
     },
   };
 }

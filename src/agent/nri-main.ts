@@ -22,6 +22,9 @@ import { fileURLToPath } from 'node:url';
 import { createNriPlugin, readLaunchEnv } from '../nri-plugin/plugin.js';
 import { DEFAULT_ANNOTATION_PREFIX, validateAnnotationPrefix } from '../nri-plugin/policy.js';
 import { DEFAULT_CONTROL_ROOT } from '../sdk/control-dir.js';
+import { errorMessage } from '../errors.js';
+import { loadRegistryConfig } from './registry-config.js';
+import type { RegistrySourceOptions } from './checkpoint-sources.js';
 import { createThawEngine, DEFAULT_RESTORE_WORK_ROOT, DEFAULT_STORE_ROOT } from './engine.js';
 
 export const DEFAULT_STACK_PREFIX = '/opt/thaw/stack/1.7';
@@ -46,6 +49,9 @@ async function main(): Promise<number> {
       libcuda: { type: 'string' },
       libnvml: { type: 'string' },
       'cuda-lock-timeout-ms': { type: 'string' },
+      'shared-store-root': { type: 'string' },
+      // JSON: { "access": { "<host:port>": { "plainHttp"?, "caFile"?, "credentialsFile"? } }, "resolveTimeoutMs"? }
+      'registry-config': { type: 'string' },
       name: { type: 'string', default: DEFAULT_PLUGIN_NAME },
       idx: { type: 'string', default: DEFAULT_PLUGIN_IDX },
       'log-file': { type: 'string' },
@@ -75,6 +81,16 @@ async function main(): Promise<number> {
     return 2;
   }
 
+  let registry: RegistrySourceOptions | undefined;
+  if (values['registry-config'] !== undefined) {
+    try {
+      registry = await loadRegistryConfig(values['registry-config']);
+    } catch (err) {
+      logger.error(`--registry-config: ${errorMessage(err)}`);
+      return 2;
+    }
+  }
+
   const launched = process.env['NRI_PLUGIN_SOCKET'] !== undefined;
   const identity = launched ? readLaunchEnv() : { name: values.name as string, idx: values.idx as string, fd: undefined };
   const engine = await createThawEngine({
@@ -89,6 +105,8 @@ async function main(): Promise<number> {
     ...(values.libcuda !== undefined ? { libcudaPath: values.libcuda } : {}),
     ...(values.libnvml !== undefined ? { libnvmlPath: values.libnvml } : {}),
     ...(cudaLockTimeoutMs !== undefined ? { cudaLockTimeoutMs } : {}),
+    ...(values['shared-store-root'] !== undefined ? { sharedStoreRoot: values['shared-store-root'] } : {}),
+    ...(registry !== undefined ? { registry } : {}),
   });
   const handlers = engine.handlers;
   const plugin = createNriPlugin({

@@ -18,7 +18,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { promisify } from 'node:util';
 import { errorMessage, isThawError } from '../errors.js';
 import type { Logger } from '../log.js';
-import { readHookOutcome, type HookOutcome } from '../oci-hooks/records.js';
+import { readHookOutcome, writeCheckpointUnavailable, type HookOutcome } from '../oci-hooks/records.js';
 import type { CriuClient } from '../restore-engine/criu/client.js';
 import { RestoreError, RestoreErrorCode } from '../restore-engine/restore-errors.js';
 import { killRestoredTree, restoreIntoContainer, type RestoredTree } from '../restore-engine/restore.js';
@@ -61,7 +61,7 @@ export interface RestoreEvent {
   restoredPid?: number;
   /** How the checkpoint's digests were checked: hashed now, or its files unchanged since they were hashed here. */
   digests?: 'hashed' | 'unchanged-since-hashed';
-  phases: { hookMs?: number; verifyMs?: number; waitVerifyMs?: number; overlayMs?: number; criuRestoreMs?: number; cudaRestoreMs?: number; totalMs: number };
+  phases: { hookMs?: number; transferMs?: number; verifyMs?: number; waitVerifyMs?: number; overlayMs?: number; criuRestoreMs?: number; cudaRestoreMs?: number; totalMs: number };
 }
 
 export interface RestoreCoordinatorOptions {
@@ -99,9 +99,13 @@ export interface RestoreCoordinator extends Required<Pick<ThawCoordinator, 'rest
 interface Job {
   container: ManagedContainer;
   checkpoint: OpenedCheckpoint;
+  /** The checkpoint is still being pulled (or copied from the shared store); prepare() waits for it. */
+  incoming?: Promise<OpenedCheckpoint>;
+  /** Set when `incoming` failed: the cause of the cold start. */
+  pullError?: RestoreError;
   abort: AbortController;
   createdAt: number;
-  prepared: Promise<{ verifyMs: number; hashed: boolean }>;
+  prepared: Promise<{ verifyMs: number; hashed: boolean; transferMs?: number }>;
   release?: ReleaseLease;
   run?: Promise<void>;
 }
@@ -130,9 +134,27 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
     return p;
   };
 
-  async function prepare(job: Job): Promise<{ verifyMs: number; hashed: boolean }> {
+  async function prepare(job: Job): Promise<{ verifyMs: number; hashed: boolean; transferMs?: number }> {
     const name = job.checkpoint.name;
     const signal = job.abort.signal;
+    let transferMs: number | undefined;
+    if (job.incoming !== undefined) {
+      const t = performance.now();
+      try {
+        await job.incoming;
+        transferMs = performance.now() - t;
+      } catch (err) {
+        const code = isThawError(err) ? err.code : 'INTERNAL';
+        job.pullError = new RestoreError(RestoreErrorCode.PULL_FAILED, errorMessage(err), {
+          step: 'bring the checkpoint into the local store',
+          cause: err,
+          evidence: { code, ...(isThawError(err) ? err.evidence : {}) },
+        });
+        // A create-runtime hook waiting for this checkpoint stops waiting (the container then starts cold).
+        await writeCheckpointUnavailable(job.container.controlDir, { code, reason: errorMessage(err) }).catch(() => undefined);
+        throw job.pullError;
+      }
+    }
     try {
       job.release = await o.store.acquireLease(name);
       const t0 = performance.now();
@@ -144,7 +166,7 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
         if (!signal.aborted) logger.debug('prefetch stopped', { checkpoint: name, error: errorMessage(err) });
       });
       const verified = await o.store.verify(name, { signal });
-      return { verifyMs: performance.now() - t0, hashed: verified.hashed };
+      return { verifyMs: performance.now() - t0, hashed: verified.hashed, ...(transferMs !== undefined ? { transferMs } : {}) };
     } catch (err) {
       if (isThawError(err, StoreErrorCode.NOT_FOUND) || isThawError(err, StoreErrorCode.INVALID_NAME)) {
         throw new RestoreError(RestoreErrorCode.CHECKPOINT_MISSING, errorMessage(err), { step: 'verify checkpoint', cause: err });
@@ -198,6 +220,8 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
     });
     try {
       hook = await readHookOutcome(container.controlDir);
+      // The hook gave up because the pull failed: that failure is the cause.
+      if (hook.kind !== 'done' && job.pullError !== undefined) throw job.pullError;
       if (hook.kind !== 'done') {
         throw new RestoreError(
           RestoreErrorCode.HOOK_FAILED,
@@ -210,7 +234,7 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
       const t0 = performance.now();
       const verifyTimeoutMs = o.verifyTimeoutMs ?? DEFAULT_VERIFY_TIMEOUT_MS;
       const timer = new AbortController();
-      const { verifyMs, hashed } = await Promise.race([
+      const { verifyMs, hashed, transferMs } = await Promise.race([
         job.prepared,
         sleep(verifyTimeoutMs, undefined, { signal: timer.signal }).then(() => {
           job.abort.abort(new Error('verify timed out'));
@@ -218,6 +242,7 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
         }),
       ]).finally(() => timer.abort());
       phases.verifyMs = Math.round(verifyMs);
+      if (transferMs !== undefined) phases.transferMs = Math.round(transferMs);
       phases.waitVerifyMs = Math.round(performance.now() - t0);
       digests = hashed ? 'hashed' : 'unchanged-since-hashed';
       if (signal.aborted) throw new RestoreError(RestoreErrorCode.ABORTED, 'the container went away', { step: 'restore' });
@@ -294,8 +319,15 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
   }
 
   const coordinator: RestoreCoordinator = {
-    restoreTargetCreated(container, checkpoint) {
-      const job: Job = { container, checkpoint, abort: new AbortController(), createdAt: performance.now(), prepared: Promise.resolve({ verifyMs: 0, hashed: false }) };
+    restoreTargetCreated(container, checkpoint, incoming) {
+      const job: Job = {
+        container,
+        checkpoint,
+        ...(incoming !== undefined ? { incoming } : {}),
+        abort: new AbortController(),
+        createdAt: performance.now(),
+        prepared: Promise.resolve({ verifyMs: 0, hashed: false }),
+      };
       job.prepared = prepare(job);
       job.prepared.catch(() => undefined); // awaited in runRestore; an early failure must not be unhandled
       jobs.set(container.containerId, job);

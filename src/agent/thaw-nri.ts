@@ -26,6 +26,8 @@ import { StoreErrorCode } from '../store/errors.js';
 import { readHostFacts } from '../store/host-facts.js';
 import { checkCompatibility, isRestorable, type GpuConstraints, type NodeFacts } from '../store/manifest.js';
 import { dirname, join } from 'node:path';
+import type { CheckpointReference } from '../checkpoint-reference.js';
+import type { CheckpointSources } from './checkpoint-sources.js';
 
 /** What the handlers know about a container thaw manages, handed to the flows. */
 export interface ManagedContainer {
@@ -57,8 +59,12 @@ export interface ThawCoordinator {
   checkpointSourceCreated?(container: ManagedContainer): void;
   /** A checkpoint source started: its pid is known. */
   checkpointSourceStarted?(container: ManagedContainer, pid: number): void;
-  /** A restore target was created (thaw-pause holds its command): start verifying/prefetching the checkpoint. */
-  restoreTargetCreated?(container: ManagedContainer, checkpoint: OpenedCheckpoint): void;
+  /**
+   * A restore target was created (thaw-pause holds its command): start verifying/prefetching the checkpoint.
+   * `incoming`: the checkpoint is still being pulled (or copied from the shared store) into the local store;
+   * the restore waits for it, and its failure is a cold start.
+   */
+  restoreTargetCreated?(container: ManagedContainer, checkpoint: OpenedCheckpoint, incoming?: Promise<OpenedCheckpoint>): void;
   /** A restore target started: restore into it (pid = its PID 1, thaw-pause, on the host). */
   restoreTargetStarted?(container: ManagedContainer, pid: number): void;
   /** A managed container stopped or was removed: abandon what runs for it. */
@@ -70,6 +76,8 @@ export interface ThawCoordinator {
 /** What the restore branch needs; without it a restore target cold-starts ("restore-unavailable"). */
 export interface ThawRestoreConfig {
   store: LocalStore;
+  /** Where else checkpoints come from (shared store, registries); absent: the local store only. */
+  sources?: CheckpointSources;
   /** The toolkit prefix (CRIU, GNU tar, gzip, busybox), mounted read-only at the same path in the target. */
   toolkitDir: string;
   /** Host path of thaw-pause; its directory is mounted read-only at the same path in the target. */
@@ -89,6 +97,8 @@ export interface ThawRestoreConfig {
 }
 
 export const DEFAULT_RESTORE_HOOK_TIMEOUT_SECONDS = 60;
+/** Of the hook's timeout, what a hook waiting for a pulled checkpoint leaves itself to apply the rootfs diff. */
+export const HOOK_WAIT_RESERVE_SECONDS = 15;
 
 /** Counters of what the handlers decided, by outcome and cause, for logs, tests and /metrics. */
 export class ThawNriStats {
@@ -230,19 +240,36 @@ export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { 
     pod: PodSandbox,
     container: Container,
     checkpointName: string,
+    reference: CheckpointReference | undefined,
     ctx: NriHandlerContext,
   ): Promise<AdjustmentBuilder | undefined> {
     const containerId = container.id ?? '';
     // Only the manifest here (a small JSON file): the full sha256 runs in the coordinator, after the 2 s deadline.
+    // A checkpoint from elsewhere (registry, shared store): its manifest now, the transfer in the background.
     let checkpoint: OpenedCheckpoint;
+    let incoming: { ready: Promise<OpenedCheckpoint>; from: string; source: string } | undefined;
     try {
-      checkpoint = await r.store.open(checkpointName);
+      if (r.sources !== undefined) {
+        const found = await r.sources.find(checkpointName, reference);
+        checkpoint = found.checkpoint;
+        if (found.kind === 'incoming') incoming = { ready: found.ready, from: found.from, source: found.source };
+      } else if (reference !== undefined) {
+        return coldStart('RESTORE_CHECKPOINT_MISSING', 'the pod names a registry checkpoint but no registry is configured', pod, container, ctx, { checkpoint: checkpointName });
+      } else {
+        checkpoint = await r.store.open(checkpointName);
+      }
     } catch (err) {
       const missing = isThawError(err, StoreErrorCode.NOT_FOUND) || isThawError(err, StoreErrorCode.INVALID_NAME);
-      return coldStart(missing ? 'RESTORE_CHECKPOINT_MISSING' : 'RESTORE_CHECKPOINT_CORRUPT', missing ? 'checkpoint not found' : 'checkpoint unreadable', pod, container, ctx, {
+      const remote = isThawError(err) && err.code.startsWith('OCI_');
+      const cause = remote ? 'RESTORE_PULL_FAILED' : missing ? 'RESTORE_CHECKPOINT_MISSING' : 'RESTORE_CHECKPOINT_CORRUPT';
+      return coldStart(cause, remote ? 'the registry checkpoint cannot be resolved' : missing ? 'checkpoint not found' : 'checkpoint unreadable', pod, container, ctx, {
         checkpoint: checkpointName,
         error: errorMessage(err),
+        ...(isThawError(err) ? { code: err.code, evidence: err.evidence } : {}),
       });
+    }
+    if (incoming !== undefined && (reference !== undefined || checkpoint.name !== checkpointName)) {
+      ctx.logger.info('thaw: restore target names a checkpoint that is being brought in', { ...describe(pod, container), checkpoint: checkpoint.name, from: incoming.from, source: incoming.source });
     }
     const imageRef = container.annotations?.[CRI_IMAGE_NAME_ANNOTATION];
     if (imageRef === undefined) {
@@ -274,7 +301,8 @@ export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { 
     const placeholder = supportsArgs(ctx.runtime.name, ctx.runtime.version, ctx.runtime.nriVersion) ? 'args' : 'overlay';
     const entry: ManagedContainer = {
       ...identityOf(pod, container),
-      checkpointName,
+      // The local name: for a registry checkpoint, the one derived from its digest.
+      checkpointName: checkpoint.name,
       controlDir,
       imageRef,
       role: 'restore-target',
@@ -298,6 +326,8 @@ export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { 
           '--checkpoint-dir', checkpoint.paths.dir,
           '--thaw-pause', r.thawPausePath,
           '--tar', r.tarPath ?? join(r.toolkitDir, 'bin', 'tar'),
+          // Being pulled: the hook waits for it to be published (the rootfs diff is in it).
+          ...(incoming !== undefined ? ['--wait-checkpoint-ms', String(Math.max(1, hookTimeout - HOOK_WAIT_RESERVE_SECONDS) * 1000)] : []),
         ],
         env: [],
         timeoutSeconds: hookTimeout,
@@ -315,8 +345,8 @@ export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { 
     for (const [key, value] of Object.entries(managedAnnotations(prefix, 'restore-target', entry))) builder.addAnnotation(key, value);
     if (placeholder === 'args') builder.setArgs([r.thawPausePath, '--', ...args]);
     managed.set(containerId, entry);
-    options.coordinator?.restoreTargetCreated?.(entry, checkpoint);
-    ctx.logger.info('thaw: restore target', { ...describe(pod, container), checkpoint: checkpointName, controlDir, placeholder });
+    options.coordinator?.restoreTargetCreated?.(entry, checkpoint, incoming?.ready);
+    ctx.logger.info('thaw: restore target', { ...describe(pod, container), checkpoint: checkpoint.name, controlDir, placeholder, ...(incoming ? { incoming: incoming.from, source: incoming.source } : {}) });
     return builder;
   }
 
@@ -346,7 +376,7 @@ export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { 
           case 'checkpoint-source':
             return await adjustCheckpointSource(pod, container, decision.checkpointName, decision.onCheckpoint, ctx);
           case 'restore-target':
-            if (options.restore) return await adjustRestoreTarget(options.restore, pod, container, decision.checkpointName, ctx);
+            if (options.restore) return await adjustRestoreTarget(options.restore, pod, container, decision.checkpointName, decision.reference, ctx);
             // Without a restore engine configured, the pod cold-starts.
             stats.countFallback('restore-unavailable');
             ctx.logger.warn('thaw: restore requested but no restore engine is configured; cold start', {

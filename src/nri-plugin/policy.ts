@@ -9,13 +9,16 @@
  *
  * Annotations (prefix configurable, default `thaw.dev/`), documented in README.md "Annotations":
  *   <prefix>checkpoint     = <name>     make a checkpoint of this worker, stored under <name>
- *   <prefix>restore        = <name>     start this container from checkpoint <name> (cold start on any problem)
+ *   <prefix>restore        = <name>     start this container from checkpoint <name> (cold start on any problem);
+ *                          | <registry>/<repo>:<tag>[@sha256:...]  or from a checkpoint in an OCI registry
+ *                                      (src/checkpoint-reference.ts), pulled on demand
  *   <prefix>container      = <name>     the container of the pod thaw acts on (default: every container)
  *   <prefix>on-checkpoint  = continue | exit   what the source does after its checkpoint (default continue)
  * Any other key under the prefix is rejected, so that a typo does not silently turn thaw off for a pod.
  */
 
 import { checkCheckpointName } from '../checkpoint-name.js';
+import { looksLikeReference, parseCheckpointReference, type CheckpointReference } from '../checkpoint-reference.js';
 
 // The name rule moved to src/checkpoint-name.ts (the store needs it too); re-exported for existing callers.
 export { checkCheckpointName, CHECKPOINT_NAME_MAX_LENGTH } from '../checkpoint-name.js';
@@ -62,7 +65,8 @@ export type PolicyDecision =
   | { kind: 'other-container'; targetContainer: string }
   | { kind: 'rejected'; reason: string; annotation: string }
   | { kind: 'checkpoint-source'; checkpointName: string; onCheckpoint: OnCheckpoint }
-  | { kind: 'restore-target'; checkpointName: string };
+  /** `reference` set: the annotation names a registry checkpoint; `checkpointName` is then the annotation's text. */
+  | { kind: 'restore-target'; checkpointName: string; reference?: CheckpointReference };
 
 export interface PolicyInput {
   podAnnotations: Readonly<Record<string, string>>;
@@ -144,6 +148,11 @@ export function decide(input: PolicyInput, options: PolicyOptions): PolicyDecisi
         annotation: prefix + 'on-checkpoint',
         reason: `${prefix}on-checkpoint applies to checkpoint sources only, but this pod sets ${prefix}restore`,
       };
+    }
+    if (looksLikeReference(restore)) {
+      const parsed = parseCheckpointReference(restore);
+      if ('reason' in parsed) return { kind: 'rejected', annotation: prefix + 'restore', reason: parsed.reason };
+      return { kind: 'restore-target', checkpointName: restore, reference: parsed.reference };
     }
     const bad = checkCheckpointName(restore);
     if (bad !== undefined) return { kind: 'rejected', annotation: prefix + 'restore', reason: bad };

@@ -17,10 +17,11 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { errorMessage, isThawError } from '../errors.js';
 import { applyRootfsDiff, DEFAULT_TAR_PATH } from '../restore-engine/rootfs-diff.js';
-import { DELETED_FILES_FILE_NAME, ROOTFS_DIFF_FILE_NAME } from '../store/manifest.js';
+import { DELETED_FILES_FILE_NAME, MANIFEST_FILE_NAME, ROOTFS_DIFF_FILE_NAME } from '../store/manifest.js';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { resolveEntrypoint } from './entrypoint.js';
 import { HookError, HookErrorCode } from './errors.js';
-import { writeHookDone, writeHookFailed, type HookDoneRecord, type PlaceholderMode } from './records.js';
+import { CHECKPOINT_UNAVAILABLE_FILE, writeHookDone, writeHookFailed, type HookDoneRecord, type PlaceholderMode } from './records.js';
 import { envValue, parseOciConfig, type OciState } from './state.js';
 
 const execFileP = promisify(execFile);
@@ -46,6 +47,12 @@ export interface CreateRuntimeOptions {
   nsenterPath?: string;
   mountPath?: string;
   umountPath?: string;
+  /**
+   * The checkpoint is still being pulled into `checkpointDir` (its manifest.json appears when it is published):
+   * wait for it this long, polling, unless the agent writes CHECKPOINT_UNAVAILABLE_FILE into the control
+   * directory first. Absent: the checkpoint is there already.
+   */
+  waitCheckpointMs?: number;
   /** Test seam: fail after the overlay is made (proves it is removed again). */
   failAfterOverlay?: boolean;
 }
@@ -72,6 +79,25 @@ async function inMountNs(o: CreateRuntimeOptions, pid: number, argv: string[], s
   }
 }
 
+/** How often the hook looks for a checkpoint being pulled. */
+export const CHECKPOINT_POLL_MS = 50;
+
+/** Waits until the checkpoint is published, the agent gives up on it, or `timeoutMs` passes. */
+async function waitForCheckpoint(o: CreateRuntimeOptions, timeoutMs: number): Promise<number> {
+  const started = performance.now();
+  for (;;) {
+    if (await exists(join(o.checkpointDir, MANIFEST_FILE_NAME))) return performance.now() - started;
+    const unavailable = await readFile(join(o.controlDir, CHECKPOINT_UNAVAILABLE_FILE), 'utf8').catch(() => undefined);
+    if (unavailable !== undefined) {
+      throw new HookError(HookErrorCode.CHECKPOINT_UNAVAILABLE, `the checkpoint did not arrive: ${unavailable.trim()}`, { step: 'wait for the checkpoint', evidence: { checkpointDir: o.checkpointDir } });
+    }
+    if (performance.now() - started > timeoutMs) {
+      throw new HookError(HookErrorCode.CHECKPOINT_UNAVAILABLE, `the checkpoint was not published within ${timeoutMs} ms`, { step: 'wait for the checkpoint', evidence: { checkpointDir: o.checkpointDir, timeoutMs } });
+    }
+    await sleep(CHECKPOINT_POLL_MS);
+  }
+}
+
 /** Runs the hook; returns the record it wrote (done or failed). Never throws. */
 export async function runCreateRuntime(state: OciState, o: CreateRuntimeOptions): Promise<{ ok: true; record: HookDoneRecord } | { ok: false; code: string; reason: string }> {
   const started = performance.now();
@@ -81,6 +107,7 @@ export async function runCreateRuntime(state: OciState, o: CreateRuntimeOptions)
     const config = parseOciConfig(await readFile(join(state.bundle, 'config.json'), 'utf8'), state.bundle);
 
     const record: HookDoneRecord = { mode: o.mode, ms: 0 };
+    if (o.waitCheckpointMs !== undefined) record.waitCheckpointMs = Math.round(await waitForCheckpoint(o, o.waitCheckpointMs));
     const tarFile = join(o.checkpointDir, ROOTFS_DIFF_FILE_NAME);
     const deletedFile = join(o.checkpointDir, DELETED_FILES_FILE_NAME);
     if ((await exists(tarFile)) && (await exists(deletedFile))) {

@@ -17,6 +17,8 @@ export const HookErrorCode = {
   OVERLAY_FAILED: 'HOOK_OVERLAY_FAILED',
   /** Applying the checkpoint's rootfs diff failed (cause: the ROOTFS_* error). */
   ROOTFS_DIFF_FAILED: 'HOOK_ROOTFS_DIFF_FAILED',
+  /** The checkpoint being pulled did not arrive: the agent said the pull failed, or the wait ran out. */
+  CHECKPOINT_UNAVAILABLE: 'HOOK_CHECKPOINT_UNAVAILABLE',
   /** A filesystem call failed for another reason. */
   IO: 'HOOK_IO',
 } as const;

@@ -3,7 +3,7 @@
  * no PATH and an empty environment, so everything here is named by absolute path):
  *
  *   node dist/src/oci-hooks/main.js create-runtime --mode overlay|args --control-dir DIR \
- *        --checkpoint-dir DIR --thaw-pause PATH [--tar PATH]
+ *        --checkpoint-dir DIR --thaw-pause PATH [--tar PATH] [--wait-checkpoint-ms N]
  *   node dist/src/oci-hooks/main.js poststop --control-dir DIR [--work-dir DIR]
  *
  * Exit status is always 0: a failing hook would fail the pod, and thaw's rule is that a pod always starts
@@ -42,6 +42,7 @@ async function main(argv: string[]): Promise<void> {
       'thaw-pause': { type: 'string' },
       'work-dir': { type: 'string' },
       tar: { type: 'string' },
+      'wait-checkpoint-ms': { type: 'string' },
     },
     strict: true,
   });
@@ -66,6 +67,7 @@ async function main(argv: string[]): Promise<void> {
         checkpointDir: values['checkpoint-dir'],
         thawPausePath: values['thaw-pause'],
         ...(values.tar !== undefined ? { tarPath: values.tar } : {}),
+        ...(values['wait-checkpoint-ms'] !== undefined && /^\d+$/.test(values['wait-checkpoint-ms']) ? { waitCheckpointMs: Number(values['wait-checkpoint-ms']) } : {}),
       });
       if (!result.ok) process.stderr.write(`thaw create-runtime hook (${state.id}): ${result.code}: ${result.reason}; the container starts cold\n`);
       return;

@@ -11,6 +11,12 @@ export const HOOK_FAILED_FILE = 'hook-failed';
 /** The hook succeeded. Payload: HookDoneRecord. Hidden: it is thaw's, not part of the worker protocol. */
 export const HOOK_DONE_FILE = '.thaw-hook.json';
 
+/**
+ * Written by the agent when the checkpoint a hook waits for (a pull in progress) will not arrive. Payload:
+ * HookFailedRecord (the pull's error code and reason).
+ */
+export const CHECKPOINT_UNAVAILABLE_FILE = '.thaw-checkpoint-unavailable';
+
 export type PlaceholderMode = 'args' | 'overlay';
 
 export interface HookDoneRecord {
@@ -18,6 +24,8 @@ export interface HookDoneRecord {
   /** overlay mode: the path (inside the container, absolute, no symlinks) that thaw-pause is mounted over. */
   overlayPath?: string;
   rootfsDiff?: { entries: number; deleted: number; ms: number };
+  /** How long the hook waited for a checkpoint being pulled. */
+  waitCheckpointMs?: number;
   ms: number;
 }
 
@@ -30,6 +38,10 @@ async function writeAtomic(dir: string, name: string, value: unknown): Promise<v
   const tmp = join(dir, `.${name}.tmp-${process.pid}`);
   await writeFile(tmp, `${JSON.stringify(value)}\n`, { mode: 0o644 });
   await rename(tmp, join(dir, name));
+}
+
+export function writeCheckpointUnavailable(dir: string, record: HookFailedRecord): Promise<void> {
+  return writeAtomic(dir, CHECKPOINT_UNAVAILABLE_FILE, record);
 }
 
 export function writeHookDone(dir: string, record: HookDoneRecord): Promise<void> {

@@ -8,6 +8,12 @@ import { ThawError } from '../errors.js';
 export const RestoreErrorCode = {
   /** The checkpoint is not in the store (or its name is refused). */
   CHECKPOINT_MISSING: 'RESTORE_CHECKPOINT_MISSING',
+  /**
+   * The checkpoint named by a registry reference (or found in the shared store) could not be brought into the
+   * local store: the registry refused, broke off, sent bytes of another digest, a foreign artifact (cause: the
+   * OCI_* or STORE_* error with its evidence).
+   */
+  PULL_FAILED: 'RESTORE_PULL_FAILED',
   /** The checkpoint does not match its manifest (sha256, size, extra or missing files) or cannot be read. */
   CHECKPOINT_CORRUPT: 'RESTORE_CHECKPOINT_CORRUPT',
   /** The manifest's constraints do not match this node or container (arch, image). */

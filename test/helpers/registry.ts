@@ -93,7 +93,11 @@ export async function startTokenServer(dir: string, user: string, password: stri
  * A TCP proxy in front of the registry that breaks the first `breaks` connections carrying a body larger
  * than `afterBytes` (in either direction) once that many bytes passed: a transfer broken in the middle.
  */
-export async function startBreakingProxy(target: { host: string; port: number }, o: { afterBytes: number; breaks: number }): Promise<{ host: string; broken: () => number; close: () => Promise<void> }> {
+export async function startBreakingProxy(
+  target: { host: string; port: number },
+  o: { afterBytes: number; breaks: number; onBytes?: (totalBytes: number) => void },
+): Promise<{ host: string; broken: () => number; close: () => Promise<void> }> {
+  let total = 0;
   let broken = 0;
   const sockets = new Set<net.Socket>();
   const server = net.createServer((client) => {
@@ -103,6 +107,8 @@ export async function startBreakingProxy(target: { host: string; port: number },
     let passed = 0;
     const count = (n: number): boolean => {
       passed += n;
+      total += n;
+      o.onBytes?.(total);
       if (broken < o.breaks && passed > o.afterBytes) {
         broken++;
         client.destroy();

@@ -44,8 +44,11 @@ describe('adjustment policy', () => {
     ['a modifier without a role', { 'thaw.dev/container': 'worker' }, /neither thaw\.dev\/checkpoint nor/],
     ['a bad after-checkpoint value', { 'thaw.dev/checkpoint': 'a', 'thaw.dev/on-checkpoint': 'pause' }, /"continue" or "exit"/],
     ['after-checkpoint on a restore target', { 'thaw.dev/restore': 'a', 'thaw.dev/on-checkpoint': 'exit' }, /checkpoint sources only/],
-    ['a path-escaping restore name', { 'thaw.dev/restore': '../../etc' }, /contains '\/'/],
-    ['an absolute restore name', { 'thaw.dev/restore': '/var/lib/thaw' }, /contains '\/'/],
+    // A value with a '/' is read as a registry reference, never as a path: these name no registry host.
+    ['a path-escaping restore name', { 'thaw.dev/restore': '../../etc' }, /is not a registry reference: registry "\.\." is not a host/],
+    ['an absolute restore name', { 'thaw.dev/restore': '/var/lib/thaw' }, /is not a registry reference: "" is not a registry host/],
+    ['a reference with a path-escaping repository', { 'thaw.dev/restore': 'registry:5000/team/../x:v1' }, /repository component "\.\." must be/],
+    ['a reference with a bad digest', { 'thaw.dev/restore': 'registry:5000/team/qwen@sha256:abc' }, /digest "sha256:abc" must be/],
     ['a dot-dot name', { 'thaw.dev/checkpoint': 'a..b' }, /contains '\.\.'/],
     ['a NUL byte', { 'thaw.dev/checkpoint': 'a\0b' }, /NUL/],
     ['an empty name', { 'thaw.dev/checkpoint': '' }, /empty/],
@@ -60,6 +63,16 @@ describe('adjustment policy', () => {
       expect(decision.reason).toMatch(reason);
       expect(decision.annotation.startsWith('thaw.dev/')).toBe(true);
     }
+  });
+
+  it('reads a restore value with a registry in it as a reference to pull', () => {
+    expect(run({ 'thaw.dev/restore': 'registry:5000/team/qwen:v1' })).toEqual({
+      kind: 'restore-target',
+      checkpointName: 'registry:5000/team/qwen:v1',
+      reference: { registry: 'registry:5000', repository: 'team/qwen', tag: 'v1' },
+    });
+    const pinned = `localhost/qwen@sha256:${'a'.repeat(64)}`;
+    expect(run({ 'thaw.dev/restore': pinned })).toMatchObject({ kind: 'restore-target', reference: { registry: 'localhost', repository: 'qwen', digest: `sha256:${'a'.repeat(64)}` } });
   });
 
   it('uses a configurable prefix and ignores the default one then', () => {
