@@ -7,8 +7,15 @@
  * linked), then curl fetches the same layer blobs from the registry into files, with the same number of
  * parallel transfers. Medians over the rounds; the last line is JSON.
  *
+ * Then, end to end through a private containerd with the plugin process: the demo worker (BENCH_E2E_MB,
+ * default 512) is checkpointed on "node A" and restored there from its local store; the checkpoint is pushed;
+ * "node B" (the plugin on an empty store, with registry access) restores pods whose annotation is the
+ * reference, the store emptied before each. Pod creation to serving, medians of BENCH_E2E_ROUNDS (default 2),
+ * against local restore + transfer time (the restore event's transferMs). BENCH_E2E=0 skips this part.
+ *
  * Env: BENCH_REGISTRY_BYTES (checkpoint size, default 2e9), BENCH_ROUNDS (default 3),
- * BENCH_CONCURRENCY (parallel transfers for pull and curl, default 8), BENCH_CHUNK_MB (layer size, default 64).
+ * BENCH_CONCURRENCY (parallel transfers for pull and curl, default 8), BENCH_CHUNK_MB (layer size, default 64),
+ * THAW_CONTAINERD (stack flavor of the end-to-end part, default 1.7).
  */
 import { execFile } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
@@ -16,7 +23,14 @@ import { mkdtemp, open, readdir, rm, writeFile } from 'node:fs/promises';
 import { cpus, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
-import { startRegistry } from '../src/node-stack/registry.js';
+import { buildWorkerImage } from '../demo/worker-image.js';
+import { runWorkerPod, waitForServingWorker } from '../demo/scenario.js';
+import { cleanupStaleStacks } from '../src/node-stack/cleanup.js';
+import { startNodeStack } from '../src/node-stack/containerd.js';
+import { parseFlavor } from '../src/node-stack/paths.js';
+import { startRegistry, type RunningRegistry } from '../src/node-stack/registry.js';
+import { pluginDirsUnder, startThawPluginProcess, waitForLog, type LogRecord, type ThawPluginProcess } from '../src/node-stack/thaw-plugin-process.js';
+import { FILE_CACHE_DIR_NAME } from '../src/store/oci/file-cache.js';
 import { openLocalStore } from '../src/store/local-store.js';
 import { RegistryClient } from '../src/store/oci/client.js';
 import { pullCheckpoint } from '../src/store/oci/pull.js';
@@ -28,6 +42,87 @@ const GB = 1e9;
 const MiB = 1024 * 1024;
 const round = (v: number, d = 3): number => Number(v.toFixed(d));
 const median = (values: number[]): number => percentile(values, 50, 3);
+
+interface E2eResult {
+  memoryMb: number;
+  checkpointBytes: number;
+  localRestoreMs: number;
+  remoteRestoreMs: number;
+  transferMs: number;
+  remoteOverLocalPlusTransfer: number;
+  runs: Array<{ localMs: number; remoteMs: number; transferMs: number }>;
+}
+
+async function endToEnd(registry: RunningRegistry, workDir: string, say: (line: string) => void): Promise<E2eResult> {
+  const memoryMb = Number(process.env['BENCH_E2E_MB'] ?? 512);
+  const rounds = Number(process.env['BENCH_E2E_ROUNDS'] ?? 2);
+  const flavor = parseFlavor((process.env['THAW_CONTAINERD'] ?? '1.7').split(',')[0] ?? '1.7');
+  await cleanupStaleStacks();
+  const stack = await startNodeStack({ flavor });
+  let plugin: ThawPluginProcess | undefined;
+  try {
+    const image = (await buildWorkerImage(stack)).ref;
+    const dirsA = pluginDirsUnder(join(workDir, 'e2e-a'), stack.paths.prefix, join(workDir, 'e2e-a.log'));
+    const dirsB = pluginDirsUnder(join(workDir, 'e2e-b'), stack.paths.prefix, join(workDir, 'e2e-b.log'));
+    const common = { image, memoryMb, seed: 7, warmupMs: 500 };
+    const start = async (dirs: typeof dirsA, extraArgs: string[]): Promise<ThawPluginProcess> => {
+      const p = startThawPluginProcess({ socketPath: stack.nriSocketPath, ...dirs, extraArgs: ['--log-level', 'info', ...extraArgs] });
+      await waitForLog(dirs.logFile, (r) => r.msg === 'nri plugin synchronized', 'the thaw plugin to register');
+      return p;
+    };
+    const restore = async (dirs: typeof dirsA, name: string, value: string): Promise<{ ms: number; event: LogRecord }> => {
+      const pod = await runWorkerPod(stack, dirs.controlRoot, { ...common, name, annotations: { 'thaw.dev/restore': value } });
+      await waitForServingWorker(pod.controlDir, { accept: (e) => e.restored, timeoutMs: 600_000 });
+      const ms = Date.now() - pod.startedAt;
+      const event = await waitForLog(dirs.logFile, (r) => r['event'] === 'restore' && r['containerId'] === pod.containerId, 'the restore event', 60_000);
+      if (event['outcome'] !== 'restored') throw new Error(`restore ${name} fell back: ${JSON.stringify(event)}`);
+      await stack.cri.removePod(pod.podId);
+      return { ms, event };
+    };
+
+    plugin = await start(dirsA, []);
+    say(`e2e: ${memoryMb} MB worker, checkpoint on node A`);
+    const source = await runWorkerPod(stack, dirsA.controlRoot, { ...common, name: 'e2e-src', annotations: { 'thaw.dev/checkpoint': 'e2e' }, checkpointAfterMs: 500 });
+    await waitForServingWorker(source.controlDir, { timeoutMs: 600_000 });
+    const ck = await waitForLog(dirsA.logFile, (r) => r['event'] === 'checkpoint' && r['name'] === 'e2e', 'the checkpoint', 600_000);
+    if (ck['outcome'] !== 'succeeded') throw new Error(`checkpoint failed: ${JSON.stringify(ck)}`);
+    await stack.cri.removePod(source.podId);
+    const local: number[] = [];
+    for (let r = 1; r <= rounds; r++) local.push((await restore(dirsA, `e2e-local-${r}`, 'e2e')).ms);
+    await plugin.stop();
+    plugin = undefined;
+
+    const storeA = await openLocalStore({ root: dirsA.storeRoot });
+    await pushCheckpoint({ store: storeA, name: 'e2e', reference: `${registry.host}/bench/e2e:v1`, access: { plainHttp: true } });
+    const config = join(workDir, 'registries.json');
+    await writeFile(config, JSON.stringify({ access: { [registry.host]: { plainHttp: true } } }), { mode: 0o600 });
+    plugin = await start(dirsB, ['--registry-config', config]);
+    const remote: Array<{ ms: number; transferMs: number }> = [];
+    for (let r = 1; r <= rounds; r++) {
+      const storeB = await openLocalStore({ root: dirsB.storeRoot });
+      for (const c of await storeB.list()) await storeB.delete(c.name);
+      await rm(join(dirsB.storeRoot, FILE_CACHE_DIR_NAME), { recursive: true, force: true });
+      const { ms, event } = await restore(dirsB, `e2e-remote-${r}`, `${registry.host}/bench/e2e:v1`);
+      remote.push({ ms, transferMs: Number((event['phases'] as { transferMs?: number }).transferMs ?? Number.NaN) });
+      say(`e2e round ${r}: local ${local[r - 1]} ms, remote ${ms} ms (transfer ${remote[r - 1]!.transferMs} ms)`);
+    }
+    const localRestoreMs = median(local);
+    const remoteRestoreMs = median(remote.map((x) => x.ms));
+    const transferMs = median(remote.map((x) => x.transferMs));
+    return {
+      memoryMb,
+      checkpointBytes: Number(ck['bytes']),
+      localRestoreMs,
+      remoteRestoreMs,
+      transferMs,
+      remoteOverLocalPlusTransfer: round(remoteRestoreMs / (localRestoreMs + transferMs)),
+      runs: local.map((l, i) => ({ localMs: l, remoteMs: remote[i]!.ms, transferMs: remote[i]!.transferMs })),
+    };
+  } finally {
+    await plugin?.stop();
+    await stack.stop();
+  }
+}
 
 async function main(): Promise<void> {
   const bytes = Number(process.env['BENCH_REGISTRY_BYTES'] ?? 2e9);
@@ -99,8 +194,14 @@ async function main(): Promise<void> {
       ),
     );
     process.stdout.write(`medians: push ${pushGBps} GB/s, pull ${pullGBps} GB/s, curl ${curlGBps} GB/s; pull/curl ${round(pullGBps / curlGBps)} (goal >= 0.9)\n`);
+    const e2e = process.env['BENCH_E2E'] === '0' ? undefined : await endToEnd(registry, work, say);
+    if (e2e !== undefined) {
+      process.stdout.write(
+        `end to end (${e2e.memoryMb} MB worker, ${e2e.checkpointBytes} bytes): local restore ${e2e.localRestoreMs} ms, remote restore ${e2e.remoteRestoreMs} ms, transfer ${e2e.transferMs} ms; remote / (local + transfer) ${e2e.remoteOverLocalPlusTransfer} (goal <= 1.2)\n`,
+      );
+    }
     process.stdout.write(
-      `${JSON.stringify({ bench: 'registry', cpus: cpus().length, cpuModel: cpus()[0]?.model ?? 'unknown', registry: 'docker-registry 2.8.3 (loopback, http)', bytes, rounds, concurrency, chunkBytes, pushGBps, pullGBps, curlGBps, pullOverCurl: round(pullGBps / curlGBps), runs: rows.map((x) => ({ pushMs: Math.round(x.pushMs), pullMs: Math.round(x.pullMs), curlMs: Math.round(x.curlMs) })) })}\n`,
+      `${JSON.stringify({ bench: 'registry', cpus: cpus().length, cpuModel: cpus()[0]?.model ?? 'unknown', registry: 'docker-registry 2.8.3 (loopback, http)', bytes, rounds, concurrency, chunkBytes, pushGBps, pullGBps, curlGBps, pullOverCurl: round(pullGBps / curlGBps), ...(e2e !== undefined ? { e2e } : {}), runs: rows.map((x) => ({ pushMs: Math.round(x.pushMs), pullMs: Math.round(x.pullMs), curlMs: Math.round(x.curlMs) })) })}\n`,
     );
   } finally {
     await registry.stop();
