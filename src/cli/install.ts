@@ -19,9 +19,10 @@
  * installs exactly the versions the package was built and tested with.
  *
  * Atomic per part: each directory or file is staged beside its destination (same filesystem), and only when
- * every part is staged are they renamed into place; a failed swap puts back what it replaced. An existing
- * install of the same content is left as it is (idempotent); one of other content is replaced only with
- * `force` (INSTALL_EXISTS otherwise). Nothing is ever half-replaced: a crash leaves `.thaw-new-*` staging
+ * every part is staged are they renamed into place; a failed swap puts back what it replaced. A part already
+ * there with the same content is left as it is (idempotent; the package by a content stamp, node by digest,
+ * the toolkit by its provisioning stamp, so an upgrade of the package leaves the toolkit alone); one of other
+ * content is replaced only with `force` (INSTALL_EXISTS otherwise). Nothing is ever half-replaced: a crash leaves `.thaw-new-*` staging
  * entries, which the next install removes.
  */
 import { createHash } from 'node:crypto';
@@ -144,9 +145,8 @@ interface Part {
   inPlace: boolean;
   /** The operator's: written only when absent, never replaced. */
   keepExisting?: boolean;
-  /** Parts written from text: the text and the file mode (how an existing file is compared). */
-  text?: string;
-  mode?: number;
+  /** True when what is at `dest` already is what this part would install. */
+  upToDate(): Promise<boolean>;
   /** Builds the staged copy at `staged`; returns the bytes it wrote. */
   stage(staged: string): Promise<number>;
 }
@@ -169,7 +169,7 @@ export async function installThaw(o: InstallOptions): Promise<InstallReport> {
   throwIfAborted(o.signal);
 
   await io('create the root', () => mkdir(root, { recursive: true, mode: 0o755 }));
-  const stamp = await installStamp(packageRoot, prodModules, toolkitDir, nodePath);
+  const stamp = await installStamp(packageRoot, prodModules);
   const under = (hostPath: string): string => path.join(root, hostPath);
   const libDest = under(INSTALL_PATHS.lib);
   const sameAsSource = async (dest: string, source: string): Promise<boolean> =>
@@ -181,6 +181,7 @@ export async function installThaw(o: InstallOptions): Promise<InstallReport> {
       dest: libDest,
       inPlace: await sameAsSource(libDest, packageRoot),
       stage: (staged) => stagePackage(packageRoot, prodModules, staged, stamp),
+      upToDate: async () => (await readFile(path.join(libDest, INSTALL_STAMP_FILE), 'utf8').catch(() => undefined)) === stamp,
     },
     {
       hostPath: INSTALL_PATHS.node,
@@ -191,6 +192,7 @@ export async function installThaw(o: InstallOptions): Promise<InstallReport> {
         await chmod(staged, 0o755);
         return (await stat(staged)).size;
       },
+      upToDate: async () => (await fileDigest(under(INSTALL_PATHS.node))) === (await fileDigest(nodePath)),
     },
     {
       hostPath: toolkitDir,
@@ -202,6 +204,8 @@ export async function installThaw(o: InstallOptions): Promise<InstallReport> {
         await chmod(staged, 0o755);
         return treeBytes(staged);
       },
+      // Compared on its own: a package upgrade leaves the toolkit (which restore targets bind-mount) alone.
+      upToDate: async () => (await toolkitDigest(under(toolkitDir))) === (await toolkitDigest(toolkitDir)),
     },
     textPart(INSTALL_PATHS.wrapper, under(INSTALL_PATHS.wrapper), renderWrapper(), 0o755),
     textPart(INSTALL_PATHS.agentConfig, under(INSTALL_PATHS.agentConfig), await readFile(path.join(packageRoot, 'config/agent.yaml'), 'utf8'), 0o644, true),
@@ -212,8 +216,7 @@ export async function installThaw(o: InstallOptions): Promise<InstallReport> {
   // Leftovers of an install that crashed: staged copies never renamed, replaced trees never removed.
   for (const part of parts) await removeLeftovers(path.dirname(part.dest), path.basename(part.dest));
 
-  // Up to date: the stamp in the installed lib matches, and every other part is in place with its content.
-  const installedStamp = await readFile(path.join(libDest, INSTALL_STAMP_FILE), 'utf8').catch(() => undefined);
+  // Each part on its own: replaced only when what is there differs from what it would install.
   const pending: Part[] = [];
   const inTheWay: string[] = [];
   for (const part of parts) {
@@ -227,7 +230,7 @@ export async function installThaw(o: InstallOptions): Promise<InstallReport> {
       progress(`keeping the existing ${part.hostPath}`);
       continue;
     }
-    if (await partUpToDate(part, installedStamp, stamp)) continue;
+    if (await part.upToDate()) continue;
     inTheWay.push(part.hostPath);
     pending.push(part);
   }
@@ -409,9 +412,11 @@ function textPart(hostPath: string, dest: string, text: string, mode: number, ke
     hostPath,
     dest,
     inPlace: false,
-    text,
-    mode,
     ...(keepExisting ? { keepExisting } : {}),
+    upToDate: async () => {
+      const [content, st] = await Promise.all([readFile(dest, 'utf8').catch(() => undefined), stat(dest).catch(() => undefined)]);
+      return content === text && st !== undefined && (st.mode & 0o7777) === mode;
+    },
     stage: async (staged) => {
       await writeFileSynced(staged, text, mode);
       return Buffer.byteLength(text);
@@ -431,21 +436,32 @@ async function writeFileSynced(file: string, text: string, mode: number): Promis
 }
 
 /**
- * What an install consists of: the package's version, a digest of every package file it copies, the
- * toolkit's provisioning stamp (or its file list) and the node binary's digest. Two installs with the same
- * stamp are the same install.
+ * What the package part consists of: the package's name and version and a digest of every file it copies.
+ * Written into the installed lib; an install whose stamp equals the installed one leaves the lib alone.
  */
-async function installStamp(packageRoot: string, modules: readonly string[], toolkitDir: string, nodePath: string): Promise<string> {
+async function installStamp(packageRoot: string, modules: readonly string[]): Promise<string> {
   const pkg = JSON.parse(await readFile(path.join(packageRoot, 'package.json'), 'utf8')) as { name?: string; version?: string };
   const h = createHash('sha256');
-  const entries = [...PACKAGE_ENTRIES.map((e) => e.rel), ...modules];
-  for (const rel of entries) await hashTree(h, packageRoot, rel);
-  const toolkit = createHash('sha256');
-  const toolkitStamp = await readFile(path.join(toolkitDir, '.thaw-stack.json')).catch(() => undefined);
-  if (toolkitStamp) toolkit.update(toolkitStamp);
-  else await hashTree(toolkit, toolkitDir, '.', false);
-  const node = createHash('sha256').update(await readFile(nodePath)).digest('hex');
-  return `${JSON.stringify({ name: pkg.name, version: pkg.version, package: h.digest('hex'), toolkitDir, toolkit: toolkit.digest('hex'), node }, null, 2)}\n`;
+  for (const rel of [...PACKAGE_ENTRIES.map((e) => e.rel), ...modules]) await hashTree(h, packageRoot, rel);
+  return `${JSON.stringify({ name: pkg.name, version: pkg.version, package: h.digest('hex') }, null, 2)}\n`;
+}
+
+async function fileDigest(p: string): Promise<string | undefined> {
+  const bytes = await readFile(p).catch(() => undefined);
+  return bytes === undefined ? undefined : createHash('sha256').update(bytes).digest('hex');
+}
+
+/**
+ * A toolkit's identity: its provisioning stamp (.thaw-stack.json: the Debian package versions it was built
+ * from, src/node-stack/provision.ts) or, without one, its file list with modes, sizes, link targets and mtimes.
+ */
+async function toolkitDigest(dir: string): Promise<string | undefined> {
+  if (!(await stat(dir).then((st) => st.isDirectory(), () => false))) return undefined;
+  const h = createHash('sha256');
+  const stackStamp = await readFile(path.join(dir, '.thaw-stack.json')).catch(() => undefined);
+  if (stackStamp) h.update(stackStamp);
+  else await hashTree(h, dir, '.', false);
+  return h.digest('hex');
 }
 
 /** Feeds every file under root/rel (paths, modes, link targets, and contents unless `contents` is false) into h. */
@@ -469,17 +485,6 @@ async function treeBytes(p: string): Promise<number> {
   let sum = 0;
   for (const name of await readdir(p)) sum += await treeBytes(path.join(p, name));
   return sum;
-}
-
-/**
- * A part is up to date when the installed stamp equals ours (the package, node and the toolkit: the stamp
- * digests them) and, for the files written from text, when the file has that text and mode.
- */
-async function partUpToDate(part: Part, installedStamp: string | undefined, stamp: string): Promise<boolean> {
-  if (installedStamp !== stamp) return false;
-  if (part.text === undefined) return true;
-  const [content, st] = await Promise.all([readFile(part.dest, 'utf8').catch(() => undefined), stat(part.dest).catch(() => undefined)]);
-  return content === part.text && st !== undefined && (st.mode & 0o7777) === part.mode;
 }
 
 async function removeLeftovers(dir: string, base: string): Promise<void> {

@@ -79,7 +79,7 @@ describe('thaw install --root DIR', () => {
     expect(devOnly).toContain('node_modules/typescript');
     for (const k of devOnly) expect(existsSync(path.join(lib, k)), k).toBe(false);
     // The stamp that makes a second install a no-op.
-    expect(JSON.parse(readFileSync(path.join(lib, INSTALL_STAMP_FILE), 'utf8'))).toMatchObject({ name: 'thaw', toolkitDir: DEFAULT_TOOLKIT_DIR });
+    expect(JSON.parse(readFileSync(path.join(lib, INSTALL_STAMP_FILE), 'utf8'))).toMatchObject({ name: 'thaw', version: JSON.parse(readFileSync(path.join(REPO, 'package.json'), 'utf8')).version });
   });
 
   it('installs the node binary, the wrapper, the config, the containerd drop-in and the systemd unit with their modes', () => {
@@ -186,6 +186,8 @@ process.stdout.write(JSON.stringify(Object.keys(req.cache)));`;
       `${DEFAULT_TOOLKIT_DIR}/bin/gzip --version | head -1`,
       `echo '{"ociVersion":"1.0.2","id":"c1","status":"stopped","bundle":"/nonexistent"}' | env -i ${hook}`,
       'echo hook-exit=$?',
+      // The wrapper as installed (its paths are /opt/thaw/...): it must run the installed node on the CLI entry.
+      `sh ${JSON.stringify(under(INSTALL_PATHS.wrapper))} --help > ${JSON.stringify(path.join(work, 'wrapper.out'))} 2>&1 && echo wrapper-exit=0 || echo wrapper-exit=$?`,
       // What the namespace ran: the copy, not the machine's /opt/thaw.
       "awk '$5 == \"/opt/thaw\" {print \"mounted-from=\" $4}' /proc/self/mountinfo",
     ].join('\n');
@@ -197,6 +199,15 @@ process.stdout.write(JSON.stringify(Object.keys(req.cache)));`;
     expect(r.stdout).toMatch(/^gzip \d/m);
     expect(r.stdout).toContain('hook-exit=0');
     expect(r.stdout).toContain(`mounted-from=${under('/opt/thaw')}`);
+    // Until the CLI entry is part of the package (the agent/CLI branch), the wrapper's node must fail on exactly
+    // that path; with it, `thaw --help` succeeds.
+    const wrapperOut = readFileSync(path.join(work, 'wrapper.out'), 'utf8');
+    if (existsSync(path.join(REPO, 'dist/src/cli/main.js'))) {
+      expect(r.stdout, wrapperOut).toContain('wrapper-exit=0');
+      expect(wrapperOut).toMatch(/thaw/);
+    } else {
+      expect(wrapperOut).toContain(`Cannot find module '${INSTALL_PATHS.lib}/dist/src/cli/main.js'`);
+    }
     // The hook did its job: the control and work directories are gone.
     expect(existsSync(controlDir)).toBe(false);
     expect(existsSync(workDir)).toBe(false);
@@ -230,10 +241,11 @@ process.stdout.write(JSON.stringify(Object.keys(req.cache)));`;
     // A crashed install's staging entry is cleaned up.
     mkdirSync(path.join(under('/opt/thaw'), '.lib.thaw-new-999999'));
     const lines: string[] = [];
+    const toolkitInode = statSync(under(DEFAULT_TOOLKIT_DIR)).ino;
     const r = await installThaw({ root, ...SOURCES, force: true, progress: (l) => lines.push(l) });
-    expect(r.files).toContain(INSTALL_PATHS.lib);
-    expect(r.files).toContain(INSTALL_PATHS.wrapper);
-    expect(r.files).not.toContain(INSTALL_PATHS.agentConfig);
+    // Only what differs is replaced: the toolkit (bind-mounted into restore targets) and node stay as they were.
+    expect(r.files).toEqual([INSTALL_PATHS.lib, INSTALL_PATHS.wrapper]);
+    expect(statSync(under(DEFAULT_TOOLKIT_DIR)).ino).toBe(toolkitInode);
     expect(lines).toContain(`keeping the existing ${INSTALL_PATHS.agentConfig}`);
     expect(readFileSync(under(INSTALL_PATHS.agentConfig), 'utf8')).toBe(edited);
     expect(readFileSync(under(INSTALL_PATHS.wrapper), 'utf8')).toBe(renderWrapper());
