@@ -27,7 +27,7 @@
  */
 import { createHash } from 'node:crypto';
 import { constants as fsConstants, existsSync } from 'node:fs';
-import { chmod, copyFile, cp, lstat, mkdir, open, readdir, readFile, readlink, realpath, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { chmod, copyFile, cp, link, lstat, mkdir, open, readdir, readFile, readlink, realpath, rename, rm, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { errorMessage, ThawError } from '../errors.js';
@@ -270,8 +270,17 @@ export async function installThaw(o: InstallOptions): Promise<InstallReport> {
   try {
     for (const part of pending) {
       const tmp = staged.get(part) as string;
-      const exists = await lstat(part.dest).then(() => true, () => false);
-      const old = exists ? path.join(path.dirname(part.dest), `.${path.basename(part.dest)}${OLD_MARK}${process.pid}`) : undefined;
+      const existing = await lstat(part.dest).catch(() => undefined);
+      const old = existing ? path.join(path.dirname(part.dest), `.${path.basename(part.dest)}${OLD_MARK}${process.pid}`) : undefined;
+      if (old && !existing?.isDirectory()) {
+        // A file is replaced by one rename (never absent); a hard link keeps the old one for a rollback.
+        await io(`keep the old ${part.hostPath}`, () => link(part.dest, old));
+        await io(`install ${part.hostPath}`, () => rename(tmp, part.dest));
+        swapped.push({ part, old });
+        progress(`installed ${part.hostPath}`);
+        continue;
+      }
+      // A directory cannot be renamed over a non-empty one: the old one goes aside first (a moment without it).
       if (old) await io(`move the old ${part.hostPath} aside`, () => rename(part.dest, old));
       try {
         await io(`install ${part.hostPath}`, () => rename(tmp, part.dest));
@@ -487,12 +496,24 @@ async function treeBytes(p: string): Promise<number> {
   return sum;
 }
 
+/** Removes `.<base>.thaw-new-<pid>` / `.thaw-old-<pid>` entries whose install process is gone (never a running one's). */
 async function removeLeftovers(dir: string, base: string): Promise<void> {
   const names = await readdir(dir).catch(() => [] as string[]);
   for (const name of names) {
-    if (name.startsWith(`.${base}${STAGING_MARK}`) || name.startsWith(`.${base}${OLD_MARK}`)) {
-      await rm(path.join(dir, name), { recursive: true, force: true });
-    }
+    const mark = [STAGING_MARK, OLD_MARK].find((m) => name.startsWith(`.${base}${m}`));
+    if (mark === undefined) continue;
+    const pid = Number(name.slice(`.${base}${mark}`.length));
+    if (Number.isInteger(pid) && pid > 0 && pid !== process.pid && processAlive(pid)) continue;
+    await rm(path.join(dir, name), { recursive: true, force: true });
+  }
+}
+
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
   }
 }
 

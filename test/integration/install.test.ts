@@ -5,12 +5,12 @@
  * the installed node, hook and toolkit run at their real absolute paths. Then idempotence, --force, the
  * operator's agent.yaml, and the typed errors.
  */
-import { execFileSync, spawnSync } from 'node:child_process';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync, writeFileSync, copyFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, onTestFinished } from 'vitest';
 import { parse as parseYaml } from 'yaml';
 import {
   DEFAULT_TOOLKIT_DIR,
@@ -238,8 +238,12 @@ process.stdout.write(JSON.stringify(Object.keys(req.cache)));`;
   it('with force replaces it, keeps the operator\'s agent.yaml and leaves no staging behind', async () => {
     const edited = 'log:\n  level: debug\n';
     writeFileSync(under(INSTALL_PATHS.agentConfig), edited);
-    // A crashed install's staging entry is cleaned up.
-    mkdirSync(path.join(under('/opt/thaw'), '.lib.thaw-new-999999'));
+    // A crashed install's staging entry is cleaned up (pid above any pid_max), a running one's is not.
+    mkdirSync(path.join(under('/opt/thaw'), '.lib.thaw-new-4194399'));
+    const running = spawn('sleep', ['600'], { stdio: 'ignore' });
+    onTestFinished(() => void running.kill());
+    const runningEntry = path.join(under('/opt/thaw'), `.lib.thaw-new-${running.pid}`);
+    mkdirSync(runningEntry);
     const lines: string[] = [];
     const toolkitInode = statSync(under(DEFAULT_TOOLKIT_DIR)).ino;
     const r = await installThaw({ root, ...SOURCES, force: true, progress: (l) => lines.push(l) });
@@ -250,6 +254,8 @@ process.stdout.write(JSON.stringify(Object.keys(req.cache)));`;
     expect(readFileSync(under(INSTALL_PATHS.agentConfig), 'utf8')).toBe(edited);
     expect(readFileSync(under(INSTALL_PATHS.wrapper), 'utf8')).toBe(renderWrapper());
     expect(readFileSync(path.join(under(INSTALL_PATHS.lib), INSTALL_STAMP_FILE), 'utf8')).toContain('"name": "thaw"');
+    expect(existsSync(runningEntry)).toBe(true);
+    rmSync(runningEntry, { recursive: true });
     for (const dir of [under('/opt/thaw'), under('/usr/local/bin'), path.dirname(under(DEFAULT_TOOLKIT_DIR))]) {
       expect(readdirSync(dir).filter((n) => n.includes('.thaw-')), dir).toEqual([]);
     }
