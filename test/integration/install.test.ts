@@ -213,6 +213,27 @@ process.stdout.write(JSON.stringify(Object.keys(req.cache)));`;
     expect(existsSync(workDir)).toBe(false);
   });
 
+  it('the installed copy installs itself onto another root (the DaemonSet\'s init container: image -> host)', () => {
+    // As in the image: /opt/thaw is the installed layout, and install.js runs from it with its own defaults.
+    const host = path.join(scratch, 'host');
+    const script = `const m = await import('${INSTALL_PATHS.lib}/dist/src/cli/install.js');
+const r = await m.installThaw({ root: ${JSON.stringify(host)}, ...m.defaultInstallSources() });
+process.stdout.write(JSON.stringify({ sources: m.defaultInstallSources(), files: r.files }));`;
+    const r = spawnSync('unshare', ['--mount', '--propagation', 'private', 'sh', '-c',
+      `mount --bind ${JSON.stringify(under('/opt/thaw'))} /opt/thaw && cd / && ${INSTALL_PATHS.node} --input-type=module -e "$0"`, script], { encoding: 'utf8' });
+    expect(r.stderr).toBe('');
+    expect(r.status).toBe(0);
+    const out = JSON.parse(r.stdout) as { sources: Record<string, string>; files: string[] };
+    expect(out.sources).toEqual({ packageRoot: INSTALL_PATHS.lib, toolkitDir: DEFAULT_TOOLKIT_DIR, nodePath: INSTALL_PATHS.node });
+    expect(out.files).toEqual(report.files);
+    const inHost = (p: string): string => path.join(host, p);
+    expect(readFileSync(path.join(inHost(INSTALL_PATHS.lib), INSTALL_STAMP_FILE), 'utf8')).toBe(readFileSync(path.join(under(INSTALL_PATHS.lib), INSTALL_STAMP_FILE), 'utf8'));
+    expect(sha256(inHost(INSTALL_PATHS.node))).toBe(sha256(process.execPath));
+    expect(readlinkSync(path.join(inHost(DEFAULT_TOOLKIT_DIR), 'bin/criu'))).toBe(readlinkSync(path.join(DEFAULT_TOOLKIT_DIR, 'bin/criu')));
+    expect(existsSync(path.join(inHost(INSTALL_PATHS.lib), 'node_modules/vitest'))).toBe(false);
+    rmSync(host, { recursive: true, force: true });
+  }, 120_000);
+
   it('a second install of the same content changes nothing', async () => {
     const before = statSync(under(INSTALL_PATHS.lib)).ino;
     const lines: string[] = [];
