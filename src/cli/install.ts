@@ -132,6 +132,27 @@ const PACKAGE_ENTRIES: ReadonlyArray<{ rel: string; required: boolean }> = [
 ];
 /** Files the package must hold for the installed thaw to work at all (checked before anything is copied). */
 const PACKAGE_REQUIRED_FILES = ['dist/src/oci-hooks/main.js', 'native/build/thaw-pause', 'proto/nri/api.proto', 'proto/criu/rpc.proto', 'config/agent.yaml', 'config/conf.d/thaw-nri.toml', 'config/thaw-agent.service'];
+/**
+ * What a provisioned stack holds besides the toolkit (src/node-stack/provision.ts: the private containerd,
+ * runc and CNI plugins the tests drive, the CRI proto, documentation): 160 of its 217 MiB, not copied to a node,
+ * which has its own containerd. The bin/ links to them go too.
+ */
+export const TOOLKIT_EXCLUDE: readonly string[] = [
+  'usr/bin/containerd', 'usr/bin/containerd-shim', 'usr/bin/containerd-shim-runc-v1', 'usr/bin/containerd-shim-runc-v2', 'usr/bin/ctr',
+  'usr/bin/runc', 'usr/sbin/runc', 'usr/lib/cni', 'usr/share/gocode', 'usr/share/doc', 'usr/share/man', 'usr/share/info', 'usr/share/lintian',
+  'share/thaw',
+];
+
+async function toolkitKeeps(toolkitDir: string, src: string): Promise<boolean> {
+  const excluded = (rel: string): boolean => TOOLKIT_EXCLUDE.some((x) => rel === x || rel.startsWith(`${x}/`));
+  const rel = path.relative(toolkitDir, src);
+  if (excluded(rel)) return false;
+  const st = await lstat(src);
+  if (!st.isSymbolicLink()) return true;
+  const target = path.resolve(path.dirname(src), await readlink(src));
+  return !excluded(path.relative(toolkitDir, target));
+}
+
 /** Toolkit binaries the engine runs (engine.ts, restore-coordinator.ts). */
 const TOOLKIT_BINARIES = ['bin/criu', 'bin/tar', 'bin/gzip', 'bin/busybox'];
 
@@ -200,7 +221,7 @@ export async function installThaw(o: InstallOptions): Promise<InstallReport> {
       inPlace: await sameAsSource(under(toolkitDir), toolkitDir),
       stage: async (staged) => {
         // verbatimSymlinks: the toolkit's links (bin/criu -> ../usr/sbin/criu) stay as they are, not made absolute.
-        await cp(toolkitDir, staged, { recursive: true, verbatimSymlinks: true, preserveTimestamps: true });
+        await cp(toolkitDir, staged, { recursive: true, verbatimSymlinks: true, preserveTimestamps: true, filter: (src) => toolkitKeeps(toolkitDir, src) });
         await chmod(staged, 0o755);
         return treeBytes(staged);
       },

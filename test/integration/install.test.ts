@@ -116,6 +116,12 @@ describe('thaw install --root DIR', () => {
 
   it('copies the toolkit at its own absolute path, links as they were, ELF interpreters inside it', async () => {
     const copy = under(DEFAULT_TOOLKIT_DIR);
+    // Only the toolkit: not the private containerd, runc and CNI plugins of the test stack, nor links to them.
+    for (const rel of ['usr/bin/containerd', 'usr/sbin/runc', 'usr/lib/cni', 'bin/containerd', 'bin/runc', 'bin/ctr']) {
+      expect(existsSync(path.join(DEFAULT_TOOLKIT_DIR, rel)), `the stack has ${rel}`).toBe(true);
+      expect(lstatSync(path.join(copy, rel), { throwIfNoEntry: false }), rel).toBeUndefined();
+    }
+    for (const rel of ['bin/busybox', 'usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2', '.thaw-stack.json']) expect(existsSync(path.join(copy, rel)), rel).toBe(true);
     expect(readlinkSync(path.join(copy, 'bin/criu'))).toBe(readlinkSync(path.join(DEFAULT_TOOLKIT_DIR, 'bin/criu')));
     const patchelf = stackPaths('1.7').patchelf;
     for (const bin of ['criu', 'tar', 'gzip']) {
