@@ -188,6 +188,8 @@ process.stdout.write(JSON.stringify(Object.keys(req.cache)));`;
       `mount --bind ${JSON.stringify(under('/opt/thaw'))} /opt/thaw`,
       'cd /',
       `${DEFAULT_TOOLKIT_DIR}/bin/criu --version`,
+      // The kernel checks CRIU makes before any dump, from the pruned copy (it passes with the full stack here).
+      `${DEFAULT_TOOLKIT_DIR}/bin/criu check 2>&1 | tail -1`,
       `${DEFAULT_TOOLKIT_DIR}/bin/tar --version | head -1`,
       `${DEFAULT_TOOLKIT_DIR}/bin/gzip --version | head -1`,
       `echo '{"ociVersion":"1.0.2","id":"c1","status":"stopped","bundle":"/nonexistent"}' | env -i ${hook}`,
@@ -201,6 +203,7 @@ process.stdout.write(JSON.stringify(Object.keys(req.cache)));`;
     expect(r.stderr).toBe('');
     expect(r.status).toBe(0);
     expect(r.stdout).toMatch(/^Version: \d+\.\d+/m);
+    expect(r.stdout).toContain('Looks good.');
     expect(r.stdout).toContain('tar (GNU tar)');
     expect(r.stdout).toMatch(/^gzip \d/m);
     expect(r.stdout).toContain('hook-exit=0');
