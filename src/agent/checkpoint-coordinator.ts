@@ -104,6 +104,12 @@ interface Job {
   done: Promise<void>;
 }
 
+/** How a job starts: a source waits for its worker's ready marker; an on-demand checkpoint (control API) does not. */
+interface RunMode {
+  waitForReady: boolean;
+  replace?: boolean;
+}
+
 export class CheckpointCoordinator implements ThawCoordinator {
   private readonly log: Logger;
   private readonly now: () => Date;
@@ -119,10 +125,28 @@ export class CheckpointCoordinator implements ThawCoordinator {
 
   /** NRI PostStartContainer of a checkpoint source: start watching its control dir. Returns at once. */
   checkpointSourceStarted(container: ManagedContainer, pid: number): void {
+    this.start(container, pid, { waitForReady: true });
+  }
+
+  /**
+   * The control API's Checkpoint of a running container: checkpoint it now, without waiting for a ready
+   * marker (the container may not speak the worker protocol; CRIU freezes it for the dump and it goes on
+   * running). False when a checkpoint of this container is already running (the caller follows that one).
+   */
+  checkpointNow(container: ManagedContainer, pid: number, options: { replace?: boolean } = {}): boolean {
+    return this.start(container, pid, { waitForReady: false, ...(options.replace !== undefined ? { replace: options.replace } : {}) });
+  }
+
+  /** The running job of a container, resolved when it ends (undefined when none runs). */
+  jobDone(containerId: string): Promise<void> | undefined {
+    return this.running.get(containerId)?.done;
+  }
+
+  private start(container: ManagedContainer, pid: number, mode: RunMode): boolean {
     const id = container.containerId;
     if (this.running.has(id)) {
       this.log.warn('a checkpoint of this container is already in progress; ignoring the second start', { containerId: id, pid });
-      return;
+      return false;
     }
     const controller = new AbortController();
     const status: CheckpointJobStatus = {
@@ -138,9 +162,10 @@ export class CheckpointCoordinator implements ThawCoordinator {
     this.running.set(id, job);
     this.statuses.set(id, status);
     // Fire and forget: the job never rejects (every outcome is logged and recorded), and removes itself.
-    job.done = this.run(container, pid, job).finally(() => {
+    job.done = this.run(container, pid, job, mode).finally(() => {
       if (this.running.get(id) === job) this.running.delete(id);
     });
+    return true;
   }
 
   /** The container stopped or was removed: abort its wait or its checkpoint. */
@@ -170,15 +195,17 @@ export class CheckpointCoordinator implements ThawCoordinator {
     await this.idle();
   }
 
-  private async run(container: ManagedContainer, pid: number, job: Job): Promise<void> {
+  private async run(container: ManagedContainer, pid: number, job: Job, mode: RunMode): Promise<void> {
     const { status, controller } = job;
     const signal = controller.signal;
     const log = this.log.child({ containerId: container.containerId, checkpoint: container.checkpointName });
     try {
-      const marker = await waitForWorkerReady(container.controlDir, {
-        signal,
-        ...(this.options.readyTimeoutMs !== undefined ? { timeoutMs: this.options.readyTimeoutMs } : {}),
-      });
+      const marker = mode.waitForReady
+        ? await waitForWorkerReady(container.controlDir, {
+            signal,
+            ...(this.options.readyTimeoutMs !== undefined ? { timeoutMs: this.options.readyTimeoutMs } : {}),
+          })
+        : 'on-demand';
       status.readyAt = this.now().toISOString();
       status.state = 'checkpointing';
       // What the worker says it holds (tensor and allocator bytes), set against what the checkpoint saves.
@@ -211,7 +238,7 @@ export class CheckpointCoordinator implements ThawCoordinator {
           containerdVersion: typeof o.containerdVersion === 'function' ? o.containerdVersion() : o.containerdVersion,
           criuVersion: o.criuVersion,
           logger: o.logger,
-          ...(o.replace !== undefined ? { replace: o.replace } : {}),
+          ...((mode.replace ?? o.replace) !== undefined ? { replace: mode.replace ?? o.replace } : {}),
           ...(cuda !== undefined ? { cuda } : {}),
           ...(o.workRoot !== undefined ? { workRoot: o.workRoot } : {}),
           ...(o.tarPath !== undefined ? { tarPath: o.tarPath } : {}),

@@ -1,7 +1,7 @@
 /**
  * The engine behind thaw's NRI handlers, assembled from its parts: the local store, one CRIU client, the
- * checkpoint coordinator (sources) and the restore coordinator (targets). The plugin process (nri-main.ts) and,
- * later, the long-running agent build it once per process.
+ * checkpoint coordinator (sources) and the restore coordinator (targets). The agent (agent.ts) builds it once
+ * per process.
  */
 import { existsSync } from 'node:fs';
 import { mkdir } from 'node:fs/promises';
@@ -11,10 +11,10 @@ import { CHECKPOINT_COMPLETE } from '../sdk/protocol.js';
 import type { Logger } from '../log.js';
 import { CriuClient } from '../restore-engine/criu/client.js';
 import { openLocalStore, type LocalStore } from '../store/local-store.js';
-import { CheckpointCoordinator } from './checkpoint-coordinator.js';
+import { CheckpointCoordinator, type CheckpointEvent } from './checkpoint-coordinator.js';
 import { createCheckpointSources, type RegistrySourceOptions } from './checkpoint-sources.js';
 import { checkpointHooksFactory, cudaRestoreStep, loadNodeCuda, type NodeCuda } from './cuda-steps.js';
-import { createRestoreCoordinator, type RestoreCoordinator } from './restore-coordinator.js';
+import { createRestoreCoordinator, type RestoreCoordinator, type RestoreEvent } from './restore-coordinator.js';
 import { createThawNriHandlers, ThawNriStats, type ManagedContainer, type ThawCoordinator } from './thaw-nri.js';
 
 export const DEFAULT_STORE_ROOT = '/var/lib/thaw/checkpoints';
@@ -44,6 +44,9 @@ export interface ThawEngineOptions {
   sharedStoreOwnerUid?: number;
   /** Registries a restore annotation may name (`registry/repo:tag`); absent: references cold-start. */
   registry?: RegistrySourceOptions;
+  /** Told of every restore / checkpoint event after it is logged (the agent's metrics). */
+  onRestoreEvent?: (event: RestoreEvent) => void;
+  onCheckpointEvent?: (event: CheckpointEvent) => void;
 }
 
 export interface ThawEngine {
@@ -54,6 +57,8 @@ export interface ThawEngine {
   stats: ThawNriStats;
   /** The node's CUDA driver, when it has one (undefined: workers are checkpointed as CPU-only). */
   cuda: NodeCuda | undefined;
+  /** CRIU's version (major.minor.sublevel). */
+  criuVersion: string;
   /** Tells the engine the runtime's version (from NRI Configure), for manifests. */
   setRuntimeVersion(version: string): void;
   /** Abandons work in flight (checkpoint waits, restores) and waits for it to settle. */
@@ -73,6 +78,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
   // CRIU runs GNU tar and gzip from its PATH (tmpfs contents on restore): the toolkit's come first.
   const criu = new CriuClient({ criuPath: join(binDir, 'criu'), logger, env: { ...process.env, PATH: `${binDir}:${process.env['PATH'] ?? '/usr/sbin:/usr/bin:/sbin:/bin'}` } });
   const criuVersion = await criu.version();
+  const criuVersionText = `${criuVersion.major}.${criuVersion.minor}.${criuVersion.sublevel}`;
   let runtimeVersion = 'unknown';
   const stats = new ThawNriStats();
   // Once per process: every checkpoint and restore is a call on this one driver (no cuInit per action).
@@ -84,7 +90,8 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
   const checkpoints = new CheckpointCoordinator({
     store,
     criu,
-    criuVersion: `${criuVersion.major}.${criuVersion.minor}.${criuVersion.sublevel}`,
+    criuVersion: criuVersionText,
+    ...(o.onCheckpointEvent ? { onEvent: o.onCheckpointEvent } : {}),
     containerdVersion: () => runtimeVersion,
     logger,
     onCheckpointOf: (c: ManagedContainer) => c.onCheckpoint ?? 'continue',
@@ -100,6 +107,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     stats,
     workRoot: o.workRoot,
     toolkitBinDir: binDir,
+    ...(o.onRestoreEvent ? { onEvent: o.onRestoreEvent } : {}),
     ...(cuda ? { cudaRestore: cudaRestoreStep({ node: cuda, logger }) } : {}),
   });
   // One coordinator for the handlers: sources go to the checkpoint side, targets to the restore side.
@@ -143,6 +151,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     restores,
     stats,
     cuda,
+    criuVersion: criuVersionText,
     setRuntimeVersion: (v) => {
       runtimeVersion = v;
     },

@@ -59,6 +59,8 @@ export interface RestoreEvent {
   pod: string;
   mode?: 'args' | 'overlay';
   restoredPid?: number;
+  /** Bytes of the checkpoint's files (what the restore read), when restored. */
+  bytes?: number;
   /** How the checkpoint's digests were checked: hashed now, or its files unchanged since they were hashed here. */
   digests?: 'hashed' | 'unchanged-since-hashed';
   phases: { hookMs?: number; transferMs?: number; verifyMs?: number; waitVerifyMs?: number; overlayMs?: number; criuRestoreMs?: number; cudaRestoreMs?: number; totalMs: number };
@@ -92,11 +94,23 @@ export interface RestoreCoordinator extends Required<Pick<ThawCoordinator, 'rest
   recoverTarget(container: ManagedContainer, pid: number): Promise<void>;
   /** Resolves when every restore started so far has ended (tests, shutdown). */
   idle(): Promise<void>;
+  /** Restores this process holds: prepared (created, not started yet) or restoring. */
+  inFlight(): RestoreInFlight[];
   /** Aborts everything in flight (each target falls back). */
   close(): Promise<void>;
 }
 
+export interface RestoreInFlight {
+  containerId: string;
+  pod: string;
+  checkpoint: string;
+  phase: 'prepared' | 'restoring';
+  /** ISO 8601: when thaw adjusted the container. */
+  since: string;
+}
+
 interface Job {
+  createdAtIso: string;
   container: ManagedContainer;
   checkpoint: OpenedCheckpoint;
   /** The checkpoint is still being pulled (or copied from the shared store); prepare() waits for it. */
@@ -287,7 +301,7 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
         throw new RestoreError(RestoreErrorCode.TARGET_GONE, `cannot signal the placeholder ${pid}: ${errorMessage(err)}`, { step: 'adopt', cause: err });
       }
       await writeMarker(container.controlDir, 'restore-complete', { checkpoint: checkpoint.name, restoredAt: new Date().toISOString() });
-      const e = event({ outcome: 'restored', restoredPid: tree.hostPid, ...(digests ? { digests } : {}) });
+      const e = event({ outcome: 'restored', restoredPid: tree.hostPid, bytes: checkpoint.manifest.totals.bytes, ...(digests ? { digests } : {}) });
       logger.info('restore', { ...e, criuOptions: tree.options, criuLog: tree.logPath, cgroupsJoined: tree.cgroupsJoined.length });
       o.onEvent?.(e);
     } catch (err) {
@@ -321,6 +335,7 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
   const coordinator: RestoreCoordinator = {
     restoreTargetCreated(container, checkpoint, incoming) {
       const job: Job = {
+        createdAtIso: new Date().toISOString(),
         container,
         checkpoint,
         ...(incoming !== undefined ? { incoming } : {}),
@@ -393,12 +408,27 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
       }
     },
 
+    inFlight() {
+      return [...jobs.values()].map((j) => ({
+        containerId: j.container.containerId,
+        pod: `${j.container.podNamespace}/${j.container.podName}`,
+        checkpoint: j.checkpoint.name,
+        phase: j.run === undefined ? ('prepared' as const) : ('restoring' as const),
+        since: j.createdAtIso,
+      }));
+    },
+
     async idle() {
       while (running.size > 0) await Promise.allSettled([...running]);
     },
 
     async close() {
       for (const job of jobs.values()) job.abort.abort(new Error('agent stopping'));
+      // Targets created but not started: nothing runs for them here; release their leases. The next agent
+      // falls them back when they start (restoreTargetStarted without a prepared job).
+      const prepared = [...jobs.values()].filter((j) => j.run === undefined);
+      await Promise.allSettled(prepared.map((j) => j.prepared.catch(() => undefined).then(() => j.release?.())));
+      for (const j of prepared) jobs.delete(j.container.containerId);
       await this.idle();
     },
   };

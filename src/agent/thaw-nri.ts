@@ -105,6 +105,8 @@ export class ThawNriStats {
   readonly decisions = new Map<PolicyDecision['kind'], number>();
   readonly rejectionsByAnnotation = new Map<string, number>();
   readonly fallbacksByCause = new Map<string, number>();
+  /** Restore targets left cold at CreateContainer (never adjusted, so no restore event follows), by cause. */
+  readonly restoreFallbacksAtCreate = new Map<string, number>();
 
   countDecision(kind: PolicyDecision['kind']): void {
     this.decisions.set(kind, (this.decisions.get(kind) ?? 0) + 1);
@@ -114,6 +116,10 @@ export class ThawNriStats {
   }
   countFallback(cause: string): void {
     this.fallbacksByCause.set(cause, (this.fallbacksByCause.get(cause) ?? 0) + 1);
+  }
+  countRestoreFallbackAtCreate(cause: string): void {
+    this.countFallback(cause);
+    this.restoreFallbacksAtCreate.set(cause, (this.restoreFallbacksAtCreate.get(cause) ?? 0) + 1);
   }
 }
 
@@ -230,7 +236,7 @@ export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { 
 
   /** Restore fallbacks decided here, before the container exists: no adjustment, the pod starts cold. */
   const coldStart = (cause: string, message: string, pod: PodSandbox, container: Container, ctx: NriHandlerContext, extra: Record<string, unknown>): undefined => {
-    stats.countFallback(cause);
+    stats.countRestoreFallbackAtCreate(cause);
     ctx.logger.warn(`thaw: ${message}; cold start`, { ...describe(pod, container), event: 'restore', outcome: 'fallback', cause, ...extra });
     return undefined;
   };
@@ -378,7 +384,7 @@ export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { 
           case 'restore-target':
             if (options.restore) return await adjustRestoreTarget(options.restore, pod, container, decision.checkpointName, decision.reference, ctx);
             // Without a restore engine configured, the pod cold-starts.
-            stats.countFallback('restore-unavailable');
+            stats.countRestoreFallbackAtCreate('restore-unavailable');
             ctx.logger.warn('thaw: restore requested but no restore engine is configured; cold start', {
               ...describe(pod, container),
               checkpoint: decision.checkpointName,

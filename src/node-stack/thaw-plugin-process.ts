@@ -1,7 +1,9 @@
 /**
- * Runs thaw's NRI plugin as a real process (dist/src/agent/nri-main.js) beside a private stack, the way a node
- * runs it, and reads its JSON log. Used by the tests, the demo and the benchmarks. The build must exist:
- * scripts/setup.sh builds it (`ensureBuilt()` builds when a single test file runs alone).
+ * Runs the thaw agent as a real process (`thaw agent`: dist/src/cli/main.js agent) beside a private stack, the
+ * way a node runs it, and reads its JSON log. Used by the tests, the demo and the benchmarks, so that the
+ * product path is what they exercise. The build must exist: scripts/setup.sh builds it (`ensureBuilt()` builds
+ * when a single test file runs alone). Each agent gets its own API socket (`<log file>.sock` unless given) and
+ * a /metrics port picked by the kernel (`agentEndpoints` reads both back from the log).
  */
 import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
 import { chmod, readFile, writeFile } from 'node:fs/promises';
@@ -22,15 +24,15 @@ function findPackageRoot(): string {
 }
 
 export const PACKAGE_ROOT = findPackageRoot();
-export const NRI_MAIN = join(PACKAGE_ROOT, 'dist/src/agent/nri-main.js');
+export const CLI_MAIN = join(PACKAGE_ROOT, 'dist/src/cli/main.js');
 export const PLUGIN_STOP_GRACE_MS = 5_000;
 /** libuv's default pool is 4 threads; each CRIU operation in flight holds one for its whole duration. */
 export const PLUGIN_UV_THREADPOOL_SIZE = 16;
 
 /** Builds dist/ when it is missing or older than the plugin's sources. */
 export function ensureBuilt(): void {
-  const source = join(PACKAGE_ROOT, 'src/agent/thaw-nri.ts');
-  if (existsSync(NRI_MAIN) && (!existsSync(source) || statSync(NRI_MAIN).mtimeMs >= statSync(source).mtimeMs)) return;
+  const sources = ['src/agent/thaw-nri.ts', 'src/agent/agent.ts', 'src/cli/main.ts'].map((s) => join(PACKAGE_ROOT, s));
+  if (existsSync(CLI_MAIN) && sources.every((s) => !existsSync(s) || statSync(CLI_MAIN).mtimeMs >= statSync(s).mtimeMs)) return;
   execFileSync('npx', ['tsc', '-p', 'tsconfig.build.json'], { cwd: PACKAGE_ROOT, stdio: 'inherit' });
 }
 
@@ -82,6 +84,8 @@ export interface ThawPluginDirs {
   /** CRIU work dirs of restores. */
   workRoot: string;
   logFile: string;
+  /** The control API's socket; default `<logFile>.sock`. */
+  apiSocket?: string;
 }
 
 /** The plugin's dirs under one work dir (control/, checkpoints/, restore/), with the stack's prefix as toolkit. */
@@ -89,15 +93,36 @@ export function pluginDirsUnder(workDir: string, stackPrefix: string, logFile: s
   return { controlRoot: join(workDir, 'control'), storeRoot: join(workDir, 'checkpoints'), workRoot: join(workDir, 'restore'), stackPrefix, logFile };
 }
 
+export function apiSocketOf(o: ThawPluginDirs): string {
+  return o.apiSocket ?? `${o.logFile}.sock`;
+}
+
 function pluginArgs(o: ThawPluginDirs): string[] {
-  return ['--control-root', o.controlRoot, '--store-root', o.storeRoot, '--stack-prefix', o.stackPrefix, '--work-root', o.workRoot, '--log-file', o.logFile, '--log-level', 'debug'];
+  return [
+    'agent',
+    '--paths-control-root', o.controlRoot,
+    '--paths-store-root', o.storeRoot,
+    '--paths-toolkit-dir', o.stackPrefix,
+    '--paths-work-root', o.workRoot,
+    '--api-socket', apiSocketOf(o),
+    '--metrics-listen', '127.0.0.1:0',
+    '--log-file', o.logFile,
+    '--log-level', 'debug',
+  ];
+}
+
+/** Where the agent that logs to `logFile` serves (its latest start): the API socket and the /metrics URL. */
+export async function agentEndpoints(logFile: string, timeoutMs = 30_000): Promise<{ apiSocket: string; metricsUrl: string; pid: number }> {
+  const started = (await readJsonLog(logFile)).filter((r) => r.msg === 'thaw agent started');
+  const last = started.length > 0 ? started[started.length - 1] : await waitForLog(logFile, (r) => r.msg === 'thaw agent started', 'the agent to start', timeoutMs);
+  return { apiSocket: String(last!['apiSocket']), metricsUrl: String(last!['metrics']), pid: Number(last!['pid']) };
 }
 
 /** `env` adds to (and overrides) this process's environment for the plugin (e.g. the fake CUDA driver's settings). */
 export function startThawPluginProcess(o: ThawPluginDirs & { socketPath: string; extraArgs?: string[]; env?: Record<string, string> }): ThawPluginProcess {
   // The CRIU client holds a libuv threadpool thread per operation in flight (src/restore-engine/criu):
   // a larger pool keeps file I/O moving while restores run.
-  const proc = spawn(process.execPath, [NRI_MAIN, '--socket', o.socketPath, ...pluginArgs(o), ...(o.extraArgs ?? [])], {
+  const proc = spawn(process.execPath, [CLI_MAIN, ...pluginArgs(o), '--nri-socket', o.socketPath, ...(o.extraArgs ?? [])], {
     stdio: ['ignore', 'inherit', 'inherit'],
     env: { ...process.env, UV_THREADPOOL_SIZE: process.env['UV_THREADPOOL_SIZE'] ?? String(PLUGIN_UV_THREADPOOL_SIZE), ...o.env },
   });
@@ -121,7 +146,7 @@ export function startThawPluginProcess(o: ThawPluginDirs & { socketPath: string;
  */
 export async function writeLaunchedPluginScript(path: string, o: ThawPluginDirs): Promise<void> {
   const quote = (s: string): string => `'${s.replace(/'/g, `'\\''`)}'`;
-  const argv = [process.execPath, NRI_MAIN, ...pluginArgs(o)].map(quote).join(' ');
+  const argv = [process.execPath, CLI_MAIN, ...pluginArgs(o)].map(quote).join(' ');
   await writeFile(path, `#!/bin/sh\nUV_THREADPOOL_SIZE=${PLUGIN_UV_THREADPOOL_SIZE} exec ${argv}\n`);
   await chmod(path, 0o755);
 }

@@ -53,7 +53,7 @@ describe.each(flavorsUnderTest())('CUDA checkpoint and restore through the plugi
     const p = startThawPluginProcess({
       socketPath: handle.stack.nriSocketPath,
       ...dirs,
-      extraArgs: ['--libcuda', FAKE_LIBCUDA, '--libnvml', FAKE_NVML, '--cuda-lock-timeout-ms', '2000'],
+      extraArgs: ['--cuda-libcuda', FAKE_LIBCUDA, '--cuda-libnvml', FAKE_NVML, '--cuda-lock-timeout-ms', '2000'],
       env: { FAKE_CUDA_STATE_DIR: stateDir, FAKE_CUDA_CONTROL_FILE: controlFile, ...env },
     });
     await waitFor(async () => ((await syncs()) > before ? true : undefined), 'the plugin to register and synchronize', 30_000);

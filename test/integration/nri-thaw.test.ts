@@ -187,7 +187,7 @@ describe.each(flavorsUnderTest())('thaw NRI plugin on containerd %s', (flavor) =
     it('adjusts an annotated pod', async () => {
       const stack = handle.stack;
       await waitForLog(launchedLog, (r) => r.msg === 'nri plugin configured', 'containerd to launch and configure the plugin');
-      const starts = (await readJsonLog(launchedLog)).filter((r) => r.msg === 'thaw NRI plugin starting');
+      const starts = (await readJsonLog(launchedLog)).filter((r) => r.msg === 'thaw agent started');
       expect(starts[0]?.['mode']).toBe('runtime-launched');
       const pod = await stack.cri.runPod({ name: 'launched', uid: 'launched-uid', annotations: { 'thaw.dev/checkpoint': 'l' }, image: stack.images.busybox, command: SLEEP });
       expect(await execOut(stack, pod.containerId, ['env'])).toContain('SNAPSHOT_CONTROL_DIR=/snapshot-control\n');

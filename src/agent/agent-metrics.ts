@@ -1,0 +1,102 @@
+/**
+ * The agent's Prometheus series (README "Running the agent" lists them). Event-driven counters and histograms
+ * move when a restore or checkpoint event is logged; the rest is read from the engine and the store at scrape.
+ */
+import type { CheckpointEvent } from './checkpoint-coordinator.js';
+import { MetricsRegistry } from './metrics.js';
+import type { RestoreEvent } from './restore-coordinator.js';
+import type { ThawNriStats } from './thaw-nri.js';
+
+/** Seconds: restores take from ~50 ms (small, cached) to minutes (large, cold); checkpoints up to the flow's timeout. */
+export const PHASE_BUCKETS_SECONDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 1800];
+
+const RESTORE_PHASES: Record<keyof RestoreEvent['phases'], string> = {
+  hookMs: 'hook',
+  transferMs: 'transfer',
+  verifyMs: 'verify',
+  waitVerifyMs: 'wait-verify',
+  overlayMs: 'overlay',
+  criuRestoreMs: 'criu-restore',
+  cudaRestoreMs: 'cuda-restore',
+  totalMs: 'total',
+};
+const CHECKPOINT_PHASES: Record<string, string> = {
+  inspectMs: 'inspect',
+  cudaMs: 'cuda',
+  dumpMs: 'dump',
+  rootfsDiffMs: 'rootfs-diff',
+  publishMs: 'publish',
+  totalMs: 'total',
+};
+
+export interface AgentMetricsSources {
+  stats: ThawNriStats;
+  /** Checkpoints in the store and their bytes (read at scrape). */
+  stored(): Promise<{ count: number; bytes: number }>;
+  restoresInFlight(): number;
+  checkpointsInFlight(): number;
+  version: string;
+}
+
+export interface AgentMetrics {
+  registry: MetricsRegistry;
+  onRestoreEvent(e: RestoreEvent): void;
+  onCheckpointEvent(e: CheckpointEvent): void;
+}
+
+export function createAgentMetrics(src: AgentMetricsSources): AgentMetrics {
+  const r = new MetricsRegistry();
+  const restores = r.counter('thaw_restores_total', 'Restore targets by outcome: restored, or fallback (cold start; at CreateContainer or after a failed restore).', ['outcome']);
+  const restorePhases = r.histogram('thaw_restore_phase_seconds', 'Duration of each phase of a restore (total: from the container start to restore-complete or the fallback).', PHASE_BUCKETS_SECONDS, ['phase']);
+  const bytesRead = r.counter('thaw_restore_bytes_read_total', 'Bytes of checkpoint files restored (the checkpoint size of every successful restore).');
+  const checkpoints = r.counter('thaw_checkpoints_total', 'Checkpoints by outcome: succeeded, failed, cancelled.', ['outcome']);
+  const checkpointPhases = r.histogram('thaw_checkpoint_phase_seconds', 'Duration of each phase of a successful checkpoint.', PHASE_BUCKETS_SECONDS, ['phase']);
+  const bytesWritten = r.counter('thaw_checkpoint_bytes_written_total', 'Bytes of checkpoint files published.');
+  const fallbacks = r.counter('thaw_fallbacks_total', 'Cold starts and unmanaged containers that thaw caused to fall back, by cause (RESTORE_* codes, control-dir, internal-error).', ['cause']);
+  const stored = r.gauge('thaw_checkpoints_stored', 'Checkpoints in the local store.');
+  const storedBytes = r.gauge('thaw_checkpoints_stored_bytes', 'Total bytes of the checkpoints in the local store (manifest totals).');
+  const restoresInFlight = r.gauge('thaw_restores_in_flight', 'Restore targets this agent holds (prepared or restoring).');
+  const checkpointsInFlight = r.gauge('thaw_checkpoints_in_flight', 'Checkpoints running or waiting for their worker.');
+  const info = r.gauge('thaw_agent_info', 'Always 1; the agent version as a label.', ['version']);
+
+  for (const outcome of ['restored', 'fallback']) restores.touch({ outcome });
+  for (const outcome of ['succeeded', 'failed', 'cancelled']) checkpoints.touch({ outcome });
+  bytesRead.touch();
+  bytesWritten.touch();
+  info.set(1, { version: src.version });
+  // Restore events counted here; fallbacks decided at CreateContainer have no event and are added at scrape.
+  const restoreEvents = { restored: 0, fallback: 0 };
+
+  r.onCollect(async () => {
+    const atCreate = [...src.stats.restoreFallbacksAtCreate.values()].reduce((a, b) => a + b, 0);
+    restores.setTotal(restoreEvents.restored, { outcome: 'restored' });
+    restores.setTotal(restoreEvents.fallback + atCreate, { outcome: 'fallback' });
+    for (const [cause, n] of src.stats.fallbacksByCause) fallbacks.setTotal(n, { cause });
+    restoresInFlight.set(src.restoresInFlight());
+    checkpointsInFlight.set(src.checkpointsInFlight());
+    const s = await src.stored();
+    stored.set(s.count);
+    storedBytes.set(s.bytes);
+  });
+
+  return {
+    registry: r,
+    onRestoreEvent(e) {
+      restoreEvents[e.outcome]++;
+      for (const [key, phase] of Object.entries(RESTORE_PHASES)) {
+        const ms = e.phases[key as keyof RestoreEvent['phases']];
+        if (ms !== undefined) restorePhases.observe(ms / 1000, { phase });
+      }
+      if (e.outcome === 'restored' && e.bytes !== undefined) bytesRead.inc({}, e.bytes);
+    },
+    onCheckpointEvent(e) {
+      checkpoints.inc({ outcome: e.outcome });
+      if (e.outcome !== 'succeeded') return;
+      for (const [key, phase] of Object.entries(CHECKPOINT_PHASES)) {
+        const ms = (e.phases as Record<string, number | undefined> | undefined)?.[key];
+        if (ms !== undefined) checkpointPhases.observe(ms / 1000, { phase });
+      }
+      if (e.bytes !== undefined) bytesWritten.inc({}, e.bytes);
+    },
+  };
+}

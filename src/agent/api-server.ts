@@ -1,0 +1,255 @@
+/**
+ * The control API's handlers (proto/thaw/agent/v1/agent.proto) over the engine, the store and the container
+ * registry. Errors go back as a gRPC status with thaw's code in the `thaw-code` trailer (statusOf); nothing a
+ * caller sends can stop the agent. While the agent stops, every new call gets UNAVAILABLE (AGENT_STOPPING).
+ */
+import * as grpc from '@grpc/grpc-js';
+import { errorMessage, isThawError } from '../errors.js';
+import type { Logger } from '../log.js';
+import { createControlDir } from '../sdk/control-dir.js';
+import { StoreErrorCode } from '../store/errors.js';
+import { readHostFacts } from '../store/host-facts.js';
+import type { ListedCheckpoint } from '../store/local-store.js';
+import { checkCompatibility, isRestorable, type Manifest } from '../store/manifest.js';
+import {
+  THAW_CODE_METADATA_KEY,
+  type CheckpointProgressMsg,
+  type CheckpointRequestMsg,
+  type CheckpointSummaryMsg,
+  type InspectCheckpointResponseMsg,
+  type StatusResponseMsg,
+  type VersionResponseMsg,
+} from './api-proto.js';
+import type { CheckpointJobStatus } from './checkpoint-coordinator.js';
+import type { ContainerRegistry, ContainerRef } from './containers.js';
+import type { ThawEngine } from './engine.js';
+import { AgentError, AgentErrorCode } from './errors.js';
+import type { ManagedContainer } from './thaw-nri.js';
+
+/** How often a Checkpoint stream looks at its job for a state change. */
+export const CHECKPOINT_PROGRESS_POLL_MS = 200;
+
+export interface ApiContext {
+  engine: ThawEngine;
+  containers: ContainerRegistry;
+  controlRoot: string;
+  logger: Logger;
+  version: string;
+  startedAt: string;
+  /** connected | disconnected | stopping */
+  nriState(): string;
+  runtime(): string;
+  stopping(): boolean;
+  /** Control dirs made for on-demand checkpoints of unmanaged containers (removed with their container). */
+  onDemandControlDirs: Set<string>;
+}
+
+/** The gRPC status of an error: its code decides, the message is the error's. */
+export function statusOf(err: unknown): grpc.StatusObject {
+  const code = isThawError(err) ? err.code : 'INTERNAL';
+  const map: Record<string, grpc.status> = {
+    [StoreErrorCode.NOT_FOUND]: grpc.status.NOT_FOUND,
+    [AgentErrorCode.CONTAINER_NOT_FOUND]: grpc.status.NOT_FOUND,
+    [StoreErrorCode.IN_USE]: grpc.status.FAILED_PRECONDITION,
+    [AgentErrorCode.CONTAINER_NOT_RUNNING]: grpc.status.FAILED_PRECONDITION,
+    [StoreErrorCode.INVALID_NAME]: grpc.status.INVALID_ARGUMENT,
+    [AgentErrorCode.BAD_REQUEST]: grpc.status.INVALID_ARGUMENT,
+    [AgentErrorCode.AMBIGUOUS_TARGET]: grpc.status.INVALID_ARGUMENT,
+    [StoreErrorCode.EXISTS]: grpc.status.ALREADY_EXISTS,
+    [AgentErrorCode.STOPPING]: grpc.status.UNAVAILABLE,
+  };
+  const metadata = new grpc.Metadata();
+  metadata.set(THAW_CODE_METADATA_KEY, code);
+  return { code: map[code] ?? grpc.status.INTERNAL, details: errorMessage(err), metadata };
+}
+
+function progressOf(s: CheckpointJobStatus, done: boolean): CheckpointProgressMsg {
+  return {
+    container_id: s.containerId,
+    name: s.name,
+    pod: s.pod,
+    container: s.container,
+    state: s.state,
+    done,
+    id: s.id ?? '',
+    bytes: s.bytes ?? 0,
+    phases_json: s.phases ? JSON.stringify(s.phases) : '',
+    error_json: s.error ? JSON.stringify(s.error) : '',
+  };
+}
+
+function summaryOf(l: ListedCheckpoint, inUse: boolean): CheckpointSummaryMsg {
+  const m: Manifest | undefined = l.manifest;
+  return {
+    name: l.name,
+    id: m?.id ?? '',
+    created_at: m?.createdAt ?? '',
+    bytes: m?.totals.bytes ?? 0,
+    files: m?.totals.fileCount ?? 0,
+    image: m ? m.constraints.image.ref + (m.constraints.image.digest ? `@${m.constraints.image.digest}` : '') : '',
+    source_pod: m?.source.pod ? `${m.source.pod.namespace}/${m.source.pod.name}` : '',
+    gpu: m?.constraints.gpu !== undefined,
+    in_use: inUse,
+    problem: l.problem ? `${l.problem.code}: ${l.problem.message}` : '',
+  };
+}
+
+const badRequest = (message: string): AgentError => new AgentError(AgentErrorCode.BAD_REQUEST, message, { step: 'read the request' });
+
+function refOf(req: CheckpointRequestMsg): ContainerRef {
+  if (req.container_id) return { containerId: req.container_id };
+  if (req.pod && req.pod.namespace && req.pod.name) {
+    return { pod: { namespace: req.pod.namespace, name: req.pod.name, ...(req.pod.uid ? { uid: req.pod.uid } : {}) }, ...(req.container_name ? { containerName: req.container_name } : {}) };
+  }
+  throw badRequest('name a container id, or a pod (namespace and name)');
+}
+
+/** Unary handler: result or error status; refused while the agent stops. */
+function unary<Req, Res>(ctx: ApiContext, method: string, fn: (req: Req) => Promise<Res>): grpc.handleUnaryCall<Req, Res> {
+  return (call, callback) => {
+    if (ctx.stopping()) {
+      callback(statusOf(new AgentError(AgentErrorCode.STOPPING, 'the agent is stopping', { step: method })));
+      return;
+    }
+    fn(call.request).then(
+      (res) => callback(null, res),
+      (err: unknown) => {
+        ctx.logger.info('api call refused', { method, error: isThawError(err) ? err.toJSON() : errorMessage(err) });
+        callback(statusOf(err));
+      },
+    );
+  };
+}
+
+export function createApiHandlers(ctx: ApiContext): grpc.UntypedServiceImplementation {
+  const { engine } = ctx;
+  const store = engine.store;
+
+  /** Starts (or joins) the checkpoint of the container the request names; returns its container id. */
+  async function startCheckpoint(req: CheckpointRequestMsg): Promise<string> {
+    const seen = ctx.containers.find(refOf(req));
+    const managed = engine.handlers.managed.get(seen.id);
+    if (engine.checkpoints.jobDone(seen.id) !== undefined) {
+      const running = engine.checkpoints.status(seen.id);
+      if (req.name && running && req.name !== running.name) {
+        throw badRequest(`container ${seen.id} is already being checkpointed as ${running.name}, not ${req.name}`);
+      }
+      return seen.id; // follow the job that runs (a source waiting for its worker, or an earlier request)
+    }
+    const name = req.name || (managed?.role === 'checkpoint-source' ? managed.checkpointName : '');
+    if (!name) throw badRequest('a checkpoint name is required (the container is not a checkpoint source whose annotation names one)');
+    store.dirOf(name, 'checkpoint name'); // STORE_INVALID_NAME before anything runs
+    if (seen.pid === undefined) {
+      throw new AgentError(AgentErrorCode.CONTAINER_NOT_RUNNING, `container ${seen.id} has not started (no process to checkpoint)`, { step: 'find the container', evidence: { containerId: seen.id } });
+    }
+    let container: ManagedContainer;
+    if (managed !== undefined) {
+      container = { ...managed, checkpointName: name };
+    } else {
+      const controlDir = await createControlDir(ctx.controlRoot, seen.id);
+      ctx.onDemandControlDirs.add(seen.id);
+      container = {
+        containerId: seen.id,
+        containerName: seen.name,
+        podId: seen.podId,
+        podName: seen.podName,
+        podNamespace: seen.podNamespace,
+        podUid: seen.podUid,
+        checkpointName: name,
+        controlDir,
+        ...(seen.imageRef !== undefined ? { imageRef: seen.imageRef } : {}),
+        onCheckpoint: 'continue',
+      };
+    }
+    engine.checkpoints.checkpointNow(container, seen.pid, { replace: req.replace });
+    ctx.logger.info('checkpoint requested through the API', { containerId: seen.id, pod: `${seen.podNamespace}/${seen.podName}`, checkpoint: name });
+    return seen.id;
+  }
+
+  const Checkpoint: grpc.handleServerStreamingCall<CheckpointRequestMsg, CheckpointProgressMsg> = (call) => {
+    const fail = (err: unknown): void => {
+      ctx.logger.info('api call refused', { method: 'Checkpoint', error: isThawError(err) ? err.toJSON() : errorMessage(err) });
+      call.destroy(Object.assign(new Error(errorMessage(err)), statusOf(err)));
+    };
+    if (ctx.stopping()) return fail(new AgentError(AgentErrorCode.STOPPING, 'the agent is stopping', { step: 'Checkpoint' }));
+    void (async () => {
+      const id = await startCheckpoint(call.request);
+      let last = '';
+      const send = (done: boolean): void => {
+        const s = engine.checkpoints.status(id);
+        if (!s) return;
+        const key = `${s.state}:${done}`;
+        if (key === last) return;
+        last = key;
+        call.write(progressOf(s, done));
+      };
+      const finished = engine.checkpoints.jobDone(id) ?? Promise.resolve();
+      let ended = false;
+      void finished.then(() => (ended = true));
+      while (!ended && !call.cancelled) {
+        send(false);
+        await Promise.race([finished, new Promise((r) => setTimeout(r, CHECKPOINT_PROGRESS_POLL_MS))]);
+      }
+      if (!call.cancelled) {
+        send(true);
+        call.end();
+      }
+    })().catch(fail);
+  };
+
+  return {
+    Checkpoint,
+    ListCheckpoints: unary(ctx, 'ListCheckpoints', async () => {
+      const listed = await store.list();
+      const checkpoints = await Promise.all(listed.map(async (l) => summaryOf(l, await store.isLeased(l.name).catch(() => false))));
+      return { checkpoints };
+    }),
+    InspectCheckpoint: unary(ctx, 'InspectCheckpoint', async (req: { name: string }): Promise<InspectCheckpointResponseMsg> => {
+      const opened = await store.open(req.name);
+      const diskBytes = await store.sizeOf(req.name);
+      const m = opened.manifest;
+      const runtime = ctx.runtime();
+      const mismatches = checkCompatibility(m, {
+        ...readHostFacts(),
+        criuVersion: engine.criuVersion,
+        ...(runtime ? { containerdVersion: runtime.replace(/^\S+\s+/, '') } : {}),
+        // The image a restore is compared with is the new pod's; here: the checkpoint's own (see the .proto).
+        image: m.constraints.image,
+        ...(engine.cuda?.facts ? { gpu: engine.cuda.facts } : {}),
+      });
+      return {
+        summary: summaryOf({ name: opened.name, manifest: m }, await store.isLeased(opened.name)),
+        manifest_json: JSON.stringify(m),
+        disk_bytes: diskBytes,
+        restorable: isRestorable(mismatches),
+        mismatches: mismatches.map((x) => ({ what: x.what, expected: x.expected, actual: x.actual, severity: x.severity })),
+        directory: opened.paths.dir,
+      };
+    }),
+    DeleteCheckpoint: unary(ctx, 'DeleteCheckpoint', async (req: { name: string }) => {
+      await store.delete(req.name);
+      ctx.logger.info('checkpoint deleted through the API', { checkpoint: req.name });
+      return {};
+    }),
+    Status: unary(ctx, 'Status', async (): Promise<StatusResponseMsg> => ({
+      version: ctx.version,
+      pid: process.pid,
+      started_at: ctx.startedAt,
+      nri: ctx.nriState(),
+      runtime: ctx.runtime(),
+      checkpoints: engine.checkpoints
+        .status()
+        .filter((s) => s.state === 'waiting-for-worker' || s.state === 'checkpointing')
+        .map((s) => progressOf(s, false)),
+      restores: engine.restores.inFlight().map((r) => ({ container_id: r.containerId, pod: r.pod, checkpoint: r.checkpoint, phase: r.phase, since: r.since })),
+      managed_containers: engine.handlers.managed.size,
+    })),
+    Version: unary(ctx, 'Version', async (): Promise<VersionResponseMsg> => ({
+      version: ctx.version,
+      node_version: process.version,
+      criu_version: engine.criuVersion,
+      runtime: ctx.runtime(),
+      gpu: engine.cuda?.facts !== undefined,
+    })),
+  };
+}

@@ -1,0 +1,236 @@
+/**
+ * The agent's configuration (contract: /etc/thaw/agent.yaml, every key optional). Precedence: flag >
+ * environment > file > default. The environment variable of a key is THAW_ + the upper snake of its dotted
+ * name (metrics.listen → THAW_METRICS_LISTEN), its flag --kebab of the dotted name (--metrics-listen,
+ * --paths-store-root).
+ *
+ * `resolveAgentConfig` is pure (the caller reads the file and passes its text): unit tests cover every message.
+ * An unknown key, a wrong type or a bad value is an AGENT_CONFIG_INVALID error whose message names the key,
+ * where it came from and the expected form; the CLI turns it into exit code 2.
+ */
+import { isAbsolute } from 'node:path';
+import { parseDocument } from 'yaml';
+import { ThawError } from '../errors.js';
+import type { LogLevel } from '../log.js';
+import { DEFAULT_ANNOTATION_PREFIX, validateAnnotationPrefix } from '../nri-plugin/policy.js';
+
+export const DEFAULT_CONFIG_PATH = '/etc/thaw/agent.yaml';
+/** sun_path holds 108 bytes with its NUL. */
+export const UNIX_SOCKET_PATH_MAX_BYTES = 107;
+
+export interface AgentConfig {
+  annotationPrefix: string;
+  nri: { socket: string; pluginName: string; pluginIndex: string };
+  api: { socket: string };
+  /** host:port of /metrics; "" disables it. */
+  metrics: { listen: string };
+  /** sharedStoreRoot: a shared store (RWX volume) looked up after the local one; "" = none. */
+  paths: { controlRoot: string; storeRoot: string; workRoot: string; toolkitDir: string; thawPause: string; sharedStoreRoot: string };
+  /** config: the registry access file (JSON, src/agent/registry-config.ts); "" = registry references cold-start. */
+  registry: { config: string };
+  /** "" = the system's library (libcuda.so.1 / libnvidia-ml.so.1, found by the dynamic loader). */
+  cuda: { libcuda: string; libnvml: string; lockTimeoutMs: number };
+  /** file "" = stderr. */
+  log: { level: LogLevel; file: string };
+}
+
+export const ConfigErrorCode = {
+  /** A key, type or value is wrong; evidence: key, source, expected, got. */
+  INVALID: 'AGENT_CONFIG_INVALID',
+  /** The config file could not be read (other than missing at the default path). */
+  UNREADABLE: 'AGENT_CONFIG_UNREADABLE',
+} as const;
+export type ConfigErrorCode = (typeof ConfigErrorCode)[keyof typeof ConfigErrorCode];
+
+export class ConfigError extends ThawError {
+  declare readonly code: ConfigErrorCode;
+  constructor(code: ConfigErrorCode, message: string, options: { step: string; cause?: unknown; evidence?: Record<string, unknown> }) {
+    super(code, message, options);
+    this.name = 'ConfigError';
+  }
+}
+
+type Value = string | number;
+interface KeySpec {
+  /** Dotted key, as in the file. */
+  key: string;
+  /** The expected form, quoted in errors. */
+  expected: string;
+  kind: 'string' | 'integer';
+  /** A reason when the (typed) value is bad, undefined when good. */
+  check: (v: Value) => string | undefined;
+}
+
+const absolutePath = (v: Value): string | undefined => (isAbsolute(String(v)) ? undefined : 'not an absolute path');
+const absoluteOrEmpty = (v: Value): string | undefined => (v === '' ? undefined : absolutePath(v));
+
+function checkListen(v: Value): string | undefined {
+  const s = String(v);
+  if (s === '') return undefined;
+  const m = /^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$/.exec(s);
+  if (!m || Number(m[2]) > 65535) return 'not host:port';
+  return undefined;
+}
+
+function checkSocketPath(v: Value): string | undefined {
+  const s = String(v);
+  if (!isAbsolute(s)) return 'not an absolute path';
+  if (Buffer.byteLength(s) > UNIX_SOCKET_PATH_MAX_BYTES) return `longer than ${UNIX_SOCKET_PATH_MAX_BYTES} bytes (a unix socket path limit)`;
+  return undefined;
+}
+
+/** Every key the agent knows, in the file's order. */
+export const CONFIG_KEYS: readonly KeySpec[] = [
+  { key: 'annotationPrefix', expected: `a DNS subdomain followed by '/', like "${DEFAULT_ANNOTATION_PREFIX}"`, kind: 'string', check: (v) => (validateAnnotationPrefix(String(v)) ? 'not a valid prefix' : undefined) },
+  { key: 'nri.socket', expected: 'an absolute path of a unix socket', kind: 'string', check: checkSocketPath },
+  { key: 'nri.pluginName', expected: 'a plugin name of letters, digits, "-" and "_"', kind: 'string', check: (v) => (/^[A-Za-z0-9_-]{1,64}$/.test(String(v)) ? undefined : 'not a plugin name') },
+  { key: 'nri.pluginIndex', expected: 'two digits, as a string ("00".."99")', kind: 'string', check: (v) => (/^\d\d$/.test(String(v)) ? undefined : 'not two digits') },
+  { key: 'api.socket', expected: 'an absolute path of a unix socket (at most 107 bytes)', kind: 'string', check: checkSocketPath },
+  { key: 'metrics.listen', expected: 'host:port (e.g. "127.0.0.1:9464"), or "" to disable', kind: 'string', check: checkListen },
+  { key: 'paths.controlRoot', expected: 'an absolute path', kind: 'string', check: absolutePath },
+  { key: 'paths.storeRoot', expected: 'an absolute path', kind: 'string', check: absolutePath },
+  { key: 'paths.workRoot', expected: 'an absolute path', kind: 'string', check: absolutePath },
+  { key: 'paths.toolkitDir', expected: 'an absolute path (the same on the host and in containers)', kind: 'string', check: absolutePath },
+  { key: 'paths.thawPause', expected: 'an absolute path', kind: 'string', check: absolutePath },
+  { key: 'paths.sharedStoreRoot', expected: 'an absolute path, or "" for none', kind: 'string', check: absoluteOrEmpty },
+  { key: 'registry.config', expected: 'an absolute path of the registry access file (JSON), or "" for none', kind: 'string', check: absoluteOrEmpty },
+  { key: 'cuda.libcuda', expected: 'an absolute path, or "" for the system library', kind: 'string', check: absoluteOrEmpty },
+  { key: 'cuda.libnvml', expected: 'an absolute path, or "" for the system library', kind: 'string', check: absoluteOrEmpty },
+  { key: 'cuda.lockTimeoutMs', expected: 'a positive integer (milliseconds)', kind: 'integer', check: (v) => (Number.isSafeInteger(v) && (v as number) > 0 ? undefined : 'not a positive integer') },
+  { key: 'log.level', expected: 'one of debug, info, warn, error', kind: 'string', check: (v) => (['debug', 'info', 'warn', 'error'].includes(String(v)) ? undefined : 'not a level') },
+  { key: 'log.file', expected: 'an absolute path, or "" for stderr', kind: 'string', check: absoluteOrEmpty },
+];
+
+/** `metrics.listen` → `THAW_METRICS_LISTEN`; `cuda.lockTimeoutMs` → `THAW_CUDA_LOCK_TIMEOUT_MS`. */
+export function envNameOf(key: string): string {
+  return `THAW_${key.replace(/\./g, '_').replace(/([a-z0-9])([A-Z])/g, '$1_$2').toUpperCase()}`;
+}
+
+/** `metrics.listen` → `metrics-listen`; `paths.storeRoot` → `paths-store-root` (without the dashes in front). */
+export function flagNameOf(key: string): string {
+  return key.replace(/\./g, '-').replace(/([a-z0-9])([A-Z])/g, '$1-$2').toLowerCase();
+}
+
+/** The defaults of a stock node; `thawPause` is `<package root>/native/build/thaw-pause`. */
+export function defaultAgentConfig(packageRoot: string): AgentConfig {
+  return {
+    annotationPrefix: DEFAULT_ANNOTATION_PREFIX,
+    nri: { socket: '/var/run/nri/nri.sock', pluginName: 'thaw', pluginIndex: '50' },
+    api: { socket: '/run/thaw/agent.sock' },
+    metrics: { listen: '127.0.0.1:9464' },
+    paths: {
+      controlRoot: '/run/thaw/control',
+      storeRoot: '/var/lib/thaw/checkpoints',
+      workRoot: '/run/thaw/restore',
+      toolkitDir: '/opt/thaw/stack/1.7',
+      thawPause: `${packageRoot.replace(/\/$/, '')}/native/build/thaw-pause`,
+      sharedStoreRoot: '',
+    },
+    registry: { config: '' },
+    cuda: { libcuda: '', libnvml: '', lockTimeoutMs: 10_000 },
+    log: { level: 'info', file: '' },
+  };
+}
+
+export interface ConfigSources {
+  /** The config file's text and path (absent: no file). */
+  file?: { path: string; text: string };
+  /** The process environment (only THAW_<KEY> variables of known keys are read). */
+  env?: Readonly<Record<string, string | undefined>>;
+  /** Flag values by flag name without dashes (`metrics-listen`), as parseArgs returns them. */
+  flags?: Readonly<Record<string, string | undefined>>;
+  packageRoot: string;
+}
+
+const STEP = 'load agent configuration';
+
+function invalid(key: string, source: string, expected: string, got: unknown, reason?: string): ConfigError {
+  const shown = JSON.stringify(got) ?? String(got);
+  return new ConfigError(ConfigErrorCode.INVALID, `${key} (${source}): expected ${expected}, got ${shown}${reason ? ` (${reason})` : ''}`, {
+    step: STEP,
+    evidence: { key, source, expected, got },
+  });
+}
+
+/** A string from the environment or a flag, converted to the key's type. */
+function fromText(spec: KeySpec, text: string, source: string): Value {
+  if (spec.kind === 'integer') {
+    if (!/^\d+$/.test(text.trim())) throw invalid(spec.key, source, spec.expected, text);
+    return Number(text.trim());
+  }
+  return text;
+}
+
+function checked(spec: KeySpec, value: Value, source: string): Value {
+  const reason = spec.check(value);
+  if (reason !== undefined) throw invalid(spec.key, source, spec.expected, value, reason);
+  return value;
+}
+
+/** Walks the parsed YAML: every leaf must be a known key of the right type. */
+function readFileValues(path: string, text: string): Map<string, Value> {
+  const source = `file ${path}`;
+  const doc = parseDocument(text, { prettyErrors: false, uniqueKeys: true });
+  if (doc.errors.length > 0) {
+    const e = doc.errors[0]!;
+    throw new ConfigError(ConfigErrorCode.INVALID, `${path}: not valid YAML: ${e.message}`, { step: STEP, evidence: { source, yamlError: e.code } });
+  }
+  const root: unknown = doc.toJS();
+  const out = new Map<string, Value>();
+  if (root === null || root === undefined) return out; // an empty (all comments) file
+  const specs = new Map(CONFIG_KEYS.map((s) => [s.key, s]));
+  const sections = new Set(CONFIG_KEYS.filter((s) => s.key.includes('.')).map((s) => s.key.split('.')[0]!));
+  const visit = (node: unknown, prefix: string): void => {
+    if (typeof node !== 'object' || node === null || Array.isArray(node)) {
+      throw invalid(prefix || '(top level)', source, 'a mapping of keys', node);
+    }
+    for (const [k, v] of Object.entries(node)) {
+      const key = prefix ? `${prefix}.${k}` : k;
+      const spec = specs.get(key);
+      if (spec === undefined) {
+        if (!prefix && sections.has(k)) {
+          visit(v, key);
+          continue;
+        }
+        const known = prefix ? CONFIG_KEYS.filter((s) => s.key.startsWith(`${prefix}.`)).map((s) => s.key) : [...new Set(CONFIG_KEYS.map((s) => s.key.split('.')[0]!))];
+        throw new ConfigError(ConfigErrorCode.INVALID, `unknown key ${key} (${source}): expected one of ${known.join(', ')}`, {
+          step: STEP,
+          evidence: { key, source, expected: known },
+        });
+      }
+      if (spec.kind === 'integer' ? typeof v !== 'number' : typeof v !== 'string') {
+        throw invalid(key, source, spec.expected, v, `a ${v === null ? 'null' : Array.isArray(v) ? 'list' : typeof v}, not a ${spec.kind}`);
+      }
+      out.set(key, checked(spec, v as Value, source));
+    }
+  };
+  visit(root, '');
+  return out;
+}
+
+function setKey(config: AgentConfig, key: string, value: Value): void {
+  const parts = key.split('.');
+  let node = config as unknown as Record<string, unknown>;
+  for (const p of parts.slice(0, -1)) node = node[p] as Record<string, unknown>;
+  node[parts[parts.length - 1]!] = value;
+}
+
+/** The configuration from defaults, file, environment and flags, in that order of increasing precedence. */
+export function resolveAgentConfig(sources: ConfigSources): AgentConfig {
+  const config = defaultAgentConfig(sources.packageRoot);
+  const fileValues = sources.file ? readFileValues(sources.file.path, sources.file.text) : new Map<string, Value>();
+  for (const spec of CONFIG_KEYS) {
+    const env = sources.env?.[envNameOf(spec.key)];
+    const flag = sources.flags?.[flagNameOf(spec.key)];
+    let value: Value | undefined = fileValues.get(spec.key);
+    if (env !== undefined) value = checked(spec, fromText(spec, env, `environment ${envNameOf(spec.key)}`), `environment ${envNameOf(spec.key)}`);
+    if (flag !== undefined) value = checked(spec, fromText(spec, flag, `flag --${flagNameOf(spec.key)}`), `flag --${flagNameOf(spec.key)}`);
+    if (value !== undefined) setKey(config, spec.key, value);
+  }
+  return config;
+}
+
+/** parseArgs options for every config key (all strings) — the CLI adds its own (--config, --json, ...). */
+export function configFlagOptions(): Record<string, { type: 'string' }> {
+  return Object.fromEntries(CONFIG_KEYS.map((s) => [flagNameOf(s.key), { type: 'string' as const }]));
+}

@@ -1,0 +1,30 @@
+import { ThawError } from '../errors.js';
+
+/** Codes the agent raises itself (the control API's callers and the CLI match on them). */
+export const AgentErrorCode = {
+  /** Another agent answers on the API socket: two agents on one node would both act on every container. */
+  ALREADY_RUNNING: 'AGENT_ALREADY_RUNNING',
+  /** The API socket's path or directory cannot be made root-only, or is something other than a socket. */
+  SOCKET: 'AGENT_SOCKET',
+  /** No container the agent has seen matches the request. */
+  CONTAINER_NOT_FOUND: 'AGENT_CONTAINER_NOT_FOUND',
+  /** The container exists but has no running process to checkpoint. */
+  CONTAINER_NOT_RUNNING: 'AGENT_CONTAINER_NOT_RUNNING',
+  /** The request matches several containers (evidence: candidates). */
+  AMBIGUOUS_TARGET: 'AGENT_AMBIGUOUS_TARGET',
+  /** The request is malformed (a field missing or contradictory). */
+  BAD_REQUEST: 'AGENT_BAD_REQUEST',
+  /** The agent is shutting down and takes no new work. */
+  STOPPING: 'AGENT_STOPPING',
+  /** The metrics endpoint could not listen. */
+  METRICS_LISTEN: 'AGENT_METRICS_LISTEN',
+} as const;
+export type AgentErrorCode = (typeof AgentErrorCode)[keyof typeof AgentErrorCode];
+
+export class AgentError extends ThawError {
+  declare readonly code: AgentErrorCode;
+  constructor(code: AgentErrorCode, message: string, options: { step: string; cause?: unknown; evidence?: Record<string, unknown> }) {
+    super(code, message, options);
+    this.name = 'AgentError';
+  }
+}

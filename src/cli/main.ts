@@ -1,0 +1,250 @@
+/**
+ * `thaw <command>`: the CLI (bin/thaw.js, or dist/src/cli/main.js run directly). Each command gathers typed
+ * data (from the agent's control API, or the node for doctor), then renders it: human text by default, one
+ * JSON document with --json. Errors go to stderr as one line `thaw <command>: <message>`; exit codes in
+ * exit-codes.ts.
+ */
+import { existsSync, readFileSync, realpathSync } from 'node:fs';
+import { readFile } from 'node:fs/promises';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+import { agentLogger, describeStartFailure, runAgent } from '../agent/agent.js';
+import { packageRoot } from '../agent/api-proto.js';
+import { ConfigError, ConfigErrorCode, DEFAULT_CONFIG_PATH, resolveAgentConfig, type AgentConfig } from '../agent/config.js';
+import { errorMessage } from '../errors.js';
+import { apiSocketOf, commandHelp, parseCommandLine, parseTarget, topLevelHelp, UsageError, type CommandLine } from './args.js';
+import { AgentClient, ApiCallError } from './client.js';
+import { renderDoctor, runDoctor } from './doctor.js';
+import { ExitCode } from './exit-codes.js';
+import { renderCheckpointResult, renderInspect, renderList, renderProgress, renderStatus } from './render.js';
+
+export interface CliIo {
+  stdout: (text: string) => void;
+  stderr: (text: string) => void;
+  env: Readonly<Record<string, string | undefined>>;
+}
+
+const processIo: CliIo = {
+  stdout: (t) => void process.stdout.write(t),
+  stderr: (t) => void process.stderr.write(t),
+  env: process.env,
+};
+
+function version(): string {
+  try {
+    return (JSON.parse(readFileSync(`${packageRoot()}/package.json`, 'utf8')) as { version: string }).version;
+  } catch {
+    return 'unknown';
+  }
+}
+
+/** The agent's configuration for `agent` and `doctor`: --config, else /etc/thaw/agent.yaml when it exists. */
+async function loadConfig(line: CommandLine, env: CliIo['env']): Promise<AgentConfig> {
+  const explicit = line.values['config'];
+  const path = typeof explicit === 'string' ? explicit : existsSync(DEFAULT_CONFIG_PATH) ? DEFAULT_CONFIG_PATH : undefined;
+  let file: { path: string; text: string } | undefined;
+  if (path !== undefined) {
+    try {
+      file = { path, text: await readFile(path, 'utf8') };
+    } catch (err) {
+      throw new ConfigError(ConfigErrorCode.UNREADABLE, `cannot read ${path}: ${errorMessage(err)}`, { step: 'load agent configuration', cause: err });
+    }
+  }
+  const flags = Object.fromEntries(Object.entries(line.values).filter((e): e is [string, string] => typeof e[1] === 'string'));
+  return resolveAgentConfig({ ...(file ? { file } : {}), env, flags, packageRoot: packageRoot() });
+}
+
+const json = (io: CliIo, data: unknown): void => io.stdout(`${JSON.stringify(data, null, 2)}\n`);
+
+async function withClient<T>(line: CommandLine, io: CliIo, fn: (c: AgentClient) => Promise<T>): Promise<T> {
+  const client = new AgentClient(apiSocketOf(line.values, io.env));
+  try {
+    return await fn(client);
+  } finally {
+    client.close();
+  }
+}
+
+async function agentCommand(line: CommandLine, io: CliIo): Promise<number> {
+  const config = await loadConfig(line, io.env);
+  const { logger, close } = agentLogger(config);
+  const stop = new AbortController();
+  const onSignal = (signal: string): void => {
+    logger.info('signal received', { signal });
+    stop.abort();
+  };
+  const onTerm = (): void => onSignal('SIGTERM');
+  const onInt = (): void => onSignal('SIGINT');
+  process.on('SIGTERM', onTerm);
+  process.on('SIGINT', onInt);
+  try {
+    const hookMain = fileURLToPath(new URL('../oci-hooks/main.js', import.meta.url));
+    return await runAgent({ config, version: version(), hookArgv: [process.execPath, hookMain], stop: stop.signal }, logger);
+  } catch (err) {
+    logger.error('thaw agent cannot start', { error: describeStartFailure(err) });
+    io.stderr(`thaw agent: ${errorMessage(err)}${err instanceof ConfigError ? ` (${err.code})` : ''}\n`);
+    return err instanceof ConfigError ? ExitCode.USAGE : ExitCode.FAILED;
+  } finally {
+    process.off('SIGTERM', onTerm);
+    process.off('SIGINT', onInt);
+    await close();
+  }
+}
+
+async function checkpointCommand(line: CommandLine, io: CliIo): Promise<number> {
+  const target = parseTarget(line.positionals[0]!);
+  const request = {
+    ...('containerId' in target ? { container_id: target.containerId } : { pod: { namespace: target.pod.namespace, name: target.pod.name, uid: '' } }),
+    name: (line.values['name'] as string | undefined) ?? '',
+    container_name: (line.values['container'] as string | undefined) ?? '',
+    replace: line.values['replace'] === true,
+  };
+  return withClient(line, io, async (client) => {
+    let last;
+    for await (const p of client.checkpoint(request)) {
+      if (!p.done) io.stderr(`${renderProgress(p)}\n`);
+      last = p;
+    }
+    if (!last) throw new ApiCallError('the agent ended the checkpoint stream without a result', 13, 'AGENT_STREAM_EMPTY');
+    if (line.values['json']) json(io, { ...last, phases: last.phases_json ? JSON.parse(last.phases_json) : undefined, error: last.error_json ? JSON.parse(last.error_json) : undefined });
+    else io.stdout(`${renderCheckpointResult(last)}\n`);
+    return last.state === 'succeeded' ? ExitCode.OK : ExitCode.FAILED;
+  });
+}
+
+async function doctorCommand(line: CommandLine, io: CliIo): Promise<number> {
+  const config = await loadConfig(line, io.env);
+  const checks = await runDoctor({
+    config,
+    apiSocket: typeof line.values['socket'] === 'string' ? line.values['socket'] : io.env['THAW_API_SOCKET'] ?? config.api.socket,
+    requireGpu: line.values['require-gpu'] === true,
+    ...(typeof line.values['containerd'] === 'string' ? { containerd: line.values['containerd'] } : {}),
+  });
+  const ok = checks.every((c) => c.status !== 'fail');
+  if (line.values['json']) json(io, { ok, checks });
+  else io.stdout(`${renderDoctor(checks)}\n`);
+  return ok ? ExitCode.OK : ExitCode.FAILED;
+}
+
+/** The deploy half's module (src/cli/install.ts, contract InstallOptions); absent from builds without it. */
+interface InstallModule {
+  installThaw(o: { root: string; packageRoot: string; toolkitDir: string; nodePath: string; force?: boolean; progress?: (line: string) => void }): Promise<{ root: string; files: string[]; bytes: number }>;
+}
+
+async function installCommand(line: CommandLine, io: CliIo): Promise<number> {
+  let mod: InstallModule;
+  try {
+    // A computed specifier: this build may not have the module.
+    mod = (await import(new URL('./install.js', import.meta.url).href)) as InstallModule;
+  } catch {
+    io.stderr('thaw install: not available in this build\n');
+    return ExitCode.FAILED;
+  }
+  const root = line.values['root'];
+  if (typeof root !== 'string') throw new UsageError('--root DIR is required', 'install');
+  const report = await mod.installThaw({
+    root,
+    packageRoot: packageRoot(),
+    toolkitDir: (line.values['toolkit-dir'] as string | undefined) ?? '/opt/thaw/stack/1.7',
+    nodePath: process.execPath,
+    force: line.values['force'] === true,
+    progress: (l) => io.stderr(`${l}\n`),
+  });
+  if (line.values['json']) json(io, report);
+  else io.stdout(`installed ${report.files.length} files (${report.bytes} bytes) under ${report.root}\n`);
+  return ExitCode.OK;
+}
+
+async function dispatch(line: CommandLine, io: CliIo): Promise<number> {
+  const asJson = line.values['json'] === true;
+  switch (line.command) {
+    case 'agent':
+      return agentCommand(line, io);
+    case 'checkpoint':
+      return checkpointCommand(line, io);
+    case 'list':
+      return withClient(line, io, async (c) => {
+        const { checkpoints } = await c.list();
+        if (asJson) json(io, checkpoints);
+        else io.stdout(`${renderList(checkpoints)}\n`);
+        return ExitCode.OK;
+      });
+    case 'inspect':
+      return withClient(line, io, async (c) => {
+        const r = await c.inspect(line.positionals[0]!);
+        if (asJson) json(io, { ...r, manifest: JSON.parse(r.manifest_json), manifest_json: undefined });
+        else io.stdout(`${renderInspect(r)}\n`);
+        return ExitCode.OK;
+      });
+    case 'delete':
+      return withClient(line, io, async (c) => {
+        const name = line.positionals[0]!;
+        await c.delete(name);
+        if (asJson) json(io, { deleted: name });
+        else io.stdout(`deleted ${name}\n`);
+        return ExitCode.OK;
+      });
+    case 'status':
+      return withClient(line, io, async (c) => {
+        const s = await c.status();
+        if (asJson) json(io, s);
+        else io.stdout(`${renderStatus(s)}\n`);
+        return ExitCode.OK;
+      });
+    case 'doctor':
+      return doctorCommand(line, io);
+    case 'install':
+      return installCommand(line, io);
+    default:
+      throw new UsageError(`unknown command ${line.command}`);
+  }
+}
+
+/** Runs one command line; returns the exit code (never throws). */
+export async function runCli(argv: readonly string[], io: CliIo = processIo): Promise<number> {
+  let line: CommandLine;
+  try {
+    line = parseCommandLine(argv);
+  } catch (err) {
+    const cmd = err instanceof UsageError && err.command ? ` ${err.command}` : '';
+    io.stderr(`thaw${cmd}: ${errorMessage(err)}\n${cmd ? `(thaw${cmd} --help for usage)` : '(thaw --help for usage)'}\n`);
+    return ExitCode.USAGE;
+  }
+  if (line.help) {
+    io.stdout(`${line.command ? commandHelp(line.command) : topLevelHelp()}\n`);
+    return ExitCode.OK;
+  }
+  try {
+    return await dispatch(line, io);
+  } catch (err) {
+    const code = err instanceof ApiCallError ? err.exitCode : err instanceof UsageError || err instanceof ConfigError ? ExitCode.USAGE : ExitCode.FAILED;
+    const thawCode = err instanceof ApiCallError ? err.thawCode : err instanceof ConfigError ? err.code : undefined;
+    if (line.values['json'] === true) json(io, { error: { code: thawCode ?? 'FAILED', message: errorMessage(err), exitCode: code } });
+    io.stderr(`thaw ${line.command}: ${errorMessage(err)}${thawCode ? ` (${thawCode})` : ''}\n`);
+    return code;
+  }
+}
+
+/** Runs the process's own command line and exits with its code. */
+export function runFromProcess(): void {
+  runCli(process.argv.slice(2)).then(
+    (code) => {
+      process.exitCode = code;
+      // The agent has closed its servers; a CLI command has closed its channel. Exit now rather than wait for
+      // a stray handle (grpc-js keeps timers a while).
+      setImmediate(() => process.exit(code));
+    },
+    (err: unknown) => {
+      process.stderr.write(`thaw: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);
+      process.exit(ExitCode.FAILED);
+    },
+  );
+}
+
+const invokedDirectly = ((): boolean => {
+  try {
+    return process.argv[1] !== undefined && pathToFileURL(realpathSync(process.argv[1])).href === import.meta.url;
+  } catch {
+    return false;
+  }
+})();
+if (invokedDirectly) runFromProcess();

@@ -1,0 +1,81 @@
+/** Human renderings of the CLI's data (pure; `--json` prints the data itself). */
+import type { CheckpointProgressMsg, CheckpointSummaryMsg, InspectCheckpointResponseMsg, StatusResponseMsg } from '../agent/api-proto.js';
+import type { Manifest } from '../store/manifest.js';
+
+export function formatBytes(n: number): string {
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+  let v = n;
+  let i = 0;
+  while (v >= 1024 && i < units.length - 1) {
+    v /= 1024;
+    i++;
+  }
+  return i === 0 ? `${n} B` : `${v.toFixed(v >= 100 ? 0 : 1)} ${units[i]}`;
+}
+
+export function formatMs(ms: number): string {
+  return ms < 1000 ? `${Math.round(ms)} ms` : `${(ms / 1000).toFixed(ms < 10_000 ? 2 : 1)} s`;
+}
+
+/** Left-aligned columns separated by two spaces; the header row first. */
+export function table(header: readonly string[], rows: readonly (readonly string[])[]): string {
+  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
+  const line = (cells: readonly string[]): string => cells.map((c, i) => (i === cells.length - 1 ? c : c.padEnd(widths[i]!))).join('  ').trimEnd();
+  return [line(header), ...rows.map(line)].join('\n');
+}
+
+export function renderList(checkpoints: readonly CheckpointSummaryMsg[]): string {
+  if (checkpoints.length === 0) return 'no checkpoints';
+  return table(
+    ['NAME', 'CREATED', 'SIZE', 'GPU', 'IN USE', 'IMAGE'],
+    checkpoints.map((c) =>
+      c.problem
+        ? [c.name, '-', '-', '-', c.in_use ? 'yes' : 'no', `BROKEN: ${c.problem}`]
+        : [c.name, c.created_at.replace(/\.\d+Z$/, 'Z'), formatBytes(c.bytes), c.gpu ? 'yes' : 'no', c.in_use ? 'yes' : 'no', c.image],
+    ),
+  );
+}
+
+export function renderInspect(r: InspectCheckpointResponseMsg): string {
+  const s = r.summary;
+  const m = JSON.parse(r.manifest_json) as Partial<Manifest>;
+  const lines = [
+    `name:        ${s.name}`,
+    `id:          ${s.id}`,
+    `created:     ${s.created_at}`,
+    `directory:   ${r.directory}`,
+    `size:        ${formatBytes(s.bytes)} in ${s.files} files (${formatBytes(r.disk_bytes)} on disk)`,
+    `image:       ${s.image}`,
+    `source:      ${s.source_pod || '-'}${m.source?.container.name ? ` container ${m.source.container.name}` : ''}${m.source?.nodeHostname ? ` on ${m.source.nodeHostname}` : ''}`,
+    `constraints: ${m.constraints ? `${m.constraints.arch.node}, kernel ${m.constraints.kernelRelease}, CRIU ${m.constraints.criuVersion}, containerd ${m.constraints.containerdVersion}` : '-'}`,
+    `gpu state:   ${s.gpu ? 'yes' : 'no'}`,
+    `in use:      ${s.in_use ? 'yes (a restore reads it)' : 'no'}`,
+    `restorable here: ${r.restorable ? 'yes' : 'no'}`,
+  ];
+  for (const x of r.mismatches) lines.push(`  ${x.severity === 'fatal' ? 'FATAL' : 'warning'} ${x.what}: checkpoint ${x.expected}, this node ${x.actual}`);
+  return lines.join('\n');
+}
+
+export function renderStatus(s: StatusResponseMsg): string {
+  const lines = [`agent ${s.version} pid ${s.pid}, up since ${s.started_at}`, `NRI: ${s.nri}${s.runtime ? ` (${s.runtime})` : ''}, managed containers: ${s.managed_containers}`];
+  if (s.restores.length === 0) lines.push('restores in flight: none');
+  else lines.push('restores in flight:', table(['CONTAINER', 'POD', 'CHECKPOINT', 'PHASE', 'SINCE'], s.restores.map((r) => [r.container_id.slice(0, 12), r.pod, r.checkpoint, r.phase, r.since])));
+  if (s.checkpoints.length === 0) lines.push('checkpoints in flight: none');
+  else lines.push('checkpoints in flight:', table(['CONTAINER', 'POD', 'NAME', 'STATE'], s.checkpoints.map((c) => [c.container_id.slice(0, 12), c.pod, c.name, c.state])));
+  return lines.join('\n');
+}
+
+/** One stderr line per state change of a checkpoint. */
+export function renderProgress(p: CheckpointProgressMsg): string {
+  return `thaw: checkpoint ${p.name} of ${p.pod} (container ${p.container_id.slice(0, 12)}): ${p.state}`;
+}
+
+export function renderCheckpointResult(p: CheckpointProgressMsg): string {
+  if (p.state === 'succeeded') {
+    const phases = p.phases_json ? (JSON.parse(p.phases_json) as Record<string, number>) : {};
+    const parts = Object.entries(phases).filter(([k]) => k !== 'totalMs').map(([k, v]) => `${k.replace(/Ms$/, '')} ${formatMs(v)}`);
+    return `checkpoint ${p.name} (${p.id}): ${formatBytes(p.bytes)} in ${formatMs(phases['totalMs'] ?? 0)}${parts.length ? ` (${parts.join(', ')})` : ''}`;
+  }
+  const err = p.error_json ? (JSON.parse(p.error_json) as { code?: string; message?: string }) : {};
+  return `checkpoint ${p.name} ${p.state}: ${err.code ? `${err.code}: ` : ''}${err.message ?? 'no reason given'}`;
+}

@@ -1,0 +1,149 @@
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import * as grpc from '@grpc/grpc-js';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { apiSocketOf, COMMANDS, parseCommandLine, parseTarget, UsageError } from '../../src/cli/args.js';
+import { exitCodeOf } from '../../src/cli/client.js';
+import { containerdVersionOf, renderDoctor } from '../../src/cli/doctor.js';
+import { ExitCode } from '../../src/cli/exit-codes.js';
+import { runCli, type CliIo } from '../../src/cli/main.js';
+import { formatBytes, formatMs, renderCheckpointResult, renderList, table } from '../../src/cli/render.js';
+
+function capture(env: Record<string, string> = {}): CliIo & { out: () => string; err: () => string } {
+  let out = '';
+  let err = '';
+  return { stdout: (t) => void (out += t), stderr: (t) => void (err += t), env, out: () => out, err: () => err };
+}
+
+describe('thaw command line', () => {
+  it('parses a command, its positionals and options', () => {
+    const l = parseCommandLine(['checkpoint', 'default/worker', '--name', 'w1', '--replace', '--json', '--socket', '/tmp/s.sock']);
+    expect(l).toEqual({ command: 'checkpoint', positionals: ['default/worker'], values: { name: 'w1', replace: true, json: true, socket: '/tmp/s.sock' }, help: false });
+    expect(parseCommandLine(['agent', '--metrics-listen', '', '--paths-store-root', '/s']).values).toEqual({ 'metrics-listen': '', 'paths-store-root': '/s' });
+  });
+
+  it.each([
+    [['frobnicate'], /unknown command "frobnicate"/],
+    [['list', '--bogus'], /Unknown option '--bogus'/],
+    [['inspect'], /missing argument: thaw inspect <checkpoint>/],
+    [['delete', 'a', 'b'], /unexpected argument "b"/],
+    [['agent', '--metrics-listen'], /--metrics-listen/],
+  ])('refuses %j as a usage error', (argv, message) => {
+    expect(() => parseCommandLine(argv)).toThrow(UsageError);
+    expect(() => parseCommandLine(argv)).toThrow(message);
+  });
+
+  it('has --help on every command, and top-level help', async () => {
+    for (const command of Object.keys(COMMANDS)) {
+      const io = capture();
+      expect(await runCli([command, '--help'], io)).toBe(0);
+      expect(io.out()).toMatch(new RegExp(`^usage: thaw ${command}`));
+    }
+    const io = capture();
+    expect(await runCli([], io)).toBe(0);
+    expect(io.out()).toMatch(/exit codes: 0 ok, 1 failed, 2 usage or configuration error, 3 agent unreachable, 4 not found, 5 refused/);
+  });
+
+  it('exits 2 with one line naming the problem on a usage error', async () => {
+    const io = capture();
+    expect(await runCli(['list', '--bogus'], io)).toBe(ExitCode.USAGE);
+    expect(io.err().split('\n')[0]).toBe("thaw list: Unknown option '--bogus'");
+  });
+
+  it('tells a pod from a container id', () => {
+    expect(parseTarget('default/worker')).toEqual({ pod: { namespace: 'default', name: 'worker' } });
+    expect(parseTarget('abc123')).toEqual({ containerId: 'abc123' });
+    expect(() => parseTarget('a/b/c')).toThrow(/neither a container id nor namespace\/pod/);
+    expect(() => parseTarget('/b')).toThrow(UsageError);
+  });
+
+  it('finds the API socket: --socket, then THAW_API_SOCKET, then the default', () => {
+    expect(apiSocketOf({ socket: '/x' }, { THAW_API_SOCKET: '/y' })).toBe('/x');
+    expect(apiSocketOf({}, { THAW_API_SOCKET: '/y' })).toBe('/y');
+    expect(apiSocketOf({}, {})).toBe('/run/thaw/agent.sock');
+  });
+
+  it('maps API statuses to the documented exit codes', () => {
+    expect(exitCodeOf(grpc.status.UNAVAILABLE)).toBe(3);
+    expect(exitCodeOf(grpc.status.NOT_FOUND)).toBe(4);
+    expect(exitCodeOf(grpc.status.FAILED_PRECONDITION)).toBe(5);
+    expect(exitCodeOf(grpc.status.INVALID_ARGUMENT)).toBe(2);
+    expect(exitCodeOf(grpc.status.INTERNAL)).toBe(1);
+  });
+
+  it('exits 3 when no agent answers on the socket', async () => {
+    const io = capture();
+    expect(await runCli(['list', '--socket', '/nonexistent/thaw.sock'], io)).toBe(ExitCode.UNREACHABLE);
+    expect(io.err()).toMatch(/^thaw list: the agent does not answer on \/nonexistent\/thaw.sock .*\(AGENT_UNREACHABLE\)\n$/);
+  });
+});
+
+describe('thaw agent configuration errors', () => {
+  let dir: string;
+  beforeAll(async () => {
+    dir = await mkdtemp(join(tmpdir(), 'thaw-cli-'));
+  });
+  afterAll(async () => {
+    await rm(dir, { recursive: true, force: true });
+  });
+
+  it('exit 2 naming the key (file, flag, environment) before anything starts', async () => {
+    const path = join(dir, 'agent.yaml');
+    await writeFile(path, 'metrics:\n  listen: 127.0.0.1:9464\n  lisen: x\n');
+    let io = capture();
+    expect(await runCli(['agent', '--config', path], io)).toBe(ExitCode.USAGE);
+    expect(io.err()).toBe(`thaw agent: load agent configuration: unknown key metrics.lisen (file ${path}): expected one of metrics.listen (AGENT_CONFIG_INVALID)\n`);
+    io = capture({ THAW_LOG_LEVEL: 'chatty' });
+    expect(await runCli(['agent', '--config', path.replace('agent.yaml', 'none.yaml')], io)).toBe(ExitCode.USAGE);
+    expect(io.err()).toMatch(/cannot read .*none.yaml.*\(AGENT_CONFIG_UNREADABLE\)/);
+    await writeFile(path, '');
+    io = capture({ THAW_LOG_LEVEL: 'chatty' });
+    expect(await runCli(['agent', '--config', path], io)).toBe(ExitCode.USAGE);
+    expect(io.err()).toMatch(/log\.level \(environment THAW_LOG_LEVEL\): expected one of debug, info, warn, error, got "chatty"/);
+    io = capture();
+    expect(await runCli(['agent', '--config', path, '--cuda-lock-timeout-ms=-5'], io)).toBe(ExitCode.USAGE);
+    expect(io.err()).toMatch(/cuda\.lockTimeoutMs \(flag --cuda-lock-timeout-ms\): expected a positive integer/);
+  });
+});
+
+describe('human output', () => {
+  it('formats sizes, durations and tables', () => {
+    expect(formatBytes(512)).toBe('512 B');
+    expect(formatBytes(134_217_728)).toBe('128 MiB');
+    expect(formatBytes(1536)).toBe('1.5 KiB');
+    expect(formatMs(250.4)).toBe('250 ms');
+    expect(formatMs(1500)).toBe('1.50 s');
+    expect(table(['A', 'BB'], [['xxx', 'y'], ['z', '']])).toBe('A    BB\nxxx  y\nz');
+  });
+
+  it('lists checkpoints, broken ones with their problem', () => {
+    const base = { id: 'id1', created_at: '2026-01-02T03:04:05.678Z', bytes: 2048, files: 3, image: 'img:1', source_pod: 'ns/p', gpu: false, in_use: true, problem: '' };
+    expect(renderList([{ ...base, name: 'good' }, { ...base, name: 'bad', problem: 'STORE_MANIFEST_INVALID: no manifest' }])).toBe(
+      [
+        'NAME  CREATED               SIZE     GPU  IN USE  IMAGE',
+        'good  2026-01-02T03:04:05Z  2.0 KiB  no   yes     img:1',
+        'bad   -                     -        -    yes     BROKEN: STORE_MANIFEST_INVALID: no manifest',
+      ].join('\n'),
+    );
+    expect(renderList([])).toBe('no checkpoints');
+  });
+
+  it('renders a checkpoint result', () => {
+    const p = { container_id: 'c'.repeat(64), name: 'w', pod: 'ns/p', container: 'worker', done: true, id: 'abc', bytes: 1048576, error_json: '' };
+    expect(renderCheckpointResult({ ...p, state: 'succeeded', phases_json: JSON.stringify({ dumpMs: 800, totalMs: 1200 }) })).toBe('checkpoint w (abc): 1.0 MiB in 1.20 s (dump 800 ms)');
+    expect(renderCheckpointResult({ ...p, state: 'failed', phases_json: '', error_json: JSON.stringify({ code: 'CHECKPOINT_FAILED', message: 'dump: boom' }) })).toBe('checkpoint w failed: CHECKPOINT_FAILED: dump: boom');
+  });
+
+  it('renders doctor lines with the fix under each problem', () => {
+    expect(containerdVersionOf('containerd github.com/containerd/containerd 1.7.24~ds1 1.7.24~ds1-6+deb13u1\n')).toBe('1.7.24~ds1');
+    expect(containerdVersionOf('containerd github.com/containerd/containerd/v2 2.1.9+unknown\n')).toBe('2.1.9+unknown');
+    expect(
+      renderDoctor([
+        { id: 'a', title: 'A', status: 'pass', detail: 'fine' },
+        { id: 'b', title: 'B', status: 'fail', detail: 'broken', fix: 'mend it' },
+        { id: 'c', title: 'C', status: 'warn', detail: 'meh', fix: 'maybe' },
+      ]),
+    ).toBe('PASS  A: fine\nFAIL  B: broken\n      fix: mend it\nWARN  C: meh\n      fix: maybe\n\n1 check failed, 1 warning');
+  });
+});
