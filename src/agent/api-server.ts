@@ -137,6 +137,9 @@ export function createApiHandlers(ctx: ApiContext): grpc.UntypedServiceImplement
       return seen.id; // follow the job that runs (a source waiting for its worker, or an earlier request)
     }
     const name = req.name || (managed?.role === 'checkpoint-source' ? managed.checkpointName : '');
+    // A checkpoint source whose worker already had its checkpoint taken: report that one (unless --replace).
+    const last = engine.checkpoints.status(seen.id);
+    if (!req.replace && managed?.role === 'checkpoint-source' && last?.state === 'succeeded' && last.name === name) return seen.id;
     if (!name) throw badRequest('a checkpoint name is required (the container is not a checkpoint source whose annotation names one)');
     store.dirOf(name, 'checkpoint name'); // STORE_INVALID_NAME before anything runs
     if (seen.pid === undefined) {
@@ -169,7 +172,8 @@ export function createApiHandlers(ctx: ApiContext): grpc.UntypedServiceImplement
   const Checkpoint: grpc.handleServerStreamingCall<CheckpointRequestMsg, CheckpointProgressMsg> = (call) => {
     const fail = (err: unknown): void => {
       ctx.logger.info('api call refused', { method: 'Checkpoint', error: isThawError(err) ? err.toJSON() : errorMessage(err) });
-      call.destroy(Object.assign(new Error(errorMessage(err)), statusOf(err)));
+      // grpc-js ends a server stream with a status through its 'error' event.
+      call.emit('error', statusOf(err));
     };
     if (ctx.stopping()) return fail(new AgentError(AgentErrorCode.STOPPING, 'the agent is stopping', { step: 'Checkpoint' }));
     void (async () => {
@@ -183,7 +187,7 @@ export function createApiHandlers(ctx: ApiContext): grpc.UntypedServiceImplement
         last = key;
         call.write(progressOf(s, done));
       };
-      const finished = engine.checkpoints.jobDone(id) ?? Promise.resolve();
+      const finished = engine.checkpoints.jobDone(id) ?? Promise.resolve(); // none: it ended already
       let ended = false;
       void finished.then(() => (ended = true));
       while (!ended && !call.cancelled) {
