@@ -5,7 +5,7 @@
  * container now, and a checkpoint-source pod when its worker is ready), list, inspect, delete refused while a restore holds the checkpoint (exit 5) and accepted after,
  * /metrics counters moved by exactly one checkpoint and one restore, doctor's lines against facts read here,
  * and SIGTERM with a restore target in flight (clean exit, the pod falls back to a cold start under the next
- * agent). The agent killed mid-restore is e2e.test.ts's (it runs this same agent).
+ * agent, which also removes what an interrupted agent left in the store and the work root). The agent killed mid-restore is e2e.test.ts's (it runs this same agent).
  */
 import { execFile } from 'node:child_process';
 import { existsSync } from 'node:fs';
@@ -228,7 +228,17 @@ describe.each(flavorsUnderTest())('thaw agent and CLI on containerd %s', (flavor
     expect(await readdir(join(dirs.storeRoot, '.leases')), 'the lease is released').toEqual([]);
     expect((await thaw(['status', '--socket', socket])).code).toBe(3);
 
+    // What a crashed agent leaves: an unfinished publication (its writer pid is gone), a checkpoint's CRIU work
+    // dir, the restore work dir of a container that no longer exists. The next agent removes them at start.
+    const leftovers = [
+      join(dirs.storeRoot, `.tmp-${CHECKPOINT}-999999-1-0123456789abcdef`),
+      join(dirs.workRoot, 'thaw-ckpt-crashed-AbCdEf'),
+      join(dirs.workRoot, 'f'.repeat(64)),
+    ];
+    for (const dir of leftovers) await mkdir(dir, { recursive: true, mode: 0o700 });
+
     agent = await startAgent();
+    for (const dir of leftovers) expect(existsSync(dir), `${dir} is removed`).toBe(false);
     await stack.cri.startContainer(pod.containerId);
     const event = await restoreEventOf(pod.containerId);
     expect([event['outcome'], event['cause']]).toEqual(['fallback', 'RESTORE_AGENT_RESTARTED']);
