@@ -1,7 +1,7 @@
 /**
  * npm run demo — thaw's main job, end to end, on a private containerd stack that the project provisions.
  *
- *   1. start the private node stack (containerd + runc + CRIU) and the thaw plugin process;
+ *   1. start the private node stack (containerd + runc + CRIU) and the thaw agent (`thaw agent`);
  *   2. cold-start the demo worker in a pod annotated `thaw.dev/checkpoint: demo`, time it to serving;
  *   3. the worker asks for its checkpoint (ready-for-checkpoint); thaw dumps it into the store;
  *   4. create a second pod annotated `thaw.dev/restore: demo`, time it to serving;
@@ -44,8 +44,8 @@ async function main(): Promise<number> {
     const logFile = join(workDir, 'thaw.log');
     const dirs = pluginDirsUnder(workDir, stack.paths.prefix, logFile);
     plugin = startThawPluginProcess({ socketPath: stack.nriSocketPath, ...dirs });
-    await waitForLog(logFile, (r) => r.msg === 'nri plugin synchronized', 'the thaw plugin to register with containerd');
-    say(`thaw plugin registered; its log: ${logFile}`);
+    await waitForLog(logFile, (r) => r.msg === 'nri plugin synchronized', 'the thaw agent to register with containerd');
+    say(`thaw agent registered; its log: ${logFile}`);
 
     // 2. Cold start of the source.
     say(`cold-starting the demo worker (${memoryMb} MB, warm-up ${warmupMs} ms)`);

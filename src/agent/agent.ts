@@ -121,7 +121,11 @@ function withRegistry(engine: ThawEngine, containers: ContainerRegistry, api: Pi
       const result = await h.synchronize!(pods, list, ctx);
       if (!synced) {
         synced = true;
-        await afterFirstSync().catch((err: unknown) => logger.warn('reconciling the work root failed', { error: errorMessage(err) }));
+        // In the background: an NRI handler answers within its deadline, and nothing waits for this.
+        void afterFirstSync().then(
+          () => logger.info('work root reconciled with the runtime'),
+          (err: unknown) => logger.warn('reconciling the work root failed', { error: errorMessage(err) }),
+        );
       }
       return result;
     },

@@ -237,7 +237,9 @@ describe.each(flavorsUnderTest())('thaw agent and CLI on containerd %s', (flavor
     ];
     for (const dir of leftovers) await mkdir(dir, { recursive: true, mode: 0o700 });
 
+    const reconciled = (await readJsonLog(dirs.logFile)).filter((r) => r.msg === 'work root reconciled with the runtime').length;
     agent = await startAgent();
+    await waitFor(async () => ((await readJsonLog(dirs.logFile)).filter((r) => r.msg === 'work root reconciled with the runtime').length > reconciled ? true : undefined), 'the agent to reconcile its work root');
     for (const dir of leftovers) expect(existsSync(dir), `${dir} is removed`).toBe(false);
     await stack.cri.startContainer(pod.containerId);
     const event = await restoreEventOf(pod.containerId);
