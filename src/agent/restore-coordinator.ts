@@ -55,7 +55,11 @@ export interface RestoreEvent {
   cause?: string;
   reason?: string;
   checkpoint: string;
+  /** The checkpoint's manifest id, when it was opened. */
+  id?: string;
   containerId: string;
+  /** The container's name in its pod. */
+  container: string;
   pod: string;
   mode?: 'args' | 'overlay';
   restoredPid?: number;
@@ -223,11 +227,13 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
     let digests: RestoreEvent['digests'];
     const mode = container.placeholder ?? 'overlay';
     const ctx: RestoreStepContext = { container, checkpoint, targetPid: pid, signal };
-    const event = (e: Omit<RestoreEvent, 'event' | 'checkpoint' | 'containerId' | 'pod' | 'phases' | 'mode'>): RestoreEvent => ({
+    const event = (e: Omit<RestoreEvent, 'event' | 'checkpoint' | 'id' | 'containerId' | 'container' | 'pod' | 'phases' | 'mode'>): RestoreEvent => ({
       event: 'restore',
       ...e,
       checkpoint: checkpoint.name,
+      id: checkpoint.manifest.id,
       containerId: container.containerId,
+      container: container.containerName,
       pod: `${container.podNamespace}/${container.podName}`,
       mode,
       phases: { ...phases, totalMs: Math.round(performance.now() - started) },
@@ -390,6 +396,7 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
         reason,
         checkpoint: container.checkpointName,
         containerId: container.containerId,
+        container: container.containerName,
         pod: `${container.podNamespace}/${container.podName}`,
         mode: container.placeholder ?? 'overlay',
         phases: { totalMs: 0 },

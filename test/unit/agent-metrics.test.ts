@@ -73,8 +73,8 @@ describe("the agent's series", () => {
     const before = parseExposition(await m.registry.render());
     expect(before.get('thaw_restores_total{outcome="restored"}')).toBe(0);
     expect(before.get('thaw_checkpoints_total{outcome="failed"}')).toBe(0);
-    m.onRestoreEvent({ event: 'restore', outcome: 'restored', checkpoint: 'c', containerId: 'x', pod: 'ns/p', bytes: 1000, phases: { verifyMs: 20, criuRestoreMs: 300, totalMs: 400 } });
-    m.onRestoreEvent({ event: 'restore', outcome: 'fallback', cause: 'RESTORE_CRIU_FAILED', checkpoint: 'c', containerId: 'y', pod: 'ns/q', phases: { totalMs: 50 } });
+    m.onRestoreEvent({ event: 'restore', outcome: 'restored', checkpoint: 'c', containerId: 'x', container: 'w', pod: 'ns/p', bytes: 1000, phases: { verifyMs: 20, criuRestoreMs: 300, totalMs: 400 } });
+    m.onRestoreEvent({ event: 'restore', outcome: 'fallback', cause: 'RESTORE_CRIU_FAILED', checkpoint: 'c', containerId: 'y', container: 'w', pod: 'ns/q', phases: { totalMs: 50 } });
     stats.countFallback('RESTORE_CRIU_FAILED');
     stats.countRestoreFallbackAtCreate('RESTORE_CHECKPOINT_MISSING');
     m.onCheckpointEvent({ event: 'checkpoint', outcome: 'succeeded', name: 'c', pod: 'ns/s', container: 'w', containerId: 'z', bytes: 5000, phases: { inspectMs: 1, dumpMs: 100, rootfsDiffMs: 2, publishMs: 3, totalMs: 110 } });
