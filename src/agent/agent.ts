@@ -6,7 +6,8 @@
  *
  * Start: claim the API socket (refused while another agent answers on it; a stale socket is replaced), remove
  * what an earlier agent left (unfinished store publications and leases: LocalStore.recover; CRIU work dirs of
- * checkpoints; after the first NRI Synchronize, restore work dirs of containers that no longer exist), then
+ * checkpoints; after the first NRI Synchronize, restore work dirs and control dirs of containers that no
+ * longer exist), then
  * connect. Synchronize hands every managed container back to the engine, which falls back (cold start) any
  * restore target that a dead agent left in its placeholder.
  *
@@ -106,6 +107,18 @@ async function removeOrphanRestoreWorkDirs(workRoot: string, known: (id: string)
     if (entry.startsWith(CHECKPOINT_WORK_DIR_PREFIX) || known(entry)) continue;
     await rm(join(workRoot, entry), { recursive: true, force: true });
     logger.info('removed the restore work dir of a container that is gone', { path: join(workRoot, entry) });
+  }
+}
+
+/**
+ * Control directories (`<controlRoot>/<container id>`) of containers the runtime no longer has: those an
+ * on-demand checkpoint made for an unmanaged container are removed with it only while the same agent runs.
+ */
+async function removeOrphanControlDirs(controlRoot: string, known: (id: string) => boolean, logger: Logger): Promise<void> {
+  for (const entry of await readdir(controlRoot).catch(() => [] as string[])) {
+    if (!/^[0-9a-f]{64}$/.test(entry) || known(entry)) continue;
+    await removeControlDir(controlRoot, entry);
+    logger.info('removed the control directory of a container that is gone', { containerId: entry });
   }
 }
 
@@ -244,7 +257,11 @@ export async function runAgent(o: AgentRunOptions, logger: Logger): Promise<numb
   };
 
   const identity = launched ? readLaunchEnv(env) : { name: c.nri.pluginName, idx: c.nri.pluginIndex, fd: undefined };
-  const handlers = withRegistry(engine, containers, api, () => removeOrphanRestoreWorkDirs(c.paths.workRoot, (id) => engine.handlers.managed.has(id), logger), logger);
+  const reconcile = async (): Promise<void> => {
+    await removeOrphanRestoreWorkDirs(c.paths.workRoot, (id) => engine.handlers.managed.has(id), logger);
+    await removeOrphanControlDirs(c.paths.controlRoot, (id) => containers.has(id), logger);
+  };
+  const handlers = withRegistry(engine, containers, api, reconcile, logger);
   const plugin = createNriPlugin({
     name: identity.name,
     idx: identity.idx,

@@ -48,6 +48,10 @@ export class ContainerRegistry {
     this.byId.delete(id);
   }
 
+  has(id: string): boolean {
+    return this.byId.has(id);
+  }
+
   get size(): number {
     return this.byId.size;
   }

@@ -229,11 +229,13 @@ describe.each(flavorsUnderTest())('thaw agent and CLI on containerd %s', (flavor
     expect((await thaw(['status', '--socket', socket])).code).toBe(3);
 
     // What a crashed agent leaves: an unfinished publication (its writer pid is gone), a checkpoint's CRIU work
-    // dir, the restore work dir of a container that no longer exists. The next agent removes them at start.
+    // dir, the restore work dir and the control dir of a container that no longer exists. The next agent
+    // removes them at start.
     const leftovers = [
       join(dirs.storeRoot, `.tmp-${CHECKPOINT}-999999-1-0123456789abcdef`),
       join(dirs.workRoot, 'thaw-ckpt-crashed-AbCdEf'),
       join(dirs.workRoot, 'f'.repeat(64)),
+      join(dirs.controlRoot, 'e'.repeat(64)),
     ];
     for (const dir of leftovers) await mkdir(dir, { recursive: true, mode: 0o700 });
 
