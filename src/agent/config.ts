@@ -199,7 +199,7 @@ function readFileValues(path: string, text: string): Map<string, Value> {
         });
       }
       if (spec.kind === 'integer' ? typeof v !== 'number' : typeof v !== 'string') {
-        throw invalid(key, source, spec.expected, v, `a ${v === null ? 'null' : Array.isArray(v) ? 'list' : typeof v}, not a ${spec.kind}`);
+        throw invalid(key, source, spec.expected, v, `${v === null ? 'null' : Array.isArray(v) ? 'a list' : `a ${typeof v}`}, not ${spec.kind === 'integer' ? 'an integer' : 'a string'}`);
       }
       out.set(key, checked(spec, v as Value, source));
     }

@@ -5,11 +5,12 @@
  * container now, and a checkpoint-source pod when its worker is ready), list, inspect, delete refused while a restore holds the checkpoint (exit 5) and accepted after,
  * /metrics counters moved by exactly one checkpoint and one restore, doctor's lines against facts read here,
  * and SIGTERM with a restore target in flight (clean exit, the pod falls back to a cold start under the next
- * agent, which also removes what an interrupted agent left in the store and the work root). The agent killed mid-restore is e2e.test.ts's (it runs this same agent).
+ * agent, which also removes what an interrupted agent left in the store and the work root), and a bad
+ * configuration (exit 2 naming the key). The agent killed mid-restore is e2e.test.ts's (it runs this same agent).
  */
 import { execFile } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { chmod, mkdir, mkdtemp, readdir, readFile, rm, stat } from 'node:fs/promises';
+import { chmod, mkdir, mkdtemp, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { get } from 'node:http';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
@@ -309,4 +310,15 @@ describe.each(flavorsUnderTest())('thaw agent and CLI on containerd %s', (flavor
     const human = await thaw(['doctor', '--socket', socket, '--paths-toolkit-dir', prefix, '--containerd', join(prefix, 'bin/containerd'), '--nri-socket', join(workDir, 'no-nri.sock'), '--paths-store-root', openStore]);
     expect(human.stdout).toMatch(/^FAIL  NRI enabled: .* does not exist\n      fix: enable NRI in containerd/m);
   }, 120_000);
+
+  it('a bad configuration stops the agent before it touches anything: exit 2, the key named', async () => {
+    const config = join(workDir, 'bad-agent.yaml');
+    await writeFile(config, `paths:\n  storeRoot: ${join(workDir, 'never-created')}\ncuda:\n  lockTimeoutMs: ten\n`);
+    const r = await thaw(['agent', '--config', config, '--api-socket', join(workDir, 'bad.sock')]);
+    expect([r.code, r.stderr]).toEqual([2, `thaw agent: load agent configuration: cuda.lockTimeoutMs (file ${config}): expected a positive integer (milliseconds), got "ten" (a string, not an integer) (AGENT_CONFIG_INVALID)\n`]);
+    const typo = await thaw(['agent', '--config', config, '--metrics-listn', 'x']);
+    expect([typo.code, typo.stderr.split('\n')[0]]).toEqual([2, "thaw agent: Unknown option '--metrics-listn'"]);
+    expect(existsSync(join(workDir, 'never-created'))).toBe(false);
+    expect(existsSync(join(workDir, 'bad.sock'))).toBe(false);
+  });
 });
