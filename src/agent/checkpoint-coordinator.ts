@@ -209,7 +209,8 @@ export class CheckpointCoordinator implements ThawCoordinator {
       status.readyAt = this.now().toISOString();
       status.state = 'checkpointing';
       // What the worker says it holds (tensor and allocator bytes), set against what the checkpoint saves.
-      const readyPayload = await readReadyPayload(container.controlDir, marker).catch((err: unknown) => {
+      // An on-demand checkpoint (control API) has no marker, so no payload.
+      const readyPayload = marker === 'on-demand' ? undefined : await readReadyPayload(container.controlDir, marker).catch((err: unknown) => {
         log.warn('the ready marker has an unreadable payload; going on without it', { error: errorMessage(err) });
         return undefined;
       });
