@@ -91,7 +91,7 @@ export const COMMANDS: Record<string, CommandSpec> = {
     usage: 'thaw install --root DIR [--force]',
     positionals: { min: 0, max: 0 },
     options: { ...COMMON, root: { type: 'string' }, force: { type: 'boolean' }, 'toolkit-dir': { type: 'string' } },
-    details: ['  --root DIR          the image root to install into', '  --force             overwrite files that exist', '  --toolkit-dir DIR   the toolkit to copy (default /opt/thaw/stack/1.7)'],
+    details: ['  --root DIR          the image root to install into', '  --force             replace an install of other content (the operator\'s agent.yaml is kept)', '  --toolkit-dir DIR   the toolkit to copy (default: the installed one, or /opt/thaw/stack/1.7 from a checkout)'],
   },
 };
 

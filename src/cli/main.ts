@@ -14,6 +14,7 @@ import { errorMessage } from '../errors.js';
 import { apiSocketOf, commandHelp, parseCommandLine, parseTarget, topLevelHelp, UsageError, type CommandLine } from './args.js';
 import { AgentClient, ApiCallError } from './client.js';
 import { renderDoctor, runDoctor } from './doctor.js';
+import { defaultInstallSources, installThaw } from './install.js';
 import { ExitCode } from './exit-codes.js';
 import { renderCheckpointResult, renderInspect, renderList, renderProgress, renderStatus } from './render.js';
 
@@ -125,32 +126,18 @@ async function doctorCommand(line: CommandLine, io: CliIo): Promise<number> {
   return ok ? ExitCode.OK : ExitCode.FAILED;
 }
 
-/** The deploy half's module (src/cli/install.ts, contract InstallOptions); absent from builds without it. */
-interface InstallModule {
-  installThaw(o: { root: string; packageRoot: string; toolkitDir: string; nodePath: string; force?: boolean; progress?: (line: string) => void }): Promise<{ root: string; files: string[]; bytes: number }>;
-}
-
 async function installCommand(line: CommandLine, io: CliIo): Promise<number> {
-  let mod: InstallModule;
-  try {
-    // A computed specifier: this build may not have the module.
-    mod = (await import(new URL('./install.js', import.meta.url).href)) as InstallModule;
-  } catch {
-    io.stderr('thaw install: not available in this build\n');
-    return ExitCode.FAILED;
-  }
   const root = line.values['root'];
   if (typeof root !== 'string') throw new UsageError('--root DIR is required', 'install');
-  const report = await mod.installThaw({
+  const report = await installThaw({
+    ...defaultInstallSources(),
+    ...(typeof line.values['toolkit-dir'] === 'string' ? { toolkitDir: line.values['toolkit-dir'] } : {}),
     root,
-    packageRoot: packageRoot(),
-    toolkitDir: (line.values['toolkit-dir'] as string | undefined) ?? '/opt/thaw/stack/1.7',
-    nodePath: process.execPath,
     force: line.values['force'] === true,
     progress: (l) => io.stderr(`${l}\n`),
   });
   if (line.values['json']) json(io, report);
-  else io.stdout(`installed ${report.files.length} files (${report.bytes} bytes) under ${report.root}\n`);
+  else io.stdout(report.files.length === 0 ? `up to date under ${report.root}\n` : `installed ${report.files.join(', ')} (${report.bytes} bytes) under ${report.root}\n`);
   return ExitCode.OK;
 }
 
