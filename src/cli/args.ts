@@ -30,6 +30,15 @@ const SOCKET: Options = { socket: { type: 'string' } };
 const SOCKET_HELP = `  --socket PATH       the agent's API socket (default $THAW_API_SOCKET or ${DEFAULT_API_SOCKET})`;
 const JSON_HELP = '  --json              machine-readable output (one JSON document on stdout)';
 
+/** push/pull work on the node's store directly (as root), with the agent's configuration for its paths and registry access. */
+const REGISTRY_OPTIONS = { config: { type: 'string' }, 'registry-config': { type: 'string' }, 'plain-http': { type: 'boolean' }, 'paths-store-root': { type: 'string' } } as const;
+const REGISTRY_HELP = [
+  `  --config FILE            the agent's configuration (default ${DEFAULT_CONFIG_PATH} when it exists): paths.storeRoot, registry.config`,
+  '  --registry-config FILE   the registry access file (JSON: plainHttp, caFile, credentialsFile per host); overrides registry.config',
+  '  --plain-http             speak HTTP, not HTTPS, to the registry (a loopback or test registry)',
+  '  --paths-store-root DIR   the store (default paths.storeRoot)',
+];
+
 export const COMMANDS: Record<string, CommandSpec> = {
   agent: {
     summary: 'run the node agent (NRI plugin, restore engine, store, control API, /metrics)',
@@ -85,6 +94,20 @@ export const COMMANDS: Record<string, CommandSpec> = {
       JSON_HELP,
       '  Exit code 1 when any check fails.',
     ],
+  },
+  push: {
+    summary: 'push a checkpoint of this node\'s store to an OCI registry (progress on stderr)',
+    usage: 'thaw push <checkpoint> <registry/repository:tag> [--config FILE] [--registry-config FILE] [--plain-http]',
+    positionals: { min: 2, max: 2 },
+    options: { ...COMMON, ...REGISTRY_OPTIONS },
+    details: [...REGISTRY_HELP, JSON_HELP, '  Prints the reference pinned to the pushed manifest (registry/repository:tag@sha256:...).'],
+  },
+  pull: {
+    summary: 'pull a checkpoint from an OCI registry into this node\'s store (progress on stderr)',
+    usage: 'thaw pull <registry/repository:tag[@sha256:...]> [--config FILE] [--registry-config FILE] [--plain-http]',
+    positionals: { min: 1, max: 1 },
+    options: { ...COMMON, ...REGISTRY_OPTIONS },
+    details: [...REGISTRY_HELP, JSON_HELP, '  The checkpoint is stored as oci-<digest> (what a pod naming the reference restores from); a second pull transfers nothing.'],
   },
   install: {
     summary: 'lay thaw down into an image root (binaries, toolkit, containerd drop-in, systemd unit)',

@@ -10,11 +10,15 @@ import { fileURLToPath, pathToFileURL } from 'node:url';
 import { agentLogger, describeStartFailure, runAgent } from '../agent/agent.js';
 import { packageRoot } from '../agent/api-proto.js';
 import { ConfigError, ConfigErrorCode, DEFAULT_CONFIG_PATH, resolveAgentConfig, type AgentConfig } from '../agent/config.js';
-import { errorMessage } from '../errors.js';
+import { errorMessage, isThawError } from '../errors.js';
+import { StoreErrorCode } from '../store/errors.js';
 import { apiSocketOf, commandHelp, parseCommandLine, parseTarget, topLevelHelp, UsageError, type CommandLine } from './args.js';
 import { AgentClient, ApiCallError } from './client.js';
 import { renderDoctor, runDoctor } from './doctor.js';
 import { defaultInstallSources, installThaw } from './install.js';
+import { loadRegistryConfig } from '../agent/registry-config.js';
+import { openLocalStore, type LocalStore } from '../store/local-store.js';
+import { OciErrorCode, parseReference, pullCheckpoint, pushCheckpoint, type RegistryAccess } from '../store/oci/index.js';
 import { ExitCode } from './exit-codes.js';
 import { renderCheckpointResult, renderInspect, renderList, renderProgress, renderStatus } from './render.js';
 
@@ -141,6 +145,47 @@ async function installCommand(line: CommandLine, io: CliIo): Promise<number> {
   return ExitCode.OK;
 }
 
+/** The store and the registry access `push`/`pull` use: the agent's configuration, overridden by their flags. */
+async function registryContext(line: CommandLine, io: CliIo, reference: string): Promise<{ store: LocalStore; access: RegistryAccess }> {
+  const config = await loadConfig(line, io.env);
+  const accessFile = typeof line.values['registry-config'] === 'string' ? line.values['registry-config'] : config.registry.config;
+  const host = parseReference(reference).registry.toLowerCase();
+  const access: RegistryAccess = accessFile !== '' ? { ...((await loadRegistryConfig(accessFile)).access?.[host] ?? {}) } : {};
+  if (line.values['plain-http'] === true) access.plainHttp = true;
+  const store = await openLocalStore({ root: config.paths.storeRoot });
+  return { store, access };
+}
+
+async function pushCommand(line: CommandLine, io: CliIo): Promise<number> {
+  const [name, reference] = line.positionals as [string, string];
+  const { store, access } = await registryContext(line, io, reference);
+  io.stderr(`pushing ${name} to ${reference}\n`);
+  const r = await pushCheckpoint({ store, name, reference, access });
+  if (line.values['json']) json(io, r);
+  else io.stdout(`${r.reference}\n${(r.bytesUploaded / 1e9).toFixed(2)} GB uploaded, ${(r.bytesSkipped / 1e9).toFixed(2)} GB already there, ${(r.ms / 1000).toFixed(1)} s\n`);
+  return ExitCode.OK;
+}
+
+async function pullCommand(line: CommandLine, io: CliIo): Promise<number> {
+  const [reference] = line.positionals as [string];
+  const { store, access } = await registryContext(line, io, reference);
+  let lastReport = 0;
+  const r = await pullCheckpoint({
+    store,
+    reference,
+    access,
+    onProgress: (bytes) => {
+      if (bytes - lastReport < 256 * 2 ** 20) return;
+      lastReport = bytes;
+      io.stderr(`pulled ${(bytes / 1e9).toFixed(2)} GB\n`);
+    },
+  });
+  const { checkpoint: _opened, ...result } = r;
+  if (line.values['json']) json(io, result);
+  else io.stdout(`${r.name}\n${r.alreadyPresent ? 'already in the store' : `${(r.bytesFetched / 1e9).toFixed(2)} GB fetched, ${(r.bytesFromCache / 1e9).toFixed(2)} GB from the cache, ${(r.ms / 1000).toFixed(1)} s`}\n`);
+  return ExitCode.OK;
+}
+
 async function dispatch(line: CommandLine, io: CliIo): Promise<number> {
   const asJson = line.values['json'] === true;
   switch (line.command) {
@@ -181,9 +226,21 @@ async function dispatch(line: CommandLine, io: CliIo): Promise<number> {
       return doctorCommand(line, io);
     case 'install':
       return installCommand(line, io);
+    case 'push':
+      return pushCommand(line, io);
+    case 'pull':
+      return pullCommand(line, io);
     default:
       throw new UsageError(`unknown command ${line.command}`);
   }
+}
+
+/** Exit codes of what push/pull do here, without the agent: a bad reference is usage, an absent one not found. */
+function localExitCode(err: unknown): number {
+  if (!isThawError(err)) return ExitCode.FAILED;
+  if (err.code === OciErrorCode.INVALID_REFERENCE) return ExitCode.USAGE;
+  if (err.code === OciErrorCode.NOT_FOUND || err.code === StoreErrorCode.NOT_FOUND) return ExitCode.NOT_FOUND;
+  return ExitCode.FAILED;
 }
 
 /** Runs one command line; returns the exit code (never throws). */
@@ -203,8 +260,8 @@ export async function runCli(argv: readonly string[], io: CliIo = processIo): Pr
   try {
     return await dispatch(line, io);
   } catch (err) {
-    const code = err instanceof ApiCallError ? err.exitCode : err instanceof UsageError || err instanceof ConfigError ? ExitCode.USAGE : ExitCode.FAILED;
-    const thawCode = err instanceof ApiCallError ? err.thawCode : err instanceof ConfigError ? err.code : undefined;
+    const code = err instanceof ApiCallError ? err.exitCode : err instanceof UsageError || err instanceof ConfigError ? ExitCode.USAGE : localExitCode(err);
+    const thawCode = err instanceof ApiCallError ? err.thawCode : isThawError(err) ? err.code : undefined;
     if (line.values['json'] === true) json(io, { error: { code: thawCode ?? 'FAILED', message: errorMessage(err), exitCode: code } });
     io.stderr(`thaw ${line.command}: ${errorMessage(err)}${thawCode ? ` (${thawCode})` : ''}\n`);
     return code;

@@ -7,7 +7,8 @@
 import { readdirSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { parseAllDocuments, parse as parseYaml } from 'yaml';
+import { parseAllDocuments, parse as parseYaml, stringify as stringifyYaml } from 'yaml';
+import { resolveAgentConfig } from '../../src/agent/config.js';
 import { DEFAULT_TOOLKIT_DIR, INSTALL_PATHS, renderWrapper } from '../../src/cli/install.js';
 import { DEFAULT_RESTORE_WORK_ROOT, DEFAULT_STORE_ROOT } from '../../src/agent/engine.js';
 import { DEFAULT_NRI_SOCKET_PATH } from '../../src/nri-plugin/plugin.js';
@@ -254,6 +255,16 @@ describe('deploy/kubernetes manifests', () => {
     // The image copies what stagePackage needs from the checkout.
     for (const dir of ['proto', 'src', 'native', 'config']) expect(containerfile).toContain(`COPY ${dir} ${dir}`);
     expect(renderWrapper()).toContain(`exec ${INSTALL_PATHS.node} `);
+  });
+
+  it('the ConfigMap\'s agent.yaml and config/agent.yaml pass the agent\'s own validator', () => {
+    const configMapText = stringifyYaml(agentYaml);
+    const fromConfigMap = resolveAgentConfig({ packageRoot: REPO, file: { path: 'configmap:agent.yaml', text: configMapText } });
+    expect(fromConfigMap.metrics.listen).toBe((agentYaml as { metrics: { listen: string } }).metrics.listen);
+    const fromDefaultFile = resolveAgentConfig({ packageRoot: REPO, file: { path: 'config/agent.yaml', text: readFileSync(path.join(REPO, 'config/agent.yaml'), 'utf8') } });
+    expect(fromDefaultFile.paths.storeRoot).toBe(DEFAULT_STORE_ROOT);
+    // The validator is not lenient: a key the agent does not know is refused, naming it.
+    expect(() => resolveAgentConfig({ packageRoot: REPO, file: { path: 'x.yaml', text: 'metrics:\n  port: 9464\n' } })).toThrow(/metrics\.port/);
   });
 
   it('the ConfigMap\'s agent.yaml holds only contract keys with the contract\'s types', () => {
