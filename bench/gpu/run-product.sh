@@ -4,7 +4,7 @@
 #   - a GPU node without them (the lent H100):  on a CPU machine `bash bench/gpu/pack-product.sh`, carry
 #     .device/, then here:  OUT=<dir> bash bench/gpu/run-product.sh
 # Needs root (containerd, CRIU and the CUDA checkpoint API), python3 with torch + transformers, the NVIDIA driver.
-# Writes to $OUT: environment.txt, bench-gpu.txt (table + JSON line), bench-gpu.json, stderr.log, logs/
+# Writes to $OUT: environment.txt, bench-gpu.txt (table + JSON line), bench-gpu.json, stderr.log, logs.tgz
 # (thaw's log and every worker pod's log). Exit status: the benchmark's.
 set -u
 cd "$(dirname "$0")/../.."
@@ -29,6 +29,8 @@ else
   npm run bench:gpu > "$OUT/bench-gpu.txt" 2> "$OUT/stderr.log"
 fi
 rc=$?
+# One archive instead of a file per pod: the device tool returns a limited number of files.
+[ -d "$OUT/logs" ] && tar -C "$OUT" -czf "$OUT/logs.tgz" logs && rm -rf "$OUT/logs"
 tail -n 20 "$OUT/stderr.log"
 cat "$OUT/bench-gpu.txt"
 exit $rc
