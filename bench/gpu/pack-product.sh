@@ -5,15 +5,18 @@
 #   node.xz      this machine's node binary
 #   stack.txz    see below (node.xz and stack.txz are cached in .device-cache/ between packs)
 #   payload.txz  dist/ (the whole build), production node_modules (koffi's linux_x64 build only),
-#                native/build/thaw-pause, and the private containerd 1.7 stack (/opt/thaw/stack/1.7, without
+#                native/build/thaw-pause, and the private containerd stack (/opt/thaw/stack/1.7, or 2.1 with
+#                THAW_CONTAINERD=2.1; without
 #                what host-network pods never use: CNI plugins, the v1 shims, Go sources, docs), as
-#                .device-stack/, which run-product.sh puts back at /opt/thaw/stack/1.7 — its binaries are
+#                  .device-stack/, which unpack.sh puts back at /opt/thaw/stack/<flavor> — its binaries are
 #                patched for that absolute path.
 # xz with the x86 BCJ filter: Go and ELF binaries compress ~10% better with it, which keeps this under 64 MiB.
 # Run `bash scripts/setup.sh` first (the build, thaw-pause and the stack).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-STACK=/opt/thaw/stack/1.7
+FLAVOR=${THAW_CONTAINERD:-1.7}
+FLAVOR=${FLAVOR%%,*}
+STACK=/opt/thaw/stack/$FLAVOR
 [ -f "$STACK/.thaw-stack.json" ] || { echo "pack-product: $STACK is not provisioned (run: bash scripts/setup.sh)" >&2; exit 2; }
 [ -x native/build/thaw-pause ] || { echo "pack-product: native/build/thaw-pause missing (run: bash scripts/setup.sh)" >&2; exit 2; }
 npx tsc -p tsconfig.build.json
@@ -48,9 +51,10 @@ cp native/build/thaw-pause "$stage/native/build/"
 cp -r dist "$stage/dist"
 
 # node and the stack change rarely: kept between packs (in .device-cache/) while their sources are unchanged.
-cache=.device-cache
+cache=.device-cache/$FLAVOR
 grep -qx '/.device-cache/' .git/info/exclude 2>/dev/null || echo '/.device-cache/' >> .git/info/exclude
 mkdir -p "$cache"
+echo "$FLAVOR" > .device/flavor
 node_bin=$(readlink -f "$(command -v node)")
 key="$(stat -c '%n %s %Y' "$node_bin" "$STACK/.thaw-stack.json" | sha256sum | cut -c1-16)"
 if [ "$(cat "$cache/key" 2>/dev/null)" != "$key" ]; then
@@ -66,11 +70,13 @@ mkdir -p /tmp/device-node/bin
 [ -x /tmp/device-node/bin/node ] || { xz -dc .device/node.xz > /tmp/device-node/bin/node.tmp && chmod +x /tmp/device-node/bin/node.tmp && mv /tmp/device-node/bin/node.tmp /tmp/device-node/bin/node; }
 export PATH=/tmp/device-node/bin:$PATH
 tar -xJf .device/payload.txz
-if [ ! -f /opt/thaw/stack/1.7/.thaw-stack.json ]; then
+flavor=$(cat .device/flavor)
+export THAW_CONTAINERD=$flavor
+if [ ! -f /opt/thaw/stack/$flavor/.thaw-stack.json ]; then
   tar -xJf .device/stack.txz
-  mkdir -p /opt/thaw/stack && rm -rf /opt/thaw/stack/1.7 && mv .device-stack /opt/thaw/stack/1.7
+  mkdir -p /opt/thaw/stack && rm -rf /opt/thaw/stack/$flavor && mv .device-stack /opt/thaw/stack/$flavor
 fi
-echo "unpack: node $(node --version); stack at /opt/thaw/stack/1.7"
+echo "unpack: node $(node --version); stack at /opt/thaw/stack/$flavor (THAW_CONTAINERD=$flavor)"
 EOS
 du -b .device/* | awk '{printf "%s %.1f MiB\n", $2, $1/1048576}'
 size=$(du -sb .device | cut -f1)

@@ -23,7 +23,7 @@ fi
   free -g; nproc; df -h /tmp
   node --version
 } > "$OUT/environment.txt" 2>&1
-if [ -f dist/bench/gpu/product.js ] && [ -f /opt/thaw/stack/1.7/.thaw-stack.json ] && [ ! -f package-lock.json -o -d node_modules ]; then
+if [ -f dist/bench/gpu/product.js ] && [ -f "/opt/thaw/stack/${THAW_CONTAINERD:-1.7}/.thaw-stack.json" ] && [ ! -f package-lock.json -o -d node_modules ]; then
   node dist/bench/gpu/product.js > "$OUT/bench-gpu.txt" 2> "$OUT/stderr.log"
 else
   npm run bench:gpu > "$OUT/bench-gpu.txt" 2> "$OUT/stderr.log"
