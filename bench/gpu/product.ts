@@ -237,17 +237,24 @@ async function main(): Promise<void> {
     });
   const port = Number(process.env['BENCH_GPU_PORT'] ?? 18080);
   const extraWorkerArgs = (process.env['BENCH_GPU_WORKER_ARGS'] ?? '').split(' ').filter((s) => s !== '');
-  const weightsDir = process.env['THAW_WEIGHTS_DIR'] ?? '/tmp/thaw-qwen3-0.6b-random';
+  const workDir = await mkdtemp(join(tmpdir(), 'thaw-bench-gpu-'));
+  // The GPU worker's weights are kept between runs (made once); the stand-in has none, so its dir goes with the run.
+  const weightsDir = process.env['THAW_WEIGHTS_DIR'] ?? (standin ? join(workDir, 'weights') : '/tmp/thaw-qwen3-0.6b-random');
   const flavor = parseFlavor((process.env['THAW_CONTAINERD'] ?? '1.7').split(',')[0] ?? '1.7');
   const resultsDir = process.env['BENCH_GPU_RESULTS_DIR'] ?? join(PACKAGE_ROOT, 'bench/results');
   const workerScript = join(PACKAGE_ROOT, standin ? 'bench/gpu/standin-worker.py' : 'bench/gpu/worker.py');
   const identity = standin ? { gpu: 'none (stand-in worker)', driver: 'none' } : gpuIdentity();
 
-  await mkdir(weightsDir, { recursive: true });
-  const host = hostWorkerEnv(process.env['BENCH_GPU_PYTHON'] ?? 'python3', workerScript, weightsDir);
+  let host: HostWorkerEnv;
+  try {
+    await mkdir(weightsDir, { recursive: true });
+    host = hostWorkerEnv(process.env['BENCH_GPU_PYTHON'] ?? 'python3', workerScript, weightsDir);
+  } catch (err) {
+    await rm(workDir, { recursive: true, force: true });
+    throw err;
+  }
 
   await cleanupStaleStacks();
-  const workDir = await mkdtemp(join(tmpdir(), 'thaw-bench-gpu-'));
   let stack: NodeStack | undefined;
   let plugin: ThawPluginProcess | undefined;
   const pods = new Set<string>();
