@@ -11,7 +11,7 @@
  * THAW_CONTAINERD (1.7 | 2.1).
  */
 import { execFileSync } from 'node:child_process';
-import { mkdtemp, open, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, open, readFile, rm } from 'node:fs/promises';
 import { cpus, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { randomFillSync } from 'node:crypto';
@@ -22,17 +22,12 @@ import { pluginDirsUnder, startThawPluginProcess, waitForLog, type LogRecord, ty
 import { buildWorkerImage } from '../demo/worker-image.js';
 import { expectedDigest } from '../demo/worker/memory.js';
 import { getJson, runWorkerPod, waitForServingWorker, type WorkerState } from '../demo/scenario.js';
+import { dropPageCache } from './page-cache.js';
 import { renderTable } from './stats.js';
 
 const WRITE_CHUNK_BYTES = 8 * 2 ** 20;
 const PROBE_FILE_BYTES = 1024 * 2 ** 20;
 const GB = 1e9;
-
-/** Drops the page cache (clean pages only; dirty ones are written first). Needs root. */
-async function dropPageCache(): Promise<void> {
-  execFileSync('sync');
-  await writeFile('/proc/sys/vm/drop_caches', '3\n');
-}
 
 /**
  * Reads a file once with dd (8 MiB blocks, one stream: the tool the GPU baseline used) and returns GB/s.

@@ -28,9 +28,11 @@ import { basename, dirname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { cleanupStaleStacks } from '../../src/node-stack/cleanup.js';
 import { startNodeStack, type NodeStack } from '../../src/node-stack/containerd.js';
-import type { Device, Mount } from '../../src/node-stack/cri-client.js';
+import { parseCriLog, type Device, type Mount } from '../../src/node-stack/cri-client.js';
 import { parseFlavor } from '../../src/node-stack/paths.js';
 import { PACKAGE_ROOT, pluginDirsUnder, readJsonLog, startThawPluginProcess, waitForLog, type LogRecord, type ThawPluginProcess } from '../../src/node-stack/thaw-plugin-process.js';
+import { getJson } from '../../demo/scenario.js';
+import { dropPageCache } from '../page-cache.js';
 import { renderTable } from '../stats.js';
 
 export const GPU_WORKER_IMAGE_REF = 'docker.io/thaw/gpu-worker-shell:1';
@@ -38,6 +40,8 @@ const COLD_START_TIMEOUT_MS = 300_000;
 const CHECKPOINT_TIMEOUT_MS = 600_000;
 const RESTORE_TIMEOUT_MS = 300_000;
 const HEALTH_POLL_MS = 25;
+/** /tokens generates 32 tokens; the first call after a restore also faults the worker's memory in. */
+const TOKENS_TIMEOUT_MS = 120_000;
 const GPU_MEMORY_SETTLE_TIMEOUT_MS = 60_000;
 const CONTAINER_PATH = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin';
 
@@ -52,27 +56,9 @@ interface Health {
   facts?: Record<string, unknown>;
 }
 
-/** GET http://127.0.0.1:<port><path> → JSON, or undefined when nothing answers yet. */
-async function tryGet<T>(port: number, path: string, timeoutMs: number): Promise<T | undefined> {
-  try {
-    const res = await fetch(`http://127.0.0.1:${port}${path}`, { signal: AbortSignal.timeout(timeoutMs) });
-    if (res.status !== 200) return undefined;
-    return (await res.json()) as T;
-  } catch {
-    return undefined;
-  }
-}
-
-async function getJson<T>(port: number, path: string, timeoutMs = 120_000): Promise<T> {
-  const r = await tryGet<T>(port, path, timeoutMs);
-  if (r === undefined) throw new Error(`GET ${path} on port ${port}: no answer`);
-  return r;
-}
-
-/** Drops the page cache (clean pages; dirty ones are written first). Needs root. */
-async function dropPageCache(): Promise<void> {
-  execFileSync('sync');
-  await writeFile('/proc/sys/vm/drop_caches', '3\n');
+/** GET http://127.0.0.1:<port><path> → JSON, or undefined when nothing (or no 200) answers yet. */
+function tryGet<T>(port: number, path: string, timeoutMs: number): Promise<T | undefined> {
+  return getJson<T>(port, path, timeoutMs).catch(() => undefined);
 }
 
 /** The host's GPU memory in use (MiB), from nvidia-smi; undefined without one. */
@@ -107,17 +93,15 @@ async function waitGpuMemoryBelow(limitMiB: number | undefined): Promise<void> {
   }
 }
 
-/** JSON lines the worker wrote to stdout/stderr, from its CRI log (`<time> <stream> <F|P> <line>`). */
+/** JSON lines the worker wrote to stdout/stderr, from its CRI log. */
 async function workerLogEvents(logPath: string): Promise<Record<string, unknown>[]> {
-  const text = await readFile(logPath, 'utf8').catch(() => '');
   const events: Record<string, unknown>[] = [];
-  for (const line of text.split('\n')) {
-    const body = line.split(' ').slice(3).join(' ');
-    if (!body.startsWith('{')) continue;
+  for (const line of parseCriLog(await readFile(logPath, 'utf8').catch(() => ''))) {
+    if (line.partial || !line.text.startsWith('{')) continue;
     try {
-      events.push(JSON.parse(body) as Record<string, unknown>);
+      events.push(JSON.parse(line.text) as Record<string, unknown>);
     } catch {
-      // a partial line: not one of the worker's events
+      // a line that only looks like JSON: not one of the worker's events
     }
   }
   return events;
@@ -316,7 +300,7 @@ async function main(): Promise<void> {
     say('cold start, page cache dropped');
     const cold = await runWorker('gpu-cold', {}, []);
     coldStartMs = (await waitReady(cold, COLD_START_TIMEOUT_MS, (h) => h.ok)).ms;
-    coldTokens = (await getJson<{ tokens: number[] }>(port, '/tokens')).tokens;
+    coldTokens = (await getJson<{ tokens: number[] }>(port, '/tokens', TOKENS_TIMEOUT_MS)).tokens;
     await removePod(cold);
     say(`cold start ${coldStartMs} ms; again with the page cache warm`);
     const coldWarm = await runWorker('gpu-cold-warm', {}, []);
@@ -347,7 +331,7 @@ async function main(): Promise<void> {
         const target = await runWorker(`gpu-restore-${label}-${v.name}`, { 'thaw.dev/restore': checkpointName }, v.workerArgs);
         const ready = await waitReady(target, RESTORE_TIMEOUT_MS, (h) => h.ok && h.restored, checkpointName);
         const restoreEvent = ready.event ?? (await waitForLog(logFile, (r) => r['event'] === 'restore' && r['containerId'] === target.containerId, 'the restore event', 30_000));
-        const tokens = ready.event ? undefined : (await getJson<{ tokens: number[] }>(port, '/tokens')).tokens;
+        const tokens = ready.event ? undefined : (await getJson<{ tokens: number[] }>(port, '/tokens', TOKENS_TIMEOUT_MS)).tokens;
         await removePod(target);
         const outcome = String(restoreEvent['outcome']);
         say(`${v.name}: restore (page cache ${label}) ${ready.ms} ms, ${outcome}${restoreEvent['cause'] ? ` (${String(restoreEvent['cause'])}: ${String(restoreEvent['reason'])})` : ''}`);
