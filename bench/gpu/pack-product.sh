@@ -38,12 +38,10 @@ node -e '
   const keep = Object.entries(lock.packages).filter(([p, v]) => p.startsWith("node_modules/") && !v.dev).map(([p]) => p);
   process.stdout.write(keep.join("\n") + "\n");
 ' > "$stage/prod-modules.txt"
-tar -cf - \
-  --exclude='node_modules/koffi/build/koffi/*' --exclude='node_modules/koffi/src' --exclude='node_modules/koffi/vendor' \
-  --exclude='node_modules/koffi/doc' --exclude='*.md' --exclude='*.map' \
-  --no-recursion -T <(while read -r p; do [ -e "$p" ] && find "$p" -maxdepth 0; done < "$stage/prod-modules.txt") \
+# One tar over the list (each package recursively): koffi's prebuilt builds, sources and docs stay behind.
+tar -cf - --exclude='node_modules/koffi/build/koffi/*' --exclude='node_modules/koffi/src' --exclude='node_modules/koffi/vendor' \
+  --exclude='node_modules/koffi/doc' -T <(while read -r p; do [ -e "$p" ] && echo "$p"; done < "$stage/prod-modules.txt") \
   | tar -C "$stage" -xf -
-while read -r p; do [ -e "$p" ] && tar -cf - --exclude='koffi/build/koffi/*' --exclude='koffi/src' --exclude='koffi/vendor' --exclude='koffi/doc' "$p" | tar -C "$stage" -xf -; done < "$stage/prod-modules.txt"
 mkdir -p "$stage/node_modules/koffi/build/koffi"
 cp -r node_modules/koffi/build/koffi/linux_x64 "$stage/node_modules/koffi/build/koffi/"
 mkdir -p "$stage/native/build"
