@@ -23,7 +23,7 @@
 import { execFileSync } from 'node:child_process';
 import { existsSync, lstatSync, readlinkSync, realpathSync } from 'node:fs';
 import { cp, mkdir, mkdtemp, readFile, rm, symlink, writeFile } from 'node:fs/promises';
-import { cpus, hostname, tmpdir } from 'node:os';
+import { cpus, hostname, release, tmpdir } from 'node:os';
 import { basename, dirname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { cleanupStaleStacks } from '../../src/node-stack/cleanup.js';
@@ -33,6 +33,7 @@ import { parseFlavor } from '../../src/node-stack/paths.js';
 import { PACKAGE_ROOT, pluginDirsUnder, readJsonLog, startThawPluginProcess, waitForLog, type LogRecord, type ThawPluginProcess } from '../../src/node-stack/thaw-plugin-process.js';
 import { getJson } from '../../demo/scenario.js';
 import { dropPageCache } from '../page-cache.js';
+import { readThpMode } from '../../src/store/host-facts.js';
 import { renderTable } from '../stats.js';
 
 export const GPU_WORKER_IMAGE_REF = 'docker.io/thaw/gpu-worker-shell:1';
@@ -403,6 +404,9 @@ async function main(): Promise<void> {
     cpus: cpus().length,
     gpu: identity.gpu,
     driver: identity.driver,
+    kernel: release(),
+    // CRIU's page-restore rate depends on it (bench/gpu/criu-page-rate.sh); run-product.sh's THAW_THP sets it.
+    transparentHugePages: (await readThpMode()) ?? null,
     containerd: stack?.containerdVersion,
     coldStartMs,
     coldStartWarmMs,

@@ -271,6 +271,7 @@ describe.each(flavorsUnderTest())('thaw agent and CLI on containerd %s', (flavor
     const containerdVersion = await new Promise<string>((resolve) => execFile(join(prefix, 'bin/containerd'), ['--version'], (_e, out) => resolve(out)));
     const overlay = /\toverlay$/m.test(await readFile('/proc/filesystems', 'utf8')) || existsSync('/sys/module/overlay');
     const cgroup2 = existsSync('/sys/fs/cgroup/cgroup.controllers');
+    const thp = /\[(\w+)\]/.exec(await readFile('/sys/kernel/mm/transparent_hugepage/enabled', 'utf8').catch(() => ''))?.[1];
     const libcuda = await new Promise<boolean>((resolve) => execFile('/sbin/ldconfig', ['-p'], (_e, out) => resolve(/libcuda\.so\.1 /.test(out))));
 
     const base = ['doctor', '--json', '--socket', socket, '--paths-toolkit-dir', prefix, '--containerd', join(prefix, 'bin/containerd')];
@@ -281,6 +282,7 @@ describe.each(flavorsUnderTest())('thaw agent and CLI on containerd %s', (flavor
     expect(status('criu.check')).toBe(criuCheck === 0 ? 'pass' : 'fail');
     expect(status('kernel.overlayfs')).toBe(overlay ? 'pass' : 'fail');
     expect(status('kernel.cgroup2')).toBe(cgroup2 ? 'pass' : 'warn');
+    expect(status('kernel.thp')).toBe(thp === 'always' ? 'pass' : 'warn');
     expect(report.checks.find((c) => c.id === 'containerd.version')?.detail).toBe(`containerd ${containerdVersion.split(/\s+/)[2]}`);
     expect(status('containerd.nri-args')).toBe('warn'); // 1.7 and 2.1 both predate NRI args (2.2)
     expect(status('containerd.nri')).toBe('pass');

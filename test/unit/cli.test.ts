@@ -5,7 +5,8 @@ import * as grpc from '@grpc/grpc-js';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { apiSocketOf, COMMANDS, parseCommandLine, parseTarget, UsageError } from '../../src/cli/args.js';
 import { exitCodeOf } from '../../src/cli/client.js';
-import { containerdVersionOf, renderDoctor } from '../../src/cli/doctor.js';
+import { containerdVersionOf, renderDoctor, thpCheck } from '../../src/cli/doctor.js';
+import { parseThpMode } from '../../src/store/host-facts.js';
 import { ExitCode } from '../../src/cli/exit-codes.js';
 import { runCli, type CliIo } from '../../src/cli/main.js';
 import { formatBytes, formatMs, renderCheckpointResult, renderList, table } from '../../src/cli/render.js';
@@ -133,6 +134,19 @@ describe('human output', () => {
     const p = { container_id: 'c'.repeat(64), name: 'w', pod: 'ns/p', container: 'worker', done: true, id: 'abc', bytes: 1048576, error_json: '' };
     expect(renderCheckpointResult({ ...p, state: 'succeeded', phases_json: JSON.stringify({ dumpMs: 800, totalMs: 1200 }) })).toBe('checkpoint w (abc): 1.0 MiB in 1.20 s (dump 800 ms)');
     expect(renderCheckpointResult({ ...p, state: 'failed', phases_json: '', error_json: JSON.stringify({ code: 'CHECKPOINT_FAILED', message: 'dump: boom' }) })).toBe('checkpoint w failed: CHECKPOINT_FAILED: dump: boom');
+  });
+
+  it('reads the transparent-huge-page mode and warns unless it is always', () => {
+    expect(parseThpMode('always [madvise] never\n')).toBe('madvise');
+    expect(parseThpMode('[always] madvise never\n')).toBe('always');
+    expect(parseThpMode('always madvise [never]')).toBe('never');
+    expect(parseThpMode('garbage')).toBeUndefined();
+    expect(thpCheck('always').status).toBe('pass');
+    for (const mode of ['madvise', 'never', undefined]) {
+      const c = thpCheck(mode);
+      expect([c.status, c.detail.startsWith(mode ?? 'no /sys/kernel/mm/transparent_hugepage/enabled')]).toEqual(['warn', true]);
+      expect(c.fix).toMatch(/echo always > \/sys\/kernel\/mm\/transparent_hugepage\/enabled/);
+    }
   });
 
   it('renders doctor lines with the fix under each problem', () => {
