@@ -4,9 +4,10 @@
  *
  *   inspect   /proc of the container's init: mounts and the external-mount plan, stdio, netns, RSS,
  *             command line (container-inspect.ts), and the overlay upperdir (rootfs-diff.ts)
- *   [cuda]    lock + checkpoint every process of the tree (a seam; no-op until the CUDA work lands)
+ *   [cuda]    lock + checkpoint every process of the tree (cuda-steps.ts in the agent)
  *   dump      CRIU dump over RPC into <pending>/criu, always with --leave-running
  *   [cuda]    restore + unlock (also after a failed dump, so the worker can go on)
+ *   zero      all-zero pages of private anonymous memory left out of the images (zero-pages.ts)
  *   rootfs    rootfs-diff.tar + deleted-files.json from the upperdir
  *   publish   manifest (sha256 of every file), fsync, atomic rename (store/local-store.ts)
  *   notify    `checkpoint-complete` (and Dynamo's `snapshot-complete`) in the control dir
@@ -37,6 +38,7 @@ import type { CriuClient } from './criu/client.js';
 import type { CgroupsMode, DumpOptions } from './criu/options.js';
 import { inspectContainer, type ContainerInspection, type InspectOptions } from './container-inspect.js';
 import { captureRootfsDiff, readContainerOverlay } from './rootfs-diff.js';
+import { dropZeroPages } from './zero-pages.js';
 
 /** The whole flow, dump included, gives up after this (a 100 GB host-memory dump fits). */
 export const DEFAULT_CHECKPOINT_TIMEOUT_MS = 30 * 60_000;
@@ -60,7 +62,7 @@ export class CheckpointError extends ThawError {
   }
 }
 
-export type CheckpointPhase = 'precheck' | 'inspect' | 'cuda-checkpoint' | 'dump' | 'cuda-restore' | 'rootfs-diff' | 'publish';
+export type CheckpointPhase = 'precheck' | 'inspect' | 'cuda-checkpoint' | 'dump' | 'cuda-restore' | 'zero-pages' | 'rootfs-diff' | 'publish';
 export type OnCheckpoint = 'continue' | 'exit';
 
 /**
@@ -141,12 +143,21 @@ export interface CheckpointContainerOptions {
   /** GNU tar for the rootfs diff; default rootfs-diff.ts's. */
   tarPath?: string;
   inspect?: InspectOptions;
+  /**
+   * Leave all-zero pages of private anonymous memory out of the dump (zero-pages.ts): smaller checkpoints,
+   * faster restores, the same memory. Default true; a failure of this step only logs and keeps CRIU's images.
+   */
+  dropZeroPages?: boolean;
 }
 
 export interface CheckpointPhases {
   inspectMs: number;
   cudaMs?: number;
   dumpMs: number;
+  /** Scanning the dump for zero pages and rewriting it without them (absent when switched off). */
+  zeroPagesMs?: number;
+  /** Bytes of zero pages left out of the dump. */
+  zeroPagesDroppedBytes?: number;
   rootfsDiffMs: number;
   publishMs: number;
   totalMs: number;
@@ -308,6 +319,21 @@ export async function checkpointContainer(
       phases.cudaMs = (phases.cudaMs ?? 0) + round(performance.now() - started);
     }
 
+    if (opts.dropZeroPages !== false) {
+      phase = 'zero-pages';
+      started = performance.now();
+      try {
+        const z = await dropZeroPages(pending.paths.criuDir, { signal });
+        phases.zeroPagesDroppedBytes = z.droppedBytes;
+        log.info('zero pages left out of the dump', { droppedBytes: z.droppedBytes, scannedBytes: z.scannedBytes, rewritten: z.rewritten, skipped: z.skipped, ms: z.ms });
+      } catch (err) {
+        // Only an aborted flow or images left out of step fail the checkpoint; otherwise CRIU's images stand.
+        if (signal.aborted || (err as { imagesChanged?: boolean }).imagesChanged === true) throw err;
+        log.warn('zero pages kept: the dump is published as CRIU wrote it', { error: errorMessage(err), code: isThawError(err) ? err.code : undefined });
+      }
+      phases.zeroPagesMs = round(performance.now() - started);
+    }
+
     phase = 'rootfs-diff';
     started = performance.now();
     await captureRootfsDiff({
@@ -329,6 +355,7 @@ export async function checkpointContainer(
       'rootfs-diff': phases.rootfsDiffMs,
     };
     if (phases.cudaMs !== undefined) phaseMs['cuda'] = phases.cudaMs;
+    if (phases.zeroPagesMs !== undefined) phaseMs['zero-pages'] = phases.zeroPagesMs;
     const gpu = opts.cuda?.gpuConstraints?.();
     const fields: ManifestFields = {
       source: {

@@ -1,0 +1,178 @@
+/**
+ * CRIU image files, the few thaw reads or rewrites (`proto/criu/images.proto`): pure framing and decoding at
+ * the bottom, no I/O. An image file is two u32 magics then entries, each a u32 length (little endian) and one
+ * protobuf message; `pages-<id>.img` is raw pages in pagemap order and is not read here.
+ */
+import { existsSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
+import protobuf from 'protobufjs';
+import { CriuError, CriuErrorCode } from './errors.js';
+
+export const CRIU_PAGE_BYTES = 4096;
+
+/** VMA status bits (CRIU's image.h) that decide whether a page may be left out of the images. */
+export const VmaStatus = {
+  AREA_REGULAR: 1 << 0,
+  FILE_PRIVATE: 1 << 6,
+  FILE_SHARED: 1 << 7,
+  ANON_SHARED: 1 << 8,
+  ANON_PRIVATE: 1 << 9,
+  AREA_SYSVIPC: 1 << 10,
+  AREA_SOCKET: 1 << 11,
+  AREA_VVAR: 1 << 12,
+  AREA_AIORING: 1 << 13,
+  AREA_MEMFD: 1 << 14,
+  AREA_SHSTK: 1 << 15,
+} as const;
+
+/** pagemap_entry flags (CRIU's pagemap.h). */
+export const PagemapFlags = { PARENT: 1 << 0, LAZY: 1 << 1, PRESENT: 1 << 2 } as const;
+
+export interface ImageFile {
+  /** The first 8 bytes (common magic, image magic), kept verbatim when the file is rewritten. */
+  header: Buffer;
+  entries: Buffer[];
+}
+
+export interface PstreeEntry {
+  pid: number;
+  ppid: number;
+}
+
+export interface VmaEntry {
+  start: bigint;
+  end: bigint;
+  status: number;
+  flags: number;
+}
+
+export interface PagemapEntry {
+  vaddr: bigint;
+  nrPages: number;
+  inParent?: boolean;
+  flags?: number;
+}
+
+const IMAGE_HEADER_BYTES = 8;
+
+function imageError(step: string, message: string, evidence?: Record<string, unknown>): CriuError {
+  return new CriuError(CriuErrorCode.PROTOCOL, message, { step, ...(evidence ? { evidence } : {}) });
+}
+
+/** Splits an image file into its header and entries; throws CRIU_PROTOCOL on a truncated file. */
+export function parseImageFile(bytes: Buffer, name: string): ImageFile {
+  const step = `read CRIU image ${name}`;
+  if (bytes.length < IMAGE_HEADER_BYTES) throw imageError(step, `${name}: ${bytes.length} bytes, shorter than an image header`);
+  const entries: Buffer[] = [];
+  let at = IMAGE_HEADER_BYTES;
+  while (at < bytes.length) {
+    if (at + 4 > bytes.length) throw imageError(step, `${name}: truncated entry length at byte ${at}`);
+    const size = bytes.readUInt32LE(at);
+    at += 4;
+    if (at + size > bytes.length) throw imageError(step, `${name}: entry of ${size} bytes at byte ${at} runs past the end (${bytes.length})`);
+    entries.push(bytes.subarray(at, at + size));
+    at += size;
+  }
+  return { header: Buffer.from(bytes.subarray(0, IMAGE_HEADER_BYTES)), entries };
+}
+
+export function encodeImageFile(image: ImageFile): Buffer {
+  const parts: Buffer[] = [image.header];
+  for (const e of image.entries) {
+    const len = Buffer.alloc(4);
+    len.writeUInt32LE(e.length);
+    parts.push(len, e);
+  }
+  return Buffer.concat(parts);
+}
+
+function defaultProtoPath(): string {
+  const candidates = ['../../../proto/criu/images.proto', '../../../../proto/criu/images.proto'].map((rel) =>
+    fileURLToPath(new URL(rel, import.meta.url)),
+  );
+  const found = candidates.find((p) => existsSync(p));
+  if (found === undefined) throw imageError('load CRIU images.proto', `images.proto not found (looked at ${candidates.join(', ')})`);
+  return found;
+}
+
+const toBigInt = (v: unknown): bigint => (typeof v === 'number' ? BigInt(v) : BigInt(String(v)));
+
+/** Decoders of pstree, mm and pagemap entries; load once and share (it holds only the parsed types). */
+export class CriuImageCodec {
+  private constructor(
+    private readonly pstree: protobuf.Type,
+    private readonly mm: protobuf.Type,
+    private readonly pagemapHead: protobuf.Type,
+    private readonly pagemap: protobuf.Type,
+  ) {}
+
+  static load(protoPath: string = defaultProtoPath()): CriuImageCodec {
+    const root = new protobuf.Root();
+    root.loadSync(protoPath);
+    return new CriuImageCodec(root.lookupType('pstree_entry'), root.lookupType('mm_entry'), root.lookupType('pagemap_head'), root.lookupType('pagemap_entry'));
+  }
+
+  private decode(type: protobuf.Type, bytes: Buffer, what: string): Record<string, unknown> {
+    try {
+      return type.toObject(type.decode(bytes), { longs: String, defaults: false }) as Record<string, unknown>;
+    } catch (err) {
+      throw new CriuError(CriuErrorCode.PROTOCOL, `undecodable ${what}: ${err instanceof Error ? err.message : String(err)}`, { step: `decode CRIU ${what}`, cause: err });
+    }
+  }
+
+  decodePstree(bytes: Buffer): PstreeEntry {
+    const o = this.decode(this.pstree, bytes, 'pstree_entry');
+    return { pid: Number(o['pid']), ppid: Number(o['ppid']) };
+  }
+
+  /** The VMAs of an mm_entry (its other fields are not needed here). */
+  decodeVmas(bytes: Buffer): VmaEntry[] {
+    const o = this.decode(this.mm, bytes, 'mm_entry');
+    const vmas = (o['vmas'] as Array<Record<string, unknown>> | undefined) ?? [];
+    return vmas.map((v) => ({ start: toBigInt(v['start']), end: toBigInt(v['end']), status: Number(v['status']), flags: Number(v['flags']) }));
+  }
+
+  decodePagemapHead(bytes: Buffer): { pagesId: number } {
+    return { pagesId: Number(this.decode(this.pagemapHead, bytes, 'pagemap_head')['pagesId']) };
+  }
+
+  decodePagemapEntry(bytes: Buffer): PagemapEntry {
+    const o = this.decode(this.pagemap, bytes, 'pagemap_entry');
+    return {
+      vaddr: toBigInt(o['vaddr']),
+      nrPages: Number(o['nrPages']),
+      ...(o['inParent'] !== undefined ? { inParent: Boolean(o['inParent']) } : {}),
+      ...(o['flags'] !== undefined ? { flags: Number(o['flags']) } : {}),
+    };
+  }
+
+  encodePagemapEntry(e: PagemapEntry): Buffer {
+    const msg = this.pagemap.fromObject({
+      vaddr: e.vaddr.toString(), // fromObject turns a decimal string into an unsigned 64-bit value
+      nrPages: e.nrPages,
+      ...(e.inParent !== undefined ? { inParent: e.inParent } : {}),
+      ...(e.flags !== undefined ? { flags: e.flags } : {}),
+    });
+    return Buffer.from(this.pagemap.encode(msg).finish());
+  }
+
+  /** For tests and tools that build images: encoders of the read-only messages. */
+  encodePstree(e: PstreeEntry & { pgid?: number; sid?: number; threads?: number[] }): Buffer {
+    return Buffer.from(this.pstree.encode(this.pstree.fromObject({ pid: e.pid, ppid: e.ppid, pgid: e.pgid ?? e.pid, sid: e.sid ?? e.pid, threads: e.threads ?? [e.pid] })).finish());
+  }
+
+  encodeMm(vmas: Array<VmaEntry & { prot?: number }>): Buffer {
+    const long = (v: bigint): string => v.toString();
+    const zero = long(0n);
+    const msg = this.mm.fromObject({
+      mmStartCode: zero, mmEndCode: zero, mmStartData: zero, mmEndData: zero, mmStartStack: zero, mmStartBrk: zero, mmBrk: zero,
+      mmArgStart: zero, mmArgEnd: zero, mmEnvStart: zero, mmEnvEnd: zero, exeFileId: 0,
+      vmas: vmas.map((v) => ({ start: long(v.start), end: long(v.end), pgoff: zero, shmid: zero, prot: v.prot ?? 3, flags: v.flags, status: v.status, fd: -1 })),
+    });
+    return Buffer.from(this.mm.encode(msg).finish());
+  }
+
+  encodePagemapHead(pagesId: number): Buffer {
+    return Buffer.from(this.pagemapHead.encode(this.pagemapHead.fromObject({ pagesId })).finish());
+  }
+}
