@@ -22,20 +22,22 @@ describe.each(flavorsUnderTest())('bench:gpu with the stand-in worker, container
     for (const d of dirs) await rm(d, { recursive: true, force: true });
   });
 
-  it('cold start, checkpoint, restore warm and cold: every restore restored, same tokens, JSON written', async () => {
+  it('cold start, checkpoint, two rounds of restores warm and cold: every restore restored, same tokens, JSON written', async () => {
     ensureBuilt();
     const results = await mkdtemp('/tmp/thaw-bench-gpu-test-');
     dirs.push(results);
     const { stdout } = await execFileP(process.execPath, [path.join(PACKAGE_ROOT, 'dist/bench/gpu/product.js')], {
-      env: { ...process.env, BENCH_GPU_STANDIN: '1', BENCH_GPU_VARIANTS: 'released', BENCH_GPU_RESULTS_DIR: results, BENCH_GPU_PORT: '18181', THAW_CONTAINERD: flavor, OUT: '' },
+      env: { ...process.env, BENCH_GPU_STANDIN: '1', BENCH_GPU_VARIANTS: 'released', BENCH_GPU_RESTORES: '2', BENCH_GPU_RESULTS_DIR: results, BENCH_GPU_PORT: '18181', THAW_CONTAINERD: flavor, OUT: '' },
       timeout: RUN_TIMEOUT_MS,
       maxBuffer: 16 * 2 ** 20,
     });
     const last = stdout.trim().split('\n').pop() ?? '';
-    const summary = JSON.parse(last) as { standin: boolean; tokensMatch: boolean; variants: Array<{ variant: string; restoreWarmOutcome: string; restoreColdOutcome: string; checkpointBytes: number; liveBytes: number | null }> };
+    const summary = JSON.parse(last) as { standin: boolean; tokensMatch: boolean; variants: Array<{ variant: string; restoreWarmOutcome: string; restoreColdOutcome: string; checkpointBytes: number; liveBytes: number | null; restoreWarmSamplesMs: number[]; restoreColdSamplesMs: number[] }> };
     expect(summary.standin).toBe(true);
     expect(summary.variants.map((v) => [v.variant, v.restoreWarmOutcome, v.restoreColdOutcome])).toEqual([['released', 'restored', 'restored']]);
     expect(summary.tokensMatch).toBe(true);
+    // Two rounds of restores, every sample kept beside the median.
+    expect([summary.variants[0]?.restoreWarmSamplesMs.length, summary.variants[0]?.restoreColdSamplesMs.length]).toEqual([2, 2]);
     expect(summary.variants[0]?.checkpointBytes).toBeGreaterThan(0);
     expect(summary.variants[0]?.liveBytes).toBeGreaterThan(0);
     const files = readdirSync(results);
