@@ -114,6 +114,32 @@ async function readFully(fh: FileHandle, buf: Buffer, length: number, position: 
   }
 }
 
+/** Writes `parts` at `position` (writev; the rest again after a short write); returns the bytes written. */
+async function writeAllv(fh: FileHandle, parts: Buffer[], position: number): Promise<number> {
+  const total = parts.reduce((n, b) => n + b.length, 0);
+  let done = 0;
+  let rest = parts;
+  while (done < total) {
+    const { bytesWritten } = await fh.writev(rest, position + done);
+    if (bytesWritten === 0) throw new Error('writev wrote nothing');
+    done += bytesWritten;
+    if (done < total) {
+      // Drop what was written: whole buffers, then the front of the one it stopped in.
+      let skip = bytesWritten;
+      const left: Buffer[] = [];
+      for (const b of rest) {
+        if (skip >= b.length) skip -= b.length;
+        else {
+          left.push(skip > 0 ? b.subarray(skip) : b);
+          skip = 0;
+        }
+      }
+      rest = left;
+    }
+  }
+  return total;
+}
+
 /**
  * Pass 1: which pages of the pages file are droppable zero pages (one byte per page, 1 = drop). Only reads
  * and compares: most dumps have few zero pages, and then nothing is written at all.
@@ -169,6 +195,9 @@ async function writeKeptPages(plan: ProcessPlan, codec: CriuImageCodec, input: F
         signal?.throwIfAborted();
         const n = Math.min(pagesLeft, buf.length / CRIU_PAGE_BYTES);
         await readFully(input, buf, n * CRIU_PAGE_BYTES, page * CRIU_PAGE_BYTES, plan.pagesFile);
+        // One writev per chunk of the kept runs (views of the read buffer): zero pages come interleaved with
+        // data, and a write per run would be a syscall per few pages.
+        const runs: Buffer[] = [];
         for (let i = 0; i < n; ) {
           if (drop[page + i] === 1) {
             i += 1;
@@ -176,16 +205,11 @@ async function writeKeptPages(plan: ProcessPlan, codec: CriuImageCodec, input: F
           }
           let j = i;
           while (j < n && drop[page + j] !== 1) j += 1;
-          const bytes = (j - i) * CRIU_PAGE_BYTES;
-          let done = 0;
-          while (done < bytes) {
-            const { bytesWritten } = await output.write(buf, i * CRIU_PAGE_BYTES + done, bytes - done, writeAt + done);
-            done += bytesWritten;
-          }
-          writeAt += bytes;
+          runs.push(buf.subarray(i * CRIU_PAGE_BYTES, j * CRIU_PAGE_BYTES));
           appendRun(kept, vaddr + i * CRIU_PAGE_BYTES, j - i, entry);
           i = j;
         }
+        writeAt += await writeAllv(output, runs, writeAt);
         page += n;
         vaddr += n * CRIU_PAGE_BYTES;
         pagesLeft -= n;
