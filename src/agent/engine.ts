@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { errorMessage } from '../errors.js';
 import { CHECKPOINT_COMPLETE } from '../sdk/protocol.js';
 import type { Logger } from '../log.js';
-import { CriuClient } from '../restore-engine/criu/client.js';
+import { CriuClient, parentDeathWrapper } from '../restore-engine/criu/client.js';
 import { openLocalStore, type LocalStore } from '../store/local-store.js';
 import { CheckpointCoordinator, type CheckpointEvent } from './checkpoint-coordinator.js';
 import { createCheckpointSources, type RegistrySourceOptions } from './checkpoint-sources.js';
@@ -76,7 +76,14 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
       : undefined;
   await mkdir(o.workRoot, { recursive: true, mode: 0o700 });
   // CRIU runs GNU tar and gzip from its PATH (tmpfs contents on restore): the toolkit's come first.
-  const criu = new CriuClient({ criuPath: join(binDir, 'criu'), logger, env: { ...process.env, PATH: `${binDir}:${process.env['PATH'] ?? '/usr/sbin:/usr/bin:/sbin:/bin'}` } });
+  const dieWithAgent = parentDeathWrapper();
+  if (dieWithAgent === undefined) logger.warn('no /usr/bin/setpriv (util-linux): a CRIU started by this agent outlives it if the agent is killed');
+  const criu = new CriuClient({
+    criuPath: join(binDir, 'criu'),
+    logger,
+    env: { ...process.env, PATH: `${binDir}:${process.env['PATH'] ?? '/usr/sbin:/usr/bin:/sbin:/bin'}` },
+    ...(dieWithAgent !== undefined ? { parentDeathWrapper: dieWithAgent } : {}),
+  });
   const criuVersion = await criu.version();
   const criuVersionText = `${criuVersion.major}.${criuVersion.minor}.${criuVersion.sublevel}`;
   let runtimeVersion = 'unknown';

@@ -12,6 +12,7 @@ import type { AgentConfig } from '../agent/config.js';
 import { gpuFacts, tryLoadCuda, tryLoadNvml } from '../cuda/index.js';
 import { errorMessage } from '../errors.js';
 import { parseVersion, supportsArgs } from '../nri-plugin/runtime-version.js';
+import { DEFAULT_SETPRIV_PATH } from '../restore-engine/criu/client.js';
 import { readThpMode, THP_ENABLED_PATH } from '../store/host-facts.js';
 import { AgentClient } from './client.js';
 
@@ -121,6 +122,11 @@ async function toolkitChecks(c: AgentConfig): Promise<DoctorCheck[]> {
         : { id: 'criu.check', title: 'criu check', status: 'fail', detail: `exit ${check.code}: ${lines.slice(-3).join(' | ')}`, fix: 'run `criu check` as root and fix what it reports (kernel features, or run as root)' },
     );
   }
+  out.push(
+    (await executable(DEFAULT_SETPRIV_PATH))
+      ? { id: 'host.setpriv', title: 'setpriv (CRIU dies with the agent)', status: 'pass', detail: DEFAULT_SETPRIV_PATH }
+      : { id: 'host.setpriv', title: 'setpriv (CRIU dies with the agent)', status: 'warn', detail: `${DEFAULT_SETPRIV_PATH} is missing: a CRIU dumping a worker outlives a killed agent and traces the worker on`, fix: 'install util-linux (setpriv)' },
+  );
   for (const tool of ['tar', 'gzip']) {
     const path = join(bin, tool);
     out.push(

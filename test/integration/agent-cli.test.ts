@@ -283,6 +283,7 @@ describe.each(flavorsUnderTest())('thaw agent and CLI on containerd %s', (flavor
     expect(status('kernel.overlayfs')).toBe(overlay ? 'pass' : 'fail');
     expect(status('kernel.cgroup2')).toBe(cgroup2 ? 'pass' : 'warn');
     expect(status('kernel.thp')).toBe(thp === 'always' ? 'pass' : 'warn');
+    expect(status('host.setpriv')).toBe(existsSync('/usr/bin/setpriv') ? 'pass' : 'warn');
     expect(report.checks.find((c) => c.id === 'containerd.version')?.detail).toBe(`containerd ${containerdVersion.split(/\s+/)[2]}`);
     expect(status('containerd.nri-args')).toBe('warn'); // 1.7 and 2.1 both predate NRI args (2.2)
     expect(status('containerd.nri')).toBe('pass');

@@ -18,7 +18,9 @@ import {
   readFileSync,
   readlinkSync,
   rmSync,
+  statSync,
   truncateSync,
+  writeFileSync,
 } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -27,7 +29,8 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { isThawError } from '../../src/errors.js';
 import { createCollectingLogger } from '../../src/log.js';
-import { CriuClient, nsenterWrapper } from '../../src/restore-engine/criu/client.js';
+import { CriuClient, nsenterWrapper, parentDeathWrapper } from '../../src/restore-engine/criu/client.js';
+import { ensureBuilt } from '../../src/node-stack/thaw-plugin-process.js';
 import { CriuErrorCode, type CriuError } from '../../src/restore-engine/criu/errors.js';
 import { CriuCodec, CriuReqType } from '../../src/restore-engine/criu/rpc.js';
 import { Libc } from '../../src/restore-engine/criu/seqpacket.js';
@@ -437,5 +440,74 @@ describe('CRIU RPC: one swrk process for several requests, where CRIU allows it'
   it('a missing criu binary is CRIU_SPAWN naming the path', async () => {
     const broken = new CriuClient({ criuPath: '/nonexistent/criu', logger, libc, codec });
     await expect(broken.version()).rejects.toMatchObject({ code: 'CRIU_SPAWN', message: expect.stringContaining('/nonexistent/criu') });
+  });
+});
+
+describe('CRIU RPC: a CRIU whose agent dies', () => {
+  // A victim with 1.5 GiB of memory (the dump takes seconds here) and the counter of startVictim's, in python.
+  const BIG_VICTIM = [
+    'import os, sys, time',
+    'ballast = bytearray(b"\\x01") * (1536 << 20)',
+    'i = 0',
+    'while True:',
+    '    i += 1',
+    '    with open(sys.argv[1], "r+" if os.path.exists(sys.argv[1]) else "w") as f: f.write("%d\\n" % i)',
+    '    time.sleep(0.05)',
+  ].join('\n');
+  // The "agent": a node process that dumps the victim through CriuClient with the parent-death wrapper and says
+  // when CRIU has started (pre-dump notification); the test SIGKILLs it then.
+  const AGENT = (victimPid: number, dirsJson: string, marker: string): string => `
+import { writeFileSync } from 'node:fs';
+import { CriuClient, parentDeathWrapper } from ${JSON.stringify(join(process.cwd(), 'dist/src/restore-engine/criu/client.js'))};
+import { createCollectingLogger } from ${JSON.stringify(join(process.cwd(), 'dist/src/log.js'))};
+const client = new CriuClient({ criuPath: ${JSON.stringify(CRIU_PATH)}, logger: createCollectingLogger(), parentDeathWrapper: parentDeathWrapper(),
+  env: { ...process.env, PATH: ${JSON.stringify(`${toolkitBin}:${process.env.PATH ?? '/usr/bin:/bin'}`)} } });
+await client.dump({ ...${dirsJson}, pid: ${victimPid}, leaveRunning: true }, { preDump: () => writeFileSync(${JSON.stringify(marker)}, 'x') });
+`;
+
+  it('with the parent-death wrapper, CRIU dies with the process that started it mid-dump, and the victim runs on', async () => {
+    ensureBuilt();
+    expect(parentDeathWrapper(), 'util-linux setpriv at /usr/bin/setpriv').toBeDefined();
+    const dir = join(root, 'parent-death');
+    mkdirSync(dir, { recursive: true });
+    const counterFile = join(dir, 'counter');
+    const script = join(dir, 'victim.py');
+    writeFileSync(script, BIG_VICTIM);
+    const out = openSync(join(dir, 'victim.out'), 'a');
+    const victim = spawn('python3', [script, counterFile], { detached: true, stdio: ['ignore', out, out] });
+    closeSync(out);
+    victim.unref();
+    started.add(victim.pid!);
+    await waitFor(() => readCounter(counterFile) >= 5, 30_000, 'the big victim to count');
+
+    const d = dirs('parent-death');
+    const marker = join(dir, 'pre-dump');
+    const agentScript = join(dir, 'agent.mjs');
+    writeFileSync(agentScript, AGENT(victim.pid!, JSON.stringify(d), marker));
+    const agent = spawn(process.execPath, [agentScript], { stdio: 'ignore' });
+    started.add(agent.pid!);
+    await waitFor(() => existsSync(marker), 30_000, 'CRIU to start the dump');
+    const criuPids = readdirSync('/proc')
+      .filter((p) => /^\d+$/.test(p))
+      .filter((p) => {
+        try {
+          return readFileSync(`/proc/${p}/stat`, 'utf8').replace(/^.*\) /, '').split(' ')[1] === String(agent.pid) && readlinkSync(`/proc/${p}/exe`).endsWith('/criu');
+        } catch {
+          return false;
+        }
+      })
+      .map(Number);
+    expect(criuPids).toHaveLength(1);
+    process.kill(agent.pid!, 'SIGKILL');
+
+    await waitFor(() => !alive(criuPids[0]!), 30_000, 'CRIU to die with its parent');
+    // Killed at once, not later: a CRIU that outlived its parent would write all 1.5 GiB of pages and fail only
+    // when it next talked to the dead socket (the post-dump notification).
+    const pagesBytes = readdirSync(d.imagesDir).filter((f) => f.startsWith('pages-')).reduce((n, f) => n + statSync(join(d.imagesDir, f)).size, 0);
+    expect(pagesBytes).toBeLessThan(768 * 2 ** 20);
+    const before = readCounter(counterFile);
+    await waitFor(() => readCounter(counterFile) > before + 3, 10_000, 'the victim to count on after CRIU died');
+    expect(alive(victim.pid!)).toBe(true);
+    kill(victim.pid!);
   });
 });

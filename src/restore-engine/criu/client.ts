@@ -6,7 +6,7 @@
  * runs one swrk process per operation. Nothing here is global: the libc binding, the codec, the
  * logger, the criu binary and its environment all come in through `CriuClientOptions`.
  */
-import { closeSync, constants as fsConstants, mkdtempSync, openSync, rmSync, writeFileSync } from 'node:fs';
+import { closeSync, constants as fsConstants, existsSync, mkdtempSync, openSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
@@ -53,6 +53,12 @@ export interface CriuClientOptions {
   codec?: CriuCodec;
   /** Grace for CRIU to exit after its final answer. */
   exitGraceMs?: number;
+  /**
+   * An argv prefix put before every swrk (and before a call's `wrapper`) that makes it die with this process:
+   * `parentDeathWrapper()`. Without it a CRIU whose agent was killed runs on, tracing the worker, until it
+   * next talks to the socket (a dump blocked inside a task never does).
+   */
+  parentDeathWrapper?: readonly string[];
 }
 
 /** Per-call settings common to every operation. */
@@ -107,6 +113,19 @@ export interface RestoreResult {
 export function nsenterWrapper(pid: number, options: { net?: boolean; nsenterPath?: string } = {}): string[] {
   const flags = ['-m', '-p', '-i', '-u', ...(options.net ? ['-n'] : [])];
   return [options.nsenterPath ?? 'nsenter', '-t', String(pid), ...flags, '--'];
+}
+
+/** util-linux's setpriv, which the host has beside nsenter (README: what the host needs). */
+export const DEFAULT_SETPRIV_PATH = '/usr/bin/setpriv';
+
+/**
+ * `setpriv --pdeathsig KILL`: the kernel kills swrk when the thread that started it exits (Node spawns from
+ * its main thread, so: when the agent exits). The setting survives exec, so it holds for CRIU itself, or for
+ * the first program of a call's wrapper (nsenter forks CRIU as its child: a restore's CRIU outlives the agent
+ * and finishes or fails on its own). Undefined when setpriv is missing.
+ */
+export function parentDeathWrapper(setprivPath: string = DEFAULT_SETPRIV_PATH): string[] | undefined {
+  return existsSync(setprivPath) ? [setprivPath, '--pdeathsig', 'KILL'] : undefined;
 }
 
 export class CriuClient {
@@ -267,12 +286,13 @@ export class CriuClient {
   ): Promise<CriuRespMessage> {
     const spawnOptions: SwrkSpawnOptions = { criuPath: this.options.criuPath };
     if (this.options.env !== undefined) spawnOptions.env = this.options.env;
-    if (call.wrapper !== undefined) spawnOptions.wrapper = call.wrapper;
+    const wrapper = [...(this.options.parentDeathWrapper ?? []), ...(call.wrapper ?? [])];
+    if (wrapper.length > 0) spawnOptions.wrapper = wrapper;
     if (extra.extraFds !== undefined) spawnOptions.extraFds = extra.extraFds;
     if (this.options.exitGraceMs !== undefined) spawnOptions.exitGraceMs = this.options.exitGraceMs;
     const swrk = CriuSwrk.start({ libc: this.libc, codec: this.codec, logger: this.logger }, spawnOptions);
     const started = Date.now();
-    this.logger.debug('criu swrk started', { step, swrkPid: swrk.pid, wrapper: call.wrapper });
+    this.logger.debug('criu swrk started', { step, swrkPid: swrk.pid, wrapper: spawnOptions.wrapper });
     try {
       const resp = await swrk.request(req, {
         step,
