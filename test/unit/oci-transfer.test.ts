@@ -5,7 +5,10 @@
  * for byte; a body cut short, a wrong digest, a closed hash pool each fail with their code.
  */
 import { createHash, randomBytes } from 'node:crypto';
+import { mkdtemp, open, rm, writeFile } from 'node:fs/promises';
 import net from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterEach, describe, expect, it } from 'vitest';
 import { isThawError } from '../../src/errors.js';
@@ -198,6 +201,25 @@ describe('sha256 in worker threads', () => {
     const actual = await stream.digest();
     expect(actual).toBe(sha256(tampered));
     expect(actual).not.toBe(sha256(blob));
+  });
+
+  it('takes bytes from a file the worker reads itself, after bytes sent before, and a range past the end is OCI_IO', async () => {
+    const pool = new HashPool({ threads: 1 });
+    closers.push(() => pool.close());
+    const dir = await mkdtemp(join(tmpdir(), 'thaw-hash-'));
+    closers.push(() => rm(dir, { recursive: true, force: true }));
+    const data = randomBytes(3 * 1024 * 1024 + 77);
+    await writeFile(join(dir, 'f'), data);
+    const fh = await open(join(dir, 'f'), 'r');
+    closers.push(() => fh.close());
+    const stream = pool.open();
+    await stream.update(data.subarray(0, 1000));
+    await stream.updateFromFile(fh.fd, 1000, 2 * 1024 * 1024);
+    await stream.updateFromFile(fh.fd, 1000 + 2 * 1024 * 1024, data.length - 1000 - 2 * 1024 * 1024);
+    expect(await stream.digest()).toBe(sha256(data));
+    const err = await rejection(pool.open().updateFromFile(fh.fd, data.length - 10, 20));
+    expect(isThawError(err, OciErrorCode.IO), String(err)).toBe(true);
+    expect(err.message).toMatch(/ends at/);
   });
 
   it('close() rejects what is pending with OCI_IO, and an abandoned stream leaves the others alone', async () => {

@@ -9,6 +9,9 @@
  * reused. The worker's code is given as a string (`eval`), so the same module works from the build and from
  * the TypeScript sources the tests run.
  *
+ * A stream can also take bytes from a file the worker reads itself (the whole-file sha256 of a pulled file,
+ * computed from the page cache as its chunks complete, off the event loop).
+ *
  * Failures: a worker that exits or throws rejects every pending call of every stream bound to it with OCI_IO;
  * close() terminates the workers and rejects what is pending the same way. A digest is never guessed.
  */
@@ -25,22 +28,33 @@ export function defaultHashThreads(): number {
 export interface Sha256Stream {
   /** Hashes `data` after what was sent before; resolves when the worker is done reading it. */
   update(data: Uint8Array): Promise<void>;
+  /**
+   * Hashes bytes [offset, offset + length) of an open file after what was sent before, read by the worker
+   * itself (pread: the descriptor's position is untouched); resolves when they are hashed.
+   */
+  updateFromFile(fd: number, offset: number, length: number): Promise<void>;
   /** `sha256:<hex>` of everything sent; the stream is done after it. */
   digest(): Promise<string>;
   /** Forgets the stream without a digest (a failed transfer). */
   abandon(): void;
 }
 
+/** Read size of updateFromFile. */
+const FILE_READ_BYTES = 1024 * 1024;
+
 // Messages to a worker: [op, stream id, sequence number, bytes?]. Replies: [sequence number, hex digest or error].
 const OPEN = 0;
 const UPDATE = 1;
 const DIGEST = 2;
 const DROP = 3;
+const UPDATE_FROM_FILE = 4;
 
 const WORKER_SOURCE = `
 const { parentPort } = require('node:worker_threads');
 const { createHash } = require('node:crypto');
+const { readSync } = require('node:fs');
 const hashes = new Map();
+let buffer;
 parentPort.on('message', ([op, id, seq, data]) => {
   try {
     if (op === ${OPEN}) { hashes.set(id, createHash('sha256')); return; }
@@ -48,6 +62,18 @@ parentPort.on('message', ([op, id, seq, data]) => {
     const hash = hashes.get(id);
     if (hash === undefined) throw new Error('no stream ' + id);
     if (op === ${UPDATE}) { hash.update(data); parentPort.postMessage([seq]); return; }
+    if (op === ${UPDATE_FROM_FILE}) {
+      buffer ??= Buffer.allocUnsafe(${FILE_READ_BYTES});
+      const { fd, offset, length } = data;
+      for (let pos = 0; pos < length; ) {
+        const n = readSync(fd, buffer, 0, Math.min(buffer.length, length - pos), offset + pos);
+        if (n === 0) throw new Error('fd ' + fd + ' ends at ' + (offset + pos) + ', before ' + (offset + length));
+        hash.update(buffer.subarray(0, n));
+        pos += n;
+      }
+      parentPort.postMessage([seq]);
+      return;
+    }
     hashes.delete(id);
     parentPort.postMessage([seq, hash.digest('hex')]);
   } catch (err) {
@@ -91,7 +117,7 @@ class HashWorker {
   }
 
   /** Sends a message; resolves with the worker's answer (ops that answer: UPDATE, DIGEST). */
-  call(op: number, id: number, data?: Uint8Array): Promise<string | undefined> {
+  call(op: number, id: number, data?: Uint8Array | { fd: number; offset: number; length: number }): Promise<string | undefined> {
     if (this.failure !== undefined) return Promise.reject(this.failure);
     const seq = this.seq++;
     return new Promise((resolve, reject) => {
@@ -137,6 +163,10 @@ export class HashPool {
       update: async (data) => {
         if (done) throw new Error('internal error: update of a finished sha256 stream');
         await worker.call(UPDATE, id, data);
+      },
+      updateFromFile: async (fd, offset, length) => {
+        if (done) throw new Error('internal error: update of a finished sha256 stream');
+        await worker.call(UPDATE_FROM_FILE, id, { fd, offset, length });
       },
       digest: async () => {
         if (done) throw new Error('internal error: digest of a finished sha256 stream');

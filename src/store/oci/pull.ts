@@ -266,6 +266,41 @@ async function hashRange(fh: FileHandle, offset: number, size: number): Promise<
   return `sha256:${hash.digest('hex')}`;
 }
 
+/**
+ * The whole-file sha256 of a file pulled in several chunks: each chunk, once written, is fed to a worker that
+ * reads it back from the file (the page cache) in file order; chunks that complete early wait for the ones
+ * before them.
+ */
+class WholeFileHash {
+  private next = 0;
+  private readonly completed = new Map<number, number>();
+  private fed: Promise<void> = Promise.resolve();
+
+  constructor(
+    private readonly hash: Sha256Stream,
+    private readonly fd: number,
+  ) {}
+
+  /** Bytes [offset, offset + size) are written and verified. */
+  chunkDone(offset: number, size: number): void {
+    this.completed.set(offset, size);
+    for (let size = this.completed.get(this.next); size !== undefined; size = this.completed.get(this.next)) {
+      this.completed.delete(this.next);
+      const fed = this.hash.updateFromFile(this.fd, this.next, size);
+      this.fed = this.fed.then(() => fed);
+      fed.catch(() => undefined); // awaited through this.fed in digest()
+      this.next += size;
+    }
+  }
+
+  /** `sha256:<hex>` once the chunks cover [0, size); an internal error when they do not. */
+  async digest(size: number): Promise<string> {
+    await this.fed;
+    if (this.next !== size || this.completed.size > 0) throw new Error(`internal error: the chunks cover [0, ${this.next}) of ${size} bytes`);
+    return this.hash.digest();
+  }
+}
+
 /** Fetches the layers of a resolved checkpoint and publishes it. Returns at once when the store has it. */
 export async function fetchResolved(client: RegistryClient, r: ResolvedRemote, o: FetchOptions): Promise<PullResult> {
   const started = performance.now();
@@ -324,6 +359,16 @@ export async function fetchResolved(client: RegistryClient, r: ResolvedRemote, o
         transfers.push({ repository: r.reference.repository, chunk, start, end: Math.min(chunk.size, start + rangeBytes), sink });
       }
     }
+    // A file of several chunks, for the cache: its whole-file sha256, computed in a worker from the page cache as
+    // its chunks complete in order (the transfers start in offset order), so that little is left at the end.
+    const chunkCount = new Map<string, number>();
+    for (const c of r.chunks) chunkCount.set(c.path, (chunkCount.get(c.path) ?? 0) + 1);
+    const wholeFiles = new Map<string, WholeFileHash>();
+    if (cache !== undefined) {
+      for (const path of toFetch) if ((chunkCount.get(path) ?? 0) > 1) wholeFiles.set(path, new WholeFileHash(hashes.open(), handles.get(path)!.fd));
+    }
+    const rangesLeft = new Map<FileChunk, number>();
+    for (const t of transfers) rangesLeft.set(t.chunk, (rangesLeft.get(t.chunk) ?? 0) + 1);
     // A file is fsynced as soon as its last transfer is done, while the others go on; its chunks re-read first.
     const transfersLeft = new Map<string, number>();
     for (const t of transfers) transfersLeft.set(t.chunk.path, (transfersLeft.get(t.chunk.path) ?? 0) + 1);
@@ -364,6 +409,9 @@ export async function fetchResolved(client: RegistryClient, r: ResolvedRemote, o
           const actual = await t.hash.digest();
           if (actual !== t.chunk.digest) throw mismatch(t.chunk, actual);
         }
+        const ranges = rangesLeft.get(t.chunk)! - 1;
+        rangesLeft.set(t.chunk, ranges);
+        if (ranges === 0) wholeFiles.get(t.chunk.path)?.chunkDone(t.chunk.offset, t.chunk.size);
         const left = transfersLeft.get(t.chunk.path)! - 1;
         transfersLeft.set(t.chunk.path, left);
         if (left === 0) startSync(t.chunk.path);
@@ -375,14 +423,12 @@ export async function fetchResolved(client: RegistryClient, r: ResolvedRemote, o
     const tSynced = performance.now();
     // A file of several chunks: its own sha256 is checked before the cache may hand it out under that name.
     const files = new Map(r.manifest.files.map((f) => [f.path, f]));
-    const chunkCount = new Map<string, number>();
-    for (const c of r.chunks) chunkCount.set(c.path, (chunkCount.get(c.path) ?? 0) + 1);
     for (const path of toFetch) {
       const file = files.get(path)!;
-      const fh = handles.get(path)!;
       if (cache === undefined) continue;
-      if ((chunkCount.get(path) ?? 0) > 1) {
-        const actual = await hashRange(fh, 0, file.size);
+      const whole = wholeFiles.get(path);
+      if (whole !== undefined) {
+        const actual = await whole.digest(file.size);
         if (actual !== `sha256:${file.sha256}`) {
           throw new OciError(OciErrorCode.DIGEST_MISMATCH, `${path}: its layers verify, but the whole file's sha256 is ${actual}, not the manifest's ${file.sha256}`, {
             step: 'verify file',
