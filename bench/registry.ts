@@ -15,14 +15,7 @@
  *
  * Env: BENCH_REGISTRY_BYTES (checkpoint size, default 2e9), BENCH_ROUNDS (default 3),
  * BENCH_CONCURRENCY (parallel transfers for pull and curl, default 8), BENCH_CHUNK_MB (layer size, default 64),
- * THAW_CONTAINERD (stack flavor of the end-to-end part, default 1.7), BENCH_ORDER (`pull-first`, the default: each
- * round pulls, then curl fetches; `alternate`: even rounds run curl first).
- *
- * Why BENCH_ORDER exists: on the 2-core machine (a VM) the cost of writing into the page cache depends on how
- * recently the memory was freed: 2 GB written with dd took 0.5 s right after a 2 GB file was deleted, and
- * 1.8-4.0 s after 5-10 s idle (the guest hands freed memory back to the host, which must fault it in again).
- * With pull-first, curl always writes into the memory the pull's files freed a moment before, and the pull
- * into memory freed before the round's push. `alternate` gives each side both positions.
+ * THAW_CONTAINERD (stack flavor of the end-to-end part, default 1.7).
  */
 import { execFile } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
@@ -142,8 +135,6 @@ async function main(): Promise<void> {
   const rounds = Number(process.env['BENCH_ROUNDS'] ?? 3);
   const concurrency = Number(process.env['BENCH_CONCURRENCY'] ?? 8);
   const chunkBytes = Number(process.env['BENCH_CHUNK_MB'] ?? 64) * MiB;
-  const order = process.env['BENCH_ORDER'] ?? 'pull-first';
-  if (order !== 'pull-first' && order !== 'alternate') throw new Error(`BENCH_ORDER must be pull-first or alternate (got ${order})`);
   const say = (line: string): void => void process.stderr.write(`bench:registry: ${line}\n`);
   const work = await mkdtemp(join(tmpdir(), 'thaw-bench-registry-'));
   const registry = await startRegistry();
@@ -171,47 +162,32 @@ async function main(): Promise<void> {
     });
     say(`checkpoint of ${bytes} bytes published (hashing took ${Math.round(performance.now() - t0)} ms); registry ${registry.url}`);
 
-    const rows: Array<{ round: number; first: 'pull' | 'curl'; pushMs: number; pullMs: number; curlMs: number }> = [];
+    const rows: Array<{ round: number; pushMs: number; pullMs: number; curlMs: number }> = [];
     for (let r = 1; r <= rounds; r++) {
       const repo = `bench/ckpt-${r}`;
       const pushed = await pushCheckpoint({ store: storeA, name: 'bench', reference: `${registry.host}/${repo}:v1`, access: { plainHttp: true }, chunkBytes, concurrency: 4 });
+      const rootB = join(work, `b-${r}`);
+      const storeB = await openLocalStore({ root: rootB });
+      const pulled = await pullCheckpoint({ store: storeB, reference: `${registry.host}/${repo}@${pushed.digest}`, access: { plainHttp: true }, concurrency, cache: false });
+      if (pulled.bytesFetched < bytes) throw new Error(`the pull fetched ${pulled.bytesFetched} bytes of ${bytes}`);
+      await rm(rootB, { recursive: true, force: true });
+
+      // curl: the same layer blobs, the same parallelism, into files on the same filesystem.
       const client = new RegistryClient({ registry: registry.host, plainHttp: true });
       const image = JSON.parse((await client.getManifest(repo, pushed.digest)).body.toString('utf8')) as { layers: Array<{ digest: string }> };
       client.close();
-      const pull = async (): Promise<Awaited<ReturnType<typeof pullCheckpoint>>> => {
-        const rootB = join(work, `b-${r}`);
-        const storeB = await openLocalStore({ root: rootB });
-        const pulled = await pullCheckpoint({ store: storeB, reference: `${registry.host}/${repo}@${pushed.digest}`, access: { plainHttp: true }, concurrency, cache: false });
-        if (pulled.bytesFetched < bytes) throw new Error(`the pull fetched ${pulled.bytesFetched} bytes of ${bytes}`);
-        await rm(rootB, { recursive: true, force: true });
-        return pulled;
-      };
-      // curl: the same layer blobs, the same parallelism, into files on the same filesystem.
-      const curl = async (): Promise<number> => {
-        const curlDir = join(work, `curl-${r}`);
-        await rm(curlDir, { recursive: true, force: true });
-        await execFileP('mkdir', ['-p', curlDir]);
-        const args = ['--silent', '--show-error', '--fail', '--parallel', '--parallel-max', String(concurrency)];
-        image.layers.forEach((l, i) => args.push('-o', join(curlDir, `${i}`), `${registry.url}/v2/${repo}/blobs/${l.digest}`));
-        const c0 = performance.now();
-        await execFileP('curl', args, { maxBuffer: 1 << 20 });
-        const curlMs = performance.now() - c0;
-        if ((await readdir(curlDir)).length !== image.layers.length) throw new Error('curl did not fetch every layer');
-        await rm(curlDir, { recursive: true, force: true });
-        return curlMs;
-      };
-      const curlFirst = order === 'alternate' && r % 2 === 0;
-      let pulled: Awaited<ReturnType<typeof pullCheckpoint>>;
-      let curlMs: number;
-      if (curlFirst) {
-        curlMs = await curl();
-        pulled = await pull();
-      } else {
-        pulled = await pull();
-        curlMs = await curl();
-      }
-      rows.push({ round: r, first: curlFirst ? 'curl' : 'pull', pushMs: pushed.ms, pullMs: pulled.ms, curlMs });
-      say(`round ${r}: push ${Math.round(pushed.ms)} ms, pull ${Math.round(pulled.ms)} ms (${JSON.stringify(pulled.phases)}), curl ${Math.round(curlMs)} ms (${curlFirst ? 'curl' : 'pull'} first)`);
+      const curlDir = join(work, `curl-${r}`);
+      await rm(curlDir, { recursive: true, force: true });
+      await execFileP('mkdir', ['-p', curlDir]);
+      const args = ['--silent', '--show-error', '--fail', '--parallel', '--parallel-max', String(concurrency)];
+      image.layers.forEach((l, i) => args.push('-o', join(curlDir, `${i}`), `${registry.url}/v2/${repo}/blobs/${l.digest}`));
+      const c0 = performance.now();
+      await execFileP('curl', args, { maxBuffer: 1 << 20 });
+      const curlMs = performance.now() - c0;
+      if ((await readdir(curlDir)).length !== image.layers.length) throw new Error('curl did not fetch every layer');
+      await rm(curlDir, { recursive: true, force: true });
+      rows.push({ round: r, pushMs: pushed.ms, pullMs: pulled.ms, curlMs });
+      say(`round ${r}: push ${Math.round(pushed.ms)} ms, pull ${Math.round(pulled.ms)} ms (${JSON.stringify(pulled.phases)}), curl ${Math.round(curlMs)} ms`);
     }
     const rate = (ms: number): number => round(bytes / GB / (ms / 1000));
     const pushGBps = median(rows.map((x) => rate(x.pushMs)));
@@ -219,8 +195,8 @@ async function main(): Promise<void> {
     const curlGBps = median(rows.map((x) => rate(x.curlMs)));
     process.stdout.write(
       renderTable(
-        ['round', 'first', 'push ms', 'push GB/s', 'pull ms', 'pull GB/s', 'curl ms', 'curl GB/s', 'pull/curl'],
-        rows.map((x) => [x.round, x.first, Math.round(x.pushMs), rate(x.pushMs), Math.round(x.pullMs), rate(x.pullMs), Math.round(x.curlMs), rate(x.curlMs), round(x.curlMs / x.pullMs)]),
+        ['round', 'push ms', 'push GB/s', 'pull ms', 'pull GB/s', 'curl ms', 'curl GB/s', 'pull/curl'],
+        rows.map((x) => [x.round, Math.round(x.pushMs), rate(x.pushMs), Math.round(x.pullMs), rate(x.pullMs), Math.round(x.curlMs), rate(x.curlMs), round(x.curlMs / x.pullMs)]),
       ),
     );
     process.stdout.write(`medians: push ${pushGBps} GB/s, pull ${pullGBps} GB/s, curl ${curlGBps} GB/s; pull/curl ${round(pullGBps / curlGBps)} (goal >= 0.9)\n`);
@@ -231,7 +207,7 @@ async function main(): Promise<void> {
       );
     }
     process.stdout.write(
-      `${JSON.stringify({ bench: 'registry', cpus: cpus().length, cpuModel: cpus()[0]?.model ?? 'unknown', registry: 'docker-registry 2.8.3 (loopback, http)', bytes, rounds, concurrency, chunkBytes, order, pushGBps, pullGBps, curlGBps, pullOverCurl: round(pullGBps / curlGBps), ...(e2e !== undefined ? { e2e } : {}), runs: rows.map((x) => ({ first: x.first, pushMs: Math.round(x.pushMs), pullMs: Math.round(x.pullMs), curlMs: Math.round(x.curlMs) })) })}\n`,
+      `${JSON.stringify({ bench: 'registry', cpus: cpus().length, cpuModel: cpus()[0]?.model ?? 'unknown', registry: 'docker-registry 2.8.3 (loopback, http)', bytes, rounds, concurrency, chunkBytes, pushGBps, pullGBps, curlGBps, pullOverCurl: round(pullGBps / curlGBps), ...(e2e !== undefined ? { e2e } : {}), runs: rows.map((x) => ({ pushMs: Math.round(x.pushMs), pullMs: Math.round(x.pullMs), curlMs: Math.round(x.curlMs) })) })}\n`,
     );
   } finally {
     await registry.stop();
