@@ -2,10 +2,11 @@
  * The receive path of a pull, without a registry: blob bodies read from a real socket into shared slabs
  * (blob-stream.ts, slab-pool.ts), and their sha256 in worker threads (hash-pool.ts). Bodies are sent in random
  * pieces to a consumer slower than the socket (so slabs run out and the socket pauses), and must come out byte
- * for byte; a body cut short, a wrong digest, a closed hash pool each fail with their code.
+ * for byte; positional writes in the write thread; a body cut short, a wrong digest, a failed write, a closed
+ * pool each fail with their code.
  */
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdtemp, open, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, open, readFile, rm, writeFile } from 'node:fs/promises';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -16,6 +17,7 @@ import { MIN_SLAB_BYTES, openBlobStream, type BodySegment } from '../../src/stor
 import { OciErrorCode } from '../../src/store/oci/errors.js';
 import { HashPool } from '../../src/store/oci/hash-pool.js';
 import { SlabPool } from '../../src/store/oci/slab-pool.js';
+import { WriteThread } from '../../src/store/oci/write-thread.js';
 import { rejection } from '../helpers/rejection.js';
 
 const sha256 = (data: Uint8Array): string => `sha256:${createHash('sha256').update(data).digest('hex')}`;
@@ -158,6 +160,45 @@ describe('blob bodies read into slabs', () => {
     expect(next.data.buffer).toBe(held.data.buffer);
     next.release();
     expect(() => next.release()).toThrow(/release of a free slab/);
+  });
+});
+
+describe('the write thread', () => {
+  it('writes shared and ordinary memory at their positions in pieces, and a failed write is OCI_IO with its errno', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'thaw-write-'));
+    closers.push(() => rm(dir, { recursive: true, force: true }));
+    const writer = new WriteThread(64 * 1024);
+    closers.push(() => writer.close());
+    const data = randomBytes(1024 * 1024 + 999);
+    const shared = Buffer.from(new SharedArrayBuffer(data.length));
+    data.copy(shared);
+    const fh = await open(join(dir, 'f'), 'w+');
+    closers.push(() => fh.close());
+    // Two halves, written out of order, one from shared memory, at odd positions.
+    await writer.write(fh.fd, shared.subarray(500_001), 500_001 + 3);
+    await writer.write(fh.fd, data.subarray(0, 500_001), 3);
+    const back = await readFile(join(dir, 'f'));
+    expect(back.length).toBe(data.length + 3);
+    expect(back.subarray(3).equals(data)).toBe(true);
+    const ro = await open(join(dir, 'f'), 'r');
+    closers.push(() => ro.close());
+    const err = await rejection(writer.write(ro.fd, data.subarray(0, 10), 0));
+    expect(isThawError(err, OciErrorCode.IO), String(err)).toBe(true);
+    expect(err.evidence).toMatchObject({ errno: 'EBADF' });
+  });
+
+  it('close() rejects what is pending with OCI_IO', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'thaw-write-'));
+    closers.push(() => rm(dir, { recursive: true, force: true }));
+    const writer = new WriteThread(128 * 1024);
+    const fh = await open(join(dir, 'f'), 'w');
+    closers.push(() => fh.close());
+    const pending = writer.write(fh.fd, Buffer.alloc(64 * 1024 * 1024), 0);
+    const closing = writer.close();
+    const err = await rejection(pending);
+    await closing;
+    expect(isThawError(err, OciErrorCode.IO), String(err)).toBe(true);
+    expect(isThawError(await rejection(writer.write(fh.fd, Buffer.alloc(1), 0)), OciErrorCode.IO)).toBe(true);
   });
 });
 

@@ -32,6 +32,7 @@ import { FileCache } from './file-cache.js';
 import { HashPool, type Sha256Stream } from './hash-pool.js';
 import { formatReference, manifestSelector, parseReference, type OciReference } from './reference.js';
 import { SlabPool } from './slab-pool.js';
+import { WriteThread } from './write-thread.js';
 
 export const DEFAULT_PULL_CONCURRENCY = 8;
 export const DEFAULT_RANGE_BYTES = 64 * 1024 * 1024;
@@ -141,11 +142,12 @@ interface Transfer {
 }
 
 /**
- * Positional writes into one file of the pull, one at a time: ext4 serializes buffered writes of an inode
- * anyway (its i_rwsem), and writers beyond the first only spin on the lock (perf, 2-core machine, a 2 GB
- * pull with up to 4 writes in flight: rwsem_spin_on_owner took 7% of the CPU). Every WRITEBACK_BYTES written,
- * writeback of the file is started (sync_file_range), so that the disk writes while the transfer goes on and
- * the fsync of sync() finds little left: before this, the fsync after a 2 GB pull took 0.7-0.9 s of its time.
+ * Positional writes into one file of the pull, through the pull's write thread (write-thread.ts): one write at
+ * a time, since ext4 serializes buffered writes of an inode anyway (its i_rwsem) and writers beyond the first
+ * only spin on the lock (perf, 2-core machine, a 2 GB pull with up to 4 writes in flight through libuv's pool:
+ * rwsem_spin_on_owner took 7% of the CPU). Every WRITEBACK_BYTES written, writeback of the file is started
+ * (sync_file_range), so that the disk writes while the transfer goes on and the fsync of sync() finds little
+ * left: before this, the fsync after a 2 GB pull took 0.7-0.9 s of its time.
  */
 class FileSink {
   private tail: Promise<void> = Promise.resolve();
@@ -156,27 +158,24 @@ class FileSink {
     readonly path: string,
     private readonly fh: FileHandle,
     private readonly pageCache: PageCache,
+    private readonly writer: WriteThread,
   ) {}
 
-  /** Writes all of `data` at `position`, after the writes queued before it; a failure is OCI_IO. */
+  /** Writes all of `data` at `position` (in the write thread, after what was queued before); a failure is OCI_IO. */
   write(data: Uint8Array, position: number): Promise<void> {
-    const done = this.tail.then(async () => {
-      try {
-        for (let off = 0; off < data.length; ) {
-          const piece = Math.min(data.length - off, WRITE_MAX_BYTES - ((position + off) % WRITE_MAX_BYTES));
-          const { bytesWritten } = await this.fh.write(data, off, piece, position + off);
-          off += bytesWritten;
+    const done = this.writer.write(this.fh.fd, data, position).then(
+      () => {
+        this.sinceWriteback += data.length;
+        if (this.sinceWriteback >= WRITEBACK_BYTES && this.writeback === undefined) {
+          this.sinceWriteback = 0;
+          this.writeback = this.pageCache.startWriteback(this.fh.fd, 0, 0).catch(() => undefined).finally(() => (this.writeback = undefined));
         }
-      } catch (err) {
-        throw new OciError(OciErrorCode.IO, `cannot write ${this.path} at ${position}: ${errorMessage(err)}`, { step: 'write layer', cause: err, evidence: { file: this.path, position, bytes: data.length } });
-      }
-      this.sinceWriteback += data.length;
-      if (this.sinceWriteback >= WRITEBACK_BYTES && this.writeback === undefined) {
-        this.sinceWriteback = 0;
-        this.writeback = this.pageCache.startWriteback(this.fh.fd, 0, 0).catch(() => undefined).finally(() => (this.writeback = undefined));
-      }
-    });
-    this.tail = done.catch(() => undefined);
+      },
+      (err: unknown) => {
+        throw err instanceof OciError ? new OciError(err.code, `cannot write ${this.path} at ${position}: ${err.message}`, { step: 'write layer', cause: err, evidence: { ...err.evidence, file: this.path, position, bytes: data.length } }) : err;
+      },
+    );
+    this.tail = this.tail.then(() => done).catch(() => undefined);
     return done;
   }
 
@@ -315,6 +314,7 @@ export async function fetchResolved(client: RegistryClient, r: ResolvedRemote, o
   const concurrency = o.concurrency ?? DEFAULT_PULL_CONCURRENCY;
   const hashes = new HashPool(o.hashThreads !== undefined ? { threads: o.hashThreads } : {});
   const pageCache = bindPageCache();
+  const writer = new WriteThread(WRITE_MAX_BYTES);
   /** The fsync (and re-read) of each file, started as soon as its transfers are done. */
   const synced = new Map<string, Promise<void>>();
   let bytesFetched = 0;
@@ -343,7 +343,7 @@ export async function fetchResolved(client: RegistryClient, r: ResolvedRemote, o
     const transfers: Transfer[] = [];
     const reread: FileChunk[] = [];
     const seen = new Set<string>();
-    const sinks = new Map([...handles].map(([path, fh]) => [path, new FileSink(path, fh, pageCache)]));
+    const sinks = new Map([...handles].map(([path, fh]) => [path, new FileSink(path, fh, pageCache, writer)]));
     for (const chunk of r.chunks) {
       if (!toFetch.has(chunk.path)) continue;
       const key = `${chunk.path}@${chunk.offset}`;
@@ -441,6 +441,7 @@ export async function fetchResolved(client: RegistryClient, r: ResolvedRemote, o
     for (const fh of handles.values()) await fh.close();
     handles.clear();
     await hashes.close();
+    await writer.close();
     const t2 = performance.now();
     let checkpoint: OpenedCheckpoint;
     try {
@@ -458,6 +459,7 @@ export async function fetchResolved(client: RegistryClient, r: ResolvedRemote, o
     return { checkpoint, digest: r.digest, alreadyPresent: false, bytesFetched, bytesFromCache, ms, phases };
   } catch (err) {
     await hashes.close();
+    await writer.close();
     await Promise.allSettled(synced.values());
     for (const fh of handles.values()) await fh.close().catch(() => undefined);
     await pending.abort().catch(() => undefined);
