@@ -438,10 +438,11 @@ export async function fetchResolved(client: RegistryClient, r: ResolvedRemote, o
       }
       await cache.add(file.sha256, join(pending.dir, path));
     }
-    for (const fh of handles.values()) await fh.close();
-    handles.clear();
+    // The threads first: no write or read of theirs may reach a descriptor number reused after the closes.
     await hashes.close();
     await writer.close();
+    for (const fh of handles.values()) await fh.close();
+    handles.clear();
     const t2 = performance.now();
     let checkpoint: OpenedCheckpoint;
     try {
