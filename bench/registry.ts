@@ -29,7 +29,7 @@ import { cleanupStaleStacks } from '../src/node-stack/cleanup.js';
 import { startNodeStack } from '../src/node-stack/containerd.js';
 import { parseFlavor } from '../src/node-stack/paths.js';
 import { startRegistry, type RunningRegistry } from '../src/node-stack/registry.js';
-import { pluginDirsUnder, startThawPluginProcess, waitForLog, type LogRecord, type ThawPluginProcess } from '../src/node-stack/thaw-plugin-process.js';
+import { pluginDirsUnder, readJsonLog, startThawPluginProcess, waitForLog, type LogRecord, type ThawPluginProcess } from '../src/node-stack/thaw-plugin-process.js';
 import { FILE_CACHE_DIR_NAME } from '../src/store/oci/file-cache.js';
 import { openLocalStore } from '../src/store/local-store.js';
 import { RegistryClient } from '../src/store/oci/client.js';
@@ -88,7 +88,12 @@ async function endToEnd(registry: RunningRegistry, workDir: string, say: (line: 
     if (ck['outcome'] !== 'succeeded') throw new Error(`checkpoint failed: ${JSON.stringify(ck)}`);
     await stack.cri.removePod(source.podId);
     const local: number[] = [];
-    for (let r = 1; r <= rounds; r++) local.push((await restore(dirsA, `e2e-local-${r}`, 'e2e')).ms);
+    const localPhases: unknown[] = [];
+    for (let r = 1; r <= rounds; r++) {
+      const { ms, event } = await restore(dirsA, `e2e-local-${r}`, 'e2e');
+      local.push(ms);
+      localPhases.push(event['phases']);
+    }
     await plugin.stop();
     plugin = undefined;
 
@@ -104,7 +109,8 @@ async function endToEnd(registry: RunningRegistry, workDir: string, say: (line: 
       await rm(join(dirsB.storeRoot, FILE_CACHE_DIR_NAME), { recursive: true, force: true });
       const { ms, event } = await restore(dirsB, `e2e-remote-${r}`, `${registry.host}/bench/e2e:v1`);
       remote.push({ ms, transferMs: Number((event['phases'] as { transferMs?: number }).transferMs ?? Number.NaN) });
-      say(`e2e round ${r}: local ${local[r - 1]} ms, remote ${ms} ms (transfer ${remote[r - 1]!.transferMs} ms)`);
+      const pulled = (await readJsonLog(dirsB.logFile)).filter((x) => x.msg === 'checkpoint pulled')[r - 1] ?? {};
+      say(`e2e round ${r}: local ${local[r - 1]} ms, remote ${ms} ms (transfer ${remote[r - 1]!.transferMs} ms); restore phases local ${JSON.stringify(localPhases[r - 1])}, remote ${JSON.stringify(event['phases'])}; pull ${JSON.stringify(pulled['phases'])}`);
     }
     const localRestoreMs = median(local);
     const remoteRestoreMs = median(remote.map((x) => x.ms));

@@ -199,6 +199,36 @@ describe('registry store: push and pull through a real registry', () => {
       }
     });
 
+    it('a file whose chunks verify but whose whole-file sha256 is not the manifest\'s: OCI_DIGEST_MISMATCH before it can enter the cache', async () => {
+      await makeCheckpoint(a.store, 'whole-file', 3 * MiB + 5, 12);
+      const pushed = await pushCheckpoint({ store: a.store, name: 'whole-file', reference: `${registry.host}/bad/whole-file:v1`, access, chunkBytes: MiB });
+      const client = new RegistryClient({ registry: registry.host, plainHttp: true });
+      const wrong = 'ab'.repeat(32);
+      try {
+        // The same layers under a checkpoint manifest that claims another sha256 for the pages file.
+        const image = JSON.parse((await client.getManifest('bad/whole-file', pushed.digest)).body.toString('utf8')) as { config: { digest: string; size: number } };
+        const manifest = JSON.parse((await client.getSmallBlob('bad/whole-file', image.config.digest, 1 << 20)).toString('utf8')) as { files: Array<{ path: string; sha256: string }> };
+        manifest.files.find((f) => f.path === 'criu/pages-1.img')!.sha256 = wrong;
+        const config = Buffer.from(JSON.stringify(manifest));
+        const session = await client.startUpload('bad/whole-file');
+        await client.putBlob('bad/whole-file', session, sha256Digest(config), config.length, () => Readable.from([config]));
+        image.config = { ...image.config, digest: sha256Digest(config), size: config.length };
+        await client.putManifest('bad/whole-file', 'v2', Buffer.from(JSON.stringify(image)), OCI_MANIFEST_MEDIA_TYPE);
+      } finally {
+        client.close();
+      }
+      const c = await makeStore('thaw-reg-c-');
+      try {
+        const err = await rejection(pullCheckpoint({ store: c.store, reference: `${registry.host}/bad/whole-file:v2`, access }));
+        expect(isThawError(err, OciErrorCode.DIGEST_MISMATCH), String(err)).toBe(true);
+        expect(err.evidence).toMatchObject({ file: 'criu/pages-1.img', expected: wrong });
+        await expectNothingLeft(c.store, c.root);
+        expect(await readdir(join(c.root, '.cache', 'sha256'))).not.toContain(wrong);
+      } finally {
+        await rm(c.root, { recursive: true, force: true });
+      }
+    });
+
     it('a manifest of another artifactType: OCI_FOREIGN_ARTIFACT', async () => {
       const client = new RegistryClient({ registry: registry.host, plainHttp: true });
       try {

@@ -9,7 +9,8 @@ import type { Readable } from 'node:stream';
 import { silentLogger, type Logger } from '../../log.js';
 import { parseChallenges } from './challenge.js';
 import { OciError, OciErrorCode } from './errors.js';
-import { openBlobStream } from './blob-stream.js';
+import { openBlobStream, type BodySegment } from './blob-stream.js';
+import type { SlabPool } from './slab-pool.js';
 import { createTransport, discard, exchange, readBody, type HttpRequest, type HttpResponse, type Transport } from './http.js';
 import { MANIFEST_MAX_BYTES, OCI_MANIFEST_MEDIA_TYPE } from './artifact.js';
 
@@ -44,7 +45,8 @@ export interface BlobRange {
   url: string;
   status: number;
   contentLength?: number;
-  body: AsyncIterable<Buffer>;
+  /** The body's bytes; each segment's release() must be called once its bytes are used (slabs are reused). */
+  body: AsyncIterable<BodySegment>;
   /** Maps an error thrown while reading `body` to its OciError. */
   classify(err: unknown): OciError;
   /** Stops receiving (the rest of the body is not wanted). */
@@ -69,6 +71,11 @@ async function errorBody(res: HttpResponse): Promise<unknown> {
   } catch {
     return text.slice(0, 2000);
   }
+}
+
+/** node:http's chunks as segments (their memory is the stream's: nothing to give back). */
+async function* segmentsOf(chunks: AsyncIterable<Buffer>): AsyncGenerator<BodySegment> {
+  for await (const data of chunks) yield { data, release: () => undefined };
 }
 
 export function sha256Digest(data: Buffer | string): string {
@@ -244,7 +251,7 @@ export class RegistryClient {
    * Bytes [start, end) of a blob as a stream, for the pull's transfers: through blob-stream.ts's raw socket
    * when the registry answers plainly, else through getBlob (redirects, a 401 to answer, chunked coding).
    */
-  async openBlobRange(repository: string, digest: string, range: { start: number; end: number; total: number }, signal?: AbortSignal): Promise<BlobRange> {
+  async openBlobRange(repository: string, digest: string, range: { start: number; end: number; total: number }, pool: SlabPool, signal?: AbortSignal): Promise<BlobRange> {
     const step = `GET blob ${digest}`;
     const url = this.url(`/v2/${repository}/blobs/${digest}`);
     const whole = range.start === 0 && range.end === range.total;
@@ -254,6 +261,7 @@ export class RegistryClient {
       headers: { ...(auth ? { authorization: auth } : {}), ...(whole ? {} : { range: `bytes=${range.start}-${range.end - 1}` }) },
       timeoutMs: this.timeoutMs,
       step,
+      pool,
       ...(this.ca !== undefined ? { ca: this.ca } : {}),
       ...(signal ? { signal } : {}),
     });
@@ -261,7 +269,7 @@ export class RegistryClient {
       return { url: url.toString(), status: fast.status, contentLength: fast.contentLength, body: fast.body, classify: (err) => (err instanceof OciError ? err : new OciError(OciErrorCode.REGISTRY_UNAVAILABLE, String(err), { step, cause: err })) };
     }
     if (fast.kind === 'body') {
-      for await (const _ of fast.body) void _; // a 200 for a Range request: drained, and getBlob says why it fails
+      for await (const segment of fast.body) segment.release(); // a 200 for a Range request: drained, and getBlob says why it fails
     }
     const res = await this.getBlob(repository, digest, range, signal);
     const length = Number(res.headers['content-length']);
@@ -269,7 +277,7 @@ export class RegistryClient {
       url: res.url.toString(),
       status: res.status,
       ...(Number.isSafeInteger(length) ? { contentLength: length } : {}),
-      body: res.body as AsyncIterable<Buffer>,
+      body: segmentsOf(res.body as AsyncIterable<Buffer>),
       classify: (err) => res.classify(err),
       destroy: () => res.body.destroy(),
     };

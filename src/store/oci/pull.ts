@@ -13,7 +13,7 @@
  * The local name of a pulled checkpoint is derived from its manifest digest (`oci-<64 hex>`): a reference can
  * never name a directory, and a checkpoint pulled once is found again by the same digest.
  */
-import { createHash, type Hash } from 'node:crypto';
+import { createHash } from 'node:crypto';
 import { constants as fsConstants } from 'node:fs';
 import { mkdir, open, type FileHandle } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
@@ -23,18 +23,40 @@ import { silentLogger, type Logger } from '../../log.js';
 import { forEachLimit } from '../digest.js';
 import { StoreErrorCode } from '../errors.js';
 import type { LocalStore, OpenedCheckpoint } from '../local-store.js';
+import { bindPageCache, type PageCache } from '../page-cache.js';
 import { parseManifest, type Manifest } from '../manifest.js';
 import { chunksOf, MANIFEST_MAX_BYTES, parseImageManifest, type FileChunk, type ImageManifest } from './artifact.js';
 import { RegistryClient, type BlobRange, type RegistryClientOptions } from './client.js';
 import { isTransient, OciError, OciErrorCode } from './errors.js';
 import { FileCache } from './file-cache.js';
+import { HashPool, type Sha256Stream } from './hash-pool.js';
 import { formatReference, manifestSelector, parseReference, type OciReference } from './reference.js';
+import { SlabPool } from './slab-pool.js';
+import { WriteThread } from './write-thread.js';
 
 export const DEFAULT_PULL_CONCURRENCY = 8;
 export const DEFAULT_RANGE_BYTES = 64 * 1024 * 1024;
 export const DEFAULT_TRANSFER_RETRIES = 5;
-/** Writes are batched into buffers of this size (fewer syscalls than one per socket read). */
-const WRITE_BUFFER_BYTES = 4 * 1024 * 1024;
+/**
+ * Blob bodies are received into slabs of this size (a write and a hash update per slab), SLABS_PER_TRANSFER
+ * per transfer in flight: one filling while the others are hashed and written.
+ */
+const SLAB_BYTES = 4 * 1024 * 1024;
+const SLABS_PER_TRANSFER = 3;
+/**
+ * Writes go to the file in pieces of at most this size, each within one aligned piece of the file. The size of
+ * a write decides the size of the page-cache folios the kernel allocates for it (ext4 with large folios, kernel
+ * 6.18), and on the 2-core machine (a VM) large folios come from memory the host must fault in first. Writing
+ * 2 GB alone, one writer: 0.75-0.9 s in 512 KiB or 1 MiB writes, 6-9 s in 2 or 4 MiB writes. In the pull of
+ * 2 GB (bench:registry's checkpoint, one run each, interleaved): 128 KiB 4.1/4.5/4.3/5.3 s, 256 KiB
+ * 3.7/4.2/8.6/7.0/5.8/7.9 s, 1 MiB 6.3-10.0 s, 64 KiB 8.2/8.9 s (the calls themselves start to cost).
+ * curl, the baseline, writes 4-16 KiB at a time.
+ */
+const WRITE_MAX_BYTES = 128 * 1024;
+/** A file being written has its writeback started each time this much more of it is written. */
+const WRITEBACK_BYTES = 64 * 1024 * 1024;
+/** Buffer of the re-reads that check a digest. */
+const READ_BUFFER_BYTES = 4 * 1024 * 1024;
 const RETRY_BASE_MS = 200;
 const LOCAL_NAME_PREFIX = 'oci-';
 
@@ -68,7 +90,10 @@ export interface PullResult {
   bytesFetched: number;
   bytesFromCache: number;
   ms: number;
-  /** Where the time went: transfers (with the inline sha256), re-reads that check digests, fsync, publication. */
+  /**
+   * Where the time went: transfers (with the sha256 of every byte), the fsyncs still running after the last
+   * transfer (each file's starts when its last transfer ends), whole-file re-reads for the cache, publication.
+   */
   phases?: { transferMs: number; verifyMs: number; syncMs: number; publishMs: number };
 }
 
@@ -77,6 +102,8 @@ export interface FetchOptions {
   concurrency?: number;
   rangeBytes?: number;
   retries?: number;
+  /** Worker threads that hash received bytes (default: defaultHashThreads(), the cores less one, 1 to 4). */
+  hashThreads?: number;
   /** Link fetched files into the store's file cache, and take cached files from it (default true). */
   cache?: boolean;
   signal?: AbortSignal;
@@ -109,91 +136,73 @@ interface Transfer {
   /** Bytes [start, end) of the blob, written at `chunk.offset + start` of the file. */
   start: number;
   end: number;
-  fh: FileHandle;
-  /** Inline hash of the whole blob (single-range transfers); undefined when the blob is re-read after its ranges. */
-  hash?: Hash;
+  sink: FileSink;
+  /** Hash of the whole blob (single-range transfers); undefined when the blob is re-read after its ranges. */
+  hash?: Sha256Stream;
 }
 
 /**
- * Writes a stream of bytes at consecutive file positions through two buffers: while one is being written (in
- * libuv's pool), the other fills from the socket, so that receiving never waits for the disk (one buffer made
- * each transfer alternate between the two, and the registry stall).
+ * Positional writes into one file of the pull, through the pull's write thread (write-thread.ts): one write at
+ * a time, since ext4 serializes buffered writes of an inode anyway (its i_rwsem) and writers beyond the first
+ * only spin on the lock (perf, 2-core machine, a 2 GB pull with up to 4 writes in flight through libuv's pool:
+ * rwsem_spin_on_owner took 7% of the CPU). Every WRITEBACK_BYTES written, writeback of the file is started
+ * (sync_file_range), so that the disk writes while the transfer goes on and the fsync of sync() finds little
+ * left: before this, the fsync after a 2 GB pull took 0.7-0.9 s of its time.
  */
-class OffsetWriter {
-  private readonly buffers: [Buffer, Buffer];
-  private readonly writes: [Promise<void> | undefined, Promise<void> | undefined] = [undefined, undefined];
-  private current = 0;
-  private filled = 0;
-  /** File position of the next byte pushed. */
-  private next: number;
+class FileSink {
+  private tail: Promise<void> = Promise.resolve();
+  private sinceWriteback = 0;
+  private writeback: Promise<unknown> | undefined;
 
   constructor(
+    readonly path: string,
     private readonly fh: FileHandle,
-    position: number,
-    bufferBytes: number,
-  ) {
-    this.buffers = [Buffer.allocUnsafe(bufferBytes), Buffer.allocUnsafe(bufferBytes)];
-    this.next = position;
+    private readonly pageCache: PageCache,
+    private readonly writer: WriteThread,
+  ) {}
+
+  /** Writes all of `data` at `position` (in the write thread, after what was queued before); a failure is OCI_IO. */
+  write(data: Uint8Array, position: number): Promise<void> {
+    const done = this.writer.write(this.fh.fd, data, position).then(
+      () => {
+        this.sinceWriteback += data.length;
+        if (this.sinceWriteback >= WRITEBACK_BYTES && this.writeback === undefined) {
+          this.sinceWriteback = 0;
+          this.writeback = this.pageCache.startWriteback(this.fh.fd, 0, 0).catch(() => undefined).finally(() => (this.writeback = undefined));
+        }
+      },
+      (err: unknown) => {
+        throw err instanceof OciError ? new OciError(err.code, `cannot write ${this.path} at ${position}: ${err.message}`, { step: 'write layer', cause: err, evidence: { ...err.evidence, file: this.path, position, bytes: data.length } }) : err;
+      },
+    );
+    this.tail = this.tail.then(() => done).catch(() => undefined);
+    return done;
   }
 
-  /** File position after the last byte pushed (all of them are on their way to the file). */
-  get end(): number {
-    return this.next;
-  }
-
-  async push(data: Buffer): Promise<void> {
-    for (let off = 0; off < data.length; ) {
-      const buffer = this.buffers[this.current]!;
-      const n = Math.min(buffer.length - this.filled, data.length - off);
-      data.copy(buffer, this.filled, off, off + n);
-      this.filled += n;
-      off += n;
-      this.next += n;
-      if (this.filled === buffer.length) await this.rotate();
-    }
-  }
-
-  /** Starts writing the current buffer and switches to the other, once its previous write is done. */
-  private async rotate(): Promise<void> {
-    const index = this.current;
-    const length = this.filled;
-    const position = this.next - length;
-    const buffer = this.buffers[index]!;
-    this.writes[index] = (async () => {
-      for (let off = 0; off < length; ) {
-        const { bytesWritten } = await this.fh.write(buffer, off, length - off, position + off);
-        off += bytesWritten;
-      }
-    })();
-    this.current = 1 - index;
-    this.filled = 0;
-    await this.writes[this.current];
-    this.writes[this.current] = undefined;
-  }
-
-  /** Writes what is buffered and waits for every write. */
-  async flush(): Promise<void> {
-    if (this.filled > 0) await this.rotate();
-    await Promise.all(this.writes);
-    this.writes[0] = this.writes[1] = undefined;
-  }
-
-  /** Waits for the writes in flight, ignoring their errors (after a failure, before the handle closes). */
+  /** Waits for the queued writes (ignoring their failures, which their callers got) and any writeback started. */
   async settle(): Promise<void> {
-    await Promise.allSettled(this.writes.filter((w) => w !== undefined));
+    await this.tail;
+    await this.writeback;
+  }
+
+  /** fsync once every write is done. */
+  async sync(): Promise<void> {
+    await this.settle();
+    await this.fh.sync();
   }
 }
 
-async function transferRange(client: RegistryClient, t: Transfer, o: { retries: number; signal?: AbortSignal; onBytes: (n: number) => void }): Promise<void> {
+async function transferRange(client: RegistryClient, t: Transfer, o: { pool: SlabPool; retries: number; signal?: AbortSignal; onBytes: (n: number) => void }): Promise<void> {
   const digest = t.chunk.digest!;
   const step = `fetch ${t.chunk.path} [${t.chunk.offset + t.start}, ${t.chunk.offset + t.end}) (${digest})`;
   let pos = t.start;
-  const bufferBytes = Math.min(WRITE_BUFFER_BYTES, Math.max(1, t.end - t.start));
   for (let attempt = 0; ; attempt++) {
-    const writer = new OffsetWriter(t.fh, t.chunk.offset + pos, bufferBytes);
+    // Each segment is hashed (in order, in a worker) and written (positionally) while the next one arrives.
+    const inFlight = new Set<Promise<void>>();
+    let failed: { error: unknown } | undefined;
     let res: BlobRange | undefined;
     try {
-      res = await client.openBlobRange(t.repository, digest, { start: pos, end: t.end, total: t.chunk.size }, o.signal);
+      res = await client.openBlobRange(t.repository, digest, { start: pos, end: t.end, total: t.chunk.size }, o.pool, o.signal);
       const length = res.contentLength;
       if (length !== undefined && length !== t.end - pos) {
         res.destroy?.();
@@ -202,17 +211,28 @@ async function transferRange(client: RegistryClient, t: Transfer, o: { retries: 
           evidence: { url: res.url, status: res.status, contentLength: length, expected: t.end - pos, descriptorSize: t.chunk.size },
         });
       }
-      for await (const data of res.body) {
-        if (pos + data.length > t.end) {
+      for await (const segment of res.body) {
+        const data = segment.data;
+        if (failed !== undefined || pos + data.length > t.end) {
+          segment.release();
+          if (failed !== undefined) throw failed.error;
           res.destroy?.();
           throw new OciError(OciErrorCode.TRUNCATED, `${digest}: the registry sent more than the ${t.chunk.size} bytes of the descriptor`, { step, evidence: { url: res.url } });
         }
-        t.hash?.update(data);
-        await writer.push(data);
+        const work: Promise<void> = Promise.all([t.hash?.update(data), t.sink.write(data, t.chunk.offset + pos)]).then(
+          () => undefined,
+          (error: unknown) => void (failed ??= { error }),
+        );
+        const tracked = work.finally(() => {
+          segment.release();
+          inFlight.delete(tracked);
+        });
+        inFlight.add(tracked);
         pos += data.length;
         o.onBytes(data.length);
       }
-      await writer.flush();
+      await Promise.all(inFlight);
+      if (failed !== undefined) throw failed.error;
       if (pos < t.end) {
         throw new OciError(OciErrorCode.TRUNCATED, `${digest}: the registry ended the body after ${pos - t.start} of ${t.end - t.start} bytes`, {
           step,
@@ -221,14 +241,12 @@ async function transferRange(client: RegistryClient, t: Transfer, o: { retries: 
       }
       return;
     } catch (err) {
-      const e = res !== undefined && !(err instanceof OciError) ? res.classify(err) : err;
-      if (!isTransient(e) || attempt >= o.retries) {
-        await writer.settle();
-        throw e;
-      }
-      // Bytes received (and hashed) before the break are good: write them, and resume right after them.
-      await writer.flush();
-      pos = writer.end - t.chunk.offset;
+      // The bytes handed on before the break are hashed and written (or their write failed: that is the error).
+      await Promise.all(inFlight);
+      const cause = failed?.error ?? err;
+      const e = res !== undefined && !(cause instanceof OciError) ? res.classify(cause) : cause;
+      if (!isTransient(e) || attempt >= o.retries) throw e;
+      // Resume right after the last byte received: the hash has seen every byte before it, in order.
       await sleep(RETRY_BASE_MS * 2 ** attempt, undefined, o.signal ? { signal: o.signal } : undefined).catch(() => undefined);
       if (o.signal?.aborted) throw e;
     }
@@ -237,7 +255,7 @@ async function transferRange(client: RegistryClient, t: Transfer, o: { retries: 
 
 async function hashRange(fh: FileHandle, offset: number, size: number): Promise<string> {
   const hash = createHash('sha256');
-  const buffer = Buffer.allocUnsafe(Math.min(WRITE_BUFFER_BYTES, Math.max(1, size)));
+  const buffer = Buffer.allocUnsafe(Math.min(READ_BUFFER_BYTES, Math.max(1, size)));
   for (let pos = 0; pos < size; ) {
     const { bytesRead } = await fh.read(buffer, 0, Math.min(buffer.length, size - pos), offset + pos);
     if (bytesRead === 0) break;
@@ -245,6 +263,41 @@ async function hashRange(fh: FileHandle, offset: number, size: number): Promise<
     pos += bytesRead;
   }
   return `sha256:${hash.digest('hex')}`;
+}
+
+/**
+ * The whole-file sha256 of a file pulled in several chunks: each chunk, once written, is fed to a worker that
+ * reads it back from the file (the page cache) in file order; chunks that complete early wait for the ones
+ * before them.
+ */
+class WholeFileHash {
+  private next = 0;
+  private readonly completed = new Map<number, number>();
+  private fed: Promise<void> = Promise.resolve();
+
+  constructor(
+    private readonly hash: Sha256Stream,
+    private readonly fd: number,
+  ) {}
+
+  /** Bytes [offset, offset + size) are written and verified. */
+  chunkDone(offset: number, size: number): void {
+    this.completed.set(offset, size);
+    for (let size = this.completed.get(this.next); size !== undefined; size = this.completed.get(this.next)) {
+      this.completed.delete(this.next);
+      const fed = this.hash.updateFromFile(this.fd, this.next, size);
+      this.fed = this.fed.then(() => fed);
+      fed.catch(() => undefined); // awaited through this.fed in digest()
+      this.next += size;
+    }
+  }
+
+  /** `sha256:<hex>` once the chunks cover [0, size); an internal error when they do not. */
+  async digest(size: number): Promise<string> {
+    await this.fed;
+    if (this.next !== size || this.completed.size > 0) throw new Error(`internal error: the chunks cover [0, ${this.next}) of ${size} bytes`);
+    return this.hash.digest();
+  }
 }
 
 /** Fetches the layers of a resolved checkpoint and publishes it. Returns at once when the store has it. */
@@ -258,6 +311,12 @@ export async function fetchResolved(client: RegistryClient, r: ResolvedRemote, o
   const cache = o.cache === false ? undefined : await FileCache.open(o.store.root);
   const pending = await o.store.beginCheckpoint(r.name);
   const handles = new Map<string, FileHandle>();
+  const concurrency = o.concurrency ?? DEFAULT_PULL_CONCURRENCY;
+  const hashes = new HashPool(o.hashThreads !== undefined ? { threads: o.hashThreads } : {});
+  const pageCache = bindPageCache();
+  const writer = new WriteThread(WRITE_MAX_BYTES);
+  /** The fsync (and re-read) of each file, started as soon as its transfers are done. */
+  const synced = new Map<string, Promise<void>>();
   let bytesFetched = 0;
   let bytesFromCache = 0;
   try {
@@ -275,67 +334,101 @@ export async function fetchResolved(client: RegistryClient, r: ResolvedRemote, o
       await fh.truncate(file.size);
       toFetch.add(file.path);
     }
-    // Transfers: one per chunk, or several Range requests for a chunk larger than rangeBytes.
-    const transfers: Transfer[] = [];
-    const reread: FileChunk[] = [];
-    const seen = new Set<string>();
-    for (const chunk of r.chunks) {
-      if (!toFetch.has(chunk.path)) continue;
-      const key = `${chunk.path}@${chunk.offset}`;
-      if (seen.has(key)) continue;
-      seen.add(key);
-      const fh = handles.get(chunk.path)!;
-      if (chunk.size <= rangeBytes) {
-        transfers.push({ repository: r.reference.repository, chunk, start: 0, end: chunk.size, fh, hash: createHash('sha256') });
-        continue;
-      }
-      reread.push(chunk);
-      for (let start = 0; start < chunk.size; start += rangeBytes) {
-        transfers.push({ repository: r.reference.repository, chunk, start, end: Math.min(chunk.size, start + rangeBytes), fh });
-      }
-    }
-    // Largest first: the long transfers start early, the small ones fill in around them.
-    transfers.sort((a, b) => b.end - b.start - (a.end - a.start));
     const mismatch = (chunk: FileChunk, actual: string): OciError =>
       new OciError(OciErrorCode.DIGEST_MISMATCH, `${chunk.path} [${chunk.offset}, ${chunk.offset + chunk.size}): the registry sent bytes whose digest is ${actual}, not ${chunk.digest}`, {
         step: 'verify layer',
         evidence: { file: chunk.path, offset: chunk.offset, expected: chunk.digest, actual, url: client.url(`/v2/${r.reference.repository}/blobs/${chunk.digest}`).toString() },
       });
+    // Transfers: one per chunk, or several Range requests for a chunk larger than rangeBytes.
+    const transfers: Transfer[] = [];
+    const reread: FileChunk[] = [];
+    const seen = new Set<string>();
+    const sinks = new Map([...handles].map(([path, fh]) => [path, new FileSink(path, fh, pageCache, writer)]));
+    for (const chunk of r.chunks) {
+      if (!toFetch.has(chunk.path)) continue;
+      const key = `${chunk.path}@${chunk.offset}`;
+      if (seen.has(key)) continue;
+      seen.add(key);
+      const sink = sinks.get(chunk.path)!;
+      if (chunk.size <= rangeBytes) {
+        transfers.push({ repository: r.reference.repository, chunk, start: 0, end: chunk.size, sink });
+        continue;
+      }
+      reread.push(chunk);
+      for (let start = 0; start < chunk.size; start += rangeBytes) {
+        transfers.push({ repository: r.reference.repository, chunk, start, end: Math.min(chunk.size, start + rangeBytes), sink });
+      }
+    }
+    // A file of several chunks, for the cache: its whole-file sha256, computed in a worker from the page cache as
+    // its chunks complete in order (the transfers start in offset order), so that little is left at the end.
+    const chunkCount = new Map<string, number>();
+    for (const c of r.chunks) chunkCount.set(c.path, (chunkCount.get(c.path) ?? 0) + 1);
+    const wholeFiles = new Map<string, WholeFileHash>();
+    if (cache !== undefined) {
+      for (const path of toFetch) if ((chunkCount.get(path) ?? 0) > 1) wholeFiles.set(path, new WholeFileHash(hashes.open(), handles.get(path)!.fd));
+    }
+    const rangesLeft = new Map<FileChunk, number>();
+    for (const t of transfers) rangesLeft.set(t.chunk, (rangesLeft.get(t.chunk) ?? 0) + 1);
+    // A file is fsynced as soon as its last transfer is done, while the others go on; its chunks re-read first.
+    const transfersLeft = new Map<string, number>();
+    for (const t of transfers) transfersLeft.set(t.chunk.path, (transfersLeft.get(t.chunk.path) ?? 0) + 1);
+    const startSync = (path: string): void => {
+      const sink = sinks.get(path)!;
+      const p = (async () => {
+        await sink.settle();
+        for (const chunk of reread) {
+          if (chunk.path !== path) continue;
+          const actual = await hashRange(handles.get(path)!, chunk.offset, chunk.size);
+          if (actual !== chunk.digest) throw mismatch(chunk, actual);
+        }
+        await sink.sync();
+      })();
+      p.catch(() => undefined);
+      synced.set(path, p);
+    };
+    for (const path of toFetch) if (!transfersLeft.has(path)) startSync(path);
+    const pool = new SlabPool({ slabBytes: SLAB_BYTES, slabs: concurrency * SLABS_PER_TRANSFER });
+    // Largest first: the long transfers start early, the small ones fill in around them.
+    transfers.sort((a, b) => b.end - b.start - (a.end - a.start));
     const t0 = performance.now();
     await forEachLimit(
       transfers,
-      o.concurrency ?? DEFAULT_PULL_CONCURRENCY,
+      concurrency,
       async (t) => {
-        await transferRange(client, t, { retries: o.retries ?? DEFAULT_TRANSFER_RETRIES, ...(signal ? { signal } : {}), onBytes: (n) => {
-          bytesFetched += n;
-          o.onProgress?.(bytesFetched);
-        } });
+        if (!reread.includes(t.chunk)) t.hash = hashes.open();
+        try {
+          await transferRange(client, t, { pool, retries: o.retries ?? DEFAULT_TRANSFER_RETRIES, ...(signal ? { signal } : {}), onBytes: (n) => {
+            bytesFetched += n;
+            o.onProgress?.(bytesFetched);
+          } });
+        } catch (err) {
+          t.hash?.abandon();
+          throw err;
+        }
         if (t.hash !== undefined) {
-          const actual = `sha256:${t.hash.digest('hex')}`;
+          const actual = await t.hash.digest();
           if (actual !== t.chunk.digest) throw mismatch(t.chunk, actual);
         }
+        const ranges = rangesLeft.get(t.chunk)! - 1;
+        rangesLeft.set(t.chunk, ranges);
+        if (ranges === 0) wholeFiles.get(t.chunk.path)?.chunkDone(t.chunk.offset, t.chunk.size);
+        const left = transfersLeft.get(t.chunk.path)! - 1;
+        transfersLeft.set(t.chunk.path, left);
+        if (left === 0) startSync(t.chunk.path);
       },
       { step: 'fetch layers', ...(signal ? { signal } : {}) },
     );
     const t1 = performance.now();
-    let syncMs = 0;
-    for (const chunk of reread) {
-      const actual = await hashRange(handles.get(chunk.path)!, chunk.offset, chunk.size);
-      if (actual !== chunk.digest) throw mismatch(chunk, actual);
-    }
+    for (const p of synced.values()) await p;
+    const tSynced = performance.now();
     // A file of several chunks: its own sha256 is checked before the cache may hand it out under that name.
     const files = new Map(r.manifest.files.map((f) => [f.path, f]));
-    const chunkCount = new Map<string, number>();
-    for (const c of r.chunks) chunkCount.set(c.path, (chunkCount.get(c.path) ?? 0) + 1);
     for (const path of toFetch) {
       const file = files.get(path)!;
-      const fh = handles.get(path)!;
-      const s0 = performance.now();
-      await fh.sync();
-      syncMs += performance.now() - s0;
       if (cache === undefined) continue;
-      if ((chunkCount.get(path) ?? 0) > 1) {
-        const actual = await hashRange(fh, 0, file.size);
+      const whole = wholeFiles.get(path);
+      if (whole !== undefined) {
+        const actual = await whole.digest(file.size);
         if (actual !== `sha256:${file.sha256}`) {
           throw new OciError(OciErrorCode.DIGEST_MISMATCH, `${path}: its layers verify, but the whole file's sha256 is ${actual}, not the manifest's ${file.sha256}`, {
             step: 'verify file',
@@ -345,6 +438,9 @@ export async function fetchResolved(client: RegistryClient, r: ResolvedRemote, o
       }
       await cache.add(file.sha256, join(pending.dir, path));
     }
+    // The threads first: no write or read of theirs may reach a descriptor number reused after the closes.
+    await hashes.close();
+    await writer.close();
     for (const fh of handles.values()) await fh.close();
     handles.clear();
     const t2 = performance.now();
@@ -358,10 +454,14 @@ export async function fetchResolved(client: RegistryClient, r: ResolvedRemote, o
       checkpoint = await o.store.open(r.name);
     }
     const ms = performance.now() - started;
-    const phases = { transferMs: Math.round(t1 - t0), verifyMs: Math.round(t2 - t1 - syncMs), syncMs: Math.round(syncMs), publishMs: Math.round(performance.now() - t2) };
+    // syncMs: the fsyncs still running after the last transfer (they start as each file completes).
+    const phases = { transferMs: Math.round(t1 - t0), verifyMs: Math.round(t2 - tSynced), syncMs: Math.round(tSynced - t1), publishMs: Math.round(performance.now() - t2) };
     logger.info('checkpoint pulled', { name: r.name, bytesFetched, bytesFromCache, ms: Math.round(ms), phases });
     return { checkpoint, digest: r.digest, alreadyPresent: false, bytesFetched, bytesFromCache, ms, phases };
   } catch (err) {
+    await hashes.close();
+    await writer.close();
+    await Promise.allSettled(synced.values());
     for (const fh of handles.values()) await fh.close().catch(() => undefined);
     await pending.abort().catch(() => undefined);
     logger.warn('pull failed; nothing was kept', { name: r.name, error: errorMessage(err), code: isThawError(err) ? err.code : undefined });
