@@ -25,7 +25,7 @@
  */
 import { randomBytes, randomUUID } from 'node:crypto';
 import { constants as fsConstants, readFileSync, type Stats } from 'node:fs';
-import { chmod, lchown, lstat, mkdir, open, readdir, realpath, rename, rm, stat, unlink, writeFile } from 'node:fs/promises';
+import { chmod, lchown, lstat, mkdir, open, readdir, realpath, rename, rm, stat, unlink, writeFile, type FileHandle } from 'node:fs/promises';
 import { join, resolve, sep } from 'node:path';
 import { checkCheckpointName } from '../checkpoint-name.js';
 import { silentLogger, type Logger } from '../log.js';
@@ -50,8 +50,10 @@ import { bindRenameAt2, errnoOf, RENAME_EXCHANGE, RENAME_NOREPLACE, type RenameA
 export const DEFAULT_STORE_ROOT = '/var/lib/thaw/checkpoints';
 export const CHECKPOINT_DIR_MODE = 0o700;
 export const CHECKPOINT_FILE_MODE = 0o600;
-/** Two sequential readers keep a disk busy without holding much memory in the agent. */
-export const DEFAULT_PREFETCH_CONCURRENCY = 2;
+/** Readers of the prefetch; each holds one PREFETCH_CHUNK_BYTES buffer. */
+export const DEFAULT_PREFETCH_CONCURRENCY = 4;
+/** A large file is prefetched as segments of this size, read by several readers at once, in file order. */
+export const PREFETCH_SEGMENT_BYTES = 64 * 1024 * 1024;
 /** Read size of the prefetch: large reads keep the disk queue full; one buffer per reader. */
 export const PREFETCH_CHUNK_BYTES = 8 * 1024 * 1024;
 /** A file at least this much in the page cache is not read again. */
@@ -836,31 +838,43 @@ export class LocalStore {
    * first NRI event of a restore, and the restore does not wait for it. Cancellable between chunks
    * (STORE_ABORTED). `bytesRead` says how much it had to read.
    */
-  async prefetch(name: string, options: { signal?: AbortSignal; concurrency?: number } = {}): Promise<PrefetchResult> {
+  async prefetch(name: string, options: { signal?: AbortSignal; concurrency?: number; /** Default PREFETCH_SEGMENT_BYTES. */ segmentBytes?: number } = {}): Promise<PrefetchResult> {
     this.dirOf(name, 'prefetch checkpoint');
     const step = `prefetch checkpoint ${name}`;
     const started = performance.now();
     const opened = await this.open(name);
     // Largest first: the long reads start early and the small files fill in around them.
     const files = [...opened.manifest.files].sort((a, b) => b.size - a.size);
-    const buffers: Buffer[] = [];
+    const handles: FileHandle[] = [];
+    const segments: Array<{ fh: FileHandle; start: number; end: number }> = [];
     let bytes = 0;
     let bytesRead = 0;
-    await forEachLimit(
-      files,
-      options.concurrency ?? DEFAULT_PREFETCH_CONCURRENCY,
-      async (file) => {
+    try {
+      for (const file of files) {
         throwIfAborted(options.signal, step);
         const fh = await openRegularNoFollow(join(opened.paths.dir, file.path), step);
-        try {
-          bytes += file.size;
-          await this.pageCache.adviseWillNeed(fh.fd);
-          if (this.pageCache.residentBytes(fh.fd, file.size) >= file.size * PREFETCH_RESIDENT_FRACTION) return;
+        handles.push(fh);
+        bytes += file.size;
+        await this.pageCache.adviseWillNeed(fh.fd);
+        if (this.pageCache.residentBytes(fh.fd, file.size) >= file.size * PREFETCH_RESIDENT_FRACTION) continue;
+        // A large file is read as consecutive segments by several readers at once: CRIU reads its pages image
+        // from the start, so the front of what is cached advances at what the disk gives to parallel reads
+        // (one stream here: 1.0-1.2 GB/s, four or eight: 1.3-1.65 GB/s), ahead of CRIU.
+        const segmentBytes = options.segmentBytes ?? PREFETCH_SEGMENT_BYTES;
+        for (let start = 0; start < file.size; start += segmentBytes) {
+          segments.push({ fh, start, end: Math.min(file.size, start + segmentBytes) });
+        }
+      }
+      const buffers: Buffer[] = [];
+      await forEachLimit(
+        segments,
+        options.concurrency ?? DEFAULT_PREFETCH_CONCURRENCY,
+        async ({ fh, start, end }) => {
           const buffer = buffers.pop() ?? Buffer.allocUnsafe(PREFETCH_CHUNK_BYTES);
           try {
-            for (let position = 0; ; ) {
+            for (let position = start; position < end; ) {
               throwIfAborted(options.signal, step);
-              const { bytesRead: n } = await fh.read(buffer, 0, buffer.length, position);
+              const { bytesRead: n } = await fh.read(buffer, 0, Math.min(buffer.length, end - position), position);
               if (n === 0) break;
               position += n;
               bytesRead += n;
@@ -868,12 +882,12 @@ export class LocalStore {
           } finally {
             buffers.push(buffer);
           }
-        } finally {
-          await fh.close();
-        }
-      },
-      { signal: options.signal, step },
-    );
+        },
+        { signal: options.signal, step },
+      );
+    } finally {
+      await Promise.all(handles.map((fh) => fh.close()));
+    }
     const ms = performance.now() - started;
     this.logger.debug('checkpoint prefetched', { name, bytes, bytesRead, ms });
     return { bytes, bytesRead, ms };

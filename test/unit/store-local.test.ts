@@ -305,6 +305,11 @@ describe('local checkpoint store', () => {
     expect(cachedBytes(), 'the whole file is in the page cache').toBeGreaterThanOrEqual(8 * 1024 * 1024);
     const second = await store.prefetch('c1', { concurrency: 2 });
     expect(second.bytesRead, 'nothing is read twice once cached').toBe(0);
+    // A large file is read as segments by several readers (3 MiB segments: the last one short): every byte once.
+    execFileSync('dd', [`if=${pages}`, 'iflag=nocache', 'count=0', 'status=none']);
+    const segmented = await store.prefetch('c1', { concurrency: 3, segmentBytes: 3 * 1024 * 1024 });
+    expect(segmented.bytesRead).toBe(8 * 1024 * 1024);
+    expect(cachedBytes(), 'the whole file is in the page cache').toBeGreaterThanOrEqual(8 * 1024 * 1024);
     const controller = new AbortController();
     controller.abort(new Error('pod deleted'));
     expect((await rejection(store.prefetch('c1', { signal: controller.signal }))).code).toBe('STORE_ABORTED');
