@@ -154,3 +154,36 @@ export function cudaRestoreStep(o: CudaRestoreStepOptions): CudaRestoreStep {
     o.logger.info('cuda restore and unlock', { containerId: ctx.container.containerId, pids, restoreMs: timing.restore.totalMs, unlockMs: timing.unlock.totalMs });
   };
 }
+
+/**
+ * A checkpoint source found by a restarted agent (NRI Synchronize) may have CUDA processes its predecessor left
+ * locked or checkpointed: killed between the driver's checkpoint and its restore, the agent took CRIU with it
+ * (parentDeathWrapper) but the worker's GPU state stayed in host memory and its CUDA calls block. Brings every
+ * such process of the container's tree back to running; returns the pids it found stuck. Never throws: a
+ * failure is logged and the source's flow goes on (its next checkpoint fails cleanly if the driver refuses).
+ */
+export async function recoverCudaProcesses(
+  node: NodeCuda,
+  initPid: number,
+  logger: Logger,
+  options: { ownPid?: number; treePids?: (pid: number) => Promise<number[]> } = {},
+): Promise<number[]> {
+  try {
+    const tree = await (options.treePids ?? ((pid: number) => processTree('/proc', pid)))(initPid);
+    const cudaPids = node.api.findCudaProcesses(withoutOwnPid(tree, options.ownPid ?? process.pid));
+    const states = new Map(cudaPids.map((p) => [p, node.api.getState(p)] as const));
+    const stuck = cudaPids.filter((p) => states.get(p) === 'locked' || states.get(p) === 'checkpointed');
+    if (stuck.length === 0) return [];
+    logger.warn('CUDA processes left locked or checkpointed by a previous agent: restoring and unlocking them', {
+      initPid,
+      pids: stuck,
+      states: Object.fromEntries(stuck.map((p) => [p, states.get(p)])),
+    });
+    await node.api.restoreAndUnlockAll(stuck);
+    logger.info('CUDA processes restored and unlocked', { initPid, pids: stuck });
+    return stuck;
+  } catch (err) {
+    logger.error('recovering CUDA processes left by a previous agent failed', { initPid, error: err });
+    return [];
+  }
+}

@@ -13,7 +13,7 @@ import { CriuClient, parentDeathWrapper } from '../restore-engine/criu/client.js
 import { openLocalStore, type LocalStore } from '../store/local-store.js';
 import { CheckpointCoordinator, type CheckpointEvent } from './checkpoint-coordinator.js';
 import { createCheckpointSources, type RegistrySourceOptions } from './checkpoint-sources.js';
-import { checkpointHooksFactory, cudaRestoreStep, loadNodeCuda, type NodeCuda } from './cuda-steps.js';
+import { checkpointHooksFactory, cudaRestoreStep, loadNodeCuda, recoverCudaProcesses, type NodeCuda } from './cuda-steps.js';
 import { createRestoreCoordinator, type RestoreCoordinator, type RestoreEvent } from './restore-coordinator.js';
 import { createThawNriHandlers, ThawNriStats, type ManagedContainer, type ThawCoordinator } from './thaw-nri.js';
 
@@ -131,8 +131,12 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
         void restores.recoverTarget(c, pid).catch((err: unknown) => logger.error('thaw: recovering a restore target failed', { containerId: c.containerId, error: errorMessage(err) }));
         return;
       }
-      // A source whose checkpoint was not finished: wait for (or act on) its ready marker again.
-      if (!existsSync(join(c.controlDir, CHECKPOINT_COMPLETE))) checkpoints.checkpointSourceStarted(c, pid);
+      // A source: first give its CUDA processes back if a killed predecessor left them locked or checkpointed,
+      // then, if its checkpoint was not finished, wait for (or act on) its ready marker again.
+      void (async () => {
+        if (cuda) await recoverCudaProcesses(cuda, pid, logger.child({ containerId: c.containerId }));
+        if (!existsSync(join(c.controlDir, CHECKPOINT_COMPLETE))) checkpoints.checkpointSourceStarted(c, pid);
+      })();
     },
   };
   const handlers = createThawNriHandlers({

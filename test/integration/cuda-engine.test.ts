@@ -7,7 +7,8 @@
  * Shown here: a CUDA worker checkpointed (lock → checkpoint → dump → restore → unlock on the source) and
  * restored (restore → unlock on the restored pid) with constraints.gpu in the manifest; a lock timeout failing
  * the checkpoint cleanly; a driver failure at restore falling back to a cold start (RESTORE_DEVICES); a node
- * with another GPU model refusing the checkpoint at CreateContainer (RESTORE_INCOMPATIBLE).
+ * with another GPU model refusing the checkpoint at CreateContainer (RESTORE_INCOMPATIBLE); a restarted agent
+ * restoring and unlocking a source's CUDA processes that a killed predecessor left checkpointed.
  */
 import { mkdir, mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -181,6 +182,32 @@ describe.each(flavorsUnderTest())('CUDA checkpoint and restore through the plugi
     } finally {
       await setFake({});
     }
+  }, 90_000);
+
+  it('a restarted agent restores and unlocks a source\'s CUDA processes that its killed predecessor left checkpointed', async () => {
+    // The source's worker is CHECKPOINTED in the driver's eyes (what a killed agent leaves between the CUDA
+    // checkpoint and the CUDA restore of a source) and has not asked for a checkpoint.
+    const token = 'tok-orphan';
+    const pod = await runWorkerPod(handle.stack, dirs.controlRoot, {
+      ...common(),
+      name: 'cuda-orphan',
+      annotations: { 'thaw.dev/checkpoint': 'cuda-orphan' },
+      checkpointAfterMs: 3_600_000,
+      env: { ...fakeTokenEnv(token), FAKE_CUDA_STATE: '2' },
+    });
+    await waitForServingWorker(pod.controlDir);
+    const pid = await hostPidOf(pod.containerId);
+    expect(await fakeTokenState(pid)).toBe(2);
+    await plugin?.stop();
+    plugin = await startPlugin();
+    await waitFor(async () => ((await fakeTokenState(pid)) === 0 ? true : undefined), 'the worker\'s CUDA state to be running again', 30_000);
+    expect((await readFakeCalls(stateDir, token)).map((c) => [c.op, c.pid, c.result])).toEqual([
+      ['restore', pid, 'CUDA_SUCCESS'],
+      ['unlock', pid, 'CUDA_SUCCESS'],
+    ]);
+    const warned = await waitForLog(dirs.logFile, (r) => r.msg === 'CUDA processes left locked or checkpointed by a previous agent: restoring and unlocking them' && r['containerId'] === pod.containerId, 'the recovery warning');
+    expect(warned['pids']).toEqual([pid]);
+    await handle.stack.cri.removePod(pod.podId);
   }, 90_000);
 
   it('refuses at CreateContainer a checkpoint taken on another GPU model (RESTORE_INCOMPATIBLE)', async () => {
