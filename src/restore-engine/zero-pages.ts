@@ -140,6 +140,29 @@ async function writeAllv(fh: FileHandle, parts: Buffer[], position: number): Pro
   return total;
 }
 
+/** A stretch of consecutive pages of one pagemap entry, at most `maxPages`, and where it lies in the pages file. */
+interface Chunk {
+  entry: PagemapEntry;
+  /** Address of its first page. */
+  vaddr: number;
+  /** Index of its first page in the pages file. */
+  page: number;
+  pages: number;
+}
+
+/** The pagemap's pages in file order, cut into chunks that fit the read buffer (both passes walk it so). */
+function* chunksOf(entries: readonly PagemapEntry[], maxPages: number): Generator<Chunk> {
+  let page = 0;
+  for (const entry of entries) {
+    for (let done = 0; done < entry.nrPages; ) {
+      const pages = Math.min(entry.nrPages - done, maxPages);
+      yield { entry, vaddr: Number(entry.vaddr) + done * CRIU_PAGE_BYTES, page, pages };
+      page += pages;
+      done += pages;
+    }
+  }
+}
+
 /**
  * Pass 1: which pages of the pages file are droppable zero pages (one byte per page, 1 = drop). Only reads
  * and compares: most dumps have few zero pages, and then nothing is written at all.
@@ -148,34 +171,24 @@ async function findZeroPages(plan: ProcessPlan, input: FileHandle, buf: Buffer, 
   const zero = Buffer.alloc(CRIU_PAGE_BYTES);
   const totalPages = plan.entries.reduce((n, e) => n + e.nrPages, 0);
   const drop = new Uint8Array(totalPages);
-  let page = 0;
   let dropped = 0;
   let rangeIndex = 0;
-  for (const entry of plan.entries) {
-    let vaddr = Number(entry.vaddr);
-    let pagesLeft = entry.nrPages;
-    while (pagesLeft > 0) {
-      signal?.throwIfAborted();
-      const n = Math.min(pagesLeft, buf.length / CRIU_PAGE_BYTES);
-      // Skip the read where no page of this stretch may be dropped (file-backed, shared, inherited).
-      while (rangeIndex < plan.ranges.length && plan.ranges[rangeIndex]!.end <= vaddr) rangeIndex += 1;
-      const first = plan.ranges[rangeIndex];
-      if (first !== undefined && first.start < vaddr + n * CRIU_PAGE_BYTES) {
-        await readFully(input, buf, n * CRIU_PAGE_BYTES, page * CRIU_PAGE_BYTES, plan.pagesFile);
-        let r = rangeIndex;
-        for (let i = 0; i < n; i += 1) {
-          const a = vaddr + i * CRIU_PAGE_BYTES;
-          while (r < plan.ranges.length && plan.ranges[r]!.end <= a) r += 1;
-          const range = plan.ranges[r];
-          if (range !== undefined && range.start <= a && zero.compare(buf, i * CRIU_PAGE_BYTES, (i + 1) * CRIU_PAGE_BYTES) === 0) {
-            drop[page + i] = 1;
-            dropped += 1;
-          }
-        }
+  for (const { vaddr, page, pages: n } of chunksOf(plan.entries, buf.length / CRIU_PAGE_BYTES)) {
+    signal?.throwIfAborted();
+    // Skip the read where no page of this stretch may be dropped (file-backed, shared, inherited).
+    while (rangeIndex < plan.ranges.length && plan.ranges[rangeIndex]!.end <= vaddr) rangeIndex += 1;
+    const first = plan.ranges[rangeIndex];
+    if (first === undefined || first.start >= vaddr + n * CRIU_PAGE_BYTES) continue;
+    await readFully(input, buf, n * CRIU_PAGE_BYTES, page * CRIU_PAGE_BYTES, plan.pagesFile);
+    let r = rangeIndex;
+    for (let i = 0; i < n; i += 1) {
+      const a = vaddr + i * CRIU_PAGE_BYTES;
+      while (r < plan.ranges.length && plan.ranges[r]!.end <= a) r += 1;
+      const range = plan.ranges[r];
+      if (range !== undefined && range.start <= a && zero.compare(buf, i * CRIU_PAGE_BYTES, (i + 1) * CRIU_PAGE_BYTES) === 0) {
+        drop[page + i] = 1;
+        dropped += 1;
       }
-      page += n;
-      vaddr += n * CRIU_PAGE_BYTES;
-      pagesLeft -= n;
     }
   }
   return { drop, dropped: dropped * CRIU_PAGE_BYTES, scanned: totalPages * CRIU_PAGE_BYTES };
@@ -187,33 +200,24 @@ async function writeKeptPages(plan: ProcessPlan, codec: CriuImageCodec, input: F
   const output = await open(plan.pagesFile + NEW_FILE_SUFFIX, 'wx', 0o600);
   try {
     let writeAt = 0;
-    let page = 0;
-    for (const entry of plan.entries) {
-      let vaddr = Number(entry.vaddr);
-      let pagesLeft = entry.nrPages;
-      while (pagesLeft > 0) {
-        signal?.throwIfAborted();
-        const n = Math.min(pagesLeft, buf.length / CRIU_PAGE_BYTES);
-        await readFully(input, buf, n * CRIU_PAGE_BYTES, page * CRIU_PAGE_BYTES, plan.pagesFile);
-        // One writev per chunk of the kept runs (views of the read buffer): zero pages come interleaved with
-        // data, and a write per run would be a syscall per few pages.
-        const runs: Buffer[] = [];
-        for (let i = 0; i < n; ) {
-          if (drop[page + i] === 1) {
-            i += 1;
-            continue;
-          }
-          let j = i;
-          while (j < n && drop[page + j] !== 1) j += 1;
-          runs.push(buf.subarray(i * CRIU_PAGE_BYTES, j * CRIU_PAGE_BYTES));
-          appendRun(kept, vaddr + i * CRIU_PAGE_BYTES, j - i, entry);
-          i = j;
+    for (const { entry, vaddr, page, pages: n } of chunksOf(plan.entries, buf.length / CRIU_PAGE_BYTES)) {
+      signal?.throwIfAborted();
+      await readFully(input, buf, n * CRIU_PAGE_BYTES, page * CRIU_PAGE_BYTES, plan.pagesFile);
+      // One writev per chunk of the kept runs (views of the read buffer): zero pages come interleaved with
+      // data, and a write per run would be a syscall per few pages.
+      const runs: Buffer[] = [];
+      for (let i = 0; i < n; ) {
+        if (drop[page + i] === 1) {
+          i += 1;
+          continue;
         }
-        writeAt += await writeAllv(output, runs, writeAt);
-        page += n;
-        vaddr += n * CRIU_PAGE_BYTES;
-        pagesLeft -= n;
+        let j = i;
+        while (j < n && drop[page + j] !== 1) j += 1;
+        runs.push(buf.subarray(i * CRIU_PAGE_BYTES, j * CRIU_PAGE_BYTES));
+        appendRun(kept, vaddr + i * CRIU_PAGE_BYTES, j - i, entry);
+        i = j;
       }
+      writeAt += await writeAllv(output, runs, writeAt);
     }
   } finally {
     await output.close();

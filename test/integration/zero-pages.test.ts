@@ -12,6 +12,7 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, describe, expect, it } from 'vitest';
 import { dropZeroPages } from '../../src/restore-engine/zero-pages.js';
+import { waitFor } from '../helpers/stack.js';
 
 const CRIU = process.env['THAW_TEST_CRIU_PATH'] ?? '/opt/thaw/stack/1.7/bin/criu';
 const PAGE = 4096;
@@ -58,14 +59,9 @@ afterAll(() => {
   rmSync(root, { recursive: true, force: true });
 });
 
-async function waitForFile(path: string, timeoutMs: number): Promise<string> {
-  const deadline = Date.now() + timeoutMs;
-  while (!existsSync(path)) {
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${path}`);
-    await sleep(20);
-  }
-  return readFileSync(path, 'utf8');
-}
+/** The file's text once it exists. */
+const fileText = (path: string, timeoutMs: number): Promise<string> =>
+  waitFor(() => (existsSync(path) ? readFileSync(path, 'utf8') : undefined), `${path} to exist`, timeoutMs, 20);
 
 describe('zero pages dropped from a real dump', () => {
   it('CRIU restores the process with the same memory, file-backed zero pages included, from smaller images', async () => {
@@ -82,7 +78,7 @@ describe('zero pages dropped from a real dump', () => {
     child.unref();
     const pid = child.pid!;
     pids.add(pid);
-    const before = await waitForFile(`${digestFile}.before`, 30_000);
+    const before = await fileText(`${digestFile}.before`, 30_000);
 
     const images = join(root, 'images');
     mkdirSync(images);
@@ -100,6 +96,6 @@ describe('zero pages dropped from a real dump', () => {
     for (let i = 0; i < 250 && existsSync(`/proc/${pid}`); i += 1) await sleep(20);
     execFileSync(CRIU, ['restore', '-D', images, '-d', '-o', 'restore.log', '-v4'], { timeout: 60_000 });
     writeFileSync(`${digestFile}.ask`, '');
-    expect(await waitForFile(`${digestFile}.after`, 10_000)).toBe(before);
+    expect(await fileText(`${digestFile}.after`, 10_000)).toBe(before);
   });
 });

@@ -3,10 +3,9 @@
  * the bottom, no I/O. An image file is two u32 magics then entries, each a u32 length (little endian) and one
  * protobuf message; `pages-<id>.img` is raw pages in pagemap order and is not read here.
  */
-import { existsSync } from 'node:fs';
-import { fileURLToPath } from 'node:url';
 import protobuf from 'protobufjs';
 import { CriuError, CriuErrorCode } from './errors.js';
+import { criuProtoPath } from './rpc.js';
 
 export const CRIU_PAGE_BYTES = 4096;
 
@@ -86,15 +85,6 @@ export function encodeImageFile(image: ImageFile): Buffer {
   return Buffer.concat(parts);
 }
 
-function defaultProtoPath(): string {
-  const candidates = ['../../../proto/criu/images.proto', '../../../../proto/criu/images.proto'].map((rel) =>
-    fileURLToPath(new URL(rel, import.meta.url)),
-  );
-  const found = candidates.find((p) => existsSync(p));
-  if (found === undefined) throw imageError('load CRIU images.proto', `images.proto not found (looked at ${candidates.join(', ')})`);
-  return found;
-}
-
 const toBigInt = (v: unknown): bigint => (typeof v === 'number' ? BigInt(v) : BigInt(String(v)));
 
 /** Decoders of pstree, mm and pagemap entries; load once and share (it holds only the parsed types). */
@@ -106,7 +96,7 @@ export class CriuImageCodec {
     private readonly pagemap: protobuf.Type,
   ) {}
 
-  static load(protoPath: string = defaultProtoPath()): CriuImageCodec {
+  static load(protoPath: string = criuProtoPath('images.proto')): CriuImageCodec {
     const root = new protobuf.Root();
     root.loadSync(protoPath);
     return new CriuImageCodec(root.lookupType('pstree_entry'), root.lookupType('mm_entry'), root.lookupType('pagemap_head'), root.lookupType('pagemap_entry'));

@@ -134,15 +134,18 @@ export interface CriuRespMessage {
   status?: number;
 }
 
-/** Where rpc.proto lies relative to this module: from `src/` (tsx, vitest) and from `dist/src/` (built). */
-function defaultProtoPath(): string {
-  const candidates = ['../../../proto/criu/rpc.proto', '../../../../proto/criu/rpc.proto'].map((rel) =>
+/**
+ * Where `proto/criu/<fileName>` lies relative to this module: from `src/` (tsx, vitest) and from `dist/src/`
+ * (built). rpc.proto here, images.proto for criu/images.ts.
+ */
+export function criuProtoPath(fileName: string): string {
+  const candidates = [`../../../proto/criu/${fileName}`, `../../../../proto/criu/${fileName}`].map((rel) =>
     fileURLToPath(new URL(rel, import.meta.url)),
   );
   const found = candidates.find((p) => existsSync(p));
   if (found === undefined) {
-    throw new CriuError(CriuErrorCode.PROTOCOL, `rpc.proto not found (looked at ${candidates.join(', ')})`, {
-      step: 'load CRIU rpc.proto',
+    throw new CriuError(CriuErrorCode.PROTOCOL, `${fileName} not found (looked at ${candidates.join(', ')})`, {
+      step: `load CRIU ${fileName}`,
     });
   }
   return found;
@@ -161,7 +164,7 @@ export class CriuCodec {
     this.respType = root.lookupType('criu_resp');
   }
 
-  static load(protoPath: string = defaultProtoPath()): CriuCodec {
+  static load(protoPath: string = criuProtoPath('rpc.proto')): CriuCodec {
     const root = new protobuf.Root();
     root.loadSync(protoPath);
     return new CriuCodec(root);
