@@ -350,13 +350,17 @@ async function main(): Promise<void> {
         warmRuns.push(await restoreOnce('warm', i));
         coldRuns.push(await restoreOnce('cold', i));
       }
-      /** The median run (the lower middle one for an even count), so its phases go with its time. */
-      const medianRun = (runs: RestoreRun[]): RestoreRun => {
-        const m = median(runs.map((r) => r.ms));
-        return runs.reduce((best, r) => (Math.abs(r.ms - m) < Math.abs(best.ms - m) ? r : best));
+      /**
+       * The rounds as one result: the median time, the phases and tokens of the run closest to it, and the
+       * first outcome that was not a restore (if any).
+       */
+      const summarize = (runs: RestoreRun[]): RestoreRun => {
+        const ms = median(runs.map((r) => r.ms));
+        const closest = runs.reduce((best, r) => (Math.abs(r.ms - ms) < Math.abs(best.ms - ms) ? r : best));
+        return { ...closest, ms, outcome: runs.find((r) => r.outcome !== 'restored')?.outcome ?? 'restored' };
       };
-      const warm = { ...medianRun(warmRuns), ms: median(warmRuns.map((r) => r.ms)), outcome: warmRuns.every((r) => r.outcome === 'restored') ? 'restored' : warmRuns.find((r) => r.outcome !== 'restored')!.outcome };
-      const coldRestore = { ...medianRun(coldRuns), ms: median(coldRuns.map((r) => r.ms)), outcome: coldRuns.every((r) => r.outcome === 'restored') ? 'restored' : coldRuns.find((r) => r.outcome !== 'restored')!.outcome };
+      const warm = summarize(warmRuns);
+      const coldRestore = summarize(coldRuns);
       const same = (a: number[] | undefined, b: number[] | undefined): boolean => a !== undefined && b !== undefined && a.length > 0 && JSON.stringify(a) === JSON.stringify(b);
       results.push({
         variant: v.name,

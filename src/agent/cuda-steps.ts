@@ -33,6 +33,9 @@ import { processTree } from '../restore-engine/container-inspect.js';
 import type { GpuConstraints } from '../store/manifest.js';
 import type { CudaRestoreStep } from './restore-coordinator.js';
 
+/** Every pid of the tree under `pid`, from the host's /proc. */
+const hostProcessTree = (pid: number): Promise<number[]> => processTree('/proc', pid);
+
 /** What the engine holds when the node has a usable driver. */
 export interface NodeCuda {
   api: CudaCheckpointApi;
@@ -136,7 +139,7 @@ export interface CudaRestoreStepOptions {
  */
 export function cudaRestoreStep(o: CudaRestoreStepOptions): CudaRestoreStep {
   const ownPid = o.ownPid ?? process.pid;
-  const treePids = o.treePids ?? ((pid: number) => processTree('/proc', pid));
+  const treePids = o.treePids ?? hostProcessTree;
   return async (tree, ctx) => {
     const wanted = ctx.checkpoint.manifest.constraints.gpu;
     if (wanted === undefined) return;
@@ -169,7 +172,7 @@ export async function recoverCudaProcesses(
   options: { ownPid?: number; treePids?: (pid: number) => Promise<number[]> } = {},
 ): Promise<number[]> {
   try {
-    const tree = await (options.treePids ?? ((pid: number) => processTree('/proc', pid)))(initPid);
+    const tree = await (options.treePids ?? hostProcessTree)(initPid);
     const cudaPids = node.api.findCudaProcesses(withoutOwnPid(tree, options.ownPid ?? process.pid));
     const states = new Map(cudaPids.map((p) => [p, node.api.getState(p)] as const));
     const stuck = cudaPids.filter((p) => states.get(p) === 'locked' || states.get(p) === 'checkpointed');
