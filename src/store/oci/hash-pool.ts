@@ -16,8 +16,8 @@
  * close() terminates the workers and rejects what is pending the same way. A digest is never guessed.
  */
 import { availableParallelism } from 'node:os';
-import { Worker } from 'node:worker_threads';
 import { OciError, OciErrorCode } from './errors.js';
+import { WorkerCalls } from './worker-calls.js';
 
 /** Worker threads by default: a core is left to the event loop, and more than 4 gain nothing at registry rates. */
 export function defaultHashThreads(): number {
@@ -42,7 +42,8 @@ export interface Sha256Stream {
 /** Read size of updateFromFile. */
 const FILE_READ_BYTES = 1024 * 1024;
 
-// Messages to a worker: [op, stream id, sequence number, bytes?]. Replies: [sequence number, hex digest or error].
+// Messages to a worker: [op, stream id, sequence number, bytes?]. Replies: [sequence number, hex digest?, error?]
+// (worker-calls.ts).
 const OPEN = 0;
 const UPDATE = 1;
 const DIGEST = 2;
@@ -82,57 +83,22 @@ parentPort.on('message', ([op, id, seq, data]) => {
 });
 `;
 
-interface Pending {
-  resolve: (hex: string | undefined) => void;
-  reject: (err: unknown) => void;
-}
-
 class HashWorker {
-  private readonly worker: Worker;
-  private readonly pending = new Map<number, Pending>();
-  private seq = 0;
-  private failure: OciError | undefined;
+  private readonly calls = new WorkerCalls(WORKER_SOURCE, { name: 'thaw-sha256', thread: 'sha256 worker thread', what: 'sha256 worker thread', step: 'hash received bytes' });
   /** Streams bound to it that are not done yet (the pool binds a new stream to the least busy worker). */
   open = 0;
 
-  constructor() {
-    this.worker = new Worker(WORKER_SOURCE, { eval: true, name: 'thaw-sha256' });
-    this.worker.on('message', ([seq, hex, error]: [number, string | undefined, string | undefined]) => {
-      const p = this.pending.get(seq);
-      if (p === undefined) return;
-      this.pending.delete(seq);
-      if (error !== undefined) p.reject(new OciError(OciErrorCode.IO, `sha256 worker thread: ${error}`, { step: 'hash received bytes' }));
-      else p.resolve(hex);
-    });
-    this.worker.on('error', (err) => this.fail(new OciError(OciErrorCode.IO, `the sha256 worker thread failed: ${err.message}`, { step: 'hash received bytes', cause: err })));
-    this.worker.on('exit', (code) => {
-      this.fail(new OciError(OciErrorCode.IO, `the sha256 worker thread exited (code ${code})`, { step: 'hash received bytes', evidence: { exitCode: code } }));
-    });
-  }
-
-  fail(err: OciError): void {
-    this.failure ??= err;
-    for (const p of this.pending.values()) p.reject(this.failure);
-    this.pending.clear();
-  }
-
-  /** Sends a message; resolves with the worker's answer (ops that answer: UPDATE, DIGEST). */
-  call(op: number, id: number, data?: Uint8Array | { fd: number; offset: number; length: number }): Promise<string | undefined> {
-    if (this.failure !== undefined) return Promise.reject(this.failure);
-    const seq = this.seq++;
-    return new Promise((resolve, reject) => {
-      this.pending.set(seq, { resolve, reject });
-      this.worker.postMessage([op, id, seq, data]);
-    });
+  /** Sends a message; resolves with the worker's answer (ops that answer: UPDATE, UPDATE_FROM_FILE, DIGEST). */
+  async call(op: number, id: number, data?: Uint8Array | { fd: number; offset: number; length: number }): Promise<string | undefined> {
+    return (await this.calls.call((seq) => [op, id, seq, data])) as string | undefined;
   }
 
   send(op: number, id: number): void {
-    if (this.failure === undefined) this.worker.postMessage([op, id, -1]);
+    this.calls.post([op, id, -1]);
   }
 
-  async terminate(reason: OciError): Promise<void> {
-    this.fail(reason);
-    await this.worker.terminate();
+  terminate(reason: OciError): Promise<void> {
+    return this.calls.terminate(reason);
   }
 }
 

@@ -9,8 +9,8 @@
  * Bytes in shared memory (the pull's slabs) reach the thread without a copy. Failures: a failed write rejects
  * with OCI_IO naming the errno; a thread that exits, or close(), rejects everything pending with OCI_IO.
  */
-import { Worker } from 'node:worker_threads';
 import { OciError, OciErrorCode } from './errors.js';
+import { WorkerCalls } from './worker-calls.js';
 
 const WORKER_SOURCE = `
 const { parentPort } = require('node:worker_threads');
@@ -23,49 +23,25 @@ parentPort.on('message', ([seq, fd, data, position, pieceBytes]) => {
     }
     parentPort.postMessage([seq]);
   } catch (err) {
-    parentPort.postMessage([seq, String(err && err.message || err), err && err.code]);
+    parentPort.postMessage([seq, undefined, String(err && err.message || err), err && err.code]);
   }
 });
 `;
 
 export class WriteThread {
-  private readonly worker: Worker;
-  private readonly pending = new Map<number, { resolve: () => void; reject: (err: unknown) => void }>();
-  private seq = 0;
-  private failure: OciError | undefined;
+  private readonly calls: WorkerCalls;
 
   constructor(private readonly pieceBytes: number) {
-    this.worker = new Worker(WORKER_SOURCE, { eval: true, name: 'thaw-pull-write' });
-    this.worker.on('message', ([seq, error, code]: [number, string | undefined, string | undefined]) => {
-      const p = this.pending.get(seq);
-      if (p === undefined) return;
-      this.pending.delete(seq);
-      if (error === undefined) p.resolve();
-      else p.reject(new OciError(OciErrorCode.IO, `write: ${error}`, { step: 'write layer', evidence: { errno: code } }));
-    });
-    this.worker.on('error', (err) => this.fail(new OciError(OciErrorCode.IO, `the write thread failed: ${err.message}`, { step: 'write layer', cause: err })));
-    this.worker.on('exit', (code) => this.fail(new OciError(OciErrorCode.IO, `the write thread exited (code ${code})`, { step: 'write layer', evidence: { exitCode: code } })));
-  }
-
-  private fail(err: OciError): void {
-    this.failure ??= err;
-    for (const p of this.pending.values()) p.reject(this.failure);
-    this.pending.clear();
+    this.calls = new WorkerCalls(WORKER_SOURCE, { name: 'thaw-pull-write', thread: 'write thread', what: 'write', step: 'write layer' });
   }
 
   /** Writes all of `data` at `position` of `fd`; resolves once written (the memory may then be reused). */
-  write(fd: number, data: Uint8Array, position: number): Promise<void> {
-    if (this.failure !== undefined) return Promise.reject(this.failure);
-    const seq = this.seq++;
-    return new Promise((resolve, reject) => {
-      this.pending.set(seq, { resolve, reject });
-      this.worker.postMessage([seq, fd, data, position, this.pieceBytes]);
-    });
+  async write(fd: number, data: Uint8Array, position: number): Promise<void> {
+    await this.calls.call((seq) => [seq, fd, data, position, this.pieceBytes]);
   }
 
   /** Terminates the thread; writes still pending reject with OCI_IO. */
   async close(): Promise<void> {
-    this.fail(new OciError(OciErrorCode.IO, 'the write thread was closed', { step: 'write layer' }));
-    await this.worker.terminate();
+    await this.calls.terminate(new OciError(OciErrorCode.IO, 'the write thread was closed', { step: 'write layer' }));
   }
 }
