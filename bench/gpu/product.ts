@@ -180,6 +180,8 @@ interface PodRun {
   containerId: string;
   logPath: string;
   startedAt: number;
+  /** The CRI calls' durations and when StartContainer returned (epoch ms). */
+  cri: { runPodSandboxMs: number; createMs: number; startMs: number; startedReturnedAt: number };
 }
 
 interface Variant {
@@ -204,6 +206,8 @@ interface VariantResult {
   restoreColdOutcome: string;
   restoreWarmPhases: unknown;
   restoreColdPhases: unknown;
+  restoreWarmTimeline: unknown;
+  restoreColdTimeline: unknown;
   restoreWarmCause: string | null;
   restoreColdCause: string | null;
   restoreWarmSamplesMs: number[];
@@ -277,7 +281,7 @@ async function main(): Promise<void> {
       });
       pods.add(r.podId);
       podLogs.push(r.logPath);
-      return { podId: r.podId, containerId: r.containerId, logPath: r.logPath, startedAt };
+      return { podId: r.podId, containerId: r.containerId, logPath: r.logPath, startedAt, cri: { ...r.timings, startedReturnedAt: Date.now() } };
     };
     const removePod = async (pod: PodRun): Promise<void> => {
       await s.cri.removePod(pod.podId);
@@ -331,7 +335,7 @@ async function main(): Promise<void> {
       await removePod(source);
       say(`${v.name}: checkpoint ${Math.round(checkpointPhases.totalMs)} ms, ${round(checkpointBytes / GiB, 2)} GiB (live ${liveBytes === null ? '?' : round(liveBytes / GiB, 2)} GiB)`);
 
-      type RestoreRun = { ms: number; outcome: string; cause: string | null; phases: unknown; tokens: number[] | undefined };
+      type RestoreRun = { ms: number; outcome: string; cause: string | null; phases: unknown; timeline: unknown; tokens: number[] | undefined };
       const restoreOnce = async (label: 'warm' | 'cold', round_: number): Promise<RestoreRun> => {
         if (label === 'cold') await dropPageCache();
         const target = await runWorker(`gpu-restore-${label}-${v.name}${round_ > 1 ? `-${round_}` : ''}`, { 'thaw.dev/restore': checkpointName }, v.workerArgs);
@@ -341,7 +345,16 @@ async function main(): Promise<void> {
         await removePod(target);
         const outcome = String(restoreEvent['outcome']);
         say(`${v.name}: restore (page cache ${label}) ${ready.ms} ms, ${outcome}${restoreEvent['cause'] ? ` (${String(restoreEvent['cause'])}: ${String(restoreEvent['reason'])})` : ''}`);
-        return { ms: ready.ms, outcome, cause: restoreEvent['cause'] ? String(restoreEvent['cause']) : null, phases: restoreEvent['phases'], tokens };
+        // Where the time outside the engine goes: the CRI calls, then StartContainer's return → the agent's
+        // restore event → the worker answering /healthz.
+        const restoredAt = Date.parse(String(restoreEvent['ts']));
+        const { startedReturnedAt, ...criMs } = target.cri;
+        const timeline = {
+          ...criMs,
+          startToRestoreEventMs: restoredAt - startedReturnedAt,
+          restoreEventToReadyMs: target.startedAt + ready.ms - restoredAt,
+        };
+        return { ms: ready.ms, outcome, cause: restoreEvent['cause'] ? String(restoreEvent['cause']) : null, phases: restoreEvent['phases'], timeline, tokens };
       };
       // Rounds alternate warm and dropped; the figures are the medians, every sample is in the JSON.
       const warmRuns: RestoreRun[] = [];
@@ -378,6 +391,8 @@ async function main(): Promise<void> {
         restoreColdOutcome: coldRestore.outcome,
         restoreWarmPhases: warm.phases,
         restoreColdPhases: coldRestore.phases,
+        restoreWarmTimeline: warm.timeline,
+        restoreColdTimeline: coldRestore.timeline,
         restoreWarmCause: warm.cause,
         restoreColdCause: coldRestore.cause,
         restoreWarmSamplesMs: warmRuns.map((r) => r.ms),

@@ -12,6 +12,7 @@ export const PHASE_BUCKETS_SECONDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 
 
 const RESTORE_PHASES: Record<keyof RestoreEvent['phases'], string> = {
   hookMs: 'hook',
+  hookStartupMs: 'hook-startup',
   transferMs: 'transfer',
   verifyMs: 'verify',
   waitVerifyMs: 'wait-verify',

@@ -67,7 +67,7 @@ export interface RestoreEvent {
   bytes?: number;
   /** How the checkpoint's digests were checked: hashed now, or its files unchanged since they were hashed here. */
   digests?: 'hashed' | 'unchanged-since-hashed';
-  phases: { hookMs?: number; transferMs?: number; verifyMs?: number; waitVerifyMs?: number; overlayMs?: number; criuRestoreMs?: number; cudaRestoreMs?: number; totalMs: number };
+  phases: { hookMs?: number; hookStartupMs?: number; transferMs?: number; verifyMs?: number; waitVerifyMs?: number; overlayMs?: number; criuRestoreMs?: number; cudaRestoreMs?: number; totalMs: number };
 }
 
 export interface RestoreCoordinatorOptions {
@@ -251,6 +251,7 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
       }
       overlayMounted = hook.record.mode === 'overlay';
       phases.hookMs = hook.record.ms;
+      if (typeof hook.record.startupMs === 'number' && Number.isFinite(hook.record.startupMs)) phases.hookStartupMs = hook.record.startupMs;
       const t0 = performance.now();
       const verifyTimeoutMs = o.verifyTimeoutMs ?? DEFAULT_VERIFY_TIMEOUT_MS;
       const timer = new AbortController();

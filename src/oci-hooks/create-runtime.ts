@@ -55,6 +55,8 @@ export interface CreateRuntimeOptions {
   waitCheckpointMs?: number;
   /** Test seam: fail after the overlay is made (proves it is removed again). */
   failAfterOverlay?: boolean;
+  /** ms from the hook process's start to its work (recorded: it is on every restore's critical path). */
+  startupMs?: number;
 }
 
 async function exists(path: string): Promise<boolean> {
@@ -106,7 +108,7 @@ export async function runCreateRuntime(state: OciState, o: CreateRuntimeOptions)
     if (state.pid === undefined) throw new HookError(HookErrorCode.STATE_INVALID, 'the state has no pid (createRuntime runs after the init exists)', { step: 'create-runtime hook' });
     const config = parseOciConfig(await readFile(join(state.bundle, 'config.json'), 'utf8'), state.bundle);
 
-    const record: HookDoneRecord = { mode: o.mode, ms: 0 };
+    const record: HookDoneRecord = { mode: o.mode, ms: 0, ...(o.startupMs !== undefined ? { startupMs: Math.round(o.startupMs) } : {}) };
     if (o.waitCheckpointMs !== undefined) record.waitCheckpointMs = Math.round(await waitForCheckpoint(o, o.waitCheckpointMs));
     const tarFile = join(o.checkpointDir, ROOTFS_DIFF_FILE_NAME);
     const deletedFile = join(o.checkpointDir, DELETED_FILES_FILE_NAME);

@@ -31,7 +31,7 @@ async function readStdin(timeoutMs: number): Promise<string> {
   return Buffer.concat(chunks).toString('utf8');
 }
 
-async function main(argv: string[]): Promise<void> {
+async function main(argv: string[], startupMs: number): Promise<void> {
   const [stage, ...rest] = argv;
   const { values } = parseArgs({
     args: rest,
@@ -62,6 +62,7 @@ async function main(argv: string[]): Promise<void> {
         throw err;
       }
       const result = await runCreateRuntime(state, {
+        startupMs,
         mode,
         controlDir,
         checkpointDir: values['checkpoint-dir'],
@@ -84,7 +85,8 @@ async function main(argv: string[]): Promise<void> {
   }
 }
 
-main(process.argv.slice(2)).then(
+// performance.now() counts from the process's start: here, Node.js's start plus the module loading.
+main(process.argv.slice(2), performance.now()).then(
   () => process.exit(0),
   (err: unknown) => {
     process.stderr.write(`thaw hook: ${errorMessage(err)}\n`);

@@ -26,7 +26,10 @@ export interface HookDoneRecord {
   rootfsDiff?: { entries: number; deleted: number; ms: number };
   /** How long the hook waited for a checkpoint being pulled. */
   waitCheckpointMs?: number;
+  /** The hook's work. */
   ms: number;
+  /** Before the work: the runtime's spawn of Node.js, its start and the module loading (ms since the process began). */
+  startupMs?: number;
 }
 
 export interface HookFailedRecord {

@@ -39,7 +39,6 @@ import { spawn } from 'node:child_process';
 import { constants as fsConstants, type Stats } from 'node:fs';
 import { chmod, lstat, open, readdir, readFile, rm, writeFile, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
-import koffi from 'koffi';
 import { ThawError } from '../errors.js';
 import { silentLogger, type Logger } from '../log.js';
 import { checkRelativePath } from '../store/manifest.js';
@@ -172,8 +171,13 @@ export async function readContainerOverlay(pid: number, options: { procRoot?: st
 
 type GetXattr = (path: string, name: string) => string | undefined;
 
-/** lgetxattr(2) from libc: the value as a string, or undefined when the attribute is absent. */
-function bindGetXattr(): GetXattr {
+/**
+ * lgetxattr(2) from libc: the value as a string, or undefined when the attribute is absent. koffi is loaded
+ * here, not at the top: the create-runtime hook imports this module for applyRootfsDiff, and every ms of its
+ * start is on a restore's critical path (koffi's load is ~20 ms).
+ */
+async function bindGetXattr(): Promise<GetXattr> {
+  const { default: koffi } = await import('koffi');
   const libc = koffi.load('libc.so.6');
   const lgetxattr = libc.func('long lgetxattr(const char *path, const char *name, _Out_ uint8_t *value, size_t size)');
   const buffer = Buffer.alloc(256);
@@ -235,7 +239,7 @@ export async function captureRootfsDiff(options: CaptureRootfsDiffOptions): Prom
   const started = performance.now();
   const logger = options.logger ?? silentLogger;
   const excluded = compileExcludes(options.excludes ?? DEFAULT_ROOTFS_EXCLUDES);
-  const getXattr = bindGetXattr();
+  const getXattr = await bindGetXattr();
   const members: string[] = [];
   const deleted: string[] = [];
 

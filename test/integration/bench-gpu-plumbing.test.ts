@@ -32,12 +32,17 @@ describe.each(flavorsUnderTest())('bench:gpu with the stand-in worker, container
       maxBuffer: 16 * 2 ** 20,
     });
     const last = stdout.trim().split('\n').pop() ?? '';
-    const summary = JSON.parse(last) as { standin: boolean; tokensMatch: boolean; variants: Array<{ variant: string; restoreWarmOutcome: string; restoreColdOutcome: string; checkpointBytes: number; liveBytes: number | null; restoreWarmSamplesMs: number[]; restoreColdSamplesMs: number[] }> };
+    const summary = JSON.parse(last) as { standin: boolean; tokensMatch: boolean; variants: Array<{ variant: string; restoreWarmOutcome: string; restoreColdOutcome: string; checkpointBytes: number; liveBytes: number | null; restoreWarmSamplesMs: number[]; restoreColdSamplesMs: number[]; restoreWarmTimeline: unknown; restoreWarmPhases: unknown }> };
     expect(summary.standin).toBe(true);
     expect(summary.variants.map((v) => [v.variant, v.restoreWarmOutcome, v.restoreColdOutcome])).toEqual([['released', 'restored', 'restored']]);
     expect(summary.tokensMatch).toBe(true);
     // Two rounds of restores, every sample kept beside the median.
     expect([summary.variants[0]?.restoreWarmSamplesMs.length, summary.variants[0]?.restoreColdSamplesMs.length]).toEqual([2, 2]);
+    // Where a restore's time goes outside the engine, and the hook's own start.
+    const timeline = summary.variants[0]?.restoreWarmTimeline as Record<string, number>;
+    expect(Object.keys(timeline).sort()).toEqual(['createMs', 'restoreEventToReadyMs', 'runPodSandboxMs', 'startMs', 'startToRestoreEventMs']);
+    expect(Object.values(timeline).every((ms) => Number.isFinite(ms) && ms >= 0)).toBe(true);
+    expect((summary.variants[0]?.restoreWarmPhases as Record<string, number>).hookStartupMs).toBeGreaterThan(0);
     expect(summary.variants[0]?.checkpointBytes).toBeGreaterThan(0);
     expect(summary.variants[0]?.liveBytes).toBeGreaterThan(0);
     const files = readdirSync(results);
