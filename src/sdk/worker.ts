@@ -11,7 +11,7 @@
  * if (outcome === 'restore-complete') reconnect();   // a new pod: re-open connections, then serve
  * ```
  *
- * Waiting polls every 0.1 s by default, and that is deliberate: the wait spans the checkpoint, and a
+ * Waiting polls every 10 ms by default (protocol.ts says why); polling, deliberately: the wait spans the checkpoint, and a
  * watch (fs.watch is inotify) open during the CRIU dump becomes part of the image, pinned to the source
  * pod's control directory, which a restore on another pod or node cannot reopen. `watch: true` opts in
  * to inotify for waits that no checkpoint spans.
@@ -27,7 +27,7 @@ export interface ControlDirOptions {
   path?: string;
   /** Where the env vars are read from; default process.env. */
   env?: NodeJS.ProcessEnv;
-  /** Poll period; default POLL_INTERVAL_MS (100). */
+  /** Poll period; default POLL_INTERVAL_MS (10). */
   pollIntervalMs?: number;
   /** Also wake on fs.watch events; default false (see the module comment). */
   watch?: boolean;
