@@ -120,6 +120,8 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
   // One coordinator for the handlers: sources go to the checkpoint side, targets to the restore side.
   const coordinator: ThawCoordinator = {
     checkpointSourceStarted: (c, pid) => checkpoints.checkpointSourceStarted(c, pid),
+    restorePodCreated: (podId, name) => restores.restorePodCreated(podId, name),
+    podGone: (podId) => restores.podGone(podId),
     restoreTargetCreated: (c, checkpoint, incoming) => restores.restoreTargetCreated(c, checkpoint, incoming),
     restoreTargetStarted: (c, pid) => restores.restoreTargetStarted(c, pid),
     containerGone: (id) => {

@@ -26,6 +26,7 @@ import { clearStaleMarkers, writeMarker } from '../sdk/control-dir.js';
 import { RESTORE_COMPLETE, RESTORE_FAILED } from '../sdk/protocol.js';
 import type { LocalStore, OpenedCheckpoint, ReleaseLease } from '../store/local-store.js';
 import { StoreErrorCode } from '../store/errors.js';
+import { SharedPrefetch } from './shared-prefetch.js';
 import type { ManagedContainer, ThawCoordinator, ThawNriStats } from './thaw-nri.js';
 
 const execFileP = promisify(execFile);
@@ -89,7 +90,7 @@ export interface RestoreCoordinatorOptions {
   onEvent?: (event: RestoreEvent) => void;
 }
 
-export interface RestoreCoordinator extends Required<Pick<ThawCoordinator, 'restoreTargetCreated' | 'restoreTargetStarted' | 'containerGone'>> {
+export interface RestoreCoordinator extends Required<Pick<ThawCoordinator, 'restorePodCreated' | 'podGone' | 'restoreTargetCreated' | 'restoreTargetStarted' | 'containerGone'>> {
   /**
    * A restore target found running when the agent (re)connected (NRI Synchronize). If no restore of this
    * process is in flight and the worker was told neither restore-complete nor restore-failed, the agent that
@@ -145,6 +146,12 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
   const running = new Set<Promise<void>>();
   const workRoot = o.workRoot ?? DEFAULT_WORK_ROOT;
   const logger = o.logger.child({ component: 'restore' });
+  const prefetches = new SharedPrefetch(
+    (name, signal) => o.store.prefetch(name, { signal }),
+    (name, err) => logger.debug('prefetch stopped', { checkpoint: name, error: errorMessage(err) }),
+  );
+  const jobHolder = (containerId: string): string => `container:${containerId}`;
+  const podHolder = (podId: string): string => `pod:${podId}`;
 
   const track = (p: Promise<void>): Promise<void> => {
     running.add(p);
@@ -179,10 +186,9 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
       // Reading the checkpoint into the page cache is a hint, not a step: the restore does not wait for it
       // (CRIU's own reads find whatever it has read already). A 4 GB checkpoint already in the page cache cost
       // ~1.7 s on the critical path when it was awaited (bench:restore). Verification is awaited; it hashes only
-      // files changed since they were last hashed on this node (LocalStore.verify).
-      void o.store.prefetch(name, { signal }).catch((err: unknown) => {
-        if (!signal.aborted) logger.debug('prefetch stopped', { checkpoint: name, error: errorMessage(err) });
-      });
+      // files changed since they were last hashed on this node (LocalStore.verify). The read may be running
+      // already, started at RunPodSandbox.
+      prefetches.hold(name, jobHolder(job.container.containerId));
       const verified = await o.store.verify(name, { signal });
       return { verifyMs: performance.now() - t0, hashed: verified.hashed, ...(transferMs !== undefined ? { transferMs } : {}) };
     } catch (err) {
@@ -334,12 +340,23 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
       logger.warn('restore', { ...e, ...(isThawError(err) ? { error: err.toJSON() } : {}), ...(problems.length > 0 ? { problems } : {}) });
       o.onEvent?.(e);
     } finally {
+      // Whatever the prefetch had left to read, CRIU has read by now (or the restore is abandoned).
+      prefetches.release(jobHolder(container.containerId));
+      prefetches.release(podHolder(container.podId));
       await job.release?.().catch(() => undefined);
       jobs.delete(container.containerId);
     }
   }
 
   const coordinator: RestoreCoordinator = {
+    restorePodCreated(podId, checkpointName) {
+      prefetches.hold(checkpointName, podHolder(podId));
+    },
+
+    podGone(podId) {
+      prefetches.release(podHolder(podId));
+    },
+
     restoreTargetCreated(container, checkpoint, incoming) {
       const job: Job = {
         createdAtIso: new Date().toISOString(),
@@ -410,6 +427,7 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
       const job = jobs.get(containerId);
       if (job === undefined) return;
       job.abort.abort(new Error('container removed'));
+      prefetches.release(jobHolder(containerId));
       if (job.run === undefined) {
         jobs.delete(containerId);
         void job.prepared.finally(() => job.release?.());
@@ -432,6 +450,7 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
 
     async close() {
       for (const job of jobs.values()) job.abort.abort(new Error('agent stopping'));
+      await prefetches.close();
       // Targets created but not started: nothing runs for them here; release their leases. The next agent
       // falls them back when they start (restoreTargetStarted without a prepared job).
       const prepared = [...jobs.values()].filter((j) => j.run === undefined);

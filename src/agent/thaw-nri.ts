@@ -55,6 +55,13 @@ export interface ManagedContainer {
  * its work in the background and returns.
  */
 export interface ThawCoordinator {
+  /**
+   * A pod sandbox that names a local checkpoint to restore was created: start reading it into the page cache
+   * (its container comes later: after image pulls, kubelet's work, CreateContainer).
+   */
+  restorePodCreated?(podId: string, checkpointName: string): void;
+  /** A pod sandbox stopped or was removed: stop what was started for it at restorePodCreated. */
+  podGone?(podId: string): void;
   /** A checkpoint source was created: watch its control directory. */
   checkpointSourceCreated?(container: ManagedContainer): void;
   /** A checkpoint source started: its pid is known. */
@@ -359,6 +366,30 @@ export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { 
   return {
     stats,
     managed,
+
+    runPodSandbox(pod, ctx) {
+      try {
+        // The container this pod's annotations pick is not created yet: decide for the one they name.
+        const decision = decide(
+          { podAnnotations: pod.annotations ?? {}, containerName: pod.annotations?.[`${prefix}container`] ?? '' },
+          { annotationPrefix: prefix },
+        );
+        // Local checkpoints only: a registry checkpoint is resolved (and pulled) at CreateContainer.
+        if (decision.kind !== 'restore-target' || decision.reference !== undefined || !options.restore || !pod.id) return;
+        options.coordinator?.restorePodCreated?.(pod.id, decision.checkpointName);
+        ctx.logger.debug('thaw: reading the checkpoint of a restore pod early', { pod: `${pod.namespace ?? ''}/${pod.name ?? ''}`, checkpoint: decision.checkpointName });
+      } catch (err) {
+        ctx.logger.warn('thaw: runPodSandbox handler failed', { pod: pod.id, error: errorMessage(err) });
+      }
+    },
+
+    stopPodSandbox(pod) {
+      if (pod.id) options.coordinator?.podGone?.(pod.id);
+    },
+
+    removePodSandbox(pod) {
+      if (pod.id) options.coordinator?.podGone?.(pod.id);
+    },
 
     async createContainer(pod, container, ctx) {
       const decision = decide(

@@ -74,6 +74,8 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
   const stats = new ThawNriStats();
   const events: RestoreEvent[] = [];
   const sourcesStarted = new Map<string, { entry: ManagedContainer; pid: number }>();
+  /** restorePodCreated calls: [pod sandbox id, checkpoint]. */
+  const podsPrefetched: Array<[string, string]> = [];
   let image: WorkerImage;
   let plugin: NriPlugin;
   let controlRoot: string;
@@ -126,6 +128,10 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
           ...restorer,
           checkpointSourceStarted(entry, pid) {
             sourcesStarted.set(entry.podName, { entry, pid });
+          },
+          restorePodCreated(podId, name) {
+            podsPrefetched.push([podId, name]);
+            restorer.restorePodCreated(podId, name);
           },
         },
         restore: restoreConfig,
@@ -191,6 +197,8 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
       const ev = await waitFor(() => events.slice(before).find((e) => e.containerId === pod.containerId), 'the restore event', 120_000, 50);
       console.log(`restore event: ${JSON.stringify(ev)}; pod create to event ${Date.now() - t0} ms`);
       expect(ev, JSON.stringify(ev)).toMatchObject({ outcome: 'restored', mode: 'overlay' });
+      // The checkpoint's read started at RunPodSandbox, before the container existed.
+      expect(podsPrefetched).toContainEqual([pod.podId, CHECKPOINT]);
       const line = logger.lines.find((l) => l.msg === 'restore' && l.fields.containerId === pod.containerId);
       console.log(`criu restore options: ${JSON.stringify(line?.fields.criuOptions)}`);
       const restored = await waitForEvent(pod.logPath, 'restored');
