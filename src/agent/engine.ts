@@ -11,6 +11,10 @@ import { CHECKPOINT_COMPLETE } from '../sdk/protocol.js';
 import type { Logger } from '../log.js';
 import { CriuClient, parentDeathWrapper } from '../restore-engine/criu/client.js';
 import { openLocalStore, type LocalStore } from '../store/local-store.js';
+import { bindPageCache, readIntoPageCache } from '../store/page-cache.js';
+import { DEFAULT_MOUNT_PATH, DEFAULT_UMOUNT_PATH } from '../oci-hooks/create-runtime.js';
+import { DEFAULT_NSENTER_PATH, DEFAULT_SH_PATH } from '../restore-engine/restore.js';
+import { restoreToolFiles } from './restore-tools.js';
 import { CheckpointCoordinator, type CheckpointEvent } from './checkpoint-coordinator.js';
 import { createCheckpointSources, type RegistrySourceOptions } from './checkpoint-sources.js';
 import { checkpointHooksFactory, cudaRestoreStep, loadNodeCuda, recoverCudaProcesses, type NodeCuda } from './cuda-steps.js';
@@ -107,7 +111,20 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     workRoot: o.workRoot,
     ...(cuda ? { cuda: checkpointHooksFactory({ node: cuda, logger, ...(o.cudaLockTimeoutMs !== undefined ? { lockTimeoutMs: o.cudaLockTimeoutMs } : {}) }) } : {}),
   });
+  // What a restore runs besides the checkpoint, listed once (ld.so --list per executable) at the first prefetch.
+  const pageCache = bindPageCache();
+  let toolFiles: Promise<string[]> | undefined;
+  const warmTools = async (signal: AbortSignal): Promise<void> => {
+    toolFiles ??= restoreToolFiles({
+      hookArgv: o.hookArgv,
+      thawPausePath: o.thawPausePath,
+      executables: [join(binDir, 'criu'), join(binDir, 'tar'), join(binDir, 'busybox'), DEFAULT_NSENTER_PATH, DEFAULT_MOUNT_PATH, DEFAULT_UMOUNT_PATH, DEFAULT_SH_PATH, ...(dieWithAgent ?? []).slice(0, 1)],
+    });
+    const r = await readIntoPageCache(await toolFiles, pageCache, { signal });
+    if (r.bytesRead > 0) logger.debug('restore tools read into the page cache', { files: r.files, bytesRead: r.bytesRead, skipped: r.skipped });
+  };
   const restores = createRestoreCoordinator({
+    warmTools,
     store,
     criu,
     logger,

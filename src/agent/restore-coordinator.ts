@@ -81,6 +81,8 @@ export interface RestoreCoordinatorOptions {
   /** The toolkit's bin directory (mounted at the same path in the target): its busybox does the umount there. */
   toolkitBinDir: string;
   nsenterPath?: string;
+  /** Reads the files a restore runs (restore-tools.ts) into the page cache; run before each checkpoint prefetch. */
+  warmTools?: (signal: AbortSignal) => Promise<unknown>;
   verifyTimeoutMs?: number;
   criuRestoreTimeoutMs?: number;
   cudaRestore?: CudaRestoreStep;
@@ -147,7 +149,11 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
   const workRoot = o.workRoot ?? DEFAULT_WORK_ROOT;
   const logger = o.logger.child({ component: 'restore' });
   const prefetches = new SharedPrefetch(
-    (name, signal) => o.store.prefetch(name, { signal }),
+    async (name, signal) => {
+      // The restore's own tools first: behind the checkpoint's reads, each of their page faults would wait.
+      await o.warmTools?.(signal).catch((err: unknown) => logger.debug('reading the restore tools failed', { error: errorMessage(err) }));
+      return o.store.prefetch(name, { signal });
+    },
     (name, err) => logger.debug('prefetch stopped', { checkpoint: name, error: errorMessage(err) }),
   );
   const jobHolder = (containerId: string): string => `container:${containerId}`;

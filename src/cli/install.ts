@@ -31,7 +31,7 @@ import { chmod, copyFile, cp, link, lstat, mkdir, open, readdir, readFile, readl
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { errorMessage, ThawError } from '../errors.js';
-import { elfInterpreter } from '../node-stack/elf.js';
+import { elfInterpreter } from '../elf.js';
 
 export interface InstallOptions {
   /** Where to install: an image root, or `/` on a node. Absolute. */

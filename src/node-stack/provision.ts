@@ -5,7 +5,7 @@ import {
 import path from 'node:path';
 import { silentLogger, type Logger } from '../log.js';
 import { writeStrippedCriProto } from './cri-proto.js';
-import { elfHasInterpreter } from './elf.js';
+import { elfHasInterpreter } from '../elf.js';
 import { StackError, STACK_ERROR_CODES } from './errors.js';
 import { runCommand, sleep, tail, throwIfAborted } from './exec.js';
 import {

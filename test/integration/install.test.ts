@@ -22,7 +22,7 @@ import {
   renderWrapper,
   type InstallReport,
 } from '../../src/cli/install.js';
-import { elfInterpreter } from '../../src/node-stack/elf.js';
+import { elfInterpreter } from '../../src/elf.js';
 import { stackPaths } from '../../src/node-stack/paths.js';
 import { rejection } from '../helpers/rejection.js';
 

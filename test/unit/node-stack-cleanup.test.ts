@@ -1,7 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import { mountsUnder, parseProcStat, socketPathsByInode, stackProcesses, type ProcInfo } from '../../src/node-stack/cleanup.js';
 import { parseCriLog } from '../../src/node-stack/cri-client.js';
-import { programHeadersHaveInterp } from '../../src/node-stack/elf.js';
+import { programHeadersHaveInterp } from '../../src/elf.js';
 
 describe('parseProcStat', () => {
   it('reads ppid and start time past a comm with spaces and parens', () => {

@@ -1,3 +1,7 @@
+/**
+ * ELF program headers, read without loading anything: which dynamic loader an executable names. Shared by the
+ * stack provisioning and `thaw install` (a toolkit must carry its loader) and the agent (what a restore loads).
+ */
 import { open } from 'node:fs/promises';
 
 const ELF_MAGIC = 0x7f454c46; // "\x7fELF"
