@@ -175,6 +175,18 @@ async function importShellImage(stack: NodeStack, host: HostWorkerEnv, workDir: 
   return GPU_WORKER_IMAGE_REF;
 }
 
+/** The regular files process `pid` maps (from /proc/<pid>/maps), each once; none when it is gone. */
+async function mappedFilesOf(pid: number | undefined): Promise<string[]> {
+  if (pid === undefined) return [];
+  const maps = await readFile(`/proc/${pid}/maps`, 'utf8').catch(() => '');
+  const paths = new Set<string>();
+  for (const line of maps.split('\n')) {
+    const path = line.split(/\s+/).slice(5).join(' ');
+    if (path.startsWith('/') && !path.endsWith(' (deleted)') && !path.startsWith('/dev/') && !path.startsWith('/memfd:')) paths.add(path);
+  }
+  return [...paths].filter((p) => existsSync(p));
+}
+
 interface PodRun {
   podId: string;
   containerId: string;
@@ -212,6 +224,10 @@ interface VariantResult {
   restoreColdCause: string | null;
   restoreWarmSamplesMs: number[];
   restoreColdSamplesMs: number[];
+  /** BENCH_GPU_PROBE_MAPPED_FILES=1: dropped restores with the worker's mapped files read back into the cache first. */
+  probeMappedFiles?: number;
+  restoreColdMappedWarm?: unknown;
+  restoreColdMappedWarmSamplesMs?: number[];
   tokensMatch: boolean;
 }
 
@@ -229,6 +245,7 @@ async function main(): Promise<void> {
   const port = Number(process.env['BENCH_GPU_PORT'] ?? 18080);
   // Restores per variant and page-cache state (medians reported): the lent machines are noisy.
   const restoreRounds = Math.max(1, Number(process.env['BENCH_GPU_RESTORES'] ?? 1) || 1);
+  const probeMappedFiles = process.env['BENCH_GPU_PROBE_MAPPED_FILES'] === '1';
   const extraWorkerArgs = (process.env['BENCH_GPU_WORKER_ARGS'] ?? '').split(' ').filter((s) => s !== '');
   const workDir = await mkdtemp(join(tmpdir(), 'thaw-bench-gpu-'));
   // The GPU worker's weights are kept between runs (made once); the stand-in has none, so its dir goes with the run.
@@ -332,12 +349,17 @@ async function main(): Promise<void> {
       const sourceTokens = sourceEvents.find((e) => e['event'] === 'tokens' && e['phase'] === 'ready')?.['tokens'] as number[] | undefined;
       const quiesced = sourceEvents.find((e) => e['event'] === 'quiesced') ?? null;
       const liveBytes = quiesced ? Number(quiesced['liveBytes']) : null;
+      // Probe (BENCH_GPU_PROBE_MAPPED_FILES=1): the files the worker maps. The pod's image is empty directories and
+      // everything else is a host bind mount at the same path, so these are host paths too.
+      const mappedFiles = probeMappedFiles ? await mappedFilesOf((await s.cri.containerStatus(source.containerId, true)).pid) : [];
       await removePod(source);
       say(`${v.name}: checkpoint ${Math.round(checkpointPhases.totalMs)} ms, ${round(checkpointBytes / GiB, 2)} GiB (live ${liveBytes === null ? '?' : round(liveBytes / GiB, 2)} GiB)`);
 
       type RestoreRun = { ms: number; outcome: string; cause: string | null; phases: unknown; timeline: unknown; tokens: number[] | undefined };
-      const restoreOnce = async (label: 'warm' | 'cold', round_: number): Promise<RestoreRun> => {
-        if (label === 'cold') await dropPageCache();
+      const restoreOnce = async (label: 'warm' | 'cold' | 'cold-mapped-warm', round_: number): Promise<RestoreRun> => {
+        if (label !== 'warm') await dropPageCache();
+        // The checkpoint cold, the worker's libraries cached: how much of a dropped restore is theirs.
+        if (label === 'cold-mapped-warm') for (const f of mappedFiles) await readFile(f).catch(() => undefined);
         const target = await runWorker(`gpu-restore-${label}-${v.name}${round_ > 1 ? `-${round_}` : ''}`, { 'thaw.dev/restore': checkpointName }, v.workerArgs);
         const ready = await waitReady(target, RESTORE_TIMEOUT_MS, (h) => h.ok && h.restored, checkpointName);
         const restoreEvent = ready.event ?? (await waitForLog(logFile, (r) => r['event'] === 'restore' && r['containerId'] === target.containerId, 'the restore event', 30_000));
@@ -359,9 +381,11 @@ async function main(): Promise<void> {
       // Rounds alternate warm and dropped; the figures are the medians, every sample is in the JSON.
       const warmRuns: RestoreRun[] = [];
       const coldRuns: RestoreRun[] = [];
+      const coldMappedWarmRuns: RestoreRun[] = [];
       for (let i = 1; i <= restoreRounds; i += 1) {
         warmRuns.push(await restoreOnce('warm', i));
         coldRuns.push(await restoreOnce('cold', i));
+        if (mappedFiles.length > 0) coldMappedWarmRuns.push(await restoreOnce('cold-mapped-warm', i));
       }
       /**
        * The rounds as one result: the median time, the phases and tokens of the run closest to it, and the
@@ -397,6 +421,9 @@ async function main(): Promise<void> {
         restoreColdCause: coldRestore.cause,
         restoreWarmSamplesMs: warmRuns.map((r) => r.ms),
         restoreColdSamplesMs: coldRuns.map((r) => r.ms),
+        ...(coldMappedWarmRuns.length > 0
+          ? { probeMappedFiles: mappedFiles.length, restoreColdMappedWarm: { ...summarize(coldMappedWarmRuns), tokens: undefined }, restoreColdMappedWarmSamplesMs: coldMappedWarmRuns.map((r) => r.ms) }
+          : {}),
         tokensMatch: [...warmRuns, ...coldRuns].every((r) => same(sourceTokens, r.tokens)) && same(sourceTokens, coldTokens),
       });
       await rm(join(dirs.storeRoot, checkpointName), { recursive: true, force: true });
