@@ -22,6 +22,8 @@ import { readHookOutcome, writeCheckpointUnavailable, type HookOutcome } from '.
 import type { CriuClient } from '../restore-engine/criu/client.js';
 import { RestoreError, RestoreErrorCode } from '../restore-engine/restore-errors.js';
 import { killRestoredTree, restoreIntoContainer, type RestoredTree } from '../restore-engine/restore.js';
+import { CriuImageCodec } from '../restore-engine/criu/images.js';
+import { mappedFilePages, readMappedFilePages, type MappedFile, type ReadMappedResult } from '../restore-engine/mapped-files.js';
 import { clearStaleMarkers, writeMarker } from '../sdk/control-dir.js';
 import { RESTORE_COMPLETE, RESTORE_FAILED } from '../sdk/protocol.js';
 import type { LocalStore, OpenedCheckpoint, ReleaseLease } from '../store/local-store.js';
@@ -68,6 +70,8 @@ export interface RestoreEvent {
   bytes?: number;
   /** How the checkpoint's digests were checked: hashed now, or its files unchanged since they were hashed here. */
   digests?: 'hashed' | 'unchanged-since-hashed';
+  /** The modified pages of the worker's private file mappings, read ahead beside CRIU (restore-engine/mapped-files.ts). */
+  mappedFiles?: ReadMappedResult;
   phases: { hookMs?: number; hookStartupMs?: number; transferMs?: number; verifyMs?: number; waitVerifyMs?: number; overlayMs?: number; criuRestoreMs?: number; cudaRestoreMs?: number; totalMs: number };
 }
 
@@ -129,6 +133,8 @@ interface Job {
   prepared: Promise<{ verifyMs: number; hashed: boolean; transferMs?: number }>;
   release?: ReleaseLease;
   run?: Promise<void>;
+  /** The file pages CRIU will fault in (listed from the images while the container is created). */
+  mappedFiles?: Promise<MappedFile[]>;
 }
 
 /** The agent marker a worker was given, if any (restore-complete or restore-failed). */
@@ -156,6 +162,7 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
     },
     (name, err) => logger.debug('prefetch stopped', { checkpoint: name, error: errorMessage(err) }),
   );
+  const imageCodec = CriuImageCodec.load();
   const jobHolder = (containerId: string): string => `container:${containerId}`;
   const podHolder = (podId: string): string => `pod:${podId}`;
 
@@ -195,6 +202,10 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
       // files changed since they were last hashed on this node (LocalStore.verify). The read may be running
       // already, started at RunPodSandbox.
       prefetches.hold(name, jobHolder(job.container.containerId));
+      job.mappedFiles = mappedFilePages(job.checkpoint.paths.criuDir, imageCodec).catch((err: unknown) => {
+        logger.debug('cannot list the mapped file pages', { checkpoint: name, error: errorMessage(err) });
+        return [];
+      });
       const verified = await o.store.verify(name, { signal });
       return { verifyMs: performance.now() - t0, hashed: verified.hashed, ...(transferMs !== undefined ? { transferMs } : {}) };
     } catch (err) {
@@ -290,17 +301,29 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
       await clearStaleMarkers(container.controlDir);
       await rm(workDir, { recursive: true, force: true });
       await mkdir(workDir, { recursive: true, mode: 0o700 });
-      tree = await restoreIntoContainer({
-        criu: o.criu,
-        manifest: checkpoint.manifest,
-        imagesDir: checkpoint.paths.criuDir,
-        workDir,
-        targetPid: pid,
-        timeoutMs: o.criuRestoreTimeoutMs ?? DEFAULT_CRIU_RESTORE_TIMEOUT_MS,
-        signal,
-        logger,
-        ...(o.nsenterPath ? { nsenterPath: o.nsenterPath } : {}),
-      });
+      // Beside CRIU, not before it: the worker's file pages it will fault in, read in parallel through the
+      // container's root (where CRIU opens them); stopped once CRIU is done, whatever it had left.
+      const mappedStop = new AbortController();
+      let mappedFiles: ReadMappedResult | undefined;
+      // Never awaited: a list still being made, or reads still in flight, must not hold the restore up.
+      void (job.mappedFiles ?? Promise.resolve([]))
+        .then((files) => readMappedFilePages(`/proc/${pid}/root`, files, { signal: mappedStop.signal }))
+        .then((r) => (mappedFiles = r), () => undefined);
+      try {
+        tree = await restoreIntoContainer({
+          criu: o.criu,
+          manifest: checkpoint.manifest,
+          imagesDir: checkpoint.paths.criuDir,
+          workDir,
+          targetPid: pid,
+          timeoutMs: o.criuRestoreTimeoutMs ?? DEFAULT_CRIU_RESTORE_TIMEOUT_MS,
+          signal,
+          logger,
+          ...(o.nsenterPath ? { nsenterPath: o.nsenterPath } : {}),
+        });
+      } finally {
+        mappedStop.abort();
+      }
       phases.criuRestoreMs = Math.round(tree.criuRestoreMs);
 
       // --- CUDA restore seam: cuda-checkpoint restore + unlock of the restored tree goes here. ---
@@ -320,7 +343,7 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
         throw new RestoreError(RestoreErrorCode.TARGET_GONE, `cannot signal the placeholder ${pid}: ${errorMessage(err)}`, { step: 'adopt', cause: err });
       }
       await writeMarker(container.controlDir, 'restore-complete', { checkpoint: checkpoint.name, restoredAt: new Date().toISOString() });
-      const e = event({ outcome: 'restored', restoredPid: tree.hostPid, bytes: checkpoint.manifest.totals.bytes, ...(digests ? { digests } : {}) });
+      const e = event({ outcome: 'restored', restoredPid: tree.hostPid, bytes: checkpoint.manifest.totals.bytes, ...(digests ? { digests } : {}), ...(mappedFiles ? { mappedFiles } : {}) });
       logger.info('restore', { ...e, criuOptions: tree.options, criuLog: tree.logPath, cgroupsJoined: tree.cgroupsJoined.length });
       o.onEvent?.(e);
     } catch (err) {

@@ -43,6 +43,16 @@ export interface VmaEntry {
   end: bigint;
   status: number;
   flags: number;
+  /** File mappings: the offset in the file, in bytes (the offset column of /proc/<pid>/maps). */
+  pgoff?: bigint;
+  /** File mappings: the id of the file's reg_file_entry in files.img. */
+  shmid?: bigint;
+}
+
+/** A regular file of files.img: `name` is its path as the dumped process saw it (its mount namespace). */
+export interface RegFileEntry {
+  id: number;
+  name: string;
 }
 
 export interface PagemapEntry {
@@ -94,12 +104,19 @@ export class CriuImageCodec {
     private readonly mm: protobuf.Type,
     private readonly pagemapHead: protobuf.Type,
     private readonly pagemap: protobuf.Type,
+    private readonly file: protobuf.Type,
   ) {}
 
   static load(protoPath: string = criuProtoPath('images.proto')): CriuImageCodec {
     const root = new protobuf.Root();
     root.loadSync(protoPath);
-    return new CriuImageCodec(root.lookupType('pstree_entry'), root.lookupType('mm_entry'), root.lookupType('pagemap_head'), root.lookupType('pagemap_entry'));
+    return new CriuImageCodec(
+      root.lookupType('pstree_entry'),
+      root.lookupType('mm_entry'),
+      root.lookupType('pagemap_head'),
+      root.lookupType('pagemap_entry'),
+      root.lookupType('file_entry'),
+    );
   }
 
   private decode(type: protobuf.Type, bytes: Buffer, what: string): Record<string, unknown> {
@@ -119,7 +136,28 @@ export class CriuImageCodec {
   decodeVmas(bytes: Buffer): VmaEntry[] {
     const o = this.decode(this.mm, bytes, 'mm_entry');
     const vmas = (o['vmas'] as Array<Record<string, unknown>> | undefined) ?? [];
-    return vmas.map((v) => ({ start: toBigInt(v['start']), end: toBigInt(v['end']), status: Number(v['status']), flags: Number(v['flags']) }));
+    return vmas.map((v) => ({
+      start: toBigInt(v['start']),
+      end: toBigInt(v['end']),
+      status: Number(v['status']),
+      flags: Number(v['flags']),
+      ...(v['pgoff'] !== undefined ? { pgoff: toBigInt(v['pgoff']) } : {}),
+      ...(v['shmid'] !== undefined ? { shmid: toBigInt(v['shmid']) } : {}),
+    }));
+  }
+
+  /** The regular file of a files.img entry; undefined for other kinds of file. */
+  decodeRegFile(bytes: Buffer): RegFileEntry | undefined {
+    const o = this.decode(this.file, bytes, 'file_entry');
+    const reg = o['reg'] as Record<string, unknown> | undefined;
+    if (Number(o['type']) !== 1 || reg === undefined) return undefined;
+    return { id: Number(reg['id']), name: String(reg['name']) };
+  }
+
+  /** For tests: a files.img entry of a regular file. */
+  encodeRegFile(e: RegFileEntry): Buffer {
+    const msg = this.file.fromObject({ type: 1, id: e.id, reg: { id: e.id, flags: 0, pos: '0', name: e.name } });
+    return Buffer.from(this.file.encode(msg).finish());
   }
 
   decodePagemapHead(bytes: Buffer): { pagesId: number } {
@@ -157,7 +195,7 @@ export class CriuImageCodec {
     const msg = this.mm.fromObject({
       mmStartCode: zero, mmEndCode: zero, mmStartData: zero, mmEndData: zero, mmStartStack: zero, mmStartBrk: zero, mmBrk: zero,
       mmArgStart: zero, mmArgEnd: zero, mmEnvStart: zero, mmEnvEnd: zero, exeFileId: 0,
-      vmas: vmas.map((v) => ({ start: long(v.start), end: long(v.end), pgoff: zero, shmid: zero, prot: v.prot ?? 3, flags: v.flags, status: v.status, fd: -1 })),
+      vmas: vmas.map((v) => ({ start: long(v.start), end: long(v.end), pgoff: long(v.pgoff ?? 0n), shmid: long(v.shmid ?? 0n), prot: v.prot ?? 3, flags: v.flags, status: v.status, fd: -1 })),
     });
     return Buffer.from(this.mm.encode(msg).finish());
   }
