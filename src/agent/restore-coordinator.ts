@@ -28,7 +28,7 @@ import { clearStaleMarkers, writeMarker } from '../sdk/control-dir.js';
 import { RESTORE_COMPLETE, RESTORE_FAILED } from '../sdk/protocol.js';
 import type { LocalStore, OpenedCheckpoint, ReleaseLease } from '../store/local-store.js';
 import { StoreErrorCode } from '../store/errors.js';
-import { SharedPrefetch } from './shared-prefetch.js';
+import { PrefetchGate, SharedPrefetch } from './shared-prefetch.js';
 import type { ManagedContainer, ThawCoordinator, ThawNriStats } from './thaw-nri.js';
 
 const execFileP = promisify(execFile);
@@ -154,11 +154,14 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
   const running = new Set<Promise<void>>();
   const workRoot = o.workRoot ?? DEFAULT_WORK_ROOT;
   const logger = o.logger.child({ component: 'restore' });
+  // Held while a restore reads its worker's file pages: those small reads would otherwise queue behind the
+  // prefetch's megabytes, and CRIU waits for them.
+  const prefetchGate = new PrefetchGate();
   const prefetches = new SharedPrefetch(
     async (name, signal) => {
       // The restore's own tools first: behind the checkpoint's reads, each of their page faults would wait.
       await o.warmTools?.(signal).catch((err: unknown) => logger.debug('reading the restore tools failed', { error: errorMessage(err) }));
-      return o.store.prefetch(name, { signal });
+      return o.store.prefetch(name, { signal, gate: () => prefetchGate.wait() });
     },
     (name, err) => logger.debug('prefetch stopped', { checkpoint: name, error: errorMessage(err) }),
   );
@@ -306,9 +309,15 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
       const mappedStop = new AbortController();
       let mappedFiles: ReadMappedResult | undefined;
       // Never awaited: a list still being made, or reads still in flight, must not hold the restore up.
+      let releaseGate: (() => void) | undefined;
       void (job.mappedFiles ?? Promise.resolve([]))
-        .then((files) => readMappedFilePages(`/proc/${pid}/root`, files, { signal: mappedStop.signal }))
-        .then((r) => (mappedFiles = r), () => undefined);
+        .then((files) => {
+          if (mappedStop.signal.aborted) return undefined;
+          releaseGate = prefetchGate.hold();
+          return readMappedFilePages(`/proc/${pid}/root`, files, { signal: mappedStop.signal });
+        })
+        .then((r) => (mappedFiles = r ?? mappedFiles), () => undefined)
+        .finally(() => releaseGate?.());
       try {
         tree = await restoreIntoContainer({
           criu: o.criu,
@@ -322,7 +331,9 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
           ...(o.nsenterPath ? { nsenterPath: o.nsenterPath } : {}),
         });
       } finally {
+        // Also if a read hangs: the prefetch of every checkpoint waits on this gate.
         mappedStop.abort();
+        releaseGate?.();
       }
       phases.criuRestoreMs = Math.round(tree.criuRestoreMs);
 

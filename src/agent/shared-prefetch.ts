@@ -68,3 +68,27 @@ export class SharedPrefetch {
     await Promise.allSettled(entries.map((e) => e.done));
   }
 }
+
+/**
+ * Holds back the prefetch's reads while something more urgent reads from the disk: a read queued behind the
+ * prefetch's waits for megabytes ahead of it. hold() returns the release; wait() resolves when nothing holds.
+ */
+export class PrefetchGate {
+  private holders = 0;
+  private waiters: Array<() => void> = [];
+
+  hold(): () => void {
+    this.holders += 1;
+    let released = false;
+    return () => {
+      if (released) return;
+      released = true;
+      this.holders -= 1;
+      if (this.holders === 0) for (const w of this.waiters.splice(0)) w();
+    };
+  }
+
+  wait(): Promise<void> {
+    return this.holders === 0 ? Promise.resolve() : new Promise((resolve) => this.waiters.push(resolve));
+  }
+}

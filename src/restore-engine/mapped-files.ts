@@ -16,6 +16,11 @@ import { performance } from 'node:perf_hooks';
 import { constants as fsConstants } from 'node:fs';
 import { CRIU_PAGE_BYTES, CriuImageCodec, parseImageFile, VmaStatus, type PagemapEntry, type VmaEntry } from './criu/images.js';
 
+/**
+ * The head of every mapped file, read first: CRIU opens each file a VMA maps and checks it (its size, and the
+ * ELF build-id it recorded: the ELF header, program headers and notes, near the start), before any memory.
+ */
+export const MAPPED_FILE_HEAD_BYTES = 64 * 1024;
 /** Ranges of one file closer than this are read as one (the kernel reads around a fault anyway). */
 export const MAPPED_RANGE_MERGE_GAP_BYTES = 64 * 1024;
 /** Reads in flight at once (libuv's pool runs four at a time by default; more keep the disk's queue fed). */
@@ -76,7 +81,10 @@ export function mergeRanges(ranges: ReadonlyArray<readonly [bigint, bigint]>, ga
   return merged.map(([s, e]) => ({ offset: Number(s), length: Number(e - s) }));
 }
 
-/** Every file a restore of the images in `dir` will fault pages of, with the ranges; largest first. */
+/**
+ * Every regular file the images in `dir` map, with the ranges a restore reads: its head (MAPPED_FILE_HEAD_BYTES)
+ * and, for private mappings, the pages CRIU writes over; most bytes first.
+ */
 export async function mappedFilePages(dir: string, codec: CriuImageCodec = CriuImageCodec.load()): Promise<MappedFile[]> {
   const names = new Map<bigint, string>();
   const files = parseImageFile(await readFile(join(dir, 'files.img')), 'files.img');
@@ -85,10 +93,14 @@ export async function mappedFilePages(dir: string, codec: CriuImageCodec = CriuI
     if (reg !== undefined) names.set(BigInt(reg.id), reg.name);
   }
   const byFile = new Map<bigint, Array<[bigint, bigint]>>();
+  const head: [bigint, bigint] = [0n, BigInt(MAPPED_FILE_HEAD_BYTES)];
   const pstree = parseImageFile(await readFile(join(dir, 'pstree.img')), 'pstree.img').entries.map((e) => codec.decodePstree(e));
   for (const { pid } of pstree) {
     const mm = parseImageFile(await readFile(join(dir, `mm-${pid}.img`)), `mm-${pid}.img`);
     const vmas = mm.entries[0] !== undefined ? codec.decodeVmas(mm.entries[0]) : [];
+    for (const v of vmas) {
+      if ((v.status & (VmaStatus.FILE_PRIVATE | VmaStatus.FILE_SHARED)) !== 0 && v.shmid !== undefined && !byFile.has(v.shmid)) byFile.set(v.shmid, [head]);
+    }
     if (!vmas.some((v) => (v.status & VmaStatus.FILE_PRIVATE) !== 0)) continue;
     // The first pagemap entry is the head (which pages file): the rest are pages.
     const pagemap = parseImageFile(await readFile(join(dir, `pagemap-${pid}.img`)), `pagemap-${pid}.img`).entries.slice(1).map((e) => codec.decodePagemapEntry(e));
@@ -112,37 +124,55 @@ export interface ReadMappedResult {
   ms: number;
 }
 
+/** The parts of `ranges` within [from, to). Pure. */
+export function clipRanges(ranges: readonly FileRange[], from: number, to: number): FileRange[] {
+  const out: FileRange[] = [];
+  for (const r of ranges) {
+    const s = Math.max(r.offset, from);
+    const e = Math.min(r.offset + r.length, to);
+    if (s < e) out.push({ offset: s, length: e - s });
+  }
+  return out;
+}
+
 /**
  * Reads every range of `files` under `root` (e.g. `/proc/<pid>/root`: the target container's view, where the
- * restored process will find them), MAPPED_READ_CONCURRENCY reads at a time. Stops early when `signal` aborts.
+ * restored process will find them), `concurrency` files at a time: first the head of every file (what CRIU
+ * reads first), then the rest. Stops early when `signal` aborts.
  */
 export async function readMappedFilePages(root: string, files: readonly MappedFile[], options: { signal?: AbortSignal; concurrency?: number } = {}): Promise<ReadMappedResult> {
   const started = performance.now();
   const result: ReadMappedResult = { files: 0, bytesRead: 0, skipped: 0, ms: 0 };
-  const jobs = files.map((f) => f);
-  const worker = async (): Promise<void> => {
-    const buffer = Buffer.allocUnsafe(READ_CHUNK_BYTES);
-    for (let f = jobs.shift(); f !== undefined && !options.signal?.aborted; f = jobs.shift()) {
-      let fh;
-      try {
-        fh = await open(root + f.path, fsConstants.O_RDONLY | fsConstants.O_NOFOLLOW);
-        for (const r of f.ranges) {
-          for (let at = r.offset, end = r.offset + r.length; at < end && !options.signal?.aborted; ) {
-            const { bytesRead } = await fh.read(buffer, 0, Math.min(buffer.length, end - at), at);
-            if (bytesRead === 0) break;
-            at += bytesRead;
-            result.bytesRead += bytesRead;
+  const failed = new Set<string>();
+  const pass = async (jobs: Array<{ path: string; ranges: FileRange[] }>, countFiles: boolean): Promise<void> => {
+    const worker = async (): Promise<void> => {
+      const buffer = Buffer.allocUnsafe(READ_CHUNK_BYTES);
+      for (let f = jobs.shift(); f !== undefined && !options.signal?.aborted; f = jobs.shift()) {
+        if (failed.has(f.path)) continue;
+        let fh;
+        try {
+          fh = await open(root + f.path, fsConstants.O_RDONLY | fsConstants.O_NOFOLLOW);
+          for (const r of f.ranges) {
+            for (let at = r.offset, end = r.offset + r.length; at < end && !options.signal?.aborted; ) {
+              const { bytesRead } = await fh.read(buffer, 0, Math.min(buffer.length, end - at), at);
+              if (bytesRead === 0) break;
+              at += bytesRead;
+              result.bytesRead += bytesRead;
+            }
           }
+          if (countFiles) result.files += 1;
+        } catch {
+          failed.add(f.path);
+          result.skipped += 1;
+        } finally {
+          await fh?.close();
         }
-        result.files += 1;
-      } catch {
-        result.skipped += 1;
-      } finally {
-        await fh?.close();
       }
-    }
+    };
+    await Promise.all(Array.from({ length: Math.max(1, options.concurrency ?? MAPPED_READ_CONCURRENCY) }, worker));
   };
-  await Promise.all(Array.from({ length: Math.max(1, options.concurrency ?? MAPPED_READ_CONCURRENCY) }, worker));
+  await pass(files.map((f) => ({ path: f.path, ranges: clipRanges(f.ranges, 0, MAPPED_FILE_HEAD_BYTES) })), true);
+  await pass(files.map((f) => ({ path: f.path, ranges: clipRanges(f.ranges, MAPPED_FILE_HEAD_BYTES, Number.MAX_SAFE_INTEGER) })).filter((f) => f.ranges.length > 0), false);
   result.ms = Math.round(performance.now() - started);
   return result;
 }

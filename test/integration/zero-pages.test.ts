@@ -11,7 +11,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, describe, expect, it } from 'vitest';
-import { mappedFilePages } from '../../src/restore-engine/mapped-files.js';
+import { MAPPED_FILE_HEAD_BYTES, mappedFilePages } from '../../src/restore-engine/mapped-files.js';
 import { dropZeroPages } from '../../src/restore-engine/zero-pages.js';
 import { waitFor } from '../helpers/stack.js';
 
@@ -19,7 +19,7 @@ const CRIU = process.env['THAW_TEST_CRIU_PATH'] ?? '/opt/thaw/stack/1.7/bin/criu
 const PAGE = 4096;
 
 // 16384 pages of anonymous memory: every 4th written with zeros (present, droppable: 16 MiB), every 4th with
-// data, the rest untouched; 1024 pages of a file mapped privately from its 17th page, every 2nd overwritten
+// data, the rest untouched; 1024 pages of a file mapped privately from its 65th page, every 2nd overwritten
 // with zeros.
 const VICTIM = `
 import hashlib, mmap, os, sys, time
@@ -33,7 +33,7 @@ for i in range(N):
     elif i % 4 == 1:
         anon[i * P:(i + 1) * P] = seed[:P - 8] + i.to_bytes(8, "little")
 f = open(datafile, "r+b")
-filemap = mmap.mmap(f.fileno(), F * P, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=16 * P)
+filemap = mmap.mmap(f.fileno(), F * P, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=64 * P)
 for i in range(0, F, 2):
     filemap[i * P:(i + 1) * P] = bytes(P)
 def digest():
@@ -73,7 +73,7 @@ describe('zero pages dropped from a real dump', () => {
     const datafile = join(root, 'data.bin');
     const digestFile = join(root, 'digest');
     writeFileSync(script, VICTIM);
-    writeFileSync(datafile, Buffer.alloc((16 + 1024) * PAGE, 0xab));
+    writeFileSync(datafile, Buffer.alloc((64 + 1024) * PAGE, 0xab));
     const out = openSync(join(root, 'victim.out'), 'a');
     const child = spawn('python3', [script, digestFile, datafile], { detached: true, stdio: ['ignore', out, out] });
     closeSync(out);
@@ -90,9 +90,10 @@ describe('zero pages dropped from a real dump', () => {
 
     // The pages of the private file mapping that the process wrote (every 2nd of 1024, merged across the 4 KiB
     // gaps) are what CRIU will fault in from data.bin on restore, at their offsets in the file (the mapping
-    // starts at its 17th page): mapped-files.ts lists them.
+    // starts at its 65th page); with the file's head, which CRIU reads to check the file: mapped-files.ts lists them.
     const mapped = await mappedFilePages(images);
-    expect(mapped.find((m) => m.path === datafile)).toEqual({ path: datafile, ranges: [{ offset: 16 * PAGE, length: 1023 * PAGE }], bytes: 1023 * PAGE });
+    const ranges = [{ offset: 0, length: MAPPED_FILE_HEAD_BYTES }, { offset: 64 * PAGE, length: 1023 * PAGE }];
+    expect(mapped.find((m) => m.path === datafile)).toEqual({ path: datafile, ranges, bytes: MAPPED_FILE_HEAD_BYTES + 1023 * PAGE });
 
     const r = await dropZeroPages(images);
     expect(r.rewritten).toEqual([pid]);

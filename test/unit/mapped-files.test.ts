@@ -8,7 +8,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { CriuImageCodec, encodeImageFile, VmaStatus } from '../../src/restore-engine/criu/images.js';
-import { mappedFilePages, mergeRanges, privateFilePageRanges, readMappedFilePages } from '../../src/restore-engine/mapped-files.js';
+import { clipRanges, mappedFilePages, mergeRanges, privateFilePageRanges, readMappedFilePages } from '../../src/restore-engine/mapped-files.js';
 
 const P = 4096n;
 const codec = CriuImageCodec.load();
@@ -50,38 +50,52 @@ describe('mapped file pages', () => {
       { offset: 0x40000, length: 0x1000 },
     ]);
     expect(mergeRanges([[0n, 0x1000n], [0x3000n, 0x4000n]], 0x2000)).toEqual([{ offset: 0, length: 0x4000 }]);
+    expect(clipRanges([{ offset: 0, length: 0x3000 }, { offset: 0x8000, length: 0x1000 }], 0x1000, 0x8800)).toEqual([
+      { offset: 0x1000, length: 0x2000 },
+      { offset: 0x8000, length: 0x800 },
+    ]);
   });
 
-  it('lists files from the images of a process tree, largest first, and reads them through a root', async () => {
+  it('lists every mapped file with its head and its written pages, most bytes first, and reads them through a root', async () => {
     const images = join(dir, 'images');
     await mkdir(images);
     await writeFile(join(images, 'pstree.img'), encodeImageFile({ header, entries: [codec.encodePstree({ pid: 10, ppid: 0 }), codec.encodePstree({ pid: 11, ppid: 10 })] }));
-    await writeFile(join(images, 'files.img'), encodeImageFile({ header, entries: [codec.encodeRegFile({ id: 3, name: '/lib/libbig.so' }), codec.encodeRegFile({ id: 4, name: '/lib/libsmall.so' }), codec.encodeRegFile({ id: 5, name: '/gone.so' })] }));
+    await writeFile(join(images, 'files.img'), encodeImageFile({ header, entries: [
+      codec.encodeRegFile({ id: 3, name: '/lib/libbig.so' }),
+      codec.encodeRegFile({ id: 4, name: '/lib/libsmall.so' }),
+      codec.encodeRegFile({ id: 5, name: '/gone.so' }),
+      codec.encodeRegFile({ id: 6, name: '/data/shared.bin' }),
+    ] }));
     await writeFile(join(images, 'mm-10.img'), encodeImageFile({ header, entries: [codec.encodeMm([
       { start: 0x100000n, end: 0x200000n, status: FILE_PRIVATE, flags: 2, pgoff: 0n, shmid: 3n },
       { start: 0x300000n, end: 0x301000n, status: FILE_PRIVATE, flags: 2, pgoff: 0x1000n, shmid: 5n },
     ])] }));
-    await writeFile(join(images, 'pagemap-10.img'), encodeImageFile({ header, entries: [codec.encodePagemapHead(1), codec.encodePagemapEntry({ vaddr: 0x100000n, nrPages: 4 }), codec.encodePagemapEntry({ vaddr: 0x300000n, nrPages: 1 })] }));
-    // The child maps libsmall at another address and libbig again (the same pages: read once).
+    // Pages at the start of libbig and far into it (offset 0x80000).
+    await writeFile(join(images, 'pagemap-10.img'), encodeImageFile({ header, entries: [codec.encodePagemapHead(1),
+      codec.encodePagemapEntry({ vaddr: 0x100000n, nrPages: 4 }), codec.encodePagemapEntry({ vaddr: 0x180000n, nrPages: 2 }), codec.encodePagemapEntry({ vaddr: 0x300000n, nrPages: 1 })] }));
+    // The child maps libsmall, libbig again (its pages are read once) and a shared file (only its head: no pages dumped).
     await writeFile(join(images, 'mm-11.img'), encodeImageFile({ header, entries: [codec.encodeMm([
-      { start: 0x500000n, end: 0x502000n, status: FILE_PRIVATE, flags: 2, pgoff: 0n, shmid: 4n },
       { start: 0x100000n, end: 0x200000n, status: FILE_PRIVATE, flags: 2, pgoff: 0n, shmid: 3n },
+      { start: 0x400000n, end: 0x401000n, status: VmaStatus.AREA_REGULAR | VmaStatus.FILE_SHARED, flags: 1, pgoff: 0n, shmid: 6n },
+      { start: 0x500000n, end: 0x502000n, status: FILE_PRIVATE, flags: 2, pgoff: 0n, shmid: 4n },
     ])] }));
     await writeFile(join(images, 'pagemap-11.img'), encodeImageFile({ header, entries: [codec.encodePagemapHead(2), codec.encodePagemapEntry({ vaddr: 0x100000n, nrPages: 2 }), codec.encodePagemapEntry({ vaddr: 0x501000n, nrPages: 1 })] }));
 
+    const head = { offset: 0, length: 0x10000 };
     const files = await mappedFilePages(images, codec);
     expect(files).toEqual([
-      { path: '/lib/libbig.so', ranges: [{ offset: 0, length: 0x4000 }], bytes: 0x4000 },
-      { path: '/gone.so', ranges: [{ offset: 0x1000, length: 0x1000 }], bytes: 0x1000 },
-      { path: '/lib/libsmall.so', ranges: [{ offset: 0x1000, length: 0x1000 }], bytes: 0x1000 },
+      { path: '/lib/libbig.so', ranges: [head, { offset: 0x80000, length: 0x2000 }], bytes: 0x12000 },
+      { path: '/gone.so', ranges: [head], bytes: 0x10000 },
+      { path: '/data/shared.bin', ranges: [head], bytes: 0x10000 },
+      { path: '/lib/libsmall.so', ranges: [head], bytes: 0x10000 },
     ]);
 
     const root = join(dir, 'root');
     await mkdir(join(root, 'lib'), { recursive: true });
-    await writeFile(join(root, 'lib', 'libbig.so'), Buffer.alloc(0x3000, 1)); // shorter than its range: read to the end
-    await writeFile(join(root, 'lib', 'libsmall.so'), Buffer.alloc(0x8000, 2));
+    await writeFile(join(root, 'lib', 'libbig.so'), Buffer.alloc(0x81000, 1)); // ends inside its far range: read to the end
+    await writeFile(join(root, 'lib', 'libsmall.so'), Buffer.alloc(0x8000, 2)); // shorter than its head
     const r = await readMappedFilePages(root, files, { concurrency: 2 });
-    expect(r).toMatchObject({ files: 2, bytesRead: 0x3000 + 0x1000, skipped: 1 });
+    expect(r).toMatchObject({ files: 2, bytesRead: 0x10000 + 0x1000 + 0x8000, skipped: 2 });
     const stopped = new AbortController();
     stopped.abort();
     expect(await readMappedFilePages(root, files, { signal: stopped.signal })).toMatchObject({ files: 0, bytesRead: 0 });

@@ -3,7 +3,7 @@
  * start one at RunPodSandbox.
  */
 import { describe, expect, it } from 'vitest';
-import { SharedPrefetch } from '../../src/agent/shared-prefetch.js';
+import { PrefetchGate, SharedPrefetch } from '../../src/agent/shared-prefetch.js';
 import { createThawNriHandlers, type ThawRestoreConfig } from '../../src/agent/thaw-nri.js';
 import { createCollectingLogger } from '../../src/log.js';
 import type { NriHandlerContext } from '../../src/nri-plugin/plugin.js';
@@ -74,6 +74,25 @@ describe('SharedPrefetch', () => {
     shared.hold('ckpt-a', 'pod:3');
     expect(calls).toHaveLength(3);
     await shared.close();
+  });
+});
+
+describe('PrefetchGate', () => {
+  it('open unless held; opens when the last holder releases; a release counts once', async () => {
+    const gate = new PrefetchGate();
+    await gate.wait();
+    const a = gate.hold();
+    const b = gate.hold();
+    let passed = false;
+    const waiting = gate.wait().then(() => (passed = true));
+    a();
+    a();
+    await settle();
+    expect(passed).toBe(false);
+    b();
+    await waiting;
+    expect(passed).toBe(true);
+    await gate.wait();
   });
 });
 

@@ -310,6 +310,19 @@ describe('local checkpoint store', () => {
     const segmented = await store.prefetch('c1', { concurrency: 3, segmentBytes: 3 * 1024 * 1024 });
     expect(segmented.bytesRead).toBe(8 * 1024 * 1024);
     expect(cachedBytes(), 'the whole file is in the page cache').toBeGreaterThanOrEqual(8 * 1024 * 1024);
+    // A gate holds every read back until it opens (a restore reading its worker's file pages first).
+    execFileSync('dd', [`if=${pages}`, 'iflag=nocache', 'count=0', 'status=none']);
+    let open: () => void = () => undefined;
+    const opened = new Promise<void>((resolve) => (open = resolve));
+    let gateCalls = 0;
+    let settled = false;
+    const gated = store.prefetch('c1', { concurrency: 2, gate: () => ((gateCalls += 1), opened) });
+    void gated.finally(() => (settled = true));
+    await new Promise((r) => setTimeout(r, 50));
+    expect(settled, 'the prefetch waits while the gate is shut').toBe(false);
+    open();
+    expect((await gated).bytesRead).toBe(8 * 1024 * 1024);
+    expect(gateCalls, 'asked before each read').toBeGreaterThanOrEqual(1);
     const controller = new AbortController();
     controller.abort(new Error('pod deleted'));
     expect((await rejection(store.prefetch('c1', { signal: controller.signal }))).code).toBe('STORE_ABORTED');
