@@ -75,6 +75,9 @@ export interface RestoreEvent {
   phases: { hookMs?: number; hookStartupMs?: number; transferMs?: number; verifyMs?: number; waitVerifyMs?: number; overlayMs?: number; criuRestoreMs?: number; cudaRestoreMs?: number; totalMs: number };
 }
 
+/** After CRIU, how long the stopped reads of the worker's file pages get to report (one read in flight each). */
+export const MAPPED_READ_SETTLE_MS = 100;
+
 export interface RestoreCoordinatorOptions {
   store: LocalStore;
   criu: CriuClient;
@@ -308,16 +311,17 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
       // container's root (where CRIU opens them); stopped once CRIU is done, whatever it had left.
       const mappedStop = new AbortController();
       let mappedFiles: ReadMappedResult | undefined;
-      // Never awaited: a list still being made, or reads still in flight, must not hold the restore up.
       let releaseGate: (() => void) | undefined;
-      void (job.mappedFiles ?? Promise.resolve([]))
-        .then((files) => {
-          if (mappedStop.signal.aborted) return undefined;
-          releaseGate = prefetchGate.hold();
-          return readMappedFilePages(`/proc/${pid}/root`, files, { signal: mappedStop.signal });
-        })
-        .then((r) => (mappedFiles = r ?? mappedFiles), () => undefined)
-        .finally(() => releaseGate?.());
+      // Set once the reads start; after CRIU they are stopped and given MAPPED_READ_SETTLE_MS to report. A list
+      // still being made is not waited for.
+      let mappedReading: Promise<unknown> | undefined;
+      void (job.mappedFiles ?? Promise.resolve([])).then((files) => {
+        if (mappedStop.signal.aborted) return;
+        releaseGate = prefetchGate.hold();
+        mappedReading = readMappedFilePages(`/proc/${pid}/root`, files, { signal: mappedStop.signal })
+          .then((r) => (mappedFiles = r), () => undefined)
+          .finally(() => releaseGate?.());
+      });
       try {
         tree = await restoreIntoContainer({
           criu: o.criu,
@@ -336,6 +340,7 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
         releaseGate?.();
       }
       phases.criuRestoreMs = Math.round(tree.criuRestoreMs);
+      if (mappedReading !== undefined) await Promise.race([mappedReading, sleep(MAPPED_READ_SETTLE_MS, undefined, { ref: false })]);
 
       // --- CUDA restore seam: cuda-checkpoint restore + unlock of the restored tree goes here. ---
       if (o.cudaRestore) {

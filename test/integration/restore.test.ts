@@ -199,6 +199,9 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
       expect(ev, JSON.stringify(ev)).toMatchObject({ outcome: 'restored', mode: 'overlay' });
       // The checkpoint's read started at RunPodSandbox, before the container existed.
       expect(podsPrefetched).toContainEqual([pod.podId, CHECKPOINT]);
+      // Beside CRIU, the worker's mapped files were read through the target's root (node, its libraries).
+      expect(ev.mappedFiles?.files, JSON.stringify(ev.mappedFiles)).toBeGreaterThan(0);
+      expect(ev.mappedFiles?.bytesRead).toBeGreaterThan(0);
       const line = logger.lines.find((l) => l.msg === 'restore' && l.fields.containerId === pod.containerId);
       console.log(`criu restore options: ${JSON.stringify(line?.fields.criuOptions)}`);
       const restored = await waitForEvent(pod.logPath, 'restored');
