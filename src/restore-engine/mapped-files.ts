@@ -14,6 +14,10 @@ import { open, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { constants as fsConstants } from 'node:fs';
+import { isThawError } from '../errors.js';
+import { forEachLimit } from '../store/digest.js';
+import { StoreErrorCode } from '../store/errors.js';
+import { readRange } from '../store/page-cache.js';
 import { CRIU_PAGE_BYTES, CriuImageCodec, parseImageFile, VmaStatus, type PagemapEntry, type VmaEntry } from './criu/images.js';
 
 /**
@@ -144,32 +148,31 @@ export async function readMappedFilePages(root: string, files: readonly MappedFi
   const started = performance.now();
   const result: ReadMappedResult = { files: 0, bytesRead: 0, skipped: 0, ms: 0 };
   const failed = new Set<string>();
+  // One buffer per reader: forEachLimit runs at most `concurrency` of these at once.
+  const buffers: Buffer[] = [];
   const pass = async (jobs: Array<{ path: string; ranges: FileRange[] }>, countFiles: boolean): Promise<void> => {
-    const worker = async (): Promise<void> => {
-      const buffer = Buffer.allocUnsafe(READ_CHUNK_BYTES);
-      for (let f = jobs.shift(); f !== undefined && !options.signal?.aborted; f = jobs.shift()) {
-        if (failed.has(f.path)) continue;
-        let fh;
-        try {
-          fh = await open(root + f.path, fsConstants.O_RDONLY | fsConstants.O_NOFOLLOW);
-          for (const r of f.ranges) {
-            for (let at = r.offset, end = r.offset + r.length; at < end && !options.signal?.aborted; ) {
-              const { bytesRead } = await fh.read(buffer, 0, Math.min(buffer.length, end - at), at);
-              if (bytesRead === 0) break;
-              at += bytesRead;
-              result.bytesRead += bytesRead;
-            }
-          }
-          if (countFiles) result.files += 1;
-        } catch {
-          failed.add(f.path);
-          result.skipped += 1;
-        } finally {
-          await fh?.close();
-        }
+    const readOne = async (f: { path: string; ranges: FileRange[] }): Promise<void> => {
+      if (failed.has(f.path)) return;
+      const buffer = buffers.pop() ?? Buffer.allocUnsafe(READ_CHUNK_BYTES);
+      let fh;
+      try {
+        fh = await open(root + f.path, fsConstants.O_RDONLY | fsConstants.O_NOFOLLOW);
+        for (const r of f.ranges) result.bytesRead += await readRange(fh, buffer, r.offset, r.offset + r.length, options.signal);
+        if (countFiles) result.files += 1;
+      } catch {
+        failed.add(f.path);
+        result.skipped += 1;
+      } finally {
+        await fh?.close();
+        buffers.push(buffer);
       }
     };
-    await Promise.all(Array.from({ length: Math.max(1, options.concurrency ?? MAPPED_READ_CONCURRENCY) }, worker));
+    // Being stopped is how this ends early, not a failure (readOne itself never throws).
+    await forEachLimit(jobs, Math.max(1, options.concurrency ?? MAPPED_READ_CONCURRENCY), readOne, { ...(options.signal ? { signal: options.signal } : {}), step: 'read mapped file pages' }).catch(
+      (err: unknown) => {
+        if (!isThawError(err, StoreErrorCode.ABORTED)) throw err;
+      },
+    );
   };
   await pass(files.map((f) => ({ path: f.path, ranges: clipRanges(f.ranges, 0, MAPPED_FILE_HEAD_BYTES) })), true);
   await pass(files.map((f) => ({ path: f.path, ranges: clipRanges(f.ranges, MAPPED_FILE_HEAD_BYTES, Number.MAX_SAFE_INTEGER) })).filter((f) => f.ranges.length > 0), false);

@@ -73,6 +73,20 @@ export function bindPageCache(): PageCache {
   };
 }
 
+/**
+ * Reads [start, end) of `fh` through `buffer` and discards it: what it is for is the page cache. Stops at the end
+ * of the file, or between reads once `signal` aborts. Returns the bytes read.
+ */
+export async function readRange(fh: FileHandle, buffer: Buffer, start: number, end: number, signal?: AbortSignal): Promise<number> {
+  let position = start;
+  while (position < end && !signal?.aborted) {
+    const { bytesRead } = await fh.read(buffer, 0, Math.min(buffer.length, end - position), position);
+    if (bytesRead === 0) break;
+    position += bytesRead;
+  }
+  return position - start;
+}
+
 /** Read size of readIntoPageCache: the files are small (binaries, libraries, scripts). */
 const WARM_CHUNK_BYTES = 1024 * 1024;
 
@@ -107,12 +121,7 @@ export async function readIntoPageCache(paths: readonly string[], pageCache: Pag
       result.files += 1;
       result.bytes += st.size;
       if (pageCache.residentBytes(fh.fd, st.size) >= st.size) continue;
-      for (let position = 0; position < st.size; ) {
-        const { bytesRead } = await fh.read(buffer, 0, buffer.length, position);
-        if (bytesRead === 0) break;
-        position += bytesRead;
-        result.bytesRead += bytesRead;
-      }
+      result.bytesRead += await readRange(fh, buffer, 0, st.size);
     } catch (err) {
       result.skipped.push({ path, reason: (err as NodeJS.ErrnoException).code ?? String(err) });
     } finally {
