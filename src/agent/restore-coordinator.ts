@@ -244,6 +244,34 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
     }
   }
 
+  /**
+   * Beside CRIU, not before it: the worker's file pages CRIU will fault in, read in parallel through the
+   * container's root (where CRIU opens them), the checkpoint prefetch held back meanwhile. stop() when CRIU is
+   * done (also if a read hangs: every checkpoint's prefetch waits on the gate); settled() then gives the reads
+   * MAPPED_READ_SETTLE_MS to report. A file list still being made is not waited for.
+   */
+  function startMappedFileReads(job: Job, pid: number): { stop(): void; settled(): Promise<ReadMappedResult | undefined> } {
+    const stopReads = new AbortController();
+    let releaseGate: (() => void) | undefined;
+    let reading: Promise<ReadMappedResult | undefined> | undefined;
+    void (job.mappedFiles ?? Promise.resolve([])).then((files) => {
+      if (stopReads.signal.aborted) return;
+      releaseGate = prefetchGate.hold();
+      reading = readMappedFilePages(`/proc/${pid}/root`, files, { signal: stopReads.signal })
+        .catch(() => undefined)
+        .finally(() => releaseGate?.());
+    });
+    return {
+      stop() {
+        stopReads.abort();
+        releaseGate?.();
+      },
+      async settled() {
+        return reading === undefined ? undefined : Promise.race([reading, sleep(MAPPED_READ_SETTLE_MS, undefined, { ref: false })]);
+      },
+    };
+  }
+
   async function runRestore(job: Job, pid: number): Promise<void> {
     const { container, checkpoint } = job;
     const signal = job.abort.signal;
@@ -307,21 +335,7 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
       await clearStaleMarkers(container.controlDir);
       await rm(workDir, { recursive: true, force: true });
       await mkdir(workDir, { recursive: true, mode: 0o700 });
-      // Beside CRIU, not before it: the worker's file pages it will fault in, read in parallel through the
-      // container's root (where CRIU opens them); stopped once CRIU is done, whatever it had left.
-      const mappedStop = new AbortController();
-      let mappedFiles: ReadMappedResult | undefined;
-      let releaseGate: (() => void) | undefined;
-      // Set once the reads start; after CRIU they are stopped and given MAPPED_READ_SETTLE_MS to report. A list
-      // still being made is not waited for.
-      let mappedReading: Promise<unknown> | undefined;
-      void (job.mappedFiles ?? Promise.resolve([])).then((files) => {
-        if (mappedStop.signal.aborted) return;
-        releaseGate = prefetchGate.hold();
-        mappedReading = readMappedFilePages(`/proc/${pid}/root`, files, { signal: mappedStop.signal })
-          .then((r) => (mappedFiles = r), () => undefined)
-          .finally(() => releaseGate?.());
-      });
+      const mappedReads = startMappedFileReads(job, pid);
       try {
         tree = await restoreIntoContainer({
           criu: o.criu,
@@ -335,12 +349,10 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
           ...(o.nsenterPath ? { nsenterPath: o.nsenterPath } : {}),
         });
       } finally {
-        // Also if a read hangs: the prefetch of every checkpoint waits on this gate.
-        mappedStop.abort();
-        releaseGate?.();
+        mappedReads.stop();
       }
       phases.criuRestoreMs = Math.round(tree.criuRestoreMs);
-      if (mappedReading !== undefined) await Promise.race([mappedReading, sleep(MAPPED_READ_SETTLE_MS, undefined, { ref: false })]);
+      const mappedFiles = await mappedReads.settled();
 
       // --- CUDA restore seam: cuda-checkpoint restore + unlock of the restored tree goes here. ---
       if (o.cudaRestore) {
