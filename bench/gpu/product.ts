@@ -424,7 +424,7 @@ async function main(): Promise<void> {
         ...(coldMappedWarmRuns.length > 0
           ? { probeMappedFiles: mappedFiles.length, restoreColdMappedWarm: { ...summarize(coldMappedWarmRuns), tokens: undefined }, restoreColdMappedWarmSamplesMs: coldMappedWarmRuns.map((r) => r.ms) }
           : {}),
-        tokensMatch: [...warmRuns, ...coldRuns].every((r) => same(sourceTokens, r.tokens)) && same(sourceTokens, coldTokens),
+        tokensMatch: [...warmRuns, ...coldRuns, ...coldMappedWarmRuns].every((r) => same(sourceTokens, r.tokens)) && same(sourceTokens, coldTokens),
       });
       await rm(join(dirs.storeRoot, checkpointName), { recursive: true, force: true });
     }
