@@ -21,11 +21,10 @@ import { startRegistry, type RunningRegistry } from '../../src/node-stack/regist
 import { ensureBuilt, PACKAGE_ROOT } from '../../src/node-stack/thaw-plugin-process.js';
 import { openLocalStore } from '../../src/store/local-store.js';
 import { MANIFEST_FILE_NAME } from '../../src/store/manifest.js';
-import {
-  ANNOTATION_FILE_SIZE, ANNOTATION_OFFSET, ANNOTATION_PATH, CHECKPOINT_ARTIFACT_TYPE, CHECKPOINT_CONFIG_MEDIA_TYPE, CHECKPOINT_LAYER_MEDIA_TYPE,
-} from '../../src/store/oci/artifact.js';
+import { CHECKPOINT_ARTIFACT_TYPE, CHECKPOINT_CONFIG_MEDIA_TYPE, CHECKPOINT_LAYER_MEDIA_TYPE } from '../../src/store/oci/artifact.js';
 import { pushCheckpoint } from '../../src/store/oci/push.js';
 import { cosignSign, cosignVerify, generateCosignKeyPair, type CosignKeyPair } from '../helpers/cosign.js';
+import { orasPullCheckpoint, orasPushThawLayout } from '../helpers/oras.js';
 import { peerToolOk } from '../helpers/peer-tools.js';
 import { manifestFields, writeCheckpointFiles } from '../unit/store-fixtures.js';
 
@@ -116,6 +115,13 @@ describe('thaw checkpoints with oras, skopeo and cosign', () => {
       const joined = Buffer.concat(await Promise.all(pieces.map((p) => readFile(join(out, p)))));
       expect(joined.equals(await readFile(join(opened.paths.dir, f.path))), f.path).toBe(true);
     }
+    // The helper the restore test uses joins them the same way.
+    const joinedDir = join(work, 'oras-chunked-joined');
+    expect(await orasPullCheckpoint(`${registry.host}/team/chunked:v1`, joinedDir, { home })).toEqual(opened.manifest.files.map((f) => f.path));
+    expect(await filesUnder(joinedDir)).toEqual([...opened.manifest.files.map((f) => f.path), MANIFEST_FILE_NAME].sort());
+    for (const f of opened.manifest.files) {
+      expect((await readFile(join(joinedDir, f.path))).equals(await readFile(join(opened.paths.dir, f.path))), f.path).toBe(true);
+    }
   });
 
   it('thaw pull takes an artifact with thaw\'s layout that oras pushed, into a checkpoint that verifies with the same files', async () => {
@@ -125,22 +131,14 @@ describe('thaw checkpoints with oras, skopeo and cosign', () => {
       await mkdir(dirname(join(src, f)), { recursive: true });
       await writeFile(join(src, f), await readFile(join(opened.paths.dir, f)));
     }
-    // thaw's own annotations on each layer: the file's path, offset 0 (one layer per file), its size.
-    const annotations = Object.fromEntries(opened.manifest.files.map((f) => [f.path, {
-      [ANNOTATION_PATH]: f.path, [ANNOTATION_OFFSET]: '0', [ANNOTATION_FILE_SIZE]: String(f.size),
-    }]));
-    await writeFile(join(src, 'annotations.json'), JSON.stringify(annotations));
     const ref = `${registry.host}/team/from-oras:v1`;
-    await peerToolOk('oras', [
-      'push', '--plain-http', ref, '--artifact-type', CHECKPOINT_ARTIFACT_TYPE,
-      '--config', `${MANIFEST_FILE_NAME}:${CHECKPOINT_CONFIG_MEDIA_TYPE}`, '--annotation-file', 'annotations.json',
-      ...opened.manifest.files.map((f) => `${f.path}:${CHECKPOINT_LAYER_MEDIA_TYPE}`),
-    ], { home, cwd: src });
+    const digest = await orasPushThawLayout(src, ref, { home });
 
     const rootB = join(work, 'store-b');
     const pull = await thaw(['pull', ref, '--config', config, '--paths-store-root', rootB, '--json']);
     expect(pull.code, pull.stderr).toBe(0);
     const { name } = JSON.parse(pull.stdout) as { name: string };
+    expect(name).toBe(`oci-${digest.slice('sha256:'.length)}`);
     const storeB = await openLocalStore({ root: rootB });
     await storeB.verify(name);
     const b = await storeB.open(name);
