@@ -44,15 +44,24 @@ export function digestReference(registryHost: string, repository: string, digest
 
 const registryFlags = (plainHttp: boolean): string[] => (plainHttp ? ['--allow-http-registry', '--allow-insecure-registry'] : []);
 
+/** How cosign reaches the registry: plain http (default), or https trusting the PEM CA bundle `caFile` (SSL_CERT_FILE). */
+export interface CosignRegistryAccess {
+  plainHttp?: boolean;
+  caFile?: string;
+}
+
+const accessEnv = (o: CosignRegistryAccess): Record<string, string> => (o.caFile ? { SSL_CERT_FILE: o.caFile } : {});
+const isPlain = (o: CosignRegistryAccess): boolean => o.plainHttp ?? o.caFile === undefined;
+
 /**
  * Signs the checkpoint manifest `digest` in `registryHost/repository` with `keys`. Returns the referrers tag
  * cosign's signature is found under (`sha256-<hex>`). Throws with cosign's stderr when it fails.
  */
-export async function cosignSign(o: { registryHost: string; repository: string; digest: string; keys: CosignKeyPair; plainHttp?: boolean }): Promise<{ referrersTag: string }> {
+export async function cosignSign(o: { registryHost: string; repository: string; digest: string; keys: CosignKeyPair } & CosignRegistryAccess): Promise<{ referrersTag: string }> {
   await peerToolOk('cosign', [
     'sign', '--key', o.keys.keyFile, '--use-signing-config=false', '--tlog-upload=false', '--yes',
-    ...registryFlags(o.plainHttp ?? true), digestReference(o.registryHost, o.repository, o.digest),
-  ], { home: o.keys.home, env: { COSIGN_PASSWORD: o.keys.password } });
+    ...registryFlags(isPlain(o)), digestReference(o.registryHost, o.repository, o.digest),
+  ], { home: o.keys.home, env: { COSIGN_PASSWORD: o.keys.password, ...accessEnv(o) } });
   return { referrersTag: o.digest.replace(':', '-') };
 }
 
@@ -60,9 +69,9 @@ export async function cosignSign(o: { registryHost: string; repository: string; 
  * `cosign verify --key` of the checkpoint `digest`, offline (no transparency log). Resolves with cosign's result
  * (exit 0 = accepted); stdout holds the verified payloads as JSON.
  */
-export async function cosignVerify(o: { registryHost: string; repository: string; digest: string; publicKeyFile: string; home: string; plainHttp?: boolean }): Promise<PeerToolRun> {
+export async function cosignVerify(o: { registryHost: string; repository: string; digest: string; publicKeyFile: string; home: string } & CosignRegistryAccess): Promise<PeerToolRun> {
   return runPeerTool('cosign', [
     'verify', '--key', o.publicKeyFile, '--insecure-ignore-tlog=true', '--output', 'json',
-    ...registryFlags(o.plainHttp ?? true), digestReference(o.registryHost, o.repository, o.digest),
-  ], { home: o.home });
+    ...registryFlags(isPlain(o)), digestReference(o.registryHost, o.repository, o.digest),
+  ], { home: o.home, env: accessEnv(o) });
 }

@@ -26,6 +26,7 @@ import { pushCheckpoint } from '../../src/store/oci/push.js';
 import { cosignSign, cosignVerify, generateCosignKeyPair, type CosignKeyPair } from '../helpers/cosign.js';
 import { orasPullCheckpoint, orasPushThawLayout } from '../helpers/oras.js';
 import { peerToolOk } from '../helpers/peer-tools.js';
+import { makeTlsFiles } from '../helpers/registry.js';
 import { manifestFields, writeCheckpointFiles } from '../unit/store-fixtures.js';
 
 const execFileP = promisify(execFile);
@@ -185,6 +186,31 @@ describe('thaw checkpoints with oras, skopeo and cosign', () => {
       const unsigned = await pushCheckpoint({ store: await openLocalStore({ root: storeRoot }), name: 'worker', reference: `${registry.host}/team/unsigned:v1`, access: { plainHttp: true } });
       const none = await cosignVerify({ registryHost: registry.host, repository: 'team/unsigned', digest: unsigned.digest, publicKeyFile: keys.publicKeyFile, home: keys.home });
       expect(none.code).not.toBe(0);
+    });
+
+    it('over https with a private CA too: sign and verify a checkpoint in a TLS registry', async () => {
+      const tlsDir = await mkdtemp(join(work, 'tls-'));
+      const tls = await makeTlsFiles(tlsDir);
+      const secure = await startRegistry({ tls: { certFile: tls.certFile, keyFile: tls.keyFile, ca: tls.ca } });
+      try {
+        const caStore = join(tlsDir, 'ca-store.json');
+        await writeFile(caStore, JSON.stringify({ access: { [secure.host]: { caFile: tls.caFile } } }), { mode: 0o600 });
+        const cfg = join(tlsDir, 'agent.yaml');
+        await writeFile(cfg, `registry:\n  config: ${caStore}\n`);
+        const push = await thaw(['push', 'worker', `${secure.host}/team/tls:v1`, '--config', cfg, '--paths-store-root', storeRoot, '--json']);
+        expect(push.code, push.stderr).toBe(0);
+        const digest = (JSON.parse(push.stdout) as { digest: string }).digest;
+        await cosignSign({ registryHost: secure.host, repository: 'team/tls', digest, keys, caFile: tls.caFile });
+        const r = await cosignVerify({ registryHost: secure.host, repository: 'team/tls', digest, publicKeyFile: keys.publicKeyFile, home: keys.home, caFile: tls.caFile });
+        expect(r.code, r.stderr).toBe(0);
+        // Without the CA it fails: cosign does not trust the registry's https, and its fallback to http for a
+        // loopback registry is refused by the server. The CA is what made it work.
+        const untrusted = await cosignVerify({ registryHost: secure.host, repository: 'team/tls', digest, publicKeyFile: keys.publicKeyFile, home: keys.home, plainHttp: false });
+        expect(untrusted.code).not.toBe(0);
+        expect(untrusted.stderr).toMatch(/certificate|HTTP request to an HTTPS server/);
+      } finally {
+        await secure.stop();
+      }
     });
 
     it('the signature is a referrer of the checkpoint: oras discover lists it, the referrers tag names a manifest whose subject is the checkpoint', async () => {
