@@ -24,7 +24,7 @@ import type { CheckpointJobStatus } from './checkpoint-coordinator.js';
 import type { ContainerRegistry, ContainerRef } from './containers.js';
 import type { ThawEngine } from './engine.js';
 import { AgentError, AgentErrorCode } from './errors.js';
-import type { ManagedContainer } from './thaw-nri.js';
+import type { ManagedContainer } from './managed-container.js';
 
 /** How often a Checkpoint stream looks at its job for a state change. */
 export const CHECKPOINT_PROGRESS_POLL_MS = 200;

@@ -18,8 +18,11 @@ import { restoreToolFiles } from './restore-tools.js';
 import { CheckpointCoordinator, type CheckpointEvent } from './checkpoint-coordinator.js';
 import { createCheckpointSources, type RegistrySourceOptions } from './checkpoint-sources.js';
 import { checkpointHooksFactory, cudaRestoreStep, loadNodeCuda, recoverCudaProcesses, type NodeCuda } from './cuda-steps.js';
-import { createRestoreCoordinator, type RestoreCoordinator, type RestoreEvent } from './restore-coordinator.js';
-import { createThawNriHandlers, ThawNriStats, type ManagedContainer, type ThawCoordinator } from './thaw-nri.js';
+import type { RestoreEvent } from '../restore-engine/restore-flow.js';
+import type { ManagedContainer, ThawCoordinator } from './managed-container.js';
+import { ThawNriStats } from './nri-stats.js';
+import { createRestoreCoordinator, type RestoreCoordinator } from './restore-coordinator.js';
+import { createThawNriHandlers } from './thaw-nri.js';
 
 export const DEFAULT_STORE_ROOT = '/var/lib/thaw/checkpoints';
 export const DEFAULT_RESTORE_WORK_ROOT = '/run/thaw/restore';

@@ -15,7 +15,6 @@ import {
   decide,
   LEGACY_CONTROL_DIR_ENV,
   type OnCheckpoint,
-  type PolicyDecision,
 } from '../nri-plugin/policy.js';
 import { ContainerState, type Container, type PodSandbox } from '../nri-plugin/nri-types.js';
 import { createControlDir, removeControlDir } from '../sdk/control-dir.js';
@@ -28,57 +27,8 @@ import { checkCompatibility, isRestorable, type GpuConstraints, type NodeFacts }
 import { dirname, join } from 'node:path';
 import type { CheckpointReference } from '../checkpoint-reference.js';
 import type { CheckpointSources } from './checkpoint-sources.js';
-
-/** What the handlers know about a container thaw manages, handed to the flows. */
-export interface ManagedContainer {
-  containerId: string;
-  containerName: string;
-  podId: string;
-  podName: string;
-  podNamespace: string;
-  podUid: string;
-  checkpointName: string;
-  /** Host path of the control directory (mounted at /snapshot-control in the container). */
-  controlDir: string;
-  /** The container's image as containerd names it in the spec's annotations, when present. */
-  imageRef?: string;
-  /** Checkpoint sources: what the worker does after its checkpoint (the pod's on-checkpoint annotation). */
-  onCheckpoint?: OnCheckpoint;
-  /** What thaw made of it (absent: checkpoint-source, for entries made before roles existed). */
-  role?: 'checkpoint-source' | 'restore-target';
-  /** Restore targets: how thaw-pause holds the original command (NRI args, or the createRuntime overlay). */
-  placeholder?: 'args' | 'overlay';
-}
-
-/**
- * The flows behind the plugin. The handlers call these without awaiting anything slow: a coordinator starts
- * its work in the background and returns.
- */
-export interface ThawCoordinator {
-  /**
-   * A pod sandbox that names a local checkpoint to restore was created: start reading it into the page cache
-   * (its container comes later: after image pulls, kubelet's work, CreateContainer).
-   */
-  restorePodCreated?(podId: string, checkpointName: string): void;
-  /** A pod sandbox stopped or was removed: stop what was started for it at restorePodCreated. */
-  podGone?(podId: string): void;
-  /** A checkpoint source was created: watch its control directory. */
-  checkpointSourceCreated?(container: ManagedContainer): void;
-  /** A checkpoint source started: its pid is known. */
-  checkpointSourceStarted?(container: ManagedContainer, pid: number): void;
-  /**
-   * A restore target was created (thaw-pause holds its command): start verifying/prefetching the checkpoint.
-   * `incoming`: the checkpoint is still being pulled (or copied from the shared store) into the local store;
-   * the restore waits for it, and its failure is a cold start.
-   */
-  restoreTargetCreated?(container: ManagedContainer, checkpoint: OpenedCheckpoint, incoming?: Promise<OpenedCheckpoint>): void;
-  /** A restore target started: restore into it (pid = its PID 1, thaw-pause, on the host). */
-  restoreTargetStarted?(container: ManagedContainer, pid: number): void;
-  /** A managed container stopped or was removed: abandon what runs for it. */
-  containerGone?(containerId: string): void;
-  /** A managed container found running at NRI Synchronize (the agent restarted, or containerd did). */
-  containerRecovered?(container: ManagedContainer, pid: number): void;
-}
+import type { ManagedContainer, ThawCoordinator } from './managed-container.js';
+import { ThawNriStats } from './nri-stats.js';
 
 /** What the restore branch needs; without it a restore target cold-starts ("restore-unavailable"). */
 export interface ThawRestoreConfig {
@@ -107,28 +57,6 @@ export const DEFAULT_RESTORE_HOOK_TIMEOUT_SECONDS = 60;
 /** Of the hook's timeout, what a hook waiting for a pulled checkpoint leaves itself to apply the rootfs diff. */
 export const HOOK_WAIT_RESERVE_SECONDS = 15;
 
-/** Counters of what the handlers decided, by outcome and cause, for logs, tests and /metrics. */
-export class ThawNriStats {
-  readonly decisions = new Map<PolicyDecision['kind'], number>();
-  readonly rejectionsByAnnotation = new Map<string, number>();
-  readonly fallbacksByCause = new Map<string, number>();
-  /** Restore targets left cold at CreateContainer (never adjusted, so no restore event follows), by cause. */
-  readonly restoreFallbacksAtCreate = new Map<string, number>();
-
-  countDecision(kind: PolicyDecision['kind']): void {
-    this.decisions.set(kind, (this.decisions.get(kind) ?? 0) + 1);
-  }
-  countRejection(annotation: string): void {
-    this.rejectionsByAnnotation.set(annotation, (this.rejectionsByAnnotation.get(annotation) ?? 0) + 1);
-  }
-  countFallback(cause: string): void {
-    this.fallbacksByCause.set(cause, (this.fallbacksByCause.get(cause) ?? 0) + 1);
-  }
-  countRestoreFallbackAtCreate(cause: string): void {
-    this.countFallback(cause);
-    this.restoreFallbacksAtCreate.set(cause, (this.restoreFallbacksAtCreate.get(cause) ?? 0) + 1);
-  }
-}
 
 export interface ThawNriOptions {
   annotationPrefix: string;
