@@ -10,7 +10,6 @@ import { readHookOutcome, writeCheckpointUnavailable } from '../oci-hooks/record
 import type { CriuClient } from '../restore-engine/criu/client.js';
 import {
   createRestoreFlow,
-  DEFAULT_WORK_ROOT,
   type CudaRestoreStep,
   type PreparedRestore,
   type RestoreEvent,
@@ -21,6 +20,7 @@ import type { LocalStore } from '../store/local-store.js';
 import type { ManagedContainer, ThawCoordinator } from './managed-container.js';
 import type { ThawNriStats } from './nri-stats.js';
 import { PrefetchGate, SharedPrefetch } from './shared-prefetch.js';
+import { DEFAULT_RESTORE_WORK_ROOT } from '../defaults.js';
 
 export interface RestoreCoordinatorOptions {
   store: LocalStore;
@@ -102,7 +102,7 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
     criu: o.criu,
     logger,
     ...(o.stats ? { fallbacks: o.stats } : {}),
-    workRoot: o.workRoot ?? DEFAULT_WORK_ROOT,
+    workRoot: o.workRoot ?? DEFAULT_RESTORE_WORK_ROOT,
     toolkitBinDir: o.toolkitBinDir,
     ...(o.nsenterPath !== undefined ? { nsenterPath: o.nsenterPath } : {}),
     ...(o.verifyTimeoutMs !== undefined ? { verifyTimeoutMs: o.verifyTimeoutMs } : {}),

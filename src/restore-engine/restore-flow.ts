@@ -34,15 +34,12 @@ import { CriuImageCodec } from './criu/images.js';
 import { mappedFilePages, readMappedFilePages, type MappedFile, type ReadMappedResult } from './mapped-files.js';
 import { RestoreError, RestoreErrorCode } from './restore-errors.js';
 import { killRestoredTree, restoreIntoContainer, type RestoredTree } from './restore.js';
+import { DEFAULT_NSENTER_PATH, DEFAULT_POD_CRIU_RESTORE_TIMEOUT_MS, DEFAULT_VERIFY_TIMEOUT_MS } from '../defaults.js';
 
 const execFileP = promisify(execFile);
 
-/** sha256 of a multi-GiB checkpoint on a busy node; past this the pod cold-starts rather than wait. */
-export const DEFAULT_VERIFY_TIMEOUT_MS = 300_000;
-export const DEFAULT_CRIU_RESTORE_TIMEOUT_MS = 120_000;
 /** One umount inside the container. */
 export const OVERLAY_UMOUNT_TIMEOUT_MS = 5_000;
-export const DEFAULT_WORK_ROOT = '/run/thaw/restore';
 /** After CRIU, how long the stopped reads of the worker's file pages get to report (one read in flight each). */
 export const MAPPED_READ_SETTLE_MS = 100;
 
@@ -213,7 +210,7 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
   async function unmountOverlay(pid: number, path: string): Promise<void> {
     try {
       // Lazy: thaw-pause runs from that very file, so a plain umount would be EBUSY.
-      await execFileP(o.nsenterPath ?? '/usr/bin/nsenter', ['-t', String(pid), '-m', '--', join(o.toolkitBinDir, 'busybox'), 'umount', '-l', path], {
+      await execFileP(o.nsenterPath ?? DEFAULT_NSENTER_PATH, ['-t', String(pid), '-m', '--', join(o.toolkitBinDir, 'busybox'), 'umount', '-l', path], {
         timeout: OVERLAY_UMOUNT_TIMEOUT_MS,
         env: {},
       });
@@ -404,7 +401,7 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
           imagesDir: checkpoint.paths.criuDir,
           workDir,
           targetPid: pid,
-          timeoutMs: o.criuRestoreTimeoutMs ?? DEFAULT_CRIU_RESTORE_TIMEOUT_MS,
+          timeoutMs: o.criuRestoreTimeoutMs ?? DEFAULT_POD_CRIU_RESTORE_TIMEOUT_MS,
           signal,
           logger,
           ...(o.nsenterPath ? { nsenterPath: o.nsenterPath } : {}),

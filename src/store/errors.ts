@@ -1,4 +1,5 @@
 import { ThawError } from '../errors.js';
+import { throwIfAborted as checkAborted } from '../util.js';
 
 /**
  * Codes the local checkpoint store raises. Callers (the restore path, the CLI, the control API) match on
@@ -49,7 +50,5 @@ export class StoreError extends ThawError {
 
 /** Throws STORE_ABORTED when `signal` has fired; called between units of work (files, chunks). */
 export function throwIfAborted(signal: AbortSignal | undefined, step: string): void {
-  if (signal?.aborted) {
-    throw new StoreError(StoreErrorCode.ABORTED, 'aborted by the caller', { step, cause: signal.reason });
-  }
+  checkAborted(signal, (cause) => new StoreError(StoreErrorCode.ABORTED, 'aborted by the caller', { step, cause }));
 }

@@ -46,8 +46,8 @@ import {
 } from './manifest.js';
 import { bindPageCache, type PageCache } from './page-cache.js';
 import { bindRenameAt2, errnoOf, RENAME_EXCHANGE, RENAME_NOREPLACE, type RenameAt2 } from './rename.js';
+import { DEFAULT_STORE_ROOT } from '../defaults.js';
 
-export const DEFAULT_STORE_ROOT = '/var/lib/thaw/checkpoints';
 export const CHECKPOINT_DIR_MODE = 0o700;
 export const CHECKPOINT_FILE_MODE = 0o600;
 /** Readers of the prefetch; each holds one PREFETCH_CHUNK_BYTES buffer. */
