@@ -33,7 +33,7 @@ import { parseFlavor } from '../../src/node-stack/paths.js';
 import { PACKAGE_ROOT, pluginDirsUnder, readJsonLog, startThawPluginProcess, waitForLog, type LogRecord, type ThawPluginProcess } from '../../src/node-stack/thaw-plugin-process.js';
 import { getJson } from '../../demo/scenario.js';
 import { dropPageCache } from '../page-cache.js';
-import { readThpMode } from '../../src/store/host-facts.js';
+import { readThpMode } from '../../src/sys/host-facts.js';
 import { median, renderTable } from '../stats.js';
 
 export const GPU_WORKER_IMAGE_REF = 'docker.io/thaw/gpu-worker-shell:1';

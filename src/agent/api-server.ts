@@ -8,7 +8,7 @@ import { errorMessage, isThawError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { createControlDir } from '../sdk/control-dir.js';
 import { StoreErrorCode } from '../store/errors.js';
-import { readHostFacts } from '../store/host-facts.js';
+import { readHostFacts } from '../sys/host-facts.js';
 import type { ListedCheckpoint } from '../store/local-store.js';
 import { checkCompatibility, isRestorable, type Manifest } from '../store/manifest.js';
 import {

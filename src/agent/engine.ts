@@ -11,7 +11,7 @@ import { CHECKPOINT_COMPLETE } from '../sdk/protocol.js';
 import type { Logger } from '../log.js';
 import { CriuClient, parentDeathWrapper } from '../restore-engine/criu/client.js';
 import { openLocalStore, type LocalStore } from '../store/local-store.js';
-import { bindPageCache, readIntoPageCache } from '../store/page-cache.js';
+import { bindPageCache, readIntoPageCache } from '../sys/page-cache.js';
 import { DEFAULT_MOUNT_PATH, DEFAULT_UMOUNT_PATH } from '../oci-hooks/create-runtime.js';
 import { DEFAULT_SH_PATH } from '../restore-engine/restore.js';
 import { restoreToolFiles } from './restore-tools.js';

@@ -22,7 +22,7 @@ import { errorMessage, isThawError } from '../errors.js';
 import { supportsArgs } from '../nri-plugin/runtime-version.js';
 import type { LocalStore, OpenedCheckpoint } from '../store/local-store.js';
 import { StoreErrorCode } from '../store/errors.js';
-import { readHostFacts } from '../store/host-facts.js';
+import { readHostFacts } from '../sys/host-facts.js';
 import { checkCompatibility, isRestorable, type GpuConstraints, type NodeFacts } from '../store/manifest.js';
 import { dirname, join } from 'node:path';
 import type { CheckpointReference } from '../checkpoint-reference.js';

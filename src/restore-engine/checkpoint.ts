@@ -30,7 +30,7 @@ import { errorMessage, isThawError, ThawError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { LocalStore, PendingCheckpoint } from '../store/local-store.js';
 import type { GpuConstraints, Manifest, ManifestFields } from '../store/manifest.js';
-import { readHostFacts } from '../store/host-facts.js';
+import { readHostFacts } from '../sys/host-facts.js';
 import { StoreError, StoreErrorCode } from '../store/errors.js';
 import { CHECKPOINT_COMPLETE } from '../sdk/protocol.js';
 import { writeMarker } from '../sdk/control-dir.js';

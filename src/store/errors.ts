@@ -50,5 +50,19 @@ export class StoreError extends ThawError {
 
 /** Throws STORE_ABORTED when `signal` has fired; called between units of work (files, chunks). */
 export function throwIfAborted(signal: AbortSignal | undefined, step: string): void {
-  checkAborted(signal, (cause) => new StoreError(StoreErrorCode.ABORTED, 'aborted by the caller', { step, cause }));
+  checkAborted(signal, storeAborted(step));
+}
+
+/** STORE_IO for a filesystem call that failed, with its errno in the evidence. */
+export function ioError(step: string, what: string, err: unknown): StoreError {
+  return new StoreError(StoreErrorCode.IO, `${what}: ${(err as Error).message}`, {
+    step,
+    cause: err,
+    evidence: { errno: (err as NodeJS.ErrnoException).code },
+  });
+}
+
+/** The STORE_ABORTED error of an abort at `step` (forEachLimit's and prefetchFiles' `aborted`). */
+export function storeAborted(step: string): (cause: unknown) => StoreError {
+  return (cause) => new StoreError(StoreErrorCode.ABORTED, 'aborted by the caller', { step, cause });
 }
