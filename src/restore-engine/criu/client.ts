@@ -114,7 +114,7 @@ export function nsenterWrapper(pid: number, options: { net?: boolean; nsenterPat
   return [options.nsenterPath ?? 'nsenter', '-t', String(pid), ...flags, '--'];
 }
 
-/** util-linux's setpriv, which the host has beside nsenter (README: what the host needs). */
+/** util-linux's setpriv, which the host has beside nsenter (docs/operations.md, "Install on a node": what the host needs). */
 export const DEFAULT_SETPRIV_PATH = '/usr/bin/setpriv';
 
 /**
