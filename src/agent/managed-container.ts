@@ -1,10 +1,13 @@
 /**
  * The agent's domain types between the NRI handlers (thaw-nri.ts) and the flows behind them (the
  * checkpoint and restore coordinators): what thaw knows about a container it manages, and what the handlers
- * hand to the flows.
+ * hand to the flows; how a ManagedContainer is made from NRI's pod and container, and how it is written into
+ * (and read back from) the annotations thaw sets on the container.
  */
+import type { Container, PodSandbox } from '../nri-plugin/nri-types.js';
 import type { OnCheckpoint } from '../nri-plugin/policy.js';
 import type { OpenedCheckpoint } from '../store/local-store.js';
+import { CRI_IMAGE_NAME_ANNOTATION } from './containers.js';
 
 /** What the handlers know about a container thaw manages, handed to the flows. */
 export interface ManagedContainer {
@@ -55,4 +58,51 @@ export interface ThawCoordinator {
   containerGone?(containerId: string): void;
   /** A managed container found running at NRI Synchronize (the agent restarted, or containerd did). */
   containerRecovered?(container: ManagedContainer, pid: number): void;
+}
+
+/** The annotations thaw sets on containers it manages (under the configured prefix). */
+export function managedAnnotations(prefix: string, role: 'checkpoint-source' | 'restore-target', container: ManagedContainer): Record<string, string> {
+  return {
+    [`${prefix}role`]: role,
+    [`${prefix}checkpoint-name`]: container.checkpointName,
+    [`${prefix}control-dir`]: container.controlDir,
+    ...(container.placeholder ? { [`${prefix}placeholder`]: container.placeholder } : {}),
+    ...(container.onCheckpoint ? { [`${prefix}on-checkpoint`]: container.onCheckpoint } : {}),
+  };
+}
+
+/** The identity part of a ManagedContainer, from NRI's pod and container. */
+export function identityOf(pod: PodSandbox, container: Container): Pick<ManagedContainer, 'containerId' | 'containerName' | 'podId' | 'podName' | 'podNamespace' | 'podUid'> {
+  return {
+    containerId: container.id ?? '',
+    containerName: container.name ?? '',
+    podId: pod.id ?? container.podSandboxId ?? '',
+    podName: pod.name ?? '',
+    podNamespace: pod.namespace ?? '',
+    podUid: pod.uid ?? '',
+  };
+}
+
+/**
+ * What thaw knew of a container it adjusted, rebuilt from the annotations it set on it (managedAnnotations):
+ * how an agent that restarted learns its containers back from NRI Synchronize. Undefined for containers thaw
+ * did not adjust, or whose annotations do not read back as thaw's.
+ */
+export function managedFromContainer(prefix: string, pod: PodSandbox, container: Container): ManagedContainer | undefined {
+  const a = container.annotations ?? {};
+  const role = a[`${prefix}role`];
+  const checkpointName = a[`${prefix}checkpoint-name`];
+  const controlDir = a[`${prefix}control-dir`];
+  if ((role !== 'checkpoint-source' && role !== 'restore-target') || !checkpointName || !controlDir || !container.id) return undefined;
+  const placeholder = a[`${prefix}placeholder`];
+  const onCheckpoint = a[`${prefix}on-checkpoint`];
+  return {
+    ...identityOf(pod, container),
+    checkpointName,
+    controlDir,
+    role,
+    ...(a[CRI_IMAGE_NAME_ANNOTATION] ? { imageRef: a[CRI_IMAGE_NAME_ANNOTATION] } : {}),
+    ...(placeholder === 'args' || placeholder === 'overlay' ? { placeholder } : {}),
+    ...(onCheckpoint === 'continue' || onCheckpoint === 'exit' ? { onCheckpoint } : {}),
+  };
 }

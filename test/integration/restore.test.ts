@@ -17,7 +17,8 @@ import { buildWorkerImage, WORKER_ENTRY_REL, type WorkerImage } from '../../demo
 import type { ManagedContainer } from '../../src/agent/managed-container.js';
 import { ThawNriStats } from '../../src/agent/nri-stats.js';
 import { createRestoreCoordinator, type RestoreCoordinator } from '../../src/agent/restore-coordinator.js';
-import { createThawNriHandlers, type ThawRestoreConfig } from '../../src/agent/thaw-nri.js';
+import { type ThawRestoreConfig } from '../../src/agent/restore-target.js';
+import { createThawNriHandlers } from '../../src/agent/thaw-nri.js';
 import type { RestoreEvent } from '../../src/restore-engine/restore-flow.js';
 import { createCollectingLogger } from '../../src/log.js';
 import { createNriPlugin, type NriPlugin } from '../../src/nri-plugin/index.js';
