@@ -22,7 +22,7 @@ import {
 } from '../defaults.js';
 import { ThawError } from '../errors.js';
 import type { LogLevel } from '../log.js';
-import { DEFAULT_ANNOTATION_PREFIX, validateAnnotationPrefix } from '../nri-plugin/policy.js';
+import { DEFAULT_ANNOTATION_PREFIX, validateAnnotationPrefix } from '../nri-plugin/index.js';
 
 export const DEFAULT_CONFIG_PATH = '/etc/thaw/agent.yaml';
 /** sun_path holds 108 bytes with its NUL. */

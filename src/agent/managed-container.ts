@@ -4,9 +4,9 @@
  * hand to the flows; how a ManagedContainer is made from NRI's pod and container, and how it is written into
  * (and read back from) the annotations thaw sets on the container.
  */
-import type { Container, PodSandbox } from '../nri-plugin/nri-types.js';
-import type { OnCheckpoint } from '../nri-plugin/policy.js';
-import type { OpenedCheckpoint } from '../store/local-store.js';
+import type { Container, PodSandbox } from '../nri-plugin/index.js';
+import type { OnCheckpoint } from '../nri-plugin/index.js';
+import type { OpenedCheckpoint } from '../store/index.js';
 import { CRI_IMAGE_NAME_ANNOTATION } from './containers.js';
 
 /** What the handlers know about a container thaw manages, handed to the flows. */

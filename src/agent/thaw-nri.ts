@@ -7,10 +7,10 @@
  * and never throws: any problem leaves the container as it is and is logged and counted with its cause.
  */
 import { errorMessage } from '../errors.js';
-import type { NriHandlers } from '../nri-plugin/plugin.js';
-import { decide } from '../nri-plugin/policy.js';
-import { ContainerState } from '../nri-plugin/nri-types.js';
-import { removeControlDir } from '../sdk/control-dir.js';
+import type { NriHandlers } from '../nri-plugin/index.js';
+import { decide } from '../nri-plugin/index.js';
+import { ContainerState } from '../nri-plugin/index.js';
+import { removeControlDir } from '../sdk/index.js';
 import { adjustCheckpointSource } from './checkpoint-source.js';
 import { managedFromContainer, type ManagedContainer, type ThawCoordinator } from './managed-container.js';
 import { describeContainer, type HandlerScope } from './nri-handler-scope.js';

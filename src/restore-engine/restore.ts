@@ -16,7 +16,7 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { errorMessage, isThawError } from '../errors.js';
 import { silentLogger, type Logger } from '../log.js';
-import type { Manifest } from '../store/manifest.js';
+import type { Manifest } from '../store/index.js';
 import { CriuClient, nsenterWrapper } from './criu/client.js';
 import { CriuErrorCode } from './criu/errors.js';
 import type { RestoreOptions } from './criu/options.js';
