@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { errorMessage } from '../errors.js';
 import { CHECKPOINT_COMPLETE } from '../sdk/protocol.js';
 import type { Logger } from '../log.js';
-import { CriuClient, parentDeathWrapper } from '../restore-engine/criu/client.js';
+import { CriuClient, criuEnvironment, parentDeathWrapper } from '../restore-engine/criu/client.js';
 import { openLocalStore, type LocalStore } from '../store/local-store.js';
 import { bindPageCache, readIntoPageCache } from '../store/page-cache.js';
 import { DEFAULT_MOUNT_PATH, DEFAULT_UMOUNT_PATH } from '../oci-hooks/create-runtime.js';
@@ -85,7 +85,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
   const criu = new CriuClient({
     criuPath: join(binDir, 'criu'),
     logger,
-    env: { ...process.env, PATH: `${binDir}:${process.env['PATH'] ?? '/usr/sbin:/usr/bin:/sbin:/bin'}` },
+    env: criuEnvironment(binDir),
     ...(dieWithAgent !== undefined ? { parentDeathWrapper: dieWithAgent } : {}),
   });
   const criuVersion = await criu.version();
