@@ -31,6 +31,8 @@ export const RestoreErrorCode = {
    * runs (host-mounts.ts).
    */
   TARGET_MOUNTS: 'RESTORE_TARGET_MOUNTS',
+  /** The target container's OCI spec (config.json beside its rootfs) could not be read or is not its own. */
+  TARGET_SPEC: 'RESTORE_TARGET_SPEC',
   /**
    * The checkpoint's recorded credentials (CRIU's core/creds: uid/gid, capabilities, no_new_privs, seccomp, LSM
    * label) grant more than the target container's OCI spec (credentials.ts); evidence names each excess.

@@ -24,6 +24,8 @@ import type { Manifest } from '../store/manifest.js';
 import { CriuClient, DEFAULT_NSENTER_PATH, nsenterWrapper } from './criu/client.js';
 import { CriuErrorCode } from './criu/errors.js';
 import type { RestoreOptions } from './criu/options.js';
+import { assertCredentialsWithinSpec, readRecordedCredentials, readTargetSpec, specCredentialsOf } from './credentials.js';
+import { CriuImageCodec } from './criu/images.js';
 import { planHostRestorePaths, readHostMountTable } from './host-mounts.js';
 import { cgroupJoinWrapper, sameCgroups, targetCgroupProcsFiles } from './restore-cgroups.js';
 import { RestoreError, RestoreErrorCode } from './restore-errors.js';
@@ -53,6 +55,19 @@ export interface RestoreIntoContainerOptions {
   logger?: Logger;
   nsenterPath?: string;
   shPath?: string;
+  /**
+   * Compare the checkpoint's recorded credentials with the target's OCI spec before CRIU runs (credentials.ts;
+   * default true). Off only for restores into something that is not a container (tests of CRIU itself).
+   */
+  checkCredentials?: boolean;
+  /** The image decoder to share; default one loaded on first use. */
+  imageCodec?: CriuImageCodec;
+}
+
+let imageCodec: CriuImageCodec | undefined;
+function sharedImageCodec(): CriuImageCodec {
+  imageCodec ??= CriuImageCodec.load();
+  return imageCodec;
 }
 
 export interface RestoredTree {
@@ -152,6 +167,11 @@ export async function restoreIntoContainer(o: RestoreIntoContainerOptions): Prom
         return 'dir';
       }
     });
+    // Before CRIU runs: the recorded credentials of every thread against what the target's spec grants.
+    if (o.checkCredentials !== false) {
+      const spec = specCredentialsOf(await readTargetSpec(hostPaths.root));
+      assertCredentialsWithinSpec(await readRecordedCredentials(o.imagesDir, o.imageCodec ?? sharedImageCodec()), spec);
+    }
     const options: RestoreOptions = {
       imagesDir: o.imagesDir,
       workDir: o.workDir,
