@@ -1,5 +1,5 @@
 /**
- * The agent's Prometheus series (README "Running the agent" lists them). Event-driven counters and histograms
+ * The agent's Prometheus series (docs/operations.md "Running the agent" lists them). Event-driven counters and histograms
  * move when a restore or checkpoint event is logged; the rest is read from the engine and the store at scrape.
  */
 import type { CheckpointEvent } from './checkpoint-coordinator.js';

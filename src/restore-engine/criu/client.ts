@@ -141,7 +141,7 @@ export function criuEnvironment(toolkitBinDir: string): NodeJS.ProcessEnv {
   return { PATH: `${toolkitBinDir}:${HOST_SYSTEM_PATH}` };
 }
 
-/** util-linux's setpriv, which the host has beside nsenter (README: what the host needs). */
+/** util-linux's setpriv, which the host has beside nsenter (docs/operations.md, "Install on a node": what the host needs). */
 export const DEFAULT_SETPRIV_PATH = '/usr/bin/setpriv';
 
 /**
