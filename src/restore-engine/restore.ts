@@ -21,7 +21,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { errorMessage, isThawError } from '../errors.js';
 import { silentLogger, type Logger } from '../log.js';
 import type { Manifest } from '../store/manifest.js';
-import { CriuClient, DEFAULT_NSENTER_PATH, nsenterWrapper } from './criu/client.js';
+import { CriuClient, nsenterWrapper } from './criu/client.js';
 import { CriuErrorCode } from './criu/errors.js';
 import type { RestoreOptions } from './criu/options.js';
 import { assertCredentialsWithinSpec, readRecordedCredentials, readTargetSpec, specCredentialsOf } from './credentials.js';
@@ -29,11 +29,10 @@ import { CriuImageCodec } from './criu/images.js';
 import { planHostRestorePaths, readHostMountTable } from './host-mounts.js';
 import { cgroupJoinWrapper, sameCgroups, targetCgroupProcsFiles } from './restore-cgroups.js';
 import { RestoreError, RestoreErrorCode } from './restore-errors.js';
+import { DEFAULT_NSENTER_PATH, DEFAULT_POD_CRIU_RESTORE_TIMEOUT_MS } from '../defaults.js';
 
-export const DEFAULT_CRIU_RESTORE_TIMEOUT_MS = 120_000;
 /** CRIU exits right after its answer; the reparenting to the placeholder follows at once. */
 export const ADOPTABLE_WAIT_MS = 10_000;
-export { DEFAULT_NSENTER_PATH } from './criu/client.js';
 export const DEFAULT_SH_PATH = '/bin/sh';
 const STDIO_PIPE = /^pipe:\[\d+\]$/;
 /** Under the work dir: the stand-ins for the target's mounts that have no host path (host-mounts.ts). */
@@ -192,7 +191,7 @@ export async function restoreIntoContainer(o: RestoreIntoContainerOptions): Prom
     const t0 = performance.now();
     let res;
     try {
-      res = await o.criu.restore(options, undefined, { wrapper, timeoutMs: o.timeoutMs ?? DEFAULT_CRIU_RESTORE_TIMEOUT_MS, ...(o.signal ? { signal: o.signal } : {}) });
+      res = await o.criu.restore(options, undefined, { wrapper, timeoutMs: o.timeoutMs ?? DEFAULT_POD_CRIU_RESTORE_TIMEOUT_MS, ...(o.signal ? { signal: o.signal } : {}) });
     } catch (err) {
       const code = isThawError(err, CriuErrorCode.TIMEOUT)
         ? RestoreErrorCode.TIMEOUT

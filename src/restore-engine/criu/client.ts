@@ -29,6 +29,7 @@ import {
 import { CriuCodec, CriuReqType, type CriuOptsMessage, type CriuReqMessage, type CriuRespMessage } from './rpc.js';
 import { Libc } from './seqpacket.js';
 import { CriuSwrk, HOST_SYSTEM_PATH, type SwrkSpawnOptions } from './swrk.js';
+import { DEFAULT_CRIU_RPC_DUMP_TIMEOUT_MS, DEFAULT_CRIU_RPC_RESTORE_TIMEOUT_MS, DEFAULT_NSENTER_PATH, DEFAULT_UNSHARE_PATH } from '../../defaults.js';
 
 export { HOST_SYSTEM_PATH } from './swrk.js';
 
@@ -38,8 +39,6 @@ export const CRIU_RPC_CONFIG_FILE = '.thaw-criu-rpc.conf';
 /** Defaults, named with their units. */
 export const DEFAULT_CRIU_CHECK_TIMEOUT_MS = 30_000;
 export const DEFAULT_CRIU_VERSION_TIMEOUT_MS = 10_000;
-export const DEFAULT_CRIU_DUMP_TIMEOUT_MS = 10 * 60_000;
-export const DEFAULT_CRIU_RESTORE_TIMEOUT_MS = 10 * 60_000;
 
 export interface CriuClientOptions {
   /** Absolute path of criu (e.g. /opt/thaw/stack/1.7/bin/criu). */
@@ -127,10 +126,6 @@ export function nsenterWrapper(pid: number, options: { net?: boolean; nsenterPat
     options.unsharePath ?? DEFAULT_UNSHARE_PATH, '--mount', '--propagation', 'private', '--mount-proc', '--',
   ];
 }
-
-/** util-linux's nsenter and unshare, as the host has them (README: what the host needs). */
-export const DEFAULT_NSENTER_PATH = '/usr/bin/nsenter';
-export const DEFAULT_UNSHARE_PATH = '/usr/bin/unshare';
 
 /**
  * The only environment CRIU and its wrappers get: a fixed PATH (the toolkit's bin dir first, for the GNU tar and
@@ -225,7 +220,7 @@ export class CriuClient {
     const logPath = join(opts.workDir ?? opts.imagesDir, logFile);
     await this.withDirs(opts.imagesDir, opts.workDir, [], step, async (fds) => {
       const criuOpts = buildDumpRequestOpts(opts, { fds: fds.criu, notify: notify !== undefined });
-      await this.run({ type: CriuReqType.DUMP, opts: criuOpts }, step, call, DEFAULT_CRIU_DUMP_TIMEOUT_MS, {
+      await this.run({ type: CriuReqType.DUMP, opts: criuOpts }, step, call, DEFAULT_CRIU_RPC_DUMP_TIMEOUT_MS, {
         extraFds: fds.extraFds,
         logPath,
         ...(notify ? { notify } : {}),
@@ -242,7 +237,7 @@ export class CriuClient {
     let pid = -1;
     await this.withDirs(opts.imagesDir, opts.workDir, opts.inheritFds ?? [], step, async (fds) => {
       const criuOpts = buildRestoreRequestOpts(opts, { fds: fds.criu, notify: notify !== undefined });
-      const resp = await this.run({ type: CriuReqType.RESTORE, opts: criuOpts }, step, call, DEFAULT_CRIU_RESTORE_TIMEOUT_MS, {
+      const resp = await this.run({ type: CriuReqType.RESTORE, opts: criuOpts }, step, call, DEFAULT_CRIU_RPC_RESTORE_TIMEOUT_MS, {
         extraFds: fds.extraFds,
         logPath,
         ...(notify ? { notify } : {}),
