@@ -378,6 +378,34 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
     await expectColdStart('rst-missing', 'no-such-checkpoint', 'RESTORE_CHECKPOINT_MISSING', false);
   }, TEST_TIMEOUT_MS);
 
+  it('a rootfs diff replaced after the manifest was checked: the hook applies none of it, cold start', async () => {
+    const { stack } = handle;
+    const opened = await store.open(CHECKPOINT);
+    const tarFile = path.join(opened.paths.dir, 'rootfs-diff.tar');
+    const original = await readFile(tarFile);
+    // A valid archive of another content, in place of the one the manifest's sha256 names.
+    const dir = await mkdtemp('/tmp/thaw-tampered-');
+    execFileSync('mkdir', ['-p', path.join(dir, 'tmp')]);
+    await writeFile(path.join(dir, 'tmp', 'thaw-tampered'), 'not from the checkpoint\n');
+    execFileSync(stack.paths.tar, ['-cf', tarFile, '-C', dir, 'tmp/thaw-tampered']);
+    const before = events.length;
+    const pod = await stack.cri.runPod({ name: 'rst-tampered', image: image.ref, command: [], annotations: { [`${PREFIX}restore`]: CHECKPOINT }, env: { ...workerEnv, WORKER_MEMORY_MB: '32' } });
+    try {
+      const ev = await waitFor(() => events.slice(before).find((e) => e.containerId === pod.containerId), 'the restore event', 60_000, 50);
+      expect(ev.outcome, JSON.stringify(ev)).toBe('fallback');
+      expect(['RESTORE_HOOK_FAILED', 'RESTORE_CHECKPOINT_CORRUPT']).toContain(ev.cause);
+      await waitForEvent(pod.logPath, 'listening');
+      // Nothing of the replaced archive reached the container's rootfs.
+      const probe = await stack.cri.execSync(pod.containerId, ['/bin/busybox', 'cat', '/tmp/thaw-tampered'], 10);
+      expect(probe.exitCode).not.toBe(0);
+      expect(logger.lines.some((l) => JSON.stringify(l).includes('HOOK_DIFF_UNVERIFIED') && JSON.stringify(l).includes(pod.containerId)) || String(ev.reason).includes('HOOK_DIFF_UNVERIFIED'), JSON.stringify(ev)).toBe(true);
+    } finally {
+      await stack.cri.removePod(pod.podId);
+      await writeFile(tarFile, original);
+      await rm(dir, { recursive: true, force: true });
+    }
+  }, TEST_TIMEOUT_MS);
+
   it('a corrupted image file (one byte flipped): sha256 mismatch, cold start', async () => {
     const opened = await store.open(CHECKPOINT);
     const pages = opened.manifest.files.map((f) => f.path).find((p) => /pages-\d+\.img$/.test(p)) as string;
