@@ -388,10 +388,18 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
     execFileSync('mkdir', ['-p', path.join(dir, 'tmp')]);
     await writeFile(path.join(dir, 'tmp', 'thaw-tampered'), 'not from the checkpoint\n');
     execFileSync(stack.paths.tar, ['-cf', tarFile, '-C', dir, 'tmp/thaw-tampered']);
+    // Of the same size (zero blocks end a tar archive), so the store's size check at CreateContainer passes.
+    const tampered = await readFile(tarFile);
+    expect(tampered.length).toBeLessThanOrEqual(original.length);
+    await writeFile(tarFile, Buffer.concat([tampered, Buffer.alloc(original.length - tampered.length)]));
     const before = events.length;
     const pod = await stack.cri.runPod({ name: 'rst-tampered', image: image.ref, command: [], annotations: { [`${PREFIX}restore`]: CHECKPOINT }, env: { ...workerEnv, WORKER_MEMORY_MB: '32' } });
     try {
-      const ev = await waitFor(() => events.slice(before).find((e) => e.containerId === pod.containerId), 'the restore event', 60_000, 50);
+      const ev = await waitFor(() => events.slice(before).find((e) => e.containerId === pod.containerId), 'the restore event', 60_000, 50).catch(async (err: unknown) => {
+        console.log(logger.lines.filter((l) => l.level !== 'debug').slice(-12).map((l) => JSON.stringify(l).slice(0, 500)).join('\n'));
+        console.log(await readFile(pod.logPath, 'utf8').catch(() => ''));
+        throw err;
+      });
       expect(ev.outcome, JSON.stringify(ev)).toBe('fallback');
       expect(['RESTORE_HOOK_FAILED', 'RESTORE_CHECKPOINT_CORRUPT']).toContain(ev.cause);
       await waitForEvent(pod.logPath, 'listening');
