@@ -23,7 +23,7 @@ import type { ManagedContainer, ThawCoordinator } from './managed-container.js';
 import { ThawNriStats } from './nri-stats.js';
 import { createRestoreCoordinator, type RestoreCoordinator } from './restore-coordinator.js';
 import { createThawNriHandlers } from './thaw-nri.js';
-import { DEFAULT_NSENTER_PATH } from '../defaults.js';
+import { DEFAULT_NSENTER_PATH, DEFAULT_UNSHARE_PATH } from '../defaults.js';
 
 
 export interface ThawEngineOptions {
@@ -120,7 +120,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     toolFiles ??= restoreToolFiles({
       hookArgv: o.hookArgv,
       thawPausePath: o.thawPausePath,
-      executables: [join(binDir, 'criu'), join(binDir, 'tar'), join(binDir, 'busybox'), DEFAULT_NSENTER_PATH, DEFAULT_MOUNT_PATH, DEFAULT_UMOUNT_PATH, DEFAULT_SH_PATH, ...(dieWithAgent ?? []).slice(0, 1)],
+      executables: [join(binDir, 'criu'), join(binDir, 'tar'), join(binDir, 'busybox'), DEFAULT_NSENTER_PATH, DEFAULT_UNSHARE_PATH, DEFAULT_MOUNT_PATH, DEFAULT_UMOUNT_PATH, DEFAULT_SH_PATH, ...(dieWithAgent ?? []).slice(0, 1)],
     });
     const r = await readIntoPageCache(await toolFiles, pageCache, { signal });
     if (r.bytesRead > 0) logger.debug('restore tools read into the page cache', { files: r.files, bytesRead: r.bytesRead, skipped: r.skipped });
