@@ -6,7 +6,7 @@
  */
 import type { Container, PodSandbox } from '../nri-plugin/index.js';
 import type { OnCheckpoint } from '../nri-plugin/index.js';
-import type { OpenedCheckpoint } from '../store/index.js';
+import type { OpenedCheckpoint, ReleaseLease } from '../store/index.js';
 import { CRI_IMAGE_NAME_ANNOTATION } from './containers.js';
 
 /** What the handlers know about a container thaw manages, handed to the flows. */
@@ -51,7 +51,8 @@ export interface ThawCoordinator {
    * `incoming`: the checkpoint is still being pulled (or copied from the shared store) into the local store;
    * the restore waits for it, and its failure is a cold start.
    */
-  restoreTargetCreated?(container: ManagedContainer, checkpoint: OpenedCheckpoint, incoming?: Promise<OpenedCheckpoint>): void;
+  /** `lease`: the store lease CreateContainer took on a local checkpoint; the coordinator releases it. */
+  restoreTargetCreated?(container: ManagedContainer, checkpoint: OpenedCheckpoint, incoming?: Promise<OpenedCheckpoint>, lease?: ReleaseLease): void;
   /** A restore target started: restore into it (pid = its PID 1, thaw-pause, on the host). */
   restoreTargetStarted?(container: ManagedContainer, pid: number): void;
   /** A managed container stopped or was removed: abandon what runs for it. */

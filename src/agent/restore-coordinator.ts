@@ -139,12 +139,13 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
       prefetches.release(podHolder(podId));
     },
 
-    restoreTargetCreated(container, checkpoint, incoming) {
+    restoreTargetCreated(container, checkpoint, incoming, lease) {
       const job: Job = {
         createdAtIso: new Date().toISOString(),
         container,
         checkpoint,
         ...(incoming !== undefined ? { incoming } : {}),
+        ...(lease !== undefined ? { release: lease } : {}),
         abort: new AbortController(),
         createdAt: performance.now(),
         prepared: Promise.resolve<PreparedRestore>({ verifyMs: 0, hashed: false }),
