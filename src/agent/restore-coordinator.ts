@@ -12,7 +12,7 @@
  *             execs the original command: a cold start). One `restore` event per target, either way.
  */
 import { execFile } from 'node:child_process';
-import { access, mkdir, rm } from 'node:fs/promises';
+import { mkdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { promisify } from 'node:util';
@@ -25,6 +25,7 @@ import { killRestoredTree, restoreIntoContainer, type RestoredTree } from '../re
 import { CriuImageCodec } from '../restore-engine/criu/images.js';
 import { mappedFilePages, readMappedFilePages, type MappedFile, type ReadMappedResult } from '../restore-engine/mapped-files.js';
 import { clearStaleMarkers, writeMarker } from '../sdk/control-dir.js';
+import { firstPresent } from '../sdk/marker-files.js';
 import { RESTORE_COMPLETE, RESTORE_FAILED } from '../sdk/protocol.js';
 import type { LocalStore, OpenedCheckpoint, ReleaseLease } from '../store/local-store.js';
 import { StoreErrorCode } from '../store/errors.js';
@@ -142,10 +143,8 @@ interface Job {
 
 /** The agent marker a worker was given, if any (restore-complete or restore-failed). */
 async function firstMarker(controlDir: string): Promise<string | undefined> {
-  for (const name of [RESTORE_COMPLETE, RESTORE_FAILED]) {
-    if (await access(join(controlDir, name)).then(() => true, () => false)) return name;
-  }
-  return undefined;
+  // lstat, not access(): the directory is the pod's, and a planted symlink is never followed.
+  return firstPresent(controlDir, [RESTORE_COMPLETE, RESTORE_FAILED]);
 }
 
 export function workDirFor(workRoot: string, containerId: string): string {
