@@ -18,7 +18,8 @@ import {
   type PolicyDecision,
 } from '../nri-plugin/policy.js';
 import { ContainerState, type Container, type PodSandbox } from '../nri-plugin/nri-types.js';
-import { createControlDir, removeControlDir } from '../sdk/control-dir.js';
+import { controlDirPath, createControlDir, removeControlDir } from '../sdk/control-dir.js';
+import { lstatSync } from 'node:fs';
 import { errorMessage, isThawError } from '../errors.js';
 import { supportsArgs } from '../nri-plugin/runtime-version.js';
 import type { LocalStore, OpenedCheckpoint } from '../store/local-store.js';
@@ -169,13 +170,31 @@ function identityOf(pod: PodSandbox, container: Container): Pick<ManagedContaine
  * What thaw knew of a container it adjusted, rebuilt from the annotations it set on it (managedAnnotations):
  * how an agent that restarted learns its containers back from NRI Synchronize. Undefined for containers thaw
  * did not adjust, or whose annotations do not read back as thaw's.
+ *
+ * Annotations are the pod's to write as well (a pod spec's annotations reach its containers), so nothing
+ * in them names a path: the control directory is derived from the container id under `controlRoot`
+ * (`<root>/<id>`, as CreateContainer made it), a `control-dir` annotation naming anything else refuses the
+ * container, and so does a derived directory that does not exist as a real directory (thaw never adjusted
+ * that container: the role annotations are forged).
  */
-export function managedFromContainer(prefix: string, pod: PodSandbox, container: Container): ManagedContainer | undefined {
+export function managedFromContainer(prefix: string, controlRoot: string, pod: PodSandbox, container: Container): ManagedContainer | undefined {
   const a = container.annotations ?? {};
   const role = a[`${prefix}role`];
   const checkpointName = a[`${prefix}checkpoint-name`];
-  const controlDir = a[`${prefix}control-dir`];
-  if ((role !== 'checkpoint-source' && role !== 'restore-target') || !checkpointName || !controlDir || !container.id) return undefined;
+  if ((role !== 'checkpoint-source' && role !== 'restore-target') || !checkpointName || !container.id) return undefined;
+  let controlDir: string;
+  try {
+    controlDir = controlDirPath(controlRoot, container.id);
+  } catch {
+    return undefined;
+  }
+  if (a[`${prefix}control-dir`] !== controlDir) return undefined;
+  try {
+    const st = lstatSync(controlDir);
+    if (!st.isDirectory()) return undefined;
+  } catch {
+    return undefined;
+  }
   const placeholder = a[`${prefix}placeholder`];
   const onCheckpoint = a[`${prefix}on-checkpoint`];
   return {
@@ -439,8 +458,16 @@ export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { 
       const podsById = new Map(pods.map((p) => [p.id ?? '', p]));
       let recovered = 0;
       for (const container of containers) {
-        const entry = managedFromContainer(prefix, podsById.get(container.podSandboxId ?? '') ?? {}, container);
-        if (!entry) continue;
+        const entry = managedFromContainer(prefix, options.controlRoot, podsById.get(container.podSandboxId ?? '') ?? {}, container);
+        if (!entry) {
+          if (container.annotations?.[`${prefix}role`] !== undefined) {
+            ctx.logger.warn('thaw: container with thaw annotations refused on (re)connection: its control directory is not <root>/<id> as thaw made it', {
+              containerId: container.id,
+              controlDir: container.annotations?.[`${prefix}control-dir`],
+            });
+          }
+          continue;
+        }
         if (!managed.has(entry.containerId)) managed.set(entry.containerId, entry);
         if (container.state === ContainerState.RUNNING && container.pid) {
           recovered++;
