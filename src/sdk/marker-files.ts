@@ -22,9 +22,8 @@ import { constants as fsc, watch, type FSWatcher } from 'node:fs';
 import { lstat, open, rename, unlink, type FileHandle } from 'node:fs/promises';
 import { POLL_INTERVAL_MS, TEMP_PREFIX } from './protocol.js';
 import { CONTROL_DIR_ERROR_CODES, SdkError, type SdkErrorCode } from './errors.js';
+import { MAX_TIMER_DELAY_MS } from '../defaults.js';
 
-/** Node's timers overflow above 2^31-1 ms (they then fire at once); longer waits are clamped. */
-const MAX_TIMER_MS = 2_147_483_647;
 
 /**
  * The largest marker or record read from a control directory. Markers are empty or a small JSON object
@@ -271,7 +270,7 @@ export async function waitForFile<T extends string>(dir: string, names: readonly
       }
       await new Promise<void>((resolve) => {
         if (poked) return resolve();
-        const timer = setTimeout(done, Math.min(pollIntervalMs, leftMs, MAX_TIMER_MS));
+        const timer = setTimeout(done, Math.min(pollIntervalMs, leftMs, MAX_TIMER_DELAY_MS));
         function done(): void {
           clearTimeout(timer);
           wake = undefined;

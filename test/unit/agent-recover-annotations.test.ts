@@ -7,7 +7,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { managedFromContainer } from '../../src/agent/thaw-nri.js';
+import { managedFromContainer } from '../../src/agent/managed-container.js';
 import { createControlDir } from '../../src/sdk/control-dir.js';
 
 const P = 'thaw.io/';
