@@ -74,7 +74,7 @@ export function mutate(r: Rnd, input: Buffer): Buffer {
 }
 
 /** A valid input, a mutation of one, or random bytes (a third each, roughly). */
-function pickInput(r: Rnd, corpus: readonly Buffer[]): Buffer {
+export function pickInput(r: Rnd, corpus: readonly Buffer[]): Buffer {
   const k = int(r, 10);
   const base = corpus[int(r, corpus.length)] as Buffer;
   if (k === 0) return base;
