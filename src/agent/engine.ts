@@ -44,6 +44,8 @@ export interface ThawEngineOptions {
   libnvmlPath?: string;
   /** The driver's lock timeout for a checkpoint (default DEFAULT_CUDA_LOCK_TIMEOUT_MS, src/defaults.ts). */
   cudaLockTimeoutMs?: number;
+  /** thaw-pause's deadline without a word from the agent (default DEFAULT_THAW_PAUSE_DEADLINE_MS). */
+  thawPauseDeadlineMs?: number;
   /** A shared store (an RWX volume on every node), looked up after the local store; absent: none. */
   sharedStoreRoot?: string;
   /** uid owning the shared store (default 0). */
@@ -133,6 +135,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     stats,
     workRoot: o.workRoot,
     toolkitBinDir: binDir,
+    ...(o.thawPauseDeadlineMs !== undefined ? { thawPauseDeadlineMs: o.thawPauseDeadlineMs } : {}),
     ...(o.onRestoreEvent ? { onEvent: o.onRestoreEvent } : {}),
     ...(cuda ? { cudaRestore: cudaRestoreStep({ node: cuda, logger }) } : {}),
   });
@@ -172,6 +175,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
       thawPausePath: o.thawPausePath,
       hookArgv: o.hookArgv,
       workRoot: o.workRoot,
+      ...(o.thawPauseDeadlineMs !== undefined ? { thawPauseDeadlineMs: o.thawPauseDeadlineMs } : {}),
       tarPath: join(binDir, 'tar'),
       ...(cuda?.facts ? { gpuFacts: cuda.facts } : {}),
     },

@@ -36,6 +36,8 @@ export interface RestoreCoordinatorOptions {
   warmTools?: (signal: AbortSignal) => Promise<unknown>;
   verifyTimeoutMs?: number;
   criuRestoreTimeoutMs?: number;
+  /** thaw-pause's deadline (restore-flow's thawPauseDeadlineMs). */
+  thawPauseDeadlineMs?: number;
   cudaRestore?: CudaRestoreStep;
   /** Test seam: runs after verify, right before CRIU (e.g. to damage an image file CRIU then reads). */
   beforeCriuRestore?: (ctx: RestoreStepContext) => Promise<void>;
@@ -107,6 +109,7 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
     ...(o.nsenterPath !== undefined ? { nsenterPath: o.nsenterPath } : {}),
     ...(o.verifyTimeoutMs !== undefined ? { verifyTimeoutMs: o.verifyTimeoutMs } : {}),
     ...(o.criuRestoreTimeoutMs !== undefined ? { criuRestoreTimeoutMs: o.criuRestoreTimeoutMs } : {}),
+    ...(o.thawPauseDeadlineMs !== undefined ? { thawPauseDeadlineMs: o.thawPauseDeadlineMs } : {}),
     ...(o.cudaRestore ? { cudaRestore: o.cudaRestore } : {}),
     ...(o.beforeCriuRestore ? { beforeCriuRestore: o.beforeCriuRestore } : {}),
     ...(o.onEvent ? { onEvent: o.onEvent } : {}),

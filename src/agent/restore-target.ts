@@ -9,6 +9,7 @@
 import { dirname, join } from 'node:path';
 import type { CheckpointReference } from '../checkpoint-reference.js';
 import { errorMessage, isThawError } from '../errors.js';
+import { DEFAULT_THAW_PAUSE_DEADLINE_MS, HOOK_TIMEOUT_MARGIN_MS } from '../defaults.js';
 import { AdjustmentBuilder } from '../nri-plugin/index.js';
 import type { NriHandlerContext } from '../nri-plugin/index.js';
 import { CHECKPOINT_ENV, CONTROL_DIR_ENV, CONTROL_DIR_MOUNT_PATH, LEGACY_CONTROL_DIR_ENV } from '../nri-plugin/index.js';
@@ -46,7 +47,12 @@ export interface ThawRestoreConfig {
   gpuFacts?: GpuConstraints;
   /** The createRuntime hook's timeout (the rootfs diff of a large layer). */
   hookTimeoutSeconds?: number;
+  /** thaw-pause's deadline without a word from the agent (default DEFAULT_THAW_PAUSE_DEADLINE_MS). */
+  thawPauseDeadlineMs?: number;
 }
+
+/** The env variable thaw-pause reads its deadline from (native/thaw-pause.c). */
+export const THAW_PAUSE_DEADLINE_ENV = 'THAW_PAUSE_DEADLINE_MS';
 
 export const DEFAULT_RESTORE_HOOK_TIMEOUT_SECONDS = 60;
 /** Of the hook's timeout, what a hook waiting for a pulled checkpoint leaves itself to apply the rootfs diff. */
@@ -159,6 +165,8 @@ export async function adjustRestoreTarget(
     .addMount({ destination: CONTROL_DIR_MOUNT_PATH, source: controlDir, type: 'bind', options: ['rbind', 'rw'] })
     .addEnv(CONTROL_DIR_ENV, CONTROL_DIR_MOUNT_PATH)
     .addEnv(LEGACY_CONTROL_DIR_ENV, CONTROL_DIR_MOUNT_PATH)
+    // thaw-pause removes it from its environment before it execs the original command.
+    .addEnv(THAW_PAUSE_DEADLINE_ENV, String(r.thawPauseDeadlineMs ?? DEFAULT_THAW_PAUSE_DEADLINE_MS))
     .addHook('createRuntime', {
       path: r.hookArgv[0] as string,
       args: [
@@ -169,6 +177,8 @@ export async function adjustRestoreTarget(
         '--checkpoint-dir', checkpoint.paths.dir,
         '--thaw-pause', r.thawPausePath,
         '--tar', r.tarPath ?? join(r.toolkitDir, 'bin', 'tar'),
+        // The hook's whole budget: runc kills it at timeoutSeconds, and a killed hook fails the pod.
+        '--budget-ms', String(Math.max(1, hookTimeout * 1000 - HOOK_TIMEOUT_MARGIN_MS)),
         // Being pulled: the hook waits for it to be published (the rootfs diff is in it).
         ...(incoming !== undefined ? ['--wait-checkpoint-ms', String(Math.max(1, hookTimeout - HOOK_WAIT_RESERVE_SECONDS) * 1000)] : []),
         // The diff's digests from the manifest checked here (and verified by the restore flow): the hook applies

@@ -23,6 +23,7 @@ import { DELETED_FILES_FILE_NAME, MANIFEST_FILE_NAME, ROOTFS_DIFF_FILE_NAME } fr
 import { setTimeout as sleep } from 'node:timers/promises';
 import { resolveEntrypoint } from './entrypoint.js';
 import { HookError, HookErrorCode } from './errors.js';
+import { readEntry } from '../sdk/marker-files.js';
 import { CHECKPOINT_UNAVAILABLE_FILE, writeHookDone, writeHookFailed, type HookDoneRecord, type PlaceholderMode } from './records.js';
 import { envValue, parseOciConfig, type OciState } from './state.js';
 import { DEFAULT_NSENTER_PATH } from '../defaults.js';
@@ -61,6 +62,14 @@ export interface CreateRuntimeOptions {
    * applied as found (an agent that names no digest).
    */
   diffSha256?: { rootfsDiff: string; deletedFiles: string };
+  /**
+   * The hook's whole budget, in ms from its process's start (performance.now()): the agent passes its OCI
+   * hook timeout less HOOK_TIMEOUT_MARGIN_MS. The wait for a pull and the rootfs diff each get only what is
+   * left of it (less one MOUNT_TIMEOUT_MS for the overlay); past it the hook gives up, records
+   * HOOK_BUDGET_EXCEEDED and the container starts cold, before runc's timeout would kill the hook and fail
+   * the pod. Absent: the wait and the diff keep their own limits only.
+   */
+  budgetMs?: number;
   /** Test seam: fail after the overlay is made (proves it is removed again). */
   failAfterOverlay?: boolean;
   /** ms from the hook process's start to its work (recorded: it is on every restore's critical path). */
@@ -97,7 +106,8 @@ async function waitForCheckpoint(o: CreateRuntimeOptions, timeoutMs: number): Pr
   const started = performance.now();
   for (;;) {
     if (await exists(join(o.checkpointDir, MANIFEST_FILE_NAME))) return performance.now() - started;
-    const unavailable = await readFile(join(o.controlDir, CHECKPOINT_UNAVAILABLE_FILE), 'utf8').catch(() => undefined);
+    // Through the control directory's safe reads: a FIFO or a symlink planted there never blocks the hook.
+    const unavailable = await readEntry(o.controlDir, CHECKPOINT_UNAVAILABLE_FILE, 'wait for the checkpoint').catch((err: unknown) => `unreadable: ${errorMessage(err)}`);
     if (unavailable !== undefined) {
       throw new HookError(HookErrorCode.CHECKPOINT_UNAVAILABLE, `the checkpoint did not arrive: ${unavailable.trim()}`, { step: 'wait for the checkpoint', evidence: { checkpointDir: o.checkpointDir } });
     }
@@ -146,13 +156,20 @@ export async function runCreateRuntime(state: OciState, o: CreateRuntimeOptions)
     const config = parseOciConfig(await readFile(join(state.bundle, 'config.json'), 'utf8'), state.bundle);
 
     const record: HookDoneRecord = { mode: o.mode, ms: 0, ...(o.startupMs !== undefined ? { startupMs: Math.round(o.startupMs) } : {}) };
-    if (o.waitCheckpointMs !== undefined) record.waitCheckpointMs = Math.round(await waitForCheckpoint(o, o.waitCheckpointMs));
+    // What is left of the budget for a step that must end before the overlay is made (one MOUNT_TIMEOUT_MS).
+    const left = (step: string): number => {
+      if (o.budgetMs === undefined) return Infinity;
+      const ms = o.budgetMs - performance.now() - (o.mode === 'overlay' ? MOUNT_TIMEOUT_MS : 0);
+      if (ms <= 0) throw new HookError(HookErrorCode.BUDGET_EXCEEDED, `no time left of the hook's ${o.budgetMs} ms budget for: ${step}`, { step, evidence: { budgetMs: o.budgetMs } });
+      return ms;
+    };
+    if (o.waitCheckpointMs !== undefined) record.waitCheckpointMs = Math.round(await waitForCheckpoint(o, Math.min(o.waitCheckpointMs, left('wait for the checkpoint'))));
     const tarFile = join(o.checkpointDir, ROOTFS_DIFF_FILE_NAME);
     const deletedFile = join(o.checkpointDir, DELETED_FILES_FILE_NAME);
     if (o.diffSha256 !== undefined) await checkDiffDigests(tarFile, deletedFile, o.diffSha256);
     if ((await exists(tarFile)) && (await exists(deletedFile))) {
       try {
-        const r = await applyRootfsDiff({ rootfs: config.rootfs, tarFile, deletedFilesFile: deletedFile, tarPath: o.tarPath ?? DEFAULT_TAR_PATH, timeoutMs: ROOTFS_DIFF_TIMEOUT_MS });
+        const r = await applyRootfsDiff({ rootfs: config.rootfs, tarFile, deletedFilesFile: deletedFile, tarPath: o.tarPath ?? DEFAULT_TAR_PATH, timeoutMs: Math.min(ROOTFS_DIFF_TIMEOUT_MS, left('apply rootfs diff')) });
         record.rootfsDiff = { entries: r.entries, deleted: r.deleted, ms: Math.round(r.ms) };
       } catch (err) {
         throw new HookError(HookErrorCode.ROOTFS_DIFF_FAILED, errorMessage(err), { step: 'apply rootfs diff', cause: err, evidence: { code: isThawError(err) ? err.code : undefined } });

@@ -3,7 +3,7 @@
  * no PATH and an empty environment, so everything here is named by absolute path):
  *
  *   node dist/src/oci-hooks/main.js create-runtime --mode overlay|args --control-dir DIR \
- *        --checkpoint-dir DIR --thaw-pause PATH [--tar PATH] [--wait-checkpoint-ms N] [--diff-sha256 TAR_HEX:DELETED_HEX]
+ *        --checkpoint-dir DIR --thaw-pause PATH [--tar PATH] [--wait-checkpoint-ms N] [--diff-sha256 TAR_HEX:DELETED_HEX] [--budget-ms N]
  *   node dist/src/oci-hooks/main.js poststop --control-dir DIR [--work-dir DIR]
  *
  * Exit status is always 0: a failing hook would fail the pod, and thaw's rule is that a pod always starts
@@ -44,6 +44,7 @@ async function main(argv: string[], startupMs: number): Promise<void> {
       tar: { type: 'string' },
       'wait-checkpoint-ms': { type: 'string' },
       'diff-sha256': { type: 'string' },
+      'budget-ms': { type: 'string' },
     },
     strict: true,
   });
@@ -73,6 +74,7 @@ async function main(argv: string[], startupMs: number): Promise<void> {
         ...(values.tar !== undefined ? { tarPath: values.tar } : {}),
         ...(diffSha256 !== undefined ? { diffSha256 } : {}),
         ...(values['wait-checkpoint-ms'] !== undefined && /^\d+$/.test(values['wait-checkpoint-ms']) ? { waitCheckpointMs: Number(values['wait-checkpoint-ms']) } : {}),
+        ...(values['budget-ms'] !== undefined && /^\d+$/.test(values['budget-ms']) ? { budgetMs: Number(values['budget-ms']) } : {}),
       });
       if (!result.ok) process.stderr.write(`thaw create-runtime hook (${state.id}): ${result.code}: ${result.reason}; the container starts cold\n`);
       return;
