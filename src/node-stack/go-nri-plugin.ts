@@ -16,13 +16,15 @@
  * thaw's plugin does, so it is a generous anchor.
  */
 import { constants as fsConstants } from 'node:fs';
-import { access, chmod, copyFile, mkdir, mkdtemp, open, readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { access, chmod, copyFile, mkdir, mkdtemp, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { silentLogger, type Logger } from '../log.js';
 import { StackError, STACK_ERROR_CODES } from './errors.js';
-import { runCommand, sleep, tail, throwIfAborted } from './exec.js';
+import { chooseVersions, fetchDebs, parseAptPolicy, privateApt, readHostSource, renderPrivateSources } from './apt.js';
+import { runCommand, tail } from './exec.js';
+import { acquireLock } from './lock.js';
 import { DEFAULT_STACK_ROOT } from './paths.js';
-import { debFilePrefix, parseAptPolicy, parseHostAptSource, renderPrivateSources } from './provision.js';
+import { DEFAULT_PROVISION_LOCK_TIMEOUT_MS } from './provision-options.js';
 
 export const GO_NRI_PLUGIN_COMPONENT = 'go-nri-plugin';
 /** Bumped when what the prefix holds or how it is built changes. */
@@ -61,9 +63,8 @@ const GOCODE_SUBPATH = 'usr/share/gocode';
 const STAMP = '.thaw-go-nri-plugin.json';
 /** The binary's path inside the prefix. */
 export const GO_NRI_PLUGIN_BINARY_SUBPATH = 'bin/nri-template';
+/** One apt or build command; the first `go build` compiles the standard library too (~2 min on 2 loaded cores). */
 const COMMAND_TIMEOUT_MS = 600_000;
-const LOCK_TIMEOUT_MS = 15 * 60_000;
-const HOST_SOURCES = ['/etc/apt/sources.list.d/debian.sources', '/etc/apt/sources.list'];
 
 export interface GoNriPluginStamp {
   formatVersion: number;
@@ -104,54 +105,6 @@ export function parseSourceUri(text: string, fileSuffix: string): { uri: string;
   return undefined;
 }
 
-interface PrivateApt { dir: string; options: string[] }
-
-async function privateApt(root: string, name: string, text: string): Promise<PrivateApt> {
-  const dir = path.join(root, '.apt', name);
-  for (const sub of ['parts', 'lists/partial', 'cache', 'archives/partial', 'preferences.d']) {
-    await mkdir(path.join(dir, sub), { recursive: true, mode: 0o755 });
-  }
-  const parts = path.join(dir, 'parts');
-  for (const f of await readdir(parts)) if (f !== 'thaw.sources') await rm(path.join(parts, f), { force: true });
-  await writeFile(path.join(parts, 'thaw.sources'), text, { mode: 0o644 });
-  return {
-    dir,
-    options: [
-      '-o', 'Dir::Etc::SourceList=/dev/null', '-o', `Dir::Etc::SourceParts=${parts}`,
-      '-o', 'Dir::Etc::Preferences=/dev/null', '-o', `Dir::Etc::PreferencesParts=${path.join(dir, 'preferences.d')}`,
-      '-o', `Dir::State::Lists=${path.join(dir, 'lists')}`, '-o', 'Dir::State::status=/dev/null',
-      '-o', `Dir::Cache=${path.join(dir, 'cache')}`, '-o', `Dir::Cache::archives=${path.join(dir, 'archives')}`,
-      '-o', 'Debug::NoLocking=1', '-o', 'APT::Sandbox::User=root', '-o', 'Acquire::Languages=none',
-    ],
-  };
-}
-
-async function lock(file: string, signal?: AbortSignal): Promise<() => Promise<void>> {
-  const deadline = Date.now() + LOCK_TIMEOUT_MS;
-  for (;;) {
-    throwIfAborted(signal, 'take the go-nri-plugin lock');
-    try {
-      const fh = await open(file, 'wx', 0o644);
-      await fh.writeFile(String(process.pid));
-      await fh.close();
-      return async () => { await rm(file, { force: true }); };
-    } catch (e) {
-      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
-    }
-    const owner = Number.parseInt(await readFile(file, 'utf8').catch(() => ''), 10);
-    const age = Date.now() - (await stat(file).then((s) => s.mtimeMs, () => 0));
-    let alive = false;
-    if (Number.isFinite(owner)) {
-      try { process.kill(owner, 0); alive = true; } catch (e) { alive = (e as NodeJS.ErrnoException).code === 'EPERM'; }
-    }
-    if (Number.isFinite(owner) ? !alive : age > 10_000) { await rm(file, { force: true }); continue; }
-    if (Date.now() > deadline) {
-      throw new StackError(STACK_ERROR_CODES.PROVISION_FAILED, `another provisioner (pid ${owner}) holds ${file}`, { step: 'take the go-nri-plugin lock', evidence: { file } });
-    }
-    await sleep(500, signal, 'take the go-nri-plugin lock');
-  }
-}
-
 /**
  * Provisions `<root>/go-nri-plugin/bin/nri-template`; returns at once when its stamp matches. Throws
  * STACK_PROVISION_FAILED naming the step (apt, download, build) or STACK_CHECK_FAILED.
@@ -168,76 +121,33 @@ Promise<{ binary: string; built: boolean; stamp: GoNriPluginStamp }> {
     if (stamp) return { binary: paths.binary, built: false, stamp };
   }
   await mkdir(root, { recursive: true, mode: 0o755 });
-  const release = await lock(path.join(root, `.${GO_NRI_PLUGIN_COMPONENT}.lock`), signal);
+  const release = await acquireLock(path.join(root, `.${GO_NRI_PLUGIN_COMPONENT}.lock`), DEFAULT_PROVISION_LOCK_TIMEOUT_MS, signal);
   try {
     if (!options.force) {
       const stamp = await isGoNriPluginProvisioned(root);
       if (stamp) return { binary: paths.binary, built: false, stamp };
     }
-    let host: ReturnType<typeof parseHostAptSource>;
-    for (const f of HOST_SOURCES) {
-      const text = await readFile(f, 'utf8').catch(() => undefined);
-      host = text === undefined ? undefined : parseHostAptSource(f, text);
-      if (host) break;
-    }
-    if (!host) {
-      throw new StackError(STACK_ERROR_CODES.PROVISION_FAILED, 'no Debian archive found in the machine\'s apt sources', { step: 'read host apt sources', evidence: { tried: HOST_SOURCES } });
-    }
-    const binApt = await privateApt(root, `${GO_NRI_PLUGIN_COMPONENT}-${GO_NRI_PLUGIN_SUITE}`, renderPrivateSources(host, GO_NRI_PLUGIN_SUITE));
-    const srcApt = await privateApt(root, `${GO_NRI_PLUGIN_COMPONENT}-${GO_NRI_PLUGIN_SUITE}-src`,
-      renderPrivateSources(host, GO_NRI_PLUGIN_SUITE).replace(/^Types: deb$/m, 'Types: deb-src'));
+    const host = await readHostSource({});
+    const sources = renderPrivateSources(host, GO_NRI_PLUGIN_SUITE);
+    const binApt = await privateApt(root, `${GO_NRI_PLUGIN_COMPONENT}-${GO_NRI_PLUGIN_SUITE}`, 'thaw.sources', sources, run);
+    const srcApt = await privateApt(root, `${GO_NRI_PLUGIN_COMPONENT}-${GO_NRI_PLUGIN_SUITE}-src`, 'thaw.sources', sources.replace(/^Types: deb$/m, 'Types: deb-src'), run);
     log.info('fetching package lists', { suite: GO_NRI_PLUGIN_SUITE });
-    await runCommand('apt-get', [...binApt.options, '-q', 'update'], { step: 'apt-get update (sid)', ...run });
-    await runCommand('apt-get', [...srcApt.options, '-q', 'update'], { step: 'apt-get update (sid sources)', ...run });
-
+    await binApt.aptGet(['-q', 'update'], 'apt-get update (sid)');
+    await srcApt.aptGet(['-q', 'update'], 'apt-get update (sid sources)');
     const names = Object.keys(GO_NRI_PLUGIN_PINS).sort();
-    const policy = parseAptPolicy((await runCommand('apt-cache', [...binApt.options, 'policy', ...names], { step: 'resolve versions', ...run })).stdout);
-    const warnings: string[] = [];
-    const chosen: Record<string, string> = {};
-    for (const name of names) {
-      const entry = policy.get(name);
-      const pin = GO_NRI_PLUGIN_PINS[name]!;
-      if (entry?.versions.includes(pin)) chosen[name] = pin;
-      else if (entry?.candidate) {
-        warnings.push(`${name} ${pin} is gone from ${GO_NRI_PLUGIN_SUITE}; using the candidate ${entry.candidate}`);
-        log.warn('pinned version unavailable', { package: name, pinned: pin, candidate: entry.candidate });
-        chosen[name] = entry.candidate;
-      } else {
-        throw new StackError(STACK_ERROR_CODES.PROVISION_FAILED, `package ${name} not found in ${GO_NRI_PLUGIN_SUITE}`, { step: 'resolve versions', evidence: { package: name } });
-      }
-    }
-    const archives = path.join(binApt.dir, 'archives');
-    const findDebs = async (): Promise<Map<string, string>> => {
-      const files = await readdir(archives);
-      const found = new Map<string, string>();
-      for (const [n, v] of Object.entries(chosen)) {
-        const f = files.find((x) => x.startsWith(debFilePrefix(n, v)) && x.endsWith('.deb'));
-        if (f) found.set(n, path.join(archives, f));
-      }
-      return found;
-    };
-    let debs = await findDebs();
-    const missing = names.filter((n) => !debs.has(n));
-    if (missing.length > 0) {
-      log.info('downloading packages', { count: missing.length });
-      await runCommand('apt-get', [...binApt.options, '-q', 'download', ...missing.map((n) => `${n}=${chosen[n]}`)], { step: 'apt-get download', cwd: archives, ...run });
-      debs = await findDebs();
-      const still = names.filter((n) => !debs.has(n));
-      if (still.length > 0) {
-        throw new StackError(STACK_ERROR_CODES.PROVISION_FAILED, `apt-get download left no .deb for ${still.join(', ')}`, { step: 'apt-get download', evidence: { archives } });
-      }
-    }
+    const policy = parseAptPolicy((await binApt.aptCache(['policy', ...names], 'resolve versions')).stdout);
+    const { chosen, warnings } = chooseVersions(names, { suite: GO_NRI_PLUGIN_SUITE, pins: GO_NRI_PLUGIN_PINS }, policy, log);
+    const debs = await fetchDebs(binApt, chosen, log);
 
     // The source package's upstream tarball: its URI and SHA256 as apt read them from the signed Sources index.
-    const printed = await runCommand('apt-get', [...srcApt.options, '-q', '--print-uris', 'source', `${GO_NRI_SOURCE.name}=${GO_NRI_SOURCE.version}`],
-      { step: 'resolve the nri source package', cwd: path.join(srcApt.dir, 'archives'), ...run });
+    const printed = await srcApt.aptGet(['-q', '--print-uris', 'source', `${GO_NRI_SOURCE.name}=${GO_NRI_SOURCE.version}`], 'resolve the nri source package', srcApt.archives);
     const orig = parseSourceUri(printed.stdout, '.orig.tar.gz');
     if (!orig) {
       throw new StackError(STACK_ERROR_CODES.PROVISION_FAILED, `no .orig.tar.gz in the sources of ${GO_NRI_SOURCE.name} ${GO_NRI_SOURCE.version}`, {
         step: 'resolve the nri source package', evidence: { printUris: tail(printed.stdout, 1000) },
       });
     }
-    const tarball = path.join(srcApt.dir, 'archives', orig.file);
+    const tarball = path.join(srcApt.archives, orig.file);
     if (!(await access(tarball).then(() => true, () => false))) {
       await runCommand('/usr/lib/apt/apt-helper', ['download-file', orig.uri, `${tarball}.part`, `SHA256:${orig.sha256}`], { step: 'download the nri source tarball', ...run });
       await rename(`${tarball}.part`, tarball);
