@@ -16,11 +16,15 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { parseAllDocuments, parse as parseYaml } from 'yaml';
 import { resolveAgentConfig } from '../../src/agent/config.js';
-import { DEFAULT_RESTORE_WORK_ROOT, DEFAULT_STORE_ROOT } from '../../src/agent/engine.js';
-import { DEFAULT_API_SOCKET } from '../../src/cli/args.js';
-import { DEFAULT_TOOLKIT_DIR, INSTALL_PATHS } from '../../src/cli/install.js';
-import { DEFAULT_NRI_SOCKET_PATH } from '../../src/nri-plugin/plugin.js';
-import { DEFAULT_CONTROL_ROOT } from '../../src/sdk/control-dir.js';
+import { INSTALL_PATHS } from '../../src/cli/install.js';
+import {
+  DEFAULT_API_SOCKET,
+  DEFAULT_CONTROL_ROOT,
+  DEFAULT_NRI_SOCKET_PATH,
+  DEFAULT_RESTORE_WORK_ROOT,
+  DEFAULT_STORE_ROOT,
+  DEFAULT_TOOLKIT_DIR,
+} from '../../src/defaults.js';
 import { peerToolOk, runPeerTool } from '../helpers/peer-tools.js';
 
 const REPO = path.resolve(import.meta.dirname, '../..');

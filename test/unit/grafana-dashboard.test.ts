@@ -10,7 +10,7 @@ import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { createAgentMetrics } from '../../src/agent/agent-metrics.js';
-import { ThawNriStats } from '../../src/agent/thaw-nri.js';
+import { ThawNriStats } from '../../src/agent/nri-stats.js';
 
 const REPO = path.resolve(import.meta.dirname, '../..');
 const DASHBOARD = JSON.parse(readFileSync(path.join(REPO, 'deploy/grafana/thaw.json'), 'utf8')) as Dashboard;
