@@ -8,7 +8,7 @@ import type { Container, PodSandbox } from '../nri-plugin/index.js';
 import type { OnCheckpoint } from '../nri-plugin/index.js';
 import type { OpenedCheckpoint, ReleaseLease } from '../store/index.js';
 import { CRI_IMAGE_NAME_ANNOTATION } from './containers.js';
-import { controlDirPath } from '../sdk/control-dir.js';
+import { controlDirPath } from '../sdk/index.js';
 import { lstatSync } from 'node:fs';
 
 /** What the handlers know about a container thaw manages, handed to the flows. */
