@@ -31,6 +31,8 @@ import { createApiHandlers, type ApiContext } from './api-server.js';
 import { ConfigError, ConfigErrorCode, type AgentConfig } from './config.js';
 import type { RegistrySourceOptions } from './checkpoint-sources.js';
 import { loadRegistryConfig } from './registry-config.js';
+import { loadTrustedKeys } from './tenancy.js';
+import type { TrustedKey } from '../store/oci/signature.js';
 import { ContainerRegistry } from './containers.js';
 import { createThawEngine, type ThawEngine } from './engine.js';
 import { AgentError, AgentErrorCode } from './errors.js';
@@ -204,6 +206,12 @@ export async function runAgent(o: AgentRunOptions, logger: Logger): Promise<numb
       throw new ConfigError(ConfigErrorCode.INVALID, `registry.config ${c.registry.config}: ${errorMessage(err)}`, { step: 'load agent configuration', cause: err });
     }
   }
+  let trustedKeys: Map<string, TrustedKey>;
+  try {
+    trustedKeys = await loadTrustedKeys(c.tenancy);
+  } catch (err) {
+    throw new ConfigError(ConfigErrorCode.INVALID, `tenancy: ${errorMessage(err)}`, { step: 'load agent configuration', cause: err });
+  }
   const launched = env['NRI_PLUGIN_SOCKET'] !== undefined;
   await claimApiSocket(c.api.socket, logger, launched ? LAUNCHED_SOCKET_WAIT_MS : 0);
   await mkdir(c.paths.workRoot, { recursive: true, mode: 0o700 });
@@ -225,6 +233,8 @@ export async function runAgent(o: AgentRunOptions, logger: Logger): Promise<numb
     cudaLockTimeoutMs: c.cuda.lockTimeoutMs,
     ...(c.paths.sharedStoreRoot ? { sharedStoreRoot: c.paths.sharedStoreRoot } : {}),
     ...(registry ? { registry } : {}),
+    tenancy: c.tenancy,
+    trustedKeys,
     onRestoreEvent: (e) => metrics?.onRestoreEvent(e),
     onCheckpointEvent: (e) => metrics?.onCheckpointEvent(e),
   });

@@ -28,6 +28,7 @@ import { checkCompatibility, isRestorable, type GpuConstraints, type NodeFacts }
 import { dirname, join } from 'node:path';
 import type { CheckpointReference } from '../checkpoint-reference.js';
 import type { CheckpointSources } from './checkpoint-sources.js';
+import { checkpointRefusal, defaultTenancyPolicy, localRestoreRefusal, type TenancyPolicy } from './tenancy.js';
 
 /** What the handlers know about a container thaw manages, handed to the flows. */
 export interface ManagedContainer {
@@ -48,6 +49,12 @@ export interface ManagedContainer {
   role?: 'checkpoint-source' | 'restore-target';
   /** Restore targets: how thaw-pause holds the original command (NRI args, or the createRuntime overlay). */
   placeholder?: 'args' | 'overlay';
+  /**
+   * Checkpoint sources: the process args of the container's spec as NRI gave them at CreateContainer (the
+   * Kubernetes command and args, resolved by the runtime). Recorded in the manifest; a restore target's must be
+   * the same. Not rebuilt after an agent restart (then the manifest records none, and the restore refuses it).
+   */
+  specArgs?: string[];
 }
 
 /**
@@ -137,6 +144,8 @@ export interface ThawNriOptions {
   coordinator?: ThawCoordinator;
   stats?: ThawNriStats;
   restore?: ThawRestoreConfig;
+  /** Who may checkpoint and restore what (agent config `tenancy`); absent: defaultTenancyPolicy(). */
+  tenancy?: TenancyPolicy;
 }
 
 /** containerd's CRI plugin records the image of a container in this spec annotation. */
@@ -193,6 +202,7 @@ export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { 
   const stats = options.stats ?? new ThawNriStats();
   const managed = new Map<string, ManagedContainer>();
   const prefix = options.annotationPrefix;
+  const tenancy = options.tenancy ?? defaultTenancyPolicy();
 
   const describe = (pod: PodSandbox, container: Container): Record<string, unknown> => ({
     pod: `${pod.namespace ?? ''}/${pod.name ?? ''}`,
@@ -208,6 +218,12 @@ export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { 
     ctx: NriHandlerContext,
   ): Promise<AdjustmentBuilder | undefined> {
     const containerId = container.id ?? '';
+    const refusal = checkpointRefusal(tenancy, pod.namespace ?? '');
+    if (refusal !== undefined) {
+      stats.countFallback('checkpoint-not-allowed');
+      ctx.logger.warn('thaw: the policy refuses checkpoints of this pod; the container runs without thaw', { ...describe(pod, container), checkpoint: checkpointName, reason: refusal });
+      return undefined;
+    }
     let controlDir: string;
     try {
       controlDir = await createControlDir(options.controlRoot, containerId);
@@ -226,6 +242,7 @@ export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { 
       controlDir,
       ...(container.annotations?.[CRI_IMAGE_NAME_ANNOTATION] ? { imageRef: container.annotations[CRI_IMAGE_NAME_ANNOTATION] } : {}),
       role: 'checkpoint-source',
+      ...(container.args !== undefined && container.args.length > 0 ? { specArgs: [...container.args] } : {}),
     };
     const existingEnv = new Set((container.env ?? []).map((kv) => kv.slice(0, Math.max(0, kv.indexOf('=')))));
     const builder = new AdjustmentBuilder()
@@ -261,21 +278,35 @@ export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { 
     // A checkpoint from elsewhere (registry, shared store): its manifest now, the transfer in the background.
     let checkpoint: OpenedCheckpoint;
     let incoming: { ready: Promise<OpenedCheckpoint>; from: string; source: string } | undefined;
+    const namespace = pod.namespace ?? '';
     try {
       if (r.sources !== undefined) {
-        const found = await r.sources.find(checkpointName, reference);
+        const found = await r.sources.find(checkpointName, reference, { namespace });
         checkpoint = found.checkpoint;
         if (found.kind === 'incoming') incoming = { ready: found.ready, from: found.from, source: found.source };
       } else if (reference !== undefined) {
         return coldStart('RESTORE_CHECKPOINT_MISSING', 'the pod names a registry checkpoint but no registry is configured', pod, container, ctx, { checkpoint: checkpointName });
       } else {
         checkpoint = await r.store.open(checkpointName);
+        const refusal = localRestoreRefusal(tenancy, namespace, { namespace: checkpoint.manifest.source.pod?.namespace, name: checkpoint.name });
+        if (refusal !== undefined) return coldStart('RESTORE_NOT_ALLOWED', refusal, pod, container, ctx, { checkpoint: checkpointName, namespace });
       }
     } catch (err) {
       const missing = isThawError(err, StoreErrorCode.NOT_FOUND) || isThawError(err, StoreErrorCode.INVALID_NAME);
+      const notAllowed = isThawError(err, 'RESTORE_NOT_ALLOWED') || isThawError(err, 'OCI_NOT_ALLOWED');
+      const unsigned = isThawError(err, 'OCI_SIGNATURE_MISSING') || isThawError(err, 'OCI_SIGNATURE_INVALID');
       const remote = isThawError(err) && err.code.startsWith('OCI_');
-      const cause = remote ? 'RESTORE_PULL_FAILED' : missing ? 'RESTORE_CHECKPOINT_MISSING' : 'RESTORE_CHECKPOINT_CORRUPT';
-      return coldStart(cause, remote ? 'the registry checkpoint cannot be resolved' : missing ? 'checkpoint not found' : 'checkpoint unreadable', pod, container, ctx, {
+      const cause = notAllowed ? 'RESTORE_NOT_ALLOWED' : unsigned ? 'RESTORE_SIGNATURE' : remote ? 'RESTORE_PULL_FAILED' : missing ? 'RESTORE_CHECKPOINT_MISSING' : 'RESTORE_CHECKPOINT_CORRUPT';
+      const what = notAllowed
+        ? 'the tenancy policy refuses this checkpoint to the pod'
+        : unsigned
+          ? 'the registry checkpoint has no signature the policy accepts'
+          : remote
+            ? 'the registry checkpoint cannot be resolved'
+            : missing
+              ? 'checkpoint not found'
+              : 'checkpoint unreadable';
+      return coldStart(cause, what, pod, container, ctx, {
         checkpoint: checkpointName,
         error: errorMessage(err),
         ...(isThawError(err) ? { code: err.code, evidence: err.evidence } : {}),
@@ -290,10 +321,12 @@ export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { 
         checkpoint: checkpointName,
       });
     }
+    const imageDigest = container.image?.digest;
     const mismatches = checkCompatibility(checkpoint.manifest, {
       ...(r.hostFacts ?? readHostFacts()),
-      image: { ref: imageRef },
+      image: { ref: imageRef, ...(imageDigest !== undefined && /^sha256:[0-9a-f]{64}$/.test(imageDigest) ? { digest: imageDigest } : {}) },
       ...(r.gpuFacts !== undefined ? { gpu: r.gpuFacts } : {}),
+      container: { name: container.name ?? '', args: container.args ?? [] },
     });
     if (!isRestorable(mismatches)) {
       return coldStart('RESTORE_INCOMPATIBLE', 'the checkpoint does not match this node or container', pod, container, ctx, {

@@ -181,7 +181,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
       const ck = await checkpointContainer({
         store, criu, containerId: entry.containerId, pid, controlDir: entry.controlDir, checkpointName: CHECKPOINT,
         onCheckpoint: 'continue', imageRef: entry.imageRef ?? image.ref,
-        source: { containerName: entry.containerName, pod: { name: entry.podName, namespace: entry.podNamespace, uid: entry.podUid } },
+        source: { containerName: entry.containerName, pod: { name: entry.podName, namespace: entry.podNamespace, uid: entry.podUid }, ...(entry.specArgs ? { args: entry.specArgs } : {}) },
         containerdVersion: stack.containerdVersion, criuVersion: `${v.major}.${v.minor}.${v.sublevel}`, logger, workRoot,
         tarPath: stack.paths.tar,
       });
@@ -352,7 +352,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
         await checkpointContainer({
           store, criu, containerId: entry.containerId, pid, controlDir: entry.controlDir, checkpointName: name,
           onCheckpoint: 'continue', imageRef: entry.imageRef ?? image.ref,
-          source: { containerName: entry.containerName, pod: { name: entry.podName, namespace: entry.podNamespace, uid: entry.podUid } },
+          source: { containerName: entry.containerName, pod: { name: entry.podName, namespace: entry.podNamespace, uid: entry.podUid }, ...(entry.specArgs ? { args: entry.specArgs } : {}) },
           containerdVersion: stack.containerdVersion, criuVersion: `${v.major}.${v.minor}.${v.sublevel}`, logger, workRoot,
           tarPath: stack.paths.tar,
         });
