@@ -39,7 +39,8 @@ export interface TokenServer {
   issuer: string;
   certFile: string;
   /** Requests the server answered, with the scope and whether the credentials were right. */
-  requests: Array<{ scope: string | null; granted: boolean }>;
+  /** Every request: its scope, whether it was granted, whether it carried an Authorization header at all. */
+  requests: Array<{ scope: string | null; granted: boolean; sentCredentials: boolean }>;
   close(): Promise<void>;
 }
 
@@ -62,7 +63,7 @@ export async function startTokenServer(dir: string, user: string, password: stri
     const scope = url.searchParams.get('scope');
     const expected = `Basic ${Buffer.from(`${user}:${password}`).toString('base64')}`;
     const granted = req.headers.authorization === expected && url.pathname === '/token';
-    requests.push({ scope, granted });
+    requests.push({ scope, granted, sentCredentials: req.headers.authorization !== undefined });
     if (!granted) {
       res.writeHead(401, { 'content-type': 'application/json' }).end('{"error":"bad credentials"}');
       return;

@@ -4,7 +4,11 @@
  * and cosign simple-signing verification against fixtures made here in cosign's format (ECDSA P-256, DER, base64).
  */
 import { createHash, generateKeyPairSync, sign } from 'node:crypto';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
+import { loadRegistryConfig } from '../../src/agent/registry-config.js';
 import { checkUserCheckpointName, parseQualifiedName } from '../../src/checkpoint-name.js';
 import { decide } from '../../src/nri-plugin/policy.js';
 import { checkpointRefusal, defaultTenancyPolicy, localRestoreRefusal, parseTenancyPolicy, registryGrantFor } from '../../src/agent/tenancy.js';
@@ -160,5 +164,29 @@ describe('cosign simple signing', () => {
     expect(() => parseTrustedKey('junk', 'junk.pub')).toThrow(/junk.pub: not a PEM public key/);
     // The digest helper the fixtures lean on is sha256 of the payload bytes, as a registry layer digest is.
     expect(createHash('sha256').update(payloadFor(DIGEST)).digest('hex')).toHaveLength(64);
+  });
+});
+
+describe('registry access file: credentials scoped, hosts named', () => {
+  const write = async (dir: string, access: unknown): Promise<string> => {
+    const { writeFile } = await import('node:fs/promises');
+    await writeFile(join(dir, 'creds.json'), JSON.stringify({ username: 'u', password: 'p' }), { mode: 0o600 });
+    await writeFile(join(dir, 'registries.json'), JSON.stringify({ access }));
+    return join(dir, 'registries.json');
+  };
+
+  it('scopes credentials to the listed repositories and keeps authHosts', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'thaw-regcfg-'));
+    try {
+      const creds = join(dir, 'creds.json');
+      const ok = await loadRegistryConfig(await write(dir, { 'r.example': { credentialsFile: creds, repositories: ['team-a'], authHosts: ['auth.example'] } }));
+      expect(ok.access?.['r.example']).toMatchObject({ credentials: { username: 'u' }, credentialRepositories: ['team-a'], authHosts: ['auth.example'] });
+      await expect(loadRegistryConfig(await write(dir, { 'r.example': { credentialsFile: creds } }))).rejects.toThrow(/repositories must list the repository prefixes/);
+      await expect(loadRegistryConfig(await write(dir, { 'r.example': { repositories: ['a'] } }))).rejects.toThrow(/no credentialsFile/);
+      await expect(loadRegistryConfig(await write(dir, { 'r.example': { authHosts: ['https://x'] } }))).rejects.toThrow(/authHosts must be a list of host/);
+      await expect(loadRegistryConfig(await write(dir, { 'r.example': { plainhttp: true } }))).rejects.toThrow(/plainhttp is not a known key/);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
   });
 });
