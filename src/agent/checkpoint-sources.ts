@@ -14,6 +14,7 @@
  * share one transfer.
  */
 import { setMaxListeners } from 'node:events';
+import { statfs } from 'node:fs/promises';
 import { isThawError } from '../errors.js';
 import type { CheckpointReference } from '../checkpoint-reference.js';
 import type { Logger } from '../log.js';
@@ -144,6 +145,26 @@ export function createCheckpointSources(o: CheckpointSourcesOptions): Checkpoint
       throw err;
     });
 
+  /**
+   * Throws RESTORE_NO_ROOM unless `bytes` (a manifest's declared total) fits both the free space of the local
+   * store's filesystem and what the namespace's quota leaves (its own checkpoints in the local store counted).
+   * Runs before anything is written: a manifest declaring 10 TB costs two small requests and a statfs.
+   */
+  const checkRoom = async (bytes: number, namespace: string, what: string): Promise<void> => {
+    const fs = await statfs(o.local.root);
+    const free = fs.bavail * fs.bsize;
+    if (bytes > free) {
+      throw new RestoreError(RestoreErrorCode.NO_ROOM, `${what} declares ${bytes} bytes; the store's filesystem has ${free} free`, { step: 'check room for checkpoint', evidence: { bytes, free, namespace } });
+    }
+    const quota = policy.namespaces.get(namespace)?.quotaBytes;
+    if (quota !== undefined) {
+      const used = (await o.local.list()).filter((c) => c.manifest?.source.pod?.namespace === namespace).reduce((a, c) => a + (c.manifest?.totals.bytes ?? 0), 0);
+      if (used + bytes > quota) {
+        throw new RestoreError(RestoreErrorCode.NO_ROOM, `${what} declares ${bytes} bytes; namespace ${namespace} holds ${used} of its quota of ${quota}`, { step: 'check room for checkpoint', evidence: { bytes, used, quota, namespace } });
+      }
+    }
+  };
+
   const registryGrantOrThrow = (reference: CheckpointReference, namespace: string): void => {
     if (registryGrantFor(policy, namespace, reference) === undefined) {
       throw new RestoreError(RestoreErrorCode.NOT_ALLOWED, `repository ${reference.registry}/${reference.repository} is not allow-listed for namespace ${namespace} (tenancy.namespaces.${namespace}.registries)`, {
@@ -168,6 +189,7 @@ export function createCheckpointSources(o: CheckpointSourcesOptions): Checkpoint
         }
         const there = await shared.open(value); // STORE_NOT_FOUND when it is nowhere
         checkOwner(there, namespace); // before the copy: nothing of a refused checkpoint enters the local store
+        await checkRoom(there.manifest.totals.bytes, namespace, `shared checkpoint ${value}`);
         const ready = once(value, () => copyCheckpoint(shared, o.local, value, { signal: stop.signal }));
         ready.catch(() => undefined);
         logger.info('checkpoint found in the shared store; copying it', { name: value, shared: shared.root });
@@ -194,6 +216,7 @@ export function createCheckpointSources(o: CheckpointSourcesOptions): Checkpoint
       const signature = await checkReference(client, reference, resolved.digest, namespace, signal);
       const local = await openLocal(resolved.name);
       if (local !== undefined) return { kind: 'local', checkpoint: local };
+      await checkRoom(resolved.manifest.totals.bytes, namespace, formatReference(reference));
       const pull = o.registry.pull ?? {};
       const ready = once(resolved.name, async () => (await fetchResolved(client, resolved, { ...pull, store: o.local, signal: stop.signal, logger })).checkpoint);
       ready.catch(() => undefined);

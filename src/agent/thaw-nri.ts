@@ -295,12 +295,15 @@ export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { 
       const missing = isThawError(err, StoreErrorCode.NOT_FOUND) || isThawError(err, StoreErrorCode.INVALID_NAME);
       const notAllowed = isThawError(err, 'RESTORE_NOT_ALLOWED') || isThawError(err, 'OCI_NOT_ALLOWED');
       const unsigned = isThawError(err, 'OCI_SIGNATURE_MISSING') || isThawError(err, 'OCI_SIGNATURE_INVALID');
+      const noRoom = isThawError(err, 'RESTORE_NO_ROOM');
       const remote = isThawError(err) && err.code.startsWith('OCI_');
-      const cause = notAllowed ? 'RESTORE_NOT_ALLOWED' : unsigned ? 'RESTORE_SIGNATURE' : remote ? 'RESTORE_PULL_FAILED' : missing ? 'RESTORE_CHECKPOINT_MISSING' : 'RESTORE_CHECKPOINT_CORRUPT';
+      const cause = notAllowed ? 'RESTORE_NOT_ALLOWED' : unsigned ? 'RESTORE_SIGNATURE' : noRoom ? 'RESTORE_NO_ROOM' : remote ? 'RESTORE_PULL_FAILED' : missing ? 'RESTORE_CHECKPOINT_MISSING' : 'RESTORE_CHECKPOINT_CORRUPT';
       const what = notAllowed
         ? 'the tenancy policy refuses this checkpoint to the pod'
         : unsigned
           ? 'the registry checkpoint has no signature the policy accepts'
+          : noRoom
+            ? 'the checkpoint does not fit the store (free space or quota)'
           : remote
             ? 'the registry checkpoint cannot be resolved'
             : missing

@@ -28,6 +28,11 @@ export const RestoreErrorCode = {
    * repository, or signs another digest or repository; decided before any byte of it is stored.
    */
   SIGNATURE: 'RESTORE_SIGNATURE',
+  /**
+   * The checkpoint's declared size does not fit: more than the store's filesystem has free, or more than the
+   * namespace's quota leaves (tenancy.namespaces.<ns>.quotaBytes); decided from the manifest, before any write.
+   */
+  NO_ROOM: 'RESTORE_NO_ROOM',
   /** The create-runtime hook failed or did not run: the container runs its original command. */
   HOOK_FAILED: 'RESTORE_HOOK_FAILED',
   /** The thaw-pause overlay could not be removed inside the container. */

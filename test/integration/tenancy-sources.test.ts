@@ -17,6 +17,9 @@ import { startRegistry, type RunningRegistry } from '../../src/node-stack/regist
 import { openLocalStore, type LocalStore } from '../../src/store/local-store.js';
 import { pushCheckpoint } from '../../src/store/oci/push.js';
 import { parseTrustedKey, type TrustedKey } from '../../src/store/oci/signature.js';
+import { ANNOTATION_FILE_SIZE, ANNOTATION_OFFSET, ANNOTATION_PATH, CHECKPOINT_ARTIFACT_TYPE, CHECKPOINT_CONFIG_MEDIA_TYPE, CHECKPOINT_LAYER_MEDIA_TYPE, OCI_MANIFEST_MEDIA_TYPE } from '../../src/store/oci/artifact.js';
+import { RegistryClient, sha256Digest } from '../../src/store/oci/client.js';
+import { Readable } from 'node:stream';
 import { manifestFields, writeCheckpointFiles } from '../unit/store-fixtures.js';
 import { pushCosignStyleSignature } from '../helpers/cosign-fixture.js';
 import { rejection } from '../helpers/rejection.js';
@@ -72,10 +75,12 @@ describe('tenancy: which checkpoints a namespace finds', () => {
     await pushCosignStyleSignature(registry.host, 'team-a/copy', pushed['team-a/copy']!, keyA.privateKey, { dockerReference: `${registry.host}/team-a/llm` });
     // The :other artifact carries a signature made over the v1 digest (another digest than its own).
     await pushCosignStyleSignature(registry.host, 'team-a/llm', pushed['team-a/llm:other']!, keyA.privateKey, { signedDigest: pushed['team-a/llm']! });
+    await pushHugeArtifact(registry.host, 'lab/huge', (await seed.open('llm')).manifest);
     policy = parseTenancyPolicy({
       shared: [{ from: 'platform/base-llm', to: ['team-a'] }],
       namespaces: {
-        'team-a': { registries: [{ prefix: `${registry.host}/team-a`, keys: [KEY_A] }] },
+        'team-a': { registries: [{ prefix: `${registry.host}/team-a`, keys: [KEY_A] }, { prefix: `${registry.host}/lab`, allowUnsigned: true }] },
+        'team-q': { quotaBytes: 10, registries: [{ prefix: `${registry.host}/lab`, allowUnsigned: true }, { prefix: `${registry.host}/team-a`, keys: [KEY_A] }] },
         'team-b': { registries: [{ prefix: `${registry.host}/team-a`, keys: [KEY_B] }] },
       },
     });
@@ -158,6 +163,22 @@ describe('tenancy: which checkpoints a namespace finds', () => {
     }
   });
 
+  it('refuses a manifest declaring 10 TB, and one over the namespace quota, before any write', async () => {
+    const { local, sources } = await node('huge');
+    try {
+      const before = await entries(local.root);
+      const huge = await rejection(sources.find('x', ref(`${registry.host}/lab/huge:v1`), { namespace: 'team-a' }));
+      expect(huge.code, huge.message).toBe('RESTORE_NO_ROOM');
+      expect(huge.message).toMatch(/declares 10000000000000 bytes; the store's filesystem has \d+ free/);
+      const quota = await rejection(sources.find('x', ref(`${registry.host}/team-a/llm:v1`), { namespace: 'team-q' }));
+      expect(quota.code, quota.message).toBe('RESTORE_NO_ROOM');
+      expect(quota.message).toMatch(/namespace team-q holds 0 of its quota of 10/);
+      expect(await entries(local.root)).toEqual(before);
+    } finally {
+      await sources.close();
+    }
+  });
+
   it('reaches no registry host the access file does not name', async () => {
     const local = await openLocalStore({ root: join(dir, 'no-host') });
     const open = parseTenancyPolicy({ namespaces: { 'team-a': { registries: [{ prefix: 'elsewhere.example:5000/team-a', allowUnsigned: true }] } } });
@@ -170,3 +191,31 @@ describe('tenancy: which checkpoints a namespace finds', () => {
     }
   });
 });
+
+/**
+ * A checkpoint artifact whose manifest declares one 10 TB file: its one layer descriptor claims 10 TB and points at
+ * a small blob (the registry checks that a referenced blob exists, not its size). Nothing may ever fetch it.
+ */
+async function pushHugeArtifact(registry: string, repository: string, base: import('../../src/store/manifest.js').Manifest): Promise<void> {
+  const SIZE = 10_000_000_000_000;
+  const client = new RegistryClient({ registry, plainHttp: true });
+  try {
+    const put = async (data: Buffer): Promise<string> => {
+      const digest = sha256Digest(data);
+      await client.putBlob(repository, await client.startUpload(repository), digest, data.length, () => Readable.from([data]));
+      return digest;
+    };
+    const stub = await put(Buffer.from('not ten terabytes'));
+    const manifest = { ...base, files: [{ path: 'criu/pages-1.img', size: SIZE, sha256: stub.slice('sha256:'.length), mode: 0o600 }], totals: { bytes: SIZE, fileCount: 1 } };
+    const config = Buffer.from(JSON.stringify(manifest));
+    const configDigest = await put(config);
+    const image = {
+      schemaVersion: 2, mediaType: OCI_MANIFEST_MEDIA_TYPE, artifactType: CHECKPOINT_ARTIFACT_TYPE,
+      config: { mediaType: CHECKPOINT_CONFIG_MEDIA_TYPE, digest: configDigest, size: config.length },
+      layers: [{ mediaType: CHECKPOINT_LAYER_MEDIA_TYPE, digest: stub, size: SIZE, annotations: { [ANNOTATION_PATH]: 'criu/pages-1.img', [ANNOTATION_OFFSET]: '0', [ANNOTATION_FILE_SIZE]: String(SIZE) } }],
+    };
+    await client.putManifest(repository, 'v1', Buffer.from(JSON.stringify(image)), OCI_MANIFEST_MEDIA_TYPE);
+  } finally {
+    client.close();
+  }
+}
