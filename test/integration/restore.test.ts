@@ -351,6 +351,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
     await copyFile(process.execPath, path.join(hostBin, 'node'));
     const spec = {
       image: image.ref,
+      containerName: 'worker',
       command: ['/opt/hostbin/node', `/app/${WORKER_ENTRY_REL}`],
       mounts: [{ host_path: hostBin, container_path: '/opt/hostbin', readonly: true }],
       env: { ...workerEnv, WORKER_MEMORY_MB: '32' },
