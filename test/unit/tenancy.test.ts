@@ -9,6 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { loadRegistryConfig } from '../../src/agent/registry-config.js';
+import { cachedValue } from '../../src/agent/agent.js';
 import { checkUserCheckpointName, parseQualifiedName } from '../../src/checkpoint-name.js';
 import { decide } from '../../src/nri-plugin/policy.js';
 import { checkpointRefusal, defaultTenancyPolicy, localRestoreRefusal, parseTenancyPolicy, registryGrantFor } from '../../src/agent/tenancy.js';
@@ -188,5 +189,23 @@ describe('registry access file: credentials scoped, hosts named', () => {
     } finally {
       await rm(dir, { recursive: true, force: true });
     }
+  });
+});
+
+describe('/metrics store totals', () => {
+  it('a scrape reads a shared copy: one listing per max age or checkpoint, however many scrapes', async () => {
+    let t = 0;
+    let listings = 0;
+    const c = cachedValue(60_000, async () => ++listings, () => t);
+    await Promise.all([c.get(), c.get(), c.get()]);
+    expect(listings).toBe(1);
+    t += 60_000;
+    await c.get();
+    expect(listings).toBe(1);
+    t += 1;
+    await c.get();
+    expect(listings).toBe(2);
+    c.invalidate();
+    expect(await c.get()).toBe(3);
   });
 });
