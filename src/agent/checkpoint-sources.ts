@@ -30,6 +30,11 @@ import { RestoreError, RestoreErrorCode } from '../restore-engine/restore-errors
 import { defaultTenancyPolicy, localRestoreRefusal, registryGrantFor, type TenancyPolicy } from './tenancy.js';
 
 export const DEFAULT_RESOLVE_TIMEOUT_MS = 1_000;
+/**
+ * The longest a pull (or shared-store copy) may run in all, however steadily bytes arrive: a registry trickling
+ * a byte now and then never trips the per-request inactivity timeout, and must not hold a transfer slot forever.
+ */
+export const DEFAULT_TRANSFER_DEADLINE_MS = 15 * 60_000;
 
 export interface RegistrySourceOptions {
   /** How to reach each registry host (`host:port` → credentials, CA, plainHttp). Others: https, anonymous. */
@@ -38,6 +43,8 @@ export interface RegistrySourceOptions {
   resolveTimeoutMs?: number;
   /** Transfer tuning of the background pull. */
   pull?: Pick<FetchOptions, 'concurrency' | 'rangeBytes' | 'retries' | 'cache'>;
+  /** Overall deadline of one transfer (default DEFAULT_TRANSFER_DEADLINE_MS). */
+  transferDeadlineMs?: number;
 }
 
 export interface CheckpointSourcesOptions {
@@ -65,6 +72,19 @@ export type FoundCheckpoint =
       ready: Promise<OpenedCheckpoint>;
     };
 
+export interface FindOptions {
+  /** The asking pod's Kubernetes namespace: the policy decides on it. */
+  namespace: string;
+  /** Aborts the lookup (not a transfer it starts). */
+  signal?: AbortSignal;
+  /**
+   * The asking pod's interest in the transfer this find starts or joins: when every finder's `interest` has
+   * aborted (their pods are gone), the transfer is cancelled and leaves nothing. A finder without one keeps the
+   * transfer wanted until it ends (the CLI, tests).
+   */
+  interest?: AbortSignal;
+}
+
 export interface CheckpointSources {
   /**
    * Finds a checkpoint by annotation value (and its parsed reference, when it is one) for a pod of `namespace`.
@@ -73,14 +93,14 @@ export interface CheckpointSources {
    * namespace not shared with it, a repository not allow-listed for it); OCI_SIGNATURE_MISSING / _INVALID when
    * the signature the policy requires does not verify. Every refusal comes before any byte enters the store.
    */
-  find(value: string, reference: CheckpointReference | undefined, options: { namespace: string; signal?: AbortSignal }): Promise<FoundCheckpoint>;
+  find(value: string, reference: CheckpointReference | undefined, options: FindOptions): Promise<FoundCheckpoint>;
   /** Aborts transfers in flight and closes registry connections. */
   close(): Promise<void>;
 }
 
 export function createCheckpointSources(o: CheckpointSourcesOptions): CheckpointSources {
   const clients = new Map<string, RegistryClient>();
-  const inFlight = new Map<string, Promise<OpenedCheckpoint>>();
+  const inFlight = new Map<string, { promise: Promise<OpenedCheckpoint>; controller: AbortController; wanted: number }>();
   const stop = new AbortController();
   // Every transfer of every pull listens on it (one listener per request in flight): not a leak.
   setMaxListeners(0, stop.signal);
@@ -128,15 +148,35 @@ export function createCheckpointSources(o: CheckpointSourcesOptions): Checkpoint
     return verifyCosignSignature(client, { registry: reference.registry, repository: reference.repository, digest }, keys, signal);
   };
 
-  /** One transfer per local name; a second restore of the same checkpoint waits on the first. */
-  const once = (name: string, start: () => Promise<OpenedCheckpoint>): Promise<OpenedCheckpoint> => {
-    let p = inFlight.get(name);
-    if (p === undefined) {
-      p = start();
-      inFlight.set(name, p);
-      void p.finally(() => inFlight.delete(name)).catch(() => undefined);
+  /**
+   * One transfer per local name; a second restore of the same checkpoint waits on the first. The transfer's
+   * signal fires when the agent stops, at the overall deadline, or when the last interested pod is gone.
+   */
+  const once = (name: string, interest: AbortSignal | undefined, start: (signal: AbortSignal) => Promise<OpenedCheckpoint>): Promise<OpenedCheckpoint> => {
+    let t = inFlight.get(name);
+    if (t === undefined) {
+      const controller = new AbortController();
+      const deadline = AbortSignal.timeout(o.registry?.transferDeadlineMs ?? DEFAULT_TRANSFER_DEADLINE_MS);
+      const signal = AbortSignal.any([controller.signal, stop.signal, deadline]);
+      setMaxListeners(0, signal);
+      const entry = { promise: start(signal), controller, wanted: 0 };
+      t = entry;
+      inFlight.set(name, entry);
+      void entry.promise.finally(() => inFlight.delete(name)).catch(() => undefined);
     }
-    return p;
+    const transfer = t;
+    transfer.wanted++;
+    if (interest !== undefined) {
+      const release = (): void => {
+        if (--transfer.wanted === 0 && inFlight.get(name) === transfer) {
+          logger.info('no pod wants the checkpoint being transferred any more; cancelling it', { name });
+          transfer.controller.abort(new Error('every pod that wanted this checkpoint is gone'));
+        }
+      };
+      if (interest.aborted) release();
+      else interest.addEventListener('abort', release, { once: true });
+    }
+    return transfer.promise;
   };
 
   const openLocal = (name: string): Promise<OpenedCheckpoint | undefined> =>
@@ -190,7 +230,7 @@ export function createCheckpointSources(o: CheckpointSourcesOptions): Checkpoint
         const there = await shared.open(value); // STORE_NOT_FOUND when it is nowhere
         checkOwner(there, namespace); // before the copy: nothing of a refused checkpoint enters the local store
         await checkRoom(there.manifest.totals.bytes, namespace, `shared checkpoint ${value}`);
-        const ready = once(value, () => copyCheckpoint(shared, o.local, value, { signal: stop.signal }));
+        const ready = once(value, options.interest, (signal) => copyCheckpoint(shared, o.local, value, { signal }));
         ready.catch(() => undefined);
         logger.info('checkpoint found in the shared store; copying it', { name: value, shared: shared.root });
         return { kind: 'incoming', checkpoint: { ...there, paths: o.local.pathsOf(value) }, from: 'shared', source: shared.root, ready };
@@ -218,7 +258,7 @@ export function createCheckpointSources(o: CheckpointSourcesOptions): Checkpoint
       if (local !== undefined) return { kind: 'local', checkpoint: local };
       await checkRoom(resolved.manifest.totals.bytes, namespace, formatReference(reference));
       const pull = o.registry.pull ?? {};
-      const ready = once(resolved.name, async () => (await fetchResolved(client, resolved, { ...pull, store: o.local, signal: stop.signal, logger })).checkpoint);
+      const ready = once(resolved.name, options.interest, async (signal) => (await fetchResolved(client, resolved, { ...pull, store: o.local, signal, logger })).checkpoint);
       ready.catch(() => undefined);
       logger.info('pulling checkpoint', { reference: formatReference(reference), namespace, digest: resolved.digest, name: resolved.name, bytes: resolved.manifest.totals.bytes, signature: describeSignature(signature) });
       return {
@@ -232,7 +272,7 @@ export function createCheckpointSources(o: CheckpointSourcesOptions): Checkpoint
 
     async close() {
       stop.abort(new Error('agent stopping'));
-      await Promise.allSettled([...inFlight.values()]);
+      await Promise.allSettled([...inFlight.values()].map((t) => t.promise));
       for (const c of clients.values()) c.close();
       clients.clear();
     },

@@ -203,6 +203,18 @@ export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { 
   const managed = new Map<string, ManagedContainer>();
   const prefix = options.annotationPrefix;
   const tenancy = options.tenancy ?? defaultTenancyPolicy();
+  /**
+   * Per restore target (container id): its interest in the transfer its checkpoint's find started or joined,
+   * with its pod. Aborted when the container or its pod goes, or when the target cold-starts after all: the
+   * last abort cancels the transfer (checkpoint-sources.ts).
+   */
+  const interests = new Map<string, { podId: string; controller: AbortController }>();
+  const dropInterest = (containerId: string): void => {
+    const i = interests.get(containerId);
+    if (i === undefined) return;
+    interests.delete(containerId);
+    i.controller.abort(new Error('the restore target is gone'));
+  };
 
   const describe = (pod: PodSandbox, container: Container): Record<string, unknown> => ({
     pod: `${pod.namespace ?? ''}/${pod.name ?? ''}`,
@@ -276,12 +288,31 @@ export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { 
     const containerId = container.id ?? '';
     // Only the manifest here (a small JSON file): the full sha256 runs in the coordinator, after the 2 s deadline.
     // A checkpoint from elsewhere (registry, shared store): its manifest now, the transfer in the background.
+    const namespace = pod.namespace ?? '';
+    const interest = new AbortController();
+    interests.set(containerId, { podId: pod.id ?? container.podSandboxId ?? '', controller: interest });
+    const adjusted = await adjustRestoreTargetWith(r, pod, container, checkpointName, reference, ctx, namespace, interest.signal);
+    // Cold start after all: this pod no longer wants a transfer it may have started.
+    if (adjusted === undefined) dropInterest(containerId);
+    return adjusted;
+  }
+
+  async function adjustRestoreTargetWith(
+    r: ThawRestoreConfig,
+    pod: PodSandbox,
+    container: Container,
+    checkpointName: string,
+    reference: CheckpointReference | undefined,
+    ctx: NriHandlerContext,
+    namespace: string,
+    interest: AbortSignal,
+  ): Promise<AdjustmentBuilder | undefined> {
+    const containerId = container.id ?? '';
     let checkpoint: OpenedCheckpoint;
     let incoming: { ready: Promise<OpenedCheckpoint>; from: string; source: string } | undefined;
-    const namespace = pod.namespace ?? '';
     try {
       if (r.sources !== undefined) {
-        const found = await r.sources.find(checkpointName, reference, { namespace });
+        const found = await r.sources.find(checkpointName, reference, { namespace, interest });
         checkpoint = found.checkpoint;
         if (found.kind === 'incoming') incoming = { ready: found.ready, from: found.from, source: found.source };
       } else if (reference !== undefined) {
@@ -420,11 +451,15 @@ export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { 
     },
 
     stopPodSandbox(pod) {
-      if (pod.id) options.coordinator?.podGone?.(pod.id);
+      if (!pod.id) return;
+      for (const [id, i] of interests) if (i.podId === pod.id) dropInterest(id);
+      options.coordinator?.podGone?.(pod.id);
     },
 
     removePodSandbox(pod) {
-      if (pod.id) options.coordinator?.podGone?.(pod.id);
+      if (!pod.id) return;
+      for (const [id, i] of interests) if (i.podId === pod.id) dropInterest(id);
+      options.coordinator?.podGone?.(pod.id);
     },
 
     async createContainer(pod, container, ctx) {
@@ -495,6 +530,7 @@ export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { 
 
     async removeContainer(_pod, container, ctx) {
       const containerId = container.id ?? '';
+      dropInterest(containerId);
       if (!managed.has(containerId)) return;
       managed.delete(containerId);
       options.coordinator?.containerGone?.(containerId);

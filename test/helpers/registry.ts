@@ -147,3 +147,70 @@ export async function startBreakingProxy(
       }),
   };
 }
+
+/**
+ * A TCP proxy in front of the registry that trickles: on each connection the first `freeBytes` of the
+ * registry's answers pass at once (manifests, config blobs), then `dripBytes` every `everyMs` — a registry that
+ * keeps a transfer alive without ever finishing it. `release()` lets everything through from then on.
+ */
+export async function startTricklingProxy(
+  target: { host: string; port: number },
+  o: { freeBytes: number; dripBytes: number; everyMs: number },
+): Promise<{ host: string; release: () => void; connections: () => number; close: () => Promise<void> }> {
+  let released = false;
+  const pending = new Set<() => void>();
+  const sockets = new Set<net.Socket>();
+  let open = 0;
+  const server = net.createServer((client) => {
+    const upstream = net.connect(target.port, target.host);
+    sockets.add(client);
+    sockets.add(upstream);
+    open++;
+    let passed = 0;
+    let queue = Buffer.alloc(0);
+    const flush = (): void => {
+      if (queue.length === 0) return;
+      const n = released ? queue.length : Math.min(queue.length, o.dripBytes);
+      client.write(queue.subarray(0, n));
+      queue = queue.subarray(n);
+    };
+    const timer = setInterval(flush, o.everyMs);
+    pending.add(flush);
+    client.on('data', (d: Buffer) => upstream.write(d));
+    upstream.on('data', (d: Buffer) => {
+      if (released || passed + d.length <= o.freeBytes) {
+        passed += d.length;
+        client.write(d);
+        return;
+      }
+      queue = Buffer.concat([queue, d]);
+    });
+    const end = (): void => {
+      clearInterval(timer);
+      pending.delete(flush);
+      if (sockets.delete(client)) open--;
+      sockets.delete(upstream);
+      client.destroy();
+      upstream.destroy();
+    };
+    for (const s of [client, upstream]) {
+      s.on('close', end);
+      s.on('error', end);
+    }
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const port = (server.address() as net.AddressInfo).port;
+  return {
+    host: `127.0.0.1:${port}`,
+    release: () => {
+      released = true;
+      for (const f of pending) f();
+    },
+    connections: () => open,
+    close: () =>
+      new Promise((resolve) => {
+        for (const s of sockets) s.destroy();
+        server.close(() => resolve());
+      }),
+  };
+}

@@ -22,6 +22,7 @@ import { RegistryClient, sha256Digest } from '../../src/store/oci/client.js';
 import { Readable } from 'node:stream';
 import { manifestFields, writeCheckpointFiles } from '../unit/store-fixtures.js';
 import { pushCosignStyleSignature } from '../helpers/cosign-fixture.js';
+import { startTricklingProxy } from '../helpers/registry.js';
 import { rejection } from '../helpers/rejection.js';
 
 const ref = (text: string): CheckpointReference => {
@@ -34,6 +35,10 @@ const ownedBy = (namespace: string) => {
   const f = manifestFields();
   return manifestFields({ source: { ...f.source, pod: { name: 'src', namespace, uid: '8d2f7a4e-0000-4000-8000-000000000002' } } });
 };
+
+async function waitForCondition(probe: () => boolean): Promise<void> {
+  while (!probe()) await new Promise((r) => setTimeout(r, 20));
+}
 
 /** Every entry under a store root, recursively: what "nothing was written" is checked against. */
 async function entries(root: string): Promise<string[]> {
@@ -64,8 +69,15 @@ describe('tenancy: which checkpoints a namespace finds', () => {
       await writeCheckpointFiles(p.paths);
       await p.publish(ownedBy(ns));
     }
+    {
+      // Bytes no other checkpoint here shares: a pull of it finds nothing in the file cache.
+      const p = await seed.beginCheckpoint('big');
+      await writeCheckpointFiles(p.paths, 5 * 1024 * 1024 + 3);
+      await p.publish(ownedBy('team-a'));
+    }
     registry = await startRegistry();
     const access = { plainHttp: true };
+    pushed['team-a/llm:big'] = (await pushCheckpoint({ store: seed, name: 'big', reference: `${registry.host}/team-a/llm:big`, access })).digest;
     for (const repo of ['team-a/llm', 'team-a/unsigned', 'team-a/copy', 'team-c/llm']) {
       pushed[repo] = (await pushCheckpoint({ store: seed, name: 'llm', reference: `${registry.host}/${repo}:v1`, access })).digest;
     }
@@ -176,6 +188,45 @@ describe('tenancy: which checkpoints a namespace finds', () => {
       expect(await entries(local.root)).toEqual(before);
     } finally {
       await sources.close();
+    }
+  });
+
+  it("cancels a trickling registry's pull when the last pod that wanted it is gone, keeping nothing", async () => {
+    const trickle = await startTricklingProxy({ host: '127.0.0.1', port: registry.port }, { freeBytes: 64 * 1024, dripBytes: 64, everyMs: 100 });
+    const local = await openLocalStore({ root: join(dir, 'trickle') });
+    const open = parseTenancyPolicy({ namespaces: { 'team-a': { registries: [{ prefix: `${trickle.host}/team-a`, allowUnsigned: true }] } } });
+    const sources = createCheckpointSources({ local, logger: silentLogger, policy: open, registry: { access: { [trickle.host]: { plainHttp: true } } } });
+    try {
+      // Two pods want v1; the first goes, the second stays: the pull goes on and completes once released.
+      const [podA, podB] = [new AbortController(), new AbortController()];
+      const a = await sources.find('x', ref(`${trickle.host}/team-a/llm:v1`), { namespace: 'team-a', interest: podA.signal });
+      const b = await sources.find('x', ref(`${trickle.host}/team-a/llm:v1`), { namespace: 'team-a', interest: podB.signal });
+      if (a.kind !== 'incoming' || b.kind !== 'incoming') throw new Error('expected a pull');
+      expect(a.ready).toBe(b.ready);
+      podA.abort();
+      trickle.release();
+      await expect(b.ready).resolves.toMatchObject({ name: a.checkpoint.name });
+      const afterFirst = await entries(local.root);
+      expect(afterFirst).toContain(a.checkpoint.name);
+      // One pod wants :big and goes while its layers trickle: the pull is cancelled, nothing is kept.
+      const slow = await startTricklingProxy({ host: '127.0.0.1', port: registry.port }, { freeBytes: 64 * 1024, dripBytes: 64, everyMs: 100 });
+      const sources2 = createCheckpointSources({ local, logger: silentLogger, policy: parseTenancyPolicy({ namespaces: { 'team-a': { registries: [{ prefix: `${slow.host}/team-a`, allowUnsigned: true }] } } }), registry: { access: { [slow.host]: { plainHttp: true } } } });
+      try {
+        const podC = new AbortController();
+        const c = await sources2.find('x', ref(`${slow.host}/team-a/llm:big`), { namespace: 'team-a', interest: podC.signal });
+        if (c.kind !== 'incoming') throw new Error('expected a pull');
+        await waitForCondition(() => slow.connections() > 0);
+        podC.abort();
+        const err = await rejection(c.ready);
+        expect(err.code, err.message).toMatch(/ABORTED$/);
+        expect(await entries(local.root)).toEqual(afterFirst);
+      } finally {
+        await sources2.close();
+        await slow.close();
+      }
+    } finally {
+      await sources.close();
+      await trickle.close();
     }
   });
 
