@@ -4,7 +4,8 @@
  *   { "access": { "<host[:port]>": { "plainHttp"?: boolean, "caFile"?: path,
  *                                    "credentialsFile"?: path, "repositories"?: [prefix...],
  *                                    "authHosts"?: [host[:port]...] } },
- *     "resolveTimeoutMs"?: number, "pull"?: { "concurrency"?, "rangeBytes"?, "retries"? } }
+ *     "resolveTimeoutMs"?: number, "transferDeadlineMs"?: number,
+ *     "pull"?: { "concurrency"?, "rangeBytes"?, "retries"? } }
  *
  * The agent reaches only the hosts named here (any other reference cold-starts), over https unless `plainHttp`
  * says otherwise for that host. A credentials file holds `{"username": "...", "password": "..."}` (or a token
@@ -72,6 +73,7 @@ export async function loadRegistryConfig(path: string): Promise<RegistrySourceOp
     access[host.toLowerCase()] = a;
   }
   const resolveTimeoutMs = optInt(raw['resolveTimeoutMs'], 'resolveTimeoutMs');
+  const transferDeadlineMs = optInt(raw['transferDeadlineMs'], 'transferDeadlineMs');
   const pullRaw = raw['pull'] ?? {};
   if (!isObject(pullRaw)) fail('pull must be an object');
   const pull: NonNullable<RegistrySourceOptions['pull']> = {};
@@ -81,5 +83,5 @@ export async function loadRegistryConfig(path: string): Promise<RegistrySourceOp
   if (concurrency !== undefined) pull.concurrency = concurrency;
   if (rangeBytes !== undefined) pull.rangeBytes = rangeBytes;
   if (retries !== undefined) pull.retries = retries;
-  return { access, ...(resolveTimeoutMs !== undefined ? { resolveTimeoutMs } : {}), ...(Object.keys(pull).length > 0 ? { pull } : {}) };
+  return { access, ...(resolveTimeoutMs !== undefined ? { resolveTimeoutMs } : {}), ...(transferDeadlineMs !== undefined ? { transferDeadlineMs } : {}), ...(Object.keys(pull).length > 0 ? { pull } : {}) };
 }

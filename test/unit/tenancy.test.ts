@@ -182,6 +182,9 @@ describe('registry access file: credentials scoped, hosts named', () => {
       const creds = join(dir, 'creds.json');
       const ok = await loadRegistryConfig(await write(dir, { 'r.example': { credentialsFile: creds, repositories: ['team-a'], authHosts: ['auth.example'] } }));
       expect(ok.access?.['r.example']).toMatchObject({ credentials: { username: 'u' }, credentialRepositories: ['team-a'], authHosts: ['auth.example'] });
+      const { writeFile } = await import('node:fs/promises');
+      await writeFile(join(dir, 'deadline.json'), JSON.stringify({ access: {}, transferDeadlineMs: 60000 }));
+      expect((await loadRegistryConfig(join(dir, 'deadline.json'))).transferDeadlineMs).toBe(60000);
       await expect(loadRegistryConfig(await write(dir, { 'r.example': { credentialsFile: creds } }))).rejects.toThrow(/repositories must list the repository prefixes/);
       await expect(loadRegistryConfig(await write(dir, { 'r.example': { repositories: ['a'] } }))).rejects.toThrow(/no credentialsFile/);
       await expect(loadRegistryConfig(await write(dir, { 'r.example': { authHosts: ['https://x'] } }))).rejects.toThrow(/authHosts must be a list of host/);
