@@ -111,6 +111,8 @@ export interface ThawRestoreConfig {
 }
 
 export const DEFAULT_RESTORE_HOOK_TIMEOUT_SECONDS = 60;
+/** Fallback causes that are the tenancy policy's refusals (counted per namespace for /metrics). */
+const TENANCY_CAUSES: ReadonlySet<string> = new Set(['RESTORE_NOT_ALLOWED', 'RESTORE_SIGNATURE', 'RESTORE_NO_ROOM']);
 /** Of the hook's timeout, what a hook waiting for a pulled checkpoint leaves itself to apply the rootfs diff. */
 export const HOOK_WAIT_RESERVE_SECONDS = 15;
 
@@ -121,6 +123,8 @@ export class ThawNriStats {
   readonly fallbacksByCause = new Map<string, number>();
   /** Restore targets left cold at CreateContainer (never adjusted, so no restore event follows), by cause. */
   readonly restoreFallbacksAtCreate = new Map<string, number>();
+  /** Restore targets the tenancy policy refused (cause RESTORE_NOT_ALLOWED, _SIGNATURE, _NO_ROOM), by `namespace cause`. */
+  readonly tenancyRefusals = new Map<string, number>();
 
   countDecision(kind: PolicyDecision['kind']): void {
     this.decisions.set(kind, (this.decisions.get(kind) ?? 0) + 1);
@@ -130,6 +134,10 @@ export class ThawNriStats {
   }
   countFallback(cause: string): void {
     this.fallbacksByCause.set(cause, (this.fallbacksByCause.get(cause) ?? 0) + 1);
+  }
+  countTenancyRefusal(namespace: string, cause: string): void {
+    const key = `${namespace} ${cause}`;
+    this.tenancyRefusals.set(key, (this.tenancyRefusals.get(key) ?? 0) + 1);
   }
   countRestoreFallbackAtCreate(cause: string): void {
     this.countFallback(cause);
@@ -273,6 +281,7 @@ export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { 
   /** Restore fallbacks decided here, before the container exists: no adjustment, the pod starts cold. */
   const coldStart = (cause: string, message: string, pod: PodSandbox, container: Container, ctx: NriHandlerContext, extra: Record<string, unknown>): undefined => {
     stats.countRestoreFallbackAtCreate(cause);
+    if (TENANCY_CAUSES.has(cause)) stats.countTenancyRefusal(pod.namespace ?? '', cause);
     ctx.logger.warn(`thaw: ${message}; cold start`, { ...describe(pod, container), event: 'restore', outcome: 'fallback', cause, ...extra });
     return undefined;
   };
