@@ -27,7 +27,7 @@ import { readReadyPayload, waitForWorkerReady } from '../sdk/control-dir.js';
 import type { LocalStore } from '../store/local-store.js';
 import { StoreError, StoreErrorCode } from '../store/errors.js';
 import { gpuMemoryReport, type GpuMemoryReport } from './gpu-memory-report.js';
-import type { ManagedContainer, ThawCoordinator } from './thaw-nri.js';
+import type { ManagedContainer, ThawCoordinator } from './managed-container.js';
 
 export type CheckpointJobState = 'waiting-for-worker' | 'checkpointing' | 'succeeded' | 'failed' | 'cancelled';
 
