@@ -23,6 +23,9 @@ import { Readable } from 'node:stream';
 import { manifestFields, writeCheckpointFiles } from '../unit/store-fixtures.js';
 import { pushCosignStyleSignature } from '../helpers/cosign-fixture.js';
 import { startTricklingProxy } from '../helpers/registry.js';
+import { digestReference, generateCosignKeyPair } from '../helpers/cosign.js';
+import { peerToolOk } from '../helpers/peer-tools.js';
+import { loadTrustedKeys } from '../../src/agent/tenancy.js';
 import { rejection } from '../helpers/rejection.js';
 
 const ref = (text: string): CheckpointReference => {
@@ -227,6 +230,29 @@ describe('tenancy: which checkpoints a namespace finds', () => {
     } finally {
       await sources.close();
       await trickle.close();
+    }
+  });
+
+  it('accepts a checkpoint signed by real cosign (3.1.1, key-based, tag scheme), with the public key cosign made', async () => {
+    const keysDir = await mkdtemp(join(dir, 'cosign-'));
+    const keys = await generateCosignKeyPair(keysDir);
+    const digest = (await pushCheckpoint({ store: seed, name: 'llm', reference: `${registry.host}/team-s/llm:v1`, access: { plainHttp: true } })).digest;
+    await peerToolOk('cosign', [
+      'sign', '--key', keys.keyFile, '--use-signing-config=false', '--tlog-upload=false', '--new-bundle-format=false', '--yes',
+      '--allow-http-registry', '--allow-insecure-registry', digestReference(registry.host, 'team-s/llm', digest),
+    ], { home: keys.home, env: { COSIGN_PASSWORD: keys.password } });
+    const signed = parseTenancyPolicy({ namespaces: { 'team-s': { registries: [{ prefix: `${registry.host}/team-s`, keys: [keys.publicKeyFile] }] }, 'team-a': { registries: [{ prefix: `${registry.host}/team-s`, keys: [KEY_A] }] } } });
+    const local = await openLocalStore({ root: join(dir, 'cosigned') });
+    const sources = createCheckpointSources({ local, logger: silentLogger, policy: signed, trustedKeys: new Map([...(await loadTrustedKeys(parseTenancyPolicy({ namespaces: { 'team-s': { registries: [{ prefix: `${registry.host}/team-s`, keys: [keys.publicKeyFile] }] } } }))), [KEY_A, trustedKeys.get(KEY_A)!]]), registry: { access: { [registry.host]: { plainHttp: true } } } });
+    try {
+      // Another namespace trusting another key: the same cosign signature is refused, nothing stored.
+      expect((await rejection(sources.find('x', ref(`${registry.host}/team-s/llm:v1`), { namespace: 'team-a' }))).code).toBe('OCI_SIGNATURE_INVALID');
+      expect(await entries(local.root)).toEqual([]);
+      const found = await sources.find('x', ref(`${registry.host}/team-s/llm:v1`), { namespace: 'team-s' });
+      if (found.kind !== 'incoming') throw new Error('expected a pull');
+      await expect(found.ready).resolves.toMatchObject({ name: `oci-${digest.slice('sha256:'.length)}` });
+    } finally {
+      await sources.close();
     }
   });
 
