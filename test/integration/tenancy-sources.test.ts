@@ -23,7 +23,7 @@ import { Readable } from 'node:stream';
 import { manifestFields, writeCheckpointFiles } from '../unit/store-fixtures.js';
 import { pushCosignStyleSignature } from '../helpers/cosign-fixture.js';
 import { startTricklingProxy } from '../helpers/registry.js';
-import { digestReference, generateCosignKeyPair } from '../helpers/cosign.js';
+import { cosignSign, digestReference, generateCosignKeyPair } from '../helpers/cosign.js';
 import { peerToolOk } from '../helpers/peer-tools.js';
 import { loadTrustedKeys } from '../../src/agent/tenancy.js';
 import { rejection } from '../helpers/rejection.js';
@@ -233,7 +233,7 @@ describe('tenancy: which checkpoints a namespace finds', () => {
     }
   });
 
-  it('accepts a checkpoint signed by real cosign (3.1.1, key-based, tag scheme), with the public key cosign made', async () => {
+  it('accepts a checkpoint signed by real cosign (3.1.1, key-based: tag scheme and default bundle), with the public key cosign made', async () => {
     const keysDir = await mkdtemp(join(dir, 'cosign-'));
     const keys = await generateCosignKeyPair(keysDir);
     const digest = (await pushCheckpoint({ store: seed, name: 'llm', reference: `${registry.host}/team-s/llm:v1`, access: { plainHttp: true } })).digest;
@@ -251,6 +251,16 @@ describe('tenancy: which checkpoints a namespace finds', () => {
       const found = await sources.find('x', ref(`${registry.host}/team-s/llm:v1`), { namespace: 'team-s' });
       if (found.kind !== 'incoming') throw new Error('expected a pull');
       await expect(found.ready).resolves.toMatchObject({ name: `oci-${digest.slice('sha256:'.length)}` });
+
+      // cosign 3's default format (a sigstore bundle found through the referrers tag): accepted the same way.
+      const bundled = (await pushCheckpoint({ store: seed, name: 'big', reference: `${registry.host}/team-s/bundled:v1`, access: { plainHttp: true } })).digest;
+      await cosignSign({ registryHost: registry.host, repository: 'team-s/bundled', digest: bundled, keys });
+      const wrongKey = await rejection(sources.find('x', ref(`${registry.host}/team-s/bundled:v1`), { namespace: 'team-a' }));
+      expect(wrongKey.code, wrongKey.message).toBe('OCI_SIGNATURE_INVALID');
+      expect(wrongKey.message).toMatch(/no bundle in .* verifies: signed by none of the trusted keys/);
+      const viaBundle = await sources.find('x', ref(`${registry.host}/team-s/bundled:v1`), { namespace: 'team-s' });
+      if (viaBundle.kind !== 'incoming') throw new Error('expected a pull');
+      await expect(viaBundle.ready).resolves.toMatchObject({ name: `oci-${bundled.slice('sha256:'.length)}` });
     } finally {
       await sources.close();
     }

@@ -14,7 +14,7 @@ import { checkUserCheckpointName, parseQualifiedName } from '../../src/checkpoin
 import { decide } from '../../src/nri-plugin/policy.js';
 import { checkpointRefusal, defaultTenancyPolicy, localRestoreRefusal, parseTenancyPolicy, registryGrantFor } from '../../src/agent/tenancy.js';
 import { checkCompatibility, isRestorable, MANIFEST_KIND, type Manifest } from '../../src/store/manifest.js';
-import { checkSimpleSigningPayload, COSIGN_SIGNATURE_TYPE, keyThatSigned, parseTrustedKey, signatureTagFor } from '../../src/store/oci/signature.js';
+import { checkCosignBundle, checkSimpleSigningPayload, COSIGN_SIGNATURE_TYPE, dssePae, keyThatSigned, parseTrustedKey, signatureTagFor } from '../../src/store/oci/signature.js';
 import { manifestFields } from './store-fixtures.js';
 
 const DIGEST = `sha256:${'ab'.repeat(32)}`;
@@ -157,6 +157,21 @@ describe('cosign simple signing', () => {
     expect(checkSimpleSigningPayload(payloadFor(DIGEST, 'registry.example.com/team-b/llm'), expected)).toMatch(/names repository/);
     expect(checkSimpleSigningPayload(payloadFor(DIGEST, expected.dockerReference, 'attestation'), expected)).toMatch(/type/);
     expect(checkSimpleSigningPayload(Buffer.from('{'), expected)).toMatch(/not JSON/);
+  });
+
+  it("checks a sigstore bundle's DSSE signature over the pre-authentication encoding, and its statement", () => {
+    const bundleOf = (statement: unknown, key = signer.privateKey, pae = true): Buffer => {
+      const body = Buffer.from(JSON.stringify(statement));
+      const signed = pae ? dssePae('application/vnd.in-toto+json', body) : body;
+      return Buffer.from(JSON.stringify({ dsseEnvelope: { payload: body.toString('base64'), payloadType: 'application/vnd.in-toto+json', signatures: [{ sig: sign('sha256', signed, key).toString('base64') }] } }));
+    };
+    const statement = (hex: string, predicateType = 'https://sigstore.dev/cosign/sign/v1') => ({ _type: 'https://in-toto.io/Statement/v1', subject: [{ digest: { sha256: hex } }], predicateType, predicate: {} });
+    expect(checkCosignBundle(bundleOf(statement('ab'.repeat(32))), DIGEST, [trusted])).toMatchObject({ key: { source: 'team-a.pub' } });
+    expect(checkCosignBundle(bundleOf(statement('ab'.repeat(32))), DIGEST, [other])).toMatchObject({ reason: expect.stringMatching(/none of the trusted keys/) });
+    expect(checkCosignBundle(bundleOf(statement('ab'.repeat(32)), signer.privateKey, false), DIGEST, [trusted])).toMatchObject({ reason: expect.stringMatching(/none of the trusted keys/) });
+    expect(checkCosignBundle(bundleOf(statement('cd'.repeat(32))), DIGEST, [trusted])).toMatchObject({ reason: expect.stringMatching(/another digest/) });
+    expect(checkCosignBundle(bundleOf(statement('ab'.repeat(32), 'https://slsa.dev/provenance/v1')), DIGEST, [trusted])).toMatchObject({ reason: expect.stringMatching(/not a cosign signature/) });
+    expect(dssePae('t', Buffer.from('hé')).toString()).toBe('DSSEv1 1 t 3 hé');
   });
 
   it('refuses keys that are not ECDSA P-256 at configuration time', () => {

@@ -337,11 +337,14 @@ export class RegistryClient {
     return data;
   }
 
-  /** GET of a manifest by tag or digest; returns its bytes and their digest (checked when `selector` is one). */
-  async getManifest(repository: string, selector: string, signal?: AbortSignal): Promise<{ body: Buffer; digest: string; mediaType: string | undefined }> {
+  /**
+   * GET of a manifest by tag or digest (`accept`: the media types asked for, default an OCI image manifest);
+   * returns its bytes and their digest (checked when `selector` is one).
+   */
+  async getManifest(repository: string, selector: string, signal?: AbortSignal, accept: string = OCI_MANIFEST_MEDIA_TYPE): Promise<{ body: Buffer; digest: string; mediaType: string | undefined }> {
     const step = `GET manifest ${repository}:${selector}`;
     const res = await this.call(
-      { method: 'GET', url: this.url(`/v2/${repository}/manifests/${selector}`), headers: { accept: OCI_MANIFEST_MEDIA_TYPE } },
+      { method: 'GET', url: this.url(`/v2/${repository}/manifests/${selector}`), headers: { accept } },
       { repository, access: 'pull', step, ...(signal ? { signal } : {}) },
     );
     if (res.status !== 200) throw await this.unexpected(res, step, '200');
