@@ -179,7 +179,9 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
       prefetches.release(jobHolder(containerId));
       if (job.run === undefined) {
         jobs.delete(containerId);
-        void job.prepared.finally(() => job.release?.());
+        // prepared may have rejected (a failed pull): its failure was reported where it happened, and an
+        // unhandled rejection here would end the agent.
+        void job.prepared.catch(() => undefined).finally(() => job.release?.());
       }
     },
 

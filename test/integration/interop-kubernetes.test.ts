@@ -17,7 +17,14 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { parseAllDocuments, parse as parseYaml } from 'yaml';
 import { resolveAgentConfig } from '../../src/agent/config.js';
 import { INSTALL_PATHS } from '../../src/cli/install.js';
-import { DEFAULT_API_SOCKET, DEFAULT_CONTROL_ROOT, DEFAULT_NRI_SOCKET_PATH, DEFAULT_RESTORE_WORK_ROOT, DEFAULT_STORE_ROOT, DEFAULT_TOOLKIT_DIR } from '../../src/defaults.js';
+import {
+  DEFAULT_API_SOCKET,
+  DEFAULT_CONTROL_ROOT,
+  DEFAULT_NRI_SOCKET_PATH,
+  DEFAULT_RESTORE_WORK_ROOT,
+  DEFAULT_STORE_ROOT,
+  DEFAULT_TOOLKIT_DIR,
+} from '../../src/defaults.js';
 import { peerToolOk, runPeerTool } from '../helpers/peer-tools.js';
 
 const REPO = path.resolve(import.meta.dirname, '../..');
