@@ -30,6 +30,12 @@ export interface ManagedContainer {
   role?: 'checkpoint-source' | 'restore-target';
   /** Restore targets: how thaw-pause holds the original command (NRI args, or the createRuntime overlay). */
   placeholder?: 'args' | 'overlay';
+  /**
+   * Checkpoint sources: the process args of the container's spec as NRI gave them at CreateContainer (the
+   * Kubernetes command and args, resolved by the runtime). Recorded in the manifest; a restore target's must be
+   * the same. Not rebuilt after an agent restart (then the manifest records none, and the restore refuses it).
+   */
+  specArgs?: string[];
 }
 
 /**

@@ -8,3 +8,4 @@ export { DEFAULT_SH_PATH } from './restore.js';
 export { CriuCodec } from './criu/rpc.js';
 export { CriuImageCodec, encodeImageFile, parseImageFile } from './criu/images.js';
 export { readTarEntries } from './rootfs-diff.js';
+export { RestoreError, RestoreErrorCode } from './restore-errors.js';
