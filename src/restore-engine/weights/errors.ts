@@ -14,6 +14,10 @@ export const WeightsErrorCode = {
   SOURCE_MISSING: 'WEIGHTS_SOURCE_MISSING',
   /** A source file's size or sha256 differs from what the checkpoint recorded. */
   SOURCE_CHANGED: 'WEIGHTS_SOURCE_CHANGED',
+  /** The weights' GPU memory could not be handed to the restored worker (socket, peer, sendmsg). */
+  HANDOVER: 'WEIGHTS_HANDOVER',
+  /** The GPU the load would use does not fit the checkpoint's regions (another allocation granularity). */
+  GPU_MISMATCH: 'WEIGHTS_GPU_MISMATCH',
   /** A CUDA call of the load failed (allocation, pinned memory, copy, export); evidence has the CUresult. */
   CUDA: 'WEIGHTS_CUDA',
 } as const;
