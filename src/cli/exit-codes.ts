@@ -1,4 +1,4 @@
-/** The CLI's exit codes (contract; README "Running the agent" documents them). */
+/** The CLI's exit codes (contract; docs/operations.md "Running the agent" documents them). */
 export const ExitCode = {
   OK: 0,
   /** The operation failed (a checkpoint failed, doctor found a failing check, an agent that cannot start). */

@@ -5,17 +5,19 @@ import { describe, expect, it } from 'vitest';
 
 // design.md: "A dependency points down this list of layers: cli → agent → (nri-plugin, restore-engine, store)
 // → cuda. Nothing below imports the agent." This test is that rule, made checkable: each folder of src/ lists
-// the folders it may import from. `root` is src/*.ts (errors, log), which every layer may use.
+// the folders it may import from. `root` is src/*.ts (errors, log), which every layer may use; so is `sys`, the
+// neutral system facilities (directory-fd calls, ...) that know nothing of thaw's domain.
 const ALLOWED: Record<string, readonly string[]> = {
-  cli: ['agent', 'nri-plugin', 'restore-engine', 'store', 'oci-hooks', 'cuda', 'sdk', 'node-stack', 'root'],
-  agent: ['nri-plugin', 'restore-engine', 'store', 'oci-hooks', 'cuda', 'sdk', 'root'],
-  'oci-hooks': ['restore-engine', 'store', 'sdk', 'root'],
-  'restore-engine': ['store', 'cuda', 'sdk', 'root'],
-  'nri-plugin': ['sdk', 'root'],
-  store: ['root'],
-  cuda: ['root'],
-  sdk: ['root'],
-  'node-stack': ['root'],
+  cli: ['agent', 'nri-plugin', 'restore-engine', 'store', 'oci-hooks', 'cuda', 'sdk', 'node-stack', 'sys', 'root'],
+  agent: ['nri-plugin', 'restore-engine', 'store', 'oci-hooks', 'cuda', 'sdk', 'sys', 'root'],
+  'oci-hooks': ['restore-engine', 'store', 'sdk', 'sys', 'root'],
+  'restore-engine': ['store', 'cuda', 'sdk', 'sys', 'root'],
+  'nri-plugin': ['sdk', 'sys', 'root'],
+  store: ['sys', 'root'],
+  cuda: ['sys', 'root'],
+  sdk: ['sys', 'root'],
+  'node-stack': ['sys', 'root'],
+  sys: ['root'],
   root: [],
 };
 
