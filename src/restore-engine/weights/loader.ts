@@ -10,13 +10,16 @@
  * each path inside the container's rootfs or an allowed host model directory (never following a link out).
  */
 import { closeSync } from 'node:fs';
-import type { FileHandle } from 'node:fs/promises';
 
 import type { CudaVmm, CuU64, HostPointer } from '../../cuda/vmm.js';
 import { WeightsError, WeightsErrorCode } from './errors.js';
 import type { HandoverRegion } from './handover.js';
 import type { WeightsRegionSpec, WeightsSource } from './regions-file.js';
 import type { SourceDigests } from './source-digests.js';
+import type { SourceFile } from './sources.js';
+
+/** What openSource gives: a OpenedSource or a SourceFile (sources.ts, opened inside the rootfs). */
+export type OpenedSource = Pick<SourceFile, 'fd' | 'stat' | 'read' | 'close'>;
 
 /** Parallel readers: enough to keep NVMe queues and several page-cache copy threads busy. */
 export const WEIGHTS_READERS_DEFAULT = 8;
@@ -29,7 +32,7 @@ export interface LoadWeightsOptions {
   /** This node's CUDA ordinal for each region's recorded device (the restore's GPU map). */
   deviceFor: (recordedDevice: number) => number;
   /** Opens a source read-only, resolved inside the allowed roots; rejects (any error) when it cannot. */
-  openSource: (path: string) => Promise<FileHandle>;
+  openSource: (path: string) => Promise<OpenedSource>;
   digests: SourceDigests;
   readers?: number;
   chunkBytes?: number;
@@ -46,7 +49,7 @@ export interface LoadedWeights {
 
 interface Job {
   source: WeightsSource;
-  fh: FileHandle;
+  fh: OpenedSource;
   va: CuU64;
   from: number;
   length: number;
@@ -58,7 +61,7 @@ interface Made {
   va?: CuU64;
   mapped: boolean;
   fd?: number;
-  fh?: FileHandle;
+  fh?: OpenedSource;
 }
 
 export async function loadWeights(options: LoadWeightsOptions): Promise<LoadedWeights> {
@@ -111,7 +114,7 @@ export async function loadWeights(options: LoadWeightsOptions): Promise<LoadedWe
       for (const alloc of region.allocations) {
         if (alloc.kind !== 'file' || !alloc.source) continue;
         const src = alloc.source;
-        let fh: FileHandle;
+        let fh: OpenedSource;
         try {
           fh = await options.openSource(src.path);
         } catch (err) {

@@ -6,13 +6,19 @@
  * when given a path, in one JSON file (thaw's own directory, 0600, written by rename).
  */
 import { createHash, randomBytes } from 'node:crypto';
-import type { FileHandle } from 'node:fs/promises';
+import type { BigIntStats } from 'node:fs';
 import { readFile, rename, rm, writeFile } from 'node:fs/promises';
 
 const HASH_CHUNK = 8 << 20;
 const MAX_ENTRIES = 65536;
 
-export async function fileIdentity(fh: FileHandle): Promise<string> {
+/** The part of an open file digests need (a FileHandle or sources.ts's SourceFile). */
+export interface DigestSource {
+  stat(options: { bigint: true }): Promise<BigIntStats>;
+  read(buffer: Buffer, offset: number, length: number, position: number): Promise<{ bytesRead: number }>;
+}
+
+export async function fileIdentity(fh: DigestSource): Promise<string> {
   const st = await fh.stat({ bigint: true });
   return `${st.dev}:${st.ino}:${st.size}:${st.mtimeNs}:${st.ctimeNs}`;
 }
@@ -42,7 +48,7 @@ export class SourceDigests {
   }
 
   /** The file's sha256: from the stamp when its identity is unchanged, else hashed now (and stamped). */
-  async digest(fh: FileHandle): Promise<string> {
+  async digest(fh: DigestSource): Promise<string> {
     await this.#load();
     const before = await fileIdentity(fh);
     const known = this.#byIdentity.get(before);
