@@ -867,8 +867,11 @@ class WeightsRegion:
         """Tensor ``name`` as a torch tensor viewing the region (needs PyTorch)."""
         import torch  # lazily: this module must import without PyTorch
 
-        dtype, shape, _offset = self.tensors_info[name]
-        t = torch.as_tensor(self.view(name), device="cuda:%d" % self.device)
+        dtype, shape, offset = self.tensors_info[name]
+        typestr = _ST_DTYPES[dtype][1]
+        # PyTorch reads every CAI integer type but uint16 only in recent versions: bf16 bits come as int16.
+        view = PoolView(self, shape, "<i2" if typestr == "<u2" else typestr, offset)
+        t = torch.as_tensor(view, device="cuda:%d" % self.device)
         want = getattr(torch, _ST_DTYPES[dtype][2])
         return t if t.dtype == want else t.view(want)
 
