@@ -12,6 +12,7 @@ import { createControlDir } from '../sdk/index.js';
 import { CRI_IMAGE_NAME_ANNOTATION } from './containers.js';
 import { identityOf, managedAnnotations, type ManagedContainer } from './managed-container.js';
 import { describeContainer, type HandlerScope } from './nri-handler-scope.js';
+import { HandlerFallbackCause } from './errors.js';
 
 export async function adjustCheckpointSource(
   scope: HandlerScope,
@@ -26,7 +27,7 @@ export async function adjustCheckpointSource(
   try {
     controlDir = await createControlDir(scope.controlRoot, containerId);
   } catch (err) {
-    scope.stats.countFallback('control-dir');
+    scope.stats.countFallback(HandlerFallbackCause.CONTROL_DIR);
     ctx.logger.error('thaw: cannot create the control directory; the container runs without thaw', {
       ...describeContainer(pod, container),
       error: err,

@@ -23,8 +23,10 @@ import type { CheckpointSources } from './checkpoint-sources.js';
 import { CRI_IMAGE_NAME_ANNOTATION } from './containers.js';
 import { identityOf, managedAnnotations, type ManagedContainer } from './managed-container.js';
 import { describeContainer, type HandlerScope } from './nri-handler-scope.js';
+import { RestoreErrorCode } from '../restore-engine/index.js';
+import { HandlerFallbackCause } from './errors.js';
 
-/** What the restore branch needs; without it a restore target cold-starts ("restore-unavailable"). */
+/** What the restore branch needs; without it a restore target cold-starts (AGENT_RESTORE_UNAVAILABLE). */
 export interface ThawRestoreConfig {
   store: LocalStore;
   /** Where else checkpoints come from (shared store, registries); absent: the local store only. */
@@ -52,7 +54,7 @@ export const DEFAULT_RESTORE_HOOK_TIMEOUT_SECONDS = 60;
 export const HOOK_WAIT_RESERVE_SECONDS = 15;
 
 /** Restore fallbacks decided here, before the container exists: no adjustment, the pod starts cold. */
-function coldStart(scope: HandlerScope, cause: string, message: string, pod: PodSandbox, container: Container, ctx: NriHandlerContext, extra: Record<string, unknown>): undefined {
+function coldStart(scope: HandlerScope, cause: RestoreErrorCode | HandlerFallbackCause, message: string, pod: PodSandbox, container: Container, ctx: NriHandlerContext, extra: Record<string, unknown>): undefined {
   scope.stats.countRestoreFallbackAtCreate(cause);
   ctx.logger.warn(`thaw: ${message}; cold start`, { ...describeContainer(pod, container), event: 'restore', outcome: 'fallback', cause, ...extra });
   return undefined;
@@ -78,14 +80,14 @@ export async function adjustRestoreTarget(
       checkpoint = found.checkpoint;
       if (found.kind === 'incoming') incoming = { ready: found.ready, from: found.from, source: found.source };
     } else if (reference !== undefined) {
-      return coldStart(scope, 'RESTORE_CHECKPOINT_MISSING', 'the pod names a registry checkpoint but no registry is configured', pod, container, ctx, { checkpoint: checkpointName });
+      return coldStart(scope, RestoreErrorCode.CHECKPOINT_MISSING, 'the pod names a registry checkpoint but no registry is configured', pod, container, ctx, { checkpoint: checkpointName });
     } else {
       checkpoint = await r.store.open(checkpointName);
     }
   } catch (err) {
     const missing = isThawError(err, StoreErrorCode.NOT_FOUND) || isThawError(err, StoreErrorCode.INVALID_NAME);
     const remote = isThawError(err) && err.code.startsWith('OCI_');
-    const cause = remote ? 'RESTORE_PULL_FAILED' : missing ? 'RESTORE_CHECKPOINT_MISSING' : 'RESTORE_CHECKPOINT_CORRUPT';
+    const cause = remote ? RestoreErrorCode.PULL_FAILED : missing ? RestoreErrorCode.CHECKPOINT_MISSING : RestoreErrorCode.CHECKPOINT_CORRUPT;
     return coldStart(scope, cause, remote ? 'the registry checkpoint cannot be resolved' : missing ? 'checkpoint not found' : 'checkpoint unreadable', pod, container, ctx, {
       checkpoint: checkpointName,
       error: errorMessage(err),
@@ -97,7 +99,7 @@ export async function adjustRestoreTarget(
   }
   const imageRef = container.annotations?.[CRI_IMAGE_NAME_ANNOTATION];
   if (imageRef === undefined) {
-    return coldStart(scope, 'RESTORE_INCOMPATIBLE', `the container has no ${CRI_IMAGE_NAME_ANNOTATION} annotation to compare with the checkpoint's image`, pod, container, ctx, {
+    return coldStart(scope, RestoreErrorCode.INCOMPATIBLE, `the container has no ${CRI_IMAGE_NAME_ANNOTATION} annotation to compare with the checkpoint's image`, pod, container, ctx, {
       checkpoint: checkpointName,
     });
   }
@@ -107,20 +109,20 @@ export async function adjustRestoreTarget(
     ...(r.gpuFacts !== undefined ? { gpu: r.gpuFacts } : {}),
   });
   if (!isRestorable(mismatches)) {
-    return coldStart(scope, 'RESTORE_INCOMPATIBLE', 'the checkpoint does not match this node or container', pod, container, ctx, {
+    return coldStart(scope, RestoreErrorCode.INCOMPATIBLE, 'the checkpoint does not match this node or container', pod, container, ctx, {
       checkpoint: checkpointName,
       mismatches,
     });
   }
   const args = container.args ?? [];
   if (args.length === 0 || !args[0]) {
-    return coldStart(scope, 'RESTORE_INCOMPATIBLE', 'the container has no args to hold behind thaw-pause', pod, container, ctx, { checkpoint: checkpointName });
+    return coldStart(scope, RestoreErrorCode.INCOMPATIBLE, 'the container has no args to hold behind thaw-pause', pod, container, ctx, { checkpoint: checkpointName });
   }
   let controlDir: string;
   try {
     controlDir = await createControlDir(scope.controlRoot, containerId);
   } catch (err) {
-    return coldStart(scope, 'control-dir', 'cannot create the control directory', pod, container, ctx, { error: errorMessage(err) });
+    return coldStart(scope, HandlerFallbackCause.CONTROL_DIR, 'cannot create the control directory', pod, container, ctx, { error: errorMessage(err) });
   }
   const placeholder = supportsArgs(ctx.runtime.name, ctx.runtime.version, ctx.runtime.nriVersion) ? 'args' : 'overlay';
   const entry: ManagedContainer = {

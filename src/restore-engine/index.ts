@@ -4,3 +4,4 @@ export { processTree } from './container-inspect.js';
 export { CriuClient, DEFAULT_SETPRIV_PATH, parentDeathWrapper } from './criu/client.js';
 export { createRestoreFlow, type CudaRestoreStep, type PreparedRestore, type RestoreEvent, type RestoreJob, type RestoreStepContext } from './restore-flow.js';
 export { DEFAULT_SH_PATH } from './restore.js';
+export { RestoreError, RestoreErrorCode } from './restore-errors.js';
