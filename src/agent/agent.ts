@@ -223,6 +223,7 @@ export async function runAgent(o: AgentRunOptions, logger: Logger): Promise<numb
     ...(c.cuda.libcuda ? { libcudaPath: c.cuda.libcuda } : {}),
     ...(c.cuda.libnvml ? { libnvmlPath: c.cuda.libnvml } : {}),
     cudaLockTimeoutMs: c.cuda.lockTimeoutMs,
+    thawPauseDeadlineMs: c.restore.pauseDeadlineMs,
     ...(c.paths.sharedStoreRoot ? { sharedStoreRoot: c.paths.sharedStoreRoot } : {}),
     ...(registry ? { registry } : {}),
     onRestoreEvent: (e) => metrics?.onRestoreEvent(e),

@@ -36,6 +36,8 @@ export interface RestoreCoordinatorOptions {
   warmTools?: (signal: AbortSignal) => Promise<unknown>;
   verifyTimeoutMs?: number;
   criuRestoreTimeoutMs?: number;
+  /** thaw-pause's deadline (restore-flow's thawPauseDeadlineMs). */
+  thawPauseDeadlineMs?: number;
   cudaRestore?: CudaRestoreStep;
   /** Test seam: runs after verify, right before CRIU (e.g. to damage an image file CRIU then reads). */
   beforeCriuRestore?: (ctx: RestoreStepContext) => Promise<void>;
@@ -107,6 +109,7 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
     ...(o.nsenterPath !== undefined ? { nsenterPath: o.nsenterPath } : {}),
     ...(o.verifyTimeoutMs !== undefined ? { verifyTimeoutMs: o.verifyTimeoutMs } : {}),
     ...(o.criuRestoreTimeoutMs !== undefined ? { criuRestoreTimeoutMs: o.criuRestoreTimeoutMs } : {}),
+    ...(o.thawPauseDeadlineMs !== undefined ? { thawPauseDeadlineMs: o.thawPauseDeadlineMs } : {}),
     ...(o.cudaRestore ? { cudaRestore: o.cudaRestore } : {}),
     ...(o.beforeCriuRestore ? { beforeCriuRestore: o.beforeCriuRestore } : {}),
     ...(o.onEvent ? { onEvent: o.onEvent } : {}),
@@ -139,12 +142,13 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
       prefetches.release(podHolder(podId));
     },
 
-    restoreTargetCreated(container, checkpoint, incoming) {
+    restoreTargetCreated(container, checkpoint, incoming, lease) {
       const job: Job = {
         createdAtIso: new Date().toISOString(),
         container,
         checkpoint,
         ...(incoming !== undefined ? { incoming } : {}),
+        ...(lease !== undefined ? { release: lease } : {}),
         abort: new AbortController(),
         createdAt: performance.now(),
         prepared: Promise.resolve<PreparedRestore>({ verifyMs: 0, hashed: false }),
@@ -179,7 +183,9 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
       prefetches.release(jobHolder(containerId));
       if (job.run === undefined) {
         jobs.delete(containerId);
-        void job.prepared.finally(() => job.release?.());
+        // prepared may have rejected (a failed pull): its failure was reported where it happened, and an
+        // unhandled rejection here would end the agent.
+        void job.prepared.catch(() => undefined).finally(() => job.release?.());
       }
     },
 

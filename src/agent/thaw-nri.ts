@@ -117,8 +117,16 @@ export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { 
       const podsById = new Map(pods.map((p) => [p.id ?? '', p]));
       let recovered = 0;
       for (const container of containers) {
-        const entry = managedFromContainer(prefix, podsById.get(container.podSandboxId ?? '') ?? {}, container);
-        if (!entry) continue;
+        const entry = managedFromContainer(prefix, options.controlRoot, podsById.get(container.podSandboxId ?? '') ?? {}, container);
+        if (!entry) {
+          if (container.annotations?.[`${prefix}role`] !== undefined) {
+            ctx.logger.warn('thaw: container with thaw annotations refused on (re)connection: its control directory is not <root>/<id> as thaw made it', {
+              containerId: container.id,
+              controlDir: container.annotations?.[`${prefix}control-dir`],
+            });
+          }
+          continue;
+        }
         if (!managed.has(entry.containerId)) managed.set(entry.containerId, entry);
         if (container.state === ContainerState.RUNNING && container.pid) {
           recovered++;
