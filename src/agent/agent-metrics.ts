@@ -53,7 +53,7 @@ export function createAgentMetrics(src: AgentMetricsSources): AgentMetrics {
   const checkpoints = r.counter('thaw_checkpoints_total', 'Checkpoints by outcome: succeeded, failed, cancelled.', ['outcome']);
   const checkpointPhases = r.histogram('thaw_checkpoint_phase_seconds', 'Duration of each phase of a successful checkpoint.', PHASE_BUCKETS_SECONDS, ['phase']);
   const bytesWritten = r.counter('thaw_checkpoint_bytes_written_total', 'Bytes of checkpoint files published.');
-  const fallbacks = r.counter('thaw_fallbacks_total', 'Cold starts and unmanaged containers that thaw caused to fall back, by cause (RESTORE_* codes, control-dir, internal-error).', ['cause']);
+  const fallbacks = r.counter('thaw_fallbacks_total', 'Cold starts and unmanaged containers that thaw caused to fall back, by cause (the RESTORE_* codes and the AGENT_* handler causes of docs/errors.md).', ['cause']);
   const stored = r.gauge('thaw_checkpoints_stored', 'Checkpoints in the local store.');
   const storedBytes = r.gauge('thaw_checkpoints_stored_bytes', 'Total bytes of the checkpoints in the local store (manifest totals).');
   const restoresInFlight = r.gauge('thaw_restores_in_flight', 'Restore targets this agent holds (prepared or restoring).');

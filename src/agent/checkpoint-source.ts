@@ -13,6 +13,7 @@ import { CRI_IMAGE_NAME_ANNOTATION } from './containers.js';
 import { identityOf, managedAnnotations, type ManagedContainer } from './managed-container.js';
 import { describeContainer, type HandlerScope } from './nri-handler-scope.js';
 import { checkpointRefusal } from './tenancy.js';
+import { HandlerFallbackCause } from './errors.js';
 
 export async function adjustCheckpointSource(
   scope: HandlerScope,
@@ -33,7 +34,7 @@ export async function adjustCheckpointSource(
   try {
     controlDir = await createControlDir(scope.controlRoot, containerId);
   } catch (err) {
-    scope.stats.countFallback('control-dir');
+    scope.stats.countFallback(HandlerFallbackCause.CONTROL_DIR);
     ctx.logger.error('thaw: cannot create the control directory; the container runs without thaw', {
       ...describeContainer(pod, container),
       error: err,

@@ -28,3 +28,18 @@ export class AgentError extends ThawError {
     this.name = 'AgentError';
   }
 }
+
+/**
+ * Causes of the fallbacks the NRI handlers decide themselves (beside the RESTORE_* codes of the restore flow),
+ * the `cause` label of thaw_fallbacks_total. They were the label values control-dir, restore-unavailable and
+ * internal-error before they became codes.
+ */
+export const HandlerFallbackCause = {
+  /** The container's control directory could not be created: it runs without thaw (a cold start for a restore target). */
+  CONTROL_DIR: 'AGENT_CONTROL_DIR_FAILED',
+  /** A pod asks for a restore but the agent has no restore engine configured: cold start. */
+  RESTORE_UNAVAILABLE: 'AGENT_RESTORE_UNAVAILABLE',
+  /** An NRI handler failed (a bug): the container is created unchanged. */
+  INTERNAL: 'AGENT_HANDLER_INTERNAL',
+} as const;
+export type HandlerFallbackCause = (typeof HandlerFallbackCause)[keyof typeof HandlerFallbackCause];

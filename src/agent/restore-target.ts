@@ -26,11 +26,13 @@ import { CRI_IMAGE_NAME_ANNOTATION } from './containers.js';
 import { identityOf, managedAnnotations, type ManagedContainer } from './managed-container.js';
 import { describeContainer, dropInterest, type HandlerScope } from './nri-handler-scope.js';
 import { localRestoreRefusal } from './tenancy.js';
+import { RestoreErrorCode } from '../restore-engine/index.js';
+import { HandlerFallbackCause } from './errors.js';
 
 /** Fallback causes that are the tenancy policy's refusals (counted per namespace for /metrics). */
-const TENANCY_CAUSES: ReadonlySet<string> = new Set(['RESTORE_NOT_ALLOWED', 'RESTORE_SIGNATURE', 'RESTORE_NO_ROOM']);
+const TENANCY_CAUSES: ReadonlySet<string> = new Set([RestoreErrorCode.NOT_ALLOWED, RestoreErrorCode.SIGNATURE, RestoreErrorCode.NO_ROOM]);
 
-/** What the restore branch needs; without it a restore target cold-starts ("restore-unavailable"). */
+/** What the restore branch needs; without it a restore target cold-starts (AGENT_RESTORE_UNAVAILABLE). */
 export interface ThawRestoreConfig {
   store: LocalStore;
   /** Where else checkpoints come from (shared store, registries); absent: the local store only. */
@@ -63,7 +65,7 @@ export const DEFAULT_RESTORE_HOOK_TIMEOUT_SECONDS = 60;
 export const HOOK_WAIT_RESERVE_SECONDS = 15;
 
 /** Restore fallbacks decided here, before the container exists: no adjustment, the pod starts cold. */
-function coldStart(scope: HandlerScope, cause: string, message: string, pod: PodSandbox, container: Container, ctx: NriHandlerContext, extra: Record<string, unknown>): undefined {
+function coldStart(scope: HandlerScope, cause: RestoreErrorCode | HandlerFallbackCause, message: string, pod: PodSandbox, container: Container, ctx: NriHandlerContext, extra: Record<string, unknown>): undefined {
   scope.stats.countRestoreFallbackAtCreate(cause);
   if (TENANCY_CAUSES.has(cause)) scope.stats.countTenancyRefusal(pod.namespace ?? '', cause);
   ctx.logger.warn(`thaw: ${message}; cold start`, { ...describeContainer(pod, container), event: 'restore', outcome: 'fallback', cause, ...extra });
@@ -119,7 +121,7 @@ async function adjustWith(
       checkpoint = found.checkpoint;
       if (found.kind === 'incoming') incoming = { ready: found.ready, from: found.from, source: found.source };
     } else if (reference !== undefined) {
-      return coldStart(scope, 'RESTORE_CHECKPOINT_MISSING', 'the pod names a registry checkpoint but no registry is configured', pod, container, ctx, { checkpoint: checkpointName });
+      return coldStart(scope, RestoreErrorCode.CHECKPOINT_MISSING, 'the pod names a registry checkpoint but no registry is configured', pod, container, ctx, { checkpoint: checkpointName });
     } else {
       checkpoint = await r.store.open(checkpointName);
       const refusal = localRestoreRefusal(scope.tenancy, namespace, { namespace: checkpoint.manifest.source.pod?.namespace, name: checkpoint.name });
@@ -131,7 +133,7 @@ async function adjustWith(
     const unsigned = isThawError(err, 'OCI_SIGNATURE_MISSING') || isThawError(err, 'OCI_SIGNATURE_INVALID');
     const noRoom = isThawError(err, 'RESTORE_NO_ROOM');
     const remote = isThawError(err) && err.code.startsWith('OCI_');
-    const cause = notAllowed ? 'RESTORE_NOT_ALLOWED' : unsigned ? 'RESTORE_SIGNATURE' : noRoom ? 'RESTORE_NO_ROOM' : remote ? 'RESTORE_PULL_FAILED' : missing ? 'RESTORE_CHECKPOINT_MISSING' : 'RESTORE_CHECKPOINT_CORRUPT';
+    const cause = notAllowed ? RestoreErrorCode.NOT_ALLOWED : unsigned ? RestoreErrorCode.SIGNATURE : noRoom ? RestoreErrorCode.NO_ROOM : remote ? RestoreErrorCode.PULL_FAILED : missing ? RestoreErrorCode.CHECKPOINT_MISSING : RestoreErrorCode.CHECKPOINT_CORRUPT;
     const what = notAllowed
       ? 'the tenancy policy refuses this checkpoint to the pod'
       : unsigned
@@ -154,7 +156,7 @@ async function adjustWith(
   }
   const imageRef = container.annotations?.[CRI_IMAGE_NAME_ANNOTATION];
   if (imageRef === undefined) {
-    return coldStart(scope, 'RESTORE_INCOMPATIBLE', `the container has no ${CRI_IMAGE_NAME_ANNOTATION} annotation to compare with the checkpoint's image`, pod, container, ctx, {
+    return coldStart(scope, RestoreErrorCode.INCOMPATIBLE, `the container has no ${CRI_IMAGE_NAME_ANNOTATION} annotation to compare with the checkpoint's image`, pod, container, ctx, {
       checkpoint: checkpointName,
     });
   }
@@ -166,20 +168,20 @@ async function adjustWith(
     container: { name: container.name ?? '', args: container.args ?? [] },
   });
   if (!isRestorable(mismatches)) {
-    return coldStart(scope, 'RESTORE_INCOMPATIBLE', 'the checkpoint does not match this node or container', pod, container, ctx, {
+    return coldStart(scope, RestoreErrorCode.INCOMPATIBLE, 'the checkpoint does not match this node or container', pod, container, ctx, {
       checkpoint: checkpointName,
       mismatches,
     });
   }
   const args = container.args ?? [];
   if (args.length === 0 || !args[0]) {
-    return coldStart(scope, 'RESTORE_INCOMPATIBLE', 'the container has no args to hold behind thaw-pause', pod, container, ctx, { checkpoint: checkpointName });
+    return coldStart(scope, RestoreErrorCode.INCOMPATIBLE, 'the container has no args to hold behind thaw-pause', pod, container, ctx, { checkpoint: checkpointName });
   }
   let controlDir: string;
   try {
     controlDir = await createControlDir(scope.controlRoot, containerId);
   } catch (err) {
-    return coldStart(scope, 'control-dir', 'cannot create the control directory', pod, container, ctx, { error: errorMessage(err) });
+    return coldStart(scope, HandlerFallbackCause.CONTROL_DIR, 'cannot create the control directory', pod, container, ctx, { error: errorMessage(err) });
   }
   // A local checkpoint is leased now, before CreateContainer returns and the hook can read it (issue 12, item 6);
   // one being brought in is leased by the restore flow once it is published.

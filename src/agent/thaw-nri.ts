@@ -17,6 +17,7 @@ import { describeContainer, dropInterest, type HandlerScope } from './nri-handle
 import { defaultTenancyPolicy, type TenancyPolicy } from './tenancy.js';
 import { ThawNriStats } from './nri-stats.js';
 import { adjustRestoreTarget, type ThawRestoreConfig } from './restore-target.js';
+import { HandlerFallbackCause } from './errors.js';
 
 export interface ThawNriOptions {
   annotationPrefix: string;
@@ -105,7 +106,7 @@ export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { 
           case 'restore-target':
             if (options.restore) return await adjustRestoreTarget(scope, options.restore, pod, container, decision.checkpointName, decision.reference, ctx);
             // Without a restore engine configured, the pod cold-starts.
-            stats.countRestoreFallbackAtCreate('restore-unavailable');
+            stats.countRestoreFallbackAtCreate(HandlerFallbackCause.RESTORE_UNAVAILABLE);
             ctx.logger.warn('thaw: restore requested but no restore engine is configured; cold start', {
               ...describe(pod, container),
               checkpoint: decision.checkpointName,
@@ -114,7 +115,7 @@ export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { 
         }
       } catch (err) {
         // A bug here must not fail the pod: log it and leave the container as it is.
-        stats.countFallback('internal-error');
+        stats.countFallback(HandlerFallbackCause.INTERNAL);
         ctx.logger.error('thaw: createContainer handler failed; the container is created unchanged', {
           ...describe(pod, container),
           error: errorMessage(err),

@@ -3,8 +3,8 @@
  * image root for node image builds or `/` on a node (the DaemonSet's init container runs it with DIR = the
  * host's root):
  *
- *   opt/thaw/lib/                 the package: package.json, package-lock.json, dist/src/, proto/, config/,
- *                                 bin/, native/build/, node_modules/ (production dependencies only)
+ *   opt/thaw/lib/                 the package: package.json, package-lock.json, dist/src/ (less the test harness,
+ *                                 src/node-stack), proto/, config/, bin/, native/build/, node_modules/ (production only)
  *   opt/thaw/bin/node             the Node.js binary that runs it
  *   <toolkitDir>                  CRIU, GNU tar, gzip and their libraries, at the same absolute path (their
  *                                 ELF interpreter is patched to it; restore targets bind-mount it there)
@@ -124,6 +124,13 @@ const PACKAGE_ENTRIES: ReadonlyArray<{ rel: string; required: boolean }> = [
   { rel: 'native/build', required: true },
   { rel: 'bin', required: false },
 ];
+/**
+ * Parts of the package entries a node does not get: the test harness (src/node-stack/: a private containerd
+ * stack, a CRI client, the registry it provisions), which only the tests, the demo and the benchmarks import
+ * (test/helpers/layering.ts: no src/ layer may import node-stack).
+ */
+export const PACKAGE_EXCLUDE: readonly string[] = ['dist/src/node-stack'];
+const excluded = (rel: string): boolean => PACKAGE_EXCLUDE.some((x) => rel === x || rel.startsWith(`${x}/`));
 /** Files the package must hold for the installed thaw to work at all (checked before anything is copied). */
 const PACKAGE_REQUIRED_FILES = ['dist/src/oci-hooks/main.js', 'native/build/thaw-pause', 'proto/nri/api.proto', 'proto/criu/rpc.proto', 'config/agent.yaml', 'config/conf.d/thaw-nri.toml', 'config/thaw-agent.service'];
 /**
@@ -418,7 +425,7 @@ async function stagePackage(packageRoot: string, modules: readonly string[], sta
     const from = path.join(packageRoot, rel);
     if (!required && !(await stat(from).then(() => true, () => false))) continue;
     await mkdir(path.dirname(path.join(staged, rel)), { recursive: true, mode: 0o755 });
-    await cp(from, path.join(staged, rel), { recursive: true, verbatimSymlinks: true });
+    await cp(from, path.join(staged, rel), { recursive: true, verbatimSymlinks: true, filter: (src) => !excluded(path.relative(packageRoot, src)) });
   }
   for (const key of modules) {
     await mkdir(path.dirname(path.join(staged, key)), { recursive: true, mode: 0o755 });
@@ -464,7 +471,7 @@ async function writeFileSynced(file: string, text: string, mode: number): Promis
 async function installStamp(packageRoot: string, modules: readonly string[]): Promise<string> {
   const pkg = JSON.parse(await readFile(path.join(packageRoot, 'package.json'), 'utf8')) as { name?: string; version?: string };
   const h = createHash('sha256');
-  for (const rel of [...PACKAGE_ENTRIES.map((e) => e.rel), ...modules]) await hashTree(h, packageRoot, rel);
+  for (const rel of [...PACKAGE_ENTRIES.map((e) => e.rel), ...modules]) await hashTree(h, packageRoot, rel, true, excluded);
   return `${JSON.stringify({ name: pkg.name, version: pkg.version, package: h.digest('hex') }, null, 2)}\n`;
 }
 
@@ -487,12 +494,13 @@ async function toolkitDigest(dir: string): Promise<string | undefined> {
 }
 
 /** Feeds every file under root/rel (paths, modes, link targets, and contents unless `contents` is false) into h. */
-async function hashTree(h: ReturnType<typeof createHash>, root: string, rel: string, contents = true): Promise<void> {
+async function hashTree(h: ReturnType<typeof createHash>, root: string, rel: string, contents = true, skip: (rel: string) => boolean = () => false): Promise<void> {
+  if (skip(rel)) return;
   const p = path.join(root, rel);
   const st = await lstat(p).catch(() => undefined);
   if (!st) return;
   if (st.isDirectory()) {
-    for (const name of (await readdir(p)).sort()) await hashTree(h, root, path.join(rel, name), contents);
+    for (const name of (await readdir(p)).sort()) await hashTree(h, root, path.join(rel, name), contents, skip);
     return;
   }
   h.update(`${rel}\0${st.mode}\0${st.size}\0`);

@@ -4,11 +4,11 @@ export { processTree } from './container-inspect.js';
 export { CriuClient, criuEnvironment, DEFAULT_SETPRIV_PATH, parentDeathWrapper } from './criu/client.js';
 export { createRestoreFlow, type CudaRestoreStep, type PreparedRestore, type RestoreEvent, type RestoreJob, type RestoreStepContext } from './restore-flow.js';
 export { DEFAULT_SH_PATH } from './restore.js';
+export { RestoreError, RestoreErrorCode } from './restore-errors.js';
 // The pure decoders, for the fuzz run (bench/fuzz-decoders.ts).
 export { CriuCodec } from './criu/rpc.js';
 export { CriuImageCodec, encodeImageFile, parseImageFile } from './criu/images.js';
 export { readTarEntries } from './rootfs-diff.js';
-export { RestoreError, RestoreErrorCode } from './restore-errors.js';
 // The weights service (restore-engine/weights/): what the GPU check (bench/gpu/weights-check.ts) drives.
 export { listenForWorker } from './weights/handover.js';
 export { loadWeights } from './weights/loader.js';

@@ -17,7 +17,7 @@ import { StoreErrorCode } from '../../src/store/errors.js';
 import { openLocalStore, type LocalStore } from '../../src/store/local-store.js';
 import { OciErrorCode } from '../../src/store/oci/errors.js';
 import { pushCheckpoint } from '../../src/store/oci/push.js';
-import { manifestFields, writeCheckpointFiles } from '../unit/store-fixtures.js';
+import { manifestFields, writeCheckpointFiles } from '../helpers/store-fixtures.js';
 import { rejection } from '../helpers/rejection.js';
 
 /** manifestFields() records namespace "default": the pods here ask from it. */

@@ -11,7 +11,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startRegistry, type RunningRegistry } from '../../src/node-stack/registry.js';
 import { ensureBuilt, PACKAGE_ROOT } from '../../src/node-stack/thaw-plugin-process.js';
 import { openLocalStore } from '../../src/store/local-store.js';
-import { manifestFields, writeCheckpointFiles } from '../unit/store-fixtures.js';
+import { manifestFields, writeCheckpointFiles } from '../helpers/store-fixtures.js';
 
 const execFileP = promisify(execFile);
 const CLI = join(PACKAGE_ROOT, 'dist/src/cli/main.js');

@@ -1,5 +1,6 @@
 /**
- * The containerd configs an operator is told to use (config/containerd-1.7.toml.example,
+ * The containerd configs an operator is told to use (config/containerd.toml.example for both generations,
+ * config/containerd-1.7.toml.example,
  * config/containerd-2.x.toml.example, and the drop-in `thaw install` writes, config/conf.d/thaw-nri.toml),
  * validated by starting the real containerd of the private stacks with them: only root, state, socket and
  * plugin paths are rewritten into a temporary dir (and the CRI stream server, CNI and opt dirs pointed there so
@@ -20,6 +21,8 @@ import { flavorsUnderTest, waitFor } from '../helpers/stack.js';
 const REPO = path.resolve(import.meta.dirname, '../..');
 const EXAMPLES: Record<StackFlavor, string> = { '1.7': 'config/containerd-1.7.toml.example', '2.1': 'config/containerd-2.x.toml.example' };
 const DROP_IN = 'config/conf.d/thaw-nri.toml';
+/** The design's config/containerd.toml.example: one version-2 file that both generations load. */
+const GENERIC_EXAMPLE = 'config/containerd.toml.example';
 const BOOT_TIMEOUT_MS = 60_000;
 
 interface Running {
@@ -132,6 +135,14 @@ describe.each(flavorsUnderTest())('containerd %s with thaw\'s NRI config', (flav
   it(`${EXAMPLES[flavor]} enables NRI: the socket exists and a plugin registers`, async () => {
     const example = readFileSync(path.join(REPO, EXAMPLES[flavor]), 'utf8');
     expect(example).toMatch(flavor === '1.7' ? /^version = 2$/m : /^version = 3$/m);
+    const r = await startContainerd(flavor, () => example);
+    expect(existsSync(r.nriSocket)).toBe(true);
+    expect(await registerPlugin(r.nriSocket)).toMatch(VERSION[flavor]);
+  }, 120_000);
+
+  it(`${GENERIC_EXAMPLE} (version 2, for both generations) enables NRI: the socket exists and a plugin registers`, async () => {
+    const example = readFileSync(path.join(REPO, GENERIC_EXAMPLE), 'utf8');
+    expect(example).toMatch(/^version = 2$/m);
     const r = await startContainerd(flavor, () => example);
     expect(existsSync(r.nriSocket)).toBe(true);
     expect(await registerPlugin(r.nriSocket)).toMatch(VERSION[flavor]);

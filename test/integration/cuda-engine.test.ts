@@ -27,7 +27,7 @@ import {
   type ThawPluginDirs,
   type ThawPluginProcess,
 } from '../helpers/thaw-plugin-process.js';
-import { buildFakeLibraries, FAKE_GPU, FAKE_LIBCUDA, FAKE_NVML, fakeTokenEnv, fakeTokenState, readFakeCalls } from '../unit/cuda-fake-lib.js';
+import { buildFakeLibraries, FAKE_GPU, FAKE_LIBCUDA, FAKE_NVML, fakeTokenEnv, fakeTokenState, readFakeCalls } from '../helpers/cuda-fake-lib.js';
 
 const MEMORY_MB = 32;
 const SEED = 5;

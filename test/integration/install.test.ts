@@ -69,6 +69,8 @@ describe('thaw install --root DIR', () => {
     // Not the tests, the benchmarks or the demo.
     expect(existsSync(path.join(lib, 'dist/bench'))).toBe(false);
     expect(existsSync(path.join(lib, 'test'))).toBe(false);
+    // Nor the test harness (src/node-stack/): the package's own code never imports it.
+    expect(existsSync(path.join(lib, 'dist/src/node-stack'))).toBe(false);
     // node_modules: every production package of the lockfile, none of the dev ones.
     const lock = JSON.parse(readFileSync(path.join(REPO, 'package-lock.json'), 'utf8')) as { packages: Record<string, { dev?: boolean }> };
     for (const dep of ['@grpc/grpc-js', '@grpc/proto-loader', 'koffi', 'protobufjs', 'yaml']) {

@@ -27,7 +27,7 @@ import { cosignSign, cosignVerify, generateCosignKeyPair, type CosignKeyPair } f
 import { orasPullCheckpoint, orasPushThawLayout } from '../helpers/oras.js';
 import { peerToolOk } from '../helpers/peer-tools.js';
 import { makeTlsFiles } from '../helpers/registry.js';
-import { manifestFields, writeCheckpointFiles } from '../unit/store-fixtures.js';
+import { manifestFields, writeCheckpointFiles } from '../helpers/store-fixtures.js';
 
 const execFileP = promisify(execFile);
 const CLI = join(PACKAGE_ROOT, 'dist/src/cli/main.js');

@@ -17,7 +17,7 @@ import { OciErrorCode } from '../../src/store/oci/errors.js';
 import { pullCheckpoint } from '../../src/store/oci/pull.js';
 import { pushCheckpoint } from '../../src/store/oci/push.js';
 import { isThawError } from '../../src/errors.js';
-import { manifestFields, writeCheckpointFiles } from '../unit/store-fixtures.js';
+import { manifestFields, writeCheckpointFiles } from '../helpers/store-fixtures.js';
 import { makeTlsFiles, startBreakingProxy, startTokenServer, writeHtpasswd } from '../helpers/registry.js';
 import { rejection } from '../helpers/rejection.js';
 

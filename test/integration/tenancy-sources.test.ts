@@ -20,7 +20,7 @@ import { parseTrustedKey, type TrustedKey } from '../../src/store/oci/signature.
 import { ANNOTATION_FILE_SIZE, ANNOTATION_OFFSET, ANNOTATION_PATH, CHECKPOINT_ARTIFACT_TYPE, CHECKPOINT_CONFIG_MEDIA_TYPE, CHECKPOINT_LAYER_MEDIA_TYPE, OCI_MANIFEST_MEDIA_TYPE } from '../../src/store/oci/artifact.js';
 import { RegistryClient, sha256Digest } from '../../src/store/oci/client.js';
 import { Readable } from 'node:stream';
-import { manifestFields, writeCheckpointFiles } from '../unit/store-fixtures.js';
+import { manifestFields, writeCheckpointFiles } from '../helpers/store-fixtures.js';
 import { pushCosignStyleSignature } from '../helpers/cosign-fixture.js';
 import { startTricklingProxy } from '../helpers/registry.js';
 import { cosignSign, digestReference, generateCosignKeyPair } from '../helpers/cosign.js';

@@ -25,7 +25,7 @@ import {
   fakeIntrospection,
   setFakeEnv,
   type FakeIntrospection,
-} from './cuda-fake-lib.js';
+} from '../helpers/cuda-fake-lib.js';
 
 let api: CudaCheckpointApi;
 let fake: FakeIntrospection;

@@ -28,7 +28,7 @@ import {
   readFakeCalls,
   setFakeEnv,
   type FakeIntrospection,
-} from './cuda-fake-lib.js';
+} from '../helpers/cuda-fake-lib.js';
 
 const log = createCollectingLogger();
 let node: NodeCuda;

@@ -29,7 +29,7 @@ import {
   fakeIntrospection,
   setFakeEnv,
   type FakeIntrospection,
-} from './cuda-fake-lib.js';
+} from '../helpers/cuda-fake-lib.js';
 
 let driver: CudaDriver;
 let fake: FakeIntrospection;

@@ -6,7 +6,7 @@ import { execFile } from 'node:child_process';
 import { resolve } from 'node:path';
 import { promisify } from 'node:util';
 import { beforeAll, describe, expect, it } from 'vitest';
-import { buildFakeLibraries } from './cuda-fake-lib.js';
+import { buildFakeLibraries } from '../helpers/cuda-fake-lib.js';
 
 const SDK_DIR = resolve(import.meta.dirname, '../../sdk/python');
 const PY_TIMEOUT_MS = 30_000;

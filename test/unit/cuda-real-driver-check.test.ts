@@ -4,7 +4,7 @@
  */
 import { beforeAll, describe, expect, it } from 'vitest';
 import { checkRealDriver } from '../../bench/gpu/check-real-driver.js';
-import { FAKE_LIBCUDA, FAKE_NVML, buildFakeLibraries, clearFakeEnv, setFakeEnv } from './cuda-fake-lib.js';
+import { FAKE_LIBCUDA, FAKE_NVML, buildFakeLibraries, clearFakeEnv, setFakeEnv } from '../helpers/cuda-fake-lib.js';
 
 beforeAll(() => {
   buildFakeLibraries();

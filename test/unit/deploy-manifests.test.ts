@@ -319,7 +319,7 @@ describe('config/', () => {
   });
 
   it('the containerd configs name the NRI socket the agent connects to, with NRI enabled and connections allowed', () => {
-    for (const file of ['config/containerd-1.7.toml.example', 'config/containerd-2.x.toml.example', 'config/conf.d/thaw-nri.toml']) {
+    for (const file of ['config/containerd.toml.example', 'config/containerd-1.7.toml.example', 'config/containerd-2.x.toml.example', 'config/conf.d/thaw-nri.toml']) {
       const text = readFileSync(path.join(REPO, file), 'utf8');
       const setting = (key: string): string | undefined => new RegExp(`^\\s*${key} = ["']?([^"'\\n]*)["']?$`, 'm').exec(text)?.[1];
       expect(setting('socket_path'), file).toBe(CONTRACT_DEFAULTS.nri.socket);

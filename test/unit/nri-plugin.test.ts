@@ -10,7 +10,7 @@ import {
   type NriPlugin,
 } from '../../src/nri-plugin/plugin.js';
 import { NriEvent, type ContainerAdjustment, type CreateContainerResponse } from '../../src/nri-plugin/nri-types.js';
-import { FakeRuntime, PLUGIN_SERVICE } from './nri-fake-runtime.js';
+import { FakeRuntime, PLUGIN_SERVICE } from '../helpers/nri-fake-runtime.js';
 
 const cleanups: Array<() => Promise<unknown> | unknown> = [];
 afterEach(async () => {

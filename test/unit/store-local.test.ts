@@ -7,7 +7,7 @@ import { fileURLToPath } from 'node:url';
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { createCollectingLogger } from '../../src/log.js';
 import { openLocalStore, type LocalStore } from '../../src/store/local-store.js';
-import { manifestFields, tempRoot, writeCheckpointFiles } from './store-fixtures.js';
+import { manifestFields, tempRoot, writeCheckpointFiles } from '../helpers/store-fixtures.js';
 import { rejection } from '../helpers/rejection.js';
 
 const repo = resolve(fileURLToPath(import.meta.url), '../../..');

@@ -10,7 +10,7 @@ import {
   type NodeFacts,
 } from '../../src/store/manifest.js';
 import { readHostFacts } from '../../src/sys/host-facts.js';
-import { manifestFields } from './store-fixtures.js';
+import { manifestFields } from '../helpers/store-fixtures.js';
 
 function validManifest(): Manifest {
   const f = manifestFields();

@@ -15,7 +15,7 @@ import { decide } from '../../src/nri-plugin/policy.js';
 import { checkpointRefusal, defaultTenancyPolicy, localRestoreRefusal, parseTenancyPolicy, registryGrantFor } from '../../src/agent/tenancy.js';
 import { checkCompatibility, isRestorable, MANIFEST_KIND, type Manifest } from '../../src/store/manifest.js';
 import { checkCosignBundle, checkSimpleSigningPayload, COSIGN_SIGNATURE_TYPE, dssePae, keyThatSigned, parseTrustedKey, signatureTagFor } from '../../src/store/oci/signature.js';
-import { manifestFields } from './store-fixtures.js';
+import { manifestFields } from '../helpers/store-fixtures.js';
 
 const DIGEST = `sha256:${'ab'.repeat(32)}`;
 

@@ -22,7 +22,7 @@ import { listenForWorker } from '../../src/restore-engine/weights/handover.js';
 import { loadWeights } from '../../src/restore-engine/weights/loader.js';
 import { readWeightsFile } from '../../src/restore-engine/weights/regions-file.js';
 import { SourceDigests } from '../../src/restore-engine/weights/source-digests.js';
-import { FAKE_LIBCUDA, buildFakeLibraries } from './cuda-fake-lib.js';
+import { FAKE_LIBCUDA, buildFakeLibraries } from '../helpers/cuda-fake-lib.js';
 
 const SDK_DIR = resolve(import.meta.dirname, '../../sdk/python');
 const MiB = 1 << 20;
