@@ -19,6 +19,8 @@ export const DEFAULT_NRI_SOCKET_PATH = '/var/run/nri/nri.sock';
 export const DEFAULT_TOOLKIT_DIR = '/opt/thaw/stack/1.7';
 /** The host's nsenter (util-linux), run as root to enter a container's namespaces: never one from a rootfs. */
 export const DEFAULT_NSENTER_PATH = '/usr/bin/nsenter';
+/** The host's unshare (util-linux): gives CRIU a private copy of the host's mount namespace (criu/client.ts). */
+export const DEFAULT_UNSHARE_PATH = '/usr/bin/unshare';
 /** Where /metrics listens (loopback). */
 export const DEFAULT_METRICS_LISTEN = '127.0.0.1:9464';
 

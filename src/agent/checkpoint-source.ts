@@ -4,14 +4,15 @@
  * that restarted learn the container back. Never throws for a problem of the pod: without a control
  * directory the container runs without thaw (counted as `control-dir`).
  */
-import { AdjustmentBuilder } from '../nri-plugin/adjustment.js';
-import type { NriHandlerContext } from '../nri-plugin/plugin.js';
-import { CHECKPOINT_ENV, CONTROL_DIR_ENV, CONTROL_DIR_MOUNT_PATH, LEGACY_CONTROL_DIR_ENV, type OnCheckpoint } from '../nri-plugin/policy.js';
-import type { Container, PodSandbox } from '../nri-plugin/nri-types.js';
-import { createControlDir } from '../sdk/control-dir.js';
+import { AdjustmentBuilder } from '../nri-plugin/index.js';
+import type { NriHandlerContext } from '../nri-plugin/index.js';
+import { CHECKPOINT_ENV, CONTROL_DIR_ENV, CONTROL_DIR_MOUNT_PATH, LEGACY_CONTROL_DIR_ENV, type OnCheckpoint } from '../nri-plugin/index.js';
+import type { Container, PodSandbox } from '../nri-plugin/index.js';
+import { createControlDir } from '../sdk/index.js';
 import { CRI_IMAGE_NAME_ANNOTATION } from './containers.js';
 import { identityOf, managedAnnotations, type ManagedContainer } from './managed-container.js';
 import { describeContainer, type HandlerScope } from './nri-handler-scope.js';
+import { checkpointRefusal } from './tenancy.js';
 
 export async function adjustCheckpointSource(
   scope: HandlerScope,
@@ -22,6 +23,12 @@ export async function adjustCheckpointSource(
   ctx: NriHandlerContext,
 ): Promise<AdjustmentBuilder | undefined> {
   const containerId = container.id ?? '';
+  const refusal = checkpointRefusal(scope.tenancy, pod.namespace ?? '');
+  if (refusal !== undefined) {
+    scope.stats.countFallback('checkpoint-not-allowed');
+    ctx.logger.warn('thaw: the policy refuses checkpoints of this pod; the container runs without thaw', { ...describeContainer(pod, container), checkpoint: checkpointName, reason: refusal });
+    return undefined;
+  }
   let controlDir: string;
   try {
     controlDir = await createControlDir(scope.controlRoot, containerId);
@@ -40,6 +47,7 @@ export async function adjustCheckpointSource(
     controlDir,
     ...(container.annotations?.[CRI_IMAGE_NAME_ANNOTATION] ? { imageRef: container.annotations[CRI_IMAGE_NAME_ANNOTATION] } : {}),
     role: 'checkpoint-source',
+    ...(container.args !== undefined && container.args.length > 0 ? { specArgs: [...container.args] } : {}),
   };
   const existingEnv = new Set((container.env ?? []).map((kv) => kv.slice(0, Math.max(0, kv.indexOf('=')))));
   const builder = new AdjustmentBuilder()

@@ -7,23 +7,25 @@ import { existsSync } from 'node:fs';
 import { mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { errorMessage } from '../errors.js';
-import { CHECKPOINT_COMPLETE } from '../sdk/protocol.js';
+import { CHECKPOINT_COMPLETE } from '../sdk/index.js';
 import type { Logger } from '../log.js';
-import { CriuClient, parentDeathWrapper } from '../restore-engine/criu/client.js';
-import { openLocalStore, type LocalStore } from '../store/local-store.js';
+import { CriuClient, criuEnvironment, parentDeathWrapper } from '../restore-engine/index.js';
+import { openLocalStore, type LocalStore } from '../store/index.js';
 import { bindPageCache, readIntoPageCache } from '../sys/page-cache.js';
-import { DEFAULT_MOUNT_PATH, DEFAULT_UMOUNT_PATH } from '../oci-hooks/create-runtime.js';
-import { DEFAULT_SH_PATH } from '../restore-engine/restore.js';
+import { DEFAULT_MOUNT_PATH, DEFAULT_UMOUNT_PATH } from '../oci-hooks/index.js';
+import { DEFAULT_SH_PATH } from '../restore-engine/index.js';
 import { restoreToolFiles } from './restore-tools.js';
 import { CheckpointCoordinator, type CheckpointEvent } from './checkpoint-coordinator.js';
 import { createCheckpointSources, type RegistrySourceOptions } from './checkpoint-sources.js';
+import type { TrustedKey } from '../store/index.js';
+import type { TenancyPolicy } from './tenancy.js';
 import { checkpointHooksFactory, cudaRestoreStep, loadNodeCuda, recoverCudaProcesses, type NodeCuda } from './cuda-steps.js';
-import type { RestoreEvent } from '../restore-engine/restore-flow.js';
+import type { RestoreEvent } from '../restore-engine/index.js';
 import type { ManagedContainer, ThawCoordinator } from './managed-container.js';
 import { ThawNriStats } from './nri-stats.js';
 import { createRestoreCoordinator, type RestoreCoordinator } from './restore-coordinator.js';
 import { createThawNriHandlers } from './thaw-nri.js';
-import { DEFAULT_NSENTER_PATH } from '../defaults.js';
+import { DEFAULT_NSENTER_PATH, DEFAULT_UNSHARE_PATH } from '../defaults.js';
 
 
 export interface ThawEngineOptions {
@@ -52,6 +54,10 @@ export interface ThawEngineOptions {
   sharedStoreOwnerUid?: number;
   /** Registries a restore annotation may name (`registry/repo:tag`); absent: references cold-start. */
   registry?: RegistrySourceOptions;
+  /** Who may checkpoint and restore what (agent config `tenancy`); absent: defaultTenancyPolicy(). */
+  tenancy?: TenancyPolicy;
+  /** The policy's public keys by file path (loadTrustedKeys). */
+  trustedKeys?: ReadonlyMap<string, TrustedKey>;
   /** Told of every restore / checkpoint event after it is logged (the agent's metrics). */
   onRestoreEvent?: (event: RestoreEvent) => void;
   onCheckpointEvent?: (event: CheckpointEvent) => void;
@@ -80,7 +86,14 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
   const shared = o.sharedStoreRoot !== undefined ? await openLocalStore({ root: o.sharedStoreRoot, logger, ...(o.sharedStoreOwnerUid !== undefined ? { ownerUid: o.sharedStoreOwnerUid } : {}) }) : undefined;
   const sources =
     shared !== undefined || o.registry !== undefined
-      ? createCheckpointSources({ local: store, logger, ...(shared ? { shared } : {}), ...(o.registry ? { registry: o.registry } : {}) })
+      ? createCheckpointSources({
+          local: store,
+          logger,
+          ...(shared ? { shared } : {}),
+          ...(o.registry ? { registry: o.registry } : {}),
+          ...(o.tenancy ? { policy: o.tenancy } : {}),
+          ...(o.trustedKeys ? { trustedKeys: o.trustedKeys } : {}),
+        })
       : undefined;
   await mkdir(o.workRoot, { recursive: true, mode: 0o700 });
   // CRIU runs GNU tar and gzip from its PATH (tmpfs contents on restore): the toolkit's come first.
@@ -89,7 +102,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
   const criu = new CriuClient({
     criuPath: join(binDir, 'criu'),
     logger,
-    env: { ...process.env, PATH: `${binDir}:${process.env['PATH'] ?? '/usr/sbin:/usr/bin:/sbin:/bin'}` },
+    env: criuEnvironment(binDir),
     ...(dieWithAgent !== undefined ? { parentDeathWrapper: dieWithAgent } : {}),
   });
   const criuVersion = await criu.version();
@@ -122,7 +135,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     toolFiles ??= restoreToolFiles({
       hookArgv: o.hookArgv,
       thawPausePath: o.thawPausePath,
-      executables: [join(binDir, 'criu'), join(binDir, 'tar'), join(binDir, 'busybox'), DEFAULT_NSENTER_PATH, DEFAULT_MOUNT_PATH, DEFAULT_UMOUNT_PATH, DEFAULT_SH_PATH, ...(dieWithAgent ?? []).slice(0, 1)],
+      executables: [join(binDir, 'criu'), join(binDir, 'tar'), join(binDir, 'busybox'), DEFAULT_NSENTER_PATH, DEFAULT_UNSHARE_PATH, DEFAULT_MOUNT_PATH, DEFAULT_UMOUNT_PATH, DEFAULT_SH_PATH, ...(dieWithAgent ?? []).slice(0, 1)],
     });
     const r = await readIntoPageCache(await toolFiles, pageCache, { signal });
     if (r.bytesRead > 0) logger.debug('restore tools read into the page cache', { files: r.files, bytesRead: r.bytesRead, skipped: r.skipped });
@@ -168,6 +181,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     controlRoot: o.controlRoot,
     coordinator,
     stats,
+    ...(o.tenancy ? { tenancy: o.tenancy } : {}),
     restore: {
       store,
       ...(sources ? { sources } : {}),

@@ -4,11 +4,11 @@
  * hand to the flows; how a ManagedContainer is made from NRI's pod and container, and how it is written into
  * (and read back from) the annotations thaw sets on the container.
  */
-import type { Container, PodSandbox } from '../nri-plugin/nri-types.js';
-import type { OnCheckpoint } from '../nri-plugin/policy.js';
-import type { OpenedCheckpoint } from '../store/local-store.js';
+import type { Container, PodSandbox } from '../nri-plugin/index.js';
+import type { OnCheckpoint } from '../nri-plugin/index.js';
+import type { OpenedCheckpoint, ReleaseLease } from '../store/index.js';
 import { CRI_IMAGE_NAME_ANNOTATION } from './containers.js';
-import { controlDirPath } from '../sdk/control-dir.js';
+import { controlDirPath } from '../sdk/index.js';
 import { lstatSync } from 'node:fs';
 
 /** What the handlers know about a container thaw manages, handed to the flows. */
@@ -30,6 +30,12 @@ export interface ManagedContainer {
   role?: 'checkpoint-source' | 'restore-target';
   /** Restore targets: how thaw-pause holds the original command (NRI args, or the createRuntime overlay). */
   placeholder?: 'args' | 'overlay';
+  /**
+   * Checkpoint sources: the process args of the container's spec as NRI gave them at CreateContainer (the
+   * Kubernetes command and args, resolved by the runtime). Recorded in the manifest; a restore target's must be
+   * the same. Not rebuilt after an agent restart (then the manifest records none, and the restore refuses it).
+   */
+  specArgs?: string[];
 }
 
 /**
@@ -53,7 +59,8 @@ export interface ThawCoordinator {
    * `incoming`: the checkpoint is still being pulled (or copied from the shared store) into the local store;
    * the restore waits for it, and its failure is a cold start.
    */
-  restoreTargetCreated?(container: ManagedContainer, checkpoint: OpenedCheckpoint, incoming?: Promise<OpenedCheckpoint>): void;
+  /** `lease`: the store lease CreateContainer took on a local checkpoint; the coordinator releases it. */
+  restoreTargetCreated?(container: ManagedContainer, checkpoint: OpenedCheckpoint, incoming?: Promise<OpenedCheckpoint>, lease?: ReleaseLease): void;
   /** A restore target started: restore into it (pid = its PID 1, thaw-pause, on the host). */
   restoreTargetStarted?(container: ManagedContainer, pid: number): void;
   /** A managed container stopped or was removed: abandon what runs for it. */

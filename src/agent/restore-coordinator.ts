@@ -6,8 +6,8 @@
  */
 import { errorMessage } from '../errors.js';
 import type { Logger } from '../log.js';
-import { readHookOutcome, writeCheckpointUnavailable } from '../oci-hooks/records.js';
-import type { CriuClient } from '../restore-engine/criu/client.js';
+import { readHookOutcome, writeCheckpointUnavailable } from '../oci-hooks/index.js';
+import type { CriuClient } from '../restore-engine/index.js';
 import {
   createRestoreFlow,
   type CudaRestoreStep,
@@ -15,8 +15,8 @@ import {
   type RestoreEvent,
   type RestoreJob,
   type RestoreStepContext,
-} from '../restore-engine/restore-flow.js';
-import type { LocalStore } from '../store/local-store.js';
+} from '../restore-engine/index.js';
+import type { LocalStore } from '../store/index.js';
 import type { ManagedContainer, ThawCoordinator } from './managed-container.js';
 import type { ThawNriStats } from './nri-stats.js';
 import { PrefetchGate, SharedPrefetch } from './shared-prefetch.js';
@@ -142,12 +142,13 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
       prefetches.release(podHolder(podId));
     },
 
-    restoreTargetCreated(container, checkpoint, incoming) {
+    restoreTargetCreated(container, checkpoint, incoming, lease) {
       const job: Job = {
         createdAtIso: new Date().toISOString(),
         container,
         checkpoint,
         ...(incoming !== undefined ? { incoming } : {}),
+        ...(lease !== undefined ? { release: lease } : {}),
         abort: new AbortController(),
         createdAt: performance.now(),
         prepared: Promise.resolve<PreparedRestore>({ verifyMs: 0, hashed: false }),

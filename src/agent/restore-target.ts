@@ -10,20 +10,25 @@ import { dirname, join } from 'node:path';
 import type { CheckpointReference } from '../checkpoint-reference.js';
 import { errorMessage, isThawError } from '../errors.js';
 import { DEFAULT_THAW_PAUSE_DEADLINE_MS, HOOK_TIMEOUT_MARGIN_MS } from '../defaults.js';
-import { AdjustmentBuilder } from '../nri-plugin/adjustment.js';
-import type { NriHandlerContext } from '../nri-plugin/plugin.js';
-import { CHECKPOINT_ENV, CONTROL_DIR_ENV, CONTROL_DIR_MOUNT_PATH, LEGACY_CONTROL_DIR_ENV } from '../nri-plugin/policy.js';
-import type { Container, PodSandbox } from '../nri-plugin/nri-types.js';
-import { supportsArgs } from '../nri-plugin/runtime-version.js';
-import { createControlDir } from '../sdk/control-dir.js';
-import type { LocalStore, OpenedCheckpoint } from '../store/local-store.js';
-import { StoreErrorCode } from '../store/errors.js';
-import { checkCompatibility, isRestorable, type GpuConstraints, type NodeFacts } from '../store/manifest.js';
+import { AdjustmentBuilder } from '../nri-plugin/index.js';
+import type { NriHandlerContext } from '../nri-plugin/index.js';
+import { CHECKPOINT_ENV, CONTROL_DIR_ENV, CONTROL_DIR_MOUNT_PATH, LEGACY_CONTROL_DIR_ENV } from '../nri-plugin/index.js';
+import type { Container, PodSandbox } from '../nri-plugin/index.js';
+import { supportsArgs } from '../nri-plugin/index.js';
+import { createControlDir } from '../sdk/index.js';
+import type { LocalStore, OpenedCheckpoint, ReleaseLease } from '../store/index.js';
+import { DELETED_FILES_FILE_NAME, ROOTFS_DIFF_FILE_NAME, type Manifest } from '../store/index.js';
+import { StoreErrorCode } from '../store/index.js';
+import { checkCompatibility, isRestorable, type GpuConstraints, type NodeFacts } from '../store/index.js';
 import { readHostFacts } from '../sys/host-facts.js';
 import type { CheckpointSources } from './checkpoint-sources.js';
 import { CRI_IMAGE_NAME_ANNOTATION } from './containers.js';
 import { identityOf, managedAnnotations, type ManagedContainer } from './managed-container.js';
-import { describeContainer, type HandlerScope } from './nri-handler-scope.js';
+import { describeContainer, dropInterest, type HandlerScope } from './nri-handler-scope.js';
+import { localRestoreRefusal } from './tenancy.js';
+
+/** Fallback causes that are the tenancy policy's refusals (counted per namespace for /metrics). */
+const TENANCY_CAUSES: ReadonlySet<string> = new Set(['RESTORE_NOT_ALLOWED', 'RESTORE_SIGNATURE', 'RESTORE_NO_ROOM']);
 
 /** What the restore branch needs; without it a restore target cold-starts ("restore-unavailable"). */
 export interface ThawRestoreConfig {
@@ -60,8 +65,17 @@ export const HOOK_WAIT_RESERVE_SECONDS = 15;
 /** Restore fallbacks decided here, before the container exists: no adjustment, the pod starts cold. */
 function coldStart(scope: HandlerScope, cause: string, message: string, pod: PodSandbox, container: Container, ctx: NriHandlerContext, extra: Record<string, unknown>): undefined {
   scope.stats.countRestoreFallbackAtCreate(cause);
+  if (TENANCY_CAUSES.has(cause)) scope.stats.countTenancyRefusal(pod.namespace ?? '', cause);
   ctx.logger.warn(`thaw: ${message}; cold start`, { ...describeContainer(pod, container), event: 'restore', outcome: 'fallback', cause, ...extra });
   return undefined;
+}
+
+/** `--diff-sha256 TAR:DELETED` for a manifest that lists both diff files; nothing otherwise. */
+export function diffDigestArgs(manifest: Manifest): string[] {
+  const sha = (p: string): string | undefined => manifest.files.find((f) => f.path === p)?.sha256;
+  const tar = sha(ROOTFS_DIFF_FILE_NAME);
+  const deleted = sha(DELETED_FILES_FILE_NAME);
+  return tar !== undefined && deleted !== undefined ? ['--diff-sha256', `${tar}:${deleted}`] : [];
 }
 
 export async function adjustRestoreTarget(
@@ -74,25 +88,62 @@ export async function adjustRestoreTarget(
   ctx: NriHandlerContext,
 ): Promise<AdjustmentBuilder | undefined> {
   const containerId = container.id ?? '';
+  const namespace = pod.namespace ?? '';
+  const interest = new AbortController();
+  scope.interests.set(containerId, { podId: pod.id ?? container.podSandboxId ?? '', controller: interest });
+  const adjusted = await adjustWith(scope, r, pod, container, checkpointName, reference, ctx, namespace, interest.signal);
+  // Cold start after all: this pod no longer wants a transfer it may have started.
+  if (adjusted === undefined) dropInterest(scope, containerId);
+  return adjusted;
+}
+
+async function adjustWith(
+  scope: HandlerScope,
+  r: ThawRestoreConfig,
+  pod: PodSandbox,
+  container: Container,
+  checkpointName: string,
+  reference: CheckpointReference | undefined,
+  ctx: NriHandlerContext,
+  namespace: string,
+  interest: AbortSignal,
+): Promise<AdjustmentBuilder | undefined> {
+  const containerId = container.id ?? '';
   // Only the manifest here (a small JSON file): the full sha256 runs in the coordinator, after the 2 s deadline.
   // A checkpoint from elsewhere (registry, shared store): its manifest now, the transfer in the background.
   let checkpoint: OpenedCheckpoint;
   let incoming: { ready: Promise<OpenedCheckpoint>; from: string; source: string } | undefined;
   try {
     if (r.sources !== undefined) {
-      const found = await r.sources.find(checkpointName, reference);
+      const found = await r.sources.find(checkpointName, reference, { namespace, interest });
       checkpoint = found.checkpoint;
       if (found.kind === 'incoming') incoming = { ready: found.ready, from: found.from, source: found.source };
     } else if (reference !== undefined) {
       return coldStart(scope, 'RESTORE_CHECKPOINT_MISSING', 'the pod names a registry checkpoint but no registry is configured', pod, container, ctx, { checkpoint: checkpointName });
     } else {
       checkpoint = await r.store.open(checkpointName);
+      const refusal = localRestoreRefusal(scope.tenancy, namespace, { namespace: checkpoint.manifest.source.pod?.namespace, name: checkpoint.name });
+      if (refusal !== undefined) return coldStart(scope, 'RESTORE_NOT_ALLOWED', refusal, pod, container, ctx, { checkpoint: checkpointName, namespace });
     }
   } catch (err) {
     const missing = isThawError(err, StoreErrorCode.NOT_FOUND) || isThawError(err, StoreErrorCode.INVALID_NAME);
+    const notAllowed = isThawError(err, 'RESTORE_NOT_ALLOWED') || isThawError(err, 'OCI_NOT_ALLOWED');
+    const unsigned = isThawError(err, 'OCI_SIGNATURE_MISSING') || isThawError(err, 'OCI_SIGNATURE_INVALID');
+    const noRoom = isThawError(err, 'RESTORE_NO_ROOM');
     const remote = isThawError(err) && err.code.startsWith('OCI_');
-    const cause = remote ? 'RESTORE_PULL_FAILED' : missing ? 'RESTORE_CHECKPOINT_MISSING' : 'RESTORE_CHECKPOINT_CORRUPT';
-    return coldStart(scope, cause, remote ? 'the registry checkpoint cannot be resolved' : missing ? 'checkpoint not found' : 'checkpoint unreadable', pod, container, ctx, {
+    const cause = notAllowed ? 'RESTORE_NOT_ALLOWED' : unsigned ? 'RESTORE_SIGNATURE' : noRoom ? 'RESTORE_NO_ROOM' : remote ? 'RESTORE_PULL_FAILED' : missing ? 'RESTORE_CHECKPOINT_MISSING' : 'RESTORE_CHECKPOINT_CORRUPT';
+    const what = notAllowed
+      ? 'the tenancy policy refuses this checkpoint to the pod'
+      : unsigned
+        ? 'the registry checkpoint has no signature the policy accepts'
+        : noRoom
+          ? 'the checkpoint does not fit the store (free space or quota)'
+          : remote
+            ? 'the registry checkpoint cannot be resolved'
+            : missing
+              ? 'checkpoint not found'
+              : 'checkpoint unreadable';
+    return coldStart(scope, cause, what, pod, container, ctx, {
       checkpoint: checkpointName,
       error: errorMessage(err),
       ...(isThawError(err) ? { code: err.code, evidence: err.evidence } : {}),
@@ -107,10 +158,12 @@ export async function adjustRestoreTarget(
       checkpoint: checkpointName,
     });
   }
+  const imageDigest = container.image?.digest;
   const mismatches = checkCompatibility(checkpoint.manifest, {
     ...(r.hostFacts ?? readHostFacts()),
-    image: { ref: imageRef },
+    image: { ref: imageRef, ...(imageDigest !== undefined && /^sha256:[0-9a-f]{64}$/.test(imageDigest) ? { digest: imageDigest } : {}) },
     ...(r.gpuFacts !== undefined ? { gpu: r.gpuFacts } : {}),
+    container: { name: container.name ?? '', args: container.args ?? [] },
   });
   if (!isRestorable(mismatches)) {
     return coldStart(scope, 'RESTORE_INCOMPATIBLE', 'the checkpoint does not match this node or container', pod, container, ctx, {
@@ -127,6 +180,16 @@ export async function adjustRestoreTarget(
     controlDir = await createControlDir(scope.controlRoot, containerId);
   } catch (err) {
     return coldStart(scope, 'control-dir', 'cannot create the control directory', pod, container, ctx, { error: errorMessage(err) });
+  }
+  // A local checkpoint is leased now, before CreateContainer returns and the hook can read it (issue 12, item 6);
+  // one being brought in is leased by the restore flow once it is published.
+  let lease: ReleaseLease | undefined;
+  if (incoming === undefined) {
+    try {
+      lease = await r.store.acquireLease(checkpoint.name);
+    } catch (err) {
+      return coldStart(scope, 'RESTORE_CHECKPOINT_MISSING', 'cannot lease the checkpoint', pod, container, ctx, { checkpoint: checkpoint.name, error: errorMessage(err) });
+    }
   }
   const placeholder = supportsArgs(ctx.runtime.name, ctx.runtime.version, ctx.runtime.nriVersion) ? 'args' : 'overlay';
   const entry: ManagedContainer = {
@@ -162,6 +225,9 @@ export async function adjustRestoreTarget(
         '--budget-ms', String(Math.max(1, hookTimeout * 1000 - HOOK_TIMEOUT_MARGIN_MS)),
         // Being pulled: the hook waits for it to be published (the rootfs diff is in it).
         ...(incoming !== undefined ? ['--wait-checkpoint-ms', String(Math.max(1, hookTimeout - HOOK_WAIT_RESERVE_SECONDS) * 1000)] : []),
+        // The diff's digests from the manifest checked here (and verified by the restore flow): the hook applies
+        // nothing else.
+        ...diffDigestArgs(checkpoint.manifest),
       ],
       env: [],
       timeoutSeconds: hookTimeout,
@@ -179,7 +245,8 @@ export async function adjustRestoreTarget(
   for (const [key, value] of Object.entries(managedAnnotations(scope.annotationPrefix, 'restore-target', entry))) builder.addAnnotation(key, value);
   if (placeholder === 'args') builder.setArgs([r.thawPausePath, '--', ...args]);
   scope.managed.set(containerId, entry);
-  scope.coordinator?.restoreTargetCreated?.(entry, checkpoint, incoming?.ready);
+  if (scope.coordinator?.restoreTargetCreated !== undefined) scope.coordinator.restoreTargetCreated(entry, checkpoint, incoming?.ready, lease);
+  else await lease?.().catch(() => undefined);
   ctx.logger.info('thaw: restore target', { ...describeContainer(pod, container), checkpoint: checkpoint.name, controlDir, placeholder, ...(incoming ? { incoming: incoming.from, source: incoming.source } : {}) });
   return builder;
 }

@@ -130,6 +130,11 @@ export interface ExecSyncResult {
 
 export interface RunPodOptions extends CallOptions {
   name: string;
+  /**
+   * The container's name (default: the pod's `name`). The pods of one Kubernetes workload share their container
+   * names (`worker`) while the pod names differ; a restore compares it with the checkpoint's (manifest.ts).
+   */
+  containerName?: string;
   uid?: string;
   namespace?: string;
   annotations?: Record<string, string>;
@@ -154,6 +159,11 @@ export interface RunPodOptions extends CallOptions {
   /** Where the container's log goes: `<logDirectory>/<name>_0.log` (default: the client's logRoot/<pod>). */
   logDirectory?: string;
   privileged?: boolean;
+  /**
+   * More of the container's CRI security context (run_as_user, capabilities, no_new_privs, ...), merged over the
+   * namespace options and `privileged`.
+   */
+  securityContext?: Record<string, unknown>;
   cgroupParent?: string;
   runtimeHandler?: string;
   /** false: create the container but leave StartContainer to the caller (default true). */
@@ -374,9 +384,10 @@ export class CriClient {
     const podId = await this.runPodSandbox(sandboxConfig, o.runtimeHandler ?? '', callOpts);
     const t1 = Date.now();
     try {
-      const logPath = `${o.name}_0.log`;
+      const containerName = o.containerName ?? o.name;
+      const logPath = `${containerName}_0.log`;
       const containerConfig: ContainerConfig = {
-        metadata: { name: o.name, attempt: 0 },
+        metadata: { name: containerName, attempt: 0 },
         image: { image: o.image },
         command: o.command,
         args: o.args ?? [],
@@ -391,6 +402,7 @@ export class CriClient {
           security_context: {
             namespace_options: { network: hostNetwork ? 'NODE' : 'POD', pid: pidMode, ipc: 'POD' },
             ...(o.privileged ? { privileged: true } : {}),
+            ...(o.securityContext ?? {}),
           },
         },
       };

@@ -18,6 +18,11 @@ export const HookErrorCode = {
   /** Applying the checkpoint's rootfs diff failed (cause: the ROOTFS_* error). */
   ROOTFS_DIFF_FAILED: 'HOOK_ROOTFS_DIFF_FAILED',
   /**
+   * The checkpoint's rootfs diff or deletions list is not the one the agent verified (its sha256 differs from the
+   * digest handed to the hook with --diff-sha256, or a file is missing): nothing of it is applied.
+   */
+  DIFF_UNVERIFIED: 'HOOK_DIFF_UNVERIFIED',
+  /**
    * The hook's budget (its runtime timeout less a margin) ran out before its work was done: it gave up so
    * that runc would not kill it (which fails the pod); the container starts cold.
    */

@@ -28,12 +28,12 @@ import { join } from 'node:path';
 
 import { errorMessage, isThawError, ThawError } from '../errors.js';
 import type { Logger } from '../log.js';
-import type { LocalStore, PendingCheckpoint } from '../store/local-store.js';
-import type { GpuConstraints, Manifest, ManifestFields } from '../store/manifest.js';
+import type { LocalStore, PendingCheckpoint } from '../store/index.js';
+import type { GpuConstraints, Manifest, ManifestFields } from '../store/index.js';
 import { readHostFacts } from '../sys/host-facts.js';
-import { StoreError, StoreErrorCode } from '../store/errors.js';
-import { CHECKPOINT_COMPLETE } from '../sdk/protocol.js';
-import { writeMarker } from '../sdk/control-dir.js';
+import { StoreError, StoreErrorCode } from '../store/index.js';
+import { CHECKPOINT_COMPLETE } from '../sdk/index.js';
+import { writeMarker } from '../sdk/index.js';
 import type { CriuClient } from './criu/client.js';
 import type { CgroupsMode, DumpOptions } from './criu/options.js';
 import { inspectContainer, type ContainerInspection, type InspectOptions } from './container-inspect.js';
@@ -114,7 +114,10 @@ export interface CheckpointSourceIdentity {
   containerName: string;
   /** Default: the process's command line (argv). */
   command?: string[];
-  /** Default: []. */
+  /**
+   * The container spec's process args (NRI CreateContainer's `args`): what a restore target's must equal.
+   * Default [] — such a checkpoint restores into no pod (manifest.ts checkCompatibility).
+   */
   args?: string[];
 }
 

@@ -16,8 +16,23 @@ export const RestoreErrorCode = {
   PULL_FAILED: 'RESTORE_PULL_FAILED',
   /** The checkpoint does not match its manifest (sha256, size, extra or missing files) or cannot be read. */
   CHECKPOINT_CORRUPT: 'RESTORE_CHECKPOINT_CORRUPT',
-  /** The manifest's constraints do not match this node or container (arch, image). */
+  /** The manifest's constraints do not match this node or container (arch, image, command, args, container). */
   INCOMPATIBLE: 'RESTORE_INCOMPATIBLE',
+  /**
+   * The tenancy policy (agent config) refuses it: a checkpoint of another namespace not shared with the pod's,
+   * or a registry repository not allow-listed for the pod's namespace.
+   */
+  NOT_ALLOWED: 'RESTORE_NOT_ALLOWED',
+  /**
+   * A registry checkpoint's signature is missing, made by a key the policy does not name for that namespace and
+   * repository, or signs another digest or repository; decided before any byte of it is stored.
+   */
+  SIGNATURE: 'RESTORE_SIGNATURE',
+  /**
+   * The checkpoint's declared size does not fit: more than the store's filesystem has free, or more than the
+   * namespace's quota leaves (tenancy.namespaces.<ns>.quotaBytes); decided from the manifest, before any write.
+   */
+  NO_ROOM: 'RESTORE_NO_ROOM',
   /** The create-runtime hook failed or did not run: the container runs its original command. */
   HOOK_FAILED: 'RESTORE_HOOK_FAILED',
   /** The thaw-pause overlay could not be removed inside the container. */
@@ -26,6 +41,18 @@ export const RestoreErrorCode = {
   CGROUP: 'RESTORE_CGROUP',
   /** CRIU failed (cause: the CRIU_* error with CRIU's log lines). */
   CRIU: 'RESTORE_CRIU',
+  /**
+   * A mount of the target container (its root filesystem) has no path in the host's mount namespace, where CRIU
+   * runs (host-mounts.ts).
+   */
+  TARGET_MOUNTS: 'RESTORE_TARGET_MOUNTS',
+  /** The target container's OCI spec (config.json beside its rootfs) could not be read or is not its own. */
+  TARGET_SPEC: 'RESTORE_TARGET_SPEC',
+  /**
+   * The checkpoint's recorded credentials (CRIU's core/creds: uid/gid, capabilities, no_new_privs, seccomp, LSM
+   * label) grant more than the target container's OCI spec (credentials.ts); evidence names each excess.
+   */
+  CREDENTIALS_EXCEED_SPEC: 'RESTORE_CREDENTIALS_EXCEED_SPEC',
   /** The restored tree did not appear as a child of the placeholder. */
   ADOPT: 'RESTORE_ADOPT',
   /** A device step after CRIU (the CUDA restore seam) failed. */

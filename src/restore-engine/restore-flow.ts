@@ -25,11 +25,10 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { promisify } from 'node:util';
 import { errorMessage, isThawError } from '../errors.js';
 import type { Logger } from '../log.js';
-import { clearStaleMarkers, writeMarker } from '../sdk/control-dir.js';
-import { firstPresent } from '../sdk/marker-files.js';
-import { RESTORE_COMPLETE, RESTORE_FAILED } from '../sdk/protocol.js';
-import type { LocalStore, OpenedCheckpoint, ReleaseLease } from '../store/local-store.js';
-import { StoreErrorCode } from '../store/errors.js';
+import { clearStaleMarkers, firstPresent, writeMarker } from '../sdk/index.js';
+import { RESTORE_COMPLETE, RESTORE_FAILED } from '../sdk/index.js';
+import type { LocalStore, OpenedCheckpoint, ReleaseLease } from '../store/index.js';
+import { StoreErrorCode } from '../store/index.js';
 import type { CriuClient } from './criu/client.js';
 import { CriuImageCodec } from './criu/images.js';
 import { mappedFilePages, readMappedFilePages, type MappedFile, type ReadMappedResult } from './mapped-files.js';
@@ -328,7 +327,8 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
       }
     }
     try {
-      job.release = await o.store.acquireLease(name);
+      // Local checkpoints are leased at CreateContainer (restore-target.ts), before the hook can read them.
+      job.release ??= await o.store.acquireLease(name);
       const t0 = performance.now();
       // Reading the checkpoint into the page cache is a hint, not a step: the restore does not wait for it
       // (CRIU's own reads find whatever it has read already; bench/RESULTS.md has what awaiting it cost).
@@ -339,7 +339,8 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
         logger.debug('cannot list the mapped file pages', { checkpoint: name, error: errorMessage(err) });
         return [];
       });
-      const verified = await o.store.verify(name, { signal });
+      // Hashed against the very manifest object CRIU will be given (job.checkpoint.manifest), not a re-read.
+      const verified = await o.store.verify(name, { signal, manifest: job.checkpoint.manifest });
       return { verifyMs: performance.now() - t0, hashed: verified.hashed, ...(transferMs !== undefined ? { transferMs } : {}) };
     } catch (err) {
       if (isThawError(err, StoreErrorCode.NOT_FOUND) || isThawError(err, StoreErrorCode.INVALID_NAME)) {
