@@ -40,6 +40,17 @@ export interface GpuConstraints {
   driverVersion?: string;
   cudaApiVersion?: number;
   memoryBytes?: number;
+  /**
+   * How many GPUs the checkpoint's processes may hold state on (every GPU they saw, `uuids.length`): a
+   * restore needs at least as many GPUs of the model, each checkpointed GPU mapped onto one of them.
+   * Absent in manifests written before tensor-parallel workers: then `uuids.length` stands for it.
+   */
+  count?: number;
+  /**
+   * The container's CUDA processes at checkpoint time (a tensor-parallel worker: one per rank). A restore
+   * must bring back exactly as many, all restored and unlocked, or it falls back to a cold start.
+   */
+  cudaProcesses?: number;
 }
 
 export interface ImageIdentity {
@@ -195,6 +206,10 @@ function parseGpu(v: Json, at: string): GpuConstraints {
   if (cudaApiVersion !== undefined) gpu.cudaApiVersion = cudaApiVersion;
   const memoryBytes = optNum(o, 'memoryBytes', at);
   if (memoryBytes !== undefined) gpu.memoryBytes = memoryBytes;
+  const count = optNum(o, 'count', at);
+  if (count !== undefined) gpu.count = count;
+  const cudaProcesses = optNum(o, 'cudaProcesses', at);
+  if (cudaProcesses !== undefined) gpu.cudaProcesses = cudaProcesses;
   return gpu;
 }
 
@@ -344,7 +359,7 @@ export interface NodeFacts {
 export type MismatchSeverity = 'fatal' | 'warning';
 
 export interface Mismatch {
-  /** A stable key: 'arch', 'image', 'kernel', 'criu', 'containerd', 'gpu', 'gpu.model', 'gpu.driverVersion', 'gpu.cudaApiVersion'. */
+  /** A stable key: 'arch', 'image', 'kernel', 'criu', 'containerd', 'gpu', 'gpu.model', 'gpu.driverVersion', 'gpu.cudaApiVersion', 'gpu.count'. */
   what: string;
   expected: string;
   actual: string;
@@ -371,7 +386,8 @@ export interface CompatibilityOptions {
  * - gpu: a checkpoint with GPU state onto a node without a GPU (`node.gpu` absent) is fatal: its processes
  *   would come back checkpointed in the driver's eyes, with nothing to restore them onto. Model and driver
  *   version fatal when both sides know them (the driver's checkpoint API restores onto the same driver and
- *   GPU kind); a lower CUDA API version on the node is fatal; GPU UUIDs are not compared (restore maps them).
+ *   GPU kind); a lower CUDA API version on the node is fatal; fewer GPUs than the checkpoint's count is fatal
+ *   (a tensor-parallel worker's every rank needs its GPU); GPU UUIDs are not compared (restore maps them).
  */
 export function checkCompatibility(manifest: Manifest, node: NodeFacts, options: CompatibilityOptions = {}): Mismatch[] {
   const c = manifest.constraints;
@@ -403,6 +419,11 @@ export function checkCompatibility(manifest: Manifest, node: NodeFacts, options:
     }
     if (want.cudaApiVersion !== undefined && have?.cudaApiVersion !== undefined && have.cudaApiVersion < want.cudaApiVersion) {
       add('gpu.cudaApiVersion', `>= ${want.cudaApiVersion}`, String(have.cudaApiVersion), 'fatal');
+    }
+    const wantCount = want.count ?? want.uuids?.length;
+    const haveCount = have?.count ?? have?.uuids?.length;
+    if (wantCount !== undefined && haveCount !== undefined && haveCount < wantCount) {
+      add('gpu.count', `>= ${wantCount} GPU(s)`, `${haveCount} GPU(s)`, 'fatal');
     }
   }
   return out;
