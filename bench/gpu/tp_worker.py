@@ -183,10 +183,6 @@ def run_rank(w, args):
     """Every rank: build, checkpoint protocol, then serve (rank 0) or follow rank 0's requests."""
     world, rank = args.tensor_parallel, args.rank
     sync_dir, peers = (spawn_peers(args.argv_for_peers, world) if rank == 0 else (os.environ[thaw_worker.TP_SYNC_DIR_ENV], []))
-    if args.shape == "8b":
-        w.QWEN3_0_6B.update(QWEN3_8B)  # the config the weights are created and loaded with
-        if args.weights_dir == w.DEFAULT_WEIGHTS_DIR:
-            args.weights_dir = "/tmp/thaw-qwen3-8b-random"
     import torch
     import torch.distributed  # noqa: F401
 
@@ -199,6 +195,9 @@ def run_rank(w, args):
         w.ensure_weights(args.weights_dir, args.seed)
     torch.distributed.barrier()  # the weights exist before any rank loads them
     model = w.load_model(args.weights_dir)
+    if model.config.hidden_size != w.QWEN3_0_6B["hidden_size"]:
+        # from_pretrained takes the saved config.json: weights of another shape in --weights-dir.
+        raise SystemExit("%s holds hidden size %d, --shape %s wants %d" % (args.weights_dir, model.config.hidden_size, args.shape, w.QWEN3_0_6B["hidden_size"]))
     pool = w.KvPool(args.kv_backend, w.pool_size_bytes(args), device=rank)
     decoder = make_decoder_class(w)(model, pool, args.max_len, rank, world)
     del model

@@ -496,6 +496,13 @@ def main(argv=None):
     p.add_argument("--rank", type=int, default=0, help="set by rank 0 for the ranks it starts")
     p.add_argument("--shape", choices=("0.6b", "8b"), default="0.6b", help="--tensor-parallel: the Qwen3 shape")
     args = p.parse_args(argv)
+    if args.shape == "8b":
+        import tp_worker
+
+        # The config the weights are created with (a saved dir's own config.json wins at load: see tp_worker).
+        QWEN3_0_6B.update(tp_worker.QWEN3_8B)
+        if args.weights_dir == DEFAULT_WEIGHTS_DIR:
+            args.weights_dir = "/tmp/thaw-qwen3-8b-random"
     if args.tensor_parallel > 1 and not (args.selftest or args.prepare_weights):
         import tp_worker
 
