@@ -18,10 +18,10 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { fileURLToPath } from 'node:url';
 import { cpus, setPriority, tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { cleanupStaleStacks } from '../src/node-stack/cleanup.js';
-import { startNodeStack, type NodeStack } from '../src/node-stack/containerd.js';
-import { parseFlavor } from '../src/node-stack/paths.js';
-import { pluginDirsUnder, readJsonLog, startThawPluginProcess, waitForLog, type ThawPluginProcess } from '../src/node-stack/thaw-plugin-process.js';
+import { cleanupStaleStacks } from '../src/node-stack/index.js';
+import { startNodeStack, type NodeStack } from '../src/node-stack/index.js';
+import { parseFlavor } from '../src/node-stack/index.js';
+import { pluginDirsUnder, readJsonLog, startThawPluginProcess, waitForLog, type ThawPluginProcess } from '../src/node-stack/index.js';
 import { percentile } from './stats.js';
 import { renderTable } from '../src/table.js';
 
