@@ -16,12 +16,12 @@
  */
 import { writeFileSync } from 'node:fs';
 import { isThawError } from '../src/errors.js';
-import { MuxDecoder, encodeMuxFrames } from '../src/nri-plugin/mux-framing.js';
-import { decodeMessage, decodeRequest, decodeResponse, encodeMessage, encodeRequest, encodeResponse, nriType } from '../src/nri-plugin/ttrpc-codec.js';
-import { TtrpcDecoder, TtrpcMessageType, encodeTtrpcMessage } from '../src/nri-plugin/ttrpc-framing.js';
-import { CriuCodec } from '../src/restore-engine/criu/rpc.js';
-import { CriuImageCodec, encodeImageFile, parseImageFile } from '../src/restore-engine/criu/images.js';
-import { readTarEntries } from '../src/restore-engine/rootfs-diff.js';
+import { MuxDecoder, encodeMuxFrames } from '../src/nri-plugin/index.js';
+import { decodeMessage, decodeRequest, decodeResponse, encodeMessage, encodeRequest, encodeResponse, nriType } from '../src/nri-plugin/index.js';
+import { TtrpcDecoder, TtrpcMessageType, encodeTtrpcMessage } from '../src/nri-plugin/index.js';
+import { CriuCodec } from '../src/restore-engine/index.js';
+import { CriuImageCodec, encodeImageFile, parseImageFile } from '../src/restore-engine/index.js';
+import { readTarEntries } from '../src/restore-engine/index.js';
 
 /** The tar header decoder under test (see the module comment): bytes in a file, its entries out. */
 export async function decodeTarHeaders(file: string, bytes: Buffer): Promise<unknown> {

@@ -110,11 +110,16 @@ export interface WorkerPod {
   startedAt: number;
 }
 
+/** The demo worker's container name in every pod (source and targets), as a Deployment's pods share one. */
+export const WORKER_CONTAINER_NAME = 'worker';
+
 /** Creates and starts a demo worker pod through CRI. thaw (if its annotations say so) adjusts it. */
 export async function runWorkerPod(stack: NodeStack, controlRoot: string, o: WorkerPodOptions): Promise<WorkerPod> {
   const startedAt = Date.now();
   const r = await stack.cri.runPod({
     name: o.name,
+    // One workload's pods share their container's name, as a Deployment's do: a restore requires it.
+    containerName: WORKER_CONTAINER_NAME,
     uid: `${o.name}-uid`,
     annotations: o.annotations,
     image: o.image,

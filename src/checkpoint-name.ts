@@ -26,3 +26,63 @@ export function checkCheckpointName(name: string): string | undefined {
   }
   return undefined;
 }
+
+/**
+ * Names beginning with this are the store's names of pulled checkpoints (`oci-<64 hex>`, derived from the
+ * manifest digest by src/store/oci/pull.ts). A pod or a CLI user never names one directly: a local `oci-<digest>`
+ * directory would otherwise stand in for a digest-pinned reference, and a tenant could plant one.
+ */
+export const RESERVED_NAME_PREFIX = 'oci-';
+
+/** Kubernetes namespace names are DNS labels (RFC 1123): at most 63 lower-case letters, digits and '-'. */
+const NAMESPACE_PATTERN = /^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$/;
+
+/** The namespace a bare name means when the caller gives none (the CLI's `--namespace` default). */
+export const DEFAULT_NAMESPACE = 'default';
+
+/** Checks a Kubernetes namespace name; returns the reason it is refused, or undefined. */
+export function checkNamespaceName(namespace: string): string | undefined {
+  if (!NAMESPACE_PATTERN.test(namespace)) {
+    return `namespace ${JSON.stringify(namespace.slice(0, 80))} is not a Kubernetes namespace name (a DNS label: lower-case letters, digits and '-', at most 63)`;
+  }
+  return undefined;
+}
+
+/**
+ * Checks a name a user or a pod gives (an annotation, the CLI, the API): the name rule, and names reserved for
+ * pulled checkpoints refused. Returns the reason, or undefined.
+ */
+export function checkUserCheckpointName(name: string): string | undefined {
+  const bad = checkCheckpointName(name);
+  if (bad !== undefined) return bad;
+  if (name.startsWith(RESERVED_NAME_PREFIX)) {
+    return `checkpoint name ${JSON.stringify(name)} begins with "${RESERVED_NAME_PREFIX}", which is reserved for checkpoints pulled from a registry (name the registry reference instead)`;
+  }
+  return undefined;
+}
+
+/** A checkpoint as its owner names it: the Kubernetes namespace of the pod it was taken from, and its name. */
+export interface QualifiedName {
+  namespace: string;
+  name: string;
+}
+
+/**
+ * Parses `namespace/name` or a bare `name` (which means `defaultNamespace`), as the CLI and the control API take
+ * them. Pure; `{ reason }` when either part is bad (a reserved `oci-` name included).
+ */
+export function parseQualifiedName(text: string, defaultNamespace: string = DEFAULT_NAMESPACE): QualifiedName | { reason: string } {
+  const slash = text.indexOf('/');
+  const namespace = slash < 0 ? defaultNamespace : text.slice(0, slash);
+  const name = slash < 0 ? text : text.slice(slash + 1);
+  const badNs = checkNamespaceName(namespace);
+  if (badNs !== undefined) return { reason: badNs };
+  const bad = checkUserCheckpointName(name);
+  if (bad !== undefined) return { reason: bad };
+  return { namespace, name };
+}
+
+/** `namespace/name`, the form logs, metrics and the CLI show. */
+export function formatQualifiedName(q: QualifiedName): string {
+  return `${q.namespace}/${q.name}`;
+}

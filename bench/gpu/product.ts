@@ -302,6 +302,8 @@ async function main(): Promise<void> {
       const startedAt = Date.now();
       const r = await s.cri.runPod({
         name,
+        // Source and targets are pods of one workload: one container name, as a restore requires.
+        containerName: 'worker',
         uid: `${name}-uid`,
         annotations,
         image,
@@ -352,6 +354,7 @@ async function main(): Promise<void> {
       const checkpointName = `gpu-${v.name}`;
       say(`${v.name}: source pod`);
       // Only the source prints its tokens (before its checkpoint): generating them delays serving by a few hundred ms.
+      // The targets get the source's args: a restore requires the same command and args (manifest.ts).
       const source = await runWorker(`gpu-src-${v.name}`, { 'thaw.dev/checkpoint': checkpointName }, [...v.workerArgs, '--print-tokens']);
       const event = await waitForLog(logFile, (r) => r['event'] === 'checkpoint' && r['name'] === checkpointName, 'the checkpoint', CHECKPOINT_TIMEOUT_MS);
       if (event['outcome'] !== 'succeeded') throw new Error(`${v.name}: checkpoint failed: ${JSON.stringify(event)}`);
@@ -374,7 +377,7 @@ async function main(): Promise<void> {
         if (label !== 'warm') await dropPageCache();
         // The checkpoint cold, the worker's libraries cached: how much of a dropped restore is theirs.
         if (label === 'cold-mapped-warm') for (const f of mappedFiles) await readFile(f).catch(() => undefined);
-        const target = await runWorker(`gpu-restore-${label}-${v.name}${round_ > 1 ? `-${round_}` : ''}`, { 'thaw.dev/restore': checkpointName }, v.workerArgs);
+        const target = await runWorker(`gpu-restore-${label}-${v.name}${round_ > 1 ? `-${round_}` : ''}`, { 'thaw.dev/restore': checkpointName }, [...v.workerArgs, '--print-tokens']);
         const ready = await waitReady(target, RESTORE_TIMEOUT_MS, (h) => h.ok && h.restored, checkpointName);
         const restoreEvent = ready.event ?? (await waitForLog(logFile, (r) => r['event'] === 'restore' && r['containerId'] === target.containerId, 'the restore event', 30_000));
         const tokens = ready.event ? undefined : (await getJson<{ tokens: number[] }>(port, '/tokens', TOKENS_TIMEOUT_MS)).tokens;

@@ -15,6 +15,7 @@
  *   FAKE_CUDA_PIDS_FILE  a file listing more such pids (commas, spaces or newlines)
  *   FAKE_CUDA_FAIL       comma list of injected failures "op:kind" or "op:kind@pid"; op is one of
  *                        init, lock, checkpoint, restore, unlock, state, restore-tid, mem-create, mem-map,
+ *                        mem-export, mem-import, memcpy,
  *                        nvml-init, nvml-procs; kind is timeout, error, missing-gpu, not-permitted,
  *                        not-supported, invalid, or a CUresult/nvmlReturn_t number
  *   FAKE_CUDA_DELAY_MS   sleep this long inside lock/checkpoint/restore/unlock (to show they run off the

@@ -24,11 +24,24 @@
  * PROT_NONE, a mapping gets fresh pages filled with 0xA5 (real cuMemCreate memory is not zeroed), readable
  * and writable after cuMemSetAccess, and gone after cuMemUnmap. So a test can see that a remap gives new
  * memory at the same address and that zero-fill works.
+ *
+ * Shareable memory: an allocation created with requestedHandleTypes = POSIX_FILE_DESCRIPTOR (1) is a memfd
+ * (named FAKE_MEMFD_NAME, filled with 0xA5 once at creation); its mappings are MAP_SHARED, so its bytes
+ * outlive an unmap while the allocation lives, as real physical memory does. cuMemExportToShareableHandle
+ * gives a new fd (dup) that the caller owns; cuMemImportFromShareableHandle accepts only such a memfd (any
+ * other fd: CUDA_ERROR_INVALID_VALUE, the fake's choice), keeps its own dup, and the caller still owns and
+ * closes the fd it passed - what the driver documents. Exporting an allocation created without the POSIX
+ * handle type returns CUDA_ERROR_NOT_PERMITTED (fake's choice). cuMemHostAlloc is page-aligned host memory;
+ * cuMemcpyHtoD/DtoH(_Async) copy to/from a read-write mapping wholly inside mapped memory, else
+ * CUDA_ERROR_INVALID_VALUE; the async ones complete before returning (streams are not modelled).
  */
 #define _GNU_SOURCE
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -90,6 +103,11 @@ static const struct fake_kind KINDS[] = {
 #define MAX_RANGES 256
 #define MAX_PAIRS 16
 #define GRANULARITY (2ULL << 20) /* what cuMemGetAllocationGranularity reports on an H100 */
+#define MAX_HOST 256
+#define HANDLE_TYPE_POSIX_FD 1 /* CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR */
+#define FAKE_MEMFD_NAME "fake-cuda-alloc"
+static CUresult new_alloc(CUmemGenericAllocationHandle *handle, size_t size, int fd);
+static int device_span_rw(CUdeviceptr ptr, size_t n);
 
 static pthread_mutex_t lock_ = PTHREAD_MUTEX_INITIALIZER;
 static int initialized;
@@ -99,9 +117,12 @@ static unsigned last_lock_timeout_ms;
 static int last_pair_count = -1;
 static unsigned char last_pairs[MAX_PAIRS][32];
 /* VMM bookkeeping: physical allocations, reserved ranges, mappings. */
-static struct { int live, released; size_t size; int mapped; } allocs[MAX_ALLOCS];
+/* fd >= 0: created with CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR (or imported): the memory is a memfd that
+ * export hands out (dup) and import maps, so two processes share it as they share real GPU memory. */
+static struct { int live, released; size_t size; int mapped; int fd; } allocs[MAX_ALLOCS];
 static struct { CUdeviceptr base; size_t size; int live; } ranges[MAX_RANGES];
 static struct { CUdeviceptr ptr; size_t size; CUmemGenericAllocationHandle handle; int live, access; } maps[MAX_ALLOCS];
+static struct { void *ptr; size_t size; } hosts[MAX_HOST];
 static __thread CUcontext current_ctx;
 
 static void delay(void) {
@@ -562,8 +583,34 @@ FAKE_EXPORT CUresult cuMemCreate(CUmemGenericAllocationHandle *handle, size_t si
   if (!handle || size == 0 || size % GRANULARITY || flags) return CUDA_ERROR_INVALID_VALUE;
   CUresult r = check_prop(prop);
   if (r != CUDA_SUCCESS) return r;
+  if (prop[1] != 0 && prop[1] != HANDLE_TYPE_POSIX_FD) return CUDA_ERROR_NOT_SUPPORTED;
   int injected = fake_injected("mem-create", -1, KINDS);
   if (injected) return injected;
+  int fd = -1;
+  if (prop[1] == HANDLE_TYPE_POSIX_FD) {
+    fd = memfd_create(FAKE_MEMFD_NAME, MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    if (fd < 0 || ftruncate(fd, (off_t)size) != 0) {
+      if (fd >= 0) close(fd);
+      return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    /* Sealed against resizing: an importer can trust the size it sees. */
+    fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL);
+    void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (p == MAP_FAILED) {
+      close(fd);
+      return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    memset(p, 0xA5, size);
+    munmap(p, size);
+  }
+  r = new_alloc(handle, size, fd);
+  if (r != CUDA_SUCCESS && fd >= 0) close(fd);
+  return r;
+}
+
+/* Records an allocation (taking ownership of fd when it succeeds). */
+static CUresult new_alloc(CUmemGenericAllocationHandle *handle, size_t size, int fd) {
+  CUresult r = CUDA_SUCCESS;
   pthread_mutex_lock(&lock_);
   size_t total = (size_t)fake_get_ull("FAKE_CUDA_TOTAL_MEM", FAKE_DEFAULT_MEM);
   int i = 0;
@@ -575,6 +622,7 @@ FAKE_EXPORT CUresult cuMemCreate(CUmemGenericAllocationHandle *handle, size_t si
     allocs[i].released = 0;
     allocs[i].mapped = 0;
     allocs[i].size = size;
+    allocs[i].fd = fd;
     *handle = (CUmemGenericAllocationHandle)(i + 1);
   }
   pthread_mutex_unlock(&lock_);
@@ -589,7 +637,11 @@ static int alloc_index(CUmemGenericAllocationHandle h) {
 
 /* The driver frees a released allocation once its last mapping is gone. */
 static void maybe_free(int i) {
-  if (allocs[i].released && allocs[i].mapped == 0) allocs[i].live = 0;
+  if (allocs[i].released && allocs[i].mapped == 0) {
+    allocs[i].live = 0;
+    if (allocs[i].fd >= 0) close(allocs[i].fd);
+    allocs[i].fd = -1;
+  }
 }
 
 FAKE_EXPORT CUresult cuMemRelease(CUmemGenericAllocationHandle handle) {
@@ -622,11 +674,14 @@ FAKE_EXPORT CUresult cuMemMap(CUdeviceptr ptr, size_t size, size_t offset, CUmem
   else if (!inside || size > allocs[a].size || mapping_in(ptr, size) || slot == MAX_ALLOCS) r = CUDA_ERROR_INVALID_VALUE;
   if (r == CUDA_SUCCESS) {
     /* Fresh pages with garbage in them (new physical memory is not zeroed), no access until SetAccess. */
-    void *p = mmap((void *)(uintptr_t)ptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+    int fd = allocs[a].fd;
+    void *p = fd >= 0 ? mmap((void *)(uintptr_t)ptr, size, PROT_NONE, MAP_SHARED | MAP_FIXED, fd, 0)
+                      : mmap((void *)(uintptr_t)ptr, size, PROT_READ | PROT_WRITE,
+                             MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
     if (p == MAP_FAILED) {
       r = CUDA_ERROR_OUT_OF_MEMORY;
     } else {
-      memset(p, 0xA5, size);
+      if (fd < 0) memset(p, 0xA5, size);
       mprotect(p, size, PROT_NONE);
       maps[slot].ptr = ptr;
       maps[slot].size = size;
@@ -681,13 +736,144 @@ FAKE_EXPORT CUresult cuMemSetAccess(CUdeviceptr ptr, size_t size, const int *des
 FAKE_EXPORT CUresult cuMemsetD8_v2(CUdeviceptr ptr, unsigned char value, size_t n) {
   if (!initialized) return CUDA_ERROR_NOT_INITIALIZED;
   pthread_mutex_lock(&lock_);
-  size_t covered = 0;
-  for (int i = 0; i < MAX_ALLOCS; i++)
-    if (maps[i].live && maps[i].access == 3 && maps[i].ptr >= ptr && maps[i].ptr + maps[i].size <= ptr + n)
-      covered += maps[i].size;
+  int ok = device_span_rw(ptr, n);
   pthread_mutex_unlock(&lock_);
-  if (covered != n) return CUDA_ERROR_INVALID_VALUE;
+  if (!ok) return CUDA_ERROR_INVALID_VALUE;
   memset((void *)(uintptr_t)ptr, value, n);
+  return CUDA_SUCCESS;
+}
+
+/* A memfd this fake created: its name (in /proc/self/fd) and its seals. */
+static int is_fake_memfd(int fd, size_t *size) {
+  char link[64], target[128];
+  snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+  ssize_t n = readlink(link, target, sizeof target - 1);
+  if (n <= 0) return 0;
+  target[n] = 0;
+  if (strncmp(target, "/memfd:" FAKE_MEMFD_NAME " ", strlen("/memfd:" FAKE_MEMFD_NAME " ")) != 0) return 0;
+  int seals = fcntl(fd, F_GET_SEALS);
+  if (seals < 0 || !(seals & F_SEAL_SHRINK) || !(seals & F_SEAL_GROW)) return 0;
+  struct stat st;
+  if (fstat(fd, &st) != 0 || st.st_size <= 0 || (unsigned long long)st.st_size % GRANULARITY) return 0;
+  *size = (size_t)st.st_size;
+  return 1;
+}
+
+FAKE_EXPORT CUresult cuMemExportToShareableHandle(void *shareable, CUmemGenericAllocationHandle handle, int type,
+                                                  unsigned long long flags) {
+  if (!initialized) return CUDA_ERROR_NOT_INITIALIZED;
+  if (!shareable || flags || type != HANDLE_TYPE_POSIX_FD) return CUDA_ERROR_INVALID_VALUE;
+  int injected = fake_injected("mem-export", -1, KINDS);
+  if (injected) return injected;
+  pthread_mutex_lock(&lock_);
+  int a = alloc_index(handle);
+  CUresult r = a < 0 ? CUDA_ERROR_INVALID_VALUE : allocs[a].fd < 0 ? CUDA_ERROR_NOT_PERMITTED : CUDA_SUCCESS;
+  int fd = -1;
+  if (r == CUDA_SUCCESS && (fd = fcntl(allocs[a].fd, F_DUPFD_CLOEXEC, 0)) < 0) r = CUDA_ERROR_OUT_OF_MEMORY;
+  pthread_mutex_unlock(&lock_);
+  if (r == CUDA_SUCCESS) *(int *)shareable = fd;
+  return r;
+}
+
+/* For POSIX fds the handle argument is the fd itself, cast to a pointer (cuda.h: (void *)(uintptr_t)fd). */
+FAKE_EXPORT CUresult cuMemImportFromShareableHandle(CUmemGenericAllocationHandle *handle, void *os_handle, int type) {
+  if (!initialized) return CUDA_ERROR_NOT_INITIALIZED;
+  if (!handle || type != HANDLE_TYPE_POSIX_FD) return CUDA_ERROR_INVALID_VALUE;
+  int injected = fake_injected("mem-import", -1, KINDS);
+  if (injected) return injected;
+  int fd = (int)(intptr_t)os_handle;
+  size_t size = 0;
+  if (fd < 0 || !is_fake_memfd(fd, &size)) return CUDA_ERROR_INVALID_VALUE;
+  int own = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  if (own < 0) return CUDA_ERROR_OUT_OF_MEMORY;
+  CUresult r = new_alloc(handle, size, own);
+  if (r != CUDA_SUCCESS) close(own);
+  return r;
+}
+
+FAKE_EXPORT CUresult cuMemHostAlloc(void **pp, size_t size, unsigned int flags) {
+  (void)flags;
+  if (!initialized) return CUDA_ERROR_NOT_INITIALIZED;
+  if (!pp || size == 0) return CUDA_ERROR_INVALID_VALUE;
+  void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) return CUDA_ERROR_OUT_OF_MEMORY;
+  pthread_mutex_lock(&lock_);
+  int i = 0;
+  while (i < MAX_HOST && hosts[i].ptr) i++;
+  if (i < MAX_HOST) {
+    hosts[i].ptr = p;
+    hosts[i].size = size;
+  }
+  pthread_mutex_unlock(&lock_);
+  if (i == MAX_HOST) {
+    munmap(p, size);
+    return CUDA_ERROR_OUT_OF_MEMORY;
+  }
+  *pp = p;
+  return CUDA_SUCCESS;
+}
+
+FAKE_EXPORT CUresult cuMemFreeHost(void *p) {
+  if (!initialized) return CUDA_ERROR_NOT_INITIALIZED;
+  pthread_mutex_lock(&lock_);
+  CUresult r = CUDA_ERROR_INVALID_VALUE;
+  for (int i = 0; p && i < MAX_HOST; i++) {
+    if (hosts[i].ptr == p) {
+      munmap(p, hosts[i].size);
+      hosts[i].ptr = NULL;
+      r = CUDA_SUCCESS;
+    }
+  }
+  pthread_mutex_unlock(&lock_);
+  return r;
+}
+
+/* [ptr, ptr + n) lies in read-write mappings, piece by piece (a copy may span adjacent mappings). */
+static int device_span_rw(CUdeviceptr ptr, size_t n) {
+  size_t covered = 0;
+  for (int i = 0; i < MAX_ALLOCS; i++) {
+    if (!maps[i].live || maps[i].access != 3) continue;
+    CUdeviceptr lo = maps[i].ptr > ptr ? maps[i].ptr : ptr;
+    CUdeviceptr hi = maps[i].ptr + maps[i].size < ptr + n ? maps[i].ptr + maps[i].size : ptr + n;
+    if (lo < hi) covered += hi - lo;
+  }
+  return n > 0 && covered == n;
+}
+
+FAKE_EXPORT CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t n) {
+  if (!initialized) return CUDA_ERROR_NOT_INITIALIZED;
+  if (!current_ctx) return CUDA_ERROR_INVALID_CONTEXT;
+  if (!src) return CUDA_ERROR_INVALID_VALUE;
+  int injected = fake_injected("memcpy", -1, KINDS);
+  if (injected) return injected;
+  pthread_mutex_lock(&lock_);
+  int ok = device_span_rw(dst, n);
+  pthread_mutex_unlock(&lock_);
+  if (!ok) return CUDA_ERROR_INVALID_VALUE;
+  memcpy((void *)(uintptr_t)dst, src, n);
+  return CUDA_SUCCESS;
+}
+
+FAKE_EXPORT CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void *src, size_t n, void *stream) {
+  (void)stream;
+  return cuMemcpyHtoD_v2(dst, src, n);
+}
+
+FAKE_EXPORT CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t n) {
+  if (!initialized) return CUDA_ERROR_NOT_INITIALIZED;
+  if (!current_ctx) return CUDA_ERROR_INVALID_CONTEXT;
+  if (!dst) return CUDA_ERROR_INVALID_VALUE;
+  pthread_mutex_lock(&lock_);
+  int ok = device_span_rw(src, n);
+  pthread_mutex_unlock(&lock_);
+  if (!ok) return CUDA_ERROR_INVALID_VALUE;
+  memcpy(dst, (const void *)(uintptr_t)src, n);
+  return CUDA_SUCCESS;
+}
+
+FAKE_EXPORT CUresult cuStreamSynchronize(void *stream) {
+  (void)stream;
+  if (!initialized) return CUDA_ERROR_NOT_INITIALIZED;
   return CUDA_SUCCESS;
 }
 

@@ -5,6 +5,9 @@ Run: ``python3 -m unittest test_thaw_cuda`` (builds the fake with make when it i
 """
 
 import ctypes
+import hashlib
+import json
+import struct
 import os
 import subprocess
 import tempfile
@@ -271,3 +274,208 @@ class MemoryPayloadTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+def write_safetensors(path, tensors):
+    """A minimal safetensors writer: tensors = {name: (dtype, shape, bytes)}."""
+    header, blobs, at = {}, [], 0
+    for name, (dtype, shape, data) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [at, at + len(data)]}
+        blobs.append(data)
+        at += len(data)
+    raw = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + b"".join(blobs))
+
+
+# A stand-in for thaw's weights service in another process: reads the files named by the worker's weights
+# file into POSIX-fd shareable allocations (through the fake driver, its own process), listens on
+# weights.sock and sends the fds with SCM_RIGHTS, as src/restore-engine/weights does.
+STANDIN = r"""
+import array, ctypes, json, os, socket, sys
+sys.path.insert(0, sys.argv[1])
+import thaw_cuda as tc
+control, mode = sys.argv[2], sys.argv[3]
+d = tc.Driver(sys.argv[4])
+d.ensure_context(0)
+doc = json.load(open(os.path.join(control, tc.WEIGHTS_FILE)))
+fds, regions = [], []
+for region in doc["regions"]:
+    n = 0
+    for a in region["allocations"]:
+        if a["kind"] != "file":
+            continue
+        prop = tc._device_prop(0, tc.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR)
+        h = tc.CUmemGenericAllocationHandle()
+        d.call("create", "cuMemCreate", ctypes.byref(h), a["size"], ctypes.byref(prop), 0)
+        va = tc.CUdeviceptr()
+        d.call("reserve", "cuMemAddressReserve", ctypes.byref(va), a["size"], 0, 0, 0)
+        d.call("map", "cuMemMap", va.value, a["size"], 0, h, 0)
+        acc = tc.CUmemAccessDesc()
+        acc.location.type, acc.location.id, acc.flags = 1, 0, 3
+        d.call("access", "cuMemSetAccess", va.value, a["size"], ctypes.byref(acc), 1)
+        src = a["source"]
+        with open(src["path"], "rb") as f:
+            f.seek(src["fileOffset"])
+            data = f.read(src["length"])
+        if mode == "corrupt":
+            data = b"\xff" * len(data)
+        d.call("copy", "cuMemcpyHtoD_v2", va.value, data, len(data))
+        fd = ctypes.c_int(-1)
+        d.call("export", "cuMemExportToShareableHandle", ctypes.byref(fd), h, 1, 0)
+        fds.append(fd.value if mode != "bad-fd" else os.open("/dev/null", os.O_RDONLY))
+        n += 1
+    regions.append({"name": region["name"], "fds": n})
+srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+srv.bind(os.path.join(control, tc.WEIGHTS_SOCKET))
+srv.listen(1)
+print("listening", flush=True)
+conn, _ = srv.accept()
+msg = json.dumps({"schema": tc.WEIGHTS_SCHEMA, "regions": regions}).encode()
+conn.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())])
+conn.close()
+"""
+
+
+class WeightsRegionTest(FakeCase):
+    def setUp(self):
+        super().setUp()
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+        self.a = os.path.join(self.tmp.name, "model-00001.safetensors")
+        self.b = os.path.join(self.tmp.name, "model-00002.safetensors")
+        self.wq = bytes(range(256)) * 64  # 16 KiB of bf16 bits
+        self.norm = b"\x01\x02" * 8
+        self.big = os.urandom(3 * MiB)  # spans two granules of the fake
+        write_safetensors(self.a, {"layer.0.wq": ("BF16", (64, 128), self.wq), "norm": ("BF16", (8,), self.norm)})
+        write_safetensors(self.b, {"embed": ("U8", (3, MiB), self.big)})
+        self.control = os.path.join(self.tmp.name, "control")
+        os.mkdir(self.control)
+
+    def sha(self, path):
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+
+    def test_load_maps_every_tensor_at_its_offset_and_records_each_files_source(self):
+        with thaw_cuda.WeightsRegion.load([self.a, self.b], driver=self.driver) as region:
+            self.assertEqual(self.read(region.view("layer.0.wq").__cuda_array_interface__["data"][0], len(self.wq)), self.wq)
+            self.assertEqual(self.read(region.view("norm").__cuda_array_interface__["data"][0], len(self.norm)), self.norm)
+            self.assertEqual(self.read(region.view("embed").__cuda_array_interface__["data"][0], len(self.big)), self.big)
+            cai = region.view("layer.0.wq").__cuda_array_interface__
+            self.assertEqual((cai["shape"], cai["typestr"]), ((64, 128), "<u2"))
+            d = region.describe()
+            self.assertEqual(int(d["va"], 16), region.ptr)
+            self.assertEqual([a["offset"] for a in d["allocations"]], [0, 2 * MiB])
+            self.assertEqual([a["size"] for a in d["allocations"]], [2 * MiB, 4 * MiB])
+            src = d["allocations"][1]["source"]
+            self.assertEqual((src["path"], src["length"], src["sha256"], src["fileSize"]),
+                             (self.b, len(self.big), self.sha(self.b), os.path.getsize(self.b)))
+            with open(self.b, "rb") as f:
+                f.seek(src["fileOffset"])
+                self.assertEqual(f.read(16), self.big[:16])
+            self.assertEqual(self.allocated(), 6 * MiB)
+        self.assertEqual(self.allocated(), 0)
+
+    def test_release_frees_the_memory_keeps_the_address_and_reload_restores_the_bytes(self):
+        with thaw_cuda.WeightsRegion.load([self.a, self.b], driver=self.driver) as region:
+            ptr = region.view("embed").__cuda_array_interface__["data"][0]
+            region.release()
+            self.assertFalse(region.mapped)
+            self.assertEqual(self.allocated(), 0)
+            region.release()  # idempotent
+            region.reload()
+            self.assertEqual(region.view("embed").__cuda_array_interface__["data"][0], ptr)
+            self.assertEqual(self.read(ptr, len(self.big)), self.big)
+
+    def test_reload_refuses_a_file_that_changed(self):
+        with thaw_cuda.WeightsRegion.load([self.b], driver=self.driver) as region:
+            region.release()
+            write_safetensors(self.b, {"embed": ("U8", (3, MiB), os.urandom(3 * MiB))})
+            with self.assertRaises(thaw_cuda.ThawCudaError):
+                region.reload()
+
+    def test_raw_allocations_are_recorded_and_not_released(self):
+        with thaw_cuda.WeightsRegion(8 * MiB, driver=self.driver) as region:
+            off = region.add_raw(1)
+            self.assertEqual(region.describe()["allocations"], [{"offset": off, "size": 2 * MiB, "kind": "raw"}])
+            region.release()
+            self.assertEqual(self.allocated(), 2 * MiB)
+
+    def test_malformed_headers_are_refused(self):
+        bad = os.path.join(self.tmp.name, "bad.safetensors")
+        for content in (b"\x01", struct.pack("<Q", 1 << 40) + b"{}", struct.pack("<Q", 2) + b"[]",
+                        struct.pack("<Q", 60) + b'{"t": {"dtype": "BF16", "shape": [4], "data_offsets": [0, 8]}}'.ljust(60)):
+            with open(bad, "wb") as f:
+                f.write(content)
+            with self.assertRaises(thaw_cuda.ThawCudaError, msg=content):
+                thaw_cuda.WeightsRegion.load([bad], driver=self.driver)
+        self.assertEqual(self.allocated(), 0)
+
+    def run_standin(self, mode):
+        proc = subprocess.Popen([sys.executable, "-c", STANDIN, HERE, self.control, mode, FAKE_LIBCUDA],
+                                stdout=subprocess.PIPE)
+        self.addCleanup(proc.wait)
+        self.assertEqual(proc.stdout.readline().strip(), b"listening")
+        proc.stdout.close()
+        return proc
+
+    def test_handles_from_another_process_map_at_the_recorded_address(self):
+        with thaw_cuda.WeightsRegion.load([self.a, self.b], driver=self.driver) as region:
+            ptr = region.ptr
+            thaw_cuda.write_weights_file([region], self.control)
+            region.release()
+            self.run_standin("ok")
+            handles = thaw_cuda.receive_weight_handles(self.control, timeout_s=10)
+            self.assertEqual(list(handles), ["weights"])
+            region.map_handles(handles["weights"])
+            self.assertEqual(region.ptr, ptr)
+            self.assertEqual(self.read(region.view("embed").__cuda_array_interface__["data"][0], len(self.big)), self.big)
+            self.assertEqual(self.read(region.view("layer.0.wq").__cuda_array_interface__["data"][0], len(self.wq)), self.wq)
+            for fd in handles["weights"]:  # map_handles closed them
+                with self.assertRaises(OSError):
+                    os.fstat(fd)
+
+    def test_a_handle_that_cannot_be_imported_leaves_nothing_mapped(self):
+        with thaw_cuda.WeightsRegion.load([self.a, self.b], driver=self.driver) as region:
+            thaw_cuda.write_weights_file([region], self.control)
+            region.release()
+            self.run_standin("bad-fd")
+            handles = thaw_cuda.receive_weight_handles(self.control, timeout_s=10)
+            with self.assertRaises(thaw_cuda.ThawCudaError) as cm:
+                region.map_handles(handles["weights"])
+            self.assertEqual(cm.exception.step, "import a weights handle")
+            self.assertFalse(any(a.handle is not None for a in region.allocations))
+            self.assertEqual(self.allocated(), 0)
+            region.reload()  # the fallback still works at the same address
+            self.assertEqual(self.read(region.view("norm").__cuda_array_interface__["data"][0], len(self.norm)), self.norm)
+
+    def test_weights_hooks_map_thaws_handles_after_a_restore_and_reload_otherwise(self):
+        cd = thaw_worker.ControlDir(self.control)
+        with thaw_cuda.WeightsRegion.load([self.b], driver=self.driver) as region:
+            release, resume = region.hooks(cd, timeout_s=10)
+            release()
+            with open(os.path.join(self.control, thaw_cuda.WEIGHTS_FILE)) as f:
+                self.assertEqual(json.load(f)["schema"], thaw_cuda.WEIGHTS_SCHEMA)
+            self.assertEqual(self.allocated(), 0)
+            resume()  # no restore-complete: reload from the file
+            self.assertEqual(self.read(region.ptr, 64), self.big[:64])
+            release()
+            # The stand-in sends other bytes than the file's: seeing them proves the handles were mapped.
+            self.run_standin("corrupt")
+            with open(os.path.join(self.control, thaw_worker.RESTORE_COMPLETE), "w") as f:
+                f.write('{"weights": "handles"}')
+            resume()
+            self.assertEqual(self.read(region.ptr, 64), b"\xff" * 64)
+
+    def test_export_needs_a_shareable_allocation(self):
+        h = thaw_cuda.CUmemGenericAllocationHandle()
+        prop = thaw_cuda._device_prop(0)
+        self.driver.ensure_context(0)
+        self.driver.call("create", "cuMemCreate", ctypes.byref(h), 2 * MiB, ctypes.byref(prop), 0)
+        try:
+            fd = ctypes.c_int(-1)
+            with self.assertRaises(thaw_cuda.ThawCudaError) as cm:
+                self.driver.call("export", "cuMemExportToShareableHandle", ctypes.byref(fd), h, 1, 0)
+            self.assertEqual(cm.exception.name, "CUDA_ERROR_NOT_PERMITTED")
+        finally:
+            self.driver.call("release", "cuMemRelease", h)

@@ -38,9 +38,15 @@ Errors: ``ThawCudaError`` with a stable ``code`` (``CUDA_UNAVAILABLE``, ``CUDA_C
 driver call carries ``result`` (the CUresult number), ``name`` (``cuGetErrorName``) and ``step``.
 """
 
+import array
 import ctypes
 import gc
+import hashlib
+import json
 import os
+import socket
+import struct
+import time
 
 __all__ = [
     "LIBCUDA_ENV",
@@ -54,6 +60,14 @@ __all__ = [
     "vllm_hooks",
     "sglang_hooks",
     "combine_hooks",
+    "WEIGHTS_FILE",
+    "WEIGHTS_SOCKET",
+    "WEIGHTS_SCHEMA",
+    "WeightsRegion",
+    "read_safetensors_header",
+    "write_weights_file",
+    "receive_weight_handles",
+    "weights_hooks",
 ]
 
 LIBCUDA_ENV = "THAW_LIBCUDA"
@@ -64,6 +78,7 @@ CUDA_SUCCESS = 0
 CU_MEM_ALLOCATION_TYPE_PINNED = 1  # CUmemAllocationType
 CU_MEM_LOCATION_TYPE_DEVICE = 1  # CUmemLocationType
 CU_MEM_HANDLE_TYPE_NONE = 0  # CUmemAllocationHandleType: not exportable
+CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR = 1  # CUmemAllocationHandleType: exportable as an fd
 CU_MEM_ACCESS_FLAGS_PROT_READWRITE = 3  # CUmemAccess_flags
 CU_MEM_ALLOC_GRANULARITY_MINIMUM = 0  # CUmemAllocationGranularity_flags
 
@@ -149,6 +164,14 @@ _SIGNATURES = (
     ("cuMemUnmap", CUresult, [CUdeviceptr, ctypes.c_size_t]),
     ("cuMemSetAccess", CUresult, [CUdeviceptr, ctypes.c_size_t, ctypes.POINTER(CUmemAccessDesc), ctypes.c_size_t]),
     ("cuMemsetD8_v2", CUresult, [CUdeviceptr, ctypes.c_ubyte, ctypes.c_size_t]),
+    ("cuMemExportToShareableHandle", CUresult,
+     [ctypes.c_void_p, CUmemGenericAllocationHandle, ctypes.c_int, ctypes.c_ulonglong]),
+    ("cuMemImportFromShareableHandle", CUresult,
+     [ctypes.POINTER(CUmemGenericAllocationHandle), ctypes.c_void_p, ctypes.c_int]),
+    ("cuMemHostAlloc", CUresult, [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_uint]),
+    ("cuMemFreeHost", CUresult, [ctypes.c_void_p]),
+    ("cuMemcpyHtoD_v2", CUresult, [CUdeviceptr, ctypes.c_void_p, ctypes.c_size_t]),
+    ("cuMemcpyDtoH_v2", CUresult, [ctypes.c_void_p, CUdeviceptr, ctypes.c_size_t]),
 )
 
 
@@ -221,10 +244,10 @@ class Driver:
         self.call("synchronize the context", "cuCtxSynchronize")
 
 
-def _device_prop(device):
+def _device_prop(device, handle_types=CU_MEM_HANDLE_TYPE_NONE):
     prop = CUmemAllocationProp()
     prop.type = CU_MEM_ALLOCATION_TYPE_PINNED
-    prop.requestedHandleTypes = CU_MEM_HANDLE_TYPE_NONE
+    prop.requestedHandleTypes = handle_types
     prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE
     prop.location.id = device
     return prop
@@ -493,5 +516,480 @@ def combine_hooks(*pairs):
         for _, r in reversed(pairs):
             if r is not None:
                 r()
+
+    return release, resume
+
+
+# ---- Weights regions: model weights that a checkpoint does not carry ------------------------------------
+#
+# Weights are immutable and already on the node (the image, a model cache, a volume), so a checkpoint need
+# not copy them and a restore can read them at storage speed while CRIU rebuilds the rest. A WeightsRegion
+# loads safetensors files into one reserved VA range (one physical allocation per file, each at a
+# granularity-aligned offset); tensors are views into it (``__cuda_array_interface__``), so CUDA graphs
+# captured over them keep their pointers. The worker tells thaw where every byte came from in
+# ``<control dir>/weights-regions.json`` (``write_weights_file``); before the checkpoint ``release()``
+# unmaps and frees the physical memory, keeping the VA; after a restore thaw has already read the files
+# into GPU allocations made with a POSIX-fd shareable handle and hands one fd per allocation over
+# ``<control dir>/weights.sock`` (``receive_weight_handles``); ``map_handles(fds)`` imports and maps them at
+# the recorded addresses. Without handles (a checkpoint that the same process survives, or a thaw without
+# the weights service) ``reload()`` reads the files again. docs/weights.md: how an engine's loader uses it.
+
+WEIGHTS_FILE = "weights-regions.json"
+WEIGHTS_SOCKET = "weights.sock"
+WEIGHTS_SCHEMA = "thaw.dev/weights-regions/v1"
+# Caps that thaw enforces on what the worker writes (src/restore-engine/weights/regions-file.ts); the SDK
+# refuses to write what thaw would refuse to read.
+WEIGHTS_FILE_MAX_BYTES = 1 << 20
+WEIGHTS_MAX_ALLOCATIONS = 4096
+SAFETENSORS_HEADER_MAX_BYTES = 100 << 20  # the format's own limit (safetensors crate)
+_READ_CHUNK = 16 << 20
+
+# safetensors dtype -> (item size, __cuda_array_interface__ typestr, torch dtype name). bf16 and fp8 have no
+# NumPy typestr: views carry unsigned ints of the same size; as_tensor reinterprets them.
+_ST_DTYPES = {
+    "F64": (8, "<f8", "float64"), "F32": (4, "<f4", "float32"), "F16": (2, "<f2", "float16"),
+    "BF16": (2, "<u2", "bfloat16"), "I64": (8, "<i8", "int64"), "I32": (4, "<i4", "int32"),
+    "I16": (2, "<i2", "int16"), "I8": (1, "|i1", "int8"), "U8": (1, "|u1", "uint8"), "BOOL": (1, "|b1", "bool"),
+    "F8_E4M3": (1, "|u1", "float8_e4m3fn"), "F8_E5M2": (1, "|u1", "float8_e5m2"),
+}
+
+
+def read_safetensors_header(f):
+    """(data_start, {name: (dtype, shape, begin, end)}) of an open safetensors file; begin/end are data offsets.
+
+    Validates what the loader relies on: the header length, JSON, known dtypes, offsets inside the file and
+    matching the shape.
+    """
+    f.seek(0, os.SEEK_END)
+    file_size = f.tell()
+    f.seek(0)
+    raw = f.read(8)
+    if len(raw) != 8:
+        raise ThawCudaError("not a safetensors file: shorter than its header length", "CUDA_INVALID_ARGUMENT")
+    (n,) = struct.unpack("<Q", raw)
+    if n > SAFETENSORS_HEADER_MAX_BYTES or 8 + n > file_size:
+        raise ThawCudaError("safetensors header length %d does not fit the file" % n, "CUDA_INVALID_ARGUMENT")
+    try:
+        header = json.loads(f.read(n).decode("utf-8"))
+    except ValueError as e:
+        raise ThawCudaError("safetensors header is not JSON: %s" % e, "CUDA_INVALID_ARGUMENT")
+    if not isinstance(header, dict):
+        raise ThawCudaError("safetensors header is not an object", "CUDA_INVALID_ARGUMENT")
+    data_start = 8 + n
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
+            begin, end = int(begin), int(end)
+        except (KeyError, TypeError, ValueError):
+            raise ThawCudaError("safetensors tensor %r is malformed" % name, "CUDA_INVALID_ARGUMENT")
+        if dtype not in _ST_DTYPES:
+            raise ThawCudaError("safetensors tensor %r has dtype %r" % (name, dtype), "CUDA_INVALID_ARGUMENT")
+        count = 1
+        for d in shape:
+            if d < 0:
+                raise ThawCudaError("safetensors tensor %r has a negative dimension" % name, "CUDA_INVALID_ARGUMENT")
+            count *= d
+        if not (0 <= begin <= end <= file_size - data_start) or end - begin != count * _ST_DTYPES[dtype][0]:
+            raise ThawCudaError("safetensors tensor %r has offsets that do not fit" % name, "CUDA_INVALID_ARGUMENT")
+        tensors[name] = (dtype, tuple(shape), begin, end)
+    return data_start, tensors
+
+
+class _Allocation:
+    """One physical allocation of a region: [offset, offset + size) of its VA, and where its bytes come from."""
+
+    def __init__(self, offset, size, kind, source=None):
+        self.offset = offset
+        self.size = size
+        self.kind = kind  # "file" or "raw"
+        self.source = source  # file: {"path", "fileOffset", "length", "fileSize", "sha256"}
+        self.handle = None
+
+
+class WeightsRegion:
+    """Model weights in one reserved VA range whose physical memory thaw can hand back after a restore.
+
+    ``WeightsRegion.load(files)`` reads safetensors files in (one allocation per file, the file's data
+    section at the start of it); ``tensor(name)`` / ``view(name)`` are views into the region;
+    ``add_raw(nbytes)`` adds an allocation whose bytes are not a file (quantised or fused at load): thaw
+    keeps it in the checkpoint (it is not released). ``describe()`` is this region's entry of the weights
+    file. Not thread-safe.
+    """
+
+    def __init__(self, size_bytes, name="weights", device=0, driver=None):
+        if int(size_bytes) <= 0:
+            raise ThawCudaError("size_bytes must be positive, got %r" % (size_bytes,), "CUDA_INVALID_ARGUMENT")
+        self.name = str(name)
+        self.driver = driver if driver is not None else Driver()
+        self.device = device
+        self.driver.ensure_context(device)
+        self._prop = _device_prop(device)
+        granularity = ctypes.c_size_t()
+        self.driver.call(
+            "get allocation granularity", "cuMemGetAllocationGranularity",
+            ctypes.byref(granularity), ctypes.byref(self._prop), CU_MEM_ALLOC_GRANULARITY_MINIMUM,
+        )
+        self.granularity = granularity.value
+        self.size = self._round(int(size_bytes))
+        ptr = CUdeviceptr()
+        self.driver.call(
+            "reserve %d bytes for weights" % self.size, "cuMemAddressReserve", ctypes.byref(ptr), self.size, 0, 0, 0
+        )
+        self.ptr = ptr.value
+        self._next = 0
+        self.allocations = []
+        self.tensors_info = {}  # name -> (dtype, shape, region offset)
+        self._reserved = True
+
+    def _round(self, n):
+        return max(1, -(-n // self.granularity)) * self.granularity
+
+    @classmethod
+    def load(cls, files, name="weights", device=0, driver=None):
+        """A region holding every tensor of ``files`` (paths of safetensors files), read through pinned memory."""
+        files = [os.fspath(p) for p in files]
+        driver = driver if driver is not None else Driver()
+        driver.ensure_context(device)
+        layout = []
+        granularity = None
+        for path in files:
+            with open(path, "rb") as f:
+                data_start, tensors = read_safetensors_header(f)
+                f.seek(0, os.SEEK_END)
+                layout.append((path, data_start, f.tell() - data_start, tensors))
+        probe = CUmemAllocationProp()
+        probe.type, probe.location.type, probe.location.id = CU_MEM_ALLOCATION_TYPE_PINNED, CU_MEM_LOCATION_TYPE_DEVICE, device
+        g = ctypes.c_size_t()
+        driver.call("get allocation granularity", "cuMemGetAllocationGranularity", ctypes.byref(g), ctypes.byref(probe), 0)
+        granularity = g.value
+        total = sum(max(1, -(-length // granularity)) * granularity for _p, _s, length, _t in layout)
+        region = cls(total, name, device, driver)
+        try:
+            for path, data_start, length, tensors in layout:
+                offset = region._next
+                alloc = _Allocation(offset, region._round(length), "file", {
+                    "path": os.path.abspath(path), "fileOffset": data_start, "length": length,
+                })
+                region._map_new(alloc)
+                alloc.source.update(region._fill_from_file(alloc))
+                for tname, (dtype, shape, begin, _end) in tensors.items():
+                    if tname in region.tensors_info:
+                        raise ThawCudaError("tensor %r is in more than one file" % tname, "CUDA_INVALID_ARGUMENT")
+                    region.tensors_info[tname] = (dtype, shape, offset + begin)
+        except BaseException:
+            region.free()
+            raise
+        return region
+
+    def add_raw(self, nbytes):
+        """Maps a new allocation of ``nbytes`` (rounded up) for bytes made at load; returns its region offset."""
+        alloc = _Allocation(self._next, self._round(int(nbytes)), "raw")
+        self._map_new(alloc)
+        return alloc.offset
+
+    def _map_new(self, alloc):
+        if alloc.offset + alloc.size > self.size:
+            raise ThawCudaError("the region has no room for %d more bytes" % alloc.size, "CUDA_INVALID_ARGUMENT")
+        handle = CUmemGenericAllocationHandle()
+        self.driver.call("create %d bytes for weights" % alloc.size, "cuMemCreate",
+                         ctypes.byref(handle), alloc.size, ctypes.byref(self._prop), 0)
+        try:
+            self._map_handle(alloc, handle.value)
+        except BaseException:
+            self.driver.call("release weights memory after a failed map", "cuMemRelease", handle)
+            raise
+        alloc.handle = handle.value
+        self.allocations.append(alloc)
+        self._next = alloc.offset + alloc.size
+
+    def _map_handle(self, alloc, handle):
+        ptr = self.ptr + alloc.offset
+        self.driver.call("map weights", "cuMemMap", ptr, alloc.size, 0, handle, 0)
+        try:
+            access = CUmemAccessDesc()
+            access.location.type = CU_MEM_LOCATION_TYPE_DEVICE
+            access.location.id = self.device
+            access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+            self.driver.call("allow access to weights", "cuMemSetAccess", ptr, alloc.size, ctypes.byref(access), 1)
+        except BaseException:
+            self.driver.call("unmap weights after a failed access grant", "cuMemUnmap", ptr, alloc.size)
+            raise
+
+    def _fill_from_file(self, alloc):
+        """Copies the file's data section into the allocation; returns the file's size and sha256 (whole file)."""
+        src = alloc.source
+        digest = hashlib.sha256()
+        host = ctypes.c_void_p()
+        self.driver.call("allocate pinned host memory", "cuMemHostAlloc", ctypes.byref(host), _READ_CHUNK, 0)
+        try:
+            buf = (ctypes.c_ubyte * _READ_CHUNK).from_address(host.value)
+            view = memoryview(buf).cast("B")
+            with open(src["path"], "rb") as f:
+                head = f.read(src["fileOffset"])
+                digest.update(head)
+                done = 0
+                while done < src["length"]:
+                    n = f.readinto(view[:min(_READ_CHUNK, src["length"] - done)])
+                    if not n:
+                        raise ThawCudaError("%s shrank while being read" % src["path"], "CUDA_INVALID_ARGUMENT")
+                    digest.update(view[:n])
+                    self.driver.call("copy weights to the GPU", "cuMemcpyHtoD_v2",
+                                     self.ptr + alloc.offset + done, host, n)
+                    done += n
+                if f.read(1):
+                    raise ThawCudaError("%s grew while being read" % src["path"], "CUDA_INVALID_ARGUMENT")
+                file_size = f.tell()
+            del view, buf
+        finally:
+            self.driver.call("free pinned host memory", "cuMemFreeHost", host)
+        tail = alloc.size - src["length"]
+        if tail:
+            self.driver.call("zero the weights' padding", "cuMemsetD8_v2", self.ptr + alloc.offset + src["length"], 0, tail)
+        self.driver.synchronize()
+        return {"fileSize": file_size, "sha256": digest.hexdigest()}
+
+    @property
+    def mapped(self):
+        """True while every file allocation has physical memory."""
+        return all(a.handle is not None for a in self.allocations)
+
+    @property
+    def file_allocations(self):
+        return [a for a in self.allocations if a.kind == "file"]
+
+    def release(self):
+        """Frees the file allocations' memory, keeping the VA (raw ones stay: thaw checkpoints them). Idempotent."""
+        self.driver.ensure_context(self.device)
+        self.driver.synchronize()
+        for alloc in self.file_allocations:
+            if alloc.handle is None:
+                continue
+            self.driver.call("unmap weights", "cuMemUnmap", self.ptr + alloc.offset, alloc.size)
+            handle, alloc.handle = alloc.handle, None
+            self.driver.call("release weights memory", "cuMemRelease", handle)
+
+    def map_handles(self, fds):
+        """Imports one POSIX fd per file allocation (in ``describe()`` order) and maps each at its address.
+
+        All or nothing: on any failure what was mapped is unmapped and released, and ThawCudaError is raised
+        (the caller then ``reload()``s or gives up). The fds are closed either way.
+        """
+        try:
+            allocs = self.file_allocations
+            if len(fds) != len(allocs):
+                raise ThawCudaError("%d weight handles for %d allocations" % (len(fds), len(allocs)),
+                                    "CUDA_INVALID_ARGUMENT")
+            if any(a.handle is not None for a in allocs):
+                raise ThawCudaError("the weights are still mapped", "CUDA_INVALID_ARGUMENT")
+            self.driver.ensure_context(self.device)
+            done = []
+            try:
+                for alloc, fd in zip(allocs, fds):
+                    handle = CUmemGenericAllocationHandle()
+                    self.driver.call("import a weights handle", "cuMemImportFromShareableHandle",
+                                     ctypes.byref(handle), ctypes.c_void_p(int(fd)),
+                                     CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR)
+                    try:
+                        self._map_handle(alloc, handle.value)
+                    except BaseException:
+                        self.driver.call("release an imported handle", "cuMemRelease", handle)
+                        raise
+                    alloc.handle = handle.value
+                    done.append(alloc)
+            except BaseException:
+                for alloc in done:
+                    self.driver.call("unmap weights after a failed import", "cuMemUnmap", self.ptr + alloc.offset, alloc.size)
+                    handle, alloc.handle = alloc.handle, None
+                    self.driver.call("release weights after a failed import", "cuMemRelease", handle)
+                raise
+        finally:
+            for fd in fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+    def reload(self):
+        """Maps new memory and reads the files again (the path without thaw's handles). Idempotent."""
+        self.driver.ensure_context(self.device)
+        for alloc in self.file_allocations:
+            if alloc.handle is not None:
+                continue
+            handle = CUmemGenericAllocationHandle()
+            self.driver.call("create %d bytes for weights" % alloc.size, "cuMemCreate",
+                             ctypes.byref(handle), alloc.size, ctypes.byref(self._prop), 0)
+            try:
+                self._map_handle(alloc, handle.value)
+            except BaseException:
+                self.driver.call("release weights memory after a failed map", "cuMemRelease", handle)
+                raise
+            alloc.handle = handle.value
+            got = self._fill_from_file(alloc)
+            if got["sha256"] != alloc.source["sha256"]:
+                raise ThawCudaError("%s changed since it was loaded" % alloc.source["path"], "CUDA_INVALID_ARGUMENT")
+
+    def free(self):
+        """Unmaps everything and gives back the VA: views into the region become invalid."""
+        self.driver.ensure_context(self.device)
+        self.driver.synchronize()
+        for alloc in self.allocations:
+            if alloc.handle is not None:
+                self.driver.call("unmap weights", "cuMemUnmap", self.ptr + alloc.offset, alloc.size)
+                handle, alloc.handle = alloc.handle, None
+                self.driver.call("release weights memory", "cuMemRelease", handle)
+        if self._reserved:
+            self._reserved = False
+            self.driver.call("free the weights' address range", "cuMemAddressFree", self.ptr, self.size)
+
+    def describe(self):
+        """This region's entry in the weights file (VA as a hex string: JSON numbers stop at 2**53)."""
+        return {
+            "name": self.name,
+            "device": self.device,
+            "va": "0x%x" % self.ptr,
+            "size": self.size,
+            "granularity": self.granularity,
+            "allocations": [
+                dict({"offset": a.offset, "size": a.size, "kind": a.kind}, **({"source": dict(a.source)} if a.source else {}))
+                for a in self.allocations
+            ],
+        }
+
+    def view(self, name):
+        """A PoolView (``__cuda_array_interface__``) of tensor ``name``; bf16/fp8 as unsigned ints of their size."""
+        dtype, shape, offset = self.tensors_info[name]
+        return PoolView(self, shape, _ST_DTYPES[dtype][1], offset)
+
+    def tensor(self, name):
+        """Tensor ``name`` as a torch tensor viewing the region (needs PyTorch)."""
+        import torch  # lazily: this module must import without PyTorch
+
+        dtype, shape, offset = self.tensors_info[name]
+        typestr = _ST_DTYPES[dtype][1]
+        # PyTorch reads every CAI integer type but uint16 only in recent versions: bf16 bits come as int16.
+        view = PoolView(self, shape, "<i2" if typestr == "<u2" else typestr, offset)
+        t = torch.as_tensor(view, device="cuda:%d" % self.device)
+        want = getattr(torch, _ST_DTYPES[dtype][2])
+        return t if t.dtype == want else t.view(want)
+
+    def hooks(self, control_dir=None, timeout_s=30.0):
+        """``(release, resume)`` for ``thaw_worker.checkpoint_and_wait``: see ``weights_hooks``."""
+        return weights_hooks([self], control_dir, timeout_s)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.free()
+
+
+def write_weights_file(regions, control_dir):
+    """Tells thaw the regions (``<control_dir>/weights-regions.json``, written atomically). Returns the dict."""
+    import thaw_worker  # the same directory; lazily so that thaw_cuda alone stays importable
+
+    doc = {"schema": WEIGHTS_SCHEMA, "regions": [r.describe() for r in regions]}
+    if len(json.dumps(doc)) > WEIGHTS_FILE_MAX_BYTES:
+        raise ThawCudaError("the weights file would exceed %d bytes" % WEIGHTS_FILE_MAX_BYTES, "CUDA_INVALID_ARGUMENT")
+    if sum(len(r.allocations) for r in regions) > WEIGHTS_MAX_ALLOCATIONS:
+        raise ThawCudaError("more than %d weight allocations" % WEIGHTS_MAX_ALLOCATIONS, "CUDA_INVALID_ARGUMENT")
+    thaw_worker._write_atomic(os.fspath(control_dir), WEIGHTS_FILE, doc, mode=0o644)
+    return doc
+
+
+def receive_weight_handles(control_dir, timeout_s=30.0, max_fds=WEIGHTS_MAX_ALLOCATIONS):
+    """Connects to thaw's ``weights.sock`` in the control directory and receives the weight handles.
+
+    thaw sends one message: a JSON object ``{"schema", "regions": [{"name", "fds": <count>}]}`` whose
+    SCM_RIGHTS carry the fds in that order. Returns ``{region name: [fd, ...]}`` (the caller owns them).
+    A socket that is not there within ``timeout_s`` raises ThawCudaError (code CUDA_UNAVAILABLE).
+    """
+    path = os.path.join(os.fspath(control_dir), WEIGHTS_SOCKET)
+    deadline = time.monotonic() + timeout_s
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        while True:
+            try:
+                sock.connect(path)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() >= deadline:
+                    raise ThawCudaError("no weights socket at %s" % path, "CUDA_UNAVAILABLE")
+                time.sleep(0.005)
+        sock.settimeout(max(0.1, deadline - time.monotonic()))
+        fds = array.array("i")
+        chunks = []
+        while True:
+            msg, ancdata, _flags, _addr = sock.recvmsg(1 << 16, socket.CMSG_SPACE(max_fds * fds.itemsize))
+            for level, kind, data in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
+            if not msg:
+                break
+            chunks.append(msg)
+            if sum(len(c) for c in chunks) > WEIGHTS_FILE_MAX_BYTES:
+                raise ThawCudaError("the weights message is too long", "CUDA_INVALID_ARGUMENT")
+        received = list(fds)
+        try:
+            doc = json.loads(b"".join(chunks).decode("utf-8"))
+            out, at = {}, 0
+            for entry in doc["regions"]:
+                n = int(entry["fds"])
+                if n < 0 or at + n > len(received):
+                    raise ValueError("fd counts do not match")
+                out[str(entry["name"])] = received[at:at + n]
+                at += n
+            if at != len(received) or doc.get("schema") != WEIGHTS_SCHEMA:
+                raise ValueError("fd counts or schema do not match")
+            return out
+        except (ValueError, KeyError, TypeError) as e:
+            for fd in received:
+                os.close(fd)
+            raise ThawCudaError("thaw's weights message is malformed: %s" % e, "CUDA_INVALID_ARGUMENT")
+    finally:
+        sock.close()
+
+
+def weights_hooks(regions, control_dir=None, timeout_s=30.0):
+    """``(release, resume)`` for ``thaw_worker.checkpoint_and_wait`` over WeightsRegions.
+
+    release: writes the weights file, then frees the file allocations. resume: after ``restore-complete``
+    whose payload has ``"weights": "handles"`` it maps thaw's handles; otherwise (checkpoint-complete, or a
+    thaw that read no weights) each region ``reload()``s from its files. A handle that cannot be mapped
+    falls back to ``reload()`` too: the worker still serves, only slower.
+    """
+    import thaw_worker
+
+    cd = control_dir if control_dir is not None else thaw_worker.ControlDir()
+
+    def release():
+        write_weights_file(regions, cd.path)
+        for r in regions:
+            r.release()
+
+    def resume():
+        payload = cd.payload(thaw_worker.RESTORE_COMPLETE) if cd.was_restored() else None
+        if payload and payload.get("weights") == "handles":
+            try:
+                handles = receive_weight_handles(cd.path, timeout_s)
+            except ThawCudaError:
+                handles = {}
+            for r in regions:
+                fds = handles.pop(r.name, None)
+                if fds is not None:
+                    try:
+                        r.map_handles(fds)
+                        continue
+                    except ThawCudaError:
+                        pass
+                r.reload()
+            for fds in handles.values():
+                for fd in fds:
+                    os.close(fd)
+        else:
+            for r in regions:
+                r.reload()
 
     return release, resume

@@ -58,6 +58,8 @@ export function createAgentMetrics(src: AgentMetricsSources): AgentMetrics {
   const storedBytes = r.gauge('thaw_checkpoints_stored_bytes', 'Total bytes of the checkpoints in the local store (manifest totals).');
   const restoresInFlight = r.gauge('thaw_restores_in_flight', 'Restore targets this agent holds (prepared or restoring).');
   const checkpointsInFlight = r.gauge('thaw_checkpoints_in_flight', 'Checkpoints running or waiting for their worker.');
+  const byNamespace = r.counter('thaw_restores_by_namespace_total', 'Restore events (restored, or fallback after the container was adjusted) by the target pod\'s namespace.', ['namespace', 'outcome']);
+  const refusals = r.counter('thaw_tenancy_refusals_total', 'Restore targets the tenancy policy sent to a cold start, by the pod\'s namespace and cause (RESTORE_NOT_ALLOWED, RESTORE_SIGNATURE, RESTORE_NO_ROOM).', ['namespace', 'cause']);
   const info = r.gauge('thaw_agent_info', 'Always 1; the agent version as a label.', ['version']);
 
   for (const outcome of ['restored', 'fallback']) restores.touch({ outcome });
@@ -73,6 +75,10 @@ export function createAgentMetrics(src: AgentMetricsSources): AgentMetrics {
     restores.setTotal(restoreEvents.restored, { outcome: 'restored' });
     restores.setTotal(restoreEvents.fallback + atCreate, { outcome: 'fallback' });
     for (const [cause, n] of src.stats.fallbacksByCause) fallbacks.setTotal(n, { cause });
+    for (const [key, n] of src.stats.tenancyRefusals) {
+      const [namespace = '', cause = ''] = key.split(' ');
+      refusals.setTotal(n, { namespace, cause });
+    }
     restoresInFlight.set(src.restoresInFlight());
     checkpointsInFlight.set(src.checkpointsInFlight());
     const s = await src.stored();
@@ -84,6 +90,7 @@ export function createAgentMetrics(src: AgentMetricsSources): AgentMetrics {
     registry: r,
     onRestoreEvent(e) {
       restoreEvents[e.outcome]++;
+      byNamespace.inc({ namespace: e.pod.split('/')[0] ?? '', outcome: e.outcome });
       for (const [key, phase] of Object.entries(RESTORE_PHASES)) {
         const ms = e.phases[key as keyof RestoreEvent['phases']];
         if (ms !== undefined) restorePhases.observe(ms / 1000, { phase });

@@ -31,6 +31,8 @@ import { createApiHandlers, type ApiContext } from './api-server.js';
 import { ConfigError, ConfigErrorCode, type AgentConfig } from './config.js';
 import type { RegistrySourceOptions } from './checkpoint-sources.js';
 import { loadRegistryConfig } from './registry-config.js';
+import { loadTrustedKeys } from './tenancy.js';
+import type { TrustedKey } from '../store/index.js';
 import { ContainerRegistry } from './containers.js';
 import { createThawEngine, type ThawEngine } from './engine.js';
 import { AgentError, AgentErrorCode } from './errors.js';
@@ -183,6 +185,30 @@ function bindGrpc(server: grpc.Server, path: string): Promise<void> {
   );
 }
 
+/** How old the store totals /metrics reports may be (a checkpoint's end refreshes them at once). */
+export const STORED_TOTALS_MAX_AGE_MS = 60_000;
+
+/** One computation shared by every caller until it is `maxAgeMs` old or invalidated; a failure is not kept. */
+export function cachedValue<T>(maxAgeMs: number, compute: () => Promise<T>, now: () => number = Date.now): { get(): Promise<T>; invalidate(): void } {
+  let value: { at: number; p: Promise<T> } | undefined;
+  return {
+    get() {
+      if (value === undefined || now() - value.at > maxAgeMs) {
+        const p = compute();
+        const entry = { at: now(), p };
+        value = entry;
+        p.catch(() => {
+          if (value === entry) value = undefined;
+        });
+      }
+      return value.p;
+    },
+    invalidate() {
+      value = undefined;
+    },
+  };
+}
+
 /** Builds the agent's logger from its config (a file is opened 0600 for appending). */
 export function agentLogger(config: AgentConfig): { logger: Logger; close: () => Promise<void> } {
   let stream: WriteStream | undefined;
@@ -204,6 +230,12 @@ export async function runAgent(o: AgentRunOptions, logger: Logger): Promise<numb
       throw new ConfigError(ConfigErrorCode.INVALID, `registry.config ${c.registry.config}: ${errorMessage(err)}`, { step: 'load agent configuration', cause: err });
     }
   }
+  let trustedKeys: Map<string, TrustedKey>;
+  try {
+    trustedKeys = await loadTrustedKeys(c.tenancy);
+  } catch (err) {
+    throw new ConfigError(ConfigErrorCode.INVALID, `tenancy: ${errorMessage(err)}`, { step: 'load agent configuration', cause: err });
+  }
   const launched = env['NRI_PLUGIN_SOCKET'] !== undefined;
   await claimApiSocket(c.api.socket, logger, launched ? LAUNCHED_SOCKET_WAIT_MS : 0);
   await mkdir(c.paths.workRoot, { recursive: true, mode: 0o700 });
@@ -211,6 +243,13 @@ export async function runAgent(o: AgentRunOptions, logger: Logger): Promise<numb
 
   // The engine's events go to the metrics, which read the engine back at scrape: wire them through a holder.
   let metrics: ReturnType<typeof createAgentMetrics> | undefined;
+  // What the store holds, for /metrics: listing opens every manifest, so a scrape (anyone who can reach the
+  // port, as often as they like) reads a copy refreshed at most every STORED_TOTALS_MAX_AGE_MS, or after a
+  // checkpoint ended.
+  const storedTotals = cachedValue(STORED_TOTALS_MAX_AGE_MS, async () => {
+    const listed = await engine.store.list();
+    return { count: listed.length, bytes: listed.reduce((a, l) => a + (l.manifest?.totals.bytes ?? 0), 0) };
+  });
   const engine = await createThawEngine({
     logger,
     annotationPrefix: c.annotationPrefix,
@@ -226,18 +265,20 @@ export async function runAgent(o: AgentRunOptions, logger: Logger): Promise<numb
     thawPauseDeadlineMs: c.restore.pauseDeadlineMs,
     ...(c.paths.sharedStoreRoot ? { sharedStoreRoot: c.paths.sharedStoreRoot } : {}),
     ...(registry ? { registry } : {}),
+    tenancy: c.tenancy,
+    trustedKeys,
     onRestoreEvent: (e) => metrics?.onRestoreEvent(e),
-    onCheckpointEvent: (e) => metrics?.onCheckpointEvent(e),
+    onCheckpointEvent: (e) => {
+      storedTotals.invalidate();
+      metrics?.onCheckpointEvent(e);
+    },
   });
   metrics = createAgentMetrics({
     stats: engine.stats,
     version: o.version,
     restoresInFlight: () => engine.restores.inFlight().length,
     checkpointsInFlight: () => engine.checkpoints.status().filter((s) => s.state === 'waiting-for-worker' || s.state === 'checkpointing').length,
-    stored: async () => {
-      const listed = await engine.store.list();
-      return { count: listed.length, bytes: listed.reduce((a, l) => a + (l.manifest?.totals.bytes ?? 0), 0) };
-    },
+    stored: () => storedTotals.get(),
   });
 
   const containers = new ContainerRegistry();

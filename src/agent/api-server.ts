@@ -161,6 +161,7 @@ export function createApiHandlers(ctx: ApiContext): grpc.UntypedServiceImplement
         checkpointName: name,
         controlDir,
         ...(seen.imageRef !== undefined ? { imageRef: seen.imageRef } : {}),
+        ...(seen.args !== undefined ? { specArgs: seen.args } : {}),
         onCheckpoint: 'continue',
       };
     }

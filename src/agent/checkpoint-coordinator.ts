@@ -25,6 +25,7 @@ import {
 import type { CriuClient } from '../restore-engine/index.js';
 import { readReadyPayload, waitForWorkerReady } from '../sdk/index.js';
 import type { LocalStore } from '../store/index.js';
+import { StoreError, StoreErrorCode } from '../store/index.js';
 import { gpuMemoryReport, type GpuMemoryReport } from './gpu-memory-report.js';
 import type { ManagedContainer, ThawCoordinator } from './managed-container.js';
 
@@ -220,6 +221,7 @@ export class CheckpointCoordinator implements ThawCoordinator {
         return undefined;
       });
       const o = this.options;
+      if ((mode.replace ?? o.replace) === true) await this.checkReplaceOwner(container);
       const cuda = typeof o.cuda === 'function' ? o.cuda() : o.cuda;
       const result = await (o.runCheckpoint ?? checkpointContainer)(
         {
@@ -235,6 +237,8 @@ export class CheckpointCoordinator implements ThawCoordinator {
           source: {
             containerName: container.containerName,
             pod: { name: container.podName, namespace: container.podNamespace, uid: container.podUid },
+            // The spec's args (NRI CreateContainer): what a restore target's must equal (manifest.ts).
+            ...(container.specArgs !== undefined ? { args: container.specArgs } : {}),
           },
           containerdVersion: typeof o.containerdVersion === 'function' ? o.containerdVersion() : o.containerdVersion,
           criuVersion: o.criuVersion,
@@ -261,6 +265,27 @@ export class CheckpointCoordinator implements ThawCoordinator {
       const phases = isThawError(err) ? (err.evidence.phases as CheckpointPhases | undefined) : undefined;
       if (phases !== undefined) status.phases = phases;
       this.finish(status, { outcome: cancelled ? 'cancelled' : 'failed', error: status.error, ...(phases ? { phases } : {}) });
+    }
+  }
+
+  /**
+   * A checkpoint is replaced only from its own namespace: a pod of team-a naming team-b's checkpoint (or an
+   * operator's --replace aimed at it) must not put team-a's process where team-b's pods restore from.
+   * Throws STORE_EXISTS naming the owner; a name not in the store passes.
+   */
+  private async checkReplaceOwner(container: ManagedContainer): Promise<void> {
+    let owner: string | undefined;
+    try {
+      owner = (await this.options.store.open(container.checkpointName)).manifest.source.pod?.namespace;
+    } catch (err) {
+      if (isThawError(err, StoreErrorCode.NOT_FOUND)) return;
+      throw err;
+    }
+    if (owner !== container.podNamespace) {
+      throw new StoreError(StoreErrorCode.EXISTS, `checkpoint ${container.checkpointName} belongs to namespace ${owner ?? '(none recorded)'}; a pod of ${container.podNamespace} may not replace it`, {
+        step: 'check the checkpoint to replace',
+        evidence: { name: container.checkpointName, owner, namespace: container.podNamespace },
+      });
     }
   }
 

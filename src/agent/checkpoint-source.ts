@@ -12,6 +12,7 @@ import { createControlDir } from '../sdk/index.js';
 import { CRI_IMAGE_NAME_ANNOTATION } from './containers.js';
 import { identityOf, managedAnnotations, type ManagedContainer } from './managed-container.js';
 import { describeContainer, type HandlerScope } from './nri-handler-scope.js';
+import { checkpointRefusal } from './tenancy.js';
 
 export async function adjustCheckpointSource(
   scope: HandlerScope,
@@ -22,6 +23,12 @@ export async function adjustCheckpointSource(
   ctx: NriHandlerContext,
 ): Promise<AdjustmentBuilder | undefined> {
   const containerId = container.id ?? '';
+  const refusal = checkpointRefusal(scope.tenancy, pod.namespace ?? '');
+  if (refusal !== undefined) {
+    scope.stats.countFallback('checkpoint-not-allowed');
+    ctx.logger.warn('thaw: the policy refuses checkpoints of this pod; the container runs without thaw', { ...describeContainer(pod, container), checkpoint: checkpointName, reason: refusal });
+    return undefined;
+  }
   let controlDir: string;
   try {
     controlDir = await createControlDir(scope.controlRoot, containerId);
@@ -40,6 +47,7 @@ export async function adjustCheckpointSource(
     controlDir,
     ...(container.annotations?.[CRI_IMAGE_NAME_ANNOTATION] ? { imageRef: container.annotations[CRI_IMAGE_NAME_ANNOTATION] } : {}),
     role: 'checkpoint-source',
+    ...(container.args !== undefined && container.args.length > 0 ? { specArgs: [...container.args] } : {}),
   };
   const existingEnv = new Set((container.env ?? []).map((kv) => kv.slice(0, Math.max(0, kv.indexOf('=')))));
   const builder = new AdjustmentBuilder()

@@ -23,6 +23,7 @@ import {
 import { ThawError } from '../errors.js';
 import type { LogLevel } from '../log.js';
 import { DEFAULT_ANNOTATION_PREFIX, validateAnnotationPrefix } from '../nri-plugin/index.js';
+import { defaultTenancyPolicy, parseTenancyPolicy, type TenancyPolicy } from './tenancy.js';
 
 export const DEFAULT_CONFIG_PATH = '/etc/thaw/agent.yaml';
 /** sun_path holds 108 bytes with its NUL. */
@@ -44,6 +45,11 @@ export interface AgentConfig {
   restore: { pauseDeadlineMs: number };
   /** file "" = stderr. */
   log: { level: LogLevel; file: string };
+  /**
+   * Who may checkpoint and restore what (src/agent/tenancy.ts): the file's `tenancy` section only (no flag or
+   * environment variable: a structured policy, and one place to audit it). Absent: defaultTenancyPolicy().
+   */
+  tenancy: TenancyPolicy;
 }
 
 export const ConfigErrorCode = {
@@ -143,6 +149,7 @@ export function defaultAgentConfig(packageRoot: string): AgentConfig {
     cuda: { libcuda: '', libnvml: '', lockTimeoutMs: DEFAULT_CUDA_LOCK_TIMEOUT_MS },
     restore: { pauseDeadlineMs: DEFAULT_THAW_PAUSE_DEADLINE_MS },
     log: { level: 'info', file: '' },
+    tenancy: defaultTenancyPolicy(),
   };
 }
 
@@ -182,7 +189,10 @@ function checked(spec: KeySpec, value: Value, source: string): Value {
 }
 
 /** Walks the parsed YAML: every leaf must be a known key of the right type. */
-function readFileValues(path: string, text: string): Map<string, Value> {
+/** The section read whole by its own parser (src/agent/tenancy.ts), not key by key. */
+const TENANCY_SECTION = 'tenancy';
+
+function readFileValues(path: string, text: string): { values: Map<string, Value>; tenancy?: TenancyPolicy } {
   const source = `file ${path}`;
   const doc = parseDocument(text, { prettyErrors: false, uniqueKeys: true });
   if (doc.errors.length > 0) {
@@ -191,7 +201,7 @@ function readFileValues(path: string, text: string): Map<string, Value> {
   }
   const root: unknown = doc.toJS();
   const out = new Map<string, Value>();
-  if (root === null || root === undefined) return out; // an empty (all comments) file
+  if (root === null || root === undefined) return { values: out }; // an empty (all comments) file
   const specs = new Map(CONFIG_KEYS.map((s) => [s.key, s]));
   const sections = new Set(CONFIG_KEYS.filter((s) => s.key.includes('.')).map((s) => s.key.split('.')[0]!));
   const visit = (node: unknown, prefix: string): void => {
@@ -206,7 +216,7 @@ function readFileValues(path: string, text: string): Map<string, Value> {
           visit(v, key);
           continue;
         }
-        const known = prefix ? CONFIG_KEYS.filter((s) => s.key.startsWith(`${prefix}.`)).map((s) => s.key) : [...new Set(CONFIG_KEYS.map((s) => s.key.split('.')[0]!))];
+        const known = prefix ? CONFIG_KEYS.filter((s) => s.key.startsWith(`${prefix}.`)).map((s) => s.key) : [...new Set([...CONFIG_KEYS.map((s) => s.key.split('.')[0]!), TENANCY_SECTION])];
         throw new ConfigError(ConfigErrorCode.INVALID, `unknown key ${key} (${source}): expected one of ${known.join(', ')}`, {
           step: STEP,
           evidence: { key, source, expected: known },
@@ -218,8 +228,19 @@ function readFileValues(path: string, text: string): Map<string, Value> {
       out.set(key, checked(spec, v as Value, source));
     }
   };
+  if (typeof root === 'object' && !Array.isArray(root) && TENANCY_SECTION in root) {
+    const { [TENANCY_SECTION]: raw, ...rest } = root as Record<string, unknown>;
+    let tenancy: TenancyPolicy;
+    try {
+      tenancy = parseTenancyPolicy(raw);
+    } catch (err) {
+      throw new ConfigError(ConfigErrorCode.INVALID, `${(err as Error).message} (${source})`, { step: STEP, evidence: { key: TENANCY_SECTION, source } });
+    }
+    visit(rest, '');
+    return { values: out, tenancy };
+  }
   visit(root, '');
-  return out;
+  return { values: out };
 }
 
 function setKey(config: AgentConfig, key: string, value: Value): void {
@@ -232,7 +253,9 @@ function setKey(config: AgentConfig, key: string, value: Value): void {
 /** The configuration from defaults, file, environment and flags, in that order of increasing precedence. */
 export function resolveAgentConfig(sources: ConfigSources): AgentConfig {
   const config = defaultAgentConfig(sources.packageRoot);
-  const fileValues = sources.file ? readFileValues(sources.file.path, sources.file.text) : new Map<string, Value>();
+  const read = sources.file ? readFileValues(sources.file.path, sources.file.text) : { values: new Map<string, Value>() };
+  const fileValues = read.values;
+  if (read.tenancy !== undefined) config.tenancy = read.tenancy;
   for (const spec of CONFIG_KEYS) {
     const env = sources.env?.[envNameOf(spec.key)];
     const flag = sources.flags?.[flagNameOf(spec.key)];

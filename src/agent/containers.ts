@@ -18,6 +18,8 @@ export interface SeenContainer {
   podNamespace: string;
   podUid: string;
   imageRef?: string;
+  /** The spec's process args as NRI gave them (recorded in a checkpoint's manifest, manifest.ts). */
+  args?: string[];
   /** Host pid of its init, once started. */
   pid?: number;
 }
@@ -40,6 +42,7 @@ export class ContainerRegistry {
       podNamespace: pod.namespace ?? prev?.podNamespace ?? '',
       podUid: pod.uid ?? prev?.podUid ?? '',
       ...(image ?? prev?.imageRef ? { imageRef: (image ?? prev?.imageRef) as string } : {}),
+      ...(c.args !== undefined && c.args.length > 0 ? { args: [...c.args] } : prev?.args !== undefined ? { args: prev.args } : {}),
       ...(pid ?? prev?.pid ? { pid: (pid ?? prev?.pid) as number } : {}),
     });
   }

@@ -17,6 +17,8 @@ import { DEFAULT_SH_PATH } from '../restore-engine/index.js';
 import { restoreToolFiles } from './restore-tools.js';
 import { CheckpointCoordinator, type CheckpointEvent } from './checkpoint-coordinator.js';
 import { createCheckpointSources, type RegistrySourceOptions } from './checkpoint-sources.js';
+import type { TrustedKey } from '../store/index.js';
+import type { TenancyPolicy } from './tenancy.js';
 import { checkpointHooksFactory, cudaRestoreStep, loadNodeCuda, recoverCudaProcesses, type NodeCuda } from './cuda-steps.js';
 import type { RestoreEvent } from '../restore-engine/index.js';
 import type { ManagedContainer, ThawCoordinator } from './managed-container.js';
@@ -52,6 +54,10 @@ export interface ThawEngineOptions {
   sharedStoreOwnerUid?: number;
   /** Registries a restore annotation may name (`registry/repo:tag`); absent: references cold-start. */
   registry?: RegistrySourceOptions;
+  /** Who may checkpoint and restore what (agent config `tenancy`); absent: defaultTenancyPolicy(). */
+  tenancy?: TenancyPolicy;
+  /** The policy's public keys by file path (loadTrustedKeys). */
+  trustedKeys?: ReadonlyMap<string, TrustedKey>;
   /** Told of every restore / checkpoint event after it is logged (the agent's metrics). */
   onRestoreEvent?: (event: RestoreEvent) => void;
   onCheckpointEvent?: (event: CheckpointEvent) => void;
@@ -80,7 +86,14 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
   const shared = o.sharedStoreRoot !== undefined ? await openLocalStore({ root: o.sharedStoreRoot, logger, ...(o.sharedStoreOwnerUid !== undefined ? { ownerUid: o.sharedStoreOwnerUid } : {}) }) : undefined;
   const sources =
     shared !== undefined || o.registry !== undefined
-      ? createCheckpointSources({ local: store, logger, ...(shared ? { shared } : {}), ...(o.registry ? { registry: o.registry } : {}) })
+      ? createCheckpointSources({
+          local: store,
+          logger,
+          ...(shared ? { shared } : {}),
+          ...(o.registry ? { registry: o.registry } : {}),
+          ...(o.tenancy ? { policy: o.tenancy } : {}),
+          ...(o.trustedKeys ? { trustedKeys: o.trustedKeys } : {}),
+        })
       : undefined;
   await mkdir(o.workRoot, { recursive: true, mode: 0o700 });
   // CRIU runs GNU tar and gzip from its PATH (tmpfs contents on restore): the toolkit's come first.
@@ -168,6 +181,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     controlRoot: o.controlRoot,
     coordinator,
     stats,
+    ...(o.tenancy ? { tenancy: o.tenancy } : {}),
     restore: {
       store,
       ...(sources ? { sources } : {}),

@@ -8,7 +8,7 @@ import type { Container, PodSandbox } from '../nri-plugin/index.js';
 import type { OnCheckpoint } from '../nri-plugin/index.js';
 import type { OpenedCheckpoint, ReleaseLease } from '../store/index.js';
 import { CRI_IMAGE_NAME_ANNOTATION } from './containers.js';
-import { controlDirPath } from '../sdk/control-dir.js';
+import { controlDirPath } from '../sdk/index.js';
 import { lstatSync } from 'node:fs';
 
 /** What the handlers know about a container thaw manages, handed to the flows. */
@@ -30,6 +30,12 @@ export interface ManagedContainer {
   role?: 'checkpoint-source' | 'restore-target';
   /** Restore targets: how thaw-pause holds the original command (NRI args, or the createRuntime overlay). */
   placeholder?: 'args' | 'overlay';
+  /**
+   * Checkpoint sources: the process args of the container's spec as NRI gave them at CreateContainer (the
+   * Kubernetes command and args, resolved by the runtime). Recorded in the manifest; a restore target's must be
+   * the same. Not rebuilt after an agent restart (then the manifest records none, and the restore refuses it).
+   */
+  specArgs?: string[];
 }
 
 /**

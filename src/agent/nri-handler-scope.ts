@@ -1,6 +1,7 @@
 import type { Container, PodSandbox } from '../nri-plugin/index.js';
 import type { ManagedContainer, ThawCoordinator } from './managed-container.js';
 import type { ThawNriStats } from './nri-stats.js';
+import type { TenancyPolicy } from './tenancy.js';
 
 /** What thaw's NRI handlers share (thaw-nri.ts, checkpoint-source.ts, restore-target.ts). */
 export interface HandlerScope {
@@ -11,6 +12,22 @@ export interface HandlerScope {
   /** The containers thaw adjusted, by container id. */
   managed: Map<string, ManagedContainer>;
   coordinator?: ThawCoordinator;
+  /** Who may checkpoint and restore what (agent config `tenancy`). */
+  tenancy: TenancyPolicy;
+  /**
+   * Per restore target (container id): its interest in the transfer its checkpoint's find started or joined,
+   * with its pod. Aborted when the container or its pod goes, or when the target cold-starts after all: the
+   * last abort cancels the transfer (checkpoint-sources.ts).
+   */
+  interests: Map<string, { podId: string; controller: AbortController }>;
+}
+
+/** Drops a restore target's interest in its checkpoint's transfer (no-op when it has none). */
+export function dropInterest(scope: HandlerScope, containerId: string): void {
+  const i = scope.interests.get(containerId);
+  if (i === undefined) return;
+  scope.interests.delete(containerId);
+  i.controller.abort(new Error('the restore target is gone'));
 }
 
 /** The fields every handler log line names the container by. */

@@ -7,6 +7,8 @@ export class ThawNriStats {
   readonly fallbacksByCause = new Map<string, number>();
   /** Restore targets left cold at CreateContainer (never adjusted, so no restore event follows), by cause. */
   readonly restoreFallbacksAtCreate = new Map<string, number>();
+  /** Restore targets the tenancy policy refused (cause RESTORE_NOT_ALLOWED, _SIGNATURE, _NO_ROOM), by `namespace cause`. */
+  readonly tenancyRefusals = new Map<string, number>();
 
   countDecision(kind: PolicyDecision['kind']): void {
     this.decisions.set(kind, (this.decisions.get(kind) ?? 0) + 1);
@@ -16,6 +18,10 @@ export class ThawNriStats {
   }
   countFallback(cause: string): void {
     this.fallbacksByCause.set(cause, (this.fallbacksByCause.get(cause) ?? 0) + 1);
+  }
+  countTenancyRefusal(namespace: string, cause: string): void {
+    const key = `${namespace} ${cause}`;
+    this.tenancyRefusals.set(key, (this.tenancyRefusals.get(key) ?? 0) + 1);
   }
   countRestoreFallbackAtCreate(cause: string): void {
     this.countFallback(cause);

@@ -1,11 +1,18 @@
 /**
  * The registry access file of the agent (`--registry-config`), JSON:
  *
- *   { "access": { "<host[:port]>": { "plainHttp"?: boolean, "caFile"?: path, "credentialsFile"?: path } },
- *     "resolveTimeoutMs"?: number, "pull"?: { "concurrency"?, "rangeBytes"?, "retries"? } }
+ *   { "access": { "<host[:port]>": { "plainHttp"?: boolean, "caFile"?: path,
+ *                                    "credentialsFile"?: path, "repositories"?: [prefix...],
+ *                                    "authHosts"?: [host[:port]...] } },
+ *     "resolveTimeoutMs"?: number, "transferDeadlineMs"?: number,
+ *     "pull"?: { "concurrency"?, "rangeBytes"?, "retries"? } }
  *
- * A credentials file holds `{"username": "...", "password": "..."}` (or a token server's account); it is read
- * here, kept out of argv and logs, and must not be readable by group or others.
+ * The agent reaches only the hosts named here (any other reference cold-starts), over https unless `plainHttp`
+ * says otherwise for that host. A credentials file holds `{"username": "...", "password": "..."}` (or a token
+ * server's account); it is read here, kept out of argv and logs, and must not be readable by group or others.
+ * Credentials go only with requests for the repository prefixes `repositories` lists (required with a
+ * credentials file: a key to one team's repositories is not sent for another's). Token realms and redirects
+ * may lead only to the registry itself and the `authHosts`, over the same scheme.
  */
 import { readFile, stat } from 'node:fs/promises';
 import type { RegistrySourceOptions } from './checkpoint-sources.js';
@@ -47,10 +54,26 @@ export async function loadRegistryConfig(path: string): Promise<RegistrySourceOp
       const c: unknown = JSON.parse(await readFile(file, 'utf8'));
       if (!isObject(c) || typeof c['username'] !== 'string' || typeof c['password'] !== 'string') fail(`${file}: must hold {"username", "password"}`);
       a.credentials = { username: c['username'], password: c['password'] };
+      const repos = value['repositories'];
+      if (!Array.isArray(repos) || repos.length === 0 || repos.some((r) => typeof r !== 'string' || !/^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:\/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*$/.test(r))) {
+        fail(`access[${JSON.stringify(host)}].repositories must list the repository prefixes the credentials are for (e.g. ["team-a"])`);
+      }
+      a.credentialRepositories = repos as string[];
+    } else if (value['repositories'] !== undefined) {
+      fail(`access[${JSON.stringify(host)}].repositories scopes credentials, but no credentialsFile is given`);
+    }
+    if (value['authHosts'] !== undefined) {
+      const hosts = value['authHosts'];
+      if (!Array.isArray(hosts) || hosts.some((h) => typeof h !== 'string' || !/^[a-z0-9.-]+(?::[0-9]{1,5})?$/.test(h))) fail(`access[${JSON.stringify(host)}].authHosts must be a list of host[:port]`);
+      a.authHosts = (hosts as string[]).map((h) => h.toLowerCase());
+    }
+    for (const key of Object.keys(value)) {
+      if (!['plainHttp', 'caFile', 'credentialsFile', 'repositories', 'authHosts'].includes(key)) fail(`access[${JSON.stringify(host)}].${key} is not a known key (plainHttp, caFile, credentialsFile, repositories, authHosts)`);
     }
     access[host.toLowerCase()] = a;
   }
   const resolveTimeoutMs = optInt(raw['resolveTimeoutMs'], 'resolveTimeoutMs');
+  const transferDeadlineMs = optInt(raw['transferDeadlineMs'], 'transferDeadlineMs');
   const pullRaw = raw['pull'] ?? {};
   if (!isObject(pullRaw)) fail('pull must be an object');
   const pull: NonNullable<RegistrySourceOptions['pull']> = {};
@@ -60,5 +83,5 @@ export async function loadRegistryConfig(path: string): Promise<RegistrySourceOp
   if (concurrency !== undefined) pull.concurrency = concurrency;
   if (rangeBytes !== undefined) pull.rangeBytes = rangeBytes;
   if (retries !== undefined) pull.retries = retries;
-  return { access, ...(resolveTimeoutMs !== undefined ? { resolveTimeoutMs } : {}), ...(Object.keys(pull).length > 0 ? { pull } : {}) };
+  return { access, ...(resolveTimeoutMs !== undefined ? { resolveTimeoutMs } : {}), ...(transferDeadlineMs !== undefined ? { transferDeadlineMs } : {}), ...(Object.keys(pull).length > 0 ? { pull } : {}) };
 }

@@ -24,7 +24,11 @@ import { readHostFacts } from '../sys/host-facts.js';
 import type { CheckpointSources } from './checkpoint-sources.js';
 import { CRI_IMAGE_NAME_ANNOTATION } from './containers.js';
 import { identityOf, managedAnnotations, type ManagedContainer } from './managed-container.js';
-import { describeContainer, type HandlerScope } from './nri-handler-scope.js';
+import { describeContainer, dropInterest, type HandlerScope } from './nri-handler-scope.js';
+import { localRestoreRefusal } from './tenancy.js';
+
+/** Fallback causes that are the tenancy policy's refusals (counted per namespace for /metrics). */
+const TENANCY_CAUSES: ReadonlySet<string> = new Set(['RESTORE_NOT_ALLOWED', 'RESTORE_SIGNATURE', 'RESTORE_NO_ROOM']);
 
 /** What the restore branch needs; without it a restore target cold-starts ("restore-unavailable"). */
 export interface ThawRestoreConfig {
@@ -61,6 +65,7 @@ export const HOOK_WAIT_RESERVE_SECONDS = 15;
 /** Restore fallbacks decided here, before the container exists: no adjustment, the pod starts cold. */
 function coldStart(scope: HandlerScope, cause: string, message: string, pod: PodSandbox, container: Container, ctx: NriHandlerContext, extra: Record<string, unknown>): undefined {
   scope.stats.countRestoreFallbackAtCreate(cause);
+  if (TENANCY_CAUSES.has(cause)) scope.stats.countTenancyRefusal(pod.namespace ?? '', cause);
   ctx.logger.warn(`thaw: ${message}; cold start`, { ...describeContainer(pod, container), event: 'restore', outcome: 'fallback', cause, ...extra });
   return undefined;
 }
@@ -83,25 +88,62 @@ export async function adjustRestoreTarget(
   ctx: NriHandlerContext,
 ): Promise<AdjustmentBuilder | undefined> {
   const containerId = container.id ?? '';
+  const namespace = pod.namespace ?? '';
+  const interest = new AbortController();
+  scope.interests.set(containerId, { podId: pod.id ?? container.podSandboxId ?? '', controller: interest });
+  const adjusted = await adjustWith(scope, r, pod, container, checkpointName, reference, ctx, namespace, interest.signal);
+  // Cold start after all: this pod no longer wants a transfer it may have started.
+  if (adjusted === undefined) dropInterest(scope, containerId);
+  return adjusted;
+}
+
+async function adjustWith(
+  scope: HandlerScope,
+  r: ThawRestoreConfig,
+  pod: PodSandbox,
+  container: Container,
+  checkpointName: string,
+  reference: CheckpointReference | undefined,
+  ctx: NriHandlerContext,
+  namespace: string,
+  interest: AbortSignal,
+): Promise<AdjustmentBuilder | undefined> {
+  const containerId = container.id ?? '';
   // Only the manifest here (a small JSON file): the full sha256 runs in the coordinator, after the 2 s deadline.
   // A checkpoint from elsewhere (registry, shared store): its manifest now, the transfer in the background.
   let checkpoint: OpenedCheckpoint;
   let incoming: { ready: Promise<OpenedCheckpoint>; from: string; source: string } | undefined;
   try {
     if (r.sources !== undefined) {
-      const found = await r.sources.find(checkpointName, reference);
+      const found = await r.sources.find(checkpointName, reference, { namespace, interest });
       checkpoint = found.checkpoint;
       if (found.kind === 'incoming') incoming = { ready: found.ready, from: found.from, source: found.source };
     } else if (reference !== undefined) {
       return coldStart(scope, 'RESTORE_CHECKPOINT_MISSING', 'the pod names a registry checkpoint but no registry is configured', pod, container, ctx, { checkpoint: checkpointName });
     } else {
       checkpoint = await r.store.open(checkpointName);
+      const refusal = localRestoreRefusal(scope.tenancy, namespace, { namespace: checkpoint.manifest.source.pod?.namespace, name: checkpoint.name });
+      if (refusal !== undefined) return coldStart(scope, 'RESTORE_NOT_ALLOWED', refusal, pod, container, ctx, { checkpoint: checkpointName, namespace });
     }
   } catch (err) {
     const missing = isThawError(err, StoreErrorCode.NOT_FOUND) || isThawError(err, StoreErrorCode.INVALID_NAME);
+    const notAllowed = isThawError(err, 'RESTORE_NOT_ALLOWED') || isThawError(err, 'OCI_NOT_ALLOWED');
+    const unsigned = isThawError(err, 'OCI_SIGNATURE_MISSING') || isThawError(err, 'OCI_SIGNATURE_INVALID');
+    const noRoom = isThawError(err, 'RESTORE_NO_ROOM');
     const remote = isThawError(err) && err.code.startsWith('OCI_');
-    const cause = remote ? 'RESTORE_PULL_FAILED' : missing ? 'RESTORE_CHECKPOINT_MISSING' : 'RESTORE_CHECKPOINT_CORRUPT';
-    return coldStart(scope, cause, remote ? 'the registry checkpoint cannot be resolved' : missing ? 'checkpoint not found' : 'checkpoint unreadable', pod, container, ctx, {
+    const cause = notAllowed ? 'RESTORE_NOT_ALLOWED' : unsigned ? 'RESTORE_SIGNATURE' : noRoom ? 'RESTORE_NO_ROOM' : remote ? 'RESTORE_PULL_FAILED' : missing ? 'RESTORE_CHECKPOINT_MISSING' : 'RESTORE_CHECKPOINT_CORRUPT';
+    const what = notAllowed
+      ? 'the tenancy policy refuses this checkpoint to the pod'
+      : unsigned
+        ? 'the registry checkpoint has no signature the policy accepts'
+        : noRoom
+          ? 'the checkpoint does not fit the store (free space or quota)'
+          : remote
+            ? 'the registry checkpoint cannot be resolved'
+            : missing
+              ? 'checkpoint not found'
+              : 'checkpoint unreadable';
+    return coldStart(scope, cause, what, pod, container, ctx, {
       checkpoint: checkpointName,
       error: errorMessage(err),
       ...(isThawError(err) ? { code: err.code, evidence: err.evidence } : {}),
@@ -116,10 +158,12 @@ export async function adjustRestoreTarget(
       checkpoint: checkpointName,
     });
   }
+  const imageDigest = container.image?.digest;
   const mismatches = checkCompatibility(checkpoint.manifest, {
     ...(r.hostFacts ?? readHostFacts()),
-    image: { ref: imageRef },
+    image: { ref: imageRef, ...(imageDigest !== undefined && /^sha256:[0-9a-f]{64}$/.test(imageDigest) ? { digest: imageDigest } : {}) },
     ...(r.gpuFacts !== undefined ? { gpu: r.gpuFacts } : {}),
+    container: { name: container.name ?? '', args: container.args ?? [] },
   });
   if (!isRestorable(mismatches)) {
     return coldStart(scope, 'RESTORE_INCOMPATIBLE', 'the checkpoint does not match this node or container', pod, container, ctx, {

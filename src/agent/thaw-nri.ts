@@ -13,7 +13,8 @@ import { ContainerState } from '../nri-plugin/index.js';
 import { removeControlDir } from '../sdk/index.js';
 import { adjustCheckpointSource } from './checkpoint-source.js';
 import { managedFromContainer, type ManagedContainer, type ThawCoordinator } from './managed-container.js';
-import { describeContainer, type HandlerScope } from './nri-handler-scope.js';
+import { describeContainer, dropInterest, type HandlerScope } from './nri-handler-scope.js';
+import { defaultTenancyPolicy, type TenancyPolicy } from './tenancy.js';
 import { ThawNriStats } from './nri-stats.js';
 import { adjustRestoreTarget, type ThawRestoreConfig } from './restore-target.js';
 
@@ -24,6 +25,8 @@ export interface ThawNriOptions {
   coordinator?: ThawCoordinator;
   stats?: ThawNriStats;
   restore?: ThawRestoreConfig;
+  /** Who may checkpoint and restore what (agent config `tenancy`); absent: defaultTenancyPolicy(). */
+  tenancy?: TenancyPolicy;
 }
 
 export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { stats: ThawNriStats; managed: Map<string, ManagedContainer> } {
@@ -37,6 +40,12 @@ export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { 
     stats,
     managed,
     ...(options.coordinator ? { coordinator: options.coordinator } : {}),
+    tenancy: options.tenancy ?? defaultTenancyPolicy(),
+    interests: new Map(),
+  };
+  /** A pod's restore targets no longer want their transfers. */
+  const podLeft = (podId: string): void => {
+    for (const [id, i] of scope.interests) if (i.podId === podId) dropInterest(scope, id);
   };
   const describe = describeContainer;
 
@@ -61,11 +70,15 @@ export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { 
     },
 
     stopPodSandbox(pod) {
-      if (pod.id) options.coordinator?.podGone?.(pod.id);
+      if (!pod.id) return;
+      podLeft(pod.id);
+      options.coordinator?.podGone?.(pod.id);
     },
 
     removePodSandbox(pod) {
-      if (pod.id) options.coordinator?.podGone?.(pod.id);
+      if (!pod.id) return;
+      podLeft(pod.id);
+      options.coordinator?.podGone?.(pod.id);
     },
 
     async createContainer(pod, container, ctx) {
@@ -144,6 +157,7 @@ export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { 
 
     async removeContainer(_pod, container, ctx) {
       const containerId = container.id ?? '';
+      dropInterest(scope, containerId);
       if (!managed.has(containerId)) return;
       managed.delete(containerId);
       options.coordinator?.containerGone?.(containerId);

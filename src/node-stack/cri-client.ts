@@ -130,6 +130,11 @@ export interface ExecSyncResult {
 
 export interface RunPodOptions extends CallOptions {
   name: string;
+  /**
+   * The container's name (default: the pod's `name`). The pods of one Kubernetes workload share their container
+   * names (`worker`) while the pod names differ; a restore compares it with the checkpoint's (manifest.ts).
+   */
+  containerName?: string;
   uid?: string;
   namespace?: string;
   annotations?: Record<string, string>;
@@ -379,9 +384,10 @@ export class CriClient {
     const podId = await this.runPodSandbox(sandboxConfig, o.runtimeHandler ?? '', callOpts);
     const t1 = Date.now();
     try {
-      const logPath = `${o.name}_0.log`;
+      const containerName = o.containerName ?? o.name;
+      const logPath = `${containerName}_0.log`;
       const containerConfig: ContainerConfig = {
-        metadata: { name: o.name, attempt: 0 },
+        metadata: { name: containerName, attempt: 0 },
         image: { image: o.image },
         command: o.command,
         args: o.args ?? [],

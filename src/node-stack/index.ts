@@ -15,3 +15,4 @@ export { runCommand } from './exec.js';
 export { type ImageTarget } from './images.js';
 export { type RunningRegistry, startRegistry } from './registry.js';
 export { type LogRecord, PACKAGE_ROOT, pluginDirsUnder, readJsonLog, startThawPluginProcess, type ThawPluginProcess, waitForLog } from './thaw-plugin-process.js';
+export { provisionGoNriPlugin } from './go-nri-plugin.js';

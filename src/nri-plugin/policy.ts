@@ -9,7 +9,9 @@
  *
  * Annotations (prefix configurable, default `thaw.dev/`), documented in README.md "Annotations":
  *   <prefix>checkpoint     = <name>     make a checkpoint of this worker, stored under <name>
- *   <prefix>restore        = <name>     start this container from checkpoint <name> (cold start on any problem);
+ *   <prefix>restore        = <name>     start this container from checkpoint <name> of the pod's own namespace
+ *                                      (or one the operator's policy shares with it; cold start on any problem);
+ *                                      names beginning `oci-` are refused (reserved for pulled checkpoints);
  *                          | <registry>/<repo>:<tag>[@sha256:...]  or from a checkpoint in an OCI registry
  *                                      (src/checkpoint-reference.ts), pulled on demand
  *   <prefix>container      = <name>     the container of the pod thaw acts on (default: every container)
@@ -17,7 +19,7 @@
  * Any other key under the prefix is rejected, so that a typo does not silently turn thaw off for a pod.
  */
 
-import { checkCheckpointName } from '../checkpoint-name.js';
+import { checkUserCheckpointName } from '../checkpoint-name.js';
 import { looksLikeReference, parseCheckpointReference, type CheckpointReference } from '../checkpoint-reference.js';
 
 // The name rule moved to src/checkpoint-name.ts (the store needs it too); re-exported for existing callers.
@@ -154,12 +156,13 @@ export function decide(input: PolicyInput, options: PolicyOptions): PolicyDecisi
       if ('reason' in parsed) return { kind: 'rejected', annotation: prefix + 'restore', reason: parsed.reason };
       return { kind: 'restore-target', checkpointName: restore, reference: parsed.reference };
     }
-    const bad = checkCheckpointName(restore);
+    // A pod never names a pulled checkpoint's local name (oci-<digest>): it names the reference.
+    const bad = checkUserCheckpointName(restore);
     if (bad !== undefined) return { kind: 'rejected', annotation: prefix + 'restore', reason: bad };
     return { kind: 'restore-target', checkpointName: restore };
   }
   const name = checkpoint as string;
-  const bad = checkCheckpointName(name);
+  const bad = checkUserCheckpointName(name);
   if (bad !== undefined) return { kind: 'rejected', annotation: prefix + 'checkpoint', reason: bad };
   return { kind: 'checkpoint-source', checkpointName: name, onCheckpoint: (onCheckpoint as OnCheckpoint) ?? 'continue' };
 }

@@ -23,7 +23,7 @@ import { DELETED_FILES_FILE_NAME, MANIFEST_FILE_NAME, ROOTFS_DIFF_FILE_NAME } fr
 import { setTimeout as sleep } from 'node:timers/promises';
 import { resolveEntrypoint } from './entrypoint.js';
 import { HookError, HookErrorCode } from './errors.js';
-import { readEntry } from '../sdk/marker-files.js';
+import { readEntry } from '../sdk/index.js';
 import { CHECKPOINT_UNAVAILABLE_FILE, writeHookDone, writeHookFailed, type HookDoneRecord, type PlaceholderMode } from './records.js';
 import { envValue, parseOciConfig, type OciState } from './state.js';
 import { DEFAULT_NSENTER_PATH } from '../defaults.js';

@@ -6,7 +6,7 @@
  * so writes and reads go through marker-files.ts: dir fd, O_EXCL random names, regular files only, a size
  * cap.
  */
-import { readEntry, writeEntryAtomic } from '../sdk/marker-files.js';
+import { readEntry, writeEntryAtomic } from '../sdk/index.js';
 
 /** The hook failed: the container runs its original command. Payload: HookFailedRecord. */
 export const HOOK_FAILED_FILE = 'hook-failed';

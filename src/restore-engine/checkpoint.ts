@@ -114,7 +114,10 @@ export interface CheckpointSourceIdentity {
   containerName: string;
   /** Default: the process's command line (argv). */
   command?: string[];
-  /** Default: []. */
+  /**
+   * The container spec's process args (NRI CreateContainer's `args`): what a restore target's must equal.
+   * Default [] — such a checkpoint restores into no pod (manifest.ts checkCompatibility).
+   */
   args?: string[];
 }
 

@@ -16,8 +16,23 @@ export const RestoreErrorCode = {
   PULL_FAILED: 'RESTORE_PULL_FAILED',
   /** The checkpoint does not match its manifest (sha256, size, extra or missing files) or cannot be read. */
   CHECKPOINT_CORRUPT: 'RESTORE_CHECKPOINT_CORRUPT',
-  /** The manifest's constraints do not match this node or container (arch, image). */
+  /** The manifest's constraints do not match this node or container (arch, image, command, args, container). */
   INCOMPATIBLE: 'RESTORE_INCOMPATIBLE',
+  /**
+   * The tenancy policy (agent config) refuses it: a checkpoint of another namespace not shared with the pod's,
+   * or a registry repository not allow-listed for the pod's namespace.
+   */
+  NOT_ALLOWED: 'RESTORE_NOT_ALLOWED',
+  /**
+   * A registry checkpoint's signature is missing, made by a key the policy does not name for that namespace and
+   * repository, or signs another digest or repository; decided before any byte of it is stored.
+   */
+  SIGNATURE: 'RESTORE_SIGNATURE',
+  /**
+   * The checkpoint's declared size does not fit: more than the store's filesystem has free, or more than the
+   * namespace's quota leaves (tenancy.namespaces.<ns>.quotaBytes); decided from the manifest, before any write.
+   */
+  NO_ROOM: 'RESTORE_NO_ROOM',
   /** The create-runtime hook failed or did not run: the container runs its original command. */
   HOOK_FAILED: 'RESTORE_HOOK_FAILED',
   /** The thaw-pause overlay could not be removed inside the container. */

@@ -9,3 +9,4 @@ export { copyCheckpoint, type CopyOptions } from './copy.js';
 export * from './oci/index.js';
 export { FILE_CACHE_DIR_NAME } from './oci/file-cache.js';
 export { type FetchOptions } from './oci/pull.js';
+export { parseTrustedKey, verifyCosignSignature, type TrustedKey, type VerifiedSignature } from './oci/signature.js';

@@ -4,8 +4,11 @@
  * Schema version 1 (`schemaVersion: 1`, `kind: "thaw.checkpoint"`):
  *
  *   name, id (random uuid, new for every publish), createdAt (ISO 8601, UTC)
- *   source       where it was taken: node hostname, pod {name, namespace, uid}, container {name, id},
- *                command and args, and envKeys: the NAMES of the container's environment variables only.
+ *   source       where it was taken: node hostname, pod {name, namespace, uid} (the namespace owns the
+ *                checkpoint: src/agent/tenancy.ts), container {name, id}, command (the process's argv as
+ *                CRIU found it), args (the container spec's process args as the runtime gave them at
+ *                CreateContainer: the Kubernetes command and args over the image's entrypoint; a restore
+ *                target's must be the same), and envKeys: the NAMES of the container's environment variables only.
  *                Values are left out on purpose: they are often secrets (tokens, keys), and the manifest is
  *                the one file of a checkpoint that tools print and registries index. (The values are still in
  *                the process memory CRIU saved, which is why the whole directory is 0700/0600.)
@@ -354,12 +357,20 @@ export interface NodeFacts {
   /** The image of the container about to be restored into. */
   image: ImageIdentity;
   gpu?: GpuConstraints;
+  /**
+   * The target container: its name and its spec's process args (NRI CreateContainer). Absent: not compared
+   * (callers that check a checkpoint against a node only, such as `thaw inspect`).
+   */
+  container?: { name: string; args: readonly string[] };
 }
 
 export type MismatchSeverity = 'fatal' | 'warning';
 
 export interface Mismatch {
-  /** A stable key: 'arch', 'image', 'kernel', 'criu', 'containerd', 'gpu', 'gpu.model', 'gpu.driverVersion', 'gpu.cudaApiVersion', 'gpu.count'. */
+  /**
+   * A stable key: 'arch', 'image', 'kernel', 'criu', 'containerd', 'gpu', 'gpu.model', 'gpu.driverVersion',
+   * 'gpu.cudaApiVersion', 'gpu.count', 'container.name', 'container.args'.
+   */
   what: string;
   expected: string;
   actual: string;
@@ -388,6 +399,11 @@ export interface CompatibilityOptions {
  *   version fatal when both sides know them (the driver's checkpoint API restores onto the same driver and
  *   GPU kind); a lower CUDA API version on the node is fatal; fewer GPUs than the checkpoint's count is fatal
  *   (a tensor-parallel worker's every rank needs its GPU); GPU UUIDs are not compared (restore maps them).
+ * - container (when the caller gives the target's): its spec's process args must equal the recorded ones — the
+ *   restored process is the source's, so a target asking for another command (or other arguments, another
+ *   model path, other flags) would silently run what it did not ask for. A checkpoint that recorded no args
+ *   (taken outside the agent's CreateContainer) cannot show it matches: fatal too. The container name must
+ *   match when the checkpoint recorded one (a pod's sidecar is not its worker).
  */
 export function checkCompatibility(manifest: Manifest, node: NodeFacts, options: CompatibilityOptions = {}): Mismatch[] {
   const c = manifest.constraints;
@@ -425,6 +441,17 @@ export function checkCompatibility(manifest: Manifest, node: NodeFacts, options:
     if (wantCount !== undefined && haveCount !== undefined && haveCount < wantCount) {
       add('gpu.count', `>= ${wantCount} GPU(s)`, `${haveCount} GPU(s)`, 'fatal');
     }
+  }
+  const target = node.container;
+  if (target !== undefined) {
+    const recorded = manifest.source.args;
+    if (recorded.length === 0) {
+      add('container.args', '(not recorded by the checkpoint)', JSON.stringify(target.args), 'fatal');
+    } else if (recorded.length !== target.args.length || recorded.some((a, i) => a !== target.args[i])) {
+      add('container.args', JSON.stringify(recorded), JSON.stringify(target.args), 'fatal');
+    }
+    const name = manifest.source.container.name;
+    if (name !== '' && name !== target.name) add('container.name', name, target.name, 'fatal');
   }
   return out;
 }

@@ -18,7 +18,7 @@ import ts from 'typescript';
 export const ALLOWED: Readonly<Record<string, readonly string[]>> = {
   cli: ['agent', 'restore-engine', 'nri-plugin', 'store', 'cuda', 'sys', 'root'],
   agent: ['oci-hooks', 'restore-engine', 'nri-plugin', 'store', 'cuda', 'sdk', 'sys', 'root'],
-  'oci-hooks': ['restore-engine', 'store', 'root'],
+  'oci-hooks': ['restore-engine', 'store', 'sdk', 'root'],
   'restore-engine': ['store', 'sdk', 'sys', 'root'],
   'nri-plugin': ['sdk', 'root'],
   store: ['sys', 'root'],
@@ -28,7 +28,7 @@ export const ALLOWED: Readonly<Record<string, readonly string[]>> = {
   root: [],
   // The test harness (a private containerd stack and a CRI client): used by tests, the demo and the benchmarks.
   'node-stack': ['root'],
-  bench: ['demo', 'node-stack', 'nri-plugin', 'store', 'cuda', 'sys', 'root'],
+  bench: ['demo', 'node-stack', 'nri-plugin', 'restore-engine', 'store', 'cuda', 'sys', 'root'],
   demo: ['node-stack', 'sdk', 'root'],
   test: ['bench', 'demo', 'cli', 'agent', 'oci-hooks', 'restore-engine', 'nri-plugin', 'store', 'cuda', 'node-stack', 'sdk', 'sys', 'root'],
 };

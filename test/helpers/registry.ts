@@ -39,7 +39,8 @@ export interface TokenServer {
   issuer: string;
   certFile: string;
   /** Requests the server answered, with the scope and whether the credentials were right. */
-  requests: Array<{ scope: string | null; granted: boolean }>;
+  /** Every request: its scope, whether it was granted, whether it carried an Authorization header at all. */
+  requests: Array<{ scope: string | null; granted: boolean; sentCredentials: boolean }>;
   close(): Promise<void>;
 }
 
@@ -62,7 +63,7 @@ export async function startTokenServer(dir: string, user: string, password: stri
     const scope = url.searchParams.get('scope');
     const expected = `Basic ${Buffer.from(`${user}:${password}`).toString('base64')}`;
     const granted = req.headers.authorization === expected && url.pathname === '/token';
-    requests.push({ scope, granted });
+    requests.push({ scope, granted, sentCredentials: req.headers.authorization !== undefined });
     if (!granted) {
       res.writeHead(401, { 'content-type': 'application/json' }).end('{"error":"bad credentials"}');
       return;
@@ -139,6 +140,73 @@ export async function startBreakingProxy(
   return {
     host: `127.0.0.1:${port}`,
     broken: () => broken,
+    close: () =>
+      new Promise((resolve) => {
+        for (const s of sockets) s.destroy();
+        server.close(() => resolve());
+      }),
+  };
+}
+
+/**
+ * A TCP proxy in front of the registry that trickles: on each connection the first `freeBytes` of the
+ * registry's answers pass at once (manifests, config blobs), then `dripBytes` every `everyMs` — a registry that
+ * keeps a transfer alive without ever finishing it. `release()` lets everything through from then on.
+ */
+export async function startTricklingProxy(
+  target: { host: string; port: number },
+  o: { freeBytes: number; dripBytes: number; everyMs: number },
+): Promise<{ host: string; release: () => void; connections: () => number; close: () => Promise<void> }> {
+  let released = false;
+  const pending = new Set<() => void>();
+  const sockets = new Set<net.Socket>();
+  let open = 0;
+  const server = net.createServer((client) => {
+    const upstream = net.connect(target.port, target.host);
+    sockets.add(client);
+    sockets.add(upstream);
+    open++;
+    let passed = 0;
+    let queue = Buffer.alloc(0);
+    const flush = (): void => {
+      if (queue.length === 0) return;
+      const n = released ? queue.length : Math.min(queue.length, o.dripBytes);
+      client.write(queue.subarray(0, n));
+      queue = queue.subarray(n);
+    };
+    const timer = setInterval(flush, o.everyMs);
+    pending.add(flush);
+    client.on('data', (d: Buffer) => upstream.write(d));
+    upstream.on('data', (d: Buffer) => {
+      if (released || passed + d.length <= o.freeBytes) {
+        passed += d.length;
+        client.write(d);
+        return;
+      }
+      queue = Buffer.concat([queue, d]);
+    });
+    const end = (): void => {
+      clearInterval(timer);
+      pending.delete(flush);
+      if (sockets.delete(client)) open--;
+      sockets.delete(upstream);
+      client.destroy();
+      upstream.destroy();
+    };
+    for (const s of [client, upstream]) {
+      s.on('close', end);
+      s.on('error', end);
+    }
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const port = (server.address() as net.AddressInfo).port;
+  return {
+    host: `127.0.0.1:${port}`,
+    release: () => {
+      released = true;
+      for (const f of pending) f();
+    },
+    connections: () => open,
     close: () =>
       new Promise((resolve) => {
         for (const s of sockets) s.destroy();

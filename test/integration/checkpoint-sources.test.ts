@@ -8,6 +8,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createCheckpointSources } from '../../src/agent/checkpoint-sources.js';
+import { parseTenancyPolicy } from '../../src/agent/tenancy.js';
 import { parseCheckpointReference, type CheckpointReference } from '../../src/checkpoint-reference.js';
 import { isThawError } from '../../src/errors.js';
 import { silentLogger } from '../../src/log.js';
@@ -18,6 +19,9 @@ import { OciErrorCode } from '../../src/store/oci/errors.js';
 import { pushCheckpoint } from '../../src/store/oci/push.js';
 import { manifestFields, writeCheckpointFiles } from '../unit/store-fixtures.js';
 import { rejection } from '../helpers/rejection.js';
+
+/** manifestFields() records namespace "default": the pods here ask from it. */
+const NS = { namespace: 'default' };
 
 const ref = (text: string): CheckpointReference => {
   const r = parseCheckpointReference(text);
@@ -50,14 +54,14 @@ describe('checkpoint sources: local, shared store, registry', () => {
   it('finds a local name locally, else copies it from the shared store, verified, keeping its manifest id', async () => {
     const sources = createCheckpointSources({ local, shared, logger: silentLogger });
     try {
-      expect(await sources.find('here', undefined)).toMatchObject({ kind: 'local', checkpoint: { name: 'here' } });
-      const found = await sources.find('on-the-volume', undefined);
+      expect(await sources.find('here', undefined, NS)).toMatchObject({ kind: 'local', checkpoint: { name: 'here' } });
+      const found = await sources.find('on-the-volume', undefined, NS);
       expect(found).toMatchObject({ kind: 'incoming', from: 'shared', checkpoint: { name: 'on-the-volume', paths: { dir: join(local.root, 'on-the-volume') } } });
       const copied = await (found as { ready: Promise<{ manifest: { id: string } }> }).ready;
       expect(copied.manifest.id).toBe((await shared.open('on-the-volume')).manifest.id);
       await expect(local.verify('on-the-volume', { rehash: true })).resolves.toMatchObject({ hashed: true });
-      expect(await sources.find('on-the-volume', undefined)).toMatchObject({ kind: 'local' });
-      const err = await rejection(sources.find('nowhere', undefined));
+      expect(await sources.find('on-the-volume', undefined, NS)).toMatchObject({ kind: 'local' });
+      const err = await rejection(sources.find('nowhere', undefined, NS));
       expect(err.code).toBe(StoreErrorCode.NOT_FOUND);
     } finally {
       await sources.close();
@@ -70,7 +74,7 @@ describe('checkpoint sources: local, shared store, registry', () => {
     await fh.close();
     const sources = createCheckpointSources({ local, shared, logger: silentLogger });
     try {
-      const found = await sources.find('damaged', undefined);
+      const found = await sources.find('damaged', undefined, NS);
       const err = await rejection((found as { ready: Promise<unknown> }).ready);
       expect(isThawError(err, StoreErrorCode.DIGEST_MISMATCH), String(err)).toBe(true);
       expect((await readdir(local.root)).filter((e) => e === 'damaged' || e.startsWith('.tmp-'))).toEqual([]);
@@ -81,9 +85,10 @@ describe('checkpoint sources: local, shared store, registry', () => {
 
   it('pulls a registry reference once for concurrent restores, then finds it by digest without the registry', async () => {
     const pushed = await pushCheckpoint({ store: local, name: 'here', reference: `${registry.host}/team/here:v1`, access: { plainHttp: true } });
-    const sources = createCheckpointSources({ local, logger: silentLogger, registry: { access: { [registry.host]: { plainHttp: true } } } });
+    const policy = parseTenancyPolicy({ namespaces: { default: { registries: [{ prefix: `${registry.host}/team`, allowUnsigned: true }] } } });
+    const sources = createCheckpointSources({ local, logger: silentLogger, policy, registry: { access: { [registry.host]: { plainHttp: true } } } });
     try {
-      const [a, b] = await Promise.all([sources.find('x', ref(`${registry.host}/team/here:v1`)), sources.find('x', ref(`${registry.host}/team/here:v1`))]);
+      const [a, b] = await Promise.all([sources.find('x', ref(`${registry.host}/team/here:v1`), NS), sources.find('x', ref(`${registry.host}/team/here:v1`), NS)]);
       expect(a.kind).toBe('incoming');
       expect(b.kind).toBe('incoming');
       if (a.kind !== 'incoming' || b.kind !== 'incoming') return;
@@ -91,9 +96,9 @@ describe('checkpoint sources: local, shared store, registry', () => {
       expect(a.checkpoint.name).toBe(`oci-${pushed.digest.slice('sha256:'.length)}`);
       await a.ready;
       await registry.kill();
-      expect(await sources.find('x', ref(`${registry.host}/team/here@${pushed.digest}`))).toMatchObject({ kind: 'local', checkpoint: { name: a.checkpoint.name } });
+      expect(await sources.find('x', ref(`${registry.host}/team/here@${pushed.digest}`), NS)).toMatchObject({ kind: 'local', checkpoint: { name: a.checkpoint.name } });
       // By tag the manifest must be asked for, and the registry is gone: a typed error within the resolve timeout.
-      const err = await rejection(sources.find('x', ref(`${registry.host}/team/here:v1`)));
+      const err = await rejection(sources.find('x', ref(`${registry.host}/team/here:v1`), NS));
       expect(err.code).toBe(OciErrorCode.REGISTRY_UNAVAILABLE);
     } finally {
       await sources.close();

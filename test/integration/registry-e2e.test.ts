@@ -132,7 +132,11 @@ describe.each(flavorsUnderTest().slice(0, 1))('checkpoints across nodes through 
     pushedDigest = (await pushCheckpoint({ store: storeA, name: CHECKPOINT, reference: `${registry.host}/team/worker:v1`, access: { plainHttp: true } })).digest;
 
     // Node B: an empty store, registry access.
-    plugin = await startPlugin(dirsB, ['--registry-config', registryConfig]);
+    // The pods run in namespace default; the policy lets it restore from both hosts' team/ unsigned (signatures
+    // are tenancy-sources.test.ts's subject).
+    const agentConfig = join(workDir, 'agent.yaml');
+    await writeFile(agentConfig, `tenancy:\n  namespaces:\n    default:\n      registries:\n${[registry.host, proxy.host].map((h) => `        - {prefix: "${h}/team", allowUnsigned: true}\n`).join('')}`, { mode: 0o600 });
+    plugin = await startPlugin(dirsB, ['--registry-config', registryConfig, '--config', agentConfig]);
   }, 300_000);
 
   afterAll(async () => {

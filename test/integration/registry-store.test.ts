@@ -343,14 +343,34 @@ describe('registry store: authentication and TLS', () => {
     const registry = await startRegistry({ auth: { kind: 'token', realm: tokens.realm, service: tokens.service, issuer: tokens.issuer, rootCertBundle: tokens.certFile } });
     const c = await makeStore('thaw-reg-c-');
     try {
-      const access = { plainHttp: true, credentials: { username: 'thaw', password: 'tok3n' } };
+      const tokenHost = new URL(tokens.realm).host;
+      const access = { plainHttp: true, credentials: { username: 'thaw', password: 'tok3n' }, authHosts: [tokenHost] };
       const pushed = await pushCheckpoint({ store: a.store, name: 'auth', reference: `${registry.host}/team/tok:v1`, access });
       const pulled = await pullCheckpoint({ store: c.store, reference: `${registry.host}/team/tok:v1`, access });
       expect(pulled.digest).toBe(pushed.digest);
       expect(tokens.requests.filter((r) => r.granted).map((r) => r.scope)).toEqual(expect.arrayContaining(['repository:team/tok:pull,push', 'repository:team/tok:pull']));
-      const err = await rejection(pullCheckpoint({ store: c.store, reference: `${registry.host}/team/tok:v1`, access: { plainHttp: true, credentials: { username: 'thaw', password: 'nope' } } }));
+      const err = await rejection(pullCheckpoint({ store: c.store, reference: `${registry.host}/team/tok:v1`, access: { ...access, credentials: { username: 'thaw', password: 'nope' } } }));
       expect(isThawError(err, OciErrorCode.AUTH_FAILED), String(err)).toBe(true);
       expect(err.evidence).toMatchObject({ tokenStatus: 401 });
+
+      // Credentials scoped to team/tok: a pull of another repository asks the token server without them.
+      const before = tokens.requests.length;
+      const scoped = { ...access, credentialRepositories: ['team/tok'] };
+      expect(isThawError(await rejection(pullCheckpoint({ store: c.store, reference: `${registry.host}/other/tok:v1`, access: scoped })), OciErrorCode.AUTH_FAILED)).toBe(true);
+      expect(tokens.requests.slice(before)).toEqual([{ scope: 'repository:other/tok:pull', granted: false, sentCredentials: false }]);
+      expect((await pullCheckpoint({ store: c.store, reference: `${registry.host}/team/tok:v1`, access: scoped })).digest).toBe(pushed.digest);
+
+      // A token realm on a host the access does not name: refused before any request goes there.
+      const sent = tokens.requests.length;
+      const fresh = await makeStore('thaw-reg-c2-');
+      try {
+        const elsewhere = await rejection(pullCheckpoint({ store: fresh.store, reference: `${registry.host}/team/tok:v1`, access: { plainHttp: true, credentials: access.credentials } }));
+        expect(elsewhere.code).toBe(OciErrorCode.NOT_ALLOWED);
+        expect(elsewhere.message).toMatch(/the token realm http:\/\/127\.0\.0\.1:\d+ is not http:\/\/127\.0\.0\.1:\d+/);
+        expect(tokens.requests.length).toBe(sent);
+      } finally {
+        await rm(fresh.root, { recursive: true, force: true });
+      }
     } finally {
       await registry.stop();
       await tokens.close();

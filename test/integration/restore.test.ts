@@ -156,10 +156,10 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
   const workerEnv = { WORKER_MEMORY_MB: '256', WORKER_SEED: '9', WORKER_WARMUP_MS: '200' };
 
   /** Target pod naming a checkpoint; resolves with the pod and the restore event (if the coordinator ran). */
-  async function runTarget(name: string, checkpoint: string, env: Record<string, string> = workerEnv) {
+  async function runTarget(name: string, checkpoint: string, env: Record<string, string> = workerEnv, extra: { namespace?: string; args?: string[] } = {}) {
     const { stack } = handle;
     const before = events.length;
-    const pod = await stack.cri.runPod({ name, image: image.ref, command: [], annotations: { [`${PREFIX}restore`]: checkpoint }, env });
+    const pod = await stack.cri.runPod({ name, containerName: 'worker', image: image.ref, command: [], annotations: { [`${PREFIX}restore`]: checkpoint }, env, ...extra });
     return { pod, before };
   }
 
@@ -167,7 +167,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
     const { stack } = handle;
     // --- the source
     const src = await stack.cri.runPod({
-      name: 'rst-src', image: image.ref, command: [],
+      name: 'rst-src', containerName: 'worker', image: image.ref, command: [],
       annotations: { [`${PREFIX}checkpoint`]: CHECKPOINT },
       env: { ...workerEnv, WORKER_CHECKPOINT_AFTER_MS: '1500' },
     });
@@ -185,7 +185,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
       const ck = await checkpointContainer({
         store, criu, containerId: entry.containerId, pid, controlDir: entry.controlDir, checkpointName: CHECKPOINT,
         onCheckpoint: 'continue', imageRef: entry.imageRef ?? image.ref,
-        source: { containerName: entry.containerName, pod: { name: entry.podName, namespace: entry.podNamespace, uid: entry.podUid } },
+        source: { containerName: entry.containerName, pod: { name: entry.podName, namespace: entry.podNamespace, uid: entry.podUid }, ...(entry.specArgs ? { args: entry.specArgs } : {}) },
         containerdVersion: stack.containerdVersion, criuVersion: `${v.major}.${v.minor}.${v.sublevel}`, logger, workRoot,
         tarPath: stack.paths.tar,
       });
@@ -345,10 +345,10 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
   }, TEST_TIMEOUT_MS);
 
   /** A fallback target: running, serving from scratch, and the cause counted. */
-  async function expectColdStart(name: string, checkpoint: string, cause: string, viaCoordinator: boolean) {
+  async function expectColdStart(name: string, checkpoint: string, cause: string, viaCoordinator: boolean, extra: { namespace?: string; args?: string[] } = {}) {
     const { stack } = handle;
     const fallbacksBefore = stats.fallbacksByCause.get(cause) ?? 0;
-    const { pod, before } = await runTarget(name, checkpoint, { ...workerEnv, WORKER_MEMORY_MB: '32' });
+    const { pod, before } = await runTarget(name, checkpoint, { ...workerEnv, WORKER_MEMORY_MB: '32' }, extra);
     let ev: RestoreEvent | undefined;
     try {
       if (viaCoordinator) {
@@ -442,6 +442,18 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
     }
   }, TEST_TIMEOUT_MS);
 
+  it("a pod of another namespace naming the checkpoint: cold start, cause RESTORE_NOT_ALLOWED (team-b's memory never reaches team-a)", async () => {
+    await expectColdStart('rst-other-ns', CHECKPOINT, 'RESTORE_NOT_ALLOWED', false, { namespace: 'team-a' });
+    const line = logger.lines.find((l) => l.fields['cause'] === 'RESTORE_NOT_ALLOWED' && l.fields['pod'] === 'team-a/rst-other-ns');
+    expect(String(line?.msg)).toMatch(/belongs to namespace default; a pod of team-a may not restore it/);
+  }, TEST_TIMEOUT_MS);
+
+  it('a target whose args differ from the source\'s: cold start, cause RESTORE_INCOMPATIBLE (container.args)', async () => {
+    await expectColdStart('rst-other-args', CHECKPOINT, 'RESTORE_INCOMPATIBLE', false, { args: ['--not-what-the-source-ran'] });
+    const line = logger.lines.find((l) => l.fields['cause'] === 'RESTORE_INCOMPATIBLE' && String(l.fields['pod']).endsWith('/rst-other-args'));
+    expect(JSON.stringify(line?.fields['mismatches'])).toMatch(/container\.args/);
+  }, TEST_TIMEOUT_MS);
+
   it('CRIU failing mid-restore (a pages file gone after verify): cold start, cause RESTORE_CRIU', async () => {
     const opened = await store.open(CHECKPOINT);
     const pages = opened.manifest.files.map((f) => f.path).find((p) => /pages-\d+\.img$/.test(p)) as string;
@@ -490,6 +502,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
     await copyFile(process.execPath, path.join(hostBin, 'node'));
     const spec = {
       image: image.ref,
+      containerName: 'worker',
       command: ['/opt/hostbin/node', `/app/${WORKER_ENTRY_REL}`],
       mounts: [{ host_path: hostBin, container_path: '/opt/hostbin', readonly: true }],
       env: { ...workerEnv, WORKER_MEMORY_MB: '32' },
@@ -503,7 +516,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
         await checkpointContainer({
           store, criu, containerId: entry.containerId, pid, controlDir: entry.controlDir, checkpointName: name,
           onCheckpoint: 'continue', imageRef: entry.imageRef ?? image.ref,
-          source: { containerName: entry.containerName, pod: { name: entry.podName, namespace: entry.podNamespace, uid: entry.podUid } },
+          source: { containerName: entry.containerName, pod: { name: entry.podName, namespace: entry.podNamespace, uid: entry.podUid }, ...(entry.specArgs ? { args: entry.specArgs } : {}) },
           containerdVersion: stack.containerdVersion, criuVersion: `${v.major}.${v.minor}.${v.sublevel}`, logger, workRoot,
           tarPath: stack.paths.tar,
         });

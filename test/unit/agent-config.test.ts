@@ -84,7 +84,7 @@ log:
   });
 
   it.each([
-    ['an unknown top-level key', 'metric:\n  listen: x\n', /^load agent configuration: unknown key metric \(file \/etc\/thaw\/agent.yaml\): expected one of annotationPrefix, nri, api, metrics, paths, registry, cuda, restore, log$/],
+    ['an unknown top-level key', 'metric:\n  listen: x\n', /^load agent configuration: unknown key metric \(file \/etc\/thaw\/agent.yaml\): expected one of annotationPrefix, nri, api, metrics, paths, registry, cuda, restore, log, tenancy$/],
     ['an unknown nested key', 'nri:\n  sockt: /x\n', /unknown key nri\.sockt .*expected one of nri\.socket, nri\.pluginName, nri\.pluginIndex/],
     ['a number where a string is expected', 'nri:\n  pluginIndex: 50\n', /nri\.pluginIndex \(file .*\): expected two digits, as a string \("00".."99"\), got 50 \(a number, not a string\)/],
     ['a string where an integer is expected', 'cuda:\n  lockTimeoutMs: soon\n', /cuda\.lockTimeoutMs \(file .*\): expected a positive integer \(milliseconds\), got "soon"/],
@@ -94,10 +94,20 @@ log:
     ['a section that is not a mapping', 'paths: /x\n', /paths \(file .*\): expected a mapping of keys, got "\/x"/],
     ['a bad annotation prefix', 'annotationPrefix: thaw.dev\n', /annotationPrefix .*expected a DNS subdomain followed by '\/'/],
     ['a zero timeout', 'cuda:\n  lockTimeoutMs: 0\n', /cuda\.lockTimeoutMs .*got 0 \(not a positive integer\)/],
+    ['a registry grant without keys', 'tenancy:\n  namespaces:\n    team-a:\n      registries: [{prefix: r.example/team-a}]\n', /tenancy\.namespaces\.team-a\.registries\[0\]: names no keys.* \(file \/etc\/thaw\/agent\.yaml\)/],
   ])('refuses %s, naming the key and the expected form', (_what, text, message) => {
     const err = configError(() => resolveAgentConfig({ file: file(text), packageRoot: PKG }));
     expect(err.code).toBe('AGENT_CONFIG_INVALID');
     expect(err.message).toMatch(message);
+  });
+
+  it("reads the tenancy section whole, beside the other keys; without one, the default policy", () => {
+    const text = 'log:\n  level: debug\ntenancy:\n  checkpointNamespaces: [team-a]\n  shared: [{from: platform/base, to: [team-a]}]\n';
+    const c = resolveAgentConfig({ file: file(text), packageRoot: PKG });
+    expect(c.log.level).toBe('debug');
+    expect(c.tenancy.checkpointNamespaces).toEqual(new Set(['team-a']));
+    expect(c.tenancy.shared).toEqual([{ from: { namespace: 'platform', name: 'base' }, to: new Set(['team-a']) }]);
+    expect(resolveAgentConfig({ packageRoot: PKG }).tenancy).toEqual({ checkpointNamespaces: '*', shared: [], namespaces: new Map() });
   });
 
   it('refuses bad YAML with its position', () => {

@@ -77,10 +77,14 @@ describe("the agent's series", () => {
     m.onRestoreEvent({ event: 'restore', outcome: 'fallback', cause: 'RESTORE_CRIU_FAILED', checkpoint: 'c', containerId: 'y', container: 'w', pod: 'ns/q', phases: { totalMs: 50 } });
     stats.countFallback('RESTORE_CRIU_FAILED');
     stats.countRestoreFallbackAtCreate('RESTORE_CHECKPOINT_MISSING');
+    stats.countTenancyRefusal('team-a', 'RESTORE_NOT_ALLOWED');
     m.onCheckpointEvent({ event: 'checkpoint', outcome: 'succeeded', name: 'c', pod: 'ns/s', container: 'w', containerId: 'z', bytes: 5000, phases: { inspectMs: 1, dumpMs: 100, rootfsDiffMs: 2, publishMs: 3, totalMs: 110 } });
     m.onCheckpointEvent({ event: 'checkpoint', outcome: 'failed', name: 'd', pod: 'ns/s', container: 'w', containerId: 'z' });
     const after = parseExposition(await m.registry.render());
     expect(after.get('thaw_restores_total{outcome="restored"}')).toBe(1);
+    expect(after.get('thaw_restores_by_namespace_total{namespace="ns",outcome="restored"}')).toBe(1);
+    expect(after.get('thaw_restores_by_namespace_total{namespace="ns",outcome="fallback"}')).toBe(1);
+    expect(after.get('thaw_tenancy_refusals_total{namespace="team-a",cause="RESTORE_NOT_ALLOWED"}')).toBe(1);
     expect(after.get('thaw_restores_total{outcome="fallback"}')).toBe(2);
     expect(after.get('thaw_fallbacks_total{cause="RESTORE_CRIU_FAILED"}')).toBe(1);
     expect(after.get('thaw_fallbacks_total{cause="RESTORE_CHECKPOINT_MISSING"}')).toBe(1);

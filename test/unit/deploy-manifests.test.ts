@@ -135,9 +135,10 @@ describe('deploy/kubernetes manifests', () => {
       'example-inference.yaml:Deployment/llm',
       'example-inference.yaml:Deployment/llm-checkpoint',
       'namespace.yaml:Namespace/thaw-system',
+      'networkpolicy.yaml:NetworkPolicy/thaw-agent-metrics',
     ]);
     for (const d of docs) {
-      expect(d.apiVersion, `${d.file} ${d.kind}`).toMatch(/^(v1|apps\/v1)$/);
+      expect(d.apiVersion, `${d.file} ${d.kind}`).toMatch(/^(v1|apps\/v1|networking\.k8s\.io\/v1)$/);
       expect(d.metadata.name).toMatch(/^[a-z0-9]([-a-z0-9]*[a-z0-9])?$/);
       if (d.kind !== 'Namespace') expect(d.metadata.namespace, `${d.kind}/${d.metadata.name}`).toBe(d.file === 'example-inference.yaml' ? 'default' : 'thaw-system');
     }
@@ -214,6 +215,20 @@ describe('deploy/kubernetes manifests', () => {
     expect(agent.ports?.find((p) => p.name === 'metrics')?.containerPort).toBe(port);
   });
 
+  it('/metrics listens on the pod IP (never 0.0.0.0), and only the monitoring namespace may reach it', () => {
+    expect(agentConfig.get('metrics.listen')).toBe('127.0.0.1:9464');
+    const env = (agent as { env?: Array<{ name: string; value?: string; valueFrom?: { fieldRef?: { fieldPath: string } } }> }).env ?? [];
+    expect(env.find((e) => e.name === 'POD_IP')?.valueFrom?.fieldRef?.fieldPath).toBe('status.podIP');
+    expect(env.find((e) => e.name === 'THAW_METRICS_LISTEN')?.value).toBe('$(POD_IP):9464');
+    const np = docs.find((d) => d.kind === 'NetworkPolicy') as unknown as {
+      spec: { podSelector: { matchLabels: Record<string, string> }; policyTypes: string[]; ingress: Array<{ from: unknown[]; ports: Array<{ port: number }> }> };
+    };
+    expect(np.spec.podSelector.matchLabels).toEqual({ 'app.kubernetes.io/name': 'thaw-agent' });
+    expect(np.spec.policyTypes).toEqual(['Ingress']);
+    expect(np.spec.ingress.flatMap((r) => r.ports.map((p) => p.port))).toEqual([9464]);
+    expect(np.spec.ingress.every((r) => r.from.length > 0)).toBe(true);
+  });
+
   it('the agent runs the installed wrapper with the ConfigMap as /etc/thaw/agent.yaml, in the host cgroup namespace', () => {
     const argv = [...(agent.command ?? []), ...(agent.args ?? [])];
     const wrapperAt = argv.indexOf(INSTALL_PATHS.wrapper);
@@ -243,7 +258,7 @@ describe('deploy/kubernetes manifests', () => {
     const kustomization = parseYaml(readFileSync(path.join(K8S, 'kustomization.yaml'), 'utf8')) as { kind: string; resources: string[]; images: Array<{ name: string; newTag: string }> };
     expect(kustomization.kind).toBe('Kustomization');
     expect(kustomization.images).toEqual([{ name: IMAGE.split(':')[0], newTag: VERSION }]);
-    expect(kustomization.resources.sort()).toEqual(['configmap.yaml', 'daemonset.yaml', 'namespace.yaml']);
+    expect(kustomization.resources.sort()).toEqual(['configmap.yaml', 'daemonset.yaml', 'namespace.yaml', 'networkpolicy.yaml']);
     const containerfile = readFileSync(path.join(REPO, 'deploy/image/Containerfile'), 'utf8');
     expect(containerfile).toContain(`-t ${IMAGE} .`);
     expect(containerfile).toMatch(/installThaw\(\{ root: '\/out', \.\.\.defaultInstallSources\(\)/);

@@ -26,6 +26,18 @@ export interface RegistryClientOptions {
   /** PEM CA bundle for a registry whose certificate a private CA signed. */
   ca?: string | Buffer;
   credentials?: RegistryCredentials;
+  /**
+   * Repository prefixes (whole path components, e.g. `team-a` or `team-a/llm`) the credentials are for: any
+   * other repository of this registry is asked for without them. Absent: every repository (the CLI's use, where
+   * the operator names one reference at a time).
+   */
+  credentialRepositories?: readonly string[];
+  /**
+   * Hosts (host[:port]) besides the registry that token realms and redirects may lead to (a token server, a blob
+   * store). Always over this client's scheme: https, or http only when `plainHttp` says so for this registry.
+   * Anything else is refused (OCI_NOT_ALLOWED) before a request is sent there.
+   */
+  authHosts?: readonly string[];
   /** No byte sent or received for this long fails the request (OCI_TIMEOUT). Default 30 s. */
   requestTimeoutMs?: number;
   /** Connections kept to the registry (default 16). */
@@ -86,6 +98,8 @@ export class RegistryClient {
   readonly registry: string;
   private readonly transport: Transport;
   private readonly credentials: RegistryCredentials | undefined;
+  private readonly credentialRepositories: readonly string[] | undefined;
+  private readonly allowedHosts: ReadonlySet<string>;
   private readonly timeoutMs: number;
   private readonly logger: Logger;
   private readonly ca: string | Buffer | undefined;
@@ -98,6 +112,8 @@ export class RegistryClient {
     this.registry = o.registry;
     this.transport = createTransport({ ...(o.plainHttp ? { plainHttp: true } : {}), ...(o.ca !== undefined ? { ca: o.ca } : {}), ...(o.maxSockets !== undefined ? { maxSockets: o.maxSockets } : {}) });
     this.credentials = o.credentials;
+    this.credentialRepositories = o.credentialRepositories;
+    this.allowedHosts = new Set([o.registry.toLowerCase(), ...(o.authHosts ?? []).map((h) => h.toLowerCase())]);
     this.ca = o.ca;
     this.timeoutMs = o.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS;
     this.logger = (o.logger ?? silentLogger).child({ component: 'oci', registry: o.registry });
@@ -105,6 +121,28 @@ export class RegistryClient {
 
   close(): void {
     this.transport.close();
+  }
+
+  /** The credentials for `repository`, when they are scoped to it (credentialRepositories). */
+  private credentialsFor(repository: string): RegistryCredentials | undefined {
+    if (this.credentials === undefined) return undefined;
+    const scope = this.credentialRepositories;
+    if (scope === undefined) return this.credentials;
+    return scope.some((p) => repository === p || repository.startsWith(`${p}/`)) ? this.credentials : undefined;
+  }
+
+  /**
+   * Refuses a URL a registry answer leads to (token realm, redirect) unless it is this client's scheme and a host
+   * the configuration names: a registry must not send thaw (and its credentials) anywhere it likes.
+   */
+  private checkLeadsTo(url: URL, what: string, step: string): void {
+    const scheme = this.transport.plainHttp ? 'http:' : 'https:';
+    if (url.protocol !== scheme || !this.allowedHosts.has(url.host.toLowerCase())) {
+      throw new OciError(OciErrorCode.NOT_ALLOWED, `${what} ${url.origin} is not ${[...this.allowedHosts].map((h) => `${scheme}//${h}`).join(' or ')} (registry access: authHosts, plainHttp)`, {
+        step,
+        evidence: { url: `${url.origin}${url.pathname}`, allowed: [...this.allowedHosts], scheme },
+      });
+    }
   }
 
   url(path: string): URL {
@@ -130,6 +168,7 @@ export class RegistryClient {
         await discard(res);
         if (!location) throw new OciError(OciErrorCode.PROTOCOL, `redirect ${res.status} without Location`, { step: o.step, evidence: { url: res.url.toString() } });
         const next = new URL(location, res.url);
+        this.checkLeadsTo(next, `a redirect to`, o.step);
         const sameOrigin = next.origin === req.url.origin;
         res = await exchange(this.transport, { ...req, url: next, headers: { ...(req.headers ?? {}), ...(auth && sameOrigin ? { authorization: auth } : {}) } }, {
           timeoutMs: o.timeoutMs ?? this.timeoutMs,
@@ -167,7 +206,8 @@ export class RegistryClient {
     const basic = challenges.find((c) => c.scheme === 'basic');
     const authFailed = (message: string, extra: Record<string, unknown> = {}): OciError =>
       new OciError(OciErrorCode.AUTH_FAILED, message, { step: o.step, evidence: { status: 401, challenge: header, ...seen, ...extra } });
-    const basicHeader = this.credentials ? `Basic ${Buffer.from(`${this.credentials.username}:${this.credentials.password}`).toString('base64')}` : undefined;
+    const credentials = this.credentialsFor(o.repository);
+    const basicHeader = credentials ? `Basic ${Buffer.from(`${credentials.username}:${credentials.password}`).toString('base64')}` : undefined;
     if (bearer) {
       const realm = bearer.params['realm'];
       if (!realm) throw authFailed('the registry asked for a bearer token but named no realm');
@@ -177,6 +217,7 @@ export class RegistryClient {
       } catch {
         throw authFailed(`the token realm ${JSON.stringify(realm)} is not a URL`);
       }
+      this.checkLeadsTo(tokenUrl, 'the token realm', o.step);
       if (bearer.params['service']) tokenUrl.searchParams.set('service', bearer.params['service']);
       tokenUrl.searchParams.set('scope', `repository:${o.repository}:${o.access}`);
       const res = await exchange(this.transport, { method: 'GET', url: tokenUrl, headers: basicHeader ? { authorization: basicHeader } : {} }, {
@@ -200,7 +241,7 @@ export class RegistryClient {
       return `Bearer ${token}`;
     }
     if (basic) {
-      if (!basicHeader) throw authFailed('the registry wants a username and password and none were given');
+      if (!basicHeader) throw authFailed(this.credentials ? `the registry wants a username and password and the configured ones are not for repository ${o.repository}` : 'the registry wants a username and password and none were given');
       return basicHeader;
     }
     throw authFailed(`401 without a challenge thaw can answer (${JSON.stringify(header)})`);
@@ -296,11 +337,14 @@ export class RegistryClient {
     return data;
   }
 
-  /** GET of a manifest by tag or digest; returns its bytes and their digest (checked when `selector` is one). */
-  async getManifest(repository: string, selector: string, signal?: AbortSignal): Promise<{ body: Buffer; digest: string; mediaType: string | undefined }> {
+  /**
+   * GET of a manifest by tag or digest (`accept`: the media types asked for, default an OCI image manifest);
+   * returns its bytes and their digest (checked when `selector` is one).
+   */
+  async getManifest(repository: string, selector: string, signal?: AbortSignal, accept: string = OCI_MANIFEST_MEDIA_TYPE): Promise<{ body: Buffer; digest: string; mediaType: string | undefined }> {
     const step = `GET manifest ${repository}:${selector}`;
     const res = await this.call(
-      { method: 'GET', url: this.url(`/v2/${repository}/manifests/${selector}`), headers: { accept: OCI_MANIFEST_MEDIA_TYPE } },
+      { method: 'GET', url: this.url(`/v2/${repository}/manifests/${selector}`), headers: { accept } },
       { repository, access: 'pull', step, ...(signal ? { signal } : {}) },
     );
     if (res.status !== 200) throw await this.unexpected(res, step, '200');

@@ -32,6 +32,15 @@ export const OciErrorCode = {
   ABORTED: 'OCI_ABORTED',
   /** A local file could not be read or written (cause: the Node error). */
   IO: 'OCI_IO',
+  /** The policy requires a signature and the registry holds none for this digest (no `sha256-<hex>.sig` tag). */
+  SIGNATURE_MISSING: 'OCI_SIGNATURE_MISSING',
+  /**
+   * A signature artifact that proves nothing for this checkpoint: made by none of the keys the policy names, over
+   * another digest or repository, or malformed (evidence: what was checked, the layer).
+   */
+  SIGNATURE_INVALID: 'OCI_SIGNATURE_INVALID',
+  /** The policy does not allow this repository for the asking namespace, or a host the access file does not name. */
+  NOT_ALLOWED: 'OCI_NOT_ALLOWED',
 } as const;
 export type OciErrorCode = (typeof OciErrorCode)[keyof typeof OciErrorCode];
 

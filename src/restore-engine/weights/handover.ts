@@ -1,0 +1,198 @@
+/**
+ * Hands the weights' GPU memory (one fd per allocation, from cuMemExportToShareableHandle) to the restored
+ * worker: thaw listens on `<control dir>/weights.sock`, the worker (sdk/python/thaw_cuda.py
+ * `receive_weight_handles`) connects, and gets one message - `{"schema", "regions": [{"name", "fds": n}]}`
+ * with every fd in SCM_RIGHTS, in that order - then the connection closes.
+ *
+ * The control directory is thaw's; what is in it is the pod's. The socket is bound after removing whatever
+ * has the name (unlink does not follow links); its mode is set through an O_PATH|O_NOFOLLOW descriptor
+ * that must be a socket, never by path (a link swapped in between would send chmod elsewhere). A peer is
+ * served only when `acceptPeer(pid)` (SO_PEERCRED, a host pid) says it is the restored worker; others are
+ * closed unanswered. Node has no fd passing on unix sockets, so the socket calls are libc's through koffi.
+ */
+import { chmod, unlink } from 'node:fs/promises';
+import { join } from 'node:path';
+import koffi from 'koffi';
+
+import { WeightsError, WeightsErrorCode } from './errors.js';
+import { WEIGHTS_SCHEMA } from './regions-file.js';
+
+export const WEIGHTS_SOCKET = 'weights.sock';
+
+const AF_UNIX = 1;
+const SOCK_STREAM = 1;
+const SOCK_CLOEXEC = 0o2000000;
+const SOL_SOCKET = 1;
+const SCM_RIGHTS = 1;
+const SO_PEERCRED = 17;
+const SHUT_RDWR = 2;
+const CMSG_HEADER_BYTES = 16;
+const O_PATH = 0o10000000;
+const O_NOFOLLOW = 0o400000;
+const O_CLOEXEC = 0o2000000;
+const SUN_PATH_MAX = 107;
+
+type Fn = koffi.KoffiFunction;
+
+interface Libc {
+  socket: Fn;
+  bind: Fn;
+  listen: Fn;
+  accept4: Fn;
+  getsockopt: Fn;
+  sendmsg: Fn;
+  shutdown: Fn;
+  close: Fn;
+  open: Fn;
+  fstatMode: (fd: number) => number;
+}
+
+let libc: Libc | undefined;
+
+function bindLibc(): Libc {
+  if (libc) return libc;
+  const lib = koffi.load('libc.so.6');
+  const iovec = koffi.struct({ iov_base: 'void *', iov_len: 'size_t' });
+  const msghdr = koffi.struct({
+    msg_name: 'void *',
+    msg_namelen: 'uint32_t',
+    msg_iov: koffi.pointer(iovec),
+    msg_iovlen: 'size_t',
+    msg_control: 'void *',
+    msg_controllen: 'size_t',
+    msg_flags: 'int',
+  });
+  const statx = lib.func('statx', 'int', ['int', 'const char *', 'int', 'uint32_t', koffi.out('uint8_t *')]);
+  const AT_EMPTY_PATH = 0x1000;
+  libc = {
+    socket: lib.func('socket', 'int', ['int', 'int', 'int']),
+    bind: lib.func('bind', 'int', ['int', 'void *', 'uint32_t']),
+    listen: lib.func('listen', 'int', ['int', 'int']),
+    accept4: lib.func('accept4', 'int', ['int', 'void *', 'void *', 'int']),
+    getsockopt: lib.func('getsockopt', 'int', ['int', 'int', 'int', koffi.out('uint8_t *'), koffi.inout(koffi.pointer('uint32_t'))]),
+    sendmsg: lib.func('sendmsg', 'intptr_t', ['int', koffi.pointer(msghdr), 'int']),
+    shutdown: lib.func('shutdown', 'int', ['int', 'int']),
+    close: lib.func('close', 'int', ['int']),
+    open: lib.func('open', 'int', ['const char *', 'int', 'int']),
+    // statx(fd, "", AT_EMPTY_PATH, STATX_TYPE): stx_mode is the u16 at offset 28 of struct statx.
+    fstatMode: (fd: number) => {
+      const buf = Buffer.alloc(256);
+      return (statx(fd, '', AT_EMPTY_PATH, 1, buf) as number) === 0 ? buf.readUInt16LE(28) : -1;
+    },
+  };
+  return libc;
+}
+
+function fail(message: string, evidence: Record<string, unknown> = {}): WeightsError {
+  return new WeightsError(WeightsErrorCode.HANDOVER, message, { step: 'hand the weights to the worker', evidence });
+}
+
+export interface HandoverRegion {
+  name: string;
+  fds: readonly number[];
+}
+
+export interface WeightsHandover {
+  /** Resolves once a peer that acceptPeer allowed has been sent every fd; rejects on close() or an error. */
+  readonly delivered: Promise<{ peerPid: number }>;
+  /** Stops listening and removes the socket (idempotent). The fds stay the caller's. */
+  close(): Promise<void>;
+}
+
+/**
+ * Starts listening on `<controlDir>/weights.sock`. `acceptPeer` gets each connecting peer's host pid.
+ * The socket is made connectable by any uid in the pod (0666): the directory is only the pod's, and the
+ * fds go only to an accepted pid.
+ */
+export async function listenForWorker(
+  controlDir: string,
+  regions: readonly HandoverRegion[],
+  acceptPeer: (pid: number) => boolean | Promise<boolean>,
+): Promise<WeightsHandover> {
+  const c = bindLibc();
+  const path = join(controlDir, WEIGHTS_SOCKET);
+  if (Buffer.byteLength(path) > SUN_PATH_MAX) throw fail('the socket path is too long for sockaddr_un', { path });
+  await unlink(path).catch((err: NodeJS.ErrnoException) => {
+    if (err.code !== 'ENOENT') throw fail(`cannot clear ${path}: ${err.message}`);
+  });
+  const fd = c.socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0) as number;
+  if (fd < 0) throw fail(`socket() failed: errno ${koffi.errno()}`);
+  let closed = false;
+  const shut = async (): Promise<void> => {
+    if (closed) return;
+    closed = true;
+    c.shutdown(fd, SHUT_RDWR); // wakes a pending accept4 on the threadpool before the fd number is freed
+    await acceptDone.catch(() => undefined);
+    c.close(fd);
+    await unlink(path).catch(() => undefined);
+  };
+  let acceptDone: Promise<unknown> = Promise.resolve();
+  try {
+    const addr = Buffer.alloc(110);
+    addr.writeUInt16LE(AF_UNIX, 0);
+    addr.write(path, 2);
+    if ((c.bind(fd, addr, 2 + Buffer.byteLength(path) + 1) as number) !== 0) throw fail(`bind(${path}) failed: errno ${koffi.errno()}`);
+    const pathFd = c.open(path, O_PATH | O_NOFOLLOW | O_CLOEXEC, 0) as number;
+    if (pathFd < 0) throw fail(`cannot open the bound socket: errno ${koffi.errno()}`);
+    try {
+      if ((c.fstatMode(pathFd) & 0o170000) !== 0o140000) throw fail('the socket name no longer is a socket');
+      await chmod(`/proc/self/fd/${pathFd}`, 0o666);
+    } finally {
+      c.close(pathFd);
+    }
+    if ((c.listen(fd, 8) as number) !== 0) throw fail(`listen failed: errno ${koffi.errno()}`);
+  } catch (err) {
+    await shut();
+    throw err;
+  }
+
+  const fds = regions.flatMap((r) => r.fds);
+  const message = Buffer.from(JSON.stringify({ schema: WEIGHTS_SCHEMA, regions: regions.map((r) => ({ name: r.name, fds: r.fds.length })) }));
+  const control = Buffer.alloc(CMSG_HEADER_BYTES + Math.ceil((fds.length * 4) / 8) * 8);
+  control.writeBigUInt64LE(BigInt(CMSG_HEADER_BYTES + fds.length * 4), 0);
+  control.writeInt32LE(SOL_SOCKET, 8);
+  control.writeInt32LE(SCM_RIGHTS, 12);
+  fds.forEach((f, i) => control.writeInt32LE(f, CMSG_HEADER_BYTES + 4 * i));
+
+  const acceptOne = (): Promise<number> =>
+    new Promise((resolve, reject) => {
+      c.accept4.async(fd, null, null, SOCK_CLOEXEC, (err: unknown, conn: number) => (err ? reject(err as Error) : resolve(conn)));
+    });
+
+  const delivered = (async () => {
+    for (;;) {
+      const pending = acceptOne();
+      acceptDone = pending;
+      const conn = await pending;
+      if (closed) {
+        if (conn >= 0) c.close(conn);
+        throw fail('closed before the worker connected');
+      }
+      if (conn < 0) throw fail(`accept failed: errno ${koffi.errno()}`);
+      try {
+        const cred = Buffer.alloc(12);
+        const len = [12];
+        if ((c.getsockopt(conn, SOL_SOCKET, SO_PEERCRED, cred, len) as number) !== 0) continue;
+        const peerPid = cred.readInt32LE(0);
+        if (!(await acceptPeer(peerPid))) continue;
+        const header = {
+          msg_name: null,
+          msg_namelen: 0,
+          msg_iov: [{ iov_base: message, iov_len: message.length }],
+          msg_iovlen: 1,
+          msg_control: fds.length > 0 ? control : null,
+          msg_controllen: fds.length > 0 ? control.length : 0,
+          msg_flags: 0,
+        };
+        // A stream socket takes the whole (small) message with its fds in one call or fails.
+        const sent = c.sendmsg(conn, header, 0) as number;
+        if (sent !== message.length) throw fail(`sendmsg sent ${sent} of ${message.length} bytes: errno ${koffi.errno()}`, { peerPid });
+        return { peerPid };
+      } finally {
+        c.close(conn);
+      }
+    }
+  })();
+  delivered.catch(() => undefined);
+  return { delivered, close: shut };
+}
