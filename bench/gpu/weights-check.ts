@@ -9,12 +9,12 @@
 import { open } from 'node:fs/promises';
 import { constants } from 'node:fs';
 
-import { loadCuda } from '../../src/cuda/libcuda.js';
-import { CudaVmm } from '../../src/cuda/vmm.js';
-import { listenForWorker } from '../../src/restore-engine/weights/handover.js';
-import { loadWeights } from '../../src/restore-engine/weights/loader.js';
-import { readWeightsFile } from '../../src/restore-engine/weights/regions-file.js';
-import { SourceDigests } from '../../src/restore-engine/weights/source-digests.js';
+import { loadCuda } from '../../src/cuda/index.js';
+import { CudaVmm } from '../../src/cuda/index.js';
+import { listenForWorker } from '../../src/restore-engine/index.js';
+import { loadWeights } from '../../src/restore-engine/index.js';
+import { readWeightsFile } from '../../src/restore-engine/index.js';
+import { SourceDigests } from '../../src/restore-engine/index.js';
 
 async function main(): Promise<void> {
   const [controlDir, pidText, readersText] = process.argv.slice(2);

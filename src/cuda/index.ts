@@ -4,3 +4,4 @@ export * from './libcuda.js';
 export * from './checkpoint-api.js';
 export * from './nvml.js';
 export * from './gpu-facts.js';
+export * from './vmm.js';

@@ -9,3 +9,8 @@ export { CriuCodec } from './criu/rpc.js';
 export { CriuImageCodec, encodeImageFile, parseImageFile } from './criu/images.js';
 export { readTarEntries } from './rootfs-diff.js';
 export { RestoreError, RestoreErrorCode } from './restore-errors.js';
+// The weights service (restore-engine/weights/): what the GPU check (bench/gpu/weights-check.ts) drives.
+export { listenForWorker } from './weights/handover.js';
+export { loadWeights } from './weights/loader.js';
+export { readWeightsFile } from './weights/regions-file.js';
+export { SourceDigests } from './weights/source-digests.js';

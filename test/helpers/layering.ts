@@ -19,7 +19,7 @@ export const ALLOWED: Readonly<Record<string, readonly string[]>> = {
   cli: ['agent', 'restore-engine', 'nri-plugin', 'store', 'cuda', 'sys', 'root'],
   agent: ['oci-hooks', 'restore-engine', 'nri-plugin', 'store', 'cuda', 'sdk', 'sys', 'root'],
   'oci-hooks': ['restore-engine', 'store', 'sdk', 'root'],
-  'restore-engine': ['store', 'sdk', 'sys', 'root'],
+  'restore-engine': ['store', 'cuda', 'sdk', 'sys', 'root'],
   'nri-plugin': ['sdk', 'root'],
   store: ['sys', 'root'],
   cuda: ['root'],

@@ -11,7 +11,7 @@
  */
 import { closeSync } from 'node:fs';
 
-import type { CudaVmm, CuU64, HostPointer } from '../../cuda/vmm.js';
+import type { CudaVmm, CuU64, HostPointer } from '../../cuda/index.js';
 import { WeightsError, WeightsErrorCode } from './errors.js';
 import type { HandoverRegion } from './handover.js';
 import type { WeightsRegionSpec, WeightsSource } from './regions-file.js';
