@@ -17,6 +17,9 @@
  * Env: BENCH_GPU_VARIANTS (released,kept), BENCH_GPU_KEPT_KV_GIB (16), BENCH_GPU_PORT (18080),
  * BENCH_GPU_PYTHON (python3), BENCH_GPU_WORKER_ARGS (extra worker flags, e.g. "--kv-gib 8"), THAW_WEIGHTS_DIR,
  * BENCH_GPU_RESULTS_DIR (bench/results), THAW_CONTAINERD (1.7 | 2.1),
+ * BENCH_GPU_TP (1; N > 1: every pod runs the worker at tensor parallelism N, one process per GPU, and the
+ * variant `released-tp1` is the same model on one GPU, for the ratio in the same run), BENCH_GPU_SHAPE
+ * (0.6b | 8b: the Qwen3 shape; weights default to /tmp/thaw-qwen3-<shape>-random),
  * BENCH_GPU_STANDIN=1 (no GPU: bench/gpu/standin-worker.py, a CPU worker that speaks the same HTTP and
  * control-dir protocol, to check this script's plumbing on a machine without a GPU; its numbers mean nothing).
  */
@@ -198,12 +201,15 @@ interface PodRun {
 }
 
 interface Variant {
-  name: 'released' | 'kept';
+  name: 'released' | 'kept' | 'released-tp1';
   workerArgs: string[];
+  /** The worker's tensor parallelism in this variant's pods. */
+  tensorParallel: number;
 }
 
 interface VariantResult {
   variant: string;
+  tensorParallel: number;
   checkpointMs: number;
   checkpointPhases: unknown;
   checkpointBytes: number;
@@ -234,14 +240,21 @@ interface VariantResult {
 
 async function main(): Promise<void> {
   const standin = process.env['BENCH_GPU_STANDIN'] === '1';
+  const tensorParallel = Number(process.env['BENCH_GPU_TP'] ?? 1);
+  if (!Number.isInteger(tensorParallel) || tensorParallel < 1) throw new Error(`BENCH_GPU_TP: a positive integer, got ${JSON.stringify(process.env['BENCH_GPU_TP'])}`);
+  const shape = process.env['BENCH_GPU_SHAPE'] ?? '0.6b';
+  if (shape !== '0.6b' && shape !== '8b') throw new Error(`BENCH_GPU_SHAPE: unknown shape ${JSON.stringify(shape)} (expected 0.6b, 8b)`);
+  const shapeArgs = standin || shape === '0.6b' ? [] : ['--shape', shape];
+  const tpArgs = (n: number): string[] => (n > 1 ? ['--tensor-parallel', String(n)] : []);
   const variants: Variant[] = (process.env['BENCH_GPU_VARIANTS'] ?? 'released,kept')
     .split(',')
     .map((s) => s.trim())
     .filter((s) => s !== '')
     .map((name) => {
-      if (name === 'released') return { name, workerArgs: [] };
-      if (name === 'kept') return { name, workerArgs: ['--keep-pool', '--kv-gib', process.env['BENCH_GPU_KEPT_KV_GIB'] ?? '16'] };
-      throw new Error(`BENCH_GPU_VARIANTS: unknown variant ${JSON.stringify(name)} (expected released, kept)`);
+      if (name === 'released') return { name, workerArgs: tpArgs(tensorParallel), tensorParallel };
+      if (name === 'kept') return { name, workerArgs: [...tpArgs(tensorParallel), '--keep-pool', '--kv-gib', process.env['BENCH_GPU_KEPT_KV_GIB'] ?? '16'], tensorParallel };
+      if (name === 'released-tp1') return { name, workerArgs: [], tensorParallel: 1 };
+      throw new Error(`BENCH_GPU_VARIANTS: unknown variant ${JSON.stringify(name)} (expected released, kept, released-tp1)`);
     });
   const port = Number(process.env['BENCH_GPU_PORT'] ?? 18080);
   // Restores per variant and page-cache state (medians reported): the lent machines are noisy.
@@ -250,7 +263,7 @@ async function main(): Promise<void> {
   const extraWorkerArgs = (process.env['BENCH_GPU_WORKER_ARGS'] ?? '').split(' ').filter((s) => s !== '');
   const workDir = await mkdtemp(join(tmpdir(), 'thaw-bench-gpu-'));
   // The GPU worker's weights are kept between runs (made once); the stand-in has none, so its dir goes with the run.
-  const weightsDir = process.env['THAW_WEIGHTS_DIR'] ?? (standin ? join(workDir, 'weights') : '/tmp/thaw-qwen3-0.6b-random');
+  const weightsDir = process.env['THAW_WEIGHTS_DIR'] ?? (standin ? join(workDir, 'weights') : `/tmp/thaw-qwen3-${shape}-random`);
   const flavor = parseFlavor((process.env['THAW_CONTAINERD'] ?? '1.7').split(',')[0] ?? '1.7');
   const resultsDir = process.env['BENCH_GPU_RESULTS_DIR'] ?? join(PACKAGE_ROOT, 'bench/results');
   const workerScript = join(PACKAGE_ROOT, standin ? 'bench/gpu/standin-worker.py' : 'bench/gpu/worker.py');
@@ -294,7 +307,7 @@ async function main(): Promise<void> {
         uid: `${name}-uid`,
         annotations,
         image,
-        command: [host.python, workerScript, '--port', String(port), '--weights-dir', weightsDir, ...extraWorkerArgs, ...args],
+        command: [host.python, workerScript, '--port', String(port), '--weights-dir', weightsDir, ...shapeArgs, ...extraWorkerArgs, ...args],
         env: host.env,
         mounts: host.mounts,
         devices: host.devices,
@@ -327,12 +340,12 @@ async function main(): Promise<void> {
     // 1. The baseline: a plain pod of the same worker, no thaw annotation.
     await dropPageCache();
     say('cold start, page cache dropped');
-    const cold = await runWorker('gpu-cold', {}, []);
+    const cold = await runWorker('gpu-cold', {}, tpArgs(tensorParallel));
     coldStartMs = (await waitReady(cold, COLD_START_TIMEOUT_MS, (h) => h.ok)).ms;
     coldTokens = (await getJson<{ tokens: number[] }>(port, '/tokens', TOKENS_TIMEOUT_MS)).tokens;
     await removePod(cold);
     say(`cold start ${coldStartMs} ms; again with the page cache warm`);
-    const coldWarm = await runWorker('gpu-cold-warm', {}, []);
+    const coldWarm = await runWorker('gpu-cold-warm', {}, tpArgs(tensorParallel));
     coldStartWarmMs = (await waitReady(coldWarm, COLD_START_TIMEOUT_MS, (h) => h.ok)).ms;
     await removePod(coldWarm);
     say(`cold start (page cache warm) ${coldStartWarmMs} ms`);
@@ -405,6 +418,7 @@ async function main(): Promise<void> {
       const same = (a: number[] | undefined, b: number[] | undefined): boolean => a !== undefined && b !== undefined && a.length > 0 && JSON.stringify(a) === JSON.stringify(b);
       results.push({
         variant: v.name,
+        tensorParallel: v.tensorParallel,
         checkpointMs: Math.round(checkpointPhases.totalMs),
         checkpointPhases,
         checkpointBytes,
@@ -428,7 +442,10 @@ async function main(): Promise<void> {
         ...(coldMappedWarmRuns.length > 0
           ? { probeMappedFiles: mappedFiles.length, restoreColdMappedWarm: { ...summarize(coldMappedWarmRuns), tokens: undefined }, restoreColdMappedWarmSamplesMs: coldMappedWarmRuns.map((r) => r.ms) }
           : {}),
-        tokensMatch: [...warmRuns, ...coldRuns, ...coldMappedWarmRuns].every((r) => same(sourceTokens, r.tokens)) && same(sourceTokens, coldTokens),
+        // The cold start runs at BENCH_GPU_TP; a variant at another parallelism is compared with its own source only.
+        tokensMatch:
+          [...warmRuns, ...coldRuns, ...coldMappedWarmRuns].every((r) => same(sourceTokens, r.tokens)) &&
+          (v.tensorParallel !== tensorParallel || same(sourceTokens, coldTokens)),
       });
       await rm(join(dirs.storeRoot, checkpointName), { recursive: true, force: true });
     }
@@ -448,9 +465,10 @@ async function main(): Promise<void> {
 
   process.stdout.write(
     renderTable(
-      ['variant', 'cold start ms', 'checkpoint ms', 'ckpt GiB', 'ckpt/live', 'restore warm ms', 'restore cold ms', 'speedup warm', 'speedup cold', 'tokens match'],
+      ['variant', 'TP', 'cold start ms', 'checkpoint ms', 'ckpt GiB', 'ckpt/live', 'restore warm ms', 'restore cold ms', 'speedup warm', 'speedup cold', 'tokens match'],
       results.map((r) => [
         r.variant,
+        r.tensorParallel,
         coldStartMs,
         r.checkpointMs,
         round(r.checkpointBytes / GiB, 2),
@@ -466,6 +484,7 @@ async function main(): Promise<void> {
   );
   process.stdout.write(`cold start with the page cache warm: ${coldStartWarmMs} ms\n`);
   const main = results.find((r) => r.variant === 'released') ?? results[0];
+  const tp1 = results.find((r) => r.variant === 'released-tp1');
   const summary = {
     bench: 'gpu',
     standin,
@@ -474,6 +493,8 @@ async function main(): Promise<void> {
     cpus: cpus().length,
     gpu: identity.gpu,
     driver: identity.driver,
+    tensorParallel,
+    shape,
     kernel: release(),
     // CRIU's page-restore rate depends on it (bench/gpu/criu-page-rate.sh); run-product.sh's THAW_THP sets it.
     transparentHugePages: (await readThpMode()) ?? null,
@@ -482,6 +503,10 @@ async function main(): Promise<void> {
     coldStartWarmMs,
     restoreWarmMs: main?.restoreWarmMs ?? null,
     restoreColdMs: main?.restoreColdMs ?? null,
+    // Issue 16's goal: the TP restore within 1.3x of the same model's single-GPU restore (variant released-tp1).
+    ...(tensorParallel > 1 && tp1 !== undefined && main !== undefined
+      ? { restoreWarmOverTp1: round(main.restoreWarmMs / tp1.restoreWarmMs, 2), restoreColdOverTp1: round(main.restoreColdMs / tp1.restoreColdMs, 2) }
+      : {}),
     checkpointMs: main?.checkpointMs ?? null,
     checkpointBytes: main?.checkpointBytes ?? null,
     liveBytes: main?.liveBytes ?? null,

@@ -11,6 +11,7 @@ Modes:
                tokens are equal, that the graph matches eager execution and that release really gave the
                memory back. No CRIU, no agent. Writes a JSON report (--json, else $OUT/worker-selftest.json
                when $OUT is set) and exits 0 only when every check passed.
+  --tensor-parallel N  serve as N ranks, one process per GPU, the model sharded (bench/gpu/tp_worker.py).
   (default)    serve: with SNAPSHOT_CONTROL_DIR set, release the pool + empty PyTorch's cache, write
                ready-for-checkpoint and wait (thaw_worker.checkpoint_and_wait), remap on
                checkpoint-complete / restore-complete; then answer HTTP on 127.0.0.1:--port:
@@ -138,10 +139,10 @@ def load_model(weights_dir):
 class KvPool:
     """The KV pool: a thaw_cuda.VmmPool (release/remap keep its addresses) or a plain torch tensor."""
 
-    def __init__(self, backend, size_bytes):
+    def __init__(self, backend, size_bytes, device=0):
         self.backend = backend
         if backend == "vmm":
-            self.vmm = thaw_cuda.VmmPool(size_bytes)
+            self.vmm = thaw_cuda.VmmPool(size_bytes, device=device)
             self.flat = self.vmm.as_tensor(torch.bfloat16)
             self.size = self.vmm.size
         else:
@@ -490,7 +491,22 @@ def main(argv=None):
     p.add_argument("--print-tokens", action="store_true")
     p.add_argument("--keep-pool", action="store_true", help="serve mode: keep the KV pool mapped through the checkpoint (the baseline)")
     p.add_argument("--prepare-weights", action="store_true", help="create the random weights in --weights-dir and exit")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="serve at tensor parallelism N: one process per GPU (bench/gpu/tp_worker.py)")
+    p.add_argument("--rank", type=int, default=0, help="set by rank 0 for the ranks it starts")
+    p.add_argument("--shape", choices=("0.6b", "8b"), default="0.6b", help="--tensor-parallel: the Qwen3 shape")
     args = p.parse_args(argv)
+    if args.shape == "8b":
+        import tp_worker
+
+        # The config the weights are created with (a saved dir's own config.json wins at load: see tp_worker).
+        QWEN3_0_6B.update(tp_worker.QWEN3_8B)
+        if args.weights_dir == DEFAULT_WEIGHTS_DIR:
+            args.weights_dir = "/tmp/thaw-qwen3-8b-random"
+    if args.tensor_parallel > 1 and not (args.selftest or args.prepare_weights):
+        import tp_worker
+
+        return tp_worker.main_rank(sys.modules[__name__], args, list(sys.argv[1:] if argv is None else argv))
     if args.prepare_weights:
         load_libraries()
         created = ensure_weights(args.weights_dir, args.seed)

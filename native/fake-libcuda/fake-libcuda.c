@@ -243,6 +243,47 @@ FAKE_EXPORT CUresult cuDeviceTotalMem_v2(size_t *bytes, CUdevice dev) {
   return r;
 }
 
+/* ---- tensor-parallel workers: a process per GPU, ranks in a collective (fake-only settings) ----
+ *
+ *   FAKE_CUDA_PID_GPU     "pid:ordinal,..." the GPU a pid-mode process is checkpointed on (default ordinal 0),
+ *                         so a restore's GPU map must cover that rank's own GPU
+ *   FAKE_CUDA_COLLECTIVE  comma list of pids running collectives with one another (ranks not quiesced): a
+ *                         member's in-flight all-reduce waits for its peers, so locking it while a peer is
+ *                         already locked never completes, as with the real driver, whose lock waits for the
+ *                         process's outstanding work. The fake waits the lock's timeout (at most 5 s) and
+ *                         returns CUDA_ERROR_TIMEOUT with the process left running.
+ */
+static int tp_pid_gpu_ordinal(int pid) {
+  const char *p = fake_get("FAKE_CUDA_PID_GPU");
+  while (p && *p) {
+    while (*p == ',' || *p == ' ') p++;
+    char *end;
+    long who = strtol(p, &end, 10);
+    if (end == p) break;
+    if (*end == ':') {
+      long ordinal = strtol(end + 1, &end, 10);
+      if (who == pid) return (int)ordinal;
+    }
+    p = end;
+  }
+  return 0;
+}
+
+/* True when `pid` is in a collective (FAKE_CUDA_COLLECTIVE) with a peer that is locked or checkpointed. Under lock_. */
+static int tp_collective_blocks(int pid) {
+  const char *list = fake_get("FAKE_CUDA_COLLECTIVE");
+  if (!fake_list_has_pid(list, pid)) return 0;
+  for (int i = 0; i < nprocs; i++)
+    if (procs[i].pid != pid && procs[i].state != STATE_RUNNING && fake_list_has_pid(list, procs[i].pid)) return 1;
+  return 0;
+}
+
+static void tp_wait_ms(unsigned ms) {
+  if (ms > 5000) ms = 5000;
+  struct timespec ts = {(time_t)(ms / 1000), (long)(ms % 1000) * 1000000L};
+  nanosleep(&ts, NULL);
+}
+
 /* ---- the checkpoint API (cuda.h, group CUDA_CHECKPOINT) ---- */
 
 /*
@@ -324,6 +365,13 @@ FAKE_EXPORT CUresult cuCheckpointProcessLock(int pid, const unsigned char *args)
   }
   last_lock_timeout_ms = timeout_ms;
   if (r == CUDA_SUCCESS) r = checkpoint_entry("lock", pid, &t);
+  if (r == CUDA_SUCCESS && !t.is_token && target_state(&t) == STATE_RUNNING && tp_collective_blocks(pid)) {
+    /* A rank stuck in a collective with a locked peer: the lock waits out its timeout (outside the mutex). */
+    log_call("lock", &t, CUDA_ERROR_TIMEOUT, -1);
+    pthread_mutex_unlock(&lock_);
+    tp_wait_ms(timeout_ms);
+    return CUDA_ERROR_TIMEOUT;
+  }
   if (r == CUDA_SUCCESS) r = target_state(&t) != STATE_RUNNING ? CUDA_ERROR_ILLEGAL_STATE : target_set_state(&t, STATE_LOCKED);
   log_call("lock", &t, r, -1);
   pthread_mutex_unlock(&lock_);
@@ -343,10 +391,12 @@ FAKE_EXPORT CUresult cuCheckpointProcessCheckpoint(int pid, const unsigned char 
     } else {
       r = target_set_state(&t, STATE_CHECKPOINTED);
       if (r == CUDA_SUCCESS && !t.is_token) {
-        /* The GPU a pid-mode process was checkpointed on (token mode does not track it). */
+        /* The GPU a pid-mode process was checkpointed on (FAKE_CUDA_PID_GPU; token mode does not track it). */
         unsigned char gpus[FAKE_MAX_GPUS][16];
-        procs[t.slot].has_gpu = fake_gpus(gpus) > 0;
-        if (procs[t.slot].has_gpu) memcpy(procs[t.slot].gpu, gpus[0], 16);
+        int ngpus = fake_gpus(gpus);
+        int ordinal = tp_pid_gpu_ordinal(pid);
+        procs[t.slot].has_gpu = ngpus > 0 && ordinal >= 0 && ordinal < ngpus;
+        if (procs[t.slot].has_gpu) memcpy(procs[t.slot].gpu, gpus[ordinal], 16);
       }
     }
   }

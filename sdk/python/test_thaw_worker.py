@@ -198,5 +198,108 @@ class CheckpointAndWaitTest(unittest.TestCase):
         self.assertFalse(os.path.exists(os.path.join(self.dir, tw.READY_FOR_CHECKPOINT)))
 
 
+def _rank_main(rank, world, sync_dir, control_dir, log_dir, timeout_s, skip_quiesce_rank):
+    """One rank of a tensor-parallel worker, in its own process: records each hook it runs."""
+
+    def mark(what):
+        open(os.path.join(log_dir, "%s.%d" % (what, rank)), "w").close()
+
+    if rank == skip_quiesce_rank:
+        return  # a rank that never reaches the checkpoint step
+    barrier = tw.RankBarrier(rank, world, sync_dir, poll_interval_s=0.005)
+    try:
+        outcome = tw.checkpoint_and_wait_ranks(
+            barrier,
+            release=lambda: mark("released"),
+            quiesce=lambda: mark("quiesced"),
+            resume=lambda: mark("resumed"),
+            timeout_s=timeout_s,
+            control_dir=tw.ControlDir(control_dir, poll_interval_s=0.005),
+            payload={"rank": rank},
+        )
+        mark("outcome-" + outcome.name)
+    except tw.WaitTimeout:
+        mark("timeout")
+
+
+class TensorParallelRanksTest(unittest.TestCase):
+    """checkpoint_and_wait_ranks across real processes (one per rank), with the agent played by the test."""
+
+    def setUp(self):
+        root = tempfile.mkdtemp(prefix="thaw-tp-")
+        self.addCleanup(shutil.rmtree, root, True)
+        self.sync, self.control, self.log = (os.path.join(root, d) for d in ("sync", "control", "log"))
+        for d in (self.sync, self.control, self.log):
+            os.mkdir(d)
+
+    def start_ranks(self, world, timeout_s=20.0, skip_quiesce_rank=-1):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        procs = [
+            ctx.Process(target=_rank_main, args=(r, world, self.sync, self.control, self.log, timeout_s, skip_quiesce_rank))
+            for r in range(world)
+        ]
+        for p in procs:
+            p.start()
+        self.addCleanup(lambda: [p.kill() for p in procs if p.is_alive()])
+        return procs
+
+    def logged(self):
+        return sorted(os.listdir(self.log))
+
+    def wait_for(self, path, timeout_s=20.0):
+        deadline = time.monotonic() + timeout_s
+        while not os.path.exists(path):
+            if time.monotonic() > deadline:
+                self.fail("%s never appeared; log: %s" % (path, self.logged()))
+            time.sleep(0.005)
+
+    def test_one_ready_after_every_rank_quiesced_then_every_rank_resumes(self):
+        world = 3
+        procs = self.start_ranks(world)
+        ready = os.path.join(self.control, tw.READY_FOR_CHECKPOINT)
+        self.wait_for(ready)
+        # The agent's view at ready-for-checkpoint: every rank released and quiesced, none resumed.
+        seen = self.logged()
+        for r in range(world):
+            self.assertIn("released.%d" % r, seen)
+            self.assertIn("quiesced.%d" % r, seen)
+        self.assertFalse([n for n in seen if n.startswith("resumed")])
+        with open(ready) as f:
+            payload = json.load(f)
+        self.assertEqual(payload["tensorParallel"], world)
+        self.assertEqual(payload["ranks"], [{"rank": r} for r in range(world)])
+        write_later(self.control, tw.RESTORE_COMPLETE, 0).join()
+        for p in procs:
+            p.join(20)
+        self.assertEqual(
+            sorted(n for n in self.logged() if not n.startswith(("released", "quiesced"))),
+            sorted(["resumed.%d" % r for r in range(world)] + ["outcome-RESTORE_COMPLETE.%d" % r for r in range(world)]),
+        )
+        self.assertEqual(os.listdir(self.sync), [], "rank 0 clears the barrier files")
+
+    def test_a_rank_that_never_quiesces_means_no_ready_for_checkpoint(self):
+        procs = self.start_ranks(2, timeout_s=0.3, skip_quiesce_rank=1)
+        for p in procs:
+            p.join(20)
+        self.assertFalse(os.path.exists(os.path.join(self.control, tw.READY_FOR_CHECKPOINT)))
+        self.assertIn("timeout.0", self.logged())
+
+    def test_restore_failed_resumes_no_rank(self):
+        procs = self.start_ranks(2)
+        self.wait_for(os.path.join(self.control, tw.READY_FOR_CHECKPOINT))
+        write_later(self.control, tw.RESTORE_FAILED, 0).join()
+        for p in procs:
+            p.join(20)
+        logged = self.logged()
+        self.assertEqual([n for n in logged if n.startswith("resumed")], [])
+        self.assertIn("outcome-RESTORE_FAILED.1", logged)
+
+    def test_rank_outside_the_world_is_refused(self):
+        with self.assertRaises(tw.ThawWorkerError):
+            tw.RankBarrier(2, 2, self.sync)
+
+
 if __name__ == "__main__":
     unittest.main()

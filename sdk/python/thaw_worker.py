@@ -79,6 +79,9 @@ __all__ = [
     "WaitTimeout",
     "ControlDir",
     "checkpoint_and_wait",
+    "TP_SYNC_DIR_ENV",
+    "RankBarrier",
+    "checkpoint_and_wait_ranks",
 ]
 
 # Names shared with src/sdk/protocol.ts (a test checks that both agree).
@@ -308,6 +311,112 @@ def checkpoint_and_wait(release=None, resume=None, timeout_s=None, control_dir=N
         release()
     cd.ready_for_checkpoint(payload() if callable(payload) else payload)
     outcome = cd.wait(timeout_s)
+    if outcome != Outcome.RESTORE_FAILED and resume is not None:
+        resume()
+    return outcome
+
+
+# ---- tensor-parallel workers: several ranks (one process per GPU) in one container ----
+
+TP_SYNC_DIR_ENV = "THAW_TP_SYNC_DIR"
+
+
+class RankBarrier:
+    """A barrier of the ranks of one container through files in a directory they share.
+
+    Files, not the ranks' own process group: the ranks meet here after their communicators are
+    quiesced (destroyed or suspended) and before they come back, when no collective may run. Polling,
+    no descriptor held: the wait spans the checkpoint (see the module docstring). ``sync_dir``: any
+    directory of the container every rank can write (default env ``THAW_TP_SYNC_DIR``); not the
+    control directory, which is the agent's protocol. ``generation`` tells checkpoints apart, so a
+    stale file of an earlier one never counts.
+    """
+
+    def __init__(self, rank, world_size, sync_dir=None, poll_interval_s=POLL_INTERVAL_S):
+        if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+            raise ThawWorkerError("rank %r is not in a world of %r" % (rank, world_size), "SDK_INVALID_RANK")
+        path = sync_dir if sync_dir is not None else os.environ.get(TP_SYNC_DIR_ENV)
+        if not path:
+            raise ThawWorkerError("no sync directory for the ranks (%s)" % TP_SYNC_DIR_ENV, "SDK_NO_SYNC_DIR")
+        self.rank = rank
+        self.world_size = world_size
+        self.path = path
+        self.poll_interval_s = poll_interval_s
+
+    def _name(self, phase, generation, rank):
+        return "%s.%d.%d" % (phase, generation, rank)
+
+    def arrive(self, phase, generation=0, payload=None):
+        """Records that this rank reached ``phase`` (content: ``payload`` as JSON, or empty)."""
+        _write_atomic(self.path, self._name(phase, generation, self.rank), payload)
+
+    def wait_all(self, phase, generation=0, timeout_s=None):
+        """Blocks until every rank arrived at ``phase``; returns their payloads by rank (None: empty)."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        names = [self._name(phase, generation, r) for r in range(self.world_size)]
+        while True:
+            missing = [n for n in names if not os.path.exists(os.path.join(self.path, n))]
+            if not missing:
+                return [self._read(n) for n in names]
+            if deadline is not None and time.monotonic() >= deadline:
+                raise WaitTimeout("ranks not at %s after %ss: %s" % (phase, timeout_s, ", ".join(missing)), "SDK_WAIT_TIMEOUT")
+            time.sleep(self.poll_interval_s)
+
+    def clear(self, phase, generation=0):
+        """Removes every rank's file of ``phase`` (rank 0 does, once all have been seen)."""
+        for r in range(self.world_size):
+            try:
+                os.unlink(os.path.join(self.path, self._name(phase, generation, r)))
+            except FileNotFoundError:
+                pass
+
+    def _read(self, name):
+        with open(os.path.join(self.path, name), "rb") as f:
+            data = f.read()
+        return json.loads(data) if data else None
+
+
+def checkpoint_and_wait_ranks(
+    barrier,
+    release=None,
+    quiesce=None,
+    resume=None,
+    timeout_s=None,
+    control_dir=None,
+    payload=None,
+    generation=0,
+):
+    """checkpoint_and_wait for a tensor-parallel worker; every rank calls it, at the same step.
+
+    Every rank calls ``release()`` (its KV pool) then ``quiesce()`` (its communicators: destroyed, or
+    suspended where NCCL has ncclCommSuspend; after it no collective runs), and records that in the
+    ``barrier``. Rank 0 waits for all ranks and writes the container's one ready-for-checkpoint
+    (``payload``: a dict or a callable, plus ``tensorParallel`` and each rank's barrier payload under
+    ``ranks``). So when the agent locks the ranks one after another, none is inside a collective
+    waiting for a locked peer. Every rank then waits for the agent's answer in the shared control
+    directory and, unless restore-failed, calls ``resume()`` (communicators back, KV pool back);
+    ``resume`` of every rank must return before the worker reports healthy, which a collective inside
+    it (an all-reduce over the re-created group) ensures for rank 0's health check.
+
+    A rank that does not arrive within ``timeout_s`` means no ready-for-checkpoint: rank 0 raises
+    WaitTimeout, and the caller resumes the ranks (nothing was checkpointed).
+    """
+    cd = control_dir if control_dir is not None else ControlDir()
+    if release is not None:
+        release()
+    if quiesce is not None:
+        quiesce()
+    mine = payload() if callable(payload) else payload
+    barrier.arrive("quiesced", generation, mine if barrier.rank != 0 else None)
+    if barrier.rank == 0:
+        ranks = barrier.wait_all("quiesced", generation, timeout_s)
+        ready = dict(mine or {})
+        ready["tensorParallel"] = barrier.world_size
+        ready["ranks"] = [mine] + ranks[1:]
+        cd.ready_for_checkpoint(ready)
+    outcome = cd.wait(timeout_s)
+    if barrier.rank == 0:
+        barrier.clear("quiesced", generation)
     if outcome != Outcome.RESTORE_FAILED and resume is not None:
         resume()
     return outcome

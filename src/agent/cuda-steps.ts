@@ -11,6 +11,14 @@
  * The agent's own pid is never handed to the driver: a process that called cuInit counts as a CUDA process
  * (driver 580 on the H100), and locking the caller itself would hang the checkpoint.
  *
+ * Tensor-parallel workers (one CUDA process per GPU in one container) are one set: every rank is locked
+ * before any is checkpointed, and a lock that fails or times out on one unlocks the others (lockAll), so the
+ * worker keeps serving; every rank is restored before any is unlocked, and a rank that fails makes the whole
+ * restore throw (a cold start). A lock cannot deadlock on a collective because the SDK quiesces every rank's
+ * communicators before the container's one ready-for-checkpoint (sdk/python/thaw_worker.py), and a rank
+ * that did not is bounded by the driver's lock timeout. The manifest records the GPU count and the rank
+ * count; a node with fewer GPUs refuses the checkpoint at CreateContainer (checkCompatibility, gpu.count).
+ *
  * GPU identity: the UUIDs are the GPUs this process sees, in CUDA ordinal order. On a node whose containers
  * see a subset of the GPUs, that is more than the container used; resolving the container's own GPUs (DRA,
  * kubelet PodResources, as Dynamo does) is left for multi-GPU nodes.
@@ -78,7 +86,13 @@ export function withoutOwnPid(pids: readonly number[], ownPid: number): number[]
 
 /** The manifest's GPU constraints for a container whose CUDA processes are `cudaPids`. */
 export function gpuConstraintsFor(facts: GpuFacts, cudaPids: readonly number[], nvml: Nvml | undefined, logger: Logger): GpuConstraints {
-  const gpu: GpuConstraints = { model: facts.model, uuids: [...facts.uuids], cudaApiVersion: facts.cudaApiVersion };
+  const gpu: GpuConstraints = {
+    model: facts.model,
+    uuids: [...facts.uuids],
+    cudaApiVersion: facts.cudaApiVersion,
+    count: facts.uuids.length,
+    cudaProcesses: cudaPids.length,
+  };
   if (facts.driverVersion !== undefined) gpu.driverVersion = facts.driverVersion;
   if (nvml) {
     try {
@@ -151,6 +165,15 @@ export function cudaRestoreStep(o: CudaRestoreStepOptions): CudaRestoreStep {
         step: 'find the restored CUDA processes',
         evidence: { pids: treeHostPids },
       });
+    }
+    if (wanted.cudaProcesses !== undefined && pids.length !== wanted.cudaProcesses) {
+      // A tensor-parallel worker is restored as a set: a rank missing (or one more than checkpointed) would
+      // hang its peers' first collective, so no rank is restored and the restore falls back.
+      throw new CudaError(
+        CudaErrorCode.CALL_FAILED,
+        `the checkpoint held ${wanted.cudaProcesses} CUDA process(es), the restored tree has ${pids.length}`,
+        { step: 'find the restored CUDA processes', evidence: { pids, expected: wanted.cudaProcesses } },
+      );
     }
     const gpuMap = wanted.uuids !== undefined && wanted.uuids.length > 0 ? planGpuMap(wanted.uuids, o.node.facts?.uuids ?? []) : undefined;
     const timing = await o.node.api.restoreAndUnlockAll(pids, gpuMap !== undefined ? { gpuMap } : {});

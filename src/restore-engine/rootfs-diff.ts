@@ -723,7 +723,8 @@ async function runTar(
   options: { step: string; input?: Buffer; timeoutMs?: number | undefined; signal?: AbortSignal | undefined },
 ): Promise<void> {
   throwIfAborted(options.signal, options.step);
-  const timeoutMs = options.timeoutMs ?? DEFAULT_TAR_TIMEOUT_MS;
+  // AbortSignal.timeout takes whole milliseconds only (RangeError otherwise); callers pass what is left of a budget.
+  const timeoutMs = Math.max(1, Math.ceil(options.timeoutMs ?? DEFAULT_TAR_TIMEOUT_MS));
   const signals = [AbortSignal.timeout(timeoutMs), ...(options.signal ? [options.signal] : [])];
   const signal = AbortSignal.any(signals);
   await new Promise<void>((resolve, reject) => {

@@ -43,6 +43,17 @@ export interface GpuConstraints {
   driverVersion?: string;
   cudaApiVersion?: number;
   memoryBytes?: number;
+  /**
+   * How many GPUs the checkpoint's processes may hold state on (every GPU they saw, `uuids.length`): a
+   * restore needs at least as many GPUs of the model, each checkpointed GPU mapped onto one of them.
+   * Absent in manifests written before tensor-parallel workers: then `uuids.length` stands for it.
+   */
+  count?: number;
+  /**
+   * The container's CUDA processes at checkpoint time (a tensor-parallel worker: one per rank). A restore
+   * must bring back exactly as many, all restored and unlocked, or it falls back to a cold start.
+   */
+  cudaProcesses?: number;
 }
 
 export interface ImageIdentity {
@@ -198,6 +209,10 @@ function parseGpu(v: Json, at: string): GpuConstraints {
   if (cudaApiVersion !== undefined) gpu.cudaApiVersion = cudaApiVersion;
   const memoryBytes = optNum(o, 'memoryBytes', at);
   if (memoryBytes !== undefined) gpu.memoryBytes = memoryBytes;
+  const count = optNum(o, 'count', at);
+  if (count !== undefined) gpu.count = count;
+  const cudaProcesses = optNum(o, 'cudaProcesses', at);
+  if (cudaProcesses !== undefined) gpu.cudaProcesses = cudaProcesses;
   return gpu;
 }
 
@@ -354,7 +369,7 @@ export type MismatchSeverity = 'fatal' | 'warning';
 export interface Mismatch {
   /**
    * A stable key: 'arch', 'image', 'kernel', 'criu', 'containerd', 'gpu', 'gpu.model', 'gpu.driverVersion',
-   * 'gpu.cudaApiVersion', 'container.name', 'container.args'.
+   * 'gpu.cudaApiVersion', 'gpu.count', 'container.name', 'container.args'.
    */
   what: string;
   expected: string;
@@ -382,7 +397,8 @@ export interface CompatibilityOptions {
  * - gpu: a checkpoint with GPU state onto a node without a GPU (`node.gpu` absent) is fatal: its processes
  *   would come back checkpointed in the driver's eyes, with nothing to restore them onto. Model and driver
  *   version fatal when both sides know them (the driver's checkpoint API restores onto the same driver and
- *   GPU kind); a lower CUDA API version on the node is fatal; GPU UUIDs are not compared (restore maps them).
+ *   GPU kind); a lower CUDA API version on the node is fatal; fewer GPUs than the checkpoint's count is fatal
+ *   (a tensor-parallel worker's every rank needs its GPU); GPU UUIDs are not compared (restore maps them).
  * - container (when the caller gives the target's): its spec's process args must equal the recorded ones — the
  *   restored process is the source's, so a target asking for another command (or other arguments, another
  *   model path, other flags) would silently run what it did not ask for. A checkpoint that recorded no args
@@ -419,6 +435,11 @@ export function checkCompatibility(manifest: Manifest, node: NodeFacts, options:
     }
     if (want.cudaApiVersion !== undefined && have?.cudaApiVersion !== undefined && have.cudaApiVersion < want.cudaApiVersion) {
       add('gpu.cudaApiVersion', `>= ${want.cudaApiVersion}`, String(have.cudaApiVersion), 'fatal');
+    }
+    const wantCount = want.count ?? want.uuids?.length;
+    const haveCount = have?.count ?? have?.uuids?.length;
+    if (wantCount !== undefined && haveCount !== undefined && haveCount < wantCount) {
+      add('gpu.count', `>= ${wantCount} GPU(s)`, `${haveCount} GPU(s)`, 'fatal');
     }
   }
   const target = node.container;

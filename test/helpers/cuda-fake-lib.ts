@@ -31,6 +31,8 @@ const FAKE_ENV = [
   'FAKE_NVML_USED_BYTES',
   'FAKE_NVML_DRIVER_VERSION',
   'FAKE_CUDA_STATE_DIR',
+  'FAKE_CUDA_PID_GPU',
+  'FAKE_CUDA_COLLECTIVE',
 ] as const;
 
 /** Sets the fake's settings for this test (the fake reads them at every call); `undefined` unsets. */

@@ -49,4 +49,22 @@ describe.each(flavorsUnderTest())('bench:gpu with the stand-in worker, container
     expect(files).toHaveLength(1);
     expect(JSON.parse(await readFile(path.join(results, files[0] as string), 'utf8'))).toMatchObject({ bench: 'gpu', standin: true, tokensMatch: true });
   }, RUN_TIMEOUT_MS + 30_000);
+
+  it('BENCH_GPU_TP=2: a worker of two rank processes is checkpointed in one dump and restored as a set, same tokens from both ranks', async () => {
+    ensureBuilt();
+    const results = await mkdtemp('/tmp/thaw-bench-gpu-test-');
+    dirs.push(results);
+    const { stdout } = await execFileP(process.execPath, [path.join(PACKAGE_ROOT, 'dist/bench/gpu/product.js')], {
+      env: { ...process.env, BENCH_GPU_STANDIN: '1', BENCH_GPU_TP: '2', BENCH_GPU_VARIANTS: 'released', BENCH_GPU_RESTORES: '1', BENCH_GPU_RESULTS_DIR: results, BENCH_GPU_PORT: '18182', THAW_CONTAINERD: flavor, OUT: '' },
+      timeout: RUN_TIMEOUT_MS,
+      maxBuffer: 16 * 2 ** 20,
+    });
+    const summary = JSON.parse(stdout.trim().split('\n').pop() ?? '') as { tensorParallel: number; tokensMatch: boolean; coldStartMs: number; variants: Array<{ tensorParallel: number; restoreWarmOutcome: string; restoreColdOutcome: string }> };
+    expect(summary.tensorParallel).toBe(2);
+    expect(summary.variants.map((v) => [v.tensorParallel, v.restoreWarmOutcome, v.restoreColdOutcome])).toEqual([[2, 'restored', 'restored']]);
+    // The stand-in's tokens hash every rank's memory as each rank reports it after resuming: a rank lost or
+    // restored wrong answers differently (or the worker never gets ready).
+    expect(summary.tokensMatch).toBe(true);
+    expect(Number.isFinite(summary.coldStartMs)).toBe(true);
+  }, RUN_TIMEOUT_MS + 30_000);
 });

@@ -112,7 +112,7 @@ describe.each(flavorsUnderTest())('CUDA checkpoint and restore through the plugi
     const manifest = JSON.parse(await readFile(join(dirs.storeRoot, CHECKPOINT, 'manifest.json'), 'utf8')) as {
       constraints: { gpu?: Record<string, unknown> };
     };
-    expect(manifest.constraints.gpu).toMatchObject({ model: FAKE_MODEL, uuids: [FAKE_GPU], cudaApiVersion: 13000, memoryBytes: FAKE_USED_BYTES });
+    expect(manifest.constraints.gpu).toMatchObject({ model: FAKE_MODEL, uuids: [FAKE_GPU], cudaApiVersion: 13000, memoryBytes: FAKE_USED_BYTES, count: 1, cudaProcesses: 1 });
     expect(typeof manifest.constraints.gpu?.['driverVersion']).toBe('string');
 
     const pod = await runWorkerPod(handle.stack, dirs.controlRoot, { ...common(), name: 'cuda-restored', annotations: { 'thaw.dev/restore': CHECKPOINT }, env: fakeTokenEnv(SOURCE_TOKEN) });

@@ -106,6 +106,8 @@ describe('the checkpoint hooks', () => {
       cudaApiVersion: 13000,
       driverVersion: node.facts?.driverVersion,
       memoryBytes: 2 * (3 << 20),
+      count: 1,
+      cudaProcesses: 2,
     });
     await cuda.restoreAndUnlock([701, 702, 703], signal);
     const cpuOnly = factory(); // each checkpoint gets its own hooks: nothing carries over
@@ -199,5 +201,93 @@ describe('the fake’s token mode', () => {
       `restore ${pid} CUDA_SUCCESS`,
       `unlock ${pid} CUDA_SUCCESS`,
     ]);
+  });
+});
+
+describe('a tensor-parallel worker: one CUDA process per GPU, checkpointed and restored as a set', () => {
+  const gpus = (prefix: string): string[] => [0, 1, 2, 3].map((i) => `GPU-${prefix}00000${i}-0000-4000-8000-00000000000${i}`);
+  const CHECKPOINT_GPUS = gpus('aa');
+  const RESTORE_GPUS = gpus('bb');
+  const RANKS = [731, 732, 733, 734];
+  /** The same driver, with the GPU facts of a node whose GPUs are `uuids` (facts are read once at load). */
+  const nodeWith = (uuids: string[]): NodeCuda => ({ ...node, facts: { ...node.facts!, uuids } });
+  const rankGpus = RANKS.map((p, i) => `${p}:${i}`).join(',');
+  const states = (): string[] => RANKS.map((p) => node.api.getState(p));
+
+  it('records the GPU count and the rank count, and restores every rank onto another node’s GPUs with a map of all four', async () => {
+    setFakeEnv({ FAKE_CUDA_PIDS: RANKS.join(','), FAKE_CUDA_GPUS: CHECKPOINT_GPUS.join(','), FAKE_CUDA_PID_GPU: rankGpus });
+    const hooks = checkpointHooksFactory({ node: nodeWith(CHECKPOINT_GPUS), logger: log, ownPid: 1 })();
+    await hooks.lock([1, ...RANKS], signal);
+    expect(states()).toEqual(['locked', 'locked', 'locked', 'locked']);
+    await hooks.checkpoint([1, ...RANKS], signal);
+    expect(states()).toEqual(['checkpointed', 'checkpointed', 'checkpointed', 'checkpointed']);
+    const gpu = hooks.gpuConstraints?.();
+    expect(gpu).toMatchObject({ uuids: CHECKPOINT_GPUS, count: 4, cudaProcesses: 4 });
+
+    setFakeEnv({ FAKE_CUDA_GPUS: RESTORE_GPUS.join(',') }); // another node of the same model
+    const step = cudaRestoreStep({ node: nodeWith(RESTORE_GPUS), logger: log, ownPid: 1, treePids: async () => [1, ...RANKS, 799] });
+    await step(...restoreInputs(gpu));
+    expect(states()).toEqual(['running', 'running', 'running', 'running']);
+    expect(fake.lastRestorePairs()).toEqual(CHECKPOINT_GPUS.map((old, i) => [hex(old), hex(RESTORE_GPUS[i]!)]));
+  });
+
+  it('the fake refuses a map that leaves out a rank’s own GPU (so the test above checks each rank’s GPU is mapped)', async () => {
+    setFakeEnv({ FAKE_CUDA_PIDS: '735', FAKE_CUDA_GPUS: CHECKPOINT_GPUS.join(','), FAKE_CUDA_PID_GPU: '735:3' });
+    await node.api.lock(735, { timeoutMs: 1000 });
+    await node.api.checkpoint(735);
+    setFakeEnv({ FAKE_CUDA_GPUS: RESTORE_GPUS.join(',') });
+    const onlyFirst = [{ oldUuid: CHECKPOINT_GPUS[0]!, newUuid: RESTORE_GPUS[0]! }];
+    const err = await node.api.restore(735, { gpuMap: onlyFirst }).then(() => undefined, (e: unknown) => e);
+    expect((err as CudaError).resultName).toBe('CUDA_ERROR_INVALID_VALUE');
+    expect(node.api.getState(735)).toBe('checkpointed');
+  });
+
+  it('all locked or none: a lock failing on the third rank unlocks the two before it, and the worker keeps running', async () => {
+    setFakeEnv({ FAKE_CUDA_PIDS: RANKS.join(','), FAKE_CUDA_FAIL: `lock:error@${RANKS[2]}` });
+    const hooks = checkpointHooksFactory({ node, logger: log, ownPid: 1 })();
+    const err = await hooks.lock(RANKS, signal).then(() => undefined, (e: unknown) => e);
+    expect((err as CudaError).resultName).toBe('CUDA_ERROR_UNKNOWN');
+    expect((err as CudaError).evidence).toMatchObject({ rolledBack: [RANKS[0], RANKS[1]], rollbackFailures: [] });
+    expect(states()).toEqual(['running', 'running', 'running', 'running']);
+  });
+
+  it('ranks still running collectives: the second lock times out within the driver’s timeout, the first is unlocked; quiesced ranks lock', async () => {
+    setFakeEnv({ FAKE_CUDA_PIDS: RANKS.join(','), FAKE_CUDA_COLLECTIVE: RANKS.join(',') });
+    const hooks = checkpointHooksFactory({ node, logger: log, ownPid: 1, lockTimeoutMs: 20 })();
+    const err = await hooks.lock(RANKS, signal).then(() => undefined, (e: unknown) => e);
+    expect((err as CudaError).resultName).toBe('CUDA_ERROR_TIMEOUT');
+    expect((err as CudaError).pid).toBe(RANKS[1]);
+    expect(fake.lastLockTimeoutMs(), 'the driver is given the timeout, never 0 (wait forever)').toBe(20);
+    expect(states()).toEqual(['running', 'running', 'running', 'running']);
+
+    setFakeEnv({ FAKE_CUDA_COLLECTIVE: undefined }); // the SDK quiesced every rank's communicators
+    await hooks.lock(RANKS, signal);
+    expect(states()).toEqual(['locked', 'locked', 'locked', 'locked']);
+    await hooks.restoreAndUnlock(RANKS, signal);
+    expect(states()).toEqual(['running', 'running', 'running', 'running']);
+  });
+
+  it('a rank that fails its restore, or a rank missing from the restored tree, fails the whole restore (a cold start)', async () => {
+    setFakeEnv({ FAKE_CUDA_PIDS: RANKS.join(',') });
+    const checkpointAll = async (): Promise<void> => {
+      await node.api.lockAll(RANKS, { timeoutMs: 1000 });
+      await node.api.checkpointAll(RANKS);
+    };
+    const constraints: GpuConstraints = { uuids: [FAKE_GPU], count: 1, cudaProcesses: 4 };
+    await checkpointAll();
+    setFakeEnv({ FAKE_CUDA_FAIL: `restore:error@${RANKS[3]}` });
+    const step = cudaRestoreStep({ node, logger: log, ownPid: 1, treePids: async () => RANKS });
+    const failed = await step(...restoreInputs(constraints)).then(() => undefined, (e: unknown) => e);
+    expect((failed as CudaError).pid).toBe(RANKS[3]);
+    // The other ranks were still brought back to running (none stays locked), and the step threw.
+    expect(states()).toEqual(['running', 'running', 'running', 'checkpointed']);
+
+    setFakeEnv({ FAKE_CUDA_FAIL: undefined });
+    fake.reset();
+    await checkpointAll();
+    const short = cudaRestoreStep({ node, logger: log, ownPid: 1, treePids: async () => RANKS.slice(0, 3) });
+    const missing = await short(...restoreInputs(constraints)).then(() => undefined, (e: unknown) => e);
+    expect((missing as CudaError).message).toMatch(/held 4 CUDA process\(es\), the restored tree has 3/);
+    expect(states(), 'no rank is restored when one is missing').toEqual(['checkpointed', 'checkpointed', 'checkpointed', 'checkpointed']);
   });
 });

@@ -155,6 +155,18 @@ describe('checkCompatibility', () => {
     ]);
   });
 
+  it('refuses a tensor-parallel checkpoint on a node with fewer GPUs (its count, or its UUIDs in older manifests), and keeps the count through a parse', () => {
+    const four = ['GPU-a', 'GPU-b', 'GPU-c', 'GPU-d'];
+    const tp: Manifest = { ...base, constraints: { ...base.constraints, gpu: { model: 'NVIDIA H200', uuids: four, count: 4, cudaProcesses: 4 } } };
+    expect(parseManifest(JSON.stringify(tp)).constraints.gpu).toEqual({ model: 'NVIDIA H200', uuids: four, count: 4, cudaProcesses: 4 });
+    expect(checkCompatibility(tp, { ...node, gpu: { model: 'NVIDIA H200', uuids: four.slice(0, 2) } })).toEqual([
+      { what: 'gpu.count', expected: '>= 4 GPU(s)', actual: '2 GPU(s)', severity: 'fatal' },
+    ]);
+    expect(checkCompatibility(tp, { ...node, gpu: { model: 'NVIDIA H200', uuids: ['GPU-e', 'GPU-f', 'GPU-g', 'GPU-h', 'GPU-i'] } })).toEqual([]);
+    const older: Manifest = { ...base, constraints: { ...base.constraints, gpu: { uuids: four } } };
+    expect(checkCompatibility(older, { ...node, gpu: { uuids: ['GPU-e'] } }).map((m) => m.what)).toEqual(['gpu.count']);
+  });
+
   it('refuses a checkpoint with GPU state on a node without a GPU, and ignores a GPU the checkpoint did not use', () => {
     const withGpu: Manifest = { ...base, constraints: { ...base.constraints, gpu: { model: 'NVIDIA H100 80GB HBM3' } } };
     expect(checkCompatibility(withGpu, node)).toEqual([{ what: 'gpu', expected: 'NVIDIA H100 80GB HBM3', actual: 'no GPU', severity: 'fatal' }]);
