@@ -16,7 +16,7 @@ import { access, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { errorMessage, isThawError } from '../errors.js';
-import { applyRootfsDiff, DEFAULT_TAR_PATH } from '../restore-engine/rootfs-diff.js';
+import { applyRootfsDiff } from '../restore-engine/rootfs-diff/index.js';
 import { DELETED_FILES_FILE_NAME, MANIFEST_FILE_NAME, ROOTFS_DIFF_FILE_NAME } from '../store/manifest.js';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { resolveEntrypoint } from './entrypoint.js';
@@ -114,7 +114,7 @@ export async function runCreateRuntime(state: OciState, o: CreateRuntimeOptions)
     const deletedFile = join(o.checkpointDir, DELETED_FILES_FILE_NAME);
     if ((await exists(tarFile)) && (await exists(deletedFile))) {
       try {
-        const r = await applyRootfsDiff({ rootfs: config.rootfs, tarFile, deletedFilesFile: deletedFile, tarPath: o.tarPath ?? DEFAULT_TAR_PATH, timeoutMs: ROOTFS_DIFF_TIMEOUT_MS });
+        const r = await applyRootfsDiff({ rootfs: config.rootfs, tarFile, deletedFilesFile: deletedFile, timeoutMs: ROOTFS_DIFF_TIMEOUT_MS });
         record.rootfsDiff = { entries: r.entries, deleted: r.deleted, ms: Math.round(r.ms) };
       } catch (err) {
         throw new HookError(HookErrorCode.ROOTFS_DIFF_FAILED, errorMessage(err), { step: 'apply rootfs diff', cause: err, evidence: { code: isThawError(err) ? err.code : undefined } });

@@ -37,7 +37,7 @@ import { writeMarker } from '../sdk/control-dir.js';
 import type { CriuClient } from './criu/client.js';
 import type { CgroupsMode, DumpOptions } from './criu/options.js';
 import { inspectContainer, type ContainerInspection, type InspectOptions } from './container-inspect.js';
-import { captureRootfsDiff, readContainerOverlay } from './rootfs-diff.js';
+import { captureRootfsDiff, readContainerOverlay } from './rootfs-diff/index.js';
 import { dropZeroPages } from './zero-pages.js';
 
 /** The whole flow, dump included, gives up after this (a 100 GB host-memory dump fits). */
@@ -140,7 +140,7 @@ export interface CheckpointContainerOptions {
   criuSettings?: Partial<CheckpointCriuSettings>;
   /** Parent of the per-checkpoint CRIU work dir (dump.log); default os.tmpdir(). Kept on failure. */
   workRoot?: string;
-  /** GNU tar for the rootfs diff; default rootfs-diff.ts's. */
+  /** Unused since the rootfs diff is archived in-process (rootfs-diff/capture.ts); kept until its callers drop it. */
   tarPath?: string;
   inspect?: InspectOptions;
   /**
@@ -342,7 +342,6 @@ export async function checkpointContainer(
       deletedFilesFile: pending.paths.deletedFiles,
       signal,
       logger: log,
-      ...(opts.tarPath !== undefined ? { tarPath: opts.tarPath } : {}),
     });
     phases.rootfsDiffMs = round(performance.now() - started);
 
