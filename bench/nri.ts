@@ -22,7 +22,8 @@ import { cleanupStaleStacks } from '../src/node-stack/cleanup.js';
 import { startNodeStack, type NodeStack } from '../src/node-stack/containerd.js';
 import { parseFlavor } from '../src/node-stack/paths.js';
 import { pluginDirsUnder, readJsonLog, startThawPluginProcess, waitForLog, type ThawPluginProcess } from '../src/node-stack/thaw-plugin-process.js';
-import { percentile, renderTable } from './stats.js';
+import { percentile } from './stats.js';
+import { renderTable } from '../src/table.js';
 
 const MINIMAL_PLUGIN = fileURLToPath(new URL('./minimal-nri-plugin.js', import.meta.url));
 const SLEEP = ['/bin/sh', '-c', "trap 'exit 0' TERM; sleep 3600 & wait"];
@@ -129,6 +130,7 @@ async function main(): Promise<void> {
         ['with plugin, untouched pod', withPlugin.length, result.p50MsWith, result.p99MsWith],
         ['with plugin, annotated pod', touched.length, result.p50MsTouched, result.p99MsTouched],
       ],
+      { rule: true },
     ),
   );
   process.stdout.write(`a do-nothing plugin (${result.minimalPluginEvents}) adds p50 ${round1(result.p50MsMinimalPlugin - result.p50MsWithout)} ms, p99 ${round1(result.p99MsMinimalPlugin - result.p99MsWithout)} ms; thaw over it: p50 ${round1(result.p50AddedOverMinimalMs)} ms, p99 ${round1(result.p99AddedOverMinimalMs)} ms\n`);

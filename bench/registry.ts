@@ -35,7 +35,8 @@ import { openLocalStore } from '../src/store/local-store.js';
 import { RegistryClient } from '../src/store/oci/client.js';
 import { pullCheckpoint } from '../src/store/oci/pull.js';
 import { pushCheckpoint } from '../src/store/oci/push.js';
-import { percentile, renderTable } from './stats.js';
+import { percentile } from './stats.js';
+import { renderTable } from '../src/table.js';
 
 const execFileP = promisify(execFile);
 const GB = 1e9;
@@ -197,6 +198,7 @@ async function main(): Promise<void> {
       renderTable(
         ['round', 'push ms', 'push GB/s', 'pull ms', 'pull GB/s', 'curl ms', 'curl GB/s', 'pull/curl'],
         rows.map((x) => [x.round, Math.round(x.pushMs), rate(x.pushMs), Math.round(x.pullMs), rate(x.pullMs), Math.round(x.curlMs), rate(x.curlMs), round(x.curlMs / x.pullMs)]),
+        { rule: true },
       ),
     );
     process.stdout.write(`medians: push ${pushGBps} GB/s, pull ${pullGBps} GB/s, curl ${curlGBps} GB/s; pull/curl ${round(pullGBps / curlGBps)} (goal >= 0.9)\n`);

@@ -23,7 +23,7 @@ import { buildWorkerImage } from '../demo/worker-image.js';
 import { expectedDigest } from '../demo/worker/memory.js';
 import { getJson, runWorkerPod, waitForServingWorker, type WorkerState } from '../demo/scenario.js';
 import { dropPageCache } from './page-cache.js';
-import { renderTable } from './stats.js';
+import { renderTable } from '../src/table.js';
 
 const WRITE_CHUNK_BYTES = 8 * 2 ** 20;
 const PROBE_FILE_BYTES = 1024 * 2 ** 20;
@@ -159,6 +159,7 @@ async function main(): Promise<void> {
     renderTable(
       ['MB', 'cold start ms', 'checkpoint ms', 'ckpt/live', 'restore warm ms', 'restore cold ms', 'speedup warm', 'restore GB/s', 'verified'],
       results.map((r) => [r.memoryMb, r.coldStartMs, r.checkpointMs, r.checkpointOverLive ?? '-', r.restoreWarmMs, r.restoreColdMs, r.speedupWarm, r.restoreGBps, String(r.stateVerified)]),
+      { rule: true },
     ),
   );
   process.stdout.write(`machine read rates in this run: page cache ${rates.pageCacheGBps} GB/s, disk ${rates.diskGBps} GB/s; restore / page cache: ${results.map((r) => round(r.restoreGBps / rates.pageCacheGBps, 3)).join(', ')}\n`);

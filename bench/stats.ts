@@ -1,4 +1,4 @@
-/** Small statistics and table helpers shared by the benchmarks. */
+/** Small statistics shared by the benchmarks (their tables: src/table.ts). */
 
 /** Nearest-rank percentile (p in 0..100) of a sample, rounded to `decimals` places; NaN when empty. */
 export function percentile(values: readonly number[], p: number, decimals = 1): number {
@@ -10,15 +10,4 @@ export function percentile(values: readonly number[], p: number, decimals = 1): 
 
 export function median(values: readonly number[]): number {
   return percentile(values, 50);
-}
-
-/** A plain-text table with right-aligned numbers. */
-export function renderTable(header: readonly string[], rows: ReadonlyArray<ReadonlyArray<string | number>>): string {
-  const cells = [header, ...rows].map((r) => r.map((c) => (typeof c === 'number' ? String(c) : c)));
-  const widths = header.map((_, i) => Math.max(...cells.map((r) => (r[i] ?? '').length)));
-  const line = (r: readonly string[], numeric: boolean[]): string =>
-    r.map((c, i) => (numeric[i] ? c.padStart(widths[i] as number) : c.padEnd(widths[i] as number))).join('  ').trimEnd();
-  const numeric = header.map((_, i) => rows.some((r) => typeof r[i] === 'number'));
-  const sep = widths.map((w) => '-'.repeat(w)).join('  ');
-  return [line(cells[0] as string[], numeric.map(() => false)), sep, ...cells.slice(1).map((r) => line(r, numeric))].join('\n') + '\n';
 }

@@ -17,7 +17,7 @@ import { cleanupStaleStacks } from '../src/node-stack/cleanup.js';
 import { startNodeStack, type NodeStack } from '../src/node-stack/containerd.js';
 import { parseFlavor } from '../src/node-stack/paths.js';
 import { pluginDirsUnder, startThawPluginProcess, waitForLog, type ThawPluginProcess } from '../src/node-stack/thaw-plugin-process.js';
-import { renderTable } from '../bench/stats.js';
+import { renderTable } from '../src/table.js';
 import { buildWorkerImage } from './worker-image.js';
 import { expectedDigest, expectedAnswer } from './worker/memory.js';
 import { getJson, runWorkerPod, waitForServingWorker, type WorkerState } from './scenario.js';
@@ -128,6 +128,7 @@ async function main(): Promise<number> {
           ['cold start (source pod)', `${coldStartMs} ms`, before.digest.slice(0, 16), before.requests],
           ['thaw restore (new pod)', `${restoreMs} ms`, after.digest.slice(0, 16), after.requests],
         ],
+        { rule: true },
       ),
     );
     process.stdout.write(`speedup ${result.speedup}x; checkpoint ${(result.checkpointBytes / 2 ** 20).toFixed(0)} MiB; state verified: ${stateVerified}\n`);

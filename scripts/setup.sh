@@ -6,6 +6,8 @@
 #   3. native parts (thaw-pause, the fake libcuda) with the machine's C compiler
 #   4. the private node stack (containerd, runc, CRIU, ... from Debian) under /opt/thaw/stack/<flavor>,
 #      and Debian's docker-registry under /opt/thaw/stack/registry (tests and bench:registry)
+#   5. the peer tools the interop tests run (cosign, oras, skopeo, kustomize, kubectl, notation from Debian sid)
+#      under /opt/thaw/stack/peer-tools
 # THAW_CONTAINERD selects the stack flavor: 1.7 (default, containerd 1.7.24) or 2.1 (containerd 2.1.9).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,3 +38,5 @@ for flavor in ${flavors//,/ }; do
 done
 # The OCI registry the registry store's tests and bench:registry start on loopback (every flavor uses it).
 node dist/src/node-stack/provision-main.js --registry
+# The tools platform teams use on thaw's artifacts and manifests (the interop tests run them; absent, they fail).
+node dist/src/node-stack/provision-main.js --peer-tools

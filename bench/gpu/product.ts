@@ -33,8 +33,9 @@ import { parseFlavor } from '../../src/node-stack/paths.js';
 import { PACKAGE_ROOT, pluginDirsUnder, readJsonLog, startThawPluginProcess, waitForLog, type LogRecord, type ThawPluginProcess } from '../../src/node-stack/thaw-plugin-process.js';
 import { getJson } from '../../demo/scenario.js';
 import { dropPageCache } from '../page-cache.js';
-import { readThpMode } from '../../src/store/host-facts.js';
-import { median, renderTable } from '../stats.js';
+import { readThpMode } from '../../src/sys/host-facts.js';
+import { median } from '../stats.js';
+import { renderTable } from '../../src/table.js';
 
 export const GPU_WORKER_IMAGE_REF = 'docker.io/thaw/gpu-worker-shell:1';
 const COLD_START_TIMEOUT_MS = 300_000;
@@ -457,6 +458,7 @@ async function main(): Promise<void> {
         round(coldStartMs / r.restoreColdMs, 2),
         String(r.tokensMatch),
       ]),
+      { rule: true },
     ),
   );
   process.stdout.write(`cold start with the page cache warm: ${coldStartWarmMs} ms\n`);

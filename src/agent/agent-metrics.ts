@@ -4,8 +4,8 @@
  */
 import type { CheckpointEvent } from './checkpoint-coordinator.js';
 import { MetricsRegistry } from './metrics.js';
-import type { RestoreEvent } from './restore-coordinator.js';
-import type { ThawNriStats } from './thaw-nri.js';
+import type { RestoreEvent } from '../restore-engine/restore-flow.js';
+import type { ThawNriStats } from './nri-stats.js';
 
 /** Seconds: restores take from ~50 ms (small, cached) to minutes (large, cold); checkpoints up to the flow's timeout. */
 export const PHASE_BUCKETS_SECONDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 1800];

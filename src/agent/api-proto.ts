@@ -4,26 +4,14 @@
  * longs as numbers: byte counts stay below 2^53; defaults filled in). Shared by the server (the agent) and the
  * client (the CLI).
  */
-import { existsSync } from 'node:fs';
-import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
+import { packageRoot } from '../util.js';
 
 export const AGENT_PROTO_RELATIVE_PATH = 'proto/thaw/agent/v1/agent.proto';
 /** Trailing-metadata key that carries thaw's stable error code of a failed call. */
 export const THAW_CODE_METADATA_KEY = 'thaw-code';
-
-/** The package root: this file is src/agent/api-proto.ts or dist/src/agent/api-proto.js. */
-export function packageRoot(): string {
-  let dir = dirname(fileURLToPath(import.meta.url));
-  while (!existsSync(join(dir, 'package.json'))) {
-    const up = dirname(dir);
-    if (up === dir) throw new Error(`no package.json above ${fileURLToPath(import.meta.url)}`);
-    dir = up;
-  }
-  return dir;
-}
 
 export interface PodRefMsg { namespace: string; name: string; uid: string }
 export interface CheckpointRequestMsg { container_id?: string; pod?: PodRefMsg; name: string; container_name: string; replace: boolean }

@@ -8,7 +8,7 @@ import { errorMessage, isThawError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { createControlDir } from '../sdk/control-dir.js';
 import { StoreErrorCode } from '../store/errors.js';
-import { readHostFacts } from '../store/host-facts.js';
+import { readHostFacts } from '../sys/host-facts.js';
 import type { ListedCheckpoint } from '../store/local-store.js';
 import { checkCompatibility, isRestorable, type Manifest } from '../store/manifest.js';
 import {
@@ -24,7 +24,7 @@ import type { CheckpointJobStatus } from './checkpoint-coordinator.js';
 import type { ContainerRegistry, ContainerRef } from './containers.js';
 import type { ThawEngine } from './engine.js';
 import { AgentError, AgentErrorCode } from './errors.js';
-import type { ManagedContainer } from './thaw-nri.js';
+import type { ManagedContainer } from './managed-container.js';
 
 /** How often a Checkpoint stream looks at its job for a state change. */
 export const CHECKPOINT_PROGRESS_POLL_MS = 200;

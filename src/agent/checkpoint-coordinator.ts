@@ -26,7 +26,7 @@ import type { CriuClient } from '../restore-engine/criu/client.js';
 import { readReadyPayload, waitForWorkerReady } from '../sdk/control-dir.js';
 import type { LocalStore } from '../store/local-store.js';
 import { gpuMemoryReport, type GpuMemoryReport } from './gpu-memory-report.js';
-import type { ManagedContainer, ThawCoordinator } from './thaw-nri.js';
+import type { ManagedContainer, ThawCoordinator } from './managed-container.js';
 
 export type CheckpointJobState = 'waiting-for-worker' | 'checkpointing' | 'succeeded' | 'failed' | 'cancelled';
 

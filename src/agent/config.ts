@@ -10,6 +10,16 @@
  */
 import { isAbsolute } from 'node:path';
 import { parseDocument } from 'yaml';
+import {
+  DEFAULT_API_SOCKET,
+  DEFAULT_CONTROL_ROOT,
+  DEFAULT_CUDA_LOCK_TIMEOUT_MS,
+  DEFAULT_METRICS_LISTEN,
+  DEFAULT_NRI_SOCKET_PATH,
+  DEFAULT_RESTORE_WORK_ROOT,
+  DEFAULT_STORE_ROOT,
+  DEFAULT_TOOLKIT_DIR,
+} from '../defaults.js';
 import { ThawError } from '../errors.js';
 import type { LogLevel } from '../log.js';
 import { DEFAULT_ANNOTATION_PREFIX, validateAnnotationPrefix } from '../nri-plugin/policy.js';
@@ -115,19 +125,19 @@ export function flagNameOf(key: string): string {
 export function defaultAgentConfig(packageRoot: string): AgentConfig {
   return {
     annotationPrefix: DEFAULT_ANNOTATION_PREFIX,
-    nri: { socket: '/var/run/nri/nri.sock', pluginName: 'thaw', pluginIndex: '50' },
-    api: { socket: '/run/thaw/agent.sock' },
-    metrics: { listen: '127.0.0.1:9464' },
+    nri: { socket: DEFAULT_NRI_SOCKET_PATH, pluginName: 'thaw', pluginIndex: '50' },
+    api: { socket: DEFAULT_API_SOCKET },
+    metrics: { listen: DEFAULT_METRICS_LISTEN },
     paths: {
-      controlRoot: '/run/thaw/control',
-      storeRoot: '/var/lib/thaw/checkpoints',
-      workRoot: '/run/thaw/restore',
-      toolkitDir: '/opt/thaw/stack/1.7',
+      controlRoot: DEFAULT_CONTROL_ROOT,
+      storeRoot: DEFAULT_STORE_ROOT,
+      workRoot: DEFAULT_RESTORE_WORK_ROOT,
+      toolkitDir: DEFAULT_TOOLKIT_DIR,
       thawPause: `${packageRoot.replace(/\/$/, '')}/native/build/thaw-pause`,
       sharedStoreRoot: '',
     },
     registry: { config: '' },
-    cuda: { libcuda: '', libnvml: '', lockTimeoutMs: 10_000 },
+    cuda: { libcuda: '', libnvml: '', lockTimeoutMs: DEFAULT_CUDA_LOCK_TIMEOUT_MS },
     log: { level: 'info', file: '' },
   };
 }

@@ -31,7 +31,7 @@ import {
 import type { CheckpointCudaHooks } from '../restore-engine/checkpoint.js';
 import { processTree } from '../restore-engine/container-inspect.js';
 import type { GpuConstraints } from '../store/manifest.js';
-import type { CudaRestoreStep } from './restore-coordinator.js';
+import type { CudaRestoreStep } from '../restore-engine/restore-flow.js';
 
 /** Every pid of the tree under `pid`, from the host's /proc. */
 const hostProcessTree = (pid: number): Promise<number[]> => processTree('/proc', pid);

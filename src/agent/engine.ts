@@ -11,18 +11,20 @@ import { CHECKPOINT_COMPLETE } from '../sdk/protocol.js';
 import type { Logger } from '../log.js';
 import { CriuClient, parentDeathWrapper } from '../restore-engine/criu/client.js';
 import { openLocalStore, type LocalStore } from '../store/local-store.js';
-import { bindPageCache, readIntoPageCache } from '../store/page-cache.js';
+import { bindPageCache, readIntoPageCache } from '../sys/page-cache.js';
 import { DEFAULT_MOUNT_PATH, DEFAULT_UMOUNT_PATH } from '../oci-hooks/create-runtime.js';
-import { DEFAULT_NSENTER_PATH, DEFAULT_SH_PATH } from '../restore-engine/restore.js';
+import { DEFAULT_SH_PATH } from '../restore-engine/restore.js';
 import { restoreToolFiles } from './restore-tools.js';
 import { CheckpointCoordinator, type CheckpointEvent } from './checkpoint-coordinator.js';
 import { createCheckpointSources, type RegistrySourceOptions } from './checkpoint-sources.js';
 import { checkpointHooksFactory, cudaRestoreStep, loadNodeCuda, recoverCudaProcesses, type NodeCuda } from './cuda-steps.js';
-import { createRestoreCoordinator, type RestoreCoordinator, type RestoreEvent } from './restore-coordinator.js';
-import { createThawNriHandlers, ThawNriStats, type ManagedContainer, type ThawCoordinator } from './thaw-nri.js';
+import type { RestoreEvent } from '../restore-engine/restore-flow.js';
+import type { ManagedContainer, ThawCoordinator } from './managed-container.js';
+import { ThawNriStats } from './nri-stats.js';
+import { createRestoreCoordinator, type RestoreCoordinator } from './restore-coordinator.js';
+import { createThawNriHandlers } from './thaw-nri.js';
+import { DEFAULT_NSENTER_PATH } from '../defaults.js';
 
-export const DEFAULT_STORE_ROOT = '/var/lib/thaw/checkpoints';
-export const DEFAULT_RESTORE_WORK_ROOT = '/run/thaw/restore';
 
 export interface ThawEngineOptions {
   logger: Logger;
@@ -40,7 +42,7 @@ export interface ThawEngineOptions {
   /** libcuda / NVML to load (default: the system's, found by the dynamic loader). Tests pass the fake's. */
   libcudaPath?: string;
   libnvmlPath?: string;
-  /** The driver's lock timeout for a checkpoint (default src/cuda DEFAULT_LOCK_TIMEOUT_MS). */
+  /** The driver's lock timeout for a checkpoint (default DEFAULT_CUDA_LOCK_TIMEOUT_MS, src/defaults.ts). */
   cudaLockTimeoutMs?: number;
   /** A shared store (an RWX volume on every node), looked up after the local store; absent: none. */
   sharedStoreRoot?: string;

@@ -6,129 +6,16 @@
  * (2 s by default) and an error status would fail the pod, so every handler here is fast (a mkdir at most)
  * and never throws: any problem leaves the container as it is and is logged and counted with its cause.
  */
-import { AdjustmentBuilder } from '../nri-plugin/adjustment.js';
-import type { NriHandlerContext, NriHandlers } from '../nri-plugin/plugin.js';
-import {
-  CHECKPOINT_ENV,
-  CONTROL_DIR_ENV,
-  CONTROL_DIR_MOUNT_PATH,
-  decide,
-  LEGACY_CONTROL_DIR_ENV,
-  type OnCheckpoint,
-  type PolicyDecision,
-} from '../nri-plugin/policy.js';
-import { ContainerState, type Container, type PodSandbox } from '../nri-plugin/nri-types.js';
-import { createControlDir, removeControlDir } from '../sdk/control-dir.js';
-import { errorMessage, isThawError } from '../errors.js';
-import { supportsArgs } from '../nri-plugin/runtime-version.js';
-import type { LocalStore, OpenedCheckpoint } from '../store/local-store.js';
-import { StoreErrorCode } from '../store/errors.js';
-import { readHostFacts } from '../store/host-facts.js';
-import { checkCompatibility, isRestorable, type GpuConstraints, type NodeFacts } from '../store/manifest.js';
-import { dirname, join } from 'node:path';
-import type { CheckpointReference } from '../checkpoint-reference.js';
-import type { CheckpointSources } from './checkpoint-sources.js';
-
-/** What the handlers know about a container thaw manages, handed to the flows. */
-export interface ManagedContainer {
-  containerId: string;
-  containerName: string;
-  podId: string;
-  podName: string;
-  podNamespace: string;
-  podUid: string;
-  checkpointName: string;
-  /** Host path of the control directory (mounted at /snapshot-control in the container). */
-  controlDir: string;
-  /** The container's image as containerd names it in the spec's annotations, when present. */
-  imageRef?: string;
-  /** Checkpoint sources: what the worker does after its checkpoint (the pod's on-checkpoint annotation). */
-  onCheckpoint?: OnCheckpoint;
-  /** What thaw made of it (absent: checkpoint-source, for entries made before roles existed). */
-  role?: 'checkpoint-source' | 'restore-target';
-  /** Restore targets: how thaw-pause holds the original command (NRI args, or the createRuntime overlay). */
-  placeholder?: 'args' | 'overlay';
-}
-
-/**
- * The flows behind the plugin. The handlers call these without awaiting anything slow: a coordinator starts
- * its work in the background and returns.
- */
-export interface ThawCoordinator {
-  /**
-   * A pod sandbox that names a local checkpoint to restore was created: start reading it into the page cache
-   * (its container comes later: after image pulls, kubelet's work, CreateContainer).
-   */
-  restorePodCreated?(podId: string, checkpointName: string): void;
-  /** A pod sandbox stopped or was removed: stop what was started for it at restorePodCreated. */
-  podGone?(podId: string): void;
-  /** A checkpoint source was created: watch its control directory. */
-  checkpointSourceCreated?(container: ManagedContainer): void;
-  /** A checkpoint source started: its pid is known. */
-  checkpointSourceStarted?(container: ManagedContainer, pid: number): void;
-  /**
-   * A restore target was created (thaw-pause holds its command): start verifying/prefetching the checkpoint.
-   * `incoming`: the checkpoint is still being pulled (or copied from the shared store) into the local store;
-   * the restore waits for it, and its failure is a cold start.
-   */
-  restoreTargetCreated?(container: ManagedContainer, checkpoint: OpenedCheckpoint, incoming?: Promise<OpenedCheckpoint>): void;
-  /** A restore target started: restore into it (pid = its PID 1, thaw-pause, on the host). */
-  restoreTargetStarted?(container: ManagedContainer, pid: number): void;
-  /** A managed container stopped or was removed: abandon what runs for it. */
-  containerGone?(containerId: string): void;
-  /** A managed container found running at NRI Synchronize (the agent restarted, or containerd did). */
-  containerRecovered?(container: ManagedContainer, pid: number): void;
-}
-
-/** What the restore branch needs; without it a restore target cold-starts ("restore-unavailable"). */
-export interface ThawRestoreConfig {
-  store: LocalStore;
-  /** Where else checkpoints come from (shared store, registries); absent: the local store only. */
-  sources?: CheckpointSources;
-  /** The toolkit prefix (CRIU, GNU tar, gzip, busybox), mounted read-only at the same path in the target. */
-  toolkitDir: string;
-  /** Host path of thaw-pause; its directory is mounted read-only at the same path in the target. */
-  thawPausePath: string;
-  /** argv that runs src/oci-hooks/main.js (absolute paths: hooks get no PATH), e.g. [node, .../main.js]. */
-  hookArgv: string[];
-  /** GNU tar for the rootfs diff (default: the toolkit's bin/tar). */
-  tarPath?: string;
-  /** Where the coordinator puts CRIU work dirs (`<workRoot>/<container id>`); the poststop hook removes them. */
-  workRoot: string;
-  /** This node's facts (default readHostFacts()). */
-  hostFacts?: Pick<NodeFacts, 'arch' | 'kernelRelease'>;
-  /** This node's GPUs (src/cuda gpuFacts); absent: no GPU, and a checkpoint that needs one is refused. */
-  gpuFacts?: GpuConstraints;
-  /** The createRuntime hook's timeout (the rootfs diff of a large layer). */
-  hookTimeoutSeconds?: number;
-}
-
-export const DEFAULT_RESTORE_HOOK_TIMEOUT_SECONDS = 60;
-/** Of the hook's timeout, what a hook waiting for a pulled checkpoint leaves itself to apply the rootfs diff. */
-export const HOOK_WAIT_RESERVE_SECONDS = 15;
-
-/** Counters of what the handlers decided, by outcome and cause, for logs, tests and /metrics. */
-export class ThawNriStats {
-  readonly decisions = new Map<PolicyDecision['kind'], number>();
-  readonly rejectionsByAnnotation = new Map<string, number>();
-  readonly fallbacksByCause = new Map<string, number>();
-  /** Restore targets left cold at CreateContainer (never adjusted, so no restore event follows), by cause. */
-  readonly restoreFallbacksAtCreate = new Map<string, number>();
-
-  countDecision(kind: PolicyDecision['kind']): void {
-    this.decisions.set(kind, (this.decisions.get(kind) ?? 0) + 1);
-  }
-  countRejection(annotation: string): void {
-    this.rejectionsByAnnotation.set(annotation, (this.rejectionsByAnnotation.get(annotation) ?? 0) + 1);
-  }
-  countFallback(cause: string): void {
-    this.fallbacksByCause.set(cause, (this.fallbacksByCause.get(cause) ?? 0) + 1);
-  }
-  countRestoreFallbackAtCreate(cause: string): void {
-    this.countFallback(cause);
-    this.restoreFallbacksAtCreate.set(cause, (this.restoreFallbacksAtCreate.get(cause) ?? 0) + 1);
-  }
-}
+import { errorMessage } from '../errors.js';
+import type { NriHandlers } from '../nri-plugin/plugin.js';
+import { decide } from '../nri-plugin/policy.js';
+import { ContainerState } from '../nri-plugin/nri-types.js';
+import { removeControlDir } from '../sdk/control-dir.js';
+import { adjustCheckpointSource } from './checkpoint-source.js';
+import { managedFromContainer, type ManagedContainer, type ThawCoordinator } from './managed-container.js';
+import { describeContainer, type HandlerScope } from './nri-handler-scope.js';
+import { ThawNriStats } from './nri-stats.js';
+import { adjustRestoreTarget, type ThawRestoreConfig } from './restore-target.js';
 
 export interface ThawNriOptions {
   annotationPrefix: string;
@@ -139,229 +26,19 @@ export interface ThawNriOptions {
   restore?: ThawRestoreConfig;
 }
 
-/** containerd's CRI plugin records the image of a container in this spec annotation. */
-const CRI_IMAGE_NAME_ANNOTATION = 'io.kubernetes.cri.image-name';
-
-/** The annotations thaw sets on containers it manages (under the configured prefix). */
-export function managedAnnotations(prefix: string, role: 'checkpoint-source' | 'restore-target', container: ManagedContainer): Record<string, string> {
-  return {
-    [`${prefix}role`]: role,
-    [`${prefix}checkpoint-name`]: container.checkpointName,
-    [`${prefix}control-dir`]: container.controlDir,
-    ...(container.placeholder ? { [`${prefix}placeholder`]: container.placeholder } : {}),
-    ...(container.onCheckpoint ? { [`${prefix}on-checkpoint`]: container.onCheckpoint } : {}),
-  };
-}
-
-/** The identity part of a ManagedContainer, from NRI's pod and container. */
-function identityOf(pod: PodSandbox, container: Container): Pick<ManagedContainer, 'containerId' | 'containerName' | 'podId' | 'podName' | 'podNamespace' | 'podUid'> {
-  return {
-    containerId: container.id ?? '',
-    containerName: container.name ?? '',
-    podId: pod.id ?? container.podSandboxId ?? '',
-    podName: pod.name ?? '',
-    podNamespace: pod.namespace ?? '',
-    podUid: pod.uid ?? '',
-  };
-}
-
-/**
- * What thaw knew of a container it adjusted, rebuilt from the annotations it set on it (managedAnnotations):
- * how an agent that restarted learns its containers back from NRI Synchronize. Undefined for containers thaw
- * did not adjust, or whose annotations do not read back as thaw's.
- */
-export function managedFromContainer(prefix: string, pod: PodSandbox, container: Container): ManagedContainer | undefined {
-  const a = container.annotations ?? {};
-  const role = a[`${prefix}role`];
-  const checkpointName = a[`${prefix}checkpoint-name`];
-  const controlDir = a[`${prefix}control-dir`];
-  if ((role !== 'checkpoint-source' && role !== 'restore-target') || !checkpointName || !controlDir || !container.id) return undefined;
-  const placeholder = a[`${prefix}placeholder`];
-  const onCheckpoint = a[`${prefix}on-checkpoint`];
-  return {
-    ...identityOf(pod, container),
-    checkpointName,
-    controlDir,
-    role,
-    ...(a[CRI_IMAGE_NAME_ANNOTATION] ? { imageRef: a[CRI_IMAGE_NAME_ANNOTATION] } : {}),
-    ...(placeholder === 'args' || placeholder === 'overlay' ? { placeholder } : {}),
-    ...(onCheckpoint === 'continue' || onCheckpoint === 'exit' ? { onCheckpoint } : {}),
-  };
-}
-
 export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { stats: ThawNriStats; managed: Map<string, ManagedContainer> } {
   const stats = options.stats ?? new ThawNriStats();
   const managed = new Map<string, ManagedContainer>();
   const prefix = options.annotationPrefix;
 
-  const describe = (pod: PodSandbox, container: Container): Record<string, unknown> => ({
-    pod: `${pod.namespace ?? ''}/${pod.name ?? ''}`,
-    container: container.name,
-    containerId: container.id,
-  });
-
-  async function adjustCheckpointSource(
-    pod: PodSandbox,
-    container: Container,
-    checkpointName: string,
-    onCheckpoint: OnCheckpoint,
-    ctx: NriHandlerContext,
-  ): Promise<AdjustmentBuilder | undefined> {
-    const containerId = container.id ?? '';
-    let controlDir: string;
-    try {
-      controlDir = await createControlDir(options.controlRoot, containerId);
-    } catch (err) {
-      stats.countFallback('control-dir');
-      ctx.logger.error('thaw: cannot create the control directory; the container runs without thaw', {
-        ...describe(pod, container),
-        error: err,
-      });
-      return undefined;
-    }
-    const entry: ManagedContainer = {
-      ...identityOf(pod, container),
-      checkpointName,
-      onCheckpoint,
-      controlDir,
-      ...(container.annotations?.[CRI_IMAGE_NAME_ANNOTATION] ? { imageRef: container.annotations[CRI_IMAGE_NAME_ANNOTATION] } : {}),
-      role: 'checkpoint-source',
-    };
-    const existingEnv = new Set((container.env ?? []).map((kv) => kv.slice(0, Math.max(0, kv.indexOf('=')))));
-    const builder = new AdjustmentBuilder()
-      .addMount({ destination: CONTROL_DIR_MOUNT_PATH, source: controlDir, type: 'bind', options: ['rbind', 'rw'] })
-      .addEnv(CONTROL_DIR_ENV, CONTROL_DIR_MOUNT_PATH)
-      .addEnv(LEGACY_CONTROL_DIR_ENV, CONTROL_DIR_MOUNT_PATH);
-    // The pod's own settings win: a platform team that set NCCL_SOCKET_IFNAME knows why.
-    for (const [key, value] of CHECKPOINT_ENV) if (!existingEnv.has(key)) builder.addEnv(key, value);
-    for (const [key, value] of Object.entries(managedAnnotations(prefix, 'checkpoint-source', entry))) builder.addAnnotation(key, value);
-    managed.set(containerId, entry);
-    options.coordinator?.checkpointSourceCreated?.(entry);
-    ctx.logger.info('thaw: checkpoint source', { ...describe(pod, container), checkpoint: checkpointName, controlDir });
-    return builder;
-  }
-
-  /** Restore fallbacks decided here, before the container exists: no adjustment, the pod starts cold. */
-  const coldStart = (cause: string, message: string, pod: PodSandbox, container: Container, ctx: NriHandlerContext, extra: Record<string, unknown>): undefined => {
-    stats.countRestoreFallbackAtCreate(cause);
-    ctx.logger.warn(`thaw: ${message}; cold start`, { ...describe(pod, container), event: 'restore', outcome: 'fallback', cause, ...extra });
-    return undefined;
+  const scope: HandlerScope = {
+    annotationPrefix: prefix,
+    controlRoot: options.controlRoot,
+    stats,
+    managed,
+    ...(options.coordinator ? { coordinator: options.coordinator } : {}),
   };
-
-  async function adjustRestoreTarget(
-    r: ThawRestoreConfig,
-    pod: PodSandbox,
-    container: Container,
-    checkpointName: string,
-    reference: CheckpointReference | undefined,
-    ctx: NriHandlerContext,
-  ): Promise<AdjustmentBuilder | undefined> {
-    const containerId = container.id ?? '';
-    // Only the manifest here (a small JSON file): the full sha256 runs in the coordinator, after the 2 s deadline.
-    // A checkpoint from elsewhere (registry, shared store): its manifest now, the transfer in the background.
-    let checkpoint: OpenedCheckpoint;
-    let incoming: { ready: Promise<OpenedCheckpoint>; from: string; source: string } | undefined;
-    try {
-      if (r.sources !== undefined) {
-        const found = await r.sources.find(checkpointName, reference);
-        checkpoint = found.checkpoint;
-        if (found.kind === 'incoming') incoming = { ready: found.ready, from: found.from, source: found.source };
-      } else if (reference !== undefined) {
-        return coldStart('RESTORE_CHECKPOINT_MISSING', 'the pod names a registry checkpoint but no registry is configured', pod, container, ctx, { checkpoint: checkpointName });
-      } else {
-        checkpoint = await r.store.open(checkpointName);
-      }
-    } catch (err) {
-      const missing = isThawError(err, StoreErrorCode.NOT_FOUND) || isThawError(err, StoreErrorCode.INVALID_NAME);
-      const remote = isThawError(err) && err.code.startsWith('OCI_');
-      const cause = remote ? 'RESTORE_PULL_FAILED' : missing ? 'RESTORE_CHECKPOINT_MISSING' : 'RESTORE_CHECKPOINT_CORRUPT';
-      return coldStart(cause, remote ? 'the registry checkpoint cannot be resolved' : missing ? 'checkpoint not found' : 'checkpoint unreadable', pod, container, ctx, {
-        checkpoint: checkpointName,
-        error: errorMessage(err),
-        ...(isThawError(err) ? { code: err.code, evidence: err.evidence } : {}),
-      });
-    }
-    if (incoming !== undefined && (reference !== undefined || checkpoint.name !== checkpointName)) {
-      ctx.logger.info('thaw: restore target names a checkpoint that is being brought in', { ...describe(pod, container), checkpoint: checkpoint.name, from: incoming.from, source: incoming.source });
-    }
-    const imageRef = container.annotations?.[CRI_IMAGE_NAME_ANNOTATION];
-    if (imageRef === undefined) {
-      return coldStart('RESTORE_INCOMPATIBLE', `the container has no ${CRI_IMAGE_NAME_ANNOTATION} annotation to compare with the checkpoint's image`, pod, container, ctx, {
-        checkpoint: checkpointName,
-      });
-    }
-    const mismatches = checkCompatibility(checkpoint.manifest, {
-      ...(r.hostFacts ?? readHostFacts()),
-      image: { ref: imageRef },
-      ...(r.gpuFacts !== undefined ? { gpu: r.gpuFacts } : {}),
-    });
-    if (!isRestorable(mismatches)) {
-      return coldStart('RESTORE_INCOMPATIBLE', 'the checkpoint does not match this node or container', pod, container, ctx, {
-        checkpoint: checkpointName,
-        mismatches,
-      });
-    }
-    const args = container.args ?? [];
-    if (args.length === 0 || !args[0]) {
-      return coldStart('RESTORE_INCOMPATIBLE', 'the container has no args to hold behind thaw-pause', pod, container, ctx, { checkpoint: checkpointName });
-    }
-    let controlDir: string;
-    try {
-      controlDir = await createControlDir(options.controlRoot, containerId);
-    } catch (err) {
-      return coldStart('control-dir', 'cannot create the control directory', pod, container, ctx, { error: errorMessage(err) });
-    }
-    const placeholder = supportsArgs(ctx.runtime.name, ctx.runtime.version, ctx.runtime.nriVersion) ? 'args' : 'overlay';
-    const entry: ManagedContainer = {
-      ...identityOf(pod, container),
-      // The local name: for a registry checkpoint, the one derived from its digest.
-      checkpointName: checkpoint.name,
-      controlDir,
-      imageRef,
-      role: 'restore-target',
-      placeholder,
-    };
-    const existingEnv = new Set((container.env ?? []).map((kv) => kv.slice(0, Math.max(0, kv.indexOf('=')))));
-    const pauseDir = dirname(r.thawPausePath);
-    const hookTimeout = r.hookTimeoutSeconds ?? DEFAULT_RESTORE_HOOK_TIMEOUT_SECONDS;
-    const builder = new AdjustmentBuilder()
-      .addMount({ destination: r.toolkitDir, source: r.toolkitDir, type: 'bind', options: ['rbind', 'ro'] })
-      .addMount({ destination: CONTROL_DIR_MOUNT_PATH, source: controlDir, type: 'bind', options: ['rbind', 'rw'] })
-      .addEnv(CONTROL_DIR_ENV, CONTROL_DIR_MOUNT_PATH)
-      .addEnv(LEGACY_CONTROL_DIR_ENV, CONTROL_DIR_MOUNT_PATH)
-      .addHook('createRuntime', {
-        path: r.hookArgv[0] as string,
-        args: [
-          ...r.hookArgv,
-          'create-runtime',
-          '--mode', placeholder,
-          '--control-dir', controlDir,
-          '--checkpoint-dir', checkpoint.paths.dir,
-          '--thaw-pause', r.thawPausePath,
-          '--tar', r.tarPath ?? join(r.toolkitDir, 'bin', 'tar'),
-          // Being pulled: the hook waits for it to be published (the rootfs diff is in it).
-          ...(incoming !== undefined ? ['--wait-checkpoint-ms', String(Math.max(1, hookTimeout - HOOK_WAIT_RESERVE_SECONDS) * 1000)] : []),
-        ],
-        env: [],
-        timeoutSeconds: hookTimeout,
-      })
-      .addHook('poststop', {
-        path: r.hookArgv[0] as string,
-        args: [...r.hookArgv, 'poststop', '--control-dir', controlDir, '--work-dir', join(r.workRoot, containerId)],
-        env: [],
-        timeoutSeconds: hookTimeout,
-      });
-    // thaw-pause's directory, unless the toolkit mount already shows it at the same path.
-    if (!pauseDir.startsWith(`${r.toolkitDir}/`)) builder.addMount({ destination: pauseDir, source: pauseDir, type: 'bind', options: ['rbind', 'ro'] });
-    // The same environment as a source: a cold-started fallback then runs as the checkpointed worker did.
-    for (const [key, value] of CHECKPOINT_ENV) if (!existingEnv.has(key)) builder.addEnv(key, value);
-    for (const [key, value] of Object.entries(managedAnnotations(prefix, 'restore-target', entry))) builder.addAnnotation(key, value);
-    if (placeholder === 'args') builder.setArgs([r.thawPausePath, '--', ...args]);
-    managed.set(containerId, entry);
-    options.coordinator?.restoreTargetCreated?.(entry, checkpoint, incoming?.ready);
-    ctx.logger.info('thaw: restore target', { ...describe(pod, container), checkpoint: checkpoint.name, controlDir, placeholder, ...(incoming ? { incoming: incoming.from, source: incoming.source } : {}) });
-    return builder;
-  }
+  const describe = describeContainer;
 
   return {
     stats,
@@ -411,9 +88,9 @@ export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { 
             });
             return undefined;
           case 'checkpoint-source':
-            return await adjustCheckpointSource(pod, container, decision.checkpointName, decision.onCheckpoint, ctx);
+            return await adjustCheckpointSource(scope, pod, container, decision.checkpointName, decision.onCheckpoint, ctx);
           case 'restore-target':
-            if (options.restore) return await adjustRestoreTarget(options.restore, pod, container, decision.checkpointName, decision.reference, ctx);
+            if (options.restore) return await adjustRestoreTarget(scope, options.restore, pod, container, decision.checkpointName, decision.reference, ctx);
             // Without a restore engine configured, the pod cold-starts.
             stats.countRestoreFallbackAtCreate('restore-unavailable');
             ctx.logger.warn('thaw: restore requested but no restore engine is configured; cold start', {

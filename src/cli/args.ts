@@ -4,8 +4,7 @@
  */
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { configFlagOptions, CONFIG_KEYS, DEFAULT_CONFIG_PATH, flagNameOf } from '../agent/config.js';
-
-export const DEFAULT_API_SOCKET = '/run/thaw/agent.sock';
+import { DEFAULT_API_SOCKET } from '../defaults.js';
 
 export class UsageError extends Error {
   constructor(message: string, readonly command?: string) {

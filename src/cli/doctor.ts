@@ -13,7 +13,7 @@ import { gpuFacts, tryLoadCuda, tryLoadNvml } from '../cuda/index.js';
 import { errorMessage } from '../errors.js';
 import { parseVersion, supportsArgs } from '../nri-plugin/runtime-version.js';
 import { DEFAULT_SETPRIV_PATH } from '../restore-engine/criu/client.js';
-import { readThpMode, THP_ENABLED_PATH } from '../store/host-facts.js';
+import { readThpMode, THP_ENABLED_PATH } from '../sys/host-facts.js';
 import { AgentClient } from './client.js';
 
 const execFileP = promisify(execFile);

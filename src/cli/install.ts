@@ -26,12 +26,13 @@
  * entries, which the next install removes.
  */
 import { createHash } from 'node:crypto';
-import { constants as fsConstants, existsSync } from 'node:fs';
+import { constants as fsConstants } from 'node:fs';
 import { chmod, copyFile, cp, link, lstat, mkdir, open, readdir, readFile, readlink, realpath, rename, rm, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { errorMessage, ThawError } from '../errors.js';
 import { elfInterpreter } from '../elf.js';
+import { DEFAULT_TOOLKIT_DIR } from '../defaults.js';
+import { packageRoot, processAlive, throwIfAborted } from '../util.js';
 
 export interface InstallOptions {
   /** Where to install: an image root, or `/` on a node. Absolute. */
@@ -94,9 +95,6 @@ export const INSTALL_PATHS = {
   stateDir: '/var/lib/thaw',
 } as const;
 
-/** The toolkit's path on every node (config-contract paths.toolkitDir; src/agent/nri-main.ts DEFAULT_STACK_PREFIX). */
-export const DEFAULT_TOOLKIT_DIR = '/opt/thaw/stack/1.7';
-
 /** The hook argv and CLI entry as installed: hooks run in the host's mount namespace, so these are host paths. */
 export const INSTALLED_CLI_MAIN = `${INSTALL_PATHS.lib}/dist/src/cli/main.js`;
 export const INSTALLED_HOOK_MAIN = `${INSTALL_PATHS.lib}/dist/src/oci-hooks/main.js`;
@@ -113,11 +111,7 @@ export function renderWrapper(): string {
 
 /** Where an install from this module's own package takes its parts by default (the CLI's defaults). */
 export function defaultInstallSources(): Pick<InstallOptions, 'packageRoot' | 'toolkitDir' | 'nodePath'> {
-  // This file is <package>/dist/src/cli/install.js (or src/cli/install.ts under vitest): the package root is
-  // the nearest directory above it with a package.json.
-  let dir = path.dirname(fileURLToPath(import.meta.url));
-  while (!existsSync(path.join(dir, 'package.json')) && path.dirname(dir) !== dir) dir = path.dirname(dir);
-  return { packageRoot: dir, toolkitDir: DEFAULT_TOOLKIT_DIR, nodePath: process.execPath };
+  return { packageRoot: packageRoot(), toolkitDir: DEFAULT_TOOLKIT_DIR, nodePath: process.execPath };
 }
 
 /** Package entries copied into opt/thaw/lib besides node_modules (optional ones may be absent). */
@@ -179,7 +173,7 @@ export async function installThaw(o: InstallOptions): Promise<InstallReport> {
   const toolkitDir = absolute(o.toolkitDir, 'toolkitDir');
   const nodePath = absolute(o.nodePath, 'nodePath');
   if (toolkitDir === '/') throw new InstallError(InstallErrorCode.INVALID_OPTION, 'toolkitDir cannot be /', { step: 'check options', evidence: { toolkitDir } });
-  throwIfAborted(o.signal);
+  throwIfAborted(o.signal, installAborted);
 
   progress(`checking the package at ${packageRoot}`);
   const prodModules = await productionModules(packageRoot);
@@ -187,7 +181,7 @@ export async function installThaw(o: InstallOptions): Promise<InstallReport> {
   await mustExist(nodePath, `no Node.js binary at ${nodePath}`);
   progress(`checking the toolkit at ${toolkitDir}`);
   await checkToolkit(toolkitDir);
-  throwIfAborted(o.signal);
+  throwIfAborted(o.signal, installAborted);
 
   await io('create the root', () => mkdir(root, { recursive: true, mode: 0o755 }));
   const stamp = await installStamp(packageRoot, prodModules);
@@ -271,7 +265,7 @@ export async function installThaw(o: InstallOptions): Promise<InstallReport> {
   let bytes = 0;
   try {
     for (const part of pending) {
-      throwIfAborted(o.signal);
+      throwIfAborted(o.signal, installAborted);
       progress(`staging ${part.hostPath}`);
       const parent = path.dirname(part.dest);
       await io(`create ${path.dirname(part.hostPath)}`, () => mkdirChain(root, parent));
@@ -280,7 +274,7 @@ export async function installThaw(o: InstallOptions): Promise<InstallReport> {
       staged.set(part, tmp);
       bytes += await io(`stage ${part.hostPath}`, () => part.stage(tmp));
     }
-    throwIfAborted(o.signal);
+    throwIfAborted(o.signal, installAborted);
   } catch (err) {
     await Promise.all([...staged.values()].map((tmp) => rm(tmp, { recursive: true, force: true })));
     throw err;
@@ -333,9 +327,7 @@ function absolute(p: string, name: string): string {
   return path.resolve(p);
 }
 
-function throwIfAborted(signal: AbortSignal | undefined): void {
-  if (signal?.aborted) throw new InstallError(InstallErrorCode.ABORTED, 'aborted', { step: 'install', cause: signal.reason });
-}
+const installAborted = (cause: unknown): InstallError => new InstallError(InstallErrorCode.ABORTED, 'aborted', { step: 'install', cause });
 
 async function io<T>(step: string, fn: () => Promise<T>): Promise<T> {
   try {
@@ -526,15 +518,6 @@ async function removeLeftovers(dir: string, base: string): Promise<void> {
     const pid = Number(name.slice(`.${base}${mark}`.length));
     if (Number.isInteger(pid) && pid > 0 && pid !== process.pid && processAlive(pid)) continue;
     await rm(path.join(dir, name), { recursive: true, force: true });
-  }
-}
-
-function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
   }
 }
 

@@ -8,7 +8,7 @@ import { existsSync, readFileSync, realpathSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { agentLogger, describeStartFailure, runAgent } from '../agent/agent.js';
-import { packageRoot } from '../agent/api-proto.js';
+import { packageRoot } from '../util.js';
 import { ConfigError, ConfigErrorCode, DEFAULT_CONFIG_PATH, resolveAgentConfig, type AgentConfig } from '../agent/config.js';
 import { errorMessage, isThawError } from '../errors.js';
 import { StoreErrorCode } from '../store/errors.js';

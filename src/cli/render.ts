@@ -1,6 +1,7 @@
 /** Human renderings of the CLI's data (pure; `--json` prints the data itself). */
 import type { CheckpointProgressMsg, CheckpointSummaryMsg, InspectCheckpointResponseMsg, StatusResponseMsg } from '../agent/api-proto.js';
 import type { Manifest } from '../store/manifest.js';
+import { renderTable } from '../table.js';
 
 export function formatBytes(n: number): string {
   const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
@@ -17,16 +18,9 @@ export function formatMs(ms: number): string {
   return ms < 1000 ? `${Math.round(ms)} ms` : `${(ms / 1000).toFixed(ms < 10_000 ? 2 : 1)} s`;
 }
 
-/** Left-aligned columns separated by two spaces; the header row first. */
-export function table(header: readonly string[], rows: readonly (readonly string[])[]): string {
-  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
-  const line = (cells: readonly string[]): string => cells.map((c, i) => (i === cells.length - 1 ? c : c.padEnd(widths[i]!))).join('  ').trimEnd();
-  return [line(header), ...rows.map(line)].join('\n');
-}
-
 export function renderList(checkpoints: readonly CheckpointSummaryMsg[]): string {
   if (checkpoints.length === 0) return 'no checkpoints';
-  return table(
+  return renderTable(
     ['NAME', 'CREATED', 'SIZE', 'GPU', 'IN USE', 'IMAGE'],
     checkpoints.map((c) =>
       c.problem
@@ -59,9 +53,9 @@ export function renderInspect(r: InspectCheckpointResponseMsg): string {
 export function renderStatus(s: StatusResponseMsg): string {
   const lines = [`agent ${s.version} pid ${s.pid}, up since ${s.started_at}`, `NRI: ${s.nri}${s.runtime ? ` (${s.runtime})` : ''}, managed containers: ${s.managed_containers}`];
   if (s.restores.length === 0) lines.push('restores in flight: none');
-  else lines.push('restores in flight:', table(['CONTAINER', 'POD', 'CHECKPOINT', 'PHASE', 'SINCE'], s.restores.map((r) => [r.container_id.slice(0, 12), r.pod, r.checkpoint, r.phase, r.since])));
+  else lines.push('restores in flight:', renderTable(['CONTAINER', 'POD', 'CHECKPOINT', 'PHASE', 'SINCE'], s.restores.map((r) => [r.container_id.slice(0, 12), r.pod, r.checkpoint, r.phase, r.since])));
   if (s.checkpoints.length === 0) lines.push('checkpoints in flight: none');
-  else lines.push('checkpoints in flight:', table(['CONTAINER', 'POD', 'NAME', 'STATE'], s.checkpoints.map((c) => [c.container_id.slice(0, 12), c.pod, c.name, c.state])));
+  else lines.push('checkpoints in flight:', renderTable(['CONTAINER', 'POD', 'NAME', 'STATE'], s.checkpoints.map((c) => [c.container_id.slice(0, 12), c.pod, c.name, c.state])));
   return lines.join('\n');
 }
 

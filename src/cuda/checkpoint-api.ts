@@ -11,6 +11,7 @@ import type { Logger } from '../log.js';
 import { silentLogger } from '../log.js';
 import { CudaError, CudaErrorCode } from './errors.js';
 import { CUprocessState, parseGpuUuid, type CudaDriver, type GpuUuidPair } from './libcuda.js';
+import { DEFAULT_CUDA_LOCK_TIMEOUT_MS } from '../defaults.js';
 
 export type CudaProcessState = 'running' | 'locked' | 'checkpointed' | 'failed' | 'checkpointing' | 'restoring';
 
@@ -27,11 +28,8 @@ export interface StepTiming {
   perPidMs: Record<number, number>;
 }
 
-/**
- * A lock that never returns would hang the checkpoint; the driver's own timeout bounds it. 10 s is what
- * CRIU's CUDA plugin uses (its --timeout default) and leaves a worker mid-request time to reach a CUDA call.
- */
-export const DEFAULT_LOCK_TIMEOUT_MS = 10_000;
+// A lock that never returns would hang the checkpoint; the driver's own timeout bounds it
+// (DEFAULT_CUDA_LOCK_TIMEOUT_MS, src/defaults.ts).
 
 export interface CudaCheckpointApiOptions {
   logger?: Logger;
@@ -152,7 +150,7 @@ export class CudaCheckpointApi {
    * was rolled back and any unlock that failed too.
    */
   async lockAll(pids: readonly number[], options: { timeoutMs?: number; signal?: AbortSignal } = {}): Promise<StepTiming> {
-    const timeoutMs = options.timeoutMs ?? DEFAULT_LOCK_TIMEOUT_MS;
+    const timeoutMs = options.timeoutMs ?? DEFAULT_CUDA_LOCK_TIMEOUT_MS;
     const started = this.#now();
     const perPidMs: Record<number, number> = {};
     const locked: number[] = [];
@@ -315,7 +313,7 @@ export function checkpointCudaHooks(
     timings,
     async lock(pids, signal) {
       timings['lock'] = await api.lockAll(cudaPidsIn(pids), {
-        timeoutMs: options.lockTimeoutMs ?? DEFAULT_LOCK_TIMEOUT_MS,
+        timeoutMs: options.lockTimeoutMs ?? DEFAULT_CUDA_LOCK_TIMEOUT_MS,
         signal,
       });
     },

@@ -3,6 +3,7 @@ import * as protoLoader from '@grpc/proto-loader';
 import { mkdir } from 'node:fs/promises';
 import path from 'node:path';
 import { StackError, STACK_ERROR_CODES } from './errors.js';
+import { MAX_TIMER_DELAY_MS } from '../defaults.js';
 
 /** Default deadline of one CRI call. */
 export const DEFAULT_CRI_CALL_TIMEOUT_MS = 30_000;
@@ -241,7 +242,7 @@ export class CriClient {
         reject(new StackError(STACK_ERROR_CODES.ABORTED, 'aborted', { step: `CRI ${method}`, cause: opts.signal.reason }));
         return;
       }
-      const deadline = new Date(Date.now() + Math.min(timeoutMs, 2 ** 31 - 1));
+      const deadline = new Date(Date.now() + Math.min(timeoutMs, MAX_TIMER_DELAY_MS));
       const onAbort = (): void => call.cancel();
       const call = fn.call(client, request, new grpc.Metadata(), { deadline }, (err, res) => {
         opts.signal?.removeEventListener('abort', onAbort);

@@ -1,5 +1,7 @@
 import { spawn } from 'node:child_process';
 import { StackError, STACK_ERROR_CODES, type StackErrorCode } from './errors.js';
+import { MAX_TIMER_DELAY_MS } from '../defaults.js';
+import { throwIfAborted as checkAborted } from '../util.js';
 
 /** How much of a failed command's stderr/stdout goes into an error's evidence. */
 export const EVIDENCE_TAIL_CHARS = 4000;
@@ -62,7 +64,7 @@ export function runCommand(file: string, args: readonly string[], options: RunOp
       why = reason;
       child.kill('SIGKILL');
     };
-    const timer = setTimeout(() => kill('timeout'), Math.min(timeoutMs, 2 ** 31 - 1));
+    const timer = setTimeout(() => kill('timeout'), Math.min(timeoutMs, MAX_TIMER_DELAY_MS));
     const onAbort = (): void => kill('abort');
     options.signal?.addEventListener('abort', onAbort, { once: true });
     const done = (): void => {
@@ -107,9 +109,7 @@ export function runCommand(file: string, args: readonly string[], options: RunOp
 
 /** Throws the ABORTED StackError when `signal` has fired. */
 export function throwIfAborted(signal: AbortSignal | undefined, step: string): void {
-  if (signal?.aborted) {
-    throw new StackError(STACK_ERROR_CODES.ABORTED, 'aborted', { step, cause: signal.reason });
-  }
+  checkAborted(signal, (cause) => new StackError(STACK_ERROR_CODES.ABORTED, 'aborted', { step, cause }));
 }
 
 /** Resolves after `ms`, or rejects with ABORTED when `signal` fires first. */
@@ -126,7 +126,7 @@ export function sleep(ms: number, signal?: AbortSignal, step = 'wait'): Promise<
     const timer = setTimeout(() => {
       signal?.removeEventListener('abort', onAbort);
       resolve();
-    }, Math.min(ms, 2 ** 31 - 1));
+    }, Math.min(ms, MAX_TIMER_DELAY_MS));
     signal?.addEventListener('abort', onAbort, { once: true });
   });
 }

@@ -3,6 +3,8 @@ export * from './errors.js';
 export * from './paths.js';
 export { provisionStack, isProvisioned, checkStack, FLAVOR_SPECS, PROVISION_FORMAT_VERSION } from './provision.js';
 export type { ProvisionOptions, ProvisionResult, StackStamp, FlavorSpec } from './provision.js';
+export { isPeerToolsProvisioned, peerToolsPaths, provisionPeerTools, PEER_TOOLS_SPEC } from './peer-tools.js';
+export type { PeerTool, PeerToolsPaths } from './peer-tools.js';
 export * from './containerd.js';
 export * from './cri-client.js';
 export { cleanupStaleStacks, destroyStackDir, STACK_MARKER_FILE } from './cleanup.js';

@@ -2,17 +2,21 @@
  * CLI entry of stack provisioning, run by scripts/setup.sh:
  *   node dist/src/node-stack/provision-main.js --flavor 1.7|2.1 [--root DIR] [--force]
  *   node dist/src/node-stack/provision-main.js --registry [--root DIR] [--force]   (the OCI registry of the tests)
+ *   node dist/src/node-stack/provision-main.js --peer-tools [--root DIR] [--force] (cosign, oras, skopeo, kustomize, kubectl, notation)
  * Prints one JSON line with the result; on failure one stderr line with the error code and message,
  * then the error's JSON, and exits 1.
  */
 import { createJsonLogger, parseLogLevel } from '../log.js';
 import { isThawError } from '../errors.js';
 import { parseFlavor, DEFAULT_STACK_ROOT } from './paths.js';
-import { provisionRegistry, provisionStack } from './provision.js';
+import { provisionPeerTools } from './peer-tools.js';
+import { provisionStack } from './provision.js';
+import { provisionRegistry } from './registry-provision.js';
 
 async function main(argv: string[]): Promise<number> {
   let flavorArg: string | undefined;
   let registry = false;
+  let peerTools = false;
   let root = DEFAULT_STACK_ROOT;
   let force = false;
   for (let i = 0; i < argv.length; i++) {
@@ -21,8 +25,9 @@ async function main(argv: string[]): Promise<number> {
     else if (a === '--root') root = argv[++i] ?? root;
     else if (a === '--force') force = true;
     else if (a === '--registry') registry = true;
+    else if (a === '--peer-tools') peerTools = true;
     else {
-      process.stderr.write(`provision: unknown argument ${a}\nusage: provision-main --flavor 1.7|2.1 | --registry [--root DIR] [--force]\n`);
+      process.stderr.write(`provision: unknown argument ${a}\nusage: provision-main --flavor 1.7|2.1 | --registry | --peer-tools [--root DIR] [--force]\n`);
       return 2;
     }
   }
@@ -35,6 +40,11 @@ async function main(argv: string[]): Promise<number> {
     if (registry) {
       const r = await provisionRegistry({ root, force, logger, signal: controller.signal });
       process.stdout.write(`${JSON.stringify({ component: 'registry', prefix: r.paths.prefix, built: r.built, version: r.stamp.version, warnings: r.stamp.warnings })}\n`);
+      return 0;
+    }
+    if (peerTools) {
+      const r = await provisionPeerTools({ root, force, logger, signal: controller.signal });
+      process.stdout.write(`${JSON.stringify({ component: 'peer-tools', prefix: r.paths.prefix, built: r.built, versions: r.stamp.versions, warnings: r.stamp.warnings })}\n`);
       return 0;
     }
     const flavor = parseFlavor(flavorArg ?? process.env.THAW_CONTAINERD);

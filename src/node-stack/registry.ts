@@ -13,7 +13,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { StackError, STACK_ERROR_CODES } from './errors.js';
 import { sleep, tail } from './exec.js';
-import { isRegistryProvisioned, registryPaths } from './provision.js';
+import { isRegistryProvisioned, registryPaths } from './registry-provision.js';
 import { DEFAULT_STACK_ROOT } from './paths.js';
 
 export interface RegistryAuthHtpasswd {

@@ -8,22 +8,12 @@
 import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
 import { chmod, readFile, writeFile } from 'node:fs/promises';
 import { existsSync, statSync } from 'node:fs';
-import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { packageRoot } from '../util.js';
 
-/** The package root: this file is src/node-stack/x.ts or dist/src/node-stack/x.js. */
-function findPackageRoot(): string {
-  let dir = dirname(fileURLToPath(import.meta.url));
-  while (!existsSync(join(dir, 'package.json'))) {
-    const up = dirname(dir);
-    if (up === dir) throw new Error('thaw-plugin-process: no package.json above this module');
-    dir = up;
-  }
-  return dir;
-}
 
-export const PACKAGE_ROOT = findPackageRoot();
+export const PACKAGE_ROOT = packageRoot();
 export const CLI_MAIN = join(PACKAGE_ROOT, 'dist/src/cli/main.js');
 export const PLUGIN_STOP_GRACE_MS = 5_000;
 /** libuv's default pool is 4 threads; each CRIU operation in flight holds one for its whole duration. */

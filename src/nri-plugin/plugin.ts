@@ -46,11 +46,11 @@ import {
 import { validEventsFor, type RuntimeInfo } from './runtime-version.js';
 import { TtrpcClient } from './ttrpc-client.js';
 import { decodeMessage, encodeMessage, nriType } from './ttrpc-codec.js';
-import { MAX_TIMER_DELAY_MS, TtrpcServer, type TtrpcCall, type TtrpcMethodHandler } from './ttrpc-server.js';
+import { TtrpcServer, type TtrpcCall, type TtrpcMethodHandler } from './ttrpc-server.js';
+import { DEFAULT_NRI_SOCKET_PATH, MAX_TIMER_DELAY_MS } from '../defaults.js';
 
 export const NRI_PLUGIN_SERVICE = 'nri.pkg.api.v1alpha1.Plugin';
 export const NRI_RUNTIME_SERVICE = 'nri.pkg.api.v1alpha1.Runtime';
-export const DEFAULT_NRI_SOCKET_PATH = '/var/run/nri/nri.sock';
 /** The runtime's default per-request timeout (plugin_request_timeout). */
 export const DEFAULT_NRI_REQUEST_TIMEOUT_MS = 2000;
 /** The runtime's default registration timeout (plugin_registration_timeout). */

@@ -13,7 +13,8 @@ import type { Logger } from '../log.js';
 import { NRI_ERROR_CODES, NriError, TtrpcStatusError, hexPrefix } from './errors.js';
 import { decodeResponse, encodeRequest, type TtrpcKeyValue } from './ttrpc-codec.js';
 import { TtrpcDecoder, TtrpcMessageType, encodeTtrpcMessage } from './ttrpc-framing.js';
-import { MAX_TIMER_DELAY_MS, type TtrpcTransport } from './ttrpc-server.js';
+import type { TtrpcTransport } from './ttrpc-server.js';
+import { MAX_TIMER_DELAY_MS } from '../defaults.js';
 
 export interface TtrpcCallOptions {
   /** Local deadline, also sent to the server as timeout_nano. 0/undefined = none. */

@@ -18,6 +18,7 @@ import type { Logger } from '../log.js';
 import { GrpcCode, NriError, TtrpcStatusError, hexPrefix } from './errors.js';
 import { decodeRequest, encodeResponse, type TtrpcKeyValue, type TtrpcStatus } from './ttrpc-codec.js';
 import { TtrpcDecoder, TtrpcMessageType, encodeTtrpcMessage, type TtrpcHeader } from './ttrpc-framing.js';
+import { MAX_TIMER_DELAY_MS } from '../defaults.js';
 
 /** What a method handler receives. */
 export interface TtrpcCall {
@@ -56,8 +57,6 @@ export interface TtrpcServerOptions {
   onServed?: (served: { service: string; method: string; durationMs: number; code: number }) => void;
 }
 
-/** Node's timers fire immediately for delays above 2^31-1 ms; clamp. */
-export const MAX_TIMER_DELAY_MS = 2_147_483_647;
 
 export class TtrpcServer {
   private readonly decoder: TtrpcDecoder;

@@ -23,11 +23,11 @@ import { resolveEntrypoint } from './entrypoint.js';
 import { HookError, HookErrorCode } from './errors.js';
 import { CHECKPOINT_UNAVAILABLE_FILE, writeHookDone, writeHookFailed, type HookDoneRecord, type PlaceholderMode } from './records.js';
 import { envValue, parseOciConfig, type OciState } from './state.js';
+import { DEFAULT_NSENTER_PATH } from '../defaults.js';
 
 const execFileP = promisify(execFile);
 
 /** Hooks get no PATH: every tool by absolute path. */
-export const DEFAULT_NSENTER_PATH = '/usr/bin/nsenter';
 export const DEFAULT_MOUNT_PATH = '/usr/bin/mount';
 export const DEFAULT_UMOUNT_PATH = '/usr/bin/umount';
 /** One mount command; a stuck one must not eat the hook's whole timeout. */

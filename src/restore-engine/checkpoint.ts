@@ -30,7 +30,7 @@ import { errorMessage, isThawError, ThawError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { LocalStore, PendingCheckpoint } from '../store/local-store.js';
 import type { GpuConstraints, Manifest, ManifestFields } from '../store/manifest.js';
-import { readHostFacts } from '../store/host-facts.js';
+import { readHostFacts } from '../sys/host-facts.js';
 import { StoreError, StoreErrorCode } from '../store/errors.js';
 import { CHECKPOINT_COMPLETE } from '../sdk/protocol.js';
 import { writeMarker } from '../sdk/control-dir.js';
@@ -39,11 +39,11 @@ import type { CgroupsMode, DumpOptions } from './criu/options.js';
 import { inspectContainer, type ContainerInspection, type InspectOptions } from './container-inspect.js';
 import { captureRootfsDiff, readContainerOverlay } from './rootfs-diff/index.js';
 import { dropZeroPages } from './zero-pages.js';
+import { MAX_TIMER_DELAY_MS } from '../defaults.js';
+import { throwIfAborted } from '../util.js';
 
 /** The whole flow, dump included, gives up after this (a 100 GB host-memory dump fits). */
 export const DEFAULT_CHECKPOINT_TIMEOUT_MS = 30 * 60_000;
-/** Node's timers hold at most 2^31-1 ms; longer values fire at once. */
-const MAX_TIMER_MS = 2_147_483_647;
 /** The `External` key of a pod's own network namespace (restore-recipe.md: `net[<inode>]:extnet`). */
 export const NETNS_EXTERNAL_KEY = 'extnet';
 export const DUMP_LOG_FILE = 'dump.log';
@@ -177,7 +177,7 @@ function deadlineSignal(signal: AbortSignal | undefined, timeoutMs: number): { s
   const controller = new AbortController();
   const timer = setTimeout(
     () => controller.abort(new Error(`checkpoint ran past its timeout of ${timeoutMs} ms`)),
-    Math.min(Math.max(timeoutMs, 0), MAX_TIMER_MS),
+    Math.min(Math.max(timeoutMs, 0), MAX_TIMER_DELAY_MS),
   );
   const onAbort = (): void => controller.abort(signal?.reason);
   if (signal?.aborted) onAbort();
@@ -189,10 +189,6 @@ function deadlineSignal(signal: AbortSignal | undefined, timeoutMs: number): { s
       signal?.removeEventListener('abort', onAbort);
     },
   };
-}
-
-function throwIfAborted(signal: AbortSignal): void {
-  if (signal.aborted) throw signal.reason instanceof Error ? signal.reason : new Error(String(signal.reason ?? 'aborted'));
 }
 
 /** The manifest's `criu.options`: scalars only, named like DumpOptions. */

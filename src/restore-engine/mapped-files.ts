@@ -15,9 +15,9 @@ import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { constants as fsConstants } from 'node:fs';
 import { isThawError } from '../errors.js';
-import { forEachLimit } from '../store/digest.js';
-import { StoreErrorCode } from '../store/errors.js';
-import { readRange } from '../store/page-cache.js';
+import { forEachLimit } from '../sys/concurrency.js';
+import { SysErrorCode } from '../sys/errors.js';
+import { readRange } from '../sys/page-cache.js';
 import { CRIU_PAGE_BYTES, CriuImageCodec, parseImageFile, VmaStatus, type PagemapEntry, type VmaEntry } from './criu/images.js';
 
 /**
@@ -170,7 +170,7 @@ export async function readMappedFilePages(root: string, files: readonly MappedFi
     // Being stopped is how this ends early, not a failure (readOne itself never throws).
     await forEachLimit(jobs, Math.max(1, options.concurrency ?? MAPPED_READ_CONCURRENCY), readOne, { ...(options.signal ? { signal: options.signal } : {}), step: 'read mapped file pages' }).catch(
       (err: unknown) => {
-        if (!isThawError(err, StoreErrorCode.ABORTED)) throw err;
+        if (!isThawError(err, SysErrorCode.ABORTED)) throw err;
       },
     );
   };

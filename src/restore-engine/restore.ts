@@ -22,11 +22,10 @@ import { CriuErrorCode } from './criu/errors.js';
 import type { RestoreOptions } from './criu/options.js';
 import { cgroupJoinWrapper, sameCgroups, targetCgroupProcsFiles } from './restore-cgroups.js';
 import { RestoreError, RestoreErrorCode } from './restore-errors.js';
+import { DEFAULT_NSENTER_PATH, DEFAULT_POD_CRIU_RESTORE_TIMEOUT_MS } from '../defaults.js';
 
-export const DEFAULT_CRIU_RESTORE_TIMEOUT_MS = 120_000;
 /** CRIU exits right after its answer; the reparenting to the placeholder follows at once. */
 export const ADOPTABLE_WAIT_MS = 10_000;
-export const DEFAULT_NSENTER_PATH = '/usr/bin/nsenter';
 export const DEFAULT_SH_PATH = '/bin/sh';
 const STDIO_PIPE = /^pipe:\[\d+\]$/;
 
@@ -157,7 +156,7 @@ export async function restoreIntoContainer(o: RestoreIntoContainerOptions): Prom
     const t0 = performance.now();
     let res;
     try {
-      res = await o.criu.restore(options, undefined, { wrapper, timeoutMs: o.timeoutMs ?? DEFAULT_CRIU_RESTORE_TIMEOUT_MS, ...(o.signal ? { signal: o.signal } : {}) });
+      res = await o.criu.restore(options, undefined, { wrapper, timeoutMs: o.timeoutMs ?? DEFAULT_POD_CRIU_RESTORE_TIMEOUT_MS, ...(o.signal ? { signal: o.signal } : {}) });
     } catch (err) {
       const code = isThawError(err, CriuErrorCode.TIMEOUT)
         ? RestoreErrorCode.TIMEOUT

@@ -23,9 +23,6 @@ import {
   type ReadyMarker,
 } from './protocol.js';
 
-/** The host root of control directories that the agent uses unless configured otherwise. */
-export const DEFAULT_CONTROL_ROOT = '/run/thaw/control';
-
 /** containerd ids are 64 hex chars; allow other runtimes' names but nothing that could name a path. */
 export const MAX_CONTAINER_ID_LENGTH = 128;
 const CONTAINER_ID_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.-]*$/;

@@ -8,9 +8,8 @@ import { open, readFile, rename, stat, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { POLL_INTERVAL_MS, TEMP_PREFIX } from './protocol.js';
 import { SdkError, type SdkErrorCode } from './errors.js';
+import { MAX_TIMER_DELAY_MS } from '../defaults.js';
 
-/** Node's timers overflow above 2^31-1 ms (they then fire at once); longer waits are clamped. */
-const MAX_TIMER_MS = 2_147_483_647;
 
 export type Payload = Record<string, unknown>;
 
@@ -149,7 +148,7 @@ export async function waitForFile<T extends string>(dir: string, names: readonly
       }
       await new Promise<void>((resolve) => {
         if (poked) return resolve();
-        const timer = setTimeout(done, Math.min(pollIntervalMs, leftMs, MAX_TIMER_MS));
+        const timer = setTimeout(done, Math.min(pollIntervalMs, leftMs, MAX_TIMER_DELAY_MS));
         function done(): void {
           clearTimeout(timer);
           wake = undefined;

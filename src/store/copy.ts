@@ -7,8 +7,9 @@ import { constants as fsConstants } from 'node:fs';
 import { mkdir, open } from 'node:fs/promises';
 import { createHash } from 'node:crypto';
 import { dirname, join } from 'node:path';
-import { forEachLimit, openRegularNoFollow } from './digest.js';
-import { StoreError, StoreErrorCode, throwIfAborted } from './errors.js';
+import { forEachLimit } from '../sys/concurrency.js';
+import { openRegularNoFollow } from './digest.js';
+import { StoreError, StoreErrorCode, storeAborted, throwIfAborted } from './errors.js';
 import type { LocalStore, OpenedCheckpoint } from './local-store.js';
 
 const COPY_BUFFER_BYTES = 8 * 1024 * 1024;
@@ -58,7 +59,7 @@ export async function copyCheckpoint(from: LocalStore, to: LocalStore, name: str
           await output.close();
         }
       },
-      { step, ...(o.signal ? { signal: o.signal } : {}) },
+      { step, ...(o.signal ? { signal: o.signal } : {}), aborted: storeAborted(step) },
     );
     return await pending.publishVerified(source.manifest, { ...(o.signal ? { signal: o.signal } : {}), ...(o.replace ? { replace: true } : {}) });
   } catch (err) {

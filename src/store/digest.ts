@@ -68,38 +68,3 @@ export async function hashFile(path: string, options: { signal?: AbortSignal; st
     await fh.close();
   }
 }
-
-/**
- * Runs `fn` over `items` with at most `concurrency` calls in flight. After the first failure (or an abort)
- * no new item starts; the calls already running are awaited, so nothing is left writing or reading behind
- * the caller's back, and the first error is thrown.
- */
-export async function forEachLimit<T>(
-  items: readonly T[],
-  concurrency: number,
-  fn: (item: T, index: number) => Promise<void>,
-  options: { signal?: AbortSignal; step: string },
-): Promise<void> {
-  if (!Number.isInteger(concurrency) || concurrency < 1) {
-    throw new RangeError(`concurrency must be a positive integer (got ${concurrency})`);
-  }
-  let next = 0;
-  let failure: { error: unknown } | undefined;
-  const worker = async (): Promise<void> => {
-    while (failure === undefined && next < items.length) {
-      if (options.signal?.aborted) {
-        failure ??= { error: new StoreError(StoreErrorCode.ABORTED, 'aborted by the caller', { step: options.step, cause: options.signal.reason }) };
-        return;
-      }
-      const index = next++;
-      try {
-        await fn(items[index]!, index);
-      } catch (error) {
-        failure ??= { error };
-      }
-    }
-  };
-  await Promise.all(Array.from({ length: Math.min(concurrency, items.length) }, worker));
-  if (failure !== undefined) throw failure.error;
-  throwIfAborted(options.signal, options.step);
-}

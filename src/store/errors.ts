@@ -1,4 +1,5 @@
 import { ThawError } from '../errors.js';
+import { throwIfAborted as checkAborted } from '../util.js';
 
 /**
  * Codes the local checkpoint store raises. Callers (the restore path, the CLI, the control API) match on
@@ -49,7 +50,19 @@ export class StoreError extends ThawError {
 
 /** Throws STORE_ABORTED when `signal` has fired; called between units of work (files, chunks). */
 export function throwIfAborted(signal: AbortSignal | undefined, step: string): void {
-  if (signal?.aborted) {
-    throw new StoreError(StoreErrorCode.ABORTED, 'aborted by the caller', { step, cause: signal.reason });
-  }
+  checkAborted(signal, storeAborted(step));
+}
+
+/** STORE_IO for a filesystem call that failed, with its errno in the evidence. */
+export function ioError(step: string, what: string, err: unknown): StoreError {
+  return new StoreError(StoreErrorCode.IO, `${what}: ${(err as Error).message}`, {
+    step,
+    cause: err,
+    evidence: { errno: (err as NodeJS.ErrnoException).code },
+  });
+}
+
+/** The STORE_ABORTED error of an abort at `step` (forEachLimit's and prefetchFiles' `aborted`). */
+export function storeAborted(step: string): (cause: unknown) => StoreError {
+  return (cause) => new StoreError(StoreErrorCode.ABORTED, 'aborted by the caller', { step, cause });
 }

@@ -12,8 +12,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it, onTestFinished } from 'vitest';
 import { parse as parseYaml } from 'yaml';
+import { DEFAULT_TOOLKIT_DIR } from '../../src/defaults.js';
 import {
-  DEFAULT_TOOLKIT_DIR,
   INSTALL_PATHS,
   INSTALL_STAMP_FILE,
   InstallErrorCode,

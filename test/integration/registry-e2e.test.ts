@@ -2,7 +2,8 @@
  * Checkpoints across nodes, end to end: the plugin process with a real containerd, runc and CRIU, and a real
  * docker-registry on loopback. "Node A" (store dir A) checkpoints the demo worker and the checkpoint is pushed;
  * "node B" (the plugin restarted on an empty store dir B, with registry access) restores a pod whose
- * `thaw.dev/restore` names the reference: pulled at CreateContainer, restored with the source's state. Then
+ * `thaw.dev/restore` names the reference: pulled at CreateContainer, restored with the source's state; also from a
+ * copy of the checkpoint moved with oras alone (test/helpers/oras.ts). Then
  * bad input, each a cold start with its cause and no checkpoint left in store B: a truncated blob, a blob of
  * the wrong digest, a manifest of another artifact type (refused at CreateContainer), and the registry killed
  * in the middle of the pull.
@@ -21,6 +22,7 @@ import { OCI_MANIFEST_MEDIA_TYPE } from '../../src/store/oci/artifact.js';
 import { RegistryClient, sha256Digest } from '../../src/store/oci/client.js';
 import { FILE_CACHE_DIR_NAME } from '../../src/store/oci/file-cache.js';
 import { pushCheckpoint } from '../../src/store/oci/push.js';
+import { orasPullCheckpoint, orasPushThawLayout } from '../helpers/oras.js';
 import { startBreakingProxy } from '../helpers/registry.js';
 import { flavorsUnderTest, useNodeStack, waitFor } from '../helpers/stack.js';
 import { ensureBuilt, pluginDirsUnder, readJsonLog, startThawPluginProcess, waitForLog, type ThawPluginDirs, type ThawPluginProcess } from '../helpers/thaw-plugin-process.js';
@@ -153,6 +155,28 @@ describe.each(flavorsUnderTest().slice(0, 1))('checkpoints across nodes through 
     expect(event['checkpoint']).toBe(name);
     expect((event['phases'] as Record<string, number>)['transferMs']).toBeGreaterThanOrEqual(0);
     expect(await storeBEntries()).toEqual([name]);
+    await handle.stack.cri.removePod(pod.podId);
+  }, 240_000);
+
+  it('restores on node B from a copy made with oras alone (oras pull of the push, oras push in thaw\'s layout)', async () => {
+    // Only the checkpoints go: the agent's file cache stays in place under it (the copy's files are blobs
+    // of other digests where the push chunked them).
+    const storeB = await openLocalStore({ root: dirsB.storeRoot });
+    for (const c of await storeB.list()) await storeB.delete(c.name);
+    const home = join(workDir, 'oras-home');
+    const copy = join(workDir, 'oras-copy');
+    await orasPullCheckpoint(`${registry.host}/team/worker@${pushedDigest}`, copy, { home });
+    const reference = `${registry.host}/team/oras-copy:v1`;
+    const copyDigest = await orasPushThawLayout(copy, reference, { home });
+    expect(copyDigest).not.toBe(pushedDigest); // one layer per file, oras's own annotations: another manifest
+    const pod = await runWorkerPod(handle.stack, dirsB.controlRoot, { ...common(), name: 'reg-oras-copy', annotations: { 'thaw.dev/restore': reference } });
+    const endpoint = await waitForServingWorker(pod.controlDir, { accept: (e) => e.restored, timeoutMs: 120_000 });
+    const state = await getJson<WorkerState>(endpoint.port, '/state');
+    expect(state.digest).toBe(expectedDigest(MEMORY_MB, SEED));
+    expect(state.bootId).toBe(sourceState.bootId);
+    const event = await restoreEventOf(pod.containerId);
+    expect(event['outcome']).toBe('restored');
+    expect(event['checkpoint']).toBe(`oci-${copyDigest.slice('sha256:'.length)}`);
     await handle.stack.cri.removePod(pod.podId);
   }, 240_000);
 

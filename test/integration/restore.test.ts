@@ -14,8 +14,12 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { buildWorkerImage, WORKER_ENTRY_REL, type WorkerImage } from '../../demo/worker-image.js';
-import { createRestoreCoordinator, type RestoreCoordinator, type RestoreEvent } from '../../src/agent/restore-coordinator.js';
-import { createThawNriHandlers, type ManagedContainer, type ThawRestoreConfig, ThawNriStats } from '../../src/agent/thaw-nri.js';
+import type { ManagedContainer } from '../../src/agent/managed-container.js';
+import { ThawNriStats } from '../../src/agent/nri-stats.js';
+import { createRestoreCoordinator, type RestoreCoordinator } from '../../src/agent/restore-coordinator.js';
+import { type ThawRestoreConfig } from '../../src/agent/restore-target.js';
+import { createThawNriHandlers } from '../../src/agent/thaw-nri.js';
+import type { RestoreEvent } from '../../src/restore-engine/restore-flow.js';
 import { createCollectingLogger } from '../../src/log.js';
 import { createNriPlugin, type NriPlugin } from '../../src/nri-plugin/index.js';
 import { parseCriLog } from '../../src/node-stack/cri-client.js';

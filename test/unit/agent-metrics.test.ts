@@ -1,7 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import { createAgentMetrics } from '../../src/agent/agent-metrics.js';
 import { escapeLabelValue, MetricsRegistry, parseExposition } from '../../src/agent/metrics.js';
-import { ThawNriStats } from '../../src/agent/thaw-nri.js';
+import { ThawNriStats } from '../../src/agent/nri-stats.js';
 
 describe('Prometheus text exposition', () => {
   it('renders HELP, TYPE and series, with label values escaped', async () => {

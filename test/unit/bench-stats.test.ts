@@ -1,5 +1,6 @@
 import { describe, expect, it } from 'vitest';
-import { median, percentile, renderTable } from '../../bench/stats.js';
+import { median, percentile } from '../../bench/stats.js';
+import { renderTable } from '../../src/table.js';
 
 describe('benchmark statistics', () => {
   it('computes nearest-rank percentiles', () => {
@@ -13,6 +14,6 @@ describe('benchmark statistics', () => {
     expect(percentile([], 50)).toBeNaN();
   });
   it('renders aligned tables', () => {
-    expect(renderTable(['a', 'n'], [['x', 1], ['yy', 10]])).toBe('a   n\n--  --\nx    1\nyy  10\n');
+    expect(renderTable(['a', 'n'], [['x', 1], ['yy', 10]], { rule: true })).toBe('a   n\n--  --\nx    1\nyy  10\n');
   });
 });

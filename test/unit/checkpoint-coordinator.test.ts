@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 
 import { CheckpointCoordinator, type CheckpointEvent } from '../../src/agent/checkpoint-coordinator.js';
-import type { ManagedContainer } from '../../src/agent/thaw-nri.js';
+import type { ManagedContainer } from '../../src/agent/managed-container.js';
 import { createCollectingLogger } from '../../src/log.js';
 import {
   CheckpointError,

@@ -6,10 +6,11 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { apiSocketOf, COMMANDS, parseCommandLine, parseTarget, UsageError } from '../../src/cli/args.js';
 import { exitCodeOf } from '../../src/cli/client.js';
 import { containerdVersionOf, renderDoctor, thpCheck } from '../../src/cli/doctor.js';
-import { parseThpMode } from '../../src/store/host-facts.js';
+import { parseThpMode } from '../../src/sys/host-facts.js';
 import { ExitCode } from '../../src/cli/exit-codes.js';
 import { runCli, type CliIo } from '../../src/cli/main.js';
-import { formatBytes, formatMs, renderCheckpointResult, renderList, table } from '../../src/cli/render.js';
+import { formatBytes, formatMs, renderCheckpointResult, renderList } from '../../src/cli/render.js';
+import { renderTable as table } from '../../src/table.js';
 
 function capture(env: Record<string, string> = {}): CliIo & { out: () => string; err: () => string } {
   let out = '';

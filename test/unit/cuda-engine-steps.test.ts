@@ -10,7 +10,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { checkpointHooksFactory, cudaRestoreStep, loadNodeCuda, withoutOwnPid, type NodeCuda } from '../../src/agent/cuda-steps.js';
-import type { RestoreStepContext } from '../../src/agent/restore-coordinator.js';
+import type { RestoreStepContext } from '../../src/restore-engine/restore-flow.js';
 import { CudaError } from '../../src/cuda/index.js';
 import { createCollectingLogger } from '../../src/log.js';
 import type { RestoredTree } from '../../src/restore-engine/restore.js';

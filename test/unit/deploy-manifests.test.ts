@@ -9,11 +9,9 @@ import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { parseAllDocuments, parse as parseYaml, stringify as stringifyYaml } from 'yaml';
 import { resolveAgentConfig } from '../../src/agent/config.js';
-import { DEFAULT_TOOLKIT_DIR, INSTALL_PATHS, renderWrapper } from '../../src/cli/install.js';
-import { DEFAULT_RESTORE_WORK_ROOT, DEFAULT_STORE_ROOT } from '../../src/agent/engine.js';
-import { DEFAULT_NRI_SOCKET_PATH } from '../../src/nri-plugin/plugin.js';
+import { INSTALL_PATHS, renderWrapper } from '../../src/cli/install.js';
+import { DEFAULT_CONTROL_ROOT, DEFAULT_NRI_SOCKET_PATH, DEFAULT_RESTORE_WORK_ROOT, DEFAULT_STORE_ROOT, DEFAULT_TOOLKIT_DIR } from '../../src/defaults.js';
 import { checkCheckpointName, decide, DEFAULT_ANNOTATION_PREFIX } from '../../src/nri-plugin/policy.js';
-import { DEFAULT_CONTROL_ROOT } from '../../src/sdk/control-dir.js';
 import { stackPaths } from '../../src/node-stack/paths.js';
 
 const REPO = path.resolve(import.meta.dirname, '../..');
@@ -117,8 +115,8 @@ function samePathMountOf(p: string): Mount | undefined {
 const parentOf = (p: string): string => path.dirname(p);
 const CODE_HOST_PATHS: Array<{ path: string; why: string; source?: { file: string; contains: string } }> = [
   { path: parentOf(DEFAULT_NRI_SOCKET_PATH), why: 'containerd NRI socket (src/nri-plugin/plugin.ts)' },
-  { path: parentOf(DEFAULT_CONTROL_ROOT), why: 'control dirs (src/sdk/control-dir.ts), work root (src/agent/engine.ts), API socket' },
-  { path: parentOf(DEFAULT_STORE_ROOT), why: 'checkpoint store (src/agent/engine.ts, src/store/local-store.ts)' },
+  { path: parentOf(DEFAULT_CONTROL_ROOT), why: 'control dirs, work root, API socket (src/defaults.ts)' },
+  { path: parentOf(DEFAULT_STORE_ROOT), why: 'checkpoint store (src/defaults.ts)' },
   { path: parentOf(INSTALL_PATHS.lib), why: 'installed package, node, toolkit (src/cli/install.ts)' },
   { path: parentOf(INSTALL_PATHS.wrapper), why: 'the CLI wrapper on the host PATH' },
   { path: parentOf(INSTALL_PATHS.agentConfig), why: 'the host CLI\'s agent.yaml' },

@@ -1,7 +1,11 @@
 import { describe, expect, it } from 'vitest';
 import {
-  debFilePrefix, FLAVOR_SPECS, parseAptPolicy, parseDependsClosure, parseHostAptSource, renderPrivateSources,
-} from '../../src/node-stack/provision.js';
+  chooseVersions, debFilePrefix, parseAptPolicy, parseDependsClosure, parseHostAptSource, renderPrivateSources,
+} from '../../src/node-stack/apt.js';
+import { isThawError } from '../../src/errors.js';
+import { PEER_TOOLS_SPEC } from '../../src/node-stack/peer-tools.js';
+import { FLAVOR_SPECS } from '../../src/node-stack/provision.js';
+import { REGISTRY_SPEC } from '../../src/node-stack/registry-provision.js';
 
 const DEB822 = `Types: deb
 # http://snapshot.debian.org/archive/debian/20250520T000000Z
@@ -90,5 +94,57 @@ describe('flavor pins', () => {
         expect(spec.pins[name], name).toBeDefined();
       }
     }
+  });
+});
+
+describe('version choice', () => {
+  const spec = { suite: 'sid', pins: { cosign: '3.1.1-2', oras: '1.3.3-1' } };
+  const policy = parseAptPolicy(`cosign:
+  Candidate: 3.1.1-2
+  Version table:
+     3.1.1-2 500
+oras:
+  Candidate: 1.3.4-1
+  Version table:
+     1.3.4-1 500
+libc6:
+  Candidate: 2.43-7
+  Version table:
+     2.43-7 500
+`);
+
+  it('takes a pin the suite still has, else the candidate with a warning; unpinned closure members silently', () => {
+    const { chosen, warnings } = chooseVersions(['cosign', 'libc6', 'oras'], spec, policy);
+    expect(chosen).toEqual({ cosign: '3.1.1-2', libc6: '2.43-7', oras: '1.3.4-1' });
+    expect(warnings).toEqual(['oras 1.3.3-1 is gone from sid; using the candidate 1.3.4-1']);
+  });
+
+  it('fails naming the package the suite does not have', () => {
+    let caught: unknown;
+    try {
+      chooseVersions(['cosign', 'kubectl'], spec, policy);
+    } catch (e) {
+      caught = e;
+    }
+    expect(isThawError(caught) && caught.code).toBe('STACK_PROVISION_FAILED');
+    expect((caught as Error).message).toContain('kubectl');
+  });
+});
+
+describe('component specs', () => {
+  it('pin every package whose binary they check, and libc6 of the same suite (the binaries are patched onto it)', () => {
+    for (const spec of [PEER_TOOLS_SPEC, REGISTRY_SPEC]) {
+      expect(spec.pins.libc6, spec.component).toBeDefined();
+      for (const [name, b] of Object.entries(spec.binaries)) {
+        expect(b.file, name).toMatch(/^usr\/s?bin\//);
+        expect(spec.pins[name], name).toBeDefined();
+      }
+    }
+    expect(PEER_TOOLS_SPEC.suite).toBe('sid');
+    expect(Object.keys(PEER_TOOLS_SPEC.binaries).sort()).toEqual(['cosign', 'kubectl', 'kustomize', 'notation', 'oras', 'skopeo']);
+    expect(PEER_TOOLS_SPEC.pins.cosign).toMatch(/^3\.1\.1-/);
+    expect(PEER_TOOLS_SPEC.pins.oras).toMatch(/^1\.3\.3-/);
+    expect(PEER_TOOLS_SPEC.pins.kustomize).toMatch(/^5\.8\.1\+/);
+    expect(PEER_TOOLS_SPEC.pins.kubectl).toMatch(/^1\.36\./);
   });
 });

@@ -97,6 +97,17 @@ describe('the checkpoint artifact', () => {
     expect(chunksOf(image, manifest)).toEqual(chunks);
   });
 
+  it('names every layer for generic tools: a whole file by its path, a chunk by path and zero-padded offset (name order = file order)', () => {
+    const titles = buildImageManifest(config, chunks).layers.map((l) => l.annotations?.['org.opencontainers.image.title']);
+    expect(titles).toEqual([
+      'criu/pages-1.img.thaw-chunk-0000000000000000',
+      'criu/pages-1.img.thaw-chunk-0000000000001000',
+      'criu/pages-1.img.thaw-chunk-0000000000002000',
+      'rootfs-diff.tar',
+    ]);
+    expect([...titles].sort()).toEqual(titles);
+  });
+
   const tamper = (edit: Edit): string => {
     const m = buildImageManifest(config, chunks);
     edit(m);

@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { randomFillSync } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { executableFiles, moduleGraph, parseLoaderList, relativeImports, restoreToolFiles } from '../../src/agent/restore-tools.js';
-import { bindPageCache, readIntoPageCache } from '../../src/store/page-cache.js';
+import { bindPageCache, readIntoPageCache } from '../../src/sys/page-cache.js';
 
 let dir: string;
 beforeAll(async () => {

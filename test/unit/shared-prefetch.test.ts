@@ -4,7 +4,8 @@
  */
 import { describe, expect, it } from 'vitest';
 import { PrefetchGate, SharedPrefetch } from '../../src/agent/shared-prefetch.js';
-import { createThawNriHandlers, type ThawRestoreConfig } from '../../src/agent/thaw-nri.js';
+import { type ThawRestoreConfig } from '../../src/agent/restore-target.js';
+import { createThawNriHandlers } from '../../src/agent/thaw-nri.js';
 import { createCollectingLogger } from '../../src/log.js';
 import type { NriHandlerContext } from '../../src/nri-plugin/plugin.js';
 import type { LocalStore } from '../../src/store/local-store.js';

@@ -9,7 +9,7 @@ import {
   type Manifest,
   type NodeFacts,
 } from '../../src/store/manifest.js';
-import { readHostFacts } from '../../src/store/host-facts.js';
+import { readHostFacts } from '../../src/sys/host-facts.js';
 import { manifestFields } from './store-fixtures.js';
 
 function validManifest(): Manifest {

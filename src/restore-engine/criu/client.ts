@@ -28,6 +28,7 @@ import {
 import { CriuCodec, CriuReqType, type CriuOptsMessage, type CriuReqMessage, type CriuRespMessage } from './rpc.js';
 import { Libc } from './seqpacket.js';
 import { CriuSwrk, type SwrkSpawnOptions } from './swrk.js';
+import { DEFAULT_CRIU_RPC_DUMP_TIMEOUT_MS, DEFAULT_CRIU_RPC_RESTORE_TIMEOUT_MS } from '../../defaults.js';
 
 /** The RPC config file the client writes into the work dir. */
 export const CRIU_RPC_CONFIG_FILE = '.thaw-criu-rpc.conf';
@@ -35,8 +36,6 @@ export const CRIU_RPC_CONFIG_FILE = '.thaw-criu-rpc.conf';
 /** Defaults, named with their units. */
 export const DEFAULT_CRIU_CHECK_TIMEOUT_MS = 30_000;
 export const DEFAULT_CRIU_VERSION_TIMEOUT_MS = 10_000;
-export const DEFAULT_CRIU_DUMP_TIMEOUT_MS = 10 * 60_000;
-export const DEFAULT_CRIU_RESTORE_TIMEOUT_MS = 10 * 60_000;
 
 export interface CriuClientOptions {
   /** Absolute path of criu (e.g. /opt/thaw/stack/1.7/bin/criu). */
@@ -199,7 +198,7 @@ export class CriuClient {
     const logPath = join(opts.workDir ?? opts.imagesDir, logFile);
     await this.withDirs(opts.imagesDir, opts.workDir, [], step, async (fds) => {
       const criuOpts = buildDumpRequestOpts(opts, { fds: fds.criu, notify: notify !== undefined });
-      await this.run({ type: CriuReqType.DUMP, opts: criuOpts }, step, call, DEFAULT_CRIU_DUMP_TIMEOUT_MS, {
+      await this.run({ type: CriuReqType.DUMP, opts: criuOpts }, step, call, DEFAULT_CRIU_RPC_DUMP_TIMEOUT_MS, {
         extraFds: fds.extraFds,
         logPath,
         ...(notify ? { notify } : {}),
@@ -216,7 +215,7 @@ export class CriuClient {
     let pid = -1;
     await this.withDirs(opts.imagesDir, opts.workDir, opts.inheritFds ?? [], step, async (fds) => {
       const criuOpts = buildRestoreRequestOpts(opts, { fds: fds.criu, notify: notify !== undefined });
-      const resp = await this.run({ type: CriuReqType.RESTORE, opts: criuOpts }, step, call, DEFAULT_CRIU_RESTORE_TIMEOUT_MS, {
+      const resp = await this.run({ type: CriuReqType.RESTORE, opts: criuOpts }, step, call, DEFAULT_CRIU_RPC_RESTORE_TIMEOUT_MS, {
         extraFds: fds.extraFds,
         logPath,
         ...(notify ? { notify } : {}),

@@ -25,6 +25,7 @@ import {
 import { NOTIFY_SCRIPT_HANDLERS, type CriuNotification, type CriuNotifyHandlers } from './notify.js';
 import { CriuReqType, reqTypeName, type CriuCodec, type CriuReqMessage, type CriuRespMessage } from './rpc.js';
 import { SeqpacketSocket, type Libc } from './seqpacket.js';
+import { MAX_TIMER_DELAY_MS } from '../../defaults.js';
 
 /** The child's fd of the RPC socket: `criu swrk 3`. */
 export const SWRK_SOCKET_FD = 3;
@@ -38,8 +39,6 @@ const EXIT_STATUS_WAIT_MS = 2_000;
 const STDERR_TAIL_BYTES = 8 * 1024;
 /** Bytes read from the end of CRIU's log for an error. */
 const LOG_READ_BYTES = 256 * 1024;
-/** setTimeout's limit (a larger delay fires at once; Node docs, "setTimeout"). */
-const MAX_TIMER_MS = 2_147_483_647;
 
 /** Request types CRIU serves again on the same swrk process after `keep_open`. */
 const KEEP_OPEN_TYPES: ReadonlySet<number> = new Set([
@@ -260,7 +259,7 @@ export class CriuSwrk {
               evidence: { timeoutMs, logPath: opts.logPath },
             }),
           ),
-        Math.min(Math.max(timeoutMs, 0), MAX_TIMER_MS),
+        Math.min(Math.max(timeoutMs, 0), MAX_TIMER_DELAY_MS),
       );
     }
     const onAbort = (): void =>

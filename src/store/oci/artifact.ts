@@ -11,6 +11,11 @@
  *
  * A single-layer file's layer digest is the file's sha256 (the checkpoint manifest's), so identical files
  * are one blob in the registry and one entry in the local cache.
+ *
+ * Every layer also carries the OCI file-name annotation (`org.opencontainers.image.title`) that generic tools
+ * (oras pull) write a layer to: a whole file's title is its path, so `oras pull` gives the checkpoint's files
+ * as they are; a chunk's title is its path plus `.thaw-chunk-` and its offset in 16 decimal digits, so the
+ * chunks of a file concatenated in name order are the file. thaw itself reads only its own annotations.
  */
 import { checkRelativePath, MANIFEST_FILE_NAME, type Manifest, type ManifestFile } from '../manifest.js';
 import { OciError, OciErrorCode } from './errors.js';
@@ -22,6 +27,8 @@ export const CHECKPOINT_LAYER_MEDIA_TYPE = 'application/vnd.thaw.checkpoint.file
 export const ANNOTATION_PATH = 'dev.thaw.file.path';
 export const ANNOTATION_OFFSET = 'dev.thaw.file.offset';
 export const ANNOTATION_FILE_SIZE = 'dev.thaw.file.size';
+/** The OCI image-spec's file-name annotation of a layer (what oras pull names the file it writes). */
+export const ANNOTATION_OCI_TITLE = 'org.opencontainers.image.title';
 /** Files larger than this travel as chunks of this size (parallel transfers, resumable units). */
 export const DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024;
 /** A manifest larger than this is refused before it is parsed. */
@@ -69,6 +76,11 @@ export function planChunks(files: readonly ManifestFile[], chunkBytes: number = 
   return out;
 }
 
+/** The OCI title of a chunk (see the module comment): the file's path for a whole file. Pure. */
+export function chunkTitle(c: Pick<FileChunk, 'path' | 'offset' | 'size' | 'fileSize'>): string {
+  return c.offset === 0 && c.size === c.fileSize ? c.path : `${c.path}.thaw-chunk-${String(c.offset).padStart(16, '0')}`;
+}
+
 /** The image manifest of a checkpoint whose config blob and every chunk's digest are known. Pure. */
 export function buildImageManifest(config: { digest: string; size: number }, chunks: readonly FileChunk[], annotations: Record<string, string> = {}): ImageManifest {
   return {
@@ -82,7 +94,10 @@ export function buildImageManifest(config: { digest: string; size: number }, chu
         mediaType: CHECKPOINT_LAYER_MEDIA_TYPE,
         digest: c.digest,
         size: c.size,
-        annotations: { [ANNOTATION_PATH]: c.path, [ANNOTATION_OFFSET]: String(c.offset), [ANNOTATION_FILE_SIZE]: String(c.fileSize) },
+        annotations: {
+          [ANNOTATION_PATH]: c.path, [ANNOTATION_OFFSET]: String(c.offset), [ANNOTATION_FILE_SIZE]: String(c.fileSize),
+          [ANNOTATION_OCI_TITLE]: chunkTitle(c),
+        },
       };
     }),
     ...(Object.keys(annotations).length > 0 ? { annotations } : {}),

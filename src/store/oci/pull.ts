@@ -20,10 +20,10 @@ import { dirname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { errorMessage, isThawError } from '../../errors.js';
 import { silentLogger, type Logger } from '../../log.js';
-import { forEachLimit } from '../digest.js';
-import { StoreErrorCode } from '../errors.js';
+import { forEachLimit } from '../../sys/concurrency.js';
+import { storeAborted, StoreErrorCode } from '../errors.js';
 import type { LocalStore, OpenedCheckpoint } from '../local-store.js';
-import { bindPageCache, type PageCache } from '../page-cache.js';
+import { bindPageCache, type PageCache } from '../../sys/page-cache.js';
 import { parseManifest, type Manifest } from '../manifest.js';
 import { chunksOf, MANIFEST_MAX_BYTES, parseImageManifest, type FileChunk, type ImageManifest } from './artifact.js';
 import { RegistryClient, type BlobRange, type RegistryClientOptions } from './client.js';
@@ -416,7 +416,7 @@ export async function fetchResolved(client: RegistryClient, r: ResolvedRemote, o
         transfersLeft.set(t.chunk.path, left);
         if (left === 0) startSync(t.chunk.path);
       },
-      { step: 'fetch layers', ...(signal ? { signal } : {}) },
+      { step: 'fetch layers', ...(signal ? { signal } : {}), aborted: storeAborted('fetch layers') },
     );
     const t1 = performance.now();
     for (const p of synced.values()) await p;

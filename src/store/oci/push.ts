@@ -13,7 +13,9 @@ import { Readable } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { errorMessage, isThawError } from '../../errors.js';
 import { silentLogger, type Logger } from '../../log.js';
-import { forEachLimit, openRegularNoFollow } from '../digest.js';
+import { forEachLimit } from '../../sys/concurrency.js';
+import { openRegularNoFollow } from '../digest.js';
+import { storeAborted } from '../errors.js';
 import type { LocalStore } from '../local-store.js';
 import { buildImageManifest, DEFAULT_CHUNK_BYTES, OCI_MANIFEST_MEDIA_TYPE, planChunks, type FileChunk } from './artifact.js';
 import { RegistryClient, sha256Digest } from './client.js';
@@ -113,7 +115,7 @@ export async function pushCheckpoint(o: PushOptions): Promise<PushResult> {
       async (c: FileChunk) => {
         c.digest = await hashFileRange(join(opened.paths.dir, c.path), c.offset, c.size, step);
       },
-      { step, ...(signal ? { signal } : {}) },
+      { step, ...(signal ? { signal } : {}), aborted: storeAborted(step) },
     );
     const config = await readFile(opened.paths.manifest);
     const configDigest = sha256Digest(config);
@@ -186,7 +188,7 @@ export async function pushCheckpoint(o: PushOptions): Promise<PushResult> {
       await client.finishUpload(repository, session, blob.digest, signal);
     };
     // Largest first; the manifest goes last, after every blob is in.
-    await forEachLimit([...blobs.values()].sort((a, b) => b.size - a.size), o.concurrency ?? DEFAULT_PUSH_CONCURRENCY, upload, { step, ...(signal ? { signal } : {}) });
+    await forEachLimit([...blobs.values()].sort((a, b) => b.size - a.size), o.concurrency ?? DEFAULT_PUSH_CONCURRENCY, upload, { step, ...(signal ? { signal } : {}), aborted: storeAborted(step) });
     const image = buildImageManifest({ digest: configDigest, size: config.length }, chunks, { 'org.opencontainers.image.created': opened.manifest.createdAt });
     const body = Buffer.from(JSON.stringify(image));
     const digest = await client.putManifest(repository, reference.tag ?? 'latest', body, OCI_MANIFEST_MEDIA_TYPE, signal);

@@ -75,11 +75,16 @@ export function bindPageCache(): PageCache {
 
 /**
  * Reads [start, end) of `fh` through `buffer` and discards it: what it is for is the page cache. Stops at the end
- * of the file, or between reads once `signal` aborts. Returns the bytes read.
+ * of the file, or between reads once `signal` aborts. `beforeRead`, awaited before each read, lets more urgent
+ * reads go first (the prefetch's gate). Returns the bytes read.
  */
-export async function readRange(fh: FileHandle, buffer: Buffer, start: number, end: number, signal?: AbortSignal): Promise<number> {
+export async function readRange(fh: FileHandle, buffer: Buffer, start: number, end: number, signal?: AbortSignal, beforeRead?: () => Promise<void>): Promise<number> {
   let position = start;
   while (position < end && !signal?.aborted) {
+    if (beforeRead !== undefined) {
+      await beforeRead();
+      if (signal?.aborted) break;
+    }
     const { bytesRead } = await fh.read(buffer, 0, Math.min(buffer.length, end - position), position);
     if (bytesRead === 0) break;
     position += bytesRead;

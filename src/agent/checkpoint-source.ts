@@ -1,0 +1,56 @@
+/**
+ * The NRI CreateContainer adjustment of a checkpoint source: a control directory mounted at
+ * /snapshot-control, the environment a checkpointable worker needs, and the annotations that let an agent
+ * that restarted learn the container back. Never throws for a problem of the pod: without a control
+ * directory the container runs without thaw (counted as `control-dir`).
+ */
+import { AdjustmentBuilder } from '../nri-plugin/adjustment.js';
+import type { NriHandlerContext } from '../nri-plugin/plugin.js';
+import { CHECKPOINT_ENV, CONTROL_DIR_ENV, CONTROL_DIR_MOUNT_PATH, LEGACY_CONTROL_DIR_ENV, type OnCheckpoint } from '../nri-plugin/policy.js';
+import type { Container, PodSandbox } from '../nri-plugin/nri-types.js';
+import { createControlDir } from '../sdk/control-dir.js';
+import { CRI_IMAGE_NAME_ANNOTATION } from './containers.js';
+import { identityOf, managedAnnotations, type ManagedContainer } from './managed-container.js';
+import { describeContainer, type HandlerScope } from './nri-handler-scope.js';
+
+export async function adjustCheckpointSource(
+  scope: HandlerScope,
+  pod: PodSandbox,
+  container: Container,
+  checkpointName: string,
+  onCheckpoint: OnCheckpoint,
+  ctx: NriHandlerContext,
+): Promise<AdjustmentBuilder | undefined> {
+  const containerId = container.id ?? '';
+  let controlDir: string;
+  try {
+    controlDir = await createControlDir(scope.controlRoot, containerId);
+  } catch (err) {
+    scope.stats.countFallback('control-dir');
+    ctx.logger.error('thaw: cannot create the control directory; the container runs without thaw', {
+      ...describeContainer(pod, container),
+      error: err,
+    });
+    return undefined;
+  }
+  const entry: ManagedContainer = {
+    ...identityOf(pod, container),
+    checkpointName,
+    onCheckpoint,
+    controlDir,
+    ...(container.annotations?.[CRI_IMAGE_NAME_ANNOTATION] ? { imageRef: container.annotations[CRI_IMAGE_NAME_ANNOTATION] } : {}),
+    role: 'checkpoint-source',
+  };
+  const existingEnv = new Set((container.env ?? []).map((kv) => kv.slice(0, Math.max(0, kv.indexOf('=')))));
+  const builder = new AdjustmentBuilder()
+    .addMount({ destination: CONTROL_DIR_MOUNT_PATH, source: controlDir, type: 'bind', options: ['rbind', 'rw'] })
+    .addEnv(CONTROL_DIR_ENV, CONTROL_DIR_MOUNT_PATH)
+    .addEnv(LEGACY_CONTROL_DIR_ENV, CONTROL_DIR_MOUNT_PATH);
+  // The pod's own settings win: a platform team that set NCCL_SOCKET_IFNAME knows why.
+  for (const [key, value] of CHECKPOINT_ENV) if (!existingEnv.has(key)) builder.addEnv(key, value);
+  for (const [key, value] of Object.entries(managedAnnotations(scope.annotationPrefix, 'checkpoint-source', entry))) builder.addAnnotation(key, value);
+  scope.managed.set(containerId, entry);
+  scope.coordinator?.checkpointSourceCreated?.(entry);
+  ctx.logger.info('thaw: checkpoint source', { ...describeContainer(pod, container), checkpoint: checkpointName, controlDir });
+  return builder;
+}

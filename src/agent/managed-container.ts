@@ -1,0 +1,108 @@
+/**
+ * The agent's domain types between the NRI handlers (thaw-nri.ts) and the flows behind them (the
+ * checkpoint and restore coordinators): what thaw knows about a container it manages, and what the handlers
+ * hand to the flows; how a ManagedContainer is made from NRI's pod and container, and how it is written into
+ * (and read back from) the annotations thaw sets on the container.
+ */
+import type { Container, PodSandbox } from '../nri-plugin/nri-types.js';
+import type { OnCheckpoint } from '../nri-plugin/policy.js';
+import type { OpenedCheckpoint } from '../store/local-store.js';
+import { CRI_IMAGE_NAME_ANNOTATION } from './containers.js';
+
+/** What the handlers know about a container thaw manages, handed to the flows. */
+export interface ManagedContainer {
+  containerId: string;
+  containerName: string;
+  podId: string;
+  podName: string;
+  podNamespace: string;
+  podUid: string;
+  checkpointName: string;
+  /** Host path of the control directory (mounted at /snapshot-control in the container). */
+  controlDir: string;
+  /** The container's image as containerd names it in the spec's annotations, when present. */
+  imageRef?: string;
+  /** Checkpoint sources: what the worker does after its checkpoint (the pod's on-checkpoint annotation). */
+  onCheckpoint?: OnCheckpoint;
+  /** What thaw made of it (absent: checkpoint-source, for entries made before roles existed). */
+  role?: 'checkpoint-source' | 'restore-target';
+  /** Restore targets: how thaw-pause holds the original command (NRI args, or the createRuntime overlay). */
+  placeholder?: 'args' | 'overlay';
+}
+
+/**
+ * The flows behind the plugin. The handlers call these without awaiting anything slow: a coordinator starts
+ * its work in the background and returns.
+ */
+export interface ThawCoordinator {
+  /**
+   * A pod sandbox that names a local checkpoint to restore was created: start reading it into the page cache
+   * (its container comes later: after image pulls, kubelet's work, CreateContainer).
+   */
+  restorePodCreated?(podId: string, checkpointName: string): void;
+  /** A pod sandbox stopped or was removed: stop what was started for it at restorePodCreated. */
+  podGone?(podId: string): void;
+  /** A checkpoint source was created: watch its control directory. */
+  checkpointSourceCreated?(container: ManagedContainer): void;
+  /** A checkpoint source started: its pid is known. */
+  checkpointSourceStarted?(container: ManagedContainer, pid: number): void;
+  /**
+   * A restore target was created (thaw-pause holds its command): start verifying/prefetching the checkpoint.
+   * `incoming`: the checkpoint is still being pulled (or copied from the shared store) into the local store;
+   * the restore waits for it, and its failure is a cold start.
+   */
+  restoreTargetCreated?(container: ManagedContainer, checkpoint: OpenedCheckpoint, incoming?: Promise<OpenedCheckpoint>): void;
+  /** A restore target started: restore into it (pid = its PID 1, thaw-pause, on the host). */
+  restoreTargetStarted?(container: ManagedContainer, pid: number): void;
+  /** A managed container stopped or was removed: abandon what runs for it. */
+  containerGone?(containerId: string): void;
+  /** A managed container found running at NRI Synchronize (the agent restarted, or containerd did). */
+  containerRecovered?(container: ManagedContainer, pid: number): void;
+}
+
+/** The annotations thaw sets on containers it manages (under the configured prefix). */
+export function managedAnnotations(prefix: string, role: 'checkpoint-source' | 'restore-target', container: ManagedContainer): Record<string, string> {
+  return {
+    [`${prefix}role`]: role,
+    [`${prefix}checkpoint-name`]: container.checkpointName,
+    [`${prefix}control-dir`]: container.controlDir,
+    ...(container.placeholder ? { [`${prefix}placeholder`]: container.placeholder } : {}),
+    ...(container.onCheckpoint ? { [`${prefix}on-checkpoint`]: container.onCheckpoint } : {}),
+  };
+}
+
+/** The identity part of a ManagedContainer, from NRI's pod and container. */
+export function identityOf(pod: PodSandbox, container: Container): Pick<ManagedContainer, 'containerId' | 'containerName' | 'podId' | 'podName' | 'podNamespace' | 'podUid'> {
+  return {
+    containerId: container.id ?? '',
+    containerName: container.name ?? '',
+    podId: pod.id ?? container.podSandboxId ?? '',
+    podName: pod.name ?? '',
+    podNamespace: pod.namespace ?? '',
+    podUid: pod.uid ?? '',
+  };
+}
+
+/**
+ * What thaw knew of a container it adjusted, rebuilt from the annotations it set on it (managedAnnotations):
+ * how an agent that restarted learns its containers back from NRI Synchronize. Undefined for containers thaw
+ * did not adjust, or whose annotations do not read back as thaw's.
+ */
+export function managedFromContainer(prefix: string, pod: PodSandbox, container: Container): ManagedContainer | undefined {
+  const a = container.annotations ?? {};
+  const role = a[`${prefix}role`];
+  const checkpointName = a[`${prefix}checkpoint-name`];
+  const controlDir = a[`${prefix}control-dir`];
+  if ((role !== 'checkpoint-source' && role !== 'restore-target') || !checkpointName || !controlDir || !container.id) return undefined;
+  const placeholder = a[`${prefix}placeholder`];
+  const onCheckpoint = a[`${prefix}on-checkpoint`];
+  return {
+    ...identityOf(pod, container),
+    checkpointName,
+    controlDir,
+    role,
+    ...(a[CRI_IMAGE_NAME_ANNOTATION] ? { imageRef: a[CRI_IMAGE_NAME_ANNOTATION] } : {}),
+    ...(placeholder === 'args' || placeholder === 'overlay' ? { placeholder } : {}),
+    ...(onCheckpoint === 'continue' || onCheckpoint === 'exit' ? { onCheckpoint } : {}),
+  };
+}

@@ -1,0 +1,175 @@
+/**
+ * The NRI CreateContainer adjustment of a restore target: find the checkpoint (local, or being brought in
+ * from a registry or the shared store), check its manifest against this node and the container, then hold
+ * the container's command behind thaw-pause (NRI args, or the createRuntime overlay), mount the toolkit and
+ * the control directory, add the hooks, and hand the target to the restore coordinator. Only the manifest is
+ * read here (CreateContainer answers within containerd's 2 s); any problem leaves the container as it is (a
+ * cold start, counted with its cause).
+ */
+import { dirname, join } from 'node:path';
+import type { CheckpointReference } from '../checkpoint-reference.js';
+import { errorMessage, isThawError } from '../errors.js';
+import { AdjustmentBuilder } from '../nri-plugin/adjustment.js';
+import type { NriHandlerContext } from '../nri-plugin/plugin.js';
+import { CHECKPOINT_ENV, CONTROL_DIR_ENV, CONTROL_DIR_MOUNT_PATH, LEGACY_CONTROL_DIR_ENV } from '../nri-plugin/policy.js';
+import type { Container, PodSandbox } from '../nri-plugin/nri-types.js';
+import { supportsArgs } from '../nri-plugin/runtime-version.js';
+import { createControlDir } from '../sdk/control-dir.js';
+import type { LocalStore, OpenedCheckpoint } from '../store/local-store.js';
+import { StoreErrorCode } from '../store/errors.js';
+import { checkCompatibility, isRestorable, type GpuConstraints, type NodeFacts } from '../store/manifest.js';
+import { readHostFacts } from '../sys/host-facts.js';
+import type { CheckpointSources } from './checkpoint-sources.js';
+import { CRI_IMAGE_NAME_ANNOTATION } from './containers.js';
+import { identityOf, managedAnnotations, type ManagedContainer } from './managed-container.js';
+import { describeContainer, type HandlerScope } from './nri-handler-scope.js';
+
+/** What the restore branch needs; without it a restore target cold-starts ("restore-unavailable"). */
+export interface ThawRestoreConfig {
+  store: LocalStore;
+  /** Where else checkpoints come from (shared store, registries); absent: the local store only. */
+  sources?: CheckpointSources;
+  /** The toolkit prefix (CRIU, GNU tar, gzip, busybox), mounted read-only at the same path in the target. */
+  toolkitDir: string;
+  /** Host path of thaw-pause; its directory is mounted read-only at the same path in the target. */
+  thawPausePath: string;
+  /** argv that runs src/oci-hooks/main.js (absolute paths: hooks get no PATH), e.g. [node, .../main.js]. */
+  hookArgv: string[];
+  /** GNU tar for the rootfs diff (default: the toolkit's bin/tar). */
+  tarPath?: string;
+  /** Where the coordinator puts CRIU work dirs (`<workRoot>/<container id>`); the poststop hook removes them. */
+  workRoot: string;
+  /** This node's facts (default readHostFacts()). */
+  hostFacts?: Pick<NodeFacts, 'arch' | 'kernelRelease'>;
+  /** This node's GPUs (src/cuda gpuFacts); absent: no GPU, and a checkpoint that needs one is refused. */
+  gpuFacts?: GpuConstraints;
+  /** The createRuntime hook's timeout (the rootfs diff of a large layer). */
+  hookTimeoutSeconds?: number;
+}
+
+export const DEFAULT_RESTORE_HOOK_TIMEOUT_SECONDS = 60;
+/** Of the hook's timeout, what a hook waiting for a pulled checkpoint leaves itself to apply the rootfs diff. */
+export const HOOK_WAIT_RESERVE_SECONDS = 15;
+
+/** Restore fallbacks decided here, before the container exists: no adjustment, the pod starts cold. */
+function coldStart(scope: HandlerScope, cause: string, message: string, pod: PodSandbox, container: Container, ctx: NriHandlerContext, extra: Record<string, unknown>): undefined {
+  scope.stats.countRestoreFallbackAtCreate(cause);
+  ctx.logger.warn(`thaw: ${message}; cold start`, { ...describeContainer(pod, container), event: 'restore', outcome: 'fallback', cause, ...extra });
+  return undefined;
+}
+
+export async function adjustRestoreTarget(
+  scope: HandlerScope,
+  r: ThawRestoreConfig,
+  pod: PodSandbox,
+  container: Container,
+  checkpointName: string,
+  reference: CheckpointReference | undefined,
+  ctx: NriHandlerContext,
+): Promise<AdjustmentBuilder | undefined> {
+  const containerId = container.id ?? '';
+  // Only the manifest here (a small JSON file): the full sha256 runs in the coordinator, after the 2 s deadline.
+  // A checkpoint from elsewhere (registry, shared store): its manifest now, the transfer in the background.
+  let checkpoint: OpenedCheckpoint;
+  let incoming: { ready: Promise<OpenedCheckpoint>; from: string; source: string } | undefined;
+  try {
+    if (r.sources !== undefined) {
+      const found = await r.sources.find(checkpointName, reference);
+      checkpoint = found.checkpoint;
+      if (found.kind === 'incoming') incoming = { ready: found.ready, from: found.from, source: found.source };
+    } else if (reference !== undefined) {
+      return coldStart(scope, 'RESTORE_CHECKPOINT_MISSING', 'the pod names a registry checkpoint but no registry is configured', pod, container, ctx, { checkpoint: checkpointName });
+    } else {
+      checkpoint = await r.store.open(checkpointName);
+    }
+  } catch (err) {
+    const missing = isThawError(err, StoreErrorCode.NOT_FOUND) || isThawError(err, StoreErrorCode.INVALID_NAME);
+    const remote = isThawError(err) && err.code.startsWith('OCI_');
+    const cause = remote ? 'RESTORE_PULL_FAILED' : missing ? 'RESTORE_CHECKPOINT_MISSING' : 'RESTORE_CHECKPOINT_CORRUPT';
+    return coldStart(scope, cause, remote ? 'the registry checkpoint cannot be resolved' : missing ? 'checkpoint not found' : 'checkpoint unreadable', pod, container, ctx, {
+      checkpoint: checkpointName,
+      error: errorMessage(err),
+      ...(isThawError(err) ? { code: err.code, evidence: err.evidence } : {}),
+    });
+  }
+  if (incoming !== undefined && (reference !== undefined || checkpoint.name !== checkpointName)) {
+    ctx.logger.info('thaw: restore target names a checkpoint that is being brought in', { ...describeContainer(pod, container), checkpoint: checkpoint.name, from: incoming.from, source: incoming.source });
+  }
+  const imageRef = container.annotations?.[CRI_IMAGE_NAME_ANNOTATION];
+  if (imageRef === undefined) {
+    return coldStart(scope, 'RESTORE_INCOMPATIBLE', `the container has no ${CRI_IMAGE_NAME_ANNOTATION} annotation to compare with the checkpoint's image`, pod, container, ctx, {
+      checkpoint: checkpointName,
+    });
+  }
+  const mismatches = checkCompatibility(checkpoint.manifest, {
+    ...(r.hostFacts ?? readHostFacts()),
+    image: { ref: imageRef },
+    ...(r.gpuFacts !== undefined ? { gpu: r.gpuFacts } : {}),
+  });
+  if (!isRestorable(mismatches)) {
+    return coldStart(scope, 'RESTORE_INCOMPATIBLE', 'the checkpoint does not match this node or container', pod, container, ctx, {
+      checkpoint: checkpointName,
+      mismatches,
+    });
+  }
+  const args = container.args ?? [];
+  if (args.length === 0 || !args[0]) {
+    return coldStart(scope, 'RESTORE_INCOMPATIBLE', 'the container has no args to hold behind thaw-pause', pod, container, ctx, { checkpoint: checkpointName });
+  }
+  let controlDir: string;
+  try {
+    controlDir = await createControlDir(scope.controlRoot, containerId);
+  } catch (err) {
+    return coldStart(scope, 'control-dir', 'cannot create the control directory', pod, container, ctx, { error: errorMessage(err) });
+  }
+  const placeholder = supportsArgs(ctx.runtime.name, ctx.runtime.version, ctx.runtime.nriVersion) ? 'args' : 'overlay';
+  const entry: ManagedContainer = {
+    ...identityOf(pod, container),
+    // The local name: for a registry checkpoint, the one derived from its digest.
+    checkpointName: checkpoint.name,
+    controlDir,
+    imageRef,
+    role: 'restore-target',
+    placeholder,
+  };
+  const existingEnv = new Set((container.env ?? []).map((kv) => kv.slice(0, Math.max(0, kv.indexOf('=')))));
+  const pauseDir = dirname(r.thawPausePath);
+  const hookTimeout = r.hookTimeoutSeconds ?? DEFAULT_RESTORE_HOOK_TIMEOUT_SECONDS;
+  const builder = new AdjustmentBuilder()
+    .addMount({ destination: r.toolkitDir, source: r.toolkitDir, type: 'bind', options: ['rbind', 'ro'] })
+    .addMount({ destination: CONTROL_DIR_MOUNT_PATH, source: controlDir, type: 'bind', options: ['rbind', 'rw'] })
+    .addEnv(CONTROL_DIR_ENV, CONTROL_DIR_MOUNT_PATH)
+    .addEnv(LEGACY_CONTROL_DIR_ENV, CONTROL_DIR_MOUNT_PATH)
+    .addHook('createRuntime', {
+      path: r.hookArgv[0] as string,
+      args: [
+        ...r.hookArgv,
+        'create-runtime',
+        '--mode', placeholder,
+        '--control-dir', controlDir,
+        '--checkpoint-dir', checkpoint.paths.dir,
+        '--thaw-pause', r.thawPausePath,
+        '--tar', r.tarPath ?? join(r.toolkitDir, 'bin', 'tar'),
+        // Being pulled: the hook waits for it to be published (the rootfs diff is in it).
+        ...(incoming !== undefined ? ['--wait-checkpoint-ms', String(Math.max(1, hookTimeout - HOOK_WAIT_RESERVE_SECONDS) * 1000)] : []),
+      ],
+      env: [],
+      timeoutSeconds: hookTimeout,
+    })
+    .addHook('poststop', {
+      path: r.hookArgv[0] as string,
+      args: [...r.hookArgv, 'poststop', '--control-dir', controlDir, '--work-dir', join(r.workRoot, containerId)],
+      env: [],
+      timeoutSeconds: hookTimeout,
+    });
+  // thaw-pause's directory, unless the toolkit mount already shows it at the same path.
+  if (!pauseDir.startsWith(`${r.toolkitDir}/`)) builder.addMount({ destination: pauseDir, source: pauseDir, type: 'bind', options: ['rbind', 'ro'] });
+  // The same environment as a source: a cold-started fallback then runs as the checkpointed worker did.
+  for (const [key, value] of CHECKPOINT_ENV) if (!existingEnv.has(key)) builder.addEnv(key, value);
+  for (const [key, value] of Object.entries(managedAnnotations(scope.annotationPrefix, 'restore-target', entry))) builder.addAnnotation(key, value);
+  if (placeholder === 'args') builder.setArgs([r.thawPausePath, '--', ...args]);
+  scope.managed.set(containerId, entry);
+  scope.coordinator?.restoreTargetCreated?.(entry, checkpoint, incoming?.ready);
+  ctx.logger.info('thaw: restore target', { ...describeContainer(pod, container), checkpoint: checkpoint.name, controlDir, placeholder, ...(incoming ? { incoming: incoming.from, source: incoming.source } : {}) });
+  return builder;
+}

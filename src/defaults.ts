@@ -1,0 +1,48 @@
+/**
+ * thaw's defaults, each defined once (the agent's configuration, src/agent/config.ts, starts from these; the
+ * flows and clients fall back to them when a caller names none). Imports nothing: every layer may use it.
+ */
+
+// --- host paths of a stock node ---
+
+/** The local checkpoint store (one directory per checkpoint, 0700 root). */
+export const DEFAULT_STORE_ROOT = '/var/lib/thaw/checkpoints';
+/** Per-container CRIU work directories of the restore flow (`<root>/<container id>`, removed at poststop). */
+export const DEFAULT_RESTORE_WORK_ROOT = '/run/thaw/restore';
+/** Per-container control directories (mounted at /snapshot-control in the container). */
+export const DEFAULT_CONTROL_ROOT = '/run/thaw/control';
+/** The agent's control API socket (root-only). */
+export const DEFAULT_API_SOCKET = '/run/thaw/agent.sock';
+/** containerd's NRI socket. */
+export const DEFAULT_NRI_SOCKET_PATH = '/var/run/nri/nri.sock';
+/** The toolkit prefix (CRIU, GNU tar, gzip, busybox under `<prefix>/bin`). */
+export const DEFAULT_TOOLKIT_DIR = '/opt/thaw/stack/1.7';
+/** The host's nsenter (util-linux), run as root to enter a container's namespaces: never one from a rootfs. */
+export const DEFAULT_NSENTER_PATH = '/usr/bin/nsenter';
+/** Where /metrics listens (loopback). */
+export const DEFAULT_METRICS_LISTEN = '127.0.0.1:9464';
+
+// --- time limits ---
+
+/**
+ * How long the restore flow lets CRIU run for a pod waiting in its placeholder before it falls back to a
+ * cold start. A deadline of the pod's restore, not of CRIU: the flow passes it to every CRIU restore it runs.
+ */
+export const DEFAULT_POD_CRIU_RESTORE_TIMEOUT_MS = 120_000;
+/**
+ * The CRIU client's own limit on one restore RPC when its caller names none (tools, tests): a ceiling that
+ * stops a hung swrk, not a deadline anyone waits for. The restore flow always passes its pod deadline.
+ */
+export const DEFAULT_CRIU_RPC_RESTORE_TIMEOUT_MS = 10 * 60_000;
+/** The CRIU client's limit on one dump RPC when its caller names none (a worker of many GiB dumps in minutes). */
+export const DEFAULT_CRIU_RPC_DUMP_TIMEOUT_MS = 10 * 60_000;
+/** sha256 of a multi-GiB checkpoint on a busy node; past this the pod cold-starts rather than wait. */
+export const DEFAULT_VERIFY_TIMEOUT_MS = 300_000;
+/** cuda-checkpoint's lock of one process (it waits for the process's in-flight CUDA work). */
+export const DEFAULT_CUDA_LOCK_TIMEOUT_MS = 10_000;
+
+/**
+ * The longest delay setTimeout honours (2^31 − 1 ms, about 24.8 days): a longer one fires at once (Node
+ * warns and uses 1 ms). Every timer built from a caller's timeout is clamped to it.
+ */
+export const MAX_TIMER_DELAY_MS = 2_147_483_647;

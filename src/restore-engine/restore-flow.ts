@@ -1,0 +1,481 @@
+/**
+ * The restore flow (design.md, Restore steps 3-4), beside the checkpoint flow (checkpoint.ts): what runs for a
+ * restore target between its CreateContainer and the pod serving. The agent's coordinator
+ * (agent/restore-coordinator.ts) owns the jobs (which container is prepared or restoring, the shared
+ * prefetches, leases held per pod) and calls the three steps here:
+ *
+ *   prepare   lease the checkpoint, verify every file's sha256 and read it into the page cache
+ *   run       (the container's PID 1 is thaw-pause) wait for verify; read what the create-runtime hook
+ *             recorded; in overlay mode unmount thaw-pause from the entrypoint inside the container;
+ *             CRIU restore inside the container's namespaces and cgroups; [CUDA restore seam]; SIGUSR1
+ *             (thaw-pause adopts the worker); restore-complete
+ *   recover   a target found waiting after an agent restart: fall back
+ *
+ * Any error → fallBackToColdStart: kill what the restore left; make sure the overlay is gone;
+ * restore-failed; SIGUSR2 (thaw-pause execs the original command: a cold start). One `restore` event per
+ * target, either way.
+ *
+ * The engine does not know the agent: what it needs from the store, the hook records, the fallback counters
+ * and the prefetch is handed in as the small interfaces below.
+ */
+import { execFile } from 'node:child_process';
+import { access, mkdir, rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { promisify } from 'node:util';
+import { errorMessage, isThawError } from '../errors.js';
+import type { Logger } from '../log.js';
+import { clearStaleMarkers, writeMarker } from '../sdk/control-dir.js';
+import { RESTORE_COMPLETE, RESTORE_FAILED } from '../sdk/protocol.js';
+import type { LocalStore, OpenedCheckpoint, ReleaseLease } from '../store/local-store.js';
+import { StoreErrorCode } from '../store/errors.js';
+import type { CriuClient } from './criu/client.js';
+import { CriuImageCodec } from './criu/images.js';
+import { mappedFilePages, readMappedFilePages, type MappedFile, type ReadMappedResult } from './mapped-files.js';
+import { RestoreError, RestoreErrorCode } from './restore-errors.js';
+import { killRestoredTree, restoreIntoContainer, type RestoredTree } from './restore.js';
+import { DEFAULT_NSENTER_PATH, DEFAULT_POD_CRIU_RESTORE_TIMEOUT_MS, DEFAULT_VERIFY_TIMEOUT_MS } from '../defaults.js';
+
+const execFileP = promisify(execFile);
+
+/** One umount inside the container. */
+export const OVERLAY_UMOUNT_TIMEOUT_MS = 5_000;
+/** After CRIU, how long the stopped reads of the worker's file pages get to report (one read in flight each). */
+export const MAPPED_READ_SETTLE_MS = 100;
+
+/** What the flow knows of a restore target (the agent's ManagedContainer is one). */
+export interface RestoreTarget {
+  containerId: string;
+  containerName: string;
+  podId: string;
+  podName: string;
+  podNamespace: string;
+  checkpointName: string;
+  /** Host path of the control directory (mounted at /snapshot-control in the container). */
+  controlDir: string;
+  /** How thaw-pause holds the original command (NRI args, or the createRuntime overlay); default overlay. */
+  placeholder?: 'args' | 'overlay';
+}
+
+/** Context handed to the seams. */
+export interface RestoreStepContext {
+  container: RestoreTarget;
+  checkpoint: OpenedCheckpoint;
+  targetPid: number;
+  signal: AbortSignal;
+}
+
+/** The CUDA restore step (cuda-checkpoint restore + unlock of every CUDA process of the tree) slots in here. */
+export type CudaRestoreStep = (tree: RestoredTree, ctx: RestoreStepContext) => Promise<void>;
+
+export interface RestoreEvent {
+  event: 'restore';
+  outcome: 'restored' | 'fallback';
+  /** The RESTORE_* code of the fallback (absent when restored). */
+  cause?: string;
+  reason?: string;
+  checkpoint: string;
+  /** The checkpoint's manifest id, when it was opened. */
+  id?: string;
+  containerId: string;
+  /** The container's name in its pod. */
+  container: string;
+  pod: string;
+  mode?: 'args' | 'overlay';
+  restoredPid?: number;
+  /** Bytes of the checkpoint's files (what the restore read), when restored. */
+  bytes?: number;
+  /** How the checkpoint's digests were checked: hashed now, or its files unchanged since they were hashed here. */
+  digests?: 'hashed' | 'unchanged-since-hashed';
+  /** The modified pages of the worker's private file mappings, read ahead beside CRIU (restore-engine/mapped-files.ts). */
+  mappedFiles?: ReadMappedResult;
+  phases: { hookMs?: number; hookStartupMs?: number; transferMs?: number; verifyMs?: number; waitVerifyMs?: number; overlayMs?: number; criuRestoreMs?: number; cudaRestoreMs?: number; totalMs: number };
+}
+
+/** What the create-runtime hook recorded in the control directory, as the flow reads it (oci-hooks/records.ts). */
+export type HookOutcomeView =
+  | { kind: 'done'; record: { mode: 'args' | 'overlay'; overlayPath?: string; ms: number; startupMs?: number } }
+  | { kind: 'failed'; record: { code: string; reason: string } }
+  | { kind: 'missing' };
+
+/** The hook records of a control directory (oci-hooks/records.ts implements them). */
+export interface HookRecords {
+  readHookOutcome(controlDir: string): Promise<HookOutcomeView>;
+  /** Tells a create-runtime hook waiting for the checkpoint to stop waiting (the container then starts cold). */
+  writeCheckpointUnavailable(controlDir: string, record: { code: string; reason: string }): Promise<void>;
+}
+
+/** The store as the flow uses it. */
+export type RestoreStore = Pick<LocalStore, 'acquireLease' | 'verify'>;
+
+/** Where each fallback is counted, by cause (the agent's ThawNriStats). */
+export interface FallbackCounter {
+  countFallback(cause: string): void;
+}
+
+/** The checkpoint prefetch the coordinator runs. */
+export interface RestorePrefetch {
+  /** The checkpoint is leased for this target: keep (or start) reading it into the page cache for it. */
+  hold(job: RestoreJob): void;
+  /** Holds the checkpoint prefetches back (small reads CRIU waits for go first); returns the release. */
+  holdGate(): () => void;
+}
+
+export interface PreparedRestore {
+  verifyMs: number;
+  hashed: boolean;
+  transferMs?: number;
+}
+
+/** One restore target's state, shared by the coordinator (which holds it) and the flow. */
+export interface RestoreJob {
+  container: RestoreTarget;
+  checkpoint: OpenedCheckpoint;
+  /** The checkpoint is still being pulled (or copied from the shared store); prepare() waits for it. */
+  incoming?: Promise<OpenedCheckpoint>;
+  /** Set when `incoming` failed: the cause of the cold start. */
+  pullError?: RestoreError;
+  abort: AbortController;
+  prepared: Promise<PreparedRestore>;
+  release?: ReleaseLease;
+  /** The file pages CRIU will fault in (listed from the images while the container is created). */
+  mappedFiles?: Promise<MappedFile[]>;
+}
+
+export interface RestoreFlowOptions {
+  store: RestoreStore;
+  hookRecords: HookRecords;
+  prefetch: RestorePrefetch;
+  criu: CriuClient;
+  logger: Logger;
+  fallbacks?: FallbackCounter;
+  /** Per-container CRIU work directories (restore.log) go to `<workRoot>/<container id>`. */
+  workRoot: string;
+  /** The toolkit's bin directory (mounted at the same path in the target): its busybox does the umount there. */
+  toolkitBinDir: string;
+  nsenterPath?: string;
+  verifyTimeoutMs?: number;
+  criuRestoreTimeoutMs?: number;
+  cudaRestore?: CudaRestoreStep;
+  /** Test seam: runs after verify, right before CRIU (e.g. to damage an image file CRIU then reads). */
+  beforeCriuRestore?: (ctx: RestoreStepContext) => Promise<void>;
+  /** Every restore event, after it was logged. */
+  onEvent?: (event: RestoreEvent) => void;
+}
+
+export interface RestoreFlow {
+  /** Lease and verify the checkpoint (after the pull, when one runs); rejects with the RestoreError of the fallback. */
+  prepare(job: RestoreJob): Promise<PreparedRestore>;
+  /** Restore into the started target (pid: its PID 1 on the host), or fall back; never rejects for a restore problem. */
+  run(job: RestoreJob, pid: number): Promise<void>;
+  /**
+   * A target whose restore no process runs (the agent restarted): unless the worker was told restore-complete
+   * or restore-failed already, fall back.
+   */
+  recover(container: RestoreTarget, pid: number): Promise<void>;
+}
+
+export function workDirFor(workRoot: string, containerId: string): string {
+  return join(workRoot, containerId);
+}
+
+/** The agent marker a worker was given, if any (restore-complete or restore-failed). */
+async function firstMarker(controlDir: string): Promise<string | undefined> {
+  for (const name of [RESTORE_COMPLETE, RESTORE_FAILED]) {
+    if (await access(join(controlDir, name)).then(() => true, () => false)) return name;
+  }
+  return undefined;
+}
+
+/** What a fallback needs to know about how far the restore got. */
+interface ColdStart {
+  container: RestoreTarget;
+  pid: number;
+  cause: string;
+  reason: string;
+  hook: HookOutcomeView;
+  /** thaw-pause is still mounted over the entrypoint inside the container (overlay mode). */
+  overlayMounted: boolean;
+  /** The restored tree's root on the host, when CRIU got that far. */
+  restoredPid?: number;
+  error?: unknown;
+  /** The restore event, made after the cleanup (its totalMs includes it). */
+  event(): RestoreEvent;
+}
+
+export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
+  const logger = o.logger;
+  const imageCodec = CriuImageCodec.load();
+
+  async function unmountOverlay(pid: number, path: string): Promise<void> {
+    try {
+      // Lazy: thaw-pause runs from that very file, so a plain umount would be EBUSY.
+      await execFileP(o.nsenterPath ?? DEFAULT_NSENTER_PATH, ['-t', String(pid), '-m', '--', join(o.toolkitBinDir, 'busybox'), 'umount', '-l', path], {
+        timeout: OVERLAY_UMOUNT_TIMEOUT_MS,
+        env: {},
+      });
+    } catch (err) {
+      const stderr = (err as { stderr?: string }).stderr ?? '';
+      throw new RestoreError(RestoreErrorCode.OVERLAY, `umount ${path} inside the container failed: ${stderr.trim() || errorMessage(err)}`, {
+        step: 'remove the thaw-pause overlay',
+        cause: err,
+        evidence: { pid, path },
+      });
+    }
+  }
+
+  /**
+   * The one way a restore target gives up: kill what the restore left, make sure the overlay is gone, tell the
+   * worker restore-failed, SIGUSR2 thaw-pause (it kills whatever a half-finished restore left under it, then
+   * execs the original command), count the cause, log and emit the event. Cleanup problems are reported in
+   * the log line, never thrown: the pod must start either way.
+   */
+  async function fallBackToColdStart(c: ColdStart): Promise<void> {
+    killRestoredTree(c.restoredPid);
+    // thaw-pause is PID 1 unless the hook failed in overlay mode (then the original command already runs).
+    const mode = c.container.placeholder ?? 'overlay';
+    const placeholderRuns = mode === 'args' || c.hook.kind === 'done';
+    const problems: string[] = [];
+    if (c.overlayMounted && c.hook.kind === 'done' && c.hook.record.overlayPath !== undefined) {
+      // The overlay may already be gone (a restore of an earlier agent had got past it): then umount fails, which is fine.
+      await unmountOverlay(c.pid, c.hook.record.overlayPath).catch((e: unknown) => problems.push(errorMessage(e)));
+    }
+    await writeMarker(c.container.controlDir, 'restore-failed', { reason: c.reason, cause: c.cause }).catch((e: unknown) => problems.push(`restore-failed marker: ${errorMessage(e)}`));
+    if (placeholderRuns) {
+      try {
+        process.kill(c.pid, 'SIGUSR2');
+      } catch (e) {
+        problems.push(`SIGUSR2 to ${c.pid}: ${errorMessage(e)}`);
+      }
+    }
+    o.fallbacks?.countFallback(c.cause);
+    const e = c.event();
+    logger.warn('restore', { ...e, ...(isThawError(c.error) ? { error: c.error.toJSON() } : {}), ...(problems.length > 0 ? { problems } : {}) });
+    o.onEvent?.(e);
+  }
+
+  /**
+   * Beside CRIU, not before it: the worker's file pages CRIU will fault in, read in parallel through the
+   * container's root (where CRIU opens them), the checkpoint prefetch held back meanwhile. stop() when CRIU is
+   * done (also if a read hangs: every checkpoint's prefetch waits on the gate); settled() then gives the reads
+   * MAPPED_READ_SETTLE_MS to report. A file list still being made is not waited for.
+   */
+  function startMappedFileReads(job: RestoreJob, pid: number): { stop(): void; settled(): Promise<ReadMappedResult | undefined> } {
+    const stopReads = new AbortController();
+    let releaseGate: (() => void) | undefined;
+    let reading: Promise<ReadMappedResult | undefined> | undefined;
+    void (job.mappedFiles ?? Promise.resolve([])).then((files) => {
+      if (stopReads.signal.aborted) return;
+      releaseGate = o.prefetch.holdGate();
+      reading = readMappedFilePages(`/proc/${pid}/root`, files, { signal: stopReads.signal })
+        .catch(() => undefined)
+        .finally(() => releaseGate?.());
+    });
+    return {
+      stop() {
+        stopReads.abort();
+        releaseGate?.();
+      },
+      async settled() {
+        return reading === undefined ? undefined : Promise.race([reading, sleep(MAPPED_READ_SETTLE_MS, undefined, { ref: false })]);
+      },
+    };
+  }
+
+  async function prepare(job: RestoreJob): Promise<PreparedRestore> {
+    const name = job.checkpoint.name;
+    const signal = job.abort.signal;
+    let transferMs: number | undefined;
+    if (job.incoming !== undefined) {
+      const t = performance.now();
+      try {
+        await job.incoming;
+        transferMs = performance.now() - t;
+      } catch (err) {
+        const code = isThawError(err) ? err.code : 'INTERNAL';
+        job.pullError = new RestoreError(RestoreErrorCode.PULL_FAILED, errorMessage(err), {
+          step: 'bring the checkpoint into the local store',
+          cause: err,
+          evidence: { code, ...(isThawError(err) ? err.evidence : {}) },
+        });
+        // A create-runtime hook waiting for this checkpoint stops waiting (the container then starts cold).
+        await o.hookRecords.writeCheckpointUnavailable(job.container.controlDir, { code, reason: errorMessage(err) }).catch(() => undefined);
+        throw job.pullError;
+      }
+    }
+    try {
+      job.release = await o.store.acquireLease(name);
+      const t0 = performance.now();
+      // Reading the checkpoint into the page cache is a hint, not a step: the restore does not wait for it
+      // (CRIU's own reads find whatever it has read already; bench/RESULTS.md has what awaiting it cost).
+      // Verification is awaited; it hashes only files changed since they were last hashed on this node
+      // (LocalStore.verify). The read may be running already, started at RunPodSandbox.
+      o.prefetch.hold(job);
+      job.mappedFiles = mappedFilePages(job.checkpoint.paths.criuDir, imageCodec).catch((err: unknown) => {
+        logger.debug('cannot list the mapped file pages', { checkpoint: name, error: errorMessage(err) });
+        return [];
+      });
+      const verified = await o.store.verify(name, { signal });
+      return { verifyMs: performance.now() - t0, hashed: verified.hashed, ...(transferMs !== undefined ? { transferMs } : {}) };
+    } catch (err) {
+      if (isThawError(err, StoreErrorCode.NOT_FOUND) || isThawError(err, StoreErrorCode.INVALID_NAME)) {
+        throw new RestoreError(RestoreErrorCode.CHECKPOINT_MISSING, errorMessage(err), { step: 'verify checkpoint', cause: err });
+      }
+      if (isThawError(err, StoreErrorCode.ABORTED)) throw new RestoreError(RestoreErrorCode.ABORTED, errorMessage(err), { step: 'verify checkpoint', cause: err });
+      throw new RestoreError(RestoreErrorCode.CHECKPOINT_CORRUPT, errorMessage(err), {
+        step: 'verify checkpoint',
+        cause: err,
+        evidence: { code: isThawError(err) ? err.code : undefined, ...(isThawError(err) ? err.evidence : {}) },
+      });
+    }
+  }
+
+  async function run(job: RestoreJob, pid: number): Promise<void> {
+    const { container, checkpoint } = job;
+    const signal = job.abort.signal;
+    const started = performance.now();
+    const phases: RestoreEvent['phases'] = { totalMs: 0 };
+    const workDir = workDirFor(o.workRoot, container.containerId);
+    let hook: HookOutcomeView = { kind: 'missing' };
+    let overlayMounted = false;
+    let tree: RestoredTree | undefined;
+    let digests: RestoreEvent['digests'];
+    const mode = container.placeholder ?? 'overlay';
+    const ctx: RestoreStepContext = { container, checkpoint, targetPid: pid, signal };
+    const event = (e: Omit<RestoreEvent, 'event' | 'checkpoint' | 'id' | 'containerId' | 'container' | 'pod' | 'phases' | 'mode'>): RestoreEvent => ({
+      event: 'restore',
+      ...e,
+      checkpoint: checkpoint.name,
+      id: checkpoint.manifest.id,
+      containerId: container.containerId,
+      container: container.containerName,
+      pod: `${container.podNamespace}/${container.podName}`,
+      mode,
+      phases: { ...phases, totalMs: Math.round(performance.now() - started) },
+    });
+    try {
+      hook = await o.hookRecords.readHookOutcome(container.controlDir);
+      // The hook gave up because the pull failed: that failure is the cause.
+      if (hook.kind !== 'done' && job.pullError !== undefined) throw job.pullError;
+      if (hook.kind !== 'done') {
+        throw new RestoreError(
+          RestoreErrorCode.HOOK_FAILED,
+          hook.kind === 'failed' ? `create-runtime hook: ${hook.record.code}: ${hook.record.reason}` : 'the create-runtime hook left no record (did the runtime run it?)',
+          { step: 'read the hook record' },
+        );
+      }
+      overlayMounted = hook.record.mode === 'overlay';
+      phases.hookMs = hook.record.ms;
+      if (typeof hook.record.startupMs === 'number' && Number.isFinite(hook.record.startupMs)) phases.hookStartupMs = hook.record.startupMs;
+      const t0 = performance.now();
+      const verifyTimeoutMs = o.verifyTimeoutMs ?? DEFAULT_VERIFY_TIMEOUT_MS;
+      const timer = new AbortController();
+      const { verifyMs, hashed, transferMs } = await Promise.race([
+        job.prepared,
+        sleep(verifyTimeoutMs, undefined, { signal: timer.signal }).then(() => {
+          job.abort.abort(new Error('verify timed out'));
+          throw new RestoreError(RestoreErrorCode.TIMEOUT, `verifying the checkpoint took longer than ${verifyTimeoutMs} ms`, { step: 'verify checkpoint' });
+        }),
+      ]).finally(() => timer.abort());
+      phases.verifyMs = Math.round(verifyMs);
+      if (transferMs !== undefined) phases.transferMs = Math.round(transferMs);
+      phases.waitVerifyMs = Math.round(performance.now() - t0);
+      digests = hashed ? 'hashed' : 'unchanged-since-hashed';
+      if (signal.aborted) throw new RestoreError(RestoreErrorCode.ABORTED, 'the container went away', { step: 'restore' });
+
+      if (hook.record.mode === 'overlay' && hook.record.overlayPath !== undefined) {
+        const t1 = performance.now();
+        await unmountOverlay(pid, hook.record.overlayPath);
+        overlayMounted = false;
+        phases.overlayMs = Math.round(performance.now() - t1);
+      }
+      await o.beforeCriuRestore?.(ctx);
+      await clearStaleMarkers(container.controlDir);
+      await rm(workDir, { recursive: true, force: true });
+      await mkdir(workDir, { recursive: true, mode: 0o700 });
+      const mappedReads = startMappedFileReads(job, pid);
+      try {
+        tree = await restoreIntoContainer({
+          criu: o.criu,
+          manifest: checkpoint.manifest,
+          imagesDir: checkpoint.paths.criuDir,
+          workDir,
+          targetPid: pid,
+          timeoutMs: o.criuRestoreTimeoutMs ?? DEFAULT_POD_CRIU_RESTORE_TIMEOUT_MS,
+          signal,
+          logger,
+          ...(o.nsenterPath ? { nsenterPath: o.nsenterPath } : {}),
+        });
+      } finally {
+        mappedReads.stop();
+      }
+      phases.criuRestoreMs = Math.round(tree.criuRestoreMs);
+      const mappedFiles = await mappedReads.settled();
+
+      // --- CUDA restore seam: cuda-checkpoint restore + unlock of the restored tree goes here. ---
+      if (o.cudaRestore) {
+        const t2 = performance.now();
+        try {
+          await o.cudaRestore(tree, ctx);
+        } catch (err) {
+          throw new RestoreError(RestoreErrorCode.DEVICES, errorMessage(err), { step: 'cuda restore', cause: err });
+        }
+        phases.cudaRestoreMs = Math.round(performance.now() - t2);
+      }
+
+      try {
+        process.kill(pid, 'SIGUSR1'); // thaw-pause adopts its only child, the restored root
+      } catch (err) {
+        throw new RestoreError(RestoreErrorCode.TARGET_GONE, `cannot signal the placeholder ${pid}: ${errorMessage(err)}`, { step: 'adopt', cause: err });
+      }
+      await writeMarker(container.controlDir, 'restore-complete', { checkpoint: checkpoint.name, restoredAt: new Date().toISOString() });
+      const e = event({ outcome: 'restored', restoredPid: tree.hostPid, bytes: checkpoint.manifest.totals.bytes, ...(digests ? { digests } : {}), ...(mappedFiles ? { mappedFiles } : {}) });
+      logger.info('restore', { ...e, criuOptions: tree.options, criuLog: tree.logPath, cgroupsJoined: tree.cgroupsJoined.length });
+      o.onEvent?.(e);
+    } catch (err) {
+      const cause = isThawError(err) ? err.code : RestoreErrorCode.INTERNAL;
+      const reason = errorMessage(err);
+      await fallBackToColdStart({
+        container,
+        pid,
+        cause,
+        reason,
+        hook,
+        overlayMounted,
+        ...(tree !== undefined ? { restoredPid: tree.hostPid } : {}),
+        error: err,
+        event: () => event({ outcome: 'fallback', cause, reason }),
+      });
+    }
+  }
+
+  async function recover(container: RestoreTarget, pid: number): Promise<void> {
+    const outcome = await firstMarker(container.controlDir);
+    if (outcome !== undefined) return; // finished before the restart: restored, or fallen back
+    const cause = RestoreErrorCode.AGENT_RESTARTED;
+    const reason = 'the agent restarted while this container waited for its restore';
+    const hook = await o.hookRecords.readHookOutcome(container.controlDir);
+    await fallBackToColdStart({
+      container,
+      pid,
+      cause,
+      reason,
+      hook,
+      overlayMounted: hook.kind === 'done' && hook.record.mode === 'overlay',
+      event: () => ({
+        event: 'restore',
+        outcome: 'fallback',
+        cause,
+        reason,
+        checkpoint: container.checkpointName,
+        containerId: container.containerId,
+        container: container.containerName,
+        pod: `${container.podNamespace}/${container.podName}`,
+        mode: container.placeholder ?? 'overlay',
+        phases: { totalMs: 0 },
+      }),
+    });
+  }
+
+  return { prepare, run, recover };
+}
