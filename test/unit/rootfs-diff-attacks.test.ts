@@ -105,7 +105,7 @@ describe('crafted rootfs diffs leave the host alone', () => {
   });
 
   it('refuses a global pax header that renames or resizes later entries (ROOTFS_DIFF_GLOBAL_PAX)', async () => {
-    for (const records of [{ path: `h${canary}/secret` }, { size: '0' }]) {
+    for (const records of [{ path: `h${canary}/secret` }, { size: "0" }] as Array<Record<string, string>>) {
       const err = await apply(rawTar([{ name: 'pax_global_header', type: 'g', data: pax(records) }, { name: 'etc/x', type: '0', data: 'x' }]));
       expect(isThawError(err, 'ROOTFS_DIFF_GLOBAL_PAX'), String(err)).toBe(true);
     }
