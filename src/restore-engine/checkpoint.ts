@@ -37,6 +37,7 @@ import { writeMarker } from '../sdk/control-dir.js';
 import type { CriuClient } from './criu/client.js';
 import type { CgroupsMode, DumpOptions } from './criu/options.js';
 import { inspectContainer, type ContainerInspection, type InspectOptions } from './container-inspect.js';
+import { freezeCgroupOf } from './cgroup-freeze.js';
 import { captureRootfsDiff, readContainerOverlay } from './rootfs-diff/index.js';
 import { dropZeroPages } from './zero-pages.js';
 import { MAX_TIMER_DELAY_MS } from '../defaults.js';
@@ -332,13 +333,19 @@ export async function checkpointContainer(
 
     phase = 'rootfs-diff';
     started = performance.now();
-    await captureRootfsDiff({
-      upperdir: overlay.upperdir,
-      tarFile: pending.paths.rootfsDiff,
-      deletedFilesFile: pending.paths.deletedFiles,
-      signal,
-      logger: log,
-    });
+    // Frozen for the capture: the container cannot change its upperdir under the walk (cgroup-freeze.ts).
+    const frozen = await freezeCgroupOf(opts.pid, { ...(opts.inspect?.procRoot !== undefined ? { procRoot: opts.inspect.procRoot } : {}), signal });
+    try {
+      await captureRootfsDiff({
+        upperdir: overlay.upperdir,
+        tarFile: pending.paths.rootfsDiff,
+        deletedFilesFile: pending.paths.deletedFiles,
+        signal,
+        logger: log,
+      });
+    } finally {
+      await frozen.thaw();
+    }
     phases.rootfsDiffMs = round(performance.now() - started);
 
     phase = 'publish';
