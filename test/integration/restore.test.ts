@@ -310,7 +310,10 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
     }
   }, TEST_TIMEOUT_MS);
 
-  it('a create-runtime hook that fails (its tar cannot run): the original command runs, cause RESTORE_HOOK_FAILED', async () => {
+  // The failure this test injected (a GNU tar that cannot run) no longer exists: the hook applies the rootfs diff
+  // in-process (rootfs-diff/apply.ts). Skipped until the hook has another seam for a failure after verification
+  // (issue 12 item 3's restore-that-fails-after-the-diff test is meant to cover it).
+  it.skip('a create-runtime hook that fails (its tar cannot run): the original command runs, cause RESTORE_HOOK_FAILED', async () => {
     restoreConfig.tarPath = '/nonexistent/tar'; // read by the handler at each CreateContainer
     try {
       const ev = await expectColdStart('rst-hook-fail', CHECKPOINT, 'RESTORE_HOOK_FAILED', true);
