@@ -23,8 +23,8 @@ import { dirname, join } from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { errorMessage, isThawError } from '../errors.js';
 import { createJsonLogger, type Logger } from '../log.js';
-import { createNriPlugin, readLaunchEnv, type NriHandlers } from '../nri-plugin/plugin.js';
-import { removeControlDir } from '../sdk/control-dir.js';
+import { createNriPlugin, readLaunchEnv, type NriHandlers } from '../nri-plugin/index.js';
+import { removeControlDir } from '../sdk/index.js';
 import { createAgentMetrics } from './agent-metrics.js';
 import { loadAgentService } from './api-proto.js';
 import { createApiHandlers, type ApiContext } from './api-server.js';
@@ -223,6 +223,7 @@ export async function runAgent(o: AgentRunOptions, logger: Logger): Promise<numb
     ...(c.cuda.libcuda ? { libcudaPath: c.cuda.libcuda } : {}),
     ...(c.cuda.libnvml ? { libnvmlPath: c.cuda.libnvml } : {}),
     cudaLockTimeoutMs: c.cuda.lockTimeoutMs,
+    thawPauseDeadlineMs: c.restore.pauseDeadlineMs,
     ...(c.paths.sharedStoreRoot ? { sharedStoreRoot: c.paths.sharedStoreRoot } : {}),
     ...(registry ? { registry } : {}),
     onRestoreEvent: (e) => metrics?.onRestoreEvent(e),

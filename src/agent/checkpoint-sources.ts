@@ -17,12 +17,12 @@ import { setMaxListeners } from 'node:events';
 import { isThawError } from '../errors.js';
 import type { CheckpointReference } from '../checkpoint-reference.js';
 import type { Logger } from '../log.js';
-import { copyCheckpoint } from '../store/copy.js';
-import { StoreError, StoreErrorCode } from '../store/errors.js';
-import type { LocalStore, OpenedCheckpoint } from '../store/local-store.js';
-import { RegistryClient } from '../store/oci/client.js';
-import { fetchResolved, localNameFor, resolveRemote, type FetchOptions, type RegistryAccess } from '../store/oci/pull.js';
-import { formatReference } from '../store/oci/reference.js';
+import { copyCheckpoint } from '../store/index.js';
+import { StoreError, StoreErrorCode } from '../store/index.js';
+import type { LocalStore, OpenedCheckpoint } from '../store/index.js';
+import { RegistryClient } from '../store/index.js';
+import { fetchResolved, localNameFor, resolveRemote, type FetchOptions, type RegistryAccess } from '../store/index.js';
+import { formatReference } from '../store/index.js';
 
 export const DEFAULT_RESOLVE_TIMEOUT_MS = 1_000;
 

@@ -19,7 +19,7 @@ import { promisify } from 'node:util';
 import { write as writeCb } from 'node:fs';
 import { isThawError } from '../../errors.js';
 import { silentLogger, type Logger } from '../../log.js';
-import { checkRelativePath } from '../../store/manifest.js';
+import { checkRelativePath } from '../../store/index.js';
 import { SysErrorCode } from '../../sys/errors.js';
 import {
   AT_REMOVEDIR,

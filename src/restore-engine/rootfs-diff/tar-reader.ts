@@ -6,7 +6,7 @@
  */
 import { constants as fsConstants, fstatSync, openSync, read as readCb, closeSync } from 'node:fs';
 import { promisify } from 'node:util';
-import { checkRelativePath } from '../../store/manifest.js';
+import { checkRelativePath } from '../../store/index.js';
 import { RootfsError, RootfsErrorCode, throwIfAborted } from './errors.js';
 import { BLOCK, checksumOk, cString, parsePax, tarNumber, typeOf, type TarEntry, type TarEntryType } from './tar-format.js';
 
