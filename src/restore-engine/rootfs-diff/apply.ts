@@ -140,7 +140,7 @@ export async function applyRootfsDiff(options: ApplyRootfsDiffOptions): Promise<
   const { rootfs } = options;
   const fs = FsAt.load();
   const t0 = performance.now();
-  const signals = [...(options.timeoutMs !== undefined ? [AbortSignal.timeout(options.timeoutMs)] : []), ...(options.signal ? [options.signal] : [])];
+  const signals = [...(options.timeoutMs !== undefined ? [AbortSignal.timeout(Math.max(1, Math.ceil(options.timeoutMs)))] : []), ...(options.signal ? [options.signal] : [])];
   const signal = signals.length > 0 ? AbortSignal.any(signals) : undefined;
   const archive = ArchiveFile.open(options.tarFile, 'validate rootfs diff');
   let rootFd: number | undefined;
