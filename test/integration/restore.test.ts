@@ -387,8 +387,8 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
     const dir = await mkdtemp('/tmp/thaw-tampered-');
     execFileSync('mkdir', ['-p', path.join(dir, 'tmp')]);
     await writeFile(path.join(dir, 'tmp', 'thaw-tampered'), 'not from the checkpoint\n');
-    execFileSync(stack.paths.tar, ['-cf', tarFile, '-C', dir, 'tmp/thaw-tampered']);
-    // Of the same size (zero blocks end a tar archive), so the store's size check at CreateContainer passes.
+    execFileSync(stack.paths.tar, ['-b', '1', '-cf', tarFile, '-C', dir, 'tmp/thaw-tampered']);
+    // Blocking factor 1 (512-byte records): thaw's own writer pads to blocks, not to GNU tar's 10 KiB records. Of the same size (zero blocks end a tar archive), so the store's size check at CreateContainer passes.
     const tampered = await readFile(tarFile);
     expect(tampered.length).toBeLessThanOrEqual(original.length);
     await writeFile(tarFile, Buffer.concat([tampered, Buffer.alloc(original.length - tampered.length)]));
