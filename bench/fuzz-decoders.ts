@@ -11,8 +11,7 @@
  * Every input is derived from (seed, index) alone, so a finding replays with `--seed S --only I`.
  *
  * The tar target calls the tar header decoder through `decodeTarHeaders` only: it is today
- * readTarEntries of src/restore-engine/rootfs-diff.ts (which is being replaced), and repointing the fuzz
- * at its successor is a change of that one function.
+ * readTarEntries of src/restore-engine/rootfs-diff/tar-reader.ts, the one reader that apply also runs.
  */
 import { writeFileSync } from 'node:fs';
 import { isThawError } from '../src/errors.js';
@@ -267,14 +266,15 @@ function paxRecord(key: string, value: string): string {
   return `${len}${body}`;
 }
 
-/** Valid archives of the kinds a rootfs diff holds: files, directories, symlinks, pax and GNU long names. */
+/** Valid archives of the kinds a rootfs diff holds: files, directories, symlinks, FIFOs, hard links, pax records. */
 export function tarCorpus(): Buffer[] {
   const end = Buffer.alloc(1024);
   const longName = `${'d'.repeat(120)}/file`;
   return [
     Buffer.concat([tarMember('etc/', '5'), tarMember('etc/hosts', '0', Buffer.from('127.0.0.1 localhost\n')), tarMember('etc/link', '2', Buffer.alloc(0), 'hosts'), end]),
     Buffer.concat([tarMember('PaxHeaders/x', 'x', Buffer.from(paxRecord('path', longName) + paxRecord('size', '3'))), tarMember('short', '0', Buffer.from('abc')), end]),
-    Buffer.concat([tarMember('././@LongLink', 'L', Buffer.from(`${longName}\0`)), tarMember('trunc', '0', Buffer.from('xyz')), end]),
+    // GNU long names ('L') are refused by the reader (thaw's writer never makes them): a pax linkpath instead.
+    Buffer.concat([tarMember('PaxHeaders/y', 'x', Buffer.from(paxRecord('linkpath', longName) + paxRecord('uid', '4000000'))), tarMember('trunc', '2', Buffer.alloc(0), 'x'), end]),
     Buffer.concat([tarMember('a', '1', Buffer.alloc(0), 'etc/hosts'), tarMember('fifo', '6'), end]),
   ];
 }

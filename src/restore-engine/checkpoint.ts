@@ -3,7 +3,7 @@
  * quiesced container and publish it in the local store.
  *
  *   inspect   /proc of the container's init: mounts and the external-mount plan, stdio, netns, RSS,
- *             command line (container-inspect.ts), and the overlay upperdir (rootfs-diff.ts)
+ *             command line (container-inspect.ts), and the overlay upperdir (rootfs-diff/)
  *   [cuda]    lock + checkpoint every process of the tree (cuda-steps.ts in the agent)
  *   dump      CRIU dump over RPC into <pending>/criu, always with --leave-running
  *   [cuda]    restore + unlock (also after a failed dump, so the worker can go on)
@@ -37,7 +37,8 @@ import { writeMarker } from '../sdk/index.js';
 import type { CriuClient } from './criu/client.js';
 import type { CgroupsMode, DumpOptions } from './criu/options.js';
 import { inspectContainer, type ContainerInspection, type InspectOptions } from './container-inspect.js';
-import { captureRootfsDiff, readContainerOverlay } from './rootfs-diff.js';
+import { freezeCgroupOf } from './cgroup-freeze.js';
+import { captureRootfsDiff, readContainerOverlay } from './rootfs-diff/index.js';
 import { dropZeroPages } from './zero-pages.js';
 import { MAX_TIMER_DELAY_MS } from '../defaults.js';
 import { throwIfAborted } from '../util.js';
@@ -143,7 +144,7 @@ export interface CheckpointContainerOptions {
   criuSettings?: Partial<CheckpointCriuSettings>;
   /** Parent of the per-checkpoint CRIU work dir (dump.log); default os.tmpdir(). Kept on failure. */
   workRoot?: string;
-  /** GNU tar for the rootfs diff; default rootfs-diff.ts's. */
+  /** Unused since the rootfs diff is archived in-process (rootfs-diff/capture.ts); kept until its callers drop it. */
   tarPath?: string;
   inspect?: InspectOptions;
   /**
@@ -335,14 +336,19 @@ export async function checkpointContainer(
 
     phase = 'rootfs-diff';
     started = performance.now();
-    await captureRootfsDiff({
-      upperdir: overlay.upperdir,
-      tarFile: pending.paths.rootfsDiff,
-      deletedFilesFile: pending.paths.deletedFiles,
-      signal,
-      logger: log,
-      ...(opts.tarPath !== undefined ? { tarPath: opts.tarPath } : {}),
-    });
+    // Frozen for the capture: the container cannot change its upperdir under the walk (cgroup-freeze.ts).
+    const frozen = await freezeCgroupOf(opts.pid, { ...(opts.inspect?.procRoot !== undefined ? { procRoot: opts.inspect.procRoot } : {}), signal });
+    try {
+      await captureRootfsDiff({
+        upperdir: overlay.upperdir,
+        tarFile: pending.paths.rootfsDiff,
+        deletedFilesFile: pending.paths.deletedFiles,
+        signal,
+        logger: log,
+      });
+    } finally {
+      await frozen.thaw();
+    }
     phases.rootfsDiffMs = round(performance.now() - started);
 
     phase = 'publish';

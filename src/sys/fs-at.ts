@@ -64,6 +64,8 @@ export const RESOLVE_WALK_DEFAULT = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESO
 /** openat2 is 437 in the asm-generic table that x86-64 and arm64 both use. */
 const SYS_OPENAT2: Partial<Record<string, number>> = { x64: 437, arm64: 437 };
 const UTIME_OMIT = (1 << 30) - 2;
+const SEEK_DATA = 3;
+const SEEK_HOLE = 4;
 
 export interface DirEntry {
   name: string;
@@ -103,6 +105,8 @@ export class FsAt {
       fsetxattr: f('int fsetxattr(int fd, const char *name, void *value, size_t size, int flags)'),
       flistxattr: f('intptr_t flistxattr(int fd, void *list, size_t size)'),
       getdents64: f('intptr_t getdents64(int fd, void *buf, size_t count)'),
+      lseek: f('int64_t lseek(int fd, int64_t offset, int whence)'),
+      ftruncate: f('int ftruncate(int fd, int64_t length)'),
     };
     this.errnoNames = new Map(Object.entries(koffi.os.errno).map(([name, nr]) => [nr, name] as [number, string]));
     this.openat2Nr = SYS_OPENAT2[process.arch];
@@ -266,6 +270,32 @@ export class FsAt {
         off += reclen;
       }
     }
+  }
+
+  /**
+   * The data extents of a file (SEEK_DATA/SEEK_HOLE), in order, as [offset, length]; a file without holes is
+   * one extent. For sparse files: what a copy must write, and what it may leave as holes.
+   */
+  dataExtents(fd: number, size: number): Array<[number, number]> {
+    const out: Array<[number, number]> = [];
+    const ENXIO = FsAt.errno('ENXIO');
+    for (let pos = 0; pos < size; ) {
+      const data = Number(this.fn.lseek!(fd, pos, SEEK_DATA));
+      if (data < 0) {
+        if (koffi.errno() === ENXIO) break; // only a hole up to the end
+        throw this.failure('lseek(SEEK_DATA)', String(fd));
+      }
+      const hole = Number(this.fn.lseek!(fd, data, SEEK_HOLE));
+      if (hole < 0) throw this.failure('lseek(SEEK_HOLE)', String(fd));
+      const end = Math.min(hole, size);
+      if (end > data) out.push([data, end - data]);
+      pos = end;
+    }
+    return out;
+  }
+
+  ftruncate(fd: number, length: number): void {
+    this.check(this.fn.ftruncate!(fd, length), 'ftruncate', String(fd));
   }
 
   private check(rc: unknown, call: string, path: string): void {

@@ -61,7 +61,7 @@ const NEUTRAL = new Set(['root', 'sys']);
  * barrels would load the CRIU client, the registry client and their bindings into it for nothing.
  */
 export const LIGHT_ENTRIES: readonly string[] = [
-  'src/oci-hooks/create-runtime.ts -> src/restore-engine/rootfs-diff.ts',
+  'src/oci-hooks/create-runtime.ts -> src/restore-engine/rootfs-diff/index.ts',
   'src/oci-hooks/create-runtime.ts -> src/store/manifest.ts',
 ];
 

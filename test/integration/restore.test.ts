@@ -387,8 +387,8 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
     const dir = await mkdtemp('/tmp/thaw-tampered-');
     execFileSync('mkdir', ['-p', path.join(dir, 'tmp')]);
     await writeFile(path.join(dir, 'tmp', 'thaw-tampered'), 'not from the checkpoint\n');
-    execFileSync(stack.paths.tar, ['-cf', tarFile, '-C', dir, 'tmp/thaw-tampered']);
-    // Of the same size (zero blocks end a tar archive), so the store's size check at CreateContainer passes.
+    execFileSync(stack.paths.tar, ['-b', '1', '-cf', tarFile, '-C', dir, 'tmp/thaw-tampered']);
+    // Blocking factor 1 (512-byte records): thaw's own writer pads to blocks, not to GNU tar's 10 KiB records. Of the same size (zero blocks end a tar archive), so the store's size check at CreateContainer passes.
     const tampered = await readFile(tarFile);
     expect(tampered.length).toBeLessThanOrEqual(original.length);
     await writeFile(tarFile, Buffer.concat([tampered, Buffer.alloc(original.length - tampered.length)]));
@@ -469,7 +469,10 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
     }
   }, TEST_TIMEOUT_MS);
 
-  it('a create-runtime hook that fails (its tar cannot run): the original command runs, cause RESTORE_HOOK_FAILED', async () => {
+  // The failure this test injected (a GNU tar that cannot run) no longer exists: the hook applies the rootfs diff
+  // in-process (rootfs-diff/apply.ts). Skipped until the hook has another seam for a failure after verification
+  // (issue 12 item 3's restore-that-fails-after-the-diff test is meant to cover it).
+  it.skip('a create-runtime hook that fails (its tar cannot run): the original command runs, cause RESTORE_HOOK_FAILED', async () => {
     restoreConfig.tarPath = '/nonexistent/tar'; // read by the handler at each CreateContainer
     try {
       const ev = await expectColdStart('rst-hook-fail', CHECKPOINT, 'RESTORE_HOOK_FAILED', true);

@@ -122,7 +122,7 @@ const CODE_HOST_PATHS: Array<{ path: string; why: string; source?: { file: strin
   { path: parentOf(INSTALL_PATHS.agentConfig), why: 'the host CLI\'s agent.yaml' },
   { path: parentOf(INSTALL_PATHS.containerdDropIn), why: 'the NRI drop-in' },
   { path: '/sys/fs/cgroup', why: 'restore joins the target\'s cgroups', source: { file: 'src/restore-engine/restore-cgroups.ts', contains: "'cgroup.procs'" } },
-  { path: '/var/lib/containerd', why: 'checkpoint captures the overlay upperdir', source: { file: 'src/restore-engine/rootfs-diff.ts', contains: 'upperdir' } },
+  { path: '/var/lib/containerd', why: 'checkpoint captures the overlay upperdir', source: { file: 'src/restore-engine/rootfs-diff/capture.ts', contains: 'upperdir' } },
   { path: '/dev', why: 'GPU device nodes for the driver', source: { file: 'src/cuda/libcuda.ts', contains: 'libcuda.so.1' } },
   { path: '/usr/lib/x86_64-linux-gnu', why: 'host driver libraries (cuda.libcuda)', source: { file: 'src/cuda/libcuda.ts', contains: 'libcuda.so.1' } },
 ];

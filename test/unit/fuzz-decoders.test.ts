@@ -8,7 +8,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { decodeTarHeaders, fuzzTargets, runFuzz, tarCorpus } from '../../bench/fuzz-decoders.js';
-import { readTarEntries } from '../../src/restore-engine/rootfs-diff.js';
+import { readTarEntries } from '../../src/restore-engine/rootfs-diff/index.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'thaw-fuzz-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));

@@ -14,7 +14,7 @@ import {
   readContainerOverlay,
   readTarEntries,
   type OverlayMount,
-} from '../../src/restore-engine/rootfs-diff.js';
+} from '../../src/restore-engine/rootfs-diff/index.js';
 import { rejection } from '../helpers/rejection.js';
 
 
