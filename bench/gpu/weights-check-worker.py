@@ -74,12 +74,14 @@ def main():
     graph.replay()
     torch.cuda.synchronize()
     sums_after = {n: float(region.tensor(n).float().sum().item()) for n in names}
+    ok = region.ptr == va and torch.equal(y, y_before) and sums == sums_after
     print(json.dumps({
-        "ok": region.ptr == va and torch.equal(y, y_before) and sums == sums_after,
+        "ok": ok,
         "sameVa": region.ptr == va, "graphOutputEqual": bool(torch.equal(y, y_before)), "checksumsEqual": sums == sums_after,
         "weightsBytes": sum(a.source["length"] for a in region.file_allocations), "sdkLoadS": round(load_s, 3),
         "releasedBytes": freed, "mapHandlesMs": round(map_s * 1000, 1), "files": len(files),
     }), flush=True)
+    return 0 if ok else 1
 
 
-main()
+sys.exit(main())
