@@ -24,6 +24,8 @@ import { ThawError } from '../errors.js';
 import type { LogLevel } from '../log.js';
 import { DEFAULT_ANNOTATION_PREFIX, validateAnnotationPrefix } from '../nri-plugin/index.js';
 import { defaultTenancyPolicy, parseTenancyPolicy, type TenancyPolicy } from './tenancy.js';
+import { ConfigErrorCode } from './errors.js';
+export { ConfigErrorCode } from './errors.js';
 
 export const DEFAULT_CONFIG_PATH = '/etc/thaw/agent.yaml';
 /** sun_path holds 108 bytes with its NUL. */
@@ -52,13 +54,6 @@ export interface AgentConfig {
   tenancy: TenancyPolicy;
 }
 
-export const ConfigErrorCode = {
-  /** A key, type or value is wrong; evidence: key, source, expected, got. */
-  INVALID: 'AGENT_CONFIG_INVALID',
-  /** The config file could not be read (other than missing at the default path). */
-  UNREADABLE: 'AGENT_CONFIG_UNREADABLE',
-} as const;
-export type ConfigErrorCode = (typeof ConfigErrorCode)[keyof typeof ConfigErrorCode];
 
 export class ConfigError extends ThawError {
   declare readonly code: ConfigErrorCode;

@@ -43,3 +43,11 @@ export const HandlerFallbackCause = {
   INTERNAL: 'AGENT_HANDLER_INTERNAL',
 } as const;
 export type HandlerFallbackCause = (typeof HandlerFallbackCause)[keyof typeof HandlerFallbackCause];
+
+export const ConfigErrorCode = {
+  /** A key, type or value is wrong; evidence: key, source, expected, got. */
+  INVALID: 'AGENT_CONFIG_INVALID',
+  /** The config file could not be read (other than missing at the default path). */
+  UNREADABLE: 'AGENT_CONFIG_UNREADABLE',
+} as const;
+export type ConfigErrorCode = (typeof ConfigErrorCode)[keyof typeof ConfigErrorCode];

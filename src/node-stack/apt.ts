@@ -6,7 +6,7 @@
 import { mkdir, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import type { Logger } from '../log.js';
-import { StackError, STACK_ERROR_CODES } from './errors.js';
+import { StackError, StackErrorCode } from './errors.js';
 import { runCommand } from './exec.js';
 
 /** Packages of one Debian suite at the versions we tested. */
@@ -151,7 +151,7 @@ export function chooseVersions(wanted: readonly string[], spec: SuiteSpec, polic
       }
       chosen[name] = entry.candidate;
     } else {
-      throw new StackError(STACK_ERROR_CODES.PROVISION_FAILED, `package ${name} not found in ${spec.suite}`, {
+      throw new StackError(StackErrorCode.PROVISION_FAILED, `package ${name} not found in ${spec.suite}`, {
         step: 'resolve versions',
         evidence: { package: name, pinned: pin, policy: entry },
       });
@@ -212,7 +212,7 @@ export async function readHostSource(options: { hostSourcesPaths?: string[] }): 
     const parsed = parseHostAptSource(file, text);
     if (parsed) return parsed;
   }
-  throw new StackError(STACK_ERROR_CODES.PROVISION_FAILED, 'no Debian archive found in the machine\'s apt sources', {
+  throw new StackError(StackErrorCode.PROVISION_FAILED, 'no Debian archive found in the machine\'s apt sources', {
     step: 'read host apt sources',
     evidence: { tried: candidates },
   });
@@ -244,7 +244,7 @@ export async function fetchDebs(apt: PrivateApt, chosen: Record<string, string>,
   for (const n of missing) {
     const f = again.get(n);
     if (!f) {
-      throw new StackError(STACK_ERROR_CODES.PROVISION_FAILED, `apt-get download left no .deb for ${n}`, {
+      throw new StackError(StackErrorCode.PROVISION_FAILED, `apt-get download left no .deb for ${n}`, {
         step: 'apt-get download', evidence: { package: n, version: chosen[n], archives: apt.archives },
       });
     }

@@ -2,7 +2,7 @@ import { readdir, readFile, readlink, rm, rmdir } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { silentLogger, type Logger } from '../log.js';
-import { StackError, STACK_ERROR_CODES } from './errors.js';
+import { StackError, StackErrorCode } from './errors.js';
 import { runCommand, sleep, throwIfAborted } from './exec.js';
 
 /** A file in every stack dir: who owns it, so a crashed run's dir can be told from a live one. */
@@ -176,7 +176,7 @@ export async function destroyStackDir(dir: string, opts: { logger?: Logger; sign
   }
   const report = { dir, killed, unmounted, removed, leftovers: { processes: leftProcs, mounts: leftMounts } };
   if (!removed || leftProcs.length > 0) {
-    throw new StackError(STACK_ERROR_CODES.CLEANUP_FAILED, `could not clean ${dir} completely`, { step: 'clean stack dir', evidence: report });
+    throw new StackError(StackErrorCode.CLEANUP_FAILED, `could not clean ${dir} completely`, { step: 'clean stack dir', evidence: report });
   }
   log.debug('stack dir cleaned', { dir, killed: killed.length, unmounted: unmounted.length });
   return report;

@@ -10,7 +10,7 @@ import { access, chmod, mkdir, mkdtemp, readdir, readFile, rename, rm, symlink, 
 import path from 'node:path';
 import { silentLogger, type Logger } from '../log.js';
 import { chooseVersions, fetchDebs, parseAptPolicy, privateApt, readHostSource, renderPrivateSources, type SuiteSpec } from './apt.js';
-import { STACK_ERROR_CODES } from './errors.js';
+import { StackErrorCode } from './errors.js';
 import { runCommand } from './exec.js';
 import { acquireLock } from './lock.js';
 import { DEFAULT_STACK_ROOT, STAMP_FILE, stackPaths } from './paths.js';
@@ -133,7 +133,7 @@ export async function provisionComponent<S extends ComponentStamp = ComponentSta
     const versions: Record<string, string> = {};
     for (const [name, b] of Object.entries(spec.binaries)) {
       const r = await runCommand(componentBinary(spec, name, root), [...b.checkArgs], {
-        step: `check ${name}`, signal, timeoutMs: 60_000, errorCode: STACK_ERROR_CODES.CHECK_FAILED,
+        step: `check ${name}`, signal, timeoutMs: 60_000, errorCode: StackErrorCode.CHECK_FAILED,
       });
       versions[name] = versionLine(`${r.stdout}\n${r.stderr}`);
     }

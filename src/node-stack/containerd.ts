@@ -8,7 +8,7 @@ import { destroyStackDir, processStartTicks, STACK_DIR_PREFIX, STACK_MARKER_FILE
 import { podSubnetFor, renderCniConflist, renderContainerdConfig } from './config.js';
 import { CriClient } from './cri-client.js';
 import { writeStrippedCriProto } from './cri-proto.js';
-import { StackError, STACK_ERROR_CODES } from './errors.js';
+import { StackError, StackErrorCode } from './errors.js';
 import { sleep, tail } from './exec.js';
 import { buildBusyboxRootfs, importImageInto, type ImportImageOptions } from './images.js';
 import { parseFlavor, stackPaths, DEFAULT_STACK_ROOT, type StackFlavor, type StackPaths } from './paths.js';
@@ -37,7 +37,7 @@ export const PAUSE_COMMAND = ['/bin/sh', '-c', "trap 'exit 0' TERM INT; sleep 21
 export function assertSocketPath(p: string): void {
   const bytes = Buffer.byteLength(p);
   if (bytes > UNIX_SOCKET_PATH_MAX_BYTES) {
-    throw new StackError(STACK_ERROR_CODES.INVALID_OPTION, `unix socket path is ${bytes} bytes (max ${UNIX_SOCKET_PATH_MAX_BYTES}): ${p}`, {
+    throw new StackError(StackErrorCode.INVALID_OPTION, `unix socket path is ${bytes} bytes (max ${UNIX_SOCKET_PATH_MAX_BYTES}): ${p}`, {
       step: 'check socket path', evidence: { path: p, bytes },
     });
   }
@@ -129,7 +129,7 @@ export async function startNodeStack(options: NodeStackOptions = {}): Promise<No
   const log = (options.logger ?? silentLogger).child({ component: 'node-stack', flavor });
   const paths = stackPaths(flavor, options.stackRoot ?? DEFAULT_STACK_ROOT);
   if (!(await isProvisioned(flavor, paths.root))) {
-    throw new StackError(STACK_ERROR_CODES.NOT_PROVISIONED, `stack ${flavor} is not provisioned at ${paths.prefix}: run npm run setup (THAW_CONTAINERD=${flavor})`, {
+    throw new StackError(StackErrorCode.NOT_PROVISIONED, `stack ${flavor} is not provisioned at ${paths.prefix}: run npm run setup (THAW_CONTAINERD=${flavor})`, {
       step: 'start node stack', evidence: { prefix: paths.prefix },
     });
   }
@@ -157,7 +157,7 @@ export async function startNodeStack(options: NodeStackOptions = {}): Promise<No
     }
     for (const plugin of options.nri?.launchedPlugins ?? []) {
       if (!/^\d\d-[A-Za-z0-9_.-]+$/.test(plugin.name)) {
-        throw new StackError(STACK_ERROR_CODES.INVALID_OPTION, `NRI plugin name "${plugin.name}" must be NN-name`, {
+        throw new StackError(StackErrorCode.INVALID_OPTION, `NRI plugin name "${plugin.name}" must be NN-name`, {
           step: 'install launched NRI plugins', evidence: { name: plugin.name },
         });
       }
@@ -260,7 +260,7 @@ class NodeStackImpl implements NodeStack {
   }
 
   async startContainerd(signal?: AbortSignal): Promise<void> {
-    if (this.stopped) throw new StackError(STACK_ERROR_CODES.INVALID_OPTION, 'stack is stopped', { step: 'start containerd' });
+    if (this.stopped) throw new StackError(StackErrorCode.INVALID_OPTION, 'stack is stopped', { step: 'start containerd' });
     if (this.containerdPid !== 0) return;
     const fd = openSync(this.logPath, 'a');
     let child: ChildProcess;
@@ -283,15 +283,15 @@ class NodeStackImpl implements NodeStack {
     let lastError: unknown;
     for (;;) {
       if (child.exitCode !== null || child.signalCode !== null) {
-        throw new StackError(STACK_ERROR_CODES.CONTAINERD_EXITED, `containerd exited (${child.exitCode ?? child.signalCode}) while starting`, {
+        throw new StackError(StackErrorCode.CONTAINERD_EXITED, `containerd exited (${child.exitCode ?? child.signalCode}) while starting`, {
           step: 'start containerd', evidence: { config: this.configPath, logTail: await this.logTail() },
         });
       }
       if (signal?.aborted) {
-        throw new StackError(STACK_ERROR_CODES.ABORTED, 'aborted while waiting for containerd', { step: 'start containerd', cause: signal.reason });
+        throw new StackError(StackErrorCode.ABORTED, 'aborted while waiting for containerd', { step: 'start containerd', cause: signal.reason });
       }
       if (Date.now() > deadline) {
-        throw new StackError(STACK_ERROR_CODES.START_TIMEOUT, `containerd's CRI did not answer within ${this.startTimeoutMs} ms`, {
+        throw new StackError(StackErrorCode.START_TIMEOUT, `containerd's CRI did not answer within ${this.startTimeoutMs} ms`, {
           step: 'start containerd', cause: lastError, evidence: { config: this.configPath, logTail: await this.logTail() },
         });
       }

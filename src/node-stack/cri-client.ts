@@ -2,7 +2,7 @@ import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
 import { mkdir } from 'node:fs/promises';
 import path from 'node:path';
-import { StackError, STACK_ERROR_CODES } from './errors.js';
+import { StackError, StackErrorCode } from './errors.js';
 import { MAX_TIMER_DELAY_MS } from '../defaults.js';
 
 /** Default deadline of one CRI call. */
@@ -218,7 +218,7 @@ export class CriClient {
     try {
       def = await protoLoader.load(options.protoPath, { keepCase: true, longs: String, enums: String, defaults: true, oneofs: true });
     } catch (cause) {
-      throw new StackError(STACK_ERROR_CODES.NOT_PROVISIONED, `cannot load the CRI proto ${options.protoPath}`, {
+      throw new StackError(StackErrorCode.NOT_PROVISIONED, `cannot load the CRI proto ${options.protoPath}`, {
         step: 'load CRI proto', cause, evidence: { protoPath: options.protoPath },
       });
     }
@@ -245,11 +245,11 @@ export class CriClient {
     const timeoutMs = opts.timeoutMs ?? this.defaultTimeoutMs;
     const fn = (client as unknown as Record<string, Unary>)[method];
     if (typeof fn !== 'function') {
-      return Promise.reject(new StackError(STACK_ERROR_CODES.CRI_CALL_FAILED, `no CRI method ${method}`, { step: `CRI ${method}` }));
+      return Promise.reject(new StackError(StackErrorCode.CRI_CALL_FAILED, `no CRI method ${method}`, { step: `CRI ${method}` }));
     }
     return new Promise<T>((resolve, reject) => {
       if (opts.signal?.aborted) {
-        reject(new StackError(STACK_ERROR_CODES.ABORTED, 'aborted', { step: `CRI ${method}`, cause: opts.signal.reason }));
+        reject(new StackError(StackErrorCode.ABORTED, 'aborted', { step: `CRI ${method}`, cause: opts.signal.reason }));
         return;
       }
       const deadline = new Date(Date.now() + Math.min(timeoutMs, MAX_TIMER_DELAY_MS));
@@ -258,7 +258,7 @@ export class CriClient {
         opts.signal?.removeEventListener('abort', onAbort);
         if (err) {
           const aborted = opts.signal?.aborted === true;
-          reject(new StackError(aborted ? STACK_ERROR_CODES.ABORTED : STACK_ERROR_CODES.CRI_CALL_FAILED,
+          reject(new StackError(aborted ? StackErrorCode.ABORTED : StackErrorCode.CRI_CALL_FAILED,
             `${method} failed: ${grpc.status[err.code] ?? err.code}: ${err.details}`, {
               step: `CRI ${method}`, cause: err,
               evidence: { method, grpcCode: err.code, grpcStatus: grpc.status[err.code], details: err.details, timeoutMs, address: this.address },

@@ -1,6 +1,6 @@
 import { mkdir, readFile, rename, writeFile } from 'node:fs/promises';
 import path from 'node:path';
-import { StackError, STACK_ERROR_CODES } from './errors.js';
+import { StackError, StackErrorCode } from './errors.js';
 
 /**
  * Removes gogoproto from the CRI api.proto so that protobufjs can load it without gogo.proto: the
@@ -35,7 +35,7 @@ export async function writeStrippedCriProto(sourcePath: string, targetPath: stri
   try {
     source = await readFile(sourcePath, 'utf8');
   } catch (cause) {
-    throw new StackError(STACK_ERROR_CODES.NOT_PROVISIONED, `CRI api.proto missing at ${sourcePath}`, {
+    throw new StackError(StackErrorCode.NOT_PROVISIONED, `CRI api.proto missing at ${sourcePath}`, {
       step: 'strip CRI proto',
       cause,
       evidence: { sourcePath },

@@ -4,7 +4,7 @@ import { ThawError } from '../errors.js';
  * Error codes of the private node stack (provisioning and the test/demo harness). Stable: tests and
  * scripts match on them.
  */
-export const STACK_ERROR_CODES = {
+export const StackErrorCode = {
   /** apt-get, dpkg, patchelf or a version check failed while building a stack prefix. */
   PROVISION_FAILED: 'STACK_PROVISION_FAILED',
   /** A provisioned binary does not work here (`criu check` is not "Looks good", `runc --version` fails). */
@@ -31,7 +31,7 @@ export const STACK_ERROR_CODES = {
   COMMAND_TIMEOUT: 'STACK_COMMAND_TIMEOUT',
 } as const;
 
-export type StackErrorCode = (typeof STACK_ERROR_CODES)[keyof typeof STACK_ERROR_CODES];
+export type StackErrorCode = (typeof StackErrorCode)[keyof typeof StackErrorCode];
 
 export class StackError extends ThawError {
   constructor(

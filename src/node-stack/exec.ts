@@ -1,5 +1,5 @@
 import { spawn } from 'node:child_process';
-import { StackError, STACK_ERROR_CODES, type StackErrorCode } from './errors.js';
+import { StackError, StackErrorCode } from './errors.js';
 import { MAX_TIMER_DELAY_MS } from '../defaults.js';
 import { throwIfAborted as checkAborted } from '../util.js';
 
@@ -47,7 +47,7 @@ export function runCommand(file: string, args: readonly string[], options: RunOp
   const command = [file, ...args].join(' ');
   return new Promise<RunResult>((resolve, reject) => {
     if (options.signal?.aborted) {
-      reject(new StackError(STACK_ERROR_CODES.ABORTED, 'aborted before start', { step: options.step, evidence: { command } }));
+      reject(new StackError(StackErrorCode.ABORTED, 'aborted before start', { step: options.step, evidence: { command } }));
       return;
     }
     const child = spawn(file, args, {
@@ -73,7 +73,7 @@ export function runCommand(file: string, args: readonly string[], options: RunOp
     };
     child.on('error', (e) => {
       done();
-      reject(new StackError(options.errorCode ?? STACK_ERROR_CODES.PROVISION_FAILED, `cannot run ${file}: ${e.message}`, {
+      reject(new StackError(options.errorCode ?? StackErrorCode.PROVISION_FAILED, `cannot run ${file}: ${e.message}`, {
         step: options.step,
         cause: e,
         evidence: { command },
@@ -86,17 +86,17 @@ export function runCommand(file: string, args: readonly string[], options: RunOp
       const durationMs = Date.now() - started;
       const evidence = { command, exitCode: code, signal: sig, stderrTail: tail(stderr), stdoutTail: tail(stdout, 1000) };
       if (why === 'timeout') {
-        reject(new StackError(STACK_ERROR_CODES.COMMAND_TIMEOUT, `${file} ran past ${timeoutMs} ms`, { step: options.step, evidence }));
+        reject(new StackError(StackErrorCode.COMMAND_TIMEOUT, `${file} ran past ${timeoutMs} ms`, { step: options.step, evidence }));
         return;
       }
       if (why === 'abort') {
-        reject(new StackError(STACK_ERROR_CODES.ABORTED, `${file} aborted`, { step: options.step, cause: options.signal?.reason, evidence }));
+        reject(new StackError(StackErrorCode.ABORTED, `${file} aborted`, { step: options.step, cause: options.signal?.reason, evidence }));
         return;
       }
       const exitCode = code ?? 128;
       if (exitCode !== 0 && !options.allowFailure) {
         const firstLine = stderr.trim().split('\n').slice(-1)[0] ?? '';
-        reject(new StackError(options.errorCode ?? STACK_ERROR_CODES.PROVISION_FAILED,
+        reject(new StackError(options.errorCode ?? StackErrorCode.PROVISION_FAILED,
           `${file} exited with ${code ?? sig}${firstLine ? `: ${firstLine}` : ''}`, { step: options.step, evidence }));
         return;
       }
@@ -109,19 +109,19 @@ export function runCommand(file: string, args: readonly string[], options: RunOp
 
 /** Throws the ABORTED StackError when `signal` has fired. */
 export function throwIfAborted(signal: AbortSignal | undefined, step: string): void {
-  checkAborted(signal, (cause) => new StackError(STACK_ERROR_CODES.ABORTED, 'aborted', { step, cause }));
+  checkAborted(signal, (cause) => new StackError(StackErrorCode.ABORTED, 'aborted', { step, cause }));
 }
 
 /** Resolves after `ms`, or rejects with ABORTED when `signal` fires first. */
 export function sleep(ms: number, signal?: AbortSignal, step = 'wait'): Promise<void> {
   return new Promise((resolve, reject) => {
     if (signal?.aborted) {
-      reject(new StackError(STACK_ERROR_CODES.ABORTED, 'aborted', { step, cause: signal.reason }));
+      reject(new StackError(StackErrorCode.ABORTED, 'aborted', { step, cause: signal.reason }));
       return;
     }
     const onAbort = (): void => {
       clearTimeout(timer);
-      reject(new StackError(STACK_ERROR_CODES.ABORTED, 'aborted', { step, cause: signal?.reason }));
+      reject(new StackError(StackErrorCode.ABORTED, 'aborted', { step, cause: signal?.reason }));
     };
     const timer = setTimeout(() => {
       signal?.removeEventListener('abort', onAbort);

@@ -19,7 +19,7 @@ import { constants as fsConstants } from 'node:fs';
 import { access, chmod, copyFile, mkdir, mkdtemp, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { silentLogger, type Logger } from '../log.js';
-import { StackError, STACK_ERROR_CODES } from './errors.js';
+import { StackError, StackErrorCode } from './errors.js';
 import { chooseVersions, fetchDebs, parseAptPolicy, privateApt, readHostSource, renderPrivateSources } from './apt.js';
 import { runCommand, tail } from './exec.js';
 import { acquireLock } from './lock.js';
@@ -143,7 +143,7 @@ Promise<{ binary: string; built: boolean; stamp: GoNriPluginStamp }> {
     const printed = await srcApt.aptGet(['-q', '--print-uris', 'source', `${GO_NRI_SOURCE.name}=${GO_NRI_SOURCE.version}`], 'resolve the nri source package', srcApt.archives);
     const orig = parseSourceUri(printed.stdout, '.orig.tar.gz');
     if (!orig) {
-      throw new StackError(STACK_ERROR_CODES.PROVISION_FAILED, `no .orig.tar.gz in the sources of ${GO_NRI_SOURCE.name} ${GO_NRI_SOURCE.version}`, {
+      throw new StackError(StackErrorCode.PROVISION_FAILED, `no .orig.tar.gz in the sources of ${GO_NRI_SOURCE.name} ${GO_NRI_SOURCE.version}`, {
         step: 'resolve the nri source package', evidence: { printUris: tail(printed.stdout, 1000) },
       });
     }
@@ -192,9 +192,9 @@ Promise<{ binary: string; built: boolean; stamp: GoNriPluginStamp }> {
       if (!swapped) log.warn('go-nri-plugin build failed; nothing swapped in', {});
     }
     // A run with a bad flag proves the binary starts (Go's flag package exits 2 after printing usage).
-    const check = await runCommand(paths.binary, ['-no-such-flag'], { step: 'check nri-template', allowFailure: true, timeoutMs: 30_000, errorCode: STACK_ERROR_CODES.CHECK_FAILED });
+    const check = await runCommand(paths.binary, ['-no-such-flag'], { step: 'check nri-template', allowFailure: true, timeoutMs: 30_000, errorCode: StackErrorCode.CHECK_FAILED });
     if (!/-idx/.test(check.stderr)) {
-      throw new StackError(STACK_ERROR_CODES.CHECK_FAILED, 'the built nri-template did not print its usage', { step: 'check nri-template', evidence: { stderr: tail(check.stderr, 1000) } });
+      throw new StackError(StackErrorCode.CHECK_FAILED, 'the built nri-template did not print its usage', { step: 'check nri-template', evidence: { stderr: tail(check.stderr, 1000) } });
     }
     const stamp: GoNriPluginStamp = {
       formatVersion: GO_NRI_PLUGIN_FORMAT_VERSION,

@@ -3,7 +3,7 @@ import { createReadStream } from 'node:fs';
 import { chmod, copyFile, mkdir, mkdtemp, rename, rm, stat, symlink, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { StackError, STACK_ERROR_CODES } from './errors.js';
+import { StackError, StackErrorCode } from './errors.js';
 import { runCommand } from './exec.js';
 import { stackPaths, type StackFlavor } from './paths.js';
 
@@ -100,7 +100,7 @@ export function buildOciLayoutDocs(layer: { digest: string; size: number }, ref:
 /** A reference as containerd names images: `docker.io/thaw/busybox:1`. Short names are refused (they would be normalised). */
 export function assertFullyQualifiedRef(ref: string): void {
   if (!/^([a-z0-9-]+\.[a-z0-9.-]+|localhost)(:\d+)?\/[a-z0-9._/-]+(:[\w.-]+|@sha256:[0-9a-f]{64})$/.test(ref)) {
-    throw new StackError(STACK_ERROR_CODES.INVALID_OPTION, `image ref "${ref}" is not fully qualified (e.g. docker.io/thaw/busybox:1)`, {
+    throw new StackError(StackErrorCode.INVALID_OPTION, `image ref "${ref}" is not fully qualified (e.g. docker.io/thaw/busybox:1)`, {
       step: 'check image ref', evidence: { ref },
     });
   }
@@ -140,7 +140,7 @@ export async function buildOciArchive(o: BuildLayoutOptions): Promise<{ archive:
     await runCommand(o.tar, ['--sort=name', '--mtime=@0', '--owner=0', '--group=0', '--numeric-owner',
       '--format=posix', '--pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime',
       '-C', o.rootfsDir, '-cf', layerTmp, '.'], {
-      step: 'tar image layer', signal: o.signal, errorCode: STACK_ERROR_CODES.IMAGE_FAILED,
+      step: 'tar image layer', signal: o.signal, errorCode: StackErrorCode.IMAGE_FAILED,
     });
     const layer = await fileSha256(layerTmp);
     const docs = buildOciLayoutDocs(layer, o.ref, o);
@@ -160,7 +160,7 @@ export async function buildOciArchive(o: BuildLayoutOptions): Promise<{ archive:
     const tmpArchive = path.join(work, 'image.tar');
     await runCommand(o.tar, ['--sort=name', '--mtime=@0', '--owner=0', '--group=0', '--numeric-owner',
       '-C', layout, '-cf', tmpArchive, 'oci-layout', 'index.json', 'blobs'], {
-      step: 'tar image layout', signal: o.signal, errorCode: STACK_ERROR_CODES.IMAGE_FAILED,
+      step: 'tar image layout', signal: o.signal, errorCode: StackErrorCode.IMAGE_FAILED,
     });
     await chmod(tmpArchive, 0o644);
     await rename(tmpArchive, archive);
@@ -230,7 +230,7 @@ export async function importImageInto(target: ImageTarget, o: ImportImageOptions
   const built = await buildOciArchive({ ...o, tar: target.tarPath, cacheDir: target.imageCacheDir });
   await runCommand(target.ctrPath, ['-a', target.address, '-n', 'k8s.io', 'images', 'import', '--index-name', o.ref, built.archive], {
     step: `ctr images import ${o.ref}`, signal: o.signal, timeoutMs: o.timeoutMs ?? DEFAULT_IMAGE_IMPORT_TIMEOUT_MS,
-    errorCode: STACK_ERROR_CODES.IMAGE_FAILED,
+    errorCode: StackErrorCode.IMAGE_FAILED,
   });
   return { ref: o.ref, manifestDigest: built.manifestDigest, cached: built.cached };
 }

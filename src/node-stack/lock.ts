@@ -1,6 +1,6 @@
 /** The provisioners' lock: one builder per prefix, across processes (several test files, agents, setup runs). */
 import { open, readFile, rm, stat } from 'node:fs/promises';
-import { StackError, STACK_ERROR_CODES } from './errors.js';
+import { StackError, StackErrorCode } from './errors.js';
 import { sleep, throwIfAborted } from './exec.js';
 
 function pidAlive(pid: number): boolean {
@@ -37,7 +37,7 @@ export async function acquireLock(file: string, timeoutMs: number, signal?: Abor
       continue;
     }
     if (Date.now() > deadline) {
-      throw new StackError(STACK_ERROR_CODES.PROVISION_FAILED, `another provisioner (pid ${owner}) holds ${file}`, {
+      throw new StackError(StackErrorCode.PROVISION_FAILED, `another provisioner (pid ${owner}) holds ${file}`, {
         step: 'take provisioning lock', evidence: { file, owner, timeoutMs },
       });
     }

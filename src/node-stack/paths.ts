@@ -1,5 +1,5 @@
 import path from 'node:path';
-import { StackError, STACK_ERROR_CODES } from './errors.js';
+import { StackError, StackErrorCode } from './errors.js';
 
 /** The stack flavors: which containerd generation a prefix holds. */
 export type StackFlavor = '1.7' | '2.1';
@@ -70,7 +70,7 @@ export interface StackPaths {
 export function parseFlavor(value: string | undefined, fallback: StackFlavor = '1.7'): StackFlavor {
   if (value === undefined || value === '') return fallback;
   if ((STACK_FLAVORS as readonly string[]).includes(value)) return value as StackFlavor;
-  throw new StackError(STACK_ERROR_CODES.INVALID_OPTION, `unknown stack flavor "${value}" (use one of ${STACK_FLAVORS.join(', ')})`, {
+  throw new StackError(StackErrorCode.INVALID_OPTION, `unknown stack flavor "${value}" (use one of ${STACK_FLAVORS.join(', ')})`, {
     step: 'parse flavor',
     evidence: { value },
   });

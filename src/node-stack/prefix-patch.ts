@@ -8,7 +8,7 @@ import path from 'node:path';
 import type { Logger } from '../log.js';
 import { elfHasInterpreter } from '../elf.js';
 import { privateApt, type HostAptSource } from './apt.js';
-import { StackError, STACK_ERROR_CODES } from './errors.js';
+import { StackError, StackErrorCode } from './errors.js';
 import { runCommand, tail } from './exec.js';
 import { INTERPRETER_SUBPATH, LIB_SUBDIRS, type StackPaths } from './paths.js';
 
@@ -35,7 +35,7 @@ export async function ensurePatchelf(paths: Pick<StackPaths, 'root' | 'toolsDir'
   await apt.aptGet(['-q', 'download', 'patchelf'], 'apt-get download patchelf', apt.archives);
   const deb = fileName ? path.join(apt.archives, fileName) : undefined;
   if (!deb || !(await exists(deb))) {
-    throw new StackError(STACK_ERROR_CODES.PROVISION_FAILED, 'apt-get download left no patchelf .deb', {
+    throw new StackError(StackErrorCode.PROVISION_FAILED, 'apt-get download left no patchelf .deb', {
       step: 'apt-get download patchelf', evidence: { printUris: tail(dl.stdout, 500), archives: apt.archives },
     });
   }

@@ -12,7 +12,7 @@ import {
   chooseVersions, fetchDebs, parseAptPolicy, parseDependsClosure, privateApt, readHostSource, renderPrivateSources, type SuiteSpec,
 } from './apt.js';
 import { writeStrippedCriProto } from './cri-proto.js';
-import { StackError, STACK_ERROR_CODES } from './errors.js';
+import { StackError, StackErrorCode } from './errors.js';
 import { runCommand, tail } from './exec.js';
 import { acquireLock } from './lock.js';
 import { BIN_LINKS, DEFAULT_STACK_ROOT, stackPaths, type StackFlavor, type StackPaths } from './paths.js';
@@ -231,7 +231,7 @@ async function makeBinLinks(tree: string): Promise<void> {
   await mkdir(binDir, { recursive: true, mode: 0o755 });
   for (const [name, rel] of Object.entries(BIN_LINKS)) {
     if (!(await exists(path.join(tree, rel)))) {
-      throw new StackError(STACK_ERROR_CODES.PROVISION_FAILED, `${rel} is not in the unpacked packages`, {
+      throw new StackError(StackErrorCode.PROVISION_FAILED, `${rel} is not in the unpacked packages`, {
         step: 'link bin/', evidence: { name, expected: rel },
       });
     }
@@ -249,7 +249,7 @@ export async function checkStack(paths: StackPaths, opts: { signal?: AbortSignal
   const check = async (name: string, file: string, args: string[]): Promise<string> => {
     const r = await runCommand(file, args, {
       step: `check ${name}`, env, signal: opts.signal, timeoutMs: opts.timeoutMs ?? 60_000,
-      errorCode: STACK_ERROR_CODES.CHECK_FAILED,
+      errorCode: StackErrorCode.CHECK_FAILED,
     });
     return `${r.stdout}${r.stderr}`;
   };
@@ -263,7 +263,7 @@ export async function checkStack(paths: StackPaths, opts: { signal?: AbortSignal
   });
   const said = `${criuCheck.stdout}${criuCheck.stderr}`;
   if (criuCheck.exitCode !== 0 || !/Looks good/.test(said)) {
-    throw new StackError(STACK_ERROR_CODES.CHECK_FAILED, `criu check did not say "Looks good" (exit ${criuCheck.exitCode})`, {
+    throw new StackError(StackErrorCode.CHECK_FAILED, `criu check did not say "Looks good" (exit ${criuCheck.exitCode})`, {
       step: 'criu check', evidence: { command: `${paths.criu} check`, exitCode: criuCheck.exitCode, output: tail(said) },
     });
   }

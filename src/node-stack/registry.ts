@@ -11,7 +11,7 @@ import https from 'node:https';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { StackError, STACK_ERROR_CODES } from './errors.js';
+import { StackError, StackErrorCode } from './errors.js';
 import { sleep, tail } from './exec.js';
 import { isRegistryProvisioned, registryPaths } from './registry-provision.js';
 import { DEFAULT_STACK_ROOT } from './paths.js';
@@ -117,7 +117,7 @@ async function probe(url: string, ca: string | undefined): Promise<number | unde
 export async function startRegistry(o: RegistryOptions = {}): Promise<RunningRegistry> {
   const paths = registryPaths(o.stackRoot ?? DEFAULT_STACK_ROOT);
   if (!(await isRegistryProvisioned(paths.root))) {
-    throw new StackError(STACK_ERROR_CODES.NOT_PROVISIONED, `the registry is not provisioned under ${paths.prefix} (run scripts/setup.sh)`, {
+    throw new StackError(StackErrorCode.NOT_PROVISIONED, `the registry is not provisioned under ${paths.prefix} (run scripts/setup.sh)`, {
       step: 'start registry',
       evidence: { prefix: paths.prefix },
     });
@@ -138,7 +138,7 @@ export async function startRegistry(o: RegistryOptions = {}): Promise<RunningReg
   for (;;) {
     if (child.exitCode !== null || child.signalCode !== null) {
       await rm(dir, { recursive: true, force: true });
-      throw new StackError(STACK_ERROR_CODES.REGISTRY_START_FAILED, `docker-registry exited at start (${child.exitCode ?? child.signalCode})`, { step: 'start registry', evidence: { stderr: tail(stderr) } });
+      throw new StackError(StackErrorCode.REGISTRY_START_FAILED, `docker-registry exited at start (${child.exitCode ?? child.signalCode})`, { step: 'start registry', evidence: { stderr: tail(stderr) } });
     }
     const status = await probe(url, o.tls?.ca);
     if (status === 200 || status === 401) break;
@@ -146,7 +146,7 @@ export async function startRegistry(o: RegistryOptions = {}): Promise<RunningReg
       child.kill('SIGKILL');
       await exited;
       await rm(dir, { recursive: true, force: true });
-      throw new StackError(STACK_ERROR_CODES.REGISTRY_START_FAILED, `docker-registry did not answer on ${url} in time`, { step: 'start registry', evidence: { stderr: tail(stderr) } });
+      throw new StackError(StackErrorCode.REGISTRY_START_FAILED, `docker-registry did not answer on ${url} in time`, { step: 'start registry', evidence: { stderr: tail(stderr) } });
     }
     await sleep(50);
   }

@@ -11,7 +11,7 @@
  * leaves it out and says `argsApplied: false` on older runtimes, and the caller picks its fallback (thaw's:
  * a createRuntime hook).
  */
-import { NRI_ERROR_CODES, NriError } from './errors.js';
+import { NriErrorCode, NriError } from './errors.js';
 import type { ContainerAdjustment, Hook, Hooks, KeyValue, LinuxDevice, Mount, POSIXRlimit } from './nri-types.js';
 import { supportsArgs, type RuntimeInfo } from './runtime-version.js';
 
@@ -58,7 +58,7 @@ export interface AdjustmentResult {
 const ENV_KEY = /^[A-Za-z_][A-Za-z0-9_]*$/;
 
 function invalid(message: string, evidence: Record<string, unknown>): NriError {
-  return new NriError(NRI_ERROR_CODES.NRI_INVALID_ADJUSTMENT, message, { step: 'build container adjustment', evidence });
+  return new NriError(NriErrorCode.NRI_INVALID_ADJUSTMENT, message, { step: 'build container adjustment', evidence });
 }
 
 function assertAbsolute(what: string, path: string): void {

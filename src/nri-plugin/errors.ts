@@ -5,7 +5,7 @@ import { ThawError } from '../errors.js';
  * match on `code`, never on the message. Each code says whether it is connection-fatal (the trunk is
  * closed) or request-level (one call fails, the connection stays up).
  */
-export const NRI_ERROR_CODES = {
+export const NriErrorCode = {
   /** Connection-fatal. A mux frame announced a payload larger than the receiver's limit (evidence: both numbers). */
   MUX_FRAME_TOO_LARGE: 'MUX_FRAME_TOO_LARGE',
   /** A caller tried to send a zero-length or out-of-range frame (a bug on our side; nothing was sent). */
@@ -50,7 +50,7 @@ export const NRI_ERROR_CODES = {
   NRI_LAUNCH_ENV_MISSING: 'NRI_LAUNCH_ENV_MISSING',
 } as const;
 
-export type NriErrorCode = (typeof NRI_ERROR_CODES)[keyof typeof NRI_ERROR_CODES];
+export type NriErrorCode = (typeof NriErrorCode)[keyof typeof NriErrorCode];
 
 /** Every error the NRI transport and plugin raise. */
 export class NriError extends ThawError {
@@ -87,7 +87,7 @@ export class TtrpcStatusError extends NriError {
   readonly grpcMessage: string;
 
   constructor(grpcCode: number, grpcMessage: string, options: { step: string; cause?: unknown }) {
-    super(NRI_ERROR_CODES.TTRPC_STATUS, `status ${grpcCode}: ${grpcMessage}`, {
+    super(NriErrorCode.TTRPC_STATUS, `status ${grpcCode}: ${grpcMessage}`, {
       ...options,
       evidence: { grpcCode, grpcMessage },
     });
@@ -107,7 +107,7 @@ export class NriHandlerRejection extends NriError {
   readonly reason: string;
 
   constructor(message: string, evidence?: Record<string, unknown>) {
-    super(NRI_ERROR_CODES.NRI_HANDLER_REJECTED, message, {
+    super(NriErrorCode.NRI_HANDLER_REJECTED, message, {
       step: 'NRI handler',
       ...(evidence ? { evidence } : {}),
     });

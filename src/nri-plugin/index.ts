@@ -36,12 +36,11 @@ export { supportsArgs, validEventsFor, parseVersion, VALID_EVENTS_NRI_0_9, VALID
 export { runLaunchedPlugin, writeShellLauncher, createFileLogger, type LaunchedPluginOptions, type ShellLauncherOptions } from './launcher.js';
 export { templateHandlers } from './template.js';
 export {
-  NRI_ERROR_CODES,
+  NriErrorCode,
   NriError,
   NriHandlerRejection,
   TtrpcStatusError,
   GrpcCode,
-  type NriErrorCode,
 } from './errors.js';
 export * from './nri-types.js';
 export { Mux, type MuxChannel, type MuxChannelSink, type MuxCloseInfo } from './mux.js';

@@ -9,7 +9,7 @@
 import { appendFileSync, chmodSync, mkdirSync, renameSync, writeFileSync } from 'node:fs';
 import { dirname } from 'node:path';
 import { createJsonLogger, parseLogLevel, type Logger } from '../log.js';
-import { NRI_ERROR_CODES, NriError } from './errors.js';
+import { NriErrorCode, NriError } from './errors.js';
 import { createNriPlugin, readLaunchEnv, type NriHandlers, type NriPlugin, type NriStopInfo } from './plugin.js';
 
 export interface LaunchedPluginOptions {
@@ -87,11 +87,11 @@ const shellQuote = (s: string): string => `'${s.replace(/'/g, `'\\''`)}'`;
 export function writeShellLauncher(options: ShellLauncherOptions): string {
   const nodePath = options.nodePath ?? process.execPath;
   for (const [what, p] of [['path', options.path], ['scriptPath', options.scriptPath], ['nodePath', nodePath]] as const) {
-    if (!p.startsWith('/')) throw new NriError(NRI_ERROR_CODES.NRI_INVALID_OPTIONS, `${what} must be absolute, got ${p}`, { step: 'write NRI launcher' });
+    if (!p.startsWith('/')) throw new NriError(NriErrorCode.NRI_INVALID_OPTIONS, `${what} must be absolute, got ${p}`, { step: 'write NRI launcher' });
   }
   const base = options.path.slice(options.path.lastIndexOf('/') + 1);
   if (!/^[0-9]{2}-.+$/.test(base)) {
-    throw new NriError(NRI_ERROR_CODES.NRI_INVALID_OPTIONS, `a launched plugin's file name must be NN-name, got ${base}`, { step: 'write NRI launcher' });
+    throw new NriError(NriErrorCode.NRI_INVALID_OPTIONS, `a launched plugin's file name must be NN-name, got ${base}`, { step: 'write NRI launcher' });
   }
   const envLines = Object.entries(options.env ?? {}).map(([k, v]) => `export ${k}=${shellQuote(v)}`);
   const script = [

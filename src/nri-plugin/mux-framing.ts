@@ -10,7 +10,7 @@
  * A frame is not a message: the runtime splits one ttrpc message over several frames (a 4096-byte frame,
  * then the rest), so the receiver feeds payloads into a per-connection ttrpc decoder.
  */
-import { NRI_ERROR_CODES, NriError, hexPrefix } from './errors.js';
+import { NriErrorCode, NriError, hexPrefix } from './errors.js';
 
 /** Length of a mux frame header: 4-byte ConnID + 4-byte payload length. */
 export const MUX_HEADER_LENGTH = 8;
@@ -64,16 +64,16 @@ export function encodeMuxFrames(
 ): Buffer[] {
   const step = 'encode mux frame';
   if (!Number.isInteger(connId) || connId < 1 || connId > 0xffffffff) {
-    throw new NriError(NRI_ERROR_CODES.MUX_INVALID_FRAME, `connection id ${connId} is not in 1..2^32-1`, { step });
+    throw new NriError(NriErrorCode.MUX_INVALID_FRAME, `connection id ${connId} is not in 1..2^32-1`, { step });
   }
   if (ttrpcMessage.length === 0) {
-    throw new NriError(NRI_ERROR_CODES.MUX_INVALID_FRAME, 'refusing to send a zero-length frame', { step });
+    throw new NriError(NriErrorCode.MUX_INVALID_FRAME, 'refusing to send a zero-length frame', { step });
   }
   if (ttrpcMessage.length <= MUX_SINGLE_FRAME_MAX_BYTES) return [frame(connId, ttrpcMessage)];
   const body = ttrpcMessage.subarray(TTRPC_HEADER_BYTES);
   if (body.length > maxPayloadBytes) {
     throw new NriError(
-      NRI_ERROR_CODES.MUX_FRAME_TOO_LARGE,
+      NriErrorCode.MUX_FRAME_TOO_LARGE,
       `payload of ${body.length} bytes exceeds the maximum of ${maxPayloadBytes} bytes`,
       { step, evidence: { payloadBytes: body.length, maxPayloadBytes } },
     );
@@ -123,7 +123,7 @@ export class MuxDecoder {
         const length = this.header.readUInt32BE(4);
         if (length > this.maxPayloadBytes) {
           this.failure = new NriError(
-            NRI_ERROR_CODES.MUX_FRAME_TOO_LARGE,
+            NriErrorCode.MUX_FRAME_TOO_LARGE,
             `frame payload of ${length} bytes exceeds the maximum of ${this.maxPayloadBytes} bytes`,
             {
               step: 'decode mux frame',

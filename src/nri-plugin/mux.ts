@@ -13,7 +13,7 @@
  */
 import type { Duplex } from 'node:stream';
 import type { Logger } from '../log.js';
-import { NRI_ERROR_CODES, NriError, hexPrefix } from './errors.js';
+import { NriErrorCode, NriError, hexPrefix } from './errors.js';
 import { MUX_MAX_PAYLOAD_BYTES_DEFAULT, MuxDecoder, encodeMuxFrames } from './mux-framing.js';
 
 /** How long close() lets queued writes drain before destroying the socket. */
@@ -63,12 +63,12 @@ export class Mux {
       this.resolveClosed = resolve;
     });
     socket.on('data', (chunk: Buffer) => this.onSocketData(chunk));
-    socket.on('end', () => this.shutdown({ reason: 'eof', error: this.error(NRI_ERROR_CODES.MUX_CLOSED, 'the peer closed the trunk (EOF)') }));
+    socket.on('end', () => this.shutdown({ reason: 'eof', error: this.error(NriErrorCode.MUX_CLOSED, 'the peer closed the trunk (EOF)') }));
     socket.on('error', (err: Error) =>
-      this.shutdown({ reason: 'error', error: this.error(NRI_ERROR_CODES.MUX_CLOSED, `trunk socket error: ${err.message}`, err) }),
+      this.shutdown({ reason: 'error', error: this.error(NriErrorCode.MUX_CLOSED, `trunk socket error: ${err.message}`, err) }),
     );
     socket.on('close', () =>
-      this.shutdown({ reason: 'eof', error: this.error(NRI_ERROR_CODES.MUX_CLOSED, 'the trunk socket closed') }),
+      this.shutdown({ reason: 'eof', error: this.error(NriErrorCode.MUX_CLOSED, 'the trunk socket closed') }),
     );
   }
 
@@ -85,7 +85,7 @@ export class Mux {
   private send(connId: number, ttrpcMessage: Uint8Array): Promise<void> {
     if (this.closeInfo) {
       return Promise.reject(
-        this.closeInfo.error ?? this.error(NRI_ERROR_CODES.MUX_CLOSED, 'the trunk is closed'),
+        this.closeInfo.error ?? this.error(NriErrorCode.MUX_CLOSED, 'the trunk is closed'),
       );
     }
     let bytes: Buffer;
@@ -97,7 +97,7 @@ export class Mux {
     }
     return new Promise((resolve, reject) => {
       this.socket.write(bytes, (err) => {
-        if (err) reject(this.error(NRI_ERROR_CODES.MUX_CLOSED, `write failed: ${err.message}`, err));
+        if (err) reject(this.error(NriErrorCode.MUX_CLOSED, `write failed: ${err.message}`, err));
         else resolve();
       });
     });
@@ -114,7 +114,7 @@ export class Mux {
     try {
       frames = this.decoder.push(chunk);
     } catch (err) {
-      const error = err instanceof NriError ? err : this.error(NRI_ERROR_CODES.MUX_CLOSED, String(err), err);
+      const error = err instanceof NriError ? err : this.error(NriErrorCode.MUX_CLOSED, String(err), err);
       this.logger.error('mux: undecodable frame, closing the trunk', {
         code: error.code,
         error: error.message,
@@ -163,7 +163,7 @@ export class Mux {
     this.resolveClosed(info);
   }
 
-  private error(code: typeof NRI_ERROR_CODES.MUX_CLOSED, message: string, cause?: unknown): NriError {
+  private error(code: typeof NriErrorCode.MUX_CLOSED, message: string, cause?: unknown): NriError {
     return new NriError(code, message, { step: 'NRI trunk', ...(cause === undefined ? {} : { cause }) });
   }
 }

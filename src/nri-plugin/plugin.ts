@@ -25,7 +25,7 @@ import net from 'node:net';
 import type { Duplex } from 'node:stream';
 import type { Logger } from '../log.js';
 import { AdjustmentBuilder } from './adjustment.js';
-import { GrpcCode, NRI_ERROR_CODES, NriError, NriHandlerRejection, TtrpcStatusError } from './errors.js';
+import { GrpcCode, NriErrorCode, NriError, NriHandlerRejection, TtrpcStatusError } from './errors.js';
 import { Mux } from './mux.js';
 import { PLUGIN_SERVICE_CONN, RUNTIME_SERVICE_CONN } from './mux-framing.js';
 import {
@@ -194,7 +194,7 @@ interface Session {
 const PLUGIN_NAME = /^[a-zA-Z0-9_.+-]+$/;
 
 function invalidOption(message: string): NriError {
-  return new NriError(NRI_ERROR_CODES.NRI_INVALID_OPTIONS, message, { step: 'create NRI plugin' });
+  return new NriError(NriErrorCode.NRI_INVALID_OPTIONS, message, { step: 'create NRI plugin' });
 }
 
 export class NriPlugin {
@@ -224,7 +224,7 @@ export class NriPlugin {
     }
     this.eventMask = eventMaskOf(options.handlers ?? {});
     if (this.eventMask === 0) {
-      throw new NriError(NRI_ERROR_CODES.NRI_NO_HANDLERS, 'the handlers implement no NRI event (runPodSandbox, createContainer, ...)', {
+      throw new NriError(NriErrorCode.NRI_NO_HANDLERS, 'the handlers implement no NRI event (runPodSandbox, createContainer, ...)', {
         step: 'create NRI plugin',
         evidence: { methods: Object.keys(options.handlers ?? {}) },
       });
@@ -272,14 +272,14 @@ export class NriPlugin {
         if (err) reject(err);
         else resolve();
       };
-      const onAbort = (): void => done(new NriError(NRI_ERROR_CODES.NRI_CLOSED, `aborted while waiting for state ${state}`, { step: 'wait for NRI state' }));
+      const onAbort = (): void => done(new NriError(NriErrorCode.NRI_CLOSED, `aborted while waiting for state ${state}`, { step: 'wait for NRI state' }));
       const remove = this.onStateChange((s) => {
         if (s === state) done();
-        else if (s === 'closed') done(new NriError(NRI_ERROR_CODES.NRI_CLOSED, `closed while waiting for state ${state}`, { step: 'wait for NRI state' }));
+        else if (s === 'closed') done(new NriError(NriErrorCode.NRI_CLOSED, `closed while waiting for state ${state}`, { step: 'wait for NRI state' }));
       });
       if (opts.timeoutMs !== undefined) {
         timer = setTimeout(
-          () => done(new NriError(NRI_ERROR_CODES.NRI_CLOSED, `state ${state} not reached within ${opts.timeoutMs} ms (now ${this.stateValue})`, { step: 'wait for NRI state' })),
+          () => done(new NriError(NriErrorCode.NRI_CLOSED, `state ${state} not reached within ${opts.timeoutMs} ms (now ${this.stateValue})`, { step: 'wait for NRI state' })),
           Math.min(opts.timeoutMs, MAX_TIMER_DELAY_MS),
         );
       }
@@ -293,7 +293,7 @@ export class NriPlugin {
    */
   start(): Promise<void> {
     if (this.stateValue === 'closed') {
-      return Promise.reject(new NriError(NRI_ERROR_CODES.NRI_CLOSED, 'the plugin is closed', { step: 'start NRI plugin' }));
+      return Promise.reject(new NriError(NriErrorCode.NRI_CLOSED, 'the plugin is closed', { step: 'start NRI plugin' }));
     }
     const configured = new Promise<void>((resolve, reject) => {
       if (this.stateValue === 'configured' || this.stateValue === 'synchronized') return resolve();
@@ -304,7 +304,7 @@ export class NriPlugin {
         } else if (s === 'closed') {
           remove();
           void this.stopped.then((info) =>
-            reject(new NriError(NRI_ERROR_CODES.NRI_CLOSED, `closed before it was configured (${info.reason})`, { step: 'start NRI plugin', cause: info.error })),
+            reject(new NriError(NriErrorCode.NRI_CLOSED, `closed before it was configured (${info.reason})`, { step: 'start NRI plugin', cause: info.error })),
           );
         }
       });
@@ -331,7 +331,7 @@ export class NriPlugin {
   ): Promise<ContainerUpdate[]> {
     const session = this.session;
     if (!session || !session.configured) {
-      throw new NriError(NRI_ERROR_CODES.NRI_CLOSED, `not connected to the runtime (state ${this.stateValue})`, { step: 'update containers' });
+      throw new NriError(NriErrorCode.NRI_CLOSED, `not connected to the runtime (state ${this.stateValue})`, { step: 'update containers' });
     }
     const payload = encodeMessage(nriType('UpdateContainersRequest'), { update, evict });
     const reply = await session.client.call(NRI_RUNTIME_SERVICE, 'UpdateContainers', payload, {
@@ -381,7 +381,7 @@ export class NriPlugin {
         socket = await this.openTrunk();
       } catch (err) {
         if (this.lifetime.signal.aborted) break;
-        const error = err instanceof NriError ? err : new NriError(NRI_ERROR_CODES.NRI_CONNECT_FAILED, String(err), { step: 'connect to NRI' });
+        const error = err instanceof NriError ? err : new NriError(NriErrorCode.NRI_CONNECT_FAILED, String(err), { step: 'connect to NRI' });
         if (!reconnect) {
           this.finish({ reason: 'error', error });
           break;
@@ -399,7 +399,7 @@ export class NriPlugin {
         break;
       }
       if (!reconnect) {
-        this.finish({ reason: 'error', error: outcome.error ?? new NriError(NRI_ERROR_CODES.NRI_CLOSED, 'connection lost', { step: 'NRI connection' }) });
+        this.finish({ reason: 'error', error: outcome.error ?? new NriError(NriErrorCode.NRI_CLOSED, 'connection lost', { step: 'NRI connection' }) });
         break;
       }
       const delayMs = this.backoffMs(attempt++, reconnect);
@@ -439,7 +439,7 @@ export class NriPlugin {
       const socket = net.createConnection({ path });
       const onAbort = (): void => {
         socket.destroy();
-        reject(new NriError(NRI_ERROR_CODES.NRI_CLOSED, 'closed while connecting', { step: 'connect to NRI' }));
+        reject(new NriError(NriErrorCode.NRI_CLOSED, 'closed while connecting', { step: 'connect to NRI' }));
       };
       this.lifetime.signal.addEventListener('abort', onAbort, { once: true });
       socket.once('connect', () => {
@@ -451,7 +451,7 @@ export class NriPlugin {
         this.lifetime.signal.removeEventListener('abort', onAbort);
         socket.destroy();
         reject(
-          new NriError(NRI_ERROR_CODES.NRI_CONNECT_FAILED, `connect ${path}: ${err.message}`, {
+          new NriError(NriErrorCode.NRI_CONNECT_FAILED, `connect ${path}: ${err.message}`, {
             step: 'connect to NRI',
             cause: err,
             evidence: { socketPath: path, errno: err.code },
@@ -493,7 +493,7 @@ export class NriPlugin {
       () => this.logger.info('nri plugin registered', { events: this.eventMask }),
       (err: unknown) => {
         if (mux.isClosed) return;
-        registrationError = new NriError(NRI_ERROR_CODES.NRI_REGISTRATION_FAILED, (err as Error).message, {
+        registrationError = new NriError(NriErrorCode.NRI_REGISTRATION_FAILED, (err as Error).message, {
           step: 'register with NRI',
           cause: err,
         });
@@ -587,7 +587,7 @@ export class NriPlugin {
     try {
       const result = await Promise.race([Promise.resolve().then(() => fn(ctx)), overrun]);
       if (result === 'overrun') {
-        controller.abort(new NriError(NRI_ERROR_CODES.TTRPC_DEADLINE_EXCEEDED, `handler budget of ${budgetMs} ms exceeded`, { step: what }));
+        controller.abort(new NriError(NriErrorCode.TTRPC_DEADLINE_EXCEEDED, `handler budget of ${budgetMs} ms exceeded`, { step: what }));
         this.logger.error(`nri plugin: ${what} handler overran its ${budgetMs} ms budget; answering with an empty reply so the pod proceeds without thaw`, {
           handler: what,
           budgetMs,
@@ -642,7 +642,7 @@ export class NriPlugin {
       });
     }
     if (events === 0) {
-      const err = new NriError(NRI_ERROR_CODES.NRI_NO_COMMON_EVENTS, `none of the handled events (0x${this.eventMask.toString(16)}) is valid for ${runtime.name} ${runtime.version}`, {
+      const err = new NriError(NriErrorCode.NRI_NO_COMMON_EVENTS, `none of the handled events (0x${this.eventMask.toString(16)}) is valid for ${runtime.name} ${runtime.version}`, {
         step: 'configure NRI plugin',
       });
       this.logger.error(err.message);
@@ -801,7 +801,7 @@ export function readLaunchEnv(env: NodeJS.ProcessEnv = process.env): NriLaunchEn
   const missing = ['NRI_PLUGIN_NAME', 'NRI_PLUGIN_IDX', 'NRI_PLUGIN_SOCKET'].filter((k) => !env[k]);
   const fd = Number(env['NRI_PLUGIN_SOCKET']);
   if (missing.length > 0 || !Number.isInteger(fd) || fd < 0) {
-    throw new NriError(NRI_ERROR_CODES.NRI_LAUNCH_ENV_MISSING, `not launched by an NRI runtime: ${missing.length ? `missing ${missing.join(', ')}` : `bad NRI_PLUGIN_SOCKET ${env['NRI_PLUGIN_SOCKET']}`}`, {
+    throw new NriError(NriErrorCode.NRI_LAUNCH_ENV_MISSING, `not launched by an NRI runtime: ${missing.length ? `missing ${missing.join(', ')}` : `bad NRI_PLUGIN_SOCKET ${env['NRI_PLUGIN_SOCKET']}`}`, {
       step: 'read NRI launch environment',
       evidence: { missing },
     });

@@ -10,7 +10,7 @@
  * - `close()` rejects every pending call with TTRPC_CLOSED (carrying the trunk's error as cause).
  */
 import type { Logger } from '../log.js';
-import { NRI_ERROR_CODES, NriError, TtrpcStatusError, hexPrefix } from './errors.js';
+import { NriErrorCode, NriError, TtrpcStatusError, hexPrefix } from './errors.js';
 import { decodeResponse, encodeRequest, type TtrpcKeyValue } from './ttrpc-codec.js';
 import { TtrpcDecoder, TtrpcMessageType, encodeTtrpcMessage } from './ttrpc-framing.js';
 import type { TtrpcTransport } from './ttrpc-server.js';
@@ -58,11 +58,11 @@ export class TtrpcClient {
   call(service: string, method: string, payload: Uint8Array, options: TtrpcCallOptions = {}): Promise<Buffer> {
     const step = `call ${service}/${method}`;
     if (this.closedError) {
-      return Promise.reject(new NriError(NRI_ERROR_CODES.TTRPC_CLOSED, 'the ttrpc client is closed', { step, cause: this.closedError }));
+      return Promise.reject(new NriError(NriErrorCode.TTRPC_CLOSED, 'the ttrpc client is closed', { step, cause: this.closedError }));
     }
     const { signal } = options;
     if (signal?.aborted) {
-      return Promise.reject(new NriError(NRI_ERROR_CODES.TTRPC_CANCELLED, 'aborted before sending', { step, cause: signal.reason }));
+      return Promise.reject(new NriError(NriErrorCode.TTRPC_CANCELLED, 'aborted before sending', { step, cause: signal.reason }));
     }
     const timeoutMs = options.timeoutMs ?? 0;
     const streamId = this.nextStreamId;
@@ -89,7 +89,7 @@ export class TtrpcClient {
       };
       const onAbort = (): void => {
         cleanup();
-        reject(new NriError(NRI_ERROR_CODES.TTRPC_CANCELLED, 'the caller aborted the call', { step, cause: signal?.reason, evidence: { streamId } }));
+        reject(new NriError(NriErrorCode.TTRPC_CANCELLED, 'the caller aborted the call', { step, cause: signal?.reason, evidence: { streamId } }));
       };
       this.pending.set(streamId, {
         method,
@@ -106,7 +106,7 @@ export class TtrpcClient {
         timer = setTimeout(() => {
           cleanup();
           reject(
-            new NriError(NRI_ERROR_CODES.TTRPC_DEADLINE_EXCEEDED, `no response within ${timeoutMs} ms`, {
+            new NriError(NriErrorCode.TTRPC_DEADLINE_EXCEEDED, `no response within ${timeoutMs} ms`, {
               step,
               evidence: { streamId, timeoutMs },
             }),
@@ -116,7 +116,7 @@ export class TtrpcClient {
       signal?.addEventListener('abort', onAbort, { once: true });
       this.transport.send(message).catch((err: unknown) => {
         const p = this.pending.get(streamId);
-        p?.reject(new NriError(NRI_ERROR_CODES.TTRPC_CLOSED, `request not sent: ${(err as Error).message}`, { step, cause: err }));
+        p?.reject(new NriError(NriErrorCode.TTRPC_CLOSED, `request not sent: ${(err as Error).message}`, { step, cause: err }));
       });
     });
   }
@@ -143,7 +143,7 @@ export class TtrpcClient {
       const step = `call ${p.method}`;
       if (item.kind === 'oversized') {
         p.reject(
-          new NriError(NRI_ERROR_CODES.TTRPC_MESSAGE_TOO_LARGE, `response length ${item.header.length} exceeds ${item.maxDataBytes}`, {
+          new NriError(NriErrorCode.TTRPC_MESSAGE_TOO_LARGE, `response length ${item.header.length} exceeds ${item.maxDataBytes}`, {
             step,
             evidence: { streamId, length: item.header.length },
           }),
@@ -152,7 +152,7 @@ export class TtrpcClient {
       }
       if (item.header.type !== TtrpcMessageType.RESPONSE) {
         p.reject(
-          new NriError(NRI_ERROR_CODES.TTRPC_PROTOCOL, `expected a response (type 2), got type ${item.header.type}`, {
+          new NriError(NriErrorCode.TTRPC_PROTOCOL, `expected a response (type 2), got type ${item.header.type}`, {
             step,
             evidence: { streamId, bytes: hexPrefix(item.data) },
           }),
@@ -177,10 +177,10 @@ export class TtrpcClient {
   /** Rejects every pending call with TTRPC_CLOSED; later calls reject at once. Idempotent. */
   close(cause?: NriError): void {
     if (this.closedError) return;
-    this.closedError = cause ?? new NriError(NRI_ERROR_CODES.TTRPC_CLOSED, 'ttrpc client closed', { step: 'ttrpc client' });
+    this.closedError = cause ?? new NriError(NriErrorCode.TTRPC_CLOSED, 'ttrpc client closed', { step: 'ttrpc client' });
     for (const [streamId, p] of [...this.pending]) {
       p.reject(
-        new NriError(NRI_ERROR_CODES.TTRPC_CLOSED, `connection closed while waiting for ${p.method}`, {
+        new NriError(NriErrorCode.TTRPC_CLOSED, `connection closed while waiting for ${p.method}`, {
           step: `call ${p.method}`,
           cause: this.closedError,
           evidence: { streamId },

@@ -8,7 +8,7 @@
  * below 2^53; a value above it would lose precision, never wrap.
  */
 import type protobuf from 'protobufjs';
-import { NRI_ERROR_CODES, NriError, hexPrefix } from './errors.js';
+import { NriErrorCode, NriError, hexPrefix } from './errors.js';
 import { NRI_PACKAGE, TTRPC_PACKAGE, protoSchemas } from './proto-schema.js';
 
 export interface TtrpcKeyValue {
@@ -67,7 +67,7 @@ export function encodeMessage(fullName: string, value: object): Buffer {
     const bytes = type.encode(msg).finish();
     return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.length);
   } catch (err) {
-    throw new NriError(NRI_ERROR_CODES.TTRPC_ENCODE_FAILED, `cannot encode ${fullName}: ${(err as Error).message}`, {
+    throw new NriError(NriErrorCode.TTRPC_ENCODE_FAILED, `cannot encode ${fullName}: ${(err as Error).message}`, {
       step: `encode ${fullName}`,
       cause: err,
     });
@@ -83,7 +83,7 @@ export function decodeMessage<T>(fullName: string, bytes: Uint8Array): T {
     const view = new Uint8Array(bytes.buffer, bytes.byteOffset, bytes.length);
     return type.toObject(type.decode(view), TO_OBJECT) as T;
   } catch (err) {
-    throw new NriError(NRI_ERROR_CODES.TTRPC_DECODE_FAILED, `cannot decode ${fullName}: ${(err as Error).message}`, {
+    throw new NriError(NriErrorCode.TTRPC_DECODE_FAILED, `cannot decode ${fullName}: ${(err as Error).message}`, {
       step: `decode ${fullName}`,
       cause: err,
       evidence: { bytes: hexPrefix(bytes), length: bytes.length },

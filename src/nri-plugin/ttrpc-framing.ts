@@ -10,7 +10,7 @@
  * Receiver rule: one logical connection is a byte stream; a message may span several mux frames and a
  * frame may hold the end of one message and the start of the next.
  */
-import { NRI_ERROR_CODES, NriError, hexPrefix } from './errors.js';
+import { NriErrorCode, NriError, hexPrefix } from './errors.js';
 
 export const TTRPC_HEADER_LENGTH = 10;
 /** messageLengthMax of containerd/ttrpc: 4 MiB of data, header excluded. */
@@ -47,7 +47,7 @@ export function encodeTtrpcHeader(header: TtrpcHeader): Buffer {
 /** Decodes the first 10 bytes of `bytes` (which must hold at least 10). */
 export function decodeTtrpcHeader(bytes: Uint8Array): TtrpcHeader {
   if (bytes.length < TTRPC_HEADER_LENGTH) {
-    throw new NriError(NRI_ERROR_CODES.TTRPC_BAD_HEADER, `need ${TTRPC_HEADER_LENGTH} header bytes, got ${bytes.length}`, {
+    throw new NriError(NriErrorCode.TTRPC_BAD_HEADER, `need ${TTRPC_HEADER_LENGTH} header bytes, got ${bytes.length}`, {
       step: 'decode ttrpc header',
       evidence: { bytes: hexPrefix(bytes) },
     });
@@ -69,7 +69,7 @@ export function encodeTtrpcMessage(
 ): Buffer {
   if (data.length > maxDataBytes) {
     throw new NriError(
-      NRI_ERROR_CODES.TTRPC_MESSAGE_TOO_LARGE,
+      NriErrorCode.TTRPC_MESSAGE_TOO_LARGE,
       `message length ${data.length} exceeds maximum message size of ${maxDataBytes}`,
       { step: 'encode ttrpc message', evidence: { dataBytes: data.length, maxDataBytes, streamId } },
     );
@@ -134,7 +134,7 @@ export class TtrpcDecoder {
         this.headerFilled = 0;
         if (this.headerBuf[0] !== 0) {
           this.failure = new NriError(
-            NRI_ERROR_CODES.TTRPC_BAD_HEADER,
+            NriErrorCode.TTRPC_BAD_HEADER,
             'the first byte of a ttrpc message header must be zero (length ≥ 16 MiB): not a ttrpc stream or out of sync',
             { step: 'decode ttrpc header', evidence: { header: hexPrefix(this.headerBuf) } },
           );

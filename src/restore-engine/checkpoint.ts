@@ -42,6 +42,8 @@ import { captureRootfsDiff, readContainerOverlay } from './rootfs-diff/index.js'
 import { dropZeroPages } from './zero-pages.js';
 import { MAX_TIMER_DELAY_MS } from '../defaults.js';
 import { throwIfAborted } from '../util.js';
+import { CheckpointErrorCode } from './restore-errors.js';
+export { CheckpointErrorCode } from './restore-errors.js';
 
 /** The whole flow, dump included, gives up after this (a 100 GB host-memory dump fits). */
 export const DEFAULT_CHECKPOINT_TIMEOUT_MS = 30 * 60_000;
@@ -49,11 +51,6 @@ export const DEFAULT_CHECKPOINT_TIMEOUT_MS = 30 * 60_000;
 export const NETNS_EXTERNAL_KEY = 'extnet';
 export const DUMP_LOG_FILE = 'dump.log';
 
-export const CheckpointErrorCode = {
-  /** A phase failed; evidence.phase names it, evidence.causeCode is the cause's code. */
-  FAILED: 'CHECKPOINT_FAILED',
-} as const;
-export type CheckpointErrorCode = (typeof CheckpointErrorCode)[keyof typeof CheckpointErrorCode];
 
 export class CheckpointError extends ThawError {
   declare readonly code: CheckpointErrorCode;

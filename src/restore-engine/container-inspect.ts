@@ -18,17 +18,12 @@ import { readdir, readFile, readlink } from 'node:fs/promises';
 import { join } from 'node:path';
 
 import { ThawError } from '../errors.js';
+import { InspectErrorCode } from './restore-errors.js';
+export { InspectErrorCode } from './restore-errors.js';
 
 /** Mounts CRIU dumps and restores itself; everything else is external. */
 export const CRIU_OWNED_MOUNTPOINTS: readonly string[] = ['/', '/proc', '/dev', '/dev/pts', '/dev/mqueue', '/sys'];
 
-export const InspectErrorCode = {
-  /** /proc/<pid>/... could not be read (the process is gone, or no permission): evidence has the path and errno. */
-  PROC_UNREADABLE: 'CHECKPOINT_INSPECT_PROC_UNREADABLE',
-  /** A mountinfo line that is not mountinfo (proc(5)). */
-  MOUNTINFO_INVALID: 'CHECKPOINT_INSPECT_MOUNTINFO_INVALID',
-} as const;
-export type InspectErrorCode = (typeof InspectErrorCode)[keyof typeof InspectErrorCode];
 
 export class InspectError extends ThawError {
   declare readonly code: InspectErrorCode;

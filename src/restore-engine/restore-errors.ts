@@ -78,3 +78,17 @@ export class RestoreError extends ThawError {
     this.name = 'RestoreError';
   }
 }
+
+export const CheckpointErrorCode = {
+  /** A phase failed; evidence.phase names it, evidence.causeCode is the cause's code. */
+  FAILED: 'CHECKPOINT_FAILED',
+} as const;
+export type CheckpointErrorCode = (typeof CheckpointErrorCode)[keyof typeof CheckpointErrorCode];
+
+export const InspectErrorCode = {
+  /** /proc/<pid>/... could not be read (the process is gone, or no permission): evidence has the path and errno. */
+  PROC_UNREADABLE: 'CHECKPOINT_INSPECT_PROC_UNREADABLE',
+  /** A mountinfo line that is not mountinfo (proc(5)). */
+  MOUNTINFO_INVALID: 'CHECKPOINT_INSPECT_MOUNTINFO_INVALID',
+} as const;
+export type InspectErrorCode = (typeof InspectErrorCode)[keyof typeof InspectErrorCode];

@@ -10,7 +10,7 @@
  */
 import { chmod, chown, lstat, mkdir, rm } from 'node:fs/promises';
 import { join, relative, resolve, sep } from 'node:path';
-import { CONTROL_DIR_ERROR_CODES, SdkError } from './errors.js';
+import { ControlDirErrorCode, SdkError } from './errors.js';
 import { firstPresent, readPayload, removeEntry, waitForFile, writeFileAtomic, type Payload } from './marker-files.js';
 import {
   CHECKPOINT_COMPLETE,
@@ -37,7 +37,7 @@ const AGENT_MARKER_MODE = 0o644;
  */
 export function validateContainerId(containerId: string): void {
   const reject = (why: string): never => {
-    throw new SdkError(CONTROL_DIR_ERROR_CODES.INVALID_ID, `invalid container id: ${why}`, {
+    throw new SdkError(ControlDirErrorCode.INVALID_ID, `invalid container id: ${why}`, {
       step: 'validate container id',
       evidence: { containerId: JSON.stringify(containerId).slice(0, 300) },
     });
@@ -57,7 +57,7 @@ export function controlDirPath(root: string, containerId: string): string {
   const dir = join(rootAbs, containerId);
   const rel = relative(rootAbs, dir);
   if (rel !== containerId || rel.includes(sep)) {
-    throw new SdkError(CONTROL_DIR_ERROR_CODES.INVALID_ID, 'container id resolves outside the control root', {
+    throw new SdkError(ControlDirErrorCode.INVALID_ID, 'container id resolves outside the control root', {
       step: 'validate container id',
       evidence: { root, containerId },
     });
@@ -83,7 +83,7 @@ export async function createControlDir(root: string, containerId: string, option
   const dir = controlDirPath(root, containerId);
   const step = 'create control directory';
   const fail = (message: string, cause?: unknown): never => {
-    throw new SdkError(CONTROL_DIR_ERROR_CODES.CREATE_FAILED, message, { step, cause, evidence: { dir } });
+    throw new SdkError(ControlDirErrorCode.CREATE_FAILED, message, { step, cause, evidence: { dir } });
   };
   try {
     await mkdir(resolve(root), { recursive: true, mode: 0o700 });
@@ -109,7 +109,7 @@ export async function removeControlDir(root: string, containerId: string): Promi
   try {
     await rm(dir, { recursive: true, force: true });
   } catch (err) {
-    throw new SdkError(CONTROL_DIR_ERROR_CODES.REMOVE_FAILED, `rm failed: ${(err as Error).message}`, {
+    throw new SdkError(ControlDirErrorCode.REMOVE_FAILED, `rm failed: ${(err as Error).message}`, {
       step: 'remove control directory',
       cause: err,
       evidence: { dir },
@@ -135,7 +135,7 @@ export async function waitForWorkerReady(dir: string, options: WaitForWorkerRead
     ...options,
     watch: true,
     step: 'wait for worker ready',
-    errors: { timeout: CONTROL_DIR_ERROR_CODES.WAIT_TIMEOUT, aborted: CONTROL_DIR_ERROR_CODES.ABORTED },
+    errors: { timeout: ControlDirErrorCode.WAIT_TIMEOUT, aborted: ControlDirErrorCode.ABORTED },
   });
 }
 
@@ -146,7 +146,7 @@ export async function readyMarkerPresent(dir: string): Promise<ReadyMarker | und
 
 /** The JSON payload the worker wrote with its ready marker ({} for an empty marker, undefined if absent). */
 export async function readReadyPayload(dir: string, marker: ReadyMarker): Promise<Payload | undefined> {
-  return readPayload(dir, marker, { invalid: CONTROL_DIR_ERROR_CODES.INVALID_PAYLOAD, step: 'read ready payload' });
+  return readPayload(dir, marker, { invalid: ControlDirErrorCode.INVALID_PAYLOAD, step: 'read ready payload' });
 }
 
 /**
@@ -156,7 +156,7 @@ export async function readReadyPayload(dir: string, marker: ReadyMarker): Promis
  */
 export async function writeMarker(dir: string, marker: AgentMarker, payload?: Payload): Promise<void> {
   if (!(OUTCOMES as readonly string[]).includes(marker)) {
-    throw new SdkError(CONTROL_DIR_ERROR_CODES.INVALID_MARKER, `not a marker the agent writes: ${JSON.stringify(marker)}`, {
+    throw new SdkError(ControlDirErrorCode.INVALID_MARKER, `not a marker the agent writes: ${JSON.stringify(marker)}`, {
       step: 'write marker',
       evidence: { dir, marker, allowed: [...OUTCOMES] },
     });
@@ -166,7 +166,7 @@ export async function writeMarker(dir: string, marker: AgentMarker, payload?: Pa
     try {
       await writeFileAtomic(dir, name, payload, AGENT_MARKER_MODE);
     } catch (err) {
-      throw new SdkError(CONTROL_DIR_ERROR_CODES.WRITE_FAILED, `writing ${name} failed: ${(err as Error).message}`, {
+      throw new SdkError(ControlDirErrorCode.WRITE_FAILED, `writing ${name} failed: ${(err as Error).message}`, {
         step: 'write marker',
         cause: err,
         evidence: { dir, name, errno: (err as NodeJS.ErrnoException).code },
@@ -184,7 +184,7 @@ export async function clearStaleMarkers(dir: string): Promise<void> {
     try {
       await removeEntry(dir, name);
     } catch (err) {
-      throw new SdkError(CONTROL_DIR_ERROR_CODES.WRITE_FAILED, `removing stale ${name} failed: ${(err as Error).message}`, {
+      throw new SdkError(ControlDirErrorCode.WRITE_FAILED, `removing stale ${name} failed: ${(err as Error).message}`, {
         step: 'clear stale markers',
         cause: err,
         evidence: { dir, name },

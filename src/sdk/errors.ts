@@ -4,7 +4,7 @@ import { ThawError } from '../errors.js';
  * Error codes of the worker SDK (`SDK_*`, raised inside the worker) and of the agent-side control
  * directory (`CONTROL_DIR_*`). Stable: callers and tests match on them.
  */
-export const SDK_ERROR_CODES = {
+export const SdkErrorCode = {
   /** wait()/checkpointAndWait() saw no outcome marker within timeoutMs. */
   WAIT_TIMEOUT: 'SDK_WAIT_TIMEOUT',
   /** The caller's AbortSignal fired while waiting. */
@@ -15,7 +15,7 @@ export const SDK_ERROR_CODES = {
   INVALID_PAYLOAD: 'SDK_INVALID_PAYLOAD',
 } as const;
 
-export const CONTROL_DIR_ERROR_CODES = {
+export const ControlDirErrorCode = {
   /** A container id that is empty, too long, or could leave the control root (`/`, `..`, NUL, ...). */
   INVALID_ID: 'CONTROL_DIR_INVALID_ID',
   /** mkdir/chmod/chown of the control directory failed, or the path exists and is not a plain directory. */
@@ -40,13 +40,12 @@ export const CONTROL_DIR_ERROR_CODES = {
   UNSAFE_ENTRY: 'CONTROL_DIR_UNSAFE_ENTRY',
 } as const;
 
-export type SdkErrorCode =
-  | (typeof SDK_ERROR_CODES)[keyof typeof SDK_ERROR_CODES]
-  | (typeof CONTROL_DIR_ERROR_CODES)[keyof typeof CONTROL_DIR_ERROR_CODES];
+export type SdkErrorCode = (typeof SdkErrorCode)[keyof typeof SdkErrorCode];
+export type ControlDirErrorCode = (typeof ControlDirErrorCode)[keyof typeof ControlDirErrorCode];
 
 export class SdkError extends ThawError {
   constructor(
-    code: SdkErrorCode,
+    code: SdkErrorCode | ControlDirErrorCode,
     message: string,
     options: { step: string; cause?: unknown; evidence?: Record<string, unknown> },
   ) {

@@ -21,7 +21,7 @@ import { randomBytes } from 'node:crypto';
 import { constants as fsc, watch, type FSWatcher } from 'node:fs';
 import { lstat, open, rename, unlink, type FileHandle } from 'node:fs/promises';
 import { POLL_INTERVAL_MS, TEMP_PREFIX } from './protocol.js';
-import { CONTROL_DIR_ERROR_CODES, SdkError, type SdkErrorCode } from './errors.js';
+import { ControlDirErrorCode, SdkError, type SdkErrorCode } from './errors.js';
 import { MAX_TIMER_DELAY_MS } from '../defaults.js';
 
 
@@ -38,7 +38,7 @@ const O_PATH = 0o10000000;
 export type Payload = Record<string, unknown>;
 
 const unsafe = (dir: string, name: string, why: string, step: string, cause?: unknown): SdkError =>
-  new SdkError(CONTROL_DIR_ERROR_CODES.UNSAFE_ENTRY, `${name} in the control directory ${why}`, { step, cause, evidence: { dir, name } });
+  new SdkError(ControlDirErrorCode.UNSAFE_ENTRY, `${name} in the control directory ${why}`, { step, cause, evidence: { dir, name } });
 
 function checkName(dir: string, name: string, step: string): void {
   if (name === '' || name === '.' || name === '..' || name.includes('/') || name.includes('\0')) {
@@ -168,7 +168,7 @@ export async function removeEntry(dir: string, name: string): Promise<boolean> {
 export async function readPayload(
   dir: string,
   name: string,
-  errors: { invalid: SdkErrorCode; step: string },
+  errors: { invalid: SdkErrorCode | ControlDirErrorCode; step: string },
 ): Promise<Payload | undefined> {
   const text = await readEntry(dir, name, errors.step);
   if (text === undefined) return undefined;
@@ -216,7 +216,7 @@ export interface WaitForFileOptions {
   /** Wake on fs.watch (inotify) events as well as on the poll timer. */
   watch: boolean;
   step: string;
-  errors: { timeout: SdkErrorCode; aborted: SdkErrorCode };
+  errors: { timeout: SdkErrorCode | ControlDirErrorCode; aborted: SdkErrorCode | ControlDirErrorCode };
 }
 
 /**

@@ -17,7 +17,7 @@
  * to inotify for waits that no checkpoint spans.
  */
 import { CONTROL_DIR_ENV, DEFAULT_CONTROL_DIR, LEGACY_CONTROL_DIR_ENV, OUTCOME_FILES, READY_FOR_CHECKPOINT, RESTORE_COMPLETE, type Outcome } from './protocol.js';
-import { SDK_ERROR_CODES, SdkError } from './errors.js';
+import { SdkErrorCode, SdkError } from './errors.js';
 import { firstPresent, readPayload, waitForFile, writeFileAtomic, type Payload } from './marker-files.js';
 
 export type { Outcome } from './protocol.js';
@@ -66,12 +66,12 @@ export class ControlDir {
    */
   async readyForCheckpoint(payload?: Payload): Promise<void> {
     if (payload !== undefined && (payload === null || typeof payload !== 'object' || Array.isArray(payload))) {
-      throw new SdkError(SDK_ERROR_CODES.INVALID_PAYLOAD, 'payload must be a JSON object', { step: 'write ready-for-checkpoint' });
+      throw new SdkError(SdkErrorCode.INVALID_PAYLOAD, 'payload must be a JSON object', { step: 'write ready-for-checkpoint' });
     }
     try {
       await writeFileAtomic(this.path, READY_FOR_CHECKPOINT, payload);
     } catch (err) {
-      throw new SdkError(SDK_ERROR_CODES.WRITE_FAILED, `writing ${READY_FOR_CHECKPOINT} failed: ${(err as Error).message}`, {
+      throw new SdkError(SdkErrorCode.WRITE_FAILED, `writing ${READY_FOR_CHECKPOINT} failed: ${(err as Error).message}`, {
         step: 'write ready-for-checkpoint',
         cause: err,
         evidence: { dir: this.path, errno: (err as NodeJS.ErrnoException).code },
@@ -90,7 +90,7 @@ export class ControlDir {
       ...(this.pollIntervalMs === undefined ? {} : { pollIntervalMs: this.pollIntervalMs }),
       watch: this.watch,
       step: 'wait for the agent',
-      errors: { timeout: SDK_ERROR_CODES.WAIT_TIMEOUT, aborted: SDK_ERROR_CODES.ABORTED },
+      errors: { timeout: SdkErrorCode.WAIT_TIMEOUT, aborted: SdkErrorCode.ABORTED },
     });
     return OUTCOME_OF.get(file) as Outcome;
   }
@@ -108,7 +108,7 @@ export class ControlDir {
 
   /** The JSON object the agent wrote with a marker ({} for an empty one, undefined if absent). */
   async payload(outcome: Outcome): Promise<Payload | undefined> {
-    return readPayload(this.path, outcome, { invalid: SDK_ERROR_CODES.INVALID_PAYLOAD, step: `read ${outcome}` });
+    return readPayload(this.path, outcome, { invalid: SdkErrorCode.INVALID_PAYLOAD, step: `read ${outcome}` });
   }
 }
 

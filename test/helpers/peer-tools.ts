@@ -11,7 +11,7 @@ import { execFile } from 'node:child_process';
 import { mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
-import { StackError, STACK_ERROR_CODES } from '../../src/node-stack/errors.js';
+import { StackError, StackErrorCode } from '../../src/node-stack/errors.js';
 import { isPeerToolsProvisioned, peerToolsPaths, type PeerTool } from '../../src/node-stack/peer-tools.js';
 
 const execFileP = promisify(execFile);
@@ -29,7 +29,7 @@ export interface PeerToolRun {
 export async function peerTool(tool: PeerTool): Promise<string> {
   if (!(await isPeerToolsProvisioned())) {
     const { prefix } = peerToolsPaths();
-    throw new StackError(STACK_ERROR_CODES.NOT_PROVISIONED, `the peer tools are not provisioned under ${prefix} (run scripts/setup.sh)`, {
+    throw new StackError(StackErrorCode.NOT_PROVISIONED, `the peer tools are not provisioned under ${prefix} (run scripts/setup.sh)`, {
       step: 'find peer tool', evidence: { tool, prefix },
     });
   }

@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { readHookOutcome, writeHookDone } from '../../src/oci-hooks/records.js';
 import { clearStaleMarkers, createControlDir, readReadyPayload, writeMarker } from '../../src/sdk/control-dir.js';
-import { CONTROL_DIR_ERROR_CODES } from '../../src/sdk/errors.js';
+import { ControlDirErrorCode } from '../../src/sdk/errors.js';
 import { MARKER_MAX_BYTES, readEntry } from '../../src/sdk/marker-files.js';
 
 const ID = 'b'.repeat(64);
@@ -92,10 +92,10 @@ describe('agent writes into a hostile control directory', () => {
 describe('agent reads from a hostile control directory', () => {
   it('a FIFO at the ready marker is refused at once (no libuv thread blocks on it)', async () => {
     execFileSync('mkfifo', [join(dir, 'ready-for-checkpoint')]);
-    expect(await code(readReadyPayload(dir, 'ready-for-checkpoint'))).toBe(CONTROL_DIR_ERROR_CODES.UNSAFE_ENTRY);
+    expect(await code(readReadyPayload(dir, 'ready-for-checkpoint'))).toBe(ControlDirErrorCode.UNSAFE_ENTRY);
     // Four more than the libuv pool: a blocking open would have left none for this read.
     const more = await Promise.all(Array.from({ length: 8 }, () => code(readReadyPayload(dir, 'ready-for-checkpoint'))));
-    expect(new Set(more)).toEqual(new Set([CONTROL_DIR_ERROR_CODES.UNSAFE_ENTRY]));
+    expect(new Set(more)).toEqual(new Set([ControlDirErrorCode.UNSAFE_ENTRY]));
     await writeFile(join(dir, 'ok'), '{}');
     expect(await readEntry(dir, 'ok', 'test')).toBe('{}');
   });
@@ -103,25 +103,25 @@ describe('agent reads from a hostile control directory', () => {
   it('a symlink to /dev/zero or to a host file is refused, never read', async () => {
     await symlink('/dev/zero', join(dir, 'ready-for-checkpoint'));
     await symlink(canary, join(dir, 'ready-for-snapshot'));
-    expect(await code(readReadyPayload(dir, 'ready-for-checkpoint'))).toBe(CONTROL_DIR_ERROR_CODES.UNSAFE_ENTRY);
-    expect(await code(readReadyPayload(dir, 'ready-for-snapshot'))).toBe(CONTROL_DIR_ERROR_CODES.UNSAFE_ENTRY);
+    expect(await code(readReadyPayload(dir, 'ready-for-checkpoint'))).toBe(ControlDirErrorCode.UNSAFE_ENTRY);
+    expect(await code(readReadyPayload(dir, 'ready-for-snapshot'))).toBe(ControlDirErrorCode.UNSAFE_ENTRY);
   });
 
   it('a device node (a copy of /dev/zero made with mknod) is refused without being opened', async () => {
     execFileSync('mknod', [join(dir, 'ready-for-checkpoint'), 'c', '1', '5']);
-    expect(await code(readReadyPayload(dir, 'ready-for-checkpoint'))).toBe(CONTROL_DIR_ERROR_CODES.UNSAFE_ENTRY);
+    expect(await code(readReadyPayload(dir, 'ready-for-checkpoint'))).toBe(ControlDirErrorCode.UNSAFE_ENTRY);
   });
 
   it('a hard link to a host file is refused (its bytes would reach the agent\'s logs)', async () => {
     await link(canary, join(dir, 'ready-for-checkpoint'));
-    expect(await code(readReadyPayload(dir, 'ready-for-checkpoint'))).toBe(CONTROL_DIR_ERROR_CODES.UNSAFE_ENTRY);
+    expect(await code(readReadyPayload(dir, 'ready-for-checkpoint'))).toBe(ControlDirErrorCode.UNSAFE_ENTRY);
   });
 
   it('a huge (sparse) file is refused by its size, without reading it', async () => {
     await writeFile(join(dir, 'ready-for-checkpoint'), '');
     await truncate(join(dir, 'ready-for-checkpoint'), 64 * 1024 * 1024 * 1024);
     const before = process.memoryUsage().rss;
-    expect(await code(readReadyPayload(dir, 'ready-for-checkpoint'))).toBe(CONTROL_DIR_ERROR_CODES.UNSAFE_ENTRY);
+    expect(await code(readReadyPayload(dir, 'ready-for-checkpoint'))).toBe(ControlDirErrorCode.UNSAFE_ENTRY);
     expect(process.memoryUsage().rss - before).toBeLessThan(16 * MARKER_MAX_BYTES * 1024);
   });
 
@@ -138,7 +138,7 @@ describe('agent reads from a hostile control directory', () => {
   it('a directory given as a symlink is refused (the agent opens its dir with O_NOFOLLOW)', async () => {
     const evil = join(root, 'evil');
     await symlink(host, evil);
-    expect(await code(writeMarker(evil, 'restore-complete'))).toBe(CONTROL_DIR_ERROR_CODES.WRITE_FAILED);
+    expect(await code(writeMarker(evil, 'restore-complete'))).toBe(ControlDirErrorCode.WRITE_FAILED);
     expect(await readdir(host)).toEqual(['canary']);
   });
 });

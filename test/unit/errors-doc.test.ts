@@ -29,6 +29,12 @@ describe('error codes (docs/errors.md)', () => {
     expect(twice).toEqual([]);
   });
 
+  it('defines codes in one naming style, in each layer\'s errors module', () => {
+    const groups = [...new Set(entries.map((e) => `${e.file} ${e.group}`))];
+    expect(groups.filter((g) => !/ [A-Z][A-Za-z]*(ErrorCode|FallbackCause)$/.test(g)), 'a code table not named <Layer>ErrorCode').toEqual([]);
+    expect(groups.filter((g) => !/(^|\/|-)errors\.ts /.test(g)), 'a code table outside an errors module').toEqual([]);
+  });
+
   it('every code has a doc comment that says what it means', () => {
     expect(entries.filter((e) => e.meaning === '').map((e) => `${e.file}: ${e.group}.${e.key}`)).toEqual([]);
   });

@@ -1,7 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import { isThawError } from '../../src/errors.js';
 import { assertSocketPath, UNIX_SOCKET_PATH_MAX_BYTES } from '../../src/node-stack/containerd.js';
-import { STACK_ERROR_CODES } from '../../src/node-stack/errors.js';
+import { StackErrorCode } from '../../src/node-stack/errors.js';
 import { parseFlavor, stackPaths } from '../../src/node-stack/paths.js';
 import { flavorsUnderTest } from '../helpers/stack.js';
 
@@ -51,7 +51,7 @@ describe('flavors', () => {
     expect(parseFlavor('2.1')).toBe('2.1');
     expect(parseFlavor(undefined)).toBe('1.7');
     expect(parseFlavor('')).toBe('1.7');
-    expect(codeOf(() => parseFlavor('1.6'))).toBe(STACK_ERROR_CODES.INVALID_OPTION);
+    expect(codeOf(() => parseFlavor('1.6'))).toBe(StackErrorCode.INVALID_OPTION);
   });
 
   it('reads the THAW_CONTAINERD list', () => {
@@ -63,9 +63,9 @@ describe('flavors', () => {
 
 describe('error codes', () => {
   it('are stable, unique and STACK_-prefixed', () => {
-    const codes = Object.values(STACK_ERROR_CODES);
+    const codes = Object.values(StackErrorCode);
     expect(new Set(codes).size).toBe(codes.length);
     for (const c of codes) expect(c).toMatch(/^STACK_[A-Z_]+$/);
-    expect(STACK_ERROR_CODES.PROVISION_FAILED).toBe('STACK_PROVISION_FAILED');
+    expect(StackErrorCode.PROVISION_FAILED).toBe('STACK_PROVISION_FAILED');
   });
 });

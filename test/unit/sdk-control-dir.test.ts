@@ -17,7 +17,7 @@ import {
   waitForWorkerReady,
   writeMarker,
 } from '../../src/sdk/control-dir.js';
-import { CONTROL_DIR_ERROR_CODES, SDK_ERROR_CODES } from '../../src/sdk/errors.js';
+import { ControlDirErrorCode, SdkErrorCode } from '../../src/sdk/errors.js';
 import * as protocol from '../../src/sdk/protocol.js';
 import { ControlDir, checkpointAndWait, resolveControlDirPath } from '../../src/sdk/worker.js';
 
@@ -64,7 +64,7 @@ describe('createControlDir / removeControlDir', () => {
   it('refuses a path that exists as a symlink', async () => {
     await symlink('/etc', join(root, ID));
     const err = await rejection(createControlDir(root, ID));
-    expect(isThawError(err, CONTROL_DIR_ERROR_CODES.CREATE_FAILED)).toBe(true);
+    expect(isThawError(err, ControlDirErrorCode.CREATE_FAILED)).toBe(true);
   });
 
   const escapes: Record<string, string> = {
@@ -82,9 +82,9 @@ describe('createControlDir / removeControlDir', () => {
   };
   for (const [what, id] of Object.entries(escapes)) {
     it(`rejects ${what} with CONTROL_DIR_INVALID_ID, in create and remove`, async () => {
-      expect(() => validateContainerId(id)).toThrow(expect.objectContaining({ code: CONTROL_DIR_ERROR_CODES.INVALID_ID }));
-      expect(isThawError(await rejection(createControlDir(root, id)), CONTROL_DIR_ERROR_CODES.INVALID_ID)).toBe(true);
-      expect(isThawError(await rejection(removeControlDir(root, id)), CONTROL_DIR_ERROR_CODES.INVALID_ID)).toBe(true);
+      expect(() => validateContainerId(id)).toThrow(expect.objectContaining({ code: ControlDirErrorCode.INVALID_ID }));
+      expect(isThawError(await rejection(createControlDir(root, id)), ControlDirErrorCode.INVALID_ID)).toBe(true);
+      expect(isThawError(await rejection(removeControlDir(root, id)), ControlDirErrorCode.INVALID_ID)).toBe(true);
     });
   }
 
@@ -115,12 +115,12 @@ describe('writeMarker', () => {
   it('refuses a name the agent does not write', async () => {
     const dir = await createControlDir(root, ID);
     const err = await rejection(writeMarker(dir, 'ready-for-checkpoint' as never));
-    expect(isThawError(err, CONTROL_DIR_ERROR_CODES.INVALID_MARKER)).toBe(true);
+    expect(isThawError(err, ControlDirErrorCode.INVALID_MARKER)).toBe(true);
   });
 
   it('fails with CONTROL_DIR_WRITE_FAILED when the directory is gone', async () => {
     const err = await rejection(writeMarker(join(root, 'gone'), 'restore-complete'));
-    expect(isThawError(err, CONTROL_DIR_ERROR_CODES.WRITE_FAILED)).toBe(true);
+    expect(isThawError(err, ControlDirErrorCode.WRITE_FAILED)).toBe(true);
   });
 
   it('clearStaleMarkers removes restore markers of an earlier attempt', async () => {
@@ -169,7 +169,7 @@ describe('waitForWorkerReady', () => {
   it('times out with CONTROL_DIR_WAIT_TIMEOUT', async () => {
     const dir = await createControlDir(root, ID);
     const err = await rejection(waitForWorkerReady(dir, { timeoutMs: 150 }));
-    expect(isThawError(err, CONTROL_DIR_ERROR_CODES.WAIT_TIMEOUT)).toBe(true);
+    expect(isThawError(err, ControlDirErrorCode.WAIT_TIMEOUT)).toBe(true);
   });
 
   it('rejects with CONTROL_DIR_ABORTED on abort, and removes its abort listener', async () => {
@@ -184,14 +184,14 @@ describe('waitForWorkerReady', () => {
     const waiting = waitForWorkerReady(dir, { signal, pollIntervalMs: 5000 });
     setTimeout(() => controller.abort(new Error('pod deleted')), 50);
     const err = await rejection(waiting);
-    expect(isThawError(err, CONTROL_DIR_ERROR_CODES.ABORTED)).toBe(true);
+    expect(isThawError(err, ControlDirErrorCode.ABORTED)).toBe(true);
     expect(listeners).toBe(0);
   });
 
   it('rejects at once for an already-aborted signal', async () => {
     const dir = await createControlDir(root, ID);
     const err = await rejection(waitForWorkerReady(dir, { signal: AbortSignal.abort() }));
-    expect(isThawError(err, CONTROL_DIR_ERROR_CODES.ABORTED)).toBe(true);
+    expect(isThawError(err, ControlDirErrorCode.ABORTED)).toBe(true);
   });
 });
 
@@ -253,18 +253,18 @@ describe('the TypeScript worker SDK against the agent side', () => {
   it('wait() times out with SDK_WAIT_TIMEOUT and aborts with SDK_ABORTED', async () => {
     const dir = await createControlDir(root, ID);
     const worker = new ControlDir({ path: dir });
-    expect(isThawError(await rejection(worker.wait({ timeoutMs: 120 })), SDK_ERROR_CODES.WAIT_TIMEOUT)).toBe(true);
+    expect(isThawError(await rejection(worker.wait({ timeoutMs: 120 })), SdkErrorCode.WAIT_TIMEOUT)).toBe(true);
     const controller = new AbortController();
     setTimeout(() => controller.abort(), 50);
-    expect(isThawError(await rejection(worker.wait({ signal: controller.signal })), SDK_ERROR_CODES.ABORTED)).toBe(true);
+    expect(isThawError(await rejection(worker.wait({ signal: controller.signal })), SdkErrorCode.ABORTED)).toBe(true);
   });
 
   it('readyForCheckpoint fails with SDK_WRITE_FAILED in a missing directory, SDK_INVALID_PAYLOAD for a non-object', async () => {
     const missing = new ControlDir({ path: join(root, 'missing') });
-    expect(isThawError(await rejection(missing.readyForCheckpoint()), SDK_ERROR_CODES.WRITE_FAILED)).toBe(true);
+    expect(isThawError(await rejection(missing.readyForCheckpoint()), SdkErrorCode.WRITE_FAILED)).toBe(true);
     const dir = await createControlDir(root, ID);
     const worker = new ControlDir({ path: dir });
-    expect(isThawError(await rejection(worker.readyForCheckpoint([1] as never)), SDK_ERROR_CODES.INVALID_PAYLOAD)).toBe(true);
+    expect(isThawError(await rejection(worker.readyForCheckpoint([1] as never)), SdkErrorCode.INVALID_PAYLOAD)).toBe(true);
   });
 
   it('opt-in watch wakes the worker, however long the poll period', async () => {
