@@ -6,7 +6,7 @@
  */
 import { createWriteStream } from 'node:fs';
 import { createJsonLogger } from '../src/log.js';
-import { createNriPlugin } from '../src/nri-plugin/plugin.js';
+import { createNriPlugin } from '../src/nri-plugin/index.js';
 
 const [socketPath, logFile, mode] = process.argv.slice(2);
 if (!socketPath || !logFile) {

@@ -13,10 +13,10 @@
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { cleanupStaleStacks } from '../src/node-stack/cleanup.js';
-import { startNodeStack, type NodeStack } from '../src/node-stack/containerd.js';
-import { parseFlavor } from '../src/node-stack/paths.js';
-import { pluginDirsUnder, startThawPluginProcess, waitForLog, type ThawPluginProcess } from '../src/node-stack/thaw-plugin-process.js';
+import { cleanupStaleStacks } from '../src/node-stack/index.js';
+import { startNodeStack, type NodeStack } from '../src/node-stack/index.js';
+import { parseFlavor } from '../src/node-stack/index.js';
+import { pluginDirsUnder, startThawPluginProcess, waitForLog, type ThawPluginProcess } from '../src/node-stack/index.js';
 import { renderTable } from '../src/table.js';
 import { buildWorkerImage } from './worker-image.js';
 import { expectedDigest, expectedAnswer } from './worker/memory.js';

@@ -7,7 +7,7 @@ import { readFile } from 'node:fs/promises';
 import { request } from 'node:http';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import type { NodeStack } from '../src/node-stack/containerd.js';
+import type { NodeStack } from '../src/node-stack/index.js';
 import { WORKER_IMAGE_ENTRYPOINT } from './worker-image.js';
 
 export const ENDPOINT_FILE = 'worker-endpoint.json';

@@ -17,9 +17,9 @@ import { createHash } from 'node:crypto';
 import { copyFile, mkdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import type { NodeStack } from '../src/node-stack/containerd.js';
-import { runCommand } from '../src/node-stack/exec.js';
-import { buildBusyboxRootfs, importImageInto, tempRootfsDir, type ImageTarget } from '../src/node-stack/images.js';
+import type { NodeStack } from '../src/node-stack/index.js';
+import { runCommand } from '../src/node-stack/index.js';
+import { buildBusyboxRootfs, importImageInto, tempRootfsDir, type ImageTarget } from '../src/node-stack/index.js';
 import { DEMO_ERROR_CODES, DemoError } from './worker/errors.js';
 
 export const DEMO_WORKER_IMAGE_REF = 'docker.io/thaw/demo-worker:1';

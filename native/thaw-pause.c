@@ -34,6 +34,15 @@
  * agent has unmounted the overlay; if the exec target is still this very file (same st_dev/st_ino as
  * /proc/self/exe) we refuse with exit 127 instead of re-executing ourselves and hanging.
  *
+ * Deadline (the agent may be gone for good): env THAW_PAUSE_DEADLINE_MS, set by the agent, is how long
+ * we wait for a word from it before falling back by ourselves. A word is SIGUSR1, SIGUSR2, or
+ *   SIGWINCH "a restore is under way": the deadline starts again (the agent repeats it while it restores,
+ *            so an agent killed mid-restore still leaves us a deadline).
+ * At the deadline we fall back exactly as on SIGUSR2 (in overlay mode that is exit 127 while thaw-pause
+ * is still mounted over the entrypoint: the kubelet restarts the container, and with no agent it starts
+ * as a plain container). The variable is removed from our environment before any exec. Absent, 0 or not
+ * a number: no deadline.
+ *
  * Signal handlers only set flags (async-signal-safe); all work happens in the main loop, which
  * blocks the signals it handles and waits in sigsuspend(). stderr is the container log: one short
  * line at start and on each transition.
@@ -47,6 +56,7 @@
 #include <string.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -66,7 +76,7 @@ static void on_signal(int sig) { pending[sig] = 1; }
 
 /* The signals we catch. Before adoption: TERM/INT exit, USR1 adopts, USR2 falls back, HUP/QUIT are
  * ignored. After adoption all but CHLD are forwarded to the worker. */
-static const int HANDLED[] = {SIGCHLD, SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2};
+static const int HANDLED[] = {SIGCHLD, SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH, SIGALRM};
 static const int FORWARDED[] = {SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2};
 #define COUNT(a) (sizeof(a) / sizeof((a)[0]))
 
@@ -75,7 +85,34 @@ struct state {
   const char *mode;
   sigset_t orig_mask;
   pid_t worker; /* 0 until adopted */
+  long deadline_ms; /* 0: none */
 };
+
+#define DEADLINE_ENV "THAW_PAUSE_DEADLINE_MS"
+
+/* (Re)arms the one-shot SIGALRM of the deadline; 0 disarms it. */
+static void arm_deadline(long ms) {
+  struct itimerval it;
+  memset(&it, 0, sizeof it);
+  it.it_value.tv_sec = ms / 1000;
+  it.it_value.tv_usec = (ms % 1000) * 1000;
+  setitimer(ITIMER_REAL, &it, NULL);
+}
+
+/* THAW_PAUSE_DEADLINE_MS as a positive number of ms (at most a day), else 0; the variable is removed so
+ * that the original command never sees it. */
+static long take_deadline_env(void) {
+  const char *v = getenv(DEADLINE_ENV);
+  long ms = 0;
+  if (v && *v) {
+    char *end = NULL;
+    errno = 0;
+    long n = strtol(v, &end, 10);
+    if (errno == 0 && end && *end == '\0' && n > 0 && n <= 86400000L) ms = n;
+  }
+  unsetenv(DEADLINE_ENV);
+  return ms;
+}
 
 static const char *signame(int sig) {
   switch (sig) {
@@ -85,6 +122,7 @@ static const char *signame(int sig) {
   case SIGQUIT: return "SIGQUIT";
   case SIGUSR1: return "SIGUSR1";
   case SIGUSR2: return "SIGUSR2";
+  case SIGWINCH: return "SIGWINCH";
   case SIGKILL: return "SIGKILL";
   default: return "signal";
   }
@@ -221,6 +259,7 @@ static void fall_back(struct state *s) {
     }
   }
   kill_leftovers();
+  arm_deadline(0); /* an interval timer survives exec: a SIGALRM would kill the original command */
   /* Leave the process as the original command would have found it: no subreaper bit, default
    * dispositions (caught ones reset by exec; we ignore none), the mask we were started with. */
   prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0);
@@ -266,7 +305,9 @@ static void usage(FILE *out) {
           "           and exit with its status\n"
           "  SIGTERM  before adoption: exit 0\n"
           "When started under another name (bind-mounted over an entrypoint), argv is COMMAND.\n"
-          "env THAW_PAUSE_WORKER_PID_FILE: optional file naming which child to adopt.\n");
+          "  SIGWINCH before adoption: a restore is under way; the deadline starts again\n"
+          "env THAW_PAUSE_WORKER_PID_FILE: optional file naming which child to adopt.\n"
+          "env THAW_PAUSE_DEADLINE_MS: fall back by ourselves when no word came within it.\n");
 }
 
 int main(int argc, char **argv) {
@@ -314,6 +355,9 @@ int main(int argc, char **argv) {
   /* Outside a PID namespace of our own (tests, debugging) orphans still come to us. */
   prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
 
+  s.deadline_ms = take_deadline_env();
+  if (s.deadline_ms > 0) arm_deadline(s.deadline_ms);
+
   fprintf(stderr, "thaw-pause: waiting (mode=%s, argv0=%s)\n", s.mode,
           s.orig_argv && s.orig_argv[0] ? s.orig_argv[0] : "(none)");
 
@@ -325,7 +369,16 @@ int main(int argc, char **argv) {
         return 0;
       }
       if (take(SIGUSR2)) fall_back(&s);
-      if (take(SIGUSR1)) adopt(&s);
+      if (take(SIGUSR1)) {
+        adopt(&s);
+        if (s.worker != 0) arm_deadline(0);
+        else if (s.deadline_ms > 0) arm_deadline(s.deadline_ms); /* a word all the same */
+      }
+      if (take(SIGWINCH) && s.deadline_ms > 0) arm_deadline(s.deadline_ms);
+      if (take(SIGALRM) && s.deadline_ms > 0) {
+        fprintf(stderr, "thaw-pause: no word from the agent within %ld ms; falling back by ourselves\n", s.deadline_ms);
+        fall_back(&s);
+      }
       pending[SIGHUP] = 0;
       pending[SIGQUIT] = 0;
     } else {
@@ -335,6 +388,8 @@ int main(int argc, char **argv) {
         fprintf(stderr, "thaw-pause: forwarding %s to worker %d\n", signame(sig), (int)s.worker);
         kill(s.worker, sig);
       }
+      pending[SIGWINCH] = 0; /* the worker's terminal is none of ours; the deadline is over */
+      pending[SIGALRM] = 0;
       /* The worker may have exited before the adoption was processed (its SIGCHLD was taken then). */
       reap_all(&s);
     }

@@ -19,6 +19,8 @@ export const DEFAULT_NRI_SOCKET_PATH = '/var/run/nri/nri.sock';
 export const DEFAULT_TOOLKIT_DIR = '/opt/thaw/stack/1.7';
 /** The host's nsenter (util-linux), run as root to enter a container's namespaces: never one from a rootfs. */
 export const DEFAULT_NSENTER_PATH = '/usr/bin/nsenter';
+/** The host's unshare (util-linux): gives CRIU a private copy of the host's mount namespace (criu/client.ts). */
+export const DEFAULT_UNSHARE_PATH = '/usr/bin/unshare';
 /** Where /metrics listens (loopback). */
 export const DEFAULT_METRICS_LISTEN = '127.0.0.1:9464';
 
@@ -38,6 +40,22 @@ export const DEFAULT_CRIU_RPC_RESTORE_TIMEOUT_MS = 10 * 60_000;
 export const DEFAULT_CRIU_RPC_DUMP_TIMEOUT_MS = 10 * 60_000;
 /** sha256 of a multi-GiB checkpoint on a busy node; past this the pod cold-starts rather than wait. */
 export const DEFAULT_VERIFY_TIMEOUT_MS = 300_000;
+/**
+ * How long thaw-pause waits for a word from the agent before it falls back to the original command by
+ * itself (native/thaw-pause.c, THAW_PAUSE_DEADLINE_MS): the agent gone for good must not leave a pod in its
+ * placeholder. The agent repeats "a restore is under way" (SIGWINCH) every third of it while it restores, so
+ * a slow restore is not cut short. Well under what a pod is expected to take to start (a startup probe's
+ * default budget is 30 s of failures after the first; image pulls take longer), configurable as
+ * `restore.pauseDeadlineMs`.
+ */
+export const DEFAULT_THAW_PAUSE_DEADLINE_MS = 20_000;
+/**
+ * What the createRuntime hook keeps free of its runtime timeout (the OCI hook `timeout` the agent sets,
+ * which runc enforces by killing the hook: the container then fails to start): Node.js's start, writing
+ * the hook record, and undoing the overlay (one MOUNT_TIMEOUT_MS). The hook's own work (waiting for a
+ * pull, applying the rootfs diff) gives up before `timeout - margin` and the pod starts cold.
+ */
+export const HOOK_TIMEOUT_MARGIN_MS = 10_000;
 /** cuda-checkpoint's lock of one process (it waits for the process's in-flight CUDA work). */
 export const DEFAULT_CUDA_LOCK_TIMEOUT_MS = 10_000;
 

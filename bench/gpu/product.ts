@@ -26,11 +26,11 @@ import { cp, mkdir, mkdtemp, readFile, rm, symlink, writeFile } from 'node:fs/pr
 import { cpus, hostname, release, tmpdir } from 'node:os';
 import { basename, dirname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { cleanupStaleStacks } from '../../src/node-stack/cleanup.js';
-import { startNodeStack, type NodeStack } from '../../src/node-stack/containerd.js';
-import { parseCriLog, type Device, type Mount } from '../../src/node-stack/cri-client.js';
-import { parseFlavor } from '../../src/node-stack/paths.js';
-import { PACKAGE_ROOT, pluginDirsUnder, readJsonLog, startThawPluginProcess, waitForLog, type LogRecord, type ThawPluginProcess } from '../../src/node-stack/thaw-plugin-process.js';
+import { cleanupStaleStacks } from '../../src/node-stack/index.js';
+import { startNodeStack, type NodeStack } from '../../src/node-stack/index.js';
+import { parseCriLog, type Device, type Mount } from '../../src/node-stack/index.js';
+import { parseFlavor } from '../../src/node-stack/index.js';
+import { PACKAGE_ROOT, pluginDirsUnder, readJsonLog, startThawPluginProcess, waitForLog, type LogRecord, type ThawPluginProcess } from '../../src/node-stack/index.js';
 import { getJson } from '../../demo/scenario.js';
 import { dropPageCache } from '../page-cache.js';
 import { readThpMode } from '../../src/sys/host-facts.js';

@@ -27,9 +27,9 @@ import { unlink } from 'node:fs/promises';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { pathToFileURL } from 'node:url';
-import { writeFileAtomic } from '../../src/sdk/marker-files.js';
-import { CONTROL_DIR_ENV } from '../../src/sdk/protocol.js';
-import { checkpointAndWait, ControlDir } from '../../src/sdk/worker.js';
+import { writeFileAtomic } from '../../src/sdk/index.js';
+import { CONTROL_DIR_ENV } from '../../src/sdk/index.js';
+import { checkpointAndWait, ControlDir } from '../../src/sdk/index.js';
 import { DEMO_ERROR_CODES, DemoError } from './errors.js';
 import { allocateMemory, computeAnswer, digestOf } from './memory.js';
 

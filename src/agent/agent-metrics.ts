@@ -4,7 +4,7 @@
  */
 import type { CheckpointEvent } from './checkpoint-coordinator.js';
 import { MetricsRegistry } from './metrics.js';
-import type { RestoreEvent } from '../restore-engine/restore-flow.js';
+import type { RestoreEvent } from '../restore-engine/index.js';
 import type { ThawNriStats } from './nri-stats.js';
 
 /** Seconds: restores take from ~50 ms (small, cached) to minutes (large, cold); checkpoints up to the flow's timeout. */

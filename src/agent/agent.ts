@@ -23,8 +23,8 @@ import { dirname, join } from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { errorMessage, isThawError } from '../errors.js';
 import { createJsonLogger, type Logger } from '../log.js';
-import { createNriPlugin, readLaunchEnv, type NriHandlers } from '../nri-plugin/plugin.js';
-import { removeControlDir } from '../sdk/control-dir.js';
+import { createNriPlugin, readLaunchEnv, type NriHandlers } from '../nri-plugin/index.js';
+import { removeControlDir } from '../sdk/index.js';
 import { createAgentMetrics } from './agent-metrics.js';
 import { loadAgentService } from './api-proto.js';
 import { createApiHandlers, type ApiContext } from './api-server.js';
@@ -32,7 +32,7 @@ import { ConfigError, ConfigErrorCode, type AgentConfig } from './config.js';
 import type { RegistrySourceOptions } from './checkpoint-sources.js';
 import { loadRegistryConfig } from './registry-config.js';
 import { loadTrustedKeys } from './tenancy.js';
-import type { TrustedKey } from '../store/oci/signature.js';
+import type { TrustedKey } from '../store/index.js';
 import { ContainerRegistry } from './containers.js';
 import { createThawEngine, type ThawEngine } from './engine.js';
 import { AgentError, AgentErrorCode } from './errors.js';
@@ -262,6 +262,7 @@ export async function runAgent(o: AgentRunOptions, logger: Logger): Promise<numb
     ...(c.cuda.libcuda ? { libcudaPath: c.cuda.libcuda } : {}),
     ...(c.cuda.libnvml ? { libnvmlPath: c.cuda.libnvml } : {}),
     cudaLockTimeoutMs: c.cuda.lockTimeoutMs,
+    thawPauseDeadlineMs: c.restore.pauseDeadlineMs,
     ...(c.paths.sharedStoreRoot ? { sharedStoreRoot: c.paths.sharedStoreRoot } : {}),
     ...(registry ? { registry } : {}),
     tenancy: c.tenancy,

@@ -6,11 +6,11 @@
 import * as grpc from '@grpc/grpc-js';
 import { errorMessage, isThawError } from '../errors.js';
 import type { Logger } from '../log.js';
-import { createControlDir } from '../sdk/control-dir.js';
-import { StoreErrorCode } from '../store/errors.js';
+import { createControlDir } from '../sdk/index.js';
+import { StoreErrorCode } from '../store/index.js';
 import { readHostFacts } from '../sys/host-facts.js';
-import type { ListedCheckpoint } from '../store/local-store.js';
-import { checkCompatibility, isRestorable, type Manifest } from '../store/manifest.js';
+import type { ListedCheckpoint } from '../store/index.js';
+import { checkCompatibility, isRestorable, type Manifest } from '../store/index.js';
 import {
   THAW_CODE_METADATA_KEY,
   type CheckpointProgressMsg,

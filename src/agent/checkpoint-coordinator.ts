@@ -21,11 +21,11 @@ import {
   type CheckpointPhases,
   type CheckpointResult,
   type OnCheckpoint,
-} from '../restore-engine/checkpoint.js';
-import type { CriuClient } from '../restore-engine/criu/client.js';
-import { readReadyPayload, waitForWorkerReady } from '../sdk/control-dir.js';
-import type { LocalStore } from '../store/local-store.js';
-import { StoreError, StoreErrorCode } from '../store/errors.js';
+} from '../restore-engine/index.js';
+import type { CriuClient } from '../restore-engine/index.js';
+import { readReadyPayload, waitForWorkerReady } from '../sdk/index.js';
+import type { LocalStore } from '../store/index.js';
+import { StoreError, StoreErrorCode } from '../store/index.js';
 import { gpuMemoryReport, type GpuMemoryReport } from './gpu-memory-report.js';
 import type { ManagedContainer, ThawCoordinator } from './managed-container.js';
 

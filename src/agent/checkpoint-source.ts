@@ -4,11 +4,11 @@
  * that restarted learn the container back. Never throws for a problem of the pod: without a control
  * directory the container runs without thaw (counted as `control-dir`).
  */
-import { AdjustmentBuilder } from '../nri-plugin/adjustment.js';
-import type { NriHandlerContext } from '../nri-plugin/plugin.js';
-import { CHECKPOINT_ENV, CONTROL_DIR_ENV, CONTROL_DIR_MOUNT_PATH, LEGACY_CONTROL_DIR_ENV, type OnCheckpoint } from '../nri-plugin/policy.js';
-import type { Container, PodSandbox } from '../nri-plugin/nri-types.js';
-import { createControlDir } from '../sdk/control-dir.js';
+import { AdjustmentBuilder } from '../nri-plugin/index.js';
+import type { NriHandlerContext } from '../nri-plugin/index.js';
+import { CHECKPOINT_ENV, CONTROL_DIR_ENV, CONTROL_DIR_MOUNT_PATH, LEGACY_CONTROL_DIR_ENV, type OnCheckpoint } from '../nri-plugin/index.js';
+import type { Container, PodSandbox } from '../nri-plugin/index.js';
+import { createControlDir } from '../sdk/index.js';
 import { CRI_IMAGE_NAME_ANNOTATION } from './containers.js';
 import { identityOf, managedAnnotations, type ManagedContainer } from './managed-container.js';
 import { describeContainer, type HandlerScope } from './nri-handler-scope.js';

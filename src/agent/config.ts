@@ -13,7 +13,7 @@ import { parseDocument } from 'yaml';
 import {
   DEFAULT_API_SOCKET,
   DEFAULT_CONTROL_ROOT,
-  DEFAULT_CUDA_LOCK_TIMEOUT_MS,
+  DEFAULT_CUDA_LOCK_TIMEOUT_MS, DEFAULT_THAW_PAUSE_DEADLINE_MS,
   DEFAULT_METRICS_LISTEN,
   DEFAULT_NRI_SOCKET_PATH,
   DEFAULT_RESTORE_WORK_ROOT,
@@ -22,7 +22,7 @@ import {
 } from '../defaults.js';
 import { ThawError } from '../errors.js';
 import type { LogLevel } from '../log.js';
-import { DEFAULT_ANNOTATION_PREFIX, validateAnnotationPrefix } from '../nri-plugin/policy.js';
+import { DEFAULT_ANNOTATION_PREFIX, validateAnnotationPrefix } from '../nri-plugin/index.js';
 import { defaultTenancyPolicy, parseTenancyPolicy, type TenancyPolicy } from './tenancy.js';
 
 export const DEFAULT_CONFIG_PATH = '/etc/thaw/agent.yaml';
@@ -41,6 +41,8 @@ export interface AgentConfig {
   registry: { config: string };
   /** "" = the system's library (libcuda.so.1 / libnvidia-ml.so.1, found by the dynamic loader). */
   cuda: { libcuda: string; libnvml: string; lockTimeoutMs: number };
+  /** pauseDeadlineMs: thaw-pause falls back by itself after this long without a word from the agent. */
+  restore: { pauseDeadlineMs: number };
   /** file "" = stderr. */
   log: { level: LogLevel; file: string };
   /**
@@ -113,6 +115,7 @@ export const CONFIG_KEYS: readonly KeySpec[] = [
   { key: 'cuda.libcuda', expected: 'an absolute path, or "" for the system library', kind: 'string', check: absoluteOrEmpty },
   { key: 'cuda.libnvml', expected: 'an absolute path, or "" for the system library', kind: 'string', check: absoluteOrEmpty },
   { key: 'cuda.lockTimeoutMs', expected: 'a positive integer (milliseconds)', kind: 'integer', check: (v) => (Number.isSafeInteger(v) && (v as number) > 0 ? undefined : 'not a positive integer') },
+  { key: 'restore.pauseDeadlineMs', expected: 'a positive integer (milliseconds, at most a day)', kind: 'integer', check: (v) => (Number.isSafeInteger(v) && (v as number) > 0 && (v as number) <= 86_400_000 ? undefined : 'not a positive integer of at most 86400000') },
   { key: 'log.level', expected: 'one of debug, info, warn, error', kind: 'string', check: (v) => (['debug', 'info', 'warn', 'error'].includes(String(v)) ? undefined : 'not a level') },
   { key: 'log.file', expected: 'an absolute path, or "" for stderr', kind: 'string', check: absoluteOrEmpty },
 ];
@@ -144,6 +147,7 @@ export function defaultAgentConfig(packageRoot: string): AgentConfig {
     },
     registry: { config: '' },
     cuda: { libcuda: '', libnvml: '', lockTimeoutMs: DEFAULT_CUDA_LOCK_TIMEOUT_MS },
+    restore: { pauseDeadlineMs: DEFAULT_THAW_PAUSE_DEADLINE_MS },
     log: { level: 'info', file: '' },
     tenancy: defaultTenancyPolicy(),
   };

@@ -3,7 +3,7 @@
  * RemoveContainer), so that the control API can find the one an operator names: by id (or a unique prefix of
  * at least MIN_ID_PREFIX characters), or by pod namespace/name and container name.
  */
-import type { Container, PodSandbox } from '../nri-plugin/nri-types.js';
+import type { Container, PodSandbox } from '../nri-plugin/index.js';
 import { AgentError, AgentErrorCode } from './errors.js';
 
 export const MIN_ID_PREFIX = 6;

@@ -28,10 +28,10 @@ import {
   type GpuFacts,
   type Nvml,
 } from '../cuda/index.js';
-import type { CheckpointCudaHooks } from '../restore-engine/checkpoint.js';
-import { processTree } from '../restore-engine/container-inspect.js';
-import type { GpuConstraints } from '../store/manifest.js';
-import type { CudaRestoreStep } from '../restore-engine/restore-flow.js';
+import type { CheckpointCudaHooks } from '../restore-engine/index.js';
+import { processTree } from '../restore-engine/index.js';
+import type { GpuConstraints } from '../store/index.js';
+import type { CudaRestoreStep } from '../restore-engine/index.js';
 
 /** Every pid of the tree under `pid`, from the host's /proc. */
 const hostProcessTree = (pid: number): Promise<number[]> => processTree('/proc', pid);

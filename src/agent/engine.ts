@@ -7,25 +7,25 @@ import { existsSync } from 'node:fs';
 import { mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { errorMessage } from '../errors.js';
-import { CHECKPOINT_COMPLETE } from '../sdk/protocol.js';
+import { CHECKPOINT_COMPLETE } from '../sdk/index.js';
 import type { Logger } from '../log.js';
-import { CriuClient, parentDeathWrapper } from '../restore-engine/criu/client.js';
-import { openLocalStore, type LocalStore } from '../store/local-store.js';
+import { CriuClient, criuEnvironment, parentDeathWrapper } from '../restore-engine/index.js';
+import { openLocalStore, type LocalStore } from '../store/index.js';
 import { bindPageCache, readIntoPageCache } from '../sys/page-cache.js';
-import { DEFAULT_MOUNT_PATH, DEFAULT_UMOUNT_PATH } from '../oci-hooks/create-runtime.js';
-import { DEFAULT_SH_PATH } from '../restore-engine/restore.js';
+import { DEFAULT_MOUNT_PATH, DEFAULT_UMOUNT_PATH } from '../oci-hooks/index.js';
+import { DEFAULT_SH_PATH } from '../restore-engine/index.js';
 import { restoreToolFiles } from './restore-tools.js';
 import { CheckpointCoordinator, type CheckpointEvent } from './checkpoint-coordinator.js';
 import { createCheckpointSources, type RegistrySourceOptions } from './checkpoint-sources.js';
-import type { TrustedKey } from '../store/oci/signature.js';
+import type { TrustedKey } from '../store/index.js';
 import type { TenancyPolicy } from './tenancy.js';
 import { checkpointHooksFactory, cudaRestoreStep, loadNodeCuda, recoverCudaProcesses, type NodeCuda } from './cuda-steps.js';
-import type { RestoreEvent } from '../restore-engine/restore-flow.js';
+import type { RestoreEvent } from '../restore-engine/index.js';
 import type { ManagedContainer, ThawCoordinator } from './managed-container.js';
 import { ThawNriStats } from './nri-stats.js';
 import { createRestoreCoordinator, type RestoreCoordinator } from './restore-coordinator.js';
 import { createThawNriHandlers } from './thaw-nri.js';
-import { DEFAULT_NSENTER_PATH } from '../defaults.js';
+import { DEFAULT_NSENTER_PATH, DEFAULT_UNSHARE_PATH } from '../defaults.js';
 
 
 export interface ThawEngineOptions {
@@ -46,6 +46,8 @@ export interface ThawEngineOptions {
   libnvmlPath?: string;
   /** The driver's lock timeout for a checkpoint (default DEFAULT_CUDA_LOCK_TIMEOUT_MS, src/defaults.ts). */
   cudaLockTimeoutMs?: number;
+  /** thaw-pause's deadline without a word from the agent (default DEFAULT_THAW_PAUSE_DEADLINE_MS). */
+  thawPauseDeadlineMs?: number;
   /** A shared store (an RWX volume on every node), looked up after the local store; absent: none. */
   sharedStoreRoot?: string;
   /** uid owning the shared store (default 0). */
@@ -100,7 +102,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
   const criu = new CriuClient({
     criuPath: join(binDir, 'criu'),
     logger,
-    env: { ...process.env, PATH: `${binDir}:${process.env['PATH'] ?? '/usr/sbin:/usr/bin:/sbin:/bin'}` },
+    env: criuEnvironment(binDir),
     ...(dieWithAgent !== undefined ? { parentDeathWrapper: dieWithAgent } : {}),
   });
   const criuVersion = await criu.version();
@@ -133,7 +135,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     toolFiles ??= restoreToolFiles({
       hookArgv: o.hookArgv,
       thawPausePath: o.thawPausePath,
-      executables: [join(binDir, 'criu'), join(binDir, 'tar'), join(binDir, 'busybox'), DEFAULT_NSENTER_PATH, DEFAULT_MOUNT_PATH, DEFAULT_UMOUNT_PATH, DEFAULT_SH_PATH, ...(dieWithAgent ?? []).slice(0, 1)],
+      executables: [join(binDir, 'criu'), join(binDir, 'tar'), join(binDir, 'busybox'), DEFAULT_NSENTER_PATH, DEFAULT_UNSHARE_PATH, DEFAULT_MOUNT_PATH, DEFAULT_UMOUNT_PATH, DEFAULT_SH_PATH, ...(dieWithAgent ?? []).slice(0, 1)],
     });
     const r = await readIntoPageCache(await toolFiles, pageCache, { signal });
     if (r.bytesRead > 0) logger.debug('restore tools read into the page cache', { files: r.files, bytesRead: r.bytesRead, skipped: r.skipped });
@@ -146,6 +148,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     stats,
     workRoot: o.workRoot,
     toolkitBinDir: binDir,
+    ...(o.thawPauseDeadlineMs !== undefined ? { thawPauseDeadlineMs: o.thawPauseDeadlineMs } : {}),
     ...(o.onRestoreEvent ? { onEvent: o.onRestoreEvent } : {}),
     ...(cuda ? { cudaRestore: cudaRestoreStep({ node: cuda, logger }) } : {}),
   });
@@ -186,6 +189,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
       thawPausePath: o.thawPausePath,
       hookArgv: o.hookArgv,
       workRoot: o.workRoot,
+      ...(o.thawPauseDeadlineMs !== undefined ? { thawPauseDeadlineMs: o.thawPauseDeadlineMs } : {}),
       tarPath: join(binDir, 'tar'),
       ...(cuda?.facts ? { gpuFacts: cuda.facts } : {}),
     },

@@ -4,10 +4,12 @@
  * hand to the flows; how a ManagedContainer is made from NRI's pod and container, and how it is written into
  * (and read back from) the annotations thaw sets on the container.
  */
-import type { Container, PodSandbox } from '../nri-plugin/nri-types.js';
-import type { OnCheckpoint } from '../nri-plugin/policy.js';
-import type { OpenedCheckpoint } from '../store/local-store.js';
+import type { Container, PodSandbox } from '../nri-plugin/index.js';
+import type { OnCheckpoint } from '../nri-plugin/index.js';
+import type { OpenedCheckpoint, ReleaseLease } from '../store/index.js';
 import { CRI_IMAGE_NAME_ANNOTATION } from './containers.js';
+import { controlDirPath } from '../sdk/index.js';
+import { lstatSync } from 'node:fs';
 
 /** What the handlers know about a container thaw manages, handed to the flows. */
 export interface ManagedContainer {
@@ -57,7 +59,8 @@ export interface ThawCoordinator {
    * `incoming`: the checkpoint is still being pulled (or copied from the shared store) into the local store;
    * the restore waits for it, and its failure is a cold start.
    */
-  restoreTargetCreated?(container: ManagedContainer, checkpoint: OpenedCheckpoint, incoming?: Promise<OpenedCheckpoint>): void;
+  /** `lease`: the store lease CreateContainer took on a local checkpoint; the coordinator releases it. */
+  restoreTargetCreated?(container: ManagedContainer, checkpoint: OpenedCheckpoint, incoming?: Promise<OpenedCheckpoint>, lease?: ReleaseLease): void;
   /** A restore target started: restore into it (pid = its PID 1, thaw-pause, on the host). */
   restoreTargetStarted?(container: ManagedContainer, pid: number): void;
   /** A managed container stopped or was removed: abandon what runs for it. */
@@ -93,13 +96,30 @@ export function identityOf(pod: PodSandbox, container: Container): Pick<ManagedC
  * What thaw knew of a container it adjusted, rebuilt from the annotations it set on it (managedAnnotations):
  * how an agent that restarted learns its containers back from NRI Synchronize. Undefined for containers thaw
  * did not adjust, or whose annotations do not read back as thaw's.
+ *
+ * Annotations are the pod's to write as well (a pod spec's annotations reach its containers), so nothing
+ * in them names a path: the control directory is derived from the container id under `controlRoot`
+ * (`<root>/<id>`, as CreateContainer made it), a `control-dir` annotation naming anything else refuses the
+ * container, and so does a derived directory that does not exist as a real directory (thaw never adjusted
+ * that container: the role annotations are forged).
  */
-export function managedFromContainer(prefix: string, pod: PodSandbox, container: Container): ManagedContainer | undefined {
+export function managedFromContainer(prefix: string, controlRoot: string, pod: PodSandbox, container: Container): ManagedContainer | undefined {
   const a = container.annotations ?? {};
   const role = a[`${prefix}role`];
   const checkpointName = a[`${prefix}checkpoint-name`];
-  const controlDir = a[`${prefix}control-dir`];
-  if ((role !== 'checkpoint-source' && role !== 'restore-target') || !checkpointName || !controlDir || !container.id) return undefined;
+  if ((role !== 'checkpoint-source' && role !== 'restore-target') || !checkpointName || !container.id) return undefined;
+  let controlDir: string;
+  try {
+    controlDir = controlDirPath(controlRoot, container.id);
+  } catch {
+    return undefined;
+  }
+  if (a[`${prefix}control-dir`] !== controlDir) return undefined;
+  try {
+    if (!lstatSync(controlDir).isDirectory()) return undefined;
+  } catch {
+    return undefined;
+  }
   const placeholder = a[`${prefix}placeholder`];
   const onCheckpoint = a[`${prefix}on-checkpoint`];
   return {

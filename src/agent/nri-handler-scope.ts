@@ -1,4 +1,4 @@
-import type { Container, PodSandbox } from '../nri-plugin/nri-types.js';
+import type { Container, PodSandbox } from '../nri-plugin/index.js';
 import type { ManagedContainer, ThawCoordinator } from './managed-container.js';
 import type { ThawNriStats } from './nri-stats.js';
 import type { TenancyPolicy } from './tenancy.js';

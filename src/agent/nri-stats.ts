@@ -1,4 +1,4 @@
-import type { PolicyDecision } from '../nri-plugin/policy.js';
+import type { PolicyDecision } from '../nri-plugin/index.js';
 
 /** Counters of what the handlers decided, by outcome and cause, for logs, tests and /metrics. */
 export class ThawNriStats {

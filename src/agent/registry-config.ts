@@ -16,7 +16,7 @@
  */
 import { readFile, stat } from 'node:fs/promises';
 import type { RegistrySourceOptions } from './checkpoint-sources.js';
-import type { RegistryAccess } from '../store/oci/pull.js';
+import type { RegistryAccess } from '../store/index.js';
 
 function fail(message: string): never {
   throw new Error(message);

@@ -6,8 +6,8 @@
  */
 import { errorMessage } from '../errors.js';
 import type { Logger } from '../log.js';
-import { readHookOutcome, writeCheckpointUnavailable } from '../oci-hooks/records.js';
-import type { CriuClient } from '../restore-engine/criu/client.js';
+import { readHookOutcome, writeCheckpointUnavailable } from '../oci-hooks/index.js';
+import type { CriuClient } from '../restore-engine/index.js';
 import {
   createRestoreFlow,
   type CudaRestoreStep,
@@ -15,8 +15,8 @@ import {
   type RestoreEvent,
   type RestoreJob,
   type RestoreStepContext,
-} from '../restore-engine/restore-flow.js';
-import type { LocalStore } from '../store/local-store.js';
+} from '../restore-engine/index.js';
+import type { LocalStore } from '../store/index.js';
 import type { ManagedContainer, ThawCoordinator } from './managed-container.js';
 import type { ThawNriStats } from './nri-stats.js';
 import { PrefetchGate, SharedPrefetch } from './shared-prefetch.js';
@@ -36,6 +36,8 @@ export interface RestoreCoordinatorOptions {
   warmTools?: (signal: AbortSignal) => Promise<unknown>;
   verifyTimeoutMs?: number;
   criuRestoreTimeoutMs?: number;
+  /** thaw-pause's deadline (restore-flow's thawPauseDeadlineMs). */
+  thawPauseDeadlineMs?: number;
   cudaRestore?: CudaRestoreStep;
   /** Test seam: runs after verify, right before CRIU (e.g. to damage an image file CRIU then reads). */
   beforeCriuRestore?: (ctx: RestoreStepContext) => Promise<void>;
@@ -107,6 +109,7 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
     ...(o.nsenterPath !== undefined ? { nsenterPath: o.nsenterPath } : {}),
     ...(o.verifyTimeoutMs !== undefined ? { verifyTimeoutMs: o.verifyTimeoutMs } : {}),
     ...(o.criuRestoreTimeoutMs !== undefined ? { criuRestoreTimeoutMs: o.criuRestoreTimeoutMs } : {}),
+    ...(o.thawPauseDeadlineMs !== undefined ? { thawPauseDeadlineMs: o.thawPauseDeadlineMs } : {}),
     ...(o.cudaRestore ? { cudaRestore: o.cudaRestore } : {}),
     ...(o.beforeCriuRestore ? { beforeCriuRestore: o.beforeCriuRestore } : {}),
     ...(o.onEvent ? { onEvent: o.onEvent } : {}),
@@ -139,12 +142,13 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
       prefetches.release(podHolder(podId));
     },
 
-    restoreTargetCreated(container, checkpoint, incoming) {
+    restoreTargetCreated(container, checkpoint, incoming, lease) {
       const job: Job = {
         createdAtIso: new Date().toISOString(),
         container,
         checkpoint,
         ...(incoming !== undefined ? { incoming } : {}),
+        ...(lease !== undefined ? { release: lease } : {}),
         abort: new AbortController(),
         createdAt: performance.now(),
         prepared: Promise.resolve<PreparedRestore>({ verifyMs: 0, hashed: false }),

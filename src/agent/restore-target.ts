@@ -9,15 +9,17 @@
 import { dirname, join } from 'node:path';
 import type { CheckpointReference } from '../checkpoint-reference.js';
 import { errorMessage, isThawError } from '../errors.js';
-import { AdjustmentBuilder } from '../nri-plugin/adjustment.js';
-import type { NriHandlerContext } from '../nri-plugin/plugin.js';
-import { CHECKPOINT_ENV, CONTROL_DIR_ENV, CONTROL_DIR_MOUNT_PATH, LEGACY_CONTROL_DIR_ENV } from '../nri-plugin/policy.js';
-import type { Container, PodSandbox } from '../nri-plugin/nri-types.js';
-import { supportsArgs } from '../nri-plugin/runtime-version.js';
-import { createControlDir } from '../sdk/control-dir.js';
-import type { LocalStore, OpenedCheckpoint } from '../store/local-store.js';
-import { StoreErrorCode } from '../store/errors.js';
-import { checkCompatibility, isRestorable, type GpuConstraints, type NodeFacts } from '../store/manifest.js';
+import { DEFAULT_THAW_PAUSE_DEADLINE_MS, HOOK_TIMEOUT_MARGIN_MS } from '../defaults.js';
+import { AdjustmentBuilder } from '../nri-plugin/index.js';
+import type { NriHandlerContext } from '../nri-plugin/index.js';
+import { CHECKPOINT_ENV, CONTROL_DIR_ENV, CONTROL_DIR_MOUNT_PATH, LEGACY_CONTROL_DIR_ENV } from '../nri-plugin/index.js';
+import type { Container, PodSandbox } from '../nri-plugin/index.js';
+import { supportsArgs } from '../nri-plugin/index.js';
+import { createControlDir } from '../sdk/index.js';
+import type { LocalStore, OpenedCheckpoint, ReleaseLease } from '../store/index.js';
+import { DELETED_FILES_FILE_NAME, ROOTFS_DIFF_FILE_NAME, type Manifest } from '../store/index.js';
+import { StoreErrorCode } from '../store/index.js';
+import { checkCompatibility, isRestorable, type GpuConstraints, type NodeFacts } from '../store/index.js';
 import { readHostFacts } from '../sys/host-facts.js';
 import type { CheckpointSources } from './checkpoint-sources.js';
 import { CRI_IMAGE_NAME_ANNOTATION } from './containers.js';
@@ -49,7 +51,12 @@ export interface ThawRestoreConfig {
   gpuFacts?: GpuConstraints;
   /** The createRuntime hook's timeout (the rootfs diff of a large layer). */
   hookTimeoutSeconds?: number;
+  /** thaw-pause's deadline without a word from the agent (default DEFAULT_THAW_PAUSE_DEADLINE_MS). */
+  thawPauseDeadlineMs?: number;
 }
+
+/** The env variable thaw-pause reads its deadline from (native/thaw-pause.c). */
+export const THAW_PAUSE_DEADLINE_ENV = 'THAW_PAUSE_DEADLINE_MS';
 
 export const DEFAULT_RESTORE_HOOK_TIMEOUT_SECONDS = 60;
 /** Of the hook's timeout, what a hook waiting for a pulled checkpoint leaves itself to apply the rootfs diff. */
@@ -61,6 +68,14 @@ function coldStart(scope: HandlerScope, cause: string, message: string, pod: Pod
   if (TENANCY_CAUSES.has(cause)) scope.stats.countTenancyRefusal(pod.namespace ?? '', cause);
   ctx.logger.warn(`thaw: ${message}; cold start`, { ...describeContainer(pod, container), event: 'restore', outcome: 'fallback', cause, ...extra });
   return undefined;
+}
+
+/** `--diff-sha256 TAR:DELETED` for a manifest that lists both diff files; nothing otherwise. */
+export function diffDigestArgs(manifest: Manifest): string[] {
+  const sha = (p: string): string | undefined => manifest.files.find((f) => f.path === p)?.sha256;
+  const tar = sha(ROOTFS_DIFF_FILE_NAME);
+  const deleted = sha(DELETED_FILES_FILE_NAME);
+  return tar !== undefined && deleted !== undefined ? ['--diff-sha256', `${tar}:${deleted}`] : [];
 }
 
 export async function adjustRestoreTarget(
@@ -166,6 +181,16 @@ async function adjustWith(
   } catch (err) {
     return coldStart(scope, 'control-dir', 'cannot create the control directory', pod, container, ctx, { error: errorMessage(err) });
   }
+  // A local checkpoint is leased now, before CreateContainer returns and the hook can read it (issue 12, item 6);
+  // one being brought in is leased by the restore flow once it is published.
+  let lease: ReleaseLease | undefined;
+  if (incoming === undefined) {
+    try {
+      lease = await r.store.acquireLease(checkpoint.name);
+    } catch (err) {
+      return coldStart(scope, 'RESTORE_CHECKPOINT_MISSING', 'cannot lease the checkpoint', pod, container, ctx, { checkpoint: checkpoint.name, error: errorMessage(err) });
+    }
+  }
   const placeholder = supportsArgs(ctx.runtime.name, ctx.runtime.version, ctx.runtime.nriVersion) ? 'args' : 'overlay';
   const entry: ManagedContainer = {
     ...identityOf(pod, container),
@@ -184,6 +209,8 @@ async function adjustWith(
     .addMount({ destination: CONTROL_DIR_MOUNT_PATH, source: controlDir, type: 'bind', options: ['rbind', 'rw'] })
     .addEnv(CONTROL_DIR_ENV, CONTROL_DIR_MOUNT_PATH)
     .addEnv(LEGACY_CONTROL_DIR_ENV, CONTROL_DIR_MOUNT_PATH)
+    // thaw-pause removes it from its environment before it execs the original command.
+    .addEnv(THAW_PAUSE_DEADLINE_ENV, String(r.thawPauseDeadlineMs ?? DEFAULT_THAW_PAUSE_DEADLINE_MS))
     .addHook('createRuntime', {
       path: r.hookArgv[0] as string,
       args: [
@@ -194,8 +221,13 @@ async function adjustWith(
         '--checkpoint-dir', checkpoint.paths.dir,
         '--thaw-pause', r.thawPausePath,
         '--tar', r.tarPath ?? join(r.toolkitDir, 'bin', 'tar'),
+        // The hook's whole budget: runc kills it at timeoutSeconds, and a killed hook fails the pod.
+        '--budget-ms', String(Math.max(1, hookTimeout * 1000 - HOOK_TIMEOUT_MARGIN_MS)),
         // Being pulled: the hook waits for it to be published (the rootfs diff is in it).
         ...(incoming !== undefined ? ['--wait-checkpoint-ms', String(Math.max(1, hookTimeout - HOOK_WAIT_RESERVE_SECONDS) * 1000)] : []),
+        // The diff's digests from the manifest checked here (and verified by the restore flow): the hook applies
+        // nothing else.
+        ...diffDigestArgs(checkpoint.manifest),
       ],
       env: [],
       timeoutSeconds: hookTimeout,
@@ -213,7 +245,8 @@ async function adjustWith(
   for (const [key, value] of Object.entries(managedAnnotations(scope.annotationPrefix, 'restore-target', entry))) builder.addAnnotation(key, value);
   if (placeholder === 'args') builder.setArgs([r.thawPausePath, '--', ...args]);
   scope.managed.set(containerId, entry);
-  scope.coordinator?.restoreTargetCreated?.(entry, checkpoint, incoming?.ready);
+  if (scope.coordinator?.restoreTargetCreated !== undefined) scope.coordinator.restoreTargetCreated(entry, checkpoint, incoming?.ready, lease);
+  else await lease?.().catch(() => undefined);
   ctx.logger.info('thaw: restore target', { ...describeContainer(pod, container), checkpoint: checkpoint.name, controlDir, placeholder, ...(incoming ? { incoming: incoming.from, source: incoming.source } : {}) });
   return builder;
 }

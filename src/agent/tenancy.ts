@@ -24,7 +24,7 @@
  */
 import { readFile } from 'node:fs/promises';
 import { isAbsolute } from 'node:path';
-import { parseTrustedKey, type TrustedKey } from '../store/oci/signature.js';
+import { parseTrustedKey, type TrustedKey } from '../store/index.js';
 import { checkNamespaceName, formatQualifiedName, parseQualifiedName, type QualifiedName } from '../checkpoint-name.js';
 import type { CheckpointReference } from '../checkpoint-reference.js';
 

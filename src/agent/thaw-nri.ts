@@ -7,10 +7,10 @@
  * and never throws: any problem leaves the container as it is and is logged and counted with its cause.
  */
 import { errorMessage } from '../errors.js';
-import type { NriHandlers } from '../nri-plugin/plugin.js';
-import { decide } from '../nri-plugin/policy.js';
-import { ContainerState } from '../nri-plugin/nri-types.js';
-import { removeControlDir } from '../sdk/control-dir.js';
+import type { NriHandlers } from '../nri-plugin/index.js';
+import { decide } from '../nri-plugin/index.js';
+import { ContainerState } from '../nri-plugin/index.js';
+import { removeControlDir } from '../sdk/index.js';
 import { adjustCheckpointSource } from './checkpoint-source.js';
 import { managedFromContainer, type ManagedContainer, type ThawCoordinator } from './managed-container.js';
 import { describeContainer, dropInterest, type HandlerScope } from './nri-handler-scope.js';
@@ -129,8 +129,16 @@ export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { 
       const podsById = new Map(pods.map((p) => [p.id ?? '', p]));
       let recovered = 0;
       for (const container of containers) {
-        const entry = managedFromContainer(prefix, podsById.get(container.podSandboxId ?? '') ?? {}, container);
-        if (!entry) continue;
+        const entry = managedFromContainer(prefix, options.controlRoot, podsById.get(container.podSandboxId ?? '') ?? {}, container);
+        if (!entry) {
+          if (container.annotations?.[`${prefix}role`] !== undefined) {
+            ctx.logger.warn('thaw: container with thaw annotations refused on (re)connection: its control directory is not <root>/<id> as thaw made it', {
+              containerId: container.id,
+              controlDir: container.annotations?.[`${prefix}control-dir`],
+            });
+          }
+          continue;
+        }
         if (!managed.has(entry.containerId)) managed.set(entry.containerId, entry);
         if (container.state === ContainerState.RUNNING && container.pid) {
           recovered++;

@@ -3,7 +3,7 @@
  * of every command. Pure: `parseCommandLine` returns a result or throws UsageError (exit code 2).
  */
 import { parseArgs, type ParseArgsConfig } from 'node:util';
-import { configFlagOptions, CONFIG_KEYS, DEFAULT_CONFIG_PATH, flagNameOf } from '../agent/config.js';
+import { configFlagOptions, CONFIG_KEYS, DEFAULT_CONFIG_PATH, flagNameOf } from '../agent/index.js';
 import { DEFAULT_API_SOCKET } from '../defaults.js';
 
 export class UsageError extends Error {

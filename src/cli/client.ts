@@ -12,7 +12,7 @@ import {
   type InspectCheckpointResponseMsg,
   type StatusResponseMsg,
   type VersionResponseMsg,
-} from '../agent/api-proto.js';
+} from '../agent/index.js';
 import { ExitCode } from './exit-codes.js';
 
 /** Unary calls give up after this; the agent answers them from memory or a directory listing. */

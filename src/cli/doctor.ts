@@ -8,11 +8,11 @@ import { access, constants, lstat, readFile, readdir } from 'node:fs/promises';
 import { createConnection } from 'node:net';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
-import type { AgentConfig } from '../agent/config.js';
+import type { AgentConfig } from '../agent/index.js';
 import { gpuFacts, tryLoadCuda, tryLoadNvml } from '../cuda/index.js';
 import { errorMessage } from '../errors.js';
-import { parseVersion, supportsArgs } from '../nri-plugin/runtime-version.js';
-import { DEFAULT_SETPRIV_PATH } from '../restore-engine/criu/client.js';
+import { parseVersion, supportsArgs } from '../nri-plugin/index.js';
+import { DEFAULT_SETPRIV_PATH } from '../restore-engine/index.js';
 import { readThpMode, THP_ENABLED_PATH } from '../sys/host-facts.js';
 import { AgentClient } from './client.js';
 

@@ -7,18 +7,18 @@
 import { existsSync, readFileSync, realpathSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { fileURLToPath, pathToFileURL } from 'node:url';
-import { agentLogger, describeStartFailure, runAgent } from '../agent/agent.js';
+import { agentLogger, describeStartFailure, runAgent } from '../agent/index.js';
 import { packageRoot } from '../util.js';
-import { ConfigError, ConfigErrorCode, DEFAULT_CONFIG_PATH, resolveAgentConfig, type AgentConfig } from '../agent/config.js';
+import { ConfigError, ConfigErrorCode, DEFAULT_CONFIG_PATH, resolveAgentConfig, type AgentConfig } from '../agent/index.js';
 import { errorMessage, isThawError } from '../errors.js';
-import { StoreErrorCode } from '../store/errors.js';
+import { StoreErrorCode } from '../store/index.js';
 import { apiSocketOf, commandHelp, parseCommandLine, parseTarget, topLevelHelp, UsageError, type CommandLine } from './args.js';
 import { AgentClient, ApiCallError } from './client.js';
 import { renderDoctor, runDoctor } from './doctor.js';
 import { defaultInstallSources, installThaw } from './install.js';
-import { loadRegistryConfig } from '../agent/registry-config.js';
-import { openLocalStore, type LocalStore } from '../store/local-store.js';
-import { OciErrorCode, parseReference, pullCheckpoint, pushCheckpoint, type RegistryAccess } from '../store/oci/index.js';
+import { loadRegistryConfig } from '../agent/index.js';
+import { openLocalStore, type LocalStore } from '../store/index.js';
+import { OciErrorCode, parseReference, pullCheckpoint, pushCheckpoint, type RegistryAccess } from '../store/index.js';
 import { ExitCode } from './exit-codes.js';
 import { renderCheckpointResult, renderInspect, renderList, renderProgress, renderStatus } from './render.js';
 

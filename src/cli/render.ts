@@ -1,6 +1,6 @@
 /** Human renderings of the CLI's data (pure; `--json` prints the data itself). */
-import type { CheckpointProgressMsg, CheckpointSummaryMsg, InspectCheckpointResponseMsg, StatusResponseMsg } from '../agent/api-proto.js';
-import type { Manifest } from '../store/manifest.js';
+import type { CheckpointProgressMsg, CheckpointSummaryMsg, InspectCheckpointResponseMsg, StatusResponseMsg } from '../agent/index.js';
+import type { Manifest } from '../store/index.js';
 import { renderTable } from '../table.js';
 
 export function formatBytes(n: number): string {

@@ -159,6 +159,11 @@ export interface RunPodOptions extends CallOptions {
   /** Where the container's log goes: `<logDirectory>/<name>_0.log` (default: the client's logRoot/<pod>). */
   logDirectory?: string;
   privileged?: boolean;
+  /**
+   * More of the container's CRI security context (run_as_user, capabilities, no_new_privs, ...), merged over the
+   * namespace options and `privileged`.
+   */
+  securityContext?: Record<string, unknown>;
   cgroupParent?: string;
   runtimeHandler?: string;
   /** false: create the container but leave StartContainer to the caller (default true). */
@@ -397,6 +402,7 @@ export class CriClient {
           security_context: {
             namespace_options: { network: hostNetwork ? 'NODE' : 'POD', pid: pidMode, ipc: 'POD' },
             ...(o.privileged ? { privileged: true } : {}),
+            ...(o.securityContext ?? {}),
           },
         },
       };

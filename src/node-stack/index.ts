@@ -11,3 +11,8 @@ export { cleanupStaleStacks, destroyStackDir, STACK_MARKER_FILE } from './cleanu
 export type { CleanupReport } from './cleanup.js';
 export { buildBusyboxRootfs, buildOciArchive, importImageInto, tempRootfsDir } from './images.js';
 export type { ImportImageOptions, ImageConfigInput } from './images.js';
+export { runCommand } from './exec.js';
+export { type ImageTarget } from './images.js';
+export { type RunningRegistry, startRegistry } from './registry.js';
+export { type LogRecord, PACKAGE_ROOT, pluginDirsUnder, readJsonLog, startThawPluginProcess, type ThawPluginProcess, waitForLog } from './thaw-plugin-process.js';
+export { provisionGoNriPlugin } from './go-nri-plugin.js';

@@ -3,6 +3,7 @@
  *   node dist/src/node-stack/provision-main.js --flavor 1.7|2.1 [--root DIR] [--force]
  *   node dist/src/node-stack/provision-main.js --registry [--root DIR] [--force]   (the OCI registry of the tests)
  *   node dist/src/node-stack/provision-main.js --peer-tools [--root DIR] [--force] (cosign, oras, skopeo, kustomize, kubectl, notation)
+ *   node dist/src/node-stack/provision-main.js --go-nri-plugin [--root DIR] [--force]   (bench:nri's Go anchor plugin)
  * Prints one JSON line with the result; on failure one stderr line with the error code and message,
  * then the error's JSON, and exits 1.
  */
@@ -12,11 +13,13 @@ import { parseFlavor, DEFAULT_STACK_ROOT } from './paths.js';
 import { provisionPeerTools } from './peer-tools.js';
 import { provisionStack } from './provision.js';
 import { provisionRegistry } from './registry-provision.js';
+import { provisionGoNriPlugin } from './go-nri-plugin.js';
 
 async function main(argv: string[]): Promise<number> {
   let flavorArg: string | undefined;
   let registry = false;
   let peerTools = false;
+  let goNriPlugin = false;
   let root = DEFAULT_STACK_ROOT;
   let force = false;
   for (let i = 0; i < argv.length; i++) {
@@ -26,8 +29,9 @@ async function main(argv: string[]): Promise<number> {
     else if (a === '--force') force = true;
     else if (a === '--registry') registry = true;
     else if (a === '--peer-tools') peerTools = true;
+    else if (a === '--go-nri-plugin') goNriPlugin = true;
     else {
-      process.stderr.write(`provision: unknown argument ${a}\nusage: provision-main --flavor 1.7|2.1 | --registry | --peer-tools [--root DIR] [--force]\n`);
+      process.stderr.write(`provision: unknown argument ${a}\nusage: provision-main --flavor 1.7|2.1 | --registry | --peer-tools | --go-nri-plugin [--root DIR] [--force]\n`);
       return 2;
     }
   }
@@ -37,6 +41,11 @@ async function main(argv: string[]): Promise<number> {
   process.once('SIGINT', onSignal);
   process.once('SIGTERM', onSignal);
   try {
+    if (goNriPlugin) {
+      const r = await provisionGoNriPlugin({ root, force, logger, signal: controller.signal });
+      process.stdout.write(`${JSON.stringify({ component: 'go-nri-plugin', binary: r.binary, built: r.built, goVersion: r.stamp.goVersion, warnings: r.stamp.warnings })}\n`);
+      return 0;
+    }
     if (registry) {
       const r = await provisionRegistry({ root, force, logger, signal: controller.signal });
       process.stdout.write(`${JSON.stringify({ component: 'registry', prefix: r.paths.prefix, built: r.built, version: r.stamp.version, warnings: r.stamp.warnings })}\n`);

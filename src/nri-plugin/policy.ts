@@ -32,7 +32,7 @@ export {
   DEFAULT_CONTROL_DIR as CONTROL_DIR_MOUNT_PATH,
   CONTROL_DIR_ENV,
   LEGACY_CONTROL_DIR_ENV,
-} from '../sdk/protocol.js';
+} from '../sdk/index.js';
 
 /**
  * Environment a checkpointable worker needs, as Dynamo's configure_checkpoint_transport_env() forces it:

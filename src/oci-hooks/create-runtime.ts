@@ -12,6 +12,8 @@
  * stderr and returns normally; the container then runs its original command.
  */
 import { execFile } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { createReadStream } from 'node:fs';
 import { access, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -21,6 +23,7 @@ import { DELETED_FILES_FILE_NAME, MANIFEST_FILE_NAME, ROOTFS_DIFF_FILE_NAME } fr
 import { setTimeout as sleep } from 'node:timers/promises';
 import { resolveEntrypoint } from './entrypoint.js';
 import { HookError, HookErrorCode } from './errors.js';
+import { readEntry } from '../sdk/index.js';
 import { CHECKPOINT_UNAVAILABLE_FILE, writeHookDone, writeHookFailed, type HookDoneRecord, type PlaceholderMode } from './records.js';
 import { envValue, parseOciConfig, type OciState } from './state.js';
 import { DEFAULT_NSENTER_PATH } from '../defaults.js';
@@ -53,6 +56,20 @@ export interface CreateRuntimeOptions {
    * directory first. Absent: the checkpoint is there already.
    */
   waitCheckpointMs?: number;
+  /**
+   * The sha256 (hex) of rootfs-diff.tar and of deleted-files.json in the manifest the agent chose and verifies
+   * (issue 12, item 6): the hook hashes both files and applies nothing unless they match. Absent: the files are
+   * applied as found (an agent that names no digest).
+   */
+  diffSha256?: { rootfsDiff: string; deletedFiles: string };
+  /**
+   * The hook's whole budget, in ms from its process's start (performance.now()): the agent passes its OCI
+   * hook timeout less HOOK_TIMEOUT_MARGIN_MS. The wait for a pull and the rootfs diff each get only what is
+   * left of it (less one MOUNT_TIMEOUT_MS for the overlay); past it the hook gives up, records
+   * HOOK_BUDGET_EXCEEDED and the container starts cold, before runc's timeout would kill the hook and fail
+   * the pod. Absent: the wait and the diff keep their own limits only.
+   */
+  budgetMs?: number;
   /** Test seam: fail after the overlay is made (proves it is removed again). */
   failAfterOverlay?: boolean;
   /** ms from the hook process's start to its work (recorded: it is on every restore's critical path). */
@@ -89,7 +106,8 @@ async function waitForCheckpoint(o: CreateRuntimeOptions, timeoutMs: number): Pr
   const started = performance.now();
   for (;;) {
     if (await exists(join(o.checkpointDir, MANIFEST_FILE_NAME))) return performance.now() - started;
-    const unavailable = await readFile(join(o.controlDir, CHECKPOINT_UNAVAILABLE_FILE), 'utf8').catch(() => undefined);
+    // Through the control directory's safe reads: a FIFO or a symlink planted there never blocks the hook.
+    const unavailable = await readEntry(o.controlDir, CHECKPOINT_UNAVAILABLE_FILE, 'wait for the checkpoint').catch((err: unknown) => `unreadable: ${errorMessage(err)}`);
     if (unavailable !== undefined) {
       throw new HookError(HookErrorCode.CHECKPOINT_UNAVAILABLE, `the checkpoint did not arrive: ${unavailable.trim()}`, { step: 'wait for the checkpoint', evidence: { checkpointDir: o.checkpointDir } });
     }
@@ -98,6 +116,35 @@ async function waitForCheckpoint(o: CreateRuntimeOptions, timeoutMs: number): Pr
     }
     await sleep(CHECKPOINT_POLL_MS);
   }
+}
+
+/** sha256 (hex) of a file, streamed. */
+async function sha256Of(path: string): Promise<string> {
+  const hash = createHash('sha256');
+  for await (const chunk of createReadStream(path)) hash.update(chunk as Buffer);
+  return hash.digest('hex');
+}
+
+/** Throws HOOK_DIFF_UNVERIFIED unless both files exist with the digests the agent handed over. */
+async function checkDiffDigests(tarFile: string, deletedFile: string, expected: { rootfsDiff: string; deletedFiles: string }): Promise<void> {
+  const step = 'check the rootfs diff against the verified digests';
+  for (const [file, want] of [[tarFile, expected.rootfsDiff], [deletedFile, expected.deletedFiles]] as const) {
+    let actual: string;
+    try {
+      actual = await sha256Of(file);
+    } catch (err) {
+      throw new HookError(HookErrorCode.DIFF_UNVERIFIED, `cannot hash ${file}: ${errorMessage(err)}`, { step, cause: err, evidence: { file } });
+    }
+    if (actual !== want) {
+      throw new HookError(HookErrorCode.DIFF_UNVERIFIED, `${file} is not the verified one (sha256 ${actual}, expected ${want})`, { step, evidence: { file, actual, expected: want } });
+    }
+  }
+}
+
+/** Parses --diff-sha256 TAR_HEX:DELETED_HEX; undefined for anything else. */
+export function parseDiffSha256(value: string | undefined): { rootfsDiff: string; deletedFiles: string } | undefined {
+  const m = value === undefined ? null : /^([0-9a-f]{64}):([0-9a-f]{64})$/.exec(value);
+  return m === null ? undefined : { rootfsDiff: m[1] as string, deletedFiles: m[2] as string };
 }
 
 /** Runs the hook; returns the record it wrote (done or failed). Never throws. */
@@ -109,12 +156,20 @@ export async function runCreateRuntime(state: OciState, o: CreateRuntimeOptions)
     const config = parseOciConfig(await readFile(join(state.bundle, 'config.json'), 'utf8'), state.bundle);
 
     const record: HookDoneRecord = { mode: o.mode, ms: 0, ...(o.startupMs !== undefined ? { startupMs: Math.round(o.startupMs) } : {}) };
-    if (o.waitCheckpointMs !== undefined) record.waitCheckpointMs = Math.round(await waitForCheckpoint(o, o.waitCheckpointMs));
+    // What is left of the budget for a step that must end before the overlay is made (one MOUNT_TIMEOUT_MS).
+    const left = (step: string): number => {
+      if (o.budgetMs === undefined) return Infinity;
+      const ms = o.budgetMs - performance.now() - (o.mode === 'overlay' ? MOUNT_TIMEOUT_MS : 0);
+      if (ms <= 0) throw new HookError(HookErrorCode.BUDGET_EXCEEDED, `no time left of the hook's ${o.budgetMs} ms budget for: ${step}`, { step, evidence: { budgetMs: o.budgetMs } });
+      return ms;
+    };
+    if (o.waitCheckpointMs !== undefined) record.waitCheckpointMs = Math.round(await waitForCheckpoint(o, Math.min(o.waitCheckpointMs, left('wait for the checkpoint'))));
     const tarFile = join(o.checkpointDir, ROOTFS_DIFF_FILE_NAME);
     const deletedFile = join(o.checkpointDir, DELETED_FILES_FILE_NAME);
+    if (o.diffSha256 !== undefined) await checkDiffDigests(tarFile, deletedFile, o.diffSha256);
     if ((await exists(tarFile)) && (await exists(deletedFile))) {
       try {
-        const r = await applyRootfsDiff({ rootfs: config.rootfs, tarFile, deletedFilesFile: deletedFile, tarPath: o.tarPath ?? DEFAULT_TAR_PATH, timeoutMs: ROOTFS_DIFF_TIMEOUT_MS });
+        const r = await applyRootfsDiff({ rootfs: config.rootfs, tarFile, deletedFilesFile: deletedFile, tarPath: o.tarPath ?? DEFAULT_TAR_PATH, timeoutMs: Math.min(ROOTFS_DIFF_TIMEOUT_MS, left('apply rootfs diff')) });
         record.rootfsDiff = { entries: r.entries, deleted: r.deleted, ms: Math.round(r.ms) };
       } catch (err) {
         throw new HookError(HookErrorCode.ROOTFS_DIFF_FAILED, errorMessage(err), { step: 'apply rootfs diff', cause: err, evidence: { code: isThawError(err) ? err.code : undefined } });

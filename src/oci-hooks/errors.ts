@@ -17,6 +17,16 @@ export const HookErrorCode = {
   OVERLAY_FAILED: 'HOOK_OVERLAY_FAILED',
   /** Applying the checkpoint's rootfs diff failed (cause: the ROOTFS_* error). */
   ROOTFS_DIFF_FAILED: 'HOOK_ROOTFS_DIFF_FAILED',
+  /**
+   * The checkpoint's rootfs diff or deletions list is not the one the agent verified (its sha256 differs from the
+   * digest handed to the hook with --diff-sha256, or a file is missing): nothing of it is applied.
+   */
+  DIFF_UNVERIFIED: 'HOOK_DIFF_UNVERIFIED',
+  /**
+   * The hook's budget (its runtime timeout less a margin) ran out before its work was done: it gave up so
+   * that runc would not kill it (which fails the pod); the container starts cold.
+   */
+  BUDGET_EXCEEDED: 'HOOK_BUDGET_EXCEEDED',
   /** The checkpoint being pulled did not arrive: the agent said the pull failed, or the wait ran out. */
   CHECKPOINT_UNAVAILABLE: 'HOOK_CHECKPOINT_UNAVAILABLE',
   /** A filesystem call failed for another reason. */

@@ -3,7 +3,7 @@
  * no PATH and an empty environment, so everything here is named by absolute path):
  *
  *   node dist/src/oci-hooks/main.js create-runtime --mode overlay|args --control-dir DIR \
- *        --checkpoint-dir DIR --thaw-pause PATH [--tar PATH] [--wait-checkpoint-ms N]
+ *        --checkpoint-dir DIR --thaw-pause PATH [--tar PATH] [--wait-checkpoint-ms N] [--diff-sha256 TAR_HEX:DELETED_HEX] [--budget-ms N]
  *   node dist/src/oci-hooks/main.js poststop --control-dir DIR [--work-dir DIR]
  *
  * Exit status is always 0: a failing hook would fail the pod, and thaw's rule is that a pod always starts
@@ -12,7 +12,7 @@
  */
 import { parseArgs } from 'node:util';
 import { errorMessage, isThawError } from '../errors.js';
-import { runCreateRuntime } from './create-runtime.js';
+import { parseDiffSha256, runCreateRuntime } from './create-runtime.js';
 import { runPoststop } from './poststop.js';
 import { writeHookFailed } from './records.js';
 import { parseOciState } from './state.js';
@@ -43,6 +43,8 @@ async function main(argv: string[], startupMs: number): Promise<void> {
       'work-dir': { type: 'string' },
       tar: { type: 'string' },
       'wait-checkpoint-ms': { type: 'string' },
+      'diff-sha256': { type: 'string' },
+      'budget-ms': { type: 'string' },
     },
     strict: true,
   });
@@ -53,6 +55,8 @@ async function main(argv: string[], startupMs: number): Promise<void> {
       if (controlDir === undefined || values['checkpoint-dir'] === undefined || values['thaw-pause'] === undefined || (mode !== 'overlay' && mode !== 'args')) {
         throw new Error('create-runtime needs --mode overlay|args --control-dir --checkpoint-dir --thaw-pause');
       }
+      const diffSha256 = parseDiffSha256(values['diff-sha256']);
+      if (values['diff-sha256'] !== undefined && diffSha256 === undefined) throw new Error('--diff-sha256 takes TAR_SHA256:DELETED_SHA256 (64 hex digits each)');
       let state;
       try {
         state = parseOciState(await readStdin(STDIN_TIMEOUT_MS));
@@ -68,7 +72,9 @@ async function main(argv: string[], startupMs: number): Promise<void> {
         checkpointDir: values['checkpoint-dir'],
         thawPausePath: values['thaw-pause'],
         ...(values.tar !== undefined ? { tarPath: values.tar } : {}),
+        ...(diffSha256 !== undefined ? { diffSha256 } : {}),
         ...(values['wait-checkpoint-ms'] !== undefined && /^\d+$/.test(values['wait-checkpoint-ms']) ? { waitCheckpointMs: Number(values['wait-checkpoint-ms']) } : {}),
+        ...(values['budget-ms'] !== undefined && /^\d+$/.test(values['budget-ms']) ? { budgetMs: Number(values['budget-ms']) } : {}),
       });
       if (!result.ok) process.stderr.write(`thaw create-runtime hook (${state.id}): ${result.code}: ${result.reason}; the container starts cold\n`);
       return;

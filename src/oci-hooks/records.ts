@@ -1,10 +1,12 @@
 /**
  * What the create-runtime hook leaves in the container's control directory for the agent, which reads it
  * after the container started (the hook and the agent never talk otherwise). Written before any process of
- * the pod runs and read before the restore, so nothing of the workload can have forged it.
+ * the pod runs and read before the restore, so nothing of the workload can have forged it. The directory
+ * is still the pod's (a fallback's original command, or a restored worker, may plant entries in it later),
+ * so writes and reads go through marker-files.ts: dir fd, O_EXCL random names, regular files only, a size
+ * cap.
  */
-import { readFile, rename, writeFile } from 'node:fs/promises';
-import { join } from 'node:path';
+import { readEntry, writeEntryAtomic } from '../sdk/index.js';
 
 /** The hook failed: the container runs its original command. Payload: HookFailedRecord. */
 export const HOOK_FAILED_FILE = 'hook-failed';
@@ -38,9 +40,7 @@ export interface HookFailedRecord {
 }
 
 async function writeAtomic(dir: string, name: string, value: unknown): Promise<void> {
-  const tmp = join(dir, `.${name}.tmp-${process.pid}`);
-  await writeFile(tmp, `${JSON.stringify(value)}\n`, { mode: 0o644 });
-  await rename(tmp, join(dir, name));
+  await writeEntryAtomic(dir, name, `${JSON.stringify(value)}\n`, 0o644);
 }
 
 export function writeCheckpointUnavailable(dir: string, record: HookFailedRecord): Promise<void> {
@@ -61,11 +61,11 @@ export type HookOutcome =
   | { kind: 'failed'; record: HookFailedRecord }
   | { kind: 'missing' };
 
-async function readJson(path: string): Promise<unknown> {
+async function readJson(dir: string, name: string): Promise<unknown> {
   try {
-    return JSON.parse(await readFile(path, 'utf8')) as unknown;
+    const text = await readEntry(dir, name, 'read hook record');
+    return text === undefined ? undefined : (JSON.parse(text) as unknown);
   } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
     // A record we cannot read is as good as a failure: the agent must not restore on a guess.
     return { code: 'HOOK_RECORD_UNREADABLE', reason: (err as Error).message };
   }
@@ -73,12 +73,12 @@ async function readJson(path: string): Promise<unknown> {
 
 /** Reads what the hook recorded; hook-failed wins over done (the hook may have failed after writing). */
 export async function readHookOutcome(dir: string): Promise<HookOutcome> {
-  const failed = await readJson(join(dir, HOOK_FAILED_FILE));
+  const failed = await readJson(dir, HOOK_FAILED_FILE);
   if (failed !== undefined) {
     const f = failed as Partial<HookFailedRecord>;
     return { kind: 'failed', record: { code: String(f.code ?? 'HOOK_FAILED'), reason: String(f.reason ?? 'hook-failed present') } };
   }
-  const done = await readJson(join(dir, HOOK_DONE_FILE));
+  const done = await readJson(dir, HOOK_DONE_FILE);
   if (done === undefined) return { kind: 'missing' };
   const d = done as Partial<HookDoneRecord> & { code?: string; reason?: string };
   if (d.mode !== 'args' && d.mode !== 'overlay') {

@@ -28,12 +28,12 @@ import { join } from 'node:path';
 
 import { errorMessage, isThawError, ThawError } from '../errors.js';
 import type { Logger } from '../log.js';
-import type { LocalStore, PendingCheckpoint } from '../store/local-store.js';
-import type { GpuConstraints, Manifest, ManifestFields } from '../store/manifest.js';
+import type { LocalStore, PendingCheckpoint } from '../store/index.js';
+import type { GpuConstraints, Manifest, ManifestFields } from '../store/index.js';
 import { readHostFacts } from '../sys/host-facts.js';
-import { StoreError, StoreErrorCode } from '../store/errors.js';
-import { CHECKPOINT_COMPLETE } from '../sdk/protocol.js';
-import { writeMarker } from '../sdk/control-dir.js';
+import { StoreError, StoreErrorCode } from '../store/index.js';
+import { CHECKPOINT_COMPLETE } from '../sdk/index.js';
+import { writeMarker } from '../sdk/index.js';
 import type { CriuClient } from './criu/client.js';
 import type { CgroupsMode, DumpOptions } from './criu/options.js';
 import { inspectContainer, type ContainerInspection, type InspectOptions } from './container-inspect.js';

@@ -10,13 +10,14 @@
  * them through a root (the target container's `/proc/<pid>/root`), never failing: what cannot be read is
  * counted and left to CRIU.
  */
-import { open, readFile } from 'node:fs/promises';
+import { open, readFile, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
-import { constants as fsConstants } from 'node:fs';
+import { constants as fsConstants, fstatSync } from 'node:fs';
 import { isThawError } from '../errors.js';
 import { forEachLimit } from '../sys/concurrency.js';
 import { SysErrorCode } from '../sys/errors.js';
+import { FsAt, O_NOFOLLOW, O_PATH } from '../sys/fs-at.js';
 import { readRange } from '../sys/page-cache.js';
 import { CRIU_PAGE_BYTES, CriuImageCodec, parseImageFile, VmaStatus, type PagemapEntry, type VmaEntry } from './criu/images.js';
 
@@ -139,10 +140,38 @@ export function clipRanges(ranges: readonly FileRange[], from: number, to: numbe
   return out;
 }
 
+let boundFsAt: FsAt | undefined;
+/** The openat2 binding, bound on first use (koffi is loaded by the agent already; a test's first read pays it). */
+function fsAt(): FsAt {
+  boundFsAt ??= FsAt.load();
+  return boundFsAt;
+}
+
+/**
+ * Opens `path` (absolute, as CRIU recorded it) for reading inside the tree `rootFd` stands for: openat2 with
+ * RESOLVE_IN_ROOT|RESOLVE_NO_MAGICLINKS (absolute symlinks and `..` of every component stay inside the
+ * container's root; a /proc magic link is refused), O_PATH|O_NOFOLLOW (nothing is opened yet: a FIFO cannot
+ * block, a device's open never runs), then fstat, and only a regular file is reopened for reading through
+ * that very fd. Undefined for anything else.
+ */
+async function openMappedFile(rootFd: number, path: string): Promise<FileHandle | undefined> {
+  const at = fsAt();
+  const pathFd = at.openInRoot(rootFd, path, O_PATH | O_NOFOLLOW);
+  try {
+    if (!fstatSync(pathFd).isFile()) return undefined;
+    return await open(`/proc/self/fd/${pathFd}`, fsConstants.O_RDONLY | fsConstants.O_NONBLOCK);
+  } finally {
+    at.close(pathFd);
+  }
+}
+
 /**
  * Reads every range of `files` under `root` (e.g. `/proc/<pid>/root`: the target container's view, where the
  * restored process will find them), `concurrency` files at a time: first the head of every file (what CRIU
  * reads first), then the rest. Stops early when `signal` aborts.
+ *
+ * The paths come from the checkpoint and the tree is the pod's: `root` is opened once as a directory and
+ * every file is resolved inside it (openMappedFile), regular files only; anything else is skipped.
  */
 export async function readMappedFilePages(root: string, files: readonly MappedFile[], options: { signal?: AbortSignal; concurrency?: number } = {}): Promise<ReadMappedResult> {
   const started = performance.now();
@@ -150,14 +179,21 @@ export async function readMappedFilePages(root: string, files: readonly MappedFi
   const failed = new Set<string>();
   // One buffer per reader: forEachLimit runs at most `concurrency` of these at once.
   const buffers: Buffer[] = [];
+  const rootFh = await open(root, fsConstants.O_RDONLY | fsConstants.O_DIRECTORY);
   const pass = async (jobs: Array<{ path: string; ranges: FileRange[] }>, countFiles: boolean): Promise<void> => {
     const readOne = async (f: { path: string; ranges: FileRange[] }): Promise<void> => {
       if (failed.has(f.path)) return;
       const buffer = buffers.pop() ?? Buffer.allocUnsafe(READ_CHUNK_BYTES);
       let fh;
       try {
-        fh = await open(root + f.path, fsConstants.O_RDONLY | fsConstants.O_NOFOLLOW);
-        for (const r of f.ranges) result.bytesRead += await readRange(fh, buffer, r.offset, r.offset + r.length, options.signal);
+        fh = await openMappedFile(rootFh.fd, f.path);
+        if (fh === undefined) throw new Error('not a regular file');
+        for (const r of f.ranges) {
+          // Not `result.bytesRead += await ...`: that reads the total before the await, and a concurrent
+          // reader's bytes added meanwhile would be lost.
+          const n = await readRange(fh, buffer, r.offset, r.offset + r.length, options.signal);
+          result.bytesRead += n;
+        }
         if (countFiles) result.files += 1;
       } catch {
         failed.add(f.path);
@@ -174,8 +210,12 @@ export async function readMappedFilePages(root: string, files: readonly MappedFi
       },
     );
   };
-  await pass(files.map((f) => ({ path: f.path, ranges: clipRanges(f.ranges, 0, MAPPED_FILE_HEAD_BYTES) })), true);
-  await pass(files.map((f) => ({ path: f.path, ranges: clipRanges(f.ranges, MAPPED_FILE_HEAD_BYTES, Number.MAX_SAFE_INTEGER) })).filter((f) => f.ranges.length > 0), false);
+  try {
+    await pass(files.map((f) => ({ path: f.path, ranges: clipRanges(f.ranges, 0, MAPPED_FILE_HEAD_BYTES) })), true);
+    await pass(files.map((f) => ({ path: f.path, ranges: clipRanges(f.ranges, MAPPED_FILE_HEAD_BYTES, Number.MAX_SAFE_INTEGER) })).filter((f) => f.ranges.length > 0), false);
+  } finally {
+    await rootFh.close();
+  }
   result.ms = Math.round(performance.now() - started);
   return result;
 }

@@ -41,6 +41,18 @@ export const RestoreErrorCode = {
   CGROUP: 'RESTORE_CGROUP',
   /** CRIU failed (cause: the CRIU_* error with CRIU's log lines). */
   CRIU: 'RESTORE_CRIU',
+  /**
+   * A mount of the target container (its root filesystem) has no path in the host's mount namespace, where CRIU
+   * runs (host-mounts.ts).
+   */
+  TARGET_MOUNTS: 'RESTORE_TARGET_MOUNTS',
+  /** The target container's OCI spec (config.json beside its rootfs) could not be read or is not its own. */
+  TARGET_SPEC: 'RESTORE_TARGET_SPEC',
+  /**
+   * The checkpoint's recorded credentials (CRIU's core/creds: uid/gid, capabilities, no_new_privs, seccomp, LSM
+   * label) grant more than the target container's OCI spec (credentials.ts); evidence names each excess.
+   */
+  CREDENTIALS_EXCEED_SPEC: 'RESTORE_CREDENTIALS_EXCEED_SPEC',
   /** The restored tree did not appear as a child of the placeholder. */
   ADOPT: 'RESTORE_ADOPT',
   /** A device step after CRIU (the CUDA restore seam) failed. */

@@ -19,22 +19,22 @@
  * and the prefetch is handed in as the small interfaces below.
  */
 import { execFile } from 'node:child_process';
-import { access, mkdir, rm } from 'node:fs/promises';
+import { mkdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { promisify } from 'node:util';
 import { errorMessage, isThawError } from '../errors.js';
 import type { Logger } from '../log.js';
-import { clearStaleMarkers, writeMarker } from '../sdk/control-dir.js';
-import { RESTORE_COMPLETE, RESTORE_FAILED } from '../sdk/protocol.js';
-import type { LocalStore, OpenedCheckpoint, ReleaseLease } from '../store/local-store.js';
-import { StoreErrorCode } from '../store/errors.js';
+import { clearStaleMarkers, firstPresent, writeMarker } from '../sdk/index.js';
+import { RESTORE_COMPLETE, RESTORE_FAILED } from '../sdk/index.js';
+import type { LocalStore, OpenedCheckpoint, ReleaseLease } from '../store/index.js';
+import { StoreErrorCode } from '../store/index.js';
 import type { CriuClient } from './criu/client.js';
 import { CriuImageCodec } from './criu/images.js';
 import { mappedFilePages, readMappedFilePages, type MappedFile, type ReadMappedResult } from './mapped-files.js';
 import { RestoreError, RestoreErrorCode } from './restore-errors.js';
 import { killRestoredTree, restoreIntoContainer, type RestoredTree } from './restore.js';
-import { DEFAULT_NSENTER_PATH, DEFAULT_POD_CRIU_RESTORE_TIMEOUT_MS, DEFAULT_VERIFY_TIMEOUT_MS } from '../defaults.js';
+import { DEFAULT_NSENTER_PATH, DEFAULT_POD_CRIU_RESTORE_TIMEOUT_MS, DEFAULT_THAW_PAUSE_DEADLINE_MS, DEFAULT_VERIFY_TIMEOUT_MS } from '../defaults.js';
 
 const execFileP = promisify(execFile);
 
@@ -156,6 +156,12 @@ export interface RestoreFlowOptions {
   nsenterPath?: string;
   verifyTimeoutMs?: number;
   criuRestoreTimeoutMs?: number;
+  /**
+   * thaw-pause's deadline (DEFAULT_THAW_PAUSE_DEADLINE_MS): while a restore runs, the placeholder is told
+   * "a restore is under way" (SIGWINCH) every third of it, so it falls back by itself only when the agent
+   * is gone.
+   */
+  thawPauseDeadlineMs?: number;
   cudaRestore?: CudaRestoreStep;
   /** Test seam: runs after verify, right before CRIU (e.g. to damage an image file CRIU then reads). */
   beforeCriuRestore?: (ctx: RestoreStepContext) => Promise<void>;
@@ -179,12 +185,29 @@ export function workDirFor(workRoot: string, containerId: string): string {
   return join(workRoot, containerId);
 }
 
+/**
+ * Tells the placeholder (thaw-pause, PID 1 of the target) "a restore is under way" now and every third of its
+ * deadline until stopped: its deadline starts again at each, so it falls back by itself only when no agent
+ * is left to say it. A placeholder that is gone is not an error here (the flow finds that out itself).
+ */
+export function holdPlaceholder(pid: number, deadlineMs: number): { stop(): void } {
+  const say = () => {
+    try {
+      process.kill(pid, 'SIGWINCH');
+    } catch {
+      // gone: the restore's own steps report it
+    }
+  };
+  say();
+  const timer = setInterval(say, Math.max(1, Math.floor(deadlineMs / 3)));
+  timer.unref();
+  return { stop: () => clearInterval(timer) };
+}
+
 /** The agent marker a worker was given, if any (restore-complete or restore-failed). */
 async function firstMarker(controlDir: string): Promise<string | undefined> {
-  for (const name of [RESTORE_COMPLETE, RESTORE_FAILED]) {
-    if (await access(join(controlDir, name)).then(() => true, () => false)) return name;
-  }
-  return undefined;
+  // lstat, not access(): the directory is the pod's, and a planted symlink is never followed.
+  return firstPresent(controlDir, [RESTORE_COMPLETE, RESTORE_FAILED]);
 }
 
 /** What a fallback needs to know about how far the restore got. */
@@ -304,7 +327,8 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
       }
     }
     try {
-      job.release = await o.store.acquireLease(name);
+      // Local checkpoints are leased at CreateContainer (restore-target.ts), before the hook can read them.
+      job.release ??= await o.store.acquireLease(name);
       const t0 = performance.now();
       // Reading the checkpoint into the page cache is a hint, not a step: the restore does not wait for it
       // (CRIU's own reads find whatever it has read already; bench/RESULTS.md has what awaiting it cost).
@@ -315,7 +339,8 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
         logger.debug('cannot list the mapped file pages', { checkpoint: name, error: errorMessage(err) });
         return [];
       });
-      const verified = await o.store.verify(name, { signal });
+      // Hashed against the very manifest object CRIU will be given (job.checkpoint.manifest), not a re-read.
+      const verified = await o.store.verify(name, { signal, manifest: job.checkpoint.manifest });
       return { verifyMs: performance.now() - t0, hashed: verified.hashed, ...(transferMs !== undefined ? { transferMs } : {}) };
     } catch (err) {
       if (isThawError(err, StoreErrorCode.NOT_FOUND) || isThawError(err, StoreErrorCode.INVALID_NAME)) {
@@ -340,6 +365,7 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
     let overlayMounted = false;
     let tree: RestoredTree | undefined;
     let digests: RestoreEvent['digests'];
+    let holding: { stop(): void } | undefined;
     const mode = container.placeholder ?? 'overlay';
     const ctx: RestoreStepContext = { container, checkpoint, targetPid: pid, signal };
     const event = (e: Omit<RestoreEvent, 'event' | 'checkpoint' | 'id' | 'containerId' | 'container' | 'pod' | 'phases' | 'mode'>): RestoreEvent => ({
@@ -365,6 +391,9 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
         );
       }
       overlayMounted = hook.record.mode === 'overlay';
+      // The hook succeeded, so PID 1 is thaw-pause (a failed hook leaves the original command there, which
+      // must get no signal of ours).
+      holding = holdPlaceholder(pid, o.thawPauseDeadlineMs ?? DEFAULT_THAW_PAUSE_DEADLINE_MS);
       phases.hookMs = hook.record.ms;
       if (typeof hook.record.startupMs === 'number' && Number.isFinite(hook.record.startupMs)) phases.hookStartupMs = hook.record.startupMs;
       const t0 = performance.now();
@@ -423,6 +452,7 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
         phases.cudaRestoreMs = Math.round(performance.now() - t2);
       }
 
+      holding?.stop();
       try {
         process.kill(pid, 'SIGUSR1'); // thaw-pause adopts its only child, the restored root
       } catch (err) {
@@ -435,6 +465,7 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
     } catch (err) {
       const cause = isThawError(err) ? err.code : RestoreErrorCode.INTERNAL;
       const reason = errorMessage(err);
+      holding?.stop(); // the fallback's SIGUSR2 is the last word
       await fallBackToColdStart({
         container,
         pid,

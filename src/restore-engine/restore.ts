@@ -2,24 +2,31 @@
  * CRIU restore of a checkpoint into a running placeholder container (design.md, Restore step 3;
  * restore-recipe.md shows the same steps with CRIU's command line).
  *
- * The restorer runs inside the target's namespaces: a shell joins the target's cgroups (restore-cgroups.ts),
- * execs nsenter into its mount, PID, IPC and UTS namespaces, which forks CRIU's swrk there. CRIU then
- * recreates the tree with `--root /` (the target's root), its own nested PID namespace under the
- * placeholder, the source's external mounts bound from the same paths in the target, and the source's
- * stdout/stderr pipes replaced by the placeholder's (so the worker writes to the new container's log).
- * When CRIU exits, the tree's root is reparented to the placeholder (the PID namespace's init), which is
- * what thaw-pause adopts on SIGUSR1; restoreIntoContainer waits for that.
+ * CRIU runs in the host's mount namespace, the way `runc restore` places it (docs/security.md, "Helpers and CRIU
+ * run on the host"): only its PID namespace must be the target's (CRIU cannot join one: the restored tree's root
+ * must be forked inside it to be reparented to the placeholder), so a host shell joins the target's cgroups
+ * (restore-cgroups.ts) and execs the host's nsenter into the target's PID, IPC and UTS namespaces, which forks
+ * CRIU's swrk there. setns() into a PID namespace changes no root and no mount: the loader, CRIU's plugins and
+ * its PATH lookups all resolve in the host's filesystem. CRIU then recreates the tree with `root` the target's
+ * root filesystem as a host path, a new mount namespace, its own nested PID namespace under the placeholder, the
+ * source's external mounts bound from the host paths of the target's mounts at the same mountpoints
+ * (host-mounts.ts), and the source's stdout/stderr pipes replaced by the placeholder's (so the worker writes to
+ * the new container's log). When CRIU exits, the tree's root is reparented to the placeholder (the PID
+ * namespace's init), which is what thaw-pause adopts on SIGUSR1; restoreIntoContainer waits for that.
  */
-import { closeSync, constants as fsConstants, openSync, readlinkSync } from 'node:fs';
+import { closeSync, constants as fsConstants, openSync, readlinkSync, statSync } from 'node:fs';
 import { readFile, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { errorMessage, isThawError } from '../errors.js';
 import { silentLogger, type Logger } from '../log.js';
-import type { Manifest } from '../store/manifest.js';
+import type { Manifest } from '../store/index.js';
 import { CriuClient, nsenterWrapper } from './criu/client.js';
 import { CriuErrorCode } from './criu/errors.js';
 import type { RestoreOptions } from './criu/options.js';
+import { assertCredentialsWithinSpec, readRecordedCredentials, readTargetSpec, specCredentialsOf } from './credentials.js';
+import { CriuImageCodec } from './criu/images.js';
+import { planHostRestorePaths, readHostMountTable } from './host-mounts.js';
 import { cgroupJoinWrapper, sameCgroups, targetCgroupProcsFiles } from './restore-cgroups.js';
 import { RestoreError, RestoreErrorCode } from './restore-errors.js';
 import { DEFAULT_NSENTER_PATH, DEFAULT_POD_CRIU_RESTORE_TIMEOUT_MS } from '../defaults.js';
@@ -28,6 +35,8 @@ import { DEFAULT_NSENTER_PATH, DEFAULT_POD_CRIU_RESTORE_TIMEOUT_MS } from '../de
 export const ADOPTABLE_WAIT_MS = 10_000;
 export const DEFAULT_SH_PATH = '/bin/sh';
 const STDIO_PIPE = /^pipe:\[\d+\]$/;
+/** Under the work dir: the stand-ins for the target's mounts that have no host path (host-mounts.ts). */
+const STAND_IN_DIR = 'mount-stand-ins';
 
 export interface RestoreIntoContainerOptions {
   criu: CriuClient;
@@ -45,6 +54,19 @@ export interface RestoreIntoContainerOptions {
   logger?: Logger;
   nsenterPath?: string;
   shPath?: string;
+  /**
+   * Compare the checkpoint's recorded credentials with the target's OCI spec before CRIU runs (credentials.ts;
+   * default true). Off only for restores into something that is not a container (tests of CRIU itself).
+   */
+  checkCredentials?: boolean;
+  /** The image decoder to share; default one loaded on first use. */
+  imageCodec?: CriuImageCodec;
+}
+
+let imageCodec: CriuImageCodec | undefined;
+function sharedImageCodec(): CriuImageCodec {
+  imageCodec ??= CriuImageCodec.load();
+  return imageCodec;
 }
 
 export interface RestoredTree {
@@ -136,13 +158,26 @@ export async function restoreIntoContainer(o: RestoreIntoContainerOptions): Prom
       inheritFrom.push({ key: netnsKey, from });
     }
 
+    const hostPaths = planHostRestorePaths(await readHostMountTable(pid), o.manifest.criu.externalMounts, join(o.workDir, STAND_IN_DIR), (path) => {
+      // Only the kind of a stand-in (file or directory) comes from this stat; nothing it names is used.
+      try {
+        return statSync(join(`/proc/${pid}/root`, path)).isDirectory() ? 'dir' : 'file';
+      } catch {
+        return 'dir';
+      }
+    });
+    // Before CRIU runs: the recorded credentials of every thread against what the target's spec grants.
+    if (o.checkCredentials !== false) {
+      const spec = specCredentialsOf(await readTargetSpec(hostPaths.root));
+      assertCredentialsWithinSpec(await readRecordedCredentials(o.imagesDir, o.imageCodec ?? sharedImageCodec()), spec);
+    }
     const options: RestoreOptions = {
       imagesDir: o.imagesDir,
       workDir: o.workDir,
-      rootPath: '/',
+      rootPath: hostPaths.root,
       restoreDetached: true,
       manageCgroupsMode: 'ignore',
-      externalMounts: o.manifest.criu.externalMounts.map((m) => ({ key: m.key, mountpoint: m.path })),
+      externalMounts: hostPaths.externalMounts.map((m) => ({ key: m.key, mountpoint: m.mountpoint })),
       inheritFds,
       ...(netnsKey !== undefined ? { networkLock: 'skip' as const } : {}),
     };

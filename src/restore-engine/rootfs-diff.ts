@@ -41,7 +41,7 @@ import { chmod, lstat, open, readdir, readFile, rm, writeFile, type FileHandle }
 import { join } from 'node:path';
 import { ThawError } from '../errors.js';
 import { silentLogger, type Logger } from '../log.js';
-import { checkRelativePath } from '../store/manifest.js';
+import { checkRelativePath } from '../store/index.js';
 
 export const RootfsErrorCode = {
   /** A /proc/<pid>/mountinfo line that does not parse (evidence: the line). */

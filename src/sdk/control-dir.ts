@@ -8,10 +8,10 @@
  * the poststop hook removes the directory. None of these is slow except waitForWorkerReady, which
  * must not run inside an NRI handler.
  */
-import { chmod, chown, lstat, mkdir, rm, unlink } from 'node:fs/promises';
+import { chmod, chown, lstat, mkdir, rm } from 'node:fs/promises';
 import { join, relative, resolve, sep } from 'node:path';
 import { CONTROL_DIR_ERROR_CODES, SdkError } from './errors.js';
-import { firstPresent, readPayload, waitForFile, writeFileAtomic, type Payload } from './marker-files.js';
+import { firstPresent, readPayload, removeEntry, waitForFile, writeFileAtomic, type Payload } from './marker-files.js';
 import {
   CHECKPOINT_COMPLETE,
   OUTCOMES,
@@ -182,9 +182,8 @@ export async function writeMarker(dir: string, marker: AgentMarker, payload?: Pa
 export async function clearStaleMarkers(dir: string): Promise<void> {
   for (const name of [RESTORE_COMPLETE, RESTORE_FAILED]) {
     try {
-      await unlink(join(dir, name));
+      await removeEntry(dir, name);
     } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === 'ENOENT') continue;
       throw new SdkError(CONTROL_DIR_ERROR_CODES.WRITE_FAILED, `removing stale ${name} failed: ${(err as Error).message}`, {
         step: 'clear stale markers',
         cause: err,

@@ -32,6 +32,12 @@ export const CONTROL_DIR_ERROR_CODES = {
   REMOVE_FAILED: 'CONTROL_DIR_REMOVE_FAILED',
   /** A marker holds something that is not a JSON object. */
   INVALID_PAYLOAD: 'CONTROL_DIR_INVALID_PAYLOAD',
+  /**
+   * An entry of a control directory that is not a plain marker: a symlink, FIFO, device, directory or
+   * socket, a file with more than one hard link, a file above the size cap, or a name that is not one
+   * path component. The directory is shared with the pod, so such an entry is refused, never followed.
+   */
+  UNSAFE_ENTRY: 'CONTROL_DIR_UNSAFE_ENTRY',
 } as const;
 
 export type SdkErrorCode =

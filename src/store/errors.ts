@@ -14,6 +14,11 @@ export const StoreErrorCode = {
   NOT_FOUND: 'STORE_NOT_FOUND',
   /** manifest.json is missing, not JSON, of another schema version, or a field is wrong (the message names it). */
   MANIFEST_INVALID: 'STORE_MANIFEST_INVALID',
+  /**
+   * The manifest on disk is not the one the caller chose and checked (verify's `manifest`): the checkpoint was
+   * replaced between the check and the use.
+   */
+  MANIFEST_CHANGED: 'STORE_MANIFEST_CHANGED',
   /** A file's size or sha256 differs from the manifest (evidence: file, expected, actual). */
   DIGEST_MISMATCH: 'STORE_DIGEST_MISMATCH',
   /** A file the manifest lists is not on disk. */

@@ -7,3 +7,5 @@ export { StoreError, StoreErrorCode } from './errors.js';
 export * from './manifest.js';
 export { copyCheckpoint, type CopyOptions } from './copy.js';
 export * from './oci/index.js';
+export { FILE_CACHE_DIR_NAME } from './oci/file-cache.js';
+export { type FetchOptions } from './oci/pull.js';

@@ -38,6 +38,12 @@ export interface VerifyOptions {
    * unchanged stamp means unchanged bytes short of an attacker who is root already.
    */
   rehash?: boolean;
+  /**
+   * The parsed manifest the caller checked and will use (the restore: the one read at CreateContainer, which
+   * CRIU gets). The files are hashed against this object, and the manifest on disk must be the same (id and
+   * files), else STORE_MANIFEST_CHANGED: what is verified is exactly what is used, never a re-read.
+   */
+  manifest?: Manifest;
 }
 
 interface VerifiedStamp {
@@ -117,7 +123,14 @@ export async function verifyCheckpoint(ctx: VerifyContext, name: string, options
   throwIfAborted(options.signal, step);
   const started = performance.now();
   const opened = await ctx.open(name);
-  const files = opened.manifest.files;
+  const manifest = options.manifest ?? opened.manifest;
+  if (manifest !== opened.manifest && (manifest.id !== opened.manifest.id || JSON.stringify(manifest.files) !== JSON.stringify(opened.manifest.files))) {
+    throw new StoreError(StoreErrorCode.MANIFEST_CHANGED, `the manifest of ${name} changed since it was checked`, {
+      step,
+      evidence: { checkedId: manifest.id, onDiskId: opened.manifest.id },
+    });
+  }
+  const files = manifest.files;
   // Identities are taken before hashing: a file changed while it is hashed then fails the next comparison.
   const identities = Object.fromEntries(
     await Promise.all(files.map(async (f) => [f.path, await fileIdentity(join(opened.paths.dir, f.path))] as const)),
@@ -125,8 +138,8 @@ export async function verifyCheckpoint(ctx: VerifyContext, name: string, options
   const stampPath = ctx.stamps.pathOf(name);
   if (!options.rehash) {
     const stamp = await readStamp(stampPath);
-    if (stamp && stamp.id === opened.manifest.id && files.every((f) => stamp.files[f.path] === identities[f.path])) {
-      return { files: files.length, bytes: opened.manifest.totals.bytes, ms: performance.now() - started, hashed: false };
+    if (stamp && stamp.id === manifest.id && files.every((f) => stamp.files[f.path] === identities[f.path])) {
+      return { files: files.length, bytes: manifest.totals.bytes, ms: performance.now() - started, hashed: false };
     }
   }
   const bad: Array<{ file: string; expected: string; actual: string }> = [];
@@ -151,6 +164,6 @@ export async function verifyCheckpoint(ctx: VerifyContext, name: string, options
       evidence: { file: first.file, expected: first.expected, actual: first.actual, mismatches: bad },
     });
   }
-  await ctx.stamps.write(stampPath, { id: opened.manifest.id, files: identities });
-  return { files: files.length, bytes: opened.manifest.totals.bytes, ms: performance.now() - started, hashed: true };
+  await ctx.stamps.write(stampPath, { id: manifest.id, files: identities });
+  return { files: files.length, bytes: manifest.totals.bytes, ms: performance.now() - started, hashed: true };
 }

@@ -358,7 +358,7 @@ describe('CRIU RPC: dump and restore of a real process', () => {
 });
 
 describe('CRIU RPC: restore into another process\'s namespaces (nsenter wrapper)', () => {
-  it('restores the dumped victim inside a placeholder\'s PID, mount, IPC and UTS namespaces', async () => {
+  it('restores the dumped victim inside a placeholder\'s PID, IPC and UTS namespaces; CRIU never enters its mount namespace', async () => {
     // The placeholder: init of new PID/mount/IPC/UTS namespaces, with its own /proc (like a pod's pause).
     const placeholder = spawn('unshare', ['-p', '-m', '-i', '-u', '--fork', '--mount-proc', 'sleep', 'infinity'], {
       detached: true,
@@ -401,6 +401,8 @@ describe('CRIU RPC: restore into another process\'s namespaces (nsenter wrapper)
     expect(hostPid).toBeDefined();
     started.add(hostPid as number);
     for (const ns of ['pid', 'ipc', 'uts']) expect(nsOf(hostPid as number, ns)).toBe(nsOf(targetPid, ns));
+    // CRIU ran in a private copy of our mount namespace (nsenterWrapper: no -m), so did the tree it restored.
+    expect(nsOf(hostPid as number, 'mnt')).not.toBe(nsOf(targetPid, 'mnt'));
     await waitFor(() => readCounter(v.counterFile) > dumped + 3, 5_000, 'the restored victim to count on');
     expect(readFileSync(res.logPath, 'utf8')).toContain('Restore finished successfully');
     kill(hostPid as number);

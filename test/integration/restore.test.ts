@@ -9,7 +9,7 @@
  */
 import { execFileSync } from 'node:child_process';
 import { existsSync, statSync, readdirSync } from 'node:fs';
-import { copyFile, mkdtemp, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { copyFile, mkdtemp, readFile, readdir, rename, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
@@ -233,6 +233,117 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
     }
   }, TEST_TIMEOUT_MS);
 
+  /** Checkpoints a worker pod like the first test; `plant` runs in the source's container before the checkpoint. */
+  async function checkpointSource(podName: string, checkpoint: string, plant?: (containerId: string) => Promise<void>) {
+    const { stack } = handle;
+    const src = await stack.cri.runPod({
+      name: podName, image: image.ref, command: [],
+      annotations: { [`${PREFIX}checkpoint`]: checkpoint },
+      env: { ...workerEnv, WORKER_MEMORY_MB: '32', WORKER_CHECKPOINT_AFTER_MS: '1000' },
+    });
+    try {
+      const { entry, pid } = await waitFor(() => sourcesStarted.get(podName), 'PostStart of the source', 30_000);
+      await waitForEvent(src.logPath, 'listening');
+      await plant?.(src.containerId);
+      await waitForWorkerReady(entry.controlDir, { timeoutMs: WORKER_READY_TIMEOUT_MS });
+      const v = await criu.version();
+      await checkpointContainer({
+        store, criu, containerId: entry.containerId, pid, controlDir: entry.controlDir, checkpointName: checkpoint,
+        onCheckpoint: 'continue', imageRef: entry.imageRef ?? image.ref,
+        source: { containerName: entry.containerName, pod: { name: entry.podName, namespace: entry.podNamespace, uid: entry.podUid } },
+        containerdVersion: stack.containerdVersion, criuVersion: `${v.major}.${v.minor}.${v.sublevel}`, logger, workRoot,
+        tarPath: stack.paths.tar,
+      });
+    } finally {
+      await stack.cri.removePod(src.podId);
+    }
+  }
+
+  it('a source that plants /etc/ld.so.preload, CRIU plugins and PATH shadows in its rootfs: none runs in a thaw process, the restore succeeds', async () => {
+    const { stack } = handle;
+    // Every planted file leaves a marker in MARKERS of the root of whatever process runs it (the host's /tmp for a
+    // process in the host's mount namespace, the container's /tmp for one inside it).
+    const MARKERS = '/tmp/thaw-c1-markers';
+    await rm(MARKERS, { recursive: true, force: true });
+    const build = await mkdtemp('/tmp/thaw-c1-build-');
+    const lib = path.join(build, 'thaw-c1.so');
+    execFileSync('cc', ['-shared', '-fPIC', '-O2', `-DMARKER_DIR="${MARKERS}"`, '-o', lib, path.join(PACKAGE_ROOT, 'test/fixtures/thaw-c1-marker.c')]);
+    const shadow = `#!/bin/busybox sh\n/bin/busybox mkdir -p ${MARKERS}; { echo "exe=$0 $*"; /bin/busybox grep -E '^(Uid|CapEff)' /proc/self/status; } > ${MARKERS}/ran-$(/bin/busybox basename $0)-$$\n`;
+    const names = ['nsenter', 'unshare', 'mount', 'umount', 'tar', 'gzip', 'gunzip', 'setpriv', 'criu', 'sh', 'iptables-restore', 'nft', 'ip'];
+    const dirs = ['/usr/local/sbin', '/usr/local/bin', '/usr/sbin', '/usr/bin', '/sbin'];
+    const script = [
+      'set -e',
+      'B=/bin/busybox',
+      '$B mkdir -p /usr/local/lib',
+      `echo ${(await readFile(lib)).toString('base64')} | $B base64 -d > /usr/local/lib/thaw-c1.so`,
+      // CRIU's default plugin dirs, as the Debian build and upstream name them.
+      'for d in /usr/lib/criu /usr/lib/x86_64-linux-gnu/criu /usr/lib64/criu /usr/local/lib/criu; do $B mkdir -p $d; $B cp /usr/local/lib/thaw-c1.so $d/thaw-c1.so; done',
+      // rm first: a busybox applet link would carry the write into busybox itself.
+      `for d in ${dirs.join(' ')}; do $B mkdir -p $d; for n in ${names.join(' ')}; do $B rm -f $d/$n; echo ${Buffer.from(shadow).toString('base64')} | $B base64 -d > $d/$n; $B chmod 755 $d/$n; done; done`,
+      // Last: from here on every dynamically linked program this container starts loads the library.
+      'echo /usr/local/lib/thaw-c1.so > /etc/ld.so.preload',
+    ].join('\n');
+    await checkpointSource('c1-src', 'c1-attack', async (containerId) => {
+      const r = await stack.cri.execSync(containerId, ['/bin/busybox', 'sh', '-c', script], 30);
+      expect(r.exitCode, r.stderr).toBe(0);
+    });
+    await rm(build, { recursive: true, force: true });
+
+    const { pod, before } = await runTarget('c1-target', 'c1-attack', { ...workerEnv, WORKER_MEMORY_MB: '32' });
+    try {
+      const ev = await waitFor(() => events.slice(before).find((e) => e.containerId === pod.containerId), 'the restore event', 120_000, 50);
+      expect(ev, JSON.stringify(ev)).toMatchObject({ outcome: 'restored' });
+      const restored = await waitForEvent(pod.logPath, 'restored');
+      expect(await getJson<WorkerState>(restored.port as number, '/state')).toMatchObject({ restored: true, restoreCount: 1 });
+      const targetPid = (await stack.cri.containerStatus(pod.containerId, true)).pid as number;
+      const targetMarkers = `/proc/${targetPid}/root${MARKERS}`;
+      const markers = async (dir: string): Promise<string[]> => {
+        const names = await readdir(dir).catch(() => [] as string[]);
+        return Promise.all(names.map(async (n) => `${dir}/${n}: ${(await readFile(path.join(dir, n), 'utf8')).trim()}`));
+      };
+      // Nothing ran: not on the host's side, not inside the target.
+      expect([...(await markers(MARKERS)), ...(await markers(targetMarkers))]).toEqual([]);
+
+      // The plant is live in the target (the diff brought it): a dynamic program there loads the library, and a
+      // shadow on the PATH runs. So an empty marker dir above means thaw never ran them, not that they were inert.
+      expect((await stack.cri.execSync(pod.containerId, ['/bin/busybox', 'cat', '/etc/ld.so.preload'], 10)).stdout).toBe('/usr/local/lib/thaw-c1.so\n');
+      await stack.cri.execSync(pod.containerId, ['/usr/bin/node', '-e', '0'], 30);
+      await stack.cri.execSync(pod.containerId, ['/usr/local/sbin/tar', '--version'], 10);
+      const seen = await markers(targetMarkers);
+      expect(seen.some((m) => /loaded-by-\d+: exe=\/usr\/bin\/node /.test(m)), seen.join('\n')).toBe(true);
+      expect(seen.some((m) => /ran-tar-\d+: exe=\/usr\/local\/sbin\/tar/.test(m)), seen.join('\n')).toBe(true);
+    } finally {
+      await stack.cri.removePod(pod.podId);
+      await rm(MARKERS, { recursive: true, force: true });
+    }
+  }, TEST_TIMEOUT_MS);
+
+  it('a checkpoint of a root worker into a pod that runs as uid 1000 with no capabilities and no_new_privs: cold start, cause RESTORE_CREDENTIALS_EXCEED_SPEC', async () => {
+    const { stack } = handle;
+    await checkpointSource('creds-src', 'creds-root');
+    const cause = 'RESTORE_CREDENTIALS_EXCEED_SPEC';
+    const fallbacksBefore = stats.fallbacksByCause.get(cause) ?? 0;
+    const before = events.length;
+    const pod = await stack.cri.runPod({
+      name: 'creds-target', image: image.ref, command: [],
+      annotations: { [`${PREFIX}restore`]: 'creds-root' },
+      env: { ...workerEnv, WORKER_MEMORY_MB: '32' },
+      securityContext: { run_as_user: { value: '1000' }, run_as_group: { value: '1000' }, capabilities: { drop_capabilities: ['ALL'] }, no_new_privs: true },
+    });
+    try {
+      const ev = await waitFor(() => events.slice(before).find((e) => e.containerId === pod.containerId), 'the restore event', 60_000, 50);
+      expect(ev, JSON.stringify(ev)).toMatchObject({ outcome: 'fallback', cause });
+      expect(ev.reason).toContain('uid 0, the spec runs as uid 1000 without CAP_SETUID');
+      // The cold start: thaw-pause execs the original command (as uid 1000; the worker itself then stops at the
+      // control dir, which only root may write: a limit of the control dir, not of this check).
+      await waitFor(async () => (await readFile(pod.logPath, 'utf8').catch(() => '')).includes('thaw-pause: fallback: exec /usr/bin/node'), 'the fallback exec', 60_000, 100);
+      expect((await workerEvents(pod.logPath)).map((e) => e.event)).not.toContain('restored');
+      expect(stats.fallbacksByCause.get(cause) ?? 0).toBe(fallbacksBefore + 1);
+    } finally {
+      await stack.cri.removePod(pod.podId);
+    }
+  }, TEST_TIMEOUT_MS);
+
   /** A fallback target: running, serving from scratch, and the cause counted. */
   async function expectColdStart(name: string, checkpoint: string, cause: string, viaCoordinator: boolean, extra: { namespace?: string; args?: string[] } = {}) {
     const { stack } = handle;
@@ -265,6 +376,42 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
 
   it('a missing checkpoint: cold start, cause RESTORE_CHECKPOINT_MISSING', async () => {
     await expectColdStart('rst-missing', 'no-such-checkpoint', 'RESTORE_CHECKPOINT_MISSING', false);
+  }, TEST_TIMEOUT_MS);
+
+  it('a rootfs diff replaced after the manifest was checked: the hook applies none of it, cold start', async () => {
+    const { stack } = handle;
+    const opened = await store.open(CHECKPOINT);
+    const tarFile = path.join(opened.paths.dir, 'rootfs-diff.tar');
+    const original = await readFile(tarFile);
+    // A valid archive of another content, in place of the one the manifest's sha256 names.
+    const dir = await mkdtemp('/tmp/thaw-tampered-');
+    execFileSync('mkdir', ['-p', path.join(dir, 'tmp')]);
+    await writeFile(path.join(dir, 'tmp', 'thaw-tampered'), 'not from the checkpoint\n');
+    execFileSync(stack.paths.tar, ['-cf', tarFile, '-C', dir, 'tmp/thaw-tampered']);
+    // Of the same size (zero blocks end a tar archive), so the store's size check at CreateContainer passes.
+    const tampered = await readFile(tarFile);
+    expect(tampered.length).toBeLessThanOrEqual(original.length);
+    await writeFile(tarFile, Buffer.concat([tampered, Buffer.alloc(original.length - tampered.length)]));
+    const before = events.length;
+    const pod = await stack.cri.runPod({ name: 'rst-tampered', image: image.ref, command: [], annotations: { [`${PREFIX}restore`]: CHECKPOINT }, env: { ...workerEnv, WORKER_MEMORY_MB: '32' } });
+    try {
+      const ev = await waitFor(() => events.slice(before).find((e) => e.containerId === pod.containerId), 'the restore event', 60_000, 50).catch(async (err: unknown) => {
+        console.log(logger.lines.filter((l) => l.level !== 'debug').slice(-12).map((l) => JSON.stringify(l).slice(0, 500)).join('\n'));
+        console.log(await readFile(pod.logPath, 'utf8').catch(() => ''));
+        throw err;
+      });
+      expect(ev.outcome, JSON.stringify(ev)).toBe('fallback');
+      expect(['RESTORE_HOOK_FAILED', 'RESTORE_CHECKPOINT_CORRUPT']).toContain(ev.cause);
+      await waitForEvent(pod.logPath, 'listening');
+      // Nothing of the replaced archive reached the container's rootfs.
+      const probe = await stack.cri.execSync(pod.containerId, ['/bin/busybox', 'cat', '/tmp/thaw-tampered'], 10);
+      expect(probe.exitCode).not.toBe(0);
+      expect(logger.lines.some((l) => JSON.stringify(l).includes('HOOK_DIFF_UNVERIFIED') && JSON.stringify(l).includes(pod.containerId)) || String(ev.reason).includes('HOOK_DIFF_UNVERIFIED'), JSON.stringify(ev)).toBe(true);
+    } finally {
+      await stack.cri.removePod(pod.podId);
+      await writeFile(tarFile, original);
+      await rm(dir, { recursive: true, force: true });
+    }
   }, TEST_TIMEOUT_MS);
 
   it('a corrupted image file (one byte flipped): sha256 mismatch, cold start', async () => {

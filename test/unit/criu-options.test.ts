@@ -153,7 +153,7 @@ describe('planChildFds', () => {
     expect(planChildFds(30, undefined, undefined, []).extraFds).toEqual([30, 30, 30]);
   });
 
-  it('the config text points CRIU at the work dir fd', () => {
-    expect(workDirConfigText()).toBe('work-dir /proc/self/fd/5\n');
+  it('the config text points CRIU at the work dir fd, and its plugin dir at an empty dir inside it', () => {
+    expect(workDirConfigText()).toBe('work-dir /proc/self/fd/5\nlibdir /proc/self/fd/5/criu-plugins\n');
   });
 });

@@ -3,7 +3,8 @@
  * private file mappings and at which file offsets, merged ranges, the listing from (synthetic) images, and
  * reading them through a root. The same listing runs on a real CRIU dump in test/integration/zero-pages.test.ts.
  */
-import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { execFileSync } from 'node:child_process';
+import { mkdir, mkdtemp, rm, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -99,5 +100,34 @@ describe('mapped file pages', () => {
     const stopped = new AbortController();
     stopped.abort();
     expect(await readMappedFilePages(root, files, { signal: stopped.signal })).toMatchObject({ files: 0, bytesRead: 0 });
+  });
+});
+
+describe('readMappedFilePages in a hostile tree (the paths are the checkpoint\'s, the tree the pod\'s)', () => {
+  const head = [{ offset: 0, length: 0x10000 }];
+  it('an absolute symlink in an intermediate component resolves inside the root: the host file is never read', async () => {
+    const host = join(dir, 'hostile-host');
+    await mkdir(host, { recursive: true });
+    await writeFile(join(host, 'secret.so'), Buffer.alloc(0x3000, 7));
+    const root = join(dir, 'hostile-root-1');
+    await mkdir(root, { recursive: true });
+    await symlink(host, join(root, 'hostdir')); // absolute: on the host it names the host's directory
+    await symlink(join(host, 'secret.so'), join(root, 'last.so'));
+    const r = await readMappedFilePages(root, [
+      { path: '/hostdir/secret.so', ranges: head, bytes: 0x10000 },
+      { path: '/last.so', ranges: head, bytes: 0x10000 },
+      { path: '/../../../../../../..' + join(host, 'secret.so'), ranges: head, bytes: 0x10000 },
+    ]);
+    expect(r).toMatchObject({ files: 0, bytesRead: 0, skipped: 3 });
+  });
+
+  it('a FIFO, a device node (/dev/zero\'s numbers) and a directory at mapped paths are skipped without being opened', async () => {
+    const root = join(dir, 'hostile-root-2');
+    await mkdir(join(root, 'lib', 'dir.so'), { recursive: true });
+    execFileSync('mkfifo', [join(root, 'lib', 'fifo.so')]);
+    execFileSync('mknod', [join(root, 'lib', 'zero.so'), 'c', '1', '5']);
+    await writeFile(join(root, 'lib', 'ok.so'), Buffer.alloc(0x2000, 1));
+    const r = await readMappedFilePages(root, ['fifo.so', 'zero.so', 'dir.so', 'ok.so'].map((n) => ({ path: `/lib/${n}`, ranges: head, bytes: 0x10000 })));
+    expect(r).toMatchObject({ files: 1, bytesRead: 0x2000, skipped: 3 });
   });
 });

@@ -104,6 +104,32 @@ describe('entrypoint resolution inside a rootfs', () => {
   });
 });
 
+describe('create-runtime budget (runc kills a hook at its timeout, which fails the pod)', () => {
+  async function hookWithBudget(budgetLeftMs: number): Promise<Awaited<ReturnType<typeof runCreateRuntime>>> {
+    const bundle = await mkdtemp(join(tmpdir(), 'thaw-hook-bundle-'));
+    const control = await mkdtemp(join(tmpdir(), 'thaw-hook-ctl-'));
+    try {
+      await writeFile(join(bundle, 'config.json'), JSON.stringify({ root: { path: bundle }, process: { args: ['/bin/app'], env: ['PATH=/bin'] } }));
+      // A checkpoint still being pulled that never arrives, and a wait far longer than any hook timeout.
+      return await runCreateRuntime(
+        { ociVersion: '1.0.2', id: 'c1', status: 'creating', pid: process.pid, bundle, annotations: {} },
+        { mode: 'args', controlDir: control, checkpointDir: join(bundle, 'never-published'), thawPausePath: '/nonexistent/thaw-pause', waitCheckpointMs: 600_000, budgetMs: performance.now() + budgetLeftMs },
+      );
+    } finally {
+      await rm(bundle, { recursive: true, force: true });
+      await rm(control, { recursive: true, force: true });
+    }
+  }
+
+  it('a wait for a pull ends with the budget, not with its own longer limit: cold start', async () => {
+    expect(await hookWithBudget(300)).toMatchObject({ ok: false, code: 'HOOK_CHECKPOINT_UNAVAILABLE' });
+  });
+
+  it('a budget already spent gives up before any work with HOOK_BUDGET_EXCEEDED', async () => {
+    expect(await hookWithBudget(-1)).toMatchObject({ ok: false, code: 'HOOK_BUDGET_EXCEEDED' });
+  });
+});
+
 describe('hook records', () => {
   it('reads done, failed (which wins) and missing; refuses an overlay record without a path', async () => {
     const dir = await mkdtemp(join(tmpdir(), 'thaw-hook-rec-'));

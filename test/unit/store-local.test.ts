@@ -81,6 +81,17 @@ describe('local checkpoint store', () => {
     expect(err.evidence['expected']).not.toBe(err.evidence['actual']);
   });
 
+  it('verifies against the manifest object the caller checked: the same passes, a replaced checkpoint is STORE_MANIFEST_CHANGED', async () => {
+    await publishSample(store, 'c3');
+    const checked = (await store.open('c3')).manifest;
+    expect((await store.verify('c3', { manifest: checked })).files).toBe(checked.files.length);
+    await publishSample(store, 'c3', { replace: true });
+    const err = await rejection(store.verify('c3', { manifest: checked }));
+    expect(err.code).toBe('STORE_MANIFEST_CHANGED');
+    expect(err.evidence['checkedId']).toBe(checked.id);
+    expect(err.evidence['onDiskId']).not.toBe(checked.id);
+  });
+
   it('hashes once per node: an unchanged checkpoint verifies from its stamp, a changed byte is hashed and caught', async () => {
     await publishSample(store, 'c2');
     expect((await store.verify('c2')).hashed, 'publish hashed every file already').toBe(false);

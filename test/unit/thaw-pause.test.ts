@@ -172,6 +172,47 @@ describe('thaw-pause by its own name (args mode)', () => {
   });
 });
 
+describe('thaw-pause with a deadline (the agent gone for good)', () => {
+  it('falls back by itself when no word comes within THAW_PAUSE_DEADLINE_MS; the command sees neither the variable nor the timer', async () => {
+    // The command outlives the deadline several times: an interval timer left armed across exec would
+    // kill it with SIGALRM before it prints.
+    const run = start(PAUSE, ['--', '/bin/sh', '-c', 'sleep 1; echo "alive deadline=${THAW_PAUSE_DEADLINE_MS:-unset}"; exit 4'], {
+      env: { ...process.env, THAW_PAUSE_DEADLINE_MS: '200' },
+    });
+    expect((await exitOf(run)).code).toBe(4);
+    expect(run.stdout()).toBe('alive deadline=unset\n');
+    expect(run.stderr()).toContain('thaw-pause: no word from the agent within 200 ms; falling back by ourselves\n');
+    expect(run.stderr()).toContain('thaw-pause: fallback: exec /bin/sh\n');
+  });
+
+  it('SIGWINCH (a restore under way) starts the deadline again; when it stops coming, the fallback follows', async () => {
+    const run = start(PAUSE, ['--', '/bin/sh', '-c', 'echo cold; exit 5'], { env: { ...process.env, THAW_PAUSE_DEADLINE_MS: '1500' } });
+    await waiting(run);
+    const started = Date.now();
+    while (Date.now() - started < 4000) {
+      run.child.kill('SIGWINCH');
+      await sleepMs(100);
+      expect(run.child.exitCode).toBeNull(); // held past two deadlines by the repeated word
+    }
+    expect((await exitOf(run)).code).toBe(5);
+    expect(run.stdout()).toBe('cold\n');
+  });
+
+  it('has no deadline without the variable (or with one that is not a positive number)', async () => {
+    for (const value of [undefined, '0', 'soon', '-5']) {
+      const env = { ...process.env };
+      if (value !== undefined) env.THAW_PAUSE_DEADLINE_MS = value;
+      const run = start(PAUSE, ['--', '/bin/sleep', '1000'], { env });
+      await waiting(run);
+      run.child.kill('SIGALRM'); // only a deadline's own alarm may cause a fallback
+      await sleepMs(300);
+      expect(run.child.exitCode).toBeNull();
+      run.child.kill('SIGTERM');
+      expect((await exitOf(run)).code).toBe(0);
+    }
+  });
+});
+
 describe('thaw-pause over an entrypoint (overlay mode)', () => {
   let dir: string;
   beforeAll(() => {

@@ -6,7 +6,7 @@
  * runs one swrk process per operation. Nothing here is global: the libc binding, the codec, the
  * logger, the criu binary and its environment all come in through `CriuClientOptions`.
  */
-import { closeSync, constants as fsConstants, existsSync, mkdtempSync, openSync, rmSync, writeFileSync } from 'node:fs';
+import { closeSync, constants as fsConstants, existsSync, mkdirSync, mkdtempSync, openSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
@@ -16,6 +16,7 @@ import type { CriuNotifyHandlers } from './notify.js';
 import {
   buildDumpRequestOpts,
   buildRestoreRequestOpts,
+  CRIU_PLUGIN_DIR,
   DEFAULT_CHECK_LOG_FILE,
   DEFAULT_CRIU_LOG_LEVEL,
   DEFAULT_DUMP_LOG_FILE,
@@ -27,8 +28,10 @@ import {
 } from './options.js';
 import { CriuCodec, CriuReqType, type CriuOptsMessage, type CriuReqMessage, type CriuRespMessage } from './rpc.js';
 import { Libc } from './seqpacket.js';
-import { CriuSwrk, type SwrkSpawnOptions } from './swrk.js';
-import { DEFAULT_CRIU_RPC_DUMP_TIMEOUT_MS, DEFAULT_CRIU_RPC_RESTORE_TIMEOUT_MS } from '../../defaults.js';
+import { CriuSwrk, HOST_SYSTEM_PATH, type SwrkSpawnOptions } from './swrk.js';
+import { DEFAULT_CRIU_RPC_DUMP_TIMEOUT_MS, DEFAULT_CRIU_RPC_RESTORE_TIMEOUT_MS, DEFAULT_NSENTER_PATH, DEFAULT_UNSHARE_PATH } from '../../defaults.js';
+
+export { HOST_SYSTEM_PATH } from './swrk.js';
 
 /** The RPC config file the client writes into the work dir. */
 export const CRIU_RPC_CONFIG_FILE = '.thaw-criu-rpc.conf';
@@ -42,8 +45,9 @@ export interface CriuClientOptions {
   criuPath: string;
   logger: Logger;
   /**
-   * The swrk process's environment. CRIU runs `tar` and `gzip` from PATH (tmpfs contents on restore),
-   * so PATH must reach GNU tar: pass the toolkit's bin directory first. Default: our environment.
+   * The swrk process's whole environment. CRIU runs `tar` and `gzip` from PATH (tmpfs contents on dump and
+   * restore), so PATH must reach GNU tar: pass `criuEnvironment(<toolkit bin dir>)`. Default: PATH the host's
+   * system dirs and nothing else (never our own environment: LD_* or CRIU_LIBS_DIR would reach CRIU).
    */
   env?: NodeJS.ProcessEnv;
   /** A libc binding to share (one per process is enough); default: loaded on construction. */
@@ -95,23 +99,41 @@ export interface RestoreResult {
 }
 
 /**
- * The argv prefix that runs swrk inside the namespaces of `pid`: mount, PID, IPC and UTS (net stays
- * ours unless `net` is set; a restore joins the target's net through `joinNamespaces` or
- * `inheritFds` instead).
+ * The argv prefix that runs swrk inside the PID, IPC and UTS namespaces of `pid` (net too when `net` is set; a
+ * restore joins the target's net through `inheritFds` instead) and NOT inside its mount namespace: swrk runs in
+ * a private copy of OUR mount namespace, so its loader, its plugins and its PATH lookups see only the host's
+ * files (setns() into a PID namespace changes neither root nor mounts). The restore reaches the target's
+ * filesystem through host paths (host-mounts.ts), as `runc restore` does.
  *
  * Why nsenter and not CRIU's own join_ns: CRIU refuses to join a PID namespace ("join-ns pid
  * namespace not supported", criu/namespaces.c join_ns_add) and an RPC restore runs in the swrk
- * process's PID namespace. nsenter forks after setns() for -p, so its child (CRIU) is in the target's
- * PID namespace, and fds (our socket at 3, the images dir) pass through unchanged. Seen working with
- * CRIU 4.1.1 and util-linux 2.38 nsenter (test/integration/criu-rpc.test.ts, "restore into another
- * process's namespaces"): the restored tree lands in the target's PID, IPC and UTS namespaces, and the
- * pid CRIU answers is the one inside the target's PID namespace. Needs /proc mounted for the target's
- * PID namespace in its mount namespace (the dirs are named /proc/self/fd/N, see options.ts).
+ * process's PID namespace. nsenter forks after setns() for -p, so its child is in the target's PID namespace,
+ * and fds (our socket at 3, the images dir) pass through unchanged. The pid CRIU answers is the one inside the
+ * target's PID namespace.
+ * Why `unshare --mount --mount-proc` after it: CRIU names processes by the pids of its own PID namespace in
+ * /proc (its kerndat vDSO probe reads its helper child's maps: with the host's /proc it read another process and
+ * failed, "vdso: Can't find rt vDSO"), so it needs a procfs of the target's PID namespace at /proc. unshare (the
+ * host's, forked into the target's PID namespace by nsenter) makes a private copy of our mount namespace (every
+ * mount a host mount, propagation private: nothing leaks back) and mounts a new procfs there, whose pids are
+ * those of its PID namespace, then execs swrk.
+ * Every path must be absolute: nothing here is looked up on a PATH.
  * Killing on timeout kills nsenter's whole tree (nsenter does not forward SIGKILL to its child).
  */
-export function nsenterWrapper(pid: number, options: { net?: boolean; nsenterPath?: string } = {}): string[] {
-  const flags = ['-m', '-p', '-i', '-u', ...(options.net ? ['-n'] : [])];
-  return [options.nsenterPath ?? 'nsenter', '-t', String(pid), ...flags, '--'];
+export function nsenterWrapper(pid: number, options: { net?: boolean; nsenterPath?: string; unsharePath?: string } = {}): string[] {
+  const flags = ['-p', '-i', '-u', ...(options.net ? ['-n'] : [])];
+  return [
+    options.nsenterPath ?? DEFAULT_NSENTER_PATH, '-t', String(pid), ...flags, '--',
+    options.unsharePath ?? DEFAULT_UNSHARE_PATH, '--mount', '--propagation', 'private', '--mount-proc', '--',
+  ];
+}
+
+/**
+ * The only environment CRIU and its wrappers get: a fixed PATH (the toolkit's bin dir first, for the GNU tar and
+ * gzip CRIU runs for tmpfs contents; then the host's system dirs) and nothing else, so no LD_*, no
+ * CRIU_LIBS_DIR, no CRIU_CONFIG_FILE, no HOME reaches them from whoever started the agent.
+ */
+export function criuEnvironment(toolkitBinDir: string): NodeJS.ProcessEnv {
+  return { PATH: `${toolkitBinDir}:${HOST_SYSTEM_PATH}` };
 }
 
 /** util-linux's setpriv, which the host has beside nsenter (docs/operations.md, "Install on a node": what the host needs). */
@@ -259,6 +281,9 @@ export class CriuClient {
         // work dir itself, which is ours and writable.
         const configPath = join(workDir, CRIU_RPC_CONFIG_FILE);
         try {
+          const pluginDir = join(workDir, CRIU_PLUGIN_DIR);
+          rmSync(pluginDir, { recursive: true, force: true });
+          mkdirSync(pluginDir, { mode: 0o700 });
           writeFileSync(configPath, workDirConfigText(), { mode: 0o600 });
           configFd = openSync(configPath, fsConstants.O_RDONLY);
           opened.push(configFd);

@@ -36,6 +36,35 @@ export interface ImageFile {
 export interface PstreeEntry {
   pid: number;
   ppid: number;
+  /** The task's thread ids (decoded; encoders default it to [pid]). */
+  threads?: number[];
+}
+
+/** A thread's credentials as CRIU recorded them (creds_entry); capability sets as 32-bit words, lowest first. */
+export interface RecordedCreds {
+  uid: number;
+  gid: number;
+  euid: number;
+  egid: number;
+  suid: number;
+  sgid: number;
+  fsuid: number;
+  fsgid: number;
+  capInh: number[];
+  capPrm: number[];
+  capEff: number[];
+  capBnd: number[];
+  capAmb: number[];
+  secbits: number;
+  groups: number[];
+  noNewPrivs: boolean;
+  lsmProfile?: string;
+}
+
+/** SECCOMP_MODE_* of a thread: 0 disabled, 1 strict, 2 filter (CRIU's seccomp_mode). */
+export interface CoreCredentials {
+  seccompMode: number;
+  creds?: RecordedCreds;
 }
 
 export interface VmaEntry {
@@ -105,6 +134,7 @@ export class CriuImageCodec {
     private readonly pagemapHead: protobuf.Type,
     private readonly pagemap: protobuf.Type,
     private readonly file: protobuf.Type,
+    private readonly core: protobuf.Type,
   ) {}
 
   static load(protoPath: string = criuProtoPath('images.proto')): CriuImageCodec {
@@ -116,6 +146,7 @@ export class CriuImageCodec {
       root.lookupType('pagemap_head'),
       root.lookupType('pagemap_entry'),
       root.lookupType('file_entry'),
+      root.lookupType('core_entry'),
     );
   }
 
@@ -129,7 +160,54 @@ export class CriuImageCodec {
 
   decodePstree(bytes: Buffer): PstreeEntry {
     const o = this.decode(this.pstree, bytes, 'pstree_entry');
-    return { pid: Number(o['pid']), ppid: Number(o['ppid']) };
+    return { pid: Number(o['pid']), ppid: Number(o['ppid']), threads: ((o['threads'] as number[] | undefined) ?? []).map(Number) };
+  }
+
+  /**
+   * A thread's recorded credentials and seccomp mode (core-<tid>.img's entry). The seccomp mode is the thread's,
+   * or the task's older field when the thread has none; `creds` is undefined when the image has none.
+   */
+  decodeCore(bytes: Buffer): CoreCredentials {
+    const o = this.decode(this.core, bytes, 'core_entry');
+    const thread = (o['threadCore'] as Record<string, unknown> | undefined) ?? {};
+    const task = (o['tc'] as Record<string, unknown> | undefined) ?? {};
+    const c = thread['creds'] as Record<string, unknown> | undefined;
+    const words = (v: unknown): number[] => ((v as number[] | undefined) ?? []).map(Number);
+    const mode = Number(thread['seccompMode'] ?? task['oldSeccompMode'] ?? 0);
+    const out: CoreCredentials = { seccompMode: mode };
+    if (c !== undefined) {
+      out.creds = {
+        uid: Number(c['uid']), gid: Number(c['gid']), euid: Number(c['euid']), egid: Number(c['egid']),
+        suid: Number(c['suid']), sgid: Number(c['sgid']), fsuid: Number(c['fsuid']), fsgid: Number(c['fsgid']),
+        capInh: words(c['capInh']), capPrm: words(c['capPrm']), capEff: words(c['capEff']), capBnd: words(c['capBnd']), capAmb: words(c['capAmb']),
+        secbits: Number(c['secbits']),
+        groups: words(c['groups']),
+        noNewPrivs: Number(c['noNewPrivs'] ?? 0) !== 0,
+        ...(typeof c['lsmProfile'] === 'string' ? { lsmProfile: c['lsmProfile'] } : {}),
+      };
+    }
+    return out;
+  }
+
+  /** For tests: a core-<tid>.img entry with these credentials (the fields CRIU requires besides are not written). */
+  encodeCore(e: CoreCredentials): Buffer {
+    const c = e.creds;
+    const msg = this.core.fromObject({
+      threadCore: {
+        seccompMode: e.seccompMode,
+        ...(c !== undefined
+          ? {
+              creds: {
+                uid: c.uid, gid: c.gid, euid: c.euid, egid: c.egid, suid: c.suid, sgid: c.sgid, fsuid: c.fsuid, fsgid: c.fsgid,
+                capInh: c.capInh, capPrm: c.capPrm, capEff: c.capEff, capBnd: c.capBnd, capAmb: c.capAmb,
+                secbits: c.secbits, groups: c.groups, noNewPrivs: c.noNewPrivs ? 1 : 0,
+                ...(c.lsmProfile !== undefined ? { lsmProfile: c.lsmProfile } : {}),
+              },
+            }
+          : {}),
+      },
+    });
+    return Buffer.from(this.core.encode(msg).finish());
   }
 
   /** The VMAs of an mm_entry (its other fields are not needed here). */

@@ -138,9 +138,16 @@ export function planChildFds(
   return { extraFds, criu };
 }
 
-/** The text of the RPC config file that carries the work dir. */
+/**
+ * The empty directory, inside the work dir, that CRIU takes as its plugin dir (`libdir`): CRIU loads every `.so`
+ * in its plugin dir as code, so it gets one that only thaw writes (the client makes it empty before each
+ * operation). thaw needs no CRIU plugin (the CUDA state goes through thaw's own driver calls).
+ */
+export const CRIU_PLUGIN_DIR = 'criu-plugins';
+
+/** The text of the RPC config file that carries the work dir and the plugin dir, both through the work dir's fd. */
 export function workDirConfigText(workDirChildFd: number = CHILD_WORK_DIR_FD): string {
-  return `work-dir /proc/self/fd/${workDirChildFd}\n`;
+  return `work-dir /proc/self/fd/${workDirChildFd}\nlibdir /proc/self/fd/${workDirChildFd}/${CRIU_PLUGIN_DIR}\n`;
 }
 
 /** What the builders need besides the domain options. */

@@ -31,6 +31,8 @@ import { MAX_TIMER_DELAY_MS } from '../../defaults.js';
 export const SWRK_SOCKET_FD = 3;
 /** Extra fds given to the child land at 4, 5, ... in the order given. */
 export const SWRK_FIRST_EXTRA_FD = 4;
+/** The host's system directories: the PATH of every program thaw starts, after the toolkit's bin where it needs one. */
+export const HOST_SYSTEM_PATH = '/usr/sbin:/usr/bin:/sbin:/bin';
 /** How long a swrk process may take to exit after its final answer before it is killed. */
 export const DEFAULT_SWRK_EXIT_GRACE_MS = 10_000;
 /** How long we wait for the exit status after EOF (to report CRIU's exit code). */
@@ -60,7 +62,7 @@ export interface SwrkSpawnOptions {
    * runs in the target's PID namespace).
    */
   wrapper?: readonly string[];
-  /** The child's whole environment (e.g. PATH pointing at the toolkit's bin for tar/gzip). Default: ours. */
+  /** The child's whole environment (e.g. PATH pointing at the toolkit's bin for tar/gzip). Default: PATH the host's system dirs, nothing else. */
   env?: NodeJS.ProcessEnv;
   /** fds of ours the child gets at 4, 5, ... (the images dir, --inherit-fd targets). */
   extraFds?: readonly number[];
@@ -173,7 +175,7 @@ export class CriuSwrk {
     try {
       this.child = spawn(command as string, args, {
         stdio: ['ignore', 'pipe', 'pipe', peerFd, ...(spawnOptions.extraFds ?? [])],
-        env: spawnOptions.env ?? process.env,
+        env: spawnOptions.env ?? { PATH: HOST_SYSTEM_PATH },
       });
     } finally {
       // Close our copy of CRIU's end right away: then CRIU exiting (or crashing) closes the last copy

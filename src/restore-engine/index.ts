@@ -1,0 +1,11 @@
+/** The restore-engine layer's public API: what other layers import from it (test/unit/layering.test.ts holds them to it). */
+export { checkpointContainer, type CheckpointContainerOptions, type CheckpointCudaHooks, type CheckpointPhases, type CheckpointResult, type OnCheckpoint } from './checkpoint.js';
+export { processTree } from './container-inspect.js';
+export { CriuClient, criuEnvironment, DEFAULT_SETPRIV_PATH, parentDeathWrapper } from './criu/client.js';
+export { createRestoreFlow, type CudaRestoreStep, type PreparedRestore, type RestoreEvent, type RestoreJob, type RestoreStepContext } from './restore-flow.js';
+export { DEFAULT_SH_PATH } from './restore.js';
+// The pure decoders, for the fuzz run (bench/fuzz-decoders.ts).
+export { CriuCodec } from './criu/rpc.js';
+export { CriuImageCodec, encodeImageFile, parseImageFile } from './criu/images.js';
+export { readTarEntries } from './rootfs-diff.js';
+export { RestoreError, RestoreErrorCode } from './restore-errors.js';
