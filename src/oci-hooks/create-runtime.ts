@@ -159,7 +159,8 @@ export async function runCreateRuntime(state: OciState, o: CreateRuntimeOptions)
     // What is left of the budget for a step that must end before the overlay is made (one MOUNT_TIMEOUT_MS).
     const left = (step: string): number => {
       if (o.budgetMs === undefined) return Infinity;
-      const ms = o.budgetMs - performance.now() - (o.mode === 'overlay' ? MOUNT_TIMEOUT_MS : 0);
+      // Whole milliseconds: performance.now() is fractional, and AbortSignal.timeout takes integers only.
+      const ms = Math.floor(o.budgetMs - performance.now() - (o.mode === 'overlay' ? MOUNT_TIMEOUT_MS : 0));
       if (ms <= 0) throw new HookError(HookErrorCode.BUDGET_EXCEEDED, `no time left of the hook's ${o.budgetMs} ms budget for: ${step}`, { step, evidence: { budgetMs: o.budgetMs } });
       return ms;
     };
