@@ -34,6 +34,12 @@ export const DEFAULT_RESOLVE_TIMEOUT_MS = 1_000;
  * a byte now and then never trips the per-request inactivity timeout, and must not hold a transfer slot forever.
  */
 export const DEFAULT_TRANSFER_DEADLINE_MS = 15 * 60_000;
+/**
+ * Transfers (pulls, shared-store copies) that run at once; more wait their turn. A pull holds up to
+ * concurrency x 3 slabs of 4 MiB (96 MiB at the default concurrency of 8) while it runs, so this bounds the
+ * agent's transfer memory however many distinct references pods name at once.
+ */
+export const DEFAULT_MAX_CONCURRENT_TRANSFERS = 2;
 
 export interface RegistrySourceOptions {
   /** How to reach each registry host (`host:port` → credentials, CA, plainHttp). Others: https, anonymous. */
@@ -44,6 +50,8 @@ export interface RegistrySourceOptions {
   pull?: Pick<FetchOptions, 'concurrency' | 'rangeBytes' | 'retries' | 'cache'>;
   /** Overall deadline of one transfer (default DEFAULT_TRANSFER_DEADLINE_MS). */
   transferDeadlineMs?: number;
+  /** Transfers running at once (default DEFAULT_MAX_CONCURRENT_TRANSFERS). */
+  maxConcurrentTransfers?: number;
 }
 
 export interface CheckpointSourcesOptions {
@@ -93,6 +101,8 @@ export interface CheckpointSources {
    * the signature the policy requires does not verify. Every refusal comes before any byte enters the store.
    */
   find(value: string, reference: CheckpointReference | undefined, options: FindOptions): Promise<FoundCheckpoint>;
+  /** Transfers running now (not those waiting for a turn). */
+  transfersRunning(): number;
   /** Aborts transfers in flight and closes registry connections. */
   close(): Promise<void>;
 }
@@ -147,6 +157,35 @@ export function createCheckpointSources(o: CheckpointSourcesOptions): Checkpoint
     return verifyCosignSignature(client, { registry: reference.registry, repository: reference.repository, digest }, keys, signal);
   };
 
+  const maxRunning = o.registry?.maxConcurrentTransfers ?? DEFAULT_MAX_CONCURRENT_TRANSFERS;
+  let running = 0;
+  const waiting: Array<() => void> = [];
+  /** Runs `work` when fewer than maxRunning transfers run; a transfer cancelled while waiting never starts. */
+  const limited = async <T>(signal: AbortSignal, work: () => Promise<T>): Promise<T> => {
+    const aborted = (): OciError => new OciError(OciErrorCode.ABORTED, 'the transfer was cancelled while waiting for its turn', { step: 'wait for a transfer slot', cause: signal.reason });
+    while (running >= maxRunning) {
+      if (signal.aborted) throw aborted();
+      await new Promise<void>((resolve) => {
+        const wake = (): void => {
+          signal.removeEventListener('abort', wake);
+          const i = waiting.indexOf(wake);
+          if (i >= 0) waiting.splice(i, 1);
+          resolve();
+        };
+        waiting.push(wake);
+        signal.addEventListener('abort', wake, { once: true });
+      });
+    }
+    if (signal.aborted) throw aborted();
+    running++;
+    try {
+      return await work();
+    } finally {
+      running--;
+      waiting[0]?.();
+    }
+  };
+
   /**
    * One transfer per local name; a second restore of the same checkpoint waits on the first. The transfer's
    * signal fires when the agent stops, at the overall deadline, or when the last interested pod is gone.
@@ -158,7 +197,7 @@ export function createCheckpointSources(o: CheckpointSourcesOptions): Checkpoint
       const deadline = AbortSignal.timeout(o.registry?.transferDeadlineMs ?? DEFAULT_TRANSFER_DEADLINE_MS);
       const signal = AbortSignal.any([controller.signal, stop.signal, deadline]);
       setMaxListeners(0, signal);
-      const entry = { promise: start(signal), controller, wanted: 0 };
+      const entry = { promise: limited(signal, () => start(signal)), controller, wanted: 0 };
       t = entry;
       inFlight.set(name, entry);
       void entry.promise.finally(() => inFlight.delete(name)).catch(() => undefined);
@@ -268,6 +307,8 @@ export function createCheckpointSources(o: CheckpointSourcesOptions): Checkpoint
         ready,
       };
     },
+
+    transfersRunning: () => running,
 
     async close() {
       stop.abort(new Error('agent stopping'));

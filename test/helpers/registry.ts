@@ -178,7 +178,8 @@ export async function startTricklingProxy(
     pending.add(flush);
     client.on('data', (d: Buffer) => upstream.write(d));
     upstream.on('data', (d: Buffer) => {
-      if (released || passed + d.length <= o.freeBytes) {
+      // In order: nothing passes while older bytes wait in the queue.
+      if (queue.length === 0 && (released || passed + d.length <= o.freeBytes)) {
         passed += d.length;
         client.write(d);
         return;

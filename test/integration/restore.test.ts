@@ -237,7 +237,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
   async function checkpointSource(podName: string, checkpoint: string, plant?: (containerId: string) => Promise<void>) {
     const { stack } = handle;
     const src = await stack.cri.runPod({
-      name: podName, image: image.ref, command: [],
+      name: podName, containerName: 'worker', image: image.ref, command: [],
       annotations: { [`${PREFIX}checkpoint`]: checkpoint },
       env: { ...workerEnv, WORKER_MEMORY_MB: '32', WORKER_CHECKPOINT_AFTER_MS: '1000' },
     });
@@ -250,7 +250,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
       await checkpointContainer({
         store, criu, containerId: entry.containerId, pid, controlDir: entry.controlDir, checkpointName: checkpoint,
         onCheckpoint: 'continue', imageRef: entry.imageRef ?? image.ref,
-        source: { containerName: entry.containerName, pod: { name: entry.podName, namespace: entry.podNamespace, uid: entry.podUid } },
+        source: { containerName: entry.containerName, pod: { name: entry.podName, namespace: entry.podNamespace, uid: entry.podUid }, ...(entry.specArgs ? { args: entry.specArgs } : {}) },
         containerdVersion: stack.containerdVersion, criuVersion: `${v.major}.${v.minor}.${v.sublevel}`, logger, workRoot,
         tarPath: stack.paths.tar,
       });
@@ -325,7 +325,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
     const fallbacksBefore = stats.fallbacksByCause.get(cause) ?? 0;
     const before = events.length;
     const pod = await stack.cri.runPod({
-      name: 'creds-target', image: image.ref, command: [],
+      name: 'creds-target', containerName: 'worker', image: image.ref, command: [],
       annotations: { [`${PREFIX}restore`]: 'creds-root' },
       env: { ...workerEnv, WORKER_MEMORY_MB: '32' },
       securityContext: { run_as_user: { value: '1000' }, run_as_group: { value: '1000' }, capabilities: { drop_capabilities: ['ALL'] }, no_new_privs: true },
@@ -393,7 +393,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
     expect(tampered.length).toBeLessThanOrEqual(original.length);
     await writeFile(tarFile, Buffer.concat([tampered, Buffer.alloc(original.length - tampered.length)]));
     const before = events.length;
-    const pod = await stack.cri.runPod({ name: 'rst-tampered', image: image.ref, command: [], annotations: { [`${PREFIX}restore`]: CHECKPOINT }, env: { ...workerEnv, WORKER_MEMORY_MB: '32' } });
+    const pod = await stack.cri.runPod({ name: 'rst-tampered', containerName: 'worker', image: image.ref, command: [], annotations: { [`${PREFIX}restore`]: CHECKPOINT }, env: { ...workerEnv, WORKER_MEMORY_MB: '32' } });
     try {
       const ev = await waitFor(() => events.slice(before).find((e) => e.containerId === pod.containerId), 'the restore event', 60_000, 50).catch(async (err: unknown) => {
         console.log(logger.lines.filter((l) => l.level !== 'debug').slice(-12).map((l) => JSON.stringify(l).slice(0, 500)).join('\n'));

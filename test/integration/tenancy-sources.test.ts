@@ -266,6 +266,39 @@ describe('tenancy: which checkpoints a namespace finds', () => {
     }
   });
 
+  it('50 distinct references at once: two transfers run, the rest wait their turn; transfer memory stays under 2 x 96 MiB + 32 MiB; all arrive', async () => {
+    const N = 50;
+    const many = await openLocalStore({ root: join(dir, 'many-seed') });
+    const refs: string[] = [];
+    for (let i = 0; i < N; i++) {
+      const p = await many.beginCheckpoint(`c${i}`);
+      await writeCheckpointFiles(p.paths, 1024 * 1024 + i); // distinct bytes: distinct digests, more than the proxy lets through
+      await p.publish(ownedBy('team-a'));
+      await pushCheckpoint({ store: many, name: `c${i}`, reference: `${registry.host}/many/c${i}:v1`, access: { plainHttp: true } });
+    }
+    const trickle = await startTricklingProxy({ host: '127.0.0.1', port: registry.port }, { freeBytes: 256 * 1024, dripBytes: 64, everyMs: 100 });
+    for (let i = 0; i < N; i++) refs.push(`${trickle.host}/many/c${i}:v1`);
+    const local = await openLocalStore({ root: join(dir, 'many') });
+    const open = parseTenancyPolicy({ namespaces: { 'team-a': { registries: [{ prefix: `${trickle.host}/many`, allowUnsigned: true }] } } });
+    // The 50 manifests and configs share the proxy's connections: their resolve gets more than the NRI-time second.
+    const sources = createCheckpointSources({ local, logger: silentLogger, policy: open, registry: { access: { [trickle.host]: { plainHttp: true } }, resolveTimeoutMs: 60_000 } });
+    try {
+      const before = process.memoryUsage().arrayBuffers;
+      const found = await Promise.all(refs.map((r) => sources.find('x', ref(r), { namespace: 'team-a' })));
+      await waitForCondition(() => sources.transfersRunning() === 2);
+      const during = process.memoryUsage().arrayBuffers - before;
+      console.log(`50 references: ${sources.transfersRunning()} transfers running, array buffers +${(during / 2 ** 20).toFixed(1)} MiB`);
+      expect(sources.transfersRunning()).toBe(2);
+      expect(during).toBeLessThan(2 * 96 * 2 ** 20 + 32 * 2 ** 20);
+      trickle.release();
+      const names = await Promise.all(found.map((f) => (f.kind === 'incoming' ? f.ready : Promise.resolve(f.checkpoint)).then((c) => c.name)));
+      expect(new Set(names).size).toBe(N);
+    } finally {
+      await sources.close();
+      await trickle.close();
+    }
+  }, 240_000);
+
   it('reaches no registry host the access file does not name', async () => {
     const local = await openLocalStore({ root: join(dir, 'no-host') });
     const open = parseTenancyPolicy({ namespaces: { 'team-a': { registries: [{ prefix: 'elsewhere.example:5000/team-a', allowUnsigned: true }] } } });

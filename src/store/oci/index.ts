@@ -6,3 +6,17 @@ export { CHECKPOINT_ARTIFACT_TYPE, CHECKPOINT_CONFIG_MEDIA_TYPE, CHECKPOINT_LAYE
 export { fetchResolved, localNameFor, pullCheckpoint, resolveRemote, type PullOptions, type PullResult, type RegistryAccess, type ResolvedRemote } from './pull.js';
 export { pushCheckpoint, type PushOptions, type PushResult } from './push.js';
 export { FileCache } from './file-cache.js';
+export {
+  verifyCosignSignature,
+  parseTrustedKey,
+  checkCosignBundle,
+  checkSimpleSigningPayload,
+  keyThatSigned,
+  signatureTagFor,
+  dssePae,
+  COSIGN_SIGNATURE_ANNOTATION,
+  COSIGN_SIGNATURE_TYPE,
+  COSIGN_SIMPLE_SIGNING_MEDIA_TYPE,
+  type TrustedKey,
+  type VerifiedSignature,
+} from './signature.js';
