@@ -158,7 +158,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     checkpointSourceStarted: (c, pid) => checkpoints.checkpointSourceStarted(c, pid),
     restorePodCreated: (podId, name) => restores.restorePodCreated(podId, name),
     podGone: (podId) => restores.podGone(podId),
-    restoreTargetCreated: (c, checkpoint, incoming) => restores.restoreTargetCreated(c, checkpoint, incoming),
+    restoreTargetCreated: (c, checkpoint, incoming, lease) => restores.restoreTargetCreated(c, checkpoint, incoming, lease),
     restoreTargetStarted: (c, pid) => restores.restoreTargetStarted(c, pid),
     containerGone: (id) => {
       checkpoints.containerGone(id);

@@ -78,6 +78,10 @@ interface Job extends RestoreJob {
 
 export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreCoordinator {
   const jobs = new Map<string, Job>();
+  /** Set by close(): a target created after it is not restored here. */
+  let closed = false;
+  /** Leases of targets created while the agent was stopping (released at once; close() waits for them). */
+  const lateReleases: Promise<unknown>[] = [];
   const running = new Set<Promise<void>>();
   const logger = o.logger.child({ component: 'restore' });
   // Held while a restore reads its worker's file pages: those small reads would otherwise queue behind the
@@ -143,6 +147,12 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
     },
 
     restoreTargetCreated(container, checkpoint, incoming, lease) {
+      if (closed) {
+        // The handler leased the checkpoint while the agent was stopping (close() ran during its await): nothing
+        // will run this target here, so its lease goes now; the next agent falls the target back when it starts.
+        if (lease !== undefined) lateReleases.push(lease().catch(() => undefined));
+        return;
+      }
       const job: Job = {
         createdAtIso: new Date().toISOString(),
         container,
@@ -204,6 +214,7 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
     },
 
     async close() {
+      closed = true;
       for (const job of jobs.values()) job.abort.abort(new Error('agent stopping'));
       await prefetches.close();
       // Targets created but not started: nothing runs for them here; release their leases. The next agent
@@ -212,6 +223,7 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
       await Promise.allSettled(prepared.map((j) => j.prepared.catch(() => undefined).then(() => j.release?.())));
       for (const j of prepared) jobs.delete(j.container.containerId);
       await this.idle();
+      await Promise.allSettled(lateReleases);
     },
   };
   return coordinator;

@@ -36,7 +36,7 @@ type Obj = Record<string, unknown>;
 const isObj = (v: unknown): v is Obj => typeof v === 'object' && v !== null && !Array.isArray(v);
 
 interface Mount { name: string; mountPath: string; readOnly?: boolean }
-interface Container { name: string; image: string; ports?: Array<{ name?: string; containerPort: number }>; readinessProbe?: { httpGet?: { path: string; port: string | number } }; volumeMounts?: Mount[] }
+interface Container { name: string; image: string; env?: Array<{ name: string; value?: string }>; ports?: Array<{ name?: string; containerPort: number }>; readinessProbe?: { httpGet?: { path: string; port: string | number } }; volumeMounts?: Mount[] }
 interface K8sObject { apiVersion: string; kind: string; metadata: { name: string; namespace?: string }; spec?: Obj; data?: Record<string, string> }
 interface PodTemplateSpec { template: { spec: { containers: Container[]; initContainers?: Container[]; volumes?: Array<{ name: string; hostPath?: { path: string } }> } } }
 
@@ -86,7 +86,7 @@ describe('deploy/kubernetes with kustomize and kubectl', () => {
     const kustomization = parseYaml(await readFile(path.join(K8S, 'kustomization.yaml'), 'utf8')) as { resources: string[] };
     const sources = (await Promise.all(kustomization.resources.map(async (f) => parseDocs(await readFile(path.join(K8S, f), 'utf8'))))).flat();
     expect(rendered.map(key).sort()).toEqual(sources.map(key).sort());
-    expect(rendered.map(key).sort()).toEqual(['ConfigMap/thaw-system/thaw-agent-config', 'DaemonSet/thaw-system/thaw-agent', 'Namespace//thaw-system']);
+    expect(rendered.map(key).sort()).toEqual(['ConfigMap/thaw-system/thaw-agent-config', 'DaemonSet/thaw-system/thaw-agent', 'Namespace//thaw-system', 'NetworkPolicy/thaw-system/thaw-agent-metrics']);
     for (const source of sources) {
       const out = rendered.find((r) => key(r) === key(source))!;
       const withImage = (m: Map<string, unknown>): Map<string, unknown> =>
@@ -107,7 +107,10 @@ describe('deploy/kubernetes with kustomize and kubectl', () => {
       expect(samePath(p), `${p} is not mounted at its own path in the rendered agent`).toBe(true);
     }
     const cm = rendered.find((o) => o.kind === 'ConfigMap')!;
-    const config = resolveAgentConfig({ packageRoot: REPO, file: { path: 'rendered:agent.yaml', text: cm.data!['agent.yaml']! } });
+    // The container's environment overrides the file (flag > env > file): the DaemonSet sets the metrics listener to
+    // the pod's own address through THAW_METRICS_LISTEN="$(POD_IP):9464" (a documentation address stands in here).
+    const env = Object.fromEntries((agent.env ?? []).flatMap((e) => (e.value !== undefined ? [[e.name, e.value.replace('$(POD_IP)', '192.0.2.10')]] : [])));
+    const config = resolveAgentConfig({ packageRoot: REPO, file: { path: 'rendered:agent.yaml', text: cm.data!['agent.yaml']! }, env });
     for (const p of [config.nri.socket, config.api.socket, config.paths.controlRoot, config.paths.storeRoot, config.paths.workRoot, config.paths.toolkitDir, config.paths.thawPause]) {
       expect(samePath(p), `${p} (rendered ConfigMap) is not mounted at its own path`).toBe(true);
     }
