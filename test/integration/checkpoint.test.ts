@@ -22,6 +22,7 @@ import { createCollectingLogger } from '../../src/log.js';
 import { createNriPlugin, type NriPlugin } from '../../src/nri-plugin/index.js';
 import { checkpointContainer, CheckpointErrorCode, type CheckpointContainerOptions } from '../../src/restore-engine/checkpoint.js';
 import { CriuClient } from '../../src/restore-engine/criu/client.js';
+import { overlayfsSnapshotsDir, readTarEntries } from '../../src/restore-engine/rootfs-diff/index.js';
 import { waitForWorkerReady } from '../../src/sdk/control-dir.js';
 import { CHECKPOINT_COMPLETE, SNAPSHOT_COMPLETE } from '../../src/sdk/protocol.js';
 import { openLocalStore, type LocalStore } from '../../src/store/local-store.js';
@@ -158,6 +159,7 @@ describe.each(flavorsUnderTest())('checkpoint flow, containerd %s', (flavor) => 
       store,
       criu,
       containerId: entry.containerId,
+      containerd: { socket: handle.stack.address, root: handle.stack.rootDir },
       pid,
       controlDir: entry.controlDir,
       checkpointName: entry.checkpointName,
@@ -186,9 +188,15 @@ describe.each(flavorsUnderTest())('checkpoint flow, containerd %s', (flavor) => 
       const before = await waitFor(() => readEndpoint(entry.controlDir), ENDPOINT_FILE, WORKER_READY_TIMEOUT_MS, 50);
       const s1 = await getJson<WorkerState>(before.port, '/state');
       await waitForWorkerReady(entry.controlDir, { timeoutMs: WORKER_READY_TIMEOUT_MS });
+      // A change of the container's own rootfs, which the checkpoint's diff must carry.
+      const probe = await stack.cri.execSync(pod.containerId, ['/bin/busybox', 'sh', '-c', 'echo from-the-source > /tmp/thaw-upper-probe'], 10);
+      expect(probe.exitCode, probe.stderr).toBe(0);
 
       const result = await checkpointContainer(flowOptions(entry, pid));
       const { manifest, phases } = result;
+      // The upperdir came from containerd's snapshot record: one overlayfs snapshot under this stack's root.
+      const inspected = logger.lines.find((l) => l.msg === 'container inspected' && l.fields['containerId'] === entry.containerId);
+      expect(String(inspected?.fields['upperdir'])).toMatch(new RegExp(`^${overlayfsSnapshotsDir(stack.rootDir).replace(/[.]/g, '\\.')}/\\d+/fs$`));
       console.log(
         `checkpoint of a 256 MiB worker: ${JSON.stringify(phases)}; ${manifest.totals.bytes} bytes in ${manifest.totals.fileCount} files, live RSS ${manifest.totals.liveBytes}`,
       );
@@ -227,6 +235,8 @@ describe.each(flavorsUnderTest())('checkpoint flow, containerd %s', (flavor) => 
       const pagesBytes = manifest.files.filter((f) => /^criu\/pages-/.test(f.path)).reduce((a, f) => a + f.size, 0);
       expect(pagesBytes).toBeGreaterThan(256 * 1024 * 1024);
       expect((await store.verify(name)).files).toBe(manifest.files.length);
+      const diff = await readTarEntries(path.join(opened.paths.dir, 'rootfs-diff.tar'));
+      expect(diff.map((e) => e.path.replace(/^\.\//, ''))).toContain('tmp/thaw-upper-probe');
       for (const m of await modesUnder(opened.paths.dir)) expect([m.rel, m.mode]).toEqual([m.rel, m.dir ? 0o700 : 0o600]);
       expect((await readdir(storeRoot)).filter((n) => n.startsWith('.tmp-'))).toEqual([]);
 
@@ -293,6 +303,7 @@ describe.each(flavorsUnderTest())('checkpoint flow, containerd %s', (flavor) => 
       criu,
       criuVersion,
       containerdVersion: stack.containerdVersion,
+      containerd: { socket: stack.address, root: stack.rootDir },
       logger,
       workRoot,
       imageDigestOf: async () => image.manifestDigest,

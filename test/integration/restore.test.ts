@@ -188,6 +188,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
         source: { containerName: entry.containerName, pod: { name: entry.podName, namespace: entry.podNamespace, uid: entry.podUid }, ...(entry.specArgs ? { args: entry.specArgs } : {}) },
         containerdVersion: stack.containerdVersion, criuVersion: `${v.major}.${v.minor}.${v.sublevel}`, logger, workRoot,
         tarPath: stack.paths.tar,
+        containerd: { socket: stack.address, root: stack.rootDir },
       });
       console.log(`checkpoint: ${JSON.stringify(ck.phases)}; ${ck.manifest.totals.bytes} bytes`);
     } finally {
@@ -253,6 +254,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
         source: { containerName: entry.containerName, pod: { name: entry.podName, namespace: entry.podNamespace, uid: entry.podUid }, ...(entry.specArgs ? { args: entry.specArgs } : {}) },
         containerdVersion: stack.containerdVersion, criuVersion: `${v.major}.${v.minor}.${v.sublevel}`, logger, workRoot,
         tarPath: stack.paths.tar,
+        containerd: { socket: stack.address, root: stack.rootDir },
       });
     } finally {
       await stack.cri.removePod(src.podId);
@@ -522,6 +524,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
           source: { containerName: entry.containerName, pod: { name: entry.podName, namespace: entry.podNamespace, uid: entry.podUid }, ...(entry.specArgs ? { args: entry.specArgs } : {}) },
           containerdVersion: stack.containerdVersion, criuVersion: `${v.major}.${v.minor}.${v.sublevel}`, logger, workRoot,
           tarPath: stack.paths.tar,
+          containerd: { socket: stack.address, root: stack.rootDir },
         });
       } finally {
         await stack.cri.removePod(src.podId);
