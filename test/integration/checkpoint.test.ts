@@ -8,7 +8,7 @@
  *
  * Runs as root; the stack's CRIU and containerd must be provisioned (their absence fails the run).
  */
-import { lstat, mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
+import { lstat, mkdtemp, readdir, readFile, rm, symlink } from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
@@ -292,6 +292,31 @@ describe.each(flavorsUnderTest())('checkpoint flow, containerd %s', (flavor) => 
       expect(s.requests).toBe(1);
     } finally {
       await stack.cri.removePod(pod.podId);
+    }
+  }, CHECKPOINT_TEST_TIMEOUT_MS);
+
+  it("an upperdir containerd names outside the configured snapshotter root: refused before the dump, the worker resumes", async () => {
+    const { stack } = handle;
+    const name = 'demo-foreign-root';
+    const { pod, entry, pid } = await startSource('ckpt-root', name, { WORKER_MEMORY_MB: '16' });
+    // The agent's containerd.root names another directory (here: a symlink to the real one, which is not
+    // the path containerd reports): the snapshot containerd names is not under it, so nothing is captured.
+    const otherRoot = await mkdtemp('/tmp/thaw-ckpt-otherroot-');
+    await symlink(stack.rootDir, path.join(otherRoot, 'root'));
+    try {
+      await waitForWorkerReady(entry.controlDir, { timeoutMs: WORKER_READY_TIMEOUT_MS });
+      const err = await checkpointContainer(flowOptions(entry, pid, { containerd: { socket: stack.address, root: path.join(otherRoot, 'root') } })).catch((e: unknown) => e);
+      expect(isThawError(err, CheckpointErrorCode.FAILED), String(err)).toBe(true);
+      const failure = err as Error & { evidence: Record<string, unknown> };
+      expect(failure.evidence).toMatchObject({ phase: 'inspect', causeCode: 'ROOTFS_UPPERDIR_UNTRUSTED' });
+      await expect(store.open(name)).rejects.toMatchObject({ code: 'STORE_NOT_FOUND' });
+      const marker = await readJson(path.join(entry.controlDir, CHECKPOINT_COMPLETE));
+      expect(marker).toMatchObject({ ok: false, checkpoint: name, error: { code: 'CHECKPOINT_FAILED', phase: 'inspect', causeCode: 'ROOTFS_UPPERDIR_UNTRUSTED' } });
+      const after = await waitFor(() => readEndpoint(entry.controlDir), `${ENDPOINT_FILE} after the refused checkpoint`, WORKER_READY_TIMEOUT_MS, 50);
+      expect((await getJson<WorkerState>(after.port, '/state')).requests).toBe(1);
+    } finally {
+      await stack.cri.removePod(pod.podId);
+      await rm(otherRoot, { recursive: true, force: true });
     }
   }, CHECKPOINT_TEST_TIMEOUT_MS);
 
