@@ -21,7 +21,7 @@ export const DEFAULT_CONTAINERD_SOCKET = '/run/containerd/containerd.sock';
 export const DEFAULT_CONTAINERD_ROOT = '/var/lib/containerd';
 /** The containerd namespace CRI (the kubelet's) containers live in. */
 export const DEFAULT_CONTAINERD_NAMESPACE = 'k8s.io';
-/** The toolkit prefix (CRIU, GNU tar, gzip, busybox under `<prefix>/bin`). */
+/** The toolkit prefix (CRIU, the GNU tar and gzip CRIU runs for tmpfs contents, busybox; under `<prefix>/bin`). */
 export const DEFAULT_TOOLKIT_DIR = '/opt/thaw/stack/1.7';
 /** The host's nsenter (util-linux), run as root to enter a container's namespaces: never one from a rootfs. */
 export const DEFAULT_NSENTER_PATH = '/usr/bin/nsenter';

@@ -91,7 +91,6 @@ export interface CheckpointCoordinatorOptions {
    */
   cuda?: CheckpointCudaHooks | (() => CheckpointCudaHooks);
   workRoot?: string;
-  tarPath?: string;
   /** containerd's socket and root: the flow takes the container's upperdir from containerd's snapshot record. */
   containerd: ContainerdEndpoint;
   /** Told of every event after it is logged (metrics, tests). */
@@ -249,7 +248,6 @@ export class CheckpointCoordinator implements ThawCoordinator {
           ...((mode.replace ?? o.replace) !== undefined ? { replace: mode.replace ?? o.replace } : {}),
           ...(cuda !== undefined ? { cuda } : {}),
           ...(o.workRoot !== undefined ? { workRoot: o.workRoot } : {}),
-          ...(o.tarPath !== undefined ? { tarPath: o.tarPath } : {}),
         },
         { signal, ...(o.checkpointTimeoutMs !== undefined ? { timeoutMs: o.checkpointTimeoutMs } : {}) },
       );

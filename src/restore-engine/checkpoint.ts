@@ -142,8 +142,6 @@ export interface CheckpointContainerOptions {
   criuSettings?: Partial<CheckpointCriuSettings>;
   /** Parent of the per-checkpoint CRIU work dir (dump.log); default os.tmpdir(). Kept on failure. */
   workRoot?: string;
-  /** Unused since the rootfs diff is archived in-process (rootfs-diff/capture.ts); kept until its callers drop it. */
-  tarPath?: string;
   inspect?: InspectOptions;
   /**
    * Where to ask containerd for the container's rootfs snapshot (its socket and root directory). The upperdir
