@@ -112,7 +112,7 @@ async function main(): Promise<void> {
       for (let i = 0; i < perRound && withGo.length < podsPerSide; i++) await measure(withGo);
       await go.stop();
       const logFile = join(workDir, `plugin-${round}.log`);
-      plugin = startThawPluginProcess({ socketPath: stack.nriSocketPath, ...pluginDirsUnder(workDir, stack.paths.prefix, logFile) });
+      plugin = startThawPluginProcess({ socketPath: stack.nriSocketPath, containerd: { socket: stack.address, root: stack.rootDir }, ...pluginDirsUnder(workDir, stack.paths.prefix, logFile) });
       // A node would run the agent at a raised CPU priority (systemd Nice=, or the DaemonSet's priority):
       // BENCH_PLUGIN_NICE measures that (as root, negative values raise it).
       if (pluginNice !== 0 && plugin.proc.pid !== undefined) setPriority(plugin.proc.pid, pluginNice);

@@ -67,7 +67,7 @@ async function endToEnd(registry: RunningRegistry, workDir: string, say: (line: 
     const dirsB = pluginDirsUnder(join(workDir, 'e2e-b'), stack.paths.prefix, join(workDir, 'e2e-b.log'));
     const common = { image, memoryMb, seed: 7, warmupMs: 500 };
     const start = async (dirs: typeof dirsA, extraArgs: string[]): Promise<ThawPluginProcess> => {
-      const p = startThawPluginProcess({ socketPath: stack.nriSocketPath, ...dirs, extraArgs: ['--log-level', 'info', ...extraArgs] });
+      const p = startThawPluginProcess({ socketPath: stack.nriSocketPath, containerd: { socket: stack.address, root: stack.rootDir }, ...dirs, extraArgs: ['--log-level', 'info', ...extraArgs] });
       await waitForLog(dirs.logFile, (r) => r.msg === 'nri plugin synchronized', 'the thaw plugin to register');
       return p;
     };

@@ -108,7 +108,7 @@ async function main(): Promise<void> {
     const image = await buildWorkerImage(stack);
     const logFile = join(workDir, 'thaw.log');
     const dirs = pluginDirsUnder(workDir, stack.paths.prefix, logFile);
-    plugin = startThawPluginProcess({ socketPath: stack.nriSocketPath, ...dirs, extraArgs: ['--log-level', 'info'] });
+    plugin = startThawPluginProcess({ socketPath: stack.nriSocketPath, containerd: { socket: stack.address, root: stack.rootDir }, ...dirs, extraArgs: ['--log-level', 'info'] });
     await waitForLog(logFile, (r) => r.msg === 'nri plugin synchronized', 'the thaw plugin to register');
     rates = await measureReadRates(workDir);
     say(`read rates here: disk ${rates.diskGBps} GB/s, page cache ${rates.pageCacheGBps} GB/s, page cache into fresh memory ${rates.freshFillGBps} GB/s`);

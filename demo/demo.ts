@@ -43,7 +43,7 @@ async function main(): Promise<number> {
     const image = await buildWorkerImage(stack);
     const logFile = join(workDir, 'thaw.log');
     const dirs = pluginDirsUnder(workDir, stack.paths.prefix, logFile);
-    plugin = startThawPluginProcess({ socketPath: stack.nriSocketPath, ...dirs });
+    plugin = startThawPluginProcess({ socketPath: stack.nriSocketPath, containerd: { socket: stack.address, root: stack.rootDir }, ...dirs });
     await waitForLog(logFile, (r) => r.msg === 'nri plugin synchronized', 'the thaw agent to register with containerd');
     say(`thaw agent registered; its log: ${logFile}`);
 

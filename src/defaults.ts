@@ -15,6 +15,12 @@ export const DEFAULT_CONTROL_ROOT = '/run/thaw/control';
 export const DEFAULT_API_SOCKET = '/run/thaw/agent.sock';
 /** containerd's NRI socket. */
 export const DEFAULT_NRI_SOCKET_PATH = '/var/run/nri/nri.sock';
+/** containerd's gRPC socket: thaw asks it where a checkpointed container's rootfs snapshot lies. */
+export const DEFAULT_CONTAINERD_SOCKET = '/run/containerd/containerd.sock';
+/** containerd's root directory (its `root` setting): the overlayfs snapshotter's snapshots lie under it. */
+export const DEFAULT_CONTAINERD_ROOT = '/var/lib/containerd';
+/** The containerd namespace CRI (the kubelet's) containers live in. */
+export const DEFAULT_CONTAINERD_NAMESPACE = 'k8s.io';
 /** The toolkit prefix (CRIU, the GNU tar and gzip CRIU runs for tmpfs contents, busybox; under `<prefix>/bin`). */
 export const DEFAULT_TOOLKIT_DIR = '/opt/thaw/stack/1.7';
 /** The host's nsenter (util-linux), run as root to enter a container's namespaces: never one from a rootfs. */

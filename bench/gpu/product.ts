@@ -293,7 +293,7 @@ async function main(): Promise<void> {
     const image = await importShellImage(s, host, workDir);
     const logFile = join(workDir, 'thaw.log');
     const dirs = pluginDirsUnder(workDir, s.paths.prefix, logFile);
-    plugin = startThawPluginProcess({ socketPath: s.nriSocketPath, ...dirs, extraArgs: ['--log-level', 'info'] });
+    plugin = startThawPluginProcess({ socketPath: s.nriSocketPath, containerd: { socket: s.address, root: s.rootDir }, ...dirs, extraArgs: ['--log-level', 'info'] });
     await waitForLog(logFile, (r) => r.msg === 'nri plugin synchronized', 'the thaw plugin to register', 60_000);
     const idleGpuMiB = gpuMemoryUsedMiB();
     const settleLimitMiB = idleGpuMiB === undefined ? undefined : idleGpuMiB + 1024;

@@ -259,6 +259,7 @@ export async function runAgent(o: AgentRunOptions, logger: Logger): Promise<numb
     thawPausePath: c.paths.thawPause,
     hookArgv: o.hookArgv,
     workRoot: c.paths.workRoot,
+    containerd: { socket: c.containerd.socket, root: c.containerd.root },
     ...(c.cuda.libcuda ? { libcudaPath: c.cuda.libcuda } : {}),
     ...(c.cuda.libnvml ? { libnvmlPath: c.cuda.libnvml } : {}),
     cudaLockTimeoutMs: c.cuda.lockTimeoutMs,

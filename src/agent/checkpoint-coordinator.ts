@@ -22,7 +22,7 @@ import {
   type CheckpointResult,
   type OnCheckpoint,
 } from '../restore-engine/index.js';
-import type { CriuClient } from '../restore-engine/index.js';
+import type { ContainerdEndpoint, CriuClient } from '../restore-engine/index.js';
 import { readReadyPayload, waitForWorkerReady } from '../sdk/index.js';
 import type { LocalStore } from '../store/index.js';
 import { StoreError, StoreErrorCode } from '../store/index.js';
@@ -91,6 +91,8 @@ export interface CheckpointCoordinatorOptions {
    */
   cuda?: CheckpointCudaHooks | (() => CheckpointCudaHooks);
   workRoot?: string;
+  /** containerd's socket and root: the flow takes the container's upperdir from containerd's snapshot record. */
+  containerd: ContainerdEndpoint;
   /** Told of every event after it is logged (metrics, tests). */
   onEvent?: (event: CheckpointEvent) => void;
   /** Test seam: the flow to run (default checkpointContainer). */
@@ -230,6 +232,7 @@ export class CheckpointCoordinator implements ThawCoordinator {
           pid,
           controlDir: container.controlDir,
           checkpointName: container.checkpointName,
+          containerd: o.containerd,
           onCheckpoint: o.onCheckpointOf?.(container) ?? 'continue',
           imageRef: container.imageRef ?? '',
           ...(imageDigest !== undefined ? { imageDigest } : {}),

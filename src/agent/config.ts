@@ -12,6 +12,8 @@ import { isAbsolute } from 'node:path';
 import { parseDocument } from 'yaml';
 import {
   DEFAULT_API_SOCKET,
+  DEFAULT_CONTAINERD_ROOT,
+  DEFAULT_CONTAINERD_SOCKET,
   DEFAULT_CONTROL_ROOT,
   DEFAULT_CUDA_LOCK_TIMEOUT_MS, DEFAULT_THAW_PAUSE_DEADLINE_MS,
   DEFAULT_METRICS_LISTEN,
@@ -35,6 +37,11 @@ export interface AgentConfig {
   annotationPrefix: string;
   nri: { socket: string; pluginName: string; pluginIndex: string };
   api: { socket: string };
+  /**
+   * containerd's gRPC socket and root directory: a checkpoint asks containerd where the container's rootfs
+   * snapshot is, and takes its upperdir only from under `<root>/io.containerd.snapshotter.v1.overlayfs`.
+   */
+  containerd: { socket: string; root: string };
   /** host:port of /metrics; "" disables it. */
   metrics: { listen: string };
   /** sharedStoreRoot: a shared store (RWX volume) looked up after the local one; "" = none. */
@@ -98,6 +105,8 @@ export const CONFIG_KEYS: readonly KeySpec[] = [
   { key: 'nri.socket', expected: 'an absolute path of a unix socket', kind: 'string', check: checkSocketPath },
   { key: 'nri.pluginName', expected: 'a plugin name of letters, digits, "-" and "_"', kind: 'string', check: (v) => (/^[A-Za-z0-9_-]{1,64}$/.test(String(v)) ? undefined : 'not a plugin name') },
   { key: 'nri.pluginIndex', expected: 'two digits, as a string ("00".."99")', kind: 'string', check: (v) => (/^\d\d$/.test(String(v)) ? undefined : 'not two digits') },
+  { key: 'containerd.socket', expected: 'an absolute path of a unix socket (containerd\'s gRPC address)', kind: 'string', check: checkSocketPath },
+  { key: 'containerd.root', expected: 'an absolute path (containerd\'s root directory, its `root` setting)', kind: 'string', check: absolutePath },
   { key: 'api.socket', expected: 'an absolute path of a unix socket (at most 107 bytes)', kind: 'string', check: checkSocketPath },
   { key: 'metrics.listen', expected: 'host:port (e.g. "127.0.0.1:9464"), or "" to disable', kind: 'string', check: checkListen },
   { key: 'paths.controlRoot', expected: 'an absolute path', kind: 'string', check: absolutePath },
@@ -131,6 +140,7 @@ export function defaultAgentConfig(packageRoot: string): AgentConfig {
     annotationPrefix: DEFAULT_ANNOTATION_PREFIX,
     nri: { socket: DEFAULT_NRI_SOCKET_PATH, pluginName: 'thaw', pluginIndex: '50' },
     api: { socket: DEFAULT_API_SOCKET },
+    containerd: { socket: DEFAULT_CONTAINERD_SOCKET, root: DEFAULT_CONTAINERD_ROOT },
     metrics: { listen: DEFAULT_METRICS_LISTEN },
     paths: {
       controlRoot: DEFAULT_CONTROL_ROOT,

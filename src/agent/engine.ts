@@ -20,7 +20,7 @@ import { createCheckpointSources, type RegistrySourceOptions } from './checkpoin
 import type { TrustedKey } from '../store/index.js';
 import type { TenancyPolicy } from './tenancy.js';
 import { checkpointHooksFactory, cudaRestoreStep, loadNodeCuda, recoverCudaProcesses, type NodeCuda } from './cuda-steps.js';
-import type { RestoreEvent } from '../restore-engine/index.js';
+import type { ContainerdEndpoint, RestoreEvent } from '../restore-engine/index.js';
 import type { ManagedContainer, ThawCoordinator } from './managed-container.js';
 import { ThawNriStats } from './nri-stats.js';
 import { createRestoreCoordinator, type RestoreCoordinator } from './restore-coordinator.js';
@@ -41,6 +41,8 @@ export interface ThawEngineOptions {
   hookArgv: string[];
   /** CRIU work dirs: `<workRoot>/<container id>` for restores, `<workRoot>/thaw-ckpt-<name>-*` for checkpoints. */
   workRoot: string;
+  /** containerd's gRPC socket and root: where a checkpoint learns its container's upperdir (config `containerd.*`). */
+  containerd: ContainerdEndpoint;
   /** libcuda / NVML to load (default: the system's, found by the dynamic loader). Tests pass the fake's. */
   libcudaPath?: string;
   libnvmlPath?: string;
@@ -125,6 +127,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     onCheckpointOf: (c: ManagedContainer) => c.onCheckpoint ?? 'continue',
     // CRIU's work dirs (dump.log, kept after a failed dump) beside the restores', not in the node's /tmp.
     workRoot: o.workRoot,
+    containerd: o.containerd,
     ...(cuda ? { cuda: checkpointHooksFactory({ node: cuda, logger, ...(o.cudaLockTimeoutMs !== undefined ? { lockTimeoutMs: o.cudaLockTimeoutMs } : {}) }) } : {}),
   });
   // What a restore runs besides the checkpoint, listed once (ld.so --list per executable) at the first prefetch.

@@ -78,6 +78,8 @@ export interface NodeStackOptions {
 export interface StackLayout {
   /** containerd's gRPC socket (CRI is served there). */
   address: string;
+  /** containerd's root directory (its `root` setting; the overlayfs snapshots lie under it). */
+  rootDir: string;
   ttrpcAddress: string;
   nriSocketPath: string;
   /** NRI plugin dir: executables here are launched by containerd at start (`NN-name`). */
@@ -141,6 +143,7 @@ export async function startNodeStack(options: NodeStackOptions = {}): Promise<No
 
   const layout = {
     address: path.join(dir, 'c.sock'),
+    rootDir: path.join(dir, 'root'),
     ttrpcAddress: path.join(dir, 'c.sock.ttrpc'),
     nriSocketPath: path.join(dir, 'nri.sock'),
     pluginDir: path.join(dir, 'nri', 'plugins'),
@@ -168,7 +171,7 @@ export async function startNodeStack(options: NodeStackOptions = {}): Promise<No
     }
     const config = renderContainerdConfig({
       flavor,
-      root: path.join(dir, 'root'),
+      root: layout.rootDir,
       state: path.join(dir, 'state'),
       grpcAddress: layout.address,
       ttrpcAddress: layout.ttrpcAddress,
@@ -221,6 +224,7 @@ class NodeStackImpl implements NodeStack {
   containerdVersion = '';
   readonly images = { busybox: BUSYBOX_IMAGE_REF, pause: PAUSE_IMAGE_REF };
   readonly address: string;
+  readonly rootDir: string;
   readonly ttrpcAddress: string;
   readonly nriSocketPath: string;
   readonly pluginDir: string;
@@ -242,6 +246,7 @@ class NodeStackImpl implements NodeStack {
     private readonly startTimeoutMs: number,
   ) {
     this.address = layout.address;
+    this.rootDir = layout.rootDir;
     this.ttrpcAddress = layout.ttrpcAddress;
     this.nriSocketPath = layout.nriSocketPath;
     this.pluginDir = layout.pluginDir;

@@ -109,10 +109,16 @@ export async function agentEndpoints(logFile: string, timeoutMs = 30_000): Promi
 }
 
 /** `env` adds to (and overrides) this process's environment for the plugin (e.g. the fake CUDA driver's settings). */
-export function startThawPluginProcess(o: ThawPluginDirs & { socketPath: string; extraArgs?: string[]; env?: Record<string, string> }): ThawPluginProcess {
+/**
+ * `containerd`: the stack's gRPC socket and root directory (`NodeStack.address`, `.rootDir`), where the agent
+ * learns a checkpointed container's upperdir; required, since the node's defaults name another containerd.
+ */
+export function startThawPluginProcess(
+  o: ThawPluginDirs & { socketPath: string; containerd: { socket: string; root: string }; extraArgs?: string[]; env?: Record<string, string> },
+): ThawPluginProcess {
   // The CRIU client holds a libuv threadpool thread per operation in flight (src/restore-engine/criu):
   // a larger pool keeps file I/O moving while restores run.
-  const proc = spawn(process.execPath, [CLI_MAIN, ...pluginArgs(o), '--nri-socket', o.socketPath, ...(o.extraArgs ?? [])], {
+  const proc = spawn(process.execPath, [CLI_MAIN, ...pluginArgs(o), '--nri-socket', o.socketPath, '--containerd-socket', o.containerd.socket, '--containerd-root', o.containerd.root, ...(o.extraArgs ?? [])], {
     stdio: ['ignore', 'inherit', 'inherit'],
     env: { ...process.env, UV_THREADPOOL_SIZE: process.env['UV_THREADPOOL_SIZE'] ?? String(PLUGIN_UV_THREADPOOL_SIZE), ...o.env },
   });

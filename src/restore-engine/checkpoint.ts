@@ -3,7 +3,8 @@
  * quiesced container and publish it in the local store.
  *
  *   inspect   /proc of the container's init: mounts and the external-mount plan, stdio, netns, RSS,
- *             command line (container-inspect.ts), and the overlay upperdir (rootfs-diff/)
+ *             command line (container-inspect.ts); the overlay upperdir from containerd's snapshot record,
+ *             checked under the snapshotter root (rootfs-diff/containerd-upperdir.ts)
  *   [cuda]    lock + checkpoint every process of the tree (cuda-steps.ts in the agent)
  *   dump      CRIU dump over RPC into <pending>/criu, always with --leave-running
  *   [cuda]    restore + unlock (also after a failed dump, so the worker can go on)
@@ -38,7 +39,7 @@ import type { CriuClient } from './criu/client.js';
 import type { CgroupsMode, DumpOptions } from './criu/options.js';
 import { inspectContainer, type ContainerInspection, type InspectOptions } from './container-inspect.js';
 import { freezeCgroupOf } from './cgroup-freeze.js';
-import { captureRootfsDiff, readContainerOverlay } from './rootfs-diff/index.js';
+import { captureRootfsDiff, readContainerdUpperdir, type ContainerdEndpoint } from './rootfs-diff/index.js';
 import { dropZeroPages } from './zero-pages.js';
 import { MAX_TIMER_DELAY_MS } from '../defaults.js';
 import { throwIfAborted } from '../util.js';
@@ -142,6 +143,14 @@ export interface CheckpointContainerOptions {
   /** Parent of the per-checkpoint CRIU work dir (dump.log); default os.tmpdir(). Kept on failure. */
   workRoot?: string;
   inspect?: InspectOptions;
+  /**
+   * Where to ask containerd for the container's rootfs snapshot (its socket and root directory). The upperdir
+   * comes from there, never from the container's own mountinfo; one that is not under the snapshotter root
+   * fails the checkpoint in its inspect phase (ROOTFS_UPPERDIR_UNTRUSTED as the cause), before the worker is
+   * touched. Failing rather than publishing without a diff: a restore would run the process against files
+   * other than the ones it had, and thaw cannot tell which of them it needs.
+   */
+  containerd: ContainerdEndpoint;
   /**
    * Leave all-zero pages of private anonymous memory out of the dump (zero-pages.ts): smaller checkpoints,
    * faster restores, the same memory. Default true; a failure of this step only logs and keeps CRIU's images.
@@ -272,7 +281,7 @@ export async function checkpointContainer(
     phase = 'inspect';
     let started = performance.now();
     inspection = await inspectContainer(opts.pid, opts.inspect ?? {});
-    const overlay = await readContainerOverlay(opts.pid, opts.inspect?.procRoot !== undefined ? { procRoot: opts.inspect.procRoot } : {});
+    const upperdir = await readContainerdUpperdir(opts.containerId, opts.containerd);
     phases.inspectMs = round(performance.now() - started);
     log.info('container inspected', {
       pid: opts.pid,
@@ -280,7 +289,7 @@ export async function checkpointContainer(
       externalMounts: inspection.externalMounts.length,
       hostNetwork: inspection.netns.isHost,
       rssBytes: inspection.rssBytes,
-      upperdir: overlay.upperdir,
+      upperdir,
     });
     throwIfAborted(signal);
 
@@ -335,7 +344,7 @@ export async function checkpointContainer(
     const frozen = await freezeCgroupOf(opts.pid, { ...(opts.inspect?.procRoot !== undefined ? { procRoot: opts.inspect.procRoot } : {}), signal });
     try {
       await captureRootfsDiff({
-        upperdir: overlay.upperdir,
+        upperdir,
         tarFile: pending.paths.rootfsDiff,
         deletedFilesFile: pending.paths.deletedFiles,
         signal,

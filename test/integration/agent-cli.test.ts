@@ -84,7 +84,7 @@ describe.each(flavorsUnderTest())('thaw agent and CLI on containerd %s', (flavor
   const startAgent = async (): Promise<ThawPluginProcess> => {
     const syncs = async (): Promise<number> => (await readJsonLog(dirs.logFile)).filter((r) => r.msg === 'nri plugin synchronized').length;
     const before = await syncs();
-    const p = startThawPluginProcess({ socketPath: handle.stack.nriSocketPath, ...dirs });
+    const p = startThawPluginProcess({ socketPath: handle.stack.nriSocketPath, containerd: { socket: handle.stack.address, root: handle.stack.rootDir }, ...dirs });
     await waitFor(async () => ((await syncs()) > before ? true : undefined), 'the agent to register and synchronize', 60_000);
     return p;
   };
@@ -114,7 +114,7 @@ describe.each(flavorsUnderTest())('thaw agent and CLI on containerd %s', (flavor
     const d = await stat(dirname(socket));
     expect([d.mode & 0o777, d.uid]).toEqual([0o700, 0]);
 
-    const second = startThawPluginProcess({ socketPath: handle.stack.nriSocketPath, ...dirs, logFile: join(workDir, 'second.log'), apiSocket: socket });
+    const second = startThawPluginProcess({ socketPath: handle.stack.nriSocketPath, containerd: { socket: handle.stack.address, root: handle.stack.rootDir }, ...dirs, logFile: join(workDir, 'second.log'), apiSocket: socket });
     expect((await second.exited).code).toBe(1);
     const refused = (await readJsonLog(join(workDir, 'second.log'))).find((r) => r.msg === 'thaw agent cannot start');
     expect((refused?.['error'] as { code?: string } | undefined)?.code).toBe('AGENT_ALREADY_RUNNING');

@@ -8,7 +8,7 @@
  *
  * Runs as root; the stack's CRIU and containerd must be provisioned (their absence fails the run).
  */
-import { lstat, mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
+import { lstat, mkdtemp, readdir, readFile, rm, symlink } from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
@@ -22,6 +22,7 @@ import { createCollectingLogger } from '../../src/log.js';
 import { createNriPlugin, type NriPlugin } from '../../src/nri-plugin/index.js';
 import { checkpointContainer, CheckpointErrorCode, type CheckpointContainerOptions } from '../../src/restore-engine/checkpoint.js';
 import { CriuClient } from '../../src/restore-engine/criu/client.js';
+import { overlayfsSnapshotsDir, readTarEntries } from '../../src/restore-engine/rootfs-diff/index.js';
 import { waitForWorkerReady } from '../../src/sdk/control-dir.js';
 import { CHECKPOINT_COMPLETE, SNAPSHOT_COMPLETE } from '../../src/sdk/protocol.js';
 import { openLocalStore, type LocalStore } from '../../src/store/local-store.js';
@@ -158,6 +159,7 @@ describe.each(flavorsUnderTest())('checkpoint flow, containerd %s', (flavor) => 
       store,
       criu,
       containerId: entry.containerId,
+      containerd: { socket: handle.stack.address, root: handle.stack.rootDir },
       pid,
       controlDir: entry.controlDir,
       checkpointName: entry.checkpointName,
@@ -186,9 +188,15 @@ describe.each(flavorsUnderTest())('checkpoint flow, containerd %s', (flavor) => 
       const before = await waitFor(() => readEndpoint(entry.controlDir), ENDPOINT_FILE, WORKER_READY_TIMEOUT_MS, 50);
       const s1 = await getJson<WorkerState>(before.port, '/state');
       await waitForWorkerReady(entry.controlDir, { timeoutMs: WORKER_READY_TIMEOUT_MS });
+      // A change of the container's own rootfs, which the checkpoint's diff must carry.
+      const probe = await stack.cri.execSync(pod.containerId, ['/bin/busybox', 'sh', '-c', 'echo from-the-source > /tmp/thaw-upper-probe'], 10);
+      expect(probe.exitCode, probe.stderr).toBe(0);
 
       const result = await checkpointContainer(flowOptions(entry, pid));
       const { manifest, phases } = result;
+      // The upperdir came from containerd's snapshot record: one overlayfs snapshot under this stack's root.
+      const inspected = logger.lines.find((l) => l.msg === 'container inspected' && l.fields['containerId'] === entry.containerId);
+      expect(String(inspected?.fields['upperdir'])).toMatch(new RegExp(`^${overlayfsSnapshotsDir(stack.rootDir).replace(/[.]/g, '\\.')}/\\d+/fs$`));
       console.log(
         `checkpoint of a 256 MiB worker: ${JSON.stringify(phases)}; ${manifest.totals.bytes} bytes in ${manifest.totals.fileCount} files, live RSS ${manifest.totals.liveBytes}`,
       );
@@ -227,6 +235,8 @@ describe.each(flavorsUnderTest())('checkpoint flow, containerd %s', (flavor) => 
       const pagesBytes = manifest.files.filter((f) => /^criu\/pages-/.test(f.path)).reduce((a, f) => a + f.size, 0);
       expect(pagesBytes).toBeGreaterThan(256 * 1024 * 1024);
       expect((await store.verify(name)).files).toBe(manifest.files.length);
+      const diff = await readTarEntries(path.join(opened.paths.dir, 'rootfs-diff.tar'));
+      expect(diff.map((e) => e.path.replace(/^\.\//, ''))).toContain('tmp/thaw-upper-probe');
       for (const m of await modesUnder(opened.paths.dir)) expect([m.rel, m.mode]).toEqual([m.rel, m.dir ? 0o700 : 0o600]);
       expect((await readdir(storeRoot)).filter((n) => n.startsWith('.tmp-'))).toEqual([]);
 
@@ -285,6 +295,31 @@ describe.each(flavorsUnderTest())('checkpoint flow, containerd %s', (flavor) => 
     }
   }, CHECKPOINT_TEST_TIMEOUT_MS);
 
+  it("an upperdir containerd names outside the configured snapshotter root: refused before the dump, the worker resumes", async () => {
+    const { stack } = handle;
+    const name = 'demo-foreign-root';
+    const { pod, entry, pid } = await startSource('ckpt-root', name, { WORKER_MEMORY_MB: '16' });
+    // The agent's containerd.root names another directory (here: a symlink to the real one, which is not
+    // the path containerd reports): the snapshot containerd names is not under it, so nothing is captured.
+    const otherRoot = await mkdtemp('/tmp/thaw-ckpt-otherroot-');
+    await symlink(stack.rootDir, path.join(otherRoot, 'root'));
+    try {
+      await waitForWorkerReady(entry.controlDir, { timeoutMs: WORKER_READY_TIMEOUT_MS });
+      const err = await checkpointContainer(flowOptions(entry, pid, { containerd: { socket: stack.address, root: path.join(otherRoot, 'root') } })).catch((e: unknown) => e);
+      expect(isThawError(err, CheckpointErrorCode.FAILED), String(err)).toBe(true);
+      const failure = err as Error & { evidence: Record<string, unknown> };
+      expect(failure.evidence).toMatchObject({ phase: 'inspect', causeCode: 'ROOTFS_UPPERDIR_UNTRUSTED' });
+      await expect(store.open(name)).rejects.toMatchObject({ code: 'STORE_NOT_FOUND' });
+      const marker = await readJson(path.join(entry.controlDir, CHECKPOINT_COMPLETE));
+      expect(marker).toMatchObject({ ok: false, checkpoint: name, error: { code: 'CHECKPOINT_FAILED', phase: 'inspect', causeCode: 'ROOTFS_UPPERDIR_UNTRUSTED' } });
+      const after = await waitFor(() => readEndpoint(entry.controlDir), `${ENDPOINT_FILE} after the refused checkpoint`, WORKER_READY_TIMEOUT_MS, 50);
+      expect((await getJson<WorkerState>(after.port, '/state')).requests).toBe(1);
+    } finally {
+      await stack.cri.removePod(pod.podId);
+      await rm(otherRoot, { recursive: true, force: true });
+    }
+  }, CHECKPOINT_TEST_TIMEOUT_MS);
+
   it('the coordinator checkpoints a source once its worker is ready, and abandons one whose pod is removed', async () => {
     const { stack } = handle;
     const events: CheckpointEvent[] = [];
@@ -293,6 +328,7 @@ describe.each(flavorsUnderTest())('checkpoint flow, containerd %s', (flavor) => 
       criu,
       criuVersion,
       containerdVersion: stack.containerdVersion,
+      containerd: { socket: stack.address, root: stack.rootDir },
       logger,
       workRoot,
       imageDigestOf: async () => image.manifestDigest,

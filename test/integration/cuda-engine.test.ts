@@ -52,7 +52,7 @@ describe.each(flavorsUnderTest())('CUDA checkpoint and restore through the plugi
     const syncs = async (): Promise<number> => (await readJsonLog(dirs.logFile)).filter((r) => r.msg === 'nri plugin synchronized').length;
     const before = await syncs();
     const p = startThawPluginProcess({
-      socketPath: handle.stack.nriSocketPath,
+      socketPath: handle.stack.nriSocketPath, containerd: { socket: handle.stack.address, root: handle.stack.rootDir },
       ...dirs,
       extraArgs: ['--cuda-libcuda', FAKE_LIBCUDA, '--cuda-libnvml', FAKE_NVML, '--cuda-lock-timeout-ms', '2000'],
       env: { FAKE_CUDA_STATE_DIR: stateDir, FAKE_CUDA_CONTROL_FILE: controlFile, ...env },

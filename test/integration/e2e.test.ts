@@ -40,7 +40,7 @@ describe.each(flavorsUnderTest())('thaw end to end on containerd %s', (flavor) =
   const startPlugin = async (): Promise<ThawPluginProcess> => {
     const syncs = async (): Promise<number> => (await readJsonLog(dirs.logFile)).filter((r) => r.msg === 'nri plugin synchronized').length;
     const before = await syncs();
-    const p = startThawPluginProcess({ socketPath: handle.stack.nriSocketPath, ...dirs });
+    const p = startThawPluginProcess({ socketPath: handle.stack.nriSocketPath, containerd: { socket: handle.stack.address, root: handle.stack.rootDir }, ...dirs });
     await waitFor(async () => ((await syncs()) > before ? true : undefined), 'the plugin to register and synchronize', 30_000);
     return p;
   };

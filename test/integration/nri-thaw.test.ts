@@ -64,7 +64,7 @@ describe.each(flavorsUnderTest())('thaw NRI plugin on containerd %s', (flavor) =
 
     const startPlugin = async (): Promise<ThawPluginProcess> => {
       logFile = join(workDir, `plugin-${Date.now()}.log`);
-      const p = startThawPluginProcess({ socketPath: handle.stack.nriSocketPath, ...pluginDirsUnder(workDir, handle.stack.paths.prefix, logFile), controlRoot });
+      const p = startThawPluginProcess({ socketPath: handle.stack.nriSocketPath, containerd: { socket: handle.stack.address, root: handle.stack.rootDir }, ...pluginDirsUnder(workDir, handle.stack.paths.prefix, logFile), controlRoot });
       await waitForLog(logFile, (r) => r.msg === 'nri plugin synchronized', 'the plugin to register and synchronize');
       return p;
     };

@@ -49,7 +49,7 @@ describe.each(flavorsUnderTest().slice(0, 1))('checkpoints across nodes through 
   const startPlugin = async (dirs: ThawPluginDirs, extraArgs: string[] = []): Promise<ThawPluginProcess> => {
     const syncs = async (): Promise<number> => (await readJsonLog(dirs.logFile).catch(() => [])).filter((r) => r.msg === 'nri plugin synchronized').length;
     const before = await syncs();
-    const p = startThawPluginProcess({ socketPath: handle.stack.nriSocketPath, ...dirs, extraArgs });
+    const p = startThawPluginProcess({ socketPath: handle.stack.nriSocketPath, containerd: { socket: handle.stack.address, root: handle.stack.rootDir }, ...dirs, extraArgs });
     await waitFor(async () => ((await syncs()) > before ? true : undefined), 'the plugin to register and synchronize', 30_000);
     return p;
   };

@@ -188,6 +188,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
         onCheckpoint: 'continue', imageRef: entry.imageRef ?? image.ref,
         source: { containerName: entry.containerName, pod: { name: entry.podName, namespace: entry.podNamespace, uid: entry.podUid }, ...(entry.specArgs ? { args: entry.specArgs } : {}) },
         containerdVersion: stack.containerdVersion, criuVersion: `${v.major}.${v.minor}.${v.sublevel}`, logger, workRoot,
+        containerd: { socket: stack.address, root: stack.rootDir },
       });
       console.log(`checkpoint: ${JSON.stringify(ck.phases)}; ${ck.manifest.totals.bytes} bytes`);
     } finally {
@@ -252,6 +253,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
         onCheckpoint: 'continue', imageRef: entry.imageRef ?? image.ref,
         source: { containerName: entry.containerName, pod: { name: entry.podName, namespace: entry.podNamespace, uid: entry.podUid }, ...(entry.specArgs ? { args: entry.specArgs } : {}) },
         containerdVersion: stack.containerdVersion, criuVersion: `${v.major}.${v.minor}.${v.sublevel}`, logger, workRoot,
+        containerd: { socket: stack.address, root: stack.rootDir },
       });
     } finally {
       await stack.cri.removePod(src.podId);
@@ -532,7 +534,8 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
           onCheckpoint: 'continue', imageRef: entry.imageRef ?? image.ref,
           source: { containerName: entry.containerName, pod: { name: entry.podName, namespace: entry.podNamespace, uid: entry.podUid }, ...(entry.specArgs ? { args: entry.specArgs } : {}) },
           containerdVersion: stack.containerdVersion, criuVersion: `${v.major}.${v.minor}.${v.sublevel}`, logger, workRoot,
-          });
+          containerd: { socket: stack.address, root: stack.rootDir },
+        });
       } finally {
         await stack.cri.removePod(src.podId);
       }

@@ -53,6 +53,9 @@ nri:
   socket: /run/nri.sock
   pluginName: thaw2
   pluginIndex: "07"
+containerd:
+  socket: /run/k3s/containerd/containerd.sock
+  root: /var/lib/rancher/k3s/agent/containerd
 api:
   socket: /run/t/a.sock
 metrics:
@@ -75,19 +78,21 @@ log:
 `;
     const c = resolveAgentConfig({ file: file(text), packageRoot: PKG });
     expect(c.nri.pluginIndex).toBe('07');
+    expect(c.containerd).toEqual({ socket: '/run/k3s/containerd/containerd.sock', root: '/var/lib/rancher/k3s/agent/containerd' });
     expect(c.metrics.listen).toBe('');
     expect(c.cuda.lockTimeoutMs).toBe(500);
     expect(c.restore.pauseDeadlineMs).toBe(15000);
     expect(c.log.file).toBe('/var/log/thaw.log');
     expect(resolveAgentConfig({ file: file('# nothing set\n'), packageRoot: PKG })).toEqual(defaultAgentConfig(PKG));
-    expect(CONFIG_KEYS).toHaveLength(19);
+    expect(CONFIG_KEYS).toHaveLength(21);
   });
 
   it.each([
-    ['an unknown top-level key', 'metric:\n  listen: x\n', /^load agent configuration: unknown key metric \(file \/etc\/thaw\/agent.yaml\): expected one of annotationPrefix, nri, api, metrics, paths, registry, cuda, restore, log, tenancy$/],
+    ['an unknown top-level key', 'metric:\n  listen: x\n', /^load agent configuration: unknown key metric \(file \/etc\/thaw\/agent.yaml\): expected one of annotationPrefix, nri, containerd, api, metrics, paths, registry, cuda, restore, log, tenancy$/],
     ['an unknown nested key', 'nri:\n  sockt: /x\n', /unknown key nri\.sockt .*expected one of nri\.socket, nri\.pluginName, nri\.pluginIndex/],
     ['a number where a string is expected', 'nri:\n  pluginIndex: 50\n', /nri\.pluginIndex \(file .*\): expected two digits, as a string \("00".."99"\), got 50 \(a number, not a string\)/],
     ['a string where an integer is expected', 'cuda:\n  lockTimeoutMs: soon\n', /cuda\.lockTimeoutMs \(file .*\): expected a positive integer \(milliseconds\), got "soon"/],
+    ['a relative containerd root', 'containerd:\n  root: var/lib/containerd\n', /containerd\.root \(file .*\): expected an absolute path .*got "var\/lib\/containerd" \(not an absolute path\)/],
     ['a relative path', 'paths:\n  storeRoot: var/lib\n', /paths\.storeRoot \(file .*\): expected an absolute path, got "var\/lib" \(not an absolute path\)/],
     ['a bad listen address', 'metrics:\n  listen: "9464"\n', /metrics\.listen .*expected host:port/],
     ['a bad level', 'log:\n  level: loud\n', /log\.level .*expected one of debug, info, warn, error, got "loud"/],

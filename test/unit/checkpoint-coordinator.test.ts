@@ -60,6 +60,7 @@ function setup(run: (o: CheckpointContainerOptions, call: { signal?: AbortSignal
     store: {} as LocalStore,
     criu: {} as CriuClient,
     criuVersion: '4.1.1',
+    containerd: { socket: '/run/containerd/containerd.sock', root: '/var/lib/containerd' },
     containerdVersion: '1.7.24',
     logger,
     onCheckpointOf: (c) => (c.containerId === 'exit' ? 'exit' : 'continue'),
@@ -128,6 +129,7 @@ describe('CheckpointCoordinator', () => {
       store: {} as LocalStore,
       criu: {} as CriuClient,
       criuVersion: '4.1.1',
+    containerd: { socket: '/run/containerd/containerd.sock', root: '/var/lib/containerd' },
       containerdVersion: '1.7.24',
       logger: createCollectingLogger(),
       cuda: () => {

@@ -4,16 +4,17 @@ import { mkdir, mkdtemp, readdir, readFile, readlink, lstat, rm, symlink, writeF
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { isThawError, type ThawError } from '../../src/errors.js';
+import type { ThawError } from '../../src/errors.js';
 import { createCollectingLogger } from '../../src/log.js';
 import {
   applyRootfsDiff,
   captureRootfsDiff,
   compileExcludes,
-  parseOverlayMount,
-  readContainerOverlay,
+  checkUpperdirUnderRoot,
+  overlayfsSnapshotsDir,
+  readContainerdUpperdir,
   readTarEntries,
-  type OverlayMount,
+  upperdirFromMount,
 } from '../../src/restore-engine/rootfs-diff/index.js';
 import { rejection } from '../helpers/rejection.js';
 
@@ -45,7 +46,7 @@ interface Overlay {
   lower: string;
   upper: string;
   merged: string;
-  mount: OverlayMount;
+  mount: { upperdir: string };
   unmount: () => void;
 }
 
@@ -56,8 +57,7 @@ async function makeOverlay(fill: (lower: string) => Promise<void>, extraOptions 
   for (const d of [lower, upper, work, merged]) await mkdir(d);
   await fill(lower);
   sh('mount', ['-t', 'overlay', 'overlay', '-o', `lowerdir=${lower},upperdir=${upper},workdir=${work}${extraOptions}`, merged]);
-  const line = (await readFile('/proc/self/mountinfo', 'utf8')).split('\n').find((l) => l.split(' ')[4] === merged)!;
-  const mount = parseOverlayMount(line)!;
+  const mount = { upperdir: upper };
   return { base, lower, upper, merged, mount, unmount: () => sh('umount', [merged]) };
 }
 
@@ -111,51 +111,81 @@ async function snapshotTree(top: string, skip: (rel: string) => boolean = () => 
   return out;
 }
 
-describe('parseOverlayMount', () => {
-  it('reads lowerdirs, upperdir and workdir of an overlay line', () => {
-    const line =
-      '1419 1335 0:98 / / rw,relatime master:389 - overlay overlay rw,lowerdir=/var/lib/containerd/s/3/fs:/var/lib/containerd/s/2/fs,upperdir=/var/lib/containerd/s/4/fs,workdir=/var/lib/containerd/s/4/work,uuid=on';
-    expect(parseOverlayMount(line)).toEqual({
-      mountPoint: '/',
-      lowerdirs: ['/var/lib/containerd/s/3/fs', '/var/lib/containerd/s/2/fs'],
-      upperdir: '/var/lib/containerd/s/4/fs',
-      workdir: '/var/lib/containerd/s/4/work',
+describe("the upperdir from containerd's record", () => {
+  it('reads the one upperdir= of an overlay mount, and refuses other mounts', () => {
+    const options = ['index=off', 'workdir=/var/lib/containerd/io.containerd.snapshotter.v1.overlayfs/snapshots/9/work',
+      'upperdir=/var/lib/containerd/io.containerd.snapshotter.v1.overlayfs/snapshots/9/fs', 'lowerdir=/a:/b'];
+    expect(upperdirFromMount({ type: 'overlay', source: 'overlay', options })).toBe('/var/lib/containerd/io.containerd.snapshotter.v1.overlayfs/snapshots/9/fs');
+    const refused = (m: { type: string; source: string; options: string[] }): string => {
+      try {
+        upperdirFromMount(m);
+      } catch (e) {
+        return (e as ThawError).code;
+      }
+      return 'accepted';
+    };
+    expect(refused({ type: 'bind', source: '/x', options: ['upperdir=/u'] })).toBe('ROOTFS_NOT_OVERLAY');
+    expect(refused({ type: 'overlay', source: 'overlay', options: ['ro', 'lowerdir=/a:/b'] })).toBe('ROOTFS_NOT_OVERLAY');
+    expect(refused({ type: 'overlay', source: 'overlay', options: ['upperdir=/u1', 'upperdir=/u2'] })).toBe('ROOTFS_NOT_OVERLAY');
+    expect(refused({ type: 'overlay', source: 'overlay', options: ['upperdir='] })).toBe('ROOTFS_NOT_OVERLAY');
+  });
+
+  describe('under the snapshotter root', () => {
+    let root: string;
+    let snapshots: string;
+    let outside: string;
+    beforeAll(async () => {
+      root = await mkdtemp(join(tmpdir(), 'thaw-ctrd-root-'));
+      snapshots = overlayfsSnapshotsDir(root);
+      outside = await mkdtemp(join(tmpdir(), 'thaw-ctrd-outside-'));
+      await mkdir(join(snapshots, '7', 'fs'), { recursive: true });
+      await mkdir(join(outside, 'fs'));
+      // A snapshot directory that is a symlink to a host directory, and one whose fs is.
+      await symlink(outside, join(snapshots, '8'));
+      await mkdir(join(snapshots, '9'));
+      await symlink(join(outside, 'fs'), join(snapshots, '9', 'fs'));
     });
-  });
+    afterAll(async () => {
+      await rm(root, { recursive: true, force: true });
+      await rm(outside, { recursive: true, force: true });
+    });
+    const code = async (upperdir: string): Promise<string> => {
+      try {
+        return await checkUpperdirUnderRoot(upperdir, snapshots);
+      } catch (e) {
+        return (e as ThawError).code;
+      }
+    };
 
-  it('unescapes octal escapes and escaped colons, and reads lowerdir+ layers', () => {
-    const line = '44 27 0:39 / /tmp/with\\040space rw - overlay overlay rw,lowerdir=/a\\:b:/c,upperdir=/u\\054v\\040w,workdir=/w';
-    expect(parseOverlayMount(line)).toEqual({ mountPoint: '/tmp/with space', lowerdirs: ['/a:b', '/c'], upperdir: '/u,v w', workdir: '/w' });
-    const plus = '44 27 0:39 / /m rw shared:1 - overlay none rw,lowerdir+=/l1,lowerdir+=/l2,upperdir=/u,workdir=/w';
-    expect(parseOverlayMount(plus)?.lowerdirs).toEqual(['/l1', '/l2']);
-  });
+    it('accepts <root>/io.containerd.snapshotter.v1.overlayfs/snapshots/<id>/fs', async () => {
+      expect(snapshots).toBe(join(root, 'io.containerd.snapshotter.v1.overlayfs', 'snapshots'));
+      expect(await code(join(snapshots, '7', 'fs'))).toBe(join(snapshots, '7', 'fs'));
+    });
 
-  it('answers undefined for other filesystems and read-only overlays, and refuses what is not mountinfo', () => {
-    expect(parseOverlayMount('22 1 253:0 / / rw,relatime shared:1 - ext4 /dev/vda rw')).toBeUndefined();
-    expect(parseOverlayMount('30 22 0:40 / /ro rw - overlay overlay ro,lowerdir=/a:/b')).toBeUndefined();
-    let err: unknown;
-    try {
-      parseOverlayMount('overlay on / type overlay (rw)');
-    } catch (e) {
-      err = e;
-    }
-    expect(isThawError(err, 'ROOTFS_MOUNTINFO_INVALID')).toBe(true);
-  });
+    it('refuses a symlinked upperdir or snapshot dir, "..", a path outside, and anything not <id>/fs', async () => {
+      for (const bad of [
+        `${snapshots}/8/fs`, // the snapshot dir is a symlink out
+        `${snapshots}/9/fs`, // the fs dir is a symlink out
+        `${snapshots}/7/fs/../../../../..${outside}/fs`, // ".." climbing out
+        `${snapshots}/7/../7/fs`, // ".." even when it lands inside
+        `${snapshots}/7/./fs`,
+        `${snapshots}//7/fs`,
+        `${outside}/fs`, // outside the root
+        `${snapshots}/7`, // not the fs dir
+        `${snapshots}/7/fs/etc`, // below it
+        `${snapshots}/x/fs`, // not a snapshot id
+        `${snapshots}/12/fs`, // does not exist
+        'relative/7/fs',
+      ]) {
+        expect([bad, await code(bad)]).toEqual([bad, 'ROOTFS_UPPERDIR_UNTRUSTED']);
+      }
+    });
 
-  it("finds the overlay at a process's root from its mountinfo", async () => {
-    const proc = await mkdtemp(join(tmpdir(), 'thaw-proc-'));
-    try {
-      await mkdir(join(proc, '42'));
-      await writeFile(
-        join(proc, '42/mountinfo'),
-        '1 0 0:1 / / rw - overlay overlay rw,lowerdir=/l,upperdir=/u,workdir=/w\n2 1 0:2 / /proc rw - proc proc rw\n',
-      );
-      expect((await readContainerOverlay(42, { procRoot: proc })).upperdir).toBe('/u');
-      await writeFile(join(proc, '42/mountinfo'), '1 0 253:0 / / rw - ext4 /dev/vda rw\n');
-      expect((await rejection(readContainerOverlay(42, { procRoot: proc }))).code).toBe('ROOTFS_NOT_OVERLAY');
-    } finally {
-      await rm(proc, { recursive: true });
-    }
+    it('refuses a containerd that does not answer, with its cause', async () => {
+      const err = await rejection(readContainerdUpperdir('c1', { socket: join(root, 'no-such.sock'), root, timeoutMs: 2_000 }));
+      expect(err.code).toBe('ROOTFS_CONTAINERD_QUERY_FAILED');
+      expect(err.message).toContain('Containers/Get');
+    });
   });
 
   it('matches the default exclusions', () => {

@@ -3,10 +3,12 @@ import { throwIfAborted as checkAborted } from '../../util.js';
 
 /** Codes of the rootfs diff (capture and apply); any of them on the restore path means a cold start with that cause. */
 export const RootfsErrorCode = {
-  /** A /proc/<pid>/mountinfo line that does not parse (evidence: the line). */
-  MOUNTINFO_INVALID: 'ROOTFS_MOUNTINFO_INVALID',
-  /** The container's root is not an overlay mount (no upperdir to capture). */
+  /** containerd's record of the container's rootfs is not one overlayfs snapshot with an upperdir (nothing to capture). */
   NOT_OVERLAY: 'ROOTFS_NOT_OVERLAY',
+  /** containerd's API did not answer where the container's rootfs snapshot is (cause: the gRPC error). */
+  CONTAINERD_QUERY_FAILED: 'ROOTFS_CONTAINERD_QUERY_FAILED',
+  /** The upperdir containerd names is not `<root>/io.containerd.snapshotter.v1.overlayfs/snapshots/<id>/fs`, real and normalised. */
+  UPPERDIR_UNTRUSTED: 'ROOTFS_UPPERDIR_UNTRUSTED',
   /** The upperdir uses an overlay feature whose content is not in the upperdir (redirect_dir, metacopy). */
   DIFF_UNSUPPORTED: 'ROOTFS_DIFF_UNSUPPORTED',
   /** rootfs-diff.tar is not a readable tar, or deleted-files.json is not a list of relative paths. */

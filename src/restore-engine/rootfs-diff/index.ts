@@ -2,7 +2,7 @@
  * The rootfs diff: what a container changed in its filesystem, saved at checkpoint and replayed into the
  * target container's rootfs before any of its processes runs (design.md, Checkpoint step 3, Restore step 2).
  *
- *   - mountinfo.ts   the overlay at a process's root (its upperdir)
+ *   - containerd-upperdir.ts  the container's upperdir from containerd's snapshot record, checked under its root
  *   - capture.ts     the upperdir walked from directory fds and archived in-process
  *   - tar-format.ts  the archive's headers, written and decoded (no I/O)
  *   - tar-reader.ts  the one reader: decode, validate each entry, hand it on
@@ -12,7 +12,9 @@
  * no leading '/', that the container deleted: its whiteouts and its opaque directories).
  */
 export { RootfsError, RootfsErrorCode } from './errors.js';
-export { parseOverlayMount, readContainerOverlay, type OverlayMount } from './mountinfo.js';
+export {
+  checkUpperdirUnderRoot, overlayfsSnapshotsDir, readContainerdUpperdir, upperdirFromMount, type ContainerdEndpoint, type ContainerdMount,
+} from './containerd-upperdir.js';
 export { captureRootfsDiff, compileExcludes, DEFAULT_ROOTFS_EXCLUDES, type CaptureRootfsDiffOptions, type CaptureRootfsDiffResult } from './capture.js';
 export { applyRootfsDiff, parseDeletedFiles, type ApplyRootfsDiffOptions, type ApplyRootfsDiffResult } from './apply.js';
 export { readTarEntries, EntryChecker } from './tar-reader.js';
