@@ -15,7 +15,7 @@ export const DEFAULT_CONTROL_ROOT = '/run/thaw/control';
 export const DEFAULT_API_SOCKET = '/run/thaw/agent.sock';
 /** containerd's NRI socket. */
 export const DEFAULT_NRI_SOCKET_PATH = '/var/run/nri/nri.sock';
-/** The toolkit prefix (CRIU, GNU tar, gzip, busybox under `<prefix>/bin`). */
+/** The toolkit prefix (CRIU, the GNU tar and gzip CRIU runs for tmpfs contents, busybox; under `<prefix>/bin`). */
 export const DEFAULT_TOOLKIT_DIR = '/opt/thaw/stack/1.7';
 /** The host's nsenter (util-linux), run as root to enter a container's namespaces: never one from a rootfs. */
 export const DEFAULT_NSENTER_PATH = '/usr/bin/nsenter';

@@ -91,7 +91,6 @@ export interface CheckpointCoordinatorOptions {
    */
   cuda?: CheckpointCudaHooks | (() => CheckpointCudaHooks);
   workRoot?: string;
-  tarPath?: string;
   /** Told of every event after it is logged (metrics, tests). */
   onEvent?: (event: CheckpointEvent) => void;
   /** Test seam: the flow to run (default checkpointContainer). */
@@ -246,7 +245,6 @@ export class CheckpointCoordinator implements ThawCoordinator {
           ...((mode.replace ?? o.replace) !== undefined ? { replace: mode.replace ?? o.replace } : {}),
           ...(cuda !== undefined ? { cuda } : {}),
           ...(o.workRoot !== undefined ? { workRoot: o.workRoot } : {}),
-          ...(o.tarPath !== undefined ? { tarPath: o.tarPath } : {}),
         },
         { signal, ...(o.checkpointTimeoutMs !== undefined ? { timeoutMs: o.checkpointTimeoutMs } : {}) },
       );

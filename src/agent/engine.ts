@@ -33,7 +33,7 @@ export interface ThawEngineOptions {
   annotationPrefix: string;
   controlRoot: string;
   storeRoot: string;
-  /** The toolkit prefix: CRIU, GNU tar and gzip under `<prefix>/bin` (e.g. /opt/thaw/stack/1.7). */
+  /** The toolkit prefix: CRIU and the GNU tar and gzip it runs for tmpfs contents, under `<prefix>/bin` (e.g. /opt/thaw/stack/1.7). */
   toolkitDir: string;
   /** Host path of the static thaw-pause binary. */
   thawPausePath: string;
@@ -123,12 +123,13 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     containerdVersion: () => runtimeVersion,
     logger,
     onCheckpointOf: (c: ManagedContainer) => c.onCheckpoint ?? 'continue',
-    tarPath: join(binDir, 'tar'),
     // CRIU's work dirs (dump.log, kept after a failed dump) beside the restores', not in the node's /tmp.
     workRoot: o.workRoot,
     ...(cuda ? { cuda: checkpointHooksFactory({ node: cuda, logger, ...(o.cudaLockTimeoutMs !== undefined ? { lockTimeoutMs: o.cudaLockTimeoutMs } : {}) }) } : {}),
   });
   // What a restore runs besides the checkpoint, listed once (ld.so --list per executable) at the first prefetch.
+  // tar stays in it: thaw no longer runs it (the rootfs diff is applied in-process), but CRIU's restore does, for
+  // the tmpfs contents it dumped (a container's /dev).
   const pageCache = bindPageCache();
   let toolFiles: Promise<string[]> | undefined;
   const warmTools = async (signal: AbortSignal): Promise<void> => {
@@ -190,7 +191,6 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
       hookArgv: o.hookArgv,
       workRoot: o.workRoot,
       ...(o.thawPauseDeadlineMs !== undefined ? { thawPauseDeadlineMs: o.thawPauseDeadlineMs } : {}),
-      tarPath: join(binDir, 'tar'),
       ...(cuda?.facts ? { gpuFacts: cuda.facts } : {}),
     },
   });

@@ -37,14 +37,12 @@ export interface ThawRestoreConfig {
   store: LocalStore;
   /** Where else checkpoints come from (shared store, registries); absent: the local store only. */
   sources?: CheckpointSources;
-  /** The toolkit prefix (CRIU, GNU tar, gzip, busybox), mounted read-only at the same path in the target. */
+  /** The toolkit prefix (CRIU, with the GNU tar and gzip it runs for tmpfs contents; busybox), mounted read-only at the same path in the target. */
   toolkitDir: string;
   /** Host path of thaw-pause; its directory is mounted read-only at the same path in the target. */
   thawPausePath: string;
   /** argv that runs src/oci-hooks/main.js (absolute paths: hooks get no PATH), e.g. [node, .../main.js]. */
   hookArgv: string[];
-  /** GNU tar for the rootfs diff (default: the toolkit's bin/tar). */
-  tarPath?: string;
   /** Where the coordinator puts CRIU work dirs (`<workRoot>/<container id>`); the poststop hook removes them. */
   workRoot: string;
   /** This node's facts (default readHostFacts()). */
@@ -222,7 +220,6 @@ async function adjustWith(
         '--control-dir', controlDir,
         '--checkpoint-dir', checkpoint.paths.dir,
         '--thaw-pause', r.thawPausePath,
-        '--tar', r.tarPath ?? join(r.toolkitDir, 'bin', 'tar'),
         // The hook's whole budget: runc kills it at timeoutSeconds, and a killed hook fails the pod.
         '--budget-ms', String(Math.max(1, hookTimeout * 1000 - HOOK_TIMEOUT_MARGIN_MS)),
         // Being pulled: the hook waits for it to be published (the rootfs diff is in it).

@@ -2,15 +2,8 @@
 import { open, readFile, rm, stat } from 'node:fs/promises';
 import { StackError, StackErrorCode } from './errors.js';
 import { sleep, throwIfAborted } from './exec.js';
+import { processAlive } from '../util.js';
 
-function pidAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (e) {
-    return (e as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
 
 /**
  * A lock file holding the owner's pid, created with O_EXCL. A lock whose owner is dead is taken over.
@@ -32,7 +25,7 @@ export async function acquireLock(file: string, timeoutMs: number, signal?: Abor
     const owner = Number.parseInt(await readFile(file, 'utf8').catch(() => ''), 10);
     // An empty file may be a lock being written this instant: only an old one counts as abandoned.
     const age = Date.now() - (await stat(file).then((s) => s.mtimeMs, () => 0));
-    if (Number.isFinite(owner) ? !pidAlive(owner) : age > 10_000) {
+    if (Number.isFinite(owner) ? !processAlive(owner) : age > 10_000) {
       await rm(file, { force: true });
       continue;
     }

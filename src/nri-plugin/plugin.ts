@@ -14,40 +14,43 @@
  *   resolves with reason 'eof'; the launcher exits the process (containerd relaunches plugins at its start).
  * - RegisterPlugin goes out on conn 2 right after connecting while conn 1 is already served: containerd
  *   sends Configure *before* it answers RegisterPlugin, so conn 1 never waits on conn 2.
- * - The subscription is derived from which handler methods exist, intersected with the runtime's valid
- *   events (0x7FF up to containerd 2.1, 0x3FFF from 2.2); it is never 0 (= "all" to the runtime).
- * - Every handler runs under a deadline = the request's timeout minus a safety margin. A handler that
- *   overruns it or throws is logged loudly and answered with an empty, successful reply: containerd gets
- *   its answer in time and the pod proceeds without thaw (a pod never fails because of thaw). Only a
- *   handler that throws NriHandlerRejection makes the runtime fail the operation.
+ * - The subscription is derived from which handler methods exist (plugin-handlers.ts), intersected with
+ *   the runtime's valid events (0x7FF up to containerd 2.1, 0x3FFF from 2.2); it is never 0 (= "all" to the
+ *   runtime).
+ * - Conn 1 serves the Plugin service (plugin-service.ts); every handler runs under a deadline = the
+ *   request's timeout minus a safety margin (plugin-guard.ts). A handler that overruns it or throws is
+ *   logged loudly and answered with an empty, successful reply: containerd gets its answer in time and the
+ *   pod proceeds without thaw (a pod never fails because of thaw). Only a handler that throws
+ *   NriHandlerRejection makes the runtime fail the operation.
+ * - This module owns the lifecycle above and the per-connection state (runtime, request timeout,
+ *   subscription) that the Plugin service reports into.
  */
 import net from 'node:net';
 import type { Duplex } from 'node:stream';
 import type { Logger } from '../log.js';
-import { AdjustmentBuilder } from './adjustment.js';
-import { GrpcCode, NriErrorCode, NriError, NriHandlerRejection, TtrpcStatusError } from './errors.js';
+import { NriErrorCode, NriError } from './errors.js';
 import { Mux } from './mux.js';
 import { PLUGIN_SERVICE_CONN, RUNTIME_SERVICE_CONN } from './mux-framing.js';
-import {
-  NriEvent,
-  type ConfigureRequest,
-  type Container,
-  type ContainerAdjustment,
-  type ContainerEviction,
-  type ContainerUpdate,
-  type CreateContainerResponse,
-  type LinuxResources,
-  type PodContainerRequest,
-  type PodSandbox,
-  type StateChangeEvent,
-  type SynchronizeRequest,
-  type UpdateContainerRequest,
-} from './nri-types.js';
-import { validEventsFor, type RuntimeInfo } from './runtime-version.js';
+import type { Container, ContainerEviction, ContainerUpdate, PodSandbox } from './nri-types.js';
+import { eventMaskOf, type NriHandlers } from './plugin-handlers.js';
+import { PluginService } from './plugin-service.js';
+import type { RuntimeInfo } from './runtime-version.js';
 import { TtrpcClient } from './ttrpc-client.js';
 import { decodeMessage, encodeMessage, nriType } from './ttrpc-codec.js';
-import { TtrpcServer, type TtrpcCall, type TtrpcMethodHandler } from './ttrpc-server.js';
+import { TtrpcServer, type TtrpcMethodHandler } from './ttrpc-server.js';
 import { DEFAULT_NRI_SOCKET_PATH, MAX_TIMER_DELAY_MS } from '../defaults.js';
+
+// The handler interfaces and the deadline margin live in their own modules; they are part of this one's API.
+export {
+  EVENT_HANDLER_NAMES,
+  eventBit,
+  eventMaskOf,
+  type CreateContainerResult,
+  type NriHandlerContext,
+  type NriHandlers,
+  type UpdateResult,
+} from './plugin-handlers.js';
+export { DEFAULT_HANDLER_SAFETY_MARGIN_MS } from './plugin-guard.js';
 
 export const NRI_PLUGIN_SERVICE = 'nri.pkg.api.v1alpha1.Plugin';
 export const NRI_RUNTIME_SERVICE = 'nri.pkg.api.v1alpha1.Runtime';
@@ -55,97 +58,9 @@ export const NRI_RUNTIME_SERVICE = 'nri.pkg.api.v1alpha1.Runtime';
 export const DEFAULT_NRI_REQUEST_TIMEOUT_MS = 2000;
 /** The runtime's default registration timeout (plugin_registration_timeout). */
 export const DEFAULT_NRI_REGISTRATION_TIMEOUT_MS = 5000;
-/** How much earlier than the runtime's deadline a handler is cut off, so the reply still arrives in time. */
-export const DEFAULT_HANDLER_SAFETY_MARGIN_MS = 250;
 export const DEFAULT_RECONNECT = { initialDelayMs: 500, maxDelayMs: 30_000 } as const;
 
 export type NriPluginState = 'idle' | 'connecting' | 'registering' | 'configured' | 'synchronized' | 'closed';
-
-/** What every handler receives besides the event's objects. */
-export interface NriHandlerContext {
-  /** Fires when the handler's deadline passes (its answer is then ignored) or the plugin closes. */
-  signal: AbortSignal;
-  /** The handler's budget in ms (the request timeout minus the safety margin). */
-  deadlineMs: number;
-  /** The runtime that sent the event (from Configure). */
-  runtime: RuntimeInfo;
-  logger: Logger;
-}
-
-export interface CreateContainerResult {
-  adjust?: ContainerAdjustment | AdjustmentBuilder;
-  update?: ContainerUpdate[];
-  evict?: ContainerEviction[];
-}
-
-export interface UpdateResult {
-  update?: ContainerUpdate[];
-  evict?: ContainerEviction[];
-}
-
-type MaybePromise<T> = T | Promise<T>;
-
-/**
- * The events a plugin handles: implement only what you need; the subscription is derived from the
- * methods present. Handlers must be fast (the runtime waits, default 2 s) and must not await
- * `plugin.updateContainers()` (the runtime holds its event lock: that would deadlock until the timeout).
- */
-export interface NriHandlers {
-  /** Once per connection, before any event. Throwing refuses the connection (the runtime drops the plugin). */
-  configure?(config: string, runtimeName: string, runtimeVersion: string, ctx: NriHandlerContext): MaybePromise<void>;
-  /** Once per connection with every existing CRI pod and container; may return updates for them. */
-  synchronize?(pods: PodSandbox[], containers: Container[], ctx: NriHandlerContext): MaybePromise<ContainerUpdate[] | void>;
-  runPodSandbox?(pod: PodSandbox, ctx: NriHandlerContext): MaybePromise<void>;
-  stopPodSandbox?(pod: PodSandbox, ctx: NriHandlerContext): MaybePromise<void>;
-  removePodSandbox?(pod: PodSandbox, ctx: NriHandlerContext): MaybePromise<void>;
-  /** Returns the adjustment (a ContainerAdjustment, an AdjustmentBuilder, or {adjust, update, evict}). */
-  createContainer?(
-    pod: PodSandbox,
-    container: Container,
-    ctx: NriHandlerContext,
-  ): MaybePromise<ContainerAdjustment | AdjustmentBuilder | CreateContainerResult | void>;
-  postCreateContainer?(pod: PodSandbox, container: Container, ctx: NriHandlerContext): MaybePromise<void>;
-  startContainer?(pod: PodSandbox, container: Container, ctx: NriHandlerContext): MaybePromise<void>;
-  postStartContainer?(pod: PodSandbox, container: Container, ctx: NriHandlerContext): MaybePromise<void>;
-  updateContainer?(
-    pod: PodSandbox,
-    container: Container,
-    resources: LinuxResources | undefined,
-    ctx: NriHandlerContext,
-  ): MaybePromise<UpdateResult | ContainerUpdate[] | void>;
-  postUpdateContainer?(pod: PodSandbox, container: Container, ctx: NriHandlerContext): MaybePromise<void>;
-  stopContainer?(pod: PodSandbox, container: Container, ctx: NriHandlerContext): MaybePromise<ContainerUpdate[] | void>;
-  removeContainer?(pod: PodSandbox, container: Container, ctx: NriHandlerContext): MaybePromise<void>;
-}
-
-type EventHandlerName = Exclude<keyof NriHandlers, 'configure' | 'synchronize'>;
-
-/** Event number → the handler method that receives it. */
-export const EVENT_HANDLER_NAMES: Readonly<Record<number, EventHandlerName>> = {
-  [NriEvent.RUN_POD_SANDBOX]: 'runPodSandbox',
-  [NriEvent.STOP_POD_SANDBOX]: 'stopPodSandbox',
-  [NriEvent.REMOVE_POD_SANDBOX]: 'removePodSandbox',
-  [NriEvent.CREATE_CONTAINER]: 'createContainer',
-  [NriEvent.POST_CREATE_CONTAINER]: 'postCreateContainer',
-  [NriEvent.START_CONTAINER]: 'startContainer',
-  [NriEvent.POST_START_CONTAINER]: 'postStartContainer',
-  [NriEvent.UPDATE_CONTAINER]: 'updateContainer',
-  [NriEvent.POST_UPDATE_CONTAINER]: 'postUpdateContainer',
-  [NriEvent.STOP_CONTAINER]: 'stopContainer',
-  [NriEvent.REMOVE_CONTAINER]: 'removeContainer',
-};
-
-/** The mask bit of an event: 1 << (event - 1). */
-export const eventBit = (event: number): number => 1 << (event - 1);
-
-/** The subscription implied by the handler methods present (bit 1 << (event-1) per event). */
-export function eventMaskOf(handlers: NriHandlers): number {
-  let mask = 0;
-  for (const [event, name] of Object.entries(EVENT_HANDLER_NAMES)) {
-    if (typeof handlers[name] === 'function') mask |= eventBit(Number(event));
-  }
-  return mask;
-}
 
 export interface NriPluginOptions {
   /** Plugin name ([a-zA-Z0-9_.+-]+). For a launched plugin the runtime uses the file name instead. */
@@ -233,7 +148,7 @@ export class NriPlugin {
     this.stopped = new Promise((resolve) => {
       this.resolveStopped = resolve;
     });
-    this.services = new Map([[NRI_PLUGIN_SERVICE, this.pluginMethods()]]);
+    this.services = new Map([[NRI_PLUGIN_SERVICE, this.pluginService().methods()]]);
     if (options.signal) {
       if (options.signal.aborted) queueMicrotask(() => void this.close());
       else options.signal.addEventListener('abort', () => void this.close(), { once: true });
@@ -507,147 +422,34 @@ export class NriPlugin {
   }
 
   // ----------------------------------------------------------------------------------------------------
-  // Plugin service (conn 1)
+  // Plugin service (conn 1): plugin-service.ts serves it; the state it reports lands here.
 
-  private pluginMethods(): Map<string, TtrpcMethodHandler> {
-    const m = new Map<string, TtrpcMethodHandler>();
-    const empty = Buffer.alloc(0);
-    m.set('Configure', (call) => this.onConfigure(call));
-    m.set('Synchronize', (call) => this.onSynchronize(call));
-    m.set('Shutdown', () => {
-      this.logger.info('nri plugin: runtime sent Shutdown');
-      return empty;
-    });
-    m.set('CreateContainer', (call) => this.onCreateContainer(call));
-    m.set('UpdateContainer', (call) => this.onUpdateContainer(call));
-    m.set('StopContainer', (call) => this.onStopContainer(call));
-    m.set('StateChange', async (call) => {
-      const ev = decodeMessage<StateChangeEvent>(nriType('StateChangeEvent'), call.payload);
-      await this.dispatchStateEvent(ev.event ?? 0, ev.pod ?? {}, ev.container, call);
-      return empty;
-    });
-    // v0.12 dedicated RPCs → the same handlers (their responses are all empty).
-    const dedicated: Array<[string, number, string]> = [
-      ['RunPodSandbox', NriEvent.RUN_POD_SANDBOX, 'RunPodSandboxRequest'],
-      ['StopPodSandbox', NriEvent.STOP_POD_SANDBOX, 'StopPodSandboxRequest'],
-      ['RemovePodSandbox', NriEvent.REMOVE_POD_SANDBOX, 'RemovePodSandboxRequest'],
-      ['PostCreateContainer', NriEvent.POST_CREATE_CONTAINER, 'PostCreateContainerRequest'],
-      ['StartContainer', NriEvent.START_CONTAINER, 'StartContainerRequest'],
-      ['PostStartContainer', NriEvent.POST_START_CONTAINER, 'PostStartContainerRequest'],
-      ['PostUpdateContainer', NriEvent.POST_UPDATE_CONTAINER, 'PostUpdateContainerRequest'],
-      ['RemoveContainer', NriEvent.REMOVE_CONTAINER, 'RemoveContainerRequest'],
-    ];
-    for (const [method, event, requestType] of dedicated) {
-      m.set(method, async (call) => {
-        const req = decodeMessage<PodContainerRequest>(nriType(requestType), call.payload);
-        await this.dispatchStateEvent(event, req.pod ?? {}, req.container, call);
-        return empty;
-      });
-    }
-    // UpdatePodSandbox, PostUpdatePodSandbox, ValidateContainerAdjustment and anything else: not
-    // registered, so the server answers Unimplemented (12), which v0.12 runtimes treat as "fall back".
-    return m;
-  }
-
-  private context(call: TtrpcCall): { ctx: NriHandlerContext; budgetMs: number; controller: AbortController } {
-    const timeoutMs = call.timeoutMs > 0 ? call.timeoutMs : this.requestTimeoutMs;
-    const margin = Math.min(this.options.handlerSafetyMarginMs ?? DEFAULT_HANDLER_SAFETY_MARGIN_MS, Math.floor(timeoutMs / 4));
-    const budgetMs = Math.max(1, timeoutMs - margin);
-    const controller = new AbortController();
-    const onOuterAbort = (): void => controller.abort(call.signal.reason);
-    call.signal.addEventListener('abort', onOuterAbort, { once: true });
-    controller.signal.addEventListener('abort', () => call.signal.removeEventListener('abort', onOuterAbort), { once: true });
-    const ctx: NriHandlerContext = {
-      signal: controller.signal,
-      deadlineMs: budgetMs,
-      runtime: this.runtimeInfo ?? { name: 'unknown', version: 'unknown' },
+  private pluginService(): PluginService {
+    // Options are read when used (as everywhere in this class), not copied here.
+    const options = this.options;
+    return new PluginService({
+      get handlers() {
+        return options.handlers;
+      },
+      get handlerSafetyMarginMs() {
+        return options.handlerSafetyMarginMs;
+      },
       logger: this.logger,
-    };
-    return { ctx, budgetMs, controller };
-  }
-
-  /**
-   * Runs a handler under its budget. Overrun or exception → logged, `fallback` returned (an empty,
-   * successful reply). NriHandlerRejection → a non-OK status (the runtime fails the operation).
-   * `rethrow` (Configure only) turns any exception into a status.
-   */
-  private async guarded<T>(
-    what: string,
-    call: TtrpcCall,
-    fn: (ctx: NriHandlerContext) => MaybePromise<T>,
-    fallback: T,
-    rethrow = false,
-  ): Promise<T> {
-    const { ctx, budgetMs, controller } = this.context(call);
-    const started = Date.now();
-    let timer: NodeJS.Timeout | undefined;
-    const overrun = new Promise<'overrun'>((resolve) => {
-      timer = setTimeout(() => resolve('overrun'), Math.min(budgetMs, MAX_TIMER_DELAY_MS));
+      eventMask: this.eventMask,
+      runtime: () => this.runtimeInfo,
+      requestTimeoutMs: () => this.requestTimeoutMs,
+      setRuntime: (runtime, requestTimeoutMs) => {
+        this.runtimeInfo = runtime;
+        if (requestTimeoutMs && requestTimeoutMs > 0) this.requestTimeoutMs = requestTimeoutMs;
+      },
+      session: () => this.session,
+      configured: (info) => this.onConfigured(info),
+      synchronized: () => this.setState('synchronized'),
     });
-    try {
-      const result = await Promise.race([Promise.resolve().then(() => fn(ctx)), overrun]);
-      if (result === 'overrun') {
-        controller.abort(new NriError(NriErrorCode.TTRPC_DEADLINE_EXCEEDED, `handler budget of ${budgetMs} ms exceeded`, { step: what }));
-        this.logger.error(`nri plugin: ${what} handler overran its ${budgetMs} ms budget; answering with an empty reply so the pod proceeds without thaw`, {
-          handler: what,
-          budgetMs,
-          requestTimeoutMs: call.timeoutMs,
-        });
-        return fallback;
-      }
-      return result as T;
-    } catch (err) {
-      if (err instanceof NriHandlerRejection) {
-        this.logger.warn(`nri plugin: ${what} handler rejected the operation`, { handler: what, error: err.reason });
-        throw new TtrpcStatusError(GrpcCode.UNKNOWN, err.reason, { step: what, cause: err });
-      }
-      if (rethrow) {
-        this.logger.error(`nri plugin: ${what} handler failed`, { handler: what, error: (err as Error)?.message ?? String(err) });
-        throw new TtrpcStatusError(GrpcCode.UNKNOWN, `${what}: ${(err as Error)?.message ?? String(err)}`, { step: what, cause: err });
-      }
-      this.logger.error(`nri plugin: ${what} handler threw; answering with an empty reply so the pod proceeds without thaw`, {
-        handler: what,
-        error: err instanceof Error ? err.message : String(err),
-        stack: err instanceof Error ? err.stack : undefined,
-        elapsedMs: Date.now() - started,
-      });
-      return fallback;
-    } finally {
-      if (timer) clearTimeout(timer);
-      if (!controller.signal.aborted) controller.abort();
-    }
   }
 
-  private async onConfigure(call: TtrpcCall): Promise<Uint8Array> {
-    const req = decodeMessage<ConfigureRequest>(nriType('ConfigureRequest'), call.payload);
-    const runtime: RuntimeInfo = {
-      name: req.runtimeName ?? '',
-      version: req.runtimeVersion ?? '',
-      ...(req.NRIVersion ? { nriVersion: req.NRIVersion } : {}),
-    };
-    this.runtimeInfo = runtime;
-    if (req.requestTimeout && req.requestTimeout > 0) this.requestTimeoutMs = req.requestTimeout;
-    const config = req.config ?? '';
-    const configure = this.options.handlers.configure;
-    if (configure) {
-      await this.guarded('Configure', call, (ctx) => configure.call(this.options.handlers, config, runtime.name, runtime.version, ctx), undefined, true);
-    }
-    const valid = validEventsFor(runtime);
-    const events = this.eventMask & valid;
-    if (events !== this.eventMask) {
-      this.logger.warn('nri plugin: the runtime does not know some handled events; not subscribing to them', {
-        handled: this.eventMask,
-        valid,
-        dropped: this.eventMask & ~valid,
-      });
-    }
-    if (events === 0) {
-      const err = new NriError(NriErrorCode.NRI_NO_COMMON_EVENTS, `none of the handled events (0x${this.eventMask.toString(16)}) is valid for ${runtime.name} ${runtime.version}`, {
-        step: 'configure NRI plugin',
-      });
-      this.logger.error(err.message);
-      throw new TtrpcStatusError(GrpcCode.INVALID_ARGUMENT, err.message, { step: 'configure NRI plugin', cause: err });
-    }
+  private onConfigured(info: RuntimeInfo & { config: string; events: number }): void {
+    const { config, events, ...runtime } = info;
     this.subscribed = events;
     const session = this.session;
     if (session) session.configured = true;
@@ -664,124 +466,8 @@ export class NriPlugin {
     } catch (err) {
       this.logger.error('nri plugin: onConfigure threw', { error: String(err) });
     }
-    return encodeMessage(nriType('ConfigureResponse'), { events });
   }
 
-  private async onSynchronize(call: TtrpcCall): Promise<Uint8Array> {
-    const req = decodeMessage<SynchronizeRequest>(nriType('SynchronizeRequest'), call.payload);
-    const session = this.session;
-    const pods = [...(session?.syncPods ?? []), ...(req.pods ?? [])];
-    const containers = [...(session?.syncContainers ?? []), ...(req.containers ?? [])];
-    if (req.more) {
-      if (session) {
-        session.syncPods = pods;
-        session.syncContainers = containers;
-      }
-      this.logger.debug('nri plugin: Synchronize chunk (more follow)', { pods: pods.length, containers: containers.length });
-      return encodeMessage(nriType('SynchronizeResponse'), { more: true });
-    }
-    if (session) {
-      session.syncPods = [];
-      session.syncContainers = [];
-    }
-    const synchronize = this.options.handlers.synchronize;
-    let update: ContainerUpdate[] = [];
-    if (synchronize) {
-      update = (await this.guarded('Synchronize', call, (ctx) => synchronize.call(this.options.handlers, pods, containers, ctx), undefined)) ?? [];
-    }
-    this.logger.info('nri plugin synchronized', { pods: pods.length, containers: containers.length, updates: update.length });
-    this.setState('synchronized');
-    return encodeMessage(nriType('SynchronizeResponse'), { update });
-  }
-
-  private async onCreateContainer(call: TtrpcCall): Promise<Uint8Array> {
-    const req = decodeMessage<PodContainerRequest>(nriType('CreateContainerRequest'), call.payload);
-    const handler = this.options.handlers.createContainer;
-    const response: CreateContainerResponse = {};
-    if (handler) {
-      const pod = req.pod ?? {};
-      const container = req.container ?? {};
-      const result = await this.guarded('CreateContainer', call, (ctx) => handler.call(this.options.handlers, pod, container, ctx), undefined);
-      Object.assign(response, this.normalizeCreateResult(result, container));
-    }
-    try {
-      return encodeMessage(nriType('CreateContainerResponse'), response);
-    } catch (err) {
-      // A malformed adjustment must not fail the pod: log it and answer with no adjustment.
-      this.logger.error('nri plugin: CreateContainer result does not encode; answering with an empty adjustment', {
-        error: (err as Error).message,
-        containerId: req.container?.id,
-      });
-      return encodeMessage(nriType('CreateContainerResponse'), {});
-    }
-  }
-
-  private normalizeCreateResult(
-    result: ContainerAdjustment | AdjustmentBuilder | CreateContainerResult | void | undefined,
-    container: Container,
-  ): CreateContainerResponse {
-    if (!result) return {};
-    const toAdjustment = (a: ContainerAdjustment | AdjustmentBuilder): ContainerAdjustment => {
-      if (!(a instanceof AdjustmentBuilder)) return a;
-      const built = a.build(this.runtimeInfo);
-      for (const note of built.notes) this.logger.warn(`nri plugin: ${note}`, { containerId: container.id });
-      return built.adjustment;
-    };
-    if (result instanceof AdjustmentBuilder) return { adjust: toAdjustment(result) };
-    const r = result as CreateContainerResult & ContainerAdjustment;
-    if ('adjust' in r || 'update' in r || 'evict' in r) {
-      const out: CreateContainerResponse = {};
-      if (r.adjust) out.adjust = toAdjustment(r.adjust);
-      if (r.update) out.update = r.update;
-      if (r.evict) out.evict = r.evict;
-      return out;
-    }
-    return { adjust: r };
-  }
-
-  private async onUpdateContainer(call: TtrpcCall): Promise<Uint8Array> {
-    const req = decodeMessage<UpdateContainerRequest>(nriType('UpdateContainerRequest'), call.payload);
-    const handler = this.options.handlers.updateContainer;
-    let out: UpdateResult = {};
-    if (handler) {
-      const result = await this.guarded(
-        'UpdateContainer',
-        call,
-        (ctx) => handler.call(this.options.handlers, req.pod ?? {}, req.container ?? {}, req.linuxResources, ctx),
-        undefined,
-      );
-      out = Array.isArray(result) ? { update: result } : (result ?? {});
-    }
-    return encodeMessage(nriType('UpdateContainerResponse'), out);
-  }
-
-  private async onStopContainer(call: TtrpcCall): Promise<Uint8Array> {
-    const req = decodeMessage<PodContainerRequest>(nriType('StopContainerRequest'), call.payload);
-    const handler = this.options.handlers.stopContainer;
-    let update: ContainerUpdate[] = [];
-    if (handler) {
-      update = (await this.guarded('StopContainer', call, (ctx) => handler.call(this.options.handlers, req.pod ?? {}, req.container ?? {}, ctx), undefined)) ?? [];
-    }
-    return encodeMessage(nriType('StopContainerResponse'), { update });
-  }
-
-  /** StateChange and the v0.12 dedicated RPCs: pod events get (pod), container events get (pod, container). */
-  private async dispatchStateEvent(event: number, pod: PodSandbox, container: Container | undefined, call: TtrpcCall): Promise<void> {
-    const name = EVENT_HANDLER_NAMES[event];
-    if (!name || name === 'createContainer' || name === 'updateContainer' || name === 'stopContainer') {
-      this.logger.warn('nri plugin: ignoring a state change for an event StateChange does not carry', { event });
-      return;
-    }
-    const handler = this.options.handlers[name] as ((...args: unknown[]) => MaybePromise<void>) | undefined;
-    if (!handler) {
-      this.logger.debug('nri plugin: no handler for event', { event, handler: name });
-      return;
-    }
-    const isPodEvent = event === NriEvent.RUN_POD_SANDBOX || event === NriEvent.STOP_POD_SANDBOX || event === NriEvent.REMOVE_POD_SANDBOX;
-    await this.guarded(name, call, (ctx) =>
-      isPodEvent ? handler.call(this.options.handlers, pod, ctx) : handler.call(this.options.handlers, pod, container ?? {}, ctx),
-    undefined);
-  }
 }
 
 /** Creates (but does not start) a plugin; call `start()`. Throws NRI_INVALID_OPTIONS / NRI_NO_HANDLERS. */

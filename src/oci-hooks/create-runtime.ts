@@ -49,7 +49,6 @@ export interface CreateRuntimeOptions {
   checkpointDir: string;
   /** Host path of the thaw-pause binary (overlay mode). */
   thawPausePath: string;
-  tarPath?: string;
   nsenterPath?: string;
   mountPath?: string;
   umountPath?: string;

@@ -3,7 +3,7 @@
  * no PATH and an empty environment, so everything here is named by absolute path):
  *
  *   node dist/src/oci-hooks/main.js create-runtime --mode overlay|args --control-dir DIR \
- *        --checkpoint-dir DIR --thaw-pause PATH [--tar PATH] [--wait-checkpoint-ms N] [--diff-sha256 TAR_HEX:DELETED_HEX] [--budget-ms N]
+ *        --checkpoint-dir DIR --thaw-pause PATH [--wait-checkpoint-ms N] [--diff-sha256 TAR_HEX:DELETED_HEX] [--budget-ms N]
  *   node dist/src/oci-hooks/main.js poststop --control-dir DIR [--work-dir DIR]
  *
  * Exit status is always 0: a failing hook would fail the pod, and thaw's rule is that a pod always starts
@@ -41,7 +41,6 @@ async function main(argv: string[], startupMs: number): Promise<void> {
       'checkpoint-dir': { type: 'string' },
       'thaw-pause': { type: 'string' },
       'work-dir': { type: 'string' },
-      tar: { type: 'string' },
       'wait-checkpoint-ms': { type: 'string' },
       'diff-sha256': { type: 'string' },
       'budget-ms': { type: 'string' },
@@ -71,7 +70,6 @@ async function main(argv: string[], startupMs: number): Promise<void> {
         controlDir,
         checkpointDir: values['checkpoint-dir'],
         thawPausePath: values['thaw-pause'],
-        ...(values.tar !== undefined ? { tarPath: values.tar } : {}),
         ...(diffSha256 !== undefined ? { diffSha256 } : {}),
         ...(values['wait-checkpoint-ms'] !== undefined && /^\d+$/.test(values['wait-checkpoint-ms']) ? { waitCheckpointMs: Number(values['wait-checkpoint-ms']) } : {}),
         ...(values['budget-ms'] !== undefined && /^\d+$/.test(values['budget-ms']) ? { budgetMs: Number(values['budget-ms']) } : {}),

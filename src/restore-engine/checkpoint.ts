@@ -141,8 +141,6 @@ export interface CheckpointContainerOptions {
   criuSettings?: Partial<CheckpointCriuSettings>;
   /** Parent of the per-checkpoint CRIU work dir (dump.log); default os.tmpdir(). Kept on failure. */
   workRoot?: string;
-  /** Unused since the rootfs diff is archived in-process (rootfs-diff/capture.ts); kept until its callers drop it. */
-  tarPath?: string;
   inspect?: InspectOptions;
   /**
    * Leave all-zero pages of private anonymous memory out of the dump (zero-pages.ts): smaller checkpoints,

@@ -5,9 +5,10 @@
  * over the entrypoint), and the restore coordinator restores the worker into it. Then the fallbacks: each ends
  * with a running, cold-started target and a logged cause.
  *
- * Runs as root; needs the provisioned stack (CRIU, GNU tar) and native/build/thaw-pause.
+ * Runs as root; needs the provisioned stack (CRIU, and the GNU tar it runs for tmpfs contents) and native/build/thaw-pause.
  */
 import { execFileSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
 import { existsSync, statSync, readdirSync } from 'node:fs';
 import { copyFile, mkdtemp, readFile, readdir, rename, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
@@ -187,7 +188,6 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
         onCheckpoint: 'continue', imageRef: entry.imageRef ?? image.ref,
         source: { containerName: entry.containerName, pod: { name: entry.podName, namespace: entry.podNamespace, uid: entry.podUid }, ...(entry.specArgs ? { args: entry.specArgs } : {}) },
         containerdVersion: stack.containerdVersion, criuVersion: `${v.major}.${v.minor}.${v.sublevel}`, logger, workRoot,
-        tarPath: stack.paths.tar,
       });
       console.log(`checkpoint: ${JSON.stringify(ck.phases)}; ${ck.manifest.totals.bytes} bytes`);
     } finally {
@@ -252,7 +252,6 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
         onCheckpoint: 'continue', imageRef: entry.imageRef ?? image.ref,
         source: { containerName: entry.containerName, pod: { name: entry.podName, namespace: entry.podNamespace, uid: entry.podUid }, ...(entry.specArgs ? { args: entry.specArgs } : {}) },
         containerdVersion: stack.containerdVersion, criuVersion: `${v.major}.${v.minor}.${v.sublevel}`, logger, workRoot,
-        tarPath: stack.paths.tar,
       });
     } finally {
       await stack.cri.removePod(src.podId);
@@ -469,16 +468,28 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
     }
   }, TEST_TIMEOUT_MS);
 
-  // The failure this test injected (a GNU tar that cannot run) no longer exists: the hook applies the rootfs diff
-  // in-process (rootfs-diff/apply.ts). Skipped until the hook has another seam for a failure after verification
-  // (issue 12 item 3's restore-that-fails-after-the-diff test is meant to cover it).
-  it.skip('a create-runtime hook that fails (its tar cannot run): the original command runs, cause RESTORE_HOOK_FAILED', async () => {
-    restoreConfig.tarPath = '/nonexistent/tar'; // read by the handler at each CreateContainer
+  it('a create-runtime hook that fails (its rootfs diff is not a valid archive): the original command runs, cause RESTORE_HOOK_FAILED', async () => {
+    // The seam: rootfs-diff.tar with its first header's checksum broken (one byte of the name flipped; the same
+    // size), and the manifest's sha256 of it fixed up, so the store and the hook's digest check pass and the
+    // failure is the hook's own apply (its validation pass rejects the archive before anything is written).
+    const opened = await store.open(CHECKPOINT);
+    const tarFile = path.join(opened.paths.dir, 'rootfs-diff.tar');
+    const original = await readFile(tarFile);
+    const originalManifest = await readFile(opened.paths.manifest, 'utf8');
+    const corrupt = Buffer.from(original);
+    corrupt[0] = (corrupt[0] ?? 0) ^ 0x01;
+    const m = JSON.parse(originalManifest) as { files: { path: string; sha256: string }[] };
+    const entry = m.files.find((f) => f.path === 'rootfs-diff.tar');
+    expect(entry).toBeDefined();
+    (entry as { sha256: string }).sha256 = createHash('sha256').update(corrupt).digest('hex');
+    await writeFile(tarFile, corrupt);
+    await writeFile(opened.paths.manifest, JSON.stringify(m));
     try {
       const ev = await expectColdStart('rst-hook-fail', CHECKPOINT, 'RESTORE_HOOK_FAILED', true);
       expect(ev?.reason).toMatch(/HOOK_ROOTFS_DIFF_FAILED/);
     } finally {
-      delete restoreConfig.tarPath;
+      await writeFile(tarFile, original);
+      await writeFile(opened.paths.manifest, originalManifest);
     }
   }, TEST_TIMEOUT_MS);
 
@@ -521,8 +532,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
           onCheckpoint: 'continue', imageRef: entry.imageRef ?? image.ref,
           source: { containerName: entry.containerName, pod: { name: entry.podName, namespace: entry.podNamespace, uid: entry.podUid }, ...(entry.specArgs ? { args: entry.specArgs } : {}) },
           containerdVersion: stack.containerdVersion, criuVersion: `${v.major}.${v.minor}.${v.sublevel}`, logger, workRoot,
-          tarPath: stack.paths.tar,
-        });
+          });
       } finally {
         await stack.cri.removePod(src.podId);
       }

@@ -1,4 +1,5 @@
 import { ThawError } from '../../errors.js';
+import { throwIfAborted as checkAborted } from '../../util.js';
 
 /** Codes of the rootfs diff (capture and apply); any of them on the restore path means a cold start with that cause. */
 export const RootfsErrorCode = {
@@ -37,6 +38,7 @@ export class RootfsError extends ThawError {
 }
 
 
+/** Throws ROOTFS_ABORTED when `signal` has fired. */
 export function throwIfAborted(signal: AbortSignal | undefined, step: string): void {
-  if (signal?.aborted) throw new RootfsError(RootfsErrorCode.ABORTED, 'aborted by the caller', { step, cause: signal.reason });
+  checkAborted(signal, (cause) => new RootfsError(RootfsErrorCode.ABORTED, 'aborted by the caller', { step, cause }));
 }
