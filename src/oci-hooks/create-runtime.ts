@@ -17,8 +17,8 @@
 import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
-import { access, readFile } from 'node:fs/promises';
-import { join } from 'node:path';
+import { access, mkdir, readFile, writeFile } from 'node:fs/promises';
+import { dirname, join } from 'node:path';
 import { promisify } from 'node:util';
 import { errorMessage, isThawError } from '../errors.js';
 import { applyRootfsDiff, discardUndo, undoRootfsDiff, type UndoJournal } from '../restore-engine/rootfs-diff/index.js';
@@ -72,6 +72,12 @@ export interface CreateRuntimeOptions {
    * the pod. Absent: the wait and the diff keep their own limits only.
    */
   budgetMs?: number;
+  /**
+   * Where to keep the rootfs diff's undo journal after a successful hook (a host file of the agent's, which no
+   * pod can reach): the backup then stays in the rootfs, and the agent undoes from this journal when the restore
+   * fails later (restore-flow.ts), or drops the backup on restore-complete. Absent: the backup is dropped here.
+   */
+  undoJournalFile?: string;
   /** Test seam: fail after the overlay is made (proves it is removed again). */
   failAfterOverlay?: boolean;
   /** ms from the hook process's start to its work (recorded: it is on every restore's critical path). */
@@ -195,8 +201,13 @@ export async function runCreateRuntime(state: OciState, o: CreateRuntimeOptions)
       record.overlayPath = resolved;
       if (o.failAfterOverlay) throw new HookError(HookErrorCode.IO, 'failure injected after the overlay (test)', { step: 'create-runtime hook' });
     }
-    // The agent does not undo a diff at a later fallback yet (issue 12, item 3): the backup is dropped here, so
-    // no `.thaw-undo-*` directory is left in the rootfs of a restored container.
+    // Without a journal file for the agent, the backup is dropped here: no `.thaw-undo-*` directory is left.
+    if (undo !== undefined && o.undoJournalFile !== undefined) {
+      // Written before hook-done: the agent, which reads hook-done first, finds the journal whenever it needs it.
+      await mkdir(dirname(o.undoJournalFile), { recursive: true, mode: 0o700 });
+      await writeFile(o.undoJournalFile, `${JSON.stringify({ rootfsDiffUndo: undo.journal })}\n`, { mode: 0o600 });
+      undo = undefined;
+    }
     if (undo !== undefined) {
       const kept = undo;
       undo = undefined;
