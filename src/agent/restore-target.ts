@@ -26,7 +26,7 @@ import { CRI_IMAGE_NAME_ANNOTATION } from './containers.js';
 import { identityOf, managedAnnotations, type ManagedContainer } from './managed-container.js';
 import { describeContainer, dropInterest, type HandlerScope } from './nri-handler-scope.js';
 import { localRestoreRefusal } from './tenancy.js';
-import { RestoreErrorCode } from '../restore-engine/index.js';
+import { RestoreErrorCode, undoJournalFor } from '../restore-engine/index.js';
 import { HandlerFallbackCause } from './errors.js';
 
 /** Fallback causes that are the tenancy policy's refusals (counted per namespace for /metrics). */
@@ -227,6 +227,8 @@ async function adjustWith(
         // The diff's digests from the manifest checked here (and verified by the restore flow): the hook applies
         // nothing else.
         ...diffDigestArgs(checkpoint.manifest),
+        // The diff's undo journal, in the agent's own directory: a restore that fails later undoes from it.
+        '--undo-journal', undoJournalFor(r.workRoot, containerId),
       ],
       env: [],
       timeoutSeconds: hookTimeout,

@@ -8,17 +8,20 @@
  * (restore-recipe.md, last section), then records what it did for the agent (records.ts).
  *
  * It never fails the container: a failed hook would fail the pod, and a cold start is always possible. On
- * any error it removes the overlay if it made one, writes `hook-failed` with the reason, prints one line on
- * stderr and returns normally; the container then runs its original command.
+ * any error it removes the overlay if it made one, undoes the rootfs diff if it applied one (undo.ts of the
+ * rootfs diff: the cold start runs on the image's own rootfs), writes `hook-failed` with the reason, prints one
+ * line on stderr and returns normally; the container then runs its original command. The one exception: when
+ * that undo fails too, the rootfs is half changed and the result says `mustNotStart` (main.ts then exits
+ * non-zero, so runc fails this create and nothing runs on it).
  */
 import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
-import { access, readFile } from 'node:fs/promises';
-import { join } from 'node:path';
+import { access, mkdir, readFile, writeFile } from 'node:fs/promises';
+import { dirname, join } from 'node:path';
 import { promisify } from 'node:util';
 import { errorMessage, isThawError } from '../errors.js';
-import { applyRootfsDiff } from '../restore-engine/rootfs-diff/index.js';
+import { applyRootfsDiff, discardUndo, undoRootfsDiff, type UndoJournal } from '../restore-engine/rootfs-diff/index.js';
 import { DELETED_FILES_FILE_NAME, MANIFEST_FILE_NAME, ROOTFS_DIFF_FILE_NAME } from '../store/manifest.js';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { resolveEntrypoint } from './entrypoint.js';
@@ -69,6 +72,12 @@ export interface CreateRuntimeOptions {
    * the pod. Absent: the wait and the diff keep their own limits only.
    */
   budgetMs?: number;
+  /**
+   * Where to keep the rootfs diff's undo journal after a successful hook (a host file of the agent's, which no
+   * pod can reach): the backup then stays in the rootfs, and the agent undoes from this journal when the restore
+   * fails later (restore-flow.ts), or drops the backup on restore-complete. Absent: the backup is dropped here.
+   */
+  undoJournalFile?: string;
   /** Test seam: fail after the overlay is made (proves it is removed again). */
   failAfterOverlay?: boolean;
   /** ms from the hook process's start to its work (recorded: it is on every restore's critical path). */
@@ -147,9 +156,11 @@ export function parseDiffSha256(value: string | undefined): { rootfsDiff: string
 }
 
 /** Runs the hook; returns the record it wrote (done or failed). Never throws. */
-export async function runCreateRuntime(state: OciState, o: CreateRuntimeOptions): Promise<{ ok: true; record: HookDoneRecord } | { ok: false; code: string; reason: string }> {
+export async function runCreateRuntime(state: OciState, o: CreateRuntimeOptions): Promise<{ ok: true; record: HookDoneRecord } | { ok: false; code: string; reason: string; mustNotStart?: true }> {
   const started = performance.now();
   let overlayHostPath: string | undefined;
+  // What undoes the applied diff while the hook may still fail (the backup is dropped before hook-done).
+  let undo: { rootfs: string; journal: UndoJournal } | undefined;
   try {
     if (state.pid === undefined) throw new HookError(HookErrorCode.STATE_INVALID, 'the state has no pid (createRuntime runs after the init exists)', { step: 'create-runtime hook' });
     const config = parseOciConfig(await readFile(join(state.bundle, 'config.json'), 'utf8'), state.bundle);
@@ -169,7 +180,8 @@ export async function runCreateRuntime(state: OciState, o: CreateRuntimeOptions)
     if (o.diffSha256 !== undefined) await checkDiffDigests(tarFile, deletedFile, o.diffSha256);
     if ((await exists(tarFile)) && (await exists(deletedFile))) {
       try {
-        const r = await applyRootfsDiff({ rootfs: config.rootfs, tarFile, deletedFilesFile: deletedFile, timeoutMs: Math.min(ROOTFS_DIFF_TIMEOUT_MS, left('apply rootfs diff')) });
+        const r = await applyRootfsDiff({ rootfs: config.rootfs, tarFile, deletedFilesFile: deletedFile, timeoutMs: Math.min(ROOTFS_DIFF_TIMEOUT_MS, left('apply rootfs diff')), keepUndo: true });
+        if (r.undo !== undefined) undo = { rootfs: config.rootfs, journal: r.undo };
         record.rootfsDiff = { entries: r.entries, deleted: r.deleted, ms: Math.round(r.ms) };
       } catch (err) {
         throw new HookError(HookErrorCode.ROOTFS_DIFF_FAILED, errorMessage(err), { step: 'apply rootfs diff', cause: err, evidence: { code: isThawError(err) ? err.code : undefined } });
@@ -189,6 +201,23 @@ export async function runCreateRuntime(state: OciState, o: CreateRuntimeOptions)
       record.overlayPath = resolved;
       if (o.failAfterOverlay) throw new HookError(HookErrorCode.IO, 'failure injected after the overlay (test)', { step: 'create-runtime hook' });
     }
+    // Without a journal file for the agent, the backup is dropped here: no `.thaw-undo-*` directory is left.
+    if (undo !== undefined && o.undoJournalFile !== undefined) {
+      // Written before hook-done: the agent, which reads hook-done first, finds the journal whenever it needs it.
+      await mkdir(dirname(o.undoJournalFile), { recursive: true, mode: 0o700 });
+      await writeFile(o.undoJournalFile, `${JSON.stringify({ rootfsDiffUndo: undo.journal })}\n`, { mode: 0o600 });
+      undo = undefined;
+    }
+    if (undo !== undefined) {
+      const kept = undo;
+      undo = undefined;
+      try {
+        discardUndo(kept.rootfs, kept.journal);
+      } catch (err) {
+        // The restore can go on (the diff is applied); what is left of the image's originals is reported.
+        record.undoBackupLeft = `${kept.journal.backupDir}: ${errorMessage(err)}`;
+      }
+    }
     record.ms = Math.round(performance.now() - started);
     await writeHookDone(o.controlDir, record);
     return { ok: true, record };
@@ -198,9 +227,18 @@ export async function runCreateRuntime(state: OciState, o: CreateRuntimeOptions)
     if (overlayHostPath !== undefined && state.pid !== undefined) {
       try {
         await inMountNs(o, state.pid, [o.umountPath ?? DEFAULT_UMOUNT_PATH, '--no-canonicalize', overlayHostPath], 'remove the thaw-pause overlay');
-      } catch (undo) {
+      } catch (umountErr) {
         // The container would start as thaw-pause with no agent plan for it: say so loudly.
-        reason += `; removing the overlay failed too: ${errorMessage(undo)}`;
+        reason += `; removing the overlay failed too: ${errorMessage(umountErr)}`;
+      }
+    }
+    let mustNotStart = false;
+    if (undo !== undefined) {
+      try {
+        undoRootfsDiff(undo.rootfs, undo.journal);
+      } catch (undoErr) {
+        reason += `; undoing the rootfs diff failed too: ${errorMessage(undoErr)}`;
+        mustNotStart = true;
       }
     }
     try {
@@ -208,6 +246,6 @@ export async function runCreateRuntime(state: OciState, o: CreateRuntimeOptions)
     } catch (writeErr) {
       reason += `; writing hook-failed failed: ${errorMessage(writeErr)}`;
     }
-    return { ok: false, code, reason };
+    return mustNotStart ? { ok: false, code, reason, mustNotStart: true } : { ok: false, code, reason };
   }
 }

@@ -41,6 +41,7 @@ async function main(argv: string[], startupMs: number): Promise<void> {
       'checkpoint-dir': { type: 'string' },
       'thaw-pause': { type: 'string' },
       'work-dir': { type: 'string' },
+      'undo-journal': { type: 'string' },
       'wait-checkpoint-ms': { type: 'string' },
       'diff-sha256': { type: 'string' },
       'budget-ms': { type: 'string' },
@@ -71,9 +72,15 @@ async function main(argv: string[], startupMs: number): Promise<void> {
         checkpointDir: values['checkpoint-dir'],
         thawPausePath: values['thaw-pause'],
         ...(diffSha256 !== undefined ? { diffSha256 } : {}),
+        ...(values['undo-journal'] !== undefined && values['undo-journal'].startsWith('/') ? { undoJournalFile: values['undo-journal'] } : {}),
         ...(values['wait-checkpoint-ms'] !== undefined && /^\d+$/.test(values['wait-checkpoint-ms']) ? { waitCheckpointMs: Number(values['wait-checkpoint-ms']) } : {}),
         ...(values['budget-ms'] !== undefined && /^\d+$/.test(values['budget-ms']) ? { budgetMs: Number(values['budget-ms']) } : {}),
       });
+      if (!result.ok && result.mustNotStart === true) {
+        // The diff's undo failed: the rootfs is half changed, so this create must fail rather than run on it.
+        process.stderr.write(`thaw create-runtime hook (${state.id}): ${result.code}: ${result.reason}; the container must not start\n`);
+        process.exit(1);
+      }
       if (!result.ok) process.stderr.write(`thaw create-runtime hook (${state.id}): ${result.code}: ${result.reason}; the container starts cold\n`);
       return;
     }

@@ -26,6 +26,8 @@ export interface HookDoneRecord {
   /** overlay mode: the path (inside the container, absolute, no symlinks) that thaw-pause is mounted over. */
   overlayPath?: string;
   rootfsDiff?: { entries: number; deleted: number; ms: number };
+  /** The diff's undo backup could not be removed after a successful apply: its name and why (it stays in the rootfs). */
+  undoBackupLeft?: string;
   /** How long the hook waited for a checkpoint being pulled. */
   waitCheckpointMs?: number;
   /** The hook's work. */

@@ -19,7 +19,7 @@
  * and the prefetch is handed in as the small interfaces below.
  */
 import { execFile } from 'node:child_process';
-import { mkdir, rm } from 'node:fs/promises';
+import { mkdir, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { promisify } from 'node:util';
@@ -34,6 +34,7 @@ import { CriuImageCodec } from './criu/images.js';
 import { mappedFilePages, readMappedFilePages, type MappedFile, type ReadMappedResult } from './mapped-files.js';
 import { RestoreError, RestoreErrorCode } from './restore-errors.js';
 import { killRestoredTree, restoreIntoContainer, type RestoredTree } from './restore.js';
+import { discardUndo, undoRootfsDiff, type UndoJournal } from './rootfs-diff/index.js';
 import { DEFAULT_NSENTER_PATH, DEFAULT_POD_CRIU_RESTORE_TIMEOUT_MS, DEFAULT_THAW_PAUSE_DEADLINE_MS, DEFAULT_VERIFY_TIMEOUT_MS } from '../defaults.js';
 
 const execFileP = promisify(execFile);
@@ -186,6 +187,14 @@ export function workDirFor(workRoot: string, containerId: string): string {
 }
 
 /**
+ * The rootfs diff's undo journal the create-runtime hook leaves for a container (`--undo-journal`): a host file
+ * of the agent's (beside the work dirs, not in the pod's control directory, which the pod could rewrite).
+ */
+export function undoJournalFor(workRoot: string, containerId: string): string {
+  return join(workRoot, 'rootfs-undo', `${containerId}.json`);
+}
+
+/**
  * Tells the placeholder (thaw-pause, PID 1 of the target) "a restore is under way" now and every third of its
  * deadline until stopped: its deadline starts again at each, so it falls back by itself only when no agent
  * is left to say it. A placeholder that is gone is not an error here (the flow finds that out itself).
@@ -247,6 +256,39 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
     }
   }
 
+  /** The hook's undo journal for a container, if it left one (undefined: no diff, or nothing kept). */
+  async function readUndoJournal(containerId: string): Promise<{ file: string; journal: UndoJournal } | undefined> {
+    const file = undoJournalFor(o.workRoot, containerId);
+    let text: string;
+    try {
+      text = await readFile(file, 'utf8');
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+      throw err;
+    }
+    return { file, journal: (JSON.parse(text) as { rootfsDiffUndo: UndoJournal }).rootfsDiffUndo };
+  }
+
+  /** Undoes the hook's diff in the container's rootfs (through thaw-pause's root), then drops the journal. */
+  async function undoHookDiff(containerId: string, pid: number): Promise<void> {
+    const found = await readUndoJournal(containerId);
+    if (found === undefined) return;
+    undoRootfsDiff(`/proc/${pid}/root/.`, found.journal);
+    await rm(found.file, { force: true });
+  }
+
+  /** After restore-complete: the originals the diff replaced are dropped (problems are logged, not thrown). */
+  async function discardHookUndo(containerId: string, pid: number): Promise<void> {
+    try {
+      const found = await readUndoJournal(containerId);
+      if (found === undefined) return;
+      discardUndo(`/proc/${pid}/root/.`, found.journal);
+      await rm(found.file, { force: true });
+    } catch (err) {
+      logger.warn('the rootfs diff backup could not be removed after the restore', { containerId, error: errorMessage(err) });
+    }
+  }
+
   /**
    * The one way a restore target gives up: kill what the restore left, make sure the overlay is gone, tell the
    * worker restore-failed, SIGUSR2 thaw-pause (it kills whatever a half-finished restore left under it, then
@@ -264,7 +306,24 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
       await unmountOverlay(c.pid, c.hook.record.overlayPath).catch((e: unknown) => problems.push(errorMessage(e)));
     }
     await writeMarker(c.container.controlDir, 'restore-failed', { reason: c.reason, cause: c.cause }).catch((e: unknown) => problems.push(`restore-failed marker: ${errorMessage(e)}`));
+    // The original command must run on the image's own rootfs: undo what the hook's diff changed first. If that
+    // fails, the rootfs is half changed: the container is killed instead (the kubelet starts it afresh).
+    let undoFailed: string | undefined;
     if (placeholderRuns) {
+      try {
+        await undoHookDiff(c.container.containerId, c.pid);
+      } catch (e) {
+        undoFailed = errorMessage(e);
+        problems.push(`the container is killed, not cold-started: ${undoFailed}`);
+      }
+    }
+    if (placeholderRuns && undoFailed !== undefined) {
+      try {
+        process.kill(c.pid, 'SIGKILL');
+      } catch (e) {
+        problems.push(`SIGKILL to ${c.pid}: ${errorMessage(e)}`);
+      }
+    } else if (placeholderRuns) {
       try {
         process.kill(c.pid, 'SIGUSR2');
       } catch (e) {
@@ -458,6 +517,8 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
       } catch (err) {
         throw new RestoreError(RestoreErrorCode.TARGET_GONE, `cannot signal the placeholder ${pid}: ${errorMessage(err)}`, { step: 'adopt', cause: err });
       }
+      // Before restore-complete: the worker that wakes on it never sees the originals the diff replaced.
+      await discardHookUndo(container.containerId, pid);
       await writeMarker(container.controlDir, 'restore-complete', { checkpoint: checkpoint.name, restoredAt: new Date().toISOString() });
       const e = event({ outcome: 'restored', restoredPid: tree.hostPid, bytes: checkpoint.manifest.totals.bytes, ...(digests ? { digests } : {}), ...(mappedFiles ? { mappedFiles } : {}) });
       logger.info('restore', { ...e, criuOptions: tree.options, criuLog: tree.logPath, cgroupsJoined: tree.cgroupsJoined.length });

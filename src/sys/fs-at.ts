@@ -103,6 +103,7 @@ export class FsAt {
       readlinkat: f('intptr_t readlinkat(int dirfd, const char *path, void *buf, size_t size)'),
       fgetxattr: f('intptr_t fgetxattr(int fd, const char *name, void *value, size_t size)'),
       fsetxattr: f('int fsetxattr(int fd, const char *name, void *value, size_t size, int flags)'),
+      fremovexattr: f('int fremovexattr(int fd, const char *name)'),
       flistxattr: f('intptr_t flistxattr(int fd, void *list, size_t size)'),
       getdents64: f('intptr_t getdents64(int fd, void *buf, size_t count)'),
       lseek: f('int64_t lseek(int fd, int64_t offset, int whence)'),
@@ -251,6 +252,10 @@ export class FsAt {
 
   fsetxattr(fd: number, name: string, value: Buffer, flags = 0): void {
     this.check(this.fn.fsetxattr!(fd, name, value, value.length, flags), 'fsetxattr', name);
+  }
+
+  fremovexattr(fd: number, name: string): void {
+    this.check(this.fn.fremovexattr!(fd, name), 'fremovexattr', name);
   }
 
   /** Every entry of the directory fd (`.` and `..` left out), read from fd's current offset to its end. */

@@ -221,6 +221,8 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
       // ExecSync sees the worker's filesystem (the rootfs diff was applied before the pod started).
       const probe = await stack.cri.execSync(pod.containerId, ['/bin/cat', '/tmp/thaw-diff-probe'], 10);
       expect(probe.stdout).toBe('from-source\n');
+      // restore-complete dropped the diff's undo backup: nothing of thaw's is left in the restored rootfs.
+      expect((await stack.cri.execSync(pod.containerId, ['/bin/ls', '-a', '/'], 10)).stdout).not.toMatch(/\.thaw-undo-/);
 
       const tStop = Date.now();
       await stack.cri.stopContainer(pod.containerId, 10);
@@ -346,7 +348,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
   }, TEST_TIMEOUT_MS);
 
   /** A fallback target: running, serving from scratch, and the cause counted. */
-  async function expectColdStart(name: string, checkpoint: string, cause: string, viaCoordinator: boolean, extra: { namespace?: string; args?: string[] } = {}) {
+  async function expectColdStart(name: string, checkpoint: string, cause: string, viaCoordinator: boolean, extra: { namespace?: string; args?: string[]; coldStarted?: (containerId: string) => Promise<void> } = {}) {
     const { stack } = handle;
     const fallbacksBefore = stats.fallbacksByCause.get(cause) ?? 0;
     const { pod, before } = await runTarget(name, checkpoint, { ...workerEnv, WORKER_MEMORY_MB: '32' }, extra);
@@ -369,6 +371,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
       expect(s).toMatchObject({ requests: 1, restored: false, restoreCount: 0 });
       expect((await stack.cri.containerStatus(pod.containerId)).status.state).toBe('CONTAINER_RUNNING');
       expect(stats.fallbacksByCause.get(cause) ?? 0).toBe(fallbacksBefore + 1);
+      await extra.coldStarted?.(pod.containerId);
     } finally {
       await stack.cri.removePod(pod.podId);
     }
@@ -461,7 +464,15 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
     const file = path.join(opened.paths.dir, pages);
     beforeCriu = async () => rename(file, `${file}.aside`);
     try {
-      const ev = await expectColdStart('rst-criu-fail', CHECKPOINT, 'RESTORE_CRIU', true);
+      const ev = await expectColdStart('rst-criu-fail', CHECKPOINT, 'RESTORE_CRIU', true, {
+        // The hook had applied the diff before CRIU failed: the cold start runs on the image's own rootfs.
+        coldStarted: async (containerId) => {
+          const probe = await handle.stack.cri.execSync(containerId, ['/bin/sh', '-c', 'cat /tmp/thaw-diff-probe; ls -a /'], 10);
+          expect(probe.stdout).not.toMatch(/from-source/);
+          expect(probe.stdout).not.toMatch(/\.thaw-undo-/);
+          expect(probe.stderr).toMatch(/No such file/);
+        },
+      });
       // CRIU's own words reach the event (and the log line behind it).
       expect(ev?.reason).toMatch(/Can't read pages data/);
     } finally {

@@ -1,4 +1,4 @@
-import { mkdtemp, mkdir, rm, symlink, writeFile, chmod, readFile } from 'node:fs/promises';
+import { mkdtemp, mkdir, readdir, rm, symlink, writeFile, chmod, readFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
@@ -6,6 +6,8 @@ import { runCreateRuntime } from '../../src/oci-hooks/create-runtime.js';
 import { resolveEntrypoint, resolveInRoot } from '../../src/oci-hooks/entrypoint.js';
 import { HOOK_DONE_FILE, HOOK_FAILED_FILE, readHookOutcome, writeHookDone } from '../../src/oci-hooks/records.js';
 import { envValue, parseOciConfig, parseOciState } from '../../src/oci-hooks/state.js';
+import { DELETED_FILES_FILE_NAME, ROOTFS_DIFF_FILE_NAME } from '../../src/store/manifest.js';
+import { snapshotTree, ustar } from '../helpers/rootfs-tree.js';
 
 describe('OCI state parser', () => {
   it('reads what runc writes on a createRuntime hook stdin', () => {
@@ -97,6 +99,60 @@ describe('entrypoint resolution inside a rootfs', () => {
       expect(r).toMatchObject({ ok: false, code: 'HOOK_ENTRYPOINT_NOT_FOUND' });
       expect(JSON.parse(await readFile(join(control, HOOK_FAILED_FILE), 'utf8'))).toMatchObject({ code: 'HOOK_ENTRYPOINT_NOT_FOUND' });
       expect(await readHookOutcome(control)).toMatchObject({ kind: 'failed', record: { code: 'HOOK_ENTRYPOINT_NOT_FOUND' } });
+    } finally {
+      await rm(bundle, { recursive: true, force: true });
+      await rm(control, { recursive: true, force: true });
+    }
+  });
+});
+
+describe('create-runtime undoes the rootfs diff when it fails after applying it', () => {
+  it('the cold start sees the image files, not the diff (entrypoint missing after the diff)', async () => {
+    const bundle = await mkdtemp(join(tmpdir(), 'thaw-hook-bundle-'));
+    const control = await mkdtemp(join(tmpdir(), 'thaw-hook-ctl-'));
+    try {
+      const rootfs = join(bundle, 'rootfs');
+      await mkdir(join(rootfs, 'etc'), { recursive: true });
+      await writeFile(join(rootfs, 'etc/passwd'), 'image\n');
+      await writeFile(join(rootfs, 'etc/gone'), 'deleted by the diff');
+      const before = await snapshotTree(rootfs);
+      const checkpointDir = join(bundle, 'checkpoint');
+      await mkdir(checkpointDir);
+      await writeFile(join(checkpointDir, ROOTFS_DIFF_FILE_NAME), ustar([{ name: 'etc/passwd', type: '0', data: 'diff\n' }, { name: 'etc/new', type: '0', data: 'new' }]));
+      await writeFile(join(checkpointDir, DELETED_FILES_FILE_NAME), JSON.stringify(['etc/gone']));
+      await writeFile(join(bundle, 'config.json'), JSON.stringify({ root: { path: rootfs }, process: { args: ['no-such-binary'], env: ['PATH=/bin'] } }));
+      const r = await runCreateRuntime(
+        { ociVersion: '1.0.2', id: 'c1', status: 'creating', pid: process.pid, bundle, annotations: {} },
+        { mode: 'overlay', controlDir: control, checkpointDir, thawPausePath: '/nonexistent/thaw-pause' },
+      );
+      expect(r).toEqual({ ok: false, code: 'HOOK_ENTRYPOINT_NOT_FOUND', reason: expect.not.stringMatching(/undoing/) });
+      expect(await snapshotTree(rootfs)).toEqual(before);
+      expect(await readFile(join(rootfs, 'etc/passwd'), 'utf8')).toBe('image\n');
+    } finally {
+      await rm(bundle, { recursive: true, force: true });
+      await rm(control, { recursive: true, force: true });
+    }
+  });
+
+  it('a hook that succeeds leaves the diff and no undo backup in the rootfs', async () => {
+    const bundle = await mkdtemp(join(tmpdir(), 'thaw-hook-bundle-'));
+    const control = await mkdtemp(join(tmpdir(), 'thaw-hook-ctl-'));
+    try {
+      const rootfs = join(bundle, 'rootfs');
+      await mkdir(join(rootfs, 'etc'), { recursive: true });
+      await writeFile(join(rootfs, 'etc/passwd'), 'image\n');
+      const checkpointDir = join(bundle, 'checkpoint');
+      await mkdir(checkpointDir);
+      await writeFile(join(checkpointDir, ROOTFS_DIFF_FILE_NAME), ustar([{ name: 'etc/passwd', type: '0', data: 'diff\n' }]));
+      await writeFile(join(checkpointDir, DELETED_FILES_FILE_NAME), '[]');
+      await writeFile(join(bundle, 'config.json'), JSON.stringify({ root: { path: rootfs }, process: { args: ['/bin/app'], env: ['PATH=/bin'] } }));
+      const r = await runCreateRuntime(
+        { ociVersion: '1.0.2', id: 'c1', status: 'creating', pid: process.pid, bundle, annotations: {} },
+        { mode: 'args', controlDir: control, checkpointDir, thawPausePath: '/nonexistent/thaw-pause' },
+      );
+      expect(r).toMatchObject({ ok: true, record: { rootfsDiff: { entries: 1 } } });
+      expect(await readFile(join(rootfs, 'etc/passwd'), 'utf8')).toBe('diff\n');
+      expect(await readdir(rootfs)).toEqual(['etc']);
     } finally {
       await rm(bundle, { recursive: true, force: true });
       await rm(control, { recursive: true, force: true });

@@ -11,6 +11,9 @@
  *      entry created on the last component (O_CREAT|O_EXCL|O_NOFOLLOW, mkdirat, symlinkat, linkat, mknodat for
  *      FIFOs), whatever was there removed first (the diff wins over the image), owner, mode, xattrs and times set
  *      through the created fd. Directory modes and times are set last, so a read-only directory gets filled.
+ * Steps 2 and 3 keep an undo journal (undo.ts): whatever they replace or delete is first moved into a private
+ * backup directory of the rootfs, and every path they create is recorded; a failure during them is undone before
+ * the apply throws, and with keepUndo the caller can undo a successful apply later (a restore that fails after it).
  * No external program runs; nothing resolves outside the rootfs.
  */
 import { fstatSync } from 'node:fs';
@@ -22,7 +25,6 @@ import { silentLogger, type Logger } from '../../log.js';
 import { checkRelativePath } from '../../store/index.js';
 import { SysErrorCode } from '../../sys/errors.js';
 import {
-  AT_REMOVEDIR,
   AT_SYMLINK_NOFOLLOW,
   FsAt,
   O_CREAT,
@@ -41,6 +43,7 @@ import {
 import { xattrCarried } from './capture.js';
 import { RootfsError, RootfsErrorCode, throwIfAborted } from './errors.js';
 import { decodeSparseMap, type TarEntry } from './tar-format.js';
+import { discardUndo, undoRootfsDiff, UndoRecorder, type UndoJournal } from './undo.js';
 import { ArchiveFile, forEachEntry, type PlacedEntry } from './tar-reader.js';
 
 const write = promisify(writeCb);
@@ -58,6 +61,12 @@ export interface ApplyRootfsDiffOptions {
   timeoutMs?: number;
   signal?: AbortSignal;
   logger?: Logger;
+  /**
+   * Keep the undo journal and its backup directory after a successful apply (the caller undoes on a later
+   * fallback with undoRootfsDiff, or drops the backup with discardUndo). Absent: the backup is removed at once.
+   * Either way a failure during the writes is undone before the apply throws.
+   */
+  keepUndo?: boolean;
 }
 
 export interface ApplyRootfsDiffResult {
@@ -67,6 +76,8 @@ export interface ApplyRootfsDiffResult {
   skipped: string[];
   ms: number;
   phaseMs: { validate: number; delete: number; extract: number };
+  /** With keepUndo: what undoes this apply (undo.ts). */
+  undo?: UndoJournal;
 }
 
 /** Reads deleted-files.json: an array of relative paths that stay inside the rootfs. */
@@ -114,24 +125,10 @@ function kindAt(fs: FsAt, dirFd: number, rel: string): 'dir' | 'symlink' | 'othe
   }
 }
 
-/** Removes `name` in dirFd: a directory's content first, each level through its own fd; absent is fine. */
-function removeTree(fs: FsAt, dirFd: number, name: string): void {
-  const kind = kindAt(fs, dirFd, name);
-  if (kind === undefined) return;
-  if (kind === 'dir') {
-    const fd = fs.openat2(dirFd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW, BENEATH);
-    try {
-      for (const entry of fs.readdir(fd)) removeTree(fs, fd, entry.name);
-    } finally {
-      fs.close(fd);
-    }
-    fs.unlinkat(dirFd, name, AT_REMOVEDIR);
-  } else fs.unlinkat(dirFd, name);
-}
-
 /**
  * Applies a rootfs diff to a container's rootfs before its process runs (see the file comment). Idempotent:
- * applying twice gives the same tree. Errors: ROOTFS_DIFF_UNSAFE, ROOTFS_DIFF_ORDER, ROOTFS_DIFF_GLOBAL_PAX
+ * applying twice gives the same tree. Errors: ROOTFS_UNDO_FAILED (the writes failed and so did
+ * their undo: the rootfs is half changed),: ROOTFS_DIFF_UNSAFE, ROOTFS_DIFF_ORDER, ROOTFS_DIFF_GLOBAL_PAX
  * (nothing written when the archive itself is refused), ROOTFS_DIFF_INVALID, ROOTFS_ABORTED, ROOTFS_IO.
  */
 export async function applyRootfsDiff(options: ApplyRootfsDiffOptions): Promise<ApplyRootfsDiffResult> {
@@ -144,6 +141,7 @@ export async function applyRootfsDiff(options: ApplyRootfsDiffOptions): Promise<
   const signal = signals.length > 0 ? AbortSignal.any(signals) : undefined;
   const archive = ArchiveFile.open(options.tarFile, 'validate rootfs diff');
   let rootFd: number | undefined;
+  let undo: UndoRecorder | undefined;
   const dirFds = new Map<string, number>();
   try {
     const validated: PlacedEntry[] = [];
@@ -177,10 +175,13 @@ export async function applyRootfsDiff(options: ApplyRootfsDiffOptions): Promise<
     }
     const t1 = performance.now();
 
+    // From here on everything the diff replaces or deletes is moved into the backup first (undo.ts).
+    undo = new UndoRecorder(fs, root);
+    const journal = undo;
     const skipped: string[] = [];
     for (const rel of deletions) {
       throwIfAborted(signal, step);
-      const { parent, name } = split(rel);
+      const { parent } = split(rel);
       let blockedAt: { at: string; what: string } | undefined;
       let missing = false;
       const segments = parent === '' ? [] : parent.split('/');
@@ -198,7 +199,7 @@ export async function applyRootfsDiff(options: ApplyRootfsDiffOptions): Promise<
       if (missing) continue;
       const parentFd = parent === '' ? root : fs.openat2(root, parent, O_PATH | O_DIRECTORY | O_NOFOLLOW, BENEATH);
       try {
-        removeTree(fs, parentFd, name);
+        journal.moveAway(parentFd, rel);
       } finally {
         if (parentFd !== root) fs.close(parentFd);
       }
@@ -229,10 +230,14 @@ export async function applyRootfsDiff(options: ApplyRootfsDiffOptions): Promise<
         const dir = parentFd(parent);
         const existing = kindAt(fs, dir, name);
         if (entry.type === 'directory') {
-          if (existing !== undefined && existing !== 'dir') fs.unlinkat(dir, name);
-          if (existing !== 'dir') fs.mkdirat(dir, name, 0o700);
+          if (existing !== undefined && existing !== 'dir') journal.moveAway(dir, entry.path);
+          if (existing !== 'dir') {
+            fs.mkdirat(dir, name, 0o700);
+            journal.created(entry.path);
+          }
           const fd = fs.openat2(dir, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW, BENEATH);
           try {
+            if (existing === 'dir') journal.dirMeta(fd, entry.path, [...entry.xattrs.keys()]);
             fs.fchown(fd, entry.uid, entry.gid);
             setXattrs(fs, fd, entry);
           } finally {
@@ -241,9 +246,10 @@ export async function applyRootfsDiff(options: ApplyRootfsDiffOptions): Promise<
           delayedDirs.push(entry);
           return;
         }
-        if (existing !== undefined) removeTree(fs, dir, name);
+        if (existing !== undefined) journal.moveAway(dir, entry.path);
         if (entry.type === 'file') {
           const fd = fs.openat2(dir, name, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, { ...BENEATH, mode: 0o600 });
+          journal.created(entry.path);
           try {
             await writeData(fs, archive, fd, entry, dataOffset, step);
             fs.fchown(fd, entry.uid, entry.gid);
@@ -258,11 +264,15 @@ export async function applyRootfsDiff(options: ApplyRootfsDiffOptions): Promise<
         if (entry.type === 'hardlink') {
           const target = split(entry.linkpath.replace(/^(\.\/)+/, ''));
           fs.linkat(parentFd(target.parent), target.name, dir, name, 0);
+          journal.created(entry.path);
           return;
         }
-        if (entry.type === 'symlink') fs.symlinkat(entry.linkpath, dir, name);
-        else {
+        if (entry.type === 'symlink') {
+          fs.symlinkat(entry.linkpath, dir, name);
+          journal.created(entry.path);
+        } else {
           fs.mknodat(dir, name, S_IFIFO | 0o600, 0);
+          journal.created(entry.path);
           // A FIFO opens for reading at once with O_NONBLOCK: its mode is set through that fd (mknodat's is masked).
           const fd = fs.openat2(dir, name, O_RDONLY | O_NONBLOCK | O_NOFOLLOW, BENEATH);
           try {
@@ -294,9 +304,24 @@ export async function applyRootfsDiff(options: ApplyRootfsDiffOptions): Promise<
       ms: t3 - t0,
       phaseMs: { validate: t1 - t0, delete: t2 - t1, extract: t3 - t2 },
     };
+    undo.close();
+    undo = undefined;
+    if (options.keepUndo) result.undo = journal.journal;
+    else discardUndo(rootfs, journal.journal, fs);
     logger.info('rootfs diff applied', { rootfs, entries: result.entries, deleted: result.deleted, ms: result.ms });
     return result;
   } catch (err) {
+    if (undo !== undefined) {
+      // A failure during the writes: put the rootfs back as it was before the error leaves (undo.ts).
+      const journal = undo.journal;
+      undo.close();
+      undo = undefined;
+      try {
+        undoRootfsDiff(rootfs, journal, fs);
+      } catch (undoErr) {
+        throw new RootfsError(RootfsErrorCode.UNDO_FAILED, `${(err as Error).message}; ${(undoErr as Error).message}`, { step, cause: undoErr, evidence: { applyError: isThawError(err) ? err.code : undefined } });
+      }
+    }
     if (err instanceof RootfsError) throw err;
     if (isThawError(err, SysErrorCode.SYMLINK_REFUSED) || isThawError(err, SysErrorCode.OUTSIDE_ROOT)) {
       throw new RootfsError(RootfsErrorCode.DIFF_UNSAFE, `a path of the diff met a symlink of the rootfs: ${(err as Error).message}`, { step, cause: err });

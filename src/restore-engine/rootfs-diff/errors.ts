@@ -21,6 +21,11 @@ export const RootfsErrorCode = {
   DIFF_GLOBAL_PAX: 'ROOTFS_DIFF_GLOBAL_PAX',
   /** The caller's AbortSignal fired. */
   ABORTED: 'ROOTFS_ABORTED',
+  /**
+   * Undoing an applied diff failed (evidence: the journal step): the rootfs is half changed and nothing may run
+   * on it.
+   */
+  UNDO_FAILED: 'ROOTFS_UNDO_FAILED',
   /** A filesystem call failed (cause: the Node error). */
   IO: 'ROOTFS_IO',
 } as const;
