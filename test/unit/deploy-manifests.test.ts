@@ -10,7 +10,7 @@ import { describe, expect, it } from 'vitest';
 import { parseAllDocuments, parse as parseYaml, stringify as stringifyYaml } from 'yaml';
 import { resolveAgentConfig } from '../../src/agent/config.js';
 import { INSTALL_PATHS, renderWrapper } from '../../src/cli/install.js';
-import { DEFAULT_CONTROL_ROOT, DEFAULT_NRI_SOCKET_PATH, DEFAULT_RESTORE_WORK_ROOT, DEFAULT_STORE_ROOT, DEFAULT_TOOLKIT_DIR } from '../../src/defaults.js';
+import { DEFAULT_CONTAINERD_ROOT, DEFAULT_CONTAINERD_SOCKET, DEFAULT_CONTROL_ROOT, DEFAULT_NRI_SOCKET_PATH, DEFAULT_RESTORE_WORK_ROOT, DEFAULT_STORE_ROOT, DEFAULT_TOOLKIT_DIR } from '../../src/defaults.js';
 import { checkCheckpointName, decide, DEFAULT_ANNOTATION_PREFIX } from '../../src/nri-plugin/policy.js';
 import { stackPaths } from '../../src/node-stack/paths.js';
 
@@ -36,6 +36,7 @@ const CONTRACT_DEFAULTS = {
     thawPause: '/opt/thaw/lib/native/build/thaw-pause',
   },
   cuda: { libcuda: '', libnvml: '', lockTimeoutMs: 10000 },
+  containerd: { socket: '/run/containerd/containerd.sock', root: '/var/lib/containerd' },
   log: { level: 'info', file: '' },
 };
 
@@ -122,6 +123,7 @@ const CODE_HOST_PATHS: Array<{ path: string; why: string; source?: { file: strin
   { path: parentOf(INSTALL_PATHS.agentConfig), why: 'the host CLI\'s agent.yaml' },
   { path: parentOf(INSTALL_PATHS.containerdDropIn), why: 'the NRI drop-in' },
   { path: '/sys/fs/cgroup', why: 'restore joins the target\'s cgroups', source: { file: 'src/restore-engine/restore-cgroups.ts', contains: "'cgroup.procs'" } },
+  { path: parentOf(DEFAULT_CONTAINERD_SOCKET), why: 'containerd\'s API: the container\'s snapshot and its upperdir (src/restore-engine/rootfs-diff/containerd-upperdir.ts)' },
   { path: '/var/lib/containerd', why: 'checkpoint captures the overlay upperdir', source: { file: 'src/restore-engine/rootfs-diff/capture.ts', contains: 'upperdir' } },
   { path: '/dev', why: 'GPU device nodes for the driver', source: { file: 'src/cuda/libcuda.ts', contains: 'libcuda.so.1' } },
   { path: '/usr/lib/x86_64-linux-gnu', why: 'host driver libraries (cuda.libcuda)', source: { file: 'src/cuda/libcuda.ts', contains: 'libcuda.so.1' } },
@@ -315,6 +317,7 @@ describe('config/', () => {
     expect(CONTRACT_DEFAULTS.paths.workRoot).toBe(DEFAULT_RESTORE_WORK_ROOT);
     expect(CONTRACT_DEFAULTS.paths.toolkitDir).toBe(DEFAULT_TOOLKIT_DIR);
     expect(CONTRACT_DEFAULTS.nri.socket).toBe(DEFAULT_NRI_SOCKET_PATH);
+    expect(CONTRACT_DEFAULTS.containerd).toEqual({ socket: DEFAULT_CONTAINERD_SOCKET, root: DEFAULT_CONTAINERD_ROOT });
     expect(CONTRACT_DEFAULTS.paths.thawPause).toBe(`${INSTALL_PATHS.lib}/native/build/thaw-pause`);
   });
 
