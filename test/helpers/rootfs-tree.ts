@@ -80,8 +80,9 @@ export async function snapshotTree(top: string, skip: (rel: string) => boolean =
 
 export interface HandEntry {
   name: string;
-  type: '0' | '1' | '2' | '3' | '5';
-  data?: string;
+  /** The ustar typeflag: any byte, so that an archive can hold what thaw's writer never makes ('g', 'L', ...). */
+  type: string;
+  data?: Buffer | string;
   linkname?: string;
 }
 

@@ -6,43 +6,11 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { isThawError } from '../../src/errors.js';
 import { applyRootfsDiff, captureRootfsDiff } from '../../src/restore-engine/rootfs-diff/index.js';
 import { rejection } from '../helpers/rejection.js';
+import { ustar } from '../helpers/rootfs-tree.js';
 
 // Attacks on the filesystem sync (security audit C4, C5): archives a source pod could make thaw apply, and a
 // source pod that changes its upperdir while thaw captures it. Host canaries outside the rootfs must stay as
 // they were, and no canary byte may reach an archive.
-
-interface Raw {
-  name: string;
-  type: string;
-  data?: Buffer | string;
-  linkname?: string;
-}
-
-/** Tar blocks written byte by byte, so that they can hold what thaw's writer never makes. */
-function rawTar(entries: Raw[]): Buffer {
-  const blocks: Buffer[] = [];
-  for (const e of entries) {
-    const h = Buffer.alloc(512);
-    const data = Buffer.from(e.data ?? '');
-    h.write(e.name, 0, 100, 'utf8');
-    h.write(`${(e.type === '5' ? 0o755 : 0o644).toString(8).padStart(7, '0')}\0`, 100);
-    h.write('0000000\0', 108);
-    h.write('0000000\0', 116);
-    h.write(`${data.length.toString(8).padStart(11, '0')}\0`, 124);
-    h.write(`${(1_700_000_000).toString(8).padStart(11, '0')}\0`, 136);
-    h.write('        ', 148);
-    h.write(e.type, 156);
-    h.write(e.linkname ?? '', 157, 100, 'utf8');
-    h.write('ustar\0', 257, 'latin1');
-    h.write('00', 263);
-    let sum = 0;
-    for (const b of h) sum += b;
-    h.write(`${sum.toString(8).padStart(6, '0')}\0 `, 148, 'latin1');
-    blocks.push(h, data, Buffer.alloc((512 - (data.length % 512)) % 512));
-  }
-  blocks.push(Buffer.alloc(1024));
-  return Buffer.concat(blocks);
-}
 
 function pax(records: Record<string, string>): Buffer {
   return Buffer.concat(
@@ -99,23 +67,23 @@ describe('crafted rootfs diffs leave the host alone', () => {
   }
 
   it('refuses a child before its parent written through an image symlink /h -> / (ROOTFS_DIFF_ORDER)', async () => {
-    const err = await apply(rawTar([{ name: `h${canary}/planted`, type: '0', data: 'owned' }, { name: 'h', type: '5' }]));
+    const err = await apply(ustar([{ name: `h${canary}/planted`, type: '0', data: 'owned' }, { name: 'h', type: '5' }]));
     expect(isThawError(err, 'ROOTFS_DIFF_ORDER'), String(err)).toBe(true);
     expect((err as Error).message).toMatch(/entry "h" comes after entries below it/);
   });
 
   it('refuses a global pax header that renames or resizes later entries (ROOTFS_DIFF_GLOBAL_PAX)', async () => {
     for (const records of [{ path: `h${canary}/secret` }, { size: "0" }] as Array<Record<string, string>>) {
-      const err = await apply(rawTar([{ name: 'pax_global_header', type: 'g', data: pax(records) }, { name: 'etc/x', type: '0', data: 'x' }]));
+      const err = await apply(ustar([{ name: 'pax_global_header', type: 'g', data: pax(records) }, { name: 'etc/x', type: '0', data: 'x' }]));
       expect(isThawError(err, 'ROOTFS_DIFF_GLOBAL_PAX'), String(err)).toBe(true);
     }
   });
 
   it('refuses GNU long names and two pax headers for one entry (readers would disagree on the name)', async () => {
-    const long = await apply(rawTar([{ name: '././@LongLink', type: 'L', data: `h${canary}/secret\0` }, { name: 'etc/x', type: '0', data: 'x' }]));
+    const long = await apply(ustar([{ name: '././@LongLink', type: 'L', data: `h${canary}/secret\0` }, { name: 'etc/x', type: '0', data: 'x' }]));
     expect(isThawError(long, 'ROOTFS_DIFF_INVALID'), String(long)).toBe(true);
     const twice = await apply(
-      rawTar([
+      ustar([
         { name: 'p1', type: 'x', data: pax({ path: 'etc/a' }) },
         { name: 'p2', type: 'x', data: pax({ path: `h${canary}/secret` }) },
         { name: 'etc/x', type: '0', data: 'x' },
@@ -125,11 +93,11 @@ describe('crafted rootfs diffs leave the host alone', () => {
   });
 
   it('refuses device nodes and hard links out of the archive, and writes through no image symlink', async () => {
-    expect(isThawError(await apply(rawTar([{ name: 'etc/null', type: '3' }])), 'ROOTFS_DIFF_UNSAFE')).toBe(true);
-    expect(isThawError(await apply(rawTar([{ name: 'etc/hl', type: '1', linkname: `h${canary}/secret` }])), 'ROOTFS_DIFF_UNSAFE')).toBe(true);
-    expect(isThawError(await apply(rawTar([{ name: `h${canary}/secret`, type: '0', data: 'owned' }])), 'ROOTFS_DIFF_UNSAFE')).toBe(true);
+    expect(isThawError(await apply(ustar([{ name: 'etc/null', type: '3' }])), 'ROOTFS_DIFF_UNSAFE')).toBe(true);
+    expect(isThawError(await apply(ustar([{ name: 'etc/hl', type: '1', linkname: `h${canary}/secret` }])), 'ROOTFS_DIFF_UNSAFE')).toBe(true);
+    expect(isThawError(await apply(ustar([{ name: `h${canary}/secret`, type: '0', data: 'owned' }])), 'ROOTFS_DIFF_UNSAFE')).toBe(true);
     // Deletions through the image symlink are skipped, never followed.
-    await writeFile(join(dir, 'ok.tar'), rawTar([{ name: 'etc/ok', type: '0', data: 'ok' }]));
+    await writeFile(join(dir, 'ok.tar'), ustar([{ name: 'etc/ok', type: '0', data: 'ok' }]));
     await writeFile(join(dir, 'ok.json'), JSON.stringify([`h${canary}/secret`, `h${canary}`]));
     const r = await applyRootfsDiff({ rootfs, tarFile: join(dir, 'ok.tar'), deletedFilesFile: join(dir, 'ok.json') });
     expect(r.skipped).toEqual([`h${canary}/secret`, `h${canary}`]);
