@@ -16,6 +16,7 @@
  * until one ends. Callers that run several must raise UV_THREADPOOL_SIZE at process start.
  */
 import koffi from 'koffi';
+import { msghdrType } from '../../sys/msghdr.js';
 
 import { CriuError, CriuErrorCode } from './errors.js';
 
@@ -71,17 +72,7 @@ export class Libc {
   readonly errno: () => number;
 
   private constructor(lib: koffi.IKoffiLib) {
-    // Anonymous struct types: koffi's type names are process-wide, and a second Libc must not clash.
-    const iovec = koffi.struct({ iov_base: 'void *', iov_len: 'size_t' });
-    const msghdr = koffi.struct({
-      msg_name: 'void *',
-      msg_namelen: 'uint32_t',
-      msg_iov: koffi.pointer(iovec),
-      msg_iovlen: 'size_t',
-      msg_control: 'void *',
-      msg_controllen: 'size_t',
-      msg_flags: 'int',
-    });
+    const msghdr = msghdrType();
     this.socketpair = lib.func('int socketpair(int, int, int, _Out_ int *sv)');
     this.send = lib.func('send', 'intptr_t', ['int', 'void *', 'size_t', 'int']);
     this.recvmsg = lib.func('recvmsg', 'intptr_t', ['int', koffi.inout(koffi.pointer(msghdr)), 'int']) as SyscallFn;

@@ -13,6 +13,7 @@
 import { chmod, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import koffi from 'koffi';
+import { msghdrType } from '../../sys/msghdr.js';
 
 import { WeightsError, WeightsErrorCode } from './errors.js';
 import { WEIGHTS_SCHEMA } from './regions-file.js';
@@ -52,16 +53,7 @@ let libc: Libc | undefined;
 function bindLibc(): Libc {
   if (libc) return libc;
   const lib = koffi.load('libc.so.6');
-  const iovec = koffi.struct({ iov_base: 'void *', iov_len: 'size_t' });
-  const msghdr = koffi.struct({
-    msg_name: 'void *',
-    msg_namelen: 'uint32_t',
-    msg_iov: koffi.pointer(iovec),
-    msg_iovlen: 'size_t',
-    msg_control: 'void *',
-    msg_controllen: 'size_t',
-    msg_flags: 'int',
-  });
+  const msghdr = msghdrType();
   const statx = lib.func('statx', 'int', ['int', 'const char *', 'int', 'uint32_t', koffi.out('uint8_t *')]);
   const AT_EMPTY_PATH = 0x1000;
   libc = {
