@@ -47,6 +47,13 @@ export const DEFAULT_CRIU_RPC_DUMP_TIMEOUT_MS = 10 * 60_000;
 /** sha256 of a multi-GiB checkpoint on a busy node; past this the pod cold-starts rather than wait. */
 export const DEFAULT_VERIFY_TIMEOUT_MS = 300_000;
 /**
+ * A restored worker's time to connect to weights.sock, map the handed-over weights and answer (it polls every
+ * 10 ms and maps in milliseconds; the margin is for a loaded node). Past it the pod cold-starts.
+ */
+export const DEFAULT_WEIGHTS_HANDOVER_TIMEOUT_MS = 30_000;
+/** The weights service's digest stamps (one JSON file of the agent's, under paths.workRoot). */
+export const WEIGHTS_DIGESTS_FILE = 'weights-digests.json';
+/**
  * How long thaw-pause waits for a word from the agent before it falls back to the original command by
  * itself (native/thaw-pause.c, THAW_PAUSE_DEADLINE_MS): the agent gone for good must not leave a pod in its
  * placeholder. The agent repeats "a restore is under way" (SIGWINCH) every third of it while it restores, so

@@ -333,7 +333,17 @@ print("listening", flush=True)
 conn, _ = srv.accept()
 msg = json.dumps({"schema": tc.WEIGHTS_SCHEMA, "regions": regions}).encode()
 conn.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())])
+conn.shutdown(socket.SHUT_WR)
+answer = b""
+while True:
+    chunk = conn.recv(4096)
+    if not chunk:
+        break
+    answer += chunk
 conn.close()
+if len(sys.argv) > 5:
+    with open(sys.argv[5], "wb") as f:
+        f.write(answer)
 """
 
 
@@ -411,9 +421,9 @@ class WeightsRegionTest(FakeCase):
                 thaw_cuda.WeightsRegion.load([bad], driver=self.driver)
         self.assertEqual(self.allocated(), 0)
 
-    def run_standin(self, mode):
-        proc = subprocess.Popen([sys.executable, "-c", STANDIN, HERE, self.control, mode, FAKE_LIBCUDA],
-                                stdout=subprocess.PIPE)
+    def run_standin(self, mode, answer_file=None):
+        proc = subprocess.Popen([sys.executable, "-c", STANDIN, HERE, self.control, mode, FAKE_LIBCUDA]
+                                + ([answer_file] if answer_file else []), stdout=subprocess.PIPE)
         self.addCleanup(proc.wait)
         self.assertEqual(proc.stdout.readline().strip(), b"listening")
         proc.stdout.close()
@@ -449,7 +459,7 @@ class WeightsRegionTest(FakeCase):
             region.reload()  # the fallback still works at the same address
             self.assertEqual(self.read(region.view("norm").__cuda_array_interface__["data"][0], len(self.norm)), self.norm)
 
-    def test_weights_hooks_map_thaws_handles_after_a_restore_and_reload_otherwise(self):
+    def test_weights_hooks_map_thaws_handles_during_the_wait_and_reload_otherwise(self):
         cd = thaw_worker.ControlDir(self.control)
         with thaw_cuda.WeightsRegion.load([self.b], driver=self.driver) as region:
             release, resume = region.hooks(cd, timeout_s=10)
@@ -457,15 +467,36 @@ class WeightsRegionTest(FakeCase):
             with open(os.path.join(self.control, thaw_cuda.WEIGHTS_FILE)) as f:
                 self.assertEqual(json.load(f)["schema"], thaw_cuda.WEIGHTS_SCHEMA)
             self.assertEqual(self.allocated(), 0)
-            resume()  # no restore-complete: reload from the file
+            resume()  # no hand-over during the wait (checkpoint-complete): reload from the file
             self.assertEqual(self.read(region.ptr, 64), self.big[:64])
             release()
-            # The stand-in sends other bytes than the file's: seeing them proves the handles were mapped.
-            self.run_standin("corrupt")
+            # The stand-in sends other bytes than the file's: seeing them proves the handles were mapped, by the
+            # wait (before restore-complete is looked at), and thaw was told so.
+            answer = os.path.join(self.tmp.name, "answer.json")
+            proc = self.run_standin("corrupt", answer)
             with open(os.path.join(self.control, thaw_worker.RESTORE_COMPLETE), "w") as f:
-                f.write('{"weights": "handles"}')
+                f.write("{}")
+            self.assertEqual(cd.wait(timeout_s=10), thaw_worker.Outcome.RESTORE_COMPLETE)
+            proc.wait(10)
+            with open(answer) as f:
+                self.assertEqual(json.load(f), {"ok": True})
             resume()
             self.assertEqual(self.read(region.ptr, 64), b"\xff" * 64)
+
+    def test_a_handle_that_cannot_be_mapped_is_answered_not_ok_and_nothing_stays_mapped(self):
+        with thaw_cuda.WeightsRegion.load([self.a, self.b], driver=self.driver) as region:
+            thaw_cuda.write_weights_file([region], self.control)
+            region.release()
+            answer = os.path.join(self.tmp.name, "answer.json")
+            proc = self.run_standin("bad-fd", answer)
+            self.assertFalse(thaw_cuda.accept_weight_handles([region], self.control, timeout_s=10))
+            proc.wait(10)
+            with open(answer) as f:
+                got = json.load(f)
+            self.assertEqual(got["ok"], False)
+            self.assertIn("import a weights handle", got["error"])
+            self.assertFalse(any(a.handle is not None for a in region.allocations))
+            self.assertEqual(self.allocated(), 0)
 
     def test_export_needs_a_shareable_allocation(self):
         h = thaw_cuda.CUmemGenericAllocationHandle()

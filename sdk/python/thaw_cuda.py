@@ -45,6 +45,7 @@ import hashlib
 import json
 import os
 import socket
+import stat
 import struct
 import time
 
@@ -67,6 +68,7 @@ __all__ = [
     "read_safetensors_header",
     "write_weights_file",
     "receive_weight_handles",
+    "accept_weight_handles",
     "weights_hooks",
 ]
 
@@ -899,13 +901,7 @@ def write_weights_file(regions, control_dir):
     return doc
 
 
-def receive_weight_handles(control_dir, timeout_s=30.0, max_fds=WEIGHTS_MAX_ALLOCATIONS):
-    """Connects to thaw's ``weights.sock`` in the control directory and receives the weight handles.
-
-    thaw sends one message: a JSON object ``{"schema", "regions": [{"name", "fds": <count>}]}`` whose
-    SCM_RIGHTS carry the fds in that order. Returns ``{region name: [fd, ...]}`` (the caller owns them).
-    A socket that is not there within ``timeout_s`` raises ThawCudaError (code CUDA_UNAVAILABLE).
-    """
+def _connect_weights(control_dir, timeout_s):
     path = os.path.join(os.fspath(control_dir), WEIGHTS_SOCKET)
     deadline = time.monotonic() + timeout_s
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -919,35 +915,103 @@ def receive_weight_handles(control_dir, timeout_s=30.0, max_fds=WEIGHTS_MAX_ALLO
                     raise ThawCudaError("no weights socket at %s" % path, "CUDA_UNAVAILABLE")
                 time.sleep(0.005)
         sock.settimeout(max(0.1, deadline - time.monotonic()))
-        fds = array.array("i")
-        chunks = []
-        while True:
-            msg, ancdata, _flags, _addr = sock.recvmsg(1 << 16, socket.CMSG_SPACE(max_fds * fds.itemsize))
-            for level, kind, data in ancdata:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
-            if not msg:
-                break
-            chunks.append(msg)
-            if sum(len(c) for c in chunks) > WEIGHTS_FILE_MAX_BYTES:
-                raise ThawCudaError("the weights message is too long", "CUDA_INVALID_ARGUMENT")
-        received = list(fds)
-        try:
-            doc = json.loads(b"".join(chunks).decode("utf-8"))
-            out, at = {}, 0
-            for entry in doc["regions"]:
-                n = int(entry["fds"])
-                if n < 0 or at + n > len(received):
-                    raise ValueError("fd counts do not match")
-                out[str(entry["name"])] = received[at:at + n]
-                at += n
-            if at != len(received) or doc.get("schema") != WEIGHTS_SCHEMA:
-                raise ValueError("fd counts or schema do not match")
-            return out
-        except (ValueError, KeyError, TypeError) as e:
-            for fd in received:
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _receive_handles_on(sock, max_fds):
+    fds = array.array("i")
+    chunks = []
+    while True:
+        msg, ancdata, _flags, _addr = sock.recvmsg(1 << 16, socket.CMSG_SPACE(max_fds * fds.itemsize))
+        for level, kind, data in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
+        if not msg:
+            break
+        chunks.append(msg)
+        if sum(len(c) for c in chunks) > WEIGHTS_FILE_MAX_BYTES:
+            for fd in fds:
                 os.close(fd)
-            raise ThawCudaError("thaw's weights message is malformed: %s" % e, "CUDA_INVALID_ARGUMENT")
+            raise ThawCudaError("the weights message is too long", "CUDA_INVALID_ARGUMENT")
+    received = list(fds)
+    try:
+        doc = json.loads(b"".join(chunks).decode("utf-8"))
+        out, at = {}, 0
+        for entry in doc["regions"]:
+            n = int(entry["fds"])
+            if n < 0 or at + n > len(received):
+                raise ValueError("fd counts do not match")
+            out[str(entry["name"])] = received[at:at + n]
+            at += n
+        if at != len(received) or doc.get("schema") != WEIGHTS_SCHEMA:
+            raise ValueError("fd counts or schema do not match")
+        return out
+    except (ValueError, KeyError, TypeError) as e:
+        for fd in received:
+            os.close(fd)
+        raise ThawCudaError("thaw's weights message is malformed: %s" % e, "CUDA_INVALID_ARGUMENT")
+
+
+def receive_weight_handles(control_dir, timeout_s=30.0, max_fds=WEIGHTS_MAX_ALLOCATIONS):
+    """Connects to thaw's ``weights.sock`` in the control directory and receives the weight handles.
+
+    thaw sends one message: a JSON object ``{"schema", "regions": [{"name", "fds": <count>}]}`` whose
+    SCM_RIGHTS carry the fds in that order, then shuts its side for writing. Returns ``{region name: [fd,
+    ...]}`` (the caller owns them). A socket that is not there within ``timeout_s`` raises ThawCudaError
+    (code CUDA_UNAVAILABLE). The restore flow waits for the worker's answer: ``accept_weight_handles``.
+    """
+    sock = _connect_weights(control_dir, timeout_s)
+    try:
+        return _receive_handles_on(sock, max_fds)
+    finally:
+        sock.close()
+
+
+def accept_weight_handles(regions, control_dir, timeout_s=30.0):
+    """The restored worker's side of the hand-over: receive thaw's handles, map every region, answer thaw.
+
+    All or nothing over ``regions``: when a region's handles are missing or cannot be imported and mapped,
+    every region mapped here is released again and thaw is told ``{"ok": false, "error"}`` (it abandons the
+    restore: the pod cold-starts); otherwise ``{"ok": true}`` (thaw then writes restore-complete). Returns
+    True when every region is mapped.
+    """
+    sock = _connect_weights(control_dir, timeout_s)
+    done = []
+    try:
+        error = None
+        try:
+            handles = _receive_handles_on(sock, WEIGHTS_MAX_ALLOCATIONS)
+        except (ThawCudaError, OSError) as e:
+            handles, error = {}, "receive: %s" % e
+        for r in regions:
+            if error is not None:
+                break
+            fds = handles.pop(r.name, None)
+            if fds is None:
+                error = "no handles for region %s" % r.name
+                break
+            try:
+                r.map_handles(fds)
+                done.append(r)
+            except ThawCudaError as e:
+                error = "%s: %s" % (e.step or e.code, e)
+        for fds in handles.values():
+            for fd in fds:
+                os.close(fd)
+        if error is not None:
+            for r in done:
+                r.release()
+        answer = {"ok": error is None}
+        if error is not None:
+            answer["error"] = error[:1000]
+        try:
+            sock.sendall(json.dumps(answer).encode("utf-8"))
+        except OSError:
+            pass
+        return error is None
     finally:
         sock.close()
 
@@ -955,41 +1019,42 @@ def receive_weight_handles(control_dir, timeout_s=30.0, max_fds=WEIGHTS_MAX_ALLO
 def weights_hooks(regions, control_dir=None, timeout_s=30.0):
     """``(release, resume)`` for ``thaw_worker.checkpoint_and_wait`` over WeightsRegions.
 
-    release: writes the weights file, then frees the file allocations. resume: after ``restore-complete``
-    whose payload has ``"weights": "handles"`` it maps thaw's handles; otherwise (checkpoint-complete, or a
-    thaw that read no weights) each region ``reload()``s from its files. A handle that cannot be mapped
-    falls back to ``reload()`` too: the worker still serves, only slower.
+    release: writes the weights file, frees the file allocations, and has the wait for thaw's answer take
+    the hand-over: a restored worker sees thaw's ``weights.sock`` appear in its control directory before
+    ``restore-complete`` and maps the handles there (``accept_weight_handles``; one try, since thaw
+    abandons the restore when it fails). resume: what is not mapped by then (``checkpoint-complete``, the
+    same process going on; or a thaw without the weights service) is ``reload()``ed from its files.
     """
     import thaw_worker
 
     cd = control_dir if control_dir is not None else thaw_worker.ControlDir()
+    state = {"tried": False}
+
+    def during_wait():
+        if state["tried"]:
+            return
+        try:
+            st = os.lstat(os.path.join(cd.path, WEIGHTS_SOCKET))
+        except OSError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            return
+        state["tried"] = True
+        try:
+            accept_weight_handles(regions, cd.path, timeout_s)
+        except ThawCudaError:
+            pass
 
     def release():
         write_weights_file(regions, cd.path)
         for r in regions:
             r.release()
+        state["tried"] = False
+        thaw_worker.add_wait_hook(during_wait)
 
     def resume():
-        payload = cd.payload(thaw_worker.RESTORE_COMPLETE) if cd.was_restored() else None
-        if payload and payload.get("weights") == "handles":
-            try:
-                handles = receive_weight_handles(cd.path, timeout_s)
-            except ThawCudaError:
-                handles = {}
-            for r in regions:
-                fds = handles.pop(r.name, None)
-                if fds is not None:
-                    try:
-                        r.map_handles(fds)
-                        continue
-                    except ThawCudaError:
-                        pass
-                r.reload()
-            for fds in handles.values():
-                for fd in fds:
-                    os.close(fd)
-        else:
-            for r in regions:
-                r.reload()
+        thaw_worker.remove_wait_hook(during_wait)
+        for r in regions:
+            r.reload()
 
     return release, resume

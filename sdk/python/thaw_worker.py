@@ -79,6 +79,8 @@ __all__ = [
     "WaitTimeout",
     "ControlDir",
     "checkpoint_and_wait",
+    "add_wait_hook",
+    "remove_wait_hook",
     "TP_SYNC_DIR_ENV",
     "RankBarrier",
     "checkpoint_and_wait_ranks",
@@ -134,6 +136,24 @@ class WaitTimeout(ThawWorkerError, TimeoutError):
     """No outcome marker appeared within the timeout."""
 
     code = "SDK_WAIT_TIMEOUT"
+
+
+# Callables run at every poll of ControlDir.wait, before the outcome is looked at (add_wait_hook): how a
+# restored worker takes part in the restore before restore-complete (thaw_cuda.weights_hooks maps the
+# weights thaw hands over on weights.sock). Module-level, since the wait and the hooks' owner need not share
+# a ControlDir object.
+_WAIT_HOOKS = []
+
+
+def add_wait_hook(fn):
+    """Runs ``fn()`` at every poll of ``ControlDir.wait`` until ``remove_wait_hook(fn)``."""
+    if fn not in _WAIT_HOOKS:
+        _WAIT_HOOKS.append(fn)
+
+
+def remove_wait_hook(fn):
+    if fn in _WAIT_HOOKS:
+        _WAIT_HOOKS.remove(fn)
 
 
 def _resolve_path(path):
@@ -259,6 +279,8 @@ class ControlDir:
                 watch = None  # no inotify here: poll
         try:
             while True:
+                for hook in list(_WAIT_HOOKS):
+                    hook()
                 found = self.outcome()
                 if found is not None:
                     return found

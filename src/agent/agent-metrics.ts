@@ -10,7 +10,7 @@ import type { ThawNriStats } from './nri-stats.js';
 /** Seconds: restores take from ~50 ms (small, cached) to minutes (large, cold); checkpoints up to the flow's timeout. */
 export const PHASE_BUCKETS_SECONDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 1800];
 
-const RESTORE_PHASES: Record<keyof RestoreEvent['phases'], string> = {
+const RESTORE_PHASES: Record<Exclude<keyof RestoreEvent['phases'], 'at'>, string> = {
   hookMs: 'hook',
   hookStartupMs: 'hook-startup',
   transferMs: 'transfer',
@@ -19,6 +19,7 @@ const RESTORE_PHASES: Record<keyof RestoreEvent['phases'], string> = {
   overlayMs: 'overlay',
   criuRestoreMs: 'criu-restore',
   cudaRestoreMs: 'cuda-restore',
+  weightsHandoverMs: 'weights-handover',
   totalMs: 'total',
 };
 const CHECKPOINT_PHASES: Record<string, string> = {
@@ -92,7 +93,7 @@ export function createAgentMetrics(src: AgentMetricsSources): AgentMetrics {
       restoreEvents[e.outcome]++;
       byNamespace.inc({ namespace: e.pod.split('/')[0] ?? '', outcome: e.outcome });
       for (const [key, phase] of Object.entries(RESTORE_PHASES)) {
-        const ms = e.phases[key as keyof RestoreEvent['phases']];
+        const ms = e.phases[key as Exclude<keyof RestoreEvent['phases'], 'at'>];
         if (ms !== undefined) restorePhases.observe(ms / 1000, { phase });
       }
       if (e.outcome === 'restored' && e.bytes !== undefined) bytesRead.inc({}, e.bytes);

@@ -263,6 +263,7 @@ export async function runAgent(o: AgentRunOptions, logger: Logger): Promise<numb
     ...(c.cuda.libcuda ? { libcudaPath: c.cuda.libcuda } : {}),
     ...(c.cuda.libnvml ? { libnvmlPath: c.cuda.libnvml } : {}),
     cudaLockTimeoutMs: c.cuda.lockTimeoutMs,
+    weightsModelDirs: c.weights.modelDirs === '' ? [] : c.weights.modelDirs.split(':'),
     thawPauseDeadlineMs: c.restore.pauseDeadlineMs,
     ...(c.paths.sharedStoreRoot ? { sharedStoreRoot: c.paths.sharedStoreRoot } : {}),
     ...(registry ? { registry } : {}),

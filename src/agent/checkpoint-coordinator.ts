@@ -22,7 +22,7 @@ import {
   type CheckpointResult,
   type OnCheckpoint,
 } from '../restore-engine/index.js';
-import type { ContainerdEndpoint, CriuClient } from '../restore-engine/index.js';
+import type { ContainerdEndpoint, CriuClient, SourceDigests } from '../restore-engine/index.js';
 import { readReadyPayload, waitForWorkerReady } from '../sdk/index.js';
 import type { LocalStore } from '../store/index.js';
 import { StoreError, StoreErrorCode } from '../store/index.js';
@@ -91,6 +91,8 @@ export interface CheckpointCoordinatorOptions {
    */
   cuda?: CheckpointCudaHooks | (() => CheckpointCudaHooks);
   workRoot?: string;
+  /** The weights service's node-wide source digests: weights regions are recorded in the manifest (docs/weights.md). */
+  weights?: { digests: SourceDigests };
   /** containerd's socket and root: the flow takes the container's upperdir from containerd's snapshot record. */
   containerd: ContainerdEndpoint;
   /** Told of every event after it is logged (metrics, tests). */
@@ -248,6 +250,7 @@ export class CheckpointCoordinator implements ThawCoordinator {
           ...((mode.replace ?? o.replace) !== undefined ? { replace: mode.replace ?? o.replace } : {}),
           ...(cuda !== undefined ? { cuda } : {}),
           ...(o.workRoot !== undefined ? { workRoot: o.workRoot } : {}),
+          ...(o.weights !== undefined ? { weights: o.weights } : {}),
         },
         { signal, ...(o.checkpointTimeoutMs !== undefined ? { timeoutMs: o.checkpointTimeoutMs } : {}) },
       );

@@ -8,7 +8,7 @@
  * An unknown key, a wrong type or a bad value is an AGENT_CONFIG_INVALID error whose message names the key,
  * where it came from and the expected form; the CLI turns it into exit code 2.
  */
-import { isAbsolute } from 'node:path';
+import { isAbsolute, normalize } from 'node:path';
 import { parseDocument } from 'yaml';
 import {
   DEFAULT_API_SOCKET,
@@ -50,6 +50,12 @@ export interface AgentConfig {
   registry: { config: string };
   /** "" = the system's library (libcuda.so.1 / libnvidia-ml.so.1, found by the dynamic loader). */
   cuda: { libcuda: string; libnvml: string; lockTimeoutMs: number };
+  /**
+   * modelDirs: host directories (":"-separated absolute paths; "" = none) a restore may read weights sources
+   * from through the target's bind mounts (docs/weights.md). Root reads them for the pod: list only
+   * directories every pod allowed to mount them may read.
+   */
+  weights: { modelDirs: string };
   /** pauseDeadlineMs: thaw-pause falls back by itself after this long without a word from the agent. */
   restore: { pauseDeadlineMs: number };
   /** file "" = stderr. */
@@ -119,6 +125,7 @@ export const CONFIG_KEYS: readonly KeySpec[] = [
   { key: 'cuda.libcuda', expected: 'an absolute path, or "" for the system library', kind: 'string', check: absoluteOrEmpty },
   { key: 'cuda.libnvml', expected: 'an absolute path, or "" for the system library', kind: 'string', check: absoluteOrEmpty },
   { key: 'cuda.lockTimeoutMs', expected: 'a positive integer (milliseconds)', kind: 'integer', check: (v) => (Number.isSafeInteger(v) && (v as number) > 0 ? undefined : 'not a positive integer') },
+  { key: 'weights.modelDirs', expected: '":"-separated absolute paths, or "" for none', kind: 'string', check: (v) => (String(v) === '' || String(v).split(':').every((p) => isAbsolute(p) && normalize(p) === p) ? undefined : 'not absolute, normal paths') },
   { key: 'restore.pauseDeadlineMs', expected: 'a positive integer (milliseconds, at most a day)', kind: 'integer', check: (v) => (Number.isSafeInteger(v) && (v as number) > 0 && (v as number) <= 86_400_000 ? undefined : 'not a positive integer of at most 86400000') },
   { key: 'log.level', expected: 'one of debug, info, warn, error', kind: 'string', check: (v) => (['debug', 'info', 'warn', 'error'].includes(String(v)) ? undefined : 'not a level') },
   { key: 'log.file', expected: 'an absolute path, or "" for stderr', kind: 'string', check: absoluteOrEmpty },
@@ -152,6 +159,7 @@ export function defaultAgentConfig(packageRoot: string): AgentConfig {
     },
     registry: { config: '' },
     cuda: { libcuda: '', libnvml: '', lockTimeoutMs: DEFAULT_CUDA_LOCK_TIMEOUT_MS },
+    weights: { modelDirs: '' },
     restore: { pauseDeadlineMs: DEFAULT_THAW_PAUSE_DEADLINE_MS },
     log: { level: 'info', file: '' },
     tenancy: defaultTenancyPolicy(),

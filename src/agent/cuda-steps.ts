@@ -28,6 +28,7 @@ import {
   CudaCheckpointApi,
   CudaError,
   CudaErrorCode,
+  CudaVmm,
   checkpointCudaHooks,
   gpuFacts,
   planGpuMap,
@@ -47,6 +48,8 @@ const hostProcessTree = (pid: number): Promise<number[]> => processTree('/proc',
 /** What the engine holds when the node has a usable driver. */
 export interface NodeCuda {
   api: CudaCheckpointApi;
+  /** The driver's VMM calls, for the weights service (shareable allocations, export). */
+  vmm: CudaVmm;
   /** NVML, for the GPU memory of a container's processes and the driver version; absent when it did not load. */
   nvml?: Nvml;
   /** This node's GPUs as a manifest records them; undefined when the driver shows no GPU. */
@@ -76,7 +79,7 @@ export function loadNodeCuda(o: LoadNodeCudaOptions): NodeCuda | undefined {
   const facts = gpuFacts({ cuda: cuda.driver, nvml });
   const api = new CudaCheckpointApi(cuda.driver, { logger: o.logger.child({ component: 'cuda' }) });
   o.logger.info('CUDA driver loaded', { path: cuda.driver.path, cudaApiVersion: cuda.driver.driverVersion, gpus: facts?.uuids ?? [], model: facts?.model });
-  return { api, facts, ...(nvml ? { nvml } : {}) };
+  return { api, vmm: new CudaVmm(cuda.driver), facts, ...(nvml ? { nvml } : {}) };
 }
 
 /** `pids` without the agent's own pid (see the file comment). */

@@ -13,7 +13,7 @@ import { CriuClient, criuEnvironment, parentDeathWrapper } from '../restore-engi
 import { openLocalStore, type LocalStore } from '../store/index.js';
 import { bindPageCache, readIntoPageCache } from '../sys/page-cache.js';
 import { DEFAULT_MOUNT_PATH, DEFAULT_UMOUNT_PATH } from '../oci-hooks/index.js';
-import { DEFAULT_SH_PATH } from '../restore-engine/index.js';
+import { DEFAULT_SH_PATH, SourceDigests } from '../restore-engine/index.js';
 import { restoreToolFiles } from './restore-tools.js';
 import { CheckpointCoordinator, type CheckpointEvent } from './checkpoint-coordinator.js';
 import { createCheckpointSources, type RegistrySourceOptions } from './checkpoint-sources.js';
@@ -25,7 +25,7 @@ import type { ManagedContainer, ThawCoordinator } from './managed-container.js';
 import { ThawNriStats } from './nri-stats.js';
 import { createRestoreCoordinator, type RestoreCoordinator } from './restore-coordinator.js';
 import { createThawNriHandlers } from './thaw-nri.js';
-import { DEFAULT_NSENTER_PATH, DEFAULT_UNSHARE_PATH } from '../defaults.js';
+import { DEFAULT_NSENTER_PATH, DEFAULT_UNSHARE_PATH, WEIGHTS_DIGESTS_FILE } from '../defaults.js';
 
 
 export interface ThawEngineOptions {
@@ -48,6 +48,11 @@ export interface ThawEngineOptions {
   libnvmlPath?: string;
   /** The driver's lock timeout for a checkpoint (default DEFAULT_CUDA_LOCK_TIMEOUT_MS, src/defaults.ts). */
   cudaLockTimeoutMs?: number;
+  /**
+   * Host directories the weights service may read weights sources from, through a restore target's bind
+   * mounts (absolute). Sources inside the container's rootfs need none.
+   */
+  weightsModelDirs?: string[];
   /** thaw-pause's deadline without a word from the agent (default DEFAULT_THAW_PAUSE_DEADLINE_MS). */
   thawPauseDeadlineMs?: number;
   /** A shared store (an RWX volume on every node), looked up after the local store; absent: none. */
@@ -117,7 +122,10 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     ...(o.libcudaPath !== undefined ? { libcudaPath: o.libcudaPath } : {}),
     ...(o.libnvmlPath !== undefined ? { libnvmlPath: o.libnvmlPath } : {}),
   });
+  // The weights service (docs/weights.md): one digest cache per node, beside the restores' work dirs.
+  const weightsDigests = new SourceDigests(join(o.workRoot, WEIGHTS_DIGESTS_FILE));
   const checkpoints = new CheckpointCoordinator({
+    weights: { digests: weightsDigests },
     store,
     criu,
     criuVersion: criuVersionText,
@@ -155,6 +163,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     ...(o.thawPauseDeadlineMs !== undefined ? { thawPauseDeadlineMs: o.thawPauseDeadlineMs } : {}),
     ...(o.onRestoreEvent ? { onEvent: o.onRestoreEvent } : {}),
     ...(cuda ? { cudaRestore: cudaRestoreStep({ node: cuda, logger }) } : {}),
+    ...(cuda ? { weights: { vmm: cuda.vmm, digests: weightsDigests, modelDirs: o.weightsModelDirs ?? [], gpuCount: cuda.facts?.uuids.length ?? 0 } } : {}),
   });
   // One coordinator for the handlers: sources go to the checkpoint side, targets to the restore side.
   const coordinator: ThawCoordinator = {

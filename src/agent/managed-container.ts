@@ -36,6 +36,11 @@ export interface ManagedContainer {
    * the same. Not rebuilt after an agent restart (then the manifest records none, and the restore refuses it).
    */
   specArgs?: string[];
+  /**
+   * Restore targets: the container's bind mounts (NRI CreateContainer), where the weights service finds sources
+   * on host model directories before the container runs. Not rebuilt after an agent restart (nothing restores then).
+   */
+  mounts?: Array<{ destination: string; source: string }>;
 }
 
 /**

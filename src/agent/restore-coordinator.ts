@@ -15,6 +15,7 @@ import {
   type RestoreEvent,
   type RestoreJob,
   type RestoreStepContext,
+  type RestoreWeightsService,
 } from '../restore-engine/index.js';
 import type { LocalStore } from '../store/index.js';
 import type { ManagedContainer, ThawCoordinator } from './managed-container.js';
@@ -39,6 +40,8 @@ export interface RestoreCoordinatorOptions {
   /** thaw-pause's deadline (restore-flow's thawPauseDeadlineMs). */
   thawPauseDeadlineMs?: number;
   cudaRestore?: CudaRestoreStep;
+  /** The weights service (docs/weights.md); absent: checkpoints with weights outside them cold-start. */
+  weights?: RestoreWeightsService;
   /** Test seam: runs after verify, right before CRIU (e.g. to damage an image file CRIU then reads). */
   beforeCriuRestore?: (ctx: RestoreStepContext) => Promise<void>;
   /** Every restore event, after it was logged. */
@@ -115,6 +118,7 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
     ...(o.criuRestoreTimeoutMs !== undefined ? { criuRestoreTimeoutMs: o.criuRestoreTimeoutMs } : {}),
     ...(o.thawPauseDeadlineMs !== undefined ? { thawPauseDeadlineMs: o.thawPauseDeadlineMs } : {}),
     ...(o.cudaRestore ? { cudaRestore: o.cudaRestore } : {}),
+    ...(o.weights ? { weights: o.weights } : {}),
     ...(o.beforeCriuRestore ? { beforeCriuRestore: o.beforeCriuRestore } : {}),
     ...(o.onEvent ? { onEvent: o.onEvent } : {}),
   });

@@ -70,6 +70,13 @@ function coldStart(scope: HandlerScope, cause: RestoreErrorCode | HandlerFallbac
   return undefined;
 }
 
+/** The container's bind mounts as the weights service reads them (destination → host source). */
+export function bindMountsOf(container: Container): Array<{ destination: string; source: string }> {
+  return (container.mounts ?? [])
+    .filter((m) => m.type === 'bind' || (m.options ?? []).some((o) => o === 'bind' || o === 'rbind'))
+    .flatMap((m) => (m.destination && m.source ? [{ destination: m.destination, source: m.source }] : []));
+}
+
 /** `--diff-sha256 TAR:DELETED` for a manifest that lists both diff files; nothing otherwise. */
 export function diffDigestArgs(manifest: Manifest): string[] {
   const sha = (p: string): string | undefined => manifest.files.find((f) => f.path === p)?.sha256;
@@ -200,6 +207,7 @@ async function adjustWith(
     imageRef,
     role: 'restore-target',
     placeholder,
+    ...(checkpoint.manifest.weights !== undefined ? { mounts: bindMountsOf(container) } : {}),
   };
   const existingEnv = new Set((container.env ?? []).map((kv) => kv.slice(0, Math.max(0, kv.indexOf('=')))));
   const pauseDir = dirname(r.thawPausePath);

@@ -5,6 +5,8 @@
  *   inspect   /proc of the container's init: mounts and the external-mount plan, stdio, netns, RSS,
  *             command line (container-inspect.ts); the overlay upperdir from containerd's snapshot record,
  *             checked under the snapshotter root (rootfs-diff/containerd-upperdir.ts)
+ *   weights   the worker's weights regions (weights/service.ts): sources verified inside the container and
+ *             recorded in the manifest; their bytes are in neither CRIU's image nor the driver's state
  *   [cuda]    lock + checkpoint every process of the tree (cuda-steps.ts in the agent)
  *   dump      CRIU dump over RPC into <pending>/criu, always with --leave-running
  *   [cuda]    restore + unlock (also after a failed dump, so the worker can go on)
@@ -44,6 +46,8 @@ import { dropZeroPages } from './zero-pages.js';
 import { MAX_TIMER_DELAY_MS } from '../defaults.js';
 import { throwIfAborted } from '../util.js';
 import { CheckpointErrorCode } from './restore-errors.js';
+import { recordWeights, type ManifestWeightsDoc } from './weights/service.js';
+import type { SourceDigests } from './weights/source-digests.js';
 export { CheckpointErrorCode } from './restore-errors.js';
 
 /** The whole flow, dump included, gives up after this (a 100 GB host-memory dump fits). */
@@ -61,7 +65,7 @@ export class CheckpointError extends ThawError {
   }
 }
 
-export type CheckpointPhase = 'precheck' | 'inspect' | 'cuda-checkpoint' | 'dump' | 'cuda-restore' | 'zero-pages' | 'rootfs-diff' | 'publish';
+export type CheckpointPhase = 'precheck' | 'inspect' | 'weights' | 'cuda-checkpoint' | 'dump' | 'cuda-restore' | 'zero-pages' | 'rootfs-diff' | 'publish';
 export type OnCheckpoint = 'continue' | 'exit';
 
 /**
@@ -156,10 +160,20 @@ export interface CheckpointContainerOptions {
    * faster restores, the same memory. Default true; a failure of this step only logs and keeps CRIU's images.
    */
   dropZeroPages?: boolean;
+  /**
+   * The weights service: the worker's weights regions (its weights file in the control dir) are verified and
+   * recorded in the manifest, their sources hashed through these node-wide digests. Absent: a weights file is
+   * ignored (the restored worker reloads from its files).
+   */
+  weights?: { digests: SourceDigests };
 }
 
 export interface CheckpointPhases {
   inspectMs: number;
+  /** Verifying and recording the weights regions (absent without any). */
+  weightsMs?: number;
+  /** Bytes of weights left out of the checkpoint (their file sources). */
+  weightsBytes?: number;
   cudaMs?: number;
   dumpMs: number;
   /** Scanning the dump for zero pages and rewriting it without them (absent when switched off). */
@@ -293,6 +307,19 @@ export async function checkpointContainer(
     });
     throwIfAborted(signal);
 
+    let weights: ManifestWeightsDoc | undefined;
+    if (opts.weights) {
+      phase = 'weights';
+      started = performance.now();
+      weights = await recordWeights({ controlDir: opts.controlDir, pid: opts.pid, digests: opts.weights.digests, ...(opts.inspect?.procRoot !== undefined ? { procRoot: opts.inspect.procRoot } : {}) });
+      if (weights !== undefined) {
+        phases.weightsMs = round(performance.now() - started);
+        phases.weightsBytes = weights.bytes;
+        log.info('weights regions recorded', { regions: weights.regions.length, bytes: weights.bytes, ms: phases.weightsMs });
+      }
+      throwIfAborted(signal);
+    }
+
     pending = await opts.store.beginCheckpoint(name);
     workDir = await mkdtemp(join(opts.workRoot ?? tmpdir(), `thaw-ckpt-${name}-`));
 
@@ -365,6 +392,7 @@ export async function checkpointContainer(
     };
     if (phases.cudaMs !== undefined) phaseMs['cuda'] = phases.cudaMs;
     if (phases.zeroPagesMs !== undefined) phaseMs['zero-pages'] = phases.zeroPagesMs;
+    if (phases.weightsMs !== undefined) phaseMs['weights'] = phases.weightsMs;
     const gpu = opts.cuda?.gpuConstraints?.();
     const fields: ManifestFields = {
       source: {
@@ -392,6 +420,7 @@ export async function checkpointContainer(
       },
       timings: { phaseMs },
       liveBytes: inspection.rssBytes,
+      ...(weights !== undefined ? { weights } : {}),
     };
     const published = await pending.publish(fields, { signal, ...(opts.replace ? { replace: true } : {}) });
     phases.publishMs = round(performance.now() - started);

@@ -5,10 +5,13 @@
  * prefetches, leases held per pod) and calls the three steps here:
  *
  *   prepare   lease the checkpoint, verify every file's sha256 and read it into the page cache
+ *             and, when the checkpoint's weights are outside it, start loading them into shareable GPU
+ *             memory (weights/loader.ts), beside everything that follows
  *   run       (the container's PID 1 is thaw-pause) wait for verify; read what the create-runtime hook
  *             recorded; in overlay mode unmount thaw-pause from the entrypoint inside the container;
- *             CRIU restore inside the container's namespaces and cgroups; [CUDA restore seam]; SIGUSR1
- *             (thaw-pause adopts the worker); restore-complete
+ *             CRIU restore inside the container's namespaces and cgroups; [CUDA restore seam]; the
+ *             weights handed to the restored worker over weights.sock and mapped by it at its VAs (its
+ *             answer awaited); SIGUSR1 (thaw-pause adopts the worker); restore-complete
  *   recover   a target found waiting after an agent restart: fall back
  *
  * Any error → fallBackToColdStart: kill what the restore left; make sure the overlay is gone;
@@ -35,7 +38,15 @@ import { mappedFilePages, readMappedFilePages, type MappedFile, type ReadMappedR
 import { RestoreError, RestoreErrorCode } from './restore-errors.js';
 import { killRestoredTree, restoreIntoContainer, type RestoredTree } from './restore.js';
 import { discardUndo, undoRootfsDiff, type UndoJournal } from './rootfs-diff/index.js';
-import { DEFAULT_NSENTER_PATH, DEFAULT_POD_CRIU_RESTORE_TIMEOUT_MS, DEFAULT_THAW_PAUSE_DEADLINE_MS, DEFAULT_VERIFY_TIMEOUT_MS } from '../defaults.js';
+import { DEFAULT_NSENTER_PATH, DEFAULT_POD_CRIU_RESTORE_TIMEOUT_MS, DEFAULT_THAW_PAUSE_DEADLINE_MS, DEFAULT_VERIFY_TIMEOUT_MS, DEFAULT_WEIGHTS_HANDOVER_TIMEOUT_MS } from '../defaults.js';
+import type { CudaVmm } from '../cuda/index.js';
+import { processTree } from './container-inspect.js';
+import { WeightsError, WeightsErrorCode } from './weights/errors.js';
+import { listenForWorker } from './weights/handover.js';
+import { loadWeights, WEIGHTS_READERS_DEFAULT, type LoadedWeights } from './weights/loader.js';
+import { openContainerRoot, regionsOfManifest, restoreSourceOpener, type ContainerBindMount } from './weights/service.js';
+import type { SourceDigests } from './weights/source-digests.js';
+import { closeSync } from 'node:fs';
 
 const execFileP = promisify(execFile);
 
@@ -56,6 +67,8 @@ export interface RestoreTarget {
   controlDir: string;
   /** How thaw-pause holds the original command (NRI args, or the createRuntime overlay); default overlay. */
   placeholder?: 'args' | 'overlay';
+  /** The container's bind mounts (NRI CreateContainer): where weights sources on host model dirs are. */
+  mounts?: ContainerBindMount[];
 }
 
 /** Context handed to the seams. */
@@ -90,7 +103,15 @@ export interface RestoreEvent {
   digests?: 'hashed' | 'unchanged-since-hashed';
   /** The modified pages of the worker's private file mappings, read ahead beside CRIU (restore-engine/mapped-files.ts). */
   mappedFiles?: ReadMappedResult;
-  phases: { hookMs?: number; hookStartupMs?: number; transferMs?: number; verifyMs?: number; waitVerifyMs?: number; overlayMs?: number; criuRestoreMs?: number; cudaRestoreMs?: number; totalMs: number };
+  /** The weights load (docs/weights.md), when the checkpoint's weights are outside it. */
+  weights?: { bytes: number; loadMs: number; readers: number; mbPerS: number };
+  phases: {
+    /**
+     * When things happened (epoch ms): the weights load runs beside CRIU and the CUDA restore, so its
+     * start comes before criuEnd (ordering, not durations, shows the overlap).
+     */
+    at?: { weightsLoadStart?: number; weightsLoadEnd?: number; criuStart?: number; criuEnd?: number; cudaRestoreEnd?: number; weightsHandedOver?: number };
+    weightsHandoverMs?: number; hookMs?: number; hookStartupMs?: number; transferMs?: number; verifyMs?: number; waitVerifyMs?: number; overlayMs?: number; criuRestoreMs?: number; cudaRestoreMs?: number; totalMs: number };
 }
 
 /** What the create-runtime hook recorded in the control directory, as the flow reads it (oci-hooks/records.ts). */
@@ -141,6 +162,33 @@ export interface RestoreJob {
   release?: ReleaseLease;
   /** The file pages CRIU will fault in (listed from the images while the container is created). */
   mappedFiles?: Promise<MappedFile[]>;
+  /** The weights load started at prepare (the checkpoint's weights are outside it). */
+  weights?: WeightsLoadJob;
+}
+
+/** A weights load under way for one restore target. */
+export interface WeightsLoadJob {
+  loaded: Promise<LoadedWeights>;
+  startedAt: number;
+  endedAt?: number;
+  readers: number;
+  /** Hands the load the container's root dir fd (rootfs sources wait for it). */
+  provideRoot(fd: number): void;
+  /** Stops the load and releases whatever it made, now or when it finishes (idempotent). */
+  dispose(): void;
+}
+
+/** The agent's weights service, as the flow uses it. */
+export interface RestoreWeightsService {
+  vmm: CudaVmm;
+  digests: SourceDigests;
+  /** Host directories weights may be read from through the container's bind mounts. */
+  modelDirs: readonly string[];
+  /** This node's GPU count: a region recorded on an ordinal it lacks is GPU_MISMATCH. */
+  gpuCount: number;
+  readers?: number;
+  /** How long the restored worker gets to connect, map and answer (default DEFAULT_WEIGHTS_HANDOVER_TIMEOUT_MS). */
+  handoverTimeoutMs?: number;
 }
 
 export interface RestoreFlowOptions {
@@ -164,6 +212,8 @@ export interface RestoreFlowOptions {
    */
   thawPauseDeadlineMs?: number;
   cudaRestore?: CudaRestoreStep;
+  /** The weights service; absent: a checkpoint whose weights are outside it cold-starts (WEIGHTS_UNAVAILABLE). */
+  weights?: RestoreWeightsService;
   /** Test seam: runs after verify, right before CRIU (e.g. to damage an image file CRIU then reads). */
   beforeCriuRestore?: (ctx: RestoreStepContext) => Promise<void>;
   /** Every restore event, after it was logged. */
@@ -364,9 +414,60 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
     };
   }
 
+  /**
+   * Starts the weights load for a target whose checkpoint keeps its weights outside: from here (CreateContainer)
+   * the sources on allowed host model dirs are read at once; rootfs sources wait for the container's root.
+   */
+  function startWeightsLoad(job: RestoreJob, service: RestoreWeightsService): WeightsLoadJob {
+    const stop = new AbortController();
+    let provide: (fd: number) => void = () => undefined;
+    let refuse: (err: Error) => void = () => undefined;
+    const rootReady = new Promise<number>((resolve, reject) => {
+      provide = resolve;
+      refuse = reject;
+    });
+    rootReady.catch(() => undefined);
+    const opener = restoreSourceOpener({ mounts: job.container.mounts ?? [], modelDirs: service.modelDirs, rootReady });
+    const readers = service.readers ?? WEIGHTS_READERS_DEFAULT;
+    const w: WeightsLoadJob = {
+      startedAt: Date.now(),
+      readers,
+      loaded: Promise.resolve().then(() =>
+        loadWeights({
+          regions: regionsOfManifest(job.checkpoint.manifest.weights),
+          vmm: service.vmm,
+          deviceFor: (recorded) => {
+            if (recorded >= service.gpuCount) {
+              throw new WeightsError(WeightsErrorCode.GPU_MISMATCH, `the weights were on GPU ${recorded}; this node has ${service.gpuCount}`, { step: 'map the weights\' GPU', evidence: { recorded, gpus: service.gpuCount } });
+            }
+            return recorded;
+          },
+          openSource: opener.open,
+          digests: service.digests,
+          readers,
+          signal: stop.signal,
+        }),
+      ),
+      provideRoot: (fd) => provide(fd),
+      dispose: () => {
+        if (stop.signal.aborted) return;
+        stop.abort(new Error('the restore is over'));
+        refuse(new Error('the container never ran'));
+        void w.loaded.then((l) => l.release(), () => undefined).finally(() => opener.close());
+      },
+    };
+    w.loaded.then(() => (w.endedAt = Date.now()), () => (w.endedAt = Date.now()));
+    job.abort.signal.addEventListener('abort', () => w.dispose(), { once: true });
+    return w;
+  }
+
   async function prepare(job: RestoreJob): Promise<PreparedRestore> {
     const name = job.checkpoint.name;
     const signal = job.abort.signal;
+    if (job.checkpoint.manifest.weights !== undefined && o.weights !== undefined && job.weights === undefined) {
+      job.weights = startWeightsLoad(job, o.weights);
+      job.weights.loaded.catch(() => undefined); // awaited in run; a target that never runs must not leave it unhandled
+    }
     let transferMs: number | undefined;
     if (job.incoming !== undefined) {
       const t = performance.now();
@@ -425,6 +526,9 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
     let tree: RestoredTree | undefined;
     let digests: RestoreEvent['digests'];
     let holding: { stop(): void } | undefined;
+    let rootFd: number | undefined;
+    let weightsInfo: RestoreEvent['weights'];
+    const at: NonNullable<RestoreEvent['phases']['at']> = {};
     const mode = container.placeholder ?? 'overlay';
     const ctx: RestoreStepContext = { container, checkpoint, targetPid: pid, signal };
     const event = (e: Omit<RestoreEvent, 'event' | 'checkpoint' | 'id' | 'containerId' | 'container' | 'pod' | 'phases' | 'mode'>): RestoreEvent => ({
@@ -436,9 +540,20 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
       container: container.containerName,
       pod: `${container.podNamespace}/${container.podName}`,
       mode,
-      phases: { ...phases, totalMs: Math.round(performance.now() - started) },
+      phases: { ...phases, ...(Object.keys(at).length > 0 ? { at: { ...at, ...weightsTimes() } } : {}), totalMs: Math.round(performance.now() - started) },
     });
+    const weightsTimes = (): NonNullable<RestoreEvent['phases']['at']> =>
+      job.weights ? { weightsLoadStart: job.weights.startedAt, ...(job.weights.endedAt !== undefined ? { weightsLoadEnd: job.weights.endedAt } : {}) } : {};
     try {
+      if (checkpoint.manifest.weights !== undefined && job.weights === undefined) {
+        throw new WeightsError(WeightsErrorCode.UNAVAILABLE, 'the checkpoint keeps its weights outside, and this agent has no weights service (no CUDA driver)', { step: 'load the weights' });
+      }
+      if (job.weights !== undefined) {
+        // The rootfs exists now: sources inside it can be opened (host model dirs were being read already).
+        rootFd = openContainerRoot(pid);
+        job.weights.provideRoot(rootFd);
+        Object.assign(at, weightsTimes());
+      }
       hook = await o.hookRecords.readHookOutcome(container.controlDir);
       // The hook gave up because the pull failed: that failure is the cause.
       if (hook.kind !== 'done' && job.pullError !== undefined) throw job.pullError;
@@ -482,6 +597,7 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
       await rm(workDir, { recursive: true, force: true });
       await mkdir(workDir, { recursive: true, mode: 0o700 });
       const mappedReads = startMappedFileReads(job, pid);
+      at.criuStart = Date.now();
       try {
         tree = await restoreIntoContainer({
           criu: o.criu,
@@ -498,6 +614,7 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
         mappedReads.stop();
       }
       phases.criuRestoreMs = Math.round(tree.criuRestoreMs);
+      at.criuEnd = Date.now();
       const mappedFiles = await mappedReads.settled();
 
       // --- CUDA restore seam: cuda-checkpoint restore + unlock of the restored tree goes here. ---
@@ -509,6 +626,17 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
           throw new RestoreError(RestoreErrorCode.DEVICES, errorMessage(err), { step: 'cuda restore', cause: err });
         }
         phases.cudaRestoreMs = Math.round(performance.now() - t2);
+        at.cudaRestoreEnd = Date.now();
+      }
+
+      if (job.weights !== undefined) {
+        const t3 = performance.now();
+        const loaded = await job.weights.loaded;
+        const loadMs = (job.weights.endedAt ?? Date.now()) - job.weights.startedAt;
+        weightsInfo = { bytes: loaded.bytes, loadMs, readers: job.weights.readers, mbPerS: loadMs > 0 ? Math.round(loaded.bytes / 1e3 / loadMs) : 0 };
+        await handOverWeights(tree, container.controlDir, loaded, signal);
+        at.weightsHandedOver = Date.now();
+        phases.weightsHandoverMs = Math.round(performance.now() - t3);
       }
 
       holding?.stop();
@@ -520,7 +648,7 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
       // Before restore-complete: the worker that wakes on it never sees the originals the diff replaced.
       await discardHookUndo(container.containerId, pid);
       await writeMarker(container.controlDir, 'restore-complete', { checkpoint: checkpoint.name, restoredAt: new Date().toISOString() });
-      const e = event({ outcome: 'restored', restoredPid: tree.hostPid, bytes: checkpoint.manifest.totals.bytes, ...(digests ? { digests } : {}), ...(mappedFiles ? { mappedFiles } : {}) });
+      const e = event({ outcome: 'restored', restoredPid: tree.hostPid, bytes: checkpoint.manifest.totals.bytes, ...(digests ? { digests } : {}), ...(mappedFiles ? { mappedFiles } : {}), ...(weightsInfo ? { weights: weightsInfo } : {}) });
       logger.info('restore', { ...e, criuOptions: tree.options, criuLog: tree.logPath, cgroupsJoined: tree.cgroupsJoined.length });
       o.onEvent?.(e);
     } catch (err) {
@@ -538,6 +666,38 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
         error: err,
         event: () => event({ outcome: 'fallback', cause, reason }),
       });
+    } finally {
+      // thaw's own handles and allocations go: the worker holds its imported ones (or was killed).
+      job.weights?.dispose();
+      if (rootFd !== undefined) closeSync(rootFd);
+    }
+  }
+
+  /**
+   * Hands the loaded weights to the restored worker: weights.sock in its control dir, served only to a pid of
+   * the restored tree, and the worker's answer awaited (it maps all regions or none). Any failure throws a
+   * WeightsError: the caller falls back, killing the restored tree, so nothing half-mapped survives.
+   */
+  async function handOverWeights(tree: RestoredTree, controlDir: string, loaded: LoadedWeights, signal: AbortSignal): Promise<void> {
+    const timeoutMs = o.weights?.handoverTimeoutMs ?? DEFAULT_WEIGHTS_HANDOVER_TIMEOUT_MS;
+    const handover = await listenForWorker(controlDir, loaded.regions, async (peer) => (await processTree('/proc', tree.hostPid).catch((): number[] => [])).includes(peer), {
+      awaitAnswer: { timeoutMs },
+    });
+    const timer = new AbortController();
+    try {
+      const { answer } = await Promise.race([
+        handover.delivered,
+        sleep(timeoutMs, undefined, { signal: timer.signal }).then(() => {
+          throw new WeightsError(WeightsErrorCode.HANDOVER, `the restored worker did not take its weights within ${timeoutMs} ms`, { step: 'hand the weights to the worker' });
+        }),
+        new Promise<never>((_, reject) => signal.addEventListener('abort', () => reject(new RestoreError(RestoreErrorCode.ABORTED, 'the container went away', { step: 'hand the weights to the worker' })), { once: true, signal: timer.signal })),
+      ]);
+      if (answer === undefined || !answer.ok) {
+        throw new WeightsError(WeightsErrorCode.IMPORT, `the restored worker could not map its weights: ${answer?.error ?? 'no answer'}`, { step: 'hand the weights to the worker', evidence: { answer } });
+      }
+    } finally {
+      timer.abort();
+      await handover.close();
     }
   }
 

@@ -110,6 +110,20 @@ export interface Manifest {
   files: ManifestFile[];
   totals: { bytes: number; fileCount: number; liveBytes?: number };
   timings: { phaseMs: Record<string, number> };
+  /**
+   * The worker's weights regions whose bytes are not in the checkpoint (docs/weights.md): their VAs and
+   * sources (path, range, size, sha256). Opaque here; the restore engine validates every field
+   * (restore-engine/weights/regions-file.ts) before it reads a byte.
+   */
+  weights?: ManifestWeights;
+}
+
+/** The manifest's weights section, as the store checks it (shape only). */
+export interface ManifestWeights {
+  schema: string;
+  regions: unknown[];
+  /** Bytes of the weights' file sources (read at restore instead of from the checkpoint). */
+  bytes: number;
 }
 
 /** What the checkpoint flow supplies to publish(); the store fills in the rest (name, id, dates, files, totals). */
@@ -119,6 +133,7 @@ export interface ManifestFields {
   criu: CriuDumpInfo;
   timings?: { phaseMs: Record<string, number> };
   liveBytes?: number;
+  weights?: ManifestWeights;
 }
 
 const STEP = 'parse checkpoint manifest';
@@ -333,7 +348,7 @@ export function parseManifest(json: string | unknown): Manifest {
   const phaseMs: Record<string, number> = {};
   const phases = obj(timingsObj['phaseMs'], `${at}.timings.phaseMs`);
   for (const key of Object.keys(phases)) phaseMs[key] = num(phases, key, `${at}.timings.phaseMs`);
-  return {
+  const manifest: Manifest = {
     schemaVersion: MANIFEST_SCHEMA_VERSION,
     kind: MANIFEST_KIND,
     name: str(o, 'name', at),
@@ -346,6 +361,11 @@ export function parseManifest(json: string | unknown): Manifest {
     totals,
     timings: { phaseMs },
   };
+  if (o['weights'] !== undefined) {
+    const w = obj(o['weights'], `${at}.weights`);
+    manifest.weights = { schema: str(w, 'schema', `${at}.weights`), regions: arr(w, 'regions', `${at}.weights`), bytes: num(w, 'bytes', `${at}.weights`) };
+  }
+  return manifest;
 }
 
 /** What the restoring node offers; gathered by the caller (host facts, the target container's image, the GPU). */

@@ -116,6 +116,7 @@ async function publishDir(ctx: PublishContext, pending: PendingCheckpoint, field
     files,
     totals,
     timings: fields.timings ?? { phaseMs: {} },
+    ...(fields.weights !== undefined ? { weights: fields.weights } : {}),
   }, tree, options, step);
 }
 

@@ -36,6 +36,7 @@ const CONTRACT_DEFAULTS = {
     thawPause: '/opt/thaw/lib/native/build/thaw-pause',
   },
   cuda: { libcuda: '', libnvml: '', lockTimeoutMs: 10000 },
+  weights: { modelDirs: '' },
   containerd: { socket: '/run/containerd/containerd.sock', root: '/var/lib/containerd' },
   log: { level: 'info', file: '' },
 };

@@ -16,6 +16,10 @@ export const WeightsErrorCode = {
   SOURCE_CHANGED: 'WEIGHTS_SOURCE_CHANGED',
   /** The weights' GPU memory could not be handed to the restored worker (socket, peer, sendmsg). */
   HANDOVER: 'WEIGHTS_HANDOVER',
+  /** The restored worker could not import or map the handed-over weights (its answer on weights.sock says why). */
+  IMPORT: 'WEIGHTS_IMPORT',
+  /** The checkpoint's weights are outside it, and this agent has no weights service (no CUDA driver with VMM). */
+  UNAVAILABLE: 'WEIGHTS_UNAVAILABLE',
   /** The GPU the load would use does not fit the checkpoint's regions (another allocation granularity). */
   GPU_MISMATCH: 'WEIGHTS_GPU_MISMATCH',
   /** A CUDA call of the load failed (allocation, pinned memory, copy, export); evidence has the CUresult. */

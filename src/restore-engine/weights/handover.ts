@@ -19,6 +19,8 @@ import { WeightsError, WeightsErrorCode } from './errors.js';
 import { WEIGHTS_SCHEMA } from './regions-file.js';
 
 export const WEIGHTS_SOCKET = 'weights.sock';
+/** The most of the worker's answer thaw reads (it is a one-line JSON object). */
+export const WEIGHTS_ANSWER_MAX_BYTES = 4096;
 
 const AF_UNIX = 1;
 const SOCK_STREAM = 1;
@@ -26,7 +28,9 @@ const SOCK_CLOEXEC = 0o2000000;
 const SOL_SOCKET = 1;
 const SCM_RIGHTS = 1;
 const SO_PEERCRED = 17;
+const SHUT_WR = 1;
 const SHUT_RDWR = 2;
+const POLLIN = 0x1;
 const CMSG_HEADER_BYTES = 16;
 const O_PATH = 0o10000000;
 const O_NOFOLLOW = 0o400000;
@@ -45,6 +49,8 @@ interface Libc {
   shutdown: Fn;
   close: Fn;
   open: Fn;
+  poll: Fn;
+  recv: Fn;
   fstatMode: (fd: number) => number;
 }
 
@@ -66,6 +72,8 @@ function bindLibc(): Libc {
     shutdown: lib.func('shutdown', 'int', ['int', 'int']),
     close: lib.func('close', 'int', ['int']),
     open: lib.func('open', 'int', ['const char *', 'int', 'int']),
+    poll: lib.func('poll', 'int', [koffi.inout('uint8_t *'), 'uint64_t', 'int']),
+    recv: lib.func('recv', 'intptr_t', ['int', koffi.out('uint8_t *'), 'size_t', 'int']),
     // statx(fd, "", AT_EMPTY_PATH, STATX_TYPE): stx_mode is the u16 at offset 28 of struct statx.
     fstatMode: (fd: number) => {
       const buf = Buffer.alloc(256);
@@ -84,9 +92,18 @@ export interface HandoverRegion {
   fds: readonly number[];
 }
 
+/** What the worker answered after mapping (or failing to map) the handles. */
+export interface WeightsAnswer {
+  ok: boolean;
+  error?: string;
+}
+
 export interface WeightsHandover {
-  /** Resolves once a peer that acceptPeer allowed has been sent every fd; rejects on close() or an error. */
-  readonly delivered: Promise<{ peerPid: number }>;
+  /**
+   * Resolves once a peer that acceptPeer allowed has been sent every fd (and, with `awaitAnswer`, has
+   * answered: `answer`); rejects on close(), an error, or no answer within the deadline.
+   */
+  readonly delivered: Promise<{ peerPid: number; answer?: WeightsAnswer }>;
   /** Stops listening and removes the socket (idempotent). The fds stay the caller's. */
   close(): Promise<void>;
 }
@@ -100,6 +117,7 @@ export async function listenForWorker(
   controlDir: string,
   regions: readonly HandoverRegion[],
   acceptPeer: (pid: number) => boolean | Promise<boolean>,
+  options: { awaitAnswer?: { timeoutMs: number } } = {},
 ): Promise<WeightsHandover> {
   const c = bindLibc();
   const path = join(controlDir, WEIGHTS_SOCKET);
@@ -179,7 +197,9 @@ export async function listenForWorker(
         // A stream socket takes the whole (small) message with its fds in one call or fails.
         const sent = c.sendmsg(conn, header, 0) as number;
         if (sent !== message.length) throw fail(`sendmsg sent ${sent} of ${message.length} bytes: errno ${koffi.errno()}`, { peerPid });
-        return { peerPid };
+        c.shutdown(conn, SHUT_WR); // the worker reads to end of stream
+        if (options.awaitAnswer === undefined) return { peerPid };
+        return { peerPid, answer: await readAnswer(conn, options.awaitAnswer.timeoutMs, peerPid) };
       } finally {
         c.close(conn);
       }
@@ -187,4 +207,39 @@ export async function listenForWorker(
   })();
   delivered.catch(() => undefined);
   return { delivered, close: shut };
+}
+
+/** Reads the worker's answer to end of stream (poll on the threadpool, so the event loop is not held). */
+async function readAnswer(conn: number, timeoutMs: number, peerPid: number): Promise<WeightsAnswer> {
+  const c = bindLibc();
+  const deadline = performance.now() + timeoutMs;
+  const chunks: Buffer[] = [];
+  let total = 0;
+  for (;;) {
+    const left = Math.max(0, Math.round(deadline - performance.now()));
+    const pfd = Buffer.alloc(8);
+    pfd.writeInt32LE(conn, 0);
+    pfd.writeInt16LE(POLLIN, 4);
+    const ready = await new Promise<number>((resolve, reject) => {
+      c.poll.async(pfd, 1, left, (err: unknown, n: number) => (err ? reject(err as Error) : resolve(n)));
+    });
+    if (ready < 0) throw fail(`poll failed: errno ${koffi.errno()}`, { peerPid });
+    if (ready === 0) throw fail(`the worker did not answer within ${timeoutMs} ms`, { peerPid });
+    const buf = Buffer.alloc(WEIGHTS_ANSWER_MAX_BYTES + 1 - total);
+    const n = Number(c.recv(conn, buf, buf.length, 0));
+    if (n < 0) throw fail(`recv failed: errno ${koffi.errno()}`, { peerPid });
+    if (n === 0) break;
+    chunks.push(buf.subarray(0, n));
+    total += n;
+    if (total > WEIGHTS_ANSWER_MAX_BYTES) throw fail('the worker\'s answer is too long', { peerPid });
+  }
+  let doc: unknown;
+  try {
+    doc = JSON.parse(Buffer.concat(chunks).toString('utf8'));
+  } catch {
+    throw fail('the worker\'s answer is not JSON', { peerPid });
+  }
+  if (typeof doc !== 'object' || doc === null || typeof (doc as { ok?: unknown }).ok !== 'boolean') throw fail('the worker\'s answer has no ok', { peerPid });
+  const { ok, error } = doc as { ok: boolean; error?: unknown };
+  return { ok, ...(typeof error === 'string' ? { error: error.slice(0, 1000) } : {}) };
 }

@@ -1,0 +1,215 @@
+/**
+ * The weights service through the agent process and a real containerd, on a machine without a GPU (the fake
+ * driver: native/fake-libcuda). The worker (test/helpers/weights-worker.py, the Python SDK) runs in a pod whose
+ * image is a few directories, with the host's Python, the SDK and the fake driver bind-mounted read-only, and its
+ * model files on a bind mount of a host directory that the agent's config allows (`--weights-model-dirs`).
+ * The fake's shareable memory is memfds, so the weights' bytes cross from the agent's process to the restored
+ * worker as on a GPU; the worker's VMM bookkeeping lives in its own memory and goes through CRIU with it.
+ *
+ * Shown here:
+ *   - a checkpoint of a worker with a weights region records the region (VA, sources, sha256) in the manifest,
+ *     and its bytes are not in the checkpoint (the whole checkpoint is smaller than the weights);
+ *   - a restore loads the weights from CreateContainer on (the event's phases: the load starts before CRIU
+ *     ends), hands them to the restored worker, which holds the source's bytes at the source's VA;
+ *   - a source file changed since the checkpoint: cold start with cause WEIGHTS_SOURCE_CHANGED;
+ *   - the restored worker cannot import the handles: cold start with cause WEIGHTS_IMPORT.
+ */
+import { execFileSync } from 'node:child_process';
+import { createHash, randomBytes } from 'node:crypto';
+import { existsSync, lstatSync, readlinkSync } from 'node:fs';
+import { mkdir, mkdtemp, readFile, rm, symlink, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { dirname, join, resolve } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { Mount } from '../../src/node-stack/index.js';
+import { flavorsUnderTest, useNodeStack, waitFor } from '../helpers/stack.js';
+import { ensureBuilt, pluginDirsUnder, readJsonLog, startThawPluginProcess, waitForLog, type ThawPluginDirs, type ThawPluginProcess } from '../helpers/thaw-plugin-process.js';
+import { buildFakeLibraries, FAKE_LIBCUDA, FAKE_NVML, fakeTokenEnv } from '../helpers/cuda-fake-lib.js';
+
+const REPO = resolve(import.meta.dirname, '../..');
+const SDK_DIR = join(REPO, 'sdk/python');
+const WORKER = join(REPO, 'test/helpers/weights-worker.py');
+const IMAGE = 'docker.io/thaw/weights-worker-shell:1';
+const CHECKPOINT = 'weights-worker';
+const TOKEN = 'tok-weights';
+const MiB = 1 << 20;
+/** Larger than the whole checkpoint of the worker (a Python process of ~30 MB): weights in the image would show. */
+const WEIGHTS_MIB = [40, 24];
+const PATH_ENV = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin';
+
+function safetensors(name: string, data: Buffer): Buffer {
+  const json = Buffer.from(JSON.stringify({ [name]: { dtype: 'U8', shape: [data.length], data_offsets: [0, data.length] } }));
+  const len = Buffer.alloc(8);
+  len.writeBigUInt64LE(BigInt(json.length));
+  return Buffer.concat([len, json, data]);
+}
+
+interface WorkerFileState {
+  boot: string;
+  va: string;
+  loadedSha: string;
+  sha: string;
+  phase: string;
+  restored: boolean;
+}
+
+describe.each(flavorsUnderTest())('weights outside the checkpoint, through the agent on containerd %s', (flavor) => {
+  const handle = useNodeStack({ flavor });
+  let workDir: string;
+  let dirs: ThawPluginDirs;
+  let modelsDir: string;
+  let workerCtl: string;
+  let plugin: ThawPluginProcess | undefined;
+  let python: string;
+  let mounts: Mount[];
+  let files: string[];
+  let weightsSha: string;
+  let source: WorkerFileState;
+
+  const statePath = (containerId: string): string => join(dirs.controlRoot, containerId, 'worker-state.json');
+  const stateOf = async (containerId: string): Promise<WorkerFileState | undefined> =>
+    readFile(statePath(containerId), 'utf8').then((t) => JSON.parse(t) as WorkerFileState, () => undefined);
+  const runWorker = (name: string, annotations: Record<string, string>, env: Record<string, string> = {}) =>
+    handle.stack.cri.runPod({
+      name,
+      containerName: 'worker',
+      uid: `${name}-uid`,
+      annotations,
+      image: IMAGE,
+      command: [python, WORKER, SDK_DIR, FAKE_LIBCUDA, ...files],
+      env: { PATH: PATH_ENV, PYTHONDONTWRITEBYTECODE: '1', PYTHONUNBUFFERED: '1', FAKE_CUDA_CONTROL_FILE: workerCtl, ...fakeTokenEnv(TOKEN), ...env },
+      mounts,
+    });
+  const restoreEventOf = (containerId: string) =>
+    waitForLog(dirs.logFile, (r) => r['event'] === 'restore' && r['containerId'] === containerId && r.msg === 'restore', `the restore event of ${containerId}`, 90_000);
+
+  beforeAll(async () => {
+    buildFakeLibraries();
+    ensureBuilt();
+    workDir = await mkdtemp(join(tmpdir(), 'thaw-weights-e2e-'));
+    dirs = pluginDirsUnder(workDir, handle.stack.paths.prefix, join(workDir, 'thaw.log'));
+    modelsDir = join(workDir, 'models');
+    await mkdir(modelsDir);
+    await mkdir(join(workDir, 'worker-ctl'));
+    workerCtl = join(workDir, 'worker-ctl/fake.ctl');
+    await writeFile(workerCtl, '');
+    files = WEIGHTS_MIB.map((_, i) => join(modelsDir, `model-0000${i + 1}.safetensors`));
+    const hash = createHash('sha256');
+    for (const [i, mib] of WEIGHTS_MIB.entries()) {
+      const data = randomBytes(mib * MiB);
+      hash.update(data);
+      await writeFile(files[i]!, safetensors(`t${i}`, data));
+    }
+    weightsSha = hash.digest('hex');
+
+    // The image: merged-/usr links and the dirs a container needs; the host's Python and the rest are mounted.
+    python = execFileSync('python3', ['-c', 'import sys; print(sys.executable)'], { encoding: 'utf8' }).trim();
+    const prefix = execFileSync(python, ['-c', 'import sys; print(sys.base_prefix)'], { encoding: 'utf8' }).trim();
+    const rootfs = join(workDir, 'rootfs');
+    for (const d of ['etc', 'tmp', 'proc', 'sys', 'dev', 'run', 'root', 'usr']) await mkdir(join(rootfs, d), { recursive: true, mode: d === 'tmp' ? 0o1777 : 0o755 });
+    const roots = new Set(['/usr']);
+    for (const name of ['bin', 'sbin', 'lib', 'lib32', 'lib64']) {
+      const p = `/${name}`;
+      if (!existsSync(p)) continue;
+      if (lstatSync(p).isSymbolicLink()) await symlink(readlinkSync(p), join(rootfs, name));
+      else roots.add(p);
+    }
+    await writeFile(join(rootfs, 'etc/passwd'), 'root:x:0:0:root:/root:/bin/sh\n');
+    await handle.stack.importImage({ ref: IMAGE, rootfsDir: rootfs, env: [`PATH=${PATH_ENV}`] });
+    const ro = (p: string): Mount => ({ host_path: p, container_path: p, readonly: true });
+    mounts = [...[...roots].map(ro), ro('/etc/ld.so.cache'), ...(prefix.startsWith('/usr/') ? [] : [ro(prefix)]), ro(SDK_DIR), ro(dirname(WORKER)), ro(dirname(FAKE_LIBCUDA)), ro(join(workDir, 'worker-ctl')), ro(modelsDir)];
+
+    await mkdir(join(workDir, 'fake-state'));
+    plugin = startThawPluginProcess({
+      socketPath: handle.stack.nriSocketPath,
+      containerd: { socket: handle.stack.address, root: handle.stack.rootDir },
+      ...dirs,
+      extraArgs: ['--cuda-libcuda', FAKE_LIBCUDA, '--cuda-libnvml', FAKE_NVML, '--weights-model-dirs', modelsDir],
+      env: { FAKE_CUDA_STATE_DIR: join(workDir, 'fake-state') },
+    });
+    await waitFor(async () => ((await readJsonLog(dirs.logFile)).some((r) => r.msg === 'nri plugin synchronized') ? true : undefined), 'the plugin to synchronize', 30_000);
+
+    const pod = await runWorker('weights-source', { 'thaw.dev/checkpoint': CHECKPOINT }, { WORKER_CHECKPOINT: '1' });
+    const event = await waitForLog(dirs.logFile, (r) => r['event'] === 'checkpoint' && r['name'] === CHECKPOINT, 'the checkpoint', 90_000);
+    expect(event['outcome'], JSON.stringify(event['error'])).toBe('succeeded');
+    source = await waitFor(async () => {
+      const s = await stateOf(pod.containerId);
+      return s?.phase === 'checkpoint-complete' ? s : undefined;
+    }, 'the source to go on after its checkpoint', 60_000);
+    await handle.stack.cri.removePod(pod.podId);
+  }, 240_000);
+
+  afterAll(async () => {
+    await plugin?.stop();
+    await rm(workDir, { recursive: true, force: true });
+  });
+
+  it('records the region in the manifest and keeps its bytes out of the checkpoint', async () => {
+    const manifest = JSON.parse(await readFile(join(dirs.storeRoot, CHECKPOINT, 'manifest.json'), 'utf8')) as {
+      weights?: { bytes: number; regions: Array<{ va: string; allocations: Array<{ kind: string; source?: { path: string; sha256: string; fileSize: number } }> }> };
+      totals: { bytes: number };
+    };
+    const weightsBytes = WEIGHTS_MIB.reduce((a, m) => a + m * MiB, 0);
+    expect(manifest.weights?.bytes).toBe(weightsBytes);
+    expect(manifest.weights?.regions.map((r) => r.va)).toEqual([source.va]);
+    const sources = manifest.weights?.regions[0]?.allocations.map((a) => a.source) ?? [];
+    const fileSha = async (p: string): Promise<string> => createHash('sha256').update(await readFile(p)).digest('hex');
+    expect(sources.map((s) => [s?.path, s?.sha256])).toEqual(await Promise.all(files.map(async (f) => [f, await fileSha(f)])));
+    // The checkpoint (CRIU images, rootfs diff) is smaller than the weights alone: they are not in it.
+    expect(manifest.totals.bytes).toBeLessThan(weightsBytes);
+    // The source held them before and after (it reloaded them after checkpoint-complete).
+    expect([source.loadedSha, source.sha]).toEqual([weightsSha, weightsSha]);
+  });
+
+  it('restores: the weights load starts before CRIU ends, the restored worker maps the source\'s bytes at its VA', async () => {
+    const pod = await runWorker('weights-restored', { 'thaw.dev/restore': CHECKPOINT });
+    const event = await restoreEventOf(pod.containerId);
+    expect([event['outcome'], event['cause']], String(event['reason'])).toEqual(['restored', undefined]);
+    const at = (event['phases'] as { at: Record<string, number> }).at;
+    expect(at['weightsLoadStart']).toBeLessThan(at['criuEnd']!);
+    expect(at['criuStart']).toBeLessThan(at['criuEnd']!);
+    expect(at['weightsHandedOver']).toBeGreaterThanOrEqual(at['criuEnd']!);
+    expect((event['weights'] as { bytes: number }).bytes).toBe(WEIGHTS_MIB.reduce((a, m) => a + m * MiB, 0));
+    const state = await waitFor(async () => {
+      const s = await stateOf(pod.containerId);
+      return s?.phase === 'restore-complete' ? s : undefined;
+    }, 'the restored worker to report', 60_000);
+    expect(state).toMatchObject({ restored: true, boot: source.boot, va: source.va, sha: weightsSha });
+    await handle.stack.cri.removePod(pod.podId);
+  }, 120_000);
+
+  it('cold-starts with cause WEIGHTS_IMPORT when the restored worker cannot import the handles', async () => {
+    // The restored worker's fake driver reads this file at every call (its environment is the source's).
+    await writeFile(workerCtl, 'FAKE_CUDA_FAIL=mem-import:invalid\n');
+    try {
+      const pod = await runWorker('weights-import-fails', { 'thaw.dev/restore': CHECKPOINT });
+      const event = await restoreEventOf(pod.containerId);
+      expect([event['outcome'], event['cause']]).toEqual(['fallback', 'WEIGHTS_IMPORT']);
+      await writeFile(workerCtl, '');
+      // The cold start: a fresh worker (another boot id) that loaded the files itself.
+      const state = await waitFor(async () => {
+        const s = await stateOf(pod.containerId);
+        return s?.phase === 'loaded' ? s : undefined;
+      }, 'the cold-started worker to load', 60_000);
+      expect(state.boot).not.toBe(source.boot);
+      expect(state.sha).toBe(weightsSha);
+      await handle.stack.cri.removePod(pod.podId);
+    } finally {
+      await writeFile(workerCtl, '');
+    }
+  }, 120_000);
+
+  it('cold-starts with cause WEIGHTS_SOURCE_CHANGED when a source file changed since the checkpoint', async () => {
+    const first = WEIGHTS_MIB[0]! * MiB;
+    await writeFile(files[0]!, safetensors('t0', randomBytes(first))); // same size, other bytes
+    const pod = await runWorker('weights-changed', { 'thaw.dev/restore': CHECKPOINT });
+    const event = await restoreEventOf(pod.containerId);
+    expect([event['outcome'], event['cause']]).toEqual(['fallback', 'WEIGHTS_SOURCE_CHANGED']);
+    const state = await waitFor(async () => {
+      const s = await stateOf(pod.containerId);
+      return s?.phase === 'loaded' ? s : undefined;
+    }, 'the cold-started worker to load', 60_000);
+    expect([state.restored, state.boot === source.boot]).toEqual([false, false]);
+    await handle.stack.cri.removePod(pod.podId);
+  }, 120_000);
+});
