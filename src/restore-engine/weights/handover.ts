@@ -11,7 +11,6 @@
  * closed unanswered. Node has no fd passing on unix sockets, so the socket calls are libc's through koffi.
  */
 import { chmod, unlink } from 'node:fs/promises';
-import { join } from 'node:path';
 import koffi from 'koffi';
 import { msghdrType } from '../../sys/msghdr.js';
 
@@ -35,6 +34,7 @@ const CMSG_HEADER_BYTES = 16;
 const O_PATH = 0o10000000;
 const O_NOFOLLOW = 0o400000;
 const O_CLOEXEC = 0o2000000;
+const O_DIRECTORY = 0o200000;
 const SUN_PATH_MAX = 107;
 
 type Fn = koffi.KoffiFunction;
@@ -120,13 +120,25 @@ export async function listenForWorker(
   options: { awaitAnswer?: { timeoutMs: number } } = {},
 ): Promise<WeightsHandover> {
   const c = bindLibc();
-  const path = join(controlDir, WEIGHTS_SOCKET);
-  if (Buffer.byteLength(path) > SUN_PATH_MAX) throw fail('the socket path is too long for sockaddr_un', { path });
+  // Bound through a descriptor of the directory (/proc/self/fd/<n>/weights.sock): sun_path holds 107 bytes,
+  // a control dir's path (root + a 64-hex container id) may not fit in it.
+  const dirFd = c.open(controlDir, O_PATH | O_DIRECTORY | O_CLOEXEC, 0) as number;
+  if (dirFd < 0) throw fail(`cannot open ${controlDir}: errno ${koffi.errno()}`);
+  const path = `/proc/self/fd/${dirFd}/${WEIGHTS_SOCKET}`;
+  if (Buffer.byteLength(path) > SUN_PATH_MAX) {
+    c.close(dirFd);
+    throw fail('the socket path is too long for sockaddr_un', { path });
+  }
   await unlink(path).catch((err: NodeJS.ErrnoException) => {
-    if (err.code !== 'ENOENT') throw fail(`cannot clear ${path}: ${err.message}`);
+    if (err.code === 'ENOENT') return;
+    c.close(dirFd);
+    throw fail(`cannot clear ${path}: ${err.message}`);
   });
   const fd = c.socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0) as number;
-  if (fd < 0) throw fail(`socket() failed: errno ${koffi.errno()}`);
+  if (fd < 0) {
+    c.close(dirFd);
+    throw fail(`socket() failed: errno ${koffi.errno()}`);
+  }
   let closed = false;
   const shut = async (): Promise<void> => {
     if (closed) return;
@@ -135,6 +147,7 @@ export async function listenForWorker(
     await acceptDone.catch(() => undefined);
     c.close(fd);
     await unlink(path).catch(() => undefined);
+    c.close(dirFd);
   };
   let acceptDone: Promise<unknown> = Promise.resolve();
   try {
