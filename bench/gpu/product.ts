@@ -20,6 +20,11 @@
  * BENCH_GPU_TP (1; N > 1: every pod runs the worker at tensor parallelism N, one process per GPU, and the
  * variant `released-tp1` is the same model on one GPU, for the ratio in the same run), BENCH_GPU_SHAPE
  * (0.6b | 8b: the Qwen3 shape; weights default to /tmp/thaw-qwen3-<shape>-random),
+ * BENCH_GPU_MODELS (qwen3-0.6b,qwen3-4b,qwen3-8b,qwen3-14b: one run per model, each with its own stack, its
+ * weights in /tmp/thaw-<model>-random unless THAW_WEIGHTS_DIR, and its own JSON in bench/results/; unset: the
+ * BENCH_GPU_SHAPE run as before), BENCH_GPU_WEIGHTS (vmm,torch: each variant once per weights mode, the worker's
+ * --weights; vmm = the SDK's WeightsRegion, outside the checkpoint; unset: the worker's default, torch),
+ * BENCH_GPU_DROP_WEIGHTS=1 (remove a model's weights dir after its run: the 64 GiB disk),
  * BENCH_GPU_STANDIN=1 (no GPU: bench/gpu/standin-worker.py, a CPU worker that speaks the same HTTP and
  * control-dir protocol, to check this script's plumbing on a machine without a GPU; its numbers mean nothing).
  */
@@ -38,6 +43,8 @@ import { getJson } from '../../demo/scenario.js';
 import { dropPageCache } from '../page-cache.js';
 import { readThpMode } from '../../src/sys/host-facts.js';
 import { median } from '../stats.js';
+import { parallelReadRate, type ReadRate } from '../read-rate.js';
+import { readdirSync } from 'node:fs';
 import { renderTable } from '../../src/table.js';
 
 export const GPU_WORKER_IMAGE_REF = 'docker.io/thaw/gpu-worker-shell:1';
@@ -122,11 +129,11 @@ interface HostWorkerEnv {
   usrLinks: Array<{ name: string; target: string }>;
 }
 
-function hostWorkerEnv(python: string, workerScript: string, weightsDir: string): HostWorkerEnv {
+function hostWorkerEnv(python: string, workerScript: string, weightsDir: string, modelArgs: string[] = []): HostWorkerEnv {
   // Not realpath'd: a venv's python is a symlink whose own path makes it the venv's interpreter.
   const pythonPath = execFileSync('sh', ['-c', `command -v ${python}`], { encoding: 'utf8' }).trim();
   // One Python start does both: makes the weights (once) and says where its packages live.
-  const out = execFileSync(pythonPath, [workerScript, '--prepare-weights', '--weights-dir', weightsDir], { encoding: 'utf8', timeout: 600_000, stdio: ['ignore', 'pipe', 'inherit'] });
+  const out = execFileSync(pythonPath, [workerScript, '--prepare-weights', '--weights-dir', weightsDir, ...modelArgs], { encoding: 'utf8', timeout: 600_000, stdio: ['ignore', 'pipe', 'inherit'] });
   const facts = JSON.parse(out.trim().split('\n').pop() ?? '{}') as { paths: string[]; created?: boolean };
   say(`weights in ${weightsDir}${facts.created ? ' (created)' : ''}`);
   const roots = new Set<string>(['/usr']);
@@ -201,7 +208,10 @@ interface PodRun {
 }
 
 interface Variant {
-  name: 'released' | 'kept' | 'released-tp1';
+  /** released, kept, released-tp1; with BENCH_GPU_WEIGHTS: suffixed with the weights mode (released-vmm). */
+  name: string;
+  /** The worker's --weights (BENCH_GPU_WEIGHTS); undefined: its default (torch). */
+  weights?: 'vmm' | 'torch';
   workerArgs: string[];
   /** The worker's tensor parallelism in this variant's pods. */
   tensorParallel: number;
@@ -209,6 +219,9 @@ interface Variant {
 
 interface VariantResult {
   variant: string;
+  weights: 'vmm' | 'torch';
+  /** The restore event's weights load (bytes, loadMs, mbPerS) of the warm median run; null without one. */
+  weightsLoad: unknown;
   tensorParallel: number;
   checkpointMs: number;
   checkpointPhases: unknown;
@@ -238,15 +251,20 @@ interface VariantResult {
   tokensMatch: boolean;
 }
 
-async function main(): Promise<void> {
+/** One model's run (or, model undefined, the BENCH_GPU_SHAPE run); prints its table and JSON line, writes its JSON. */
+async function runModel(model: string | undefined): Promise<void> {
   const standin = process.env['BENCH_GPU_STANDIN'] === '1';
   const tensorParallel = Number(process.env['BENCH_GPU_TP'] ?? 1);
   if (!Number.isInteger(tensorParallel) || tensorParallel < 1) throw new Error(`BENCH_GPU_TP: a positive integer, got ${JSON.stringify(process.env['BENCH_GPU_TP'])}`);
   const shape = process.env['BENCH_GPU_SHAPE'] ?? '0.6b';
   if (shape !== '0.6b' && shape !== '8b') throw new Error(`BENCH_GPU_SHAPE: unknown shape ${JSON.stringify(shape)} (expected 0.6b, 8b)`);
-  const shapeArgs = standin || shape === '0.6b' ? [] : ['--shape', shape];
+  const shapeArgs = model !== undefined ? ['--model', model] : standin || shape === '0.6b' ? [] : ['--shape', shape];
+  const weightsModes = (process.env['BENCH_GPU_WEIGHTS'] ?? '').split(',').map((w) => w.trim()).filter((w) => w !== '');
+  for (const w of weightsModes) if (w !== 'vmm' && w !== 'torch') throw new Error(`BENCH_GPU_WEIGHTS: unknown mode ${JSON.stringify(w)} (expected vmm, torch)`);
+  const modes: Array<'vmm' | 'torch' | undefined> = weightsModes.length > 0 ? (weightsModes as Array<'vmm' | 'torch'>) : [undefined];
+  const weightsArgs = (w: 'vmm' | 'torch' | undefined): string[] => (w !== undefined ? ['--weights', w] : []);
   const tpArgs = (n: number): string[] => (n > 1 ? ['--tensor-parallel', String(n)] : []);
-  const variants: Variant[] = (process.env['BENCH_GPU_VARIANTS'] ?? 'released,kept')
+  const baseVariants: Variant[] = (process.env['BENCH_GPU_VARIANTS'] ?? 'released,kept')
     .split(',')
     .map((s) => s.trim())
     .filter((s) => s !== '')
@@ -256,6 +274,9 @@ async function main(): Promise<void> {
       if (name === 'released-tp1') return { name, workerArgs: [], tensorParallel: 1 };
       throw new Error(`BENCH_GPU_VARIANTS: unknown variant ${JSON.stringify(name)} (expected released, kept, released-tp1)`);
     });
+  const variants: Variant[] = baseVariants.flatMap((v) =>
+    modes.map((w) => (w === undefined ? v : { ...v, name: `${v.name}-${w}`, weights: w, workerArgs: [...v.workerArgs, ...weightsArgs(w)] })),
+  );
   const port = Number(process.env['BENCH_GPU_PORT'] ?? 18080);
   // Restores per variant and page-cache state (medians reported): the lent machines are noisy.
   const restoreRounds = Math.max(1, Number(process.env['BENCH_GPU_RESTORES'] ?? 1) || 1);
@@ -263,7 +284,7 @@ async function main(): Promise<void> {
   const extraWorkerArgs = (process.env['BENCH_GPU_WORKER_ARGS'] ?? '').split(' ').filter((s) => s !== '');
   const workDir = await mkdtemp(join(tmpdir(), 'thaw-bench-gpu-'));
   // The GPU worker's weights are kept between runs (made once); the stand-in has none, so its dir goes with the run.
-  const weightsDir = process.env['THAW_WEIGHTS_DIR'] ?? (standin ? join(workDir, 'weights') : `/tmp/thaw-qwen3-${shape}-random`);
+  const weightsDir = process.env['THAW_WEIGHTS_DIR'] ?? (standin ? join(workDir, 'weights') : model !== undefined ? `/tmp/thaw-${model}-random` : `/tmp/thaw-qwen3-${shape}-random`);
   const flavor = parseFlavor((process.env['THAW_CONTAINERD'] ?? '1.7').split(',')[0] ?? '1.7');
   const resultsDir = process.env['BENCH_GPU_RESULTS_DIR'] ?? join(PACKAGE_ROOT, 'bench/results');
   const workerScript = join(PACKAGE_ROOT, standin ? 'bench/gpu/standin-worker.py' : 'bench/gpu/worker.py');
@@ -272,7 +293,7 @@ async function main(): Promise<void> {
   let host: HostWorkerEnv;
   try {
     await mkdir(weightsDir, { recursive: true });
-    host = hostWorkerEnv(process.env['BENCH_GPU_PYTHON'] ?? 'python3', workerScript, weightsDir);
+    host = hostWorkerEnv(process.env['BENCH_GPU_PYTHON'] ?? 'python3', workerScript, weightsDir, shapeArgs);
   } catch (err) {
     await rm(workDir, { recursive: true, force: true });
     throw err;
@@ -287,13 +308,24 @@ async function main(): Promise<void> {
   let coldStartWarmMs = Number.NaN;
   let coldTokens: number[] | undefined;
   const results: VariantResult[] = [];
+  let coldFacts: Record<string, unknown> | undefined;
+  // The rates a restore can reach on this machine, measured in this run over the model's own files.
+  const weightFiles = readdirSync(weightsDir).filter((f) => f.endsWith('.safetensors')).map((f) => join(weightsDir, f));
+  let pageCacheRead: ReadRate | null = null;
+  let diskRead: ReadRate | null = null;
+  if (weightFiles.length > 0) {
+    await dropPageCache();
+    diskRead = await parallelReadRate(weightFiles);
+    pageCacheRead = await parallelReadRate(weightFiles);
+    say(`weights files read: ${diskRead.gbPerS} GB/s from disk, ${pageCacheRead.gbPerS} GB/s from the page cache (${diskRead.readers} readers)`);
+  }
   try {
     stack = await startNodeStack({ flavor });
     const s = stack;
     const image = await importShellImage(s, host, workDir);
     const logFile = join(workDir, 'thaw.log');
     const dirs = pluginDirsUnder(workDir, s.paths.prefix, logFile);
-    plugin = startThawPluginProcess({ socketPath: s.nriSocketPath, containerd: { socket: s.address, root: s.rootDir }, ...dirs, extraArgs: ['--log-level', 'info'] });
+    plugin = startThawPluginProcess({ socketPath: s.nriSocketPath, containerd: { socket: s.address, root: s.rootDir }, ...dirs, extraArgs: ['--log-level', 'info', '--weights-model-dirs', weightsDir] });
     await waitForLog(logFile, (r) => r.msg === 'nri plugin synchronized', 'the thaw plugin to register', 60_000);
     const idleGpuMiB = gpuMemoryUsedMiB();
     const settleLimitMiB = idleGpuMiB === undefined ? undefined : idleGpuMiB + 1024;
@@ -340,12 +372,14 @@ async function main(): Promise<void> {
     // 1. The baseline: a plain pod of the same worker, no thaw annotation.
     await dropPageCache();
     say('cold start, page cache dropped');
-    const cold = await runWorker('gpu-cold', {}, tpArgs(tensorParallel));
-    coldStartMs = (await waitReady(cold, COLD_START_TIMEOUT_MS, (h) => h.ok)).ms;
+    const cold = await runWorker('gpu-cold', {}, [...tpArgs(tensorParallel), ...weightsArgs(modes[0])]);
+    const coldReady = await waitReady(cold, COLD_START_TIMEOUT_MS, (h) => h.ok);
+    coldStartMs = coldReady.ms;
+    coldFacts = coldReady.health.facts;
     coldTokens = (await getJson<{ tokens: number[] }>(port, '/tokens', TOKENS_TIMEOUT_MS)).tokens;
     await removePod(cold);
     say(`cold start ${coldStartMs} ms; again with the page cache warm`);
-    const coldWarm = await runWorker('gpu-cold-warm', {}, tpArgs(tensorParallel));
+    const coldWarm = await runWorker('gpu-cold-warm', {}, [...tpArgs(tensorParallel), ...weightsArgs(modes[0])]);
     coldStartWarmMs = (await waitReady(coldWarm, COLD_START_TIMEOUT_MS, (h) => h.ok)).ms;
     await removePod(coldWarm);
     say(`cold start (page cache warm) ${coldStartWarmMs} ms`);
@@ -372,7 +406,7 @@ async function main(): Promise<void> {
       await removePod(source);
       say(`${v.name}: checkpoint ${Math.round(checkpointPhases.totalMs)} ms, ${round(checkpointBytes / GiB, 2)} GiB (live ${liveBytes === null ? '?' : round(liveBytes / GiB, 2)} GiB)`);
 
-      type RestoreRun = { ms: number; outcome: string; cause: string | null; phases: unknown; timeline: unknown; tokens: number[] | undefined };
+      type RestoreRun = { ms: number; outcome: string; cause: string | null; phases: unknown; timeline: unknown; tokens: number[] | undefined; weights: unknown };
       const restoreOnce = async (label: 'warm' | 'cold' | 'cold-mapped-warm', round_: number): Promise<RestoreRun> => {
         if (label !== 'warm') await dropPageCache();
         // The checkpoint cold, the worker's libraries cached: how much of a dropped restore is theirs.
@@ -393,7 +427,7 @@ async function main(): Promise<void> {
           startToRestoreEventMs: restoredAt - startedReturnedAt,
           restoreEventToReadyMs: target.startedAt + ready.ms - restoredAt,
         };
-        return { ms: ready.ms, outcome, cause: restoreEvent['cause'] ? String(restoreEvent['cause']) : null, phases: restoreEvent['phases'], timeline, tokens };
+        return { ms: ready.ms, outcome, cause: restoreEvent['cause'] ? String(restoreEvent['cause']) : null, phases: restoreEvent['phases'], timeline, tokens, weights: restoreEvent['weights'] ?? null };
       };
       // Rounds alternate warm and dropped; the figures are the medians, every sample is in the JSON.
       const warmRuns: RestoreRun[] = [];
@@ -418,6 +452,8 @@ async function main(): Promise<void> {
       const same = (a: number[] | undefined, b: number[] | undefined): boolean => a !== undefined && b !== undefined && a.length > 0 && JSON.stringify(a) === JSON.stringify(b);
       results.push({
         variant: v.name,
+        weights: v.weights ?? 'torch',
+        weightsLoad: warm.weights,
         tensorParallel: v.tensorParallel,
         checkpointMs: Math.round(checkpointPhases.totalMs),
         checkpointPhases,
@@ -483,7 +519,7 @@ async function main(): Promise<void> {
     ),
   );
   process.stdout.write(`cold start with the page cache warm: ${coldStartWarmMs} ms\n`);
-  const main = results.find((r) => r.variant === 'released') ?? results[0];
+  const main = results.find((r) => r.variant.startsWith('released') && r.weights === 'vmm') ?? results.find((r) => r.variant.startsWith('released')) ?? results[0];
   const tp1 = results.find((r) => r.variant === 'released-tp1');
   const summary = {
     bench: 'gpu',
@@ -495,6 +531,15 @@ async function main(): Promise<void> {
     driver: identity.driver,
     tensorParallel,
     shape,
+    model: model ?? (shape === '8b' ? 'qwen3-8b' : 'qwen3-0.6b'),
+    paramsB: coldFacts?.['paramsB'] ?? null,
+    weightsBytes: coldFacts?.['weightsBytes'] ?? null,
+    // Outside only when thaw really loaded them beside the restore (the restore event's weights), not when asked.
+    weightsOutside: main?.weightsLoad !== undefined && main?.weightsLoad !== null,
+    phases: main?.restoreWarmPhases ?? null,
+    weightsLoad: main?.weightsLoad ?? null,
+    pageCacheRead,
+    diskRead,
     kernel: release(),
     // CRIU's page-restore rate depends on it (bench/gpu/criu-page-rate.sh); run-product.sh's THAW_THP sets it.
     transparentHugePages: (await readThpMode()) ?? null,
@@ -515,11 +560,24 @@ async function main(): Promise<void> {
   };
   const json = JSON.stringify(summary);
   await mkdir(resultsDir, { recursive: true });
-  const file = join(resultsDir, `gpu-${summary.date.replace(/[:.]/g, '-')}${standin ? '-standin' : ''}.json`);
+  const file = join(resultsDir, `gpu-${model !== undefined ? `${model}-` : ''}${summary.date.replace(/[:.]/g, '-')}${standin ? '-standin' : ''}.json`);
   await writeFile(file, `${JSON.stringify(summary, null, 2)}\n`);
-  if (process.env['OUT']) await writeFile(join(process.env['OUT'], 'bench-gpu.json'), `${json}\n`);
+  if (process.env['OUT']) await writeFile(join(process.env['OUT'], model !== undefined ? `bench-gpu-${model}.json` : 'bench-gpu.json'), `${json}\n`);
   say(`results in ${file}`);
   process.stdout.write(`${json}\n`);
+}
+
+async function main(): Promise<void> {
+  const models = (process.env['BENCH_GPU_MODELS'] ?? '').split(',').map((m) => m.trim()).filter((m) => m !== '');
+  if (models.length === 0) return runModel(undefined);
+  for (const m of models) {
+    if (!/^qwen3-(0\.6b|4b|8b|14b)$/.test(m)) throw new Error(`BENCH_GPU_MODELS: unknown model ${JSON.stringify(m)} (expected qwen3-0.6b, qwen3-4b, qwen3-8b, qwen3-14b)`);
+  }
+  for (const m of models) {
+    await runModel(m);
+    const dir = process.env['THAW_WEIGHTS_DIR'] ?? `/tmp/thaw-${m}-random`;
+    if (process.env['BENCH_GPU_DROP_WEIGHTS'] === '1' && process.env['BENCH_GPU_STANDIN'] !== '1') await rm(dir, { recursive: true, force: true });
+  }
 }
 
 main().catch((err: unknown) => {

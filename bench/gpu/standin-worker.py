@@ -58,7 +58,17 @@ def main(argv=None):
     p.add_argument("--prepare-weights", action="store_true")
     p.add_argument("--tensor-parallel", type=int, default=1)
     p.add_argument("--rank", type=int, default=0)
+    # worker.py's model flags: the shape is only reported (facts), the "weights" are the buffer either way.
+    p.add_argument("--model", default="qwen3-0.6b")
+    p.add_argument("--weights", choices=("vmm", "torch"), default="torch")
     args = p.parse_args(argv)
+    sys.path.insert(0, HERE)
+    import worker  # noqa: E402  (its model table and parameter count need no torch)
+
+    if args.model not in worker.MODELS:
+        raise SystemExit("unknown --model %s" % args.model)
+    facts = {"model": args.model, "paramsB": round(worker.params_of(worker.MODELS[args.model]) / 1e9, 3),
+             "weights": args.weights, "weightsBytes": args.memory_mb << 20}
     if args.prepare_weights:
         print(json.dumps({"event": "weights", "dir": args.weights_dir, "created": False, "paths": sys.path}), flush=True)
         return 0
@@ -128,7 +138,7 @@ def main(argv=None):
 
         def do_GET(self):
             if self.path == "/healthz":
-                self._reply(200, {"ok": True, **state})
+                self._reply(200, {"ok": True, **state, "facts": facts})
             elif self.path == "/tokens":
                 self._reply(200, {"tokens": current_tokens()})
             else:

@@ -56,6 +56,28 @@ QWEN3_0_6B = dict(
     tie_word_embeddings=True,
     attention_bias=False,
 )
+# The public Qwen3 shapes (each model's config.json on the hub); --model picks one (random weights, bf16).
+MODELS = {
+    "qwen3-0.6b": dict(QWEN3_0_6B),
+    "qwen3-4b": dict(QWEN3_0_6B, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
+    "qwen3-8b": dict(QWEN3_0_6B, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
+    "qwen3-14b": dict(QWEN3_0_6B, hidden_size=5120, intermediate_size=17408, num_hidden_layers=40,
+                      num_attention_heads=40, num_key_value_heads=8, tie_word_embeddings=False),
+}
+
+
+def params_of(cfg):
+    """The parameter count of a Qwen3 shape (embedding, per-layer attention + q/k norms + MLP + 2 norms, final
+    norm, lm_head unless tied)."""
+    h, i, n, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["head_dim"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    layer = h * q + 2 * h * kv + q * h + 2 * hd + 3 * h * i + 2 * h
+    emb = cfg["vocab_size"] * h
+    return emb + n * layer + h + (0 if cfg["tie_word_embeddings"] else emb)
+
+
 FIXED_PROMPT = [151643, 785, 3974, 13876, 38835, 34208, 916, 279, 15678, 5562, 13]
 DEFAULT_WEIGHTS_DIR = "/tmp/thaw-qwen3-0.6b-random"
 GiB = 1 << 30
@@ -125,6 +147,40 @@ def ensure_weights(weights_dir, seed):
     del model
     torch.cuda.empty_cache()
     return True
+
+
+def weight_files(weights_dir):
+    """The safetensors files save_pretrained wrote (one, or the shards its index names)."""
+    index = os.path.join(weights_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(weights_dir, n) for n in names]
+    return [os.path.join(weights_dir, "model.safetensors")]
+
+
+def load_model_vmm(weights_dir):
+    """The model with its parameters as views into one thaw_cuda.WeightsRegion (weights outside the checkpoint).
+
+    The module tree is built on the meta device (no memory), then every parameter is replaced by the region's
+    tensor of the same name, so the region is the only copy on the GPU and a CUDA graph captured later reads
+    the region's addresses (which a restore maps back at the same VA). Returns (model, region).
+    """
+    region = thaw_cuda.WeightsRegion.load(weight_files(weights_dir))
+    cfg = transformers.Qwen3Config.from_pretrained(weights_dir)
+    with torch.device("meta"):
+        model = transformers.Qwen3ForCausalLM(cfg)
+    names = set(region.tensors_info)
+    for name, _param in list(model.named_parameters()):
+        if name not in names:
+            if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue
+            raise SystemExit("%s: no tensor %s in the weights files" % (weights_dir, name))
+        owner, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(owner), leaf, torch.nn.Parameter(region.tensor(name), requires_grad=False))
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval(), region
 
 
 def load_model(weights_dir):
@@ -298,7 +354,11 @@ def build(args):
     load_libraries()
     created = ensure_weights(args.weights_dir, args.seed)
     phase("weights on disk" + (" (created)" if created else ""))
-    model = load_model(args.weights_dir)
+    region = None
+    if args.weights == "vmm":
+        model, region = load_model_vmm(args.weights_dir)
+    else:
+        model = load_model(args.weights_dir)
     torch.cuda.synchronize()
     phase("weights loaded to GPU")
     pool = KvPool(args.kv_backend, pool_size_bytes(args))
@@ -307,6 +367,10 @@ def build(args):
     decoder.capture()
     phase("CUDA graph captured: ready")
     facts = {
+        "model": args.model,
+        "paramsB": round(params_of(QWEN3_0_6B) / 1e9, 3),
+        "weights": args.weights,
+        "weightsBytes": sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values()),
         "kvBackend": args.kv_backend,
         "kvPoolBytes": pool.size,
         "kvPoolPtr": pool.ptr,
@@ -315,7 +379,12 @@ def build(args):
         "transformers": transformers.__version__,
         "usedGpuBytesReady": used_gpu_bytes(),
     }
+    global WEIGHTS_REGION
+    WEIGHTS_REGION = region
     return model, pool, decoder, facts
+
+
+WEIGHTS_REGION = None
 
 
 def hf_check(model, decoder, prompt):
@@ -428,7 +497,22 @@ def serve(args):
                 **thaw_cuda.memory_payload(extra_tensor_bytes=pool.mapped_bytes if pool.vmm is not None else 0),
             }
 
-        outcome = thaw_worker.checkpoint_and_wait(release=release, resume=pool.resume, payload=payload)
+        resume = pool.resume
+        if WEIGHTS_REGION is not None:
+            # The weights go too (thaw records their sources and hands them back after a restore); the pool's
+            # release comes after theirs, so what is quiesced is what the checkpoint keeps.
+            release_weights, resume_weights = thaw_cuda.weights_hooks([WEIGHTS_REGION])
+            release_pool = release
+
+            def release():
+                release_weights()
+                release_pool()
+
+            def resume():
+                resume_weights()
+                pool.resume()
+
+        outcome = thaw_worker.checkpoint_and_wait(release=release, resume=resume, payload=payload)
         state["outcome"] = str(outcome)
         state["restored"] = outcome == thaw_worker.Outcome.RESTORE_COMPLETE
         phase("resumed: %s" % outcome)
@@ -494,8 +578,20 @@ def main(argv=None):
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                    help="serve at tensor parallelism N: one process per GPU (bench/gpu/tp_worker.py)")
     p.add_argument("--rank", type=int, default=0, help="set by rank 0 for the ranks it starts")
-    p.add_argument("--shape", choices=("0.6b", "8b"), default="0.6b", help="--tensor-parallel: the Qwen3 shape")
+    p.add_argument("--shape", choices=("0.6b", "8b"), default=None, help="the Qwen3 shape (older name of --model)")
+    p.add_argument("--model", choices=sorted(MODELS), default=None, help="the Qwen3 shape (random weights; default qwen3-0.6b)")
+    p.add_argument("--weights", choices=("vmm", "torch"), default="torch",
+                   help="vmm: a thaw_cuda.WeightsRegion (outside the checkpoint); torch: PyTorch's allocator (in it)")
     args = p.parse_args(argv)
+    if args.model is None:
+        args.model = "qwen3-8b" if args.shape == "8b" else "qwen3-0.6b"
+    args.shape = {"qwen3-0.6b": "0.6b", "qwen3-8b": "8b"}.get(args.model, args.model)
+    if args.weights == "vmm" and args.tensor_parallel > 1:
+        raise SystemExit("--weights vmm is for one GPU (the tensor-parallel worker shards at load)")
+    if args.model != "qwen3-0.6b" and args.shape != "8b":
+        QWEN3_0_6B.update(MODELS[args.model])
+        if args.weights_dir == DEFAULT_WEIGHTS_DIR:
+            args.weights_dir = "/tmp/thaw-%s-random" % args.model
     if args.shape == "8b":
         import tp_worker
 

@@ -50,6 +50,27 @@ describe.each(flavorsUnderTest())('bench:gpu with the stand-in worker, container
     expect(JSON.parse(await readFile(path.join(results, files[0] as string), 'utf8'))).toMatchObject({ bench: 'gpu', standin: true, tokensMatch: true });
   }, RUN_TIMEOUT_MS + 30_000);
 
+  it('BENCH_GPU_MODELS: one run and one JSON per model, with the fields of issue 14', async () => {
+    ensureBuilt();
+    const results = await mkdtemp('/tmp/thaw-bench-gpu-test-');
+    dirs.push(results);
+    const { stdout } = await execFileP(process.execPath, [path.join(PACKAGE_ROOT, 'dist/bench/gpu/product.js')], {
+      env: { ...process.env, BENCH_GPU_STANDIN: '1', BENCH_GPU_MODELS: 'qwen3-0.6b,qwen3-4b', BENCH_GPU_WEIGHTS: 'vmm', BENCH_GPU_VARIANTS: 'released', BENCH_GPU_RESTORES: '1', BENCH_GPU_RESULTS_DIR: results, BENCH_GPU_PORT: '18183', THAW_CONTAINERD: flavor, OUT: '' },
+      timeout: RUN_TIMEOUT_MS,
+      maxBuffer: 16 * 2 ** 20,
+    });
+    const lines = stdout.trim().split('\n').filter((l) => l.startsWith('{"bench":"gpu"'));
+    const summaries = lines.map((l) => JSON.parse(l) as Record<string, unknown>);
+    expect(summaries.map((x) => [x['model'], x['paramsB']])).toEqual([['qwen3-0.6b', 0.596], ['qwen3-4b', 4.022]]);
+    for (const x of summaries) {
+      for (const k of ['model', 'paramsB', 'weightsBytes', 'weightsOutside', 'coldStartMs', 'restoreWarmMs', 'restoreColdMs', 'checkpointBytes', 'checkpointMs', 'tokensMatch', 'transparentHugePages', 'phases']) expect(x, k).toHaveProperty(k);
+      // The stand-in's "weights" are in its memory: thaw loads nothing beside the restore, and says so.
+      expect([x['weightsOutside'], x['tokensMatch']]).toEqual([false, true]);
+      expect((x['variants'] as Array<{ variant: string; weights: string }>).map((v) => [v.variant, v.weights])).toEqual([['released-vmm', 'vmm']]);
+    }
+    expect(readdirSync(results).sort().map((f) => f.replace(/-\d{4}-.*$/, ''))).toEqual(['gpu-qwen3-0.6b', 'gpu-qwen3-4b']);
+  }, 2 * RUN_TIMEOUT_MS + 30_000);
+
   it('BENCH_GPU_TP=2: a worker of two rank processes is checkpointed in one dump and restored as a set, same tokens from both ranks', async () => {
     ensureBuilt();
     const results = await mkdtemp('/tmp/thaw-bench-gpu-test-');
