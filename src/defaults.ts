@@ -68,8 +68,11 @@ export const HOOK_TIMEOUT_MARGIN_MS = 10_000;
  * overlay's removal, and is half the margin so that the hook still gives up before runc would kill it.
  */
 export const HOOK_ANSWER_GRACE_MS = HOOK_TIMEOUT_MARGIN_MS / 2;
-/** The native hook's socket, in the agent's API socket directory (root-only, 0700): `<dir of api.socket>/<this>`. */
-export const HOOK_SOCKET_NAME = 'hook.sock';
+/**
+ * The native hook's socket is the API socket's path with this in place of its `.sock` (or after it): in the same
+ * root-only directory, and one per agent (the API socket is claimed by one live agent at a time).
+ */
+export const HOOK_SOCKET_SUFFIX = '-hook.sock';
 /** The native hook's file name, beside thaw-pause (native/build/): absent there, restores use the Node.js hook. */
 export const NATIVE_HOOK_NAME = 'thaw-hook';
 /** cuda-checkpoint's lock of one process (it waits for the process's in-flight CUDA work). */

@@ -23,7 +23,8 @@ import { dirname, join } from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { errorMessage, isThawError } from '../errors.js';
 import { createJsonLogger, type Logger } from '../log.js';
-import { HOOK_SOCKET_NAME, NATIVE_HOOK_NAME } from '../defaults.js';
+import { NATIVE_HOOK_NAME } from '../defaults.js';
+import { hookSocketFor, UNIX_PATH_MAX_BYTES } from './hook-server.js';
 import { createNriPlugin, readLaunchEnv, type NriHandlers } from '../nri-plugin/index.js';
 import { removeControlDir } from '../sdk/index.js';
 import { createAgentMetrics } from './agent-metrics.js';
@@ -253,8 +254,9 @@ export async function runAgent(o: AgentRunOptions, logger: Logger): Promise<numb
   });
   // The native createRuntime hook is built beside thaw-pause; without it, restores run the Node.js hook.
   const nativeHookPath = join(dirname(c.paths.thawPause), NATIVE_HOOK_NAME);
-  const nativeHook = existsSync(nativeHookPath) ? { path: nativeHookPath, socketPath: join(dirname(c.api.socket), HOOK_SOCKET_NAME) } : undefined;
-  if (nativeHook === undefined) logger.warn('thaw: no native createRuntime hook; restores use the Node.js hook (a Node.js start per restore)', { missing: nativeHookPath });
+  const hookSocket = hookSocketFor(c.api.socket);
+  const nativeHook = existsSync(nativeHookPath) && Buffer.byteLength(hookSocket) <= UNIX_PATH_MAX_BYTES ? { path: nativeHookPath, socketPath: hookSocket } : undefined;
+  if (nativeHook === undefined) logger.warn('thaw: no native createRuntime hook (not built, or its socket path is too long); restores use the Node.js hook (a Node.js start per restore)', { nativeHook: nativeHookPath, socket: hookSocket });
   const engine = await createThawEngine({
     logger,
     annotationPrefix: c.annotationPrefix,

@@ -19,6 +19,7 @@
 import { chmod, lstat, mkdir, rm } from 'node:fs/promises';
 import { createServer, type Server, type Socket } from 'node:net';
 import { dirname } from 'node:path';
+import { HOOK_SOCKET_SUFFIX } from '../defaults.js';
 import { errorMessage } from '../errors.js';
 import { silentLogger, type Logger } from '../log.js';
 import { HookErrorCode, runCreateRuntime, type CreateRuntimeOptions } from '../oci-hooks/index.js';
@@ -28,6 +29,14 @@ import { peerCred } from '../sys/peer-cred.js';
 export const MAX_REQUEST_BYTES = 16 * 1024;
 /** A connection that sends no complete request within this long is dropped (the hook then records its own failure). */
 export const REQUEST_TIMEOUT_MS = 5_000;
+
+/** The hook socket of the agent serving `apiSocket`: /run/thaw/agent.sock → /run/thaw/agent-hook.sock. */
+export function hookSocketFor(apiSocket: string): string {
+  return `${apiSocket.endsWith('.sock') ? apiSocket.slice(0, -'.sock'.length) : apiSocket}${HOOK_SOCKET_SUFFIX}`;
+}
+
+/** A unix socket path's limit (sun_path less its NUL). */
+export const UNIX_PATH_MAX_BYTES = 107;
 
 /** What the NRI adjustment decided for a container's hook: runCreateRuntime's options, less what the request gives. */
 export type HookWork = Omit<CreateRuntimeOptions, 'startupMs' | 'budgetFrom' | 'hostRoot'>;
@@ -40,6 +49,8 @@ export interface HookServer {
   forget(containerId: string): void;
   /** How many registrations wait for their hook. */
   pending(): number;
+  /** How many hooks this server has done the work of (succeeded or not). */
+  served(): number;
   close(): Promise<void>;
 }
 
@@ -80,6 +91,7 @@ export async function startHookServer(o: HookServerOptions): Promise<HookServer>
   const work = new Map<string, HookWork>();
   const connections = new Set<Socket>();
   const running = new Set<Promise<void>>();
+  let served = 0;
 
   const answer = (socket: Socket, line: string): void => {
     if (socket.destroyed) return;
@@ -100,6 +112,7 @@ export async function startHookServer(o: HookServerOptions): Promise<HookServer>
       return;
     }
     work.delete(req.id);
+    served++;
     const result = await runCreateRuntime(
       { ociVersion: '', id: req.id, status: 'creating', pid: req.pid, bundle: req.bundle, annotations: {} },
       { ...w, startupMs: req.elapsedMs, budgetFrom: arrived - req.elapsedMs, hostRoot: `/proc/${peerPid}/root` },
@@ -163,6 +176,7 @@ export async function startHookServer(o: HookServerOptions): Promise<HookServer>
     expect: (id, w) => void work.set(id, w),
     forget: (id) => void work.delete(id),
     pending: () => work.size,
+    served: () => served,
     close: async () => {
       const closed = new Promise<void>((resolve) => server.close(() => resolve()));
       // Work in flight ends within its budget, and its hook is waiting for the answer: let it finish.

@@ -11,7 +11,7 @@ import { promisify } from 'node:util';
 import type { AgentConfig } from '../agent/index.js';
 import { gpuFacts, tryLoadCuda, tryLoadNvml } from '../cuda/index.js';
 import { errorMessage } from '../errors.js';
-import { HOOK_SOCKET_NAME, NATIVE_HOOK_NAME } from '../defaults.js';
+import { NATIVE_HOOK_NAME } from '../defaults.js';
 import { elfHasInterpreter } from '../elf.js';
 import { parseVersion, supportsArgs } from '../nri-plugin/index.js';
 import { DEFAULT_SETPRIV_PATH } from '../restore-engine/index.js';
@@ -157,7 +157,7 @@ export async function nativeHookCheck(path: string): Promise<DoctorCheck> {
   const dynamic = await elfHasInterpreter(path).catch(() => true);
   return dynamic
     ? { id, title, status: 'warn', detail: `${path} is not a static ELF executable`, fix: 'rebuild it with make -C native (it links with -static)' }
-    : { id, title, status: 'pass', detail: `${path} (static; the agent does its work over ${HOOK_SOCKET_NAME})` };
+    : { id, title, status: 'pass', detail: `${path} (static; the agent does its work, over a socket beside its API socket)` };
 }
 
 async function containerdChecks(c: AgentConfig, binary: string): Promise<DoctorCheck[]> {

@@ -204,11 +204,15 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
 
     // --- the target
     const t0 = Date.now();
+    const servedBefore = hookServer!.served();
     const { pod, before } = await runTarget('rst-target', CHECKPOINT);
     try {
       const ev = await waitFor(() => events.slice(before).find((e) => e.containerId === pod.containerId), 'the restore event', 120_000, 50);
       console.log(`restore event: ${JSON.stringify(ev)}; pod create to event ${Date.now() - t0} ms`);
       expect(ev, JSON.stringify(ev)).toMatchObject({ outcome: 'restored', mode: 'overlay' });
+      // runc ran the native hook, and this process's hook server did its work (the rootfs diff, the overlay).
+      expect(hookServer!.served()).toBe(servedBefore + 1);
+      expect(hookServer!.pending()).toBe(0);
       // The checkpoint's read started at RunPodSandbox, before the container existed.
       expect(podsPrefetched).toContainEqual([pod.podId, CHECKPOINT]);
       // Beside CRIU, the worker's mapped files were read through the target's root (node, its libraries).
