@@ -1,7 +1,7 @@
 /**
- * node dist/bench/hook.js — the createRuntime hook's wall time per invocation, the way runc runs it: a fresh
- * process, an empty environment, the OCI state JSON on stdin, a real rootfs diff (20 files of 4 KiB, the size of
- * the demo worker's) applied into a fresh rootfs each time. Args mode (no overlay: that needs a container's mount
+ * npm run bench:hook — the createRuntime hook's wall time per invocation, the way runc runs it: a fresh
+ * process, an empty environment, the OCI state JSON on stdin, a real rootfs diff (20 files of 4 KiB, digests
+ * checked) applied into a fresh rootfs each time. Args mode (no overlay: that needs a container's mount
  * namespace and costs the same nsenter + mount in both hooks).
  *
  * Two hooks, BENCH_HOOK_RUNS runs each (default 21), interleaved so that machine noise hits both alike:
