@@ -13,7 +13,7 @@ import type { ThawRestoreConfig } from '../../src/agent/restore-target.js';
 import { createThawNriHandlers } from '../../src/agent/thaw-nri.js';
 import { HOOK_ANSWER_GRACE_MS, HOOK_TIMEOUT_MARGIN_MS } from '../../src/defaults.js';
 import { createCollectingLogger } from '../../src/log.js';
-import type { NriHandlerContext } from '../../src/nri-plugin/index.js';
+import { AdjustmentBuilder, type NriHandlerContext } from '../../src/nri-plugin/index.js';
 import { openLocalStore, type LocalStore } from '../../src/store/local-store.js';
 import { manifestFields, writeCheckpointFiles } from '../helpers/store-fixtures.js';
 
@@ -59,10 +59,16 @@ const container = (id: string) => ({
   annotations: { 'io.kubernetes.cri.image-name': manifestFields().constraints.image.ref },
 });
 
+/** The handler's answer for a restore target: thaw's handlers answer with an AdjustmentBuilder. */
+async function adjust(h: ReturnType<typeof handlers>, id: string): Promise<AdjustmentBuilder | undefined> {
+  const r = await h.createContainer!(pod, container(id), ctx);
+  return r instanceof AdjustmentBuilder ? r : undefined;
+}
+
 describe('restore target adjustment: the createRuntime hook', () => {
   it('native: thaw-hook with its socket, budget and wait; the work registered under the container id; poststop stays the Node hook', async () => {
     const h = handlers(true);
-    const built = (await h.createContainer!(pod, container('c-native'), ctx))?.build({ name: 'containerd', version: '1.7.24' });
+    const built = (await adjust(h, 'c-native'))?.build({ name: 'containerd', version: '1.7.24' });
     expect(built, JSON.stringify((ctx.logger as ReturnType<typeof createCollectingLogger>).lines)).toBeDefined();
     const hooks = built?.adjustment.hooks;
     const cr = hooks?.createRuntime?.[0];
@@ -82,7 +88,7 @@ describe('restore target adjustment: the createRuntime hook', () => {
 
   it('without a native hook: the Node hook with the work on its command line, nothing registered', async () => {
     const h = handlers(false);
-    const built = (await h.createContainer!(pod, container('c-node'), ctx))?.build({ name: 'containerd', version: '1.7.24' });
+    const built = (await adjust(h, 'c-node'))?.build({ name: 'containerd', version: '1.7.24' });
     const cr = built?.adjustment.hooks?.createRuntime?.[0];
     expect(cr?.path).toBe('/opt/thaw/bin/node');
     const args = cr?.args ?? [];
