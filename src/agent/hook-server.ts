@@ -171,6 +171,8 @@ export async function startHookServer(o: HookServerOptions): Promise<HookServer>
     });
   });
   await chmod(o.socketPath, 0o600);
+  // Ours by inode: an agent that starts while this one stops may have put its own socket at the path already.
+  const ours = await lstat(o.socketPath);
   return {
     socketPath: o.socketPath,
     expect: (id, w) => void work.set(id, w),
@@ -183,7 +185,8 @@ export async function startHookServer(o: HookServerOptions): Promise<HookServer>
       await Promise.allSettled([...running]);
       for (const s of connections) s.destroy();
       await closed;
-      await rm(o.socketPath, { force: true });
+      const now = await lstat(o.socketPath).catch(() => undefined);
+      if (now !== undefined && now.ino === ours.ino && now.dev === ours.dev) await rm(o.socketPath, { force: true });
     },
   };
 }
