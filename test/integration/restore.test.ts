@@ -575,4 +575,27 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
       await rm(hostBin, { recursive: true, force: true });
     }
   }, TEST_TIMEOUT_MS);
+
+  it('without the native hook (not built): the Node.js hook does the same work, restored', async () => {
+    const { stack } = handle;
+    const native = restoreConfig.nativeHook;
+    delete restoreConfig.nativeHook;
+    const served = hookServer!.served();
+    try {
+      const { pod, before } = await runTarget('rst-node-hook', CHECKPOINT);
+      try {
+        const ev = await waitFor(() => events.slice(before).find((e) => e.containerId === pod.containerId), 'the restore event', 120_000, 50);
+        expect(ev, JSON.stringify(ev)).toMatchObject({ outcome: 'restored', mode: 'overlay' });
+        const restored = await waitForEvent(pod.logPath, 'restored');
+        expect((await getJson<WorkerState>(restored.port as number, '/state')).restored).toBe(true);
+        // The rootfs diff reached the target through the Node hook; the agent's hook server did nothing.
+        expect((await stack.cri.execSync(pod.containerId, ['/bin/cat', '/tmp/thaw-diff-probe'], 10)).stdout.trim()).toBe('from-source');
+        expect(hookServer!.served()).toBe(served);
+      } finally {
+        await stack.cri.removePod(pod.podId);
+      }
+    } finally {
+      if (native !== undefined) restoreConfig.nativeHook = native;
+    }
+  }, TEST_TIMEOUT_MS);
 });
