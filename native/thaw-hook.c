@@ -10,7 +10,7 @@
  *
  *   1. read the OCI state from stdin (at most MAX_STATE_BYTES, within the wait) and parse it: a complete,
  *      strict JSON check of the whole document (depth-bounded), the same field rules as parseOciState
- *      (src/oci-hooks/state.ts) plus a pid, and no escape sequence in the fields forwarded;
+ *      (src/oci-hooks/state.ts) plus a pid, and the fields forwarded plain ASCII (no escape sequence);
  *   2. connect to the agent's hook socket (root-only) and send one line:
  *        {"v":1,"id":ID,"pid":PID,"bundle":BUNDLE,"hookPid":OUR_PID,"elapsedMs":MS_SINCE_OUR_START}
  *      The agent reaches the bundle through /proc/<hookPid>/root (this process is in the runtime's mount
@@ -179,8 +179,8 @@ static int fail(struct parser *ps, const char *err) {
 }
 
 /*
- * A JSON string at ps->p. With out != NULL its raw content is copied there: an escape sequence, or content
- * longer than cap - 1, sets *plain = 0 (the caller refuses such a field rather than decode it).
+ * A JSON string at ps->p. With out != NULL its raw content is copied there: an escape sequence, a byte outside
+ * ASCII, or content longer than cap - 1, sets *plain = 0 (the caller refuses such a field rather than decode it).
  */
 static int parse_string(struct parser *ps, char *out, size_t cap, int *plain) {
   if (ps->p >= ps->end || *ps->p != '"') return fail(ps, "a string was expected");
@@ -217,6 +217,8 @@ static int parse_string(struct parser *ps, char *out, size_t cap, int *plain) {
     if (out) {
       if (n + 1 < cap) out[n] = (char)c;
       else if (plain) *plain = 0;
+      /* Runtimes name containers and bundles in ASCII; anything else is not forwarded (and not decoded). */
+      if (c >= 0x80 && plain) *plain = 0;
     }
     n++;
     ps->p++;
@@ -385,7 +387,7 @@ static const char *parse_state(const char *buf, size_t len, struct state *st) {
       if (ps.p >= ps.end || *ps.p != '"') return "ociVersion, id, status and bundle must be strings";
       int field_plain;
       if (parse_string(&ps, target, cap, &field_plain) != 0) return ps.err;
-      if (!field_plain) return "ociVersion, id, status and bundle must be plain strings (no escapes, under 4 KiB)";
+      if (!field_plain) return "ociVersion, id, status and bundle must be plain ASCII strings (no escapes, under 4 KiB)";
       *have = 1;
     } else if (plain && strcmp(key, "pid") == 0) {
       if (st->have_pid) return "a field is given twice";

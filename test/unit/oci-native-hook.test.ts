@@ -14,6 +14,7 @@ import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startHookServer, type HookServer } from '../../src/agent/hook-server.js';
 import { HOOK_DONE_FILE, HOOK_FAILED_FILE } from '../../src/oci-hooks/records.js';
+import { parseOciState } from '../../src/oci-hooks/state.js';
 import { DELETED_FILES_FILE_NAME, ROOTFS_DIFF_FILE_NAME } from '../../src/store/manifest.js';
 import { ustar } from '../helpers/rootfs-tree.js';
 
@@ -97,6 +98,7 @@ describe('thaw-hook: the state on stdin', () => {
     'a relative bundle': state({ bundle: 'run/b' }),
     'an escape in the bundle': '{"ociVersion":"1","id":"x","status":"creating","pid":5,"bundle":"/b\\u002f..\\u002fetc"}',
     'an escape in the id': '{"ociVersion":"1","id":"x\\"y","status":"creating","pid":5,"bundle":"/b"}',
+    'a bundle outside ASCII': state({ bundle: '/run/caf\u00e9' }),
     'an id given twice': '{"ociVersion":"1","id":"x","id":"y","status":"creating","pid":5,"bundle":"/b"}',
     'a pid given twice': '{"ociVersion":"1","id":"x","status":"creating","pid":5,"pid":6,"bundle":"/b"}',
     'an unknown status': state({ status: 'paused' }),
@@ -165,6 +167,48 @@ describe('thaw-hook: the state on stdin', () => {
       agent.server.close();
     }
   });
+});
+
+describe('thaw-hook: never more lenient than the TypeScript parser', () => {
+  it('200 mutations of a valid state: each either refused (HOOK_STATE_INVALID) or forwarded exactly as JSON.parse + parseOciState read it', async () => {
+    const base = state({ annotations: { k: 'v', 'q"uote': 'caf\u00e9' }, extra: [1, { a: null }, true, -2.5e3] });
+    let seed = 20261202;
+    const rnd = (n: number): number => {
+      seed = (Math.imul(seed, 1103515245) + 12345) >>> 0;
+      return seed % n;
+    };
+    const agent = await fakeAgent('done\n');
+    let forwarded = 0;
+    try {
+      for (let i = 0; i < 200; i++) {
+        let buf = Buffer.from(base);
+        for (let j = 1 + rnd(3); j > 0; j--) {
+          const at = rnd(buf.length);
+          const op = rnd(3);
+          if (op === 0) buf[at] = rnd(256);
+          else if (op === 1) buf = Buffer.concat([buf.subarray(0, at), buf.subarray(at + 1 + rnd(4))]);
+          else buf = Buffer.concat([buf.subarray(0, at), Buffer.from('{["\\}]:,0e-'.charAt(rnd(12))), buf.subarray(at)]);
+        }
+        const seen = agent.requests.length;
+        const r = await runHook(buf, { socket: agent.socket });
+        expect(r.code).toBe(0);
+        if (agent.requests.length === seen) {
+          expect(r.failed?.code, buf.toString('latin1')).toBe('HOOK_STATE_INVALID');
+          continue;
+        }
+        forwarded++;
+        // Accepted: the TypeScript reading of the same bytes must accept it too, with the same fields.
+        const ts = parseOciState(buf.toString('utf8'));
+        const req = JSON.parse(agent.requests[seen] as string) as { id: string; pid: number; bundle: string };
+        expect({ id: req.id, pid: req.pid, bundle: req.bundle }, buf.toString('latin1')).toEqual({ id: ts.id, pid: ts.pid, bundle: ts.bundle });
+      }
+    } finally {
+      agent.server.close();
+    }
+    // Some mutations leave a valid state (a changed annotation, a digit of the pid): both outcomes were exercised.
+    expect(forwarded).toBeGreaterThan(0);
+    expect(forwarded).toBeLessThan(200);
+  }, 60_000);
 });
 
 describe('thaw-hook: the agent and its answer', () => {
