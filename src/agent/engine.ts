@@ -186,7 +186,14 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
       })();
     },
   };
-  const hookServer = o.nativeHook !== undefined ? await startHookServer({ socketPath: o.nativeHook.socketPath, logger }) : undefined;
+  // No hook server (its socket cannot be made): restores use the Node.js hook; the agent itself starts regardless.
+  const hookServer =
+    o.nativeHook !== undefined
+      ? await startHookServer({ socketPath: o.nativeHook.socketPath, logger }).catch((err: unknown) => {
+          logger.warn('thaw: the native createRuntime hook\'s socket cannot be served; restores use the Node.js hook', { socket: o.nativeHook?.socketPath, error: errorMessage(err) });
+          return undefined;
+        })
+      : undefined;
   const handlers = createThawNriHandlers({
     annotationPrefix: o.annotationPrefix,
     controlRoot: o.controlRoot,

@@ -16,9 +16,9 @@
  *   request  {"v":1,"id":ID,"pid":PID,"bundle":BUNDLE,"hookPid":N,"elapsedMs":MS}   (at most MAX_REQUEST_BYTES)
  *   answer   done | cold | nostart CODE | record CODE    (thaw-hook.c's header says what each does)
  */
-import { chmod, lstat, mkdir, rm } from 'node:fs/promises';
+import { chmod, lstat, mkdir, rename, rm } from 'node:fs/promises';
 import { createServer, type Server, type Socket } from 'node:net';
-import { dirname } from 'node:path';
+import { dirname, join } from 'node:path';
 import { HOOK_SOCKET_SUFFIX } from '../defaults.js';
 import { errorMessage } from '../errors.js';
 import { silentLogger, type Logger } from '../log.js';
@@ -159,19 +159,22 @@ export async function startHookServer(o: HookServerOptions): Promise<HookServer>
   };
 
   await mkdir(dirname(o.socketPath), { recursive: true, mode: 0o700 });
-  // A socket left by an agent that died: ours replaces it (only this agent serves this directory).
-  const old = await lstat(o.socketPath).catch(() => undefined);
-  if (old?.isSocket()) await rm(o.socketPath, { force: true });
+  // Bound under a name of this process's own, then renamed over the path (a stale socket of a dead agent goes
+  // with the rename): libuv unlinks the name it bound at close, and that must never be the path, which an agent
+  // starting while this one stops may already hold.
+  const bound = join(dirname(o.socketPath), `.hook-${process.pid}-${Math.floor(performance.now())}.sock`);
+  await rm(bound, { force: true });
   const server: Server = createServer(onConnection);
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);
-    server.listen(o.socketPath, () => {
+    server.listen(bound, () => {
       server.off('error', reject);
       resolve();
     });
   });
-  await chmod(o.socketPath, 0o600);
-  // Ours by inode: an agent that starts while this one stops may have put its own socket at the path already.
+  await chmod(bound, 0o600);
+  await rename(bound, o.socketPath);
+  // Ours by inode: removed at close only if the path is still this server's.
   const ours = await lstat(o.socketPath);
   return {
     socketPath: o.socketPath,

@@ -355,6 +355,24 @@ describe('thaw-hook with the agent\'s hook server', () => {
     expect(existsSync(join(b.bundle, 'rootfs', 'etc', 'written'))).toBe(false);
   });
 
+  it('an agent starting while the previous one stops: the old one\'s close leaves the new one\'s socket serving', async () => {
+    const path = join(work, 'run3', 'agent-hook.sock');
+    const old = await startHookServer({ socketPath: path });
+    const next = await startHookServer({ socketPath: path });
+    await old.close();
+    const b = await bundle('srv-takeover');
+    next.expect('srv-takeover', { mode: 'args', controlDir: b.controlDir, checkpointDir: b.ckpt, thawPausePath: '/bin/true', budgetMs: 30_000 });
+    try {
+      const r = await runHook(state({ id: 'srv-takeover', pid: process.pid, bundle: b.bundle }), { socket: path, controlDir: b.controlDir, budgetMs: 30_000, waitMs: 35_000 });
+      expect(r.failed).toBeUndefined();
+      expect(next.served()).toBe(1);
+    } finally {
+      await next.close();
+    }
+    expect(existsSync(path)).toBe(false);
+    expect(await readdir(join(work, 'run3'))).toEqual([]);
+  });
+
   it('a peer that is not the agent\'s uid is refused (SO_PEERCRED), and the hook starts the pod cold', async () => {
     const other = await startHookServer({ socketPath: join(work, 'run2', 'hook.sock'), peerUid: 4242 });
     try {
