@@ -69,6 +69,19 @@ export const DEFAULT_THAW_PAUSE_DEADLINE_MS = 20_000;
  * pull, applying the rootfs diff) gives up before `timeout - margin` and the pod starts cold.
  */
 export const HOOK_TIMEOUT_MARGIN_MS = 10_000;
+/**
+ * How long past its budget the native createRuntime hook (native/thaw-hook.c) waits for the agent's answer (its
+ * --wait-ms is timeout - margin + this): the agent's work ends by the budget, so this covers its records and the
+ * overlay's removal, and is half the margin so that the hook still gives up before runc would kill it.
+ */
+export const HOOK_ANSWER_GRACE_MS = HOOK_TIMEOUT_MARGIN_MS / 2;
+/**
+ * The native hook's socket is the API socket's path with this in place of its `.sock` (or after it): in the same
+ * root-only directory, and one per agent (the API socket is claimed by one live agent at a time).
+ */
+export const HOOK_SOCKET_SUFFIX = '-hook.sock';
+/** The native hook's file name, beside thaw-pause (native/build/): absent there, restores use the Node.js hook. */
+export const NATIVE_HOOK_NAME = 'thaw-hook';
 /** cuda-checkpoint's lock of one process (it waits for the process's in-flight CUDA work). */
 export const DEFAULT_CUDA_LOCK_TIMEOUT_MS = 10_000;
 

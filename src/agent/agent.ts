@@ -15,7 +15,7 @@
  * abandoned cleanly (a restore running falls back to a cold start; a checkpoint is cancelled and nothing is
  * published; a worker waiting is told checkpoint-complete {ok:false}), the sockets are closed; exit code 0.
  */
-import { createWriteStream, type WriteStream } from 'node:fs';
+import { createWriteStream, existsSync, type WriteStream } from 'node:fs';
 import { chmod, lstat, mkdir, readdir, rm, unlink } from 'node:fs/promises';
 import { createServer, type Server as HttpServer } from 'node:http';
 import { createConnection } from 'node:net';
@@ -23,6 +23,8 @@ import { dirname, join } from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { errorMessage, isThawError } from '../errors.js';
 import { createJsonLogger, type Logger } from '../log.js';
+import { NATIVE_HOOK_NAME } from '../defaults.js';
+import { hookSocketFor, UNIX_PATH_MAX_BYTES } from './hook-server.js';
 import { createNriPlugin, readLaunchEnv, type NriHandlers } from '../nri-plugin/index.js';
 import { removeControlDir } from '../sdk/index.js';
 import { createAgentMetrics } from './agent-metrics.js';
@@ -250,6 +252,11 @@ export async function runAgent(o: AgentRunOptions, logger: Logger): Promise<numb
     const listed = await engine.store.list();
     return { count: listed.length, bytes: listed.reduce((a, l) => a + (l.manifest?.totals.bytes ?? 0), 0) };
   });
+  // The native createRuntime hook is built beside thaw-pause; without it, restores run the Node.js hook.
+  const nativeHookPath = join(dirname(c.paths.thawPause), NATIVE_HOOK_NAME);
+  const hookSocket = hookSocketFor(c.api.socket);
+  const nativeHook = existsSync(nativeHookPath) && Buffer.byteLength(hookSocket) <= UNIX_PATH_MAX_BYTES ? { path: nativeHookPath, socketPath: hookSocket } : undefined;
+  if (nativeHook === undefined) logger.warn('thaw: no native createRuntime hook (not built, or its socket path is too long); restores use the Node.js hook (a Node.js start per restore)', { nativeHook: nativeHookPath, socket: hookSocket });
   const engine = await createThawEngine({
     logger,
     annotationPrefix: c.annotationPrefix,
@@ -258,6 +265,7 @@ export async function runAgent(o: AgentRunOptions, logger: Logger): Promise<numb
     toolkitDir: c.paths.toolkitDir,
     thawPausePath: c.paths.thawPause,
     hookArgv: o.hookArgv,
+    ...(nativeHook !== undefined ? { nativeHook } : {}),
     workRoot: c.paths.workRoot,
     containerd: { socket: c.containerd.socket, root: c.containerd.root },
     ...(c.cuda.libcuda ? { libcudaPath: c.cuda.libcuda } : {}),

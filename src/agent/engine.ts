@@ -25,6 +25,7 @@ import type { ManagedContainer, ThawCoordinator } from './managed-container.js';
 import { ThawNriStats } from './nri-stats.js';
 import { createRestoreCoordinator, type RestoreCoordinator } from './restore-coordinator.js';
 import { createThawNriHandlers } from './thaw-nri.js';
+import { startHookServer } from './hook-server.js';
 import { DEFAULT_NSENTER_PATH, DEFAULT_UNSHARE_PATH, WEIGHTS_DIGESTS_FILE } from '../defaults.js';
 
 
@@ -39,6 +40,11 @@ export interface ThawEngineOptions {
   thawPausePath: string;
   /** argv that runs the OCI hook entry point (absolute paths: runc gives hooks no PATH). */
   hookArgv: string[];
+  /**
+   * The native createRuntime hook (native/build/thaw-hook) and where the engine serves it (a unix socket in a
+   * root-only directory): absent, restores use the Node.js hook of hookArgv.
+   */
+  nativeHook?: { path: string; socketPath: string };
   /** CRIU work dirs: `<workRoot>/<container id>` for restores, `<workRoot>/thaw-ckpt-<name>-*` for checkpoints. */
   workRoot: string;
   /** containerd's gRPC socket and root: where a checkpoint learns its container's upperdir (config `containerd.*`). */
@@ -147,7 +153,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     toolFiles ??= restoreToolFiles({
       hookArgv: o.hookArgv,
       thawPausePath: o.thawPausePath,
-      executables: [join(binDir, 'criu'), join(binDir, 'tar'), join(binDir, 'busybox'), DEFAULT_NSENTER_PATH, DEFAULT_UNSHARE_PATH, DEFAULT_MOUNT_PATH, DEFAULT_UMOUNT_PATH, DEFAULT_SH_PATH, ...(dieWithAgent ?? []).slice(0, 1)],
+      executables: [join(binDir, 'criu'), join(binDir, 'tar'), join(binDir, 'busybox'), DEFAULT_NSENTER_PATH, DEFAULT_UNSHARE_PATH, DEFAULT_MOUNT_PATH, DEFAULT_UMOUNT_PATH, DEFAULT_SH_PATH, ...(o.nativeHook !== undefined ? [o.nativeHook.path] : []), ...(dieWithAgent ?? []).slice(0, 1)],
     });
     const r = await readIntoPageCache(await toolFiles, pageCache, { signal });
     if (r.bytesRead > 0) logger.debug('restore tools read into the page cache', { files: r.files, bytesRead: r.bytesRead, skipped: r.skipped });
@@ -189,6 +195,14 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
       })();
     },
   };
+  // No hook server (its socket cannot be made): restores use the Node.js hook; the agent itself starts regardless.
+  const hookServer =
+    o.nativeHook !== undefined
+      ? await startHookServer({ socketPath: o.nativeHook.socketPath, logger }).catch((err: unknown) => {
+          logger.warn('thaw: the native createRuntime hook\'s socket cannot be served; restores use the Node.js hook', { socket: o.nativeHook?.socketPath, error: errorMessage(err) });
+          return undefined;
+        })
+      : undefined;
   const handlers = createThawNriHandlers({
     annotationPrefix: o.annotationPrefix,
     controlRoot: o.controlRoot,
@@ -201,6 +215,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
       toolkitDir: o.toolkitDir,
       thawPausePath: o.thawPausePath,
       hookArgv: o.hookArgv,
+      ...(o.nativeHook !== undefined && hookServer !== undefined ? { nativeHook: { path: o.nativeHook.path, server: hookServer } } : {}),
       workRoot: o.workRoot,
       ...(o.thawPauseDeadlineMs !== undefined ? { thawPauseDeadlineMs: o.thawPauseDeadlineMs } : {}),
       ...(cuda?.facts ? { gpuFacts: cuda.facts } : {}),
@@ -218,7 +233,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
       runtimeVersion = v;
     },
     close: async () => {
-      await Promise.allSettled([checkpoints.close(), restores.close(), sources?.close()]);
+      await Promise.allSettled([checkpoints.close(), restores.close(), sources?.close(), hookServer?.close()]);
     },
   };
 }

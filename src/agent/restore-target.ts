@@ -9,7 +9,8 @@
 import { dirname, join } from 'node:path';
 import type { CheckpointReference } from '../checkpoint-reference.js';
 import { errorMessage, isThawError } from '../errors.js';
-import { DEFAULT_THAW_PAUSE_DEADLINE_MS, HOOK_TIMEOUT_MARGIN_MS } from '../defaults.js';
+import { DEFAULT_THAW_PAUSE_DEADLINE_MS, HOOK_ANSWER_GRACE_MS, HOOK_TIMEOUT_MARGIN_MS } from '../defaults.js';
+import type { HookServer, HookWork } from './hook-server.js';
 import { AdjustmentBuilder } from '../nri-plugin/index.js';
 import type { NriHandlerContext } from '../nri-plugin/index.js';
 import { CHECKPOINT_ENV, CONTROL_DIR_ENV, CONTROL_DIR_MOUNT_PATH, LEGACY_CONTROL_DIR_ENV } from '../nri-plugin/index.js';
@@ -43,6 +44,12 @@ export interface ThawRestoreConfig {
   thawPausePath: string;
   /** argv that runs src/oci-hooks/main.js (absolute paths: hooks get no PATH), e.g. [node, .../main.js]. */
   hookArgv: string[];
+  /**
+   * The native createRuntime hook (native/thaw-hook.c) and the agent's server that does its work: present, the
+   * createRuntime hook is that static binary (no Node.js start on the restore's critical path); absent, the
+   * Node.js hook of hookArgv. The poststop hook is hookArgv's either way (it runs after the pod, off the path).
+   */
+  nativeHook?: { path: string; server: HookServer };
   /** Where the coordinator puts CRIU work dirs (`<workRoot>/<container id>`); the poststop hook removes them. */
   workRoot: string;
   /** This node's facts (default readHostFacts()). */
@@ -77,12 +84,26 @@ export function bindMountsOf(container: Container): Array<{ destination: string;
     .flatMap((m) => (m.destination && m.source ? [{ destination: m.destination, source: m.source }] : []));
 }
 
-/** `--diff-sha256 TAR:DELETED` for a manifest that lists both diff files; nothing otherwise. */
-export function diffDigestArgs(manifest: Manifest): string[] {
+/** The sha256 of both diff files in a manifest that lists both; undefined otherwise. */
+export function diffDigests(manifest: Manifest): { rootfsDiff: string; deletedFiles: string } | undefined {
   const sha = (p: string): string | undefined => manifest.files.find((f) => f.path === p)?.sha256;
   const tar = sha(ROOTFS_DIFF_FILE_NAME);
   const deleted = sha(DELETED_FILES_FILE_NAME);
-  return tar !== undefined && deleted !== undefined ? ['--diff-sha256', `${tar}:${deleted}`] : [];
+  return tar !== undefined && deleted !== undefined ? { rootfsDiff: tar, deletedFiles: deleted } : undefined;
+}
+
+/** The Node hook's command line for a hook's work (src/oci-hooks/main.ts parses it back). */
+export function hookWorkArgs(w: HookWork): string[] {
+  return [
+    '--mode', w.mode,
+    '--control-dir', w.controlDir,
+    '--checkpoint-dir', w.checkpointDir,
+    '--thaw-pause', w.thawPausePath,
+    ...(w.budgetMs !== undefined ? ['--budget-ms', String(w.budgetMs)] : []),
+    ...(w.waitCheckpointMs !== undefined ? ['--wait-checkpoint-ms', String(w.waitCheckpointMs)] : []),
+    ...(w.diffSha256 !== undefined ? ['--diff-sha256', `${w.diffSha256.rootfsDiff}:${w.diffSha256.deletedFiles}`] : []),
+    ...(w.undoJournalFile !== undefined ? ['--undo-journal', w.undoJournalFile] : []),
+  ];
 }
 
 export async function adjustRestoreTarget(
@@ -212,6 +233,34 @@ async function adjustWith(
   const existingEnv = new Set((container.env ?? []).map((kv) => kv.slice(0, Math.max(0, kv.indexOf('=')))));
   const pauseDir = dirname(r.thawPausePath);
   const hookTimeout = r.hookTimeoutSeconds ?? DEFAULT_RESTORE_HOOK_TIMEOUT_SECONDS;
+  const budgetMs = Math.max(1, hookTimeout * 1000 - HOOK_TIMEOUT_MARGIN_MS);
+  const diffSha256 = diffDigests(checkpoint.manifest);
+  // The hook's work: the same for both hooks (runCreateRuntime), whether the Node hook's argv or the agent runs it.
+  const work: HookWork = {
+    mode: placeholder,
+    controlDir,
+    checkpointDir: checkpoint.paths.dir,
+    thawPausePath: r.thawPausePath,
+    // The hook's whole budget: runc kills it at timeoutSeconds, and a killed hook fails the pod.
+    budgetMs,
+    // Being pulled: the hook waits for it to be published (the rootfs diff is in it).
+    ...(incoming !== undefined ? { waitCheckpointMs: Math.max(1, hookTimeout - HOOK_WAIT_RESERVE_SECONDS) * 1000 } : {}),
+    // The diff's digests from the manifest checked here (and verified by the restore flow): the hook applies
+    // nothing else.
+    ...(diffSha256 !== undefined ? { diffSha256 } : {}),
+    // The diff's undo journal, in the agent's own directory: a restore that fails later undoes from it.
+    undoJournalFile: undoJournalFor(r.workRoot, containerId),
+  };
+  const createRuntimeHook =
+    r.nativeHook !== undefined
+      ? {
+          path: r.nativeHook.path,
+          // The answer is awaited past the budget by the grace (the records, the overlay's removal), still before runc's kill.
+          args: [r.nativeHook.path, '--socket', r.nativeHook.server.socketPath, '--control-dir', controlDir, '--budget-ms', String(budgetMs), '--wait-ms', String(budgetMs + HOOK_ANSWER_GRACE_MS)],
+          env: [],
+          timeoutSeconds: hookTimeout,
+        }
+      : { path: r.hookArgv[0] as string, args: [...r.hookArgv, 'create-runtime', ...hookWorkArgs(work)], env: [], timeoutSeconds: hookTimeout };
   const builder = new AdjustmentBuilder()
     .addMount({ destination: r.toolkitDir, source: r.toolkitDir, type: 'bind', options: ['rbind', 'ro'] })
     .addMount({ destination: CONTROL_DIR_MOUNT_PATH, source: controlDir, type: 'bind', options: ['rbind', 'rw'] })
@@ -219,28 +268,7 @@ async function adjustWith(
     .addEnv(LEGACY_CONTROL_DIR_ENV, CONTROL_DIR_MOUNT_PATH)
     // thaw-pause removes it from its environment before it execs the original command.
     .addEnv(THAW_PAUSE_DEADLINE_ENV, String(r.thawPauseDeadlineMs ?? DEFAULT_THAW_PAUSE_DEADLINE_MS))
-    .addHook('createRuntime', {
-      path: r.hookArgv[0] as string,
-      args: [
-        ...r.hookArgv,
-        'create-runtime',
-        '--mode', placeholder,
-        '--control-dir', controlDir,
-        '--checkpoint-dir', checkpoint.paths.dir,
-        '--thaw-pause', r.thawPausePath,
-        // The hook's whole budget: runc kills it at timeoutSeconds, and a killed hook fails the pod.
-        '--budget-ms', String(Math.max(1, hookTimeout * 1000 - HOOK_TIMEOUT_MARGIN_MS)),
-        // Being pulled: the hook waits for it to be published (the rootfs diff is in it).
-        ...(incoming !== undefined ? ['--wait-checkpoint-ms', String(Math.max(1, hookTimeout - HOOK_WAIT_RESERVE_SECONDS) * 1000)] : []),
-        // The diff's digests from the manifest checked here (and verified by the restore flow): the hook applies
-        // nothing else.
-        ...diffDigestArgs(checkpoint.manifest),
-        // The diff's undo journal, in the agent's own directory: a restore that fails later undoes from it.
-        '--undo-journal', undoJournalFor(r.workRoot, containerId),
-      ],
-      env: [],
-      timeoutSeconds: hookTimeout,
-    })
+    .addHook('createRuntime', createRuntimeHook)
     .addHook('poststop', {
       path: r.hookArgv[0] as string,
       args: [...r.hookArgv, 'poststop', '--control-dir', controlDir, '--work-dir', join(r.workRoot, containerId)],
@@ -254,6 +282,7 @@ async function adjustWith(
   for (const [key, value] of Object.entries(managedAnnotations(scope.annotationPrefix, 'restore-target', entry))) builder.addAnnotation(key, value);
   if (placeholder === 'args') builder.setArgs([r.thawPausePath, '--', ...args]);
   scope.managed.set(containerId, entry);
+  r.nativeHook?.server.expect(containerId, work);
   if (scope.coordinator?.restoreTargetCreated !== undefined) scope.coordinator.restoreTargetCreated(entry, checkpoint, incoming?.ready, lease);
   else await lease?.().catch(() => undefined);
   ctx.logger.info('thaw: restore target', { ...describeContainer(pod, container), checkpoint: checkpoint.name, controlDir, placeholder, ...(incoming ? { incoming: incoming.from, source: incoming.source } : {}) });

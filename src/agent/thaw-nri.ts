@@ -159,6 +159,8 @@ export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { 
     async removeContainer(_pod, container, ctx) {
       const containerId = container.id ?? '';
       dropInterest(scope, containerId);
+      // A hook that never ran (the create failed): its registration goes with the container.
+      options.restore?.nativeHook?.server.forget(containerId);
       if (!managed.has(containerId)) return;
       managed.delete(containerId);
       options.coordinator?.containerGone?.(containerId);

@@ -6,11 +6,13 @@
 import { execFile } from 'node:child_process';
 import { access, constants, lstat, readFile, readdir } from 'node:fs/promises';
 import { createConnection } from 'node:net';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { promisify } from 'node:util';
 import type { AgentConfig } from '../agent/index.js';
 import { gpuFacts, tryLoadCuda, tryLoadNvml } from '../cuda/index.js';
 import { errorMessage } from '../errors.js';
+import { NATIVE_HOOK_NAME } from '../defaults.js';
+import { elfHasInterpreter } from '../elf.js';
 import { parseVersion, supportsArgs } from '../nri-plugin/index.js';
 import { DEFAULT_SETPRIV_PATH } from '../restore-engine/index.js';
 import { readThpMode, THP_ENABLED_PATH } from '../sys/host-facts.js';
@@ -140,7 +142,22 @@ async function toolkitChecks(c: AgentConfig): Promise<DoctorCheck[]> {
       ? { id: 'thaw-pause', title: 'thaw-pause', status: 'pass', detail: c.paths.thawPause }
       : { id: 'thaw-pause', title: 'thaw-pause', status: 'fail', detail: `${c.paths.thawPause} is missing or not executable`, fix: 'make -C native (in a checkout) or thaw install; or set paths.thawPause' },
   );
+  out.push(await nativeHookCheck(join(dirname(c.paths.thawPause), NATIVE_HOOK_NAME)));
   return out;
+}
+
+/** The native createRuntime hook beside thaw-pause: without it (or if it is not static) restores pay a Node.js start. */
+export async function nativeHookCheck(path: string): Promise<DoctorCheck> {
+  const id = 'thaw-hook';
+  const title = 'native createRuntime hook';
+  if (!(await executable(path))) {
+    return { id, title, status: 'warn', detail: `${path} is missing or not executable: restores run the Node.js hook (its start is on every restore's critical path)`, fix: 'make -C native (in a checkout) or thaw install' };
+  }
+  // Static: runc runs it with no environment, and a loader or library to fault in would cost what it saves.
+  const dynamic = await elfHasInterpreter(path).catch(() => true);
+  return dynamic
+    ? { id, title, status: 'warn', detail: `${path} is not a static ELF executable`, fix: 'rebuild it with make -C native (it links with -static)' }
+    : { id, title, status: 'pass', detail: `${path} (static; the agent does its work, over a socket beside its API socket)` };
 }
 
 async function containerdChecks(c: AgentConfig, binary: string): Promise<DoctorCheck[]> {

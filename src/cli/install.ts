@@ -119,7 +119,7 @@ const PACKAGE_ENTRIES: ReadonlyArray<{ rel: string; required: boolean }> = [
 export const PACKAGE_EXCLUDE: readonly string[] = ['dist/src/node-stack'];
 const excluded = (rel: string): boolean => PACKAGE_EXCLUDE.some((x) => rel === x || rel.startsWith(`${x}/`));
 /** Files the package must hold for the installed thaw to work at all (checked before anything is copied). */
-const PACKAGE_REQUIRED_FILES = ['dist/src/oci-hooks/main.js', 'native/build/thaw-pause', 'proto/nri/api.proto', 'proto/criu/rpc.proto', 'config/agent.yaml', 'config/conf.d/thaw-nri.toml', 'config/thaw-agent.service'];
+const PACKAGE_REQUIRED_FILES = ['dist/src/oci-hooks/main.js', 'native/build/thaw-pause', 'native/build/thaw-hook', 'proto/nri/api.proto', 'proto/criu/rpc.proto', 'config/agent.yaml', 'config/conf.d/thaw-nri.toml', 'config/thaw-agent.service'];
 /**
  * What a provisioned stack holds besides the toolkit (src/node-stack/provision.ts: the private containerd,
  * runc and CNI plugins the tests drive, the CRI proto, documentation): 160 of its 217 MiB, not copied to a node,
@@ -419,6 +419,7 @@ async function stagePackage(packageRoot: string, modules: readonly string[], sta
     await cp(path.join(packageRoot, key), path.join(staged, key), { recursive: true, verbatimSymlinks: true });
   }
   await chmod(path.join(staged, 'native/build/thaw-pause'), 0o755);
+  await chmod(path.join(staged, 'native/build/thaw-hook'), 0o755);
   await writeFileSynced(path.join(staged, INSTALL_STAMP_FILE), stamp, 0o644);
   return treeBytes(staged);
 }

@@ -82,6 +82,18 @@ export interface CreateRuntimeOptions {
   failAfterOverlay?: boolean;
   /** ms from the hook process's start to its work (recorded: it is on every restore's critical path). */
   startupMs?: number;
+  /**
+   * Where budgetMs counts from, on performance.now()'s clock: absent, this process's start (the Node hook); the
+   * agent's hook server (src/agent/hook-server.ts) passes the moment the native hook started.
+   */
+  budgetFrom?: number;
+  /**
+   * The runtime's view of host paths, prefixed to the bundle (config.json, the rootfs): absent, this process's
+   * own (the Node hook runs in the runtime's mount namespace); the agent's hook server passes
+   * `/proc/<hook pid>/root`, so that an agent in a DaemonSet's mount namespace (where the container's rootfs
+   * mount does not propagate) still reaches the rootfs the runtime mounted, never the empty directory under it.
+   */
+  hostRoot?: string;
 }
 
 async function exists(path: string): Promise<boolean> {
@@ -163,14 +175,14 @@ export async function runCreateRuntime(state: OciState, o: CreateRuntimeOptions)
   let undo: { rootfs: string; journal: UndoJournal } | undefined;
   try {
     if (state.pid === undefined) throw new HookError(HookErrorCode.STATE_INVALID, 'the state has no pid (createRuntime runs after the init exists)', { step: 'create-runtime hook' });
-    const config = parseOciConfig(await readFile(join(state.bundle, 'config.json'), 'utf8'), state.bundle);
+    const config = parseOciConfig(await readFile(`${o.hostRoot ?? ''}${join(state.bundle, 'config.json')}`, 'utf8'), state.bundle);
 
     const record: HookDoneRecord = { mode: o.mode, ms: 0, ...(o.startupMs !== undefined ? { startupMs: Math.round(o.startupMs) } : {}) };
     // What is left of the budget for a step that must end before the overlay is made (one MOUNT_TIMEOUT_MS).
     const left = (step: string): number => {
       if (o.budgetMs === undefined) return Infinity;
       // Whole ms: the timers and execFile timeouts downstream take integers only.
-      const ms = Math.floor(o.budgetMs - performance.now() - (o.mode === 'overlay' ? MOUNT_TIMEOUT_MS : 0));
+      const ms = Math.floor(o.budgetMs - (performance.now() - (o.budgetFrom ?? 0)) - (o.mode === 'overlay' ? MOUNT_TIMEOUT_MS : 0));
       if (ms <= 0) throw new HookError(HookErrorCode.BUDGET_EXCEEDED, `no time left of the hook's ${o.budgetMs} ms budget for: ${step}`, { step, evidence: { budgetMs: o.budgetMs } });
       return ms;
     };
@@ -180,8 +192,8 @@ export async function runCreateRuntime(state: OciState, o: CreateRuntimeOptions)
     if (o.diffSha256 !== undefined) await checkDiffDigests(tarFile, deletedFile, o.diffSha256);
     if ((await exists(tarFile)) && (await exists(deletedFile))) {
       try {
-        const r = await applyRootfsDiff({ rootfs: config.rootfs, tarFile, deletedFilesFile: deletedFile, timeoutMs: Math.min(ROOTFS_DIFF_TIMEOUT_MS, left('apply rootfs diff')), keepUndo: true });
-        if (r.undo !== undefined) undo = { rootfs: config.rootfs, journal: r.undo };
+        const r = await applyRootfsDiff({ rootfs: `${o.hostRoot ?? ''}${config.rootfs}`, tarFile, deletedFilesFile: deletedFile, timeoutMs: Math.min(ROOTFS_DIFF_TIMEOUT_MS, left('apply rootfs diff')), keepUndo: true });
+        if (r.undo !== undefined) undo = { rootfs: `${o.hostRoot ?? ''}${config.rootfs}`, journal: r.undo };
         record.rootfsDiff = { entries: r.entries, deleted: r.deleted, ms: Math.round(r.ms) };
       } catch (err) {
         throw new HookError(HookErrorCode.ROOTFS_DIFF_FAILED, errorMessage(err), { step: 'apply rootfs diff', cause: err, evidence: { code: isThawError(err) ? err.code : undefined } });

@@ -29,6 +29,17 @@ export const HookErrorCode = {
   BUDGET_EXCEEDED: 'HOOK_BUDGET_EXCEEDED',
   /** The checkpoint being pulled did not arrive: the agent said the pull failed, or the wait ran out. */
   CHECKPOINT_UNAVAILABLE: 'HOOK_CHECKPOINT_UNAVAILABLE',
+  /**
+   * The native hook (native/thaw-hook.c) could not reach the agent's hook socket, or the agent closed the
+   * connection without an answer: nothing of the restore was applied by the hook, the container starts cold.
+   */
+  AGENT_UNREACHABLE: 'HOOK_AGENT_UNREACHABLE',
+  /** The native hook's wait for the agent's answer (its --wait-ms) ran out. */
+  AGENT_TIMEOUT: 'HOOK_AGENT_TIMEOUT',
+  /** The agent's answer to the native hook was not one it knows. */
+  AGENT_ANSWER_INVALID: 'HOOK_AGENT_ANSWER_INVALID',
+  /** The agent's hook server has no restore waiting for this container (an agent restarted since CreateContainer). */
+  AGENT_UNKNOWN_CONTAINER: 'HOOK_AGENT_UNKNOWN_CONTAINER',
   /** A filesystem call failed for another reason. */
   IO: 'HOOK_IO',
 } as const;

@@ -28,7 +28,7 @@ export const ALLOWED: Readonly<Record<string, readonly string[]>> = {
   root: [],
   // The test harness (a private containerd stack and a CRI client): used by tests, the demo and the benchmarks.
   'node-stack': ['root'],
-  bench: ['demo', 'node-stack', 'nri-plugin', 'restore-engine', 'store', 'cuda', 'sys', 'root'],
+  bench: ['agent', 'demo', 'node-stack', 'nri-plugin', 'restore-engine', 'store', 'cuda', 'sys', 'root'],
   demo: ['node-stack', 'sdk', 'root'],
   test: ['bench', 'demo', 'cli', 'agent', 'oci-hooks', 'restore-engine', 'nri-plugin', 'store', 'cuda', 'node-stack', 'sdk', 'sys', 'root'],
 };

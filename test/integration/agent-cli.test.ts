@@ -289,6 +289,7 @@ describe.each(flavorsUnderTest())('thaw agent and CLI on containerd %s', (flavor
     expect(status('containerd.nri')).toBe('pass');
     expect(status('toolkit.tar')).toBe('pass');
     expect(status('thaw-pause')).toBe('pass');
+    expect(status('thaw-hook')).toBe('pass');
     expect(status('store.permissions')).toBe('pass');
     expect(status('agent')).toBe('pass');
     expect(status('gpu.driver')).toBe(libcuda ? 'pass' : 'warn');

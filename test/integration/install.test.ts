@@ -66,6 +66,9 @@ describe('thaw install --root DIR', () => {
     }
     expect(mode(path.join(lib, 'native/build/thaw-pause'))).toBe(0o755);
     expect(sha256(path.join(lib, 'native/build/thaw-pause'))).toBe(sha256(path.join(REPO, 'native/build/thaw-pause')));
+    // The native createRuntime hook, beside thaw-pause where the agent looks for it.
+    expect(mode(path.join(lib, 'native/build/thaw-hook'))).toBe(0o755);
+    expect(sha256(path.join(lib, 'native/build/thaw-hook'))).toBe(sha256(path.join(REPO, 'native/build/thaw-hook')));
     // Not the tests, the benchmarks or the demo.
     expect(existsSync(path.join(lib, 'dist/bench'))).toBe(false);
     expect(existsSync(path.join(lib, 'test'))).toBe(false);

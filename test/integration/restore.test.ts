@@ -1,7 +1,8 @@
 /**
  * The restore flow against real containerd (1.7.24 by default; THAW_CONTAINERD=2.1 for 2.1.9) and CRIU: the demo worker is checkpointed from a
  * source pod (checkpointContainer), then a target pod annotated `thaw.dev/restore` with the same image and
- * command gets thaw's NRI adjustments (toolkit, control dir, createRuntime + poststop hooks that put thaw-pause
+ * command gets thaw's NRI adjustments (toolkit, control dir, createRuntime (the native hook, native/thaw-hook.c, answered by
+ * this process's hook server) + poststop hooks that put thaw-pause
  * over the entrypoint), and the restore coordinator restores the worker into it. Then the fallbacks: each ends
  * with a running, cold-started target and a logged cause.
  *
@@ -20,6 +21,7 @@ import { ThawNriStats } from '../../src/agent/nri-stats.js';
 import { createRestoreCoordinator, type RestoreCoordinator } from '../../src/agent/restore-coordinator.js';
 import { type ThawRestoreConfig } from '../../src/agent/restore-target.js';
 import { createThawNriHandlers } from '../../src/agent/thaw-nri.js';
+import { startHookServer, type HookServer } from '../../src/agent/hook-server.js';
 import type { RestoreEvent } from '../../src/restore-engine/restore-flow.js';
 import { createCollectingLogger } from '../../src/log.js';
 import { createNriPlugin, type NriPlugin } from '../../src/nri-plugin/index.js';
@@ -39,6 +41,8 @@ const PREFIX = 'thaw.dev/';
 const CHECKPOINT = 'demo-restore-256';
 const HOOK_MAIN = path.join(PACKAGE_ROOT, 'dist/src/oci-hooks/main.js');
 const THAW_PAUSE = path.join(PACKAGE_ROOT, 'native/build/thaw-pause');
+/** The createRuntime hook restores run: the native one, answered by the hook server of this process (the agent's). */
+const NATIVE_HOOK = path.join(PACKAGE_ROOT, 'native/build/thaw-hook');
 
 interface WorkerState { digest: string; requests: number; bootId: string; restored: boolean; restoreCount: number; pid: number }
 interface WorkerEvent { event: string; [key: string]: unknown }
@@ -90,13 +94,14 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
   let criu: CriuClient;
   let restorer: RestoreCoordinator;
   let restoreConfig: ThawRestoreConfig;
+  let hookServer: HookServer | undefined;
   /** Per-test fault for the coordinator's beforeCriuRestore seam. */
   let beforeCriu: (() => Promise<void>) | undefined;
 
   beforeAll(async () => {
     const { stack } = handle;
     if (process.getuid?.() !== 0) throw new Error('the restore integration tests must run as root');
-    if (!existsSync(THAW_PAUSE)) execFileSync('make', ['-C', path.join(PACKAGE_ROOT, 'native')], { stdio: 'inherit' });
+    if (!existsSync(THAW_PAUSE) || !existsSync(NATIVE_HOOK)) execFileSync('make', ['-C', path.join(PACKAGE_ROOT, 'native')], { stdio: 'inherit' });
     ensureHooksBuilt();
     image = await buildWorkerImage(stack);
     controlRoot = await mkdtemp('/tmp/thaw-rst-ctl-');
@@ -118,7 +123,8 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
       beforeCriuRestore: async () => beforeCriu?.(),
       onEvent: (e) => events.push(e),
     });
-    restoreConfig = { store, toolkitDir: stack.paths.prefix, thawPausePath: THAW_PAUSE, hookArgv: [process.execPath, HOOK_MAIN], workRoot };
+    hookServer = await startHookServer({ socketPath: path.join(workRoot, 'run', 'hook.sock'), logger });
+    restoreConfig = { store, toolkitDir: stack.paths.prefix, thawPausePath: THAW_PAUSE, hookArgv: [process.execPath, HOOK_MAIN], nativeHook: { path: NATIVE_HOOK, server: hookServer }, workRoot };
     plugin = createNriPlugin({
       name: 'thaw-restore-test',
       idx: '40',
@@ -149,6 +155,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
   afterAll(async () => {
     await restorer?.close();
     await plugin?.close();
+    await hookServer?.close();
     if (process.env.THAW_TEST_KEEP === undefined) {
       for (const d of [controlRoot, storeRoot, workRoot]) if (d) await rm(d, { recursive: true, force: true });
     }
@@ -197,11 +204,15 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
 
     // --- the target
     const t0 = Date.now();
+    const servedBefore = hookServer!.served();
     const { pod, before } = await runTarget('rst-target', CHECKPOINT);
     try {
       const ev = await waitFor(() => events.slice(before).find((e) => e.containerId === pod.containerId), 'the restore event', 120_000, 50);
       console.log(`restore event: ${JSON.stringify(ev)}; pod create to event ${Date.now() - t0} ms`);
       expect(ev, JSON.stringify(ev)).toMatchObject({ outcome: 'restored', mode: 'overlay' });
+      // runc ran the native hook, and this process's hook server did its work (the rootfs diff, the overlay).
+      expect(hookServer!.served()).toBe(servedBefore + 1);
+      expect(hookServer!.pending()).toBe(0);
       // The checkpoint's read started at RunPodSandbox, before the container existed.
       expect(podsPrefetched).toContainEqual([pod.podId, CHECKPOINT]);
       // Beside CRIU, the worker's mapped files were read through the target's root (node, its libraries).
@@ -562,6 +573,29 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
       }
     } finally {
       await rm(hostBin, { recursive: true, force: true });
+    }
+  }, TEST_TIMEOUT_MS);
+
+  it('without the native hook (not built): the Node.js hook does the same work, restored', async () => {
+    const { stack } = handle;
+    const native = restoreConfig.nativeHook;
+    delete restoreConfig.nativeHook;
+    const served = hookServer!.served();
+    try {
+      const { pod, before } = await runTarget('rst-node-hook', CHECKPOINT);
+      try {
+        const ev = await waitFor(() => events.slice(before).find((e) => e.containerId === pod.containerId), 'the restore event', 120_000, 50);
+        expect(ev, JSON.stringify(ev)).toMatchObject({ outcome: 'restored', mode: 'overlay' });
+        const restored = await waitForEvent(pod.logPath, 'restored');
+        expect((await getJson<WorkerState>(restored.port as number, '/state')).restored).toBe(true);
+        // The rootfs diff reached the target through the Node hook; the agent's hook server did nothing.
+        expect((await stack.cri.execSync(pod.containerId, ['/bin/cat', '/tmp/thaw-diff-probe'], 10)).stdout.trim()).toBe('from-source');
+        expect(hookServer!.served()).toBe(served);
+      } finally {
+        await stack.cri.removePod(pod.podId);
+      }
+    } finally {
+      if (native !== undefined) restoreConfig.nativeHook = native;
     }
   }, TEST_TIMEOUT_MS);
 });

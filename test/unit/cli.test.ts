@@ -5,7 +5,7 @@ import * as grpc from '@grpc/grpc-js';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { apiSocketOf, COMMANDS, parseCommandLine, parseTarget, UsageError } from '../../src/cli/args.js';
 import { exitCodeOf } from '../../src/cli/client.js';
-import { containerdVersionOf, renderDoctor, thpCheck } from '../../src/cli/doctor.js';
+import { containerdVersionOf, nativeHookCheck, renderDoctor, thpCheck } from '../../src/cli/doctor.js';
 import { parseThpMode } from '../../src/sys/host-facts.js';
 import { ExitCode } from '../../src/cli/exit-codes.js';
 import { runCli, type CliIo } from '../../src/cli/main.js';
@@ -148,6 +148,13 @@ describe('human output', () => {
       expect([c.status, c.detail.startsWith(mode ?? 'no /sys/kernel/mm/transparent_hugepage/enabled')]).toEqual(['warn', true]);
       expect(c.fix).toMatch(/echo always > \/sys\/kernel\/mm\/transparent_hugepage\/enabled/);
     }
+  });
+
+  it('doctor knows the native createRuntime hook: static passes, dynamic or missing warns (the Node.js hook runs)', async () => {
+    const built = new URL('../../native/build/thaw-hook', import.meta.url).pathname;
+    expect(await nativeHookCheck(built)).toMatchObject({ id: 'thaw-hook', status: 'pass' });
+    expect(await nativeHookCheck('/nonexistent/thaw-hook')).toMatchObject({ id: 'thaw-hook', status: 'warn', fix: expect.stringContaining('make -C native') });
+    expect(await nativeHookCheck('/usr/bin/env')).toMatchObject({ id: 'thaw-hook', status: 'warn', detail: expect.stringContaining('not a static') });
   });
 
   it('renders doctor lines with the fix under each problem', () => {

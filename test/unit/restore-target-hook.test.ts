@@ -1,0 +1,100 @@
+/**
+ * The NRI adjustment of a restore target and its createRuntime hook: with the native hook configured, the OCI
+ * hook is native/build/thaw-hook with its socket, budget and wait, and the work (what the Node hook's argv said)
+ * is registered with the agent's hook server under the container id; without it, the Node hook's argv as before.
+ * A real local store holds the checkpoint; the hook server is the real one.
+ */
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { startHookServer, type HookServer } from '../../src/agent/hook-server.js';
+import type { ThawRestoreConfig } from '../../src/agent/restore-target.js';
+import { createThawNriHandlers } from '../../src/agent/thaw-nri.js';
+import { HOOK_ANSWER_GRACE_MS, HOOK_TIMEOUT_MARGIN_MS } from '../../src/defaults.js';
+import { createCollectingLogger } from '../../src/log.js';
+import { AdjustmentBuilder, type NriHandlerContext } from '../../src/nri-plugin/index.js';
+import { openLocalStore, type LocalStore } from '../../src/store/local-store.js';
+import { manifestFields, writeCheckpointFiles } from '../helpers/store-fixtures.js';
+
+const NATIVE = '/opt/thaw/lib/native/build/thaw-hook';
+const ctx: NriHandlerContext = { signal: new AbortController().signal, deadlineMs: 2_000, runtime: { name: 'containerd', version: '1.7.24' }, logger: createCollectingLogger() };
+
+let dir: string;
+let store: LocalStore;
+let server: HookServer;
+
+beforeAll(async () => {
+  dir = await mkdtemp(join(tmpdir(), 'thaw-rt-hook-'));
+  store = await openLocalStore({ root: join(dir, 'store'), logger: createCollectingLogger() });
+  const pending = await store.beginCheckpoint('llm');
+  await writeCheckpointFiles(pending.paths);
+  await pending.publish(manifestFields(), { replace: false });
+  server = await startHookServer({ socketPath: join(dir, 'run', 'agent-hook.sock') });
+});
+afterAll(async () => {
+  await server.close();
+  await rm(dir, { recursive: true, force: true });
+});
+
+function handlers(native: boolean) {
+  const restore: ThawRestoreConfig = {
+    store,
+    toolkitDir: '/opt/thaw/stack/1.7',
+    thawPausePath: '/opt/thaw/lib/native/build/thaw-pause',
+    hookArgv: ['/opt/thaw/bin/node', '/opt/thaw/lib/dist/src/oci-hooks/main.js'],
+    ...(native ? { nativeHook: { path: NATIVE, server } } : {}),
+    workRoot: join(dir, 'work'),
+    hostFacts: { arch: manifestFields().constraints.arch, kernelRelease: manifestFields().constraints.kernelRelease },
+  };
+  return createThawNriHandlers({ annotationPrefix: 'thaw.dev/', controlRoot: join(dir, 'control'), restore });
+}
+
+const pod = { id: 'pod-1', name: 'llm-1', namespace: 'default', uid: 'u1', annotations: { 'thaw.dev/restore': 'llm' } };
+const container = (id: string) => ({
+  id,
+  name: 'worker',
+  podSandboxId: 'pod-1',
+  args: [...(manifestFields().source.args ?? [])],
+  annotations: { 'io.kubernetes.cri.image-name': manifestFields().constraints.image.ref },
+});
+
+/** The handler's answer for a restore target: thaw's handlers answer with an AdjustmentBuilder. */
+async function adjust(h: ReturnType<typeof handlers>, id: string): Promise<AdjustmentBuilder | undefined> {
+  const r = await h.createContainer!(pod, container(id), ctx);
+  return r instanceof AdjustmentBuilder ? r : undefined;
+}
+
+describe('restore target adjustment: the createRuntime hook', () => {
+  it('native: thaw-hook with its socket, budget and wait; the work registered under the container id; poststop stays the Node hook', async () => {
+    const h = handlers(true);
+    const built = (await adjust(h, 'c-native'))?.build({ name: 'containerd', version: '1.7.24' });
+    expect(built, JSON.stringify((ctx.logger as ReturnType<typeof createCollectingLogger>).lines)).toBeDefined();
+    const hooks = built?.adjustment.hooks;
+    const cr = hooks?.createRuntime?.[0];
+    expect(cr?.path).toBe(NATIVE);
+    const timeout = cr?.timeout?.value as number;
+    const budget = timeout * 1000 - HOOK_TIMEOUT_MARGIN_MS;
+    expect(cr?.args).toEqual([NATIVE, '--socket', server.socketPath, '--control-dir', join(dir, 'control', 'c-native'), '--budget-ms', String(budget), '--wait-ms', String(budget + HOOK_ANSWER_GRACE_MS)]);
+    expect(cr?.env).toEqual([]);
+    // The wait ends before runc's kill (the timeout), so that a hook with no answer still starts the pod cold.
+    expect(budget + HOOK_ANSWER_GRACE_MS).toBeLessThan(timeout * 1000);
+    expect(hooks?.poststop?.[0]?.path).toBe('/opt/thaw/bin/node');
+    expect(server.pending()).toBe(1);
+    // The container goes before its hook ran: its registration goes with it.
+    await h.removeContainer!(pod, container('c-native'), ctx);
+    expect(server.pending()).toBe(0);
+  });
+
+  it('without a native hook: the Node hook with the work on its command line, nothing registered', async () => {
+    const h = handlers(false);
+    const built = (await adjust(h, 'c-node'))?.build({ name: 'containerd', version: '1.7.24' });
+    const cr = built?.adjustment.hooks?.createRuntime?.[0];
+    expect(cr?.path).toBe('/opt/thaw/bin/node');
+    const args = cr?.args ?? [];
+    expect(args.slice(0, 5)).toEqual(['/opt/thaw/bin/node', '/opt/thaw/lib/dist/src/oci-hooks/main.js', 'create-runtime', '--mode', 'overlay']);
+    for (const flag of ['--control-dir', '--checkpoint-dir', '--thaw-pause', '--budget-ms', '--diff-sha256', '--undo-journal']) expect(args).toContain(flag);
+    expect(server.pending()).toBe(0);
+    await h.removeContainer!(pod, container('c-node'), ctx);
+  });
+});
