@@ -62,6 +62,11 @@ export const DEFAULT_THAW_PAUSE_DEADLINE_MS = 20_000;
  * pull, applying the rootfs diff) gives up before `timeout - margin` and the pod starts cold.
  */
 export const HOOK_TIMEOUT_MARGIN_MS = 10_000;
+/**
+ * A `thaw.dev/snapshot` container's image digest, asked of containerd inside NRI CreateContainer (2 s in all): a
+ * local socket answers in milliseconds; past this the pod cold-starts (AGENT_SNAPSHOT_KEY_UNKNOWN).
+ */
+export const DEFAULT_SNAPSHOT_IMAGE_LOOKUP_TIMEOUT_MS = 500;
 /** cuda-checkpoint's lock of one process (it waits for the process's in-flight CUDA work). */
 export const DEFAULT_CUDA_LOCK_TIMEOUT_MS = 10_000;
 

@@ -217,7 +217,7 @@ export class CheckpointCoordinator implements ThawCoordinator {
         return undefined;
       });
       log.info('worker is ready for its checkpoint', { marker, pid });
-      const imageDigest = await this.options.imageDigestOf?.(container, signal).catch((err: unknown) => {
+      const imageDigest = container.imageDigest ?? await this.options.imageDigestOf?.(container, signal).catch((err: unknown) => {
         log.warn('image digest unknown; the manifest records the image ref only', { error: errorMessage(err) });
         return undefined;
       });
@@ -236,6 +236,7 @@ export class CheckpointCoordinator implements ThawCoordinator {
           onCheckpoint: o.onCheckpointOf?.(container) ?? 'continue',
           imageRef: container.imageRef ?? '',
           ...(imageDigest !== undefined ? { imageDigest } : {}),
+          ...(container.snapshot !== undefined ? { snapshot: container.snapshot } : {}),
           source: {
             containerName: container.containerName,
             pod: { name: container.podName, namespace: container.podNamespace, uid: container.podUid },

@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { errorMessage } from '../errors.js';
 import { CHECKPOINT_COMPLETE } from '../sdk/index.js';
 import type { Logger } from '../log.js';
-import { CriuClient, criuEnvironment, parentDeathWrapper } from '../restore-engine/index.js';
+import { CriuClient, criuEnvironment, parentDeathWrapper, readContainerdImageDigest } from '../restore-engine/index.js';
 import { openLocalStore, type LocalStore } from '../store/index.js';
 import { bindPageCache, readIntoPageCache } from '../sys/page-cache.js';
 import { DEFAULT_MOUNT_PATH, DEFAULT_UMOUNT_PATH } from '../oci-hooks/index.js';
@@ -25,7 +25,8 @@ import type { ManagedContainer, ThawCoordinator } from './managed-container.js';
 import { ThawNriStats } from './nri-stats.js';
 import { createRestoreCoordinator, type RestoreCoordinator } from './restore-coordinator.js';
 import { createThawNriHandlers } from './thaw-nri.js';
-import { DEFAULT_NSENTER_PATH, DEFAULT_UNSHARE_PATH } from '../defaults.js';
+import { DEFAULT_NSENTER_PATH, DEFAULT_SNAPSHOT_IMAGE_LOOKUP_TIMEOUT_MS, DEFAULT_UNSHARE_PATH } from '../defaults.js';
+import { SnapshotTracker } from './snapshot.js';
 
 
 export interface ThawEngineOptions {
@@ -71,6 +72,8 @@ export interface ThawEngine {
   checkpoints: CheckpointCoordinator;
   restores: RestoreCoordinator;
   stats: ThawNriStats;
+  /** `thaw.dev/snapshot` claims and how each snapshot pod started (snapshot.ts). */
+  snapshots: SnapshotTracker;
   /** The node's CUDA driver, when it has one (undefined: workers are checkpointed as CPU-only). */
   cuda: NodeCuda | undefined;
   /** CRIU's version (major.minor.sublevel). */
@@ -111,6 +114,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
   const criuVersionText = `${criuVersion.major}.${criuVersion.minor}.${criuVersion.sublevel}`;
   let runtimeVersion = 'unknown';
   const stats = new ThawNriStats();
+  const snapshots = new SnapshotTracker();
   // Once per process: every checkpoint and restore is a call on this one driver (no cuInit per action).
   const cuda = loadNodeCuda({
     logger,
@@ -121,7 +125,10 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     store,
     criu,
     criuVersion: criuVersionText,
-    ...(o.onCheckpointEvent ? { onEvent: o.onCheckpointEvent } : {}),
+    onEvent: (e: CheckpointEvent) => {
+      snapshots.onCheckpointEvent(e);
+      o.onCheckpointEvent?.(e);
+    },
     containerdVersion: () => runtimeVersion,
     logger,
     onCheckpointOf: (c: ManagedContainer) => c.onCheckpoint ?? 'continue',
@@ -153,7 +160,10 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     workRoot: o.workRoot,
     toolkitBinDir: binDir,
     ...(o.thawPauseDeadlineMs !== undefined ? { thawPauseDeadlineMs: o.thawPauseDeadlineMs } : {}),
-    ...(o.onRestoreEvent ? { onEvent: o.onRestoreEvent } : {}),
+    onEvent: (e: RestoreEvent) => {
+      snapshots.onRestoreEvent(e);
+      o.onRestoreEvent?.(e);
+    },
     ...(cuda ? { cudaRestore: cudaRestoreStep({ node: cuda, logger }) } : {}),
   });
   // One coordinator for the handlers: sources go to the checkpoint side, targets to the restore side.
@@ -164,8 +174,13 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     restoreTargetCreated: (c, checkpoint, incoming, lease) => restores.restoreTargetCreated(c, checkpoint, incoming, lease),
     restoreTargetStarted: (c, pid) => restores.restoreTargetStarted(c, pid),
     containerGone: (id) => {
+      snapshots.containerGone(id);
       checkpoints.containerGone(id);
       restores.containerGone(id);
+    },
+    containerStopped: (id) => {
+      snapshots.containerGone(id);
+      checkpoints.containerGone(id);
     },
     containerRecovered: (c, pid) => {
       if (c.role === 'restore-target') {
@@ -176,7 +191,14 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
       // then, if its checkpoint was not finished, wait for (or act on) its ready marker again.
       void (async () => {
         if (cuda) await recoverCudaProcesses(cuda, pid, logger.child({ containerId: c.containerId }));
-        if (!existsSync(join(c.controlDir, CHECKPOINT_COMPLETE))) checkpoints.checkpointSourceStarted(c, pid);
+        if (existsSync(join(c.controlDir, CHECKPOINT_COMPLETE))) return;
+        // A snapshot source the previous agent was waiting on holds the claim again (its worker waits on this
+        // checkpoint, so it is taken whatever the claim says).
+        if (c.snapshot !== undefined) {
+          snapshots.claims.tryClaim({ namespace: c.podNamespace, name: c.snapshot.name, key: c.snapshot.key }, c.containerId);
+          snapshots.expect(c.containerId, { namespace: c.podNamespace, snapshot: c.snapshot.name, via: 'checkpoint' });
+        }
+        checkpoints.checkpointSourceStarted(c, pid);
       })();
     },
   };
@@ -185,6 +207,11 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     controlRoot: o.controlRoot,
     coordinator,
     stats,
+    snapshot: {
+      tracker: snapshots,
+      imageDigestOf: (name) => readContainerdImageDigest(name, { ...o.containerd, timeoutMs: o.containerd.timeoutMs ?? DEFAULT_SNAPSHOT_IMAGE_LOOKUP_TIMEOUT_MS }),
+      ...(cuda?.facts ? { gpuFacts: cuda.facts } : {}),
+    },
     ...(o.tenancy ? { tenancy: o.tenancy } : {}),
     restore: {
       store,
@@ -203,6 +230,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     checkpoints,
     restores,
     stats,
+    snapshots,
     cuda,
     criuVersion: criuVersionText,
     setRuntimeVersion: (v) => {

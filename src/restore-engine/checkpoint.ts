@@ -132,6 +132,8 @@ export interface CheckpointContainerOptions {
   onCheckpoint: OnCheckpoint;
   imageRef: string;
   imageDigest?: string;
+  /** A `thaw.dev/snapshot` checkpoint: its name and key, recorded in the manifest (store/manifest.ts). */
+  snapshot?: { name: string; key: string };
   source: CheckpointSourceIdentity;
   containerdVersion: string;
   criuVersion: string;
@@ -392,6 +394,7 @@ export async function checkpointContainer(
       },
       timings: { phaseMs },
       liveBytes: inspection.rssBytes,
+      ...(opts.snapshot !== undefined ? { snapshot: { ...opts.snapshot } } : {}),
     };
     const published = await pending.publish(fields, { signal, ...(opts.replace ? { replace: true } : {}) });
     phases.publishMs = round(performance.now() - started);

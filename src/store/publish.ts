@@ -116,6 +116,7 @@ async function publishDir(ctx: PublishContext, pending: PendingCheckpoint, field
     files,
     totals,
     timings: fields.timings ?? { phaseMs: {} },
+    ...(fields.snapshot !== undefined ? { snapshot: fields.snapshot } : {}),
   }, tree, options, step);
 }
 
