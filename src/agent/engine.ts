@@ -10,7 +10,7 @@ import { errorMessage } from '../errors.js';
 import { CHECKPOINT_COMPLETE } from '../sdk/index.js';
 import type { Logger } from '../log.js';
 import { CriuClient, criuEnvironment, parentDeathWrapper, readContainerdImageDigest } from '../restore-engine/index.js';
-import { openLocalStore, type LocalStore } from '../store/index.js';
+import { openLocalStore, pushCheckpoint, type LocalStore } from '../store/index.js';
 import { bindPageCache, readIntoPageCache } from '../sys/page-cache.js';
 import { DEFAULT_MOUNT_PATH, DEFAULT_UMOUNT_PATH } from '../oci-hooks/index.js';
 import { DEFAULT_SH_PATH } from '../restore-engine/index.js';
@@ -26,7 +26,7 @@ import { ThawNriStats } from './nri-stats.js';
 import { createRestoreCoordinator, type RestoreCoordinator } from './restore-coordinator.js';
 import { createThawNriHandlers } from './thaw-nri.js';
 import { DEFAULT_NSENTER_PATH, DEFAULT_SNAPSHOT_IMAGE_LOOKUP_TIMEOUT_MS, DEFAULT_UNSHARE_PATH } from '../defaults.js';
-import { SnapshotTracker } from './snapshot.js';
+import { snapshotReference, SnapshotTracker } from './snapshot.js';
 
 
 export interface ThawEngineOptions {
@@ -115,6 +115,31 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
   let runtimeVersion = 'unknown';
   const stats = new ThawNriStats();
   const snapshots = new SnapshotTracker();
+  const repositoryFor = (namespace: string): string | undefined => o.tenancy?.namespaces.get(namespace)?.snapshotRepository;
+  // Pushes of snapshot checkpoints to their namespace's repository, in the background; aborted at close().
+  const pushes = new Set<Promise<void>>();
+  const stopPushes = new AbortController();
+  let managedOf: (containerId: string) => ManagedContainer | undefined = () => undefined;
+  const pushSnapshot = (e: CheckpointEvent): void => {
+    const c = managedOf(e.containerId);
+    const repository = c?.snapshot !== undefined ? repositoryFor(c.podNamespace) : undefined;
+    if (c === undefined || repository === undefined) return;
+    const reference = snapshotReference(repository, e.name);
+    const host = repository.slice(0, repository.indexOf('/'));
+    const access = o.registry?.access?.[host];
+    const log = logger.child({ component: 'snapshot-push', reference, checkpoint: e.name });
+    if (access === undefined) {
+      log.warn('snapshot not pushed: its repository\'s registry is not in the registry access file (registry.config)', { event: 'snapshot-push', outcome: 'skipped', registry: host });
+      return;
+    }
+    const started = performance.now();
+    const p = pushCheckpoint({ store, name: e.name, reference, access, logger, signal: stopPushes.signal }).then(
+      (r) => log.info('snapshot pushed', { event: 'snapshot-push', outcome: 'succeeded', digest: r.digest, bytesUploaded: r.bytesUploaded, ms: Math.round(performance.now() - started) }),
+      (err: unknown) => log.warn('snapshot push failed; other nodes take their own checkpoint', { event: 'snapshot-push', outcome: 'failed', error: errorMessage(err) }),
+    );
+    pushes.add(p);
+    void p.finally(() => pushes.delete(p));
+  };
   // Once per process: every checkpoint and restore is a call on this one driver (no cuInit per action).
   const cuda = loadNodeCuda({
     logger,
@@ -126,6 +151,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     criu,
     criuVersion: criuVersionText,
     onEvent: (e: CheckpointEvent) => {
+      if (e.outcome === 'succeeded') pushSnapshot(e);
       snapshots.onCheckpointEvent(e);
       o.onCheckpointEvent?.(e);
     },
@@ -210,6 +236,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     snapshot: {
       tracker: snapshots,
       imageDigestOf: (name) => readContainerdImageDigest(name, { ...o.containerd, timeoutMs: o.containerd.timeoutMs ?? DEFAULT_SNAPSHOT_IMAGE_LOOKUP_TIMEOUT_MS }),
+      repositoryFor,
       ...(cuda?.facts ? { gpuFacts: cuda.facts } : {}),
     },
     ...(o.tenancy ? { tenancy: o.tenancy } : {}),
@@ -224,6 +251,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
       ...(cuda?.facts ? { gpuFacts: cuda.facts } : {}),
     },
   });
+  managedOf = (id) => handlers.managed.get(id);
   return {
     handlers,
     store,
@@ -237,7 +265,8 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
       runtimeVersion = v;
     },
     close: async () => {
-      await Promise.allSettled([checkpoints.close(), restores.close(), sources?.close()]);
+      stopPushes.abort(new Error('agent stopping'));
+      await Promise.allSettled([checkpoints.close(), restores.close(), sources?.close(), ...pushes]);
     },
   };
 }

@@ -6,7 +6,10 @@
  * Never throws for a problem of the pod; within CreateContainer's budget it does one containerd call (bounded by
  * DEFAULT_SNAPSHOT_IMAGE_LOOKUP_TIMEOUT_MS) and one manifest read.
  */
-import { errorMessage } from '../errors.js';
+import { parseCheckpointReference } from '../checkpoint-reference.js';
+import { errorMessage, isThawError } from '../errors.js';
+import { RestoreErrorCode } from '../restore-engine/index.js';
+import { OciErrorCode, StoreErrorCode } from '../store/index.js';
 import type { AdjustmentBuilder, Container, NriHandlerContext, OnCheckpoint, PodSandbox } from '../nri-plugin/index.js';
 import type { GpuConstraints } from '../store/index.js';
 import { adjustCheckpointSource } from './checkpoint-source.js';
@@ -14,7 +17,7 @@ import { CRI_IMAGE_NAME_ANNOTATION } from './containers.js';
 import { HandlerFallbackCause, SnapshotFallbackCause } from './errors.js';
 import { describeContainer, type HandlerScope } from './nri-handler-scope.js';
 import { adjustRestoreTarget, type ThawRestoreConfig } from './restore-target.js';
-import { findSnapshotCheckpoint, snapshotKey, type SnapshotId, type SnapshotTracker } from './snapshot.js';
+import { findSnapshotCheckpoint, snapshotKey, snapshotReference, type SnapshotId, type SnapshotTracker } from './snapshot.js';
 
 /** What the snapshot branch needs besides the restore configuration. */
 export interface ThawSnapshotConfig {
@@ -23,6 +26,8 @@ export interface ThawSnapshotConfig {
   imageDigestOf(imageName: string): Promise<string>;
   /** This node's GPUs; absent: none (the key says `none`). */
   gpuFacts?: GpuConstraints;
+  /** The namespace's `snapshotRepository` (tenancy.ts), where its snapshot checkpoints are pulled from; absent: none. */
+  repositoryFor?(namespace: string): string | undefined;
 }
 
 export async function adjustSnapshotContainer(
@@ -64,9 +69,10 @@ export async function adjustSnapshotContainer(
   const id: SnapshotId = { namespace, name: snapshotName, key };
   const lookup = await findSnapshotCheckpoint(r.store, id);
   if (lookup.kind === 'taken') return cold(SnapshotFallbackCause.NAME_TAKEN, 'the snapshot\'s store name holds another checkpoint', { key, storedName: lookup.storedName, reason: lookup.reason });
-  if (lookup.kind === 'found') {
+  /** The restore branch, for a local checkpoint (its name) or the namespace's registry copy (its reference). */
+  const restore = async (value: string, reference: ReturnType<typeof parseCheckpointReference> | undefined, from: string): Promise<AdjustmentBuilder | undefined> => {
     let coldCause: string | undefined;
-    const adjusted = await adjustRestoreTarget(scope, r, pod, container, lookup.checkpoint.name, undefined, ctx, {
+    const adjusted = await adjustRestoreTarget(scope, r, pod, container, value, reference !== undefined && 'reference' in reference ? reference.reference : undefined, ctx, {
       imageDigest,
       onColdStart: (cause) => (coldCause = cause),
     });
@@ -76,8 +82,39 @@ export async function adjustSnapshotContainer(
       return undefined;
     }
     s.tracker.expect(containerId, { namespace, snapshot: snapshotName, via: 'restore' });
-    ctx.logger.info('thaw: snapshot found; restoring', { ...where, key, checkpoint: lookup.checkpoint.name });
+    ctx.logger.info('thaw: snapshot found; restoring', { ...where, key, checkpoint: value, from });
     return adjusted;
+  };
+  if (lookup.kind === 'found') return restore(lookup.checkpoint.name, undefined, 'local store');
+  // Not here: the namespace's repository may have it from another node (pushed by the node that took it).
+  const repository = s.repositoryFor?.(namespace);
+  if (repository !== undefined && r.sources !== undefined) {
+    const text = snapshotReference(repository, lookup.storedName);
+    const parsed = parseCheckpointReference(text);
+    if ('reference' in parsed) {
+      // This lookup's interest in the pull it may start lasts until the restore branch holds its own.
+      const interest = new AbortController();
+      try {
+        const found = await r.sources.find(text, parsed.reference, { namespace, interest: interest.signal });
+        const m = found.checkpoint.manifest;
+        if (m.snapshot?.name !== snapshotName || m.snapshot.key !== key || m.source.pod?.namespace !== namespace) {
+          return cold(SnapshotFallbackCause.NAME_TAKEN, 'the snapshot\'s registry tag holds another checkpoint', { key, reference: text, record: m.snapshot ?? null, owner: m.source.pod?.namespace });
+        }
+        return await restore(text, parsed, 'registry');
+      } catch (err) {
+        // Not there (the tag is unknown, or no registry access is configured at all): take it on this node.
+        if (!isThawError(err, OciErrorCode.NOT_FOUND) && !isThawError(err, StoreErrorCode.NOT_FOUND)) {
+          const cause = isThawError(err, 'RESTORE_NOT_ALLOWED') || isThawError(err, 'OCI_NOT_ALLOWED') ? RestoreErrorCode.NOT_ALLOWED
+            : isThawError(err, 'OCI_SIGNATURE_MISSING') || isThawError(err, 'OCI_SIGNATURE_INVALID') ? RestoreErrorCode.SIGNATURE
+              : isThawError(err, 'RESTORE_NO_ROOM') ? RestoreErrorCode.NO_ROOM
+                : RestoreErrorCode.PULL_FAILED;
+          return cold(cause, 'the snapshot\'s registry copy cannot be used', { key, reference: text, error: errorMessage(err), ...(isThawError(err) ? { code: err.code } : {}) });
+        }
+        ctx.logger.debug('thaw: the snapshot is not in its repository yet', { ...where, key, reference: text });
+      } finally {
+        interest.abort(new Error('the snapshot lookup is done'));
+      }
+    }
   }
   if (!s.tracker.claims.tryClaim(id, containerId)) {
     return cold(SnapshotFallbackCause.CHECKPOINT_IN_PROGRESS, 'another container of this node is taking the snapshot\'s checkpoint', { key, holder: s.tracker.claims.holder(id) }, false);

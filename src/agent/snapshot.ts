@@ -72,6 +72,14 @@ export function snapshotCheckpointName(id: SnapshotId): string {
   return `${id.name}-${suffix}`;
 }
 
+/**
+ * The registry reference of a snapshot's checkpoint in its namespace's `snapshotRepository` (tenancy.ts): the
+ * stored name is the tag, so every node of the namespace names the same one for the same key. Pure.
+ */
+export function snapshotReference(repository: string, storedName: string): string {
+  return `${repository}:${storedName}`;
+}
+
 export type SnapshotLookup =
   | { kind: 'found'; checkpoint: OpenedCheckpoint }
   | { kind: 'absent'; storedName: string }

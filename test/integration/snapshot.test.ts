@@ -27,6 +27,8 @@ import {
   type ThawPluginProcess,
 } from '../helpers/thaw-plugin-process.js';
 import { parseExposition } from '../../src/agent/metrics.js';
+import { startRegistry, type RunningRegistry } from '../../src/node-stack/registry.js';
+import { mkdir, writeFile } from 'node:fs/promises';
 
 const MEMORY_MB = 64;
 const SEED = 5;
@@ -38,6 +40,7 @@ describe.each(flavorsUnderTest())('thaw.dev/snapshot on containerd %s', (flavor)
   let dirs: ThawPluginDirs;
   let plugin: ThawPluginProcess | undefined;
   let client: AgentClient;
+  let registry: RunningRegistry | undefined;
   const pods: string[] = [];
 
   const run = async (name: string, snapshot: string, checkpointAfterMs: number): Promise<WorkerPod> => {
@@ -88,6 +91,7 @@ describe.each(flavorsUnderTest())('thaw.dev/snapshot on containerd %s', (flavor)
     for (const id of pods) await handle.stack.cri.removePod(id).catch(() => undefined);
     client?.close();
     await plugin?.stop();
+    await registry?.stop();
     await rm(workDir, { recursive: true, force: true });
   });
 
@@ -178,5 +182,51 @@ describe.each(flavorsUnderTest())('thaw.dev/snapshot on containerd %s', (flavor)
     const logged = await readJsonLog(dirs.logFile);
     expect(logged.filter((r) => r.level === 'error' && r.msg === 'thaw: createContainer handler failed; the container is created unchanged')).toEqual([]);
     for (const p of [cold, next]) await remove(p);
+  }, 600_000);
+
+  it('with a snapshotRepository for the namespace: node A pushes its first checkpoint, node B pulls it instead of taking its own', async () => {
+    // Node A and node B: two agents, one after the other, on this stack, each with its own (empty) store.
+    await plugin?.stop();
+    plugin = undefined;
+    client.close();
+    registry = await startRegistry();
+    const base = join(workDir, 'registry-nodes');
+    await mkdir(base, { recursive: true });
+    const agentConfig = join(workDir, 'agent-snapshot.yaml');
+    const registryConfig = join(workDir, 'registries.json');
+    await writeFile(agentConfig, `tenancy:\n  namespaces:\n    default:\n      registries:\n        - {prefix: "${registry.host}/team", allowUnsigned: true}\n      snapshotRepository: "${registry.host}/team/snapshots"\n`, { mode: 0o600 });
+    await writeFile(registryConfig, JSON.stringify({ access: { [registry.host]: { plainHttp: true } } }), { mode: 0o600 });
+    const startNode = async (node: string): Promise<void> => {
+      dirs = pluginDirsUnder(join(base, node), handle.stack.paths.prefix, join(base, `${node}.log`));
+      plugin = startThawPluginProcess({ socketPath: handle.stack.nriSocketPath, containerd: { socket: handle.stack.address, root: handle.stack.rootDir }, ...dirs, extraArgs: ['--config', agentConfig, '--registry-config', registryConfig] });
+      await waitForLog(dirs.logFile, (r) => r.msg === 'nri plugin synchronized', `agent ${node} to register and synchronize`, 30_000);
+      client = new AgentClient((await agentEndpoints(dirs.logFile)).apiSocket);
+    };
+
+    await startNode('a');
+    const source = await run('reg-a', 'snap-reg', 300);
+    expect((await decisionOf(source.containerId)).msg, 'the tag is not in the repository yet: node A takes the checkpoint').toBe('thaw: checkpoint source');
+    const checkpointed = await checkpointEventOf(source.containerId);
+    expect(checkpointed['outcome']).toBe('succeeded');
+    const pushed = await waitForLog(dirs.logFile, (r) => r['event'] === 'snapshot-push', 'the push of the snapshot', 120_000);
+    expect([pushed['outcome'], pushed['reference']]).toEqual(['succeeded', `${registry.host}/team/snapshots:${String(checkpointed['name'])}`]);
+    const sourceState = await getJson<WorkerState>((await waitForServingWorker(source.controlDir, { timeoutMs: 60_000 })).port, '/state');
+    await remove(source);
+    await plugin!.stop();
+    client.close();
+
+    await startNode('b');
+    expect((await client.list()).checkpoints).toEqual([]);
+    const target = await run('reg-b', 'snap-reg', 300);
+    const decision = await decisionOf(target.containerId);
+    expect(decision.msg, 'node B pulls the pushed checkpoint instead of taking its own').toBe('thaw: restore target');
+    const state = await getJson<WorkerState>((await waitForServingWorker(target.controlDir, { accept: (e) => e.restored, timeoutMs: 120_000 })).port, '/state');
+    expect(state.bootId).toBe(sourceState.bootId);
+    expect((await restoreEventOf(target.containerId))['outcome']).toBe('restored');
+    const inB = (await client.list()).checkpoints;
+    expect(inB.map((c) => [c.snapshot, c.source_pod])).toEqual([['snap-reg', 'default/reg-a']]);
+    const logB = await readJsonLog(dirs.logFile);
+    expect(logB.filter((r) => r['event'] === 'checkpoint'), 'node B took no checkpoint of its own').toEqual([]);
+    await remove(target);
   }, 600_000);
 });
