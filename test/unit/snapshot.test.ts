@@ -9,6 +9,12 @@ import { openLocalStore, type LocalStore } from '../../src/store/index.js';
 import { parseManifest } from '../../src/store/manifest.js';
 import { manifestFields, tempRoot, writeCheckpointFiles } from '../helpers/store-fixtures.js';
 import { createControlDir } from '../../src/sdk/index.js';
+import { join } from 'node:path';
+import { createThawNriHandlers } from '../../src/agent/thaw-nri.js';
+import type { ThawRestoreConfig } from '../../src/agent/restore-target.js';
+import { createCollectingLogger } from '../../src/log.js';
+import type { NriHandlerContext } from '../../src/nri-plugin/plugin.js';
+import type { AdjustmentBuilder } from '../../src/nri-plugin/index.js';
 
 const digestA = `sha256:${'a'.repeat(64)}`;
 const digestB = `sha256:${'b'.repeat(64)}`;
@@ -179,5 +185,65 @@ describe('snapshot claims and outcomes', () => {
     } finally {
       await cleanup();
     }
+  });
+});
+
+describe('thaw.dev/snapshot at NRI CreateContainer (the handlers over a real store)', () => {
+  const ctx: NriHandlerContext = { signal: new AbortController().signal, deadlineMs: 1_000, runtime: { name: 'containerd', version: '1.7.24' }, logger: createCollectingLogger() };
+  let root: string;
+  let cleanup: () => Promise<void>;
+  let store: LocalStore;
+  beforeEach(async () => {
+    ({ root, cleanup } = await tempRoot());
+    store = await openLocalStore({ root: join(root, 'store') });
+  });
+  afterEach(async () => cleanup());
+
+  const handlersWith = (imageDigestOf: (name: string) => Promise<string>) => {
+    const tracker = new SnapshotTracker();
+    const restore = { store, toolkitDir: '/opt/thaw/toolkit', thawPausePath: '/opt/thaw/toolkit/bin/thaw-pause', hookArgv: ['/node', '/main.js'], workRoot: join(root, 'work') } satisfies ThawRestoreConfig;
+    const handlers = createThawNriHandlers({ annotationPrefix: 'thaw.dev/', controlRoot: join(root, 'control'), restore, snapshot: { tracker, imageDigestOf } });
+    return { handlers, tracker };
+  };
+  const pod = (id: string) => ({ id, name: id, namespace: 'team-a', uid: `${id}-uid`, annotations: { 'thaw.dev/snapshot': 'qwen' } });
+  const container = (id: string) => ({ id: id.repeat(64).slice(0, 64), name: 'worker', podSandboxId: id, args: ['/usr/bin/node', '/app/w.js'], annotations: { 'io.kubernetes.cri.image-name': 'registry.example/llm:1' } });
+
+  it('one container takes the claim and becomes a source (control dir, snapshot annotations); the next is left unchanged', async () => {
+    const { handlers, tracker } = handlersWith(async () => digestA);
+    const first = await handlers.createContainer!(pod('a'), container('a'), ctx);
+    const second = await handlers.createContainer!(pod('b'), container('b'), ctx);
+    const adjustment = (first as AdjustmentBuilder | undefined)?.build().adjustment;
+    expect(adjustment?.annotations?.['thaw.dev/role']).toBe('checkpoint-source');
+    const key = adjustment?.annotations?.['thaw.dev/snapshot-key'];
+    expect(key).toBe(snapshotKey({ ...base, imageDigest: digestA }));
+    expect(adjustment?.annotations?.['thaw.dev/checkpoint-name']).toBe(snapshotCheckpointName({ namespace: 'team-a', name: 'qwen', key: key! }));
+    expect(second).toBeUndefined();
+    expect(tracker.rows().map((r) => [r.outcome, r.cause])).toEqual([['cold', 'AGENT_SNAPSHOT_CHECKPOINT_IN_PROGRESS']]);
+    // The source goes (NRI StopContainer): the claim with it; the next container takes it.
+    await handlers.stopContainer!(pod('a'), container('a'), ctx);
+    tracker.containerGone(container('a').id); // what the engine's coordinator does on containerStopped
+    expect((await handlers.createContainer!(pod('c'), container('c'), ctx) as AdjustmentBuilder | undefined)?.build().adjustment.annotations?.['thaw.dev/role']).toBe('checkpoint-source');
+  });
+
+  it('without the image digest there is no key: the container is left unchanged, counted AGENT_SNAPSHOT_KEY_UNKNOWN', async () => {
+    const { handlers, tracker } = handlersWith(async () => {
+      throw new Error('containerd did not answer');
+    });
+    expect(await handlers.createContainer!(pod('a'), container('a'), ctx)).toBeUndefined();
+    expect(handlers.stats.fallbacksByCause.get('AGENT_SNAPSHOT_KEY_UNKNOWN')).toBe(1);
+    expect(tracker.rows().map((r) => [r.outcome, r.cause])).toEqual([['cold', 'AGENT_SNAPSHOT_KEY_UNKNOWN']]);
+    expect(tracker.claims.size).toBe(0);
+  });
+
+  it('a checkpoint planted under the stored name without the snapshot record is not restored: cold, AGENT_SNAPSHOT_NAME_TAKEN', async () => {
+    const { handlers, tracker } = handlersWith(async () => digestA);
+    const name = snapshotCheckpointName({ namespace: 'team-a', name: 'qwen', key: snapshotKey({ ...base, imageDigest: digestA }) });
+    const pending = await store.beginCheckpoint(name);
+    await writeCheckpointFiles(pending.paths, 4096);
+    const fields = manifestFields();
+    fields.source.pod = { ...fields.source.pod!, namespace: 'team-a' };
+    await pending.publish(fields);
+    expect(await handlers.createContainer!(pod('a'), container('a'), ctx)).toBeUndefined();
+    expect(tracker.rows().map((r) => [r.outcome, r.cause])).toEqual([['cold', 'AGENT_SNAPSHOT_NAME_TAKEN']]);
   });
 });
