@@ -184,6 +184,32 @@ describe.each(flavorsUnderTest())('thaw.dev/snapshot on containerd %s', (flavor)
     for (const p of [cold, next]) await remove(p);
   }, 600_000);
 
+  it('an agent killed while a snapshot source waits: the next agent takes the claim back and its checkpoint restores', async () => {
+    const source = await run('recover-a', 'snap-recover', 4_000);
+    expect((await decisionOf(source.containerId)).msg).toBe('thaw: checkpoint source');
+    const victim = plugin!;
+    victim.proc.kill('SIGKILL');
+    await victim.exited;
+    client.close();
+    // The next agent: same node (store, control dirs), its own log.
+    dirs = { ...dirs, logFile: join(workDir, 'thaw-after-kill.log') };
+    plugin = startThawPluginProcess({ socketPath: handle.stack.nriSocketPath, containerd: { socket: handle.stack.address, root: handle.stack.rootDir }, ...dirs });
+    await waitForLog(dirs.logFile, (r) => r.msg === 'nri plugin synchronized', 'the next agent to register and synchronize', 30_000);
+    client = new AgentClient((await agentEndpoints(dirs.logFile)).apiSocket);
+    // A pod that starts now finds the claim held by the recovered source.
+    const other = await run('recover-b', 'snap-recover', 4_000);
+    expect([(await decisionOf(other.containerId))['cause']]).toEqual(['AGENT_SNAPSHOT_CHECKPOINT_IN_PROGRESS']);
+    expect((await checkpointEventOf(source.containerId))['outcome']).toBe('succeeded');
+    const sourceState = await getJson<WorkerState>((await waitForServingWorker(source.controlDir, { timeoutMs: 60_000 })).port, '/state');
+    const [stored] = (await client.list()).checkpoints.filter((c) => c.snapshot === 'snap-recover');
+    expect(stored?.source_pod).toBe('default/recover-a');
+    // Its manifest has the spec args (read back from the container at Synchronize): the next pod restores it.
+    const next = await run('recover-c', 'snap-recover', 4_000);
+    const state = await getJson<WorkerState>((await waitForServingWorker(next.controlDir, { accept: (e) => e.restored, timeoutMs: 120_000 })).port, '/state');
+    expect(state.bootId).toBe(sourceState.bootId);
+    for (const p of [source, other, next]) await remove(p);
+  }, 600_000);
+
   it('with a snapshotRepository for the namespace: node A pushes its first checkpoint, node B pulls it instead of taking its own', async () => {
     // Node A and node B: two agents, one after the other, on this stack, each with its own (empty) store.
     await plugin?.stop();
