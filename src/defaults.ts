@@ -67,6 +67,12 @@ export const HOOK_TIMEOUT_MARGIN_MS = 10_000;
  * local socket answers in milliseconds; past this the pod cold-starts (AGENT_SNAPSHOT_KEY_UNKNOWN).
  */
 export const DEFAULT_SNAPSHOT_IMAGE_LOOKUP_TIMEOUT_MS = 500;
+/**
+ * Restores of one `thaw.dev/snapshot` checkpoint that fell back in a row (each pod cold-started) before the next pod
+ * of the workload takes a new checkpoint in its place: a checkpoint that fails for a reason its key does not cover
+ * (a damaged file, a CRIU that cannot restore it) would otherwise send every pod to a cold start forever.
+ */
+export const DEFAULT_SNAPSHOT_RETAKE_AFTER_FAILURES = 3;
 /** cuda-checkpoint's lock of one process (it waits for the process's in-flight CUDA work). */
 export const DEFAULT_CUDA_LOCK_TIMEOUT_MS = 10_000;
 

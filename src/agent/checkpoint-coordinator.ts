@@ -222,7 +222,8 @@ export class CheckpointCoordinator implements ThawCoordinator {
         return undefined;
       });
       const o = this.options;
-      if ((mode.replace ?? o.replace) === true) await this.checkReplaceOwner(container);
+      const replace = mode.replace ?? (container.replaceCheckpoint === true ? true : o.replace);
+      if (replace === true) await this.checkReplaceOwner(container);
       const cuda = typeof o.cuda === 'function' ? o.cuda() : o.cuda;
       const result = await (o.runCheckpoint ?? checkpointContainer)(
         {
@@ -246,7 +247,7 @@ export class CheckpointCoordinator implements ThawCoordinator {
           containerdVersion: typeof o.containerdVersion === 'function' ? o.containerdVersion() : o.containerdVersion,
           criuVersion: o.criuVersion,
           logger: o.logger,
-          ...((mode.replace ?? o.replace) !== undefined ? { replace: mode.replace ?? o.replace } : {}),
+          ...(replace !== undefined ? { replace } : {}),
           ...(cuda !== undefined ? { cuda } : {}),
           ...(o.workRoot !== undefined ? { workRoot: o.workRoot } : {}),
         },

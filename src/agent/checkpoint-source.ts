@@ -19,6 +19,8 @@ import { HandlerFallbackCause } from './errors.js';
 export interface SnapshotSourceExtras {
   snapshot: { name: string; key: string };
   imageDigest: string;
+  /** Replace the checkpoint under the name (its restores kept failing). */
+  replace?: boolean;
   /** Told the cause when the container is left unchanged after all. */
   onColdStart(cause: string): void;
 }
@@ -60,7 +62,7 @@ export async function adjustCheckpointSource(
     ...(container.annotations?.[CRI_IMAGE_NAME_ANNOTATION] ? { imageRef: container.annotations[CRI_IMAGE_NAME_ANNOTATION] } : {}),
     role: 'checkpoint-source',
     ...(container.args !== undefined && container.args.length > 0 ? { specArgs: [...container.args] } : {}),
-    ...(snapshot !== undefined ? { snapshot: snapshot.snapshot, imageDigest: snapshot.imageDigest } : {}),
+    ...(snapshot !== undefined ? { snapshot: snapshot.snapshot, imageDigest: snapshot.imageDigest, ...(snapshot.replace === true ? { replaceCheckpoint: true } : {}) } : {}),
   };
   const existingEnv = new Set((container.env ?? []).map((kv) => kv.slice(0, Math.max(0, kv.indexOf('=')))));
   const builder = new AdjustmentBuilder()

@@ -43,6 +43,8 @@ export interface ManagedContainer {
   snapshot?: { name: string; key: string };
   /** The image digest learnt from containerd at CreateContainer (snapshot sources), for the manifest. */
   imageDigest?: string;
+  /** A snapshot source taking a new checkpoint over one whose restores kept failing: replace it. */
+  replaceCheckpoint?: boolean;
 }
 
 /**

@@ -79,16 +79,20 @@ export async function adjustSnapshotContainer(
     if (adjusted === undefined) {
       // restore-target.ts logged and counted the fallback; here only how the snapshot pod started.
       s.tracker.count(namespace, snapshotName, 'cold', coldCause ?? HandlerFallbackCause.INTERNAL);
+      s.tracker.restoreFailed(lookup.storedName);
       return undefined;
     }
-    s.tracker.expect(containerId, { namespace, snapshot: snapshotName, via: 'restore' });
+    s.tracker.expect(containerId, { namespace, snapshot: snapshotName, via: 'restore', storedName: lookup.storedName });
     ctx.logger.info('thaw: snapshot found; restoring', { ...where, key, checkpoint: value, from });
     return adjusted;
   };
-  if (lookup.kind === 'found') return restore(lookup.checkpoint.name, undefined, 'local store');
+  // A checkpoint whose restores keep failing is taken again (by this container, if it gets the claim).
+  const retake = s.tracker.shouldRetake(lookup.storedName);
+  if (retake) ctx.logger.warn('thaw: the snapshot\'s checkpoint fell back in its last restores; this pod takes a new one if no other does', { ...where, key, checkpoint: lookup.storedName, failures: s.tracker.failuresOf(lookup.storedName) });
+  if (lookup.kind === 'found' && !retake) return restore(lookup.checkpoint.name, undefined, 'local store');
   // Not here: the namespace's repository may have it from another node (pushed by the node that took it).
   const repository = s.repositoryFor?.(namespace);
-  if (repository !== undefined && r.sources !== undefined) {
+  if (repository !== undefined && r.sources !== undefined && lookup.kind === 'absent' && !retake) {
     const text = snapshotReference(repository, lookup.storedName);
     const parsed = parseCheckpointReference(text);
     if ('reference' in parsed) {
@@ -123,6 +127,7 @@ export async function adjustSnapshotContainer(
   const adjusted = await adjustCheckpointSource(scope, pod, container, lookup.storedName, onCheckpoint, ctx, {
     snapshot: { name: snapshotName, key },
     imageDigest,
+    ...(lookup.kind === 'found' ? { replace: true } : {}),
     onColdStart: (cause) => (coldCause = cause),
   });
   if (adjusted === undefined) {
@@ -130,7 +135,7 @@ export async function adjustSnapshotContainer(
     s.tracker.count(namespace, snapshotName, 'cold', coldCause ?? HandlerFallbackCause.INTERNAL);
     return undefined;
   }
-  s.tracker.expect(containerId, { namespace, snapshot: snapshotName, via: 'checkpoint' });
+  s.tracker.expect(containerId, { namespace, snapshot: snapshotName, via: 'checkpoint', storedName: lookup.storedName });
   ctx.logger.info('thaw: no checkpoint for this snapshot key yet; cold start, and this container takes it', { ...where, key, checkpoint: lookup.storedName });
   return adjusted;
 }

@@ -11,6 +11,10 @@
  *      stored name with {name, key} in its manifest. A container that finds the claim held is left unchanged (no
  *      control directory: its worker just serves) and waits for nobody.
  *
+ * A checkpoint whose restores fell back DEFAULT_SNAPSHOT_RETAKE_AFTER_FAILURES times in a row (a cause its key does not
+ * cover: a damaged file, a CRIU that cannot restore it) is taken again: the next pod becomes the source and replaces
+ * it (its own namespace's; refused while a restore still reads it).
+ *
  * The claim is released when its checkpoint ends (succeeded, failed, cancelled) or its container goes (stopped,
  * removed, the agent saw it exit): a pod that dies before its worker is ready does not block the next one.
  *
@@ -36,6 +40,7 @@ import { StoreErrorCode } from '../store/index.js';
 import type { CheckpointEvent } from './checkpoint-coordinator.js';
 import type { RestoreEvent } from '../restore-engine/index.js';
 import { SnapshotFallbackCause } from './errors.js';
+import { DEFAULT_SNAPSHOT_RETAKE_AFTER_FAILURES } from '../defaults.js';
 
 /** Bumped when what goes into the key changes: every checkpoint of the old scheme then stops matching. */
 export const SNAPSHOT_KEY_VERSION = 1;
@@ -81,7 +86,7 @@ export function snapshotReference(repository: string, storedName: string): strin
 }
 
 export type SnapshotLookup =
-  | { kind: 'found'; checkpoint: OpenedCheckpoint }
+  | { kind: 'found'; storedName: string; checkpoint: OpenedCheckpoint }
   | { kind: 'absent'; storedName: string }
   /** Something else lies under the stored name: not used, not replaced. */
   | { kind: 'taken'; storedName: string; reason: string };
@@ -107,7 +112,7 @@ export async function findSnapshotCheckpoint(store: Pick<LocalStore, 'open'>, id
   if (m.source.pod?.namespace !== id.namespace) {
     return { kind: 'taken', storedName, reason: `the checkpoint stored as ${storedName} belongs to namespace ${m.source.pod?.namespace ?? '(none)'}, not ${id.namespace}` };
   }
-  return { kind: 'found', checkpoint: opened };
+  return { kind: 'found', storedName, checkpoint: opened };
 }
 
 const claimKey = (id: SnapshotId): string => `${id.namespace}\0${id.name}\0${id.key}`;
@@ -165,6 +170,8 @@ interface Pending {
   namespace: string;
   snapshot: string;
   via: 'restore' | 'checkpoint';
+  /** The snapshot's stored name (snapshotCheckpointName): what its restore failures are counted against. */
+  storedName?: string;
 }
 
 /**
@@ -175,6 +182,24 @@ export class SnapshotTracker {
   readonly claims = new SnapshotClaims();
   private readonly pending = new Map<string, Pending>();
   private readonly counts = new Map<string, SnapshotPodCount>();
+  /** Restores that fell back in a row, by stored name (reset by a restore that succeeds, or a new checkpoint). */
+  private readonly failures = new Map<string, number>();
+
+  constructor(private readonly retakeAfterFailures = DEFAULT_SNAPSHOT_RETAKE_AFTER_FAILURES) {}
+
+  /** A restore of `storedName` fell back (at CreateContainer, or later: onRestoreEvent counts those itself). */
+  restoreFailed(storedName: string): void {
+    this.failures.set(storedName, (this.failures.get(storedName) ?? 0) + 1);
+  }
+
+  /** True when the checkpoint stored as `storedName` failed enough restores in a row that a new one should be taken. */
+  shouldRetake(storedName: string): boolean {
+    return (this.failures.get(storedName) ?? 0) >= this.retakeAfterFailures;
+  }
+
+  failuresOf(storedName: string): number {
+    return this.failures.get(storedName) ?? 0;
+  }
 
   /** Counts a pod whose start is known now. */
   count(namespace: string, snapshot: string, outcome: SnapshotOutcome, cause = ''): void {
@@ -193,6 +218,10 @@ export class SnapshotTracker {
     const p = this.pending.get(e.containerId);
     if (p === undefined || p.via !== 'restore') return;
     this.pending.delete(e.containerId);
+    if (p.storedName !== undefined) {
+      if (e.outcome === 'restored') this.failures.delete(p.storedName);
+      else this.restoreFailed(p.storedName);
+    }
     if (e.outcome === 'restored') this.count(p.namespace, p.snapshot, 'restored');
     else this.count(p.namespace, p.snapshot, 'cold', e.cause ?? 'RESTORE_FAILED');
   }
@@ -202,6 +231,7 @@ export class SnapshotTracker {
     const p = this.pending.get(e.containerId);
     if (p === undefined || p.via !== 'checkpoint') return;
     this.pending.delete(e.containerId);
+    if (e.outcome === 'succeeded' && p.storedName !== undefined) this.failures.delete(p.storedName);
     if (e.outcome === 'succeeded') this.count(p.namespace, p.snapshot, 'checkpointed');
     else this.count(p.namespace, p.snapshot, 'cold', e.outcome === 'cancelled' ? SnapshotFallbackCause.CHECKPOINT_CANCELLED : SnapshotFallbackCause.CHECKPOINT_FAILED);
   }

@@ -6,7 +6,7 @@
  * it, and the claim goes with the pod that held it. `thaw list` (the control API) and /metrics say how each pod
  * started.
  */
-import { readFile, mkdtemp, rm } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -27,8 +27,9 @@ import {
   type ThawPluginProcess,
 } from '../helpers/thaw-plugin-process.js';
 import { parseExposition } from '../../src/agent/metrics.js';
+import { DEFAULT_SNAPSHOT_RETAKE_AFTER_FAILURES } from '../../src/defaults.js';
+import { openLocalStore } from '../../src/store/index.js';
 import { startRegistry, type RunningRegistry } from '../../src/node-stack/registry.js';
-import { mkdir, writeFile } from 'node:fs/promises';
 
 const MEMORY_MB = 64;
 const SEED = 5;
@@ -208,6 +209,44 @@ describe.each(flavorsUnderTest())('thaw.dev/snapshot on containerd %s', (flavor)
     const state = await getJson<WorkerState>((await waitForServingWorker(next.controlDir, { accept: (e) => e.restored, timeoutMs: 120_000 })).port, '/state');
     expect(state.bootId).toBe(sourceState.bootId);
     for (const p of [source, other, next]) await remove(p);
+  }, 600_000);
+
+  it('a checkpoint whose restores keep falling back is taken again by the next pod, which replaces it', async () => {
+    const source = await run('retake-a', 'snap-retake', 300);
+    expect((await checkpointEventOf(source.containerId))['outcome']).toBe('succeeded');
+    const sourceState = await getJson<WorkerState>((await waitForServingWorker(source.controlDir, { timeoutMs: 60_000 })).port, '/state');
+    await remove(source);
+    // Damage it: one byte of a pages image flipped, so every restore's verification fails (a cold start each).
+    const [listed] = (await client.list()).checkpoints.filter((c) => c.snapshot === 'snap-retake');
+    const store = await openLocalStore({ root: dirs.storeRoot });
+    const opened = await store.open(listed!.name);
+    const pages = join(opened.paths.dir, opened.manifest.files.map((f) => f.path).find((p) => /pages-\d+\.img$/.test(p))!);
+    const bytes = await readFile(pages);
+    bytes[100] = (bytes[100] ?? 0) ^ 0xff;
+    await writeFile(pages, bytes);
+    for (let i = 0; i < DEFAULT_SNAPSHOT_RETAKE_AFTER_FAILURES; i++) {
+      const pod = await run(`retake-f${i}`, 'snap-retake', 300);
+      expect((await decisionOf(pod.containerId)).msg).toBe('thaw: restore target');
+      expect((await restoreEventOf(pod.containerId))['cause']).toBe('RESTORE_CHECKPOINT_CORRUPT');
+      const cold = await waitForServingWorker(pod.controlDir, { timeoutMs: 60_000 });
+      expect(cold.restored).toBe(false);
+      await remove(pod);
+    }
+    // The next pod takes a new checkpoint under the same name (replacing the damaged one); the one after restores it.
+    const retaker = await run('retake-new', 'snap-retake', 300);
+    expect((await decisionOf(retaker.containerId)).msg).toBe('thaw: checkpoint source');
+    expect((await checkpointEventOf(retaker.containerId))['outcome']).toBe('succeeded');
+    const retakerState = await getJson<WorkerState>((await waitForServingWorker(retaker.controlDir, { timeoutMs: 60_000 })).port, '/state');
+    expect(retakerState.bootId).not.toBe(sourceState.bootId);
+    const [replaced] = (await client.list()).checkpoints.filter((c) => c.snapshot === 'snap-retake');
+    expect([replaced!.name, replaced!.source_pod]).toEqual([listed!.name, 'default/retake-new']);
+    await remove(retaker);
+    const after = await run('retake-after', 'snap-retake', 300);
+    const state = await getJson<WorkerState>((await waitForServingWorker(after.controlDir, { accept: (e) => e.restored, timeoutMs: 120_000 })).port, '/state');
+    expect(state.bootId).toBe(retakerState.bootId);
+    await remove(after);
+    const rows = (await client.list()).snapshot_pods.filter((p) => p.snapshot === 'snap-retake').map((p) => [p.outcome, p.cause, p.count]);
+    expect(rows).toEqual([['checkpointed', '', 2], ['cold', 'RESTORE_CHECKPOINT_CORRUPT', DEFAULT_SNAPSHOT_RETAKE_AFTER_FAILURES], ['restored', '', 1]]);
   }, 600_000);
 
   it('with a snapshotRepository for the namespace: node A pushes its first checkpoint, node B pulls it instead of taking its own', async () => {

@@ -134,6 +134,25 @@ describe('snapshot claims and outcomes', () => {
     t.claims.release('c-none');
   });
 
+  it('asks for a new checkpoint after restores of one fell back in a row; a success or a new checkpoint resets it', () => {
+    const t = new SnapshotTracker(3);
+    t.restoreFailed('qwen-1');
+    t.expect('r1', { namespace: 'ns', snapshot: 'qwen', via: 'restore', storedName: 'qwen-1' });
+    t.onRestoreEvent({ containerId: 'r1', outcome: 'fallback', cause: 'RESTORE_CRIU_FAILED' });
+    expect(t.shouldRetake('qwen-1')).toBe(false);
+    t.expect('r2', { namespace: 'ns', snapshot: 'qwen', via: 'restore', storedName: 'qwen-1' });
+    t.onRestoreEvent({ containerId: 'r2', outcome: 'restored' });
+    expect(t.failuresOf('qwen-1')).toBe(0);
+    for (let i = 0; i < 3; i++) t.restoreFailed('qwen-1');
+    expect([t.shouldRetake('qwen-1'), t.shouldRetake('qwen-2')]).toEqual([true, false]);
+    t.expect('s1', { namespace: 'ns', snapshot: 'qwen', via: 'checkpoint', storedName: 'qwen-1' });
+    t.onCheckpointEvent({ containerId: 's1', outcome: 'failed' });
+    expect(t.shouldRetake('qwen-1')).toBe(true);
+    t.expect('s2', { namespace: 'ns', snapshot: 'qwen', via: 'checkpoint', storedName: 'qwen-1' });
+    t.onCheckpointEvent({ containerId: 's2', outcome: 'succeeded' });
+    expect(t.shouldRetake('qwen-1')).toBe(false);
+  });
+
   it('counts every pod once: restored, cold with its cause, checkpointed', async () => {
     const t = new SnapshotTracker();
     t.expect('r1', { namespace: 'ns', snapshot: 'qwen', via: 'restore' });
