@@ -45,6 +45,8 @@ export interface BuildWorkerImageOptions {
   signal?: AbortSignal;
   /** ctr import deadline. */
   timeoutMs?: number;
+  /** More `KEY=VALUE` entries for the image config's env: another image (another digest) of the same worker. */
+  extraEnv?: string[];
 }
 
 export interface WorkerImage {
@@ -187,9 +189,9 @@ async function fileIdentity(file: string): Promise<Record<string, unknown>> {
 }
 
 /** A key over everything that goes into the image; equal keys mean an equal image. */
-async function imageInputKey(ref: string, nodePath: string, libraries: readonly string[], busyboxPath: string, modules: readonly WorkerModule[]): Promise<string> {
+async function imageInputKey(ref: string, nodePath: string, libraries: readonly string[], busyboxPath: string, modules: readonly WorkerModule[], env: readonly string[]): Promise<string> {
   const inputs = {
-    version: INPUT_KEY_VERSION, ref, entrypoint: WORKER_IMAGE_ENTRYPOINT, env: WORKER_IMAGE_ENV,
+    version: INPUT_KEY_VERSION, ref, entrypoint: WORKER_IMAGE_ENTRYPOINT, env,
     node: await fileIdentity(nodePath),
     libraries: await Promise.all(libraries.map(fileIdentity)),
     busybox: await fileIdentity(busyboxPath),
@@ -233,7 +235,8 @@ export async function buildWorkerImage(target: WorkerImageTarget, options: Build
   const modules = await workerModules();
   const libraries = await sharedLibraries(nodePath, options.signal);
   // Fast path: the same inputs were built before and containerd still has that image under ref.
-  const key = await imageInputKey(ref, nodePath, libraries, busyboxPath, modules);
+  const env = [...WORKER_IMAGE_ENV, ...(options.extraEnv ?? [])];
+  const key = await imageInputKey(ref, nodePath, libraries, busyboxPath, modules, env);
   const recordPath = path.join(imageTarget.imageCacheDir, `demo-worker-inputs-${key}.json`);
   const recorded = await readFile(recordPath, 'utf8').then((t) => JSON.parse(t) as Partial<InputRecord>, () => undefined);
   const appFiles = modules.map((m) => m.rel);
@@ -252,7 +255,7 @@ export async function buildWorkerImage(target: WorkerImageTarget, options: Build
     }
     await writeWorkerApp(path.join(rootfs, 'app'), modules);
     const imported = await importImageInto(imageTarget, {
-      ref, rootfsDir: rootfs, entrypoint: WORKER_IMAGE_ENTRYPOINT, env: WORKER_IMAGE_ENV, workingDir: '/app',
+      ref, rootfsDir: rootfs, entrypoint: WORKER_IMAGE_ENTRYPOINT, env, workingDir: '/app',
       ...(options.signal ? { signal: options.signal } : {}),
       ...(options.timeoutMs !== undefined ? { timeoutMs: options.timeoutMs } : {}),
     });

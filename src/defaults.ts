@@ -82,6 +82,17 @@ export const HOOK_ANSWER_GRACE_MS = HOOK_TIMEOUT_MARGIN_MS / 2;
 export const HOOK_SOCKET_SUFFIX = '-hook.sock';
 /** The native hook's file name, beside thaw-pause (native/build/): absent there, restores use the Node.js hook. */
 export const NATIVE_HOOK_NAME = 'thaw-hook';
+/**
+ * A `thaw.dev/snapshot` container's image digest, asked of containerd inside NRI CreateContainer (2 s in all): a
+ * local socket answers in milliseconds; past this the pod cold-starts (AGENT_SNAPSHOT_KEY_UNKNOWN).
+ */
+export const DEFAULT_SNAPSHOT_IMAGE_LOOKUP_TIMEOUT_MS = 500;
+/**
+ * Restores of one `thaw.dev/snapshot` checkpoint that fell back in a row (each pod cold-started) before the next pod
+ * of the workload takes a new checkpoint in its place: a checkpoint that fails for a reason its key does not cover
+ * (a damaged file, a CRIU that cannot restore it) would otherwise send every pod to a cold start forever.
+ */
+export const DEFAULT_SNAPSHOT_RETAKE_AFTER_FAILURES = 3;
 /** cuda-checkpoint's lock of one process (it waits for the process's in-flight CUDA work). */
 export const DEFAULT_CUDA_LOCK_TIMEOUT_MS = 10_000;
 

@@ -6,6 +6,7 @@ import type { CheckpointEvent } from './checkpoint-coordinator.js';
 import { MetricsRegistry } from './metrics.js';
 import type { RestoreEvent } from '../restore-engine/index.js';
 import type { ThawNriStats } from './nri-stats.js';
+import type { SnapshotPodCount } from './snapshot.js';
 
 /** Seconds: restores take from ~50 ms (small, cached) to minutes (large, cold); checkpoints up to the flow's timeout. */
 export const PHASE_BUCKETS_SECONDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 1800];
@@ -33,8 +34,10 @@ const CHECKPOINT_PHASES: Record<string, string> = {
 
 export interface AgentMetricsSources {
   stats: ThawNriStats;
-  /** Checkpoints in the store and their bytes (read at scrape). */
-  stored(): Promise<{ count: number; bytes: number }>;
+  /** Checkpoints in the store and their bytes, and the `thaw.dev/snapshot` ones by namespace and name (read at scrape). */
+  stored(): Promise<{ count: number; bytes: number; snapshots?: ReadonlyArray<{ namespace: string; snapshot: string; count: number }> }>;
+  /** How `thaw.dev/snapshot` pods started (snapshot.ts SnapshotTracker.rows); absent: none counted. */
+  snapshotPods?(): SnapshotPodCount[];
   restoresInFlight(): number;
   checkpointsInFlight(): number;
   version: string;
@@ -61,6 +64,8 @@ export function createAgentMetrics(src: AgentMetricsSources): AgentMetrics {
   const checkpointsInFlight = r.gauge('thaw_checkpoints_in_flight', 'Checkpoints running or waiting for their worker.');
   const byNamespace = r.counter('thaw_restores_by_namespace_total', 'Restore events (restored, or fallback after the container was adjusted) by the target pod\'s namespace.', ['namespace', 'outcome']);
   const refusals = r.counter('thaw_tenancy_refusals_total', 'Restore targets the tenancy policy sent to a cold start, by the pod\'s namespace and cause (RESTORE_NOT_ALLOWED, RESTORE_SIGNATURE, RESTORE_NO_ROOM).', ['namespace', 'cause']);
+  const snapshotPods = r.counter('thaw_snapshot_pods_total', 'thaw.dev/snapshot pods by how they started: restored, cold (cause: why; AGENT_SNAPSHOT_CHECKPOINT_IN_PROGRESS when another pod takes the checkpoint), checkpointed (cold-started and checkpointed), by namespace and snapshot name.', ['namespace', 'snapshot', 'outcome', 'cause']);
+  const snapshotStored = r.gauge('thaw_snapshot_checkpoints_stored', 'thaw.dev/snapshot checkpoints in the local store (one per key: image digest, args, GPU), by namespace and snapshot name.', ['namespace', 'snapshot']);
   const info = r.gauge('thaw_agent_info', 'Always 1; the agent version as a label.', ['version']);
 
   for (const outcome of ['restored', 'fallback']) restores.touch({ outcome });
@@ -82,9 +87,12 @@ export function createAgentMetrics(src: AgentMetricsSources): AgentMetrics {
     }
     restoresInFlight.set(src.restoresInFlight());
     checkpointsInFlight.set(src.checkpointsInFlight());
+    for (const row of src.snapshotPods?.() ?? []) snapshotPods.setTotal(row.count, { namespace: row.namespace, snapshot: row.snapshot, outcome: row.outcome, cause: row.cause });
     const s = await src.stored();
     stored.set(s.count);
     storedBytes.set(s.bytes);
+    snapshotStored.reset(); // a snapshot whose checkpoints were all deleted leaves no series behind
+    for (const row of s.snapshots ?? []) snapshotStored.set(row.count, { namespace: row.namespace, snapshot: row.snapshot });
   });
 
   return {

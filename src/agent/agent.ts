@@ -250,7 +250,17 @@ export async function runAgent(o: AgentRunOptions, logger: Logger): Promise<numb
   // checkpoint ended.
   const storedTotals = cachedValue(STORED_TOTALS_MAX_AGE_MS, async () => {
     const listed = await engine.store.list();
-    return { count: listed.length, bytes: listed.reduce((a, l) => a + (l.manifest?.totals.bytes ?? 0), 0) };
+    const snapshots = new Map<string, { namespace: string; snapshot: string; count: number }>();
+    for (const l of listed) {
+      const m = l.manifest;
+      if (m?.snapshot === undefined) continue;
+      const namespace = m.source.pod?.namespace ?? '';
+      const k = `${namespace}\0${m.snapshot.name}`;
+      const row = snapshots.get(k) ?? { namespace, snapshot: m.snapshot.name, count: 0 };
+      row.count++;
+      snapshots.set(k, row);
+    }
+    return { count: listed.length, bytes: listed.reduce((a, l) => a + (l.manifest?.totals.bytes ?? 0), 0), snapshots: [...snapshots.values()] };
   });
   // The native createRuntime hook is built beside thaw-pause; without it, restores run the Node.js hook.
   const nativeHookPath = join(dirname(c.paths.thawPause), NATIVE_HOOK_NAME);
@@ -289,6 +299,7 @@ export async function runAgent(o: AgentRunOptions, logger: Logger): Promise<numb
     restoresInFlight: () => engine.restores.inFlight().length,
     checkpointsInFlight: () => engine.checkpoints.status().filter((s) => s.state === 'waiting-for-worker' || s.state === 'checkpointing').length,
     stored: () => storedTotals.get(),
+    snapshotPods: () => engine.snapshots.rows(),
   });
 
   const containers = new ContainerRegistry();

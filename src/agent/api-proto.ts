@@ -38,7 +38,11 @@ export interface CheckpointSummaryMsg {
   gpu: boolean;
   in_use: boolean;
   problem: string;
+  snapshot: string;
+  snapshot_key: string;
 }
+export interface SnapshotPodsMsg { namespace: string; snapshot: string; outcome: string; cause: string; count: number }
+export interface ListCheckpointsResponseMsg { checkpoints: CheckpointSummaryMsg[]; snapshot_pods: SnapshotPodsMsg[] }
 export interface MismatchMsg { what: string; expected: string; actual: string; severity: string }
 export interface InspectCheckpointResponseMsg {
   summary: CheckpointSummaryMsg;

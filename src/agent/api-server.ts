@@ -17,6 +17,7 @@ import {
   type CheckpointRequestMsg,
   type CheckpointSummaryMsg,
   type InspectCheckpointResponseMsg,
+  type ListCheckpointsResponseMsg,
   type StatusResponseMsg,
   type VersionResponseMsg,
 } from './api-proto.js';
@@ -91,6 +92,8 @@ function summaryOf(l: ListedCheckpoint, inUse: boolean): CheckpointSummaryMsg {
     gpu: m?.constraints.gpu !== undefined,
     in_use: inUse,
     problem: l.problem ? `${l.problem.code}: ${l.problem.message}` : '',
+    snapshot: m?.snapshot?.name ?? '',
+    snapshot_key: m?.snapshot?.key ?? '',
   };
 }
 
@@ -204,10 +207,10 @@ export function createApiHandlers(ctx: ApiContext): grpc.UntypedServiceImplement
 
   return {
     Checkpoint,
-    ListCheckpoints: unary(ctx, 'ListCheckpoints', async () => {
+    ListCheckpoints: unary(ctx, 'ListCheckpoints', async (): Promise<ListCheckpointsResponseMsg> => {
       const listed = await store.list();
       const checkpoints = await Promise.all(listed.map(async (l) => summaryOf(l, await store.isLeased(l.name).catch(() => false))));
-      return { checkpoints };
+      return { checkpoints, snapshot_pods: engine.snapshots.rows() };
     }),
     InspectCheckpoint: unary(ctx, 'InspectCheckpoint', async (req: { name: string }): Promise<InspectCheckpointResponseMsg> => {
       const opened = await store.open(req.name);

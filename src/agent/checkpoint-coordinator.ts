@@ -219,12 +219,13 @@ export class CheckpointCoordinator implements ThawCoordinator {
         return undefined;
       });
       log.info('worker is ready for its checkpoint', { marker, pid });
-      const imageDigest = await this.options.imageDigestOf?.(container, signal).catch((err: unknown) => {
+      const imageDigest = container.imageDigest ?? await this.options.imageDigestOf?.(container, signal).catch((err: unknown) => {
         log.warn('image digest unknown; the manifest records the image ref only', { error: errorMessage(err) });
         return undefined;
       });
       const o = this.options;
-      if ((mode.replace ?? o.replace) === true) await this.checkReplaceOwner(container);
+      const replace = mode.replace ?? (container.replaceCheckpoint === true ? true : o.replace);
+      if (replace === true) await this.checkReplaceOwner(container);
       const cuda = typeof o.cuda === 'function' ? o.cuda() : o.cuda;
       const result = await (o.runCheckpoint ?? checkpointContainer)(
         {
@@ -238,6 +239,7 @@ export class CheckpointCoordinator implements ThawCoordinator {
           onCheckpoint: o.onCheckpointOf?.(container) ?? 'continue',
           imageRef: container.imageRef ?? '',
           ...(imageDigest !== undefined ? { imageDigest } : {}),
+          ...(container.snapshot !== undefined ? { snapshot: container.snapshot } : {}),
           source: {
             containerName: container.containerName,
             pod: { name: container.podName, namespace: container.podNamespace, uid: container.podUid },
@@ -247,7 +249,7 @@ export class CheckpointCoordinator implements ThawCoordinator {
           containerdVersion: typeof o.containerdVersion === 'function' ? o.containerdVersion() : o.containerdVersion,
           criuVersion: o.criuVersion,
           logger: o.logger,
-          ...((mode.replace ?? o.replace) !== undefined ? { replace: mode.replace ?? o.replace } : {}),
+          ...(replace !== undefined ? { replace } : {}),
           ...(cuda !== undefined ? { cuda } : {}),
           ...(o.workRoot !== undefined ? { workRoot: o.workRoot } : {}),
           ...(o.weights !== undefined ? { weights: o.weights } : {}),

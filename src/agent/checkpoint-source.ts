@@ -15,6 +15,16 @@ import { describeContainer, type HandlerScope } from './nri-handler-scope.js';
 import { checkpointRefusal } from './tenancy.js';
 import { HandlerFallbackCause } from './errors.js';
 
+/** What a `thaw.dev/snapshot` source adds (snapshot-target.ts). */
+export interface SnapshotSourceExtras {
+  snapshot: { name: string; key: string };
+  imageDigest: string;
+  /** Replace the checkpoint under the name (its restores kept failing). */
+  replace?: boolean;
+  /** Told the cause when the container is left unchanged after all. */
+  onColdStart(cause: string): void;
+}
+
 export async function adjustCheckpointSource(
   scope: HandlerScope,
   pod: PodSandbox,
@@ -22,10 +32,12 @@ export async function adjustCheckpointSource(
   checkpointName: string,
   onCheckpoint: OnCheckpoint,
   ctx: NriHandlerContext,
+  snapshot?: SnapshotSourceExtras,
 ): Promise<AdjustmentBuilder | undefined> {
   const containerId = container.id ?? '';
   const refusal = checkpointRefusal(scope.tenancy, pod.namespace ?? '');
   if (refusal !== undefined) {
+    snapshot?.onColdStart('checkpoint-not-allowed');
     scope.stats.countFallback('checkpoint-not-allowed');
     ctx.logger.warn('thaw: the policy refuses checkpoints of this pod; the container runs without thaw', { ...describeContainer(pod, container), checkpoint: checkpointName, reason: refusal });
     return undefined;
@@ -34,6 +46,7 @@ export async function adjustCheckpointSource(
   try {
     controlDir = await createControlDir(scope.controlRoot, containerId);
   } catch (err) {
+    snapshot?.onColdStart(HandlerFallbackCause.CONTROL_DIR);
     scope.stats.countFallback(HandlerFallbackCause.CONTROL_DIR);
     ctx.logger.error('thaw: cannot create the control directory; the container runs without thaw', {
       ...describeContainer(pod, container),
@@ -49,6 +62,7 @@ export async function adjustCheckpointSource(
     ...(container.annotations?.[CRI_IMAGE_NAME_ANNOTATION] ? { imageRef: container.annotations[CRI_IMAGE_NAME_ANNOTATION] } : {}),
     role: 'checkpoint-source',
     ...(container.args !== undefined && container.args.length > 0 ? { specArgs: [...container.args] } : {}),
+    ...(snapshot !== undefined ? { snapshot: snapshot.snapshot, imageDigest: snapshot.imageDigest, ...(snapshot.replace === true ? { replaceCheckpoint: true } : {}) } : {}),
   };
   const existingEnv = new Set((container.env ?? []).map((kv) => kv.slice(0, Math.max(0, kv.indexOf('=')))));
   const builder = new AdjustmentBuilder()
@@ -60,6 +74,6 @@ export async function adjustCheckpointSource(
   for (const [key, value] of Object.entries(managedAnnotations(scope.annotationPrefix, 'checkpoint-source', entry))) builder.addAnnotation(key, value);
   scope.managed.set(containerId, entry);
   scope.coordinator?.checkpointSourceCreated?.(entry);
-  ctx.logger.info('thaw: checkpoint source', { ...describeContainer(pod, container), checkpoint: checkpointName, controlDir });
+  ctx.logger.info('thaw: checkpoint source', { ...describeContainer(pod, container), checkpoint: checkpointName, controlDir, ...(snapshot ? { snapshot: snapshot.snapshot.name, key: snapshot.snapshot.key } : {}) });
   return builder;
 }

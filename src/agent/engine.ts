@@ -9,8 +9,8 @@ import { join } from 'node:path';
 import { errorMessage } from '../errors.js';
 import { CHECKPOINT_COMPLETE } from '../sdk/index.js';
 import type { Logger } from '../log.js';
-import { CriuClient, criuEnvironment, parentDeathWrapper } from '../restore-engine/index.js';
-import { openLocalStore, type LocalStore } from '../store/index.js';
+import { CriuClient, criuEnvironment, parentDeathWrapper, readContainerdImageDigest } from '../restore-engine/index.js';
+import { openLocalStore, pushCheckpoint, type LocalStore } from '../store/index.js';
 import { bindPageCache, readIntoPageCache } from '../sys/page-cache.js';
 import { DEFAULT_MOUNT_PATH, DEFAULT_UMOUNT_PATH } from '../oci-hooks/index.js';
 import { DEFAULT_SH_PATH, SourceDigests } from '../restore-engine/index.js';
@@ -26,7 +26,8 @@ import { ThawNriStats } from './nri-stats.js';
 import { createRestoreCoordinator, type RestoreCoordinator } from './restore-coordinator.js';
 import { createThawNriHandlers } from './thaw-nri.js';
 import { startHookServer } from './hook-server.js';
-import { DEFAULT_NSENTER_PATH, DEFAULT_UNSHARE_PATH, WEIGHTS_DIGESTS_FILE } from '../defaults.js';
+import { DEFAULT_NSENTER_PATH, DEFAULT_SNAPSHOT_IMAGE_LOOKUP_TIMEOUT_MS, DEFAULT_UNSHARE_PATH, WEIGHTS_DIGESTS_FILE } from '../defaults.js';
+import { snapshotReference, SnapshotTracker } from './snapshot.js';
 
 
 export interface ThawEngineOptions {
@@ -82,6 +83,8 @@ export interface ThawEngine {
   checkpoints: CheckpointCoordinator;
   restores: RestoreCoordinator;
   stats: ThawNriStats;
+  /** `thaw.dev/snapshot` claims and how each snapshot pod started (snapshot.ts). */
+  snapshots: SnapshotTracker;
   /** The node's CUDA driver, when it has one (undefined: workers are checkpointed as CPU-only). */
   cuda: NodeCuda | undefined;
   /** CRIU's version (major.minor.sublevel). */
@@ -122,6 +125,32 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
   const criuVersionText = `${criuVersion.major}.${criuVersion.minor}.${criuVersion.sublevel}`;
   let runtimeVersion = 'unknown';
   const stats = new ThawNriStats();
+  const snapshots = new SnapshotTracker();
+  const repositoryFor = (namespace: string): string | undefined => o.tenancy?.namespaces.get(namespace)?.snapshotRepository;
+  // Pushes of snapshot checkpoints to their namespace's repository, in the background; aborted at close().
+  const pushes = new Set<Promise<void>>();
+  const stopPushes = new AbortController();
+  let managedOf: (containerId: string) => ManagedContainer | undefined = () => undefined;
+  const pushSnapshot = (e: CheckpointEvent): void => {
+    const c = managedOf(e.containerId);
+    const repository = c?.snapshot !== undefined ? repositoryFor(c.podNamespace) : undefined;
+    if (c === undefined || repository === undefined) return;
+    const reference = snapshotReference(repository, e.name);
+    const host = repository.slice(0, repository.indexOf('/'));
+    const access = o.registry?.access?.[host];
+    const log = logger.child({ component: 'snapshot-push', reference, checkpoint: e.name });
+    if (access === undefined) {
+      log.warn('snapshot not pushed: its repository\'s registry is not in the registry access file (registry.config)', { event: 'snapshot-push', outcome: 'skipped', registry: host });
+      return;
+    }
+    const started = performance.now();
+    const p = pushCheckpoint({ store, name: e.name, reference, access, logger, signal: stopPushes.signal }).then(
+      (r) => log.info('snapshot pushed', { event: 'snapshot-push', outcome: 'succeeded', digest: r.digest, bytesUploaded: r.bytesUploaded, ms: Math.round(performance.now() - started) }),
+      (err: unknown) => log.warn('snapshot push failed; other nodes take their own checkpoint', { event: 'snapshot-push', outcome: 'failed', error: errorMessage(err) }),
+    );
+    pushes.add(p);
+    void p.finally(() => pushes.delete(p));
+  };
   // Once per process: every checkpoint and restore is a call on this one driver (no cuInit per action).
   const cuda = loadNodeCuda({
     logger,
@@ -135,7 +164,11 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     store,
     criu,
     criuVersion: criuVersionText,
-    ...(o.onCheckpointEvent ? { onEvent: o.onCheckpointEvent } : {}),
+    onEvent: (e: CheckpointEvent) => {
+      if (e.outcome === 'succeeded') pushSnapshot(e);
+      snapshots.onCheckpointEvent(e);
+      o.onCheckpointEvent?.(e);
+    },
     containerdVersion: () => runtimeVersion,
     logger,
     onCheckpointOf: (c: ManagedContainer) => c.onCheckpoint ?? 'continue',
@@ -167,7 +200,10 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     workRoot: o.workRoot,
     toolkitBinDir: binDir,
     ...(o.thawPauseDeadlineMs !== undefined ? { thawPauseDeadlineMs: o.thawPauseDeadlineMs } : {}),
-    ...(o.onRestoreEvent ? { onEvent: o.onRestoreEvent } : {}),
+    onEvent: (e: RestoreEvent) => {
+      snapshots.onRestoreEvent(e);
+      o.onRestoreEvent?.(e);
+    },
     ...(cuda ? { cudaRestore: cudaRestoreStep({ node: cuda, logger }) } : {}),
     ...(cuda ? { weights: { vmm: cuda.vmm, digests: weightsDigests, modelDirs: o.weightsModelDirs ?? [], gpuCount: cuda.facts?.uuids.length ?? 0 } } : {}),
   });
@@ -179,8 +215,13 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     restoreTargetCreated: (c, checkpoint, incoming, lease) => restores.restoreTargetCreated(c, checkpoint, incoming, lease),
     restoreTargetStarted: (c, pid) => restores.restoreTargetStarted(c, pid),
     containerGone: (id) => {
+      snapshots.containerGone(id);
       checkpoints.containerGone(id);
       restores.containerGone(id);
+    },
+    containerStopped: (id) => {
+      snapshots.containerGone(id);
+      checkpoints.containerGone(id);
     },
     containerRecovered: (c, pid) => {
       if (c.role === 'restore-target') {
@@ -191,7 +232,14 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
       // then, if its checkpoint was not finished, wait for (or act on) its ready marker again.
       void (async () => {
         if (cuda) await recoverCudaProcesses(cuda, pid, logger.child({ containerId: c.containerId }));
-        if (!existsSync(join(c.controlDir, CHECKPOINT_COMPLETE))) checkpoints.checkpointSourceStarted(c, pid);
+        if (existsSync(join(c.controlDir, CHECKPOINT_COMPLETE))) return;
+        // A snapshot source the previous agent was waiting on holds the claim again (its worker waits on this
+        // checkpoint, so it is taken whatever the claim says).
+        if (c.snapshot !== undefined) {
+          snapshots.claims.tryClaim({ namespace: c.podNamespace, name: c.snapshot.name, key: c.snapshot.key }, c.containerId);
+          snapshots.expect(c.containerId, { namespace: c.podNamespace, snapshot: c.snapshot.name, via: 'checkpoint' });
+        }
+        checkpoints.checkpointSourceStarted(c, pid);
       })();
     },
   };
@@ -208,6 +256,12 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     controlRoot: o.controlRoot,
     coordinator,
     stats,
+    snapshot: {
+      tracker: snapshots,
+      imageDigestOf: (name) => readContainerdImageDigest(name, { ...o.containerd, timeoutMs: o.containerd.timeoutMs ?? DEFAULT_SNAPSHOT_IMAGE_LOOKUP_TIMEOUT_MS }),
+      repositoryFor,
+      ...(cuda?.facts ? { gpuFacts: cuda.facts } : {}),
+    },
     ...(o.tenancy ? { tenancy: o.tenancy } : {}),
     restore: {
       store,
@@ -221,19 +275,22 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
       ...(cuda?.facts ? { gpuFacts: cuda.facts } : {}),
     },
   });
+  managedOf = (id) => handlers.managed.get(id);
   return {
     handlers,
     store,
     checkpoints,
     restores,
     stats,
+    snapshots,
     cuda,
     criuVersion: criuVersionText,
     setRuntimeVersion: (v) => {
       runtimeVersion = v;
     },
     close: async () => {
-      await Promise.allSettled([checkpoints.close(), restores.close(), sources?.close(), hookServer?.close()]);
+      stopPushes.abort(new Error('agent stopping'));
+      await Promise.allSettled([checkpoints.close(), restores.close(), sources?.close(), hookServer?.close(), ...pushes]);
     },
   };
 }

@@ -44,6 +44,22 @@ export const HandlerFallbackCause = {
 } as const;
 export type HandlerFallbackCause = (typeof HandlerFallbackCause)[keyof typeof HandlerFallbackCause];
 
+/** Causes of a snapshot pod's cold start decided at CreateContainer, besides the RESTORE_* ones
+ * (src/agent/snapshot.ts): the `cause` label of thaw_snapshot_pods_total{outcome="cold"}. */
+export const SnapshotFallbackCause = {
+  /** Another container of the node is taking this snapshot's checkpoint: this one cold-starts without waiting. */
+  CHECKPOINT_IN_PROGRESS: 'AGENT_SNAPSHOT_CHECKPOINT_IN_PROGRESS',
+  /** The image digest (or args) could not be learnt: no key, so neither restore nor checkpoint. */
+  KEY_UNKNOWN: 'AGENT_SNAPSHOT_KEY_UNKNOWN',
+  /** Another checkpoint lies under the snapshot's store name. */
+  NAME_TAKEN: 'AGENT_SNAPSHOT_NAME_TAKEN',
+  /** This pod was the checkpoint source and its checkpoint failed (it serves on as a cold start). */
+  CHECKPOINT_FAILED: 'AGENT_SNAPSHOT_CHECKPOINT_FAILED',
+  /** This pod was the checkpoint source and its checkpoint was cancelled (the container went, the agent stopped). */
+  CHECKPOINT_CANCELLED: 'AGENT_SNAPSHOT_CHECKPOINT_CANCELLED',
+} as const;
+export type SnapshotFallbackCause = (typeof SnapshotFallbackCause)[keyof typeof SnapshotFallbackCause];
+
 export const ConfigErrorCode = {
   /** A key, type or value is wrong; evidence: key, source, expected, got. */
   INVALID: 'AGENT_CONFIG_INVALID',

@@ -41,6 +41,15 @@ export interface ManagedContainer {
    * on host model directories before the container runs. Not rebuilt after an agent restart (nothing restores then).
    */
   mounts?: Array<{ destination: string; source: string }>;
+  /**
+   * A `thaw.dev/snapshot` container (snapshot.ts): the annotation's name and the key computed at CreateContainer.
+   * A source records them in its checkpoint's manifest and holds the node's claim for them until it ends.
+   */
+  snapshot?: { name: string; key: string };
+  /** The image digest learnt from containerd at CreateContainer (snapshot sources), for the manifest. */
+  imageDigest?: string;
+  /** A snapshot source taking a new checkpoint over one whose restores kept failing: replace it. */
+  replaceCheckpoint?: boolean;
 }
 
 /**
@@ -70,6 +79,8 @@ export interface ThawCoordinator {
   restoreTargetStarted?(container: ManagedContainer, pid: number): void;
   /** A managed container stopped or was removed: abandon what runs for it. */
   containerGone?(containerId: string): void;
+  /** A managed container's process stopped (NRI StopContainer): nothing can be checkpointed from it any more. */
+  containerStopped?(containerId: string): void;
   /** A managed container found running at NRI Synchronize (the agent restarted, or containerd did). */
   containerRecovered?(container: ManagedContainer, pid: number): void;
 }
@@ -82,6 +93,7 @@ export function managedAnnotations(prefix: string, role: 'checkpoint-source' | '
     [`${prefix}control-dir`]: container.controlDir,
     ...(container.placeholder ? { [`${prefix}placeholder`]: container.placeholder } : {}),
     ...(container.onCheckpoint ? { [`${prefix}on-checkpoint`]: container.onCheckpoint } : {}),
+    ...(container.snapshot ? { [`${prefix}snapshot-name`]: container.snapshot.name, [`${prefix}snapshot-key`]: container.snapshot.key } : {}),
   };
 }
 
@@ -127,6 +139,9 @@ export function managedFromContainer(prefix: string, controlRoot: string, pod: P
   }
   const placeholder = a[`${prefix}placeholder`];
   const onCheckpoint = a[`${prefix}on-checkpoint`];
+  const snapshotName = a[`${prefix}snapshot-name`];
+  const snapshotKey = a[`${prefix}snapshot-key`];
+  const snapshot = snapshotName && snapshotKey && /^[0-9a-f]{64}$/.test(snapshotKey) ? { name: snapshotName, key: snapshotKey } : undefined;
   return {
     ...identityOf(pod, container),
     checkpointName,
@@ -135,5 +150,8 @@ export function managedFromContainer(prefix: string, controlRoot: string, pod: P
     ...(a[CRI_IMAGE_NAME_ANNOTATION] ? { imageRef: a[CRI_IMAGE_NAME_ANNOTATION] } : {}),
     ...(placeholder === 'args' || placeholder === 'overlay' ? { placeholder } : {}),
     ...(onCheckpoint === 'continue' || onCheckpoint === 'exit' ? { onCheckpoint } : {}),
+    // A snapshot source's key was computed over the spec's args, which thaw did not change: they are the ones
+    // its manifest must record (without them every later pod of the workload would refuse the checkpoint).
+    ...(snapshot !== undefined && role === 'checkpoint-source' ? { snapshot, ...(container.args && container.args.length > 0 ? { specArgs: [...container.args] } : {}) } : {}),
   };
 }

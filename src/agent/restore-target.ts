@@ -69,8 +69,17 @@ export const DEFAULT_RESTORE_HOOK_TIMEOUT_SECONDS = 60;
 /** Of the hook's timeout, what a hook waiting for a pulled checkpoint leaves itself to apply the rootfs diff. */
 export const HOOK_WAIT_RESERVE_SECONDS = 15;
 
+/** What a `thaw.dev/snapshot` restore adds (snapshot-target.ts). */
+export interface RestoreCallExtras {
+  /** The image digest learnt from containerd: compared with the manifest's instead of NRI's (absent before NRI 0.12). */
+  imageDigest?: string;
+  /** Told the cause when the pod is sent to a cold start here. */
+  onColdStart?(cause: string): void;
+}
+
 /** Restore fallbacks decided here, before the container exists: no adjustment, the pod starts cold. */
-function coldStart(scope: HandlerScope, cause: RestoreErrorCode | HandlerFallbackCause, message: string, pod: PodSandbox, container: Container, ctx: NriHandlerContext, extra: Record<string, unknown>): undefined {
+function coldStart(scope: HandlerScope, call: RestoreCallExtras, cause: RestoreErrorCode | HandlerFallbackCause, message: string, pod: PodSandbox, container: Container, ctx: NriHandlerContext, extra: Record<string, unknown>): undefined {
+  call.onColdStart?.(cause);
   scope.stats.countRestoreFallbackAtCreate(cause);
   if (TENANCY_CAUSES.has(cause)) scope.stats.countTenancyRefusal(pod.namespace ?? '', cause);
   ctx.logger.warn(`thaw: ${message}; cold start`, { ...describeContainer(pod, container), event: 'restore', outcome: 'fallback', cause, ...extra });
@@ -114,12 +123,13 @@ export async function adjustRestoreTarget(
   checkpointName: string,
   reference: CheckpointReference | undefined,
   ctx: NriHandlerContext,
+  call: RestoreCallExtras = {},
 ): Promise<AdjustmentBuilder | undefined> {
   const containerId = container.id ?? '';
   const namespace = pod.namespace ?? '';
   const interest = new AbortController();
   scope.interests.set(containerId, { podId: pod.id ?? container.podSandboxId ?? '', controller: interest });
-  const adjusted = await adjustWith(scope, r, pod, container, checkpointName, reference, ctx, namespace, interest.signal);
+  const adjusted = await adjustWith(scope, r, pod, container, checkpointName, reference, ctx, namespace, interest.signal, call);
   // Cold start after all: this pod no longer wants a transfer it may have started.
   if (adjusted === undefined) dropInterest(scope, containerId);
   return adjusted;
@@ -135,6 +145,7 @@ async function adjustWith(
   ctx: NriHandlerContext,
   namespace: string,
   interest: AbortSignal,
+  call: RestoreCallExtras,
 ): Promise<AdjustmentBuilder | undefined> {
   const containerId = container.id ?? '';
   // Only the manifest here (a small JSON file): the full sha256 runs in the coordinator, after the 2 s deadline.
@@ -147,11 +158,11 @@ async function adjustWith(
       checkpoint = found.checkpoint;
       if (found.kind === 'incoming') incoming = { ready: found.ready, from: found.from, source: found.source };
     } else if (reference !== undefined) {
-      return coldStart(scope, RestoreErrorCode.CHECKPOINT_MISSING, 'the pod names a registry checkpoint but no registry is configured', pod, container, ctx, { checkpoint: checkpointName });
+      return coldStart(scope, call, RestoreErrorCode.CHECKPOINT_MISSING, 'the pod names a registry checkpoint but no registry is configured', pod, container, ctx, { checkpoint: checkpointName });
     } else {
       checkpoint = await r.store.open(checkpointName);
       const refusal = localRestoreRefusal(scope.tenancy, namespace, { namespace: checkpoint.manifest.source.pod?.namespace, name: checkpoint.name });
-      if (refusal !== undefined) return coldStart(scope, 'RESTORE_NOT_ALLOWED', refusal, pod, container, ctx, { checkpoint: checkpointName, namespace });
+      if (refusal !== undefined) return coldStart(scope, call, 'RESTORE_NOT_ALLOWED', refusal, pod, container, ctx, { checkpoint: checkpointName, namespace });
     }
   } catch (err) {
     const missing = isThawError(err, StoreErrorCode.NOT_FOUND) || isThawError(err, StoreErrorCode.INVALID_NAME);
@@ -171,7 +182,7 @@ async function adjustWith(
             : missing
               ? 'checkpoint not found'
               : 'checkpoint unreadable';
-    return coldStart(scope, cause, what, pod, container, ctx, {
+    return coldStart(scope, call, cause, what, pod, container, ctx, {
       checkpoint: checkpointName,
       error: errorMessage(err),
       ...(isThawError(err) ? { code: err.code, evidence: err.evidence } : {}),
@@ -182,11 +193,11 @@ async function adjustWith(
   }
   const imageRef = container.annotations?.[CRI_IMAGE_NAME_ANNOTATION];
   if (imageRef === undefined) {
-    return coldStart(scope, RestoreErrorCode.INCOMPATIBLE, `the container has no ${CRI_IMAGE_NAME_ANNOTATION} annotation to compare with the checkpoint's image`, pod, container, ctx, {
+    return coldStart(scope, call, RestoreErrorCode.INCOMPATIBLE, `the container has no ${CRI_IMAGE_NAME_ANNOTATION} annotation to compare with the checkpoint's image`, pod, container, ctx, {
       checkpoint: checkpointName,
     });
   }
-  const imageDigest = container.image?.digest;
+  const imageDigest = call.imageDigest ?? container.image?.digest;
   const mismatches = checkCompatibility(checkpoint.manifest, {
     ...(r.hostFacts ?? readHostFacts()),
     image: { ref: imageRef, ...(imageDigest !== undefined && /^sha256:[0-9a-f]{64}$/.test(imageDigest) ? { digest: imageDigest } : {}) },
@@ -194,20 +205,20 @@ async function adjustWith(
     container: { name: container.name ?? '', args: container.args ?? [] },
   });
   if (!isRestorable(mismatches)) {
-    return coldStart(scope, RestoreErrorCode.INCOMPATIBLE, 'the checkpoint does not match this node or container', pod, container, ctx, {
+    return coldStart(scope, call, RestoreErrorCode.INCOMPATIBLE, 'the checkpoint does not match this node or container', pod, container, ctx, {
       checkpoint: checkpointName,
       mismatches,
     });
   }
   const args = container.args ?? [];
   if (args.length === 0 || !args[0]) {
-    return coldStart(scope, RestoreErrorCode.INCOMPATIBLE, 'the container has no args to hold behind thaw-pause', pod, container, ctx, { checkpoint: checkpointName });
+    return coldStart(scope, call, RestoreErrorCode.INCOMPATIBLE, 'the container has no args to hold behind thaw-pause', pod, container, ctx, { checkpoint: checkpointName });
   }
   let controlDir: string;
   try {
     controlDir = await createControlDir(scope.controlRoot, containerId);
   } catch (err) {
-    return coldStart(scope, HandlerFallbackCause.CONTROL_DIR, 'cannot create the control directory', pod, container, ctx, { error: errorMessage(err) });
+    return coldStart(scope, call, HandlerFallbackCause.CONTROL_DIR, 'cannot create the control directory', pod, container, ctx, { error: errorMessage(err) });
   }
   // A local checkpoint is leased now, before CreateContainer returns and the hook can read it (issue 12, item 6);
   // one being brought in is leased by the restore flow once it is published.
@@ -216,7 +227,7 @@ async function adjustWith(
     try {
       lease = await r.store.acquireLease(checkpoint.name);
     } catch (err) {
-      return coldStart(scope, 'RESTORE_CHECKPOINT_MISSING', 'cannot lease the checkpoint', pod, container, ctx, { checkpoint: checkpoint.name, error: errorMessage(err) });
+      return coldStart(scope, call, 'RESTORE_CHECKPOINT_MISSING', 'cannot lease the checkpoint', pod, container, ctx, { checkpoint: checkpoint.name, error: errorMessage(err) });
     }
   }
   const placeholder = supportsArgs(ctx.runtime.name, ctx.runtime.version, ctx.runtime.nriVersion) ? 'args' : 'overlay';

@@ -16,6 +16,11 @@
  *             keys: [/etc/thaw/keys/team-a.pub]        # cosign public keys (PEM); any one of them suffices
  *           - prefix: localhost:5000/scratch
  *             allowUnsigned: true                      # explicit: no signature required (tests, labs)
+ *         snapshotRepository: registry.example.com/team-a/snapshots   # thaw.dev/snapshot checkpoints of this
+ *                                          # namespace: the first one taken on any node is pushed there (tag
+ *                                          # <name>-<12 hex>, snapshot.ts), other nodes pull it instead of taking
+ *                                          # their own. Must lie under one of the namespace's registries (its pulls
+ *                                          # are checked like any registry checkpoint's: signature or allowUnsigned)
  *
  * The default (no `tenancy` section) is the one safe on a shared cluster: every namespace may checkpoint its own
  * pods, and a checkpoint restores only into pods of the namespace it was taken from; nothing is shared; no
@@ -41,6 +46,8 @@ export interface NamespacePolicy {
   registries: RegistryGrant[];
   /** Bytes this namespace's checkpoints may hold in the node store; absent: only the store's total quota. */
   quotaBytes?: number;
+  /** `host[:port]/repository`: where this namespace's thaw.dev/snapshot checkpoints are pushed and pulled. */
+  snapshotRepository?: string;
 }
 
 export interface SharedGrant {
@@ -113,9 +120,9 @@ export function parseTenancyPolicy(raw: unknown): TenancyPolicy {
       const at = `tenancy.namespaces.${ns}`;
       const badNs = checkNamespaceName(ns);
       if (badNs !== undefined) fail(at, badNs);
-      if (!isObject(v)) fail(at, 'must be a mapping {quotaBytes?, registries?}');
+      if (!isObject(v)) fail(at, 'must be a mapping {quotaBytes?, registries?, snapshotRepository?}');
       const nv = v as Record<string, unknown>;
-      for (const key of Object.keys(nv)) if (key !== 'quotaBytes' && key !== 'registries') fail(`${at}.${key}`, 'unknown key (expected quotaBytes, registries)');
+      for (const key of Object.keys(nv)) if (key !== 'quotaBytes' && key !== 'registries' && key !== 'snapshotRepository') fail(`${at}.${key}`, 'unknown key (expected quotaBytes, registries, snapshotRepository)');
       const entry: NamespacePolicy = { registries: [] };
       if (nv['quotaBytes'] !== undefined) {
         const q = nv['quotaBytes'];
@@ -140,6 +147,18 @@ export function parseTenancyPolicy(raw: unknown): TenancyPolicy {
           if ((keys as string[]).length > 0 && allowUnsigned === true) fail(rat, 'gives keys and allowUnsigned: true; choose one');
           entry.registries.push({ prefix, keyFiles: keys as string[], allowUnsigned: allowUnsigned as boolean });
         });
+      }
+      if (nv['snapshotRepository'] !== undefined) {
+        const repo = nv['snapshotRepository'];
+        if (typeof repo !== 'string' || !PREFIX_PATTERN.test(repo) || !repo.includes('/')) {
+          fail(`${at}.snapshotRepository`, 'must be host[:port]/repository in lower case (e.g. "registry.example.com/team-a/snapshots")');
+        }
+        const slash = (repo as string).indexOf('/');
+        const place = { registry: (repo as string).slice(0, slash), repository: (repo as string).slice(slash + 1) };
+        if (registryGrantFor({ ...policy, namespaces: new Map([[ns, entry]]) }, ns, place) === undefined) {
+          fail(`${at}.snapshotRepository`, `${repo as string} is under none of ${ns}'s registries: its pulls would be refused (add a registries entry whose prefix covers it)`);
+        }
+        entry.snapshotRepository = repo as string;
       }
       namespaces.set(ns, entry);
     }

@@ -18,6 +18,7 @@ import { defaultTenancyPolicy, type TenancyPolicy } from './tenancy.js';
 import { ThawNriStats } from './nri-stats.js';
 import { adjustRestoreTarget, type ThawRestoreConfig } from './restore-target.js';
 import { HandlerFallbackCause } from './errors.js';
+import { adjustSnapshotContainer, type ThawSnapshotConfig } from './snapshot-target.js';
 
 export interface ThawNriOptions {
   annotationPrefix: string;
@@ -26,6 +27,8 @@ export interface ThawNriOptions {
   coordinator?: ThawCoordinator;
   stats?: ThawNriStats;
   restore?: ThawRestoreConfig;
+  /** `thaw.dev/snapshot` pods (snapshot.ts); absent: they cold-start (AGENT_RESTORE_UNAVAILABLE). */
+  snapshot?: ThawSnapshotConfig;
   /** Who may checkpoint and restore what (agent config `tenancy`); absent: defaultTenancyPolicy(). */
   tenancy?: TenancyPolicy;
 }
@@ -101,6 +104,8 @@ export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { 
               reason: decision.reason,
             });
             return undefined;
+          case 'snapshot':
+            return await adjustSnapshotContainer(scope, options.restore, options.snapshot, pod, container, decision.snapshotName, decision.onCheckpoint, ctx);
           case 'checkpoint-source':
             return await adjustCheckpointSource(scope, pod, container, decision.checkpointName, decision.onCheckpoint, ctx);
           case 'restore-target':
@@ -147,6 +152,13 @@ export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { 
         }
       }
       if (recovered > 0) ctx.logger.info('thaw: containers found on (re)connection', { managed: managed.size, running: recovered });
+    },
+
+    // A container that stopped (killed, or exited by itself) will not be checkpointed: what waits for it goes,
+    // and with it a snapshot claim it held (the next pod of the workload may take the checkpoint).
+    stopContainer(_pod, container) {
+      const id = container.id ?? '';
+      if (managed.has(id)) options.coordinator?.containerStopped?.(id);
     },
 
     postStartContainer(_pod, container) {

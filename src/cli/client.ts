@@ -9,6 +9,7 @@ import {
   type CheckpointProgressMsg,
   type CheckpointRequestMsg,
   type CheckpointSummaryMsg,
+  type SnapshotPodsMsg,
   type InspectCheckpointResponseMsg,
   type StatusResponseMsg,
   type VersionResponseMsg,
@@ -72,7 +73,7 @@ export class AgentClient {
     });
   }
 
-  list(): Promise<{ checkpoints: CheckpointSummaryMsg[] }> {
+  list(): Promise<{ checkpoints: CheckpointSummaryMsg[]; snapshot_pods: SnapshotPodsMsg[] }> {
     return this.unary('ListCheckpoints', {});
   }
   inspect(name: string): Promise<InspectCheckpointResponseMsg> {

@@ -195,9 +195,9 @@ async function dispatch(line: CommandLine, io: CliIo): Promise<number> {
       return checkpointCommand(line, io);
     case 'list':
       return withClient(line, io, async (c) => {
-        const { checkpoints } = await c.list();
+        const { checkpoints, snapshot_pods } = await c.list();
         if (asJson) json(io, checkpoints);
-        else io.stdout(`${renderList(checkpoints)}\n`);
+        else io.stdout(`${renderList(checkpoints, snapshot_pods ?? [])}\n`);
         return ExitCode.OK;
       });
     case 'inspect':

@@ -1,5 +1,5 @@
 /** Human renderings of the CLI's data (pure; `--json` prints the data itself). */
-import type { CheckpointProgressMsg, CheckpointSummaryMsg, InspectCheckpointResponseMsg, StatusResponseMsg } from '../agent/index.js';
+import type { CheckpointProgressMsg, CheckpointSummaryMsg, InspectCheckpointResponseMsg, SnapshotPodsMsg, StatusResponseMsg } from '../agent/index.js';
 import type { Manifest } from '../store/index.js';
 import { renderTable } from '../table.js';
 
@@ -18,16 +18,31 @@ export function formatMs(ms: number): string {
   return ms < 1000 ? `${Math.round(ms)} ms` : `${(ms / 1000).toFixed(ms < 10_000 ? 2 : 1)} s`;
 }
 
-export function renderList(checkpoints: readonly CheckpointSummaryMsg[]): string {
-  if (checkpoints.length === 0) return 'no checkpoints';
-  return renderTable(
-    ['NAME', 'CREATED', 'SIZE', 'GPU', 'IN USE', 'IMAGE'],
-    checkpoints.map((c) =>
-      c.problem
-        ? [c.name, '-', '-', '-', c.in_use ? 'yes' : 'no', `BROKEN: ${c.problem}`]
-        : [c.name, c.created_at.replace(/\.\d+Z$/, 'Z'), formatBytes(c.bytes), c.gpu ? 'yes' : 'no', c.in_use ? 'yes' : 'no', c.image],
-    ),
-  );
+/**
+ * The store's checkpoints; a SNAPSHOT column (name and short key) when any is a `thaw.dev/snapshot` checkpoint,
+ * and, when `snapshotPods` has rows, how each snapshot workload's pods started on this node.
+ */
+export function renderList(checkpoints: readonly CheckpointSummaryMsg[], snapshotPods: readonly SnapshotPodsMsg[] = []): string {
+  const withSnapshot = checkpoints.some((c) => c.snapshot);
+  const snap = (c: CheckpointSummaryMsg): string[] => (withSnapshot ? [c.snapshot ? `${c.snapshot} (key ${c.snapshot_key.slice(0, 12)})` : '-'] : []);
+  const table =
+    checkpoints.length === 0
+      ? 'no checkpoints'
+      : renderTable(
+          ['NAME', ...(withSnapshot ? ['SNAPSHOT'] : []), 'CREATED', 'SIZE', 'GPU', 'IN USE', 'IMAGE'],
+          checkpoints.map((c) =>
+            c.problem
+              ? [c.name, ...snap(c), '-', '-', '-', c.in_use ? 'yes' : 'no', `BROKEN: ${c.problem}`]
+              : [c.name, ...snap(c), c.created_at.replace(/\.\d+Z$/, 'Z'), formatBytes(c.bytes), c.gpu ? 'yes' : 'no', c.in_use ? 'yes' : 'no', c.image],
+          ),
+        );
+  if (snapshotPods.length === 0) return table;
+  return [
+    table,
+    '',
+    'snapshot pods started on this node (since the agent started):',
+    renderTable(['NAMESPACE', 'SNAPSHOT', 'STARTED', 'CAUSE', 'PODS'], snapshotPods.map((p) => [p.namespace, p.snapshot, p.outcome, p.cause || '-', String(p.count)])),
+  ].join('\n');
 }
 
 export function renderInspect(r: InspectCheckpointResponseMsg): string {
@@ -43,6 +58,7 @@ export function renderInspect(r: InspectCheckpointResponseMsg): string {
     `source:      ${s.source_pod || '-'}${m.source?.container.name ? ` container ${m.source.container.name}` : ''}${m.source?.nodeHostname ? ` on ${m.source.nodeHostname}` : ''}`,
     `constraints: ${m.constraints ? `${m.constraints.arch.node}, kernel ${m.constraints.kernelRelease}, CRIU ${m.constraints.criuVersion}, containerd ${m.constraints.containerdVersion}` : '-'}`,
     `gpu state:   ${s.gpu ? 'yes' : 'no'}`,
+    ...(s.snapshot ? [`snapshot:    ${s.snapshot} (key ${s.snapshot_key})`] : []),
     `in use:      ${s.in_use ? 'yes (a restore reads it)' : 'no'}`,
     `restorable here: ${r.restorable ? 'yes' : 'no'}`,
   ];

@@ -7,7 +7,7 @@
  */
 import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
 import { chmod, readFile, writeFile } from 'node:fs/promises';
-import { existsSync, statSync } from 'node:fs';
+import { existsSync, readdirSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { packageRoot } from '../util.js';
@@ -19,10 +19,16 @@ export const PLUGIN_STOP_GRACE_MS = 5_000;
 /** libuv's default pool is 4 threads; each CRIU operation in flight holds one for its whole duration. */
 export const PLUGIN_UV_THREADPOOL_SIZE = 16;
 
-/** Builds dist/ when it is missing or older than the plugin's sources. */
+/** Every .ts file under `dir` (recursively). */
+function tsFilesUnder(dir: string): string[] {
+  if (!existsSync(dir)) return [];
+  return readdirSync(dir, { withFileTypes: true }).flatMap((e) => (e.isDirectory() ? tsFilesUnder(join(dir, e.name)) : e.name.endsWith('.ts') ? [join(dir, e.name)] : []));
+}
+
+/** Builds dist/ when it is missing or older than any source under src/ (a test must not run a stale agent). */
 export function ensureBuilt(): void {
-  const sources = ['src/agent/thaw-nri.ts', 'src/agent/agent.ts', 'src/cli/main.ts'].map((s) => join(PACKAGE_ROOT, s));
-  if (existsSync(CLI_MAIN) && sources.every((s) => !existsSync(s) || statSync(CLI_MAIN).mtimeMs >= statSync(s).mtimeMs)) return;
+  const sources = tsFilesUnder(join(PACKAGE_ROOT, 'src'));
+  if (existsSync(CLI_MAIN) && sources.every((s) => statSync(CLI_MAIN).mtimeMs >= statSync(s).mtimeMs)) return;
   execFileSync('npx', ['tsc', '-p', 'tsconfig.build.json'], { cwd: PACKAGE_ROOT, stdio: 'inherit' });
 }
 

@@ -49,6 +49,6 @@ export { TtrpcDecoder, encodeTtrpcMessage, TtrpcMessageType } from './ttrpc-fram
 export { TtrpcClient, type TtrpcCallOptions } from './ttrpc-client.js';
 export { TtrpcServer, type TtrpcCall, type TtrpcMethodHandler } from './ttrpc-server.js';
 export { encodeMessage, decodeMessage, nriType } from './ttrpc-codec.js';
-export { CHECKPOINT_ENV, CONTROL_DIR_ENV, CONTROL_DIR_MOUNT_PATH, decide, DEFAULT_ANNOTATION_PREFIX, LEGACY_CONTROL_DIR_ENV, type OnCheckpoint, type PolicyDecision, validateAnnotationPrefix } from './policy.js';
+export { CHECKPOINT_ENV, CONTROL_DIR_ENV, CONTROL_DIR_MOUNT_PATH, decide, DEFAULT_ANNOTATION_PREFIX, LEGACY_CONTROL_DIR_ENV, SNAPSHOT_NAME_MAX_LENGTH, type OnCheckpoint, type PolicyDecision, validateAnnotationPrefix } from './policy.js';
 // The pure decoders, for the fuzz run (bench/fuzz-decoders.ts).
 export { decodeRequest, decodeResponse, encodeRequest, encodeResponse } from './ttrpc-codec.js';

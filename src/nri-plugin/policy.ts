@@ -14,6 +14,10 @@
  *                                      names beginning `oci-` are refused (reserved for pulled checkpoints);
  *                          | <registry>/<repo>:<tag>[@sha256:...]  or from a checkpoint in an OCI registry
  *                                      (src/checkpoint-reference.ts), pulled on demand
+ *   <prefix>snapshot       = <name>     one annotation for a whole workload: restore from this namespace's
+ *                                      checkpoint <name> whose key (image digest, args, GPU) matches this
+ *                                      container, else cold-start and, if no other pod of the node is taking it,
+ *                                      become its checkpoint source (src/agent/snapshot.ts)
  *   <prefix>container      = <name>     the container of the pod thaw acts on (default: every container)
  *   <prefix>on-checkpoint  = continue | exit   what the source does after its checkpoint (default continue)
  * Any other key under the prefix is rejected, so that a typo does not silently turn thaw off for a pod.
@@ -53,7 +57,13 @@ export const CHECKPOINT_ENV: ReadonlyArray<readonly [string, string]> = [
   ['UV_USE_IO_URING', '0'],
 ];
 
-const KNOWN_KEYS = ['checkpoint', 'restore', 'container', 'on-checkpoint'] as const;
+const KNOWN_KEYS = ['checkpoint', 'restore', 'snapshot', 'container', 'on-checkpoint'] as const;
+
+/**
+ * The longest snapshot name: a snapshot's checkpoints are stored as `<name>-<12 hex>` (src/agent/snapshot.ts),
+ * which must fit the checkpoint name rule.
+ */
+export const SNAPSHOT_NAME_MAX_LENGTH = 128 - 13;
 type KnownKey = (typeof KNOWN_KEYS)[number];
 
 /** Kubernetes container names are DNS labels. */
@@ -67,6 +77,8 @@ export type PolicyDecision =
   | { kind: 'other-container'; targetContainer: string }
   | { kind: 'rejected'; reason: string; annotation: string }
   | { kind: 'checkpoint-source'; checkpointName: string; onCheckpoint: OnCheckpoint }
+  /** `thaw.dev/snapshot`: restore or checkpoint, decided by the agent from the key and the store. */
+  | { kind: 'snapshot'; snapshotName: string; onCheckpoint: OnCheckpoint }
   /** `reference` set: the annotation names a registry checkpoint; `checkpointName` is then the annotation's text. */
   | { kind: 'restore-target'; checkpointName: string; reference?: CheckpointReference };
 
@@ -108,15 +120,23 @@ export function decide(input: PolicyInput, options: PolicyOptions): PolicyDecisi
 
   const checkpoint = ours.get('checkpoint');
   const restore = ours.get('restore');
+  const snapshot = ours.get('snapshot');
   const container = ours.get('container');
   const onCheckpoint = ours.get('on-checkpoint');
 
-  if (checkpoint === undefined && restore === undefined) {
+  if (checkpoint === undefined && restore === undefined && snapshot === undefined) {
     const key = prefix + [...ours.keys()][0];
     return {
       kind: 'rejected',
       annotation: key,
-      reason: `${key} is set but neither ${prefix}checkpoint nor ${prefix}restore is`,
+      reason: `${key} is set but none of ${prefix}checkpoint, ${prefix}restore, ${prefix}snapshot is`,
+    };
+  }
+  if (snapshot !== undefined && (checkpoint !== undefined || restore !== undefined)) {
+    return {
+      kind: 'rejected',
+      annotation: prefix + 'snapshot',
+      reason: `${prefix}snapshot replaces ${prefix}checkpoint and ${prefix}restore; set it alone`,
     };
   }
   if (checkpoint !== undefined && restore !== undefined) {
@@ -160,6 +180,11 @@ export function decide(input: PolicyInput, options: PolicyOptions): PolicyDecisi
     const bad = checkUserCheckpointName(restore);
     if (bad !== undefined) return { kind: 'rejected', annotation: prefix + 'restore', reason: bad };
     return { kind: 'restore-target', checkpointName: restore };
+  }
+  if (snapshot !== undefined) {
+    const bad = checkUserCheckpointName(snapshot) ?? (snapshot.length > SNAPSHOT_NAME_MAX_LENGTH ? `snapshot name is ${snapshot.length} characters long (at most ${SNAPSHOT_NAME_MAX_LENGTH})` : undefined);
+    if (bad !== undefined) return { kind: 'rejected', annotation: prefix + 'snapshot', reason: bad.replace(/^checkpoint name/, 'snapshot name') };
+    return { kind: 'snapshot', snapshotName: snapshot, onCheckpoint: (onCheckpoint as OnCheckpoint) ?? 'continue' };
   }
   const name = checkpoint as string;
   const bad = checkUserCheckpointName(name);

@@ -136,6 +136,8 @@ export interface CheckpointContainerOptions {
   onCheckpoint: OnCheckpoint;
   imageRef: string;
   imageDigest?: string;
+  /** A `thaw.dev/snapshot` checkpoint: its name and key, recorded in the manifest (store/manifest.ts). */
+  snapshot?: { name: string; key: string };
   source: CheckpointSourceIdentity;
   containerdVersion: string;
   criuVersion: string;
@@ -421,6 +423,7 @@ export async function checkpointContainer(
       timings: { phaseMs },
       liveBytes: inspection.rssBytes,
       ...(weights !== undefined ? { weights } : {}),
+      ...(opts.snapshot !== undefined ? { snapshot: { ...opts.snapshot } } : {}),
     };
     const published = await pending.publish(fields, { signal, ...(opts.replace ? { replace: true } : {}) });
     phases.publishMs = round(performance.now() - started);

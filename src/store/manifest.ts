@@ -23,6 +23,10 @@
  *   files        every file of the checkpoint but manifest.json: {path (relative, posix), size, sha256, mode}
  *   totals       {bytes (sum of files[].size), fileCount, liveBytes? (the tree's RSS at dump time)}
  *   timings      {phaseMs: {"cuda-checkpoint": 1234, "criu-dump": 5678, ...}}
+ *   snapshot?    {name, key}: a checkpoint a `thaw.dev/snapshot: <name>` pod had taken; key is the 64-hex
+ *                snapshot key (src/agent/snapshot.ts: image digest, args, container, GPU) it is valid for. A
+ *                snapshot pod restores only a checkpoint whose snapshot record names its own name and key (and
+ *                whose source.pod.namespace is its own). Optional: readers that predate it ignore it.
  *
  * A reader refuses any other schemaVersion (a newer agent may write fields an older one would silently drop
  * on replace), and any JSON without `kind: "thaw.checkpoint"` (a foreign file in the store).
@@ -98,6 +102,13 @@ export interface ManifestFile {
   mode: number;
 }
 
+/** What a `thaw.dev/snapshot` checkpoint is for (see the file comment). */
+export interface SnapshotRecord {
+  name: string;
+  /** 64 lower-case hex digits. */
+  key: string;
+}
+
 export interface Manifest {
   schemaVersion: typeof MANIFEST_SCHEMA_VERSION;
   kind: typeof MANIFEST_KIND;
@@ -110,6 +121,7 @@ export interface Manifest {
   files: ManifestFile[];
   totals: { bytes: number; fileCount: number; liveBytes?: number };
   timings: { phaseMs: Record<string, number> };
+  snapshot?: SnapshotRecord;
   /**
    * The worker's weights regions whose bytes are not in the checkpoint (docs/weights.md): their VAs and
    * sources (path, range, size, sha256). Opaque here; the restore engine validates every field
@@ -134,6 +146,7 @@ export interface ManifestFields {
   timings?: { phaseMs: Record<string, number> };
   liveBytes?: number;
   weights?: ManifestWeights;
+  snapshot?: SnapshotRecord;
 }
 
 const STEP = 'parse checkpoint manifest';
@@ -348,6 +361,13 @@ export function parseManifest(json: string | unknown): Manifest {
   const phaseMs: Record<string, number> = {};
   const phases = obj(timingsObj['phaseMs'], `${at}.timings.phaseMs`);
   for (const key of Object.keys(phases)) phaseMs[key] = num(phases, key, `${at}.timings.phaseMs`);
+  let snapshot: SnapshotRecord | undefined;
+  if (o['snapshot'] !== undefined) {
+    const so = obj(o['snapshot'], `${at}.snapshot`);
+    const key = str(so, 'key', `${at}.snapshot`);
+    if (!SHA256_HEX.test(key)) throw invalid(`manifest.snapshot.key must be 64 lower-case hex digits (got ${JSON.stringify(key)})`);
+    snapshot = { name: str(so, 'name', `${at}.snapshot`), key };
+  }
   const manifest: Manifest = {
     schemaVersion: MANIFEST_SCHEMA_VERSION,
     kind: MANIFEST_KIND,
@@ -360,6 +380,7 @@ export function parseManifest(json: string | unknown): Manifest {
     files,
     totals,
     timings: { phaseMs },
+    ...(snapshot !== undefined ? { snapshot } : {}),
   };
   if (o['weights'] !== undefined) {
     const w = obj(o['weights'], `${at}.weights`);

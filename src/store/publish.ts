@@ -117,6 +117,7 @@ async function publishDir(ctx: PublishContext, pending: PendingCheckpoint, field
     totals,
     timings: fields.timings ?? { phaseMs: {} },
     ...(fields.weights !== undefined ? { weights: fields.weights } : {}),
+    ...(fields.snapshot !== undefined ? { snapshot: fields.snapshot } : {}),
   }, tree, options, step);
 }
 

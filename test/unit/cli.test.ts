@@ -120,7 +120,7 @@ describe('human output', () => {
   });
 
   it('lists checkpoints, broken ones with their problem', () => {
-    const base = { id: 'id1', created_at: '2026-01-02T03:04:05.678Z', bytes: 2048, files: 3, image: 'img:1', source_pod: 'ns/p', gpu: false, in_use: true, problem: '' };
+    const base = { id: 'id1', created_at: '2026-01-02T03:04:05.678Z', bytes: 2048, files: 3, image: 'img:1', source_pod: 'ns/p', gpu: false, in_use: true, problem: '', snapshot: '', snapshot_key: '' };
     expect(renderList([{ ...base, name: 'good' }, { ...base, name: 'bad', problem: 'STORE_MANIFEST_INVALID: no manifest' }])).toBe(
       [
         'NAME  CREATED               SIZE     GPU  IN USE  IMAGE',
@@ -129,6 +129,31 @@ describe('human output', () => {
       ].join('\n'),
     );
     expect(renderList([])).toBe('no checkpoints');
+  });
+
+  it('lists snapshot checkpoints with their name and short key, and how snapshot pods started', () => {
+    const base = { id: 'id1', created_at: '2026-01-02T03:04:05.678Z', bytes: 2048, files: 3, image: 'img:1', source_pod: 'ns/p', gpu: false, in_use: false, problem: '', snapshot: '', snapshot_key: '' };
+    const out = renderList(
+      [{ ...base, name: 'plain' }, { ...base, name: 'qwen-0123456789ab', snapshot: 'qwen', snapshot_key: 'f'.repeat(64) }],
+      [
+        { namespace: 'ns', snapshot: 'qwen', outcome: 'checkpointed', cause: '', count: 1 },
+        { namespace: 'ns', snapshot: 'qwen', outcome: 'cold', cause: 'AGENT_SNAPSHOT_CHECKPOINT_IN_PROGRESS', count: 2 },
+        { namespace: 'ns', snapshot: 'qwen', outcome: 'restored', cause: '', count: 5 },
+      ],
+    );
+    expect(out).toBe(
+      [
+        'NAME               SNAPSHOT                 CREATED               SIZE     GPU  IN USE  IMAGE',
+        'plain              -                        2026-01-02T03:04:05Z  2.0 KiB  no   no      img:1',
+        'qwen-0123456789ab  qwen (key ffffffffffff)  2026-01-02T03:04:05Z  2.0 KiB  no   no      img:1',
+        '',
+        'snapshot pods started on this node (since the agent started):',
+        'NAMESPACE  SNAPSHOT  STARTED       CAUSE                                  PODS',
+        'ns         qwen      checkpointed  -                                      1',
+        'ns         qwen      cold          AGENT_SNAPSHOT_CHECKPOINT_IN_PROGRESS  2',
+        'ns         qwen      restored      -                                      5',
+      ].join('\n'),
+    );
   });
 
   it('renders a checkpoint result', () => {

@@ -136,7 +136,6 @@ describe('deploy/kubernetes manifests', () => {
       'configmap.yaml:ConfigMap/thaw-agent-config',
       'daemonset.yaml:DaemonSet/thaw-agent',
       'example-inference.yaml:Deployment/llm',
-      'example-inference.yaml:Deployment/llm-checkpoint',
       'namespace.yaml:Namespace/thaw-system',
       'networkpolicy.yaml:NetworkPolicy/thaw-agent-metrics',
     ]);
@@ -290,22 +289,18 @@ describe('deploy/kubernetes manifests', () => {
     expect(agentConfig.get('annotationPrefix')).toBe(DEFAULT_ANNOTATION_PREFIX);
   });
 
-  it('the example Deployments\' annotations are accepted by the NRI policy: a checkpoint source and its restore target', () => {
+  it('the example Deployment is one annotation: thaw.dev/snapshot, accepted by the NRI policy', () => {
     const deployments = byKind('Deployment');
-    const decisions = deployments.map((d) => {
-      const w = d.spec as unknown as Workload;
-      const annotations = w.template.metadata.annotations ?? {};
-      const container = w.template.spec.containers[0]!;
-      return { name: d.metadata.name, container, decision: decide({ podAnnotations: annotations, containerName: container.name }, { annotationPrefix: DEFAULT_ANNOTATION_PREFIX }) };
-    });
-    const source = decisions.find((d) => d.decision.kind === 'checkpoint-source');
-    const target = decisions.find((d) => d.decision.kind === 'restore-target');
-    expect(source?.decision).toEqual({ kind: 'checkpoint-source', checkpointName: 'qwen3-8b-v1', onCheckpoint: 'exit' });
-    expect(target?.decision).toEqual({ kind: 'restore-target', checkpointName: 'qwen3-8b-v1' });
-    expect(checkCheckpointName('qwen3-8b-v1')).toBeUndefined();
-    // A restore must match the checkpoint's image and command.
-    expect(target!.container.image).toBe(source!.container.image);
-    expect(target!.container.command).toEqual(source!.container.command);
+    expect(deployments.map((d) => d.metadata.name)).toEqual(['llm']);
+    const w = deployments[0]!.spec as unknown as Workload;
+    const annotations = w.template.metadata.annotations ?? {};
+    const container = w.template.spec.containers[0]!;
+    expect(decide({ podAnnotations: annotations, containerName: container.name }, { annotationPrefix: DEFAULT_ANNOTATION_PREFIX })).toEqual({ kind: 'snapshot', snapshotName: 'qwen3-8b', onCheckpoint: 'continue' });
+    // Its other containers (none today) are left alone: the annotation names the worker.
+    expect(decide({ podAnnotations: annotations, containerName: 'sidecar' }, { annotationPrefix: DEFAULT_ANNOTATION_PREFIX }).kind).toBe('other-container');
+    expect(checkCheckpointName('qwen3-8b')).toBeUndefined();
+    // One pod per node checkpoints while the others serve: more than one replica is the point.
+    expect((deployments[0]!.spec as { replicas?: number }).replicas).toBeGreaterThan(1);
   });
 });
 

@@ -27,7 +27,12 @@ type Exported = Map<string, Map<string, Set<string>>>;
 
 async function exportedSeries(): Promise<Exported> {
   const stats = new ThawNriStats();
-  const m = createAgentMetrics({ stats, version: '0.0.0-test', stored: async () => ({ count: 1, bytes: 10 }), restoresInFlight: () => 0, checkpointsInFlight: () => 0 });
+  const m = createAgentMetrics({
+    stats, version: '0.0.0-test', restoresInFlight: () => 0, checkpointsInFlight: () => 0,
+    stored: async () => ({ count: 1, bytes: 10, snapshots: [{ namespace: 'ns', snapshot: 's', count: 1 }] }),
+    // One row of every outcome (the cause label's values are codes, open-ended like thaw_fallbacks_total's).
+    snapshotPods: () => (['restored', 'cold', 'checkpointed'] as const).map((outcome) => ({ namespace: 'ns', snapshot: 's', outcome, cause: outcome === 'cold' ? 'AGENT_SNAPSHOT_CHECKPOINT_IN_PROGRESS' : '', count: 1 })),
+  });
   // One event with every phase of each kind, so every phase label value appears.
   m.onRestoreEvent({
     event: 'restore', outcome: 'restored', checkpoint: 'c', containerId: 'x', container: 'w', pod: 'ns/p', bytes: 1,
@@ -125,6 +130,7 @@ describe('deploy/grafana/thaw.json', () => {
     expect(byTitle(/^Fallbacks by cause$/).join()).toMatch(/sum by \(cause\) \(increase\(thaw_fallbacks_total/);
     expect(byTitle(/bytes read/i).join()).toMatch(/thaw_restore_bytes_read_total/);
     expect(byTitle(/^Store usage$/).join()).toMatch(/thaw_checkpoints_stored_bytes/);
+    expect(byTitle(/^Snapshot pods by how they started$/).join()).toMatch(/sum by \(namespace, snapshot, outcome, cause\) \(increase\(thaw_snapshot_pods_total/);
   });
 
   it('is importable: unique panel ids, every query panel on the datasource variable, a uid and a title', () => {

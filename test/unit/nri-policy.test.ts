@@ -41,7 +41,7 @@ describe('adjustment policy', () => {
   const rejected: Array<[string, Record<string, string>, RegExp]> = [
     ['a typo under the prefix', { 'thaw.dev/chekpoint': 'x' }, /unknown annotation thaw\.dev\/chekpoint/],
     ['both roles at once', { 'thaw.dev/checkpoint': 'a', 'thaw.dev/restore': 'a' }, /both set/],
-    ['a modifier without a role', { 'thaw.dev/container': 'worker' }, /neither thaw\.dev\/checkpoint nor/],
+    ['a modifier without a role', { 'thaw.dev/container': 'worker' }, /none of thaw\.dev\/checkpoint, thaw\.dev\/restore, thaw\.dev\/snapshot is/],
     ['a bad after-checkpoint value', { 'thaw.dev/checkpoint': 'a', 'thaw.dev/on-checkpoint': 'pause' }, /"continue" or "exit"/],
     ['after-checkpoint on a restore target', { 'thaw.dev/restore': 'a', 'thaw.dev/on-checkpoint': 'exit' }, /checkpoint sources only/],
     // A value with a '/' is read as a registry reference, never as a path: these name no registry host.

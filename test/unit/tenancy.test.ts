@@ -93,8 +93,16 @@ describe('tenancy policy', () => {
     [{ namespaces: { a: { registries: [{ prefix: 'registry.example.com/a', keys: ['k.pub'] }] } } }, /absolute paths/],
     [{ namespaces: { a: { registries: [{ prefix: 'registry.example.com', keys: ['/k.pub'] }] } } }, /host\[:port\]\/repository-prefix/],
     [{ namespaces: { a: { quotaBytes: -1 } } }, /quotaBytes: must be a non-negative integer/],
+    [{ namespaces: { a: { snapshotRepository: 'registry.example.com/a/snaps' } } }, /snapshotRepository: registry.example.com\/a\/snaps is under none of a's registries/],
+    [{ namespaces: { a: { registries: [{ prefix: 'registry.example.com/b', allowUnsigned: true }], snapshotRepository: 'registry.example.com/ab' } } }, /is under none of a's registries/],
+    [{ namespaces: { a: { snapshotRepository: 'Registry/X' } } }, /snapshotRepository: must be host\[:port\]\/repository/],
   ])('refuses %j', (raw, message) => {
     expect(() => parseTenancyPolicy(raw)).toThrow(message);
+  });
+
+  it('reads a namespace\'s snapshotRepository when one of its registries covers it', () => {
+    const p = parseTenancyPolicy({ namespaces: { a: { registries: [{ prefix: 'registry.example.com/a', keys: ['/k.pub'] }], snapshotRepository: 'registry.example.com/a/snaps' } } });
+    expect(p.namespaces.get('a')?.snapshotRepository).toBe('registry.example.com/a/snaps');
   });
 });
 

@@ -103,16 +103,22 @@ interface ContainerdClients {
   snapshots: grpc.Client;
 }
 
-let definitions: Promise<{ Containers: grpc.ServiceClientConstructor; Snapshots: grpc.ServiceClientConstructor }> | undefined;
+let definitions: Promise<{ Containers: grpc.ServiceClientConstructor; Snapshots: grpc.ServiceClientConstructor; Images: grpc.ServiceClientConstructor }> | undefined;
 
 function loadDefinitions(): NonNullable<typeof definitions> {
   definitions ??= (async () => {
     const dir = join(packageRoot(), 'proto', 'containerd');
-    const def = await protoLoader.load(['containers.proto', 'snapshots.proto'], { includeDirs: [dir], keepCase: true, longs: String, enums: String, defaults: true });
+    const def = await protoLoader.load(['containers.proto', 'snapshots.proto', 'images.proto'], { includeDirs: [dir], keepCase: true, longs: String, enums: String, defaults: true });
     const pkg = grpc.loadPackageDefinition(def) as unknown as {
-      containerd: { services: { containers: { v1: { Containers: grpc.ServiceClientConstructor } }; snapshots: { v1: { Snapshots: grpc.ServiceClientConstructor } } } };
+      containerd: {
+        services: {
+          containers: { v1: { Containers: grpc.ServiceClientConstructor } };
+          snapshots: { v1: { Snapshots: grpc.ServiceClientConstructor } };
+          images: { v1: { Images: grpc.ServiceClientConstructor } };
+        };
+      };
     };
-    return { Containers: pkg.containerd.services.containers.v1.Containers, Snapshots: pkg.containerd.services.snapshots.v1.Snapshots };
+    return { Containers: pkg.containerd.services.containers.v1.Containers, Snapshots: pkg.containerd.services.snapshots.v1.Snapshots, Images: pkg.containerd.services.images.v1.Images };
   })();
   definitions.catch(() => { definitions = undefined; });
   return definitions;
@@ -179,5 +185,43 @@ export async function readContainerdUpperdir(containerId: string, endpoint: Cont
   } finally {
     clients.containers.close();
     clients.snapshots.close();
+  }
+}
+
+/**
+ * The digest containerd's image record `name` points at (its target: the manifest, or the index of a
+ * multi-platform image), `sha256:<64 hex>`. `name` is what CRI recorded for the container
+ * (`io.kubernetes.cri.image-name`): a tag reference, a digest reference or the image id, each of which CRI keeps as
+ * an image record in its namespace. Errors: ROOTFS_CONTAINERD_QUERY_FAILED (containerd does not answer, does not
+ * know the name, or names something that is not a sha256 digest).
+ */
+export async function readContainerdImageDigest(name: string, endpoint: ContainerdEndpoint): Promise<string> {
+  const namespace = endpoint.namespace ?? DEFAULT_CONTAINERD_NAMESPACE;
+  const timeoutMs = endpoint.timeoutMs ?? DEFAULT_CONTAINERD_CALL_TIMEOUT_MS;
+  const step = 'Images/Get';
+  const evidence = { image: name, socket: endpoint.socket, namespace };
+  const failed = (message: string, cause?: unknown): RootfsError =>
+    new RootfsError(RootfsErrorCode.CONTAINERD_QUERY_FAILED, message, { step, evidence, ...(cause !== undefined ? { cause } : {}) });
+  let defs: Awaited<ReturnType<typeof loadDefinitions>>;
+  try {
+    defs = await loadDefinitions();
+  } catch (err) {
+    throw failed(`cannot load the containerd protos: ${(err as Error).message}`, err);
+  }
+  const client = new defs.Images(`unix://${endpoint.socket}`, grpc.credentials.createInsecure());
+  const metadata = new grpc.Metadata();
+  metadata.set('containerd-namespace', namespace);
+  try {
+    let image: { target?: { digest: string } | null } | null | undefined;
+    try {
+      ({ image } = await unary<{ name: string }, { image?: { target?: { digest: string } | null } | null }>(client, 'Get', { name }, metadata, timeoutMs));
+    } catch (err) {
+      throw failed(`containerd (${endpoint.socket}) did not answer ${step} for ${JSON.stringify(name)}: ${(err as Error).message}`, err);
+    }
+    const digest = image?.target?.digest ?? '';
+    if (!/^sha256:[0-9a-f]{64}$/.test(digest)) throw failed(`containerd's image ${JSON.stringify(name)} has no sha256 target digest (got ${JSON.stringify(digest)})`);
+    return digest;
+  } finally {
+    client.close();
   }
 }

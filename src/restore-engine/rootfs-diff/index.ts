@@ -14,7 +14,7 @@
  */
 export { RootfsError, RootfsErrorCode } from './errors.js';
 export {
-  checkUpperdirUnderRoot, overlayfsSnapshotsDir, readContainerdUpperdir, upperdirFromMount, type ContainerdEndpoint, type ContainerdMount,
+  checkUpperdirUnderRoot, overlayfsSnapshotsDir, readContainerdImageDigest, readContainerdUpperdir, upperdirFromMount, type ContainerdEndpoint, type ContainerdMount,
 } from './containerd-upperdir.js';
 export { captureRootfsDiff, compileExcludes, DEFAULT_ROOTFS_EXCLUDES, type CaptureRootfsDiffOptions, type CaptureRootfsDiffResult } from './capture.js';
 export { applyRootfsDiff, parseDeletedFiles, type ApplyRootfsDiffOptions, type ApplyRootfsDiffResult } from './apply.js';
