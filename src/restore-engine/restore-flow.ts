@@ -104,7 +104,7 @@ export interface RestoreEvent {
   /** The modified pages of the worker's private file mappings, read ahead beside CRIU (restore-engine/mapped-files.ts). */
   mappedFiles?: ReadMappedResult;
   /** The weights load (docs/weights.md), when the checkpoint's weights are outside it. */
-  weights?: { bytes: number; loadMs: number; readers: number; mbPerS: number };
+  weights?: { bytes: number; loadMs: number; setupMs: number; copyMs: number; readers: number; mbPerS: number };
   phases: {
     /**
      * When things happened (epoch ms): the weights load runs beside CRIU and the CUDA restore, so its
@@ -633,7 +633,7 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
         const t3 = performance.now();
         const loaded = await job.weights.loaded;
         const loadMs = (job.weights.endedAt ?? Date.now()) - job.weights.startedAt;
-        weightsInfo = { bytes: loaded.bytes, loadMs, readers: job.weights.readers, mbPerS: loadMs > 0 ? Math.round(loaded.bytes / 1e3 / loadMs) : 0 };
+        weightsInfo = { bytes: loaded.bytes, loadMs, setupMs: loaded.setupMs, copyMs: loaded.copyMs, readers: job.weights.readers, mbPerS: loadMs > 0 ? Math.round(loaded.bytes / 1e3 / loadMs) : 0 };
         await handOverWeights(tree, container.controlDir, loaded, signal);
         at.weightsHandedOver = Date.now();
         phases.weightsHandoverMs = Math.round(performance.now() - t3);

@@ -47,6 +47,25 @@ export class SourceDigests {
     }
   }
 
+  /** The stamped sha256 of the file as it is now (its identity), or undefined when it has none: nothing is read. */
+  async stamped(fh: DigestSource): Promise<{ identity: string; sha256?: string }> {
+    await this.#load();
+    const identity = await fileIdentity(fh);
+    const sha256 = this.#byIdentity.get(identity);
+    return sha256 !== undefined ? { identity, sha256 } : { identity };
+  }
+
+  /**
+   * Records a digest hashed elsewhere (the load's readers hash inline with their reads) under the identity the
+   * file had before it was read; only if the file still has it (nothing changed while it was read).
+   */
+  async stamp(fh: DigestSource, identityBefore: string, sha256: string): Promise<void> {
+    if ((await fileIdentity(fh)) !== identityBefore) return;
+    if (this.#byIdentity.size >= MAX_ENTRIES) this.#byIdentity.clear();
+    this.#byIdentity.set(identityBefore, sha256);
+    await this.#save();
+  }
+
   /** The file's sha256: from the stamp when its identity is unchanged, else hashed now (and stamped). */
   async digest(fh: DigestSource): Promise<string> {
     await this.#load();
