@@ -163,7 +163,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     ...(o.thawPauseDeadlineMs !== undefined ? { thawPauseDeadlineMs: o.thawPauseDeadlineMs } : {}),
     ...(o.onRestoreEvent ? { onEvent: o.onRestoreEvent } : {}),
     ...(cuda ? { cudaRestore: cudaRestoreStep({ node: cuda, logger }) } : {}),
-    ...(cuda ? { weights: { vmm: cuda.vmm, digests: weightsDigests, modelDirs: o.weightsModelDirs ?? [], gpuCount: cuda.facts?.uuids.length ?? 0 } } : {}),
+    ...(cuda?.vmm ? { weights: { vmm: cuda.vmm, digests: weightsDigests, modelDirs: o.weightsModelDirs ?? [], gpuCount: cuda.facts?.uuids.length ?? 0 } } : {}),
   });
   // One coordinator for the handlers: sources go to the checkpoint side, targets to the restore side.
   const coordinator: ThawCoordinator = {
