@@ -127,6 +127,8 @@ interface HostWorkerEnv {
   env: Record<string, string>;
   /** Top-level dirs the image links to /usr (merged-/usr hosts) instead of mounting. */
   usrLinks: Array<{ name: string; target: string }>;
+  /** Pinned host → GPU copy rate the worker measured when it prepared the weights (absent: the stand-in). */
+  pinnedH2DGBps?: number;
 }
 
 function hostWorkerEnv(python: string, workerScript: string, weightsDir: string, modelArgs: string[] = []): HostWorkerEnv {
@@ -134,7 +136,7 @@ function hostWorkerEnv(python: string, workerScript: string, weightsDir: string,
   const pythonPath = execFileSync('sh', ['-c', `command -v ${python}`], { encoding: 'utf8' }).trim();
   // One Python start does both: makes the weights (once) and says where its packages live.
   const out = execFileSync(pythonPath, [workerScript, '--prepare-weights', '--weights-dir', weightsDir, ...modelArgs], { encoding: 'utf8', timeout: 600_000, stdio: ['ignore', 'pipe', 'inherit'] });
-  const facts = JSON.parse(out.trim().split('\n').pop() ?? '{}') as { paths: string[]; created?: boolean };
+  const facts = JSON.parse(out.trim().split('\n').pop() ?? '{}') as { paths: string[]; created?: boolean; pinnedH2DGBps?: number };
   say(`weights in ${weightsDir}${facts.created ? ' (created)' : ''}`);
   const roots = new Set<string>(['/usr']);
   const usrLinks: Array<{ name: string; target: string }> = [];
@@ -172,7 +174,7 @@ function hostWorkerEnv(python: string, workerScript: string, weightsDir: string,
     UV_USE_IO_URING: '0',
   };
   if (ldPath.length > 0) env['LD_LIBRARY_PATH'] = ldPath.join(':');
-  return { python: pythonPath, mounts, devices, env, usrLinks };
+  return { python: pythonPath, mounts, devices, env, usrLinks, ...(facts.pinnedH2DGBps !== undefined ? { pinnedH2DGBps: facts.pinnedH2DGBps } : {}) };
 }
 
 /** A few-kilobyte image: merged-/usr links, the dirs a container needs, passwd. Everything else is mounted. */
@@ -540,6 +542,14 @@ async function runModel(model: string | undefined): Promise<void> {
     weightsLoad: main?.weightsLoad ?? null,
     pageCacheRead,
     diskRead,
+    pinnedH2DGBps: host.pinnedH2DGBps ?? null,
+    // Issue 14's goal: the load at >= 0.7 x min(parallel page-cache read, pinned H2D) of the same run.
+    weightsLoadOverReference: ((): number | null => {
+      const load = main?.weightsLoad as { bytes?: number; copyMs?: number } | null | undefined;
+      const refs = [pageCacheRead?.gbPerS, host.pinnedH2DGBps].filter((x): x is number => typeof x === 'number' && x > 0);
+      if (!load?.bytes || !load.copyMs || refs.length === 0) return null;
+      return round(load.bytes / 1e6 / load.copyMs / Math.min(...refs), 2);
+    })(),
     kernel: release(),
     // CRIU's page-restore rate depends on it (bench/gpu/criu-page-rate.sh); run-product.sh's THAW_THP sets it.
     transparentHugePages: (await readThpMode()) ?? null,

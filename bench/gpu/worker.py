@@ -183,6 +183,23 @@ def load_model_vmm(weights_dir):
     return model.eval(), region
 
 
+def pinned_h2d_gbps(nbytes=1 << 30, rounds=3):
+    """The best of `rounds` copies of `nbytes` from pinned host memory to the GPU (decimal GB/s): the ceiling
+    of the weights service's copies on this machine."""
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    best = 0.0
+    for _ in range(rounds):
+        torch.cuda.synchronize()
+        t = time.monotonic()
+        dev.copy_(host, non_blocking=True)
+        torch.cuda.synchronize()
+        best = max(best, nbytes / 1e9 / (time.monotonic() - t))
+    del host, dev
+    torch.cuda.empty_cache()
+    return round(best, 2)
+
+
 def load_model(weights_dir):
     cls = transformers.Qwen3ForCausalLM
     try:  # transformers 5 names it dtype; 4.x torch_dtype
@@ -608,7 +625,8 @@ def main(argv=None):
         created = ensure_weights(args.weights_dir, args.seed)
         # The paths a container of this worker must reach (bench/gpu/product.ts mounts them).
         paths = sys.path + [torch.__file__, transformers.__file__]
-        print(json.dumps({"event": "weights", "dir": args.weights_dir, "created": created, "paths": paths}), flush=True)
+        print(json.dumps({"event": "weights", "dir": args.weights_dir, "created": created, "paths": paths,
+                          "pinnedH2DGBps": pinned_h2d_gbps()}), flush=True)
         return 0
     if args.selftest:
         report = selftest(args)

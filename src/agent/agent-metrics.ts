@@ -20,6 +20,7 @@ const RESTORE_PHASES: Record<Exclude<keyof RestoreEvent['phases'], 'at'>, string
   overlayMs: 'overlay',
   criuRestoreMs: 'criu-restore',
   cudaRestoreMs: 'cuda-restore',
+  weightsWaitMs: 'weights-wait',
   weightsHandoverMs: 'weights-handover',
   totalMs: 'total',
 };

@@ -48,8 +48,8 @@ const hostProcessTree = (pid: number): Promise<number[]> => processTree('/proc',
 /** What the engine holds when the node has a usable driver. */
 export interface NodeCuda {
   api: CudaCheckpointApi;
-  /** The driver's VMM calls, for the weights service (shareable allocations, export). */
-  vmm: CudaVmm;
+  /** The driver's VMM calls, for the weights service (shareable allocations, export); absent when it lacks them. */
+  vmm?: CudaVmm;
   /** NVML, for the GPU memory of a container's processes and the driver version; absent when it did not load. */
   nvml?: Nvml;
   /** This node's GPUs as a manifest records them; undefined when the driver shows no GPU. */
@@ -79,7 +79,14 @@ export function loadNodeCuda(o: LoadNodeCudaOptions): NodeCuda | undefined {
   const facts = gpuFacts({ cuda: cuda.driver, nvml });
   const api = new CudaCheckpointApi(cuda.driver, { logger: o.logger.child({ component: 'cuda' }) });
   o.logger.info('CUDA driver loaded', { path: cuda.driver.path, cudaApiVersion: cuda.driver.driverVersion, gpus: facts?.uuids ?? [], model: facts?.model });
-  return { api, vmm: new CudaVmm(cuda.driver), facts, ...(nvml ? { nvml } : {}) };
+  let vmm: CudaVmm | undefined;
+  try {
+    vmm = new CudaVmm(cuda.driver);
+  } catch (err) {
+    // A driver without the VMM calls: checkpoints whose weights are outside them cold-start (WEIGHTS_UNAVAILABLE).
+    o.logger.warn('the CUDA driver has no VMM calls: no weights service', { error: err });
+  }
+  return { api, facts, ...(vmm ? { vmm } : {}), ...(nvml ? { nvml } : {}) };
 }
 
 /** `pids` without the agent's own pid (see the file comment). */

@@ -205,7 +205,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
       o.onRestoreEvent?.(e);
     },
     ...(cuda ? { cudaRestore: cudaRestoreStep({ node: cuda, logger }) } : {}),
-    ...(cuda ? { weights: { vmm: cuda.vmm, digests: weightsDigests, modelDirs: o.weightsModelDirs ?? [], gpuCount: cuda.facts?.uuids.length ?? 0 } } : {}),
+    ...(cuda?.vmm ? { weights: { vmm: cuda.vmm, digests: weightsDigests, modelDirs: o.weightsModelDirs ?? [], gpuCount: cuda.facts?.uuids.length ?? 0 } } : {}),
   });
   // One coordinator for the handlers: sources go to the checkpoint side, targets to the restore side.
   const coordinator: ThawCoordinator = {

@@ -73,6 +73,11 @@ export class CudaVmm {
     this.#pread = koffi.load('libc.so.6').func('pread', 'intptr_t', ['int', 'void *', 'size_t', 'int64_t']);
   }
 
+  /** The driver library's path: the weights load's reader threads load the same one. */
+  get libraryPath(): string {
+    return this.#driver.path;
+  }
+
   #check(result: number, step: string): void {
     if (result === CUDA_SUCCESS) return;
     const name = this.#driver.errorName(result);

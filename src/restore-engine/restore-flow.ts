@@ -104,13 +104,16 @@ export interface RestoreEvent {
   /** The modified pages of the worker's private file mappings, read ahead beside CRIU (restore-engine/mapped-files.ts). */
   mappedFiles?: ReadMappedResult;
   /** The weights load (docs/weights.md), when the checkpoint's weights are outside it. */
-  weights?: { bytes: number; loadMs: number; readers: number; mbPerS: number };
+  weights?: { bytes: number; loadMs: number; setupMs: number; copyMs: number; readers: number; mbPerS: number };
   phases: {
     /**
      * When things happened (epoch ms): the weights load runs beside CRIU and the CUDA restore, so its
      * start comes before criuEnd (ordering, not durations, shows the overlap).
      */
     at?: { weightsLoadStart?: number; weightsLoadEnd?: number; criuStart?: number; criuEnd?: number; cudaRestoreEnd?: number; weightsHandedOver?: number };
+    /** After the CUDA restore, waiting for the weights load to end (0 when it ended beside CRIU). */
+    weightsWaitMs?: number;
+    /** The hand-over: the worker connects, maps and answers. */
     weightsHandoverMs?: number; hookMs?: number; hookStartupMs?: number; transferMs?: number; verifyMs?: number; waitVerifyMs?: number; overlayMs?: number; criuRestoreMs?: number; cudaRestoreMs?: number; totalMs: number };
 }
 
@@ -630,10 +633,12 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
       }
 
       if (job.weights !== undefined) {
-        const t3 = performance.now();
+        const tw = performance.now();
         const loaded = await job.weights.loaded;
+        phases.weightsWaitMs = Math.round(performance.now() - tw);
+        const t3 = performance.now();
         const loadMs = (job.weights.endedAt ?? Date.now()) - job.weights.startedAt;
-        weightsInfo = { bytes: loaded.bytes, loadMs, readers: job.weights.readers, mbPerS: loadMs > 0 ? Math.round(loaded.bytes / 1e3 / loadMs) : 0 };
+        weightsInfo = { bytes: loaded.bytes, loadMs, setupMs: loaded.setupMs, copyMs: loaded.copyMs, readers: job.weights.readers, mbPerS: loadMs > 0 ? Math.round(loaded.bytes / 1e3 / loadMs) : 0 };
         await handOverWeights(tree, container.controlDir, loaded, signal);
         at.weightsHandedOver = Date.now();
         phases.weightsHandoverMs = Math.round(performance.now() - t3);

@@ -7,8 +7,8 @@
  */
 import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { constants } from 'node:fs';
-import { mkdir, mkdtemp, open, rm, writeFile } from 'node:fs/promises';
+import { constants, readSync } from 'node:fs';
+import { mkdir, mkdtemp, open, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { createInterface } from 'node:readline';
@@ -150,6 +150,40 @@ describe('weights service (fake CUDA)', () => {
     await expect(loadWeights({ regions, vmm, deviceFor: (d) => d, openSource, digests: new SourceDigests() })).rejects.toMatchObject({
       code: WeightsErrorCode.SOURCE_MISSING,
     });
+    expect(allocated()).toBe(0);
+  });
+
+  it('hashes a source inline with its first load, then loads it from its stamp in parallel chunks; the bytes either way', async () => {
+    const { lines } = startWorker();
+    expect((await lines.next()).value).toBe('released');
+    const regions = (await readWeightsFile(control))!;
+    const digests = new SourceDigests(join(dir, 'digests.json'));
+    const stampOf = async (f: string): Promise<string | undefined> => {
+      const fh = await open(f, 'r');
+      try {
+        return (await digests.stamped(fh)).sha256;
+      } finally {
+        await fh.close();
+      }
+    };
+    const stampedBefore = await Promise.all(files.map(stampOf));
+    expect(stampedBefore).toEqual([undefined, undefined]);
+    const dataOf = (f: Buffer): Buffer => f.subarray(8 + Number(f.readBigUInt64LE(0)));
+    const want = await Promise.all(files.map(async (f) => dataOf(await readFile(f))));
+    for (const round of ['inline hash', 'stamped']) {
+      const loaded = await loadWeights({ regions, vmm, deviceFor: (d) => d, openSource, digests, readers: 4, chunkBytes: MiB });
+      // The fake's shareable memory is a memfd: the exported fd reads back what the GPU holds.
+      const fds = loaded.regions[0]!.fds;
+      const got = fds.map((fd, i) => {
+        const buf = Buffer.alloc(want[i]!.length);
+        readSync(fd, buf, 0, buf.length, 0);
+        return buf;
+      });
+      expect(got.map((b, i) => b.equals(want[i]!)), round).toEqual([true, true]);
+      loaded.release();
+      const stamps = await Promise.all(files.map(stampOf));
+      expect(stamps, round).toEqual(regions[0]!.allocations.map((a) => a.source!.sha256));
+    }
     expect(allocated()).toBe(0);
   });
 

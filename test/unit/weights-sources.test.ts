@@ -11,6 +11,7 @@ import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 
 import { FsAt } from '../../src/sys/fs-at.js';
 import { sourceOpener } from '../../src/restore-engine/weights/sources.js';
+import { restoreSourceOpener } from '../../src/restore-engine/weights/service.js';
 
 describe('sourceOpener', () => {
   let dir: string;
@@ -64,5 +65,72 @@ describe('sourceOpener', () => {
   it('refuses a FIFO without blocking on it', async () => {
     const open = sourceOpener(fsAt, rootFd);
     await expect(open('/models/fifo')).rejects.toThrow(/not a regular file/);
+  });
+});
+
+/**
+ * The restore's opener (service.ts): a source on one of the target's bind mounts opens below an allowed host
+ * model dir only (the pod chose the mount; root reads through it); anything else waits for the rootfs.
+ */
+describe('restoreSourceOpener', () => {
+  let dir: string;
+  let rootFd: number;
+
+  beforeEach(async () => {
+    dir = await mkdtemp(join(tmpdir(), 'thaw-weights-mnt-'));
+    await mkdir(join(dir, 'models/qwen'), { recursive: true });
+    await mkdir(join(dir, 'other'));
+    await mkdir(join(dir, 'rootfs/opt'), { recursive: true });
+    await writeFile(join(dir, 'models/qwen/a.safetensors'), 'allowed model');
+    await writeFile(join(dir, 'other/secret'), 'host secret');
+    await writeFile(join(dir, 'rootfs/opt/b.safetensors'), 'in root');
+    await symlink(join(dir, 'other/secret'), join(dir, 'models/qwen/link'));
+    rootFd = openSync(join(dir, 'rootfs'), constants.O_RDONLY | constants.O_DIRECTORY);
+  });
+
+  afterEach(async () => {
+    closeSync(rootFd);
+    await rm(dir, { recursive: true, force: true });
+  });
+
+  async function contents(file: { read: (b: Buffer, o: number, l: number, p: number) => Promise<{ bytesRead: number }>; close: () => Promise<void> }): Promise<string> {
+    const buf = Buffer.alloc(64);
+    const { bytesRead } = await file.read(buf, 0, 64, 0);
+    await file.close();
+    return buf.subarray(0, bytesRead).toString();
+  }
+
+  it('opens a mounted source below an allowed dir at once, and a rootfs source once the root is there', async () => {
+    let giveRoot: (fd: number) => void = () => undefined;
+    const rootReady = new Promise<number>((r) => (giveRoot = r));
+    const o = restoreSourceOpener({ mounts: [{ destination: '/weights', source: join(dir, 'models/qwen') }], modelDirs: [join(dir, 'models')], rootReady });
+    try {
+      expect(await contents(await o.open('/weights/a.safetensors'))).toBe('allowed model');
+      const inRoot = o.open('/opt/b.safetensors');
+      giveRoot(rootFd);
+      expect(await contents(await inRoot)).toBe('in root');
+    } finally {
+      o.close();
+    }
+  });
+
+  it('never reads through a mount outside the allowed dirs, a link below one, or a source path that climbs out', async () => {
+    const o = restoreSourceOpener({
+      mounts: [
+        { destination: '/weights', source: join(dir, 'models/qwen') },
+        { destination: '/etc-host', source: join(dir, 'other') },
+        { destination: '/sneaky', source: `${join(dir, 'models')}/../other` },
+      ],
+      modelDirs: [join(dir, 'models')],
+      rootReady: Promise.resolve(rootFd),
+    });
+    try {
+      for (const p of ['/etc-host/secret', '/sneaky/secret', '/weights/link', '/weights/../etc-host/secret']) {
+        const got = await o.open(p).then(contents, () => 'refused');
+        expect(got, p).toBe('refused');
+      }
+    } finally {
+      o.close();
+    }
   });
 });

@@ -1,8 +1,11 @@
 /**
  * The weights load of a restore: every "file" allocation of the checkpoint's weights regions is read from
- * its source (several readers in parallel, each through its own pinned host buffer) into a GPU allocation
- * made with a POSIX-fd shareable handle, and exported as an fd for the worker (handover.ts). It runs while
- * CRIU and the CUDA restore run; the worker maps the fds at its recorded addresses after restore-complete.
+ * its source into a GPU allocation made with a POSIX-fd shareable handle, and exported as an fd for the
+ * worker (handover.ts). It runs while CRIU and the CUDA restore run; the worker maps the fds at its
+ * recorded addresses. The reads, hashes and copies run on reader threads (copy-pool.ts), each with its own
+ * pinned buffer, never on the event loop. A source whose digest this node stamped (SourceDigests, by file
+ * identity) is split into chunks that every reader takes in parallel; one not hashed here yet is read by
+ * one reader in order and hashed inline with the copy (its bytes are read once, not once more to hash).
  *
  * All or nothing: a source missing, of another size or another sha256, a CUDA call that fails, a GPU whose
  * granularity differs - the load rejects with its WeightsError and everything it made is released (no fd,
@@ -11,11 +14,12 @@
  */
 import { closeSync } from 'node:fs';
 
-import type { CudaVmm, CuU64, HostPointer } from '../../cuda/index.js';
+import type { CudaVmm, CuU64 } from '../../cuda/index.js';
+import { CopyTaskError, startCopyPool, type CopyPool, type CopySegment } from './copy-pool.js';
 import { WeightsError, WeightsErrorCode } from './errors.js';
 import type { HandoverRegion } from './handover.js';
-import type { WeightsRegionSpec, WeightsSource } from './regions-file.js';
-import type { SourceDigests } from './source-digests.js';
+import type { WeightsRegionSpec } from './regions-file.js';
+import type { DigestSource, SourceDigests } from './source-digests.js';
 import type { SourceFile } from './sources.js';
 
 /** What openSource gives: a OpenedSource or a SourceFile (sources.ts, opened inside the rootfs). */
@@ -43,16 +47,12 @@ export interface LoadedWeights {
   /** One entry per region, fds in allocation order (file allocations only). */
   regions: HandoverRegion[];
   bytes: number;
+  /** The read/hash/copy phase alone (after the allocations were made; the reader threads' start included). */
+  copyMs: number;
+  /** Opening, checking and allocating before it (cuMemCreate of every allocation). */
+  setupMs: number;
   /** Closes the fds and releases the allocations (after the handover, or to abandon it). Idempotent. */
   release(): void;
-}
-
-interface Job {
-  source: WeightsSource;
-  fh: OpenedSource;
-  va: CuU64;
-  from: number;
-  length: number;
 }
 
 interface Made {
@@ -69,7 +69,7 @@ export async function loadWeights(options: LoadWeightsOptions): Promise<LoadedWe
   const readers = Math.max(1, options.readers ?? WEIGHTS_READERS_DEFAULT);
   const chunk = Math.max(1 << 20, options.chunkBytes ?? WEIGHTS_CHUNK_BYTES_DEFAULT);
   const made: Made[] = [];
-  const hosts: HostPointer[] = [];
+  let pool: CopyPool | undefined;
   let released = false;
   const releaseAll = (): void => {
     if (released) return;
@@ -84,28 +84,27 @@ export async function loadWeights(options: LoadWeightsOptions): Promise<LoadedWe
         // best effort: a failure here leaves GPU memory to the driver's process teardown
       }
     }
-    for (const h of hosts) {
-      try {
-        vmm.freeHost(h);
-      } catch {
-        // as above
-      }
-    }
   };
   const closeFiles = async (): Promise<void> => {
     await Promise.all(made.map((m) => m.fh?.close().catch(() => undefined)));
   };
+  const t0 = performance.now();
+  let copyMs = 0;
   try {
-    const jobs: Job[] = [];
-    const verifies: Array<Promise<void>> = [];
+    const tasks: Array<() => Promise<void>> = [];
     const out: HandoverRegion[] = [];
     let bytes = 0;
+    let device: number | undefined;
     for (const region of options.regions) {
-      const device = options.deviceFor(region.device);
-      vmm.useDevice(device);
-      const granularity = vmm.granularity(device);
+      const dev = options.deviceFor(region.device);
+      if (device !== undefined && dev !== device) {
+        throw new WeightsError(WeightsErrorCode.GPU_MISMATCH, 'weights regions on more than one GPU are not loaded yet', { step: 'check the GPU', evidence: { devices: [device, dev] } });
+      }
+      device = dev;
+      vmm.useDevice(dev);
+      const granularity = vmm.granularity(dev);
       if (region.size % granularity !== 0 || region.allocations.some((a) => a.offset % granularity !== 0 || a.size % granularity !== 0)) {
-        throw new WeightsError(WeightsErrorCode.GPU_MISMATCH, `GPU ${device} allocates in ${granularity}-byte granules; the region does not fit them`, {
+        throw new WeightsError(WeightsErrorCode.GPU_MISMATCH, `GPU ${dev} allocates in ${granularity}-byte granules; the region does not fit them`, {
           step: 'check the GPU',
           evidence: { region: region.name, granularity, recorded: region.granularity },
         });
@@ -129,54 +128,62 @@ export async function loadWeights(options: LoadWeightsOptions): Promise<LoadedWe
             evidence: { path: src.path, size: st.size, recorded: src.fileSize },
           });
         }
-        m.handle = vmm.createShareable(device, alloc.size);
+        m.handle = vmm.createShareable(dev, alloc.size);
         m.va = vmm.reserve(alloc.size);
-        vmm.map(m.va, alloc.size, m.handle, device);
+        vmm.map(m.va, alloc.size, m.handle, dev);
         m.mapped = true;
         if (src.length < alloc.size) vmm.memset(addVa(m.va, src.length), 0, alloc.size - src.length);
-        for (let from = 0; from < src.length; from += chunk) {
-          jobs.push({ source: src, fh, va: m.va, from, length: Math.min(chunk, src.length - from) });
+        const base = BigInt(m.va);
+        const changed = (sha: string): WeightsError =>
+          new WeightsError(WeightsErrorCode.SOURCE_CHANGED, `${src.path} has another sha256 than the checkpoint recorded`, {
+            step: 'check a weights source',
+            evidence: { path: src.path, sha256: sha, recorded: src.sha256 },
+          });
+        const known = await digests.stamped(fh as DigestSource);
+        if (known.sha256 !== undefined) {
+          // Hashed on this node before and unchanged since: the chunks go to every reader in parallel.
+          if (known.sha256 !== src.sha256) throw changed(known.sha256);
+          for (let from = 0; from < src.length; from += chunk) {
+            const length = Math.min(chunk, src.length - from);
+            const segment: CopySegment = { from: src.fileOffset + from, length, va: `0x${(base + BigInt(from)).toString(16)}` };
+            tasks.push(async () => void (await pool!.run({ fd: fh.fd, segments: [segment], hash: false })));
+          }
+        } else {
+          // Not hashed here yet: one reader takes the file in order and hashes it inline with the copy (the head
+          // before the range and the tail after it are read for the hash only).
+          const segments: CopySegment[] = [{ from: 0, length: src.fileOffset, va: null }];
+          for (let from = 0; from < src.length; from += chunk) segments.push({ from: src.fileOffset + from, length: Math.min(chunk, src.length - from), va: `0x${(base + BigInt(from)).toString(16)}` });
+          const end = src.fileOffset + src.length;
+          if (end < src.fileSize) segments.push({ from: end, length: src.fileSize - end, va: null });
+          tasks.push(async () => {
+            const r = await pool!.run({ fd: fh.fd, segments: segments.filter((x) => x.length > 0), hash: true });
+            if (r.sha256 !== src.sha256) throw changed(r.sha256 ?? '');
+            await digests.stamp(fh as DigestSource, known.identity, r.sha256);
+          });
         }
-        verifies.push(
-          digests.digest(fh).then((sha) => {
-            if (sha !== src.sha256) {
-              throw new WeightsError(WeightsErrorCode.SOURCE_CHANGED, `${src.path} has another sha256 than the checkpoint recorded`, {
-                step: 'check a weights source',
-                evidence: { path: src.path, sha256: sha, recorded: src.sha256 },
-              });
-            }
-          }),
-        );
         bytes += src.length;
         regionFds.push(-1);
       }
       out.push({ name: region.name, fds: regionFds });
     }
-    // The readers share one queue of chunks over all files; each owns one pinned buffer.
-    let next = 0;
-    const reader = async (): Promise<void> => {
-      const host = vmm.hostAlloc(chunk);
-      hosts.push(host);
-      for (;;) {
+    const t1 = performance.now();
+    if (tasks.length > 0) {
+      options.signal?.throwIfAborted();
+      pool = await startCopyPool({ libcudaPath: vmm.libraryPath, device: device ?? 0, threads: Math.min(readers, tasks.length), chunkBytes: chunk });
+      const onAbort = (): void => void pool?.close();
+      options.signal?.addEventListener('abort', onAbort, { once: true });
+      try {
+        const settled = await Promise.allSettled(tasks.map((t) => t()));
         options.signal?.throwIfAborted();
-        const job = jobs[next++];
-        if (!job) return;
-        let got = 0;
-        while (got < job.length) {
-          const n = await vmm.preadInto(job.fh.fd, host, job.length - got, job.source.fileOffset + job.from + got);
-          if (n === 0) {
-            throw new WeightsError(WeightsErrorCode.SOURCE_CHANGED, `${job.source.path} ended early`, { step: 'read a weights source', evidence: { path: job.source.path } });
-          }
-          // pread into the buffer's start each time: a short read is copied before the next one.
-          vmm.copyHtoD(addVa(job.va, job.from + got), host, n);
-          got += n;
-        }
+        const failed = settled.find((s): s is PromiseRejectedResult => s.status === 'rejected');
+        if (failed) throw readerError(failed.reason);
+      } finally {
+        options.signal?.removeEventListener('abort', onAbort);
+        await pool.close();
       }
-    };
-    const settled = await Promise.allSettled([...Array.from({ length: Math.min(readers, Math.max(1, jobs.length)) }, reader), ...verifies]);
-    const failed = settled.find((s): s is PromiseRejectedResult => s.status === 'rejected');
-    if (failed) throw failed.reason instanceof WeightsError ? failed.reason : cudaError(failed.reason);
+    }
     vmm.synchronize();
+    copyMs = performance.now() - t1;
     // Export, then drop the agent's own mappings: the worker maps the memory at its VA.
     let i = 0;
     for (const r of out) {
@@ -191,14 +198,23 @@ export async function loadWeights(options: LoadWeightsOptions): Promise<LoadedWe
         m.va = undefined;
       }
     }
-    for (const h of hosts.splice(0)) vmm.freeHost(h);
     await closeFiles();
-    return { regions: out, bytes, release: releaseAll };
+    return { regions: out, bytes, copyMs: Math.round(copyMs), setupMs: Math.round(t1 - t0), release: releaseAll };
   } catch (err) {
+    await pool?.close().catch(() => undefined);
     await closeFiles();
     releaseAll();
     throw err instanceof WeightsError ? err : cudaError(err);
   }
+}
+
+/** A reader's failure as the load reports it: a file of another length is a changed source. */
+function readerError(err: unknown): WeightsError {
+  if (err instanceof WeightsError) return err;
+  if (err instanceof CopyTaskError && err.ended) {
+    return new WeightsError(WeightsErrorCode.SOURCE_CHANGED, `a weights source is not the recorded length: ${err.message}`, { step: 'read a weights source', cause: err });
+  }
+  return cudaError(err);
 }
 
 function cudaError(err: unknown): WeightsError {

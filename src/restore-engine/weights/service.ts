@@ -84,10 +84,12 @@ export async function recordWeights(o: RecordWeightsOptions): Promise<ManifestWe
   const fsAt = o.fsAt ?? FsAt.load();
   const rootFd = openContainerRoot(o.pid, o.procRoot);
   try {
-    for (const region of regions) {
-      for (const alloc of region.allocations) {
-        const src = alloc.source;
-        if (alloc.kind !== 'file' || !src) continue;
+    // Every source at once: each is hashed on its own thread (only the first time on this node: stamped after).
+    const checks = regions.flatMap((region) =>
+      region.allocations.flatMap((alloc) => (alloc.kind === 'file' && alloc.source ? [alloc.source] : [])),
+    );
+    const settled = await Promise.allSettled(
+      checks.map(async (src) => {
         let file: SourceFile;
         try {
           file = new SourceFile(fsAt.openInRoot(rootFd, src.path, O_RDONLY | O_NONBLOCK));
@@ -112,8 +114,10 @@ export async function recordWeights(o: RecordWeightsOptions): Promise<ManifestWe
         } finally {
           await file.close().catch(() => undefined);
         }
-      }
-    }
+      }),
+    );
+    const failed = settled.find((x): x is PromiseRejectedResult => x.status === 'rejected');
+    if (failed) throw failed.reason;
   } finally {
     closeSync(rootFd);
   }
