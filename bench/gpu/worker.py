@@ -139,10 +139,12 @@ def ensure_weights(weights_dir, seed):
     with torch.device("cuda"):
         model = transformers.Qwen3ForCausalLM(qwen3_config()).to(torch.bfloat16)
     tmp = weights_dir + ".tmp-%d" % os.getpid()
+    # Shards of at most 5 GB, as the published Qwen3 checkpoints are (Qwen3-8B: 5 files, 14B: 8): a node hashes and
+    # reads each file on a stream of its own, so one 16 GB file would measure a layout no model ships in.
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size="5GB")
     except TypeError:  # versions where safetensors is the only format
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, max_shard_size="5GB")
     os.rename(tmp, weights_dir)
     del model
     torch.cuda.empty_cache()
