@@ -16,7 +16,7 @@ import { CHECKPOINT_ENV, CONTROL_DIR_ENV, CONTROL_DIR_MOUNT_PATH, LEGACY_CONTROL
 import type { Container, PodSandbox } from '../nri-plugin/index.js';
 import { supportsArgs } from '../nri-plugin/index.js';
 import { createControlDir } from '../sdk/index.js';
-import type { LocalStore, OpenedCheckpoint, ReleaseLease } from '../store/index.js';
+import type { LocalStore, OpenedCheckpoint, ReleaseLease, RestoreFailure } from '../store/index.js';
 import { DELETED_FILES_FILE_NAME, ROOTFS_DIFF_FILE_NAME, type Manifest } from '../store/index.js';
 import { StoreErrorCode } from '../store/index.js';
 import { checkCompatibility, isRestorable, type GpuConstraints, type NodeFacts } from '../store/index.js';
@@ -169,6 +169,20 @@ async function adjustWith(
     return coldStart(scope, RestoreErrorCode.INCOMPATIBLE, 'the checkpoint does not match this node or container', pod, container, ctx, {
       checkpoint: checkpointName,
       mismatches,
+    });
+  }
+  // One small read (ENOENT when nothing failed): a checkpoint whose restore failed here because of the checkpoint
+  // is not applied again (restore-flow's CHECKPOINT_FAULT_CAUSES; store/restore-failures.ts).
+  let failedBefore: RestoreFailure | undefined;
+  try {
+    failedBefore = await r.store.restoreFailure(checkpoint.name, checkpoint.manifest);
+  } catch (err) {
+    ctx.logger.warn('thaw: cannot read the restore-failure mark; restoring', { checkpoint: checkpoint.name, error: errorMessage(err) });
+  }
+  if (failedBefore !== undefined) {
+    return coldStart(scope, RestoreErrorCode.CHECKPOINT_FAILED_BEFORE, `a restore of this checkpoint failed on this node before (${failedBefore.cause}); \`thaw clear-failure ${checkpoint.name}\` lets pods restore from it again`, pod, container, ctx, {
+      checkpoint: checkpoint.name,
+      failure: { cause: failedBefore.cause, at: failedBefore.at, containerId: failedBefore.containerId, pod: failedBefore.pod, id: failedBefore.manifestId },
     });
   }
   const args = container.args ?? [];

@@ -21,13 +21,20 @@ export function formatMs(ms: number): string {
 export function renderList(checkpoints: readonly CheckpointSummaryMsg[]): string {
   if (checkpoints.length === 0) return 'no checkpoints';
   return renderTable(
-    ['NAME', 'CREATED', 'SIZE', 'GPU', 'IN USE', 'IMAGE'],
+    ['NAME', 'CREATED', 'SIZE', 'GPU', 'IN USE', 'RESTORE', 'IMAGE'],
     checkpoints.map((c) =>
       c.problem
-        ? [c.name, '-', '-', '-', c.in_use ? 'yes' : 'no', `BROKEN: ${c.problem}`]
-        : [c.name, c.created_at.replace(/\.\d+Z$/, 'Z'), formatBytes(c.bytes), c.gpu ? 'yes' : 'no', c.in_use ? 'yes' : 'no', c.image],
+        ? [c.name, '-', '-', '-', c.in_use ? 'yes' : 'no', '-', `BROKEN: ${c.problem}`]
+        : [c.name, c.created_at.replace(/\.\d+Z$/, 'Z'), formatBytes(c.bytes), c.gpu ? 'yes' : 'no', c.in_use ? 'yes' : 'no', restoreColumn(c), c.image],
     ),
   );
+}
+
+/** "ok", or the cause of the restore failure that marks the checkpoint on this node (thaw clear-failure). */
+function restoreColumn(c: CheckpointSummaryMsg): string {
+  if (!c.restore_failure_json) return 'ok';
+  const f = JSON.parse(c.restore_failure_json) as { cause?: string };
+  return `FAILED ${f.cause ?? ''}`.trim();
 }
 
 export function renderInspect(r: InspectCheckpointResponseMsg): string {
@@ -46,6 +53,10 @@ export function renderInspect(r: InspectCheckpointResponseMsg): string {
     `in use:      ${s.in_use ? 'yes (a restore reads it)' : 'no'}`,
     `restorable here: ${r.restorable ? 'yes' : 'no'}`,
   ];
+  if (s.restore_failure_json) {
+    const f = JSON.parse(s.restore_failure_json) as { cause?: string; reason?: string; at?: string; pod?: string };
+    lines.push(`restore failed here: ${f.cause} at ${f.at} (pod ${f.pod}): ${f.reason}; pods cold-start until \`thaw clear-failure ${s.name}\``);
+  }
   for (const x of r.mismatches) lines.push(`  ${x.severity === 'fatal' ? 'FATAL' : 'warning'} ${x.what}: checkpoint ${x.expected}, this node ${x.actual}`);
   return lines.join('\n');
 }

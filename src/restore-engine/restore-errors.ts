@@ -14,6 +14,13 @@ export const RestoreErrorCode = {
    * OCI_* or STORE_* error with its evidence).
    */
   PULL_FAILED: 'RESTORE_PULL_FAILED',
+  /**
+   * A restore of this very checkpoint (name and manifest digest) failed on this node before, because of the
+   * checkpoint (CRIU, its credentials, its rootfs diff: CHECKPOINT_FAULT_CAUSES in restore-flow.ts), and the
+   * failure was recorded in the store: decided at CreateContainer, nothing is applied. Replacing the checkpoint
+   * or `thaw clear-failure <name>` lets pods restore from it again.
+   */
+  CHECKPOINT_FAILED_BEFORE: 'RESTORE_CHECKPOINT_FAILED_BEFORE',
   /** The checkpoint does not match its manifest (sha256, size, extra or missing files) or cannot be read. */
   CHECKPOINT_CORRUPT: 'RESTORE_CHECKPOINT_CORRUPT',
   /** The manifest's constraints do not match this node or container (arch, image, command, args, container). */

@@ -107,7 +107,30 @@ export interface HookRecords {
 }
 
 /** The store as the flow uses it. */
-export type RestoreStore = Pick<LocalStore, 'acquireLease' | 'verify'>;
+export type RestoreStore = Pick<LocalStore, 'acquireLease' | 'verify' | 'recordRestoreFailure'>;
+
+/**
+ * Fallback causes that say the checkpoint itself cannot be restored here: after one, the checkpoint is marked
+ * failed in the store (LocalStore.recordRestoreFailure) and the next pod naming it cold-starts at once
+ * (RESTORE_CHECKPOINT_FAILED_BEFORE) instead of applying the same diff and running the same CRIU again. Not
+ * here: causes of the target or the moment (the container gone, the agent stopping or restarted, a time limit,
+ * its cgroups, mounts or spec, the overlay) and a checkpoint whose files do not match their digests (verify
+ * refuses it on every attempt before CRIU, and a repaired copy of the same manifest must restore again).
+ */
+export const CHECKPOINT_FAULT_CAUSES: ReadonlySet<string> = new Set([
+  RestoreErrorCode.CRIU,
+  RestoreErrorCode.CREDENTIALS_EXCEED_SPEC,
+  RestoreErrorCode.ADOPT,
+  RestoreErrorCode.DEVICES,
+]);
+/** The create-runtime hook's codes that are the checkpoint's rootfs diff refused or failing to apply. */
+export const CHECKPOINT_FAULT_HOOK_CODES: ReadonlySet<string> = new Set(['HOOK_ROOTFS_DIFF_FAILED']);
+
+/** Whether a fallback with `cause` (and this hook outcome) marks the checkpoint failed on this node. */
+export function isCheckpointFault(cause: string, hook: HookOutcomeView): boolean {
+  if (CHECKPOINT_FAULT_CAUSES.has(cause)) return true;
+  return cause === RestoreErrorCode.HOOK_FAILED && hook.kind === 'failed' && CHECKPOINT_FAULT_HOOK_CODES.has(hook.record.code);
+}
 
 /** Where each fallback is counted, by cause (the agent's ThawNriStats). */
 export interface FallbackCounter {
@@ -336,6 +359,23 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
     o.onEvent?.(e);
   }
 
+  /** Records that this checkpoint (this manifest) failed here; a failure to record is logged, never thrown. */
+  async function markCheckpointFailed(job: RestoreJob, cause: string, reason: string): Promise<void> {
+    const c = job.container;
+    try {
+      const failure = await o.store.recordRestoreFailure(job.checkpoint, { cause, reason, containerId: c.containerId, pod: `${c.podNamespace}/${c.podName}` });
+      logger.warn('checkpoint marked failed on this node: pods naming it cold-start until it is replaced or `thaw clear-failure` clears the mark', {
+        checkpoint: failure.name,
+        id: failure.manifestId,
+        manifestDigest: failure.manifestDigest,
+        cause,
+        containerId: c.containerId,
+      });
+    } catch (err) {
+      logger.error('cannot mark the checkpoint failed', { checkpoint: job.checkpoint.name, cause, error: errorMessage(err) });
+    }
+  }
+
   /**
    * Beside CRIU, not before it: the worker's file pages CRIU will fault in, read in parallel through the
    * container's root (where CRIU opens them), the checkpoint prefetch held back meanwhile. stop() when CRIU is
@@ -527,6 +567,8 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
       const cause = isThawError(err) ? err.code : RestoreErrorCode.INTERNAL;
       const reason = errorMessage(err);
       holding?.stop(); // the fallback's SIGUSR2 is the last word
+      // Before the fallback's event: a pod created right after it already finds the mark.
+      if (isCheckpointFault(cause, hook)) await markCheckpointFailed(job, cause, reason);
       await fallBackToColdStart({
         container,
         pid,

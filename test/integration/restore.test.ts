@@ -475,9 +475,36 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
       });
       // CRIU's own words reach the event (and the log line behind it).
       expect(ev?.reason).toMatch(/Can't read pages data/);
+      // The checkpoint is marked failed on this node, for this manifest.
+      const mark = await store.restoreFailure(CHECKPOINT, opened.manifest);
+      expect(mark, 'the restore-failure mark').toMatchObject({ name: CHECKPOINT, cause: 'RESTORE_CRIU', containerId: ev?.containerId, manifestId: opened.manifest.id });
+      // The next pod naming it cold-starts at once (decided at CreateContainer: no diff applied, no CRIU), even with
+      // the checkpoint whole again and no fault injected.
+      beforeCriu = undefined;
+      await rename(`${file}.aside`, file);
+      const eventsBefore = events.length;
+      await expectColdStart('rst-criu-failed-before', CHECKPOINT, 'RESTORE_CHECKPOINT_FAILED_BEFORE', false, {
+        coldStarted: async (containerId) => {
+          const probe = await handle.stack.cri.execSync(containerId, ['/bin/sh', '-c', 'cat /tmp/thaw-diff-probe; ls -a /; env'], 10);
+          expect(probe.stdout).not.toMatch(/from-source/);
+          expect(probe.stdout).not.toMatch(/SNAPSHOT_CONTROL_DIR/); // not adjusted at all
+        },
+      });
+      expect(events.slice(eventsBefore).some((e) => e.pod.endsWith('/rst-criu-failed-before'))).toBe(false);
+      expect(stats.restoreFallbacksAtCreate.get('RESTORE_CHECKPOINT_FAILED_BEFORE')).toBeGreaterThanOrEqual(1);
+      // Cleared by the operator (the API's ClearRestoreFailure): the next pod restores again.
+      expect(await store.clearRestoreFailure(CHECKPOINT)).toBe(true);
+      const { pod } = await runTarget('rst-criu-cleared', CHECKPOINT);
+      try {
+        const again = await waitFor(() => events.slice(eventsBefore).find((e) => e.containerId === pod.containerId), 'the restore event after the clear', 120_000, 50);
+        expect(again, JSON.stringify(again)).toMatchObject({ outcome: 'restored' });
+      } finally {
+        await handle.stack.cri.removePod(pod.podId);
+      }
     } finally {
       beforeCriu = undefined;
       if (existsSync(`${file}.aside`)) await rename(`${file}.aside`, file);
+      await store.clearRestoreFailure(CHECKPOINT);
     }
   }, TEST_TIMEOUT_MS);
 
@@ -500,10 +527,13 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
     try {
       const ev = await expectColdStart('rst-hook-fail', CHECKPOINT, 'RESTORE_HOOK_FAILED', true);
       expect(ev?.reason).toMatch(/HOOK_ROOTFS_DIFF_FAILED/);
+      // A diff the hook refuses marks that checkpoint (the edited manifest) failed, not the original one.
+      expect(await store.restoreFailure(CHECKPOINT, (await store.open(CHECKPOINT)).manifest)).toMatchObject({ cause: 'RESTORE_HOOK_FAILED' });
     } finally {
       await writeFile(tarFile, original);
       await writeFile(opened.paths.manifest, originalManifest);
     }
+    expect(await store.restoreFailure(CHECKPOINT, (await store.open(CHECKPOINT)).manifest)).toBeUndefined();
   }, TEST_TIMEOUT_MS);
 
   it('a name that tries to escape the store is rejected by the policy: cold start', async () => {

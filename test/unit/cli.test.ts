@@ -119,13 +119,15 @@ describe('human output', () => {
     expect(table(['A', 'BB'], [['xxx', 'y'], ['z', '']])).toBe('A    BB\nxxx  y\nz');
   });
 
-  it('lists checkpoints, broken ones with their problem', () => {
-    const base = { id: 'id1', created_at: '2026-01-02T03:04:05.678Z', bytes: 2048, files: 3, image: 'img:1', source_pod: 'ns/p', gpu: false, in_use: true, problem: '' };
-    expect(renderList([{ ...base, name: 'good' }, { ...base, name: 'bad', problem: 'STORE_MANIFEST_INVALID: no manifest' }])).toBe(
+  it('lists checkpoints, broken ones with their problem, failed ones with their cause', () => {
+    const base = { id: 'id1', created_at: '2026-01-02T03:04:05.678Z', bytes: 2048, files: 3, image: 'img:1', source_pod: 'ns/p', gpu: false, in_use: true, problem: '', restore_failure_json: '' };
+    const failed = JSON.stringify({ cause: 'RESTORE_CRIU', reason: 'boom', at: '2026-01-02T03:04:06Z', pod: 'ns/q', containerId: 'c1' });
+    expect(renderList([{ ...base, name: 'good' }, { ...base, name: 'bad', problem: 'STORE_MANIFEST_INVALID: no manifest' }, { ...base, name: 'fail', in_use: false, restore_failure_json: failed }])).toBe(
       [
-        'NAME  CREATED               SIZE     GPU  IN USE  IMAGE',
-        'good  2026-01-02T03:04:05Z  2.0 KiB  no   yes     img:1',
-        'bad   -                     -        -    yes     BROKEN: STORE_MANIFEST_INVALID: no manifest',
+        'NAME  CREATED               SIZE     GPU  IN USE  RESTORE              IMAGE',
+        'good  2026-01-02T03:04:05Z  2.0 KiB  no   yes     ok                   img:1',
+        'bad   -                     -        -    yes     -                    BROKEN: STORE_MANIFEST_INVALID: no manifest',
+        'fail  2026-01-02T03:04:05Z  2.0 KiB  no   no      FAILED RESTORE_CRIU  img:1',
       ].join('\n'),
     );
     expect(renderList([])).toBe('no checkpoints');
