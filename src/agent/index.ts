@@ -3,3 +3,4 @@ export { agentLogger, describeStartFailure, runAgent } from './agent.js';
 export { type CheckpointProgressMsg, type CheckpointRequestMsg, type CheckpointSummaryMsg, type InspectCheckpointResponseMsg, loadAgentService, type StatusResponseMsg, THAW_CODE_METADATA_KEY, type VersionResponseMsg } from './api-proto.js';
 export { type AgentConfig, CONFIG_KEYS, ConfigError, ConfigErrorCode, configFlagOptions, DEFAULT_CONFIG_PATH, flagNameOf, resolveAgentConfig } from './config.js';
 export { loadRegistryConfig } from './registry-config.js';
+export { HOST_HELPERS } from './restore-tools.js';

@@ -300,6 +300,8 @@ describe.each(flavorsUnderTest())('thaw agent and CLI on containerd %s', (flavor
     expect(status('kernel.cgroup2')).toBe(cgroup2 ? 'pass' : 'warn');
     expect(status('kernel.thp')).toBe(thp === 'always' ? 'pass' : 'warn');
     expect(status('host.setpriv')).toBe(existsSync('/usr/bin/setpriv') ? 'pass' : 'warn');
+    // The host helpers of the restore chain and the hook, checked as host binaries only root can replace.
+    for (const h of ['nsenter', 'unshare', 'sh', 'mount', 'umount']) expect([h, status(`host.${h}`)]).toEqual([h, 'pass']);
     expect(report.checks.find((c) => c.id === 'containerd.version')?.detail).toBe(`containerd ${containerdVersion.split(/\s+/)[2]}`);
     expect(status('containerd.nri-args')).toBe('warn'); // 1.7 and 2.1 both predate NRI args (2.2)
     expect(status('containerd.nri')).toBe('pass');

@@ -1,11 +1,13 @@
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { execFileSync } from 'node:child_process';
+import { chmod, chown, copyFile, mkdir, mkdtemp, rm, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { apiSocketOf, COMMANDS, parseCommandLine, parseTarget, UsageError } from '../../src/cli/args.js';
 import { exitCodeOf } from '../../src/cli/client.js';
-import { containerdVersionOf, renderDoctor, thpCheck } from '../../src/cli/doctor.js';
+import { containerdVersionOf, hostBinaryProblem, hostHelperChecks, renderDoctor, thpCheck } from '../../src/cli/doctor.js';
+import { HOST_HELPERS } from '../../src/agent/index.js';
 import { parseThpMode } from '../../src/sys/host-facts.js';
 import { ExitCode } from '../../src/cli/exit-codes.js';
 import { runCli, type CliIo } from '../../src/cli/main.js';
@@ -149,6 +151,51 @@ describe('human output', () => {
       const c = thpCheck(mode);
       expect([c.status, c.detail.startsWith(mode ?? 'no /sys/kernel/mm/transparent_hugepage/enabled')]).toEqual(['warn', true]);
       expect(c.fix).toMatch(/echo always > \/sys\/kernel\/mm\/transparent_hugepage\/enabled/);
+    }
+  });
+
+  it('checks that the host helpers thaw runs as root (nsenter, unshare, setpriv, sh, mount, umount) are host binaries only root can replace', async () => {
+    expect(HOST_HELPERS.map((h) => h.path)).toEqual(['/usr/bin/nsenter', '/usr/bin/unshare', '/bin/sh', '/usr/bin/mount', '/usr/bin/umount', '/usr/bin/setpriv']);
+    // This machine's own: util-linux's binaries in root-owned directories (/bin/sh a symlink to dash).
+    for (const h of HOST_HELPERS) expect(await hostBinaryProblem(h.path), h.path).toBeUndefined();
+    const checks = await hostHelperChecks();
+    expect(checks.map((c) => [c.id, c.status])).toEqual(HOST_HELPERS.map((h) => [`host.${h.name}`, 'pass']));
+
+    // Each way a path is not one: a temp tree whose root is a root-only directory (/tmp itself is 1777).
+    const top = await mkdtemp(join(tmpdir(), 'thaw-doctor-bin-'));
+    try {
+      const elf = join(top, 'elf');
+      await copyFile('/usr/bin/nsenter', elf);
+      await chmod(elf, 0o755);
+      const problems = async (setup: (p: string) => Promise<void>, name: string): Promise<string | undefined> => {
+        const p = join(top, name);
+        await setup(p);
+        return hostBinaryProblem(p);
+      };
+      expect(await hostBinaryProblem(join(top, 'missing'))).toBe(`${join(top, 'missing')} does not exist`);
+      expect(await problems(async (p) => { await copyFile(elf, p); await chmod(p, 0o757); }, 'world-writable')).toMatch(/is writable by group or others \(mode 0757\)$/);
+      expect(await problems(async (p) => { await copyFile(elf, p); await chown(p, 1000, 0); }, 'foreign-owner')).toMatch(/is owned by uid 1000, not root$/);
+      expect(await problems(async (p) => { await writeFile(p, '#!/bin/sh\necho shadow\n', { mode: 0o755 }); }, 'script')).toMatch(/is not an ELF binary/);
+      expect(await problems(async (p) => { await copyFile(elf, p); await chmod(p, 0o644); }, 'not-exec')).toMatch(/is not executable$/);
+      expect(await problems(async (p) => { execFileSync('mkfifo', [p]); }, 'fifo')).toMatch(/is not a regular file$/);
+      expect(await problems(async (p) => { await mkdir(p); }, 'dir')).toMatch(/is not a regular file$/);
+      // A symlink is followed as exec follows it (/bin/sh -> dash above passes): the file it names is judged, and
+      // the directories of the link as well as of its target.
+      expect(await problems(async (p) => symlink(join(top, 'script'), p), 'link-to-script')).toMatch(new RegExp(`link-to-script \\(${join(top, 'script')}\\) is not an ELF binary`));
+      expect(await problems(async (p) => symlink('/usr/bin/nsenter', p), 'link-to-host')).toMatch(new RegExp(`link-to-host \\(/usr/bin/nsenter\\): its directory ${tmpdir()} is owned by uid 0 with mode 1777`));
+      // A good file in a directory others may write to (here /tmp, 1777, above the tree).
+      expect(await hostBinaryProblem(elf)).toMatch(new RegExp(`its directory ${tmpdir()} is owned by uid 0 with mode 1777`));
+      // A required helper missing fails; setpriv missing only warns; present but unsafe fails either way.
+      const custom = await hostHelperChecks([
+        { name: 'nsenter', path: join(top, 'missing'), required: true, role: 'r' },
+        { name: 'setpriv', path: join(top, 'missing'), required: false, role: 'r' },
+        { name: 'unshare', path: join(top, 'script'), required: false, role: 'r' },
+      ]);
+      expect(custom.map((c) => [c.id, c.status])).toEqual([['host.nsenter', 'fail'], ['host.setpriv', 'warn'], ['host.unshare', 'fail']]);
+      for (const c of custom) expect(c.fix).toBeTruthy();
+      expect(custom[0]?.fix).toBe(`install nsenter at ${join(top, 'missing')} from the distribution (util-linux)`);
+    } finally {
+      await rm(top, { recursive: true, force: true });
     }
   });
 
