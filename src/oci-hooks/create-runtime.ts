@@ -222,7 +222,7 @@ export async function runCreateRuntime(state: OciState, o: CreateRuntimeOptions)
     await writeHookDone(o.controlDir, record);
     return { ok: true, record };
   } catch (err) {
-    const code = isThawError(err) ? err.code : HookErrorCode.IO;
+    let code: string = isThawError(err) ? err.code : HookErrorCode.IO;
     let reason = errorMessage(err);
     if (overlayHostPath !== undefined && state.pid !== undefined) {
       try {
@@ -237,7 +237,9 @@ export async function runCreateRuntime(state: OciState, o: CreateRuntimeOptions)
       try {
         undoRootfsDiff(undo.rootfs, undo.journal);
       } catch (undoErr) {
-        reason += `; undoing the rootfs diff failed too: ${errorMessage(undoErr)}`;
+        // Its own cause: this container must not start at all (main.ts exits non-zero, runc fails the create).
+        reason = `${code}: ${reason}; undoing the rootfs diff failed too: ${errorMessage(undoErr)}`;
+        code = HookErrorCode.UNDO_FAILED;
         mustNotStart = true;
       }
     }

@@ -29,6 +29,12 @@ export const HookErrorCode = {
   BUDGET_EXCEEDED: 'HOOK_BUDGET_EXCEEDED',
   /** The checkpoint being pulled did not arrive: the agent said the pull failed, or the wait ran out. */
   CHECKPOINT_UNAVAILABLE: 'HOOK_CHECKPOINT_UNAVAILABLE',
+  /**
+   * The hook failed after it applied the rootfs diff, and undoing the diff failed too (ROOTFS_UNDO_FAILED): the
+   * rootfs is half changed, so the hook exits non-zero and runc fails the create rather than run anything on it
+   * (the kubelet retries with a fresh container). The reason names the first failure.
+   */
+  UNDO_FAILED: 'HOOK_UNDO_FAILED',
   /** A filesystem call failed for another reason. */
   IO: 'HOOK_IO',
 } as const;

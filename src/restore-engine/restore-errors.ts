@@ -70,6 +70,13 @@ export const RestoreErrorCode = {
   TIMEOUT: 'RESTORE_TIMEOUT',
   /** The caller's AbortSignal fired (container removed, agent stopping). */
   ABORTED: 'RESTORE_ABORTED',
+  /**
+   * The fallback could not undo the checkpoint's rootfs diff in the container (ROOTFS_UNDO_FAILED: a symlink on a
+   * journalled path, the backup gone or swapped): the original command must not run on a half-changed rootfs,
+   * so the container is SIGKILLed instead of cold-started (the kubelet creates it afresh from the image). The
+   * event's `fellBackFor` names the cause the restore had fallen back for.
+   */
+  UNDO_FAILED: 'RESTORE_UNDO_FAILED',
   /** The agent died while the container waited for its restore; found on the next start (NRI Synchronize). */
   AGENT_RESTARTED: 'RESTORE_AGENT_RESTARTED',
   /** Anything else (a bug): still a cold start. */

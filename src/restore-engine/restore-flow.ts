@@ -74,6 +74,12 @@ export interface RestoreEvent {
   outcome: 'restored' | 'fallback';
   /** The RESTORE_* code of the fallback (absent when restored). */
   cause?: string;
+  /**
+   * The diff could not be undone (cause RESTORE_UNDO_FAILED): the container was SIGKILLed rather than cold-started
+   * on a changed rootfs; `fellBackFor` is the cause the restore had fallen back for.
+   */
+  killed?: boolean;
+  fellBackFor?: string;
   reason?: string;
   checkpoint: string;
   /** The checkpoint's manifest id, when it was opened. */
@@ -328,34 +334,33 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
       // The overlay may already be gone (a restore of an earlier agent had got past it): then umount fails, which is fine.
       await unmountOverlay(c.pid, c.hook.record.overlayPath).catch((e: unknown) => problems.push(errorMessage(e)));
     }
-    await writeMarker(c.container.controlDir, 'restore-failed', { reason: c.reason, cause: c.cause }).catch((e: unknown) => problems.push(`restore-failed marker: ${errorMessage(e)}`));
     // The original command must run on the image's own rootfs: undo what the hook's diff changed first. If that
-    // fails, the rootfs is half changed: the container is killed instead (the kubelet starts it afresh).
-    let undoFailed: string | undefined;
+    // fails, the rootfs is half changed: the container is killed instead (the kubelet starts it afresh), and the
+    // cause is RESTORE_UNDO_FAILED, not the one the restore fell back for.
+    let undoError: unknown;
     if (placeholderRuns) {
       try {
         await undoHookDiff(c.container.containerId, c.pid);
       } catch (e) {
-        undoFailed = errorMessage(e);
-        problems.push(`the container is killed, not cold-started: ${undoFailed}`);
+        undoError = e;
       }
     }
-    if (placeholderRuns && undoFailed !== undefined) {
+    const killed = undoError !== undefined;
+    const cause = killed ? RestoreErrorCode.UNDO_FAILED : c.cause;
+    const reason = killed ? `undoing the rootfs diff failed: ${errorMessage(undoError)}; the container is killed, not cold-started (the restore had fallen back for ${c.cause}: ${c.reason})` : c.reason;
+    await writeMarker(c.container.controlDir, 'restore-failed', { reason, cause }).catch((e: unknown) => problems.push(`restore-failed marker: ${errorMessage(e)}`));
+    if (placeholderRuns) {
+      const signal = killed ? 'SIGKILL' : 'SIGUSR2';
       try {
-        process.kill(c.pid, 'SIGKILL');
+        process.kill(c.pid, signal);
       } catch (e) {
-        problems.push(`SIGKILL to ${c.pid}: ${errorMessage(e)}`);
-      }
-    } else if (placeholderRuns) {
-      try {
-        process.kill(c.pid, 'SIGUSR2');
-      } catch (e) {
-        problems.push(`SIGUSR2 to ${c.pid}: ${errorMessage(e)}`);
+        problems.push(`${signal} to ${c.pid}: ${errorMessage(e)}`);
       }
     }
-    o.fallbacks?.countFallback(c.cause);
-    const e = c.event();
-    logger.warn('restore', { ...e, ...(isThawError(c.error) ? { error: c.error.toJSON() } : {}), ...(problems.length > 0 ? { problems } : {}) });
+    o.fallbacks?.countFallback(cause);
+    const e: RestoreEvent = killed ? { ...c.event(), cause, reason, killed: true, fellBackFor: c.cause } : c.event();
+    const error = killed ? undoError : c.error;
+    logger.warn('restore', { ...e, ...(isThawError(error) ? { error: error.toJSON() } : {}), ...(problems.length > 0 ? { problems } : {}) });
     o.onEvent?.(e);
   }
 

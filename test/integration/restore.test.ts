@@ -20,7 +20,7 @@ import { ThawNriStats } from '../../src/agent/nri-stats.js';
 import { createRestoreCoordinator, type RestoreCoordinator } from '../../src/agent/restore-coordinator.js';
 import { type ThawRestoreConfig } from '../../src/agent/restore-target.js';
 import { createThawNriHandlers } from '../../src/agent/thaw-nri.js';
-import type { RestoreEvent } from '../../src/restore-engine/restore-flow.js';
+import type { RestoreEvent, RestoreStepContext } from '../../src/restore-engine/restore-flow.js';
 import { createCollectingLogger } from '../../src/log.js';
 import { createNriPlugin, type NriPlugin } from '../../src/nri-plugin/index.js';
 import { parseCriLog } from '../../src/node-stack/cri-client.js';
@@ -91,7 +91,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
   let restorer: RestoreCoordinator;
   let restoreConfig: ThawRestoreConfig;
   /** Per-test fault for the coordinator's beforeCriuRestore seam. */
-  let beforeCriu: (() => Promise<void>) | undefined;
+  let beforeCriu: ((ctx: RestoreStepContext) => Promise<void>) | undefined;
 
   beforeAll(async () => {
     const { stack } = handle;
@@ -115,7 +115,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
       stats,
       workRoot,
       toolkitBinDir: stack.paths.binDir,
-      beforeCriuRestore: async () => beforeCriu?.(),
+      beforeCriuRestore: async (ctx) => beforeCriu?.(ctx),
       onEvent: (e) => events.push(e),
     });
     restoreConfig = { store, toolkitDir: stack.paths.prefix, thawPausePath: THAW_PAUSE, hookArgv: [process.execPath, HOOK_MAIN], workRoot };
@@ -505,6 +505,55 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
       beforeCriu = undefined;
       if (existsSync(`${file}.aside`)) await rename(`${file}.aside`, file);
       await store.clearRestoreFailure(CHECKPOINT);
+    }
+  }, TEST_TIMEOUT_MS);
+
+  it('a fallback that cannot undo the diff (its backup swapped for a symlink to a host directory): the container is killed, cause RESTORE_UNDO_FAILED', async () => {
+    const { stack } = handle;
+    const opened = await store.open(CHECKPOINT);
+    const pages = opened.manifest.files.map((f) => f.path).find((p) => /pages-\d+\.img$/.test(p)) as string;
+    const file = path.join(opened.paths.dir, pages);
+    const canary = await mkdtemp('/tmp/thaw-undo-canary-');
+    await writeFile(path.join(canary, 'keep'), 'host bytes\n');
+    const canaryBefore = readdirSync(canary).sort();
+    let swapped: string | undefined;
+    // CRIU fails (a pages file gone), and the diff's backup in the target's rootfs is now a symlink to the canary:
+    // the undo, which never follows a symlink, cannot put the originals back.
+    beforeCriu = async (ctx) => {
+      const root = `/proc/${ctx.targetPid}/root`;
+      const backup = (await readdir(root)).find((e) => e.startsWith('.thaw-undo-'));
+      if (backup === undefined) throw new Error('no undo backup in the target rootfs');
+      await rename(path.join(root, backup), path.join(root, '.thaw-moved-backup'));
+      execFileSync('ln', ['-s', canary, path.join(root, backup)]);
+      swapped = backup;
+      await rename(file, `${file}.aside`);
+    };
+    const fallbacksBefore = stats.fallbacksByCause.get('RESTORE_UNDO_FAILED') ?? 0;
+    const { pod, before } = await runTarget('rst-undo-fail', CHECKPOINT, { ...workerEnv, WORKER_MEMORY_MB: '32' });
+    try {
+      const ev = await waitFor(() => events.slice(before).find((e) => e.containerId === pod.containerId), 'the restore event', 60_000, 50);
+      expect(swapped).toBeDefined();
+      expect(ev, JSON.stringify(ev)).toMatchObject({ outcome: 'fallback', cause: 'RESTORE_UNDO_FAILED', killed: true, fellBackFor: 'RESTORE_CRIU' });
+      expect(ev.reason).toMatch(/ROOTFS_UNDO_FAILED|symlink|undo/i);
+      expect(stats.fallbacksByCause.get('RESTORE_UNDO_FAILED') ?? 0).toBe(fallbacksBefore + 1);
+      // Killed, never cold-started on the changed rootfs: the container exits by SIGKILL and its original command never ran.
+      const status = await waitFor(async () => {
+        const s = (await stack.cri.containerStatus(pod.containerId)).status;
+        return s.state === 'CONTAINER_EXITED' ? s : undefined;
+      }, 'the container to exit', 30_000, 100);
+      expect(status.exit_code).toBe(137);
+      const log = await readFile(pod.logPath, 'utf8').catch(() => '');
+      expect(log).not.toMatch(/thaw-pause: fallback: exec/);
+      expect((await workerEvents(pod.logPath)).map((e) => e.event)).not.toContain('listening');
+      // The host directory behind the symlink is untouched.
+      expect(readdirSync(canary).sort()).toEqual(canaryBefore);
+      expect(await readFile(path.join(canary, 'keep'), 'utf8')).toBe('host bytes\n');
+    } finally {
+      beforeCriu = undefined;
+      await stack.cri.removePod(pod.podId);
+      if (existsSync(`${file}.aside`)) await rename(`${file}.aside`, file);
+      await store.clearRestoreFailure(CHECKPOINT);
+      await rm(canary, { recursive: true, force: true });
     }
   }, TEST_TIMEOUT_MS);
 
