@@ -249,7 +249,7 @@ async function adjustWith(
     })
     .addHook('poststop', {
       path: r.hookArgv[0] as string,
-      args: [...r.hookArgv, 'poststop', '--control-dir', controlDir, '--work-dir', join(r.workRoot, containerId)],
+      args: [...r.hookArgv, 'poststop', '--control-dir', controlDir, '--work-dir', join(r.workRoot, containerId), '--undo-journal', undoJournalFor(r.workRoot, containerId)],
       env: [],
       timeoutSeconds: hookTimeout,
     });

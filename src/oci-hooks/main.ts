@@ -87,7 +87,8 @@ async function main(argv: string[], startupMs: number): Promise<void> {
     case 'poststop': {
       // The state is not needed, but reading it keeps the runtime's write from failing on a closed pipe.
       await readStdin(STDIN_TIMEOUT_MS).catch(() => '');
-      const problems = await runPoststop({ controlDir: values['control-dir'], workDir: values['work-dir'] });
+      const undoJournal = values['undo-journal'];
+      const problems = await runPoststop({ controlDir: values['control-dir'], workDir: values['work-dir'], ...(undoJournal !== undefined && undoJournal.startsWith('/') ? { undoJournal } : {}) });
       if (problems.length > 0) process.stderr.write(`thaw poststop hook: could not remove ${problems.join('; ')}\n`);
       return;
     }

@@ -6,6 +6,7 @@
  * the agent's process killed in the middle of a restore.
  */
 import { execFileSync } from 'node:child_process';
+import { existsSync } from 'node:fs';
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -56,8 +57,10 @@ describe.each(flavorsUnderTest())('thaw end to end on containerd %s', (flavor) =
     plugin = await startPlugin();
 
     // The source: cold start, serve a few requests, then the worker asks for its checkpoint.
-    const source = await runWorkerPod(handle.stack, dirs.controlRoot, { ...common(), name: 'e2e-source', annotations: { 'thaw.dev/checkpoint': CHECKPOINT }, checkpointAfterMs: 300 });
+    // checkpointAfterMs leaves time to write a file into the source's rootfs first: every restore's diff carries it.
+    const source = await runWorkerPod(handle.stack, dirs.controlRoot, { ...common(), name: 'e2e-source', annotations: { 'thaw.dev/checkpoint': CHECKPOINT }, checkpointAfterMs: 3_000 });
     const first = await waitForServingWorker(source.controlDir);
+    expect((await handle.stack.cri.execSync(source.containerId, ['/bin/sh', '-c', 'echo from-source > /tmp/thaw-diff-probe'], 10)).exitCode).toBe(0);
     for (let i = 0; i < 3; i++) await getJson(first.port, '/healthz');
     const event = await waitForLog(dirs.logFile, (r) => r['event'] === 'checkpoint' && r['name'] === CHECKPOINT, 'the checkpoint', 120_000);
     expect(event['outcome']).toBe('succeeded');
@@ -71,6 +74,14 @@ describe.each(flavorsUnderTest())('thaw end to end on containerd %s', (flavor) =
     await plugin?.stop();
     await rm(workDir, { recursive: true, force: true });
   });
+
+  /** The container's rootfs has none of the checkpoint's diff and no undo backup. */
+  async function expectImageRootfs(containerId: string): Promise<void> {
+    const probe = await handle.stack.cri.execSync(containerId, ['/bin/sh', '-c', 'cat /tmp/thaw-diff-probe; ls -a /'], 10);
+    expect(probe.stdout).not.toMatch(/from-source/);
+    expect(probe.stdout).not.toMatch(/\.thaw-undo-/);
+    expect(probe.stderr).toMatch(/No such file/);
+  }
 
   it('restores two pods concurrently from one checkpoint, each with the source state', async () => {
     const stack = handle.stack;
@@ -91,6 +102,7 @@ describe.each(flavorsUnderTest())('thaw end to end on containerd %s', (flavor) =
     }
     for (const pod of pods) {
       expect((await restoreEventOf(pod.containerId))['outcome']).toBe('restored');
+      expect((await stack.cri.execSync(pod.containerId, ['/bin/cat', '/tmp/thaw-diff-probe'], 10)).stdout).toBe('from-source\n');
       await stack.cri.removePod(pod.podId);
     }
   }, 240_000);
@@ -121,9 +133,20 @@ describe.each(flavorsUnderTest())('thaw end to end on containerd %s', (flavor) =
     await new Promise((r) => setTimeout(r, 1_000));
     await expect(readFile(join(pod.controlDir, 'worker-endpoint.json'), 'utf8')).rejects.toThrow();
 
+    // The hook ran without an agent: it applied the diff and left its undo journal in the agent's work root.
+    const journal = join(dirs.workRoot, 'rootfs-undo', `${pod.containerId}.json`);
+    expect(existsSync(journal), 'the undo journal the hook left').toBe(true);
+    // A journal of a container the runtime no longer has: the next agent removes it.
+    const stale = join(dirs.workRoot, 'rootfs-undo', `${'f'.repeat(64)}.json`);
+    await writeFile(stale, '{}');
     plugin = await startPlugin();
     const endpoint = await waitForServingWorker(pod.controlDir, { timeoutMs: 120_000 });
     expect(endpoint.restored, 'a cold start, not a restore').toBe(false);
+    // The next agent's fallback undid the diff from the journal before the original command ran: the cold start
+    // sees the image's own files; the journal is used up, the stale one removed.
+    await expectImageRootfs(pod.containerId);
+    expect(existsSync(journal)).toBe(false);
+    await waitFor(() => (existsSync(stale) ? undefined : true), 'the stale journal to be removed', 30_000);
     const state = await getJson<WorkerState>(endpoint.port, '/state');
     expect(state.digest).toBe(expectedDigest(MEMORY_MB, SEED));
     expect(state.bootId).not.toBe(sourceState.bootId);
@@ -147,6 +170,9 @@ describe.each(flavorsUnderTest())('thaw end to end on containerd %s', (flavor) =
     expect(endpoint.restored, 'a cold start, not a restore').toBe(false);
     const failed = JSON.parse(await readFile(join(pod.controlDir, 'restore-failed'), 'utf8')) as { cause: string };
     expect(failed.cause).toBe('RESTORE_AGENT_RESTARTED');
+    await expectImageRootfs(pod.containerId);
     await stack.cri.removePod(pod.podId);
+    // The container is gone: its journal too (poststop hook, and the agent on RemoveContainer).
+    await waitFor(() => (existsSync(join(dirs.workRoot, 'rootfs-undo', `${pod.containerId}.json`)) ? undefined : true), 'the journal to be removed', 30_000);
   }, 240_000);
 });

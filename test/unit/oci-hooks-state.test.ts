@@ -1,8 +1,9 @@
 import { mkdtemp, mkdir, readdir, rm, symlink, writeFile, chmod, readFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { runCreateRuntime } from '../../src/oci-hooks/create-runtime.js';
+import { runPoststop } from '../../src/oci-hooks/poststop.js';
 import { resolveEntrypoint, resolveInRoot } from '../../src/oci-hooks/entrypoint.js';
 import { HOOK_DONE_FILE, HOOK_FAILED_FILE, readHookOutcome, writeHookDone } from '../../src/oci-hooks/records.js';
 import { envValue, parseOciConfig, parseOciState } from '../../src/oci-hooks/state.js';
@@ -199,6 +200,29 @@ describe('hook records', () => {
       expect(await readHookOutcome(dir)).toEqual({ kind: 'failed', record: { code: 'HOOK_X', reason: 'r' } });
     } finally {
       await rm(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+describe('poststop', () => {
+  it('removes the control directory, the work directory and the undo journal; what is gone already is no problem', async () => {
+    const top = await mkdtemp(join(tmpdir(), 'thaw-poststop-'));
+    try {
+      const controlDir = join(top, 'control', 'c1');
+      const workDir = join(top, 'work', 'c1');
+      const undoJournal = join(top, 'work', 'rootfs-undo', 'c1.json');
+      const other = join(top, 'work', 'rootfs-undo', 'c2.json');
+      for (const d of [controlDir, workDir, dirname(undoJournal)]) await mkdir(d, { recursive: true });
+      await writeFile(join(workDir, 'restore.log'), 'x');
+      await writeFile(undoJournal, '{}');
+      await writeFile(other, '{}');
+      expect(await runPoststop({ controlDir, workDir, undoJournal })).toEqual([]);
+      expect(await readdir(join(top, 'work', 'rootfs-undo'))).toEqual(['c2.json']);
+      expect(await readdir(join(top, 'work'))).toEqual(['rootfs-undo']);
+      expect(await readdir(join(top, 'control'))).toEqual([]);
+      expect(await runPoststop({ controlDir, workDir, undoJournal })).toEqual([]);
+    } finally {
+      await rm(top, { recursive: true, force: true });
     }
   });
 });
