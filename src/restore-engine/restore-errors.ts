@@ -53,6 +53,12 @@ export const RestoreErrorCode = {
    * runs (host-mounts.ts).
    */
   TARGET_MOUNTS: 'RESTORE_TARGET_MOUNTS',
+  /**
+   * A file the checkpoint's processes map (its files.img) is, in the target container, not a regular file: a
+   * FIFO CRIU's open would block on until its timeout, a device, a directory (planted by the checkpoint's diff or
+   * the image). Found before CRIU runs; evidence: the path and what it is.
+   */
+  MAPPED_FILE_UNSAFE: 'RESTORE_MAPPED_FILE_UNSAFE',
   /** The target container's OCI spec (config.json beside its rootfs) could not be read or is not its own. */
   TARGET_SPEC: 'RESTORE_TARGET_SPEC',
   /**

@@ -31,7 +31,7 @@ import type { LocalStore, OpenedCheckpoint, ReleaseLease } from '../store/index.
 import { StoreErrorCode } from '../store/index.js';
 import type { CriuClient } from './criu/client.js';
 import { CriuImageCodec } from './criu/images.js';
-import { mappedFilePages, readMappedFilePages, type MappedFile, type ReadMappedResult } from './mapped-files.js';
+import { firstIrregularMappedFile, mappedFilePages, readMappedFilePages, type MappedFile, type ReadMappedResult } from './mapped-files.js';
 import { RestoreError, RestoreErrorCode } from './restore-errors.js';
 import { killRestoredTree, restoreIntoContainer, type RestoredTree } from './restore.js';
 import { discardUndo, undoRootfsDiff, type UndoJournal } from './rootfs-diff/index.js';
@@ -125,6 +125,7 @@ export type RestoreStore = Pick<LocalStore, 'acquireLease' | 'verify' | 'recordR
  */
 export const CHECKPOINT_FAULT_CAUSES: ReadonlySet<string> = new Set([
   RestoreErrorCode.CRIU,
+  RestoreErrorCode.MAPPED_FILE_UNSAFE,
   RestoreErrorCode.CREDENTIALS_EXCEED_SPEC,
   RestoreErrorCode.ADOPT,
   RestoreErrorCode.DEVICES,
@@ -526,6 +527,12 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
       await clearStaleMarkers(container.controlDir);
       await rm(workDir, { recursive: true, force: true });
       await mkdir(workDir, { recursive: true, mode: 0o700 });
+      // One O_PATH openat2 + fstat per mapped file (the list was made while the container was created): a FIFO
+      // planted at one of them would hold CRIU's open until its timeout, and the pod in its placeholder with it.
+      const irregular = await firstIrregularMappedFile(`/proc/${pid}/root`, await (job.mappedFiles ?? Promise.resolve([])));
+      if (irregular !== undefined) {
+        throw new RestoreError(RestoreErrorCode.MAPPED_FILE_UNSAFE, `${irregular.path}, which the checkpoint maps, is a ${irregular.type} in the target`, { step: 'check the mapped files', evidence: irregular });
+      }
       const mappedReads = startMappedFileReads(job, pid);
       try {
         tree = await restoreIntoContainer({

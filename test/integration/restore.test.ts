@@ -26,6 +26,7 @@ import { createNriPlugin, type NriPlugin } from '../../src/nri-plugin/index.js';
 import { parseCriLog } from '../../src/node-stack/cri-client.js';
 import { PACKAGE_ROOT } from '../../src/node-stack/thaw-plugin-process.js';
 import { checkpointContainer } from '../../src/restore-engine/checkpoint.js';
+import { mappedFilePages } from '../../src/restore-engine/mapped-files.js';
 import { CriuClient } from '../../src/restore-engine/criu/client.js';
 import { waitForWorkerReady } from '../../src/sdk/control-dir.js';
 import { openLocalStore, type LocalStore } from '../../src/store/local-store.js';
@@ -237,7 +238,11 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
   }, TEST_TIMEOUT_MS);
 
   /** Checkpoints a worker pod like the first test; `plant` runs in the source's container before the checkpoint. */
-  async function checkpointSource(podName: string, checkpoint: string, plant?: (containerId: string) => Promise<void>) {
+  async function checkpointSource(
+    podName: string,
+    checkpoint: string,
+    plant?: (containerId: string) => Promise<void>,
+  ) {
     const { stack } = handle;
     const src = await stack.cri.runPod({
       name: podName, containerName: 'worker', image: image.ref, command: [],
@@ -320,6 +325,74 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
       await rm(MARKERS, { recursive: true, force: true });
     }
   }, TEST_TIMEOUT_MS);
+
+  it('a pod that plants a FIFO, a symlink to a host canary and one to /dev/zero at the paths its worker maps: the canary intact, the restore falls back with its cause, NRI still answers', async () => {
+    const { stack } = handle;
+    const canaryDir = await mkdtemp('/tmp/thaw-hostile-canary-');
+    const canary = path.join(canaryDir, 'canary');
+    await writeFile(canary, 'host bytes\n');
+    // Names of the same length as three files the demo worker maps (node and its libraries, read from the first
+    // checkpoint's images), so files.img can name the planted entries instead without re-encoding it.
+    const mapped = (await mappedFilePages((await store.open(CHECKPOINT)).paths.criuDir)).map((f) => f.path).filter((p) => p.length > 12);
+    const originals = [...mapped].sort((a, b) => b.length - a.length).slice(0, 3);
+    expect(originals.length).toBe(3);
+    const planted = originals.map((p, i) => `/tmp/h/${'fls'[i]!.repeat(p.length - 7)}`);
+    const [fifo, hostLink, zeroLink] = planted as [string, string, string];
+    // In the rootfs (the diff carries FIFOs and symlinks; a device node it leaves out): a FIFO, a symlink to the
+    // host canary, a symlink to /dev/zero, and a /dev/zero copy.
+    const rootfsPlant = ['set -e', 'B=/bin/busybox', '$B mkdir -p /tmp/h', `$B mkfifo ${fifo}`, `$B ln -s ${canary} ${hostLink}`, `$B ln -s /dev/zero ${zeroLink}`, '$B mknod /tmp/h/zero c 1 5'].join('\n');
+    await checkpointSource('hostile-src', 'hostile', async (containerId) => {
+      const r = await stack.cri.execSync(containerId, ['/bin/busybox', 'sh', '-c', rootfsPlant], 10);
+      expect(r.exitCode, r.stderr).toBe(0);
+    });
+    // The capture archived the FIFO and the links as what they are (never opened), not the canary's bytes.
+    expect(await readFile(canary, 'utf8')).toBe('host bytes\n');
+    const diff = await readFile(path.join((await store.open('hostile')).paths.dir, 'rootfs-diff.tar'));
+    expect(diff.includes(Buffer.from('host bytes'))).toBe(false);
+
+    // The checkpoint's files.img now names the planted entries where the worker mapped node's files (same lengths),
+    // and the manifest its new digest: the restore's mapped-file reads meet the FIFO and the links through the
+    // target's root, and CRIU meets them too.
+    const opened = await store.open('hostile');
+    const filesImg = path.join(opened.paths.criuDir, 'files.img');
+    let bytes = await readFile(filesImg);
+    for (const [i, original] of originals.entries()) {
+      const from = Buffer.from(original);
+      expect(bytes.indexOf(from), original).toBeGreaterThanOrEqual(0);
+      for (let at = bytes.indexOf(from); at >= 0; at = bytes.indexOf(from, at + 1)) bytes.write(planted[i]!, at, 'latin1');
+    }
+    await writeFile(filesImg, bytes);
+    bytes = await readFile(filesImg);
+    const m = JSON.parse(await readFile(opened.paths.manifest, 'utf8')) as { files: { path: string; sha256: string }[] };
+    m.files.find((f) => f.path === 'criu/files.img')!.sha256 = createHash('sha256').update(bytes).digest('hex');
+    await writeFile(opened.paths.manifest, JSON.stringify(m));
+    expect((await mappedFilePages(opened.paths.criuDir)).map((f) => f.path)).toEqual(expect.arrayContaining(planted));
+
+    const heapBefore = process.memoryUsage().heapUsed;
+    const { pod, before } = await runTarget('hostile-target', 'hostile', { ...workerEnv, WORKER_MEMORY_MB: '32' });
+    try {
+      const ev = await waitFor(() => events.slice(before).find((e) => e.containerId === pod.containerId), 'the restore event', 200_000, 50);
+      console.log(`hostile restore event: ${JSON.stringify(ev).slice(0, 700)}`);
+      // Decided before CRIU: CRIU's own open of the FIFO would block until its timeout (120 s; it did before).
+      expect(ev, JSON.stringify(ev)).toMatchObject({ outcome: 'fallback', cause: 'RESTORE_MAPPED_FILE_UNSAFE' });
+      expect(ev.reason).toMatch(/\/tmp\/h\/(f+|s+), which the checkpoint maps, is a (fifo|character device) in the target$/);
+      expect(ev.phases.criuRestoreMs).toBeUndefined();
+      // The cold start serves, on the image's own files (the diff undone: no planted entry is left).
+      const listening = await waitForEvent(pod.logPath, 'listening');
+      expect(await getJson<WorkerState>(listening.port as number, '/state')).toMatchObject({ restored: false });
+      const probe = await stack.cri.execSync(pod.containerId, ['/bin/busybox', 'ls', '/tmp/h'], 10);
+      expect(probe.exitCode).not.toBe(0);
+      expect(process.memoryUsage().heapUsed - heapBefore).toBeLessThan(256 * 1024 * 1024);
+    } finally {
+      await stack.cri.removePod(pod.podId);
+    }
+    expect(await readFile(canary, 'utf8')).toBe('host bytes\n');
+    expect(readdirSync(canaryDir)).toEqual(['canary']);
+    // NRI still answers: the next pod naming it is decided at once in CreateContainer (the failure was recorded).
+    await expectColdStart('hostile-again', 'hostile', 'RESTORE_CHECKPOINT_FAILED_BEFORE', false);
+    await store.delete('hostile');
+    await rm(canaryDir, { recursive: true, force: true });
+  }, 360_000);
 
   it('a checkpoint of a root worker into a pod that runs as uid 1000 with no capabilities and no_new_privs: cold start, cause RESTORE_CREDENTIALS_EXCEED_SPEC', async () => {
     const { stack } = handle;
