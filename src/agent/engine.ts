@@ -152,6 +152,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     stats,
     workRoot: o.workRoot,
     toolkitBinDir: binDir,
+    thawPausePath: o.thawPausePath,
     ...(o.thawPauseDeadlineMs !== undefined ? { thawPauseDeadlineMs: o.thawPauseDeadlineMs } : {}),
     ...(o.onRestoreEvent ? { onEvent: o.onRestoreEvent } : {}),
     ...(cuda ? { cudaRestore: cudaRestoreStep({ node: cuda, logger }) } : {}),

@@ -6,6 +6,7 @@
  * read here (CreateContainer answers within containerd's 2 s); any problem leaves the container as it is (a
  * cold start, counted with its cause).
  */
+import { writeFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import type { CheckpointReference } from '../checkpoint-reference.js';
 import { errorMessage, isThawError } from '../errors.js';
@@ -27,6 +28,7 @@ import { identityOf, managedAnnotations, type ManagedContainer } from './managed
 import { describeContainer, dropInterest, type HandlerScope } from './nri-handler-scope.js';
 import { localRestoreRefusal } from './tenancy.js';
 import { RestoreErrorCode, undoJournalFor } from '../restore-engine/index.js';
+import { ORIGINAL_ENTRYPOINT_FILE } from '../oci-hooks/index.js';
 import { HandlerFallbackCause } from './errors.js';
 
 /** Fallback causes that are the tenancy policy's refusals (counted per namespace for /metrics). */
@@ -57,6 +59,8 @@ export interface ThawRestoreConfig {
 
 /** The env variable thaw-pause reads its deadline from (native/thaw-pause.c). */
 export const THAW_PAUSE_DEADLINE_ENV = 'THAW_PAUSE_DEADLINE_MS';
+/** overlay mode: where thaw-pause finds the original entrypoint while the overlay still covers it (native/thaw-pause.c). */
+export const THAW_PAUSE_ORIGINAL_ENV = 'THAW_PAUSE_ORIGINAL';
 
 export const DEFAULT_RESTORE_HOOK_TIMEOUT_SECONDS = 60;
 /** Of the hook's timeout, what a hook waiting for a pulled checkpoint leaves itself to apply the rootfs diff. */
@@ -206,6 +210,17 @@ async function adjustWith(
     }
   }
   const placeholder = supportsArgs(ctx.runtime.name, ctx.runtime.version, ctx.runtime.nriVersion) ? 'args' : 'overlay';
+  // overlay mode: the mountpoint the hook keeps the original entrypoint at, so that thaw-pause can fall back by
+  // itself (its deadline) while no agent is left to remove the overlay. Made now, before any pod process runs.
+  let originalEntrypoint: string | undefined;
+  if (placeholder === 'overlay') {
+    try {
+      await writeFile(join(controlDir, ORIGINAL_ENTRYPOINT_FILE), '', { flag: 'wx', mode: 0o600 });
+      originalEntrypoint = join(CONTROL_DIR_MOUNT_PATH, ORIGINAL_ENTRYPOINT_FILE);
+    } catch (err) {
+      ctx.logger.warn('thaw: cannot make the original entrypoint\'s mountpoint; thaw-pause cannot fall back without the agent', { containerId, error: errorMessage(err) });
+    }
+  }
   const entry: ManagedContainer = {
     ...identityOf(pod, container),
     // The local name: for a registry checkpoint, the one derived from its digest.
@@ -243,6 +258,7 @@ async function adjustWith(
         ...diffDigestArgs(checkpoint.manifest),
         // The diff's undo journal, in the agent's own directory: a restore that fails later undoes from it.
         '--undo-journal', undoJournalFor(r.workRoot, containerId),
+        ...(originalEntrypoint !== undefined ? ['--original-entrypoint', originalEntrypoint] : []),
       ],
       env: [],
       timeoutSeconds: hookTimeout,
@@ -253,6 +269,8 @@ async function adjustWith(
       env: [],
       timeoutSeconds: hookTimeout,
     });
+  // thaw-pause removes it from its environment before it execs the original command.
+  if (originalEntrypoint !== undefined) builder.addEnv(THAW_PAUSE_ORIGINAL_ENV, originalEntrypoint);
   // thaw-pause's directory, unless the toolkit mount already shows it at the same path.
   if (!pauseDir.startsWith(`${r.toolkitDir}/`)) builder.addMount({ destination: pauseDir, source: pauseDir, type: 'bind', options: ['rbind', 'ro'] });
   // The same environment as a source: a cold-started fallback then runs as the checkpointed worker did.

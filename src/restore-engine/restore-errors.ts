@@ -83,6 +83,12 @@ export const RestoreErrorCode = {
    * event's `fellBackFor` names the cause the restore had fallen back for.
    */
   UNDO_FAILED: 'RESTORE_UNDO_FAILED',
+  /**
+   * thaw-pause fell back by itself: no word came from the agent within its deadline (THAW_PAUSE_DEADLINE_MS), so
+   * the agent was gone; the original command already runs (found by the next agent, which then neither signals
+   * nor writes into the container). The rootfs diff is not undone in that case: no agent was there to do it.
+   */
+  PLACEHOLDER_DEADLINE: 'RESTORE_PLACEHOLDER_DEADLINE',
   /** The agent died while the container waited for its restore; found on the next start (NRI Synchronize). */
   AGENT_RESTARTED: 'RESTORE_AGENT_RESTARTED',
   /** Anything else (a bug): still a cold start. */

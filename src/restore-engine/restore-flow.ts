@@ -19,6 +19,7 @@
  * and the prefetch is handed in as the small interfaces below.
  */
 import { execFile } from 'node:child_process';
+import { statSync } from 'node:fs';
 import { mkdir, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -101,7 +102,7 @@ export interface RestoreEvent {
 
 /** What the create-runtime hook recorded in the control directory, as the flow reads it (oci-hooks/records.ts). */
 export type HookOutcomeView =
-  | { kind: 'done'; record: { mode: 'args' | 'overlay'; overlayPath?: string; ms: number; startupMs?: number } }
+  | { kind: 'done'; record: { mode: 'args' | 'overlay'; overlayPath?: string; originalPath?: string; ms: number; startupMs?: number } }
   | { kind: 'failed'; record: { code: string; reason: string } }
   | { kind: 'missing' };
 
@@ -184,6 +185,8 @@ export interface RestoreFlowOptions {
   workRoot: string;
   /** The toolkit's bin directory (mounted at the same path in the target): its busybox does the umount there. */
   toolkitBinDir: string;
+  /** Host path of thaw-pause: tells a placeholder that still waits from one that fell back by itself (recover). */
+  thawPausePath?: string;
   nsenterPath?: string;
   verifyTimeoutMs?: number;
   criuRestoreTimeoutMs?: number;
@@ -269,10 +272,11 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
   const logger = o.logger;
   const imageCodec = CriuImageCodec.load();
 
-  async function unmountOverlay(pid: number, path: string): Promise<void> {
+  /** Removes thaw-pause's overlay and the hook's second mount of the original entrypoint, in one umount. */
+  async function unmountOverlay(pid: number, path: string, originalPath?: string): Promise<void> {
     try {
       // Lazy: thaw-pause runs from that very file, so a plain umount would be EBUSY.
-      await execFileP(o.nsenterPath ?? DEFAULT_NSENTER_PATH, ['-t', String(pid), '-m', '--', join(o.toolkitBinDir, 'busybox'), 'umount', '-l', path], {
+      await execFileP(o.nsenterPath ?? DEFAULT_NSENTER_PATH, ['-t', String(pid), '-m', '--', join(o.toolkitBinDir, 'busybox'), 'umount', '-l', path, ...(originalPath !== undefined ? [originalPath] : [])], {
         timeout: OVERLAY_UMOUNT_TIMEOUT_MS,
         env: {},
       });
@@ -333,7 +337,7 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
     const problems: string[] = [];
     if (c.overlayMounted && c.hook.kind === 'done' && c.hook.record.overlayPath !== undefined) {
       // The overlay may already be gone (a restore of an earlier agent had got past it): then umount fails, which is fine.
-      await unmountOverlay(c.pid, c.hook.record.overlayPath).catch((e: unknown) => problems.push(errorMessage(e)));
+      await unmountOverlay(c.pid, c.hook.record.overlayPath, c.hook.record.originalPath).catch((e: unknown) => problems.push(errorMessage(e)));
     }
     // The original command must run on the image's own rootfs: undo what the hook's diff changed first. If that
     // fails, the rootfs is half changed: the container is killed instead (the kubelet starts it afresh), and the
@@ -519,7 +523,7 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
 
       if (hook.record.mode === 'overlay' && hook.record.overlayPath !== undefined) {
         const t1 = performance.now();
-        await unmountOverlay(pid, hook.record.overlayPath);
+        await unmountOverlay(pid, hook.record.overlayPath, hook.record.originalPath);
         overlayMounted = false;
         phases.overlayMs = Math.round(performance.now() - t1);
       }
@@ -595,12 +599,50 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
     }
   }
 
+  /**
+   * Whether PID 1 of the target still runs thaw-pause (the same file as the host's; in overlay mode it is mounted
+   * over the entrypoint, so the inode tells, not the name). Unknown (no thaw-pause path given, or /proc
+   * unreadable): assumed to.
+   */
+  function placeholderRuns(pid: number): boolean {
+    if (o.thawPausePath === undefined) return true;
+    try {
+      const exe = statSync(`/proc/${pid}/exe`);
+      const pause = statSync(o.thawPausePath);
+      return exe.dev === pause.dev && exe.ino === pause.ino;
+    } catch {
+      return true;
+    }
+  }
+
   async function recover(container: RestoreTarget, pid: number): Promise<void> {
     const outcome = await firstMarker(container.controlDir);
     if (outcome !== undefined) return; // finished before the restart: restored, or fallen back
+    const event = (cause: string, reason: string): RestoreEvent => ({
+      event: 'restore',
+      outcome: 'fallback',
+      cause,
+      reason,
+      checkpoint: container.checkpointName,
+      containerId: container.containerId,
+      container: container.containerName,
+      pod: `${container.podNamespace}/${container.podName}`,
+      mode: container.placeholder ?? 'overlay',
+      phases: { totalMs: 0 },
+    });
+    const hookSeen = await o.hookRecords.readHookOutcome(container.controlDir);
+    if (hookSeen.kind === 'done' && !placeholderRuns(pid)) {
+      // thaw-pause's deadline ran out while no agent was there: it exec'd the original command itself. Its
+      // process is the pod's own now: no signal, no undo under it, no write into its control directory.
+      const e = event(RestoreErrorCode.PLACEHOLDER_DEADLINE, 'thaw-pause fell back by itself (no word from the agent within its deadline); the original command runs');
+      o.fallbacks?.countFallback(RestoreErrorCode.PLACEHOLDER_DEADLINE);
+      logger.warn('restore', { ...e });
+      o.onEvent?.(e);
+      return;
+    }
     const cause = RestoreErrorCode.AGENT_RESTARTED;
     const reason = 'the agent restarted while this container waited for its restore';
-    const hook = await o.hookRecords.readHookOutcome(container.controlDir);
+    const hook = hookSeen;
     await fallBackToColdStart({
       container,
       pid,
@@ -608,18 +650,7 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
       reason,
       hook,
       overlayMounted: hook.kind === 'done' && hook.record.mode === 'overlay',
-      event: () => ({
-        event: 'restore',
-        outcome: 'fallback',
-        cause,
-        reason,
-        checkpoint: container.checkpointName,
-        containerId: container.containerId,
-        container: container.containerName,
-        pod: `${container.podNamespace}/${container.podName}`,
-        mode: container.placeholder ?? 'overlay',
-        phases: { totalMs: 0 },
-      }),
+      event: () => event(cause, reason),
     });
   }
 

@@ -38,10 +38,10 @@ describe.each(flavorsUnderTest())('thaw end to end on containerd %s', (flavor) =
   let sourceState: WorkerState;
 
   /** Starts the plugin process; a restarted one appends to the same log, so wait for one more sync. */
-  const startPlugin = async (): Promise<ThawPluginProcess> => {
+  const startPlugin = async (extraArgs: string[] = []): Promise<ThawPluginProcess> => {
     const syncs = async (): Promise<number> => (await readJsonLog(dirs.logFile)).filter((r) => r.msg === 'nri plugin synchronized').length;
     const before = await syncs();
-    const p = startThawPluginProcess({ socketPath: handle.stack.nriSocketPath, containerd: { socket: handle.stack.address, root: handle.stack.rootDir }, ...dirs });
+    const p = startThawPluginProcess({ socketPath: handle.stack.nriSocketPath, containerd: { socket: handle.stack.address, root: handle.stack.rootDir }, ...dirs, extraArgs });
     await waitFor(async () => ((await syncs()) > before ? true : undefined), 'the plugin to register and synchronize', 30_000);
     return p;
   };
@@ -154,6 +154,41 @@ describe.each(flavorsUnderTest())('thaw end to end on containerd %s', (flavor) =
     expect(failed.cause).toBe('RESTORE_AGENT_RESTARTED');
     const event = await waitForLog(dirs.logFile, (r) => r['event'] === 'restore' && r['containerId'] === pod.containerId, 'the fallback event');
     expect([event['outcome'], event['cause']]).toEqual(['fallback', 'RESTORE_AGENT_RESTARTED']);
+    expect((await stack.cri.containerStatus(pod.containerId)).status.state).toBe('CONTAINER_RUNNING');
+    await stack.cri.removePod(pod.podId);
+  }, 240_000);
+
+  it('serves as a cold start within thaw-pause\'s deadline when the agent is killed for good while a target waits; the next agent leaves it alone', async () => {
+    const stack = handle.stack;
+    const deadlineMs = 3_000;
+    // An agent with a short thaw-pause deadline adjusts the target (overlay mode), then dies for good.
+    await plugin?.stop();
+    plugin = await startPlugin(['--restore-pause-deadline-ms', String(deadlineMs)]);
+    // checkpointAfterMs: the cold-started worker serves (it takes part in no checkpoint meanwhile).
+    const pod = await runWorkerPod(stack, dirs.controlRoot, { ...common(), name: 'e2e-agent-gone', annotations: { 'thaw.dev/restore': CHECKPOINT }, start: false, checkpointAfterMs: 600_000 });
+    const victim = plugin!;
+    victim.proc.kill('SIGKILL');
+    await victim.exited;
+    plugin = undefined;
+    await stack.cri.startContainer(pod.containerId);
+    // No agent: thaw-pause's deadline runs out and it execs the original entrypoint (still covered by the overlay)
+    // from the hook's second mount of it.
+    const endpoint = await waitForServingWorker(pod.controlDir, { timeoutMs: 120_000 });
+    expect(endpoint.restored, 'a cold start, not a restore').toBe(false);
+    const state = await getJson<WorkerState>(endpoint.port, '/state');
+    expect(state.digest).toBe(expectedDigest(MEMORY_MB, SEED));
+    expect(state.bootId).not.toBe(sourceState.bootId);
+    const log = await readFile(pod.logPath, 'utf8');
+    expect(log).toContain(`thaw-pause: no word from the agent within ${deadlineMs} ms; falling back by ourselves`);
+    expect(log).toMatch(/thaw-pause: \S+ is still covered; exec the original entrypoint from \/snapshot-control\/\.thaw-original-entrypoint/);
+    expect((await stack.cri.containerStatus(pod.containerId)).status.state).toBe('CONTAINER_RUNNING');
+
+    // The next agent finds the pod's own command running: no signal, no marker, its own cause.
+    plugin = await startPlugin();
+    const event = await waitForLog(dirs.logFile, (r) => r['event'] === 'restore' && r['containerId'] === pod.containerId, 'the event of the next agent', 60_000);
+    expect([event['outcome'], event['cause']]).toEqual(['fallback', 'RESTORE_PLACEHOLDER_DEADLINE']);
+    expect(existsSync(join(pod.controlDir, 'restore-failed'))).toBe(false);
+    expect((await getJson<WorkerState>(endpoint.port, '/state')).bootId).toBe(state.bootId);
     expect((await stack.cri.containerStatus(pod.containerId)).status.state).toBe('CONTAINER_RUNNING');
     await stack.cri.removePod(pod.podId);
   }, 240_000);
