@@ -6,7 +6,7 @@
  * the agent's process killed in the middle of a restore.
  */
 import { execFileSync } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { existsSync, lstatSync, readdirSync } from 'node:fs';
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -118,6 +118,44 @@ describe.each(flavorsUnderTest())('thaw end to end on containerd %s', (flavor) =
     expect(state.requests).toBeGreaterThanOrEqual(sourceState.requests);
     expect((await restoreEventOf(pod.containerId))['outcome']).toBe('restored');
     await stack.cri.removePod(pod.podId);
+  }, 240_000);
+
+  it('a source pod that plants a /dev/zero copy at the ready marker and a symlink to a host canary at a marker the agent writes: the agent reads nothing through them and goes on answering', async () => {
+    const stack = handle.stack;
+    const canaryDir = await mkdtemp(join(tmpdir(), 'thaw-e2e-canary-'));
+    const canary = join(canaryDir, 'canary');
+    await writeFile(canary, 'host bytes\n');
+    const name = 'e2e-hostile-ready';
+    // The worker itself never asks (its checkpoint is an hour away): only what the pod's process plants speaks.
+    const pod = await runWorkerPod(stack, dirs.controlRoot, { ...common(), name: 'e2e-hostile-src', annotations: { 'thaw.dev/checkpoint': name }, checkpointAfterMs: 3_600_000 });
+    try {
+      const serving = await waitForServingWorker(pod.controlDir);
+      const plant = [
+        'set -e', 'B=/bin/busybox', 'cd /snapshot-control',
+        `$B ln -s ${canary} snapshot-complete`, `$B ln -s ${canaryDir}/written-through-a-link checkpoint-complete.tmp`,
+        // Last: the agent acts on a ready marker at once.
+        '$B mknod ready-for-snapshot c 1 5',
+      ].join('; ');
+      const r = await stack.cri.execSync(pod.containerId, ['/bin/busybox', 'sh', '-c', plant], 10);
+      expect(r.exitCode, r.stderr).toBe(0);
+      // The agent takes the device for a ready marker, refuses to read it (not a regular file), and checkpoints
+      // (or fails to: the worker never quiesced); either way it then writes checkpoint-complete and
+      // snapshot-complete as new directory entries, never through the planted link.
+      const event = await waitForLog(dirs.logFile, (l) => l['event'] === 'checkpoint' && l['name'] === name, 'the checkpoint event', 120_000);
+      expect(['succeeded', 'failed']).toContain(event['outcome']);
+      const records = await readJsonLog(dirs.logFile);
+      expect(records.some((l) => l.msg === 'the ready marker has an unreadable payload; going on without it' && l['containerId'] === pod.containerId)).toBe(true);
+      await waitFor(() => (existsSync(join(pod.controlDir, 'checkpoint-complete')) ? true : undefined), 'checkpoint-complete', 30_000);
+      for (const marker of ['checkpoint-complete', 'snapshot-complete']) expect([marker, lstatSync(join(pod.controlDir, marker)).isFile()]).toEqual([marker, true]);
+      expect(lstatSync(join(pod.controlDir, 'ready-for-snapshot')).isCharacterDevice()).toBe(true);
+      expect(await readFile(canary, 'utf8')).toBe('host bytes\n');
+      expect(readdirSync(canaryDir)).toEqual(['canary']);
+      // The pod goes on serving, and the agent on answering NRI: the next pods of this file are adjusted by it.
+      expect((await getJson<WorkerState>(serving.port, '/state')).digest).toBe(expectedDigest(MEMORY_MB, SEED));
+    } finally {
+      await stack.cri.removePod(pod.podId);
+      await rm(canaryDir, { recursive: true, force: true });
+    }
   }, 240_000);
 
   it('falls back to a cold start when the agent is killed mid-restore and comes back', async () => {
