@@ -1,3 +1,4 @@
+import { execFileSync } from 'node:child_process';
 import { mkdtemp, mkdir, readdir, rm, symlink, writeFile, chmod, readFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
@@ -130,6 +131,39 @@ describe('create-runtime undoes the rootfs diff when it fails after applying it'
       expect(await snapshotTree(rootfs)).toEqual(before);
       expect(await readFile(join(rootfs, 'etc/passwd'), 'utf8')).toBe('image\n');
     } finally {
+      await rm(bundle, { recursive: true, force: true });
+      await rm(control, { recursive: true, force: true });
+    }
+  });
+
+  it('a failure after the diff whose undo fails too: HOOK_UNDO_FAILED, and the container must not start', async () => {
+    const bundle = await mkdtemp(join(tmpdir(), 'thaw-hook-bundle-'));
+    const control = await mkdtemp(join(tmpdir(), 'thaw-hook-ctl-'));
+    const rootfs = join(bundle, 'rootfs');
+    try {
+      await mkdir(join(rootfs, 'etc'), { recursive: true });
+      const checkpointDir = join(bundle, 'checkpoint');
+      await mkdir(checkpointDir);
+      // The diff creates a file at the top of the rootfs; the rootfs directory is append-only (chattr +a), so the
+      // apply may create it but the undo may not remove it.
+      await writeFile(join(checkpointDir, ROOTFS_DIFF_FILE_NAME), ustar([{ name: 'new-at-root', type: '0', data: 'diff\n' }]));
+      await writeFile(join(checkpointDir, DELETED_FILES_FILE_NAME), '[]');
+      await writeFile(join(bundle, 'config.json'), JSON.stringify({ root: { path: rootfs }, process: { args: ['no-such-binary'], env: ['PATH=/bin'] } }));
+      try {
+        execFileSync('chattr', ['+a', rootfs], { stdio: 'ignore' });
+      } catch {
+        console.log('chattr +a is not supported on this file system: the undo cannot be made to fail here');
+        return;
+      }
+      const r = await runCreateRuntime(
+        { ociVersion: '1.0.2', id: 'c1', status: 'creating', pid: process.pid, bundle, annotations: {} },
+        { mode: 'overlay', controlDir: control, checkpointDir, thawPausePath: '/nonexistent/thaw-pause' },
+      );
+      expect(r).toMatchObject({ ok: false, code: 'HOOK_UNDO_FAILED', mustNotStart: true });
+      expect(r.ok ? '' : r.reason).toMatch(/^HOOK_ENTRYPOINT_NOT_FOUND: .*; undoing the rootfs diff failed too: /);
+      expect(await readHookOutcome(control)).toMatchObject({ kind: 'failed', record: { code: 'HOOK_UNDO_FAILED' } });
+    } finally {
+      execFileSync('chattr', ['-a', rootfs], { stdio: 'ignore' });
       await rm(bundle, { recursive: true, force: true });
       await rm(control, { recursive: true, force: true });
     }
