@@ -32,16 +32,18 @@
  * Detection: the basename of argv[0] is "thaw-pause" -> args mode (and --version/--help are
  * understood); any other basename -> overlay mode. In overlay mode the fallback works only after the
  * agent has unmounted the overlay; if the exec target is still this very file (same st_dev/st_ino as
- * /proc/self/exe) we refuse with exit 127 instead of re-executing ourselves and hanging.
+ * /proc/self/exe), the original entrypoint is taken from THAW_PAUSE_ORIGINAL: a second bind mount of it
+ * that the createRuntime hook made (in the control directory) before it covered the entrypoint, so that a
+ * fallback needs no agent. Without it (or if it is this very file too) we refuse with exit 127 instead of
+ * re-executing ourselves and hanging.
  *
  * Deadline (the agent may be gone for good): env THAW_PAUSE_DEADLINE_MS, set by the agent, is how long
  * we wait for a word from it before falling back by ourselves. A word is SIGUSR1, SIGUSR2, or
  *   SIGWINCH "a restore is under way": the deadline starts again (the agent repeats it while it restores,
  *            so an agent killed mid-restore still leaves us a deadline).
- * At the deadline we fall back exactly as on SIGUSR2 (in overlay mode that is exit 127 while thaw-pause
- * is still mounted over the entrypoint: the kubelet restarts the container, and with no agent it starts
- * as a plain container). The variable is removed from our environment before any exec. Absent, 0 or not
- * a number: no deadline.
+ * At the deadline we fall back exactly as on SIGUSR2 (in overlay mode through THAW_PAUSE_ORIGINAL while
+ * thaw-pause is still mounted over the entrypoint). Both variables are removed from our environment
+ * before any exec. Absent, 0 or not a number: no deadline.
  *
  * Signal handlers only set flags (async-signal-safe); all work happens in the main loop, which
  * blocks the signals it handles and waits in sigsuspend(). stderr is the container log: one short
@@ -86,9 +88,19 @@ struct state {
   sigset_t orig_mask;
   pid_t worker; /* 0 until adopted */
   long deadline_ms; /* 0: none */
+  char original[4096]; /* overlay mode: the original entrypoint's second mount (THAW_PAUSE_ORIGINAL); "" none */
 };
 
 #define DEADLINE_ENV "THAW_PAUSE_DEADLINE_MS"
+#define ORIGINAL_ENV "THAW_PAUSE_ORIGINAL"
+
+/* THAW_PAUSE_ORIGINAL (an absolute path that fits) into buf, else ""; removed from the environment. */
+static void take_original_env(char *buf, size_t size) {
+  const char *v = getenv(ORIGINAL_ENV);
+  buf[0] = '\0';
+  if (v && v[0] == '/' && strlen(v) < size) strcpy(buf, v);
+  unsetenv(ORIGINAL_ENV);
+}
 
 /* (Re)arms the one-shot SIGALRM of the deadline; 0 disarms it. */
 static void arm_deadline(long ms) {
@@ -251,11 +263,16 @@ static void fall_back(struct state *s) {
   }
   const char *target = s->orig_argv[0];
   fprintf(stderr, "thaw-pause: fallback: exec %s\n", target);
+  const char *path = NULL; /* exec this file instead of searching target (overlay mode, still covered) */
   if (strcmp(s->mode, "overlay") == 0) {
     char resolved[4096];
     if (resolve(target, resolved, sizeof resolved) == 0 && same_file_as_self(resolved)) {
-      fprintf(stderr, "thaw-pause: exec %s refused: thaw-pause is still mounted over it\n", resolved);
-      exit(EXIT_EXEC_FAILED);
+      if (s->original[0] == '\0' || same_file_as_self(s->original)) {
+        fprintf(stderr, "thaw-pause: exec %s refused: thaw-pause is still mounted over it\n", resolved);
+        exit(EXIT_EXEC_FAILED);
+      }
+      fprintf(stderr, "thaw-pause: %s is still covered; exec the original entrypoint from %s\n", resolved, s->original);
+      path = s->original;
     }
   }
   kill_leftovers();
@@ -264,9 +281,10 @@ static void fall_back(struct state *s) {
    * dispositions (caught ones reset by exec; we ignore none), the mask we were started with. */
   prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0);
   sigprocmask(SIG_SETMASK, &s->orig_mask, NULL);
-  execvp(target, s->orig_argv);
+  if (path) execv(path, s->orig_argv);
+  else execvp(target, s->orig_argv);
   int err = errno;
-  fprintf(stderr, "thaw-pause: exec %s failed: %s\n", target, strerror(err));
+  fprintf(stderr, "thaw-pause: exec %s failed: %s\n", path ? path : target, strerror(err));
   exit(EXIT_EXEC_FAILED);
 }
 
@@ -356,6 +374,7 @@ int main(int argc, char **argv) {
   prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
 
   s.deadline_ms = take_deadline_env();
+  take_original_env(s.original, sizeof s.original);
   if (s.deadline_ms > 0) arm_deadline(s.deadline_ms);
 
   fprintf(stderr, "thaw-pause: waiting (mode=%s, argv0=%s)\n", s.mode,

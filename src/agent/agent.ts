@@ -26,6 +26,7 @@ import { createJsonLogger, type Logger } from '../log.js';
 import { NATIVE_HOOK_NAME } from '../defaults.js';
 import { hookSocketFor, UNIX_PATH_MAX_BYTES } from './hook-server.js';
 import { createNriPlugin, readLaunchEnv, type NriHandlers } from '../nri-plugin/index.js';
+import { undoJournalFor } from '../restore-engine/index.js';
 import { removeControlDir } from '../sdk/index.js';
 import { createAgentMetrics } from './agent-metrics.js';
 import { loadAgentService } from './api-proto.js';
@@ -105,12 +106,26 @@ async function removeStaleCheckpointWorkDirs(workRoot: string, logger: Logger): 
   }
 }
 
-/** Restore work dirs (`<workRoot>/<container id>`) of containers the runtime no longer has. */
+/**
+ * Restore work dirs (`<workRoot>/<container id>`) of containers the runtime no longer has, and their rootfs-diff
+ * undo journals (`<workRoot>/rootfs-undo/<container id>.json`, undoJournalFor). The journal of a container the
+ * runtime still has is kept: its restore did not finish under the agent that died, and the fallback this agent
+ * runs for it (recoverTarget, or restoreTargetStarted without a job) undoes the diff from it before the original
+ * command runs; the poststop hook or the container's removal drops it after that.
+ */
 async function removeOrphanRestoreWorkDirs(workRoot: string, known: (id: string) => boolean, logger: Logger): Promise<void> {
+  const journals = dirname(undoJournalFor(workRoot, 'x'));
   for (const entry of await readdir(workRoot).catch(() => [] as string[])) {
-    if (entry.startsWith(CHECKPOINT_WORK_DIR_PREFIX) || known(entry)) continue;
+    if (entry.startsWith(CHECKPOINT_WORK_DIR_PREFIX) || known(entry) || join(workRoot, entry) === journals) continue;
     await rm(join(workRoot, entry), { recursive: true, force: true });
     logger.info('removed the restore work dir of a container that is gone', { path: join(workRoot, entry) });
+  }
+  for (const entry of await readdir(journals).catch(() => [] as string[])) {
+    const id = entry.endsWith('.json') ? entry.slice(0, -'.json'.length) : entry;
+    if (known(id) && undoJournalFor(workRoot, id) === join(journals, entry)) continue;
+    // Its container is gone, and its rootfs with it: nothing is left to undo.
+    await rm(join(journals, entry), { recursive: true, force: true });
+    logger.info('removed the rootfs-diff undo journal of a container that is gone', { path: join(journals, entry) });
   }
 }
 

@@ -40,6 +40,7 @@ export interface CheckpointSummaryMsg {
   problem: string;
   snapshot: string;
   snapshot_key: string;
+  restore_failure_json: string;
 }
 export interface SnapshotPodsMsg { namespace: string; snapshot: string; outcome: string; cause: string; count: number }
 export interface ListCheckpointsResponseMsg { checkpoints: CheckpointSummaryMsg[]; snapshot_pods: SnapshotPodsMsg[] }

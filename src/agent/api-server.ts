@@ -94,6 +94,7 @@ function summaryOf(l: ListedCheckpoint, inUse: boolean): CheckpointSummaryMsg {
     problem: l.problem ? `${l.problem.code}: ${l.problem.message}` : '',
     snapshot: m?.snapshot?.name ?? '',
     snapshot_key: m?.snapshot?.key ?? '',
+    restore_failure_json: l.restoreFailure ? JSON.stringify(l.restoreFailure) : '',
   };
 }
 
@@ -216,6 +217,7 @@ export function createApiHandlers(ctx: ApiContext): grpc.UntypedServiceImplement
       const opened = await store.open(req.name);
       const diskBytes = await store.sizeOf(req.name);
       const m = opened.manifest;
+      const failure = await store.restoreFailure(opened.name, m).catch(() => undefined);
       const runtime = ctx.runtime();
       const mismatches = checkCompatibility(m, {
         ...readHostFacts(),
@@ -226,13 +228,19 @@ export function createApiHandlers(ctx: ApiContext): grpc.UntypedServiceImplement
         ...(engine.cuda?.facts ? { gpu: engine.cuda.facts } : {}),
       });
       return {
-        summary: summaryOf({ name: opened.name, manifest: m }, await store.isLeased(opened.name)),
+        summary: summaryOf({ name: opened.name, manifest: m, ...(failure !== undefined ? { restoreFailure: failure } : {}) }, await store.isLeased(opened.name)),
         manifest_json: JSON.stringify(m),
         disk_bytes: diskBytes,
         restorable: isRestorable(mismatches),
         mismatches: mismatches.map((x) => ({ what: x.what, expected: x.expected, actual: x.actual, severity: x.severity })),
         directory: opened.paths.dir,
       };
+    }),
+    ClearRestoreFailure: unary(ctx, 'ClearRestoreFailure', async (req: { name: string }) => {
+      await store.open(req.name); // NOT_FOUND (and the name rule) before anything else
+      const cleared = await store.clearRestoreFailure(req.name);
+      ctx.logger.info('restore-failure mark cleared through the API', { checkpoint: req.name, cleared });
+      return { cleared };
     }),
     DeleteCheckpoint: unary(ctx, 'DeleteCheckpoint', async (req: { name: string }) => {
       await store.delete(req.name);

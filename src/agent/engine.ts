@@ -199,6 +199,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     stats,
     workRoot: o.workRoot,
     toolkitBinDir: binDir,
+    thawPausePath: o.thawPausePath,
     ...(o.thawPauseDeadlineMs !== undefined ? { thawPauseDeadlineMs: o.thawPauseDeadlineMs } : {}),
     onEvent: (e: RestoreEvent) => {
       snapshots.onRestoreEvent(e);

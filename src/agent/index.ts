@@ -4,3 +4,4 @@ export { type CheckpointProgressMsg, type CheckpointRequestMsg, type CheckpointS
 export { type AgentConfig, CONFIG_KEYS, ConfigError, ConfigErrorCode, configFlagOptions, DEFAULT_CONFIG_PATH, flagNameOf, resolveAgentConfig } from './config.js';
 export { loadRegistryConfig } from './registry-config.js';
 export { type HookServer, type HookWork, startHookServer } from './hook-server.js';
+export { HOST_HELPERS } from './restore-tools.js';

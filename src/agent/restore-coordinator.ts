@@ -4,12 +4,14 @@
  * and return at once. The coordinator holds the jobs (which target is prepared or restoring), the checkpoint
  * prefetches shared by the pods and targets that want them, and the leases; the flow does the steps.
  */
+import { rm } from 'node:fs/promises';
 import { errorMessage } from '../errors.js';
 import type { Logger } from '../log.js';
 import { readHookOutcome, writeCheckpointUnavailable } from '../oci-hooks/index.js';
 import type { CriuClient } from '../restore-engine/index.js';
 import {
   createRestoreFlow,
+  undoJournalFor,
   type CudaRestoreStep,
   type PreparedRestore,
   type RestoreEvent,
@@ -32,6 +34,8 @@ export interface RestoreCoordinatorOptions {
   workRoot?: string;
   /** The toolkit's bin directory (mounted at the same path in the target): its busybox does the umount there. */
   toolkitBinDir: string;
+  /** Host path of thaw-pause (restore-flow's thawPausePath). */
+  thawPausePath?: string;
   nsenterPath?: string;
   /** Reads the files a restore runs (restore-tools.ts) into the page cache; run before each checkpoint prefetch. */
   warmTools?: (signal: AbortSignal) => Promise<unknown>;
@@ -81,6 +85,7 @@ interface Job extends RestoreJob {
 
 export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreCoordinator {
   const jobs = new Map<string, Job>();
+  const workRoot = o.workRoot ?? DEFAULT_RESTORE_WORK_ROOT;
   /** Set by close(): a target created after it is not restored here. */
   let closed = false;
   /** Leases of targets created while the agent was stopping (released at once; close() waits for them). */
@@ -111,8 +116,9 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
     criu: o.criu,
     logger,
     ...(o.stats ? { fallbacks: o.stats } : {}),
-    workRoot: o.workRoot ?? DEFAULT_RESTORE_WORK_ROOT,
+    workRoot,
     toolkitBinDir: o.toolkitBinDir,
+    ...(o.thawPausePath !== undefined ? { thawPausePath: o.thawPausePath } : {}),
     ...(o.nsenterPath !== undefined ? { nsenterPath: o.nsenterPath } : {}),
     ...(o.verifyTimeoutMs !== undefined ? { verifyTimeoutMs: o.verifyTimeoutMs } : {}),
     ...(o.criuRestoreTimeoutMs !== undefined ? { criuRestoreTimeoutMs: o.criuRestoreTimeoutMs } : {}),
@@ -191,6 +197,9 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
     },
 
     containerGone(containerId) {
+      // Its rootfs is gone: nothing is left to undo (the poststop hook removes the journal too; this covers a
+      // runtime that ran no poststop).
+      void rm(undoJournalFor(workRoot, containerId), { force: true }).catch(() => undefined);
       const job = jobs.get(containerId);
       if (job === undefined) return;
       job.abort.abort(new Error('container removed'));

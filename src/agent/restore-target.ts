@@ -6,6 +6,7 @@
  * read here (CreateContainer answers within containerd's 2 s); any problem leaves the container as it is (a
  * cold start, counted with its cause).
  */
+import { writeFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import type { CheckpointReference } from '../checkpoint-reference.js';
 import { errorMessage, isThawError } from '../errors.js';
@@ -17,7 +18,7 @@ import { CHECKPOINT_ENV, CONTROL_DIR_ENV, CONTROL_DIR_MOUNT_PATH, LEGACY_CONTROL
 import type { Container, PodSandbox } from '../nri-plugin/index.js';
 import { supportsArgs } from '../nri-plugin/index.js';
 import { createControlDir } from '../sdk/index.js';
-import type { LocalStore, OpenedCheckpoint, ReleaseLease } from '../store/index.js';
+import type { LocalStore, OpenedCheckpoint, ReleaseLease, RestoreFailure } from '../store/index.js';
 import { DELETED_FILES_FILE_NAME, ROOTFS_DIFF_FILE_NAME, type Manifest } from '../store/index.js';
 import { StoreErrorCode } from '../store/index.js';
 import { checkCompatibility, isRestorable, type GpuConstraints, type NodeFacts } from '../store/index.js';
@@ -28,6 +29,7 @@ import { identityOf, managedAnnotations, type ManagedContainer } from './managed
 import { describeContainer, dropInterest, type HandlerScope } from './nri-handler-scope.js';
 import { localRestoreRefusal } from './tenancy.js';
 import { RestoreErrorCode, undoJournalFor } from '../restore-engine/index.js';
+import { ORIGINAL_ENTRYPOINT_FILE } from '../oci-hooks/index.js';
 import { HandlerFallbackCause } from './errors.js';
 
 /** Fallback causes that are the tenancy policy's refusals (counted per namespace for /metrics). */
@@ -64,6 +66,8 @@ export interface ThawRestoreConfig {
 
 /** The env variable thaw-pause reads its deadline from (native/thaw-pause.c). */
 export const THAW_PAUSE_DEADLINE_ENV = 'THAW_PAUSE_DEADLINE_MS';
+/** overlay mode: where thaw-pause finds the original entrypoint while the overlay still covers it (native/thaw-pause.c). */
+export const THAW_PAUSE_ORIGINAL_ENV = 'THAW_PAUSE_ORIGINAL';
 
 export const DEFAULT_RESTORE_HOOK_TIMEOUT_SECONDS = 60;
 /** Of the hook's timeout, what a hook waiting for a pulled checkpoint leaves itself to apply the rootfs diff. */
@@ -112,6 +116,7 @@ export function hookWorkArgs(w: HookWork): string[] {
     ...(w.waitCheckpointMs !== undefined ? ['--wait-checkpoint-ms', String(w.waitCheckpointMs)] : []),
     ...(w.diffSha256 !== undefined ? ['--diff-sha256', `${w.diffSha256.rootfsDiff}:${w.diffSha256.deletedFiles}`] : []),
     ...(w.undoJournalFile !== undefined ? ['--undo-journal', w.undoJournalFile] : []),
+    ...(w.originalEntrypointPath !== undefined ? ['--original-entrypoint', w.originalEntrypointPath] : []),
   ];
 }
 
@@ -210,6 +215,20 @@ async function adjustWith(
       mismatches,
     });
   }
+  // One small read (ENOENT when nothing failed): a checkpoint whose restore failed here because of the checkpoint
+  // is not applied again (restore-flow's CHECKPOINT_FAULT_CAUSES; store/restore-failures.ts).
+  let failedBefore: RestoreFailure | undefined;
+  try {
+    failedBefore = await r.store.restoreFailure(checkpoint.name, checkpoint.manifest);
+  } catch (err) {
+    ctx.logger.warn('thaw: cannot read the restore-failure mark; restoring', { checkpoint: checkpoint.name, error: errorMessage(err) });
+  }
+  if (failedBefore !== undefined) {
+    return coldStart(scope, call, RestoreErrorCode.CHECKPOINT_FAILED_BEFORE, `a restore of this checkpoint failed on this node before (${failedBefore.cause}); \`thaw clear-failure ${checkpoint.name}\` lets pods restore from it again`, pod, container, ctx, {
+      checkpoint: checkpoint.name,
+      failure: { cause: failedBefore.cause, at: failedBefore.at, containerId: failedBefore.containerId, pod: failedBefore.pod, id: failedBefore.manifestId },
+    });
+  }
   const args = container.args ?? [];
   if (args.length === 0 || !args[0]) {
     return coldStart(scope, call, RestoreErrorCode.INCOMPATIBLE, 'the container has no args to hold behind thaw-pause', pod, container, ctx, { checkpoint: checkpointName });
@@ -231,6 +250,17 @@ async function adjustWith(
     }
   }
   const placeholder = supportsArgs(ctx.runtime.name, ctx.runtime.version, ctx.runtime.nriVersion) ? 'args' : 'overlay';
+  // overlay mode: the mountpoint the hook keeps the original entrypoint at, so that thaw-pause can fall back by
+  // itself (its deadline) while no agent is left to remove the overlay. Made now, before any pod process runs.
+  let originalEntrypoint: string | undefined;
+  if (placeholder === 'overlay') {
+    try {
+      await writeFile(join(controlDir, ORIGINAL_ENTRYPOINT_FILE), '', { flag: 'wx', mode: 0o600 });
+      originalEntrypoint = join(CONTROL_DIR_MOUNT_PATH, ORIGINAL_ENTRYPOINT_FILE);
+    } catch (err) {
+      ctx.logger.warn('thaw: cannot make the original entrypoint\'s mountpoint; thaw-pause cannot fall back without the agent', { containerId, error: errorMessage(err) });
+    }
+  }
   const entry: ManagedContainer = {
     ...identityOf(pod, container),
     // The local name: for a registry checkpoint, the one derived from its digest.
@@ -261,6 +291,8 @@ async function adjustWith(
     ...(diffSha256 !== undefined ? { diffSha256 } : {}),
     // The diff's undo journal, in the agent's own directory: a restore that fails later undoes from it.
     undoJournalFile: undoJournalFor(r.workRoot, containerId),
+    // overlay mode: where the hook bind-mounts the original entrypoint, for thaw-pause's own fallback.
+    ...(originalEntrypoint !== undefined ? { originalEntrypointPath: originalEntrypoint } : {}),
   };
   const createRuntimeHook =
     r.nativeHook !== undefined
@@ -282,10 +314,12 @@ async function adjustWith(
     .addHook('createRuntime', createRuntimeHook)
     .addHook('poststop', {
       path: r.hookArgv[0] as string,
-      args: [...r.hookArgv, 'poststop', '--control-dir', controlDir, '--work-dir', join(r.workRoot, containerId)],
+      args: [...r.hookArgv, 'poststop', '--control-dir', controlDir, '--work-dir', join(r.workRoot, containerId), '--undo-journal', undoJournalFor(r.workRoot, containerId)],
       env: [],
       timeoutSeconds: hookTimeout,
     });
+  // thaw-pause removes it from its environment before it execs the original command.
+  if (originalEntrypoint !== undefined) builder.addEnv(THAW_PAUSE_ORIGINAL_ENV, originalEntrypoint);
   // thaw-pause's directory, unless the toolkit mount already shows it at the same path.
   if (!pauseDir.startsWith(`${r.toolkitDir}/`)) builder.addMount({ destination: pauseDir, source: pauseDir, type: 'bind', options: ['rbind', 'ro'] });
   // The same environment as a source: a cold-started fallback then runs as the checkpointed worker did.

@@ -10,9 +10,27 @@ import { execFile } from 'node:child_process';
 import { readFile, realpath } from 'node:fs/promises';
 import { dirname, isAbsolute, resolve } from 'node:path';
 import { promisify } from 'node:util';
+import { DEFAULT_NSENTER_PATH, DEFAULT_UNSHARE_PATH } from '../defaults.js';
 import { elfInterpreter } from '../elf.js';
+import { DEFAULT_MOUNT_PATH, DEFAULT_UMOUNT_PATH } from '../oci-hooks/index.js';
+import { DEFAULT_SETPRIV_PATH, DEFAULT_SH_PATH } from '../restore-engine/index.js';
 
 const execFileP = promisify(execFile);
+
+/**
+ * The host programs thaw's root processes run by absolute path (docs/security.md, "Helpers and CRIU run on the
+ * host"): the restore chain (setpriv → sh → nsenter → unshare → CRIU) and the create-runtime hook's mount and
+ * umount. `thaw doctor` checks each is a host binary nobody but root can replace. `required: false`: thaw works
+ * without it, in a lesser way (no setpriv: a CRIU outlives a killed agent).
+ */
+export const HOST_HELPERS: ReadonlyArray<{ name: string; path: string; required: boolean; role: string }> = [
+  { name: 'nsenter', path: DEFAULT_NSENTER_PATH, required: true, role: 'joins the target\'s PID, IPC and UTS namespaces for CRIU' },
+  { name: 'unshare', path: DEFAULT_UNSHARE_PATH, required: true, role: 'gives CRIU a private copy of the host\'s mount namespace' },
+  { name: 'sh', path: DEFAULT_SH_PATH, required: true, role: 'moves the restorer into the target\'s cgroups' },
+  { name: 'mount', path: DEFAULT_MOUNT_PATH, required: true, role: 'the create-runtime hook\'s thaw-pause overlay' },
+  { name: 'umount', path: DEFAULT_UMOUNT_PATH, required: true, role: 'removes the thaw-pause overlay' },
+  { name: 'setpriv', path: DEFAULT_SETPRIV_PATH, required: false, role: 'CRIU dies with the agent' },
+];
 
 /** One `ld.so --list` run; a loader that hangs must not hold the prefetch. */
 export const LOADER_LIST_TIMEOUT_MS = 5_000;

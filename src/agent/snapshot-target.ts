@@ -87,8 +87,11 @@ export async function adjustSnapshotContainer(
     return adjusted;
   };
   // A checkpoint whose restores keep failing is taken again (by this container, if it gets the claim).
-  const retake = s.tracker.shouldRetake(lookup.storedName);
-  if (retake) ctx.logger.warn('thaw: the snapshot\'s checkpoint fell back in its last restores; this pod takes a new one if no other does', { ...where, key, checkpoint: lookup.storedName, failures: s.tracker.failuresOf(lookup.storedName) });
+  // One that a restore already failed from on this node because of the checkpoint (the store's restore-failure
+  // mark, RESTORE_CHECKPOINT_FAILED_BEFORE) is taken again at once: no restore of it would succeed.
+  const markedFailed = lookup.kind === 'found' ? await r.store.restoreFailure(lookup.checkpoint.name, lookup.checkpoint.manifest).catch(() => undefined) : undefined;
+  const retake = s.tracker.shouldRetake(lookup.storedName) || markedFailed !== undefined;
+  if (retake) ctx.logger.warn('thaw: the snapshot\'s checkpoint fell back in its last restores; this pod takes a new one if no other does', { ...where, key, checkpoint: lookup.storedName, failures: s.tracker.failuresOf(lookup.storedName), ...(markedFailed !== undefined ? { failedBefore: markedFailed.cause } : {}) });
   if (lookup.kind === 'found' && !retake) return restore(lookup.checkpoint.name, undefined, 'local store');
   // Not here: the namespace's repository may have it from another node (pushed by the node that took it).
   const repository = s.repositoryFor?.(namespace);

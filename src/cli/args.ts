@@ -79,6 +79,18 @@ export const COMMANDS: Record<string, CommandSpec> = {
     options: { ...COMMON, ...SOCKET },
     details: [SOCKET_HELP, JSON_HELP],
   },
+  'clear-failure': {
+    summary: 'let pods restore from a checkpoint again after a restore of it failed on this node',
+    usage: 'thaw clear-failure <checkpoint>',
+    positionals: { min: 1, max: 1 },
+    options: { ...COMMON, ...SOCKET },
+    details: [
+      '  A restore that failed because of the checkpoint (CRIU, its credentials, its rootfs diff) marks it: pods naming',
+      '  it cold-start (RESTORE_CHECKPOINT_FAILED_BEFORE) until it is replaced or this clears the mark (thaw list shows it).',
+      SOCKET_HELP,
+      JSON_HELP,
+    ],
+  },
   status: { summary: 'the agent, and the restores and checkpoints in flight', usage: 'thaw status', positionals: { min: 0, max: 0 }, options: { ...COMMON, ...SOCKET }, details: [SOCKET_HELP, JSON_HELP] },
   doctor: {
     summary: 'check this node for what thaw needs; each line says how to fix it',

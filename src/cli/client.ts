@@ -82,6 +82,9 @@ export class AgentClient {
   delete(name: string): Promise<object> {
     return this.unary('DeleteCheckpoint', { name });
   }
+  clearRestoreFailure(name: string): Promise<{ cleared: boolean }> {
+    return this.unary('ClearRestoreFailure', { name });
+  }
   status(): Promise<StatusResponseMsg> {
     return this.unary('Status', {});
   }

@@ -4,17 +4,17 @@
  * the createRuntime overlay instead of NRI args). Every check runs even when an earlier one failed.
  */
 import { execFile } from 'node:child_process';
-import { access, constants, lstat, readFile, readdir } from 'node:fs/promises';
+import { access, constants, lstat, open, readFile, readdir, realpath } from 'node:fs/promises';
 import { createConnection } from 'node:net';
 import { dirname, join } from 'node:path';
 import { promisify } from 'node:util';
 import type { AgentConfig } from '../agent/index.js';
+import { HOST_HELPERS } from '../agent/index.js';
 import { gpuFacts, tryLoadCuda, tryLoadNvml } from '../cuda/index.js';
 import { errorMessage } from '../errors.js';
 import { NATIVE_HOOK_NAME } from '../defaults.js';
 import { elfHasInterpreter } from '../elf.js';
 import { parseVersion, supportsArgs } from '../nri-plugin/index.js';
-import { DEFAULT_SETPRIV_PATH } from '../restore-engine/index.js';
 import { readThpMode, THP_ENABLED_PATH } from '../sys/host-facts.js';
 import { AgentClient } from './client.js';
 
@@ -124,11 +124,6 @@ async function toolkitChecks(c: AgentConfig): Promise<DoctorCheck[]> {
         : { id: 'criu.check', title: 'criu check', status: 'fail', detail: `exit ${check.code}: ${lines.slice(-3).join(' | ')}`, fix: 'run `criu check` as root and fix what it reports (kernel features, or run as root)' },
     );
   }
-  out.push(
-    (await executable(DEFAULT_SETPRIV_PATH))
-      ? { id: 'host.setpriv', title: 'setpriv (CRIU dies with the agent)', status: 'pass', detail: DEFAULT_SETPRIV_PATH }
-      : { id: 'host.setpriv', title: 'setpriv (CRIU dies with the agent)', status: 'warn', detail: `${DEFAULT_SETPRIV_PATH} is missing: a CRIU dumping a worker outlives a killed agent and traces the worker on`, fix: 'install util-linux (setpriv)' },
-  );
   for (const tool of ['tar', 'gzip']) {
     const path = join(bin, tool);
     out.push(
@@ -158,6 +153,64 @@ export async function nativeHookCheck(path: string): Promise<DoctorCheck> {
   return dynamic
     ? { id, title, status: 'warn', detail: `${path} is not a static ELF executable`, fix: 'rebuild it with make -C native (it links with -static)' }
     : { id, title, status: 'pass', detail: `${path} (static; the agent does its work, over a socket beside its API socket)` };
+}
+
+/**
+ * Why `path` (absolute) is not a host binary only root can replace, or undefined when it is: its real path
+ * (symlinks resolved, as exec resolves them) must be a regular executable ELF file owned by root and writable by
+ * nobody else, and every directory up to `/`, of the path as named and of the real one, owned by root and
+ * writable by nobody else (else a non-root user could swap what thaw runs as root).
+ */
+export async function hostBinaryProblem(path: string): Promise<string | undefined> {
+  let real: string;
+  try {
+    real = await realpath(path);
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'ENOENT' ? `${path} does not exist` : `${path}: ${errorMessage(err)}`;
+  }
+  const via = real === path ? path : `${path} (${real})`;
+  const st = await lstat(real);
+  if (!st.isFile()) return `${via} is not a regular file`;
+  if (st.uid !== 0) return `${via} is owned by uid ${st.uid}, not root`;
+  if ((st.mode & 0o022) !== 0) return `${via} is writable by group or others (mode ${(st.mode & 0o7777).toString(8).padStart(4, '0')})`;
+  if ((st.mode & 0o100) === 0) return `${via} is not executable`;
+  const fh = await open(real, 'r');
+  try {
+    const head = Buffer.alloc(4);
+    const { bytesRead } = await fh.read(head, 0, 4, 0);
+    if (bytesRead < 4 || head.toString('latin1') !== '\x7fELF') return `${via} is not an ELF binary (a script would run an interpreter of its own choosing)`;
+  } finally {
+    await fh.close();
+  }
+  // The directories of the path as named and of the file it resolves to: whoever may write to one of them can
+  // swap a symlink or the file.
+  for (const start of new Set([dirname(path), dirname(real)])) {
+    for (let dir = start; ; dir = dirname(dir)) {
+      const d = await lstat(dir);
+      // A symlinked directory (/bin -> usr/bin) has no mode of its own: its owner and its directory's count.
+      if (d.uid !== 0 || (!d.isSymbolicLink() && (d.mode & 0o022) !== 0)) return `${via}: its directory ${dir} is owned by uid ${d.uid} with mode ${(d.mode & 0o7777).toString(8).padStart(4, '0')} (root only, not writable by group or others)`;
+      if (dir === '/' || dir === '.') break;
+    }
+  }
+  return undefined;
+}
+
+/**
+ * The host programs thaw runs as root by absolute path (HOST_HELPERS): each must be a host binary only root can
+ * replace. A required one missing or unsafe fails; setpriv missing warns (thaw works without it), unsafe fails.
+ */
+export async function hostHelperChecks(helpers: ReadonlyArray<{ name: string; path: string; required: boolean; role: string }> = HOST_HELPERS): Promise<DoctorCheck[]> {
+  return Promise.all(
+    helpers.map(async (h): Promise<DoctorCheck> => {
+      const id = `host.${h.name}`;
+      const title = `${h.name} (${h.role})`;
+      const problem = await hostBinaryProblem(h.path).catch((err: unknown) => `${h.path}: ${errorMessage(err)}`);
+      if (problem === undefined) return { id, title, status: 'pass', detail: h.path };
+      const missing = problem === `${h.path} does not exist`;
+      const fix = missing ? `install ${h.name} at ${h.path} from the distribution (${h.name === 'sh' ? 'dash or bash' : 'util-linux'})` : `chown root:root and chmod go-w ${h.path} and its directories, or reinstall it from the distribution's package`;
+      return { id, title, status: missing && !h.required ? 'warn' : 'fail', detail: missing && !h.required ? `${problem}: a CRIU dumping a worker outlives a killed agent and traces the worker on` : problem, fix };
+    }),
+  );
 }
 
 async function containerdChecks(c: AgentConfig, binary: string): Promise<DoctorCheck[]> {
@@ -245,14 +298,15 @@ export async function runDoctor(o: DoctorOptions): Promise<DoctorCheck[]> {
     uid === 0
       ? { id: 'root', title: 'running as root', status: 'pass', detail: 'uid 0' }
       : { id: 'root', title: 'running as root', status: 'fail', detail: `uid ${uid}: CRIU, NRI and the store need root`, fix: 'run thaw as root (sudo thaw doctor)' };
-  const [kernel, toolkit, containerd, store, agent] = await Promise.all([
+  const [kernel, helpers, toolkit, containerd, store, agent] = await Promise.all([
     kernelChecks(),
+    hostHelperChecks(),
     toolkitChecks(o.config),
     containerdChecks(o.config, o.containerd ?? 'containerd'),
     storeCheck(o.config),
     agentCheck(o.apiSocket),
   ]);
-  return [root, ...kernel, ...toolkit, ...containerd, gpuCheck(o.config, o.requireGpu ?? false), store, agent];
+  return [root, ...kernel, ...helpers, ...toolkit, ...containerd, gpuCheck(o.config, o.requireGpu ?? false), store, agent];
 }
 
 export function renderDoctor(checks: readonly DoctorCheck[]): string {

@@ -215,6 +215,14 @@ async function dispatch(line: CommandLine, io: CliIo): Promise<number> {
         else io.stdout(`deleted ${name}\n`);
         return ExitCode.OK;
       });
+    case 'clear-failure':
+      return withClient(line, io, async (c) => {
+        const name = line.positionals[0]!;
+        const { cleared } = await c.clearRestoreFailure(name);
+        if (asJson) json(io, { name, cleared });
+        else io.stdout(cleared ? `cleared the restore-failure mark of ${name}: pods naming it restore from it again\n` : `${name} has no restore-failure mark\n`);
+        return ExitCode.OK;
+      });
     case 'status':
       return withClient(line, io, async (c) => {
         const s = await c.status();

@@ -29,11 +29,11 @@ export function renderList(checkpoints: readonly CheckpointSummaryMsg[], snapsho
     checkpoints.length === 0
       ? 'no checkpoints'
       : renderTable(
-          ['NAME', ...(withSnapshot ? ['SNAPSHOT'] : []), 'CREATED', 'SIZE', 'GPU', 'IN USE', 'IMAGE'],
+          ['NAME', ...(withSnapshot ? ['SNAPSHOT'] : []), 'CREATED', 'SIZE', 'GPU', 'IN USE', 'RESTORE', 'IMAGE'],
           checkpoints.map((c) =>
             c.problem
-              ? [c.name, ...snap(c), '-', '-', '-', c.in_use ? 'yes' : 'no', `BROKEN: ${c.problem}`]
-              : [c.name, ...snap(c), c.created_at.replace(/\.\d+Z$/, 'Z'), formatBytes(c.bytes), c.gpu ? 'yes' : 'no', c.in_use ? 'yes' : 'no', c.image],
+              ? [c.name, ...snap(c), '-', '-', '-', c.in_use ? 'yes' : 'no', '-', `BROKEN: ${c.problem}`]
+              : [c.name, ...snap(c), c.created_at.replace(/\.\d+Z$/, 'Z'), formatBytes(c.bytes), c.gpu ? 'yes' : 'no', c.in_use ? 'yes' : 'no', restoreColumn(c), c.image],
           ),
         );
   if (snapshotPods.length === 0) return table;
@@ -43,6 +43,13 @@ export function renderList(checkpoints: readonly CheckpointSummaryMsg[], snapsho
     'snapshot pods started on this node (since the agent started):',
     renderTable(['NAMESPACE', 'SNAPSHOT', 'STARTED', 'CAUSE', 'PODS'], snapshotPods.map((p) => [p.namespace, p.snapshot, p.outcome, p.cause || '-', String(p.count)])),
   ].join('\n');
+}
+
+/** "ok", or the cause of the restore failure that marks the checkpoint on this node (thaw clear-failure). */
+function restoreColumn(c: CheckpointSummaryMsg): string {
+  if (!c.restore_failure_json) return 'ok';
+  const f = JSON.parse(c.restore_failure_json) as { cause?: string };
+  return `FAILED ${f.cause ?? ''}`.trim();
 }
 
 export function renderInspect(r: InspectCheckpointResponseMsg): string {
@@ -62,6 +69,10 @@ export function renderInspect(r: InspectCheckpointResponseMsg): string {
     `in use:      ${s.in_use ? 'yes (a restore reads it)' : 'no'}`,
     `restorable here: ${r.restorable ? 'yes' : 'no'}`,
   ];
+  if (s.restore_failure_json) {
+    const f = JSON.parse(s.restore_failure_json) as { cause?: string; reason?: string; at?: string; pod?: string };
+    lines.push(`restore failed here: ${f.cause} at ${f.at} (pod ${f.pod}): ${f.reason}; pods cold-start until \`thaw clear-failure ${s.name}\``);
+  }
   for (const x of r.mismatches) lines.push(`  ${x.severity === 'fatal' ? 'FATAL' : 'warning'} ${x.what}: checkpoint ${x.expected}, this node ${x.actual}`);
   return lines.join('\n');
 }

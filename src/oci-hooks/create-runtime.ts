@@ -17,14 +17,14 @@
 import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
-import { access, mkdir, readFile, writeFile } from 'node:fs/promises';
+import { access, lstat, mkdir, readFile, writeFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { promisify } from 'node:util';
 import { errorMessage, isThawError } from '../errors.js';
 import { applyRootfsDiff, discardUndo, undoRootfsDiff, type UndoJournal } from '../restore-engine/rootfs-diff/index.js';
 import { DELETED_FILES_FILE_NAME, MANIFEST_FILE_NAME, ROOTFS_DIFF_FILE_NAME } from '../store/manifest.js';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { resolveEntrypoint } from './entrypoint.js';
+import { resolveEntrypoint, resolveInRoot } from './entrypoint.js';
 import { HookError, HookErrorCode } from './errors.js';
 import { readEntry } from '../sdk/index.js';
 import { CHECKPOINT_UNAVAILABLE_FILE, writeHookDone, writeHookFailed, type HookDoneRecord, type PlaceholderMode } from './records.js';
@@ -78,6 +78,13 @@ export interface CreateRuntimeOptions {
    * fails later (restore-flow.ts), or drops the backup on restore-complete. Absent: the backup is dropped here.
    */
   undoJournalFile?: string;
+  /**
+   * overlay mode: an empty file inside the container (absolute, as the container sees it: the agent makes
+   * `<control dir>/.thaw-original-entrypoint`) onto which the hook bind-mounts the original entrypoint before it
+   * covers it with thaw-pause. thaw-pause execs it (THAW_PAUSE_ORIGINAL) when it falls back with the overlay
+   * still in place: its deadline ran out and no agent removed the overlay. Absent: no second mount.
+   */
+  originalEntrypointPath?: string;
   /** Test seam: fail after the overlay is made (proves it is removed again). */
   failAfterOverlay?: boolean;
   /** ms from the hook process's start to its work (recorded: it is on every restore's critical path). */
@@ -171,6 +178,7 @@ export function parseDiffSha256(value: string | undefined): { rootfsDiff: string
 export async function runCreateRuntime(state: OciState, o: CreateRuntimeOptions): Promise<{ ok: true; record: HookDoneRecord } | { ok: false; code: string; reason: string; mustNotStart?: true }> {
   const started = performance.now();
   let overlayHostPath: string | undefined;
+  let originalHostPath: string | undefined;
   // What undoes the applied diff while the hook may still fail (the backup is dropped before hook-done).
   let undo: { rootfs: string; journal: UndoJournal } | undefined;
   try {
@@ -208,6 +216,17 @@ export async function runCreateRuntime(state: OciState, o: CreateRuntimeOptions)
       const rootfsView = `/proc/${state.pid}/root${config.rootfs}`;
       const resolved = await resolveEntrypoint(rootfsView, argv0, envValue(config.env, 'PATH'), config.cwd);
       const target = join(config.rootfs, resolved);
+      if (o.originalEntrypointPath !== undefined) {
+        // Resolved inside the root like the entrypoint (an image symlink on the way stays in the rootfs), and only
+        // onto the regular file the agent made: the original stays reachable for a fallback without an agent.
+        const at = await resolveInRoot(rootfsView, o.originalEntrypointPath);
+        const st = at === undefined ? undefined : await lstat(join(rootfsView, at)).catch(() => undefined);
+        if (at !== undefined && st?.isFile() === true) {
+          await inMountNs(o, state.pid, [o.mountPath ?? DEFAULT_MOUNT_PATH, '--no-canonicalize', '--bind', target, join(config.rootfs, at)], 'keep the original entrypoint reachable');
+          originalHostPath = join(config.rootfs, at);
+          record.originalPath = at;
+        }
+      }
       await inMountNs(o, state.pid, [o.mountPath ?? DEFAULT_MOUNT_PATH, '--no-canonicalize', '--bind', o.thawPausePath, target], 'install the thaw-pause overlay');
       overlayHostPath = target;
       record.overlayPath = resolved;
@@ -234,7 +253,7 @@ export async function runCreateRuntime(state: OciState, o: CreateRuntimeOptions)
     await writeHookDone(o.controlDir, record);
     return { ok: true, record };
   } catch (err) {
-    const code = isThawError(err) ? err.code : HookErrorCode.IO;
+    let code: string = isThawError(err) ? err.code : HookErrorCode.IO;
     let reason = errorMessage(err);
     if (overlayHostPath !== undefined && state.pid !== undefined) {
       try {
@@ -244,12 +263,19 @@ export async function runCreateRuntime(state: OciState, o: CreateRuntimeOptions)
         reason += `; removing the overlay failed too: ${errorMessage(umountErr)}`;
       }
     }
+    if (originalHostPath !== undefined && state.pid !== undefined) {
+      await inMountNs(o, state.pid, [o.umountPath ?? DEFAULT_UMOUNT_PATH, '--no-canonicalize', originalHostPath], 'remove the original entrypoint mount').catch((umountErr: unknown) => {
+        reason += `; removing the original entrypoint's mount failed too: ${errorMessage(umountErr)}`;
+      });
+    }
     let mustNotStart = false;
     if (undo !== undefined) {
       try {
         undoRootfsDiff(undo.rootfs, undo.journal);
       } catch (undoErr) {
-        reason += `; undoing the rootfs diff failed too: ${errorMessage(undoErr)}`;
+        // Its own cause: this container must not start at all (main.ts exits non-zero, runc fails the create).
+        reason = `${code}: ${reason}; undoing the rootfs diff failed too: ${errorMessage(undoErr)}`;
+        code = HookErrorCode.UNDO_FAILED;
         mustNotStart = true;
       }
     }

@@ -40,6 +40,12 @@ export const HookErrorCode = {
   AGENT_ANSWER_INVALID: 'HOOK_AGENT_ANSWER_INVALID',
   /** The agent's hook server has no restore waiting for this container (an agent restarted since CreateContainer). */
   AGENT_UNKNOWN_CONTAINER: 'HOOK_AGENT_UNKNOWN_CONTAINER',
+  /**
+   * The hook failed after it applied the rootfs diff, and undoing the diff failed too (ROOTFS_UNDO_FAILED): the
+   * rootfs is half changed, so the hook exits non-zero and runc fails the create rather than run anything on it
+   * (the kubelet retries with a fresh container). The reason names the first failure.
+   */
+  UNDO_FAILED: 'HOOK_UNDO_FAILED',
   /** A filesystem call failed for another reason. */
   IO: 'HOOK_IO',
 } as const;

@@ -45,6 +45,7 @@ async function main(argv: string[], startupMs: number): Promise<void> {
       'wait-checkpoint-ms': { type: 'string' },
       'diff-sha256': { type: 'string' },
       'budget-ms': { type: 'string' },
+      'original-entrypoint': { type: 'string' },
     },
     strict: true,
   });
@@ -75,6 +76,7 @@ async function main(argv: string[], startupMs: number): Promise<void> {
         ...(values['undo-journal'] !== undefined && values['undo-journal'].startsWith('/') ? { undoJournalFile: values['undo-journal'] } : {}),
         ...(values['wait-checkpoint-ms'] !== undefined && /^\d+$/.test(values['wait-checkpoint-ms']) ? { waitCheckpointMs: Number(values['wait-checkpoint-ms']) } : {}),
         ...(values['budget-ms'] !== undefined && /^\d+$/.test(values['budget-ms']) ? { budgetMs: Number(values['budget-ms']) } : {}),
+        ...(values['original-entrypoint'] !== undefined && values['original-entrypoint'].startsWith('/') ? { originalEntrypointPath: values['original-entrypoint'] } : {}),
       });
       if (!result.ok && result.mustNotStart === true) {
         // The diff's undo failed: the rootfs is half changed, so this create must fail rather than run on it.
@@ -87,7 +89,8 @@ async function main(argv: string[], startupMs: number): Promise<void> {
     case 'poststop': {
       // The state is not needed, but reading it keeps the runtime's write from failing on a closed pipe.
       await readStdin(STDIN_TIMEOUT_MS).catch(() => '');
-      const problems = await runPoststop({ controlDir: values['control-dir'], workDir: values['work-dir'] });
+      const undoJournal = values['undo-journal'];
+      const problems = await runPoststop({ controlDir: values['control-dir'], workDir: values['work-dir'], ...(undoJournal !== undefined && undoJournal.startsWith('/') ? { undoJournal } : {}) });
       if (problems.length > 0) process.stderr.write(`thaw poststop hook: could not remove ${problems.join('; ')}\n`);
       return;
     }

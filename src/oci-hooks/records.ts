@@ -18,6 +18,11 @@ export const HOOK_DONE_FILE = '.thaw-hook.json';
  * HookFailedRecord (the pull's error code and reason).
  */
 export const CHECKPOINT_UNAVAILABLE_FILE = '.thaw-checkpoint-unavailable';
+/**
+ * overlay mode: the empty file the agent makes in the control directory at CreateContainer, onto which the hook
+ * bind-mounts the original entrypoint (create-runtime.ts, originalEntrypointPath).
+ */
+export const ORIGINAL_ENTRYPOINT_FILE = '.thaw-original-entrypoint';
 
 export type PlaceholderMode = 'args' | 'overlay';
 
@@ -25,6 +30,8 @@ export interface HookDoneRecord {
   mode: PlaceholderMode;
   /** overlay mode: the path (inside the container, absolute, no symlinks) that thaw-pause is mounted over. */
   overlayPath?: string;
+  /** overlay mode: where the original entrypoint is also mounted (inside the container; thaw-pause's THAW_PAUSE_ORIGINAL). */
+  originalPath?: string;
   rootfsDiff?: { entries: number; deleted: number; ms: number };
   /** The diff's undo backup could not be removed after a successful apply: its name and why (it stays in the rootfs). */
   undoBackupLeft?: string;
@@ -88,6 +95,9 @@ export async function readHookOutcome(dir: string): Promise<HookOutcome> {
   }
   if (d.mode === 'overlay' && (typeof d.overlayPath !== 'string' || !d.overlayPath.startsWith('/'))) {
     return { kind: 'failed', record: { code: 'HOOK_RECORD_INVALID', reason: `${HOOK_DONE_FILE}: overlay mode without an absolute overlayPath` } };
+  }
+  if (d.originalPath !== undefined && (typeof d.originalPath !== 'string' || !d.originalPath.startsWith('/'))) {
+    return { kind: 'failed', record: { code: 'HOOK_RECORD_INVALID', reason: `${HOOK_DONE_FILE}: originalPath is not an absolute path` } };
   }
   return { kind: 'done', record: d as HookDoneRecord };
 }

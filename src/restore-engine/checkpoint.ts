@@ -25,7 +25,7 @@
  * suffers from a checkpoint). The caller gets CHECKPOINT_FAILED naming the phase, with the cause's code
  * (CRIU_FAILED with CRIU's log lines, STORE_EXISTS, ...) in `evidence.causeCode` and the cause attached.
  */
-import { mkdtemp, rm, stat } from 'node:fs/promises';
+import { lstat, mkdtemp, rm, stat } from 'node:fs/promises';
 import { hostname, tmpdir } from 'node:os';
 import { join } from 'node:path';
 
@@ -497,7 +497,8 @@ async function cleanUpAfterFailure(
  * already there: that worker was told (by an earlier checkpoint) and a failure now must not overwrite it.
  */
 async function tellWorkerItFailed(opts: CheckpointContainerOptions, log: Logger, failure: CheckpointError): Promise<void> {
-  const already = await stat(join(opts.controlDir, CHECKPOINT_COMPLETE)).then(() => true, () => false);
+  // lstat: the directory is the pod's, and a planted symlink is never followed (not even to stat its target).
+  const already = await lstat(join(opts.controlDir, CHECKPOINT_COMPLETE)).then(() => true, () => false);
   if (already) return;
   try {
     await writeMarker(opts.controlDir, CHECKPOINT_COMPLETE, {

@@ -166,6 +166,37 @@ async function openMappedFile(rootFd: number, path: string): Promise<FileHandle 
 }
 
 /**
+ * The first of `files` that exists in the tree `root` (the target's `/proc/<pid>/root`) but is not a regular file
+ * there: a FIFO (CRIU's open of it would block until its restore timeout), a device, a directory. Each path is
+ * resolved inside the root (openat2 RESOLVE_IN_ROOT|RESOLVE_NO_MAGICLINKS, symlinks followed there as CRIU
+ * follows them) with O_PATH, which opens nothing, then fstat'd: one openat2 and one fstat per file. A path that
+ * does not resolve is no verdict (CRIU reports it itself, at once). Undefined when every file is regular.
+ */
+export async function firstIrregularMappedFile(root: string, files: readonly MappedFile[]): Promise<{ path: string; type: string } | undefined> {
+  const at = fsAt();
+  const rootFh = await open(root, fsConstants.O_RDONLY | fsConstants.O_DIRECTORY);
+  try {
+    for (const f of files) {
+      let fd: number;
+      try {
+        fd = at.openInRoot(rootFh.fd, f.path, O_PATH);
+      } catch {
+        continue;
+      }
+      try {
+        const st = fstatSync(fd);
+        if (!st.isFile()) return { path: f.path, type: st.isFIFO() ? 'fifo' : st.isCharacterDevice() ? 'character device' : st.isBlockDevice() ? 'block device' : st.isDirectory() ? 'directory' : st.isSocket() ? 'socket' : 'not a regular file' };
+      } finally {
+        at.close(fd);
+      }
+    }
+    return undefined;
+  } finally {
+    await rootFh.close();
+  }
+}
+
+/**
  * Reads every range of `files` under `root` (e.g. `/proc/<pid>/root`: the target container's view, where the
  * restored process will find them), `concurrency` files at a time: first the head of every file (what CRIU
  * reads first), then the rest. Stops early when `signal` aborts.

@@ -14,6 +14,13 @@ export const RestoreErrorCode = {
    * OCI_* or STORE_* error with its evidence).
    */
   PULL_FAILED: 'RESTORE_PULL_FAILED',
+  /**
+   * A restore of this very checkpoint (name and manifest digest) failed on this node before, because of the
+   * checkpoint (CRIU, its credentials, its rootfs diff: CHECKPOINT_FAULT_CAUSES in restore-flow.ts), and the
+   * failure was recorded in the store: decided at CreateContainer, nothing is applied. Replacing the checkpoint
+   * or `thaw clear-failure <name>` lets pods restore from it again.
+   */
+  CHECKPOINT_FAILED_BEFORE: 'RESTORE_CHECKPOINT_FAILED_BEFORE',
   /** The checkpoint does not match its manifest (sha256, size, extra or missing files) or cannot be read. */
   CHECKPOINT_CORRUPT: 'RESTORE_CHECKPOINT_CORRUPT',
   /** The manifest's constraints do not match this node or container (arch, image, command, args, container). */
@@ -46,6 +53,12 @@ export const RestoreErrorCode = {
    * runs (host-mounts.ts).
    */
   TARGET_MOUNTS: 'RESTORE_TARGET_MOUNTS',
+  /**
+   * A file the checkpoint's processes map (its files.img) is, in the target container, not a regular file: a
+   * FIFO CRIU's open would block on until its timeout, a device, a directory (planted by the checkpoint's diff or
+   * the image). Found before CRIU runs; evidence: the path and what it is.
+   */
+  MAPPED_FILE_UNSAFE: 'RESTORE_MAPPED_FILE_UNSAFE',
   /** The target container's OCI spec (config.json beside its rootfs) could not be read or is not its own. */
   TARGET_SPEC: 'RESTORE_TARGET_SPEC',
   /**
@@ -63,6 +76,19 @@ export const RestoreErrorCode = {
   TIMEOUT: 'RESTORE_TIMEOUT',
   /** The caller's AbortSignal fired (container removed, agent stopping). */
   ABORTED: 'RESTORE_ABORTED',
+  /**
+   * The fallback could not undo the checkpoint's rootfs diff in the container (ROOTFS_UNDO_FAILED: a symlink on a
+   * journalled path, the backup gone or swapped): the original command must not run on a half-changed rootfs,
+   * so the container is SIGKILLed instead of cold-started (the kubelet creates it afresh from the image). The
+   * event's `fellBackFor` names the cause the restore had fallen back for.
+   */
+  UNDO_FAILED: 'RESTORE_UNDO_FAILED',
+  /**
+   * thaw-pause fell back by itself: no word came from the agent within its deadline (THAW_PAUSE_DEADLINE_MS), so
+   * the agent was gone; the original command already runs (found by the next agent, which then neither signals
+   * nor writes into the container). The rootfs diff is not undone in that case: no agent was there to do it.
+   */
+  PLACEHOLDER_DEADLINE: 'RESTORE_PLACEHOLDER_DEADLINE',
   /** The agent died while the container waited for its restore; found on the next start (NRI Synchronize). */
   AGENT_RESTARTED: 'RESTORE_AGENT_RESTARTED',
   /** Anything else (a bug): still a cold start. */

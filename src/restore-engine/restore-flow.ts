@@ -22,6 +22,7 @@
  * and the prefetch is handed in as the small interfaces below.
  */
 import { execFile } from 'node:child_process';
+import { statSync } from 'node:fs';
 import { mkdir, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -34,7 +35,7 @@ import type { LocalStore, OpenedCheckpoint, ReleaseLease } from '../store/index.
 import { StoreErrorCode } from '../store/index.js';
 import type { CriuClient } from './criu/client.js';
 import { CriuImageCodec } from './criu/images.js';
-import { mappedFilePages, readMappedFilePages, type MappedFile, type ReadMappedResult } from './mapped-files.js';
+import { firstIrregularMappedFile, mappedFilePages, readMappedFilePages, type MappedFile, type ReadMappedResult } from './mapped-files.js';
 import { RestoreError, RestoreErrorCode } from './restore-errors.js';
 import { killRestoredTree, restoreIntoContainer, type RestoredTree } from './restore.js';
 import { discardUndo, undoRootfsDiff, type UndoJournal } from './rootfs-diff/index.js';
@@ -87,6 +88,12 @@ export interface RestoreEvent {
   outcome: 'restored' | 'fallback';
   /** The RESTORE_* code of the fallback (absent when restored). */
   cause?: string;
+  /**
+   * The diff could not be undone (cause RESTORE_UNDO_FAILED): the container was SIGKILLed rather than cold-started
+   * on a changed rootfs; `fellBackFor` is the cause the restore had fallen back for.
+   */
+  killed?: boolean;
+  fellBackFor?: string;
   reason?: string;
   checkpoint: string;
   /** The checkpoint's manifest id, when it was opened. */
@@ -119,7 +126,7 @@ export interface RestoreEvent {
 
 /** What the create-runtime hook recorded in the control directory, as the flow reads it (oci-hooks/records.ts). */
 export type HookOutcomeView =
-  | { kind: 'done'; record: { mode: 'args' | 'overlay'; overlayPath?: string; ms: number; startupMs?: number } }
+  | { kind: 'done'; record: { mode: 'args' | 'overlay'; overlayPath?: string; originalPath?: string; ms: number; startupMs?: number } }
   | { kind: 'failed'; record: { code: string; reason: string } }
   | { kind: 'missing' };
 
@@ -131,7 +138,31 @@ export interface HookRecords {
 }
 
 /** The store as the flow uses it. */
-export type RestoreStore = Pick<LocalStore, 'acquireLease' | 'verify'>;
+export type RestoreStore = Pick<LocalStore, 'acquireLease' | 'verify' | 'recordRestoreFailure'>;
+
+/**
+ * Fallback causes that say the checkpoint itself cannot be restored here: after one, the checkpoint is marked
+ * failed in the store (LocalStore.recordRestoreFailure) and the next pod naming it cold-starts at once
+ * (RESTORE_CHECKPOINT_FAILED_BEFORE) instead of applying the same diff and running the same CRIU again. Not
+ * here: causes of the target or the moment (the container gone, the agent stopping or restarted, a time limit,
+ * its cgroups, mounts or spec, the overlay) and a checkpoint whose files do not match their digests (verify
+ * refuses it on every attempt before CRIU, and a repaired copy of the same manifest must restore again).
+ */
+export const CHECKPOINT_FAULT_CAUSES: ReadonlySet<string> = new Set([
+  RestoreErrorCode.CRIU,
+  RestoreErrorCode.MAPPED_FILE_UNSAFE,
+  RestoreErrorCode.CREDENTIALS_EXCEED_SPEC,
+  RestoreErrorCode.ADOPT,
+  RestoreErrorCode.DEVICES,
+]);
+/** The create-runtime hook's codes that are the checkpoint's rootfs diff refused or failing to apply. */
+export const CHECKPOINT_FAULT_HOOK_CODES: ReadonlySet<string> = new Set(['HOOK_ROOTFS_DIFF_FAILED']);
+
+/** Whether a fallback with `cause` (and this hook outcome) marks the checkpoint failed on this node. */
+export function isCheckpointFault(cause: string, hook: HookOutcomeView): boolean {
+  if (CHECKPOINT_FAULT_CAUSES.has(cause)) return true;
+  return cause === RestoreErrorCode.HOOK_FAILED && hook.kind === 'failed' && CHECKPOINT_FAULT_HOOK_CODES.has(hook.record.code);
+}
 
 /** Where each fallback is counted, by cause (the agent's ThawNriStats). */
 export interface FallbackCounter {
@@ -205,6 +236,8 @@ export interface RestoreFlowOptions {
   workRoot: string;
   /** The toolkit's bin directory (mounted at the same path in the target): its busybox does the umount there. */
   toolkitBinDir: string;
+  /** Host path of thaw-pause: tells a placeholder that still waits from one that fell back by itself (recover). */
+  thawPausePath?: string;
   nsenterPath?: string;
   verifyTimeoutMs?: number;
   criuRestoreTimeoutMs?: number;
@@ -292,10 +325,11 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
   const logger = o.logger;
   const imageCodec = CriuImageCodec.load();
 
-  async function unmountOverlay(pid: number, path: string): Promise<void> {
+  /** Removes thaw-pause's overlay and the hook's second mount of the original entrypoint, in one umount. */
+  async function unmountOverlay(pid: number, path: string, originalPath?: string): Promise<void> {
     try {
       // Lazy: thaw-pause runs from that very file, so a plain umount would be EBUSY.
-      await execFileP(o.nsenterPath ?? DEFAULT_NSENTER_PATH, ['-t', String(pid), '-m', '--', join(o.toolkitBinDir, 'busybox'), 'umount', '-l', path], {
+      await execFileP(o.nsenterPath ?? DEFAULT_NSENTER_PATH, ['-t', String(pid), '-m', '--', join(o.toolkitBinDir, 'busybox'), 'umount', '-l', path, ...(originalPath !== undefined ? [originalPath] : [])], {
         timeout: OVERLAY_UMOUNT_TIMEOUT_MS,
         env: {},
       });
@@ -356,37 +390,53 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
     const problems: string[] = [];
     if (c.overlayMounted && c.hook.kind === 'done' && c.hook.record.overlayPath !== undefined) {
       // The overlay may already be gone (a restore of an earlier agent had got past it): then umount fails, which is fine.
-      await unmountOverlay(c.pid, c.hook.record.overlayPath).catch((e: unknown) => problems.push(errorMessage(e)));
+      await unmountOverlay(c.pid, c.hook.record.overlayPath, c.hook.record.originalPath).catch((e: unknown) => problems.push(errorMessage(e)));
     }
-    await writeMarker(c.container.controlDir, 'restore-failed', { reason: c.reason, cause: c.cause }).catch((e: unknown) => problems.push(`restore-failed marker: ${errorMessage(e)}`));
     // The original command must run on the image's own rootfs: undo what the hook's diff changed first. If that
-    // fails, the rootfs is half changed: the container is killed instead (the kubelet starts it afresh).
-    let undoFailed: string | undefined;
+    // fails, the rootfs is half changed: the container is killed instead (the kubelet starts it afresh), and the
+    // cause is RESTORE_UNDO_FAILED, not the one the restore fell back for.
+    let undoError: unknown;
     if (placeholderRuns) {
       try {
         await undoHookDiff(c.container.containerId, c.pid);
       } catch (e) {
-        undoFailed = errorMessage(e);
-        problems.push(`the container is killed, not cold-started: ${undoFailed}`);
+        undoError = e;
       }
     }
-    if (placeholderRuns && undoFailed !== undefined) {
+    const killed = undoError !== undefined;
+    const cause = killed ? RestoreErrorCode.UNDO_FAILED : c.cause;
+    const reason = killed ? `undoing the rootfs diff failed: ${errorMessage(undoError)}; the container is killed, not cold-started (the restore had fallen back for ${c.cause}: ${c.reason})` : c.reason;
+    await writeMarker(c.container.controlDir, 'restore-failed', { reason, cause }).catch((e: unknown) => problems.push(`restore-failed marker: ${errorMessage(e)}`));
+    if (placeholderRuns) {
+      const signal = killed ? 'SIGKILL' : 'SIGUSR2';
       try {
-        process.kill(c.pid, 'SIGKILL');
+        process.kill(c.pid, signal);
       } catch (e) {
-        problems.push(`SIGKILL to ${c.pid}: ${errorMessage(e)}`);
-      }
-    } else if (placeholderRuns) {
-      try {
-        process.kill(c.pid, 'SIGUSR2');
-      } catch (e) {
-        problems.push(`SIGUSR2 to ${c.pid}: ${errorMessage(e)}`);
+        problems.push(`${signal} to ${c.pid}: ${errorMessage(e)}`);
       }
     }
-    o.fallbacks?.countFallback(c.cause);
-    const e = c.event();
-    logger.warn('restore', { ...e, ...(isThawError(c.error) ? { error: c.error.toJSON() } : {}), ...(problems.length > 0 ? { problems } : {}) });
+    o.fallbacks?.countFallback(cause);
+    const e: RestoreEvent = killed ? { ...c.event(), cause, reason, killed: true, fellBackFor: c.cause } : c.event();
+    const error = killed ? undoError : c.error;
+    logger.warn('restore', { ...e, ...(isThawError(error) ? { error: error.toJSON() } : {}), ...(problems.length > 0 ? { problems } : {}) });
     o.onEvent?.(e);
+  }
+
+  /** Records that this checkpoint (this manifest) failed here; a failure to record is logged, never thrown. */
+  async function markCheckpointFailed(job: RestoreJob, cause: string, reason: string): Promise<void> {
+    const c = job.container;
+    try {
+      const failure = await o.store.recordRestoreFailure(job.checkpoint, { cause, reason, containerId: c.containerId, pod: `${c.podNamespace}/${c.podName}` });
+      logger.warn('checkpoint marked failed on this node: pods naming it cold-start until it is replaced or `thaw clear-failure` clears the mark', {
+        checkpoint: failure.name,
+        id: failure.manifestId,
+        manifestDigest: failure.manifestDigest,
+        cause,
+        containerId: c.containerId,
+      });
+    } catch (err) {
+      logger.error('cannot mark the checkpoint failed', { checkpoint: job.checkpoint.name, cause, error: errorMessage(err) });
+    }
   }
 
   /**
@@ -591,7 +641,7 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
 
       if (hook.record.mode === 'overlay' && hook.record.overlayPath !== undefined) {
         const t1 = performance.now();
-        await unmountOverlay(pid, hook.record.overlayPath);
+        await unmountOverlay(pid, hook.record.overlayPath, hook.record.originalPath);
         overlayMounted = false;
         phases.overlayMs = Math.round(performance.now() - t1);
       }
@@ -599,6 +649,12 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
       await clearStaleMarkers(container.controlDir);
       await rm(workDir, { recursive: true, force: true });
       await mkdir(workDir, { recursive: true, mode: 0o700 });
+      // One O_PATH openat2 + fstat per mapped file (the list was made while the container was created): a FIFO
+      // planted at one of them would hold CRIU's open until its timeout, and the pod in its placeholder with it.
+      const irregular = await firstIrregularMappedFile(`/proc/${pid}/root`, await (job.mappedFiles ?? Promise.resolve([])));
+      if (irregular !== undefined) {
+        throw new RestoreError(RestoreErrorCode.MAPPED_FILE_UNSAFE, `${irregular.path}, which the checkpoint maps, is a ${irregular.type} in the target`, { step: 'check the mapped files', evidence: irregular });
+      }
       const mappedReads = startMappedFileReads(job, pid);
       at.criuStart = Date.now();
       try {
@@ -660,6 +716,8 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
       const cause = isThawError(err) ? err.code : RestoreErrorCode.INTERNAL;
       const reason = errorMessage(err);
       holding?.stop(); // the fallback's SIGUSR2 is the last word
+      // Before the fallback's event: a pod created right after it already finds the mark.
+      if (isCheckpointFault(cause, hook)) await markCheckpointFailed(job, cause, reason);
       await fallBackToColdStart({
         container,
         pid,
@@ -706,12 +764,50 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
     }
   }
 
+  /**
+   * Whether PID 1 of the target still runs thaw-pause (the same file as the host's; in overlay mode it is mounted
+   * over the entrypoint, so the inode tells, not the name). Unknown (no thaw-pause path given, or /proc
+   * unreadable): assumed to.
+   */
+  function placeholderRuns(pid: number): boolean {
+    if (o.thawPausePath === undefined) return true;
+    try {
+      const exe = statSync(`/proc/${pid}/exe`);
+      const pause = statSync(o.thawPausePath);
+      return exe.dev === pause.dev && exe.ino === pause.ino;
+    } catch {
+      return true;
+    }
+  }
+
   async function recover(container: RestoreTarget, pid: number): Promise<void> {
     const outcome = await firstMarker(container.controlDir);
     if (outcome !== undefined) return; // finished before the restart: restored, or fallen back
+    const event = (cause: string, reason: string): RestoreEvent => ({
+      event: 'restore',
+      outcome: 'fallback',
+      cause,
+      reason,
+      checkpoint: container.checkpointName,
+      containerId: container.containerId,
+      container: container.containerName,
+      pod: `${container.podNamespace}/${container.podName}`,
+      mode: container.placeholder ?? 'overlay',
+      phases: { totalMs: 0 },
+    });
+    const hookSeen = await o.hookRecords.readHookOutcome(container.controlDir);
+    if (hookSeen.kind === 'done' && !placeholderRuns(pid)) {
+      // thaw-pause's deadline ran out while no agent was there: it exec'd the original command itself. Its
+      // process is the pod's own now: no signal, no undo under it, no write into its control directory.
+      const e = event(RestoreErrorCode.PLACEHOLDER_DEADLINE, 'thaw-pause fell back by itself (no word from the agent within its deadline); the original command runs');
+      o.fallbacks?.countFallback(RestoreErrorCode.PLACEHOLDER_DEADLINE);
+      logger.warn('restore', { ...e });
+      o.onEvent?.(e);
+      return;
+    }
     const cause = RestoreErrorCode.AGENT_RESTARTED;
     const reason = 'the agent restarted while this container waited for its restore';
-    const hook = await o.hookRecords.readHookOutcome(container.controlDir);
+    const hook = hookSeen;
     await fallBackToColdStart({
       container,
       pid,
@@ -719,18 +815,7 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
       reason,
       hook,
       overlayMounted: hook.kind === 'done' && hook.record.mode === 'overlay',
-      event: () => ({
-        event: 'restore',
-        outcome: 'fallback',
-        cause,
-        reason,
-        checkpoint: container.checkpointName,
-        containerId: container.containerId,
-        container: container.containerName,
-        pod: `${container.podNamespace}/${container.podName}`,
-        mode: container.placeholder ?? 'overlay',
-        phases: { totalMs: 0 },
-      }),
+      event: () => event(cause, reason),
     });
   }
 

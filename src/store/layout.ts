@@ -9,6 +9,7 @@
  *   <root>/.tmp-<name>-<pid>-<start>-<random>/  a checkpoint being written, or an old one being removed
  *   <root>/.leases/<name>@<pid>-<start>-<token>  "this process is reading <name>" (leases.ts)
  *   <root>/.verified/<name>.json       the file identities last hashed (verify.ts)
+ *   <root>/.restore-failed/<name>.json a restore of this manifest failed here (restore-failures.ts)
  *
  * Directories are 0700 and files 0600, owned by root: a checkpoint is process memory, secrets included.
  *

@@ -7,6 +7,7 @@
  *   recover.ts   removing what a crashed writer left
  *   verify.ts    sha256 against the manifest, and the stamps that skip an unchanged checkpoint
  *   leases.ts    "a restore is reading this": delete and replace refuse it
+ *   restore-failures.ts  "a restore of this checkpoint failed here": the next pod cold-starts at once
  *
  * The prefetch into the page cache is src/sys/prefetch.ts, run over a checkpoint's files by prefetch() here.
  */
@@ -25,11 +26,13 @@ import { openCheckpoint, openStoreRoot, readManifestUnchecked, requireExists } f
 import { beginCheckpoint, fsyncPath, type PendingCheckpoint, type PublishContext } from './publish.js';
 import { recoverStore } from './recover.js';
 import { bindRenameAt2 } from './rename.js';
+import { manifestDigest, RestoreFailures, type RestoreFailure } from './restore-failures.js';
 import { StampCache, verifyCheckpoint, type VerifyOptions, type VerifyResult } from './verify.js';
 
 export { CHECKPOINT_DIR_MODE, CHECKPOINT_FILE_MODE, type CheckpointPaths, type OpenedCheckpoint } from './layout.js';
 export type { ReleaseLease } from './leases.js';
 export { PendingCheckpoint, type PublishOptions } from './publish.js';
+export { manifestDigest, RESTORE_FAILURES_DIR, type RestoreFailure } from './restore-failures.js';
 export { VERIFIED_STAMPS_DIR, type VerifyOptions, type VerifyResult } from './verify.js';
 export { DEFAULT_PREFETCH_CONCURRENCY, PREFETCH_CHUNK_BYTES, PREFETCH_RESIDENT_FRACTION, PREFETCH_SEGMENT_BYTES } from '../sys/prefetch.js';
 
@@ -49,6 +52,8 @@ export interface ListedCheckpoint {
   name: string;
   /** Present when the checkpoint opened cleanly. */
   manifest?: Manifest;
+  /** A restore of this very manifest failed on this node because of the checkpoint (restore-failures.ts). */
+  restoreFailure?: RestoreFailure;
   /** Why it did not (a corrupt or foreign directory is listed, not hidden, so that an operator can delete it). */
   problem?: { code: string; message: string };
 }
@@ -81,6 +86,7 @@ export class LocalStore {
   private readonly layout: StoreLayout;
   private readonly leases: Leases;
   private readonly stamps: StampCache;
+  private readonly failures: RestoreFailures;
   private readonly publishing: PublishContext;
 
   /** Use openLocalStore(), which checks the root and recovers. */
@@ -94,6 +100,7 @@ export class LocalStore {
     this.layout = new StoreLayout(root);
     this.leases = new Leases(this.layout, now);
     this.stamps = new StampCache(root, this.logger);
+    this.failures = new RestoreFailures(root, this.logger);
     this.publishing = {
       layout: this.layout,
       logger: this.logger,
@@ -102,6 +109,7 @@ export class LocalStore {
       now,
       renameAt2: bindRenameAt2(),
       stamps: this.stamps,
+      failures: this.failures,
       isLeased: (name) => this.isLeased(name),
     };
   }
@@ -147,7 +155,9 @@ export class LocalStore {
     const out: ListedCheckpoint[] = [];
     for (const name of names) {
       try {
-        out.push({ name, manifest: (await this.open(name)).manifest });
+        const { manifest } = await this.open(name);
+        const restoreFailure = await this.failures.read(name, manifest).catch(() => undefined);
+        out.push({ name, manifest, ...(restoreFailure !== undefined ? { restoreFailure } : {}) });
       } catch (err) {
         const e = err as StoreError;
         out.push({ name, problem: { code: e.code ?? StoreErrorCode.IO, message: e.message } });
@@ -181,6 +191,7 @@ export class LocalStore {
     const aside = this.layout.inside(this.layout.newTmpName(name), step);
     try {
       await this.stamps.remove(name);
+      await this.failures.clear(name);
       await rename(dir, aside);
       await fsyncPath(this.root);
       await rm(aside, { recursive: true, force: true });
@@ -225,6 +236,41 @@ export class LocalStore {
     const ms = performance.now() - started;
     this.logger.debug('checkpoint prefetched', { name, bytes, bytesRead, ms });
     return { bytes, bytesRead, ms };
+  }
+
+  /**
+   * Marks `checkpoint` (this very manifest) as failed on this node: the next restore target naming it
+   * cold-starts with RESTORE_CHECKPOINT_FAILED_BEFORE until the checkpoint is replaced or the mark cleared.
+   */
+  async recordRestoreFailure(checkpoint: OpenedCheckpoint, failure: Omit<RestoreFailure, 'name' | 'manifestDigest' | 'manifestId' | 'at'>): Promise<RestoreFailure> {
+    this.dirOf(checkpoint.name, 'mark checkpoint failed');
+    const record: RestoreFailure = {
+      name: checkpoint.name,
+      manifestDigest: manifestDigest(checkpoint.manifest),
+      manifestId: checkpoint.manifest.id,
+      cause: failure.cause,
+      reason: failure.reason,
+      containerId: failure.containerId,
+      pod: failure.pod,
+      at: new Date().toISOString(),
+    };
+    await this.failures.record(record);
+    return record;
+  }
+
+  /**
+   * The restore-failure mark of `name` for this manifest (one small read; undefined when none). A mark of
+   * another manifest (the checkpoint was replaced) is removed and not returned.
+   */
+  async restoreFailure(name: string, manifest: Manifest): Promise<RestoreFailure | undefined> {
+    this.dirOf(name, 'read restore-failure mark');
+    return this.failures.read(name, manifest);
+  }
+
+  /** Clears the mark (the operator's `thaw clear-failure`); true when there was one. */
+  async clearRestoreFailure(name: string): Promise<boolean> {
+    this.dirOf(name, 'clear restore-failure mark');
+    return this.failures.clear(name);
   }
 
   /** Reads manifest.json without the directory checks of open(); for tools that inspect broken checkpoints. */

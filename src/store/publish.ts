@@ -15,6 +15,7 @@ import { ioError, StoreError, StoreErrorCode, storeAborted, throwIfAborted } fro
 import { CHECKPOINT_DIR_MODE, CHECKPOINT_FILE_MODE, pathsOf, walk, type CheckpointPaths, type OpenedCheckpoint, type StoreLayout, type Tree } from './layout.js';
 import { CRIU_DIR_NAME, MANIFEST_FILE_NAME, MANIFEST_KIND, MANIFEST_SCHEMA_VERSION, parseManifest, type Manifest, type ManifestFields, type ManifestFile } from './manifest.js';
 import { errnoOf, RENAME_EXCHANGE, RENAME_NOREPLACE, type RenameAt2 } from './rename.js';
+import type { RestoreFailures } from './restore-failures.js';
 import type { StampCache } from './verify.js';
 
 export interface PublishOptions {
@@ -35,6 +36,8 @@ export interface PublishContext {
   now: () => Date;
   renameAt2: RenameAt2;
   stamps: StampCache;
+  /** A checkpoint published anew is not the one whose restore failed: its mark goes (restore-failures.ts). */
+  failures: RestoreFailures;
   /** A replace is refused while the checkpoint is leased (leases.ts). */
   isLeased(name: string): Promise<boolean>;
 }
@@ -200,6 +203,7 @@ async function finishPublish(ctx: PublishContext, pending: PendingCheckpoint, ma
   const publishedDir = join(ctx.layout.root, name);
   // Every file was just hashed in our own 0700 directory: the first restore need not hash it again.
   await ctx.stamps.recordPublished(name, publishedDir, manifest);
+  await ctx.failures.clear(name).catch((err: unknown) => ctx.logger.warn('cannot remove the restore-failure mark of a replaced checkpoint', { name, error: (err as Error).message }));
   return { name, manifest, paths: pathsOf(publishedDir) };
 }
 

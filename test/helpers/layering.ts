@@ -16,7 +16,7 @@ import ts from 'typescript';
 
 /** The layers a layer may import from. `root` is src/*.ts; `sys` and `sdk` are the neutral bottom (for all). */
 export const ALLOWED: Readonly<Record<string, readonly string[]>> = {
-  cli: ['agent', 'restore-engine', 'nri-plugin', 'store', 'cuda', 'sys', 'root'],
+  cli: ['agent', 'nri-plugin', 'store', 'cuda', 'sys', 'root'],
   agent: ['oci-hooks', 'restore-engine', 'nri-plugin', 'store', 'cuda', 'sdk', 'sys', 'root'],
   'oci-hooks': ['restore-engine', 'store', 'sdk', 'root'],
   'restore-engine': ['store', 'cuda', 'sdk', 'sys', 'root'],

@@ -16,6 +16,7 @@ import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { parseExposition } from '../../src/agent/metrics.js';
+import { openLocalStore } from '../../src/store/local-store.js';
 import { buildWorkerImage } from '../../demo/worker-image.js';
 import { expectedDigest } from '../../demo/worker/memory.js';
 import { getJson, runWorkerPod, waitForServingWorker, type WorkerState } from '../../demo/scenario.js';
@@ -162,7 +163,22 @@ describe.each(flavorsUnderTest())('thaw agent and CLI on containerd %s', (flavor
     const sleeperBytes = listed[0]!.bytes;
     expect(checkpointBytes).toBeGreaterThan(MEMORY_MB * 1024 * 1024);
     const human = await thaw(['list', '--socket', socket]);
-    expect(human.stdout.split('\n')[0]).toMatch(/^NAME\s+CREATED\s+SIZE\s+GPU\s+IN USE\s+IMAGE$/);
+    expect(human.stdout.split('\n')[0]).toMatch(/^NAME\s+CREATED\s+SIZE\s+GPU\s+IN USE\s+RESTORE\s+IMAGE$/);
+
+    // A restore-failure mark (what the restore flow records after a fallback because of the checkpoint) shows in
+    // list and inspect, and the operator clears it.
+    const sameStore = await openLocalStore({ root: dirs.storeRoot });
+    await sameStore.recordRestoreFailure(await sameStore.open(CHECKPOINT), { cause: 'RESTORE_CRIU', reason: 'criu said no', containerId: 'c0ffee', pod: 'default/x' });
+    const marked = JSON.parse((await thaw(['list', '--json', '--socket', socket])).stdout) as Array<{ name: string; restore_failure_json: string }>;
+    expect(JSON.parse(marked.find((c) => c.name === CHECKPOINT)!.restore_failure_json)).toMatchObject({ cause: 'RESTORE_CRIU', pod: 'default/x' });
+    expect(marked.find((c) => c.name === SLEEPER_CHECKPOINT)!.restore_failure_json).toBe('');
+    expect((await thaw(['list', '--socket', socket])).stdout).toMatch(new RegExp(`^${CHECKPOINT}\\s.*FAILED RESTORE_CRIU`, 'm'));
+    expect((await thaw(['inspect', CHECKPOINT, '--socket', socket])).stdout).toMatch(/^restore failed here: RESTORE_CRIU at .* \(pod default\/x\): criu said no/m);
+    const cleared = await thaw(['clear-failure', CHECKPOINT, '--socket', socket]);
+    expect([cleared.code, cleared.stdout]).toEqual([0, `cleared the restore-failure mark of ${CHECKPOINT}: pods naming it restore from it again\n`]);
+    expect((await thaw(['clear-failure', CHECKPOINT, '--json', '--socket', socket])).stdout).toBe(`${JSON.stringify({ name: CHECKPOINT, cleared: false }, null, 2)}\n`);
+    expect((await thaw(['clear-failure', 'no-such-checkpoint', '--socket', socket])).code).toBe(4);
+    expect(await sameStore.restoreFailure(CHECKPOINT, (await sameStore.open(CHECKPOINT)).manifest)).toBeUndefined();
 
     const inspect = await thaw(['inspect', CHECKPOINT, '--json', '--socket', socket]);
     expect(inspect.code, inspect.stderr).toBe(0);
@@ -284,6 +300,8 @@ describe.each(flavorsUnderTest())('thaw agent and CLI on containerd %s', (flavor
     expect(status('kernel.cgroup2')).toBe(cgroup2 ? 'pass' : 'warn');
     expect(status('kernel.thp')).toBe(thp === 'always' ? 'pass' : 'warn');
     expect(status('host.setpriv')).toBe(existsSync('/usr/bin/setpriv') ? 'pass' : 'warn');
+    // The host helpers of the restore chain and the hook, checked as host binaries only root can replace.
+    for (const h of ['nsenter', 'unshare', 'sh', 'mount', 'umount']) expect([h, status(`host.${h}`)]).toEqual([h, 'pass']);
     expect(report.checks.find((c) => c.id === 'containerd.version')?.detail).toBe(`containerd ${containerdVersion.split(/\s+/)[2]}`);
     expect(status('containerd.nri-args')).toBe('warn'); // 1.7 and 2.1 both predate NRI args (2.2)
     expect(status('containerd.nri')).toBe('pass');

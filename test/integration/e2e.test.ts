@@ -6,6 +6,7 @@
  * the agent's process killed in the middle of a restore.
  */
 import { execFileSync } from 'node:child_process';
+import { existsSync, lstatSync, readdirSync } from 'node:fs';
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -37,10 +38,10 @@ describe.each(flavorsUnderTest())('thaw end to end on containerd %s', (flavor) =
   let sourceState: WorkerState;
 
   /** Starts the plugin process; a restarted one appends to the same log, so wait for one more sync. */
-  const startPlugin = async (): Promise<ThawPluginProcess> => {
+  const startPlugin = async (extraArgs: string[] = []): Promise<ThawPluginProcess> => {
     const syncs = async (): Promise<number> => (await readJsonLog(dirs.logFile)).filter((r) => r.msg === 'nri plugin synchronized').length;
     const before = await syncs();
-    const p = startThawPluginProcess({ socketPath: handle.stack.nriSocketPath, containerd: { socket: handle.stack.address, root: handle.stack.rootDir }, ...dirs });
+    const p = startThawPluginProcess({ socketPath: handle.stack.nriSocketPath, containerd: { socket: handle.stack.address, root: handle.stack.rootDir }, ...dirs, extraArgs });
     await waitFor(async () => ((await syncs()) > before ? true : undefined), 'the plugin to register and synchronize', 30_000);
     return p;
   };
@@ -56,8 +57,10 @@ describe.each(flavorsUnderTest())('thaw end to end on containerd %s', (flavor) =
     plugin = await startPlugin();
 
     // The source: cold start, serve a few requests, then the worker asks for its checkpoint.
-    const source = await runWorkerPod(handle.stack, dirs.controlRoot, { ...common(), name: 'e2e-source', annotations: { 'thaw.dev/checkpoint': CHECKPOINT }, checkpointAfterMs: 300 });
+    // checkpointAfterMs leaves time to write a file into the source's rootfs first: every restore's diff carries it.
+    const source = await runWorkerPod(handle.stack, dirs.controlRoot, { ...common(), name: 'e2e-source', annotations: { 'thaw.dev/checkpoint': CHECKPOINT }, checkpointAfterMs: 3_000 });
     const first = await waitForServingWorker(source.controlDir);
+    expect((await handle.stack.cri.execSync(source.containerId, ['/bin/sh', '-c', 'echo from-source > /tmp/thaw-diff-probe'], 10)).exitCode).toBe(0);
     for (let i = 0; i < 3; i++) await getJson(first.port, '/healthz');
     const event = await waitForLog(dirs.logFile, (r) => r['event'] === 'checkpoint' && r['name'] === CHECKPOINT, 'the checkpoint', 120_000);
     expect(event['outcome']).toBe('succeeded');
@@ -71,6 +74,14 @@ describe.each(flavorsUnderTest())('thaw end to end on containerd %s', (flavor) =
     await plugin?.stop();
     await rm(workDir, { recursive: true, force: true });
   });
+
+  /** The container's rootfs has none of the checkpoint's diff and no undo backup. */
+  async function expectImageRootfs(containerId: string): Promise<void> {
+    const probe = await handle.stack.cri.execSync(containerId, ['/bin/sh', '-c', 'cat /tmp/thaw-diff-probe; ls -a /'], 10);
+    expect(probe.stdout).not.toMatch(/from-source/);
+    expect(probe.stdout).not.toMatch(/\.thaw-undo-/);
+    expect(probe.stderr).toMatch(/No such file/);
+  }
 
   it('restores two pods concurrently from one checkpoint, each with the source state', async () => {
     const stack = handle.stack;
@@ -91,6 +102,7 @@ describe.each(flavorsUnderTest())('thaw end to end on containerd %s', (flavor) =
     }
     for (const pod of pods) {
       expect((await restoreEventOf(pod.containerId))['outcome']).toBe('restored');
+      expect((await stack.cri.execSync(pod.containerId, ['/bin/cat', '/tmp/thaw-diff-probe'], 10)).stdout).toBe('from-source\n');
       await stack.cri.removePod(pod.podId);
     }
   }, 240_000);
@@ -108,6 +120,44 @@ describe.each(flavorsUnderTest())('thaw end to end on containerd %s', (flavor) =
     await stack.cri.removePod(pod.podId);
   }, 240_000);
 
+  it('a source pod that plants a /dev/zero copy at the ready marker and a symlink to a host canary at a marker the agent writes: the agent reads nothing through them and goes on answering', async () => {
+    const stack = handle.stack;
+    const canaryDir = await mkdtemp(join(tmpdir(), 'thaw-e2e-canary-'));
+    const canary = join(canaryDir, 'canary');
+    await writeFile(canary, 'host bytes\n');
+    const name = 'e2e-hostile-ready';
+    // The worker itself never asks (its checkpoint is an hour away): only what the pod's process plants speaks.
+    const pod = await runWorkerPod(stack, dirs.controlRoot, { ...common(), name: 'e2e-hostile-src', annotations: { 'thaw.dev/checkpoint': name }, checkpointAfterMs: 3_600_000 });
+    try {
+      const serving = await waitForServingWorker(pod.controlDir);
+      const plant = [
+        'set -e', 'B=/bin/busybox', 'cd /snapshot-control',
+        `$B ln -s ${canary} snapshot-complete`, `$B ln -s ${canaryDir}/written-through-a-link checkpoint-complete.tmp`,
+        // Last: the agent acts on a ready marker at once.
+        '$B mknod ready-for-snapshot c 1 5',
+      ].join('; ');
+      const r = await stack.cri.execSync(pod.containerId, ['/bin/busybox', 'sh', '-c', plant], 10);
+      expect(r.exitCode, r.stderr).toBe(0);
+      // The agent takes the device for a ready marker, refuses to read it (not a regular file), and checkpoints
+      // (or fails to: the worker never quiesced); either way it then writes checkpoint-complete and
+      // snapshot-complete as new directory entries, never through the planted link.
+      const event = await waitForLog(dirs.logFile, (l) => l['event'] === 'checkpoint' && l['name'] === name, 'the checkpoint event', 120_000);
+      expect(['succeeded', 'failed']).toContain(event['outcome']);
+      const records = await readJsonLog(dirs.logFile);
+      expect(records.some((l) => l.msg === 'the ready marker has an unreadable payload; going on without it' && l['containerId'] === pod.containerId)).toBe(true);
+      await waitFor(() => (existsSync(join(pod.controlDir, 'checkpoint-complete')) ? true : undefined), 'checkpoint-complete', 30_000);
+      for (const marker of ['checkpoint-complete', 'snapshot-complete']) expect([marker, lstatSync(join(pod.controlDir, marker)).isFile()]).toEqual([marker, true]);
+      expect(lstatSync(join(pod.controlDir, 'ready-for-snapshot')).isCharacterDevice()).toBe(true);
+      expect(await readFile(canary, 'utf8')).toBe('host bytes\n');
+      expect(readdirSync(canaryDir)).toEqual(['canary']);
+      // The pod goes on serving, and the agent on answering NRI: the next pods of this file are adjusted by it.
+      expect((await getJson<WorkerState>(serving.port, '/state')).digest).toBe(expectedDigest(MEMORY_MB, SEED));
+    } finally {
+      await stack.cri.removePod(pod.podId);
+      await rm(canaryDir, { recursive: true, force: true });
+    }
+  }, 240_000);
+
   it('falls back to a cold start when the agent is killed mid-restore and comes back', async () => {
     const stack = handle.stack;
     // thaw adjusts the container (thaw-pause holds its command), then the agent dies before it can restore.
@@ -121,9 +171,20 @@ describe.each(flavorsUnderTest())('thaw end to end on containerd %s', (flavor) =
     await new Promise((r) => setTimeout(r, 1_000));
     await expect(readFile(join(pod.controlDir, 'worker-endpoint.json'), 'utf8')).rejects.toThrow();
 
+    // The hook ran without an agent: it applied the diff and left its undo journal in the agent's work root.
+    const journal = join(dirs.workRoot, 'rootfs-undo', `${pod.containerId}.json`);
+    expect(existsSync(journal), 'the undo journal the hook left').toBe(true);
+    // A journal of a container the runtime no longer has: the next agent removes it.
+    const stale = join(dirs.workRoot, 'rootfs-undo', `${'f'.repeat(64)}.json`);
+    await writeFile(stale, '{}');
     plugin = await startPlugin();
     const endpoint = await waitForServingWorker(pod.controlDir, { timeoutMs: 120_000 });
     expect(endpoint.restored, 'a cold start, not a restore').toBe(false);
+    // The next agent's fallback undid the diff from the journal before the original command ran: the cold start
+    // sees the image's own files; the journal is used up, the stale one removed.
+    await expectImageRootfs(pod.containerId);
+    expect(existsSync(journal)).toBe(false);
+    await waitFor(() => (existsSync(stale) ? undefined : true), 'the stale journal to be removed', 30_000);
     const state = await getJson<WorkerState>(endpoint.port, '/state');
     expect(state.digest).toBe(expectedDigest(MEMORY_MB, SEED));
     expect(state.bootId).not.toBe(sourceState.bootId);
@@ -131,6 +192,41 @@ describe.each(flavorsUnderTest())('thaw end to end on containerd %s', (flavor) =
     expect(failed.cause).toBe('RESTORE_AGENT_RESTARTED');
     const event = await waitForLog(dirs.logFile, (r) => r['event'] === 'restore' && r['containerId'] === pod.containerId, 'the fallback event');
     expect([event['outcome'], event['cause']]).toEqual(['fallback', 'RESTORE_AGENT_RESTARTED']);
+    expect((await stack.cri.containerStatus(pod.containerId)).status.state).toBe('CONTAINER_RUNNING');
+    await stack.cri.removePod(pod.podId);
+  }, 240_000);
+
+  it('serves as a cold start within thaw-pause\'s deadline when the agent is killed for good while a target waits; the next agent leaves it alone', async () => {
+    const stack = handle.stack;
+    const deadlineMs = 3_000;
+    // An agent with a short thaw-pause deadline adjusts the target (overlay mode), then dies for good.
+    await plugin?.stop();
+    plugin = await startPlugin(['--restore-pause-deadline-ms', String(deadlineMs)]);
+    // checkpointAfterMs: the cold-started worker serves (it takes part in no checkpoint meanwhile).
+    const pod = await runWorkerPod(stack, dirs.controlRoot, { ...common(), name: 'e2e-agent-gone', annotations: { 'thaw.dev/restore': CHECKPOINT }, start: false, checkpointAfterMs: 600_000 });
+    const victim = plugin!;
+    victim.proc.kill('SIGKILL');
+    await victim.exited;
+    plugin = undefined;
+    await stack.cri.startContainer(pod.containerId);
+    // No agent: thaw-pause's deadline runs out and it execs the original entrypoint (still covered by the overlay)
+    // from the hook's second mount of it.
+    const endpoint = await waitForServingWorker(pod.controlDir, { timeoutMs: 120_000 });
+    expect(endpoint.restored, 'a cold start, not a restore').toBe(false);
+    const state = await getJson<WorkerState>(endpoint.port, '/state');
+    expect(state.digest).toBe(expectedDigest(MEMORY_MB, SEED));
+    expect(state.bootId).not.toBe(sourceState.bootId);
+    const log = await readFile(pod.logPath, 'utf8');
+    expect(log).toContain(`thaw-pause: no word from the agent within ${deadlineMs} ms; falling back by ourselves`);
+    expect(log).toMatch(/thaw-pause: \S+ is still covered; exec the original entrypoint from \/snapshot-control\/\.thaw-original-entrypoint/);
+    expect((await stack.cri.containerStatus(pod.containerId)).status.state).toBe('CONTAINER_RUNNING');
+
+    // The next agent finds the pod's own command running: no signal, no marker, its own cause.
+    plugin = await startPlugin();
+    const event = await waitForLog(dirs.logFile, (r) => r['event'] === 'restore' && r['containerId'] === pod.containerId, 'the event of the next agent', 60_000);
+    expect([event['outcome'], event['cause']]).toEqual(['fallback', 'RESTORE_PLACEHOLDER_DEADLINE']);
+    expect(existsSync(join(pod.controlDir, 'restore-failed'))).toBe(false);
+    expect((await getJson<WorkerState>(endpoint.port, '/state')).bootId).toBe(state.bootId);
     expect((await stack.cri.containerStatus(pod.containerId)).status.state).toBe('CONTAINER_RUNNING');
     await stack.cri.removePod(pod.podId);
   }, 240_000);
@@ -147,6 +243,9 @@ describe.each(flavorsUnderTest())('thaw end to end on containerd %s', (flavor) =
     expect(endpoint.restored, 'a cold start, not a restore').toBe(false);
     const failed = JSON.parse(await readFile(join(pod.controlDir, 'restore-failed'), 'utf8')) as { cause: string };
     expect(failed.cause).toBe('RESTORE_AGENT_RESTARTED');
+    await expectImageRootfs(pod.containerId);
     await stack.cri.removePod(pod.podId);
+    // The container is gone: its journal too (poststop hook, and the agent on RemoveContainer).
+    await waitFor(() => (existsSync(join(dirs.workRoot, 'rootfs-undo', `${pod.containerId}.json`)) ? undefined : true), 'the journal to be removed', 30_000);
   }, 240_000);
 });

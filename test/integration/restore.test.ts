@@ -22,12 +22,13 @@ import { createRestoreCoordinator, type RestoreCoordinator } from '../../src/age
 import { type ThawRestoreConfig } from '../../src/agent/restore-target.js';
 import { createThawNriHandlers } from '../../src/agent/thaw-nri.js';
 import { startHookServer, type HookServer } from '../../src/agent/hook-server.js';
-import type { RestoreEvent } from '../../src/restore-engine/restore-flow.js';
+import type { RestoreEvent, RestoreStepContext } from '../../src/restore-engine/restore-flow.js';
 import { createCollectingLogger } from '../../src/log.js';
 import { createNriPlugin, type NriPlugin } from '../../src/nri-plugin/index.js';
 import { parseCriLog } from '../../src/node-stack/cri-client.js';
 import { PACKAGE_ROOT } from '../../src/node-stack/thaw-plugin-process.js';
 import { checkpointContainer } from '../../src/restore-engine/checkpoint.js';
+import { mappedFilePages } from '../../src/restore-engine/mapped-files.js';
 import { CriuClient } from '../../src/restore-engine/criu/client.js';
 import { waitForWorkerReady } from '../../src/sdk/control-dir.js';
 import { openLocalStore, type LocalStore } from '../../src/store/local-store.js';
@@ -96,7 +97,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
   let restoreConfig: ThawRestoreConfig;
   let hookServer: HookServer | undefined;
   /** Per-test fault for the coordinator's beforeCriuRestore seam. */
-  let beforeCriu: (() => Promise<void>) | undefined;
+  let beforeCriu: ((ctx: RestoreStepContext) => Promise<void>) | undefined;
 
   beforeAll(async () => {
     const { stack } = handle;
@@ -120,7 +121,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
       stats,
       workRoot,
       toolkitBinDir: stack.paths.binDir,
-      beforeCriuRestore: async () => beforeCriu?.(),
+      beforeCriuRestore: async (ctx) => beforeCriu?.(ctx),
       onEvent: (e) => events.push(e),
     });
     hookServer = await startHookServer({ socketPath: path.join(workRoot, 'run', 'hook.sock'), logger });
@@ -248,7 +249,11 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
   }, TEST_TIMEOUT_MS);
 
   /** Checkpoints a worker pod like the first test; `plant` runs in the source's container before the checkpoint. */
-  async function checkpointSource(podName: string, checkpoint: string, plant?: (containerId: string) => Promise<void>) {
+  async function checkpointSource(
+    podName: string,
+    checkpoint: string,
+    plant?: (containerId: string) => Promise<void>,
+  ) {
     const { stack } = handle;
     const src = await stack.cri.runPod({
       name: podName, containerName: 'worker', image: image.ref, command: [],
@@ -331,6 +336,74 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
       await rm(MARKERS, { recursive: true, force: true });
     }
   }, TEST_TIMEOUT_MS);
+
+  it('a pod that plants a FIFO, a symlink to a host canary and one to /dev/zero at the paths its worker maps: the canary intact, the restore falls back with its cause, NRI still answers', async () => {
+    const { stack } = handle;
+    const canaryDir = await mkdtemp('/tmp/thaw-hostile-canary-');
+    const canary = path.join(canaryDir, 'canary');
+    await writeFile(canary, 'host bytes\n');
+    // Names of the same length as three files the demo worker maps (node and its libraries, read from the first
+    // checkpoint's images), so files.img can name the planted entries instead without re-encoding it.
+    const mapped = (await mappedFilePages((await store.open(CHECKPOINT)).paths.criuDir)).map((f) => f.path).filter((p) => p.length > 12);
+    const originals = [...mapped].sort((a, b) => b.length - a.length).slice(0, 3);
+    expect(originals.length).toBe(3);
+    const planted = originals.map((p, i) => `/tmp/h/${'fls'[i]!.repeat(p.length - 7)}`);
+    const [fifo, hostLink, zeroLink] = planted as [string, string, string];
+    // In the rootfs (the diff carries FIFOs and symlinks; a device node it leaves out): a FIFO, a symlink to the
+    // host canary, a symlink to /dev/zero, and a /dev/zero copy.
+    const rootfsPlant = ['set -e', 'B=/bin/busybox', '$B mkdir -p /tmp/h', `$B mkfifo ${fifo}`, `$B ln -s ${canary} ${hostLink}`, `$B ln -s /dev/zero ${zeroLink}`, '$B mknod /tmp/h/zero c 1 5'].join('\n');
+    await checkpointSource('hostile-src', 'hostile', async (containerId) => {
+      const r = await stack.cri.execSync(containerId, ['/bin/busybox', 'sh', '-c', rootfsPlant], 10);
+      expect(r.exitCode, r.stderr).toBe(0);
+    });
+    // The capture archived the FIFO and the links as what they are (never opened), not the canary's bytes.
+    expect(await readFile(canary, 'utf8')).toBe('host bytes\n');
+    const diff = await readFile(path.join((await store.open('hostile')).paths.dir, 'rootfs-diff.tar'));
+    expect(diff.includes(Buffer.from('host bytes'))).toBe(false);
+
+    // The checkpoint's files.img now names the planted entries where the worker mapped node's files (same lengths),
+    // and the manifest its new digest: the restore's mapped-file reads meet the FIFO and the links through the
+    // target's root, and CRIU meets them too.
+    const opened = await store.open('hostile');
+    const filesImg = path.join(opened.paths.criuDir, 'files.img');
+    let bytes = await readFile(filesImg);
+    for (const [i, original] of originals.entries()) {
+      const from = Buffer.from(original);
+      expect(bytes.indexOf(from), original).toBeGreaterThanOrEqual(0);
+      for (let at = bytes.indexOf(from); at >= 0; at = bytes.indexOf(from, at + 1)) bytes.write(planted[i]!, at, 'latin1');
+    }
+    await writeFile(filesImg, bytes);
+    bytes = await readFile(filesImg);
+    const m = JSON.parse(await readFile(opened.paths.manifest, 'utf8')) as { files: { path: string; sha256: string }[] };
+    m.files.find((f) => f.path === 'criu/files.img')!.sha256 = createHash('sha256').update(bytes).digest('hex');
+    await writeFile(opened.paths.manifest, JSON.stringify(m));
+    expect((await mappedFilePages(opened.paths.criuDir)).map((f) => f.path)).toEqual(expect.arrayContaining(planted));
+
+    const heapBefore = process.memoryUsage().heapUsed;
+    const { pod, before } = await runTarget('hostile-target', 'hostile', { ...workerEnv, WORKER_MEMORY_MB: '32' });
+    try {
+      const ev = await waitFor(() => events.slice(before).find((e) => e.containerId === pod.containerId), 'the restore event', 200_000, 50);
+      console.log(`hostile restore event: ${JSON.stringify(ev).slice(0, 700)}`);
+      // Decided before CRIU: CRIU's own open of the FIFO would block until its timeout (120 s; it did before).
+      expect(ev, JSON.stringify(ev)).toMatchObject({ outcome: 'fallback', cause: 'RESTORE_MAPPED_FILE_UNSAFE' });
+      expect(ev.reason).toMatch(/\/tmp\/h\/(f+|s+), which the checkpoint maps, is a (fifo|character device) in the target$/);
+      expect(ev.phases.criuRestoreMs).toBeUndefined();
+      // The cold start serves, on the image's own files (the diff undone: no planted entry is left).
+      const listening = await waitForEvent(pod.logPath, 'listening');
+      expect(await getJson<WorkerState>(listening.port as number, '/state')).toMatchObject({ restored: false });
+      const probe = await stack.cri.execSync(pod.containerId, ['/bin/busybox', 'ls', '/tmp/h'], 10);
+      expect(probe.exitCode).not.toBe(0);
+      expect(process.memoryUsage().heapUsed - heapBefore).toBeLessThan(256 * 1024 * 1024);
+    } finally {
+      await stack.cri.removePod(pod.podId);
+    }
+    expect(await readFile(canary, 'utf8')).toBe('host bytes\n');
+    expect(readdirSync(canaryDir)).toEqual(['canary']);
+    // NRI still answers: the next pod naming it is decided at once in CreateContainer (the failure was recorded).
+    await expectColdStart('hostile-again', 'hostile', 'RESTORE_CHECKPOINT_FAILED_BEFORE', false);
+    await store.delete('hostile');
+    await rm(canaryDir, { recursive: true, force: true });
+  }, 360_000);
 
   it('a checkpoint of a root worker into a pod that runs as uid 1000 with no capabilities and no_new_privs: cold start, cause RESTORE_CREDENTIALS_EXCEED_SPEC', async () => {
     const { stack } = handle;
@@ -486,9 +559,85 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
       });
       // CRIU's own words reach the event (and the log line behind it).
       expect(ev?.reason).toMatch(/Can't read pages data/);
+      // The checkpoint is marked failed on this node, for this manifest.
+      const mark = await store.restoreFailure(CHECKPOINT, opened.manifest);
+      expect(mark, 'the restore-failure mark').toMatchObject({ name: CHECKPOINT, cause: 'RESTORE_CRIU', containerId: ev?.containerId, manifestId: opened.manifest.id });
+      // The next pod naming it cold-starts at once (decided at CreateContainer: no diff applied, no CRIU), even with
+      // the checkpoint whole again and no fault injected.
+      beforeCriu = undefined;
+      await rename(`${file}.aside`, file);
+      const eventsBefore = events.length;
+      await expectColdStart('rst-criu-failed-before', CHECKPOINT, 'RESTORE_CHECKPOINT_FAILED_BEFORE', false, {
+        coldStarted: async (containerId) => {
+          const probe = await handle.stack.cri.execSync(containerId, ['/bin/sh', '-c', 'cat /tmp/thaw-diff-probe; ls -a /; env'], 10);
+          expect(probe.stdout).not.toMatch(/from-source/);
+          expect(probe.stdout).not.toMatch(/SNAPSHOT_CONTROL_DIR/); // not adjusted at all
+        },
+      });
+      expect(events.slice(eventsBefore).some((e) => e.pod.endsWith('/rst-criu-failed-before'))).toBe(false);
+      expect(stats.restoreFallbacksAtCreate.get('RESTORE_CHECKPOINT_FAILED_BEFORE')).toBeGreaterThanOrEqual(1);
+      // Cleared by the operator (the API's ClearRestoreFailure): the next pod restores again.
+      expect(await store.clearRestoreFailure(CHECKPOINT)).toBe(true);
+      const { pod } = await runTarget('rst-criu-cleared', CHECKPOINT);
+      try {
+        const again = await waitFor(() => events.slice(eventsBefore).find((e) => e.containerId === pod.containerId), 'the restore event after the clear', 120_000, 50);
+        expect(again, JSON.stringify(again)).toMatchObject({ outcome: 'restored' });
+      } finally {
+        await handle.stack.cri.removePod(pod.podId);
+      }
     } finally {
       beforeCriu = undefined;
       if (existsSync(`${file}.aside`)) await rename(`${file}.aside`, file);
+      await store.clearRestoreFailure(CHECKPOINT);
+    }
+  }, TEST_TIMEOUT_MS);
+
+  it('a fallback that cannot undo the diff (its backup swapped for a symlink to a host directory): the container is killed, cause RESTORE_UNDO_FAILED', async () => {
+    const { stack } = handle;
+    const opened = await store.open(CHECKPOINT);
+    const pages = opened.manifest.files.map((f) => f.path).find((p) => /pages-\d+\.img$/.test(p)) as string;
+    const file = path.join(opened.paths.dir, pages);
+    const canary = await mkdtemp('/tmp/thaw-undo-canary-');
+    await writeFile(path.join(canary, 'keep'), 'host bytes\n');
+    const canaryBefore = readdirSync(canary).sort();
+    let swapped: string | undefined;
+    // CRIU fails (a pages file gone), and the diff's backup in the target's rootfs is now a symlink to the canary:
+    // the undo, which never follows a symlink, cannot put the originals back.
+    beforeCriu = async (ctx) => {
+      const root = `/proc/${ctx.targetPid}/root`;
+      const backup = (await readdir(root)).find((e) => e.startsWith('.thaw-undo-'));
+      if (backup === undefined) throw new Error('no undo backup in the target rootfs');
+      await rename(path.join(root, backup), path.join(root, '.thaw-moved-backup'));
+      execFileSync('ln', ['-s', canary, path.join(root, backup)]);
+      swapped = backup;
+      await rename(file, `${file}.aside`);
+    };
+    const fallbacksBefore = stats.fallbacksByCause.get('RESTORE_UNDO_FAILED') ?? 0;
+    const { pod, before } = await runTarget('rst-undo-fail', CHECKPOINT, { ...workerEnv, WORKER_MEMORY_MB: '32' });
+    try {
+      const ev = await waitFor(() => events.slice(before).find((e) => e.containerId === pod.containerId), 'the restore event', 60_000, 50);
+      expect(swapped).toBeDefined();
+      expect(ev, JSON.stringify(ev)).toMatchObject({ outcome: 'fallback', cause: 'RESTORE_UNDO_FAILED', killed: true, fellBackFor: 'RESTORE_CRIU' });
+      expect(ev.reason).toMatch(/ROOTFS_UNDO_FAILED|symlink|undo/i);
+      expect(stats.fallbacksByCause.get('RESTORE_UNDO_FAILED') ?? 0).toBe(fallbacksBefore + 1);
+      // Killed, never cold-started on the changed rootfs: the container exits by SIGKILL and its original command never ran.
+      const status = await waitFor(async () => {
+        const s = (await stack.cri.containerStatus(pod.containerId)).status;
+        return s.state === 'CONTAINER_EXITED' ? s : undefined;
+      }, 'the container to exit', 30_000, 100);
+      expect(status.exit_code).toBe(137);
+      const log = await readFile(pod.logPath, 'utf8').catch(() => '');
+      expect(log).not.toMatch(/thaw-pause: fallback: exec/);
+      expect((await workerEvents(pod.logPath)).map((e) => e.event)).not.toContain('listening');
+      // The host directory behind the symlink is untouched.
+      expect(readdirSync(canary).sort()).toEqual(canaryBefore);
+      expect(await readFile(path.join(canary, 'keep'), 'utf8')).toBe('host bytes\n');
+    } finally {
+      beforeCriu = undefined;
+      await stack.cri.removePod(pod.podId);
+      if (existsSync(`${file}.aside`)) await rename(`${file}.aside`, file);
+      await store.clearRestoreFailure(CHECKPOINT);
+      await rm(canary, { recursive: true, force: true });
     }
   }, TEST_TIMEOUT_MS);
 
@@ -511,10 +660,13 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
     try {
       const ev = await expectColdStart('rst-hook-fail', CHECKPOINT, 'RESTORE_HOOK_FAILED', true);
       expect(ev?.reason).toMatch(/HOOK_ROOTFS_DIFF_FAILED/);
+      // A diff the hook refuses marks that checkpoint (the edited manifest) failed, not the original one.
+      expect(await store.restoreFailure(CHECKPOINT, (await store.open(CHECKPOINT)).manifest)).toMatchObject({ cause: 'RESTORE_HOOK_FAILED' });
     } finally {
       await writeFile(tarFile, original);
       await writeFile(opened.paths.manifest, originalManifest);
     }
+    expect(await store.restoreFailure(CHECKPOINT, (await store.open(CHECKPOINT)).manifest)).toBeUndefined();
   }, TEST_TIMEOUT_MS);
 
   it('a name that tries to escape the store is rejected by the policy: cold start', async () => {

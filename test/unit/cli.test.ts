@@ -1,11 +1,13 @@
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { execFileSync } from 'node:child_process';
+import { chmod, chown, copyFile, mkdir, mkdtemp, rm, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { apiSocketOf, COMMANDS, parseCommandLine, parseTarget, UsageError } from '../../src/cli/args.js';
 import { exitCodeOf } from '../../src/cli/client.js';
-import { containerdVersionOf, nativeHookCheck, renderDoctor, thpCheck } from '../../src/cli/doctor.js';
+import { containerdVersionOf, hostBinaryProblem, hostHelperChecks, nativeHookCheck, renderDoctor, thpCheck } from '../../src/cli/doctor.js';
+import { HOST_HELPERS } from '../../src/agent/index.js';
 import { parseThpMode } from '../../src/sys/host-facts.js';
 import { ExitCode } from '../../src/cli/exit-codes.js';
 import { runCli, type CliIo } from '../../src/cli/main.js';
@@ -119,20 +121,22 @@ describe('human output', () => {
     expect(table(['A', 'BB'], [['xxx', 'y'], ['z', '']])).toBe('A    BB\nxxx  y\nz');
   });
 
-  it('lists checkpoints, broken ones with their problem', () => {
-    const base = { id: 'id1', created_at: '2026-01-02T03:04:05.678Z', bytes: 2048, files: 3, image: 'img:1', source_pod: 'ns/p', gpu: false, in_use: true, problem: '', snapshot: '', snapshot_key: '' };
-    expect(renderList([{ ...base, name: 'good' }, { ...base, name: 'bad', problem: 'STORE_MANIFEST_INVALID: no manifest' }])).toBe(
+  it('lists checkpoints, broken ones with their problem, failed ones with their cause', () => {
+    const base = { id: 'id1', created_at: '2026-01-02T03:04:05.678Z', bytes: 2048, files: 3, image: 'img:1', source_pod: 'ns/p', gpu: false, in_use: true, problem: '', snapshot: '', snapshot_key: '', restore_failure_json: '' };
+    const failed = JSON.stringify({ cause: 'RESTORE_CRIU', reason: 'boom', at: '2026-01-02T03:04:06Z', pod: 'ns/q', containerId: 'c1' });
+    expect(renderList([{ ...base, name: 'good' }, { ...base, name: 'bad', problem: 'STORE_MANIFEST_INVALID: no manifest' }, { ...base, name: 'fail', in_use: false, restore_failure_json: failed }])).toBe(
       [
-        'NAME  CREATED               SIZE     GPU  IN USE  IMAGE',
-        'good  2026-01-02T03:04:05Z  2.0 KiB  no   yes     img:1',
-        'bad   -                     -        -    yes     BROKEN: STORE_MANIFEST_INVALID: no manifest',
+        'NAME  CREATED               SIZE     GPU  IN USE  RESTORE              IMAGE',
+        'good  2026-01-02T03:04:05Z  2.0 KiB  no   yes     ok                   img:1',
+        'bad   -                     -        -    yes     -                    BROKEN: STORE_MANIFEST_INVALID: no manifest',
+        'fail  2026-01-02T03:04:05Z  2.0 KiB  no   no      FAILED RESTORE_CRIU  img:1',
       ].join('\n'),
     );
     expect(renderList([])).toBe('no checkpoints');
   });
 
   it('lists snapshot checkpoints with their name and short key, and how snapshot pods started', () => {
-    const base = { id: 'id1', created_at: '2026-01-02T03:04:05.678Z', bytes: 2048, files: 3, image: 'img:1', source_pod: 'ns/p', gpu: false, in_use: false, problem: '', snapshot: '', snapshot_key: '' };
+    const base = { id: 'id1', created_at: '2026-01-02T03:04:05.678Z', bytes: 2048, files: 3, image: 'img:1', source_pod: 'ns/p', gpu: false, in_use: false, problem: '', snapshot: '', snapshot_key: '', restore_failure_json: '' };
     const out = renderList(
       [{ ...base, name: 'plain' }, { ...base, name: 'qwen-0123456789ab', snapshot: 'qwen', snapshot_key: 'f'.repeat(64) }],
       [
@@ -143,9 +147,9 @@ describe('human output', () => {
     );
     expect(out).toBe(
       [
-        'NAME               SNAPSHOT                 CREATED               SIZE     GPU  IN USE  IMAGE',
-        'plain              -                        2026-01-02T03:04:05Z  2.0 KiB  no   no      img:1',
-        'qwen-0123456789ab  qwen (key ffffffffffff)  2026-01-02T03:04:05Z  2.0 KiB  no   no      img:1',
+        'NAME               SNAPSHOT                 CREATED               SIZE     GPU  IN USE  RESTORE  IMAGE',
+        'plain              -                        2026-01-02T03:04:05Z  2.0 KiB  no   no      ok       img:1',
+        'qwen-0123456789ab  qwen (key ffffffffffff)  2026-01-02T03:04:05Z  2.0 KiB  no   no      ok       img:1',
         '',
         'snapshot pods started on this node (since the agent started):',
         'NAMESPACE  SNAPSHOT  STARTED       CAUSE                                  PODS',
@@ -180,6 +184,51 @@ describe('human output', () => {
     expect(await nativeHookCheck(built)).toMatchObject({ id: 'thaw-hook', status: 'pass' });
     expect(await nativeHookCheck('/nonexistent/thaw-hook')).toMatchObject({ id: 'thaw-hook', status: 'warn', fix: expect.stringContaining('make -C native') });
     expect(await nativeHookCheck('/usr/bin/env')).toMatchObject({ id: 'thaw-hook', status: 'warn', detail: expect.stringContaining('not a static') });
+  });
+
+  it('checks that the host helpers thaw runs as root (nsenter, unshare, setpriv, sh, mount, umount) are host binaries only root can replace', async () => {
+    expect(HOST_HELPERS.map((h) => h.path)).toEqual(['/usr/bin/nsenter', '/usr/bin/unshare', '/bin/sh', '/usr/bin/mount', '/usr/bin/umount', '/usr/bin/setpriv']);
+    // This machine's own: util-linux's binaries in root-owned directories (/bin/sh a symlink to dash).
+    for (const h of HOST_HELPERS) expect(await hostBinaryProblem(h.path), h.path).toBeUndefined();
+    const checks = await hostHelperChecks();
+    expect(checks.map((c) => [c.id, c.status])).toEqual(HOST_HELPERS.map((h) => [`host.${h.name}`, 'pass']));
+
+    // Each way a path is not one: a temp tree whose root is a root-only directory (/tmp itself is 1777).
+    const top = await mkdtemp(join(tmpdir(), 'thaw-doctor-bin-'));
+    try {
+      const elf = join(top, 'elf');
+      await copyFile('/usr/bin/nsenter', elf);
+      await chmod(elf, 0o755);
+      const problems = async (setup: (p: string) => Promise<void>, name: string): Promise<string | undefined> => {
+        const p = join(top, name);
+        await setup(p);
+        return hostBinaryProblem(p);
+      };
+      expect(await hostBinaryProblem(join(top, 'missing'))).toBe(`${join(top, 'missing')} does not exist`);
+      expect(await problems(async (p) => { await copyFile(elf, p); await chmod(p, 0o757); }, 'world-writable')).toMatch(/is writable by group or others \(mode 0757\)$/);
+      expect(await problems(async (p) => { await copyFile(elf, p); await chown(p, 1000, 0); }, 'foreign-owner')).toMatch(/is owned by uid 1000, not root$/);
+      expect(await problems(async (p) => { await writeFile(p, '#!/bin/sh\necho shadow\n', { mode: 0o755 }); }, 'script')).toMatch(/is not an ELF binary/);
+      expect(await problems(async (p) => { await copyFile(elf, p); await chmod(p, 0o644); }, 'not-exec')).toMatch(/is not executable$/);
+      expect(await problems(async (p) => { execFileSync('mkfifo', [p]); }, 'fifo')).toMatch(/is not a regular file$/);
+      expect(await problems(async (p) => { await mkdir(p); }, 'dir')).toMatch(/is not a regular file$/);
+      // A symlink is followed as exec follows it (/bin/sh -> dash above passes): the file it names is judged, and
+      // the directories of the link as well as of its target.
+      expect(await problems(async (p) => symlink(join(top, 'script'), p), 'link-to-script')).toMatch(new RegExp(`link-to-script \\(${join(top, 'script')}\\) is not an ELF binary`));
+      expect(await problems(async (p) => symlink('/usr/bin/nsenter', p), 'link-to-host')).toMatch(new RegExp(`link-to-host \\(/usr/bin/nsenter\\): its directory ${tmpdir()} is owned by uid 0 with mode 1777`));
+      // A good file in a directory others may write to (here /tmp, 1777, above the tree).
+      expect(await hostBinaryProblem(elf)).toMatch(new RegExp(`its directory ${tmpdir()} is owned by uid 0 with mode 1777`));
+      // A required helper missing fails; setpriv missing only warns; present but unsafe fails either way.
+      const custom = await hostHelperChecks([
+        { name: 'nsenter', path: join(top, 'missing'), required: true, role: 'r' },
+        { name: 'setpriv', path: join(top, 'missing'), required: false, role: 'r' },
+        { name: 'unshare', path: join(top, 'script'), required: false, role: 'r' },
+      ]);
+      expect(custom.map((c) => [c.id, c.status])).toEqual([['host.nsenter', 'fail'], ['host.setpriv', 'warn'], ['host.unshare', 'fail']]);
+      for (const c of custom) expect(c.fix).toBeTruthy();
+      expect(custom[0]?.fix).toBe(`install nsenter at ${join(top, 'missing')} from the distribution (util-linux)`);
+    } finally {
+      await rm(top, { recursive: true, force: true });
+    }
   });
 
   it('renders doctor lines with the fix under each problem', () => {

@@ -9,7 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { CriuImageCodec, encodeImageFile, VmaStatus } from '../../src/restore-engine/criu/images.js';
-import { clipRanges, mappedFilePages, mergeRanges, privateFilePageRanges, readMappedFilePages } from '../../src/restore-engine/mapped-files.js';
+import { clipRanges, firstIrregularMappedFile, mappedFilePages, mergeRanges, privateFilePageRanges, readMappedFilePages } from '../../src/restore-engine/mapped-files.js';
 
 const P = 4096n;
 const codec = CriuImageCodec.load();
@@ -129,5 +129,22 @@ describe('readMappedFilePages in a hostile tree (the paths are the checkpoint\'s
     await writeFile(join(root, 'lib', 'ok.so'), Buffer.alloc(0x2000, 1));
     const r = await readMappedFilePages(root, ['fifo.so', 'zero.so', 'dir.so', 'ok.so'].map((n) => ({ path: `/lib/${n}`, ranges: head, bytes: 0x10000 })));
     expect(r).toMatchObject({ files: 1, bytesRead: 0x2000, skipped: 3 });
+  });
+
+  it('firstIrregularMappedFile names the first mapped path that is not a regular file in the root (symlinks followed inside it), without opening it', async () => {
+    const root = join(dir, 'hostile-root-3');
+    await mkdir(join(root, 'lib', 'dir.so'), { recursive: true });
+    await mkdir(join(root, 'dev'), { recursive: true });
+    execFileSync('mkfifo', [join(root, 'lib', 'fifo.so')]);
+    execFileSync('mknod', [join(root, 'dev', 'zero'), 'c', '1', '5']);
+    await writeFile(join(root, 'lib', 'ok.so'), Buffer.alloc(0x2000, 1));
+    await symlink('/dev/zero', join(root, 'lib', 'zero-link.so')); // absolute: resolves to the root's /dev/zero
+    await symlink('/lib/ok.so', join(root, 'lib', 'ok-link.so'));
+    await symlink('/etc/passwd', join(root, 'lib', 'host-link.so')); // the host's file is not the root's: missing there
+    const files = (names: string[]) => names.map((n) => ({ path: `/lib/${n}`, ranges: head, bytes: 0x10000 }));
+    expect(await firstIrregularMappedFile(root, files(['ok.so', 'ok-link.so', 'host-link.so', 'missing.so']))).toBeUndefined();
+    expect(await firstIrregularMappedFile(root, files(['ok.so', 'fifo.so', 'zero-link.so']))).toEqual({ path: '/lib/fifo.so', type: 'fifo' });
+    expect(await firstIrregularMappedFile(root, files(['zero-link.so']))).toEqual({ path: '/lib/zero-link.so', type: 'character device' });
+    expect(await firstIrregularMappedFile(root, files(['dir.so']))).toEqual({ path: '/lib/dir.so', type: 'directory' });
   });
 });

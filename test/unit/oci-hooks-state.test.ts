@@ -1,8 +1,10 @@
+import { execFileSync } from 'node:child_process';
 import { mkdtemp, mkdir, readdir, rm, symlink, writeFile, chmod, readFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { runCreateRuntime } from '../../src/oci-hooks/create-runtime.js';
+import { runPoststop } from '../../src/oci-hooks/poststop.js';
 import { resolveEntrypoint, resolveInRoot } from '../../src/oci-hooks/entrypoint.js';
 import { HOOK_DONE_FILE, HOOK_FAILED_FILE, readHookOutcome, writeHookDone } from '../../src/oci-hooks/records.js';
 import { envValue, parseOciConfig, parseOciState } from '../../src/oci-hooks/state.js';
@@ -134,6 +136,39 @@ describe('create-runtime undoes the rootfs diff when it fails after applying it'
     }
   });
 
+  it('a failure after the diff whose undo fails too: HOOK_UNDO_FAILED, and the container must not start', async () => {
+    const bundle = await mkdtemp(join(tmpdir(), 'thaw-hook-bundle-'));
+    const control = await mkdtemp(join(tmpdir(), 'thaw-hook-ctl-'));
+    const rootfs = join(bundle, 'rootfs');
+    try {
+      await mkdir(join(rootfs, 'etc'), { recursive: true });
+      const checkpointDir = join(bundle, 'checkpoint');
+      await mkdir(checkpointDir);
+      // The diff creates a file at the top of the rootfs; the rootfs directory is append-only (chattr +a), so the
+      // apply may create it but the undo may not remove it.
+      await writeFile(join(checkpointDir, ROOTFS_DIFF_FILE_NAME), ustar([{ name: 'new-at-root', type: '0', data: 'diff\n' }]));
+      await writeFile(join(checkpointDir, DELETED_FILES_FILE_NAME), '[]');
+      await writeFile(join(bundle, 'config.json'), JSON.stringify({ root: { path: rootfs }, process: { args: ['no-such-binary'], env: ['PATH=/bin'] } }));
+      try {
+        execFileSync('chattr', ['+a', rootfs], { stdio: 'ignore' });
+      } catch {
+        console.log('chattr +a is not supported on this file system: the undo cannot be made to fail here');
+        return;
+      }
+      const r = await runCreateRuntime(
+        { ociVersion: '1.0.2', id: 'c1', status: 'creating', pid: process.pid, bundle, annotations: {} },
+        { mode: 'overlay', controlDir: control, checkpointDir, thawPausePath: '/nonexistent/thaw-pause' },
+      );
+      expect(r).toMatchObject({ ok: false, code: 'HOOK_UNDO_FAILED', mustNotStart: true });
+      expect(r.ok ? '' : r.reason).toMatch(/^HOOK_ENTRYPOINT_NOT_FOUND: .*; undoing the rootfs diff failed too: /);
+      expect(await readHookOutcome(control)).toMatchObject({ kind: 'failed', record: { code: 'HOOK_UNDO_FAILED' } });
+    } finally {
+      execFileSync('chattr', ['-a', rootfs], { stdio: 'ignore' });
+      await rm(bundle, { recursive: true, force: true });
+      await rm(control, { recursive: true, force: true });
+    }
+  });
+
   it('a hook that succeeds leaves the diff and no undo backup in the rootfs', async () => {
     const bundle = await mkdtemp(join(tmpdir(), 'thaw-hook-bundle-'));
     const control = await mkdtemp(join(tmpdir(), 'thaw-hook-ctl-'));
@@ -199,6 +234,29 @@ describe('hook records', () => {
       expect(await readHookOutcome(dir)).toEqual({ kind: 'failed', record: { code: 'HOOK_X', reason: 'r' } });
     } finally {
       await rm(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+describe('poststop', () => {
+  it('removes the control directory, the work directory and the undo journal; what is gone already is no problem', async () => {
+    const top = await mkdtemp(join(tmpdir(), 'thaw-poststop-'));
+    try {
+      const controlDir = join(top, 'control', 'c1');
+      const workDir = join(top, 'work', 'c1');
+      const undoJournal = join(top, 'work', 'rootfs-undo', 'c1.json');
+      const other = join(top, 'work', 'rootfs-undo', 'c2.json');
+      for (const d of [controlDir, workDir, dirname(undoJournal)]) await mkdir(d, { recursive: true });
+      await writeFile(join(workDir, 'restore.log'), 'x');
+      await writeFile(undoJournal, '{}');
+      await writeFile(other, '{}');
+      expect(await runPoststop({ controlDir, workDir, undoJournal })).toEqual([]);
+      expect(await readdir(join(top, 'work', 'rootfs-undo'))).toEqual(['c2.json']);
+      expect(await readdir(join(top, 'work'))).toEqual(['rootfs-undo']);
+      expect(await readdir(join(top, 'control'))).toEqual([]);
+      expect(await runPoststop({ controlDir, workDir, undoJournal })).toEqual([]);
+    } finally {
+      await rm(top, { recursive: true, force: true });
     }
   });
 });

@@ -14,7 +14,7 @@ const repo = resolve(fileURLToPath(import.meta.url), '../../..');
 
 
 /** Root entries less the verified-stamps directory, which the store keeps beside its checkpoints. */
-const withoutStamps = (entries: string[]): string[] => entries.filter((e) => e !== '.verified');
+const withoutStamps = (entries: string[]): string[] => entries.filter((e) => e !== '.verified' && e !== '.restore-failed');
 
 async function publishSample(store: LocalStore, name: string, options: { replace?: boolean; pagesBytes?: number } = {}) {
   const pending = await store.beginCheckpoint(name);
@@ -226,6 +226,46 @@ describe('local checkpoint store', () => {
     } finally {
       await unlink(outside);
     }
+  });
+
+  it('marks a checkpoint failed for its manifest: read back, listed, cleared; a replacement or delete drops it', async () => {
+    const first = await publishSample(store, 'c1');
+    expect(await store.restoreFailure('c1', first.manifest)).toBeUndefined();
+    const failure = { cause: 'RESTORE_CRIU', reason: 'criu said no', containerId: 'abc', pod: 'ns/p' };
+    const recorded = await store.recordRestoreFailure(first, failure);
+    expect(recorded).toMatchObject({ ...failure, name: 'c1', manifestId: first.manifest.id });
+    expect(recorded.manifestDigest).toMatch(/^[0-9a-f]{64}$/);
+    const file = join(root, '.restore-failed', 'c1.json');
+    expect(((await stat(file)).mode & 0o777).toString(8)).toBe('600');
+    expect(((await stat(join(root, '.restore-failed'))).mode & 0o777).toString(8)).toBe('700');
+    expect(await store.restoreFailure('c1', first.manifest)).toEqual(recorded);
+    expect((await store.list())[0]?.restoreFailure).toEqual(recorded);
+    // A manifest that differs in anything (here: one file's digest) is another checkpoint: the mark does not hold.
+    const edited = { ...first.manifest, files: first.manifest.files.map((f, i) => (i === 0 ? { ...f, sha256: '0'.repeat(64) } : f)) };
+    expect(await store.restoreFailure('c1', edited)).toBeUndefined();
+    expect(await readdir(join(root, '.restore-failed'))).toEqual([]);
+    // Cleared by the operator.
+    await store.recordRestoreFailure(first, failure);
+    expect(await store.clearRestoreFailure('c1')).toBe(true);
+    expect(await store.clearRestoreFailure('c1')).toBe(false);
+    expect(await store.restoreFailure('c1', first.manifest)).toBeUndefined();
+    // Replaced under the same name: publish removes the mark.
+    await store.recordRestoreFailure(first, failure);
+    const second = await publishSample(store, 'c1', { replace: true });
+    expect(second.manifest.id).not.toBe(first.manifest.id);
+    expect(await readdir(join(root, '.restore-failed'))).toEqual([]);
+    // Written again with the old manifest (a race with the replace): the new manifest does not see it.
+    await store.recordRestoreFailure(first, failure);
+    expect(await store.restoreFailure('c1', second.manifest)).toBeUndefined();
+    // Deleted: the mark goes with it.
+    await store.recordRestoreFailure(second, failure);
+    await store.delete('c1');
+    expect(await readdir(join(root, '.restore-failed'))).toEqual([]);
+    // A record that does not parse is no mark; names follow the name rule.
+    const third = await publishSample(store, 'c1');
+    await writeFile(file, '{not json');
+    expect(await store.restoreFailure('c1', third.manifest)).toBeUndefined();
+    expect((await rejection(store.clearRestoreFailure('../x'))).code).toBe('STORE_INVALID_NAME');
   });
 
   it('keeps a name taken unless replace is asked, and abort leaves nothing', async () => {

@@ -6,7 +6,7 @@
  * parent exits inside the namespace is reparented to its init).
  */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync, symlinkSync, existsSync } from 'node:fs';
+import { chmodSync, copyFileSync, mkdtempSync, readFileSync, rmSync, symlinkSync, existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
@@ -258,6 +258,31 @@ describe('thaw-pause over an entrypoint (overlay mode)', () => {
     run.child.kill('SIGUSR2');
     expect((await exitOf(run)).code).toBe(127);
     expect(run.stderr()).toContain('thaw-pause is still mounted over it');
+  });
+
+  it('with the overlay still mounted, execs the original entrypoint from THAW_PAUSE_ORIGINAL (the hook\'s second mount of it), at SIGUSR2 and at its deadline', async () => {
+    const entry = join(dir, 'covered-entrypoint');
+    symlinkSync(PAUSE, entry);
+    // The second mount: the original entrypoint (here /bin/sh) at another path.
+    const original = join(dir, 'original-entrypoint');
+    copyFileSync('/bin/sh', original);
+    chmodSync(original, 0o755);
+    const env = { ...process.env, THAW_PAUSE_ORIGINAL: original };
+    const run = start(entry, ['-c', 'echo "ran as $0 ${THAW_PAUSE_ORIGINAL:-unset}"; exit 5'], { argv0: entry, env });
+    await waiting(run);
+    run.child.kill('SIGUSR2');
+    expect((await exitOf(run)).code).toBe(5);
+    expect(run.stdout()).toBe(`ran as ${entry} unset\n`);
+    expect(run.stderr()).toContain(`thaw-pause: ${entry} is still covered; exec the original entrypoint from ${original}`);
+    // The agent gone for good: the deadline does the same.
+    const byItself = start(entry, ['-c', 'echo deadline; exit 6'], { argv0: entry, env: { ...env, THAW_PAUSE_DEADLINE_MS: '300' } });
+    expect((await exitOf(byItself)).code).toBe(6);
+    expect(byItself.stdout()).toBe('deadline\n');
+    // THAW_PAUSE_ORIGINAL naming thaw-pause itself (or nothing) is no way out: 127 as before.
+    const self = start(entry, ['serve'], { argv0: entry, env: { ...process.env, THAW_PAUSE_ORIGINAL: entry } });
+    await waiting(self);
+    self.child.kill('SIGUSR2');
+    expect((await exitOf(self)).code).toBe(127);
   });
 
   it('refuses to exec itself when a bare argv0 resolves through PATH to the overlay', async () => {
