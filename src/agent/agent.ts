@@ -280,8 +280,8 @@ export async function runAgent(o: AgentRunOptions, logger: Logger): Promise<numb
   // The native createRuntime hook is built beside thaw-pause; without it, restores run the Node.js hook.
   const nativeHookPath = join(dirname(c.paths.thawPause), NATIVE_HOOK_NAME);
   const hookSocket = hookSocketFor(c.api.socket);
-  const nativeHook = existsSync(nativeHookPath) && Buffer.byteLength(hookSocket) <= UNIX_PATH_MAX_BYTES ? { path: nativeHookPath, socketPath: hookSocket } : undefined;
-  if (nativeHook === undefined) logger.warn('thaw: no native createRuntime hook (not built, or its socket path is too long); restores use the Node.js hook (a Node.js start per restore)', { nativeHook: nativeHookPath, socket: hookSocket });
+  const nativeHook = c.restore.hook === 'native' && existsSync(nativeHookPath) && Buffer.byteLength(hookSocket) <= UNIX_PATH_MAX_BYTES ? { path: nativeHookPath, socketPath: hookSocket } : undefined;
+  if (nativeHook === undefined && c.restore.hook === 'native') logger.warn('thaw: no native createRuntime hook (not built, or its socket path is too long); restores use the Node.js hook (a Node.js start per restore)', { nativeHook: nativeHookPath, socket: hookSocket });
   const engine = await createThawEngine({
     logger,
     annotationPrefix: c.annotationPrefix,

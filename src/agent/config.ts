@@ -56,8 +56,12 @@ export interface AgentConfig {
    * directories every pod allowed to mount them may read.
    */
   weights: { modelDirs: string };
-  /** pauseDeadlineMs: thaw-pause falls back by itself after this long without a word from the agent. */
-  restore: { pauseDeadlineMs: number };
+  /**
+   * pauseDeadlineMs: thaw-pause falls back by itself after this long without a word from the agent. hook: which
+   * createRuntime hook restores get: `native` (native/build/thaw-hook handing the work to this agent; the Node.js
+   * hook when it is not built) or `node` (the Node.js hook, which works without a live agent at hook time).
+   */
+  restore: { pauseDeadlineMs: number; hook: 'native' | 'node' };
   /** file "" = stderr. */
   log: { level: LogLevel; file: string };
   /**
@@ -127,6 +131,7 @@ export const CONFIG_KEYS: readonly KeySpec[] = [
   { key: 'cuda.lockTimeoutMs', expected: 'a positive integer (milliseconds)', kind: 'integer', check: (v) => (Number.isSafeInteger(v) && (v as number) > 0 ? undefined : 'not a positive integer') },
   { key: 'weights.modelDirs', expected: '":"-separated absolute paths, or "" for none', kind: 'string', check: (v) => (String(v) === '' || String(v).split(':').every((p) => isAbsolute(p) && normalize(p) === p) ? undefined : 'not absolute, normal paths') },
   { key: 'restore.pauseDeadlineMs', expected: 'a positive integer (milliseconds, at most a day)', kind: 'integer', check: (v) => (Number.isSafeInteger(v) && (v as number) > 0 && (v as number) <= 86_400_000 ? undefined : 'not a positive integer of at most 86400000') },
+  { key: 'restore.hook', expected: 'native or node', kind: 'string', check: (v) => (v === 'native' || v === 'node' ? undefined : 'not native or node') },
   { key: 'log.level', expected: 'one of debug, info, warn, error', kind: 'string', check: (v) => (['debug', 'info', 'warn', 'error'].includes(String(v)) ? undefined : 'not a level') },
   { key: 'log.file', expected: 'an absolute path, or "" for stderr', kind: 'string', check: absoluteOrEmpty },
 ];
@@ -160,7 +165,7 @@ export function defaultAgentConfig(packageRoot: string): AgentConfig {
     registry: { config: '' },
     cuda: { libcuda: '', libnvml: '', lockTimeoutMs: DEFAULT_CUDA_LOCK_TIMEOUT_MS },
     weights: { modelDirs: '' },
-    restore: { pauseDeadlineMs: DEFAULT_THAW_PAUSE_DEADLINE_MS },
+    restore: { pauseDeadlineMs: DEFAULT_THAW_PAUSE_DEADLINE_MS, hook: 'native' },
     log: { level: 'info', file: '' },
     tenancy: defaultTenancyPolicy(),
   };

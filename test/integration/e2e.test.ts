@@ -158,8 +158,36 @@ describe.each(flavorsUnderTest())('thaw end to end on containerd %s', (flavor) =
     }
   }, 240_000);
 
-  it('falls back to a cold start when the agent is killed mid-restore and comes back', async () => {
+  it('the native hook with no agent to answer it: the pod starts cold at once on the image\'s own rootfs, cause HOOK_AGENT_UNREACHABLE', async () => {
     const stack = handle.stack;
+    // The beforeAll agent gives restores the native hook (native/build/thaw-hook): it does nothing itself but ask.
+    const pod = await runWorkerPod(stack, dirs.controlRoot, { ...common(), name: 'e2e-native-no-agent', annotations: { 'thaw.dev/restore': CHECKPOINT }, start: false, checkpointAfterMs: 600_000 });
+    const victim = plugin!;
+    victim.proc.kill('SIGKILL');
+    await victim.exited;
+    plugin = undefined;
+    try {
+      await stack.cri.startContainer(pod.containerId);
+      // Nothing was applied and no placeholder covers the entrypoint: the original command serves without waiting
+      // for thaw-pause's deadline, on the image's own files.
+      const endpoint = await waitForServingWorker(pod.controlDir, { timeoutMs: 120_000 });
+      expect(endpoint.restored, 'a cold start, not a restore').toBe(false);
+      await expectImageRootfs(pod.containerId);
+      const failed = JSON.parse(await readFile(join(pod.controlDir, 'hook-failed'), 'utf8')) as { code: string };
+      expect(failed.code).toBe('HOOK_AGENT_UNREACHABLE');
+      expect(existsSync(join(dirs.workRoot, 'rootfs-undo', `${pod.containerId}.json`)), 'no undo journal: nothing was applied').toBe(false);
+      expect(await readFile(pod.logPath, 'utf8')).not.toContain('thaw-pause:');
+    } finally {
+      plugin = await startPlugin();
+      await stack.cri.removePod(pod.podId);
+    }
+  }, 240_000);
+
+  // The next three: the Node.js hook (restore.hook: node), which applies the diff itself with no agent alive.
+  it('falls back to a cold start when the agent is killed mid-restore and comes back (Node.js hook)', async () => {
+    const stack = handle.stack;
+    await plugin?.stop();
+    plugin = await startPlugin(['--restore-hook', 'node']);
     // thaw adjusts the container (thaw-pause holds its command), then the agent dies before it can restore.
     const pod = await runWorkerPod(stack, dirs.controlRoot, { ...common(), name: 'e2e-agent-killed', annotations: { 'thaw.dev/restore': CHECKPOINT }, start: false });
     const victim = plugin!;
@@ -196,12 +224,12 @@ describe.each(flavorsUnderTest())('thaw end to end on containerd %s', (flavor) =
     await stack.cri.removePod(pod.podId);
   }, 240_000);
 
-  it('serves as a cold start within thaw-pause\'s deadline when the agent is killed for good while a target waits; the next agent leaves it alone', async () => {
+  it('serves as a cold start within thaw-pause\'s deadline when the agent is killed for good while a target waits; the next agent leaves it alone (Node.js hook)', async () => {
     const stack = handle.stack;
     const deadlineMs = 3_000;
     // An agent with a short thaw-pause deadline adjusts the target (overlay mode), then dies for good.
     await plugin?.stop();
-    plugin = await startPlugin(['--restore-pause-deadline-ms', String(deadlineMs)]);
+    plugin = await startPlugin(['--restore-pause-deadline-ms', String(deadlineMs), '--restore-hook', 'node']);
     // checkpointAfterMs: the cold-started worker serves (it takes part in no checkpoint meanwhile).
     const pod = await runWorkerPod(stack, dirs.controlRoot, { ...common(), name: 'e2e-agent-gone', annotations: { 'thaw.dev/restore': CHECKPOINT }, start: false, checkpointAfterMs: 600_000 });
     const victim = plugin!;
@@ -231,8 +259,10 @@ describe.each(flavorsUnderTest())('thaw end to end on containerd %s', (flavor) =
     await stack.cri.removePod(pod.podId);
   }, 240_000);
 
-  it('falls back to a cold start when the container was created under an agent that died and starts under the next', async () => {
+  it('falls back to a cold start when the container was created under an agent that died and starts under the next (Node.js hook)', async () => {
     const stack = handle.stack;
+    await plugin?.stop();
+    plugin = await startPlugin(['--restore-hook', 'node']);
     const pod = await runWorkerPod(stack, dirs.controlRoot, { ...common(), name: 'e2e-created-then-restarted', annotations: { 'thaw.dev/restore': CHECKPOINT }, start: false });
     const victim = plugin!;
     victim.proc.kill('SIGKILL');
