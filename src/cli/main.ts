@@ -241,7 +241,7 @@ async function dispatch(line: CommandLine, io: CliIo): Promise<number> {
 function localExitCode(err: unknown): number {
   if (!isThawError(err)) return ExitCode.FAILED;
   if (err.code === OciErrorCode.INVALID_REFERENCE) return ExitCode.USAGE;
-  if (err.code === OciErrorCode.NOT_FOUND || err.code === StoreErrorCode.NOT_FOUND) return ExitCode.NOT_FOUND;
+  if (err.code === OciErrorCode.NOT_FOUND || err.code === StoreErrorCode.NOT_FOUND || err.code === OciErrorCode.WEIGHTS_SOURCE_NOT_FOUND) return ExitCode.NOT_FOUND;
   return ExitCode.FAILED;
 }
 
