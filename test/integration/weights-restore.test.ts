@@ -16,7 +16,9 @@
  *   - between nodes (a real registry on loopback, a second agent with its own store and no model files): a
  *     checkpoint pushed plainly carries no weight bytes, and restores there only as a cold start with cause
  *     WEIGHTS_SOURCE_MISSING; pushed with its weights layers, it is pulled with them into the node's weights
- *     cache and restored from there; a tampered weights layer fails the pull before anything is stored.
+ *     cache and restored from there; a tampered weights layer fails the pull before anything is stored;
+ *   - thaw.dev/snapshot with `snapshotWeightsLayers`: node A's snapshot push carries the weights layers, and node B
+ *     (no model files) restores the snapshot pod, its agent's pull bringing the weights into its cache.
  */
 import { execFileSync } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
@@ -295,6 +297,60 @@ describe.each(flavorsUnderTest())('weights outside the checkpoint, through the a
       await registry.stop();
     }
   }, 240_000);
+
+  it('thaw.dev/snapshot with snapshotWeightsLayers: node A pushes the weights as layers, node B without the model restores from them', async () => {
+    const registry = await startRegistry();
+    const client = new RegistryClient({ registry: registry.host, plainHttp: true });
+    const base = join(workDir, 'snapshot-nodes');
+    await mkdir(base, { recursive: true });
+    const snapA = pluginDirsUnder(join(base, 'a'), handle.stack.paths.prefix, join(base, 'a.log'));
+    const snapB = pluginDirsUnder(join(base, 'b'), handle.stack.paths.prefix, join(base, 'b.log'));
+    const registryConfig = join(workDir, 'snapshot-registries.json');
+    await writeFile(registryConfig, JSON.stringify({ access: { [registry.host]: { plainHttp: true } } }), { mode: 0o600 });
+    const agentConfig = join(workDir, 'agent-snapshot.yaml');
+    await writeFile(agentConfig, `tenancy:\n  namespaces:\n    default:\n      registries:\n        - {prefix: "${registry.host}/team", allowUnsigned: true}\n      snapshotRepository: "${registry.host}/team/snapshots"\n      snapshotWeightsLayers: true\n`, { mode: 0o600 });
+    const args = ['--config', agentConfig, '--registry-config', registryConfig];
+    let moved = false;
+    try {
+      await plugin?.stop();
+      plugin = undefined;
+      plugin = await startAgent(snapA, args);
+      dirs = snapA;
+      const src = await runWorker('wsnap-a', { 'thaw.dev/snapshot': 'wsnap' }, { WORKER_CHECKPOINT: '1' });
+      const pushed = await waitForLog(snapA.logFile, (r) => r['event'] === 'snapshot-push', 'the push of the snapshot', 120_000);
+      expect(pushed['outcome'], String(pushed['error'])).toBe('succeeded');
+      const tag = String(pushed['reference']).split(':').pop()!;
+      const image = JSON.parse((await client.getManifest('team/snapshots', tag)).body.toString('utf8')) as { layers: Array<{ mediaType: string; digest: string }> };
+      const shas = await Promise.all(files.map(async (f) => createHash('sha256').update(await readFile(f)).digest('hex')));
+      expect(image.layers.filter((l) => l.mediaType === WEIGHTS_LAYER_MEDIA_TYPE).map((l) => l.digest)).toEqual(shas.map((h) => `sha256:${h}`));
+      await waitFor(async () => ((await stateOf(src.containerId))?.phase === 'checkpoint-complete' ? true : undefined), 'the snapshot source to go on', 60_000);
+      await handle.stack.cri.removePod(src.podId);
+      await plugin.stop();
+      plugin = undefined;
+
+      for (const f of files) await rename(f, `${f}.away`);
+      moved = true;
+      plugin = await startAgent(snapB, args);
+      dirs = snapB;
+      const target = await runWorker('wsnap-b', { 'thaw.dev/snapshot': 'wsnap' });
+      const event = await restoreEventOf(target.containerId);
+      expect([event['outcome'], event['cause']], String(event['reason'])).toEqual(['restored', undefined]);
+      const state = await waitFor(async () => {
+        const s = await stateOf(target.containerId);
+        return s?.phase === 'restore-complete' ? s : undefined;
+      }, 'the snapshot pod on node B to report', 60_000);
+      expect(state).toMatchObject({ restored: true, sha: weightsSha });
+      expect((await readdir(weightsCacheDir(snapB.storeRoot))).sort()).toEqual([...shas].sort());
+      await handle.stack.cri.removePod(target.podId);
+    } finally {
+      dirs = nodeA;
+      if (moved) for (const f of files) await rename(`${f}.away`, f);
+      await plugin?.stop();
+      plugin = await startAgent(nodeA);
+      client.close();
+      await registry.stop();
+    }
+  }, 300_000);
 
   it('cold-starts with cause WEIGHTS_SOURCE_CHANGED when a source file changed since the checkpoint', async () => {
     const first = WEIGHTS_MIB[0]! * MiB;
