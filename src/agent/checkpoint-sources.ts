@@ -294,7 +294,8 @@ export function createCheckpointSources(o: CheckpointSourcesOptions): Checkpoint
       const signature = await checkReference(client, reference, resolved.digest, namespace, signal);
       const local = await openLocal(resolved.name);
       if (local !== undefined) return { kind: 'local', checkpoint: local };
-      await checkRoom(resolved.manifest.totals.bytes, namespace, formatReference(reference));
+      // Weights layers land in the node's weights cache, on the store's filesystem: they need room too.
+      await checkRoom(resolved.manifest.totals.bytes + resolved.weights.reduce((a, w) => a + w.size, 0), namespace, formatReference(reference));
       const pull = o.registry.pull ?? {};
       const ready = once(resolved.name, options.interest, async (signal) => (await fetchResolved(client, resolved, { ...pull, store: o.local, signal, logger })).checkpoint);
       ready.catch(() => undefined);

@@ -10,7 +10,7 @@ import { errorMessage } from '../errors.js';
 import { CHECKPOINT_COMPLETE } from '../sdk/index.js';
 import type { Logger } from '../log.js';
 import { CriuClient, criuEnvironment, parentDeathWrapper, readContainerdImageDigest } from '../restore-engine/index.js';
-import { openLocalStore, pushCheckpoint, type LocalStore } from '../store/index.js';
+import { openLocalStore, pushCheckpoint, weightsCacheDir, type LocalStore } from '../store/index.js';
 import { bindPageCache, readIntoPageCache } from '../sys/page-cache.js';
 import { DEFAULT_MOUNT_PATH, DEFAULT_UMOUNT_PATH } from '../oci-hooks/index.js';
 import { DEFAULT_SH_PATH, SourceDigests } from '../restore-engine/index.js';
@@ -144,7 +144,8 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
       return;
     }
     const started = performance.now();
-    const p = pushCheckpoint({ store, name: e.name, reference, access, logger, signal: stopPushes.signal }).then(
+    const withWeights = o.tenancy?.namespaces.get(c.podNamespace)?.snapshotWeightsLayers === true ? { withWeights: { dirs: o.weightsModelDirs ?? [] } } : {};
+    const p = pushCheckpoint({ store, name: e.name, reference, access, logger, signal: stopPushes.signal, ...withWeights }).then(
       (r) => log.info('snapshot pushed', { event: 'snapshot-push', outcome: 'succeeded', digest: r.digest, bytesUploaded: r.bytesUploaded, ms: Math.round(performance.now() - started) }),
       (err: unknown) => log.warn('snapshot push failed; other nodes take their own checkpoint', { event: 'snapshot-push', outcome: 'failed', error: errorMessage(err) }),
     );
@@ -206,7 +207,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
       o.onRestoreEvent?.(e);
     },
     ...(cuda ? { cudaRestore: cudaRestoreStep({ node: cuda, logger }) } : {}),
-    ...(cuda?.vmm ? { weights: { vmm: cuda.vmm, digests: weightsDigests, modelDirs: o.weightsModelDirs ?? [], gpuCount: cuda.facts?.uuids.length ?? 0 } } : {}),
+    ...(cuda?.vmm ? { weights: { vmm: cuda.vmm, digests: weightsDigests, modelDirs: o.weightsModelDirs ?? [], weightsCacheDir: weightsCacheDir(store.root), gpuCount: cuda.facts?.uuids.length ?? 0 } } : {}),
   });
   // One coordinator for the handlers: sources go to the checkpoint side, targets to the restore side.
   const coordinator: ThawCoordinator = {

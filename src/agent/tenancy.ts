@@ -21,6 +21,7 @@
  *                                          # <name>-<12 hex>, snapshot.ts), other nodes pull it instead of taking
  *                                          # their own. Must lie under one of the namespace's registries (its pulls
  *                                          # are checked like any registry checkpoint's: signature or allowUnsigned)
+ *         snapshotWeightsLayers: true      # those pushes also carry the weights sources as layers (docs/weights.md)
  *
  * The default (no `tenancy` section) is the one safe on a shared cluster: every namespace may checkpoint its own
  * pods, and a checkpoint restores only into pods of the namespace it was taken from; nothing is shared; no
@@ -48,6 +49,11 @@ export interface NamespacePolicy {
   quotaBytes?: number;
   /** `host[:port]/repository`: where this namespace's thaw.dev/snapshot checkpoints are pushed and pulled. */
   snapshotRepository?: string;
+  /**
+   * The snapshot pushes carry the weights sources as layers (docs/weights.md "Between nodes"), for nodes
+   * without the model: found in the store's weights cache or under the agent's `weights.modelDirs`.
+   */
+  snapshotWeightsLayers?: boolean;
 }
 
 export interface SharedGrant {
@@ -120,9 +126,11 @@ export function parseTenancyPolicy(raw: unknown): TenancyPolicy {
       const at = `tenancy.namespaces.${ns}`;
       const badNs = checkNamespaceName(ns);
       if (badNs !== undefined) fail(at, badNs);
-      if (!isObject(v)) fail(at, 'must be a mapping {quotaBytes?, registries?, snapshotRepository?}');
+      if (!isObject(v)) fail(at, 'must be a mapping {quotaBytes?, registries?, snapshotRepository?, snapshotWeightsLayers?}');
       const nv = v as Record<string, unknown>;
-      for (const key of Object.keys(nv)) if (key !== 'quotaBytes' && key !== 'registries' && key !== 'snapshotRepository') fail(`${at}.${key}`, 'unknown key (expected quotaBytes, registries, snapshotRepository)');
+      for (const key of Object.keys(nv)) {
+        if (!['quotaBytes', 'registries', 'snapshotRepository', 'snapshotWeightsLayers'].includes(key)) fail(`${at}.${key}`, 'unknown key (expected quotaBytes, registries, snapshotRepository, snapshotWeightsLayers)');
+      }
       const entry: NamespacePolicy = { registries: [] };
       if (nv['quotaBytes'] !== undefined) {
         const q = nv['quotaBytes'];
@@ -159,6 +167,11 @@ export function parseTenancyPolicy(raw: unknown): TenancyPolicy {
           fail(`${at}.snapshotRepository`, `${repo as string} is under none of ${ns}'s registries: its pulls would be refused (add a registries entry whose prefix covers it)`);
         }
         entry.snapshotRepository = repo as string;
+      }
+      if (nv['snapshotWeightsLayers'] !== undefined) {
+        if (typeof nv['snapshotWeightsLayers'] !== 'boolean') fail(`${at}.snapshotWeightsLayers`, 'must be a boolean');
+        if (nv['snapshotWeightsLayers'] === true && entry.snapshotRepository === undefined) fail(`${at}.snapshotWeightsLayers`, 'needs snapshotRepository (the pushes it is about)');
+        entry.snapshotWeightsLayers = nv['snapshotWeightsLayers'] as boolean;
       }
       namespaces.set(ns, entry);
     }

@@ -108,10 +108,17 @@ export const COMMANDS: Record<string, CommandSpec> = {
   },
   push: {
     summary: 'push a checkpoint of this node\'s store to an OCI registry (progress on stderr)',
-    usage: 'thaw push <checkpoint> <registry/repository:tag> [--config FILE] [--registry-config FILE] [--plain-http]',
+    usage: 'thaw push <checkpoint> <registry/repository:tag> [--with-weights [--weights-dir DIR ...]] [--config FILE] [--registry-config FILE] [--plain-http]',
     positionals: { min: 2, max: 2 },
-    options: { ...COMMON, ...REGISTRY_OPTIONS },
-    details: [...REGISTRY_HELP, JSON_HELP, '  Prints the reference pinned to the pushed manifest (registry/repository:tag@sha256:...).'],
+    options: { ...COMMON, ...REGISTRY_OPTIONS, 'with-weights': { type: 'boolean' }, 'weights-dir': { type: 'string', multiple: true } },
+    details: [
+      ...REGISTRY_HELP,
+      '  --with-weights           also push each weights source of the checkpoint as a layer (docs/weights.md), for nodes',
+      '                           that do not have the model: read from the store\'s weights cache or found under weights.modelDirs',
+      '  --weights-dir DIR        another host directory to find weights sources under (repeatable)',
+      JSON_HELP,
+      '  Prints the reference pinned to the pushed manifest (registry/repository:tag@sha256:...).',
+    ],
   },
   pull: {
     summary: 'pull a checkpoint from an OCI registry into this node\'s store (progress on stderr)',

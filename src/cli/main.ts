@@ -146,23 +146,25 @@ async function installCommand(line: CommandLine, io: CliIo): Promise<number> {
 }
 
 /** The store and the registry access `push`/`pull` use: the agent's configuration, overridden by their flags. */
-async function registryContext(line: CommandLine, io: CliIo, reference: string): Promise<{ store: LocalStore; access: RegistryAccess }> {
+async function registryContext(line: CommandLine, io: CliIo, reference: string): Promise<{ store: LocalStore; access: RegistryAccess; modelDirs: string[] }> {
   const config = await loadConfig(line, io.env);
   const accessFile = typeof line.values['registry-config'] === 'string' ? line.values['registry-config'] : config.registry.config;
   const host = parseReference(reference).registry.toLowerCase();
   const access: RegistryAccess = accessFile !== '' ? { ...((await loadRegistryConfig(accessFile)).access?.[host] ?? {}) } : {};
   if (line.values['plain-http'] === true) access.plainHttp = true;
   const store = await openLocalStore({ root: config.paths.storeRoot });
-  return { store, access };
+  return { store, access, modelDirs: config.weights.modelDirs === '' ? [] : config.weights.modelDirs.split(':') };
 }
 
 async function pushCommand(line: CommandLine, io: CliIo): Promise<number> {
   const [name, reference] = line.positionals as [string, string];
-  const { store, access } = await registryContext(line, io, reference);
+  const { store, access, modelDirs } = await registryContext(line, io, reference);
   io.stderr(`pushing ${name} to ${reference}\n`);
-  const r = await pushCheckpoint({ store, name, reference, access });
+  const extra = line.values['weights-dir'];
+  const withWeights = line.values['with-weights'] === true ? { dirs: [...(Array.isArray(extra) ? extra.map(String) : []), ...modelDirs] } : undefined;
+  const r = await pushCheckpoint({ store, name, reference, access, ...(withWeights ? { withWeights } : {}) });
   if (line.values['json']) json(io, r);
-  else io.stdout(`${r.reference}\n${(r.bytesUploaded / 1e9).toFixed(2)} GB uploaded, ${(r.bytesSkipped / 1e9).toFixed(2)} GB already there, ${(r.ms / 1000).toFixed(1)} s\n`);
+  else io.stdout(`${r.reference}\n${(r.bytesUploaded / 1e9).toFixed(2)} GB uploaded, ${(r.bytesSkipped / 1e9).toFixed(2)} GB already there${r.weightsLayers > 0 ? `, ${r.weightsLayers} weights layers (${(r.weightsBytes / 1e9).toFixed(2)} GB)` : ''}, ${(r.ms / 1000).toFixed(1)} s\n`);
   return ExitCode.OK;
 }
 
@@ -247,7 +249,7 @@ async function dispatch(line: CommandLine, io: CliIo): Promise<number> {
 function localExitCode(err: unknown): number {
   if (!isThawError(err)) return ExitCode.FAILED;
   if (err.code === OciErrorCode.INVALID_REFERENCE) return ExitCode.USAGE;
-  if (err.code === OciErrorCode.NOT_FOUND || err.code === StoreErrorCode.NOT_FOUND) return ExitCode.NOT_FOUND;
+  if (err.code === OciErrorCode.NOT_FOUND || err.code === StoreErrorCode.NOT_FOUND || err.code === OciErrorCode.WEIGHTS_SOURCE_NOT_FOUND) return ExitCode.NOT_FOUND;
   return ExitCode.FAILED;
 }
 

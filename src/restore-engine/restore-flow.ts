@@ -218,6 +218,8 @@ export interface RestoreWeightsService {
   digests: SourceDigests;
   /** Host directories weights may be read from through the container's bind mounts. */
   modelDirs: readonly string[];
+  /** The node's weights cache directory (store/oci/weights-cache.ts): sources no model dir has are looked up there by sha256. */
+  weightsCacheDir?: string;
   /** This node's GPU count: a region recorded on an ordinal it lacks is GPU_MISMATCH. */
   gpuCount: number;
   readers?: number;
@@ -480,7 +482,13 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
       refuse = reject;
     });
     rootReady.catch(() => undefined);
-    const opener = restoreSourceOpener({ mounts: job.container.mounts ?? [], modelDirs: service.modelDirs, rootReady });
+    const opener = restoreSourceOpener({
+      mounts: job.container.mounts ?? [],
+      modelDirs: service.modelDirs,
+      rootReady,
+      // A checkpoint still being pulled brings its weights layers into the cache before it is published.
+      ...(service.weightsCacheDir !== undefined ? { weightsCache: { dir: service.weightsCacheDir, ...(job.incoming !== undefined ? { ready: job.incoming } : {}) } } : {}),
+    });
     const readers = service.readers ?? WEIGHTS_READERS_DEFAULT;
     const w: WeightsLoadJob = {
       startedAt: Date.now(),

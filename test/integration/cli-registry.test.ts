@@ -3,7 +3,8 @@
  * docker-registry on loopback, on node A's store and node B's store. Exit codes per src/cli/exit-codes.ts.
  */
 import { execFile } from 'node:child_process';
-import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { createHash } from 'node:crypto';
+import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -11,6 +12,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startRegistry, type RunningRegistry } from '../../src/node-stack/registry.js';
 import { ensureBuilt, PACKAGE_ROOT } from '../../src/node-stack/thaw-plugin-process.js';
 import { openLocalStore } from '../../src/store/local-store.js';
+import { weightsCacheDir } from '../../src/store/index.js';
 import { manifestFields, writeCheckpointFiles } from '../helpers/store-fixtures.js';
 
 const execFileP = promisify(execFile);
@@ -96,5 +98,40 @@ describe('thaw push / thaw pull against a real registry', () => {
       expect(help.code).toBe(0);
       expect(help.stdout).toMatch(/--registry-config FILE/);
     }
+  });
+
+  it('push --with-weights: each weights source as a layer, found under --weights-dir; pulled into the weights cache of node B', async () => {
+    const models = join(configDir, 'host-models/qwen');
+    await mkdir(models, { recursive: true });
+    const bytes = Buffer.alloc(2 * MiB + 3);
+    for (let i = 0; i < bytes.length; i += 997) bytes[i] = i % 253;
+    await writeFile(join(models, 'model-00001.safetensors'), bytes);
+    const sha = createHash('sha256').update(bytes).digest('hex');
+    const store = await openLocalStore({ root: rootA });
+    const pending = await store.beginCheckpoint('with-weights');
+    await writeCheckpointFiles(pending.paths, 64 * 1024);
+    const source = { path: '/models/model-00001.safetensors', fileOffset: 0, length: bytes.length, fileSize: bytes.length, sha256: sha };
+    await pending.publish(manifestFields({ weights: { schema: 'thaw.dev/weights-regions/v1', bytes: bytes.length, regions: [{ name: 'w', device: 0, va: '0x7f0000000000', size: 4 * MiB, granularity: 2 * MiB, allocations: [{ offset: 0, size: 4 * MiB, kind: 'file', source }] }] } }));
+    const ref = `${registry.host}/team/worker:weights`;
+
+    // Found nowhere (no --weights-dir, no weights.modelDirs): not found (4), nothing pushed.
+    const nowhere = await thaw(['push', 'with-weights', ref, '--with-weights', '--config', config, '--paths-store-root', rootA]);
+    expect(nowhere.code, nowhere.stderr).toBe(4);
+    expect(nowhere.stderr).toMatch(/OCI_WEIGHTS_SOURCE_NOT_FOUND/);
+
+    const push = await thaw(['push', 'with-weights', ref, '--with-weights', '--weights-dir', join(configDir, 'host-models'), '--config', config, '--paths-store-root', rootA, '--json']);
+    expect(push.code, push.stderr).toBe(0);
+    const pushed = JSON.parse(push.stdout) as { digest: string; weightsLayers: number; weightsBytes: number; bytesUploaded: number };
+    expect([pushed.weightsLayers, pushed.weightsBytes]).toEqual([1, bytes.length]);
+    expect(pushed.bytesUploaded).toBeGreaterThan(bytes.length);
+
+    const pull = await thaw(['pull', ref, '--config', config, '--paths-store-root', rootB, '--json']);
+    expect(pull.code, pull.stderr).toBe(0);
+    expect(JSON.parse(pull.stdout)).toMatchObject({ weightsBytes: bytes.length });
+    expect(await readdir(weightsCacheDir(rootB))).toEqual([sha]);
+    expect((await readFile(join(weightsCacheDir(rootB), sha))).equals(bytes)).toBe(true);
+    // The checkpoint itself holds its own files only.
+    const b = await (await openLocalStore({ root: rootB })).open(`oci-${pushed.digest.slice('sha256:'.length)}`);
+    expect((await readdir(b.paths.dir)).some((e) => e.includes('weights'))).toBe(false);
   });
 });

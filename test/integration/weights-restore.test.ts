@@ -12,12 +12,18 @@
  *   - a restore loads the weights from CreateContainer on (the event's phases: the load starts before CRIU
  *     ends), hands them to the restored worker, which holds the source's bytes at the source's VA;
  *   - a source file changed since the checkpoint: cold start with cause WEIGHTS_SOURCE_CHANGED;
- *   - the restored worker cannot import the handles: cold start with cause WEIGHTS_IMPORT.
+ *   - the restored worker cannot import the handles: cold start with cause WEIGHTS_IMPORT;
+ *   - between nodes (a real registry on loopback, a second agent with its own store and no model files): a
+ *     checkpoint pushed plainly carries no weight bytes, and restores there only as a cold start with cause
+ *     WEIGHTS_SOURCE_MISSING; pushed with its weights layers, it is pulled with them into the node's weights
+ *     cache and restored from there; a tampered weights layer fails the pull before anything is stored;
+ *   - thaw.dev/snapshot with `snapshotWeightsLayers`: node A's snapshot push carries the weights layers, and node B
+ *     (no model files) restores the snapshot pod, its agent's pull bringing the weights into its cache.
  */
 import { execFileSync } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { existsSync, lstatSync, readlinkSync } from 'node:fs';
-import { mkdir, mkdtemp, readFile, rm, symlink, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, open as openFile, readdir, readFile, rename, rm, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -25,6 +31,9 @@ import type { Mount } from '../../src/node-stack/index.js';
 import { flavorsUnderTest, useNodeStack, waitFor } from '../helpers/stack.js';
 import { ensureBuilt, pluginDirsUnder, readJsonLog, startThawPluginProcess, waitForLog, type ThawPluginDirs, type ThawPluginProcess } from '../helpers/thaw-plugin-process.js';
 import { buildFakeLibraries, FAKE_LIBCUDA, FAKE_NVML, fakeTokenEnv } from '../helpers/cuda-fake-lib.js';
+import { startRegistry } from '../../src/node-stack/registry.js';
+import { openLocalStore } from '../../src/store/local-store.js';
+import { pullCheckpoint, pushCheckpoint, RegistryClient, WEIGHTS_LAYER_MEDIA_TYPE, weightsCacheDir } from '../../src/store/index.js';
 
 const REPO = resolve(import.meta.dirname, '../..');
 const SDK_DIR = join(REPO, 'sdk/python');
@@ -80,6 +89,21 @@ describe.each(flavorsUnderTest())('weights outside the checkpoint, through the a
       env: { PATH: PATH_ENV, PYTHONDONTWRITEBYTECODE: '1', PYTHONUNBUFFERED: '1', FAKE_CUDA_CONTROL_FILE: workerCtl, ...fakeTokenEnv(TOKEN), ...env },
       mounts,
     });
+  let nodeA: ThawPluginDirs;
+  /** An agent on `d` (its store, control root, log); the model dir is allowed on every node. */
+  const synchronized = async (logFile: string): Promise<number> => (await readJsonLog(logFile).catch(() => [])).filter((r) => r.msg === 'nri plugin synchronized').length;
+  const startAgent = async (d: ThawPluginDirs, extraArgs: string[] = []): Promise<ThawPluginProcess> => {
+    const before = await synchronized(d.logFile);
+    const p = startThawPluginProcess({
+      socketPath: handle.stack.nriSocketPath,
+      containerd: { socket: handle.stack.address, root: handle.stack.rootDir },
+      ...d,
+      extraArgs: ['--cuda-libcuda', FAKE_LIBCUDA, '--cuda-libnvml', FAKE_NVML, '--weights-model-dirs', modelsDir, ...extraArgs],
+      env: { FAKE_CUDA_STATE_DIR: join(workDir, 'fake-state') },
+    });
+    await waitFor(async () => ((await synchronized(d.logFile)) > before ? true : undefined), 'the plugin to synchronize', 30_000);
+    return p;
+  };
   const restoreEventOf = (containerId: string) =>
     waitForLog(dirs.logFile, (r) => r['event'] === 'restore' && r['containerId'] === containerId && r.msg === 'restore', `the restore event of ${containerId}`, 90_000);
 
@@ -127,14 +151,8 @@ describe.each(flavorsUnderTest())('weights outside the checkpoint, through the a
     await handle.stack.importImage({ ref: IMAGE, rootfsDir: rootfs, env: [`PATH=${PATH_ENV}`] });
 
     await mkdir(join(workDir, 'fake-state'));
-    plugin = startThawPluginProcess({
-      socketPath: handle.stack.nriSocketPath,
-      containerd: { socket: handle.stack.address, root: handle.stack.rootDir },
-      ...dirs,
-      extraArgs: ['--cuda-libcuda', FAKE_LIBCUDA, '--cuda-libnvml', FAKE_NVML, '--weights-model-dirs', modelsDir],
-      env: { FAKE_CUDA_STATE_DIR: join(workDir, 'fake-state') },
-    });
-    await waitFor(async () => ((await readJsonLog(dirs.logFile)).some((r) => r.msg === 'nri plugin synchronized') ? true : undefined), 'the plugin to synchronize', 30_000);
+    nodeA = dirs;
+    plugin = await startAgent(dirs);
 
     const pod = await runWorker('weights-source', { 'thaw.dev/checkpoint': CHECKPOINT }, { WORKER_CHECKPOINT: '1' });
     const event = await waitForLog(dirs.logFile, (r) => r['event'] === 'checkpoint' && r['name'] === CHECKPOINT, 'the checkpoint', 90_000);
@@ -206,6 +224,133 @@ describe.each(flavorsUnderTest())('weights outside the checkpoint, through the a
       await writeFile(workerCtl, '');
     }
   }, 120_000);
+
+  it('between nodes: weights travel as layers only when asked; restored from the weights cache on a node without the model', async () => {
+    const registry = await startRegistry();
+    const client = new RegistryClient({ registry: registry.host, plainHttp: true });
+    const dirsB = pluginDirsUnder(join(workDir, 'b'), handle.stack.paths.prefix, join(workDir, 'b.log'));
+    const fileSha = async (p: string): Promise<string> => createHash('sha256').update(await readFile(p)).digest('hex');
+    const shas = await Promise.all(files.map(fileSha));
+    let moved = false;
+    try {
+      const storeA = await openLocalStore({ root: nodeA.storeRoot });
+      // Plain: the manifest names the sources by digest; no layer holds their bytes, nor does the registry.
+      const plain = await pushCheckpoint({ store: storeA, name: CHECKPOINT, reference: `${registry.host}/team/weights:plain`, access: { plainHttp: true } });
+      expect([plain.weightsLayers, plain.weightsBytes]).toEqual([0, 0]);
+      const plainImage = JSON.parse((await client.getManifest('team/weights', 'plain')).body.toString('utf8')) as { layers: Array<{ mediaType: string; digest: string; size: number }> };
+      expect(plainImage.layers.filter((l) => shas.includes(l.digest.slice('sha256:'.length)) || l.mediaType === WEIGHTS_LAYER_MEDIA_TYPE)).toEqual([]);
+      expect(plainImage.layers.reduce((a, l) => a + l.size, 0)).toBeLessThan(WEIGHTS_MIB[1]! * MiB);
+      for (const sha of shas) expect(await client.headBlob('team/weights', `sha256:${sha}`)).toBeUndefined();
+      // With weights: one layer per source file, its digest the file's sha256, streamed from the model dir.
+      const full = await pushCheckpoint({ store: storeA, name: CHECKPOINT, reference: `${registry.host}/team/weights:full`, access: { plainHttp: true }, withWeights: { dirs: [modelsDir] } });
+      expect([full.weightsLayers, full.weightsBytes]).toEqual([files.length, (await Promise.all(files.map(async (f) => (await readFile(f)).length))).reduce((a, b) => a + b, 0)]);
+      const fullImage = JSON.parse((await client.getManifest('team/weights', 'full')).body.toString('utf8')) as { layers: Array<{ mediaType: string; digest: string; annotations: Record<string, string> }> };
+      const weightsLayers = fullImage.layers.filter((l) => l.mediaType === WEIGHTS_LAYER_MEDIA_TYPE);
+      expect(weightsLayers.map((l) => [l.digest, l.annotations['dev.thaw.weights.path']])).toEqual(files.map((f, i) => [`sha256:${shas[i]}`, f]));
+
+      // Node B: its own agent and store, registry access (namespace default may restore from team/ unsigned), and
+      // the model files are not on it. Its agent pulls each reference when a pod names it.
+      await plugin?.stop();
+      plugin = undefined;
+      for (const f of files) await rename(f, `${f}.away`);
+      moved = true;
+      const registryConfig = join(workDir, 'registries.json');
+      await writeFile(registryConfig, JSON.stringify({ access: { [registry.host]: { plainHttp: true } } }), { mode: 0o600 });
+      const agentConfig = join(workDir, 'agent-b.yaml');
+      await writeFile(agentConfig, `tenancy:\n  namespaces:\n    default:\n      registries:\n        - {prefix: "${registry.host}/team", allowUnsigned: true}\n`, { mode: 0o600 });
+      plugin = await startAgent(dirsB, ['--registry-config', registryConfig, '--config', agentConfig]);
+      dirs = dirsB;
+
+      // The plain one first: the weights cache of node B is still empty.
+      const cold = await runWorker('weights-nowhere', { 'thaw.dev/restore': `${registry.host}/team/weights:plain` });
+      const coldEvent = await restoreEventOf(cold.containerId);
+      expect([coldEvent['outcome'], coldEvent['cause']]).toEqual(['fallback', 'WEIGHTS_SOURCE_MISSING']);
+      await handle.stack.cri.removePod(cold.podId);
+
+      const restored = await runWorker('weights-from-cache', { 'thaw.dev/restore': `${registry.host}/team/weights:full` });
+      const event = await restoreEventOf(restored.containerId);
+      expect([event['outcome'], event['cause']], String(event['reason'])).toEqual(['restored', undefined]);
+      const state = await waitFor(async () => {
+        const s = await stateOf(restored.containerId);
+        return s?.phase === 'restore-complete' ? s : undefined;
+      }, 'the worker restored on node B to report', 60_000);
+      expect(state).toMatchObject({ restored: true, boot: source.boot, va: source.va, sha: weightsSha });
+      expect((await readdir(weightsCacheDir(dirsB.storeRoot))).sort()).toEqual([...shas].sort());
+      await handle.stack.cri.removePod(restored.podId);
+
+      // A weights layer whose bytes are not its digest's: the pull fails and a third store keeps nothing.
+      const rootC = join(workDir, 'c-store');
+      await mkdir(rootC);
+      const storeC = await openLocalStore({ root: rootC });
+      const fh = await openFile(registry.blobDataPath(`sha256:${shas[1]}`), 'r+');
+      await fh.write(Buffer.from('tampered'), 0, undefined, 4096);
+      await fh.close();
+      await expect(pullCheckpoint({ store: storeC, reference: `${registry.host}/team/weights:full`, access: { plainHttp: true } })).rejects.toMatchObject({ code: 'OCI_DIGEST_MISMATCH' });
+      expect((await readdir(rootC)).filter((e) => !e.startsWith('.') || e.startsWith('.tmp-'))).toEqual([]);
+      expect(await readdir(weightsCacheDir(rootC))).toEqual([]);
+    } finally {
+      dirs = nodeA;
+      if (moved) for (const f of files) await rename(`${f}.away`, f);
+      await plugin?.stop();
+      plugin = await startAgent(nodeA);
+      client.close();
+      await registry.stop();
+    }
+  }, 240_000);
+
+  it('thaw.dev/snapshot with snapshotWeightsLayers: node A pushes the weights as layers, node B without the model restores from them', async () => {
+    const registry = await startRegistry();
+    const client = new RegistryClient({ registry: registry.host, plainHttp: true });
+    const base = join(workDir, 'snapshot-nodes');
+    await mkdir(base, { recursive: true });
+    const snapA = pluginDirsUnder(join(base, 'a'), handle.stack.paths.prefix, join(base, 'a.log'));
+    const snapB = pluginDirsUnder(join(base, 'b'), handle.stack.paths.prefix, join(base, 'b.log'));
+    const registryConfig = join(workDir, 'snapshot-registries.json');
+    await writeFile(registryConfig, JSON.stringify({ access: { [registry.host]: { plainHttp: true } } }), { mode: 0o600 });
+    const agentConfig = join(workDir, 'agent-snapshot.yaml');
+    await writeFile(agentConfig, `tenancy:\n  namespaces:\n    default:\n      registries:\n        - {prefix: "${registry.host}/team", allowUnsigned: true}\n      snapshotRepository: "${registry.host}/team/snapshots"\n      snapshotWeightsLayers: true\n`, { mode: 0o600 });
+    const args = ['--config', agentConfig, '--registry-config', registryConfig];
+    let moved = false;
+    try {
+      await plugin?.stop();
+      plugin = undefined;
+      plugin = await startAgent(snapA, args);
+      dirs = snapA;
+      const src = await runWorker('wsnap-a', { 'thaw.dev/snapshot': 'wsnap' }, { WORKER_CHECKPOINT: '1' });
+      const pushed = await waitForLog(snapA.logFile, (r) => r['event'] === 'snapshot-push', 'the push of the snapshot', 120_000);
+      expect(pushed['outcome'], String(pushed['error'])).toBe('succeeded');
+      const tag = String(pushed['reference']).split(':').pop()!;
+      const image = JSON.parse((await client.getManifest('team/snapshots', tag)).body.toString('utf8')) as { layers: Array<{ mediaType: string; digest: string }> };
+      const shas = await Promise.all(files.map(async (f) => createHash('sha256').update(await readFile(f)).digest('hex')));
+      expect(image.layers.filter((l) => l.mediaType === WEIGHTS_LAYER_MEDIA_TYPE).map((l) => l.digest)).toEqual(shas.map((h) => `sha256:${h}`));
+      await waitFor(async () => ((await stateOf(src.containerId))?.phase === 'checkpoint-complete' ? true : undefined), 'the snapshot source to go on', 60_000);
+      await handle.stack.cri.removePod(src.podId);
+      await plugin.stop();
+      plugin = undefined;
+
+      for (const f of files) await rename(f, `${f}.away`);
+      moved = true;
+      plugin = await startAgent(snapB, args);
+      dirs = snapB;
+      const target = await runWorker('wsnap-b', { 'thaw.dev/snapshot': 'wsnap' });
+      const event = await restoreEventOf(target.containerId);
+      expect([event['outcome'], event['cause']], String(event['reason'])).toEqual(['restored', undefined]);
+      const state = await waitFor(async () => {
+        const s = await stateOf(target.containerId);
+        return s?.phase === 'restore-complete' ? s : undefined;
+      }, 'the snapshot pod on node B to report', 60_000);
+      expect(state).toMatchObject({ restored: true, sha: weightsSha });
+      expect((await readdir(weightsCacheDir(snapB.storeRoot))).sort()).toEqual([...shas].sort());
+      await handle.stack.cri.removePod(target.podId);
+    } finally {
+      dirs = nodeA;
+      if (moved) for (const f of files) await rename(`${f}.away`, f);
+      await plugin?.stop();
+      plugin = await startAgent(nodeA);
+      client.close();
+      await registry.stop();
+    }
+  }, 300_000);
 
   it('cold-starts with cause WEIGHTS_SOURCE_CHANGED when a source file changed since the checkpoint', async () => {
     const first = WEIGHTS_MIB[0]! * MiB;

@@ -1,7 +1,7 @@
 /** The registry store's pure parts: references, WWW-Authenticate challenges, HTTP response heads, the artifact. */
 import { describe, expect, it } from 'vitest';
 import { formatReference, parseCheckpointReference } from '../../src/checkpoint-reference.js';
-import { buildImageManifest, CHECKPOINT_ARTIFACT_TYPE, chunksOf, parseImageManifest, planChunks, type ImageManifest } from '../../src/store/oci/artifact.js';
+import { buildImageManifest, CHECKPOINT_ARTIFACT_TYPE, chunksOf, parseImageManifest, planChunks, WEIGHTS_LAYER_MEDIA_TYPE, weightsLayersOf, weightsSourcesOf, type ImageManifest } from '../../src/store/oci/artifact.js';
 
 type Edit = (m: ImageManifest) => void;
 import { parseResponseHead } from '../../src/store/oci/blob-stream.js';
@@ -133,5 +133,51 @@ describe('the checkpoint artifact', () => {
   ])('refuses layers with %s', (_what, edit, reason) => {
     const image = parseImageManifest(tamper(edit));
     expect(() => chunksOf(image, manifest)).toThrow(reason);
+  });
+});
+
+describe('weights layers', () => {
+  const src = (path: string, sha: string, fileSize: number) => ({ kind: 'file', offset: 0, size: 2 << 20, source: { path, fileOffset: 8, length: fileSize - 8, fileSize, sha256: sha } });
+  const manifest = {
+    files: [{ path: 'criu/core-1.img', size: 4, sha256: 'a'.repeat(64), mode: 0o600 }],
+    weights: {
+      schema: 'thaw.dev/weights-regions/v1',
+      bytes: 0,
+      regions: [{ name: 'w', allocations: [src('/models/a.safetensors', 'd'.repeat(64), 100), { kind: 'raw', offset: 0, size: 1 }, src('/models/copy-of-a.safetensors', 'd'.repeat(64), 100), src('/models/b.safetensors', 'e'.repeat(64), 50)] }],
+    },
+  } as unknown as Manifest;
+  const chunks = planChunks(manifest.files);
+  const config = { digest: `sha256:${'c'.repeat(64)}`, size: 12 };
+  const weights = weightsSourcesOf(manifest);
+
+  it('one layer per distinct source content, named by its sha256; the file layers map as before', () => {
+    expect(weights).toEqual([
+      { sha256: 'd'.repeat(64), size: 100, path: '/models/a.safetensors' },
+      { sha256: 'e'.repeat(64), size: 50, path: '/models/b.safetensors' },
+    ]);
+    const image = parseImageManifest(JSON.stringify(buildImageManifest(config, chunks, {}, weights)));
+    expect(image.layers.filter((l) => l.mediaType === WEIGHTS_LAYER_MEDIA_TYPE).map((l) => [l.digest, l.size, l.annotations?.['dev.thaw.weights.path']])).toEqual([
+      [`sha256:${'d'.repeat(64)}`, 100, '/models/a.safetensors'],
+      [`sha256:${'e'.repeat(64)}`, 50, '/models/b.safetensors'],
+    ]);
+    expect(chunksOf(image, manifest)).toEqual(chunks);
+    expect(weightsLayersOf(image, manifest)).toEqual(weights);
+    // Without the option: no weights layer at all.
+    expect(weightsLayersOf(parseImageManifest(JSON.stringify(buildImageManifest(config, chunks))), manifest)).toEqual([]);
+  });
+
+  it.each<[string, Edit, RegExp]>([
+    ['content the checkpoint does not name', (m) => {
+      m.layers[1]!.digest = `sha256:${'f'.repeat(64)}`;
+      m.layers[1]!.annotations!['dev.thaw.weights.sha256'] = 'f'.repeat(64);
+    }, /is no source of the checkpoint's weights/],
+    ['an annotation that is not its digest', (m) => void (m.layers[1]!.annotations!['dev.thaw.weights.sha256'] = 'e'.repeat(64)), /must be its digest's hex/],
+    ['another size than the source', (m) => void (m.layers[1]!.size = 99), /is 99 bytes; the checkpoint's source is 100/],
+    ['the same content twice', (m) => void m.layers.push({ ...m.layers[1]! }), /appears twice/],
+  ])('refuses a weights layer with %s', (_what, edit, reason) => {
+    const m = buildImageManifest(config, chunks, {}, weights);
+    edit(m);
+    const image = parseImageManifest(JSON.stringify(m));
+    expect(() => weightsLayersOf(image, manifest)).toThrow(reason);
   });
 });

@@ -96,6 +96,8 @@ describe('tenancy policy', () => {
     [{ namespaces: { a: { snapshotRepository: 'registry.example.com/a/snaps' } } }, /snapshotRepository: registry.example.com\/a\/snaps is under none of a's registries/],
     [{ namespaces: { a: { registries: [{ prefix: 'registry.example.com/b', allowUnsigned: true }], snapshotRepository: 'registry.example.com/ab' } } }, /is under none of a's registries/],
     [{ namespaces: { a: { snapshotRepository: 'Registry/X' } } }, /snapshotRepository: must be host\[:port\]\/repository/],
+    [{ namespaces: { a: { snapshotWeightsLayers: true } } }, /snapshotWeightsLayers: needs snapshotRepository/],
+    [{ namespaces: { a: { registries: [{ prefix: 'registry.example.com/a', allowUnsigned: true }], snapshotRepository: 'registry.example.com/a/s', snapshotWeightsLayers: 'yes' } } }, /snapshotWeightsLayers: must be a boolean/],
   ])('refuses %j', (raw, message) => {
     expect(() => parseTenancyPolicy(raw)).toThrow(message);
   });
@@ -103,6 +105,9 @@ describe('tenancy policy', () => {
   it('reads a namespace\'s snapshotRepository when one of its registries covers it', () => {
     const p = parseTenancyPolicy({ namespaces: { a: { registries: [{ prefix: 'registry.example.com/a', keys: ['/k.pub'] }], snapshotRepository: 'registry.example.com/a/snaps' } } });
     expect(p.namespaces.get('a')?.snapshotRepository).toBe('registry.example.com/a/snaps');
+    expect(p.namespaces.get('a')?.snapshotWeightsLayers).toBeUndefined();
+    const w = parseTenancyPolicy({ namespaces: { a: { registries: [{ prefix: 'registry.example.com/a', keys: ['/k.pub'] }], snapshotRepository: 'registry.example.com/a/snaps', snapshotWeightsLayers: true } } });
+    expect(w.namespaces.get('a')?.snapshotWeightsLayers).toBe(true);
   });
 });
 

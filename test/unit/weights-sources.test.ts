@@ -133,4 +133,39 @@ describe('restoreSourceOpener', () => {
       o.close();
     }
   });
+
+  it('finds a source no model dir has in the weights cache, by sha256: a regular file of the recorded size, no link', async () => {
+    const cache = join(dir, 'cache');
+    await mkdir(cache);
+    const sha = (c: string): string => c.repeat(64);
+    await writeFile(join(cache, sha('1')), 'cached weights');
+    await writeFile(join(cache, sha('2')), 'short');
+    await symlink(join(dir, 'other/secret'), join(cache, sha('3')));
+    let arrived: () => void = () => undefined;
+    const ready = new Promise<void>((r) => (arrived = r));
+    const o = restoreSourceOpener({
+      mounts: [{ destination: '/weights', source: join(dir, 'models/qwen') }],
+      modelDirs: [join(dir, 'models')],
+      rootReady: Promise.resolve(rootFd),
+      weightsCache: { dir: cache, ready },
+    });
+    try {
+      // The model dir has it: the model dir's file, whatever the cache holds (no wait for the cache).
+      expect(await contents(await o.open('/weights/a.safetensors', { sha256: sha('1'), fileSize: 14 }))).toBe('allowed model');
+      // Not in the model dir: the cache's entry, once the pull under way is done.
+      const pending = o.open('/weights/gone.safetensors', { sha256: sha('1'), fileSize: 14 });
+      arrived();
+      expect(await contents(await pending)).toBe('cached weights');
+      // Not on a mount at all: the cache before the rootfs.
+      expect(await contents(await o.open('/opt/b.safetensors', { sha256: sha('1'), fileSize: 14 }))).toBe('cached weights');
+      expect(await contents(await o.open('/opt/b.safetensors', { sha256: sha('9'), fileSize: 14 }))).toBe('in root');
+      // An entry of another size, a link in the cache, a name that is not a sha256: never used.
+      for (const want of [{ sha256: sha('2'), fileSize: 14 }, { sha256: sha('3'), fileSize: 11 }, { sha256: '../other/secret', fileSize: 11 }]) {
+        const got = await o.open('/weights/gone.safetensors', want).then(contents, () => 'refused');
+        expect(got, want.sha256).toBe('refused');
+      }
+    } finally {
+      o.close();
+    }
+  });
 });

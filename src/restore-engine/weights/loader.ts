@@ -36,7 +36,8 @@ export interface LoadWeightsOptions {
   /** This node's CUDA ordinal for each region's recorded device (the restore's GPU map). */
   deviceFor: (recordedDevice: number) => number;
   /** Opens a source read-only, resolved inside the allowed roots; rejects (any error) when it cannot. */
-  openSource: (path: string) => Promise<OpenedSource>;
+  /** The source's sha256 and size come with the path: a content-addressed place (the weights cache) needs them. */
+  openSource: (path: string, want: { sha256: string; fileSize: number }) => Promise<OpenedSource>;
   digests: SourceDigests;
   readers?: number;
   chunkBytes?: number;
@@ -115,7 +116,7 @@ export async function loadWeights(options: LoadWeightsOptions): Promise<LoadedWe
         const src = alloc.source;
         let fh: OpenedSource;
         try {
-          fh = await options.openSource(src.path);
+          fh = await options.openSource(src.path, { sha256: src.sha256, fileSize: src.fileSize });
         } catch (err) {
           throw new WeightsError(WeightsErrorCode.SOURCE_MISSING, `cannot open ${src.path}`, { step: 'open a weights source', cause: err, evidence: { path: src.path } });
         }

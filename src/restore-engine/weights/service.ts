@@ -14,7 +14,10 @@
  * is at or below a model directory the agent's config allows is opened from that directory (no symlink
  * followed) at once - from CreateContainer on, before the container has a process. Any other source is
  * in the container's rootfs, which exists once the container runs: it opens inside `/proc/<pid>/root`
- * when the flow hands the pid over (`rootReady`).
+ * when the flow hands the pid over (`rootReady`). A source that no allowed model directory has is looked up in
+ * the node's weights cache by its recorded sha256 (`weightsCache`: the sources that came with a checkpoint
+ * pulled with weights layers, store/oci/weights-cache.ts), before the rootfs: same checks (no symlink, a
+ * regular file of the recorded size; the loader checks the sha256 as it reads).
  */
 import { closeSync, constants, openSync } from 'node:fs';
 import { posix } from 'node:path';
@@ -137,6 +140,11 @@ export interface RestoreSourceOpenerOptions {
   modelDirs: readonly string[];
   /** Resolves to the container's root dir fd once it runs (the flow's run); rejects when it never will. */
   rootReady: Promise<number>;
+  /**
+   * The node's weights cache (entries `<dir>/<sha256 hex>`), and a promise that settles once what the restore is
+   * waiting for is in it (a pull under way brings its weights layers there before it publishes the checkpoint).
+   */
+  weightsCache?: { dir: string; ready?: Promise<unknown> };
   fsAt?: FsAt;
 }
 
@@ -148,7 +156,7 @@ function isUnder(path: string, dir: string): boolean {
  * The restore's opener: `open(path)` resolves a source as the container will see it. Returns the opener and
  * `close()`, which closes the directory fds it opened (the root fd stays the caller's).
  */
-export function restoreSourceOpener(o: RestoreSourceOpenerOptions): { open: (path: string) => Promise<SourceFile>; close: () => void } {
+export function restoreSourceOpener(o: RestoreSourceOpenerOptions): { open: (path: string, want?: { sha256: string; fileSize: number }) => Promise<SourceFile>; close: () => void } {
   const fsAt = o.fsAt ?? FsAt.load();
   const dirFds = new Map<string, number>();
   const modelDirFd = (dir: string): number => {
@@ -163,7 +171,29 @@ export function restoreSourceOpener(o: RestoreSourceOpenerOptions): { open: (pat
   const mounts = [...o.mounts]
     .filter((m) => posix.isAbsolute(m.destination) && posix.normalize(m.destination) === m.destination && posix.isAbsolute(m.source))
     .sort((a, b) => b.destination.length - a.destination.length);
-  const open = async (path: string): Promise<SourceFile> => {
+  const SHA256_HEX = /^[0-9a-f]{64}$/;
+  let cacheFd: number | undefined;
+  /** The cache's entry of that content and size, open; undefined when it has none (or no cache is configured). */
+  const openCached = async (want: { sha256: string; fileSize: number } | undefined): Promise<SourceFile | undefined> => {
+    const cache = o.weightsCache;
+    if (cache === undefined || want === undefined || !SHA256_HEX.test(want.sha256)) return undefined;
+    await cache.ready?.catch(() => undefined);
+    let fd: number;
+    try {
+      cacheFd ??= openSync(cache.dir, constants.O_RDONLY | constants.O_DIRECTORY | constants.O_NOFOLLOW);
+      fd = fsAt.openBeneath(cacheFd, want.sha256, O_RDONLY | O_NONBLOCK);
+    } catch {
+      return undefined;
+    }
+    const file = new SourceFile(fd);
+    const st = await file.stat().catch(() => undefined);
+    if (st === undefined || !st.isFile() || st.size !== want.fileSize) {
+      await file.close().catch(() => undefined);
+      return undefined;
+    }
+    return file;
+  };
+  const open = async (path: string, want?: { sha256: string; fileSize: number }): Promise<SourceFile> => {
     const mount = mounts.find((m) => isUnder(path, m.destination));
     const source = mount ? posix.normalize(mount.source) : undefined;
     const dir = source !== undefined ? o.modelDirs.find((d) => isUnder(source, d)) : undefined;
@@ -171,11 +201,21 @@ export function restoreSourceOpener(o: RestoreSourceOpenerOptions): { open: (pat
     if (mount && source !== undefined && dir !== undefined) {
       // Host path = mount source + the rest; opened below the allowed dir with no symlink anywhere.
       const rel = posix.join(posix.relative(dir, source), posix.relative(mount.destination, path));
-      fd = fsAt.openBeneath(modelDirFd(dir), rel === '' ? '.' : rel, O_RDONLY | O_NONBLOCK);
-    } else if (mount && source !== undefined && mount.destination !== '/') {
-      // A host mount the config does not allow: root would read what the pod's user maybe could not.
-      throw new Error(`${path} is on a host mount (${source}) outside the allowed model directories`);
+      try {
+        fd = fsAt.openBeneath(modelDirFd(dir), rel === '' ? '.' : rel, O_RDONLY | O_NONBLOCK);
+      } catch (err) {
+        // Not in the model dir (this node never had it): the weights cache may.
+        const cached = await openCached(want);
+        if (cached !== undefined) return cached;
+        throw err;
+      }
     } else {
+      const cached = await openCached(want);
+      if (cached !== undefined) return cached;
+      if (mount && source !== undefined && mount.destination !== '/') {
+        // A host mount the config does not allow: root would read what the pod's user maybe could not.
+        throw new Error(`${path} is on a host mount (${source}) outside the allowed model directories`);
+      }
       fd = fsAt.openInRoot(await o.rootReady, path, O_RDONLY | O_NONBLOCK);
     }
     const file = new SourceFile(fd);
@@ -194,6 +234,8 @@ export function restoreSourceOpener(o: RestoreSourceOpenerOptions): { open: (pat
     close: () => {
       for (const fd of dirFds.values()) closeSync(fd);
       dirFds.clear();
+      if (cacheFd !== undefined) closeSync(cacheFd);
+      cacheFd = undefined;
     },
   };
 }

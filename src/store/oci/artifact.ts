@@ -12,6 +12,12 @@
  * A single-layer file's layer digest is the file's sha256 (the checkpoint manifest's), so identical files
  * are one blob in the registry and one entry in the local cache.
  *
+ * Weights layers (optional, `thaw push --with-weights`): one layer per distinct weights source file of the
+ * checkpoint manifest's `weights` section (WEIGHTS_LAYER_MEDIA_TYPE), whose digest is the file's sha256 as the
+ * manifest records it, annotated with that sha256 and the source's path as the worker saw it. They carry the
+ * weights to nodes that do not have them; a puller stores them in its weights cache (weights-cache.ts), not in
+ * the checkpoint. Without the option a checkpoint's artifact has none: the manifest names the sources by digest.
+ *
  * Every layer also carries the OCI file-name annotation (`org.opencontainers.image.title`) that generic tools
  * (oras pull) write a layer to: a whole file's title is its path, so `oras pull` gives the checkpoint's files
  * as they are; a chunk's title is its path plus `.thaw-chunk-` and its offset in 16 decimal digits, so the
@@ -24,6 +30,9 @@ export const OCI_MANIFEST_MEDIA_TYPE = 'application/vnd.oci.image.manifest.v1+js
 export const CHECKPOINT_ARTIFACT_TYPE = 'application/vnd.thaw.checkpoint.v1';
 export const CHECKPOINT_CONFIG_MEDIA_TYPE = 'application/vnd.thaw.checkpoint.config.v1+json';
 export const CHECKPOINT_LAYER_MEDIA_TYPE = 'application/vnd.thaw.checkpoint.file.v1';
+export const WEIGHTS_LAYER_MEDIA_TYPE = 'application/vnd.thaw.weights.v1';
+export const ANNOTATION_WEIGHTS_SHA256 = 'dev.thaw.weights.sha256';
+export const ANNOTATION_WEIGHTS_PATH = 'dev.thaw.weights.path';
 export const ANNOTATION_PATH = 'dev.thaw.file.path';
 export const ANNOTATION_OFFSET = 'dev.thaw.file.offset';
 export const ANNOTATION_FILE_SIZE = 'dev.thaw.file.size';
@@ -60,6 +69,36 @@ export interface FileChunk {
   digest?: string;
 }
 
+/** A weights source file as a layer: the whole file, named by its sha256 (hex). */
+export interface WeightsLayer {
+  sha256: string;
+  size: number;
+  /** The source's path as the worker saw it (the first allocation that names this content). */
+  path: string;
+}
+
+const SHA256_HEX = /^[0-9a-f]{64}$/;
+
+/**
+ * The distinct file sources of a checkpoint manifest's weights section (by sha256), read loosely: the store
+ * checks the section's shape only, the restore engine every field; an entry without a string path, a sha256
+ * and a safe size is skipped here (the restore refuses such a manifest anyway). Pure.
+ */
+export function weightsSourcesOf(manifest: Pick<Manifest, 'weights'>): WeightsLayer[] {
+  const out = new Map<string, WeightsLayer>();
+  for (const region of manifest.weights?.regions ?? []) {
+    const allocations = (region as { allocations?: unknown } | null)?.allocations;
+    if (!Array.isArray(allocations)) continue;
+    for (const a of allocations as Array<{ kind?: unknown; source?: { path?: unknown; sha256?: unknown; fileSize?: unknown } } | null>) {
+      const src = a?.source;
+      if (a?.kind !== 'file' || src === undefined || src === null) continue;
+      if (typeof src.path !== 'string' || typeof src.sha256 !== 'string' || !SHA256_HEX.test(src.sha256) || !Number.isSafeInteger(src.fileSize) || (src.fileSize as number) < 0) continue;
+      if (!out.has(src.sha256)) out.set(src.sha256, { sha256: src.sha256, size: src.fileSize as number, path: src.path });
+    }
+  }
+  return [...out.values()];
+}
+
 /** Splits every file into chunks of at most `chunkBytes` (a file of at most that size is one chunk). Pure. */
 export function planChunks(files: readonly ManifestFile[], chunkBytes: number = DEFAULT_CHUNK_BYTES): FileChunk[] {
   if (!Number.isSafeInteger(chunkBytes) || chunkBytes < 1) throw new RangeError(`chunkBytes must be a positive integer (got ${chunkBytes})`);
@@ -82,13 +121,13 @@ export function chunkTitle(c: Pick<FileChunk, 'path' | 'offset' | 'size' | 'file
 }
 
 /** The image manifest of a checkpoint whose config blob and every chunk's digest are known. Pure. */
-export function buildImageManifest(config: { digest: string; size: number }, chunks: readonly FileChunk[], annotations: Record<string, string> = {}): ImageManifest {
+export function buildImageManifest(config: { digest: string; size: number }, chunks: readonly FileChunk[], annotations: Record<string, string> = {}, weights: readonly WeightsLayer[] = []): ImageManifest {
   return {
     schemaVersion: 2,
     mediaType: OCI_MANIFEST_MEDIA_TYPE,
     artifactType: CHECKPOINT_ARTIFACT_TYPE,
     config: { mediaType: CHECKPOINT_CONFIG_MEDIA_TYPE, digest: config.digest, size: config.size },
-    layers: chunks.map((c) => {
+    layers: chunks.map((c): Descriptor => {
       if (c.digest === undefined) throw new RangeError(`chunk ${c.path}@${c.offset} has no digest yet`);
       return {
         mediaType: CHECKPOINT_LAYER_MEDIA_TYPE,
@@ -99,7 +138,12 @@ export function buildImageManifest(config: { digest: string; size: number }, chu
           [ANNOTATION_OCI_TITLE]: chunkTitle(c),
         },
       };
-    }),
+    }).concat(weights.map((w): Descriptor => ({
+      mediaType: WEIGHTS_LAYER_MEDIA_TYPE,
+      digest: `sha256:${w.sha256}`,
+      size: w.size,
+      annotations: { [ANNOTATION_WEIGHTS_SHA256]: w.sha256, [ANNOTATION_WEIGHTS_PATH]: w.path, [ANNOTATION_OCI_TITLE]: `weights/sha256/${w.sha256}` },
+    }))),
     ...(Object.keys(annotations).length > 0 ? { annotations } : {}),
   };
 }
@@ -156,7 +200,7 @@ export function parseImageManifest(body: string, context: { url?: string } = {})
   if (!Array.isArray(o['layers'])) throw invalid('manifest.layers must be an array', context);
   const layers = o['layers'].map((l, i) => {
     const d = descriptor(l, `manifest.layers[${i}]`);
-    if (d.mediaType !== CHECKPOINT_LAYER_MEDIA_TYPE) throw foreign(`layers[${i}].mediaType`, d.mediaType);
+    if (d.mediaType !== CHECKPOINT_LAYER_MEDIA_TYPE && d.mediaType !== WEIGHTS_LAYER_MEDIA_TYPE) throw foreign(`layers[${i}].mediaType`, d.mediaType);
     return d;
   });
   return { schemaVersion: 2, mediaType: OCI_MANIFEST_MEDIA_TYPE, artifactType: CHECKPOINT_ARTIFACT_TYPE, config, layers };
@@ -178,7 +222,8 @@ function intAnnotation(d: Descriptor, key: string, at: string): number {
 export function chunksOf(image: ImageManifest, manifest: Manifest): FileChunk[] {
   const files = new Map(manifest.files.map((f) => [f.path, f]));
   const byFile = new Map<string, FileChunk[]>();
-  const chunks = image.layers.map((d, i) => {
+  const chunks = image.layers.flatMap((d, i) => {
+    if (d.mediaType === WEIGHTS_LAYER_MEDIA_TYPE) return []; // weightsLayersOf
     const at = `manifest.layers[${i}]`;
     const path = d.annotations?.[ANNOTATION_PATH];
     if (path === undefined) throw invalid(`${at} has no ${ANNOTATION_PATH} annotation`);
@@ -191,7 +236,7 @@ export function chunksOf(image: ImageManifest, manifest: Manifest): FileChunk[] 
     const list = byFile.get(path) ?? [];
     list.push(chunk);
     byFile.set(path, list);
-    return chunk;
+    return [chunk];
   });
   for (const file of manifest.files) {
     const list = (byFile.get(file.path) ?? []).slice().sort((a, b) => a.offset - b.offset);
@@ -206,4 +251,31 @@ export function chunksOf(image: ImageManifest, manifest: Manifest): FileChunk[] 
     }
   }
   return chunks;
+}
+
+/**
+ * The weights layers of an artifact, checked against the checkpoint manifest: each names (annotation and
+ * digest alike) the sha256 of one of the manifest's weights sources and has that source's size; no content
+ * twice. A layer for content the manifest does not name is refused: a puller stores only what the checkpoint
+ * needs. Pure.
+ */
+export function weightsLayersOf(image: ImageManifest, manifest: Pick<Manifest, 'weights'>): WeightsLayer[] {
+  const sources = new Map(weightsSourcesOf(manifest).map((w) => [w.sha256, w]));
+  const seen = new Set<string>();
+  const out: WeightsLayer[] = [];
+  image.layers.forEach((d, i) => {
+    if (d.mediaType !== WEIGHTS_LAYER_MEDIA_TYPE) return;
+    const at = `manifest.layers[${i}]`;
+    const sha = d.annotations?.[ANNOTATION_WEIGHTS_SHA256];
+    if (sha === undefined || !SHA256_HEX.test(sha) || d.digest !== `sha256:${sha}`) {
+      throw invalid(`${at}: a weights layer's ${ANNOTATION_WEIGHTS_SHA256} annotation must be its digest's hex (got ${JSON.stringify(sha)}, digest ${d.digest})`);
+    }
+    const source = sources.get(sha);
+    if (source === undefined) throw invalid(`${at}: weights layer ${sha} is no source of the checkpoint's weights`, { sha256: sha });
+    if (source.size !== d.size) throw invalid(`${at}: weights layer ${sha} is ${d.size} bytes; the checkpoint's source is ${source.size}`, { sha256: sha });
+    if (seen.has(sha)) throw invalid(`${at}: weights layer ${sha} appears twice`, { sha256: sha });
+    seen.add(sha);
+    out.push(source);
+  });
+  return out;
 }

@@ -41,6 +41,11 @@ export const OciErrorCode = {
   SIGNATURE_INVALID: 'OCI_SIGNATURE_INVALID',
   /** The policy does not allow this repository for the asking namespace, or a host the access file does not name. */
   NOT_ALLOWED: 'OCI_NOT_ALLOWED',
+  /**
+   * A push with weights layers (`thaw push --with-weights`) found a weights source of the checkpoint nowhere on
+   * this node: not in the store's weights cache, not under the model directories given (evidence: path, sha256).
+   */
+  WEIGHTS_SOURCE_NOT_FOUND: 'OCI_WEIGHTS_SOURCE_NOT_FOUND',
 } as const;
 export type OciErrorCode = (typeof OciErrorCode)[keyof typeof OciErrorCode];
 

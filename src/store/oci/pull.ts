@@ -25,13 +25,14 @@ import { storeAborted, StoreErrorCode } from '../errors.js';
 import type { LocalStore, OpenedCheckpoint } from '../local-store.js';
 import { bindPageCache, type PageCache } from '../../sys/page-cache.js';
 import { parseManifest, type Manifest } from '../manifest.js';
-import { chunksOf, MANIFEST_MAX_BYTES, parseImageManifest, type FileChunk, type ImageManifest } from './artifact.js';
+import { chunksOf, MANIFEST_MAX_BYTES, parseImageManifest, weightsLayersOf, type FileChunk, type ImageManifest, type WeightsLayer } from './artifact.js';
 import { RegistryClient, type BlobRange, type RegistryClientOptions } from './client.js';
 import { isTransient, OciError, OciErrorCode } from './errors.js';
 import { FileCache } from './file-cache.js';
 import { HashPool, type Sha256Stream } from './hash-pool.js';
 import { formatReference, manifestSelector, parseReference, type OciReference } from './reference.js';
 import { SlabPool } from './slab-pool.js';
+import { WeightsCache } from './weights-cache.js';
 import { WriteThread } from './write-thread.js';
 
 export const DEFAULT_PULL_CONCURRENCY = 8;
@@ -59,6 +60,8 @@ const WRITEBACK_BYTES = 64 * 1024 * 1024;
 const READ_BUFFER_BYTES = 4 * 1024 * 1024;
 const RETRY_BASE_MS = 200;
 const LOCAL_NAME_PREFIX = 'oci-';
+/** A weights layer being fetched, in the pending checkpoint directory (never a checkpoint file's name: see chunksOf). */
+const WEIGHTS_TMP_PREFIX = '.thaw-weights-';
 
 /** The local checkpoint name of a pulled manifest digest. Pure. */
 export function localNameFor(manifestDigest: string): string {
@@ -80,6 +83,8 @@ export interface ResolvedRemote {
   /** The checkpoint's manifest (the config blob), verified by digest. */
   manifest: Manifest;
   chunks: FileChunk[];
+  /** Weights layers (a push with weights): stored in the node's weights cache, not in the checkpoint. */
+  weights: WeightsLayer[];
 }
 
 export interface PullResult {
@@ -89,6 +94,8 @@ export interface PullResult {
   alreadyPresent: boolean;
   bytesFetched: number;
   bytesFromCache: number;
+  /** Bytes of weights layers fetched into the node's weights cache (0 without weights layers). */
+  weightsBytes?: number;
   ms: number;
   /**
    * Where the time went: transfers (with the sha256 of every byte), the fsyncs still running after the last
@@ -127,7 +134,7 @@ export async function resolveRemote(client: RegistryClient, reference: OciRefere
   } catch (err) {
     throw new OciError(OciErrorCode.MANIFEST_INVALID, `the config blob is not a thaw checkpoint manifest: ${errorMessage(err)}`, { step: 'check checkpoint artifact', cause: err, evidence: { url, config: image.config.digest } });
   }
-  return { reference, digest, name: localNameFor(digest), image, manifest, chunks: chunksOf(image, manifest) };
+  return { reference, digest, name: localNameFor(digest), image, manifest, chunks: chunksOf(image, manifest), weights: weightsLayersOf(image, manifest) };
 }
 
 interface Transfer {
@@ -319,6 +326,10 @@ export async function fetchResolved(client: RegistryClient, r: ResolvedRemote, o
   const synced = new Map<string, Promise<void>>();
   let bytesFetched = 0;
   let bytesFromCache = 0;
+  // Weights layers the cache lacks: fetched into the pending directory (removed with it on any failure) and,
+  // once every layer of the pull verified, renamed into the weights cache before the checkpoint is published.
+  const weightsCache = r.weights.length > 0 ? await WeightsCache.open(o.store.root) : undefined;
+  const weightsFiles = new Map<string, WeightsLayer>();
   try {
     // Files: linked from the cache, or created at their size for the chunks to be written into.
     const toFetch = new Set<string>();
@@ -334,6 +345,17 @@ export async function fetchResolved(client: RegistryClient, r: ResolvedRemote, o
       await fh.truncate(file.size);
       toFetch.add(file.path);
     }
+    const weightChunks: FileChunk[] = [];
+    for (const w of r.weights) {
+      if (await weightsCache!.has(w.sha256, w.size)) continue;
+      const path = `${WEIGHTS_TMP_PREFIX}${w.sha256}`;
+      const fh = await open(join(pending.dir, path), fsConstants.O_RDWR | fsConstants.O_CREAT | fsConstants.O_EXCL | fsConstants.O_NOFOLLOW, 0o600);
+      handles.set(path, fh);
+      await fh.truncate(w.size);
+      toFetch.add(path);
+      weightsFiles.set(path, w);
+      weightChunks.push({ path, offset: 0, size: w.size, fileSize: w.size, digest: `sha256:${w.sha256}` });
+    }
     const mismatch = (chunk: FileChunk, actual: string): OciError =>
       new OciError(OciErrorCode.DIGEST_MISMATCH, `${chunk.path} [${chunk.offset}, ${chunk.offset + chunk.size}): the registry sent bytes whose digest is ${actual}, not ${chunk.digest}`, {
         step: 'verify layer',
@@ -344,7 +366,7 @@ export async function fetchResolved(client: RegistryClient, r: ResolvedRemote, o
     const reread: FileChunk[] = [];
     const seen = new Set<string>();
     const sinks = new Map([...handles].map(([path, fh]) => [path, new FileSink(path, fh, pageCache, writer)]));
-    for (const chunk of r.chunks) {
+    for (const chunk of [...r.chunks, ...weightChunks]) {
       if (!toFetch.has(chunk.path)) continue;
       const key = `${chunk.path}@${chunk.offset}`;
       if (seen.has(key)) continue;
@@ -424,6 +446,7 @@ export async function fetchResolved(client: RegistryClient, r: ResolvedRemote, o
     // A file of several chunks: its own sha256 is checked before the cache may hand it out under that name.
     const files = new Map(r.manifest.files.map((f) => [f.path, f]));
     for (const path of toFetch) {
+      if (weightsFiles.has(path)) continue;
       const file = files.get(path)!;
       if (cache === undefined) continue;
       const whole = wholeFiles.get(path);
@@ -443,6 +466,11 @@ export async function fetchResolved(client: RegistryClient, r: ResolvedRemote, o
     await writer.close();
     for (const fh of handles.values()) await fh.close();
     handles.clear();
+    let weightsBytes = 0;
+    for (const [path, w] of weightsFiles) {
+      await weightsCache!.add(w.sha256, join(pending.dir, path));
+      weightsBytes += w.size;
+    }
     const t2 = performance.now();
     let checkpoint: OpenedCheckpoint;
     try {
@@ -456,8 +484,8 @@ export async function fetchResolved(client: RegistryClient, r: ResolvedRemote, o
     const ms = performance.now() - started;
     // syncMs: the fsyncs still running after the last transfer (they start as each file completes).
     const phases = { transferMs: Math.round(t1 - t0), verifyMs: Math.round(t2 - tSynced), syncMs: Math.round(tSynced - t1), publishMs: Math.round(performance.now() - t2) };
-    logger.info('checkpoint pulled', { name: r.name, bytesFetched, bytesFromCache, ms: Math.round(ms), phases });
-    return { checkpoint, digest: r.digest, alreadyPresent: false, bytesFetched, bytesFromCache, ms, phases };
+    logger.info('checkpoint pulled', { name: r.name, bytesFetched, bytesFromCache, weightsBytes, ms: Math.round(ms), phases });
+    return { checkpoint, digest: r.digest, alreadyPresent: false, bytesFetched, bytesFromCache, weightsBytes, ms, phases };
   } catch (err) {
     await hashes.close();
     await writer.close();

@@ -22,6 +22,7 @@ import { RegistryClient, sha256Digest } from './client.js';
 import { isTransient, OciError, OciErrorCode } from './errors.js';
 import { DEFAULT_TRANSFER_RETRIES, type RegistryAccess } from './pull.js';
 import { formatReference, parseReference } from './reference.js';
+import { locateWeightsFiles } from './weights-files.js';
 
 export const DEFAULT_PUSH_CONCURRENCY = 4;
 /** Blobs up to this size go in one PUT; larger ones as PATCH chunks of uploadChunkBytes. */
@@ -44,6 +45,11 @@ export interface PushOptions {
   uploadChunkBytes?: number;
   concurrency?: number;
   retries?: number;
+  /**
+   * Weights layers (artifact.ts WEIGHTS_LAYER_MEDIA_TYPE): each weights source of the checkpoint as a layer of
+   * its own, streamed from the host file `locateWeightsFiles` found. Absent: none; the manifest alone names them.
+   */
+  withWeights?: { dirs: readonly string[] };
   signal?: AbortSignal;
   logger?: Logger;
 }
@@ -60,6 +66,9 @@ export interface PushResult {
   /** Chunked uploads that started over because the registry dropped the session of a broken PATCH. */
   restartedUploads: number;
   ms: number;
+  /** Weights layers in the pushed manifest (with `withWeights`), and their bytes. */
+  weightsLayers: number;
+  weightsBytes: number;
 }
 
 /** Bytes [start, end) of a file, or of a buffer, as a fresh stream. */
@@ -117,12 +126,18 @@ export async function pushCheckpoint(o: PushOptions): Promise<PushResult> {
       },
       { step, ...(signal ? { signal } : {}), aborted: storeAborted(step) },
     );
+    const weights = o.withWeights === undefined ? [] : await locateWeightsFiles(opened.manifest, { storeRoot: o.store.root, dirs: o.withWeights.dirs, ...(signal ? { signal } : {}) });
     const config = await readFile(opened.paths.manifest);
     const configDigest = sha256Digest(config);
     const blobs = new Map<string, Blob>();
     blobs.set(configDigest, { digest: configDigest, size: config.length, source: config, offset: 0 });
     for (const c of chunks) {
       if (!blobs.has(c.digest!)) blobs.set(c.digest!, { digest: c.digest!, size: c.size, source: join(opened.paths.dir, c.path), offset: c.offset });
+    }
+    // Weights: streamed from their host files (createReadStream); the registry checks each digest at the upload's end.
+    for (const w of weights) {
+      const digest = `sha256:${w.sha256}`;
+      if (!blobs.has(digest)) blobs.set(digest, { digest, size: w.size, source: w.file, offset: 0 });
     }
     let bytesUploaded = 0;
     let bytesSkipped = 0;
@@ -189,13 +204,14 @@ export async function pushCheckpoint(o: PushOptions): Promise<PushResult> {
     };
     // Largest first; the manifest goes last, after every blob is in.
     await forEachLimit([...blobs.values()].sort((a, b) => b.size - a.size), o.concurrency ?? DEFAULT_PUSH_CONCURRENCY, upload, { step, ...(signal ? { signal } : {}), aborted: storeAborted(step) });
-    const image = buildImageManifest({ digest: configDigest, size: config.length }, chunks, { 'org.opencontainers.image.created': opened.manifest.createdAt });
+    const image = buildImageManifest({ digest: configDigest, size: config.length }, chunks, { 'org.opencontainers.image.created': opened.manifest.createdAt }, weights);
     const body = Buffer.from(JSON.stringify(image));
     const digest = await client.putManifest(repository, reference.tag ?? 'latest', body, OCI_MANIFEST_MEDIA_TYPE, signal);
     const ms = performance.now() - started;
     const pinned = formatReference({ ...reference, digest });
-    logger.info('checkpoint pushed', { name: o.name, digest, bytesUploaded, bytesSkipped, ms: Math.round(ms) });
-    return { reference: pinned, digest, bytesUploaded, bytesSkipped, resumedUploads, restartedUploads, ms };
+    const weightsBytes = weights.reduce((a, w) => a + w.size, 0);
+    logger.info('checkpoint pushed', { name: o.name, digest, bytesUploaded, bytesSkipped, weightsLayers: weights.length, weightsBytes, ms: Math.round(ms) });
+    return { reference: pinned, digest, bytesUploaded, bytesSkipped, resumedUploads, restartedUploads, ms, weightsLayers: weights.length, weightsBytes };
   } finally {
     if (o.client === undefined) client.close();
   }
