@@ -96,10 +96,16 @@ export const COMMANDS: Record<string, CommandSpec> = {
   },
   push: {
     summary: 'push a checkpoint of this node\'s store to an OCI registry (progress on stderr)',
-    usage: 'thaw push <checkpoint> <registry/repository:tag> [--config FILE] [--registry-config FILE] [--plain-http]',
+    usage: 'thaw push <checkpoint> <registry/repository:tag> [--sign-key FILE] [--config FILE] [--registry-config FILE] [--plain-http]',
     positionals: { min: 2, max: 2 },
-    options: { ...COMMON, ...REGISTRY_OPTIONS },
-    details: [...REGISTRY_HELP, JSON_HELP, '  Prints the reference pinned to the pushed manifest (registry/repository:tag@sha256:...).'],
+    options: { ...COMMON, ...REGISTRY_OPTIONS, 'sign-key': { type: 'string' } },
+    details: [
+      ...REGISTRY_HELP,
+      '  --sign-key FILE          sign the pushed manifest (cosign\'s sha256-<hex>.sig tag scheme) with this PEM ECDSA P-256',
+      '                           private key (unencrypted, owned by you, mode 0600; docs/security.md "Signing")',
+      JSON_HELP,
+      '  Prints the reference pinned to the pushed manifest (registry/repository:tag@sha256:...).',
+    ],
   },
   pull: {
     summary: 'pull a checkpoint from an OCI registry into this node\'s store (progress on stderr)',

@@ -22,6 +22,7 @@ import { RegistryClient, sha256Digest } from './client.js';
 import { isTransient, OciError, OciErrorCode } from './errors.js';
 import { DEFAULT_TRANSFER_RETRIES, type RegistryAccess } from './pull.js';
 import { formatReference, parseReference } from './reference.js';
+import { pushCosignSignature, type SignResult, type SigningKey } from './sign.js';
 
 export const DEFAULT_PUSH_CONCURRENCY = 4;
 /** Blobs up to this size go in one PUT; larger ones as PATCH chunks of uploadChunkBytes. */
@@ -44,6 +45,8 @@ export interface PushOptions {
   uploadChunkBytes?: number;
   concurrency?: number;
   retries?: number;
+  /** Sign the pushed manifest with this key (cosign's tag scheme, sign.ts), before the tag is written. */
+  sign?: SigningKey;
   signal?: AbortSignal;
   logger?: Logger;
 }
@@ -59,6 +62,8 @@ export interface PushResult {
   resumedUploads: number;
   /** Chunked uploads that started over because the registry dropped the session of a broken PATCH. */
   restartedUploads: number;
+  /** The signature written (PushOptions.sign). */
+  signature?: SignResult;
   ms: number;
 }
 
@@ -191,11 +196,14 @@ export async function pushCheckpoint(o: PushOptions): Promise<PushResult> {
     await forEachLimit([...blobs.values()].sort((a, b) => b.size - a.size), o.concurrency ?? DEFAULT_PUSH_CONCURRENCY, upload, { step, ...(signal ? { signal } : {}), aborted: storeAborted(step) });
     const image = buildImageManifest({ digest: configDigest, size: config.length }, chunks, { 'org.opencontainers.image.created': opened.manifest.createdAt });
     const body = Buffer.from(JSON.stringify(image));
+    // The signature names the digest only, known now: written first, so a reader of the tag never finds the
+    // checkpoint without it (a failed signature leaves no tag).
+    const signature = o.sign !== undefined ? await pushCosignSignature(client, { registry: reference.registry, repository, digest: sha256Digest(body) }, o.sign, signal) : undefined;
     const digest = await client.putManifest(repository, reference.tag ?? 'latest', body, OCI_MANIFEST_MEDIA_TYPE, signal);
     const ms = performance.now() - started;
     const pinned = formatReference({ ...reference, digest });
-    logger.info('checkpoint pushed', { name: o.name, digest, bytesUploaded, bytesSkipped, ms: Math.round(ms) });
-    return { reference: pinned, digest, bytesUploaded, bytesSkipped, resumedUploads, restartedUploads, ms };
+    logger.info('checkpoint pushed', { name: o.name, digest, bytesUploaded, bytesSkipped, ms: Math.round(ms), ...(signature ? { signatureTag: signature.tag, signedBy: o.sign!.source } : {}) });
+    return { reference: pinned, digest, bytesUploaded, bytesSkipped, resumedUploads, restartedUploads, ...(signature ? { signature } : {}), ms };
   } finally {
     if (o.client === undefined) client.close();
   }
