@@ -7,11 +7,13 @@
  * - a signature cosign made under the same tag stays when thaw adds its own (both keys verify), and a second push
  *   with the same key adds nothing;
  * - `thaw push --sign-key` does the same from the CLI;
+ * - an agent configured with a signing key others can read refuses to start (exit 2, AGENT_CONFIG_INVALID);
  * - the key file: group/other-readable, a symlink, another user's, cosign's encrypted format, an RSA key: refused
  *   (OCI_SIGNING_KEY_INVALID) before anything is uploaded.
  */
 import { execFile } from 'node:child_process';
 import { generateKeyPairSync } from 'node:crypto';
+import { existsSync } from 'node:fs';
 import { chmod, chown, mkdtemp, readFile, rm, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -146,6 +148,29 @@ describe('thaw signs its pushes in cosign\'s format', () => {
       client.close();
     }
   }, 120_000);
+
+  it('an agent whose namespace signing key others can read does not start: exit 2, AGENT_CONFIG_INVALID naming the file and its mode', async () => {
+    const dir = await mkdtemp(join(work, 'agent-'));
+    const { keyFile, publicKeyFile } = await writeKeyPair(dir, 'snap');
+    await chmod(keyFile, 0o644);
+    const config = join(dir, 'agent.yaml');
+    await writeFile(config, [
+      `paths:\n  storeRoot: ${join(dir, 'never-created')}`,
+      'tenancy:\n  namespaces:\n    team-a:',
+      `      registries: [{prefix: "${registry.host}/team-a", keys: ["${publicKeyFile}"]}]`,
+      `      snapshotRepository: "${registry.host}/team-a/snaps"`,
+      `      signingKey: "${keyFile}"\n`,
+    ].join('\n'));
+    const r = await execFileP(process.execPath, [CLI, 'agent', '--config', config, '--api-socket', join(dir, 'agent.sock')], { timeout: 60_000 }).then(
+      () => ({ code: 0, stderr: '' }),
+      (err: { code?: number; stderr?: string }) => ({ code: err.code, stderr: err.stderr ?? '' }),
+    );
+    expect(r.code, r.stderr).toBe(2);
+    expect(r.stderr).toContain(`${keyFile}: has mode 0644: a signing key must be readable by its owner only`);
+    expect(r.stderr).toContain('AGENT_CONFIG_INVALID');
+    expect(existsSync(join(dir, 'never-created'))).toBe(false);
+    expect(existsSync(join(dir, 'agent.sock'))).toBe(false);
+  });
 
   it('refuses key files that are readable by others, symlinks, another user\'s, cosign\'s encrypted format, other key kinds', async () => {
     const dir = await mkdtemp(join(work, 'bad-keys-'));
