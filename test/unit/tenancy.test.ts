@@ -15,6 +15,7 @@ import { decide } from '../../src/nri-plugin/policy.js';
 import { checkpointRefusal, defaultTenancyPolicy, loadSigningKeys, loadTrustedKeys, localRestoreRefusal, parseTenancyPolicy, registryGrantFor } from '../../src/agent/tenancy.js';
 import { checkCompatibility, isRestorable, MANIFEST_KIND, type Manifest } from '../../src/store/manifest.js';
 import { checkCosignBundle, checkSimpleSigningPayload, COSIGN_SIGNATURE_TYPE, dssePae, keyThatSigned, parseTrustedKey, signatureTagFor } from '../../src/store/oci/signature.js';
+import { parseSigningKey, simpleSigningPayload } from '../../src/store/oci/sign.js';
 import { manifestFields } from '../helpers/store-fixtures.js';
 
 const DIGEST = `sha256:${'ab'.repeat(32)}`;
@@ -105,6 +106,16 @@ describe('tenancy policy', () => {
   it('reads a namespace\'s snapshotRepository when one of its registries covers it', () => {
     const p = parseTenancyPolicy({ namespaces: { a: { registries: [{ prefix: 'registry.example.com/a', keys: ['/k.pub'] }], snapshotRepository: 'registry.example.com/a/snaps' } } });
     expect(p.namespaces.get('a')?.snapshotRepository).toBe('registry.example.com/a/snaps');
+  });
+
+  it('what sign.ts signs is what signature.ts accepts: the payload names the digest and repository, the key\'s public half verifies it', () => {
+    const { privateKey } = generateKeyPairSync('ec', { namedCurve: 'P-256' });
+    const key = parseSigningKey(privateKey.export({ type: 'sec1', format: 'pem' }).toString(), '/k.key');
+    const payload = simpleSigningPayload({ registry: 'r.example.com', repository: 'team/snaps', digest: DIGEST });
+    expect(checkSimpleSigningPayload(payload, { digest: DIGEST, dockerReference: 'r.example.com/team/snaps' })).toBeUndefined();
+    expect(checkSimpleSigningPayload(payload, { digest: DIGEST, dockerReference: 'r.example.com/other/snaps' })).toMatch(/names repository/);
+    const trusted = parseTrustedKey(key.publicKeyPem, '/k.pub');
+    expect(keyThatSigned(payload, sign('sha256', payload, key.privateKey).toString('base64'), [trusted])?.source).toBe('/k.pub');
   });
 
   it('loads a namespace\'s signing key only when the grant covering its snapshotRepository trusts its public half', async () => {

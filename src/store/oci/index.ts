@@ -6,7 +6,7 @@ export { CHECKPOINT_ARTIFACT_TYPE, CHECKPOINT_CONFIG_MEDIA_TYPE, CHECKPOINT_LAYE
 export { fetchResolved, localNameFor, pullCheckpoint, resolveRemote, type PullOptions, type PullResult, type RegistryAccess, type ResolvedRemote } from './pull.js';
 export { pushCheckpoint, type PushOptions, type PushResult } from './push.js';
 export { FileCache } from './file-cache.js';
-export { keyFingerprint, loadSigningKey, parseSigningKey, pushCosignSignature, simpleSigningPayload, SIGNING_KEY_MAX_BYTES, type SignatureTarget, type SignResult, type SigningKey } from './sign.js';
+export { loadSigningKey, parseSigningKey, pushCosignSignature, simpleSigningPayload, SIGNING_KEY_MAX_BYTES, type SignatureTarget, type SignResult, type SigningKey } from './sign.js';
 export {
   verifyCosignSignature,
   parseTrustedKey,

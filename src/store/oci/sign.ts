@@ -21,7 +21,7 @@
  * advice: node:crypto has no XSalsa20-Poly1305, and the agent would need the password in its environment anyway.
  * `cosign import-key-pair --key k.pem` makes a cosign key of the same key for signing by hand.
  */
-import { createHash, createPrivateKey, createPublicKey, sign, type KeyObject } from 'node:crypto';
+import { createPrivateKey, createPublicKey, sign, type KeyObject } from 'node:crypto';
 import { constants as fsConstants } from 'node:fs';
 import { open } from 'node:fs/promises';
 import { isAbsolute } from 'node:path';
@@ -205,7 +205,3 @@ export async function pushCosignSignature(client: RegistryClient, target: Signat
   return { tag, layer: payloadDigest, manifestDigest, added: true };
 }
 
-/** sha256 fingerprint (hex) of a public key's SubjectPublicKeyInfo DER: names a key in logs without its PEM. */
-export function keyFingerprint(key: KeyObject): string {
-  return createHash('sha256').update(key.export({ type: 'spki', format: 'der' })).digest('hex');
-}
