@@ -34,8 +34,8 @@ import { createApiHandlers, type ApiContext } from './api-server.js';
 import { ConfigError, ConfigErrorCode, type AgentConfig } from './config.js';
 import type { RegistrySourceOptions } from './checkpoint-sources.js';
 import { loadRegistryConfig } from './registry-config.js';
-import { loadTrustedKeys } from './tenancy.js';
-import type { TrustedKey } from '../store/index.js';
+import { loadSigningKeys, loadTrustedKeys } from './tenancy.js';
+import type { SigningKey, TrustedKey } from '../store/index.js';
 import { ContainerRegistry } from './containers.js';
 import { createThawEngine, type ThawEngine } from './engine.js';
 import { AgentError, AgentErrorCode } from './errors.js';
@@ -248,8 +248,10 @@ export async function runAgent(o: AgentRunOptions, logger: Logger): Promise<numb
     }
   }
   let trustedKeys: Map<string, TrustedKey>;
+  let signingKeys: Map<string, SigningKey>;
   try {
     trustedKeys = await loadTrustedKeys(c.tenancy);
+    signingKeys = await loadSigningKeys(c.tenancy, trustedKeys);
   } catch (err) {
     throw new ConfigError(ConfigErrorCode.INVALID, `tenancy: ${errorMessage(err)}`, { step: 'load agent configuration', cause: err });
   }
@@ -302,6 +304,7 @@ export async function runAgent(o: AgentRunOptions, logger: Logger): Promise<numb
     ...(registry ? { registry } : {}),
     tenancy: c.tenancy,
     trustedKeys,
+    signingKeys,
     onRestoreEvent: (e) => metrics?.onRestoreEvent(e),
     onCheckpointEvent: (e) => {
       storedTotals.invalidate();

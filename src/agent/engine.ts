@@ -17,7 +17,7 @@ import { DEFAULT_SH_PATH, SourceDigests } from '../restore-engine/index.js';
 import { restoreToolFiles } from './restore-tools.js';
 import { CheckpointCoordinator, type CheckpointEvent } from './checkpoint-coordinator.js';
 import { createCheckpointSources, type RegistrySourceOptions } from './checkpoint-sources.js';
-import type { TrustedKey } from '../store/index.js';
+import type { SigningKey, TrustedKey } from '../store/index.js';
 import type { TenancyPolicy } from './tenancy.js';
 import { checkpointHooksFactory, cudaRestoreStep, loadNodeCuda, recoverCudaProcesses, type NodeCuda } from './cuda-steps.js';
 import type { ContainerdEndpoint, RestoreEvent } from '../restore-engine/index.js';
@@ -72,6 +72,8 @@ export interface ThawEngineOptions {
   tenancy?: TenancyPolicy;
   /** The policy's public keys by file path (loadTrustedKeys). */
   trustedKeys?: ReadonlyMap<string, TrustedKey>;
+  /** The keys snapshot pushes are signed with, by namespace (loadSigningKeys); a namespace without one: unsigned. */
+  signingKeys?: ReadonlyMap<string, SigningKey>;
   /** Told of every restore / checkpoint event after it is logged (the agent's metrics). */
   onRestoreEvent?: (event: RestoreEvent) => void;
   onCheckpointEvent?: (event: CheckpointEvent) => void;
@@ -145,8 +147,13 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     }
     const started = performance.now();
     const withWeights = o.tenancy?.namespaces.get(c.podNamespace)?.snapshotWeightsLayers === true ? { withWeights: { dirs: o.weightsModelDirs ?? [] } } : {};
-    const p = pushCheckpoint({ store, name: e.name, reference, access, logger, signal: stopPushes.signal, ...withWeights }).then(
-      (r) => log.info('snapshot pushed', { event: 'snapshot-push', outcome: 'succeeded', digest: r.digest, bytesUploaded: r.bytesUploaded, ms: Math.round(performance.now() - started) }),
+    const sign = o.signingKeys?.get(c.podNamespace);
+    const p = pushCheckpoint({ store, name: e.name, reference, access, logger, signal: stopPushes.signal, ...withWeights, ...(sign ? { sign } : {}) }).then(
+      (r) => log.info('snapshot pushed', {
+        event: 'snapshot-push', outcome: 'succeeded', digest: r.digest, bytesUploaded: r.bytesUploaded, ms: Math.round(performance.now() - started),
+        weightsLayers: r.weightsLayers,
+        ...(r.signature ? { signedBy: sign!.source, signatureTag: r.signature.tag } : { signed: false }),
+      }),
       (err: unknown) => log.warn('snapshot push failed; other nodes take their own checkpoint', { event: 'snapshot-push', outcome: 'failed', error: errorMessage(err) }),
     );
     pushes.add(p);

@@ -22,15 +22,19 @@
  *                                          # their own. Must lie under one of the namespace's registries (its pulls
  *                                          # are checked like any registry checkpoint's: signature or allowUnsigned)
  *         snapshotWeightsLayers: true      # those pushes also carry the weights sources as layers (docs/weights.md)
+ *         signingKey: /etc/thaw/keys/team-a-snapshots.key   # the agent signs what it pushes there (cosign's
+ *                                          # tag scheme, src/store/oci/sign.ts): a PEM ECDSA P-256 private key,
+ *                                          # unencrypted, owned by root, mode 0600 (else the agent refuses to
+ *                                          # start); its public half must be one of the covering grant's keys
  *
  * The default (no `tenancy` section) is the one safe on a shared cluster: every namespace may checkpoint its own
  * pods, and a checkpoint restores only into pods of the namespace it was taken from; nothing is shared; no
  * registry reference restores (a pod naming one cold-starts) until a namespace is given a registry prefix with
- * its keys. Pure but for loadTrustedKeys, which the agent calls once at start.
+ * its keys. Pure but for loadTrustedKeys and loadSigningKeys, which the agent calls once at start.
  */
 import { readFile } from 'node:fs/promises';
 import { isAbsolute } from 'node:path';
-import { parseTrustedKey, type TrustedKey } from '../store/index.js';
+import { loadSigningKey, parseTrustedKey, type SigningKey, type TrustedKey } from '../store/index.js';
 import { checkNamespaceName, formatQualifiedName, parseQualifiedName, type QualifiedName } from '../checkpoint-name.js';
 import type { CheckpointReference } from '../checkpoint-reference.js';
 
@@ -54,6 +58,8 @@ export interface NamespacePolicy {
    * without the model: found in the store's weights cache or under the agent's `weights.modelDirs`.
    */
   snapshotWeightsLayers?: boolean;
+  /** Absolute path of the PEM private key the agent signs its pushes to snapshotRepository with. */
+  signingKey?: string;
 }
 
 export interface SharedGrant {
@@ -73,6 +79,7 @@ export function defaultTenancyPolicy(): TenancyPolicy {
   return { checkpointNamespaces: '*', shared: [], namespaces: new Map() };
 }
 
+const NAMESPACE_KEYS = ['quotaBytes', 'registries', 'snapshotRepository', 'snapshotWeightsLayers', 'signingKey'];
 const isObject = (v: unknown): v is Record<string, unknown> => typeof v === 'object' && v !== null && !Array.isArray(v);
 const PREFIX_PATTERN = /^[a-z0-9.-]+(?::[0-9]{1,5})?(?:\/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*$/;
 
@@ -126,11 +133,9 @@ export function parseTenancyPolicy(raw: unknown): TenancyPolicy {
       const at = `tenancy.namespaces.${ns}`;
       const badNs = checkNamespaceName(ns);
       if (badNs !== undefined) fail(at, badNs);
-      if (!isObject(v)) fail(at, 'must be a mapping {quotaBytes?, registries?, snapshotRepository?, snapshotWeightsLayers?}');
+      if (!isObject(v)) fail(at, 'must be a mapping {quotaBytes?, registries?, snapshotRepository?, snapshotWeightsLayers?, signingKey?}');
       const nv = v as Record<string, unknown>;
-      for (const key of Object.keys(nv)) {
-        if (!['quotaBytes', 'registries', 'snapshotRepository', 'snapshotWeightsLayers'].includes(key)) fail(`${at}.${key}`, 'unknown key (expected quotaBytes, registries, snapshotRepository, snapshotWeightsLayers)');
-      }
+      for (const key of Object.keys(nv)) if (!NAMESPACE_KEYS.includes(key)) fail(`${at}.${key}`, `unknown key (expected ${NAMESPACE_KEYS.join(', ')})`);
       const entry: NamespacePolicy = { registries: [] };
       if (nv['quotaBytes'] !== undefined) {
         const q = nv['quotaBytes'];
@@ -172,6 +177,12 @@ export function parseTenancyPolicy(raw: unknown): TenancyPolicy {
         if (typeof nv['snapshotWeightsLayers'] !== 'boolean') fail(`${at}.snapshotWeightsLayers`, 'must be a boolean');
         if (nv['snapshotWeightsLayers'] === true && entry.snapshotRepository === undefined) fail(`${at}.snapshotWeightsLayers`, 'needs snapshotRepository (the pushes it is about)');
         entry.snapshotWeightsLayers = nv['snapshotWeightsLayers'] as boolean;
+      }
+      if (nv['signingKey'] !== undefined) {
+        const file = nv['signingKey'];
+        if (typeof file !== 'string' || !isAbsolute(file)) fail(`${at}.signingKey`, 'must be the absolute path of a PEM private key');
+        if (entry.snapshotRepository === undefined) fail(`${at}.signingKey`, 'signs what the agent pushes to snapshotRepository, which is not set');
+        entry.signingKey = file as string;
       }
       namespaces.set(ns, entry);
     }
@@ -229,4 +240,25 @@ export async function loadTrustedKeys(policy: TenancyPolicy): Promise<Map<string
   const keys = new Map<string, TrustedKey>();
   for (const file of policyKeyFiles(policy)) keys.set(file, parseTrustedKey(await readFile(file, 'utf8'), file));
   return keys;
+}
+
+/**
+ * Reads every namespace's signing key (loadSigningKey: owner, mode, key kind), once at agent start, and checks
+ * that the grant covering its snapshotRepository trusts it: a node whose pushes every node with the same policy
+ * would refuse is a configuration error, not a stream of cold starts. `trusted`: loadTrustedKeys' result.
+ * Returns the keys by namespace; throws an Error (OCI_SIGNING_KEY_INVALID, or one naming the field).
+ */
+export async function loadSigningKeys(policy: TenancyPolicy, trusted: ReadonlyMap<string, TrustedKey>): Promise<Map<string, SigningKey>> {
+  const out = new Map<string, SigningKey>();
+  for (const [ns, n] of policy.namespaces) {
+    if (n.signingKey === undefined || n.snapshotRepository === undefined) continue;
+    const key = await loadSigningKey(n.signingKey);
+    const slash = n.snapshotRepository.indexOf('/');
+    const grant = registryGrantFor(policy, ns, { registry: n.snapshotRepository.slice(0, slash), repository: n.snapshotRepository.slice(slash + 1) });
+    if (grant !== undefined && !grant.allowUnsigned && !grant.keyFiles.some((f) => trusted.get(f)?.key.equals(key.publicKey) === true)) {
+      throw new Error(`tenancy.namespaces.${ns}.signingKey: ${n.signingKey}'s public key is none of the keys of the registries entry ${grant.prefix} (${grant.keyFiles.join(', ')}): the checkpoints it signs would be refused by every node with this policy`);
+    }
+    out.set(ns, key);
+  }
+  return out;
 }

@@ -108,14 +108,16 @@ export const COMMANDS: Record<string, CommandSpec> = {
   },
   push: {
     summary: 'push a checkpoint of this node\'s store to an OCI registry (progress on stderr)',
-    usage: 'thaw push <checkpoint> <registry/repository:tag> [--with-weights [--weights-dir DIR ...]] [--config FILE] [--registry-config FILE] [--plain-http]',
+    usage: 'thaw push <checkpoint> <registry/repository:tag> [--with-weights [--weights-dir DIR ...]] [--sign-key FILE] [--config FILE] [--registry-config FILE] [--plain-http]',
     positionals: { min: 2, max: 2 },
-    options: { ...COMMON, ...REGISTRY_OPTIONS, 'with-weights': { type: 'boolean' }, 'weights-dir': { type: 'string', multiple: true } },
+    options: { ...COMMON, ...REGISTRY_OPTIONS, 'with-weights': { type: 'boolean' }, 'weights-dir': { type: 'string', multiple: true }, 'sign-key': { type: 'string' } },
     details: [
       ...REGISTRY_HELP,
       '  --with-weights           also push each weights source of the checkpoint as a layer (docs/weights.md), for nodes',
       '                           that do not have the model: read from the store\'s weights cache or found under weights.modelDirs',
       '  --weights-dir DIR        another host directory to find weights sources under (repeatable)',
+      '  --sign-key FILE          sign the pushed manifest (cosign\'s sha256-<hex>.sig tag scheme) with this PEM ECDSA P-256',
+      '                           private key (unencrypted, owned by you, mode 0600; docs/security.md "Signing")',
       JSON_HELP,
       '  Prints the reference pinned to the pushed manifest (registry/repository:tag@sha256:...).',
     ],

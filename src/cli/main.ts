@@ -7,6 +7,7 @@
 import { existsSync, readFileSync, realpathSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { fileURLToPath, pathToFileURL } from 'node:url';
+import { resolve } from 'node:path';
 import { agentLogger, describeStartFailure, runAgent } from '../agent/index.js';
 import { packageRoot } from '../util.js';
 import { ConfigError, ConfigErrorCode, DEFAULT_CONFIG_PATH, resolveAgentConfig, type AgentConfig } from '../agent/index.js';
@@ -18,7 +19,7 @@ import { renderDoctor, runDoctor } from './doctor.js';
 import { defaultInstallSources, installThaw } from './install.js';
 import { loadRegistryConfig } from '../agent/index.js';
 import { openLocalStore, type LocalStore } from '../store/index.js';
-import { OciErrorCode, parseReference, pullCheckpoint, pushCheckpoint, type RegistryAccess } from '../store/index.js';
+import { loadSigningKey, OciErrorCode, parseReference, pullCheckpoint, pushCheckpoint, type RegistryAccess } from '../store/index.js';
 import { ExitCode } from './exit-codes.js';
 import { renderCheckpointResult, renderInspect, renderList, renderProgress, renderStatus } from './render.js';
 
@@ -158,13 +159,16 @@ async function registryContext(line: CommandLine, io: CliIo, reference: string):
 
 async function pushCommand(line: CommandLine, io: CliIo): Promise<number> {
   const [name, reference] = line.positionals as [string, string];
+  const keyFile = line.values['sign-key'];
+  // The key first: a refused key costs no upload.
+  const sign = typeof keyFile === 'string' ? await loadSigningKey(resolve(keyFile)) : undefined;
   const { store, access, modelDirs } = await registryContext(line, io, reference);
-  io.stderr(`pushing ${name} to ${reference}\n`);
+  io.stderr(`pushing ${name} to ${reference}${sign ? `, signed with ${sign.source}` : ''}\n`);
   const extra = line.values['weights-dir'];
   const withWeights = line.values['with-weights'] === true ? { dirs: [...(Array.isArray(extra) ? extra.map(String) : []), ...modelDirs] } : undefined;
-  const r = await pushCheckpoint({ store, name, reference, access, ...(withWeights ? { withWeights } : {}) });
+  const r = await pushCheckpoint({ store, name, reference, access, ...(withWeights ? { withWeights } : {}), ...(sign ? { sign } : {}) });
   if (line.values['json']) json(io, r);
-  else io.stdout(`${r.reference}\n${(r.bytesUploaded / 1e9).toFixed(2)} GB uploaded, ${(r.bytesSkipped / 1e9).toFixed(2)} GB already there${r.weightsLayers > 0 ? `, ${r.weightsLayers} weights layers (${(r.weightsBytes / 1e9).toFixed(2)} GB)` : ''}, ${(r.ms / 1000).toFixed(1)} s\n`);
+  else io.stdout(`${r.reference}\n${(r.bytesUploaded / 1e9).toFixed(2)} GB uploaded, ${(r.bytesSkipped / 1e9).toFixed(2)} GB already there${r.weightsLayers > 0 ? `, ${r.weightsLayers} weights layers (${(r.weightsBytes / 1e9).toFixed(2)} GB)` : ''}, ${(r.ms / 1000).toFixed(1)} s${r.signature ? `\nsigned: ${r.signature.tag}` : ''}\n`);
   return ExitCode.OK;
 }
 

@@ -72,6 +72,7 @@ cuda:
   lockTimeoutMs: 500
 restore:
   pauseDeadlineMs: 15000
+  hook: node
 log:
   level: error
   file: /var/log/thaw.log
@@ -82,9 +83,10 @@ log:
     expect(c.metrics.listen).toBe('');
     expect(c.cuda.lockTimeoutMs).toBe(500);
     expect(c.restore.pauseDeadlineMs).toBe(15000);
+    expect(c.restore.hook).toBe('node');
     expect(c.log.file).toBe('/var/log/thaw.log');
     expect(resolveAgentConfig({ file: file('# nothing set\n'), packageRoot: PKG })).toEqual(defaultAgentConfig(PKG));
-    expect(CONFIG_KEYS).toHaveLength(22);
+    expect(CONFIG_KEYS).toHaveLength(23);
   });
 
   it.each([

@@ -4,7 +4,7 @@
  * and cosign simple-signing verification against fixtures made here in cosign's format (ECDSA P-256, DER, base64).
  */
 import { createHash, generateKeyPairSync, sign } from 'node:crypto';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { chmod, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
@@ -12,9 +12,10 @@ import { loadRegistryConfig } from '../../src/agent/registry-config.js';
 import { cachedValue } from '../../src/agent/agent.js';
 import { checkUserCheckpointName, parseQualifiedName } from '../../src/checkpoint-name.js';
 import { decide } from '../../src/nri-plugin/policy.js';
-import { checkpointRefusal, defaultTenancyPolicy, localRestoreRefusal, parseTenancyPolicy, registryGrantFor } from '../../src/agent/tenancy.js';
+import { checkpointRefusal, defaultTenancyPolicy, loadSigningKeys, loadTrustedKeys, localRestoreRefusal, parseTenancyPolicy, registryGrantFor } from '../../src/agent/tenancy.js';
 import { checkCompatibility, isRestorable, MANIFEST_KIND, type Manifest } from '../../src/store/manifest.js';
 import { checkCosignBundle, checkSimpleSigningPayload, COSIGN_SIGNATURE_TYPE, dssePae, keyThatSigned, parseTrustedKey, signatureTagFor } from '../../src/store/oci/signature.js';
+import { parseSigningKey, simpleSigningPayload } from '../../src/store/oci/sign.js';
 import { manifestFields } from '../helpers/store-fixtures.js';
 
 const DIGEST = `sha256:${'ab'.repeat(32)}`;
@@ -98,6 +99,8 @@ describe('tenancy policy', () => {
     [{ namespaces: { a: { snapshotRepository: 'Registry/X' } } }, /snapshotRepository: must be host\[:port\]\/repository/],
     [{ namespaces: { a: { snapshotWeightsLayers: true } } }, /snapshotWeightsLayers: needs snapshotRepository/],
     [{ namespaces: { a: { registries: [{ prefix: 'registry.example.com/a', allowUnsigned: true }], snapshotRepository: 'registry.example.com/a/s', snapshotWeightsLayers: 'yes' } } }, /snapshotWeightsLayers: must be a boolean/],
+    [{ namespaces: { a: { registries: [{ prefix: 'r.example.com/a', allowUnsigned: true }], snapshotRepository: 'r.example.com/a/s', signingKey: 'k.key' } } }, /signingKey: must be the absolute path/],
+    [{ namespaces: { a: { signingKey: '/k.key' } } }, /signingKey: signs what the agent pushes to snapshotRepository, which is not set/],
   ])('refuses %j', (raw, message) => {
     expect(() => parseTenancyPolicy(raw)).toThrow(message);
   });
@@ -108,6 +111,41 @@ describe('tenancy policy', () => {
     expect(p.namespaces.get('a')?.snapshotWeightsLayers).toBeUndefined();
     const w = parseTenancyPolicy({ namespaces: { a: { registries: [{ prefix: 'registry.example.com/a', keys: ['/k.pub'] }], snapshotRepository: 'registry.example.com/a/snaps', snapshotWeightsLayers: true } } });
     expect(w.namespaces.get('a')?.snapshotWeightsLayers).toBe(true);
+  });
+
+  it('what sign.ts signs is what signature.ts accepts: the payload names the digest and repository, the key\'s public half verifies it', () => {
+    const { privateKey } = generateKeyPairSync('ec', { namedCurve: 'P-256' });
+    const key = parseSigningKey(privateKey.export({ type: 'sec1', format: 'pem' }).toString(), '/k.key');
+    const payload = simpleSigningPayload({ registry: 'r.example.com', repository: 'team/snaps', digest: DIGEST });
+    expect(checkSimpleSigningPayload(payload, { digest: DIGEST, dockerReference: 'r.example.com/team/snaps' })).toBeUndefined();
+    expect(checkSimpleSigningPayload(payload, { digest: DIGEST, dockerReference: 'r.example.com/other/snaps' })).toMatch(/names repository/);
+    const trusted = parseTrustedKey(key.publicKeyPem, '/k.pub');
+    expect(keyThatSigned(payload, sign('sha256', payload, key.privateKey).toString('base64'), [trusted])?.source).toBe('/k.pub');
+  });
+
+  it('loads a namespace\'s signing key only when the grant covering its snapshotRepository trusts its public half', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'thaw-signing-keys-'));
+    try {
+      const pair = async (name: string) => {
+        const { privateKey, publicKey } = generateKeyPairSync('ec', { namedCurve: 'P-256' });
+        await writeFile(join(dir, `${name}.key`), privateKey.export({ type: 'pkcs8', format: 'pem' }), { mode: 0o600 });
+        await writeFile(join(dir, `${name}.pub`), publicKey.export({ type: 'spki', format: 'pem' }));
+        return { key: join(dir, `${name}.key`), pub: join(dir, `${name}.pub`) };
+      };
+      const a = await pair('a');
+      const b = await pair('b');
+      const policy = (keys: string[] | 'unsigned', signingKey: string) => parseTenancyPolicy({
+        namespaces: { ns: { registries: [keys === 'unsigned' ? { prefix: 'r.example.com/ns', allowUnsigned: true } : { prefix: 'r.example.com/ns', keys }], snapshotRepository: 'r.example.com/ns/snaps', signingKey } },
+      });
+      const load = async (p: ReturnType<typeof parseTenancyPolicy>) => loadSigningKeys(p, await loadTrustedKeys(p));
+      expect([...(await load(policy([b.pub, a.pub], a.key))).entries()].map(([ns, k]) => [ns, k.source])).toEqual([['ns', a.key]]);
+      await expect(load(policy([b.pub], a.key))).rejects.toThrow(/tenancy\.namespaces\.ns\.signingKey: .*a\.key's public key is none of the keys of the registries entry r\.example\.com\/ns/);
+      expect((await load(policy('unsigned', a.key))).get('ns')?.source).toBe(a.key);
+      await chmod(a.key, 0o640);
+      await expect(load(policy([a.pub], a.key))).rejects.toMatchObject({ code: 'OCI_SIGNING_KEY_INVALID', message: expect.stringMatching(/mode 0640/) });
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
   });
 });
 

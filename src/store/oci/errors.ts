@@ -39,6 +39,11 @@ export const OciErrorCode = {
    * another digest or repository, or malformed (evidence: what was checked, the layer).
    */
   SIGNATURE_INVALID: 'OCI_SIGNATURE_INVALID',
+  /**
+   * A signing key (agent config `signingKey`, `thaw push --sign-key`) that thaw will not use: not a regular file
+   * of its own user, readable by group or others, not an unencrypted PEM ECDSA P-256 private key.
+   */
+  SIGNING_KEY_INVALID: 'OCI_SIGNING_KEY_INVALID',
   /** The policy does not allow this repository for the asking namespace, or a host the access file does not name. */
   NOT_ALLOWED: 'OCI_NOT_ALLOWED',
   /**

@@ -8,6 +8,7 @@ export { locateWeightsFiles, type WeightsFile } from './weights-files.js';
 export { fetchResolved, localNameFor, pullCheckpoint, resolveRemote, type PullOptions, type PullResult, type RegistryAccess, type ResolvedRemote } from './pull.js';
 export { pushCheckpoint, type PushOptions, type PushResult } from './push.js';
 export { FileCache } from './file-cache.js';
+export { loadSigningKey, parseSigningKey, pushCosignSignature, simpleSigningPayload, SIGNING_KEY_MAX_BYTES, type SignatureTarget, type SignResult, type SigningKey } from './sign.js';
 export {
   verifyCosignSignature,
   parseTrustedKey,

@@ -23,6 +23,7 @@ import { isTransient, OciError, OciErrorCode } from './errors.js';
 import { DEFAULT_TRANSFER_RETRIES, type RegistryAccess } from './pull.js';
 import { formatReference, parseReference } from './reference.js';
 import { locateWeightsFiles } from './weights-files.js';
+import { pushCosignSignature, type SignResult, type SigningKey } from './sign.js';
 
 export const DEFAULT_PUSH_CONCURRENCY = 4;
 /** Blobs up to this size go in one PUT; larger ones as PATCH chunks of uploadChunkBytes. */
@@ -50,6 +51,8 @@ export interface PushOptions {
    * its own, streamed from the host file `locateWeightsFiles` found. Absent: none; the manifest alone names them.
    */
   withWeights?: { dirs: readonly string[] };
+  /** Sign the pushed manifest with this key (cosign's tag scheme, sign.ts), before the tag is written. */
+  sign?: SigningKey;
   signal?: AbortSignal;
   logger?: Logger;
 }
@@ -65,6 +68,8 @@ export interface PushResult {
   resumedUploads: number;
   /** Chunked uploads that started over because the registry dropped the session of a broken PATCH. */
   restartedUploads: number;
+  /** The signature written (PushOptions.sign). */
+  signature?: SignResult;
   ms: number;
   /** Weights layers in the pushed manifest (with `withWeights`), and their bytes. */
   weightsLayers: number;
@@ -206,12 +211,15 @@ export async function pushCheckpoint(o: PushOptions): Promise<PushResult> {
     await forEachLimit([...blobs.values()].sort((a, b) => b.size - a.size), o.concurrency ?? DEFAULT_PUSH_CONCURRENCY, upload, { step, ...(signal ? { signal } : {}), aborted: storeAborted(step) });
     const image = buildImageManifest({ digest: configDigest, size: config.length }, chunks, { 'org.opencontainers.image.created': opened.manifest.createdAt }, weights);
     const body = Buffer.from(JSON.stringify(image));
+    // The signature names the digest only, known now: written first, so a reader of the tag never finds the
+    // checkpoint without it (a failed signature leaves no tag).
+    const signature = o.sign !== undefined ? await pushCosignSignature(client, { registry: reference.registry, repository, digest: sha256Digest(body) }, o.sign, signal) : undefined;
     const digest = await client.putManifest(repository, reference.tag ?? 'latest', body, OCI_MANIFEST_MEDIA_TYPE, signal);
     const ms = performance.now() - started;
     const pinned = formatReference({ ...reference, digest });
     const weightsBytes = weights.reduce((a, w) => a + w.size, 0);
-    logger.info('checkpoint pushed', { name: o.name, digest, bytesUploaded, bytesSkipped, weightsLayers: weights.length, weightsBytes, ms: Math.round(ms) });
-    return { reference: pinned, digest, bytesUploaded, bytesSkipped, resumedUploads, restartedUploads, ms, weightsLayers: weights.length, weightsBytes };
+    logger.info('checkpoint pushed', { name: o.name, digest, bytesUploaded, bytesSkipped, weightsLayers: weights.length, weightsBytes, ms: Math.round(ms), ...(signature ? { signatureTag: signature.tag, signedBy: o.sign!.source } : {}) });
+    return { reference: pinned, digest, bytesUploaded, bytesSkipped, resumedUploads, restartedUploads, ms, weightsLayers: weights.length, weightsBytes, ...(signature ? { signature } : {}) };
   } finally {
     if (o.client === undefined) client.close();
   }

@@ -3,7 +3,7 @@
  * runs at restore time. Called before any byte of a registry checkpoint enters the store.
  *
  * cosign's format (its specs/SIGNATURE_SPEC.md, "legacy" tag scheme; cosign 3 writes it with
- * `--new-bundle-format=false --use-signing-config=false`):
+ * `--new-bundle-format=false --use-signing-config=false`, thaw with sign.ts):
  *   - the signatures of manifest `sha256:<hex>` of repository R are the layers of the OCI image manifest tagged
  *     `sha256-<hex>.sig` in R;
  *   - each layer is a "simple signing" payload (media type `application/vnd.dev.cosign.simplesigning.v1+json`):
