@@ -82,6 +82,31 @@ describe('the undo journal of a rootfs diff', () => {
     expect(await readdir(rootfs)).not.toContain(journal.backupDir);
   });
 
+  it('skips the steps on a mount point of the container: a read-only bind mount over a directory the diff changed (runc\'s mount points are in a diff)', async () => {
+    const r = await applyRootfsDiff({ rootfs, tarFile, deletedFilesFile, keepUndo: true });
+    const journal = r.undo!;
+    expect(journal.steps.filter((s) => s.op === 'meta').map((s) => s.path)).toEqual(['lib']);
+    // The container's view: a read-only bind mount where the diff set a directory's metadata and created a tree.
+    const outside = join(dir, 'outside');
+    await mkdir(outside);
+    await writeFile(join(outside, 'model'), 'host bytes');
+    sh('mount', ['--bind', outside, join(rootfs, 'lib')]);
+    sh('mount', ['-o', 'remount,bind,ro', join(rootfs, 'lib')]);
+    sh('mount', ['--bind', outside, join(rootfs, 'newdir')]);
+    try {
+      undoRootfsDiff(rootfs, journal);
+      // Everything else is undone; the mounts are untouched, and so is what they show.
+      expect(await readFile(join(rootfs, 'etc/passwd'), 'utf8')).toBe('root:x:0:0::/root:/bin/sh\n');
+      expect(await readFile(join(rootfs, 'bin/tool'), 'utf8')).toBe('#!/bin/sh\necho image\n');
+      expect(await readdir(join(rootfs, 'lib'))).toEqual(['model']);
+      expect(await readFile(join(outside, 'model'), 'utf8')).toBe('host bytes');
+      expect(await readdir(rootfs)).not.toContain(journal.backupDir);
+    } finally {
+      sh('umount', [join(rootfs, 'newdir')]);
+      sh('umount', [join(rootfs, 'lib')]);
+    }
+  });
+
   it('leaves no backup behind without keepUndo, and discardUndo removes a kept one', async () => {
     await applyRootfsDiff({ rootfs, tarFile, deletedFilesFile });
     expect((await readdir(rootfs)).filter((n) => n.startsWith(UNDO_DIR_PREFIX))).toEqual([]);

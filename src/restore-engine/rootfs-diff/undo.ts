@@ -12,6 +12,11 @@
  * directory of a lower layer (EXDEV without redirect_dir): such a directory is "rebuilt" instead: made anew in
  * the backup, its children moved into it one by one (recursively), its metadata recorded, and then removed; undo
  * makes it again and moves the children back.
+ *
+ * The undo runs on the container's own view of its rootfs (`/proc/<pid>/root`), the apply on the runtime's view
+ * before the container's mounts: a step whose path is a mount point of the container, or lies beyond one (runc's
+ * mount points of bind mounts the image lacks are in the upperdir, hence in a diff), is skipped. What the diff did
+ * there lies under the mount, out of the workload's sight, on a directory runc makes for every such container.
  */
 import { fstatSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
@@ -24,6 +29,7 @@ import {
   O_PATH,
   O_RDONLY,
   RENAME_NOREPLACE,
+  RESOLVE_NO_XDEV,
   RESOLVE_WALK_DEFAULT,
 } from '../../sys/fs-at.js';
 import { xattrCarried } from './capture.js';
@@ -63,6 +69,16 @@ const split = (rel: string): { parent: string; name: string } => {
   const slash = rel.lastIndexOf('/');
   return slash < 0 ? { parent: '', name: rel } : { parent: rel.slice(0, slash), name: rel.slice(slash + 1) };
 };
+
+/** True when `path` from rootFd is, or lies beyond, a mount point (RESOLVE_NO_XDEV refuses it with EXDEV). */
+function crossesMount(fs: FsAt, rootFd: number, path: string): boolean {
+  try {
+    fs.close(fs.openat2(rootFd, path, O_PATH | O_NOFOLLOW, { resolve: RESOLVE_WALK_DEFAULT | RESOLVE_NO_XDEV }));
+    return false;
+  } catch (err) {
+    return errnoOf(err) === 'EXDEV';
+  }
+}
 
 const errnoOf = (err: unknown): string | undefined => (isThawError(err) && 'errnoName' in err ? String(err.errnoName) : undefined);
 
@@ -221,6 +237,11 @@ export function undoRootfsDiff(rootfs: string, journal: UndoJournal, fs = FsAt.l
     withDir(fs, root, journal.backupDir, (backupFd) => {
       for (const s of [...journal.steps].reverse()) {
         at = s;
+        if (crossesMount(fs, root, s.path)) {
+          // Its original stays out of sight under the mount too: its backup goes, so the backup directory can.
+          if (s.op === 'moved') removeTree(fs, backupFd, s.backup);
+          continue;
+        }
         const { parent, name } = split(s.path);
         if (s.op === 'created') {
           withDir(fs, root, parent, (dirFd) => {
