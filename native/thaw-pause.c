@@ -42,8 +42,11 @@
  *   SIGWINCH "a restore is under way": the deadline starts again (the agent repeats it while it restores,
  *            so an agent killed mid-restore still leaves us a deadline).
  * At the deadline we fall back exactly as on SIGUSR2 (in overlay mode through THAW_PAUSE_ORIGINAL while
- * thaw-pause is still mounted over the entrypoint). Both variables are removed from our environment
- * before any exec. Absent, 0 or not a number: no deadline.
+ * thaw-pause is still mounted over the entrypoint) — unless THAW_PAUSE_DIFF_MARKER names a file that exists:
+ * the createRuntime hook applied the checkpoint's rootfs diff, which only the agent can undo, so we exit
+ * EXIT_DIFF_NOT_UNDONE instead of running the original command on files the checkpoint changed (the runtime's
+ * restart makes a fresh container). The variables are removed from our environment before any exec. Absent,
+ * 0 or not a number: no deadline.
  *
  * Signal handlers only set flags (async-signal-safe); all work happens in the main loop, which
  * blocks the signals it handles and waits in sigsuspend(). stderr is the container log: one short
@@ -89,10 +92,16 @@ struct state {
   pid_t worker; /* 0 until adopted */
   long deadline_ms; /* 0: none */
   char original[4096]; /* overlay mode: the original entrypoint's second mount (THAW_PAUSE_ORIGINAL); "" none */
+  char diff_marker[4096]; /* THAW_PAUSE_DIFF_MARKER: present once the hook applied a rootfs diff; "" none */
 };
 
 #define DEADLINE_ENV "THAW_PAUSE_DEADLINE_MS"
 #define ORIGINAL_ENV "THAW_PAUSE_ORIGINAL"
+#define DIFF_MARKER_ENV "THAW_PAUSE_DIFF_MARKER"
+/* The deadline passed and the rootfs carries the checkpoint's diff, which only the agent can undo: we exit with
+ * this rather than run the original command on files the checkpoint changed; the runtime's restart makes a
+ * fresh container on the image's own rootfs (sysexits' EX_TEMPFAIL). */
+#define EXIT_DIFF_NOT_UNDONE 75
 
 /* THAW_PAUSE_ORIGINAL (an absolute path that fits) into buf, else ""; removed from the environment. */
 static void take_original_env(char *buf, size_t size) {
@@ -100,6 +109,20 @@ static void take_original_env(char *buf, size_t size) {
   buf[0] = '\0';
   if (v && v[0] == '/' && strlen(v) < size) strcpy(buf, v);
   unsetenv(ORIGINAL_ENV);
+}
+
+/* An absolute path from the environment variable `name` (that fits) into buf, else ""; removed from the environment. */
+static void take_path_env(const char *name, char *buf, size_t size) {
+  const char *v = getenv(name);
+  buf[0] = '\0';
+  if (v && v[0] == '/' && strlen(v) < size) strcpy(buf, v);
+  unsetenv(name);
+}
+
+/* True when the hook's diff marker is there: a regular file, not followed if it is a link. */
+static int diff_applied(const struct state *s) {
+  struct stat st;
+  return s->diff_marker[0] != '\0' && lstat(s->diff_marker, &st) == 0 && S_ISREG(st.st_mode);
 }
 
 /* (Re)arms the one-shot SIGALRM of the deadline; 0 disarms it. */
@@ -375,6 +398,7 @@ int main(int argc, char **argv) {
 
   s.deadline_ms = take_deadline_env();
   take_original_env(s.original, sizeof s.original);
+  take_path_env(DIFF_MARKER_ENV, s.diff_marker, sizeof s.diff_marker);
   if (s.deadline_ms > 0) arm_deadline(s.deadline_ms);
 
   fprintf(stderr, "thaw-pause: waiting (mode=%s, argv0=%s)\n", s.mode,
@@ -395,6 +419,10 @@ int main(int argc, char **argv) {
       }
       if (take(SIGWINCH) && s.deadline_ms > 0) arm_deadline(s.deadline_ms);
       if (take(SIGALRM) && s.deadline_ms > 0) {
+        if (diff_applied(&s)) {
+          fprintf(stderr, "thaw-pause: no word from the agent within %ld ms, and the rootfs carries the checkpoint's diff that only the agent can undo; exiting %d so that a fresh container starts on the image's own rootfs\n", s.deadline_ms, EXIT_DIFF_NOT_UNDONE);
+          return EXIT_DIFF_NOT_UNDONE;
+        }
         fprintf(stderr, "thaw-pause: no word from the agent within %ld ms; falling back by ourselves\n", s.deadline_ms);
         fall_back(&s);
       }

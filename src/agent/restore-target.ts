@@ -29,7 +29,7 @@ import { identityOf, managedAnnotations, type ManagedContainer } from './managed
 import { describeContainer, dropInterest, type HandlerScope } from './nri-handler-scope.js';
 import { localRestoreRefusal } from './tenancy.js';
 import { RestoreErrorCode, undoJournalFor } from '../restore-engine/index.js';
-import { ORIGINAL_ENTRYPOINT_FILE } from '../oci-hooks/index.js';
+import { DIFF_APPLIED_FILE, ORIGINAL_ENTRYPOINT_FILE } from '../oci-hooks/index.js';
 import { HandlerFallbackCause } from './errors.js';
 
 /** Fallback causes that are the tenancy policy's refusals (counted per namespace for /metrics). */
@@ -68,6 +68,8 @@ export interface ThawRestoreConfig {
 export const THAW_PAUSE_DEADLINE_ENV = 'THAW_PAUSE_DEADLINE_MS';
 /** overlay mode: where thaw-pause finds the original entrypoint while the overlay still covers it (native/thaw-pause.c). */
 export const THAW_PAUSE_ORIGINAL_ENV = 'THAW_PAUSE_ORIGINAL';
+/** thaw-pause's env: where the hook's DIFF_APPLIED_FILE appears in the container (native/thaw-pause.c). */
+export const THAW_PAUSE_DIFF_MARKER_ENV = 'THAW_PAUSE_DIFF_MARKER';
 
 export const DEFAULT_RESTORE_HOOK_TIMEOUT_SECONDS = 60;
 /** Of the hook's timeout, what a hook waiting for a pulled checkpoint leaves itself to apply the rootfs diff. */
@@ -320,6 +322,7 @@ async function adjustWith(
     });
   // thaw-pause removes it from its environment before it execs the original command.
   if (originalEntrypoint !== undefined) builder.addEnv(THAW_PAUSE_ORIGINAL_ENV, originalEntrypoint);
+  builder.addEnv(THAW_PAUSE_DIFF_MARKER_ENV, join(CONTROL_DIR_MOUNT_PATH, DIFF_APPLIED_FILE));
   // thaw-pause's directory, unless the toolkit mount already shows it at the same path.
   if (!pauseDir.startsWith(`${r.toolkitDir}/`)) builder.addMount({ destination: pauseDir, source: pauseDir, type: 'bind', options: ['rbind', 'ro'] });
   // The same environment as a source: a cold-started fallback then runs as the checkpointed worker did.

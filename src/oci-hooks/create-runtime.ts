@@ -27,7 +27,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { resolveEntrypoint, resolveInRoot } from './entrypoint.js';
 import { HookError, HookErrorCode } from './errors.js';
 import { readEntry } from '../sdk/index.js';
-import { CHECKPOINT_UNAVAILABLE_FILE, writeHookDone, writeHookFailed, type HookDoneRecord, type PlaceholderMode } from './records.js';
+import { CHECKPOINT_UNAVAILABLE_FILE, writeDiffApplied, writeHookDone, writeHookFailed, type HookDoneRecord, type PlaceholderMode } from './records.js';
 import { envValue, parseOciConfig, type OciState } from './state.js';
 import { DEFAULT_NSENTER_PATH } from '../defaults.js';
 
@@ -237,6 +237,8 @@ export async function runCreateRuntime(state: OciState, o: CreateRuntimeOptions)
       // Written before hook-done: the agent, which reads hook-done first, finds the journal whenever it needs it.
       await mkdir(dirname(o.undoJournalFile), { recursive: true, mode: 0o700 });
       await writeFile(o.undoJournalFile, `${JSON.stringify({ rootfsDiffUndo: undo.journal })}\n`, { mode: 0o600 });
+      // For thaw-pause: without an agent to undo it, it must not run the original command on this rootfs.
+      if (record.rootfsDiff !== undefined && record.rootfsDiff.entries + record.rootfsDiff.deleted > 0) await writeDiffApplied(o.controlDir, { entries: record.rootfsDiff.entries, deleted: record.rootfsDiff.deleted });
       undo = undefined;
     }
     if (undo !== undefined) {

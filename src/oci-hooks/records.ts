@@ -12,6 +12,12 @@ import { readEntry, writeEntryAtomic } from '../sdk/index.js';
 export const HOOK_FAILED_FILE = 'hook-failed';
 /** The hook succeeded. Payload: HookDoneRecord. Hidden: it is thaw's, not part of the worker protocol. */
 export const HOOK_DONE_FILE = '.thaw-hook.json';
+/**
+ * Written (before HOOK_DONE_FILE) when the hook applied a rootfs diff that the agent must undo before a cold
+ * start: thaw-pause, at its deadline without the agent, exits instead of running the original command on it
+ * (native/thaw-pause.c, THAW_PAUSE_DIFF_MARKER).
+ */
+export const DIFF_APPLIED_FILE = '.thaw-diff-applied';
 
 /**
  * Written by the agent when the checkpoint a hook waits for (a pull in progress) will not arrive. Payload:
@@ -58,6 +64,10 @@ export function writeCheckpointUnavailable(dir: string, record: HookFailedRecord
 
 export function writeHookDone(dir: string, record: HookDoneRecord): Promise<void> {
   return writeAtomic(dir, HOOK_DONE_FILE, record);
+}
+
+export function writeDiffApplied(dir: string, record: { entries: number; deleted: number }): Promise<void> {
+  return writeAtomic(dir, DIFF_APPLIED_FILE, record);
 }
 
 export function writeHookFailed(dir: string, record: HookFailedRecord): Promise<void> {

@@ -176,7 +176,8 @@ describe.each(flavorsUnderTest())('thaw end to end on containerd %s', (flavor) =
       const failed = JSON.parse(await readFile(join(pod.controlDir, 'hook-failed'), 'utf8')) as { code: string };
       expect(failed.code).toBe('HOOK_AGENT_UNREACHABLE');
       expect(existsSync(join(dirs.workRoot, 'rootfs-undo', `${pod.containerId}.json`)), 'no undo journal: nothing was applied').toBe(false);
-      expect(await readFile(pod.logPath, 'utf8')).not.toContain('thaw-pause:');
+      // overlay mode (1.7): no placeholder at all; args mode (2.x): thaw-pause, told nothing, falls back at its deadline.
+      expect(await readFile(pod.logPath, 'utf8')).not.toContain('exiting 75');
     } finally {
       plugin = await startPlugin();
       await stack.cri.removePod(pod.podId);
@@ -224,39 +225,41 @@ describe.each(flavorsUnderTest())('thaw end to end on containerd %s', (flavor) =
     await stack.cri.removePod(pod.podId);
   }, 240_000);
 
-  it('serves as a cold start within thaw-pause\'s deadline when the agent is killed for good while a target waits; the next agent leaves it alone (Node.js hook)', async () => {
+  it('the agent killed for good after the hook applied the diff: at its deadline thaw-pause exits 75 rather than run the original command on the changed rootfs; a fresh container cold-starts on the image\'s own (Node.js hook)', async () => {
     const stack = handle.stack;
     const deadlineMs = 3_000;
-    // An agent with a short thaw-pause deadline adjusts the target (overlay mode), then dies for good.
+    // An agent with a short thaw-pause deadline adjusts the target, then dies for good; the Node.js hook applies
+    // the diff without it (and leaves the journal no agent will use).
     await plugin?.stop();
     plugin = await startPlugin(['--restore-pause-deadline-ms', String(deadlineMs), '--restore-hook', 'node']);
-    // checkpointAfterMs: the cold-started worker serves (it takes part in no checkpoint meanwhile).
     const pod = await runWorkerPod(stack, dirs.controlRoot, { ...common(), name: 'e2e-agent-gone', annotations: { 'thaw.dev/restore': CHECKPOINT }, start: false, checkpointAfterMs: 600_000 });
     const victim = plugin!;
     victim.proc.kill('SIGKILL');
     await victim.exited;
     plugin = undefined;
-    await stack.cri.startContainer(pod.containerId);
-    // No agent: thaw-pause's deadline runs out and it execs the original entrypoint (still covered by the overlay)
-    // from the hook's second mount of it.
-    const endpoint = await waitForServingWorker(pod.controlDir, { timeoutMs: 120_000 });
-    expect(endpoint.restored, 'a cold start, not a restore').toBe(false);
-    const state = await getJson<WorkerState>(endpoint.port, '/state');
-    expect(state.digest).toBe(expectedDigest(MEMORY_MB, SEED));
-    expect(state.bootId).not.toBe(sourceState.bootId);
-    const log = await readFile(pod.logPath, 'utf8');
-    expect(log).toContain(`thaw-pause: no word from the agent within ${deadlineMs} ms; falling back by ourselves`);
-    expect(log).toMatch(/thaw-pause: \S+ is still covered; exec the original entrypoint from \/snapshot-control\/\.thaw-original-entrypoint/);
-    expect((await stack.cri.containerStatus(pod.containerId)).status.state).toBe('CONTAINER_RUNNING');
-
-    // The next agent finds the pod's own command running: no signal, no marker, its own cause.
-    plugin = await startPlugin();
-    const event = await waitForLog(dirs.logFile, (r) => r['event'] === 'restore' && r['containerId'] === pod.containerId, 'the event of the next agent', 60_000);
-    expect([event['outcome'], event['cause']]).toEqual(['fallback', 'RESTORE_PLACEHOLDER_DEADLINE']);
-    expect(existsSync(join(pod.controlDir, 'restore-failed'))).toBe(false);
-    expect((await getJson<WorkerState>(endpoint.port, '/state')).bootId).toBe(state.bootId);
-    expect((await stack.cri.containerStatus(pod.containerId)).status.state).toBe('CONTAINER_RUNNING');
-    await stack.cri.removePod(pod.podId);
+    try {
+      await stack.cri.startContainer(pod.containerId);
+      const status = await waitFor(async () => {
+        const st = (await stack.cri.containerStatus(pod.containerId)).status;
+        return st.state === 'CONTAINER_EXITED' ? st : undefined;
+      }, 'thaw-pause to give up', 120_000);
+      expect(Number(status.exit_code)).toBe(75);
+      const log = await readFile(pod.logPath, 'utf8');
+      expect(log).toContain(`thaw-pause: no word from the agent within ${deadlineMs} ms, and the rootfs carries the checkpoint's diff that only the agent can undo; exiting 75`);
+      // Never a worker on the changed rootfs.
+      await expect(readFile(join(pod.controlDir, 'worker-endpoint.json'), 'utf8')).rejects.toThrow();
+      // What the kubelet's restart brings: a fresh container from the image (no agent to adjust it) serves cold.
+      const fresh = await runWorkerPod(stack, dirs.controlRoot, { ...common(), name: 'e2e-agent-gone-again', annotations: { 'thaw.dev/restore': CHECKPOINT }, checkpointAfterMs: 600_000 });
+      try {
+        const probe = await stack.cri.execSync(fresh.containerId, ['/bin/sh', '-c', 'cat /tmp/thaw-diff-probe'], 10);
+        expect(probe.stdout).not.toMatch(/from-source/);
+      } finally {
+        await stack.cri.removePod(fresh.podId);
+      }
+    } finally {
+      plugin = await startPlugin();
+      await stack.cri.removePod(pod.podId);
+    }
   }, 240_000);
 
   it('falls back to a cold start when the container was created under an agent that died and starts under the next (Node.js hook)', async () => {

@@ -185,6 +185,30 @@ describe('thaw-pause with a deadline (the agent gone for good)', () => {
     expect(run.stderr()).toContain('thaw-pause: fallback: exec /bin/sh\n');
   });
 
+  it('at its deadline exits 75 instead of running the command when THAW_PAUSE_DIFF_MARKER exists (a diff only the agent can undo); a missing marker or a symlink does not count', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'thaw-pause-marker-'));
+    try {
+      const marker = join(dir, '.thaw-diff-applied');
+      const env = { ...process.env, THAW_PAUSE_DEADLINE_MS: '200', THAW_PAUSE_DIFF_MARKER: marker };
+      // No marker: the ordinary fallback, and the command never sees the variable.
+      const plain = start(PAUSE, ['--', '/bin/sh', '-c', 'echo "ran marker=${THAW_PAUSE_DIFF_MARKER:-unset}"; exit 4'], { env });
+      expect((await exitOf(plain)).code).toBe(4);
+      expect(plain.stdout()).toBe('ran marker=unset\n');
+      // A symlink at the marker's path (the pod's own control directory) is not the hook's file.
+      symlinkSync('/etc/passwd', marker);
+      const linked = start(PAUSE, ['--', '/bin/sh', '-c', 'echo ran; exit 4'], { env });
+      expect((await exitOf(linked)).code).toBe(4);
+      rmSync(marker);
+      execFileSync('/bin/sh', ['-c', `echo '{"entries":1,"deleted":0}' > ${marker}`]);
+      const run = start(PAUSE, ['--', '/bin/sh', '-c', 'echo ran; exit 4'], { env });
+      expect((await exitOf(run)).code).toBe(75);
+      expect(run.stdout()).toBe('');
+      expect(run.stderr()).toContain("thaw-pause: no word from the agent within 200 ms, and the rootfs carries the checkpoint's diff that only the agent can undo; exiting 75");
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   it('SIGWINCH (a restore under way) starts the deadline again; when it stops coming, the fallback follows', async () => {
     const run = start(PAUSE, ['--', '/bin/sh', '-c', 'echo cold; exit 5'], { env: { ...process.env, THAW_PAUSE_DEADLINE_MS: '1500' } });
     await waiting(run);
