@@ -254,6 +254,22 @@ describe('thaw.dev/snapshot at NRI CreateContainer (the handlers over a real sto
     expect(tracker.claims.size).toBe(0);
   });
 
+  it('a snapshot checkpoint a restore failed from on this node (the store\'s restore-failure mark) is taken again by the next container at once', async () => {
+    const { handlers } = handlersWith(async () => digestA);
+    const key = snapshotKey({ ...base, imageDigest: digestA });
+    const name = snapshotCheckpointName({ namespace: 'team-a', name: 'qwen', key });
+    const pending = await store.beginCheckpoint(name);
+    await writeCheckpointFiles(pending.paths, 4096);
+    const fields = manifestFields({ snapshot: { name: 'qwen', key } });
+    fields.source.pod = { ...fields.source.pod!, namespace: 'team-a' };
+    await pending.publish(fields);
+    const role = async (id: string): Promise<string | undefined> => ((await handlers.createContainer!(pod(id), container(id), ctx)) as AdjustmentBuilder | undefined)?.build().adjustment.annotations?.['thaw.dev/role'];
+    // Unmarked: the snapshot is found, so this container does not become its source.
+    expect(await role('a')).not.toBe('checkpoint-source');
+    await store.recordRestoreFailure(await store.open(name), { cause: 'RESTORE_CRIU', reason: 'test', containerId: 'c'.repeat(64), pod: 'team-a/x' });
+    expect(await role('b')).toBe('checkpoint-source');
+  });
+
   it('a checkpoint planted under the stored name without the snapshot record is not restored: cold, AGENT_SNAPSHOT_NAME_TAKEN', async () => {
     const { handlers, tracker } = handlersWith(async () => digestA);
     const name = snapshotCheckpointName({ namespace: 'team-a', name: 'qwen', key: snapshotKey({ ...base, imageDigest: digestA }) });
