@@ -32,12 +32,18 @@ const CHECKPOINT_PHASES: Record<string, string> = {
 
 export interface AgentMetricsSources {
   stats: ThawNriStats;
-  /** Checkpoints in the store and their bytes (read at scrape). */
-  stored(): Promise<{ count: number; bytes: number }>;
+  /**
+   * Checkpoints in the store and their bytes (read at scrape), in all and per owning namespace (pulled
+   * checkpoints under PULLED_NAMESPACE_LABEL).
+   */
+  stored(): Promise<{ count: number; bytes: number; byNamespace?: ReadonlyMap<string, { count: number; bytes: number }> }>;
   restoresInFlight(): number;
   checkpointsInFlight(): number;
   version: string;
 }
+
+/** The `namespace` label of pulled checkpoints (owned by none; a Kubernetes namespace never begins with '.'). */
+export const PULLED_NAMESPACE_LABEL = '.oci';
 
 export interface AgentMetrics {
   registry: MetricsRegistry;
@@ -60,6 +66,9 @@ export function createAgentMetrics(src: AgentMetricsSources): AgentMetrics {
   const checkpointsInFlight = r.gauge('thaw_checkpoints_in_flight', 'Checkpoints running or waiting for their worker.');
   const byNamespace = r.counter('thaw_restores_by_namespace_total', 'Restore events (restored, or fallback after the container was adjusted) by the target pod\'s namespace.', ['namespace', 'outcome']);
   const refusals = r.counter('thaw_tenancy_refusals_total', 'Restore targets the tenancy policy sent to a cold start, by the pod\'s namespace and cause (RESTORE_NOT_ALLOWED, RESTORE_SIGNATURE, RESTORE_NO_ROOM).', ['namespace', 'cause']);
+  const storeBytes = r.gauge('thaw_store_bytes', `Bytes of the checkpoints in the local store by owning namespace (manifest totals; pulled checkpoints: namespace="${PULLED_NAMESPACE_LABEL}").`, ['namespace']);
+  const storeCheckpoints = r.gauge('thaw_store_checkpoints', `Checkpoints in the local store by owning namespace (pulled: namespace="${PULLED_NAMESPACE_LABEL}").`, ['namespace']);
+  const checkpointsByNamespace = r.counter('thaw_checkpoints_by_namespace_total', 'Checkpoints by the namespace that owns them and outcome.', ['namespace', 'outcome']);
   const info = r.gauge('thaw_agent_info', 'Always 1; the agent version as a label.', ['version']);
 
   for (const outcome of ['restored', 'fallback']) restores.touch({ outcome });
@@ -69,6 +78,7 @@ export function createAgentMetrics(src: AgentMetricsSources): AgentMetrics {
   info.set(1, { version: src.version });
   // Restore events counted here; fallbacks decided at CreateContainer have no event and are added at scrape.
   const restoreEvents = { restored: 0, fallback: 0 };
+  const seenNamespaces = new Set<string>();
 
   r.onCollect(async () => {
     const atCreate = [...src.stats.restoreFallbacksAtCreate.values()].reduce((a, b) => a + b, 0);
@@ -84,6 +94,16 @@ export function createAgentMetrics(src: AgentMetricsSources): AgentMetrics {
     const s = await src.stored();
     stored.set(s.count);
     storedBytes.set(s.bytes);
+    // A namespace whose last checkpoint went reads 0 rather than its last value.
+    for (const namespace of seenNamespaces) {
+      storeBytes.set(0, { namespace });
+      storeCheckpoints.set(0, { namespace });
+    }
+    for (const [namespace, v] of s.byNamespace ?? []) {
+      seenNamespaces.add(namespace);
+      storeBytes.set(v.bytes, { namespace });
+      storeCheckpoints.set(v.count, { namespace });
+    }
   });
 
   return {
@@ -99,6 +119,7 @@ export function createAgentMetrics(src: AgentMetricsSources): AgentMetrics {
     },
     onCheckpointEvent(e) {
       checkpoints.inc({ outcome: e.outcome });
+      checkpointsByNamespace.inc({ namespace: e.namespace, outcome: e.outcome });
       if (e.outcome !== 'succeeded') return;
       for (const [key, phase] of Object.entries(CHECKPOINT_PHASES)) {
         const ms = (e.phases as Record<string, number | undefined> | undefined)?.[key];

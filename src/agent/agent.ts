@@ -25,7 +25,7 @@ import { errorMessage, isThawError } from '../errors.js';
 import { createJsonLogger, type Logger } from '../log.js';
 import { createNriPlugin, readLaunchEnv, type NriHandlers } from '../nri-plugin/index.js';
 import { removeControlDir } from '../sdk/index.js';
-import { createAgentMetrics } from './agent-metrics.js';
+import { createAgentMetrics, PULLED_NAMESPACE_LABEL } from './agent-metrics.js';
 import { loadAgentService } from './api-proto.js';
 import { createApiHandlers, type ApiContext } from './api-server.js';
 import { ConfigError, ConfigErrorCode, type AgentConfig } from './config.js';
@@ -248,7 +248,15 @@ export async function runAgent(o: AgentRunOptions, logger: Logger): Promise<numb
   // checkpoint ended.
   const storedTotals = cachedValue(STORED_TOTALS_MAX_AGE_MS, async () => {
     const listed = await engine.store.list();
-    return { count: listed.length, bytes: listed.reduce((a, l) => a + (l.manifest?.totals.bytes ?? 0), 0) };
+    const byNamespace = new Map<string, { count: number; bytes: number }>();
+    for (const l of listed) {
+      const ns = l.namespace ?? PULLED_NAMESPACE_LABEL;
+      const v = byNamespace.get(ns) ?? { count: 0, bytes: 0 };
+      v.count++;
+      v.bytes += l.manifest?.totals.bytes ?? 0;
+      byNamespace.set(ns, v);
+    }
+    return { count: listed.length, bytes: listed.reduce((a, l) => a + (l.manifest?.totals.bytes ?? 0), 0), byNamespace };
   });
   const engine = await createThawEngine({
     logger,

@@ -38,6 +38,7 @@ export interface CheckpointSummaryMsg {
   gpu: boolean;
   in_use: boolean;
   problem: string;
+  namespace: string;
 }
 export interface MismatchMsg { what: string; expected: string; actual: string; severity: string }
 export interface InspectCheckpointResponseMsg {

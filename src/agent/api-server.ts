@@ -7,7 +7,8 @@ import * as grpc from '@grpc/grpc-js';
 import { errorMessage, isThawError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { createControlDir } from '../sdk/index.js';
-import { StoreErrorCode } from '../store/index.js';
+import { StoreError, StoreErrorCode } from '../store/index.js';
+import { checkNamespaceName, DEFAULT_NAMESPACE, namespaceOfKey, resolveStoreKey } from '../checkpoint-name.js';
 import { readHostFacts } from '../sys/host-facts.js';
 import type { ListedCheckpoint } from '../store/index.js';
 import { checkCompatibility, isRestorable, type Manifest } from '../store/index.js';
@@ -91,7 +92,15 @@ function summaryOf(l: ListedCheckpoint, inUse: boolean): CheckpointSummaryMsg {
     gpu: m?.constraints.gpu !== undefined,
     in_use: inUse,
     problem: l.problem ? `${l.problem.code}: ${l.problem.message}` : '',
+    namespace: l.namespace ?? '',
   };
+}
+
+/** The store key of a name the caller gives: namespace/name, a bare name (namespace "default"), or oci-<hex>. */
+function keyOf(name: string): string {
+  const resolved = resolveStoreKey(name, DEFAULT_NAMESPACE, { allowPulled: true });
+  if ('reason' in resolved) throw new StoreError(StoreErrorCode.INVALID_NAME, resolved.reason, { step: 'checkpoint name', evidence: { name } });
+  return resolved.key;
 }
 
 const badRequest = (message: string): AgentError => new AgentError(AgentErrorCode.BAD_REQUEST, message, { step: 'read the request' });
@@ -129,19 +138,31 @@ export function createApiHandlers(ctx: ApiContext): grpc.UntypedServiceImplement
   async function startCheckpoint(req: CheckpointRequestMsg): Promise<string> {
     const seen = ctx.containers.find(refOf(req));
     const managed = engine.handlers.managed.get(seen.id);
+    // The store key: a bare name is the pod's own namespace's; a qualified one must name that namespace.
+    let requested = '';
+    if (req.name) {
+      const resolved = resolveStoreKey(req.name, seen.podNamespace);
+      if ('reason' in resolved) throw new StoreError(StoreErrorCode.INVALID_NAME, resolved.reason, { step: 'checkpoint name', evidence: { name: req.name } });
+      if (namespaceOfKey(resolved.key) !== seen.podNamespace) {
+        throw new StoreError(StoreErrorCode.INVALID_NAME, `checkpoint ${resolved.key} is not of namespace ${seen.podNamespace}: a checkpoint belongs to the namespace of the pod it is taken from`, {
+          step: 'checkpoint name',
+          evidence: { name: req.name, namespace: seen.podNamespace },
+        });
+      }
+      requested = resolved.key;
+    }
     if (engine.checkpoints.jobDone(seen.id) !== undefined) {
       const running = engine.checkpoints.status(seen.id);
-      if (req.name && running && req.name !== running.name) {
-        throw badRequest(`container ${seen.id} is already being checkpointed as ${running.name}, not ${req.name}`);
+      if (requested && running && requested !== running.name) {
+        throw badRequest(`container ${seen.id} is already being checkpointed as ${running.name}, not ${requested}`);
       }
       return seen.id; // follow the job that runs (a source waiting for its worker, or an earlier request)
     }
-    const name = req.name || (managed?.role === 'checkpoint-source' ? managed.checkpointName : '');
+    const name = requested || (managed?.role === 'checkpoint-source' ? managed.checkpointName : '');
     // A checkpoint source whose worker already had its checkpoint taken: report that one (unless --replace).
     const last = engine.checkpoints.status(seen.id);
     if (!req.replace && managed?.role === 'checkpoint-source' && last?.state === 'succeeded' && last.name === name) return seen.id;
     if (!name) throw badRequest('a checkpoint name is required (the container is not a checkpoint source whose annotation names one)');
-    store.dirOf(name, 'checkpoint name'); // STORE_INVALID_NAME before anything runs
     if (seen.pid === undefined) {
       throw new AgentError(AgentErrorCode.CONTAINER_NOT_RUNNING, `container ${seen.id} has not started (no process to checkpoint)`, { step: 'find the container', evidence: { containerId: seen.id } });
     }
@@ -166,7 +187,7 @@ export function createApiHandlers(ctx: ApiContext): grpc.UntypedServiceImplement
       };
     }
     engine.checkpoints.checkpointNow(container, seen.pid, { replace: req.replace });
-    ctx.logger.info('checkpoint requested through the API', { containerId: seen.id, pod: `${seen.podNamespace}/${seen.podName}`, checkpoint: name });
+    ctx.logger.info('checkpoint requested through the API', { containerId: seen.id, pod: `${seen.podNamespace}/${seen.podName}`, namespace: seen.podNamespace, checkpoint: name });
     return seen.id;
   }
 
@@ -204,14 +225,16 @@ export function createApiHandlers(ctx: ApiContext): grpc.UntypedServiceImplement
 
   return {
     Checkpoint,
-    ListCheckpoints: unary(ctx, 'ListCheckpoints', async () => {
-      const listed = await store.list();
+    ListCheckpoints: unary(ctx, 'ListCheckpoints', async (req: { namespace?: string }) => {
+      if (req.namespace && checkNamespaceName(req.namespace) !== undefined) throw badRequest(checkNamespaceName(req.namespace)!);
+      const listed = await store.list(req.namespace ? { namespace: req.namespace } : {});
       const checkpoints = await Promise.all(listed.map(async (l) => summaryOf(l, await store.isLeased(l.name).catch(() => false))));
       return { checkpoints };
     }),
     InspectCheckpoint: unary(ctx, 'InspectCheckpoint', async (req: { name: string }): Promise<InspectCheckpointResponseMsg> => {
-      const opened = await store.open(req.name);
-      const diskBytes = await store.sizeOf(req.name);
+      const key = keyOf(req.name);
+      const opened = await store.open(key);
+      const diskBytes = await store.sizeOf(key);
       const m = opened.manifest;
       const runtime = ctx.runtime();
       const mismatches = checkCompatibility(m, {
@@ -223,7 +246,7 @@ export function createApiHandlers(ctx: ApiContext): grpc.UntypedServiceImplement
         ...(engine.cuda?.facts ? { gpu: engine.cuda.facts } : {}),
       });
       return {
-        summary: summaryOf({ name: opened.name, manifest: m }, await store.isLeased(opened.name)),
+        summary: summaryOf({ name: opened.name, ...(opened.namespace !== undefined ? { namespace: opened.namespace } : {}), manifest: m }, await store.isLeased(opened.name)),
         manifest_json: JSON.stringify(m),
         disk_bytes: diskBytes,
         restorable: isRestorable(mismatches),
@@ -232,8 +255,9 @@ export function createApiHandlers(ctx: ApiContext): grpc.UntypedServiceImplement
       };
     }),
     DeleteCheckpoint: unary(ctx, 'DeleteCheckpoint', async (req: { name: string }) => {
-      await store.delete(req.name);
-      ctx.logger.info('checkpoint deleted through the API', { checkpoint: req.name });
+      const key = keyOf(req.name);
+      await store.delete(key);
+      ctx.logger.info('checkpoint deleted through the API', { checkpoint: key, namespace: namespaceOfKey(key) ?? '' });
       return {};
     }),
     Status: unary(ctx, 'Status', async (): Promise<StatusResponseMsg> => ({

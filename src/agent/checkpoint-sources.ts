@@ -1,8 +1,9 @@
 /**
  * Where a restore target's checkpoint comes from, in this order:
  *
- *   a local name     (`thaw.dev/restore: qwen`)   the local store; else the shared store (an RWX volume mounted
- *                                                 on every node), copied into the local store
+ *   a local name     (`thaw.dev/restore: qwen`)   the local store under the store key `<pod's namespace>/qwen`
+ *                                                 (`team-a/qwen` for a shared one); else the shared store (an RWX
+ *                                                 volume mounted on every node), copied into the local store
  *   a reference      (`thaw.dev/restore: registry:5000/team/qwen:v1`)  the local store under the name derived
  *                                                 from the manifest digest (`oci-<hex>`: pulled before); else
  *                                                 pulled from the registry
@@ -94,7 +95,8 @@ export interface FindOptions {
 
 export interface CheckpointSources {
   /**
-   * Finds a checkpoint by annotation value (and its parsed reference, when it is one) for a pod of `namespace`.
+   * Finds a checkpoint for a pod of `namespace`: a local one by its store key (`namespace/name`, resolved from the
+   * annotation by restoreKeyOf), or a registry one by `reference` (`value` is then the annotation's text).
    * Throws the store's or the registry's typed error (STORE_NOT_FOUND, OCI_*) when it is nowhere or cannot be
    * resolved in time; RESTORE_NOT_ALLOWED when the policy refuses it to that namespace (a checkpoint of another
    * namespace not shared with it, a repository not allow-listed for it); OCI_SIGNATURE_MISSING / _INVALID when
@@ -132,9 +134,9 @@ export function createCheckpointSources(o: CheckpointSourcesOptions): Checkpoint
 
   /** Throws RESTORE_NOT_ALLOWED unless a pod of `namespace` may restore this local (or shared-store) checkpoint. */
   const checkOwner = (checkpoint: OpenedCheckpoint, namespace: string): void => {
-    const refusal = localRestoreRefusal(policy, namespace, { namespace: checkpoint.manifest.source.pod?.namespace, name: checkpoint.name });
+    const refusal = localRestoreRefusal(policy, namespace, { namespace: checkpoint.namespace, name: checkpoint.manifest.name });
     if (refusal !== undefined) {
-      throw new RestoreError(RestoreErrorCode.NOT_ALLOWED, refusal, { step: 'find checkpoint', evidence: { name: checkpoint.name, owner: checkpoint.manifest.source.pod?.namespace, namespace } });
+      throw new RestoreError(RestoreErrorCode.NOT_ALLOWED, refusal, { step: 'find checkpoint', evidence: { name: checkpoint.name, owner: checkpoint.namespace, namespace } });
     }
   };
 
@@ -236,7 +238,7 @@ export function createCheckpointSources(o: CheckpointSourcesOptions): Checkpoint
     }
     const quota = policy.namespaces.get(namespace)?.quotaBytes;
     if (quota !== undefined) {
-      const used = (await o.local.list()).filter((c) => c.manifest?.source.pod?.namespace === namespace).reduce((a, c) => a + (c.manifest?.totals.bytes ?? 0), 0);
+      const used = (await o.local.list({ namespace })).reduce((a, c) => a + (c.manifest?.totals.bytes ?? 0), 0);
       if (used + bytes > quota) {
         throw new RestoreError(RestoreErrorCode.NO_ROOM, `${what} declares ${bytes} bytes; namespace ${namespace} holds ${used} of its quota of ${quota}`, { step: 'check room for checkpoint', evidence: { bytes, used, quota, namespace } });
       }

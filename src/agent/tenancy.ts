@@ -25,7 +25,7 @@
 import { readFile } from 'node:fs/promises';
 import { isAbsolute } from 'node:path';
 import { parseTrustedKey, type TrustedKey } from '../store/index.js';
-import { checkNamespaceName, formatQualifiedName, parseQualifiedName, type QualifiedName } from '../checkpoint-name.js';
+import { checkNamespaceName, formatQualifiedName, parseQualifiedName, storeKeyOf, type QualifiedName, type StoreKey } from '../checkpoint-name.js';
 import type { CheckpointReference } from '../checkpoint-reference.js';
 
 export interface RegistryGrant {
@@ -166,6 +166,20 @@ export function localRestoreRefusal(policy: TenancyPolicy, podNamespace: string,
   const granted = policy.shared.some((g) => g.from.namespace === q.namespace && g.from.name === q.name && g.to.has(podNamespace));
   if (granted) return undefined;
   return `checkpoint ${formatQualifiedName(q)} belongs to namespace ${owner.namespace}; a pod of ${podNamespace} may not restore it (tenancy.shared grants no such share)`;
+}
+
+/**
+ * The store key a pod of `podNamespace` means by a local checkpoint name (an annotation): a bare name is its own
+ * namespace's (never another's, whatever that one holds under the same name), `namespace/name` is that
+ * namespace's (restored only if the policy shares it, localRestoreRefusal). `{ reason }` for a bad name or a pod
+ * without a valid namespace.
+ */
+export function restoreKeyOf(value: string, podNamespace: string): { key: StoreKey; owner: QualifiedName } | { reason: string } {
+  const badNs = checkNamespaceName(podNamespace);
+  if (badNs !== undefined) return { reason: `the pod's ${badNs}` };
+  const q = parseQualifiedName(value, podNamespace);
+  if ('reason' in q) return q;
+  return { key: storeKeyOf(q), owner: q };
 }
 
 /** True when `prefix` (host/repo-prefix) covers the reference's registry and repository, on component boundaries. */

@@ -72,8 +72,8 @@ export class AgentClient {
     });
   }
 
-  list(): Promise<{ checkpoints: CheckpointSummaryMsg[] }> {
-    return this.unary('ListCheckpoints', {});
+  list(namespace = ''): Promise<{ checkpoints: CheckpointSummaryMsg[] }> {
+    return this.unary('ListCheckpoints', { namespace });
   }
   inspect(name: string): Promise<InspectCheckpointResponseMsg> {
     return this.unary('InspectCheckpoint', { name });

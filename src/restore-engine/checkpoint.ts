@@ -294,7 +294,7 @@ export async function checkpointContainer(
     throwIfAborted(signal);
 
     pending = await opts.store.beginCheckpoint(name);
-    workDir = await mkdtemp(join(opts.workRoot ?? tmpdir(), `thaw-ckpt-${name}-`));
+    workDir = await mkdtemp(join(opts.workRoot ?? tmpdir(), `thaw-ckpt-${name.replace('/', '+')}-`));
 
     if (opts.cuda) {
       phase = 'cuda-checkpoint';

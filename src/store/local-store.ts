@@ -1,7 +1,8 @@
 /**
  * The local checkpoint store (design.md, Store): the LocalStore facade over its parts.
  *
- *   layout.ts    the directory layout, names and path safety
+ *   layout.ts    the directory layout (`<root>/<namespace>/<name>`, `<root>/.oci/oci-<hex>`), keys and path safety
+ *   migrate.ts   the one-time move of the old flat layout into the namespaced one
  *   open.ts      opening the root and a checkpoint, with the permission and size checks
  *   publish.ts   writing a checkpoint and publishing it durably (fsync, renameat2)
  *   recover.ts   removing what a crashed writer left
@@ -10,7 +11,7 @@
  *
  * The prefetch into the page cache is src/sys/prefetch.ts, run over a checkpoint's files by prefetch() here.
  */
-import { readdir, rename, rm } from 'node:fs/promises';
+import { lstat, readdir, rename, rm } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { DEFAULT_STORE_ROOT } from '../defaults.js';
 import { silentLogger, type Logger } from '../log.js';
@@ -18,7 +19,9 @@ import { bindPageCache, type PageCache } from '../sys/page-cache.js';
 import { prefetchFiles, type PrefetchOptions } from '../sys/prefetch.js';
 import { DEFAULT_FILE_CONCURRENCY, openRegularNoFollow } from './digest.js';
 import { ioError, StoreError, StoreErrorCode, storeAborted } from './errors.js';
-import { pathsOf, StoreLayout, walk, type CheckpointPaths, type OpenedCheckpoint } from './layout.js';
+import { checkNamespaceName } from '../checkpoint-name.js';
+import { pathsOf, PULLED_DIR_NAME, StoreLayout, walk, type CheckpointPaths, type OpenedCheckpoint } from './layout.js';
+import { migrateFlatLayout, type Migration } from './migrate.js';
 import { Leases, type ReleaseLease } from './leases.js';
 import type { Manifest } from './manifest.js';
 import { openCheckpoint, openStoreRoot, readManifestUnchecked, requireExists } from './open.js';
@@ -29,6 +32,8 @@ import { StampCache, verifyCheckpoint, type VerifyOptions, type VerifyResult } f
 
 export { CHECKPOINT_DIR_MODE, CHECKPOINT_FILE_MODE, type CheckpointPaths, type OpenedCheckpoint } from './layout.js';
 export type { ReleaseLease } from './leases.js';
+export type { Migration } from './migrate.js';
+export { PULLED_DIR_NAME, UNOWNED_DIR_NAME } from './layout.js';
 export { PendingCheckpoint, type PublishOptions } from './publish.js';
 export { VERIFIED_STAMPS_DIR, type VerifyOptions, type VerifyResult } from './verify.js';
 export { DEFAULT_PREFETCH_CONCURRENCY, PREFETCH_CHUNK_BYTES, PREFETCH_RESIDENT_FRACTION, PREFETCH_SEGMENT_BYTES } from '../sys/prefetch.js';
@@ -46,7 +51,10 @@ export interface LocalStoreOptions {
 }
 
 export interface ListedCheckpoint {
+  /** Its store key (`namespace/name`, or `oci-<hex>`). */
   name: string;
+  /** The namespace that owns it; undefined for a pulled checkpoint. */
+  namespace?: string;
   /** Present when the checkpoint opened cleanly. */
   manifest?: Manifest;
   /** Why it did not (a corrupt or foreign directory is listed, not hidden, so that an operator can delete it). */
@@ -62,12 +70,14 @@ export interface PrefetchResult {
 }
 
 /**
- * Opens (creating when missing) the store at `options.root` and runs recover(). The root must not be
+ * Opens (creating when missing) the store at `options.root`, moves a store of the old flat layout into the
+ * namespaced one (migrate.ts; `store.migrated` says what moved), and runs recover(). The root must not be
  * writable by group or others, and must be owned by `ownerUid`.
  */
 export async function openLocalStore(options: LocalStoreOptions = {}): Promise<LocalStore> {
   const root = await openStoreRoot(resolve(options.root ?? DEFAULT_STORE_ROOT), options.ownerUid ?? 0, 'open checkpoint store');
   const store = new LocalStore(root, options);
+  await store.migrate();
   await store.recover();
   return store;
 }
@@ -82,6 +92,8 @@ export class LocalStore {
   private readonly leases: Leases;
   private readonly stamps: StampCache;
   private readonly publishing: PublishContext;
+  /** What openLocalStore moved from the old flat layout (empty for a store already namespaced). */
+  migrated: Migration[] = [];
 
   /** Use openLocalStore(), which checks the root and recovers. */
   constructor(root: string, options: LocalStoreOptions) {
@@ -107,9 +119,9 @@ export class LocalStore {
   }
 
   /**
-   * Validates a name and returns `<root>/<name>`; STORE_INVALID_NAME with the rule's reason otherwise. Callers
-   * name their step without the name until it is valid: a bad name may hold NUL or escapes, and the reason
-   * already quotes it.
+   * Validates a store key (`namespace/name`, `oci-<hex>`) and returns its directory; STORE_INVALID_NAME with
+   * the rule's reason otherwise (a bare name included). Callers name their step without the key until it is
+   * valid: a bad one may hold NUL or escapes, and the reason already quotes it.
    */
   dirOf(name: string, step = 'resolve checkpoint name'): string {
     return this.layout.dirOf(name, step);
@@ -118,6 +130,12 @@ export class LocalStore {
   /** Paths of a published checkpoint (nothing is checked on disk; use open() for that). */
   pathsOf(name: string): CheckpointPaths {
     return pathsOf(this.dirOf(name));
+  }
+
+  /** Moves a store of the old flat layout into the namespaced one (migrate.ts). Called by openLocalStore. */
+  async migrate(): Promise<Migration[]> {
+    this.migrated = await migrateFlatLayout(this.layout, this.logger);
+    return this.migrated;
   }
 
   /** Removes what a crashed writer left (recover.ts). Called by openLocalStore; safe to call again. */
@@ -141,16 +159,37 @@ export class LocalStore {
     return verifyCheckpoint({ open: (n) => this.open(n), stamps: this.stamps, hashConcurrency: this.hashConcurrency }, name, options);
   }
 
-  /** Every checkpoint directory, sorted by name; broken ones carry `problem` instead of `manifest`. */
-  async list(): Promise<ListedCheckpoint[]> {
-    const names = (await readdir(this.root)).filter((e) => !e.startsWith('.')).sort();
+  /**
+   * Every checkpoint directory, sorted by key (namespaces' first, then the pulled ones); broken ones carry
+   * `problem` instead of `manifest`. `namespace`: only that namespace's.
+   */
+  async list(options: { namespace?: string } = {}): Promise<ListedCheckpoint[]> {
+    const keys: string[] = [];
+    const entries = options.namespace !== undefined ? [options.namespace] : (await readdir(this.root)).filter((e) => !e.startsWith('.')).sort();
     const out: ListedCheckpoint[] = [];
-    for (const name of names) {
+    for (const ns of entries) {
+      const dir = join(this.root, ns);
+      const st = await lstat(dir).catch(() => undefined);
+      if (st === undefined) continue;
+      const bad = checkNamespaceName(ns);
+      if (bad !== undefined || !st.isDirectory()) {
+        out.push({ name: ns, problem: { code: StoreErrorCode.PATH_ESCAPE, message: bad ?? `${dir} is not a namespace directory` } });
+        continue;
+      }
+      for (const name of (await readdir(dir)).sort()) keys.push(`${ns}/${name}`);
+    }
+    if (options.namespace === undefined) {
+      const pulled = await readdir(join(this.root, PULLED_DIR_NAME)).catch(() => [] as string[]);
+      for (const name of pulled.sort()) keys.push(name);
+    }
+    for (const key of keys) {
       try {
-        out.push({ name, manifest: (await this.open(name)).manifest });
+        const opened = await this.open(key);
+        out.push({ name: key, ...(opened.namespace !== undefined ? { namespace: opened.namespace } : {}), manifest: opened.manifest });
       } catch (err) {
         const e = err as StoreError;
-        out.push({ name, problem: { code: e.code ?? StoreErrorCode.IO, message: e.message } });
+        const ns = key.includes('/') ? key.slice(0, key.indexOf('/')) : undefined;
+        out.push({ name: key, ...(ns !== undefined ? { namespace: ns } : {}), problem: { code: e.code ?? StoreErrorCode.IO, message: e.message } });
       }
     }
     return out;
@@ -182,6 +221,7 @@ export class LocalStore {
     try {
       await this.stamps.remove(name);
       await rename(dir, aside);
+      await fsyncPath(this.layout.parentOf(name));
       await fsyncPath(this.root);
       await rm(aside, { recursive: true, force: true });
     } catch (err) {

@@ -5,7 +5,8 @@
  */
 import type { Stats } from 'node:fs';
 import { lstat, mkdir, realpath, stat } from 'node:fs/promises';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
+import { parseStoreKey, type ParsedStoreKey } from '../checkpoint-name.js';
 import { openRegularNoFollow } from './digest.js';
 import { ioError, StoreError, StoreErrorCode } from './errors.js';
 import { CHECKPOINT_DIR_MODE, CHECKPOINT_FILE_MODE, pathsOf, walk, type OpenedCheckpoint, type StoreLayout } from './layout.js';
@@ -59,6 +60,11 @@ export async function openCheckpoint(layout: StoreLayout, ownerUid: number, name
     }
     throw ioError(step, `cannot stat ${dir}`, err);
   }
+  const parent = dirname(dir);
+  const parentStats = await lstat(parent);
+  if (!parentStats.isDirectory()) {
+    throw new StoreError(StoreErrorCode.PATH_ESCAPE, `${parent} is not a directory${parentStats.isSymbolicLink() ? ' (a symlink)' : ''}`, { step });
+  }
   if (!top.isDirectory()) {
     throw new StoreError(StoreErrorCode.PATH_ESCAPE, `${dir} is not a directory${top.isSymbolicLink() ? ' (a symlink)' : ''}`, { step });
   }
@@ -79,9 +85,19 @@ export async function openCheckpoint(layout: StoreLayout, ownerUid: number, name
   } finally {
     await fh.close();
   }
-  if (manifest.name !== name) {
-    throw new StoreError(StoreErrorCode.MANIFEST_INVALID, `manifest.name is ${JSON.stringify(manifest.name)} but the directory is ${JSON.stringify(name)}`, {
+  const key = parseStoreKey(name) as ParsedStoreKey;
+  if (manifest.name !== key.name) {
+    throw new StoreError(StoreErrorCode.MANIFEST_INVALID, `manifest.name is ${JSON.stringify(manifest.name)} but the directory is ${JSON.stringify(key.name)}`, {
       step,
+    });
+  }
+  // A checkpoint directory moved by hand into another namespace's directory is not that namespace's.
+  const namespace = key.kind === 'owned' ? key.namespace : undefined;
+  const podNamespace = manifest.source.pod?.namespace;
+  if (namespace !== undefined && podNamespace !== undefined && podNamespace !== namespace) {
+    throw new StoreError(StoreErrorCode.MANIFEST_INVALID, `checkpoint ${name} was taken from a pod of namespace ${podNamespace} but lies under ${namespace}/`, {
+      step,
+      evidence: { name, podNamespace },
     });
   }
   const onDisk = new Map(tree.files.map((f) => [f.path, f.stats.size]));
@@ -112,7 +128,7 @@ export async function openCheckpoint(layout: StoreLayout, ownerUid: number, name
       evidence: { files: extra },
     });
   }
-  return { name, manifest, paths };
+  return { name, ...(namespace !== undefined ? { namespace } : {}), manifest, paths };
 }
 
 /** STORE_NOT_FOUND unless `dir` (the checkpoint `name`'s) exists. */

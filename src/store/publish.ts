@@ -8,6 +8,7 @@ import { randomUUID } from 'node:crypto';
 import { constants as fsConstants } from 'node:fs';
 import { chmod, lchown, lstat, mkdir, open, rename, rm } from 'node:fs/promises';
 import { join } from 'node:path';
+import { namespaceOfKey, parseStoreKey } from '../checkpoint-name.js';
 import type { Logger } from '../log.js';
 import { forEachLimit } from '../sys/concurrency.js';
 import { hashHandle, openRegularNoFollow } from './digest.js';
@@ -37,6 +38,12 @@ export interface PublishContext {
   stamps: StampCache;
   /** A replace is refused while the checkpoint is leased (leases.ts). */
   isLeased(name: string): Promise<boolean>;
+}
+
+/** The name a manifest records: the key's name part (`name` of `namespace/name`; a pulled key as it is). */
+export function bareNameOf(key: string): string {
+  const parsed = parseStoreKey(key);
+  return 'reason' in parsed ? key : parsed.name;
 }
 
 export async function fsyncPath(path: string): Promise<void> {
@@ -75,6 +82,18 @@ async function publishDir(ctx: PublishContext, pending: PendingCheckpoint, field
   const step = 'publish checkpoint';
   const { name, dir } = pending;
   const signal = options.signal;
+  // A checkpoint is owned by the namespace of the pod it was taken from: it is published under that namespace.
+  const owner = namespaceOfKey(name);
+  if (owner === undefined) {
+    throw new StoreError(StoreErrorCode.INVALID_NAME, `${name} is a pulled checkpoint's name: only a pull (or a copy) publishes one, with the manifest it verified`, { step, evidence: { name } });
+  }
+  const podNamespace = fields.source.pod?.namespace;
+  if (podNamespace !== undefined && owner !== podNamespace) {
+    throw new StoreError(StoreErrorCode.INVALID_NAME, `checkpoint ${name} was taken from a pod of namespace ${podNamespace}; it can only be published under ${podNamespace}/`, {
+      step,
+      evidence: { name, podNamespace },
+    });
+  }
   const tree = await walk(dir, step);
   if (tree.files.some((f) => f.path === MANIFEST_FILE_NAME)) {
     throw new StoreError(StoreErrorCode.BAD_STATE, `${MANIFEST_FILE_NAME} is written by the store, not by the checkpoint flow`, { step });
@@ -107,7 +126,7 @@ async function publishDir(ctx: PublishContext, pending: PendingCheckpoint, field
   return finishPublish(ctx, pending, {
     schemaVersion: MANIFEST_SCHEMA_VERSION,
     kind: MANIFEST_KIND,
-    name,
+    name: bareNameOf(name),
     id: randomUUID(),
     createdAt: ctx.now().toISOString(),
     source: fields.source,
@@ -159,7 +178,7 @@ async function publishVerifiedDir(ctx: PublishContext, pending: PendingCheckpoin
     await chmod(join(dir, d.path), CHECKPOINT_DIR_MODE);
     if (chown) await lchown(join(dir, d.path), ctx.ownerUid, 0);
   }
-  return finishPublish(ctx, pending, { ...manifest, name: pending.name }, tree, options, step);
+  return finishPublish(ctx, pending, { ...manifest, name: bareNameOf(pending.name) }, tree, options, step);
 }
 
 /** Writes manifest.json, fsyncs, renames into place and records the files as verified. */
@@ -195,15 +214,20 @@ async function finishPublish(ctx: PublishContext, pending: PendingCheckpoint, ma
     throw err;
   }
   ctx.logger.info('checkpoint published', { name, id: manifest.id, bytes: totals.bytes, files: totals.fileCount });
-  const publishedDir = join(ctx.layout.root, name);
+  const publishedDir = ctx.layout.dirOf(name, step);
   // Every file was just hashed in our own 0700 directory: the first restore need not hash it again.
   await ctx.stamps.recordPublished(name, publishedDir, manifest);
-  return { name, manifest, paths: pathsOf(publishedDir) };
+  const namespace = namespaceOfKey(name);
+  return { name, ...(namespace !== undefined ? { namespace } : {}), manifest, paths: pathsOf(publishedDir) };
 }
 
 async function renameIntoPlace(ctx: PublishContext, pending: PendingCheckpoint, replace: boolean, step: string): Promise<void> {
   const root = ctx.layout.root;
   const target = ctx.layout.dirOf(pending.name, step);
+  // The namespace's directory (or .oci), made on its first checkpoint; the rename then moves the checkpoint
+  // from the root into it (the same filesystem), and both directories are fsynced.
+  const parent = ctx.layout.parentOf(pending.name, step);
+  await ensureParent(root, parent, step);
   const exists = (): StoreError =>
     new StoreError(StoreErrorCode.EXISTS, `checkpoint ${pending.name} exists (publish with replace: true to replace it)`, {
       step,
@@ -216,6 +240,7 @@ async function renameIntoPlace(ctx: PublishContext, pending: PendingCheckpoint, 
     else errno = await rename(pending.dir, target).then(() => 0, (err: NodeJS.ErrnoException) => err.errno ?? -1);
   }
   if (errno === 0) {
+    await fsyncPath(parent);
     await fsyncPath(root);
     return;
   }
@@ -241,9 +266,27 @@ async function renameIntoPlace(ctx: PublishContext, pending: PendingCheckpoint, 
   if (errno !== 0) {
     throw new StoreError(StoreErrorCode.IO, `cannot exchange ${pending.dir} and ${target} (errno ${errno})`, { step, evidence: { errno } });
   }
+  await fsyncPath(parent);
   await fsyncPath(root);
   await rm(pending.dir, { recursive: true, force: true });
   ctx.logger.info('replaced checkpoint; removed the old one', { name: pending.name });
+}
+
+/**
+ * Creates `parent` (a namespace's directory, or .oci) 0700 under the root when missing, and refuses one that is
+ * not a plain directory of ours: a symlink there would publish a checkpoint outside the store.
+ */
+export async function ensureParent(root: string, parent: string, step: string): Promise<void> {
+  try {
+    await mkdir(parent, { mode: CHECKPOINT_DIR_MODE });
+    await fsyncPath(root);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw ioError(step, `cannot create ${parent}`, err);
+  }
+  const st = await lstat(parent);
+  if (!st.isDirectory()) {
+    throw new StoreError(StoreErrorCode.PATH_ESCAPE, `${parent} is not a directory${st.isSymbolicLink() ? ' (a symlink)' : ''}`, { step, evidence: { path: parent } });
+  }
 }
 
 type PendingState = 'writing' | 'publishing' | 'published' | 'aborted';

@@ -12,7 +12,7 @@ import type { Logger } from '../log.js';
 import { forEachLimit } from '../sys/concurrency.js';
 import { hashFile } from './digest.js';
 import { StoreError, StoreErrorCode, storeAborted, throwIfAborted } from './errors.js';
-import type { OpenedCheckpoint } from './layout.js';
+import { keyToFileName, type OpenedCheckpoint } from './layout.js';
 import type { Manifest } from './manifest.js';
 
 /** Where verify() keeps, per checkpoint, the file identities it last hashed successfully. */
@@ -77,7 +77,7 @@ export class StampCache {
   }
 
   pathOf(name: string): string {
-    return join(this.root, VERIFIED_STAMPS_DIR, `${name}.json`);
+    return join(this.root, VERIFIED_STAMPS_DIR, `${keyToFileName(name)}.json`);
   }
 
   /** Forgets a checkpoint's stamp (it is deleted, or failed its hash). */

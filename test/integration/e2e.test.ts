@@ -59,7 +59,7 @@ describe.each(flavorsUnderTest())('thaw end to end on containerd %s', (flavor) =
     const source = await runWorkerPod(handle.stack, dirs.controlRoot, { ...common(), name: 'e2e-source', annotations: { 'thaw.dev/checkpoint': CHECKPOINT }, checkpointAfterMs: 300 });
     const first = await waitForServingWorker(source.controlDir);
     for (let i = 0; i < 3; i++) await getJson(first.port, '/healthz');
-    const event = await waitForLog(dirs.logFile, (r) => r['event'] === 'checkpoint' && r['name'] === CHECKPOINT, 'the checkpoint', 120_000);
+    const event = await waitForLog(dirs.logFile, (r) => r['event'] === 'checkpoint' && r['name'] === `default/${CHECKPOINT}`, 'the checkpoint', 120_000);
     expect(event['outcome']).toBe('succeeded');
     const resumed = await waitForServingWorker(source.controlDir, { accept: (e) => e.port !== first.port });
     sourceState = await getJson<WorkerState>(resumed.port, '/state');

@@ -37,6 +37,8 @@ const SETUP_TIMEOUT_MS = 300_000;
 const TEST_TIMEOUT_MS = 240_000;
 const PREFIX = 'thaw.dev/';
 const CHECKPOINT = 'demo-restore-256';
+/** Its store key: the source pod's namespace (the CRI helper's default) and its name. */
+const KEY = `default/${CHECKPOINT}`;
 const HOOK_MAIN = path.join(PACKAGE_ROOT, 'dist/src/oci-hooks/main.js');
 const THAW_PAUSE = path.join(PACKAGE_ROOT, 'native/build/thaw-pause');
 
@@ -184,7 +186,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
       await waitForWorkerReady(entry.controlDir, { timeoutMs: WORKER_READY_TIMEOUT_MS });
       const v = await criu.version();
       const ck = await checkpointContainer({
-        store, criu, containerId: entry.containerId, pid, controlDir: entry.controlDir, checkpointName: CHECKPOINT,
+        store, criu, containerId: entry.containerId, pid, controlDir: entry.controlDir, checkpointName: entry.checkpointName,
         onCheckpoint: 'continue', imageRef: entry.imageRef ?? image.ref,
         source: { containerName: entry.containerName, pod: { name: entry.podName, namespace: entry.podNamespace, uid: entry.podUid }, ...(entry.specArgs ? { args: entry.specArgs } : {}) },
         containerdVersion: stack.containerdVersion, criuVersion: `${v.major}.${v.minor}.${v.sublevel}`, logger, workRoot,
@@ -203,7 +205,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
       console.log(`restore event: ${JSON.stringify(ev)}; pod create to event ${Date.now() - t0} ms`);
       expect(ev, JSON.stringify(ev)).toMatchObject({ outcome: 'restored', mode: 'overlay' });
       // The checkpoint's read started at RunPodSandbox, before the container existed.
-      expect(podsPrefetched).toContainEqual([pod.podId, CHECKPOINT]);
+      expect(podsPrefetched).toContainEqual([pod.podId, KEY]);
       // Beside CRIU, the worker's mapped files were read through the target's root (node, its libraries).
       expect(ev.mappedFiles?.files, JSON.stringify(ev.mappedFiles)).toBeGreaterThan(0);
       expect(ev.mappedFiles?.bytesRead).toBeGreaterThan(0);
@@ -251,7 +253,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
       await waitForWorkerReady(entry.controlDir, { timeoutMs: WORKER_READY_TIMEOUT_MS });
       const v = await criu.version();
       await checkpointContainer({
-        store, criu, containerId: entry.containerId, pid, controlDir: entry.controlDir, checkpointName: checkpoint,
+        store, criu, containerId: entry.containerId, pid, controlDir: entry.controlDir, checkpointName: entry.checkpointName,
         onCheckpoint: 'continue', imageRef: entry.imageRef ?? image.ref,
         source: { containerName: entry.containerName, pod: { name: entry.podName, namespace: entry.podNamespace, uid: entry.podUid }, ...(entry.specArgs ? { args: entry.specArgs } : {}) },
         containerdVersion: stack.containerdVersion, criuVersion: `${v.major}.${v.minor}.${v.sublevel}`, logger, workRoot,
@@ -384,7 +386,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
 
   it('a rootfs diff replaced after the manifest was checked: the hook applies none of it, cold start', async () => {
     const { stack } = handle;
-    const opened = await store.open(CHECKPOINT);
+    const opened = await store.open(KEY);
     const tarFile = path.join(opened.paths.dir, 'rootfs-diff.tar');
     const original = await readFile(tarFile);
     // A valid archive of another content, in place of the one the manifest's sha256 names.
@@ -419,7 +421,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
   }, TEST_TIMEOUT_MS);
 
   it('a corrupted image file (one byte flipped): sha256 mismatch, cold start', async () => {
-    const opened = await store.open(CHECKPOINT);
+    const opened = await store.open(KEY);
     const pages = opened.manifest.files.map((f) => f.path).find((p) => /pages-\d+\.img$/.test(p)) as string;
     const file = path.join(opened.paths.dir, pages);
     const bytes = await readFile(file);
@@ -434,7 +436,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
   }, TEST_TIMEOUT_MS);
 
   it('a manifest for another image: cold start, cause RESTORE_INCOMPATIBLE', async () => {
-    const opened = await store.open(CHECKPOINT);
+    const opened = await store.open(KEY);
     const original = await readFile(opened.paths.manifest, 'utf8');
     const m = JSON.parse(original) as { constraints: { image: { ref: string } } };
     m.constraints.image.ref = 'registry.example/other:1';
@@ -446,10 +448,18 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
     }
   }, TEST_TIMEOUT_MS);
 
-  it("a pod of another namespace naming the checkpoint: cold start, cause RESTORE_NOT_ALLOWED (team-b's memory never reaches team-a)", async () => {
-    await expectColdStart('rst-other-ns', CHECKPOINT, 'RESTORE_NOT_ALLOWED', false, { namespace: 'team-a' });
+  it("a pod of another namespace naming the checkpoint: cold start, cause RESTORE_NOT_ALLOWED (default's memory never reaches team-a)", async () => {
+    await expectColdStart('rst-other-ns', KEY, 'RESTORE_NOT_ALLOWED', false, { namespace: 'team-a' });
     const line = logger.lines.find((l) => l.fields['cause'] === 'RESTORE_NOT_ALLOWED' && l.fields['pod'] === 'team-a/rst-other-ns');
     expect(String(line?.msg)).toMatch(/belongs to namespace default; a pod of team-a may not restore it/);
+  }, TEST_TIMEOUT_MS);
+
+  it('a name another namespace holds (squatted) is never used for this one: the bare name is the pod\'s own namespace\'s, cold start', async () => {
+    // `default` holds CHECKPOINT; a pod of team-a naming the same bare name gets team-a's, which does not exist.
+    await expectColdStart('rst-squatted', CHECKPOINT, 'RESTORE_CHECKPOINT_MISSING', false, { namespace: 'team-a' });
+    const line = logger.lines.find((l) => l.fields['cause'] === 'RESTORE_CHECKPOINT_MISSING' && l.fields['pod'] === 'team-a/rst-squatted');
+    expect(JSON.stringify(line?.fields)).toContain(`team-a/${CHECKPOINT}`);
+    expect(JSON.stringify(line?.fields)).not.toContain(`"checkpoint":"${KEY}"`);
   }, TEST_TIMEOUT_MS);
 
   it('a target whose args differ from the source\'s: cold start, cause RESTORE_INCOMPATIBLE (container.args)', async () => {
@@ -459,7 +469,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
   }, TEST_TIMEOUT_MS);
 
   it('CRIU failing mid-restore (a pages file gone after verify): cold start, cause RESTORE_CRIU', async () => {
-    const opened = await store.open(CHECKPOINT);
+    const opened = await store.open(KEY);
     const pages = opened.manifest.files.map((f) => f.path).find((p) => /pages-\d+\.img$/.test(p)) as string;
     const file = path.join(opened.paths.dir, pages);
     beforeCriu = async () => rename(file, `${file}.aside`);
@@ -485,7 +495,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
     // The seam: rootfs-diff.tar with its first header's checksum broken (one byte of the name flipped; the same
     // size), and the manifest's sha256 of it fixed up, so the store and the hook's digest check pass and the
     // failure is the hook's own apply (its validation pass rejects the archive before anything is written).
-    const opened = await store.open(CHECKPOINT);
+    const opened = await store.open(KEY);
     const tarFile = path.join(opened.paths.dir, 'rootfs-diff.tar');
     const original = await readFile(tarFile);
     const originalManifest = await readFile(opened.paths.manifest, 'utf8');
@@ -541,7 +551,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
         await waitForWorkerReady(entry.controlDir, { timeoutMs: WORKER_READY_TIMEOUT_MS });
         const v = await criu.version();
         await checkpointContainer({
-          store, criu, containerId: entry.containerId, pid, controlDir: entry.controlDir, checkpointName: name,
+          store, criu, containerId: entry.containerId, pid, controlDir: entry.controlDir, checkpointName: entry.checkpointName,
           onCheckpoint: 'continue', imageRef: entry.imageRef ?? image.ref,
           source: { containerName: entry.containerName, pod: { name: entry.podName, namespace: entry.podNamespace, uid: entry.podUid }, ...(entry.specArgs ? { args: entry.specArgs } : {}) },
           containerdVersion: stack.containerdVersion, criuVersion: `${v.major}.${v.minor}.${v.sublevel}`, logger, workRoot,

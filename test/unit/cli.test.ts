@@ -28,7 +28,7 @@ describe('thaw command line', () => {
   it.each([
     [['frobnicate'], /unknown command "frobnicate"/],
     [['list', '--bogus'], /Unknown option '--bogus'/],
-    [['inspect'], /missing argument: thaw inspect <checkpoint>/],
+    [['inspect'], /missing argument: thaw inspect <\[namespace\/\]checkpoint \| oci-<digest>>/],
     [['delete', 'a', 'b'], /unexpected argument "b"/],
     [['agent', '--metrics-listen'], /--metrics-listen/],
   ])('refuses %j as a usage error', (argv, message) => {
@@ -120,7 +120,7 @@ describe('human output', () => {
   });
 
   it('lists checkpoints, broken ones with their problem', () => {
-    const base = { id: 'id1', created_at: '2026-01-02T03:04:05.678Z', bytes: 2048, files: 3, image: 'img:1', source_pod: 'ns/p', gpu: false, in_use: true, problem: '' };
+    const base = { id: 'id1', created_at: '2026-01-02T03:04:05.678Z', bytes: 2048, files: 3, image: 'img:1', source_pod: 'ns/p', gpu: false, in_use: true, problem: '', namespace: 'ns' };
     expect(renderList([{ ...base, name: 'good' }, { ...base, name: 'bad', problem: 'STORE_MANIFEST_INVALID: no manifest' }])).toBe(
       [
         'NAME  CREATED               SIZE     GPU  IN USE  IMAGE',

@@ -10,9 +10,10 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { loadRegistryConfig } from '../../src/agent/registry-config.js';
 import { cachedValue } from '../../src/agent/agent.js';
-import { checkUserCheckpointName, parseQualifiedName } from '../../src/checkpoint-name.js';
+import { checkUserCheckpointName, namespaceOfKey, parseQualifiedName, parseStoreKey, resolveStoreKey } from '../../src/checkpoint-name.js';
+import { looksLikeReference } from '../../src/checkpoint-reference.js';
 import { decide } from '../../src/nri-plugin/policy.js';
-import { checkpointRefusal, defaultTenancyPolicy, localRestoreRefusal, parseTenancyPolicy, registryGrantFor } from '../../src/agent/tenancy.js';
+import { checkpointRefusal, defaultTenancyPolicy, localRestoreRefusal, parseTenancyPolicy, registryGrantFor, restoreKeyOf } from '../../src/agent/tenancy.js';
 import { checkCompatibility, isRestorable, MANIFEST_KIND, type Manifest } from '../../src/store/manifest.js';
 import { checkCosignBundle, checkSimpleSigningPayload, COSIGN_SIGNATURE_TYPE, dssePae, keyThatSigned, parseTrustedKey, signatureTagFor } from '../../src/store/oci/signature.js';
 import { manifestFields } from '../helpers/store-fixtures.js';
@@ -36,6 +37,38 @@ describe('checkpoint names', () => {
     expect(parseQualifiedName('Team/llm')).toMatchObject({ reason: expect.stringMatching(/not a Kubernetes namespace name/) });
     expect(parseQualifiedName('a/b/c')).toMatchObject({ reason: expect.stringMatching(/contains '\/'/) });
     expect(parseQualifiedName(`team-a/oci-${'0'.repeat(64)}`)).toMatchObject({ reason: expect.stringMatching(/reserved/) });
+  });
+});
+
+describe('store keys', () => {
+  const hex = 'c'.repeat(64);
+  it('are namespace/name or oci-<64 hex>; a bare name is none', () => {
+    expect(parseStoreKey('team-a/llm')).toEqual({ kind: 'owned', namespace: 'team-a', name: 'llm' });
+    expect(parseStoreKey(`oci-${hex}`)).toEqual({ kind: 'pulled', name: `oci-${hex}` });
+    for (const bad of ['llm', 'team-a/oci-x', 'Team/llm', 'team-a/a/b', '/llm', 'team-a/', `oci-${hex.slice(1)}`]) expect(parseStoreKey(bad), bad).toHaveProperty('reason');
+    expect(namespaceOfKey('team-a/llm')).toBe('team-a');
+    expect(namespaceOfKey(`oci-${hex}`)).toBeUndefined();
+  });
+
+  it("resolve a caller's name: bare in the default namespace, qualified as given, pulled only where allowed", () => {
+    expect(resolveStoreKey('llm', 'default')).toEqual({ key: 'default/llm' });
+    expect(resolveStoreKey('team-a/llm', 'default')).toEqual({ key: 'team-a/llm' });
+    expect(resolveStoreKey(`oci-${hex}`, 'default')).toHaveProperty('reason');
+    expect(resolveStoreKey(`oci-${hex}`, 'default', { allowPulled: true })).toEqual({ key: `oci-${hex}` });
+  });
+
+  it("resolve an annotation in the pod's namespace: never another namespace's of the same name", () => {
+    expect(restoreKeyOf('llm', 'team-b')).toEqual({ key: 'team-b/llm', owner: { namespace: 'team-b', name: 'llm' } });
+    expect(restoreKeyOf('platform/base', 'team-b')).toEqual({ key: 'platform/base', owner: { namespace: 'platform', name: 'base' } });
+    expect(restoreKeyOf('llm', '')).toHaveProperty('reason');
+  });
+
+  it('tell a registry reference (host first) from another namespace\'s checkpoint', () => {
+    expect(looksLikeReference('registry.example.com/team/llm:v1')).toBe(true);
+    expect(looksLikeReference('registry:5000/llm')).toBe(true);
+    expect(looksLikeReference('localhost/llm')).toBe(true);
+    expect(looksLikeReference('team-a/llm')).toBe(false);
+    expect(looksLikeReference('llm')).toBe(false);
   });
 });
 
