@@ -40,6 +40,8 @@ export interface AgentMetricsSources {
   restoresInFlight(): number;
   checkpointsInFlight(): number;
   version: string;
+  /** What the store's collection removed since start (engine.gcTotals); absent: no GC series move. */
+  gc?: () => { runs: number; checkpoints: ReadonlyMap<string, number>; bytes: ReadonlyMap<string, number>; cacheFiles: number; cacheBytes: number };
 }
 
 /** The `namespace` label of pulled checkpoints (owned by none; a Kubernetes namespace never begins with '.'). */
@@ -69,11 +71,19 @@ export function createAgentMetrics(src: AgentMetricsSources): AgentMetrics {
   const storeBytes = r.gauge('thaw_store_bytes', `Bytes of the checkpoints in the local store by owning namespace (manifest totals; pulled checkpoints: namespace="${PULLED_NAMESPACE_LABEL}").`, ['namespace']);
   const storeCheckpoints = r.gauge('thaw_store_checkpoints', `Checkpoints in the local store by owning namespace (pulled: namespace="${PULLED_NAMESPACE_LABEL}").`, ['namespace']);
   const checkpointsByNamespace = r.counter('thaw_checkpoints_by_namespace_total', 'Checkpoints by the namespace that owns them and outcome.', ['namespace', 'outcome']);
+  const gcRuns = r.counter('thaw_gc_runs_total', 'Collections of the local store that deleted (thaw gc, room made for a checkpoint or pull, after a checkpoint).');
+  const gcCollected = r.counter('thaw_gc_collected_total', 'Checkpoints the store\'s collection deleted (least recently used, none in use), by owning namespace.', ['namespace']);
+  const gcCollectedBytes = r.counter('thaw_gc_collected_bytes_total', 'Declared bytes of the checkpoints the store\'s collection deleted, by owning namespace.', ['namespace']);
+  const gcCacheFiles = r.counter('thaw_gc_cache_files_collected_total', 'File cache entries the store\'s collection deleted (no checkpoint linked them).');
+  const gcCacheBytes = r.counter('thaw_gc_cache_bytes_collected_total', 'Bytes of the file cache entries the store\'s collection deleted.');
   const info = r.gauge('thaw_agent_info', 'Always 1; the agent version as a label.', ['version']);
 
   for (const outcome of ['restored', 'fallback']) restores.touch({ outcome });
   for (const outcome of ['succeeded', 'failed', 'cancelled']) checkpoints.touch({ outcome });
   bytesRead.touch();
+  gcRuns.touch();
+  gcCacheFiles.touch();
+  gcCacheBytes.touch();
   bytesWritten.touch();
   info.set(1, { version: src.version });
   // Restore events counted here; fallbacks decided at CreateContainer have no event and are added at scrape.
@@ -88,6 +98,14 @@ export function createAgentMetrics(src: AgentMetricsSources): AgentMetrics {
     for (const [key, n] of src.stats.tenancyRefusals) {
       const [namespace = '', cause = ''] = key.split(' ');
       refusals.setTotal(n, { namespace, cause });
+    }
+    const gc = src.gc?.();
+    if (gc !== undefined) {
+      gcRuns.setTotal(gc.runs);
+      for (const [namespace, n] of gc.checkpoints) gcCollected.setTotal(n, { namespace });
+      for (const [namespace, n] of gc.bytes) gcCollectedBytes.setTotal(n, { namespace });
+      gcCacheFiles.setTotal(gc.cacheFiles);
+      gcCacheBytes.setTotal(gc.cacheBytes);
     }
     restoresInFlight.set(src.restoresInFlight());
     checkpointsInFlight.set(src.checkpointsInFlight());

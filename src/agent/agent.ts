@@ -31,7 +31,7 @@ import { createApiHandlers, type ApiContext } from './api-server.js';
 import { ConfigError, ConfigErrorCode, type AgentConfig } from './config.js';
 import type { RegistrySourceOptions } from './checkpoint-sources.js';
 import { loadRegistryConfig } from './registry-config.js';
-import { loadTrustedKeys } from './tenancy.js';
+import { loadTrustedKeys, storeLimitsOf } from './tenancy.js';
 import type { TrustedKey } from '../store/index.js';
 import { ContainerRegistry } from './containers.js';
 import { createThawEngine, type ThawEngine } from './engine.js';
@@ -276,6 +276,7 @@ export async function runAgent(o: AgentRunOptions, logger: Logger): Promise<numb
     ...(registry ? { registry } : {}),
     tenancy: c.tenancy,
     trustedKeys,
+    storeLimits: storeLimitsOf(c.store, c.tenancy),
     onRestoreEvent: (e) => metrics?.onRestoreEvent(e),
     onCheckpointEvent: (e) => {
       storedTotals.invalidate();
@@ -288,6 +289,7 @@ export async function runAgent(o: AgentRunOptions, logger: Logger): Promise<numb
     restoresInFlight: () => engine.restores.inFlight().length,
     checkpointsInFlight: () => engine.checkpoints.status().filter((s) => s.state === 'waiting-for-worker' || s.state === 'checkpointing').length,
     stored: () => storedTotals.get(),
+    gc: () => engine.gcTotals,
   });
 
   const containers = new ContainerRegistry();

@@ -49,6 +49,15 @@ export interface InspectCheckpointResponseMsg {
   mismatches: MismatchMsg[];
   directory: string;
 }
+export interface CollectedCheckpointMsg { name: string; namespace: string; bytes: number; last_used: string }
+export interface CollectGarbageResponseMsg {
+  collected: CollectedCheckpointMsg[];
+  bytes: number;
+  cache_files: number;
+  cache_bytes: number;
+  unmet: string;
+  dry_run: boolean;
+}
 export interface RestoreInFlightMsg { container_id: string; pod: string; checkpoint: string; phase: string; since: string }
 export interface StatusResponseMsg {
   version: string;

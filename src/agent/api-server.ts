@@ -17,6 +17,7 @@ import {
   type CheckpointProgressMsg,
   type CheckpointRequestMsg,
   type CheckpointSummaryMsg,
+  type CollectGarbageResponseMsg,
   type InspectCheckpointResponseMsg,
   type StatusResponseMsg,
   type VersionResponseMsg,
@@ -259,6 +260,19 @@ export function createApiHandlers(ctx: ApiContext): grpc.UntypedServiceImplement
       await store.delete(key);
       ctx.logger.info('checkpoint deleted through the API', { checkpoint: key, namespace: namespaceOfKey(key) ?? '' });
       return {};
+    }),
+    CollectGarbage: unary(ctx, 'CollectGarbage', async (req: { dry_run?: boolean }): Promise<CollectGarbageResponseMsg> => {
+      const dryRun = req.dry_run === true;
+      const r = await engine.collectGarbage({ dryRun });
+      ctx.logger.info('store collection through the API', { dryRun, checkpoints: r.collected.length, bytes: r.bytes, cacheFiles: r.cacheFiles, ...(r.unmet !== undefined ? { unmet: r.unmet } : {}) });
+      return {
+        collected: r.collected.map((c) => ({ name: c.name, namespace: c.namespace ?? '', bytes: c.bytes, last_used: new Date(c.lastUsedMs).toISOString() })),
+        bytes: r.bytes,
+        cache_files: r.cacheFiles,
+        cache_bytes: r.cacheBytes,
+        unmet: r.unmet ?? '',
+        dry_run: dryRun,
+      };
     }),
     Status: unary(ctx, 'Status', async (): Promise<StatusResponseMsg> => ({
       version: ctx.version,

@@ -24,7 +24,7 @@ import {
 } from '../restore-engine/index.js';
 import type { ContainerdEndpoint, CriuClient } from '../restore-engine/index.js';
 import { readReadyPayload, waitForWorkerReady } from '../sdk/index.js';
-import type { LocalStore } from '../store/index.js';
+import type { LocalStore, StoreLimits } from '../store/index.js';
 import { StoreError, StoreErrorCode } from '../store/index.js';
 import { namespaceOfKey } from '../checkpoint-name.js';
 import { gpuMemoryReport, type GpuMemoryReport } from './gpu-memory-report.js';
@@ -99,6 +99,8 @@ export interface CheckpointCoordinatorOptions {
   containerd: ContainerdEndpoint;
   /** Told of every event after it is logged (metrics, tests). */
   onEvent?: (event: CheckpointEvent) => void;
+  /** The store's bounds: a checkpoint is refused before it is written when its expected size does not fit. */
+  storeLimits?: StoreLimits;
   /** Test seam: the flow to run (default checkpointContainer). */
   runCheckpoint?: (opts: CheckpointContainerOptions, call: { signal?: AbortSignal; timeoutMs?: number }) => Promise<CheckpointResult>;
   now?: () => Date;
@@ -252,6 +254,9 @@ export class CheckpointCoordinator implements ThawCoordinator {
           ...((mode.replace ?? o.replace) !== undefined ? { replace: mode.replace ?? o.replace } : {}),
           ...(cuda !== undefined ? { cuda } : {}),
           ...(o.workRoot !== undefined ? { workRoot: o.workRoot } : {}),
+          ...(o.storeLimits !== undefined
+            ? { makeRoom: async (bytes: number) => void (await o.store.makeRoom(o.storeLimits!, { namespace: container.podNamespace, bytes, name: container.checkpointName })) }
+            : {}),
         },
         { signal, ...(o.checkpointTimeoutMs !== undefined ? { timeoutMs: o.checkpointTimeoutMs } : {}) },
       );

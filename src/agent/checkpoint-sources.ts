@@ -15,13 +15,12 @@
  * share one transfer.
  */
 import { setMaxListeners } from 'node:events';
-import { statfs } from 'node:fs/promises';
 import { isThawError } from '../errors.js';
 import type { CheckpointReference } from '../checkpoint-reference.js';
 import type { Logger } from '../log.js';
 import { copyCheckpoint } from '../store/index.js';
 import { StoreError, StoreErrorCode } from '../store/index.js';
-import type { LocalStore, OpenedCheckpoint } from '../store/index.js';
+import type { LocalStore, OpenedCheckpoint, StoreLimits } from '../store/index.js';
 import { RegistryClient } from '../store/index.js';
 import { fetchResolved, localNameFor, resolveRemote, type FetchOptions, type RegistryAccess } from '../store/index.js';
 import { formatReference } from '../store/index.js';
@@ -65,6 +64,8 @@ export interface CheckpointSourcesOptions {
   policy?: TenancyPolicy;
   /** The policy's public keys by file path, read by the agent at start (policyKeyFiles). */
   trustedKeys?: ReadonlyMap<string, TrustedKey>;
+  /** The local store's bounds (the agent's storeLimitsOf); absent: the policy's namespace quotas only. */
+  limits?: StoreLimits;
   logger: Logger;
 }
 
@@ -117,6 +118,7 @@ export function createCheckpointSources(o: CheckpointSourcesOptions): Checkpoint
   setMaxListeners(0, stop.signal);
   const logger = o.logger.child({ component: 'checkpoint-sources' });
   const policy = o.policy ?? defaultTenancyPolicy();
+  const limits: StoreLimits = o.limits ?? { namespaceQuotaBytes: (ns) => policy.namespaces.get(ns)?.quotaBytes };
 
   /** A client for a host the access file names; no anonymous access to any other host. */
   const clientFor = (registry: string): RegistryClient => {
@@ -226,22 +228,17 @@ export function createCheckpointSources(o: CheckpointSourcesOptions): Checkpoint
     });
 
   /**
-   * Throws RESTORE_NO_ROOM unless `bytes` (a manifest's declared total) fits both the free space of the local
-   * store's filesystem and what the namespace's quota leaves (its own checkpoints in the local store counted).
-   * Runs before anything is written: a manifest declaring 10 TB costs two small requests and a statfs.
+   * Throws RESTORE_NO_ROOM unless `bytes` (a manifest's declared total) fits the store's bounds once the least
+   * recently used checkpoints no restore uses are collected (src/store/gc.ts): the filesystem's free space (less
+   * what it keeps free), the total quota, and the namespace's quota. Runs before anything is written: a manifest
+   * declaring 10 TB costs two small requests, a statfs and a listing, and collects nothing.
    */
   const checkRoom = async (bytes: number, namespace: string, what: string): Promise<void> => {
-    const fs = await statfs(o.local.root);
-    const free = fs.bavail * fs.bsize;
-    if (bytes > free) {
-      throw new RestoreError(RestoreErrorCode.NO_ROOM, `${what} declares ${bytes} bytes; the store's filesystem has ${free} free`, { step: 'check room for checkpoint', evidence: { bytes, free, namespace } });
-    }
-    const quota = policy.namespaces.get(namespace)?.quotaBytes;
-    if (quota !== undefined) {
-      const used = (await o.local.list({ namespace })).reduce((a, c) => a + (c.manifest?.totals.bytes ?? 0), 0);
-      if (used + bytes > quota) {
-        throw new RestoreError(RestoreErrorCode.NO_ROOM, `${what} declares ${bytes} bytes; namespace ${namespace} holds ${used} of its quota of ${quota}`, { step: 'check room for checkpoint', evidence: { bytes, used, quota, namespace } });
-      }
+    try {
+      await o.local.makeRoom(limits, { namespace, bytes });
+    } catch (err) {
+      if (!isThawError(err, StoreErrorCode.NO_ROOM)) throw err;
+      throw new RestoreError(RestoreErrorCode.NO_ROOM, `${what} declares ${bytes} bytes: ${err.message}`, { step: 'check room for checkpoint', cause: err, evidence: { ...err.evidence, namespace } });
     }
   };
 

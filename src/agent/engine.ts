@@ -17,7 +17,7 @@ import { DEFAULT_SH_PATH } from '../restore-engine/index.js';
 import { restoreToolFiles } from './restore-tools.js';
 import { CheckpointCoordinator, type CheckpointEvent } from './checkpoint-coordinator.js';
 import { createCheckpointSources, type RegistrySourceOptions } from './checkpoint-sources.js';
-import type { TrustedKey } from '../store/index.js';
+import type { GcResult, StoreLimits, TrustedKey } from '../store/index.js';
 import type { TenancyPolicy } from './tenancy.js';
 import { checkpointHooksFactory, cudaRestoreStep, loadNodeCuda, recoverCudaProcesses, type NodeCuda } from './cuda-steps.js';
 import type { ContainerdEndpoint, RestoreEvent } from '../restore-engine/index.js';
@@ -26,6 +26,7 @@ import { ThawNriStats } from './nri-stats.js';
 import { createRestoreCoordinator, type RestoreCoordinator } from './restore-coordinator.js';
 import { createThawNriHandlers } from './thaw-nri.js';
 import { DEFAULT_NSENTER_PATH, DEFAULT_UNSHARE_PATH } from '../defaults.js';
+import { PULLED_NAMESPACE_LABEL } from './agent-metrics.js';
 
 
 export interface ThawEngineOptions {
@@ -60,6 +61,8 @@ export interface ThawEngineOptions {
   tenancy?: TenancyPolicy;
   /** The policy's public keys by file path (loadTrustedKeys). */
   trustedKeys?: ReadonlyMap<string, TrustedKey>;
+  /** The local store's bounds (storeLimitsOf); absent: the tenancy policy's namespace quotas only. */
+  storeLimits?: StoreLimits;
   /** Told of every restore / checkpoint event after it is logged (the agent's metrics). */
   onRestoreEvent?: (event: RestoreEvent) => void;
   onCheckpointEvent?: (event: CheckpointEvent) => void;
@@ -75,16 +78,43 @@ export interface ThawEngine {
   cuda: NodeCuda | undefined;
   /** CRIU's version (major.minor.sublevel). */
   criuVersion: string;
+  /** The local store's bounds. */
+  storeLimits: StoreLimits;
+  /** Collects least recently used checkpoints no restore uses until the bounds hold (`thaw gc`). */
+  collectGarbage(options?: { dryRun?: boolean }): Promise<GcResult>;
+  /** What collection removed since the agent started (for /metrics). */
+  gcTotals: GcTotals;
   /** Tells the engine the runtime's version (from NRI Configure), for manifests. */
   setRuntimeVersion(version: string): void;
   /** Abandons work in flight (checkpoint waits, restores) and waits for it to settle. */
   close(): Promise<void>;
 }
 
+/** What the store's collection removed since the agent started, per owning namespace (pulled: PULLED_NAMESPACE_LABEL). */
+export interface GcTotals {
+  runs: number;
+  checkpoints: Map<string, number>;
+  bytes: Map<string, number>;
+  cacheFiles: number;
+  cacheBytes: number;
+}
+
 export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine> {
   const logger = o.logger;
   const binDir = join(o.toolkitDir, 'bin');
-  const store = await openLocalStore({ root: o.storeRoot, logger });
+  const gcTotals: GcTotals = { runs: 0, checkpoints: new Map(), bytes: new Map(), cacheFiles: 0, cacheBytes: 0 };
+  const countCollected = (r: GcResult): void => {
+    gcTotals.runs++;
+    for (const c of r.collected) {
+      const ns = c.namespace ?? PULLED_NAMESPACE_LABEL;
+      gcTotals.checkpoints.set(ns, (gcTotals.checkpoints.get(ns) ?? 0) + 1);
+      gcTotals.bytes.set(ns, (gcTotals.bytes.get(ns) ?? 0) + c.bytes);
+    }
+    gcTotals.cacheFiles += r.cacheFiles;
+    gcTotals.cacheBytes += r.cacheBytes;
+  };
+  const store = await openLocalStore({ root: o.storeRoot, logger, onCollect: countCollected });
+  const storeLimits: StoreLimits = o.storeLimits ?? { namespaceQuotaBytes: (ns) => o.tenancy?.namespaces.get(ns)?.quotaBytes };
   const shared = o.sharedStoreRoot !== undefined ? await openLocalStore({ root: o.sharedStoreRoot, logger, ...(o.sharedStoreOwnerUid !== undefined ? { ownerUid: o.sharedStoreOwnerUid } : {}) }) : undefined;
   const sources =
     shared !== undefined || o.registry !== undefined
@@ -95,6 +125,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
           ...(o.registry ? { registry: o.registry } : {}),
           ...(o.tenancy ? { policy: o.tenancy } : {}),
           ...(o.trustedKeys ? { trustedKeys: o.trustedKeys } : {}),
+          limits: storeLimits,
         })
       : undefined;
   await mkdir(o.workRoot, { recursive: true, mode: 0o700 });
@@ -117,11 +148,18 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     ...(o.libcudaPath !== undefined ? { libcudaPath: o.libcudaPath } : {}),
     ...(o.libnvmlPath !== undefined ? { libnvmlPath: o.libnvmlPath } : {}),
   });
+  const collectGarbage = (options: { dryRun?: boolean } = {}): Promise<GcResult> => store.collectGarbage(storeLimits, options);
   const checkpoints = new CheckpointCoordinator({
     store,
     criu,
     criuVersion: criuVersionText,
-    ...(o.onCheckpointEvent ? { onEvent: o.onCheckpointEvent } : {}),
+    storeLimits,
+    onEvent: (e) => {
+      o.onCheckpointEvent?.(e);
+      // A checkpoint published: the store's bounds are kept at once (the room was made before; a replace or a
+      // concurrent pull may have used it up since).
+      if (e.outcome === 'succeeded') void collectGarbage().catch((err: unknown) => logger.warn('store collection failed', { error: errorMessage(err) }));
+    },
     containerdVersion: () => runtimeVersion,
     logger,
     onCheckpointOf: (c: ManagedContainer) => c.onCheckpoint ?? 'continue',
@@ -205,6 +243,9 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     stats,
     cuda,
     criuVersion: criuVersionText,
+    storeLimits,
+    collectGarbage,
+    gcTotals,
     setRuntimeVersion: (v) => {
       runtimeVersion = v;
     },

@@ -24,7 +24,7 @@
  */
 import { readFile } from 'node:fs/promises';
 import { isAbsolute } from 'node:path';
-import { parseTrustedKey, type TrustedKey } from '../store/index.js';
+import { parseTrustedKey, type StoreLimits, type TrustedKey } from '../store/index.js';
 import { checkNamespaceName, formatQualifiedName, parseQualifiedName, storeKeyOf, type QualifiedName, type StoreKey } from '../checkpoint-name.js';
 import type { CheckpointReference } from '../checkpoint-reference.js';
 
@@ -211,4 +211,16 @@ export async function loadTrustedKeys(policy: TenancyPolicy): Promise<Map<string
   const keys = new Map<string, TrustedKey>();
   for (const file of policyKeyFiles(policy)) keys.set(file, parseTrustedKey(await readFile(file, 'utf8'), file));
   return keys;
+}
+
+/**
+ * The local store's bounds from the agent's `store.*` keys (0: none) and the policy's per-namespace quotas, which
+ * take precedence over `store.namespaceQuotaBytes` (the quota of every namespace the policy names none for).
+ */
+export function storeLimitsOf(store: { quotaBytes: number; namespaceQuotaBytes: number; minFreeBytes: number }, policy: TenancyPolicy): StoreLimits {
+  return {
+    ...(store.quotaBytes > 0 ? { totalQuotaBytes: store.quotaBytes } : {}),
+    namespaceQuotaBytes: (ns) => policy.namespaces.get(ns)?.quotaBytes ?? (store.namespaceQuotaBytes > 0 ? store.namespaceQuotaBytes : undefined),
+    ...(store.minFreeBytes > 0 ? { minFreeBytes: store.minFreeBytes } : {}),
+  };
 }

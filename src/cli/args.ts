@@ -90,6 +90,19 @@ export const COMMANDS: Record<string, CommandSpec> = {
     options: { ...COMMON, ...SOCKET, ...NAMESPACE },
     details: [NAMESPACE_HELP, SOCKET_HELP, JSON_HELP],
   },
+  gc: {
+    summary: 'collect the least recently used checkpoints no restore uses until the store\'s quotas and free space hold',
+    usage: 'thaw gc [--dry-run]',
+    positionals: { min: 0, max: 0 },
+    options: { ...COMMON, ...SOCKET, 'dry-run': { type: 'boolean' } },
+    details: [
+      '  --dry-run           list what would be collected; delete nothing',
+      '  Also removes the file cache\'s entries no checkpoint links. Bounds: store.quotaBytes, store.namespaceQuotaBytes,',
+      '  tenancy.namespaces.<ns>.quotaBytes, store.minFreeBytes (agent configuration).',
+      SOCKET_HELP,
+      JSON_HELP,
+    ],
+  },
   status: { summary: 'the agent, and the restores and checkpoints in flight', usage: 'thaw status', positionals: { min: 0, max: 0 }, options: { ...COMMON, ...SOCKET }, details: [SOCKET_HELP, JSON_HELP] },
   doctor: {
     summary: 'check this node for what thaw needs; each line says how to fix it',

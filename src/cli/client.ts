@@ -11,6 +11,7 @@ import {
   type CheckpointSummaryMsg,
   type InspectCheckpointResponseMsg,
   type StatusResponseMsg,
+  type CollectGarbageResponseMsg,
   type VersionResponseMsg,
 } from '../agent/index.js';
 import { ExitCode } from './exit-codes.js';
@@ -80,6 +81,9 @@ export class AgentClient {
   }
   delete(name: string): Promise<object> {
     return this.unary('DeleteCheckpoint', { name });
+  }
+  collectGarbage(dryRun: boolean): Promise<CollectGarbageResponseMsg> {
+    return this.unary('CollectGarbage', { dry_run: dryRun });
   }
   status(): Promise<StatusResponseMsg> {
     return this.unary('Status', {});

@@ -21,7 +21,7 @@ import { loadRegistryConfig } from '../agent/index.js';
 import { openLocalStore, type LocalStore } from '../store/index.js';
 import { OciErrorCode, parseReference, pullCheckpoint, pushCheckpoint, type RegistryAccess } from '../store/index.js';
 import { ExitCode } from './exit-codes.js';
-import { renderCheckpointResult, renderInspect, renderList, renderProgress, renderStatus } from './render.js';
+import { renderCheckpointResult, renderGc, renderInspect, renderList, renderProgress, renderStatus } from './render.js';
 
 export interface CliIo {
   stdout: (text: string) => void;
@@ -230,6 +230,13 @@ async function dispatch(line: CommandLine, io: CliIo): Promise<number> {
         await c.delete(name);
         if (asJson) json(io, { deleted: name });
         else io.stdout(`deleted ${name}\n`);
+        return ExitCode.OK;
+      });
+    case 'gc':
+      return withClient(line, io, async (c) => {
+        const r = await c.collectGarbage(line.values['dry-run'] === true);
+        if (asJson) json(io, r);
+        else io.stdout(`${renderGc(r)}\n`);
         return ExitCode.OK;
       });
     case 'status':

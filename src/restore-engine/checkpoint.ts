@@ -156,6 +156,13 @@ export interface CheckpointContainerOptions {
    * faster restores, the same memory. Default true; a failure of this step only logs and keeps CRIU's images.
    */
   dropZeroPages?: boolean;
+  /**
+   * Called with the checkpoint's expected size (the container's resident memory, which CRIU's page images
+   * hold) after the inspection and before anything is written or the worker is touched: makes room in the
+   * store (collecting least recently used checkpoints) or throws (STORE_NO_ROOM), which fails the checkpoint
+   * in its inspect phase with nothing left behind.
+   */
+  makeRoom?: (expectedBytes: number, signal: AbortSignal) => Promise<void>;
 }
 
 export interface CheckpointPhases {
@@ -291,6 +298,9 @@ export async function checkpointContainer(
       rssBytes: inspection.rssBytes,
       upperdir,
     });
+    throwIfAborted(signal);
+    // The room first: a checkpoint the store's bounds cannot hold is refused before any byte of it is written.
+    await opts.makeRoom?.(inspection.rssBytes, signal);
     throwIfAborted(signal);
 
     pending = await opts.store.beginCheckpoint(name);

@@ -30,7 +30,7 @@ export async function copyCheckpoint(from: LocalStore, to: LocalStore, name: str
     await forEachLimit(
       source.manifest.files,
       o.concurrency ?? 2,
-      async (file) => {
+      async (file) => to.hashLimiter.run(async () => {
         const dest = join(pending.dir, file.path);
         await mkdir(dirname(dest), { recursive: true, mode: 0o700 });
         const input = await openRegularNoFollow(join(source.paths.dir, file.path), step);
@@ -58,7 +58,7 @@ export async function copyCheckpoint(from: LocalStore, to: LocalStore, name: str
           await input.close();
           await output.close();
         }
-      },
+      }, { ...(o.signal ? { signal: o.signal } : {}), step, aborted: storeAborted(step) }),
       { step, ...(o.signal ? { signal: o.signal } : {}), aborted: storeAborted(step) },
     );
     return await pending.publishVerified(source.manifest, { ...(o.signal ? { signal: o.signal } : {}), ...(o.replace ? { replace: true } : {}) });

@@ -12,6 +12,7 @@
  *   <root>/.tmp-<key>-<pid>-<start>-<random>/      a checkpoint being written, or an old one being removed
  *   <root>/.leases/<key>@<pid>-<start>-<token>     "this process is reading <key>" (leases.ts)
  *   <root>/.verified/<key>.json                    the file identities last hashed (verify.ts)
+ *   <root>/.used/<key>                             its mtime: when the checkpoint was last published or leased (gc.ts)
  *   <root>/.unowned/<name>/                        a checkpoint of the old flat layout that recorded no namespace
  *                                                  (migrate.ts): restores nowhere, kept for the operator
  *

@@ -13,7 +13,8 @@
  */
 import { lstat, readdir, rename, rm } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
-import { DEFAULT_STORE_ROOT } from '../defaults.js';
+import { DEFAULT_MAX_CONCURRENT_HASHING, DEFAULT_STORE_ROOT } from '../defaults.js';
+import { Limiter } from '../sys/concurrency.js';
 import { silentLogger, type Logger } from '../log.js';
 import { bindPageCache, type PageCache } from '../sys/page-cache.js';
 import { prefetchFiles, type PrefetchOptions } from '../sys/prefetch.js';
@@ -22,6 +23,7 @@ import { ioError, StoreError, StoreErrorCode, storeAborted } from './errors.js';
 import { checkNamespaceName } from '../checkpoint-name.js';
 import { pathsOf, PULLED_DIR_NAME, StoreLayout, walk, type CheckpointPaths, type OpenedCheckpoint } from './layout.js';
 import { migrateFlatLayout, type Migration } from './migrate.js';
+import { collectGarbage, LastUse, makeRoom, type GcResult, type Incoming, type StoreLimits } from './gc.js';
 import { Leases, type ReleaseLease } from './leases.js';
 import type { Manifest } from './manifest.js';
 import { openCheckpoint, openStoreRoot, readManifestUnchecked, requireExists } from './open.js';
@@ -33,6 +35,7 @@ import { StampCache, verifyCheckpoint, type VerifyOptions, type VerifyResult } f
 export { CHECKPOINT_DIR_MODE, CHECKPOINT_FILE_MODE, type CheckpointPaths, type OpenedCheckpoint } from './layout.js';
 export type { ReleaseLease } from './leases.js';
 export type { Migration } from './migrate.js';
+export type { GcCandidate, GcResult, Incoming, StoreLimits } from './gc.js';
 export { PULLED_DIR_NAME, UNOWNED_DIR_NAME } from './layout.js';
 export { PendingCheckpoint, type PublishOptions } from './publish.js';
 export { VERIFIED_STAMPS_DIR, type VerifyOptions, type VerifyResult } from './verify.js';
@@ -44,10 +47,18 @@ export interface LocalStoreOptions {
   logger?: Logger;
   /** uid that must own every checkpoint directory and file (default 0: root). */
   ownerUid?: number;
-  /** Files hashed at once by publish() and verify() (default DEFAULT_FILE_CONCURRENCY). */
+  /** Files hashed at once by one publish() or verify() (default DEFAULT_FILE_CONCURRENCY). */
   hashConcurrency?: number;
-  /** Clock for manifest.createdAt; injectable for tests. */
+  /**
+   * The bound on files hashed at once across every call (publish, verify, copy into this store), shared with
+   * whatever else the caller hands it to (the agent: its local and shared stores). Default: one of this store's
+   * own, of DEFAULT_MAX_CONCURRENT_HASHING.
+   */
+  hashLimiter?: Limiter;
+  /** Clock for manifest.createdAt and last-use records; injectable for tests. */
   now?: () => Date;
+  /** Told of every collection that deleted (not dry runs): what went (metrics). */
+  onCollect?: (result: GcResult) => void;
 }
 
 export interface ListedCheckpoint {
@@ -92,6 +103,10 @@ export class LocalStore {
   private readonly leases: Leases;
   private readonly stamps: StampCache;
   private readonly publishing: PublishContext;
+  private readonly lastUse: LastUse;
+  /** Files hashed at once in all of this store's work (and whatever shares the limiter). */
+  readonly hashLimiter: Limiter;
+  private readonly onCollect: ((result: GcResult) => void) | undefined;
   /** What openLocalStore moved from the old flat layout (empty for a store already namespaced). */
   migrated: Migration[] = [];
 
@@ -106,15 +121,20 @@ export class LocalStore {
     this.layout = new StoreLayout(root);
     this.leases = new Leases(this.layout, now);
     this.stamps = new StampCache(root, this.logger);
+    this.lastUse = new LastUse(root, now);
+    this.hashLimiter = options.hashLimiter ?? new Limiter(DEFAULT_MAX_CONCURRENT_HASHING);
+    this.onCollect = options.onCollect;
     this.publishing = {
       layout: this.layout,
       logger: this.logger,
       ownerUid: this.ownerUid,
       hashConcurrency: this.hashConcurrency,
+      hashLimiter: this.hashLimiter,
       now,
       renameAt2: bindRenameAt2(),
       stamps: this.stamps,
       isLeased: (name) => this.isLeased(name),
+      used: (name) => this.lastUse.touch(name, this.logger),
     };
   }
 
@@ -156,7 +176,7 @@ export class LocalStore {
   /** Re-hashes every file of a checkpoint against its manifest, unless unchanged since last hashed (verify.ts). */
   async verify(name: string, options: VerifyOptions = {}): Promise<VerifyResult> {
     this.dirOf(name, 'verify checkpoint');
-    return verifyCheckpoint({ open: (n) => this.open(n), stamps: this.stamps, hashConcurrency: this.hashConcurrency }, name, options);
+    return verifyCheckpoint({ open: (n) => this.open(n), stamps: this.stamps, hashConcurrency: this.hashConcurrency, hashLimiter: this.hashLimiter }, name, options);
   }
 
   /**
@@ -220,6 +240,7 @@ export class LocalStore {
     const aside = this.layout.inside(this.layout.newTmpName(name), step);
     try {
       await this.stamps.remove(name);
+      await this.lastUse.remove(name);
       await rename(dir, aside);
       await fsyncPath(this.layout.parentOf(name));
       await fsyncPath(this.root);
@@ -238,7 +259,36 @@ export class LocalStore {
     const dir = this.dirOf(name, 'lease checkpoint');
     const step = `lease checkpoint ${name}`;
     await requireExists(this.layout, name, dir, step);
-    return this.leases.acquire(name, step);
+    const release = await this.leases.acquire(name, step);
+    await this.lastUse.touch(name, this.logger);
+    return release;
+  }
+
+  /**
+   * Collects least recently used checkpoints no restore uses until `limits` hold, and the file cache's entries
+   * no checkpoint links (gc.ts). `dryRun`: report what would go, delete nothing.
+   */
+  async collectGarbage(limits: StoreLimits, options: { dryRun?: boolean } = {}): Promise<GcResult> {
+    const result = await collectGarbage(this, this.lastUse, { limits, logger: this.logger, ...(options.dryRun !== undefined ? { dryRun: options.dryRun } : {}) });
+    if (options.dryRun !== true) this.onCollect?.(result);
+    return result;
+  }
+
+  /**
+   * Makes room for a checkpoint about to be written or pulled (its owner and declared or expected size): collects
+   * as collectGarbage() does, or throws STORE_NO_ROOM. Call it before anything of the checkpoint is written.
+   */
+  async makeRoom(limits: StoreLimits, incoming: Incoming): Promise<GcResult> {
+    const result = await makeRoom(this, this.lastUse, limits, incoming, this.logger);
+    this.onCollect?.(result);
+    return result;
+  }
+
+  /** When a checkpoint was last published or leased (ms since the epoch), else its manifest's creation. */
+  async lastUsedMs(name: string): Promise<number | undefined> {
+    const opened = await this.open(name).catch(() => undefined);
+    if (opened === undefined) return undefined;
+    return this.lastUse.get(name, Date.parse(opened.manifest.createdAt));
   }
 
   /** True while this instance, or another live instance or process, holds a lease on `name`. */

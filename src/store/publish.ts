@@ -10,7 +10,7 @@ import { chmod, lchown, lstat, mkdir, open, rename, rm } from 'node:fs/promises'
 import { join } from 'node:path';
 import { namespaceOfKey, parseStoreKey } from '../checkpoint-name.js';
 import type { Logger } from '../log.js';
-import { forEachLimit } from '../sys/concurrency.js';
+import { forEachLimit, type Limiter } from '../sys/concurrency.js';
 import { hashHandle, openRegularNoFollow } from './digest.js';
 import { ioError, StoreError, StoreErrorCode, storeAborted, throwIfAborted } from './errors.js';
 import { CHECKPOINT_DIR_MODE, CHECKPOINT_FILE_MODE, pathsOf, walk, type CheckpointPaths, type OpenedCheckpoint, type StoreLayout, type Tree } from './layout.js';
@@ -30,14 +30,18 @@ export interface PublishContext {
   logger: Logger;
   /** uid that must own every checkpoint directory and file. */
   ownerUid: number;
-  /** Files hashed at once. */
+  /** Files hashed at once by this publish. */
   hashConcurrency: number;
+  /** Files hashed at once in the whole process (the agent's bound). */
+  hashLimiter: Limiter;
   /** Clock for manifest.createdAt. */
   now: () => Date;
   renameAt2: RenameAt2;
   stamps: StampCache;
   /** A replace is refused while the checkpoint is leased (leases.ts). */
   isLeased(name: string): Promise<boolean>;
+  /** Records a use of the checkpoint (gc.ts: a checkpoint just published is the most recently used). */
+  used(name: string): Promise<void>;
 }
 
 /** The name a manifest records: the key's name part (`name` of `namespace/name`; a pulled key as it is). */
@@ -103,18 +107,22 @@ async function publishDir(ctx: PublishContext, pending: PendingCheckpoint, field
   await forEachLimit(
     tree.files,
     ctx.hashConcurrency,
-    async (file, index) => {
-      const fh = await openRegularNoFollow(join(dir, file.path), step);
-      try {
-        await fh.chmod(CHECKPOINT_FILE_MODE);
-        if (chown) await fh.chown(ctx.ownerUid, 0);
-        const digest = await hashHandle(fh, { signal, step });
-        await fh.sync();
-        files[index] = { path: file.path, size: digest.size, sha256: digest.sha256, mode: CHECKPOINT_FILE_MODE };
-      } finally {
-        await fh.close();
-      }
-    },
+    async (file, index) =>
+      ctx.hashLimiter.run(
+        async () => {
+          const fh = await openRegularNoFollow(join(dir, file.path), step);
+          try {
+            await fh.chmod(CHECKPOINT_FILE_MODE);
+            if (chown) await fh.chown(ctx.ownerUid, 0);
+            const digest = await hashHandle(fh, { signal, step });
+            await fh.sync();
+            files[index] = { path: file.path, size: digest.size, sha256: digest.sha256, mode: CHECKPOINT_FILE_MODE };
+          } finally {
+            await fh.close();
+          }
+        },
+        { ...(signal ? { signal } : {}), step, aborted: storeAborted(step) },
+      ),
     { signal, step, aborted: storeAborted(step) },
   );
   for (const d of tree.dirs) {
@@ -217,6 +225,7 @@ async function finishPublish(ctx: PublishContext, pending: PendingCheckpoint, ma
   const publishedDir = ctx.layout.dirOf(name, step);
   // Every file was just hashed in our own 0700 directory: the first restore need not hash it again.
   await ctx.stamps.recordPublished(name, publishedDir, manifest);
+  await ctx.used(name);
   const namespace = namespaceOfKey(name);
   return { name, ...(namespace !== undefined ? { namespace } : {}), manifest, paths: pathsOf(publishedDir) };
 }

@@ -9,7 +9,7 @@ import { readFileSync } from 'node:fs';
 import { lstat, mkdir, rename, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Logger } from '../log.js';
-import { forEachLimit } from '../sys/concurrency.js';
+import { forEachLimit, type Limiter } from '../sys/concurrency.js';
 import { hashFile } from './digest.js';
 import { StoreError, StoreErrorCode, storeAborted, throwIfAborted } from './errors.js';
 import { keyToFileName, type OpenedCheckpoint } from './layout.js';
@@ -111,6 +111,8 @@ export interface VerifyContext {
   open(name: string): Promise<OpenedCheckpoint>;
   stamps: StampCache;
   hashConcurrency: number;
+  /** Files hashed at once in the whole process. */
+  hashLimiter: Limiter;
 }
 
 /**
@@ -147,7 +149,11 @@ export async function verifyCheckpoint(ctx: VerifyContext, name: string, options
     files,
     options.concurrency ?? ctx.hashConcurrency,
     async (file) => {
-      const actual = await hashFile(join(opened.paths.dir, file.path), { signal: options.signal, step });
+      const actual = await ctx.hashLimiter.run(() => hashFile(join(opened.paths.dir, file.path), { signal: options.signal, step }), {
+        ...(options.signal ? { signal: options.signal } : {}),
+        step,
+        aborted: storeAborted(step),
+      });
       if (actual.sha256 !== file.sha256 || actual.size !== file.size) {
         bad.push({ file: file.path, expected: `sha256:${file.sha256} (${file.size} bytes)`, actual: `sha256:${actual.sha256} (${actual.size} bytes)` });
       }

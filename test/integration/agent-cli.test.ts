@@ -185,6 +185,10 @@ describe.each(flavorsUnderTest())('thaw agent and CLI on containerd %s', (flavor
     expect((await stat(doc.directory)).mode & 0o777).toBe(0o700);
     expect((await thaw(['inspect', 'no-such-checkpoint', '--socket', socket])).code).toBe(4);
     expect((await thaw(['inspect', CHECKPOINT, '--namespace', 'team-a', '--socket', socket])).code, 'team-a has no such checkpoint').toBe(4);
+    // Within the default bounds (no quota, 1 GiB kept free on this disk): a collection would take nothing.
+    const gc = await thaw(['gc', '--dry-run', '--json', '--socket', socket]);
+    expect(gc.code, gc.stderr).toBe(0);
+    expect(JSON.parse(gc.stdout)).toMatchObject({ collected: [], bytes: 0, unmet: '', dry_run: true });
     expect((await thaw(['inspect', KEY, '--json', '--socket', socket])).code).toBe(0);
 
     const after = await metrics();

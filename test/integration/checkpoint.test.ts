@@ -297,6 +297,36 @@ describe.each(flavorsUnderTest())('checkpoint flow, containerd %s', (flavor) => 
     }
   }, CHECKPOINT_TEST_TIMEOUT_MS);
 
+  it('a checkpoint whose expected size the store cannot hold: refused before anything is written, nothing collected, the worker resumes', async () => {
+    const { stack } = handle;
+    const name = 'default/demo-no-room';
+    const { pod, entry, pid } = await startSource('ckpt-no-room', name, { WORKER_MEMORY_MB: '16' });
+    try {
+      await waitForWorkerReady(entry.controlDir, { timeoutMs: WORKER_READY_TIMEOUT_MS });
+      const listed = (await store.list()).map((l) => l.name);
+      const tmpBefore = (await readdir(storeRoot)).filter((n) => n.startsWith('.tmp-'));
+      const workBefore = (await readdir(workRoot)).filter((n) => n.startsWith('thaw-ckpt-default+demo-no-room'));
+      // A namespace quota of 1 KiB: the worker's resident memory alone is more, whatever is collected.
+      const limits = { namespaceQuotaBytes: (ns: string) => (ns === 'default' ? 1024 : undefined) };
+      const err = await checkpointContainer(flowOptions(entry, pid, { makeRoom: async (bytes) => void (await store.makeRoom(limits, { namespace: 'default', bytes, name })) })).catch((e: unknown) => e);
+      expect(isThawError(err, CheckpointErrorCode.FAILED), String(err)).toBe(true);
+      const failure = err as Error & { evidence: Record<string, unknown> };
+      expect(failure.evidence).toMatchObject({ phase: 'inspect', causeCode: 'STORE_NO_ROOM' });
+      expect(failure.message).toMatch(/no room for \d+ bytes of namespace default: namespace default holds \d+ bytes and needs \d+ more; its quota is 1024/);
+      // Nothing of it was written, and nothing else was collected for it.
+      await expect(store.open(name)).rejects.toMatchObject({ code: 'STORE_NOT_FOUND' });
+      expect((await readdir(storeRoot)).filter((n) => n.startsWith('.tmp-'))).toEqual(tmpBefore);
+      expect((await readdir(workRoot)).filter((n) => n.startsWith('thaw-ckpt-default+demo-no-room'))).toEqual(workBefore);
+      expect((await store.list()).map((l) => l.name)).toEqual(listed);
+      const marker = await readJson(path.join(entry.controlDir, CHECKPOINT_COMPLETE));
+      expect(marker).toMatchObject({ ok: false, checkpoint: name, error: { code: 'CHECKPOINT_FAILED', phase: 'inspect', causeCode: 'STORE_NO_ROOM' } });
+      const after = await waitFor(() => readEndpoint(entry.controlDir), `${ENDPOINT_FILE} after the refused checkpoint`, WORKER_READY_TIMEOUT_MS, 50);
+      expect((await getJson<WorkerState>(after.port, '/state')).requests).toBe(1);
+    } finally {
+      await stack.cri.removePod(pod.podId);
+    }
+  }, CHECKPOINT_TEST_TIMEOUT_MS);
+
   it("an upperdir containerd names outside the configured snapshotter root: refused before the dump, the worker resumes", async () => {
     const { stack } = handle;
     const name = 'default/demo-foreign-root';

@@ -198,10 +198,10 @@ describe('tenancy: which checkpoints a namespace finds', () => {
       const before = await entries(local.root);
       const huge = await rejection(sources.find('x', ref(`${registry.host}/lab/huge:v1`), { namespace: 'team-a' }));
       expect(huge.code, huge.message).toBe('RESTORE_NO_ROOM');
-      expect(huge.message).toMatch(/declares 10000000000000 bytes; the store's filesystem has \d+ free/);
+      expect(huge.message).toMatch(/declares 10000000000000 bytes: .*no room .*the store's filesystem has \d+ bytes free, 10000000000000 are needed/);
       const quota = await rejection(sources.find('x', ref(`${registry.host}/team-a/llm:v1`), { namespace: 'team-q' }));
       expect(quota.code, quota.message).toBe('RESTORE_NO_ROOM');
-      expect(quota.message).toMatch(/namespace team-q holds 0 of its quota of 10/);
+      expect(quota.message).toMatch(/namespace team-q holds 0 bytes and needs \d+ more; its quota is 10/);
       expect(await entries(local.root)).toEqual(before);
     } finally {
       await sources.close();

@@ -70,7 +70,8 @@ describe("the agent's series", () => {
   it('count restore and checkpoint events, fallbacks at CreateContainer and the store', async () => {
     const stats = new ThawNriStats();
     let byNamespace = new Map([['team-a', { count: 1, bytes: 100 }], ['.oci', { count: 1, bytes: 200 }]]);
-    const m = createAgentMetrics({ stats, version: '9.9.9', stored: async () => ({ count: 2, bytes: 300, byNamespace }), restoresInFlight: () => 1, checkpointsInFlight: () => 0 });
+    const gc = { runs: 1, checkpoints: new Map([['team-a', 2]]), bytes: new Map([['team-a', 4096]]), cacheFiles: 3, cacheBytes: 300 };
+    const m = createAgentMetrics({ stats, version: '9.9.9', stored: async () => ({ count: 2, bytes: 300, byNamespace }), restoresInFlight: () => 1, checkpointsInFlight: () => 0, gc: () => gc });
     const before = parseExposition(await m.registry.render());
     expect(before.get('thaw_restores_total{outcome="restored"}')).toBe(0);
     expect(before.get('thaw_checkpoints_total{outcome="failed"}')).toBe(0);
@@ -104,6 +105,11 @@ describe("the agent's series", () => {
     expect(after.get('thaw_store_checkpoints{namespace="team-a"}')).toBe(1);
     expect(after.get('thaw_checkpoints_by_namespace_total{namespace="ns",outcome="succeeded"}')).toBe(1);
     expect(after.get('thaw_checkpoints_by_namespace_total{namespace="ns",outcome="failed"}')).toBe(1);
+    expect(after.get('thaw_gc_runs_total')).toBe(1);
+    expect(after.get('thaw_gc_collected_total{namespace="team-a"}')).toBe(2);
+    expect(after.get('thaw_gc_collected_bytes_total{namespace="team-a"}')).toBe(4096);
+    expect(after.get('thaw_gc_cache_files_collected_total')).toBe(3);
+    expect(after.get('thaw_gc_cache_bytes_collected_total')).toBe(300);
     // A namespace whose checkpoints are gone reads 0, not its last value.
     byNamespace = new Map([['.oci', { count: 1, bytes: 200 }]]);
     const later = parseExposition(await m.registry.render());

@@ -9,7 +9,7 @@ import { containerdVersionOf, renderDoctor, thpCheck } from '../../src/cli/docto
 import { parseThpMode } from '../../src/sys/host-facts.js';
 import { ExitCode } from '../../src/cli/exit-codes.js';
 import { runCli, type CliIo } from '../../src/cli/main.js';
-import { formatBytes, formatMs, renderCheckpointResult, renderList } from '../../src/cli/render.js';
+import { formatBytes, formatMs, renderCheckpointResult, renderGc, renderList } from '../../src/cli/render.js';
 import { renderTable as table } from '../../src/table.js';
 
 function capture(env: Record<string, string> = {}): CliIo & { out: () => string; err: () => string } {
@@ -117,6 +117,22 @@ describe('human output', () => {
     expect(formatMs(250.4)).toBe('250 ms');
     expect(formatMs(1500)).toBe('1.50 s');
     expect(table(['A', 'BB'], [['xxx', 'y'], ['z', '']])).toBe('A    BB\nxxx  y\nz');
+  });
+
+  it('renders a collection: what went, least recently used first, the cache, an unmet bound', () => {
+    const r = { collected: [{ name: 'team-a/old', namespace: 'team-a', bytes: 2048, last_used: '2026-01-02T03:04:05.678Z' }], bytes: 2048, cache_files: 1, cache_bytes: 1024, unmet: '', dry_run: true };
+    expect(renderGc(r)).toBe(
+      [
+        'would collect 1 checkpoint (2.0 KiB), least recently used first:',
+        'NAME        SIZE     LAST USED',
+        'team-a/old  2.0 KiB  2026-01-02T03:04:05Z',
+        'would collect 1 file cache entry no checkpoint links (1.0 KiB)',
+      ].join('\n'),
+    );
+    expect(renderGc({ ...r, collected: [], bytes: 0, cache_files: 0, cache_bytes: 0, unmet: 'namespace x holds 5 bytes; its quota is 1', dry_run: false })).toBe(
+      ['collected no checkpoint', 'collected 0 file cache entries no checkpoint links (0 B)', 'not within bounds: namespace x holds 5 bytes; its quota is 1'].join('\n'),
+    );
+    expect(parseCommandLine(['gc', '--dry-run', '--json']).values).toMatchObject({ 'dry-run': true, json: true });
   });
 
   it('lists checkpoints, broken ones with their problem', () => {

@@ -13,8 +13,8 @@ import { rejection } from '../helpers/rejection.js';
 const repo = resolve(fileURLToPath(import.meta.url), '../../..');
 
 
-/** Root entries less the verified-stamps directory, which the store keeps beside its checkpoints. */
-const withoutStamps = (entries: string[]): string[] => entries.filter((e) => e !== '.verified');
+/** Root entries less the verified-stamps and last-use directories, which the store keeps beside its checkpoints. */
+const withoutStamps = (entries: string[]): string[] => entries.filter((e) => e !== '.verified' && e !== '.used');
 
 async function publishSample(store: LocalStore, name: string, options: { replace?: boolean; pagesBytes?: number } = {}) {
   const pending = await store.beginCheckpoint(name);

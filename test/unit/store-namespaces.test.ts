@@ -145,7 +145,7 @@ describe('migration of the flat layout', () => {
 
   it('moves every old checkpoint once: to its namespace, pulled ones to .oci, the rest to .unowned', async () => {
     const ids = await flatStore();
-    expect((await readdir(root)).sort()).toEqual(['.oci', '.verified', 'default', 'dup', 'llm', PULLED, 'orphan', 'team-a', 'team-b'].sort());
+    expect((await readdir(root)).sort()).toEqual(['.oci', '.used', '.verified', 'default', 'dup', 'llm', PULLED, 'orphan', 'team-a', 'team-b'].sort());
     const logger = createCollectingLogger();
     const store = await openLocalStore({ root, logger });
     expect(store.migrated.map((m) => [m.from, m.to, m.reason])).toEqual([
@@ -155,7 +155,7 @@ describe('migration of the flat layout', () => {
       [PULLED, `.oci/${PULLED}`, undefined],
       ['orphan', '.unowned/orphan', 'its manifest records no namespace'],
     ]);
-    expect((await readdir(root)).sort()).toEqual(['.oci', '.unowned', '.verified', 'default', 'team-a', 'team-b']);
+    expect((await readdir(root)).sort()).toEqual(['.oci', '.unowned', '.used', '.verified', 'default', 'team-a', 'team-b']);
     expect((await store.open('team-a/llm')).manifest.id).toBe(ids['llm']);
     expect((await store.open('default/default')).manifest.id).toBe(ids['default']);
     expect((await store.open(PULLED)).manifest.id).toBe(ids[PULLED]);

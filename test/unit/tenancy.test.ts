@@ -13,7 +13,8 @@ import { cachedValue } from '../../src/agent/agent.js';
 import { checkUserCheckpointName, namespaceOfKey, parseQualifiedName, parseStoreKey, resolveStoreKey } from '../../src/checkpoint-name.js';
 import { looksLikeReference } from '../../src/checkpoint-reference.js';
 import { decide } from '../../src/nri-plugin/policy.js';
-import { checkpointRefusal, defaultTenancyPolicy, localRestoreRefusal, parseTenancyPolicy, registryGrantFor, restoreKeyOf } from '../../src/agent/tenancy.js';
+import { checkpointRefusal, defaultTenancyPolicy, localRestoreRefusal, parseTenancyPolicy, registryGrantFor, restoreKeyOf, storeLimitsOf } from '../../src/agent/tenancy.js';
+import { resolveAgentConfig } from '../../src/agent/config.js';
 import { checkCompatibility, isRestorable, MANIFEST_KIND, type Manifest } from '../../src/store/manifest.js';
 import { checkCosignBundle, checkSimpleSigningPayload, COSIGN_SIGNATURE_TYPE, dssePae, keyThatSigned, parseTrustedKey, signatureTagFor } from '../../src/store/oci/signature.js';
 import { manifestFields } from '../helpers/store-fixtures.js';
@@ -69,6 +70,22 @@ describe('store keys', () => {
     expect(looksLikeReference('localhost/llm')).toBe(true);
     expect(looksLikeReference('team-a/llm')).toBe(false);
     expect(looksLikeReference('llm')).toBe(false);
+  });
+});
+
+describe('store bounds from the agent configuration', () => {
+  it("take store.* (0: none) and the policy's namespace quotas, which win over store.namespaceQuotaBytes", () => {
+    const c = resolveAgentConfig({
+      packageRoot: '/opt/thaw/lib',
+      file: { path: '/etc/thaw/agent.yaml', text: 'store:\n  quotaBytes: 1000\n  namespaceQuotaBytes: 100\ntenancy:\n  namespaces:\n    team-a:\n      quotaBytes: 500\n' },
+      flags: { 'store-min-free-bytes': '7' },
+    });
+    const limits = storeLimitsOf(c.store, c.tenancy);
+    expect([limits.totalQuotaBytes, limits.minFreeBytes, limits.namespaceQuotaBytes?.('team-a'), limits.namespaceQuotaBytes?.('team-b')]).toEqual([1000, 7, 500, 100]);
+    const none = storeLimitsOf({ quotaBytes: 0, namespaceQuotaBytes: 0, minFreeBytes: 0 }, defaultTenancyPolicy());
+    expect([none.totalQuotaBytes, none.minFreeBytes, none.namespaceQuotaBytes?.('team-a')]).toEqual([undefined, undefined, undefined]);
+    expect(() => resolveAgentConfig({ packageRoot: '/x', flags: { 'store-quota-bytes': '-1' } })).toThrow(/store.quotaBytes/);
+    expect(() => resolveAgentConfig({ packageRoot: '/x', flags: { 'limits-criu-runs': '0' } })).toThrow(/limits.criuRuns/);
   });
 });
 
