@@ -277,6 +277,8 @@ export async function runAgent(o: AgentRunOptions, logger: Logger): Promise<numb
     tenancy: c.tenancy,
     trustedKeys,
     storeLimits: storeLimitsOf(c.store, c.tenancy),
+    maxConcurrentHashing: c.limits.hashing,
+    maxConcurrentCriu: c.limits.criuRuns,
     onRestoreEvent: (e) => metrics?.onRestoreEvent(e),
     onCheckpointEvent: (e) => {
       storedTotals.invalidate();

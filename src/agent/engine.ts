@@ -25,7 +25,8 @@ import type { ManagedContainer, ThawCoordinator } from './managed-container.js';
 import { ThawNriStats } from './nri-stats.js';
 import { createRestoreCoordinator, type RestoreCoordinator } from './restore-coordinator.js';
 import { createThawNriHandlers } from './thaw-nri.js';
-import { DEFAULT_NSENTER_PATH, DEFAULT_UNSHARE_PATH } from '../defaults.js';
+import { DEFAULT_MAX_CONCURRENT_CRIU, DEFAULT_MAX_CONCURRENT_HASHING, DEFAULT_NSENTER_PATH, DEFAULT_UNSHARE_PATH } from '../defaults.js';
+import { Limiter } from '../sys/concurrency.js';
 import { PULLED_NAMESPACE_LABEL } from './agent-metrics.js';
 
 
@@ -61,6 +62,10 @@ export interface ThawEngineOptions {
   tenancy?: TenancyPolicy;
   /** The policy's public keys by file path (loadTrustedKeys). */
   trustedKeys?: ReadonlyMap<string, TrustedKey>;
+  /** Files hashed at once in the whole agent (config limits.hashing; default DEFAULT_MAX_CONCURRENT_HASHING). */
+  maxConcurrentHashing?: number;
+  /** CRIU processes at once in the whole agent (config limits.criuRuns; default DEFAULT_MAX_CONCURRENT_CRIU). */
+  maxConcurrentCriu?: number;
   /** The local store's bounds (storeLimitsOf); absent: the tenancy policy's namespace quotas only. */
   storeLimits?: StoreLimits;
   /** Told of every restore / checkpoint event after it is logged (the agent's metrics). */
@@ -113,9 +118,12 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     gcTotals.cacheFiles += r.cacheFiles;
     gcTotals.cacheBytes += r.cacheBytes;
   };
-  const store = await openLocalStore({ root: o.storeRoot, logger, onCollect: countCollected });
+  // One bound per kind of work for the whole agent: every checkpoint, restore and copy shares it.
+  const hashLimiter = new Limiter(o.maxConcurrentHashing ?? DEFAULT_MAX_CONCURRENT_HASHING);
+  const criuLimiter = new Limiter(o.maxConcurrentCriu ?? DEFAULT_MAX_CONCURRENT_CRIU);
+  const store = await openLocalStore({ root: o.storeRoot, logger, onCollect: countCollected, hashLimiter });
   const storeLimits: StoreLimits = o.storeLimits ?? { namespaceQuotaBytes: (ns) => o.tenancy?.namespaces.get(ns)?.quotaBytes };
-  const shared = o.sharedStoreRoot !== undefined ? await openLocalStore({ root: o.sharedStoreRoot, logger, ...(o.sharedStoreOwnerUid !== undefined ? { ownerUid: o.sharedStoreOwnerUid } : {}) }) : undefined;
+  const shared = o.sharedStoreRoot !== undefined ? await openLocalStore({ root: o.sharedStoreRoot, logger, hashLimiter, ...(o.sharedStoreOwnerUid !== undefined ? { ownerUid: o.sharedStoreOwnerUid } : {}) }) : undefined;
   const sources =
     shared !== undefined || o.registry !== undefined
       ? createCheckpointSources({
@@ -136,6 +144,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     criuPath: join(binDir, 'criu'),
     logger,
     env: criuEnvironment(binDir),
+    limiter: criuLimiter,
     ...(dieWithAgent !== undefined ? { parentDeathWrapper: dieWithAgent } : {}),
   });
   const criuVersion = await criu.version();
