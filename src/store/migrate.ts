@@ -2,7 +2,8 @@
  * The one-time migration of a store of the old flat layout (`<root>/<name>/`, one namespace for every tenant)
  * to the namespaced one (layout.ts), run by openLocalStore before anything else reads the store:
  *
- *   <root>/oci-<hex>/    → <root>/.oci/oci-<hex>/        a pulled checkpoint
+ *   <root>/oci-<hex>/    → <root>/.oci/oci-<hex>/        a pulled checkpoint with its registry bytes (provenance.ts);
+ *                                                        one without them to .unowned/ (pull it again)
  *   <root>/<name>/       → <root>/<namespace>/<name>/    its manifest's source.pod.namespace
  *   <root>/<name>/       → <root>/.unowned/<name>/       no namespace recorded, or the target exists: it
  *                                                        restores nowhere and is left to the operator
@@ -20,6 +21,7 @@ import type { Logger } from '../log.js';
 import { ioError } from './errors.js';
 import { CHECKPOINT_DIR_MODE, keyToFileName, PULLED_DIR_NAME, UNOWNED_DIR_NAME, type StoreLayout } from './layout.js';
 import { MANIFEST_FILE_NAME } from './manifest.js';
+import { OCI_MANIFEST_FILE_NAME } from './provenance.js';
 import { fsyncPath } from './publish.js';
 import { VERIFIED_STAMPS_DIR } from './verify.js';
 
@@ -83,7 +85,10 @@ export async function migrateFlatLayout(layout: StoreLayout, logger: Logger): Pr
     let parent: string;
     let reason: string | undefined;
     if (isPulledKey(entry)) {
-      parent = PULLED_DIR_NAME;
+      // One pulled before its registry bytes were kept cannot prove its name any more (provenance.ts).
+      const kept = await isFile(join(from, OCI_MANIFEST_FILE_NAME));
+      if (!kept) reason = 'pulled before its registry manifest was kept: it cannot prove its name; pull it again';
+      parent = kept ? PULLED_DIR_NAME : UNOWNED_DIR_NAME;
     } else {
       const ns = await recordedNamespace(from);
       const badName = checkCheckpointName(entry) ?? (entry.startsWith(RESERVED_NAME_PREFIX) ? `${entry} begins with ${RESERVED_NAME_PREFIX} but is not a pulled checkpoint's name` : undefined);

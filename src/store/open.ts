@@ -11,6 +11,7 @@ import { openRegularNoFollow } from './digest.js';
 import { ioError, StoreError, StoreErrorCode } from './errors.js';
 import { CHECKPOINT_DIR_MODE, CHECKPOINT_FILE_MODE, pathsOf, walk, type OpenedCheckpoint, type StoreLayout } from './layout.js';
 import { checkRelativePath, MANIFEST_FILE_NAME, parseManifest, type Manifest } from './manifest.js';
+import { checkProvenance, PROVENANCE_FILE_NAMES } from './provenance.js';
 
 /** Creates the root when missing (0700) and checks it; returns its canonical path. */
 export async function openStoreRoot(requested: string, ownerUid: number, step: string): Promise<string> {
@@ -102,6 +103,11 @@ export async function openCheckpoint(layout: StoreLayout, ownerUid: number, name
   }
   const onDisk = new Map(tree.files.map((f) => [f.path, f.stats.size]));
   onDisk.delete(MANIFEST_FILE_NAME);
+  // A pulled checkpoint: the registry bytes its name commits to, checked before anything reads its files.
+  if (key.kind === 'pulled') {
+    await checkProvenance(dir, name, manifest, step);
+    for (const f of PROVENANCE_FILE_NAMES) onDisk.delete(f);
+  }
   for (const file of manifest.files) {
     const bad = checkRelativePath(file.path);
     if (bad !== undefined) throw new StoreError(StoreErrorCode.PATH_ESCAPE, `manifest path ${JSON.stringify(file.path)} ${bad}`, { step });

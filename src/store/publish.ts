@@ -8,7 +8,8 @@ import { randomUUID } from 'node:crypto';
 import { constants as fsConstants } from 'node:fs';
 import { chmod, lchown, lstat, mkdir, open, rename, rm } from 'node:fs/promises';
 import { join } from 'node:path';
-import { namespaceOfKey, parseStoreKey } from '../checkpoint-name.js';
+import { isPulledKey, namespaceOfKey, parseStoreKey } from '../checkpoint-name.js';
+import { checkProvenance, OCI_CONFIG_FILE_NAME, OCI_MANIFEST_FILE_NAME, PROVENANCE_FILE_NAMES, type Provenance } from './provenance.js';
 import type { Logger } from '../log.js';
 import { forEachLimit, type Limiter } from '../sys/concurrency.js';
 import { hashHandle, openRegularNoFollow } from './digest.js';
@@ -22,6 +23,11 @@ export interface PublishOptions {
   signal?: AbortSignal;
   /** Atomically replace a checkpoint of the same name (refused with STORE_IN_USE while it is leased). */
   replace?: boolean;
+}
+
+/** publishVerified's options: a pulled checkpoint (an `oci-<hex>` key) must bring the registry bytes it came from. */
+export interface PublishVerifiedOptions extends PublishOptions {
+  provenance?: Provenance;
 }
 
 /** What publishing needs of its store. */
@@ -152,11 +158,28 @@ async function publishDir(ctx: PublishContext, pending: PendingCheckpoint, field
  * it is (its id kept; its name becomes the pending name). The files on disk must be exactly the manifest's,
  * by path and size; they are not hashed again.
  */
-async function publishVerifiedDir(ctx: PublishContext, pending: PendingCheckpoint, manifest: Manifest, options: PublishOptions): Promise<OpenedCheckpoint> {
+async function publishVerifiedDir(ctx: PublishContext, pending: PendingCheckpoint, manifest: Manifest, options: PublishVerifiedOptions): Promise<OpenedCheckpoint> {
   const step = 'publish checkpoint';
   const { dir } = pending;
+  const pulled = isPulledKey(pending.name);
+  if (pulled !== (options.provenance !== undefined)) {
+    throw new StoreError(StoreErrorCode.BAD_STATE, pulled ? `${pending.name} is a pulled checkpoint: publish it with the registry manifest and config it came from` : 'only a pulled checkpoint keeps registry provenance', { step });
+  }
+  if (options.provenance !== undefined) {
+    for (const [file, bytes] of [[OCI_MANIFEST_FILE_NAME, options.provenance.imageManifest], [OCI_CONFIG_FILE_NAME, options.provenance.config]] as const) {
+      const fh = await open(join(dir, file), fsConstants.O_WRONLY | fsConstants.O_CREAT | fsConstants.O_EXCL | fsConstants.O_NOFOLLOW, CHECKPOINT_FILE_MODE);
+      try {
+        await fh.writeFile(bytes);
+      } finally {
+        await fh.close();
+      }
+    }
+  }
+  // What open() will check on every use is checked now: nothing unprovable is published.
+  if (pulled) await checkProvenance(dir, pending.name, { ...manifest, name: bareNameOf(pending.name) }, step);
   const tree = await walk(dir, step);
   const onDisk = new Map(tree.files.map((f) => [f.path, f.stats.size]));
+  if (pulled) for (const f of PROVENANCE_FILE_NAMES) onDisk.delete(f);
   for (const file of manifest.files) {
     const size = onDisk.get(file.path);
     if (size === undefined) throw new StoreError(StoreErrorCode.FILE_MISSING, `${file.path} was not written`, { step, evidence: { file: file.path } });
@@ -348,7 +371,7 @@ export class PendingCheckpoint {
    * Publishes files that were checked elsewhere (a pull verified every byte against the registry's digests)
    * under `manifest` as given, keeping its id; only its name becomes this checkpoint's. Same errors as publish().
    */
-  async publishVerified(manifest: Manifest, options: PublishOptions = {}): Promise<OpenedCheckpoint> {
+  async publishVerified(manifest: Manifest, options: PublishVerifiedOptions = {}): Promise<OpenedCheckpoint> {
     if (this.state !== 'writing') {
       throw new StoreError(StoreErrorCode.BAD_STATE, `checkpoint ${this.name} is already ${this.state}`, { step: 'publish checkpoint' });
     }

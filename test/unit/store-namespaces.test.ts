@@ -4,14 +4,15 @@
  * old flat layout (every move checked on disk, a crash between its two renames finished by the next open).
  */
 import { lstat, mkdir, readdir, readFile, rename, rm, symlink, writeFile } from 'node:fs/promises';
+import { createHash } from 'node:crypto';
 import { join } from 'node:path';
+import type { Provenance } from '../../src/store/provenance.js';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { createCollectingLogger } from '../../src/log.js';
 import { openLocalStore, type LocalStore } from '../../src/store/local-store.js';
 import { manifestFields, tempRoot, writeCheckpointFiles } from '../helpers/store-fixtures.js';
 import { rejection } from '../helpers/rejection.js';
 
-const PULLED = `oci-${'ab'.repeat(32)}`;
 
 function fieldsOf(namespace: string | undefined) {
   const base = manifestFields();
@@ -25,12 +26,19 @@ async function publish(store: LocalStore, key: string, namespace: string | undef
   return pending.publish(fieldsOf(namespace));
 }
 
-/** A pulled checkpoint as a pull publishes it: files checked elsewhere, under the manifest they were checked against. */
-async function publishPulled(store: LocalStore, namespace: string) {
+/**
+ * A pulled checkpoint as a pull publishes it: files checked elsewhere, under the manifest they were checked
+ * against, with the registry bytes its name is the digest of (an image manifest naming the config by digest).
+ */
+async function publishPulled(store: LocalStore, namespace: string, edit?: (p: Provenance) => Provenance) {
   const src = await publish(store, `${namespace}/src`, namespace);
-  const pending = await store.beginCheckpoint(PULLED);
+  const config = Buffer.from(JSON.stringify(src.manifest));
+  const imageManifest = Buffer.from(JSON.stringify({ schemaVersion: 2, config: { digest: `sha256:${createHash('sha256').update(config).digest('hex')}`, size: config.length } }));
+  const provenance = edit ? edit({ imageManifest, config }) : { imageManifest, config };
+  const key = `oci-${createHash('sha256').update(provenance.imageManifest).digest('hex')}`;
+  const pending = await store.beginCheckpoint(key);
   await writeCheckpointFiles(pending.paths, 4096);
-  return pending.publishVerified(src.manifest);
+  return pending.publishVerified(src.manifest, { provenance });
 }
 
 describe('namespaced store layout', () => {
@@ -90,22 +98,59 @@ describe('namespaced store layout', () => {
     expect(await readdir(join(root, 'team-a'))).toEqual(['llm']);
   });
 
-  it('keeps pulled checkpoints in .oci, apart from every namespace', async () => {
-    const fresh = await store.beginCheckpoint(PULLED);
+  it('keeps pulled checkpoints in .oci, apart from every namespace, each proving its name by the registry bytes kept', async () => {
+    const fresh = await store.beginCheckpoint(`oci-${'ab'.repeat(32)}`);
     await writeCheckpointFiles(fresh.paths);
     expect((await rejection(fresh.publish(fieldsOf(undefined)))).message, 'a pulled name is published only by a pull').toMatch(/only a pull \(or a copy\) publishes one/);
     await fresh.abort();
     const published = await publishPulled(store, 'team-a');
     await store.delete('team-a/src');
+    const PULLED = published.name;
     expect(published.paths.dir).toBe(join(root, '.oci', PULLED));
     expect(published.namespace).toBeUndefined();
     expect((await store.list()).map((l) => [l.name, l.namespace])).toEqual([[PULLED, undefined]]);
     expect(await store.list({ namespace: 'team-a' })).toEqual([]);
     expect((await rejection(store.open(`team-a/${PULLED}`))).code, 'oci- is no name of a namespace').toBe('STORE_INVALID_NAME');
+    await store.verify(PULLED);
+    // Its manifest.json edited after the pull (constraints loosened to pass a check): refused on the next use.
+    const manifestPath = join(published.paths.dir, 'manifest.json');
+    const original = await readFile(manifestPath, 'utf8');
+    await writeFile(manifestPath, original.replace('"kernelRelease": "6.8.0-45-generic"', '"kernelRelease": "6.8.0-46-generic"'));
+    const edited = await rejection(store.open(PULLED));
+    expect([edited.code, edited.message]).toEqual(['STORE_MANIFEST_INVALID', `open checkpoint ${PULLED}: pulled checkpoint ${PULLED}: its manifest.json is not the config its registry manifest names (edited after the pull)`]);
+    await writeFile(manifestPath, original);
+    // The kept registry manifest changed: its sha256 is no longer the name's.
+    const imPath = join(published.paths.dir, 'oci-manifest.json');
+    const im = await readFile(imPath);
+    await writeFile(imPath, Buffer.concat([im, Buffer.from(' ')]));
+    expect((await rejection(store.open(PULLED))).message).toMatch(/its registry manifest's sha256 is [0-9a-f]{64}, not the [0-9a-f]{64} its name says/);
+    await writeFile(imPath, im);
+    // Gone: the name cannot be proven.
+    await rm(imPath);
+    expect((await rejection(store.open(PULLED))).message).toMatch(/are not kept; pull it again/);
+    await writeFile(imPath, im, { mode: 0o600 });
+    expect((await store.open(PULLED)).manifest.id).toBe(published.manifest.id);
+  });
+
+  it('refuses to publish a pulled checkpoint whose config is not its manifest, or without its registry bytes', async () => {
+    // The image manifest names the config it comes with, but that config is another manifest than the one published.
+    const err = await rejection(publishPulled(store, 'team-a', (p) => {
+      const config = Buffer.from(p.config.toString().replace('"kernelRelease":"6.8.0-45-generic"', '"kernelRelease":"6.9.0"'));
+      expect(config.equals(p.config)).toBe(false);
+      const imageManifest = Buffer.from(JSON.stringify({ schemaVersion: 2, config: { digest: `sha256:${createHash('sha256').update(config).digest('hex')}`, size: config.length } }));
+      return { imageManifest, config };
+    }));
+    expect([err.code, err.message]).toEqual(['STORE_MANIFEST_INVALID', expect.stringMatching(/its manifest.json is not the config its registry manifest names/)]);
+    const src = (await store.open('team-a/src')).manifest;
+    const pending = await store.beginCheckpoint(`oci-${'cd'.repeat(32)}`);
+    await writeCheckpointFiles(pending.paths, 4096);
+    expect((await rejection(pending.publishVerified(src))).code).toBe('STORE_BAD_STATE');
+    await pending.abort();
   });
 });
 
 describe('migration of the flat layout', () => {
+  let PULLED = '';
   let root: string;
   let cleanup: () => Promise<void>;
 
@@ -122,7 +167,9 @@ describe('migration of the flat layout', () => {
     ids['default'] = (await publish(staging, 'default/default', 'default')).manifest.id;
     ids['orphan'] = (await publish(staging, 'x/orphan', undefined)).manifest.id;
     ids['dup'] = (await publish(staging, 'team-b/dup', 'team-b')).manifest.id;
-    ids[PULLED] = (await publishPulled(staging, 'team-a')).manifest.id;
+    const pulled = await publishPulled(staging, 'team-a');
+    PULLED = pulled.name;
+    ids[PULLED] = pulled.manifest.id;
     await staging.delete('team-a/src');
     await rename(join(root, 'team-a', 'llm'), join(root, 'llm'));
     await rename(join(root, 'default'), join(root, 'default-ns'));

@@ -80,6 +80,8 @@ export interface ResolvedRemote {
   /** The checkpoint's manifest (the config blob), verified by digest. */
   manifest: Manifest;
   chunks: FileChunk[];
+  /** The image manifest and the config blob as the registry sent them: kept with the checkpoint (provenance.ts). */
+  provenance: { imageManifest: Buffer; config: Buffer };
 }
 
 export interface PullResult {
@@ -127,7 +129,7 @@ export async function resolveRemote(client: RegistryClient, reference: OciRefere
   } catch (err) {
     throw new OciError(OciErrorCode.MANIFEST_INVALID, `the config blob is not a thaw checkpoint manifest: ${errorMessage(err)}`, { step: 'check checkpoint artifact', cause: err, evidence: { url, config: image.config.digest } });
   }
-  return { reference, digest, name: localNameFor(digest), image, manifest, chunks: chunksOf(image, manifest) };
+  return { reference, digest, name: localNameFor(digest), image, manifest, chunks: chunksOf(image, manifest), provenance: { imageManifest: body, config } };
 }
 
 interface Transfer {
@@ -446,7 +448,7 @@ export async function fetchResolved(client: RegistryClient, r: ResolvedRemote, o
     const t2 = performance.now();
     let checkpoint: OpenedCheckpoint;
     try {
-      checkpoint = await pending.publishVerified(r.manifest, signal ? { signal } : {});
+      checkpoint = await pending.publishVerified(r.manifest, { provenance: r.provenance, ...(signal ? { signal } : {}) });
     } catch (err) {
       // Another pull of the same digest won the race: its checkpoint is the same bytes.
       if (!isThawError(err, StoreErrorCode.EXISTS)) throw err;
