@@ -23,6 +23,7 @@
  * suffers from a checkpoint). The caller gets CHECKPOINT_FAILED naming the phase, with the cause's code
  * (CRIU_FAILED with CRIU's log lines, STORE_EXISTS, ...) in `evidence.causeCode` and the cause attached.
  */
+import { readFileSync, readlinkSync } from 'node:fs';
 import { mkdtemp, rm, stat } from 'node:fs/promises';
 import { hostname, tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -254,6 +255,29 @@ export function buildCheckpointDumpOptions(
  * timings; rejects with CHECKPOINT_FAILED (see the file comment for what is guaranteed then). The signal
  * and `timeoutMs` (default DEFAULT_CHECKPOINT_TIMEOUT_MS) abort the flow; CRIU is killed, nothing is published.
  */
+/**
+ * The process's working directory as its container sees it and its real uid and gid (/proc/<pid>/cwd and
+ * status), read at the dump; what cannot be read is left out (the check at restore then skips it).
+ */
+function processIdentity(pid: number): { cwd?: string; user?: { uid: number; gid: number } } {
+  const out: { cwd?: string; user?: { uid: number; gid: number } } = {};
+  try {
+    const cwd = readlinkSync(`/proc/${pid}/cwd`);
+    if (cwd.startsWith('/') && !cwd.endsWith(' (deleted)')) out.cwd = cwd;
+  } catch {
+    // gone or not ours to read: recorded without it
+  }
+  try {
+    const status = readFileSync(`/proc/${pid}/status`, 'utf8');
+    const uid = /^Uid:\s+(\d+)/m.exec(status)?.[1];
+    const gid = /^Gid:\s+(\d+)/m.exec(status)?.[1];
+    if (uid !== undefined && gid !== undefined) out.user = { uid: Number(uid), gid: Number(gid) };
+  } catch {
+    // as above
+  }
+  return out;
+}
+
 export async function checkpointContainer(
   opts: CheckpointContainerOptions,
   call: { signal?: AbortSignal; timeoutMs?: number } = {},
@@ -384,6 +408,7 @@ export async function checkpointContainer(
         command: opts.source.command ?? inspection.cmdline,
         args: opts.source.args ?? [],
         envKeys: inspection.envKeys,
+        ...processIdentity(opts.pid),
       },
       constraints: {
         arch: hostFacts.arch,

@@ -159,7 +159,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
   const workerEnv = { WORKER_MEMORY_MB: '256', WORKER_SEED: '9', WORKER_WARMUP_MS: '200' };
 
   /** Target pod naming a checkpoint; resolves with the pod and the restore event (if the coordinator ran). */
-  async function runTarget(name: string, checkpoint: string, env: Record<string, string> = workerEnv, extra: { namespace?: string; args?: string[] } = {}) {
+  async function runTarget(name: string, checkpoint: string, env: Record<string, string> = workerEnv, extra: { namespace?: string; args?: string[]; workingDir?: string } = {}) {
     const { stack } = handle;
     const before = events.length;
     const pod = await stack.cri.runPod({ name, containerName: 'worker', image: image.ref, command: [], annotations: { [`${PREFIX}restore`]: checkpoint }, env, ...extra });
@@ -350,7 +350,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
   }, TEST_TIMEOUT_MS);
 
   /** A fallback target: running, serving from scratch, and the cause counted. */
-  async function expectColdStart(name: string, checkpoint: string, cause: string, viaCoordinator: boolean, extra: { namespace?: string; args?: string[]; coldStarted?: (containerId: string) => Promise<void> } = {}) {
+  async function expectColdStart(name: string, checkpoint: string, cause: string, viaCoordinator: boolean, extra: { namespace?: string; args?: string[]; workingDir?: string; coldStarted?: (containerId: string) => Promise<void> } = {}) {
     const { stack } = handle;
     const fallbacksBefore = stats.fallbacksByCause.get(cause) ?? 0;
     const { pod, before } = await runTarget(name, checkpoint, { ...workerEnv, WORKER_MEMORY_MB: '32' }, extra);
@@ -466,6 +466,15 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
     await expectColdStart('rst-other-args', CHECKPOINT, 'RESTORE_INCOMPATIBLE', false, { args: ['--not-what-the-source-ran'] });
     const line = logger.lines.find((l) => l.fields['cause'] === 'RESTORE_INCOMPATIBLE' && String(l.fields['pod']).endsWith('/rst-other-args'));
     expect(JSON.stringify(line?.fields['mismatches'])).toMatch(/container\.args/);
+  }, TEST_TIMEOUT_MS);
+
+  it('a target whose working directory differs from the checkpointed process\'s: cold start, cause RESTORE_INCOMPATIBLE (container.cwd)', async () => {
+    const recorded = (await store.open(KEY)).manifest.source;
+    expect(recorded.cwd, 'the checkpoint recorded its process\'s working directory').toMatch(/^\//);
+    expect(recorded.user).toEqual({ uid: 0, gid: 0 });
+    const other = recorded.cwd === '/tmp' ? '/var' : '/tmp';
+    const ev = await expectColdStart('rst-other-cwd', CHECKPOINT, 'RESTORE_INCOMPATIBLE', true, { workingDir: other });
+    expect(ev?.reason).toContain(`container.cwd ${other}, the checkpoint's ${recorded.cwd}`);
   }, TEST_TIMEOUT_MS);
 
   it('CRIU failing mid-restore (a pages file gone after verify): cold start, cause RESTORE_CRIU', async () => {

@@ -15,7 +15,8 @@ import { looksLikeReference } from '../../src/checkpoint-reference.js';
 import { decide } from '../../src/nri-plugin/policy.js';
 import { checkpointRefusal, defaultTenancyPolicy, localRestoreRefusal, parseTenancyPolicy, registryGrantFor, restoreKeyOf, storeLimitsOf } from '../../src/agent/tenancy.js';
 import { resolveAgentConfig } from '../../src/agent/config.js';
-import { checkCompatibility, isRestorable, MANIFEST_KIND, type Manifest } from '../../src/store/manifest.js';
+import { checkCompatibility, isRestorable, MANIFEST_KIND, parseManifest, type Manifest } from '../../src/store/manifest.js';
+import { assertSameProcessIdentity } from '../../src/restore-engine/restore.js';
 import { checkCosignBundle, checkSimpleSigningPayload, COSIGN_SIGNATURE_TYPE, dssePae, keyThatSigned, parseTrustedKey, signatureTagFor } from '../../src/store/oci/signature.js';
 import { manifestFields } from '../helpers/store-fixtures.js';
 
@@ -145,6 +146,29 @@ describe('tenancy policy', () => {
     [{ namespaces: { a: { quotaBytes: -1 } } }, /quotaBytes: must be a non-negative integer/],
   ])('refuses %j', (raw, message) => {
     expect(() => parseTenancyPolicy(raw)).toThrow(message);
+  });
+});
+
+describe('compatibility: working directory and user', () => {
+  it('a target spec with another cwd or user is another workload; a manifest without them passes', () => {
+    const spec = { process: { cwd: '/app', user: { uid: 1000, gid: 1000 } } };
+    expect(() => assertSameProcessIdentity({ cwd: '/app', user: { uid: 1000, gid: 1000 } }, spec)).not.toThrow();
+    expect(() => assertSameProcessIdentity({}, spec)).not.toThrow();
+    let err = (() => { try { assertSameProcessIdentity({ cwd: '/srv', user: { uid: 1000, gid: 1000 } }, spec); } catch (e) { return e as { code: string; message: string }; } return undefined; })();
+    expect(err?.code).toBe('RESTORE_INCOMPATIBLE');
+    expect(err?.message).toMatch(/container.cwd \/app, the checkpoint's \/srv/);
+    err = (() => { try { assertSameProcessIdentity({ user: { uid: 0, gid: 0 } }, { process: {} }); } catch (e) { return e as { code: string; message: string }; } return undefined; })();
+    expect(err, 'a spec without process.user runs as root: 0:0 matches').toBeUndefined();
+    err = (() => { try { assertSameProcessIdentity({ user: { uid: 0, gid: 0 } }, spec); } catch (e) { return e as { code: string; message: string }; } return undefined; })();
+    expect(err?.message).toMatch(/container.user 1000:1000, the checkpoint's 0:0/);
+  });
+
+  it('the manifest keeps them, and refuses a relative cwd', () => {
+    const base = manifestFields();
+    const m = { schemaVersion: 1, kind: MANIFEST_KIND, name: 'x', id: '8d2f7a4e-0000-4000-8000-000000000001', createdAt: '2026-01-01T00:00:00.000Z', ...base, source: { ...base.source, cwd: '/app', user: { uid: 5, gid: 6 } }, files: [], totals: { bytes: 0, fileCount: 0 } };
+    const parsed = parseManifest(JSON.stringify(m));
+    expect([parsed.source.cwd, parsed.source.user]).toEqual(['/app', { uid: 5, gid: 6 }]);
+    expect(() => parseManifest(JSON.stringify({ ...m, source: { ...m.source, cwd: 'app' } }))).toThrow(/cwd must be an absolute path/);
   });
 });
 
