@@ -62,7 +62,7 @@ describe.each(flavorsUnderTest())('thaw end to end on containerd %s', (flavor) =
     const first = await waitForServingWorker(source.controlDir);
     expect((await handle.stack.cri.execSync(source.containerId, ['/bin/sh', '-c', 'echo from-source > /tmp/thaw-diff-probe'], 10)).exitCode).toBe(0);
     for (let i = 0; i < 3; i++) await getJson(first.port, '/healthz');
-    const event = await waitForLog(dirs.logFile, (r) => r['event'] === 'checkpoint' && r['name'] === CHECKPOINT, 'the checkpoint', 120_000);
+    const event = await waitForLog(dirs.logFile, (r) => r['event'] === 'checkpoint' && r['name'] === `default/${CHECKPOINT}`, 'the checkpoint', 120_000);
     expect(event['outcome']).toBe('succeeded');
     const resumed = await waitForServingWorker(source.controlDir, { accept: (e) => e.port !== first.port });
     sourceState = await getJson<WorkerState>(resumed.port, '/state');
