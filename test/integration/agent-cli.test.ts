@@ -177,17 +177,17 @@ describe.each(flavorsUnderTest())('thaw agent and CLI on containerd %s', (flavor
     // A restore-failure mark (what the restore flow records after a fallback because of the checkpoint) shows in
     // list and inspect, and the operator clears it.
     const sameStore = await openLocalStore({ root: dirs.storeRoot });
-    await sameStore.recordRestoreFailure(await sameStore.open(CHECKPOINT), { cause: 'RESTORE_CRIU', reason: 'criu said no', containerId: 'c0ffee', pod: 'default/x' });
+    await sameStore.recordRestoreFailure(await sameStore.open(KEY), { cause: 'RESTORE_CRIU', reason: 'criu said no', containerId: 'c0ffee', pod: 'default/x' });
     const marked = JSON.parse((await thaw(['list', '--json', '--socket', socket])).stdout) as Array<{ name: string; restore_failure_json: string }>;
-    expect(JSON.parse(marked.find((c) => c.name === CHECKPOINT)!.restore_failure_json)).toMatchObject({ cause: 'RESTORE_CRIU', pod: 'default/x' });
-    expect(marked.find((c) => c.name === SLEEPER_CHECKPOINT)!.restore_failure_json).toBe('');
-    expect((await thaw(['list', '--socket', socket])).stdout).toMatch(new RegExp(`^${CHECKPOINT}\\s.*FAILED RESTORE_CRIU`, 'm'));
+    expect(JSON.parse(marked.find((c) => c.name === KEY)!.restore_failure_json)).toMatchObject({ cause: 'RESTORE_CRIU', pod: 'default/x' });
+    expect(marked.find((c) => c.name === SLEEPER_KEY)!.restore_failure_json).toBe('');
+    expect((await thaw(['list', '--socket', socket])).stdout).toMatch(new RegExp(`^${KEY}\\s.*FAILED RESTORE_CRIU`, 'm'));
     expect((await thaw(['inspect', CHECKPOINT, '--socket', socket])).stdout).toMatch(/^restore failed here: RESTORE_CRIU at .* \(pod default\/x\): criu said no/m);
     const cleared = await thaw(['clear-failure', CHECKPOINT, '--socket', socket]);
-    expect([cleared.code, cleared.stdout]).toEqual([0, `cleared the restore-failure mark of ${CHECKPOINT}: pods naming it restore from it again\n`]);
-    expect((await thaw(['clear-failure', CHECKPOINT, '--json', '--socket', socket])).stdout).toBe(`${JSON.stringify({ name: CHECKPOINT, cleared: false }, null, 2)}\n`);
+    expect([cleared.code, cleared.stdout]).toEqual([0, `cleared the restore-failure mark of ${KEY}: pods naming it restore from it again\n`]);
+    expect((await thaw(['clear-failure', CHECKPOINT, '--json', '--socket', socket])).stdout).toBe(`${JSON.stringify({ name: KEY, cleared: false }, null, 2)}\n`);
     expect((await thaw(['clear-failure', 'no-such-checkpoint', '--socket', socket])).code).toBe(4);
-    expect(await sameStore.restoreFailure(CHECKPOINT, (await sameStore.open(CHECKPOINT)).manifest)).toBeUndefined();
+    expect(await sameStore.restoreFailure(KEY, (await sameStore.open(KEY)).manifest)).toBeUndefined();
 
     const inspect = await thaw(['inspect', CHECKPOINT, '--json', '--socket', socket]);
     expect(inspect.code, inspect.stderr).toBe(0);

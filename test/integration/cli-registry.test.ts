@@ -108,7 +108,7 @@ describe('thaw push / thaw pull against a real registry', () => {
     await writeFile(join(models, 'model-00001.safetensors'), bytes);
     const sha = createHash('sha256').update(bytes).digest('hex');
     const store = await openLocalStore({ root: rootA });
-    const pending = await store.beginCheckpoint('with-weights');
+    const pending = await store.beginCheckpoint('default/with-weights');
     await writeCheckpointFiles(pending.paths, 64 * 1024);
     const source = { path: '/models/model-00001.safetensors', fileOffset: 0, length: bytes.length, fileSize: bytes.length, sha256: sha };
     await pending.publish(manifestFields({ weights: { schema: 'thaw.dev/weights-regions/v1', bytes: bytes.length, regions: [{ name: 'w', device: 0, va: '0x7f0000000000', size: 4 * MiB, granularity: 2 * MiB, allocations: [{ offset: 0, size: 4 * MiB, kind: 'file', source }] }] } }));

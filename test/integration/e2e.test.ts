@@ -141,7 +141,7 @@ describe.each(flavorsUnderTest())('thaw end to end on containerd %s', (flavor) =
       // The agent takes the device for a ready marker, refuses to read it (not a regular file), and checkpoints
       // (or fails to: the worker never quiesced); either way it then writes checkpoint-complete and
       // snapshot-complete as new directory entries, never through the planted link.
-      const event = await waitForLog(dirs.logFile, (l) => l['event'] === 'checkpoint' && l['name'] === name, 'the checkpoint event', 120_000);
+      const event = await waitForLog(dirs.logFile, (l) => l['event'] === 'checkpoint' && l['name'] === `default/${name}`, 'the checkpoint event', 120_000);
       expect(['succeeded', 'failed']).toContain(event['outcome']);
       const records = await readJsonLog(dirs.logFile);
       expect(records.some((l) => l.msg === 'the ready marker has an unreadable payload; going on without it' && l['containerId'] === pod.containerId)).toBe(true);

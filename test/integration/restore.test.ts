@@ -346,7 +346,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
     await writeFile(canary, 'host bytes\n');
     // Names of the same length as three files the demo worker maps (node and its libraries, read from the first
     // checkpoint's images), so files.img can name the planted entries instead without re-encoding it.
-    const mapped = (await mappedFilePages((await store.open(CHECKPOINT)).paths.criuDir)).map((f) => f.path).filter((p) => p.length > 12);
+    const mapped = (await mappedFilePages((await store.open(KEY)).paths.criuDir)).map((f) => f.path).filter((p) => p.length > 12);
     const originals = [...mapped].sort((a, b) => b.length - a.length).slice(0, 3);
     expect(originals.length).toBe(3);
     const planted = originals.map((p, i) => `/tmp/h/${'fls'[i]!.repeat(p.length - 7)}`);
@@ -360,13 +360,13 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
     });
     // The capture archived the FIFO and the links as what they are (never opened), not the canary's bytes.
     expect(await readFile(canary, 'utf8')).toBe('host bytes\n');
-    const diff = await readFile(path.join((await store.open('hostile')).paths.dir, 'rootfs-diff.tar'));
+    const diff = await readFile(path.join((await store.open('default/hostile')).paths.dir, 'rootfs-diff.tar'));
     expect(diff.includes(Buffer.from('host bytes'))).toBe(false);
 
     // The checkpoint's files.img now names the planted entries where the worker mapped node's files (same lengths),
     // and the manifest its new digest: the restore's mapped-file reads meet the FIFO and the links through the
     // target's root, and CRIU meets them too.
-    const opened = await store.open('hostile');
+    const opened = await store.open('default/hostile');
     const filesImg = path.join(opened.paths.criuDir, 'files.img');
     let bytes = await readFile(filesImg);
     for (const [i, original] of originals.entries()) {
@@ -403,7 +403,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
     expect(readdirSync(canaryDir)).toEqual(['canary']);
     // NRI still answers: the next pod naming it is decided at once in CreateContainer (the failure was recorded).
     await expectColdStart('hostile-again', 'hostile', 'RESTORE_CHECKPOINT_FAILED_BEFORE', false);
-    await store.delete('hostile');
+    await store.delete('default/hostile');
     await rm(canaryDir, { recursive: true, force: true });
   }, 360_000);
 
@@ -579,8 +579,8 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
       // CRIU's own words reach the event (and the log line behind it).
       expect(ev?.reason).toMatch(/Can't read pages data/);
       // The checkpoint is marked failed on this node, for this manifest.
-      const mark = await store.restoreFailure(CHECKPOINT, opened.manifest);
-      expect(mark, 'the restore-failure mark').toMatchObject({ name: CHECKPOINT, cause: 'RESTORE_CRIU', containerId: ev?.containerId, manifestId: opened.manifest.id });
+      const mark = await store.restoreFailure(KEY, opened.manifest);
+      expect(mark, 'the restore-failure mark').toMatchObject({ name: KEY, cause: 'RESTORE_CRIU', containerId: ev?.containerId, manifestId: opened.manifest.id });
       // The next pod naming it cold-starts at once (decided at CreateContainer: no diff applied, no CRIU), even with
       // the checkpoint whole again and no fault injected.
       beforeCriu = undefined;
@@ -596,7 +596,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
       expect(events.slice(eventsBefore).some((e) => e.pod.endsWith('/rst-criu-failed-before'))).toBe(false);
       expect(stats.restoreFallbacksAtCreate.get('RESTORE_CHECKPOINT_FAILED_BEFORE')).toBeGreaterThanOrEqual(1);
       // Cleared by the operator (the API's ClearRestoreFailure): the next pod restores again.
-      expect(await store.clearRestoreFailure(CHECKPOINT)).toBe(true);
+      expect(await store.clearRestoreFailure(KEY)).toBe(true);
       const { pod } = await runTarget('rst-criu-cleared', CHECKPOINT);
       try {
         const again = await waitFor(() => events.slice(eventsBefore).find((e) => e.containerId === pod.containerId), 'the restore event after the clear', 120_000, 50);
@@ -607,13 +607,13 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
     } finally {
       beforeCriu = undefined;
       if (existsSync(`${file}.aside`)) await rename(`${file}.aside`, file);
-      await store.clearRestoreFailure(CHECKPOINT);
+      await store.clearRestoreFailure(KEY);
     }
   }, TEST_TIMEOUT_MS);
 
   it('a fallback that cannot undo the diff (its backup swapped for a symlink to a host directory): the container is killed, cause RESTORE_UNDO_FAILED', async () => {
     const { stack } = handle;
-    const opened = await store.open(CHECKPOINT);
+    const opened = await store.open(KEY);
     const pages = opened.manifest.files.map((f) => f.path).find((p) => /pages-\d+\.img$/.test(p)) as string;
     const file = path.join(opened.paths.dir, pages);
     const canary = await mkdtemp('/tmp/thaw-undo-canary-');
@@ -655,7 +655,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
       beforeCriu = undefined;
       await stack.cri.removePod(pod.podId);
       if (existsSync(`${file}.aside`)) await rename(`${file}.aside`, file);
-      await store.clearRestoreFailure(CHECKPOINT);
+      await store.clearRestoreFailure(KEY);
       await rm(canary, { recursive: true, force: true });
     }
   }, TEST_TIMEOUT_MS);
@@ -680,12 +680,12 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
       const ev = await expectColdStart('rst-hook-fail', CHECKPOINT, 'RESTORE_HOOK_FAILED', true);
       expect(ev?.reason).toMatch(/HOOK_ROOTFS_DIFF_FAILED/);
       // A diff the hook refuses marks that checkpoint (the edited manifest) failed, not the original one.
-      expect(await store.restoreFailure(CHECKPOINT, (await store.open(CHECKPOINT)).manifest)).toMatchObject({ cause: 'RESTORE_HOOK_FAILED' });
+      expect(await store.restoreFailure(KEY, (await store.open(KEY)).manifest)).toMatchObject({ cause: 'RESTORE_HOOK_FAILED' });
     } finally {
       await writeFile(tarFile, original);
       await writeFile(opened.paths.manifest, originalManifest);
     }
-    expect(await store.restoreFailure(CHECKPOINT, (await store.open(CHECKPOINT)).manifest)).toBeUndefined();
+    expect(await store.restoreFailure(KEY, (await store.open(KEY)).manifest)).toBeUndefined();
   }, TEST_TIMEOUT_MS);
 
   it('a name that tries to escape the store is rejected by the policy: cold start', async () => {
