@@ -85,7 +85,7 @@ async function endToEnd(registry: RunningRegistry, workDir: string, say: (line: 
     say(`e2e: ${memoryMb} MB worker, checkpoint on node A`);
     const source = await runWorkerPod(stack, dirsA.controlRoot, { ...common, name: 'e2e-src', annotations: { 'thaw.dev/checkpoint': 'e2e' }, checkpointAfterMs: 500 });
     await waitForServingWorker(source.controlDir, { timeoutMs: 600_000 });
-    const ck = await waitForLog(dirsA.logFile, (r) => r['event'] === 'checkpoint' && r['name'] === 'e2e', 'the checkpoint', 600_000);
+    const ck = await waitForLog(dirsA.logFile, (r) => r['event'] === 'checkpoint' && r['name'] === 'default/e2e', 'the checkpoint', 600_000);
     if (ck['outcome'] !== 'succeeded') throw new Error(`checkpoint failed: ${JSON.stringify(ck)}`);
     await stack.cri.removePod(source.podId);
     const local: number[] = [];
@@ -99,7 +99,7 @@ async function endToEnd(registry: RunningRegistry, workDir: string, say: (line: 
     plugin = undefined;
 
     const storeA = await openLocalStore({ root: dirsA.storeRoot });
-    await pushCheckpoint({ store: storeA, name: 'e2e', reference: `${registry.host}/bench/e2e:v1`, access: { plainHttp: true } });
+    await pushCheckpoint({ store: storeA, name: 'default/e2e', reference: `${registry.host}/bench/e2e:v1`, access: { plainHttp: true } });
     const config = join(workDir, 'registries.json');
     await writeFile(config, JSON.stringify({ access: { [registry.host]: { plainHttp: true } } }), { mode: 0o600 });
     plugin = await start(dirsB, ['--registry-config', config]);
@@ -142,7 +142,7 @@ async function main(): Promise<void> {
   try {
     // A checkpoint as the checkpoint flow leaves it: one large pages image (incompressible bytes) and small files.
     const storeA = await openLocalStore({ root: join(work, 'a') });
-    const pending = await storeA.beginCheckpoint('bench');
+    const pending = await storeA.beginCheckpoint('bench/bench');
     const fh = await open(join(pending.paths.criuDir, 'pages-1.img'), 'w', 0o600);
     const block = Buffer.allocUnsafe(8 * MiB);
     for (let written = 0; written < bytes; ) {
@@ -166,7 +166,7 @@ async function main(): Promise<void> {
     const rows: Array<{ round: number; pushMs: number; pullMs: number; curlMs: number }> = [];
     for (let r = 1; r <= rounds; r++) {
       const repo = `bench/ckpt-${r}`;
-      const pushed = await pushCheckpoint({ store: storeA, name: 'bench', reference: `${registry.host}/${repo}:v1`, access: { plainHttp: true }, chunkBytes, concurrency: 4 });
+      const pushed = await pushCheckpoint({ store: storeA, name: 'bench/bench', reference: `${registry.host}/${repo}:v1`, access: { plainHttp: true }, chunkBytes, concurrency: 4 });
       const rootB = join(work, `b-${r}`);
       const storeB = await openLocalStore({ root: rootB });
       const pulled = await pullCheckpoint({ store: storeB, reference: `${registry.host}/${repo}@${pushed.digest}`, access: { plainHttp: true }, concurrency, cache: false });

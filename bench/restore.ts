@@ -121,7 +121,7 @@ async function main(): Promise<void> {
       const source = await runWorkerPod(stack, dirs.controlRoot, { ...common, name: `${name}-src`, annotations: { 'thaw.dev/checkpoint': name }, checkpointAfterMs: 500 });
       await waitForServingWorker(source.controlDir, { timeoutMs: 600_000 });
       const coldStartMs = Date.now() - source.startedAt;
-      const event = await waitForLog(logFile, (r) => r['event'] === 'checkpoint' && r['name'] === name, 'the checkpoint', 600_000);
+      const event = await waitForLog(logFile, (r) => r['event'] === 'checkpoint' && r['name'] === `default/${name}`, 'the checkpoint', 600_000);
       if (event['outcome'] !== 'succeeded') throw new Error(`checkpoint of ${memoryMb} MB failed: ${JSON.stringify(event)}`);
       const phases = event['phases'] as { totalMs: number };
       const checkpointBytes = Number(event['bytes']);
@@ -161,7 +161,7 @@ async function main(): Promise<void> {
         restoreGBps: round(checkpointBytes / GB / (engineMs(warm.event) / 1000), 3),
         stateVerified: warm.event['outcome'] === 'restored' && cold.event['outcome'] === 'restored' && warm.state?.digest === expectedDigest(memoryMb, seed) && warm.state.restored,
       });
-      await rm(join(dirs.storeRoot, name), { recursive: true, force: true });
+      await rm(join(dirs.storeRoot, 'default', name), { recursive: true, force: true });
     }
   } finally {
     await plugin?.stop();
@@ -182,7 +182,7 @@ async function main(): Promise<void> {
 }
 
 async function readManifest(storeRoot: string, name: string): Promise<unknown> {
-  return JSON.parse(await readFile(join(storeRoot, name, 'manifest.json'), 'utf8'));
+  return JSON.parse(await readFile(join(storeRoot, 'default', name, 'manifest.json'), 'utf8'));
 }
 
 main().catch((err: unknown) => {

@@ -67,9 +67,9 @@ async function main(): Promise<number> {
 
     // 3. The worker asks for its checkpoint; thaw dumps it and tells it to go on.
     say('waiting for the worker to ask for its checkpoint and for thaw to take it');
-    const checkpointEvent = await waitForLog(logFile, (r) => r['event'] === 'checkpoint' && r['name'] === CHECKPOINT_NAME, 'the checkpoint', 120_000);
+    const checkpointEvent = await waitForLog(logFile, (r) => r['event'] === 'checkpoint' && r['name'] === `default/${CHECKPOINT_NAME}`, 'the checkpoint', 120_000);
     if (checkpointEvent['outcome'] !== 'succeeded') throw new Error(`checkpoint failed: ${JSON.stringify(checkpointEvent)}`);
-    const manifest = JSON.parse(await readFile(join(storeRoot, CHECKPOINT_NAME, 'manifest.json'), 'utf8')) as {
+    const manifest = JSON.parse(await readFile(join(storeRoot, 'default', CHECKPOINT_NAME, 'manifest.json'), 'utf8')) as {
       totals: { bytes: number; liveBytes?: number };
       timings: { phaseMs: Record<string, number> };
     };

@@ -86,3 +86,68 @@ export function parseQualifiedName(text: string, defaultNamespace: string = DEFA
 export function formatQualifiedName(q: QualifiedName): string {
   return `${q.namespace}/${q.name}`;
 }
+
+/** The store's name of a pulled checkpoint: `oci-` and the 64 hex digits of its registry manifest's sha256. */
+const PULLED_KEY_PATTERN = /^oci-[0-9a-f]{64}$/;
+
+/** True for `oci-<64 hex>`, the key of a pulled checkpoint. */
+export function isPulledKey(key: string): boolean {
+  return PULLED_KEY_PATTERN.test(key);
+}
+
+/**
+ * A checkpoint's key in the store (what the store API, leases, logs and metrics name it by): `namespace/name` for
+ * a checkpoint owned by that Kubernetes namespace (the namespace of the pod it was taken from), `oci-<64 hex>` for
+ * one pulled from a registry (owned by no namespace: the tenancy policy decides on every use). Every store call
+ * takes a key; a bare name is never a key, so no caller can reach another namespace's checkpoint by forgetting to
+ * qualify it.
+ */
+export type StoreKey = string;
+
+export type ParsedStoreKey = { kind: 'owned'; namespace: string; name: string } | { kind: 'pulled'; name: string };
+
+/** Parses a store key; `{ reason }` when it is neither form. Pure. */
+export function parseStoreKey(key: string): ParsedStoreKey | { reason: string } {
+  if (isPulledKey(key)) return { kind: 'pulled', name: key };
+  const slash = key.indexOf('/');
+  if (slash < 0) {
+    const bad = checkCheckpointName(key);
+    return { reason: bad ?? `checkpoint ${JSON.stringify(key)} names no namespace (the store names checkpoints namespace/name)` };
+  }
+  const namespace = key.slice(0, slash);
+  const name = key.slice(slash + 1);
+  const badNs = checkNamespaceName(namespace);
+  if (badNs !== undefined) return { reason: badNs };
+  const bad = checkCheckpointName(name);
+  if (bad !== undefined) return { reason: bad };
+  if (name.startsWith(RESERVED_NAME_PREFIX)) return { reason: `checkpoint name ${JSON.stringify(name)} begins with "${RESERVED_NAME_PREFIX}", which is reserved for checkpoints pulled from a registry` };
+  return { kind: 'owned', namespace, name };
+}
+
+/** The reason a string is not a store key, or undefined. */
+export function checkStoreKey(key: string): string | undefined {
+  const parsed = parseStoreKey(key);
+  return 'reason' in parsed ? parsed.reason : undefined;
+}
+
+/** The key of a checkpoint a namespace owns. */
+export function storeKeyOf(q: QualifiedName): StoreKey {
+  return `${q.namespace}/${q.name}`;
+}
+
+/**
+ * What a caller's checkpoint name means as a store key: `namespace/name` as given, a bare name in
+ * `defaultNamespace`, and (with `allowPulled`: list, inspect, delete) a pulled checkpoint's `oci-<hex>`. Pure.
+ */
+export function resolveStoreKey(text: string, defaultNamespace: string, options: { allowPulled?: boolean } = {}): { key: StoreKey } | { reason: string } {
+  if (options.allowPulled === true && isPulledKey(text)) return { key: text };
+  const q = parseQualifiedName(text, defaultNamespace);
+  if ('reason' in q) return q;
+  return { key: storeKeyOf(q) };
+}
+
+/** The namespace that owns a key (undefined for a pulled checkpoint). Expects a valid key. */
+export function namespaceOfKey(key: StoreKey): string | undefined {
+  const parsed = parseStoreKey(key);
+  return 'kind' in parsed && parsed.kind === 'owned' ? parsed.namespace : undefined;
+}

@@ -25,9 +25,17 @@ const DIGEST = /^sha256:[0-9a-f]{64}$/;
 const HOST = /^(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*(?::[0-9]{1,5})?$|^\[[0-9a-f:.]+\](?::[0-9]{1,5})?$/;
 export const REFERENCE_MAX_LENGTH = 255 + 128 + 72;
 
-/** True when an annotation value names a registry reference rather than a local checkpoint (it holds a '/'). */
+/**
+ * True when an annotation value names a registry reference rather than a local checkpoint: its first path
+ * component is a registry host (holds a '.' or a ':', or is `localhost`). `team-a/llm` is not one: it is a
+ * checkpoint `llm` of namespace `team-a` (a Kubernetes namespace holds neither '.' nor ':'; one named
+ * `localhost` cannot be named this way).
+ */
 export function looksLikeReference(text: string): boolean {
-  return text.includes('/');
+  const slash = text.indexOf('/');
+  if (slash < 0) return false;
+  const first = text.slice(0, slash);
+  return first.includes('.') || first.includes(':') || first.toLowerCase() === 'localhost';
 }
 
 /** Parses and validates a reference; `{ reason }` says what is wrong. Pure, never throws. */

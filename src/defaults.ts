@@ -101,3 +101,25 @@ export const DEFAULT_CUDA_LOCK_TIMEOUT_MS = 10_000;
  * warns and uses 1 ms). Every timer built from a caller's timeout is clamped to it.
  */
 export const MAX_TIMER_DELAY_MS = 2_147_483_647;
+
+// --- store bounds (agent config `store.*`; per-namespace quotas also in `tenancy.namespaces.<ns>.quotaBytes`) ---
+
+/** All checkpoints of the local store together, in declared bytes; 0: no total quota (free space still bounds). */
+export const DEFAULT_STORE_QUOTA_BYTES = 0;
+/** A namespace's checkpoints, when the tenancy policy names no quota for it; 0: none of its own. */
+export const DEFAULT_NAMESPACE_QUOTA_BYTES = 0;
+/**
+ * What the store's filesystem keeps free: a checkpoint or pull that would leave less is refused (after the least
+ * recently used checkpoints are collected), so that thaw never fills the node's disk.
+ */
+export const DEFAULT_STORE_MIN_FREE_BYTES = 1024 ** 3;
+
+// --- global bounds on concurrent work (agent config `limits.*`) ---
+
+/**
+ * Checkpoint files hashed at once in the whole agent (publish, verify, copy; every checkpoint and restore
+ * together): sha256 is CPU-bound, and a node's cores serve its pods first.
+ */
+export const DEFAULT_MAX_CONCURRENT_HASHING = 4;
+/** CRIU processes (dumps and restores) at once in the whole agent: each freezes or rebuilds a worker's memory. */
+export const DEFAULT_MAX_CONCURRENT_CRIU = 2;

@@ -392,11 +392,11 @@ async function runModel(model: string | undefined): Promise<void> {
       // Only the source prints its tokens (before its checkpoint): generating them delays serving by a few hundred ms.
       // The targets get the source's args: a restore requires the same command and args (manifest.ts).
       const source = await runWorker(`gpu-src-${v.name}`, { 'thaw.dev/checkpoint': checkpointName }, [...v.workerArgs, '--print-tokens']);
-      const event = await waitForLog(logFile, (r) => r['event'] === 'checkpoint' && r['name'] === checkpointName, 'the checkpoint', CHECKPOINT_TIMEOUT_MS);
+      const event = await waitForLog(logFile, (r) => r['event'] === 'checkpoint' && r['name'] === `default/${checkpointName}`, 'the checkpoint', CHECKPOINT_TIMEOUT_MS);
       if (event['outcome'] !== 'succeeded') throw new Error(`${v.name}: checkpoint failed: ${JSON.stringify(event)}`);
       const checkpointPhases = event['phases'] as { totalMs: number };
       const checkpointBytes = Number(event['bytes']);
-      const manifest = JSON.parse(await readFile(join(dirs.storeRoot, checkpointName, 'manifest.json'), 'utf8')) as { constraints?: { gpu?: unknown } };
+      const manifest = JSON.parse(await readFile(join(dirs.storeRoot, 'default', checkpointName, 'manifest.json'), 'utf8')) as { constraints?: { gpu?: unknown } };
       await waitReady(source, COLD_START_TIMEOUT_MS, (h) => h.ok);
       const sourceEvents = await workerLogEvents(source.logPath);
       const sourceTokens = sourceEvents.find((e) => e['event'] === 'tokens' && e['phase'] === 'ready')?.['tokens'] as number[] | undefined;
@@ -485,7 +485,7 @@ async function runModel(model: string | undefined): Promise<void> {
           [...warmRuns, ...coldRuns, ...coldMappedWarmRuns].every((r) => same(sourceTokens, r.tokens)) &&
           (v.tensorParallel !== tensorParallel || same(sourceTokens, coldTokens)),
       });
-      await rm(join(dirs.storeRoot, checkpointName), { recursive: true, force: true });
+      await rm(join(dirs.storeRoot, 'default', checkpointName), { recursive: true, force: true });
     }
   } finally {
     // Evidence for a run on a lent machine: the plugin's log and every worker's log, before the stack goes.

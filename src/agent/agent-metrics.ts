@@ -35,14 +35,22 @@ const CHECKPOINT_PHASES: Record<string, string> = {
 
 export interface AgentMetricsSources {
   stats: ThawNriStats;
-  /** Checkpoints in the store and their bytes, and the `thaw.dev/snapshot` ones by namespace and name (read at scrape). */
-  stored(): Promise<{ count: number; bytes: number; snapshots?: ReadonlyArray<{ namespace: string; snapshot: string; count: number }> }>;
+  /**
+   * Checkpoints in the store and their bytes (read at scrape), in all and per owning namespace (pulled
+   * checkpoints under PULLED_NAMESPACE_LABEL), and the `thaw.dev/snapshot` ones by namespace and name.
+   */
+  stored(): Promise<{ count: number; bytes: number; byNamespace?: ReadonlyMap<string, { count: number; bytes: number }>; snapshots?: ReadonlyArray<{ namespace: string; snapshot: string; count: number }> }>;
   /** How `thaw.dev/snapshot` pods started (snapshot.ts SnapshotTracker.rows); absent: none counted. */
   snapshotPods?(): SnapshotPodCount[];
   restoresInFlight(): number;
   checkpointsInFlight(): number;
   version: string;
+  /** What the store's collection removed since start (engine.gcTotals); absent: no GC series move. */
+  gc?: () => { runs: number; checkpoints: ReadonlyMap<string, number>; bytes: ReadonlyMap<string, number>; cacheFiles: number; cacheBytes: number };
 }
+
+/** The `namespace` label of pulled checkpoints (owned by none; a Kubernetes namespace never begins with '.'). */
+export const PULLED_NAMESPACE_LABEL = '.oci';
 
 export interface AgentMetrics {
   registry: MetricsRegistry;
@@ -67,15 +75,27 @@ export function createAgentMetrics(src: AgentMetricsSources): AgentMetrics {
   const refusals = r.counter('thaw_tenancy_refusals_total', 'Restore targets the tenancy policy sent to a cold start, by the pod\'s namespace and cause (RESTORE_NOT_ALLOWED, RESTORE_SIGNATURE, RESTORE_NO_ROOM).', ['namespace', 'cause']);
   const snapshotPods = r.counter('thaw_snapshot_pods_total', 'thaw.dev/snapshot pods by how they started: restored, cold (cause: why; AGENT_SNAPSHOT_CHECKPOINT_IN_PROGRESS when another pod takes the checkpoint), checkpointed (cold-started and checkpointed), by namespace and snapshot name.', ['namespace', 'snapshot', 'outcome', 'cause']);
   const snapshotStored = r.gauge('thaw_snapshot_checkpoints_stored', 'thaw.dev/snapshot checkpoints in the local store (one per key: image digest, args, GPU), by namespace and snapshot name.', ['namespace', 'snapshot']);
+  const storeBytes = r.gauge('thaw_store_bytes', `Bytes of the checkpoints in the local store by owning namespace (manifest totals; pulled checkpoints: namespace="${PULLED_NAMESPACE_LABEL}").`, ['namespace']);
+  const storeCheckpoints = r.gauge('thaw_store_checkpoints', `Checkpoints in the local store by owning namespace (pulled: namespace="${PULLED_NAMESPACE_LABEL}").`, ['namespace']);
+  const checkpointsByNamespace = r.counter('thaw_checkpoints_by_namespace_total', 'Checkpoints by the namespace that owns them and outcome.', ['namespace', 'outcome']);
+  const gcRuns = r.counter('thaw_gc_runs_total', 'Collections of the local store that deleted (thaw gc, room made for a checkpoint or pull, after a checkpoint).');
+  const gcCollected = r.counter('thaw_gc_collected_total', 'Checkpoints the store\'s collection deleted (least recently used, none in use), by owning namespace.', ['namespace']);
+  const gcCollectedBytes = r.counter('thaw_gc_collected_bytes_total', 'Declared bytes of the checkpoints the store\'s collection deleted, by owning namespace.', ['namespace']);
+  const gcCacheFiles = r.counter('thaw_gc_cache_files_collected_total', 'File cache entries the store\'s collection deleted (no checkpoint linked them).');
+  const gcCacheBytes = r.counter('thaw_gc_cache_bytes_collected_total', 'Bytes of the file cache entries the store\'s collection deleted.');
   const info = r.gauge('thaw_agent_info', 'Always 1; the agent version as a label.', ['version']);
 
   for (const outcome of ['restored', 'fallback']) restores.touch({ outcome });
   for (const outcome of ['succeeded', 'failed', 'cancelled']) checkpoints.touch({ outcome });
   bytesRead.touch();
+  gcRuns.touch();
+  gcCacheFiles.touch();
+  gcCacheBytes.touch();
   bytesWritten.touch();
   info.set(1, { version: src.version });
   // Restore events counted here; fallbacks decided at CreateContainer have no event and are added at scrape.
   const restoreEvents = { restored: 0, fallback: 0 };
+  const seenNamespaces = new Set<string>();
 
   r.onCollect(async () => {
     const atCreate = [...src.stats.restoreFallbacksAtCreate.values()].reduce((a, b) => a + b, 0);
@@ -86,6 +106,14 @@ export function createAgentMetrics(src: AgentMetricsSources): AgentMetrics {
       const [namespace = '', cause = ''] = key.split(' ');
       refusals.setTotal(n, { namespace, cause });
     }
+    const gc = src.gc?.();
+    if (gc !== undefined) {
+      gcRuns.setTotal(gc.runs);
+      for (const [namespace, n] of gc.checkpoints) gcCollected.setTotal(n, { namespace });
+      for (const [namespace, n] of gc.bytes) gcCollectedBytes.setTotal(n, { namespace });
+      gcCacheFiles.setTotal(gc.cacheFiles);
+      gcCacheBytes.setTotal(gc.cacheBytes);
+    }
     restoresInFlight.set(src.restoresInFlight());
     checkpointsInFlight.set(src.checkpointsInFlight());
     for (const row of src.snapshotPods?.() ?? []) snapshotPods.setTotal(row.count, { namespace: row.namespace, snapshot: row.snapshot, outcome: row.outcome, cause: row.cause });
@@ -94,6 +122,16 @@ export function createAgentMetrics(src: AgentMetricsSources): AgentMetrics {
     storedBytes.set(s.bytes);
     snapshotStored.reset(); // a snapshot whose checkpoints were all deleted leaves no series behind
     for (const row of s.snapshots ?? []) snapshotStored.set(row.count, { namespace: row.namespace, snapshot: row.snapshot });
+    // A namespace whose last checkpoint went reads 0 rather than its last value.
+    for (const namespace of seenNamespaces) {
+      storeBytes.set(0, { namespace });
+      storeCheckpoints.set(0, { namespace });
+    }
+    for (const [namespace, v] of s.byNamespace ?? []) {
+      seenNamespaces.add(namespace);
+      storeBytes.set(v.bytes, { namespace });
+      storeCheckpoints.set(v.count, { namespace });
+    }
   });
 
   return {
@@ -109,6 +147,7 @@ export function createAgentMetrics(src: AgentMetricsSources): AgentMetrics {
     },
     onCheckpointEvent(e) {
       checkpoints.inc({ outcome: e.outcome });
+      checkpointsByNamespace.inc({ namespace: e.namespace, outcome: e.outcome });
       if (e.outcome !== 'succeeded') return;
       for (const [key, phase] of Object.entries(CHECKPOINT_PHASES)) {
         const ms = (e.phases as Record<string, number | undefined> | undefined)?.[key];

@@ -28,13 +28,13 @@ import { hookSocketFor, UNIX_PATH_MAX_BYTES } from './hook-server.js';
 import { createNriPlugin, readLaunchEnv, type NriHandlers } from '../nri-plugin/index.js';
 import { undoJournalFor } from '../restore-engine/index.js';
 import { removeControlDir } from '../sdk/index.js';
-import { createAgentMetrics } from './agent-metrics.js';
+import { createAgentMetrics, PULLED_NAMESPACE_LABEL } from './agent-metrics.js';
 import { loadAgentService } from './api-proto.js';
 import { createApiHandlers, type ApiContext } from './api-server.js';
 import { ConfigError, ConfigErrorCode, type AgentConfig } from './config.js';
 import type { RegistrySourceOptions } from './checkpoint-sources.js';
 import { loadRegistryConfig } from './registry-config.js';
-import { loadSigningKeys, loadTrustedKeys } from './tenancy.js';
+import { loadSigningKeys, loadTrustedKeys, storeLimitsOf } from './tenancy.js';
 import type { SigningKey, TrustedKey } from '../store/index.js';
 import { ContainerRegistry } from './containers.js';
 import { createThawEngine, type ThawEngine } from './engine.js';
@@ -268,16 +268,22 @@ export async function runAgent(o: AgentRunOptions, logger: Logger): Promise<numb
   const storedTotals = cachedValue(STORED_TOTALS_MAX_AGE_MS, async () => {
     const listed = await engine.store.list();
     const snapshots = new Map<string, { namespace: string; snapshot: string; count: number }>();
+    const byNamespace = new Map<string, { count: number; bytes: number }>();
     for (const l of listed) {
+      const ns = l.namespace ?? PULLED_NAMESPACE_LABEL;
+      const v = byNamespace.get(ns) ?? { count: 0, bytes: 0 };
+      v.count++;
+      v.bytes += l.manifest?.totals.bytes ?? 0;
+      byNamespace.set(ns, v);
       const m = l.manifest;
       if (m?.snapshot === undefined) continue;
-      const namespace = m.source.pod?.namespace ?? '';
+      const namespace = l.namespace ?? m.source.pod?.namespace ?? '';
       const k = `${namespace}\0${m.snapshot.name}`;
       const row = snapshots.get(k) ?? { namespace, snapshot: m.snapshot.name, count: 0 };
       row.count++;
       snapshots.set(k, row);
     }
-    return { count: listed.length, bytes: listed.reduce((a, l) => a + (l.manifest?.totals.bytes ?? 0), 0), snapshots: [...snapshots.values()] };
+    return { count: listed.length, bytes: listed.reduce((a, l) => a + (l.manifest?.totals.bytes ?? 0), 0), byNamespace, snapshots: [...snapshots.values()] };
   });
   // The native createRuntime hook is built beside thaw-pause; without it, restores run the Node.js hook.
   const nativeHookPath = join(dirname(c.paths.thawPause), NATIVE_HOOK_NAME);
@@ -305,6 +311,9 @@ export async function runAgent(o: AgentRunOptions, logger: Logger): Promise<numb
     tenancy: c.tenancy,
     trustedKeys,
     signingKeys,
+    storeLimits: storeLimitsOf(c.store, c.tenancy),
+    maxConcurrentHashing: c.limits.hashing,
+    maxConcurrentCriu: c.limits.criuRuns,
     onRestoreEvent: (e) => metrics?.onRestoreEvent(e),
     onCheckpointEvent: (e) => {
       storedTotals.invalidate();
@@ -318,6 +327,7 @@ export async function runAgent(o: AgentRunOptions, logger: Logger): Promise<numb
     checkpointsInFlight: () => engine.checkpoints.status().filter((s) => s.state === 'waiting-for-worker' || s.state === 'checkpointing').length,
     stored: () => storedTotals.get(),
     snapshotPods: () => engine.snapshots.rows(),
+    gc: () => engine.gcTotals,
   });
 
   const containers = new ContainerRegistry();

@@ -41,6 +41,7 @@ export interface CheckpointSummaryMsg {
   snapshot: string;
   snapshot_key: string;
   restore_failure_json: string;
+  namespace: string;
 }
 export interface SnapshotPodsMsg { namespace: string; snapshot: string; outcome: string; cause: string; count: number }
 export interface ListCheckpointsResponseMsg { checkpoints: CheckpointSummaryMsg[]; snapshot_pods: SnapshotPodsMsg[] }
@@ -52,6 +53,15 @@ export interface InspectCheckpointResponseMsg {
   restorable: boolean;
   mismatches: MismatchMsg[];
   directory: string;
+}
+export interface CollectedCheckpointMsg { name: string; namespace: string; bytes: number; last_used: string }
+export interface CollectGarbageResponseMsg {
+  collected: CollectedCheckpointMsg[];
+  bytes: number;
+  cache_files: number;
+  cache_bytes: number;
+  unmet: string;
+  dry_run: boolean;
 }
 export interface RestoreInFlightMsg { container_id: string; pod: string; checkpoint: string; phase: string; since: string }
 export interface StatusResponseMsg {

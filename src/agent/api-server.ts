@@ -7,7 +7,8 @@ import * as grpc from '@grpc/grpc-js';
 import { errorMessage, isThawError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { createControlDir } from '../sdk/index.js';
-import { StoreErrorCode } from '../store/index.js';
+import { StoreError, StoreErrorCode } from '../store/index.js';
+import { checkNamespaceName, DEFAULT_NAMESPACE, namespaceOfKey, resolveStoreKey } from '../checkpoint-name.js';
 import { readHostFacts } from '../sys/host-facts.js';
 import type { ListedCheckpoint } from '../store/index.js';
 import { checkCompatibility, isRestorable, type Manifest } from '../store/index.js';
@@ -16,6 +17,7 @@ import {
   type CheckpointProgressMsg,
   type CheckpointRequestMsg,
   type CheckpointSummaryMsg,
+  type CollectGarbageResponseMsg,
   type InspectCheckpointResponseMsg,
   type ListCheckpointsResponseMsg,
   type StatusResponseMsg,
@@ -95,7 +97,15 @@ function summaryOf(l: ListedCheckpoint, inUse: boolean): CheckpointSummaryMsg {
     snapshot: m?.snapshot?.name ?? '',
     snapshot_key: m?.snapshot?.key ?? '',
     restore_failure_json: l.restoreFailure ? JSON.stringify(l.restoreFailure) : '',
+    namespace: l.namespace ?? '',
   };
+}
+
+/** The store key of a name the caller gives: namespace/name, a bare name (namespace "default"), or oci-<hex>. */
+function keyOf(name: string): string {
+  const resolved = resolveStoreKey(name, DEFAULT_NAMESPACE, { allowPulled: true });
+  if ('reason' in resolved) throw new StoreError(StoreErrorCode.INVALID_NAME, resolved.reason, { step: 'checkpoint name', evidence: { name } });
+  return resolved.key;
 }
 
 const badRequest = (message: string): AgentError => new AgentError(AgentErrorCode.BAD_REQUEST, message, { step: 'read the request' });
@@ -133,19 +143,31 @@ export function createApiHandlers(ctx: ApiContext): grpc.UntypedServiceImplement
   async function startCheckpoint(req: CheckpointRequestMsg): Promise<string> {
     const seen = ctx.containers.find(refOf(req));
     const managed = engine.handlers.managed.get(seen.id);
+    // The store key: a bare name is the pod's own namespace's; a qualified one must name that namespace.
+    let requested = '';
+    if (req.name) {
+      const resolved = resolveStoreKey(req.name, seen.podNamespace);
+      if ('reason' in resolved) throw new StoreError(StoreErrorCode.INVALID_NAME, resolved.reason, { step: 'checkpoint name', evidence: { name: req.name } });
+      if (namespaceOfKey(resolved.key) !== seen.podNamespace) {
+        throw new StoreError(StoreErrorCode.INVALID_NAME, `checkpoint ${resolved.key} is not of namespace ${seen.podNamespace}: a checkpoint belongs to the namespace of the pod it is taken from`, {
+          step: 'checkpoint name',
+          evidence: { name: req.name, namespace: seen.podNamespace },
+        });
+      }
+      requested = resolved.key;
+    }
     if (engine.checkpoints.jobDone(seen.id) !== undefined) {
       const running = engine.checkpoints.status(seen.id);
-      if (req.name && running && req.name !== running.name) {
-        throw badRequest(`container ${seen.id} is already being checkpointed as ${running.name}, not ${req.name}`);
+      if (requested && running && requested !== running.name) {
+        throw badRequest(`container ${seen.id} is already being checkpointed as ${running.name}, not ${requested}`);
       }
       return seen.id; // follow the job that runs (a source waiting for its worker, or an earlier request)
     }
-    const name = req.name || (managed?.role === 'checkpoint-source' ? managed.checkpointName : '');
+    const name = requested || (managed?.role === 'checkpoint-source' ? managed.checkpointName : '');
     // A checkpoint source whose worker already had its checkpoint taken: report that one (unless --replace).
     const last = engine.checkpoints.status(seen.id);
     if (!req.replace && managed?.role === 'checkpoint-source' && last?.state === 'succeeded' && last.name === name) return seen.id;
     if (!name) throw badRequest('a checkpoint name is required (the container is not a checkpoint source whose annotation names one)');
-    store.dirOf(name, 'checkpoint name'); // STORE_INVALID_NAME before anything runs
     if (seen.pid === undefined) {
       throw new AgentError(AgentErrorCode.CONTAINER_NOT_RUNNING, `container ${seen.id} has not started (no process to checkpoint)`, { step: 'find the container', evidence: { containerId: seen.id } });
     }
@@ -170,7 +192,7 @@ export function createApiHandlers(ctx: ApiContext): grpc.UntypedServiceImplement
       };
     }
     engine.checkpoints.checkpointNow(container, seen.pid, { replace: req.replace });
-    ctx.logger.info('checkpoint requested through the API', { containerId: seen.id, pod: `${seen.podNamespace}/${seen.podName}`, checkpoint: name });
+    ctx.logger.info('checkpoint requested through the API', { containerId: seen.id, pod: `${seen.podNamespace}/${seen.podName}`, namespace: seen.podNamespace, checkpoint: name });
     return seen.id;
   }
 
@@ -208,14 +230,16 @@ export function createApiHandlers(ctx: ApiContext): grpc.UntypedServiceImplement
 
   return {
     Checkpoint,
-    ListCheckpoints: unary(ctx, 'ListCheckpoints', async (): Promise<ListCheckpointsResponseMsg> => {
-      const listed = await store.list();
+    ListCheckpoints: unary(ctx, 'ListCheckpoints', async (req: { namespace?: string }): Promise<ListCheckpointsResponseMsg> => {
+      if (req.namespace && checkNamespaceName(req.namespace) !== undefined) throw badRequest(checkNamespaceName(req.namespace)!);
+      const listed = await store.list(req.namespace ? { namespace: req.namespace } : {});
       const checkpoints = await Promise.all(listed.map(async (l) => summaryOf(l, await store.isLeased(l.name).catch(() => false))));
       return { checkpoints, snapshot_pods: engine.snapshots.rows() };
     }),
     InspectCheckpoint: unary(ctx, 'InspectCheckpoint', async (req: { name: string }): Promise<InspectCheckpointResponseMsg> => {
-      const opened = await store.open(req.name);
-      const diskBytes = await store.sizeOf(req.name);
+      const key = keyOf(req.name);
+      const opened = await store.open(key);
+      const diskBytes = await store.sizeOf(key);
       const m = opened.manifest;
       const failure = await store.restoreFailure(opened.name, m).catch(() => undefined);
       const runtime = ctx.runtime();
@@ -228,7 +252,7 @@ export function createApiHandlers(ctx: ApiContext): grpc.UntypedServiceImplement
         ...(engine.cuda?.facts ? { gpu: engine.cuda.facts } : {}),
       });
       return {
-        summary: summaryOf({ name: opened.name, manifest: m, ...(failure !== undefined ? { restoreFailure: failure } : {}) }, await store.isLeased(opened.name)),
+        summary: summaryOf({ name: opened.name, ...(opened.namespace !== undefined ? { namespace: opened.namespace } : {}), manifest: m, ...(failure !== undefined ? { restoreFailure: failure } : {}) }, await store.isLeased(opened.name)),
         manifest_json: JSON.stringify(m),
         disk_bytes: diskBytes,
         restorable: isRestorable(mismatches),
@@ -237,15 +261,30 @@ export function createApiHandlers(ctx: ApiContext): grpc.UntypedServiceImplement
       };
     }),
     ClearRestoreFailure: unary(ctx, 'ClearRestoreFailure', async (req: { name: string }) => {
-      await store.open(req.name); // NOT_FOUND (and the name rule) before anything else
-      const cleared = await store.clearRestoreFailure(req.name);
-      ctx.logger.info('restore-failure mark cleared through the API', { checkpoint: req.name, cleared });
+      const key = keyOf(req.name);
+      await store.open(key); // NOT_FOUND (and the key rule) before anything else
+      const cleared = await store.clearRestoreFailure(key);
+      ctx.logger.info('restore-failure mark cleared through the API', { checkpoint: key, namespace: namespaceOfKey(key) ?? '', cleared });
       return { cleared };
     }),
     DeleteCheckpoint: unary(ctx, 'DeleteCheckpoint', async (req: { name: string }) => {
-      await store.delete(req.name);
-      ctx.logger.info('checkpoint deleted through the API', { checkpoint: req.name });
+      const key = keyOf(req.name);
+      await store.delete(key);
+      ctx.logger.info('checkpoint deleted through the API', { checkpoint: key, namespace: namespaceOfKey(key) ?? '' });
       return {};
+    }),
+    CollectGarbage: unary(ctx, 'CollectGarbage', async (req: { dry_run?: boolean }): Promise<CollectGarbageResponseMsg> => {
+      const dryRun = req.dry_run === true;
+      const r = await engine.collectGarbage({ dryRun });
+      ctx.logger.info('store collection through the API', { dryRun, checkpoints: r.collected.length, bytes: r.bytes, cacheFiles: r.cacheFiles, ...(r.unmet !== undefined ? { unmet: r.unmet } : {}) });
+      return {
+        collected: r.collected.map((c) => ({ name: c.name, namespace: c.namespace ?? '', bytes: c.bytes, last_used: new Date(c.lastUsedMs).toISOString() })),
+        bytes: r.bytes,
+        cache_files: r.cacheFiles,
+        cache_bytes: r.cacheBytes,
+        unmet: r.unmet ?? '',
+        dry_run: dryRun,
+      };
     }),
     Status: unary(ctx, 'Status', async (): Promise<StatusResponseMsg> => ({
       version: ctx.version,

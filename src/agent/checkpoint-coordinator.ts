@@ -24,8 +24,9 @@ import {
 } from '../restore-engine/index.js';
 import type { ContainerdEndpoint, CriuClient, SourceDigests } from '../restore-engine/index.js';
 import { readReadyPayload, waitForWorkerReady } from '../sdk/index.js';
-import type { LocalStore } from '../store/index.js';
+import type { LocalStore, StoreLimits } from '../store/index.js';
 import { StoreError, StoreErrorCode } from '../store/index.js';
+import { namespaceOfKey } from '../checkpoint-name.js';
 import { gpuMemoryReport, type GpuMemoryReport } from './gpu-memory-report.js';
 import type { ManagedContainer, ThawCoordinator } from './managed-container.js';
 
@@ -53,7 +54,10 @@ export interface CheckpointJobStatus {
 export interface CheckpointEvent {
   event: 'checkpoint';
   id?: string;
+  /** The store key (`namespace/name`). */
   name: string;
+  /** The namespace that owns the checkpoint. */
+  namespace: string;
   pod: string;
   container: string;
   containerId: string;
@@ -97,6 +101,8 @@ export interface CheckpointCoordinatorOptions {
   containerd: ContainerdEndpoint;
   /** Told of every event after it is logged (metrics, tests). */
   onEvent?: (event: CheckpointEvent) => void;
+  /** The store's bounds: a checkpoint is refused before it is written when its expected size does not fit. */
+  storeLimits?: StoreLimits;
   /** Test seam: the flow to run (default checkpointContainer). */
   runCheckpoint?: (opts: CheckpointContainerOptions, call: { signal?: AbortSignal; timeoutMs?: number }) => Promise<CheckpointResult>;
   now?: () => Date;
@@ -225,7 +231,8 @@ export class CheckpointCoordinator implements ThawCoordinator {
       });
       const o = this.options;
       const replace = mode.replace ?? (container.replaceCheckpoint === true ? true : o.replace);
-      if (replace === true) await this.checkReplaceOwner(container);
+      // The key is the pod's namespace's (its directory): replacing one replaces only that namespace's checkpoint.
+      this.checkOwnNamespace(container);
       const cuda = typeof o.cuda === 'function' ? o.cuda() : o.cuda;
       const result = await (o.runCheckpoint ?? checkpointContainer)(
         {
@@ -253,6 +260,9 @@ export class CheckpointCoordinator implements ThawCoordinator {
           ...(cuda !== undefined ? { cuda } : {}),
           ...(o.workRoot !== undefined ? { workRoot: o.workRoot } : {}),
           ...(o.weights !== undefined ? { weights: o.weights } : {}),
+          ...(o.storeLimits !== undefined
+            ? { makeRoom: async (bytes: number) => void (await o.store.makeRoom(o.storeLimits!, { namespace: container.podNamespace, bytes, name: container.checkpointName })) }
+            : {}),
         },
         { signal, ...(o.checkpointTimeoutMs !== undefined ? { timeoutMs: o.checkpointTimeoutMs } : {}) },
       );
@@ -275,21 +285,15 @@ export class CheckpointCoordinator implements ThawCoordinator {
   }
 
   /**
-   * A checkpoint is replaced only from its own namespace: a pod of team-a naming team-b's checkpoint (or an
-   * operator's --replace aimed at it) must not put team-a's process where team-b's pods restore from.
-   * Throws STORE_EXISTS naming the owner; a name not in the store passes.
+   * A checkpoint is written (and replaced) only under its pod's own namespace: a pod of team-a, or an
+   * operator's request naming team-b/llm for it, must not put team-a's process where team-b's pods restore
+   * from. Throws STORE_INVALID_NAME naming both namespaces.
    */
-  private async checkReplaceOwner(container: ManagedContainer): Promise<void> {
-    let owner: string | undefined;
-    try {
-      owner = (await this.options.store.open(container.checkpointName)).manifest.source.pod?.namespace;
-    } catch (err) {
-      if (isThawError(err, StoreErrorCode.NOT_FOUND)) return;
-      throw err;
-    }
+  private checkOwnNamespace(container: ManagedContainer): void {
+    const owner = namespaceOfKey(container.checkpointName);
     if (owner !== container.podNamespace) {
-      throw new StoreError(StoreErrorCode.EXISTS, `checkpoint ${container.checkpointName} belongs to namespace ${owner ?? '(none recorded)'}; a pod of ${container.podNamespace} may not replace it`, {
-        step: 'check the checkpoint to replace',
+      throw new StoreError(StoreErrorCode.INVALID_NAME, `checkpoint ${container.checkpointName} is not of namespace ${container.podNamespace}; a pod of ${container.podNamespace} checkpoints only into ${container.podNamespace}/`, {
+        step: 'check the checkpoint name',
         evidence: { name: container.checkpointName, owner, namespace: container.podNamespace },
       });
     }
@@ -300,6 +304,7 @@ export class CheckpointCoordinator implements ThawCoordinator {
     const event: CheckpointEvent = {
       event: 'checkpoint',
       name: status.name,
+      namespace: namespaceOfKey(status.name) ?? '',
       pod: status.pod,
       container: status.container,
       containerId: status.containerId,

@@ -12,7 +12,7 @@ import { createControlDir } from '../sdk/index.js';
 import { CRI_IMAGE_NAME_ANNOTATION } from './containers.js';
 import { identityOf, managedAnnotations, type ManagedContainer } from './managed-container.js';
 import { describeContainer, type HandlerScope } from './nri-handler-scope.js';
-import { checkpointRefusal } from './tenancy.js';
+import { checkpointRefusal, restoreKeyOf } from './tenancy.js';
 import { HandlerFallbackCause } from './errors.js';
 
 /** What a `thaw.dev/snapshot` source adds (snapshot-target.ts). */
@@ -42,6 +42,14 @@ export async function adjustCheckpointSource(
     ctx.logger.warn('thaw: the policy refuses checkpoints of this pod; the container runs without thaw', { ...describeContainer(pod, container), checkpoint: checkpointName, reason: refusal });
     return undefined;
   }
+  // The checkpoint is its pod's namespace's: stored as <namespace>/<name>, whatever another namespace holds.
+  const resolved = restoreKeyOf(checkpointName, pod.namespace ?? '');
+  if ('reason' in resolved) {
+    snapshot?.onColdStart('checkpoint-not-allowed');
+    scope.stats.countFallback('checkpoint-not-allowed');
+    ctx.logger.warn('thaw: the checkpoint cannot be named in this pod\'s namespace; the container runs without thaw', { ...describeContainer(pod, container), checkpoint: checkpointName, reason: resolved.reason });
+    return undefined;
+  }
   let controlDir: string;
   try {
     controlDir = await createControlDir(scope.controlRoot, containerId);
@@ -56,7 +64,7 @@ export async function adjustCheckpointSource(
   }
   const entry: ManagedContainer = {
     ...identityOf(pod, container),
-    checkpointName,
+    checkpointName: resolved.key,
     onCheckpoint,
     controlDir,
     ...(container.annotations?.[CRI_IMAGE_NAME_ANNOTATION] ? { imageRef: container.annotations[CRI_IMAGE_NAME_ANNOTATION] } : {}),
@@ -74,6 +82,6 @@ export async function adjustCheckpointSource(
   for (const [key, value] of Object.entries(managedAnnotations(scope.annotationPrefix, 'checkpoint-source', entry))) builder.addAnnotation(key, value);
   scope.managed.set(containerId, entry);
   scope.coordinator?.checkpointSourceCreated?.(entry);
-  ctx.logger.info('thaw: checkpoint source', { ...describeContainer(pod, container), checkpoint: checkpointName, controlDir, ...(snapshot ? { snapshot: snapshot.snapshot.name, key: snapshot.snapshot.key } : {}) });
+  ctx.logger.info('thaw: checkpoint source', { ...describeContainer(pod, container), namespace: resolved.owner.namespace, checkpoint: resolved.key, controlDir, ...(snapshot ? { snapshot: snapshot.snapshot.name, key: snapshot.snapshot.key } : {}) });
   return builder;
 }

@@ -1,8 +1,9 @@
 /**
  * Where a restore target's checkpoint comes from, in this order:
  *
- *   a local name     (`thaw.dev/restore: qwen`)   the local store; else the shared store (an RWX volume mounted
- *                                                 on every node), copied into the local store
+ *   a local name     (`thaw.dev/restore: qwen`)   the local store under the store key `<pod's namespace>/qwen`
+ *                                                 (`team-a/qwen` for a shared one); else the shared store (an RWX
+ *                                                 volume mounted on every node), copied into the local store
  *   a reference      (`thaw.dev/restore: registry:5000/team/qwen:v1`)  the local store under the name derived
  *                                                 from the manifest digest (`oci-<hex>`: pulled before); else
  *                                                 pulled from the registry
@@ -14,13 +15,12 @@
  * share one transfer.
  */
 import { setMaxListeners } from 'node:events';
-import { statfs } from 'node:fs/promises';
 import { isThawError } from '../errors.js';
 import type { CheckpointReference } from '../checkpoint-reference.js';
 import type { Logger } from '../log.js';
 import { copyCheckpoint } from '../store/index.js';
 import { StoreError, StoreErrorCode } from '../store/index.js';
-import type { LocalStore, OpenedCheckpoint } from '../store/index.js';
+import type { LocalStore, OpenedCheckpoint, StoreLimits } from '../store/index.js';
 import { RegistryClient } from '../store/index.js';
 import { fetchResolved, localNameFor, resolveRemote, type FetchOptions, type RegistryAccess } from '../store/index.js';
 import { formatReference } from '../store/index.js';
@@ -64,6 +64,8 @@ export interface CheckpointSourcesOptions {
   policy?: TenancyPolicy;
   /** The policy's public keys by file path, read by the agent at start (policyKeyFiles). */
   trustedKeys?: ReadonlyMap<string, TrustedKey>;
+  /** The local store's bounds (the agent's storeLimitsOf); absent: the policy's namespace quotas only. */
+  limits?: StoreLimits;
   logger: Logger;
 }
 
@@ -94,7 +96,8 @@ export interface FindOptions {
 
 export interface CheckpointSources {
   /**
-   * Finds a checkpoint by annotation value (and its parsed reference, when it is one) for a pod of `namespace`.
+   * Finds a checkpoint for a pod of `namespace`: a local one by its store key (`namespace/name`, resolved from the
+   * annotation by restoreKeyOf), or a registry one by `reference` (`value` is then the annotation's text).
    * Throws the store's or the registry's typed error (STORE_NOT_FOUND, OCI_*) when it is nowhere or cannot be
    * resolved in time; RESTORE_NOT_ALLOWED when the policy refuses it to that namespace (a checkpoint of another
    * namespace not shared with it, a repository not allow-listed for it); OCI_SIGNATURE_MISSING / _INVALID when
@@ -115,6 +118,7 @@ export function createCheckpointSources(o: CheckpointSourcesOptions): Checkpoint
   setMaxListeners(0, stop.signal);
   const logger = o.logger.child({ component: 'checkpoint-sources' });
   const policy = o.policy ?? defaultTenancyPolicy();
+  const limits: StoreLimits = o.limits ?? { namespaceQuotaBytes: (ns) => policy.namespaces.get(ns)?.quotaBytes };
 
   /** A client for a host the access file names; no anonymous access to any other host. */
   const clientFor = (registry: string): RegistryClient => {
@@ -132,9 +136,9 @@ export function createCheckpointSources(o: CheckpointSourcesOptions): Checkpoint
 
   /** Throws RESTORE_NOT_ALLOWED unless a pod of `namespace` may restore this local (or shared-store) checkpoint. */
   const checkOwner = (checkpoint: OpenedCheckpoint, namespace: string): void => {
-    const refusal = localRestoreRefusal(policy, namespace, { namespace: checkpoint.manifest.source.pod?.namespace, name: checkpoint.name });
+    const refusal = localRestoreRefusal(policy, namespace, { namespace: checkpoint.namespace, name: checkpoint.manifest.name });
     if (refusal !== undefined) {
-      throw new RestoreError(RestoreErrorCode.NOT_ALLOWED, refusal, { step: 'find checkpoint', evidence: { name: checkpoint.name, owner: checkpoint.manifest.source.pod?.namespace, namespace } });
+      throw new RestoreError(RestoreErrorCode.NOT_ALLOWED, refusal, { step: 'find checkpoint', evidence: { name: checkpoint.name, owner: checkpoint.namespace, namespace } });
     }
   };
 
@@ -224,22 +228,17 @@ export function createCheckpointSources(o: CheckpointSourcesOptions): Checkpoint
     });
 
   /**
-   * Throws RESTORE_NO_ROOM unless `bytes` (a manifest's declared total) fits both the free space of the local
-   * store's filesystem and what the namespace's quota leaves (its own checkpoints in the local store counted).
-   * Runs before anything is written: a manifest declaring 10 TB costs two small requests and a statfs.
+   * Throws RESTORE_NO_ROOM unless `bytes` (a manifest's declared total) fits the store's bounds once the least
+   * recently used checkpoints no restore uses are collected (src/store/gc.ts): the filesystem's free space (less
+   * what it keeps free), the total quota, and the namespace's quota. Runs before anything is written: a manifest
+   * declaring 10 TB costs two small requests, a statfs and a listing, and collects nothing.
    */
   const checkRoom = async (bytes: number, namespace: string, what: string): Promise<void> => {
-    const fs = await statfs(o.local.root);
-    const free = fs.bavail * fs.bsize;
-    if (bytes > free) {
-      throw new RestoreError(RestoreErrorCode.NO_ROOM, `${what} declares ${bytes} bytes; the store's filesystem has ${free} free`, { step: 'check room for checkpoint', evidence: { bytes, free, namespace } });
-    }
-    const quota = policy.namespaces.get(namespace)?.quotaBytes;
-    if (quota !== undefined) {
-      const used = (await o.local.list()).filter((c) => c.manifest?.source.pod?.namespace === namespace).reduce((a, c) => a + (c.manifest?.totals.bytes ?? 0), 0);
-      if (used + bytes > quota) {
-        throw new RestoreError(RestoreErrorCode.NO_ROOM, `${what} declares ${bytes} bytes; namespace ${namespace} holds ${used} of its quota of ${quota}`, { step: 'check room for checkpoint', evidence: { bytes, used, quota, namespace } });
-      }
+    try {
+      await o.local.makeRoom(limits, { namespace, bytes });
+    } catch (err) {
+      if (!isThawError(err, StoreErrorCode.NO_ROOM)) throw err;
+      throw new RestoreError(RestoreErrorCode.NO_ROOM, `${what} declares ${bytes} bytes: ${err.message}`, { step: 'check room for checkpoint', cause: err, evidence: { ...err.evidence, namespace } });
     }
   };
 

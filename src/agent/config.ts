@@ -21,6 +21,11 @@ import {
   DEFAULT_RESTORE_WORK_ROOT,
   DEFAULT_STORE_ROOT,
   DEFAULT_TOOLKIT_DIR,
+  DEFAULT_STORE_QUOTA_BYTES,
+  DEFAULT_NAMESPACE_QUOTA_BYTES,
+  DEFAULT_STORE_MIN_FREE_BYTES,
+  DEFAULT_MAX_CONCURRENT_HASHING,
+  DEFAULT_MAX_CONCURRENT_CRIU,
 } from '../defaults.js';
 import { ThawError } from '../errors.js';
 import type { LogLevel } from '../log.js';
@@ -65,6 +70,14 @@ export interface AgentConfig {
   /** file "" = stderr. */
   log: { level: LogLevel; file: string };
   /**
+   * The local store's bounds (declared bytes; 0: none): all checkpoints, a namespace's when the tenancy policy
+   * names no quota for it, the free space kept. Least recently used checkpoints no restore uses are collected
+   * to keep them (src/store/gc.ts).
+   */
+  store: { quotaBytes: number; namespaceQuotaBytes: number; minFreeBytes: number };
+  /** Global bounds on concurrent work: files hashed at once, CRIU processes at once. */
+  limits: { hashing: number; criuRuns: number };
+  /**
    * Who may checkpoint and restore what (src/agent/tenancy.ts): the file's `tenancy` section only (no flag or
    * environment variable: a structured policy, and one place to audit it). Absent: defaultTenancyPolicy().
    */
@@ -91,6 +104,8 @@ interface KeySpec {
   check: (v: Value) => string | undefined;
 }
 
+const nonNegative = (v: Value): string | undefined => (Number.isSafeInteger(v) && (v as number) >= 0 ? undefined : 'not a non-negative integer');
+const positive = (v: Value): string | undefined => (Number.isSafeInteger(v) && (v as number) > 0 ? undefined : 'not a positive integer');
 const absolutePath = (v: Value): string | undefined => (isAbsolute(String(v)) ? undefined : 'not an absolute path');
 const absoluteOrEmpty = (v: Value): string | undefined => (v === '' ? undefined : absolutePath(v));
 
@@ -132,6 +147,11 @@ export const CONFIG_KEYS: readonly KeySpec[] = [
   { key: 'weights.modelDirs', expected: '":"-separated absolute paths, or "" for none', kind: 'string', check: (v) => (String(v) === '' || String(v).split(':').every((p) => isAbsolute(p) && normalize(p) === p) ? undefined : 'not absolute, normal paths') },
   { key: 'restore.pauseDeadlineMs', expected: 'a positive integer (milliseconds, at most a day)', kind: 'integer', check: (v) => (Number.isSafeInteger(v) && (v as number) > 0 && (v as number) <= 86_400_000 ? undefined : 'not a positive integer of at most 86400000') },
   { key: 'restore.hook', expected: 'native or node', kind: 'string', check: (v) => (v === 'native' || v === 'node' ? undefined : 'not native or node') },
+  { key: 'store.quotaBytes', expected: 'a non-negative integer (bytes; 0: no total quota)', kind: 'integer', check: nonNegative },
+  { key: 'store.namespaceQuotaBytes', expected: 'a non-negative integer (bytes; 0: none beyond tenancy.namespaces.<ns>.quotaBytes)', kind: 'integer', check: nonNegative },
+  { key: 'store.minFreeBytes', expected: 'a non-negative integer (bytes the store\'s filesystem keeps free)', kind: 'integer', check: nonNegative },
+  { key: 'limits.hashing', expected: 'a positive integer (files hashed at once in the agent)', kind: 'integer', check: positive },
+  { key: 'limits.criuRuns', expected: 'a positive integer (CRIU processes at once in the agent)', kind: 'integer', check: positive },
   { key: 'log.level', expected: 'one of debug, info, warn, error', kind: 'string', check: (v) => (['debug', 'info', 'warn', 'error'].includes(String(v)) ? undefined : 'not a level') },
   { key: 'log.file', expected: 'an absolute path, or "" for stderr', kind: 'string', check: absoluteOrEmpty },
 ];
@@ -167,6 +187,8 @@ export function defaultAgentConfig(packageRoot: string): AgentConfig {
     weights: { modelDirs: '' },
     restore: { pauseDeadlineMs: DEFAULT_THAW_PAUSE_DEADLINE_MS, hook: 'native' },
     log: { level: 'info', file: '' },
+    store: { quotaBytes: DEFAULT_STORE_QUOTA_BYTES, namespaceQuotaBytes: DEFAULT_NAMESPACE_QUOTA_BYTES, minFreeBytes: DEFAULT_STORE_MIN_FREE_BYTES },
+    limits: { hashing: DEFAULT_MAX_CONCURRENT_HASHING, criuRuns: DEFAULT_MAX_CONCURRENT_CRIU },
     tenancy: defaultTenancyPolicy(),
   };
 }

@@ -17,7 +17,7 @@ import { DEFAULT_SH_PATH, SourceDigests } from '../restore-engine/index.js';
 import { restoreToolFiles } from './restore-tools.js';
 import { CheckpointCoordinator, type CheckpointEvent } from './checkpoint-coordinator.js';
 import { createCheckpointSources, type RegistrySourceOptions } from './checkpoint-sources.js';
-import type { SigningKey, TrustedKey } from '../store/index.js';
+import type { GcResult, SigningKey, StoreLimits, TrustedKey } from '../store/index.js';
 import type { TenancyPolicy } from './tenancy.js';
 import { checkpointHooksFactory, cudaRestoreStep, loadNodeCuda, recoverCudaProcesses, type NodeCuda } from './cuda-steps.js';
 import type { ContainerdEndpoint, RestoreEvent } from '../restore-engine/index.js';
@@ -26,8 +26,10 @@ import { ThawNriStats } from './nri-stats.js';
 import { createRestoreCoordinator, type RestoreCoordinator } from './restore-coordinator.js';
 import { createThawNriHandlers } from './thaw-nri.js';
 import { startHookServer } from './hook-server.js';
-import { DEFAULT_NSENTER_PATH, DEFAULT_SNAPSHOT_IMAGE_LOOKUP_TIMEOUT_MS, DEFAULT_UNSHARE_PATH, WEIGHTS_DIGESTS_FILE } from '../defaults.js';
+import { DEFAULT_MAX_CONCURRENT_CRIU, DEFAULT_MAX_CONCURRENT_HASHING, DEFAULT_NSENTER_PATH, DEFAULT_SNAPSHOT_IMAGE_LOOKUP_TIMEOUT_MS, DEFAULT_UNSHARE_PATH, WEIGHTS_DIGESTS_FILE } from '../defaults.js';
 import { snapshotReference, SnapshotTracker } from './snapshot.js';
+import { Limiter } from '../sys/concurrency.js';
+import { PULLED_NAMESPACE_LABEL } from './agent-metrics.js';
 
 
 export interface ThawEngineOptions {
@@ -74,6 +76,12 @@ export interface ThawEngineOptions {
   trustedKeys?: ReadonlyMap<string, TrustedKey>;
   /** The keys snapshot pushes are signed with, by namespace (loadSigningKeys); a namespace without one: unsigned. */
   signingKeys?: ReadonlyMap<string, SigningKey>;
+  /** Files hashed at once in the whole agent (config limits.hashing; default DEFAULT_MAX_CONCURRENT_HASHING). */
+  maxConcurrentHashing?: number;
+  /** CRIU processes at once in the whole agent (config limits.criuRuns; default DEFAULT_MAX_CONCURRENT_CRIU). */
+  maxConcurrentCriu?: number;
+  /** The local store's bounds (storeLimitsOf); absent: the tenancy policy's namespace quotas only. */
+  storeLimits?: StoreLimits;
   /** Told of every restore / checkpoint event after it is logged (the agent's metrics). */
   onRestoreEvent?: (event: RestoreEvent) => void;
   onCheckpointEvent?: (event: CheckpointEvent) => void;
@@ -91,17 +99,47 @@ export interface ThawEngine {
   cuda: NodeCuda | undefined;
   /** CRIU's version (major.minor.sublevel). */
   criuVersion: string;
+  /** The local store's bounds. */
+  storeLimits: StoreLimits;
+  /** Collects least recently used checkpoints no restore uses until the bounds hold (`thaw gc`). */
+  collectGarbage(options?: { dryRun?: boolean }): Promise<GcResult>;
+  /** What collection removed since the agent started (for /metrics). */
+  gcTotals: GcTotals;
   /** Tells the engine the runtime's version (from NRI Configure), for manifests. */
   setRuntimeVersion(version: string): void;
   /** Abandons work in flight (checkpoint waits, restores) and waits for it to settle. */
   close(): Promise<void>;
 }
 
+/** What the store's collection removed since the agent started, per owning namespace (pulled: PULLED_NAMESPACE_LABEL). */
+export interface GcTotals {
+  runs: number;
+  checkpoints: Map<string, number>;
+  bytes: Map<string, number>;
+  cacheFiles: number;
+  cacheBytes: number;
+}
+
 export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine> {
   const logger = o.logger;
   const binDir = join(o.toolkitDir, 'bin');
-  const store = await openLocalStore({ root: o.storeRoot, logger });
-  const shared = o.sharedStoreRoot !== undefined ? await openLocalStore({ root: o.sharedStoreRoot, logger, ...(o.sharedStoreOwnerUid !== undefined ? { ownerUid: o.sharedStoreOwnerUid } : {}) }) : undefined;
+  const gcTotals: GcTotals = { runs: 0, checkpoints: new Map(), bytes: new Map(), cacheFiles: 0, cacheBytes: 0 };
+  const countCollected = (r: GcResult): void => {
+    gcTotals.runs++;
+    for (const c of r.collected) {
+      const ns = c.namespace ?? PULLED_NAMESPACE_LABEL;
+      gcTotals.checkpoints.set(ns, (gcTotals.checkpoints.get(ns) ?? 0) + 1);
+      gcTotals.bytes.set(ns, (gcTotals.bytes.get(ns) ?? 0) + c.bytes);
+    }
+    gcTotals.cacheFiles += r.cacheFiles;
+    gcTotals.cacheBytes += r.cacheBytes;
+  };
+  // One bound per kind of work for the whole agent: every checkpoint, restore and copy shares it.
+  const hashLimiter = new Limiter(o.maxConcurrentHashing ?? DEFAULT_MAX_CONCURRENT_HASHING);
+  const criuLimiter = new Limiter(o.maxConcurrentCriu ?? DEFAULT_MAX_CONCURRENT_CRIU);
+  const store = await openLocalStore({ root: o.storeRoot, logger, onCollect: countCollected, hashLimiter });
+  const storeLimits: StoreLimits = o.storeLimits ?? { namespaceQuotaBytes: (ns) => o.tenancy?.namespaces.get(ns)?.quotaBytes };
+  const shared = o.sharedStoreRoot !== undefined ? await openLocalStore({ root: o.sharedStoreRoot, logger, hashLimiter, ...(o.sharedStoreOwnerUid !== undefined ? { ownerUid: o.sharedStoreOwnerUid } : {}) }) : undefined;
   const sources =
     shared !== undefined || o.registry !== undefined
       ? createCheckpointSources({
@@ -111,6 +149,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
           ...(o.registry ? { registry: o.registry } : {}),
           ...(o.tenancy ? { policy: o.tenancy } : {}),
           ...(o.trustedKeys ? { trustedKeys: o.trustedKeys } : {}),
+          limits: storeLimits,
         })
       : undefined;
   await mkdir(o.workRoot, { recursive: true, mode: 0o700 });
@@ -121,6 +160,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     criuPath: join(binDir, 'criu'),
     logger,
     env: criuEnvironment(binDir),
+    limiter: criuLimiter,
     ...(dieWithAgent !== undefined ? { parentDeathWrapper: dieWithAgent } : {}),
   });
   const criuVersion = await criu.version();
@@ -137,7 +177,8 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     const c = managedOf(e.containerId);
     const repository = c?.snapshot !== undefined ? repositoryFor(c.podNamespace) : undefined;
     if (c === undefined || repository === undefined) return;
-    const reference = snapshotReference(repository, e.name);
+    // The tag is the name within the namespace (the store key's '/' has no place in a tag).
+    const reference = snapshotReference(repository, e.name.slice(e.name.indexOf('/') + 1));
     const host = repository.slice(0, repository.indexOf('/'));
     const access = o.registry?.access?.[host];
     const log = logger.child({ component: 'snapshot-push', reference, checkpoint: e.name });
@@ -167,15 +208,20 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
   });
   // The weights service (docs/weights.md): one digest cache per node, beside the restores' work dirs.
   const weightsDigests = new SourceDigests(join(o.workRoot, WEIGHTS_DIGESTS_FILE));
+  const collectGarbage = (options: { dryRun?: boolean } = {}): Promise<GcResult> => store.collectGarbage(storeLimits, options);
   const checkpoints = new CheckpointCoordinator({
     weights: { digests: weightsDigests },
     store,
     criu,
     criuVersion: criuVersionText,
+    storeLimits,
     onEvent: (e: CheckpointEvent) => {
       if (e.outcome === 'succeeded') pushSnapshot(e);
       snapshots.onCheckpointEvent(e);
       o.onCheckpointEvent?.(e);
+      // A checkpoint published: the store's bounds are kept at once (the room was made before; a replace or a
+      // concurrent pull may have used it up since).
+      if (e.outcome === 'succeeded') void collectGarbage().catch((err: unknown) => logger.warn('store collection failed', { error: errorMessage(err) }));
     },
     containerdVersion: () => runtimeVersion,
     logger,
@@ -294,6 +340,9 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     snapshots,
     cuda,
     criuVersion: criuVersionText,
+    storeLimits,
+    collectGarbage,
+    gcTotals,
     setRuntimeVersion: (v) => {
       runtimeVersion = v;
     },

@@ -10,6 +10,7 @@ import type { OpenedCheckpoint, ReleaseLease } from '../store/index.js';
 import { CRI_IMAGE_NAME_ANNOTATION } from './containers.js';
 import { controlDirPath } from '../sdk/index.js';
 import { lstatSync } from 'node:fs';
+import { isPulledKey, parseStoreKey } from '../checkpoint-name.js';
 
 /** What the handlers know about a container thaw manages, handed to the flows. */
 export interface ManagedContainer {
@@ -123,8 +124,14 @@ export function identityOf(pod: PodSandbox, container: Container): Pick<ManagedC
 export function managedFromContainer(prefix: string, controlRoot: string, pod: PodSandbox, container: Container): ManagedContainer | undefined {
   const a = container.annotations ?? {};
   const role = a[`${prefix}role`];
-  const checkpointName = a[`${prefix}checkpoint-name`];
-  if ((role !== 'checkpoint-source' && role !== 'restore-target') || !checkpointName || !container.id) return undefined;
+  const annotated = a[`${prefix}checkpoint-name`];
+  if ((role !== 'checkpoint-source' && role !== 'restore-target') || !annotated || !container.id) return undefined;
+  // A store key; a bare name (written by an agent of the flat store layout) is the pod's own namespace's. A
+  // checkpoint source's key must be of its own namespace (a forged annotation cannot aim it at another).
+  const checkpointName = annotated.includes('/') || isPulledKey(annotated) ? annotated : `${pod.namespace ?? ''}/${annotated}`;
+  const parsedKey = parseStoreKey(checkpointName);
+  if ('reason' in parsedKey) return undefined;
+  if (role === 'checkpoint-source' && (parsedKey.kind !== 'owned' || parsedKey.namespace !== pod.namespace)) return undefined;
   let controlDir: string;
   try {
     controlDir = controlDirPath(controlRoot, container.id);

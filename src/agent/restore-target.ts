@@ -27,7 +27,7 @@ import type { CheckpointSources } from './checkpoint-sources.js';
 import { CRI_IMAGE_NAME_ANNOTATION } from './containers.js';
 import { identityOf, managedAnnotations, type ManagedContainer } from './managed-container.js';
 import { describeContainer, dropInterest, type HandlerScope } from './nri-handler-scope.js';
-import { localRestoreRefusal } from './tenancy.js';
+import { localRestoreRefusal, restoreKeyOf } from './tenancy.js';
 import { RestoreErrorCode, undoJournalFor } from '../restore-engine/index.js';
 import { DIFF_APPLIED_FILE, ORIGINAL_ENTRYPOINT_FILE } from '../oci-hooks/index.js';
 import { HandlerFallbackCause } from './errors.js';
@@ -159,6 +159,13 @@ async function adjustWith(
   // A checkpoint from elsewhere (registry, shared store): its manifest now, the transfer in the background.
   let checkpoint: OpenedCheckpoint;
   let incoming: { ready: Promise<OpenedCheckpoint>; from: string; source: string } | undefined;
+  // A local name means the pod's own namespace's checkpoint (or `namespace/name`, shared by the policy): never
+  // one another namespace holds under the same name.
+  if (reference === undefined) {
+    const resolved = restoreKeyOf(checkpointName, namespace);
+    if ('reason' in resolved) return coldStart(scope, call, RestoreErrorCode.CHECKPOINT_MISSING, `the checkpoint name cannot be resolved: ${resolved.reason}`, pod, container, ctx, { checkpoint: checkpointName, namespace });
+    checkpointName = resolved.key;
+  }
   try {
     if (r.sources !== undefined) {
       const found = await r.sources.find(checkpointName, reference, { namespace, interest });
@@ -168,7 +175,7 @@ async function adjustWith(
       return coldStart(scope, call, RestoreErrorCode.CHECKPOINT_MISSING, 'the pod names a registry checkpoint but no registry is configured', pod, container, ctx, { checkpoint: checkpointName });
     } else {
       checkpoint = await r.store.open(checkpointName);
-      const refusal = localRestoreRefusal(scope.tenancy, namespace, { namespace: checkpoint.manifest.source.pod?.namespace, name: checkpoint.name });
+      const refusal = localRestoreRefusal(scope.tenancy, namespace, { namespace: checkpoint.namespace, name: checkpoint.manifest.name });
       if (refusal !== undefined) return coldStart(scope, call, 'RESTORE_NOT_ALLOWED', refusal, pod, container, ctx, { checkpoint: checkpointName, namespace });
     }
   } catch (err) {

@@ -26,12 +26,14 @@
  * the store's GC). Environment values are not in the key (they hold per-pod values and secrets), as with
  * `thaw.dev/restore`; the restore's own compatibility check (manifest.ts checkCompatibility) still runs.
  *
- * Storage (until the store has a namespace layout): a flat store name `<name>-<12 hex>`, the hex from
- * sha256(namespace NUL key), so two namespaces' snapshots of one name never share a directory. Whatever is under
- * that name is used only if its manifest's snapshot record names this name and key and its source pod's
- * namespace is this one; anything else there (a checkpoint someone named so by hand) is left alone and the
- * container cold-starts (AGENT_SNAPSHOT_NAME_TAKEN). `snapshotCheckpointName` and `findSnapshotCheckpoint` are the
- * only places that know the layout.
+ * Storage: the checkpoint lives in the pod's namespace, under the store key `<namespace>/<name>-<12 hex>`
+ * (snapshotCheckpointKey), the hex from sha256(namespace NUL key). The bare `<name>-<12 hex>` is also the registry
+ * tag in the namespace's snapshotRepository, which another namespace may share: the namespace stays in the hash so
+ * that two namespaces' snapshots of one name never share a tag. Whatever is under that key is used only if its
+ * manifest's snapshot record names this name and key and its source pod's namespace is this one; anything else
+ * there (a checkpoint someone named so by hand) is left alone and the container cold-starts
+ * (AGENT_SNAPSHOT_NAME_TAKEN). `snapshotCheckpointName`, `snapshotCheckpointKey` and `findSnapshotCheckpoint` are
+ * the only places that know the layout.
  */
 import { createHash } from 'node:crypto';
 import { isThawError } from '../errors.js';
@@ -71,10 +73,18 @@ export interface SnapshotId {
   key: string;
 }
 
-/** The store name of a snapshot's checkpoint (the file comment says why the namespace is in the hash). Pure. */
+/**
+ * The name (within its namespace) of a snapshot's checkpoint, also its registry tag (the file comment says why the
+ * namespace is in the hash). Pure.
+ */
 export function snapshotCheckpointName(id: SnapshotId): string {
   const suffix = createHash('sha256').update(`${id.namespace}\0${id.key}`).digest('hex').slice(0, SNAPSHOT_NAME_SUFFIX_HEX);
   return `${id.name}-${suffix}`;
+}
+
+/** The store key of a snapshot's checkpoint: the pod's namespace's `<namespace>/<snapshotCheckpointName>`. Pure. */
+export function snapshotCheckpointKey(id: SnapshotId): string {
+  return `${id.namespace}/${snapshotCheckpointName(id)}`;
 }
 
 /**
@@ -85,6 +95,7 @@ export function snapshotReference(repository: string, storedName: string): strin
   return `${repository}:${storedName}`;
 }
 
+/** storedName: the name within the pod's namespace (snapshotCheckpointName), also the registry tag. */
 export type SnapshotLookup =
   | { kind: 'found'; storedName: string; checkpoint: OpenedCheckpoint }
   | { kind: 'absent'; storedName: string }
@@ -100,7 +111,7 @@ export async function findSnapshotCheckpoint(store: Pick<LocalStore, 'open'>, id
   const storedName = snapshotCheckpointName(id);
   let opened: OpenedCheckpoint;
   try {
-    opened = await store.open(storedName);
+    opened = await store.open(snapshotCheckpointKey(id));
   } catch (err) {
     if (isThawError(err, StoreErrorCode.NOT_FOUND)) return { kind: 'absent', storedName };
     return { kind: 'taken', storedName, reason: `the checkpoint stored as ${storedName} does not open: ${(err as Error).message}` };

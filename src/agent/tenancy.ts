@@ -34,8 +34,8 @@
  */
 import { readFile } from 'node:fs/promises';
 import { isAbsolute } from 'node:path';
-import { loadSigningKey, parseTrustedKey, type SigningKey, type TrustedKey } from '../store/index.js';
-import { checkNamespaceName, formatQualifiedName, parseQualifiedName, type QualifiedName } from '../checkpoint-name.js';
+import { loadSigningKey, parseTrustedKey, type SigningKey, type StoreLimits, type TrustedKey } from '../store/index.js';
+import { checkNamespaceName, formatQualifiedName, parseQualifiedName, storeKeyOf, type QualifiedName, type StoreKey } from '../checkpoint-name.js';
 import type { CheckpointReference } from '../checkpoint-reference.js';
 
 export interface RegistryGrant {
@@ -211,6 +211,20 @@ export function localRestoreRefusal(policy: TenancyPolicy, podNamespace: string,
   return `checkpoint ${formatQualifiedName(q)} belongs to namespace ${owner.namespace}; a pod of ${podNamespace} may not restore it (tenancy.shared grants no such share)`;
 }
 
+/**
+ * The store key a pod of `podNamespace` means by a local checkpoint name (an annotation): a bare name is its own
+ * namespace's (never another's, whatever that one holds under the same name), `namespace/name` is that
+ * namespace's (restored only if the policy shares it, localRestoreRefusal). `{ reason }` for a bad name or a pod
+ * without a valid namespace.
+ */
+export function restoreKeyOf(value: string, podNamespace: string): { key: StoreKey; owner: QualifiedName } | { reason: string } {
+  const badNs = checkNamespaceName(podNamespace);
+  if (badNs !== undefined) return { reason: `the pod's ${badNs}` };
+  const q = parseQualifiedName(value, podNamespace);
+  if ('reason' in q) return q;
+  return { key: storeKeyOf(q), owner: q };
+}
+
 /** True when `prefix` (host/repo-prefix) covers the reference's registry and repository, on component boundaries. */
 function prefixCovers(prefix: string, registry: string, repository: string): boolean {
   const full = `${registry}/${repository}`;
@@ -261,4 +275,16 @@ export async function loadSigningKeys(policy: TenancyPolicy, trusted: ReadonlyMa
     out.set(ns, key);
   }
   return out;
+}
+
+/**
+ * The local store's bounds from the agent's `store.*` keys (0: none) and the policy's per-namespace quotas, which
+ * take precedence over `store.namespaceQuotaBytes` (the quota of every namespace the policy names none for).
+ */
+export function storeLimitsOf(store: { quotaBytes: number; namespaceQuotaBytes: number; minFreeBytes: number }, policy: TenancyPolicy): StoreLimits {
+  return {
+    ...(store.quotaBytes > 0 ? { totalQuotaBytes: store.quotaBytes } : {}),
+    namespaceQuotaBytes: (ns) => policy.namespaces.get(ns)?.quotaBytes ?? (store.namespaceQuotaBytes > 0 ? store.namespaceQuotaBytes : undefined),
+    ...(store.minFreeBytes > 0 ? { minFreeBytes: store.minFreeBytes } : {}),
+  };
 }

@@ -14,7 +14,7 @@ import { removeControlDir } from '../sdk/index.js';
 import { adjustCheckpointSource } from './checkpoint-source.js';
 import { managedFromContainer, type ManagedContainer, type ThawCoordinator } from './managed-container.js';
 import { describeContainer, dropInterest, type HandlerScope } from './nri-handler-scope.js';
-import { defaultTenancyPolicy, type TenancyPolicy } from './tenancy.js';
+import { defaultTenancyPolicy, localRestoreRefusal, restoreKeyOf, type TenancyPolicy } from './tenancy.js';
 import { ThawNriStats } from './nri-stats.js';
 import { adjustRestoreTarget, type ThawRestoreConfig } from './restore-target.js';
 import { HandlerFallbackCause } from './errors.js';
@@ -66,8 +66,11 @@ export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { 
         );
         // Local checkpoints only: a registry checkpoint is resolved (and pulled) at CreateContainer.
         if (decision.kind !== 'restore-target' || decision.reference !== undefined || !options.restore || !pod.id) return;
-        options.coordinator?.restorePodCreated?.(pod.id, decision.checkpointName);
-        ctx.logger.debug('thaw: reading the checkpoint of a restore pod early', { pod: `${pod.namespace ?? ''}/${pod.name ?? ''}`, checkpoint: decision.checkpointName });
+        // Only a checkpoint this pod may restore is read for it (its own namespace's, or one shared with it).
+        const resolved = restoreKeyOf(decision.checkpointName, pod.namespace ?? '');
+        if ('reason' in resolved || localRestoreRefusal(scope.tenancy, pod.namespace ?? '', resolved.owner) !== undefined) return;
+        options.coordinator?.restorePodCreated?.(pod.id, resolved.key);
+        ctx.logger.debug('thaw: reading the checkpoint of a restore pod early', { pod: `${pod.namespace ?? ''}/${pod.name ?? ''}`, namespace: pod.namespace, checkpoint: resolved.key });
       } catch (err) {
         ctx.logger.warn('thaw: runPodSandbox handler failed', { pod: pod.id, error: errorMessage(err) });
       }

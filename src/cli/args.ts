@@ -5,6 +5,7 @@
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { configFlagOptions, CONFIG_KEYS, DEFAULT_CONFIG_PATH, flagNameOf } from '../agent/index.js';
 import { DEFAULT_API_SOCKET } from '../defaults.js';
+import { DEFAULT_NAMESPACE } from '../checkpoint-name.js';
 
 export class UsageError extends Error {
   constructor(message: string, readonly command?: string) {
@@ -28,6 +29,8 @@ const COMMON: Options = { help: { type: 'boolean', short: 'h' }, json: { type: '
 const SOCKET: Options = { socket: { type: 'string' } };
 const SOCKET_HELP = `  --socket PATH       the agent's API socket (default $THAW_API_SOCKET or ${DEFAULT_API_SOCKET})`;
 const JSON_HELP = '  --json              machine-readable output (one JSON document on stdout)';
+const NAMESPACE: Options = { namespace: { type: 'string', short: 'n' } };
+const NAMESPACE_HELP = `  -n, --namespace NS  the namespace a bare checkpoint name is in (default ${DEFAULT_NAMESPACE}); names are namespace/name`;
 
 /** push/pull work on the node's store directly (as root), with the agent's configuration for its paths and registry access. */
 const REGISTRY_OPTIONS = { config: { type: 'string' }, 'registry-config': { type: 'string' }, 'plain-http': { type: 'boolean' }, 'paths-store-root': { type: 'string' } } as const;
@@ -53,38 +56,60 @@ export const COMMANDS: Record<string, CommandSpec> = {
   },
   checkpoint: {
     summary: 'checkpoint a running container now (progress on stderr)',
-    usage: 'thaw checkpoint <container-id | namespace/pod> [--name NAME] [--container NAME] [--replace]',
+    usage: 'thaw checkpoint <container-id | namespace/pod> [--name [NAMESPACE/]NAME] [--container NAME] [--replace]',
     positionals: { min: 1, max: 1 },
-    options: { ...COMMON, ...SOCKET, name: { type: 'string' }, container: { type: 'string' }, replace: { type: 'boolean' } },
+    options: { ...COMMON, ...SOCKET, ...NAMESPACE, name: { type: 'string' }, container: { type: 'string' }, replace: { type: 'boolean' } },
     details: [
-      '  --name NAME         the checkpoint name (default: a checkpoint-source pod\'s annotation)',
+      '  --name NAME         the checkpoint name (default: a checkpoint-source pod\'s annotation); it is stored in the',
+      '                      pod\'s namespace (a namespace/name or --namespace naming another is refused)',
+      '  -n, --namespace NS  the namespace of a bare --name (default: the pod\'s)',
       '  --container NAME    which container of the pod',
       '  --replace           replace a checkpoint of the same name',
       SOCKET_HELP,
       JSON_HELP,
     ],
   },
-  list: { summary: 'list the checkpoints in the node\'s store', usage: 'thaw list', positionals: { min: 0, max: 0 }, options: { ...COMMON, ...SOCKET }, details: [SOCKET_HELP, JSON_HELP] },
+  list: {
+    summary: 'list the checkpoints in the node\'s store (namespace/name; pulled ones as oci-<digest>)',
+    usage: 'thaw list [--namespace NS]',
+    positionals: { min: 0, max: 0 },
+    options: { ...COMMON, ...SOCKET, ...NAMESPACE },
+    details: ['  -n, --namespace NS  only that namespace\'s checkpoints (default: every namespace\'s, and the pulled ones)', SOCKET_HELP, JSON_HELP],
+  },
   inspect: {
     summary: 'show a checkpoint: manifest, sizes, compatibility with this node',
-    usage: 'thaw inspect <checkpoint>',
+    usage: 'thaw inspect <[namespace/]checkpoint | oci-<digest>> [--namespace NS]',
     positionals: { min: 1, max: 1 },
-    options: { ...COMMON, ...SOCKET },
-    details: [SOCKET_HELP, JSON_HELP],
+    options: { ...COMMON, ...SOCKET, ...NAMESPACE },
+    details: [NAMESPACE_HELP, SOCKET_HELP, JSON_HELP],
   },
   delete: {
     summary: 'delete a checkpoint (refused, exit 5, while a restore uses it)',
-    usage: 'thaw delete <checkpoint>',
+    usage: 'thaw delete <[namespace/]checkpoint | oci-<digest>> [--namespace NS]',
     positionals: { min: 1, max: 1 },
-    options: { ...COMMON, ...SOCKET },
-    details: [SOCKET_HELP, JSON_HELP],
+    options: { ...COMMON, ...SOCKET, ...NAMESPACE },
+    details: [NAMESPACE_HELP, SOCKET_HELP, JSON_HELP],
+  },
+  gc: {
+    summary: 'collect the least recently used checkpoints no restore uses until the store\'s quotas and free space hold',
+    usage: 'thaw gc [--dry-run]',
+    positionals: { min: 0, max: 0 },
+    options: { ...COMMON, ...SOCKET, 'dry-run': { type: 'boolean' } },
+    details: [
+      '  --dry-run           list what would be collected; delete nothing',
+      '  Also removes the file cache\'s entries no checkpoint links. Bounds: store.quotaBytes, store.namespaceQuotaBytes,',
+      '  tenancy.namespaces.<ns>.quotaBytes, store.minFreeBytes (agent configuration).',
+      SOCKET_HELP,
+      JSON_HELP,
+    ],
   },
   'clear-failure': {
     summary: 'let pods restore from a checkpoint again after a restore of it failed on this node',
-    usage: 'thaw clear-failure <checkpoint>',
+    usage: 'thaw clear-failure <[namespace/]checkpoint | oci-<digest>> [--namespace NS]',
     positionals: { min: 1, max: 1 },
-    options: { ...COMMON, ...SOCKET },
+    options: { ...COMMON, ...SOCKET, ...NAMESPACE },
     details: [
+      NAMESPACE_HELP,
       '  A restore that failed because of the checkpoint (CRIU, its credentials, its rootfs diff) marks it: pods naming',
       '  it cold-start (RESTORE_CHECKPOINT_FAILED_BEFORE) until it is replaced or this clears the mark (thaw list shows it).',
       SOCKET_HELP,
@@ -108,10 +133,11 @@ export const COMMANDS: Record<string, CommandSpec> = {
   },
   push: {
     summary: 'push a checkpoint of this node\'s store to an OCI registry (progress on stderr)',
-    usage: 'thaw push <checkpoint> <registry/repository:tag> [--with-weights [--weights-dir DIR ...]] [--sign-key FILE] [--config FILE] [--registry-config FILE] [--plain-http]',
+    usage: 'thaw push <[namespace/]checkpoint> <registry/repository:tag> [--namespace NS] [--with-weights [--weights-dir DIR ...]] [--sign-key FILE] [--config FILE] [--registry-config FILE] [--plain-http]',
     positionals: { min: 2, max: 2 },
-    options: { ...COMMON, ...REGISTRY_OPTIONS, 'with-weights': { type: 'boolean' }, 'weights-dir': { type: 'string', multiple: true }, 'sign-key': { type: 'string' } },
+    options: { ...COMMON, ...REGISTRY_OPTIONS, ...NAMESPACE, 'with-weights': { type: 'boolean' }, 'weights-dir': { type: 'string', multiple: true }, 'sign-key': { type: 'string' } },
     details: [
+      NAMESPACE_HELP,
       ...REGISTRY_HELP,
       '  --with-weights           also push each weights source of the checkpoint as a layer (docs/weights.md), for nodes',
       '                           that do not have the model: read from the store\'s weights cache or found under weights.modelDirs',

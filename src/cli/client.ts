@@ -12,6 +12,7 @@ import {
   type SnapshotPodsMsg,
   type InspectCheckpointResponseMsg,
   type StatusResponseMsg,
+  type CollectGarbageResponseMsg,
   type VersionResponseMsg,
 } from '../agent/index.js';
 import { ExitCode } from './exit-codes.js';
@@ -73,8 +74,8 @@ export class AgentClient {
     });
   }
 
-  list(): Promise<{ checkpoints: CheckpointSummaryMsg[]; snapshot_pods: SnapshotPodsMsg[] }> {
-    return this.unary('ListCheckpoints', {});
+  list(namespace = ''): Promise<{ checkpoints: CheckpointSummaryMsg[]; snapshot_pods: SnapshotPodsMsg[] }> {
+    return this.unary('ListCheckpoints', { namespace });
   }
   inspect(name: string): Promise<InspectCheckpointResponseMsg> {
     return this.unary('InspectCheckpoint', { name });
@@ -84,6 +85,9 @@ export class AgentClient {
   }
   clearRestoreFailure(name: string): Promise<{ cleared: boolean }> {
     return this.unary('ClearRestoreFailure', { name });
+  }
+  collectGarbage(dryRun: boolean): Promise<CollectGarbageResponseMsg> {
+    return this.unary('CollectGarbage', { dry_run: dryRun });
   }
   status(): Promise<StatusResponseMsg> {
     return this.unary('Status', {});

@@ -12,6 +12,7 @@ import { agentLogger, describeStartFailure, runAgent } from '../agent/index.js';
 import { packageRoot } from '../util.js';
 import { ConfigError, ConfigErrorCode, DEFAULT_CONFIG_PATH, resolveAgentConfig, type AgentConfig } from '../agent/index.js';
 import { errorMessage, isThawError } from '../errors.js';
+import { DEFAULT_NAMESPACE, resolveStoreKey } from '../checkpoint-name.js';
 import { StoreErrorCode } from '../store/index.js';
 import { apiSocketOf, commandHelp, parseCommandLine, parseTarget, topLevelHelp, UsageError, type CommandLine } from './args.js';
 import { AgentClient, ApiCallError } from './client.js';
@@ -21,7 +22,7 @@ import { loadRegistryConfig } from '../agent/index.js';
 import { openLocalStore, type LocalStore } from '../store/index.js';
 import { loadSigningKey, OciErrorCode, parseReference, pullCheckpoint, pushCheckpoint, type RegistryAccess } from '../store/index.js';
 import { ExitCode } from './exit-codes.js';
-import { renderCheckpointResult, renderInspect, renderList, renderProgress, renderStatus } from './render.js';
+import { renderCheckpointResult, renderGc, renderInspect, renderList, renderProgress, renderStatus } from './render.js';
 
 export interface CliIo {
   stdout: (text: string) => void;
@@ -98,9 +99,13 @@ async function agentCommand(line: CommandLine, io: CliIo): Promise<number> {
 
 async function checkpointCommand(line: CommandLine, io: CliIo): Promise<number> {
   const target = parseTarget(line.positionals[0]!);
+  const given = (line.values['name'] as string | undefined) ?? '';
+  const ns = line.values['namespace'] as string | undefined;
+  // A bare name with --namespace is qualified here; without, the agent puts it in the pod's own namespace.
+  const name = given !== '' && !given.includes('/') && ns !== undefined ? `${ns}/${given}` : given;
   const request = {
     ...('containerId' in target ? { container_id: target.containerId } : { pod: { namespace: target.pod.namespace, name: target.pod.name, uid: '' } }),
-    name: (line.values['name'] as string | undefined) ?? '',
+    name,
     container_name: (line.values['container'] as string | undefined) ?? '',
     replace: line.values['replace'] === true,
   };
@@ -158,7 +163,8 @@ async function registryContext(line: CommandLine, io: CliIo, reference: string):
 }
 
 async function pushCommand(line: CommandLine, io: CliIo): Promise<number> {
-  const [name, reference] = line.positionals as [string, string];
+  const [, reference] = line.positionals as [string, string];
+  const name = checkpointKeyOf(line);
   const keyFile = line.values['sign-key'];
   // The key first: a refused key costs no upload.
   const sign = typeof keyFile === 'string' ? await loadSigningKey(resolve(keyFile)) : undefined;
@@ -192,6 +198,17 @@ async function pullCommand(line: CommandLine, io: CliIo): Promise<number> {
   return ExitCode.OK;
 }
 
+/**
+ * The store key of the checkpoint the first positional names: `namespace/name` as given, a bare name in
+ * --namespace (default "default"), a pulled checkpoint's `oci-<digest>` as it is.
+ */
+function checkpointKeyOf(line: CommandLine): string {
+  const text = line.positionals[0]!;
+  const resolved = resolveStoreKey(text, (line.values['namespace'] as string | undefined) ?? DEFAULT_NAMESPACE, { allowPulled: true });
+  if ('reason' in resolved) throw new UsageError(resolved.reason, line.command);
+  return resolved.key;
+}
+
 async function dispatch(line: CommandLine, io: CliIo): Promise<number> {
   const asJson = line.values['json'] === true;
   switch (line.command) {
@@ -201,21 +218,21 @@ async function dispatch(line: CommandLine, io: CliIo): Promise<number> {
       return checkpointCommand(line, io);
     case 'list':
       return withClient(line, io, async (c) => {
-        const { checkpoints, snapshot_pods } = await c.list();
+        const { checkpoints, snapshot_pods } = await c.list((line.values['namespace'] as string | undefined) ?? '');
         if (asJson) json(io, checkpoints);
         else io.stdout(`${renderList(checkpoints, snapshot_pods ?? [])}\n`);
         return ExitCode.OK;
       });
     case 'inspect':
       return withClient(line, io, async (c) => {
-        const r = await c.inspect(line.positionals[0]!);
+        const r = await c.inspect(checkpointKeyOf(line));
         if (asJson) json(io, { ...r, manifest: JSON.parse(r.manifest_json), manifest_json: undefined });
         else io.stdout(`${renderInspect(r)}\n`);
         return ExitCode.OK;
       });
     case 'delete':
       return withClient(line, io, async (c) => {
-        const name = line.positionals[0]!;
+        const name = checkpointKeyOf(line);
         await c.delete(name);
         if (asJson) json(io, { deleted: name });
         else io.stdout(`deleted ${name}\n`);
@@ -223,10 +240,17 @@ async function dispatch(line: CommandLine, io: CliIo): Promise<number> {
       });
     case 'clear-failure':
       return withClient(line, io, async (c) => {
-        const name = line.positionals[0]!;
+        const name = checkpointKeyOf(line);
         const { cleared } = await c.clearRestoreFailure(name);
         if (asJson) json(io, { name, cleared });
         else io.stdout(cleared ? `cleared the restore-failure mark of ${name}: pods naming it restore from it again\n` : `${name} has no restore-failure mark\n`);
+        return ExitCode.OK;
+      });
+    case 'gc':
+      return withClient(line, io, async (c) => {
+        const r = await c.collectGarbage(line.values['dry-run'] === true);
+        if (asJson) json(io, r);
+        else io.stdout(`${renderGc(r)}\n`);
         return ExitCode.OK;
       });
     case 'status':

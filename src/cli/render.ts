@@ -1,5 +1,5 @@
 /** Human renderings of the CLI's data (pure; `--json` prints the data itself). */
-import type { CheckpointProgressMsg, CheckpointSummaryMsg, InspectCheckpointResponseMsg, SnapshotPodsMsg, StatusResponseMsg } from '../agent/index.js';
+import type { CheckpointProgressMsg, CheckpointSummaryMsg, CollectGarbageResponseMsg, InspectCheckpointResponseMsg, SnapshotPodsMsg, StatusResponseMsg } from '../agent/index.js';
 import type { Manifest } from '../store/index.js';
 import { renderTable } from '../table.js';
 
@@ -50,6 +50,17 @@ function restoreColumn(c: CheckpointSummaryMsg): string {
   if (!c.restore_failure_json) return 'ok';
   const f = JSON.parse(c.restore_failure_json) as { cause?: string };
   return `FAILED ${f.cause ?? ''}`.trim();
+}
+
+export function renderGc(r: CollectGarbageResponseMsg): string {
+  const verb = r.dry_run ? 'would collect' : 'collected';
+  const lines = r.collected.length === 0 ? [`${verb} no checkpoint`] : [
+    `${verb} ${r.collected.length} checkpoint${r.collected.length === 1 ? '' : 's'} (${formatBytes(r.bytes)}), least recently used first:`,
+    renderTable(['NAME', 'SIZE', 'LAST USED'], r.collected.map((c) => [c.name, formatBytes(c.bytes), c.last_used.replace(/\.\d+Z$/, 'Z')])),
+  ];
+  lines.push(`${verb} ${r.cache_files} file cache entr${r.cache_files === 1 ? 'y' : 'ies'} no checkpoint links (${formatBytes(r.cache_bytes)})`);
+  if (r.unmet) lines.push(`not within bounds: ${r.unmet}`);
+  return lines.join('\n');
 }
 
 export function renderInspect(r: InspectCheckpointResponseMsg): string {

@@ -8,10 +8,11 @@
  * pod's spec is byte-for-byte what it would have been without thaw.
  *
  * Annotations (prefix configurable, default `thaw.dev/`), documented in README.md "Annotations":
- *   <prefix>checkpoint     = <name>     make a checkpoint of this worker, stored under <name>
+ *   <prefix>checkpoint     = <name>     make a checkpoint of this worker, stored as <pod's namespace>/<name>
  *   <prefix>restore        = <name>     start this container from checkpoint <name> of the pod's own namespace
- *                                      (or one the operator's policy shares with it; cold start on any problem);
- *                                      names beginning `oci-` are refused (reserved for pulled checkpoints);
+ *                          | <namespace>/<name>  or of another namespace, when the operator's policy shares
+ *                                      it with this one (cold start on any problem); names beginning `oci-`
+ *                                      are refused (reserved for pulled checkpoints);
  *                          | <registry>/<repo>:<tag>[@sha256:...]  or from a checkpoint in an OCI registry
  *                                      (src/checkpoint-reference.ts), pulled on demand
  *   <prefix>snapshot       = <name>     one annotation for a whole workload: restore from this namespace's
@@ -23,7 +24,7 @@
  * Any other key under the prefix is rejected, so that a typo does not silently turn thaw off for a pod.
  */
 
-import { checkUserCheckpointName } from '../checkpoint-name.js';
+import { checkUserCheckpointName, parseQualifiedName } from '../checkpoint-name.js';
 import { looksLikeReference, parseCheckpointReference, type CheckpointReference } from '../checkpoint-reference.js';
 
 // The name rule moved to src/checkpoint-name.ts (the store needs it too); re-exported for existing callers.
@@ -175,6 +176,12 @@ export function decide(input: PolicyInput, options: PolicyOptions): PolicyDecisi
       const parsed = parseCheckpointReference(restore);
       if ('reason' in parsed) return { kind: 'rejected', annotation: prefix + 'restore', reason: parsed.reason };
       return { kind: 'restore-target', checkpointName: restore, reference: parsed.reference };
+    }
+    if (restore.includes('/')) {
+      // Another namespace's checkpoint: whether this pod may restore it is the tenancy policy's (the agent's) call.
+      const q = parseQualifiedName(restore);
+      if ('reason' in q) return { kind: 'rejected', annotation: prefix + 'restore', reason: q.reason };
+      return { kind: 'restore-target', checkpointName: restore };
     }
     // A pod never names a pulled checkpoint's local name (oci-<digest>): it names the reference.
     const bad = checkUserCheckpointName(restore);

@@ -25,6 +25,7 @@
  * suffers from a checkpoint). The caller gets CHECKPOINT_FAILED naming the phase, with the cause's code
  * (CRIU_FAILED with CRIU's log lines, STORE_EXISTS, ...) in `evidence.causeCode` and the cause attached.
  */
+import { readFileSync, readlinkSync } from 'node:fs';
 import { lstat, mkdtemp, rm, stat } from 'node:fs/promises';
 import { hostname, tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -168,6 +169,13 @@ export interface CheckpointContainerOptions {
    * ignored (the restored worker reloads from its files).
    */
   weights?: { digests: SourceDigests };
+  /**
+   * Called with the checkpoint's expected size (the container's resident memory, which CRIU's page images
+   * hold) after the inspection and before anything is written or the worker is touched: makes room in the
+   * store (collecting least recently used checkpoints) or throws (STORE_NO_ROOM), which fails the checkpoint
+   * in its inspect phase with nothing left behind.
+   */
+  makeRoom?: (expectedBytes: number, signal: AbortSignal) => Promise<void>;
 }
 
 export interface CheckpointPhases {
@@ -263,6 +271,29 @@ export function buildCheckpointDumpOptions(
  * timings; rejects with CHECKPOINT_FAILED (see the file comment for what is guaranteed then). The signal
  * and `timeoutMs` (default DEFAULT_CHECKPOINT_TIMEOUT_MS) abort the flow; CRIU is killed, nothing is published.
  */
+/**
+ * The process's working directory as its container sees it and its real uid and gid (/proc/<pid>/cwd and
+ * status), read at the dump; what cannot be read is left out (the check at restore then skips it).
+ */
+function processIdentity(pid: number): { cwd?: string; user?: { uid: number; gid: number } } {
+  const out: { cwd?: string; user?: { uid: number; gid: number } } = {};
+  try {
+    const cwd = readlinkSync(`/proc/${pid}/cwd`);
+    if (cwd.startsWith('/') && !cwd.endsWith(' (deleted)')) out.cwd = cwd;
+  } catch {
+    // gone or not ours to read: recorded without it
+  }
+  try {
+    const status = readFileSync(`/proc/${pid}/status`, 'utf8');
+    const uid = /^Uid:\s+(\d+)/m.exec(status)?.[1];
+    const gid = /^Gid:\s+(\d+)/m.exec(status)?.[1];
+    if (uid !== undefined && gid !== undefined) out.user = { uid: Number(uid), gid: Number(gid) };
+  } catch {
+    // as above
+  }
+  return out;
+}
+
 export async function checkpointContainer(
   opts: CheckpointContainerOptions,
   call: { signal?: AbortSignal; timeoutMs?: number } = {},
@@ -308,6 +339,9 @@ export async function checkpointContainer(
       upperdir,
     });
     throwIfAborted(signal);
+    // The room first: a checkpoint the store's bounds cannot hold is refused before any byte of it is written.
+    await opts.makeRoom?.(inspection.rssBytes, signal);
+    throwIfAborted(signal);
 
     let weights: ManifestWeightsDoc | undefined;
     if (opts.weights) {
@@ -323,7 +357,7 @@ export async function checkpointContainer(
     }
 
     pending = await opts.store.beginCheckpoint(name);
-    workDir = await mkdtemp(join(opts.workRoot ?? tmpdir(), `thaw-ckpt-${name}-`));
+    workDir = await mkdtemp(join(opts.workRoot ?? tmpdir(), `thaw-ckpt-${name.replace('/', '+')}-`));
 
     if (opts.cuda) {
       phase = 'cuda-checkpoint';
@@ -404,6 +438,7 @@ export async function checkpointContainer(
         command: opts.source.command ?? inspection.cmdline,
         args: opts.source.args ?? [],
         envKeys: inspection.envKeys,
+        ...processIdentity(opts.pid),
       },
       constraints: {
         arch: hostFacts.arch,

@@ -18,7 +18,7 @@ export const RestoreErrorCode = {
    * A restore of this very checkpoint (name and manifest digest) failed on this node before, because of the
    * checkpoint (CRIU, its credentials, its rootfs diff: CHECKPOINT_FAULT_CAUSES in restore-flow.ts), and the
    * failure was recorded in the store: decided at CreateContainer, nothing is applied. Replacing the checkpoint
-   * or `thaw clear-failure <name>` lets pods restore from it again.
+   * or `thaw clear-failure <namespace/name>` lets pods restore from it again.
    */
   CHECKPOINT_FAILED_BEFORE: 'RESTORE_CHECKPOINT_FAILED_BEFORE',
   /** The checkpoint does not match its manifest (sha256, size, extra or missing files) or cannot be read. */

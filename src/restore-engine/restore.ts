@@ -167,9 +167,16 @@ export async function restoreIntoContainer(o: RestoreIntoContainerOptions): Prom
       }
     });
     // Before CRIU runs: the recorded credentials of every thread against what the target's spec grants.
-    if (o.checkCredentials !== false) {
-      const spec = specCredentialsOf(await readTargetSpec(hostPaths.root));
-      assertCredentialsWithinSpec(await readRecordedCredentials(o.imagesDir, o.imageCodec ?? sharedImageCodec()), spec);
+    // And the working directory and user the checkpointed process had against the target spec's: CRIU gives the
+    // process its own back, so a pod asking for another is another workload.
+    const recorded = o.manifest.source;
+    if (o.checkCredentials !== false || recorded.cwd !== undefined || recorded.user !== undefined) {
+      const rawSpec = await readTargetSpec(hostPaths.root);
+      // Privilege first: a process that would gain any is refused for that (RESTORE_CREDENTIALS_EXCEED_SPEC).
+      if (o.checkCredentials !== false) {
+        assertCredentialsWithinSpec(await readRecordedCredentials(o.imagesDir, o.imageCodec ?? sharedImageCodec()), specCredentialsOf(rawSpec));
+      }
+      assertSameProcessIdentity(recorded, rawSpec);
     }
     const options: RestoreOptions = {
       imagesDir: o.imagesDir,
@@ -245,4 +252,28 @@ export async function restoreIntoContainer(o: RestoreIntoContainerOptions): Prom
 /** The log path CRIU writes in `workDir` (for evidence when the restore threw before answering). */
 export function restoreLogPath(workDir: string): string {
   return join(workDir, 'restore.log');
+}
+
+/**
+ * RESTORE_INCOMPATIBLE when the checkpointed process's recorded working directory or user (uid, gid) differs from
+ * the target spec's process.cwd / process.user. A manifest that recorded neither passes (written before they were).
+ */
+export function assertSameProcessIdentity(recorded: { cwd?: string; user?: { uid: number; gid: number } }, spec: unknown): void {
+  const step = 'compare the working directory and user with the target spec';
+  const proc = ((spec as Record<string, unknown> | null)?.['process'] ?? {}) as Record<string, unknown>;
+  const cwd = typeof proc['cwd'] === 'string' ? proc['cwd'] : '/';
+  const user = (proc['user'] ?? {}) as Record<string, unknown>;
+  const mismatches: Array<{ what: string; expected: string; actual: string }> = [];
+  if (recorded.cwd !== undefined && recorded.cwd !== cwd) mismatches.push({ what: 'container.cwd', expected: recorded.cwd, actual: cwd });
+  if (recorded.user !== undefined) {
+    const uid = typeof user['uid'] === 'number' ? user['uid'] : 0;
+    const gid = typeof user['gid'] === 'number' ? user['gid'] : 0;
+    if (recorded.user.uid !== uid || recorded.user.gid !== gid) mismatches.push({ what: 'container.user', expected: `${recorded.user.uid}:${recorded.user.gid}`, actual: `${uid}:${gid}` });
+  }
+  if (mismatches.length > 0) {
+    throw new RestoreError(RestoreErrorCode.INCOMPATIBLE, `the target is another workload: ${mismatches.map((m) => `${m.what} ${m.actual}, the checkpoint's ${m.expected}`).join('; ')}`, {
+      step,
+      evidence: { mismatches },
+    });
+  }
 }

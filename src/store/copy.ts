@@ -4,7 +4,9 @@
  * directory of the target that is published atomically under the same manifest (its id kept) or removed.
  */
 import { constants as fsConstants } from 'node:fs';
-import { mkdir, open } from 'node:fs/promises';
+import { mkdir, open, readFile } from 'node:fs/promises';
+import { isPulledKey } from '../checkpoint-name.js';
+import { OCI_CONFIG_FILE_NAME, OCI_MANIFEST_FILE_NAME } from './provenance.js';
 import { createHash } from 'node:crypto';
 import { dirname, join } from 'node:path';
 import { forEachLimit } from '../sys/concurrency.js';
@@ -30,7 +32,7 @@ export async function copyCheckpoint(from: LocalStore, to: LocalStore, name: str
     await forEachLimit(
       source.manifest.files,
       o.concurrency ?? 2,
-      async (file) => {
+      async (file) => to.hashLimiter.run(async () => {
         const dest = join(pending.dir, file.path);
         await mkdir(dirname(dest), { recursive: true, mode: 0o700 });
         const input = await openRegularNoFollow(join(source.paths.dir, file.path), step);
@@ -58,10 +60,14 @@ export async function copyCheckpoint(from: LocalStore, to: LocalStore, name: str
           await input.close();
           await output.close();
         }
-      },
+      }, { ...(o.signal ? { signal: o.signal } : {}), step, aborted: storeAborted(step) }),
       { step, ...(o.signal ? { signal: o.signal } : {}), aborted: storeAborted(step) },
     );
-    return await pending.publishVerified(source.manifest, { ...(o.signal ? { signal: o.signal } : {}), ...(o.replace ? { replace: true } : {}) });
+    // A pulled checkpoint takes its registry bytes along (checked again when the target opens it).
+    const provenance = isPulledKey(name)
+      ? { imageManifest: await readFile(join(source.paths.dir, OCI_MANIFEST_FILE_NAME)), config: await readFile(join(source.paths.dir, OCI_CONFIG_FILE_NAME)) }
+      : undefined;
+    return await pending.publishVerified(source.manifest, { ...(o.signal ? { signal: o.signal } : {}), ...(o.replace ? { replace: true } : {}), ...(provenance ? { provenance } : {}) });
   } catch (err) {
     await pending.abort().catch(() => undefined);
     throw err;

@@ -31,6 +31,12 @@ export const StoreErrorCode = {
   PATH_ESCAPE: 'STORE_PATH_ESCAPE',
   /** delete() (or replace) of a checkpoint that a lease holds: a restore is reading it. */
   IN_USE: 'STORE_IN_USE',
+  /**
+   * A checkpoint (written or pulled) does not fit: its declared or expected size over what the store's quota,
+   * its namespace's quota or the filesystem's free space leaves once every least recently used checkpoint no
+   * restore uses is collected. Refused before anything of it is written.
+   */
+  NO_ROOM: 'STORE_NO_ROOM',
   /** The caller's AbortSignal fired. */
   ABORTED: 'STORE_ABORTED',
   /** A PendingCheckpoint used after publish() or abort(). */

@@ -1,15 +1,26 @@
 /**
  * The local checkpoint store's layout and path safety (design.md, Store): one directory per checkpoint under a
- * root (default /var/lib/thaw/checkpoints):
+ * root (default /var/lib/thaw/checkpoints), checkpoints owned by a namespace under that namespace's directory,
+ * pulled ones in their own area. A checkpoint is named by its store key (src/checkpoint-name.ts):
+ * `namespace/name` or `oci-<64 hex>`.
  *
- *   <root>/<name>/manifest.json        see manifest.ts
- *   <root>/<name>/criu/                CRIU image files
- *   <root>/<name>/rootfs-diff.tar      the container's overlay upperdir
- *   <root>/<name>/deleted-files.json   the upperdir's whiteouts
- *   <root>/.tmp-<name>-<pid>-<start>-<random>/  a checkpoint being written, or an old one being removed
- *   <root>/.leases/<name>@<pid>-<start>-<token>  "this process is reading <name>" (leases.ts)
- *   <root>/.verified/<name>.json       the file identities last hashed (verify.ts)
- *   <root>/.restore-failed/<name>.json a restore of this manifest failed here (restore-failures.ts)
+ *   <root>/<namespace>/<name>/manifest.json        see manifest.ts
+ *   <root>/<namespace>/<name>/criu/                CRIU image files
+ *   <root>/<namespace>/<name>/rootfs-diff.tar      the container's overlay upperdir
+ *   <root>/<namespace>/<name>/deleted-files.json   the upperdir's whiteouts
+ *   <root>/.oci/oci-<hex>/                         a pulled checkpoint (the same files, and the registry manifest)
+ *   <root>/.tmp-<key>-<pid>-<start>-<random>/      a checkpoint being written, or an old one being removed
+ *   <root>/.leases/<key>@<pid>-<start>-<token>     "this process is reading <key>" (leases.ts)
+ *   <root>/.verified/<key>.json                    the file identities last hashed (verify.ts)
+ *   <root>/.restore-failed/<key>.json              a restore of this manifest failed here (restore-failures.ts)
+ *   <root>/.weights/sha256/<hex>                   the weights cache (weights-cache.ts)
+ *   <root>/.used/<key>                             its mtime: when the checkpoint was last published or leased (gc.ts)
+ *   <root>/.unowned/<name>/                        a checkpoint of the old flat layout that recorded no namespace
+ *                                                  (migrate.ts): restores nowhere, kept for the operator
+ *
+ * In file names (`.tmp-*`, leases, stamps) a key's '/' is written '+', which neither part of a key may hold.
+ * Entries of the root that begin with '.' are the store's own; every other one is a namespace (a DNS label never
+ * begins with '.').
  *
  * Directories are 0700 and files 0600, owned by root: a checkpoint is process memory, secrets included.
  *
@@ -22,7 +33,7 @@ import { randomBytes } from 'node:crypto';
 import { readFileSync, type Stats } from 'node:fs';
 import { lstat, readdir } from 'node:fs/promises';
 import { join, resolve, sep } from 'node:path';
-import { checkCheckpointName } from '../checkpoint-name.js';
+import { parseStoreKey } from '../checkpoint-name.js';
 import { StoreError, StoreErrorCode } from './errors.js';
 import { CRIU_DIR_NAME, DELETED_FILES_FILE_NAME, MANIFEST_FILE_NAME, ROOTFS_DIFF_FILE_NAME, type Manifest } from './manifest.js';
 
@@ -31,6 +42,20 @@ export const CHECKPOINT_FILE_MODE = 0o600;
 
 export const TMP_PREFIX = '.tmp-';
 export const LEASES_DIR_NAME = '.leases';
+/** Where pulled checkpoints (`oci-<hex>`) live. */
+export const PULLED_DIR_NAME = '.oci';
+/** Checkpoints of the old flat layout that recorded no namespace (migrate.ts). */
+export const UNOWNED_DIR_NAME = '.unowned';
+
+/** A store key as it appears in a file name ('/' → '+'). */
+export function keyToFileName(key: string): string {
+  return key.replace('/', '+');
+}
+
+/** The store key a file name holds (the inverse of keyToFileName). */
+export function keyFromFileName(text: string): string {
+  return text.replace('+', '/');
+}
 export const TMP_PATTERN = /^\.tmp-(.+)-(\d+)-(\d+)-([0-9a-f]{16})$/;
 export const LEASE_PATTERN = /^(.+)@(\d+)-(\d+)-([0-9a-f]{8})$/;
 
@@ -43,7 +68,10 @@ export interface CheckpointPaths {
 }
 
 export interface OpenedCheckpoint {
+  /** Its store key: `namespace/name`, or `oci-<hex>` for a pulled checkpoint. */
   name: string;
+  /** The namespace that owns it (the directory it is in); undefined for a pulled checkpoint. */
+  namespace?: string;
   manifest: Manifest;
   paths: CheckpointPaths;
 }
@@ -89,14 +117,19 @@ export class StoreLayout {
   }
 
   /**
-   * Validates a name and returns `<root>/<name>`; STORE_INVALID_NAME with the rule's reason otherwise. Callers
-   * name their step without the name until it is valid: a bad name may hold NUL or escapes, and the reason
-   * already quotes it.
+   * Validates a store key and returns its directory (`<root>/<namespace>/<name>`, `<root>/.oci/oci-<hex>`);
+   * STORE_INVALID_NAME with the rule's reason otherwise. Callers name their step without the key until it is
+   * valid: a bad one may hold NUL or escapes, and the reason already quotes it.
    */
-  dirOf(name: string, step = 'resolve checkpoint name'): string {
-    const bad = checkCheckpointName(name);
-    if (bad !== undefined) throw new StoreError(StoreErrorCode.INVALID_NAME, bad, { step, evidence: { name } });
-    return this.inside(name, step);
+  dirOf(key: string, step = 'resolve checkpoint name'): string {
+    const parsed = parseStoreKey(key);
+    if ('reason' in parsed) throw new StoreError(StoreErrorCode.INVALID_NAME, parsed.reason, { step, evidence: { name: key } });
+    return this.inside(parsed.kind === 'pulled' ? join(PULLED_DIR_NAME, parsed.name) : join(parsed.namespace, parsed.name), step);
+  }
+
+  /** The directory holding the key's checkpoint directory (`<root>/<namespace>` or `<root>/.oci`). */
+  parentOf(key: string, step = 'resolve checkpoint name'): string {
+    return resolve(this.dirOf(key, step), '..');
   }
 
   /** Resolves `rel` under the root and refuses a result outside it. */
@@ -111,8 +144,8 @@ export class StoreLayout {
     return path;
   }
 
-  newTmpName(name: string): string {
-    return `${TMP_PREFIX}${name}-${this.processTag}-${randomBytes(8).toString('hex')}`;
+  newTmpName(key: string): string {
+    return `${TMP_PREFIX}${keyToFileName(key)}-${this.processTag}-${randomBytes(8).toString('hex')}`;
   }
 }
 

@@ -1,7 +1,7 @@
 /**
  * Leases: "this process is reading checkpoint <name>" (a restore), so that delete() and a replacing publish()
  * refuse it (STORE_IN_USE). Counted per store instance; the first lease of a name also writes
- * `<root>/.leases/<name>@<pid>-<start>-<token>`, so that another process (the CLI's delete) or store instance
+ * `<root>/.leases/<key>@<pid>-<start>-<token>` (the key's '/' written '+'), so that another process (the CLI's delete) or store instance
  * sees it, and the last release removes that file. A lease file whose process is gone (pid and start time)
  * is ignored, and removed by recover(). No flock: Node has none, and a file per holder is enough for "is
  * anyone reading this?".
@@ -10,7 +10,7 @@ import { randomBytes } from 'node:crypto';
 import { mkdir, readdir, unlink, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { ioError } from './errors.js';
-import { CHECKPOINT_DIR_MODE, CHECKPOINT_FILE_MODE, LEASE_PATTERN, LEASES_DIR_NAME, sameProcessRunning, type StoreLayout } from './layout.js';
+import { CHECKPOINT_DIR_MODE, CHECKPOINT_FILE_MODE, keyFromFileName, keyToFileName, LEASE_PATTERN, LEASES_DIR_NAME, sameProcessRunning, type StoreLayout } from './layout.js';
 
 /** Release a lease; idempotent. */
 export type ReleaseLease = () => Promise<void>;
@@ -72,7 +72,7 @@ export class Leases {
   }
 
   private path(name: string): string {
-    return join(this.layout.root, LEASES_DIR_NAME, `${name}@${this.layout.processTag}-${this.instanceToken}`);
+    return join(this.layout.root, LEASES_DIR_NAME, `${keyToFileName(name)}@${this.layout.processTag}-${this.instanceToken}`);
   }
 
   /** Every lease file under the root, of any process. */
@@ -86,7 +86,7 @@ export class Leases {
     return entries.flatMap((entry) => {
       const match = LEASE_PATTERN.exec(entry);
       if (!match) return [];
-      return [{ name: match[1]!, pid: Number(match[2]), startTime: match[3]!, path: join(this.layout.root, LEASES_DIR_NAME, entry) }];
+      return [{ name: keyFromFileName(match[1]!), pid: Number(match[2]), startTime: match[3]!, path: join(this.layout.root, LEASES_DIR_NAME, entry) }];
     });
   }
 }

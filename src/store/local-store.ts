@@ -1,7 +1,8 @@
 /**
  * The local checkpoint store (design.md, Store): the LocalStore facade over its parts.
  *
- *   layout.ts    the directory layout, names and path safety
+ *   layout.ts    the directory layout (`<root>/<namespace>/<name>`, `<root>/.oci/oci-<hex>`), keys and path safety
+ *   migrate.ts   the one-time move of the old flat layout into the namespaced one
  *   open.ts      opening the root and a checkpoint, with the permission and size checks
  *   publish.ts   writing a checkpoint and publishing it durably (fsync, renameat2)
  *   recover.ts   removing what a crashed writer left
@@ -11,15 +12,19 @@
  *
  * The prefetch into the page cache is src/sys/prefetch.ts, run over a checkpoint's files by prefetch() here.
  */
-import { readdir, rename, rm } from 'node:fs/promises';
+import { lstat, readdir, rename, rm } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
-import { DEFAULT_STORE_ROOT } from '../defaults.js';
+import { DEFAULT_MAX_CONCURRENT_HASHING, DEFAULT_STORE_ROOT } from '../defaults.js';
+import { Limiter } from '../sys/concurrency.js';
 import { silentLogger, type Logger } from '../log.js';
 import { bindPageCache, type PageCache } from '../sys/page-cache.js';
 import { prefetchFiles, type PrefetchOptions } from '../sys/prefetch.js';
 import { DEFAULT_FILE_CONCURRENCY, openRegularNoFollow } from './digest.js';
 import { ioError, StoreError, StoreErrorCode, storeAborted } from './errors.js';
-import { pathsOf, StoreLayout, walk, type CheckpointPaths, type OpenedCheckpoint } from './layout.js';
+import { checkNamespaceName } from '../checkpoint-name.js';
+import { pathsOf, PULLED_DIR_NAME, StoreLayout, walk, type CheckpointPaths, type OpenedCheckpoint } from './layout.js';
+import { migrateFlatLayout, type Migration } from './migrate.js';
+import { collectGarbage, LastUse, makeRoom, type GcResult, type Incoming, type StoreLimits } from './gc.js';
 import { Leases, type ReleaseLease } from './leases.js';
 import type { Manifest } from './manifest.js';
 import { openCheckpoint, openStoreRoot, readManifestUnchecked, requireExists } from './open.js';
@@ -31,6 +36,9 @@ import { StampCache, verifyCheckpoint, type VerifyOptions, type VerifyResult } f
 
 export { CHECKPOINT_DIR_MODE, CHECKPOINT_FILE_MODE, type CheckpointPaths, type OpenedCheckpoint } from './layout.js';
 export type { ReleaseLease } from './leases.js';
+export type { Migration } from './migrate.js';
+export type { GcCandidate, GcResult, Incoming, StoreLimits } from './gc.js';
+export { PULLED_DIR_NAME, UNOWNED_DIR_NAME } from './layout.js';
 export { PendingCheckpoint, type PublishOptions } from './publish.js';
 export { manifestDigest, RESTORE_FAILURES_DIR, type RestoreFailure } from './restore-failures.js';
 export { VERIFIED_STAMPS_DIR, type VerifyOptions, type VerifyResult } from './verify.js';
@@ -42,14 +50,25 @@ export interface LocalStoreOptions {
   logger?: Logger;
   /** uid that must own every checkpoint directory and file (default 0: root). */
   ownerUid?: number;
-  /** Files hashed at once by publish() and verify() (default DEFAULT_FILE_CONCURRENCY). */
+  /** Files hashed at once by one publish() or verify() (default DEFAULT_FILE_CONCURRENCY). */
   hashConcurrency?: number;
-  /** Clock for manifest.createdAt; injectable for tests. */
+  /**
+   * The bound on files hashed at once across every call (publish, verify, copy into this store), shared with
+   * whatever else the caller hands it to (the agent: its local and shared stores). Default: one of this store's
+   * own, of DEFAULT_MAX_CONCURRENT_HASHING.
+   */
+  hashLimiter?: Limiter;
+  /** Clock for manifest.createdAt and last-use records; injectable for tests. */
   now?: () => Date;
+  /** Told of every collection that deleted (not dry runs): what went (metrics). */
+  onCollect?: (result: GcResult) => void;
 }
 
 export interface ListedCheckpoint {
+  /** Its store key (`namespace/name`, or `oci-<hex>`). */
   name: string;
+  /** The namespace that owns it; undefined for a pulled checkpoint. */
+  namespace?: string;
   /** Present when the checkpoint opened cleanly. */
   manifest?: Manifest;
   /** A restore of this very manifest failed on this node because of the checkpoint (restore-failures.ts). */
@@ -67,12 +86,14 @@ export interface PrefetchResult {
 }
 
 /**
- * Opens (creating when missing) the store at `options.root` and runs recover(). The root must not be
+ * Opens (creating when missing) the store at `options.root`, moves a store of the old flat layout into the
+ * namespaced one (migrate.ts; `store.migrated` says what moved), and runs recover(). The root must not be
  * writable by group or others, and must be owned by `ownerUid`.
  */
 export async function openLocalStore(options: LocalStoreOptions = {}): Promise<LocalStore> {
   const root = await openStoreRoot(resolve(options.root ?? DEFAULT_STORE_ROOT), options.ownerUid ?? 0, 'open checkpoint store');
   const store = new LocalStore(root, options);
+  await store.migrate();
   await store.recover();
   return store;
 }
@@ -88,6 +109,12 @@ export class LocalStore {
   private readonly stamps: StampCache;
   private readonly failures: RestoreFailures;
   private readonly publishing: PublishContext;
+  private readonly lastUse: LastUse;
+  /** Files hashed at once in all of this store's work (and whatever shares the limiter). */
+  readonly hashLimiter: Limiter;
+  private readonly onCollect: ((result: GcResult) => void) | undefined;
+  /** What openLocalStore moved from the old flat layout (empty for a store already namespaced). */
+  migrated: Migration[] = [];
 
   /** Use openLocalStore(), which checks the root and recovers. */
   constructor(root: string, options: LocalStoreOptions) {
@@ -101,23 +128,28 @@ export class LocalStore {
     this.leases = new Leases(this.layout, now);
     this.stamps = new StampCache(root, this.logger);
     this.failures = new RestoreFailures(root, this.logger);
+    this.lastUse = new LastUse(root, now);
+    this.hashLimiter = options.hashLimiter ?? new Limiter(DEFAULT_MAX_CONCURRENT_HASHING);
+    this.onCollect = options.onCollect;
     this.publishing = {
       layout: this.layout,
       logger: this.logger,
       ownerUid: this.ownerUid,
       hashConcurrency: this.hashConcurrency,
+      hashLimiter: this.hashLimiter,
       now,
       renameAt2: bindRenameAt2(),
       stamps: this.stamps,
       failures: this.failures,
       isLeased: (name) => this.isLeased(name),
+      used: (name) => this.lastUse.touch(name, this.logger),
     };
   }
 
   /**
-   * Validates a name and returns `<root>/<name>`; STORE_INVALID_NAME with the rule's reason otherwise. Callers
-   * name their step without the name until it is valid: a bad name may hold NUL or escapes, and the reason
-   * already quotes it.
+   * Validates a store key (`namespace/name`, `oci-<hex>`) and returns its directory; STORE_INVALID_NAME with
+   * the rule's reason otherwise (a bare name included). Callers name their step without the key until it is
+   * valid: a bad one may hold NUL or escapes, and the reason already quotes it.
    */
   dirOf(name: string, step = 'resolve checkpoint name'): string {
     return this.layout.dirOf(name, step);
@@ -126,6 +158,12 @@ export class LocalStore {
   /** Paths of a published checkpoint (nothing is checked on disk; use open() for that). */
   pathsOf(name: string): CheckpointPaths {
     return pathsOf(this.dirOf(name));
+  }
+
+  /** Moves a store of the old flat layout into the namespaced one (migrate.ts). Called by openLocalStore. */
+  async migrate(): Promise<Migration[]> {
+    this.migrated = await migrateFlatLayout(this.layout, this.logger);
+    return this.migrated;
   }
 
   /** Removes what a crashed writer left (recover.ts). Called by openLocalStore; safe to call again. */
@@ -146,21 +184,41 @@ export class LocalStore {
   /** Re-hashes every file of a checkpoint against its manifest, unless unchanged since last hashed (verify.ts). */
   async verify(name: string, options: VerifyOptions = {}): Promise<VerifyResult> {
     this.dirOf(name, 'verify checkpoint');
-    return verifyCheckpoint({ open: (n) => this.open(n), stamps: this.stamps, hashConcurrency: this.hashConcurrency }, name, options);
+    return verifyCheckpoint({ open: (n) => this.open(n), stamps: this.stamps, hashConcurrency: this.hashConcurrency, hashLimiter: this.hashLimiter }, name, options);
   }
 
-  /** Every checkpoint directory, sorted by name; broken ones carry `problem` instead of `manifest`. */
-  async list(): Promise<ListedCheckpoint[]> {
-    const names = (await readdir(this.root)).filter((e) => !e.startsWith('.')).sort();
+  /**
+   * Every checkpoint directory, sorted by key (namespaces' first, then the pulled ones); broken ones carry
+   * `problem` instead of `manifest`. `namespace`: only that namespace's.
+   */
+  async list(options: { namespace?: string } = {}): Promise<ListedCheckpoint[]> {
+    const keys: string[] = [];
+    const entries = options.namespace !== undefined ? [options.namespace] : (await readdir(this.root)).filter((e) => !e.startsWith('.')).sort();
     const out: ListedCheckpoint[] = [];
-    for (const name of names) {
+    for (const ns of entries) {
+      const dir = join(this.root, ns);
+      const st = await lstat(dir).catch(() => undefined);
+      if (st === undefined) continue;
+      const bad = checkNamespaceName(ns);
+      if (bad !== undefined || !st.isDirectory()) {
+        out.push({ name: ns, problem: { code: StoreErrorCode.PATH_ESCAPE, message: bad ?? `${dir} is not a namespace directory` } });
+        continue;
+      }
+      for (const name of (await readdir(dir)).sort()) keys.push(`${ns}/${name}`);
+    }
+    if (options.namespace === undefined) {
+      const pulled = await readdir(join(this.root, PULLED_DIR_NAME)).catch(() => [] as string[]);
+      for (const name of pulled.sort()) keys.push(name);
+    }
+    for (const key of keys) {
       try {
-        const { manifest } = await this.open(name);
-        const restoreFailure = await this.failures.read(name, manifest).catch(() => undefined);
-        out.push({ name, manifest, ...(restoreFailure !== undefined ? { restoreFailure } : {}) });
+        const opened = await this.open(key);
+        const restoreFailure = await this.failures.read(key, opened.manifest).catch(() => undefined);
+        out.push({ name: key, ...(opened.namespace !== undefined ? { namespace: opened.namespace } : {}), manifest: opened.manifest, ...(restoreFailure !== undefined ? { restoreFailure } : {}) });
       } catch (err) {
         const e = err as StoreError;
-        out.push({ name, problem: { code: e.code ?? StoreErrorCode.IO, message: e.message } });
+        const ns = key.includes('/') ? key.slice(0, key.indexOf('/')) : undefined;
+        out.push({ name: key, ...(ns !== undefined ? { namespace: ns } : {}), problem: { code: e.code ?? StoreErrorCode.IO, message: e.message } });
       }
     }
     return out;
@@ -192,7 +250,9 @@ export class LocalStore {
     try {
       await this.stamps.remove(name);
       await this.failures.clear(name);
+      await this.lastUse.remove(name);
       await rename(dir, aside);
+      await fsyncPath(this.layout.parentOf(name));
       await fsyncPath(this.root);
       await rm(aside, { recursive: true, force: true });
     } catch (err) {
@@ -209,7 +269,36 @@ export class LocalStore {
     const dir = this.dirOf(name, 'lease checkpoint');
     const step = `lease checkpoint ${name}`;
     await requireExists(this.layout, name, dir, step);
-    return this.leases.acquire(name, step);
+    const release = await this.leases.acquire(name, step);
+    await this.lastUse.touch(name, this.logger);
+    return release;
+  }
+
+  /**
+   * Collects least recently used checkpoints no restore uses until `limits` hold, and the file cache's entries
+   * no checkpoint links (gc.ts). `dryRun`: report what would go, delete nothing.
+   */
+  async collectGarbage(limits: StoreLimits, options: { dryRun?: boolean } = {}): Promise<GcResult> {
+    const result = await collectGarbage(this, this.lastUse, { limits, logger: this.logger, ...(options.dryRun !== undefined ? { dryRun: options.dryRun } : {}) });
+    if (options.dryRun !== true) this.onCollect?.(result);
+    return result;
+  }
+
+  /**
+   * Makes room for a checkpoint about to be written or pulled (its owner and declared or expected size): collects
+   * as collectGarbage() does, or throws STORE_NO_ROOM. Call it before anything of the checkpoint is written.
+   */
+  async makeRoom(limits: StoreLimits, incoming: Incoming): Promise<GcResult> {
+    const result = await makeRoom(this, this.lastUse, limits, incoming, this.logger);
+    this.onCollect?.(result);
+    return result;
+  }
+
+  /** When a checkpoint was last published or leased (ms since the epoch), else its manifest's creation. */
+  async lastUsedMs(name: string): Promise<number | undefined> {
+    const opened = await this.open(name).catch(() => undefined);
+    if (opened === undefined) return undefined;
+    return this.lastUse.get(name, Date.parse(opened.manifest.createdAt));
   }
 
   /** True while this instance, or another live instance or process, holds a lease on `name`. */

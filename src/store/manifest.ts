@@ -8,7 +8,9 @@
  *                checkpoint: src/agent/tenancy.ts), container {name, id}, command (the process's argv as
  *                CRIU found it), args (the container spec's process args as the runtime gave them at
  *                CreateContainer: the Kubernetes command and args over the image's entrypoint; a restore
- *                target's must be the same), and envKeys: the NAMES of the container's environment variables only.
+ *                target's must be the same), cwd? and user? {uid, gid} (the process's working directory and
+ *                real ids at the dump, which a restore target's spec must give it too), and envKeys: the NAMES
+ *                of the container's environment variables only.
  *                Values are left out on purpose: they are often secrets (tokens, keys), and the manifest is
  *                the one file of a checkpoint that tools print and registries index. (The values are still in
  *                the process memory CRIU saved, which is why the whole directory is 0700/0600.)
@@ -74,6 +76,13 @@ export interface ManifestSource {
   args: string[];
   /** Environment variable names only; see the file comment. */
   envKeys: string[];
+  /**
+   * The checkpointed process's working directory (inside its container) and user (real uid and gid), which
+   * CRIU gives it back: a target whose spec's process.cwd or process.user differs is another workload
+   * (RESTORE_INCOMPATIBLE). Absent in manifests written before they were recorded.
+   */
+  cwd?: string;
+  user?: { uid: number; gid: number };
 }
 
 export interface RestoreConstraints {
@@ -260,6 +269,14 @@ function parseSource(v: Json, at: string): ManifestSource {
   if (o['pod'] !== undefined) {
     const pod = obj(o['pod'], `${at}.pod`);
     source.pod = { name: str(pod, 'name', `${at}.pod`), namespace: str(pod, 'namespace', `${at}.pod`), uid: str(pod, 'uid', `${at}.pod`) };
+  }
+  if (o['cwd'] !== undefined) {
+    source.cwd = str(o, 'cwd', at);
+    if (!source.cwd.startsWith('/')) throw invalid(`${at}.cwd must be an absolute path (got ${JSON.stringify(source.cwd)})`);
+  }
+  if (o['user'] !== undefined) {
+    const user = obj(o['user'], `${at}.user`);
+    source.user = { uid: num(user, 'uid', `${at}.user`), gid: num(user, 'gid', `${at}.user`) };
   }
   return source;
 }

@@ -5,11 +5,13 @@
  */
 import type { Stats } from 'node:fs';
 import { lstat, mkdir, realpath, stat } from 'node:fs/promises';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
+import { parseStoreKey, type ParsedStoreKey } from '../checkpoint-name.js';
 import { openRegularNoFollow } from './digest.js';
 import { ioError, StoreError, StoreErrorCode } from './errors.js';
 import { CHECKPOINT_DIR_MODE, CHECKPOINT_FILE_MODE, pathsOf, walk, type OpenedCheckpoint, type StoreLayout } from './layout.js';
 import { checkRelativePath, MANIFEST_FILE_NAME, parseManifest, type Manifest } from './manifest.js';
+import { checkProvenance, PROVENANCE_FILE_NAMES } from './provenance.js';
 
 /** Creates the root when missing (0700) and checks it; returns its canonical path. */
 export async function openStoreRoot(requested: string, ownerUid: number, step: string): Promise<string> {
@@ -59,6 +61,11 @@ export async function openCheckpoint(layout: StoreLayout, ownerUid: number, name
     }
     throw ioError(step, `cannot stat ${dir}`, err);
   }
+  const parent = dirname(dir);
+  const parentStats = await lstat(parent);
+  if (!parentStats.isDirectory()) {
+    throw new StoreError(StoreErrorCode.PATH_ESCAPE, `${parent} is not a directory${parentStats.isSymbolicLink() ? ' (a symlink)' : ''}`, { step });
+  }
   if (!top.isDirectory()) {
     throw new StoreError(StoreErrorCode.PATH_ESCAPE, `${dir} is not a directory${top.isSymbolicLink() ? ' (a symlink)' : ''}`, { step });
   }
@@ -79,13 +86,28 @@ export async function openCheckpoint(layout: StoreLayout, ownerUid: number, name
   } finally {
     await fh.close();
   }
-  if (manifest.name !== name) {
-    throw new StoreError(StoreErrorCode.MANIFEST_INVALID, `manifest.name is ${JSON.stringify(manifest.name)} but the directory is ${JSON.stringify(name)}`, {
+  const key = parseStoreKey(name) as ParsedStoreKey;
+  if (manifest.name !== key.name) {
+    throw new StoreError(StoreErrorCode.MANIFEST_INVALID, `manifest.name is ${JSON.stringify(manifest.name)} but the directory is ${JSON.stringify(key.name)}`, {
       step,
+    });
+  }
+  // A checkpoint directory moved by hand into another namespace's directory is not that namespace's.
+  const namespace = key.kind === 'owned' ? key.namespace : undefined;
+  const podNamespace = manifest.source.pod?.namespace;
+  if (namespace !== undefined && podNamespace !== undefined && podNamespace !== namespace) {
+    throw new StoreError(StoreErrorCode.MANIFEST_INVALID, `checkpoint ${name} was taken from a pod of namespace ${podNamespace} but lies under ${namespace}/`, {
+      step,
+      evidence: { name, podNamespace },
     });
   }
   const onDisk = new Map(tree.files.map((f) => [f.path, f.stats.size]));
   onDisk.delete(MANIFEST_FILE_NAME);
+  // A pulled checkpoint: the registry bytes its name commits to, checked before anything reads its files.
+  if (key.kind === 'pulled') {
+    await checkProvenance(dir, name, manifest, step);
+    for (const f of PROVENANCE_FILE_NAMES) onDisk.delete(f);
+  }
   for (const file of manifest.files) {
     const bad = checkRelativePath(file.path);
     if (bad !== undefined) throw new StoreError(StoreErrorCode.PATH_ESCAPE, `manifest path ${JSON.stringify(file.path)} ${bad}`, { step });
@@ -112,7 +134,7 @@ export async function openCheckpoint(layout: StoreLayout, ownerUid: number, name
       evidence: { files: extra },
     });
   }
-  return { name, manifest, paths };
+  return { name, ...(namespace !== undefined ? { namespace } : {}), manifest, paths };
 }
 
 /** STORE_NOT_FOUND unless `dir` (the checkpoint `name`'s) exists. */

@@ -8,8 +8,10 @@ import { randomUUID } from 'node:crypto';
 import { constants as fsConstants } from 'node:fs';
 import { chmod, lchown, lstat, mkdir, open, rename, rm } from 'node:fs/promises';
 import { join } from 'node:path';
+import { isPulledKey, namespaceOfKey, parseStoreKey } from '../checkpoint-name.js';
+import { checkProvenance, OCI_CONFIG_FILE_NAME, OCI_MANIFEST_FILE_NAME, PROVENANCE_FILE_NAMES, type Provenance } from './provenance.js';
 import type { Logger } from '../log.js';
-import { forEachLimit } from '../sys/concurrency.js';
+import { forEachLimit, type Limiter } from '../sys/concurrency.js';
 import { hashHandle, openRegularNoFollow } from './digest.js';
 import { ioError, StoreError, StoreErrorCode, storeAborted, throwIfAborted } from './errors.js';
 import { CHECKPOINT_DIR_MODE, CHECKPOINT_FILE_MODE, pathsOf, walk, type CheckpointPaths, type OpenedCheckpoint, type StoreLayout, type Tree } from './layout.js';
@@ -24,14 +26,21 @@ export interface PublishOptions {
   replace?: boolean;
 }
 
+/** publishVerified's options: a pulled checkpoint (an `oci-<hex>` key) must bring the registry bytes it came from. */
+export interface PublishVerifiedOptions extends PublishOptions {
+  provenance?: Provenance;
+}
+
 /** What publishing needs of its store. */
 export interface PublishContext {
   layout: StoreLayout;
   logger: Logger;
   /** uid that must own every checkpoint directory and file. */
   ownerUid: number;
-  /** Files hashed at once. */
+  /** Files hashed at once by this publish. */
   hashConcurrency: number;
+  /** Files hashed at once in the whole process (the agent's bound). */
+  hashLimiter: Limiter;
   /** Clock for manifest.createdAt. */
   now: () => Date;
   renameAt2: RenameAt2;
@@ -40,6 +49,14 @@ export interface PublishContext {
   failures: RestoreFailures;
   /** A replace is refused while the checkpoint is leased (leases.ts). */
   isLeased(name: string): Promise<boolean>;
+  /** Records a use of the checkpoint (gc.ts: a checkpoint just published is the most recently used). */
+  used(name: string): Promise<void>;
+}
+
+/** The name a manifest records: the key's name part (`name` of `namespace/name`; a pulled key as it is). */
+export function bareNameOf(key: string): string {
+  const parsed = parseStoreKey(key);
+  return 'reason' in parsed ? key : parsed.name;
 }
 
 export async function fsyncPath(path: string): Promise<void> {
@@ -78,6 +95,18 @@ async function publishDir(ctx: PublishContext, pending: PendingCheckpoint, field
   const step = 'publish checkpoint';
   const { name, dir } = pending;
   const signal = options.signal;
+  // A checkpoint is owned by the namespace of the pod it was taken from: it is published under that namespace.
+  const owner = namespaceOfKey(name);
+  if (owner === undefined) {
+    throw new StoreError(StoreErrorCode.INVALID_NAME, `${name} is a pulled checkpoint's name: only a pull (or a copy) publishes one, with the manifest it verified`, { step, evidence: { name } });
+  }
+  const podNamespace = fields.source.pod?.namespace;
+  if (podNamespace !== undefined && owner !== podNamespace) {
+    throw new StoreError(StoreErrorCode.INVALID_NAME, `checkpoint ${name} was taken from a pod of namespace ${podNamespace}; it can only be published under ${podNamespace}/`, {
+      step,
+      evidence: { name, podNamespace },
+    });
+  }
   const tree = await walk(dir, step);
   if (tree.files.some((f) => f.path === MANIFEST_FILE_NAME)) {
     throw new StoreError(StoreErrorCode.BAD_STATE, `${MANIFEST_FILE_NAME} is written by the store, not by the checkpoint flow`, { step });
@@ -87,18 +116,22 @@ async function publishDir(ctx: PublishContext, pending: PendingCheckpoint, field
   await forEachLimit(
     tree.files,
     ctx.hashConcurrency,
-    async (file, index) => {
-      const fh = await openRegularNoFollow(join(dir, file.path), step);
-      try {
-        await fh.chmod(CHECKPOINT_FILE_MODE);
-        if (chown) await fh.chown(ctx.ownerUid, 0);
-        const digest = await hashHandle(fh, { signal, step });
-        await fh.sync();
-        files[index] = { path: file.path, size: digest.size, sha256: digest.sha256, mode: CHECKPOINT_FILE_MODE };
-      } finally {
-        await fh.close();
-      }
-    },
+    async (file, index) =>
+      ctx.hashLimiter.run(
+        async () => {
+          const fh = await openRegularNoFollow(join(dir, file.path), step);
+          try {
+            await fh.chmod(CHECKPOINT_FILE_MODE);
+            if (chown) await fh.chown(ctx.ownerUid, 0);
+            const digest = await hashHandle(fh, { signal, step });
+            await fh.sync();
+            files[index] = { path: file.path, size: digest.size, sha256: digest.sha256, mode: CHECKPOINT_FILE_MODE };
+          } finally {
+            await fh.close();
+          }
+        },
+        { ...(signal ? { signal } : {}), step, aborted: storeAborted(step) },
+      ),
     { signal, step, aborted: storeAborted(step) },
   );
   for (const d of tree.dirs) {
@@ -110,7 +143,7 @@ async function publishDir(ctx: PublishContext, pending: PendingCheckpoint, field
   return finishPublish(ctx, pending, {
     schemaVersion: MANIFEST_SCHEMA_VERSION,
     kind: MANIFEST_KIND,
-    name,
+    name: bareNameOf(name),
     id: randomUUID(),
     createdAt: ctx.now().toISOString(),
     source: fields.source,
@@ -130,11 +163,28 @@ async function publishDir(ctx: PublishContext, pending: PendingCheckpoint, field
  * it is (its id kept; its name becomes the pending name). The files on disk must be exactly the manifest's,
  * by path and size; they are not hashed again.
  */
-async function publishVerifiedDir(ctx: PublishContext, pending: PendingCheckpoint, manifest: Manifest, options: PublishOptions): Promise<OpenedCheckpoint> {
+async function publishVerifiedDir(ctx: PublishContext, pending: PendingCheckpoint, manifest: Manifest, options: PublishVerifiedOptions): Promise<OpenedCheckpoint> {
   const step = 'publish checkpoint';
   const { dir } = pending;
+  const pulled = isPulledKey(pending.name);
+  if (pulled !== (options.provenance !== undefined)) {
+    throw new StoreError(StoreErrorCode.BAD_STATE, pulled ? `${pending.name} is a pulled checkpoint: publish it with the registry manifest and config it came from` : 'only a pulled checkpoint keeps registry provenance', { step });
+  }
+  if (options.provenance !== undefined) {
+    for (const [file, bytes] of [[OCI_MANIFEST_FILE_NAME, options.provenance.imageManifest], [OCI_CONFIG_FILE_NAME, options.provenance.config]] as const) {
+      const fh = await open(join(dir, file), fsConstants.O_WRONLY | fsConstants.O_CREAT | fsConstants.O_EXCL | fsConstants.O_NOFOLLOW, CHECKPOINT_FILE_MODE);
+      try {
+        await fh.writeFile(bytes);
+      } finally {
+        await fh.close();
+      }
+    }
+  }
+  // What open() will check on every use is checked now: nothing unprovable is published.
+  if (pulled) await checkProvenance(dir, pending.name, { ...manifest, name: bareNameOf(pending.name) }, step);
   const tree = await walk(dir, step);
   const onDisk = new Map(tree.files.map((f) => [f.path, f.stats.size]));
+  if (pulled) for (const f of PROVENANCE_FILE_NAMES) onDisk.delete(f);
   for (const file of manifest.files) {
     const size = onDisk.get(file.path);
     if (size === undefined) throw new StoreError(StoreErrorCode.FILE_MISSING, `${file.path} was not written`, { step, evidence: { file: file.path } });
@@ -164,7 +214,7 @@ async function publishVerifiedDir(ctx: PublishContext, pending: PendingCheckpoin
     await chmod(join(dir, d.path), CHECKPOINT_DIR_MODE);
     if (chown) await lchown(join(dir, d.path), ctx.ownerUid, 0);
   }
-  return finishPublish(ctx, pending, { ...manifest, name: pending.name }, tree, options, step);
+  return finishPublish(ctx, pending, { ...manifest, name: bareNameOf(pending.name) }, tree, options, step);
 }
 
 /** Writes manifest.json, fsyncs, renames into place and records the files as verified. */
@@ -200,16 +250,22 @@ async function finishPublish(ctx: PublishContext, pending: PendingCheckpoint, ma
     throw err;
   }
   ctx.logger.info('checkpoint published', { name, id: manifest.id, bytes: totals.bytes, files: totals.fileCount });
-  const publishedDir = join(ctx.layout.root, name);
+  const publishedDir = ctx.layout.dirOf(name, step);
   // Every file was just hashed in our own 0700 directory: the first restore need not hash it again.
   await ctx.stamps.recordPublished(name, publishedDir, manifest);
+  await ctx.used(name);
   await ctx.failures.clear(name).catch((err: unknown) => ctx.logger.warn('cannot remove the restore-failure mark of a replaced checkpoint', { name, error: (err as Error).message }));
-  return { name, manifest, paths: pathsOf(publishedDir) };
+  const namespace = namespaceOfKey(name);
+  return { name, ...(namespace !== undefined ? { namespace } : {}), manifest, paths: pathsOf(publishedDir) };
 }
 
 async function renameIntoPlace(ctx: PublishContext, pending: PendingCheckpoint, replace: boolean, step: string): Promise<void> {
   const root = ctx.layout.root;
   const target = ctx.layout.dirOf(pending.name, step);
+  // The namespace's directory (or .oci), made on its first checkpoint; the rename then moves the checkpoint
+  // from the root into it (the same filesystem), and both directories are fsynced.
+  const parent = ctx.layout.parentOf(pending.name, step);
+  await ensureParent(root, parent, step);
   const exists = (): StoreError =>
     new StoreError(StoreErrorCode.EXISTS, `checkpoint ${pending.name} exists (publish with replace: true to replace it)`, {
       step,
@@ -222,6 +278,7 @@ async function renameIntoPlace(ctx: PublishContext, pending: PendingCheckpoint, 
     else errno = await rename(pending.dir, target).then(() => 0, (err: NodeJS.ErrnoException) => err.errno ?? -1);
   }
   if (errno === 0) {
+    await fsyncPath(parent);
     await fsyncPath(root);
     return;
   }
@@ -247,9 +304,27 @@ async function renameIntoPlace(ctx: PublishContext, pending: PendingCheckpoint, 
   if (errno !== 0) {
     throw new StoreError(StoreErrorCode.IO, `cannot exchange ${pending.dir} and ${target} (errno ${errno})`, { step, evidence: { errno } });
   }
+  await fsyncPath(parent);
   await fsyncPath(root);
   await rm(pending.dir, { recursive: true, force: true });
   ctx.logger.info('replaced checkpoint; removed the old one', { name: pending.name });
+}
+
+/**
+ * Creates `parent` (a namespace's directory, or .oci) 0700 under the root when missing, and refuses one that is
+ * not a plain directory of ours: a symlink there would publish a checkpoint outside the store.
+ */
+export async function ensureParent(root: string, parent: string, step: string): Promise<void> {
+  try {
+    await mkdir(parent, { mode: CHECKPOINT_DIR_MODE });
+    await fsyncPath(root);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw ioError(step, `cannot create ${parent}`, err);
+  }
+  const st = await lstat(parent);
+  if (!st.isDirectory()) {
+    throw new StoreError(StoreErrorCode.PATH_ESCAPE, `${parent} is not a directory${st.isSymbolicLink() ? ' (a symlink)' : ''}`, { step, evidence: { path: parent } });
+  }
 }
 
 type PendingState = 'writing' | 'publishing' | 'published' | 'aborted';
@@ -302,7 +377,7 @@ export class PendingCheckpoint {
    * Publishes files that were checked elsewhere (a pull verified every byte against the registry's digests)
    * under `manifest` as given, keeping its id; only its name becomes this checkpoint's. Same errors as publish().
    */
-  async publishVerified(manifest: Manifest, options: PublishOptions = {}): Promise<OpenedCheckpoint> {
+  async publishVerified(manifest: Manifest, options: PublishVerifiedOptions = {}): Promise<OpenedCheckpoint> {
     if (this.state !== 'writing') {
       throw new StoreError(StoreErrorCode.BAD_STATE, `checkpoint ${this.name} is already ${this.state}`, { step: 'publish checkpoint' });
     }

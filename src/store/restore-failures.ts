@@ -1,5 +1,6 @@
 /**
- * "This checkpoint failed a restore on this node": `<root>/.restore-failed/<name>.json`, one small file per
+ * "This checkpoint failed a restore on this node": `<root>/.restore-failed/<key>.json` (the store key's '/' written
+ * '+', layout.ts's keyToFileName; the directory is one of the root's reserved dot entries), one small file per
  * checkpoint, written by the restore flow when a restore fell back because of the checkpoint itself (its CRIU
  * images, its credentials, its rootfs diff: restore-engine's CHECKPOINT_FAULT_CAUSES), read at every
  * CreateContainer that names it (one readFile; ENOENT when nothing failed), so that the next pod cold-starts at
@@ -8,7 +9,7 @@
  * A mark holds for one manifest: its `manifestDigest` is the sha256 of the manifest (manifestDigest() below). A
  * checkpoint published anew under the same name has another manifest (another id at least), so the old mark no
  * longer matches: it is ignored and removed when next read, and publish removes it too. The operator clears a
- * mark with `thaw clear-failure <name>` (the API's ClearRestoreFailure); deleting the checkpoint removes it.
+ * mark with `thaw clear-failure <namespace/name>` (the API's ClearRestoreFailure); deleting the checkpoint removes it.
  *
  * The directory is the store's (0700, root), written only by thaw; a record that does not parse is treated as no
  * mark (and logged): the restore it allows goes through every check a first restore does.
@@ -18,12 +19,13 @@ import { mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Logger } from '../log.js';
 import type { Manifest } from './manifest.js';
+import { keyToFileName } from './layout.js';
 
 export const RESTORE_FAILURES_DIR = '.restore-failed';
 
 /** What the restore flow records when a restore of a checkpoint failed because of the checkpoint. */
 export interface RestoreFailure {
-  /** The checkpoint's name in this store. */
+  /** The checkpoint's store key (`namespace/name` or `oci-<hex>`). */
   name: string;
   /** sha256 (hex) of the manifest the failed restore used (manifestDigest()). */
   manifestDigest: string;
@@ -72,7 +74,7 @@ function parseFailure(text: string): RestoreFailure | undefined {
   return Object.fromEntries(keys.map((k) => [k, r[k]])) as unknown as RestoreFailure;
 }
 
-/** The `.restore-failed` marks of one store root (names are checked by the caller, LocalStore). */
+/** The `.restore-failed` marks of one store root (keys are checked by the caller, LocalStore). */
 export class RestoreFailures {
   constructor(
     private readonly root: string,
@@ -80,7 +82,7 @@ export class RestoreFailures {
   ) {}
 
   pathOf(name: string): string {
-    return join(this.root, RESTORE_FAILURES_DIR, `${name}.json`);
+    return join(this.root, RESTORE_FAILURES_DIR, `${keyToFileName(name)}.json`);
   }
 
   /** Records a failure (0600, atomic rename; a later failure of the same checkpoint replaces the record). */

@@ -9,10 +9,10 @@ import { readFileSync } from 'node:fs';
 import { lstat, mkdir, rename, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Logger } from '../log.js';
-import { forEachLimit } from '../sys/concurrency.js';
+import { forEachLimit, type Limiter } from '../sys/concurrency.js';
 import { hashFile } from './digest.js';
 import { StoreError, StoreErrorCode, storeAborted, throwIfAborted } from './errors.js';
-import type { OpenedCheckpoint } from './layout.js';
+import { keyToFileName, type OpenedCheckpoint } from './layout.js';
 import type { Manifest } from './manifest.js';
 
 /** Where verify() keeps, per checkpoint, the file identities it last hashed successfully. */
@@ -77,7 +77,7 @@ export class StampCache {
   }
 
   pathOf(name: string): string {
-    return join(this.root, VERIFIED_STAMPS_DIR, `${name}.json`);
+    return join(this.root, VERIFIED_STAMPS_DIR, `${keyToFileName(name)}.json`);
   }
 
   /** Forgets a checkpoint's stamp (it is deleted, or failed its hash). */
@@ -111,6 +111,8 @@ export interface VerifyContext {
   open(name: string): Promise<OpenedCheckpoint>;
   stamps: StampCache;
   hashConcurrency: number;
+  /** Files hashed at once in the whole process. */
+  hashLimiter: Limiter;
 }
 
 /**
@@ -147,7 +149,11 @@ export async function verifyCheckpoint(ctx: VerifyContext, name: string, options
     files,
     options.concurrency ?? ctx.hashConcurrency,
     async (file) => {
-      const actual = await hashFile(join(opened.paths.dir, file.path), { signal: options.signal, step });
+      const actual = await ctx.hashLimiter.run(() => hashFile(join(opened.paths.dir, file.path), { signal: options.signal, step }), {
+        ...(options.signal ? { signal: options.signal } : {}),
+        step,
+        aborted: storeAborted(step),
+      });
       if (actual.sha256 !== file.sha256 || actual.size !== file.size) {
         bad.push({ file: file.path, expected: `sha256:${file.sha256} (${file.size} bytes)`, actual: `sha256:${actual.sha256} (${actual.size} bytes)` });
       }

@@ -37,3 +37,65 @@ export async function forEachLimit<T>(
   if (failure !== undefined) throw failure.error;
   throwIfAborted(options.signal, aborted);
 }
+
+/**
+ * A bound on concurrent work shared by every caller holding the same instance: at most `max` run() calls
+ * execute at once, the others wait in arrival order. The agent makes one per kind of work (hashing, CRIU) and
+ * hands it to every component doing that work, so that the bound holds across checkpoints, restores and pulls.
+ * `running` and `peak` say how many run now and at most so far (what the tests count).
+ */
+export class Limiter {
+  private active = 0;
+  private highest = 0;
+  private readonly queue: Array<() => void> = [];
+
+  constructor(readonly max: number) {
+    if (!Number.isInteger(max) || max < 1) throw new RangeError(`a limiter's max must be a positive integer (got ${max})`);
+  }
+
+  get running(): number {
+    return this.active;
+  }
+
+  get peak(): number {
+    return this.highest;
+  }
+
+  get waiting(): number {
+    return this.queue.length;
+  }
+
+  /** Runs `fn` once fewer than `max` run; a `signal` aborted while waiting throws `aborted(reason)` and runs nothing. */
+  async run<T>(fn: () => Promise<T>, options: { signal?: AbortSignal; step?: string; aborted?: (cause: unknown) => Error } = {}): Promise<T> {
+    const aborted = options.aborted ?? sysAborted(options.step ?? 'wait for a turn');
+    const signal = options.signal;
+    if (this.active >= this.max) {
+      await new Promise<void>((resolve, reject) => {
+        const onAbort = (): void => {
+          const i = this.queue.indexOf(go);
+          if (i >= 0) this.queue.splice(i, 1);
+          reject(aborted(signal?.reason));
+        };
+        const go = (): void => {
+          signal?.removeEventListener('abort', onAbort);
+          resolve();
+        };
+        if (signal?.aborted) return onAbort();
+        this.queue.push(go);
+        signal?.addEventListener('abort', onAbort, { once: true });
+      });
+    } else {
+      throwIfAborted(signal, aborted);
+      this.active++;
+    }
+    this.highest = Math.max(this.highest, this.active);
+    try {
+      return await fn();
+    } finally {
+      const next = this.queue.shift();
+      // The slot passes to the next waiter directly (active stays), or is freed.
+      if (next !== undefined) next();
+      else this.active--;
+    }
+  }
+}

@@ -38,6 +38,9 @@ const MEMORY_MB = 64;
 const SEED = 23;
 const CHECKPOINT = 'cli-worker';
 const SLEEPER_CHECKPOINT = 'cli-sleeper';
+/** Their store keys: the pods run in namespace default, and a bare name means default/. */
+const KEY = `default/${CHECKPOINT}`;
+const SLEEPER_KEY = `default/${SLEEPER_CHECKPOINT}`;
 /**
  * A container that must keep running through a checkpoint: busybox's sleep returns early (exit 0) when CRIU's
  * dump interrupts its nanosleep, so the loop goes on sleeping.
@@ -137,10 +140,15 @@ describe.each(flavorsUnderTest())('thaw agent and CLI on containerd %s', (flavor
     const noName = await thaw(['checkpoint', sleeper.containerId.slice(0, 12), '--socket', socket]);
     expect(noName.code).toBe(2);
     expect(noName.stderr).toMatch(/a checkpoint name is required/);
+    // A checkpoint belongs to its pod's namespace: a name in another is refused before anything runs.
+    for (const args of [['--name', `team-a/${SLEEPER_CHECKPOINT}`], ['--name', SLEEPER_CHECKPOINT, '--namespace', 'team-a']]) {
+      const other = await thaw(['checkpoint', sleeper.containerId.slice(0, 12), ...args, '--socket', socket]);
+      expect([other.code, other.stderr]).toEqual([2, `thaw checkpoint: checkpoint name: checkpoint team-a/${SLEEPER_CHECKPOINT} is not of namespace default: a checkpoint belongs to the namespace of the pod it is taken from (STORE_INVALID_NAME)\n`]);
+    }
     const now = await thaw(['checkpoint', sleeper.containerId.slice(0, 12), '--name', SLEEPER_CHECKPOINT, '--socket', socket]);
     expect(now.code, `${now.stderr}${now.stdout}`).toBe(0);
-    expect(now.stderr).toBe(`thaw: checkpoint ${SLEEPER_CHECKPOINT} of default/cli-sleeper (container ${sleeper.containerId.slice(0, 12)}): checkpointing\n`);
-    expect(now.stdout).toMatch(new RegExp(`^checkpoint ${SLEEPER_CHECKPOINT} \\(\\S+\\): \\S+ \\S+ in `));
+    expect(now.stderr).toBe(`thaw: checkpoint ${SLEEPER_KEY} of default/cli-sleeper (container ${sleeper.containerId.slice(0, 12)}): checkpointing\n`);
+    expect(now.stdout).toMatch(new RegExp(`^checkpoint ${SLEEPER_KEY} \\(\\S+\\): \\S+ \\S+ in `));
     const sleeperStatus = (await stack.cri.containerStatus(sleeper.containerId)).status;
     expect(sleeperStatus.state, JSON.stringify(sleeperStatus)).toBe('CONTAINER_RUNNING');
     await stack.cri.removePod(sleeper.podId);
@@ -150,14 +158,15 @@ describe.each(flavorsUnderTest())('thaw agent and CLI on containerd %s', (flavor
     const first = await waitForServingWorker(source.controlDir);
     const r = await thaw(['checkpoint', 'default/cli-source', '--socket', socket]);
     expect(r.code, `${r.stderr}${r.stdout}`).toBe(0);
-    expect(r.stdout).toMatch(new RegExp(`^checkpoint ${CHECKPOINT} \\(\\S+\\): \\S+ \\S+ in `));
+    expect(r.stdout).toMatch(new RegExp(`^checkpoint ${KEY} \\(\\S+\\): \\S+ \\S+ in `));
     const resumed = await waitForServingWorker(source.controlDir, { accept: (e) => e.port !== first.port });
     sourceState = await getJson<WorkerState>(resumed.port, '/state');
 
     const list = await thaw(['list', '--json', '--socket', socket]);
     expect(list.code, list.stderr).toBe(0);
     const listed = JSON.parse(list.stdout) as Array<{ name: string; bytes: number; in_use: boolean; source_pod: string; image: string; problem: string }>;
-    expect(listed.map((c) => c.name)).toEqual([SLEEPER_CHECKPOINT, CHECKPOINT]);
+    expect(listed.map((c) => c.name)).toEqual([SLEEPER_KEY, KEY]);
+    expect(JSON.parse((await thaw(['list', '--json', '--namespace', 'team-a', '--socket', socket])).stdout), 'another namespace has none').toEqual([]);
     expect(listed[1]).toMatchObject({ in_use: false, source_pod: 'default/cli-source', image, problem: '' });
     checkpointBytes = listed[1]!.bytes;
     const sleeperBytes = listed[0]!.bytes;
@@ -168,29 +177,35 @@ describe.each(flavorsUnderTest())('thaw agent and CLI on containerd %s', (flavor
     // A restore-failure mark (what the restore flow records after a fallback because of the checkpoint) shows in
     // list and inspect, and the operator clears it.
     const sameStore = await openLocalStore({ root: dirs.storeRoot });
-    await sameStore.recordRestoreFailure(await sameStore.open(CHECKPOINT), { cause: 'RESTORE_CRIU', reason: 'criu said no', containerId: 'c0ffee', pod: 'default/x' });
+    await sameStore.recordRestoreFailure(await sameStore.open(KEY), { cause: 'RESTORE_CRIU', reason: 'criu said no', containerId: 'c0ffee', pod: 'default/x' });
     const marked = JSON.parse((await thaw(['list', '--json', '--socket', socket])).stdout) as Array<{ name: string; restore_failure_json: string }>;
-    expect(JSON.parse(marked.find((c) => c.name === CHECKPOINT)!.restore_failure_json)).toMatchObject({ cause: 'RESTORE_CRIU', pod: 'default/x' });
-    expect(marked.find((c) => c.name === SLEEPER_CHECKPOINT)!.restore_failure_json).toBe('');
-    expect((await thaw(['list', '--socket', socket])).stdout).toMatch(new RegExp(`^${CHECKPOINT}\\s.*FAILED RESTORE_CRIU`, 'm'));
+    expect(JSON.parse(marked.find((c) => c.name === KEY)!.restore_failure_json)).toMatchObject({ cause: 'RESTORE_CRIU', pod: 'default/x' });
+    expect(marked.find((c) => c.name === SLEEPER_KEY)!.restore_failure_json).toBe('');
+    expect((await thaw(['list', '--socket', socket])).stdout).toMatch(new RegExp(`^${KEY}\\s.*FAILED RESTORE_CRIU`, 'm'));
     expect((await thaw(['inspect', CHECKPOINT, '--socket', socket])).stdout).toMatch(/^restore failed here: RESTORE_CRIU at .* \(pod default\/x\): criu said no/m);
     const cleared = await thaw(['clear-failure', CHECKPOINT, '--socket', socket]);
-    expect([cleared.code, cleared.stdout]).toEqual([0, `cleared the restore-failure mark of ${CHECKPOINT}: pods naming it restore from it again\n`]);
-    expect((await thaw(['clear-failure', CHECKPOINT, '--json', '--socket', socket])).stdout).toBe(`${JSON.stringify({ name: CHECKPOINT, cleared: false }, null, 2)}\n`);
+    expect([cleared.code, cleared.stdout]).toEqual([0, `cleared the restore-failure mark of ${KEY}: pods naming it restore from it again\n`]);
+    expect((await thaw(['clear-failure', CHECKPOINT, '--json', '--socket', socket])).stdout).toBe(`${JSON.stringify({ name: KEY, cleared: false }, null, 2)}\n`);
     expect((await thaw(['clear-failure', 'no-such-checkpoint', '--socket', socket])).code).toBe(4);
-    expect(await sameStore.restoreFailure(CHECKPOINT, (await sameStore.open(CHECKPOINT)).manifest)).toBeUndefined();
+    expect(await sameStore.restoreFailure(KEY, (await sameStore.open(KEY)).manifest)).toBeUndefined();
 
     const inspect = await thaw(['inspect', CHECKPOINT, '--json', '--socket', socket]);
     expect(inspect.code, inspect.stderr).toBe(0);
     const doc = JSON.parse(inspect.stdout) as { restorable: boolean; directory: string; disk_bytes: number; manifest: { name: string; totals: { bytes: number }; source: { container: { id: string } } }; mismatches: Array<{ severity: string }> };
     expect(doc.restorable).toBe(true);
     expect(doc.mismatches.filter((m) => m.severity === 'fatal')).toEqual([]);
-    expect(doc.directory).toBe(join(dirs.storeRoot, CHECKPOINT));
+    expect(doc.directory).toBe(join(dirs.storeRoot, 'default', CHECKPOINT));
     expect(doc.manifest.totals.bytes).toBe(checkpointBytes);
     expect(doc.manifest.source.container.id).toBe(source.containerId);
     expect(doc.disk_bytes).toBeGreaterThan(checkpointBytes);
     expect((await stat(doc.directory)).mode & 0o777).toBe(0o700);
     expect((await thaw(['inspect', 'no-such-checkpoint', '--socket', socket])).code).toBe(4);
+    expect((await thaw(['inspect', CHECKPOINT, '--namespace', 'team-a', '--socket', socket])).code, 'team-a has no such checkpoint').toBe(4);
+    // Within the default bounds (no quota, 1 GiB kept free on this disk): a collection would take nothing.
+    const gc = await thaw(['gc', '--dry-run', '--json', '--socket', socket]);
+    expect(gc.code, gc.stderr).toBe(0);
+    expect(JSON.parse(gc.stdout)).toMatchObject({ collected: [], bytes: 0, unmet: '', dry_run: true });
+    expect((await thaw(['inspect', KEY, '--json', '--socket', socket])).code).toBe(0);
 
     const after = await metrics();
     expect(after.get('thaw_checkpoints_total{outcome="succeeded"}')).toBe(before.get('thaw_checkpoints_total{outcome="succeeded"}')! + 2);
@@ -208,11 +223,11 @@ describe.each(flavorsUnderTest())('thaw agent and CLI on containerd %s', (flavor
     const target = await runWorkerPod(stack, dirs.controlRoot, { ...common(), name: 'cli-target', annotations: { 'thaw.dev/restore': CHECKPOINT }, start: false });
     // Created, not started: thaw holds the checkpoint for it.
     const status = JSON.parse((await thaw(['status', '--json', '--socket', socket])).stdout) as { restores: Array<{ container_id: string; phase: string; checkpoint: string }> };
-    expect(status.restores).toEqual([expect.objectContaining({ container_id: target.containerId, phase: 'prepared', checkpoint: CHECKPOINT })]);
+    expect(status.restores).toEqual([expect.objectContaining({ container_id: target.containerId, phase: 'prepared', checkpoint: KEY })]);
     const refused = await thaw(['delete', CHECKPOINT, '--socket', socket]);
-    expect([refused.code, refused.stderr]).toEqual([5, `thaw delete: delete checkpoint ${CHECKPOINT}: checkpoint ${CHECKPOINT} is in use by a restore (STORE_IN_USE)\n`]);
+    expect([refused.code, refused.stderr]).toEqual([5, `thaw delete: delete checkpoint ${KEY}: checkpoint ${KEY} is in use by a restore (STORE_IN_USE)\n`]);
     const listed = JSON.parse((await thaw(['list', '--json', '--socket', socket])).stdout) as Array<{ name: string; in_use: boolean }>;
-    expect(listed.map((c) => [c.name, c.in_use])).toEqual([[SLEEPER_CHECKPOINT, false], [CHECKPOINT, true]]);
+    expect(listed.map((c) => [c.name, c.in_use])).toEqual([[SLEEPER_KEY, false], [KEY, true]]);
 
     await stack.cri.startContainer(target.containerId);
     const event = await restoreEventOf(target.containerId);
@@ -249,7 +264,7 @@ describe.each(flavorsUnderTest())('thaw agent and CLI on containerd %s', (flavor
     // dir, the restore work dir and the control dir of a container that no longer exists. The next agent
     // removes them at start.
     const leftovers = [
-      join(dirs.storeRoot, `.tmp-${CHECKPOINT}-999999-1-0123456789abcdef`),
+      join(dirs.storeRoot, `.tmp-default+${CHECKPOINT}-999999-1-0123456789abcdef`),
       join(dirs.workRoot, 'thaw-ckpt-crashed-AbCdEf'),
       join(dirs.workRoot, 'f'.repeat(64)),
       join(dirs.controlRoot, 'e'.repeat(64)),
@@ -270,9 +285,10 @@ describe.each(flavorsUnderTest())('thaw agent and CLI on containerd %s', (flavor
     expect((await stack.cri.containerStatus(pod.containerId)).status.state).toBe('CONTAINER_RUNNING');
     await stack.cri.removePod(pod.podId);
 
-    for (const name of [CHECKPOINT, SLEEPER_CHECKPOINT]) {
+    for (const name of [CHECKPOINT, SLEEPER_KEY]) {
+      // A bare name is namespace default's (--namespace names another); the qualified one as it is.
       const deleted = await thaw(['delete', name, '--socket', socket]);
-      expect([deleted.code, deleted.stdout]).toEqual([0, `deleted ${name}\n`]);
+      expect([deleted.code, deleted.stdout]).toEqual([0, `deleted ${name.includes('/') ? name : `default/${name}`}\n`]);
     }
     expect((await thaw(['inspect', CHECKPOINT, '--socket', socket])).code).toBe(4);
     expect(JSON.parse((await thaw(['list', '--json', '--socket', socket])).stdout)).toEqual([]);

@@ -39,7 +39,7 @@ describe('checkpoint sources: local, shared store, registry', () => {
     dir = await mkdtemp(join(tmpdir(), 'thaw-sources-'));
     local = await openLocalStore({ root: join(dir, 'local') });
     shared = await openLocalStore({ root: join(dir, 'shared') });
-    for (const [store, name] of [[local, 'here'], [shared, 'on-the-volume'], [shared, 'damaged']] as const) {
+    for (const [store, name] of [[local, 'default/here'], [shared, 'default/on-the-volume'], [shared, 'default/damaged']] as const) {
       const p = await store.beginCheckpoint(name);
       await writeCheckpointFiles(p.paths);
       await p.publish(manifestFields());
@@ -54,14 +54,14 @@ describe('checkpoint sources: local, shared store, registry', () => {
   it('finds a local name locally, else copies it from the shared store, verified, keeping its manifest id', async () => {
     const sources = createCheckpointSources({ local, shared, logger: silentLogger });
     try {
-      expect(await sources.find('here', undefined, NS)).toMatchObject({ kind: 'local', checkpoint: { name: 'here' } });
-      const found = await sources.find('on-the-volume', undefined, NS);
-      expect(found).toMatchObject({ kind: 'incoming', from: 'shared', checkpoint: { name: 'on-the-volume', paths: { dir: join(local.root, 'on-the-volume') } } });
+      expect(await sources.find('default/here', undefined, NS)).toMatchObject({ kind: 'local', checkpoint: { name: 'default/here' } });
+      const found = await sources.find('default/on-the-volume', undefined, NS);
+      expect(found).toMatchObject({ kind: 'incoming', from: 'shared', checkpoint: { name: 'default/on-the-volume', paths: { dir: join(local.root, 'default/on-the-volume') } } });
       const copied = await (found as { ready: Promise<{ manifest: { id: string } }> }).ready;
-      expect(copied.manifest.id).toBe((await shared.open('on-the-volume')).manifest.id);
-      await expect(local.verify('on-the-volume', { rehash: true })).resolves.toMatchObject({ hashed: true });
-      expect(await sources.find('on-the-volume', undefined, NS)).toMatchObject({ kind: 'local' });
-      const err = await rejection(sources.find('nowhere', undefined, NS));
+      expect(copied.manifest.id).toBe((await shared.open('default/on-the-volume')).manifest.id);
+      await expect(local.verify('default/on-the-volume', { rehash: true })).resolves.toMatchObject({ hashed: true });
+      expect(await sources.find('default/on-the-volume', undefined, NS)).toMatchObject({ kind: 'local' });
+      const err = await rejection(sources.find('default/nowhere', undefined, NS));
       expect(err.code).toBe(StoreErrorCode.NOT_FOUND);
     } finally {
       await sources.close();
@@ -69,22 +69,23 @@ describe('checkpoint sources: local, shared store, registry', () => {
   });
 
   it('refuses a shared checkpoint whose bytes changed on the volume, leaving nothing locally', async () => {
-    const fh = await openFile(join(shared.root, 'damaged', 'criu', 'pages-1.img'), 'r+');
+    const fh = await openFile(join(shared.root, 'default/damaged', 'criu', 'pages-1.img'), 'r+');
     await fh.write(Buffer.from('flipped'), 0, undefined, 100);
     await fh.close();
     const sources = createCheckpointSources({ local, shared, logger: silentLogger });
     try {
-      const found = await sources.find('damaged', undefined, NS);
+      const found = await sources.find('default/damaged', undefined, NS);
       const err = await rejection((found as { ready: Promise<unknown> }).ready);
       expect(isThawError(err, StoreErrorCode.DIGEST_MISMATCH), String(err)).toBe(true);
-      expect((await readdir(local.root)).filter((e) => e === 'damaged' || e.startsWith('.tmp-'))).toEqual([]);
+      expect((await readdir(local.root)).filter((e) => e.startsWith('.tmp-'))).toEqual([]);
+      expect(await readdir(join(local.root, 'default'))).not.toContain('damaged');
     } finally {
       await sources.close();
     }
   });
 
   it('pulls a registry reference once for concurrent restores, then finds it by digest without the registry', async () => {
-    const pushed = await pushCheckpoint({ store: local, name: 'here', reference: `${registry.host}/team/here:v1`, access: { plainHttp: true } });
+    const pushed = await pushCheckpoint({ store: local, name: 'default/here', reference: `${registry.host}/team/here:v1`, access: { plainHttp: true } });
     const policy = parseTenancyPolicy({ namespaces: { default: { registries: [{ prefix: `${registry.host}/team`, allowUnsigned: true }] } } });
     const sources = createCheckpointSources({ local, logger: silentLogger, policy, registry: { access: { [registry.host]: { plainHttp: true } } } });
     try {

@@ -147,7 +147,8 @@ describe.each(flavorsUnderTest())('checkpoint flow, containerd %s', (flavor) => 
       image: image.ref,
       command: [],
       pidMode,
-      annotations: { [`${PREFIX}checkpoint`]: checkpointName },
+      // The annotation names the bare name; the store key is `<pod's namespace>/<name>` (the tests name keys).
+      annotations: { [`${PREFIX}checkpoint`]: checkpointName.slice(checkpointName.indexOf('/') + 1) },
       env: { WORKER_SEED: '5', WORKER_WARMUP_MS: '200', ...env },
     });
     const started = await waitFor(() => coordinator.started.get(podName), `PostStartContainer of ${podName}`, 30_000);
@@ -180,7 +181,7 @@ describe.each(flavorsUnderTest())('checkpoint flow, containerd %s', (flavor) => 
 
   it('checkpoints a 256 MiB worker into the store, and the worker goes on serving', async () => {
     const { stack } = handle;
-    const name = 'demo-256';
+    const name = 'default/demo-256';
     const { pod, entry, pid } = await startSource('ckpt-src', name, { WORKER_MEMORY_MB: '256', WORKER_CHECKPOINT_AFTER_MS: '1500' });
     try {
       expect(entry.controlDir).toBe(path.join(controlRoot, entry.containerId));
@@ -205,7 +206,7 @@ describe.each(flavorsUnderTest())('checkpoint flow, containerd %s', (flavor) => 
       const opened = await store.open(name);
       expect(opened.manifest).toEqual(manifest);
       expect(manifest).toMatchObject({
-        name,
+        name: 'demo-256',
         source: { container: { name: entry.containerName, id: entry.containerId }, pod: { name: 'ckpt-src' } },
         constraints: {
           criuVersion,
@@ -267,7 +268,7 @@ describe.each(flavorsUnderTest())('checkpoint flow, containerd %s', (flavor) => 
 
   it('a dump CRIU refuses publishes nothing, quotes CRIU, and the worker resumes serving', async () => {
     const { stack } = handle;
-    const name = 'demo-not-init';
+    const name = 'default/demo-not-init';
     // pidMode POD: the worker is not the init of its PID namespace, which CRIU cannot dump.
     const { pod, entry, pid } = await startSource('ckpt-fail', name, { WORKER_MEMORY_MB: '16' }, 'POD');
     try {
@@ -283,7 +284,8 @@ describe.each(flavorsUnderTest())('checkpoint flow, containerd %s', (flavor) => 
       expect(await readFile(String(failure.evidence.dumpLog), 'utf8')).toMatch(/without the process init/);
 
       await expect(store.open(name)).rejects.toMatchObject({ code: 'STORE_NOT_FOUND' });
-      expect((await readdir(storeRoot)).filter((n) => n.startsWith('.tmp-') || n === name)).toEqual([]);
+      expect((await readdir(storeRoot)).filter((n) => n.startsWith('.tmp-'))).toEqual([]);
+      expect(await readdir(path.join(storeRoot, 'default')).catch(() => [])).not.toContain('demo-not-init');
 
       const marker = await readJson(path.join(entry.controlDir, CHECKPOINT_COMPLETE));
       expect(marker).toMatchObject({ ok: false, checkpoint: name, error: { code: 'CHECKPOINT_FAILED', phase: 'dump', causeCode: 'CRIU_FAILED' } });
@@ -295,9 +297,39 @@ describe.each(flavorsUnderTest())('checkpoint flow, containerd %s', (flavor) => 
     }
   }, CHECKPOINT_TEST_TIMEOUT_MS);
 
+  it('a checkpoint whose expected size the store cannot hold: refused before anything is written, nothing collected, the worker resumes', async () => {
+    const { stack } = handle;
+    const name = 'default/demo-no-room';
+    const { pod, entry, pid } = await startSource('ckpt-no-room', name, { WORKER_MEMORY_MB: '16' });
+    try {
+      await waitForWorkerReady(entry.controlDir, { timeoutMs: WORKER_READY_TIMEOUT_MS });
+      const listed = (await store.list()).map((l) => l.name);
+      const tmpBefore = (await readdir(storeRoot)).filter((n) => n.startsWith('.tmp-'));
+      const workBefore = (await readdir(workRoot)).filter((n) => n.startsWith('thaw-ckpt-default+demo-no-room'));
+      // A namespace quota of 1 KiB: the worker's resident memory alone is more, whatever is collected.
+      const limits = { namespaceQuotaBytes: (ns: string) => (ns === 'default' ? 1024 : undefined) };
+      const err = await checkpointContainer(flowOptions(entry, pid, { makeRoom: async (bytes) => void (await store.makeRoom(limits, { namespace: 'default', bytes, name })) })).catch((e: unknown) => e);
+      expect(isThawError(err, CheckpointErrorCode.FAILED), String(err)).toBe(true);
+      const failure = err as Error & { evidence: Record<string, unknown> };
+      expect(failure.evidence).toMatchObject({ phase: 'inspect', causeCode: 'STORE_NO_ROOM' });
+      expect(failure.message).toMatch(/no room for \d+ bytes of namespace default: namespace default holds \d+ bytes and needs \d+ more; its quota is 1024/);
+      // Nothing of it was written, and nothing else was collected for it.
+      await expect(store.open(name)).rejects.toMatchObject({ code: 'STORE_NOT_FOUND' });
+      expect((await readdir(storeRoot)).filter((n) => n.startsWith('.tmp-'))).toEqual(tmpBefore);
+      expect((await readdir(workRoot)).filter((n) => n.startsWith('thaw-ckpt-default+demo-no-room'))).toEqual(workBefore);
+      expect((await store.list()).map((l) => l.name)).toEqual(listed);
+      const marker = await readJson(path.join(entry.controlDir, CHECKPOINT_COMPLETE));
+      expect(marker).toMatchObject({ ok: false, checkpoint: name, error: { code: 'CHECKPOINT_FAILED', phase: 'inspect', causeCode: 'STORE_NO_ROOM' } });
+      const after = await waitFor(() => readEndpoint(entry.controlDir), `${ENDPOINT_FILE} after the refused checkpoint`, WORKER_READY_TIMEOUT_MS, 50);
+      expect((await getJson<WorkerState>(after.port, '/state')).requests).toBe(1);
+    } finally {
+      await stack.cri.removePod(pod.podId);
+    }
+  }, CHECKPOINT_TEST_TIMEOUT_MS);
+
   it("an upperdir containerd names outside the configured snapshotter root: refused before the dump, the worker resumes", async () => {
     const { stack } = handle;
-    const name = 'demo-foreign-root';
+    const name = 'default/demo-foreign-root';
     const { pod, entry, pid } = await startSource('ckpt-root', name, { WORKER_MEMORY_MB: '16' });
     // The agent's containerd.root names another directory (here: a symlink to the real one, which is not
     // the path containerd reports): the snapshot containerd names is not under it, so nothing is captured.
@@ -335,16 +367,16 @@ describe.each(flavorsUnderTest())('checkpoint flow, containerd %s', (flavor) => 
       onEvent: (e) => events.push(e),
     });
     coordinator.delegate = real;
-    const auto = await startSource('ckpt-auto', 'demo-auto', { WORKER_MEMORY_MB: '64' });
+    const auto = await startSource('ckpt-auto', 'default/demo-auto', { WORKER_MEMORY_MB: '64' });
     // This worker asks for its checkpoint only in 10 minutes: its pod goes away first.
-    const late = await startSource('ckpt-late', 'demo-late', { WORKER_MEMORY_MB: '16', WORKER_CHECKPOINT_AFTER_MS: '600000' });
+    const late = await startSource('ckpt-late', 'default/demo-late', { WORKER_MEMORY_MB: '16', WORKER_CHECKPOINT_AFTER_MS: '600000' });
     try {
       expect(real.status(late.entry.containerId)?.state).toBe('waiting-for-worker');
       await waitFor(() => events.find((e) => e.containerId === auto.entry.containerId), 'the checkpoint event of ckpt-auto', WORKER_READY_TIMEOUT_MS, 100);
       const event = events.find((e) => e.containerId === auto.entry.containerId)!;
       console.log(`coordinator event: ${JSON.stringify(event)}`);
-      expect(event).toMatchObject({ event: 'checkpoint', name: 'demo-auto', pod: 'default/ckpt-auto', container: auto.entry.containerName, outcome: 'succeeded' });
-      const manifest = (await store.open('demo-auto')).manifest;
+      expect(event).toMatchObject({ event: 'checkpoint', name: 'default/demo-auto', namespace: 'default', pod: 'default/ckpt-auto', container: auto.entry.containerName, outcome: 'succeeded' });
+      const manifest = (await store.open('default/demo-auto')).manifest;
       expect(event.id).toBe(manifest.id);
       expect(event.bytes).toBe(manifest.totals.bytes);
       expect(manifest.constraints.image.digest).toBe(image.manifestDigest);
@@ -356,7 +388,7 @@ describe.each(flavorsUnderTest())('checkpoint flow, containerd %s', (flavor) => 
       await waitFor(() => events.find((e) => e.containerId === late.entry.containerId), 'the cancelled event of ckpt-late', 30_000, 50);
       expect(real.status(late.entry.containerId)?.state).toBe('cancelled');
       await real.idle();
-      await expect(store.open('demo-late')).rejects.toMatchObject({ code: 'STORE_NOT_FOUND' });
+      await expect(store.open('default/demo-late')).rejects.toMatchObject({ code: 'STORE_NOT_FOUND' });
     } finally {
       coordinator.delegate = undefined;
       await real.close();

@@ -43,7 +43,7 @@ describe('thaw push / thaw pull against a real registry', () => {
     rootA = await mkdtemp(join(tmpdir(), 'thaw-cli-reg-a-'));
     rootB = await mkdtemp(join(tmpdir(), 'thaw-cli-reg-b-'));
     const store = await openLocalStore({ root: rootA });
-    const pending = await store.beginCheckpoint('worker');
+    const pending = await store.beginCheckpoint('default/worker');
     await writeCheckpointFiles(pending.paths, 3 * MiB + 17);
     await pending.publish(manifestFields());
     // The registry access comes from the agent's configuration, as on a node.
@@ -70,7 +70,7 @@ describe('thaw push / thaw pull against a real registry', () => {
     expect(pull.code, pull.stderr).toBe(0);
     const name = `oci-${pushed.digest.slice('sha256:'.length)}`;
     expect(pull.stdout.split('\n')[0]).toBe(name);
-    const a = await (await openLocalStore({ root: rootA })).open('worker');
+    const a = await (await openLocalStore({ root: rootA })).open('default/worker');
     const b = await (await openLocalStore({ root: rootB })).open(name);
     for (const f of a.manifest.files) expect((await readFile(join(b.paths.dir, f.path))).equals(await readFile(join(a.paths.dir, f.path))), f.path).toBe(true);
 
@@ -108,7 +108,7 @@ describe('thaw push / thaw pull against a real registry', () => {
     await writeFile(join(models, 'model-00001.safetensors'), bytes);
     const sha = createHash('sha256').update(bytes).digest('hex');
     const store = await openLocalStore({ root: rootA });
-    const pending = await store.beginCheckpoint('with-weights');
+    const pending = await store.beginCheckpoint('default/with-weights');
     await writeCheckpointFiles(pending.paths, 64 * 1024);
     const source = { path: '/models/model-00001.safetensors', fileOffset: 0, length: bytes.length, fileSize: bytes.length, sha256: sha };
     await pending.publish(manifestFields({ weights: { schema: 'thaw.dev/weights-regions/v1', bytes: bytes.length, regions: [{ name: 'w', device: 0, va: '0x7f0000000000', size: 4 * MiB, granularity: 2 * MiB, allocations: [{ offset: 0, size: 4 * MiB, kind: 'file', source }] }] } }));

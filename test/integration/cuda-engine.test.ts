@@ -96,7 +96,7 @@ describe.each(flavorsUnderTest())('CUDA checkpoint and restore through the plugi
     const first = await waitForServingWorker(source.controlDir);
     sourcePid = await hostPidOf(source.containerId);
     await getJson(first.port, '/healthz');
-    const event = await waitForLog(dirs.logFile, (r) => r['event'] === 'checkpoint' && r['name'] === CHECKPOINT, 'the checkpoint', 60_000);
+    const event = await waitForLog(dirs.logFile, (r) => r['event'] === 'checkpoint' && r['name'] === `default/${CHECKPOINT}`, 'the checkpoint', 60_000);
     expect(event['outcome'], JSON.stringify(event['error'])).toBe('succeeded');
     const resumed = await waitForServingWorker(source.controlDir, { accept: (e) => e.port !== first.port });
     sourceState = await getJson<WorkerState>(resumed.port, '/state');
@@ -109,7 +109,7 @@ describe.each(flavorsUnderTest())('CUDA checkpoint and restore through the plugi
   });
 
   it('checkpoints a CUDA worker (lock, checkpoint, dump, restore, unlock) and restores it (restore, unlock on the new pid)', async () => {
-    const manifest = JSON.parse(await readFile(join(dirs.storeRoot, CHECKPOINT, 'manifest.json'), 'utf8')) as {
+    const manifest = JSON.parse(await readFile(join(dirs.storeRoot, 'default', CHECKPOINT, 'manifest.json'), 'utf8')) as {
       constraints: { gpu?: Record<string, unknown> };
     };
     expect(manifest.constraints.gpu).toMatchObject({ model: FAKE_MODEL, uuids: [FAKE_GPU], cudaApiVersion: 13000, memoryBytes: FAKE_USED_BYTES, count: 1, cudaProcesses: 1 });
@@ -147,13 +147,13 @@ describe.each(flavorsUnderTest())('CUDA checkpoint and restore through the plugi
       const pod = await runWorkerPod(handle.stack, dirs.controlRoot, { ...common(), name, annotations: { 'thaw.dev/checkpoint': name }, checkpointAfterMs: 100, env: fakeTokenEnv(token) });
       const first = await waitForServingWorker(pod.controlDir);
       const workerPid = await hostPidOf(pod.containerId);
-      const event = await waitForLog(dirs.logFile, (r) => r['event'] === 'checkpoint' && r['name'] === name, 'the failed checkpoint', 60_000);
+      const event = await waitForLog(dirs.logFile, (r) => r['event'] === 'checkpoint' && r['name'] === `default/${name}`, 'the failed checkpoint', 60_000);
       expect(event['outcome']).toBe('failed');
       const error = event['error'] as { code: string; evidence: { phase: string; causeCode: string } };
       expect([error.code, error.evidence.phase, error.evidence.causeCode]).toEqual(['CHECKPOINT_FAILED', 'cuda-checkpoint', 'CUDA_CALL_FAILED']);
       const complete = JSON.parse(await readFile(join(pod.controlDir, 'checkpoint-complete'), 'utf8')) as { ok: boolean };
       expect(complete.ok).toBe(false);
-      await expect(stat(join(dirs.storeRoot, name))).rejects.toThrow();
+      await expect(stat(join(dirs.storeRoot, 'default', name))).rejects.toThrow();
 
       const resumed = await waitForServingWorker(pod.controlDir, { accept: (e) => e.port !== first.port });
       expect((await getJson<WorkerState>(resumed.port, '/state')).digest).toBe(expectedDigest(MEMORY_MB, SEED));

@@ -62,7 +62,7 @@ describe.each(flavorsUnderTest())('thaw end to end on containerd %s', (flavor) =
     const first = await waitForServingWorker(source.controlDir);
     expect((await handle.stack.cri.execSync(source.containerId, ['/bin/sh', '-c', 'echo from-source > /tmp/thaw-diff-probe'], 10)).exitCode).toBe(0);
     for (let i = 0; i < 3; i++) await getJson(first.port, '/healthz');
-    const event = await waitForLog(dirs.logFile, (r) => r['event'] === 'checkpoint' && r['name'] === CHECKPOINT, 'the checkpoint', 120_000);
+    const event = await waitForLog(dirs.logFile, (r) => r['event'] === 'checkpoint' && r['name'] === `default/${CHECKPOINT}`, 'the checkpoint', 120_000);
     expect(event['outcome']).toBe('succeeded');
     const resumed = await waitForServingWorker(source.controlDir, { accept: (e) => e.port !== first.port });
     sourceState = await getJson<WorkerState>(resumed.port, '/state');
@@ -141,7 +141,7 @@ describe.each(flavorsUnderTest())('thaw end to end on containerd %s', (flavor) =
       // The agent takes the device for a ready marker, refuses to read it (not a regular file), and checkpoints
       // (or fails to: the worker never quiesced); either way it then writes checkpoint-complete and
       // snapshot-complete as new directory entries, never through the planted link.
-      const event = await waitForLog(dirs.logFile, (l) => l['event'] === 'checkpoint' && l['name'] === name, 'the checkpoint event', 120_000);
+      const event = await waitForLog(dirs.logFile, (l) => l['event'] === 'checkpoint' && l['name'] === `default/${name}`, 'the checkpoint event', 120_000);
       expect(['succeeded', 'failed']).toContain(event['outcome']);
       const records = await readJsonLog(dirs.logFile);
       expect(records.some((l) => l.msg === 'the ready marker has an unreadable payload; going on without it' && l['containerId'] === pod.containerId)).toBe(true);

@@ -72,7 +72,7 @@ describe('thaw checkpoints with oras, skopeo and cosign', () => {
     home = join(work, 'home');
     storeRoot = join(work, 'store-a');
     const store = await openLocalStore({ root: storeRoot });
-    const pending = await store.beginCheckpoint('worker');
+    const pending = await store.beginCheckpoint('default/worker');
     await writeCheckpointFiles(pending.paths, 3 * MiB + 17);
     await pending.publish(manifestFields());
     const access = join(work, 'registry.json');
@@ -92,7 +92,7 @@ describe('thaw checkpoints with oras, skopeo and cosign', () => {
   it('oras pull of a checkpoint thaw pushed gives the same files byte for byte, and its config is manifest.json', async () => {
     const out = join(work, 'oras-out');
     await peerToolOk('oras', ['pull', '--plain-http', '-o', out, `${registry.host}/${repository}:v1`], { home });
-    const opened = await (await openLocalStore({ root: storeRoot })).open('worker');
+    const opened = await (await openLocalStore({ root: storeRoot })).open('default/worker');
     expect(await filesUnder(out)).toEqual(opened.manifest.files.map((f) => f.path).sort());
     for (const f of opened.manifest.files) {
       expect((await readFile(join(out, f.path))).equals(await readFile(join(opened.paths.dir, f.path))), f.path).toBe(true);
@@ -103,11 +103,11 @@ describe('thaw checkpoints with oras, skopeo and cosign', () => {
 
   it('oras pull of a chunked push gives pieces that, concatenated in name order, are each file', async () => {
     const store = await openLocalStore({ root: storeRoot });
-    await pushCheckpoint({ store, name: 'worker', reference: `${registry.host}/team/chunked:v1`, access: { plainHttp: true }, chunkBytes: MiB });
+    await pushCheckpoint({ store, name: 'default/worker', reference: `${registry.host}/team/chunked:v1`, access: { plainHttp: true }, chunkBytes: MiB });
     const out = join(work, 'oras-chunked');
     await peerToolOk('oras', ['pull', '--plain-http', '-o', out, `${registry.host}/team/chunked:v1`], { home });
     const pulled = await filesUnder(out);
-    const opened = await store.open('worker');
+    const opened = await store.open('default/worker');
     const pages = opened.manifest.files.find((f) => f.size > MiB);
     expect(pages, 'the fixture has a file larger than the chunk size').toBeDefined();
     for (const f of opened.manifest.files) {
@@ -126,7 +126,7 @@ describe('thaw checkpoints with oras, skopeo and cosign', () => {
   });
 
   it('thaw pull takes an artifact with thaw\'s layout that oras pushed, into a checkpoint that verifies with the same files', async () => {
-    const opened = await (await openLocalStore({ root: storeRoot })).open('worker');
+    const opened = await (await openLocalStore({ root: storeRoot })).open('default/worker');
     const src = join(work, 'oras-src');
     for (const f of [...opened.manifest.files.map((x) => x.path), MANIFEST_FILE_NAME]) {
       await mkdir(dirname(join(src, f)), { recursive: true });
@@ -158,7 +158,7 @@ describe('thaw checkpoints with oras, skopeo and cosign', () => {
     expect(image.config.mediaType).toBe(CHECKPOINT_CONFIG_MEDIA_TYPE);
     expect(new Set(image.layers.map((l) => l.mediaType))).toEqual(new Set([CHECKPOINT_LAYER_MEDIA_TYPE]));
     const cfg = await peerToolOk('skopeo', ['inspect', '--raw', '--config', '--tls-verify=false', target], { home });
-    const opened = await (await openLocalStore({ root: storeRoot })).open('worker');
+    const opened = await (await openLocalStore({ root: storeRoot })).open('default/worker');
     expect(cfg.stdout).toBe(await readFile(join(opened.paths.dir, MANIFEST_FILE_NAME), 'utf8'));
   });
 
@@ -183,7 +183,7 @@ describe('thaw checkpoints with oras, skopeo and cosign', () => {
     it('cosign verify refuses it with another key, and refuses an unsigned checkpoint', async () => {
       const wrongKey = await cosignVerify({ registryHost: registry.host, repository, digest: pushedDigest, publicKeyFile: other.publicKeyFile, home: other.home });
       expect(wrongKey.code).not.toBe(0);
-      const unsigned = await pushCheckpoint({ store: await openLocalStore({ root: storeRoot }), name: 'worker', reference: `${registry.host}/team/unsigned:v1`, access: { plainHttp: true } });
+      const unsigned = await pushCheckpoint({ store: await openLocalStore({ root: storeRoot }), name: 'default/worker', reference: `${registry.host}/team/unsigned:v1`, access: { plainHttp: true } });
       const none = await cosignVerify({ registryHost: registry.host, repository: 'team/unsigned', digest: unsigned.digest, publicKeyFile: keys.publicKeyFile, home: keys.home });
       expect(none.code).not.toBe(0);
     });

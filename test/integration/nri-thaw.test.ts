@@ -115,7 +115,7 @@ describe.each(flavorsUnderTest())('thaw NRI plugin on containerd %s', (flavor) =
       const annotations = (runtimeSpec as { annotations?: Record<string, string> }).annotations ?? {};
       expect(annotations).toMatchObject({
         'thaw.dev/role': 'checkpoint-source',
-        'thaw.dev/checkpoint-name': 'demo-worker',
+        'thaw.dev/checkpoint-name': 'default/demo-worker',
         'thaw.dev/control-dir': hostDir,
       });
 

@@ -73,7 +73,11 @@ describe.each(flavorsUnderTest().slice(0, 1))('checkpoints across nodes through 
       client.close();
     }
   };
-  const storeBEntries = async (): Promise<string[]> => (await readdir(dirsB.storeRoot)).filter((e) => !e.startsWith('.') || e.startsWith('.tmp-'));
+  /** Node B's checkpoints (pulled ones, in .oci/; any namespace's) and unfinished directories. */
+  const storeBEntries = async (): Promise<string[]> => [
+    ...(await readdir(dirsB.storeRoot)).filter((e) => !e.startsWith('.') || e.startsWith('.tmp-')),
+    ...(await readdir(join(dirsB.storeRoot, '.oci')).catch(() => [] as string[])),
+  ];
 
   /** A pod restoring from `reference` must cold-start: the worker serves, not restored, and the cause is logged. */
   const expectColdStart = async (name: string, reference: string): Promise<Record<string, unknown>> => {
@@ -122,14 +126,14 @@ describe.each(flavorsUnderTest().slice(0, 1))('checkpoints across nodes through 
     const source = await runWorkerPod(handle.stack, dirsA.controlRoot, { ...common(), name: 'reg-source', annotations: { 'thaw.dev/checkpoint': CHECKPOINT }, checkpointAfterMs: 300 });
     const first = await waitForServingWorker(source.controlDir);
     for (let i = 0; i < 3; i++) await getJson(first.port, '/healthz');
-    const event = await waitForLog(dirsA.logFile, (r) => r['event'] === 'checkpoint' && r['name'] === CHECKPOINT, 'the checkpoint', 120_000);
+    const event = await waitForLog(dirsA.logFile, (r) => r['event'] === 'checkpoint' && r['name'] === `default/${CHECKPOINT}`, 'the checkpoint', 120_000);
     expect(event['outcome']).toBe('succeeded');
     const resumed = await waitForServingWorker(source.controlDir, { accept: (e) => e.port !== first.port });
     sourceState = await getJson<WorkerState>(resumed.port, '/state');
     await handle.stack.cri.removePod(source.podId);
     await plugin.stop();
     const storeA = await openLocalStore({ root: dirsA.storeRoot });
-    pushedDigest = (await pushCheckpoint({ store: storeA, name: CHECKPOINT, reference: `${registry.host}/team/worker:v1`, access: { plainHttp: true } })).digest;
+    pushedDigest = (await pushCheckpoint({ store: storeA, name: `default/${CHECKPOINT}`, reference: `${registry.host}/team/worker:v1`, access: { plainHttp: true } })).digest;
 
     // Node B: an empty store, registry access.
     // The pods run in namespace default; the policy lets it restore from both hosts' team/ unsigned (signatures

@@ -32,7 +32,7 @@ async function makeStore(prefix: string): Promise<{ store: LocalStore; root: str
 
 /** A published checkpoint with a `pages-1.img` of `pagesBytes` (several chunks) and small files. */
 async function makeCheckpoint(store: LocalStore, name: string, pagesBytes = 5 * MiB + 123, seed = 1): Promise<void> {
-  const pending = await store.beginCheckpoint(name);
+  const pending = await store.beginCheckpoint(key(name));
   await writeCheckpointFiles(pending.paths, pagesBytes);
   // Make the pages differ per seed, so that two checkpoints share only the small files.
   const fh = await openFile(join(pending.paths.criuDir, 'pages-1.img'), 'r+');
@@ -40,6 +40,9 @@ async function makeCheckpoint(store: LocalStore, name: string, pagesBytes = 5 * 
   await fh.close();
   await pending.publish(manifestFields());
 }
+
+/** The store key of a test checkpoint: the fixture manifests are of namespace `default`. */
+const key = (name: string): string => `default/${name}`;
 
 /** Nothing but the published checkpoints (and the store's own dot-dirs) in a store root. */
 async function leftovers(root: string): Promise<string[]> {
@@ -70,14 +73,14 @@ describe('registry store: push and pull through a real registry', () => {
   });
 
   it('pushes a checkpoint as an OCI artifact and pulls it on another node, byte for byte, under a digest-derived name', async () => {
-    const pushed = await pushCheckpoint({ store: a.store, name: 'qwen', reference: `${registry.host}/team/qwen:v1`, access, chunkBytes: CHUNK, monolithicMaxBytes: CHUNK / 2, uploadChunkBytes: 256 * 1024 });
+    const pushed = await pushCheckpoint({ store: a.store, name: key('qwen'), reference: `${registry.host}/team/qwen:v1`, access, chunkBytes: CHUNK, monolithicMaxBytes: CHUNK / 2, uploadChunkBytes: 256 * 1024 });
     expect(pushed.digest).toMatch(/^sha256:[0-9a-f]{64}$/);
     expect(pushed.reference).toBe(`${registry.host}/team/qwen:v1@${pushed.digest}`);
 
     const pulled = await pullCheckpoint({ store: b.store, reference: `${registry.host}/team/qwen:v1`, access });
     expect(pulled.name).toBe(`oci-${pushed.digest.slice('sha256:'.length)}`);
     expect(pulled.alreadyPresent).toBe(false);
-    const source = await a.store.open('qwen');
+    const source = await a.store.open(key('qwen'));
     expect(pulled.checkpoint.manifest.id).toBe(source.manifest.id);
     expect(pulled.checkpoint.manifest.files).toEqual(source.manifest.files);
     expect(pulled.bytesFetched).toBe(source.manifest.totals.bytes);
@@ -102,14 +105,14 @@ describe('registry store: push and pull through a real registry', () => {
     // Pulled once, not again; pushed once, nothing to upload again.
     const again = await pullCheckpoint({ store: b.store, reference: `${registry.host}/team/qwen@${pushed.digest}`, access });
     expect(again).toMatchObject({ alreadyPresent: true, bytesFetched: 0, name: pulled.name });
-    const repush = await pushCheckpoint({ store: a.store, name: 'qwen', reference: `${registry.host}/team/qwen:v1`, access, chunkBytes: CHUNK });
+    const repush = await pushCheckpoint({ store: a.store, name: key('qwen'), reference: `${registry.host}/team/qwen:v1`, access, chunkBytes: CHUNK });
     expect(repush.bytesUploaded).toBe(0);
     expect(repush.digest).toBe(pushed.digest);
     expect(await leftovers(b.root)).toEqual([]);
   });
 
   it('stores identical files once: a second checkpoint links the files the cache holds instead of fetching them', async () => {
-    await pushCheckpoint({ store: a.store, name: 'qwen-2', reference: `${registry.host}/team/qwen:v2`, access, chunkBytes: CHUNK });
+    await pushCheckpoint({ store: a.store, name: key('qwen-2'), reference: `${registry.host}/team/qwen:v2`, access, chunkBytes: CHUNK });
     const first = await pullCheckpoint({ store: b.store, reference: `${registry.host}/team/qwen:v1`, access });
     const second = await pullCheckpoint({ store: b.store, reference: `${registry.host}/team/qwen:v2`, access });
     const shared = second.checkpoint.manifest.files.filter((f) => f.path !== 'criu/pages-1.img');
@@ -136,7 +139,7 @@ describe('registry store: push and pull through a real registry', () => {
     const c = await makeStore('thaw-reg-c-');
     try {
       await makeCheckpoint(a.store, 'resume', 6 * MiB, 3);
-      const pushed = await pushCheckpoint({ store: a.store, name: 'resume', reference: `${proxy.host}/team/resume:v1`, access, chunkBytes: 8 * MiB, monolithicMaxBytes: MiB, uploadChunkBytes: 512 * 1024, concurrency: 1 });
+      const pushed = await pushCheckpoint({ store: a.store, name: key('resume'), reference: `${proxy.host}/team/resume:v1`, access, chunkBytes: 8 * MiB, monolithicMaxBytes: MiB, uploadChunkBytes: 512 * 1024, concurrency: 1 });
       expect(proxy.broken()).toBe(2);
       // distribution 2.8 drops a session whose PATCH broke (its stored size no longer matches the session
       // state), so here the blob starts over; a registry that keeps the bytes is resumed from its offset.
@@ -158,8 +161,8 @@ describe('registry store: push and pull through a real registry', () => {
   describe('bad input fails with its code and leaves no partial checkpoint', () => {
     async function pushFresh(name: string, seed: number): Promise<{ digest: string; pagesDigest: string }> {
       await makeCheckpoint(a.store, name, 2 * MiB, seed);
-      const pushed = await pushCheckpoint({ store: a.store, name, reference: `${registry.host}/bad/${name}:v1`, access, chunkBytes: 8 * MiB });
-      const pages = (await a.store.open(name)).manifest.files.find((f) => f.path === 'criu/pages-1.img')!;
+      const pushed = await pushCheckpoint({ store: a.store, name: key(name), reference: `${registry.host}/bad/${name}:v1`, access, chunkBytes: 8 * MiB });
+      const pages = (await a.store.open(key(name))).manifest.files.find((f) => f.path === 'criu/pages-1.img')!;
       return { digest: pushed.digest, pagesDigest: `sha256:${pages.sha256}` };
     }
 
@@ -201,7 +204,7 @@ describe('registry store: push and pull through a real registry', () => {
 
     it('a file whose chunks verify but whose whole-file sha256 is not the manifest\'s: OCI_DIGEST_MISMATCH before it can enter the cache', async () => {
       await makeCheckpoint(a.store, 'whole-file', 3 * MiB + 5, 12);
-      const pushed = await pushCheckpoint({ store: a.store, name: 'whole-file', reference: `${registry.host}/bad/whole-file:v1`, access, chunkBytes: MiB });
+      const pushed = await pushCheckpoint({ store: a.store, name: key('whole-file'), reference: `${registry.host}/bad/whole-file:v1`, access, chunkBytes: MiB });
       const client = new RegistryClient({ registry: registry.host, plainHttp: true });
       const wrong = 'ab'.repeat(32);
       try {
@@ -272,7 +275,7 @@ describe('registry store: a registry that dies mid-pull', () => {
     const c = await makeStore('thaw-reg-c-');
     try {
       await makeCheckpoint(a.store, 'dies', 16 * MiB, 20);
-      await pushCheckpoint({ store: a.store, name: 'dies', reference: `${registry.host}/team/dies:v1`, access: { plainHttp: true }, chunkBytes: 4 * MiB });
+      await pushCheckpoint({ store: a.store, name: key('dies'), reference: `${registry.host}/team/dies:v1`, access: { plainHttp: true }, chunkBytes: 4 * MiB });
       let killed: Promise<void> | undefined;
       const err = await rejection(
         pullCheckpoint({
@@ -318,7 +321,7 @@ describe('registry store: authentication and TLS', () => {
     const c = await makeStore('thaw-reg-c-');
     try {
       const access = { plainHttp: true, credentials: { username: 'thaw', password: 's3cret' } };
-      const pushed = await pushCheckpoint({ store: a.store, name: 'auth', reference: `${registry.host}/team/auth:v1`, access });
+      const pushed = await pushCheckpoint({ store: a.store, name: key('auth'), reference: `${registry.host}/team/auth:v1`, access });
       const pulled = await pullCheckpoint({ store: c.store, reference: `${registry.host}/team/auth:v1`, access });
       expect(pulled.digest).toBe(pushed.digest);
       for (const credentials of [{ username: 'thaw', password: 'wrong' }, undefined]) {
@@ -345,7 +348,7 @@ describe('registry store: authentication and TLS', () => {
     try {
       const tokenHost = new URL(tokens.realm).host;
       const access = { plainHttp: true, credentials: { username: 'thaw', password: 'tok3n' }, authHosts: [tokenHost] };
-      const pushed = await pushCheckpoint({ store: a.store, name: 'auth', reference: `${registry.host}/team/tok:v1`, access });
+      const pushed = await pushCheckpoint({ store: a.store, name: key('auth'), reference: `${registry.host}/team/tok:v1`, access });
       const pulled = await pullCheckpoint({ store: c.store, reference: `${registry.host}/team/tok:v1`, access });
       expect(pulled.digest).toBe(pushed.digest);
       expect(tokens.requests.filter((r) => r.granted).map((r) => r.scope)).toEqual(expect.arrayContaining(['repository:team/tok:pull,push', 'repository:team/tok:pull']));
@@ -383,7 +386,7 @@ describe('registry store: authentication and TLS', () => {
     const registry = await startRegistry({ tls: { certFile: tls.certFile, keyFile: tls.keyFile, ca: tls.ca } });
     const c = await makeStore('thaw-reg-c-');
     try {
-      const pushed = await pushCheckpoint({ store: a.store, name: 'auth', reference: `${registry.host}/team/tls:v1`, access: { ca: tls.ca } });
+      const pushed = await pushCheckpoint({ store: a.store, name: key('auth'), reference: `${registry.host}/team/tls:v1`, access: { ca: tls.ca } });
       const pulled = await pullCheckpoint({ store: c.store, reference: `${registry.host}/team/tls:v1`, access: { ca: tls.ca } });
       expect(pulled.digest).toBe(pushed.digest);
       const d = await makeStore('thaw-reg-d-');

@@ -40,6 +40,8 @@ const SETUP_TIMEOUT_MS = 300_000;
 const TEST_TIMEOUT_MS = 240_000;
 const PREFIX = 'thaw.dev/';
 const CHECKPOINT = 'demo-restore-256';
+/** Its store key: the source pod's namespace (the CRI helper's default) and its name. */
+const KEY = `default/${CHECKPOINT}`;
 const HOOK_MAIN = path.join(PACKAGE_ROOT, 'dist/src/oci-hooks/main.js');
 const THAW_PAUSE = path.join(PACKAGE_ROOT, 'native/build/thaw-pause');
 /** The createRuntime hook restores run: the native one, answered by the hook server of this process (the agent's). */
@@ -165,7 +167,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
   const workerEnv = { WORKER_MEMORY_MB: '256', WORKER_SEED: '9', WORKER_WARMUP_MS: '200' };
 
   /** Target pod naming a checkpoint; resolves with the pod and the restore event (if the coordinator ran). */
-  async function runTarget(name: string, checkpoint: string, env: Record<string, string> = workerEnv, extra: { namespace?: string; args?: string[] } = {}) {
+  async function runTarget(name: string, checkpoint: string, env: Record<string, string> = workerEnv, extra: { namespace?: string; args?: string[]; workingDir?: string } = {}) {
     const { stack } = handle;
     const before = events.length;
     const pod = await stack.cri.runPod({ name, containerName: 'worker', image: image.ref, command: [], annotations: { [`${PREFIX}restore`]: checkpoint }, env, ...extra });
@@ -192,7 +194,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
       await waitForWorkerReady(entry.controlDir, { timeoutMs: WORKER_READY_TIMEOUT_MS });
       const v = await criu.version();
       const ck = await checkpointContainer({
-        store, criu, containerId: entry.containerId, pid, controlDir: entry.controlDir, checkpointName: CHECKPOINT,
+        store, criu, containerId: entry.containerId, pid, controlDir: entry.controlDir, checkpointName: entry.checkpointName,
         onCheckpoint: 'continue', imageRef: entry.imageRef ?? image.ref,
         source: { containerName: entry.containerName, pod: { name: entry.podName, namespace: entry.podNamespace, uid: entry.podUid }, ...(entry.specArgs ? { args: entry.specArgs } : {}) },
         containerdVersion: stack.containerdVersion, criuVersion: `${v.major}.${v.minor}.${v.sublevel}`, logger, workRoot,
@@ -215,7 +217,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
       expect(hookServer!.served()).toBe(servedBefore + 1);
       expect(hookServer!.pending()).toBe(0);
       // The checkpoint's read started at RunPodSandbox, before the container existed.
-      expect(podsPrefetched).toContainEqual([pod.podId, CHECKPOINT]);
+      expect(podsPrefetched).toContainEqual([pod.podId, KEY]);
       // Beside CRIU, the worker's mapped files were read through the target's root (node, its libraries).
       expect(ev.mappedFiles?.files, JSON.stringify(ev.mappedFiles)).toBeGreaterThan(0);
       expect(ev.mappedFiles?.bytesRead).toBeGreaterThan(0);
@@ -267,7 +269,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
       await waitForWorkerReady(entry.controlDir, { timeoutMs: WORKER_READY_TIMEOUT_MS });
       const v = await criu.version();
       await checkpointContainer({
-        store, criu, containerId: entry.containerId, pid, controlDir: entry.controlDir, checkpointName: checkpoint,
+        store, criu, containerId: entry.containerId, pid, controlDir: entry.controlDir, checkpointName: entry.checkpointName,
         onCheckpoint: 'continue', imageRef: entry.imageRef ?? image.ref,
         source: { containerName: entry.containerName, pod: { name: entry.podName, namespace: entry.podNamespace, uid: entry.podUid }, ...(entry.specArgs ? { args: entry.specArgs } : {}) },
         containerdVersion: stack.containerdVersion, criuVersion: `${v.major}.${v.minor}.${v.sublevel}`, logger, workRoot,
@@ -344,7 +346,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
     await writeFile(canary, 'host bytes\n');
     // Names of the same length as three files the demo worker maps (node and its libraries, read from the first
     // checkpoint's images), so files.img can name the planted entries instead without re-encoding it.
-    const mapped = (await mappedFilePages((await store.open(CHECKPOINT)).paths.criuDir)).map((f) => f.path).filter((p) => p.length > 12);
+    const mapped = (await mappedFilePages((await store.open(KEY)).paths.criuDir)).map((f) => f.path).filter((p) => p.length > 12);
     const originals = [...mapped].sort((a, b) => b.length - a.length).slice(0, 3);
     expect(originals.length).toBe(3);
     const planted = originals.map((p, i) => `/tmp/h/${'fls'[i]!.repeat(p.length - 7)}`);
@@ -358,13 +360,13 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
     });
     // The capture archived the FIFO and the links as what they are (never opened), not the canary's bytes.
     expect(await readFile(canary, 'utf8')).toBe('host bytes\n');
-    const diff = await readFile(path.join((await store.open('hostile')).paths.dir, 'rootfs-diff.tar'));
+    const diff = await readFile(path.join((await store.open('default/hostile')).paths.dir, 'rootfs-diff.tar'));
     expect(diff.includes(Buffer.from('host bytes'))).toBe(false);
 
     // The checkpoint's files.img now names the planted entries where the worker mapped node's files (same lengths),
     // and the manifest its new digest: the restore's mapped-file reads meet the FIFO and the links through the
     // target's root, and CRIU meets them too.
-    const opened = await store.open('hostile');
+    const opened = await store.open('default/hostile');
     const filesImg = path.join(opened.paths.criuDir, 'files.img');
     let bytes = await readFile(filesImg);
     for (const [i, original] of originals.entries()) {
@@ -401,7 +403,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
     expect(readdirSync(canaryDir)).toEqual(['canary']);
     // NRI still answers: the next pod naming it is decided at once in CreateContainer (the failure was recorded).
     await expectColdStart('hostile-again', 'hostile', 'RESTORE_CHECKPOINT_FAILED_BEFORE', false);
-    await store.delete('hostile');
+    await store.delete('default/hostile');
     await rm(canaryDir, { recursive: true, force: true });
   }, 360_000);
 
@@ -432,7 +434,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
   }, TEST_TIMEOUT_MS);
 
   /** A fallback target: running, serving from scratch, and the cause counted. */
-  async function expectColdStart(name: string, checkpoint: string, cause: string, viaCoordinator: boolean, extra: { namespace?: string; args?: string[]; coldStarted?: (containerId: string) => Promise<void> } = {}) {
+  async function expectColdStart(name: string, checkpoint: string, cause: string, viaCoordinator: boolean, extra: { namespace?: string; args?: string[]; workingDir?: string; coldStarted?: (containerId: string) => Promise<void> } = {}) {
     const { stack } = handle;
     const fallbacksBefore = stats.fallbacksByCause.get(cause) ?? 0;
     const { pod, before } = await runTarget(name, checkpoint, { ...workerEnv, WORKER_MEMORY_MB: '32' }, extra);
@@ -468,7 +470,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
 
   it('a rootfs diff replaced after the manifest was checked: the hook applies none of it, cold start', async () => {
     const { stack } = handle;
-    const opened = await store.open(CHECKPOINT);
+    const opened = await store.open(KEY);
     const tarFile = path.join(opened.paths.dir, 'rootfs-diff.tar');
     const original = await readFile(tarFile);
     // A valid archive of another content, in place of the one the manifest's sha256 names.
@@ -503,7 +505,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
   }, TEST_TIMEOUT_MS);
 
   it('a corrupted image file (one byte flipped): sha256 mismatch, cold start', async () => {
-    const opened = await store.open(CHECKPOINT);
+    const opened = await store.open(KEY);
     const pages = opened.manifest.files.map((f) => f.path).find((p) => /pages-\d+\.img$/.test(p)) as string;
     const file = path.join(opened.paths.dir, pages);
     const bytes = await readFile(file);
@@ -518,7 +520,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
   }, TEST_TIMEOUT_MS);
 
   it('a manifest for another image: cold start, cause RESTORE_INCOMPATIBLE', async () => {
-    const opened = await store.open(CHECKPOINT);
+    const opened = await store.open(KEY);
     const original = await readFile(opened.paths.manifest, 'utf8');
     const m = JSON.parse(original) as { constraints: { image: { ref: string } } };
     m.constraints.image.ref = 'registry.example/other:1';
@@ -530,10 +532,18 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
     }
   }, TEST_TIMEOUT_MS);
 
-  it("a pod of another namespace naming the checkpoint: cold start, cause RESTORE_NOT_ALLOWED (team-b's memory never reaches team-a)", async () => {
-    await expectColdStart('rst-other-ns', CHECKPOINT, 'RESTORE_NOT_ALLOWED', false, { namespace: 'team-a' });
+  it("a pod of another namespace naming the checkpoint: cold start, cause RESTORE_NOT_ALLOWED (default's memory never reaches team-a)", async () => {
+    await expectColdStart('rst-other-ns', KEY, 'RESTORE_NOT_ALLOWED', false, { namespace: 'team-a' });
     const line = logger.lines.find((l) => l.fields['cause'] === 'RESTORE_NOT_ALLOWED' && l.fields['pod'] === 'team-a/rst-other-ns');
     expect(String(line?.msg)).toMatch(/belongs to namespace default; a pod of team-a may not restore it/);
+  }, TEST_TIMEOUT_MS);
+
+  it('a name another namespace holds (squatted) is never used for this one: the bare name is the pod\'s own namespace\'s, cold start', async () => {
+    // `default` holds CHECKPOINT; a pod of team-a naming the same bare name gets team-a's, which does not exist.
+    await expectColdStart('rst-squatted', CHECKPOINT, 'RESTORE_CHECKPOINT_MISSING', false, { namespace: 'team-a' });
+    const line = logger.lines.find((l) => l.fields['cause'] === 'RESTORE_CHECKPOINT_MISSING' && l.fields['pod'] === 'team-a/rst-squatted');
+    expect(JSON.stringify(line?.fields)).toContain(`team-a/${CHECKPOINT}`);
+    expect(JSON.stringify(line?.fields)).not.toContain(`"checkpoint":"${KEY}"`);
   }, TEST_TIMEOUT_MS);
 
   it('a target whose args differ from the source\'s: cold start, cause RESTORE_INCOMPATIBLE (container.args)', async () => {
@@ -542,8 +552,17 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
     expect(JSON.stringify(line?.fields['mismatches'])).toMatch(/container\.args/);
   }, TEST_TIMEOUT_MS);
 
+  it('a target whose working directory differs from the checkpointed process\'s: cold start, cause RESTORE_INCOMPATIBLE (container.cwd)', async () => {
+    const recorded = (await store.open(KEY)).manifest.source;
+    expect(recorded.cwd, 'the checkpoint recorded its process\'s working directory').toMatch(/^\//);
+    expect(recorded.user).toEqual({ uid: 0, gid: 0 });
+    const other = recorded.cwd === '/tmp' ? '/var' : '/tmp';
+    const ev = await expectColdStart('rst-other-cwd', CHECKPOINT, 'RESTORE_INCOMPATIBLE', true, { workingDir: other });
+    expect(ev?.reason).toContain(`container.cwd ${other}, the checkpoint's ${recorded.cwd}`);
+  }, TEST_TIMEOUT_MS);
+
   it('CRIU failing mid-restore (a pages file gone after verify): cold start, cause RESTORE_CRIU', async () => {
-    const opened = await store.open(CHECKPOINT);
+    const opened = await store.open(KEY);
     const pages = opened.manifest.files.map((f) => f.path).find((p) => /pages-\d+\.img$/.test(p)) as string;
     const file = path.join(opened.paths.dir, pages);
     beforeCriu = async () => rename(file, `${file}.aside`);
@@ -560,8 +579,8 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
       // CRIU's own words reach the event (and the log line behind it).
       expect(ev?.reason).toMatch(/Can't read pages data/);
       // The checkpoint is marked failed on this node, for this manifest.
-      const mark = await store.restoreFailure(CHECKPOINT, opened.manifest);
-      expect(mark, 'the restore-failure mark').toMatchObject({ name: CHECKPOINT, cause: 'RESTORE_CRIU', containerId: ev?.containerId, manifestId: opened.manifest.id });
+      const mark = await store.restoreFailure(KEY, opened.manifest);
+      expect(mark, 'the restore-failure mark').toMatchObject({ name: KEY, cause: 'RESTORE_CRIU', containerId: ev?.containerId, manifestId: opened.manifest.id });
       // The next pod naming it cold-starts at once (decided at CreateContainer: no diff applied, no CRIU), even with
       // the checkpoint whole again and no fault injected.
       beforeCriu = undefined;
@@ -577,7 +596,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
       expect(events.slice(eventsBefore).some((e) => e.pod.endsWith('/rst-criu-failed-before'))).toBe(false);
       expect(stats.restoreFallbacksAtCreate.get('RESTORE_CHECKPOINT_FAILED_BEFORE')).toBeGreaterThanOrEqual(1);
       // Cleared by the operator (the API's ClearRestoreFailure): the next pod restores again.
-      expect(await store.clearRestoreFailure(CHECKPOINT)).toBe(true);
+      expect(await store.clearRestoreFailure(KEY)).toBe(true);
       const { pod } = await runTarget('rst-criu-cleared', CHECKPOINT);
       try {
         const again = await waitFor(() => events.slice(eventsBefore).find((e) => e.containerId === pod.containerId), 'the restore event after the clear', 120_000, 50);
@@ -588,13 +607,13 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
     } finally {
       beforeCriu = undefined;
       if (existsSync(`${file}.aside`)) await rename(`${file}.aside`, file);
-      await store.clearRestoreFailure(CHECKPOINT);
+      await store.clearRestoreFailure(KEY);
     }
   }, TEST_TIMEOUT_MS);
 
   it('a fallback that cannot undo the diff (its backup swapped for a symlink to a host directory): the container is killed, cause RESTORE_UNDO_FAILED', async () => {
     const { stack } = handle;
-    const opened = await store.open(CHECKPOINT);
+    const opened = await store.open(KEY);
     const pages = opened.manifest.files.map((f) => f.path).find((p) => /pages-\d+\.img$/.test(p)) as string;
     const file = path.join(opened.paths.dir, pages);
     const canary = await mkdtemp('/tmp/thaw-undo-canary-');
@@ -636,7 +655,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
       beforeCriu = undefined;
       await stack.cri.removePod(pod.podId);
       if (existsSync(`${file}.aside`)) await rename(`${file}.aside`, file);
-      await store.clearRestoreFailure(CHECKPOINT);
+      await store.clearRestoreFailure(KEY);
       await rm(canary, { recursive: true, force: true });
     }
   }, TEST_TIMEOUT_MS);
@@ -645,7 +664,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
     // The seam: rootfs-diff.tar with its first header's checksum broken (one byte of the name flipped; the same
     // size), and the manifest's sha256 of it fixed up, so the store and the hook's digest check pass and the
     // failure is the hook's own apply (its validation pass rejects the archive before anything is written).
-    const opened = await store.open(CHECKPOINT);
+    const opened = await store.open(KEY);
     const tarFile = path.join(opened.paths.dir, 'rootfs-diff.tar');
     const original = await readFile(tarFile);
     const originalManifest = await readFile(opened.paths.manifest, 'utf8');
@@ -661,12 +680,12 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
       const ev = await expectColdStart('rst-hook-fail', CHECKPOINT, 'RESTORE_HOOK_FAILED', true);
       expect(ev?.reason).toMatch(/HOOK_ROOTFS_DIFF_FAILED/);
       // A diff the hook refuses marks that checkpoint (the edited manifest) failed, not the original one.
-      expect(await store.restoreFailure(CHECKPOINT, (await store.open(CHECKPOINT)).manifest)).toMatchObject({ cause: 'RESTORE_HOOK_FAILED' });
+      expect(await store.restoreFailure(KEY, (await store.open(KEY)).manifest)).toMatchObject({ cause: 'RESTORE_HOOK_FAILED' });
     } finally {
       await writeFile(tarFile, original);
       await writeFile(opened.paths.manifest, originalManifest);
     }
-    expect(await store.restoreFailure(CHECKPOINT, (await store.open(CHECKPOINT)).manifest)).toBeUndefined();
+    expect(await store.restoreFailure(KEY, (await store.open(KEY)).manifest)).toBeUndefined();
   }, TEST_TIMEOUT_MS);
 
   it('a name that tries to escape the store is rejected by the policy: cold start', async () => {
@@ -704,7 +723,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
         await waitForWorkerReady(entry.controlDir, { timeoutMs: WORKER_READY_TIMEOUT_MS });
         const v = await criu.version();
         await checkpointContainer({
-          store, criu, containerId: entry.containerId, pid, controlDir: entry.controlDir, checkpointName: name,
+          store, criu, containerId: entry.containerId, pid, controlDir: entry.controlDir, checkpointName: entry.checkpointName,
           onCheckpoint: 'continue', imageRef: entry.imageRef ?? image.ref,
           source: { containerName: entry.containerName, pod: { name: entry.podName, namespace: entry.podNamespace, uid: entry.podUid }, ...(entry.specArgs ? { args: entry.specArgs } : {}) },
           containerdVersion: stack.containerdVersion, criuVersion: `${v.major}.${v.minor}.${v.sublevel}`, logger, workRoot,

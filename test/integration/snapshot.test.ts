@@ -274,7 +274,10 @@ describe.each(flavorsUnderTest())('thaw.dev/snapshot on containerd %s', (flavor)
     const checkpointed = await checkpointEventOf(source.containerId);
     expect(checkpointed['outcome']).toBe('succeeded');
     const pushed = await waitForLog(dirs.logFile, (r) => r['event'] === 'snapshot-push', 'the push of the snapshot', 120_000);
-    expect([pushed['outcome'], pushed['reference']]).toEqual(['succeeded', `${registry.host}/team/snapshots:${String(checkpointed['name'])}`]);
+    // Stored in the pod's namespace; tagged by the name within it (a tag holds no '/').
+    const [ns, storedName] = String(checkpointed['name']).split('/');
+    expect(ns).toBe('default');
+    expect([pushed['outcome'], pushed['reference']]).toEqual(['succeeded', `${registry.host}/team/snapshots:${storedName}`]);
     const sourceState = await getJson<WorkerState>((await waitForServingWorker(source.controlDir, { timeoutMs: 60_000 })).port, '/state');
     await remove(source);
     await plugin!.stop();

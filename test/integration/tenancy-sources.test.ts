@@ -10,7 +10,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createCheckpointSources, type CheckpointSources } from '../../src/agent/checkpoint-sources.js';
-import { parseTenancyPolicy, type TenancyPolicy } from '../../src/agent/tenancy.js';
+import { parseTenancyPolicy, restoreKeyOf, type TenancyPolicy } from '../../src/agent/tenancy.js';
 import { parseCheckpointReference, type CheckpointReference } from '../../src/checkpoint-reference.js';
 import { silentLogger } from '../../src/log.js';
 import { startRegistry, type RunningRegistry } from '../../src/node-stack/registry.js';
@@ -48,6 +48,13 @@ async function entries(root: string): Promise<string[]> {
   return (await readdir(root, { recursive: true })).map(String).sort();
 }
 
+/** The store key a pod of `namespace` means by an annotation value (what the NRI handler resolves). */
+function keyFor(value: string, namespace: string): string {
+  const r = restoreKeyOf(value, namespace);
+  if ('reason' in r) throw new Error(r.reason);
+  return r.key;
+}
+
 describe('tenancy: which checkpoints a namespace finds', () => {
   let dir: string;
   let seed: LocalStore;
@@ -68,29 +75,29 @@ describe('tenancy: which checkpoints a namespace finds', () => {
     dir = await mkdtemp(join(tmpdir(), 'thaw-tenancy-'));
     seed = await openLocalStore({ root: join(dir, 'seed') });
     for (const [name, ns] of [['llm', 'team-b'], ['base-llm', 'platform'], ['other', 'team-a']] as const) {
-      const p = await seed.beginCheckpoint(name);
+      const p = await seed.beginCheckpoint(`${ns}/${name}`);
       await writeCheckpointFiles(p.paths);
       await p.publish(ownedBy(ns));
     }
     {
       // Bytes no other checkpoint here shares: a pull of it finds nothing in the file cache.
-      const p = await seed.beginCheckpoint('big');
+      const p = await seed.beginCheckpoint('team-a/big');
       await writeCheckpointFiles(p.paths, 5 * 1024 * 1024 + 3);
       await p.publish(ownedBy('team-a'));
     }
     registry = await startRegistry();
     const access = { plainHttp: true };
-    pushed['team-a/llm:big'] = (await pushCheckpoint({ store: seed, name: 'big', reference: `${registry.host}/team-a/llm:big`, access })).digest;
+    pushed['team-a/llm:big'] = (await pushCheckpoint({ store: seed, name: 'team-a/big', reference: `${registry.host}/team-a/llm:big`, access })).digest;
     for (const repo of ['team-a/llm', 'team-a/unsigned', 'team-a/copy', 'team-c/llm']) {
-      pushed[repo] = (await pushCheckpoint({ store: seed, name: 'llm', reference: `${registry.host}/${repo}:v1`, access })).digest;
+      pushed[repo] = (await pushCheckpoint({ store: seed, name: 'team-b/llm', reference: `${registry.host}/${repo}:v1`, access })).digest;
     }
-    pushed['team-a/llm:other'] = (await pushCheckpoint({ store: seed, name: 'other', reference: `${registry.host}/team-a/llm:other`, access })).digest;
+    pushed['team-a/llm:other'] = (await pushCheckpoint({ store: seed, name: 'team-a/other', reference: `${registry.host}/team-a/llm:other`, access })).digest;
     await pushCosignStyleSignature(registry.host, 'team-a/llm', pushed['team-a/llm']!, keyA.privateKey);
     // team-a/copy holds the same artifact with team-a/llm's signature copied over: the payload names team-a/llm.
     await pushCosignStyleSignature(registry.host, 'team-a/copy', pushed['team-a/copy']!, keyA.privateKey, { dockerReference: `${registry.host}/team-a/llm` });
     // The :other artifact carries a signature made over the v1 digest (another digest than its own).
     await pushCosignStyleSignature(registry.host, 'team-a/llm', pushed['team-a/llm:other']!, keyA.privateKey, { signedDigest: pushed['team-a/llm']! });
-    await pushHugeArtifact(registry.host, 'lab/huge', (await seed.open('llm')).manifest);
+    await pushHugeArtifact(registry.host, 'lab/huge', (await seed.open('team-b/llm')).manifest);
     policy = parseTenancyPolicy({
       shared: [{ from: 'platform/base-llm', to: ['team-a'] }],
       namespaces: {
@@ -116,16 +123,21 @@ describe('tenancy: which checkpoints a namespace finds', () => {
     const { local, sources } = await node('own');
     try {
       const before = await entries(local.root);
-      const err = await rejection(sources.find('llm', undefined, { namespace: 'team-a' }));
+      // A pod of team-a naming `llm` means team-a/llm: team-b's checkpoint of that name is not even looked at.
+      const bare = await rejection(sources.find(keyFor('llm', 'team-a'), undefined, { namespace: 'team-a' }));
+      expect(bare.code).toBe('STORE_NOT_FOUND');
+      // Naming team-b's explicitly: refused by the policy.
+      const err = await rejection(sources.find(keyFor('team-b/llm', 'team-a'), undefined, { namespace: 'team-a' }));
       expect(err.code).toBe('RESTORE_NOT_ALLOWED');
       expect(err.message).toMatch(/checkpoint team-b\/llm belongs to namespace team-b; a pod of team-a may not restore it/);
       expect(await entries(local.root)).toEqual(before);
-      const found = await sources.find('llm', undefined, { namespace: 'team-b' });
+      const found = await sources.find(keyFor('llm', 'team-b'), undefined, { namespace: 'team-b' });
       expect(found).toMatchObject({ kind: 'incoming', from: 'shared' });
       await (found as { ready: Promise<unknown> }).ready;
       // Now local: still team-b's only.
-      expect(await sources.find('llm', undefined, { namespace: 'team-b' })).toMatchObject({ kind: 'local' });
-      expect((await rejection(sources.find('llm', undefined, { namespace: 'team-a' }))).code).toBe('RESTORE_NOT_ALLOWED');
+      expect(await sources.find(keyFor('llm', 'team-b'), undefined, { namespace: 'team-b' })).toMatchObject({ kind: 'local' });
+      expect((await rejection(sources.find(keyFor('llm', 'team-a'), undefined, { namespace: 'team-a' }))).code).toBe('STORE_NOT_FOUND');
+      expect((await rejection(sources.find(keyFor('team-b/llm', 'team-a'), undefined, { namespace: 'team-a' }))).code).toBe('RESTORE_NOT_ALLOWED');
     } finally {
       await sources.close();
     }
@@ -134,8 +146,10 @@ describe('tenancy: which checkpoints a namespace finds', () => {
   it('a shared checkpoint restores in the namespace the policy grants, in no other', async () => {
     const { sources } = await node('shared');
     try {
-      expect(await sources.find('base-llm', undefined, { namespace: 'team-a' })).toMatchObject({ kind: 'incoming' });
-      expect((await rejection(sources.find('base-llm', undefined, { namespace: 'team-b' }))).code).toBe('RESTORE_NOT_ALLOWED');
+      expect(await sources.find(keyFor('platform/base-llm', 'team-a'), undefined, { namespace: 'team-a' })).toMatchObject({ kind: 'incoming' });
+      expect((await rejection(sources.find(keyFor('platform/base-llm', 'team-b'), undefined, { namespace: 'team-b' }))).code).toBe('RESTORE_NOT_ALLOWED');
+      // The bare name is the asking pod's own namespace's, never the shared one.
+      expect((await rejection(sources.find(keyFor('base-llm', 'team-a'), undefined, { namespace: 'team-a' }))).code).toBe('STORE_NOT_FOUND');
     } finally {
       await sources.close();
     }
@@ -148,7 +162,7 @@ describe('tenancy: which checkpoints a namespace finds', () => {
       expect(found).toMatchObject({ kind: 'incoming', from: 'registry' });
       await (found as { ready: Promise<unknown> }).ready;
       const name = `oci-${pushed['team-a/llm']!.slice('sha256:'.length)}`;
-      expect(await entries(local.root)).toContain(name);
+      expect(await entries(local.root)).toContain(`.oci/${name}`);
       // The same bytes, now local, for team-b, whose policy trusts another key: re-checked, refused.
       const err = await rejection(sources.find('x', ref(`${registry.host}/team-a/llm@${pushed['team-a/llm']}`), { namespace: 'team-b' }));
       expect(err.code).toBe('OCI_SIGNATURE_INVALID');
@@ -184,10 +198,10 @@ describe('tenancy: which checkpoints a namespace finds', () => {
       const before = await entries(local.root);
       const huge = await rejection(sources.find('x', ref(`${registry.host}/lab/huge:v1`), { namespace: 'team-a' }));
       expect(huge.code, huge.message).toBe('RESTORE_NO_ROOM');
-      expect(huge.message).toMatch(/declares 10000000000000 bytes; the store's filesystem has \d+ free/);
+      expect(huge.message).toMatch(/declares 10000000000000 bytes: .*no room .*the store's filesystem has \d+ bytes free, 10000000000000 are needed/);
       const quota = await rejection(sources.find('x', ref(`${registry.host}/team-a/llm:v1`), { namespace: 'team-q' }));
       expect(quota.code, quota.message).toBe('RESTORE_NO_ROOM');
-      expect(quota.message).toMatch(/namespace team-q holds 0 of its quota of 10/);
+      expect(quota.message).toMatch(/namespace team-q holds 0 bytes and needs \d+ more; its quota is 10/);
       expect(await entries(local.root)).toEqual(before);
     } finally {
       await sources.close();
@@ -210,7 +224,7 @@ describe('tenancy: which checkpoints a namespace finds', () => {
       trickle.release();
       await expect(b.ready).resolves.toMatchObject({ name: a.checkpoint.name });
       const afterFirst = await entries(local.root);
-      expect(afterFirst).toContain(a.checkpoint.name);
+      expect(afterFirst).toContain(`.oci/${a.checkpoint.name}`);
       // One pod wants :big and goes while its layers trickle: the pull is cancelled, nothing is kept.
       const slow = await startTricklingProxy({ host: '127.0.0.1', port: registry.port }, { freeBytes: 64 * 1024, dripBytes: 64, everyMs: 100 });
       const sources2 = createCheckpointSources({ local, logger: silentLogger, policy: parseTenancyPolicy({ namespaces: { 'team-a': { registries: [{ prefix: `${slow.host}/team-a`, allowUnsigned: true }] } } }), registry: { access: { [slow.host]: { plainHttp: true } } } });
@@ -236,7 +250,7 @@ describe('tenancy: which checkpoints a namespace finds', () => {
   it('accepts a checkpoint signed by real cosign (3.1.1, key-based: tag scheme and default bundle), with the public key cosign made', async () => {
     const keysDir = await mkdtemp(join(dir, 'cosign-'));
     const keys = await generateCosignKeyPair(keysDir);
-    const digest = (await pushCheckpoint({ store: seed, name: 'llm', reference: `${registry.host}/team-s/llm:v1`, access: { plainHttp: true } })).digest;
+    const digest = (await pushCheckpoint({ store: seed, name: 'team-b/llm', reference: `${registry.host}/team-s/llm:v1`, access: { plainHttp: true } })).digest;
     await peerToolOk('cosign', [
       'sign', '--key', keys.keyFile, '--use-signing-config=false', '--tlog-upload=false', '--new-bundle-format=false', '--yes',
       '--allow-http-registry', '--allow-insecure-registry', digestReference(registry.host, 'team-s/llm', digest),
@@ -253,7 +267,7 @@ describe('tenancy: which checkpoints a namespace finds', () => {
       await expect(found.ready).resolves.toMatchObject({ name: `oci-${digest.slice('sha256:'.length)}` });
 
       // cosign 3's default format (a sigstore bundle found through the referrers tag): accepted the same way.
-      const bundled = (await pushCheckpoint({ store: seed, name: 'big', reference: `${registry.host}/team-s/bundled:v1`, access: { plainHttp: true } })).digest;
+      const bundled = (await pushCheckpoint({ store: seed, name: 'team-a/big', reference: `${registry.host}/team-s/bundled:v1`, access: { plainHttp: true } })).digest;
       await cosignSign({ registryHost: registry.host, repository: 'team-s/bundled', digest: bundled, keys });
       const wrongKey = await rejection(sources.find('x', ref(`${registry.host}/team-s/bundled:v1`), { namespace: 'team-a' }));
       expect(wrongKey.code, wrongKey.message).toBe('OCI_SIGNATURE_INVALID');
@@ -271,10 +285,10 @@ describe('tenancy: which checkpoints a namespace finds', () => {
     const many = await openLocalStore({ root: join(dir, 'many-seed') });
     const refs: string[] = [];
     for (let i = 0; i < N; i++) {
-      const p = await many.beginCheckpoint(`c${i}`);
+      const p = await many.beginCheckpoint(`team-a/c${i}`);
       await writeCheckpointFiles(p.paths, 1024 * 1024 + i); // distinct bytes: distinct digests, more than the proxy lets through
       await p.publish(ownedBy('team-a'));
-      await pushCheckpoint({ store: many, name: `c${i}`, reference: `${registry.host}/many/c${i}:v1`, access: { plainHttp: true } });
+      await pushCheckpoint({ store: many, name: `team-a/c${i}`, reference: `${registry.host}/many/c${i}:v1`, access: { plainHttp: true } });
     }
     const trickle = await startTricklingProxy({ host: '127.0.0.1', port: registry.port }, { freeBytes: 256 * 1024, dripBytes: 64, everyMs: 100 });
     for (let i = 0; i < N; i++) refs.push(`${trickle.host}/many/c${i}:v1`);

@@ -40,6 +40,8 @@ const SDK_DIR = join(REPO, 'sdk/python');
 const WORKER = join(REPO, 'test/helpers/weights-worker.py');
 const IMAGE = 'docker.io/thaw/weights-worker-shell:1';
 const CHECKPOINT = 'weights-worker';
+/** Its store key: the source pod's namespace owns it. */
+const KEY = `default/${CHECKPOINT}`;
 const TOKEN = 'tok-weights';
 const MiB = 1 << 20;
 /** Larger than the whole checkpoint of the worker (a Python process of ~30 MB): weights in the image would show. */
@@ -155,7 +157,7 @@ describe.each(flavorsUnderTest())('weights outside the checkpoint, through the a
     plugin = await startAgent(dirs);
 
     const pod = await runWorker('weights-source', { 'thaw.dev/checkpoint': CHECKPOINT }, { WORKER_CHECKPOINT: '1' });
-    const event = await waitForLog(dirs.logFile, (r) => r['event'] === 'checkpoint' && r['name'] === CHECKPOINT, 'the checkpoint', 90_000);
+    const event = await waitForLog(dirs.logFile, (r) => r['event'] === 'checkpoint' && r['name'] === KEY, 'the checkpoint', 90_000);
     expect(event['outcome'], JSON.stringify(event['error'])).toBe('succeeded');
     source = await waitFor(async () => {
       const s = await stateOf(pod.containerId);
@@ -171,7 +173,7 @@ describe.each(flavorsUnderTest())('weights outside the checkpoint, through the a
   });
 
   it('records the region in the manifest and keeps its bytes out of the checkpoint', async () => {
-    const manifest = JSON.parse(await readFile(join(dirs.storeRoot, CHECKPOINT, 'manifest.json'), 'utf8')) as {
+    const manifest = JSON.parse(await readFile(join(dirs.storeRoot, 'default', CHECKPOINT, 'manifest.json'), 'utf8')) as {
       weights?: { bytes: number; regions: Array<{ va: string; allocations: Array<{ kind: string; source?: { path: string; sha256: string; fileSize: number } }> }> };
       totals: { bytes: number };
     };
@@ -235,14 +237,14 @@ describe.each(flavorsUnderTest())('weights outside the checkpoint, through the a
     try {
       const storeA = await openLocalStore({ root: nodeA.storeRoot });
       // Plain: the manifest names the sources by digest; no layer holds their bytes, nor does the registry.
-      const plain = await pushCheckpoint({ store: storeA, name: CHECKPOINT, reference: `${registry.host}/team/weights:plain`, access: { plainHttp: true } });
+      const plain = await pushCheckpoint({ store: storeA, name: KEY, reference: `${registry.host}/team/weights:plain`, access: { plainHttp: true } });
       expect([plain.weightsLayers, plain.weightsBytes]).toEqual([0, 0]);
       const plainImage = JSON.parse((await client.getManifest('team/weights', 'plain')).body.toString('utf8')) as { layers: Array<{ mediaType: string; digest: string; size: number }> };
       expect(plainImage.layers.filter((l) => shas.includes(l.digest.slice('sha256:'.length)) || l.mediaType === WEIGHTS_LAYER_MEDIA_TYPE)).toEqual([]);
       expect(plainImage.layers.reduce((a, l) => a + l.size, 0)).toBeLessThan(WEIGHTS_MIB[1]! * MiB);
       for (const sha of shas) expect(await client.headBlob('team/weights', `sha256:${sha}`)).toBeUndefined();
       // With weights: one layer per source file, its digest the file's sha256, streamed from the model dir.
-      const full = await pushCheckpoint({ store: storeA, name: CHECKPOINT, reference: `${registry.host}/team/weights:full`, access: { plainHttp: true }, withWeights: { dirs: [modelsDir] } });
+      const full = await pushCheckpoint({ store: storeA, name: KEY, reference: `${registry.host}/team/weights:full`, access: { plainHttp: true }, withWeights: { dirs: [modelsDir] } });
       expect([full.weightsLayers, full.weightsBytes]).toEqual([files.length, (await Promise.all(files.map(async (f) => (await readFile(f)).length))).reduce((a, b) => a + b, 0)]);
       const fullImage = JSON.parse((await client.getManifest('team/weights', 'full')).body.toString('utf8')) as { layers: Array<{ mediaType: string; digest: string; annotations: Record<string, string> }> };
       const weightsLayers = fullImage.layers.filter((l) => l.mediaType === WEIGHTS_LAYER_MEDIA_TYPE);

@@ -86,11 +86,11 @@ log:
     expect(c.restore.hook).toBe('node');
     expect(c.log.file).toBe('/var/log/thaw.log');
     expect(resolveAgentConfig({ file: file('# nothing set\n'), packageRoot: PKG })).toEqual(defaultAgentConfig(PKG));
-    expect(CONFIG_KEYS).toHaveLength(23);
+    expect(CONFIG_KEYS).toHaveLength(28);
   });
 
   it.each([
-    ['an unknown top-level key', 'metric:\n  listen: x\n', /^load agent configuration: unknown key metric \(file \/etc\/thaw\/agent.yaml\): expected one of annotationPrefix, nri, containerd, api, metrics, paths, registry, cuda, weights, restore, log, tenancy$/],
+    ['an unknown top-level key', 'metric:\n  listen: x\n', /^load agent configuration: unknown key metric \(file \/etc\/thaw\/agent.yaml\): expected one of annotationPrefix, nri, containerd, api, metrics, paths, registry, cuda, weights, restore, store, limits, log, tenancy$/],
     ['an unknown nested key', 'nri:\n  sockt: /x\n', /unknown key nri\.sockt .*expected one of nri\.socket, nri\.pluginName, nri\.pluginIndex/],
     ['a number where a string is expected', 'nri:\n  pluginIndex: 50\n', /nri\.pluginIndex \(file .*\): expected two digits, as a string \("00".."99"\), got 50 \(a number, not a string\)/],
     ['a string where an integer is expected', 'cuda:\n  lockTimeoutMs: soon\n', /cuda\.lockTimeoutMs \(file .*\): expected a positive integer \(milliseconds\), got "soon"/],

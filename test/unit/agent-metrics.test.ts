@@ -69,7 +69,9 @@ describe('Prometheus text exposition', () => {
 describe("the agent's series", () => {
   it('count restore and checkpoint events, fallbacks at CreateContainer and the store', async () => {
     const stats = new ThawNriStats();
-    const m = createAgentMetrics({ stats, version: '9.9.9', stored: async () => ({ count: 2, bytes: 300 }), restoresInFlight: () => 1, checkpointsInFlight: () => 0 });
+    let byNamespace = new Map([['team-a', { count: 1, bytes: 100 }], ['.oci', { count: 1, bytes: 200 }]]);
+    const gc = { runs: 1, checkpoints: new Map([['team-a', 2]]), bytes: new Map([['team-a', 4096]]), cacheFiles: 3, cacheBytes: 300 };
+    const m = createAgentMetrics({ stats, version: '9.9.9', stored: async () => ({ count: 2, bytes: 300, byNamespace }), restoresInFlight: () => 1, checkpointsInFlight: () => 0, gc: () => gc });
     const before = parseExposition(await m.registry.render());
     expect(before.get('thaw_restores_total{outcome="restored"}')).toBe(0);
     expect(before.get('thaw_checkpoints_total{outcome="failed"}')).toBe(0);
@@ -78,8 +80,8 @@ describe("the agent's series", () => {
     stats.countFallback('RESTORE_CRIU_FAILED');
     stats.countRestoreFallbackAtCreate('RESTORE_CHECKPOINT_MISSING');
     stats.countTenancyRefusal('team-a', 'RESTORE_NOT_ALLOWED');
-    m.onCheckpointEvent({ event: 'checkpoint', outcome: 'succeeded', name: 'c', pod: 'ns/s', container: 'w', containerId: 'z', bytes: 5000, phases: { inspectMs: 1, dumpMs: 100, rootfsDiffMs: 2, publishMs: 3, totalMs: 110 } });
-    m.onCheckpointEvent({ event: 'checkpoint', outcome: 'failed', name: 'd', pod: 'ns/s', container: 'w', containerId: 'z' });
+    m.onCheckpointEvent({ event: 'checkpoint', outcome: 'succeeded', name: 'ns/c', namespace: 'ns', pod: 'ns/s', container: 'w', containerId: 'z', bytes: 5000, phases: { inspectMs: 1, dumpMs: 100, rootfsDiffMs: 2, publishMs: 3, totalMs: 110 } });
+    m.onCheckpointEvent({ event: 'checkpoint', outcome: 'failed', name: 'ns/d', namespace: 'ns', pod: 'ns/s', container: 'w', containerId: 'z' });
     const after = parseExposition(await m.registry.render());
     expect(after.get('thaw_restores_total{outcome="restored"}')).toBe(1);
     expect(after.get('thaw_restores_by_namespace_total{namespace="ns",outcome="restored"}')).toBe(1);
@@ -98,6 +100,21 @@ describe("the agent's series", () => {
     expect(after.get('thaw_checkpoint_phase_seconds_count{phase="dump"}')).toBe(1);
     expect(after.get('thaw_checkpoints_stored')).toBe(2);
     expect(after.get('thaw_checkpoints_stored_bytes')).toBe(300);
+    expect(after.get('thaw_store_bytes{namespace="team-a"}')).toBe(100);
+    expect(after.get('thaw_store_bytes{namespace=".oci"}')).toBe(200);
+    expect(after.get('thaw_store_checkpoints{namespace="team-a"}')).toBe(1);
+    expect(after.get('thaw_checkpoints_by_namespace_total{namespace="ns",outcome="succeeded"}')).toBe(1);
+    expect(after.get('thaw_checkpoints_by_namespace_total{namespace="ns",outcome="failed"}')).toBe(1);
+    expect(after.get('thaw_gc_runs_total')).toBe(1);
+    expect(after.get('thaw_gc_collected_total{namespace="team-a"}')).toBe(2);
+    expect(after.get('thaw_gc_collected_bytes_total{namespace="team-a"}')).toBe(4096);
+    expect(after.get('thaw_gc_cache_files_collected_total')).toBe(3);
+    expect(after.get('thaw_gc_cache_bytes_collected_total')).toBe(300);
+    // A namespace whose checkpoints are gone reads 0, not its last value.
+    byNamespace = new Map([['.oci', { count: 1, bytes: 200 }]]);
+    const later = parseExposition(await m.registry.render());
+    expect(later.get('thaw_store_bytes{namespace="team-a"}')).toBe(0);
+    expect(later.get('thaw_store_checkpoints{namespace="team-a"}')).toBe(0);
     expect(after.get('thaw_restores_in_flight')).toBe(1);
     expect(after.get('thaw_agent_info{version="9.9.9"}')).toBe(1);
   });

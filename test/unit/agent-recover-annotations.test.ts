@@ -26,8 +26,21 @@ const container = (annotations: Record<string, string>, id = ID) => ({ id, podSa
 describe('managedFromContainer (agent restart)', () => {
   it('recovers a container thaw adjusted: its directory is <root>/<id>', async () => {
     const dir = await createControlDir(root, ID);
-    const entry = managedFromContainer(P, root, {}, container({ [`${P}role`]: 'restore-target', [`${P}checkpoint-name`]: 'ck', [`${P}control-dir`]: dir }));
+    const pod = { namespace: 'team-a' };
+    const entry = managedFromContainer(P, root, pod, container({ [`${P}role`]: 'restore-target', [`${P}checkpoint-name`]: 'team-a/ck', [`${P}control-dir`]: dir }));
     expect(entry?.controlDir).toBe(dir);
+    expect(entry?.checkpointName).toBe('team-a/ck');
+    // A bare name, as an agent of the flat store layout wrote it: the pod's own namespace's.
+    expect(managedFromContainer(P, root, pod, container({ [`${P}role`]: 'restore-target', [`${P}checkpoint-name`]: 'ck', [`${P}control-dir`]: dir }))?.checkpointName).toBe('team-a/ck');
+  });
+
+  it("refuses a checkpoint source's key of another namespace (a forged checkpoint-name), and a bad key", async () => {
+    const dir = await createControlDir(root, ID);
+    const pod = { namespace: 'team-a' };
+    expect(managedFromContainer(P, root, pod, container({ [`${P}role`]: 'checkpoint-source', [`${P}checkpoint-name`]: 'team-a/ck', [`${P}control-dir`]: dir }))?.checkpointName).toBe('team-a/ck');
+    expect(managedFromContainer(P, root, pod, container({ [`${P}role`]: 'checkpoint-source', [`${P}checkpoint-name`]: 'team-b/ck', [`${P}control-dir`]: dir }))).toBeUndefined();
+    expect(managedFromContainer(P, root, pod, container({ [`${P}role`]: 'checkpoint-source', [`${P}checkpoint-name`]: `oci-${'a'.repeat(64)}`, [`${P}control-dir`]: dir }))).toBeUndefined();
+    expect(managedFromContainer(P, root, pod, container({ [`${P}role`]: 'restore-target', [`${P}checkpoint-name`]: '../ck', [`${P}control-dir`]: dir }))).toBeUndefined();
   });
 
   it('refuses a control-dir annotation outside the root (a pod naming /etc)', async () => {

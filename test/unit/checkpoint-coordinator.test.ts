@@ -36,7 +36,7 @@ function container(id: string): ManagedContainer {
     podName: `p-${id}`,
     podNamespace: 'default',
     podUid: `uid-${id}`,
-    checkpointName: `ck-${id}`,
+    checkpointName: `default/ck-${id}`,
     controlDir,
     imageRef: 'docker.io/x/y:1',
   };
@@ -105,7 +105,7 @@ describe('CheckpointCoordinator', () => {
       containerId: 'a1',
       pid: 4242,
       controlDir: c.controlDir,
-      checkpointName: 'ck-a1',
+      checkpointName: 'default/ck-a1',
       onCheckpoint: 'continue',
       imageRef: 'docker.io/x/y:1',
       imageDigest: `sha256:${'a'.repeat(64)}`,
@@ -113,13 +113,13 @@ describe('CheckpointCoordinator', () => {
     });
     expect(events).toEqual([
       {
-        event: 'checkpoint', id: 'id-ck-a1', name: 'ck-a1', pod: 'default/p-a1', container: 'worker', containerId: 'a1',
+        event: 'checkpoint', id: 'id-default/ck-a1', name: 'default/ck-a1', namespace: 'default', pod: 'default/p-a1', container: 'worker', containerId: 'a1',
         outcome: 'succeeded', phases: fakeResult('x').phases, bytes: 123,
       },
     ]);
     expect(logger.lines.filter((l) => l.msg === 'checkpoint')).toHaveLength(1);
     expect(logger.lines.some((l) => l.msg.includes('already in progress'))).toBe(true);
-    expect(coordinator.status('a1')).toMatchObject({ state: 'succeeded', id: 'id-ck-a1', bytes: 123 });
+    expect(coordinator.status('a1')).toMatchObject({ state: 'succeeded', id: 'id-default/ck-a1', bytes: 123 });
   });
 
   it('gives each checkpoint its own CUDA hooks when given a factory', async () => {
@@ -224,6 +224,14 @@ describe('CheckpointCoordinator', () => {
     coordinator.checkpointSourceStarted(c, 8);
     await coordinator.idle();
     expect(events).toHaveLength(2);
+  });
+
+  it("checkpoints only into the pod's own namespace: a key of another is refused before the flow runs", async () => {
+    const { coordinator, events, calls } = setup(async (o) => fakeResult(o.checkpointName));
+    coordinator.checkpointNow({ ...container('ns1'), podNamespace: 'team-a', checkpointName: 'team-b/llm' }, 5, { replace: true });
+    await coordinator.idle();
+    expect(calls).toHaveLength(0);
+    expect(events).toMatchObject([{ outcome: 'failed', name: 'team-b/llm', namespace: 'team-b', error: { code: 'STORE_INVALID_NAME' } }]);
   });
 
   it('close() aborts every job', async () => {

@@ -11,7 +11,7 @@ import { HOST_HELPERS } from '../../src/agent/index.js';
 import { parseThpMode } from '../../src/sys/host-facts.js';
 import { ExitCode } from '../../src/cli/exit-codes.js';
 import { runCli, type CliIo } from '../../src/cli/main.js';
-import { formatBytes, formatMs, renderCheckpointResult, renderList } from '../../src/cli/render.js';
+import { formatBytes, formatMs, renderCheckpointResult, renderGc, renderList } from '../../src/cli/render.js';
 import { renderTable as table } from '../../src/table.js';
 
 function capture(env: Record<string, string> = {}): CliIo & { out: () => string; err: () => string } {
@@ -30,7 +30,7 @@ describe('thaw command line', () => {
   it.each([
     [['frobnicate'], /unknown command "frobnicate"/],
     [['list', '--bogus'], /Unknown option '--bogus'/],
-    [['inspect'], /missing argument: thaw inspect <checkpoint>/],
+    [['inspect'], /missing argument: thaw inspect <\[namespace\/\]checkpoint \| oci-<digest>>/],
     [['delete', 'a', 'b'], /unexpected argument "b"/],
     [['agent', '--metrics-listen'], /--metrics-listen/],
   ])('refuses %j as a usage error', (argv, message) => {
@@ -121,8 +121,24 @@ describe('human output', () => {
     expect(table(['A', 'BB'], [['xxx', 'y'], ['z', '']])).toBe('A    BB\nxxx  y\nz');
   });
 
+  it('renders a collection: what went, least recently used first, the cache, an unmet bound', () => {
+    const r = { collected: [{ name: 'team-a/old', namespace: 'team-a', bytes: 2048, last_used: '2026-01-02T03:04:05.678Z' }], bytes: 2048, cache_files: 1, cache_bytes: 1024, unmet: '', dry_run: true };
+    expect(renderGc(r)).toBe(
+      [
+        'would collect 1 checkpoint (2.0 KiB), least recently used first:',
+        'NAME        SIZE     LAST USED',
+        'team-a/old  2.0 KiB  2026-01-02T03:04:05Z',
+        'would collect 1 file cache entry no checkpoint links (1.0 KiB)',
+      ].join('\n'),
+    );
+    expect(renderGc({ ...r, collected: [], bytes: 0, cache_files: 0, cache_bytes: 0, unmet: 'namespace x holds 5 bytes; its quota is 1', dry_run: false })).toBe(
+      ['collected no checkpoint', 'collected 0 file cache entries no checkpoint links (0 B)', 'not within bounds: namespace x holds 5 bytes; its quota is 1'].join('\n'),
+    );
+    expect(parseCommandLine(['gc', '--dry-run', '--json']).values).toMatchObject({ 'dry-run': true, json: true });
+  });
+
   it('lists checkpoints, broken ones with their problem, failed ones with their cause', () => {
-    const base = { id: 'id1', created_at: '2026-01-02T03:04:05.678Z', bytes: 2048, files: 3, image: 'img:1', source_pod: 'ns/p', gpu: false, in_use: true, problem: '', snapshot: '', snapshot_key: '', restore_failure_json: '' };
+    const base = { id: 'id1', created_at: '2026-01-02T03:04:05.678Z', bytes: 2048, files: 3, image: 'img:1', source_pod: 'ns/p', gpu: false, in_use: true, problem: '', snapshot: '', snapshot_key: '', restore_failure_json: '', namespace: 'ns' };
     const failed = JSON.stringify({ cause: 'RESTORE_CRIU', reason: 'boom', at: '2026-01-02T03:04:06Z', pod: 'ns/q', containerId: 'c1' });
     expect(renderList([{ ...base, name: 'good' }, { ...base, name: 'bad', problem: 'STORE_MANIFEST_INVALID: no manifest' }, { ...base, name: 'fail', in_use: false, restore_failure_json: failed }])).toBe(
       [
@@ -136,7 +152,7 @@ describe('human output', () => {
   });
 
   it('lists snapshot checkpoints with their name and short key, and how snapshot pods started', () => {
-    const base = { id: 'id1', created_at: '2026-01-02T03:04:05.678Z', bytes: 2048, files: 3, image: 'img:1', source_pod: 'ns/p', gpu: false, in_use: false, problem: '', snapshot: '', snapshot_key: '', restore_failure_json: '' };
+    const base = { id: 'id1', created_at: '2026-01-02T03:04:05.678Z', bytes: 2048, files: 3, image: 'img:1', source_pod: 'ns/p', gpu: false, in_use: false, problem: '', snapshot: '', snapshot_key: '', restore_failure_json: '', namespace: 'ns' };
     const out = renderList(
       [{ ...base, name: 'plain' }, { ...base, name: 'qwen-0123456789ab', snapshot: 'qwen', snapshot_key: 'f'.repeat(64) }],
       [

@@ -10,7 +10,7 @@ import { describe, expect, it } from 'vitest';
 import { parseAllDocuments, parse as parseYaml, stringify as stringifyYaml } from 'yaml';
 import { resolveAgentConfig } from '../../src/agent/config.js';
 import { INSTALL_PATHS, renderWrapper } from '../../src/cli/install.js';
-import { DEFAULT_CONTAINERD_ROOT, DEFAULT_CONTAINERD_SOCKET, DEFAULT_CONTROL_ROOT, DEFAULT_NRI_SOCKET_PATH, DEFAULT_RESTORE_WORK_ROOT, DEFAULT_STORE_ROOT, DEFAULT_TOOLKIT_DIR } from '../../src/defaults.js';
+import { DEFAULT_CONTAINERD_ROOT, DEFAULT_CONTAINERD_SOCKET, DEFAULT_CONTROL_ROOT, DEFAULT_NRI_SOCKET_PATH, DEFAULT_RESTORE_WORK_ROOT, DEFAULT_STORE_ROOT, DEFAULT_TOOLKIT_DIR, DEFAULT_STORE_QUOTA_BYTES, DEFAULT_NAMESPACE_QUOTA_BYTES, DEFAULT_STORE_MIN_FREE_BYTES, DEFAULT_MAX_CONCURRENT_HASHING, DEFAULT_MAX_CONCURRENT_CRIU } from '../../src/defaults.js';
 import { checkCheckpointName, decide, DEFAULT_ANNOTATION_PREFIX } from '../../src/nri-plugin/policy.js';
 import { stackPaths } from '../../src/node-stack/paths.js';
 
@@ -38,6 +38,8 @@ const CONTRACT_DEFAULTS = {
   cuda: { libcuda: '', libnvml: '', lockTimeoutMs: 10000 },
   weights: { modelDirs: '' },
   containerd: { socket: '/run/containerd/containerd.sock', root: '/var/lib/containerd' },
+  store: { quotaBytes: 0, namespaceQuotaBytes: 0, minFreeBytes: 1073741824 },
+  limits: { hashing: 4, criuRuns: 2 },
   log: { level: 'info', file: '' },
 };
 
@@ -315,6 +317,8 @@ describe('config/', () => {
     expect(CONTRACT_DEFAULTS.nri.socket).toBe(DEFAULT_NRI_SOCKET_PATH);
     expect(CONTRACT_DEFAULTS.containerd).toEqual({ socket: DEFAULT_CONTAINERD_SOCKET, root: DEFAULT_CONTAINERD_ROOT });
     expect(CONTRACT_DEFAULTS.paths.thawPause).toBe(`${INSTALL_PATHS.lib}/native/build/thaw-pause`);
+    expect(CONTRACT_DEFAULTS.store).toEqual({ quotaBytes: DEFAULT_STORE_QUOTA_BYTES, namespaceQuotaBytes: DEFAULT_NAMESPACE_QUOTA_BYTES, minFreeBytes: DEFAULT_STORE_MIN_FREE_BYTES });
+    expect(CONTRACT_DEFAULTS.limits).toEqual({ hashing: DEFAULT_MAX_CONCURRENT_HASHING, criuRuns: DEFAULT_MAX_CONCURRENT_CRIU });
   });
 
   it('the containerd configs name the NRI socket the agent connects to, with NRI enabled and connections allowed', () => {

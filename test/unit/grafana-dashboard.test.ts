@@ -39,7 +39,7 @@ async function exportedSeries(): Promise<Exported> {
     phases: { hookMs: 1, hookStartupMs: 1, transferMs: 1, verifyMs: 1, waitVerifyMs: 1, overlayMs: 1, criuRestoreMs: 1, cudaRestoreMs: 1, totalMs: 1 },
   });
   m.onRestoreEvent({ event: 'restore', outcome: 'fallback', cause: 'RESTORE_CRIU_FAILED', checkpoint: 'c', containerId: 'y', container: 'w', pod: 'ns/q', phases: { totalMs: 1 } });
-  m.onCheckpointEvent({ event: 'checkpoint', outcome: 'succeeded', name: 'c', pod: 'ns/s', container: 'w', containerId: 'z', bytes: 1, phases: { inspectMs: 1, cudaMs: 1, dumpMs: 1, rootfsDiffMs: 1, publishMs: 1, totalMs: 1 } });
+  m.onCheckpointEvent({ event: 'checkpoint', outcome: 'succeeded', name: 'ns/c', namespace: 'ns', pod: 'ns/s', container: 'w', containerId: 'z', bytes: 1, phases: { inspectMs: 1, cudaMs: 1, dumpMs: 1, rootfsDiffMs: 1, publishMs: 1, totalMs: 1 } });
   stats.countFallback('RESTORE_CRIU_FAILED');
   const out: Exported = new Map();
   for (const line of (await m.registry.render()).split('\n')) {

@@ -30,6 +30,9 @@ describe('adjustment policy', () => {
 
   it('recognises a restore target', () => {
     expect(run({ 'thaw.dev/restore': 'llm-a.v2' })).toEqual({ kind: 'restore-target', checkpointName: 'llm-a.v2' });
+    // Another namespace's checkpoint (the agent's policy decides whether this pod may have it); not a reference.
+    expect(run({ 'thaw.dev/restore': 'platform/base-llm' })).toEqual({ kind: 'restore-target', checkpointName: 'platform/base-llm' });
+    expect(run({ 'thaw.dev/restore': 'localhost/qwen' })).toMatchObject({ kind: 'restore-target', reference: { registry: 'localhost', repository: 'qwen' } });
   });
 
   it('acts only on the container the pod names', () => {
@@ -46,7 +49,10 @@ describe('adjustment policy', () => {
     ['after-checkpoint on a restore target', { 'thaw.dev/restore': 'a', 'thaw.dev/on-checkpoint': 'exit' }, /checkpoint sources only/],
     // A value with a '/' is read as a registry reference, never as a path: these name no registry host.
     ['a path-escaping restore name', { 'thaw.dev/restore': '../../etc' }, /is not a registry reference: registry "\.\." is not a host/],
-    ['an absolute restore name', { 'thaw.dev/restore': '/var/lib/thaw' }, /is not a registry reference: "" is not a registry host/],
+    ['an absolute restore name', { 'thaw.dev/restore': '/var/lib/thaw' }, /namespace "" is not a Kubernetes namespace name/],
+    ['a qualified restore name of a reserved name', { 'thaw.dev/restore': 'team-a/oci-x' }, /reserved for checkpoints pulled from a registry/],
+    ['a qualified restore name with a bad namespace', { 'thaw.dev/restore': 'Team_A/llm' }, /namespace "Team_A" is not a Kubernetes namespace name/],
+    ['a qualified checkpoint name (a source names its checkpoint within its own namespace)', { 'thaw.dev/checkpoint': 'team-b/llm' }, /contains '\/'/],
     ['a reference with a path-escaping repository', { 'thaw.dev/restore': 'registry:5000/team/../x:v1' }, /repository component "\.\." must be/],
     ['a reference with a bad digest', { 'thaw.dev/restore': 'registry:5000/team/qwen@sha256:abc' }, /digest "sha256:abc" must be/],
     ['a dot-dot name', { 'thaw.dev/checkpoint': 'a..b' }, /contains '\.\.'/],

@@ -129,9 +129,13 @@ describe('thaw NRI handlers at RunPodSandbox', () => {
     await handlers.runPodSandbox!(pod('p5', { 'thaw.dev/restore': '../escape' }), ctx); // rejected by the policy
     await handlers.runPodSandbox!(pod('p6', { 'thaw.dev/restore': 'llm-worker', 'thaw.dev/bogus': 'x' }), ctx);
     await handlers.runPodSandbox!(pod('p7', {}), ctx);
+    // Another namespace's checkpoint that no policy shares: never read for this pod.
+    await handlers.runPodSandbox!(pod('p8', { 'thaw.dev/restore': 'team-b/llm-worker' }), ctx);
+    await handlers.runPodSandbox!({ ...pod('p9', { 'thaw.dev/restore': 'llm-worker' }), namespace: 'team-a' }, ctx);
     expect(started).toEqual([
-      ['p1', 'llm-worker'],
-      ['p2', 'llm-worker'],
+      ['p1', 'default/llm-worker'],
+      ['p2', 'default/llm-worker'],
+      ['p9', 'team-a/llm-worker'],
     ]);
     await handlers.stopPodSandbox!(pod('p1', {}), ctx);
     await handlers.removePodSandbox!(pod('p2', {}), ctx);

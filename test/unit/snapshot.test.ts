@@ -3,7 +3,7 @@ import { decide, DEFAULT_ANNOTATION_PREFIX } from '../../src/nri-plugin/policy.j
 import { createAgentMetrics } from '../../src/agent/agent-metrics.js';
 import { parseExposition } from '../../src/agent/metrics.js';
 import { ThawNriStats } from '../../src/agent/nri-stats.js';
-import { findSnapshotCheckpoint, snapshotCheckpointName, snapshotKey, SnapshotTracker, type SnapshotId } from '../../src/agent/snapshot.js';
+import { findSnapshotCheckpoint, snapshotCheckpointKey, snapshotCheckpointName, snapshotKey, SnapshotTracker, type SnapshotId } from '../../src/agent/snapshot.js';
 import { managedAnnotations, managedFromContainer } from '../../src/agent/managed-container.js';
 import { openLocalStore, type LocalStore } from '../../src/store/index.js';
 import { parseManifest } from '../../src/store/manifest.js';
@@ -90,7 +90,11 @@ describe('snapshot checkpoints in the store', () => {
   it('finds its own checkpoint; absent when none; the record round-trips through the manifest', async () => {
     const id: SnapshotId = { namespace: 'team-a', name: 'qwen', key: snapshotKey(base) };
     expect(await findSnapshotCheckpoint(store, id)).toEqual({ kind: 'absent', storedName: snapshotCheckpointName(id) });
-    await publish(snapshotCheckpointName(id), { name: 'qwen', key: id.key });
+    // Another namespace's snapshot of the same name and key lives in that namespace: not this one's.
+    await publish(snapshotCheckpointKey({ ...id, namespace: 'team-b' }), { name: 'qwen', key: id.key }, 'team-b');
+    expect((await findSnapshotCheckpoint(store, id)).kind).toBe('absent');
+    await publish(snapshotCheckpointKey(id), { name: 'qwen', key: id.key });
+    expect(snapshotCheckpointKey(id)).toBe(`team-a/${snapshotCheckpointName(id)}`);
     const found = await findSnapshotCheckpoint(store, id);
     expect(found.kind).toBe('found');
     if (found.kind === 'found') expect(found.checkpoint.manifest.snapshot).toEqual({ name: 'qwen', key: id.key });
@@ -100,15 +104,16 @@ describe('snapshot checkpoints in the store', () => {
 
   it('leaves a checkpoint under the stored name alone when its record or owner is not the snapshot\'s', async () => {
     const id: SnapshotId = { namespace: 'team-a', name: 'qwen', key: snapshotKey(base) };
-    const name = snapshotCheckpointName(id);
+    const name = snapshotCheckpointKey(id);
     await publish(name, undefined); // named so by hand, no snapshot record
     expect(await findSnapshotCheckpoint(store, id)).toMatchObject({ kind: 'taken', reason: expect.stringMatching(/not snapshot qwen/) });
     await store.delete(name);
     await publish(name, { name: 'qwen', key: 'c'.repeat(64) }); // another key's record
     expect((await findSnapshotCheckpoint(store, id)).kind).toBe('taken');
     await store.delete(name);
-    await publish(name, { name: 'qwen', key: id.key }, 'team-b'); // the right record, another namespace's checkpoint
-    expect(await findSnapshotCheckpoint(store, id)).toMatchObject({ kind: 'taken', reason: expect.stringMatching(/belongs to namespace team-b/) });
+    // The right record from another namespace's pod: the store keeps it out of team-a/ at all.
+    await expect(publish(name, { name: 'qwen', key: id.key }, 'team-b')).rejects.toMatchObject({ code: 'STORE_INVALID_NAME' });
+    expect((await findSnapshotCheckpoint(store, id)).kind).toBe('absent');
   });
 
   it('refuses a manifest whose snapshot key is not 64 hex', () => {
@@ -235,7 +240,7 @@ describe('thaw.dev/snapshot at NRI CreateContainer (the handlers over a real sto
     expect(adjustment?.annotations?.['thaw.dev/role']).toBe('checkpoint-source');
     const key = adjustment?.annotations?.['thaw.dev/snapshot-key'];
     expect(key).toBe(snapshotKey({ ...base, imageDigest: digestA }));
-    expect(adjustment?.annotations?.['thaw.dev/checkpoint-name']).toBe(snapshotCheckpointName({ namespace: 'team-a', name: 'qwen', key: key! }));
+    expect(adjustment?.annotations?.['thaw.dev/checkpoint-name']).toBe(snapshotCheckpointKey({ namespace: 'team-a', name: 'qwen', key: key! }));
     expect(second).toBeUndefined();
     expect(tracker.rows().map((r) => [r.outcome, r.cause])).toEqual([['cold', 'AGENT_SNAPSHOT_CHECKPOINT_IN_PROGRESS']]);
     // The source goes (NRI StopContainer): the claim with it; the next container takes it.
@@ -272,7 +277,7 @@ describe('thaw.dev/snapshot at NRI CreateContainer (the handlers over a real sto
 
   it('a checkpoint planted under the stored name without the snapshot record is not restored: cold, AGENT_SNAPSHOT_NAME_TAKEN', async () => {
     const { handlers, tracker } = handlersWith(async () => digestA);
-    const name = snapshotCheckpointName({ namespace: 'team-a', name: 'qwen', key: snapshotKey({ ...base, imageDigest: digestA }) });
+    const name = snapshotCheckpointKey({ namespace: 'team-a', name: 'qwen', key: snapshotKey({ ...base, imageDigest: digestA }) });
     const pending = await store.beginCheckpoint(name);
     await writeCheckpointFiles(pending.paths, 4096);
     const fields = manifestFields();

@@ -10,10 +10,13 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { loadRegistryConfig } from '../../src/agent/registry-config.js';
 import { cachedValue } from '../../src/agent/agent.js';
-import { checkUserCheckpointName, parseQualifiedName } from '../../src/checkpoint-name.js';
+import { checkUserCheckpointName, namespaceOfKey, parseQualifiedName, parseStoreKey, resolveStoreKey } from '../../src/checkpoint-name.js';
+import { looksLikeReference } from '../../src/checkpoint-reference.js';
 import { decide } from '../../src/nri-plugin/policy.js';
-import { checkpointRefusal, defaultTenancyPolicy, loadSigningKeys, loadTrustedKeys, localRestoreRefusal, parseTenancyPolicy, registryGrantFor } from '../../src/agent/tenancy.js';
-import { checkCompatibility, isRestorable, MANIFEST_KIND, type Manifest } from '../../src/store/manifest.js';
+import { checkpointRefusal, defaultTenancyPolicy, loadSigningKeys, loadTrustedKeys, localRestoreRefusal, parseTenancyPolicy, registryGrantFor, restoreKeyOf, storeLimitsOf } from '../../src/agent/tenancy.js';
+import { resolveAgentConfig } from '../../src/agent/config.js';
+import { checkCompatibility, isRestorable, MANIFEST_KIND, parseManifest, type Manifest } from '../../src/store/manifest.js';
+import { assertSameProcessIdentity } from '../../src/restore-engine/restore.js';
 import { checkCosignBundle, checkSimpleSigningPayload, COSIGN_SIGNATURE_TYPE, dssePae, keyThatSigned, parseTrustedKey, signatureTagFor } from '../../src/store/oci/signature.js';
 import { parseSigningKey, simpleSigningPayload } from '../../src/store/oci/sign.js';
 import { manifestFields } from '../helpers/store-fixtures.js';
@@ -37,6 +40,54 @@ describe('checkpoint names', () => {
     expect(parseQualifiedName('Team/llm')).toMatchObject({ reason: expect.stringMatching(/not a Kubernetes namespace name/) });
     expect(parseQualifiedName('a/b/c')).toMatchObject({ reason: expect.stringMatching(/contains '\/'/) });
     expect(parseQualifiedName(`team-a/oci-${'0'.repeat(64)}`)).toMatchObject({ reason: expect.stringMatching(/reserved/) });
+  });
+});
+
+describe('store keys', () => {
+  const hex = 'c'.repeat(64);
+  it('are namespace/name or oci-<64 hex>; a bare name is none', () => {
+    expect(parseStoreKey('team-a/llm')).toEqual({ kind: 'owned', namespace: 'team-a', name: 'llm' });
+    expect(parseStoreKey(`oci-${hex}`)).toEqual({ kind: 'pulled', name: `oci-${hex}` });
+    for (const bad of ['llm', 'team-a/oci-x', 'Team/llm', 'team-a/a/b', '/llm', 'team-a/', `oci-${hex.slice(1)}`]) expect(parseStoreKey(bad), bad).toHaveProperty('reason');
+    expect(namespaceOfKey('team-a/llm')).toBe('team-a');
+    expect(namespaceOfKey(`oci-${hex}`)).toBeUndefined();
+  });
+
+  it("resolve a caller's name: bare in the default namespace, qualified as given, pulled only where allowed", () => {
+    expect(resolveStoreKey('llm', 'default')).toEqual({ key: 'default/llm' });
+    expect(resolveStoreKey('team-a/llm', 'default')).toEqual({ key: 'team-a/llm' });
+    expect(resolveStoreKey(`oci-${hex}`, 'default')).toHaveProperty('reason');
+    expect(resolveStoreKey(`oci-${hex}`, 'default', { allowPulled: true })).toEqual({ key: `oci-${hex}` });
+  });
+
+  it("resolve an annotation in the pod's namespace: never another namespace's of the same name", () => {
+    expect(restoreKeyOf('llm', 'team-b')).toEqual({ key: 'team-b/llm', owner: { namespace: 'team-b', name: 'llm' } });
+    expect(restoreKeyOf('platform/base', 'team-b')).toEqual({ key: 'platform/base', owner: { namespace: 'platform', name: 'base' } });
+    expect(restoreKeyOf('llm', '')).toHaveProperty('reason');
+  });
+
+  it('tell a registry reference (host first) from another namespace\'s checkpoint', () => {
+    expect(looksLikeReference('registry.example.com/team/llm:v1')).toBe(true);
+    expect(looksLikeReference('registry:5000/llm')).toBe(true);
+    expect(looksLikeReference('localhost/llm')).toBe(true);
+    expect(looksLikeReference('team-a/llm')).toBe(false);
+    expect(looksLikeReference('llm')).toBe(false);
+  });
+});
+
+describe('store bounds from the agent configuration', () => {
+  it("take store.* (0: none) and the policy's namespace quotas, which win over store.namespaceQuotaBytes", () => {
+    const c = resolveAgentConfig({
+      packageRoot: '/opt/thaw/lib',
+      file: { path: '/etc/thaw/agent.yaml', text: 'store:\n  quotaBytes: 1000\n  namespaceQuotaBytes: 100\ntenancy:\n  namespaces:\n    team-a:\n      quotaBytes: 500\n' },
+      flags: { 'store-min-free-bytes': '7' },
+    });
+    const limits = storeLimitsOf(c.store, c.tenancy);
+    expect([limits.totalQuotaBytes, limits.minFreeBytes, limits.namespaceQuotaBytes?.('team-a'), limits.namespaceQuotaBytes?.('team-b')]).toEqual([1000, 7, 500, 100]);
+    const none = storeLimitsOf({ quotaBytes: 0, namespaceQuotaBytes: 0, minFreeBytes: 0 }, defaultTenancyPolicy());
+    expect([none.totalQuotaBytes, none.minFreeBytes, none.namespaceQuotaBytes?.('team-a')]).toEqual([undefined, undefined, undefined]);
+    expect(() => resolveAgentConfig({ packageRoot: '/x', flags: { 'store-quota-bytes': '-1' } })).toThrow(/store.quotaBytes/);
+    expect(() => resolveAgentConfig({ packageRoot: '/x', flags: { 'limits-criu-runs': '0' } })).toThrow(/limits.criuRuns/);
   });
 });
 
@@ -146,6 +197,29 @@ describe('tenancy policy', () => {
     } finally {
       await rm(dir, { recursive: true, force: true });
     }
+  });
+});
+
+describe('compatibility: working directory and user', () => {
+  it('a target spec with another cwd or user is another workload; a manifest without them passes', () => {
+    const spec = { process: { cwd: '/app', user: { uid: 1000, gid: 1000 } } };
+    expect(() => assertSameProcessIdentity({ cwd: '/app', user: { uid: 1000, gid: 1000 } }, spec)).not.toThrow();
+    expect(() => assertSameProcessIdentity({}, spec)).not.toThrow();
+    let err = (() => { try { assertSameProcessIdentity({ cwd: '/srv', user: { uid: 1000, gid: 1000 } }, spec); } catch (e) { return e as { code: string; message: string }; } return undefined; })();
+    expect(err?.code).toBe('RESTORE_INCOMPATIBLE');
+    expect(err?.message).toMatch(/container.cwd \/app, the checkpoint's \/srv/);
+    err = (() => { try { assertSameProcessIdentity({ user: { uid: 0, gid: 0 } }, { process: {} }); } catch (e) { return e as { code: string; message: string }; } return undefined; })();
+    expect(err, 'a spec without process.user runs as root: 0:0 matches').toBeUndefined();
+    err = (() => { try { assertSameProcessIdentity({ user: { uid: 0, gid: 0 } }, spec); } catch (e) { return e as { code: string; message: string }; } return undefined; })();
+    expect(err?.message).toMatch(/container.user 1000:1000, the checkpoint's 0:0/);
+  });
+
+  it('the manifest keeps them, and refuses a relative cwd', () => {
+    const base = manifestFields();
+    const m = { schemaVersion: 1, kind: MANIFEST_KIND, name: 'x', id: '8d2f7a4e-0000-4000-8000-000000000001', createdAt: '2026-01-01T00:00:00.000Z', ...base, source: { ...base.source, cwd: '/app', user: { uid: 5, gid: 6 } }, files: [], totals: { bytes: 0, fileCount: 0 } };
+    const parsed = parseManifest(JSON.stringify(m));
+    expect([parsed.source.cwd, parsed.source.user]).toEqual(['/app', { uid: 5, gid: 6 }]);
+    expect(() => parseManifest(JSON.stringify({ ...m, source: { ...m.source, cwd: 'app' } }))).toThrow(/cwd must be an absolute path/);
   });
 });
 

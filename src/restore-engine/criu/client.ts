@@ -11,6 +11,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
 import type { Logger } from '../../log.js';
+import type { Limiter } from '../../sys/concurrency.js';
 import { CriuError, CriuErrorCode } from './errors.js';
 import type { CriuNotifyHandlers } from './notify.js';
 import {
@@ -62,6 +63,11 @@ export interface CriuClientOptions {
    * next talks to the socket (a dump blocked inside a task never does).
    */
   parentDeathWrapper?: readonly string[];
+  /**
+   * The bound on CRIU processes at once (dumps, restores, checks), shared by everything the caller hands it
+   * to; a call waits for its turn before its swrk starts (its timeout runs from then). Default: unbounded.
+   */
+  limiter?: Limiter;
 }
 
 /** Per-call settings common to every operation. */
@@ -302,6 +308,22 @@ export class CriuClient {
   }
 
   private async run(
+    req: CriuReqMessage,
+    step: string,
+    call: CriuCallOptions,
+    defaultTimeoutMs: number,
+    extra: { extraFds?: readonly number[]; logPath?: string; notify?: CriuNotifyHandlers },
+  ): Promise<CriuRespMessage> {
+    const limiter = this.options.limiter;
+    if (limiter === undefined) return this.runNow(req, step, call, defaultTimeoutMs, extra);
+    return limiter.run(() => this.runNow(req, step, call, defaultTimeoutMs, extra), {
+      ...(call.signal ? { signal: call.signal } : {}),
+      step,
+      aborted: (cause) => new CriuError(CriuErrorCode.ABORTED, `${step}: aborted while waiting for a CRIU slot`, { step, cause }),
+    });
+  }
+
+  private async runNow(
     req: CriuReqMessage,
     step: string,
     call: CriuCallOptions,

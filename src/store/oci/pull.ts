@@ -85,6 +85,8 @@ export interface ResolvedRemote {
   chunks: FileChunk[];
   /** Weights layers (a push with weights): stored in the node's weights cache, not in the checkpoint. */
   weights: WeightsLayer[];
+  /** The image manifest and the config blob as the registry sent them: kept with the checkpoint (provenance.ts). */
+  provenance: { imageManifest: Buffer; config: Buffer };
 }
 
 export interface PullResult {
@@ -134,7 +136,7 @@ export async function resolveRemote(client: RegistryClient, reference: OciRefere
   } catch (err) {
     throw new OciError(OciErrorCode.MANIFEST_INVALID, `the config blob is not a thaw checkpoint manifest: ${errorMessage(err)}`, { step: 'check checkpoint artifact', cause: err, evidence: { url, config: image.config.digest } });
   }
-  return { reference, digest, name: localNameFor(digest), image, manifest, chunks: chunksOf(image, manifest), weights: weightsLayersOf(image, manifest) };
+  return { reference, digest, name: localNameFor(digest), image, manifest, chunks: chunksOf(image, manifest), weights: weightsLayersOf(image, manifest), provenance: { imageManifest: body, config } };
 }
 
 interface Transfer {
@@ -474,7 +476,7 @@ export async function fetchResolved(client: RegistryClient, r: ResolvedRemote, o
     const t2 = performance.now();
     let checkpoint: OpenedCheckpoint;
     try {
-      checkpoint = await pending.publishVerified(r.manifest, signal ? { signal } : {});
+      checkpoint = await pending.publishVerified(r.manifest, { provenance: r.provenance, ...(signal ? { signal } : {}) });
     } catch (err) {
       // Another pull of the same digest won the race: its checkpoint is the same bytes.
       if (!isThawError(err, StoreErrorCode.EXISTS)) throw err;
