@@ -42,7 +42,9 @@ describe.each(flavorsUnderTest())('bench:gpu with the stand-in worker, container
     const timeline = summary.variants[0]?.restoreWarmTimeline as Record<string, number>;
     expect(Object.keys(timeline).sort()).toEqual(['createMs', 'restoreEventToReadyMs', 'runPodSandboxMs', 'startMs', 'startToRestoreEventMs']);
     expect(Object.values(timeline).every((ms) => Number.isFinite(ms) && ms >= 0)).toBe(true);
-    expect((summary.variants[0]?.restoreWarmPhases as Record<string, number>).hookStartupMs).toBeGreaterThan(0);
+    // The hook's start is measured (the native hook's parse and connect round to 0 ms at times: present, not positive).
+    const hookStartupMs = (summary.variants[0]?.restoreWarmPhases as Record<string, number>).hookStartupMs;
+    expect([typeof hookStartupMs, Number.isFinite(hookStartupMs) && (hookStartupMs as number) >= 0]).toEqual(['number', true]);
     expect(summary.variants[0]?.checkpointBytes).toBeGreaterThan(0);
     expect(summary.variants[0]?.liveBytes).toBeGreaterThan(0);
     const files = readdirSync(results);

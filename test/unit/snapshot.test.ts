@@ -262,7 +262,7 @@ describe('thaw.dev/snapshot at NRI CreateContainer (the handlers over a real sto
   it('a snapshot checkpoint a restore failed from on this node (the store\'s restore-failure mark) is taken again by the next container at once', async () => {
     const { handlers } = handlersWith(async () => digestA);
     const key = snapshotKey({ ...base, imageDigest: digestA });
-    const name = snapshotCheckpointName({ namespace: 'team-a', name: 'qwen', key });
+    const name = snapshotCheckpointKey({ namespace: 'team-a', name: 'qwen', key });
     const pending = await store.beginCheckpoint(name);
     await writeCheckpointFiles(pending.paths, 4096);
     const fields = manifestFields({ snapshot: { name: 'qwen', key } });
