@@ -69,7 +69,7 @@ describe('thaw signs its pushes in cosign\'s format', () => {
     work = await mkdtemp(join(tmpdir(), 'thaw-signing-'));
     home = join(work, 'home');
     store = await openLocalStore({ root: join(work, 'store') });
-    const pending = await store.beginCheckpoint('worker');
+    const pending = await store.beginCheckpoint('default/worker');
     await writeCheckpointFiles(pending.paths, 2 * 1024 * 1024 + 5);
     await pending.publish(manifestFields());
     mine = await writeKeyPair(work, 'mine');
@@ -83,7 +83,7 @@ describe('thaw signs its pushes in cosign\'s format', () => {
   });
 
   it('a signed push is accepted by cosign verify (3.1.1, offline) and by thaw\'s verification with its key, refused by both with another', async () => {
-    const r = await pushCheckpoint({ store, name: 'worker', reference: `${registry.host}/team/signed:v1`, access: { plainHttp: true }, sign: key });
+    const r = await pushCheckpoint({ store, name: 'default/worker', reference: `${registry.host}/team/signed:v1`, access: { plainHttp: true }, sign: key });
     expect(r.signature?.tag).toBe(signatureTagFor(r.digest));
     expect(r.signature?.added).toBe(true);
     const ok = await cosignVerify({ registryHost: registry.host, repository: 'team/signed', digest: r.digest, publicKeyFile: mine.publicKeyFile, home });
@@ -98,13 +98,13 @@ describe('thaw signs its pushes in cosign\'s format', () => {
   });
 
   it('keeps a signature cosign made under the same tag, and adds nothing when this key signed already', async () => {
-    const unsigned = await pushCheckpoint({ store, name: 'worker', reference: `${registry.host}/team/both:v1`, access: { plainHttp: true } });
+    const unsigned = await pushCheckpoint({ store, name: 'default/worker', reference: `${registry.host}/team/both:v1`, access: { plainHttp: true } });
     const cosignKeys: CosignKeyPair = await generateCosignKeyPair(await mkdtemp(join(work, 'cosign-')));
     await peerToolOk('cosign', [
       'sign', '--key', cosignKeys.keyFile, '--use-signing-config=false', '--tlog-upload=false', '--new-bundle-format=false', '--yes',
       '--allow-http-registry', '--allow-insecure-registry', digestReference(registry.host, 'team/both', unsigned.digest),
     ], { home: cosignKeys.home, env: { COSIGN_PASSWORD: cosignKeys.password } });
-    const again = await pushCheckpoint({ store, name: 'worker', reference: `${registry.host}/team/both:v1`, access: { plainHttp: true }, sign: key });
+    const again = await pushCheckpoint({ store, name: 'default/worker', reference: `${registry.host}/team/both:v1`, access: { plainHttp: true }, sign: key });
     expect(again.digest).toBe(unsigned.digest);
     expect(again.signature?.added).toBe(true);
     for (const pub of [cosignKeys.publicKeyFile, mine.publicKeyFile]) {
@@ -112,7 +112,7 @@ describe('thaw signs its pushes in cosign\'s format', () => {
       expect(v.code, `${pub}: ${v.stderr}`).toBe(0);
       expect((await verifyWithThaw('team/both', again.digest, pub)).key).toBe(pub);
     }
-    const third = await pushCheckpoint({ store, name: 'worker', reference: `${registry.host}/team/both:v1`, access: { plainHttp: true }, sign: key });
+    const third = await pushCheckpoint({ store, name: 'default/worker', reference: `${registry.host}/team/both:v1`, access: { plainHttp: true }, sign: key });
     expect([third.signature?.added, third.signature?.manifestDigest]).toEqual([false, again.signature?.manifestDigest]);
   }, 120_000);
 

@@ -27,7 +27,7 @@ let server: HookServer;
 beforeAll(async () => {
   dir = await mkdtemp(join(tmpdir(), 'thaw-rt-hook-'));
   store = await openLocalStore({ root: join(dir, 'store'), logger: createCollectingLogger() });
-  const pending = await store.beginCheckpoint('llm');
+  const pending = await store.beginCheckpoint('default/llm');
   await writeCheckpointFiles(pending.paths);
   await pending.publish(manifestFields(), { replace: false });
   server = await startHookServer({ socketPath: join(dir, 'run', 'agent-hook.sock') });
