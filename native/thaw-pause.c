@@ -103,14 +103,6 @@ struct state {
  * fresh container on the image's own rootfs (sysexits' EX_TEMPFAIL). */
 #define EXIT_DIFF_NOT_UNDONE 75
 
-/* THAW_PAUSE_ORIGINAL (an absolute path that fits) into buf, else ""; removed from the environment. */
-static void take_original_env(char *buf, size_t size) {
-  const char *v = getenv(ORIGINAL_ENV);
-  buf[0] = '\0';
-  if (v && v[0] == '/' && strlen(v) < size) strcpy(buf, v);
-  unsetenv(ORIGINAL_ENV);
-}
-
 /* An absolute path from the environment variable `name` (that fits) into buf, else ""; removed from the environment. */
 static void take_path_env(const char *name, char *buf, size_t size) {
   const char *v = getenv(name);
@@ -397,7 +389,7 @@ int main(int argc, char **argv) {
   prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
 
   s.deadline_ms = take_deadline_env();
-  take_original_env(s.original, sizeof s.original);
+  take_path_env(ORIGINAL_ENV, s.original, sizeof s.original);
   take_path_env(DIFF_MARKER_ENV, s.diff_marker, sizeof s.diff_marker);
   if (s.deadline_ms > 0) arm_deadline(s.deadline_ms);
 
