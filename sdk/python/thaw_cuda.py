@@ -255,6 +255,16 @@ def _device_prop(device, handle_types=CU_MEM_HANDLE_TYPE_NONE):
     return prop
 
 
+def _granularity(driver, prop):
+    """The minimum VMM granularity for allocations like ``prop`` (sizes and reservations are multiples of it)."""
+    g = ctypes.c_size_t()
+    driver.call(
+        "get allocation granularity", "cuMemGetAllocationGranularity",
+        ctypes.byref(g), ctypes.byref(prop), CU_MEM_ALLOC_GRANULARITY_MINIMUM,
+    )
+    return g.value
+
+
 class VmmPool:
     """A GPU memory pool at a fixed virtual address whose physical memory can be released and remapped.
 
@@ -271,12 +281,7 @@ class VmmPool:
         self.device = device
         self.driver.ensure_context(device)
         self._prop = _device_prop(device)
-        granularity = ctypes.c_size_t()
-        self.driver.call(
-            "get allocation granularity", "cuMemGetAllocationGranularity",
-            ctypes.byref(granularity), ctypes.byref(self._prop), CU_MEM_ALLOC_GRANULARITY_MINIMUM,
-        )
-        self.granularity = granularity.value
+        self.granularity = _granularity(self.driver, self._prop)
         self.size = -(-int(size_bytes) // self.granularity) * self.granularity
         ptr = CUdeviceptr()
         self.driver.call(
@@ -629,12 +634,7 @@ class WeightsRegion:
         self.device = device
         self.driver.ensure_context(device)
         self._prop = _device_prop(device)
-        granularity = ctypes.c_size_t()
-        self.driver.call(
-            "get allocation granularity", "cuMemGetAllocationGranularity",
-            ctypes.byref(granularity), ctypes.byref(self._prop), CU_MEM_ALLOC_GRANULARITY_MINIMUM,
-        )
-        self.granularity = granularity.value
+        self.granularity = _granularity(self.driver, self._prop)
         self.size = self._round(int(size_bytes))
         ptr = CUdeviceptr()
         self.driver.call(
@@ -662,11 +662,7 @@ class WeightsRegion:
                 data_start, tensors = read_safetensors_header(f)
                 f.seek(0, os.SEEK_END)
                 layout.append((path, data_start, f.tell() - data_start, tensors))
-        probe = CUmemAllocationProp()
-        probe.type, probe.location.type, probe.location.id = CU_MEM_ALLOCATION_TYPE_PINNED, CU_MEM_LOCATION_TYPE_DEVICE, device
-        g = ctypes.c_size_t()
-        driver.call("get allocation granularity", "cuMemGetAllocationGranularity", ctypes.byref(g), ctypes.byref(probe), 0)
-        granularity = g.value
+        granularity = _granularity(driver, _device_prop(device))
         total = sum(max(1, -(-length // granularity)) * granularity for _p, _s, length, _t in layout)
         region = cls(total, name, device, driver)
         try:
