@@ -9,6 +9,7 @@ import { createCollectingLogger } from '../../src/log.js';
 import { openLocalStore, type LocalStore } from '../../src/store/local-store.js';
 import { manifestFields, tempRoot, writeCheckpointFiles } from '../helpers/store-fixtures.js';
 import { rejection } from '../helpers/rejection.js';
+import { PREFETCH_RESIDENT_FRACTION } from '../../src/sys/prefetch.js';
 
 const repo = resolve(fileURLToPath(import.meta.url), '../../..');
 
@@ -356,10 +357,15 @@ describe('local checkpoint store', () => {
   it('brings every byte into the page cache, reads only what is not cached, and stops when aborted', async () => {
     const published = await publishSample(store, 'default/c1', { pagesBytes: 8 * 1024 * 1024 });
     const pages = join(root, 'default/c1/criu/pages-1.img');
-    // Evict this one file (fadvise DONTNEED through dd), then count its cached pages with fincore.
-    execFileSync('dd', [`if=${pages}`, 'iflag=nocache', 'count=0', 'status=none']);
+    // Evict this one file (fadvise DONTNEED through dd), then count its cached pages with fincore. The file was
+    // just written: its dirty pages stay cached through DONTNEED, so it is written back first (sync FILE).
+    const evict = (): void => {
+      execFileSync('sync', [pages]);
+      execFileSync('dd', [`if=${pages}`, 'iflag=nocache', 'count=0', 'status=none']);
+    };
+    evict();
     const cachedBytes = (): number => Number(execFileSync('fincore', ['--bytes', '--noheadings', '--output', 'RES', pages], { encoding: 'utf8' }).trim());
-    expect(cachedBytes()).toBeLessThan(8 * 1024 * 1024);
+    expect(cachedBytes(), 'evicted below what prefetch leaves alone').toBeLessThan(8 * 1024 * 1024 * PREFETCH_RESIDENT_FRACTION);
     const first = await store.prefetch('default/c1', { concurrency: 2 });
     expect(first.bytes).toBe(published.manifest.totals.bytes);
     expect(first.bytesRead, 'the evicted file was read').toBeGreaterThanOrEqual(8 * 1024 * 1024);
@@ -367,12 +373,12 @@ describe('local checkpoint store', () => {
     const second = await store.prefetch('default/c1', { concurrency: 2 });
     expect(second.bytesRead, 'nothing is read twice once cached').toBe(0);
     // A large file is read as segments by several readers (3 MiB segments: the last one short): every byte once.
-    execFileSync('dd', [`if=${pages}`, 'iflag=nocache', 'count=0', 'status=none']);
+    evict();
     const segmented = await store.prefetch('default/c1', { concurrency: 3, segmentBytes: 3 * 1024 * 1024 });
     expect(segmented.bytesRead).toBe(8 * 1024 * 1024);
     expect(cachedBytes(), 'the whole file is in the page cache').toBeGreaterThanOrEqual(8 * 1024 * 1024);
     // A gate holds every read back until it opens (a restore reading its worker's file pages first).
-    execFileSync('dd', [`if=${pages}`, 'iflag=nocache', 'count=0', 'status=none']);
+    evict();
     let open: () => void = () => undefined;
     const opened = new Promise<void>((resolve) => (open = resolve));
     let gateCalls = 0;
