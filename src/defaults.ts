@@ -82,6 +82,18 @@ export const HOOK_ANSWER_GRACE_MS = HOOK_TIMEOUT_MARGIN_MS / 2;
 export const HOOK_SOCKET_SUFFIX = '-hook.sock';
 /** The native hook's file name, beside thaw-pause (native/build/): absent there, restores use the Node.js hook. */
 export const NATIVE_HOOK_NAME = 'thaw-hook';
+/** The memory filler's file name, beside thaw-pause (native/build/): absent there, CRIU fills restored memory itself. */
+export const MEMORY_FILL_NAME = 'thaw-fill';
+/**
+ * thaw-fill's threads when `restore.fillThreads` is 0: one per core up to this. Each places a 1 MiB stretch at a
+ * time (a page-cache read and a UFFDIO_COPY); past about eight the fresh-page allocation of the one mm is the limit.
+ */
+export const DEFAULT_MEMORY_FILL_MAX_THREADS = 8;
+/**
+ * How long thaw-fill may take from its start to the last page (its --timeout-ms): as long as CRIU's own restore
+ * may (a fill is a restore's page reads, from disk when the cache is cold); past it the pod cold-starts.
+ */
+export const DEFAULT_MEMORY_FILL_TIMEOUT_MS = 120_000;
 /**
  * A `thaw.dev/snapshot` container's image digest, asked of containerd inside NRI CreateContainer (2 s in all): a
  * local socket answers in milliseconds; past this the pod cold-starts (AGENT_SNAPSHOT_KEY_UNKNOWN).

@@ -22,6 +22,7 @@ const RESTORE_PHASES: Record<Exclude<keyof RestoreEvent['phases'], 'at'>, string
   cudaRestoreMs: 'cuda-restore',
   weightsWaitMs: 'weights-wait',
   weightsHandoverMs: 'weights-handover',
+  memoryFillWaitMs: 'memory-fill-wait',
   totalMs: 'total',
 };
 const CHECKPOINT_PHASES: Record<string, string> = {

@@ -19,11 +19,12 @@ import { createWriteStream, existsSync, type WriteStream } from 'node:fs';
 import { chmod, lstat, mkdir, readdir, rm, unlink } from 'node:fs/promises';
 import { createServer, type Server as HttpServer } from 'node:http';
 import { createConnection } from 'node:net';
+import { availableParallelism } from 'node:os';
 import { dirname, join } from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { errorMessage, isThawError } from '../errors.js';
 import { createJsonLogger, type Logger } from '../log.js';
-import { NATIVE_HOOK_NAME } from '../defaults.js';
+import { DEFAULT_MEMORY_FILL_MAX_THREADS, MEMORY_FILL_NAME, NATIVE_HOOK_NAME } from '../defaults.js';
 import { hookSocketFor, UNIX_PATH_MAX_BYTES } from './hook-server.js';
 import { createNriPlugin, readLaunchEnv, type NriHandlers } from '../nri-plugin/index.js';
 import { undoJournalFor } from '../restore-engine/index.js';
@@ -290,6 +291,12 @@ export async function runAgent(o: AgentRunOptions, logger: Logger): Promise<numb
   const hookSocket = hookSocketFor(c.api.socket);
   const nativeHook = c.restore.hook === 'native' && existsSync(nativeHookPath) && Buffer.byteLength(hookSocket) <= UNIX_PATH_MAX_BYTES ? { path: nativeHookPath, socketPath: hookSocket } : undefined;
   if (nativeHook === undefined && c.restore.hook === 'native') logger.warn('thaw: no native createRuntime hook (not built, or its socket path is too long); restores use the Node.js hook (a Node.js start per restore)', { nativeHook: nativeHookPath, socket: hookSocket });
+  // thaw-fill is built beside thaw-pause too; without it (or with restore.memoryFill criu) CRIU fills the memory.
+  const fillPath = join(dirname(c.paths.thawPause), MEMORY_FILL_NAME);
+  const memoryFill = c.restore.memoryFill === 'thaw-fill' && existsSync(fillPath)
+    ? { binary: fillPath, threads: c.restore.fillThreads > 0 ? c.restore.fillThreads : Math.min(DEFAULT_MEMORY_FILL_MAX_THREADS, availableParallelism()) }
+    : undefined;
+  if (memoryFill === undefined && c.restore.memoryFill === 'thaw-fill') logger.warn('thaw: no thaw-fill (not built); CRIU fills restored memory on one thread', { fill: fillPath });
   const engine = await createThawEngine({
     logger,
     annotationPrefix: c.annotationPrefix,
@@ -299,6 +306,7 @@ export async function runAgent(o: AgentRunOptions, logger: Logger): Promise<numb
     thawPausePath: c.paths.thawPause,
     hookArgv: o.hookArgv,
     ...(nativeHook !== undefined ? { nativeHook } : {}),
+    ...(memoryFill !== undefined ? { memoryFill } : {}),
     workRoot: c.paths.workRoot,
     containerd: { socket: c.containerd.socket, root: c.containerd.root },
     ...(c.cuda.libcuda ? { libcudaPath: c.cuda.libcuda } : {}),

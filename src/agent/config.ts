@@ -65,8 +65,12 @@ export interface AgentConfig {
    * pauseDeadlineMs: thaw-pause falls back by itself after this long without a word from the agent. hook: which
    * createRuntime hook restores get: `native` (native/build/thaw-hook handing the work to this agent; the Node.js
    * hook when it is not built) or `node` (the Node.js hook, which works without a live agent at hook time).
+   * memoryFill: who places a restored process's memory: `thaw-fill` (native/build/thaw-fill through userfaultfd,
+   * in parallel while the process runs; CRIU's own fill when it is not built, the kernel or CRIU lacks lazy pages,
+   * or the checkpoint has no plan) or `criu` (CRIU's restorer, one thread, before the process runs).
+   * fillThreads: thaw-fill's threads (0: one per core up to DEFAULT_MEMORY_FILL_MAX_THREADS).
    */
-  restore: { pauseDeadlineMs: number; hook: 'native' | 'node' };
+  restore: { pauseDeadlineMs: number; hook: 'native' | 'node'; memoryFill: 'thaw-fill' | 'criu'; fillThreads: number };
   /** file "" = stderr. */
   log: { level: LogLevel; file: string };
   /**
@@ -147,6 +151,8 @@ export const CONFIG_KEYS: readonly KeySpec[] = [
   { key: 'weights.modelDirs', expected: '":"-separated absolute paths, or "" for none', kind: 'string', check: (v) => (String(v) === '' || String(v).split(':').every((p) => isAbsolute(p) && normalize(p) === p) ? undefined : 'not absolute, normal paths') },
   { key: 'restore.pauseDeadlineMs', expected: 'a positive integer (milliseconds, at most a day)', kind: 'integer', check: (v) => (Number.isSafeInteger(v) && (v as number) > 0 && (v as number) <= 86_400_000 ? undefined : 'not a positive integer of at most 86400000') },
   { key: 'restore.hook', expected: 'native or node', kind: 'string', check: (v) => (v === 'native' || v === 'node' ? undefined : 'not native or node') },
+  { key: 'restore.memoryFill', expected: 'thaw-fill or criu', kind: 'string', check: (v) => (v === 'thaw-fill' || v === 'criu' ? undefined : 'not thaw-fill or criu') },
+  { key: 'restore.fillThreads', expected: 'an integer 0..64 (0: one per core up to 8)', kind: 'integer', check: (v) => (Number.isSafeInteger(v) && (v as number) >= 0 && (v as number) <= 64 ? undefined : 'not an integer 0..64') },
   { key: 'store.quotaBytes', expected: 'a non-negative integer (bytes; 0: no total quota)', kind: 'integer', check: nonNegative },
   { key: 'store.namespaceQuotaBytes', expected: 'a non-negative integer (bytes; 0: none beyond tenancy.namespaces.<ns>.quotaBytes)', kind: 'integer', check: nonNegative },
   { key: 'store.minFreeBytes', expected: 'a non-negative integer (bytes the store\'s filesystem keeps free)', kind: 'integer', check: nonNegative },
@@ -185,7 +191,7 @@ export function defaultAgentConfig(packageRoot: string): AgentConfig {
     registry: { config: '' },
     cuda: { libcuda: '', libnvml: '', lockTimeoutMs: DEFAULT_CUDA_LOCK_TIMEOUT_MS },
     weights: { modelDirs: '' },
-    restore: { pauseDeadlineMs: DEFAULT_THAW_PAUSE_DEADLINE_MS, hook: 'native' },
+    restore: { pauseDeadlineMs: DEFAULT_THAW_PAUSE_DEADLINE_MS, hook: 'native', memoryFill: 'thaw-fill', fillThreads: 0 },
     log: { level: 'info', file: '' },
     store: { quotaBytes: DEFAULT_STORE_QUOTA_BYTES, namespaceQuotaBytes: DEFAULT_NAMESPACE_QUOTA_BYTES, minFreeBytes: DEFAULT_STORE_MIN_FREE_BYTES },
     limits: { hashing: DEFAULT_MAX_CONCURRENT_HASHING, criuRuns: DEFAULT_MAX_CONCURRENT_CRIU },

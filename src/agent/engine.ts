@@ -26,7 +26,7 @@ import { ThawNriStats } from './nri-stats.js';
 import { createRestoreCoordinator, type RestoreCoordinator } from './restore-coordinator.js';
 import { createThawNriHandlers } from './thaw-nri.js';
 import { startHookServer } from './hook-server.js';
-import { DEFAULT_MAX_CONCURRENT_CRIU, DEFAULT_MAX_CONCURRENT_HASHING, DEFAULT_NSENTER_PATH, DEFAULT_SNAPSHOT_IMAGE_LOOKUP_TIMEOUT_MS, DEFAULT_UNSHARE_PATH, WEIGHTS_DIGESTS_FILE } from '../defaults.js';
+import { DEFAULT_MAX_CONCURRENT_CRIU, DEFAULT_MAX_CONCURRENT_HASHING, DEFAULT_MEMORY_FILL_TIMEOUT_MS, DEFAULT_NSENTER_PATH, DEFAULT_SNAPSHOT_IMAGE_LOOKUP_TIMEOUT_MS, DEFAULT_UNSHARE_PATH, WEIGHTS_DIGESTS_FILE } from '../defaults.js';
 import { snapshotReference, SnapshotTracker } from './snapshot.js';
 import { Limiter } from '../sys/concurrency.js';
 import { PULLED_NAMESPACE_LABEL } from './agent-metrics.js';
@@ -48,6 +48,11 @@ export interface ThawEngineOptions {
    * root-only directory): absent, restores use the Node.js hook of hookArgv.
    */
   nativeHook?: { path: string; socketPath: string };
+  /**
+   * thaw-fill (native/build/thaw-fill) and its threads: restores fill memory through userfaultfd when CRIU and
+   * the kernel offer lazy pages (asked once at start); absent, or when they do not, CRIU fills it.
+   */
+  memoryFill?: { binary: string; threads: number };
   /** CRIU work dirs: `<workRoot>/<container id>` for restores, `<workRoot>/thaw-ckpt-<name>-*` for checkpoints. */
   workRoot: string;
   /** containerd's gRPC socket and root: where a checkpoint learns its container's upperdir (config `containerd.*`). */
@@ -164,6 +169,14 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     ...(dieWithAgent !== undefined ? { parentDeathWrapper: dieWithAgent } : {}),
   });
   const criuVersion = await criu.version();
+  // Lazy pages need CRIU's support and the kernel's userfaultfd (CRIU's feature check asks both).
+  const memoryFill = o.memoryFill === undefined
+    ? undefined
+    : await criu.featureCheck().then(
+        (f) => (f.lazyPages ? { ...o.memoryFill!, timeoutMs: DEFAULT_MEMORY_FILL_TIMEOUT_MS } : undefined),
+        (err: unknown) => (logger.warn('CRIU\'s feature check failed: CRIU fills restored memory', { error: errorMessage(err) }), undefined),
+      );
+  if (o.memoryFill !== undefined && memoryFill === undefined) logger.warn('thaw: no lazy pages here (CRIU or the kernel\'s userfaultfd): CRIU fills restored memory on one thread');
   const criuVersionText = `${criuVersion.major}.${criuVersion.minor}.${criuVersion.sublevel}`;
   let runtimeVersion = 'unknown';
   const stats = new ThawNriStats();
@@ -240,7 +253,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     toolFiles ??= restoreToolFiles({
       hookArgv: o.hookArgv,
       thawPausePath: o.thawPausePath,
-      executables: [join(binDir, 'criu'), join(binDir, 'tar'), join(binDir, 'busybox'), DEFAULT_NSENTER_PATH, DEFAULT_UNSHARE_PATH, DEFAULT_MOUNT_PATH, DEFAULT_UMOUNT_PATH, DEFAULT_SH_PATH, ...(o.nativeHook !== undefined ? [o.nativeHook.path] : []), ...(dieWithAgent ?? []).slice(0, 1)],
+      executables: [join(binDir, 'criu'), join(binDir, 'tar'), join(binDir, 'busybox'), DEFAULT_NSENTER_PATH, DEFAULT_UNSHARE_PATH, DEFAULT_MOUNT_PATH, DEFAULT_UMOUNT_PATH, DEFAULT_SH_PATH, ...(o.nativeHook !== undefined ? [o.nativeHook.path] : []), ...(memoryFill !== undefined ? [memoryFill.binary] : []), ...(dieWithAgent ?? []).slice(0, 1)],
     });
     const r = await readIntoPageCache(await toolFiles, pageCache, { signal });
     if (r.bytesRead > 0) logger.debug('restore tools read into the page cache', { files: r.files, bytesRead: r.bytesRead, skipped: r.skipped });
@@ -260,6 +273,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
       o.onRestoreEvent?.(e);
     },
     ...(cuda ? { cudaRestore: cudaRestoreStep({ node: cuda, logger }) } : {}),
+    ...(memoryFill !== undefined ? { memoryFill } : {}),
     ...(cuda?.vmm ? { weights: { vmm: cuda.vmm, digests: weightsDigests, modelDirs: o.weightsModelDirs ?? [], weightsCacheDir: weightsCacheDir(store.root), gpuCount: cuda.facts?.uuids.length ?? 0 } } : {}),
   });
   // One coordinator for the handlers: sources go to the checkpoint side, targets to the restore side.

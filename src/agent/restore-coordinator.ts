@@ -15,6 +15,7 @@ import {
   type CudaRestoreStep,
   type PreparedRestore,
   type RestoreEvent,
+  type RestoreFlowOptions,
   type RestoreJob,
   type RestoreStepContext,
   type RestoreWeightsService,
@@ -44,6 +45,8 @@ export interface RestoreCoordinatorOptions {
   /** thaw-pause's deadline (restore-flow's thawPauseDeadlineMs). */
   thawPauseDeadlineMs?: number;
   cudaRestore?: CudaRestoreStep;
+  /** restore-flow's memoryFill (thaw-fill, its threads and time limit). */
+  memoryFill?: RestoreFlowOptions['memoryFill'];
   /** The weights service (docs/weights.md); absent: checkpoints with weights outside them cold-start. */
   weights?: RestoreWeightsService;
   /** Test seam: runs after verify, right before CRIU (e.g. to damage an image file CRIU then reads). */
@@ -124,6 +127,7 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
     ...(o.criuRestoreTimeoutMs !== undefined ? { criuRestoreTimeoutMs: o.criuRestoreTimeoutMs } : {}),
     ...(o.thawPauseDeadlineMs !== undefined ? { thawPauseDeadlineMs: o.thawPauseDeadlineMs } : {}),
     ...(o.cudaRestore ? { cudaRestore: o.cudaRestore } : {}),
+    ...(o.memoryFill ? { memoryFill: o.memoryFill } : {}),
     ...(o.weights ? { weights: o.weights } : {}),
     ...(o.beforeCriuRestore ? { beforeCriuRestore: o.beforeCriuRestore } : {}),
     ...(o.onEvent ? { onEvent: o.onEvent } : {}),

@@ -2,7 +2,7 @@
 export { checkpointContainer, type CheckpointContainerOptions, type CheckpointCudaHooks, type CheckpointPhases, type CheckpointResult, type OnCheckpoint } from './checkpoint.js';
 export { processTree } from './container-inspect.js';
 export { CriuClient, criuEnvironment, DEFAULT_SETPRIV_PATH, parentDeathWrapper } from './criu/client.js';
-export { createRestoreFlow, undoJournalFor, type CudaRestoreStep, type PreparedRestore, type RestoreEvent, type RestoreJob, type RestoreStepContext, type RestoreWeightsService } from './restore-flow.js';
+export { createRestoreFlow, undoJournalFor, type CudaRestoreStep, type PreparedRestore, type RestoreEvent, type RestoreFlowOptions, type RestoreJob, type RestoreStepContext, type RestoreWeightsService } from './restore-flow.js';
 export { DEFAULT_SH_PATH } from './restore.js';
 export { RestoreError, RestoreErrorCode } from './restore-errors.js';
 // The pure decoders, for the fuzz run (bench/fuzz-decoders.ts).

@@ -68,6 +68,11 @@ export const RestoreErrorCode = {
   CREDENTIALS_EXCEED_SPEC: 'RESTORE_CREDENTIALS_EXCEED_SPEC',
   /** The restored tree did not appear as a child of the placeholder. */
   ADOPT: 'RESTORE_ADOPT',
+  /**
+   * thaw-fill could not place the restored tree's memory (memory-fill.ts; evidence: its code, e.g. FORK when the
+   * tree forked while being filled, TIMEOUT, READ): the tree is killed before it runs any code of its own.
+   */
+  MEMORY_FILL: 'RESTORE_MEMORY_FILL',
   /** A device step after CRIU (the CUDA restore seam) failed. */
   DEVICES: 'RESTORE_DEVICES',
   /** The target container's process is gone (stopped, killed) before the restore finished. */

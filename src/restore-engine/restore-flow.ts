@@ -48,6 +48,7 @@ import { loadWeights, WEIGHTS_READERS_DEFAULT, type LoadedWeights } from './weig
 import { openContainerRoot, regionsOfManifest, restoreSourceOpener, type ContainerBindMount } from './weights/service.js';
 import type { SourceDigests } from './weights/source-digests.js';
 import { closeSync } from 'node:fs';
+import { buildFillPlan, startMemoryFill, type FillPlan, type FillStats, type RunningFill } from './memory-fill.js';
 
 const execFileP = promisify(execFile);
 
@@ -112,12 +113,16 @@ export interface RestoreEvent {
   mappedFiles?: ReadMappedResult;
   /** The weights load (docs/weights.md), when the checkpoint's weights are outside it. */
   weights?: { bytes: number; loadMs: number; setupMs: number; copyMs: number; readers: number; mbPerS: number };
+  /** Who filled the restored memory: thaw-fill (its account) or CRIU's restorer (and why not thaw-fill). */
+  memoryFill?: ({ by: 'thaw-fill' } & FillStats) | { by: 'criu'; reason: string };
   phases: {
     /**
      * When things happened (epoch ms): the weights load runs beside CRIU and the CUDA restore, so its
      * start comes before criuEnd (ordering, not durations, shows the overlap).
      */
-    at?: { weightsLoadStart?: number; weightsLoadEnd?: number; criuStart?: number; criuEnd?: number; cudaRestoreEnd?: number; weightsHandedOver?: number };
+    at?: { weightsLoadStart?: number; weightsLoadEnd?: number; criuStart?: number; criuEnd?: number; cudaRestoreEnd?: number; weightsHandedOver?: number; memoryFilled?: number };
+    /** After the CUDA restore and the weights, waiting for thaw-fill's last page (0 when it was done already). */
+    memoryFillWaitMs?: number;
     /** After the CUDA restore, waiting for the weights load to end (0 when it ended beside CRIU). */
     weightsWaitMs?: number;
     /** The hand-over: the worker connects, maps and answers. */
@@ -198,6 +203,8 @@ export interface RestoreJob {
   mappedFiles?: Promise<MappedFile[]>;
   /** The weights load started at prepare (the checkpoint's weights are outside it). */
   weights?: WeightsLoadJob;
+  /** The memory fill's plan, made from the images at prepare (memory-fill.ts); absent: CRIU fills the memory. */
+  fillPlan?: Promise<FillPlan | { none: string }>;
 }
 
 /** A weights load under way for one restore target. */
@@ -252,6 +259,11 @@ export interface RestoreFlowOptions {
   cudaRestore?: CudaRestoreStep;
   /** The weights service; absent: a checkpoint whose weights are outside it cold-starts (WEIGHTS_UNAVAILABLE). */
   weights?: RestoreWeightsService;
+  /**
+   * The memory fill through userfaultfd (memory-fill.ts): thaw-fill's path, its threads and time limit. Absent,
+   * or when a checkpoint has no plan or the filler cannot start, CRIU's restorer fills the memory itself.
+   */
+  memoryFill?: { binary: string; threads: number; timeoutMs: number };
   /** Test seam: runs after verify, right before CRIU (e.g. to damage an image file CRIU then reads). */
   beforeCriuRestore?: (ctx: RestoreStepContext) => Promise<void>;
   /** Every restore event, after it was logged. */
@@ -556,6 +568,9 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
       // Verification is awaited; it hashes only files changed since they were last hashed on this node
       // (LocalStore.verify). The read may be running already, started at RunPodSandbox.
       o.prefetch.hold(job);
+      if (o.memoryFill !== undefined) {
+        job.fillPlan = buildFillPlan(job.checkpoint.paths.criuDir, imageCodec).catch((err: unknown) => ({ none: `no plan: ${errorMessage(err)}` }));
+      }
       job.mappedFiles = mappedFilePages(job.checkpoint.paths.criuDir, imageCodec).catch((err: unknown) => {
         logger.debug('cannot list the mapped file pages', { checkpoint: name, error: errorMessage(err) });
         return [];
@@ -589,6 +604,8 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
     let holding: { stop(): void } | undefined;
     let rootFd: number | undefined;
     let weightsInfo: RestoreEvent['weights'];
+    let fill: RunningFill | undefined;
+    let fillInfo: RestoreEvent['memoryFill'];
     const at: NonNullable<RestoreEvent['phases']['at']> = {};
     const mode = container.placeholder ?? 'overlay';
     const ctx: RestoreStepContext = { container, checkpoint, targetPid: pid, signal };
@@ -663,6 +680,7 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
       if (irregular !== undefined) {
         throw new RestoreError(RestoreErrorCode.MAPPED_FILE_UNSAFE, `${irregular.path}, which the checkpoint maps, is a ${irregular.type} in the target`, { step: 'check the mapped files', evidence: irregular });
       }
+      ({ fill, info: fillInfo } = await startFill(job, workDir));
       const mappedReads = startMappedFileReads(job, pid);
       at.criuStart = Date.now();
       try {
@@ -676,10 +694,15 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
           signal,
           logger,
           ...(o.nsenterPath ? { nsenterPath: o.nsenterPath } : {}),
+          ...(fill !== undefined ? { lazyPages: true } : {}),
         });
       } finally {
         mappedReads.stop();
       }
+      // From here the tree runs while thaw-fill places its pages: a step that touches them waits on the fill,
+      // so a failed fill (whose faults never end) must end that step too.
+      const running = fill;
+      const orFillFailure = <T>(p: Promise<T>): Promise<T> => (running === undefined ? p : Promise.race([p, running.done.then(() => p)]));
       phases.criuRestoreMs = Math.round(tree.criuRestoreMs);
       at.criuEnd = Date.now();
       const mappedFiles = await mappedReads.settled();
@@ -688,8 +711,9 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
       if (o.cudaRestore) {
         const t2 = performance.now();
         try {
-          await o.cudaRestore(tree, ctx);
+          await orFillFailure(o.cudaRestore(tree, ctx));
         } catch (err) {
+          if (isThawError(err, RestoreErrorCode.MEMORY_FILL)) throw err;
           throw new RestoreError(RestoreErrorCode.DEVICES, errorMessage(err), { step: 'cuda restore', cause: err });
         }
         phases.cudaRestoreMs = Math.round(performance.now() - t2);
@@ -703,9 +727,16 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
         const t3 = performance.now();
         const loadMs = (job.weights.endedAt ?? Date.now()) - job.weights.startedAt;
         weightsInfo = { bytes: loaded.bytes, loadMs, setupMs: loaded.setupMs, copyMs: loaded.copyMs, readers: job.weights.readers, mbPerS: loadMs > 0 ? Math.round(loaded.bytes / 1e3 / loadMs) : 0 };
-        await handOverWeights(tree, container.controlDir, loaded, signal);
+        await orFillFailure(handOverWeights(tree, container.controlDir, loaded, signal));
         at.weightsHandedOver = Date.now();
         phases.weightsHandoverMs = Math.round(performance.now() - t3);
+      }
+      if (fill !== undefined) {
+        // Every page in before the tree runs its own code: the uffds close with the filler, nothing is left to fault.
+        const tf = performance.now();
+        fillInfo = { by: 'thaw-fill', ...(await fill.done) };
+        phases.memoryFillWaitMs = Math.round(performance.now() - tf);
+        at.memoryFilled = Date.now();
       }
 
       holding?.stop();
@@ -717,7 +748,7 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
       // Before restore-complete: the worker that wakes on it never sees the originals the diff replaced.
       await discardHookUndo(container.containerId, pid);
       await writeMarker(container.controlDir, 'restore-complete', { checkpoint: checkpoint.name, restoredAt: new Date().toISOString() });
-      const e = event({ outcome: 'restored', restoredPid: tree.hostPid, bytes: checkpoint.manifest.totals.bytes, ...(digests ? { digests } : {}), ...(mappedFiles ? { mappedFiles } : {}), ...(weightsInfo ? { weights: weightsInfo } : {}) });
+      const e = event({ outcome: 'restored', restoredPid: tree.hostPid, bytes: checkpoint.manifest.totals.bytes, ...(digests ? { digests } : {}), ...(mappedFiles ? { mappedFiles } : {}), ...(weightsInfo ? { weights: weightsInfo } : {}), ...(fillInfo ? { memoryFill: fillInfo } : {}) });
       logger.info('restore', { ...e, criuOptions: tree.options, criuLog: tree.logPath, cgroupsJoined: tree.cgroupsJoined.length });
       o.onEvent?.(e);
     } catch (err) {
@@ -741,6 +772,24 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
       // thaw's own handles and allocations go: the worker holds its imported ones (or was killed).
       job.weights?.dispose();
       if (rootFd !== undefined) closeSync(rootFd);
+      // After the fallback killed the tree (never before: see memory-fill.ts); a filler that is done has exited.
+      fill?.stop();
+    }
+  }
+
+  /**
+   * Starts thaw-fill for this restore when the agent has it and the checkpoint has a plan. Any problem here
+   * changes nothing yet: CRIU then fills the memory itself, and the event says why.
+   */
+  async function startFill(job: RestoreJob, workDir: string): Promise<{ fill?: RunningFill; info?: RestoreEvent['memoryFill'] }> {
+    if (o.memoryFill === undefined || job.fillPlan === undefined) return {};
+    const plan = await job.fillPlan;
+    if ('none' in plan) return { info: { by: 'criu', reason: plan.none } };
+    try {
+      return { fill: await startMemoryFill({ binary: o.memoryFill.binary, workDir, plan, threads: o.memoryFill.threads, timeoutMs: o.memoryFill.timeoutMs }) };
+    } catch (err) {
+      logger.warn('thaw-fill did not start: CRIU fills the memory of this restore', { checkpoint: job.checkpoint.name, error: errorMessage(err) });
+      return { info: { by: 'criu', reason: `thaw-fill did not start: ${errorMessage(err)}` } };
     }
   }
 

@@ -61,6 +61,8 @@ export interface RestoreIntoContainerOptions {
   checkCredentials?: boolean;
   /** The image decoder to share; default one loaded on first use. */
   imageCodec?: CriuImageCodec;
+  /** CRIU leaves private anonymous pages to the lazy-pages daemon listening in workDir (memory-fill.ts). */
+  lazyPages?: boolean;
 }
 
 let imageCodec: CriuImageCodec | undefined;
@@ -187,6 +189,7 @@ export async function restoreIntoContainer(o: RestoreIntoContainerOptions): Prom
       externalMounts: hostPaths.externalMounts.map((m) => ({ key: m.key, mountpoint: m.mountpoint })),
       inheritFds,
       ...(netnsKey !== undefined ? { networkLock: 'skip' as const } : {}),
+      ...(o.lazyPages === true ? { lazyPages: true } : {}),
     };
     const cgroupsJoined = o.joinCgroups === false ? [] : await targetCgroupProcsFiles(pid).catch((err: unknown) => {
       throw isThawError(err) ? err : new RestoreError(RestoreErrorCode.TARGET_GONE, `cannot read the cgroups of ${pid}: ${errorMessage(err)}`, { step, cause: err });

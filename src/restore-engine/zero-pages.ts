@@ -18,7 +18,7 @@
  * done; any error before that leaves the dump untouched (the caller then publishes it as CRIU wrote it); an
  * error while renaming carries `imagesChanged: true` (the dump must not be published).
  */
-import { open, readFile, rename, rm, stat, type FileHandle } from 'node:fs/promises';
+import { open, readFile, rename, rm, stat, writeFile, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { CRIU_PAGE_BYTES, CriuImageCodec, encodeImageFile, PagemapFlags, parseImageFile, VmaStatus, type PagemapEntry, type VmaEntry } from './criu/images.js';
@@ -32,6 +32,29 @@ export const ZERO_PAGE_SCAN_READ_BYTES = 8 * 1024 * 1024;
 export const ZERO_PAGES_MIN_BYTES = 16 * 1024 * 1024;
 export const ZERO_PAGES_MIN_SHARE = 0.02;
 const NEW_FILE_SUFFIX = '.thaw-zero-pages';
+/**
+ * Beside the images: the address ranges whose pages were dropped, per process ({"v":1,"processes":{"<pid>":
+ * [["<hex address>", pages], ...]}}). CRIU never reads it; the memory fill places zeros there up front
+ * (memory-fill.ts), where the process would otherwise fault each page in alone. A hint only: whatever it says,
+ * an absent page of a private anonymous mapping is zeros, and the fill never overwrites a page that is there.
+ */
+export const ZERO_PAGES_FILE = 'thaw-zero-pages.json';
+
+/** The ranges of a ZERO_PAGES_FILE by pid; throws on a file that is not one. */
+export function parseZeroPagesFile(text: string): Map<number, Array<{ start: bigint; end: bigint }>> {
+  const doc = JSON.parse(text) as { v?: unknown; processes?: unknown };
+  if (doc.v !== 1 || typeof doc.processes !== 'object' || doc.processes === null) throw new Error(`${ZERO_PAGES_FILE}: not version 1`);
+  const out = new Map<number, Array<{ start: bigint; end: bigint }>>();
+  for (const [pid, ranges] of Object.entries(doc.processes as Record<string, unknown>)) {
+    if (!/^[1-9]\d*$/.test(pid) || !Array.isArray(ranges)) throw new Error(`${ZERO_PAGES_FILE}: bad entry for ${pid}`);
+    out.set(Number(pid), ranges.map((r: unknown) => {
+      if (!Array.isArray(r) || typeof r[0] !== 'string' || !/^[0-9a-f]+$/.test(r[0]) || !Number.isSafeInteger(r[1]) || (r[1] as number) <= 0) throw new Error(`${ZERO_PAGES_FILE}: bad range for ${pid}`);
+      const start = BigInt(`0x${r[0]}`);
+      return { start, end: start + BigInt(r[1] as number) * BigInt(CRIU_PAGE_BYTES) };
+    }));
+  }
+  return out;
+}
 
 const NOT_DROPPABLE =
   VmaStatus.ANON_SHARED | VmaStatus.FILE_PRIVATE | VmaStatus.FILE_SHARED | VmaStatus.AREA_SYSVIPC | VmaStatus.AREA_SOCKET |
@@ -195,8 +218,11 @@ async function findZeroPages(plan: ProcessPlan, input: FileHandle, buf: Buffer, 
 }
 
 /** Pass 2: the kept pages into a new pages file (runs written straight from the read buffer) and the new pagemap. */
-async function writeKeptPages(plan: ProcessPlan, codec: CriuImageCodec, input: FileHandle, buf: Buffer, drop: Uint8Array, signal: AbortSignal | undefined): Promise<void> {
+async function writeKeptPages(plan: ProcessPlan, codec: CriuImageCodec, input: FileHandle, buf: Buffer, drop: Uint8Array, signal: AbortSignal | undefined): Promise<Array<[string, number]>> {
   const kept: PagemapEntry[] = [];
+  const dropped: Array<[string, number]> = [];
+  let runStart = -1;
+  let runPages = 0;
   const output = await open(plan.pagesFile + NEW_FILE_SUFFIX, 'wx', 0o600);
   try {
     let writeAt = 0;
@@ -208,6 +234,13 @@ async function writeKeptPages(plan: ProcessPlan, codec: CriuImageCodec, input: F
       const runs: Buffer[] = [];
       for (let i = 0; i < n; ) {
         if (drop[page + i] === 1) {
+          const a = vaddr + i * CRIU_PAGE_BYTES;
+          if (runStart >= 0 && runStart + runPages * CRIU_PAGE_BYTES === a) runPages += 1;
+          else {
+            if (runStart >= 0) dropped.push([runStart.toString(16), runPages]);
+            runStart = a;
+            runPages = 1;
+          }
           i += 1;
           continue;
         }
@@ -229,6 +262,8 @@ async function writeKeptPages(plan: ProcessPlan, codec: CriuImageCodec, input: F
   } finally {
     await pm.close();
   }
+  if (runStart >= 0) dropped.push([runStart.toString(16), runPages]);
+  return dropped;
 }
 
 /**
@@ -251,6 +286,7 @@ export async function dropZeroPages(
   const minDropBytes = options.minDropBytes ?? ZERO_PAGES_MIN_BYTES;
   const buf = Buffer.allocUnsafe(ZERO_PAGE_SCAN_READ_BYTES);
   const plans: ProcessPlan[] = [];
+  const droppedRanges: Record<string, Array<[string, number]>> = {};
   try {
     for (const p of pstree) {
       const plan = await planProcess(dir, codec, p.pid, vmasOf.get(p.pid) ?? [], vmasOf.get(p.ppid));
@@ -267,14 +303,18 @@ export async function dropZeroPages(
           continue;
         }
         plans.push(plan);
-        await writeKeptPages(plan, codec, input, buf, drop, options.signal);
+        droppedRanges[String(p.pid)] = await writeKeptPages(plan, codec, input, buf, drop, options.signal);
         result.droppedBytes += dropped;
       } finally {
         await input.close();
       }
     }
+    await writeFile(join(dir, ZERO_PAGES_FILE + NEW_FILE_SUFFIX), JSON.stringify({ v: 1, processes: droppedRanges }), { mode: 0o600, flag: 'wx' });
   } catch (err) {
-    await Promise.all(plans.flatMap((p) => [rm(p.pagesFile + NEW_FILE_SUFFIX, { force: true }), rm(p.pagemapFile + NEW_FILE_SUFFIX, { force: true })]));
+    await Promise.all([
+      ...plans.flatMap((p) => [rm(p.pagesFile + NEW_FILE_SUFFIX, { force: true }), rm(p.pagemapFile + NEW_FILE_SUFFIX, { force: true })]),
+      rm(join(dir, ZERO_PAGES_FILE + NEW_FILE_SUFFIX), { force: true }),
+    ]);
     throw err;
   }
   // Every process is rewritten: only now replace CRIU's files. A rename that fails here (same directory: next
@@ -285,6 +325,8 @@ export async function dropZeroPages(
       await rename(p.pagemapFile + NEW_FILE_SUFFIX, p.pagemapFile);
       result.rewritten.push(p.pid);
     }
+    // Last: a dump whose renames stopped half way has no list (the fill then leaves zeros to the faults).
+    await rename(join(dir, ZERO_PAGES_FILE + NEW_FILE_SUFFIX), join(dir, ZERO_PAGES_FILE));
   } catch (err) {
     throw Object.assign(err instanceof Error ? err : new Error(String(err)), { imagesChanged: true });
   }

@@ -46,6 +46,7 @@ const HOOK_MAIN = path.join(PACKAGE_ROOT, 'dist/src/oci-hooks/main.js');
 const THAW_PAUSE = path.join(PACKAGE_ROOT, 'native/build/thaw-pause');
 /** The createRuntime hook restores run: the native one, answered by the hook server of this process (the agent's). */
 const NATIVE_HOOK = path.join(PACKAGE_ROOT, 'native/build/thaw-hook');
+const FILL = path.join(PACKAGE_ROOT, 'native/build/thaw-fill');
 
 interface WorkerState { digest: string; requests: number; bootId: string; restored: boolean; restoreCount: number; pid: number }
 interface WorkerEvent { event: string; [key: string]: unknown }
@@ -104,7 +105,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
   beforeAll(async () => {
     const { stack } = handle;
     if (process.getuid?.() !== 0) throw new Error('the restore integration tests must run as root');
-    if (!existsSync(THAW_PAUSE) || !existsSync(NATIVE_HOOK)) execFileSync('make', ['-C', path.join(PACKAGE_ROOT, 'native')], { stdio: 'inherit' });
+    if (!existsSync(THAW_PAUSE) || !existsSync(NATIVE_HOOK) || !existsSync(FILL)) execFileSync('make', ['-C', path.join(PACKAGE_ROOT, 'native')], { stdio: 'inherit' });
     ensureHooksBuilt();
     image = await buildWorkerImage(stack);
     controlRoot = await mkdtemp('/tmp/thaw-rst-ctl-');
@@ -125,6 +126,8 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
       toolkitBinDir: stack.paths.binDir,
       beforeCriuRestore: async (ctx) => beforeCriu?.(ctx),
       onEvent: (e) => events.push(e),
+      // Every restore of this file fills memory through thaw-fill, as the agent's default does.
+      memoryFill: { binary: FILL, threads: 2, timeoutMs: 60_000 },
     });
     hookServer = await startHookServer({ socketPath: path.join(workRoot, 'run', 'hook.sock'), logger });
     restoreConfig = { store, toolkitDir: stack.paths.prefix, thawPausePath: THAW_PAUSE, hookArgv: [process.execPath, HOOK_MAIN], nativeHook: { path: NATIVE_HOOK, server: hookServer }, workRoot };
@@ -213,6 +216,9 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
       const ev = await waitFor(() => events.slice(before).find((e) => e.containerId === pod.containerId), 'the restore event', 120_000, 50);
       console.log(`restore event: ${JSON.stringify(ev)}; pod create to event ${Date.now() - t0} ms`);
       expect(ev, JSON.stringify(ev)).toMatchObject({ outcome: 'restored', mode: 'overlay' });
+      // thaw-fill placed the worker's memory (CRIU left its private pages to it): the state digest below is the proof.
+      expect(ev.memoryFill, JSON.stringify(ev.memoryFill)).toMatchObject({ by: 'thaw-fill' });
+      expect((ev.memoryFill as { copiedBytes: number }).copiedBytes).toBeGreaterThan(0);
       // runc ran the native hook, and this process's hook server did its work (the rootfs diff, the overlay).
       expect(hookServer!.served()).toBe(servedBefore + 1);
       expect(hookServer!.pending()).toBe(0);

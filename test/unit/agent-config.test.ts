@@ -73,6 +73,8 @@ cuda:
 restore:
   pauseDeadlineMs: 15000
   hook: node
+  memoryFill: criu
+  fillThreads: 3
 log:
   level: error
   file: /var/log/thaw.log
@@ -84,9 +86,11 @@ log:
     expect(c.cuda.lockTimeoutMs).toBe(500);
     expect(c.restore.pauseDeadlineMs).toBe(15000);
     expect(c.restore.hook).toBe('node');
+    expect(c.restore.memoryFill).toBe('criu');
+    expect(c.restore.fillThreads).toBe(3);
     expect(c.log.file).toBe('/var/log/thaw.log');
     expect(resolveAgentConfig({ file: file('# nothing set\n'), packageRoot: PKG })).toEqual(defaultAgentConfig(PKG));
-    expect(CONFIG_KEYS).toHaveLength(28);
+    expect(CONFIG_KEYS).toHaveLength(30);
   });
 
   it.each([

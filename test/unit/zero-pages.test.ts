@@ -9,7 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { CRIU_PAGE_BYTES as P, CriuImageCodec, encodeImageFile, PagemapFlags, parseImageFile, VmaStatus, type PagemapEntry, type VmaEntry } from '../../src/restore-engine/criu/images.js';
-import { droppableRanges, dropZeroPages } from '../../src/restore-engine/zero-pages.js';
+import { droppableRanges, dropZeroPages, parseZeroPagesFile, ZERO_PAGES_FILE } from '../../src/restore-engine/zero-pages.js';
 
 const codec = CriuImageCodec.load();
 const HEADER = Buffer.from([0x19, 0x43, 0x56, 0x54, 0x25, 0x40, 0x08, 0x56]); // common magic + pagemap magic
@@ -97,7 +97,17 @@ describe('dropZeroPages', () => {
       { vaddr: BigInt(A), nrPages: 4, flags: PRESENT_LAZY },
       { vaddr: BigInt(D + P), nrPages: 1, flags: PRESENT_LAZY },
     ]);
-    expect(readdirSync(dir).filter((f) => f.includes('thaw-zero-pages'))).toEqual([]);
+    expect(readdirSync(dir).filter((f) => f.endsWith('.thaw-zero-pages'))).toEqual([]);
+    // The dropped ranges, for the memory fill: runs of consecutive dropped pages per process.
+    const hex = (a: number): string => a.toString(16);
+    expect(JSON.parse(readFileSync(join(dir, ZERO_PAGES_FILE), 'utf8'))).toEqual({
+      v: 1,
+      processes: { '10': [[hex(A + P), 2], [hex(A + 4 * P), 1], [hex(A + 6 * P), 2]], '11': [[hex(D), 1], [hex(D + 2 * P), 2]] },
+    });
+    expect([...parseZeroPagesFile(readFileSync(join(dir, ZERO_PAGES_FILE), 'utf8')).get(11)!]).toEqual([
+      { start: BigInt(D), end: BigInt(D + P) },
+      { start: BigInt(D + 2 * P), end: BigInt(D + 4 * P) },
+    ]);
     // The header of the rewritten pagemap is CRIU's, byte for byte.
     expect(readFileSync(join(dir, 'pagemap-10.img')).subarray(0, 8)).toEqual(HEADER);
   });
@@ -131,7 +141,9 @@ describe('dropZeroPages', () => {
       expect(r.skipped).toHaveLength(1);
       expect(r.skipped[0]!.reason).toMatch(reason);
       for (const [f, bytes] of before) expect(readFileSync(join(dir, f)).equals(bytes), f).toBe(true);
-      expect(readdirSync(dir).sort()).toEqual(before.map(([f]) => f).sort());
+      // Only the (empty) list of dropped ranges is new: the memory fill knows there are none.
+      expect(readdirSync(dir).sort()).toEqual([...before.map(([f]) => f), ZERO_PAGES_FILE].sort());
+      expect(JSON.parse(readFileSync(join(dir, ZERO_PAGES_FILE), 'utf8'))).toEqual({ v: 1, processes: {} });
     }
   });
 

@@ -102,6 +102,11 @@ export interface RestoreOptions extends CommonOptions {
   cgroupRoots?: Array<{ controller?: string; path: string }>;
   /** --orphan-pts-master: the pty master arrives in the orphanPtsMaster notification. */
   orphanPtsMaster?: boolean;
+  /**
+   * --lazy-pages: private anonymous pages are left to a lazy-pages daemon listening on lazy-pages.socket in the
+   * work dir (thaw-fill, memory-fill.ts), which must be listening before the request is sent.
+   */
+  lazyPages?: boolean;
 }
 
 /** The fds the swrk child gets and what CRIU must be told about them. */
@@ -253,6 +258,10 @@ export function buildRestoreRequestOpts(o: RestoreOptions, ctx: BuildContext): C
   if (o.rootPath !== undefined) m.root = o.rootPath;
   if (o.restoreSibling !== undefined) m.rstSibling = o.restoreSibling;
   if (o.orphanPtsMaster !== undefined) m.orphanPtsMaster = o.orphanPtsMaster;
+  if (o.lazyPages === true) {
+    if (o.workDir === undefined) throw invalid(step, 'lazyPages needs a workDir: CRIU finds the lazy-pages socket there');
+    m.lazyPages = true;
+  }
   const external: string[] = [];
   for (const { key, mountpoint } of o.externalMounts ?? []) {
     if (!mountpoint.startsWith('/')) throw invalid(step, `externalMounts: mountpoint must be absolute, got ${mountpoint}`);

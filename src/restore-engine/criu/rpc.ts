@@ -86,6 +86,7 @@ export interface CriuOptsMessage {
   timeout?: number;
   tcpSkipInFlight?: boolean;
   weakSysctls?: boolean;
+  lazyPages?: boolean;
   orphanPtsMaster?: boolean;
   configFile?: string;
   tcpClose?: boolean;

@@ -1,0 +1,278 @@
+/**
+ * The memory fill of a restore through userfaultfd (docs/performance.md, "Memory fill"): CRIU restores the
+ * process tree with `lazy_pages`, leaving out the pages of private anonymous mappings, and thaw-fill
+ * (native/thaw-fill.c) places them from the pages files on several threads while the tree runs, serving its page
+ * faults first. CRIU's own restorer reads every page on one thread before the process exists; here the skeleton
+ * is up at once and the CUDA restore overlaps the fill.
+ *
+ * The contract with the restore flow: the fill's `done` must resolve before the tree is let run its own code
+ * (before thaw-pause adopts it and restore-complete is written); on any error the tree is killed first and the
+ * filler after it (killRestoredTree, then stop()), because a filler gone before its work is done would leave the
+ * pages it had not placed reading as zeros. thaw-fill keeps its uffds open after an error for that reason.
+ *
+ * The plan comes from the checkpoint's verified images only: per task its pagemap's PE_LAZY entries (the pages
+ * CRIU leaves to the fill), cut at VMA boundaries (UFFDIO_COPY works within one VMA) and located in the pages
+ * file, and the all-zero pages the checkpoint dropped (thaw-zero-pages.json, zero-pages.ts), which the process
+ * would otherwise fault in one page at a time. A pagemap that refers to parent images has no plan (the fill
+ * reads one pages file per task): such a checkpoint restores with CRIU's own fill.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { createInterface } from 'node:readline';
+import { errorMessage } from '../errors.js';
+import { CRIU_PAGE_BYTES, CriuImageCodec, PagemapFlags, VmaStatus, parseImageFile, type VmaEntry } from './criu/images.js';
+import { RestoreError, RestoreErrorCode } from './restore-errors.js';
+import { ZERO_PAGES_FILE, parseZeroPagesFile } from './zero-pages.js';
+
+/** The plan's file name in CRIU's work directory (the filler's cwd, where CRIU looks for lazy-pages.socket). */
+export const FILL_PLAN_FILE = 'fill-plan.txt';
+/** The most zero bytes a plan places: FILL_MAX_ZERO_FACTOR × its copied bytes + FILL_MAX_ZERO_SLACK_BYTES. */
+export const FILL_MAX_ZERO_FACTOR = 16;
+export const FILL_MAX_ZERO_SLACK_BYTES = 1024 ** 3;
+
+/**
+ * The mappings CRIU's restorer registers with the uffd (its vma_entry_can_be_lazy, criu/include/vma.h): mmap
+ * flags MAP_ANONYMOUS | MAP_PRIVATE without MAP_LOCKED or MAP_HUGETLB, and not the vDSO, vvar or vsyscall page.
+ */
+const MAP_PRIVATE = 0x02;
+const MAP_ANONYMOUS = 0x20;
+const MAP_LOCKED = 0x2000;
+const MAP_HUGETLB = 0x40000;
+const VMA_AREA_VSYSCALL = 1 << 2;
+const VMA_AREA_VDSO = 1 << 3;
+export function vmaCanBeLazy(v: Pick<VmaEntry, 'flags' | 'status'>): boolean {
+  return (
+    (v.flags & MAP_ANONYMOUS) !== 0 && (v.flags & MAP_PRIVATE) !== 0 && (v.flags & (MAP_LOCKED | MAP_HUGETLB)) === 0 &&
+    (v.status & (VMA_AREA_VDSO | VmaStatus.AREA_VVAR | VMA_AREA_VSYSCALL)) === 0
+  );
+}
+
+export interface FillPlanTask {
+  pid: number;
+  /** The task's pages file; undefined when no page of it is lazy. */
+  pagesFile?: string;
+  /** Copies: `pages` pages at `addr` from byte `offset` of pagesFile, each within one VMA, sorted. */
+  copies: Array<{ addr: bigint; pages: number; offset: number }>;
+  /** Zero ranges inside lazy VMAs that the copies do not cover, sorted. */
+  zeros: Array<{ addr: bigint; pages: number }>;
+}
+
+export interface FillPlan {
+  tasks: FillPlanTask[];
+  /** Bytes the copies place. */
+  copyBytes: number;
+  zeroBytes: number;
+}
+
+interface Span {
+  start: bigint;
+  end: bigint;
+}
+
+const PAGE = BigInt(CRIU_PAGE_BYTES);
+
+/** The spans of [start, end) inside lazy VMAs (sorted, disjoint `vmas`), cut at each VMA's end. */
+function withinLazyVmas(start: bigint, end: bigint, vmas: readonly Span[]): Span[] {
+  const out: Span[] = [];
+  for (const v of vmas) {
+    if (v.end <= start) continue;
+    if (v.start >= end) break;
+    const s = start > v.start ? start : v.start;
+    const e = end < v.end ? end : v.end;
+    if (s < e) out.push({ start: s, end: e });
+  }
+  return out;
+}
+
+/** Removes `cut` (sorted, disjoint) from `span`. */
+function subtract(span: Span, cut: readonly Span[]): Span[] {
+  const out: Span[] = [];
+  let at = span.start;
+  for (const c of cut) {
+    if (c.end <= at) continue;
+    if (c.start >= span.end) break;
+    if (c.start > at) out.push({ start: at, end: c.start });
+    at = c.end > at ? c.end : at;
+    if (at >= span.end) break;
+  }
+  if (at < span.end) out.push({ start: at, end: span.end });
+  return out;
+}
+
+/**
+ * The fill plan of the images in `dir`, or a reason why there is none (the restore then uses CRIU's own fill).
+ * Throws only on unreadable or undecodable images (which CRIU would refuse as well).
+ */
+export async function buildFillPlan(dir: string, codec: CriuImageCodec): Promise<FillPlan | { none: string }> {
+  const pstree = parseImageFile(await readFile(join(dir, 'pstree.img')), 'pstree.img').entries.map((e) => codec.decodePstree(e));
+  const zeroFile = await readFile(join(dir, ZERO_PAGES_FILE), 'utf8').catch((err: NodeJS.ErrnoException) => {
+    if (err.code === 'ENOENT') return undefined;
+    throw err;
+  });
+  // A checkpoint from before the file existed may have dropped zero pages thaw no longer knows of: every one of
+  // them would be a fault of its own, so such a checkpoint keeps CRIU's fill.
+  if (zeroFile === undefined) return { none: `no ${ZERO_PAGES_FILE} (a checkpoint of an earlier thaw)` };
+  const dropped = parseZeroPagesFile(zeroFile);
+  const plan: FillPlan = { tasks: [], copyBytes: 0, zeroBytes: 0 };
+  for (const p of pstree) {
+    const mm = parseImageFile(await readFile(join(dir, `mm-${p.pid}.img`)), `mm-${p.pid}.img`);
+    const vmas: VmaEntry[] = mm.entries[0] !== undefined ? codec.decodeVmas(mm.entries[0]) : [];
+    const lazy: Span[] = vmas
+      .filter(vmaCanBeLazy)
+      .map((v) => ({ start: v.start, end: v.end }))
+      .sort((a, b) => (a.start < b.start ? -1 : a.start > b.start ? 1 : 0));
+    const pagemap = parseImageFile(await readFile(join(dir, `pagemap-${p.pid}.img`)), `pagemap-${p.pid}.img`);
+    const [head, ...rest] = pagemap.entries;
+    if (head === undefined) return { none: `pagemap-${p.pid}.img has no head` };
+    const { pagesId } = codec.decodePagemapHead(head);
+    const task: FillPlanTask = { pid: p.pid, copies: [], zeros: [] };
+    const covered: Span[] = [];
+    let offset = 0;
+    for (const raw of rest) {
+      const e = codec.decodePagemapEntry(raw);
+      const flags = e.flags ?? PagemapFlags.PRESENT;
+      if (e.inParent === true || (flags & PagemapFlags.PARENT) !== 0) return { none: `pagemap-${p.pid}.img refers to a parent image` };
+      const present = (flags & PagemapFlags.PRESENT) !== 0;
+      const bytes = e.nrPages * CRIU_PAGE_BYTES;
+      const start = e.vaddr;
+      const end = start + BigInt(bytes);
+      covered.push({ start, end });
+      if (present && (flags & PagemapFlags.LAZY) !== 0) {
+        // CRIU leaves exactly these to the fill; a lazy entry outside every lazy VMA would be a broken image.
+        let placed = 0n;
+        for (const s of withinLazyVmas(start, end, lazy)) {
+          task.copies.push({ addr: s.start, pages: Number((s.end - s.start) / PAGE), offset: offset + Number(s.start - start) });
+          placed += s.end - s.start;
+        }
+        if (placed !== end - start) return { none: `pagemap-${p.pid}.img: lazy pages at 0x${start.toString(16)} outside a private anonymous mapping` };
+        task.pagesFile = join(dir, `pages-${pagesId}.img`);
+        plan.copyBytes += bytes;
+      } else if (!present) {
+        return { none: `pagemap-${p.pid}.img has pages that are not in its pages file` };
+      }
+      if (present) offset += bytes;
+    }
+    covered.sort((a, b) => (a.start < b.start ? -1 : a.start > b.start ? 1 : 0));
+    for (const z of dropped.get(p.pid) ?? []) {
+      for (const s of withinLazyVmas(z.start, z.end, lazy)) {
+        for (const free of subtract(s, covered)) {
+          task.zeros.push({ addr: free.start, pages: Number((free.end - free.start) / PAGE) });
+          plan.zeroBytes += Number(free.end - free.start);
+        }
+      }
+    }
+    task.zeros.sort((a, b) => (a.addr < b.addr ? -1 : a.addr > b.addr ? 1 : 0));
+    plan.tasks.push(task);
+  }
+  // Zero ranges cost page tables, not pages: a list far larger than the pages (not one thaw writes) is ignored.
+  if (plan.zeroBytes > FILL_MAX_ZERO_FACTOR * plan.copyBytes + FILL_MAX_ZERO_SLACK_BYTES) {
+    for (const t of plan.tasks) t.zeros = [];
+    plan.zeroBytes = 0;
+  }
+  return plan;
+}
+
+/** The plan as thaw-fill reads it (native/thaw-fill.c, top comment). */
+export function encodeFillPlan(plan: FillPlan): string {
+  const lines = ['thaw-fill-plan 1'];
+  for (const t of plan.tasks) {
+    lines.push(`task ${t.pid} ${t.pagesFile ?? '-'}`);
+    for (const c of t.copies) lines.push(`c ${c.addr.toString(16)} ${c.pages} ${c.offset}`);
+    for (const z of t.zeros) lines.push(`z ${z.addr.toString(16)} ${z.pages}`);
+  }
+  return lines.join('\n') + '\n';
+}
+
+/** thaw-fill's own account (its `done` line). */
+export interface FillStats {
+  copiedBytes: number;
+  zeroedBytes: number;
+  faults: number;
+  existing: number;
+  retried: number;
+  threads: number;
+  chunks: number;
+  /** From CRIU's "restore finished" to the last page placed. */
+  fillMs: number;
+  totalMs: number;
+}
+
+export interface RunningFill {
+  /** Resolves when every page is in; rejects with RESTORE_MEMORY_FILL (the filler's code in the evidence). */
+  done: Promise<FillStats>;
+  /** Kills the filler (after the tree, see the top of this file); idempotent. */
+  stop(): void;
+}
+
+export interface StartFillOptions {
+  binary: string;
+  /** CRIU's work directory: the plan is written there and the filler binds lazy-pages.socket in it. */
+  workDir: string;
+  plan: FillPlan;
+  threads: number;
+  timeoutMs: number;
+  /** Test seam: thaw-fill starts its sweep only once this path exists (page faults are served meanwhile). */
+  holdSweepUntil?: string;
+}
+
+/** Writes the plan, starts thaw-fill and waits until its socket listens (CRIU must find it when it starts). */
+export async function startMemoryFill(o: StartFillOptions): Promise<RunningFill> {
+  const step = 'start the memory fill';
+  const planPath = join(o.workDir, FILL_PLAN_FILE);
+  await writeFile(planPath, encodeFillPlan(o.plan), { mode: 0o600 });
+  const child: ChildProcess = spawn(o.binary, ['--plan', planPath, '--threads', String(o.threads), '--timeout-ms', String(o.timeoutMs), ...(o.holdSweepUntil !== undefined ? ['--hold-sweep-until', o.holdSweepUntil] : [])], {
+    cwd: o.workDir,
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let stderr = '';
+  child.stderr?.setEncoding('utf8').on('data', (d: string) => {
+    if (stderr.length < 4096) stderr += d;
+  });
+  const lines = createInterface({ input: child.stdout! });
+  let stopped = false;
+  const stop = (): void => {
+    if (stopped) return;
+    stopped = true;
+    child.kill('SIGKILL');
+  };
+  const failure = (message: string, evidence: Record<string, unknown>): RestoreError =>
+    new RestoreError(RestoreErrorCode.MEMORY_FILL, message, { step: 'fill the restored memory', evidence: { ...evidence, ...(stderr !== '' ? { stderr } : {}) } });
+  let ready!: () => void;
+  let notReady!: (err: Error) => void;
+  const readyP = new Promise<void>((res, rej) => ((ready = res), (notReady = rej)));
+  const done = new Promise<FillStats>((resolve, reject) => {
+    lines.on('line', (line) => {
+      if (line === 'ready') return ready();
+      if (line.startsWith('done ')) {
+        try {
+          return resolve(JSON.parse(line.slice(5)) as FillStats);
+        } catch (err) {
+          return reject(failure(`thaw-fill's account is not JSON: ${errorMessage(err)}`, { line }));
+        }
+      }
+      const m = /^error (\S+) (.*)$/.exec(line);
+      const err = failure(m ? `thaw-fill: ${m[1]}: ${m[2]}` : `thaw-fill said: ${line}`, m ? { fillCode: m[1] } : { line });
+      notReady(err);
+      reject(err);
+    });
+    child.on('error', (err) => {
+      const e = failure(`cannot run ${o.binary}: ${err.message}`, { binary: o.binary });
+      notReady(e);
+      reject(e);
+    });
+    child.on('exit', (code, sig) => {
+      const e = failure(`thaw-fill ended before the memory was in (${sig ?? `exit ${code}`})`, { exitCode: code, signal: sig });
+      notReady(e);
+      reject(e); // no effect after `done`
+    });
+  });
+  done.catch(() => undefined); // the flow awaits it later; an early failure must not go unhandled meanwhile
+  try {
+    await readyP;
+  } catch (err) {
+    stop();
+    throw err instanceof RestoreError ? err : new RestoreError(RestoreErrorCode.MEMORY_FILL, errorMessage(err), { step, cause: err });
+  }
+  return { done, stop };
+}

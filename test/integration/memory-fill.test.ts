@@ -1,0 +1,226 @@
+/**
+ * The memory fill through userfaultfd (src/restore-engine/memory-fill.ts, native/thaw-fill.c) against the real CRIU
+ * of thaw's node stack and this kernel's userfaultfd: a Python process holding a known pattern (and a region of
+ * zero pages the checkpoint drops) is dumped, restored with lazy pages while thaw-fill places its memory, and checks
+ * every page itself. The process's reads, its madvise(DONTNEED) and a fork are driven while the fill is known to be
+ * unfinished: thaw-fill's sweep is held (its --hold-sweep-until seam) until the process has acted, so every page it
+ * touches comes through a fault and every call of it through an event.
+ *
+ * Runs as root; the stack's CRIU and native/build/thaw-fill must exist (their absence fails).
+ */
+import { execFileSync, spawn } from 'node:child_process';
+import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { dirname, join, resolve } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { fileURLToPath } from 'node:url';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { isThawError } from '../../src/errors.js';
+import { createCollectingLogger } from '../../src/log.js';
+import { CriuClient } from '../../src/restore-engine/criu/client.js';
+import { CriuImageCodec } from '../../src/restore-engine/criu/images.js';
+import { buildFillPlan, startMemoryFill, type FillPlan, type RunningFill } from '../../src/restore-engine/memory-fill.js';
+import { RestoreErrorCode } from '../../src/restore-engine/restore-errors.js';
+import { dropZeroPages, ZERO_PAGES_FILE } from '../../src/restore-engine/zero-pages.js';
+
+const CRIU_PATH = '/opt/thaw/stack/1.7/bin/criu';
+const FILL = resolve(dirname(fileURLToPath(import.meta.url)), '../../native/build/thaw-fill');
+const root = mkdtempSync('/tmp/thaw-fill-');
+const codec = CriuImageCodec.load();
+const client = new CriuClient({ criuPath: CRIU_PATH, logger: createCollectingLogger(), env: { ...process.env, PATH: `${dirname(CRIU_PATH)}:${process.env.PATH ?? '/usr/bin:/bin'}` } });
+const started = new Set<number>();
+const fills: RunningFill[] = [];
+
+/** Pages of the pattern region and of the zero region (written, then zeroed: the checkpoint drops them). */
+const PATTERN_PAGES = 24 * 1024; // 96 MiB
+const ZERO_PAGES = 8 * 1024; // 32 MiB
+const DROPPED = [1000, 1400]; // the pages the process madvise(DONTNEED)s after the restore
+
+/**
+ * The victim: a page i of the pattern region holds (i, i * 2654435761 mod 2^64) in its first 16 bytes, zeros
+ * after. It says `ready`, then blocks on its FIFO; the word it reads is the scenario, after which it checks every
+ * page and writes `ok` or the first bad page to its result file.
+ */
+const VICTIM = String.raw`
+import mmap, os, struct, sys
+P, Z, D0, D1 = (int(x) for x in sys.argv[3:7])
+flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+a = mmap.mmap(-1, P * 4096, flags=flags)
+for i in range(P):
+    a[i * 4096:i * 4096 + 16] = struct.pack('<QQ', i, (i * 2654435761) % (1 << 64))
+z = mmap.mmap(-1, Z * 4096, flags=flags)
+for i in range(Z):
+    z[i * 4096] = 1
+    z[i * 4096] = 0
+open(sys.argv[1] + '.ready', 'w').close()
+dropped = False
+zero = bytes(4096)
+for n in range(1, 100):
+    word = open(sys.argv[2]).read().strip()
+    if word == 'dontneed':
+        a.madvise(mmap.MADV_DONTNEED, D0 * 4096, (D1 - D0) * 4096)
+        dropped = True
+    elif word == 'fork':
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+    bad = None
+    for i in range(P):
+        page = a[i * 4096:(i + 1) * 4096]
+        want = zero if (dropped and D0 <= i < D1) else struct.pack('<QQ', i, (i * 2654435761) % (1 << 64)) + bytes(4080)
+        if page != want:
+            bad = 'pattern page %d' % i
+            break
+    if bad is None:
+        for i in range(Z):
+            if z[i * 4096:(i + 1) * 4096] != zero:
+                bad = 'zero page %d' % i
+                break
+    with open('%s.%d.tmp' % (sys.argv[1], n), 'w') as f:
+        f.write(bad or 'ok')
+    os.rename('%s.%d.tmp' % (sys.argv[1], n), '%s.%d' % (sys.argv[1], n))
+`;
+
+async function waitFor(cond: () => boolean, timeoutMs: number, what: string): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!cond()) {
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await sleep(20);
+  }
+}
+
+interface Dumped {
+  dir: string;
+  imagesDir: string;
+  workDir: string;
+  result: string;
+  fifo: string;
+}
+
+/** Starts the victim, dumps it (it stops), drops its zero pages as a checkpoint does. */
+async function dumpVictim(name: string): Promise<Dumped> {
+  const dir = join(root, name);
+  const imagesDir = join(dir, 'images');
+  const workDir = join(dir, 'work');
+  mkdirSync(imagesDir, { recursive: true });
+  mkdirSync(workDir, { recursive: true });
+  const script = join(dir, 'victim.py');
+  writeFileSync(script, VICTIM);
+  const result = join(dir, 'result');
+  const fifo = join(dir, 'go.fifo');
+  execFileSync('mkfifo', [fifo]);
+  const out = openSync(join(dir, 'victim.out'), 'a');
+  const child = spawn('/usr/bin/python3', [script, result, fifo, String(PATTERN_PAGES), String(ZERO_PAGES), String(DROPPED[0]), String(DROPPED[1])], { detached: true, stdio: ['ignore', out, out] });
+  closeSync(out);
+  child.unref();
+  started.add(child.pid!);
+  await waitFor(() => existsSync(`${result}.ready`), 60_000, 'the victim to write its pages');
+  // Blocked in open() of its FIFO (no writer yet): a syscall CRIU restarts after the restore.
+  await client.dump({ imagesDir, workDir, pid: child.pid! });
+  await waitFor(() => !existsSync(`/proc/${child.pid}`), 5_000, 'the dumped victim to be gone');
+  const z = await dropZeroPages(imagesDir, { codec });
+  expect(z.droppedBytes, 'the zero region is left out of the images').toBeGreaterThanOrEqual(ZERO_PAGES * 4096);
+  return { dir, imagesDir, workDir, result, fifo };
+}
+
+async function planOf(d: Dumped): Promise<FillPlan> {
+  const plan = await buildFillPlan(d.imagesDir, codec);
+  if ('none' in plan) throw new Error(`no fill plan: ${plan.none}`);
+  return plan;
+}
+
+/** Restores `d` lazily with thaw-fill's sweep held until release() (page faults are served from the start). */
+async function restoreLazily(d: Dumped, plan: FillPlan, threads: number): Promise<{ fill: RunningFill; pid: number; fillPid: number; release(): void }> {
+  const hold = join(d.dir, 'sweep');
+  const fill = await startMemoryFill({ binary: FILL, workDir: d.workDir, plan, threads, timeoutMs: 60_000, holdSweepUntil: hold });
+  fills.push(fill);
+  const fillPid = Number(execFileSync('pgrep', ['-n', '-f', `thaw-fill --plan ${join(d.workDir, 'fill-plan.txt')}`], { encoding: 'utf8' }).trim());
+  const res = await client.restore({ imagesDir: d.imagesDir, workDir: d.workDir, lazyPages: true });
+  started.add(res.pid);
+  return { fill, pid: res.pid, fillPid, release: () => writeFileSync(hold, '') };
+}
+
+/** Writes the scenario word into the FIFO from a child (the open blocks until the victim opens it). */
+function trigger(fifo: string, word: string): void {
+  spawn('/bin/sh', ['-c', `printf '%s\\n' "$1" > "$2"`, 'sh', word, fifo], { stdio: 'ignore' }).unref();
+}
+
+beforeAll(() => {
+  if (!existsSync(CRIU_PATH)) throw new Error(`CRIU not found at ${CRIU_PATH}: provision thaw's node stack first`);
+  if (!existsSync(FILL)) throw new Error(`${FILL} is not built: make -C native`);
+  if (process.getuid?.() !== 0) throw new Error('the memory-fill tests must run as root');
+});
+afterAll(() => {
+  for (const f of fills) f.stop();
+  for (const pid of started) {
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      // gone
+    }
+  }
+  if (process.env.THAW_TEST_KEEP === undefined) rmSync(root, { recursive: true, force: true });
+});
+
+describe('thaw-fill: a lazy CRIU restore whose memory a filler places', () => {
+  it('the plan: the lazy pages from the pages file, and the dropped zero pages as zero ranges', async () => {
+    const d = await dumpVictim('plan');
+    const plan = await planOf(d);
+    expect(existsSync(join(d.imagesDir, ZERO_PAGES_FILE))).toBe(true);
+    expect(plan.copyBytes).toBeGreaterThanOrEqual(PATTERN_PAGES * 4096);
+    expect(plan.zeroBytes).toBeGreaterThanOrEqual(ZERO_PAGES * 4096);
+    const t = plan.tasks[0]!;
+    expect(t.pagesFile).toMatch(/pages-\d+\.img$/);
+    // Sorted, page-aligned, disjoint, and no zero range over a copied page.
+    const spans = [...t.copies.map((c) => ({ s: c.addr, e: c.addr + BigInt(c.pages * 4096) })), ...t.zeros.map((z) => ({ s: z.addr, e: z.addr + BigInt(z.pages * 4096) }))].sort((x, y) => (x.s < y.s ? -1 : 1));
+    for (let i = 1; i < spans.length; i++) expect(spans[i]!.s >= spans[i - 1]!.e).toBe(true);
+  });
+
+  it('every page comes back exact while the process reads them (faults served beside the sweep)', async () => {
+    const d = await dumpVictim('exact');
+    const { fill, pid, release } = await restoreLazily(d, await planOf(d), 2);
+    trigger(d.fifo, 'check');
+    await waitFor(() => existsSync(`${d.result}.1`), 60_000, 'the victim\'s check');
+    expect(readFileSync(`${d.result}.1`, 'utf8')).toBe('ok');
+    release();
+    const stats = await fill.done;
+    trigger(d.fifo, 'check');
+    await waitFor(() => existsSync(`${d.result}.2`), 60_000, 'the victim\'s check after the fill');
+    expect(readFileSync(`${d.result}.2`, 'utf8')).toBe('ok');
+    expect(stats.copiedBytes).toBeGreaterThanOrEqual(PATTERN_PAGES * 4096 - DROPPED.length * 4096);
+    expect(stats.zeroedBytes).toBeGreaterThanOrEqual(ZERO_PAGES * 4096);
+    // Each fault places a window of 32 pages: the victim's reads of 96 MiB took at least that many.
+    expect(stats.faults, 'the victim read its pages before the sweep').toBeGreaterThanOrEqual(PATTERN_PAGES / 32);
+    expect(stats.existing, 'the sweep found the faulted pages there and left them').toBeGreaterThanOrEqual(1);
+    expect(existsSync(`/proc/${pid}`)).toBe(true);
+  });
+
+  it('pages the process drops (madvise DONTNEED) while they are missing stay dropped', async () => {
+    const d = await dumpVictim('dontneed');
+    const { fill, release } = await restoreLazily(d, await planOf(d), 2);
+    trigger(d.fifo, 'dontneed');
+    await waitFor(() => existsSync(`${d.result}.1`), 60_000, 'the victim\'s check');
+    expect(readFileSync(`${d.result}.1`, 'utf8')).toBe('ok');
+    // The sweep after it must not bring the dropped pages back: the victim checks them again.
+    release();
+    await fill.done;
+    trigger(d.fifo, 'check');
+    await waitFor(() => existsSync(`${d.result}.2`), 60_000, 'the victim\'s check after the fill');
+    expect(readFileSync(`${d.result}.2`, 'utf8')).toBe('ok');
+  });
+
+  it('a fork while the memory is being filled is refused: RESTORE_MEMORY_FILL (FORK), and the filler holds the process', async () => {
+    const d = await dumpVictim('fork');
+    const { fill, pid, fillPid } = await restoreLazily(d, await planOf(d), 1);
+    trigger(d.fifo, 'fork');
+    const err = await fill.done.then(() => undefined, (e: unknown) => e);
+    expect(isThawError(err, RestoreErrorCode.MEMORY_FILL)).toBe(true);
+    expect((err as { evidence?: { fillCode?: string } }).evidence?.fillCode).toBe('FORK');
+    // Neither finished nor running on zeros: the process waits (it never wrote a result) until it is killed.
+    await sleep(300);
+    expect(existsSync(`${d.result}.1`)).toBe(false);
+    expect(existsSync(`/proc/${fillPid}`), 'the filler keeps its uffds open after an error').toBe(true);
+    process.kill(pid, 'SIGKILL');
+    fill.stop();
+  });
+});

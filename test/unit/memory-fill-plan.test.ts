@@ -1,0 +1,126 @@
+/**
+ * The memory fill's plan (src/restore-engine/memory-fill.ts buildFillPlan, encodeFillPlan) from CRIU images built
+ * here with the image codec: which pages thaw-fill copies (PE_LAZY entries, cut at VMA boundaries, located in the
+ * pages file past the non-lazy ones), which zero ranges it places (the dropped ones, within lazy mappings, never
+ * over a copied page), and the checkpoints that get no plan (CRIU then fills their memory).
+ * test/integration/memory-fill.test.ts runs thaw-fill on a real CRIU restore.
+ */
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import { CRIU_PAGE_BYTES as P, CriuImageCodec, encodeImageFile, PagemapFlags, VmaStatus, type VmaEntry } from '../../src/restore-engine/criu/images.js';
+import { buildFillPlan, encodeFillPlan, FILL_MAX_ZERO_FACTOR, FILL_MAX_ZERO_SLACK_BYTES, vmaCanBeLazy, type FillPlan } from '../../src/restore-engine/memory-fill.js';
+import { ZERO_PAGES_FILE } from '../../src/restore-engine/zero-pages.js';
+
+const codec = CriuImageCodec.load();
+const HEADER = Buffer.from([0x19, 0x43, 0x56, 0x54, 0x25, 0x40, 0x08, 0x56]);
+const ANON = VmaStatus.AREA_REGULAR | VmaStatus.ANON_PRIVATE;
+const LAZY = PagemapFlags.PRESENT | PagemapFlags.LAZY;
+const PRIVATE_ANON = 0x22; // MAP_PRIVATE | MAP_ANONYMOUS
+const FILE_PRIVATE = 0x02;
+const A = 0x10000000;
+const B = 0x20000000;
+
+const dirs: string[] = [];
+afterEach(() => {
+  for (const d of dirs.splice(0)) rmSync(d, { recursive: true, force: true });
+});
+
+const vma = (start: number, pages: number, flags = PRIVATE_ANON, status = ANON): VmaEntry => ({ start: BigInt(start), end: BigInt(start + pages * P), status, flags });
+
+interface Proc {
+  pid: number;
+  vmas: VmaEntry[];
+  /** [vaddr, pages, flags] per pagemap entry. */
+  map: Array<[number, number, number]>;
+  pagesId: number;
+}
+
+function writeImages(procs: Proc[], zeros?: Record<string, Array<[string, number]>>): string {
+  const dir = mkdtempSync(join(tmpdir(), 'thaw-fill-plan-'));
+  dirs.push(dir);
+  writeFileSync(join(dir, 'pstree.img'), encodeImageFile({ header: HEADER, entries: procs.map((p, i) => codec.encodePstree({ pid: p.pid, ppid: i === 0 ? 0 : procs[0]!.pid })) }));
+  for (const p of procs) {
+    writeFileSync(join(dir, `mm-${p.pid}.img`), encodeImageFile({ header: HEADER, entries: [codec.encodeMm(p.vmas)] }));
+    const entries = p.map.map(([vaddr, nrPages, flags]) => codec.encodePagemapEntry({ vaddr: BigInt(vaddr), nrPages, flags }));
+    writeFileSync(join(dir, `pagemap-${p.pid}.img`), encodeImageFile({ header: HEADER, entries: [codec.encodePagemapHead(p.pagesId), ...entries] }));
+  }
+  if (zeros !== undefined) writeFileSync(join(dir, ZERO_PAGES_FILE), JSON.stringify({ v: 1, processes: zeros }));
+  return dir;
+}
+
+async function plan(dir: string): Promise<FillPlan> {
+  const p = await buildFillPlan(dir, codec);
+  if ('none' in p) throw new Error(p.none);
+  return p;
+}
+
+describe('buildFillPlan', () => {
+  it('copies the lazy entries at their offsets past non-lazy ones, cut at VMA ends; zeros only where nothing is copied', async () => {
+    const dir = writeImages(
+      [{
+        pid: 7, pagesId: 3,
+        // Two lazy VMAs that touch; a file mapping in between the entries' file order.
+        vmas: [vma(A, 4), vma(A + 4 * P, 4), vma(B, 2, FILE_PRIVATE, VmaStatus.AREA_REGULAR | VmaStatus.FILE_PRIVATE)],
+        map: [[A, 2, PagemapFlags.PRESENT], [A + 2 * P, 4, LAZY], [B, 2, PagemapFlags.PRESENT]],
+      }],
+      // Dropped: A+6..A+8 (in the second VMA) and a range that overlaps the copied A+3..A+4, and one in the file mapping.
+      { '7': [[(A + 6 * P).toString(16), 2], [(A + 3 * P).toString(16), 2], [B.toString(16), 1]] },
+    );
+    const p = await plan(dir);
+    const t = p.tasks[0]!;
+    expect(t.pagesFile).toBe(join(dir, 'pages-3.img'));
+    // The lazy entry A+2..A+6 crosses the VMA end at A+4: two copies, offsets past the 2 non-lazy pages.
+    expect(t.copies).toEqual([
+      { addr: BigInt(A + 2 * P), pages: 2, offset: 2 * P },
+      { addr: BigInt(A + 4 * P), pages: 2, offset: 4 * P },
+    ]);
+    // A+3..A+5 is copied: nothing zeroed there; B is a file mapping: never; A+6..A+8 is.
+    expect(t.zeros).toEqual([{ addr: BigInt(A + 6 * P), pages: 2 }]);
+    expect(p.copyBytes).toBe(4 * P);
+    expect(p.zeroBytes).toBe(2 * P);
+    expect(encodeFillPlan(p)).toBe(
+      `thaw-fill-plan 1\ntask 7 ${join(dir, 'pages-3.img')}\nc ${(A + 2 * P).toString(16)} 2 ${2 * P}\nc ${(A + 4 * P).toString(16)} 2 ${4 * P}\nz ${(A + 6 * P).toString(16)} 2\n`,
+    );
+  });
+
+  it('a task without lazy pages gets a line and no pages file (CRIU sends its uffd all the same)', async () => {
+    const dir = writeImages([
+      { pid: 1, pagesId: 1, vmas: [vma(A, 2)], map: [[A, 2, LAZY]] },
+      { pid: 2, pagesId: 2, vmas: [vma(A, 2, FILE_PRIVATE, VmaStatus.AREA_REGULAR | VmaStatus.FILE_PRIVATE)], map: [[A, 2, PagemapFlags.PRESENT]] },
+    ], {});
+    const p = await plan(dir);
+    expect(p.tasks.map((t) => [t.pid, t.pagesFile !== undefined, t.copies.length])).toEqual([[1, true, 1], [2, false, 0]]);
+    expect(encodeFillPlan(p)).toContain('\ntask 2 -\n');
+  });
+
+  it('no plan: a checkpoint without the list of dropped pages, parent images, lazy pages outside a lazy mapping', async () => {
+    const cases: Array<[string, RegExp]> = [
+      [writeImages([{ pid: 1, pagesId: 1, vmas: [vma(A, 2)], map: [[A, 2, LAZY]] }]), /no thaw-zero-pages\.json/],
+      [writeImages([{ pid: 1, pagesId: 1, vmas: [vma(A, 2)], map: [[A, 2, PagemapFlags.PARENT | PagemapFlags.LAZY]] }], {}), /parent image/],
+      [writeImages([{ pid: 1, pagesId: 1, vmas: [vma(A, 2, FILE_PRIVATE)], map: [[A, 2, LAZY]] }], {}), /outside a private anonymous mapping/],
+      [writeImages([{ pid: 1, pagesId: 1, vmas: [vma(A, 2)], map: [[A, 2, PagemapFlags.LAZY]] }], {}), /not in its pages file/],
+    ];
+    for (const [dir, reason] of cases) {
+      const p = await buildFillPlan(dir, codec);
+      expect('none' in p ? p.none : 'a plan').toMatch(reason);
+    }
+  });
+
+  it('a list of dropped pages far larger than the pages (not one thaw writes) places no zeros', async () => {
+    const huge = Math.ceil((FILL_MAX_ZERO_FACTOR * 2 * P + FILL_MAX_ZERO_SLACK_BYTES) / P) + 1;
+    const dir = writeImages([{ pid: 1, pagesId: 1, vmas: [vma(A, 2), vma(B, huge)], map: [[A, 2, LAZY]] }], { '1': [[B.toString(16), huge]] });
+    const p = await plan(dir);
+    expect(p.zeroBytes).toBe(0);
+    expect(p.tasks[0]!.zeros).toEqual([]);
+  });
+
+  it('lazy mappings are CRIU\'s: private anonymous, not locked, not huge-TLB, not the vDSO', () => {
+    expect(vmaCanBeLazy({ flags: PRIVATE_ANON, status: ANON })).toBe(true);
+    expect(vmaCanBeLazy({ flags: 0x21, status: ANON })).toBe(false); // MAP_SHARED | MAP_ANONYMOUS
+    expect(vmaCanBeLazy({ flags: PRIVATE_ANON | 0x2000, status: ANON })).toBe(false); // MAP_LOCKED
+    expect(vmaCanBeLazy({ flags: PRIVATE_ANON | 0x40000, status: ANON })).toBe(false); // MAP_HUGETLB
+    expect(vmaCanBeLazy({ flags: PRIVATE_ANON, status: ANON | (1 << 3) })).toBe(false); // VMA_AREA_VDSO
+  });
+});
