@@ -5,7 +5,7 @@
 #   node.xz      this machine's node binary
 #   stack.txz    see below (node.xz and stack.txz are cached in .device-cache/ between packs)
 #   payload.txz  dist/ (the whole build), production node_modules (koffi's linux_x64 build only),
-#                native/build/thaw-pause and thaw-hook (the native createRuntime hook), and the private containerd stack (/opt/thaw/stack/1.7, or 2.1 with
+#                native/build/thaw-pause, thaw-hook (the native createRuntime hook) and thaw-fill (the memory filler), and the private containerd stack (/opt/thaw/stack/1.7, or 2.1 with
 #                THAW_CONTAINERD=2.1; without
 #                what host-network pods never use: CNI plugins, the v1 shims, Go sources, docs), as
 #                  .device-stack/, which unpack.sh puts back at /opt/thaw/stack/<flavor> — its binaries are
@@ -18,7 +18,7 @@ FLAVOR=${THAW_CONTAINERD:-1.7}
 FLAVOR=${FLAVOR%%,*}
 STACK=/opt/thaw/stack/$FLAVOR
 [ -f "$STACK/.thaw-stack.json" ] || { echo "pack-product: $STACK is not provisioned (run: bash scripts/setup.sh)" >&2; exit 2; }
-for bin in thaw-pause thaw-hook; do
+for bin in thaw-pause thaw-hook thaw-fill; do
   [ -x "native/build/$bin" ] || { echo "pack-product: native/build/$bin missing (run: bash scripts/setup.sh)" >&2; exit 2; }
 done
 npx tsc -p tsconfig.build.json
@@ -47,9 +47,9 @@ tar -cf - --exclude='node_modules/koffi/build/koffi/*' --exclude='node_modules/k
 mkdir -p "$stage/node_modules/koffi/build/koffi"
 cp -r node_modules/koffi/build/koffi/linux_x64 "$stage/node_modules/koffi/build/koffi/"
 mkdir -p "$stage/native/build"
-# Both: without thaw-hook beside thaw-pause the agent falls back to the Node.js hook, and the GPU run would
-# measure a restore path no node runs.
-cp native/build/thaw-pause native/build/thaw-hook "$stage/native/build/"
+# All three: without thaw-hook (thaw-fill) beside thaw-pause the agent falls back to the Node.js hook (to CRIU's
+# own memory fill), and the GPU run would measure a restore path no node runs.
+cp native/build/thaw-pause native/build/thaw-hook native/build/thaw-fill "$stage/native/build/"
 cp -r dist "$stage/dist"
 
 # node and the stack change rarely: kept between packs (in .device-cache/) while their sources are unchanged.

@@ -24,7 +24,8 @@
  * weights in /tmp/thaw-<model>-random unless THAW_WEIGHTS_DIR, and its own JSON in bench/results/; unset: the
  * BENCH_GPU_SHAPE run as before), BENCH_GPU_WEIGHTS (vmm,torch: each variant once per weights mode, the worker's
  * --weights; vmm = the SDK's WeightsRegion, outside the checkpoint; unset: the worker's default, torch),
- * BENCH_GPU_DROP_WEIGHTS=1 (remove a model's weights dir after its run: the 64 GiB disk),
+ * BENCH_GPU_FILL_BASELINE=1 (after each variant's restores, the same restores with the agent restarted with
+ * restore.memoryFill criu: JSON gains criuFill and restoreWarmOverCriuFill), BENCH_GPU_DROP_WEIGHTS=1 (remove a model's weights dir after its run: the 64 GiB disk),
  * BENCH_GPU_STANDIN=1 (no GPU: bench/gpu/standin-worker.py, a CPU worker that speaks the same HTTP and
  * control-dir protocol, to check this script's plumbing on a machine without a GPU; its numbers mean nothing).
  */
@@ -250,6 +251,13 @@ interface VariantResult {
   probeMappedFiles?: number;
   restoreColdMappedWarm?: unknown;
   restoreColdMappedWarmSamplesMs?: number[];
+  /** BENCH_GPU_FILL_BASELINE=1: the same restores with CRIU filling the memory (the agent restarted so). */
+  criuFill?: {
+    restoreWarmMs: number; restoreColdMs: number; restoreWarmPhases: unknown; restoreColdPhases: unknown; restoreWarmTimeline: unknown;
+    restoreWarmSamplesMs: number[]; restoreColdSamplesMs: number[]; outcome: string; tokensMatch: boolean;
+  };
+  restoreWarmOverCriuFill?: number;
+  restoreColdOverCriuFill?: number;
   tokensMatch: boolean;
 }
 
@@ -283,6 +291,7 @@ async function runModel(model: string | undefined): Promise<void> {
   // Restores per variant and page-cache state (medians reported): the lent machines are noisy.
   const restoreRounds = Math.max(1, Number(process.env['BENCH_GPU_RESTORES'] ?? 1) || 1);
   const probeMappedFiles = process.env['BENCH_GPU_PROBE_MAPPED_FILES'] === '1';
+  const fillBaseline = process.env['BENCH_GPU_FILL_BASELINE'] === '1';
   const extraWorkerArgs = (process.env['BENCH_GPU_WORKER_ARGS'] ?? '').split(' ').filter((s) => s !== '');
   const workDir = await mkdtemp(join(tmpdir(), 'thaw-bench-gpu-'));
   // The GPU worker's weights are kept between runs (made once); the stand-in has none, so its dir goes with the run.
@@ -327,8 +336,16 @@ async function runModel(model: string | undefined): Promise<void> {
     const image = await importShellImage(s, host, workDir);
     const logFile = join(workDir, 'thaw.log');
     const dirs = pluginDirsUnder(workDir, s.paths.prefix, logFile);
-    plugin = startThawPluginProcess({ socketPath: s.nriSocketPath, containerd: { socket: s.address, root: s.rootDir }, ...dirs, extraArgs: ['--log-level', 'info', '--weights-model-dirs', weightsDir] });
-    await waitForLog(logFile, (r) => r.msg === 'nri plugin synchronized', 'the thaw plugin to register', 60_000);
+    const startPlugin = async (memoryFill: 'thaw-fill' | 'criu'): Promise<void> => {
+      const synced = (await readJsonLog(logFile)).filter((r) => r.msg === 'nri plugin synchronized').length;
+      plugin = startThawPluginProcess({ socketPath: s.nriSocketPath, containerd: { socket: s.address, root: s.rootDir }, ...dirs, extraArgs: ['--log-level', 'info', '--weights-model-dirs', weightsDir, '--restore-memory-fill', memoryFill] });
+      const deadline = Date.now() + 60_000;
+      while ((await readJsonLog(logFile)).filter((r) => r.msg === 'nri plugin synchronized').length <= synced) {
+        if (Date.now() > deadline) throw new Error(`the thaw plugin (memory fill ${memoryFill}) did not register within 60 s (log: ${logFile})`);
+        await sleep(50);
+      }
+    };
+    await startPlugin('thaw-fill');
     const idleGpuMiB = gpuMemoryUsedMiB();
     const settleLimitMiB = idleGpuMiB === undefined ? undefined : idleGpuMiB + 1024;
 
@@ -431,6 +448,7 @@ async function runModel(model: string | undefined): Promise<void> {
         };
         return { ms: ready.ms, outcome, cause: restoreEvent['cause'] ? String(restoreEvent['cause']) : null, phases: restoreEvent['phases'], timeline, tokens, weights: restoreEvent['weights'] ?? null };
       };
+      const same = (a: number[] | undefined, b: number[] | undefined): boolean => a !== undefined && b !== undefined && a.length > 0 && JSON.stringify(a) === JSON.stringify(b);
       // Rounds alternate warm and dropped; the figures are the medians, every sample is in the JSON.
       const warmRuns: RestoreRun[] = [];
       const coldRuns: RestoreRun[] = [];
@@ -451,7 +469,28 @@ async function runModel(model: string | undefined): Promise<void> {
       };
       const warm = summarize(warmRuns);
       const coldRestore = summarize(coldRuns);
-      const same = (a: number[] | undefined, b: number[] | undefined): boolean => a !== undefined && b !== undefined && a.length > 0 && JSON.stringify(a) === JSON.stringify(b);
+      // The baseline of the memory fill, same run, same checkpoint: the agent restarted with CRIU filling memory.
+      let criuFill: VariantResult['criuFill'];
+      if (fillBaseline) {
+        say(`${v.name}: the same restores with CRIU filling the memory (restore.memoryFill criu)`);
+        await plugin?.stop();
+        await startPlugin('criu');
+        const w: RestoreRun[] = [];
+        const c: RestoreRun[] = [];
+        for (let i = 1; i <= restoreRounds; i += 1) {
+          w.push(await restoreOnce('warm', 100 + i));
+          c.push(await restoreOnce('cold', 100 + i));
+        }
+        await plugin?.stop();
+        await startPlugin('thaw-fill');
+        const sw = summarize(w);
+        const sc = summarize(c);
+        criuFill = {
+          restoreWarmMs: sw.ms, restoreColdMs: sc.ms, restoreWarmPhases: sw.phases, restoreColdPhases: sc.phases, restoreWarmTimeline: sw.timeline,
+          restoreWarmSamplesMs: w.map((r) => r.ms), restoreColdSamplesMs: c.map((r) => r.ms), outcome: [...w, ...c].find((r) => r.outcome !== 'restored')?.outcome ?? 'restored',
+          tokensMatch: [...w, ...c].every((r) => same(sourceTokens, r.tokens)),
+        };
+      }
       results.push({
         variant: v.name,
         weights: v.weights ?? 'torch',
@@ -477,12 +516,13 @@ async function runModel(model: string | undefined): Promise<void> {
         restoreColdCause: coldRestore.cause,
         restoreWarmSamplesMs: warmRuns.map((r) => r.ms),
         restoreColdSamplesMs: coldRuns.map((r) => r.ms),
+        ...(criuFill !== undefined ? { criuFill, restoreWarmOverCriuFill: round(warm.ms / criuFill.restoreWarmMs, 3), restoreColdOverCriuFill: round(coldRestore.ms / criuFill.restoreColdMs, 3) } : {}),
         ...(coldMappedWarmRuns.length > 0
           ? { probeMappedFiles: mappedFiles.length, restoreColdMappedWarm: { ...summarize(coldMappedWarmRuns), tokens: undefined }, restoreColdMappedWarmSamplesMs: coldMappedWarmRuns.map((r) => r.ms) }
           : {}),
         // The cold start runs at BENCH_GPU_TP; a variant at another parallelism is compared with its own source only.
         tokensMatch:
-          [...warmRuns, ...coldRuns, ...coldMappedWarmRuns].every((r) => same(sourceTokens, r.tokens)) &&
+          [...warmRuns, ...coldRuns, ...coldMappedWarmRuns].every((r) => same(sourceTokens, r.tokens)) && (criuFill === undefined || criuFill.tokensMatch) &&
           (v.tensorParallel !== tensorParallel || same(sourceTokens, coldTokens)),
       });
       await rm(join(dirs.storeRoot, 'default', checkpointName), { recursive: true, force: true });
@@ -558,6 +598,8 @@ async function runModel(model: string | undefined): Promise<void> {
     coldStartWarmMs,
     restoreWarmMs: main?.restoreWarmMs ?? null,
     restoreColdMs: main?.restoreColdMs ?? null,
+    // BENCH_GPU_FILL_BASELINE=1: thaw-fill's restore over CRIU's own fill, same run and checkpoint (< 1: faster).
+    ...(main?.restoreWarmOverCriuFill !== undefined ? { restoreWarmOverCriuFill: main.restoreWarmOverCriuFill, restoreColdOverCriuFill: main.restoreColdOverCriuFill } : {}),
     // Issue 16's goal: the TP restore within 1.3x of the same model's single-GPU restore (variant released-tp1).
     ...(tensorParallel > 1 && tp1 !== undefined && main !== undefined
       ? { restoreWarmOverTp1: round(main.restoreWarmMs / tp1.restoreWarmMs, 2), restoreColdOverTp1: round(main.restoreColdMs / tp1.restoreColdMs, 2) }
