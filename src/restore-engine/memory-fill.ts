@@ -21,7 +21,7 @@ import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { errorMessage } from '../errors.js';
-import { CRIU_PAGE_BYTES, CriuImageCodec, PagemapFlags, VmaStatus, parseImageFile, type VmaEntry } from './criu/images.js';
+import { CRIU_PAGE_BYTES, CriuImageCodec, decodePagemapEntryRaw, PagemapFlags, VmaStatus, parseImageFile, type VmaEntry } from './criu/images.js';
 import { RestoreError, RestoreErrorCode } from './restore-errors.js';
 import { ZERO_PAGES_FILE, parseZeroPagesFile } from './zero-pages.js';
 
@@ -53,9 +53,9 @@ export interface FillPlanTask {
   /** The task's pages file; undefined when no page of it is lazy. */
   pagesFile?: string;
   /** Copies: `pages` pages at `addr` from byte `offset` of pagesFile, each within one VMA, sorted. */
-  copies: Array<{ addr: bigint; pages: number; offset: number }>;
+  copies: Array<{ addr: number; pages: number; offset: number }>;
   /** Zero ranges inside lazy VMAs that the copies do not cover, sorted. */
-  zeros: Array<{ addr: bigint; pages: number }>;
+  zeros: Array<{ addr: number; pages: number }>;
 }
 
 export interface FillPlan {
@@ -65,44 +65,54 @@ export interface FillPlan {
   zeroBytes: number;
 }
 
+/** [start, end) in bytes. User addresses are below 2^47 on x86-64: a double holds them exactly. */
 interface Span {
-  start: bigint;
-  end: bigint;
+  start: number;
+  end: number;
 }
 
-const PAGE = BigInt(CRIU_PAGE_BYTES);
+const byStart = (a: Span, b: Span): number => a.start - b.start;
 
-/** The spans of [start, end) inside lazy VMAs (sorted, disjoint `vmas`), cut at each VMA's end. */
-function withinLazyVmas(start: bigint, end: bigint, vmas: readonly Span[]): Span[] {
-  const out: Span[] = [];
-  for (const v of vmas) {
-    if (v.end <= start) continue;
-    if (v.start >= end) break;
-    const s = start > v.start ? start : v.start;
-    const e = end < v.end ? end : v.end;
-    if (s < e) out.push({ start: s, end: e });
+/**
+ * The parts of each span (sorted) inside `within` (sorted, disjoint), cut at the ends of `within`'s spans; with
+ * `origin`, each part remembers the span it came from. One pass over both lists.
+ */
+function intersect<T extends Span>(spans: readonly T[], within: readonly Span[]): Array<{ part: Span; of: T }> {
+  const out: Array<{ part: Span; of: T }> = [];
+  let w = 0;
+  for (const s of spans) {
+    while (w > 0 && within[w - 1]!.end > s.start) w--; // spans may overlap the previous one's VMA
+    while (w < within.length && within[w]!.end <= s.start) w++;
+    for (let k = w; k < within.length && within[k]!.start < s.end; k++) {
+      const a = Math.max(s.start, within[k]!.start);
+      const b = Math.min(s.end, within[k]!.end);
+      if (a < b) out.push({ part: { start: a, end: b }, of: s });
+    }
   }
   return out;
 }
 
-/** Removes `cut` (sorted, disjoint) from `span`. */
-function subtract(span: Span, cut: readonly Span[]): Span[] {
+/** `spans` (sorted) less `cut` (sorted by start; may overlap), in one pass over both. */
+function subtract(spans: readonly Span[], cut: readonly Span[]): Span[] {
   const out: Span[] = [];
-  let at = span.start;
-  for (const c of cut) {
-    if (c.end <= at) continue;
-    if (c.start >= span.end) break;
-    if (c.start > at) out.push({ start: at, end: c.start });
-    at = c.end > at ? c.end : at;
-    if (at >= span.end) break;
+  let c = 0;
+  for (const s of spans) {
+    let at = s.start;
+    while (c < cut.length && cut[c]!.end <= at) c++;
+    for (let k = c; k < cut.length && cut[k]!.start < s.end; k++) {
+      if (cut[k]!.start > at) out.push({ start: at, end: cut[k]!.start });
+      at = Math.max(at, cut[k]!.end);
+      if (at >= s.end) break;
+    }
+    if (at < s.end) out.push({ start: at, end: s.end });
   }
-  if (at < span.end) out.push({ start: at, end: span.end });
   return out;
 }
 
 /**
  * The fill plan of the images in `dir`, or a reason why there is none (the restore then uses CRIU's own fill).
- * Throws only on unreadable or undecodable images (which CRIU would refuse as well).
+ * Throws only on unreadable or undecodable images (which CRIU would refuse as well). Linear in the pagemap's
+ * entries (tens of thousands once zero pages are dropped): it runs on the agent's event loop at prepare.
  */
 export async function buildFillPlan(dir: string, codec: CriuImageCodec): Promise<FillPlan | { none: string }> {
   const pstree = parseImageFile(await readFile(join(dir, 'pstree.img')), 'pstree.img').entries.map((e) => codec.decodePstree(e));
@@ -118,51 +128,43 @@ export async function buildFillPlan(dir: string, codec: CriuImageCodec): Promise
   for (const p of pstree) {
     const mm = parseImageFile(await readFile(join(dir, `mm-${p.pid}.img`)), `mm-${p.pid}.img`);
     const vmas: VmaEntry[] = mm.entries[0] !== undefined ? codec.decodeVmas(mm.entries[0]) : [];
-    const lazy: Span[] = vmas
-      .filter(vmaCanBeLazy)
-      .map((v) => ({ start: v.start, end: v.end }))
-      .sort((a, b) => (a.start < b.start ? -1 : a.start > b.start ? 1 : 0));
+    const lazy: Span[] = vmas.filter(vmaCanBeLazy).map((v) => ({ start: Number(v.start), end: Number(v.end) })).sort(byStart);
     const pagemap = parseImageFile(await readFile(join(dir, `pagemap-${p.pid}.img`)), `pagemap-${p.pid}.img`);
     const [head, ...rest] = pagemap.entries;
     if (head === undefined) return { none: `pagemap-${p.pid}.img has no head` };
     const { pagesId } = codec.decodePagemapHead(head);
     const task: FillPlanTask = { pid: p.pid, copies: [], zeros: [] };
     const covered: Span[] = [];
+    const lazyEntries: Array<Span & { offset: number }> = [];
     let offset = 0;
     for (const raw of rest) {
-      const e = codec.decodePagemapEntry(raw);
+      const e = decodePagemapEntryRaw(raw, `pagemap-${p.pid}.img`);
       const flags = e.flags ?? PagemapFlags.PRESENT;
-      if (e.inParent === true || (flags & PagemapFlags.PARENT) !== 0) return { none: `pagemap-${p.pid}.img refers to a parent image` };
-      const present = (flags & PagemapFlags.PRESENT) !== 0;
-      const bytes = e.nrPages * CRIU_PAGE_BYTES;
-      const start = e.vaddr;
-      const end = start + BigInt(bytes);
-      covered.push({ start, end });
-      if (present && (flags & PagemapFlags.LAZY) !== 0) {
-        // CRIU leaves exactly these to the fill; a lazy entry outside every lazy VMA would be a broken image.
-        let placed = 0n;
-        for (const s of withinLazyVmas(start, end, lazy)) {
-          task.copies.push({ addr: s.start, pages: Number((s.end - s.start) / PAGE), offset: offset + Number(s.start - start) });
-          placed += s.end - s.start;
-        }
-        if (placed !== end - start) return { none: `pagemap-${p.pid}.img: lazy pages at 0x${start.toString(16)} outside a private anonymous mapping` };
-        task.pagesFile = join(dir, `pages-${pagesId}.img`);
-        plan.copyBytes += bytes;
-      } else if (!present) {
-        return { none: `pagemap-${p.pid}.img has pages that are not in its pages file` };
-      }
-      if (present) offset += bytes;
+      if (e.inParent || (flags & PagemapFlags.PARENT) !== 0) return { none: `pagemap-${p.pid}.img refers to a parent image` };
+      if ((flags & PagemapFlags.PRESENT) === 0) return { none: `pagemap-${p.pid}.img has pages that are not in its pages file` };
+      const span = { start: e.vaddr, end: e.vaddr + e.nrPages * CRIU_PAGE_BYTES };
+      covered.push(span);
+      if ((flags & PagemapFlags.LAZY) !== 0) lazyEntries.push({ ...span, offset });
+      offset += span.end - span.start;
     }
-    covered.sort((a, b) => (a.start < b.start ? -1 : a.start > b.start ? 1 : 0));
-    for (const z of dropped.get(p.pid) ?? []) {
-      for (const s of withinLazyVmas(z.start, z.end, lazy)) {
-        for (const free of subtract(s, covered)) {
-          task.zeros.push({ addr: free.start, pages: Number((free.end - free.start) / PAGE) });
-          plan.zeroBytes += Number(free.end - free.start);
-        }
-      }
+    lazyEntries.sort(byStart);
+    covered.sort(byStart);
+    // CRIU leaves exactly the lazy entries to the fill, cut at VMA ends (UFFDIO_COPY works within one VMA); a lazy
+    // entry outside every lazy VMA would be a broken image.
+    let placed = 0;
+    for (const { part, of } of intersect(lazyEntries, lazy)) {
+      task.copies.push({ addr: part.start, pages: (part.end - part.start) / CRIU_PAGE_BYTES, offset: of.offset + (part.start - of.start) });
+      placed += part.end - part.start;
     }
-    task.zeros.sort((a, b) => (a.addr < b.addr ? -1 : a.addr > b.addr ? 1 : 0));
+    const lazyBytes = lazyEntries.reduce((n, e) => n + e.end - e.start, 0);
+    if (placed !== lazyBytes) return { none: `pagemap-${p.pid}.img: lazy pages outside a private anonymous mapping` };
+    if (lazyEntries.length > 0) task.pagesFile = join(dir, `pages-${pagesId}.img`);
+    plan.copyBytes += lazyBytes;
+    const zeroSpans = [...(dropped.get(p.pid) ?? [])].sort(byStart);
+    for (const free of subtract(intersect(zeroSpans, lazy).map((x) => x.part), covered)) {
+      task.zeros.push({ addr: free.start, pages: (free.end - free.start) / CRIU_PAGE_BYTES });
+      plan.zeroBytes += free.end - free.start;
+    }
     plan.tasks.push(task);
   }
   // Zero ranges cost page tables, not pages: a list far larger than the pages (not one thaw writes) is ignored.

@@ -40,17 +40,18 @@ const NEW_FILE_SUFFIX = '.thaw-zero-pages';
  */
 export const ZERO_PAGES_FILE = 'thaw-zero-pages.json';
 
-/** The ranges of a ZERO_PAGES_FILE by pid; throws on a file that is not one. */
-export function parseZeroPagesFile(text: string): Map<number, Array<{ start: bigint; end: bigint }>> {
+/** The ranges of a ZERO_PAGES_FILE by pid, in bytes (user addresses are below 2^53); throws on a file that is not one. */
+export function parseZeroPagesFile(text: string): Map<number, Array<{ start: number; end: number }>> {
   const doc = JSON.parse(text) as { v?: unknown; processes?: unknown };
   if (doc.v !== 1 || typeof doc.processes !== 'object' || doc.processes === null) throw new Error(`${ZERO_PAGES_FILE}: not version 1`);
-  const out = new Map<number, Array<{ start: bigint; end: bigint }>>();
+  const out = new Map<number, Array<{ start: number; end: number }>>();
   for (const [pid, ranges] of Object.entries(doc.processes as Record<string, unknown>)) {
     if (!/^[1-9]\d*$/.test(pid) || !Array.isArray(ranges)) throw new Error(`${ZERO_PAGES_FILE}: bad entry for ${pid}`);
     out.set(Number(pid), ranges.map((r: unknown) => {
-      if (!Array.isArray(r) || typeof r[0] !== 'string' || !/^[0-9a-f]+$/.test(r[0]) || !Number.isSafeInteger(r[1]) || (r[1] as number) <= 0) throw new Error(`${ZERO_PAGES_FILE}: bad range for ${pid}`);
-      const start = BigInt(`0x${r[0]}`);
-      return { start, end: start + BigInt(r[1] as number) * BigInt(CRIU_PAGE_BYTES) };
+      const start = Array.isArray(r) && typeof r[0] === 'string' && /^[0-9a-f]{1,13}$/.test(r[0]) ? Number.parseInt(r[0], 16) : Number.NaN;
+      const pages = Array.isArray(r) ? (r[1] as unknown) : undefined;
+      if (Number.isNaN(start) || !Number.isSafeInteger(pages) || (pages as number) <= 0) throw new Error(`${ZERO_PAGES_FILE}: bad range for ${pid}`);
+      return { start, end: start + (pages as number) * CRIU_PAGE_BYTES };
     }));
   }
   return out;

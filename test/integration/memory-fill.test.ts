@@ -172,7 +172,7 @@ describe('thaw-fill: a lazy CRIU restore whose memory a filler places', () => {
     const t = plan.tasks[0]!;
     expect(t.pagesFile).toMatch(/pages-\d+\.img$/);
     // Sorted, page-aligned, disjoint, and no zero range over a copied page.
-    const spans = [...t.copies.map((c) => ({ s: c.addr, e: c.addr + BigInt(c.pages * 4096) })), ...t.zeros.map((z) => ({ s: z.addr, e: z.addr + BigInt(z.pages * 4096) }))].sort((x, y) => (x.s < y.s ? -1 : 1));
+    const spans = [...t.copies.map((c) => ({ s: c.addr, e: c.addr + c.pages * 4096 })), ...t.zeros.map((z) => ({ s: z.addr, e: z.addr + z.pages * 4096 }))].sort((x, y) => (x.s < y.s ? -1 : 1));
     for (let i = 1; i < spans.length; i++) expect(spans[i]!.s >= spans[i - 1]!.e).toBe(true);
   });
 

@@ -9,7 +9,7 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { CRIU_PAGE_BYTES as P, CriuImageCodec, encodeImageFile, PagemapFlags, VmaStatus, type VmaEntry } from '../../src/restore-engine/criu/images.js';
+import { CRIU_PAGE_BYTES as P, CriuImageCodec, decodePagemapEntryRaw, encodeImageFile, PagemapFlags, VmaStatus, type VmaEntry } from '../../src/restore-engine/criu/images.js';
 import { buildFillPlan, encodeFillPlan, FILL_MAX_ZERO_FACTOR, FILL_MAX_ZERO_SLACK_BYTES, vmaCanBeLazy, type FillPlan } from '../../src/restore-engine/memory-fill.js';
 import { ZERO_PAGES_FILE } from '../../src/restore-engine/zero-pages.js';
 
@@ -56,6 +56,25 @@ async function plan(dir: string): Promise<FillPlan> {
   return p;
 }
 
+describe('decodePagemapEntryRaw', () => {
+  it('reads what protobufjs writes, flags or not, high addresses too; refuses truncated bytes', () => {
+    for (const e of [
+      { vaddr: 0x7fffe0000000n, nrPages: 3, flags: LAZY },
+      { vaddr: 0x1000n, nrPages: 1 },
+      { vaddr: 0x555555554000n, nrPages: 262144, inParent: true, flags: PagemapFlags.PARENT },
+    ]) {
+      const bytes = codec.encodePagemapEntry(e);
+      const viaProtobufjs = codec.decodePagemapEntry(bytes);
+      const raw = decodePagemapEntryRaw(bytes, 'test');
+      expect(raw.vaddr).toBe(Number(viaProtobufjs.vaddr));
+      expect(raw.nrPages).toBe(viaProtobufjs.nrPages);
+      expect(raw.inParent).toBe(viaProtobufjs.inParent === true);
+      expect(raw.flags).toBe(viaProtobufjs.flags);
+      expect(() => decodePagemapEntryRaw(bytes.subarray(0, bytes.length - 1), 'test')).toThrow(/truncated|without|past its end/);
+    }
+  });
+});
+
 describe('buildFillPlan', () => {
   it('copies the lazy entries at their offsets past non-lazy ones, cut at VMA ends; zeros only where nothing is copied', async () => {
     const dir = writeImages(
@@ -73,11 +92,11 @@ describe('buildFillPlan', () => {
     expect(t.pagesFile).toBe(join(dir, 'pages-3.img'));
     // The lazy entry A+2..A+6 crosses the VMA end at A+4: two copies, offsets past the 2 non-lazy pages.
     expect(t.copies).toEqual([
-      { addr: BigInt(A + 2 * P), pages: 2, offset: 2 * P },
-      { addr: BigInt(A + 4 * P), pages: 2, offset: 4 * P },
+      { addr: A + 2 * P, pages: 2, offset: 2 * P },
+      { addr: A + 4 * P, pages: 2, offset: 4 * P },
     ]);
     // A+3..A+5 is copied: nothing zeroed there; B is a file mapping: never; A+6..A+8 is.
-    expect(t.zeros).toEqual([{ addr: BigInt(A + 6 * P), pages: 2 }]);
+    expect(t.zeros).toEqual([{ addr: A + 6 * P, pages: 2 }]);
     expect(p.copyBytes).toBe(4 * P);
     expect(p.zeroBytes).toBe(2 * P);
     expect(encodeFillPlan(p)).toBe(
@@ -106,6 +125,22 @@ describe('buildFillPlan', () => {
       const p = await buildFillPlan(dir, codec);
       expect('none' in p ? p.none : 'a plan').toMatch(reason);
     }
+  });
+
+  it('a pagemap fragmented by dropped zero pages (every other page, 40 000 entries): every page once, zeros between', async () => {
+    const n = 40_000;
+    const map: Array<[number, number, number]> = [];
+    const zeros: Array<[string, number]> = [];
+    for (let i = 0; i < n; i++) {
+      map.push([A + 2 * i * P, 1, LAZY]);
+      zeros.push([(A + (2 * i + 1) * P).toString(16), 1]);
+    }
+    const p = await plan(writeImages([{ pid: 1, pagesId: 1, vmas: [vma(A, 2 * n)], map }], { '1': zeros }));
+    const t = p.tasks[0]!;
+    expect(t.copies).toHaveLength(n);
+    expect(t.copies[n - 1]).toEqual({ addr: A + 2 * (n - 1) * P, pages: 1, offset: (n - 1) * P });
+    expect(t.zeros).toHaveLength(n);
+    expect(p.copyBytes + p.zeroBytes).toBe(2 * n * P);
   });
 
   it('a list of dropped pages far larger than the pages (not one thaw writes) places no zeros', async () => {
