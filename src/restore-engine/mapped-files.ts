@@ -19,7 +19,7 @@ import { forEachLimit } from '../sys/concurrency.js';
 import { SysErrorCode } from '../sys/errors.js';
 import { FsAt, O_NOFOLLOW, O_PATH } from '../sys/fs-at.js';
 import { readRange } from '../sys/page-cache.js';
-import { CRIU_PAGE_BYTES, CriuImageCodec, parseImageFile, VmaStatus, type PagemapEntry, type VmaEntry } from './criu/images.js';
+import { CRIU_PAGE_BYTES, CriuImageCodec, decodePagemapEntryRaw, parseImageFile, VmaStatus, type PagemapEntry, type VmaEntry } from './criu/images.js';
 
 /**
  * The head of every mapped file, read first: CRIU opens each file a VMA maps and checks it (its size, and the
@@ -108,7 +108,11 @@ export async function mappedFilePages(dir: string, codec: CriuImageCodec = CriuI
     }
     if (!vmas.some((v) => (v.status & VmaStatus.FILE_PRIVATE) !== 0)) continue;
     // The first pagemap entry is the head (which pages file): the rest are pages.
-    const pagemap = parseImageFile(await readFile(join(dir, `pagemap-${pid}.img`)), `pagemap-${pid}.img`).entries.slice(1).map((e) => codec.decodePagemapEntry(e));
+    // The wire decoder: a pagemap holds tens of thousands of entries once zero pages are dropped (CreateContainer's budget).
+    const pagemap = parseImageFile(await readFile(join(dir, `pagemap-${pid}.img`)), `pagemap-${pid}.img`).entries.slice(1).map((e): PagemapEntry => {
+      const r = decodePagemapEntryRaw(e, `pagemap-${pid}.img`);
+      return { vaddr: BigInt(r.vaddr), nrPages: r.nrPages, ...(r.inParent ? { inParent: true } : {}), ...(r.flags !== undefined ? { flags: r.flags } : {}) };
+    });
     for (const [id, ranges] of privateFilePageRanges(vmas, pagemap)) byFile.set(id, [...(byFile.get(id) ?? []), ...ranges]);
   }
   const out: MappedFile[] = [];
