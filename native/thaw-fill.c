@@ -7,7 +7,7 @@
  * lazy-pages.socket in CRIU's work directory. This program is that daemon for a local restore (CRIU's own,
  * `criu lazy-pages`, copies on one thread and only after the restore; this one starts at the first uffd):
  *
- *   thaw-fill --plan FILE --threads N --timeout-ms T      (cwd: CRIU's work directory)
+ *   thaw-fill --plan FILE [--images-dir DIR] --threads N --timeout-ms T      (cwd: CRIU's work directory)
  *             [--hold-sweep-until PATH]   tests only: the sweep starts once PATH exists (faults are served
  *                                         meanwhile), so a test can act while pages are known to be missing
  *
@@ -18,7 +18,8 @@
  *
  * The plan (written by the agent from the verified images; one line each):
  *   thaw-fill-plan 1
- *   task PID PAGES_FILE       the task's pages-N.img ("-" when it has no lazy pages)
+ *   task PID PAGES_FILE       the task's pages-N.img ("-" when it has no lazy pages); with --images-dir a plain
+ *                             name in that directory (the plan stored with a checkpoint), opened through its fd
  *   c ADDR_HEX PAGES OFFSET   PAGES pages at ADDR come from PAGES_FILE at byte OFFSET (each within one VMA)
  *   z ADDR_HEX PAGES          PAGES pages at ADDR are zeros (pages the checkpoint dropped as all-zero)
  *
@@ -31,7 +32,7 @@
  *
  * What it writes on stdout, one line each: `ready` once the socket listens, then `done {stats}` (every page is
  * in; the uffds are closed, which unregisters the mappings, and it exits 0) or `error CODE message`. After an
- * error it keeps every uffd open and waits to be killed: a closed uffd would let the process read the pages it
+ * error before the first uffd it exits 3; after one it keeps every uffd open and waits to be killed: a closed uffd would let the process read the pages it
  * still lacks as zeros, whereas an open one holds a faulting thread until the agent kills the tree.
  */
 #define _GNU_SOURCE
@@ -93,11 +94,13 @@ static struct task tasks[MAX_TASKS];
 static size_t ntasks;
 static atomic_size_t next_chunk;
 static atomic_bool failed;
+static atomic_bool holding_uffds; /* a uffd was received: from then on an error parks instead of exiting */
 static atomic_uint_fast64_t copied_bytes, zeroed_bytes, fault_count, eexist_count, eagain_count;
 static int nthreads = 4;
 static long timeout_ms = 120000;
 static struct timespec t_start, t_finished;
 static const char *hold_sweep_until;
+static int images_dir_fd = -1;
 
 static double ms_since(const struct timespec *a) {
   struct timespec now;
@@ -134,6 +137,8 @@ static void fail(const char *code, const char *fmt, ...) {
     for (char *p = msg; *p; p++) if (*p == '\n') *p = ' ';
     say("error %s %s", code, msg);
   }
+  /* Before any uffd nothing of a process depends on us: exit. After, park (see the top). */
+  if (!atomic_load(&holding_uffds)) _exit(3);
   for (;;) pause();
 }
 
@@ -192,7 +197,10 @@ static void read_plan(const char *path) {
       t->first = nchunks;
       const char *file = end + 1;
       if (strcmp(file, "-") != 0) {
-        t->pages_fd = open(file, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+        if (images_dir_fd >= 0 && (strchr(file, '/') || strcmp(file, ".") == 0 || strcmp(file, "..") == 0 || file[0] == '\0')) {
+          fail("PLAN", "%s:%d: %s is not a name in the images directory", path, lineno + 1, file);
+        }
+        t->pages_fd = images_dir_fd >= 0 ? openat(images_dir_fd, file, O_RDONLY | O_CLOEXEC | O_NOFOLLOW) : open(file, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
         if (t->pages_fd < 0) fail("PLAN", "cannot open %s: %s", file, strerror(errno));
       }
       pthread_rwlockattr_t attr;
@@ -481,6 +489,11 @@ int main(int argc, char **argv) {
   if (nthreads < 1 || nthreads > MAX_THREADS) fail("USAGE", "--threads must be 1..%d", MAX_THREADS);
   if (timeout) timeout_ms = atol(timeout);
   hold_sweep_until = argval(argc, argv, "--hold-sweep-until");
+  const char *images_dir = argval(argc, argv, "--images-dir");
+  if (images_dir) {
+    images_dir_fd = open(images_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (images_dir_fd < 0) fail("PLAN", "cannot open the images directory %s: %s", images_dir, strerror(errno));
+  }
   if (timeout_ms < 1) fail("USAGE", "--timeout-ms must be positive");
   read_plan(plan);
   retry = malloc(fault_cap * sizeof *retry);
@@ -546,6 +559,7 @@ int main(int argc, char **argv) {
         if (!t) fail("PROTOCOL", "CRIU sent a uffd for pid %d, which the plan does not have", word);
         if (t->uffd >= 0) fail("PROTOCOL", "a second uffd for pid %d", word);
         t->uffd = recv_uffd(sk);
+        atomic_store(&holding_uffds, true);
         int fl = fcntl(t->uffd, F_GETFL);
         if (fl < 0 || fcntl(t->uffd, F_SETFL, fl | O_NONBLOCK) < 0) fail("UFFD", "fcntl: %s", strerror(errno));
         struct epoll_event uev = {.events = EPOLLIN, .data.u64 = (uint64_t)(t - tasks)};

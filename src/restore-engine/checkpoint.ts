@@ -44,12 +44,21 @@ import { inspectContainer, type ContainerInspection, type InspectOptions } from 
 import { freezeCgroupOf } from './cgroup-freeze.js';
 import { captureRootfsDiff, readContainerdUpperdir, type ContainerdEndpoint } from './rootfs-diff/index.js';
 import { dropZeroPages } from './zero-pages.js';
+import { CriuImageCodec } from './criu/images.js';
+import { writeFillPlanImage } from './memory-fill.js';
 import { MAX_TIMER_DELAY_MS } from '../defaults.js';
 import { throwIfAborted } from '../util.js';
 import { CheckpointErrorCode } from './restore-errors.js';
 import { recordWeights, type ManifestWeightsDoc } from './weights/service.js';
 import type { SourceDigests } from './weights/source-digests.js';
 export { CheckpointErrorCode } from './restore-errors.js';
+
+let sharedCodec: CriuImageCodec | undefined;
+/** The image decoder, loaded on the first checkpoint (zero pages and the fill plan read the images). */
+function imageCodec(): CriuImageCodec {
+  sharedCodec ??= CriuImageCodec.load();
+  return sharedCodec;
+}
 
 /** The whole flow, dump included, gives up after this (a 100 GB host-memory dump fits). */
 export const DEFAULT_CHECKPOINT_TIMEOUT_MS = 30 * 60_000;
@@ -390,7 +399,7 @@ export async function checkpointContainer(
       phase = 'zero-pages';
       started = performance.now();
       try {
-        const z = await dropZeroPages(pending.paths.criuDir, { signal });
+        const z = await dropZeroPages(pending.paths.criuDir, { signal, codec: imageCodec() });
         phases.zeroPagesDroppedBytes = z.droppedBytes;
         log.info('zero pages left out of the dump', { droppedBytes: z.droppedBytes, scannedBytes: z.scannedBytes, rewritten: z.rewritten, skipped: z.skipped, ms: z.ms });
       } catch (err) {
@@ -399,6 +408,10 @@ export async function checkpointContainer(
         log.warn('zero pages kept: the dump is published as CRIU wrote it', { error: errorMessage(err), code: isThawError(err) ? err.code : undefined });
       }
       phases.zeroPagesMs = round(performance.now() - started);
+      // The memory fill's plan, made once here rather than on every restore's CreateContainer (memory-fill.ts).
+      // Without it a restore plans for itself; a plan that cannot be made leaves the fill to CRIU.
+      const planned = await writeFillPlanImage(pending.paths.criuDir, imageCodec()).catch((err: unknown) => ({ none: errorMessage(err) }));
+      if ('none' in planned) log.info('no memory-fill plan: restores of this checkpoint let CRIU fill memory', { reason: planned.none });
     }
 
     phase = 'rootfs-diff';

@@ -17,8 +17,8 @@
  * reads one pages file per task): such a checkpoint restores with CRIU's own fill.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { readFile, writeFile } from 'node:fs/promises';
-import { join } from 'node:path';
+import { readFile, stat, writeFile } from 'node:fs/promises';
+import { basename, join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { errorMessage } from '../errors.js';
 import { CRIU_PAGE_BYTES, CriuImageCodec, decodePagemapEntryRaw, PagemapFlags, VmaStatus, parseImageFile, type VmaEntry } from './criu/images.js';
@@ -27,6 +27,11 @@ import { ZERO_PAGES_FILE, parseZeroPagesFile } from './zero-pages.js';
 
 /** The plan's file name in CRIU's work directory (the filler's cwd, where CRIU looks for lazy-pages.socket). */
 export const FILL_PLAN_FILE = 'fill-plan.txt';
+/**
+ * The plan made at checkpoint time, beside the images (digested with them): a restore then hands it to thaw-fill
+ * as it is, and plans nothing on CreateContainer's event loop. Its pages files are names in the images directory.
+ */
+export const FILL_PLAN_IMAGE = 'thaw-fill-plan.txt';
 /** The most zero bytes a plan places: FILL_MAX_ZERO_FACTOR × its copied bytes + FILL_MAX_ZERO_SLACK_BYTES. */
 export const FILL_MAX_ZERO_FACTOR = 16;
 export const FILL_MAX_ZERO_SLACK_BYTES = 1024 ** 3;
@@ -175,11 +180,14 @@ export async function buildFillPlan(dir: string, codec: CriuImageCodec): Promise
   return plan;
 }
 
-/** The plan as thaw-fill reads it (native/thaw-fill.c, top comment). */
-export function encodeFillPlan(plan: FillPlan): string {
+/**
+ * The plan as thaw-fill reads it (native/thaw-fill.c, top comment). `relative`: pages files as names in the images
+ * directory (thaw-fill's --images-dir), for the plan stored with the checkpoint.
+ */
+export function encodeFillPlan(plan: FillPlan, options: { relative?: boolean } = {}): string {
   const lines = ['thaw-fill-plan 1'];
   for (const t of plan.tasks) {
-    lines.push(`task ${t.pid} ${t.pagesFile ?? '-'}`);
+    lines.push(`task ${t.pid} ${t.pagesFile === undefined ? '-' : options.relative === true ? basename(t.pagesFile) : t.pagesFile}`);
     for (const c of t.copies) lines.push(`c ${c.addr.toString(16)} ${c.pages} ${c.offset}`);
     for (const z of t.zeros) lines.push(`z ${z.addr.toString(16)} ${z.pages}`);
   }
@@ -207,11 +215,36 @@ export interface RunningFill {
   stop(): void;
 }
 
+/**
+ * Writes the checkpoint's plan beside its images (FILL_PLAN_IMAGE), after its zero pages were dropped. Returns the
+ * reason when there is none (nothing is written; a restore of it uses CRIU's fill).
+ */
+export async function writeFillPlanImage(imagesDir: string, codec: CriuImageCodec): Promise<{ copyBytes: number; zeroBytes: number } | { none: string }> {
+  const plan = await buildFillPlan(imagesDir, codec);
+  if ('none' in plan) return plan;
+  await writeFile(join(imagesDir, FILL_PLAN_IMAGE), encodeFillPlan(plan, { relative: true }), { mode: 0o600, flag: 'wx' });
+  return { copyBytes: plan.copyBytes, zeroBytes: plan.zeroBytes };
+}
+
+/** What a restore fills from: the checkpoint's stored plan, or one made now (a checkpoint of an earlier thaw). */
+export type FillSource = { planFile: string; imagesDir: string } | { plan: FillPlan };
+
+/**
+ * The fill source of a checkpoint's images: its stored plan when it has one (a stat), else one made from the images
+ * (a reason when there is none).
+ */
+export async function fillSourceOf(imagesDir: string, codec: CriuImageCodec): Promise<FillSource | { none: string }> {
+  const stored = join(imagesDir, FILL_PLAN_IMAGE);
+  if (await stat(stored).then((s) => s.isFile(), () => false)) return { planFile: stored, imagesDir };
+  const plan = await buildFillPlan(imagesDir, codec);
+  return 'none' in plan ? plan : { plan };
+}
+
 export interface StartFillOptions {
   binary: string;
-  /** CRIU's work directory: the plan is written there and the filler binds lazy-pages.socket in it. */
+  /** CRIU's work directory: the filler binds lazy-pages.socket in it (and a plan made now is written there). */
   workDir: string;
-  plan: FillPlan;
+  source: FillSource;
   threads: number;
   timeoutMs: number;
   /** Test seam: thaw-fill starts its sweep only once this path exists (page faults are served meanwhile). */
@@ -221,9 +254,15 @@ export interface StartFillOptions {
 /** Writes the plan, starts thaw-fill and waits until its socket listens (CRIU must find it when it starts). */
 export async function startMemoryFill(o: StartFillOptions): Promise<RunningFill> {
   const step = 'start the memory fill';
-  const planPath = join(o.workDir, FILL_PLAN_FILE);
-  await writeFile(planPath, encodeFillPlan(o.plan), { mode: 0o600 });
-  const child: ChildProcess = spawn(o.binary, ['--plan', planPath, '--threads', String(o.threads), '--timeout-ms', String(o.timeoutMs), ...(o.holdSweepUntil !== undefined ? ['--hold-sweep-until', o.holdSweepUntil] : [])], {
+  let planArgs: string[];
+  if ('plan' in o.source) {
+    const planPath = join(o.workDir, FILL_PLAN_FILE);
+    await writeFile(planPath, encodeFillPlan(o.source.plan), { mode: 0o600 });
+    planArgs = ['--plan', planPath];
+  } else {
+    planArgs = ['--plan', o.source.planFile, '--images-dir', o.source.imagesDir];
+  }
+  const child: ChildProcess = spawn(o.binary, [...planArgs, '--threads', String(o.threads), '--timeout-ms', String(o.timeoutMs), ...(o.holdSweepUntil !== undefined ? ['--hold-sweep-until', o.holdSweepUntil] : [])], {
     cwd: o.workDir,
     stdio: ['ignore', 'pipe', 'pipe'],
   });

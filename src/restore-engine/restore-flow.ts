@@ -48,7 +48,7 @@ import { loadWeights, WEIGHTS_READERS_DEFAULT, type LoadedWeights } from './weig
 import { openContainerRoot, regionsOfManifest, restoreSourceOpener, type ContainerBindMount } from './weights/service.js';
 import type { SourceDigests } from './weights/source-digests.js';
 import { closeSync } from 'node:fs';
-import { buildFillPlan, startMemoryFill, type FillPlan, type FillStats, type RunningFill } from './memory-fill.js';
+import { fillSourceOf, startMemoryFill, type FillSource, type FillStats, type RunningFill } from './memory-fill.js';
 
 const execFileP = promisify(execFile);
 
@@ -204,7 +204,7 @@ export interface RestoreJob {
   /** The weights load started at prepare (the checkpoint's weights are outside it). */
   weights?: WeightsLoadJob;
   /** The memory fill's plan, made from the images at prepare (memory-fill.ts); absent: CRIU fills the memory. */
-  fillPlan?: Promise<FillPlan | { none: string }>;
+  fillPlan?: Promise<FillSource | { none: string }>;
 }
 
 /** A weights load under way for one restore target. */
@@ -569,7 +569,7 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
       // (LocalStore.verify). The read may be running already, started at RunPodSandbox.
       o.prefetch.hold(job);
       if (o.memoryFill !== undefined) {
-        job.fillPlan = buildFillPlan(job.checkpoint.paths.criuDir, imageCodec).catch((err: unknown) => ({ none: `no plan: ${errorMessage(err)}` }));
+        job.fillPlan = fillSourceOf(job.checkpoint.paths.criuDir, imageCodec).catch((err: unknown) => ({ none: `no plan: ${errorMessage(err)}` }));
       }
       job.mappedFiles = mappedFilePages(job.checkpoint.paths.criuDir, imageCodec).catch((err: unknown) => {
         logger.debug('cannot list the mapped file pages', { checkpoint: name, error: errorMessage(err) });
@@ -786,7 +786,7 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
     const plan = await job.fillPlan;
     if ('none' in plan) return { info: { by: 'criu', reason: plan.none } };
     try {
-      return { fill: await startMemoryFill({ binary: o.memoryFill.binary, workDir, plan, threads: o.memoryFill.threads, timeoutMs: o.memoryFill.timeoutMs }) };
+      return { fill: await startMemoryFill({ binary: o.memoryFill.binary, workDir, source: plan, threads: o.memoryFill.threads, timeoutMs: o.memoryFill.timeoutMs }) };
     } catch (err) {
       logger.warn('thaw-fill did not start: CRIU fills the memory of this restore', { checkpoint: job.checkpoint.name, error: errorMessage(err) });
       return { info: { by: 'criu', reason: `thaw-fill did not start: ${errorMessage(err)}` } };

@@ -18,7 +18,7 @@ import { isThawError } from '../../src/errors.js';
 import { createCollectingLogger } from '../../src/log.js';
 import { CriuClient } from '../../src/restore-engine/criu/client.js';
 import { CriuImageCodec } from '../../src/restore-engine/criu/images.js';
-import { buildFillPlan, startMemoryFill, type FillPlan, type RunningFill } from '../../src/restore-engine/memory-fill.js';
+import { buildFillPlan, FILL_PLAN_IMAGE, startMemoryFill, writeFillPlanImage, type FillPlan, type RunningFill } from '../../src/restore-engine/memory-fill.js';
 import { RestoreErrorCode } from '../../src/restore-engine/restore-errors.js';
 import { dropZeroPages, ZERO_PAGES_FILE } from '../../src/restore-engine/zero-pages.js';
 
@@ -130,11 +130,11 @@ async function planOf(d: Dumped): Promise<FillPlan> {
 }
 
 /** Restores `d` lazily with thaw-fill's sweep held until release() (page faults are served from the start). */
-async function restoreLazily(d: Dumped, plan: FillPlan, threads: number): Promise<{ fill: RunningFill; pid: number; fillPid: number; release(): void }> {
+async function restoreLazily(d: Dumped, plan: FillPlan, threads: number, stored = false): Promise<{ fill: RunningFill; pid: number; fillPid: number; release(): void }> {
   const hold = join(d.dir, 'sweep');
-  const fill = await startMemoryFill({ binary: FILL, workDir: d.workDir, plan, threads, timeoutMs: 60_000, holdSweepUntil: hold });
+  const fill = await startMemoryFill({ binary: FILL, workDir: d.workDir, source: stored ? { planFile: join(d.imagesDir, FILL_PLAN_IMAGE), imagesDir: d.imagesDir } : { plan }, threads, timeoutMs: 60_000, holdSweepUntil: hold });
   fills.push(fill);
-  const fillPid = Number(execFileSync('pgrep', ['-n', '-f', `thaw-fill --plan ${join(d.workDir, 'fill-plan.txt')}`], { encoding: 'utf8' }).trim());
+  const fillPid = Number(execFileSync('pgrep', ['-n', '-f', `thaw-fill --plan ${stored ? join(d.imagesDir, FILL_PLAN_IMAGE) : join(d.workDir, 'fill-plan.txt')}`], { encoding: 'utf8' }).trim());
   const res = await client.restore({ imagesDir: d.imagesDir, workDir: d.workDir, lazyPages: true });
   started.add(res.pid);
   return { fill, pid: res.pid, fillPid, release: () => writeFileSync(hold, '') };
@@ -195,9 +195,12 @@ describe('thaw-fill: a lazy CRIU restore whose memory a filler places', () => {
     expect(existsSync(`/proc/${pid}`)).toBe(true);
   });
 
-  it('pages the process drops (madvise DONTNEED) while they are missing stay dropped', async () => {
+  it('pages the process drops (madvise DONTNEED) while they are missing stay dropped (the plan stored with the images)', async () => {
     const d = await dumpVictim('dontneed');
-    const { fill, release } = await restoreLazily(d, await planOf(d), 2);
+    // The plan a checkpoint stores beside its images (pages files by name, opened in --images-dir).
+    expect(await writeFillPlanImage(d.imagesDir, codec)).toMatchObject({ copyBytes: expect.any(Number) });
+    expect(readFileSync(join(d.imagesDir, FILL_PLAN_IMAGE), 'utf8')).toMatch(/^thaw-fill-plan 1\ntask \d+ pages-\d+\.img\n/);
+    const { fill, release } = await restoreLazily(d, await planOf(d), 2, true);
     trigger(d.fifo, 'dontneed');
     await waitFor(() => existsSync(`${d.result}.1`), 60_000, 'the victim\'s check');
     expect(readFileSync(`${d.result}.1`, 'utf8')).toBe('ok');

@@ -218,6 +218,8 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
       expect(ev, JSON.stringify(ev)).toMatchObject({ outcome: 'restored', mode: 'overlay' });
       // thaw-fill placed the worker's memory (CRIU left its private pages to it): the state digest below is the proof.
       expect(ev.memoryFill, JSON.stringify(ev.memoryFill)).toMatchObject({ by: 'thaw-fill' });
+      // From the plan the checkpoint stored beside its images (nothing planned on CreateContainer).
+      expect(existsSync(path.join((await store.open(KEY)).paths.criuDir, 'thaw-fill-plan.txt'))).toBe(true);
       expect((ev.memoryFill as { copiedBytes: number }).copiedBytes).toBeGreaterThan(0);
       // runc ran the native hook, and this process's hook server did its work (the rootfs diff, the overlay).
       expect(hookServer!.served()).toBe(servedBefore + 1);

@@ -7,7 +7,9 @@
  */
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { spawnSync } from 'node:child_process';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { afterEach, describe, expect, it } from 'vitest';
 import { CRIU_PAGE_BYTES as P, CriuImageCodec, decodePagemapEntryRaw, encodeImageFile, PagemapFlags, VmaStatus, type VmaEntry } from '../../src/restore-engine/criu/images.js';
 import { buildFillPlan, encodeFillPlan, FILL_MAX_ZERO_FACTOR, FILL_MAX_ZERO_SLACK_BYTES, vmaCanBeLazy, type FillPlan } from '../../src/restore-engine/memory-fill.js';
@@ -102,6 +104,17 @@ describe('buildFillPlan', () => {
     expect(encodeFillPlan(p)).toBe(
       `thaw-fill-plan 1\ntask 7 ${join(dir, 'pages-3.img')}\nc ${(A + 2 * P).toString(16)} 2 ${2 * P}\nc ${(A + 4 * P).toString(16)} 2 ${4 * P}\nz ${(A + 6 * P).toString(16)} 2\n`,
     );
+  });
+
+  it('the stored plan names pages files in the images directory; thaw-fill refuses one that is not a plain name there', async () => {
+    const dir = writeImages([{ pid: 7, pagesId: 3, vmas: [vma(A, 2)], map: [[A, 2, LAZY]] }], {});
+    expect(encodeFillPlan(await plan(dir), { relative: true })).toBe(`thaw-fill-plan 1\ntask 7 pages-3.img\nc ${A.toString(16)} 2 0\n`);
+    const fill = resolve(dirname(fileURLToPath(import.meta.url)), '../../native/build/thaw-fill');
+    for (const name of ['../pages-3.img', '/etc/passwd', '..']) {
+      writeFileSync(join(dir, 'bad-plan.txt'), `thaw-fill-plan 1\ntask 7 ${name}\n`);
+      const r = spawnSync(fill, ['--plan', join(dir, 'bad-plan.txt'), '--images-dir', dir, '--timeout-ms', '2000'], { cwd: dir, encoding: 'utf8', timeout: 5_000 });
+      expect(r.stdout, name).toMatch(/^error PLAN .*is not a name in the images directory/);
+    }
   });
 
   it('a task without lazy pages gets a line and no pages file (CRIU sends its uffd all the same)', async () => {
