@@ -321,12 +321,21 @@ static enum fill_result fill_pages(struct task *t, struct chunk *c, uint32_t fro
         i++;
         break;
       case ENOENT:
-        /* No registered mapping there any more (unmapped, or the range now spans two VMAs): page by page. */
+        /*
+         * The range spans two VMAs (an mprotect split one): page by page. A single page with no registered
+         * mapping is one the plan must place and cannot (an unmapped page arrives as an event first and is
+         * skipped above): the process would read zeros there, so that is an error, never a skip.
+         */
         if (j - i > 1) {
-          enum fill_result r = fill_pages(t, c, i, i + 1, src ? src + (size_t)(i - from) * PAGE : NULL, once);
-          if (r != FILL_OK) return r;
+          for (uint32_t k = i; k < j; k++) {
+            enum fill_result r = fill_pages(t, c, k, k + 1, src ? src + (size_t)(k - from) * PAGE : NULL, once);
+            if (r != FILL_OK) return r;
+          }
+          i = j;
+          break;
         }
-        i++;
+        if (!src) { i++; break; } /* a zero range over no registered mapping: nothing of the image is lost */
+        fail("UNREGISTERED", "task %d: no registered mapping for a page of its image at %#" PRIx64, t->pid, dst);
         break;
       case ESRCH:
         atomic_store(&t->gone, true);

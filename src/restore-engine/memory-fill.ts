@@ -152,6 +152,10 @@ export async function buildFillPlan(dir: string, codec: CriuImageCodec): Promise
       if ((flags & PagemapFlags.LAZY) !== 0) lazyEntries.push({ ...span, offset });
       offset += span.end - span.start;
     }
+    // Every byte of the pages file is some entry's: a pagemap this decoder misreads (a CRIU of another image
+    // format) would otherwise plan too little, and the pages it left out would read as zeros.
+    const pagesBytes = await stat(join(dir, `pages-${pagesId}.img`)).then((st) => st.size, () => 0);
+    if (offset !== pagesBytes) return { none: `pages-${pagesId}.img has ${pagesBytes} bytes, pagemap-${p.pid}.img accounts for ${offset}` };
     lazyEntries.sort(byStart);
     covered.sort(byStart);
     // CRIU leaves exactly the lazy entries to the fill, cut at VMA ends (UFFDIO_COPY works within one VMA); a lazy

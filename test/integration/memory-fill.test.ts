@@ -22,11 +22,13 @@ import { buildFillPlan, FILL_PLAN_IMAGE, startMemoryFill, writeFillPlanImage, ty
 import { RestoreErrorCode } from '../../src/restore-engine/restore-errors.js';
 import { dropZeroPages, ZERO_PAGES_FILE } from '../../src/restore-engine/zero-pages.js';
 
-const CRIU_PATH = '/opt/thaw/stack/1.7/bin/criu';
+/** Both stacks' CRIU: 1.7's is 4.1.1, 2.1's is 4.2.1 (whose pagemap entries carry their count in another field). */
+const CRIUS = { '1.7': '/opt/thaw/stack/1.7/bin/criu', '2.1': '/opt/thaw/stack/2.1/bin/criu' } as const;
 const FILL = resolve(dirname(fileURLToPath(import.meta.url)), '../../native/build/thaw-fill');
 const root = mkdtempSync('/tmp/thaw-fill-');
 const codec = CriuImageCodec.load();
-const client = new CriuClient({ criuPath: CRIU_PATH, logger: createCollectingLogger(), env: { ...process.env, PATH: `${dirname(CRIU_PATH)}:${process.env.PATH ?? '/usr/bin:/bin'}` } });
+const clientFor = (criuPath: string): CriuClient =>
+  new CriuClient({ criuPath, logger: createCollectingLogger(), env: { ...process.env, PATH: `${dirname(criuPath)}:${process.env.PATH ?? '/usr/bin:/bin'}` } });
 const started = new Set<number>();
 const fills: RunningFill[] = [];
 
@@ -98,7 +100,7 @@ interface Dumped {
 }
 
 /** Starts the victim, dumps it (it stops), drops its zero pages as a checkpoint does. */
-async function dumpVictim(name: string): Promise<Dumped> {
+async function dumpVictimWith(client: CriuClient, name: string): Promise<Dumped> {
   const dir = join(root, name);
   const imagesDir = join(dir, 'images');
   const workDir = join(dir, 'work');
@@ -130,7 +132,7 @@ async function planOf(d: Dumped): Promise<FillPlan> {
 }
 
 /** Restores `d` lazily with thaw-fill's sweep held until release() (page faults are served from the start). */
-async function restoreLazily(d: Dumped, plan: FillPlan, threads: number, stored = false): Promise<{ fill: RunningFill; pid: number; fillPid: number; release(): void }> {
+async function restoreLazilyWith(client: CriuClient, d: Dumped, plan: FillPlan, threads: number, stored = false): Promise<{ fill: RunningFill; pid: number; fillPid: number; release(): void }> {
   const hold = join(d.dir, 'sweep');
   const fill = await startMemoryFill({ binary: FILL, workDir: d.workDir, source: stored ? { planFile: join(d.imagesDir, FILL_PLAN_IMAGE), imagesDir: d.imagesDir } : { plan }, threads, timeoutMs: 60_000, holdSweepUntil: hold });
   fills.push(fill);
@@ -146,7 +148,7 @@ function trigger(fifo: string, word: string): void {
 }
 
 beforeAll(() => {
-  if (!existsSync(CRIU_PATH)) throw new Error(`CRIU not found at ${CRIU_PATH}: provision thaw's node stack first`);
+  for (const p of Object.values(CRIUS)) if (!existsSync(p)) throw new Error(`CRIU not found at ${p}: provision thaw's node stacks first`);
   if (!existsSync(FILL)) throw new Error(`${FILL} is not built: make -C native`);
   if (process.getuid?.() !== 0) throw new Error('the memory-fill tests must run as root');
 });
@@ -162,7 +164,11 @@ afterAll(() => {
   if (process.env.THAW_TEST_KEEP === undefined) rmSync(root, { recursive: true, force: true });
 });
 
-describe('thaw-fill: a lazy CRIU restore whose memory a filler places', () => {
+describe.each(Object.entries(CRIUS))('thaw-fill: a lazy CRIU restore whose memory a filler places (the %s stack\'s CRIU)', (flavor, criuPath) => {
+  const client = clientFor(criuPath);
+  const dumpVictim = (name: string): Promise<Dumped> => dumpVictimWith(client, `${flavor}-${name}`);
+  const restoreLazily = (d: Dumped, plan: FillPlan, threads: number, stored = false) => restoreLazilyWith(client, d, plan, threads, stored);
+
   it('the plan: the lazy pages from the pages file, and the dropped zero pages as zero ranges', async () => {
     const d = await dumpVictim('plan');
     const plan = await planOf(d);

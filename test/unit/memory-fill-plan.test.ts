@@ -5,7 +5,7 @@
  * over a copied page), and the checkpoints that get no plan (CRIU then fills their memory).
  * test/integration/memory-fill.test.ts runs thaw-fill on a real CRIU restore.
  */
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { spawnSync } from 'node:child_process';
 import { dirname, join, resolve } from 'node:path';
@@ -47,6 +47,10 @@ function writeImages(procs: Proc[], zeros?: Record<string, Array<[string, number
     writeFileSync(join(dir, `mm-${p.pid}.img`), encodeImageFile({ header: HEADER, entries: [codec.encodeMm(p.vmas)] }));
     const entries = p.map.map(([vaddr, nrPages, flags]) => codec.encodePagemapEntry({ vaddr: BigInt(vaddr), nrPages, flags }));
     writeFileSync(join(dir, `pagemap-${p.pid}.img`), encodeImageFile({ header: HEADER, entries: [codec.encodePagemapHead(p.pagesId), ...entries] }));
+    // The pages file as large as the entries in it say (sparse: the plan reads no page).
+    const present = p.map.filter(([, , f]) => (f & PagemapFlags.PRESENT) !== 0).reduce((n, [, pages]) => n + pages, 0);
+    writeFileSync(join(dir, `pages-${p.pagesId}.img`), '');
+    truncateSync(join(dir, `pages-${p.pagesId}.img`), present * P);
   }
   if (zeros !== undefined) writeFileSync(join(dir, ZERO_PAGES_FILE), JSON.stringify({ v: 1, processes: zeros }));
   return dir;
@@ -59,6 +63,17 @@ async function plan(dir: string): Promise<FillPlan> {
 }
 
 describe('decodePagemapEntryRaw', () => {
+  it('CRIU 4.2\'s entries: the count in nr_pages (field 5), 0 in compat_nr_pages (field 2); both decoders read it, the encoder writes both', () => {
+    // vaddr 0x1000, compat_nr_pages 0, flags LAZY|PRESENT, nr_pages 300 (varint 0xac 0x02).
+    const v42 = Buffer.from([0x08, 0x80, 0x20, 0x10, 0x00, 0x20, LAZY, 0x28, 0xac, 0x02]);
+    expect(decodePagemapEntryRaw(v42, 'test')).toEqual({ vaddr: 0x1000, nrPages: 300, inParent: false, flags: LAZY });
+    expect(codec.decodePagemapEntry(v42)).toEqual({ vaddr: 0x1000n, nrPages: 300, flags: LAZY });
+    // What thaw writes (zero-pages.ts rewrites pagemaps) carries both, for CRIU before 4.2 and after.
+    const written = codec.encodePagemapEntry({ vaddr: 0x1000n, nrPages: 300, flags: LAZY });
+    expect(written.includes(Buffer.from([0x10, 0xac, 0x02]))).toBe(true);
+    expect(written.includes(Buffer.from([0x28, 0xac, 0x02]))).toBe(true);
+  });
+
   it('reads what protobufjs writes, flags or not, high addresses too; refuses truncated bytes', () => {
     for (const e of [
       { vaddr: 0x7fffe0000000n, nrPages: 3, flags: LAZY },
@@ -127,13 +142,17 @@ describe('buildFillPlan', () => {
     expect(encodeFillPlan(p)).toContain('\ntask 2 -\n');
   });
 
-  it('no plan: a checkpoint without the list of dropped pages, parent images, lazy pages outside a lazy mapping', async () => {
+  it('no plan: a checkpoint without the list of dropped pages, parent images, lazy pages outside a lazy mapping, a pages file its pagemap does not account for', async () => {
     const cases: Array<[string, RegExp]> = [
       [writeImages([{ pid: 1, pagesId: 1, vmas: [vma(A, 2)], map: [[A, 2, LAZY]] }]), /no thaw-zero-pages\.json/],
       [writeImages([{ pid: 1, pagesId: 1, vmas: [vma(A, 2)], map: [[A, 2, PagemapFlags.PARENT | PagemapFlags.LAZY]] }], {}), /parent image/],
       [writeImages([{ pid: 1, pagesId: 1, vmas: [vma(A, 2, FILE_PRIVATE)], map: [[A, 2, LAZY]] }], {}), /outside a private anonymous mapping/],
       [writeImages([{ pid: 1, pagesId: 1, vmas: [vma(A, 2)], map: [[A, 2, PagemapFlags.LAZY]] }], {}), /not in its pages file/],
     ];
+    // A pagemap that does not account for its pages file (a CRIU image format this decoder misreads).
+    const short = writeImages([{ pid: 1, pagesId: 1, vmas: [vma(A, 4)], map: [[A, 2, LAZY]] }], {});
+    truncateSync(join(short, 'pages-1.img'), 4 * P);
+    cases.push([short, /pages-1\.img has 16384 bytes, pagemap-1\.img accounts for 8192/]);
     for (const [dir, reason] of cases) {
       const p = await buildFillPlan(dir, codec);
       expect('none' in p ? p.none : 'a plan').toMatch(reason);

@@ -118,6 +118,7 @@ export function decodePagemapEntryRaw(b: Buffer, name: string): { vaddr: number;
   };
   let vaddr: number | undefined;
   let nrPages: number | undefined;
+  let compat: number | undefined;
   let inParent = false;
   let flags: number | undefined;
   while (at < b.length) {
@@ -127,7 +128,8 @@ export function decodePagemapEntryRaw(b: Buffer, name: string): { vaddr: number;
     if (wire === 0) {
       const v = varint();
       if (field === 1) vaddr = v;
-      else if (field === 2) nrPages = v;
+      else if (field === 2) compat = v;
+      else if (field === 5) nrPages = v;
       else if (field === 3) inParent = v !== 0;
       else if (field === 4) flags = v;
     } else if (wire === 2) {
@@ -141,6 +143,8 @@ export function decodePagemapEntryRaw(b: Buffer, name: string): { vaddr: number;
     }
     if (at > b.length) throw imageError(`read CRIU image ${name}`, `${name}: a pagemap entry runs past its end`);
   }
+  // CRIU 4.2 writes the count as nr_pages (5) and 0 in compat_nr_pages (2); earlier CRIUs write only 2.
+  nrPages ??= compat;
   if (vaddr === undefined || nrPages === undefined) throw imageError(`read CRIU image ${name}`, `${name}: a pagemap entry without vaddr or nr_pages`);
   return { vaddr, nrPages, inParent, ...(flags !== undefined ? { flags } : {}) };
 }
@@ -298,7 +302,8 @@ export class CriuImageCodec {
     const o = this.decode(this.pagemap, bytes, 'pagemap_entry');
     return {
       vaddr: toBigInt(o['vaddr']),
-      nrPages: Number(o['nrPages']),
+      // CRIU 4.2 writes the count as nr_pages (5) and 0 in compat_nr_pages (2); earlier CRIUs write only 2.
+      nrPages: Number(o['nrPages'] ?? o['compatNrPages']),
       ...(o['inParent'] !== undefined ? { inParent: Boolean(o['inParent']) } : {}),
       ...(o['flags'] !== undefined ? { flags: Number(o['flags']) } : {}),
     };
@@ -307,6 +312,8 @@ export class CriuImageCodec {
   encodePagemapEntry(e: PagemapEntry): Buffer {
     const msg = this.pagemap.fromObject({
       vaddr: e.vaddr.toString(), // fromObject turns a decimal string into an unsigned 64-bit value
+      // Both: CRIU 4.2 reads nr_pages when present, earlier CRIUs read compat_nr_pages (and skip field 5).
+      compatNrPages: e.nrPages <= 0xffffffff ? e.nrPages : 0,
       nrPages: e.nrPages,
       ...(e.inParent !== undefined ? { inParent: e.inParent } : {}),
       ...(e.flags !== undefined ? { flags: e.flags } : {}),
