@@ -84,7 +84,7 @@ async function kernelChecks(): Promise<DoctorCheck[]> {
       : { id: 'kernel.overlayfs', title: 'kernel: overlayfs', status: 'fail', detail: 'overlay is not in /proc/filesystems', fix: 'modprobe overlay (and add it to /etc/modules-load.d/)' },
     (await exists('/proc/sys/vm/unprivileged_userfaultfd'))
       ? { id: 'kernel.userfaultfd', title: 'kernel: userfaultfd', status: 'pass', detail: 'CONFIG_USERFAULTFD is enabled' }
-      : { id: 'kernel.userfaultfd', title: 'kernel: userfaultfd', status: 'warn', detail: 'no /proc/sys/vm/unprivileged_userfaultfd: CRIU lazy restores are unavailable (thaw does not use them yet)', fix: 'a kernel with CONFIG_USERFAULTFD=y' },
+      : { id: 'kernel.userfaultfd', title: 'kernel: userfaultfd', status: 'warn', detail: 'no /proc/sys/vm/unprivileged_userfaultfd: no lazy restores, so CRIU fills restored memory on one thread (thaw-fill is not used)', fix: 'a kernel with CONFIG_USERFAULTFD=y' },
     thpCheck(await readThpMode()),
     (await exists('/sys/fs/cgroup/cgroup.controllers'))
       ? { id: 'kernel.cgroup2', title: 'kernel: cgroup v2', status: 'pass', detail: '/sys/fs/cgroup is the unified hierarchy' }
