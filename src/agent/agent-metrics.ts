@@ -64,6 +64,8 @@ export function createAgentMetrics(src: AgentMetricsSources): AgentMetrics {
   const restores = r.counter('thaw_restores_total', 'Restore targets by outcome: restored, or fallback (cold start; at CreateContainer or after a failed restore).', ['outcome']);
   const restorePhases = r.histogram('thaw_restore_phase_seconds', 'Duration of each phase of a restore (total: from the container start to restore-complete or the fallback).', PHASE_BUCKETS_SECONDS, ['phase']);
   const bytesRead = r.counter('thaw_restore_bytes_read_total', 'Bytes of checkpoint files restored (the checkpoint size of every successful restore).');
+  const memoryFills = r.counter('thaw_restore_memory_fills_total', 'Successful restores by who placed the restored memory: thaw-fill (through userfaultfd, in parallel) or criu (its restorer: thaw-fill off, not built, no lazy pages here, or a checkpoint without a plan; the restore event says why).', ['by']);
+  const memoryFilledBytes = r.counter('thaw_restore_memory_filled_bytes_total', 'Bytes thaw-fill placed in restored processes: copied from the images, and zero pages the checkpoint dropped.', ['kind']);
   const checkpoints = r.counter('thaw_checkpoints_total', 'Checkpoints by outcome: succeeded, failed, cancelled.', ['outcome']);
   const checkpointPhases = r.histogram('thaw_checkpoint_phase_seconds', 'Duration of each phase of a successful checkpoint.', PHASE_BUCKETS_SECONDS, ['phase']);
   const bytesWritten = r.counter('thaw_checkpoint_bytes_written_total', 'Bytes of checkpoint files published.');
@@ -145,6 +147,14 @@ export function createAgentMetrics(src: AgentMetricsSources): AgentMetrics {
         if (ms !== undefined) restorePhases.observe(ms / 1000, { phase });
       }
       if (e.outcome === 'restored' && e.bytes !== undefined) bytesRead.inc({}, e.bytes);
+      if (e.outcome === 'restored') {
+        const fill = e.memoryFill;
+        memoryFills.inc({ by: fill?.by ?? 'criu' });
+        if (fill?.by === 'thaw-fill') {
+          memoryFilledBytes.inc({ kind: 'copied' }, fill.copiedBytes);
+          memoryFilledBytes.inc({ kind: 'zero' }, fill.zeroedBytes);
+        }
+      }
     },
     onCheckpointEvent(e) {
       checkpoints.inc({ outcome: e.outcome });

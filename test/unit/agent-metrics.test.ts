@@ -76,6 +76,10 @@ describe("the agent's series", () => {
     expect(before.get('thaw_restores_total{outcome="restored"}')).toBe(0);
     expect(before.get('thaw_checkpoints_total{outcome="failed"}')).toBe(0);
     m.onRestoreEvent({ event: 'restore', outcome: 'restored', checkpoint: 'c', containerId: 'x', container: 'w', pod: 'ns/p', bytes: 1000, phases: { verifyMs: 20, criuRestoreMs: 300, totalMs: 400 } });
+    m.onRestoreEvent({
+      event: 'restore', outcome: 'restored', checkpoint: 'c', containerId: 'x2', container: 'w', pod: 'ns/p', bytes: 0, phases: { criuRestoreMs: 50, memoryFillWaitMs: 5, totalMs: 200 },
+      memoryFill: { by: 'thaw-fill', copiedBytes: 4096, zeroedBytes: 8192, faults: 1, existing: 0, retried: 0, threads: 2, chunks: 3, fillMs: 1, totalMs: 2 },
+    });
     m.onRestoreEvent({ event: 'restore', outcome: 'fallback', cause: 'RESTORE_CRIU_FAILED', checkpoint: 'c', containerId: 'y', container: 'w', pod: 'ns/q', phases: { totalMs: 50 } });
     stats.countFallback('RESTORE_CRIU_FAILED');
     stats.countRestoreFallbackAtCreate('RESTORE_CHECKPOINT_MISSING');
@@ -83,17 +87,23 @@ describe("the agent's series", () => {
     m.onCheckpointEvent({ event: 'checkpoint', outcome: 'succeeded', name: 'ns/c', namespace: 'ns', pod: 'ns/s', container: 'w', containerId: 'z', bytes: 5000, phases: { inspectMs: 1, dumpMs: 100, rootfsDiffMs: 2, publishMs: 3, totalMs: 110 } });
     m.onCheckpointEvent({ event: 'checkpoint', outcome: 'failed', name: 'ns/d', namespace: 'ns', pod: 'ns/s', container: 'w', containerId: 'z' });
     const after = parseExposition(await m.registry.render());
-    expect(after.get('thaw_restores_total{outcome="restored"}')).toBe(1);
-    expect(after.get('thaw_restores_by_namespace_total{namespace="ns",outcome="restored"}')).toBe(1);
+    expect(after.get('thaw_restores_total{outcome="restored"}')).toBe(2);
+    expect(after.get('thaw_restores_by_namespace_total{namespace="ns",outcome="restored"}')).toBe(2);
+    // Who filled the memory: the first event has no memoryFill (CRIU's restorer), the second thaw-fill's account.
+    expect(after.get('thaw_restore_memory_fills_total{by="criu"}')).toBe(1);
+    expect(after.get('thaw_restore_memory_fills_total{by="thaw-fill"}')).toBe(1);
+    expect(after.get('thaw_restore_memory_filled_bytes_total{kind="copied"}')).toBe(4096);
+    expect(after.get('thaw_restore_memory_filled_bytes_total{kind="zero"}')).toBe(8192);
     expect(after.get('thaw_restores_by_namespace_total{namespace="ns",outcome="fallback"}')).toBe(1);
     expect(after.get('thaw_tenancy_refusals_total{namespace="team-a",cause="RESTORE_NOT_ALLOWED"}')).toBe(1);
     expect(after.get('thaw_restores_total{outcome="fallback"}')).toBe(2);
     expect(after.get('thaw_fallbacks_total{cause="RESTORE_CRIU_FAILED"}')).toBe(1);
     expect(after.get('thaw_fallbacks_total{cause="RESTORE_CHECKPOINT_MISSING"}')).toBe(1);
     expect(after.get('thaw_restore_bytes_read_total')).toBe(1000);
-    expect(after.get('thaw_restore_phase_seconds_count{phase="total"}')).toBe(2);
-    expect(after.get('thaw_restore_phase_seconds_count{phase="criu-restore"}')).toBe(1);
-    expect(after.get('thaw_restore_phase_seconds_sum{phase="criu-restore"}')).toBeCloseTo(0.3);
+    expect(after.get('thaw_restore_phase_seconds_count{phase="total"}')).toBe(3);
+    expect(after.get('thaw_restore_phase_seconds_count{phase="criu-restore"}')).toBe(2);
+    expect(after.get('thaw_restore_phase_seconds_sum{phase="criu-restore"}')).toBeCloseTo(0.35);
+    expect(after.get('thaw_restore_phase_seconds_count{phase="memory-fill-wait"}')).toBe(1);
     expect(after.get('thaw_checkpoints_total{outcome="succeeded"}')).toBe(1);
     expect(after.get('thaw_checkpoints_total{outcome="failed"}')).toBe(1);
     expect(after.get('thaw_checkpoint_bytes_written_total')).toBe(5000);
