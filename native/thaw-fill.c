@@ -89,7 +89,6 @@ struct task {
 
 static struct chunk *chunks;
 static size_t nchunks, chunks_cap;
-static size_t *order;     /* sweep order: by address within each task, tasks in plan order (fixed once read) */
 static struct task tasks[MAX_TASKS];
 static size_t ntasks;
 static atomic_size_t next_chunk;
@@ -222,8 +221,6 @@ static void read_plan(const char *path) {
     }
   }
   fclose(f);
-  order = malloc((nchunks ? nchunks : 1) * sizeof *order);
-  if (!order) fail("NO_MEMORY", "cannot allocate the sweep order");
   for (size_t i = 0; i < ntasks; i++) {
     struct task *t = &tasks[i];
     qsort(chunks + t->first, t->count, sizeof *chunks, by_addr);
@@ -231,7 +228,6 @@ static void read_plan(const char *path) {
       if (chunks[j - 1].addr + chunks[j - 1].pages * PAGE > chunks[j].addr) fail("PLAN", "task %d: ranges overlap at %#" PRIx64, t->pid, chunks[j].addr);
     }
   }
-  for (size_t i = 0; i < nchunks; i++) order[i] = i;
 }
 
 static bool page_removed(const struct chunk *c, uint32_t i) { return (c->removed[i / 64] >> (i % 64)) & 1; }
@@ -352,7 +348,8 @@ static void *sweeper(void *arg) {
   for (;;) {
     size_t k = atomic_fetch_add(&next_chunk, 1);
     if (k >= nchunks) return NULL;
-    struct chunk *c = &chunks[order[k]];
+    /* In plan order: by address within each task (a chunk stays where it is; mremap moves only its addr). */
+    struct chunk *c = &chunks[k];
     struct task *t = &tasks[c->task];
     if (t->uffd < 0 || atomic_load(&t->gone)) continue;
     if (c->off != NO_OFFSET) read_fully(t->pages_fd, buf, c->pages * PAGE, c->off);

@@ -53,13 +53,6 @@ import { recordWeights, type ManifestWeightsDoc } from './weights/service.js';
 import type { SourceDigests } from './weights/source-digests.js';
 export { CheckpointErrorCode } from './restore-errors.js';
 
-let sharedCodec: CriuImageCodec | undefined;
-/** The image decoder, loaded on the first checkpoint (zero pages and the fill plan read the images). */
-function imageCodec(): CriuImageCodec {
-  sharedCodec ??= CriuImageCodec.load();
-  return sharedCodec;
-}
-
 /** The whole flow, dump included, gives up after this (a 100 GB host-memory dump fits). */
 export const DEFAULT_CHECKPOINT_TIMEOUT_MS = 30 * 60_000;
 /** The `External` key of a pod's own network namespace (restore-recipe.md: `net[<inode>]:extnet`). */
@@ -399,7 +392,7 @@ export async function checkpointContainer(
       phase = 'zero-pages';
       started = performance.now();
       try {
-        const z = await dropZeroPages(pending.paths.criuDir, { signal, codec: imageCodec() });
+        const z = await dropZeroPages(pending.paths.criuDir, { signal, codec: CriuImageCodec.shared() });
         phases.zeroPagesDroppedBytes = z.droppedBytes;
         log.info('zero pages left out of the dump', { droppedBytes: z.droppedBytes, scannedBytes: z.scannedBytes, rewritten: z.rewritten, skipped: z.skipped, ms: z.ms });
       } catch (err) {
@@ -410,7 +403,7 @@ export async function checkpointContainer(
       phases.zeroPagesMs = round(performance.now() - started);
       // The memory fill's plan, made once here rather than on every restore's CreateContainer (memory-fill.ts).
       // Without it a restore plans for itself; a plan that cannot be made leaves the fill to CRIU.
-      const planned = await writeFillPlanImage(pending.paths.criuDir, imageCodec()).catch((err: unknown) => ({ none: errorMessage(err) }));
+      const planned = await writeFillPlanImage(pending.paths.criuDir, CriuImageCodec.shared()).catch((err: unknown) => ({ none: errorMessage(err) }));
       if ('none' in planned) log.info('no memory-fill plan: restores of this checkpoint let CRIU fill memory', { reason: planned.none });
     }
 

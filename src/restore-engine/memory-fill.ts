@@ -79,8 +79,8 @@ interface Span {
 const byStart = (a: Span, b: Span): number => a.start - b.start;
 
 /**
- * The parts of each span (sorted) inside `within` (sorted, disjoint), cut at the ends of `within`'s spans; with
- * `origin`, each part remembers the span it came from. One pass over both lists.
+ * The parts of each span (sorted) inside `within` (sorted, disjoint), cut at the ends of `within`'s spans, each
+ * with the span it came from. One pass over both lists.
  */
 function intersect<T extends Span>(spans: readonly T[], within: readonly Span[]): Array<{ part: Span; of: T }> {
   const out: Array<{ part: Span; of: T }> = [];
@@ -117,7 +117,8 @@ function subtract(spans: readonly Span[], cut: readonly Span[]): Span[] {
 /**
  * The fill plan of the images in `dir`, or a reason why there is none (the restore then uses CRIU's own fill).
  * Throws only on unreadable or undecodable images (which CRIU would refuse as well). Linear in the pagemap's
- * entries (tens of thousands once zero pages are dropped): it runs on the agent's event loop at prepare.
+ * entries (tens of thousands once zero pages are dropped): it runs at checkpoint (writeFillPlanImage), and on the
+ * agent's event loop at prepare only for a checkpoint stored without a plan.
  */
 export async function buildFillPlan(dir: string, codec: CriuImageCodec): Promise<FillPlan | { none: string }> {
   const pstree = parseImageFile(await readFile(join(dir, 'pstree.img')), 'pstree.img').entries.map((e) => codec.decodePstree(e));
@@ -154,7 +155,8 @@ export async function buildFillPlan(dir: string, codec: CriuImageCodec): Promise
     }
     // Every byte of the pages file is some entry's: a pagemap this decoder misreads (a CRIU of another image
     // format) would otherwise plan too little, and the pages it left out would read as zeros.
-    const pagesBytes = await stat(join(dir, `pages-${pagesId}.img`)).then((st) => st.size, () => 0);
+    const pagesFile = join(dir, `pages-${pagesId}.img`);
+    const pagesBytes = await stat(pagesFile).then((st) => st.size, () => 0);
     if (offset !== pagesBytes) return { none: `pages-${pagesId}.img has ${pagesBytes} bytes, pagemap-${p.pid}.img accounts for ${offset}` };
     lazyEntries.sort(byStart);
     covered.sort(byStart);
@@ -167,7 +169,7 @@ export async function buildFillPlan(dir: string, codec: CriuImageCodec): Promise
     }
     const lazyBytes = lazyEntries.reduce((n, e) => n + e.end - e.start, 0);
     if (placed !== lazyBytes) return { none: `pagemap-${p.pid}.img: lazy pages outside a private anonymous mapping` };
-    if (lazyEntries.length > 0) task.pagesFile = join(dir, `pages-${pagesId}.img`);
+    if (lazyEntries.length > 0) task.pagesFile = pagesFile;
     plan.copyBytes += lazyBytes;
     const zeroSpans = [...(dropped.get(p.pid) ?? [])].sort(byStart);
     for (const free of subtract(intersect(zeroSpans, lazy).map((x) => x.part), covered)) {

@@ -203,7 +203,10 @@ export interface RestoreJob {
   mappedFiles?: Promise<MappedFile[]>;
   /** The weights load started at prepare (the checkpoint's weights are outside it). */
   weights?: WeightsLoadJob;
-  /** The memory fill's plan, made from the images at prepare (memory-fill.ts); absent: CRIU fills the memory. */
+  /**
+   * The memory fill's source, found at prepare (memory-fill.ts fillSourceOf: the plan stored with the checkpoint, or
+   * one made from its images); absent, or `none`: CRIU fills the memory.
+   */
   fillPlan?: Promise<FillSource | { none: string }>;
 }
 

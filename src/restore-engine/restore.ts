@@ -65,11 +65,7 @@ export interface RestoreIntoContainerOptions {
   lazyPages?: boolean;
 }
 
-let imageCodec: CriuImageCodec | undefined;
-function sharedImageCodec(): CriuImageCodec {
-  imageCodec ??= CriuImageCodec.load();
-  return imageCodec;
-}
+
 
 export interface RestoredTree {
   /** The root's pid in the target's PID namespace (as CRIU answered). */
@@ -176,7 +172,7 @@ export async function restoreIntoContainer(o: RestoreIntoContainerOptions): Prom
       const rawSpec = await readTargetSpec(hostPaths.root);
       // Privilege first: a process that would gain any is refused for that (RESTORE_CREDENTIALS_EXCEED_SPEC).
       if (o.checkCredentials !== false) {
-        assertCredentialsWithinSpec(await readRecordedCredentials(o.imagesDir, o.imageCodec ?? sharedImageCodec()), specCredentialsOf(rawSpec));
+        assertCredentialsWithinSpec(await readRecordedCredentials(o.imagesDir, o.imageCodec ?? CriuImageCodec.shared()), specCredentialsOf(rawSpec));
       }
       assertSameProcessIdentity(recorded, rawSpec);
     }

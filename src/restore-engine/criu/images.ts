@@ -193,6 +193,14 @@ export class CriuImageCodec {
     private readonly core: protobuf.Type,
   ) {}
 
+  private static sharedCodec: CriuImageCodec | undefined;
+
+  /** One codec for the process, loaded on first use (it holds only the parsed types). */
+  static shared(): CriuImageCodec {
+    CriuImageCodec.sharedCodec ??= CriuImageCodec.load();
+    return CriuImageCodec.sharedCodec;
+  }
+
   static load(protoPath: string = criuProtoPath('images.proto')): CriuImageCodec {
     const root = new protobuf.Root();
     root.loadSync(protoPath);
