@@ -26,7 +26,7 @@
  * --weights; vmm = the SDK's WeightsRegion, outside the checkpoint; unset: the worker's default, torch),
  * BENCH_GPU_FILL_BASELINE=1 (after each variant's restores, the same restores with the agent restarted with
  * restore.memoryFill criu: JSON gains criuFill and restoreWarmOverCriuFill), BENCH_GPU_DROP_WEIGHTS=1 (remove a model's weights dir after its run: the 64 GiB disk),
- * BENCH_GPU_STANDIN=1 (no GPU: bench/gpu/standin-worker.py, a CPU worker that speaks the same HTTP and
+ * BENCH_GPU_RESTORE_GAP_MS (0: a pause before each restore, after the previous pod went), BENCH_GPU_STANDIN=1 (no GPU: bench/gpu/standin-worker.py, a CPU worker that speaks the same HTTP and
  * control-dir protocol, to check this script's plumbing on a machine without a GPU; its numbers mean nothing).
  */
 import { execFileSync } from 'node:child_process';
@@ -118,6 +118,25 @@ async function workerLogEvents(logPath: string): Promise<Record<string, unknown>
     }
   }
   return events;
+}
+
+/**
+ * After the agent's restore event (ms from its `ts`): thaw-pause's adoption (the log line's CRI time) and the
+ * restored worker's own phases ("t", epoch seconds) up to serving: where restore event → ready goes.
+ */
+async function afterRestoreTimeline(logPath: string, restoredAt: number): Promise<Record<string, number>> {
+  const out: Record<string, number> = {};
+  for (const line of parseCriLog(await readFile(logPath, 'utf8').catch(() => ''))) {
+    if (line.text.startsWith('thaw-pause: adopted')) out['adopted'] = Date.parse(line.time) - restoredAt;
+    if (!line.text.startsWith('{"event": "phase"')) continue;
+    try {
+      const e = JSON.parse(line.text) as { name?: unknown; t?: unknown };
+      if (typeof e.name === 'string' && typeof e.t === 'number' && e.t * 1000 >= restoredAt - 5_000) out[e.name] = Math.round(e.t * 1000 - restoredAt);
+    } catch {
+      // not one of the worker's phase lines
+    }
+  }
+  return out;
 }
 
 /** What the worker needs from the host, found rather than assumed (Ubuntu, conda, venv layouts differ). */
@@ -253,7 +272,7 @@ interface VariantResult {
   restoreColdMappedWarmSamplesMs?: number[];
   /** BENCH_GPU_FILL_BASELINE=1: the same restores with CRIU filling the memory (the agent restarted so). */
   criuFill?: {
-    restoreWarmMs: number; restoreColdMs: number; restoreWarmPhases: unknown; restoreColdPhases: unknown; restoreWarmTimeline: unknown;
+    restoreWarmMs: number; restoreColdMs: number; restoreWarmPhases: unknown; restoreColdPhases: unknown; restoreWarmTimeline: unknown; restoreColdTimeline: unknown;
     restoreWarmSamplesMs: number[]; restoreColdSamplesMs: number[]; outcome: string; tokensMatch: boolean;
   };
   restoreWarmOverCriuFill?: number;
@@ -290,6 +309,7 @@ async function runModel(model: string | undefined): Promise<void> {
   const port = Number(process.env['BENCH_GPU_PORT'] ?? 18080);
   // Restores per variant and page-cache state (medians reported): the lent machines are noisy.
   const restoreRounds = Math.max(1, Number(process.env['BENCH_GPU_RESTORES'] ?? 1) || 1);
+  const restoreGapMs = Math.max(0, Number(process.env['BENCH_GPU_RESTORE_GAP_MS'] ?? 0) || 0);
   const probeMappedFiles = process.env['BENCH_GPU_PROBE_MAPPED_FILES'] === '1';
   const fillBaseline = process.env['BENCH_GPU_FILL_BASELINE'] === '1';
   const extraWorkerArgs = (process.env['BENCH_GPU_WORKER_ARGS'] ?? '').split(' ').filter((s) => s !== '');
@@ -428,12 +448,34 @@ async function runModel(model: string | undefined): Promise<void> {
       type RestoreRun = { ms: number; outcome: string; cause: string | null; phases: unknown; timeline: unknown; tokens: number[] | undefined; weights: unknown };
       const restoreOnce = async (label: 'warm' | 'cold' | 'cold-mapped-warm', round_: number): Promise<RestoreRun> => {
         if (label !== 'warm') await dropPageCache();
+        // BENCH_GPU_RESTORE_GAP_MS: a pause after the previous pod went (its GPU memory given back) before this restore.
+        if (restoreGapMs > 0) await sleep(restoreGapMs);
         // The checkpoint cold, the worker's libraries cached: how much of a dropped restore is theirs.
         if (label === 'cold-mapped-warm') for (const f of mappedFiles) await readFile(f).catch(() => undefined);
         const target = await runWorker(`gpu-restore-${label}-${v.name}${round_ > 1 ? `-${round_}` : ''}`, { 'thaw.dev/restore': checkpointName }, [...v.workerArgs, '--print-tokens']);
         const ready = await waitReady(target, RESTORE_TIMEOUT_MS, (h) => h.ok && h.restored, checkpointName);
         const restoreEvent = ready.event ?? (await waitForLog(logFile, (r) => r['event'] === 'restore' && r['containerId'] === target.containerId, 'the restore event', 30_000));
         const tokens = ready.event ? undefined : (await getJson<{ tokens: number[] }>(port, '/tokens', TOKENS_TIMEOUT_MS)).tokens;
+        const afterRestore = await afterRestoreTimeline(target.logPath, Date.parse(String(restoreEvent['ts'])));
+        // How much of the restored worker's anonymous memory sits in huge pages once it serves (the fill decides it).
+        const rollup = await readFile(`/proc/${Number(restoreEvent['restoredPid'])}/smaps_rollup`, 'utf8').catch(() => '');
+        const kb = (field: string): number | undefined => {
+          const m = new RegExp(`^${field}:\\s+(\\d+) kB`, 'm').exec(rollup);
+          return m?.[1] !== undefined ? Number(m[1]) * 1024 : undefined;
+        };
+        // And how much anonymous memory is in mappings eligible for them (THPeligible: 1; madvise mode: MADV_HUGEPAGE).
+        let thpEligibleAnonBytes = 0;
+        for (const vma of (await readFile(`/proc/${Number(restoreEvent['restoredPid'])}/smaps`, 'utf8').catch(() => '')).split(/\n(?=[0-9a-f]+-[0-9a-f]+ )/)) {
+          const anon = /^Anonymous:\s+(\d+) kB/m.exec(vma);
+          if (anon?.[1] !== undefined && /^THPeligible:\s+1/m.test(vma)) thpEligibleAnonBytes += Number(anon[1]) * 1024;
+        }
+        const memory = { anonBytes: kb('Anonymous'), anonHugeBytes: kb('AnonHugePages'), rssBytes: kb('Rss'), thpEligibleAnonBytes };
+        const criuLog = typeof restoreEvent['criuLog'] === 'string' ? restoreEvent['criuLog'] : undefined;
+        const fillLabel = round_ > 100 ? 'criu-fill' : 'thaw-fill';
+        if (process.env['OUT'] && criuLog !== undefined && (round_ === 1 || round_ === 101)) {
+          await mkdir(join(process.env['OUT'], 'logs'), { recursive: true });
+          await cp(criuLog, join(process.env['OUT'], 'logs', `criu-restore-${label}-${v.name}-${fillLabel}.log`)).catch(() => undefined);
+        }
         await removePod(target);
         const outcome = String(restoreEvent['outcome']);
         say(`${v.name}: restore (page cache ${label}) ${ready.ms} ms, ${outcome}${restoreEvent['cause'] ? ` (${String(restoreEvent['cause'])}: ${String(restoreEvent['reason'])})` : ''}`);
@@ -446,7 +488,7 @@ async function runModel(model: string | undefined): Promise<void> {
           startToRestoreEventMs: restoredAt - startedReturnedAt,
           restoreEventToReadyMs: target.startedAt + ready.ms - restoredAt,
         };
-        return { ms: ready.ms, outcome, cause: restoreEvent['cause'] ? String(restoreEvent['cause']) : null, phases: restoreEvent['phases'], timeline, tokens, weights: restoreEvent['weights'] ?? null };
+        return { ms: ready.ms, outcome, cause: restoreEvent['cause'] ? String(restoreEvent['cause']) : null, phases: restoreEvent['phases'], timeline: { ...timeline, afterRestore, memory }, tokens, weights: restoreEvent['weights'] ?? null };
       };
       const same = (a: number[] | undefined, b: number[] | undefined): boolean => a !== undefined && b !== undefined && a.length > 0 && JSON.stringify(a) === JSON.stringify(b);
       // Rounds alternate warm and dropped; the figures are the medians, every sample is in the JSON.
@@ -486,7 +528,7 @@ async function runModel(model: string | undefined): Promise<void> {
         const sw = summarize(w);
         const sc = summarize(c);
         criuFill = {
-          restoreWarmMs: sw.ms, restoreColdMs: sc.ms, restoreWarmPhases: sw.phases, restoreColdPhases: sc.phases, restoreWarmTimeline: sw.timeline,
+          restoreWarmMs: sw.ms, restoreColdMs: sc.ms, restoreWarmPhases: sw.phases, restoreColdPhases: sc.phases, restoreWarmTimeline: sw.timeline, restoreColdTimeline: sc.timeline,
           restoreWarmSamplesMs: w.map((r) => r.ms), restoreColdSamplesMs: c.map((r) => r.ms), outcome: [...w, ...c].find((r) => r.outcome !== 'restored')?.outcome ?? 'restored',
           tokensMatch: [...w, ...c].every((r) => same(sourceTokens, r.tokens)),
         };

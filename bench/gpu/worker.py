@@ -100,7 +100,8 @@ PHASES = {}
 
 def phase(name):
     PHASES[name] = since_process_start()
-    sys.stderr.write(json.dumps({"event": "phase", "name": name, "s": PHASES[name]}) + "\n")
+    # "t" (epoch seconds) lines a restored process's phases up with the agent's restore event (bench:gpu).
+    sys.stderr.write(json.dumps({"event": "phase", "name": name, "s": PHASES[name], "t": round(time.time(), 4)}) + "\n")
     sys.stderr.flush()
 
 
@@ -244,7 +245,11 @@ class KvPool:
 
     def resume(self):
         if self.vmm is not None and not self.vmm.mapped:
+            # Timed apart for bench:gpu: what the context still had queued (a restore's tail), then the remap itself.
+            self.vmm.driver.synchronize()
+            phase("resume: earlier GPU work done")
             self.vmm.remap(zero_fill=True)  # masked positions must not hold NaN bits (0 * NaN = NaN)
+            phase("resume: pool remapped")
 
 
 class Decoder:
@@ -528,7 +533,9 @@ def serve(args):
                 release_pool()
 
             def resume():
+                phase("resume: begin")
                 resume_weights()
+                phase("resume: weights mapped")
                 pool.resume()
 
         outcome = thaw_worker.checkpoint_and_wait(release=release, resume=resume, payload=payload)

@@ -19,6 +19,8 @@ const RESTORE_PHASES: Record<Exclude<keyof RestoreEvent['phases'], 'at'>, string
   waitVerifyMs: 'wait-verify',
   overlayMs: 'overlay',
   criuRestoreMs: 'criu-restore',
+  criuChecksMs: 'criu-checks',
+  adoptMs: 'adopt',
   cudaRestoreMs: 'cuda-restore',
   weightsWaitMs: 'weights-wait',
   weightsHandoverMs: 'weights-handover',

@@ -125,6 +125,8 @@ export interface RestoreEvent {
     memoryFillWaitMs?: number;
     /** After the CUDA restore, waiting for the weights load to end (0 when it ended beside CRIU). */
     weightsWaitMs?: number;
+    /** Inside criuStart..criuEnd, around CRIU's own criuRestoreMs: thaw's checks before it, finding the restored root after. */
+    criuChecksMs?: number; adoptMs?: number;
     /** The hand-over: the worker connects, maps and answers. */
     weightsHandoverMs?: number; hookMs?: number; hookStartupMs?: number; transferMs?: number; verifyMs?: number; waitVerifyMs?: number; overlayMs?: number; criuRestoreMs?: number; cudaRestoreMs?: number; totalMs: number };
 }
@@ -707,6 +709,8 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
       const running = fill;
       const orFillFailure = <T>(p: Promise<T>): Promise<T> => (running === undefined ? p : Promise.race([p, running.done.then(() => p)]));
       phases.criuRestoreMs = Math.round(tree.criuRestoreMs);
+      phases.criuChecksMs = Math.round(tree.checksMs);
+      phases.adoptMs = Math.round(tree.adoptMs);
       at.criuEnd = Date.now();
       const mappedFiles = await mappedReads.settled();
 

@@ -74,6 +74,10 @@ export interface RestoredTree {
   hostPid: number;
   logPath: string;
   criuRestoreMs: number;
+  /** Before CRIU: the mount table, the target's spec, the recorded credentials checked against it, the cgroups. */
+  checksMs: number;
+  /** After CRIU: finding the restored root among the placeholder's children (and its cgroups checked). */
+  adoptMs: number;
   /** The cgroup.procs files joined (empty when joinCgroups is false). */
   cgroupsJoined: string[];
   /** The CRIU restore options that were used (for the log and the report). */
@@ -127,6 +131,7 @@ export async function restoreIntoContainer(o: RestoreIntoContainerOptions): Prom
   const pid = o.targetPid;
   const opened: number[] = [];
   let hostPid: number | undefined;
+  const entered = performance.now();
   try {
     // Inherited fds: the source's stdio pipes become the placeholder's (its container log).
     const inheritFds: Array<{ fd: number; key: string }> = [];
@@ -207,6 +212,7 @@ export async function restoreIntoContainer(o: RestoreIntoContainerOptions): Prom
       throw new RestoreError(code, errorMessage(err), { step, cause: err, evidence: { criuCode: isThawError(err) ? err.code : undefined } });
     }
     const criuRestoreMs = performance.now() - t0;
+    const t1 = performance.now();
 
     // The root is reparented to the placeholder when CRIU exits: find it among its children by its pid there.
     const level = (await nsPids(pid)).length - 1;
@@ -237,6 +243,8 @@ export async function restoreIntoContainer(o: RestoreIntoContainerOptions): Prom
       hostPid,
       logPath: res.logPath,
       criuRestoreMs,
+      checksMs: t0 - entered,
+      adoptMs: performance.now() - t1,
       cgroupsJoined,
       options: { ...options, inheritFds: inheritFrom },
     };
