@@ -39,9 +39,13 @@ describe.each(flavorsUnderTest())('bench:gpu with the stand-in worker, container
     // Two rounds of restores, every sample kept beside the median.
     expect([summary.variants[0]?.restoreWarmSamplesMs.length, summary.variants[0]?.restoreColdSamplesMs.length]).toEqual([2, 2]);
     // Where a restore's time goes outside the engine, and the hook's own start.
-    const timeline = summary.variants[0]?.restoreWarmTimeline as Record<string, number>;
+    const { afterRestore, memory, ...timeline } = summary.variants[0]?.restoreWarmTimeline as Record<string, number> & { afterRestore: Record<string, number>; memory: Record<string, number | undefined> };
     expect(Object.keys(timeline).sort()).toEqual(['createMs', 'restoreEventToReadyMs', 'runPodSandboxMs', 'startMs', 'startToRestoreEventMs']);
     expect(Object.values(timeline).every((ms) => Number.isFinite(ms) && ms >= 0)).toBe(true);
+    // After the restore event: thaw-pause's adoption from the pod's log, and the restored worker's memory read at ready.
+    expect(typeof afterRestore['adopted']).toBe('number');
+    expect(memory['anonBytes']).toBeGreaterThan(0);
+    expect(memory['thpEligibleAnonBytes']).toBeGreaterThanOrEqual(0);
     // The hook's start is measured (the native hook's parse and connect round to 0 ms at times: present, not positive).
     const hookStartupMs = (summary.variants[0]?.restoreWarmPhases as Record<string, number>).hookStartupMs;
     expect([typeof hookStartupMs, Number.isFinite(hookStartupMs) && (hookStartupMs as number) >= 0]).toEqual(['number', true]);
