@@ -139,6 +139,24 @@ async function afterRestoreTimeline(logPath: string, restoredAt: number): Promis
   return out;
 }
 
+/**
+ * The restored worker's anonymous memory once it serves, and how much of it sits in huge pages (the fill decides it)
+ * or in mappings eligible for them (THPeligible: 1; in madvise mode the MADV_HUGEPAGE ones).
+ */
+async function restoredMemory(pid: number): Promise<{ anonBytes?: number; anonHugeBytes?: number; rssBytes?: number; thpEligibleAnonBytes: number }> {
+  const rollup = await readFile(`/proc/${pid}/smaps_rollup`, 'utf8').catch(() => '');
+  const kb = (field: string): number | undefined => {
+    const m = new RegExp(`^${field}:\\s+(\\d+) kB`, 'm').exec(rollup);
+    return m?.[1] !== undefined ? Number(m[1]) * 1024 : undefined;
+  };
+  let thpEligibleAnonBytes = 0;
+  for (const vma of (await readFile(`/proc/${pid}/smaps`, 'utf8').catch(() => '')).split(/\n(?=[0-9a-f]+-[0-9a-f]+ )/)) {
+    const anon = /^Anonymous:\s+(\d+) kB/m.exec(vma);
+    if (anon?.[1] !== undefined && /^THPeligible:\s+1/m.test(vma)) thpEligibleAnonBytes += Number(anon[1]) * 1024;
+  }
+  return { anonBytes: kb('Anonymous'), anonHugeBytes: kb('AnonHugePages'), rssBytes: kb('Rss'), thpEligibleAnonBytes };
+}
+
 /** What the worker needs from the host, found rather than assumed (Ubuntu, conda, venv layouts differ). */
 interface HostWorkerEnv {
   python: string;
@@ -457,19 +475,7 @@ async function runModel(model: string | undefined): Promise<void> {
         const restoreEvent = ready.event ?? (await waitForLog(logFile, (r) => r['event'] === 'restore' && r['containerId'] === target.containerId, 'the restore event', 30_000));
         const tokens = ready.event ? undefined : (await getJson<{ tokens: number[] }>(port, '/tokens', TOKENS_TIMEOUT_MS)).tokens;
         const afterRestore = await afterRestoreTimeline(target.logPath, Date.parse(String(restoreEvent['ts'])));
-        // How much of the restored worker's anonymous memory sits in huge pages once it serves (the fill decides it).
-        const rollup = await readFile(`/proc/${Number(restoreEvent['restoredPid'])}/smaps_rollup`, 'utf8').catch(() => '');
-        const kb = (field: string): number | undefined => {
-          const m = new RegExp(`^${field}:\\s+(\\d+) kB`, 'm').exec(rollup);
-          return m?.[1] !== undefined ? Number(m[1]) * 1024 : undefined;
-        };
-        // And how much anonymous memory is in mappings eligible for them (THPeligible: 1; madvise mode: MADV_HUGEPAGE).
-        let thpEligibleAnonBytes = 0;
-        for (const vma of (await readFile(`/proc/${Number(restoreEvent['restoredPid'])}/smaps`, 'utf8').catch(() => '')).split(/\n(?=[0-9a-f]+-[0-9a-f]+ )/)) {
-          const anon = /^Anonymous:\s+(\d+) kB/m.exec(vma);
-          if (anon?.[1] !== undefined && /^THPeligible:\s+1/m.test(vma)) thpEligibleAnonBytes += Number(anon[1]) * 1024;
-        }
-        const memory = { anonBytes: kb('Anonymous'), anonHugeBytes: kb('AnonHugePages'), rssBytes: kb('Rss'), thpEligibleAnonBytes };
+        const memory = await restoredMemory(Number(restoreEvent['restoredPid']));
         const criuLog = typeof restoreEvent['criuLog'] === 'string' ? restoreEvent['criuLog'] : undefined;
         const fillLabel = round_ > 100 ? 'criu-fill' : 'thaw-fill';
         if (process.env['OUT'] && criuLog !== undefined && (round_ === 1 || round_ === 101)) {

@@ -211,8 +211,8 @@ export async function restoreIntoContainer(o: RestoreIntoContainerOptions): Prom
           : RestoreErrorCode.CRIU;
       throw new RestoreError(code, errorMessage(err), { step, cause: err, evidence: { criuCode: isThawError(err) ? err.code : undefined } });
     }
-    const criuRestoreMs = performance.now() - t0;
     const t1 = performance.now();
+    const criuRestoreMs = t1 - t0;
 
     // The root is reparented to the placeholder when CRIU exits: find it among its children by its pid there.
     const level = (await nsPids(pid)).length - 1;
