@@ -248,7 +248,13 @@ class KvPool:
             # Timed apart for bench:gpu: what the context still had queued (a restore's tail), then the remap itself.
             self.vmm.driver.synchronize()
             phase("resume: earlier GPU work done")
-            self.vmm.remap(zero_fill=True)  # masked positions must not hold NaN bits (0 * NaN = NaN)
+            # The mapping (cuMemCreate + cuMemMap + cuMemSetAccess) apart from the zeroing, which is what
+            # remap(zero_fill=True) does in one call: masked positions must not hold NaN bits (0 * NaN = NaN).
+            self.vmm.remap(zero_fill=False)
+            phase("resume: pool mapped")
+            self.vmm.driver.call("zero the pool", "cuMemsetD8_v2", self.vmm.ptr, 0, self.vmm.size)
+            phase("resume: pool zero queued")
+            self.vmm.driver.synchronize()
             phase("resume: pool remapped")
 
 
