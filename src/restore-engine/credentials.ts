@@ -177,6 +177,9 @@ export function assertCredentialsWithinSpec(threads: readonly ThreadCredentials[
   });
 }
 
+/** How many core-<tid>.img reads readRecordedCredentials keeps in flight. */
+const CORE_READ_CONCURRENCY = 16;
+
 /**
  * Every thread's recorded credentials, from pstree.img and core-<tid>.img of `imagesDir` (verified checkpoint
  * files, decoded, never executed). A missing or undecodable image throws RESTORE_CREDENTIALS_EXCEED_SPEC: what
@@ -186,19 +189,30 @@ export async function readRecordedCredentials(imagesDir: string, codec: CriuImag
   const step = 'read the checkpoint\'s recorded credentials';
   try {
     const pstree = parseImageFile(await readFile(join(imagesDir, 'pstree.img')), 'pstree.img');
-    const out: ThreadCredentials[] = [];
+    const tids: number[] = [];
     for (const entry of pstree.entries) {
       const task = codec.decodePstree(entry);
-      const tids = task.threads !== undefined && task.threads.length > 0 ? task.threads : [task.pid];
-      for (const tid of tids) {
+      for (const tid of task.threads !== undefined && task.threads.length > 0 ? task.threads : [task.pid]) {
         if (!Number.isSafeInteger(tid) || tid <= 0) throw new Error(`pstree.img names thread ${tid}`);
+        tids.push(tid);
+      }
+    }
+    if (tids.length === 0) throw new Error('pstree.img lists no task');
+    // A worker has dozens of threads; with the page cache cold, one read after another queues each behind the
+    // checkpoint's prefetch, so they are read CORE_READ_CONCURRENCY at a time (in pstree order in the result).
+    const out: ThreadCredentials[] = new Array<ThreadCredentials>(tids.length);
+    let next = 0;
+    const reader = async (): Promise<void> => {
+      while (next < tids.length) {
+        const i = next++;
+        const tid = tids[i] as number;
         const name = `core-${tid}.img`;
         const core = parseImageFile(await readFile(join(imagesDir, name)), name);
         if (core.entries.length !== 1) throw new Error(`${name} has ${core.entries.length} entries, not 1`);
-        out.push({ tid, ...codec.decodeCore(core.entries[0] as Buffer) });
+        out[i] = { tid, ...codec.decodeCore(core.entries[0] as Buffer) };
       }
-    }
-    if (out.length === 0) throw new Error('pstree.img lists no task');
+    };
+    await Promise.all(Array.from({ length: Math.min(CORE_READ_CONCURRENCY, tids.length) }, reader));
     return out;
   } catch (err) {
     throw new RestoreError(RestoreErrorCode.CREDENTIALS_EXCEED_SPEC, `cannot read the checkpoint's credentials: ${errorMessage(err)}`, {

@@ -35,6 +35,7 @@ import type { LocalStore, OpenedCheckpoint, ReleaseLease } from '../store/index.
 import { StoreErrorCode } from '../store/index.js';
 import type { CriuClient } from './criu/client.js';
 import { CriuImageCodec } from './criu/images.js';
+import { readRecordedCredentials, type ThreadCredentials } from './credentials.js';
 import { firstIrregularMappedFile, mappedFilePages, readMappedFilePages, type MappedFile, type ReadMappedResult } from './mapped-files.js';
 import { RestoreError, RestoreErrorCode } from './restore-errors.js';
 import { killRestoredTree, restoreIntoContainer, type RestoredTree } from './restore.js';
@@ -210,6 +211,8 @@ export interface RestoreJob {
    * one made from its images); absent, or `none`: CRIU fills the memory.
    */
   fillPlan?: Promise<FillSource | { none: string }>;
+  /** Every thread's recorded credentials, read from the images once they were verified (restore.ts checks them). */
+  recordedCredentials?: Promise<ThreadCredentials[]>;
 }
 
 /** A weights load under way for one restore target. */
@@ -582,6 +585,10 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
       });
       // Hashed against the very manifest object CRIU will be given (job.checkpoint.manifest), not a re-read.
       const verified = await o.store.verify(name, { signal, manifest: job.checkpoint.manifest });
+      // Read now, from the verified images, while the container is still being started: with the page cache cold
+      // these dozens of small reads queue behind the prefetch, and here they do not hold up CRIU.
+      job.recordedCredentials = readRecordedCredentials(job.checkpoint.paths.criuDir, imageCodec);
+      job.recordedCredentials.catch(() => undefined); // awaited by restoreIntoContainer; a target that never runs must not leave it unhandled
       return { verifyMs: performance.now() - t0, hashed: verified.hashed, ...(transferMs !== undefined ? { transferMs } : {}) };
     } catch (err) {
       if (isThawError(err, StoreErrorCode.NOT_FOUND) || isThawError(err, StoreErrorCode.INVALID_NAME)) {
@@ -700,6 +707,7 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
           logger,
           ...(o.nsenterPath ? { nsenterPath: o.nsenterPath } : {}),
           ...(fill !== undefined ? { lazyPages: true } : {}),
+          ...(job.recordedCredentials !== undefined ? { recordedCredentials: job.recordedCredentials } : {}),
         });
       } finally {
         mappedReads.stop();

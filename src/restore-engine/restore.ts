@@ -24,7 +24,7 @@ import type { Manifest } from '../store/index.js';
 import { CriuClient, nsenterWrapper } from './criu/client.js';
 import { CriuErrorCode } from './criu/errors.js';
 import type { RestoreOptions } from './criu/options.js';
-import { assertCredentialsWithinSpec, readRecordedCredentials, readTargetSpec, specCredentialsOf } from './credentials.js';
+import { assertCredentialsWithinSpec, readRecordedCredentials, readTargetSpec, specCredentialsOf, type ThreadCredentials } from './credentials.js';
 import { CriuImageCodec } from './criu/images.js';
 import { planHostRestorePaths, readHostMountTable } from './host-mounts.js';
 import { cgroupJoinWrapper, sameCgroups, targetCgroupProcsFiles } from './restore-cgroups.js';
@@ -63,6 +63,12 @@ export interface RestoreIntoContainerOptions {
   imageCodec?: CriuImageCodec;
   /** CRIU leaves private anonymous pages to the lazy-pages daemon listening in workDir (memory-fill.ts). */
   lazyPages?: boolean;
+  /**
+   * The checkpoint's recorded credentials, read once its verification passed (the flow starts the read at prepare, so
+   * a cold page cache costs the restore nothing here); absent: read from `imagesDir` now. Rejects as
+   * readRecordedCredentials does.
+   */
+  recordedCredentials?: Promise<ThreadCredentials[]>;
 }
 
 
@@ -177,7 +183,8 @@ export async function restoreIntoContainer(o: RestoreIntoContainerOptions): Prom
       const rawSpec = await readTargetSpec(hostPaths.root);
       // Privilege first: a process that would gain any is refused for that (RESTORE_CREDENTIALS_EXCEED_SPEC).
       if (o.checkCredentials !== false) {
-        assertCredentialsWithinSpec(await readRecordedCredentials(o.imagesDir, o.imageCodec ?? CriuImageCodec.shared()), specCredentialsOf(rawSpec));
+        const threads = await (o.recordedCredentials ?? readRecordedCredentials(o.imagesDir, o.imageCodec ?? CriuImageCodec.shared()));
+        assertCredentialsWithinSpec(threads, specCredentialsOf(rawSpec));
       }
       assertSameProcessIdentity(recorded, rawSpec);
     }

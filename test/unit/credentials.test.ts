@@ -133,6 +133,26 @@ describe('reading the images and the spec', () => {
     expect(wordsToMask(threads[1]?.creds?.capEff ?? [])).toBe((1n << 41n) - 1n);
   });
 
+  it('reads many threads of several tasks in pstree order, and one undecodable core image among them refuses all', async () => {
+    const base = mkdtempSync(join(tmpdir(), 'thaw-creds-'));
+    dir = base;
+    const codec = CriuImageCodec.load();
+    const first = Array.from({ length: 40 }, (_, i) => 100 + i);
+    const second = Array.from({ length: 25 }, (_, i) => 300 - i); // descending: the result follows pstree, not the tid
+    writeFileSync(join(base, 'pstree.img'), encodeImageFile({
+      header,
+      entries: [codec.encodePstree({ pid: 100, ppid: 0, threads: first }), codec.encodePstree({ pid: 300, ppid: 100, threads: second })],
+    }));
+    for (const tid of [...first, ...second]) {
+      writeFileSync(join(base, `core-${tid}.img`), encodeImageFile({ header, entries: [codec.encodeCore({ seccompMode: 2, creds: creds({ uid: tid }) })] }));
+    }
+    const threads = await readRecordedCredentials(base, codec);
+    expect(threads.map((t) => t.tid)).toEqual([...first, ...second]);
+    expect(threads.map((t) => t.creds?.uid)).toEqual([...first, ...second]);
+    writeFileSync(join(base, 'core-290.img'), Buffer.from('not an image'));
+    await expect(readRecordedCredentials(base, codec)).rejects.toMatchObject({ code: 'RESTORE_CREDENTIALS_EXCEED_SPEC', message: expect.stringContaining('core-290.img') });
+  });
+
   it('takes config.json beside the rootfs only when its root.path names that rootfs', async () => {
     const base = mkdtempSync(join(tmpdir(), 'thaw-creds-'));
     dir = base;
