@@ -37,13 +37,14 @@ export interface PrefetchFilesOptions extends PrefetchOptions {
 }
 
 /**
- * Prefetches `files` (host paths with their sizes), largest first: the long reads start early and the small
- * files fill in around them. Cancellable between chunks. Returns the bytes of the files and the bytes it had
- * to read.
+ * Prefetches `files` (host paths with their sizes), smallest first: a restore's reader needs the small files
+ * (CRIU's inventory, core, mm and pagemap images) before the bulk, and each file's read-ahead advice queues its
+ * whole length on the disk, so a small file advised after a large one waits behind all of it. Cancellable between
+ * chunks. Returns the bytes of the files and the bytes it had to read.
  */
 export async function prefetchFiles(files: ReadonlyArray<{ path: string; size: number }>, pageCache: PageCache, o: PrefetchFilesOptions): Promise<{ bytes: number; bytesRead: number }> {
   const aborted = o.aborted ?? sysAborted(o.step);
-  const ordered = [...files].sort((a, b) => b.size - a.size);
+  const ordered = [...files].sort((a, b) => a.size - b.size);
   const handles: FileHandle[] = [];
   const segments: Array<{ fh: FileHandle; start: number; end: number }> = [];
   let bytes = 0;
