@@ -42,6 +42,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 
 #define FAKE_EXPORT __attribute__((visibility("default")))
 #define FAKE_DEFAULT_UUID "GPU-6a2f0c1e-0b4d-4c55-9e1a-7f00d1ce0001"
@@ -204,8 +206,30 @@ static __attribute__((unused)) int fake_token_mode(void) {
   return dir && *dir;
 }
 
-/* env_start (field 50 of /proc/<pid>/stat, Linux 3.5+): where /proc/<pid>/environ starts in its memory. */
-static __attribute__((unused)) int fake_env_start(int pid, unsigned long long *out) {
+/*
+ * A restored process's pages may still be missing while thaw-fill places them (userfaultfd). The real driver
+ * touches the process's memory from inside it, where a fault waits for the page; the fake reaches it from outside
+ * (/proc/<pid>/environ and /mem), where the kernel fails such a fault at once (EFAULT, EIO or a short read). So the
+ * fake retries for up to FAKE_REMOTE_WAIT_MS while the process lives, as the driver's access would have waited.
+ */
+#define FAKE_REMOTE_WAIT_MS 10000
+
+/* 1 while another try is worth it: the process exists and the wait has not run out (sleeps 2 ms). */
+static __attribute__((unused)) int fake_remote_retry(int pid, const struct timespec *since) {
+  char path[64];
+  snprintf(path, sizeof path, "/proc/%d", pid);
+  if (access(path, F_OK) != 0) return 0;
+  struct timespec now;
+  clock_gettime(CLOCK_MONOTONIC, &now);
+  long long ms = (long long)(now.tv_sec - since->tv_sec) * 1000 + (now.tv_nsec - since->tv_nsec) / 1000000;
+  if (ms >= FAKE_REMOTE_WAIT_MS) return 0;
+  struct timespec pause = {0, 2 * 1000 * 1000};
+  nanosleep(&pause, NULL);
+  return 1;
+}
+
+/* env_start and env_end (fields 50, 51 of /proc/<pid>/stat, Linux 3.5+): where /proc/<pid>/environ lies in its memory. */
+static __attribute__((unused)) int fake_env_range(int pid, unsigned long long out[2]) {
   char path[64], buf[2048];
   snprintf(path, sizeof path, "/proc/%d/stat", pid);
   FILE *f = fopen(path, "r");
@@ -216,14 +240,16 @@ static __attribute__((unused)) int fake_env_start(int pid, unsigned long long *o
   char *p = strrchr(buf, ')'); /* the command name may hold spaces and parentheses */
   if (!p) return -1;
   p++;
-  /* Fields from 3 on follow the ')': field 50 is the 48th of them. */
+  /* Fields from 3 on follow the ')': field 50 is the 48th of them, env_end (51) the next. */
   for (int field = 3; field < 50; field++) {
     while (*p == ' ') p++;
     while (*p && *p != ' ') p++;
     if (!*p) return -1;
   }
-  *out = strtoull(p, NULL, 10);
-  return *out ? 0 : -1;
+  char *end;
+  out[0] = strtoull(p, &end, 10);
+  out[1] = strtoull(end, NULL, 10);
+  return out[0] && out[1] > out[0] ? 0 : -1;
 }
 
 /*
@@ -234,10 +260,22 @@ static __attribute__((unused)) int fake_read_token(int pid, struct fake_token *t
   static __thread char env[FAKE_ENVIRON_MAX];
   char path[64];
   snprintf(path, sizeof path, "/proc/%d/environ", pid);
-  FILE *f = fopen(path, "r");
-  if (!f) return 0;
-  size_t n = fread(env, 1, sizeof env - 1, f);
-  fclose(f);
+  unsigned long long range[2];
+  struct timespec since;
+  clock_gettime(CLOCK_MONOTONIC, &since);
+  size_t n;
+  for (;;) {
+    FILE *f = fopen(path, "r");
+    if (!f) return 0;
+    n = fread(env, 1, sizeof env - 1, f);
+    int failed = ferror(f);
+    fclose(f);
+    if (fake_env_range(pid, range) != 0) return 0;
+    /* Whole (or as much as the buffer holds): read. Short or failed: a page not placed yet (see above). */
+    size_t want = range[1] - range[0] < sizeof env - 1 ? (size_t)(range[1] - range[0]) : sizeof env - 1;
+    if (!failed && n >= want) break;
+    if (!fake_remote_retry(pid, &since)) return 0;
+  }
   env[n] = '\0';
   int have_token = 0;
   long state_off = -1;
@@ -253,9 +291,7 @@ static __attribute__((unused)) int fake_read_token(int pid, struct fake_token *t
   if (!have_token || state_off < 0 || (size_t)state_off >= n) return 0;
   char digit = env[state_off];
   if (digit < '0' || digit > '2') return 0;
-  unsigned long long start;
-  if (fake_env_start(pid, &start) != 0) return 0;
-  t->state_addr = start + (unsigned long long)state_off;
+  t->state_addr = range[0] + (unsigned long long)state_off;
   t->state = digit - '0';
   return 1;
 }
@@ -264,12 +300,17 @@ static __attribute__((unused)) int fake_read_token(int pid, struct fake_token *t
 static __attribute__((unused)) int fake_write_token_state(int pid, struct fake_token *t, int state) {
   char path[64];
   snprintf(path, sizeof path, "/proc/%d/mem", pid);
-  FILE *f = fopen(path, "r+");
-  if (!f) return -1;
   char digit = (char)('0' + state);
-  int ok = fseeko(f, (off_t)t->state_addr, SEEK_SET) == 0 && fwrite(&digit, 1, 1, f) == 1;
-  ok = (fclose(f) == 0) && ok;
-  if (!ok) return -1;
+  struct timespec since;
+  clock_gettime(CLOCK_MONOTONIC, &since);
+  for (;;) {
+    FILE *f = fopen(path, "r+");
+    if (!f) return -1;
+    int ok = fseeko(f, (off_t)t->state_addr, SEEK_SET) == 0 && fwrite(&digit, 1, 1, f) == 1;
+    ok = (fclose(f) == 0) && ok;
+    if (ok) break;
+    if (!fake_remote_retry(pid, &since)) return -1;
+  }
   t->state = state;
   return 0;
 }
