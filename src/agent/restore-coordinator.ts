@@ -11,6 +11,8 @@ import { readHookOutcome, writeCheckpointUnavailable } from '../oci-hooks/index.
 import type { CriuClient } from '../restore-engine/index.js';
 import {
   createRestoreFlow,
+  CriuImageCodec,
+  criuPageReads,
   undoJournalFor,
   type CudaRestoreStep,
   type PreparedRestore,
@@ -20,7 +22,7 @@ import {
   type RestoreStepContext,
   type RestoreWeightsService,
 } from '../restore-engine/index.js';
-import type { LocalStore } from '../store/index.js';
+import type { LocalStore, OpenedCheckpoint } from '../store/index.js';
 import type { ManagedContainer, ThawCoordinator } from './managed-container.js';
 import type { ThawNriStats } from './nri-stats.js';
 import { PrefetchGate, SharedPrefetch } from './shared-prefetch.js';
@@ -102,7 +104,9 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
     async (name, signal) => {
       // The restore's own tools first: behind the checkpoint's reads, each of their page faults would wait.
       await o.warmTools?.(signal).catch((err: unknown) => logger.debug('reading the restore tools failed', { error: errorMessage(err) }));
-      return o.store.prefetch(name, { signal, gate: () => prefetchGate.wait() });
+      // With thaw-fill, CRIU itself reads only the pages that cannot be lazy, one preadv after another: those first.
+      const first = o.memoryFill !== undefined ? { first: (c: OpenedCheckpoint) => criuPageReads(c.paths.criuDir, CriuImageCodec.shared()) } : {};
+      return o.store.prefetch(name, { signal, gate: () => prefetchGate.wait(), ...first });
     },
     (name, err) => logger.debug('prefetch stopped', { checkpoint: name, error: errorMessage(err) }),
   );

@@ -8,6 +8,7 @@ export { RestoreError, RestoreErrorCode } from './restore-errors.js';
 // The pure decoders, for the fuzz run (bench/fuzz-decoders.ts).
 export { CriuCodec } from './criu/rpc.js';
 export { CriuImageCodec, encodeImageFile, parseImageFile } from './criu/images.js';
+export { criuPageReads } from './memory-fill.js';
 export { readContainerdImageDigest, readTarEntries, type ContainerdEndpoint } from './rootfs-diff/index.js';
 // The weights service (restore-engine/weights/): what the GPU check (bench/gpu/weights-check.ts) drives.
 export { listenForWorker } from './weights/handover.js';

@@ -186,6 +186,46 @@ export async function buildFillPlan(dir: string, codec: CriuImageCodec): Promise
   return plan;
 }
 
+/** A byte range of one pages file: [start, end). */
+export interface PagesFileRange {
+  path: string;
+  start: number;
+  end: number;
+}
+
+/**
+ * The byte ranges of the pages files that CRIU reads itself in a restore with lazy pages: every present entry
+ * without PE_LAZY (dirty pages of private file mappings, shared memory, what cannot be lazy), adjacent ones merged,
+ * per task in file order. CRIU reads them one synchronous preadv at a time, so with the page cache cold each waits
+ * for whatever the disk has queued; the prefetch reads them before the bulk. From the images in `dir` only;
+ * throws on an unreadable or undecodable one.
+ */
+export async function criuPageReads(dir: string, codec: CriuImageCodec): Promise<PagesFileRange[]> {
+  const out: PagesFileRange[] = [];
+  const pstree = parseImageFile(await readFile(join(dir, 'pstree.img')), 'pstree.img').entries.map((e) => codec.decodePstree(e));
+  for (const p of pstree) {
+    const name = `pagemap-${p.pid}.img`;
+    const [head, ...rest] = parseImageFile(await readFile(join(dir, name)), name).entries;
+    if (head === undefined) continue;
+    const path = join(dir, `pages-${codec.decodePagemapHead(head).pagesId}.img`);
+    let offset = 0;
+    for (const raw of rest) {
+      const e = decodePagemapEntryRaw(raw, name);
+      const flags = e.flags ?? PagemapFlags.PRESENT;
+      // Pages in a parent image, or not dumped at all, take no bytes of this pages file.
+      if (e.inParent || (flags & PagemapFlags.PARENT) !== 0 || (flags & PagemapFlags.PRESENT) === 0) continue;
+      const end = offset + e.nrPages * CRIU_PAGE_BYTES;
+      if ((flags & PagemapFlags.LAZY) === 0) {
+        const last = out[out.length - 1];
+        if (last !== undefined && last.path === path && last.end === offset) last.end = end;
+        else out.push({ path, start: offset, end });
+      }
+      offset = end;
+    }
+  }
+  return out;
+}
+
 /**
  * The plan as thaw-fill reads it (native/thaw-fill.c, top comment). `relative`: pages files as names in the images
  * directory (thaw-fill's --images-dir), for the plan stored with the checkpoint.

@@ -9,7 +9,7 @@
  * Runs as root; the stack's CRIU and native/build/thaw-fill must exist (their absence fails).
  */
 import { execFileSync, spawn } from 'node:child_process';
-import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
@@ -18,7 +18,7 @@ import { isThawError } from '../../src/errors.js';
 import { createCollectingLogger } from '../../src/log.js';
 import { CriuClient } from '../../src/restore-engine/criu/client.js';
 import { CriuImageCodec } from '../../src/restore-engine/criu/images.js';
-import { buildFillPlan, FILL_PLAN_IMAGE, startMemoryFill, writeFillPlanImage, type FillPlan, type RunningFill } from '../../src/restore-engine/memory-fill.js';
+import { buildFillPlan, criuPageReads, FILL_PLAN_IMAGE, startMemoryFill, writeFillPlanImage, type FillPlan, type RunningFill } from '../../src/restore-engine/memory-fill.js';
 import { RestoreErrorCode } from '../../src/restore-engine/restore-errors.js';
 import { dropZeroPages, ZERO_PAGES_FILE } from '../../src/restore-engine/zero-pages.js';
 
@@ -180,6 +180,12 @@ describe.each(Object.entries(CRIUS))('thaw-fill: a lazy CRIU restore whose memor
     // Sorted, page-aligned, disjoint, and no zero range over a copied page.
     const spans = [...t.copies.map((c) => ({ s: c.addr, e: c.addr + c.pages * 4096 })), ...t.zeros.map((z) => ({ s: z.addr, e: z.addr + z.pages * 4096 }))].sort((x, y) => (x.s < y.s ? -1 : 1));
     for (let i = 1; i < spans.length; i++) expect(spans[i]!.s >= spans[i - 1]!.e).toBe(true);
+    // What CRIU reads itself (the prefetch's first ranges) and what the fill copies are the pages file, once.
+    const reads = await criuPageReads(d.imagesDir, codec);
+    expect(reads.length).toBeGreaterThan(0);
+    const pagesBytes = statSync(t.pagesFile!).size;
+    expect(reads.every((r) => r.path === t.pagesFile && r.start < r.end && r.end <= pagesBytes)).toBe(true);
+    expect(reads.reduce((n, r) => n + r.end - r.start, 0) + plan.copyBytes).toBe(pagesBytes);
   });
 
   it('every page comes back exact while the process reads them (faults served beside the sweep)', async () => {

@@ -12,7 +12,7 @@ import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterEach, describe, expect, it } from 'vitest';
 import { CRIU_PAGE_BYTES as P, CriuImageCodec, decodePagemapEntryRaw, encodeImageFile, PagemapFlags, VmaStatus, type VmaEntry } from '../../src/restore-engine/criu/images.js';
-import { buildFillPlan, encodeFillPlan, FILL_MAX_ZERO_FACTOR, FILL_MAX_ZERO_SLACK_BYTES, vmaCanBeLazy, type FillPlan } from '../../src/restore-engine/memory-fill.js';
+import { buildFillPlan, criuPageReads, encodeFillPlan, FILL_MAX_ZERO_FACTOR, FILL_MAX_ZERO_SLACK_BYTES, vmaCanBeLazy, type FillPlan } from '../../src/restore-engine/memory-fill.js';
 import { ZERO_PAGES_FILE } from '../../src/restore-engine/zero-pages.js';
 
 const codec = CriuImageCodec.load();
@@ -189,5 +189,27 @@ describe('buildFillPlan', () => {
     expect(vmaCanBeLazy({ flags: PRIVATE_ANON | 0x2000, status: ANON })).toBe(false); // MAP_LOCKED
     expect(vmaCanBeLazy({ flags: PRIVATE_ANON | 0x40000, status: ANON })).toBe(false); // MAP_HUGETLB
     expect(vmaCanBeLazy({ flags: PRIVATE_ANON, status: ANON | (1 << 3) })).toBe(false); // VMA_AREA_VDSO
+  });
+});
+
+describe('criuPageReads', () => {
+  it('the non-lazy present entries of each task\'s pages file, adjacent ones merged, in file order; lazy and absent pages are not CRIU\'s', async () => {
+    const PRESENT = PagemapFlags.PRESENT;
+    const dir = writeImages([
+      {
+        pid: 1,
+        pagesId: 3,
+        vmas: [vma(A, 64, FILE_PRIVATE, VmaStatus.AREA_REGULAR), vma(B, 64)],
+        // offsets: 0..4P CRIU's, 4P..12P lazy, 12P..14P + 14P..17P CRIU's (one read), 17P..22P lazy, 22P..23P CRIU's
+        map: [[A, 4, PRESENT], [B, 8, LAZY], [A + 8 * P, 2, PRESENT], [A + 10 * P, 3, PRESENT], [B + 20 * P, 5, LAZY], [A + 30 * P, 1, PRESENT]],
+      },
+      { pid: 2, pagesId: 4, vmas: [vma(B, 16)], map: [[B, 2, 0], [B + 4 * P, 3, PRESENT], [B + 8 * P, 2, LAZY]] },
+    ]);
+    expect(await criuPageReads(dir, codec)).toEqual([
+      { path: join(dir, 'pages-3.img'), start: 0, end: 4 * P },
+      { path: join(dir, 'pages-3.img'), start: 12 * P, end: 17 * P },
+      { path: join(dir, 'pages-3.img'), start: 22 * P, end: 23 * P },
+      { path: join(dir, 'pages-4.img'), start: 0, end: 3 * P },
+    ]);
   });
 });

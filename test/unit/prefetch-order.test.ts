@@ -13,7 +13,7 @@ describe('prefetchFiles order', () => {
     if (dir) rmSync(dir, { recursive: true, force: true });
   });
 
-  it('advises and reads the small files before any segment of a large one, the large one in file order', async () => {
+  it('reads the small files first, then the ranges asked for first, then the large file in file order, advising it only then', async () => {
     dir = mkdtempSync(join(tmpdir(), 'thaw-prefetch-order-'));
     const sizes: Record<string, number> = { 'pages-1.img': 5 * 1024 * 1024, 'core-7.img': 3000, 'mm-7.img': 900, 'pagemap-7.img': 70_000 };
     for (const [name, size] of Object.entries(sizes)) writeFileSync(join(dir, name), Buffer.alloc(size, 1));
@@ -43,5 +43,23 @@ describe('prefetchFiles order', () => {
     expect(reads.slice(0, 3)).toEqual(['read mm-7.img @0', 'read core-7.img @0', 'read pagemap-7.img @0']);
     expect(reads.slice(3).map((e) => Number(e.split('@')[1]))).toEqual([...reads.slice(3)].map((e) => Number(e.split('@')[1])).sort((a, b) => a - b));
     expect(reads.slice(3).every((e) => e.startsWith('read pages-1.img'))).toBe(true);
+
+    // The ranges a restore wants first: after the small files, before the large file is advised or read in
+    // segments; a range of a file not prefetched is left out, and they are not counted as read twice.
+    events.length = 0;
+    const first = [
+      { path: join(dir, 'pages-1.img'), start: 4 * 1024 * 1024, end: 4 * 1024 * 1024 + 8192 },
+      { path: join(dir, 'pages-1.img'), start: 1024 * 1024, end: 1024 * 1024 + 4096 },
+      { path: join(dir, 'pages-9.img'), start: 0, end: 4096 },
+    ];
+    const again = await prefetchFiles(files, pageCache, { open: recordingOpen, step: 'test prefetch', concurrency: 1, segmentBytes: 2 * 1024 * 1024, first });
+    expect(again).toEqual(result);
+    expect(events).toEqual([
+      'advise mm-7.img', 'advise core-7.img', 'advise pagemap-7.img',
+      'read mm-7.img @0', 'read core-7.img @0', 'read pagemap-7.img @0',
+      'read pages-1.img @4194304', 'read pages-1.img @1048576',
+      'advise pages-1.img',
+      'read pages-1.img @0', 'read pages-1.img @2097152', 'read pages-1.img @4194304',
+    ]);
   });
 });
