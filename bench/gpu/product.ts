@@ -26,7 +26,9 @@
  * --weights; vmm = the SDK's WeightsRegion, outside the checkpoint; unset: the worker's default, torch),
  * BENCH_GPU_FILL_BASELINE=1 (after each variant's restores, the same restores with the agent restarted with
  * restore.memoryFill criu: JSON gains criuFill and restoreWarmOverCriuFill), BENCH_GPU_DROP_WEIGHTS=1 (remove a model's weights dir after its run: the 64 GiB disk),
- * BENCH_GPU_RESTORE_GAP_MS (0: a pause before each restore, after the previous pod went), BENCH_GPU_STANDIN=1 (no GPU: bench/gpu/standin-worker.py, a CPU worker that speaks the same HTTP and
+ * BENCH_GPU_RESTORE_GAP_MS (3000: a pause before each restore, after the previous pod went: the driver gives back the
+ * GPU memory another process freed only after a while, and a pool mapped sooner waits for it, which a cold start,
+ * mapping its pool seconds after it starts, never does; 0 measures restores back to back), BENCH_GPU_STANDIN=1 (no GPU: bench/gpu/standin-worker.py, a CPU worker that speaks the same HTTP and
  * control-dir protocol, to check this script's plumbing on a machine without a GPU; its numbers mean nothing).
  */
 import { execFileSync } from 'node:child_process';
@@ -55,6 +57,8 @@ const RESTORE_TIMEOUT_MS = 300_000;
 const HEALTH_POLL_MS = 25;
 /** /tokens generates 32 tokens; the first call after a restore also faults the worker's memory in. */
 const TOKENS_TIMEOUT_MS = 120_000;
+/** BENCH_GPU_RESTORE_GAP_MS when unset (the header says why; bench/gpu/scrub-probe.py measures the driver apart). */
+const DEFAULT_RESTORE_GAP_MS = 3000; // the stand-in (no GPU, no driver) defaults to 0
 const GPU_MEMORY_SETTLE_TIMEOUT_MS = 60_000;
 const CONTAINER_PATH = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin';
 
@@ -327,7 +331,7 @@ async function runModel(model: string | undefined): Promise<void> {
   const port = Number(process.env['BENCH_GPU_PORT'] ?? 18080);
   // Restores per variant and page-cache state (medians reported): the lent machines are noisy.
   const restoreRounds = Math.max(1, Number(process.env['BENCH_GPU_RESTORES'] ?? 1) || 1);
-  const restoreGapMs = Math.max(0, Number(process.env['BENCH_GPU_RESTORE_GAP_MS'] ?? 0) || 0);
+  const restoreGapMs = Math.max(0, Number(process.env['BENCH_GPU_RESTORE_GAP_MS'] ?? (standin ? 0 : DEFAULT_RESTORE_GAP_MS)) || 0);
   const probeMappedFiles = process.env['BENCH_GPU_PROBE_MAPPED_FILES'] === '1';
   const fillBaseline = process.env['BENCH_GPU_FILL_BASELINE'] === '1';
   const extraWorkerArgs = (process.env['BENCH_GPU_WORKER_ARGS'] ?? '').split(' ').filter((s) => s !== '');
