@@ -8,7 +8,7 @@
  *
  * Runs as root; the stack's CRIU and native/build/thaw-fill must exist (their absence fails).
  */
-import { execFileSync, spawn } from 'node:child_process';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -205,6 +205,26 @@ describe.each(Object.entries(CRIUS))('thaw-fill: a lazy CRIU restore whose memor
     expect(stats.faults, 'the victim read its pages before the sweep').toBeGreaterThanOrEqual(PATTERN_PAGES / 32);
     expect(stats.existing, 'the sweep found the faulted pages there and left them').toBeGreaterThanOrEqual(1);
     expect(existsSync(`/proc/${pid}`)).toBe(true);
+  });
+
+  it('a read of a page not placed yet from outside the process (/proc/<pid>/mem) fails at once, and succeeds once it is placed', async () => {
+    // What the fake libcuda's token reads and writes meet (native/fake-libcuda/fake-common.h retries them): the
+    // kernel cannot wait on the uffd for another process's access, where the process's own access would wait.
+    const d = await dumpVictim('remote');
+    const plan = await planOf(d);
+    const { fill, pid, release } = await restoreLazily(d, plan, 2);
+    const widest = [...plan.tasks[0]!.copies].sort((a, b) => b.pages - a.pages)[0]!;
+    const addr = widest.addr + Math.floor(widest.pages / 2) * 4096;
+    const readPage = (): { status: number | null; out: string } => {
+      const r = spawnSync('/usr/bin/python3', ['-c', 'import os,sys\nfd=os.open(sys.argv[1], os.O_RDONLY)\ntry:\n  print(len(os.pread(fd, 4096, int(sys.argv[2]))))\nexcept OSError as e:\n  print("errno", e.errno); sys.exit(3)', `/proc/${pid}/mem`, String(addr)], { encoding: 'utf8', timeout: 20_000 });
+      return { status: r.status, out: r.stdout.trim() };
+    };
+    const before = readPage();
+    expect(before.status, `a read before the page is placed: ${before.out}`).toBe(3);
+    expect(before.out).toMatch(/^errno (5|14)$/); // EIO or EFAULT, not a wait
+    release();
+    await fill.done;
+    expect(readPage()).toEqual({ status: 0, out: '4096' });
   });
 
   it('pages the process drops (madvise DONTNEED) while they are missing stay dropped (the plan stored with the images)', async () => {
