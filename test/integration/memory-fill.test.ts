@@ -9,7 +9,7 @@
  * Runs as root; the stack's CRIU and native/build/thaw-fill must exist (their absence fails).
  */
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
-import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
@@ -17,7 +17,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { isThawError } from '../../src/errors.js';
 import { createCollectingLogger } from '../../src/log.js';
 import { CriuClient } from '../../src/restore-engine/criu/client.js';
-import { CriuImageCodec } from '../../src/restore-engine/criu/images.js';
+import { CriuImageCodec, decodePagemapEntryRaw, parseImageFile } from '../../src/restore-engine/criu/images.js';
 import { buildFillPlan, criuPageReads, FILL_PLAN_IMAGE, startMemoryFill, writeFillPlanImage, type FillPlan, type RunningFill } from '../../src/restore-engine/memory-fill.js';
 import { RestoreErrorCode } from '../../src/restore-engine/restore-errors.js';
 import { dropZeroPages, ZERO_PAGES_FILE } from '../../src/restore-engine/zero-pages.js';
@@ -123,6 +123,24 @@ async function dumpVictimWith(client: CriuClient, name: string): Promise<Dumped>
   const z = await dropZeroPages(imagesDir, { codec });
   expect(z.droppedBytes, 'the zero region is left out of the images').toBeGreaterThanOrEqual(ZERO_PAGES * 4096);
   return { dir, imagesDir, workDir, result, fifo };
+}
+
+/** Per pagemap of `imagesDir`: its entries counted by flags, and the pages of each (for a failure's message). */
+function pagemapSummary(imagesDir: string): string {
+  const out: string[] = [];
+  for (const name of readdirSync(imagesDir).filter((n) => /^pagemap-\d+\.img$/.test(n))) {
+    const [, ...entries] = parseImageFile(readFileSync(join(imagesDir, name)), name).entries;
+    const byFlags = new Map<number, { entries: number; pages: number }>();
+    for (const raw of entries) {
+      const e = decodePagemapEntryRaw(raw, name);
+      const k = byFlags.get(e.flags ?? -1) ?? { entries: 0, pages: 0 };
+      k.entries += 1;
+      k.pages += e.nrPages;
+      byFlags.set(e.flags ?? -1, k);
+    }
+    out.push(`${name}: ${[...byFlags].map(([f, k]) => `flags ${f}: ${k.entries} entries, ${k.pages} pages`).join('; ')}`);
+  }
+  return out.join('\n');
 }
 
 async function planOf(d: Dumped): Promise<FillPlan> {
@@ -231,7 +249,9 @@ describe.each(Object.entries(CRIUS))('thaw-fill: a lazy CRIU restore whose memor
     const d = await dumpVictim('dontneed');
     // The plan a checkpoint stores beside its images (pages files by name, opened in --images-dir).
     expect(await writeFillPlanImage(d.imagesDir, codec)).toMatchObject({ copyBytes: expect.any(Number) });
-    expect(readFileSync(join(d.imagesDir, FILL_PLAN_IMAGE), 'utf8')).toMatch(/^thaw-fill-plan 1\ntask \d+ pages-\d+\.img\n/);
+    // Seen once in a full suite run (CRIU 4.1.1): a plan without a pages file, i.e. no PE_LAZY entry at all. What the
+    // pagemap held then says whose it was (CRIU's flags or thaw's zero-page rewrite).
+    expect(readFileSync(join(d.imagesDir, FILL_PLAN_IMAGE), 'utf8'), pagemapSummary(d.imagesDir)).toMatch(/^thaw-fill-plan 1\ntask \d+ pages-\d+\.img\n/);
     const { fill, release } = await restoreLazily(d, await planOf(d), 2, true);
     trigger(d.fifo, 'dontneed');
     await waitFor(() => existsSync(`${d.result}.1`), 60_000, 'the victim\'s check');
