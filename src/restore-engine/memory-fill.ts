@@ -348,7 +348,9 @@ export async function startMemoryFill(o: StartFillOptions): Promise<RunningFill>
       notReady(e);
       reject(e);
     });
-    child.on('exit', (code, sig) => {
+    // 'close', not 'exit': 'exit' may come before the last lines of stdout were read, and a filler that said
+    // `done` and exited 0 would read as one that ended early.
+    child.on('close', (code, sig) => {
       const e = failure(`thaw-fill ended before the memory was in (${sig ?? `exit ${code}`})`, { exitCode: code, signal: sig });
       notReady(e);
       reject(e); // no effect after `done`
