@@ -29,6 +29,7 @@ import { readFile } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
 
 import { errorMessage, isThawError } from '../errors.js';
+import { forEachLimit } from '../sys/concurrency.js';
 import { CriuImageCodec, parseImageFile, type CoreCredentials } from './criu/images.js';
 import { RestoreError, RestoreErrorCode } from './restore-errors.js';
 
@@ -201,18 +202,12 @@ export async function readRecordedCredentials(imagesDir: string, codec: CriuImag
     // A worker has dozens of threads; with the page cache cold, one read after another queues each behind the
     // checkpoint's prefetch, so they are read CORE_READ_CONCURRENCY at a time (in pstree order in the result).
     const out: ThreadCredentials[] = new Array<ThreadCredentials>(tids.length);
-    let next = 0;
-    const reader = async (): Promise<void> => {
-      while (next < tids.length) {
-        const i = next++;
-        const tid = tids[i] as number;
-        const name = `core-${tid}.img`;
-        const core = parseImageFile(await readFile(join(imagesDir, name)), name);
-        if (core.entries.length !== 1) throw new Error(`${name} has ${core.entries.length} entries, not 1`);
-        out[i] = { tid, ...codec.decodeCore(core.entries[0] as Buffer) };
-      }
-    };
-    await Promise.all(Array.from({ length: Math.min(CORE_READ_CONCURRENCY, tids.length) }, reader));
+    await forEachLimit(tids, CORE_READ_CONCURRENCY, async (tid, i) => {
+      const name = `core-${tid}.img`;
+      const core = parseImageFile(await readFile(join(imagesDir, name)), name);
+      if (core.entries.length !== 1) throw new Error(`${name} has ${core.entries.length} entries, not 1`);
+      out[i] = { tid, ...codec.decodeCore(core.entries[0] as Buffer) };
+    }, { step });
     return out;
   } catch (err) {
     throw new RestoreError(RestoreErrorCode.CREDENTIALS_EXCEED_SPEC, `cannot read the checkpoint's credentials: ${errorMessage(err)}`, {
