@@ -1,7 +1,8 @@
 /**
- * A do-nothing NRI plugin with the same event subscriptions as thaw's (CreateContainer, PostStartContainer,
- * RemoveContainer, Synchronize), for bench:nri: what containerd's NRI costs by itself, so that thaw's own share
- * can be told apart. Usage: node dist/bench/minimal-nri-plugin.js <nri socket> <log file> [create-only]
+ * A do-nothing NRI plugin with the same event subscriptions as thaw's with its native hook (RunPodSandbox,
+ * StopPodSandbox, RemovePodSandbox, CreateContainer, StopContainer, RemoveContainer, Synchronize: no
+ * PostStartContainer, src/agent/thaw-nri.ts), for bench:nri: what containerd's NRI costs by itself, so that thaw's
+ * own share can be told apart. Usage: node dist/bench/minimal-nri-plugin.js <nri socket> <log file> [create-only]
  * (`create-only`: subscribe to CreateContainer alone — the least any NRI plugin can cost).
  */
 import { createWriteStream } from 'node:fs';
@@ -25,8 +26,11 @@ const plugin = createNriPlugin({
       ? { createContainer: () => undefined }
       : {
           synchronize: () => undefined,
+          runPodSandbox: () => undefined,
+          stopPodSandbox: () => undefined,
+          removePodSandbox: () => undefined,
           createContainer: () => undefined,
-          postStartContainer: () => undefined,
+          stopContainer: () => undefined,
           removeContainer: () => undefined,
         },
 });

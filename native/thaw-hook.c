@@ -29,6 +29,16 @@
  *
  * It opens nothing of the container's filesystem: only stdin, the agent's socket and the control directory
  * (a host directory the agent made; nothing of the pod runs yet).
+ *
+ * The same binary is the poststart hook of every container thaw manages (src/agent/nri-handler-scope.ts):
+ *
+ *   thaw-hook --started --socket PATH --wait-ms M
+ *
+ * reads and checks the state as above, sends {"v":1,"stage":"poststart",...the same fields} and waits up to M ms
+ * for `ok`: the agent learns that the container runs, and its host pid, without an NRI PostStartContainer event
+ * (a synchronous round trip in every pod's StartContainer on the node). It always exits 0 (runc kills a container
+ * whose poststart hook fails) and records nothing: a start the agent did not take is left to the flows' own
+ * deadlines (thaw-pause falls back by itself; a checkpoint source runs on without a checkpoint).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -58,6 +68,8 @@
 
 static const char *control_dir;
 static const char *state_id = "?";
+/* --started: the poststart hook (the header's second form). */
+static int started_mode;
 
 static int64_t now_ms(void) {
   struct timespec ts;
@@ -146,6 +158,10 @@ __attribute__((noreturn, format(printf, 2, 3))) static void cold(const char *cod
   va_start(ap, fmt);
   vsnprintf(reason, sizeof reason, fmt, ap);
   va_end(ap);
+  if (started_mode) {
+    fprintf(stderr, "thaw poststart hook (%s): %s: %s; the agent was not told that the container started\n", state_id, code, reason);
+    exit(0);
+  }
   if (write_hook_failed(code, reason) != 0) {
     fprintf(stderr, "thaw create-runtime hook (%s): %s: %s; writing hook-failed failed: %s; the container starts cold\n", state_id, code, reason, strerror(errno));
   } else {
@@ -466,7 +482,14 @@ int main(int argc, char **argv) {
   signal(SIGPIPE, SIG_IGN);
   const char *socket_path = NULL, *budget_s = NULL, *wait_s = NULL;
   for (int i = 1; i < argc; i++) {
+    if (strcmp(argv[i], "--started") == 0) {
+      started_mode = 1;
+      continue;
+    }
+  }
+  for (int i = 1; i < argc; i++) {
     const char **slot = NULL;
+    if (strcmp(argv[i], "--started") == 0) continue;
     if (strcmp(argv[i], "--socket") == 0) slot = &socket_path;
     else if (strcmp(argv[i], "--control-dir") == 0) slot = &control_dir;
     else if (strcmp(argv[i], "--budget-ms") == 0) slot = &budget_s;
@@ -474,8 +497,10 @@ int main(int argc, char **argv) {
     if (slot == NULL || i + 1 >= argc) cold("HOOK_USAGE", "usage: thaw-hook --socket PATH --control-dir DIR --budget-ms N --wait-ms M (at %s)", argv[i]);
     *slot = argv[++i];
   }
-  long long budget_ms, wait_ms;
-  if (socket_path == NULL || control_dir == NULL || parse_ms(budget_s, &budget_ms) != 0 || parse_ms(wait_s, &wait_ms) != 0 || wait_ms < budget_ms) {
+  long long budget_ms = 0, wait_ms;
+  if (started_mode) {
+    if (socket_path == NULL || parse_ms(wait_s, &wait_ms) != 0) cold("HOOK_USAGE", "usage: thaw-hook --started --socket PATH --wait-ms M");
+  } else if (socket_path == NULL || control_dir == NULL || parse_ms(budget_s, &budget_ms) != 0 || parse_ms(wait_s, &wait_ms) != 0 || wait_ms < budget_ms) {
     cold("HOOK_USAGE", "usage: thaw-hook --socket PATH --control-dir DIR --budget-ms N --wait-ms M (M >= N)");
   }
   int64_t deadline = started_ms + wait_ms;
@@ -519,7 +544,7 @@ int main(int argc, char **argv) {
     if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &sl) != 0 || soerr != 0) cold("HOOK_AGENT_UNREACHABLE", "connect %s: %s", socket_path, strerror(soerr ? soerr : errno));
   }
   char req[3 * MAX_FIELD];
-  int rl = snprintf(req, sizeof req, "{\"v\":1,\"id\":\"%s\",\"pid\":%lld,\"bundle\":\"%s\",\"hookPid\":%d,\"elapsedMs\":%lld}\n", st.id, st.pid, st.bundle, (int)getpid(), (long long)(now_ms() - started_ms));
+  int rl = snprintf(req, sizeof req, "{\"v\":1,%s\"id\":\"%s\",\"pid\":%lld,\"bundle\":\"%s\",\"hookPid\":%d,\"elapsedMs\":%lld}\n", started_mode ? "\"stage\":\"poststart\"," : "", st.id, st.pid, st.bundle, (int)getpid(), (long long)(now_ms() - started_ms));
   if (rl <= 0 || (size_t)rl >= sizeof req) cold("HOOK_STATE_INVALID", "the request does not fit");
   for (size_t off = 0; off < (size_t)rl;) {
     ssize_t n = send(fd, req + off, (size_t)rl - off, MSG_NOSIGNAL);
@@ -556,6 +581,10 @@ int main(int argc, char **argv) {
   *nl = '\0';
   for (char *c = ans; *c; c++) {
     if ((unsigned char)*c < 0x20 || (unsigned char)*c >= 0x7f) cold("HOOK_AGENT_ANSWER_INVALID", "the agent's answer is not plain text");
+  }
+  if (started_mode) {
+    if (strcmp(ans, "ok") == 0) return 0;
+    cold("HOOK_AGENT_ANSWER_INVALID", "the agent's answer to a start is not ok: %.64s", ans);
   }
   if (strcmp(ans, "done") == 0 || strcmp(ans, "cold") == 0) return 0;
   if (strncmp(ans, "nostart ", 8) == 0) {

@@ -63,6 +63,12 @@ export const WEIGHTS_DIGESTS_FILE = 'weights-digests.json';
  */
 export const DEFAULT_THAW_PAUSE_DEADLINE_MS = 20_000;
 /**
+ * How long a restore waits, from the container's start, for PID 1 to run thaw-pause: the start is told by the
+ * poststart hook, which runc runs beside PID 1's exec, so the exec may still be under way (microseconds to
+ * milliseconds; this bounds a runtime that never completes it).
+ */
+export const PLACEHOLDER_EXEC_WAIT_MS = 5_000;
+/**
  * What the createRuntime hook keeps free of its runtime timeout (the OCI hook `timeout` the agent sets,
  * which runc enforces by killing the hook: the container then fails to start): Node.js's start, writing
  * the hook record, and undoing the overlay (one MOUNT_TIMEOUT_MS). The hook's own work (waiting for a
@@ -82,6 +88,21 @@ export const HOOK_ANSWER_GRACE_MS = HOOK_TIMEOUT_MARGIN_MS / 2;
 export const HOOK_SOCKET_SUFFIX = '-hook.sock';
 /** The native hook's file name, beside thaw-pause (native/build/): absent there, restores use the Node.js hook. */
 export const NATIVE_HOOK_NAME = 'thaw-hook';
+/**
+ * How long the poststart hook (`thaw-hook --started`) waits for the agent to take a container's start: runc
+ * runs poststart hooks inside `runc start`, so this bounds what a managed pod's StartContainer can wait on an
+ * agent that accepted the connection and does not answer. The agent answers at once (it hands the start on and
+ * does the work later); a start not taken is left to the flows' own deadlines (thaw-pause falls back by itself).
+ */
+export const START_HOOK_WAIT_MS = 2_000;
+/** runc's timeout for the poststart hook, in seconds: above START_HOOK_WAIT_MS, so that the hook ends itself, exit 0. */
+export const START_HOOK_TIMEOUT_SECONDS = 5;
+/**
+ * How often the agent asks containerd whether a managed container it learnt back at Synchronize, created and not
+ * started, and without thaw's poststart hook (an agent of another setup made it), has started: nothing else would
+ * tell it (no PostStartContainer subscription).
+ */
+export const START_POLL_INTERVAL_MS = 100;
 /** The memory filler's file name, beside thaw-pause (native/build/): absent there, CRIU fills restored memory itself. */
 export const MEMORY_FILL_NAME = 'thaw-fill';
 /**

@@ -32,6 +32,7 @@ import { removeControlDir } from '../sdk/index.js';
 import { createAgentMetrics, PULLED_NAMESPACE_LABEL } from './agent-metrics.js';
 import { loadAgentService } from './api-proto.js';
 import { createApiHandlers, type ApiContext } from './api-server.js';
+import { runningTaskPid } from './container-task.js';
 import { ConfigError, ConfigErrorCode, type AgentConfig } from './config.js';
 import type { RegistrySourceOptions } from './checkpoint-sources.js';
 import { loadRegistryConfig } from './registry-config.js';
@@ -150,7 +151,7 @@ function withRegistry(engine: ThawEngine, containers: ContainerRegistry, api: Pi
     ...h,
     async synchronize(pods, list, ctx) {
       const podsById = new Map(pods.map((p) => [p.id ?? '', p]));
-      for (const c of list) containers.seen(podsById.get(c.podSandboxId ?? '') ?? {}, c, c.pid || undefined);
+      for (const c of list) containers.seen(podsById.get(c.podSandboxId ?? '') ?? {}, c);
       const result = await h.synchronize!(pods, list, ctx);
       if (!synced) {
         synced = true;
@@ -165,10 +166,6 @@ function withRegistry(engine: ThawEngine, containers: ContainerRegistry, api: Pi
     async createContainer(pod, c, ctx) {
       containers.seen(pod, c);
       return h.createContainer!(pod, c, ctx);
-    },
-    async postStartContainer(pod, c, ctx) {
-      containers.seen(pod, c, c.pid || undefined);
-      return h.postStartContainer!(pod, c, ctx);
     },
     async removeContainer(pod, c, ctx) {
       const id = c.id ?? '';
@@ -353,6 +350,7 @@ export async function runAgent(o: AgentRunOptions, logger: Logger): Promise<numb
     runtime: () => runtime,
     stopping: () => stopping,
     onDemandControlDirs: new Set(),
+    taskPid: (id) => runningTaskPid(id, c.containerd),
   };
 
   const identity = launched ? readLaunchEnv(env) : { name: c.nri.pluginName, idx: c.nri.pluginIndex, fd: undefined };

@@ -45,6 +45,8 @@ export interface ApiContext {
   stopping(): boolean;
   /** Control dirs made for on-demand checkpoints of unmanaged containers (removed with their container). */
   onDemandControlDirs: Set<string>;
+  /** The host pid of a running container's init, from the runtime (container-task.ts runningTaskPid). */
+  taskPid(containerId: string): Promise<number>;
 }
 
 /** The gRPC status of an error: its code decides, the message is the error's. */
@@ -168,9 +170,8 @@ export function createApiHandlers(ctx: ApiContext): grpc.UntypedServiceImplement
     const last = engine.checkpoints.status(seen.id);
     if (!req.replace && managed?.role === 'checkpoint-source' && last?.state === 'succeeded' && last.name === name) return seen.id;
     if (!name) throw badRequest('a checkpoint name is required (the container is not a checkpoint source whose annotation names one)');
-    if (seen.pid === undefined) {
-      throw new AgentError(AgentErrorCode.CONTAINER_NOT_RUNNING, `container ${seen.id} has not started (no process to checkpoint)`, { step: 'find the container', evidence: { containerId: seen.id } });
-    }
+    // AGENT_CONTAINER_NOT_RUNNING when it has no running process to checkpoint.
+    const pid = await ctx.taskPid(seen.id);
     let container: ManagedContainer;
     if (managed !== undefined) {
       container = { ...managed, checkpointName: name };
@@ -191,7 +192,7 @@ export function createApiHandlers(ctx: ApiContext): grpc.UntypedServiceImplement
         onCheckpoint: 'continue',
       };
     }
-    engine.checkpoints.checkpointNow(container, seen.pid, { replace: req.replace });
+    engine.checkpoints.checkpointNow(container, pid, { replace: req.replace });
     ctx.logger.info('checkpoint requested through the API', { containerId: seen.id, pod: `${seen.podNamespace}/${seen.podName}`, namespace: seen.podNamespace, checkpoint: name });
     return seen.id;
   }

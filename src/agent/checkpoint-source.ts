@@ -11,7 +11,7 @@ import type { Container, PodSandbox } from '../nri-plugin/index.js';
 import { createControlDir } from '../sdk/index.js';
 import { CRI_IMAGE_NAME_ANNOTATION } from './containers.js';
 import { identityOf, managedAnnotations, type ManagedContainer } from './managed-container.js';
-import { describeContainer, type HandlerScope } from './nri-handler-scope.js';
+import { addStartHook, describeContainer, type HandlerScope } from './nri-handler-scope.js';
 import { checkpointRefusal, restoreKeyOf } from './tenancy.js';
 import { HandlerFallbackCause } from './errors.js';
 
@@ -80,6 +80,8 @@ export async function adjustCheckpointSource(
   // The pod's own settings win: a platform team that set NCCL_SOCKET_IFNAME knows why.
   for (const [key, value] of CHECKPOINT_ENV) if (!existingEnv.has(key)) builder.addEnv(key, value);
   for (const [key, value] of Object.entries(managedAnnotations(scope.annotationPrefix, 'checkpoint-source', entry))) builder.addAnnotation(key, value);
+  // Its start is what its flow waits for (the worker's ready marker is watched from then on).
+  addStartHook(scope, builder);
   scope.managed.set(containerId, entry);
   scope.coordinator?.checkpointSourceCreated?.(entry);
   ctx.logger.info('thaw: checkpoint source', { ...describeContainer(pod, container), namespace: resolved.owner.namespace, checkpoint: resolved.key, controlDir, ...(snapshot ? { snapshot: snapshot.snapshot.name, key: snapshot.snapshot.key } : {}) });

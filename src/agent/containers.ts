@@ -1,7 +1,8 @@
 /**
- * Every container the agent has seen through NRI (Synchronize, CreateContainer, PostStartContainer, minus
- * RemoveContainer), so that the control API can find the one an operator names: by id (or a unique prefix of
- * at least MIN_ID_PREFIX characters), or by pod namespace/name and container name.
+ * Every container the agent has seen through NRI (Synchronize and CreateContainer, minus RemoveContainer), so
+ * that the control API can find the one an operator names: by id (or a unique prefix of at least MIN_ID_PREFIX
+ * characters), or by pod namespace/name and container name. Where its process is, is not kept here: the API asks
+ * containerd when it needs it (container-task.ts).
  */
 import type { Container, PodSandbox } from '../nri-plugin/index.js';
 import { AgentError, AgentErrorCode } from './errors.js';
@@ -20,8 +21,6 @@ export interface SeenContainer {
   imageRef?: string;
   /** The spec's process args as NRI gave them (recorded in a checkpoint's manifest, manifest.ts). */
   args?: string[];
-  /** Host pid of its init, once started. */
-  pid?: number;
 }
 
 export type ContainerRef = { containerId: string } | { pod: { namespace: string; name: string; uid?: string }; containerName?: string };
@@ -29,8 +28,8 @@ export type ContainerRef = { containerId: string } | { pod: { namespace: string;
 export class ContainerRegistry {
   private readonly byId = new Map<string, SeenContainer>();
 
-  /** Records (or refreshes) a container; `pid` when it is known to run. */
-  seen(pod: PodSandbox, c: Container, pid?: number): void {
+  /** Records (or refreshes) a container. */
+  seen(pod: PodSandbox, c: Container): void {
     if (!c.id) return;
     const prev = this.byId.get(c.id);
     const image = c.annotations?.[CRI_IMAGE_NAME_ANNOTATION];
@@ -43,7 +42,6 @@ export class ContainerRegistry {
       podUid: pod.uid ?? prev?.podUid ?? '',
       ...(image ?? prev?.imageRef ? { imageRef: (image ?? prev?.imageRef) as string } : {}),
       ...(c.args !== undefined && c.args.length > 0 ? { args: [...c.args] } : prev?.args !== undefined ? { args: prev.args } : {}),
-      ...(pid ?? prev?.pid ? { pid: (pid ?? prev?.pid) as number } : {}),
     });
   }
 

@@ -6,6 +6,7 @@
 import { existsSync } from 'node:fs';
 import { mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { errorMessage } from '../errors.js';
 import { CHECKPOINT_COMPLETE } from '../sdk/index.js';
 import type { Logger } from '../log.js';
@@ -26,7 +27,9 @@ import { ThawNriStats } from './nri-stats.js';
 import { createRestoreCoordinator, type RestoreCoordinator } from './restore-coordinator.js';
 import { createThawNriHandlers } from './thaw-nri.js';
 import { startHookServer } from './hook-server.js';
-import { DEFAULT_MAX_CONCURRENT_CRIU, DEFAULT_MAX_CONCURRENT_HASHING, DEFAULT_MEMORY_FILL_TIMEOUT_MS, DEFAULT_NSENTER_PATH, DEFAULT_SNAPSHOT_IMAGE_LOOKUP_TIMEOUT_MS, DEFAULT_UNSHARE_PATH, WEIGHTS_DIGESTS_FILE } from '../defaults.js';
+import { runningTaskPid } from './container-task.js';
+import { AgentError, AgentErrorCode } from './errors.js';
+import { DEFAULT_MAX_CONCURRENT_CRIU, DEFAULT_MAX_CONCURRENT_HASHING, DEFAULT_MEMORY_FILL_TIMEOUT_MS, DEFAULT_NSENTER_PATH, DEFAULT_SNAPSHOT_IMAGE_LOOKUP_TIMEOUT_MS, DEFAULT_UNSHARE_PATH, START_POLL_INTERVAL_MS, WEIGHTS_DIGESTS_FILE } from '../defaults.js';
 import { snapshotReference, SnapshotTracker } from './snapshot.js';
 import { Limiter } from '../sys/concurrency.js';
 import { PULLED_NAMESPACE_LABEL } from './agent-metrics.js';
@@ -313,14 +316,34 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     },
   };
   // No hook server (its socket cannot be made): restores use the Node.js hook; the agent itself starts regardless.
+  // The handlers are made with the server (their adjustments name its socket); a start reaches them through this.
+  let containerStarted: ((containerId: string, pid: number) => void) | undefined;
   const hookServer =
     o.nativeHook !== undefined
-      ? await startHookServer({ socketPath: o.nativeHook.socketPath, logger }).catch((err: unknown) => {
+      ? await startHookServer({ socketPath: o.nativeHook.socketPath, logger, onStarted: (id, pid) => containerStarted?.(id, pid) }).catch((err: unknown) => {
           logger.warn('thaw: the native createRuntime hook\'s socket cannot be served; restores use the Node.js hook', { socket: o.nativeHook?.socketPath, error: errorMessage(err) });
           return undefined;
         })
       : undefined;
+  // Asks containerd until the container runs, is removed (no longer managed), or the agent stops.
+  const watchStart = (containerId: string, started: (pid: number) => void): void => {
+    void (async () => {
+      let lastProblem = '';
+      while (!stopPushes.signal.aborted && handlers.managed.has(containerId)) {
+        try {
+          started(await runningTaskPid(containerId, o.containerd));
+          return;
+        } catch (err) {
+          const code = err instanceof AgentError ? err.code : 'INTERNAL';
+          if (code !== AgentErrorCode.CONTAINER_NOT_RUNNING && code !== lastProblem) logger.warn('thaw: cannot ask containerd whether a container started; asking again', { containerId, error: errorMessage(err) });
+          lastProblem = code;
+        }
+        await sleep(START_POLL_INTERVAL_MS, undefined, { signal: stopPushes.signal }).catch(() => undefined);
+      }
+    })();
+  };
   const handlers = createThawNriHandlers({
+    watchStart,
     annotationPrefix: o.annotationPrefix,
     controlRoot: o.controlRoot,
     coordinator,
@@ -344,6 +367,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
       ...(cuda?.facts ? { gpuFacts: cuda.facts } : {}),
     },
   });
+  containerStarted = handlers.containerStarted;
   managedOf = (id) => handlers.managed.get(id);
   return {
     handlers,

@@ -10,6 +10,8 @@ export const AgentErrorCode = {
   CONTAINER_NOT_FOUND: 'AGENT_CONTAINER_NOT_FOUND',
   /** The container exists but has no running process to checkpoint. */
   CONTAINER_NOT_RUNNING: 'AGENT_CONTAINER_NOT_RUNNING',
+  /** containerd did not say where the container's process is (it did not answer, or answered something else). */
+  RUNTIME_QUERY_FAILED: 'AGENT_RUNTIME_QUERY_FAILED',
   /** The request matches several containers (evidence: candidates). */
   AMBIGUOUS_TARGET: 'AGENT_AMBIGUOUS_TARGET',
   /** The request is malformed (a field missing or contradictory). */

@@ -12,9 +12,17 @@
  * is the one the runtime mounted even when this agent runs in a mount namespace of its own. The socket lives
  * in the API socket's directory (root-only, 0700) with mode 0600.
  *
+ * The same binary is the poststart hook of every container thaw manages (`thaw-hook --started`): it tells this
+ * server that the container's process runs, with its host pid from runc's state. That is how the agent learns a
+ * managed container's start without subscribing to NRI's PostStartContainer, a synchronous round trip to this
+ * process inside every pod's StartContainer on the node, the pods thaw does not touch included.
+ *
  * Protocol (one request, one answer, each one line):
  *   request  {"v":1,"id":ID,"pid":PID,"bundle":BUNDLE,"hookPid":N,"elapsedMs":MS}   (at most MAX_REQUEST_BYTES)
  *   answer   done | cold | nostart CODE | record CODE    (thaw-hook.c's header says what each does)
+ * and for a start:
+ *   request  {"v":1,"stage":"poststart","id":ID,"pid":PID,"bundle":BUNDLE,"hookPid":N,"elapsedMs":MS}
+ *   answer   ok        (after the start was handed on; the hook exits 0 whatever it gets)
  */
 import { chmod, lstat, mkdir, rename, rm } from 'node:fs/promises';
 import { createServer, type Server, type Socket } from 'node:net';
@@ -49,8 +57,10 @@ export interface HookServer {
   forget(containerId: string): void;
   /** How many registrations wait for their hook. */
   pending(): number;
-  /** How many hooks this server has done the work of (succeeded or not). */
+  /** How many createRuntime hooks this server has done the work of (succeeded or not). */
   served(): number;
+  /** How many container starts poststart hooks have told this server of. */
+  started(): number;
   close(): Promise<void>;
 }
 
@@ -59,9 +69,18 @@ export interface HookServerOptions {
   logger?: Logger;
   /** The uid a peer must have (default: this process's own, root for the agent). */
   peerUid?: number;
+  /**
+   * A poststart hook says container `containerId` runs as host pid `pid` (runc's state). Called before the hook
+   * is answered; must return at once (it starts work, it does not wait for it).
+   */
+  onStarted?(containerId: string, pid: number): void;
 }
 
+/** Which hook sent a request: the createRuntime hook of a restore target, or the poststart hook of a managed container. */
+export type HookStage = 'createRuntime' | 'poststart';
+
 interface HookRequest {
+  stage: HookStage;
   id: string;
   pid: number;
   bundle: string;
@@ -82,7 +101,9 @@ export function parseHookRequest(line: string): HookRequest | undefined {
   if (r['v'] !== 1 || typeof r['id'] !== 'string' || r['id'] === '' || !posInt(r['pid']) || typeof r['bundle'] !== 'string' || !r['bundle'].startsWith('/')) return undefined;
   const elapsed = r['elapsedMs'];
   if (typeof elapsed !== 'number' || !Number.isFinite(elapsed) || elapsed < 0) return undefined;
-  return { id: r['id'], pid: r['pid'], bundle: r['bundle'], elapsedMs: elapsed };
+  const stage = r['stage'] ?? 'createRuntime';
+  if (stage !== 'createRuntime' && stage !== 'poststart') return undefined;
+  return { stage, id: r['id'], pid: r['pid'], bundle: r['bundle'], elapsedMs: elapsed };
 }
 
 export async function startHookServer(o: HookServerOptions): Promise<HookServer> {
@@ -92,6 +113,7 @@ export async function startHookServer(o: HookServerOptions): Promise<HookServer>
   const connections = new Set<Socket>();
   const running = new Set<Promise<void>>();
   let served = 0;
+  let started = 0;
 
   const answer = (socket: Socket, line: string): void => {
     if (socket.destroyed) return;
@@ -103,6 +125,18 @@ export async function startHookServer(o: HookServerOptions): Promise<HookServer>
     if (req === undefined) {
       logger.warn('thaw: a hook request that is not one', { head: line.slice(0, 200) });
       answer(socket, 'record HOOK_STATE_INVALID');
+      return;
+    }
+    if (req.stage === 'poststart') {
+      started++;
+      logger.debug('thaw: a container started (its poststart hook)', { containerId: req.id, pid: req.pid });
+      try {
+        o.onStarted?.(req.id, req.pid);
+      } catch (err) {
+        // A bug of ours: the container runs on (the hook exits 0 whatever it is told); the flows' own deadlines act.
+        logger.error('thaw: handing on a container start failed', { containerId: req.id, error: errorMessage(err) });
+      }
+      answer(socket, 'ok');
       return;
     }
     const w = work.get(req.id);
@@ -182,6 +216,7 @@ export async function startHookServer(o: HookServerOptions): Promise<HookServer>
     forget: (id) => void work.delete(id),
     pending: () => work.size,
     served: () => served,
+    started: () => started,
     close: async () => {
       const closed = new Promise<void>((resolve) => server.close(() => resolve()));
       // Work in flight ends within its budget, and its hook is waiting for the answer: let it finish.

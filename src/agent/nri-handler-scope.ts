@@ -1,4 +1,5 @@
-import type { Container, PodSandbox } from '../nri-plugin/index.js';
+import { START_HOOK_TIMEOUT_SECONDS, START_HOOK_WAIT_MS } from '../defaults.js';
+import type { AdjustmentBuilder, Container, PodSandbox } from '../nri-plugin/index.js';
 import type { ManagedContainer, ThawCoordinator } from './managed-container.js';
 import type { ThawNriStats } from './nri-stats.js';
 import type { TenancyPolicy } from './tenancy.js';
@@ -20,6 +21,23 @@ export interface HandlerScope {
    * last abort cancels the transfer (checkpoint-sources.ts).
    */
   interests: Map<string, { podId: string; controller: AbortController }>;
+  /**
+   * The native hook and the agent's hook socket: present, every container thaw manages gets a poststart hook
+   * that tells the agent it started (addStartHook), and the plugin subscribes to no PostStartContainer.
+   */
+  startHook?: { path: string; socketPath: string };
+}
+
+/** Adds the poststart hook that tells the agent a managed container started (none without a start hook). */
+export function addStartHook(scope: HandlerScope, builder: AdjustmentBuilder): void {
+  const h = scope.startHook;
+  if (h === undefined) return;
+  builder.addHook('poststart', {
+    path: h.path,
+    args: [h.path, '--started', '--socket', h.socketPath, '--wait-ms', String(START_HOOK_WAIT_MS)],
+    env: [],
+    timeoutSeconds: START_HOOK_TIMEOUT_SECONDS,
+  });
 }
 
 /** Drops a restore target's interest in its checkpoint's transfer (no-op when it has none). */

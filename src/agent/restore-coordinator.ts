@@ -38,7 +38,7 @@ export interface RestoreCoordinatorOptions {
   /** The toolkit's bin directory (mounted at the same path in the target): its busybox does the umount there. */
   toolkitBinDir: string;
   /** Host path of thaw-pause (restore-flow's thawPausePath). */
-  thawPausePath?: string;
+  thawPausePath: string;
   nsenterPath?: string;
   /** Reads the files a restore runs (restore-tools.ts) into the page cache; run before each checkpoint prefetch. */
   warmTools?: (signal: AbortSignal) => Promise<unknown>;
@@ -125,7 +125,7 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
     ...(o.stats ? { fallbacks: o.stats } : {}),
     workRoot,
     toolkitBinDir: o.toolkitBinDir,
-    ...(o.thawPausePath !== undefined ? { thawPausePath: o.thawPausePath } : {}),
+    thawPausePath: o.thawPausePath,
     ...(o.nsenterPath !== undefined ? { nsenterPath: o.nsenterPath } : {}),
     ...(o.verifyTimeoutMs !== undefined ? { verifyTimeoutMs: o.verifyTimeoutMs } : {}),
     ...(o.criuRestoreTimeoutMs !== undefined ? { criuRestoreTimeoutMs: o.criuRestoreTimeoutMs } : {}),

@@ -26,7 +26,7 @@ import { readHostFacts } from '../sys/host-facts.js';
 import type { CheckpointSources } from './checkpoint-sources.js';
 import { CRI_IMAGE_NAME_ANNOTATION } from './containers.js';
 import { identityOf, managedAnnotations, type ManagedContainer } from './managed-container.js';
-import { describeContainer, dropInterest, type HandlerScope } from './nri-handler-scope.js';
+import { addStartHook, describeContainer, dropInterest, type HandlerScope } from './nri-handler-scope.js';
 import { localRestoreRefusal, restoreKeyOf } from './tenancy.js';
 import { RestoreErrorCode, undoJournalFor } from '../restore-engine/index.js';
 import { DIFF_APPLIED_FILE, ORIGINAL_ENTRYPOINT_FILE } from '../oci-hooks/index.js';
@@ -336,6 +336,8 @@ async function adjustWith(
   for (const [key, value] of CHECKPOINT_ENV) if (!existingEnv.has(key)) builder.addEnv(key, value);
   for (const [key, value] of Object.entries(managedAnnotations(scope.annotationPrefix, 'restore-target', entry))) builder.addAnnotation(key, value);
   if (placeholder === 'args') builder.setArgs([r.thawPausePath, '--', ...args]);
+  // Its start begins the restore.
+  addStartHook(scope, builder);
   scope.managed.set(containerId, entry);
   r.nativeHook?.server.expect(containerId, work);
   if (scope.coordinator?.restoreTargetCreated !== undefined) scope.coordinator.restoreTargetCreated(entry, checkpoint, incoming?.ready, lease);

@@ -7,7 +7,7 @@
  * and never throws: any problem leaves the container as it is and is logged and counted with its cause.
  */
 import { errorMessage } from '../errors.js';
-import type { NriHandlers } from '../nri-plugin/index.js';
+import type { Container, NriHandlers, PodSandbox } from '../nri-plugin/index.js';
 import { decide } from '../nri-plugin/index.js';
 import { ContainerState } from '../nri-plugin/index.js';
 import { removeControlDir } from '../sdk/index.js';
@@ -31,9 +31,26 @@ export interface ThawNriOptions {
   snapshot?: ThawSnapshotConfig;
   /** Who may checkpoint and restore what (agent config `tenancy`); absent: defaultTenancyPolicy(). */
   tenancy?: TenancyPolicy;
+  /**
+   * With a start hook: watches a managed container, learnt back at Synchronize, created and without thaw's
+   * poststart hook, until it runs (the engine asks containerd); `started` is then called with its pid.
+   */
+  watchStart?(containerId: string, started: (pid: number) => void): void;
 }
 
-export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { stats: ThawNriStats; managed: Map<string, ManagedContainer> } {
+/** Whether `container`'s spec has the poststart hook that tells this agent its start (thaw-hook --started on this socket). */
+function hasStartHook(container: Container, hook: { path: string; socketPath: string }): boolean {
+  return (container.hooks?.poststart ?? []).some((h) => h.path === hook.path && (h.args ?? []).includes('--started') && (h.args ?? []).includes(hook.socketPath));
+}
+
+/**
+ * thaw's handlers, and `containerStarted`: a managed container's process runs (the poststart hook's word through
+ * the hook server when the agent has a native hook; NRI PostStartContainer otherwise, the only case in which the
+ * handlers include postStartContainer and so subscribe to it).
+ */
+export function createThawNriHandlers(
+  options: ThawNriOptions,
+): NriHandlers & { stats: ThawNriStats; managed: Map<string, ManagedContainer>; containerStarted(containerId: string, pid: number): void } {
   const stats = options.stats ?? new ThawNriStats();
   const managed = new Map<string, ManagedContainer>();
   const prefix = options.annotationPrefix;
@@ -46,6 +63,17 @@ export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { 
     ...(options.coordinator ? { coordinator: options.coordinator } : {}),
     tenancy: options.tenancy ?? defaultTenancyPolicy(),
     interests: new Map(),
+    ...(options.restore?.nativeHook !== undefined ? { startHook: { path: options.restore.nativeHook.path, socketPath: options.restore.nativeHook.server.socketPath } } : {}),
+  };
+  /** Managed containers whose start was handed on: a start is acted on once (the hook and a watch may both tell it). */
+  const startedIds = new Set<string>();
+  /** Hands a managed container's start to its flow; any other container's start is none of thaw's. */
+  const containerStarted = (containerId: string, pid: number): void => {
+    const entry = managed.get(containerId);
+    if (!entry || !Number.isSafeInteger(pid) || pid <= 0 || startedIds.has(containerId)) return;
+    startedIds.add(containerId);
+    if (entry.role === 'restore-target') options.coordinator?.restoreTargetStarted?.(entry, pid);
+    else options.coordinator?.checkpointSourceStarted?.(entry, pid);
   };
   /** A pod's restore targets no longer want their transfers. */
   const podLeft = (podId: string): void => {
@@ -56,6 +84,9 @@ export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { 
   return {
     stats,
     managed,
+    containerStarted,
+    // Without a start hook, NRI says when a container started (a synchronous event for every pod on the node).
+    ...(scope.startHook === undefined ? { postStartContainer: (_pod: PodSandbox, container: Container) => containerStarted(container.id ?? '', container.pid ?? 0) } : {}),
 
     runPodSandbox(pod, ctx) {
       try {
@@ -151,7 +182,12 @@ export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { 
         if (!managed.has(entry.containerId)) managed.set(entry.containerId, entry);
         if (container.state === ContainerState.RUNNING && container.pid) {
           recovered++;
+          startedIds.add(entry.containerId);
           options.coordinator?.containerRecovered?.(managed.get(entry.containerId)!, container.pid);
+        } else if (container.state === ContainerState.CREATED && scope.startHook !== undefined && !hasStartHook(container, scope.startHook)) {
+          // Made by an agent that learnt starts from NRI (or from another socket): only containerd can tell its start now.
+          const id = entry.containerId;
+          options.watchStart?.(id, (pid) => containerStarted(id, pid));
         }
       }
       if (recovered > 0) ctx.logger.info('thaw: containers found on (re)connection', { managed: managed.size, running: recovered });
@@ -164,15 +200,9 @@ export function createThawNriHandlers(options: ThawNriOptions): NriHandlers & { 
       if (managed.has(id)) options.coordinator?.containerStopped?.(id);
     },
 
-    postStartContainer(_pod, container) {
-      const entry = managed.get(container.id ?? '');
-      if (!entry || !container.pid) return;
-      if (entry.role === 'restore-target') options.coordinator?.restoreTargetStarted?.(entry, container.pid);
-      else options.coordinator?.checkpointSourceStarted?.(entry, container.pid);
-    },
-
     async removeContainer(_pod, container, ctx) {
       const containerId = container.id ?? '';
+      startedIds.delete(containerId);
       dropInterest(scope, containerId);
       // A hook that never ran (the create failed): its registration goes with the container.
       options.restore?.nativeHook?.server.forget(containerId);

@@ -10,6 +10,8 @@ export { CriuCodec } from './criu/rpc.js';
 export { CriuImageCodec, encodeImageFile, parseImageFile } from './criu/images.js';
 export { criuPageReads } from './memory-fill.js';
 export { readContainerdImageDigest, readTarEntries, type ContainerdEndpoint } from './rootfs-diff/index.js';
+// containerd's API as thaw calls it (the agent asks Tasks/Get where a container's process is).
+export { containerdCall } from './containerd-api.js';
 // The weights service (restore-engine/weights/): what the GPU check (bench/gpu/weights-check.ts) drives.
 export { listenForWorker } from './weights/handover.js';
 export { loadWeights } from './weights/loader.js';

@@ -77,6 +77,11 @@ export const RestoreErrorCode = {
   DEVICES: 'RESTORE_DEVICES',
   /** The target container's process is gone (stopped, killed) before the restore finished. */
   TARGET_GONE: 'RESTORE_TARGET_GONE',
+  /**
+   * PID 1 of the target did not become thaw-pause within PLACEHOLDER_EXEC_WAIT_MS of the container's start (the
+   * createRuntime hook said it would be): nothing was signalled or unmounted in it.
+   */
+  PLACEHOLDER_NOT_STARTED: 'RESTORE_PLACEHOLDER_NOT_STARTED',
   /** A phase ran past its time limit. */
   TIMEOUT: 'RESTORE_TIMEOUT',
   /** The caller's AbortSignal fired (container removed, agent stopping). */

@@ -40,7 +40,7 @@ import { firstIrregularMappedFile, mappedFilePages, readMappedFilePages, type Ma
 import { RestoreError, RestoreErrorCode } from './restore-errors.js';
 import { killRestoredTree, restoreIntoContainer, type RestoredTree } from './restore.js';
 import { discardUndo, undoRootfsDiff, type UndoJournal } from './rootfs-diff/index.js';
-import { DEFAULT_NSENTER_PATH, DEFAULT_POD_CRIU_RESTORE_TIMEOUT_MS, DEFAULT_THAW_PAUSE_DEADLINE_MS, DEFAULT_VERIFY_TIMEOUT_MS, DEFAULT_WEIGHTS_HANDOVER_TIMEOUT_MS } from '../defaults.js';
+import { DEFAULT_NSENTER_PATH, DEFAULT_POD_CRIU_RESTORE_TIMEOUT_MS, DEFAULT_THAW_PAUSE_DEADLINE_MS, DEFAULT_VERIFY_TIMEOUT_MS, DEFAULT_WEIGHTS_HANDOVER_TIMEOUT_MS, PLACEHOLDER_EXEC_WAIT_MS } from '../defaults.js';
 import type { CudaVmm } from '../cuda/index.js';
 import { processTree } from './container-inspect.js';
 import { WeightsError, WeightsErrorCode } from './weights/errors.js';
@@ -253,8 +253,11 @@ export interface RestoreFlowOptions {
   workRoot: string;
   /** The toolkit's bin directory (mounted at the same path in the target): its busybox does the umount there. */
   toolkitBinDir: string;
-  /** Host path of thaw-pause: tells a placeholder that still waits from one that fell back by itself (recover). */
-  thawPausePath?: string;
+  /**
+   * Host path of thaw-pause: whether PID 1 runs it (by inode) tells a placeholder whose exec is done from one whose
+   * exec is under way (run), and one that still waits from one that fell back by itself (recover).
+   */
+  thawPausePath: string;
   nsenterPath?: string;
   verifyTimeoutMs?: number;
   criuRestoreTimeoutMs?: number;
@@ -410,6 +413,9 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
     const mode = c.container.placeholder ?? 'overlay';
     const placeholderRuns = mode === 'args' || c.hook.kind === 'done';
     const problems: string[] = [];
+    // A restore may fail before its PID 1 exec'd (the start is told beside the exec): thaw-pause must run before it
+    // is signalled (a signal to the runtime's init would end the container) or the overlay goes.
+    if (placeholderRuns) await waitForPlaceholder(c.pid, new AbortController().signal).catch((e: unknown) => problems.push(errorMessage(e)));
     if (c.overlayMounted && c.hook.kind === 'done' && c.hook.record.overlayPath !== undefined) {
       // The overlay may already be gone (a restore of an earlier agent had got past it): then umount fails, which is fine.
       await unmountOverlay(c.pid, c.hook.record.overlayPath, c.hook.record.originalPath).catch((e: unknown) => problems.push(errorMessage(e)));
@@ -656,7 +662,9 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
       }
       overlayMounted = hook.record.mode === 'overlay';
       // The hook succeeded, so PID 1 is thaw-pause (a failed hook leaves the original command there, which
-      // must get no signal of ours).
+      // must get no signal of ours) once its exec is done: the start may be told before (the poststart hook runs
+      // beside it), and an overlay removed before the exec would let the original entrypoint run.
+      await waitForPlaceholder(pid, signal);
       holding = holdPlaceholder(pid, o.thawPauseDeadlineMs ?? DEFAULT_THAW_PAUSE_DEADLINE_MS);
       phases.hookMs = hook.record.ms;
       if (typeof hook.record.startupMs === 'number' && Number.isFinite(hook.record.startupMs)) phases.hookStartupMs = hook.record.startupMs;
@@ -838,17 +846,28 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
 
   /**
    * Whether PID 1 of the target still runs thaw-pause (the same file as the host's; in overlay mode it is mounted
-   * over the entrypoint, so the inode tells, not the name). Unknown (no thaw-pause path given, or /proc
-   * unreadable): assumed to.
+   * over the entrypoint, so the inode tells, not the name). Unknown (/proc unreadable: the process is gone):
+   * assumed to (the step that needs it then fails on its own).
    */
   function placeholderRuns(pid: number): boolean {
-    if (o.thawPausePath === undefined) return true;
     try {
       const exe = statSync(`/proc/${pid}/exe`);
       const pause = statSync(o.thawPausePath);
       return exe.dev === pause.dev && exe.ino === pause.ino;
     } catch {
       return true;
+    }
+  }
+
+  /** Resolves once PID 1 runs thaw-pause (placeholderRuns); RESTORE_PLACEHOLDER_NOT_STARTED past PLACEHOLDER_EXEC_WAIT_MS. */
+  async function waitForPlaceholder(pid: number, signal: AbortSignal): Promise<void> {
+    const deadline = performance.now() + PLACEHOLDER_EXEC_WAIT_MS;
+    while (!placeholderRuns(pid)) {
+      if (signal.aborted) throw new RestoreError(RestoreErrorCode.ABORTED, 'the container went away', { step: 'wait for the placeholder' });
+      if (performance.now() > deadline) {
+        throw new RestoreError(RestoreErrorCode.PLACEHOLDER_NOT_STARTED, `PID 1 (${pid}) does not run thaw-pause ${PLACEHOLDER_EXEC_WAIT_MS} ms after the container started`, { step: 'wait for the placeholder', evidence: { pid } });
+      }
+      await sleep(1);
     }
   }
 

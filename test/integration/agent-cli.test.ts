@@ -228,6 +228,10 @@ describe.each(flavorsUnderTest())('thaw agent and CLI on containerd %s', (flavor
     expect([refused.code, refused.stderr]).toEqual([5, `thaw delete: delete checkpoint ${KEY}: checkpoint ${KEY} is in use by a restore (STORE_IN_USE)\n`]);
     const listed = JSON.parse((await thaw(['list', '--json', '--socket', socket])).stdout) as Array<{ name: string; in_use: boolean }>;
     expect(listed.map((c) => [c.name, c.in_use])).toEqual([[SLEEPER_KEY, false], [KEY, true]]);
+    // Not started: containerd has no task for it, so there is no process to checkpoint (asked of containerd, exit 5).
+    const early = await thaw(['checkpoint', target.containerId.slice(0, 12), '--name', 'too-early', '--socket', socket]);
+    expect(early.code, early.stderr).toBe(5);
+    expect(early.stderr).toMatch(new RegExp(`container ${target.containerId} has no task .*\\(AGENT_CONTAINER_NOT_RUNNING\\)\n$`));
 
     await stack.cri.startContainer(target.containerId);
     const event = await restoreEventOf(target.containerId);

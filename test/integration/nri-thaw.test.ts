@@ -10,6 +10,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { NodeStack } from '../../src/node-stack/containerd.js';
 import { flavorsUnderTest, useNodeStack, waitFor } from '../helpers/stack.js';
 import { stackPaths } from '../../src/node-stack/paths.js';
+import { eventMaskOf } from '../../src/nri-plugin/plugin-handlers.js';
 import {
   ensureBuilt,
   pluginDirsUnder,
@@ -122,6 +123,36 @@ describe.each(flavorsUnderTest())('thaw NRI plugin on containerd %s', (flavor) =
       // RemoveContainer cleans the control directory up.
       await stack.cri.removePod(pod.podId);
       await waitFor(async () => ((await readFile(join(hostDir, 'from-host')).catch(() => undefined)) === undefined ? true : undefined), 'the control dir to be removed');
+    });
+
+    it('asks for no PostStartContainer: an untouched pod pays one round trip; a managed container tells its start through its poststart hook', async () => {
+      const stack = handle.stack;
+      const configured = (await readJsonLog(logFile)).filter((r) => r.msg === 'nri plugin configured').at(-1);
+      const events = Number.parseInt(String(configured?.['events']), 16);
+      const postStart = eventMaskOf({ postStartContainer: () => undefined });
+      expect(events & eventMaskOf({ createContainer: () => undefined }), 'subscribed to CreateContainer').not.toBe(0);
+      expect(events & postStart, `events ${String(configured?.['events'])} without PostStartContainer`).toBe(0);
+
+      const plain = await runPod('plain-start');
+      const source = await runPod('source-start', { 'thaw.dev/checkpoint': 'start-signal' });
+      // The managed container's spec has the hook, the untouched one's has none.
+      const hooksOf = async (id: string) => ((await stack.cri.containerStatus(id, true)).runtimeSpec as { hooks?: Record<string, Array<{ path: string; args?: string[] }>> }).hooks ?? {};
+      expect((await hooksOf(plain.containerId))['poststart'] ?? []).toEqual([]);
+      const poststart = (await hooksOf(source.containerId))['poststart'] ?? [];
+      expect(poststart).toHaveLength(1);
+      expect(poststart[0]!.path).toMatch(/\/thaw-hook$/);
+      expect(poststart[0]!.args).toContain('--started');
+      // runc ran it: the agent was told the container's host pid, the one containerd has for its task.
+      const told = await waitForLog(logFile, (r) => r.msg === 'thaw: a container started (its poststart hook)' && r['containerId'] === source.containerId, 'the poststart hook\'s word');
+      const { pid } = await stack.cri.containerStatus(source.containerId, true);
+      expect(pid).toBeGreaterThan(0);
+      expect(told['pid']).toBe(pid);
+      const methods = (await readJsonLog(logFile)).filter((r) => r.msg === 'nri request served').map((r) => String(r['method']));
+      expect(methods).toContain('CreateContainer');
+      expect(methods).not.toContain('PostStartContainer');
+      expect((await readJsonLog(logFile)).some((r) => r.msg === 'thaw: a container started (its poststart hook)' && r['containerId'] === plain.containerId)).toBe(false);
+      await stack.cri.removePod(plain.podId);
+      await stack.cri.removePod(source.podId);
     });
 
     const malformed: Array<[string, Record<string, string>]> = [

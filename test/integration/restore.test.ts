@@ -124,12 +124,15 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
       stats,
       workRoot,
       toolkitBinDir: stack.paths.binDir,
+      thawPausePath: THAW_PAUSE,
       beforeCriuRestore: async (ctx) => beforeCriu?.(ctx),
       onEvent: (e) => events.push(e),
       // Every restore of this file fills memory through thaw-fill, as the agent's default does.
       memoryFill: { binary: FILL, threads: 2, timeoutMs: 60_000 },
     });
-    hookServer = await startHookServer({ socketPath: path.join(workRoot, 'run', 'hook.sock'), logger });
+    // Containers thaw manages tell their start through the native hook's poststart (no PostStartContainer then).
+    let handlers: ReturnType<typeof createThawNriHandlers> | undefined;
+    hookServer = await startHookServer({ socketPath: path.join(workRoot, 'run', 'hook.sock'), logger, onStarted: (id, pid) => handlers?.containerStarted(id, pid) });
     restoreConfig = { store, toolkitDir: stack.paths.prefix, thawPausePath: THAW_PAUSE, hookArgv: [process.execPath, HOOK_MAIN], nativeHook: { path: NATIVE_HOOK, server: hookServer }, workRoot };
     plugin = createNriPlugin({
       name: 'thaw-restore-test',
@@ -137,7 +140,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
       logger,
       socketPath: stack.nriSocketPath,
       reconnect: false,
-      handlers: createThawNriHandlers({
+      handlers: (handlers = createThawNriHandlers({
         annotationPrefix: PREFIX,
         controlRoot,
         stats,
@@ -152,7 +155,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
           },
         },
         restore: restoreConfig,
-      }),
+      })),
     });
     await plugin.start();
     await plugin.waitForState('synchronized', { timeoutMs: 10_000 });

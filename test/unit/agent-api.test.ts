@@ -13,8 +13,8 @@ function registry(): ContainerRegistry {
   const r = new ContainerRegistry();
   const pod = { id: 'p1', name: 'web', namespace: 'prod', uid: 'u1' };
   r.seen(pod, { id: ID_A, name: 'worker', podSandboxId: 'p1', annotations: { 'io.kubernetes.cri.image-name': 'img:1' } });
-  r.seen(pod, { id: ID_B, name: 'sidecar', podSandboxId: 'p1' }, 4242);
-  r.seen({ id: 'p2', name: 'solo', namespace: 'prod', uid: 'u2' }, { id: ID_C, name: 'main', podSandboxId: 'p2' }, 77);
+  r.seen(pod, { id: ID_B, name: 'sidecar', podSandboxId: 'p1' });
+  r.seen({ id: 'p2', name: 'solo', namespace: 'prod', uid: 'u2' }, { id: ID_C, name: 'main', podSandboxId: 'p2' });
   return r;
 }
 
@@ -31,15 +31,16 @@ describe('the container registry behind the control API', () => {
   it('finds a container by id, by unique id prefix, or by pod and container name', () => {
     const r = registry();
     expect(r.find({ containerId: ID_A })).toMatchObject({ id: ID_A, name: 'worker', podName: 'web', podNamespace: 'prod', imageRef: 'img:1' });
-    expect(r.find({ containerId: 'cccc33' })).toMatchObject({ id: ID_C, pid: 77 });
+    expect(r.find({ containerId: 'cccc33' })).toMatchObject({ id: ID_C, podName: 'solo' });
     expect(r.find({ pod: { namespace: 'prod', name: 'solo' } }).id).toBe(ID_C);
-    expect(r.find({ pod: { namespace: 'prod', name: 'web' }, containerName: 'sidecar' })).toMatchObject({ id: ID_B, pid: 4242 });
+    expect(r.find({ pod: { namespace: 'prod', name: 'web' }, containerName: 'sidecar' })).toMatchObject({ id: ID_B, name: 'sidecar' });
   });
 
-  it('keeps what it knew when a later event carries less (the pid from PostStart, the image from Create)', () => {
+  it('keeps what it knew when a later event carries less (the pod from Create, the image from Create)', () => {
     const r = registry();
-    r.seen({}, { id: ID_A, podSandboxId: 'p1' }, 99);
-    expect(r.find({ containerId: ID_A })).toMatchObject({ name: 'worker', podName: 'web', imageRef: 'img:1', pid: 99 });
+    r.seen({}, { id: ID_A, podSandboxId: 'p1' });
+    expect(r.find({ containerId: ID_A })).toMatchObject({ name: 'worker', podName: 'web', imageRef: 'img:1' });
+    expect(r.find({ containerId: ID_A })).not.toHaveProperty('pid');
     r.removed(ID_A);
     expect(r.size).toBe(2);
   });

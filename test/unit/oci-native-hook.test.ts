@@ -388,3 +388,88 @@ describe('thaw-hook with the agent\'s hook server', () => {
     }
   });
 });
+
+describe('thaw-hook --started: the poststart hook of a managed container', () => {
+  const startArgs = (socket: string, waitMs = 400): string[] => ['--started', '--socket', socket, '--wait-ms', String(waitMs)];
+
+  it('tells the agent the container\'s id and host pid from runc\'s state, then exits 0 on ok', async () => {
+    const starts: Array<[string, number]> = [];
+    const srv = await startHookServer({ socketPath: join(work, 'run-start', 'hook.sock'), onStarted: (id, pid) => starts.push([id, pid]) });
+    try {
+      const ctl = join(work, 'ctl-started-ok');
+      const r = await runHook(state({ id: 'started-1', pid: 4343, status: 'running' }), { args: startArgs(srv.socketPath, 2_000), controlDir: ctl });
+      expect(r.code).toBe(0);
+      expect(r.stderr).toBe('');
+      expect(starts).toEqual([['started-1', 4343]]);
+      expect(srv.started()).toBe(1);
+      // A start is no createRuntime work: nothing registered is used, nothing is recorded in any control dir.
+      expect(srv.served()).toBe(0);
+      expect(r.failed).toBeUndefined();
+      expect(await readdir(ctl)).toEqual([]);
+    } finally {
+      await srv.close();
+    }
+  });
+
+  it('the request names its stage, and carries the same checked fields as the createRuntime hook\'s', async () => {
+    const agent = await fakeAgent('ok\n');
+    try {
+      const r = await runHook(state({ id: 'started-2', pid: 77, status: 'running' }), { args: startArgs(agent.socket) });
+      expect(r.code).toBe(0);
+      expect(agent.requests).toHaveLength(1);
+      const req = JSON.parse(agent.requests[0]!) as Record<string, unknown>;
+      expect(req).toMatchObject({ v: 1, stage: 'poststart', id: 'started-2', pid: 77, bundle: '/run/b/c1' });
+    } finally {
+      agent.server.close();
+    }
+  });
+
+  // runc kills a container whose poststart hook fails: whatever goes wrong, the hook exits 0 and records nothing.
+  const failures: Array<[string, () => Promise<{ args: string[]; stdin: string; close?: () => void }>, RegExp]> = [
+    ['no agent listening', async () => ({ args: startArgs(join(work, 'none.sock')), stdin: state() }), /HOOK_AGENT_UNREACHABLE/],
+    ['an agent that never answers', async () => {
+      const a = await fakeAgent(undefined);
+      return { args: startArgs(a.socket, 200), stdin: state(), close: () => a.server.close() };
+    }, /HOOK_AGENT_TIMEOUT/],
+    ['an answer other than ok', async () => {
+      const a = await fakeAgent('done\n');
+      return { args: startArgs(a.socket), stdin: state(), close: () => a.server.close() };
+    }, /HOOK_AGENT_ANSWER_INVALID/],
+    ['a hostile state', async () => ({ args: startArgs(join(work, 'none.sock')), stdin: state({ pid: -1 }) }), /HOOK_STATE_INVALID/],
+    ['bad usage (no --wait-ms)', async () => ({ args: ['--started', '--socket', '/x'], stdin: state() }), /HOOK_USAGE/],
+  ];
+  for (const [what, setup, said] of failures) {
+    it(`${what}: exit 0, one line on stderr, no hook-failed record`, async () => {
+      const s = await setup();
+      try {
+        const ctl = join(work, `ctl-started-${n++}`);
+        const r = await runHook(s.stdin, { args: s.args, controlDir: ctl });
+        expect(r.code).toBe(0);
+        expect(r.stderr).toMatch(said);
+        expect(r.stderr).toMatch(/thaw poststart hook .*the agent was not told that the container started/);
+        expect(r.failed).toBeUndefined();
+        expect(await readdir(ctl)).toEqual([]);
+      } finally {
+        s.close?.();
+      }
+    });
+  }
+
+  it('a start whose handling throws is still answered ok (the hook exits 0), and the server goes on serving', async () => {
+    let calls = 0;
+    const srv = await startHookServer({ socketPath: join(work, 'run-start2', 'hook.sock'), onStarted: () => {
+      calls++;
+      throw new Error('a bug');
+    } });
+    try {
+      for (let i = 0; i < 2; i++) {
+        const r = await runHook(state({ id: `started-throw-${i}` }), { args: startArgs(srv.socketPath, 2_000) });
+        expect(r.code).toBe(0);
+        expect(r.stderr).toBe('');
+      }
+      expect(calls).toBe(2);
+    } finally {
+      await srv.close();
+    }
+  });
+});

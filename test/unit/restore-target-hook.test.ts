@@ -11,7 +11,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startHookServer, type HookServer } from '../../src/agent/hook-server.js';
 import type { ThawRestoreConfig } from '../../src/agent/restore-target.js';
 import { createThawNriHandlers } from '../../src/agent/thaw-nri.js';
-import { HOOK_ANSWER_GRACE_MS, HOOK_TIMEOUT_MARGIN_MS } from '../../src/defaults.js';
+import { HOOK_ANSWER_GRACE_MS, HOOK_TIMEOUT_MARGIN_MS, START_HOOK_WAIT_MS } from '../../src/defaults.js';
 import { createCollectingLogger } from '../../src/log.js';
 import { AdjustmentBuilder, type NriHandlerContext } from '../../src/nri-plugin/index.js';
 import { openLocalStore, type LocalStore } from '../../src/store/local-store.js';
@@ -96,5 +96,66 @@ describe('restore target adjustment: the createRuntime hook', () => {
     for (const flag of ['--control-dir', '--checkpoint-dir', '--thaw-pause', '--budget-ms', '--diff-sha256', '--undo-journal']) expect(args).toContain(flag);
     expect(server.pending()).toBe(0);
     await h.removeContainer!(pod, container('c-node'), ctx);
+  });
+});
+
+describe('how the agent learns a managed container started', () => {
+  it('native: a poststart thaw-hook --started in restore targets and checkpoint sources, and no PostStartContainer handler (so no subscription)', async () => {
+    const h = handlers(true);
+    expect(h.postStartContainer).toBeUndefined();
+    const target = (await adjust(h, 'c-start'))?.build({ name: 'containerd', version: '1.7.24' });
+    const source = await h.createContainer!({ ...pod, id: 'pod-2', annotations: { 'thaw.dev/checkpoint': 'llm2' } }, { ...container('c-src'), podSandboxId: 'pod-2' }, ctx);
+    const sourceBuilt = source instanceof AdjustmentBuilder ? source.build({ name: 'containerd', version: '1.7.24' }) : undefined;
+    for (const built of [target, sourceBuilt]) {
+      const ps = built?.adjustment.hooks?.poststart ?? [];
+      expect(ps).toHaveLength(1);
+      expect(ps[0]?.path).toBe(NATIVE);
+      expect(ps[0]?.args).toEqual([NATIVE, '--started', '--socket', server.socketPath, '--wait-ms', String(START_HOOK_WAIT_MS)]);
+      // runc kills the hook at its timeout: the hook's own wait ends first (and it exits 0 then).
+      expect(START_HOOK_WAIT_MS).toBeLessThan((ps[0]?.timeout?.value as number) * 1000);
+    }
+    // An untouched pod's container gets nothing at all.
+    expect(await h.createContainer!({ id: 'pod-3', name: 'plain', namespace: 'default', uid: 'u3' }, { id: 'c-plain', name: 'app', podSandboxId: 'pod-3' }, ctx)).toBeUndefined();
+    await h.removeContainer!(pod, container('c-start'), ctx);
+    await h.removeContainer!(pod, container('c-src'), ctx);
+  });
+
+  it('a start reaches the flow of the container thaw manages, with its pid; any other container\'s start is ignored', async () => {
+    const started: Array<[string, string, number]> = [];
+    const restore: ThawRestoreConfig = {
+      store,
+      toolkitDir: '/opt/thaw/stack/1.7',
+      thawPausePath: '/opt/thaw/lib/native/build/thaw-pause',
+      hookArgv: ['/opt/thaw/bin/node', '/opt/thaw/lib/dist/src/oci-hooks/main.js'],
+      nativeHook: { path: NATIVE, server },
+      workRoot: join(dir, 'work'),
+      hostFacts: { arch: manifestFields().constraints.arch, kernelRelease: manifestFields().constraints.kernelRelease },
+    };
+    const h = createThawNriHandlers({
+      annotationPrefix: 'thaw.dev/',
+      controlRoot: join(dir, 'control'),
+      restore,
+      coordinator: {
+        restoreTargetStarted: (c, pid) => void started.push(['restore', c.containerId, pid]),
+        checkpointSourceStarted: (c, pid) => void started.push(['source', c.containerId, pid]),
+      },
+    });
+    await adjust(h, 'c-go');
+    await h.createContainer!({ ...pod, id: 'pod-4', annotations: { 'thaw.dev/checkpoint': 'llm4' } }, { ...container('c-go-src'), podSandboxId: 'pod-4' }, ctx);
+    h.containerStarted('c-go', 4242);
+    h.containerStarted('c-go-src', 4343);
+    h.containerStarted('c-unknown', 77);
+    h.containerStarted('c-go', 0);
+    expect(started).toEqual([['restore', 'c-go', 4242], ['source', 'c-go-src', 4343]]);
+    await h.removeContainer!(pod, container('c-go'), ctx);
+    await h.removeContainer!(pod, container('c-go-src'), ctx);
+  });
+
+  it('without a native hook: NRI PostStartContainer is handled (and so subscribed to), and no poststart hook is added', async () => {
+    const h = handlers(false);
+    expect(h.postStartContainer).toBeDefined();
+    const built = (await adjust(h, 'c-nri'))?.build({ name: 'containerd', version: '1.7.24' });
+    expect(built?.adjustment.hooks?.poststart ?? []).toEqual([]);
+    await h.removeContainer!(pod, container('c-nri'), ctx);
   });
 });

@@ -18,26 +18,14 @@
  */
 import { realpath } from 'node:fs/promises';
 import { join, normalize } from 'node:path';
-import * as grpc from '@grpc/grpc-js';
-import * as protoLoader from '@grpc/proto-loader';
-import { DEFAULT_CONTAINERD_NAMESPACE, MAX_TIMER_DELAY_MS } from '../../defaults.js';
-import { packageRoot } from '../../util.js';
+import { DEFAULT_CONTAINERD_NAMESPACE } from '../../defaults.js';
+import { containerdCall, type ContainerdEndpoint } from '../containerd-api.js';
 import { RootfsError, RootfsErrorCode } from './errors.js';
+
+export { DEFAULT_CONTAINERD_CALL_TIMEOUT_MS, type ContainerdEndpoint } from '../containerd-api.js';
 
 /** The snapshotter thaw captures from; its directory under containerd's root is `io.containerd.snapshotter.v1.<name>`. */
 export const OVERLAYFS_SNAPSHOTTER = 'overlayfs';
-/** One containerd call's deadline when the caller names none: a local socket answers in milliseconds. */
-export const DEFAULT_CONTAINERD_CALL_TIMEOUT_MS = 10_000;
-
-export interface ContainerdEndpoint {
-  /** containerd's gRPC socket (config `containerd.socket`). */
-  socket: string;
-  /** containerd's root directory (config `containerd.root`): the snapshotters' directories lie under it. */
-  root: string;
-  /** containerd namespace of the container; default DEFAULT_CONTAINERD_NAMESPACE (k8s.io, CRI's). */
-  namespace?: string;
-  timeoutMs?: number;
-}
 
 /** A containerd.types.Mount as proto-loader hands it over (keepCase). */
 export interface ContainerdMount {
@@ -98,94 +86,41 @@ export async function checkUpperdirUnderRoot(upperdir: string, snapshotsDir: str
   return upperdir;
 }
 
-interface ContainerdClients {
-  containers: grpc.Client;
-  snapshots: grpc.Client;
-}
-
-let definitions: Promise<{ Containers: grpc.ServiceClientConstructor; Snapshots: grpc.ServiceClientConstructor; Images: grpc.ServiceClientConstructor }> | undefined;
-
-function loadDefinitions(): NonNullable<typeof definitions> {
-  definitions ??= (async () => {
-    const dir = join(packageRoot(), 'proto', 'containerd');
-    const def = await protoLoader.load(['containers.proto', 'snapshots.proto', 'images.proto'], { includeDirs: [dir], keepCase: true, longs: String, enums: String, defaults: true });
-    const pkg = grpc.loadPackageDefinition(def) as unknown as {
-      containerd: {
-        services: {
-          containers: { v1: { Containers: grpc.ServiceClientConstructor } };
-          snapshots: { v1: { Snapshots: grpc.ServiceClientConstructor } };
-          images: { v1: { Images: grpc.ServiceClientConstructor } };
-        };
-      };
-    };
-    return { Containers: pkg.containerd.services.containers.v1.Containers, Snapshots: pkg.containerd.services.snapshots.v1.Snapshots, Images: pkg.containerd.services.images.v1.Images };
-  })();
-  definitions.catch(() => { definitions = undefined; });
-  return definitions;
-}
-
-function unary<Req, Res>(client: grpc.Client, method: string, request: Req, metadata: grpc.Metadata, timeoutMs: number): Promise<Res> {
-  return new Promise((resolve, reject) => {
-    const deadline = new Date(Date.now() + Math.min(timeoutMs, MAX_TIMER_DELAY_MS));
-    const fn = (client as unknown as Record<string, (r: Req, m: grpc.Metadata, o: grpc.CallOptions, cb: (e: grpc.ServiceError | null, v?: Res) => void) => void>)[method]!;
-    fn.call(client, request, metadata, { deadline }, (err, value) => (err ? reject(err) : resolve(value as Res)));
-  });
-}
-
 /**
  * Asks containerd for container `containerId`'s rootfs snapshot and returns its upperdir, checked as the file
  * comment says. Errors: ROOTFS_CONTAINERD_QUERY_FAILED, ROOTFS_NOT_OVERLAY, ROOTFS_UPPERDIR_UNTRUSTED.
  */
 export async function readContainerdUpperdir(containerId: string, endpoint: ContainerdEndpoint): Promise<string> {
   const namespace = endpoint.namespace ?? DEFAULT_CONTAINERD_NAMESPACE;
-  const timeoutMs = endpoint.timeoutMs ?? DEFAULT_CONTAINERD_CALL_TIMEOUT_MS;
   const evidence = { containerId, socket: endpoint.socket, namespace };
   const queryFailed = (step: string, err: unknown): RootfsError =>
     new RootfsError(RootfsErrorCode.CONTAINERD_QUERY_FAILED, `containerd (${endpoint.socket}) did not answer ${step}: ${(err as Error).message}`, { step, cause: err, evidence });
-  let defs: Awaited<ReturnType<typeof loadDefinitions>>;
+  let container: { snapshotter: string; snapshot_key: string } | null | undefined;
   try {
-    defs = await loadDefinitions();
+    ({ container } = await containerdCall<{ id: string }, { container?: { snapshotter: string; snapshot_key: string } | null }>(endpoint, 'Containers', 'Get', { id: containerId }));
   } catch (err) {
-    throw queryFailed('load the containerd protos', err);
+    throw queryFailed('Containers/Get', err);
   }
-  const target = `unix://${endpoint.socket}`;
-  const creds = grpc.credentials.createInsecure();
-  const clients: ContainerdClients = { containers: new defs.Containers(target, creds), snapshots: new defs.Snapshots(target, creds) };
-  const metadata = new grpc.Metadata();
-  metadata.set('containerd-namespace', namespace);
+  if (!container || container.snapshot_key === '') {
+    throw new RootfsError(RootfsErrorCode.NOT_OVERLAY, `containerd records no rootfs snapshot for container ${containerId}`, { step: 'Containers/Get', evidence });
+  }
+  if (container.snapshotter !== OVERLAYFS_SNAPSHOTTER) {
+    throw new RootfsError(RootfsErrorCode.NOT_OVERLAY, `container ${containerId} uses snapshotter ${JSON.stringify(container.snapshotter)}; thaw captures from ${OVERLAYFS_SNAPSHOTTER} only`, {
+      step: 'Containers/Get', evidence: { ...evidence, snapshotter: container.snapshotter },
+    });
+  }
+  let mounts: ContainerdMount[];
   try {
-    let container: { snapshotter: string; snapshot_key: string } | null | undefined;
-    try {
-      ({ container } = await unary<{ id: string }, { container?: { snapshotter: string; snapshot_key: string } | null }>(
-        clients.containers, 'Get', { id: containerId }, metadata, timeoutMs));
-    } catch (err) {
-      throw queryFailed('Containers/Get', err);
-    }
-    if (!container || container.snapshot_key === '') {
-      throw new RootfsError(RootfsErrorCode.NOT_OVERLAY, `containerd records no rootfs snapshot for container ${containerId}`, { step: 'Containers/Get', evidence });
-    }
-    if (container.snapshotter !== OVERLAYFS_SNAPSHOTTER) {
-      throw new RootfsError(RootfsErrorCode.NOT_OVERLAY, `container ${containerId} uses snapshotter ${JSON.stringify(container.snapshotter)}; thaw captures from ${OVERLAYFS_SNAPSHOTTER} only`, {
-        step: 'Containers/Get', evidence: { ...evidence, snapshotter: container.snapshotter },
-      });
-    }
-    let mounts: ContainerdMount[];
-    try {
-      ({ mounts } = await unary<{ snapshotter: string; key: string }, { mounts: ContainerdMount[] }>(
-        clients.snapshots, 'Mounts', { snapshotter: container.snapshotter, key: container.snapshot_key }, metadata, timeoutMs));
-    } catch (err) {
-      throw queryFailed('Snapshots/Mounts', err);
-    }
-    if (mounts.length !== 1) {
-      throw new RootfsError(RootfsErrorCode.NOT_OVERLAY, `containerd lists ${mounts.length} mounts for the rootfs of ${containerId}, not one overlay`, {
-        step: 'Snapshots/Mounts', evidence: { ...evidence, mounts },
-      });
-    }
-    return await checkUpperdirUnderRoot(upperdirFromMount(mounts[0]!), overlayfsSnapshotsDir(endpoint.root));
-  } finally {
-    clients.containers.close();
-    clients.snapshots.close();
+    ({ mounts } = await containerdCall<{ snapshotter: string; key: string }, { mounts: ContainerdMount[] }>(endpoint, 'Snapshots', 'Mounts', { snapshotter: container.snapshotter, key: container.snapshot_key }));
+  } catch (err) {
+    throw queryFailed('Snapshots/Mounts', err);
   }
+  if (mounts.length !== 1) {
+    throw new RootfsError(RootfsErrorCode.NOT_OVERLAY, `containerd lists ${mounts.length} mounts for the rootfs of ${containerId}, not one overlay`, {
+      step: 'Snapshots/Mounts', evidence: { ...evidence, mounts },
+    });
+  }
+  return await checkUpperdirUnderRoot(upperdirFromMount(mounts[0]!), overlayfsSnapshotsDir(endpoint.root));
 }
 
 /**
@@ -197,31 +132,17 @@ export async function readContainerdUpperdir(containerId: string, endpoint: Cont
  */
 export async function readContainerdImageDigest(name: string, endpoint: ContainerdEndpoint): Promise<string> {
   const namespace = endpoint.namespace ?? DEFAULT_CONTAINERD_NAMESPACE;
-  const timeoutMs = endpoint.timeoutMs ?? DEFAULT_CONTAINERD_CALL_TIMEOUT_MS;
   const step = 'Images/Get';
   const evidence = { image: name, socket: endpoint.socket, namespace };
   const failed = (message: string, cause?: unknown): RootfsError =>
     new RootfsError(RootfsErrorCode.CONTAINERD_QUERY_FAILED, message, { step, evidence, ...(cause !== undefined ? { cause } : {}) });
-  let defs: Awaited<ReturnType<typeof loadDefinitions>>;
+  let image: { target?: { digest: string } | null } | null | undefined;
   try {
-    defs = await loadDefinitions();
+    ({ image } = await containerdCall<{ name: string }, { image?: { target?: { digest: string } | null } | null }>(endpoint, 'Images', 'Get', { name }));
   } catch (err) {
-    throw failed(`cannot load the containerd protos: ${(err as Error).message}`, err);
+    throw failed(`containerd (${endpoint.socket}) did not answer ${step} for ${JSON.stringify(name)}: ${(err as Error).message}`, err);
   }
-  const client = new defs.Images(`unix://${endpoint.socket}`, grpc.credentials.createInsecure());
-  const metadata = new grpc.Metadata();
-  metadata.set('containerd-namespace', namespace);
-  try {
-    let image: { target?: { digest: string } | null } | null | undefined;
-    try {
-      ({ image } = await unary<{ name: string }, { image?: { target?: { digest: string } | null } | null }>(client, 'Get', { name }, metadata, timeoutMs));
-    } catch (err) {
-      throw failed(`containerd (${endpoint.socket}) did not answer ${step} for ${JSON.stringify(name)}: ${(err as Error).message}`, err);
-    }
-    const digest = image?.target?.digest ?? '';
-    if (!/^sha256:[0-9a-f]{64}$/.test(digest)) throw failed(`containerd's image ${JSON.stringify(name)} has no sha256 target digest (got ${JSON.stringify(digest)})`);
-    return digest;
-  } finally {
-    client.close();
-  }
+  const digest = image?.target?.digest ?? '';
+  if (!/^sha256:[0-9a-f]{64}$/.test(digest)) throw failed(`containerd's image ${JSON.stringify(name)} has no sha256 target digest (got ${JSON.stringify(digest)})`);
+  return digest;
 }
