@@ -163,6 +163,11 @@ function withRegistry(engine: ThawEngine, containers: ContainerRegistry, api: Pi
       }
       return result;
     },
+    // Every container is recorded from the request's head (all the registry keeps); thaw's own go on in full.
+    createContainerWanted(pod, c) {
+      containers.seen(pod, c);
+      return h.createContainerWanted?.(pod, c) ?? true;
+    },
     async createContainer(pod, c, ctx) {
       containers.seen(pod, c);
       return h.createContainer!(pod, c, ctx);

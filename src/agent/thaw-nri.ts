@@ -119,6 +119,14 @@ export function createThawNriHandlers(
       options.coordinator?.podGone?.(pod.id);
     },
 
+    // Most containers are none of thaw's: decided from the request's head, answered without the full decode.
+    createContainerWanted(pod, container) {
+      const kind = decide({ podAnnotations: pod.annotations ?? {}, containerName: container.name ?? '' }, { annotationPrefix: prefix }).kind;
+      if (kind !== 'untouched' && kind !== 'other-container') return true;
+      stats.countDecision(kind);
+      return false;
+    },
+
     async createContainer(pod, container, ctx) {
       const decision = decide(
         { podAnnotations: pod.annotations ?? {}, containerName: container.name ?? '' },

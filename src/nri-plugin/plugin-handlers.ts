@@ -57,6 +57,14 @@ export interface NriHandlers {
   runPodSandbox?(pod: PodSandbox, ctx: NriHandlerContext): MaybePromise<void>;
   stopPodSandbox?(pod: PodSandbox, ctx: NriHandlerContext): MaybePromise<void>;
   removePodSandbox?(pod: PodSandbox, ctx: NriHandlerContext): MaybePromise<void>;
+  /**
+   * Not an event: asked first of every CreateContainer, with the request's head only (pod: id, name, uid,
+   * namespace, annotations; container: id, podSandboxId, name, annotations, args), decoded without the rest of
+   * the spec (env, mounts, hooks, linux: most of the bytes). False: the container is none of this plugin's
+   * business, the request is answered with no adjustment at once and createContainer is not called; true (or a
+   * throw): the request is decoded whole and createContainer runs. Must be synchronous and cheap.
+   */
+  createContainerWanted?(pod: PodSandbox, container: Container): boolean;
   /** Returns the adjustment (a ContainerAdjustment, an AdjustmentBuilder, or {adjust, update, evict}). */
   createContainer?(
     pod: PodSandbox,
@@ -77,7 +85,7 @@ export interface NriHandlers {
   removeContainer?(pod: PodSandbox, container: Container, ctx: NriHandlerContext): MaybePromise<void>;
 }
 
-export type EventHandlerName = Exclude<keyof NriHandlers, 'configure' | 'synchronize'>;
+export type EventHandlerName = Exclude<keyof NriHandlers, 'configure' | 'synchronize' | 'createContainerWanted'>;
 
 /** Event number → the handler method that receives it. */
 export const EVENT_HANDLER_NAMES: Readonly<Record<number, EventHandlerName>> = {

@@ -59,6 +59,9 @@ export interface PluginServiceHost {
   synchronized(): void;
 }
 
+/** A CreateContainerResponse with no adjustment: the answer for a container a plugin does not want. */
+const EMPTY_CREATE_RESPONSE = new Uint8Array(0);
+
 export class PluginService {
   constructor(private readonly host: PluginServiceHost) {}
 
@@ -174,6 +177,17 @@ export class PluginService {
   }
 
   private async onCreateContainer(call: TtrpcCall): Promise<Uint8Array> {
+    const wanted = this.host.handlers.createContainerWanted;
+    if (wanted !== undefined) {
+      const head = decodeMessage<PodContainerRequest>(nriType('CreateContainerRequestHead'), call.payload);
+      let want = true;
+      try {
+        want = wanted.call(this.host.handlers, head.pod ?? {}, head.container ?? {}) !== false;
+      } catch (err) {
+        this.host.logger.error('nri plugin: createContainerWanted threw; handling the request in full', { error: (err as Error).message, containerId: head.container?.id });
+      }
+      if (!want) return EMPTY_CREATE_RESPONSE;
+    }
     const req = decodeMessage<PodContainerRequest>(nriType('CreateContainerRequest'), call.payload);
     const handler = this.host.handlers.createContainer;
     const response: CreateContainerResponse = {};

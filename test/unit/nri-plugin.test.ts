@@ -121,6 +121,45 @@ describe('NRI plugin against an in-process runtime', () => {
     expect(logger.lines.some((l) => l.level === 'error' && /overran its \d+ ms budget/.test(l.msg))).toBe(true);
   });
 
+  it('createContainerWanted sees the request\'s head only; false answers at once with no adjustment, true (or a throw) runs createContainer on the whole request', async () => {
+    const heads: Array<[Record<string, unknown>, Record<string, unknown>]> = [];
+    const full: Array<Record<string, unknown>> = [];
+    let answer: boolean | 'throw' = false;
+    const { conn, logger } = await setup({
+      createContainerWanted: (p, c) => {
+        heads.push([{ ...p }, { ...c }]);
+        if (answer === 'throw') throw new Error('filter bug');
+        return answer;
+      },
+      createContainer: (_p, c) => {
+        full.push({ ...c });
+        return { annotations: { seen: 'full' } };
+      },
+    });
+    const big = {
+      ...container,
+      annotations: { 'io.kubernetes.cri.image-name': 'img:1' },
+      args: ['/bin/sh', '-c', 'sleep 1'],
+      env: Array.from({ length: 30 }, (_, i) => `V${i}=${i}`),
+      mounts: [{ destination: '/data', source: '/host/data', type: 'bind', options: ['rbind', 'ro'] }],
+      linux: { cgroupsPath: '/kubepods/x', namespaces: [{ type: 'pid' }] },
+    };
+    const skipped = await conn.call<CreateContainerResponse>('CreateContainer', 'CreateContainerRequest', { pod: { ...pod, labels: { app: 'x' } }, container: big }, 'CreateContainerResponse');
+    expect(skipped.adjust).toBeUndefined();
+    expect(full).toHaveLength(0);
+    // The head: identity, annotations and args; nothing of the spec's rest was decoded.
+    expect(heads[0]![0]).toEqual({ id: 'pod-1', name: 'p', namespace: 'default', uid: 'u1', annotations: pod.annotations });
+    expect(heads[0]![1]).toEqual({ id: 'ctr-1', podSandboxId: 'pod-1', name: 'c', annotations: big.annotations, args: big.args });
+    for (const a of [true, 'throw'] as const) {
+      answer = a;
+      const handled = await conn.call<CreateContainerResponse>('CreateContainer', 'CreateContainerRequest', { pod, container: big }, 'CreateContainerResponse');
+      expect(handled.adjust?.annotations).toEqual({ seen: 'full' });
+      expect(full.at(-1)).toMatchObject({ env: big.env, mounts: [expect.objectContaining({ destination: '/data' })] });
+    }
+    expect(full).toHaveLength(2);
+    expect(logger.lines.some((l) => l.level === 'error' && l.fields['error'] === 'filter bug')).toBe(true);
+  });
+
   it('a throwing CreateContainer handler yields an empty, successful reply; NriHandlerRejection fails it on purpose', async () => {
     let reject = false;
     const { conn, logger } = await setup({
