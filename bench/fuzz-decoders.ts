@@ -108,6 +108,8 @@ const NRI_SAMPLES: Array<[string, object]> = [
   ['UpdateContainerRequest', { pod: { id: 'p' }, container: { id: 'c' }, linuxResources: { cpu: { shares: { value: 2 } } } }],
   ['StopContainerRequest', { pod: { id: 'p' }, container: { id: 'c' } }],
   ['UpdateContainersResponse', { failed: [{ containerId: 'c' }] }],
+  // The head every CreateContainer is decoded as first (plugin-service.ts).
+  ['CreateContainerRequestHead', { pod: { id: 'p', name: 'n', namespace: 'ns', uid: 'u', annotations: { a: 'b' } }, container: { id: 'c', podSandboxId: 'p', name: 'w', annotations: { 'thaw.dev/restore': 'x' }, args: ['a'] } }],
 ];
 
 export function fuzzTargets(o: { tarFile: string; tarCorpus: readonly Buffer[] }): FuzzTarget[] {
