@@ -103,6 +103,11 @@ export const START_HOOK_TIMEOUT_SECONDS = 5;
  * tell it (no PostStartContainer subscription).
  */
 export const START_POLL_INTERVAL_MS = 100;
+/**
+ * Parallel readers of a restore's weights (agent config `weights.readers`), each with one chunk in flight: enough to
+ * keep NVMe queues and several page-cache copy threads busy.
+ */
+export const WEIGHTS_READERS_DEFAULT = 8;
 /** The memory filler's file name, beside thaw-pause (native/build/): absent there, CRIU fills restored memory itself. */
 export const MEMORY_FILL_NAME = 'thaw-fill';
 /**

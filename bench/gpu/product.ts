@@ -15,7 +15,8 @@
  * Prints a table and ratios; last line one JSON object; the same JSON goes to bench/results/ (and $OUT).
  *
  * Env: BENCH_GPU_VARIANTS (released,kept), BENCH_GPU_KEPT_KV_GIB (16), BENCH_GPU_PORT (18080),
- * BENCH_GPU_PYTHON (python3), BENCH_GPU_WORKER_ARGS (extra worker flags, e.g. "--kv-gib 8"), THAW_WEIGHTS_DIR,
+ * BENCH_GPU_PYTHON (python3), BENCH_GPU_WORKER_ARGS (extra worker flags, e.g. "--kv-gib 8"), BENCH_GPU_AGENT_ARGS (extra
+ * agent flags, e.g. "--weights-readers 2": the JSON records them as agentArgs), THAW_WEIGHTS_DIR,
  * BENCH_GPU_RESULTS_DIR (bench/results), THAW_CONTAINERD (1.7 | 2.1),
  * BENCH_GPU_TP (1; N > 1: every pod runs the worker at tensor parallelism N, one process per GPU, and the
  * variant `released-tp1` is the same model on one GPU, for the ratio in the same run), BENCH_GPU_SHAPE
@@ -335,6 +336,7 @@ async function runModel(model: string | undefined): Promise<void> {
   const probeMappedFiles = process.env['BENCH_GPU_PROBE_MAPPED_FILES'] === '1';
   const fillBaseline = process.env['BENCH_GPU_FILL_BASELINE'] === '1';
   const extraWorkerArgs = (process.env['BENCH_GPU_WORKER_ARGS'] ?? '').split(' ').filter((s) => s !== '');
+  const agentArgs = (process.env['BENCH_GPU_AGENT_ARGS'] ?? '').split(' ').filter((s) => s !== '');
   const workDir = await mkdtemp(join(tmpdir(), 'thaw-bench-gpu-'));
   // The GPU worker's weights are kept between runs (made once); the stand-in has none, so its dir goes with the run.
   const weightsDir = process.env['THAW_WEIGHTS_DIR'] ?? (standin ? join(workDir, 'weights') : model !== undefined ? `/tmp/thaw-${model}-random` : `/tmp/thaw-qwen3-${shape}-random`);
@@ -380,7 +382,7 @@ async function runModel(model: string | undefined): Promise<void> {
     const dirs = pluginDirsUnder(workDir, s.paths.prefix, logFile);
     const startPlugin = async (memoryFill: 'thaw-fill' | 'criu'): Promise<void> => {
       const synced = (await readJsonLog(logFile)).filter((r) => r.msg === 'nri plugin synchronized').length;
-      plugin = startThawPluginProcess({ socketPath: s.nriSocketPath, containerd: { socket: s.address, root: s.rootDir }, ...dirs, extraArgs: ['--log-level', 'info', '--weights-model-dirs', weightsDir, '--restore-memory-fill', memoryFill] });
+      plugin = startThawPluginProcess({ socketPath: s.nriSocketPath, containerd: { socket: s.address, root: s.rootDir }, ...dirs, extraArgs: ['--log-level', 'info', '--weights-model-dirs', weightsDir, '--restore-memory-fill', memoryFill, ...agentArgs] });
       const deadline = Date.now() + 60_000;
       while ((await readJsonLog(logFile)).filter((r) => r.msg === 'nri plugin synchronized').length <= synced) {
         if (Date.now() > deadline) throw new Error(`the thaw plugin (memory fill ${memoryFill}) did not register within 60 s (log: ${logFile})`);
@@ -618,6 +620,7 @@ async function runModel(model: string | undefined): Promise<void> {
   const summary = {
     bench: 'gpu',
     standin,
+    ...(agentArgs.length > 0 ? { agentArgs } : {}),
     date: new Date().toISOString(),
     host: hostname(),
     cpus: cpus().length,

@@ -315,6 +315,7 @@ export async function runAgent(o: AgentRunOptions, logger: Logger): Promise<numb
     ...(c.cuda.libnvml ? { libnvmlPath: c.cuda.libnvml } : {}),
     cudaLockTimeoutMs: c.cuda.lockTimeoutMs,
     weightsModelDirs: c.weights.modelDirs === '' ? [] : c.weights.modelDirs.split(':'),
+    weightsReaders: c.weights.readers,
     thawPauseDeadlineMs: c.restore.pauseDeadlineMs,
     ...(c.paths.sharedStoreRoot ? { sharedStoreRoot: c.paths.sharedStoreRoot } : {}),
     ...(registry ? { registry } : {}),

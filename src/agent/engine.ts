@@ -70,6 +70,8 @@ export interface ThawEngineOptions {
    * mounts (absolute). Sources inside the container's rootfs need none.
    */
   weightsModelDirs?: string[];
+  /** Parallel reads of a restore's weights (config weights.readers); default WEIGHTS_READERS_DEFAULT. */
+  weightsReaders?: number;
   /** thaw-pause's deadline without a word from the agent (default DEFAULT_THAW_PAUSE_DEADLINE_MS). */
   thawPauseDeadlineMs?: number;
   /** A shared store (an RWX volume on every node), looked up after the local store; absent: none. */
@@ -277,7 +279,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     },
     ...(cuda ? { cudaRestore: cudaRestoreStep({ node: cuda, logger }) } : {}),
     ...(memoryFill !== undefined ? { memoryFill } : {}),
-    ...(cuda?.vmm ? { weights: { vmm: cuda.vmm, digests: weightsDigests, modelDirs: o.weightsModelDirs ?? [], weightsCacheDir: weightsCacheDir(store.root), gpuCount: cuda.facts?.uuids.length ?? 0 } } : {}),
+    ...(cuda?.vmm ? { weights: { vmm: cuda.vmm, digests: weightsDigests, modelDirs: o.weightsModelDirs ?? [], weightsCacheDir: weightsCacheDir(store.root), gpuCount: cuda.facts?.uuids.length ?? 0, ...(o.weightsReaders !== undefined ? { readers: o.weightsReaders } : {}) } } : {}),
   });
   // One coordinator for the handlers: sources go to the checkpoint side, targets to the restore side.
   const coordinator: ThawCoordinator = {

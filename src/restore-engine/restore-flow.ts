@@ -40,12 +40,12 @@ import { firstIrregularMappedFile, mappedFilePages, readMappedFilePages, type Ma
 import { RestoreError, RestoreErrorCode } from './restore-errors.js';
 import { killRestoredTree, restoreIntoContainer, type RestoredTree } from './restore.js';
 import { discardUndo, undoRootfsDiff, type UndoJournal } from './rootfs-diff/index.js';
-import { DEFAULT_NSENTER_PATH, DEFAULT_POD_CRIU_RESTORE_TIMEOUT_MS, DEFAULT_THAW_PAUSE_DEADLINE_MS, DEFAULT_VERIFY_TIMEOUT_MS, DEFAULT_WEIGHTS_HANDOVER_TIMEOUT_MS, PLACEHOLDER_EXEC_WAIT_MS } from '../defaults.js';
+import { DEFAULT_NSENTER_PATH, DEFAULT_POD_CRIU_RESTORE_TIMEOUT_MS, DEFAULT_THAW_PAUSE_DEADLINE_MS, DEFAULT_VERIFY_TIMEOUT_MS, DEFAULT_WEIGHTS_HANDOVER_TIMEOUT_MS, PLACEHOLDER_EXEC_WAIT_MS, WEIGHTS_READERS_DEFAULT } from '../defaults.js';
 import type { CudaVmm } from '../cuda/index.js';
 import { processTree } from './container-inspect.js';
 import { WeightsError, WeightsErrorCode } from './weights/errors.js';
 import { listenForWorker } from './weights/handover.js';
-import { loadWeights, WEIGHTS_READERS_DEFAULT, type LoadedWeights } from './weights/loader.js';
+import { loadWeights, type LoadedWeights } from './weights/loader.js';
 import { openContainerRoot, regionsOfManifest, restoreSourceOpener, type ContainerBindMount } from './weights/service.js';
 import type { SourceDigests } from './weights/source-digests.js';
 import { closeSync } from 'node:fs';

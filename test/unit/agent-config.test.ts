@@ -70,6 +70,8 @@ cuda:
   libcuda: /usr/lib/libcuda.so.1
   libnvml: ""
   lockTimeoutMs: 500
+weights:
+  readers: 2
 restore:
   pauseDeadlineMs: 15000
   hook: node
@@ -88,9 +90,10 @@ log:
     expect(c.restore.hook).toBe('node');
     expect(c.restore.memoryFill).toBe('criu');
     expect(c.restore.fillThreads).toBe(3);
+    expect(c.weights.readers).toBe(2);
     expect(c.log.file).toBe('/var/log/thaw.log');
     expect(resolveAgentConfig({ file: file('# nothing set\n'), packageRoot: PKG })).toEqual(defaultAgentConfig(PKG));
-    expect(CONFIG_KEYS).toHaveLength(30);
+    expect(CONFIG_KEYS).toHaveLength(31);
   });
 
   it.each([
@@ -105,6 +108,7 @@ log:
     ['a section that is not a mapping', 'paths: /x\n', /paths \(file .*\): expected a mapping of keys, got "\/x"/],
     ['a bad annotation prefix', 'annotationPrefix: thaw.dev\n', /annotationPrefix .*expected a DNS subdomain followed by '\/'/],
     ['a zero timeout', 'cuda:\n  lockTimeoutMs: 0\n', /cuda\.lockTimeoutMs .*got 0 \(not a positive integer\)/],
+    ['no weights readers', 'weights:\n  readers: 0\n', /weights\.readers .*got 0 \(not an integer 1\.\.64\)/],
     ['a registry grant without keys', 'tenancy:\n  namespaces:\n    team-a:\n      registries: [{prefix: r.example/team-a}]\n', /tenancy\.namespaces\.team-a\.registries\[0\]: names no keys.* \(file \/etc\/thaw\/agent\.yaml\)/],
   ])('refuses %s, naming the key and the expected form', (_what, text, message) => {
     const err = configError(() => resolveAgentConfig({ file: file(text), packageRoot: PKG }));

@@ -12,6 +12,7 @@
  * no allocation, no mapping left). The sources are opened by the caller's `openSource`, which must resolve
  * each path inside the container's rootfs or an allowed host model directory (never following a link out).
  */
+import { WEIGHTS_READERS_DEFAULT } from '../../defaults.js';
 import { closeSync } from 'node:fs';
 
 import type { CudaVmm, CuU64 } from '../../cuda/index.js';
@@ -25,8 +26,6 @@ import type { SourceFile } from './sources.js';
 /** What openSource gives: a OpenedSource or a SourceFile (sources.ts, opened inside the rootfs). */
 export type OpenedSource = Pick<SourceFile, 'fd' | 'stat' | 'read' | 'close'>;
 
-/** Parallel readers: enough to keep NVMe queues and several page-cache copy threads busy. */
-export const WEIGHTS_READERS_DEFAULT = 8;
 /** Bytes per read/copy: large enough that per-call overheads vanish, small enough for 8 pinned buffers. */
 export const WEIGHTS_CHUNK_BYTES_DEFAULT = 32 << 20;
 
