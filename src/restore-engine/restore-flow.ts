@@ -22,7 +22,7 @@
  * and the prefetch is handed in as the small interfaces below.
  */
 import { execFile } from 'node:child_process';
-import { statSync } from 'node:fs';
+import { readFileSync, statSync } from 'node:fs';
 import { mkdir, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -862,12 +862,22 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
   /** Resolves once PID 1 runs thaw-pause (placeholderRuns); RESTORE_PLACEHOLDER_NOT_STARTED past PLACEHOLDER_EXEC_WAIT_MS. */
   async function waitForPlaceholder(pid: number, signal: AbortSignal): Promise<void> {
     const deadline = performance.now() + PLACEHOLDER_EXEC_WAIT_MS;
-    while (!placeholderRuns(pid)) {
+    for (let n = 0; !placeholderRuns(pid); n++) {
       if (signal.aborted) throw new RestoreError(RestoreErrorCode.ABORTED, 'the container went away', { step: 'wait for the placeholder' });
       if (performance.now() > deadline) {
         throw new RestoreError(RestoreErrorCode.PLACEHOLDER_NOT_STARTED, `PID 1 (${pid}) does not run thaw-pause ${PLACEHOLDER_EXEC_WAIT_MS} ms after the container started`, { step: 'wait for the placeholder', evidence: { pid } });
       }
-      await sleep(1);
+      // The exec takes microseconds to milliseconds: look often at first.
+      await sleep(Math.min(20, 1 + n));
+    }
+  }
+
+  /** Whether PID 1 is still runc's init (its comm `runc:[2:INIT]`), before the exec of the container's process. */
+  function runtimeInitPending(pid: number): boolean {
+    try {
+      return readFileSync(`/proc/${pid}/comm`, 'utf8').startsWith('runc:[');
+    } catch {
+      return false;
     }
   }
 
@@ -887,6 +897,10 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
       phases: { totalMs: 0 },
     });
     const hookSeen = await o.hookRecords.readHookOutcome(container.controlDir);
+    // A start told by the poststart hook may come before PID 1's exec is done: while it is still the runtime's init,
+    // nothing can be told yet (a thaw-pause that fell back by itself runs the original command, not the init).
+    const until = performance.now() + PLACEHOLDER_EXEC_WAIT_MS;
+    while (hookSeen.kind === 'done' && runtimeInitPending(pid) && performance.now() < until) await sleep(2);
     if (hookSeen.kind === 'done' && !placeholderRuns(pid)) {
       // thaw-pause's deadline ran out while no agent was there: it exec'd the original command itself. Its
       // process is the pod's own now: no signal, no undo under it, no write into its control directory.
