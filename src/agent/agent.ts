@@ -163,14 +163,11 @@ function withRegistry(engine: ThawEngine, containers: ContainerRegistry, api: Pi
       }
       return result;
     },
-    // Every container is recorded from the request's head (all the registry keeps); thaw's own go on in full.
+    // Every container is recorded here, from the request's head (all the registry keeps): the plugin asks this
+    // before any createContainer, which goes to the engine's handler unchanged.
     createContainerWanted(pod, c) {
       containers.seen(pod, c);
       return h.createContainerWanted?.(pod, c) ?? true;
-    },
-    async createContainer(pod, c, ctx) {
-      containers.seen(pod, c);
-      return h.createContainer!(pod, c, ctx);
     },
     async removeContainer(pod, c, ctx) {
       const id = c.id ?? '';

@@ -187,9 +187,10 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
   const stats = new ThawNriStats();
   const snapshots = new SnapshotTracker();
   const repositoryFor = (namespace: string): string | undefined => o.tenancy?.namespaces.get(namespace)?.snapshotRepository;
-  // Pushes of snapshot checkpoints to their namespace's repository, in the background; aborted at close().
+  // Pushes of snapshot checkpoints to their namespace's repository, in the background.
   const pushes = new Set<Promise<void>>();
-  const stopPushes = new AbortController();
+  // Aborted at close(): the background work of the engine itself (pushes, start watches) stops.
+  const stopping = new AbortController();
   let managedOf: (containerId: string) => ManagedContainer | undefined = () => undefined;
   const pushSnapshot = (e: CheckpointEvent): void => {
     const c = managedOf(e.containerId);
@@ -207,7 +208,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     const started = performance.now();
     const withWeights = o.tenancy?.namespaces.get(c.podNamespace)?.snapshotWeightsLayers === true ? { withWeights: { dirs: o.weightsModelDirs ?? [] } } : {};
     const sign = o.signingKeys?.get(c.podNamespace);
-    const p = pushCheckpoint({ store, name: e.name, reference, access, logger, signal: stopPushes.signal, ...withWeights, ...(sign ? { sign } : {}) }).then(
+    const p = pushCheckpoint({ store, name: e.name, reference, access, logger, signal: stopping.signal, ...withWeights, ...(sign ? { sign } : {}) }).then(
       (r) => log.info('snapshot pushed', {
         event: 'snapshot-push', outcome: 'succeeded', digest: r.digest, bytesUploaded: r.bytesUploaded, ms: Math.round(performance.now() - started),
         weightsLayers: r.weightsLayers,
@@ -331,7 +332,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
   const watchStart = (containerId: string, started: (pid: number) => void): void => {
     void (async () => {
       let lastProblem = '';
-      while (!stopPushes.signal.aborted && handlers.managed.has(containerId)) {
+      while (!stopping.signal.aborted && handlers.managed.has(containerId)) {
         try {
           started(await runningTaskPid(containerId, o.containerd));
           return;
@@ -340,7 +341,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
           if (code !== AgentErrorCode.CONTAINER_NOT_RUNNING && code !== lastProblem) logger.warn('thaw: cannot ask containerd whether a container started; asking again', { containerId, error: errorMessage(err) });
           lastProblem = code;
         }
-        await sleep(START_POLL_INTERVAL_MS, undefined, { signal: stopPushes.signal }).catch(() => undefined);
+        await sleep(START_POLL_INTERVAL_MS, undefined, { signal: stopping.signal }).catch(() => undefined);
       }
     })();
   };
@@ -387,7 +388,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
       runtimeVersion = v;
     },
     close: async () => {
-      stopPushes.abort(new Error('agent stopping'));
+      stopping.abort(new Error('agent stopping'));
       await Promise.allSettled([checkpoints.close(), restores.close(), sources?.close(), hookServer?.close(), ...pushes]);
     },
   };

@@ -205,7 +205,7 @@ export class PluginService {
         error: (err as Error).message,
         containerId: req.container?.id,
       });
-      return encodeMessage(nriType('CreateContainerResponse'), {});
+      return EMPTY_CREATE_RESPONSE;
     }
   }
 
