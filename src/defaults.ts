@@ -108,6 +108,16 @@ export const START_POLL_INTERVAL_MS = 100;
  * keep NVMe queues and several page-cache copy threads busy.
  */
 export const WEIGHTS_READERS_DEFAULT = 8;
+/**
+ * When a restore reads its weights (agent config `weights.order`). `checkpoint-first`: once the checkpoint's read
+ * into the page cache ended (done, failed or stopped; at once when it is cached already). CRIU and then the CUDA
+ * restore wait for the checkpoint's bytes and the weights are handed over only after both, so on one disk the
+ * weights read beside the checkpoint only delay what is needed first. `together`: at CreateContainer, beside it
+ * (weights on another disk than the store).
+ */
+export const WEIGHTS_ORDERS = ['checkpoint-first', 'together'] as const;
+export type WeightsOrder = (typeof WEIGHTS_ORDERS)[number];
+export const WEIGHTS_ORDER_DEFAULT: WeightsOrder = 'checkpoint-first';
 /** The memory filler's file name, beside thaw-pause (native/build/): absent there, CRIU fills restored memory itself. */
 export const MEMORY_FILL_NAME = 'thaw-fill';
 /**

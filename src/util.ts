@@ -17,6 +17,35 @@ export function throwIfAborted(signal: AbortSignal | undefined, aborted?: (reaso
   throw signal.reason instanceof Error ? signal.reason : new Error(String(signal.reason ?? 'aborted'));
 }
 
+/** A promise resolved from outside (Node.js 20 has no Promise.withResolvers); resolving twice is harmless. */
+export interface Deferred {
+  promise: Promise<void>;
+  resolve(): void;
+}
+
+export function deferred(): Deferred {
+  let resolve: () => void = () => undefined;
+  const promise = new Promise<void>((r) => (resolve = r));
+  return { promise, resolve };
+}
+
+/**
+ * Resolves when `p` settles or `signal` fires, whichever comes first (never rejects: the caller checks the
+ * signal after it); the listener is removed either way.
+ */
+export async function untilOrAborted(p: Promise<unknown>, signal: AbortSignal | undefined): Promise<void> {
+  if (signal === undefined) return void (await p.catch(() => undefined));
+  if (signal.aborted) return;
+  let onAbort: () => void = () => undefined;
+  const aborted = new Promise<void>((resolve) => (onAbort = resolve));
+  signal.addEventListener('abort', onAbort, { once: true });
+  try {
+    await Promise.race([p.then(() => undefined, () => undefined), aborted]);
+  } finally {
+    signal.removeEventListener('abort', onAbort);
+  }
+}
+
 /**
  * The package root: the nearest directory above this module with a package.json (this file is src/util.ts
  * under vitest, dist/src/util.js when built, <prefix>/lib/dist/src/util.js when installed).

@@ -11,7 +11,9 @@
  *      checkpoints when the worker asks, a restore into a new pod with the checkpoint in the page cache, and
  *      another after the page cache was dropped. Ready = the worker answers /healthz; a restore counts only
  *      when thaw's restore event says `restored` and the worker says so. Tokens of the fixed prompt from every
- *      restored worker are compared with those the source printed before its checkpoint.
+ *      restored worker are compared with those the source printed before its checkpoint. Each restore's timeline
+ *      carries thaw-fill's account (memoryFill) and what the whole disks read and how busy they were, in 50 ms bins
+ *      from the pod's creation to ready (disk, bench/disk-activity.ts).
  * Prints a table and ratios; last line one JSON object; the same JSON goes to bench/results/ (and $OUT).
  *
  * Env: BENCH_GPU_VARIANTS (released,kept), BENCH_GPU_KEPT_KV_GIB (16), BENCH_GPU_PORT (18080),
@@ -44,6 +46,7 @@ import { parseCriLog, type Device, type Mount } from '../../src/node-stack/index
 import { parseFlavor } from '../../src/node-stack/index.js';
 import { PACKAGE_ROOT, pluginDirsUnder, readJsonLog, startThawPluginProcess, waitForLog, type LogRecord, type ThawPluginProcess } from '../../src/node-stack/index.js';
 import { getJson } from '../../demo/scenario.js';
+import { sampleDisks } from '../disk-activity.js';
 import { dropPageCache } from '../page-cache.js';
 import { readThpMode } from '../../src/sys/host-facts.js';
 import { median } from '../stats.js';
@@ -476,8 +479,11 @@ async function runModel(model: string | undefined): Promise<void> {
         if (restoreGapMs > 0) await sleep(restoreGapMs);
         // The checkpoint cold, the worker's libraries cached: how much of a dropped restore is theirs.
         if (label === 'cold-mapped-warm') for (const f of mappedFiles) await readFile(f).catch(() => undefined);
+        // The disks from the pod's creation to ready: whether a dropped restore waits on them or on itself.
+        const disk = sampleDisks();
         const target = await runWorker(`gpu-restore-${label}-${v.name}${round_ > 1 ? `-${round_}` : ''}`, { 'thaw.dev/restore': checkpointName }, [...v.workerArgs, '--print-tokens']);
         const ready = await waitReady(target, RESTORE_TIMEOUT_MS, (h) => h.ok && h.restored, checkpointName);
+        const diskTimeline = disk.stop();
         const restoreEvent = ready.event ?? (await waitForLog(logFile, (r) => r['event'] === 'restore' && r['containerId'] === target.containerId, 'the restore event', 30_000));
         const tokens = ready.event ? undefined : (await getJson<{ tokens: number[] }>(port, '/tokens', TOKENS_TIMEOUT_MS)).tokens;
         const afterRestore = await afterRestoreTimeline(target.logPath, Date.parse(String(restoreEvent['ts'])));
@@ -500,7 +506,15 @@ async function runModel(model: string | undefined): Promise<void> {
           startToRestoreEventMs: restoredAt - startedReturnedAt,
           restoreEventToReadyMs: target.startedAt + ready.ms - restoredAt,
         };
-        return { ms: ready.ms, outcome, cause: restoreEvent['cause'] ? String(restoreEvent['cause']) : null, phases: restoreEvent['phases'], timeline: { ...timeline, afterRestore, memory }, tokens, weights: restoreEvent['weights'] ?? null };
+        return {
+          ms: ready.ms,
+          outcome,
+          cause: restoreEvent['cause'] ? String(restoreEvent['cause']) : null,
+          phases: restoreEvent['phases'],
+          timeline: { ...timeline, afterRestore, memory, memoryFill: restoreEvent['memoryFill'] ?? null, disk: diskTimeline },
+          tokens,
+          weights: restoreEvent['weights'] ?? null,
+        };
       };
       const same = (a: number[] | undefined, b: number[] | undefined): boolean => a !== undefined && b !== undefined && a.length > 0 && JSON.stringify(a) === JSON.stringify(b);
       // Rounds alternate warm and dropped; the figures are the medians, every sample is in the JSON.

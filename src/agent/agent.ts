@@ -313,6 +313,7 @@ export async function runAgent(o: AgentRunOptions, logger: Logger): Promise<numb
     cudaLockTimeoutMs: c.cuda.lockTimeoutMs,
     weightsModelDirs: c.weights.modelDirs === '' ? [] : c.weights.modelDirs.split(':'),
     weightsReaders: c.weights.readers,
+    weightsOrder: c.weights.order,
     thawPauseDeadlineMs: c.restore.pauseDeadlineMs,
     ...(c.paths.sharedStoreRoot ? { sharedStoreRoot: c.paths.sharedStoreRoot } : {}),
     ...(registry ? { registry } : {}),

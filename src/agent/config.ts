@@ -26,7 +26,10 @@ import {
   DEFAULT_STORE_MIN_FREE_BYTES,
   DEFAULT_MAX_CONCURRENT_HASHING,
   DEFAULT_MAX_CONCURRENT_CRIU,
+  WEIGHTS_ORDER_DEFAULT,
+  WEIGHTS_ORDERS,
   WEIGHTS_READERS_DEFAULT,
+  type WeightsOrder,
 } from '../defaults.js';
 import { ThawError } from '../errors.js';
 import type { LogLevel } from '../log.js';
@@ -60,9 +63,10 @@ export interface AgentConfig {
    * modelDirs: host directories (":"-separated absolute paths; "" = none) a restore may read weights sources
    * from through the target's bind mounts (docs/weights.md). Root reads them for the pod: list only
    * directories every pod allowed to mount them may read. readers: parallel reads of a restore's weights (each
-   * one 32 MiB chunk in flight; WEIGHTS_READERS_DEFAULT).
+   * one 32 MiB chunk in flight; WEIGHTS_READERS_DEFAULT). order: when they start reading (WeightsOrder:
+   * `checkpoint-first` once the checkpoint's own read ended, `together` beside it; WEIGHTS_ORDER_DEFAULT).
    */
-  weights: { modelDirs: string; readers: number };
+  weights: { modelDirs: string; readers: number; order: WeightsOrder };
   /**
    * pauseDeadlineMs: thaw-pause falls back by itself after this long without a word from the agent. hook: which
    * createRuntime hook restores get: `native` (native/build/thaw-hook handing the work to this agent; the Node.js
@@ -152,6 +156,7 @@ export const CONFIG_KEYS: readonly KeySpec[] = [
   { key: 'cuda.lockTimeoutMs', expected: 'a positive integer (milliseconds)', kind: 'integer', check: (v) => (Number.isSafeInteger(v) && (v as number) > 0 ? undefined : 'not a positive integer') },
   { key: 'weights.modelDirs', expected: '":"-separated absolute paths, or "" for none', kind: 'string', check: (v) => (String(v) === '' || String(v).split(':').every((p) => isAbsolute(p) && normalize(p) === p) ? undefined : 'not absolute, normal paths') },
   { key: 'weights.readers', expected: 'an integer 1..64 (parallel reads of a restore\'s weights)', kind: 'integer', check: (v) => (Number.isSafeInteger(v) && (v as number) >= 1 && (v as number) <= 64 ? undefined : 'not an integer 1..64') },
+  { key: 'weights.order', expected: `one of ${WEIGHTS_ORDERS.join(', ')} (when a restore reads its weights: after its checkpoint's read, or beside it)`, kind: 'string', check: (v) => ((WEIGHTS_ORDERS as readonly unknown[]).includes(v) ? undefined : `not ${WEIGHTS_ORDERS.join(' or ')}`) },
   { key: 'restore.pauseDeadlineMs', expected: 'a positive integer (milliseconds, at most a day)', kind: 'integer', check: (v) => (Number.isSafeInteger(v) && (v as number) > 0 && (v as number) <= 86_400_000 ? undefined : 'not a positive integer of at most 86400000') },
   { key: 'restore.hook', expected: 'native or node', kind: 'string', check: (v) => (v === 'native' || v === 'node' ? undefined : 'not native or node') },
   { key: 'restore.memoryFill', expected: 'thaw-fill or criu', kind: 'string', check: (v) => (v === 'thaw-fill' || v === 'criu' ? undefined : 'not thaw-fill or criu') },
@@ -193,7 +198,7 @@ export function defaultAgentConfig(packageRoot: string): AgentConfig {
     },
     registry: { config: '' },
     cuda: { libcuda: '', libnvml: '', lockTimeoutMs: DEFAULT_CUDA_LOCK_TIMEOUT_MS },
-    weights: { modelDirs: '', readers: WEIGHTS_READERS_DEFAULT },
+    weights: { modelDirs: '', readers: WEIGHTS_READERS_DEFAULT, order: WEIGHTS_ORDER_DEFAULT },
     restore: { pauseDeadlineMs: DEFAULT_THAW_PAUSE_DEADLINE_MS, hook: 'native', memoryFill: 'thaw-fill', fillThreads: 0 },
     log: { level: 'info', file: '' },
     store: { quotaBytes: DEFAULT_STORE_QUOTA_BYTES, namespaceQuotaBytes: DEFAULT_NAMESPACE_QUOTA_BYTES, minFreeBytes: DEFAULT_STORE_MIN_FREE_BYTES },

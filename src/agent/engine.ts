@@ -29,7 +29,7 @@ import { createThawNriHandlers } from './thaw-nri.js';
 import { startHookServer } from './hook-server.js';
 import { runningTaskPid } from './container-task.js';
 import { AgentError, AgentErrorCode } from './errors.js';
-import { DEFAULT_MAX_CONCURRENT_CRIU, DEFAULT_MAX_CONCURRENT_HASHING, DEFAULT_MEMORY_FILL_TIMEOUT_MS, DEFAULT_NSENTER_PATH, DEFAULT_SNAPSHOT_IMAGE_LOOKUP_TIMEOUT_MS, DEFAULT_UNSHARE_PATH, START_POLL_INTERVAL_MS, WEIGHTS_DIGESTS_FILE } from '../defaults.js';
+import { DEFAULT_MAX_CONCURRENT_CRIU, DEFAULT_MAX_CONCURRENT_HASHING, DEFAULT_MEMORY_FILL_TIMEOUT_MS, DEFAULT_NSENTER_PATH, DEFAULT_SNAPSHOT_IMAGE_LOOKUP_TIMEOUT_MS, DEFAULT_UNSHARE_PATH, START_POLL_INTERVAL_MS, WEIGHTS_DIGESTS_FILE, type WeightsOrder } from '../defaults.js';
 import { snapshotReference, SnapshotTracker } from './snapshot.js';
 import { Limiter } from '../sys/concurrency.js';
 import { PULLED_NAMESPACE_LABEL } from './agent-metrics.js';
@@ -72,6 +72,8 @@ export interface ThawEngineOptions {
   weightsModelDirs?: string[];
   /** Parallel reads of a restore's weights (config weights.readers); default WEIGHTS_READERS_DEFAULT. */
   weightsReaders?: number;
+  /** When a restore reads its weights (config weights.order); default WEIGHTS_ORDER_DEFAULT. */
+  weightsOrder?: WeightsOrder;
   /** thaw-pause's deadline without a word from the agent (default DEFAULT_THAW_PAUSE_DEADLINE_MS). */
   thawPauseDeadlineMs?: number;
   /** A shared store (an RWX volume on every node), looked up after the local store; absent: none. */
@@ -280,7 +282,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     },
     ...(cuda ? { cudaRestore: cudaRestoreStep({ node: cuda, logger }) } : {}),
     ...(memoryFill !== undefined ? { memoryFill } : {}),
-    ...(cuda?.vmm ? { weights: { vmm: cuda.vmm, digests: weightsDigests, modelDirs: o.weightsModelDirs ?? [], weightsCacheDir: weightsCacheDir(store.root), gpuCount: cuda.facts?.uuids.length ?? 0, ...(o.weightsReaders !== undefined ? { readers: o.weightsReaders } : {}) } } : {}),
+    ...(cuda?.vmm ? { weights: { vmm: cuda.vmm, digests: weightsDigests, modelDirs: o.weightsModelDirs ?? [], weightsCacheDir: weightsCacheDir(store.root), gpuCount: cuda.facts?.uuids.length ?? 0, ...(o.weightsReaders !== undefined ? { readers: o.weightsReaders } : {}), ...(o.weightsOrder !== undefined ? { order: o.weightsOrder } : {}) } } : {}),
   });
   // One coordinator for the handlers: sources go to the checkpoint side, targets to the restore side.
   const coordinator: ThawCoordinator = {

@@ -157,7 +157,7 @@ export function createRestoreCoordinator(o: RestoreCoordinatorOptions): RestoreC
 
   const coordinator: RestoreCoordinator = {
     restorePodCreated(podId, checkpointName) {
-      prefetches.hold(checkpointName, podHolder(podId));
+      void prefetches.hold(checkpointName, podHolder(podId));
     },
 
     podGone(podId) {

@@ -26,12 +26,15 @@ export class SharedPrefetch {
     private readonly onFailure: (name: string, err: unknown) => void,
   ) {}
 
-  /** Starts reading `name` unless that runs already; `holder` keeps it going until release(holder). */
-  hold(name: string, holder: string): void {
+  /**
+   * Starts reading `name` unless that runs already; `holder` keeps it going until release(holder). Resolves when
+   * the read ends: done, failed (reported to onFailure) or stopped; never rejects.
+   */
+  hold(name: string, holder: string): Promise<void> {
     const current = this.running.get(name);
     if (current !== undefined) {
       current.holders.add(holder);
-      return;
+      return current.done;
     }
     const abort = new AbortController();
     const entry: Running = { abort, holders: new Set([holder]), done: Promise.resolve() };
@@ -44,6 +47,7 @@ export class SharedPrefetch {
       if (this.running.get(name) === entry) this.running.delete(name);
     });
     this.running.set(name, entry);
+    return entry.done;
   }
 
   /** `holder` needs no prefetch any more; one that nobody holds is stopped. */

@@ -40,7 +40,8 @@ import { firstIrregularMappedFile, mappedFilePages, readMappedFilePages, type Ma
 import { RestoreError, RestoreErrorCode } from './restore-errors.js';
 import { killRestoredTree, restoreIntoContainer, type RestoredTree } from './restore.js';
 import { discardUndo, undoRootfsDiff, type UndoJournal } from './rootfs-diff/index.js';
-import { DEFAULT_NSENTER_PATH, DEFAULT_POD_CRIU_RESTORE_TIMEOUT_MS, DEFAULT_THAW_PAUSE_DEADLINE_MS, DEFAULT_VERIFY_TIMEOUT_MS, DEFAULT_WEIGHTS_HANDOVER_TIMEOUT_MS, PLACEHOLDER_EXEC_WAIT_MS, WEIGHTS_READERS_DEFAULT } from '../defaults.js';
+import { deferred, type Deferred } from '../util.js';
+import { DEFAULT_NSENTER_PATH, DEFAULT_POD_CRIU_RESTORE_TIMEOUT_MS, DEFAULT_THAW_PAUSE_DEADLINE_MS, DEFAULT_VERIFY_TIMEOUT_MS, DEFAULT_WEIGHTS_HANDOVER_TIMEOUT_MS, PLACEHOLDER_EXEC_WAIT_MS, WEIGHTS_ORDER_DEFAULT, WEIGHTS_READERS_DEFAULT, type WeightsOrder } from '../defaults.js';
 import type { CudaVmm } from '../cuda/index.js';
 import { processTree } from './container-inspect.js';
 import { WeightsError, WeightsErrorCode } from './weights/errors.js';
@@ -113,7 +114,7 @@ export interface RestoreEvent {
   /** The modified pages of the worker's private file mappings, read ahead beside CRIU (restore-engine/mapped-files.ts). */
   mappedFiles?: ReadMappedResult;
   /** The weights load (docs/weights.md), when the checkpoint's weights are outside it. */
-  weights?: { bytes: number; loadMs: number; setupMs: number; copyMs: number; readers: number; mbPerS: number };
+  weights?: { bytes: number; loadMs: number; setupMs: number; copyMs: number; readers: number; mbPerS: number; order: WeightsOrder; readWaitMs: number };
   /** Who filled the restored memory: thaw-fill (its account) or CRIU's restorer (and why not thaw-fill). */
   memoryFill?: ({ by: 'thaw-fill' } & FillStats) | { by: 'criu'; reason: string };
   phases: {
@@ -179,8 +180,11 @@ export interface FallbackCounter {
 
 /** The checkpoint prefetch the coordinator runs. */
 export interface RestorePrefetch {
-  /** The checkpoint is leased for this target: keep (or start) reading it into the page cache for it. */
-  hold(job: RestoreJob): void;
+  /**
+   * The checkpoint is leased for this target: keep (or start) reading it into the page cache for it. Resolves when
+   * that read ended (read, failed or stopped); never rejects.
+   */
+  hold(job: RestoreJob): Promise<void>;
   /** Holds the checkpoint prefetches back (small reads CRIU waits for go first); returns the release. */
   holdGate(): () => void;
 }
@@ -206,6 +210,8 @@ export interface RestoreJob {
   mappedFiles?: Promise<MappedFile[]>;
   /** The weights load started at prepare (the checkpoint's weights are outside it). */
   weights?: WeightsLoadJob;
+  /** Resolves when the checkpoint's read into the page cache ended, or prepare gave up before it began. */
+  checkpointRead?: Deferred;
   /**
    * The memory fill's source, found at prepare (memory-fill.ts fillSourceOf: the plan stored with the checkpoint, or
    * one made from its images); absent, or `none`: CRIU fills the memory.
@@ -221,6 +227,7 @@ export interface WeightsLoadJob {
   startedAt: number;
   endedAt?: number;
   readers: number;
+  order: WeightsOrder;
   /** Hands the load the container's root dir fd (rootfs sources wait for it). */
   provideRoot(fd: number): void;
   /** Stops the load and releases whatever it made, now or when it finishes (idempotent). */
@@ -238,6 +245,8 @@ export interface RestoreWeightsService {
   /** This node's GPU count: a region recorded on an ordinal it lacks is GPU_MISMATCH. */
   gpuCount: number;
   readers?: number;
+  /** When the weights are read: after the checkpoint's read, or beside it (default WEIGHTS_ORDER_DEFAULT). */
+  order?: WeightsOrder;
   /** How long the restored worker gets to connect, map and answer (default DEFAULT_WEIGHTS_HANDOVER_TIMEOUT_MS). */
   handoverTimeoutMs?: number;
 }
@@ -499,7 +508,7 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
    * Starts the weights load for a target whose checkpoint keeps its weights outside: from here (CreateContainer)
    * the sources on allowed host model dirs are read at once; rootfs sources wait for the container's root.
    */
-  function startWeightsLoad(job: RestoreJob, service: RestoreWeightsService): WeightsLoadJob {
+  function startWeightsLoad(job: RestoreJob, service: RestoreWeightsService, checkpointRead: Promise<void>): WeightsLoadJob {
     const stop = new AbortController();
     let provide: (fd: number) => void = () => undefined;
     let refuse: (err: Error) => void = () => undefined;
@@ -516,9 +525,11 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
       ...(service.weightsCacheDir !== undefined ? { weightsCache: { dir: service.weightsCacheDir, ...(job.incoming !== undefined ? { ready: job.incoming } : {}) } } : {}),
     });
     const readers = service.readers ?? WEIGHTS_READERS_DEFAULT;
+    const order = service.order ?? WEIGHTS_ORDER_DEFAULT;
     const w: WeightsLoadJob = {
       startedAt: Date.now(),
       readers,
+      order,
       loaded: Promise.resolve().then(() =>
         loadWeights({
           regions: regionsOfManifest(job.checkpoint.manifest.weights),
@@ -532,6 +543,7 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
           openSource: opener.open,
           digests: service.digests,
           readers,
+          ...(order === 'checkpoint-first' ? { readsAfter: checkpointRead } : {}),
           signal: stop.signal,
         }),
       ),
@@ -551,8 +563,10 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
   async function prepare(job: RestoreJob): Promise<PreparedRestore> {
     const name = job.checkpoint.name;
     const signal = job.abort.signal;
+    job.checkpointRead ??= deferred();
+    const checkpointRead = job.checkpointRead;
     if (job.checkpoint.manifest.weights !== undefined && o.weights !== undefined && job.weights === undefined) {
-      job.weights = startWeightsLoad(job, o.weights);
+      job.weights = startWeightsLoad(job, o.weights, checkpointRead.promise);
       job.weights.loaded.catch(() => undefined); // awaited in run; a target that never runs must not leave it unhandled
     }
     let transferMs: number | undefined;
@@ -570,6 +584,7 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
         });
         // A create-runtime hook waiting for this checkpoint stops waiting (the container then starts cold).
         await o.hookRecords.writeCheckpointUnavailable(job.container.controlDir, { code, reason: errorMessage(err) }).catch(() => undefined);
+        checkpointRead.resolve(); // no read will come: the weights (disposed with the job) need not wait for one
         throw job.pullError;
       }
     }
@@ -581,7 +596,7 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
       // (CRIU's own reads find whatever it has read already; bench/RESULTS.md has what awaiting it cost).
       // Verification is awaited; it hashes only files changed since they were last hashed on this node
       // (LocalStore.verify). The read may be running already, started at RunPodSandbox.
-      o.prefetch.hold(job);
+      void o.prefetch.hold(job).then(checkpointRead.resolve);
       if (o.memoryFill !== undefined) {
         job.fillPlan = fillSourceOf(job.checkpoint.paths.criuDir, imageCodec).catch((err: unknown) => ({ none: `no plan: ${errorMessage(err)}` }));
       }
@@ -597,6 +612,7 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
       job.recordedCredentials.catch(() => undefined); // awaited by restoreIntoContainer; a target that never runs must not leave it unhandled
       return { verifyMs: performance.now() - t0, hashed: verified.hashed, ...(transferMs !== undefined ? { transferMs } : {}) };
     } catch (err) {
+      checkpointRead.resolve();
       if (isThawError(err, StoreErrorCode.NOT_FOUND) || isThawError(err, StoreErrorCode.INVALID_NAME)) {
         throw new RestoreError(RestoreErrorCode.CHECKPOINT_MISSING, errorMessage(err), { step: 'verify checkpoint', cause: err });
       }
@@ -749,7 +765,7 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
         phases.weightsWaitMs = Math.round(performance.now() - tw);
         const t3 = performance.now();
         const loadMs = (job.weights.endedAt ?? Date.now()) - job.weights.startedAt;
-        weightsInfo = { bytes: loaded.bytes, loadMs, setupMs: loaded.setupMs, copyMs: loaded.copyMs, readers: job.weights.readers, mbPerS: loadMs > 0 ? Math.round(loaded.bytes / 1e3 / loadMs) : 0 };
+        weightsInfo = { bytes: loaded.bytes, loadMs, setupMs: loaded.setupMs, copyMs: loaded.copyMs, readers: job.weights.readers, mbPerS: loadMs > 0 ? Math.round(loaded.bytes / 1e3 / loadMs) : 0, order: job.weights.order, readWaitMs: loaded.readWaitMs };
         await orFillFailure(handOverWeights(tree, container.controlDir, loaded, signal));
         at.weightsHandedOver = Date.now();
         phases.weightsHandoverMs = Math.round(performance.now() - t3);

@@ -198,6 +198,8 @@ describe.each(flavorsUnderTest())('weights outside the checkpoint, through the a
     expect(at['criuStart']).toBeLessThan(at['criuEnd']!);
     expect(at['weightsHandedOver']).toBeGreaterThanOrEqual(at['criuEnd']!);
     expect((event['weights'] as { bytes: number }).bytes).toBe(WEIGHTS_MIB.reduce((a, m) => a + m * MiB, 0));
+    // The default order: the weights' reads waited for the checkpoint's read into the page cache (here it is cached).
+    expect(event['weights']).toMatchObject({ order: 'checkpoint-first', readWaitMs: expect.any(Number) });
     const state = await waitFor(async () => {
       const s = await stateOf(pod.containerId);
       return s?.phase === 'restore-complete' ? s : undefined;

@@ -72,6 +72,7 @@ cuda:
   lockTimeoutMs: 500
 weights:
   readers: 2
+  order: together
 restore:
   pauseDeadlineMs: 15000
   hook: node
@@ -91,9 +92,10 @@ log:
     expect(c.restore.memoryFill).toBe('criu');
     expect(c.restore.fillThreads).toBe(3);
     expect(c.weights.readers).toBe(2);
+    expect(c.weights.order).toBe('together');
     expect(c.log.file).toBe('/var/log/thaw.log');
     expect(resolveAgentConfig({ file: file('# nothing set\n'), packageRoot: PKG })).toEqual(defaultAgentConfig(PKG));
-    expect(CONFIG_KEYS).toHaveLength(31);
+    expect(CONFIG_KEYS).toHaveLength(32);
   });
 
   it.each([
@@ -109,6 +111,7 @@ log:
     ['a bad annotation prefix', 'annotationPrefix: thaw.dev\n', /annotationPrefix .*expected a DNS subdomain followed by '\/'/],
     ['a zero timeout', 'cuda:\n  lockTimeoutMs: 0\n', /cuda\.lockTimeoutMs .*got 0 \(not a positive integer\)/],
     ['no weights readers', 'weights:\n  readers: 0\n', /weights\.readers .*got 0 \(not an integer 1\.\.64\)/],
+    ['an unknown weights order', 'weights:\n  order: first\n', /weights\.order .*got "first" \(not checkpoint-first or together\)/],
     ['a registry grant without keys', 'tenancy:\n  namespaces:\n    team-a:\n      registries: [{prefix: r.example/team-a}]\n', /tenancy\.namespaces\.team-a\.registries\[0\]: names no keys.* \(file \/etc\/thaw\/agent\.yaml\)/],
   ])('refuses %s, naming the key and the expected form', (_what, text, message) => {
     const err = configError(() => resolveAgentConfig({ file: file(text), packageRoot: PKG }));

@@ -36,7 +36,7 @@ const CONTRACT_DEFAULTS = {
     thawPause: '/opt/thaw/lib/native/build/thaw-pause',
   },
   cuda: { libcuda: '', libnvml: '', lockTimeoutMs: 10000 },
-  weights: { modelDirs: '', readers: 8 },
+  weights: { modelDirs: '', readers: 8, order: 'checkpoint-first' },
   containerd: { socket: '/run/containerd/containerd.sock', root: '/var/lib/containerd' },
   store: { quotaBytes: 0, namespaceQuotaBytes: 0, minFreeBytes: 1073741824 },
   limits: { hashing: 4, criuRuns: 2 },

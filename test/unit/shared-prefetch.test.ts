@@ -56,6 +56,27 @@ describe('SharedPrefetch', () => {
     expect(shared.inFlight()).toEqual([]);
   });
 
+  it("hold() resolves when the read ends, for every holder: done, failed or stopped (never rejects)", async () => {
+    const { calls, prefetch } = controllablePrefetch();
+    const shared = new SharedPrefetch(prefetch, () => undefined);
+    const ended: string[] = [];
+    void shared.hold('ckpt-a', 'pod:1').then(() => ended.push('a1'));
+    void shared.hold('ckpt-a', 'container:c1').then(() => ended.push('a2'));
+    void shared.hold('ckpt-b', 'pod:2').then(() => ended.push('b'));
+    void shared.hold('ckpt-c', 'pod:3').then(() => ended.push('c'));
+    await settle();
+    expect(ended).toEqual([]);
+    calls[0]!.finish();
+    await settle();
+    expect(ended).toEqual(['a1', 'a2']);
+    calls[1]!.fail(new Error('disk gone'));
+    await settle();
+    expect(ended).toEqual(['a1', 'a2', 'b']);
+    shared.release('pod:3');
+    await settle();
+    expect(ended).toEqual(['a1', 'a2', 'b', 'c']);
+  });
+
   it('a finished or failed read is forgotten: the next holder starts a new one; failures are reported', async () => {
     const { calls, prefetch } = controllablePrefetch();
     const failures: Array<{ name: string; err: unknown }> = [];

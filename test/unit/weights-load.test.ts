@@ -203,4 +203,40 @@ describe('weights service (fake CUDA)', () => {
     loaded.release();
     expect(allocated()).toBe(0);
   });
+
+  it('reads nothing before readsAfter (the checkpoint read first), then every byte; an abort while waiting leaves nothing allocated', async () => {
+    const { lines } = startWorker();
+    expect((await lines.next()).value).toBe('released');
+    const regions = (await readWeightsFile(control))!;
+    const dataOf = (f: Buffer): Buffer => f.subarray(8 + Number(f.readBigUInt64LE(0)));
+    const want = await Promise.all(files.map(async (f) => dataOf(await readFile(f))));
+    let release: () => void = () => undefined;
+    const readsAfter = new Promise<void>((r) => (release = r));
+    let settled = false;
+    const load = loadWeights({ regions, vmm, deviceFor: (d) => d, openSource, digests: new SourceDigests(), readers: 2, chunkBytes: MiB, readsAfter });
+    void load.finally(() => (settled = true)).catch(() => undefined);
+    // The allocations are made (the setup runs at once) and the readers wait.
+    for (let i = 0; i < 500 && allocated() === 0; i++) await new Promise((r) => setTimeout(r, 10));
+    expect(allocated()).toBeGreaterThan(0);
+    await new Promise((r) => setTimeout(r, 200));
+    expect(settled).toBe(false);
+    release();
+    const loaded = await load;
+    expect(loaded.readWaitMs).toBeGreaterThanOrEqual(150);
+    const got = loaded.regions[0]!.fds.map((fd, i) => {
+      const buf = Buffer.alloc(want[i]!.length);
+      readSync(fd, buf, 0, buf.length, 0);
+      return buf;
+    });
+    expect(got.map((b, i) => b.equals(want[i]!))).toEqual([true, true]);
+    loaded.release();
+    expect(allocated()).toBe(0);
+
+    const stop = new AbortController();
+    const waiting = loadWeights({ regions, vmm, deviceFor: (d) => d, openSource, digests: new SourceDigests(), readsAfter: new Promise<void>(() => undefined), signal: stop.signal });
+    for (let i = 0; i < 500 && allocated() === 0; i++) await new Promise((r) => setTimeout(r, 10));
+    stop.abort(new Error('the restore is over'));
+    await expect(waiting).rejects.toThrow(/the restore is over/);
+    expect(allocated()).toBe(0);
+  });
 });

@@ -14,6 +14,7 @@
  */
 import { WEIGHTS_READERS_DEFAULT } from '../../defaults.js';
 import { closeSync } from 'node:fs';
+import { untilOrAborted } from '../../util.js';
 
 import type { CudaVmm, CuU64 } from '../../cuda/index.js';
 import { CopyTaskError, startCopyPool, type CopyPool, type CopySegment } from './copy-pool.js';
@@ -40,6 +41,12 @@ export interface LoadWeightsOptions {
   digests: SourceDigests;
   readers?: number;
   chunkBytes?: number;
+  /**
+   * Awaited after the allocations and the readers' start, before the first read (never rejects): a restore whose
+   * weights share a disk with its checkpoint lets the checkpoint's read go first, since CRIU and the CUDA restore
+   * wait for it and the weights are handed over only after them.
+   */
+  readsAfter?: Promise<void>;
   signal?: AbortSignal;
 }
 
@@ -51,6 +58,8 @@ export interface LoadedWeights {
   copyMs: number;
   /** Opening, checking and allocating before it (cuMemCreate of every allocation). */
   setupMs: number;
+  /** Of copyMs, the wait for `readsAfter` before the first read (0 without it). */
+  readWaitMs: number;
   /** Closes the fds and releases the allocations (after the handover, or to abandon it). Idempotent. */
   release(): void;
 }
@@ -90,6 +99,7 @@ export async function loadWeights(options: LoadWeightsOptions): Promise<LoadedWe
   };
   const t0 = performance.now();
   let copyMs = 0;
+  let readWaitMs = 0;
   try {
     const tasks: Array<() => Promise<void>> = [];
     const out: HandoverRegion[] = [];
@@ -173,6 +183,12 @@ export async function loadWeights(options: LoadWeightsOptions): Promise<LoadedWe
       const onAbort = (): void => void pool?.close();
       options.signal?.addEventListener('abort', onAbort, { once: true });
       try {
+        if (options.readsAfter !== undefined) {
+          const tw = performance.now();
+          await untilOrAborted(options.readsAfter, options.signal);
+          readWaitMs = performance.now() - tw;
+          options.signal?.throwIfAborted();
+        }
         const settled = await Promise.allSettled(tasks.map((t) => t()));
         options.signal?.throwIfAborted();
         const failed = settled.find((s): s is PromiseRejectedResult => s.status === 'rejected');
@@ -199,7 +215,7 @@ export async function loadWeights(options: LoadWeightsOptions): Promise<LoadedWe
       }
     }
     await closeFiles();
-    return { regions: out, bytes, copyMs: Math.round(copyMs), setupMs: Math.round(t1 - t0), release: releaseAll };
+    return { regions: out, bytes, copyMs: Math.round(copyMs), setupMs: Math.round(t1 - t0), readWaitMs: Math.round(readWaitMs), release: releaseAll };
   } catch (err) {
     await pool?.close().catch(() => undefined);
     await closeFiles();
