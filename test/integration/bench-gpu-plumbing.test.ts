@@ -39,7 +39,10 @@ describe.each(flavorsUnderTest())('bench:gpu with the stand-in worker, container
     // Two rounds of restores, every sample kept beside the median.
     expect([summary.variants[0]?.restoreWarmSamplesMs.length, summary.variants[0]?.restoreColdSamplesMs.length]).toEqual([2, 2]);
     // Where a restore's time goes outside the engine, and the hook's own start.
-    const { afterRestore, memory, ...timeline } = summary.variants[0]?.restoreWarmTimeline as Record<string, number> & { afterRestore: Record<string, number>; memory: Record<string, number | undefined> };
+    const { afterRestore, memory, memoryFill, disk, ...timeline } = summary.variants[0]?.restoreWarmTimeline as Record<string, number> & { afterRestore: Record<string, number>; memory: Record<string, number | undefined>; memoryFill: unknown; disk: { readMB: number[]; busyPct: number[] } };
+    // thaw-fill's account (or null with CRIU's fill) and the disks' timeline, one busy share per bin of reads.
+    expect(memoryFill === null || typeof memoryFill === 'object').toBe(true);
+    expect(disk.readMB.length).toBe(disk.busyPct.length);
     expect(Object.keys(timeline).sort()).toEqual(['createMs', 'restoreEventToReadyMs', 'runPodSandboxMs', 'startMs', 'startToRestoreEventMs']);
     expect(Object.values(timeline).every((ms) => Number.isFinite(ms) && ms >= 0)).toBe(true);
     // After the restore event: thaw-pause's adoption from the pod's log, and the restored worker's memory read at ready.
