@@ -40,7 +40,7 @@ import { firstIrregularMappedFile, mappedFilePages, readMappedFilePages, type Ma
 import { RestoreError, RestoreErrorCode } from './restore-errors.js';
 import { killRestoredTree, restoreIntoContainer, type RestoredTree } from './restore.js';
 import { discardUndo, undoRootfsDiff, type UndoJournal } from './rootfs-diff/index.js';
-import { deferred, type Deferred } from '../util.js';
+import { deferred } from '../util.js';
 import { DEFAULT_NSENTER_PATH, DEFAULT_POD_CRIU_RESTORE_TIMEOUT_MS, DEFAULT_THAW_PAUSE_DEADLINE_MS, DEFAULT_VERIFY_TIMEOUT_MS, DEFAULT_WEIGHTS_HANDOVER_TIMEOUT_MS, PLACEHOLDER_EXEC_WAIT_MS, WEIGHTS_ORDER_DEFAULT, WEIGHTS_READERS_DEFAULT, type WeightsOrder } from '../defaults.js';
 import type { CudaVmm } from '../cuda/index.js';
 import { processTree } from './container-inspect.js';
@@ -210,8 +210,6 @@ export interface RestoreJob {
   mappedFiles?: Promise<MappedFile[]>;
   /** The weights load started at prepare (the checkpoint's weights are outside it). */
   weights?: WeightsLoadJob;
-  /** Resolves when the checkpoint's read into the page cache ended, or prepare gave up before it began. */
-  checkpointRead?: Deferred;
   /**
    * The memory fill's source, found at prepare (memory-fill.ts fillSourceOf: the plan stored with the checkpoint, or
    * one made from its images); absent, or `none`: CRIU fills the memory.
@@ -563,8 +561,8 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
   async function prepare(job: RestoreJob): Promise<PreparedRestore> {
     const name = job.checkpoint.name;
     const signal = job.abort.signal;
-    job.checkpointRead ??= deferred();
-    const checkpointRead = job.checkpointRead;
+    // Resolved when the checkpoint's read into the page cache ended, or when prepare gave up before it began.
+    const checkpointRead = deferred();
     if (job.checkpoint.manifest.weights !== undefined && o.weights !== undefined && job.weights === undefined) {
       job.weights = startWeightsLoad(job, o.weights, checkpointRead.promise);
       job.weights.loaded.catch(() => undefined); // awaited in run; a target that never runs must not leave it unhandled
