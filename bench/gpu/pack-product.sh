@@ -58,9 +58,11 @@ grep -qx '/.device-cache/' .git/info/exclude 2>/dev/null || echo '/.device-cache
 mkdir -p "$cache"
 echo "$FLAVOR" > .device/flavor
 node_bin=$(readlink -f "$(command -v node)")
-key="$(stat -c '%n %s %Y' "$node_bin" "$STACK/.thaw-stack.json" | sha256sum | cut -c1-16)"
+# The compression settings are part of the key: changing them repacks.
+key="$( { echo 'node:x86,9e stack:x86,7'; stat -c '%n %s %Y' "$node_bin" "$STACK/.thaw-stack.json"; } | sha256sum | cut -c1-16)"
 if [ "$(cat "$cache/key" 2>/dev/null)" != "$key" ]; then
-  xz -T0 -6 -c "$node_bin" > "$cache/node.xz"
+  # Node's ~100 MB binary is most of the carry: x86 BCJ and the extreme preset take ~1 MB more off than -6.
+  xz -T0 --x86 --lzma2=preset=9e -c "$node_bin" > "$cache/node.xz"
   tar -C "$stage" -cf - .device-stack | xz -T0 --x86 --lzma2=preset=7 > "$cache/stack.txz"
   echo "$key" > "$cache/key"
 fi
@@ -81,6 +83,8 @@ fi
 echo "unpack: node $(node --version); stack at /opt/thaw/stack/$flavor (THAW_CONTAINERD=$flavor)"
 EOS
 du -b .device/* | awk '{printf "%s %.1f MiB\n", $2, $1/1048576}'
+# The device tool's 64 MiB is for everything that travels: the working tree's files as well as .device/.
 size=$(du -sb .device | cut -f1)
-echo "pack-product: .device/ is $((size / 1048576)) MiB (limit 64)"
-[ "$size" -lt $((64 * 1048576)) ] || { echo "pack-product: too large" >&2; exit 1; }
+tree=$(git ls-files -z --cached --others --exclude-standard | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1)
+echo "pack-product: .device/ is $((size / 1048576)) MiB, with the tree $(((size + tree) / 1048576)) MiB (limit 64)"
+[ $((size + tree)) -lt $((64 * 1048576)) ] || { echo "pack-product: too large to carry" >&2; exit 1; }
