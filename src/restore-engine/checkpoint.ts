@@ -45,6 +45,7 @@ import { freezeCgroupOf } from './cgroup-freeze.js';
 import { captureRootfsDiff, readContainerdUpperdir, type ContainerdEndpoint } from './rootfs-diff/index.js';
 import { dropZeroPages } from './zero-pages.js';
 import { CriuImageCodec } from './criu/images.js';
+import { restoreLazyMarks } from './lazy-marks.js';
 import { writeFillPlanImage } from './memory-fill.js';
 import { MAX_TIMER_DELAY_MS } from '../defaults.js';
 import { throwIfAborted } from '../util.js';
@@ -401,10 +402,20 @@ export async function checkpointContainer(
         log.warn('zero pages kept: the dump is published as CRIU wrote it', { error: errorMessage(err), code: isThawError(err) ? err.code : undefined });
       }
       phases.zeroPagesMs = round(performance.now() - started);
+      // Before the plan: a dump CRIU left without lazy pages by its stack-pointer slip gets them back (lazy-marks.ts).
+      await restoreLazyMarks(pending.paths.criuDir, CriuImageCodec.shared()).then(
+        (m) => {
+          if (m.tasks.length > 0) log.info('lazy marks put back: CRIU left them off (a thread stopped with its stack pointer on a page boundary)', { tasks: m.tasks, lazyPages: m.lazyPages });
+        },
+        (err: unknown) => log.warn('lazy marks not put back: the dump stays as CRIU marked it', { error: errorMessage(err) }),
+      );
       // The memory fill's plan, made once here rather than on every restore's CreateContainer (memory-fill.ts).
       // Without it a restore plans for itself; a plan that cannot be made leaves the fill to CRIU.
       const planned = await writeFillPlanImage(pending.paths.criuDir, CriuImageCodec.shared()).catch((err: unknown) => ({ none: errorMessage(err) }));
       if ('none' in planned) log.info('no memory-fill plan: restores of this checkpoint let CRIU fill memory', { reason: planned.none });
+      // A dump with no lazy page left (restoreLazyMarks did not apply or failed): its restores are correct, but CRIU
+      // reads all of the memory itself, as without the fill.
+      else if (planned.copyBytes === 0) log.warn('CRIU marked no page of the dump lazy: restores of this checkpoint let CRIU fill memory', { zeroBytes: planned.zeroBytes });
     }
 
     phase = 'rootfs-diff';

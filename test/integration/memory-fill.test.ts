@@ -17,7 +17,8 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { isThawError } from '../../src/errors.js';
 import { createCollectingLogger } from '../../src/log.js';
 import { CriuClient } from '../../src/restore-engine/criu/client.js';
-import { CriuImageCodec, decodePagemapEntryRaw, parseImageFile } from '../../src/restore-engine/criu/images.js';
+import { CriuImageCodec, decodePagemapEntryRaw, PagemapFlags, parseImageFile } from '../../src/restore-engine/criu/images.js';
+import { restoreLazyMarks } from '../../src/restore-engine/lazy-marks.js';
 import { buildFillPlan, criuPageReads, FILL_PLAN_IMAGE, startMemoryFill, writeFillPlanImage, type FillPlan, type RunningFill } from '../../src/restore-engine/memory-fill.js';
 import { RestoreErrorCode } from '../../src/restore-engine/restore-errors.js';
 import { dropZeroPages, ZERO_PAGES_FILE } from '../../src/restore-engine/zero-pages.js';
@@ -99,7 +100,23 @@ interface Dumped {
   fifo: string;
 }
 
-/** Starts the victim, dumps it (it stops), drops its zero pages as a checkpoint does. */
+/** The pages of `imagesDir`'s pagemaps marked PE_LAZY. */
+function lazyPagesOf(imagesDir: string): number {
+  let pages = 0;
+  for (const name of readdirSync(imagesDir).filter((n) => /^pagemap-\d+\.img$/.test(n))) {
+    const [, ...entries] = parseImageFile(readFileSync(join(imagesDir, name)), name).entries;
+    for (const raw of entries) {
+      const e = decodePagemapEntryRaw(raw, name);
+      if (((e.flags ?? PagemapFlags.PRESENT) & PagemapFlags.LAZY) !== 0) pages += e.nrPages;
+    }
+  }
+  return pages;
+}
+
+/**
+ * Starts the victim, dumps it (it stops), drops its zero pages and puts back the lazy marks CRIU's stack-pointer slip
+ * leaves off (lazy-marks.ts), as a checkpoint does: the pattern region's pages are then lazy in every dump.
+ */
 async function dumpVictimWith(client: CriuClient, name: string): Promise<Dumped> {
   const dir = join(root, name);
   const imagesDir = join(dir, 'images');
@@ -122,7 +139,54 @@ async function dumpVictimWith(client: CriuClient, name: string): Promise<Dumped>
   await waitFor(() => !existsSync(`/proc/${child.pid}`), 5_000, 'the dumped victim to be gone');
   const z = await dropZeroPages(imagesDir, { codec });
   expect(z.droppedBytes, 'the zero region is left out of the images').toBeGreaterThanOrEqual(ZERO_PAGES * 4096);
+  await restoreLazyMarks(imagesDir, codec);
+  expect(lazyPagesOf(imagesDir), pagemapSummary(imagesDir)).toBeGreaterThanOrEqual(PATTERN_PAGES);
   return { dir, imagesDir, workDir, result, fifo };
+}
+
+/** test/fixtures/aligned-stack-victim.c, built in beforeAll: PAGES pages of a pattern, parked with a chosen stack pointer. */
+const ALIGNED_VICTIM_SRC = resolve(dirname(fileURLToPath(import.meta.url)), '../fixtures/aligned-stack-victim.c');
+const ALIGNED_VICTIM = join(root, 'aligned-stack-victim');
+const ALIGNED_VICTIM_PAGES = 4096;
+/** Reads page i of the region at argv[2] through /proc/<pid>/mem and checks its first u64 (the victim's pattern). */
+const CHECK_ALIGNED_VICTIM = String.raw`
+import struct, sys
+f = open(sys.argv[1], 'rb', buffering=0)
+base, n = int(sys.argv[2], 16), int(sys.argv[3])
+for i in range(n):
+    f.seek(base + i * 4096)
+    if struct.unpack('<Q', f.read(8))[0] != (i * 2654435761 + 7) % (1 << 64):
+        print('bad page %d' % i)
+        sys.exit(1)
+print('ok')
+`;
+
+/** Starts the C victim (its stack pointer page-aligned or not), dumps it, drops its zero pages as a checkpoint does. */
+async function dumpAlignedVictim(client: CriuClient, name: string, aligned: boolean): Promise<Dumped & { region: string }> {
+  const dir = join(root, name);
+  const imagesDir = join(dir, 'images');
+  const workDir = join(dir, 'work');
+  mkdirSync(imagesDir, { recursive: true });
+  mkdirSync(workDir, { recursive: true });
+  const ready = join(dir, 'ready');
+  const child = spawn(ALIGNED_VICTIM, [ready, aligned ? '1' : '0'], { detached: true, stdio: 'ignore' });
+  child.unref();
+  started.add(child.pid!);
+  await waitFor(() => existsSync(ready), 30_000, 'the C victim to write its pages');
+  const region = readFileSync(ready, 'utf8').trim();
+  await sleep(50); // past the write of the file: parked in pause()
+  await client.dump({ imagesDir, workDir, pid: child.pid! });
+  await waitFor(() => !existsSync(`/proc/${child.pid}`), 5_000, 'the dumped C victim to be gone');
+  await dropZeroPages(imagesDir, { codec });
+  return { dir, imagesDir, workDir, result: join(dir, 'result'), fifo: '', region };
+}
+
+/** The stack pointers of every thread of `imagesDir`'s tasks, from their core images. */
+function stackPointersOf(imagesDir: string): bigint[] {
+  return readdirSync(imagesDir)
+    .filter((n) => /^core-\d+\.img$/.test(n))
+    .map((n) => codec.decodeStackPointer(parseImageFile(readFileSync(join(imagesDir, n)), n).entries[0]!))
+    .filter((sp): sp is bigint => sp !== undefined);
 }
 
 /** Per pagemap of `imagesDir`: its entries counted by flags, and the pages of each (for a failure's message). */
@@ -169,6 +233,7 @@ beforeAll(() => {
   for (const p of Object.values(CRIUS)) if (!existsSync(p)) throw new Error(`CRIU not found at ${p}: provision thaw's node stacks first`);
   if (!existsSync(FILL)) throw new Error(`${FILL} is not built: make -C native`);
   if (process.getuid?.() !== 0) throw new Error('the memory-fill tests must run as root');
+  execFileSync('cc', ['-O2', '-Wall', '-o', ALIGNED_VICTIM, ALIGNED_VICTIM_SRC]);
 });
 afterAll(() => {
   for (const f of fills) f.stop();
@@ -249,8 +314,8 @@ describe.each(Object.entries(CRIUS))('thaw-fill: a lazy CRIU restore whose memor
     const d = await dumpVictim('dontneed');
     // The plan a checkpoint stores beside its images (pages files by name, opened in --images-dir).
     expect(await writeFillPlanImage(d.imagesDir, codec)).toMatchObject({ copyBytes: expect.any(Number) });
-    // Seen once in a full suite run (CRIU 4.1.1): a plan without a pages file, i.e. no PE_LAZY entry at all. What the
-    // pagemap held then says whose it was (CRIU's flags or thaw's zero-page rewrite).
+    // A plan without a pages file would be a dump without a PE_LAZY entry; the pagemap's flags in the message say
+    // whose they were (CRIU's, or thaw's rewrites).
     expect(readFileSync(join(d.imagesDir, FILL_PLAN_IMAGE), 'utf8'), pagemapSummary(d.imagesDir)).toMatch(/^thaw-fill-plan 1\ntask \d+ pages-\d+\.img\n/);
     const { fill, release } = await restoreLazily(d, await planOf(d), 2, true);
     trigger(d.fifo, 'dontneed');
@@ -262,6 +327,31 @@ describe.each(Object.entries(CRIUS))('thaw-fill: a lazy CRIU restore whose memor
     trigger(d.fifo, 'check');
     await waitFor(() => existsSync(`${d.result}.2`), 60_000, 'the victim\'s check after the fill');
     expect(readFileSync(`${d.result}.2`, 'utf8')).toBe('ok');
+  });
+
+  it('a thread stopped with its stack pointer on a page boundary: CRIU marks no page lazy, thaw puts the marks back, and the fill places every page', async () => {
+    const aligned = await dumpAlignedVictim(client, `${flavor}-aligned`, true);
+    expect(stackPointersOf(aligned.imagesDir).some((sp) => sp % 4096n === 0n)).toBe(true);
+    expect(lazyPagesOf(aligned.imagesDir), 'CRIU\'s is_stack slip: no page of the dump lazy').toBe(0);
+    // The same process 16 bytes off the boundary: CRIU marks its pages, and thaw leaves the dump as it is.
+    const control = await dumpAlignedVictim(client, `${flavor}-unaligned`, false);
+    expect(stackPointersOf(control.imagesDir).every((sp) => sp % 4096n !== 0n)).toBe(true);
+    expect(lazyPagesOf(control.imagesDir)).toBeGreaterThanOrEqual(ALIGNED_VICTIM_PAGES);
+    expect(await restoreLazyMarks(control.imagesDir, codec)).toEqual({ tasks: [], lazyPages: 0 });
+
+    const marked = await restoreLazyMarks(aligned.imagesDir, codec);
+    expect(marked.tasks).toHaveLength(1);
+    expect(marked.lazyPages).toBeGreaterThanOrEqual(ALIGNED_VICTIM_PAGES);
+    const plan = await planOf(aligned);
+    expect(plan.copyBytes).toBeGreaterThanOrEqual(ALIGNED_VICTIM_PAGES * 4096);
+    const { fill, pid, release } = await restoreLazilyWith(client, aligned, plan, 2);
+    release();
+    const stats = await fill.done;
+    expect(stats.copiedBytes).toBeGreaterThanOrEqual(ALIGNED_VICTIM_PAGES * 4096);
+    const check = spawnSync('/usr/bin/python3', ['-c', CHECK_ALIGNED_VICTIM, `/proc/${pid}/mem`, aligned.region, String(ALIGNED_VICTIM_PAGES)], { encoding: 'utf8', timeout: 30_000 });
+    expect(check.stdout.trim(), check.stderr).toBe('ok');
+    expect(existsSync(`/proc/${pid}`), 'the restored victim is still parked').toBe(true);
+    process.kill(pid, 'SIGKILL');
   });
 
   it('a fork while the memory is being filled is refused: RESTORE_MEMORY_FILL (FORK), and the filler holds the process', async () => {

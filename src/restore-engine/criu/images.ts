@@ -253,10 +253,18 @@ export class CriuImageCodec {
     return out;
   }
 
+  /** The stack pointer a thread stopped with (core-<tid>.img, x86-64); undefined when the image has none. */
+  decodeStackPointer(bytes: Buffer): bigint | undefined {
+    const o = this.decode(this.core, bytes, 'core_entry');
+    const sp = ((o['threadInfo'] as Record<string, unknown> | undefined)?.['gpregs'] as Record<string, unknown> | undefined)?.['sp'];
+    return sp === undefined ? undefined : toBigInt(sp);
+  }
+
   /** For tests: a core-<tid>.img entry with these credentials (the fields CRIU requires besides are not written). */
-  encodeCore(e: CoreCredentials): Buffer {
+  encodeCore(e: CoreCredentials & { sp?: bigint }): Buffer {
     const c = e.creds;
     const msg = this.core.fromObject({
+      ...(e.sp !== undefined ? { threadInfo: { gpregs: { sp: e.sp.toString() } } } : {}),
       threadCore: {
         seccompMode: e.seccompMode,
         ...(c !== undefined
