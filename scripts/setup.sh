@@ -3,7 +3,8 @@
 # Idempotent and fast the second time: each step keeps a stamp of what it was built from.
 #   1. npm packages (npm ci when package-lock.json changed)
 #   2. TypeScript build into dist/
-#   3. native parts (thaw-pause, the fake libcuda) with the machine's C compiler
+#   3. native parts (thaw-pause, thaw-hook, thaw-fill, thaw-pack, the fake libcuda) with the machine's C compiler,
+#      linked statically against Debian's zstd, unpacked under /opt/thaw/stack/native-deps
 #   4. the private node stack (containerd, runc, CRIU, ... from Debian) under /opt/thaw/stack/<flavor>,
 #      and Debian's docker-registry under /opt/thaw/stack/registry (tests and bench:registry)
 #   5. the peer tools the interop tests run (cosign, oras, skopeo, kustomize, kubectl, notation from Debian sid)
@@ -27,6 +28,8 @@ fi
 log "building TypeScript"
 npx tsc -p tsconfig.build.json
 
+# zstd's static library and headers (Debian 12's), which thaw-pack and thaw-fill link (native/Makefile).
+node dist/src/node-stack/provision-main.js --native-deps
 if [ -f native/Makefile ]; then
   log "building native parts"
   make -s -C native

@@ -5,6 +5,8 @@ export { provisionStack, isProvisioned, checkStack, FLAVOR_SPECS, PROVISION_FORM
 export type { ProvisionOptions, ProvisionResult, StackStamp, FlavorSpec } from './provision.js';
 export { isPeerToolsProvisioned, peerToolsPaths, provisionPeerTools, PEER_TOOLS_SPEC } from './peer-tools.js';
 export type { PeerTool, PeerToolsPaths } from './peer-tools.js';
+export { isNativeDepsProvisioned, nativeDepsPaths, provisionNativeDeps, NATIVE_DEPS_SPEC } from './native-deps.js';
+export type { NativeDepsPaths } from './native-deps.js';
 export * from './containerd.js';
 export * from './cri-client.js';
 export { cleanupStaleStacks, destroyStackDir, STACK_MARKER_FILE } from './cleanup.js';

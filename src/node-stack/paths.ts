@@ -15,6 +15,8 @@ export const DEFAULT_STACK_ROOT = '/opt/thaw/stack';
 /** Multiarch library directories of a prefix (Debian amd64). */
 export const LIB_SUBDIRS = ['usr/lib/x86_64-linux-gnu', 'lib/x86_64-linux-gnu'] as const;
 export const INTERPRETER_SUBPATH = 'usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2';
+/** Where a libc6 that predates Debian's merged /usr (Debian 12's) has it. */
+export const LEGACY_INTERPRETER_SUBPATH = 'lib/x86_64-linux-gnu/ld-linux-x86-64.so.2';
 export const CRI_PROTO_SUBPATH = 'usr/share/gocode/src/k8s.io/cri-api/pkg/apis/runtime/v1/api.proto';
 /** Our stripped copy of the CRI proto (gogoproto import and options removed), written at provisioning. */
 export const CRI_PROTO_STRIPPED_SUBPATH = 'share/thaw/cri-api-v1.proto';

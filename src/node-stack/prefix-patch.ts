@@ -10,7 +10,7 @@ import { elfHasInterpreter } from '../elf.js';
 import { privateApt, type HostAptSource } from './apt.js';
 import { StackError, StackErrorCode } from './errors.js';
 import { runCommand, tail } from './exec.js';
-import { INTERPRETER_SUBPATH, LIB_SUBDIRS, type StackPaths } from './paths.js';
+import { INTERPRETER_SUBPATH, LEGACY_INTERPRETER_SUBPATH, LIB_SUBDIRS, type StackPaths } from './paths.js';
 
 export async function exists(p: string): Promise<boolean> {
   return stat(p).then(() => true, () => false);
@@ -66,7 +66,9 @@ export async function unpackDebs(debs: Map<string, string>, tree: string, opts: 
  */
 export async function patchExecutables(tree: string, prefix: string, patchelf: string,
   opts: { signal?: AbortSignal; timeoutMs: number }): Promise<void> {
-  const interpreter = path.join(prefix, INTERPRETER_SUBPATH);
+  // Debian 13's libc6 ships its loader under usr/lib; Debian 12's (not merged into /usr) under lib.
+  const subpath = (await exists(path.join(tree, INTERPRETER_SUBPATH))) || !(await exists(path.join(tree, LEGACY_INTERPRETER_SUBPATH))) ? INTERPRETER_SUBPATH : LEGACY_INTERPRETER_SUBPATH;
+  const interpreter = path.join(prefix, subpath);
   // DT_RPATH (--force-rpath), not DT_RUNPATH: RPATH also applies to the libraries' own dependencies
   // (CRIU's libgnutls needs libunistring.so.5, which Debian 12 lacks).
   const rpath = LIB_SUBDIRS.map((d) => path.join(prefix, d)).join(':');

@@ -4,6 +4,7 @@
  *   node dist/src/node-stack/provision-main.js --registry [--root DIR] [--force]   (the OCI registry of the tests)
  *   node dist/src/node-stack/provision-main.js --peer-tools [--root DIR] [--force] (cosign, oras, skopeo, kustomize, kubectl, notation)
  *   node dist/src/node-stack/provision-main.js --go-nri-plugin [--root DIR] [--force]   (bench:nri's Go anchor plugin)
+ *   node dist/src/node-stack/provision-main.js --native-deps [--root DIR] [--force]     (zstd for native/, static)
  * Prints one JSON line with the result; on failure one stderr line with the error code and message,
  * then the error's JSON, and exits 1.
  */
@@ -14,12 +15,14 @@ import { provisionPeerTools } from './peer-tools.js';
 import { provisionStack } from './provision.js';
 import { provisionRegistry } from './registry-provision.js';
 import { provisionGoNriPlugin } from './go-nri-plugin.js';
+import { provisionNativeDeps } from './native-deps.js';
 
 async function main(argv: string[]): Promise<number> {
   let flavorArg: string | undefined;
   let registry = false;
   let peerTools = false;
   let goNriPlugin = false;
+  let nativeDeps = false;
   let root = DEFAULT_STACK_ROOT;
   let force = false;
   for (let i = 0; i < argv.length; i++) {
@@ -30,8 +33,9 @@ async function main(argv: string[]): Promise<number> {
     else if (a === '--registry') registry = true;
     else if (a === '--peer-tools') peerTools = true;
     else if (a === '--go-nri-plugin') goNriPlugin = true;
+    else if (a === '--native-deps') nativeDeps = true;
     else {
-      process.stderr.write(`provision: unknown argument ${a}\nusage: provision-main --flavor 1.7|2.1 | --registry | --peer-tools | --go-nri-plugin [--root DIR] [--force]\n`);
+      process.stderr.write(`provision: unknown argument ${a}\nusage: provision-main --flavor 1.7|2.1 | --registry | --peer-tools | --go-nri-plugin | --native-deps [--root DIR] [--force]\n`);
       return 2;
     }
   }
@@ -44,6 +48,11 @@ async function main(argv: string[]): Promise<number> {
     if (goNriPlugin) {
       const r = await provisionGoNriPlugin({ root, force, logger, signal: controller.signal });
       process.stdout.write(`${JSON.stringify({ component: 'go-nri-plugin', binary: r.binary, built: r.built, goVersion: r.stamp.goVersion, warnings: r.stamp.warnings })}\n`);
+      return 0;
+    }
+    if (nativeDeps) {
+      const r = await provisionNativeDeps({ root, force, logger, signal: controller.signal });
+      process.stdout.write(`${JSON.stringify({ component: 'native-deps', prefix: r.paths.prefix, built: r.built, versions: r.stamp.versions, warnings: r.stamp.warnings })}\n`);
       return 0;
     }
     if (registry) {
