@@ -5,57 +5,16 @@
  * the same pages in the same order), and what is left alone. test/integration/memory-fill.test.ts makes CRIU commit
  * the slip on a real process and restores the marked dump.
  */
-import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterEach, describe, expect, it } from 'vitest';
-import { CRIU_PAGE_BYTES as P, CriuImageCodec, encodeImageFile, PagemapFlags, parseImageFile, VmaStatus, type VmaEntry } from '../../src/restore-engine/criu/images.js';
+import { describe, expect, it } from 'vitest';
+import { CRIU_PAGE_BYTES as P, encodeImageFile, PagemapFlags, parseImageFile, VmaStatus } from '../../src/restore-engine/criu/images.js';
 import { markLazy, restoreLazyMarks } from '../../src/restore-engine/lazy-marks.js';
 
-const codec = CriuImageCodec.load();
-const HEADER = Buffer.from([0x19, 0x43, 0x56, 0x54, 0x25, 0x40, 0x08, 0x56]);
-const ANON = VmaStatus.AREA_REGULAR | VmaStatus.ANON_PRIVATE;
-const PRESENT = PagemapFlags.PRESENT;
-const LAZY = PagemapFlags.PRESENT | PagemapFlags.LAZY;
-const PRIVATE_ANON = 0x22; // MAP_PRIVATE | MAP_ANONYMOUS
-const FILE_PRIVATE = 0x02;
-const MAP_LOCKED = 0x2000;
-const A = 0x10000000;
+import { A, codec, FILE_PRIVATE, HEADER, LAZY, MAP_LOCKED, PRESENT, PRIVATE_ANON, vma, writeImages } from '../helpers/criu-images.js';
+
 const ALIGNED_SP = 0x7ffd16979000n;
 const UNALIGNED_SP = 0x7ffd16978ff0n;
-
-const dirs: string[] = [];
-afterEach(() => {
-  for (const d of dirs.splice(0)) rmSync(d, { recursive: true, force: true });
-});
-
-const vma = (start: number, pages: number, flags = PRIVATE_ANON, status = ANON): VmaEntry => ({ start: BigInt(start), end: BigInt(start + pages * P), status, flags });
-
-interface Task {
-  pid: number;
-  /** Stack pointers of the task's threads (the first is the task's own); undefined: a core image without one. */
-  sps: Array<bigint | undefined>;
-  vmas: VmaEntry[];
-  /** [vaddr, pages, flags] per pagemap entry. */
-  map: Array<[number, number, number]>;
-}
-
-function writeImages(tasks: Task[]): string {
-  const dir = mkdtempSync(join(tmpdir(), 'thaw-lazy-marks-'));
-  dirs.push(dir);
-  const tids = (t: Task): number[] => t.sps.map((_, i) => t.pid + i);
-  writeFileSync(join(dir, 'pstree.img'), encodeImageFile({ header: HEADER, entries: tasks.map((t, i) => codec.encodePstree({ pid: t.pid, ppid: i === 0 ? 0 : tasks[0]!.pid, threads: tids(t) })) }));
-  for (const t of tasks) {
-    tids(t).forEach((tid, i) => {
-      const sp = t.sps[i];
-      writeFileSync(join(dir, `core-${tid}.img`), encodeImageFile({ header: HEADER, entries: [codec.encodeCore({ seccompMode: 0, ...(sp !== undefined ? { sp } : {}) })] }));
-    });
-    writeFileSync(join(dir, `mm-${t.pid}.img`), encodeImageFile({ header: HEADER, entries: [codec.encodeMm(t.vmas)] }));
-    const entries = t.map.map(([vaddr, nrPages, flags]) => codec.encodePagemapEntry({ vaddr: BigInt(vaddr), nrPages, flags }));
-    writeFileSync(join(dir, `pagemap-${t.pid}.img`), encodeImageFile({ header: HEADER, entries: [codec.encodePagemapHead(t.pid), ...entries] }));
-  }
-  return dir;
-}
 
 function pagemapOf(dir: string, pid: number): Array<[number, number, number | undefined]> {
   const [, ...rest] = parseImageFile(readFileSync(join(dir, `pagemap-${pid}.img`)), 'pagemap').entries;
@@ -101,7 +60,7 @@ describe('restoreLazyMarks', () => {
       [A + 24 * P, 4, PRESENT],
     ]);
     // No file but the pagemap changed, and no temporary file is left.
-    expect(readdirSync(dir).sort()).toEqual(['core-10.img', 'core-11.img', 'mm-10.img', 'pagemap-10.img', 'pstree.img']);
+    expect(readdirSync(dir).sort()).toEqual(['core-10.img', 'core-11.img', 'mm-10.img', 'pagemap-10.img', 'pages-10.img', 'pstree.img']);
   });
 
   it('leaves alone: a dump with a lazy entry, threads off page boundaries, pages in a parent image; rewrites only the task that has the slip', async () => {

@@ -5,56 +5,14 @@
  * over a copied page), and the checkpoints that get no plan (CRIU then fills their memory).
  * test/integration/memory-fill.test.ts runs thaw-fill on a real CRIU restore.
  */
-import { mkdtempSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { truncateSync, writeFileSync } from 'node:fs';
 import { spawnSync } from 'node:child_process';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { afterEach, describe, expect, it } from 'vitest';
-import { CRIU_PAGE_BYTES as P, CriuImageCodec, decodePagemapEntryRaw, encodeImageFile, PagemapFlags, VmaStatus, type VmaEntry } from '../../src/restore-engine/criu/images.js';
+import { describe, expect, it } from 'vitest';
+import { CRIU_PAGE_BYTES as P, decodePagemapEntryRaw, PagemapFlags, VmaStatus } from '../../src/restore-engine/criu/images.js';
 import { buildFillPlan, criuPageReads, encodeFillPlan, FILL_MAX_ZERO_FACTOR, FILL_MAX_ZERO_SLACK_BYTES, vmaCanBeLazy, type FillPlan } from '../../src/restore-engine/memory-fill.js';
-import { ZERO_PAGES_FILE } from '../../src/restore-engine/zero-pages.js';
-
-const codec = CriuImageCodec.load();
-const HEADER = Buffer.from([0x19, 0x43, 0x56, 0x54, 0x25, 0x40, 0x08, 0x56]);
-const ANON = VmaStatus.AREA_REGULAR | VmaStatus.ANON_PRIVATE;
-const LAZY = PagemapFlags.PRESENT | PagemapFlags.LAZY;
-const PRIVATE_ANON = 0x22; // MAP_PRIVATE | MAP_ANONYMOUS
-const FILE_PRIVATE = 0x02;
-const A = 0x10000000;
-const B = 0x20000000;
-
-const dirs: string[] = [];
-afterEach(() => {
-  for (const d of dirs.splice(0)) rmSync(d, { recursive: true, force: true });
-});
-
-const vma = (start: number, pages: number, flags = PRIVATE_ANON, status = ANON): VmaEntry => ({ start: BigInt(start), end: BigInt(start + pages * P), status, flags });
-
-interface Proc {
-  pid: number;
-  vmas: VmaEntry[];
-  /** [vaddr, pages, flags] per pagemap entry. */
-  map: Array<[number, number, number]>;
-  pagesId: number;
-}
-
-function writeImages(procs: Proc[], zeros?: Record<string, Array<[string, number]>>): string {
-  const dir = mkdtempSync(join(tmpdir(), 'thaw-fill-plan-'));
-  dirs.push(dir);
-  writeFileSync(join(dir, 'pstree.img'), encodeImageFile({ header: HEADER, entries: procs.map((p, i) => codec.encodePstree({ pid: p.pid, ppid: i === 0 ? 0 : procs[0]!.pid })) }));
-  for (const p of procs) {
-    writeFileSync(join(dir, `mm-${p.pid}.img`), encodeImageFile({ header: HEADER, entries: [codec.encodeMm(p.vmas)] }));
-    const entries = p.map.map(([vaddr, nrPages, flags]) => codec.encodePagemapEntry({ vaddr: BigInt(vaddr), nrPages, flags }));
-    writeFileSync(join(dir, `pagemap-${p.pid}.img`), encodeImageFile({ header: HEADER, entries: [codec.encodePagemapHead(p.pagesId), ...entries] }));
-    // The pages file as large as the entries in it say (sparse: the plan reads no page).
-    const present = p.map.filter(([, , f]) => (f & PagemapFlags.PRESENT) !== 0).reduce((n, [, pages]) => n + pages, 0);
-    writeFileSync(join(dir, `pages-${p.pagesId}.img`), '');
-    truncateSync(join(dir, `pages-${p.pagesId}.img`), present * P);
-  }
-  if (zeros !== undefined) writeFileSync(join(dir, ZERO_PAGES_FILE), JSON.stringify({ v: 1, processes: zeros }));
-  return dir;
-}
+import { A, ANON, B, codec, FILE_PRIVATE, LAZY, PRIVATE_ANON, vma, writeImages } from '../helpers/criu-images.js';
 
 async function plan(dir: string): Promise<FillPlan> {
   const p = await buildFillPlan(dir, codec);
@@ -102,7 +60,7 @@ describe('buildFillPlan', () => {
         map: [[A, 2, PagemapFlags.PRESENT], [A + 2 * P, 4, LAZY], [B, 2, PagemapFlags.PRESENT]],
       }],
       // Dropped: A+6..A+8 (in the second VMA) and a range that overlaps the copied A+3..A+4, and one in the file mapping.
-      { '7': [[(A + 6 * P).toString(16), 2], [(A + 3 * P).toString(16), 2], [B.toString(16), 1]] },
+      { zeros: { '7': [[(A + 6 * P).toString(16), 2], [(A + 3 * P).toString(16), 2], [B.toString(16), 1]] } },
     );
     const p = await plan(dir);
     const t = p.tasks[0]!;
@@ -122,7 +80,7 @@ describe('buildFillPlan', () => {
   });
 
   it('the stored plan names pages files in the images directory; thaw-fill refuses one that is not a plain name there', async () => {
-    const dir = writeImages([{ pid: 7, pagesId: 3, vmas: [vma(A, 2)], map: [[A, 2, LAZY]] }], {});
+    const dir = writeImages([{ pid: 7, pagesId: 3, vmas: [vma(A, 2)], map: [[A, 2, LAZY]] }], { zeros: {} });
     expect(encodeFillPlan(await plan(dir), { relative: true })).toBe(`thaw-fill-plan 1\ntask 7 pages-3.img\nc ${A.toString(16)} 2 0\n`);
     const fill = resolve(dirname(fileURLToPath(import.meta.url)), '../../native/build/thaw-fill');
     for (const name of ['../pages-3.img', '/etc/passwd', '..']) {
@@ -136,7 +94,7 @@ describe('buildFillPlan', () => {
     const dir = writeImages([
       { pid: 1, pagesId: 1, vmas: [vma(A, 2)], map: [[A, 2, LAZY]] },
       { pid: 2, pagesId: 2, vmas: [vma(A, 2, FILE_PRIVATE, VmaStatus.AREA_REGULAR | VmaStatus.FILE_PRIVATE)], map: [[A, 2, PagemapFlags.PRESENT]] },
-    ], {});
+    ], { zeros: {} });
     const p = await plan(dir);
     expect(p.tasks.map((t) => [t.pid, t.pagesFile !== undefined, t.copies.length])).toEqual([[1, true, 1], [2, false, 0]]);
     expect(encodeFillPlan(p)).toContain('\ntask 2 -\n');
@@ -145,12 +103,12 @@ describe('buildFillPlan', () => {
   it('no plan: a checkpoint without the list of dropped pages, parent images, lazy pages outside a lazy mapping, a pages file its pagemap does not account for', async () => {
     const cases: Array<[string, RegExp]> = [
       [writeImages([{ pid: 1, pagesId: 1, vmas: [vma(A, 2)], map: [[A, 2, LAZY]] }]), /no thaw-zero-pages\.json/],
-      [writeImages([{ pid: 1, pagesId: 1, vmas: [vma(A, 2)], map: [[A, 2, PagemapFlags.PARENT | PagemapFlags.LAZY]] }], {}), /parent image/],
-      [writeImages([{ pid: 1, pagesId: 1, vmas: [vma(A, 2, FILE_PRIVATE)], map: [[A, 2, LAZY]] }], {}), /outside a private anonymous mapping/],
-      [writeImages([{ pid: 1, pagesId: 1, vmas: [vma(A, 2)], map: [[A, 2, PagemapFlags.LAZY]] }], {}), /not in its pages file/],
+      [writeImages([{ pid: 1, pagesId: 1, vmas: [vma(A, 2)], map: [[A, 2, PagemapFlags.PARENT | PagemapFlags.LAZY]] }], { zeros: {} }), /parent image/],
+      [writeImages([{ pid: 1, pagesId: 1, vmas: [vma(A, 2, FILE_PRIVATE)], map: [[A, 2, LAZY]] }], { zeros: {} }), /outside a private anonymous mapping/],
+      [writeImages([{ pid: 1, pagesId: 1, vmas: [vma(A, 2)], map: [[A, 2, PagemapFlags.LAZY]] }], { zeros: {} }), /not in its pages file/],
     ];
     // A pagemap that does not account for its pages file (a CRIU image format this decoder misreads).
-    const short = writeImages([{ pid: 1, pagesId: 1, vmas: [vma(A, 4)], map: [[A, 2, LAZY]] }], {});
+    const short = writeImages([{ pid: 1, pagesId: 1, vmas: [vma(A, 4)], map: [[A, 2, LAZY]] }], { zeros: {} });
     truncateSync(join(short, 'pages-1.img'), 4 * P);
     cases.push([short, /pages-1\.img has 16384 bytes, pagemap-1\.img accounts for 8192/]);
     for (const [dir, reason] of cases) {
@@ -167,7 +125,7 @@ describe('buildFillPlan', () => {
       map.push([A + 2 * i * P, 1, LAZY]);
       zeros.push([(A + (2 * i + 1) * P).toString(16), 1]);
     }
-    const p = await plan(writeImages([{ pid: 1, pagesId: 1, vmas: [vma(A, 2 * n)], map }], { '1': zeros }));
+    const p = await plan(writeImages([{ pid: 1, pagesId: 1, vmas: [vma(A, 2 * n)], map }], { zeros: { '1': zeros } }));
     const t = p.tasks[0]!;
     expect(t.copies).toHaveLength(n);
     expect(t.copies[n - 1]).toEqual({ addr: A + 2 * (n - 1) * P, pages: 1, offset: (n - 1) * P });
@@ -177,7 +135,7 @@ describe('buildFillPlan', () => {
 
   it('a list of dropped pages far larger than the pages (not one thaw writes) places no zeros', async () => {
     const huge = Math.ceil((FILL_MAX_ZERO_FACTOR * 2 * P + FILL_MAX_ZERO_SLACK_BYTES) / P) + 1;
-    const dir = writeImages([{ pid: 1, pagesId: 1, vmas: [vma(A, 2), vma(B, huge)], map: [[A, 2, LAZY]] }], { '1': [[B.toString(16), huge]] });
+    const dir = writeImages([{ pid: 1, pagesId: 1, vmas: [vma(A, 2), vma(B, huge)], map: [[A, 2, LAZY]] }], { zeros: { '1': [[B.toString(16), huge]] } });
     const p = await plan(dir);
     expect(p.zeroBytes).toBe(0);
     expect(p.tasks[0]!.zeros).toEqual([]);
