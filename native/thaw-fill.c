@@ -17,10 +17,14 @@
  * registered every mapping (pids are below 2^22, so the marker cannot be a pid).
  *
  * The plan (written by the agent from the verified images; one line each):
- *   thaw-fill-plan 1
+ *   thaw-fill-plan 1          or 2: a plan that may name compressed pages (the two lines marked v2)
+ *   zpages FILE               v2, once, before any task: the checkpoint's compressed pages (thaw-pack's frames)
  *   task PID PAGES_FILE       the task's pages-N.img ("-" when it has no lazy pages); with --images-dir a plain
  *                             name in that directory (the plan stored with a checkpoint), opened through its fd
  *   c ADDR_HEX PAGES OFFSET   PAGES pages at ADDR come from PAGES_FILE at byte OFFSET (each within one VMA)
+ *   x ADDR_HEX PAGES ZOFF ZLEN  v2: PAGES pages (at most CHUNK_PAGES) at ADDR are the zstd frame of ZLEN bytes at
+ *                             byte ZOFF of FILE (within one VMA); a frame that does not decompress to exactly
+ *                             those pages, or fails its checksum, is an error (FRAME), never a partial fill
  *   z ADDR_HEX PAGES          PAGES pages at ADDR are zeros (pages the checkpoint dropped as all-zero)
  *
  * How it stays exact: a page is only ever placed by UFFDIO_COPY / UFFDIO_ZEROPAGE, which never overwrite a page
@@ -57,6 +61,7 @@
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
+#include <zstd.h>
 
 #define PAGE 4096ULL
 /* A sweeper's unit: large enough that an ioctl per chunk costs nothing, small enough to share out evenly. */
@@ -71,9 +76,10 @@
 
 struct chunk {
   uint64_t addr;   /* where the pages are now (mremap moves it) */
-  uint64_t off;    /* offset in the pages file; NO_OFFSET: zeros */
+  uint64_t off;    /* offset in the pages file (zlen 0) or of its frame in the zpages file; NO_OFFSET: zeros */
   uint32_t pages;
   uint32_t task;
+  uint32_t zlen;   /* the frame's compressed length; 0: plain pages or zeros */
   uint64_t removed[CHUNK_PAGES / 64];
 };
 
@@ -100,6 +106,9 @@ static long timeout_ms = 120000;
 static struct timespec t_start, t_finished;
 static const char *hold_sweep_until;
 static int images_dir_fd = -1;
+static int zpages_fd = -1;
+/* A chunk's pages as bytes: the buffers of one thread (each sweeper, and the event thread for faults). */
+struct reader { char *buf; char *zbuf; size_t zcap; ZSTD_DCtx *dctx; };
 
 static double ms_since(const struct timespec *a) {
   struct timespec now;
@@ -146,7 +155,9 @@ static struct task *task_of_pid(int pid) {
   return NULL;
 }
 
-static void add_chunk(uint64_t addr, uint64_t off, uint64_t pages) {
+static void add_chunk(uint64_t addr, uint64_t off, uint64_t pages, uint32_t zlen) {
+  /* A frame is placed as one chunk: it decompresses only whole. */
+  if (zlen != 0 && pages > CHUNK_PAGES) fail("PLAN", "a frame of %" PRIu64 " pages (at most %d)", pages, CHUNK_PAGES);
   while (pages > 0) {
     uint32_t n = pages > CHUNK_PAGES ? CHUNK_PAGES : (uint32_t)pages;
     if (nchunks == chunks_cap) {
@@ -160,6 +171,7 @@ static void add_chunk(uint64_t addr, uint64_t off, uint64_t pages) {
     c->off = off;
     c->pages = n;
     c->task = (uint32_t)(ntasks - 1);
+    c->zlen = zlen;
     tasks[ntasks - 1].count++;
     addr += n * PAGE;
     if (off != NO_OFFSET) off += n * PAGE;
@@ -172,12 +184,24 @@ static int by_addr(const void *a, const void *b) {
   return x->addr < y->addr ? -1 : x->addr > y->addr;
 }
 
+/* A file the plan names: with --images-dir a plain name in that directory (opened through its fd). */
+static int open_named(const char *path, int lineno, const char *file) {
+  if (images_dir_fd >= 0 && (strchr(file, '/') || strcmp(file, ".") == 0 || strcmp(file, "..") == 0 || file[0] == '\0')) {
+    fail("PLAN", "%s:%d: %s is not a name in the images directory", path, lineno + 1, file);
+  }
+  int fd = images_dir_fd >= 0 ? openat(images_dir_fd, file, O_RDONLY | O_CLOEXEC | O_NOFOLLOW) : open(file, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+  if (fd < 0) fail("PLAN", "cannot open %s: %s", file, strerror(errno));
+  return fd;
+}
+
 static void read_plan(const char *path) {
   FILE *f = fopen(path, "re");
   if (!f) fail("PLAN", "cannot open the plan %s: %s", path, strerror(errno));
   char line[4352];
   int lineno = 0;
-  if (!fgets(line, sizeof line, f) || strcmp(line, "thaw-fill-plan 1\n") != 0) fail("PLAN", "%s: not a thaw-fill-plan 1", path);
+  if (!fgets(line, sizeof line, f) || (strcmp(line, "thaw-fill-plan 1\n") != 0 && strcmp(line, "thaw-fill-plan 2\n") != 0)) fail("PLAN", "%s: not a thaw-fill-plan 1 or 2", path);
+  const bool v2 = line[15] == '2';
+  const uint64_t max_zlen = ZSTD_compressBound(CHUNK_PAGES * PAGE);
   while (fgets(line, sizeof line, f)) {
     lineno++;
     size_t len = strlen(line);
@@ -195,19 +219,25 @@ static void read_plan(const char *path) {
       t->pages_fd = -1;
       t->first = nchunks;
       const char *file = end + 1;
-      if (strcmp(file, "-") != 0) {
-        if (images_dir_fd >= 0 && (strchr(file, '/') || strcmp(file, ".") == 0 || strcmp(file, "..") == 0 || file[0] == '\0')) {
-          fail("PLAN", "%s:%d: %s is not a name in the images directory", path, lineno + 1, file);
-        }
-        t->pages_fd = images_dir_fd >= 0 ? openat(images_dir_fd, file, O_RDONLY | O_CLOEXEC | O_NOFOLLOW) : open(file, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-        if (t->pages_fd < 0) fail("PLAN", "cannot open %s: %s", file, strerror(errno));
-      }
+      if (strcmp(file, "-") != 0) t->pages_fd = open_named(path, lineno, file);
       pthread_rwlockattr_t attr;
       pthread_rwlockattr_init(&attr);
       /* The event thread must not wait behind a stream of fills. */
       pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
       pthread_rwlock_init(&t->lock, &attr);
       pthread_rwlockattr_destroy(&attr);
+    } else if (v2 && strncmp(line, "zpages ", 7) == 0) {
+      if (ntasks > 0 || zpages_fd >= 0) fail("PLAN", "%s:%d: zpages once, before any task", path, lineno + 1);
+      zpages_fd = open_named(path, lineno, line + 7);
+    } else if (v2 && line[0] == 'x' && line[1] == ' ') {
+      uint64_t addr, pages, zoff, zlen;
+      char extra;
+      if (ntasks == 0) fail("PLAN", "%s:%d: a range before any task", path, lineno + 1);
+      if (zpages_fd < 0) fail("PLAN", "%s:%d: a compressed range without a zpages file", path, lineno + 1);
+      if (sscanf(line + 2, "%" SCNx64 " %" SCNu64 " %" SCNu64 " %" SCNu64 " %c", &addr, &pages, &zoff, &zlen, &extra) != 4 || addr % PAGE || pages == 0 || pages > CHUNK_PAGES || zlen == 0 || zlen > max_zlen || zoff > UINT64_MAX - zlen) {
+        fail("PLAN", "%s:%d: bad compressed range", path, lineno + 1);
+      }
+      add_chunk(addr, zoff, pages, (uint32_t)zlen);
     } else if ((line[0] == 'c' || line[0] == 'z') && line[1] == ' ') {
       if (ntasks == 0) fail("PLAN", "%s:%d: a range before any task", path, lineno + 1);
       uint64_t addr, pages, off = NO_OFFSET;
@@ -215,7 +245,7 @@ static void read_plan(const char *path) {
                              : sscanf(line + 2, "%" SCNx64 " %" SCNu64, &addr, &pages);
       if (n != (line[0] == 'c' ? 3 : 2) || addr % PAGE || pages == 0 || (off != NO_OFFSET && off % PAGE)) fail("PLAN", "%s:%d: bad range", path, lineno + 1);
       if (line[0] == 'c' && tasks[ntasks - 1].pages_fd < 0) fail("PLAN", "%s:%d: a copy range of a task without a pages file", path, lineno + 1);
-      add_chunk(addr, off, pages);
+      add_chunk(addr, off, pages, 0);
     } else {
       fail("PLAN", "%s:%d: unknown line", path, lineno + 1);
     }
@@ -260,6 +290,30 @@ static void read_fully(int fd, void *buf, size_t len, uint64_t off) {
     if (n == 0) fail("READ", "the pages file ends at %" PRIu64 ", the plan reads to %" PRIu64, off + at, off + len);
     at += (size_t)n;
   }
+}
+
+static void init_reader(struct reader *r) {
+  r->buf = aligned_alloc(PAGE, CHUNK_PAGES * PAGE);
+  r->zcap = ZSTD_compressBound(CHUNK_PAGES * PAGE);
+  r->zbuf = malloc(r->zcap);
+  r->dctx = ZSTD_createDCtx();
+  if (!r->buf || !r->zbuf || !r->dctx) fail("NO_MEMORY", "a reader's buffers");
+}
+
+/*
+ * The bytes of pages [from, to) of `c` (not zeros), valid until the reader's next call: read from the pages file,
+ * or the chunk's whole frame read and decompressed (it decompresses only whole) and the range's part of it.
+ */
+static const char *chunk_bytes(struct reader *r, const struct task *t, const struct chunk *c, uint32_t from, uint32_t to) {
+  if (c->zlen == 0) {
+    read_fully(t->pages_fd, r->buf, (to - from) * PAGE, c->off + from * PAGE);
+    return r->buf;
+  }
+  read_fully(zpages_fd, r->zbuf, c->zlen, c->off);
+  size_t n = ZSTD_decompressDCtx(r->dctx, r->buf, c->pages * PAGE, r->zbuf, c->zlen);
+  if (ZSTD_isError(n)) fail("FRAME", "task %d: the frame at %" PRIu64 " (%u bytes) for %#" PRIx64 ": %s", t->pid, c->off, c->zlen, c->addr, ZSTD_getErrorName(n));
+  if (n != c->pages * PAGE) fail("FRAME", "task %d: the frame at %" PRIu64 " holds %zu bytes, the plan places %u pages", t->pid, c->off, n, c->pages);
+  return r->buf + (size_t)from * PAGE;
 }
 
 enum fill_result { FILL_OK, FILL_AGAIN, FILL_GONE };
@@ -344,7 +398,7 @@ static enum fill_result fill_pages(struct task *t, struct chunk *c, uint32_t fro
 }
 
 static void *sweeper(void *arg) {
-  char *buf = arg;
+  struct reader *r = arg;
   for (;;) {
     size_t k = atomic_fetch_add(&next_chunk, 1);
     if (k >= nchunks) return NULL;
@@ -352,8 +406,7 @@ static void *sweeper(void *arg) {
     struct chunk *c = &chunks[k];
     struct task *t = &tasks[c->task];
     if (t->uffd < 0 || atomic_load(&t->gone)) continue;
-    if (c->off != NO_OFFSET) read_fully(t->pages_fd, buf, c->pages * PAGE, c->off);
-    fill_pages(t, c, 0, c->pages, c->off != NO_OFFSET ? buf : NULL, false);
+    fill_pages(t, c, 0, c->pages, c->off != NO_OFFSET ? chunk_bytes(r, t, c, 0, c->pages) : NULL, false);
   }
 }
 
@@ -434,7 +487,7 @@ static void drain_uffd(struct task *t) {
 }
 
 /* A faulting page: its window from the image, zeros where the image has none. FILL_AGAIN: retry later. */
-static enum fill_result serve_fault(struct task *t, uint64_t addr, char *buf) {
+static enum fill_result serve_fault(struct task *t, uint64_t addr, struct reader *r) {
   struct chunk *c = find_chunk(t, addr);
   if (!c || page_removed(c, (uint32_t)((addr - c->addr) / PAGE))) {
     /* Not in the image (an untouched page), or dropped by the process since: zeros, as the kernel would give. */
@@ -444,8 +497,7 @@ static enum fill_result serve_fault(struct task *t, uint64_t addr, char *buf) {
   uint32_t i = (uint32_t)((addr - c->addr) / PAGE);
   uint32_t end = i + FAULT_WINDOW_PAGES < c->pages ? i + FAULT_WINDOW_PAGES : c->pages;
   if (c->off == NO_OFFSET) return fill_pages(t, c, i, end, NULL, true);
-  read_fully(t->pages_fd, buf, (end - i) * PAGE, c->off + i * PAGE);
-  return fill_pages(t, c, i, end, buf, true);
+  return fill_pages(t, c, i, end, chunk_bytes(r, t, c, i, end), true);
 }
 
 static void wake_page(struct task *t, uint64_t addr) {
@@ -504,8 +556,9 @@ int main(int argc, char **argv) {
   read_plan(plan);
   retry = malloc(fault_cap * sizeof *retry);
   pending = malloc(fault_cap * sizeof *pending);
-  char *fault_buf = aligned_alloc(PAGE, FAULT_WINDOW_PAGES * PAGE);
-  if (!retry || !pending || !fault_buf) fail("NO_MEMORY", "fault lists");
+  struct reader fault_reader;
+  init_reader(&fault_reader);
+  if (!retry || !pending) fail("NO_MEMORY", "fault lists");
 
   int ls = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
   struct sockaddr_un sa = {.sun_family = AF_UNIX};
@@ -522,7 +575,7 @@ int main(int argc, char **argv) {
   int sk = -1;
   bool finished = false, sk_open = false, sweeping = false;
   pthread_t tids[MAX_THREADS];
-  char *bufs[MAX_THREADS];
+  struct reader readers[MAX_THREADS];
   int started = 0;
   bool joined = false;
   for (;;) {
@@ -577,9 +630,8 @@ int main(int argc, char **argv) {
     if (finished && !sweeping && (!hold_sweep_until || access(hold_sweep_until, F_OK) == 0)) {
       sweeping = true;
       for (int i = 0; i < nthreads; i++) {
-        bufs[i] = aligned_alloc(PAGE, CHUNK_PAGES * PAGE);
-        if (!bufs[i]) fail("NO_MEMORY", "sweeper buffer");
-        if (pthread_create(&tids[i], NULL, sweeper, bufs[i]) != 0) fail("THREAD", "pthread_create: %s", strerror(errno));
+        init_reader(&readers[i]);
+        if (pthread_create(&tids[i], NULL, sweeper, &readers[i]) != 0) fail("THREAD", "pthread_create: %s", strerror(errno));
         started++;
       }
     }
@@ -588,7 +640,7 @@ int main(int argc, char **argv) {
     nretry = 0;
     for (size_t i = 0; i < nr + npending; i++) {
       struct fault f = i < nr ? retry[i] : pending[i - nr];
-      enum fill_result r = serve_fault(f.t, f.addr, fault_buf);
+      enum fill_result r = serve_fault(f.t, f.addr, &fault_reader);
       if (r == FILL_AGAIN) push_fault(&retry, &nretry, f.t, f.addr);
       else if (r == FILL_OK) wake_page(f.t, f.addr);
     }

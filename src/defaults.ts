@@ -130,6 +130,17 @@ export const DEFAULT_MEMORY_FILL_MAX_THREADS = 8;
  * may (a fill is a restore's page reads, from disk when the cache is cold); past it the pod cold-starts.
  */
 export const DEFAULT_MEMORY_FILL_TIMEOUT_MS = 120_000;
+/** The lazy pages' compressor's file name, beside thaw-pause (native/build/): absent there, pages stay plain. */
+export const PAGES_PACK_NAME = 'thaw-pack';
+/**
+ * `checkpoint.compressPages`: `zstd` moves a checkpoint's lazy pages into zstd frames (compressed-pages.ts; such a
+ * checkpoint restores only through thaw-fill), `off` keeps them as CRIU wrote them.
+ */
+export const PAGES_COMPRESSIONS = ['zstd', 'off'] as const;
+export type PagesCompression = (typeof PAGES_COMPRESSIONS)[number];
+export const PAGES_COMPRESSION_DEFAULT: PagesCompression = 'off';
+/** zstd's fastest level: decompression speed barely depends on the level, and the checkpoint's CPU time does. */
+export const DEFAULT_PAGES_COMPRESSION_LEVEL = 1;
 /**
  * A `thaw.dev/snapshot` container's image digest, asked of containerd inside NRI CreateContainer (2 s in all): a
  * local socket answers in milliseconds; past this the pod cold-starts (AGENT_SNAPSHOT_KEY_UNKNOWN).

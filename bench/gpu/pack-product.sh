@@ -18,7 +18,7 @@ FLAVOR=${THAW_CONTAINERD:-1.7}
 FLAVOR=${FLAVOR%%,*}
 STACK=/opt/thaw/stack/$FLAVOR
 [ -f "$STACK/.thaw-stack.json" ] || { echo "pack-product: $STACK is not provisioned (run: bash scripts/setup.sh)" >&2; exit 2; }
-for bin in thaw-pause thaw-hook thaw-fill; do
+for bin in thaw-pause thaw-hook thaw-fill thaw-pack; do
   [ -x "native/build/$bin" ] || { echo "pack-product: native/build/$bin missing (run: bash scripts/setup.sh)" >&2; exit 2; }
 done
 npx tsc -p tsconfig.build.json
@@ -49,7 +49,7 @@ cp -r node_modules/koffi/build/koffi/linux_x64 "$stage/node_modules/koffi/build/
 mkdir -p "$stage/native/build"
 # All three: without thaw-hook (thaw-fill) beside thaw-pause the agent falls back to the Node.js hook (to CRIU's
 # own memory fill), and the GPU run would measure a restore path no node runs.
-cp native/build/thaw-pause native/build/thaw-hook native/build/thaw-fill "$stage/native/build/"
+cp native/build/thaw-pause native/build/thaw-hook native/build/thaw-fill native/build/thaw-pack "$stage/native/build/"
 cp -r dist "$stage/dist"
 
 # node and the stack change rarely: kept between packs (in .device-cache/) while their sources are unchanged.

@@ -24,7 +24,7 @@ import { dirname, join } from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { errorMessage, isThawError } from '../errors.js';
 import { createJsonLogger, type Logger } from '../log.js';
-import { DEFAULT_MEMORY_FILL_MAX_THREADS, MEMORY_FILL_NAME, NATIVE_HOOK_NAME } from '../defaults.js';
+import { DEFAULT_MEMORY_FILL_MAX_THREADS, DEFAULT_PAGES_COMPRESSION_LEVEL, MEMORY_FILL_NAME, NATIVE_HOOK_NAME, PAGES_PACK_NAME } from '../defaults.js';
 import { hookSocketFor, UNIX_PATH_MAX_BYTES } from './hook-server.js';
 import { createNriPlugin, readLaunchEnv, type NriHandlers } from '../nri-plugin/index.js';
 import { undoJournalFor } from '../restore-engine/index.js';
@@ -296,6 +296,12 @@ export async function runAgent(o: AgentRunOptions, logger: Logger): Promise<numb
     ? { binary: fillPath, threads: c.restore.fillThreads > 0 ? c.restore.fillThreads : Math.min(DEFAULT_MEMORY_FILL_MAX_THREADS, availableParallelism()) }
     : undefined;
   if (memoryFill === undefined && c.restore.memoryFill === 'thaw-fill') logger.warn('thaw: no thaw-fill (not built); CRIU fills restored memory on one thread', { fill: fillPath });
+  // thaw-pack too; it compresses on as many threads as the fill has (the checkpoint's CPU is the worker node's).
+  const packPath = join(dirname(c.paths.thawPause), PAGES_PACK_NAME);
+  const compressPages = c.checkpoint.compressPages === 'zstd' && existsSync(packPath)
+    ? { binary: packPath, threads: Math.min(DEFAULT_MEMORY_FILL_MAX_THREADS, availableParallelism()), level: DEFAULT_PAGES_COMPRESSION_LEVEL }
+    : undefined;
+  if (compressPages === undefined && c.checkpoint.compressPages === 'zstd') logger.warn('thaw: no thaw-pack (not built); checkpoints keep their pages plain', { pack: packPath });
   const engine = await createThawEngine({
     logger,
     annotationPrefix: c.annotationPrefix,
@@ -306,6 +312,7 @@ export async function runAgent(o: AgentRunOptions, logger: Logger): Promise<numb
     hookArgv: o.hookArgv,
     ...(nativeHook !== undefined ? { nativeHook } : {}),
     ...(memoryFill !== undefined ? { memoryFill } : {}),
+    ...(compressPages !== undefined ? { compressPages } : {}),
     workRoot: c.paths.workRoot,
     containerd: { socket: c.containerd.socket, root: c.containerd.root },
     ...(c.cuda.libcuda ? { libcudaPath: c.cuda.libcuda } : {}),

@@ -99,6 +99,8 @@ export interface CheckpointCoordinatorOptions {
   weights?: { digests: SourceDigests };
   /** containerd's socket and root: the flow takes the container's upperdir from containerd's snapshot record. */
   containerd: ContainerdEndpoint;
+  /** thaw-pack: checkpoints compress their lazy pages (CheckpointContainerOptions.compressPages). */
+  compressPages?: CheckpointContainerOptions['compressPages'];
   /** Told of every event after it is logged (metrics, tests). */
   onEvent?: (event: CheckpointEvent) => void;
   /** The store's bounds: a checkpoint is refused before it is written when its expected size does not fit. */
@@ -243,6 +245,7 @@ export class CheckpointCoordinator implements ThawCoordinator {
           controlDir: container.controlDir,
           checkpointName: container.checkpointName,
           containerd: o.containerd,
+          ...(o.compressPages !== undefined ? { compressPages: o.compressPages } : {}),
           onCheckpoint: o.onCheckpointOf?.(container) ?? 'continue',
           imageRef: container.imageRef ?? '',
           ...(imageDigest !== undefined ? { imageDigest } : {}),

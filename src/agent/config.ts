@@ -26,9 +26,12 @@ import {
   DEFAULT_STORE_MIN_FREE_BYTES,
   DEFAULT_MAX_CONCURRENT_HASHING,
   DEFAULT_MAX_CONCURRENT_CRIU,
+  PAGES_COMPRESSION_DEFAULT,
+  PAGES_COMPRESSIONS,
   WEIGHTS_ORDER_DEFAULT,
   WEIGHTS_ORDERS,
   WEIGHTS_READERS_DEFAULT,
+  type PagesCompression,
   type WeightsOrder,
 } from '../defaults.js';
 import { ThawError } from '../errors.js';
@@ -77,6 +80,11 @@ export interface AgentConfig {
    * fillThreads: thaw-fill's threads (0: one per core up to DEFAULT_MEMORY_FILL_MAX_THREADS).
    */
   restore: { pauseDeadlineMs: number; hook: 'native' | 'node'; memoryFill: 'thaw-fill' | 'criu'; fillThreads: number };
+  /**
+   * compressPages: `zstd` compresses a checkpoint's lazy pages (native/build/thaw-pack; its restores then need
+   * thaw-fill, and cold-start on a node without it), `off` keeps them plain (PAGES_COMPRESSION_DEFAULT).
+   */
+  checkpoint: { compressPages: PagesCompression };
   /** file "" = stderr. */
   log: { level: LogLevel; file: string };
   /**
@@ -161,6 +169,7 @@ export const CONFIG_KEYS: readonly KeySpec[] = [
   { key: 'restore.hook', expected: 'native or node', kind: 'string', check: (v) => (v === 'native' || v === 'node' ? undefined : 'not native or node') },
   { key: 'restore.memoryFill', expected: 'thaw-fill or criu', kind: 'string', check: (v) => (v === 'thaw-fill' || v === 'criu' ? undefined : 'not thaw-fill or criu') },
   { key: 'restore.fillThreads', expected: 'an integer 0..64 (0: one per core up to 8)', kind: 'integer', check: (v) => (Number.isSafeInteger(v) && (v as number) >= 0 && (v as number) <= 64 ? undefined : 'not an integer 0..64') },
+  { key: 'checkpoint.compressPages', expected: `one of ${PAGES_COMPRESSIONS.join(', ')} (the lazy pages of a checkpoint: zstd frames, or as CRIU wrote them)`, kind: 'string', check: (v) => ((PAGES_COMPRESSIONS as readonly unknown[]).includes(v) ? undefined : `not ${PAGES_COMPRESSIONS.join(' or ')}`) },
   { key: 'store.quotaBytes', expected: 'a non-negative integer (bytes; 0: no total quota)', kind: 'integer', check: nonNegative },
   { key: 'store.namespaceQuotaBytes', expected: 'a non-negative integer (bytes; 0: none beyond tenancy.namespaces.<ns>.quotaBytes)', kind: 'integer', check: nonNegative },
   { key: 'store.minFreeBytes', expected: 'a non-negative integer (bytes the store\'s filesystem keeps free)', kind: 'integer', check: nonNegative },
@@ -200,6 +209,7 @@ export function defaultAgentConfig(packageRoot: string): AgentConfig {
     cuda: { libcuda: '', libnvml: '', lockTimeoutMs: DEFAULT_CUDA_LOCK_TIMEOUT_MS },
     weights: { modelDirs: '', readers: WEIGHTS_READERS_DEFAULT, order: WEIGHTS_ORDER_DEFAULT },
     restore: { pauseDeadlineMs: DEFAULT_THAW_PAUSE_DEADLINE_MS, hook: 'native', memoryFill: 'thaw-fill', fillThreads: 0 },
+    checkpoint: { compressPages: PAGES_COMPRESSION_DEFAULT },
     log: { level: 'info', file: '' },
     store: { quotaBytes: DEFAULT_STORE_QUOTA_BYTES, namespaceQuotaBytes: DEFAULT_NAMESPACE_QUOTA_BYTES, minFreeBytes: DEFAULT_STORE_MIN_FREE_BYTES },
     limits: { hashing: DEFAULT_MAX_CONCURRENT_HASHING, criuRuns: DEFAULT_MAX_CONCURRENT_CRIU },

@@ -56,6 +56,11 @@ export interface ThawEngineOptions {
    * the kernel offer lazy pages (asked once at start); absent, or when they do not, CRIU fills it.
    */
   memoryFill?: { binary: string; threads: number };
+  /**
+   * thaw-pack (native/build/thaw-pack), its threads and zstd level: checkpoints compress their lazy pages
+   * (compressed-pages.ts). Only where memoryFill works here: such a checkpoint restores only through thaw-fill.
+   */
+  compressPages?: { binary: string; threads: number; level: number };
   /** CRIU work dirs: `<workRoot>/<container id>` for restores, `<workRoot>/thaw-ckpt-<name>-*` for checkpoints. */
   workRoot: string;
   /** containerd's gRPC socket and root: where a checkpoint learns its container's upperdir (config `containerd.*`). */
@@ -184,6 +189,9 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
         (err: unknown) => (logger.warn('CRIU\'s feature check failed: CRIU fills restored memory', { error: errorMessage(err) }), undefined),
       );
   if (o.memoryFill !== undefined && memoryFill === undefined) logger.warn('thaw: no lazy pages here (CRIU or the kernel\'s userfaultfd): CRIU fills restored memory on one thread');
+  // A checkpoint with compressed pages restores only through thaw-fill: none are made where it cannot run.
+  const compressPages = memoryFill !== undefined ? o.compressPages : undefined;
+  if (o.compressPages !== undefined && compressPages === undefined) logger.warn('thaw: checkpoints keep their pages plain: compressed pages need thaw-fill, which cannot run here');
   const criuVersionText = `${criuVersion.major}.${criuVersion.minor}.${criuVersion.sublevel}`;
   let runtimeVersion = 'unknown';
   const stats = new ThawNriStats();
@@ -250,6 +258,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     // CRIU's work dirs (dump.log, kept after a failed dump) beside the restores', not in the node's /tmp.
     workRoot: o.workRoot,
     containerd: o.containerd,
+    ...(compressPages !== undefined ? { compressPages } : {}),
     ...(cuda ? { cuda: checkpointHooksFactory({ node: cuda, logger, ...(o.cudaLockTimeoutMs !== undefined ? { lockTimeoutMs: o.cudaLockTimeoutMs } : {}) }) } : {}),
   });
   // What a restore runs besides the checkpoint, listed once (ld.so --list per executable) at the first prefetch.

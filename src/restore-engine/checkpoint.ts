@@ -44,6 +44,7 @@ import { inspectContainer, type ContainerInspection, type InspectOptions } from 
 import { freezeCgroupOf } from './cgroup-freeze.js';
 import { captureRootfsDiff, readContainerdUpperdir, type ContainerdEndpoint } from './rootfs-diff/index.js';
 import { dropZeroPages } from './zero-pages.js';
+import { compressLazyPages } from './compressed-pages.js';
 import { CriuImageCodec } from './criu/images.js';
 import { restoreLazyMarks } from './lazy-marks.js';
 import { writeFillPlanImage } from './memory-fill.js';
@@ -69,7 +70,7 @@ export class CheckpointError extends ThawError {
   }
 }
 
-export type CheckpointPhase = 'precheck' | 'inspect' | 'weights' | 'cuda-checkpoint' | 'dump' | 'cuda-restore' | 'zero-pages' | 'rootfs-diff' | 'publish';
+export type CheckpointPhase = 'precheck' | 'inspect' | 'weights' | 'cuda-checkpoint' | 'dump' | 'cuda-restore' | 'zero-pages' | 'compress-pages' | 'rootfs-diff' | 'publish';
 export type OnCheckpoint = 'continue' | 'exit';
 
 /**
@@ -167,6 +168,12 @@ export interface CheckpointContainerOptions {
    */
   dropZeroPages?: boolean;
   /**
+   * Compress the lazy pages into zstd frames (compressed-pages.ts): thaw-pack's path, its threads and zstd level.
+   * Such a checkpoint restores only through thaw-fill (elsewhere its pods cold-start). Absent: the pages stay
+   * plain. A failure of this step only logs and keeps the pages plain.
+   */
+  compressPages?: { binary: string; threads: number; level: number };
+  /**
    * The weights service: the worker's weights regions (its weights file in the control dir) are verified and
    * recorded in the manifest, their sources hashed through these node-wide digests. Absent: a weights file is
    * ignored (the restored worker reloads from its files).
@@ -193,6 +200,11 @@ export interface CheckpointPhases {
   zeroPagesMs?: number;
   /** Bytes of zero pages left out of the dump. */
   zeroPagesDroppedBytes?: number;
+  /** Compressing the lazy pages (absent when off or when there was nothing to compress). */
+  compressPagesMs?: number;
+  /** The lazy pages' bytes, and their frames' (compressed-pages.ts). */
+  compressedPagesBytes?: number;
+  compressedFrameBytes?: number;
   rootfsDiffMs: number;
   publishMs: number;
   totalMs: number;
@@ -416,6 +428,23 @@ export async function checkpointContainer(
       // A dump with no lazy page left (restoreLazyMarks did not apply or failed): its restores are correct, but CRIU
       // reads all of the memory itself, as without the fill.
       else if (planned.copyBytes === 0) log.warn('CRIU marked no page of the dump lazy: restores of this checkpoint let CRIU fill memory', { zeroBytes: planned.zeroBytes });
+      else if (opts.compressPages !== undefined) {
+        phase = 'compress-pages';
+        started = performance.now();
+        try {
+          const c = await compressLazyPages(pending.paths.criuDir, { ...opts.compressPages, codec: CriuImageCodec.shared(), signal });
+          if ('none' in c) log.info('lazy pages left plain', { reason: c.none });
+          else {
+            phases.compressedPagesBytes = c.inBytes;
+            phases.compressedFrameBytes = c.outBytes;
+            log.info('lazy pages compressed: restores of this checkpoint need thaw-fill', { inBytes: c.inBytes, outBytes: c.outBytes, frames: c.frames, tasks: c.tasks, packMs: c.packMs, ms: c.ms });
+          }
+        } catch (err) {
+          if (signal.aborted || (err as { imagesChanged?: boolean }).imagesChanged === true) throw err;
+          log.warn('lazy pages left plain: compressing them failed', { error: errorMessage(err) });
+        }
+        phases.compressPagesMs = round(performance.now() - started);
+      }
     }
 
     phase = 'rootfs-diff';
@@ -445,6 +474,7 @@ export async function checkpointContainer(
     };
     if (phases.cudaMs !== undefined) phaseMs['cuda'] = phases.cudaMs;
     if (phases.zeroPagesMs !== undefined) phaseMs['zero-pages'] = phases.zeroPagesMs;
+    if (phases.compressPagesMs !== undefined) phaseMs['compress-pages'] = phases.compressPagesMs;
     if (phases.weightsMs !== undefined) phaseMs['weights'] = phases.weightsMs;
     const gpu = opts.cuda?.gpuConstraints?.();
     const fields: ManifestFields = {

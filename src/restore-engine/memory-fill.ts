@@ -61,10 +61,17 @@ export interface FillPlanTask {
   copies: Array<{ addr: number; pages: number; offset: number }>;
   /** Zero ranges inside lazy VMAs that the copies do not cover, sorted. */
   zeros: Array<{ addr: number; pages: number }>;
+  /**
+   * Compressed pages (compressed-pages.ts): `pages` pages (at most one thaw-fill chunk) at `addr` are the zstd frame
+   * of `zlen` bytes at byte `zoff` of the plan's zpagesFile, each within one VMA.
+   */
+  frames?: Array<{ addr: number; pages: number; zoff: number; zlen: number }>;
 }
 
 export interface FillPlan {
   tasks: FillPlanTask[];
+  /** The frames' file of a plan with compressed pages (thaw-fill-plan 2). */
+  zpagesFile?: string;
   /** Bytes the copies place. */
   copyBytes: number;
   zeroBytes: number;
@@ -231,10 +238,12 @@ export async function criuPageReads(dir: string, codec: CriuImageCodec): Promise
  * directory (thaw-fill's --images-dir), for the plan stored with the checkpoint.
  */
 export function encodeFillPlan(plan: FillPlan, options: { relative?: boolean } = {}): string {
-  const lines = ['thaw-fill-plan 1'];
+  const name = (file: string): string => (options.relative === true ? basename(file) : file);
+  const lines = plan.zpagesFile === undefined ? ['thaw-fill-plan 1'] : ['thaw-fill-plan 2', `zpages ${name(plan.zpagesFile)}`];
   for (const t of plan.tasks) {
-    lines.push(`task ${t.pid} ${t.pagesFile === undefined ? '-' : options.relative === true ? basename(t.pagesFile) : t.pagesFile}`);
+    lines.push(`task ${t.pid} ${t.pagesFile === undefined ? '-' : name(t.pagesFile)}`);
     for (const c of t.copies) lines.push(`c ${c.addr.toString(16)} ${c.pages} ${c.offset}`);
+    for (const f of t.frames ?? []) lines.push(`x ${f.addr.toString(16)} ${f.pages} ${f.zoff} ${f.zlen}`);
     for (const z of t.zeros) lines.push(`z ${z.addr.toString(16)} ${z.pages}`);
   }
   return lines.join('\n') + '\n';

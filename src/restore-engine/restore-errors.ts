@@ -73,6 +73,12 @@ export const RestoreErrorCode = {
    * tree forked while being filled, TIMEOUT, READ): the tree is killed before it runs any code of its own.
    */
   MEMORY_FILL: 'RESTORE_MEMORY_FILL',
+  /**
+   * The checkpoint's lazy pages are compressed (compressed-pages.ts) and this restore cannot run thaw-fill (off,
+   * not built, no lazy pages in CRIU or the kernel, no stored plan, or it did not start): CRIU alone would restore
+   * those pages as zeros, so the pod cold-starts. Nothing of the checkpoint ran.
+   */
+  MEMORY_FILL_REQUIRED: 'RESTORE_MEMORY_FILL_REQUIRED',
   /** A device step after CRIU (the CUDA restore seam) failed. */
   DEVICES: 'RESTORE_DEVICES',
   /** The target container's process is gone (stopped, killed) before the restore finished. */

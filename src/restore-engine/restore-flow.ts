@@ -50,7 +50,8 @@ import { loadWeights, type LoadedWeights } from './weights/loader.js';
 import { openContainerRoot, regionsOfManifest, restoreSourceOpener, type ContainerBindMount } from './weights/service.js';
 import type { SourceDigests } from './weights/source-digests.js';
 import { closeSync } from 'node:fs';
-import { fillSourceOf, startMemoryFill, type FillSource, type FillStats, type RunningFill } from './memory-fill.js';
+import { hasCompressedPages } from './compressed-pages.js';
+import { FILL_PLAN_IMAGE, fillSourceOf, startMemoryFill, type FillSource, type FillStats, type RunningFill } from './memory-fill.js';
 
 const execFileP = promisify(execFile);
 
@@ -819,12 +820,25 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
    * changes nothing yet: CRIU then fills the memory itself, and the event says why.
    */
   async function startFill(job: RestoreJob, workDir: string): Promise<{ fill?: RunningFill; info?: RestoreEvent['memoryFill'] }> {
-    if (o.memoryFill === undefined || job.fillPlan === undefined) return {};
+    // Compressed pages are in no image CRIU reads: without thaw-fill they would restore as zeros, so such a
+    // checkpoint falls back instead (compressed-pages.ts).
+    const compressed = await hasCompressedPages(job.checkpoint.paths.criuDir);
+    const required = (reason: string, cause?: unknown): RestoreError =>
+      new RestoreError(RestoreErrorCode.MEMORY_FILL_REQUIRED, `the checkpoint's pages are compressed and only thaw-fill places them: ${reason}`, { step: 'start the memory fill', ...(cause !== undefined ? { cause } : {}) });
+    if (o.memoryFill === undefined || job.fillPlan === undefined) {
+      if (compressed) throw required('this agent restores without thaw-fill (restore.memoryFill criu, thaw-fill not built, or no lazy pages in CRIU or the kernel)');
+      return {};
+    }
     const plan = await job.fillPlan;
-    if ('none' in plan) return { info: { by: 'criu', reason: plan.none } };
+    if ('none' in plan) {
+      if (compressed) throw required(plan.none);
+      return { info: { by: 'criu', reason: plan.none } };
+    }
+    if (compressed && !('planFile' in plan)) throw required(`the checkpoint has no stored plan (${FILL_PLAN_IMAGE})`);
     try {
       return { fill: await startMemoryFill({ binary: o.memoryFill.binary, workDir, source: plan, threads: o.memoryFill.threads, timeoutMs: o.memoryFill.timeoutMs }) };
     } catch (err) {
+      if (compressed) throw required(`thaw-fill did not start: ${errorMessage(err)}`, err);
       logger.warn('thaw-fill did not start: CRIU fills the memory of this restore', { checkpoint: job.checkpoint.name, error: errorMessage(err) });
       return { info: { by: 'criu', reason: `thaw-fill did not start: ${errorMessage(err)}` } };
     }

@@ -18,6 +18,8 @@ import { isThawError } from '../../src/errors.js';
 import { createCollectingLogger } from '../../src/log.js';
 import { CriuClient } from '../../src/restore-engine/criu/client.js';
 import { CriuImageCodec, decodePagemapEntryRaw, PagemapFlags, parseImageFile } from '../../src/restore-engine/criu/images.js';
+import { nativeDepsPaths } from '../../src/node-stack/native-deps.js';
+import { COMPRESSED_PAGES_IMAGE, compressLazyPages, hasCompressedPages } from '../../src/restore-engine/compressed-pages.js';
 import { restoreLazyMarks } from '../../src/restore-engine/lazy-marks.js';
 import { buildFillPlan, criuPageReads, FILL_PLAN_IMAGE, startMemoryFill, writeFillPlanImage, type FillPlan, type RunningFill } from '../../src/restore-engine/memory-fill.js';
 import { RestoreErrorCode } from '../../src/restore-engine/restore-errors.js';
@@ -26,6 +28,9 @@ import { dropZeroPages, ZERO_PAGES_FILE } from '../../src/restore-engine/zero-pa
 /** Both stacks' CRIU: 1.7's is 4.1.1, 2.1's is 4.2.1 (whose pagemap entries carry their count in another field). */
 const CRIUS = { '1.7': '/opt/thaw/stack/1.7/bin/criu', '2.1': '/opt/thaw/stack/2.1/bin/criu' } as const;
 const FILL = resolve(dirname(fileURLToPath(import.meta.url)), '../../native/build/thaw-fill');
+const PACK = resolve(dirname(fileURLToPath(import.meta.url)), '../../native/build/thaw-pack');
+/** Debian's zstd (scripts/setup.sh provisions it with the static library thaw-pack links). */
+const ZSTD = nativeDepsPaths().zstd;
 const root = mkdtempSync('/tmp/thaw-fill-');
 const codec = CriuImageCodec.load();
 const clientFor = (criuPath: string): CriuClient =>
@@ -231,7 +236,8 @@ function trigger(fifo: string, word: string): void {
 
 beforeAll(() => {
   for (const p of Object.values(CRIUS)) if (!existsSync(p)) throw new Error(`CRIU not found at ${p}: provision thaw's node stacks first`);
-  if (!existsSync(FILL)) throw new Error(`${FILL} is not built: make -C native`);
+  for (const bin of [FILL, PACK]) if (!existsSync(bin)) throw new Error(`${bin} is not built: make -C native`);
+  if (!existsSync(ZSTD)) throw new Error(`${ZSTD} is missing: bash scripts/setup.sh provisions it`);
   if (process.getuid?.() !== 0) throw new Error('the memory-fill tests must run as root');
   execFileSync('cc', ['-O2', '-Wall', '-o', ALIGNED_VICTIM, ALIGNED_VICTIM_SRC]);
 });
@@ -352,6 +358,67 @@ describe.each(Object.entries(CRIUS))('thaw-fill: a lazy CRIU restore whose memor
     expect(check.stdout.trim(), check.stderr).toBe('ok');
     expect(existsSync(`/proc/${pid}`), 'the restored victim is still parked').toBe(true);
     process.kill(pid, 'SIGKILL');
+  });
+
+  it('compressed pages: the lazy pages leave the pages file for zstd frames (Debian\'s zstd reads them back), and the fill places every page from them', async () => {
+    const d = await dumpVictim('zstd');
+    await writeFillPlanImage(d.imagesDir, codec);
+    const plain = await planOf(d);
+    const t = plain.tasks[0]!;
+    const original = readFileSync(t.pagesFile!);
+    const lazy = Buffer.concat(t.copies.map((c) => original.subarray(c.offset, c.offset + c.pages * 4096)));
+    expect(await hasCompressedPages(d.imagesDir)).toBe(false);
+    const packed = await compressLazyPages(d.imagesDir, { binary: PACK, threads: 2, level: 1, codec });
+    if ('none' in packed) throw new Error(`not compressed: ${packed.none}`);
+    expect(packed).toMatchObject({ inBytes: plain.copyBytes, tasks: [t.pid] });
+    expect(packed.frames).toBeGreaterThanOrEqual(PATTERN_PAGES / 256);
+    // 16 bytes of pattern per page, zeros after: the frames are a small fraction of the pages.
+    expect(packed.outBytes).toBeLessThan(packed.inBytes / 10);
+    const zpages = join(d.imagesDir, COMPRESSED_PAGES_IMAGE);
+    expect(statSync(zpages).size).toBe(packed.outBytes);
+    // A peer's reading of the frames: one zstd stream whose content is the lazy pages in plan order.
+    expect(execFileSync(ZSTD, ['-dc', zpages], { maxBuffer: 512 * 1024 * 1024 }).equals(lazy)).toBe(true);
+    // What is left for CRIU: the pages file without the lazy bytes, the pagemap without a lazy entry.
+    expect(statSync(t.pagesFile!).size).toBe(original.length - plain.copyBytes);
+    expect(lazyPagesOf(d.imagesDir)).toBe(0);
+    expect(await hasCompressedPages(d.imagesDir)).toBe(true);
+    expect(readFileSync(join(d.imagesDir, FILL_PLAN_IMAGE), 'utf8')).toMatch(/^thaw-fill-plan 2\nzpages thaw-pages\.zst\ntask \d+ -\nx [0-9a-f]+ \d+ 0 \d+\n/);
+    expect(await compressLazyPages(d.imagesDir, { binary: PACK, threads: 2, level: 1, codec })).toEqual({ none: 'the pages are compressed already' });
+
+    // Faults first (from the frames), then the sweep: the victim reads every page right both times.
+    const { fill, pid, release } = await restoreLazily(d, plain, 2, true);
+    trigger(d.fifo, 'check');
+    await waitFor(() => existsSync(`${d.result}.1`), 60_000, 'the victim\'s check');
+    expect(readFileSync(`${d.result}.1`, 'utf8')).toBe('ok');
+    release();
+    const stats = await fill.done;
+    trigger(d.fifo, 'check');
+    await waitFor(() => existsSync(`${d.result}.2`), 60_000, 'the victim\'s check after the fill');
+    expect(readFileSync(`${d.result}.2`, 'utf8')).toBe('ok');
+    expect(stats.copiedBytes).toBeGreaterThanOrEqual(PATTERN_PAGES * 4096 - 2 * 256 * 4096);
+    expect(stats.faults, 'the victim read its pages before the sweep').toBeGreaterThanOrEqual(PATTERN_PAGES / 256);
+    expect(existsSync(`/proc/${pid}`)).toBe(true);
+  });
+
+  it('a compressed frame that does not decompress to its pages (one byte flipped): RESTORE_MEMORY_FILL (FRAME), and the filler holds the process', async () => {
+    const d = await dumpVictim('zstd-bad');
+    await writeFillPlanImage(d.imagesDir, codec);
+    const packed = await compressLazyPages(d.imagesDir, { binary: PACK, threads: 2, level: 1, codec });
+    if ('none' in packed) throw new Error(`not compressed: ${packed.none}`);
+    const zpages = join(d.imagesDir, COMPRESSED_PAGES_IMAGE);
+    const bytes = readFileSync(zpages);
+    const at = Math.floor(bytes.length / 2);
+    bytes[at] = bytes[at]! ^ 0x5a;
+    writeFileSync(zpages, bytes);
+    const { fill, pid, fillPid, release } = await restoreLazily(d, await planOf(d), 2, true);
+    release();
+    const err = await fill.done.then(() => undefined, (e: unknown) => e);
+    expect(isThawError(err, RestoreErrorCode.MEMORY_FILL), String(err)).toBe(true);
+    expect((err as { evidence?: { fillCode?: string } }).evidence?.fillCode).toBe('FRAME');
+    // The pages of that frame are not there, and no zeros stand in for them: the filler keeps the uffd open.
+    expect(existsSync(`/proc/${fillPid}`), 'the filler keeps its uffds open after an error').toBe(true);
+    process.kill(pid, 'SIGKILL');
+    fill.stop();
   });
 
   it('a fork while the memory is being filled is refused: RESTORE_MEMORY_FILL (FORK), and the filler holds the process', async () => {

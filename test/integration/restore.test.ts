@@ -16,6 +16,7 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { buildWorkerImage, WORKER_ENTRY_REL, type WorkerImage } from '../../demo/worker-image.js';
+import { expectedDigest } from '../../demo/worker/memory.js';
 import type { ManagedContainer } from '../../src/agent/managed-container.js';
 import { ThawNriStats } from '../../src/agent/nri-stats.js';
 import { createRestoreCoordinator, type RestoreCoordinator } from '../../src/agent/restore-coordinator.js';
@@ -47,6 +48,7 @@ const THAW_PAUSE = path.join(PACKAGE_ROOT, 'native/build/thaw-pause');
 /** The createRuntime hook restores run: the native one, answered by the hook server of this process (the agent's). */
 const NATIVE_HOOK = path.join(PACKAGE_ROOT, 'native/build/thaw-hook');
 const FILL = path.join(PACKAGE_ROOT, 'native/build/thaw-fill');
+const PACK = path.join(PACKAGE_ROOT, 'native/build/thaw-pack');
 
 interface WorkerState { digest: string; requests: number; bootId: string; restored: boolean; restoreCount: number; pid: number }
 interface WorkerEvent { event: string; [key: string]: unknown }
@@ -101,11 +103,13 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
   let hookServer: HookServer | undefined;
   /** Per-test fault for the coordinator's beforeCriuRestore seam. */
   let beforeCriu: ((ctx: RestoreStepContext) => Promise<void>) | undefined;
+  /** The coordinator's thaw-fill, read at each restore (a test points it at a missing binary). */
+  const memoryFill = { binary: FILL, threads: 2, timeoutMs: 60_000 };
 
   beforeAll(async () => {
     const { stack } = handle;
     if (process.getuid?.() !== 0) throw new Error('the restore integration tests must run as root');
-    if (!existsSync(THAW_PAUSE) || !existsSync(NATIVE_HOOK) || !existsSync(FILL)) execFileSync('make', ['-C', path.join(PACKAGE_ROOT, 'native')], { stdio: 'inherit' });
+    if (!existsSync(THAW_PAUSE) || !existsSync(NATIVE_HOOK) || !existsSync(FILL) || !existsSync(PACK)) execFileSync('make', ['-C', path.join(PACKAGE_ROOT, 'native')], { stdio: 'inherit' });
     ensureHooksBuilt();
     image = await buildWorkerImage(stack);
     controlRoot = await mkdtemp('/tmp/thaw-rst-ctl-');
@@ -128,7 +132,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
       beforeCriuRestore: async (ctx) => beforeCriu?.(ctx),
       onEvent: (e) => events.push(e),
       // Every restore of this file fills memory through thaw-fill, as the agent's default does.
-      memoryFill: { binary: FILL, threads: 2, timeoutMs: 60_000 },
+      memoryFill,
     });
     // Containers thaw manages tell their start through the native hook's poststart (no PostStartContainer then).
     let handlers: ReturnType<typeof createThawNriHandlers> | undefined;
@@ -266,6 +270,7 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
     podName: string,
     checkpoint: string,
     plant?: (containerId: string) => Promise<void>,
+    compressPages?: { binary: string; threads: number; level: number },
   ) {
     const { stack } = handle;
     const src = await stack.cri.runPod({
@@ -285,11 +290,42 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
         source: { containerName: entry.containerName, pod: { name: entry.podName, namespace: entry.podNamespace, uid: entry.podUid }, ...(entry.specArgs ? { args: entry.specArgs } : {}) },
         containerdVersion: stack.containerdVersion, criuVersion: `${v.major}.${v.minor}.${v.sublevel}`, logger, workRoot,
         containerd: { socket: stack.address, root: stack.rootDir },
+        ...(compressPages !== undefined ? { compressPages } : {}),
       });
     } finally {
       await stack.cri.removePod(src.podId);
     }
   }
+
+  it('a checkpoint whose lazy pages are compressed: restored through thaw-fill from its frames; where thaw-fill cannot run, cold start, cause RESTORE_MEMORY_FILL_REQUIRED', async () => {
+    const name = 'demo-restore-zstd';
+    await checkpointSource('rst-zsrc', name, undefined, { binary: PACK, threads: 2, level: 1 });
+    const opened = await store.open(`default/${name}`);
+    expect(opened.manifest.files.map((f) => f.path)).toContain('criu/thaw-pages.zst');
+    expect(await readFile(path.join(opened.paths.criuDir, 'thaw-fill-plan.txt'), 'utf8')).toMatch(/^thaw-fill-plan 2\nzpages thaw-pages\.zst\n/);
+    const { pod, before } = await runTarget('rst-ztarget', name, { ...workerEnv, WORKER_MEMORY_MB: '32' });
+    try {
+      const ev = await waitFor(() => events.slice(before).find((e) => e.containerId === pod.containerId), 'the restore event', 120_000, 50);
+      expect(ev, JSON.stringify(ev)).toMatchObject({ outcome: 'restored', memoryFill: { by: 'thaw-fill' } });
+      expect((ev.memoryFill as { copiedBytes: number }).copiedBytes).toBeGreaterThan(0);
+      const restored = await waitForEvent(pod.logPath, 'restored');
+      // The digest is recomputed over the worker's live memory: every compressed page came back as it was.
+      const s = await getJson<WorkerState>(restored.port as number, '/state');
+      expect(s).toMatchObject({ digest: expectedDigest(32, Number(workerEnv.WORKER_SEED)), restored: true, restoreCount: 1 });
+    } finally {
+      await handle.stack.cri.removePod(pod.podId);
+    }
+    // thaw-fill gone from this node after the agent started: CRIU alone would restore the frames' pages as zeros.
+    memoryFill.binary = path.join(workRoot, 'no-such-thaw-fill');
+    try {
+      const ev = await expectColdStart('rst-zfallback', name, 'RESTORE_MEMORY_FILL_REQUIRED', true);
+      expect(ev?.reason).toMatch(/thaw-fill did not start/);
+      // Not the checkpoint's fault: it is not marked failed, the next pod with thaw-fill back restores it.
+      expect(await store.restoreFailure(`default/${name}`, opened.manifest)).toBeUndefined();
+    } finally {
+      memoryFill.binary = FILL;
+    }
+  }, TEST_TIMEOUT_MS);
 
   it('a source that plants /etc/ld.so.preload, CRIU plugins and PATH shadows in its rootfs: none runs in a thaw process, the restore succeeds', async () => {
     const { stack } = handle;

@@ -23,6 +23,7 @@ describe('agent configuration', () => {
     expect(c.paths.thawPause).toBe('/opt/thaw/lib/native/build/thaw-pause');
     expect(c.nri).toEqual({ socket: '/var/run/nri/nri.sock', pluginName: 'thaw', pluginIndex: '50' });
     expect(c.cuda.lockTimeoutMs).toBe(10000);
+    expect(c.checkpoint.compressPages).toBe('off');
   });
 
   it('names env vars and flags after the dotted key', () => {
@@ -78,6 +79,8 @@ restore:
   hook: node
   memoryFill: criu
   fillThreads: 3
+checkpoint:
+  compressPages: zstd
 log:
   level: error
   file: /var/log/thaw.log
@@ -91,15 +94,16 @@ log:
     expect(c.restore.hook).toBe('node');
     expect(c.restore.memoryFill).toBe('criu');
     expect(c.restore.fillThreads).toBe(3);
+    expect(c.checkpoint.compressPages).toBe('zstd');
     expect(c.weights.readers).toBe(2);
     expect(c.weights.order).toBe('together');
     expect(c.log.file).toBe('/var/log/thaw.log');
     expect(resolveAgentConfig({ file: file('# nothing set\n'), packageRoot: PKG })).toEqual(defaultAgentConfig(PKG));
-    expect(CONFIG_KEYS).toHaveLength(32);
+    expect(CONFIG_KEYS).toHaveLength(33);
   });
 
   it.each([
-    ['an unknown top-level key', 'metric:\n  listen: x\n', /^load agent configuration: unknown key metric \(file \/etc\/thaw\/agent.yaml\): expected one of annotationPrefix, nri, containerd, api, metrics, paths, registry, cuda, weights, restore, store, limits, log, tenancy$/],
+    ['an unknown top-level key', 'metric:\n  listen: x\n', /^load agent configuration: unknown key metric \(file \/etc\/thaw\/agent.yaml\): expected one of annotationPrefix, nri, containerd, api, metrics, paths, registry, cuda, weights, restore, checkpoint, store, limits, log, tenancy$/],
     ['an unknown nested key', 'nri:\n  sockt: /x\n', /unknown key nri\.sockt .*expected one of nri\.socket, nri\.pluginName, nri\.pluginIndex/],
     ['a number where a string is expected', 'nri:\n  pluginIndex: 50\n', /nri\.pluginIndex \(file .*\): expected two digits, as a string \("00".."99"\), got 50 \(a number, not a string\)/],
     ['a string where an integer is expected', 'cuda:\n  lockTimeoutMs: soon\n', /cuda\.lockTimeoutMs \(file .*\): expected a positive integer \(milliseconds\), got "soon"/],

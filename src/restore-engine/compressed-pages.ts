@@ -1,0 +1,218 @@
+/**
+ * Compressed lazy pages (docs/performance.md, "Compressed pages"): at checkpoint, the pages thaw-fill places (the
+ * fill plan's copies, memory-fill.ts) move out of CRIU's pages files into one file of zstd frames, one frame per
+ * thaw-fill chunk, written by native/build/thaw-pack on several threads. thaw-fill decompresses a frame where it
+ * would have read the chunk. What a restore reads from disk shrinks by the ratio of the worker's memory (the GPU
+ * reference worker's host pages, mostly what the CUDA driver moved there, compress ~4x; bench/RESULTS.md).
+ *
+ * The images then say less than CRIU's own restore needs: the lazy entries leave the pagemaps and their bytes the
+ * pages files, so CRIU alone (without thaw-fill) would restore those pages as zeros. A checkpoint holding
+ * COMPRESSED_PAGES_IMAGE is therefore restored through thaw-fill or not at all: restore-flow.ts refuses it
+ * (RESTORE_MEMORY_FILL_REQUIRED, a cold start) where thaw-fill is off, missing or does not start, and
+ * fillSourceOf never plans one from its images. Only the stored plan, rewritten here with the frames, places it.
+ *
+ * What stays exact: each frame decompresses to exactly its chunk's pages, checked by thaw-fill (size, and zstd's
+ * checksum of the content); what remains in the pages files is exactly the non-lazy entries, in order; and the
+ * files are rewritten beside the originals and renamed over them only when all are written, the plan last. Any
+ * error before the renames leaves the dump as it was (plain lazy pages); one during them carries
+ * `imagesChanged: true` (the dump must not be published).
+ */
+import { spawn } from 'node:child_process';
+import { open, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { performance } from 'node:perf_hooks';
+import { createInterface } from 'node:readline';
+import { errorMessage } from '../errors.js';
+import { CRIU_PAGE_BYTES, CriuImageCodec, decodePagemapEntryRaw, encodeImageFile, PagemapFlags, parseImageFile } from './criu/images.js';
+import { buildFillPlan, encodeFillPlan, FILL_PLAN_IMAGE, type FillPlan } from './memory-fill.js';
+
+/** The frames' file beside the images; its presence means the checkpoint restores only through thaw-fill. */
+export const COMPRESSED_PAGES_IMAGE = 'thaw-pages.zst';
+/** Pages of one frame: thaw-fill's chunk (native/thaw-fill.c CHUNK_PAGES), so that a chunk is one frame. */
+export const COMPRESSED_FRAME_PAGES = 256;
+/** Below this many lazy bytes the pages stay plain: the rewrite costs the checkpoint more than a restore saves. */
+export const COMPRESS_PAGES_MIN_BYTES = 16 * 1024 * 1024;
+const NEW_FILE_SUFFIX = '.thaw-compress';
+
+export interface CompressPagesOptions {
+  /** native/build/thaw-pack. */
+  binary: string;
+  threads: number;
+  /** zstd level (1..19). */
+  level: number;
+  codec?: CriuImageCodec;
+  signal?: AbortSignal;
+  /** Default COMPRESS_PAGES_MIN_BYTES. */
+  minBytes?: number;
+}
+
+export interface CompressPagesResult {
+  /** Bytes of pages compressed, and the frames' bytes. */
+  inBytes: number;
+  outBytes: number;
+  frames: number;
+  /** Processes whose pagemap and pages file were rewritten. */
+  tasks: number[];
+  /** thaw-pack's own time, and the whole step's. */
+  packMs: number;
+  ms: number;
+}
+
+/** Whether the checkpoint's images in `dir` hold compressed pages (and so restore only through thaw-fill). */
+export async function hasCompressedPages(dir: string): Promise<boolean> {
+  return stat(join(dir, COMPRESSED_PAGES_IMAGE)).then(() => true, (err: NodeJS.ErrnoException) => {
+    if (err.code === 'ENOENT') return false;
+    throw err;
+  });
+}
+
+interface Frame {
+  task: number;
+  addr: number;
+  pages: number;
+}
+
+/** thaw-pack's job (its top comment) for the plan's copies, and the frames in job order. Pure. */
+export function packJobOf(plan: FillPlan): { job: string; frames: Frame[] } {
+  const lines: string[] = [];
+  const frames: Frame[] = [];
+  for (const [i, t] of plan.tasks.entries()) {
+    if (t.copies.length === 0 || t.pagesFile === undefined) continue;
+    lines.push(`file ${t.pagesFile}`);
+    for (const c of t.copies) {
+      for (let done = 0; done < c.pages; done += COMPRESSED_FRAME_PAGES) {
+        const pages = Math.min(COMPRESSED_FRAME_PAGES, c.pages - done);
+        lines.push(`r ${c.offset + done * CRIU_PAGE_BYTES} ${pages}`);
+        frames.push({ task: i, addr: c.addr + done * CRIU_PAGE_BYTES, pages });
+      }
+    }
+  }
+  return { job: lines.length > 0 ? `${lines.join('\n')}\n` : '', frames };
+}
+
+/** Runs thaw-pack on `job`, writing `out`; the frames' lengths in job order and its account. */
+async function runPack(o: CompressPagesOptions, job: string, out: string): Promise<{ lengths: number[]; stats: { inBytes: number; outBytes: number; ms: number } }> {
+  const child = spawn(o.binary, ['--out', out, '--threads', String(o.threads), '--level', String(o.level)], { stdio: ['pipe', 'pipe', 'pipe'], ...(o.signal ? { signal: o.signal } : {}) });
+  let stderr = '';
+  child.stderr.setEncoding('utf8').on('data', (d: string) => {
+    if (stderr.length < 4096) stderr += d;
+  });
+  const lengths: number[] = [];
+  let stats: { inBytes: number; outBytes: number; ms: number } | undefined;
+  let error: string | undefined;
+  const lines = createInterface({ input: child.stdout });
+  lines.on('line', (line) => {
+    if (/^\d+$/.test(line)) lengths.push(Number(line));
+    else if (line.startsWith('done ')) stats = JSON.parse(line.slice(5)) as typeof stats;
+    else error ??= line;
+  });
+  const closed = new Promise<number | null>((resolve, reject) => {
+    child.once('error', reject);
+    child.once('close', (code) => resolve(code));
+  });
+  child.stdin.on('error', () => undefined); // a thaw-pack that failed early closes its stdin: its own error says why
+  child.stdin.end(job);
+  const code = await closed;
+  if (code !== 0 || stats === undefined) throw new Error(`thaw-pack: ${error ?? `exit ${code}`}${stderr !== '' ? ` (${stderr.trim()})` : ''}`);
+  return { lengths, stats };
+}
+
+/** Copies the byte ranges `keep` (in order) of `from` into the new file `to`. */
+async function copyRanges(from: string, to: string, keep: ReadonlyArray<{ start: number; end: number }>, signal: AbortSignal | undefined): Promise<void> {
+  const input = await open(from, 'r');
+  const output = await open(to, 'wx', 0o600);
+  try {
+    const buf = Buffer.allocUnsafe(8 * 1024 * 1024);
+    let at = 0;
+    for (const r of keep) {
+      for (let off = r.start; off < r.end; ) {
+        signal?.throwIfAborted();
+        const want = Math.min(buf.length, r.end - off);
+        const { bytesRead } = await input.read(buf, 0, want, off);
+        if (bytesRead === 0) throw new Error(`${from} ends at ${off}, its pagemap says ${r.end}`);
+        let written = 0;
+        while (written < bytesRead) written += (await output.write(buf, written, bytesRead - written, at + written)).bytesWritten;
+        at += bytesRead;
+        off += bytesRead;
+      }
+    }
+    await output.sync();
+  } finally {
+    await Promise.all([input.close(), output.close()]);
+  }
+}
+
+/**
+ * Moves the lazy pages of the images in `dir` into COMPRESSED_PAGES_IMAGE and rewrites the stored plan to place
+ * them from there. Runs after the plan was written (writeFillPlanImage); returns why not when there is nothing
+ * worth compressing or no plan can be made. Throws on I/O or thaw-pack errors (see the top for what then holds).
+ */
+export async function compressLazyPages(dir: string, o: CompressPagesOptions): Promise<CompressPagesResult | { none: string }> {
+  const started = performance.now();
+  const codec = o.codec ?? CriuImageCodec.load();
+  if (await hasCompressedPages(dir)) return { none: 'the pages are compressed already' };
+  const plan = await buildFillPlan(dir, codec);
+  if ('none' in plan) return plan;
+  if (plan.copyBytes < (o.minBytes ?? COMPRESS_PAGES_MIN_BYTES)) return { none: `only ${plan.copyBytes} bytes of lazy pages` };
+  const { job, frames } = packJobOf(plan);
+  const zpages = join(dir, COMPRESSED_PAGES_IMAGE);
+  const written: string[] = [zpages + NEW_FILE_SUFFIX];
+  const renames: Array<[string, string]> = [];
+  let packed: Awaited<ReturnType<typeof runPack>>;
+  try {
+    packed = await runPack(o, job, zpages + NEW_FILE_SUFFIX);
+    if (packed.lengths.length !== frames.length) throw new Error(`thaw-pack wrote ${packed.lengths.length} frames of ${frames.length}`);
+    const rewritten: number[] = [];
+    for (const t of plan.tasks) {
+      if (t.copies.length === 0 || t.pagesFile === undefined) continue;
+      const name = `pagemap-${t.pid}.img`;
+      const pagemap = parseImageFile(await readFile(join(dir, name)), name);
+      const [head, ...rest] = pagemap.entries;
+      if (head === undefined) throw new Error(`${name} has no head`);
+      // The non-lazy entries stay, with their bytes, in the order CRIU reads them; the lazy ones are the frames now.
+      const kept: Buffer[] = [];
+      const keep: Array<{ start: number; end: number }> = [];
+      let offset = 0;
+      for (const raw of rest) {
+        const e = decodePagemapEntryRaw(raw, name);
+        const bytes = e.nrPages * CRIU_PAGE_BYTES;
+        if (((e.flags ?? PagemapFlags.PRESENT) & PagemapFlags.LAZY) === 0) {
+          kept.push(raw);
+          const last = keep[keep.length - 1];
+          if (last !== undefined && last.end === offset) last.end = offset + bytes;
+          else keep.push({ start: offset, end: offset + bytes });
+        }
+        offset += bytes;
+      }
+      written.push(t.pagesFile + NEW_FILE_SUFFIX, join(dir, name) + NEW_FILE_SUFFIX);
+      await copyRanges(t.pagesFile, t.pagesFile + NEW_FILE_SUFFIX, keep, o.signal);
+      await writeFile(join(dir, name) + NEW_FILE_SUFFIX, encodeImageFile({ header: pagemap.header, entries: [head, ...kept] }), { mode: 0o600, flag: 'wx' });
+      renames.push([t.pagesFile + NEW_FILE_SUFFIX, t.pagesFile], [join(dir, name) + NEW_FILE_SUFFIX, join(dir, name)]);
+      rewritten.push(t.pid);
+    }
+    // The plan: every copy is a frame now, placed from the frames' file (thaw-fill-plan 2).
+    const framed: FillPlan = { ...plan, tasks: plan.tasks.map((t) => ({ ...t, copies: [], frames: [] })), zpagesFile: zpages };
+    let zoff = 0;
+    for (const [k, f] of frames.entries()) {
+      const zlen = packed.lengths[k]!;
+      framed.tasks[f.task]!.frames!.push({ addr: f.addr, pages: f.pages, zoff, zlen });
+      zoff += zlen;
+    }
+    for (const t of framed.tasks) if (t.frames!.length > 0) delete t.pagesFile;
+    const zbytes = await stat(zpages + NEW_FILE_SUFFIX).then((s) => s.size);
+    if (zbytes !== zoff) throw new Error(`${COMPRESSED_PAGES_IMAGE} has ${zbytes} bytes, its frames ${zoff}`);
+    written.push(join(dir, FILL_PLAN_IMAGE) + NEW_FILE_SUFFIX);
+    await writeFile(join(dir, FILL_PLAN_IMAGE) + NEW_FILE_SUFFIX, encodeFillPlan(framed, { relative: true }), { mode: 0o600, flag: 'wx' });
+    renames.unshift([zpages + NEW_FILE_SUFFIX, zpages]);
+    renames.push([join(dir, FILL_PLAN_IMAGE) + NEW_FILE_SUFFIX, join(dir, FILL_PLAN_IMAGE)]);
+    try {
+      for (const [from, to] of renames) await rename(from, to);
+    } catch (err) {
+      throw Object.assign(new Error(`renaming the compressed images: ${errorMessage(err)}`), { imagesChanged: true, cause: err });
+    }
+    return { inBytes: packed.stats.inBytes, outBytes: packed.stats.outBytes, frames: frames.length, tasks: rewritten, packMs: Math.round(packed.stats.ms), ms: Math.round(performance.now() - started) };
+  } catch (err) {
+    if ((err as { imagesChanged?: boolean }).imagesChanged !== true) await Promise.all(written.map((f) => rm(f, { force: true })));
+    throw err;
+  }
+}
