@@ -25,6 +25,7 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include "pread-fully.h"
 #include <zstd.h>
 
 #define PAGE 4096ULL
@@ -72,14 +73,10 @@ static void fail(const char *code, const char *fmt, ...) {
 }
 
 static void read_fully(int fd, void *buf, size_t len, uint64_t off) {
-  size_t at = 0;
-  while (at < len) {
-    ssize_t n = pread(fd, (char *)buf + at, len - at, (off_t)(off + at));
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) fail("READ", "pread of %zu bytes at %" PRIu64 ": %s", len - at, off + at, strerror(errno));
-    if (n == 0) fail("READ", "the pages file ends at %" PRIu64 ", the job reads to %" PRIu64, off + at, off + len);
-    at += (size_t)n;
-  }
+  uint64_t at;
+  int rc = pread_fully(fd, buf, len, off, &at);
+  if (rc < 0) fail("READ", "pread of %zu bytes at %" PRIu64 ": %s", (size_t)(off + len - at), at, strerror(errno));
+  if (rc > 0) fail("READ", "the pages file ends at %" PRIu64 ", the job reads to %" PRIu64, at, off + len);
 }
 
 static void write_fully(const char *buf, size_t len) {

@@ -138,7 +138,7 @@ export const PAGES_PACK_NAME = 'thaw-pack';
  */
 export const PAGES_COMPRESSIONS = ['zstd', 'off'] as const;
 export type PagesCompression = (typeof PAGES_COMPRESSIONS)[number];
-export const PAGES_COMPRESSION_DEFAULT: PagesCompression = 'off';
+export const PAGES_COMPRESSION_DEFAULT: PagesCompression = 'zstd';
 /** zstd's fastest level: decompression speed barely depends on the level, and the checkpoint's CPU time does. */
 export const DEFAULT_PAGES_COMPRESSION_LEVEL = 1;
 /**

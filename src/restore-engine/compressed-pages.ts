@@ -32,6 +32,13 @@ export const COMPRESSED_PAGES_IMAGE = 'thaw-pages.zst';
 export const COMPRESSED_FRAME_PAGES = 256;
 /** Below this many lazy bytes the pages stay plain: the rewrite costs the checkpoint more than a restore saves. */
 export const COMPRESS_PAGES_MIN_BYTES = 16 * 1024 * 1024;
+/**
+ * Frames larger than this share of the pages they hold (random data, already compressed data) are dropped and the
+ * pages stay plain: the restore would read nearly as much, and decompress it besides.
+ */
+export const COMPRESS_PAGES_MAX_RATIO = 0.9;
+/** The sample that decides it: every this-many-th frame (a checkpoint with fewer than twice as many frames: all). */
+export const COMPRESS_PAGES_SAMPLE_STEP = 16;
 const NEW_FILE_SUFFIX = '.thaw-compress';
 
 export interface CompressPagesOptions {
@@ -66,28 +73,44 @@ export async function hasCompressedPages(dir: string): Promise<boolean> {
   });
 }
 
-interface Frame {
+/** One frame: `pages` pages at `addr` of the plan's task `task`, from byte `offset` of `file`. */
+export interface Frame {
   task: number;
   addr: number;
   pages: number;
+  file: string;
+  offset: number;
 }
 
-/** thaw-pack's job (its top comment) for the plan's copies, and the frames in job order. Pure. */
-export function packJobOf(plan: FillPlan): { job: string; frames: Frame[] } {
-  const lines: string[] = [];
+/** The frames of the plan's copies, one per thaw-fill chunk, in plan order. Pure. */
+export function framesOf(plan: FillPlan): Frame[] {
   const frames: Frame[] = [];
   for (const [i, t] of plan.tasks.entries()) {
-    if (t.copies.length === 0 || t.pagesFile === undefined) continue;
-    lines.push(`file ${t.pagesFile}`);
+    if (t.pagesFile === undefined) continue;
     for (const c of t.copies) {
       for (let done = 0; done < c.pages; done += COMPRESSED_FRAME_PAGES) {
         const pages = Math.min(COMPRESSED_FRAME_PAGES, c.pages - done);
-        lines.push(`r ${c.offset + done * CRIU_PAGE_BYTES} ${pages}`);
-        frames.push({ task: i, addr: c.addr + done * CRIU_PAGE_BYTES, pages });
+        frames.push({ task: i, addr: c.addr + done * CRIU_PAGE_BYTES, pages, file: t.pagesFile, offset: c.offset + done * CRIU_PAGE_BYTES });
       }
     }
   }
-  return { job: lines.length > 0 ? `${lines.join('\n')}\n` : '', frames };
+  return frames;
+}
+
+/** thaw-pack's job (its top comment) for `frames`, in their order. Pure. */
+export function packJobOf(frames: readonly Frame[]): string {
+  const lines: string[] = [];
+  let file: string | undefined;
+  for (const f of frames) {
+    if (f.file !== file) lines.push(`file ${(file = f.file)}`);
+    lines.push(`r ${f.offset} ${f.pages}`);
+  }
+  return lines.length > 0 ? `${lines.join('\n')}\n` : '';
+}
+
+/** Every `step`-th of `frames`, from the first: a sample spread over all of them. Pure. */
+export function sampleOf<T>(frames: readonly T[], step: number): T[] {
+  return frames.filter((_, i) => i % step === 0);
 }
 
 /** Runs thaw-pack on `job`, writing `out`; the frames' lengths in job order and its account. */
@@ -154,14 +177,28 @@ export async function compressLazyPages(dir: string, o: CompressPagesOptions): P
   const plan = await buildFillPlan(dir, codec);
   if ('none' in plan) return plan;
   if (plan.copyBytes < (o.minBytes ?? COMPRESS_PAGES_MIN_BYTES)) return { none: `only ${plan.copyBytes} bytes of lazy pages` };
-  const { job, frames } = packJobOf(plan);
+  const frames = framesOf(plan);
   const zpages = join(dir, COMPRESSED_PAGES_IMAGE);
   const written: string[] = [zpages + NEW_FILE_SUFFIX];
   const renames: Array<[string, string]> = [];
   let packed: Awaited<ReturnType<typeof runPack>>;
   try {
-    packed = await runPack(o, job, zpages + NEW_FILE_SUFFIX);
+    // A sample first: pages that do not compress (random or compressed data) cost the checkpoint only the sample.
+    const too = (p: { inBytes: number; outBytes: number }, what: string): { none: string } | undefined =>
+      p.outBytes > p.inBytes * COMPRESS_PAGES_MAX_RATIO ? { none: `${what} compress only to ${p.outBytes} of ${p.inBytes} bytes` } : undefined;
+    if (frames.length >= 2 * COMPRESS_PAGES_SAMPLE_STEP) {
+      const sample = await runPack(o, packJobOf(sampleOf(frames, COMPRESS_PAGES_SAMPLE_STEP)), zpages + NEW_FILE_SUFFIX);
+      await rm(zpages + NEW_FILE_SUFFIX, { force: true });
+      const refused = too(sample.stats, `a sample of the lazy pages (1 frame in ${COMPRESS_PAGES_SAMPLE_STEP})`);
+      if (refused) return refused;
+    }
+    packed = await runPack(o, packJobOf(frames), zpages + NEW_FILE_SUFFIX);
     if (packed.lengths.length !== frames.length) throw new Error(`thaw-pack wrote ${packed.lengths.length} frames of ${frames.length}`);
+    const refused = too(packed.stats, 'the lazy pages');
+    if (refused) {
+      await rm(zpages + NEW_FILE_SUFFIX, { force: true });
+      return refused;
+    }
     const rewritten: number[] = [];
     for (const t of plan.tasks) {
       if (t.copies.length === 0 || t.pagesFile === undefined) continue;

@@ -21,7 +21,7 @@ import { CriuImageCodec, decodePagemapEntryRaw, PagemapFlags, parseImageFile } f
 import { nativeDepsPaths } from '../../src/node-stack/native-deps.js';
 import { COMPRESSED_PAGES_IMAGE, compressLazyPages, hasCompressedPages } from '../../src/restore-engine/compressed-pages.js';
 import { restoreLazyMarks } from '../../src/restore-engine/lazy-marks.js';
-import { buildFillPlan, criuPageReads, FILL_PLAN_IMAGE, startMemoryFill, writeFillPlanImage, type FillPlan, type RunningFill } from '../../src/restore-engine/memory-fill.js';
+import { buildFillPlan, criuPageReads, FILL_PLAN_IMAGE, startMemoryFill, writeFillPlanImage, type FillPlan, type FillStats, type RunningFill } from '../../src/restore-engine/memory-fill.js';
 import { RestoreErrorCode } from '../../src/restore-engine/restore-errors.js';
 import { dropZeroPages, ZERO_PAGES_FILE } from '../../src/restore-engine/zero-pages.js';
 
@@ -229,6 +229,19 @@ async function restoreLazilyWith(client: CriuClient, d: Dumped, plan: FillPlan, 
   return { fill, pid: res.pid, fillPid, release: () => writeFileSync(hold, '') };
 }
 
+/** The victim checks every page while the sweep is held (faults only), then once the fill is done; the fill's account. */
+async function checkBeforeAndAfterSweep(d: Dumped, fill: RunningFill, release: () => void): Promise<FillStats> {
+  trigger(d.fifo, 'check');
+  await waitFor(() => existsSync(`${d.result}.1`), 60_000, 'the victim\'s check');
+  expect(readFileSync(`${d.result}.1`, 'utf8')).toBe('ok');
+  release();
+  const stats = await fill.done;
+  trigger(d.fifo, 'check');
+  await waitFor(() => existsSync(`${d.result}.2`), 60_000, 'the victim\'s check after the fill');
+  expect(readFileSync(`${d.result}.2`, 'utf8')).toBe('ok');
+  return stats;
+}
+
 /** Writes the scenario word into the FIFO from a child (the open blocks until the victim opens it). */
 function trigger(fifo: string, word: string): void {
   spawn('/bin/sh', ['-c', `printf '%s\\n' "$1" > "$2"`, 'sh', word, fifo], { stdio: 'ignore' }).unref();
@@ -280,14 +293,7 @@ describe.each(Object.entries(CRIUS))('thaw-fill: a lazy CRIU restore whose memor
   it('every page comes back exact while the process reads them (faults served beside the sweep)', async () => {
     const d = await dumpVictim('exact');
     const { fill, pid, release } = await restoreLazily(d, await planOf(d), 2);
-    trigger(d.fifo, 'check');
-    await waitFor(() => existsSync(`${d.result}.1`), 60_000, 'the victim\'s check');
-    expect(readFileSync(`${d.result}.1`, 'utf8')).toBe('ok');
-    release();
-    const stats = await fill.done;
-    trigger(d.fifo, 'check');
-    await waitFor(() => existsSync(`${d.result}.2`), 60_000, 'the victim\'s check after the fill');
-    expect(readFileSync(`${d.result}.2`, 'utf8')).toBe('ok');
+    const stats = await checkBeforeAndAfterSweep(d, fill, release);
     expect(stats.copiedBytes).toBeGreaterThanOrEqual(PATTERN_PAGES * 4096 - DROPPED.length * 4096);
     expect(stats.zeroedBytes).toBeGreaterThanOrEqual(ZERO_PAGES * 4096);
     // Each fault places a window of 32 pages: the victim's reads of 96 MiB took at least that many.
@@ -387,14 +393,7 @@ describe.each(Object.entries(CRIUS))('thaw-fill: a lazy CRIU restore whose memor
 
     // Faults first (from the frames), then the sweep: the victim reads every page right both times.
     const { fill, pid, release } = await restoreLazily(d, plain, 2, true);
-    trigger(d.fifo, 'check');
-    await waitFor(() => existsSync(`${d.result}.1`), 60_000, 'the victim\'s check');
-    expect(readFileSync(`${d.result}.1`, 'utf8')).toBe('ok');
-    release();
-    const stats = await fill.done;
-    trigger(d.fifo, 'check');
-    await waitFor(() => existsSync(`${d.result}.2`), 60_000, 'the victim\'s check after the fill');
-    expect(readFileSync(`${d.result}.2`, 'utf8')).toBe('ok');
+    const stats = await checkBeforeAndAfterSweep(d, fill, release);
     expect(stats.copiedBytes).toBeGreaterThanOrEqual(PATTERN_PAGES * 4096 - 2 * 256 * 4096);
     expect(stats.faults, 'the victim read its pages before the sweep').toBeGreaterThanOrEqual(PATTERN_PAGES / 256);
     expect(existsSync(`/proc/${pid}`)).toBe(true);

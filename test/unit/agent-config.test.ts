@@ -23,7 +23,7 @@ describe('agent configuration', () => {
     expect(c.paths.thawPause).toBe('/opt/thaw/lib/native/build/thaw-pause');
     expect(c.nri).toEqual({ socket: '/var/run/nri/nri.sock', pluginName: 'thaw', pluginIndex: '50' });
     expect(c.cuda.lockTimeoutMs).toBe(10000);
-    expect(c.checkpoint.compressPages).toBe('off');
+    expect(c.checkpoint.compressPages).toBe('zstd');
   });
 
   it('names env vars and flags after the dotted key', () => {

@@ -7,12 +7,13 @@
  * compressed CRIU dump through it.
  */
 import { execFileSync, spawnSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import { chmodSync, existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
 import { nativeDepsPaths } from '../../src/node-stack/native-deps.js';
-import { COMPRESS_PAGES_MIN_BYTES, COMPRESSED_FRAME_PAGES, COMPRESSED_PAGES_IMAGE, compressLazyPages, hasCompressedPages, packJobOf } from '../../src/restore-engine/compressed-pages.js';
+import { COMPRESS_PAGES_MIN_BYTES, COMPRESS_PAGES_SAMPLE_STEP, COMPRESSED_FRAME_PAGES, COMPRESSED_PAGES_IMAGE, compressLazyPages, framesOf, hasCompressedPages, packJobOf, sampleOf } from '../../src/restore-engine/compressed-pages.js';
 import { CRIU_PAGE_BYTES as P, decodePagemapEntryRaw, parseImageFile, VmaStatus } from '../../src/restore-engine/criu/images.js';
 import { buildFillPlan, encodeFillPlan, FILL_PLAN_IMAGE, writeFillPlanImage, type FillPlan } from '../../src/restore-engine/memory-fill.js';
 import { A, B, codec, FILE_PRIVATE, LAZY, PRESENT, pageMark, vma, writeImages } from '../helpers/criu-images.js';
@@ -56,17 +57,21 @@ async function planOf(dir: string): Promise<FillPlan> {
 describe('packJobOf', () => {
   it('one frame per thaw-fill chunk of each copy, in plan order, offsets in the task\'s pages file; tasks without copies name no file', async () => {
     const plan = await planOf(twoTasks());
-    const { job, frames } = packJobOf(plan);
+    const frames = framesOf(plan);
     const pages3 = plan.tasks[0]!.pagesFile!;
     // Copies: A..A+300 at 2P, A+300..A+500 at 302P (cut at the VMA end), A+520..A+540 at 503P.
-    expect(job).toBe(`file ${pages3}\nr ${2 * P} 256\nr ${258 * P} 44\nr ${302 * P} 200\nr ${503 * P} 20\n`);
+    expect(packJobOf(frames)).toBe(`file ${pages3}\nr ${2 * P} 256\nr ${258 * P} 44\nr ${302 * P} 200\nr ${503 * P} 20\n`);
     expect(frames).toEqual([
-      { task: 0, addr: A, pages: 256 },
-      { task: 0, addr: A + 256 * P, pages: 44 },
-      { task: 0, addr: A + 300 * P, pages: 200 },
-      { task: 0, addr: A + 520 * P, pages: 20 },
+      { task: 0, addr: A, pages: 256, file: pages3, offset: 2 * P },
+      { task: 0, addr: A + 256 * P, pages: 44, file: pages3, offset: 258 * P },
+      { task: 0, addr: A + 300 * P, pages: 200, file: pages3, offset: 302 * P },
+      { task: 0, addr: A + 520 * P, pages: 20, file: pages3, offset: 503 * P },
     ]);
     expect(frames.every((f) => f.pages <= COMPRESSED_FRAME_PAGES)).toBe(true);
+    // The sample: every n-th frame from the first; a job names each file once before its frames.
+    expect(sampleOf(frames, 3)).toEqual([frames[0], frames[3]]);
+    expect(packJobOf([frames[0]!, { ...frames[1]!, file: '/other' }, frames[2]!])).toBe(`file ${pages3}\nr ${2 * P} 256\nfile /other\nr ${258 * P} 44\nfile ${pages3}\nr ${302 * P} 200\n`);
+    expect(packJobOf([])).toBe('');
   });
 });
 
@@ -123,6 +128,27 @@ describe('compressLazyPages', () => {
     expect(await compressLazyPages(noZeroList, pack)).toMatchObject({ none: expect.stringMatching(/no thaw-zero-pages\.json/) });
     expect(snapshot(small)).toEqual(before);
     expect(await hasCompressedPages(small)).toBe(false);
+  });
+
+  it('pages that do not compress (random bytes): the frames are dropped, the pages stay plain', async () => {
+    const dir = twoTasks();
+    writeFileSync(join(dir, 'pages-3.img'), randomBytes(523 * P));
+    await writeFillPlanImage(dir, codec);
+    const before = snapshot(dir);
+    expect(await compressLazyPages(dir, pack)).toMatchObject({ none: expect.stringMatching(/^the lazy pages compress only to \d+ of 2129920 bytes$/) });
+    expect(snapshot(dir)).toEqual(before);
+    expect(await hasCompressedPages(dir)).toBe(false);
+  });
+
+  it('many frames that do not compress: a sample of them decides, before the rest is compressed', async () => {
+    const frames = 2 * COMPRESS_PAGES_SAMPLE_STEP;
+    const dir = writeImages([{ pid: 5, vmas: [vma(A, frames * 256)], map: [[A, frames * 256, LAZY]] }], { zeros: {} });
+    writeFileSync(join(dir, 'pages-5.img'), randomBytes(frames * 256 * P));
+    await writeFillPlanImage(dir, codec);
+    const before = snapshot(dir);
+    // The sample is frames 0 and 16 of the 32: 2 x 256 pages.
+    expect(await compressLazyPages(dir, pack)).toMatchObject({ none: expect.stringMatching(new RegExp(`^a sample of the lazy pages \\(1 frame in ${COMPRESS_PAGES_SAMPLE_STEP}\\) compress only to \\d+ of ${2 * 256 * P} bytes$`)) });
+    expect(snapshot(dir)).toEqual(before);
   });
 
   it('thaw-pack failing (or missing): an error, and the dump exactly as it was, nothing of the step left', async () => {
