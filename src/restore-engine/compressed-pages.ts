@@ -18,12 +18,13 @@
  * `imagesChanged: true` (the dump must not be published).
  */
 import { spawn } from 'node:child_process';
-import { open, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { open, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { createInterface } from 'node:readline';
 import { errorMessage } from '../errors.js';
-import { CRIU_PAGE_BYTES, CriuImageCodec, decodePagemapEntryRaw, encodeImageFile, PagemapFlags, parseImageFile } from './criu/images.js';
+import { CRIU_PAGE_BYTES, CriuImageCodec, encodeImageFile } from './criu/images.js';
+import { isLazyRecord, readPagemap } from './criu/pagemap.js';
 import { buildFillPlan, encodeFillPlan, FILL_PLAN_IMAGE, type FillPlan } from './memory-fill.js';
 
 /** The frames' file beside the images; its presence means the checkpoint restores only through thaw-fill. */
@@ -202,29 +203,24 @@ export async function compressLazyPages(dir: string, o: CompressPagesOptions): P
     const rewritten: number[] = [];
     for (const t of plan.tasks) {
       if (t.copies.length === 0 || t.pagesFile === undefined) continue;
-      const name = `pagemap-${t.pid}.img`;
-      const pagemap = parseImageFile(await readFile(join(dir, name)), name);
-      const [head, ...rest] = pagemap.entries;
-      if (head === undefined) throw new Error(`${name} has no head`);
+      const pagemap = await readPagemap(dir, t.pid, codec);
+      if (pagemap === undefined) throw new Error(`pagemap-${t.pid}.img has no head`);
       // The non-lazy entries stay, with their bytes, in the order CRIU reads them; the lazy ones are the frames now.
+      // (A plan exists only for a pagemap whose every entry is in its pages file: each has an offset.)
       const kept: Buffer[] = [];
       const keep: Array<{ start: number; end: number }> = [];
-      let offset = 0;
-      for (const raw of rest) {
-        const e = decodePagemapEntryRaw(raw, name);
-        const bytes = e.nrPages * CRIU_PAGE_BYTES;
-        if (((e.flags ?? PagemapFlags.PRESENT) & PagemapFlags.LAZY) === 0) {
-          kept.push(raw);
-          const last = keep[keep.length - 1];
-          if (last !== undefined && last.end === offset) last.end = offset + bytes;
-          else keep.push({ start: offset, end: offset + bytes });
-        }
-        offset += bytes;
+      for (const r of pagemap.records) {
+        if (isLazyRecord(r) || r.offset === undefined) continue;
+        kept.push(r.raw);
+        const end = r.offset + r.nrPages * CRIU_PAGE_BYTES;
+        const last = keep[keep.length - 1];
+        if (last !== undefined && last.end === r.offset) last.end = end;
+        else keep.push({ start: r.offset, end });
       }
-      written.push(t.pagesFile + NEW_FILE_SUFFIX, join(dir, name) + NEW_FILE_SUFFIX);
+      written.push(t.pagesFile + NEW_FILE_SUFFIX, pagemap.file + NEW_FILE_SUFFIX);
       await copyRanges(t.pagesFile, t.pagesFile + NEW_FILE_SUFFIX, keep, o.signal);
-      await writeFile(join(dir, name) + NEW_FILE_SUFFIX, encodeImageFile({ header: pagemap.header, entries: [head, ...kept] }), { mode: 0o600, flag: 'wx' });
-      renames.push([t.pagesFile + NEW_FILE_SUFFIX, t.pagesFile], [join(dir, name) + NEW_FILE_SUFFIX, join(dir, name)]);
+      await writeFile(pagemap.file + NEW_FILE_SUFFIX, encodeImageFile({ header: pagemap.header, entries: [pagemap.head, ...kept] }), { mode: 0o600, flag: 'wx' });
+      renames.push([t.pagesFile + NEW_FILE_SUFFIX, t.pagesFile], [pagemap.file + NEW_FILE_SUFFIX, pagemap.file]);
       rewritten.push(t.pid);
     }
     // The plan: every copy is a frame now, placed from the frames' file (thaw-fill-plan 2).

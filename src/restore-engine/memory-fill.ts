@@ -21,7 +21,8 @@ import { readFile, stat, writeFile } from 'node:fs/promises';
 import { basename, join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { errorMessage } from '../errors.js';
-import { CRIU_PAGE_BYTES, CriuImageCodec, decodePagemapEntryRaw, PagemapFlags, VmaStatus, parseImageFile, type VmaEntry } from './criu/images.js';
+import { CRIU_PAGE_BYTES, CriuImageCodec, VmaStatus, parseImageFile, type VmaEntry } from './criu/images.js';
+import { isLazyRecord, readPagemap } from './criu/pagemap.js';
 import { RestoreError, RestoreErrorCode } from './restore-errors.js';
 import { ZERO_PAGES_FILE, parseZeroPagesFile } from './zero-pages.js';
 
@@ -142,29 +143,23 @@ export async function buildFillPlan(dir: string, codec: CriuImageCodec): Promise
     const mm = parseImageFile(await readFile(join(dir, `mm-${p.pid}.img`)), `mm-${p.pid}.img`);
     const vmas: VmaEntry[] = mm.entries[0] !== undefined ? codec.decodeVmas(mm.entries[0]) : [];
     const lazy: Span[] = vmas.filter(vmaCanBeLazy).map((v) => ({ start: Number(v.start), end: Number(v.end) })).sort(byStart);
-    const pagemap = parseImageFile(await readFile(join(dir, `pagemap-${p.pid}.img`)), `pagemap-${p.pid}.img`);
-    const [head, ...rest] = pagemap.entries;
-    if (head === undefined) return { none: `pagemap-${p.pid}.img has no head` };
-    const { pagesId } = codec.decodePagemapHead(head);
+    const pagemap = await readPagemap(dir, p.pid, codec);
+    if (pagemap === undefined) return { none: `pagemap-${p.pid}.img has no head` };
     const task: FillPlanTask = { pid: p.pid, copies: [], zeros: [] };
     const covered: Span[] = [];
     const lazyEntries: Array<Span & { offset: number }> = [];
-    let offset = 0;
-    for (const raw of rest) {
-      const e = decodePagemapEntryRaw(raw, `pagemap-${p.pid}.img`);
-      const flags = e.flags ?? PagemapFlags.PRESENT;
-      if (e.inParent || (flags & PagemapFlags.PARENT) !== 0) return { none: `pagemap-${p.pid}.img refers to a parent image` };
-      if ((flags & PagemapFlags.PRESENT) === 0) return { none: `pagemap-${p.pid}.img has pages that are not in its pages file` };
-      const span = { start: e.vaddr, end: e.vaddr + e.nrPages * CRIU_PAGE_BYTES };
+    for (const r of pagemap.records) {
+      if (r.inParent) return { none: `${pagemap.name} refers to a parent image` };
+      if (r.offset === undefined) return { none: `${pagemap.name} has pages that are not in its pages file` };
+      const span = { start: r.vaddr, end: r.vaddr + r.nrPages * CRIU_PAGE_BYTES };
       covered.push(span);
-      if ((flags & PagemapFlags.LAZY) !== 0) lazyEntries.push({ ...span, offset });
-      offset += span.end - span.start;
+      if (isLazyRecord(r)) lazyEntries.push({ ...span, offset: r.offset });
     }
     // Every byte of the pages file is some entry's: a pagemap this decoder misreads (a CRIU of another image
     // format) would otherwise plan too little, and the pages it left out would read as zeros.
-    const pagesFile = join(dir, `pages-${pagesId}.img`);
+    const pagesFile = pagemap.pagesFile;
     const pagesBytes = await stat(pagesFile).then((st) => st.size, () => 0);
-    if (offset !== pagesBytes) return { none: `pages-${pagesId}.img has ${pagesBytes} bytes, pagemap-${p.pid}.img accounts for ${offset}` };
+    if (pagemap.pagesBytes !== pagesBytes) return { none: `pages-${pagemap.pagesId}.img has ${pagesBytes} bytes, ${pagemap.name} accounts for ${pagemap.pagesBytes}` };
     lazyEntries.sort(byStart);
     covered.sort(byStart);
     // CRIU leaves exactly the lazy entries to the fill, cut at VMA ends (UFFDIO_COPY works within one VMA); a lazy
@@ -211,23 +206,16 @@ export async function criuPageReads(dir: string, codec: CriuImageCodec): Promise
   const out: PagesFileRange[] = [];
   const pstree = parseImageFile(await readFile(join(dir, 'pstree.img')), 'pstree.img').entries.map((e) => codec.decodePstree(e));
   for (const p of pstree) {
-    const name = `pagemap-${p.pid}.img`;
-    const [head, ...rest] = parseImageFile(await readFile(join(dir, name)), name).entries;
-    if (head === undefined) continue;
-    const path = join(dir, `pages-${codec.decodePagemapHead(head).pagesId}.img`);
-    let offset = 0;
-    for (const raw of rest) {
-      const e = decodePagemapEntryRaw(raw, name);
-      const flags = e.flags ?? PagemapFlags.PRESENT;
+    const pagemap = await readPagemap(dir, p.pid, codec);
+    if (pagemap === undefined) continue;
+    const path = pagemap.pagesFile;
+    for (const r of pagemap.records) {
       // Pages in a parent image, or not dumped at all, take no bytes of this pages file.
-      if (e.inParent || (flags & PagemapFlags.PARENT) !== 0 || (flags & PagemapFlags.PRESENT) === 0) continue;
-      const end = offset + e.nrPages * CRIU_PAGE_BYTES;
-      if ((flags & PagemapFlags.LAZY) === 0) {
-        const last = out[out.length - 1];
-        if (last !== undefined && last.path === path && last.end === offset) last.end = end;
-        else out.push({ path, start: offset, end });
-      }
-      offset = end;
+      if (r.offset === undefined || isLazyRecord(r)) continue;
+      const end = r.offset + r.nrPages * CRIU_PAGE_BYTES;
+      const last = out[out.length - 1];
+      if (last !== undefined && last.path === path && last.end === r.offset) last.end = end;
+      else out.push({ path, start: r.offset, end });
     }
   }
   return out;
