@@ -38,8 +38,12 @@ export const COMPRESS_PAGES_MIN_BYTES = 16 * 1024 * 1024;
  * pages stay plain: the restore would read nearly as much, and decompress it besides.
  */
 export const COMPRESS_PAGES_MAX_RATIO = 0.9;
-/** The sample that decides it: every this-many-th frame (a checkpoint with fewer than twice as many frames: all). */
+/**
+ * Above COMPRESS_PAGES_SAMPLE_MIN_BYTES of lazy pages a sample decides first: every this-many-th frame. Below it the
+ * whole is cheap to compress (tens of ms), and a sample of few frames would judge a mix of pages by chance.
+ */
 export const COMPRESS_PAGES_SAMPLE_STEP = 16;
+export const COMPRESS_PAGES_SAMPLE_MIN_BYTES = 256 * 1024 * 1024;
 const NEW_FILE_SUFFIX = '.thaw-compress';
 
 export interface CompressPagesOptions {
@@ -52,6 +56,8 @@ export interface CompressPagesOptions {
   signal?: AbortSignal;
   /** Default COMPRESS_PAGES_MIN_BYTES. */
   minBytes?: number;
+  /** Default COMPRESS_PAGES_SAMPLE_MIN_BYTES. */
+  sampleFromBytes?: number;
 }
 
 export interface CompressPagesResult {
@@ -187,7 +193,7 @@ export async function compressLazyPages(dir: string, o: CompressPagesOptions): P
     // A sample first: pages that do not compress (random or compressed data) cost the checkpoint only the sample.
     const too = (p: { inBytes: number; outBytes: number }, what: string): { none: string } | undefined =>
       p.outBytes > p.inBytes * COMPRESS_PAGES_MAX_RATIO ? { none: `${what} compress only to ${p.outBytes} of ${p.inBytes} bytes` } : undefined;
-    if (frames.length >= 2 * COMPRESS_PAGES_SAMPLE_STEP) {
+    if (plan.copyBytes >= (o.sampleFromBytes ?? COMPRESS_PAGES_SAMPLE_MIN_BYTES) && frames.length >= 2 * COMPRESS_PAGES_SAMPLE_STEP) {
       const sample = await runPack(o, packJobOf(sampleOf(frames, COMPRESS_PAGES_SAMPLE_STEP)), zpages + NEW_FILE_SUFFIX);
       await rm(zpages + NEW_FILE_SUFFIX, { force: true });
       const refused = too(sample.stats, `a sample of the lazy pages (1 frame in ${COMPRESS_PAGES_SAMPLE_STEP})`);
