@@ -23,12 +23,16 @@ import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { createInterface } from 'node:readline';
 import { errorMessage } from '../errors.js';
+import { COMPRESSED_PAGES_FILE_NAME } from '../store/index.js';
 import { CRIU_PAGE_BYTES, CriuImageCodec, encodeImageFile } from './criu/images.js';
 import { isLazyRecord, readPagemap } from './criu/pagemap.js';
 import { buildFillPlan, encodeFillPlan, FILL_PLAN_IMAGE, type FillPlan } from './memory-fill.js';
 
-/** The frames' file beside the images; its presence means the checkpoint restores only through thaw-fill. */
-export const COMPRESSED_PAGES_IMAGE = 'thaw-pages.zst';
+/**
+ * The frames' file beside the images; its presence means the checkpoint restores only through thaw-fill (and its
+ * manifest is schema 2, which a thaw without this module refuses: store/manifest.ts).
+ */
+export const COMPRESSED_PAGES_IMAGE = COMPRESSED_PAGES_FILE_NAME;
 /** Pages of one frame: thaw-fill's chunk (native/thaw-fill.c CHUNK_PAGES), so that a chunk is one frame. */
 export const COMPRESSED_FRAME_PAGES = 256;
 /** Below this many lazy bytes the pages stay plain: the rewrite costs the checkpoint more than a restore saves. */

@@ -30,18 +30,34 @@
  *                snapshot pod restores only a checkpoint whose snapshot record names its own name and key (and
  *                whose source.pod.namespace is its own). Optional: readers that predate it ignore it.
  *
+ * Schema version 2 is version 1 whose files include `criu/thaw-pages.zst`: the checkpoint's lazy pages are
+ * compressed (src/restore-engine/compressed-pages.ts) and are in no image CRIU reads, so only a thaw that knows to
+ * restore it through thaw-fill may take it; a thaw that reads schema 1 only refuses it (its pods cold-start) instead
+ * of letting CRIU restore those pages as zeros. A manifest is version 2 exactly when it lists that file.
+ *
  * A reader refuses any other schemaVersion (a newer agent may write fields an older one would silently drop
  * on replace), and any JSON without `kind: "thaw.checkpoint"` (a foreign file in the store).
  */
 import { StoreError, StoreErrorCode } from './errors.js';
 
 export const MANIFEST_SCHEMA_VERSION = 1;
+/** The schema of a checkpoint with compressed pages (see the top). */
+export const MANIFEST_SCHEMA_VERSION_COMPRESSED_PAGES = 2;
+export type ManifestSchemaVersion = typeof MANIFEST_SCHEMA_VERSION | typeof MANIFEST_SCHEMA_VERSION_COMPRESSED_PAGES;
 export const MANIFEST_KIND = 'thaw.checkpoint';
 export const MANIFEST_FILE_NAME = 'manifest.json';
 /** Files of a checkpoint (design.md, Store), relative to its directory. */
 export const CRIU_DIR_NAME = 'criu';
 export const ROOTFS_DIFF_FILE_NAME = 'rootfs-diff.tar';
 export const DELETED_FILES_FILE_NAME = 'deleted-files.json';
+/** The compressed lazy pages beside CRIU's images (written by the checkpoint flow; schema 2). */
+export const COMPRESSED_PAGES_FILE_NAME = 'thaw-pages.zst';
+const COMPRESSED_PAGES_PATH = `${CRIU_DIR_NAME}/${COMPRESSED_PAGES_FILE_NAME}`;
+
+/** The schema a manifest listing `files` has (see the top). Pure. */
+export function schemaVersionOf(files: ReadonlyArray<{ path: string }>): ManifestSchemaVersion {
+  return files.some((f) => f.path === COMPRESSED_PAGES_PATH) ? MANIFEST_SCHEMA_VERSION_COMPRESSED_PAGES : MANIFEST_SCHEMA_VERSION;
+}
 
 export interface GpuConstraints {
   model?: string;
@@ -119,7 +135,7 @@ export interface SnapshotRecord {
 }
 
 export interface Manifest {
-  schemaVersion: typeof MANIFEST_SCHEMA_VERSION;
+  schemaVersion: ManifestSchemaVersion;
   kind: typeof MANIFEST_KIND;
   name: string;
   id: string;
@@ -356,12 +372,13 @@ export function parseManifest(json: string | unknown): Manifest {
   if (o['kind'] !== MANIFEST_KIND) {
     throw invalid(`not a thaw checkpoint manifest: manifest.kind is ${JSON.stringify(o['kind']) ?? 'missing'} (expected ${JSON.stringify(MANIFEST_KIND)})`);
   }
-  if (o['schemaVersion'] !== MANIFEST_SCHEMA_VERSION) {
+  if (o['schemaVersion'] !== MANIFEST_SCHEMA_VERSION && o['schemaVersion'] !== MANIFEST_SCHEMA_VERSION_COMPRESSED_PAGES) {
     throw invalid(
-      `manifest.schemaVersion ${JSON.stringify(o['schemaVersion']) ?? 'is missing'} is not supported (this thaw reads schema ${MANIFEST_SCHEMA_VERSION})`,
+      `manifest.schemaVersion ${JSON.stringify(o['schemaVersion']) ?? 'is missing'} is not supported (this thaw reads schemas ${MANIFEST_SCHEMA_VERSION} and ${MANIFEST_SCHEMA_VERSION_COMPRESSED_PAGES})`,
       { schemaVersion: o['schemaVersion'] },
     );
   }
+  const schemaVersion = o['schemaVersion'] as ManifestSchemaVersion;
   const id = str(o, 'id', at);
   if (!UUID.test(id)) throw invalid(`manifest.id must be a lower-case uuid (got ${JSON.stringify(id)})`);
   const createdAt = str(o, 'createdAt', at);
@@ -371,6 +388,10 @@ export function parseManifest(json: string | unknown): Manifest {
   const totals: Manifest['totals'] = { bytes: num(totalsObj, 'bytes', `${at}.totals`), fileCount: num(totalsObj, 'fileCount', `${at}.totals`) };
   const liveBytes = optNum(totalsObj, 'liveBytes', `${at}.totals`);
   if (liveBytes !== undefined) totals.liveBytes = liveBytes;
+  // Schema 2 exactly when the compressed pages are listed: a schema-1 reader must never be handed them.
+  if (schemaVersionOf(files) !== schemaVersion) {
+    throw invalid(`manifest.schemaVersion is ${schemaVersion}, but its files ${schemaVersion === MANIFEST_SCHEMA_VERSION ? 'list' : 'do not list'} ${COMPRESSED_PAGES_PATH} (schema ${MANIFEST_SCHEMA_VERSION_COMPRESSED_PAGES} is the one with it)`, { schemaVersion });
+  }
   const sum = files.reduce((acc, f) => acc + f.size, 0);
   if (totals.bytes !== sum) throw invalid(`manifest.totals.bytes is ${totals.bytes} but the files add up to ${sum}`);
   if (totals.fileCount !== files.length) throw invalid(`manifest.totals.fileCount is ${totals.fileCount} but ${files.length} files are listed`);
@@ -386,7 +407,7 @@ export function parseManifest(json: string | unknown): Manifest {
     snapshot = { name: str(so, 'name', `${at}.snapshot`), key };
   }
   const manifest: Manifest = {
-    schemaVersion: MANIFEST_SCHEMA_VERSION,
+    schemaVersion,
     kind: MANIFEST_KIND,
     name: str(o, 'name', at),
     id,

@@ -15,7 +15,7 @@ import { forEachLimit, type Limiter } from '../sys/concurrency.js';
 import { hashHandle, openRegularNoFollow } from './digest.js';
 import { ioError, StoreError, StoreErrorCode, storeAborted, throwIfAborted } from './errors.js';
 import { CHECKPOINT_DIR_MODE, CHECKPOINT_FILE_MODE, pathsOf, walk, type CheckpointPaths, type OpenedCheckpoint, type StoreLayout, type Tree } from './layout.js';
-import { CRIU_DIR_NAME, MANIFEST_FILE_NAME, MANIFEST_KIND, MANIFEST_SCHEMA_VERSION, parseManifest, type Manifest, type ManifestFields, type ManifestFile } from './manifest.js';
+import { CRIU_DIR_NAME, MANIFEST_FILE_NAME, MANIFEST_KIND, parseManifest, schemaVersionOf, type Manifest, type ManifestFields, type ManifestFile } from './manifest.js';
 import { errnoOf, RENAME_EXCHANGE, RENAME_NOREPLACE, type RenameAt2 } from './rename.js';
 import type { RestoreFailures } from './restore-failures.js';
 import type { StampCache } from './verify.js';
@@ -141,7 +141,7 @@ async function publishDir(ctx: PublishContext, pending: PendingCheckpoint, field
   const totals: Manifest['totals'] = { bytes: files.reduce((a, f) => a + f.size, 0), fileCount: files.length };
   if (fields.liveBytes !== undefined) totals.liveBytes = fields.liveBytes;
   return finishPublish(ctx, pending, {
-    schemaVersion: MANIFEST_SCHEMA_VERSION,
+    schemaVersion: schemaVersionOf(files),
     kind: MANIFEST_KIND,
     name: bareNameOf(name),
     id: randomUUID(),

@@ -307,6 +307,8 @@ describe.each(flavorsUnderTest())('restore flow, containerd %s', (flavor) => {
     const why = logger.lines.filter((l) => l.msg.startsWith('lazy pages')).map((l) => `${l.msg} ${JSON.stringify(l.fields)}`).pop();
     expect(opened.manifest.files.map((f) => f.path), why).toContain('criu/thaw-pages.zst');
     console.log(`compressed checkpoint: ${why}`);
+    // Schema 2: a thaw that reads only schema 1 (and would let CRIU restore the frames' pages as zeros) refuses it.
+    expect(opened.manifest.schemaVersion).toBe(2);
     expect(await readFile(path.join(opened.paths.criuDir, 'thaw-fill-plan.txt'), 'utf8')).toMatch(/^thaw-fill-plan 2\nzpages thaw-pages\.zst\n/);
     const { pod, before } = await runTarget('rst-ztarget', name, { ...workerEnv, WORKER_MEMORY_MB: '12' });
     try {

@@ -158,7 +158,7 @@ describe('local checkpoint store', () => {
     ]);
     await writeFile(path, original.replace('"schemaVersion": 1', '"schemaVersion": 7'));
     err = await rejection(store.open('default/c1'));
-    expect(err.message).toBe('parse checkpoint manifest: manifest.schemaVersion 7 is not supported (this thaw reads schema 1)');
+    expect(err.message).toBe('parse checkpoint manifest: manifest.schemaVersion 7 is not supported (this thaw reads schemas 1 and 2)');
     await writeFile(path, original.replace('"name": "c1"', '"name": "c9"'));
     err = await rejection(store.open('default/c1'));
     expect(err.message).toBe('open checkpoint default/c1: manifest.name is "c9" but the directory is "c1"');

@@ -6,6 +6,7 @@ import {
   isRestorable,
   MANIFEST_KIND,
   parseManifest,
+  schemaVersionOf,
   type Manifest,
   type NodeFacts,
 } from '../../src/store/manifest.js';
@@ -56,11 +57,22 @@ describe('parseManifest', () => {
     expect(parseManifest(m)).toEqual(m);
   });
 
+  it('schema 2 is schema 1 with compressed pages: read as written; schemaVersionOf says which a file list is', () => {
+    const m = validManifest();
+    m.files[0] = { ...m.files[0]!, path: 'criu/thaw-pages.zst' };
+    m.schemaVersion = 2;
+    expect(parseManifest(JSON.stringify(m))).toEqual(m);
+    expect(schemaVersionOf(m.files)).toBe(2);
+    expect(schemaVersionOf(validManifest().files)).toBe(1);
+  });
+
   it.each([
     ['not JSON', '{"kind":', /manifest is not JSON/],
     ['foreign JSON', '{"hello":"world"}', /not a thaw checkpoint manifest: manifest\.kind is missing \(expected "thaw\.checkpoint"\)/],
     ['a JSON array', '[1,2]', /manifest must be an object \(got an array\)/],
-    ['another schema version', mutated((m) => (m.schemaVersion = 2)), /manifest\.schemaVersion 2 is not supported \(this thaw reads schema 1\)/],
+    ['another schema version', mutated((m) => (m.schemaVersion = 3)), /manifest\.schemaVersion 3 is not supported \(this thaw reads schemas 1 and 2\)/],
+    ['schema 2 without compressed pages', mutated((m) => (m.schemaVersion = 2)), /manifest\.schemaVersion is 2, but its files do not list criu\/thaw-pages\.zst/],
+    ['compressed pages under schema 1 (a schema-1 reader would hand them to CRIU)', mutated((m) => (m.files[0].path = 'criu/thaw-pages.zst')), /manifest\.schemaVersion is 1, but its files list criu\/thaw-pages\.zst/],
     ['no schema version', mutated((m) => delete m.schemaVersion), /manifest\.schemaVersion is missing is not supported/],
     ['a bad id', mutated((m) => (m.id = 'x')), /manifest\.id must be a lower-case uuid \(got "x"\)/],
     ['a bad date', mutated((m) => (m.createdAt = 'yesterday')), /manifest\.createdAt must be an ISO 8601 date/],
