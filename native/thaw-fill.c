@@ -109,7 +109,7 @@ static const char *hold_sweep_until;
 static int images_dir_fd = -1;
 static int zpages_fd = -1;
 /* A chunk's pages as bytes: the buffers of one thread (each sweeper, and the event thread for faults). */
-struct reader { char *buf; char *zbuf; size_t zcap; ZSTD_DCtx *dctx; };
+struct reader { char *buf; char *zbuf; ZSTD_DCtx *dctx; };
 
 static double ms_since(const struct timespec *a) {
   struct timespec now;
@@ -291,8 +291,7 @@ static void read_fully(int fd, void *buf, size_t len, uint64_t off) {
 
 static void init_reader(struct reader *r) {
   r->buf = aligned_alloc(PAGE, CHUNK_PAGES * PAGE);
-  r->zcap = ZSTD_compressBound(CHUNK_PAGES * PAGE);
-  r->zbuf = malloc(r->zcap);
+  r->zbuf = malloc(ZSTD_compressBound(CHUNK_PAGES * PAGE)); /* read_plan bounds every frame's length by it */
   r->dctx = ZSTD_createDCtx();
   if (!r->buf || !r->zbuf || !r->dctx) fail("NO_MEMORY", "a reader's buffers");
 }

@@ -292,14 +292,15 @@ export async function runAgent(o: AgentRunOptions, logger: Logger): Promise<numb
   if (nativeHook === undefined && c.restore.hook === 'native') logger.warn('thaw: no native createRuntime hook (not built, or its socket path is too long); restores use the Node.js hook (a Node.js start per restore)', { nativeHook: nativeHookPath, socket: hookSocket });
   // thaw-fill is built beside thaw-pause too; without it (or with restore.memoryFill criu) CRIU fills the memory.
   const fillPath = join(dirname(c.paths.thawPause), MEMORY_FILL_NAME);
+  const coreThreads = Math.min(DEFAULT_MEMORY_FILL_MAX_THREADS, availableParallelism());
   const memoryFill = c.restore.memoryFill === 'thaw-fill' && existsSync(fillPath)
-    ? { binary: fillPath, threads: c.restore.fillThreads > 0 ? c.restore.fillThreads : Math.min(DEFAULT_MEMORY_FILL_MAX_THREADS, availableParallelism()) }
+    ? { binary: fillPath, threads: c.restore.fillThreads > 0 ? c.restore.fillThreads : coreThreads }
     : undefined;
   if (memoryFill === undefined && c.restore.memoryFill === 'thaw-fill') logger.warn('thaw: no thaw-fill (not built); CRIU fills restored memory on one thread', { fill: fillPath });
-  // thaw-pack too; it compresses on as many threads as the fill has (the checkpoint's CPU is the worker node's).
+  // thaw-pack too; it compresses on one thread per core up to the fill's default count (the node's CPU is shared).
   const packPath = join(dirname(c.paths.thawPause), PAGES_PACK_NAME);
   const compressPages = c.checkpoint.compressPages === 'zstd' && existsSync(packPath)
-    ? { binary: packPath, threads: Math.min(DEFAULT_MEMORY_FILL_MAX_THREADS, availableParallelism()), level: DEFAULT_PAGES_COMPRESSION_LEVEL }
+    ? { binary: packPath, threads: coreThreads, level: DEFAULT_PAGES_COMPRESSION_LEVEL }
     : undefined;
   if (compressPages === undefined && c.checkpoint.compressPages === 'zstd') logger.warn('thaw: no thaw-pack (not built); checkpoints keep their pages plain', { pack: packPath });
   const engine = await createThawEngine({

@@ -432,7 +432,7 @@ export async function checkpointContainer(
         phase = 'compress-pages';
         started = performance.now();
         try {
-          const c = await compressLazyPages(pending.paths.criuDir, { ...opts.compressPages, codec: CriuImageCodec.shared(), signal });
+          const c = await compressLazyPages(pending.paths.criuDir, { ...opts.compressPages, plan: planned.plan, codec: CriuImageCodec.shared(), signal });
           if ('none' in c) log.info('lazy pages left plain', { reason: c.none });
           else {
             phases.compressedPagesBytes = c.inBytes;

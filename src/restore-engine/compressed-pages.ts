@@ -62,6 +62,8 @@ export interface CompressPagesOptions {
   minBytes?: number;
   /** Default COMPRESS_PAGES_SAMPLE_MIN_BYTES. */
   sampleFromBytes?: number;
+  /** The plan writeFillPlanImage made of these images just before (default: made from them again). */
+  plan?: FillPlan;
 }
 
 export interface CompressPagesResult {
@@ -185,7 +187,7 @@ export async function compressLazyPages(dir: string, o: CompressPagesOptions): P
   const started = performance.now();
   const codec = o.codec ?? CriuImageCodec.load();
   if (await hasCompressedPages(dir)) return { none: 'the pages are compressed already' };
-  const plan = await buildFillPlan(dir, codec);
+  const plan = o.plan ?? (await buildFillPlan(dir, codec));
   if ('none' in plan) return plan;
   if (plan.copyBytes < (o.minBytes ?? COMPRESS_PAGES_MIN_BYTES)) return { none: `only ${plan.copyBytes} bytes of lazy pages` };
   const frames = framesOf(plan);

@@ -262,11 +262,11 @@ export interface RunningFill {
  * Writes the checkpoint's plan beside its images (FILL_PLAN_IMAGE), after its zero pages were dropped. Returns the
  * reason when there is none (nothing is written; a restore of it uses CRIU's fill).
  */
-export async function writeFillPlanImage(imagesDir: string, codec: CriuImageCodec): Promise<{ copyBytes: number; zeroBytes: number } | { none: string }> {
+export async function writeFillPlanImage(imagesDir: string, codec: CriuImageCodec): Promise<{ copyBytes: number; zeroBytes: number; plan: FillPlan } | { none: string }> {
   const plan = await buildFillPlan(imagesDir, codec);
   if ('none' in plan) return plan;
   await writeFile(join(imagesDir, FILL_PLAN_IMAGE), encodeFillPlan(plan, { relative: true }), { mode: 0o600, flag: 'wx' });
-  return { copyBytes: plan.copyBytes, zeroBytes: plan.zeroBytes };
+  return { copyBytes: plan.copyBytes, zeroBytes: plan.zeroBytes, plan };
 }
 
 /** What a restore fills from: the checkpoint's stored plan, or one made now (a checkpoint of an earlier thaw). */

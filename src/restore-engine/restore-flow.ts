@@ -32,7 +32,7 @@ import type { Logger } from '../log.js';
 import { clearStaleMarkers, firstPresent, writeMarker } from '../sdk/index.js';
 import { RESTORE_COMPLETE, RESTORE_FAILED } from '../sdk/index.js';
 import type { LocalStore, OpenedCheckpoint, ReleaseLease } from '../store/index.js';
-import { StoreErrorCode } from '../store/index.js';
+import { MANIFEST_SCHEMA_VERSION_COMPRESSED_PAGES, StoreErrorCode } from '../store/index.js';
 import type { CriuClient } from './criu/client.js';
 import { CriuImageCodec } from './criu/images.js';
 import { readRecordedCredentials, type ThreadCredentials } from './credentials.js';
@@ -50,7 +50,6 @@ import { loadWeights, type LoadedWeights } from './weights/loader.js';
 import { openContainerRoot, regionsOfManifest, restoreSourceOpener, type ContainerBindMount } from './weights/service.js';
 import type { SourceDigests } from './weights/source-digests.js';
 import { closeSync } from 'node:fs';
-import { hasCompressedPages } from './compressed-pages.js';
 import { FILL_PLAN_IMAGE, fillSourceOf, startMemoryFill, type FillSource, type FillStats, type RunningFill } from './memory-fill.js';
 
 const execFileP = promisify(execFile);
@@ -821,8 +820,8 @@ export function createRestoreFlow(o: RestoreFlowOptions): RestoreFlow {
    */
   async function startFill(job: RestoreJob, workDir: string): Promise<{ fill?: RunningFill; info?: RestoreEvent['memoryFill'] }> {
     // Compressed pages are in no image CRIU reads: without thaw-fill they would restore as zeros, so such a
-    // checkpoint falls back instead (compressed-pages.ts).
-    const compressed = await hasCompressedPages(job.checkpoint.paths.criuDir);
+    // checkpoint falls back instead (compressed-pages.ts). Its verified manifest says so (schema 2 lists the frames).
+    const compressed = job.checkpoint.manifest.schemaVersion === MANIFEST_SCHEMA_VERSION_COMPRESSED_PAGES;
     const required = (reason: string, cause?: unknown): RestoreError =>
       new RestoreError(RestoreErrorCode.MEMORY_FILL_REQUIRED, `the checkpoint's pages are compressed and only thaw-fill places them: ${reason}`, { step: 'start the memory fill', ...(cause !== undefined ? { cause } : {}) });
     if (o.memoryFill === undefined || job.fillPlan === undefined) {

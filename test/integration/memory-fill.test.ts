@@ -118,16 +118,22 @@ function lazyPagesOf(imagesDir: string): number {
   return pages;
 }
 
-/**
- * Starts the victim, dumps it (it stops), drops its zero pages and puts back the lazy marks CRIU's stack-pointer slip
- * leaves off (lazy-marks.ts), as a checkpoint does: the pattern region's pages are then lazy in every dump.
- */
-async function dumpVictimWith(client: CriuClient, name: string): Promise<Dumped> {
+/** A dump's directories under the test root: its own, the images' and CRIU's work directory. */
+function dumpDirs(name: string): { dir: string; imagesDir: string; workDir: string } {
   const dir = join(root, name);
   const imagesDir = join(dir, 'images');
   const workDir = join(dir, 'work');
   mkdirSync(imagesDir, { recursive: true });
   mkdirSync(workDir, { recursive: true });
+  return { dir, imagesDir, workDir };
+}
+
+/**
+ * Starts the victim, dumps it (it stops), drops its zero pages and puts back the lazy marks CRIU's stack-pointer slip
+ * leaves off (lazy-marks.ts), as a checkpoint does: the pattern region's pages are then lazy in every dump.
+ */
+async function dumpVictimWith(client: CriuClient, name: string): Promise<Dumped> {
+  const { dir, imagesDir, workDir } = dumpDirs(name);
   const script = join(dir, 'victim.py');
   writeFileSync(script, VICTIM);
   const result = join(dir, 'result');
@@ -168,11 +174,7 @@ print('ok')
 
 /** Starts the C victim (its stack pointer page-aligned or not), dumps it, drops its zero pages as a checkpoint does. */
 async function dumpAlignedVictim(client: CriuClient, name: string, aligned: boolean): Promise<Dumped & { region: string }> {
-  const dir = join(root, name);
-  const imagesDir = join(dir, 'images');
-  const workDir = join(dir, 'work');
-  mkdirSync(imagesDir, { recursive: true });
-  mkdirSync(workDir, { recursive: true });
+  const { dir, imagesDir, workDir } = dumpDirs(name);
   const ready = join(dir, 'ready');
   const child = spawn(ALIGNED_VICTIM, [ready, aligned ? '1' : '0'], { detached: true, stdio: 'ignore' });
   child.unref();
