@@ -251,6 +251,7 @@ export function createApiHandlers(ctx: ApiContext): grpc.UntypedServiceImplement
         // The image a restore is compared with is the new pod's; here: the checkpoint's own (see the .proto).
         image: m.constraints.image,
         ...(engine.cuda?.facts ? { gpu: engine.cuda.facts } : {}),
+        placesCompressedPages: engine.placesCompressedPages,
       });
       return {
         summary: summaryOf({ name: opened.name, ...(opened.namespace !== undefined ? { namespace: opened.namespace } : {}), manifest: m, ...(failure !== undefined ? { restoreFailure: failure } : {}) }, await store.isLeased(opened.name)),

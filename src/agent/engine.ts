@@ -116,6 +116,8 @@ export interface ThawEngine {
   cuda: NodeCuda | undefined;
   /** CRIU's version (major.minor.sublevel). */
   criuVersion: string;
+  /** Whether restores here place compressed pages (thaw-fill with CRIU's lazy pages): manifest.ts checkCompatibility. */
+  placesCompressedPages: boolean;
   /** The local store's bounds. */
   storeLimits: StoreLimits;
   /** Collects least recently used checkpoints no restore uses until the bounds hold (`thaw gc`). */
@@ -379,6 +381,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
       workRoot: o.workRoot,
       ...(o.thawPauseDeadlineMs !== undefined ? { thawPauseDeadlineMs: o.thawPauseDeadlineMs } : {}),
       ...(cuda?.facts ? { gpuFacts: cuda.facts } : {}),
+      placesCompressedPages: memoryFill !== undefined,
     },
   });
   containerStarted = handlers.containerStarted;
@@ -392,6 +395,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     snapshots,
     cuda,
     criuVersion: criuVersionText,
+    placesCompressedPages: memoryFill !== undefined,
     storeLimits,
     collectGarbage,
     gcTotals,

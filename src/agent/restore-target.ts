@@ -58,6 +58,12 @@ export interface ThawRestoreConfig {
   hostFacts?: Pick<NodeFacts, 'arch' | 'kernelRelease'>;
   /** This node's GPUs (src/cuda gpuFacts); absent: no GPU, and a checkpoint that needs one is refused. */
   gpuFacts?: GpuConstraints;
+  /**
+   * Whether this agent places compressed pages (thaw-fill runs here: the engine asked CRIU and the kernel at
+   * start). false: a checkpoint with compressed pages cold-starts here at CreateContainer, before the hook does
+   * any work (RESTORE_MEMORY_FILL_REQUIRED). Absent: decided by the restore flow when the fill would start.
+   */
+  placesCompressedPages?: boolean;
   /** The createRuntime hook's timeout (the rootfs diff of a large layer). */
   hookTimeoutSeconds?: number;
   /** thaw-pause's deadline without a word from the agent (default DEFAULT_THAW_PAUSE_DEADLINE_MS). */
@@ -216,10 +222,16 @@ async function adjustWith(
     ...(r.hostFacts ?? readHostFacts()),
     image: { ref: imageRef, ...(imageDigest !== undefined && /^sha256:[0-9a-f]{64}$/.test(imageDigest) ? { digest: imageDigest } : {}) },
     ...(r.gpuFacts !== undefined ? { gpu: r.gpuFacts } : {}),
+    ...(r.placesCompressedPages !== undefined ? { placesCompressedPages: r.placesCompressedPages } : {}),
     container: { name: container.name ?? '', args: container.args ?? [] },
   });
   if (!isRestorable(mismatches)) {
-    return coldStart(scope, call, RestoreErrorCode.INCOMPATIBLE, 'the checkpoint does not match this node or container', pod, container, ctx, {
+    // Only the pages stand in the way: the restore flow's cause for the same refusal (a node condition).
+    const pagesOnly = mismatches.every((m) => m.severity !== 'fatal' || m.what === 'pages');
+    const [cause, what] = pagesOnly
+      ? [RestoreErrorCode.MEMORY_FILL_REQUIRED, 'the checkpoint\'s pages are compressed and only thaw-fill places them, which cannot run on this node']
+      : [RestoreErrorCode.INCOMPATIBLE, 'the checkpoint does not match this node or container'];
+    return coldStart(scope, call, cause, what, pod, container, ctx, {
       checkpoint: checkpointName,
       mismatches,
     });

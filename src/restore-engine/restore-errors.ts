@@ -76,7 +76,8 @@ export const RestoreErrorCode = {
   /**
    * The checkpoint's lazy pages are compressed (compressed-pages.ts) and this restore cannot run thaw-fill (off,
    * not built, no lazy pages in CRIU or the kernel, no stored plan, or it did not start): CRIU alone would restore
-   * those pages as zeros, so the pod cold-starts. Nothing of the checkpoint ran.
+   * those pages as zeros, so the pod cold-starts. Nothing of the checkpoint ran. Also the cause of an agent's
+   * refusal at CreateContainer when it knows at start it cannot run thaw-fill (manifest.ts checkCompatibility, `pages`).
    */
   MEMORY_FILL_REQUIRED: 'RESTORE_MEMORY_FILL_REQUIRED',
   /** A device step after CRIU (the CUDA restore seam) failed. */

@@ -437,6 +437,11 @@ export interface NodeFacts {
   image: ImageIdentity;
   gpu?: GpuConstraints;
   /**
+   * Whether this node can place compressed pages (schema 2): thaw-fill built and on, and CRIU and the kernel
+   * offering lazy pages (the agent asks once at start). Absent: not compared (`thaw inspect` on a CLI without an agent).
+   */
+  placesCompressedPages?: boolean;
+  /**
    * The target container: its name and its spec's process args (NRI CreateContainer). Absent: not compared
    * (callers that check a checkpoint against a node only, such as `thaw inspect`).
    */
@@ -448,7 +453,7 @@ export type MismatchSeverity = 'fatal' | 'warning';
 export interface Mismatch {
   /**
    * A stable key: 'arch', 'image', 'kernel', 'criu', 'containerd', 'gpu', 'gpu.model', 'gpu.driverVersion',
-   * 'gpu.cudaApiVersion', 'gpu.count', 'container.name', 'container.args'.
+   * 'gpu.cudaApiVersion', 'gpu.count', 'container.name', 'container.args', 'pages'.
    */
   what: string;
   expected: string;
@@ -483,6 +488,8 @@ export interface CompatibilityOptions {
  *   model path, other flags) would silently run what it did not ask for. A checkpoint that recorded no args
  *   (taken outside the agent's CreateContainer) cannot show it matches: fatal too. The container name must
  *   match when the checkpoint recorded one (a pod's sidecar is not its worker).
+ * - pages: a checkpoint whose lazy pages are compressed (schema 2) onto a node that cannot run thaw-fill is fatal:
+ *   CRIU alone would restore those pages as zeros (compressed-pages.ts in the restore engine).
  */
 export function checkCompatibility(manifest: Manifest, node: NodeFacts, options: CompatibilityOptions = {}): Mismatch[] {
   const c = manifest.constraints;
@@ -520,6 +527,9 @@ export function checkCompatibility(manifest: Manifest, node: NodeFacts, options:
     if (wantCount !== undefined && haveCount !== undefined && haveCount < wantCount) {
       add('gpu.count', `>= ${wantCount} GPU(s)`, `${haveCount} GPU(s)`, 'fatal');
     }
+  }
+  if (manifest.schemaVersion === MANIFEST_SCHEMA_VERSION_COMPRESSED_PAGES && node.placesCompressedPages === false) {
+    add('pages', 'compressed (placed by thaw-fill)', 'no thaw-fill here (restore.memoryFill criu, not built, or no lazy pages in CRIU or the kernel)', 'fatal');
   }
   const target = node.container;
   if (target !== undefined) {

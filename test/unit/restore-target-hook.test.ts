@@ -2,9 +2,10 @@
  * The NRI adjustment of a restore target and its createRuntime hook: with the native hook configured, the OCI
  * hook is native/build/thaw-hook with its socket, budget and wait, and the work (what the Node hook's argv said)
  * is registered with the agent's hook server under the container id; without it, the Node hook's argv as before.
- * A real local store holds the checkpoint; the hook server is the real one.
+ * A real local store holds the checkpoint; the hook server is the real one. A checkpoint with compressed pages
+ * (schema 2) is refused at CreateContainer by an agent that cannot run thaw-fill.
  */
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -30,6 +31,11 @@ beforeAll(async () => {
   const pending = await store.beginCheckpoint('default/llm');
   await writeCheckpointFiles(pending.paths);
   await pending.publish(manifestFields(), { replace: false });
+  // The same with its lazy pages compressed: the frames' file makes the manifest schema 2 (store/manifest.ts).
+  const zpending = await store.beginCheckpoint('default/zllm');
+  await writeCheckpointFiles(zpending.paths);
+  await writeFile(join(zpending.paths.criuDir, 'thaw-pages.zst'), 'frames');
+  expect((await zpending.publish(manifestFields(), { replace: false })).manifest.schemaVersion).toBe(2);
   server = await startHookServer({ socketPath: join(dir, 'run', 'agent-hook.sock') });
 });
 afterAll(async () => {
@@ -37,7 +43,7 @@ afterAll(async () => {
   await rm(dir, { recursive: true, force: true });
 });
 
-function handlers(native: boolean) {
+function handlers(native: boolean, extra: Partial<ThawRestoreConfig> = {}) {
   const restore: ThawRestoreConfig = {
     store,
     toolkitDir: '/opt/thaw/stack/1.7',
@@ -46,6 +52,7 @@ function handlers(native: boolean) {
     ...(native ? { nativeHook: { path: NATIVE, server } } : {}),
     workRoot: join(dir, 'work'),
     hostFacts: { arch: manifestFields().constraints.arch, kernelRelease: manifestFields().constraints.kernelRelease },
+    ...extra,
   };
   return createThawNriHandlers({ annotationPrefix: 'thaw.dev/', controlRoot: join(dir, 'control'), restore });
 }
@@ -96,6 +103,29 @@ describe('restore target adjustment: the createRuntime hook', () => {
     for (const flag of ['--control-dir', '--checkpoint-dir', '--thaw-pause', '--budget-ms', '--diff-sha256', '--undo-journal']) expect(args).toContain(flag);
     expect(server.pending()).toBe(0);
     await h.removeContainer!(pod, container('c-node'), ctx);
+  });
+});
+
+describe('restore target adjustment: a checkpoint with compressed pages', () => {
+  const zpod = { ...pod, id: 'pod-z', annotations: { 'thaw.dev/restore': 'zllm' } };
+  const zcontainer = (id: string) => ({ ...container(id), podSandboxId: 'pod-z' });
+
+  it('an agent that cannot run thaw-fill leaves the container cold at CreateContainer, cause RESTORE_MEMORY_FILL_REQUIRED; one that can adjusts it', async () => {
+    const logger = createCollectingLogger();
+    const h = handlers(true, { placesCompressedPages: false });
+    expect(await h.createContainer!(zpod, zcontainer('c-z-no'), { ...ctx, logger })).toBeUndefined();
+    const line = logger.lines.find((l) => l.fields['event'] === 'restore' && l.fields['outcome'] === 'fallback')?.fields;
+    expect(line, JSON.stringify(logger.lines)).toMatchObject({ cause: 'RESTORE_MEMORY_FILL_REQUIRED', checkpoint: 'default/zllm' });
+    expect((line?.['mismatches'] as Array<{ what: string }>).map((m) => m.what)).toEqual(['pages']);
+    expect(h.stats.restoreFallbacksAtCreate.get('RESTORE_MEMORY_FILL_REQUIRED')).toBe(1);
+    expect(server.pending()).toBe(0); // no hook work: nothing was adjusted
+    // The same agent restores a checkpoint with plain pages (CRIU places them).
+    expect(await adjust(h, 'c-plain-no')).toBeDefined();
+    await h.removeContainer!(pod, container('c-plain-no'), ctx);
+    const able = handlers(true, { placesCompressedPages: true });
+    expect(await able.createContainer!(zpod, zcontainer('c-z-yes'), ctx)).toBeInstanceOf(AdjustmentBuilder);
+    await able.removeContainer!(zpod, zcontainer('c-z-yes'), ctx);
+    expect(server.pending()).toBe(0);
   });
 });
 

@@ -141,6 +141,18 @@ describe('checkCompatibility', () => {
     ]);
   });
 
+  it('refuses a checkpoint with compressed pages only on a node that says it cannot place them', () => {
+    const compressed = validManifest();
+    compressed.files[0] = { ...compressed.files[0]!, path: 'criu/thaw-pages.zst' };
+    compressed.schemaVersion = 2;
+    const refused = checkCompatibility(compressed, { ...node, placesCompressedPages: false });
+    expect(refused.map((m) => [m.what, m.severity])).toEqual([['pages', 'fatal']]);
+    expect(isRestorable(refused)).toBe(false);
+    expect(checkCompatibility(compressed, { ...node, placesCompressedPages: true })).toEqual([]);
+    expect(checkCompatibility(compressed, node)).toEqual([]); // not told: not compared
+    expect(checkCompatibility(base, { ...node, placesCompressedPages: false })).toEqual([]); // plain pages: CRIU places them
+  });
+
   it('warns on kernel, CRIU and containerd differences unless the kernel is strict', () => {
     const other = { ...node, kernelRelease: '6.8.0-50-generic', criuVersion: '4.2', containerdVersion: '2.2.0' };
     const found = checkCompatibility(base, other);
