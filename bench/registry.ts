@@ -4,8 +4,13 @@
  *
  * Each round: push the checkpoint to a fresh repository (every blob is uploaded: HEAD finds none there), pull it
  * into an empty store (every byte fetched, sha256-checked and written; the file cache off so nothing is
- * linked), then curl fetches the same layer blobs from the registry into files, with the same number of
- * parallel transfers. Medians over the rounds; the last line is JSON.
+ * linked), and curl fetches the same layer blobs from the registry into files, with the same number of
+ * parallel transfers. Odd rounds pull first, even rounds curl first: on a VM whose balloon reports freed memory
+ * to the host, what a transfer's page-cache writes cost depends on what the step before it freed (bench/RESULTS.md),
+ * so neither side always follows the other. Each side's CPU is counted (the pull's from this process, curl's from
+ * its rusage, the registry's from /proc): on a machine where the registry shares the cores, the difference in
+ * CPU is what the pull does that curl does not (the sha256 of every byte). Medians over the rounds; the last line
+ * is JSON.
  *
  * Then, end to end through a private containerd with the plugin process: the demo worker (BENCH_E2E_MB,
  * default 512) is checkpointed on "node A" and restored there from its local store; the checkpoint is pushed;
@@ -13,13 +18,13 @@
  * reference, the store emptied before each. Pod creation to serving, medians of BENCH_E2E_ROUNDS (default 2),
  * against local restore + transfer time (the restore event's transferMs). BENCH_E2E=0 skips this part.
  *
- * Env: BENCH_REGISTRY_BYTES (checkpoint size, default 2e9), BENCH_ROUNDS (default 3),
+ * Env: BENCH_REGISTRY_BYTES (checkpoint size, default 2e9), BENCH_ROUNDS (default 4: each side first twice),
  * BENCH_CONCURRENCY (parallel transfers for pull and curl, default 8), BENCH_CHUNK_MB (layer size, default 64),
  * THAW_CONTAINERD (stack flavor of the end-to-end part, default 1.7).
  */
 import { execFile } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
-import { mkdtemp, open, readdir, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, open, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { cpus, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -43,6 +48,24 @@ const GB = 1e9;
 const MiB = 1024 * 1024;
 const round = (v: number, d = 3): number => Number(v.toFixed(d));
 const median = (values: number[]): number => percentile(values, 50, 3);
+/** Clock ticks per second of /proc's CPU times (USER_HZ, 100 on Linux). */
+const TICK_MS = 10;
+
+/** CPU ms of a process from /proc/<pid>/stat: [user, system], or its waited-for children's (cutime, cstime). */
+async function procCpuMs(pid: number | 'self', children = false): Promise<[number, number]> {
+  const stat = await readFile(`/proc/${pid}/stat`, 'utf8');
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  // Fields after the command: state is 3, utime 14, stime 15, cutime 16, cstime 17 (proc(5)), here index - 3.
+  const at = children ? 13 : 11;
+  return [Number(fields[at]) * TICK_MS, Number(fields[at + 1]) * TICK_MS];
+}
+
+interface SideCpu {
+  userMs: number;
+  sysMs: number;
+  /** The registry's CPU while this side transferred. */
+  registryMs: number;
+}
 
 interface E2eResult {
   memoryMb: number;
@@ -133,7 +156,7 @@ async function endToEnd(registry: RunningRegistry, workDir: string, say: (line: 
 
 async function main(): Promise<void> {
   const bytes = Number(process.env['BENCH_REGISTRY_BYTES'] ?? 2e9);
-  const rounds = Number(process.env['BENCH_ROUNDS'] ?? 3);
+  const rounds = Number(process.env['BENCH_ROUNDS'] ?? 4);
   const concurrency = Number(process.env['BENCH_CONCURRENCY'] ?? 8);
   const chunkBytes = Number(process.env['BENCH_CHUNK_MB'] ?? 64) * MiB;
   const say = (line: string): void => void process.stderr.write(`bench:registry: ${line}\n`);
@@ -163,32 +186,57 @@ async function main(): Promise<void> {
     });
     say(`checkpoint of ${bytes} bytes published (hashing took ${Math.round(performance.now() - t0)} ms); registry ${registry.url}`);
 
-    const rows: Array<{ round: number; pushMs: number; pullMs: number; curlMs: number }> = [];
+    const rows: Array<{ round: number; first: 'pull' | 'curl'; pushMs: number; pullMs: number; curlMs: number; pullCpu: SideCpu; curlCpu: SideCpu }> = [];
+    const registryPid = registry.process.pid!;
+    /** Runs `f`, counting this process's (or its children's) CPU and the registry's meanwhile. */
+    const counted = async <T>(children: boolean, f: () => Promise<T>): Promise<{ value: T; cpu: SideCpu }> => {
+      const [u0, s0] = children ? await procCpuMs('self', true) : [process.cpuUsage().user / 1000, process.cpuUsage().system / 1000];
+      const [ru0, rs0] = await procCpuMs(registryPid);
+      const value = await f();
+      const [u1, s1] = children ? await procCpuMs('self', true) : [process.cpuUsage().user / 1000, process.cpuUsage().system / 1000];
+      const [ru1, rs1] = await procCpuMs(registryPid);
+      return { value, cpu: { userMs: Math.round(u1 - u0), sysMs: Math.round(s1 - s0), registryMs: ru1 + rs1 - ru0 - rs0 } };
+    };
     for (let r = 1; r <= rounds; r++) {
       const repo = `bench/ckpt-${r}`;
       const pushed = await pushCheckpoint({ store: storeA, name: 'bench/bench', reference: `${registry.host}/${repo}:v1`, access: { plainHttp: true }, chunkBytes, concurrency: 4 });
-      const rootB = join(work, `b-${r}`);
-      const storeB = await openLocalStore({ root: rootB });
-      const pulled = await pullCheckpoint({ store: storeB, reference: `${registry.host}/${repo}@${pushed.digest}`, access: { plainHttp: true }, concurrency, cache: false });
-      if (pulled.bytesFetched < bytes) throw new Error(`the pull fetched ${pulled.bytesFetched} bytes of ${bytes}`);
-      await rm(rootB, { recursive: true, force: true });
-
-      // curl: the same layer blobs, the same parallelism, into files on the same filesystem.
       const client = new RegistryClient({ registry: registry.host, plainHttp: true });
       const image = JSON.parse((await client.getManifest(repo, pushed.digest)).body.toString('utf8')) as { layers: Array<{ digest: string }> };
       client.close();
-      const curlDir = join(work, `curl-${r}`);
-      await rm(curlDir, { recursive: true, force: true });
-      await execFileP('mkdir', ['-p', curlDir]);
-      const args = ['--silent', '--show-error', '--fail', '--parallel', '--parallel-max', String(concurrency)];
-      image.layers.forEach((l, i) => args.push('-o', join(curlDir, `${i}`), `${registry.url}/v2/${repo}/blobs/${l.digest}`));
-      const c0 = performance.now();
-      await execFileP('curl', args, { maxBuffer: 1 << 20 });
-      const curlMs = performance.now() - c0;
-      if ((await readdir(curlDir)).length !== image.layers.length) throw new Error('curl did not fetch every layer');
-      await rm(curlDir, { recursive: true, force: true });
-      rows.push({ round: r, pushMs: pushed.ms, pullMs: pulled.ms, curlMs });
-      say(`round ${r}: push ${Math.round(pushed.ms)} ms, pull ${Math.round(pulled.ms)} ms (${JSON.stringify(pulled.phases)}), curl ${Math.round(curlMs)} ms`);
+      const pull = async (): Promise<{ ms: number; phases: unknown; cpu: SideCpu }> => {
+        const rootB = join(work, `b-${r}`);
+        const storeB = await openLocalStore({ root: rootB });
+        const { value: pulled, cpu } = await counted(false, () => pullCheckpoint({ store: storeB, reference: `${registry.host}/${repo}@${pushed.digest}`, access: { plainHttp: true }, concurrency, cache: false }));
+        if (pulled.bytesFetched < bytes) throw new Error(`the pull fetched ${pulled.bytesFetched} bytes of ${bytes}`);
+        await rm(rootB, { recursive: true, force: true });
+        return { ms: pulled.ms, phases: pulled.phases, cpu };
+      };
+      // curl: the same layer blobs, the same parallelism, into files on the same filesystem.
+      const curl = async (): Promise<{ ms: number; cpu: SideCpu }> => {
+        const curlDir = join(work, `curl-${r}`);
+        await rm(curlDir, { recursive: true, force: true });
+        await execFileP('mkdir', ['-p', curlDir]);
+        const args = ['--silent', '--show-error', '--fail', '--parallel', '--parallel-max', String(concurrency)];
+        image.layers.forEach((l, i) => args.push('-o', join(curlDir, `${i}`), `${registry.url}/v2/${repo}/blobs/${l.digest}`));
+        const c0 = performance.now();
+        const { cpu } = await counted(true, () => execFileP('curl', args, { maxBuffer: 1 << 20 }));
+        const ms = performance.now() - c0;
+        if ((await readdir(curlDir)).length !== image.layers.length) throw new Error('curl did not fetch every layer');
+        await rm(curlDir, { recursive: true, force: true });
+        return { ms, cpu };
+      };
+      const first = r % 2 === 1 ? 'pull' : 'curl';
+      let p: Awaited<ReturnType<typeof pull>>;
+      let c: Awaited<ReturnType<typeof curl>>;
+      if (first === 'pull') {
+        p = await pull();
+        c = await curl();
+      } else {
+        c = await curl();
+        p = await pull();
+      }
+      rows.push({ round: r, first, pushMs: pushed.ms, pullMs: p.ms, curlMs: c.ms, pullCpu: p.cpu, curlCpu: c.cpu });
+      say(`round ${r} (${first} first): push ${Math.round(pushed.ms)} ms, pull ${Math.round(p.ms)} ms (${JSON.stringify(p.phases)}; cpu ${JSON.stringify(p.cpu)}), curl ${Math.round(c.ms)} ms (cpu ${JSON.stringify(c.cpu)})`);
     }
     const rate = (ms: number): number => round(bytes / GB / (ms / 1000));
     const pushGBps = median(rows.map((x) => rate(x.pushMs)));
@@ -196,12 +244,33 @@ async function main(): Promise<void> {
     const curlGBps = median(rows.map((x) => rate(x.curlMs)));
     process.stdout.write(
       renderTable(
-        ['round', 'push ms', 'push GB/s', 'pull ms', 'pull GB/s', 'curl ms', 'curl GB/s', 'pull/curl'],
-        rows.map((x) => [x.round, Math.round(x.pushMs), rate(x.pushMs), Math.round(x.pullMs), rate(x.pullMs), Math.round(x.curlMs), rate(x.curlMs), round(x.curlMs / x.pullMs)]),
+        ['round', 'first', 'push ms', 'push GB/s', 'pull ms', 'pull GB/s', 'curl ms', 'curl GB/s', 'pull/curl', 'pull cpu ms (user+sys)', 'curl cpu ms', 'registry cpu ms (pull / curl)'],
+        rows.map((x) => [
+          x.round, x.first, Math.round(x.pushMs), rate(x.pushMs), Math.round(x.pullMs), rate(x.pullMs), Math.round(x.curlMs), rate(x.curlMs), round(x.curlMs / x.pullMs),
+          `${x.pullCpu.userMs}+${x.pullCpu.sysMs}`, `${x.curlCpu.userMs}+${x.curlCpu.sysMs}`, `${x.pullCpu.registryMs} / ${x.curlCpu.registryMs}`,
+        ]),
         { rule: true },
       ),
     );
+    const cpuOf = (side: (x: (typeof rows)[number]) => SideCpu): SideCpu => ({
+      userMs: median(rows.map((x) => side(x).userMs)),
+      sysMs: median(rows.map((x) => side(x).sysMs)),
+      registryMs: median(rows.map((x) => side(x).registryMs)),
+    });
+    const cpu = { pull: cpuOf((x) => x.pullCpu), curl: cpuOf((x) => x.curlCpu) };
+    // The same position against the same position: each side when it ran first (right after the push), and when
+    // it ran second (right after the other's files were removed). Undefined where a side never had that position.
+    const byPosition = (position: 'first' | 'second'): number | undefined => {
+      const pulls = rows.filter((x) => (x.first === 'pull') === (position === 'first')).map((x) => x.pullMs);
+      const curls = rows.filter((x) => (x.first === 'curl') === (position === 'first')).map((x) => x.curlMs);
+      return pulls.length > 0 && curls.length > 0 ? round(median(curls) / median(pulls)) : undefined;
+    };
+    const positions = { first: byPosition('first'), second: byPosition('second') };
     process.stdout.write(`medians: push ${pushGBps} GB/s, pull ${pullGBps} GB/s, curl ${curlGBps} GB/s; pull/curl ${round(pullGBps / curlGBps)} (goal >= 0.9)\n`);
+    process.stdout.write(`pull/curl by position: both first (after the push) ${positions.first ?? '-'}, both second (after the other's files were removed) ${positions.second ?? '-'}\n`);
+    process.stdout.write(
+      `cpu medians: pull ${cpu.pull.userMs} user + ${cpu.pull.sysMs} sys ms (registry ${cpu.pull.registryMs}), curl ${cpu.curl.userMs} + ${cpu.curl.sysMs} ms (registry ${cpu.curl.registryMs}), on ${cpus().length} cores\n`,
+    );
     const e2e = process.env['BENCH_E2E'] === '0' ? undefined : await endToEnd(registry, work, say);
     if (e2e !== undefined) {
       process.stdout.write(
@@ -209,7 +278,7 @@ async function main(): Promise<void> {
       );
     }
     process.stdout.write(
-      `${JSON.stringify({ bench: 'registry', cpus: cpus().length, cpuModel: cpus()[0]?.model ?? 'unknown', registry: 'docker-registry 2.8.3 (loopback, http)', bytes, rounds, concurrency, chunkBytes, pushGBps, pullGBps, curlGBps, pullOverCurl: round(pullGBps / curlGBps), ...(e2e !== undefined ? { e2e } : {}), runs: rows.map((x) => ({ pushMs: Math.round(x.pushMs), pullMs: Math.round(x.pullMs), curlMs: Math.round(x.curlMs) })) })}\n`,
+      `${JSON.stringify({ bench: 'registry', cpus: cpus().length, cpuModel: cpus()[0]?.model ?? 'unknown', registry: 'docker-registry 2.8.3 (loopback, http)', bytes, rounds, concurrency, chunkBytes, pushGBps, pullGBps, curlGBps, pullOverCurl: round(pullGBps / curlGBps), pullOverCurlByPosition: positions, cpuMs: cpu, ...(e2e !== undefined ? { e2e } : {}), runs: rows.map((x) => ({ first: x.first, pushMs: Math.round(x.pushMs), pullMs: Math.round(x.pullMs), curlMs: Math.round(x.curlMs), pullCpu: x.pullCpu, curlCpu: x.curlCpu })) })}\n`,
     );
   } finally {
     await registry.stop();
