@@ -190,10 +190,15 @@ async function main(): Promise<void> {
     const registryPid = registry.process.pid!;
     /** Runs `f`, counting this process's (or its children's) CPU and the registry's meanwhile. */
     const counted = async <T>(children: boolean, f: () => Promise<T>): Promise<{ value: T; cpu: SideCpu }> => {
-      const [u0, s0] = children ? await procCpuMs('self', true) : [process.cpuUsage().user / 1000, process.cpuUsage().system / 1000];
+      const own = async (): Promise<[number, number]> => {
+        if (children) return procCpuMs('self', true);
+        const u = process.cpuUsage();
+        return [u.user / 1000, u.system / 1000];
+      };
+      const [u0, s0] = await own();
       const [ru0, rs0] = await procCpuMs(registryPid);
       const value = await f();
-      const [u1, s1] = children ? await procCpuMs('self', true) : [process.cpuUsage().user / 1000, process.cpuUsage().system / 1000];
+      const [u1, s1] = await own();
       const [ru1, rs1] = await procCpuMs(registryPid);
       return { value, cpu: { userMs: Math.round(u1 - u0), sysMs: Math.round(s1 - s0), registryMs: ru1 + rs1 - ru0 - rs0 } };
     };

@@ -191,8 +191,10 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
         (err: unknown) => (logger.warn('CRIU\'s feature check failed: CRIU fills restored memory', { error: errorMessage(err) }), undefined),
       );
   if (o.memoryFill !== undefined && memoryFill === undefined) logger.warn('thaw: no lazy pages here (CRIU or the kernel\'s userfaultfd): CRIU fills restored memory on one thread');
-  // A checkpoint with compressed pages restores only through thaw-fill: none are made where it cannot run.
-  const compressPages = memoryFill !== undefined ? o.compressPages : undefined;
+  // A checkpoint with compressed pages restores only through thaw-fill: none are made where it cannot run, and
+  // restore targets of one are refused at CreateContainer (manifest.ts checkCompatibility, `pages`).
+  const placesCompressedPages = memoryFill !== undefined;
+  const compressPages = placesCompressedPages ? o.compressPages : undefined;
   if (o.compressPages !== undefined && compressPages === undefined) logger.warn('thaw: checkpoints keep their pages plain: compressed pages need thaw-fill, which cannot run here');
   const criuVersionText = `${criuVersion.major}.${criuVersion.minor}.${criuVersion.sublevel}`;
   let runtimeVersion = 'unknown';
@@ -381,7 +383,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
       workRoot: o.workRoot,
       ...(o.thawPauseDeadlineMs !== undefined ? { thawPauseDeadlineMs: o.thawPauseDeadlineMs } : {}),
       ...(cuda?.facts ? { gpuFacts: cuda.facts } : {}),
-      placesCompressedPages: memoryFill !== undefined,
+      placesCompressedPages,
     },
   });
   containerStarted = handlers.containerStarted;
@@ -395,7 +397,7 @@ export async function createThawEngine(o: ThawEngineOptions): Promise<ThawEngine
     snapshots,
     cuda,
     criuVersion: criuVersionText,
-    placesCompressedPages: memoryFill !== undefined,
+    placesCompressedPages,
     storeLimits,
     collectGarbage,
     gcTotals,
