@@ -43,6 +43,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <linux/futex.h>
 #include <linux/userfaultfd.h>
 #include <pthread.h>
 #include <sched.h>
@@ -58,6 +59,7 @@
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
@@ -74,6 +76,14 @@
 #define RESTORE_FINISHED 0x52535446u
 #define SOCKET_NAME "lazy-pages.socket"
 #define NO_OFFSET UINT64_MAX
+/*
+ * A sweeper refused for an unread event sleeps until the event thread has read it (a futex on the task's
+ * `drained`), at most this long; once it has been read it retries with sched_yield up to EVENT_SPINS times, for
+ * the kernel lets fills in only once the thread that caused the event runs on. Spinning all along would keep
+ * every sweeper in UFFDIO_COPY, each taking the process's mmap lock, while that process waits on its event.
+ */
+#define EVENT_WAIT_NS 200000L
+#define EVENT_SPINS 64
 
 struct chunk {
   uint64_t addr;   /* where the pages are now (mremap moves it) */
@@ -81,6 +91,7 @@ struct chunk {
   uint32_t pages;
   uint32_t task;
   uint32_t zlen;   /* the frame's compressed length; 0: plain pages or zeros */
+  atomic_bool placed; /* a fault placed the whole frame: a sweeper need not decompress it again */
   uint64_t removed[CHUNK_PAGES / 64];
 };
 
@@ -90,6 +101,8 @@ struct task {
   int pages_fd;
   size_t first, count;    /* its chunks, chunks[first .. first+count), kept sorted by addr */
   pthread_rwlock_t lock;
+  /* Bumped (and waited on as a futex) each time the event thread has read this uffd's messages. */
+  _Atomic uint32_t drained;
   atomic_bool gone;
   bool unsorted;          /* a mremap moved some of its chunks: find_chunk scans (the event thread's own field) */
 };
@@ -101,15 +114,19 @@ static size_t ntasks;
 static atomic_size_t next_chunk;
 static atomic_bool failed;
 static atomic_bool holding_uffds; /* a uffd was received: from then on an error parks instead of exiting */
-static atomic_uint_fast64_t copied_bytes, zeroed_bytes, fault_count, eexist_count, eagain_count;
+static atomic_uint_fast64_t copied_bytes, zeroed_bytes, fault_count, eexist_count, eagain_count, wait_count, event_count, frame_count;
 static int nthreads = 4;
 static long timeout_ms = 120000;
 static struct timespec t_start, t_finished;
 static const char *hold_sweep_until;
 static int images_dir_fd = -1;
 static int zpages_fd = -1;
-/* A chunk's pages as bytes: the buffers of one thread (each sweeper, and the event thread for faults). */
-struct reader { char *buf; char *zbuf; ZSTD_DCtx *dctx; };
+/*
+ * A chunk's pages as bytes: the buffers of one thread (each sweeper, and the event thread for faults). `frame`:
+ * the chunk whose whole frame buf holds (NULL: none), so that a fault retried, or the next fault in the same
+ * frame, does not decompress it again.
+ */
+struct reader { char *buf; char *zbuf; ZSTD_DCtx *dctx; const struct chunk *frame; };
 
 static double ms_since(const struct timespec *a) {
   struct timespec now;
@@ -293,6 +310,7 @@ static void init_reader(struct reader *r) {
   r->buf = aligned_alloc(PAGE, CHUNK_PAGES * PAGE);
   r->zbuf = malloc(ZSTD_compressBound(CHUNK_PAGES * PAGE)); /* read_plan bounds every frame's length by it */
   r->dctx = ZSTD_createDCtx();
+  r->frame = NULL;
   if (!r->buf || !r->zbuf || !r->dctx) fail("NO_MEMORY", "a reader's buffers");
 }
 
@@ -302,13 +320,18 @@ static void init_reader(struct reader *r) {
  */
 static const char *chunk_bytes(struct reader *r, const struct task *t, const struct chunk *c, uint32_t from, uint32_t to) {
   if (c->zlen == 0) {
+    r->frame = NULL;
     read_fully(t->pages_fd, r->buf, (to - from) * PAGE, c->off + from * PAGE);
     return r->buf;
   }
+  /* A chunk's frame is fixed for the run (mremap moves only its addr): the bytes decompressed are still its. */
+  if (r->frame == c) return r->buf + (size_t)from * PAGE;
+  r->frame = NULL;
   read_fully(zpages_fd, r->zbuf, c->zlen, c->off);
   size_t n = ZSTD_decompressDCtx(r->dctx, r->buf, c->pages * PAGE, r->zbuf, c->zlen);
   if (ZSTD_isError(n)) fail("FRAME", "task %d: the frame at %" PRIu64 " (%u bytes) for %#" PRIx64 ": %s", t->pid, c->off, c->zlen, c->addr, ZSTD_getErrorName(n));
   if (n != c->pages * PAGE) fail("FRAME", "task %d: the frame at %" PRIu64 " holds %zu bytes, the plan places %u pages", t->pid, c->off, n, c->pages);
+  r->frame = c;
   return r->buf + (size_t)from * PAGE;
 }
 
@@ -319,8 +342,16 @@ enum fill_result { FILL_OK, FILL_AGAIN, FILL_GONE };
  * are there. Holds the task's lock for reading around each ioctl. `once`: give up with FILL_AGAIN on the first
  * EAGAIN (the event thread must go back to reading events); otherwise retry until the events are read.
  */
+static void wait_drained(struct task *t, uint32_t seen) {
+  atomic_fetch_add(&wait_count, 1);
+  struct timespec ts = {.tv_sec = 0, .tv_nsec = EVENT_WAIT_NS};
+  syscall(SYS_futex, &t->drained, FUTEX_WAIT_PRIVATE, seen, &ts, NULL, 0);
+}
+
 static enum fill_result fill_pages(struct task *t, struct chunk *c, uint32_t from, uint32_t to, const char *src, bool once) {
   uint32_t i = from;
+  uint32_t seen = 0, slept_on = 0, spins = 0;
+  bool slept = false;
   while (i < to) {
     if (atomic_load(&failed)) for (;;) pause();
     pthread_rwlock_rdlock(&t->lock);
@@ -336,6 +367,7 @@ static enum fill_result fill_pages(struct task *t, struct chunk *c, uint32_t fro
       break;
     }
     uint64_t dst = c->addr + i * PAGE, len = (uint64_t)(j - i) * PAGE;
+    seen = atomic_load(&t->drained);
     int rc, err;
     int64_t done;
     if (src) {
@@ -359,7 +391,15 @@ static enum fill_result fill_pages(struct task *t, struct chunk *c, uint32_t fro
         /* An event of this mm is unread (or the copy was cut short): fill nothing until it is. */
         atomic_fetch_add(&eagain_count, 1);
         if (once) return FILL_AGAIN;
-        sched_yield();
+        if (placed > 0) break; /* the copy was cut short: go on from where it stopped */
+        if ((!slept || seen != slept_on) && ++spins <= EVENT_SPINS) {
+          sched_yield();
+          break;
+        }
+        spins = 0;
+        slept = true;
+        slept_on = seen;
+        wait_drained(t, seen);
         break;
       case EEXIST:
         /* That page is there already (the other path, or the process): it is never overwritten. */
@@ -401,7 +441,7 @@ static void *sweeper(void *arg) {
     /* In plan order: by address within each task (a chunk stays where it is; mremap moves only its addr). */
     struct chunk *c = &chunks[k];
     struct task *t = &tasks[c->task];
-    if (t->uffd < 0 || atomic_load(&t->gone)) continue;
+    if (t->uffd < 0 || atomic_load(&t->gone) || atomic_load(&c->placed)) continue;
     fill_pages(t, c, 0, c->pages, c->off != NO_OFFSET ? chunk_bytes(r, t, c, 0, c->pages) : NULL, false);
   }
 }
@@ -462,12 +502,15 @@ static void drain_uffd(struct task *t) {
           push_fault(&pending, &npending, t, m->arg.pagefault.address & ~(PAGE - 1));
           break;
         case UFFD_EVENT_REMOVE:
+          atomic_fetch_add(&event_count, 1);
           mark_removed(t, m->arg.remove.start, m->arg.remove.end);
           break;
         case UFFD_EVENT_UNMAP:
+          atomic_fetch_add(&event_count, 1);
           mark_removed(t, m->arg.remove.start, m->arg.remove.end);
           break;
         case UFFD_EVENT_REMAP:
+          atomic_fetch_add(&event_count, 1);
           remap(t, m->arg.remap.from, m->arg.remap.to, m->arg.remap.len);
           break;
         case UFFD_EVENT_FORK:
@@ -480,6 +523,8 @@ static void drain_uffd(struct task *t) {
     if ((size_t)n < sizeof msgs) break;
   }
   pthread_rwlock_unlock(&t->lock);
+  atomic_fetch_add(&t->drained, 1);
+  syscall(SYS_futex, &t->drained, FUTEX_WAKE_PRIVATE, INT32_MAX, NULL, NULL, 0);
 }
 
 /* A faulting page: its window from the image, zeros where the image has none. FILL_AGAIN: retry later. */
@@ -493,7 +538,19 @@ static enum fill_result serve_fault(struct task *t, uint64_t addr, struct reader
   uint32_t i = (uint32_t)((addr - c->addr) / PAGE);
   uint32_t end = i + FAULT_WINDOW_PAGES < c->pages ? i + FAULT_WINDOW_PAGES : c->pages;
   if (c->off == NO_OFFSET) return fill_pages(t, c, i, end, NULL, true);
-  return fill_pages(t, c, i, end, chunk_bytes(r, t, c, i, end), true);
+  enum fill_result res = fill_pages(t, c, i, end, chunk_bytes(r, t, c, i, end), true);
+  if (res != FILL_OK || c->zlen == 0 || atomic_load(&c->placed)) return res;
+  /*
+   * A frame is decompressed whole for any of its pages: its other pages go in too (the faulting window first,
+   * so the thread is woken by its own copy), and the sweepers skip it. Best effort: a refusal leaves them to
+   * the sweep; the fault itself is served.
+   */
+  const char *frame = chunk_bytes(r, t, c, 0, c->pages);
+  enum fill_result after = fill_pages(t, c, end, c->pages, frame + (size_t)end * PAGE, true);
+  if (after == FILL_OK) after = fill_pages(t, c, 0, i, frame, true);
+  if (after == FILL_OK) atomic_store(&c->placed, true);
+  atomic_fetch_add(&frame_count, 1);
+  return after == FILL_GONE ? FILL_GONE : FILL_OK;
 }
 
 static void wake_page(struct task *t, uint64_t addr) {
@@ -658,7 +715,7 @@ int main(int argc, char **argv) {
   for (size_t i = 0; i < ntasks; i++) if (tasks[i].uffd >= 0) close(tasks[i].uffd);
   if (sk_open) close(sk);
   say("done {\"copiedBytes\":%" PRIuFAST64 ",\"zeroedBytes\":%" PRIuFAST64 ",\"faults\":%" PRIuFAST64 ",\"existing\":%" PRIuFAST64 ",\"retried\":%" PRIuFAST64
-      ",\"threads\":%d,\"chunks\":%zu,\"fillMs\":%.1f,\"totalMs\":%.1f}",
-      atomic_load(&copied_bytes), atomic_load(&zeroed_bytes), atomic_load(&fault_count), atomic_load(&eexist_count), atomic_load(&eagain_count), nthreads, nchunks, fill_ms, total_ms);
+      ",\"waited\":%" PRIuFAST64 ",\"events\":%" PRIuFAST64 ",\"faultFrames\":%" PRIuFAST64 ",\"threads\":%d,\"chunks\":%zu,\"fillMs\":%.1f,\"totalMs\":%.1f}",
+      atomic_load(&copied_bytes), atomic_load(&zeroed_bytes), atomic_load(&fault_count), atomic_load(&eexist_count), atomic_load(&eagain_count), atomic_load(&wait_count), atomic_load(&event_count), atomic_load(&frame_count), nthreads, nchunks, fill_ms, total_ms);
   return 0;
 }

@@ -243,7 +243,14 @@ export interface FillStats {
   zeroedBytes: number;
   faults: number;
   existing: number;
+  /** Fills refused while an event of the process was unread (EAGAIN), each retry counted. */
   retried: number;
+  /** Times a sweeper slept until the event thread had read such an event. */
+  waited: number;
+  /** munmap / madvise(DONTNEED) / mremap events of the process read while it was filled. */
+  events: number;
+  /** Compressed frames a fault decompressed and placed whole (the sweep then skips them). */
+  faultFrames: number;
   threads: number;
   chunks: number;
   /** From CRIU's "restore finished" to the last page placed. */

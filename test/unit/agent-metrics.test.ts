@@ -78,7 +78,7 @@ describe("the agent's series", () => {
     m.onRestoreEvent({ event: 'restore', outcome: 'restored', checkpoint: 'c', containerId: 'x', container: 'w', pod: 'ns/p', bytes: 1000, phases: { verifyMs: 20, criuRestoreMs: 300, totalMs: 400 } });
     m.onRestoreEvent({
       event: 'restore', outcome: 'restored', checkpoint: 'c', containerId: 'x2', container: 'w', pod: 'ns/p', bytes: 0, phases: { criuRestoreMs: 50, memoryFillWaitMs: 5, totalMs: 200 },
-      memoryFill: { by: 'thaw-fill', copiedBytes: 4096, zeroedBytes: 8192, faults: 1, existing: 0, retried: 0, threads: 2, chunks: 3, fillMs: 1, totalMs: 2 },
+      memoryFill: { by: 'thaw-fill', copiedBytes: 4096, zeroedBytes: 8192, faults: 1, existing: 0, retried: 0, waited: 0, events: 0, faultFrames: 0, threads: 2, chunks: 3, fillMs: 1, totalMs: 2 },
     });
     m.onRestoreEvent({ event: 'restore', outcome: 'fallback', cause: 'RESTORE_CRIU_FAILED', checkpoint: 'c', containerId: 'y', container: 'w', pod: 'ns/q', phases: { totalMs: 50 } });
     stats.countFallback('RESTORE_CRIU_FAILED');

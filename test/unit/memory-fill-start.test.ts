@@ -13,7 +13,7 @@ import { startMemoryFill } from '../../src/restore-engine/memory-fill.js';
 const dir = mkdtempSync(join(tmpdir(), 'thaw-fill-start-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
-const ACCOUNT = { copiedBytes: 4096, zeroedBytes: 0, faults: 1, existing: 0, retried: 0, threads: 1, chunks: 1, fillMs: 1, totalMs: 2 };
+const ACCOUNT = { copiedBytes: 4096, zeroedBytes: 0, faults: 1, existing: 0, retried: 0, waited: 0, events: 0, faultFrames: 0, threads: 1, chunks: 1, fillMs: 1, totalMs: 2 };
 
 function standIn(name: string, body: string): string {
   const path = join(dir, name);
