@@ -337,20 +337,21 @@ static const char *chunk_bytes(struct reader *r, const struct task *t, const str
 
 enum fill_result { FILL_OK, FILL_AGAIN, FILL_GONE };
 
-/*
- * Places pages [from, to) of `c` (src: their bytes, or NULL for zeros), skipping removed pages and pages that
- * are there. Holds the task's lock for reading around each ioctl. `once`: give up with FILL_AGAIN on the first
- * EAGAIN (the event thread must go back to reading events); otherwise retry until the events are read.
- */
+/* Sleeps until the event thread has read `t`'s events since `seen` (its `drained`), at most EVENT_WAIT_NS. */
 static void wait_drained(struct task *t, uint32_t seen) {
   atomic_fetch_add(&wait_count, 1);
   struct timespec ts = {.tv_sec = 0, .tv_nsec = EVENT_WAIT_NS};
   syscall(SYS_futex, &t->drained, FUTEX_WAIT_PRIVATE, seen, &ts, NULL, 0);
 }
 
+/*
+ * Places pages [from, to) of `c` (src: their bytes, or NULL for zeros), skipping removed pages and pages that
+ * are there. Holds the task's lock for reading around each ioctl. `once`: give up with FILL_AGAIN on the first
+ * EAGAIN (the event thread must go back to reading events); otherwise retry until the events are read.
+ */
 static enum fill_result fill_pages(struct task *t, struct chunk *c, uint32_t from, uint32_t to, const char *src, bool once) {
   uint32_t i = from;
-  uint32_t seen = 0, slept_on = 0, spins = 0;
+  uint32_t slept_on = 0, spins = 0;
   bool slept = false;
   while (i < to) {
     if (atomic_load(&failed)) for (;;) pause();
@@ -367,7 +368,7 @@ static enum fill_result fill_pages(struct task *t, struct chunk *c, uint32_t fro
       break;
     }
     uint64_t dst = c->addr + i * PAGE, len = (uint64_t)(j - i) * PAGE;
-    seen = atomic_load(&t->drained);
+    const uint32_t seen = atomic_load(&t->drained);
     int rc, err;
     int64_t done;
     if (src) {
@@ -548,8 +549,10 @@ static enum fill_result serve_fault(struct task *t, uint64_t addr, struct reader
   const char *frame = chunk_bytes(r, t, c, 0, c->pages);
   enum fill_result after = fill_pages(t, c, end, c->pages, frame + (size_t)end * PAGE, true);
   if (after == FILL_OK) after = fill_pages(t, c, 0, i, frame, true);
-  if (after == FILL_OK) atomic_store(&c->placed, true);
-  atomic_fetch_add(&frame_count, 1);
+  if (after == FILL_OK) {
+    atomic_store(&c->placed, true);
+    atomic_fetch_add(&frame_count, 1);
+  }
   return after == FILL_GONE ? FILL_GONE : FILL_OK;
 }
 
