@@ -241,9 +241,12 @@ async function restoreLazilyWith(client: CriuClient, d: Dumped, plan: FillPlan, 
   return { fill, pid: res.pid, fillPid, release: () => writeFileSync(hold, '') };
 }
 
-/** The victim checks every page while the sweep is held (faults only), then once the fill is done; the fill's account. */
-async function checkBeforeAndAfterSweep(d: Dumped, fill: RunningFill, release: () => void): Promise<FillStats> {
-  trigger(d.fifo, 'check');
+/**
+ * The victim runs `scenario` and checks every page while the sweep is held (faults only), then checks again once
+ * the fill is done; the fill's account.
+ */
+async function checkBeforeAndAfterSweep(d: Dumped, fill: RunningFill, release: () => void, scenario = 'check'): Promise<FillStats> {
+  trigger(d.fifo, scenario);
   await waitFor(() => existsSync(`${d.result}.1`), 60_000, 'the victim\'s check');
   expect(readFileSync(`${d.result}.1`, 'utf8')).toBe('ok');
   release();
@@ -319,14 +322,7 @@ describe.each(Object.entries(CRIUS))('thaw-fill: a lazy CRIU restore whose memor
     // (EAGAIN): faults are retried after the events, sweepers wait for them (native/thaw-fill.c, EVENT_WAIT_NS).
     const d = await dumpVictim('churn');
     const { fill, release } = await restoreLazily(d, await planOf(d), 4);
-    trigger(d.fifo, 'churn');
-    await waitFor(() => existsSync(`${d.result}.1`), 60_000, 'the victim\'s check');
-    expect(readFileSync(`${d.result}.1`, 'utf8')).toBe('ok');
-    release();
-    const stats = await fill.done;
-    trigger(d.fifo, 'check');
-    await waitFor(() => existsSync(`${d.result}.2`), 60_000, 'the victim\'s check after the fill');
-    expect(readFileSync(`${d.result}.2`, 'utf8')).toBe('ok');
+    const stats = await checkBeforeAndAfterSweep(d, fill, release, 'churn');
     expect(stats.events, JSON.stringify(stats)).toBeGreaterThanOrEqual(10);
     expect(stats.copiedBytes).toBeGreaterThanOrEqual(PATTERN_PAGES * 4096 - DROPPED.length * 4096);
   });
@@ -359,15 +355,8 @@ describe.each(Object.entries(CRIUS))('thaw-fill: a lazy CRIU restore whose memor
     // whose they were (CRIU's, or thaw's rewrites).
     expect(readFileSync(join(d.imagesDir, FILL_PLAN_IMAGE), 'utf8'), pagemapSummary(d.imagesDir)).toMatch(/^thaw-fill-plan 1\ntask \d+ pages-\d+\.img\n/);
     const { fill, release } = await restoreLazily(d, await planOf(d), 2, true);
-    trigger(d.fifo, 'dontneed');
-    await waitFor(() => existsSync(`${d.result}.1`), 60_000, 'the victim\'s check');
-    expect(readFileSync(`${d.result}.1`, 'utf8')).toBe('ok');
-    // The sweep after it must not bring the dropped pages back: the victim checks them again.
-    release();
-    await fill.done;
-    trigger(d.fifo, 'check');
-    await waitFor(() => existsSync(`${d.result}.2`), 60_000, 'the victim\'s check after the fill');
-    expect(readFileSync(`${d.result}.2`, 'utf8')).toBe('ok');
+    // The sweep after the drop must not bring the dropped pages back: the victim checks them again after it.
+    await checkBeforeAndAfterSweep(d, fill, release, 'dontneed');
   });
 
   it('a thread stopped with its stack pointer on a page boundary: CRIU marks no page lazy, thaw puts the marks back, and the fill places every page', async () => {
