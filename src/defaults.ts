@@ -44,6 +44,13 @@ export const DEFAULT_POD_CRIU_RESTORE_TIMEOUT_MS = 120_000;
 export const DEFAULT_CRIU_RPC_RESTORE_TIMEOUT_MS = 10 * 60_000;
 /** The CRIU client's limit on one dump RPC when its caller names none (a worker of many GiB dumps in minutes). */
 export const DEFAULT_CRIU_RPC_DUMP_TIMEOUT_MS = 10 * 60_000;
+/**
+ * How long an aborted dump waits for CRIU's next notification, which thaw refuses so that CRIU undoes the dump and
+ * lets the worker run (criu/swrk.ts), before it kills CRIU. Killing at once could land while CRIU runs an injected
+ * syscall in the worker, which then dies of SIGTRAP. Past this the dump is killed as before: about the time a
+ * worker of a few GiB takes to dump.
+ */
+export const DEFAULT_CRIU_DUMP_ABORT_GRACE_MS = 10_000;
 /** sha256 of a multi-GiB checkpoint on a busy node; past this the pod cold-starts rather than wait. */
 export const DEFAULT_VERIFY_TIMEOUT_MS = 300_000;
 /**

@@ -346,13 +346,73 @@ describe('CRIU RPC: dump and restore of a real process', () => {
     kill(v.pid);
   });
 
-  it('an AbortSignal kills CRIU and rejects with CRIU_ABORTED', async () => {
+  it('an abort refuses CRIU at its next notification: CRIU undoes the dump by itself, CRIU_ABORTED, the victim runs on', async () => {
     const v = await startVictim('abort');
     const { imagesDir, workDir } = dirs('abort');
     const ac = new AbortController();
+    const mark = logger.lines.length;
     const p = client.dump({ imagesDir, workDir, pid: v.pid }, { preDump: () => ac.abort(new Error('shutdown')) }, { signal: ac.signal });
     const err = await expectCriuError(p, CriuErrorCode.ABORTED);
     expect((err.cause as Error).message).toBe('shutdown');
+    expect(err.message).toContain('CRIU was refused at its pre-dump notification and undid the dump');
+    // Not killed: CRIU answered, and exited on its own.
+    expect(logger.lines.slice(mark).map((l) => l.msg)).not.toContain('stopping CRIU');
+    expect(readFileSync(join(workDir, 'dump.log'), 'utf8')).toMatch(/Error \(criu\/action-scripts\.c/);
+    const before = readCounter(v.counterFile);
+    await waitFor(() => readCounter(v.counterFile) > before + 3, 5_000, 'the victim to go on counting');
+    kill(v.pid);
+  });
+
+  it('an abort at any moment of a dump leaves the victim running: CRIU is refused at post-dump, never killed', async () => {
+    // Killing CRIU a few ms into a dump lands, some of the time, while it runs an injected syscall in the victim,
+    // which then dies of SIGTRAP (the parent-death test below). An abort at each moment until the dump is done
+    // must not kill CRIU, and the victim must run on after each.
+    const v = await startVictim('abort-anytime');
+    let refused = 0;
+    for (let delayMs = 0; delayMs <= 30; delayMs++) {
+      const { imagesDir, workDir } = dirs(`abort-anytime-${delayMs}`);
+      const ac = new AbortController();
+      const mark = logger.lines.length;
+      const p = client.dump(
+        { imagesDir, workDir, pid: v.pid, leaveRunning: true },
+        { preDump: () => void setTimeout(() => ac.abort(new Error(`abort after ${delayMs} ms`)), delayMs) },
+        { signal: ac.signal },
+      );
+      const outcome = await p.then(
+        () => 'done' as const,
+        (err: unknown) => err,
+      );
+      ac.abort(); // a dump that was done first: its timer has nothing left to abort
+      expect(logger.lines.slice(mark).map((l) => l.msg), `abort ${delayMs} ms after pre-dump`).not.toContain('stopping CRIU');
+      const before = readCounter(v.counterFile);
+      await waitFor(() => readCounter(v.counterFile) > before + 2, 5_000, `the victim to count on after the abort at ${delayMs} ms`);
+      expect(alive(v.pid)).toBe(true);
+      if (outcome === 'done') break; // the dump was faster than this delay: later ones abort nothing
+      expect(isThawError(outcome) && outcome.code === CriuErrorCode.ABORTED, String(outcome)).toBe(true);
+      expect((outcome as CriuError).message).toMatch(/refused at its (pre|post)-dump notification|had answered before/);
+      refused++;
+    }
+    expect(refused).toBeGreaterThanOrEqual(3);
+    kill(v.pid);
+  });
+
+  it('an abort that gets no notification within the grace kills CRIU: CRIU_ABORTED saying so', async () => {
+    const v = await startVictim('abort-grace');
+    const { imagesDir, workDir } = dirs('abort-grace');
+    const ac = new AbortController();
+    const mark = logger.lines.length;
+    // The pre-dump handler never answers, so CRIU sends nothing more: the grace decides.
+    const p = client.dump(
+      { imagesDir, workDir, pid: v.pid },
+      { preDump: () => (ac.abort(new Error('shutdown')), new Promise<void>(() => undefined)) },
+      { signal: ac.signal, abortGraceMs: 300 },
+    );
+    const err = await expectCriuError(p, CriuErrorCode.ABORTED);
+    expect(err.message).toContain('CRIU sent no notification within 300 ms of the abort and was killed');
+    const [swrkPid] = swrkPidsSince(mark);
+    expect(alive(swrkPid as number)).toBe(false);
+    const before = readCounter(v.counterFile);
+    await waitFor(() => readCounter(v.counterFile) > before + 3, 5_000, 'the victim to go on counting');
     kill(v.pid);
   });
 });

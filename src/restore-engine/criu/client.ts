@@ -30,7 +30,7 @@ import {
 import { CriuCodec, CriuReqType, type CriuOptsMessage, type CriuReqMessage, type CriuRespMessage } from './rpc.js';
 import { Libc } from './seqpacket.js';
 import { CriuSwrk, HOST_SYSTEM_PATH, type SwrkSpawnOptions } from './swrk.js';
-import { DEFAULT_CRIU_RPC_DUMP_TIMEOUT_MS, DEFAULT_CRIU_RPC_RESTORE_TIMEOUT_MS, DEFAULT_NSENTER_PATH, DEFAULT_UNSHARE_PATH } from '../../defaults.js';
+import { DEFAULT_CRIU_DUMP_ABORT_GRACE_MS, DEFAULT_CRIU_RPC_DUMP_TIMEOUT_MS, DEFAULT_CRIU_RPC_RESTORE_TIMEOUT_MS, DEFAULT_NSENTER_PATH, DEFAULT_UNSHARE_PATH } from '../../defaults.js';
 
 export { HOST_SYSTEM_PATH } from './swrk.js';
 
@@ -79,6 +79,12 @@ export interface CriuCallOptions {
    * namespaces (see `nsenterWrapper`).
    */
   wrapper?: readonly string[];
+}
+
+/** A dump's call settings: the common ones and how long an abort waits for CRIU to undo the dump itself. */
+export interface DumpCallOptions extends CriuCallOptions {
+  /** Default DEFAULT_CRIU_DUMP_ABORT_GRACE_MS; see `CriuClient.dump`. */
+  abortGraceMs?: number;
 }
 
 export interface CriuVersion {
@@ -155,6 +161,14 @@ export function parentDeathWrapper(setprivPath: string = DEFAULT_SETPRIV_PATH): 
   return existsSync(setprivPath) ? [setprivPath, '--pdeathsig', 'KILL'] : undefined;
 }
 
+/** What one operation adds to a CRIU run beyond the request. */
+interface RunExtras {
+  extraFds?: readonly number[];
+  logPath?: string;
+  notify?: CriuNotifyHandlers;
+  abortGraceMs?: number;
+}
+
 export class CriuClient {
   private readonly libc: Libc;
   private readonly codec: CriuCodec;
@@ -220,16 +234,23 @@ export class CriuClient {
   }
 
   /** Dumps the tree rooted at `opts.pid` into `opts.imagesDir`. */
-  async dump(opts: DumpOptions, notify?: CriuNotifyHandlers, call: CriuCallOptions = {}): Promise<DumpResult> {
+  /**
+   * Dumps the tree. An abort (`call.signal`) does not kill CRIU at once: its next pre-dump, network-lock or post-dump
+   * notification is refused, so CRIU undoes the dump and the tree runs on (a kill could land while CRIU runs an
+   * injected syscall in a task, which then dies of SIGTRAP); CRIU is killed only if none comes within
+   * `call.abortGraceMs` (default DEFAULT_CRIU_DUMP_ABORT_GRACE_MS). Notifications are therefore always on.
+   */
+  async dump(opts: DumpOptions, notify?: CriuNotifyHandlers, call: DumpCallOptions = {}): Promise<DumpResult> {
     const step = 'criu dump';
     const logFile = opts.logFile ?? DEFAULT_DUMP_LOG_FILE;
     const logPath = join(opts.workDir ?? opts.imagesDir, logFile);
     await this.withDirs(opts.imagesDir, opts.workDir, [], step, async (fds) => {
-      const criuOpts = buildDumpRequestOpts(opts, { fds: fds.criu, notify: notify !== undefined });
+      const criuOpts = buildDumpRequestOpts(opts, { fds: fds.criu, notify: true });
       await this.run({ type: CriuReqType.DUMP, opts: criuOpts }, step, call, DEFAULT_CRIU_RPC_DUMP_TIMEOUT_MS, {
         extraFds: fds.extraFds,
         logPath,
-        ...(notify ? { notify } : {}),
+        notify: notify ?? {},
+        abortGraceMs: call.abortGraceMs ?? DEFAULT_CRIU_DUMP_ABORT_GRACE_MS,
       });
     });
     return { logPath };
@@ -312,7 +333,7 @@ export class CriuClient {
     step: string,
     call: CriuCallOptions,
     defaultTimeoutMs: number,
-    extra: { extraFds?: readonly number[]; logPath?: string; notify?: CriuNotifyHandlers },
+    extra: RunExtras,
   ): Promise<CriuRespMessage> {
     const limiter = this.options.limiter;
     if (limiter === undefined) return this.runNow(req, step, call, defaultTimeoutMs, extra);
@@ -328,7 +349,7 @@ export class CriuClient {
     step: string,
     call: CriuCallOptions,
     defaultTimeoutMs: number,
-    extra: { extraFds?: readonly number[]; logPath?: string; notify?: CriuNotifyHandlers },
+    extra: RunExtras,
   ): Promise<CriuRespMessage> {
     const spawnOptions: SwrkSpawnOptions = { criuPath: this.options.criuPath };
     if (this.options.env !== undefined) spawnOptions.env = this.options.env;
@@ -346,6 +367,7 @@ export class CriuClient {
         ...(call.signal ? { signal: call.signal } : {}),
         ...(extra.notify ? { notify: extra.notify } : {}),
         ...(extra.logPath !== undefined ? { logPath: extra.logPath } : {}),
+        ...(extra.abortGraceMs !== undefined ? { abortGraceMs: extra.abortGraceMs } : {}),
       });
       this.logger.info(`${step} done`, { durationMs: Date.now() - started });
       return resp;

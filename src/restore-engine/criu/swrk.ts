@@ -82,6 +82,26 @@ export interface SwrkRequestOptions {
   logPath?: string;
   /** Keep the process for another request (only for types CRIU allows). */
   keepOpen?: boolean;
+  /**
+   * A dump's abort: instead of killing CRIU at once, refuse its next notification at which it can still undo the
+   * dump (`UNDOABLE_DUMP_NOTIFICATIONS`; it then cures its parasite and lets the tree run), and kill it only if none
+   * comes within this long. Needs `notify` (CRIU sends notifications only then). Unset: an abort kills at once.
+   */
+  abortGraceMs?: number;
+}
+
+/**
+ * The dump notifications that CRIU answers a refusal of by undoing the dump and resuming the tree
+ * (criu/cr-dump.c: a failed pre-dump or network-lock ends the dump before or right after the freeze, a failed
+ * post-dump after the parasite is cured; either way the tasks are set running again).
+ */
+export const UNDOABLE_DUMP_NOTIFICATIONS: ReadonlySet<string> = new Set(['pre-dump', 'network-lock', 'post-dump']);
+
+/** A request's abort, as the exchange sees it: asked for, and the notification refused for it. */
+interface AbortState {
+  requested: boolean;
+  refusedAt: string | null;
+  aborted(how: string): CriuError;
 }
 
 export interface SwrkDeps {
@@ -264,32 +284,58 @@ export class CriuSwrk {
         Math.min(Math.max(timeoutMs, 0), MAX_TIMER_DELAY_MS),
       );
     }
-    const onAbort = (): void =>
-      stop(
-        new CriuError(CriuErrorCode.ABORTED, 'aborted by the caller; CRIU was killed', {
-          step: opts.step,
-          cause: opts.signal?.reason,
-          evidence: { logPath: opts.logPath },
-        }),
+    const aborted = (how: string): CriuError =>
+      new CriuError(CriuErrorCode.ABORTED, `aborted by the caller; ${how}`, {
+        step: opts.step,
+        cause: opts.signal?.reason,
+        evidence: { logPath: opts.logPath },
+      });
+    // A graceful abort: the exchange refuses CRIU's next undoable notification (`abort.refuse`); the grace timer
+    // kills CRIU if none comes. Before the request is sent there is nothing to undo: kill at once.
+    const abort: AbortState = { requested: false, refusedAt: null, aborted };
+    let graceTimer: NodeJS.Timeout | undefined;
+    const graceMs = opts.notify !== undefined ? opts.abortGraceMs : undefined;
+    const onAbort = (): void => {
+      if (graceMs === undefined || !sent) {
+        stop(aborted('CRIU was killed'));
+        return;
+      }
+      abort.requested = true;
+      log.info('abort: CRIU is refused at its next notification, so that it undoes the dump', { graceMs });
+      graceTimer = setTimeout(
+        () => stop(aborted(`CRIU sent no notification within ${graceMs} ms of the abort and was killed`)),
+        Math.min(Math.max(graceMs, 0), MAX_TIMER_DELAY_MS),
       );
+    };
+    let sent = false;
     if (opts.signal?.aborted) onAbort();
     else opts.signal?.addEventListener('abort', onAbort, { once: true });
 
-    const exchange = this.exchange({ ...req, ...(keepOpen ? { keepOpen: true } : {}) }, opts, log);
+    const exchange = this.exchange({ ...req, ...(keepOpen ? { keepOpen: true } : {}) }, opts, log, abort, () => {
+      sent = true;
+    });
     exchange.catch(() => undefined); // when `stopped` wins, the exchange's late failure is not news
     try {
       return await Promise.race([exchange, stopped]);
     } finally {
       if (timer !== undefined) clearTimeout(timer);
+      if (graceTimer !== undefined) clearTimeout(graceTimer);
       opts.signal?.removeEventListener('abort', onAbort);
       this.busy = false;
       if (!this.usable) await this.finish(stopError !== null);
     }
   }
 
-  private async exchange(req: CriuReqMessage, opts: SwrkRequestOptions, log: Logger): Promise<CriuRespMessage> {
+  private async exchange(
+    req: CriuReqMessage,
+    opts: SwrkRequestOptions,
+    log: Logger,
+    abort: AbortState,
+    onSent: () => void,
+  ): Promise<CriuRespMessage> {
     if (this.spawnError !== null) throw this.spawnFailure(opts.step);
     await this.send(req, opts.step, req.type);
+    onSent();
     let notifyFailure: { script: string; error: unknown } | null = null;
     for (;;) {
       const msg = await this.socket.receive();
@@ -304,12 +350,22 @@ export class CriuSwrk {
       if (resp.type === CriuReqType.NOTIFY) {
         const note: CriuNotification = { script: resp.notify?.script ?? '', fds: msg.fds };
         if (resp.notify?.pid !== undefined) note.pid = resp.notify.pid;
-        const failure = await this.dispatchNotify(note, opts.notify, log);
-        if (failure !== null && notifyFailure === null) notifyFailure = failure;
-        await this.send({ type: CriuReqType.NOTIFY, notifySuccess: failure === null }, opts.step, req.type);
+        const refuse = (): boolean => abort.requested && abort.refusedAt === null && UNDOABLE_DUMP_NOTIFICATIONS.has(note.script);
+        let failure: { script: string; error: unknown } | null = null;
+        if (refuse()) for (const fd of msg.fds) this.deps.libc.close(fd);
+        else failure = await this.dispatchNotify(note, opts.notify, log);
+        // An abort that came while the handler ran refuses this notification too.
+        const refused = refuse();
+        if (refused) {
+          abort.refusedAt = note.script;
+          log.info('abort: CRIU refused at its notification', { script: note.script });
+        } else if (failure !== null && notifyFailure === null) notifyFailure = failure;
+        await this.send({ type: CriuReqType.NOTIFY, notifySuccess: failure === null && !refused }, opts.step, req.type);
         continue;
       }
       for (const fd of msg.fds) this.deps.libc.close(fd);
+      if (abort.refusedAt !== null) throw abort.aborted(`CRIU was refused at its ${abort.refusedAt} notification and undid the dump`);
+      if (abort.requested) throw abort.aborted('CRIU had answered before it could be refused');
       if (resp.type !== req.type) {
         throw new CriuError(
           CriuErrorCode.PROTOCOL,
