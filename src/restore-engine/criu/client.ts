@@ -233,9 +233,8 @@ export class CriuClient {
     return { memTrack: f.memTrack === true, lazyPages: f.lazyPages === true, pidfdStore: f.pidfdStore === true };
   }
 
-  /** Dumps the tree rooted at `opts.pid` into `opts.imagesDir`. */
   /**
-   * Dumps the tree. An abort (`call.signal`) does not kill CRIU at once: its next pre-dump, network-lock or post-dump
+   * Dumps the tree rooted at `opts.pid` into `opts.imagesDir`. An abort (`call.signal`) does not kill CRIU at once: its next pre-dump, network-lock or post-dump
    * notification is refused, so CRIU undoes the dump and the tree runs on (a kill could land while CRIU runs an
    * injected syscall in a task, which then dies of SIGTRAP); CRIU is killed only if none comes within
    * `call.abortGraceMs` (default DEFAULT_CRIU_DUMP_ABORT_GRACE_MS). Notifications are therefore always on.

@@ -99,6 +99,8 @@ export const UNDOABLE_DUMP_NOTIFICATIONS: ReadonlySet<string> = new Set(['pre-du
 
 /** A request's abort, as the exchange sees it: asked for, and the notification refused for it. */
 interface AbortState {
+  /** The request reached CRIU: before that there is nothing to undo. */
+  sent: boolean;
   requested: boolean;
   refusedAt: string | null;
   aborted(how: string): CriuError;
@@ -290,13 +292,13 @@ export class CriuSwrk {
         cause: opts.signal?.reason,
         evidence: { logPath: opts.logPath },
       });
-    // A graceful abort: the exchange refuses CRIU's next undoable notification (`abort.refuse`); the grace timer
-    // kills CRIU if none comes. Before the request is sent there is nothing to undo: kill at once.
-    const abort: AbortState = { requested: false, refusedAt: null, aborted };
+    // A graceful abort: the exchange refuses CRIU's next undoable notification; the grace timer kills CRIU if none
+    // comes. Before the request is sent there is nothing to undo: kill at once.
+    const abort: AbortState = { sent: false, requested: false, refusedAt: null, aborted };
     let graceTimer: NodeJS.Timeout | undefined;
     const graceMs = opts.notify !== undefined ? opts.abortGraceMs : undefined;
     const onAbort = (): void => {
-      if (graceMs === undefined || !sent) {
+      if (graceMs === undefined || !abort.sent) {
         stop(aborted('CRIU was killed'));
         return;
       }
@@ -307,13 +309,10 @@ export class CriuSwrk {
         Math.min(Math.max(graceMs, 0), MAX_TIMER_DELAY_MS),
       );
     };
-    let sent = false;
     if (opts.signal?.aborted) onAbort();
     else opts.signal?.addEventListener('abort', onAbort, { once: true });
 
-    const exchange = this.exchange({ ...req, ...(keepOpen ? { keepOpen: true } : {}) }, opts, log, abort, () => {
-      sent = true;
-    });
+    const exchange = this.exchange({ ...req, ...(keepOpen ? { keepOpen: true } : {}) }, opts, log, abort);
     exchange.catch(() => undefined); // when `stopped` wins, the exchange's late failure is not news
     try {
       return await Promise.race([exchange, stopped]);
@@ -331,11 +330,10 @@ export class CriuSwrk {
     opts: SwrkRequestOptions,
     log: Logger,
     abort: AbortState,
-    onSent: () => void,
   ): Promise<CriuRespMessage> {
     if (this.spawnError !== null) throw this.spawnFailure(opts.step);
     await this.send(req, opts.step, req.type);
-    onSent();
+    abort.sent = true;
     let notifyFailure: { script: string; error: unknown } | null = null;
     for (;;) {
       const msg = await this.socket.receive();
